@@ -1,0 +1,1 @@
+//! Page-table cursor.
