@@ -1,1 +1,355 @@
-//! The simulated machine.
+//! The simulated machine: host memory as physical memory, a software MMU and a TLB.
+//!
+//! Kernel memory code is hard to test in a kernel. [`SimMachine`] lets the same code
+//! run in an ordinary `cargo test`:
+//!
+//! - **Physical memory** is one zeroed, 4 KiB-aligned block of host memory, allocated
+//!   with `alloc_zeroed` so that even a block of several GiB costs only the pages that
+//!   are touched. Physical address `p` lives at host address [`phys_offset`]` + p`, so
+//!   [`SimMachine::phys`] gives a [`PhysMemory`] for the library, and the `x86_64`
+//!   crate's `OffsetPageTable` can walk the tables with that offset.
+//! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
+//!   memory, the legacy hole, a reserved kernel image at 1 MiB, reserved and unlisted
+//!   holes with unaligned ends, ACPI tables, and a PCI hole below 4 GiB when memory
+//!   reaches it. The layout is described in the `memmap` source.
+//! - **A top-level page table** ([`root`]), a zeroed PML4 inside the kernel image:
+//!   what CR3 would point to.
+//! - **An MMU** ([`translate`], [`read`], [`write`], [`fetch`]) that walks the 4-level
+//!   x86_64 format, with 2 MiB and 1 GiB entries, and raises the page faults a CPU
+//!   raises, with the same error-code bits. It behaves as a CPU with CR0.WP = 1
+//!   (supervisor writes to read-only pages fault), EFER.NXE = 1 (NX honoured; fetch
+//!   faults carry the I/D bit), and SMEP and SMAP off (the kernel may touch user
+//!   pages). Effective permissions combine all four levels: writable and user are
+//!   ANDed, NX is ORed. Entries are read with atomic loads. A set PS bit in a PML4
+//!   entry, or a set bit between PAT and the frame address of a huge entry, raises a
+//!   reserved-bit fault (P = 1, RSVD = 1). A non-canonical address raises
+//!   [`Fault::GeneralProtection`].
+//!   Multi-byte accesses translate every page they touch first and copy only if all
+//!   succeed: a fault leaves memory and the buffer untouched, and reports the first
+//!   faulting page (at the access's first byte within it).
+//! - **A TLB** caching every successful translation per 4 KiB page, with the frame,
+//!   the effective permissions and the page size. Entries leave only through the
+//!   [`TlbFlush`] methods, so a test that unmaps a page without flushing still reads
+//!   the old frame, as on hardware. Not-present entries are never cached. A hit whose
+//!   cached permissions forbid the access re-walks the tables once before faulting
+//!   (the x86 rule), and any fault drops the page's entry. Flushing a 4 KiB page
+//!   inside a huge mapping drops the whole mapping. Counters ([`tlb_stats`]) let tests
+//!   check that code flushes what it must, and no more.
+//!
+//! What is not simulated: caching attributes (PWT, PCD, PAT and GLOBAL are recorded in
+//! the translation and otherwise ignored), accessed and dirty bits (never set by the
+//! MMU, so tables change only when the code under test changes them), paging-structure
+//! caches (an upper-level change is seen at once by pages not in the TLB), protection
+//! keys, MAXPHYADDR checks, and per-CPU TLBs: there is one TLB shared by all threads,
+//! behind one lock held for the whole of each lookup-walk-fill, so a flush is never
+//! undone by a walk that was racing it. A table pointer outside the simulated memory
+//! is a bug in the test and panics with a message saying where.
+//!
+//! [`phys_offset`]: SimMachine::phys_offset
+//! [`memory_map`]: SimMachine::memory_map
+//! [`root`]: SimMachine::root
+//! [`translate`]: SimMachine::translate
+//! [`read`]: SimMachine::read
+//! [`write`]: SimMachine::write
+//! [`fetch`]: SimMachine::fetch
+//! [`tlb_stats`]: SimMachine::tlb_stats
+
+mod memmap;
+mod mmu;
+mod rng;
+mod tlb;
+
+#[cfg(test)]
+mod test;
+
+pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
+pub use rng::Rng;
+pub use tlb::TlbStats;
+
+use crate::frame::MemoryRegion;
+use crate::{PhysMemory, TlbFlush};
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::vec::Vec;
+use tlb::Tlb;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, PhysFrame, Size4KiB};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// How to build a [`SimMachine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Bytes of physical address space, all backed by one host block; a multiple of
+    /// 2 MiB, at least 16 MiB. Reserved ranges and holes of the memory map lie inside
+    /// it, so usable memory is somewhat less.
+    pub memory_size: u64,
+    /// How many holes to cut into the usable memory above the kernel image.
+    pub reserved_holes: usize,
+    /// Seed for handing frames out in shuffled order; `None` for address order.
+    pub scatter_seed: Option<u64>,
+}
+
+impl SimConfig {
+    /// `memory_size` bytes, 8 holes, no scattering.
+    pub const fn new(memory_size: u64) -> Self {
+        Self {
+            memory_size,
+            reserved_holes: 8,
+            scatter_seed: None,
+        }
+    }
+
+    /// The same configuration with `holes` holes.
+    pub const fn with_holes(self, holes: usize) -> Self {
+        Self {
+            reserved_holes: holes,
+            ..self
+        }
+    }
+
+    /// The same configuration with a scatter seed.
+    pub const fn with_scatter_seed(self, seed: u64) -> Self {
+        Self {
+            scatter_seed: Some(seed),
+            ..self
+        }
+    }
+}
+
+impl Default for SimConfig {
+    /// 64 MiB, 8 holes, no scattering.
+    fn default() -> Self {
+        Self::new(64 << 20)
+    }
+}
+
+/// A simulated x86_64 machine; see the [module documentation](self).
+#[derive(Debug)]
+pub struct SimMachine {
+    memory: NonNull<u8>,
+    layout: Layout,
+    memory_map: Vec<MemoryRegion>,
+    root: PhysFrame,
+    scatter_seed: Option<u64>,
+    tlb: Mutex<Tlb>,
+}
+
+// SAFETY: the block is owned by the machine and reached only through raw pointers,
+// like physical memory shared by CPUs; the TLB is behind a mutex.
+unsafe impl Send for SimMachine {}
+// SAFETY: as for `Send`: no method hands out a reference into the block, and page
+// table entries are read atomically.
+unsafe impl Sync for SimMachine {}
+
+/// Where the machine's PML4 lives: the last frame of the kernel image.
+const ROOT_TABLE: u64 = memmap::KERNEL_IMAGE_END - 0x1000;
+
+impl SimMachine {
+    /// A machine with `config.memory_size` bytes of zeroed physical memory.
+    ///
+    /// # Panics
+    ///
+    /// If the memory size is below 16 MiB or not a multiple of 2 MiB, or too small
+    /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory). If the
+    /// host cannot allocate the block, the process aborts as for any allocation.
+    pub fn new(config: SimConfig) -> SimMachine {
+        let memory_map = memmap::build(config.memory_size, config.reserved_holes);
+        let size = usize::try_from(config.memory_size).expect("memory size fits in usize");
+        let layout = Layout::from_size_align(size, 4096).expect("memory size fits a layout");
+        // SAFETY: the layout's size is at least 16 MiB, so not zero.
+        let block = unsafe { alloc_zeroed(layout) };
+        let memory = NonNull::new(block).unwrap_or_else(|| handle_alloc_error(layout));
+        SimMachine {
+            memory,
+            layout,
+            memory_map,
+            root: PhysFrame::containing_address(PhysAddr::new(ROOT_TABLE)),
+            scatter_seed: config.scatter_seed,
+            tlb: Mutex::new(Tlb::default()),
+        }
+    }
+
+    /// The firmware memory map: sorted, non-overlapping, inside the memory.
+    pub fn memory_map(&self) -> &[MemoryRegion] {
+        &self.memory_map
+    }
+
+    /// Bytes of simulated physical memory (physical addresses `0..memory_size`).
+    pub fn memory_size(&self) -> u64 {
+        self.layout.size() as u64
+    }
+
+    /// The seed for shuffled frame hand-out, as configured.
+    pub fn scatter_seed(&self) -> Option<u64> {
+        self.scatter_seed
+    }
+
+    /// The library's way into this machine's physical memory.
+    pub fn phys(&self) -> SimPhys<'_> {
+        SimPhys {
+            base: self.memory,
+            size: self.memory_size(),
+            _machine: PhantomData,
+        }
+    }
+
+    /// The frame of the top-level page table (a zeroed PML4 at start-up).
+    pub fn root(&self) -> PhysFrame {
+        self.root
+    }
+
+    /// The host address at which physical address 0 lives.
+    pub fn phys_offset(&self) -> VirtAddr {
+        VirtAddr::from_ptr(self.memory.as_ptr())
+    }
+
+    /// Copies physical memory at `addr` into `buf`.
+    ///
+    /// # Panics
+    ///
+    /// If the range leaves the simulated memory.
+    pub fn read_phys(&self, addr: PhysAddr, buf: &mut [u8]) {
+        let src = self.phys().host_range(addr, buf.len());
+        // SAFETY: `host_range` checked that the whole range is inside the block; `buf`
+        // is a distinct host allocation, so the two do not overlap.
+        unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+    }
+
+    /// Copies `data` into physical memory at `addr`.
+    ///
+    /// # Panics
+    ///
+    /// If the range leaves the simulated memory.
+    pub fn write_phys(&self, addr: PhysAddr, data: &[u8]) {
+        let dst = self.phys().host_range(addr, data.len());
+        // SAFETY: as in `read_phys`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+    }
+
+    /// Sets `len` bytes of physical memory at `addr` to `byte`.
+    ///
+    /// # Panics
+    ///
+    /// If the range leaves the simulated memory.
+    pub fn fill_phys(&self, addr: PhysAddr, len: usize, byte: u8) {
+        let dst = self.phys().host_range(addr, len);
+        // SAFETY: `host_range` checked that the whole range is inside the block.
+        unsafe { core::ptr::write_bytes(dst, byte, len) };
+    }
+
+    /// A copy of the 4 KiB of `frame` (a copy, so later writes cannot alias it).
+    ///
+    /// # Panics
+    ///
+    /// If the frame is outside the simulated memory.
+    pub fn frame_bytes(&self, frame: PhysFrame) -> Vec<u8> {
+        let mut bytes = std::vec![0; 4096];
+        self.read_phys(frame.start_address(), &mut bytes);
+        bytes
+    }
+
+    /// What the TLB has done so far.
+    pub fn tlb_stats(&self) -> TlbStats {
+        self.lock_tlb().stats
+    }
+
+    /// How many 4 KiB pages the TLB holds a translation for.
+    pub fn tlb_len(&self) -> usize {
+        self.lock_tlb().len()
+    }
+
+    /// The TLB; a panic in another thread while holding it leaves it consistent
+    /// (every update is a single map operation), so poisoning is ignored.
+    fn lock_tlb(&self) -> MutexGuard<'_, Tlb> {
+        self.tlb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for SimMachine {
+    fn drop(&mut self) {
+        // SAFETY: `memory` came from `alloc_zeroed` with exactly `layout`, and nothing
+        // borrowing the machine (such as a `SimPhys`) outlives it.
+        unsafe { dealloc(self.memory.as_ptr(), self.layout) };
+    }
+}
+
+impl TlbFlush for SimMachine {
+    /// `invlpg`: drops the page's translation, and the whole mapping if it is huge.
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        let vpn = page.start_address().as_u64() >> 12;
+        let mut tlb = self.lock_tlb();
+        tlb.stats.page_flushes += 1;
+        tlb.invalidate(vpn, vpn + 1);
+    }
+
+    /// Drops every translation overlapping `range`; counts as one range flush.
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        let start = range.start.start_address().as_u64() >> 12;
+        let end = range.end.start_address().as_u64() >> 12;
+        let mut tlb = self.lock_tlb();
+        tlb.stats.range_flushes += 1;
+        if start < end {
+            tlb.invalidate(start, end);
+        }
+    }
+
+    /// A CR3 reload with global pages flushed too: empties the TLB.
+    fn flush_all(&self) {
+        let mut tlb = self.lock_tlb();
+        tlb.stats.full_flushes += 1;
+        tlb.clear();
+    }
+}
+
+/// The simulated machine's physical memory, as the library reaches it.
+///
+/// Borrowing the machine keeps the block alive for as long as a `SimPhys` exists.
+#[derive(Debug, Clone, Copy)]
+pub struct SimPhys<'machine> {
+    base: NonNull<u8>,
+    size: u64,
+    _machine: PhantomData<&'machine SimMachine>,
+}
+
+// SAFETY: a `SimPhys` is a pointer into the machine's block with the machine borrowed;
+// sharing it across threads is sharing `&SimMachine`, which is `Sync`.
+unsafe impl Send for SimPhys<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SimPhys<'_> {}
+
+impl SimPhys<'_> {
+    /// The host pointer for `addr`.
+    ///
+    /// # Panics
+    ///
+    /// If `addr` is outside the simulated memory.
+    pub fn host_ptr(&self, addr: PhysAddr) -> *mut u8 {
+        self.host_range(addr, 1)
+    }
+
+    /// The host pointer for `addr`, after checking that `len` bytes (at least one)
+    /// from there are inside the simulated memory.
+    fn host_range(&self, addr: PhysAddr, len: usize) -> *mut u8 {
+        let end = addr.as_u64().checked_add(len.max(1) as u64);
+        assert!(
+            end.is_some_and(|end| end <= self.size),
+            "physical range {:#x} + {len:#x} is outside the simulated memory ({:#x} bytes)",
+            addr.as_u64(),
+            self.size
+        );
+        // SAFETY: the offset is inside the block (checked above), which is one
+        // allocation, so the result stays in bounds.
+        unsafe { self.base.as_ptr().add(addr.as_u64() as usize) }
+    }
+}
+
+// SAFETY: every address below `size` maps to a distinct byte of the block, which is
+// valid for reads and writes and lives as long as the borrowed machine; addresses
+// outside it panic instead of returning a pointer.
+unsafe impl PhysMemory for SimPhys<'_> {
+    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
+        self.host_ptr(phys)
+    }
+}

@@ -1,0 +1,77 @@
+//! The TLB model: one cache of successful translations, per 4 KiB page.
+//!
+//! An entry remembers the 4 KiB piece of the frame the page maps to, the effective
+//! permissions and the size of the page it came from, so that invalidating any 4 KiB
+//! page inside a 2 MiB or 1 GiB mapping drops every entry of that mapping, as `invlpg`
+//! does on hardware. Entries are keyed by virtual page number in a `BTreeMap`, which
+//! lets a flush look only at the entries that exist inside the range it covers.
+
+use super::mmu::Translation;
+use std::collections::BTreeMap;
+use std::vec::Vec;
+use x86_64::structures::paging::{PageSize, Size1GiB};
+
+/// How often the TLB was used and flushed, since the machine was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlbStats {
+    /// `flush_page` calls.
+    pub page_flushes: u64,
+    /// `flush_range` calls (each counts once, however long the range).
+    pub range_flushes: u64,
+    /// `flush_all` calls.
+    pub full_flushes: u64,
+    /// Translations answered from the TLB.
+    pub hits: u64,
+    /// Translations that walked the page tables (including permission re-walks).
+    pub misses: u64,
+}
+
+/// Cached translations and the counters, kept behind the machine's lock.
+#[derive(Debug, Default)]
+pub(super) struct Tlb {
+    /// Virtual page number (address >> 12) to the translation of that page's start.
+    entries: BTreeMap<u64, Translation>,
+    pub(super) stats: TlbStats,
+}
+
+const PAGES_PER_GIB: u64 = Size1GiB::SIZE >> 12;
+
+impl Tlb {
+    pub(super) fn lookup(&self, vpn: u64) -> Option<Translation> {
+        self.entries.get(&vpn).copied()
+    }
+
+    /// Caches `translation`, which must be the translation of page `vpn`'s start.
+    pub(super) fn insert(&mut self, vpn: u64, translation: Translation) {
+        self.entries.insert(vpn, translation);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Drops every entry whose mapping (of whatever size) overlaps pages
+    /// `start_vpn..end_vpn`.
+    pub(super) fn invalidate(&mut self, start_vpn: u64, end_vpn: u64) {
+        // A 1 GiB mapping is the largest: no entry outside these bounds can overlap.
+        let low = start_vpn & !(PAGES_PER_GIB - 1);
+        let high = end_vpn.div_ceil(PAGES_PER_GIB).saturating_mul(PAGES_PER_GIB);
+        let doomed: Vec<u64> = self
+            .entries
+            .range(low..high)
+            .filter(|(vpn, translation)| {
+                let pages = translation.page_size >> 12;
+                let first = *vpn & !(pages - 1);
+                first < end_vpn && start_vpn < first + pages
+            })
+            .map(|(vpn, _)| *vpn)
+            .collect();
+        for vpn in doomed {
+            self.entries.remove(&vpn);
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
