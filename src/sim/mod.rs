@@ -4,8 +4,9 @@
 //! run in an ordinary `cargo test`:
 //!
 //! - **Physical memory** is one zeroed, 4 KiB-aligned block of host memory, allocated
-//!   with `alloc_zeroed` so that even a block of several GiB costs only the pages that
-//!   are touched. Physical address `p` lives at host address [`phys_offset`]` + p`, so
+//!   with `alloc_zeroed` (at a small alignment, so the system allocator's `calloc`
+//!   hands out fresh pages) so that even a block of several GiB costs only the pages
+//!   that are touched. Physical address `p` lives at host address [`phys_offset`]` + p`, so
 //!   [`SimMachine::phys`] gives a [`PhysMemory`] for the library, and the `x86_64`
 //!   crate's `OffsetPageTable` can walk the tables with that offset.
 //! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
@@ -128,7 +129,11 @@ impl Default for SimConfig {
 /// A simulated x86_64 machine; see the [module documentation](self).
 #[derive(Debug)]
 pub struct SimMachine {
+    /// Physical address 0: the first 4 KiB boundary inside `block`.
     memory: NonNull<u8>,
+    memory_size: u64,
+    /// The host allocation, as `alloc_zeroed` returned it, and its layout.
+    block: NonNull<u8>,
     layout: Layout,
     memory_map: Vec<MemoryRegion>,
     root: PhysFrame,
@@ -157,12 +162,20 @@ impl SimMachine {
     pub fn new(config: SimConfig) -> SimMachine {
         let memory_map = memmap::build(config.memory_size, config.reserved_holes);
         let size = usize::try_from(config.memory_size).expect("memory size fits in usize");
-        let layout = Layout::from_size_align(size, 4096).expect("memory size fits a layout");
+        // The system allocator zeroes by `calloc`, whose large blocks are fresh
+        // untouched pages, only for small alignments; a 4 KiB-aligned request would be
+        // zeroed by writing every byte. So ask for one page more and align by hand.
+        let layout = Layout::from_size_align(size + 4096, 16).expect("memory size fits");
         // SAFETY: the layout's size is at least 16 MiB, so not zero.
-        let block = unsafe { alloc_zeroed(layout) };
-        let memory = NonNull::new(block).unwrap_or_else(|| handle_alloc_error(layout));
+        let block = NonNull::new(unsafe { alloc_zeroed(layout) })
+            .unwrap_or_else(|| handle_alloc_error(layout));
+        let to_boundary = block.as_ptr().align_offset(4096);
+        // SAFETY: `to_boundary` < 4096, so the result is inside the allocation.
+        let memory = unsafe { block.add(to_boundary) };
         SimMachine {
             memory,
+            memory_size: config.memory_size,
+            block,
             layout,
             memory_map,
             root: PhysFrame::containing_address(PhysAddr::new(ROOT_TABLE)),
@@ -178,7 +191,7 @@ impl SimMachine {
 
     /// Bytes of simulated physical memory (physical addresses `0..memory_size`).
     pub fn memory_size(&self) -> u64 {
-        self.layout.size() as u64
+        self.memory_size
     }
 
     /// The seed for shuffled frame hand-out, as configured.
@@ -269,9 +282,9 @@ impl SimMachine {
 
 impl Drop for SimMachine {
     fn drop(&mut self) {
-        // SAFETY: `memory` came from `alloc_zeroed` with exactly `layout`, and nothing
+        // SAFETY: `block` came from `alloc_zeroed` with exactly `layout`, and nothing
         // borrowing the machine (such as a `SimPhys`) outlives it.
-        unsafe { dealloc(self.memory.as_ptr(), self.layout) };
+        unsafe { dealloc(self.block.as_ptr(), self.layout) };
     }
 }
 
