@@ -104,7 +104,10 @@ impl fmt::Display for Fault {
                 fault.code
             ),
             Fault::GeneralProtection { addr } => {
-                write!(f, "general protection fault: non-canonical address {addr:#x}")
+                write!(
+                    f,
+                    "general protection fault: non-canonical address {addr:#x}"
+                )
             }
         }
     }
@@ -135,8 +138,12 @@ impl Translation {
     /// The mapped frame, in the `x86_64` crate's form.
     pub fn frame(&self) -> MappedFrame {
         match self.page_size {
-            Size4KiB::SIZE => MappedFrame::Size4KiB(PhysFrame::containing_address(self.frame_start)),
-            Size2MiB::SIZE => MappedFrame::Size2MiB(PhysFrame::containing_address(self.frame_start)),
+            Size4KiB::SIZE => {
+                MappedFrame::Size4KiB(PhysFrame::containing_address(self.frame_start))
+            }
+            Size2MiB::SIZE => {
+                MappedFrame::Size2MiB(PhysFrame::containing_address(self.frame_start))
+            }
             _ => MappedFrame::Size1GiB(PhysFrame::containing_address(self.frame_start)),
         }
     }
@@ -265,9 +272,10 @@ impl SimMachine {
                     continue;
                 }
             };
-            let mut effective = flags & !(PageTableFlags::WRITABLE
-                | PageTableFlags::USER_ACCESSIBLE
-                | PageTableFlags::NO_EXECUTE);
+            let mut effective = flags
+                & !(PageTableFlags::WRITABLE
+                    | PageTableFlags::USER_ACCESSIBLE
+                    | PageTableFlags::NO_EXECUTE);
             effective.set(PageTableFlags::WRITABLE, writable);
             effective.set(PageTableFlags::USER_ACCESSIBLE, user);
             effective.set(PageTableFlags::NO_EXECUTE, no_execute);
@@ -313,7 +321,7 @@ impl SimMachine {
     /// The fault of the first page that cannot be read, at that page's first byte in
     /// the range (or `addr` itself for the first page).
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
-        self.read_as(Access::READ, addr, buf)
+        self.copy_out(Access::READ, addr, buf)
     }
 
     /// Writes `data` at `addr` as the kernel would; all-or-nothing like
@@ -323,7 +331,7 @@ impl SimMachine {
     ///
     /// As [`read`](Self::read); on error no byte is written.
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
-        self.write_as(Access::WRITE, addr, data)
+        self.copy_in(Access::WRITE, addr, data)
     }
 
     /// Fetches `buf.len()` instruction bytes at `addr` as the kernel would.
@@ -332,21 +340,38 @@ impl SimMachine {
     ///
     /// As [`read`](Self::read), with fetch permissions (NX) checked.
     pub fn fetch(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
-        self.read_as(Access::FETCH, addr, buf)
+        self.copy_out(Access::FETCH, addr, buf)
     }
 
-    /// [`read`](Self::read) or [`fetch`](Self::fetch) with an explicit access
-    /// (`access.kind` must not be [`AccessKind::Write`]).
+    /// [`read`](Self::read) from user mode.
     ///
     /// # Errors
     ///
     /// As [`read`](Self::read).
+    pub fn read_user(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
+        self.copy_out(Access::READ.user(), addr, buf)
+    }
+
+    /// [`write`](Self::write) from user mode.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `access` is a write.
-    pub fn read_as(&self, access: Access, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
-        assert!(access.kind != AccessKind::Write, "read_as with a write access");
+    /// As [`write`](Self::write).
+    pub fn write_user(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+        self.copy_in(Access::WRITE.user(), addr, data)
+    }
+
+    /// [`fetch`](Self::fetch) from user mode.
+    ///
+    /// # Errors
+    ///
+    /// As [`fetch`](Self::fetch).
+    pub fn fetch_user(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
+        self.copy_out(Access::FETCH.user(), addr, buf)
+    }
+
+    /// Copies from virtual memory into `buf` after translating every page.
+    fn copy_out(&self, access: Access, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
         let mut done = 0;
         for (phys, len) in self.translate_all(addr, buf.len(), access)? {
             self.read_phys(phys, &mut buf[done..done + len]);
@@ -355,18 +380,8 @@ impl SimMachine {
         Ok(())
     }
 
-    /// [`write`](Self::write) with an explicit privilege (`access.kind` must be
-    /// [`AccessKind::Write`]).
-    ///
-    /// # Errors
-    ///
-    /// As [`write`](Self::write).
-    ///
-    /// # Panics
-    ///
-    /// If `access` is not a write.
-    pub fn write_as(&self, access: Access, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
-        assert!(access.kind == AccessKind::Write, "write_as with a non-write access");
+    /// Copies `data` into virtual memory after translating every page.
+    fn copy_in(&self, access: Access, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
         let mut done = 0;
         for (phys, len) in self.translate_all(addr, data.len(), access)? {
             self.write_phys(phys, &data[done..done + len]);

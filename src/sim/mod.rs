@@ -44,7 +44,9 @@
 //! keys, MAXPHYADDR checks, and per-CPU TLBs: there is one TLB shared by all threads,
 //! behind one lock held for the whole of each lookup-walk-fill, so a flush is never
 //! undone by a walk that was racing it. A table pointer outside the simulated memory
-//! is a bug in the test and panics with a message saying where.
+//! is a bug in the test and panics with a message saying where. Data bytes are copied
+//! with plain (non-atomic) copies: threads touching the same bytes at once race as
+//! they would in a kernel.
 //!
 //! [`phys_offset`]: SimMachine::phys_offset
 //! [`memory_map`]: SimMachine::memory_map

@@ -55,7 +55,9 @@ impl Tlb {
     pub(super) fn invalidate(&mut self, start_vpn: u64, end_vpn: u64) {
         // A 1 GiB mapping is the largest: no entry outside these bounds can overlap.
         let low = start_vpn & !(PAGES_PER_GIB - 1);
-        let high = end_vpn.div_ceil(PAGES_PER_GIB).saturating_mul(PAGES_PER_GIB);
+        let high = end_vpn
+            .div_ceil(PAGES_PER_GIB)
+            .saturating_mul(PAGES_PER_GIB);
         let doomed: Vec<u64> = self
             .entries
             .range(low..high)
