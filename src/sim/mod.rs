@@ -48,6 +48,25 @@
 //! with plain (non-atomic) copies: threads touching the same bytes at once race as
 //! they would in a kernel.
 //!
+//! # Example
+//!
+//! ```
+//! use vmalloc::sim::{Access, SimConfig, SimMachine};
+//! use x86_64::VirtAddr;
+//!
+//! let machine = SimMachine::new(SimConfig::new(64 << 20).with_holes(4));
+//! let addr = VirtAddr::new(0xffff_8000_0000_0000);
+//! // Nothing is mapped yet: a kernel read takes a not-present page fault.
+//! let fault = machine.translate(addr, Access::READ).unwrap_err().page_fault().unwrap();
+//! assert_eq!(fault.addr, addr);
+//! assert!(fault.code.is_empty());
+//! ```
+//!
+//! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`]), or with
+//! the `x86_64` crate's `OffsetPageTable` over [`root`] at [`phys_offset`]. Drop its
+//! `MapperFlush` with `ignore()` and flush through [`TlbFlush`] instead: `flush()` runs
+//! `invlpg`, which the host does not allow.
+//!
 //! [`phys_offset`]: SimMachine::phys_offset
 //! [`memory_map`]: SimMachine::memory_map
 //! [`root`]: SimMachine::root

@@ -1,0 +1,129 @@
+//! The simulated machine driven from outside the crate, with the `x86_64` crate's own
+//! mapper writing the page tables, as a kernel built on that crate would.
+
+use vmalloc::TlbFlush;
+use vmalloc::frame::RegionKind;
+use vmalloc::sim::{Access, Fault, SimConfig, SimMachine};
+use x86_64::structures::idt::PageFaultErrorCode;
+use x86_64::structures::paging::{
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size2MiB,
+    Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Usable 4 KiB frames of the machine's memory map, above 1 MiB, in address order.
+struct MapFrames(std::vec::IntoIter<PhysFrame>);
+
+impl MapFrames {
+    fn new(machine: &SimMachine) -> Self {
+        let frames: Vec<PhysFrame> = machine
+            .memory_map()
+            .iter()
+            .filter(|r| r.kind == RegionKind::Usable && r.range.start.as_u64() >= 1 << 20)
+            .flat_map(|r| {
+                let start = r.range.start.align_up(4096u64).as_u64();
+                let end = r.range.end.align_down(4096u64).as_u64();
+                (start..end).step_by(4096)
+            })
+            .map(|a| PhysFrame::containing_address(PhysAddr::new(a)))
+            .collect();
+        Self(frames.into_iter())
+    }
+}
+
+// SAFETY: every frame comes from a usable region and is handed out once.
+unsafe impl FrameAllocator<Size4KiB> for MapFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        self.0.next()
+    }
+}
+
+/// The `x86_64` crate's mapper over the machine's tables.
+fn mapper(machine: &SimMachine) -> OffsetPageTable<'_> {
+    let pml4 = machine.phys_offset() + machine.root().start_address().as_u64();
+    // SAFETY: the root frame is a page table in the machine's memory, all of which is
+    // reached at `phys_offset`; each test keeps a single mapper.
+    unsafe { OffsetPageTable::new(&mut *pml4.as_mut_ptr::<PageTable>(), machine.phys_offset()) }
+}
+
+const KERNEL_DATA: PageTableFlags = PageTableFlags::PRESENT
+    .union(PageTableFlags::WRITABLE)
+    .union(PageTableFlags::NO_EXECUTE);
+
+#[test]
+fn pages_mapped_by_the_x86_64_mapper_are_reachable() {
+    let machine = SimMachine::new(SimConfig::default());
+    let mut frames = MapFrames::new(&machine);
+    let mut tables = mapper(&machine);
+    let page: Page = Page::containing_address(VirtAddr::new(0xffff_8880_0000_0000));
+    let frame = frames.allocate_frame().unwrap();
+    // SAFETY: the frame is fresh and the page unused. `ignore`, never `flush`: the
+    // latter runs `invlpg` on the host.
+    unsafe { tables.map_to(page, frame, KERNEL_DATA, &mut frames) }
+        .unwrap()
+        .ignore();
+
+    let across = machine.write(page.start_address() + 0xffcu64, b"across");
+    assert!(across.is_err(), "the next page is not mapped");
+    machine
+        .write(page.start_address() + 8u64, b"kernel")
+        .unwrap();
+    let mut seen = [0; 6];
+    machine.read_phys(frame.start_address() + 8u64, &mut seen);
+    assert_eq!(&seen, b"kernel");
+
+    let fault = machine
+        .translate(page.start_address(), Access::FETCH)
+        .unwrap_err()
+        .page_fault()
+        .unwrap();
+    let nx_fetch = PageFaultErrorCode::PROTECTION_VIOLATION | PageFaultErrorCode::INSTRUCTION_FETCH;
+    assert_eq!(fault.code, nx_fetch);
+}
+
+#[test]
+fn huge_pages_mapped_by_the_x86_64_mapper_translate() {
+    let machine = SimMachine::new(SimConfig::default());
+    let mut frames = MapFrames::new(&machine);
+    let mut tables = mapper(&machine);
+    let page: Page<Size2MiB> = Page::containing_address(VirtAddr::new(0xffff_9000_0000_0000));
+    let frame: PhysFrame<Size2MiB> = PhysFrame::containing_address(PhysAddr::new(32 << 20));
+    // SAFETY: the 2 MiB page is unused; the frame is RAM the test owns.
+    unsafe { tables.map_to(page, frame, KERNEL_DATA, &mut frames) }
+        .unwrap()
+        .ignore();
+
+    let addr = page.start_address() + 0x1_2345u64;
+    let translation = machine.translate(addr, Access::READ).unwrap();
+    assert_eq!(translation.phys().as_u64(), (32 << 20) + 0x1_2345);
+    assert_eq!(translation.page_size, 2 << 20);
+}
+
+#[test]
+fn unmap_without_flush_is_stale_until_flushed() {
+    let machine = SimMachine::new(SimConfig::default());
+    let mut frames = MapFrames::new(&machine);
+    let mut tables = mapper(&machine);
+    let page: Page = Page::containing_address(VirtAddr::new(0xffff_8880_0010_0000));
+    let frame = frames.allocate_frame().unwrap();
+    machine.write_phys(frame.start_address(), b"still here");
+    // SAFETY: as above.
+    unsafe { tables.map_to(page, frame, KERNEL_DATA, &mut frames) }
+        .unwrap()
+        .ignore();
+
+    let mut buf = [0; 10];
+    machine.read(page.start_address(), &mut buf).unwrap();
+    tables.unmap(page).unwrap().1.ignore();
+    buf = [0; 10];
+    machine.read(page.start_address(), &mut buf).unwrap();
+    assert_eq!(&buf, b"still here", "the TLB still holds the translation");
+
+    machine.flush_page(page);
+    let fault = machine.read(page.start_address(), &mut buf).unwrap_err();
+    assert!(
+        matches!(fault, Fault::Page(f) if f.code.is_empty()),
+        "{fault}"
+    );
+    assert_eq!(machine.tlb_stats().page_flushes, 1);
+}
