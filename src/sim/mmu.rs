@@ -126,6 +126,7 @@ pub struct Translation {
     pub offset: u64,
     /// The leaf entry's flags, except that `WRITABLE` and `USER_ACCESSIBLE` hold the
     /// AND over all four levels and `NO_EXECUTE` the OR: the effective permissions.
+    /// In a 4 KiB leaf, bit 7 (`HUGE_PAGE`) is the PAT bit.
     pub flags: PageTableFlags,
 }
 
@@ -145,6 +146,15 @@ impl Translation {
                 MappedFrame::Size2MiB(PhysFrame::containing_address(self.frame_start))
             }
             _ => MappedFrame::Size1GiB(PhysFrame::containing_address(self.frame_start)),
+        }
+    }
+
+    /// `self`, if its effective permissions allow `access`.
+    fn checked(self, access: Access) -> Result<Self, Cause> {
+        if self.permits(access) {
+            Ok(self)
+        } else {
+            Err(Cause::Protection)
         }
     }
 
@@ -169,12 +179,26 @@ const HUGE_2M_RESERVED: u64 = 0x1f_e000;
 /// Bits 13..=29 of a 1 GiB entry must be 0.
 const HUGE_1G_RESERVED: u64 = 0x3fff_e000;
 
-/// What a walk found before permissions are checked.
-enum WalkError {
+/// Why a translation faults, before the access's own bits are added.
+enum Cause {
     /// An entry with P = 0.
     NotPresent,
+    /// All entries present, but the access is not allowed.
+    Protection,
     /// An entry with a reserved bit set.
     Reserved,
+}
+
+impl Cause {
+    fn code(self) -> PageFaultErrorCode {
+        match self {
+            Cause::NotPresent => PageFaultErrorCode::empty(),
+            Cause::Protection => PageFaultErrorCode::PROTECTION_VIOLATION,
+            Cause::Reserved => {
+                PageFaultErrorCode::PROTECTION_VIOLATION | PageFaultErrorCode::MALFORMED_TABLE
+            }
+        }
+    }
 }
 
 impl SimMachine {
@@ -211,39 +235,21 @@ impl SimMachine {
             });
         }
         tlb.stats.misses += 1;
-        let walked = self.walk(addr).map_err(|error| {
-            let code = access.fault_code()
-                | match error {
-                    WalkError::NotPresent => PageFaultErrorCode::empty(),
-                    WalkError::Reserved => {
-                        PageFaultErrorCode::PROTECTION_VIOLATION
-                            | PageFaultErrorCode::MALFORMED_TABLE
-                    }
-                };
-            PageFault { addr: virt, code }
-        });
-        let result = walked.and_then(|translation| {
-            if translation.permits(access) {
-                Ok(translation)
-            } else {
-                let code = access.fault_code() | PageFaultErrorCode::PROTECTION_VIOLATION;
-                Err(PageFault { addr: virt, code })
-            }
-        });
-        match result {
+        match self.walk(addr).and_then(|walked| walked.checked(access)) {
             Ok(translation) => {
                 tlb.insert(vpn, translation);
                 Ok(translation)
             }
-            Err(fault) => {
+            Err(cause) => {
                 tlb.invalidate(vpn, vpn + 1);
-                Err(Fault::Page(fault))
+                let code = access.fault_code() | cause.code();
+                Err(Fault::Page(PageFault { addr: virt, code }))
             }
         }
     }
 
     /// Walks the four levels for `addr`, reading each entry with one atomic load.
-    fn walk(&self, addr: u64) -> Result<Translation, WalkError> {
+    fn walk(&self, addr: u64) -> Result<Translation, Cause> {
         let mut table = self.root().start_address();
         let mut writable = true;
         let mut user = true;
@@ -252,18 +258,18 @@ impl SimMachine {
             let shift = 12 + 9 * (level - 1);
             let index = (addr >> shift) & 0x1ff;
             let raw = self.load_entry(table + index * 8, level);
-            let flags = PageTableFlags::from_bits_retain(raw);
+            let flags = PageTableFlags::from_bits_truncate(raw);
             if !flags.contains(PageTableFlags::PRESENT) {
-                return Err(WalkError::NotPresent);
+                return Err(Cause::NotPresent);
             }
             writable &= flags.contains(PageTableFlags::WRITABLE);
             user &= flags.contains(PageTableFlags::USER_ACCESSIBLE);
             no_execute |= flags.contains(PageTableFlags::NO_EXECUTE);
             let huge = flags.contains(PageTableFlags::HUGE_PAGE);
             let leaf_size = match (level, huge) {
-                (4, true) => return Err(WalkError::Reserved),
-                (3, true) if raw & HUGE_1G_RESERVED != 0 => return Err(WalkError::Reserved),
-                (2, true) if raw & HUGE_2M_RESERVED != 0 => return Err(WalkError::Reserved),
+                (4, true) => return Err(Cause::Reserved),
+                (3, true) if raw & HUGE_1G_RESERVED != 0 => return Err(Cause::Reserved),
+                (2, true) if raw & HUGE_2M_RESERVED != 0 => return Err(Cause::Reserved),
                 (3, true) => Size1GiB::SIZE,
                 (2, true) => Size2MiB::SIZE,
                 (1, _) => Size4KiB::SIZE,

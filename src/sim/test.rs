@@ -415,13 +415,14 @@ fn translates_4k_2m_and_1g_pages() {
     let t = machine.translate(virt(BASE + 0x123), Access::READ).unwrap();
     assert_eq!(t.phys(), small.start_address() + 0x123u64);
     assert_eq!(t.page_size, 4096);
+    assert_eq!(t.flags, KERNEL_RW, "effective flags, no address bits");
 
     let t = machine
         .translate(virt(BASE + 3 * MIB + 0x45), Access::READ)
         .unwrap();
     assert_eq!(t.phys().as_u64(), 9 * MIB + 0x45);
     assert_eq!((t.page_size, t.frame_start.as_u64()), (2 * MIB, 8 * MIB));
-    assert!(t.flags.contains(Flags::HUGE_PAGE));
+    assert_eq!(t.flags, KERNEL_RW | Flags::HUGE_PAGE);
 
     let t = machine
         .translate(virt(BASE + GIB + 0x2a_b123), Access::WRITE)
@@ -960,4 +961,43 @@ fn threads_translate_concurrently() {
     assert!(stats.hits > 0);
     assert!(stats.page_flushes > 0);
     assert!(machine.tlb_len() <= distinct.len());
+}
+
+#[test]
+fn translations_race_with_a_thread_rewriting_the_entry() {
+    let machine = machine();
+    let mut tables = Tables::new(&machine);
+    let frames = [tables.bump.frame(), tables.bump.frame()];
+    for (i, frame) in frames.iter().enumerate() {
+        machine.fill_phys(frame.start_address(), 4096, i as u8 + 1);
+    }
+    let walked = tables.map(BASE, frames[0].start_address().as_u64(), 1, KERNEL_RW);
+    let entry_addr = walked[3].start_address() + index_at(BASE, 1) as u64 * 8;
+    let entry_ptr = machine.phys().phys_to_virt(entry_addr).cast::<u64>();
+    // SAFETY: the entry is 8-aligned inside the machine's memory, which outlives the
+    // scope below, and is only accessed atomically from here on.
+    let entry = unsafe { core::sync::atomic::AtomicU64::from_ptr(entry_ptr) };
+    let values = frames.map(|f| f.start_address().as_u64() | KERNEL_RW.bits());
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 0..2000 {
+                let value = values[round % 2] * u64::from(round % 3 != 0);
+                entry.store(value, core::sync::atomic::Ordering::Release);
+                machine.flush_page(page_of(BASE));
+            }
+        });
+        for _ in 0..3 {
+            scope.spawn(|| {
+                for _ in 0..2000 {
+                    let mut buf = [0; 64];
+                    match machine.read(virt(BASE + 0x100), &mut buf) {
+                        Ok(()) => assert!(buf == [1; 64] || buf == [2; 64], "{buf:?}"),
+                        Err(fault) => assert_eq!(fault.page_fault().unwrap().code, Code::empty()),
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(machine.tlb_stats().page_flushes, 2000);
 }
