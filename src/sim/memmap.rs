@@ -1,21 +1,5 @@
-//! The firmware-style memory map of the simulated machine.
-//!
-//! The map imitates what a PC's E820 table looks like, so a frame allocator tested on
-//! it meets the same awkward shapes it meets on real hardware:
-//!
-//! - `0..0x9fc00` usable (the low 640 KiB less the EBDA, an unaligned end);
-//! - `0x9fc00..1 MiB` reserved (EBDA, VGA window, BIOS ROM);
-//! - `1 MiB..KERNEL_IMAGE_END` reserved: the "kernel image", which also holds the
-//!   machine's top-level page table;
-//! - the rest usable, cut by `holes` holes spread evenly over it, of a few pages each
-//!   and with unaligned ends; even-numbered holes are listed as reserved (ACPI-like
-//!   tables), odd-numbered ones are not listed at all (like missing or MMIO ranges);
-//! - a reserved block of ACPI tables at the top of low memory (unaligned start);
-//! - above 3 GiB, when memory is that large, a PCI hole up to 4 GiB that is not
-//!   listed except for small reserved IOAPIC, local APIC and BIOS flash ranges.
-//!
-//! Every listed region lies inside the simulated memory, regions are sorted and never
-//! overlap, and the layout depends only on the size and the number of holes.
+//! Builds the firmware-style memory map; the layout is documented on
+//! [`SimMachine::memory_map`](super::SimMachine::memory_map).
 
 use crate::frame::MemoryRegion;
 use core::ops::Range;

@@ -12,7 +12,7 @@
 //! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
 //!   memory, the legacy hole, a reserved kernel image at 1 MiB, reserved and unlisted
 //!   holes with unaligned ends, ACPI tables, and a PCI hole below 4 GiB when memory
-//!   reaches it. The layout is described in the `memmap` source.
+//!   reaches it.
 //! - **A top-level page table** ([`root`]), a zeroed PML4 inside the kernel image:
 //!   what CR3 would point to.
 //! - **An MMU** ([`translate`], [`read`], [`write`], [`fetch`]) that walks the 4-level
@@ -107,7 +107,8 @@ pub struct SimConfig {
     /// 2 MiB, at least 16 MiB. Reserved ranges and holes of the memory map lie inside
     /// it, so usable memory is somewhat less.
     pub memory_size: u64,
-    /// How many holes to cut into the usable memory above the kernel image.
+    /// How many holes to cut into the usable memory above the kernel image (see
+    /// [`SimMachine::memory_map`]); each needs 256 KiB of usable memory.
     pub reserved_holes: usize,
     /// Seed for handing frames out in shuffled order; `None` for address order.
     pub scatter_seed: Option<u64>,
@@ -206,6 +207,23 @@ impl SimMachine {
     }
 
     /// The firmware memory map: sorted, non-overlapping, inside the memory.
+    ///
+    /// It imitates a PC's E820 table, so a frame allocator tested on it meets the
+    /// shapes it meets on real hardware:
+    ///
+    /// - `0..0x9fc00` usable (the low 640 KiB less the EBDA: an unaligned end);
+    /// - `0x9fc00..1 MiB` reserved (EBDA, VGA window, BIOS ROM);
+    /// - `1 MiB..4 MiB` reserved: the kernel image, which holds [`root`](Self::root);
+    /// - the rest usable, cut by [`SimConfig::reserved_holes`] holes spread evenly
+    ///   over it, 16 to 64 KiB long with unaligned ends; even-numbered holes are listed
+    ///   as reserved (ACPI-like tables), odd-numbered ones are not listed at all (like
+    ///   missing or MMIO ranges);
+    /// - reserved ACPI tables (130 KiB, unaligned start) at the top of low memory;
+    /// - when memory passes 3 GiB, a PCI hole from 3 GiB to 4 GiB, not listed except
+    ///   for small reserved IOAPIC, local APIC and BIOS flash ranges, with the rest
+    ///   of memory usable above 4 GiB.
+    ///
+    /// The layout depends only on the size and the number of holes.
     pub fn memory_map(&self) -> &[MemoryRegion] {
         &self.memory_map
     }
