@@ -6,8 +6,8 @@ use crate::{Error, FrameSource, PhysMemory};
 use core::ptr;
 use core::sync::atomic::{Ordering, compiler_fence};
 use x86_64::PhysAddr;
-use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
 use x86_64::structures::paging::page_table::PageTableEntry;
+use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
 
 /// Bit position of the lowest address bit each level's index selects: PML4, PDPT, PD, PT.
 const SHIFTS: [u32; 4] = [39, 30, 21, 12];
@@ -118,7 +118,11 @@ impl<'p, M: PhysMemory> Cursor<'p, M> {
             if self.keys[level] == key {
                 continue;
             }
-            let parent = if level == 0 { self.root } else { self.tables[level - 1] };
+            let parent = if level == 0 {
+                self.root
+            } else {
+                self.tables[level - 1]
+            };
             // SAFETY: `parent` is the root or a table found by this walk.
             let table = unsafe { self.step(parent, index(addr, level), descend) }?;
             self.tables[level] = table;

@@ -52,9 +52,9 @@ pub(crate) mod test_pool;
 
 pub use flush::RangeFlush;
 
-use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 #[cfg(test)]
 use crate::OffsetPhysMemory;
+use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::sync::atomic::{Ordering, compiler_fence};
 use cursor::{
     CountMissing, Cursor, ENTRIES, Existing, Install, TableStock, entry_at, entry_span, index,
@@ -202,9 +202,13 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
     fn clear_leaves(&self, start: u64, end: u64) {
-        let cleared = self.rewrite_leaves(start, end, PageTableFlags::empty(), |_| Ok(()), |_, leaf| {
-            leaf.set_unused()
-        });
+        let cleared = self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            |_| Ok(()),
+            |_, leaf| leaf.set_unused(),
+        );
         debug_assert!(cleared.is_ok());
     }
 
@@ -258,7 +262,9 @@ impl<M: PhysMemory> PageTables<M> {
         page: Page<Size2MiB>,
     ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
         let addr = page.start_address().as_u64();
-        let mut existing = Existing { upper_bits: PageTableFlags::empty() };
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
         // SAFETY: `new`'s contract makes the tables below the root valid.
         let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
         let entry = entry_at(pd, index(addr, 2));
@@ -290,11 +296,17 @@ impl<M: PhysMemory> PageTables<M> {
         mut on_frame: impl FnMut(Page, PhysFrame),
     ) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        self.rewrite_leaves(start, end, PageTableFlags::empty(), require_present, |addr, leaf| {
-            let frame = PhysFrame::containing_address(leaf.addr());
-            leaf.set_unused();
-            on_frame(page_at(addr), frame);
-        })?;
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            require_present,
+            |addr, leaf| {
+                let frame = PhysFrame::containing_address(leaf.addr());
+                leaf.set_unused();
+                on_frame(page_at(addr), frame);
+            },
+        )?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -307,10 +319,16 @@ impl<M: PhysMemory> PageTables<M> {
     /// As [`unmap`](Self::unmap); nothing changes.
     pub fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        self.rewrite_leaves(start, end, PageTableFlags::empty(), require_present, |_, leaf| {
-            let flags = (leaf.flags() - PageTableFlags::PRESENT) | DETACHED;
-            leaf.set_flags(flags);
-        })?;
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            require_present,
+            |_, leaf| {
+                let flags = (leaf.flags() - PageTableFlags::PRESENT) | DETACHED;
+                leaf.set_flags(flags);
+            },
+        )?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -329,11 +347,17 @@ impl<M: PhysMemory> PageTables<M> {
         mut on_frame: impl FnMut(Page, PhysFrame),
     ) -> Result<(), Error> {
         let (start, end) = span(pages)?;
-        self.rewrite_leaves(start, end, PageTableFlags::empty(), require_detached, |addr, leaf| {
-            let frame = PhysFrame::containing_address(leaf.addr());
-            leaf.set_unused();
-            on_frame(page_at(addr), frame);
-        })
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            require_detached,
+            |addr, leaf| {
+                let frame = PhysFrame::containing_address(leaf.addr());
+                leaf.set_unused();
+                on_frame(page_at(addr), frame);
+            },
+        )
     }
 
     /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame
@@ -342,7 +366,11 @@ impl<M: PhysMemory> PageTables<M> {
     /// # Errors
     ///
     /// As [`unmap`](Self::unmap); nothing changes.
-    pub fn protect(&mut self, pages: PageRange, flags: PageTableFlags) -> Result<RangeFlush, Error> {
+    pub fn protect(
+        &mut self,
+        pages: PageRange,
+        flags: PageTableFlags,
+    ) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
         let kept = PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
         let leaf_flags = flags | PageTableFlags::PRESENT;
@@ -363,7 +391,9 @@ impl<M: PhysMemory> PageTables<M> {
         check: impl Fn(&PageTableEntry) -> Result<(), Error>,
         mut rewrite: impl FnMut(u64, &mut PageTableEntry),
     ) -> Result<(), Error> {
-        let mut existing = Existing { upper_bits: PageTableFlags::empty() };
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
         let mut cursor = Cursor::new(&self.phys, self.root);
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: `new`'s contract makes the tables below the root valid.
@@ -394,7 +424,10 @@ impl<M: PhysMemory> PageTables<M> {
     /// # Errors
     ///
     /// [`Error::NotMapped`] if no present entry maps `addr` (detached ones included).
-    pub fn translate(&self, addr: VirtAddr) -> Result<(PhysAddr, PageTableFlags, MappedFrame), Error> {
+    pub fn translate(
+        &self,
+        addr: VirtAddr,
+    ) -> Result<(PhysAddr, PageTableFlags, MappedFrame), Error> {
         let addr = addr.as_u64();
         let mut table = table_at(&self.phys, self.root.start_address());
         for level in 0..4 {
@@ -428,7 +461,11 @@ impl<M: PhysMemory> PageTables<M> {
         tables: &impl FrameSource,
     ) -> Result<(usize, RangeFlush), Error> {
         let (start, end) = span(pages)?;
-        let mut freed = Freed { count: 0, low: u64::MAX, high: 0 };
+        let mut freed = Freed {
+            count: 0,
+            low: u64::MAX,
+            high: 0,
+        };
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
             self.free_below(root, 0, start, end - 1, tables, &mut freed);
@@ -461,7 +498,8 @@ impl<M: PhysMemory> PageTables<M> {
             // SAFETY: `entry` lies in a reachable table.
             let raw = unsafe { read(entry) };
             let flags = PageTableFlags::from_bits_retain(raw);
-            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE) {
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
                 let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
                 if level < 2 {
                     self.free_below(child, level + 1, addr, last.min(region_last), tables, freed);
@@ -471,7 +509,9 @@ impl<M: PhysMemory> PageTables<M> {
                     freed.count += 1;
                     freed.low = freed.low.min(region_start);
                     // The very last page of the address space cannot end a range.
-                    freed.high = freed.high.max(region_last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1));
+                    freed.high = freed
+                        .high
+                        .max(region_last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1));
                 }
             }
             if region_last >= last {

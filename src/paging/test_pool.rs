@@ -60,10 +60,18 @@ impl HostMemory {
     /// # Safety
     ///
     /// No other reference to the tables is alive while the result is.
-    pub unsafe fn offset_page_table(&self, root: PhysFrame) -> x86_64::structures::paging::OffsetPageTable<'_> {
+    pub unsafe fn offset_page_table(
+        &self,
+        root: PhysFrame,
+    ) -> x86_64::structures::paging::OffsetPageTable<'_> {
         let pml4 = (self.offset() + root.start_address().as_u64()) as *mut PageTable;
         // SAFETY: per the caller; all physical memory is mapped at `offset`.
-        unsafe { x86_64::structures::paging::OffsetPageTable::new(&mut *pml4, VirtAddr::new(self.offset())) }
+        unsafe {
+            x86_64::structures::paging::OffsetPageTable::new(
+                &mut *pml4,
+                VirtAddr::new(self.offset()),
+            )
+        }
     }
 }
 
@@ -115,7 +123,9 @@ impl Pool {
 
     /// `n` frames, panicking if the pool runs dry.
     pub fn take(&self, n: usize) -> Vec<PhysFrame> {
-        (0..n).map(|_| self.alloc_frame().expect("pool exhausted")).collect()
+        (0..n)
+            .map(|_| self.alloc_frame().expect("pool exhausted"))
+            .collect()
     }
 }
 
