@@ -48,7 +48,8 @@ pub(super) unsafe fn read(entry: *const PageTableEntry) -> u64 {
     unsafe { ptr::read(entry.cast::<u64>()) }
 }
 
-/// The entries `[first, first + count)` of the leaf table `table`.
+/// The raw entries `[first, first + count)` of the leaf table `table`. Leaf loops
+/// work on raw `u64`s so that they compile to plain (vectorised) loads and stores.
 ///
 /// # Safety
 ///
@@ -58,9 +59,30 @@ pub(super) unsafe fn leaf_entries<'t>(
     table: *mut PageTable,
     first: usize,
     count: usize,
-) -> &'t mut [PageTableEntry] {
-    // SAFETY: per the caller.
-    unsafe { core::slice::from_raw_parts_mut(entry_at(table, first), count) }
+) -> &'t mut [u64] {
+    // SAFETY: per the caller; `PageTableEntry` is `repr(transparent)` over `u64`.
+    unsafe { core::slice::from_raw_parts_mut(entry_at(table, first).cast(), count) }
+}
+
+/// What every leaf of a range must look like before a call changes any:
+/// `leaf & mask == want`.
+pub(super) struct LeafCheck {
+    pub(super) mask: u64,
+    pub(super) want: u64,
+    /// The error for a leaf that fails the check.
+    pub(super) error: fn(u64) -> Error,
+}
+
+impl LeafCheck {
+    /// Checks `leaves` without branching per entry; finds the culprit only on failure.
+    pub(super) fn check(&self, leaves: &[u64]) -> Result<(), Error> {
+        let wrong = leaves.iter().fold(0, |acc, &raw| acc | ((raw & self.mask) ^ self.want));
+        if wrong == 0 {
+            return Ok(());
+        }
+        let culprit = leaves.iter().find(|&&raw| raw & self.mask != self.want);
+        Err((self.error)(culprit.copied().unwrap_or_default()))
+    }
 }
 
 /// What a descent does at an upper-level entry that does not lead to a table.

@@ -57,8 +57,8 @@ use crate::OffsetPhysMemory;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::sync::atomic::{Ordering, compiler_fence};
 use cursor::{
-    CountMissing, Cursor, ENTRIES, Existing, Install, TableStock, entry_at, entry_span, index,
-    leaf_entries, read, table_at,
+    CountMissing, Cursor, ENTRIES, Existing, Install, LeafCheck, TableStock, entry_at, entry_span,
+    index, leaf_entries, read, table_at,
 };
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
@@ -158,10 +158,7 @@ impl<M: PhysMemory> PageTables<M> {
                 continue; // a table to be made, so all zero
             }
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
-            let leaves = unsafe { leaf_entries(table, first, len) };
-            if leaves.iter().any(|leaf| !leaf.is_unused()) {
-                return Err(Error::AlreadyMapped);
-            }
+            FREE.check(unsafe { leaf_entries(table, first, len) })?;
         }
         Ok(count.tables)
     }
@@ -176,6 +173,7 @@ impl<M: PhysMemory> PageTables<M> {
         stock: &mut TableStock<'_, M>,
     ) -> Result<(), Error> {
         let leaf_flags = flags | PageTableFlags::PRESENT;
+        let leaf_bits = leaf_flags.bits();
         let mut install = Install {
             stock,
             upper_flags: upper_flags_for(leaf_flags),
@@ -189,7 +187,7 @@ impl<M: PhysMemory> PageTables<M> {
             let leaves = unsafe { leaf_entries(table, first, len) };
             let mut written = 0;
             for (leaf, frame) in leaves.iter_mut().zip(frames.by_ref()) {
-                leaf.set_addr(frame.start_address(), leaf_flags);
+                *leaf = frame.start_address().as_u64() | leaf_bits;
                 written += 1;
             }
             if written < len {
@@ -206,8 +204,8 @@ impl<M: PhysMemory> PageTables<M> {
             start,
             end,
             PageTableFlags::empty(),
-            |_| Ok(()),
-            |_, leaf| leaf.set_unused(),
+            &ANY,
+            |_, leaf| *leaf = 0,
         );
         debug_assert!(cleared.is_ok());
     }
@@ -300,11 +298,10 @@ impl<M: PhysMemory> PageTables<M> {
             start,
             end,
             PageTableFlags::empty(),
-            require_present,
+            &PRESENT,
             |addr, leaf| {
-                let frame = PhysFrame::containing_address(leaf.addr());
-                leaf.set_unused();
-                on_frame(page_at(addr), frame);
+                let raw = core::mem::take(leaf);
+                on_frame(page_at(addr), frame_of(raw));
             },
         )?;
         Ok(RangeFlush::new(start, end))
@@ -319,16 +316,10 @@ impl<M: PhysMemory> PageTables<M> {
     /// As [`unmap`](Self::unmap); nothing changes.
     pub fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        self.rewrite_leaves(
-            start,
-            end,
-            PageTableFlags::empty(),
-            require_present,
-            |_, leaf| {
-                let flags = (leaf.flags() - PageTableFlags::PRESENT) | DETACHED;
-                leaf.set_flags(flags);
-            },
-        )?;
+        let (present, detached) = (PageTableFlags::PRESENT.bits(), DETACHED.bits());
+        self.rewrite_leaves(start, end, PageTableFlags::empty(), &PRESENT, |_, leaf| {
+            *leaf = (*leaf & !present) | detached;
+        })?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -351,11 +342,10 @@ impl<M: PhysMemory> PageTables<M> {
             start,
             end,
             PageTableFlags::empty(),
-            require_detached,
+            &DETACHED_LEAF,
             |addr, leaf| {
-                let frame = PhysFrame::containing_address(leaf.addr());
-                leaf.set_unused();
-                on_frame(page_at(addr), frame);
+                let raw = core::mem::take(leaf);
+                on_frame(page_at(addr), frame_of(raw));
             },
         )
     }
@@ -372,11 +362,11 @@ impl<M: PhysMemory> PageTables<M> {
         flags: PageTableFlags,
     ) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        let kept = PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
-        let leaf_flags = flags | PageTableFlags::PRESENT;
+        let kept = ADDR_MASK | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY).bits();
+        let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
         let upper_bits = flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE);
-        self.rewrite_leaves(start, end, upper_bits, require_present, |_, leaf| {
-            leaf.set_flags((leaf.flags() & kept) | leaf_flags);
+        self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf| {
+            *leaf = (*leaf & kept) | leaf_bits;
         })?;
         Ok(RangeFlush::new(start, end))
     }
@@ -388,8 +378,8 @@ impl<M: PhysMemory> PageTables<M> {
         start: u64,
         end: u64,
         upper_bits: PageTableFlags,
-        check: impl Fn(&PageTableEntry) -> Result<(), Error>,
-        mut rewrite: impl FnMut(u64, &mut PageTableEntry),
+        check: &LeafCheck,
+        mut rewrite: impl FnMut(u64, &mut u64),
     ) -> Result<(), Error> {
         let mut existing = Existing {
             upper_bits: PageTableFlags::empty(),
@@ -399,8 +389,7 @@ impl<M: PhysMemory> PageTables<M> {
             // SAFETY: `new`'s contract makes the tables below the root valid.
             let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
-            let leaves = unsafe { leaf_entries(table, first, len) };
-            leaves.iter().try_for_each(&check)?;
+            check.check(unsafe { leaf_entries(table, first, len) })?;
         }
         let mut existing = Existing { upper_bits };
         let mut cursor = Cursor::new(&self.phys, self.root);
@@ -586,28 +575,50 @@ fn upper_flags_for(leaf_flags: PageTableFlags) -> PageTableFlags {
         | (leaf_flags & PageTableFlags::USER_ACCESSIBLE)
 }
 
-fn require_present(leaf: &PageTableEntry) -> Result<(), Error> {
-    if leaf.flags().contains(PageTableFlags::PRESENT) {
-        Ok(())
-    } else {
-        Err(Error::NotMapped)
-    }
-}
+/// Leaves a map may write: zero ones.
+const FREE: LeafCheck = LeafCheck {
+    mask: u64::MAX,
+    want: 0,
+    error: |_| Error::AlreadyMapped,
+};
 
-fn require_detached(leaf: &PageTableEntry) -> Result<(), Error> {
-    let flags = leaf.flags();
-    if flags.contains(PageTableFlags::PRESENT) {
-        Err(Error::AlreadyMapped)
-    } else if flags.contains(DETACHED) {
-        Ok(())
-    } else {
-        Err(Error::NotMapped)
-    }
+/// Leaves that are mapped.
+const PRESENT: LeafCheck = LeafCheck {
+    mask: PageTableFlags::PRESENT.bits(),
+    want: PageTableFlags::PRESENT.bits(),
+    error: |_| Error::NotMapped,
+};
+
+/// Leaves [`PageTables::detach`] left.
+const DETACHED_LEAF: LeafCheck = LeafCheck {
+    mask: PageTableFlags::PRESENT.bits() | DETACHED.bits(),
+    want: DETACHED.bits(),
+    error: |raw| {
+        if raw & PageTableFlags::PRESENT.bits() != 0 {
+            Error::AlreadyMapped
+        } else {
+            Error::NotMapped
+        }
+    },
+};
+
+/// Any leaf.
+const ANY: LeafCheck = LeafCheck {
+    mask: 0,
+    want: 0,
+    error: |_| Error::NotMapped,
+};
+
+/// The frame a 4 KiB leaf entry points to.
+fn frame_of(raw: u64) -> PhysFrame {
+    // SAFETY: masking with `ADDR_MASK` leaves a 4 KiB-aligned address below 2^52.
+    unsafe { PhysFrame::from_start_address_unchecked(PhysAddr::new_truncate(raw & ADDR_MASK)) }
 }
 
 /// The 4 KiB page at canonical address `addr`.
 fn page_at(addr: u64) -> Page {
-    Page::containing_address(VirtAddr::new(addr))
+    // SAFETY: callers pass page-aligned canonical addresses from a checked range.
+    unsafe { Page::from_start_address_unchecked(VirtAddr::new_truncate(addr)) }
 }
 
 /// What the leaf entry `raw` at `level` says about `addr`.
