@@ -75,8 +75,11 @@ pub(super) struct LeafCheck {
 
 impl LeafCheck {
     /// Checks `leaves` without branching per entry; finds the culprit only on failure.
+    #[inline]
     pub(super) fn check(&self, leaves: &[u64]) -> Result<(), Error> {
-        let wrong = leaves.iter().fold(0, |acc, &raw| acc | ((raw & self.mask) ^ self.want));
+        let wrong = leaves
+            .iter()
+            .fold(0, |acc, &raw| acc | ((raw & self.mask) ^ self.want));
         if wrong == 0 {
             return Ok(());
         }

@@ -200,13 +200,9 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
     fn clear_leaves(&self, start: u64, end: u64) {
-        let cleared = self.rewrite_leaves(
-            start,
-            end,
-            PageTableFlags::empty(),
-            &ANY,
-            |_, leaf| *leaf = 0,
-        );
+        let cleared = self.rewrite_leaves(start, end, PageTableFlags::empty(), &ANY, |_, leaf| {
+            *leaf = 0
+        });
         debug_assert!(cleared.is_ok());
     }
 
