@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use vmalloc::paging::PageTables;
 // `test_pool` takes these from here.
 use vmalloc::{Error, FrameSource, OffsetPhysMemory};
+use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
-use x86_64::VirtAddr;
 
 #[allow(dead_code, clippy::all)]
 #[path = "../src/paging/test_pool.rs"]
@@ -103,7 +103,9 @@ impl World {
 
     /// The model's frames of `[start, start + len)`, removed if `remove`.
     fn frames(&mut self, start: u64, len: u64, remove: bool) -> Vec<PhysFrame> {
-        let frames = (start..start + len).map(|i| frame_of(self.model.get(&i).copied())).collect();
+        let frames = (start..start + len)
+            .map(|i| frame_of(self.model.get(&i).copied()))
+            .collect();
         if remove {
             (start..start + len).for_each(|i| _ = self.model.remove(&i));
         }
@@ -114,10 +116,13 @@ impl World {
         let before = self.model.clone();
         let (result, expected) = match op {
             Op::Map(s, n, f) => {
-                let expected = self.expect(s, n, |m| m.map_or(Ok(()), |_| Err(Error::AlreadyMapped)));
+                let expected =
+                    self.expect(s, n, |m| m.map_or(Ok(()), |_| Err(Error::AlreadyMapped)));
                 let frames = self.pool.take(n as usize);
                 let flags = FLAG_CHOICES[f];
-                let result = self.tables.map(range(s, n), frames.iter().copied(), flags, &self.pool);
+                let result =
+                    self.tables
+                        .map(range(s, n), frames.iter().copied(), flags, &self.pool);
                 if result.is_ok() {
                     for (i, frame) in (s..).zip(&frames) {
                         let leaf = Model::Mapped(*frame, flags | PageTableFlags::PRESENT);
@@ -171,7 +176,9 @@ impl World {
                     None => Err(Error::NotMapped),
                 });
                 let mut handed = Vec::new();
-                let result = self.tables.reclaim_detached(range(s, n), |_, f| handed.push(f));
+                let result = self
+                    .tables
+                    .reclaim_detached(range(s, n), |_, f| handed.push(f));
                 if result.is_ok() {
                     prop_assert_eq!(&handed, &self.frames(s, n, true));
                     self.pool.free_frames(&handed).unwrap();
@@ -195,12 +202,17 @@ impl World {
         for i in 0..WINDOW {
             let got = self.tables.translate(VirtAddr::new(addr(i)));
             match (self.model.get(&i), got) {
-                (Some(Model::Mapped(frame, flags)), Ok((phys, got_flags, MappedFrame::Size4KiB(f)))) => {
+                (
+                    Some(Model::Mapped(frame, flags)),
+                    Ok((phys, got_flags, MappedFrame::Size4KiB(f))),
+                ) => {
                     let want = (frame.start_address(), *flags, *frame);
                     prop_assert_eq!((phys, got_flags, f), want, "page {}", i);
                 }
                 (Some(Model::Detached(_)) | None, Err(Error::NotMapped)) => {}
-                (want, got) => prop_assert!(false, "page {}: model {:?}, tables {:?}", i, want, got),
+                (want, got) => {
+                    prop_assert!(false, "page {}: model {:?}, tables {:?}", i, want, got)
+                }
             }
         }
         Ok(())

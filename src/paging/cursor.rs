@@ -136,10 +136,10 @@ impl<'p, M: PhysMemory> Cursor<'p, M> {
         depth: usize,
         descend: &mut D,
     ) -> Result<*mut PageTable, Error> {
-        for level in 0..=depth {
-            // Keys are address prefixes: if a lower level's key still matches, so do
-            // all the keys above it, and only the levels below a change are re-read.
-            let key = addr >> SHIFTS[level];
+        for (level, shift) in SHIFTS.iter().enumerate().take(depth + 1) {
+            // Keys are address prefixes: a level whose key still matches is skipped,
+            // and a change at one level changes the keys of every level below it.
+            let key = addr >> shift;
             if self.keys[level] == key {
                 continue;
             }

@@ -26,7 +26,9 @@
 //!
 //! New tables are zeroed before the entry that publishes them is written. Upper-level
 //! entries get `PRESENT | WRITABLE`, plus `USER_ACCESSIBLE` when the leaf asks for it;
-//! never `NO_EXECUTE` or `GLOBAL`, so permissions are decided at the leaf.
+//! never `NO_EXECUTE` or `GLOBAL`, so permissions are decided at the leaf. Existing
+//! upper entries gain `WRITABLE` and `USER_ACCESSIBLE` when a leaf below needs them
+//! (`map`, `protect`); nothing is ever taken away from them.
 //!
 //! # Lazy unmapping
 //!

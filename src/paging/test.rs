@@ -180,14 +180,17 @@ fn bytes_written_at_consecutive_addresses_land_in_order_in_scattered_frames() {
     let pattern = |offset: u64| (offset / 61 % 251) as u8 + 1;
     for offset in (0..count as u64 * PAGE_SIZE).step_by(61) {
         let (phys, _, _) = m.tables.translate(VirtAddr::new(start + offset)).unwrap();
-        let frame = PhysFrame::containing_address(phys);
-        m.mem.frame_bytes(frame)[(phys.as_u64() % PAGE_SIZE) as usize] = pattern(offset);
+        m.mem.write(phys, &[pattern(offset)]);
     }
     for (i, frame) in frames.iter().enumerate() {
-        let bytes = m.mem.frame_bytes(*frame);
+        let bytes = m.mem.frame_copy(*frame);
         for (j, byte) in bytes.iter().enumerate() {
             let offset = i as u64 * PAGE_SIZE + j as u64;
-            let expected = if offset % 61 == 0 { pattern(offset) } else { 0 };
+            let expected = if offset.is_multiple_of(61) {
+                pattern(offset)
+            } else {
+                0
+            };
             assert_eq!(*byte, expected, "byte {offset} of the area");
         }
     }
@@ -539,12 +542,12 @@ fn translate_understands_2m_and_1g_entries() {
     assert_eq!(m.tables.unmap_huge_2m(huge), Err(Error::NotMapped));
 
     // A 1 GiB entry, written by hand into the PDPT the 2 MiB page left behind.
-    let pdpt = PhysFrame::containing_address(PhysAddr::new(
+    let pdpt = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
         m.mem.table_copy(m.tables.root())[index(BASE, 0)] & ADDR_MASK,
     ));
     let giant = 0x8000_0000u64 | (RW | PageTableFlags::HUGE_PAGE).bits();
-    let slot = index(BASE + 3 * GIB, 1) * 8;
-    m.mem.frame_bytes(pdpt)[slot..slot + 8].copy_from_slice(&giant.to_le_bytes());
+    let slot = pdpt.start_address() + index(BASE + 3 * GIB, 1) as u64 * 8;
+    m.mem.write(slot, &giant.to_le_bytes());
     let (phys, _, mapped) = m
         .tables
         .translate(VirtAddr::new(BASE + 3 * GIB + 0x1234_5678))

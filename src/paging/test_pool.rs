@@ -41,17 +41,29 @@ impl HostMemory {
         self.base as u64
     }
 
-    /// The bytes of the frame at `frame`.
-    pub fn frame_bytes(&self, frame: PhysFrame) -> &mut [u8; 4096] {
+    /// A copy of the frame at `frame`.
+    pub fn frame_copy(&self, frame: PhysFrame) -> [u8; 4096] {
         let phys = frame.start_address().as_u64() as usize;
         assert!(phys + 4096 <= self.layout.size());
-        // SAFETY: in bounds (checked), aligned; tests hold one such borrow at a time.
-        unsafe { &mut *self.base.add(phys).cast() }
+        // SAFETY: in bounds (checked); frames are plain bytes.
+        unsafe { self.base.add(phys).cast::<[u8; 4096]>().read() }
+    }
+
+    /// Writes `bytes` at physical address `phys`.
+    pub fn write(&self, phys: PhysAddr, bytes: &[u8]) {
+        let phys = phys.as_u64() as usize;
+        assert!(phys + bytes.len() <= self.layout.size());
+        // SAFETY: in bounds (checked); no reference into the buffer is alive.
+        unsafe {
+            self.base
+                .add(phys)
+                .copy_from_nonoverlapping(bytes.as_ptr(), bytes.len())
+        }
     }
 
     /// A copy of the page table at `frame`.
     pub fn table_copy(&self, frame: PhysFrame) -> [u64; 512] {
-        let bytes = self.frame_bytes(frame);
+        let bytes = self.frame_copy(frame);
         core::array::from_fn(|i| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap()))
     }
 
