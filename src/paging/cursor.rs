@@ -130,6 +130,7 @@ impl<'p, M: PhysMemory> Cursor<'p, M> {
     /// # Safety
     ///
     /// The tables below the root are valid page tables reachable through `phys`.
+    #[inline]
     pub(super) unsafe fn table<D: Descend>(
         &mut self,
         addr: u64,
@@ -161,6 +162,7 @@ impl<'p, M: PhysMemory> Cursor<'p, M> {
     /// # Safety
     ///
     /// `parent` is null or a page table reachable through `phys`.
+    #[inline]
     unsafe fn step<D: Descend>(
         &self,
         parent: *mut PageTable,
@@ -203,6 +205,7 @@ impl Descend for Existing {
         Err(Error::NotMapped)
     }
 
+    #[inline]
     fn present(&mut self, entry: *mut PageTableEntry) {
         if !self.upper_bits.is_empty() {
             add_upper_bits(entry, self.upper_bits);
@@ -211,6 +214,7 @@ impl Descend for Existing {
 }
 
 /// ORs `bits` into the upper entry `entry` if it lacks any of them.
+#[inline]
 fn add_upper_bits(entry: *mut PageTableEntry, bits: PageTableFlags) {
     // SAFETY: `entry` is a present upper entry of a reachable table, handed to
     // `Descend::present` by `Cursor::step`; no reference to it is alive.
@@ -222,9 +226,12 @@ fn add_upper_bits(entry: *mut PageTableEntry, bits: PageTableFlags) {
 
 /// The read-only first pass of a map: counts the tables the map will need, and
 /// treats every table below a missing one as missing too.
-#[derive(Default)]
 pub(super) struct CountMissing {
     pub(super) tables: usize,
+    /// Bits the map will want in every upper entry on the way.
+    pub(super) upper_bits: PageTableFlags,
+    /// Whether some existing upper entry lacks some of `upper_bits`.
+    pub(super) lacking: bool,
 }
 
 impl Descend for CountMissing {
@@ -233,6 +240,13 @@ impl Descend for CountMissing {
     fn missing(&mut self, _: Option<*mut PageTableEntry>) -> Result<*mut PageTable, Error> {
         self.tables += 1;
         Ok(ptr::null_mut())
+    }
+
+    #[inline]
+    fn present(&mut self, entry: *mut PageTableEntry) {
+        // SAFETY: `entry` is a present upper entry of a reachable table.
+        let flags = unsafe { (*entry).flags() };
+        self.lacking |= !flags.contains(self.upper_bits);
     }
 }
 

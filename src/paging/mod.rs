@@ -142,27 +142,42 @@ impl<M: PhysMemory> PageTables<M> {
         if frames.len() as u64 != (end - start) / PAGE_SIZE {
             return Err(Error::FrameCountMismatch);
         }
-        let needed = self.tables_needed_for_map(start, end)?;
-        let mut stock = TableStock::take(&self.phys, tables, needed)?;
-        let result = self.write_map(start, end, frames, flags, &mut stock);
+        let leaf_flags = flags | PageTableFlags::PRESENT;
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: upper_bits_for(leaf_flags),
+            lacking: false,
+        };
+        let mut cursor = Cursor::new(&self.phys, self.root);
+        self.check_map(start, end, &mut cursor, &mut count)?;
+        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
+        if count.tables > 0 || count.lacking {
+            // The path holds tables still to be made or entries still to be changed.
+            cursor = Cursor::new(&self.phys, self.root);
+        }
+        let result = self.write_map(start, end, cursor, frames, leaf_flags, &mut stock);
         stock.give_back(tables);
         result
     }
 
     /// First pass of [`map`](Self::map): checks every leaf is zero, counts missing tables.
-    fn tables_needed_for_map(&self, start: u64, end: u64) -> Result<usize, Error> {
-        let mut count = CountMissing::default();
-        let mut cursor = Cursor::new(&self.phys, self.root);
+    fn check_map(
+        &self,
+        start: u64,
+        end: u64,
+        cursor: &mut Cursor<'_, M>,
+        count: &mut CountMissing,
+    ) -> Result<(), Error> {
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: `new`'s contract makes the tables below the root valid.
-            let table = unsafe { cursor.table(addr, 2, &mut count) }?;
+            let table = unsafe { cursor.table(addr, 2, count) }?;
             if table.is_null() {
                 continue; // a table to be made, so all zero
             }
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
             FREE.check(unsafe { leaf_entries(table, first, len) })?;
         }
-        Ok(count.tables)
+        Ok(())
     }
 
     /// Second pass of [`map`](Self::map): installs tables from `stock`, writes leaves.
@@ -170,18 +185,17 @@ impl<M: PhysMemory> PageTables<M> {
         &self,
         start: u64,
         end: u64,
+        mut cursor: Cursor<'_, M>,
         mut frames: impl Iterator<Item = PhysFrame>,
-        flags: PageTableFlags,
+        leaf_flags: PageTableFlags,
         stock: &mut TableStock<'_, M>,
     ) -> Result<(), Error> {
-        let leaf_flags = flags | PageTableFlags::PRESENT;
         let leaf_bits = leaf_flags.bits();
         let mut install = Install {
             stock,
             upper_flags: upper_flags_for(leaf_flags),
-            upper_bits: leaf_flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE),
+            upper_bits: upper_bits_for(leaf_flags),
         };
-        let mut cursor = Cursor::new(&self.phys, self.root);
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: `new`'s contract; the first pass counted the tables in `stock`.
             let table = unsafe { cursor.table(addr, 2, &mut install) }?;
@@ -224,7 +238,11 @@ impl<M: PhysMemory> PageTables<M> {
         tables: &impl FrameSource,
     ) -> Result<(), Error> {
         let addr = page.start_address().as_u64();
-        let mut count = CountMissing::default();
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: PageTableFlags::empty(),
+            lacking: false,
+        };
         // SAFETY: `new`'s contract makes the tables below the root valid.
         let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut count) }?;
         // SAFETY: the entry lies in a reachable PD.
@@ -236,7 +254,7 @@ impl<M: PhysMemory> PageTables<M> {
         let mut install = Install {
             stock: &mut stock,
             upper_flags: upper_flags_for(leaf_flags),
-            upper_bits: leaf_flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE),
+            upper_bits: upper_bits_for(leaf_flags),
         };
         // SAFETY: as above; the first pass counted the tables in `stock`.
         let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut install) };
@@ -362,7 +380,7 @@ impl<M: PhysMemory> PageTables<M> {
         let (start, end) = span(pages)?;
         let kept = ADDR_MASK | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY).bits();
         let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
-        let upper_bits = flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE);
+        let upper_bits = upper_bits_for(flags);
         self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf| {
             *leaf = (*leaf & kept) | leaf_bits;
         })?;
@@ -389,8 +407,13 @@ impl<M: PhysMemory> PageTables<M> {
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
             check.check(unsafe { leaf_entries(table, first, len) })?;
         }
+        // The path the check ended on is still valid (rewriting leaves moves no
+        // table), so a range inside one leaf table is not walked twice; unless upper
+        // entries need bits, which takes passing each of them again.
         let mut existing = Existing { upper_bits };
-        let mut cursor = Cursor::new(&self.phys, self.root);
+        if !upper_bits.is_empty() {
+            cursor = Cursor::new(&self.phys, self.root);
+        }
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: as above; the first pass found every table.
             let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
@@ -566,7 +589,12 @@ fn leaf_chunks(start: u64, end: u64) -> impl Iterator<Item = (u64, usize, usize)
     })
 }
 
-/// Flags for the upper entries above a leaf with `leaf_flags`.
+/// Bits every upper entry above a leaf with `leaf_flags` must have.
+fn upper_bits_for(leaf_flags: PageTableFlags) -> PageTableFlags {
+    leaf_flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE)
+}
+
+/// Flags for new upper entries above a leaf with `leaf_flags`.
 fn upper_flags_for(leaf_flags: PageTableFlags) -> PageTableFlags {
     PageTableFlags::PRESENT
         | PageTableFlags::WRITABLE

@@ -597,3 +597,42 @@ fn counting_flush_counts_what_it_is_asked() {
         (1, 1, 7, 1)
     );
 }
+
+#[test]
+fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
+    let m = &mut machine(2048, 37);
+    let start = BASE + 5 * MIB2;
+    let frames = m.pool.take(3);
+    let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
+    m.tables
+        .map(pages(start, 1), [frames[0]], read_only, &m.pool)
+        .unwrap();
+    // Take WRITABLE away from the PD entry, as a loader might have left it.
+    let pd = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
+        m.mem
+            .table_copy(PhysFrame::containing_address(PhysAddr::new(
+                m.mem.table_copy(m.tables.root())[index(start, 0)] & ADDR_MASK,
+            )))[index(start, 1)]
+            & ADDR_MASK,
+    ));
+    let slot = pd.start_address() + index(start, 2) as u64 * 8;
+    let pd_entry = m.mem.table_copy(pd)[index(start, 2)];
+    m.mem.write(
+        slot,
+        &(pd_entry & !PageTableFlags::WRITABLE.bits()).to_le_bytes(),
+    );
+    assert!(!m.upper_flags(start)[2].contains(PageTableFlags::WRITABLE));
+
+    m.tables
+        .map(pages(start + PAGE_SIZE, 1), [frames[1]], RW, &m.pool)
+        .unwrap();
+    assert_eq!(m.upper_flags(start)[2], RW);
+    let user = RW | PageTableFlags::USER_ACCESSIBLE;
+    m.tables
+        .map(pages(start + 2 * PAGE_SIZE, 1), [frames[2]], user, &m.pool)
+        .unwrap();
+    assert_eq!(m.upper_flags(start), [user; 3]);
+    m.assert_mapped(start, &frames[..1], read_only);
+    m.assert_mapped(start + PAGE_SIZE, &frames[1..2], RW);
+    m.assert_mapped(start + 2 * PAGE_SIZE, &frames[2..], user);
+}
