@@ -18,7 +18,6 @@ use x86_64::structures::paging::{
     FrameAllocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB,
 };
 
-#[allow(dead_code, clippy::all)]
 #[path = "../src/paging/test_pool.rs"]
 mod test_pool;
 

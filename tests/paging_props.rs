@@ -12,7 +12,6 @@ use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
 
-#[allow(dead_code, clippy::all)]
 #[path = "../src/paging/test_pool.rs"]
 mod test_pool;
 
