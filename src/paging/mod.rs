@@ -190,7 +190,8 @@ impl<M: PhysMemory> PageTables<M> {
         leaf_flags: PageTableFlags,
         stock: &mut TableStock<'_, M>,
     ) -> Result<(), Error> {
-        let leaf_bits = leaf_flags.bits();
+        // Flags built with `from_bits_retain` could carry address bits: drop them.
+        let leaf_bits = leaf_flags.bits() & !ADDR_MASK;
         let mut install = Install {
             stock,
             upper_flags: upper_flags_for(leaf_flags),
@@ -251,6 +252,7 @@ impl<M: PhysMemory> PageTables<M> {
         }
         let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
         let leaf_flags = flags | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        let leaf_flags = PageTableFlags::from_bits_retain(leaf_flags.bits() & !ADDR_MASK);
         let mut install = Install {
             stock: &mut stock,
             upper_flags: upper_flags_for(leaf_flags),

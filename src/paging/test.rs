@@ -636,3 +636,21 @@ fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
     m.assert_mapped(start + PAGE_SIZE, &frames[1..2], RW);
     m.assert_mapped(start + 2 * PAGE_SIZE, &frames[2..], user);
 }
+
+#[test]
+fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
+    let m = &mut machine(256, 41);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 8 * MIB2));
+    let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+    let snapshot = m.table_snapshot();
+    let out = m.pool.out();
+    for k in 1..=2 {
+        m.pool.fail_from(Some(k));
+        let result = m.tables.map_huge_2m(huge, frame, RW, &m.pool);
+        assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
+        assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
+    }
+    m.pool.fail_from(None);
+    m.tables.map_huge_2m(huge, frame, RW, &m.pool).unwrap();
+    assert_eq!(m.pool.out(), out + 2, "a PDPT and a PD");
+}
