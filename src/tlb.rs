@@ -3,6 +3,8 @@
 //! Changing or removing a present page-table entry leaves the old translation in the
 //! TLB until it is flushed. Who flushes, and how, is the kernel's business (one CPU
 //! with `invlpg`, or an SMP shootdown), so the library only asks through [`TlbFlush`].
+//! Two implementations come with it: [`InvlpgFlush`] for the CPU it runs on, and
+//! [`CountingFlush`], which only counts, for tests.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
