@@ -3,7 +3,10 @@
 //! Changing or removing a present page-table entry leaves the old translation in the
 //! TLB until it is flushed. Who flushes, and how, is the kernel's business (one CPU
 //! with `invlpg`, or an SMP shootdown), so the library only asks through [`TlbFlush`].
+//! Two implementations come with it: [`InvlpgFlush`] for the CPU it runs on, and
+//! [`CountingFlush`], which only counts, for tests.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
 
@@ -35,5 +38,138 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn flush_all(&self) {
         (**self).flush_all()
+    }
+}
+
+/// Flushes with `invlpg` page by page up to a ceiling, and the whole TLB above it.
+///
+/// The ceiling defaults to 33 pages, Linux's `tlb_single_page_flush_ceiling`: past
+/// it, refilling the TLB after a full flush costs less than the `invlpg`s. A full
+/// flush toggles `CR4.PGE` when global pages are enabled (reloading CR3 alone keeps
+/// global translations, which kernel mappings often are) and reloads CR3 otherwise.
+///
+/// This flushes only the CPU it runs on; SMP kernels wrap it in a shootdown.
+#[derive(Debug, Clone, Copy)]
+pub struct InvlpgFlush {
+    ceiling: u64,
+}
+
+impl InvlpgFlush {
+    /// Linux's default ceiling, in pages.
+    pub const DEFAULT_CEILING: u64 = 33;
+
+    /// A flusher with the default ceiling.
+    ///
+    /// # Safety
+    ///
+    /// Its methods execute `invlpg` and write CR3/CR4: the caller runs in ring 0 on
+    /// x86_64 with paging enabled (in a kernel, never in a host process).
+    pub const unsafe fn new() -> Self {
+        Self {
+            ceiling: Self::DEFAULT_CEILING,
+        }
+    }
+
+    /// A flusher that flushes everything for ranges longer than `ceiling` pages.
+    ///
+    /// # Safety
+    ///
+    /// As [`new`](Self::new).
+    pub const unsafe fn with_ceiling(ceiling: u64) -> Self {
+        Self { ceiling }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TlbFlush for InvlpgFlush {
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        x86_64::instructions::tlb::flush(page.start_address());
+    }
+
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        if range.len() > self.ceiling {
+            self.flush_all();
+        } else {
+            for page in range {
+                self.flush_page(page);
+            }
+        }
+    }
+
+    fn flush_all(&self) {
+        use x86_64::registers::control::{Cr4, Cr4Flags};
+        // Between the two CR4 writes an interrupt handler would run with global
+        // pages off; harmless, but keeping it out costs nothing.
+        x86_64::instructions::interrupts::without_interrupts(|| {
+            let cr4 = Cr4::read();
+            if cr4.contains(Cr4Flags::PAGE_GLOBAL) {
+                // SAFETY: `new`'s contract puts us in ring 0; clearing and restoring
+                // PGE changes no setting, it only flushes every TLB entry, global ones
+                // included (SDM 4.10.4.1).
+                unsafe {
+                    Cr4::write(cr4 - Cr4Flags::PAGE_GLOBAL);
+                    Cr4::write(cr4);
+                }
+            } else {
+                x86_64::instructions::tlb::flush_all();
+            }
+        });
+    }
+}
+
+/// Flushes nothing and counts what it was asked: for tests, and for kernels that
+/// want to see how much flushing their unmaps cost.
+#[derive(Debug, Default)]
+pub struct CountingFlush {
+    page_calls: AtomicU64,
+    range_calls: AtomicU64,
+    range_pages: AtomicU64,
+    full_calls: AtomicU64,
+}
+
+impl CountingFlush {
+    /// All counters at zero.
+    pub const fn new() -> Self {
+        Self {
+            page_calls: AtomicU64::new(0),
+            range_calls: AtomicU64::new(0),
+            range_pages: AtomicU64::new(0),
+            full_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls of [`TlbFlush::flush_page`].
+    pub fn page_calls(&self) -> u64 {
+        self.page_calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls of [`TlbFlush::flush_range`].
+    pub fn range_calls(&self) -> u64 {
+        self.range_calls.load(Ordering::Relaxed)
+    }
+
+    /// Pages of all ranges passed to [`TlbFlush::flush_range`].
+    pub fn range_pages(&self) -> u64 {
+        self.range_pages.load(Ordering::Relaxed)
+    }
+
+    /// Calls of [`TlbFlush::flush_all`].
+    pub fn full_calls(&self) -> u64 {
+        self.full_calls.load(Ordering::Relaxed)
+    }
+}
+
+impl TlbFlush for CountingFlush {
+    fn flush_page(&self, _: Page<Size4KiB>) {
+        self.page_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        self.range_calls.fetch_add(1, Ordering::Relaxed);
+        self.range_pages.fetch_add(range.len(), Ordering::Relaxed);
+    }
+
+    fn flush_all(&self) {
+        self.full_calls.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -1,1 +1,668 @@
-//! Page-table cursor.
+//! Page-table cursor: maps, unmaps, protects and detaches whole ranges of 4 KiB pages
+//! in x86_64 4-level page tables reached through [`PhysMemory`].
+//!
+//! # The cursor
+//!
+//! Mapping page by page from the root, as the `x86_64` crate's `Mapper::map_to` does,
+//! reads four levels for every page. The pages of a range are neighbours, though: 512
+//! of them share a leaf table (PT), 512 PTs share a PD, 512 PDs share a PDPT. So the
+//! walk here is a cursor that keeps the path PML4 → PDPT → PD → PT of the current
+//! position, each table tagged with the address prefix it was found for. A range is
+//! handled one leaf-table chunk at a time: inside a chunk the cursor writes entries
+//! back to back into one table; moving to the next chunk it compares prefixes and
+//! re-reads only the levels whose prefix changed. N consecutive pages cost N entry
+//! writes plus one descent per table boundary crossed.
+//!
+//! # Passes: check first, then write
+//!
+//! Every call that changes entries walks its range twice. The first pass only reads:
+//! it checks every leaf (free for `map`, mapped for `unmap`, ...) and, for `map`,
+//! counts the page tables that are missing. Then `map` takes exactly that many frames
+//! from the table source; if one cannot be had it returns those it took and fails
+//! with [`Error::OutOfFrames`] before writing anything. Only then does the second pass
+//! write. So a failing call leaves the tables byte for byte as they were, and the
+//! stock of new tables needs no memory of its own (it is a list threaded through the
+//! frames themselves).
+//!
+//! New tables are zeroed before the entry that publishes them is written. Upper-level
+//! entries get `PRESENT | WRITABLE`, plus `USER_ACCESSIBLE` when the leaf asks for it;
+//! never `NO_EXECUTE` or `GLOBAL`, so permissions are decided at the leaf. Existing
+//! upper entries gain `WRITABLE` and `USER_ACCESSIBLE` when a leaf below needs them
+//! (`map`, `protect`); nothing is ever taken away from them.
+//!
+//! # Lazy unmapping
+//!
+//! [`PageTables::detach`] clears only `PRESENT` of each leaf and sets the
+//! software-available bit [`DETACHED`], keeping the frame address: new walks fault,
+//! while the frame stays recorded in the table itself until the caller has flushed
+//! the TLB, possibly for many ranges at once. [`PageTables::reclaim_detached`] then
+//! hands the frames back and zeroes the entries.
+//!
+//! # Ranges
+//!
+//! Ranges are [`PageRange`]s, end exclusive. A range whose end is below its start
+//! fails with [`Error::RangeWraps`]; one that spans the non-canonical hole between
+//! the lower and the upper half with [`Error::NonCanonical`]. (So the last page of the
+//! lower half cannot be named by a range, nor the last page of the address space.)
+
+mod cursor;
+mod flush;
+#[cfg(test)]
+mod test;
+#[cfg(test)]
+pub(crate) mod test_pool;
+
+pub use flush::RangeFlush;
+
+#[cfg(test)]
+use crate::OffsetPhysMemory;
+use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
+use core::sync::atomic::{Ordering, compiler_fence};
+use cursor::{
+    CountMissing, Cursor, ENTRIES, Existing, Install, LeafCheck, TableStock, entry_at, entry_span,
+    index, leaf_entries, read, table_at,
+};
+use x86_64::structures::paging::mapper::MappedFrame;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::page_table::PageTableEntry;
+use x86_64::structures::paging::{
+    Page, PageSize, PageTable, PageTableFlags, PhysFrame, Size1GiB, Size2MiB, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// The software-available bit that marks a detached leaf (see [`PageTables::detach`]).
+pub const DETACHED: PageTableFlags = PageTableFlags::BIT_9;
+
+/// Start of the upper canonical half.
+const UPPER_HALF: u64 = 0xffff_8000_0000_0000;
+/// Bits of an entry that hold a physical address.
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// One address space's page tables, changed a range at a time.
+#[derive(Debug)]
+pub struct PageTables<M: PhysMemory> {
+    root: PhysFrame,
+    phys: M,
+}
+
+impl<M: PhysMemory> PageTables<M> {
+    /// The page tables whose PML4 is in `root`.
+    ///
+    /// # Safety
+    ///
+    /// `root` holds a valid PML4 whose tables (and every frame this value will write
+    /// as a table) are reachable through `phys`; while this value lives, nobody else
+    /// changes the parts of those tables it works on, except through this crate's
+    /// locking. Frames handed to `map` are not page tables.
+    pub unsafe fn new(root: PhysFrame, phys: M) -> Self {
+        Self { root, phys }
+    }
+
+    /// The frame holding the PML4.
+    pub fn root(&self) -> PhysFrame {
+        self.root
+    }
+
+    /// How physical memory is reached.
+    pub fn phys(&self) -> &M {
+        &self.phys
+    }
+
+    /// Maps `pages` to `frames`, in order, with leaf flags `flags | PRESENT`.
+    ///
+    /// Missing page tables come from `tables`. Nothing needs flushing: no translation
+    /// of a page that was not present can be cached.
+    ///
+    /// # Errors
+    ///
+    /// Nothing changes on any error:
+    /// - [`Error::FrameCountMismatch`]: `frames.len()` is not the number of pages;
+    /// - [`Error::AlreadyMapped`]: an entry in the way is not zero (mapped, detached);
+    /// - [`Error::HugePageInTheWay`]: a 2 MiB or 1 GiB entry covers part of the range;
+    /// - [`Error::OutOfFrames`]: `tables` ran out of frames for page tables;
+    /// - [`Error::RangeWraps`], [`Error::NonCanonical`]: see the [module doc](self).
+    ///
+    /// Should `frames` yield fewer frames than its `len()` promised (a broken
+    /// `ExactSizeIterator`), the pages mapped so far are unmapped again and the call
+    /// fails with [`Error::FrameCountMismatch`], but the page tables it added stay
+    /// (empty; [`free_empty_tables`](Self::free_empty_tables) takes them back).
+    pub fn map<I>(
+        &mut self,
+        pages: PageRange,
+        frames: I,
+        flags: PageTableFlags,
+        tables: &impl FrameSource,
+    ) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = PhysFrame>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let (start, end) = span(pages)?;
+        let frames = frames.into_iter();
+        if frames.len() as u64 != (end - start) / PAGE_SIZE {
+            return Err(Error::FrameCountMismatch);
+        }
+        let leaf_flags = flags | PageTableFlags::PRESENT;
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: upper_bits_for(leaf_flags),
+            lacking: false,
+        };
+        let mut cursor = Cursor::new(&self.phys, self.root);
+        self.check_map(start, end, &mut cursor, &mut count)?;
+        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
+        if count.tables > 0 || count.lacking {
+            // The path holds tables still to be made or entries still to be changed.
+            cursor = Cursor::new(&self.phys, self.root);
+        }
+        let result = self.write_map(start, end, cursor, frames, leaf_flags, &mut stock);
+        stock.give_back(tables);
+        result
+    }
+
+    /// First pass of [`map`](Self::map): checks every leaf is zero, counts missing tables.
+    fn check_map(
+        &self,
+        start: u64,
+        end: u64,
+        cursor: &mut Cursor<'_, M>,
+        count: &mut CountMissing,
+    ) -> Result<(), Error> {
+        for (addr, first, len) in leaf_chunks(start, end) {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            let table = unsafe { cursor.table(addr, 2, count) }?;
+            if table.is_null() {
+                continue; // a table to be made, so all zero
+            }
+            // SAFETY: a leaf table of the walk; no other reference to it is alive.
+            FREE.check(unsafe { leaf_entries(table, first, len) })?;
+        }
+        Ok(())
+    }
+
+    /// Second pass of [`map`](Self::map): installs tables from `stock`, writes leaves.
+    fn write_map(
+        &self,
+        start: u64,
+        end: u64,
+        mut cursor: Cursor<'_, M>,
+        mut frames: impl Iterator<Item = PhysFrame>,
+        leaf_flags: PageTableFlags,
+        stock: &mut TableStock<'_, M>,
+    ) -> Result<(), Error> {
+        // Flags built with `from_bits_retain` could carry address bits: drop them.
+        let leaf_bits = leaf_flags.bits() & !ADDR_MASK;
+        let mut install = Install {
+            stock,
+            upper_flags: upper_flags_for(leaf_flags),
+            upper_bits: upper_bits_for(leaf_flags),
+        };
+        for (addr, first, len) in leaf_chunks(start, end) {
+            // SAFETY: `new`'s contract; the first pass counted the tables in `stock`.
+            let table = unsafe { cursor.table(addr, 2, &mut install) }?;
+            // SAFETY: a leaf table of the walk; no other reference to it is alive.
+            let leaves = unsafe { leaf_entries(table, first, len) };
+            let mut written = 0;
+            for (leaf, frame) in leaves.iter_mut().zip(frames.by_ref()) {
+                *leaf = frame.start_address().as_u64() | leaf_bits;
+                written += 1;
+            }
+            if written < len {
+                self.clear_leaves(start, addr + written as u64 * PAGE_SIZE);
+                return Err(Error::FrameCountMismatch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
+    fn clear_leaves(&self, start: u64, end: u64) {
+        let cleared = self.rewrite_leaves(start, end, PageTableFlags::empty(), &ANY, |_, leaf| {
+            *leaf = 0
+        });
+        debug_assert!(cleared.is_ok());
+    }
+
+    /// Maps the 2 MiB `page` to `frame` with one PD entry, flags
+    /// `flags | PRESENT | HUGE_PAGE`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyMapped`] if the PD entry is not zero (a page table or a mapping
+    /// is there), [`Error::HugePageInTheWay`] for a 1 GiB entry above it,
+    /// [`Error::OutOfFrames`]; nothing changes.
+    pub fn map_huge_2m(
+        &mut self,
+        page: Page<Size2MiB>,
+        frame: PhysFrame<Size2MiB>,
+        flags: PageTableFlags,
+        tables: &impl FrameSource,
+    ) -> Result<(), Error> {
+        let addr = page.start_address().as_u64();
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: PageTableFlags::empty(),
+            lacking: false,
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut count) }?;
+        // SAFETY: the entry lies in a reachable PD.
+        if !pd.is_null() && unsafe { read(entry_at(pd, index(addr, 2))) } != 0 {
+            return Err(Error::AlreadyMapped);
+        }
+        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
+        let leaf_flags = flags | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        let leaf_flags = PageTableFlags::from_bits_retain(leaf_flags.bits() & !ADDR_MASK);
+        let mut install = Install {
+            stock: &mut stock,
+            upper_flags: upper_flags_for(leaf_flags),
+            upper_bits: upper_bits_for(leaf_flags),
+        };
+        // SAFETY: as above; the first pass counted the tables in `stock`.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut install) };
+        stock.give_back(tables);
+        // SAFETY: the entry lies in a reachable PD and was zero; nothing borrows it.
+        unsafe { (*entry_at(pd?, index(addr, 2))).set_addr(frame.start_address(), leaf_flags) };
+        Ok(())
+    }
+
+    /// Unmaps the 2 MiB `page` mapped by [`map_huge_2m`](Self::map_huge_2m) and
+    /// returns its frame.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] unless a present 2 MiB entry maps `page`;
+    /// [`Error::HugePageInTheWay`] for a 1 GiB entry above it. Nothing changes.
+    pub fn unmap_huge_2m(
+        &mut self,
+        page: Page<Size2MiB>,
+    ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
+        let addr = page.start_address().as_u64();
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
+        let entry = entry_at(pd, index(addr, 2));
+        // SAFETY: the entry lies in a reachable PD.
+        let raw = unsafe { read(entry) };
+        let huge = PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        if !PageTableFlags::from_bits_retain(raw).contains(huge) {
+            return Err(Error::NotMapped);
+        }
+        // SAFETY: as above; nothing borrows the entry.
+        unsafe { (*entry).set_unused() };
+        let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
+    }
+
+    /// Unmaps every page of `pages`, handing each page and its frame to `on_frame`
+    /// after its entry is cleared. The frames stay the caller's until the returned
+    /// token is flushed: the TLB may still reach them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] if a page of the range is not present (detached pages
+    /// included: see [`reclaim_detached`](Self::reclaim_detached)),
+    /// [`Error::HugePageInTheWay`], [`Error::RangeWraps`], [`Error::NonCanonical`].
+    /// The range is checked first, so nothing changes and `on_frame` is not called.
+    pub fn unmap(
+        &mut self,
+        pages: PageRange,
+        mut on_frame: impl FnMut(Page, PhysFrame),
+    ) -> Result<RangeFlush, Error> {
+        let (start, end) = span(pages)?;
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            &PRESENT,
+            |addr, leaf| {
+                let raw = core::mem::take(leaf);
+                on_frame(page_at(addr), frame_of(raw));
+            },
+        )?;
+        Ok(RangeFlush::new(start, end))
+    }
+
+    /// Makes every page of `pages` fault on new walks while keeping its frame
+    /// recorded: clears `PRESENT`, sets [`DETACHED`]. Flush the returned token (or a
+    /// batch it was merged into), then call [`reclaim_detached`](Self::reclaim_detached).
+    ///
+    /// # Errors
+    ///
+    /// As [`unmap`](Self::unmap); nothing changes.
+    pub fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
+        let (start, end) = span(pages)?;
+        let (present, detached) = (PageTableFlags::PRESENT.bits(), DETACHED.bits());
+        self.rewrite_leaves(start, end, PageTableFlags::empty(), &PRESENT, |_, leaf| {
+            *leaf = (*leaf & !present) | detached;
+        })?;
+        Ok(RangeFlush::new(start, end))
+    }
+
+    /// Zeroes the detached entries of `pages`, handing each page and its frame to
+    /// `on_frame`. Call it only after flushing the token [`detach`](Self::detach)
+    /// returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyMapped`] for a present page, [`Error::NotMapped`] for a page
+    /// neither present nor detached, and the range errors of [`unmap`](Self::unmap);
+    /// nothing changes.
+    pub fn reclaim_detached(
+        &mut self,
+        pages: PageRange,
+        mut on_frame: impl FnMut(Page, PhysFrame),
+    ) -> Result<(), Error> {
+        let (start, end) = span(pages)?;
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            &DETACHED_LEAF,
+            |addr, leaf| {
+                let raw = core::mem::take(leaf);
+                on_frame(page_at(addr), frame_of(raw));
+            },
+        )
+    }
+
+    /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame
+    /// and its `ACCESSED` and `DIRTY` bits.
+    ///
+    /// # Errors
+    ///
+    /// As [`unmap`](Self::unmap); nothing changes.
+    pub fn protect(
+        &mut self,
+        pages: PageRange,
+        flags: PageTableFlags,
+    ) -> Result<RangeFlush, Error> {
+        let (start, end) = span(pages)?;
+        let kept = ADDR_MASK | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY).bits();
+        let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
+        let upper_bits = upper_bits_for(flags);
+        self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf| {
+            *leaf = (*leaf & kept) | leaf_bits;
+        })?;
+        Ok(RangeFlush::new(start, end))
+    }
+
+    /// Checks every leaf of `[start, end)` with `check`, then, if all pass, rewrites
+    /// each with `rewrite`, OR-ing `upper_bits` into the upper entries on the way.
+    fn rewrite_leaves(
+        &self,
+        start: u64,
+        end: u64,
+        upper_bits: PageTableFlags,
+        check: &LeafCheck,
+        mut rewrite: impl FnMut(u64, &mut u64),
+    ) -> Result<(), Error> {
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
+        let mut cursor = Cursor::new(&self.phys, self.root);
+        for (addr, first, len) in leaf_chunks(start, end) {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
+            // SAFETY: a leaf table of the walk; no other reference to it is alive.
+            check.check(unsafe { leaf_entries(table, first, len) })?;
+        }
+        // The path the check ended on is still valid (rewriting leaves moves no
+        // table), so a range inside one leaf table is not walked twice; unless upper
+        // entries need bits, which takes passing each of them again.
+        let mut existing = Existing { upper_bits };
+        if !upper_bits.is_empty() {
+            cursor = Cursor::new(&self.phys, self.root);
+        }
+        for (addr, first, len) in leaf_chunks(start, end) {
+            // SAFETY: as above; the first pass found every table.
+            let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
+            // SAFETY: as above.
+            let leaves = unsafe { leaf_entries(table, first, len) };
+            let mut page_addr = addr;
+            for leaf in leaves {
+                rewrite(page_addr, leaf);
+                page_addr += PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
+
+    /// The physical address `addr` maps to, with the leaf's flags and frame (whose
+    /// size says which level mapped it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] if no present entry maps `addr` (detached ones included).
+    pub fn translate(
+        &self,
+        addr: VirtAddr,
+    ) -> Result<(PhysAddr, PageTableFlags, MappedFrame), Error> {
+        let addr = addr.as_u64();
+        let mut table = table_at(&self.phys, self.root.start_address());
+        for level in 0..4 {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            let raw = unsafe { read(entry_at(table, index(addr, level))) };
+            let flags = PageTableFlags::from_bits_retain(raw & !ADDR_MASK);
+            if !flags.contains(PageTableFlags::PRESENT) {
+                return Err(Error::NotMapped);
+            }
+            let leaf = level == 3 || (level > 0 && flags.contains(PageTableFlags::HUGE_PAGE));
+            if leaf {
+                return Ok(leaf_translation(addr, raw, level, flags));
+            }
+            table = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
+        }
+        unreachable!("level 3 entries are leaves")
+    }
+
+    /// Frees every page table below the PML4 that is reached from `pages` and holds
+    /// only zero entries (after its own empty children are freed), clearing the
+    /// entry that pointed to it. Returns how many were freed and a token covering
+    /// every address they served: the CPU's paging-structure caches may still point
+    /// to them. A table that `tables` refuses back (it did not come from there) stays.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RangeWraps`], [`Error::NonCanonical`]; nothing changes.
+    pub fn free_empty_tables(
+        &mut self,
+        pages: PageRange,
+        tables: &impl FrameSource,
+    ) -> Result<(usize, RangeFlush), Error> {
+        let (start, end) = span(pages)?;
+        let mut freed = Freed {
+            count: 0,
+            low: u64::MAX,
+            high: 0,
+        };
+        if start < end {
+            let root = table_at(&self.phys, self.root.start_address());
+            self.free_below(root, 0, start, end - 1, tables, &mut freed);
+        }
+        let flush = if freed.count == 0 {
+            RangeFlush::new(start, start)
+        } else {
+            RangeFlush::new(freed.low, freed.high)
+        };
+        Ok((freed.count, flush))
+    }
+
+    /// Frees the empty tables below the entries of `table` (at `level`) covering
+    /// `[first, last]`, deepest first.
+    fn free_below(
+        &self,
+        table: *mut PageTable,
+        level: usize,
+        first: u64,
+        last: u64,
+        tables: &impl FrameSource,
+        freed: &mut Freed,
+    ) {
+        let span = entry_span(level);
+        let mut addr = first;
+        loop {
+            let region_start = addr & !(span - 1);
+            let region_last = region_start | (span - 1);
+            let entry = entry_at(table, index(addr, level));
+            // SAFETY: `entry` lies in a reachable table.
+            let raw = unsafe { read(entry) };
+            let flags = PageTableFlags::from_bits_retain(raw);
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
+                let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
+                if level < 2 {
+                    self.free_below(child, level + 1, addr, last.min(region_last), tables, freed);
+                }
+                // SAFETY: `entry` leads to a reachable table; nothing borrows either.
+                if unsafe { (*child).is_empty() && free_table(entry, tables) } {
+                    freed.count += 1;
+                    freed.low = freed.low.min(region_start);
+                    // The very last page of the address space cannot end a range.
+                    freed.high = freed
+                        .high
+                        .max(region_last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1));
+                }
+            }
+            if region_last >= last {
+                break;
+            }
+            addr = region_last + 1;
+        }
+    }
+}
+
+/// Tables freed so far and the hull of the addresses they served.
+struct Freed {
+    count: usize,
+    low: u64,
+    high: u64,
+}
+
+/// Clears `entry` and returns the table it pointed to to `tables`; if `tables`
+/// refuses it, restores the entry and returns false.
+///
+/// # Safety
+///
+/// `entry` is a present upper entry of a reachable table, pointing to an empty table;
+/// nothing borrows it.
+unsafe fn free_table(entry: *mut PageTableEntry, tables: &impl FrameSource) -> bool {
+    // SAFETY: per the caller.
+    let entry = unsafe { &mut *entry };
+    let saved = entry.clone();
+    let frame = PhysFrame::containing_address(entry.addr());
+    entry.set_unused();
+    // No walk may reach the table once someone else can have its frame.
+    compiler_fence(Ordering::Release);
+    if tables.free_frame(frame).is_ok() {
+        return true;
+    }
+    *entry = saved;
+    false
+}
+
+/// `[start, end)` of `pages` as addresses, checked.
+fn span(pages: PageRange) -> Result<(u64, u64), Error> {
+    let start = pages.start.start_address().as_u64();
+    let end = pages.end.start_address().as_u64();
+    if start > end {
+        return Err(Error::RangeWraps);
+    }
+    if start < UPPER_HALF && end >= UPPER_HALF {
+        return Err(Error::NonCanonical);
+    }
+    Ok((start, end))
+}
+
+/// The range split at leaf-table boundaries: `(address, first index, length)`.
+fn leaf_chunks(start: u64, end: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let mut addr = start;
+    core::iter::from_fn(move || {
+        if addr >= end {
+            return None;
+        }
+        let first = index(addr, 3);
+        let len = ((end - addr) / PAGE_SIZE).min(ENTRIES - first as u64);
+        let chunk = (addr, first, len as usize);
+        addr += len * PAGE_SIZE;
+        Some(chunk)
+    })
+}
+
+/// Bits every upper entry above a leaf with `leaf_flags` must have.
+fn upper_bits_for(leaf_flags: PageTableFlags) -> PageTableFlags {
+    leaf_flags & (PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE)
+}
+
+/// Flags for new upper entries above a leaf with `leaf_flags`.
+fn upper_flags_for(leaf_flags: PageTableFlags) -> PageTableFlags {
+    PageTableFlags::PRESENT
+        | PageTableFlags::WRITABLE
+        | (leaf_flags & PageTableFlags::USER_ACCESSIBLE)
+}
+
+/// Leaves a map may write: zero ones.
+const FREE: LeafCheck = LeafCheck {
+    mask: u64::MAX,
+    want: 0,
+    error: |_| Error::AlreadyMapped,
+};
+
+/// Leaves that are mapped.
+const PRESENT: LeafCheck = LeafCheck {
+    mask: PageTableFlags::PRESENT.bits(),
+    want: PageTableFlags::PRESENT.bits(),
+    error: |_| Error::NotMapped,
+};
+
+/// Leaves [`PageTables::detach`] left.
+const DETACHED_LEAF: LeafCheck = LeafCheck {
+    mask: PageTableFlags::PRESENT.bits() | DETACHED.bits(),
+    want: DETACHED.bits(),
+    error: |raw| {
+        if raw & PageTableFlags::PRESENT.bits() != 0 {
+            Error::AlreadyMapped
+        } else {
+            Error::NotMapped
+        }
+    },
+};
+
+/// Any leaf.
+const ANY: LeafCheck = LeafCheck {
+    mask: 0,
+    want: 0,
+    error: |_| Error::NotMapped,
+};
+
+/// The frame a 4 KiB leaf entry points to.
+fn frame_of(raw: u64) -> PhysFrame {
+    // SAFETY: masking with `ADDR_MASK` leaves a 4 KiB-aligned address below 2^52.
+    unsafe { PhysFrame::from_start_address_unchecked(PhysAddr::new_truncate(raw & ADDR_MASK)) }
+}
+
+/// The 4 KiB page at canonical address `addr`.
+fn page_at(addr: u64) -> Page {
+    // SAFETY: callers pass page-aligned canonical addresses from a checked range.
+    unsafe { Page::from_start_address_unchecked(VirtAddr::new_truncate(addr)) }
+}
+
+/// What the leaf entry `raw` at `level` says about `addr`.
+fn leaf_translation(
+    addr: u64,
+    raw: u64,
+    level: usize,
+    flags: PageTableFlags,
+) -> (PhysAddr, PageTableFlags, MappedFrame) {
+    let offset_mask = entry_span(level) - 1;
+    // Bit 12 of a huge entry is PAT, not address.
+    let base = PhysAddr::new(raw & ADDR_MASK & !offset_mask);
+    let frame = match level {
+        1 => MappedFrame::Size1GiB(PhysFrame::<Size1GiB>::containing_address(base)),
+        2 => MappedFrame::Size2MiB(PhysFrame::<Size2MiB>::containing_address(base)),
+        _ => MappedFrame::Size4KiB(PhysFrame::<Size4KiB>::containing_address(base)),
+    };
+    (base + (addr & offset_mask), flags, frame)
+}

@@ -1,0 +1,656 @@
+extern crate std;
+
+use super::test_pool::{HostMemory, Pool};
+use super::*;
+use crate::TlbFlush;
+use crate::tlb::CountingFlush;
+use std::vec::Vec;
+use x86_64::structures::paging::mapper::{Translate, TranslateResult};
+
+/// A 512 GiB-aligned kernel address (PML4 index 402), as vmalloc areas use.
+const BASE: u64 = 0xffff_c900_0000_0000;
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const RW: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
+
+struct Machine {
+    pool: Pool,
+    tables: PageTables<OffsetPhysMemory>,
+    mem: HostMemory,
+}
+
+fn machine(frames: usize, seed: u64) -> Machine {
+    let mem = HostMemory::new(frames);
+    let pool = Pool::new(frames, seed);
+    let root = pool.alloc_frame().unwrap();
+    // SAFETY: `root` is a zeroed frame of `mem`, reachable through `mem.phys()`.
+    let tables = unsafe { PageTables::new(root, mem.phys()) };
+    Machine { pool, tables, mem }
+}
+
+fn page(addr: u64) -> Page {
+    Page::containing_address(VirtAddr::new(addr))
+}
+
+fn pages(start: u64, count: u64) -> PageRange {
+    Page::range(page(start), page(start + count * PAGE_SIZE))
+}
+
+impl Machine {
+    /// What the `x86_64` crate's walker says about `addr`.
+    fn reference(&self, addr: u64) -> TranslateResult {
+        // SAFETY: no reference into the tables is alive during the call.
+        unsafe { self.mem.offset_page_table(self.tables.root()) }.translate(VirtAddr::new(addr))
+    }
+
+    /// Asserts the reference walker sees `frames[i]` with `flags` at page `i` from `start`.
+    fn assert_mapped(&self, start: u64, frames: &[PhysFrame], flags: PageTableFlags) {
+        self.assert_mapped_with(start, frames, |got| {
+            assert_eq!(got, flags | PageTableFlags::PRESENT)
+        });
+    }
+
+    /// Asserts the reference walker sees `frames[i]` at page `i` from `start`, and
+    /// checks the flags it reports with `check_flags`.
+    fn assert_mapped_with(
+        &self,
+        start: u64,
+        frames: &[PhysFrame],
+        check_flags: impl Fn(PageTableFlags),
+    ) {
+        for (i, frame) in frames.iter().enumerate() {
+            let addr = start + i as u64 * PAGE_SIZE;
+            match self.reference(addr) {
+                TranslateResult::Mapped {
+                    frame: MappedFrame::Size4KiB(f),
+                    offset: 0,
+                    flags,
+                } => {
+                    assert_eq!(f, *frame, "page {addr:#x}");
+                    check_flags(flags);
+                }
+                other => panic!("page {addr:#x}: {other:?}"),
+            }
+        }
+    }
+
+    fn assert_unmapped(&self, start: u64, count: u64) {
+        for i in 0..count {
+            let addr = start + i * PAGE_SIZE;
+            assert!(
+                matches!(self.reference(addr), TranslateResult::NotMapped),
+                "page {addr:#x}"
+            );
+            assert!(matches!(
+                self.tables.translate(VirtAddr::new(addr)),
+                Err(Error::NotMapped)
+            ));
+        }
+    }
+
+    /// Every page-table frame reachable from the root, with its contents.
+    fn table_snapshot(&self) -> Vec<(PhysFrame, [u64; 512])> {
+        let mut out = Vec::new();
+        self.collect_tables(self.tables.root(), 0, &mut out);
+        out
+    }
+
+    fn collect_tables(
+        &self,
+        frame: PhysFrame,
+        level: usize,
+        out: &mut Vec<(PhysFrame, [u64; 512])>,
+    ) {
+        let entries = self.mem.table_copy(frame);
+        out.push((frame, entries));
+        if level == 3 {
+            return;
+        }
+        for raw in entries {
+            let flags = PageTableFlags::from_bits_retain(raw);
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
+                let child = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+                self.collect_tables(child, level + 1, out);
+            }
+        }
+    }
+
+    /// The flags of the upper entries on the path to `addr`: PML4, PDPT, PD.
+    fn upper_flags(&self, addr: u64) -> [PageTableFlags; 3] {
+        let mut frame = self.tables.root();
+        core::array::from_fn(|level| {
+            let raw = self.mem.table_copy(frame)[index(addr, level)];
+            frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+            PageTableFlags::from_bits_retain(raw & !ADDR_MASK)
+        })
+    }
+}
+
+#[test]
+fn maps_across_2m_1g_and_512g_boundaries_as_the_reference_walker_sees() {
+    let cases = [
+        (BASE + MIB2 - 5 * PAGE_SIZE, 10, 1 + 1 + 2), // PDPT, PD, two PTs
+        (BASE + GIB - 3 * PAGE_SIZE, 600, 1 + 2 + 3), // two PDs, three PTs
+        (BASE - 7 * PAGE_SIZE, 20, 2 + 2 + 2),        // two of each
+        (0x0000_7f00_0000_0000 - 4 * PAGE_SIZE, 9, 2 + 2 + 2), // lower half too
+    ];
+    for (start, count, tables_expected) in cases {
+        let m = &mut machine(2048, start);
+        let frames = m.pool.take(count as usize);
+        let flags = RW | PageTableFlags::NO_EXECUTE | PageTableFlags::GLOBAL;
+        let before = m.pool.out();
+        m.tables
+            .map(pages(start, count), frames.iter().copied(), flags, &m.pool)
+            .unwrap();
+        assert_eq!(
+            m.pool.out() - before,
+            tables_expected,
+            "tables for {start:#x}"
+        );
+        m.assert_mapped(start, &frames, flags);
+        m.assert_unmapped(start - PAGE_SIZE, 1);
+        m.assert_unmapped(start + count * PAGE_SIZE, 1);
+        for i in [0, count - 1] {
+            // Upper entries: PRESENT | WRITABLE only, whatever the leaf has.
+            assert_eq!(m.upper_flags(start + i * PAGE_SIZE), [RW; 3]);
+        }
+    }
+}
+
+#[test]
+fn bytes_written_at_consecutive_addresses_land_in_order_in_scattered_frames() {
+    let m = &mut machine(1024, 7);
+    let start = BASE + MIB2 - 100 * PAGE_SIZE;
+    let count = 300;
+    let frames = m.pool.take(count);
+    assert!(
+        frames
+            .windows(2)
+            .any(|w| w[1].start_address() != w[0].start_address() + PAGE_SIZE)
+    );
+    m.tables
+        .map(
+            pages(start, count as u64),
+            frames.iter().copied(),
+            RW,
+            &m.pool,
+        )
+        .unwrap();
+    let pattern = |offset: u64| (offset / 61 % 251) as u8 + 1;
+    for offset in (0..count as u64 * PAGE_SIZE).step_by(61) {
+        let (phys, _, _) = m.tables.translate(VirtAddr::new(start + offset)).unwrap();
+        m.mem.write(phys, &[pattern(offset)]);
+    }
+    for (i, frame) in frames.iter().enumerate() {
+        let bytes = m.mem.frame_copy(*frame);
+        for (j, byte) in bytes.iter().enumerate() {
+            let offset = i as u64 * PAGE_SIZE + j as u64;
+            let expected = if offset.is_multiple_of(61) {
+                pattern(offset)
+            } else {
+                0
+            };
+            assert_eq!(*byte, expected, "byte {offset} of the area");
+        }
+    }
+}
+
+#[test]
+fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
+    // 3000 pages from 1000 pages below a 1 GiB boundary: two PDs and seven PTs, with a
+    // PT, a PD and the PDPT already there because of a page mapped just before.
+    let start = BASE + GIB - 1000 * PAGE_SIZE;
+    let count = 3000;
+    let setup = || {
+        let mut m = machine(8192, 11);
+        let before = m.pool.take(1);
+        m.tables
+            .map(pages(start - PAGE_SIZE, 1), before, RW, &m.pool)
+            .unwrap();
+        let frames = m.pool.take(count);
+        (m, frames)
+    };
+    let (mut m, frames) = setup();
+    let out = m.pool.out();
+    m.tables
+        .map(
+            pages(start, count as u64),
+            frames.iter().copied(),
+            RW,
+            &m.pool,
+        )
+        .unwrap();
+    let needed = m.pool.out() - out;
+    assert_eq!(needed, 1 + 5, "one more PD, five more PTs");
+
+    for k in 1..=needed {
+        let (mut m, frames) = setup();
+        let tables_before = m.table_snapshot();
+        let out_before = m.pool.out();
+        m.pool.fail_from(Some(k));
+        let result = m.tables.map(
+            pages(start, count as u64),
+            frames.iter().copied(),
+            RW,
+            &m.pool,
+        );
+        assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
+        assert!(
+            m.table_snapshot() == tables_before,
+            "tables changed, failing allocation {k}"
+        );
+        assert_eq!(
+            m.pool.out(),
+            out_before,
+            "table frames kept, failing allocation {k}"
+        );
+        m.pool.fail_from(None);
+        m.tables
+            .map(
+                pages(start, count as u64),
+                frames.iter().copied(),
+                RW,
+                &m.pool,
+            )
+            .unwrap();
+        m.assert_mapped(start, &frames, RW);
+    }
+}
+
+#[test]
+fn mapping_over_anything_in_the_way_fails_and_changes_nothing() {
+    let m = &mut machine(2048, 3);
+    let start = BASE + MIB2 - 8 * PAGE_SIZE;
+    let frames = m.pool.take(16);
+    m.tables
+        .map(pages(start + 12 * PAGE_SIZE, 1), [frames[15]], RW, &m.pool)
+        .unwrap();
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 4 * MIB2));
+    let huge_frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x20_0000));
+    m.tables.map_huge_2m(huge, huge_frame, RW, &m.pool).unwrap();
+    let snapshot = m.table_snapshot();
+    let out = m.pool.out();
+    let mut attempt = |range: PageRange, frames: &[PhysFrame]| {
+        let result = m.tables.map(range, frames.iter().copied(), RW, &m.pool);
+        assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
+        result
+    };
+    assert_eq!(
+        attempt(pages(start, 15), &frames[..15]),
+        Err(Error::AlreadyMapped)
+    );
+    assert_eq!(
+        attempt(pages(start, 15), &frames[..14]),
+        Err(Error::FrameCountMismatch)
+    );
+    assert_eq!(
+        attempt(pages(start, 14), &frames[..15]),
+        Err(Error::FrameCountMismatch)
+    );
+    let into_huge = BASE + 4 * MIB2 - 2 * PAGE_SIZE;
+    assert_eq!(
+        attempt(pages(into_huge, 4), &frames[..4]),
+        Err(Error::HugePageInTheWay)
+    );
+    let backwards = Page::range(page(start + PAGE_SIZE), page(start));
+    assert_eq!(attempt(backwards, &[]), Err(Error::RangeWraps));
+    let across_hole = Page::range(page(0x7fff_ffff_e000), page(0xffff_8000_0000_0000));
+    assert_eq!(attempt(across_hole, &frames[..1]), Err(Error::NonCanonical));
+    assert_eq!(
+        m.tables.map_huge_2m(huge, huge_frame, RW, &m.pool),
+        Err(Error::AlreadyMapped)
+    );
+}
+
+/// An iterator that promises more frames than it has.
+struct Liar(std::vec::IntoIter<PhysFrame>, usize);
+
+impl Iterator for Liar {
+    type Item = PhysFrame;
+    fn next(&mut self) -> Option<PhysFrame> {
+        self.0.next()
+    }
+}
+
+impl ExactSizeIterator for Liar {
+    fn len(&self) -> usize {
+        self.1
+    }
+}
+
+#[test]
+fn a_short_exact_size_iterator_unmaps_what_it_mapped() {
+    let m = &mut machine(2048, 5);
+    let start = BASE + MIB2 - 100 * PAGE_SIZE;
+    let frames = m.pool.take(290);
+    let liar = Liar(frames.into_iter(), 300);
+    assert_eq!(
+        m.tables.map(pages(start, 300), liar, RW, &m.pool),
+        Err(Error::FrameCountMismatch)
+    );
+    m.assert_unmapped(start, 300);
+}
+
+#[test]
+fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table() {
+    let m = &mut machine(4096, 9);
+    let start = BASE + GIB - 600 * PAGE_SIZE;
+    let count = 1500;
+    let frames = m.pool.take(count);
+    let out = m.pool.out();
+    m.tables
+        .map(
+            pages(start, count as u64),
+            frames.iter().copied(),
+            RW,
+            &m.pool,
+        )
+        .unwrap();
+    let table_count = m.pool.out() - out;
+
+    let mut handed_back = Vec::new();
+    let tlb = CountingFlush::new();
+    let flush = m
+        .tables
+        .unmap(pages(start, count as u64), |p, f| handed_back.push((p, f)))
+        .unwrap();
+    assert_eq!(flush.range(), Some(pages(start, count as u64)));
+    flush.flush(&tlb);
+    assert_eq!((tlb.range_calls(), tlb.range_pages()), (1, count as u64));
+    let expected: Vec<_> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (page(start) + i as u64, *f))
+        .collect();
+    assert_eq!(handed_back, expected);
+    m.assert_unmapped(start, count as u64);
+
+    let (freed, flush) = m
+        .tables
+        .free_empty_tables(pages(start, count as u64), &m.pool)
+        .unwrap();
+    assert_eq!(freed, table_count);
+    assert_eq!(m.pool.out(), out);
+    let covered = flush.range().unwrap();
+    assert!(covered.start <= page(start) && covered.end >= page(start) + count as u64);
+    flush.ignore();
+    assert_eq!(m.table_snapshot().len(), 1, "only the PML4 is left");
+}
+
+#[test]
+fn free_empty_tables_keeps_tables_that_still_map_something() {
+    let m = &mut machine(2048, 13);
+    let start = BASE + MIB2 - 4 * PAGE_SIZE;
+    let frames = m.pool.take(8);
+    m.tables
+        .map(pages(start, 8), frames.iter().copied(), RW, &m.pool)
+        .unwrap();
+    m.tables.unmap(pages(start, 4), |_, _| {}).unwrap().ignore();
+    let (freed, flush) = m
+        .tables
+        .free_empty_tables(pages(start, 8), &m.pool)
+        .unwrap();
+    assert_eq!(freed, 1, "only the first PT became empty");
+    assert_eq!(flush.range().unwrap().len(), 512, "the PT served 2 MiB");
+    m.assert_mapped(start + 4 * PAGE_SIZE, &frames[4..], RW);
+}
+
+#[test]
+fn unmapping_a_range_with_a_hole_fails_and_changes_nothing() {
+    let m = &mut machine(2048, 17);
+    let start = BASE + MIB2 - 4 * PAGE_SIZE;
+    let frames = m.pool.take(8);
+    m.tables
+        .map(pages(start, 4), frames[..4].iter().copied(), RW, &m.pool)
+        .unwrap();
+    m.tables
+        .map(
+            pages(start + 5 * PAGE_SIZE, 3),
+            frames[5..].iter().copied(),
+            RW,
+            &m.pool,
+        )
+        .unwrap();
+    let snapshot = m.table_snapshot();
+    let mut called = false;
+    let range = pages(start, 8);
+    assert_eq!(
+        m.tables.unmap(range, |_, _| called = true),
+        Err(Error::NotMapped)
+    );
+    assert_eq!(m.tables.detach(range), Err(Error::NotMapped));
+    assert_eq!(m.tables.protect(range, RW), Err(Error::NotMapped));
+    assert_eq!(
+        m.tables
+            .unmap(pages(BASE + 8 * GIB, 1), |_, _| called = true),
+        Err(Error::NotMapped)
+    );
+    assert!(!called);
+    assert!(m.table_snapshot() == snapshot);
+}
+
+#[test]
+fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
+    let m = &mut machine(2048, 19);
+    let start = BASE + MIB2 - 10 * PAGE_SIZE;
+    let frames = m.pool.take(20);
+    m.tables
+        .map(pages(start, 20), frames.iter().copied(), RW, &m.pool)
+        .unwrap();
+    let first = m.tables.detach(pages(start, 10)).unwrap();
+    let second = m.tables.detach(pages(start + 10 * PAGE_SIZE, 10)).unwrap();
+    // The reference walker reports any non-zero leaf as mapped, present or not.
+    m.assert_mapped_with(start, &frames, |flags| {
+        assert!(!flags.contains(PageTableFlags::PRESENT) && flags.contains(DETACHED))
+    });
+    for i in 0..20 {
+        let addr = VirtAddr::new(start + i * PAGE_SIZE);
+        assert!(matches!(m.tables.translate(addr), Err(Error::NotMapped)));
+    }
+
+    let range = pages(start, 20);
+    let more = m.pool.take(20);
+    assert_eq!(
+        m.tables.map(range, more.iter().copied(), RW, &m.pool),
+        Err(Error::AlreadyMapped)
+    );
+    assert_eq!(m.tables.unmap(range, |_, _| {}), Err(Error::NotMapped));
+
+    let batch = first.merge(second);
+    assert_eq!(batch.range(), Some(range));
+    let tlb = CountingFlush::new();
+    batch.flush(&tlb);
+    assert_eq!(tlb.range_pages(), 20);
+
+    let mut reclaimed = Vec::new();
+    m.tables
+        .reclaim_detached(range, |_, f| reclaimed.push(f))
+        .unwrap();
+    assert_eq!(reclaimed, frames);
+    assert_eq!(
+        m.tables.reclaim_detached(range, |_, _| {}),
+        Err(Error::NotMapped)
+    );
+    m.tables
+        .map(range, more.iter().copied(), RW, &m.pool)
+        .unwrap();
+    assert_eq!(
+        m.tables.reclaim_detached(range, |_, _| {}),
+        Err(Error::AlreadyMapped)
+    );
+    m.assert_mapped(start, &more, RW);
+}
+
+#[test]
+fn protect_changes_flags_keeps_frames_and_accessed_dirty() {
+    let m = &mut machine(2048, 23);
+    let start = BASE + MIB2 - 2 * PAGE_SIZE;
+    let frames = m.pool.take(4);
+    let used = RW | PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
+    m.tables
+        .map(pages(start, 4), frames.iter().copied(), used, &m.pool)
+        .unwrap();
+    let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
+    let flush = m.tables.protect(pages(start, 4), read_only).unwrap();
+    assert_eq!(flush.range(), Some(pages(start, 4)));
+    flush.ignore();
+    let kept = read_only | PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
+    m.assert_mapped(start, &frames, kept);
+
+    let user = RW | PageTableFlags::USER_ACCESSIBLE;
+    m.tables.protect(pages(start, 1), user).unwrap().ignore();
+    assert!(
+        m.upper_flags(start)
+            .iter()
+            .all(|f| f.contains(PageTableFlags::USER_ACCESSIBLE))
+    );
+    assert!(!m.upper_flags(start + 2 * PAGE_SIZE)[2].contains(PageTableFlags::USER_ACCESSIBLE));
+}
+
+#[test]
+fn user_leaves_get_user_upper_entries() {
+    let m = &mut machine(2048, 29);
+    let frames = m.pool.take(1);
+    let user = RW | PageTableFlags::USER_ACCESSIBLE;
+    m.tables
+        .map(pages(0x40_0000, 1), frames.iter().copied(), user, &m.pool)
+        .unwrap();
+    assert_eq!(m.upper_flags(0x40_0000), [user; 3]);
+    m.assert_mapped(0x40_0000, &frames, user);
+}
+
+#[test]
+fn translate_understands_2m_and_1g_entries() {
+    let m = &mut machine(2048, 31);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 6 * MIB2));
+    let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
+    m.tables.map_huge_2m(huge, frame, RW, &m.pool).unwrap();
+    let addr = BASE + 6 * MIB2 + 0x12345;
+    let (phys, flags, mapped) = m.tables.translate(VirtAddr::new(addr)).unwrap();
+    assert_eq!(phys, PhysAddr::new(0x4020_0000 + 0x12345));
+    assert_eq!(flags, RW | PageTableFlags::HUGE_PAGE);
+    assert!(matches!(mapped, MappedFrame::Size2MiB(f) if f == frame));
+    match m.reference(addr) {
+        TranslateResult::Mapped {
+            frame: f, offset, ..
+        } => assert_eq!(f.start_address() + offset, phys),
+        other => panic!("{other:?}"),
+    }
+    let (back, flush) = m.tables.unmap_huge_2m(huge).unwrap();
+    assert_eq!((back, flush.range().map(|r| r.len())), (frame, Some(512)));
+    assert_eq!(m.tables.unmap_huge_2m(huge), Err(Error::NotMapped));
+
+    // A 1 GiB entry, written by hand into the PDPT the 2 MiB page left behind.
+    let pdpt = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
+        m.mem.table_copy(m.tables.root())[index(BASE, 0)] & ADDR_MASK,
+    ));
+    let giant = 0x8000_0000u64 | (RW | PageTableFlags::HUGE_PAGE).bits();
+    let slot = pdpt.start_address() + index(BASE + 3 * GIB, 1) as u64 * 8;
+    m.mem.write(slot, &giant.to_le_bytes());
+    let (phys, _, mapped) = m
+        .tables
+        .translate(VirtAddr::new(BASE + 3 * GIB + 0x1234_5678))
+        .unwrap();
+    assert_eq!(phys, PhysAddr::new(0x8000_0000 + 0x1234_5678));
+    assert!(matches!(mapped, MappedFrame::Size1GiB(_)));
+    let frames = m.pool.take(1);
+    let inside = pages(BASE + 3 * GIB + MIB2, 1);
+    assert_eq!(
+        m.tables.map(inside, frames, RW, &m.pool),
+        Err(Error::HugePageInTheWay)
+    );
+    assert_eq!(
+        m.tables.unmap(inside, |_, _| {}),
+        Err(Error::HugePageInTheWay)
+    );
+}
+
+#[test]
+fn flush_tokens_merge_into_hulls_and_across_the_hole_into_a_full_flush() {
+    let low = RangeFlush::new(0x1000, 0x3000);
+    let high = RangeFlush::new(BASE, BASE + 0x2000);
+    let near = RangeFlush::new(0x8000, 0x9000);
+    assert_eq!(low.merge(near).range(), Some(pages(0x1000, 8)));
+    let empty = RangeFlush::new(BASE, BASE);
+    assert!(empty.is_empty());
+    assert_eq!(empty.merge(high), high);
+    let tlb = CountingFlush::new();
+    low.merge(high).flush(&tlb);
+    empty.flush(&tlb);
+    assert_eq!((tlb.full_calls(), tlb.range_calls()), (1, 0));
+}
+
+#[test]
+fn counting_flush_counts_what_it_is_asked() {
+    let tlb = CountingFlush::new();
+    tlb.flush_page(page(BASE));
+    tlb.flush_range(pages(BASE, 7));
+    tlb.flush_all();
+    assert_eq!(
+        (
+            tlb.page_calls(),
+            tlb.range_calls(),
+            tlb.range_pages(),
+            tlb.full_calls()
+        ),
+        (1, 1, 7, 1)
+    );
+}
+
+#[test]
+fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
+    let m = &mut machine(2048, 37);
+    let start = BASE + 5 * MIB2;
+    let frames = m.pool.take(3);
+    let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
+    m.tables
+        .map(pages(start, 1), [frames[0]], read_only, &m.pool)
+        .unwrap();
+    // Take WRITABLE away from the PD entry, as a loader might have left it.
+    let pd = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
+        m.mem
+            .table_copy(PhysFrame::containing_address(PhysAddr::new(
+                m.mem.table_copy(m.tables.root())[index(start, 0)] & ADDR_MASK,
+            )))[index(start, 1)]
+            & ADDR_MASK,
+    ));
+    let slot = pd.start_address() + index(start, 2) as u64 * 8;
+    let pd_entry = m.mem.table_copy(pd)[index(start, 2)];
+    m.mem.write(
+        slot,
+        &(pd_entry & !PageTableFlags::WRITABLE.bits()).to_le_bytes(),
+    );
+    assert!(!m.upper_flags(start)[2].contains(PageTableFlags::WRITABLE));
+
+    m.tables
+        .map(pages(start + PAGE_SIZE, 1), [frames[1]], RW, &m.pool)
+        .unwrap();
+    assert_eq!(m.upper_flags(start)[2], RW);
+    let user = RW | PageTableFlags::USER_ACCESSIBLE;
+    m.tables
+        .map(pages(start + 2 * PAGE_SIZE, 1), [frames[2]], user, &m.pool)
+        .unwrap();
+    assert_eq!(m.upper_flags(start), [user; 3]);
+    m.assert_mapped(start, &frames[..1], read_only);
+    m.assert_mapped(start + PAGE_SIZE, &frames[1..2], RW);
+    m.assert_mapped(start + 2 * PAGE_SIZE, &frames[2..], user);
+}
+
+#[test]
+fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
+    let m = &mut machine(256, 41);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 8 * MIB2));
+    let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+    let snapshot = m.table_snapshot();
+    let out = m.pool.out();
+    for k in 1..=2 {
+        m.pool.fail_from(Some(k));
+        let result = m.tables.map_huge_2m(huge, frame, RW, &m.pool);
+        assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
+        assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
+    }
+    m.pool.fail_from(None);
+    m.tables.map_huge_2m(huge, frame, RW, &m.pool).unwrap();
+    assert_eq!(m.pool.out(), out + 2, "a PDPT and a PD");
+}

@@ -1,0 +1,262 @@
+//! Random map / unmap / protect / detach / reclaim / free-empty-tables sequences on a
+//! window of pages that crosses 2 MiB and 1 GiB boundaries, checked after every step
+//! against a model: a map from page to (frame, flags) or detached frame.
+
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use vmalloc::paging::PageTables;
+// `test_pool` takes these from here.
+use vmalloc::{Error, FrameSource, OffsetPhysMemory};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::mapper::MappedFrame;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
+
+#[path = "../src/paging/test_pool.rs"]
+mod test_pool;
+
+use test_pool::{HostMemory, Pool};
+
+/// 600 pages below a 1 GiB boundary in the kernel half.
+const WINDOW_START: u64 = 0xffff_c900_4000_0000 - 600 * 4096;
+const WINDOW: u64 = 1200;
+const FLAG_CHOICES: [PageTableFlags; 4] = [
+    PageTableFlags::WRITABLE,
+    PageTableFlags::NO_EXECUTE,
+    PageTableFlags::WRITABLE.union(PageTableFlags::USER_ACCESSIBLE),
+    PageTableFlags::empty(),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Map(u64, u64, usize),
+    Unmap(u64, u64),
+    Protect(u64, u64, usize),
+    Detach(u64, u64),
+    Reclaim(u64, u64),
+    FreeEmptyTables(u64, u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Model {
+    Mapped(PhysFrame, PageTableFlags),
+    Detached(PhysFrame),
+}
+
+fn span() -> impl Strategy<Value = (u64, u64)> {
+    (0..WINDOW).prop_flat_map(|start| (Just(start), 0..=(WINDOW - start).min(700)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (span(), 0..FLAG_CHOICES.len()).prop_map(|((s, n), f)| Op::Map(s, n, f)),
+        2 => span().prop_map(|(s, n)| Op::Unmap(s, n)),
+        1 => (span(), 0..FLAG_CHOICES.len()).prop_map(|((s, n), f)| Op::Protect(s, n, f)),
+        1 => span().prop_map(|(s, n)| Op::Detach(s, n)),
+        1 => span().prop_map(|(s, n)| Op::Reclaim(s, n)),
+        1 => span().prop_map(|(s, n)| Op::FreeEmptyTables(s, n)),
+    ]
+}
+
+fn addr(index: u64) -> u64 {
+    WINDOW_START + index * 4096
+}
+
+fn range(start: u64, len: u64) -> PageRange {
+    let page = |i| Page::containing_address(VirtAddr::new(addr(i)));
+    Page::range(page(start), page(start + len))
+}
+
+struct World {
+    pool: Pool,
+    tables: PageTables<OffsetPhysMemory>,
+    model: BTreeMap<u64, Model>,
+    _mem: HostMemory,
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mem = HostMemory::new(4096);
+        let pool = Pool::new(mem.frames(), seed);
+        let root = pool.alloc_frame().unwrap();
+        // SAFETY: `root` is a zeroed frame of `mem`, reachable through `mem.phys()`.
+        let tables = unsafe { PageTables::new(root, mem.phys()) };
+        Self {
+            pool,
+            tables,
+            model: BTreeMap::new(),
+            _mem: mem,
+        }
+    }
+
+    /// What the model expects: the error of the first page of `[start, start + len)`
+    /// that fails `ok`.
+    fn expect(
+        &self,
+        start: u64,
+        len: u64,
+        ok: impl Fn(Option<&Model>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        (start..start + len).try_for_each(|i| ok(self.model.get(&i)))
+    }
+
+    /// The model's frames of `[start, start + len)`, removed if `remove`.
+    fn frames(&mut self, start: u64, len: u64, remove: bool) -> Vec<PhysFrame> {
+        let frames = (start..start + len)
+            .map(|i| frame_of(self.model.get(&i).copied()))
+            .collect();
+        if remove {
+            (start..start + len).for_each(|i| _ = self.model.remove(&i));
+        }
+        frames
+    }
+
+    fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
+        let before = self.model.clone();
+        let (result, expected) = match op {
+            Op::Map(s, n, f) => {
+                let expected =
+                    self.expect(s, n, |m| m.map_or(Ok(()), |_| Err(Error::AlreadyMapped)));
+                let frames = self.pool.take(n as usize);
+                let flags = FLAG_CHOICES[f];
+                let result =
+                    self.tables
+                        .map(range(s, n), frames.iter().copied(), flags, &self.pool);
+                if result.is_ok() {
+                    for (i, frame) in (s..).zip(&frames) {
+                        let leaf = Model::Mapped(*frame, flags | PageTableFlags::PRESENT);
+                        self.model.insert(i, leaf);
+                    }
+                } else {
+                    self.pool.free_frames(&frames).unwrap();
+                }
+                (result, expected)
+            }
+            Op::Unmap(s, n) => {
+                let expected = self.expect(s, n, present);
+                let mut handed = Vec::new();
+                let result = self.tables.unmap(range(s, n), |p, f| handed.push((p, f)));
+                let result = result.map(|flush| flush.ignore());
+                if result.is_ok() {
+                    let pages = range(s, n);
+                    let want: Vec<_> = pages.zip(self.frames(s, n, true)).collect();
+                    prop_assert_eq!(&handed, &want);
+                    let frames: Vec<_> = handed.iter().map(|(_, f)| *f).collect();
+                    self.pool.free_frames(&frames).unwrap();
+                }
+                (result, expected)
+            }
+            Op::Protect(s, n, f) => {
+                let expected = self.expect(s, n, present);
+                let flags = FLAG_CHOICES[f];
+                let result = self.tables.protect(range(s, n), flags).map(|f| f.ignore());
+                if result.is_ok() {
+                    for (i, frame) in (s..).zip(self.frames(s, n, false)) {
+                        let leaf = Model::Mapped(frame, flags | PageTableFlags::PRESENT);
+                        self.model.insert(i, leaf);
+                    }
+                }
+                (result, expected)
+            }
+            Op::Detach(s, n) => {
+                let expected = self.expect(s, n, present);
+                let result = self.tables.detach(range(s, n)).map(|f| f.ignore());
+                if result.is_ok() {
+                    for (i, frame) in (s..).zip(self.frames(s, n, false)) {
+                        self.model.insert(i, Model::Detached(frame));
+                    }
+                }
+                (result, expected)
+            }
+            Op::Reclaim(s, n) => {
+                let expected = self.expect(s, n, |m| match m {
+                    Some(Model::Detached(_)) => Ok(()),
+                    Some(Model::Mapped(..)) => Err(Error::AlreadyMapped),
+                    None => Err(Error::NotMapped),
+                });
+                let mut handed = Vec::new();
+                let result = self
+                    .tables
+                    .reclaim_detached(range(s, n), |_, f| handed.push(f));
+                if result.is_ok() {
+                    prop_assert_eq!(&handed, &self.frames(s, n, true));
+                    self.pool.free_frames(&handed).unwrap();
+                }
+                (result, expected)
+            }
+            Op::FreeEmptyTables(s, n) => {
+                let result = self.tables.free_empty_tables(range(s, n), &self.pool);
+                (result.map(|(_, flush)| flush.ignore()), Ok(()))
+            }
+        };
+        prop_assert_eq!(result, expected, "{:?}", op);
+        if result.is_err() {
+            prop_assert_eq!(&self.model, &before, "a failed call changed the model");
+        }
+        self.check()
+    }
+
+    /// Every page of the window translates as the model says.
+    fn check(&self) -> Result<(), TestCaseError> {
+        for i in 0..WINDOW {
+            let got = self.tables.translate(VirtAddr::new(addr(i)));
+            match (self.model.get(&i), got) {
+                (
+                    Some(Model::Mapped(frame, flags)),
+                    Ok((phys, got_flags, MappedFrame::Size4KiB(f))),
+                ) => {
+                    let want = (frame.start_address(), *flags, *frame);
+                    prop_assert_eq!((phys, got_flags, f), want, "page {}", i);
+                }
+                (Some(Model::Detached(_)) | None, Err(Error::NotMapped)) => {}
+                (want, got) => {
+                    prop_assert!(false, "page {}: model {:?}, tables {:?}", i, want, got)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn present(m: Option<&Model>) -> Result<(), Error> {
+    match m {
+        Some(Model::Mapped(..)) => Ok(()),
+        _ => Err(Error::NotMapped),
+    }
+}
+
+fn frame_of(m: Option<Model>) -> PhysFrame {
+    match m {
+        Some(Model::Mapped(f, _) | Model::Detached(f)) => f,
+        None => panic!("the model has no frame there"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn page_tables_follow_the_model(seed in any::<u64>(), ops in prop::collection::vec(op(), 1..30)) {
+        let mut world = World::new(seed);
+        for op in ops {
+            world.apply(op)?;
+        }
+        // Tear down: every page detached, reclaimed, every table freed: only the
+        // root is left out of the pool.
+        let mapped: Vec<u64> = world
+            .model
+            .iter()
+            .filter(|(_, m)| matches!(m, Model::Mapped(..)))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in mapped {
+            world.apply(Op::Detach(i, 1))?;
+        }
+        let detached: Vec<u64> = world.model.keys().copied().collect();
+        for i in detached {
+            world.apply(Op::Reclaim(i, 1))?;
+        }
+        world.apply(Op::FreeEmptyTables(0, WINDOW))?;
+        prop_assert_eq!(world.pool.out(), 1);
+    }
+}
