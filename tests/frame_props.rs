@@ -62,7 +62,10 @@ struct Harness<'a> {
 
 impl Harness<'_> {
     fn hold(&mut self, frame: PhysFrame) {
-        assert!(self.held.insert(number(frame)), "{frame:?} handed out twice");
+        assert!(
+            self.held.insert(number(frame)),
+            "{frame:?} handed out twice"
+        );
         assert_eq!(self.alloc.is_free(frame), Ok(false));
     }
 

@@ -142,7 +142,10 @@ impl NormalMap {
                 if end > span.end {
                     return None;
                 }
-                let clash = self.reserved().iter().find(|r| r.start < end && start < r.end);
+                let clash = self
+                    .reserved()
+                    .iter()
+                    .find(|r| r.start < end && start < r.end);
                 match clash {
                     None => return Some(start),
                     Some(reserved) => start = reserved.end,
@@ -250,6 +253,12 @@ impl Zone {
 
     /// The first free frame index at or after `from`.
     fn find_free(&self, bits: &[u64], from: u64) -> Option<u64> {
+        if from == 0 {
+            // The lowest free frame: no need to climb, start at the top word.
+            let top = self.level(bits, self.levels - 1)[0];
+            return (top != 0)
+                .then(|| self.descend(bits, self.levels - 1, u64::from(top.trailing_zeros())));
+        }
         let (mut level, mut index) = (0, from);
         loop {
             let word_index = (index / 64) as usize;
@@ -514,7 +523,9 @@ impl<'a> BitmapFrameAllocator<'a> {
         let words = Plan::new(&map).storage_words;
         let frames = (words as u64 * 8).div_ceil(PAGE_SIZE);
         let first = map.find_unreserved_run(frames).ok_or(Error::BadMemoryMap)?;
-        let start = phys.phys_to_virt(PhysAddr::new(first * PAGE_SIZE)).cast::<u64>();
+        let start = phys
+            .phys_to_virt(PhysAddr::new(first * PAGE_SIZE))
+            .cast::<u64>();
         // SAFETY: frames `first..first + frames` are usable and unreserved, so by the
         // caller's promise they are unused RAM reached contiguously at `start`, which
         // is page-aligned (so aligned for u64); nothing else refers to them while the
@@ -595,14 +606,16 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// Fills `out` from the front with free frames, a bitmap word at a time; returns
     /// how many it filled (fewer than `out.len()` only when memory ran out).
     pub fn alloc_bulk(&mut self, out: &mut [PhysFrame]) -> usize {
-        let mut filled = 0;
-        let mut z = 0;
+        let (mut filled, mut z, mut from) = (0, 0, 0);
         while filled < out.len() && z < self.zone_count {
             let zone = self.zones[z];
-            let Some((first, mut taken)) = zone.take_word(self.bits, 0, out.len() - filled) else {
-                z += 1;
+            let Some((first, mut taken)) = zone.take_word(self.bits, from, out.len() - filled)
+            else {
+                (z, from) = (z + 1, 0);
                 continue;
             };
+            // Everything below the word just taken is used: search on from its end.
+            from = first;
             self.free -= u64::from(taken.count_ones());
             while taken != 0 {
                 let index = first + u64::from(taken.trailing_zeros());
@@ -668,20 +681,18 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// (including reserved and bookkeeping frames), [`Error::FrameNotAllocated`] when
     /// it is free. Nothing changes on error.
     pub fn free(&mut self, frame: PhysFrame) -> Result<(), Error> {
-        let (z, index) = self.locate_allocated(frame)?;
-        self.zones[z].set_free(self.bits, index);
+        let (z, index) = self.locate(frame_number(frame))?;
+        let zone = self.zones[z];
+        if !zone.is_managed(self.bits, index) {
+            return Err(Error::FrameNotManaged);
+        }
+        if zone.is_free(self.bits, index) {
+            return Err(Error::FrameNotAllocated);
+        }
+        zone.set_free(self.bits, index);
         self.free += 1;
         Ok(())
     }
-
-    /// The zone and index of `frame`, if it is currently allocated.
-    fn locate_allocated(&self, frame: PhysFrame) -> Result<(usize, u64), Error> {
-        if self.is_free(frame)? {
-            return Err(Error::FrameNotAllocated);
-        }
-        self.locate(frame_number(frame))
-    }
-
 
     /// Returns every frame of `frames`, or none of them.
     ///

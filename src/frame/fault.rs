@@ -87,7 +87,8 @@ impl<S: FrameSource> FaultInjector<S> {
         let left = self.until_failure.load(Ordering::SeqCst);
         if left == DISARMED || left >= wanted as u64 {
             if left != DISARMED {
-                self.until_failure.store(left - wanted as u64, Ordering::SeqCst);
+                self.until_failure
+                    .store(left - wanted as u64, Ordering::SeqCst);
             }
             return wanted;
         }

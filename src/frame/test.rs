@@ -127,8 +127,14 @@ fn sparse_map_does_not_span_the_gap() {
     assert_eq!(alloc.stats().total, expected);
     let top = alloc.alloc_from(frame(high / FRAME)).unwrap();
     assert_eq!(top.start_address().as_u64(), high);
-    assert_eq!(alloc.is_free(frame(200 * M / FRAME)), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.free(frame((high - M) / FRAME)), Err(Error::FrameNotManaged));
+    assert_eq!(
+        alloc.is_free(frame(200 * M / FRAME)),
+        Err(Error::FrameNotManaged)
+    );
+    assert_eq!(
+        alloc.free(frame((high - M) / FRAME)),
+        Err(Error::FrameNotManaged)
+    );
 }
 
 #[test]
@@ -298,7 +304,8 @@ struct HostMemory {
 // the tests below use, frames at distinct offsets.
 unsafe impl PhysMemory for HostMemory {
     fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
-        self.bytes.wrapping_add((phys.as_u64() - self.base) as usize)
+        self.bytes
+            .wrapping_add((phys.as_u64() - self.base) as usize)
     }
 }
 
@@ -318,7 +325,8 @@ fn from_memory_carves_bookkeeping_out_of_usable_frames() {
     let words = BitmapFrameAllocator::storage_words(map.iter().cloned()) as u64;
     let carved = (words * 8).div_ceil(FRAME);
     // SAFETY: `ram` backs the whole usable range and outlives the allocator.
-    let mut alloc = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
     let usable = size / FRAME - 1;
     assert_eq!(alloc.stats().total, usable - carved);
     let first_carved = frame(base / FRAME + 1);
@@ -327,7 +335,7 @@ fn from_memory_carves_bookkeeping_out_of_usable_frames() {
     let handed = drain(&mut alloc);
     assert_eq!(handed.len() as u64, usable - carved);
     assert_eq!(handed[0], base / FRAME + 1 + carved);
-    drop(alloc);
+    // `alloc` lives in `ram`, which is dropped only here, after its last use.
     drop(ram);
 }
 
@@ -355,7 +363,10 @@ fn locked_allocator_is_a_frame_source() {
     let mut many = vec![frame(0); 100];
     assert_eq!(source.alloc_frames(&mut many), 100);
     assert_eq!(locked.stats().used, 101);
-    assert_eq!(source.free_frames(&[many[0], many[0]]), Err(Error::FrameNotAllocated));
+    assert_eq!(
+        source.free_frames(&[many[0], many[0]]),
+        Err(Error::FrameNotAllocated)
+    );
     source.free_frames(&many).unwrap();
     source.free_frame(one).unwrap();
     assert_eq!(source.free_frame(one), Err(Error::FrameNotAllocated));
