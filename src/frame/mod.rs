@@ -1,4 +1,19 @@
 //! Physical frame allocation.
+//!
+//! [`BitmapFrameAllocator`] manages the usable frames of a firmware memory map with
+//! a hierarchical bitmap per zone (see [`bitmap`] for the structure);
+//! [`LockedFrameAllocator`] shares it between CPUs as a [`FrameSource`];
+//! [`FaultInjector`] makes a chosen allocation fail, to test rollback paths.
+
+pub mod bitmap;
+mod fault;
+mod locked;
+#[cfg(test)]
+mod test;
+
+pub use bitmap::{BitmapFrameAllocator, FrameStats};
+pub use fault::FaultInjector;
+pub use locked::LockedFrameAllocator;
 
 use crate::Error;
 use core::ops::Range;

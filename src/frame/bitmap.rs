@@ -1,0 +1,764 @@
+//! A hierarchical-bitmap physical frame allocator.
+//!
+//! # Zones
+//!
+//! A firmware memory map is sparse: 0..640 KiB, 1 MiB..128 MiB and a range near 2^51
+//! must not cost a bitmap spanning the gaps. The map is first normalised into frame
+//! numbers (usable ranges rounded inward, reserved ranges rounded outward, empty
+//! ranges dropped), the usable ranges are sorted and merged into at most
+//! [`MAX_ZONES`] *zones*: neighbours closer than [`ZONE_GAP_FRAMES`] share a zone
+//! (a small gap costs fewer bitmap words than a zone does), and while there are too
+//! many zones the two with the smallest gap between them are merged. Every frame of
+//! a zone starts as used; usable ranges are then marked free and reserved ranges used
+//! again, so reserved wins wherever the two overlap.
+//!
+//! # The hierarchical bitmap
+//!
+//! Each zone owns a stack of bitmap levels in the bookkeeping storage. Level 0 has
+//! one bit per frame, set when the frame is free. Level `l + 1` has one bit per word
+//! of level `l`, set when that word still has a free frame; the top level is a single
+//! word. Finding a free frame reads the top word, takes its lowest set bit with
+//! `trailing_zeros`, and descends one word per level: at most 7 levels for the whole
+//! 52-bit physical space, so the cost does not depend on how full memory is. A search
+//! "at or after" a position masks the low bits of the current word and, when nothing
+//! is left in it, climbs one level to the next word's summary bit.
+//!
+//! Clearing a bit climbs only while a word becomes zero, and setting one climbs only
+//! while a word was zero, so the summaries are updated in amortised constant time.
+//! Bulk allocation takes a whole level-0 word at once.
+//!
+//! # Bookkeeping storage
+//!
+//! The caller either provides the words ([`BitmapFrameAllocator::with_storage`], size
+//! from [`BitmapFrameAllocator::storage_words`]) or lets the allocator carve them out
+//! of the usable memory itself ([`BitmapFrameAllocator::from_memory`]), because a
+//! booting kernel has no heap. No heap is used in either case.
+
+use super::{MemoryRegion, RegionKind};
+use crate::phys::PhysMemory;
+use crate::{Error, PAGE_SIZE};
+use x86_64::PhysAddr;
+use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size4KiB};
+
+/// Most zones (disjoint bitmaps) one allocator keeps.
+pub const MAX_ZONES: usize = 16;
+/// Most entries a memory map may have.
+pub const MAX_MAP_REGIONS: usize = 128;
+/// Usable ranges closer than this many frames share one zone.
+pub const ZONE_GAP_FRAMES: u64 = 1 << 15;
+/// Levels needed for 2^40 frames (the 52-bit physical limit) at 64 bits a word.
+const MAX_LEVELS: usize = 8;
+
+/// Frame counts of an allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameStats {
+    /// Frames the allocator manages (usable, not reserved, not bookkeeping).
+    pub total: u64,
+    /// Frames that can be handed out.
+    pub free: u64,
+    /// Frames handed out.
+    pub used: u64,
+}
+
+/// Frame numbers `[start, end)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    end: u64,
+}
+
+impl Span {
+    fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+}
+
+/// A memory map copied into fixed arrays, in frame numbers.
+struct NormalMap {
+    usable: [Span; MAX_MAP_REGIONS],
+    usable_len: usize,
+    reserved: [Span; MAX_MAP_REGIONS],
+    reserved_len: usize,
+}
+
+impl NormalMap {
+    fn new(map: impl IntoIterator<Item = MemoryRegion>) -> Result<Self, Error> {
+        let mut this = Self {
+            usable: [Span::default(); MAX_MAP_REGIONS],
+            usable_len: 0,
+            reserved: [Span::default(); MAX_MAP_REGIONS],
+            reserved_len: 0,
+        };
+        for region in map {
+            let (start, end) = (region.range.start.as_u64(), region.range.end.as_u64());
+            let (span, list, len) = match region.kind {
+                // Only whole frames inside the range are usable...
+                RegionKind::Usable => (
+                    Span {
+                        start: start.div_ceil(PAGE_SIZE),
+                        end: end / PAGE_SIZE,
+                    },
+                    &mut this.usable,
+                    &mut this.usable_len,
+                ),
+                // ...and every frame touching a reserved range is reserved.
+                RegionKind::Reserved => (
+                    Span {
+                        start: start / PAGE_SIZE,
+                        end: end.div_ceil(PAGE_SIZE),
+                    },
+                    &mut this.reserved,
+                    &mut this.reserved_len,
+                ),
+            };
+            if span.is_empty() {
+                continue;
+            }
+            *list.get_mut(*len).ok_or(Error::BadMemoryMap)? = span;
+            *len += 1;
+        }
+        if this.usable_len == 0 {
+            return Err(Error::BadMemoryMap);
+        }
+        this.usable[..this.usable_len].sort_unstable_by_key(|span| span.start);
+        Ok(this)
+    }
+
+    fn usable(&self) -> &[Span] {
+        &self.usable[..self.usable_len]
+    }
+
+    fn reserved(&self) -> &[Span] {
+        &self.reserved[..self.reserved_len]
+    }
+
+    /// The first frame of the lowest usable, unreserved run of `count` frames.
+    fn find_unreserved_run(&self, count: u64) -> Option<u64> {
+        self.usable().iter().find_map(|span| {
+            let mut start = span.start;
+            // Each reserved span can push the candidate start at most once.
+            for _ in 0..=self.reserved_len {
+                let end = start.checked_add(count)?;
+                if end > span.end {
+                    return None;
+                }
+                let clash = self
+                    .reserved()
+                    .iter()
+                    .find(|r| r.start < end && start < r.end);
+                match clash {
+                    None => return Some(start),
+                    Some(reserved) => start = reserved.end,
+                }
+            }
+            None
+        })
+    }
+
+    /// Groups the sorted usable spans into at most [`MAX_ZONES`] zone extents.
+    fn zone_spans(&self) -> ([Span; MAX_ZONES], usize) {
+        let mut merged = [Span::default(); MAX_MAP_REGIONS];
+        let mut count = 0;
+        for &span in self.usable() {
+            if count > 0 && span.start <= merged[count - 1].end.saturating_add(ZONE_GAP_FRAMES) {
+                merged[count - 1].end = merged[count - 1].end.max(span.end);
+            } else {
+                merged[count] = span;
+                count += 1;
+            }
+        }
+        while count > MAX_ZONES {
+            let closest = (1..count)
+                .min_by_key(|&i| merged[i].start - merged[i - 1].end)
+                .unwrap_or(1);
+            merged[closest - 1].end = merged[closest].end;
+            merged.copy_within(closest + 1..count, closest);
+            count -= 1;
+        }
+        let mut zones = [Span::default(); MAX_ZONES];
+        zones[..count].copy_from_slice(&merged[..count]);
+        (zones, count)
+    }
+}
+
+/// One zone: frames `[base, base + frames)` and where its bitmap levels live.
+#[derive(Debug, Clone, Copy, Default)]
+struct Zone {
+    base: u64,
+    frames: u64,
+    levels: usize,
+    offset: [usize; MAX_LEVELS],
+    words: [usize; MAX_LEVELS],
+    /// One bit per frame, set when the frame may ever be handed out.
+    managed_offset: usize,
+}
+
+impl Zone {
+    /// Lays out a zone's levels from storage word `first_word` on.
+    fn layout(span: Span, first_word: usize) -> Self {
+        let mut zone = Zone {
+            base: span.start,
+            frames: span.end - span.start,
+            ..Zone::default()
+        };
+        let mut bits = zone.frames;
+        let mut next = first_word;
+        loop {
+            let words = bits.div_ceil(64) as usize;
+            zone.offset[zone.levels] = next;
+            zone.words[zone.levels] = words;
+            zone.levels += 1;
+            next += words;
+            if words == 1 {
+                zone.managed_offset = next;
+                return zone;
+            }
+            bits = words as u64;
+        }
+    }
+
+    fn storage_end(&self) -> usize {
+        self.managed_offset + self.words[0]
+    }
+
+    fn is_managed(&self, bits: &[u64], index: u64) -> bool {
+        bits[self.managed_offset + (index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    /// Records the current level 0 as the set of frames that may be handed out.
+    fn record_managed(&self, bits: &mut [u64]) {
+        let leaf = self.offset[0];
+        bits.copy_within(leaf..leaf + self.words[0], self.managed_offset);
+    }
+
+    fn contains(&self, frame: u64) -> bool {
+        frame >= self.base && frame - self.base < self.frames
+    }
+
+    fn level<'s>(&self, bits: &'s [u64], level: usize) -> &'s [u64] {
+        &bits[self.offset[level]..self.offset[level] + self.words[level]]
+    }
+
+    fn level_mut<'s>(&self, bits: &'s mut [u64], level: usize) -> &'s mut [u64] {
+        &mut bits[self.offset[level]..self.offset[level] + self.words[level]]
+    }
+
+    fn is_free(&self, bits: &[u64], index: u64) -> bool {
+        self.level(bits, 0)[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    fn has_free(&self, bits: &[u64]) -> bool {
+        self.level(bits, self.levels - 1)[0] != 0
+    }
+
+    /// The first free frame index at or after `from`.
+    fn find_free(&self, bits: &[u64], from: u64) -> Option<u64> {
+        if from == 0 {
+            // The lowest free frame: no need to climb, start at the top word.
+            let top = self.level(bits, self.levels - 1)[0];
+            return (top != 0)
+                .then(|| self.descend(bits, self.levels - 1, u64::from(top.trailing_zeros())));
+        }
+        let (mut level, mut index) = (0, from);
+        loop {
+            let word_index = (index / 64) as usize;
+            let word = *self.level(bits, level).get(word_index)?;
+            let masked = word & (!0u64 << (index % 64));
+            if masked != 0 {
+                index = word_index as u64 * 64 + u64::from(masked.trailing_zeros());
+                return Some(self.descend(bits, level, index));
+            }
+            if level + 1 == self.levels {
+                return None;
+            }
+            level += 1;
+            index = word_index as u64 + 1;
+        }
+    }
+
+    /// Follows lowest set bits from bit `index` of `level` down to a frame index.
+    fn descend(&self, bits: &[u64], mut level: usize, mut index: u64) -> u64 {
+        while level > 0 {
+            level -= 1;
+            let word = self.level(bits, level)[index as usize];
+            index = index * 64 + u64::from(word.trailing_zeros());
+        }
+        index
+    }
+
+    /// Clears bit `index` of `level`, and the summary bits above while words empty.
+    fn clear_bit(&self, bits: &mut [u64], mut level: usize, mut index: u64) {
+        while level < self.levels {
+            let word_index = (index / 64) as usize;
+            let word = &mut self.level_mut(bits, level)[word_index];
+            *word &= !(1 << (index % 64));
+            if *word != 0 {
+                return;
+            }
+            level += 1;
+            index = word_index as u64;
+        }
+    }
+
+    /// Sets bit `index` of level 0, and the summary bits above while words were empty.
+    fn set_free(&self, bits: &mut [u64], mut index: u64) {
+        for level in 0..self.levels {
+            let word_index = (index / 64) as usize;
+            let word = &mut self.level_mut(bits, level)[word_index];
+            let was_empty = *word == 0;
+            *word |= 1 << (index % 64);
+            if !was_empty {
+                return;
+            }
+            index = word_index as u64;
+        }
+    }
+
+    /// Takes up to `want` free frames from the level-0 word holding a free frame at
+    /// or after `from`; returns the word's first frame index and the bits taken.
+    fn take_word(&self, bits: &mut [u64], from: u64, want: usize) -> Option<(u64, u64)> {
+        let index = self.find_free(bits, from)?;
+        let word_index = (index / 64) as usize;
+        let leaf = self.level_mut(bits, 0);
+        let word = leaf[word_index] & (!0u64 << (index % 64));
+        let taken = lowest_bits(word, want);
+        leaf[word_index] &= !taken;
+        if leaf[word_index] == 0 && self.levels > 1 {
+            self.clear_bit(bits, 1, word_index as u64);
+        }
+        Some((word_index as u64 * 64, taken))
+    }
+
+    /// The first used frame index in `[start, end)`.
+    fn first_used(&self, bits: &[u64], start: u64, end: u64) -> Option<u64> {
+        let leaf = self.level(bits, 0);
+        let mut index = start;
+        while index < end {
+            let in_word = index % 64;
+            let span = (64 - in_word).min(end - index);
+            let mask = low_mask(span) << in_word;
+            let used = !leaf[(index / 64) as usize] & mask;
+            if used != 0 {
+                return Some(index - in_word + u64::from(used.trailing_zeros()));
+            }
+            index += span;
+        }
+        None
+    }
+
+    /// Sets level-0 bits `[start, end)` to `free`, without touching summaries.
+    fn fill_leaf(&self, bits: &mut [u64], start: u64, end: u64, free: bool) {
+        let leaf = self.level_mut(bits, 0);
+        let mut index = start;
+        while index < end {
+            let in_word = index % 64;
+            let span = (64 - in_word).min(end - index);
+            let mask = low_mask(span) << in_word;
+            let word = &mut leaf[(index / 64) as usize];
+            *word = if free { *word | mask } else { *word & !mask };
+            index += span;
+        }
+    }
+
+    /// Recomputes every summary level from level 0; returns the free frame count.
+    fn rebuild_summaries(&self, bits: &mut [u64]) -> u64 {
+        for level in 1..self.levels {
+            self.level_mut(bits, level).fill(0);
+            for word_index in 0..self.words[level - 1] {
+                if self.level(bits, level - 1)[word_index] != 0 {
+                    self.level_mut(bits, level)[word_index / 64] |= 1 << (word_index % 64);
+                }
+            }
+        }
+        self.level(bits, 0)
+            .iter()
+            .map(|word| u64::from(word.count_ones()))
+            .sum()
+    }
+
+    /// Clips frame span `span` to this zone, as zone-relative indices.
+    fn clip(&self, span: Span) -> Option<(u64, u64)> {
+        let start = span.start.max(self.base);
+        let end = span.end.min(self.base + self.frames);
+        (start < end).then(|| (start - self.base, end - self.base))
+    }
+}
+
+/// A mask of the `count` (1..=64) lowest bits.
+fn low_mask(count: u64) -> u64 {
+    if count >= 64 { !0 } else { (1 << count) - 1 }
+}
+
+/// The lowest `count` set bits of `word`.
+fn lowest_bits(word: u64, count: usize) -> u64 {
+    if word.count_ones() as usize <= count {
+        return word;
+    }
+    let mut rest = word;
+    for _ in 0..count {
+        rest &= rest - 1;
+    }
+    word & !rest
+}
+
+fn frame_at(number: u64) -> PhysFrame {
+    PhysFrame::containing_address(PhysAddr::new(number * PAGE_SIZE))
+}
+
+fn frame_number(frame: PhysFrame) -> u64 {
+    frame.start_address().as_u64() / PAGE_SIZE
+}
+
+/// The zone layout of a whole map.
+struct Plan {
+    zones: [Zone; MAX_ZONES],
+    zone_count: usize,
+    storage_words: usize,
+}
+
+impl Plan {
+    fn new(map: &NormalMap) -> Self {
+        let (spans, zone_count) = map.zone_spans();
+        let mut zones = [Zone::default(); MAX_ZONES];
+        let mut storage_words = 0;
+        for (zone, span) in zones.iter_mut().zip(&spans[..zone_count]) {
+            *zone = Zone::layout(*span, storage_words);
+            storage_words = zone.storage_end();
+        }
+        Plan {
+            zones,
+            zone_count,
+            storage_words,
+        }
+    }
+}
+
+/// A physical frame allocator over a hierarchical bitmap per memory zone.
+///
+/// See the [module documentation](self) for the structure. Never hands out a frame
+/// twice; every refused call leaves it unchanged.
+#[derive(Debug)]
+pub struct BitmapFrameAllocator<'a> {
+    bits: &'a mut [u64],
+    zones: [Zone; MAX_ZONES],
+    zone_count: usize,
+    total: u64,
+    free: u64,
+}
+
+impl<'a> BitmapFrameAllocator<'a> {
+    /// How many `u64` words of bookkeeping [`with_storage`](Self::with_storage) needs
+    /// for `map`; 0 when the map is unusable (no usable frame, or more than
+    /// [`MAX_MAP_REGIONS`] entries).
+    pub fn storage_words(map: impl IntoIterator<Item = MemoryRegion>) -> usize {
+        NormalMap::new(map).map_or(0, |map| Plan::new(&map).storage_words)
+    }
+
+    /// An allocator for `map` keeping its bitmaps in `storage`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadMemoryMap`] when the map has no whole usable frame, has more than
+    /// [`MAX_MAP_REGIONS`] entries, or `storage` is shorter than
+    /// [`storage_words`](Self::storage_words).
+    pub fn with_storage(
+        map: impl IntoIterator<Item = MemoryRegion>,
+        storage: &'a mut [u64],
+    ) -> Result<Self, Error> {
+        let map = NormalMap::new(map)?;
+        Self::build(&map, storage)
+    }
+
+    fn build(map: &NormalMap, storage: &'a mut [u64]) -> Result<Self, Error> {
+        let plan = Plan::new(map);
+        let bits = storage
+            .get_mut(..plan.storage_words)
+            .ok_or(Error::BadMemoryMap)?;
+        bits.fill(0);
+        let mut free = 0;
+        for zone in &plan.zones[..plan.zone_count] {
+            for (start, end) in map.usable().iter().filter_map(|span| zone.clip(*span)) {
+                zone.fill_leaf(bits, start, end, true);
+            }
+            for (start, end) in map.reserved().iter().filter_map(|span| zone.clip(*span)) {
+                zone.fill_leaf(bits, start, end, false);
+            }
+            zone.record_managed(bits);
+            free += zone.rebuild_summaries(bits);
+        }
+        if free == 0 {
+            return Err(Error::BadMemoryMap);
+        }
+        Ok(Self {
+            bits,
+            zones: plan.zones,
+            zone_count: plan.zone_count,
+            total: free,
+            free,
+        })
+    }
+
+    /// An allocator for `map` keeping its bitmaps in usable frames of `map` itself.
+    ///
+    /// The bookkeeping takes the lowest run of usable, unreserved frames that is
+    /// long enough; those frames are marked used for good and left out of
+    /// [`FrameStats::total`].
+    ///
+    /// # Safety
+    ///
+    /// Every usable range of `map` must be RAM that nothing else uses (the allocator
+    /// writes to it), and `phys` must reach it as one virtually contiguous block per
+    /// usable range (as [`OffsetPhysMemory`](crate::OffsetPhysMemory) does) for as
+    /// long as the allocator lives.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadMemoryMap`] as for [`with_storage`](Self::with_storage), or when no
+    /// usable run is long enough for the bookkeeping (or nothing is left after it).
+    pub unsafe fn from_memory(
+        map: impl IntoIterator<Item = MemoryRegion>,
+        phys: &impl PhysMemory,
+    ) -> Result<BitmapFrameAllocator<'static>, Error> {
+        let map = NormalMap::new(map)?;
+        let words = Plan::new(&map).storage_words;
+        let frames = (words as u64 * 8).div_ceil(PAGE_SIZE);
+        let first = map.find_unreserved_run(frames).ok_or(Error::BadMemoryMap)?;
+        let start = phys
+            .phys_to_virt(PhysAddr::new(first * PAGE_SIZE))
+            .cast::<u64>();
+        // SAFETY: frames `first..first + frames` are usable and unreserved, so by the
+        // caller's promise they are unused RAM reached contiguously at `start`, which
+        // is page-aligned (so aligned for u64); nothing else refers to them while the
+        // returned allocator, which marks them used, lives.
+        let storage = unsafe { core::slice::from_raw_parts_mut(start, words) };
+        let mut this = BitmapFrameAllocator::build(&map, storage)?;
+        this.exclude(Span {
+            start: first,
+            end: first + frames,
+        })?;
+        Ok(this)
+    }
+
+    /// Removes frames `span` (all free) from the managed memory for good.
+    fn exclude(&mut self, span: Span) -> Result<(), Error> {
+        for z in 0..self.zone_count {
+            let zone = self.zones[z];
+            let Some((start, end)) = zone.clip(span) else {
+                continue;
+            };
+            zone.fill_leaf(self.bits, start, end, false);
+            zone.record_managed(self.bits);
+            self.total -= end - start;
+            self.free -= end - start;
+            zone.rebuild_summaries(self.bits);
+        }
+        if self.total == 0 {
+            return Err(Error::BadMemoryMap);
+        }
+        Ok(())
+    }
+
+    fn zones(&self) -> &[Zone] {
+        &self.zones[..self.zone_count]
+    }
+
+    /// The zone holding frame number `number`, and the frame's index in it.
+    fn locate(&self, number: u64) -> Result<(usize, u64), Error> {
+        self.zones()
+            .iter()
+            .position(|zone| zone.contains(number))
+            .map(|z| (z, number - self.zones[z].base))
+            .ok_or(Error::FrameNotManaged)
+    }
+
+    /// The first free frame at or after frame number `from`, without wrapping.
+    fn find_from(&self, from: u64) -> Option<(usize, u64)> {
+        self.zones().iter().enumerate().find_map(|(z, zone)| {
+            if from >= zone.base + zone.frames || !zone.has_free(self.bits) {
+                return None;
+            }
+            let start = from.saturating_sub(zone.base);
+            zone.find_free(self.bits, start).map(|index| (z, index))
+        })
+    }
+
+    fn take(&mut self, z: usize, index: u64) -> PhysFrame {
+        let zone = self.zones[z];
+        zone.clear_bit(self.bits, 0, index);
+        self.free -= 1;
+        frame_at(zone.base + index)
+    }
+
+    /// One free frame, the lowest-addressed one.
+    pub fn alloc(&mut self) -> Option<PhysFrame> {
+        let (z, index) = self.find_from(0)?;
+        Some(self.take(z, index))
+    }
+
+    /// The first free frame at or after `hint`, wrapping around to the lowest one.
+    pub fn alloc_from(&mut self, hint: PhysFrame) -> Option<PhysFrame> {
+        let (z, index) = self
+            .find_from(frame_number(hint))
+            .or_else(|| self.find_from(0))?;
+        Some(self.take(z, index))
+    }
+
+    /// Fills `out` from the front with free frames, a bitmap word at a time; returns
+    /// how many it filled (fewer than `out.len()` only when memory ran out).
+    pub fn alloc_bulk(&mut self, out: &mut [PhysFrame]) -> usize {
+        let (mut filled, mut z, mut from) = (0, 0, 0);
+        while filled < out.len() && z < self.zone_count {
+            let zone = self.zones[z];
+            let Some((first, mut taken)) = zone.take_word(self.bits, from, out.len() - filled)
+            else {
+                (z, from) = (z + 1, 0);
+                continue;
+            };
+            // Everything below the word just taken is used: search on from its end.
+            from = first;
+            self.free -= u64::from(taken.count_ones());
+            while taken != 0 {
+                let index = first + u64::from(taken.trailing_zeros());
+                out[filled] = frame_at(zone.base + index);
+                filled += 1;
+                taken &= taken - 1;
+            }
+        }
+        filled
+    }
+
+    /// `count` physically contiguous frames, the first aligned to `align_frames`
+    /// frames (as a physical address: `align_frames * 4096`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ZeroSize`] for `count == 0`, [`Error::BadAlignment`] when
+    /// `align_frames` is not a power of two, [`Error::OutOfFrames`] when no such run
+    /// is free. Nothing changes on error.
+    pub fn alloc_contiguous(&mut self, count: u64, align_frames: u64) -> Result<PhysFrame, Error> {
+        if count == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if !align_frames.is_power_of_two() {
+            return Err(Error::BadAlignment);
+        }
+        for z in 0..self.zone_count {
+            if let Some(start) = self.find_run(z, count, align_frames) {
+                let zone = self.zones[z];
+                for index in start..start + count {
+                    zone.clear_bit(self.bits, 0, index);
+                }
+                self.free -= count;
+                return Ok(frame_at(zone.base + start));
+            }
+        }
+        Err(Error::OutOfFrames)
+    }
+
+    /// The first aligned run of `count` free frames in zone `z`, as a zone index.
+    fn find_run(&self, z: usize, count: u64, align: u64) -> Option<u64> {
+        let zone = &self.zones[z];
+        let mut from = 0;
+        loop {
+            let free = zone.find_free(self.bits, from)?;
+            let start = (zone.base + free).checked_next_multiple_of(align)? - zone.base;
+            let end = start.checked_add(count)?;
+            if end > zone.frames {
+                return None;
+            }
+            match zone.first_used(self.bits, start, end) {
+                None => return Some(start),
+                Some(used) => from = used + 1,
+            }
+        }
+    }
+
+    /// Returns `frame`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FrameNotManaged`] when the frame lies outside the managed memory
+    /// (including reserved and bookkeeping frames), [`Error::FrameNotAllocated`] when
+    /// it is free. Nothing changes on error.
+    pub fn free(&mut self, frame: PhysFrame) -> Result<(), Error> {
+        let (z, index) = self.locate(frame_number(frame))?;
+        let zone = self.zones[z];
+        if !zone.is_managed(self.bits, index) {
+            return Err(Error::FrameNotManaged);
+        }
+        if zone.is_free(self.bits, index) {
+            return Err(Error::FrameNotAllocated);
+        }
+        zone.set_free(self.bits, index);
+        self.free += 1;
+        Ok(())
+    }
+
+    /// Returns every frame of `frames`, or none of them.
+    ///
+    /// Frames are freed in order; at the first bad one (including one listed twice,
+    /// which finds itself already free) the frames freed so far are taken back, so
+    /// the call is all-or-nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`free`](Self::free), for the first bad frame; nothing changes.
+    pub fn free_bulk(&mut self, frames: &[PhysFrame]) -> Result<(), Error> {
+        for (done, &frame) in frames.iter().enumerate() {
+            if let Err(error) = self.free(frame) {
+                self.retake(&frames[..done]);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks frames this call has just freed as allocated again.
+    fn retake(&mut self, frames: &[PhysFrame]) {
+        for &frame in frames {
+            if let Ok((z, index)) = self.locate(frame_number(frame)) {
+                self.take(z, index);
+            }
+        }
+    }
+
+    /// Whether `frame` is free.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FrameNotManaged`] when the frame can never be handed out: outside
+    /// every usable range, reserved, or holding the bookkeeping.
+    pub fn is_free(&self, frame: PhysFrame) -> Result<bool, Error> {
+        let (z, index) = self.locate(frame_number(frame))?;
+        let zone = &self.zones[z];
+        if !zone.is_managed(self.bits, index) {
+            return Err(Error::FrameNotManaged);
+        }
+        Ok(zone.is_free(self.bits, index))
+    }
+
+    /// Frame counts.
+    pub fn stats(&self) -> FrameStats {
+        FrameStats {
+            total: self.total,
+            free: self.free,
+            used: self.total - self.free,
+        }
+    }
+}
+
+// SAFETY: `alloc` hands out only managed frames that are free, and marks them used,
+// so no frame is returned twice while it is in use.
+unsafe impl FrameAllocator<Size4KiB> for BitmapFrameAllocator<'_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        self.alloc()
+    }
+}
+
+impl FrameDeallocator<Size4KiB> for BitmapFrameAllocator<'_> {
+    /// Frees `frame`; a frame that is not allocated here is ignored (see
+    /// [`BitmapFrameAllocator::free`] for the checked version).
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame) {
+        let _ = self.free(frame);
+    }
+}
