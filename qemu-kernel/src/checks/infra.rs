@@ -41,9 +41,15 @@ pub fn memory_map(ctx: &mut Ctx) -> Result<(), &'static str> {
         usable + FIRMWARE_SLACK >= expected_mib * MIB,
         "usable RAM far below -m",
     )?;
+    // `mem_upper` counts the RAM from 1 MiB up to the first hole.
     let mem_upper = u64::from(boot.mem_upper_kib) * 1024;
+    let above_1mib = boot
+        .firmware_map
+        .iter()
+        .find(|region| region.kind == RegionKind::Usable && region.range.start.as_u64() == MIB)
+        .ok_or("no usable RAM starts at 1 MiB")?;
     ensure(
-        mem_upper.abs_diff(boot.ram_end.as_u64() - MIB) < FIRMWARE_SLACK,
+        mem_upper.abs_diff(above_1mib.range.end.as_u64() - MIB) < FIRMWARE_SLACK,
         "multiboot mem_upper disagrees with the memory map",
     )?;
 
