@@ -32,6 +32,15 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
     let kernel_image = paging::kernel_image();
     // SAFETY: the loader's pointer, in the identity-mapped first GiB; the only call.
     let boot = unsafe { multiboot::parse(u64::from(multiboot_info), kernel_image.clone()) };
+    for region in boot.memory_map {
+        let range = &region.range;
+        println!(
+            "memory: {:#012x}..{:#012x} {:?}",
+            range.start.as_u64(),
+            range.end.as_u64(),
+            region.kind
+        );
+    }
     let physmap_end = paging::map_physical_memory(boot.ram_end);
     let mut ctx = checks::Ctx {
         boot,

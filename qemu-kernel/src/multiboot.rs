@@ -4,8 +4,8 @@
 //! later to the frame allocator) is the firmware map with everything the kernel
 //! already uses carved out of the usable ranges and listed as reserved instead: the
 //! legacy first MiB, the kernel image (code, statics, boot page tables, stacks), the
-//! multiboot info and its memory-map buffer. Usable ranges in it therefore never
-//! overlap memory in use.
+//! multiboot info, its memory-map buffer and the command line. Usable ranges in it
+//! therefore never overlap memory in use.
 
 use crate::cell::StaticCell;
 use core::ops::Range;
@@ -23,6 +23,7 @@ const FLAG_MMAP: u32 = 1 << 6;
 /// Size of the fixed part of the multiboot info structure.
 const INFO_SIZE: u64 = 120;
 const MMAP_TYPE_RAM: u32 = 1;
+const PAGE: u64 = vmalloc::PAGE_SIZE;
 /// Below 1 MiB live the real-mode IVT, the BIOS data area, the EBDA and option ROMs.
 const LEGACY_LOW_END: u64 = 0x10_0000;
 
@@ -121,10 +122,15 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
     );
     assert!(flags & FLAG_MMAP != 0, "multiboot info has no memory map");
     let cmdline = if flags & FLAG_CMDLINE != 0 {
-        // SAFETY: the loader's NUL-terminated command line, identity-mapped.
-        unsafe { c_str(read_u32(info_addr + 16) as u64) }
+        // SAFETY: the loader's NUL-terminated command line, identity-mapped; it is
+        // reserved below, so it lives as long as the kernel.
+        unsafe { c_str(u64::from(read_u32(info_addr + 16))) }
     } else {
         ""
+    };
+    let cmdline_range = {
+        let start = cmdline.as_ptr() as u64;
+        start..start + cmdline.len() as u64 + 1
     };
     let mmap = {
         let len = u64::from(read_u32(info_addr + 44));
@@ -147,6 +153,7 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
         kernel_image.start.as_u64()..kernel_image.end.as_u64(),
         info_addr..info_addr + INFO_SIZE,
         mmap,
+        cmdline_range,
     ];
     carve(firmware.as_slice(), in_use, memory_map);
     BootInfo {
@@ -177,8 +184,17 @@ fn read_mmap(mmap: Range<u64>, out: &mut RegionList) {
 }
 
 /// Copies `regions` into `out`, splitting each usable region around the `in_use`
-/// ranges (which become reserved pieces).
-fn carve(regions: &[MemoryRegion], mut in_use: [Range<u64>; 4], out: &mut RegionList) {
+/// ranges, widened to whole pages (which become reserved pieces).
+fn carve<const N: usize>(
+    regions: &[MemoryRegion],
+    mut in_use: [Range<u64>; N],
+    out: &mut RegionList,
+) {
+    // Whole pages: a frame allocator only hands out whole frames anyway.
+    for range in &mut in_use {
+        let (start, end) = (range.start / PAGE * PAGE, range.end.div_ceil(PAGE) * PAGE);
+        *range = start..end;
+    }
     in_use.sort_unstable_by_key(|range| range.start);
     for region in regions {
         let (start, end) = (region.range.start.as_u64(), region.range.end.as_u64());
