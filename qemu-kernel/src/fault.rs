@@ -9,10 +9,10 @@
 //! resumes at the recovery address, which makes the probe return "faulted".
 //!
 //! An instruction fetch fault has no faulting instruction inside the probe: RIP is
-//! the target address itself (and equals CR2). `probe_exec` therefore `call`s the
-//! target, and the handler recognises the case by a fetch fault with RIP == CR2
-//! whose stack top is the probe's return address; it pops that return address and
-//! resumes at the probe's recovery label.
+//! the target address itself (and equals CR2). `probe_exec` therefore records its
+//! target and `call`s it; a fetch fault with RIP == CR2 == the recorded target can
+//! only come from that `call`, so the handler pops the return address the `call`
+//! pushed and resumes at the probe's recovery label.
 //!
 //! Any other page fault is a bug: the handler prints it and ends the run with failure.
 
@@ -64,8 +64,6 @@ vm_probe_write:
 vm_probe_exec:
     xor eax, eax
     call rdi
-.global vm_probe_exec_return
-vm_probe_exec_return:
     ret
 .global vm_probe_exec_fixup
 vm_probe_exec_fixup:
@@ -85,12 +83,9 @@ unsafe extern "C" {
     fn vm_probe_read(addr: u64, out: *mut u64) -> u64;
     fn vm_probe_write(addr: u64, value: u64) -> u64;
     fn vm_probe_exec(target: u64) -> u64;
-    static vm_probe_exec_return: u8;
     static vm_probe_exec_fixup: u8;
     static __ex_table_start: ExTableEntry;
     static __ex_table_end: ExTableEntry;
-    static boot_stack_bottom: u8;
-    static boot_stack_top: u8;
 }
 
 #[repr(C)]
@@ -102,6 +97,8 @@ struct ExTableEntry {
 /// The last fault a probe caught; written by the handler before it resumes the probe.
 static LAST_FAULT_ADDR: AtomicU64 = AtomicU64::new(0);
 static LAST_FAULT_CODE: AtomicU64 = AtomicU64::new(0);
+/// The target of the running `probe_exec`, or 0.
+static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
 
 fn last_fault() -> Fault {
     Fault {
@@ -149,9 +146,12 @@ pub unsafe fn probe_write(addr: VirtAddr, value: u64) -> Result<(), Fault> {
 /// convention, takes no arguments and returns (a single `ret`, 0xc3, will do).
 /// `addr` is canonical.
 pub unsafe fn probe_exec(addr: VirtAddr) -> Result<(), Fault> {
+    EXEC_PROBE_TARGET.store(addr.as_u64(), Ordering::SeqCst);
     // SAFETY: the caller vouches for the code at `addr`; a fetch fault at `addr`
     // itself is recovered by `page_fault`.
-    match unsafe { vm_probe_exec(addr.as_u64()) } {
+    let faulted = unsafe { vm_probe_exec(addr.as_u64()) };
+    EXEC_PROBE_TARGET.store(0, Ordering::SeqCst);
+    match faulted {
         0 => Ok(()),
         _ => Err(last_fault()),
     }
@@ -171,19 +171,11 @@ fn fixup_for(rip: u64) -> Option<u64> {
         .map(|entry| entry.fixup)
 }
 
-/// Whether a fetch fault at `cr2` is `probe_exec`'s call of its target: then RIP is
-/// the target and the stack top is the probe's return address.
+/// Whether a fetch fault at `cr2` is `probe_exec`'s call of its target.
 fn is_exec_probe_fault(frame: &TrapFrame, cr2: u64, code: PageFaultErrorCode) -> bool {
-    let stack = (&raw const boot_stack_bottom as u64)..(&raw const boot_stack_top as u64);
-    if !code.contains(PageFaultErrorCode::INSTRUCTION_FETCH)
-        || frame.rip != cr2
-        || !stack.contains(&frame.rsp)
-    {
-        return false;
-    }
-    // SAFETY: `rsp` lies within the kernel stack, which is mapped.
-    let return_address = unsafe { (frame.rsp as *const u64).read() };
-    return_address == &raw const vm_probe_exec_return as u64
+    code.contains(PageFaultErrorCode::INSTRUCTION_FETCH)
+        && frame.rip == cr2
+        && cr2 == EXEC_PROBE_TARGET.load(Ordering::SeqCst)
 }
 
 /// The page-fault handler, called by the entry stub with the saved frame.
