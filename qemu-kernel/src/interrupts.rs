@@ -46,23 +46,15 @@ struct Selectors {
 #[repr(C)]
 #[derive(Debug)]
 pub struct TrapFrame {
-    /// Saved general-purpose registers (restored on return).
+    // Caller-saved registers of the interrupted code, restored on return.
     pub r11: u64,
-    #[allow(missing_docs)]
     pub r10: u64,
-    #[allow(missing_docs)]
     pub r9: u64,
-    #[allow(missing_docs)]
     pub r8: u64,
-    #[allow(missing_docs)]
     pub rdi: u64,
-    #[allow(missing_docs)]
     pub rsi: u64,
-    #[allow(missing_docs)]
     pub rdx: u64,
-    #[allow(missing_docs)]
     pub rcx: u64,
-    #[allow(missing_docs)]
     pub rax: u64,
     /// The exception's error code (0 when it pushes none).
     pub error_code: u64,

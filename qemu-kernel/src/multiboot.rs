@@ -96,14 +96,20 @@ impl RegionList {
 static FIRMWARE_MAP: StaticCell<RegionList> = StaticCell::new(RegionList::new());
 static MEMORY_MAP: StaticCell<RegionList> = StaticCell::new(RegionList::new());
 
-fn read_u32(addr: u64) -> u32 {
-    // SAFETY: callers read within the multiboot structures, which lie in the
-    // identity-mapped first GiB; they need not be aligned.
+/// # Safety
+///
+/// `addr` is within the multiboot structures (identity-mapped, not necessarily
+/// aligned).
+unsafe fn read_u32(addr: u64) -> u32 {
+    // SAFETY: the caller's contract.
     unsafe { (addr as *const u32).read_unaligned() }
 }
 
-fn read_u64(addr: u64) -> u64 {
-    // SAFETY: as `read_u32`.
+/// # Safety
+///
+/// As [`read_u32`].
+unsafe fn read_u64(addr: u64) -> u64 {
+    // SAFETY: the caller's contract.
     unsafe { (addr as *const u64).read_unaligned() }
 }
 
@@ -115,7 +121,9 @@ fn read_u64(addr: u64) -> u64 {
 /// `info_addr` is the pointer a multiboot loader passed, identity-mapped, and this
 /// is the only call.
 pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
-    let flags = read_u32(info_addr);
+    // SAFETY: fields of the loader's info structure (the caller's contract).
+    let [flags, mem_upper_kib, cmdline_addr, mmap_len, mmap_addr] =
+        [0, 8, 16, 44, 48].map(|offset| unsafe { read_u32(info_addr + offset) });
     assert!(
         flags & FLAG_MEMORY != 0,
         "multiboot info has no memory sizes"
@@ -124,7 +132,7 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
     let cmdline = if flags & FLAG_CMDLINE != 0 {
         // SAFETY: the loader's NUL-terminated command line, identity-mapped; it is
         // reserved below, so it lives as long as the kernel.
-        unsafe { c_str(u64::from(read_u32(info_addr + 16))) }
+        unsafe { c_str(u64::from(cmdline_addr)) }
     } else {
         ""
     };
@@ -132,15 +140,12 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
         let start = cmdline.as_ptr() as u64;
         start..start + cmdline.len() as u64 + 1
     };
-    let mmap = {
-        let len = u64::from(read_u32(info_addr + 44));
-        let addr = u64::from(read_u32(info_addr + 48));
-        addr..addr + len
-    };
+    let mmap = u64::from(mmap_addr)..u64::from(mmap_addr) + u64::from(mmap_len);
     // SAFETY: the only call, so nothing else references the map buffers; after it
     // they are only read.
     let (firmware, memory_map) = unsafe { (&mut *FIRMWARE_MAP.get(), &mut *MEMORY_MAP.get()) };
-    read_mmap(mmap.clone(), firmware);
+    // SAFETY: the map the loader's info structure points to.
+    unsafe { read_mmap(mmap.clone(), firmware) };
     let ram_end = firmware
         .as_slice()
         .iter()
@@ -158,7 +163,7 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
     carve(firmware.as_slice(), in_use, memory_map);
     BootInfo {
         info_addr: PhysAddr::new(info_addr),
-        mem_upper_kib: read_u32(info_addr + 8),
+        mem_upper_kib,
         cmdline,
         firmware_map: firmware.as_slice(),
         memory_map: memory_map.as_slice(),
@@ -168,13 +173,24 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
 
 /// Reads the multiboot memory map: entries of `size: u32` (not counting itself),
 /// `base: u64`, `length: u64`, `type: u32`.
-fn read_mmap(mmap: Range<u64>, out: &mut RegionList) {
+///
+/// # Safety
+///
+/// `mmap` is the memory map a multiboot loader reported, identity-mapped.
+unsafe fn read_mmap(mmap: Range<u64>, out: &mut RegionList) {
     let mut entry = mmap.start;
     while entry < mmap.end {
-        let size = u64::from(read_u32(entry));
-        let base = read_u64(entry + 4);
-        let length = read_u64(entry + 12);
-        let kind = match read_u32(entry + 20) {
+        // SAFETY: an entry of the map (the caller's contract).
+        let (size, base, length, kind) = unsafe {
+            (
+                read_u32(entry),
+                read_u64(entry + 4),
+                read_u64(entry + 12),
+                read_u32(entry + 20),
+            )
+        };
+        let size = u64::from(size);
+        let kind = match kind {
             MMAP_TYPE_RAM => RegionKind::Usable,
             _ => RegionKind::Reserved,
         };
