@@ -1,0 +1,83 @@
+//! The check suite and its runner.
+//!
+//! A check is a `fn(&mut Ctx) -> Result<(), &'static str>` listed in [`CHECKS`]. The
+//! runner prints `check <name> ... ok` or `check <name> ... FAILED: <why>` for each,
+//! then `checks: N passed, M failed`, and the kernel exits with success only if all
+//! passed. Between checks the scratch window is emptied. A check that panics or takes
+//! an unexpected exception ends the run with failure (its line stays unfinished).
+
+mod infra;
+
+use crate::multiboot::BootInfo;
+use crate::paging::{Invlpg, ScratchWindow, TEST_FRAME_COUNT};
+use crate::println;
+use core::ops::Range;
+use vmalloc::OffsetPhysMemory;
+use x86_64::PhysAddr;
+use x86_64::structures::paging::PhysFrame;
+
+/// What a check may use.
+pub struct Ctx {
+    /// The multiboot info: command line, firmware map, and the memory map with the
+    /// kernel's own memory reserved (ready for a frame allocator).
+    pub boot: BootInfo,
+    /// All physical memory, at [`PHYS_OFFSET`](crate::paging::PHYS_OFFSET).
+    pub phys: OffsetPhysMemory,
+    /// End of the physical range the physical map covers (at least 4 GiB).
+    pub physmap_end: PhysAddr,
+    /// Physical (= virtual) range of the kernel image.
+    pub kernel_image: Range<PhysAddr>,
+    /// The active PML4 (CR3).
+    pub pml4: PhysFrame,
+    /// Hand-made 4 KiB mappings for testing page-table flags.
+    pub scratch: ScratchWindow,
+    /// Frames inside the kernel image, reserved for checks (identity-mapped too).
+    pub test_frames: [PhysFrame; TEST_FRAME_COUNT],
+    /// The TLB-flush implementation to hand to the library.
+    #[allow(dead_code, reason = "handed to the library by the vmalloc checks")]
+    pub tlb: Invlpg,
+}
+
+/// A check: `Ok` or why it failed.
+pub type Check = fn(&mut Ctx) -> Result<(), &'static str>;
+
+/// Every check, in the order they run.
+pub const CHECKS: &[(&str, Check)] = &[
+    ("memory_map", infra::memory_map),
+    ("address_space", infra::address_space),
+    ("fault_probe_read", infra::fault_probe_read),
+    (
+        "fault_probe_write_readonly",
+        infra::fault_probe_write_readonly,
+    ),
+    ("fault_probe_exec_nx", infra::fault_probe_exec_nx),
+    ("apic_version", infra::apic_version),
+];
+
+/// Runs every check; true if all passed.
+pub fn run_all(ctx: &mut Ctx) -> bool {
+    println!("checks: running {}", CHECKS.len());
+    let mut failed = 0;
+    for (name, check) in CHECKS {
+        crate::print!("check {name} ... ");
+        match check(ctx) {
+            Ok(()) => println!("ok"),
+            Err(why) => {
+                println!("FAILED: {why}");
+                failed += 1;
+            }
+        }
+        ctx.scratch.unmap_all();
+    }
+    println!(
+        "checks: {} passed, {} failed",
+        CHECKS.len() - failed,
+        failed
+    );
+    failed == 0
+}
+
+/// `Ok` if `condition`, else `Err(why)`: keeps checks a list of plain conditions.
+pub fn ensure(condition: bool, why: &'static str) -> Result<(), &'static str> {
+    if condition { Ok(()) } else { Err(why) }
+}

@@ -1,0 +1,200 @@
+//! Fault recovery: probes that touch memory which may not be mapped, and the
+//! page-fault handler that turns their faults into errors.
+//!
+//! This is the exception table Linux uses for user-memory access. Each probe is a
+//! short assembly routine whose one faulting instruction has a known recovery
+//! address; the pair `(instruction, recovery)` is emitted into the `.ex_table`
+//! section, which the linker script brackets with `__ex_table_start/end`. When a page
+//! fault's RIP is in the table, the handler records CR2 and the error code and
+//! resumes at the recovery address, which makes the probe return "faulted".
+//!
+//! An instruction fetch fault has no faulting instruction inside the probe: RIP is
+//! the target address itself (and equals CR2). `probe_exec` therefore records its
+//! target and `call`s it; a fetch fault with RIP == CR2 == the recorded target can
+//! only come from that `call`, so the handler pops the return address the `call`
+//! pushed and resumes at the probe's recovery label.
+//!
+//! Any other page fault is a bug: the handler prints it and ends the run with failure.
+
+use crate::interrupts::TrapFrame;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::VirtAddr;
+use x86_64::registers::control::Cr2;
+use x86_64::structures::idt::PageFaultErrorCode;
+
+/// A page fault a probe caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting address (CR2).
+    pub addr: VirtAddr,
+    /// The page-fault error code: P, W/R, U/S, RSVD, I/D, ...
+    pub code: PageFaultErrorCode,
+}
+
+core::arch::global_asm!(
+    r#"
+.section .text.probe, "ax"
+
+/* u64 vm_probe_read(u64 addr, u64 *out): 0 and *out = [addr], or 1 on a fault */
+.global vm_probe_read
+vm_probe_read:
+    xor eax, eax
+.Lprobe_read_insn:
+    mov rdx, qword ptr [rdi]
+    mov qword ptr [rsi], rdx
+    ret
+.Lprobe_read_fixup:
+    mov eax, 1
+    ret
+
+/* u64 vm_probe_write(u64 addr, u64 value): 0 after [addr] = value, or 1 on a fault */
+.global vm_probe_write
+vm_probe_write:
+    xor eax, eax
+.Lprobe_write_insn:
+    mov qword ptr [rdi], rsi
+    ret
+.Lprobe_write_fixup:
+    mov eax, 1
+    ret
+
+/* u64 vm_probe_exec(u64 target): calls target (which must return), 0, or 1 on a
+   fetch fault at target */
+.global vm_probe_exec
+vm_probe_exec:
+    xor eax, eax
+    call rdi
+    ret
+.global vm_probe_exec_fixup
+vm_probe_exec_fixup:
+    mov eax, 1
+    ret
+
+.pushsection .ex_table, "a"
+.p2align 3
+.quad .Lprobe_read_insn, .Lprobe_read_fixup
+.quad .Lprobe_write_insn, .Lprobe_write_fixup
+.popsection
+.text
+"#
+);
+
+unsafe extern "C" {
+    fn vm_probe_read(addr: u64, out: *mut u64) -> u64;
+    fn vm_probe_write(addr: u64, value: u64) -> u64;
+    fn vm_probe_exec(target: u64) -> u64;
+    static vm_probe_exec_fixup: u8;
+    static __ex_table_start: ExTableEntry;
+    static __ex_table_end: ExTableEntry;
+}
+
+#[repr(C)]
+struct ExTableEntry {
+    insn: u64,
+    fixup: u64,
+}
+
+/// The last fault a probe caught; written by the handler before it resumes the probe.
+static LAST_FAULT_ADDR: AtomicU64 = AtomicU64::new(0);
+static LAST_FAULT_CODE: AtomicU64 = AtomicU64::new(0);
+/// The target of the running `probe_exec`, or 0.
+static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
+
+fn last_fault() -> Fault {
+    Fault {
+        addr: VirtAddr::new_truncate(LAST_FAULT_ADDR.load(Ordering::SeqCst)),
+        code: PageFaultErrorCode::from_bits_retain(LAST_FAULT_CODE.load(Ordering::SeqCst)),
+    }
+}
+
+/// Reads the `u64` at `addr`, or reports the page fault it raises.
+///
+/// # Safety
+///
+/// If `addr` is mapped, reading it must be harmless (not a device register with
+/// read side effects). `addr` is canonical and 8-byte aligned (a non-canonical
+/// address raises #GP, which is fatal).
+pub unsafe fn probe_read(addr: VirtAddr) -> Result<u64, Fault> {
+    let mut value = 0;
+    // SAFETY: the probe reads `addr` (harmless by the caller's contract) and writes
+    // our local; a page fault on the read is recovered through the exception table.
+    match unsafe { vm_probe_read(addr.as_u64(), &mut value) } {
+        0 => Ok(value),
+        _ => Err(last_fault()),
+    }
+}
+
+/// Writes `value` to `addr`, or reports the page fault it raises.
+///
+/// # Safety
+///
+/// If `addr` is mapped writable, the write must not corrupt anything in use.
+/// `addr` is canonical and 8-byte aligned.
+pub unsafe fn probe_write(addr: VirtAddr, value: u64) -> Result<(), Fault> {
+    // SAFETY: the caller vouches for the write; a page fault is recovered.
+    match unsafe { vm_probe_write(addr.as_u64(), value) } {
+        0 => Ok(()),
+        _ => Err(last_fault()),
+    }
+}
+
+/// Calls the code at `addr`, or reports the page fault its instruction fetch raises.
+///
+/// # Safety
+///
+/// If `addr` is executable, it holds a function that follows the C calling
+/// convention, takes no arguments and returns (a single `ret`, 0xc3, will do).
+/// `addr` is canonical.
+pub unsafe fn probe_exec(addr: VirtAddr) -> Result<(), Fault> {
+    EXEC_PROBE_TARGET.store(addr.as_u64(), Ordering::SeqCst);
+    // SAFETY: the caller vouches for the code at `addr`; a fetch fault at `addr`
+    // itself is recovered by `page_fault`.
+    let faulted = unsafe { vm_probe_exec(addr.as_u64()) };
+    EXEC_PROBE_TARGET.store(0, Ordering::SeqCst);
+    match faulted {
+        0 => Ok(()),
+        _ => Err(last_fault()),
+    }
+}
+
+fn fixup_for(rip: u64) -> Option<u64> {
+    // SAFETY: the linker script brackets the `.ex_table` section, which holds only
+    // `ExTableEntry` pairs emitted above, with these two symbols.
+    let table = unsafe {
+        let start = &raw const __ex_table_start;
+        let end = &raw const __ex_table_end;
+        core::slice::from_raw_parts(start, end.offset_from_unsigned(start))
+    };
+    table
+        .iter()
+        .find(|entry| entry.insn == rip)
+        .map(|entry| entry.fixup)
+}
+
+/// Whether a fetch fault at `cr2` is `probe_exec`'s call of its target.
+fn is_exec_probe_fault(frame: &TrapFrame, cr2: u64, code: PageFaultErrorCode) -> bool {
+    code.contains(PageFaultErrorCode::INSTRUCTION_FETCH)
+        && frame.rip == cr2
+        && cr2 == EXEC_PROBE_TARGET.load(Ordering::SeqCst)
+}
+
+/// The page-fault handler, called by the entry stub with the saved frame.
+pub extern "C" fn page_fault(frame: &mut TrapFrame) {
+    let cr2 = Cr2::read_raw();
+    let code = PageFaultErrorCode::from_bits_retain(frame.error_code);
+    let resume = if let Some(fixup) = fixup_for(frame.rip) {
+        fixup
+    } else if is_exec_probe_fault(frame, cr2, code) {
+        frame.rsp += 8; // pop the probe's return address, as the target's `ret` would
+        &raw const vm_probe_exec_fixup as u64
+    } else {
+        crate::println!(
+            "\nfatal: page fault at {cr2:#x}, rip {:#x}, error code {code:?}",
+            frame.rip
+        );
+        crate::serial::exit(false)
+    };
+    LAST_FAULT_ADDR.store(cr2, Ordering::SeqCst);
+    LAST_FAULT_CODE.store(code.bits(), Ordering::SeqCst);
+    frame.rip = resume;
+}

@@ -1,0 +1,226 @@
+//! Boots the test kernel (`qemu-kernel/`) under QEMU and checks its report.
+//!
+//! The kernel runs its checks on a real (emulated) MMU and prints one line per
+//! check on the serial port; this test asserts each of them, the set that ran, the
+//! summary and QEMU's exit status. Without `qemu-system-x86_64` the test says so and
+//! passes, unless `VMALLOC_REQUIRE_QEMU=1` (set by `.ci/run`) makes that a failure.
+
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+const QEMU: &str = "qemu-system-x86_64";
+/// Guest RAM; the kernel checks its memory map against it.
+const GUEST_MEM_MIB: u32 = 128;
+/// A run that takes longer has hung (TCG boots and runs the suite in seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// QEMU's status for the kernel's success value 0x10 written to isa-debug-exit:
+/// `(0x10 << 1) | 1`. Anything else, including 0 after a triple fault, is failure.
+const SUCCESS_STATUS: i32 = 33;
+/// Checks of the kernel's own machinery; the suite must contain at least these.
+const INFRASTRUCTURE_CHECKS: &[&str] = &[
+    "memory_map",
+    "address_space",
+    "fault_probe_read",
+    "fault_probe_write_readonly",
+    "fault_probe_exec_nx",
+    "apic_version",
+];
+
+#[test]
+fn qemu_kernel_checks() {
+    if !qemu_installed() {
+        let missing = "qemu-system-x86_64 not found; install the Debian package qemu-system-x86";
+        assert!(
+            std::env::var("VMALLOC_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "VMALLOC_REQUIRE_QEMU=1 but {missing}"
+        );
+        // Straight to the stderr handle: the test harness captures `eprintln!`.
+        let _ = writeln!(std::io::stderr(), "tests/qemu.rs skipped: {missing}");
+        return;
+    }
+    let kernel = build_kernel();
+    let (status, serial) = boot(&kernel);
+    println!("{serial}");
+    let report = Report::parse(&serial);
+
+    let planned = report
+        .planned
+        .unwrap_or_else(|| panic!("kernel never reached its checks:\n{serial}"));
+    for (name, result) in &report.checks {
+        assert!(
+            result == "ok",
+            "check {name}: {}\n--- serial output ---\n{serial}",
+            if result.is_empty() {
+                "did not finish"
+            } else {
+                result
+            }
+        );
+    }
+    let ran: Vec<&str> = report
+        .checks
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        ran.len(),
+        planned,
+        "{planned} checks planned, {} reported:\n{serial}",
+        ran.len()
+    );
+    for required in INFRASTRUCTURE_CHECKS {
+        assert!(
+            ran.contains(required),
+            "check {required} did not run:\n{serial}"
+        );
+    }
+    assert_eq!(
+        report.summary.as_deref(),
+        Some(format!("checks: {planned} passed, 0 failed").as_str()),
+        "summary line:\n{serial}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(SUCCESS_STATUS),
+        "QEMU exit status {status}:\n{serial}"
+    );
+}
+
+/// What the kernel printed: `checks: running N`, `check <name> ... <result>` lines
+/// and `checks: N passed, M failed`.
+struct Report {
+    planned: Option<usize>,
+    checks: Vec<(String, String)>,
+    summary: Option<String>,
+}
+
+impl Report {
+    fn parse(serial: &str) -> Self {
+        let mut report = Report {
+            planned: None,
+            checks: Vec::new(),
+            summary: None,
+        };
+        for line in serial.lines().map(str::trim_end) {
+            if let Some(count) = line.strip_prefix("checks: running ") {
+                report.planned = count.parse().ok();
+            } else if let Some(check) = line.strip_prefix("check ") {
+                let (name, result) = check.split_once(" ...").unwrap_or((check, ""));
+                report
+                    .checks
+                    .push((name.to_owned(), result.trim().to_owned()));
+            } else if line.starts_with("checks: ") {
+                report.summary = Some(line.to_owned());
+            }
+        }
+        report
+    }
+}
+
+fn qemu_installed() -> bool {
+    match Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(_) => true,
+        Err(error) if error.kind() == ErrorKind::NotFound => false,
+        Err(error) => panic!("cannot run {QEMU}: {error}"),
+    }
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the kernel in its own target directory (so it never waits for the lock
+/// of the build running this test) and converts it to the 32-bit ELF that QEMU's
+/// multiboot loader accepts.
+fn build_kernel() -> PathBuf {
+    let target_dir = repo_root().join("target/qemu-kernel");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--manifest-path"])
+        .arg(repo_root().join("qemu-kernel/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .expect("cannot run cargo");
+    assert!(
+        status.success(),
+        "building the test kernel failed: {status}"
+    );
+
+    let elf32 = target_dir.join("vmalloc-qemu-kernel.elf32");
+    let status = Command::new("objcopy")
+        .args(["-O", "elf32-i386"])
+        .arg(target_dir.join("release/vmalloc-qemu-kernel"))
+        .arg(&elf32)
+        .status()
+        .expect("cannot run objcopy (Debian package binutils)");
+    assert!(status.success(), "objcopy failed: {status}");
+    elf32
+}
+
+/// Boots `kernel` and returns QEMU's exit status and the serial output.
+fn boot(kernel: &Path) -> (ExitStatus, String) {
+    let mut qemu = Command::new(QEMU)
+        .args(["-accel", "tcg", "-m", &format!("{GUEST_MEM_MIB}M")])
+        .args([
+            "-nographic",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+        ])
+        .args(["-no-reboot", "-nic", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", &format!("expect_mem_mib={GUEST_MEM_MIB}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start QEMU");
+    let stdout = drain(qemu.stdout.take());
+    let stderr = drain(qemu.stderr.take());
+    let status = wait_or_kill(&mut qemu);
+    let serial = stdout.join().expect("stdout reader");
+    let errors = stderr.join().expect("stderr reader");
+    let status = status.unwrap_or_else(|| {
+        panic!("QEMU killed after {BOOT_TIMEOUT:?}:\n{serial}\n--- stderr ---\n{errors}")
+    });
+    if !errors.trim().is_empty() {
+        eprintln!("QEMU stderr:\n{errors}");
+    }
+    (status, serial)
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+    let mut pipe = pipe.expect("piped");
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// QEMU's exit status, or `None` if it outlived [`BOOT_TIMEOUT`] and was killed.
+fn wait_or_kill(qemu: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = qemu.try_wait().expect("waiting for QEMU") {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    None
+}
