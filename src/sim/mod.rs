@@ -78,6 +78,7 @@
 
 mod memmap;
 mod mmu;
+mod frames;
 mod rng;
 mod tlb;
 
@@ -85,6 +86,7 @@ mod tlb;
 mod test;
 
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
+pub use frames::SimFrames;
 pub use rng::Rng;
 pub use tlb::TlbStats;
 

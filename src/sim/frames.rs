@@ -1,0 +1,113 @@
+//! Frames of a simulated machine, handed out scattered.
+
+use super::{Rng, SimMachine};
+use crate::frame::{BitmapFrameAllocator, FrameStats, LockedFrameAllocator};
+use crate::{Error, FrameSource, PAGE_SIZE};
+use std::boxed::Box;
+use std::mem::ManuallyDrop;
+use std::sync::Mutex;
+use std::vec;
+use x86_64::PhysAddr;
+use x86_64::structures::paging::PhysFrame;
+
+/// A frame allocator over a [`SimMachine`]'s usable memory.
+///
+/// With a scatter seed ([`SimConfig::with_scatter_seed`](super::SimConfig::with_scatter_seed))
+/// each frame is the first free one at or after a random frame, so consecutive
+/// allocations land all over memory: "scattered frames" are the normal case in
+/// tests, as on a machine that has run for a while. Without a seed it hands out the
+/// lowest free frame, in bulk.
+pub struct SimFrames {
+    allocator: ManuallyDrop<LockedFrameAllocator<'static>>,
+    /// The allocator's bitmap words, owned here and freed after the allocator.
+    storage: *mut [u64],
+    scatter: Option<Mutex<Rng>>,
+    frames_in_memory: u64,
+}
+
+// SAFETY: `storage` is only reached through the allocator, which locks.
+unsafe impl Send for SimFrames {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SimFrames {}
+
+impl SimMachine {
+    /// A fresh frame allocator over this machine's usable memory (see [`SimFrames`]).
+    ///
+    /// # Panics
+    ///
+    /// Never for a machine built by [`SimMachine::new`], whose map always has usable
+    /// memory.
+    pub fn frames(&self) -> SimFrames {
+        let map = self.memory_map().iter().cloned();
+        let words = BitmapFrameAllocator::storage_words(map.clone());
+        let storage = Box::into_raw(vec![0u64; words].into_boxed_slice());
+        // SAFETY: `storage` is a fresh allocation that `SimFrames` frees only after
+        // dropping the allocator that borrows it.
+        let words = unsafe { &mut *storage };
+        let allocator = BitmapFrameAllocator::with_storage(map, words)
+            .expect("a simulated machine's memory map has usable memory");
+        SimFrames {
+            allocator: ManuallyDrop::new(LockedFrameAllocator::new(allocator)),
+            storage,
+            scatter: self.scatter_seed().map(|seed| Mutex::new(Rng::new(seed))),
+            frames_in_memory: self.memory_size() / PAGE_SIZE,
+        }
+    }
+}
+
+impl SimFrames {
+    /// The allocator behind this source, for stats and direct use.
+    pub fn allocator(&self) -> &LockedFrameAllocator<'static> {
+        &self.allocator
+    }
+
+    /// Total, free and used frames.
+    pub fn stats(&self) -> FrameStats {
+        self.allocator.stats()
+    }
+
+    fn random_frame(&self, rng: &Mutex<Rng>) -> PhysFrame {
+        let index = rng.lock().expect("rng lock").below(self.frames_in_memory);
+        PhysFrame::containing_address(PhysAddr::new(index * PAGE_SIZE))
+    }
+}
+
+impl FrameSource for SimFrames {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        match &self.scatter {
+            Some(rng) => self.allocator.alloc_from(self.random_frame(rng)),
+            None => self.allocator.alloc(),
+        }
+    }
+
+    fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
+        if self.scatter.is_none() {
+            return self.allocator.alloc_bulk(out);
+        }
+        let mut filled = 0;
+        for slot in out.iter_mut() {
+            let Some(frame) = self.alloc_frame() else { break };
+            *slot = frame;
+            filled += 1;
+        }
+        filled
+    }
+
+    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.allocator.free(frame)
+    }
+
+    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        self.allocator.free_bulk(frames)
+    }
+}
+
+impl Drop for SimFrames {
+    fn drop(&mut self) {
+        // SAFETY: the allocator is dropped once, here, before the storage it borrows.
+        unsafe {
+            ManuallyDrop::drop(&mut self.allocator);
+            drop(Box::from_raw(self.storage));
+        }
+    }
+}
