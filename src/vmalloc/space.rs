@@ -214,7 +214,7 @@ impl VSpace {
         old_size: u64,
         new_size: u64,
     ) -> bool {
-        if new_size <= old_size || new_size % PAGE_SIZE != 0 {
+        if new_size <= old_size || !new_size.is_multiple_of(PAGE_SIZE) {
             return false;
         }
         let (tail_start, grow) = (start.as_u64() + old_size, new_size - old_size);
@@ -252,7 +252,7 @@ impl VSpace {
         old_size: u64,
         new_size: u64,
     ) -> Result<(), Error> {
-        if new_size % PAGE_SIZE != 0 {
+        if !new_size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned);
         }
         if new_size > old_size {
@@ -282,7 +282,9 @@ impl VSpace {
 
     /// A freed range must be page-aligned, inside the region and entirely busy.
     fn debug_check_busy(&self, start: u64, size: u64) {
-        debug_assert!(size > 0 && start % PAGE_SIZE == 0 && size % PAGE_SIZE == 0);
+        debug_assert!(
+            size > 0 && start.is_multiple_of(PAGE_SIZE) && size.is_multiple_of(PAGE_SIZE)
+        );
         debug_assert!(start >= self.start && start + size <= self.start + self.size);
         debug_assert!(
             self.free.floor(start).is_none_or(|n| n.end() <= start),
@@ -312,7 +314,7 @@ fn check_region(start: u64, size: u64) -> Result<(), Error> {
     if size == 0 {
         return Err(Error::ZeroSize);
     }
-    if start % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+    if !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(Error::Unaligned);
     }
     let last = start.checked_add(size - 1).ok_or(Error::RangeWraps)?;
@@ -330,7 +332,7 @@ fn check_request(size: u64, align: u64, region_size: u64) -> Result<(), Error> {
     if size == 0 {
         return Err(Error::ZeroSize);
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(Error::Unaligned);
     }
     if !align.is_power_of_two() {

@@ -2,8 +2,8 @@
 
 extern crate std;
 
+use super::super::node::NodePool;
 use super::*;
-use crate::vmalloc::node::NodePool;
 use crate::{Error, FrameSource, OffsetPhysMemory, PAGE_SIZE};
 use proptest::prelude::*;
 use std::alloc::{Layout, alloc_zeroed, dealloc};
