@@ -455,6 +455,29 @@ impl<V: NodeValue> Tree<V> {
         }
     }
 
+    /// The nodes with the greatest start `<= key` and the smallest start `>= key`, in
+    /// one descent.
+    pub(crate) fn around(&self, key: u64) -> (Option<&Node<V>>, Option<&Node<V>>) {
+        let (mut below, mut above) = (null_mut(), null_mut());
+        let mut node = self.root;
+        // SAFETY: links of this tree are live or null.
+        unsafe {
+            while let Some(n) = node.as_ref() {
+                if n.start <= key {
+                    below = node;
+                }
+                if n.start >= key {
+                    above = node;
+                }
+                if n.start == key {
+                    break;
+                }
+                node = if n.start < key { n.right } else { n.left };
+            }
+            (below.as_ref(), above.as_ref())
+        }
+    }
+
     /// Mutable access to the node starting exactly at `start`, for changes that do not
     /// touch its range (the area map's payload).
     pub(crate) fn get_mut(&mut self, start: u64) -> Option<&mut Node<V>> {

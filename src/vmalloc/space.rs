@@ -142,9 +142,8 @@ impl VSpace {
         check_request(size, align, self.size)?;
         let align = align.max(PAGE_SIZE);
         // SAFETY: the root is this tree's valid root.
-        let (range_start, addr) =
+        let (range_start, range_end, addr) =
             unsafe { lowest_fit(self.free.root(), size, align) }.ok_or(Error::OutOfVirtualSpace)?;
-        let range_end = self.free_end(range_start);
         let (head, tail) = (addr - range_start, range_end - (addr + size));
         if head > 0 && tail > 0 {
             pool.reserve(1)?;
@@ -180,8 +179,9 @@ impl VSpace {
     ) -> Result<(), Error> {
         let (start, end) = (start.as_u64(), start.as_u64() + size);
         self.debug_check_busy(start, size);
-        let before = self.free.floor(start).filter(|n| n.end() == start);
-        let after = self.free.ceiling(start).filter(|n| n.start == end);
+        let (before, after) = self.free.around(start);
+        let before = before.filter(|n| n.end() == start);
+        let after = after.filter(|n| n.start == end);
         match (before.map(|n| n.start), after.map(|n| (n.start, n.size))) {
             (Some(prev), Some((next, next_size))) => {
                 self.remove_free(pool, next);
@@ -262,12 +262,6 @@ impl VSpace {
             return Ok(());
         }
         self.free(pool, start + new_size, old_size - new_size)
-    }
-
-    fn free_end(&self, range_start: u64) -> u64 {
-        self.free
-            .floor(range_start)
-            .map_or(range_start, |n| n.end())
     }
 
     fn remove_free<F: FrameSource, M: PhysMemory>(
@@ -351,12 +345,12 @@ fn fit_in(start: u64, len: u64, size: u64, align: u64) -> Option<u64> {
     (addr <= end && end - addr >= size).then_some(addr)
 }
 
-/// Lowest fit in the subtree: `(start of the free range, allocated address)`.
+/// Lowest fit in the subtree: `(start and end of the free range, allocated address)`.
 ///
 /// # Safety
 ///
 /// `node` is a valid free-tree subtree or null.
-unsafe fn lowest_fit(node: *mut Node<MaxFree>, size: u64, align: u64) -> Option<(u64, u64)> {
+unsafe fn lowest_fit(node: *mut Node<MaxFree>, size: u64, align: u64) -> Option<(u64, u64, u64)> {
     // SAFETY: the caller's guarantee; children of live nodes are live or null.
     unsafe {
         let n = node.as_ref().filter(|n| n.value.0 >= size)?;
@@ -364,7 +358,7 @@ unsafe fn lowest_fit(node: *mut Node<MaxFree>, size: u64, align: u64) -> Option<
             return Some(hit);
         }
         if let Some(addr) = fit_in(n.start, n.size, size, align) {
-            return Some((n.start, addr));
+            return Some((n.start, n.end(), addr));
         }
         lowest_fit(n.right, size, align)
     }
@@ -420,8 +414,9 @@ impl<T: Copy> AreaMap<T> {
             return Err(Error::ZeroSize);
         }
         let end = start.checked_add(size).ok_or(Error::RangeWraps)?;
-        let overlaps_before = self.busy.floor(start).is_some_and(|n| n.end() > start);
-        let overlaps_after = self.busy.ceiling(start).is_some_and(|n| n.start < end);
+        let (before, after) = self.busy.around(start);
+        let overlaps_before = before.is_some_and(|n| n.end() > start);
+        let overlaps_after = after.is_some_and(|n| n.start < end);
         if overlaps_before || overlaps_after {
             return Err(Error::Overlap);
         }
