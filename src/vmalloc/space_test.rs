@@ -321,6 +321,14 @@ fn hundred_thousand_live_areas_are_found() {
     }
     let in_order = areas.iter().zip(&starts).all(|(a, s)| a.start == s.0);
     assert!(in_order);
+    // AVL bound: height < 1.45 log2(n + 2).
+    let bound = (1.45 * ((COUNT + 2) as f64).log2()) as u8;
+    // SAFETY: both roots are live nodes of non-empty trees.
+    let heights = unsafe { ((*space.free.root()).height, (*areas.busy.root()).height) };
+    assert!(
+        heights.0 <= bound && heights.1 <= bound,
+        "{heights:?} > {bound}"
+    );
 }
 
 /// One step of a random workload.
