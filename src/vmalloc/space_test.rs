@@ -252,6 +252,10 @@ fn extend_grows_into_free_tail_only() {
         space.shrink(&mut pool, b, 5 * PAGE, 6 * PAGE),
         Err(Error::SizeTooLarge)
     );
+    assert_eq!(
+        space.shrink(&mut pool, b, 5 * PAGE, 0),
+        Err(Error::ZeroSize)
+    );
     space.shrink(&mut pool, b, 5 * PAGE, 4 * PAGE).unwrap();
     assert_eq!(space.free_total(), 3 * PAGE);
 }
