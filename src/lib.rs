@@ -24,6 +24,7 @@ pub mod phys;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod tlb;
+pub mod vmalloc;
 
 pub use error::Error;
 pub use frame::FrameSource;
