@@ -39,9 +39,9 @@ use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use x86_64::VirtAddr;
 
 /// Start of Linux's x86_64 vmalloc range (4-level paging).
-pub(crate) const VMALLOC_START: u64 = 0xffff_c900_0000_0000;
+pub const VMALLOC_START: u64 = 0xffff_c900_0000_0000;
 /// End of Linux's x86_64 vmalloc range, exclusive: 32 TiB after the start.
-pub(crate) const VMALLOC_END: u64 = 0xffff_e900_0000_0000;
+pub const VMALLOC_END: u64 = 0xffff_e900_0000_0000;
 
 /// Lowest bit outside the lower canonical half.
 const LOWER_HALF_END: u64 = 1 << 47;

@@ -1,0 +1,192 @@
+//! What the manager records about each area, and how it shows it.
+
+use super::{VmFlags, VmOptions};
+use crate::PAGE_SIZE;
+use core::fmt;
+use x86_64::structures::paging::PageTableFlags;
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Which call made an area; only the matching call may free it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AreaKind {
+    /// `vmalloc`/`vzalloc`: frames from the frame allocator, returned on `vfree`.
+    Vmalloc,
+    /// `vmap`: frames owned by the caller, handed back on `vunmap`.
+    Vmap,
+    /// `ioremap`: a physical MMIO range, never backed by the frame allocator.
+    Ioremap,
+    /// `reserve`: a virtual window populated page by page (the kernel heap's).
+    Reserved,
+}
+
+impl AreaKind {
+    /// The word `/proc/vmallocinfo` prints for this kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AreaKind::Vmalloc => "vmalloc",
+            AreaKind::Vmap => "vmap",
+            AreaKind::Ioremap => "ioremap",
+            AreaKind::Reserved => "reserved",
+        }
+    }
+
+    /// Whether the frames behind the area belong to the frame allocator.
+    pub(crate) const fn owns_frames(self) -> bool {
+        matches!(self, AreaKind::Vmalloc | AreaKind::Reserved)
+    }
+}
+
+/// Whether an area is in use or waiting for the lazy TLB purge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AreaState {
+    Live,
+    /// Freed: its entries are detached (not present, frame still recorded) and its
+    /// virtual range stays reserved until one batched flush covers it.
+    Purging,
+}
+
+/// The manager's record of one area, kept in the area map.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AreaRecord {
+    pub kind: AreaKind,
+    pub state: AreaState,
+    /// Pages mapped from the start of the area (for `Reserved`: populated so far).
+    pub mapped_pages: u64,
+    /// Usable size in bytes (excludes the guard page).
+    pub size: u64,
+    /// Whether one unmapped guard page follows the area.
+    pub guard: bool,
+    /// Leaf flags the area is mapped with.
+    pub flags: PageTableFlags,
+    /// For `Ioremap`: the physical address the area starts at (page-aligned).
+    pub phys: PhysAddr,
+    /// Alignment the area was made with, kept for moves by `vrealloc`.
+    pub align: u64,
+    /// Whether memory added later (by `vrealloc` or `populate`) must be zeroed.
+    pub zeroed: bool,
+    /// Caller-supplied label for listings.
+    pub tag: &'static str,
+    /// Next area on the purge list, while `Purging`.
+    pub next_purge: Option<VirtAddr>,
+}
+
+impl AreaRecord {
+    pub fn new(kind: AreaKind, pages: u64, flags: PageTableFlags, options: &VmOptions) -> Self {
+        Self {
+            kind,
+            state: AreaState::Live,
+            mapped_pages: pages,
+            size: pages * PAGE_SIZE,
+            guard: !options.flags.contains(VmFlags::NO_GUARD),
+            flags,
+            phys: PhysAddr::zero(),
+            align: options.align.max(PAGE_SIZE),
+            zeroed: options.flags.contains(VmFlags::ZERO),
+            tag: options.tag,
+            next_purge: None,
+        }
+    }
+
+    /// Virtual bytes the area takes, guard page included.
+    pub fn span(&self) -> u64 {
+        self.span_for(self.size / PAGE_SIZE)
+    }
+
+    /// Virtual bytes the area would take with `pages` pages.
+    pub fn span_for(&self, pages: u64) -> u64 {
+        (pages + u64::from(self.guard)) * PAGE_SIZE
+    }
+}
+
+/// One live area, as [`Vmalloc::for_each_area`](super::Vmalloc::for_each_area) shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AreaInfo {
+    /// First byte of the area (page-aligned; `ioremap` pointers add the offset).
+    pub start: VirtAddr,
+    /// Virtual bytes the area takes, guard page included, as `/proc/vmallocinfo` shows.
+    pub span: u64,
+    /// Usable bytes.
+    pub size: u64,
+    /// Pages mapped.
+    pub pages: u64,
+    /// Which call made it.
+    pub kind: AreaKind,
+    /// The physical start of an `ioremap` area.
+    pub phys: Option<PhysAddr>,
+    /// The caller's label.
+    pub tag: &'static str,
+}
+
+impl AreaInfo {
+    pub(crate) fn new(start: VirtAddr, span: u64, record: &AreaRecord) -> Self {
+        Self {
+            start,
+            span,
+            size: record.size,
+            pages: record.mapped_pages,
+            kind: record.kind,
+            phys: (record.kind == AreaKind::Ioremap).then_some(record.phys),
+            tag: record.tag,
+        }
+    }
+}
+
+impl fmt::Display for AreaInfo {
+    /// One line in the style of `/proc/vmallocinfo`:
+    /// `0xffffc90000000000-0xffffc90000005000   20480 tag pages=4 vmalloc`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = self.start.as_u64() + self.span;
+        write!(f, "{:#018x}-{:#018x} {:>9}", self.start.as_u64(), end, self.span)?;
+        if !self.tag.is_empty() {
+            write!(f, " {}", self.tag)?;
+        }
+        if self.pages > 0 {
+            write!(f, " pages={}", self.pages)?;
+        }
+        if let Some(phys) = self.phys {
+            write!(f, " phys={:#x}", phys.as_u64())?;
+        }
+        write!(f, " {}", self.kind.name())
+    }
+}
+
+/// Counters in the spirit of the `Vmalloc*` lines of `/proc/meminfo`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmallocStats {
+    /// Bytes in the managed region.
+    pub region_total: u64,
+    /// Bytes of the region taken by live areas and their guard pages.
+    pub used: u64,
+    /// Bytes of the region waiting for the lazy purge.
+    pub pending_purge_bytes: u64,
+    /// Largest free contiguous chunk of the region, in bytes.
+    pub largest_free: u64,
+    /// Live areas.
+    pub areas: u64,
+    /// Frames mapped as data of live `vmalloc` and reserved areas.
+    pub data_frames: u64,
+    /// Frames held in page tables this manager allocated.
+    pub page_table_frames: u64,
+    /// Frames holding the manager's own bookkeeping.
+    pub bookkeeping_frames: u64,
+    /// Pages detached by `vfree` and waiting for the batched TLB flush.
+    pub pending_purge_pages: u64,
+    /// Frames waiting for that flush before they go back to the frame allocator.
+    pub pending_purge_frames: u64,
+    /// Purges (batched flushes) done so far.
+    pub purges: u64,
+}
+
+impl fmt::Display for VmallocStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kib = |bytes: u64| bytes / 1024;
+        writeln!(f, "VmallocTotal:   {:>10} kB", kib(self.region_total))?;
+        writeln!(f, "VmallocUsed:    {:>10} kB", kib(self.used))?;
+        writeln!(f, "VmallocChunk:   {:>10} kB", kib(self.largest_free))?;
+        writeln!(f, "VmallocAreas:   {:>10}", self.areas)?;
+        writeln!(f, "VmallocFrames:  {:>10}", self.data_frames)?;
+        writeln!(f, "PageTables:     {:>10} kB", self.page_table_frames * 4)?;
+        writeln!(f, "Bookkeeping:    {:>10} kB", self.bookkeeping_frames * 4)?;
+        write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)
+    }
+}
