@@ -368,7 +368,10 @@ fn shared_memory(size: u64) -> (c_int, NonNull<u8>) {
         "mmap of the simulated memory: {}",
         std::io::Error::last_os_error()
     );
-    (fd, NonNull::new(memory.cast()).expect("mmap never returns null"))
+    (
+        fd,
+        NonNull::new(memory.cast()).expect("mmap never returns null"),
+    )
 }
 
 /// Reserves `size` bytes at a `WINDOW_ALIGN` boundary: reserve more, trim the ends.

@@ -85,6 +85,8 @@ mod tlb;
 
 #[cfg(test)]
 mod test;
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
+mod test_host;
 
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
