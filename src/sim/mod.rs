@@ -6,7 +6,7 @@
 //! - **Physical memory** is one zeroed, 4 KiB-aligned block of host memory, allocated
 //!   with `alloc_zeroed` (at a small alignment, so the system allocator's `calloc`
 //!   hands out fresh pages) so that even a block of several GiB costs only the pages
-//!   that are touched. Physical address `p` lives at host address [`phys_offset`]` + p`, so
+//!   that are touched; with a [host window](#the-host-window), a `memfd` instead. Physical address `p` lives at host address [`phys_offset`]` + p`, so
 //!   [`SimMachine::phys`] gives a [`PhysMemory`] for the library, and the `x86_64`
 //!   crate's `OffsetPageTable` can walk the tables with that offset.
 //! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
@@ -48,6 +48,31 @@
 //! with plain (non-atomic) copies: threads touching the same bytes at once race as
 //! they would in a kernel.
 //!
+//! # The host window
+//!
+//! Addresses the MMU translates are not host pointers: code must go through
+//! [`read`] and [`write`]. Code that dereferences the memory it is given, such as a
+//! heap writing its free list into the pages it manages, needs more: with
+//! [`SimConfig::with_host_window`] (Linux x86_64), physical memory is a `memfd`
+//! mapped shared (still zeroed and backed only where touched), and the machine
+//! reserves an inaccessible, 2 MiB-aligned host range, [`host_window`]. Its addresses
+//! are canonical lower-half addresses, so a test can give that range to the library
+//! as its vmalloc region: pages the library maps there under [`root`] become
+//! dereferenceable by host code. The first touch of a window page raises SIGSEGV; a
+//! process-wide handler walks this machine's tables as the MMU does and, if the
+//! access is allowed (the fault's error code says whether it is a write), maps the
+//! frame's 4 KiB at that page with the effective permissions, and the access is
+//! retried. The host mappings are thus a second TLB, filled on demand and dropped
+//! only by the [`TlbFlush`] methods, which re-reserve the flushed window pages: an
+//! unmap without a flush leaves the old frame readable through the host pointer too,
+//! as on hardware. Each fill counts as a TLB miss in [`tlb_stats`]. An access the
+//! tables do not allow is a bug in the code under test, as an oops is in a kernel:
+//! the handler prints the address to stderr and the process dies with SIGSEGV.
+//! Limits: flushing one page of a 2 MiB or 1 GiB mapping drops only that page's host
+//! mapping, and each filled page costs the host a mapping (Linux allows about 65 000
+//! per process by default, less where neighbouring pages map neighbouring frames and
+//! merge).
+//!
 //! # Example
 //!
 //! ```
@@ -75,6 +100,7 @@
 //! [`write`]: SimMachine::write
 //! [`fetch`]: SimMachine::fetch
 //! [`tlb_stats`]: SimMachine::tlb_stats
+//! [`host_window`]: SimMachine::host_window
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod host;

@@ -413,3 +413,70 @@ fn forbidden_accesses_kill_with_sigsegv_and_say_where() {
         "the refused write changed nothing"
     );
 }
+
+/// A `linked_list_allocator` heap over window pages, as an `allocator_api2` allocator.
+struct WindowHeap(spin::Mutex<linked_list_allocator::Heap>);
+
+// SAFETY: blocks come from the heap, which hands each out once until deallocated.
+unsafe impl allocator_api2::alloc::Allocator for WindowHeap {
+    fn allocate(
+        &self,
+        layout: std::alloc::Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        let block = self.0.lock().allocate_first_fit(layout);
+        let block = block.map_err(|()| allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(block, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: std::alloc::Layout) {
+        // SAFETY: the caller passes a block this heap allocated with `layout`.
+        unsafe { self.0.lock().deallocate(ptr, layout) };
+    }
+}
+
+#[test]
+fn a_linked_list_heap_runs_in_the_window() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    const PAGES: u64 = 16;
+    let mut data_frames = vec![];
+    for index in 0..PAGES {
+        // Every other frame: the heap is virtually contiguous, physically scattered.
+        frames.next();
+        let frame = frames.next();
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index),
+            frame,
+            RW,
+        );
+        data_frames.push(frame);
+    }
+    let bottom = ptr(window_page(&machine, 0));
+    // SAFETY: `PAGES` contiguous writable window pages, used by nothing else.
+    let heap = unsafe { linked_list_allocator::Heap::new(bottom, (PAGES * 4096) as usize) };
+    let heap = WindowHeap(spin::Mutex::new(heap));
+
+    let mut numbers = allocator_api2::vec::Vec::new_in(&heap);
+    numbers.extend(0..5000u32);
+    let boxed = allocator_api2::boxed::Box::new_in(0xfeed_u64, &heap);
+    assert_eq!(
+        numbers.iter().map(|&n| u64::from(n)).sum::<u64>(),
+        4999 * 5000 / 2
+    );
+    assert_eq!(*boxed, 0xfeed);
+
+    // The vector's bytes are in the frames behind its window pages.
+    let at = numbers.as_ptr() as u64 + 4 * 1234;
+    let index = (at - bottom as u64) / 4096;
+    let mut bytes = [0; 4];
+    machine.read_phys(
+        data_frames[index as usize].start_address() + (at & 0xfff),
+        &mut bytes,
+    );
+    assert_eq!(u32::from_ne_bytes(bytes), 1234);
+    drop(numbers);
+    drop(boxed);
+    assert_eq!(heap.0.lock().used(), 0);
+}
