@@ -5,7 +5,7 @@ use crate::frame::RegionKind;
 use core::ffi::c_void;
 use std::vec;
 use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
-use x86_64::structures::paging::{FrameAllocator, PageTable, PageTableFlags as Flags};
+use x86_64::structures::paging::{FrameAllocator, PageTable, PageTableFlags as Flags, Size2MiB};
 
 const WINDOW: u64 = 4 << 20;
 const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
@@ -479,4 +479,32 @@ fn a_linked_list_heap_runs_in_the_window() {
     drop(numbers);
     drop(boxed);
     assert_eq!(heap.0.lock().used(), 0);
+}
+
+#[test]
+fn a_2mib_mapping_is_filled_page_by_page() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let (start, _) = machine.host_window().unwrap();
+    let page = Page::<Size2MiB>::from_start_address(start + (2u64 << 20)).unwrap();
+    // Far above the frames the tables come from.
+    let frame = PhysFrame::<Size2MiB>::from_start_address(PhysAddr::new(48 << 20)).unwrap();
+    // SAFETY: the 2 MiB frame is used by nothing else in this machine.
+    unsafe { mapper(&machine).map_to_with_table_flags(page, frame, RW, RW, &mut frames) }
+        .unwrap()
+        .ignore();
+    let base: *mut u8 = page.start_address().as_mut_ptr();
+    for offset in [0, 0x12345, (2 << 20) - 1] {
+        // SAFETY: inside the writable 2 MiB page.
+        unsafe { base.add(offset).write_volatile(0x77) };
+        let mut byte = [0];
+        machine.read_phys(frame.start_address() + offset as u64, &mut byte);
+        assert_eq!(byte[0], 0x77, "offset {offset:#x}");
+    }
+    let small = Page::<Size4KiB>::containing_address(page.start_address() + 0x12345u64);
+    assert!(host_resident(small));
+    assert!(
+        !host_resident(small + 1),
+        "only touched 4 KiB pieces are mapped"
+    );
 }
