@@ -413,7 +413,8 @@ impl SimMachine {
         }
     }
 
-    /// How many 4 KiB pages the TLB holds a translation for.
+    /// How many 4 KiB pages the TLB holds a translation for (the host window's
+    /// mappings are not counted).
     pub fn tlb_len(&self) -> usize {
         self.lock_tlb().len()
     }
