@@ -160,7 +160,7 @@ impl Translation {
 
     /// Checks `access` against the effective permissions (CR0.WP = 1, EFER.NXE = 1,
     /// SMEP and SMAP off).
-    fn permits(&self, access: Access) -> bool {
+    pub(super) fn permits(&self, access: Access) -> bool {
         if access.user && !self.flags.contains(PageTableFlags::USER_ACCESSIBLE) {
             return false;
         }
@@ -180,7 +180,7 @@ const HUGE_2M_RESERVED: u64 = 0x1f_e000;
 const HUGE_1G_RESERVED: u64 = 0x3fff_e000;
 
 /// Why a translation faults, before the access's own bits are added.
-enum Cause {
+pub(super) enum Cause {
     /// An entry with P = 0.
     NotPresent,
     /// All entries present, but the access is not allowed.
@@ -250,49 +250,9 @@ impl SimMachine {
 
     /// Walks the four levels for `addr`, reading each entry with one atomic load.
     fn walk(&self, addr: u64) -> Result<Translation, Cause> {
-        let mut table = self.root().start_address();
-        let mut writable = true;
-        let mut user = true;
-        let mut no_execute = false;
-        for level in (1..=4u32).rev() {
-            let shift = 12 + 9 * (level - 1);
-            let index = (addr >> shift) & 0x1ff;
-            let raw = self.load_entry(table + index * 8, level);
-            let flags = PageTableFlags::from_bits_truncate(raw);
-            if !flags.contains(PageTableFlags::PRESENT) {
-                return Err(Cause::NotPresent);
-            }
-            writable &= flags.contains(PageTableFlags::WRITABLE);
-            user &= flags.contains(PageTableFlags::USER_ACCESSIBLE);
-            no_execute |= flags.contains(PageTableFlags::NO_EXECUTE);
-            let huge = flags.contains(PageTableFlags::HUGE_PAGE);
-            let leaf_size = match (level, huge) {
-                (4, true) => return Err(Cause::Reserved),
-                (3, true) if raw & HUGE_1G_RESERVED != 0 => return Err(Cause::Reserved),
-                (2, true) if raw & HUGE_2M_RESERVED != 0 => return Err(Cause::Reserved),
-                (3, true) => Size1GiB::SIZE,
-                (2, true) => Size2MiB::SIZE,
-                (1, _) => Size4KiB::SIZE,
-                _ => {
-                    table = PhysAddr::new(raw & ADDR_MASK);
-                    continue;
-                }
-            };
-            let mut effective = flags
-                & !(PageTableFlags::WRITABLE
-                    | PageTableFlags::USER_ACCESSIBLE
-                    | PageTableFlags::NO_EXECUTE);
-            effective.set(PageTableFlags::WRITABLE, writable);
-            effective.set(PageTableFlags::USER_ACCESSIBLE, user);
-            effective.set(PageTableFlags::NO_EXECUTE, no_execute);
-            return Ok(Translation {
-                frame_start: PhysAddr::new(raw & ADDR_MASK & !(leaf_size - 1)),
-                page_size: leaf_size,
-                offset: addr & (leaf_size - 1),
-                flags: effective,
-            });
-        }
-        unreachable!("a level-1 entry is always a leaf")
+        walk(self.root(), addr, |entry, level| {
+            self.load_entry(entry, level)
+        })
     }
 
     /// Loads the table entry at `entry` (in a level-`level` table) atomically.
@@ -416,4 +376,57 @@ impl SimMachine {
         }
         Ok(pieces)
     }
+}
+
+/// Walks the four levels under `root` for `addr`; `load` reads the entry at a
+/// physical address in a level-`level` table (the MMU and the host window differ
+/// only in what they do with an entry outside the memory).
+pub(super) fn walk(
+    root: PhysFrame,
+    addr: u64,
+    mut load: impl FnMut(PhysAddr, u32) -> u64,
+) -> Result<Translation, Cause> {
+    let mut table = root.start_address();
+    let mut writable = true;
+    let mut user = true;
+    let mut no_execute = false;
+    for level in (1..=4u32).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let index = (addr >> shift) & 0x1ff;
+        let raw = load(table + index * 8, level);
+        let flags = PageTableFlags::from_bits_truncate(raw);
+        if !flags.contains(PageTableFlags::PRESENT) {
+            return Err(Cause::NotPresent);
+        }
+        writable &= flags.contains(PageTableFlags::WRITABLE);
+        user &= flags.contains(PageTableFlags::USER_ACCESSIBLE);
+        no_execute |= flags.contains(PageTableFlags::NO_EXECUTE);
+        let huge = flags.contains(PageTableFlags::HUGE_PAGE);
+        let leaf_size = match (level, huge) {
+            (4, true) => return Err(Cause::Reserved),
+            (3, true) if raw & HUGE_1G_RESERVED != 0 => return Err(Cause::Reserved),
+            (2, true) if raw & HUGE_2M_RESERVED != 0 => return Err(Cause::Reserved),
+            (3, true) => Size1GiB::SIZE,
+            (2, true) => Size2MiB::SIZE,
+            (1, _) => Size4KiB::SIZE,
+            _ => {
+                table = PhysAddr::new(raw & ADDR_MASK);
+                continue;
+            }
+        };
+        let mut effective = flags
+            & !(PageTableFlags::WRITABLE
+                | PageTableFlags::USER_ACCESSIBLE
+                | PageTableFlags::NO_EXECUTE);
+        effective.set(PageTableFlags::WRITABLE, writable);
+        effective.set(PageTableFlags::USER_ACCESSIBLE, user);
+        effective.set(PageTableFlags::NO_EXECUTE, no_execute);
+        return Ok(Translation {
+            frame_start: PhysAddr::new(raw & ADDR_MASK & !(leaf_size - 1)),
+            page_size: leaf_size,
+            offset: addr & (leaf_size - 1),
+            flags: effective,
+        });
+    }
+    unreachable!("a level-1 entry is always a leaf")
 }

@@ -6,7 +6,7 @@
 //! - **Physical memory** is one zeroed, 4 KiB-aligned block of host memory, allocated
 //!   with `alloc_zeroed` (at a small alignment, so the system allocator's `calloc`
 //!   hands out fresh pages) so that even a block of several GiB costs only the pages
-//!   that are touched. Physical address `p` lives at host address [`phys_offset`]` + p`, so
+//!   that are touched; with a [host window](#the-host-window), a `memfd` instead. Physical address `p` lives at host address [`phys_offset`]` + p`, so
 //!   [`SimMachine::phys`] gives a [`PhysMemory`] for the library, and the `x86_64`
 //!   crate's `OffsetPageTable` can walk the tables with that offset.
 //! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
@@ -48,6 +48,31 @@
 //! with plain (non-atomic) copies: threads touching the same bytes at once race as
 //! they would in a kernel.
 //!
+//! # The host window
+//!
+//! Addresses the MMU translates are not host pointers: code must go through
+//! [`read`] and [`write`]. Code that dereferences the memory it is given, such as a
+//! heap writing its free list into the pages it manages, needs more: with
+//! [`SimConfig::with_host_window`] (Linux x86_64), physical memory is a `memfd`
+//! mapped shared (still zeroed and backed only where touched), and the machine
+//! reserves an inaccessible, 2 MiB-aligned host range, [`host_window`]. Its addresses
+//! are canonical lower-half addresses, so a test can give that range to the library
+//! as its vmalloc region: pages the library maps there under [`root`] become
+//! dereferenceable by host code. The first touch of a window page raises SIGSEGV; a
+//! process-wide handler walks this machine's tables as the MMU does and, if the
+//! access is allowed (the fault's error code says whether it is a write), maps the
+//! frame's 4 KiB at that page with the effective permissions, and the access is
+//! retried. The host mappings are thus a second TLB, filled on demand and dropped
+//! only by the [`TlbFlush`] methods, which re-reserve the flushed window pages: an
+//! unmap without a flush leaves the old frame readable through the host pointer too,
+//! as on hardware. Each fill counts as a TLB miss in [`tlb_stats`]. An access the
+//! tables do not allow is a bug in the code under test, as an oops is in a kernel:
+//! the handler prints the address to stderr and the process dies with SIGSEGV.
+//! Limits: flushing one page of a 2 MiB or 1 GiB mapping drops only that page's host
+//! mapping, and each filled page costs the host a mapping (Linux allows about 65 000
+//! per process by default, less where neighbouring pages map neighbouring frames and
+//! merge).
+//!
 //! # Example
 //!
 //! ```
@@ -75,7 +100,10 @@
 //! [`write`]: SimMachine::write
 //! [`fetch`]: SimMachine::fetch
 //! [`tlb_stats`]: SimMachine::tlb_stats
+//! [`host_window`]: SimMachine::host_window
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod host;
 mod memmap;
 mod mmu;
 mod frames;
@@ -84,6 +112,8 @@ mod tlb;
 
 #[cfg(test)]
 mod test;
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
+mod test_host;
 
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use frames::SimFrames;
@@ -114,6 +144,9 @@ pub struct SimConfig {
     pub reserved_holes: usize,
     /// Seed for handing frames out in shuffled order; `None` for address order.
     pub scatter_seed: Option<u64>,
+    /// Bytes of host window to reserve (a positive multiple of 4 KiB), if any; see
+    /// the [module documentation](self#the-host-window). Linux x86_64 only.
+    pub host_window: Option<u64>,
 }
 
 impl SimConfig {
@@ -123,6 +156,7 @@ impl SimConfig {
             memory_size,
             reserved_holes: 8,
             scatter_seed: None,
+            host_window: None,
         }
     }
 
@@ -130,6 +164,17 @@ impl SimConfig {
     pub const fn with_holes(self, holes: usize) -> Self {
         Self {
             reserved_holes: holes,
+            ..self
+        }
+    }
+
+    /// The same configuration with a host window of `size` bytes (a positive
+    /// multiple of 4 KiB): physical memory in a `memfd`, and a host range whose
+    /// simulated virtual addresses host code can dereference.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    pub const fn with_host_window(self, size: u64) -> Self {
+        Self {
+            host_window: Some(size),
             ..self
         }
     }
@@ -153,12 +198,10 @@ impl Default for SimConfig {
 /// A simulated x86_64 machine; see the [module documentation](self).
 #[derive(Debug)]
 pub struct SimMachine {
-    /// Physical address 0: the first 4 KiB boundary inside `block`.
+    /// Physical address 0, 4 KiB-aligned, inside `backing`.
     memory: NonNull<u8>,
     memory_size: u64,
-    /// The host allocation, as `alloc_zeroed` returned it, and its layout.
-    block: NonNull<u8>,
-    layout: Layout,
+    backing: Backing,
     memory_map: Vec<MemoryRegion>,
     root: PhysFrame,
     scatter_seed: Option<u64>,
@@ -172,19 +215,27 @@ unsafe impl Send for SimMachine {}
 // table entries are read atomically.
 unsafe impl Sync for SimMachine {}
 
-/// Where the machine's PML4 lives: the last frame of the kernel image.
-const ROOT_TABLE: u64 = memmap::KERNEL_IMAGE_END - 0x1000;
+/// What holds the machine's physical memory.
+#[derive(Debug)]
+enum Backing {
+    /// A host allocation, as `alloc_zeroed` returned it, and its layout.
+    Heap { block: NonNull<u8>, layout: Layout },
+    /// A memfd, with a host window.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    Host(host::HostMemory),
+}
 
-impl SimMachine {
-    /// A machine with `config.memory_size` bytes of zeroed physical memory.
-    ///
-    /// # Panics
-    ///
-    /// If the memory size is below 16 MiB or not a multiple of 2 MiB, or too small
-    /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory). If the
-    /// host cannot allocate the block, the process aborts as for any allocation.
-    pub fn new(config: SimConfig) -> SimMachine {
-        let memory_map = memmap::build(config.memory_size, config.reserved_holes);
+impl Backing {
+    /// Zeroed, lazily backed memory of `size` bytes, and where physical 0 is in it.
+    fn new(config: &SimConfig, root: PhysFrame) -> (Backing, NonNull<u8>) {
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        if let Some(window) = config.host_window {
+            let host = host::HostMemory::new(config.memory_size, window, root);
+            let memory = host.memory();
+            return (Backing::Host(host), memory);
+        }
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        let _ = root;
         let size = usize::try_from(config.memory_size).expect("memory size fits in usize");
         // The system allocator zeroes by `calloc`, whose large blocks are fresh
         // untouched pages, only for small alignments; a 4 KiB-aligned request would be
@@ -196,13 +247,33 @@ impl SimMachine {
         let to_boundary = block.as_ptr().align_offset(4096);
         // SAFETY: `to_boundary` < 4096, so the result is inside the allocation.
         let memory = unsafe { block.add(to_boundary) };
+        (Backing::Heap { block, layout }, memory)
+    }
+}
+
+/// Where the machine's PML4 lives: the last frame of the kernel image.
+const ROOT_TABLE: u64 = memmap::KERNEL_IMAGE_END - 0x1000;
+
+impl SimMachine {
+    /// A machine with `config.memory_size` bytes of zeroed physical memory.
+    ///
+    /// # Panics
+    ///
+    /// If the memory size is below 16 MiB or not a multiple of 2 MiB, or too small
+    /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory). If the
+    /// host cannot allocate the block, the process aborts as for any allocation.
+    /// With a host window: if its size is not a positive multiple of 4 KiB, if the
+    /// host refuses the memfd or a mapping, or if 64 machines with windows exist.
+    pub fn new(config: SimConfig) -> SimMachine {
+        let memory_map = memmap::build(config.memory_size, config.reserved_holes);
+        let root = PhysFrame::containing_address(PhysAddr::new(ROOT_TABLE));
+        let (backing, memory) = Backing::new(&config, root);
         SimMachine {
             memory,
             memory_size: config.memory_size,
-            block,
-            layout,
+            backing,
             memory_map,
-            root: PhysFrame::containing_address(PhysAddr::new(ROOT_TABLE)),
+            root,
             scatter_seed: config.scatter_seed,
             tlb: Mutex::new(Tlb::default()),
         }
@@ -304,12 +375,48 @@ impl SimMachine {
         bytes
     }
 
-    /// What the TLB has done so far.
-    pub fn tlb_stats(&self) -> TlbStats {
-        self.lock_tlb().stats
+    /// The host window's start and size, if the machine has one: simulated virtual
+    /// addresses there can be dereferenced by the host.
+    pub fn host_window(&self) -> Option<(VirtAddr, u64)> {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => {
+                let (start, size) = host.range();
+                Some((VirtAddr::new(start), size))
+            }
+            Backing::Heap { .. } => None,
+        }
     }
 
-    /// How many 4 KiB pages the TLB holds a translation for.
+    /// What the TLB has done so far. Host-window pages filled on a fault count as
+    /// misses; host accesses that hit the host's own mappings are not counted.
+    pub fn tlb_stats(&self) -> TlbStats {
+        let mut stats = self.lock_tlb().stats;
+        stats.misses += self.host_fills();
+        stats
+    }
+
+    fn host_fills(&self) -> u64 {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host.fills(),
+            Backing::Heap { .. } => 0,
+        }
+    }
+
+    /// Drops the host window's mappings of pages `start_vpn..end_vpn`, if any.
+    fn flush_host(&self, start_vpn: u64, end_vpn: u64) {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host.flush(start_vpn, end_vpn),
+            Backing::Heap { .. } => {
+                let _ = (start_vpn, end_vpn);
+            }
+        }
+    }
+
+    /// How many 4 KiB pages the TLB holds a translation for (the host window's
+    /// mappings are not counted).
     pub fn tlb_len(&self) -> usize {
         self.lock_tlb().len()
     }
@@ -323,9 +430,11 @@ impl SimMachine {
 
 impl Drop for SimMachine {
     fn drop(&mut self) {
-        // SAFETY: `block` came from `alloc_zeroed` with exactly `layout`, and nothing
-        // borrowing the machine (such as a `SimPhys`) outlives it.
-        unsafe { dealloc(self.block.as_ptr(), self.layout) };
+        if let Backing::Heap { block, layout } = self.backing {
+            // SAFETY: `block` came from `alloc_zeroed` with exactly `layout`, and
+            // nothing borrowing the machine (such as a `SimPhys`) outlives it.
+            unsafe { dealloc(block.as_ptr(), layout) };
+        }
     }
 }
 
@@ -336,6 +445,7 @@ impl TlbFlush for SimMachine {
         let mut tlb = self.lock_tlb();
         tlb.stats.page_flushes += 1;
         tlb.invalidate(vpn, vpn + 1);
+        self.flush_host(vpn, vpn + 1);
     }
 
     /// Drops every translation overlapping `range`; counts as one range flush.
@@ -346,6 +456,7 @@ impl TlbFlush for SimMachine {
         tlb.stats.range_flushes += 1;
         if start < end {
             tlb.invalidate(start, end);
+            self.flush_host(start, end);
         }
     }
 
@@ -354,6 +465,11 @@ impl TlbFlush for SimMachine {
         let mut tlb = self.lock_tlb();
         tlb.stats.full_flushes += 1;
         tlb.clear();
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host.flush_all(),
+            Backing::Heap { .. } => {}
+        }
     }
 }
 

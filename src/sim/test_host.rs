@@ -1,0 +1,510 @@
+//! The host window: pages mapped in the machine's tables, used through host pointers.
+
+use super::*;
+use crate::frame::RegionKind;
+use core::ffi::c_void;
+use std::vec;
+use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
+use x86_64::structures::paging::{FrameAllocator, PageTable, PageTableFlags as Flags, Size2MiB};
+
+const WINDOW: u64 = 4 << 20;
+const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
+
+fn machine() -> SimMachine {
+    SimMachine::new(
+        SimConfig::new(64 << 20)
+            .with_holes(4)
+            .with_host_window(WINDOW),
+    )
+}
+
+/// Usable frames above the kernel image, in address order.
+struct Frames(std::vec::IntoIter<PhysFrame>);
+
+impl Frames {
+    fn new(machine: &SimMachine) -> Self {
+        let frames: Vec<PhysFrame> = machine
+            .memory_map()
+            .iter()
+            .filter(|r| r.kind == RegionKind::Usable && r.range.start.as_u64() >= 4 << 20)
+            .flat_map(|r| {
+                let start = r.range.start.align_up(4096u64).as_u64();
+                let end = r.range.end.align_down(4096u64).as_u64();
+                (start..end).step_by(4096)
+            })
+            .map(|a| PhysFrame::containing_address(PhysAddr::new(a)))
+            .collect();
+        Self(frames.into_iter())
+    }
+
+    fn next(&mut self) -> PhysFrame {
+        self.0.next().expect("test ran out of frames")
+    }
+}
+
+// SAFETY: each usable frame is handed out once.
+unsafe impl FrameAllocator<Size4KiB> for Frames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        self.0.next()
+    }
+}
+
+/// The machine's tables, as the `x86_64` crate's mapper sees them.
+fn mapper(machine: &SimMachine) -> OffsetPageTable<'_> {
+    let root = machine.phys().phys_to_virt(machine.root().start_address());
+    // SAFETY: the root table is inside the machine's memory, which is mapped at
+    // `phys_offset`; each test holds one mapper at a time.
+    unsafe { OffsetPageTable::new(&mut *root.cast::<PageTable>(), machine.phys_offset()) }
+}
+
+/// The window's page `index`.
+fn window_page(machine: &SimMachine, index: u64) -> Page {
+    let (start, size) = machine.host_window().expect("a host window");
+    assert!(index * 4096 < size);
+    Page::containing_address(start + index * 4096)
+}
+
+fn map(machine: &SimMachine, frames: &mut Frames, page: Page, frame: PhysFrame, flags: Flags) {
+    // SAFETY: the frame is a usable frame of the machine; nothing else uses the page.
+    // Tables are made writable, so the leaf alone decides.
+    unsafe { mapper(machine).map_to_with_table_flags(page, frame, flags, RW, frames) }
+        .expect("page is free")
+        .ignore();
+}
+
+fn ptr(page: Page) -> *mut u8 {
+    page.start_address().as_mut_ptr()
+}
+
+/// Whether the host has a resident page mapped at `page` (a window page the handler
+/// filled and no flush dropped; reserved pages are never resident).
+fn host_resident(page: Page) -> bool {
+    let mut status = [0u8; 1];
+    // SAFETY: the page is inside the window, a mapping this process owns; `mincore`
+    // only reports on it.
+    let rc = unsafe { libc::mincore(ptr(page).cast::<c_void>(), 4096, status.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    status[0] & 1 == 1
+}
+
+#[test]
+fn machine_without_window_has_none() {
+    let machine = SimMachine::new(SimConfig::new(32 << 20));
+    assert_eq!(machine.host_window(), None);
+}
+
+#[test]
+fn window_is_aligned_canonical_and_reserved() {
+    let machine = machine();
+    let (start, size) = machine.host_window().unwrap();
+    assert_eq!(size, WINDOW);
+    assert!(start.is_aligned(2u64 << 20));
+    assert!(start.as_u64() + size < 1 << 47, "lower half");
+    assert!(!host_resident(window_page(&machine, 0)));
+}
+
+#[test]
+fn host_accesses_reach_scattered_frames() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    // Every third frame, last first: no two pages map neighbouring frames.
+    let data: Vec<PhysFrame> = (0..24).map(|_| frames.next()).step_by(3).rev().collect();
+    for (index, frame) in data.iter().enumerate() {
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index as u64 * 5),
+            *frame,
+            RW,
+        );
+        machine.fill_phys(frame.start_address(), 4096, 0x40 + index as u8);
+    }
+    for (index, frame) in data.iter().enumerate() {
+        let page = ptr(window_page(&machine, index as u64 * 5));
+        // SAFETY: the page is mapped writable in the machine's tables, so the
+        // handler maps its frame on the first touch.
+        let before = unsafe { page.add(100).read_volatile() };
+        assert_eq!(before, 0x40 + index as u8, "host sees the frame's bytes");
+        // SAFETY: as above.
+        unsafe { page.add(17).write_volatile(index as u8) };
+        let mut byte = [0];
+        machine.read_phys(frame.start_address() + 17, &mut byte);
+        assert_eq!(byte[0], index as u8, "the write landed in frame {frame:?}");
+    }
+    // Unmapped pages between them stay unmapped in the host.
+    assert!(!host_resident(window_page(&machine, 1)));
+}
+
+#[test]
+fn aliased_pages_see_each_others_writes() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let frame = frames.next();
+    let (first, second) = (window_page(&machine, 3), window_page(&machine, 700));
+    map(&machine, &mut frames, first, frame, RW);
+    map(&machine, &mut frames, second, frame, RW);
+    // SAFETY: both pages are mapped writable to the same frame.
+    unsafe {
+        ptr(first).add(8).write_volatile(0xa1);
+        assert_eq!(ptr(second).add(8).read_volatile(), 0xa1);
+        ptr(second).add(9).write_volatile(0xb2);
+        assert_eq!(ptr(first).add(9).read_volatile(), 0xb2);
+    }
+    assert_eq!(machine.frame_bytes(frame)[8..10], [0xa1, 0xb2]);
+}
+
+#[test]
+fn rust_values_live_in_the_window() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    for index in 0..4 {
+        let frame = frames.next();
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index),
+            frame,
+            RW,
+        );
+    }
+    let words = ptr(window_page(&machine, 0)).cast::<u64>();
+    let count = 4 * 4096 / 8;
+    // SAFETY: four contiguous writable pages, 8-aligned, zeroed frames; no other
+    // reference to them.
+    let slice = unsafe { core::slice::from_raw_parts_mut(words, count) };
+    for (i, word) in slice.iter_mut().enumerate() {
+        *word = i as u64 * 3;
+    }
+    assert_eq!(
+        slice.iter().sum::<u64>(),
+        3 * (count as u64 - 1) * count as u64 / 2
+    );
+}
+
+#[test]
+fn flush_drops_the_host_mapping() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let page = window_page(&machine, 42);
+    let frame = frames.next();
+    map(&machine, &mut frames, page, frame, RW);
+    // SAFETY: the page is mapped writable.
+    unsafe { ptr(page).write_volatile(7) };
+    assert!(host_resident(page));
+
+    mapper(&machine).unmap(page).unwrap().1.ignore();
+    machine.flush_page(page);
+    assert!(!host_resident(page), "flush_page dropped the host mapping");
+    let fault = machine.translate(page.start_address(), Access::READ);
+    assert!(fault.unwrap_err().page_fault().is_some());
+    assert_eq!(machine.frame_bytes(frame)[0], 7, "the frame keeps its data");
+}
+
+#[test]
+fn flush_range_and_flush_all_drop_what_they_cover() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let pages: Vec<Page> = (10..14).map(|i| window_page(&machine, i)).collect();
+    for &page in &pages {
+        let frame = frames.next();
+        map(&machine, &mut frames, page, frame, RW);
+        // SAFETY: mapped writable.
+        unsafe { ptr(page).write_volatile(1) };
+    }
+    machine.flush_range(Page::range(pages[1], pages[3]));
+    let resident: Vec<bool> = pages.iter().map(|&p| host_resident(p)).collect();
+    assert_eq!(resident, [true, false, false, true]);
+
+    // Still mapped in the tables: the next touch fills the page again.
+    // SAFETY: mapped writable.
+    assert_eq!(unsafe { ptr(pages[1]).read_volatile() }, 1);
+    assert!(host_resident(pages[1]));
+
+    machine.flush_all();
+    assert!(pages.iter().all(|&p| !host_resident(p)));
+}
+
+#[test]
+fn unmap_without_flush_leaves_the_old_frame_readable() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let page = window_page(&machine, 5);
+    let frame = frames.next();
+    map(&machine, &mut frames, page, frame, RW);
+    // SAFETY: mapped writable.
+    unsafe { ptr(page).write_volatile(0x5a) };
+
+    mapper(&machine).unmap(page).unwrap().1.ignore();
+    machine.write_phys(frame.start_address() + 1, &[0x6b]);
+    // SAFETY: the host mapping is stale, as a TLB entry would be: still the frame.
+    let stale = unsafe { [ptr(page).read_volatile(), ptr(page).add(1).read_volatile()] };
+    assert_eq!(stale, [0x5a, 0x6b]);
+    assert!(
+        machine
+            .translate(page.start_address(), Access::READ)
+            .is_err()
+    );
+}
+
+#[test]
+fn read_only_page_becomes_writable_after_a_rewalk() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let page = window_page(&machine, 9);
+    let frame = frames.next();
+    map(&machine, &mut frames, page, frame, Flags::PRESENT);
+    machine.write_phys(frame.start_address(), &[3]);
+    // SAFETY: mapped readable.
+    assert_eq!(unsafe { ptr(page).read_volatile() }, 3);
+    // Upgrading permissions needs no flush on x86: the write faults, and the fault
+    // re-walks the tables.
+    // SAFETY: the page is mapped; only its flags change.
+    unsafe { mapper(&machine).update_flags(page, RW) }
+        .unwrap()
+        .ignore();
+    // SAFETY: now mapped writable.
+    unsafe { ptr(page).write_volatile(4) };
+    assert_eq!(machine.frame_bytes(frame)[0], 4);
+}
+
+#[test]
+fn host_fills_count_as_tlb_misses() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let page = window_page(&machine, 0);
+    let frame = frames.next();
+    map(&machine, &mut frames, page, frame, RW);
+    let before = machine.tlb_stats().misses;
+    // SAFETY: mapped writable.
+    unsafe {
+        ptr(page).write_volatile(1);
+        ptr(page).add(1).write_volatile(2);
+    }
+    assert_eq!(
+        machine.tlb_stats().misses,
+        before + 1,
+        "one fill, then hits"
+    );
+}
+
+#[test]
+fn threads_fill_their_own_pages_at_once() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    const THREADS: u64 = 4;
+    const PAGES: u64 = 32;
+    let mut mapped = vec![];
+    for index in 0..THREADS * PAGES {
+        let (page, frame) = (window_page(&machine, index), frames.next());
+        map(&machine, &mut frames, page, frame, RW);
+        mapped.push((page.start_address().as_u64(), frame));
+    }
+    std::thread::scope(|scope| {
+        for chunk in mapped.chunks(PAGES as usize) {
+            scope.spawn(move || {
+                for &(addr, _) in chunk {
+                    let page = addr as *mut u64;
+                    // SAFETY: each thread owns its pages, all mapped writable.
+                    unsafe { page.add(1).write_volatile(addr) };
+                }
+            });
+        }
+        // Meanwhile the main thread flushes pages nobody uses.
+        for _ in 0..50 {
+            machine.flush_range(Page::range(
+                window_page(&machine, THREADS * PAGES),
+                window_page(&machine, THREADS * PAGES + 8),
+            ));
+        }
+    });
+    for (addr, frame) in mapped {
+        let mut word = [0; 8];
+        machine.read_phys(frame.start_address() + 8, &mut word);
+        assert_eq!(u64::from_ne_bytes(word), addr);
+    }
+}
+
+#[test]
+fn two_machines_have_separate_windows() {
+    let (one, two) = (machine(), machine());
+    let (start_one, _) = one.host_window().unwrap();
+    let (start_two, _) = two.host_window().unwrap();
+    assert!(start_one.as_u64().abs_diff(start_two.as_u64()) >= WINDOW);
+    for (machine, byte) in [(&one, 0x11), (&two, 0x22)] {
+        let mut frames = Frames::new(machine);
+        let frame = frames.next();
+        map(machine, &mut frames, window_page(machine, 1), frame, RW);
+        machine.fill_phys(frame.start_address(), 4096, byte);
+    }
+    // SAFETY: page 1 of each window is mapped.
+    let seen = unsafe {
+        [
+            ptr(window_page(&one, 1)).read_volatile(),
+            ptr(window_page(&two, 1)).read_volatile(),
+        ]
+    };
+    assert_eq!(seen, [0x11, 0x22]);
+}
+
+/// Runs `access` in a forked child with stderr piped back; returns how the child
+/// ended and what it printed.
+fn in_child(access: impl FnOnce()) -> (libc::c_int, std::string::String) {
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for two descriptors.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the child only touches memory, runs the signal handler (which
+    // allocates nothing) and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls on descriptors the child owns.
+        unsafe { libc::dup2(pipe[1], libc::STDERR_FILENO) };
+        access();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: closing our copy of the write end, so the read sees end of file.
+    unsafe { libc::close(pipe[1]) };
+    let mut printed = vec![0u8; 512];
+    // SAFETY: reading into a buffer of that length.
+    let len = unsafe { libc::read(pipe[0], printed.as_mut_ptr().cast(), printed.len()) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    // SAFETY: the read end is ours.
+    unsafe { libc::close(pipe[0]) };
+    printed.truncate(len.max(0) as usize);
+    (
+        status,
+        std::string::String::from_utf8_lossy(&printed).into_owned(),
+    )
+}
+
+#[test]
+fn forbidden_accesses_kill_with_sigsegv_and_say_where() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let read_only = window_page(&machine, 2);
+    let frame = frames.next();
+    map(&machine, &mut frames, read_only, frame, Flags::PRESENT);
+    let unmapped = window_page(&machine, 3);
+    for (page, write) in [(read_only, true), (unmapped, false)] {
+        let (status, printed) = in_child(|| {
+            // SAFETY: none; the child is meant to die here.
+            unsafe {
+                if write {
+                    ptr(page).write_volatile(1);
+                } else {
+                    ptr(page).read_volatile();
+                }
+            }
+        });
+        assert!(
+            libc::WIFSIGNALED(status),
+            "child ended with status {status:#x}"
+        );
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSEGV);
+        let addr = std::format!("{:016x}", page.start_address().as_u64());
+        assert!(printed.contains(&addr), "{printed:?} names {addr}");
+    }
+    assert_eq!(
+        machine.frame_bytes(frame)[0],
+        0,
+        "the refused write changed nothing"
+    );
+}
+
+/// A `linked_list_allocator` heap over window pages, as an `allocator_api2` allocator.
+struct WindowHeap(spin::Mutex<linked_list_allocator::Heap>);
+
+// SAFETY: blocks come from the heap, which hands each out once until deallocated.
+unsafe impl allocator_api2::alloc::Allocator for WindowHeap {
+    fn allocate(
+        &self,
+        layout: std::alloc::Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        let block = self.0.lock().allocate_first_fit(layout);
+        let block = block.map_err(|()| allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(block, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: std::alloc::Layout) {
+        // SAFETY: the caller passes a block this heap allocated with `layout`.
+        unsafe { self.0.lock().deallocate(ptr, layout) };
+    }
+}
+
+#[test]
+fn a_linked_list_heap_runs_in_the_window() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    const PAGES: u64 = 16;
+    let mut data_frames = vec![];
+    for index in 0..PAGES {
+        // Every other frame: the heap is virtually contiguous, physically scattered.
+        frames.next();
+        let frame = frames.next();
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index),
+            frame,
+            RW,
+        );
+        data_frames.push(frame);
+    }
+    let bottom = ptr(window_page(&machine, 0));
+    // SAFETY: `PAGES` contiguous writable window pages, used by nothing else.
+    let heap = unsafe { linked_list_allocator::Heap::new(bottom, (PAGES * 4096) as usize) };
+    let heap = WindowHeap(spin::Mutex::new(heap));
+
+    let mut numbers = allocator_api2::vec::Vec::new_in(&heap);
+    numbers.extend(0..5000u32);
+    let boxed = allocator_api2::boxed::Box::new_in(0xfeed_u64, &heap);
+    assert_eq!(
+        numbers.iter().map(|&n| u64::from(n)).sum::<u64>(),
+        4999 * 5000 / 2
+    );
+    assert_eq!(*boxed, 0xfeed);
+
+    // The vector's bytes are in the frames behind its window pages.
+    let at = numbers.as_ptr() as u64 + 4 * 1234;
+    let index = (at - bottom as u64) / 4096;
+    let mut bytes = [0; 4];
+    machine.read_phys(
+        data_frames[index as usize].start_address() + (at & 0xfff),
+        &mut bytes,
+    );
+    assert_eq!(u32::from_ne_bytes(bytes), 1234);
+    drop(numbers);
+    drop(boxed);
+    assert_eq!(heap.0.lock().used(), 0);
+}
+
+#[test]
+fn a_2mib_mapping_is_filled_page_by_page() {
+    let machine = machine();
+    let mut frames = Frames::new(&machine);
+    let (start, _) = machine.host_window().unwrap();
+    let page = Page::<Size2MiB>::from_start_address(start + (2u64 << 20)).unwrap();
+    // Far above the frames the tables come from.
+    let frame = PhysFrame::<Size2MiB>::from_start_address(PhysAddr::new(48 << 20)).unwrap();
+    // SAFETY: the 2 MiB frame is used by nothing else in this machine.
+    unsafe { mapper(&machine).map_to_with_table_flags(page, frame, RW, RW, &mut frames) }
+        .unwrap()
+        .ignore();
+    let base: *mut u8 = page.start_address().as_mut_ptr();
+    for offset in [0, 0x12345, (2 << 20) - 1] {
+        // SAFETY: inside the writable 2 MiB page.
+        unsafe { base.add(offset).write_volatile(0x77) };
+        let mut byte = [0];
+        machine.read_phys(frame.start_address() + offset as u64, &mut byte);
+        assert_eq!(byte[0], 0x77, "offset {offset:#x}");
+    }
+    let small = Page::<Size4KiB>::containing_address(page.start_address() + 0x12345u64);
+    assert!(host_resident(small));
+    assert!(
+        !host_resident(small + 1),
+        "only touched 4 KiB pieces are mapped"
+    );
+}
