@@ -520,10 +520,7 @@ impl<M: PhysMemory> PageTables<M> {
                 if unsafe { (*child).is_empty() && free_table(entry, tables) } {
                     freed.count += 1;
                     freed.low = freed.low.min(region_start);
-                    // The very last page of the address space cannot end a range.
-                    freed.high = freed
-                        .high
-                        .max(region_last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1));
+                    freed.high = freed.high.max(range_end_after(region_last));
                 }
             }
             if region_last >= last {
@@ -531,6 +528,18 @@ impl<M: PhysMemory> PageTables<M> {
             }
             addr = region_last + 1;
         }
+    }
+}
+
+/// The exclusive end of a flush range whose last address is `last`. The last page of
+/// each canonical half cannot end a `PageRange` (its end would not be canonical), so
+/// there the range stops one page short.
+fn range_end_after(last: u64) -> u64 {
+    const LOWER_HALF_END: u64 = 1 << 47;
+    if last < LOWER_HALF_END {
+        (last + 1).min(LOWER_HALF_END - PAGE_SIZE)
+    } else {
+        last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1)
     }
 }
 

@@ -86,7 +86,9 @@ impl FrameSource for SimFrames {
         }
         let mut filled = 0;
         for slot in out.iter_mut() {
-            let Some(frame) = self.alloc_frame() else { break };
+            let Some(frame) = self.alloc_frame() else {
+                break;
+            };
             *slot = frame;
             filled += 1;
         }

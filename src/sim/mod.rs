@@ -102,11 +102,11 @@
 //! [`tlb_stats`]: SimMachine::tlb_stats
 //! [`host_window`]: SimMachine::host_window
 
+mod frames;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod host;
 mod memmap;
 mod mmu;
-mod frames;
 mod rng;
 mod tlb;
 
@@ -115,8 +115,8 @@ mod test;
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod test_host;
 
-pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use frames::SimFrames;
+pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
 pub use tlb::TlbStats;
 

@@ -98,7 +98,7 @@ impl AreaRecord {
     }
 }
 
-/// One live area, as [`Vmalloc::for_each_area`](super::Vmalloc::for_each_area) shows it.
+/// One live area, as [`Vmalloc::areas`](super::Vmalloc::areas) shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AreaInfo {
     /// First byte of the area (page-aligned; `ioremap` pointers add the offset).
@@ -136,7 +136,13 @@ impl fmt::Display for AreaInfo {
     /// `0xffffc90000000000-0xffffc90000005000   20480 tag pages=4 vmalloc`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let end = self.start.as_u64() + self.span;
-        write!(f, "{:#018x}-{:#018x} {:>9}", self.start.as_u64(), end, self.span)?;
+        write!(
+            f,
+            "{:#018x}-{:#018x} {:>9}",
+            self.start.as_u64(),
+            end,
+            self.span
+        )?;
         if !self.tag.is_empty() {
             write!(f, " {}", self.tag)?;
         }

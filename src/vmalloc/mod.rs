@@ -49,12 +49,12 @@ pub use owned::{VBox, VBuffer, VmallocOps};
 use crate::paging::PageTables;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use area::{AreaRecord, AreaState};
-use node::NodePool;
-use space::{AreaMap, VSpace};
-use x86_64::structures::paging::mapper::MappedFrame;
 use bitflags::bitflags;
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
+use node::NodePool;
+use space::{AreaMap, VSpace};
+use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame, Size4KiB};
 use x86_64::{PhysAddr, VirtAddr};
@@ -151,7 +151,12 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     fn default() -> Self {
-        Self { align: PAGE_SIZE, prot: Prot::KERNEL_RW, flags: VmFlags::empty(), tag: "" }
+        Self {
+            align: PAGE_SIZE,
+            prot: Prot::KERNEL_RW,
+            flags: VmFlags::empty(),
+            tag: "",
+        }
     }
 }
 
@@ -244,11 +249,17 @@ where
     /// - `root` is a valid PML4 reachable through `phys`, and stays valid while the
     ///   manager lives (normally the kernel's page table, loaded in CR3 on every CPU
     ///   that touches vmalloc memory, or whose top-level entries for the region are
-    ///   copied to every address space after [`Vmalloc::preallocate_tables`]);
+    ///   kept identical in every address space);
     /// - nothing else maps, unmaps or frees anything in the region's page tables;
     /// - `frames` hands out frames nobody else uses, reachable through `phys`;
     /// - `tlb` flushes the TLB of every CPU that may hold translations of the region.
-    pub unsafe fn new(config: VmallocConfig, root: PhysFrame, phys: M, frames: F, tlb: T) -> Result<Self, Error> {
+    pub unsafe fn new(
+        config: VmallocConfig,
+        root: PhysFrame,
+        phys: M,
+        frames: F,
+        tlb: T,
+    ) -> Result<Self, Error> {
         check_region(config.start, config.size)?;
         // SAFETY: forwarded from this function's contract.
         let tables = unsafe { PageTables::new(root, phys) };
@@ -264,7 +275,13 @@ where
             data_frames: 0,
             purges: 0,
         };
-        Ok(Self { inner: spin::Mutex::new(inner), frames, phys, tlb, config })
+        Ok(Self {
+            inner: spin::Mutex::new(inner),
+            frames,
+            phys,
+            tlb,
+            config,
+        })
     }
 
     /// The configuration the manager was built with.
@@ -300,7 +317,10 @@ where
     ///
     /// As [`vmalloc`](Self::vmalloc).
     pub fn vzalloc(&self, size: usize) -> Result<NonNull<u8>, Error> {
-        let options = VmOptions { flags: VmFlags::ZERO, ..VmOptions::default() };
+        let options = VmOptions {
+            flags: VmFlags::ZERO,
+            ..VmOptions::default()
+        };
         self.vmalloc_with(size, &options)
     }
 
@@ -340,7 +360,8 @@ where
     /// [`reserve`]: Self::reserve
     pub fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
         let mut inner = self.inner.lock();
-        let (start, record) = self.live_area_at(&inner, ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
+        let (start, record) =
+            self.live_area_at(&inner, ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
         inner.data_frames -= record.mapped_pages;
         self.retire(&mut inner, start);
         Ok(())
@@ -356,11 +377,15 @@ where
     pub fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
         let pages = self.pages_for(frames.len() as u64 * PAGE_SIZE)?;
         let flags = prot.leaf_flags()?;
-        let options = VmOptions { prot, ..VmOptions::default() };
+        let options = VmOptions {
+            prot,
+            ..VmOptions::default()
+        };
         let record = AreaRecord::new(AreaKind::Vmap, pages, flags, &options);
         let mut inner = self.inner.lock();
         let start = self.create_area(&mut inner, record, PAGE_SIZE)?;
-        let mapped = self.map_with_retry(&mut inner, page_at(start, 0), frames.iter().copied(), flags);
+        let mapped =
+            self.map_with_retry(&mut inner, page_at(start, 0), frames.iter().copied(), flags);
         if let Err(error) = mapped {
             self.destroy_unmapped(&mut inner, start);
             return Err(error);
@@ -391,12 +416,20 @@ where
     ///
     /// [`Error::ZeroSize`], [`Error::SizeTooLarge`] (including a range past the 52-bit
     /// physical limit), [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`].
-    pub fn ioremap(&self, phys: PhysAddr, size: usize, cache: CacheMode) -> Result<NonNull<u8>, Error> {
+    pub fn ioremap(
+        &self,
+        phys: PhysAddr,
+        size: usize,
+        cache: CacheMode,
+    ) -> Result<NonNull<u8>, Error> {
         if size == 0 {
             return Err(Error::ZeroSize);
         }
         let offset = phys.as_u64() % PAGE_SIZE;
-        let end = phys.as_u64().checked_add(size as u64).ok_or(Error::SizeTooLarge)?;
+        let end = phys
+            .as_u64()
+            .checked_add(size as u64)
+            .ok_or(Error::SizeTooLarge)?;
         if PhysAddr::try_new(end - 1).is_err() {
             return Err(Error::SizeTooLarge);
         }
@@ -423,7 +456,8 @@ where
     pub fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
         let mut inner = self.inner.lock();
         let page_start = (ptr as u64) & !(PAGE_SIZE - 1);
-        let (start, record) = self.live_area_at(&inner, page_start as *mut u8, &[AreaKind::Ioremap])?;
+        let (start, record) =
+            self.live_area_at(&inner, page_start as *mut u8, &[AreaKind::Ioremap])?;
         if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
             return Err(Error::InteriorPointer);
         }
@@ -556,10 +590,13 @@ where
         }
     }
 
-    /// Calls `f` with every live area, in address order.
-    pub fn for_each_area(&self, mut f: impl FnMut(&AreaInfo)) {
-        let inner = self.inner.lock();
-        inner.for_each_live(|info| f(&info));
+    /// The live areas, in address order. The iterator holds the manager's lock:
+    /// drop it before calling the manager again.
+    pub fn areas(&self) -> Areas<'_, F, M> {
+        Areas {
+            inner: self.inner.lock(),
+            next: 0,
+        }
     }
 
     /// A `/proc/vmallocinfo`-style listing, one line per live area.
@@ -587,7 +624,12 @@ where
     }
 
     /// The live area starting exactly at `ptr`, of one of `kinds`.
-    fn live_area_at(&self, inner: &Inner<F, M>, ptr: *mut u8, kinds: &[AreaKind]) -> Result<(VirtAddr, AreaRecord), Error> {
+    fn live_area_at(
+        &self,
+        inner: &Inner<F, M>,
+        ptr: *mut u8,
+        kinds: &[AreaKind],
+    ) -> Result<(VirtAddr, AreaRecord), Error> {
         if ptr.is_null() {
             return Err(Error::NullPointer);
         }
@@ -601,7 +643,11 @@ where
         }
         if start != addr {
             let in_guard = addr - start >= record.size;
-            return Err(if in_guard { Error::NotAllocated } else { Error::InteriorPointer });
+            return Err(if in_guard {
+                Error::NotAllocated
+            } else {
+                Error::InteriorPointer
+            });
         }
         if !kinds.contains(&record.kind) {
             return Err(Error::WrongKind);
@@ -611,10 +657,17 @@ where
 
     /// Reserves a range and records `record` there, purging once if the region or the
     /// frames for bookkeeping ran out while areas wait on the purge list.
-    fn create_area(&self, inner: &mut Inner<F, M>, record: AreaRecord, align: u64) -> Result<VirtAddr, Error> {
+    fn create_area(
+        &self,
+        inner: &mut Inner<F, M>,
+        record: AreaRecord,
+        align: u64,
+    ) -> Result<VirtAddr, Error> {
         loop {
             match inner.insert_area(record, align) {
-                Err(Error::OutOfVirtualSpace | Error::OutOfFrames) if inner.purge.head.is_some() => {
+                Err(Error::OutOfVirtualSpace | Error::OutOfFrames)
+                    if inner.purge.head.is_some() =>
+                {
                     self.purge_locked(inner)
                 }
                 result => return result,
@@ -674,7 +727,13 @@ where
 
     /// Maps `frames` at `page` onward (all or nothing), purging once if page-table
     /// frames run out while frames wait on the purge list.
-    fn map_with_retry<I>(&self, inner: &mut Inner<F, M>, page: Page, frames: I, flags: PageTableFlags) -> Result<(), Error>
+    fn map_with_retry<I>(
+        &self,
+        inner: &mut Inner<F, M>,
+        page: Page,
+        frames: I,
+        flags: PageTableFlags,
+    ) -> Result<(), Error>
     where
         I: ExactSizeIterator<Item = PhysFrame> + Clone,
     {
@@ -730,7 +789,8 @@ where
             let mut next = Some(head);
             while let Some(start) = next {
                 let record = inner.record_mut(start);
-                self.tlb.flush_range(page_range(start, 0..record.mapped_pages));
+                self.tlb
+                    .flush_range(page_range(start, 0..record.mapped_pages));
                 next = record.next_purge;
             }
         } else {
@@ -739,7 +799,11 @@ where
         let mut next = Some(head);
         while let Some(start) = next {
             let record = *inner.record_mut(start);
-            self.reclaim(inner, page_range(start, 0..record.mapped_pages), record.kind.owns_frames());
+            self.reclaim(
+                inner,
+                page_range(start, 0..record.mapped_pages),
+                record.kind.owns_frames(),
+            );
             inner.remove_area(start);
             next = record.next_purge;
         }
@@ -748,12 +812,22 @@ where
     }
 
     /// Detaches `range`, flushes it, and hands each frame to `on_frame`, in order.
-    fn unmap_flushed(&self, inner: &mut Inner<F, M>, range: PageRange, mut on_frame: impl FnMut(PhysFrame)) {
+    fn unmap_flushed(
+        &self,
+        inner: &mut Inner<F, M>,
+        range: PageRange,
+        on_frame: impl FnMut(PhysFrame),
+    ) {
         if range.is_empty() {
             return;
         }
-        invariant(inner.tables.detach(range).map(|flush| flush.flush(&self.tlb)));
-        self.reclaim_with(inner, range, |frame| on_frame(frame));
+        invariant(
+            inner
+                .tables
+                .detach(range)
+                .map(|flush| flush.flush(&self.tlb)),
+        );
+        self.reclaim_with(inner, range, on_frame);
     }
 
     /// Unmaps `range` now, flushing, and frees its frames if they are the allocator's.
@@ -761,7 +835,12 @@ where
         if range.is_empty() {
             return;
         }
-        invariant(inner.tables.detach(range).map(|flush| flush.flush(&self.tlb)));
+        invariant(
+            inner
+                .tables
+                .detach(range)
+                .map(|flush| flush.flush(&self.tlb)),
+        );
         self.reclaim(inner, range, owns_frames);
     }
 
@@ -778,8 +857,17 @@ where
         batch.finish();
     }
 
-    fn reclaim_with(&self, inner: &mut Inner<F, M>, range: PageRange, mut on_frame: impl FnMut(PhysFrame)) {
-        invariant(inner.tables.reclaim_detached(range, |_, frame| on_frame(frame)));
+    fn reclaim_with(
+        &self,
+        inner: &mut Inner<F, M>,
+        range: PageRange,
+        mut on_frame: impl FnMut(PhysFrame),
+    ) {
+        invariant(
+            inner
+                .tables
+                .reclaim_detached(range, |_, frame| on_frame(frame)),
+        );
         // Emptied tables are unlinked first and freed only after another flush, so no
         // paging-structure cache can still walk through a table someone reuses.
         let tables = FrameBatch::flushing_on_overflow(&self.frames, &self.tlb);
@@ -793,19 +881,41 @@ where
         tables.finish();
     }
 
-    fn shrink_in_place(&self, inner: &mut Inner<F, M>, start: VirtAddr, record: &AreaRecord, new_pages: u64) -> Result<(), Error> {
+    fn shrink_in_place(
+        &self,
+        inner: &mut Inner<F, M>,
+        start: VirtAddr,
+        record: &AreaRecord,
+        new_pages: u64,
+    ) -> Result<(), Error> {
         // The range first: it may need a bookkeeping node, and then nothing changed.
         inner.shrink(start, record.span(), record.span_for(new_pages))?;
-        self.free_range(inner, page_range(start, new_pages..record.mapped_pages), true);
+        self.free_range(
+            inner,
+            page_range(start, new_pages..record.mapped_pages),
+            true,
+        );
         let record = inner.record_mut(start);
         record.mapped_pages = new_pages;
         record.size = new_pages * PAGE_SIZE;
         Ok(())
     }
 
-    fn grow_in_place(&self, inner: &mut Inner<F, M>, start: VirtAddr, record: &AreaRecord, new_pages: u64) -> Result<(), Error> {
+    fn grow_in_place(
+        &self,
+        inner: &mut Inner<F, M>,
+        start: VirtAddr,
+        record: &AreaRecord,
+        new_pages: u64,
+    ) -> Result<(), Error> {
         let old_pages = record.mapped_pages;
-        if let Err(error) = self.back_pages(inner, start, old_pages..new_pages, record.flags, record.zeroed) {
+        if let Err(error) = self.back_pages(
+            inner,
+            start,
+            old_pages..new_pages,
+            record.flags,
+            record.zeroed,
+        ) {
             // A node was reserved before the extension, so giving the tail back
             // cannot fail.
             invariant(inner.shrink(start, record.span_for(new_pages), record.span()));
@@ -818,7 +928,13 @@ where
     }
 
     /// Maps the area's frames, then fresh ones, at a new range; unmaps the old one.
-    fn grow_by_moving(&self, inner: &mut Inner<F, M>, start: VirtAddr, record: &AreaRecord, new_pages: u64) -> Result<VirtAddr, Error> {
+    fn grow_by_moving(
+        &self,
+        inner: &mut Inner<F, M>,
+        start: VirtAddr,
+        record: &AreaRecord,
+        new_pages: u64,
+    ) -> Result<VirtAddr, Error> {
         let old_pages = record.mapped_pages;
         let mut moved = *record;
         moved.mapped_pages = new_pages;
@@ -826,7 +942,15 @@ where
         let new_start = self.create_area(inner, moved, record.align)?;
         let result = self
             .remap(inner, start, new_start, old_pages, record.flags)
-            .and_then(|()| self.back_pages(inner, new_start, old_pages..new_pages, record.flags, record.zeroed));
+            .and_then(|()| {
+                self.back_pages(
+                    inner,
+                    new_start,
+                    old_pages..new_pages,
+                    record.flags,
+                    record.zeroed,
+                )
+            });
         if let Err(error) = result {
             // Only the old area's frames are mapped at the new range now: unmap them
             // there without freeing.
@@ -841,16 +965,30 @@ where
 
     /// Maps the frames behind `pages` pages at `from` again at `to`, in chunks.
     /// On failure, what it mapped at `to` is left for the caller to unmap.
-    fn remap(&self, inner: &mut Inner<F, M>, from: VirtAddr, to: VirtAddr, pages: u64, flags: PageTableFlags) -> Result<(), Error> {
+    fn remap(
+        &self,
+        inner: &mut Inner<F, M>,
+        from: VirtAddr,
+        to: VirtAddr,
+        pages: u64,
+        flags: PageTableFlags,
+    ) -> Result<(), Error> {
         let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
         let mut next = 0;
         while next < pages {
             let count = ((pages - next) as usize).min(CHUNK);
             for (i, slot) in chunk[..count].iter_mut().enumerate() {
-                let (phys, _, _) = inner.tables.translate(page_at(from, next + i as u64).start_address())?;
+                let (phys, _, _) = inner
+                    .tables
+                    .translate(page_at(from, next + i as u64).start_address())?;
                 *slot = PhysFrame::containing_address(phys);
             }
-            if let Err(error) = self.map_with_retry(inner, page_at(to, next), chunk[..count].iter().copied(), flags) {
+            if let Err(error) = self.map_with_retry(
+                inner,
+                page_at(to, next),
+                chunk[..count].iter().copied(),
+                flags,
+            ) {
                 // `map` is all or nothing: the caller unmaps pages `0..next` of `to`.
                 self.unmap_flushed(inner, page_range(to, 0..next), |_| {});
                 return Err(error);
@@ -861,20 +999,38 @@ where
     }
 }
 
+/// Iterator over live areas; see [`Vmalloc::areas`].
+pub struct Areas<'a, F: FrameSource, M: PhysMemory + Copy> {
+    inner: spin::MutexGuard<'a, Inner<F, M>>,
+    next: u64,
+}
+
+impl<F: FrameSource, M: PhysMemory + Copy> Iterator for Areas<'_, F, M> {
+    type Item = AreaInfo;
+
+    fn next(&mut self) -> Option<AreaInfo> {
+        loop {
+            let area = self.inner.areas.first_from(self.next)?;
+            self.next = area.start.as_u64().checked_add(1)?;
+            if area.data.state == AreaState::Live {
+                return Some(AreaInfo::new(area.start, area.size, &area.data));
+            }
+        }
+    }
+}
+
 /// A `/proc/vmallocinfo`-style listing; see [`Vmalloc::info`].
 pub struct VmallocInfo<'a, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     vmalloc: &'a Vmalloc<F, M, T>,
 }
 
-impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> core::fmt::Display for VmallocInfo<'_, F, M, T> {
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> core::fmt::Display
+    for VmallocInfo<'_, F, M, T>
+{
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let mut result = Ok(());
-        self.vmalloc.for_each_area(|area| {
-            if result.is_ok() {
-                result = writeln!(f, "{area}");
-            }
-        });
-        result
+        self.vmalloc
+            .areas()
+            .try_for_each(|area| writeln!(f, "{area}"))
     }
 }
 
@@ -882,10 +1038,13 @@ fn check_region(start: VirtAddr, size: u64) -> Result<(), Error> {
     if size == 0 {
         return Err(Error::ZeroSize);
     }
-    if start.as_u64() % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+    if !start.as_u64().is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(Error::Unaligned);
     }
-    let last = start.as_u64().checked_add(size - 1).ok_or(Error::RangeWraps)?;
+    let last = start
+        .as_u64()
+        .checked_add(size - 1)
+        .ok_or(Error::RangeWraps)?;
     match VirtAddr::try_new(last) {
         Ok(_) if (last >> 47) == (start.as_u64() >> 47) => Ok(()),
         _ => Err(Error::NonCanonical),
@@ -914,7 +1073,11 @@ fn as_ptr(addr: VirtAddr) -> NonNull<u8> {
 /// Internal consistency: areas this manager mapped are mapped. A failure is a bug
 /// here, or someone else editing the region's page tables.
 fn invariant(result: Result<(), Error>) {
-    debug_assert_eq!(result, Ok(()), "vmalloc page tables out of step with its areas");
+    debug_assert_eq!(
+        result,
+        Ok(()),
+        "vmalloc page tables out of step with its areas"
+    );
 }
 
 /// A frame source that counts the frames it hands out and takes back, so the
@@ -926,7 +1089,10 @@ struct CountingFrames<'a, F: FrameSource> {
 
 impl<'a, F: FrameSource> CountingFrames<'a, F> {
     fn new(frames: &'a F) -> Self {
-        Self { frames, net: Cell::new(0) }
+        Self {
+            frames,
+            net: Cell::new(0),
+        }
     }
     fn net(&self) -> i64 {
         self.net.get()
@@ -963,11 +1129,18 @@ struct FrameBatch<'a, F: FrameSource> {
 impl<'a, F: FrameSource> FrameBatch<'a, F> {
     fn new(frames: &'a F) -> Self {
         let held = RefCell::new(([PhysFrame::containing_address(PhysAddr::zero()); CHUNK], 0));
-        Self { frames, overflow_flush: None, held }
+        Self {
+            frames,
+            overflow_flush: None,
+            held,
+        }
     }
 
     fn flushing_on_overflow(frames: &'a F, tlb: &'a dyn TlbFlush) -> Self {
-        Self { overflow_flush: Some(tlb), ..Self::new(frames) }
+        Self {
+            overflow_flush: Some(tlb),
+            ..Self::new(frames)
+        }
     }
 
     fn push(&self, frame: PhysFrame) {
@@ -1036,15 +1209,22 @@ impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
     }
 
     fn area_containing(&self, addr: VirtAddr) -> Option<(VirtAddr, u64, AreaRecord)> {
-        self.areas.find_containing(addr).map(|area| (area.start, area.size, area.data))
+        self.areas
+            .find_containing(addr)
+            .map(|area| (area.start, area.size, area.data))
     }
 
     fn record_mut(&mut self, start: VirtAddr) -> &mut AreaRecord {
-        self.areas.data_mut(start).expect("the area was looked up under the same lock")
+        self.areas
+            .data_mut(start)
+            .expect("the area was looked up under the same lock")
     }
 
     fn try_extend(&mut self, start: VirtAddr, old_span: u64, new_span: u64) -> bool {
-        if !self.space.try_extend(&mut self.pool, start, old_span, new_span) {
+        if !self
+            .space
+            .try_extend(&mut self.pool, start, old_span, new_span)
+        {
             return false;
         }
         invariant(self.areas.resize(start, new_span));
@@ -1052,20 +1232,14 @@ impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
     }
 
     fn shrink(&mut self, start: VirtAddr, old_span: u64, new_span: u64) -> Result<(), Error> {
-        self.space.shrink(&mut self.pool, start, old_span, new_span)?;
+        self.space
+            .shrink(&mut self.pool, start, old_span, new_span)?;
         invariant(self.areas.resize(start, new_span));
         Ok(())
     }
 
     fn live_areas(&self) -> u64 {
         self.areas.len() as u64 - self.purge.areas
-    }
-
-    fn for_each_live(&self, mut f: impl FnMut(AreaInfo)) {
-        self.areas
-            .iter()
-            .filter(|area| area.data.state == AreaState::Live)
-            .for_each(|area| f(AreaInfo::new(area.start, area.size, &area.data)));
     }
 }
 

@@ -71,7 +71,10 @@ impl<'a> VBuffer<'a> {
     ///
     /// As [`Vmalloc::vzalloc`](super::Vmalloc::vzalloc).
     pub fn zeroed(vmalloc: &'a dyn VmallocOps, len: usize) -> Result<Self, Error> {
-        let options = VmOptions { flags: VmFlags::ZERO, ..VmOptions::default() };
+        let options = VmOptions {
+            flags: VmFlags::ZERO,
+            ..VmOptions::default()
+        };
         let ptr = vmalloc.vmalloc_with(len, &options)?;
         Ok(Self { ptr, len, vmalloc })
     }
@@ -137,11 +140,20 @@ impl<'a, T> VBox<'a, T> {
     ///
     /// As [`Vmalloc::vmalloc_with`](super::Vmalloc::vmalloc_with); `value` is dropped.
     pub fn new(vmalloc: &'a dyn VmallocOps, value: T) -> Result<Self, Error> {
-        let options = VmOptions { align: (align_of::<T>() as u64).max(PAGE_SIZE), ..VmOptions::default() };
-        let ptr = vmalloc.vmalloc_with(size_of::<T>().max(1), &options)?.cast::<T>();
+        let options = VmOptions {
+            align: (align_of::<T>() as u64).max(PAGE_SIZE),
+            ..VmOptions::default()
+        };
+        let ptr = vmalloc
+            .vmalloc_with(size_of::<T>().max(1), &options)?
+            .cast::<T>();
         // SAFETY: the area is fresh, mapped read-write, large enough and aligned for T.
         unsafe { ptr.as_ptr().write(value) };
-        Ok(Self { ptr, vmalloc, _owns: PhantomData })
+        Ok(Self {
+            ptr,
+            vmalloc,
+            _owns: PhantomData,
+        })
     }
 }
 

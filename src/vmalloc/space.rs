@@ -471,6 +471,11 @@ impl<T: Copy> AreaMap<T> {
             .map(area_of)
     }
 
+    /// The first area starting at or after `addr`.
+    pub(crate) fn first_from(&self, addr: u64) -> Option<Area<T>> {
+        self.busy.ceiling(addr).map(area_of)
+    }
+
     /// The record of the area starting exactly at `start`, to update in place.
     pub(crate) fn data_mut(&mut self, start: VirtAddr) -> Option<&mut T> {
         self.busy.get_mut(start.as_u64()).map(|n| &mut n.value.0)
