@@ -7,6 +7,8 @@
 //! - [`phys`]: how the library reaches physical memory ([`PhysMemory`]).
 //! - [`tlb`]: the TLB-flush policy ([`TlbFlush`]).
 //! - [`paging`]: a page-table cursor that maps, unmaps and protects whole ranges.
+//! - [`vmalloc`]: the area manager, [`Vmalloc`](vmalloc::Vmalloc).
+//! - [`heap`]: a kernel heap (`GlobalAlloc`) on vmalloc.
 //! - [`sim`] (feature `sim`): a simulated machine to test all of the above on the host.
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -19,6 +21,7 @@ extern crate std;
 
 mod error;
 pub mod frame;
+pub mod heap;
 pub mod paging;
 pub mod phys;
 #[cfg(feature = "sim")]
