@@ -706,7 +706,7 @@ where
             };
             if let Err(error) = result {
                 invariant(self.frames.free_frames(frames));
-                self.free_range(inner, page_range(start, pages.start..next), true);
+                self.free_range(inner, page_range(start, pages.start..next));
                 return Err(error);
             }
             next += got as u64;
@@ -830,18 +830,11 @@ where
         self.reclaim_with(inner, range, on_frame);
     }
 
-    /// Unmaps `range` now, flushing, and frees its frames if they are the allocator's.
-    fn free_range(&self, inner: &mut Inner<F, M>, range: PageRange, owns_frames: bool) {
-        if range.is_empty() {
-            return;
-        }
-        invariant(
-            inner
-                .tables
-                .detach(range)
-                .map(|flush| flush.flush(&self.tlb)),
-        );
-        self.reclaim(inner, range, owns_frames);
+    /// Unmaps `range` now, flushing, and frees its frames to the allocator.
+    fn free_range(&self, inner: &mut Inner<F, M>, range: PageRange) {
+        let batch = FrameBatch::new(&self.frames);
+        self.unmap_flushed(inner, range, |frame| batch.push(frame));
+        batch.finish();
     }
 
     /// After the flush covering `range`: takes the frames out of its detached
@@ -890,11 +883,7 @@ where
     ) -> Result<(), Error> {
         // The range first: it may need a bookkeeping node, and then nothing changed.
         inner.shrink(start, record.span(), record.span_for(new_pages))?;
-        self.free_range(
-            inner,
-            page_range(start, new_pages..record.mapped_pages),
-            true,
-        );
+        self.free_range(inner, page_range(start, new_pages..record.mapped_pages));
         let record = inner.record_mut(start);
         record.mapped_pages = new_pages;
         record.size = new_pages * PAGE_SIZE;
