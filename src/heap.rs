@@ -318,7 +318,23 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
 /// and freed together: Rust-for-Linux's `KVBox`.
 pub struct KVBox<'h, T> {
     ptr: NonNull<T>,
-    heap: &'h KernelHeap<'h>,
+    heap: &'h dyn Blocks,
+}
+
+/// What a [`KVBox`] needs of its heap once it exists, so the box need not name the
+/// heap's own lifetime.
+trait Blocks: Sync {
+    /// # Safety
+    ///
+    /// As [`KernelHeap::deallocate`].
+    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout);
+}
+
+impl Blocks for KernelHeap<'_> {
+    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller.
+        unsafe { KernelHeap::deallocate(self, ptr, layout) }
+    }
 }
 
 impl<'h, T> KVBox<'h, T> {
@@ -327,7 +343,7 @@ impl<'h, T> KVBox<'h, T> {
     /// # Errors
     ///
     /// [`Error::OutOfFrames`] when neither path can serve it; `value` is dropped.
-    pub fn new(heap: &'h KernelHeap<'h>, value: T) -> Result<Self, Error> {
+    pub fn new<'v: 'h>(heap: &'h KernelHeap<'v>, value: T) -> Result<Self, Error> {
         let layout = Layout::new::<T>();
         let ptr = if layout.size() == 0 {
             NonNull::dangling()

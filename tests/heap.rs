@@ -1,0 +1,324 @@
+//! The kernel heap as a plain object on a simulated machine. The machine's host
+//! window makes vmalloc addresses dereferenceable here, as they are in a kernel.
+
+use allocator_api2::boxed::Box as ABox;
+use allocator_api2::vec::Vec as AVec;
+use std::alloc::{GlobalAlloc, Layout};
+use std::collections::BTreeMap;
+use vmalloc::frame::FaultInjector;
+use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
+use vmalloc::sim::{Rng, SimConfig, SimMachine, SimPhys};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::{FrameSource, PAGE_SIZE};
+use x86_64::VirtAddr;
+
+type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
+
+fn machine(memory: u64) -> SimMachine {
+    SimMachine::new(
+        SimConfig::new(memory)
+            .with_scatter_seed(11)
+            .with_host_window(8 << 30),
+    )
+}
+
+fn manager<'m, F: FrameSource + Clone>(machine: &'m SimMachine, frames: F) -> SimVmalloc<'m, F> {
+    let (start, size) = machine.host_window().expect("host window");
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+}
+
+const CONFIG: HeapConfig = HeapConfig {
+    window: 256 << 20,
+    ..HeapConfig::DEFAULT
+};
+
+struct Block {
+    ptr: *mut u8,
+    layout: Layout,
+    fill: u8,
+}
+
+fn fill(block: &Block) {
+    // SAFETY: the block is live and `layout.size()` bytes long.
+    unsafe { std::ptr::write_bytes(block.ptr, block.fill, block.layout.size()) };
+}
+
+fn check(block: &Block, len: usize) {
+    // SAFETY: the block is live and at least `len` bytes long.
+    let bytes = unsafe { std::slice::from_raw_parts(block.ptr, len) };
+    assert!(
+        bytes.iter().all(|&b| b == block.fill),
+        "contents of a {:?} block",
+        block.layout
+    );
+}
+
+fn random_layout(rng: &mut Rng) -> Layout {
+    // Sizes spread over 1 byte .. 4 MiB on a log scale; alignments up to 2 MiB.
+    let size_bits = rng.below(23);
+    let size = 1 + rng.below(1 << size_bits) as usize;
+    let align_bits = if rng.below(8) == 0 { 22 } else { 7 };
+    let align = 1 << rng.below(align_bits);
+    Layout::from_size_align(size, align).unwrap()
+}
+
+#[test]
+fn random_alloc_dealloc_realloc_keeps_blocks_apart_and_returns_frames() {
+    let machine = machine(512 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let (free_before, bookkeeping_before) = (frames.stats().free, vm.stats().bookkeeping_frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let mut rng = Rng::new(5);
+    let mut live: Vec<Block> = Vec::new();
+    for step in 0..3000u32 {
+        match rng.below(10) {
+            0..=4 => {
+                let layout = random_layout(&mut rng);
+                // SAFETY: the layout has a non-zero size.
+                let ptr = unsafe { heap.alloc(layout) };
+                assert!(!ptr.is_null(), "step {step}: {layout:?}");
+                assert_eq!(ptr as usize % layout.align(), 0, "alignment of {layout:?}");
+                let block = Block {
+                    ptr,
+                    layout,
+                    fill: step as u8,
+                };
+                fill(&block);
+                live.push(block);
+            }
+            5..=7 if !live.is_empty() => {
+                let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+                check(&block, block.layout.size());
+                // SAFETY: the block came from this heap with this layout.
+                unsafe { heap.dealloc(block.ptr, block.layout) };
+            }
+            _ if !live.is_empty() => {
+                let index = rng.below(live.len() as u64) as usize;
+                let new_size = random_layout(&mut rng).size();
+                let block = &mut live[index];
+                // SAFETY: the block came from this heap with this layout.
+                let moved = unsafe { heap.realloc(block.ptr, block.layout, new_size) };
+                assert!(!moved.is_null());
+                assert_eq!(moved as usize % block.layout.align(), 0);
+                block.ptr = moved;
+                check(block, block.layout.size().min(new_size));
+                block.layout = Layout::from_size_align(new_size, block.layout.align()).unwrap();
+                fill(block);
+            }
+            _ => {}
+        }
+        if step % 250 == 0 {
+            assert_disjoint(&live);
+        }
+    }
+    assert_disjoint(&live);
+    for block in live.drain(..) {
+        check(&block, block.layout.size());
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block.ptr, block.layout) };
+    }
+    vm.purge();
+    let stats = heap.stats();
+    assert_eq!(
+        (stats.in_use, stats.large_blocks, stats.large_bytes),
+        (0, 0, 0)
+    );
+    let vm_stats = vm.stats();
+    assert_eq!(
+        vm_stats.data_frames,
+        stats.mapped as u64 / PAGE_SIZE,
+        "only the high-water pages stay mapped"
+    );
+    let kept = vm_stats.data_frames
+        + vm_stats.page_table_frames
+        + (vm_stats.bookkeeping_frames - bookkeeping_before);
+    assert_eq!(
+        frames.stats().free + kept,
+        free_before,
+        "every other frame went back"
+    );
+}
+
+fn assert_disjoint(live: &[Block]) {
+    let mut ranges: Vec<(usize, usize)> = live
+        .iter()
+        .map(|b| (b.ptr as usize, b.ptr as usize + b.layout.size()))
+        .collect();
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "blocks overlap: {:x?}", pair);
+    }
+}
+
+#[test]
+fn collections_through_the_allocator_api() {
+    let machine = machine(128 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let (window, size) = machine.host_window().unwrap();
+    let inside = |ptr: *const u8| (ptr as u64).wrapping_sub(window.as_u64()) < size;
+
+    let mut numbers = AVec::new_in(&heap);
+    numbers.extend(0..100_000u64);
+    assert!(inside(numbers.as_ptr().cast()));
+    assert_eq!(numbers.iter().sum::<u64>(), 99_999 * 100_000 / 2);
+    assert!(
+        heap.stats().large_blocks >= 1,
+        "a 800 KB vector lives in its own vmalloc area"
+    );
+    let boxed = ABox::new_in([3u8; 100], &heap);
+    assert!(inside(boxed.as_ptr()) && heap.owns_small(boxed.as_ptr()));
+    let mut words: AVec<AVec<u8, &KernelHeap>, &KernelHeap> = AVec::new_in(&heap);
+    for i in 0..500 {
+        let mut word = AVec::new_in(&heap);
+        word.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, i % 40));
+        words.push(word);
+    }
+    assert!(words.iter().enumerate().all(|(i, w)| w.len() == i % 40));
+    drop((numbers, boxed, words));
+    assert_eq!(heap.stats().in_use, 0);
+    assert_eq!(heap.stats().large_blocks, 0);
+}
+
+#[test]
+fn growing_a_large_block_remaps_instead_of_copying() {
+    let machine = machine(128 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    // SAFETY: non-zero size.
+    let ptr = unsafe { heap.alloc(layout) };
+    // SAFETY: the block holds 1 MiB.
+    unsafe { ptr.write_bytes(0x42, 1 << 20) };
+    let first = vm.vmalloc_to_frame(VirtAddr::from_ptr(ptr)).unwrap();
+    let blocker = vm.vmalloc(4096).unwrap();
+    // SAFETY: the block came from this heap with this layout.
+    let grown = unsafe { heap.realloc(ptr, layout, 8 << 20) };
+    assert!(!grown.is_null());
+    assert_eq!(
+        vm.vmalloc_to_frame(VirtAddr::from_ptr(grown)).unwrap(),
+        first,
+        "same frame, new place"
+    );
+    // SAFETY: the first MiB was kept.
+    assert!(
+        unsafe { std::slice::from_raw_parts(grown, 1 << 20) }
+            .iter()
+            .all(|&b| b == 0x42)
+    );
+    // SAFETY: as above, with the new size.
+    unsafe { heap.dealloc(grown, Layout::from_size_align(8 << 20, 8).unwrap()) };
+    vm.vfree(blocker.as_ptr()).unwrap();
+    assert_eq!(heap.stats().large_blocks, 0);
+}
+
+#[test]
+fn running_out_of_frames_gives_null_and_the_heap_recovers() {
+    let machine = machine(32 << 20);
+    let frames = machine.frames();
+    let injector = FaultInjector::new(&frames);
+    let vm = manager(&machine, &injector);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let small = Layout::from_size_align(2000, 8).unwrap();
+    let large = Layout::from_size_align(256 << 10, 4096).unwrap();
+    // SAFETY: non-zero sizes throughout; every block is freed with its layout.
+    unsafe {
+        injector.fail_after(10);
+        assert!(
+            heap.alloc(large).is_null(),
+            "the 11th frame of a 64-frame block fails"
+        );
+        let retry = heap.alloc(large);
+        assert!(
+            !retry.is_null(),
+            "the failure left nothing behind to trip over"
+        );
+        heap.dealloc(retry, large);
+
+        // Real exhaustion: fill every frame of the machine with small blocks.
+        let mut filled = Vec::new();
+        loop {
+            let p = heap.alloc(small);
+            if p.is_null() {
+                break;
+            }
+            filled.push(p);
+        }
+        assert!(
+            filled.len() > 5000,
+            "{} blocks of 2000 bytes in 32 MiB",
+            filled.len()
+        );
+        assert!(heap.alloc(large).is_null());
+        for p in filled.drain(..filled.len() / 2) {
+            heap.dealloc(p, small);
+        }
+        let again = heap.alloc(small);
+        assert!(!again.is_null(), "freed blocks serve again");
+        heap.dealloc(again, small);
+        for p in filled {
+            heap.dealloc(p, small);
+        }
+    }
+    assert_eq!(heap.stats().in_use, 0);
+}
+
+#[test]
+fn kvmalloc_picks_a_path_by_size_and_kvfree_needs_no_size() {
+    let machine = machine(128 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let small = heap.kvmalloc(100).unwrap();
+    let large = heap.kvmalloc(1 << 20).unwrap();
+    assert!(heap.owns_small(small.as_ptr()));
+    assert!(!heap.owns_small(large.as_ptr()));
+    assert_eq!(heap.stats().large_blocks, 1);
+    // SAFETY: both came from kvmalloc and hold the sizes asked for.
+    unsafe {
+        small.as_ptr().write_bytes(1, 100);
+        large.as_ptr().write_bytes(2, 1 << 20);
+        heap.kvfree(small);
+        heap.kvfree(large);
+    }
+    assert_eq!(heap.stats().large_blocks, 0);
+    assert_eq!(heap.stats().in_use, 0);
+
+    let mut map = KVBox::new(&heap, BTreeMap::<u32, u32>::new()).unwrap();
+    map.insert(1, 2);
+    assert_eq!(map.get(&1), Some(&2));
+    let big = KVBox::new(&heap, [9u64; 8192]).unwrap();
+    assert!(!heap.owns_small((&*big as *const [u64; 8192]).cast()));
+    assert_eq!(big.iter().sum::<u64>(), 9 * 8192);
+}
+
+#[test]
+fn an_uninitialised_heap_fails_cleanly() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig::DEFAULT);
+    // SAFETY: non-zero size.
+    assert!(unsafe { heap.alloc(Layout::new::<u64>()) }.is_null());
+    assert!(heap.kvmalloc(10).is_none());
+    heap.init(&vm).unwrap();
+    assert_eq!(
+        heap.init(&vm),
+        Err(vmalloc::Error::Overlap),
+        "initialised once"
+    );
+}

@@ -1,0 +1,138 @@
+//! The kernel heap as this test binary's `#[global_allocator]`: once it is
+//! initialised, every `String`, `BTreeMap`, `Vec` and `Box` of the process (the test
+//! harness's included) lives in vmalloc memory of a simulated machine.
+//!
+//! The machine, its frame source and the vmalloc manager are built, and leaked, while
+//! the allocator still forwards to the system allocator; blocks are routed back by
+//! address, so system blocks made before the switch are freed where they came from.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::sim::{SimConfig, SimFrames, SimMachine};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+
+static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
+    window: 512 << 20,
+    ..HeapConfig::DEFAULT
+});
+static READY: AtomicBool = AtomicBool::new(false);
+static WINDOW_START: AtomicU64 = AtomicU64::new(0);
+static WINDOW_SIZE: AtomicU64 = AtomicU64::new(0);
+
+struct Routed;
+
+fn in_window(ptr: *mut u8) -> bool {
+    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire))
+        < WINDOW_SIZE.load(Ordering::Acquire)
+}
+
+// SAFETY: every block is freed by the allocator that made it, told apart by address.
+unsafe impl GlobalAlloc for Routed {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if READY.load(Ordering::Acquire) {
+                HEAP.alloc(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller; the address says who made the block.
+        unsafe {
+            if in_window(ptr) {
+                HEAP.dealloc(ptr, layout)
+            } else {
+                System.dealloc(ptr, layout)
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller. A system block moves to the heap once
+        // the heap is ready.
+        unsafe {
+            if in_window(ptr) {
+                HEAP.realloc(ptr, layout, new_size)
+            } else if !READY.load(Ordering::Acquire) {
+                System.realloc(ptr, layout, new_size)
+            } else {
+                let moved = HEAP.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+                if !moved.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
+                    System.dealloc(ptr, layout);
+                }
+                moved
+            }
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Routed = Routed;
+
+type Manager = Vmalloc<&'static SimFrames, vmalloc::sim::SimPhys<'static>, &'static SimMachine>;
+
+fn switch_to_the_kernel_heap() -> &'static Manager {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(256 << 20)
+            .with_scatter_seed(3)
+            .with_host_window(4 << 30),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let manager =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap();
+    let manager: &'static Manager = Box::leak(Box::new(manager));
+    HEAP.init(manager).unwrap();
+    WINDOW_SIZE.store(size, Ordering::Release);
+    WINDOW_START.store(start.as_u64(), Ordering::Release);
+    READY.store(true, Ordering::Release);
+    manager
+}
+
+#[test]
+fn std_collections_live_in_vmalloc_memory() {
+    let manager = switch_to_the_kernel_heap();
+
+    let mut text = String::from("vmalloc");
+    for i in 0..1000 {
+        text.push_str(&i.to_string());
+    }
+    assert!(in_window(text.as_mut_ptr()));
+    assert!(text.starts_with("vmalloc0123"));
+
+    let mut map = BTreeMap::new();
+    for i in 0..20_000u32 {
+        map.insert(i, i.wrapping_mul(2_654_435_761));
+    }
+    assert_eq!(map.len(), 20_000);
+    assert_eq!(map[&12_345], 12_345u32.wrapping_mul(2_654_435_761));
+
+    let mut boxed = Box::new([1u64; 64]);
+    boxed[5] = 6;
+    assert!(in_window(boxed.as_mut_ptr().cast()));
+    assert_eq!(boxed.iter().sum::<u64>(), 69);
+
+    // 8 MiB: above the large threshold, so its own vmalloc area; growing it remaps.
+    let mut big: Vec<u64> = (0..(1 << 20)).collect();
+    assert!(HEAP.stats().large_blocks >= 1);
+    assert!(manager.is_vmalloc_addr(x86_64::VirtAddr::from_ptr(big.as_ptr())));
+    big.extend(0..(1 << 20));
+    assert_eq!(big[(1 << 20) + 7], 7);
+    assert_eq!(big[1000], 1000);
+
+    let before = HEAP.stats().large_blocks;
+    drop(big);
+    assert_eq!(HEAP.stats().large_blocks, before - 1);
+}
