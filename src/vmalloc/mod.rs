@@ -623,6 +623,17 @@ where
         Ok(bytes.div_ceil(PAGE_SIZE))
     }
 
+    /// Whether the empty region has an address aligned to `align` with `span`
+    /// bytes after it.
+    fn could_ever_fit(&self, span: u64, align: u64) -> bool {
+        let start = self.config.start.as_u64();
+        let end = start + self.config.size;
+        start
+            .checked_next_multiple_of(align)
+            .and_then(|first| first.checked_add(span))
+            .is_some_and(|last| last <= end)
+    }
+
     /// The live area starting exactly at `ptr`, of one of `kinds`.
     fn live_area_at(
         &self,
@@ -663,6 +674,10 @@ where
         record: AreaRecord,
         align: u64,
     ) -> Result<VirtAddr, Error> {
+        if !self.could_ever_fit(record.span(), align) {
+            // No purge can help: refuse before touching anything.
+            return Err(Error::OutOfVirtualSpace);
+        }
         loop {
             match inner.insert_area(record, align) {
                 Err(Error::OutOfVirtualSpace | Error::OutOfFrames)

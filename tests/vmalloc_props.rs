@@ -1,0 +1,544 @@
+//! Random sequences of every vmalloc operation, bad input included, against a plain
+//! model, with the page tables checked by an independent walker after every step.
+
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use vmalloc::frame::FaultInjector;
+use vmalloc::sim::{SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::vmalloc::{
+    AreaInfo, AreaKind, CacheMode, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
+};
+use vmalloc::{Error, FrameSource, PAGE_SIZE};
+use x86_64::structures::paging::mapper::{Translate, TranslateResult};
+use x86_64::structures::paging::{OffsetPageTable, PageTable, PhysFrame};
+use x86_64::{PhysAddr, VirtAddr};
+
+type Manager<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc {
+        bytes: usize,
+        align_shift: u8,
+        zero: bool,
+        no_guard: bool,
+        wx: bool,
+    },
+    Free {
+        pick: usize,
+        how: BadPointer,
+    },
+    Vmap {
+        pages: usize,
+    },
+    Vunmap {
+        pick: usize,
+    },
+    Ioremap {
+        phys: u64,
+        bytes: usize,
+    },
+    Iounmap {
+        pick: usize,
+    },
+    Realloc {
+        pick: usize,
+        bytes: usize,
+    },
+    Purge,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BadPointer {
+    Exact,
+    Interior,
+    Guard,
+    Null,
+    Outside,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1usize..40 * 4096, 0u8..64, any::<bool>(), any::<bool>(), prop::bool::weighted(0.05))
+            .prop_map(|(bytes, align_shift, zero, no_guard, wx)| Op::Alloc { bytes, align_shift, zero, no_guard, wx }),
+        3 => (any::<usize>(), prop_oneof![
+                6 => Just(BadPointer::Exact), 1 => Just(BadPointer::Interior), 1 => Just(BadPointer::Guard),
+                1 => Just(BadPointer::Null), 1 => Just(BadPointer::Outside)])
+            .prop_map(|(pick, how)| Op::Free { pick, how }),
+        1 => (1usize..12).prop_map(|pages| Op::Vmap { pages }),
+        1 => any::<usize>().prop_map(|pick| Op::Vunmap { pick }),
+        1 => (0u64..(1 << 40), 1usize..5 * 4096).prop_map(|(phys, bytes)| Op::Ioremap { phys, bytes }),
+        1 => any::<usize>().prop_map(|pick| Op::Iounmap { pick }),
+        2 => (any::<usize>(), 1usize..50 * 4096).prop_map(|(pick, bytes)| Op::Realloc { pick, bytes }),
+        1 => Just(Op::Purge),
+    ]
+}
+
+/// What the model knows of one live area.
+#[derive(Debug, Clone)]
+struct Live {
+    kind: AreaKind,
+    pages: u64,
+    /// Byte pattern written at the start of vmalloc areas: (seed, length).
+    pattern: Option<(u8, usize)>,
+    /// Frames the test owns and lent to vmap; the physical start of ioremap.
+    frames: Vec<PhysFrame>,
+    phys: Option<PhysAddr>,
+    /// The pointer the call returned.
+    ptr: u64,
+    /// Whether a guard page follows.
+    guard: bool,
+}
+
+struct World<'m> {
+    machine: &'m SimMachine,
+    frames: &'m SimFrames,
+    vm: Manager<'m, &'m SimFrames>,
+    live: BTreeMap<u64, Live>,
+    /// Ranges freed since the last purge: their pages must not translate after it.
+    freed: Vec<(u64, u64)>,
+    held_for_vmap: u64,
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i * 31 % 255) as u8))
+        .collect()
+}
+
+impl World<'_> {
+    fn pick(&self, pick: usize, kind: AreaKind) -> Option<(u64, Live)> {
+        let of_kind: Vec<_> = self.live.iter().filter(|(_, l)| l.kind == kind).collect();
+        (!of_kind.is_empty()).then(|| {
+            let (start, live) = of_kind[pick % of_kind.len()];
+            (*start, live.clone())
+        })
+    }
+
+    fn snapshot(&self) -> (vmalloc::vmalloc::VmallocStats, u64, Vec<AreaInfo>) {
+        (
+            self.vm.stats(),
+            self.frames.stats().free,
+            self.vm.areas().collect(),
+        )
+    }
+
+    fn step(&mut self, op: Op) {
+        let before = self.snapshot();
+        let refused = |world: &Self, what: &str| {
+            assert_eq!(
+                world.snapshot(),
+                before,
+                "a refused {what} changed something"
+            );
+        };
+        match op {
+            Op::Alloc {
+                bytes,
+                align_shift,
+                zero,
+                no_guard,
+                wx,
+            } => {
+                let mut flags = VmFlags::empty();
+                flags.set(VmFlags::ZERO, zero);
+                flags.set(VmFlags::NO_GUARD, no_guard);
+                let prot = if wx {
+                    Prot::WRITE | Prot::EXEC
+                } else {
+                    Prot::KERNEL_RW
+                };
+                let align = 1u64 << align_shift;
+                let options = VmOptions {
+                    align,
+                    prot,
+                    flags,
+                    tag: "prop",
+                };
+                match self.vm.vmalloc_with(bytes, &options) {
+                    Ok(ptr) => {
+                        assert!(!wx);
+                        let start = ptr.as_ptr() as u64;
+                        assert_eq!(start % align.max(PAGE_SIZE), 0);
+                        let pages = (bytes as u64).div_ceil(PAGE_SIZE);
+                        if zero {
+                            let mut bytes_back = vec![1; (pages * PAGE_SIZE) as usize];
+                            self.machine
+                                .read(VirtAddr::new(start), &mut bytes_back)
+                                .unwrap();
+                            assert!(bytes_back.iter().all(|&b| b == 0), "vzalloc memory is zero");
+                        }
+                        let seed = start as u8 ^ 0x5a;
+                        let len = bytes.min(3 * 4096);
+                        self.machine
+                            .write(VirtAddr::new(start), &pattern(seed, len))
+                            .unwrap();
+                        let live = Live {
+                            kind: AreaKind::Vmalloc,
+                            pages,
+                            pattern: Some((seed, len)),
+                            frames: vec![],
+                            phys: None,
+                            ptr: start,
+                            guard: !no_guard,
+                        };
+                        self.live.insert(start, live);
+                    }
+                    Err(Error::WriteExecute) => {
+                        assert!(wx);
+                        refused(self, "W+X vmalloc");
+                    }
+                    Err(Error::OutOfVirtualSpace) => {
+                        assert!(
+                            align_shift > 40,
+                            "only huge alignments fail: 2^{align_shift}"
+                        );
+                        // Lazily freed areas may be purged first, in case one holds the
+                        // only aligned slot; live areas stay as they were.
+                        let (_, _, areas) = self.snapshot();
+                        assert_eq!(areas, before.2, "a refused vmalloc changed the live areas");
+                    }
+                    Err(error) => panic!("vmalloc({bytes}, 2^{align_shift}): {error:?}"),
+                }
+            }
+            Op::Free { pick, how } => {
+                let Some((start, live)) = self.pick(pick, AreaKind::Vmalloc) else {
+                    return;
+                };
+                let (ptr, expected) = match how {
+                    BadPointer::Exact => (start, Ok(())),
+                    BadPointer::Interior => (start + 8, Err(Error::InteriorPointer)),
+                    BadPointer::Guard => (start + live.pages * PAGE_SIZE, Err(Error::NotAllocated)),
+                    BadPointer::Null => (0, Err(Error::NullPointer)),
+                    BadPointer::Outside => (0x1000, Err(Error::NotInRegion)),
+                };
+                if matches!(how, BadPointer::Guard) && !live.guard {
+                    return;
+                }
+                if expected.is_ok() {
+                    self.check_pattern(&live);
+                }
+                let result = self.vm.vfree(ptr as *mut u8);
+                assert_eq!(result, expected, "vfree {how:?}");
+                if expected.is_ok() {
+                    self.live.remove(&start);
+                    self.freed.push((start, live.pages));
+                    assert_eq!(
+                        self.vm.vfree(start as *mut u8),
+                        Err(Error::NotAllocated),
+                        "double free"
+                    );
+                } else {
+                    refused(self, "vfree");
+                }
+            }
+            Op::Vmap { pages } => {
+                let mut frames = vec![PhysFrame::containing_address(PhysAddr::zero()); pages];
+                if self.frames.alloc_frames(&mut frames) < pages {
+                    return;
+                }
+                self.held_for_vmap += pages as u64;
+                let before = self.snapshot();
+                assert_eq!(
+                    self.vm.vmap(&frames, Prot::WRITE | Prot::EXEC),
+                    Err(Error::WriteExecute)
+                );
+                assert_eq!(self.snapshot(), before);
+                let ptr = self.vm.vmap(&frames, Prot::KERNEL_RW).unwrap().as_ptr() as u64;
+                let live = Live {
+                    kind: AreaKind::Vmap,
+                    pages: pages as u64,
+                    pattern: None,
+                    frames,
+                    phys: None,
+                    ptr,
+                    guard: true,
+                };
+                self.live.insert(ptr, live);
+            }
+            Op::Vunmap { pick } => {
+                let Some((start, live)) = self.pick(pick, AreaKind::Vmap) else {
+                    return;
+                };
+                assert_eq!(self.vm.vfree(start as *mut u8), Err(Error::WrongKind));
+                let mut back = Vec::new();
+                self.vm
+                    .vunmap(start as *mut u8, |frame| back.push(frame))
+                    .unwrap();
+                assert_eq!(
+                    back, live.frames,
+                    "vunmap hands the caller's frames back in order"
+                );
+                assert!(
+                    self.machine.read(VirtAddr::new(start), &mut [0]).is_err(),
+                    "flushed at once"
+                );
+                self.frames.free_frames(&back).unwrap();
+                self.held_for_vmap -= back.len() as u64;
+                self.live.remove(&start);
+            }
+            Op::Ioremap { phys, bytes } => {
+                let ptr = self
+                    .vm
+                    .ioremap(PhysAddr::new(phys), bytes, CacheMode::Uncached)
+                    .unwrap()
+                    .as_ptr() as u64;
+                assert_eq!(ptr % PAGE_SIZE, phys % PAGE_SIZE);
+                let start = ptr - ptr % PAGE_SIZE;
+                let pages = (phys % PAGE_SIZE + bytes as u64).div_ceil(PAGE_SIZE);
+                let live = Live {
+                    kind: AreaKind::Ioremap,
+                    pages,
+                    pattern: None,
+                    frames: vec![],
+                    phys: Some(PhysAddr::new(phys)),
+                    ptr,
+                    guard: true,
+                };
+                self.live.insert(start, live);
+            }
+            Op::Iounmap { pick } => {
+                let Some((start, live)) = self.pick(pick, AreaKind::Ioremap) else {
+                    return;
+                };
+                if live.ptr != start {
+                    assert_eq!(
+                        self.vm.iounmap(start as *mut u8),
+                        Err(Error::InteriorPointer)
+                    );
+                }
+                self.vm.iounmap(live.ptr as *mut u8).unwrap();
+                self.live.remove(&start);
+                self.freed.push((start, live.pages));
+            }
+            Op::Realloc { pick, bytes } => {
+                let Some((start, mut live)) = self.pick(pick, AreaKind::Vmalloc) else {
+                    return;
+                };
+                let moved = self.vm.vrealloc(start as *mut u8, bytes).unwrap().as_ptr() as u64;
+                let (seed, len) = live.pattern.unwrap();
+                live.pattern = Some((seed, len.min(bytes)));
+                live.pages = (bytes as u64).div_ceil(PAGE_SIZE);
+                live.ptr = moved;
+                self.check_pattern(&live);
+                self.live.remove(&start);
+                if moved != start {
+                    self.freed.push((start, 0));
+                }
+                self.live.insert(moved, live);
+            }
+            Op::Purge => {
+                self.vm.purge();
+                for (start, pages) in self.freed.drain(..) {
+                    for page in 0..pages.max(1) {
+                        let addr = VirtAddr::new(start + page * PAGE_SIZE);
+                        if !self.live.keys().any(|&s| {
+                            s <= addr.as_u64()
+                                && addr.as_u64() < s + self.live[&s].pages * PAGE_SIZE
+                        }) {
+                            assert!(
+                                self.machine
+                                    .translate(addr, vmalloc::sim::Access::READ)
+                                    .is_err(),
+                                "freed page still maps"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn check_pattern(&self, live: &Live) {
+        let (seed, len) = live.pattern.unwrap();
+        let mut back = vec![0; len];
+        self.machine
+            .read(VirtAddr::new(live.ptr), &mut back)
+            .unwrap();
+        assert_eq!(back, pattern(seed, len), "contents survive");
+    }
+
+    fn check_invariants(&self) {
+        let areas: Vec<AreaInfo> = self.vm.areas().collect();
+        assert_eq!(areas.len(), self.live.len());
+        for pair in areas.windows(2) {
+            assert!(
+                pair[0].start + pair[0].span <= pair[1].start,
+                "areas and guards overlap"
+            );
+        }
+        // SAFETY: the machine's tables are valid, and nothing writes them meanwhile.
+        let walker = unsafe {
+            let root = (self.machine.phys_offset() + self.machine.root().start_address().as_u64())
+                .as_mut_ptr::<PageTable>();
+            OffsetPageTable::new(&mut *root, self.machine.phys_offset())
+        };
+        let mut data_frames = BTreeSet::new();
+        for area in &areas {
+            let live = &self.live[&area.start.as_u64()];
+            assert_eq!((area.kind, area.pages), (live.kind, live.pages));
+            for page in 0..live.pages {
+                let addr = area.start + page * PAGE_SIZE;
+                let TranslateResult::Mapped { frame, .. } = walker.translate(addr) else {
+                    panic!("page {page} of {area} is not mapped");
+                };
+                let frame = frame.start_address();
+                match live.kind {
+                    AreaKind::Vmalloc => {
+                        assert!(data_frames.insert(frame), "frame {frame:?} held twice")
+                    }
+                    AreaKind::Vmap => assert_eq!(frame, live.frames[page as usize].start_address()),
+                    AreaKind::Ioremap => {
+                        let base = live.phys.unwrap().align_down(PAGE_SIZE);
+                        assert_eq!(frame, base + page * PAGE_SIZE);
+                    }
+                    AreaKind::Reserved => unreachable!(),
+                }
+            }
+            if area.span > area.size {
+                let guard = area.start + area.size;
+                assert!(
+                    matches!(walker.translate(guard), TranslateResult::NotMapped),
+                    "guard page of {area} maps"
+                );
+            }
+        }
+        let s = self.vm.stats();
+        assert_eq!(s.data_frames, data_frames.len() as u64);
+        let accounted = self.frames.stats().free
+            + s.data_frames
+            + s.page_table_frames
+            + s.pending_purge_frames
+            + s.bookkeeping_frames
+            + self.held_for_vmap;
+        assert_eq!(
+            accounted,
+            self.frames.stats().total,
+            "frames are conserved: {s:?}"
+        );
+    }
+}
+
+fn run(ops: Vec<Op>, eager: bool) {
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(2));
+    let frames = machine.frames();
+    let config = VmallocConfig {
+        eager,
+        lazy_threshold_pages: 40,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let vm =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let mut world = World {
+        machine: &machine,
+        frames: &frames,
+        vm,
+        live: BTreeMap::new(),
+        freed: Vec::new(),
+        held_for_vmap: 0,
+    };
+    for op in ops {
+        world.step(op);
+    }
+    world.step(Op::Purge);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lazy_manager_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops, false);
+    }
+
+    #[test]
+    fn eager_manager_matches_the_model(ops in prop::collection::vec(op(), 1..80)) {
+        run(ops, true);
+    }
+}
+
+/// Fails the k-th frame allocation, for every k, during a large `vmalloc`, a moving
+/// `vrealloc`, a `vmap` (its page tables) and a `populate`; each failure must leave
+/// everything as it was.
+#[test]
+fn every_failing_frame_allocation_rolls_back() {
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(4));
+    let frames = machine.frames();
+    let injector = FaultInjector::new(&frames);
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let vm = unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            &injector,
+            &machine,
+        )
+    }
+    .unwrap();
+    let small = vm.vmalloc(3 * 4096).unwrap();
+    let _blocker = vm.vmalloc(4096).unwrap();
+    let reserved = vm.reserve(1 << 20, &VmOptions::default()).unwrap();
+    let mut lent = vec![PhysFrame::containing_address(PhysAddr::zero()); 600];
+    assert_eq!(frames.alloc_frames(&mut lent), 600);
+    let snapshot = |vm: &Manager<&FaultInjector<&SimFrames>>| {
+        (
+            vm.stats(),
+            frames.stats().free,
+            vm.areas().collect::<Vec<_>>(),
+        )
+    };
+
+    type Attempt<'a> = Box<dyn Fn(&Manager<&FaultInjector<&SimFrames>>) -> Result<u64, Error> + 'a>;
+    let attempts: Vec<(&str, Attempt)> = vec![
+        (
+            "vmalloc",
+            Box::new(|vm| vm.vmalloc(700 * 4096).map(|p| p.as_ptr() as u64)),
+        ),
+        (
+            "vrealloc",
+            Box::new(|vm| {
+                vm.vrealloc(small.as_ptr(), 900 * 4096)
+                    .map(|p| p.as_ptr() as u64)
+            }),
+        ),
+        (
+            "vmap",
+            Box::new(|vm| vm.vmap(&lent, Prot::KERNEL_RW).map(|p| p.as_ptr() as u64)),
+        ),
+        (
+            "populate",
+            Box::new(|vm| vm.populate(reserved.as_ptr(), 1 << 20).map(|n| n as u64)),
+        ),
+    ];
+    for (name, attempt) in attempts {
+        for k in 0.. {
+            let before = snapshot(&vm);
+            injector.fail_after(k);
+            let result = attempt(&vm);
+            injector.disarm();
+            match result {
+                Err(error) => {
+                    assert_eq!(error, Error::OutOfFrames, "{name} at frame {k}");
+                    assert_eq!(
+                        snapshot(&vm),
+                        before,
+                        "{name} failing at frame {k} left something behind"
+                    );
+                }
+                Ok(_) => break,
+            }
+        }
+    }
+    assert!(
+        machine
+            .translate(
+                VirtAddr::from_ptr(small.as_ptr()),
+                vmalloc::sim::Access::READ
+            )
+            .is_err(),
+        "moved"
+    );
+}
