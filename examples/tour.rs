@@ -1,0 +1,120 @@
+//! A tour of `vmalloc` on a simulated machine: `cargo run --example tour`.
+//!
+//! It boots a machine whose memory is fragmented, vmallocs a buffer, shows the
+//! scattered frames behind it, writes through it, lists the areas, runs into the
+//! guard page, makes a few mistakes on purpose, and gives everything back.
+
+use vmalloc::sim::{Access, SimConfig, SimMachine};
+use vmalloc::vmalloc::{VmOptions, Vmalloc, VmallocConfig};
+use x86_64::VirtAddr;
+
+fn main() {
+    // 128 MiB of "physical" memory with an E820-style map full of holes. The scatter
+    // seed hands frames out all over memory, as on a machine that has run a while;
+    // the host window lets this program dereference vmalloc pointers directly.
+    let machine = SimMachine::new(
+        SimConfig::new(128 << 20)
+            .with_holes(12)
+            .with_scatter_seed(42)
+            .with_host_window(1 << 30),
+    );
+    let frames = machine.frames();
+    let free_at_boot = frames.stats().free;
+    println!(
+        "machine: {} MiB, {} usable frames, {} regions in the memory map",
+        machine.memory_size() >> 20,
+        free_at_boot,
+        machine.memory_map().len()
+    );
+
+    let (start, size) = machine.host_window().expect("host window");
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables belong to this manager alone.
+    let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }
+        .expect("vmalloc");
+
+    // Eight pages, virtually contiguous, physically anywhere.
+    let options = VmOptions {
+        tag: "tour_buffer",
+        ..VmOptions::default()
+    };
+    let buffer = vm.vmalloc_with(8 * 4096, &options).expect("vmalloc");
+    let base = VirtAddr::from_ptr(buffer.as_ptr());
+    println!("\nvmalloc(32 KiB) = {base:#x}; the frames behind it are scattered:");
+    let mut previous = None;
+    for page in 0..8u64 {
+        let addr = base + page * 4096;
+        let frame = vm.vmalloc_to_frame(addr).expect("mapped").start_address();
+        let jump = previous.map_or(String::new(), |p: u64| {
+            format!(
+                "  ({:+} frames from the last)",
+                (frame.as_u64() as i64 - p as i64) / 4096
+            )
+        });
+        println!(
+            "  page {page}  {:#x} -> frame {:#010x}{jump}",
+            addr.as_u64(),
+            frame.as_u64()
+        );
+        previous = Some(frame.as_u64());
+    }
+
+    // Through the software MMU, and through the pointer itself.
+    let message = b"one buffer, eight scattered frames";
+    machine
+        .write(base + 4090u64, message)
+        .expect("write across a page boundary");
+    let mut back = [0u8; 34];
+    machine.read(base + 4090u64, &mut back).expect("read");
+    // SAFETY: the buffer is 32 KiB long and mapped read-write.
+    let direct = unsafe { std::slice::from_raw_parts(buffer.as_ptr().add(4090), message.len()) };
+    println!(
+        "\nwrote across pages 0 and 1, read back: {:?} (and {:?} through the pointer)",
+        std::str::from_utf8(&back).unwrap(),
+        std::str::from_utf8(direct).unwrap()
+    );
+
+    let zeroed = vm.vzalloc(3 * 4096).expect("vzalloc");
+    println!("\n/proc/vmallocinfo:\n{}", vm.info());
+    println!("/proc/meminfo:\n{}\n", vm.stats());
+
+    // One page past the end is the guard page: touching it faults.
+    let guard = base + 8 * 4096u64;
+    let fault = machine
+        .translate(guard, Access::WRITE)
+        .expect_err("guard page");
+    println!("write to the guard page at {guard:#x}: {fault:?}");
+    // Mistakes get an error and change nothing.
+    println!(
+        "vfree(interior pointer): {:?}",
+        vm.vfree(buffer.as_ptr().wrapping_add(100)).unwrap_err()
+    );
+    vm.vfree(zeroed.as_ptr()).expect("vfree");
+    println!(
+        "vfree(the same pointer twice): {:?}",
+        vm.vfree(zeroed.as_ptr()).unwrap_err()
+    );
+
+    vm.vfree(buffer.as_ptr()).expect("vfree");
+    println!(
+        "\nafter vfree: {} pages wait for one batched TLB flush",
+        vm.stats().pending_purge_pages
+    );
+    vm.purge();
+    let stats = vm.stats();
+    let returned = frames.stats().free + stats.bookkeeping_frames;
+    println!(
+        "after purge: {} areas, {} frames in page tables, {} of {} frames free ({} hold the manager's bookkeeping)",
+        stats.areas,
+        stats.page_table_frames,
+        frames.stats().free,
+        free_at_boot,
+        stats.bookkeeping_frames
+    );
+    assert_eq!(returned, free_at_boot);
+    println!("all {free_at_boot} frames returned");
+}
