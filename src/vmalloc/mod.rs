@@ -46,7 +46,7 @@ mod test;
 pub use area::{AreaInfo, AreaKind, VmallocStats};
 pub use owned::{VBox, VBuffer, VmallocOps};
 
-use crate::paging::PageTables;
+use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use area::{AreaRecord, AreaState};
 use bitflags::bitflags;
@@ -811,17 +811,29 @@ where
         } else {
             self.tlb.flush_all();
         }
+        // Emptied page tables of all areas go after one more flush, which covers them.
+        let mut sweep = TableSweep::new(&self.frames, &self.tlb);
         let mut next = Some(head);
         while let Some(start) = next {
             let record = *inner.record_mut(start);
+            let frames = FrameBatch::new(&self.frames);
+            let owns_frames = record.kind.owns_frames();
+            let range = page_range(start, 0..record.mapped_pages);
             self.reclaim(
                 inner,
-                page_range(start, 0..record.mapped_pages),
-                record.kind.owns_frames(),
+                range,
+                |frame| {
+                    if owns_frames {
+                        frames.push(frame)
+                    }
+                },
+                &mut sweep,
             );
+            frames.finish();
             inner.remove_area(start);
             next = record.next_purge;
         }
+        inner.page_table_frames -= sweep.finish(&self.tlb);
         inner.purge = PurgeList::default();
         inner.purges += 1;
     }
@@ -842,7 +854,9 @@ where
                 .detach(range)
                 .map(|flush| flush.flush(&self.tlb)),
         );
-        self.reclaim_with(inner, range, on_frame);
+        let mut sweep = TableSweep::new(&self.frames, &self.tlb);
+        self.reclaim(inner, range, on_frame, &mut sweep);
+        inner.page_table_frames -= sweep.finish(&self.tlb);
     }
 
     /// Unmaps `range` now, flushing, and frees its frames to the allocator.
@@ -852,41 +866,21 @@ where
         batch.finish();
     }
 
-    /// After the flush covering `range`: takes the frames out of its detached
-    /// entries, frees them if they are the allocator's, and frees page tables left
-    /// empty.
-    fn reclaim(&self, inner: &mut Inner<F, M>, range: PageRange, owns_frames: bool) {
-        let batch = FrameBatch::new(&self.frames);
-        self.reclaim_with(inner, range, |frame| {
-            if owns_frames {
-                batch.push(frame)
-            }
-        });
-        batch.finish();
-    }
-
-    fn reclaim_with(
+    /// After the flush covering `range`: hands the frames in its detached entries to
+    /// `on_frame`, and unlinks page tables left empty into `sweep`.
+    fn reclaim(
         &self,
         inner: &mut Inner<F, M>,
         range: PageRange,
         mut on_frame: impl FnMut(PhysFrame),
+        sweep: &mut TableSweep<'_, F>,
     ) {
         invariant(
             inner
                 .tables
                 .reclaim_detached(range, |_, frame| on_frame(frame)),
         );
-        // Emptied tables are unlinked first and freed only after another flush, so no
-        // paging-structure cache can still walk through a table someone reuses.
-        let tables = FrameBatch::flushing_on_overflow(&self.frames, &self.tlb);
-        match inner.tables.free_empty_tables(range, &tables) {
-            Ok((freed, flush)) => {
-                flush.flush(&self.tlb);
-                inner.page_table_frames -= freed as u64;
-            }
-            Err(error) => invariant(Err(error)),
-        }
-        tables.finish();
+        sweep.sweep(&mut inner.tables, range);
     }
 
     fn shrink_in_place(
@@ -1020,6 +1014,51 @@ impl<F: FrameSource, M: PhysMemory + Copy> Iterator for Areas<'_, F, M> {
                 return Some(AreaInfo::new(area.start, area.size, &area.data));
             }
         }
+    }
+}
+
+/// Page tables left empty by unmapping, unlinked from their parents at once but
+/// freed only after one flush covering every address they served, so no
+/// paging-structure cache can still walk through a table someone reuses.
+struct TableSweep<'a, F: FrameSource> {
+    tables: FrameBatch<'a, F>,
+    flush: Option<RangeFlush>,
+    freed: u64,
+}
+
+impl<'a, F: FrameSource> TableSweep<'a, F> {
+    fn new(frames: &'a F, tlb: &'a dyn TlbFlush) -> Self {
+        Self {
+            tables: FrameBatch::flushing_on_overflow(frames, tlb),
+            flush: None,
+            freed: 0,
+        }
+    }
+
+    fn sweep<M: PhysMemory>(&mut self, tables: &mut PageTables<M>, range: PageRange) {
+        match tables.free_empty_tables(range, &self.tables) {
+            Ok((0, flush)) => flush.ignore(),
+            Ok((freed, flush)) => {
+                self.freed += freed as u64;
+                self.flush = Some(match self.flush.take() {
+                    Some(earlier) => earlier.merge(flush),
+                    None => flush,
+                });
+            }
+            Err(error) => invariant(Err(error)),
+        }
+    }
+
+    /// Flushes once and frees the tables; returns how many.
+    fn finish(self, tlb: &dyn TlbFlush) -> u64 {
+        if let Some(flush) = self.flush {
+            match flush.range() {
+                Some(range) => tlb.flush_range(range),
+                None => tlb.flush_all(),
+            }
+        }
+        self.tables.finish();
+        self.freed
     }
 }
 

@@ -1,0 +1,126 @@
+//! The scenarios of Linux's `lib/test_vmalloc.c`, ported to a simulated machine,
+//! shared by `benches/vmalloc.rs` and `examples/flush_counts.rs`.
+
+#![allow(dead_code)]
+
+use vmalloc::sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::vmalloc::{Prot, VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::{FrameSource, PAGE_SIZE};
+use x86_64::PhysAddr;
+use x86_64::structures::paging::PhysFrame;
+
+/// A manager over a simulated machine, as the scenarios use it.
+pub type Manager<'m> = Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine>;
+
+/// A 1 GiB machine handing out scattered frames.
+pub fn machine() -> SimMachine {
+    SimMachine::new(SimConfig::new(1 << 30).with_scatter_seed(17))
+}
+
+/// A manager, lazy or eager, over `machine`.
+pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) -> Manager<'m> {
+    let config = VmallocConfig {
+        eager,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables belong to this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+}
+
+fn alloc_free(vm: &Manager, pages: u64, align: u64) {
+    let options = VmOptions {
+        align,
+        ..VmOptions::default()
+    };
+    let ptr = vm
+        .vmalloc_with((pages * PAGE_SIZE) as usize, &options)
+        .unwrap();
+    vm.vfree(ptr.as_ptr()).unwrap();
+}
+
+/// `fix_size_alloc_test`: vmalloc and vfree of `pages` pages.
+pub fn fix_size_alloc(vm: &Manager, pages: u64) {
+    alloc_free(vm, pages, PAGE_SIZE);
+}
+
+/// `full_fit_alloc_test`: pairs of 1-page areas, every second one freed, then 1-page
+/// allocations that must land in the holes.
+pub fn full_fit_alloc(vm: &Manager, pairs: usize) {
+    let one = PAGE_SIZE as usize;
+    let mut kept = Vec::with_capacity(2 * pairs);
+    for _ in 0..pairs {
+        let junk = vm.vmalloc(one).unwrap();
+        kept.push(vm.vmalloc(one).unwrap());
+        vm.vfree(junk.as_ptr()).unwrap();
+    }
+    for _ in 0..pairs {
+        kept.push(vm.vmalloc(one).unwrap());
+    }
+    for ptr in kept {
+        vm.vfree(ptr.as_ptr()).unwrap();
+    }
+}
+
+/// Fills the region's low end with `count` live 1-page areas (for
+/// `long_busy_list_alloc_test` and the latency scenario); returns them.
+pub fn busy_list(vm: &Manager, count: usize) -> Vec<*mut u8> {
+    (0..count)
+        .map(|_| vm.vmalloc(PAGE_SIZE as usize).unwrap().as_ptr())
+        .collect()
+}
+
+/// `long_busy_list_alloc_test`, one round: with many areas live, a 100-page and a
+/// 1-page allocation, freed again.
+pub fn long_busy_list_alloc(vm: &Manager) {
+    alloc_free(vm, 100, PAGE_SIZE);
+    alloc_free(vm, 1, PAGE_SIZE);
+}
+
+/// `random_size_alloc_test`: 1 to 100 pages.
+pub fn random_size_alloc(vm: &Manager, rng: &mut Rng) {
+    alloc_free(vm, 1 + rng.below(100), PAGE_SIZE);
+}
+
+/// `fix_align_alloc_test`: 5 pages aligned to 32 KiB.
+pub fn fix_align_alloc(vm: &Manager) {
+    alloc_free(vm, 5, 32 << 10);
+}
+
+/// `random_size_align_alloc_test`: 1 to 10 pages, alignment 2^0 to 2^22 bytes.
+pub fn random_size_align_alloc(vm: &Manager, rng: &mut Rng) {
+    let pages = 1 + rng.below(10);
+    alloc_free(vm, pages, 1 << rng.below(23));
+}
+
+/// `align_shift_alloc_test`: 1 page at every alignment 2^0 to 2^63. Alignments no
+/// address of the region can meet must fail cleanly; returns how many did.
+pub fn align_shift_alloc(vm: &Manager) -> u32 {
+    let mut refused = 0;
+    for shift in 0..64 {
+        let options = VmOptions {
+            align: 1 << shift,
+            ..VmOptions::default()
+        };
+        match vm.vmalloc_with(PAGE_SIZE as usize, &options) {
+            Ok(ptr) => vm.vfree(ptr.as_ptr()).unwrap(),
+            Err(error) => {
+                assert!(shift > 40, "alignment 2^{shift} refused: {error:?}");
+                refused += 1;
+            }
+        }
+    }
+    refused
+}
+
+/// Frames for `vm_map_ram_test`, taken once.
+pub fn frames_for_vmap(frames: &SimFrames, count: usize) -> Vec<PhysFrame> {
+    let mut out = vec![PhysFrame::containing_address(PhysAddr::zero()); count];
+    assert_eq!(frames.alloc_frames(&mut out), count);
+    out
+}
+
+/// `vm_map_ram_test`: vmap and vunmap of the same frames.
+pub fn vm_map_ram(vm: &Manager, frames: &[PhysFrame]) {
+    let ptr = vm.vmap(frames, Prot::KERNEL_RW).unwrap();
+    vm.vunmap(ptr.as_ptr(), |_| ()).unwrap();
+}

@@ -1,0 +1,189 @@
+//! The vmalloc manager on the scenarios of Linux's `lib/test_vmalloc.c`, and against
+//! the way blog_os-style kernels build vmalloc today: the `x86_64` crate's
+//! `OffsetPageTable`, one `map_to` (and later `unmap`) per page, on the same machine
+//! and the same scattered frames.
+//!
+//! `cargo bench --bench vmalloc`; TLB flush counts: `cargo run --release --example flush_counts`.
+
+#[path = "common/test_vmalloc.rs"]
+mod test_vmalloc;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::cell::Cell;
+use test_vmalloc::*;
+use vmalloc::sim::{Rng, SimFrames, SimMachine};
+use vmalloc::{FrameSource, PAGE_SIZE};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::{
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size4KiB,
+};
+
+/// Where the peer maps: Linux's vmalloc start, as the manager uses by default.
+const PEER_START: u64 = 0xffff_c900_0000_0000;
+
+/// The `x86_64` crate's frame allocator interface over the same frames.
+struct Adapter<'f>(&'f SimFrames);
+
+// SAFETY: `SimFrames` hands out each frame once, until it is freed.
+unsafe impl FrameAllocator<Size4KiB> for Adapter<'_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        self.0.alloc_frame()
+    }
+}
+
+/// A blog_os-style vmalloc: a bump pointer for addresses (rewound when the last area
+/// is freed, which the benchmark always does, so the peer never pays for a search),
+/// a frame and a `map_to` per page, an `unmap` and a free per page.
+struct PeerVmalloc<'m> {
+    mapper: OffsetPageTable<'m>,
+    frames: &'m SimFrames,
+    next: Cell<u64>,
+}
+
+const FLAGS: PageTableFlags = PageTableFlags::PRESENT
+    .union(PageTableFlags::WRITABLE)
+    .union(PageTableFlags::NO_EXECUTE)
+    .union(PageTableFlags::GLOBAL);
+
+impl<'m> PeerVmalloc<'m> {
+    fn new(machine: &'m SimMachine, frames: &'m SimFrames) -> Self {
+        // SAFETY: the machine's tables are valid and used by this peer alone.
+        let mapper = unsafe {
+            let root = (machine.phys_offset() + machine.root().start_address().as_u64())
+                .as_mut_ptr::<PageTable>();
+            OffsetPageTable::new(&mut *root, machine.phys_offset())
+        };
+        Self {
+            mapper,
+            frames,
+            next: Cell::new(PEER_START),
+        }
+    }
+
+    fn vmalloc(&mut self, pages: u64) -> VirtAddr {
+        let start = self.next.get();
+        for i in 0..pages {
+            let page = Page::containing_address(VirtAddr::new(start + i * PAGE_SIZE));
+            let frame = self.frames.alloc_frame().unwrap();
+            // SAFETY: the page is unused and the frame is fresh.
+            unsafe {
+                self.mapper
+                    .map_to(page, frame, FLAGS, &mut Adapter(self.frames))
+            }
+            .unwrap()
+            .ignore();
+        }
+        self.next.set(start + (pages + 1) * PAGE_SIZE);
+        VirtAddr::new(start)
+    }
+
+    fn vfree(&mut self, start: VirtAddr, pages: u64) {
+        for i in 0..pages {
+            let (frame, flush) = self
+                .mapper
+                .unmap(Page::<Size4KiB>::containing_address(start + i * PAGE_SIZE))
+                .unwrap();
+            flush.ignore();
+            self.frames.free_frame(frame).unwrap();
+        }
+        self.next.set(start.as_u64());
+    }
+}
+
+fn vmalloc_vfree(c: &mut Criterion) {
+    let machine = machine();
+    let frames = machine.frames();
+    let lazy = manager(&machine, &frames, false);
+    let eager_machine = self::machine();
+    let eager_frames = eager_machine.frames();
+    let eager = manager(&eager_machine, &eager_frames, true);
+    let peer_machine = self::machine();
+    let peer_frames = peer_machine.frames();
+    let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
+
+    let mut group = c.benchmark_group("vmalloc_vfree");
+    for pages in [1u64, 16, 256, 4096] {
+        group.throughput(Throughput::Elements(pages));
+        group.bench_with_input(BenchmarkId::new("lazy", pages), &pages, |b, &p| {
+            b.iter(|| fix_size_alloc(&lazy, p))
+        });
+        group.bench_with_input(BenchmarkId::new("eager", pages), &pages, |b, &p| {
+            b.iter(|| fix_size_alloc(&eager, p))
+        });
+        group.bench_with_input(BenchmarkId::new("x86_64_map_to", pages), &pages, |b, &p| {
+            b.iter(|| {
+                let start = peer.vmalloc(p);
+                peer.vfree(start, p);
+            })
+        });
+    }
+    group.finish();
+
+    // The peer's floor for one page: a bare map_to + unmap of a frame it already has.
+    let frame = peer_frames.alloc_frame().unwrap();
+    let page = Page::containing_address(VirtAddr::new(PEER_START));
+    c.bench_function("x86_64_bare_map_to_unmap_1_page", |b| {
+        b.iter(|| {
+            // SAFETY: the page is unused between iterations; the frame is ours.
+            unsafe {
+                peer.mapper
+                    .map_to(page, frame, FLAGS, &mut Adapter(&peer_frames))
+            }
+            .unwrap()
+            .ignore();
+            peer.mapper.unmap(page).unwrap().1.ignore();
+        })
+    });
+}
+
+fn test_vmalloc_scenarios(c: &mut Criterion) {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, false);
+    let mut group = c.benchmark_group("test_vmalloc");
+    group.bench_function("fix_size_alloc_1", |b| b.iter(|| fix_size_alloc(&vm, 1)));
+    group.bench_function("fix_size_alloc_64", |b| b.iter(|| fix_size_alloc(&vm, 64)));
+    group.bench_function("full_fit_alloc_100_pairs", |b| {
+        b.iter(|| full_fit_alloc(&vm, 100))
+    });
+    let mut rng = Rng::new(1);
+    group.bench_function("random_size_alloc", |b| {
+        b.iter(|| random_size_alloc(&vm, &mut rng))
+    });
+    group.bench_function("fix_align_alloc", |b| b.iter(|| fix_align_alloc(&vm)));
+    group.bench_function("random_size_align_alloc", |b| {
+        b.iter(|| random_size_align_alloc(&vm, &mut rng))
+    });
+    group.bench_function("align_shift_alloc", |b| b.iter(|| align_shift_alloc(&vm)));
+    let lent = frames_for_vmap(&frames, 64);
+    group.bench_function("vm_map_ram_64", |b| b.iter(|| vm_map_ram(&vm, &lent)));
+    let busy = busy_list(&vm, 15_000);
+    group.bench_function("long_busy_list_alloc", |b| {
+        b.iter(|| long_busy_list_alloc(&vm))
+    });
+    group.finish();
+    drop(busy);
+}
+
+/// 1-page vmalloc+vfree latency with 10 and with 100,000 other live areas.
+fn latency_with_live_areas(c: &mut Criterion) {
+    let mut group = c.benchmark_group("latency_1_page");
+    for live in [10usize, 100_000] {
+        let machine = machine();
+        let frames = machine.frames();
+        let vm = manager(&machine, &frames, false);
+        let _busy = busy_list(&vm, live);
+        group.bench_with_input(BenchmarkId::new("live_areas", live), &live, |b, _| {
+            b.iter(|| fix_size_alloc(&vm, 1))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    vmalloc_vfree,
+    test_vmalloc_scenarios,
+    latency_with_live_areas
+);
+criterion_main!(benches);
