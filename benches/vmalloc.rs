@@ -92,13 +92,13 @@ impl<'m> PeerVmalloc<'m> {
 
 fn vmalloc_vfree(c: &mut Criterion) {
     let machine = machine();
-    let frames = machine.frames();
+    let frames = fragmented_frames(&machine);
     let lazy = manager(&machine, &frames, false);
     let eager_machine = self::machine();
-    let eager_frames = eager_machine.frames();
+    let eager_frames = fragmented_frames(&eager_machine);
     let eager = manager(&eager_machine, &eager_frames, true);
     let peer_machine = self::machine();
-    let peer_frames = peer_machine.frames();
+    let peer_frames = fragmented_frames(&peer_machine);
     let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
 
     let mut group = c.benchmark_group("vmalloc_vfree");
@@ -138,7 +138,7 @@ fn vmalloc_vfree(c: &mut Criterion) {
 
 fn test_vmalloc_scenarios(c: &mut Criterion) {
     let machine = machine();
-    let frames = machine.frames();
+    let frames = fragmented_frames(&machine);
     let vm = manager(&machine, &frames, false);
     let mut group = c.benchmark_group("test_vmalloc");
     group.bench_function("fix_size_alloc_1", |b| b.iter(|| fix_size_alloc(&vm, 1)));
@@ -170,7 +170,7 @@ fn latency_with_live_areas(c: &mut Criterion) {
     let mut group = c.benchmark_group("latency_1_page");
     for live in [10usize, 100_000] {
         let machine = machine();
-        let frames = machine.frames();
+        let frames = fragmented_frames(&machine);
         let vm = manager(&machine, &frames, false);
         let _busy = busy_list(&vm, live);
         group.bench_with_input(BenchmarkId::new("live_areas", live), &live, |b, _| {

@@ -12,7 +12,7 @@ const ROUNDS: usize = 1000;
 
 fn count(name: &str, eager: bool, scenario: impl Fn(&Manager, &mut Rng)) {
     let machine = machine();
-    let frames = machine.frames();
+    let frames = fragmented_frames(&machine);
     let vm = manager(&machine, &frames, eager);
     let mut rng = Rng::new(1);
     let before = machine.tlb_stats();

@@ -12,9 +12,23 @@ use x86_64::structures::paging::PhysFrame;
 /// A manager over a simulated machine, as the scenarios use it.
 pub type Manager<'m> = Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine>;
 
-/// A 1 GiB machine handing out scattered frames.
+/// A 1 GiB machine.
 pub fn machine() -> SimMachine {
-    SimMachine::new(SimConfig::new(1 << 30).with_scatter_seed(17))
+    SimMachine::new(SimConfig::new(1 << 30))
+}
+
+/// The machine's frames, fragmented the way a long-running kernel's are: a random
+/// half of all frames stays allocated for good, so the frames handed out (lowest
+/// free first, in bulk) are scattered over memory.
+pub fn fragmented_frames(machine: &SimMachine) -> SimFrames {
+    let frames = machine.frames();
+    let mut all =
+        vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
+    let taken = frames.alloc_frames(&mut all);
+    all.truncate(taken);
+    Rng::new(17).shuffle(&mut all);
+    frames.free_frames(&all[..taken / 2]).unwrap();
+    frames
 }
 
 /// A manager, lazy or eager, over `machine`.
