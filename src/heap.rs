@@ -70,11 +70,42 @@ pub struct HeapStats {
 
 /// A kernel heap on vmalloc. See the [module documentation](self).
 ///
-/// ```ignore
+/// In a kernel, a `static` with `#[global_allocator]`, initialised at boot once the
+/// vmalloc manager exists (see `examples/kernel_setup.rs`):
+///
+/// ```text
 /// #[global_allocator]
 /// static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig::DEFAULT);
-/// // at boot, once the vmalloc manager exists:
 /// HEAP.init(VMALLOC.get().unwrap())?;
+/// ```
+///
+/// On the host, as a plain object over a simulated machine whose host window makes
+/// vmalloc memory dereferenceable:
+///
+/// ```
+/// use core::alloc::{GlobalAlloc, Layout};
+/// use vmalloc::heap::{HeapConfig, KernelHeap};
+/// use vmalloc::sim::{SimConfig, SimMachine};
+/// use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+///
+/// let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
+/// let frames = machine.frames();
+/// let (start, size) = machine.host_window().unwrap();
+/// let config = VmallocConfig { start, size, ..VmallocConfig::default() };
+/// // SAFETY: the machine's page tables belong to this manager alone.
+/// let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }?;
+/// let heap = KernelHeap::new(HeapConfig::DEFAULT);
+/// heap.init(&vm)?;
+/// let layout = Layout::from_size_align(100, 8).unwrap();
+/// // SAFETY: a non-zero size; the block is freed with the same layout.
+/// unsafe {
+///     let block = heap.alloc(layout);
+///     block.write_bytes(7, 100);
+///     assert!(heap.owns_small(block));
+///     heap.dealloc(block, layout);
+/// }
+/// assert_eq!(heap.stats().in_use, 0);
+/// # Ok::<(), vmalloc::Error>(())
 /// ```
 pub struct KernelHeap<'a> {
     vmalloc: spin::Once<&'a dyn VmallocOps>,
