@@ -88,7 +88,7 @@ pub struct HeapStats {
 /// use vmalloc::sim::{SimConfig, SimMachine};
 /// use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 ///
-/// let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
+/// let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 /// let frames = machine.frames();
 /// let (start, size) = machine.host_window().unwrap();
 /// let config = VmallocConfig { start, size, ..VmallocConfig::default() };
