@@ -19,14 +19,24 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// QEMU's status for the kernel's success value 0x10 written to isa-debug-exit:
 /// `(0x10 << 1) | 1`. Anything else, including 0 after a triple fault, is failure.
 const SUCCESS_STATUS: i32 = 33;
-/// Checks of the kernel's own machinery; the suite must contain at least these.
-const INFRASTRUCTURE_CHECKS: &[&str] = &[
+/// Checks the suite must contain at least: the kernel's own machinery, then the
+/// library's.
+const REQUIRED_CHECKS: &[&str] = &[
     "memory_map",
     "address_space",
     "fault_probe_read",
     "fault_probe_write_readonly",
     "fault_probe_exec_nx",
     "apic_version",
+    "frame_allocator",
+    "vmalloc_large",
+    "vzalloc_zeroed",
+    "use_after_free_faults",
+    "guard_page_faults",
+    "nx_faults",
+    "ioremap_apic",
+    "heap_global_alloc",
+    "stress",
 ];
 
 #[test]
@@ -71,7 +81,7 @@ fn qemu_kernel_checks() {
         "{planned} checks planned, {} reported:\n{serial}",
         ran.len()
     );
-    for required in INFRASTRUCTURE_CHECKS {
+    for required in REQUIRED_CHECKS {
         assert!(
             ran.contains(required),
             "check {required} did not run:\n{serial}"

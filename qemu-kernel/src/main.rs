@@ -6,11 +6,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+extern crate alloc;
+
 mod boot;
 mod cell;
 mod checks;
 mod fault;
 mod interrupts;
+mod mm;
 mod multiboot;
 mod paging;
 mod runtime;
@@ -53,5 +56,11 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
         test_frames: paging::test_frames(),
         tlb: paging::Invlpg,
     };
+    // SAFETY: the only call; `memory_map` reserves everything the kernel uses, the
+    // physical map reaches all RAM, and only `mm` touches the vmalloc region's entries.
+    if let Err(error) = unsafe { mm::init(ctx.boot.memory_map, ctx.phys, ctx.pml4, ctx.tlb) } {
+        println!("memory management failed to start: {error:?}");
+        serial::exit(false);
+    }
     serial::exit(checks::run_all(&mut ctx))
 }

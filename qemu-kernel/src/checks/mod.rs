@@ -7,6 +7,7 @@
 //! an unexpected exception ends the run with failure (its line stays unfinished).
 
 mod infra;
+mod library;
 
 use crate::multiboot::BootInfo;
 use crate::paging::{Invlpg, ScratchWindow, TEST_FRAME_COUNT};
@@ -34,7 +35,6 @@ pub struct Ctx {
     /// Frames inside the kernel image, reserved for checks (identity-mapped too).
     pub test_frames: [PhysFrame; TEST_FRAME_COUNT],
     /// The TLB-flush implementation to hand to the library.
-    #[allow(dead_code, reason = "handed to the library by the vmalloc checks")]
     pub tlb: Invlpg,
 }
 
@@ -52,6 +52,15 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("fault_probe_exec_nx", infra::fault_probe_exec_nx),
     ("apic_version", infra::apic_version),
+    ("frame_allocator", library::frame_allocator),
+    ("vmalloc_large", library::vmalloc_large),
+    ("vzalloc_zeroed", library::vzalloc_zeroed),
+    ("use_after_free_faults", library::use_after_free_faults),
+    ("guard_page_faults", library::guard_page_faults),
+    ("nx_faults", library::nx_faults),
+    ("ioremap_apic", library::ioremap_apic),
+    ("heap_global_alloc", library::heap_global_alloc),
+    ("stress", library::stress),
 ];
 
 /// Runs every check; true if all passed.

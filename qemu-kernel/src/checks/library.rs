@@ -1,0 +1,522 @@
+//! Checks of the library on the real MMU: the frame allocator, vmalloc, the
+//! fault-visible effects of freeing, ioremap, the global heap and a random stress run.
+
+use super::{Ctx, ensure};
+use crate::fault::{probe_exec, probe_read, probe_write};
+use crate::mm;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use vmalloc::PhysMemory;
+use vmalloc::frame::RegionKind;
+use vmalloc::vmalloc::{CacheMode, Prot};
+use x86_64::registers::model_specific::Msr;
+use x86_64::structures::idt::PageFaultErrorCode;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+const PAGE: usize = 4096;
+const MIB: usize = 1 << 20;
+
+type Outcome = Result<(), &'static str>;
+
+fn addr(ptr: *mut u8) -> VirtAddr {
+    VirtAddr::from_ptr(ptr)
+}
+
+/// A list with room for every free frame, made before taking them: growing it
+/// afterwards would need frames.
+fn frame_list() -> Vec<PhysFrame> {
+    Vec::with_capacity(mm::frames().stats().free as usize)
+}
+
+/// Takes every free frame into `held`; the caller gives them back with [`free_all`].
+fn take_all_frames(held: &mut Vec<PhysFrame>) -> Outcome {
+    let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); 64];
+    loop {
+        let room = chunk.len().min(held.capacity() - held.len());
+        let got = mm::frames().alloc_bulk(&mut chunk[..room]);
+        if got == 0 {
+            return ensure(mm::frames().stats().free == 0, "frame list too short");
+        }
+        held.extend_from_slice(&chunk[..got]);
+    }
+}
+
+fn free_all(frames: &[PhysFrame]) -> Outcome {
+    mm::frames()
+        .free_bulk(frames)
+        .map_err(|_| "freeing frames the allocator handed out failed")
+}
+
+/// Initialised from the boot memory map: its stats add up, and no frame it hands
+/// out lies in the kernel image or outside the map's usable RAM.
+pub fn frame_allocator(ctx: &mut Ctx) -> Outcome {
+    let stats = mm::frames().stats();
+    ensure(
+        stats.free + stats.used == stats.total,
+        "free + used != total",
+    )?;
+    let usable: u64 = ctx
+        .boot
+        .memory_map
+        .iter()
+        .filter(|region| region.kind == RegionKind::Usable)
+        .map(|region| (region.range.end - region.range.start) / PAGE as u64)
+        .sum();
+    ensure(
+        stats.total <= usable,
+        "manages more frames than the map's usable RAM",
+    )?;
+    // The bitmaps of 128 MiB take a couple of frames.
+    ensure(
+        stats.total + 16 >= usable,
+        "lost usable frames beyond its bookkeeping",
+    )?;
+    let mut held = frame_list();
+    let with_list = mm::frames().stats();
+    take_all_frames(&mut held)?;
+    let image = &ctx.kernel_image;
+    let in_image = held
+        .iter()
+        .any(|frame| image.start <= frame.start_address() && frame.start_address() < image.end);
+    let outside_map = held.iter().any(|frame| {
+        !ctx.boot.memory_map.iter().any(|region| {
+            region.kind == RegionKind::Usable && region.range.contains(&frame.start_address())
+        })
+    });
+    let count = held.len() as u64;
+    free_all(&held)?;
+    let given_back = mm::frames().stats();
+    drop(held);
+    ensure(!in_image, "handed out a frame of the kernel image")?;
+    ensure(!outside_map, "handed out a frame outside usable RAM")?;
+    ensure(
+        count == with_list.free,
+        "frames handed out differ from the free count",
+    )?;
+    ensure(
+        given_back == with_list,
+        "stats changed after giving every frame back",
+    )
+}
+
+/// A 48 MiB buffer from frames with no two physically adjacent: written through its
+/// virtual address, read back through the frames `vmalloc_to_frame` reports.
+pub fn vmalloc_large(ctx: &mut Ctx) -> Outcome {
+    const SIZE: usize = 48 * MIB;
+    let vm = mm::vmalloc();
+    let mut held = frame_list();
+    take_all_frames(&mut held)?;
+    // Give back the even frames only: every free run is one frame long.
+    let mut freed = true;
+    held.retain(|frame| {
+        let even = frame.start_address().as_u64() / PAGE as u64 % 2 == 0;
+        freed &= !even || mm::frames().free(*frame).is_ok();
+        !even
+    });
+    ensure(freed, "giving back a taken frame failed")?;
+    let result = vm.vmalloc(SIZE).map_err(|_| "vmalloc of 48 MiB failed");
+    let outcome = result.and_then(|ptr| {
+        let outcome = fill_and_verify_scattered(ctx, ptr.as_ptr(), SIZE);
+        vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
+        outcome
+    });
+    vm.purge();
+    free_all(&held)?;
+    outcome
+}
+
+fn pattern(index: usize) -> u64 {
+    (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a
+}
+
+fn fill_and_verify_scattered(ctx: &Ctx, ptr: *mut u8, size: usize) -> Outcome {
+    let words = ptr.cast::<u64>();
+    for i in 0..size / 8 {
+        // SAFETY: `ptr` is a live vmalloc area of `size` bytes, page-aligned.
+        unsafe { words.add(i).write_volatile(pattern(i)) };
+    }
+    let vm = mm::vmalloc();
+    let mut adjacent = 0;
+    let mut previous: Option<PhysFrame> = None;
+    for page in 0..size / PAGE {
+        let frame = vm
+            .vmalloc_to_frame(addr(ptr) + (page * PAGE) as u64)
+            .map_err(|_| "vmalloc_to_frame failed inside the area")?;
+        if previous.is_some_and(|p| p + 1 == frame) {
+            adjacent += 1;
+        }
+        previous = Some(frame);
+        let physical = ctx.phys.phys_to_virt(frame.start_address()).cast::<u64>();
+        for w in 0..PAGE / 8 {
+            // SAFETY: the frame is RAM, reached through the physical map.
+            let value = unsafe { physical.add(w).read_volatile() };
+            ensure(
+                value == pattern(page * PAGE / 8 + w),
+                "frame content differs from the virtual write",
+            )?;
+        }
+    }
+    ensure(adjacent == 0, "consecutive pages sit in adjacent frames")
+}
+
+/// Frames dirtied by one area, freed and purged, come back zeroed from `vzalloc`.
+pub fn vzalloc_zeroed(_ctx: &mut Ctx) -> Outcome {
+    const PAGES: usize = 64;
+    let vm = mm::vmalloc();
+    let dirty = vm.vmalloc(PAGES * PAGE).map_err(|_| "vmalloc failed")?;
+    // SAFETY: a live area of PAGES pages.
+    unsafe { dirty.as_ptr().write_bytes(0xa5, PAGES * PAGE) };
+    let mut dirtied = [PhysFrame::containing_address(PhysAddr::zero()); PAGES];
+    for (page, frame) in dirtied.iter_mut().enumerate() {
+        *frame = vm
+            .vmalloc_to_frame(addr(dirty.as_ptr()) + (page * PAGE) as u64)
+            .map_err(|_| "vmalloc_to_frame failed")?;
+    }
+    vm.vfree(dirty.as_ptr()).map_err(|_| "vfree failed")?;
+    vm.purge();
+    let zeroed = vm.vzalloc(PAGES * PAGE).map_err(|_| "vzalloc failed")?;
+    let mut reused = 0;
+    for page in 0..PAGES {
+        let frame = vm.vmalloc_to_frame(addr(zeroed.as_ptr()) + (page * PAGE) as u64);
+        reused += usize::from(frame.is_ok_and(|f| dirtied.contains(&f)));
+    }
+    // SAFETY: a live area of PAGES pages.
+    let bytes = unsafe { core::slice::from_raw_parts(zeroed.as_ptr(), PAGES * PAGE) };
+    let all_zero = bytes.iter().all(|&b| b == 0);
+    vm.vfree(zeroed.as_ptr()).map_err(|_| "vfree failed")?;
+    ensure(reused > 0, "vzalloc reused none of the dirtied frames")?;
+    ensure(all_zero, "vzalloc memory is not zero")
+}
+
+fn is_not_present_fault_at(result: Result<u64, crate::fault::Fault>, at: VirtAddr) -> bool {
+    result.is_err_and(|fault| {
+        fault.addr == at
+            && !fault
+                .code
+                .contains(PageFaultErrorCode::PROTECTION_VIOLATION)
+    })
+}
+
+/// After `vfree` the entries are detached at once (an untouched page faults, not
+/// present); after `purge` the first page, whose translation was cached, faults too.
+pub fn use_after_free_faults(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let ptr = vm.vmalloc(4 * PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+    let first = addr(ptr);
+    let untouched = first + 2 * PAGE as u64;
+    // SAFETY: the area's first page is mapped and writable.
+    unsafe { ptr.cast::<u64>().write_volatile(7) };
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    ensure(
+        vm.stats().pending_purge_pages >= 4,
+        "vfree did not defer to the purge list",
+    )?;
+    // Only a stale TLB entry could still reach the area; the untouched page has none.
+    // SAFETY: vmalloc region; a fault is recovered.
+    let before_purge = unsafe { probe_read(untouched) };
+    ensure(
+        is_not_present_fault_at(before_purge, untouched),
+        "detached page still readable before purge",
+    )?;
+    vm.purge();
+    // SAFETY: as above.
+    let after_purge = unsafe { probe_read(first) };
+    ensure(
+        is_not_present_fault_at(after_purge, first),
+        "freed page readable after purge",
+    )
+}
+
+/// The page after an area is an unmapped guard: reading or writing it faults there.
+pub fn guard_page_faults(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let ptr = vm.vmalloc(2 * PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+    let last_word = addr(ptr) + (2 * PAGE - 8) as u64;
+    let guard = addr(ptr) + (2 * PAGE) as u64;
+    // SAFETY: the last word of the area, then its guard page; faults are recovered.
+    let (inside, read, write) = unsafe {
+        (
+            probe_write(last_word, 1),
+            probe_read(guard),
+            probe_write(guard, 1),
+        )
+    };
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    ensure(inside.is_ok(), "the area's last word is not writable")?;
+    ensure(
+        is_not_present_fault_at(read, guard),
+        "reading the guard page did not fault there",
+    )?;
+    ensure(
+        write.is_err_and(|fault| {
+            fault.addr == guard && fault.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE)
+        }),
+        "writing the guard page did not fault there",
+    )
+}
+
+/// vmalloc data is not executable: a `ret` written there faults on fetch.
+pub fn nx_faults(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let ptr = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+    // SAFETY: a live, writable page.
+    unsafe { ptr.write_volatile(0xc3) };
+    // SAFETY: the target is a `ret`; the NX fetch fault is recovered.
+    let result = unsafe { probe_exec(addr(ptr)) };
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    let fetch = PageFaultErrorCode::INSTRUCTION_FETCH | PageFaultErrorCode::PROTECTION_VIOLATION;
+    ensure(
+        result.is_err_and(|fault| fault.addr == addr(ptr) && fault.code.contains(fetch)),
+        "executing vmalloc data did not fault with the fetch bit",
+    )
+}
+
+/// `ioremap` of the local APIC reads the same version register as the physical map.
+pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
+    const IA32_APIC_BASE: u32 = 0x1b;
+    const VERSION_REGISTER: usize = 0x30;
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no effect.
+    let base = PhysAddr::new(unsafe { Msr::new(IA32_APIC_BASE).read() } & 0x000f_ffff_ffff_f000);
+    let vm = mm::vmalloc();
+    let mmio = vm
+        .ioremap(base, PAGE, CacheMode::Uncached)
+        .map_err(|_| "ioremap failed")?;
+    // SAFETY: the APIC page, just mapped uncached; the version register is read-only.
+    let remapped = unsafe {
+        mmio.as_ptr()
+            .add(VERSION_REGISTER)
+            .cast::<u32>()
+            .read_volatile()
+    };
+    let direct = ctx
+        .phys
+        .phys_to_virt(base + VERSION_REGISTER as u64)
+        .cast::<u32>();
+    // SAFETY: the physical map covers the APIC (see the apic_version check).
+    let direct = unsafe { direct.read_volatile() };
+    vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
+    ensure(
+        remapped == direct,
+        "APIC version through ioremap differs from the physical map",
+    )
+}
+
+/// The `#[global_allocator]` is the library's heap: collections work, and a
+/// multi-MiB `Vec` lives in its own vmalloc area and grows through `vrealloc`.
+pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
+    let numbers: Vec<u32> = (0..1000).collect();
+    let mut map = BTreeMap::new();
+    for n in &numbers {
+        map.insert(*n, n * 2);
+    }
+    let mut text = String::new();
+    for n in 0..100 {
+        text.push_str(if n % 2 == 0 { "even " } else { "odd " });
+    }
+    ensure(numbers.iter().sum::<u32>() == 499_500, "Vec content wrong")?;
+    ensure(
+        map.get(&999) == Some(&1998) && map.len() == 1000,
+        "BTreeMap content wrong",
+    )?;
+    ensure(
+        text.len() == 450 && text.starts_with("even odd "),
+        "String content wrong",
+    )?;
+    ensure(
+        mm::HEAP.owns_small(numbers.as_ptr().cast()),
+        "small Vec not in the heap window",
+    )?;
+
+    let large_before = mm::HEAP.stats().large_blocks;
+    let mut large: Vec<u64> = (0..(4 * MIB / 8) as u64).collect();
+    ensure(
+        mm::HEAP.stats().large_blocks == large_before + 1,
+        "4 MiB Vec did not go to vmalloc",
+    )?;
+    ensure(
+        mm::vmalloc().is_vmalloc_addr(VirtAddr::from_ptr(large.as_ptr())),
+        "4 MiB Vec outside vmalloc",
+    )?;
+    large.reserve_exact(4 * MIB / 8);
+    large.extend((4 * MIB / 8) as u64..(8 * MIB / 8) as u64);
+    let intact = large.iter().enumerate().all(|(i, &v)| v == i as u64);
+    ensure(
+        mm::HEAP.stats().large_blocks == large_before + 1,
+        "growing made another block",
+    )?;
+    drop(large);
+    ensure(intact, "Vec content changed when it grew to 8 MiB")?;
+    ensure(
+        mm::HEAP.stats().large_blocks == large_before,
+        "dropped Vec still counted",
+    )
+}
+
+/// xorshift64: the stress run's deterministic randomness.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Vmalloc,
+    Vmap,
+}
+
+/// A live allocation of the stress run: its pages hold `seed ^ page`.
+#[derive(Clone, Copy)]
+struct Slot {
+    ptr: *mut u8,
+    pages: usize,
+    seed: u64,
+    kind: Kind,
+}
+
+const SLOTS: usize = 32;
+const MAX_PAGES: u64 = 24;
+const VMAP_PAGES: usize = 8;
+
+fn write_pages(slot: &Slot, from: usize) {
+    for page in from..slot.pages {
+        // SAFETY: page `page` of a live, writable area.
+        unsafe {
+            slot.ptr
+                .add(page * PAGE)
+                .cast::<u64>()
+                .write_volatile(slot.seed ^ page as u64)
+        };
+    }
+}
+
+fn pages_intact(slot: &Slot) -> bool {
+    (0..slot.pages).all(|page| {
+        // SAFETY: page `page` of a live area.
+        unsafe {
+            slot.ptr.add(page * PAGE).cast::<u64>().read_volatile() == slot.seed ^ page as u64
+        }
+    })
+}
+
+fn stress_alloc(rng: &mut XorShift) -> Result<Slot, &'static str> {
+    let vm = mm::vmalloc();
+    let seed = rng.next();
+    if rng.below(4) == 0 {
+        let mut frames = [PhysFrame::containing_address(PhysAddr::zero()); VMAP_PAGES];
+        let pages = 1 + rng.below(VMAP_PAGES as u64) as usize;
+        ensure(
+            mm::frames().alloc_bulk(&mut frames[..pages]) == pages,
+            "out of frames for vmap",
+        )?;
+        let ptr = vm
+            .vmap(&frames[..pages], Prot::KERNEL_RW)
+            .map_err(|_| "vmap failed")?;
+        return Ok(Slot {
+            ptr: ptr.as_ptr(),
+            pages,
+            seed,
+            kind: Kind::Vmap,
+        });
+    }
+    let pages = 1 + rng.below(MAX_PAGES) as usize;
+    let ptr = vm.vmalloc(pages * PAGE).map_err(|_| "vmalloc failed")?;
+    Ok(Slot {
+        ptr: ptr.as_ptr(),
+        pages,
+        seed,
+        kind: Kind::Vmalloc,
+    })
+}
+
+fn stress_free(slot: &Slot) -> Outcome {
+    ensure(pages_intact(slot), "area content changed")?;
+    let vm = mm::vmalloc();
+    match slot.kind {
+        Kind::Vmalloc => vm.vfree(slot.ptr).map_err(|_| "vfree failed"),
+        Kind::Vmap => {
+            let mut freed = true;
+            vm.vunmap(slot.ptr, |frame| freed &= mm::frames().free(frame).is_ok())
+                .map_err(|_| "vunmap failed")?;
+            ensure(freed, "a vunmapped frame was not the caller's")
+        }
+    }
+}
+
+fn stress_realloc(slot: &mut Slot, rng: &mut XorShift) -> Outcome {
+    ensure(pages_intact(slot), "area content changed before vrealloc")?;
+    let pages = 1 + rng.below(2 * MAX_PAGES) as usize;
+    let ptr = mm::vmalloc()
+        .vrealloc(slot.ptr, pages * PAGE)
+        .map_err(|_| "vrealloc failed")?;
+    let kept = slot.pages.min(pages);
+    *slot = Slot {
+        ptr: ptr.as_ptr(),
+        pages: kept,
+        ..*slot
+    };
+    ensure(pages_intact(slot), "vrealloc lost content")?;
+    slot.pages = pages;
+    write_pages(slot, kept);
+    Ok(())
+}
+
+fn held_by_manager() -> u64 {
+    let stats = mm::vmalloc().stats();
+    stats.page_table_frames + stats.bookkeeping_frames
+}
+
+/// 4000 seeded random vmalloc/vfree/vmap/vunmap/vrealloc/purge steps with content
+/// checks; afterwards every frame is back except those the manager's own page
+/// tables and bookkeeping grew by.
+pub fn stress(_ctx: &mut Ctx) -> Outcome {
+    const STEPS: usize = 4000;
+    let vm = mm::vmalloc();
+    vm.purge();
+    let free_before = mm::frames().stats().free;
+    let held_before = held_by_manager();
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut slots: [Option<Slot>; SLOTS] = [None; SLOTS];
+    for _ in 0..STEPS {
+        let index = rng.below(SLOTS as u64) as usize;
+        match (slots[index].as_mut(), rng.below(8)) {
+            (_, 0) => vm.purge(),
+            (None, _) => {
+                let slot = stress_alloc(&mut rng)?;
+                write_pages(&slot, 0);
+                slots[index] = Some(slot);
+            }
+            (Some(slot), 1..=2) if matches!(slot.kind, Kind::Vmalloc) => {
+                stress_realloc(slot, &mut rng)?
+            }
+            (Some(slot), _) => {
+                stress_free(slot)?;
+                slots[index] = None;
+            }
+        }
+    }
+    for slot in slots.iter().flatten() {
+        stress_free(slot)?;
+    }
+    vm.purge();
+    let grown = held_by_manager() - held_before;
+    ensure(
+        vm.stats().pending_purge_frames == 0,
+        "frames still pending after purge",
+    )?;
+    ensure(
+        mm::frames().stats().free == free_before - grown,
+        "frames lost or duplicated by the stress run",
+    )
+}

@@ -1,0 +1,53 @@
+//! The kernel's memory management, built at boot from the library as a kernel would:
+//! the frame allocator, the vmalloc manager over the live PML4, and the global heap.
+
+use crate::paging::Invlpg;
+use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
+use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::{Error, OffsetPhysMemory};
+use x86_64::structures::paging::PhysFrame;
+
+/// The vmalloc manager's type in this kernel.
+pub type Manager = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, Invlpg>;
+
+/// The frame allocator over the boot memory map.
+pub static FRAMES: spin::Once<LockedFrameAllocator<'static>> = spin::Once::new();
+/// The vmalloc manager.
+pub static VMALLOC: spin::Once<Manager> = spin::Once::new();
+
+/// The kernel heap: small blocks from a vmalloc window, large ones from vmalloc.
+#[global_allocator]
+pub static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig::DEFAULT);
+
+/// Builds the frame allocator from `map`, the vmalloc manager on `pml4`, and the heap.
+///
+/// # Safety
+///
+/// Called once; the usable ranges of `map` are RAM nothing else uses, `phys` reaches
+/// all of it, `pml4` is the live PML4 whose vmalloc-region entries nothing else
+/// touches.
+pub unsafe fn init(
+    map: &[MemoryRegion],
+    phys: OffsetPhysMemory,
+    pml4: PhysFrame,
+    tlb: Invlpg,
+) -> Result<(), Error> {
+    // SAFETY: forwarded from this function's contract.
+    let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
+    let frames = FRAMES.call_once(|| LockedFrameAllocator::new(bitmap));
+    // SAFETY: forwarded; `Invlpg` flushes the only CPU.
+    let manager = unsafe { Manager::new(VmallocConfig::default(), pml4, phys, frames, tlb)? };
+    let manager = VMALLOC.call_once(|| manager);
+    HEAP.init(manager)
+}
+
+/// The frame allocator (after [`init`]).
+pub fn frames() -> &'static LockedFrameAllocator<'static> {
+    FRAMES.get().expect("mm::init ran at boot")
+}
+
+/// The vmalloc manager (after [`init`]).
+pub fn vmalloc() -> &'static Manager {
+    VMALLOC.get().expect("mm::init ran at boot")
+}
