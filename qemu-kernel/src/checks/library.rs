@@ -111,7 +111,7 @@ pub fn vmalloc_large(ctx: &mut Ctx) -> Outcome {
     // Give back the even frames only: every free run is one frame long.
     let mut freed = true;
     held.retain(|frame| {
-        let even = frame.start_address().as_u64() / PAGE as u64 % 2 == 0;
+        let even = (frame.start_address().as_u64() / PAGE as u64).is_multiple_of(2);
         freed &= !even || mm::frames().free(*frame).is_ok();
         !even
     });
@@ -510,13 +510,14 @@ pub fn stress(_ctx: &mut Ctx) -> Outcome {
         stress_free(slot)?;
     }
     vm.purge();
-    let grown = held_by_manager() - held_before;
+    // The manager's own tables may have grown or shrunk: signed arithmetic.
+    let grown = held_by_manager() as i64 - held_before as i64;
     ensure(
         vm.stats().pending_purge_frames == 0,
         "frames still pending after purge",
     )?;
     ensure(
-        mm::frames().stats().free == free_before - grown,
+        mm::frames().stats().free as i64 == free_before as i64 - grown,
         "frames lost or duplicated by the stress run",
     )
 }
