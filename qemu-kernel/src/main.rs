@@ -54,7 +54,8 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
         pml4: Cr3::read().0,
         scratch: paging::ScratchWindow::init(),
         test_frames: paging::test_frames(),
-        tlb: paging::Invlpg,
+        // SAFETY: ring 0 with paging enabled.
+        tlb: unsafe { vmalloc::tlb::InvlpgFlush::new() },
     };
     // SAFETY: the only call; `memory_map` reserves everything the kernel uses, the
     // physical map reaches all RAM, and only `mm` touches the vmalloc region's entries.

@@ -1,15 +1,15 @@
 //! The kernel's memory management, built at boot from the library as a kernel would:
 //! the frame allocator, the vmalloc manager over the live PML4, and the global heap.
 
-use crate::paging::Invlpg;
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::tlb::InvlpgFlush;
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{Error, OffsetPhysMemory};
 use x86_64::structures::paging::PhysFrame;
 
 /// The vmalloc manager's type in this kernel.
-pub type Manager = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, Invlpg>;
+pub type Manager = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, InvlpgFlush>;
 
 /// The frame allocator over the boot memory map.
 pub static FRAMES: spin::Once<LockedFrameAllocator<'static>> = spin::Once::new();
@@ -31,12 +31,12 @@ pub unsafe fn init(
     map: &[MemoryRegion],
     phys: OffsetPhysMemory,
     pml4: PhysFrame,
-    tlb: Invlpg,
+    tlb: InvlpgFlush,
 ) -> Result<(), Error> {
     // SAFETY: forwarded from this function's contract.
     let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
     let frames = FRAMES.call_once(|| LockedFrameAllocator::new(bitmap));
-    // SAFETY: forwarded; `Invlpg` flushes the only CPU.
+    // SAFETY: forwarded; `InvlpgFlush` flushes the only CPU.
     let manager = unsafe { Manager::new(VmallocConfig::default(), pml4, phys, frames, tlb)? };
     let manager = VMALLOC.call_once(|| manager);
     HEAP.init(manager)

@@ -17,9 +17,8 @@
 
 use crate::cell::{PageAligned, StaticCell};
 use core::ops::Range;
-use vmalloc::TlbFlush;
 use x86_64::registers::control::Cr3;
-use x86_64::structures::paging::{Page, PageTable, PageTableFlags, PhysFrame, Size4KiB};
+use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr, instructions::tlb};
 
 /// Virtual address of physical address 0.
@@ -179,18 +178,4 @@ impl ScratchWindow {
 pub fn test_frames() -> [PhysFrame; TEST_FRAME_COUNT] {
     let first = phys_of(TEST_FRAMES.get());
     core::array::from_fn(|index| PhysFrame::containing_address(first + index as u64 * 4096))
-}
-
-/// TLB flushes with `invlpg` and CR3 reloads, for the library's [`TlbFlush`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Invlpg;
-
-impl TlbFlush for Invlpg {
-    fn flush_page(&self, page: Page<Size4KiB>) {
-        tlb::flush(page.start_address());
-    }
-
-    fn flush_all(&self) {
-        tlb::flush_all();
-    }
 }

@@ -104,26 +104,34 @@ pub fn frame_allocator(ctx: &mut Ctx) -> Outcome {
 /// A 48 MiB buffer from frames with no two physically adjacent: written through its
 /// virtual address, read back through the frames `vmalloc_to_frame` reports.
 pub fn vmalloc_large(ctx: &mut Ctx) -> Outcome {
-    const SIZE: usize = 48 * MIB;
-    let vm = mm::vmalloc();
     let mut held = frame_list();
     take_all_frames(&mut held)?;
     // Give back the even frames only: every free run is one frame long.
     let mut freed = true;
     held.retain(|frame| {
-        let even = frame.start_address().as_u64() / PAGE as u64 % 2 == 0;
+        let even = (frame.start_address().as_u64() / PAGE as u64).is_multiple_of(2);
         freed &= !even || mm::frames().free(*frame).is_ok();
         !even
     });
-    ensure(freed, "giving back a taken frame failed")?;
-    let result = vm.vmalloc(SIZE).map_err(|_| "vmalloc of 48 MiB failed");
-    let outcome = result.and_then(|ptr| {
-        let outcome = fill_and_verify_scattered(ctx, ptr.as_ptr(), SIZE);
-        vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
-        outcome
-    });
-    vm.purge();
+    let outcome =
+        ensure(freed, "giving back a taken frame failed").and_then(|()| large_on_fragmented(ctx));
     free_all(&held)?;
+    outcome
+}
+
+/// The body of [`vmalloc_large`], run while the odd frames are held.
+fn large_on_fragmented(ctx: &Ctx) -> Outcome {
+    const SIZE: usize = 48 * MIB;
+    let pair = mm::frames().alloc_contiguous(2, 1);
+    if let Ok(first) = pair {
+        free_all(&[first, first + 1])?;
+    }
+    ensure(pair.is_err(), "two adjacent frames are still free")?;
+    let vm = mm::vmalloc();
+    let ptr = vm.vmalloc(SIZE).map_err(|_| "vmalloc of 48 MiB failed")?;
+    let outcome = fill_and_verify_scattered(ctx, ptr.as_ptr(), SIZE);
+    vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
+    vm.purge();
     outcome
 }
 
@@ -339,7 +347,11 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
         mm::vmalloc().is_vmalloc_addr(VirtAddr::from_ptr(large.as_ptr())),
         "4 MiB Vec outside vmalloc",
     )?;
+    let frame_of = |v: &Vec<u64>| mm::vmalloc().vmalloc_to_frame(VirtAddr::from_ptr(v.as_ptr()));
+    let first_frame = frame_of(&large);
     large.reserve_exact(4 * MIB / 8);
+    // `vrealloc` remaps the old frames; allocate-copy-free would have new ones.
+    let remapped = first_frame.is_ok() && frame_of(&large) == first_frame;
     large.extend((4 * MIB / 8) as u64..(8 * MIB / 8) as u64);
     let intact = large.iter().enumerate().all(|(i, &v)| v == i as u64);
     ensure(
@@ -348,6 +360,10 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
     )?;
     drop(large);
     ensure(intact, "Vec content changed when it grew to 8 MiB")?;
+    ensure(
+        remapped,
+        "growing did not keep the Vec's frames (no vrealloc)",
+    )?;
     ensure(
         mm::HEAP.stats().large_blocks == large_before,
         "dropped Vec still counted",
@@ -510,13 +526,14 @@ pub fn stress(_ctx: &mut Ctx) -> Outcome {
         stress_free(slot)?;
     }
     vm.purge();
-    let grown = held_by_manager() - held_before;
+    // The manager's own tables may have grown or shrunk: signed arithmetic.
+    let grown = held_by_manager() as i64 - held_before as i64;
     ensure(
         vm.stats().pending_purge_frames == 0,
         "frames still pending after purge",
     )?;
     ensure(
-        mm::frames().stats().free == free_before - grown,
+        mm::frames().stats().free as i64 == free_before as i64 - grown,
         "frames lost or duplicated by the stress run",
     )
 }

@@ -10,10 +10,11 @@ mod infra;
 mod library;
 
 use crate::multiboot::BootInfo;
-use crate::paging::{Invlpg, ScratchWindow, TEST_FRAME_COUNT};
+use crate::paging::{ScratchWindow, TEST_FRAME_COUNT};
 use crate::println;
 use core::ops::Range;
 use vmalloc::OffsetPhysMemory;
+use vmalloc::tlb::InvlpgFlush;
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
@@ -35,7 +36,7 @@ pub struct Ctx {
     /// Frames inside the kernel image, reserved for checks (identity-mapped too).
     pub test_frames: [PhysFrame; TEST_FRAME_COUNT],
     /// The TLB-flush implementation to hand to the library.
-    pub tlb: Invlpg,
+    pub tlb: InvlpgFlush,
 }
 
 /// A check: `Ok` or why it failed.
