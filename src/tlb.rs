@@ -10,6 +10,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
 
+/// Pages up to which a range is flushed page by page rather than all at once:
+/// Linux's `tlb_single_page_flush_ceiling`.
+pub const SINGLE_PAGE_FLUSH_CEILING: u64 = 33;
+
 /// Drops stale translations from the TLB.
 ///
 /// Methods take `&self`: a TLB is machine state shared by every user of the page
@@ -18,8 +22,14 @@ pub trait TlbFlush {
     /// Drops any translation of `page`.
     fn flush_page(&self, page: Page<Size4KiB>);
 
-    /// Drops any translation in `range`. The default flushes page by page.
+    /// Drops any translation in `range`. The default flushes page by page up to
+    /// [`SINGLE_PAGE_FLUSH_CEILING`] pages and everything above it: ranges can be
+    /// huge (a freed page table covers up to 1 GiB), and one `invlpg` per page
+    /// would take far longer than refilling the TLB.
     fn flush_range(&self, range: PageRange<Size4KiB>) {
+        if range.len() > SINGLE_PAGE_FLUSH_CEILING {
+            return self.flush_all();
+        }
         for page in range {
             self.flush_page(page);
         }
@@ -56,7 +66,7 @@ pub struct InvlpgFlush {
 
 impl InvlpgFlush {
     /// Linux's default ceiling, in pages.
-    pub const DEFAULT_CEILING: u64 = 33;
+    pub const DEFAULT_CEILING: u64 = SINGLE_PAGE_FLUSH_CEILING;
 
     /// A flusher with the default ceiling.
     ///
@@ -171,5 +181,47 @@ impl TlbFlush for CountingFlush {
 
     fn flush_all(&self) {
         self.full_calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use x86_64::VirtAddr;
+
+    /// A policy that only knows single pages and everything.
+    #[derive(Default)]
+    struct Minimal {
+        pages: AtomicU64,
+        alls: AtomicU64,
+    }
+
+    impl TlbFlush for Minimal {
+        fn flush_page(&self, _: Page<Size4KiB>) {
+            self.pages.fetch_add(1, Ordering::Relaxed);
+        }
+        fn flush_all(&self) {
+            self.alls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn range(pages: u64) -> PageRange<Size4KiB> {
+        let start = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
+        Page::range(start, start + pages)
+    }
+
+    #[test]
+    fn the_default_range_flush_goes_page_by_page_only_up_to_the_ceiling() {
+        let tlb = Minimal::default();
+        tlb.flush_range(range(SINGLE_PAGE_FLUSH_CEILING));
+        assert_eq!(tlb.pages.load(Ordering::Relaxed), SINGLE_PAGE_FLUSH_CEILING);
+        tlb.flush_range(range(1 << 18));
+        assert_eq!(tlb.pages.load(Ordering::Relaxed), SINGLE_PAGE_FLUSH_CEILING);
+        assert_eq!(
+            tlb.alls.load(Ordering::Relaxed),
+            1,
+            "a 1 GiB range is one full flush"
+        );
     }
 }

@@ -184,10 +184,6 @@ impl Default for VmallocConfig {
     }
 }
 
-/// Pages up to which a purge flushes area by area; above it, one full flush.
-/// Linux's `tlb_single_page_flush_ceiling`.
-const PURGE_FLUSH_CEILING: u64 = 33;
-
 /// The vmalloc area manager. See the [module documentation](self).
 pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     inner: spin::Mutex<Inner<F, M>>,
@@ -800,7 +796,7 @@ where
     /// One batched flush for every pending area, then their frames and ranges return.
     fn purge_locked(&self, inner: &mut Inner<F, M>) {
         let Some(head) = inner.purge.head else { return };
-        if inner.purge.pages <= PURGE_FLUSH_CEILING {
+        if inner.purge.pages <= crate::tlb::SINGLE_PAGE_FLUSH_CEILING {
             let mut next = Some(head);
             while let Some(start) = next {
                 let record = inner.record_mut(start);
