@@ -36,20 +36,11 @@ impl AreaKind {
     }
 }
 
-/// Whether an area is in use or waiting for the lazy TLB purge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AreaState {
-    Live,
-    /// Freed: its entries are detached (not present, frame still recorded) and its
-    /// virtual range stays reserved until one batched flush covers it.
-    Purging,
-}
-
-/// The manager's record of one area, kept in the area map.
+/// The manager's record of one area, kept in the area map while it lives and on
+/// the purge list after it is freed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AreaRecord {
     pub kind: AreaKind,
-    pub state: AreaState,
     /// Pages mapped from the start of the area (for `Reserved`: populated so far).
     pub mapped_pages: u64,
     /// Usable size in bytes (excludes the guard page).
@@ -66,15 +57,12 @@ pub(crate) struct AreaRecord {
     pub zeroed: bool,
     /// Caller-supplied label for listings.
     pub tag: &'static str,
-    /// Next area on the purge list, while `Purging`.
-    pub next_purge: Option<VirtAddr>,
 }
 
 impl AreaRecord {
     pub fn new(kind: AreaKind, pages: u64, flags: PageTableFlags, options: &VmOptions) -> Self {
         Self {
             kind,
-            state: AreaState::Live,
             mapped_pages: pages,
             size: pages * PAGE_SIZE,
             guard: !options.flags.contains(VmFlags::NO_GUARD),
@@ -83,7 +71,6 @@ impl AreaRecord {
             align: options.align.max(PAGE_SIZE),
             zeroed: options.flags.contains(VmFlags::ZERO),
             tag: options.tag,
-            next_purge: None,
         }
     }
 

@@ -38,6 +38,7 @@ mod area;
 #[allow(dead_code)]
 mod node;
 mod owned;
+mod purge;
 #[allow(dead_code)]
 mod space;
 #[cfg(test)]
@@ -48,11 +49,12 @@ pub use owned::{VBox, VBuffer, VmallocOps};
 
 use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
-use area::{AreaRecord, AreaState};
+use area::AreaRecord;
 use bitflags::bitflags;
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use node::NodePool;
+use purge::PurgeList;
 use space::{AreaMap, VSpace};
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
@@ -205,20 +207,6 @@ struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     purges: u64,
 }
 
-/// Freed areas waiting for the batched flush, linked through their records.
-#[derive(Default)]
-struct PurgeList {
-    head: Option<VirtAddr>,
-    /// Pages detached (mapped before `vfree`) in all pending areas.
-    pages: u64,
-    /// Frames of pending areas that go back to the frame allocator after the flush.
-    frames: u64,
-    /// Virtual bytes the pending areas still take.
-    bytes: u64,
-    /// Areas on the list.
-    areas: u64,
-}
-
 // SAFETY: `Inner` holds raw pointers into frames it owns (page tables, bookkeeping
 // nodes); they are only dereferenced with the manager's lock held, so moving the
 // state to another CPU is sound whenever the phys-to-virt access itself may move.
@@ -266,7 +254,7 @@ where
             space,
             areas: AreaMap::new(),
             pool,
-            purge: PurgeList::default(),
+            purge: PurgeList::new(),
             page_table_frames: 0,
             data_frames: 0,
             purges: 0,
@@ -359,7 +347,7 @@ where
         let (start, record) =
             self.live_area_at(&inner, ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
         inner.data_frames -= record.mapped_pages;
-        self.retire(&mut inner, start);
+        self.retire(&mut inner, start, record);
         Ok(())
     }
 
@@ -457,7 +445,7 @@ where
         if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
             return Err(Error::InteriorPointer);
         }
-        self.retire(&mut inner, start);
+        self.retire(&mut inner, start, record);
         Ok(())
     }
 
@@ -503,7 +491,7 @@ where
         let inner = self.inner.lock();
         let (start, _, record) = inner.area_containing(addr).ok_or(Error::NotMapped)?;
         let page_index = (addr - start) / PAGE_SIZE;
-        if record.state != AreaState::Live || page_index >= record.mapped_pages {
+        if page_index >= record.mapped_pages {
             return Err(Error::NotMapped);
         }
         match inner.tables.translate(addr)? {
@@ -645,9 +633,6 @@ where
             return Err(Error::NotInRegion);
         }
         let (start, _, record) = inner.area_containing(addr).ok_or(Error::NotAllocated)?;
-        if record.state != AreaState::Live {
-            return Err(Error::NotAllocated);
-        }
         if start != addr {
             let in_guard = addr - start >= record.size;
             return Err(if in_guard {
@@ -676,9 +661,7 @@ where
         }
         loop {
             match inner.insert_area(record, align) {
-                Err(Error::OutOfVirtualSpace | Error::OutOfFrames)
-                    if inner.purge.head.is_some() =>
-                {
+                Err(Error::OutOfVirtualSpace | Error::OutOfFrames) if !inner.purge.is_empty() => {
                     self.purge_locked(inner)
                 }
                 result => return result,
@@ -729,7 +712,7 @@ where
     /// frames wait on the purge list.
     fn alloc_frames(&self, inner: &mut Inner<F, M>, out: &mut [PhysFrame]) -> usize {
         let got = self.frames.alloc_frames(out);
-        if got == out.len() || inner.purge.head.is_none() {
+        if got == out.len() || inner.purge.is_empty() {
             return got;
         }
         self.purge_locked(inner);
@@ -754,7 +737,7 @@ where
             let result = inner.tables.map(pages, frames.clone(), flags, &source);
             inner.page_table_frames = inner.page_table_frames.wrapping_add_signed(source.net());
             match result {
-                Err(Error::OutOfFrames) if inner.purge.head.is_some() => self.purge_locked(inner),
+                Err(Error::OutOfFrames) if !inner.purge.is_empty() => self.purge_locked(inner),
                 result => return result,
             }
         }
@@ -768,26 +751,17 @@ where
     }
 
     /// Frees an area: detaches its mapped pages and queues it for the batched flush.
-    fn retire(&self, inner: &mut Inner<F, M>, start: VirtAddr) {
-        let next = inner.purge.head.take();
-        let record = inner.record_mut(start);
-        record.state = AreaState::Purging;
-        record.next_purge = next;
-        let record = *record;
+    fn retire(&self, inner: &mut Inner<F, M>, start: VirtAddr, record: AreaRecord) {
         let mapped = page_range(start, 0..record.mapped_pages);
-        let owns_frames = record.kind.owns_frames();
-        let pages = record.mapped_pages;
-        let span = record.span();
         if !mapped.is_empty() {
             // The flush is the purge's: until then the frames stay recorded in the
             // detached entries and nothing can reuse them.
             invariant(inner.tables.detach(mapped).map(|flush| flush.ignore()));
         }
-        inner.purge.head = Some(start);
-        inner.purge.pages += pages;
-        inner.purge.frames += if owns_frames { pages } else { 0 };
-        inner.purge.bytes += span;
-        inner.purge.areas += 1;
+        // The area's node goes back to the pool and the purge entry takes it.
+        let removed = inner.areas.remove(&mut inner.pool, start);
+        debug_assert_eq!(removed.map(|area| area.size), Some(record.span()));
+        inner.purge.push(&mut inner.pool, start, record);
         if self.config.eager || inner.purge.pages > self.config.lazy_threshold_pages {
             self.purge_locked(inner);
         }
@@ -795,23 +769,21 @@ where
 
     /// One batched flush for every pending area, then their frames and ranges return.
     fn purge_locked(&self, inner: &mut Inner<F, M>) {
-        let Some(head) = inner.purge.head else { return };
+        if inner.purge.is_empty() {
+            return;
+        }
         if inner.purge.pages <= crate::tlb::SINGLE_PAGE_FLUSH_CEILING {
-            let mut next = Some(head);
-            while let Some(start) = next {
-                let record = inner.record_mut(start);
+            for (start, record) in inner.purge.iter() {
                 self.tlb
                     .flush_range(page_range(start, 0..record.mapped_pages));
-                next = record.next_purge;
             }
         } else {
             self.tlb.flush_all();
         }
         // Emptied page tables of all areas go after one more flush, which covers them.
         let mut sweep = TableSweep::new(&self.frames, &self.tlb);
-        let mut next = Some(head);
-        while let Some(start) = next {
-            let record = *inner.record_mut(start);
+        let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
+        while let Some((start, record)) = pending.pop(&mut inner.pool) {
             let frames = FrameBatch::new(&self.frames);
             let owns_frames = record.kind.owns_frames();
             let range = page_range(start, 0..record.mapped_pages);
@@ -826,11 +798,10 @@ where
                 &mut sweep,
             );
             frames.finish();
-            inner.remove_area(start);
-            next = record.next_purge;
+            // The entry's slot was just given back: freeing the range cannot fail.
+            invariant(inner.space.free(&mut inner.pool, start, record.span()));
         }
         inner.page_table_frames -= sweep.finish(&self.tlb);
-        inner.purge = PurgeList::default();
         inner.purges += 1;
     }
 
@@ -1003,13 +974,9 @@ impl<F: FrameSource, M: PhysMemory + Copy> Iterator for Areas<'_, F, M> {
     type Item = AreaInfo;
 
     fn next(&mut self) -> Option<AreaInfo> {
-        loop {
-            let area = self.inner.areas.first_from(self.next)?;
-            self.next = area.start.as_u64().checked_add(1)?;
-            if area.data.state == AreaState::Live {
-                return Some(AreaInfo::new(area.start, area.size, &area.data));
-            }
-        }
+        let area = self.inner.areas.first_from(self.next)?;
+        self.next = area.start.as_u64().checked_add(1)?;
+        Some(AreaInfo::new(area.start, area.size, &area.data))
     }
 }
 
@@ -1278,7 +1245,7 @@ impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
     }
 
     fn live_areas(&self) -> u64 {
-        self.areas.len() as u64 - self.purge.areas
+        self.areas.len() as u64
     }
 }
 

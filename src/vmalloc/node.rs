@@ -256,6 +256,9 @@ impl<V> Node<V> {
 pub(crate) trait NodeValue: Sized {
     /// Recomputes the node's value from its own range and its children.
     fn update(node: &mut Node<Self>);
+
+    /// The part of the value a parent derives from this node (0 when none is).
+    fn summary(&self) -> u64;
 }
 
 /// Largest free range in the subtree: the free tree's augmentation.
@@ -276,6 +279,10 @@ impl NodeValue for MaxFree {
         }
         node.value = MaxFree(max);
     }
+
+    fn summary(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The area map's payload; it depends on nothing below it.
@@ -284,6 +291,39 @@ pub(crate) struct Payload<T>(pub(crate) T);
 
 impl<T> NodeValue for Payload<T> {
     fn update(_: &mut Node<Self>) {}
+
+    fn summary(&self) -> u64 {
+        0
+    }
+}
+
+/// What a parent derives from a possibly empty subtree: its height and summary.
+fn shape<V: NodeValue>(node: *mut Node<V>) -> (u8, u64) {
+    // SAFETY: non-null tree links point to live nodes.
+    unsafe {
+        node.as_ref()
+            .map_or((0, 0), |n| (n.height, n.value.summary()))
+    }
+}
+
+/// After a child subtree of `root` changed from shape `before`: restores `root`,
+/// or, if the child looks the same from above, leaves it alone. Everything above
+/// then looks the same too, so a change deep in a large tree costs one comparison
+/// per level on the way back instead of a refresh that reads both children.
+///
+/// # Safety
+///
+/// As [`rebalance`].
+unsafe fn rebalance_after<V: NodeValue>(
+    root: *mut Node<V>,
+    child: *mut Node<V>,
+    before: (u8, u64),
+) -> *mut Node<V> {
+    if shape(child) == before {
+        return root;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { rebalance(root) }
 }
 
 /// Height of a possibly empty subtree.
@@ -394,11 +434,25 @@ impl<V: NodeValue> Tree<V> {
         self.root
     }
 
-    /// Links `node` (from the pool, key not yet present) into the tree.
+    /// Links `node` (from the pool, its range overlapping no other) into the tree.
     pub(crate) fn insert(&mut self, node: *mut Node<V>) {
+        let linked = self.insert_disjoint(node);
+        debug_assert!(linked, "overlapping ranges in one tree");
+    }
+
+    /// Links `node` (from the pool) into the tree unless its range overlaps a node's;
+    /// returns whether it did. The only candidates, the nodes just before and after
+    /// it, both lie on the insertion path, so the check costs no extra descent.
+    pub(crate) fn insert_disjoint(&mut self, node: *mut Node<V>) -> bool {
         // SAFETY: `node` is a fresh node; `root` is this tree's valid root.
-        self.root = unsafe { insert_at(self.root, node) };
-        self.len += 1;
+        match unsafe { insert_at(self.root, node) } {
+            Some(root) => {
+                self.root = root;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Unlinks the node starting at `start` and returns it (null if there is none).
@@ -496,6 +550,33 @@ impl<V: NodeValue> Tree<V> {
         None
     }
 
+    /// Panics unless the tree is ordered, balanced, and every height and value is
+    /// what [`refresh`] would compute (for tests of the rebalancing shortcuts).
+    #[cfg(test)]
+    pub(crate) fn assert_valid(&self) {
+        /// Checks the subtree within `(low, high)`; returns its height and summary.
+        fn walk<V: NodeValue>(node: *mut Node<V>, low: u64, high: u64) -> (u8, u64) {
+            // SAFETY: links of a tree are live or null.
+            let Some(n) = (unsafe { node.as_mut() }) else {
+                return (0, 0);
+            };
+            assert!(low <= n.start && n.end() <= high, "ranges out of order");
+            let left = walk(n.left, low, n.start);
+            let right = walk(n.right, n.end(), high);
+            assert!(
+                left.0.abs_diff(right.0) <= 1,
+                "unbalanced at {:#x}",
+                n.start
+            );
+            assert_eq!(n.height, 1 + left.0.max(right.0), "stale height");
+            let stored = n.value.summary();
+            V::update(n);
+            assert_eq!(n.value.summary(), stored, "stale value at {:#x}", n.start);
+            (n.height, stored)
+        }
+        walk(self.root, 0, u64::MAX);
+    }
+
     /// Nodes in address order.
     pub(crate) fn iter(&self) -> TreeIter<'_, V> {
         let mut iter = TreeIter {
@@ -515,24 +596,33 @@ impl<V: NodeValue> Tree<V> {
     }
 }
 
+/// Returns the new subtree root, or `None`, with nothing changed, if `node`'s range
+/// overlaps one in the subtree.
+///
 /// # Safety
 ///
 /// `root` is a valid AVL subtree or null; `node` is live and unlinked.
-unsafe fn insert_at<V: NodeValue>(root: *mut Node<V>, node: *mut Node<V>) -> *mut Node<V> {
-    // SAFETY: the caller's guarantee; recursion stays inside the subtree.
+unsafe fn insert_at<V: NodeValue>(root: *mut Node<V>, node: *mut Node<V>) -> Option<*mut Node<V>> {
+    // SAFETY: the caller's guarantee; recursion stays inside the subtree, and links
+    // change only after the recursion below succeeded.
     unsafe {
         if root.is_null() {
             (*node).left = null_mut();
             (*node).right = null_mut();
             refresh(node);
-            return node;
+            return Some(node);
         }
-        if (*node).start < (*root).start {
-            (*root).left = insert_at((*root).left, node);
+        if (*node).start < (*root).end() && (*root).start < (*node).end() {
+            return None;
+        }
+        let child = if (*node).start < (*root).start {
+            &mut (*root).left
         } else {
-            (*root).right = insert_at((*root).right, node);
-        }
-        rebalance(root)
+            &mut (*root).right
+        };
+        let before = shape(*child);
+        *child = insert_at(*child, node)?;
+        Some(rebalance_after(root, *child, before))
     }
 }
 
@@ -549,25 +639,28 @@ unsafe fn remove_at<V: NodeValue>(
         let Some(r) = root.as_mut() else {
             return root;
         };
-        if start < r.start {
-            r.left = remove_at(r.left, start, removed);
-        } else if start > r.start {
-            r.right = remove_at(r.right, start, removed);
-        } else {
-            *removed = root;
-            if r.left.is_null() {
-                return r.right;
-            }
-            if r.right.is_null() {
-                return r.left;
-            }
-            let mut successor = null_mut();
-            let right = remove_min(r.right, &mut successor);
-            (*successor).left = r.left;
-            (*successor).right = right;
-            return rebalance(successor);
+        if start != r.start {
+            let child = if start < r.start {
+                &mut r.left
+            } else {
+                &mut r.right
+            };
+            let before = shape(*child);
+            *child = remove_at(*child, start, removed);
+            return rebalance_after(root, *child, before);
         }
-        rebalance(root)
+        *removed = root;
+        if r.left.is_null() {
+            return r.right;
+        }
+        if r.right.is_null() {
+            return r.left;
+        }
+        let mut successor = null_mut();
+        let right = remove_min(r.right, &mut successor);
+        (*successor).left = r.left;
+        (*successor).right = right;
+        rebalance(successor)
     }
 }
 
@@ -583,8 +676,9 @@ unsafe fn remove_min<V: NodeValue>(root: *mut Node<V>, min: &mut *mut Node<V>) -
             *min = root;
             return (*root).right;
         }
+        let before = shape((*root).left);
         (*root).left = remove_min((*root).left, min);
-        rebalance(root)
+        rebalance_after(root, (*root).left, before)
     }
 }
 

@@ -421,22 +421,21 @@ impl<T: Copy> AreaMap<T> {
         if size == 0 {
             return Err(Error::ZeroSize);
         }
-        let end = start.checked_add(size).ok_or(Error::RangeWraps)?;
-        let (before, after) = self.busy.around(start);
-        let overlaps_before = before.is_some_and(|n| n.end() > start);
-        let overlaps_after = after.is_some_and(|n| n.start < end);
-        if overlaps_before || overlaps_after {
-            return Err(Error::Overlap);
-        }
+        start.checked_add(size).ok_or(Error::RangeWraps)?;
         pool.reserve(1)?;
-        self.busy.insert(pool.take(Node {
+        let node = pool.take(Node {
             left: core::ptr::null_mut(),
             right: core::ptr::null_mut(),
             start,
             size,
             height: 1,
             value: Payload(data),
-        }));
+        });
+        if !self.busy.insert_disjoint(node) {
+            // SAFETY: the node was taken from `pool` above and never linked.
+            unsafe { release(pool, node) };
+            return Err(Error::Overlap);
+        }
         Ok(())
     }
 

@@ -333,6 +333,17 @@ fn hundred_thousand_live_areas_are_found() {
         heights.0 <= bound && heights.1 <= bound,
         "{heights:?} > {bound}"
     );
+    space.free.assert_valid();
+    areas.busy.assert_valid();
+    // Freeing every other area joins the gaps on both sides of it (the first area
+    // has none before it, so only 49,999 pairs join).
+    for &(addr, size, _) in starts.iter().step_by(2) {
+        areas.remove(&mut pool, addr).unwrap();
+        space.free(&mut pool, addr, size).unwrap();
+    }
+    assert_eq!(space.free_ranges(), COUNT as usize / 2 + 1);
+    space.free.assert_valid();
+    areas.busy.assert_valid();
 }
 
 /// One step of a random workload.
@@ -389,6 +400,8 @@ fn model_free(busy: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 fn check(space: &VSpace, areas: &AreaMap<u64>, busy: &[(u64, u64)]) {
+    space.free.assert_valid();
+    areas.busy.assert_valid();
     let expected_free = model_free(busy);
     assert_eq!(free_list(space), expected_free);
     let busy_total: u64 = busy.iter().map(|b| b.1).sum();
