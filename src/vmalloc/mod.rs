@@ -783,8 +783,8 @@ where
         // Emptied page tables of all areas go after one more flush, which covers them.
         let mut sweep = TableSweep::new(&self.frames, &self.tlb);
         let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
+        let frames = FrameBatch::new(&self.frames);
         while let Some((start, record)) = pending.pop(&mut inner.pool) {
-            let frames = FrameBatch::new(&self.frames);
             let owns_frames = record.kind.owns_frames();
             let range = page_range(start, 0..record.mapped_pages);
             self.reclaim(
@@ -797,10 +797,10 @@ where
                 },
                 &mut sweep,
             );
-            frames.finish();
             // The entry's slot was just given back: freeing the range cannot fail.
             invariant(inner.space.free(&mut inner.pool, start, record.span()));
         }
+        frames.finish();
         inner.page_table_frames -= sweep.finish(&self.tlb);
         inner.purges += 1;
     }
