@@ -101,7 +101,7 @@ fn main() {
 
     vm.vfree(buffer.as_ptr()).expect("vfree");
     println!(
-        "\nafter vfree: {} pages wait for one batched TLB flush",
+        "\nafter vfree: {} pages wait for the next purge",
         vm.stats().pending_purge_pages
     );
     vm.purge();

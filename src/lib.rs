@@ -7,7 +7,7 @@
 //!
 //! - [`frame`] hands out physical frames. [`BitmapFrameAllocator`](frame::BitmapFrameAllocator)
 //!   is built from a firmware memory map and keeps a hierarchical bitmap, so finding a
-//!   free frame costs the same at 0% and 99% use; [`LockedFrameAllocator`](frame::LockedFrameAllocator)
+//!   single free frame costs about the same at 0% and 99% use; [`LockedFrameAllocator`](frame::LockedFrameAllocator)
 //!   shares it between CPUs as a [`FrameSource`].
 //! - [`phys`] says how the code reaches physical memory ([`PhysMemory`]); a kernel
 //!   that maps all of it at an offset uses [`OffsetPhysMemory`].

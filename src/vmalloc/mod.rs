@@ -14,8 +14,11 @@
 //! does not flush: it *detaches* the area's entries (clears their present bit, so new
 //! walks fault at once) and puts the area on a purge list. When the list holds more
 //! than [`VmallocConfig::lazy_threshold_pages`] pages, or the region or the frame
-//! allocator runs dry, or [`Vmalloc::purge`] is called, one batched flush covers every
-//! pending area; only then do their virtual ranges become free again.
+//! allocator runs dry, or [`Vmalloc::purge`] is called, one purge flushes them all: a
+//! range flush per area while the list holds at most
+//! [`SINGLE_PAGE_FLUSH_CEILING`](crate::tlb::SINGLE_PAGE_FLUSH_CEILING) pages, one full
+//! flush above that, and one more if emptied page tables are freed. Only then do their
+//! virtual ranges become free again.
 //!
 //! Linux returns the pages to the page allocator right away and lets a stale TLB entry
 //! point at a page that someone else may already own. Here the frames stay recorded in
@@ -549,8 +552,8 @@ where
         Ok((want.max(have) * PAGE_SIZE) as usize)
     }
 
-    /// Flushes the TLB once for every area waiting on the lazy-purge list, then
-    /// returns their frames and virtual ranges.
+    /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
+    /// the module documentation), then returns their frames and virtual ranges.
     pub fn purge(&self) {
         let mut inner = self.inner.lock();
         self.purge_locked(&mut inner);

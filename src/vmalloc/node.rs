@@ -7,8 +7,9 @@
 //! every frame (a "slab") links the slabs together; the others hold nodes. A freed
 //! node goes onto an intrusive free list and is reused before any new frame is taken.
 //! Both trees share one slot size (the larger of their node types), so a node freed by
-//! one tree can be reused by the other: `vfree` removes the area (freeing a node) before
-//! giving its range back (which may need one), so that step never needs a new frame.
+//! one tree can be reused by the other: `vfree` moves the area's record into a purge-list
+//! entry in the slot the area map just freed, and the purge pops it (freeing the slot)
+//! before giving the range back (which may need one), so neither step needs a new frame.
 //!
 //! Slabs are never given back to the frame source: the bookkeeping stays as large as
 //! its high-water mark, as a slab cache without a shrinker would. This keeps node
@@ -23,7 +24,9 @@
 //! caller's payload for the area map. AVL rather than red-black: the height bound is
 //! tighter (1.44 log2 n, 25 at 100,000 nodes), and recursive insert/remove recompute
 //! the augmented value on the way back up without parent pointers, so a node is five
-//! words plus its value.
+//! words plus its value. Above the first level whose child came out with its
+//! height and augmented value unchanged, the way back up only compares: nothing there
+//! can change.
 
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::marker::PhantomData;

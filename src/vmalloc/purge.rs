@@ -80,7 +80,7 @@ impl PurgeList {
     pub(crate) fn iter(&self) -> impl Iterator<Item = (VirtAddr, &AreaRecord)> + '_ {
         let mut entry = self.head;
         core::iter::from_fn(move || {
-            // SAFETY: linked entries stay valid until `drain` gives them back.
+            // SAFETY: linked entries stay valid until `pop` gives them back.
             let pending = unsafe { entry.as_ref() }?;
             entry = pending.next;
             Some((pending.start, &pending.record))

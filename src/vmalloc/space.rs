@@ -21,8 +21,11 @@
 //!   Freeing coalesces with the free neighbours found by a floor/ceiling descent, so
 //!   the tree never holds two adjacent ranges, and needs a new node only when neither
 //!   neighbour is adjacent.
-//! - [`AreaMap`] keeps the *busy* areas with a caller-defined `Copy` payload, and finds
+//! - [`AreaMap`] keeps the *live* areas with a caller-defined `Copy` payload, and finds
 //!   the area containing an address by a floor descent (greatest start `<=` address).
+//!
+//! Freed areas waiting for the TLB flush are in neither tree: they sit on the purge
+//! list (`purge.rs`), their ranges still out of [`VSpace`].
 //!
 //! Why AVL with augmentation rather than the sorted vector of free ranges a small
 //! kernel would start with: `benches/vspace.rs` measures both. With 100,000 live areas
@@ -170,7 +173,8 @@ impl VSpace {
     /// Gives `[start, start + size)` back, merging it with free neighbours.
     ///
     /// A new node is needed only when neither neighbour is free; freeing right after
-    /// [`AreaMap::remove`] (which returns a slot to the shared pool) never fails.
+    /// [`AreaMap::remove`] or the purge list's `pop` (each returns a slot to the shared
+    /// pool) never fails.
     ///
     /// # Errors
     ///
