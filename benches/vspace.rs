@@ -13,18 +13,18 @@
 //!
 //! Run: `cargo bench --bench vspace -- --warm-up-time 1 --measurement-time 2`.
 //!
-//! Median times on the shared 2-core build machine (AVL tree / sorted `Vec`):
+//! Median times from one run on the shared 2-core build machine (AVL tree / sorted `Vec`):
 //!
 //! | workload                     | 10 live        | 1,000 live      | 100,000 live     |
 //! |------------------------------|----------------|-----------------|------------------|
-//! | `alloc_free_page`            | 36 ns / 28 ns  | 111 ns / 320 ns | 203 ns / 41.7 µs |
-//! | `alloc_free_fragmented`      | 40 ns / 24 ns  | 138 ns / 2.2 µs | 257 ns / 220 µs  |
-//! | `alloc_free_random` (10,000) |                |                 | 797 ns / 21.7 µs |
-//! | `lookup_containing`          |                |                 | 71 ns / 50 ns    |
+//! | `alloc_free_page`            | 43 ns / 33 ns  | 129 ns / 327 ns | 222 ns / 39.6 µs |
+//! | `alloc_free_fragmented`      | 40 ns / 23 ns  | 136 ns / 2.2 µs | 262 ns / 222 µs  |
+//! | `alloc_free_random` (10,000) |                |                 | 906 ns / 21.8 µs |
+//! | `lookup_containing`          |                |                 | 77 ns / 52 ns    |
 //!
 //! The tree grows with the depth of the path (about 4 levels at 10 ranges, 18 at
-//! 100,000): 5.6x from 10 to 100,000 live areas, where the vector grows 1,500x to
-//! 9,000x. Lookup by binary search in a sorted vector stays cheaper, but every insert or
+//! 100,000): 5.1x from 10 to 100,000 live areas, where the vector grows 1,200x to
+//! 9,500x. Lookup by binary search in a sorted vector stays cheaper, but every insert or
 //! remove in it shifts the tail, so it loses as soon as areas come and go.
 
 // The library's bookkeeping is crate-internal; the bench compiles the same files.

@@ -30,9 +30,9 @@
 //! Why AVL with augmentation rather than the sorted vector of free ranges a small
 //! kernel would start with: `benches/vspace.rs` measures both. With 100,000 live areas
 //! (and as many free holes) allocating and freeing one page takes about 0.2 µs in the
-//! tree against 42 µs in the vector (220 µs when first fit must look past every hole),
+//! tree against 40 µs in the vector (220 µs when first fit must look past every hole),
 //! because the vector's linear first fit and its shifting inserts grow with the number
-//! of ranges. The tree's cost grows with its depth only (36 ns at 10 areas, 5.6x at
+//! of ranges. The tree's cost grows with its depth only (43 ns at 10 areas, 5.1x at
 //! 100,000; figures in the bench's doc comment). A treap or red-black tree would have
 //! the same O(log n) shape; AVL keeps the path shortest for lookups, which vmalloc
 //! does on every `vfree`.
