@@ -38,7 +38,7 @@ impl RangeFlush {
     }
 
     /// Flushes the range through `tlb` (nothing for an empty range).
-    pub fn flush(self, tlb: &impl TlbFlush) {
+    pub fn flush(self, tlb: &(impl TlbFlush + ?Sized)) {
         if self.whole {
             tlb.flush_all();
         } else if !self.range.is_empty() {

@@ -567,7 +567,7 @@ where
             used: self.config.size - inner.space.free_total() - inner.purge.bytes,
             pending_purge_bytes: inner.purge.bytes,
             largest_free: inner.space.largest_free(),
-            areas: inner.live_areas(),
+            areas: inner.areas.len() as u64,
             data_frames: inner.data_frames,
             page_table_frames: inner.page_table_frames,
             bookkeeping_frames: inner.pool.frames_held() as u64,
@@ -1006,10 +1006,7 @@ impl<'a, F: FrameSource> TableSweep<'a, F> {
             Ok((0, flush)) => flush.ignore(),
             Ok((freed, flush)) => {
                 self.freed += freed as u64;
-                self.flush = Some(match self.flush.take() {
-                    Some(earlier) => earlier.merge(flush),
-                    None => flush,
-                });
+                self.flush = Some(self.flush.map_or(flush, |earlier| earlier.merge(flush)));
             }
             Err(error) => invariant(Err(error)),
         }
@@ -1018,10 +1015,7 @@ impl<'a, F: FrameSource> TableSweep<'a, F> {
     /// Flushes once and frees the tables; returns how many.
     fn finish(self, tlb: &dyn TlbFlush) -> u64 {
         if let Some(flush) = self.flush {
-            match flush.range() {
-                Some(range) => tlb.flush_range(range),
-                None => tlb.flush_all(),
-            }
+            flush.flush(tlb);
         }
         self.tables.finish();
         self.freed
@@ -1245,10 +1239,6 @@ impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
             .shrink(&mut self.pool, start, old_span, new_span)?;
         invariant(self.areas.resize(start, new_span));
         Ok(())
-    }
-
-    fn live_areas(&self) -> u64 {
-        self.areas.len() as u64
     }
 }
 
