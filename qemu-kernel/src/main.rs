@@ -54,12 +54,12 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
         pml4: Cr3::read().0,
         scratch: paging::ScratchWindow::init(),
         test_frames: paging::test_frames(),
-        // SAFETY: ring 0 with paging enabled.
-        tlb: unsafe { vmalloc::tlb::InvlpgFlush::new() },
     };
+    // SAFETY: ring 0 with paging enabled.
+    let tlb = unsafe { vmalloc::tlb::InvlpgFlush::new() };
     // SAFETY: the only call; `memory_map` reserves everything the kernel uses, the
     // physical map reaches all RAM, and only `mm` touches the vmalloc region's entries.
-    if let Err(error) = unsafe { mm::init(ctx.boot.memory_map, ctx.phys, ctx.pml4, ctx.tlb) } {
+    if let Err(error) = unsafe { mm::init(ctx.boot.memory_map, ctx.phys, ctx.pml4, tlb) } {
         println!("memory management failed to start: {error:?}");
         serial::exit(false);
     }

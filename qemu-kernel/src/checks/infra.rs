@@ -233,21 +233,34 @@ pub fn fault_probe_exec_nx(ctx: &mut Ctx) -> Result<(), &'static str> {
     )
 }
 
+/// Offset of the local APIC's version register in its MMIO page.
+pub const APIC_VERSION_REGISTER: u64 = 0x30;
+
+/// The local APIC's physical base and whether it is enabled (IA32_APIC_BASE).
+pub fn local_apic() -> (PhysAddr, bool) {
+    const IA32_APIC_BASE: u32 = 0x1b;
+    const APIC_ENABLED: u64 = 1 << 11;
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no effect.
+    let msr = unsafe { Msr::new(IA32_APIC_BASE).read() };
+    (
+        PhysAddr::new(msr & 0x000f_ffff_ffff_f000),
+        msr & APIC_ENABLED != 0,
+    )
+}
+
 /// The local APIC is enabled and its version register, read through the physical
 /// map, holds an integrated APIC's version (QEMU: 0x14, with 6 LVT entries: 0x50014).
 pub fn apic_version(ctx: &mut Ctx) -> Result<(), &'static str> {
-    const IA32_APIC_BASE: u32 = 0x1b;
-    const APIC_ENABLED: u64 = 1 << 11;
-    const VERSION_REGISTER: u64 = 0x30;
-    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no effect.
-    let msr = unsafe { Msr::new(IA32_APIC_BASE).read() };
-    ensure(msr & APIC_ENABLED != 0, "local APIC is disabled")?;
-    let base = PhysAddr::new(msr & 0x000f_ffff_ffff_f000);
+    let (base, enabled) = local_apic();
+    ensure(enabled, "local APIC is disabled")?;
     ensure(
         base + 0x1000u64 <= ctx.physmap_end,
         "APIC is outside the physical map",
     )?;
-    let register = ctx.phys.phys_to_virt(base + VERSION_REGISTER).cast::<u32>();
+    let register = ctx
+        .phys
+        .phys_to_virt(base + APIC_VERSION_REGISTER)
+        .cast::<u32>();
     // SAFETY: the APIC's MMIO page is mapped (uncached) by the physical map; the
     // version register is read-only and reading it has no side effect.
     let version = unsafe { register.read_volatile() };

@@ -14,7 +14,6 @@ use crate::paging::{ScratchWindow, TEST_FRAME_COUNT};
 use crate::println;
 use core::ops::Range;
 use vmalloc::OffsetPhysMemory;
-use vmalloc::tlb::InvlpgFlush;
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
@@ -35,8 +34,6 @@ pub struct Ctx {
     pub scratch: ScratchWindow,
     /// Frames inside the kernel image, reserved for checks (identity-mapped too).
     pub test_frames: [PhysFrame; TEST_FRAME_COUNT],
-    /// The TLB-flush implementation to hand to the library.
-    pub tlb: InvlpgFlush,
 }
 
 /// A check: `Ok` or why it failed.
