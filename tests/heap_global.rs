@@ -23,9 +23,11 @@ static WINDOW_SIZE: AtomicU64 = AtomicU64::new(0);
 
 struct Routed;
 
+/// Whether the manager's region holds `ptr`. The size is published last and read
+/// first, so a reader that sees it also sees the start.
 fn in_window(ptr: *mut u8) -> bool {
-    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire))
-        < WINDOW_SIZE.load(Ordering::Acquire)
+    let size = WINDOW_SIZE.load(Ordering::Acquire);
+    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire)) < size
 }
 
 // SAFETY: every block is freed by the allocator that made it, told apart by address.
@@ -95,8 +97,8 @@ fn switch_to_the_kernel_heap() -> &'static Manager {
         unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap();
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
-    WINDOW_SIZE.store(size, Ordering::Release);
     WINDOW_START.store(start.as_u64(), Ordering::Release);
+    WINDOW_SIZE.store(size, Ordering::Release);
     READY.store(true, Ordering::Release);
     manager
 }
