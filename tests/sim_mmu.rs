@@ -6,8 +6,7 @@ use vmalloc::frame::RegionKind;
 use vmalloc::sim::{Access, Fault, SimConfig, SimMachine};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::{
-    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size2MiB,
-    Size4KiB,
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTableFlags, PhysFrame, Size2MiB, Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -40,10 +39,8 @@ unsafe impl FrameAllocator<Size4KiB> for MapFrames {
 
 /// The `x86_64` crate's mapper over the machine's tables.
 fn mapper(machine: &SimMachine) -> OffsetPageTable<'_> {
-    let pml4 = machine.phys_offset() + machine.root().start_address().as_u64();
-    // SAFETY: the root frame is a page table in the machine's memory, all of which is
-    // reached at `phys_offset`; each test keeps a single mapper.
-    unsafe { OffsetPageTable::new(&mut *pml4.as_mut_ptr::<PageTable>(), machine.phys_offset()) }
+    // SAFETY: each test keeps a single mapper and writes tables only through it.
+    unsafe { machine.offset_page_table() }
 }
 
 const KERNEL_DATA: PageTableFlags = PageTableFlags::PRESENT

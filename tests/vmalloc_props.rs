@@ -9,8 +9,8 @@ use vmalloc::vmalloc::{
     AreaInfo, AreaKind, CacheMode, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
 };
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
+use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
-use x86_64::structures::paging::{OffsetPageTable, PageTable, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
 
 type Manager<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
@@ -317,13 +317,14 @@ impl World<'_> {
                 };
                 let moved = self.vm.vrealloc(start as *mut u8, bytes).unwrap().as_ptr() as u64;
                 let (seed, len) = live.pattern.unwrap();
+                let old_pages = live.pages;
                 live.pattern = Some((seed, len.min(bytes)));
                 live.pages = (bytes as u64).div_ceil(PAGE_SIZE);
                 live.ptr = moved;
                 self.check_pattern(&live);
                 self.live.remove(&start);
                 if moved != start {
-                    self.freed.push((start, 0));
+                    self.freed.push((start, old_pages));
                 }
                 self.live.insert(moved, live);
             }
@@ -369,11 +370,7 @@ impl World<'_> {
             );
         }
         // SAFETY: the machine's tables are valid, and nothing writes them meanwhile.
-        let walker = unsafe {
-            let root = (self.machine.phys_offset() + self.machine.root().start_address().as_u64())
-                .as_mut_ptr::<PageTable>();
-            OffsetPageTable::new(&mut *root, self.machine.phys_offset())
-        };
+        let walker = unsafe { self.machine.offset_page_table() };
         let mut data_frames = BTreeSet::new();
         for area in &areas {
             let live = &self.live[&area.start.as_u64()];
@@ -528,7 +525,10 @@ fn every_failing_frame_allocation_rolls_back() {
                         "{name} failing at frame {k} left something behind"
                     );
                 }
-                Ok(_) => break,
+                Ok(_) => {
+                    assert!(k > 0, "{name} took no frame, so no failure was injected");
+                    break;
+                }
             }
         }
     }

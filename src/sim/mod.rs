@@ -88,7 +88,7 @@
 //! ```
 //!
 //! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`]), or with
-//! the `x86_64` crate's `OffsetPageTable` over [`root`] at [`phys_offset`]. Drop its
+//! the `x86_64` crate's `OffsetPageTable` ([`SimMachine::offset_page_table`]). Drop its
 //! `MapperFlush` with `ignore()` and flush through [`TlbFlush`] instead: `flush()` runs
 //! `invlpg`, which the host does not allow.
 //!
@@ -328,6 +328,27 @@ impl SimMachine {
     /// The host address at which physical address 0 lives.
     pub fn phys_offset(&self) -> VirtAddr {
         VirtAddr::from_ptr(self.memory.as_ptr())
+    }
+
+    /// The `x86_64` crate's mapper over the machine's tables, from [`root`](Self::root)
+    /// at [`phys_offset`](Self::phys_offset): an independent walker to check this
+    /// crate against, or a peer to measure it with.
+    ///
+    /// # Safety
+    ///
+    /// The mapper holds the root table as `&mut`: while it lives, nothing else may
+    /// write the machine's page tables (no other mapper, no `PageTables`, no `Vmalloc`
+    /// call that maps or unmaps) unless those tables are disjoint from what it touches.
+    pub unsafe fn offset_page_table(&self) -> x86_64::structures::paging::OffsetPageTable<'_> {
+        let root = self.phys_offset() + self.root().start_address().as_u64();
+        // SAFETY: the root frame is a page table inside the machine's memory, all of
+        // which is reached at `phys_offset`; the caller rules out other writers.
+        unsafe {
+            x86_64::structures::paging::OffsetPageTable::new(
+                &mut *root.as_mut_ptr(),
+                self.phys_offset(),
+            )
+        }
     }
 
     /// Copies physical memory at `addr` into `buf`.

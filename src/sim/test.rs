@@ -3,7 +3,7 @@ use super::*;
 use crate::frame::RegionKind;
 use std::vec;
 use x86_64::structures::idt::PageFaultErrorCode as Code;
-use x86_64::structures::paging::mapper::{OffsetPageTable, Translate, TranslateResult};
+use x86_64::structures::paging::mapper::{Translate, TranslateResult};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
 
 const MIB: u64 = 1 << 20;
@@ -463,10 +463,8 @@ fn offset_page_table_agrees_with_the_mmu() {
     tables.map(BASE + 4 * MIB, 12 * MIB, 2, KERNEL_RW);
     tables.map(BASE + 2 * GIB, GIB, 3, Flags::PRESENT);
 
-    let pml4_ptr = machine.phys().phys_to_virt(machine.root().start_address());
-    // SAFETY: the root frame is a page table inside the block, every table under it
-    // is reached at phys_offset + its address, and nothing else borrows them here.
-    let walker = unsafe { OffsetPageTable::new(&mut *pml4_ptr.cast(), machine.phys_offset()) };
+    // SAFETY: the tables are complete and nothing else writes them while it lives.
+    let walker = unsafe { machine.offset_page_table() };
     for addr in [
         BASE + 0x5abc,
         BASE + 5 * MIB + 0x10,

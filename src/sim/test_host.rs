@@ -5,7 +5,7 @@ use crate::frame::RegionKind;
 use core::ffi::c_void;
 use std::vec;
 use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
-use x86_64::structures::paging::{FrameAllocator, PageTable, PageTableFlags as Flags, Size2MiB};
+use x86_64::structures::paging::{FrameAllocator, PageTableFlags as Flags, Size2MiB};
 
 const WINDOW: u64 = 4 << 20;
 const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
@@ -51,10 +51,8 @@ unsafe impl FrameAllocator<Size4KiB> for Frames {
 
 /// The machine's tables, as the `x86_64` crate's mapper sees them.
 fn mapper(machine: &SimMachine) -> OffsetPageTable<'_> {
-    let root = machine.phys().phys_to_virt(machine.root().start_address());
-    // SAFETY: the root table is inside the machine's memory, which is mapped at
-    // `phys_offset`; each test holds one mapper at a time.
-    unsafe { OffsetPageTable::new(&mut *root.cast::<PageTable>(), machine.phys_offset()) }
+    // SAFETY: each test holds one mapper at a time and writes tables only through it.
+    unsafe { machine.offset_page_table() }
 }
 
 /// The window's page `index`.
