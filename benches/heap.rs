@@ -1,6 +1,10 @@
 //! The kernel heap against `linked_list_allocator::LockedHeap` alone on a fixed
 //! region of the same size: many small objects with a few 1 MiB buffers.
 //!
+//! The kernel heap runs in the simulated machine's host window, where the first touch
+//! of a freshly mapped page is a host page fault and a purge unmaps the window again;
+//! the large-buffer workload pays for that, a real MMU would not (see the README).
+//!
 //! `cargo bench --bench heap`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
