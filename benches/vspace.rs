@@ -35,12 +35,19 @@ mod node;
 #[path = "../src/vmalloc/space.rs"]
 mod space;
 
+/// What `space.rs`'s tests take from their sibling module in the library.
+#[allow(unused_imports)]
+mod options {
+    pub use vmalloc::vmalloc::{VMALLOC_SIZE, VMALLOC_START};
+}
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use node::NodePool;
-use space::{AreaMap, VMALLOC_END, VMALLOC_START, VSpace};
+use space::{AreaMap, VSpace};
 use std::alloc::{Layout, alloc_zeroed};
 use std::cell::RefCell;
 use std::hint::black_box;
+use vmalloc::vmalloc::{VMALLOC_END, VMALLOC_SIZE, VMALLOC_START};
 #[allow(unused_imports)]
 use vmalloc::{Error, FrameSource, OffsetPhysMemory, PAGE_SIZE, PhysMemory};
 use x86_64::structures::paging::{PhysFrame, Size4KiB};
@@ -73,7 +80,8 @@ impl HostFrames {
     }
 }
 
-impl FrameSource for HostFrames {
+// SAFETY: frames lie in the leaked buffer, each handed out once until freed.
+unsafe impl FrameSource for HostFrames {
     fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>> {
         self.free.borrow_mut().pop()
     }
@@ -99,7 +107,7 @@ impl TreeSpace {
     fn with_live(live: u64) -> Self {
         let frames = HostFrames::new(8192);
         let mut pool = NodePool::new::<u64>(frames, frames.phys());
-        let mut space = VSpace::linux_default(&mut pool).unwrap();
+        let mut space = VSpace::new(&mut pool, VirtAddr::new(VMALLOC_START), VMALLOC_SIZE).unwrap();
         let mut areas = AreaMap::new();
         for i in 0..live {
             let addr = space.alloc(&mut pool, PAGE_SIZE, 1).unwrap();

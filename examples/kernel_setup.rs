@@ -63,7 +63,8 @@ fn use_vmalloc() -> Result<(), Error> {
     vmalloc.vfree(buffer.as_ptr())?;
 
     // The local APIC's registers, uncached; the pointer keeps any sub-page offset.
-    let apic = vmalloc.ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached)?;
+    // SAFETY: 0xfee00000 is the local APIC's MMIO page, which this kernel may touch.
+    let apic = unsafe { vmalloc.ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached) }?;
     // SAFETY: offset 0x30 is the APIC version register, inside the mapping.
     let version = unsafe { apic.as_ptr().add(0x30).cast::<u32>().read_volatile() };
     vmalloc.iounmap(apic.as_ptr())?;

@@ -3,7 +3,10 @@ use core::fmt;
 /// Everything that can go wrong in this crate.
 ///
 /// Every fallible operation either succeeds or returns one of these and leaves the
-/// state it was called on exactly as it found it.
+/// state it was called on exactly as it found it: no frame, page-table entry, area or
+/// bookkeeping slab is kept from a failed call. (A call that runs short of frames or
+/// virtual space may first purge the areas waiting for the batched TLB flush, which
+/// gives frames back; that is the lazy free completing early, not a change.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Error {
@@ -51,6 +54,9 @@ pub enum Error {
     FrameCountMismatch,
     /// A range overlaps one already in use.
     Overlap,
+    /// A physical range holding RAM the frame allocator manages was given where only
+    /// memory outside it may go (`ioremap` of RAM, as Linux refuses it).
+    ManagedRam,
 }
 
 impl fmt::Display for Error {
@@ -78,6 +84,7 @@ impl fmt::Display for Error {
             Error::HugePageInTheWay => "a huge page entry covers part of the range",
             Error::FrameCountMismatch => "frame count does not match the page count",
             Error::Overlap => "range overlaps one in use",
+            Error::ManagedRam => "physical range holds RAM the frame allocator manages",
         };
         f.write_str(text)
     }

@@ -161,7 +161,9 @@ impl<'a> KernelHeap<'a> {
         };
         let window = vmalloc.reserve(self.config.window, &options)?;
         small.window = window.as_ptr() as usize;
-        small.window_len = self.config.window;
+        // The reservation is whole pages, and so is what `populate` backs: blocks
+        // past a window size that is not a page multiple are still the list's.
+        small.window_len = self.config.window.next_multiple_of(PAGE_SIZE as usize);
         self.vmalloc.call_once(|| vmalloc);
         Ok(())
     }

@@ -15,7 +15,9 @@ use x86_64::{PhysAddr, VirtAddr};
 /// An implementation promises that for every physical address of RAM that the frame
 /// allocator hands out or that a page table lives in, [`phys_to_virt`] returns a
 /// pointer valid for reads and writes of the whole 4 KiB frame containing it, for as
-/// long as the implementation lives, and that distinct frames never alias.
+/// long as the implementation lives, that distinct frames never alias, and that the
+/// start of a frame maps to a 4 KiB-aligned pointer (page tables must be aligned, and
+/// the bookkeeping finds a slab's header by rounding a pointer down).
 ///
 /// [`phys_to_virt`]: PhysMemory::phys_to_virt
 pub unsafe trait PhysMemory {

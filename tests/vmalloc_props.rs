@@ -67,7 +67,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, how)| Op::Free { pick, how }),
         1 => (1usize..12).prop_map(|pages| Op::Vmap { pages }),
         1 => any::<usize>().prop_map(|pick| Op::Vunmap { pick }),
-        1 => (0u64..(1 << 40), 1usize..5 * 4096).prop_map(|(phys, bytes)| Op::Ioremap { phys, bytes }),
+        1 => (prop_oneof![0u64..(64 << 20), 0u64..(1 << 40)], 1usize..5 * 4096)
+            .prop_map(|(phys, bytes)| Op::Ioremap { phys, bytes }),
         1 => any::<usize>().prop_map(|pick| Op::Iounmap { pick }),
         2 => (any::<usize>(), 1usize..50 * 4096).prop_map(|(pick, bytes)| Op::Realloc { pick, bytes }),
         1 => Just(Op::Purge),
@@ -188,6 +189,13 @@ impl World<'_> {
                         assert!(wx);
                         refused(self, "W+X vmalloc");
                     }
+                    Err(Error::BadAlignment) => {
+                        assert!(
+                            align > vmalloc::vmalloc::VMALLOC_SIZE,
+                            "only alignments past the region's size are bad: 2^{align_shift}"
+                        );
+                        refused(self, "over-aligned vmalloc");
+                    }
                     Err(Error::OutOfVirtualSpace) => {
                         assert!(
                             align_shift > 40,
@@ -239,12 +247,13 @@ impl World<'_> {
                 }
                 self.held_for_vmap += pages as u64;
                 let before = self.snapshot();
-                assert_eq!(
-                    self.vm.vmap(&frames, Prot::WRITE | Prot::EXEC),
-                    Err(Error::WriteExecute)
-                );
+                // SAFETY: frames the test holds until vunmap hands them back.
+                let refused = unsafe { self.vm.vmap(&frames, Prot::WRITE | Prot::EXEC) };
+                assert_eq!(refused, Err(Error::WriteExecute));
                 assert_eq!(self.snapshot(), before);
-                let ptr = self.vm.vmap(&frames, Prot::KERNEL_RW).unwrap().as_ptr() as u64;
+                // SAFETY: as above.
+                let ptr = unsafe { self.vm.vmap(&frames, Prot::KERNEL_RW) };
+                let ptr = ptr.unwrap().as_ptr() as u64;
                 let live = Live {
                     kind: AreaKind::Vmap,
                     pages: pages as u64,
@@ -278,14 +287,21 @@ impl World<'_> {
                 self.live.remove(&start);
             }
             Op::Ioremap { phys, bytes } => {
-                let ptr = self
-                    .vm
-                    .ioremap(PhysAddr::new(phys), bytes, CacheMode::Uncached)
-                    .unwrap()
-                    .as_ptr() as u64;
+                let first = PhysFrame::containing_address(PhysAddr::new(phys));
+                let pages = (phys % PAGE_SIZE + bytes as u64).div_ceil(PAGE_SIZE);
+                // SAFETY: nothing reads or writes through the mapping.
+                let mapped = unsafe {
+                    self.vm
+                        .ioremap(PhysAddr::new(phys), bytes, CacheMode::Uncached)
+                };
+                if self.frames.manages(first, pages) {
+                    assert_eq!(mapped, Err(Error::ManagedRam));
+                    refused(self, "ioremap of RAM");
+                    return;
+                }
+                let ptr = mapped.unwrap().as_ptr() as u64;
                 assert_eq!(ptr % PAGE_SIZE, phys % PAGE_SIZE);
                 let start = ptr - ptr % PAGE_SIZE;
-                let pages = (phys % PAGE_SIZE + bytes as u64).div_ceil(PAGE_SIZE);
                 let live = Live {
                     kind: AreaKind::Ioremap,
                     pages,
@@ -503,7 +519,8 @@ fn every_failing_frame_allocation_rolls_back() {
         ),
         (
             "vmap",
-            Box::new(|vm| vm.vmap(&lent, Prot::KERNEL_RW).map(|p| p.as_ptr() as u64)),
+            // SAFETY: frames the test holds; a successful vmap is the last attempt.
+            Box::new(|vm| unsafe { vm.vmap(&lent, Prot::KERNEL_RW) }.map(|p| p.as_ptr() as u64)),
         ),
         (
             "populate",

@@ -133,8 +133,10 @@ pub fn frames_for_vmap(frames: &SimFrames, count: usize) -> Vec<PhysFrame> {
     out
 }
 
-/// `vm_map_ram_test`: vmap and vunmap of the same frames.
+/// `vm_map_ram_test`: vmap and vunmap of the same frames, which the caller holds
+/// (from [`frames_for_vmap`]).
 pub fn vm_map_ram(vm: &Manager, frames: &[PhysFrame]) {
-    let ptr = vm.vmap(frames, Prot::KERNEL_RW).unwrap();
+    // SAFETY: the frames are the caller's, held for the whole run.
+    let ptr = unsafe { vm.vmap(frames, Prot::KERNEL_RW) }.unwrap();
     vm.vunmap(ptr.as_ptr(), |_| ()).unwrap();
 }

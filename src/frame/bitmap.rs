@@ -225,6 +225,21 @@ impl Zone {
         bits[self.managed_offset + (index / 64) as usize] & (1 << (index % 64)) != 0
     }
 
+    /// Whether any frame index of `[start, end)` may ever be handed out.
+    fn manages_any(&self, bits: &[u64], start: u64, end: u64) -> bool {
+        let mut index = start;
+        while index < end {
+            let in_word = index % 64;
+            let span = (64 - in_word).min(end - index);
+            let word = bits[self.managed_offset + (index / 64) as usize];
+            if word & (low_mask(span) << in_word) != 0 {
+                return true;
+            }
+            index += span;
+        }
+        false
+    }
+
     /// Records the current level 0 as the set of frames that may be handed out.
     fn record_managed(&self, bits: &mut [u64]) {
         let leaf = self.offset[0];
@@ -735,6 +750,18 @@ impl<'a> BitmapFrameAllocator<'a> {
             return Err(Error::FrameNotManaged);
         }
         Ok(zone.is_free(self.bits, index))
+    }
+
+    /// Whether any of the `count` frames from `first` on may be handed out by this
+    /// allocator (free or not): RAM it manages, which `ioremap` must refuse.
+    pub fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        let start = frame_number(first);
+        let end = start.saturating_add(count);
+        self.zones().iter().any(|zone| {
+            let (zone_start, zone_end) = (zone.base, zone.base + zone.frames);
+            let (from, to) = (start.max(zone_start), end.min(zone_end));
+            from < to && zone.manages_any(self.bits, from - zone_start, to - zone_start)
+        })
     }
 
     /// Frame counts.

@@ -102,7 +102,9 @@ impl<S: FrameSource> FaultInjector<S> {
     }
 }
 
-impl<S: FrameSource> FrameSource for FaultInjector<S> {
+// SAFETY: every frame comes from `inner`, whose contract this forwards; the injector
+// only ever hands out fewer.
+unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
     fn alloc_frame(&self) -> Option<PhysFrame> {
         if self.allowed(1) == 0 {
             return None;
@@ -125,5 +127,9 @@ impl<S: FrameSource> FrameSource for FaultInjector<S> {
 
     fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.inner.free_frames(frames)
+    }
+
+    fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        self.inner.manages(first, count)
     }
 }

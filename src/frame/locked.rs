@@ -94,13 +94,21 @@ impl<'a> LockedFrameAllocator<'a> {
         self.inner.lock().is_free(frame)
     }
 
+    /// See [`BitmapFrameAllocator::manages`].
+    pub fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        self.inner.lock().manages(first, count)
+    }
+
     /// See [`BitmapFrameAllocator::stats`].
     pub fn stats(&self) -> FrameStats {
         self.inner.lock().stats()
     }
 }
 
-impl FrameSource for LockedFrameAllocator<'_> {
+// SAFETY: the bitmap allocator hands out each managed frame once until it is freed,
+// takes back exactly the frames it handed out, frees in bulk all-or-nothing, and
+// knows which frames it manages.
+unsafe impl FrameSource for LockedFrameAllocator<'_> {
     fn alloc_frame(&self) -> Option<PhysFrame> {
         self.alloc()
     }
@@ -112,5 +120,8 @@ impl FrameSource for LockedFrameAllocator<'_> {
     }
     fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.free_bulk(frames)
+    }
+    fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        LockedFrameAllocator::manages(self, first, count)
     }
 }

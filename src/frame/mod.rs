@@ -43,7 +43,19 @@ pub struct MemoryRegion {
 /// Everything above the frame allocator (the page-table cursor, the vmalloc manager,
 /// the heap) takes frames through this trait, with `&self` so one allocator can be
 /// shared between CPUs behind its own lock.
-pub trait FrameSource {
+///
+/// # Safety
+///
+/// The library writes page tables and data into the frames it is given and maps them
+/// into the kernel's address space, so an implementation promises:
+///
+/// - every frame handed out is RAM that nobody else uses (not the kernel image, not a
+///   page table, not MMIO) until it comes back through `free_frame`/`free_frames`,
+///   and is not handed out again before that;
+/// - it takes back, with `Ok`, every frame it handed out that is not back yet, and
+///   `free_frames` frees all of its frames or none;
+/// - [`manages`](Self::manages) does not answer `false` for a frame it may hand out.
+pub unsafe trait FrameSource {
     /// One frame, or `None` when none is left.
     fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>>;
 
@@ -74,9 +86,18 @@ pub trait FrameSource {
     /// As [`free_frame`](Self::free_frame), for the first bad frame (including a
     /// frame listed twice); nothing changes.
     fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error>;
+
+    /// Whether any of the `count` frames from `first` on is RAM this source may hand
+    /// out (Linux refuses to `ioremap` such memory). The default says `true` for
+    /// everything: a source that cannot tell lets no `ioremap` through.
+    fn manages(&self, first: PhysFrame<Size4KiB>, count: u64) -> bool {
+        let _ = (first, count);
+        true
+    }
 }
 
-impl<S: FrameSource + ?Sized> FrameSource for &S {
+// SAFETY: a shared reference forwards to an implementation that upholds the contract.
+unsafe impl<S: FrameSource + ?Sized> FrameSource for &S {
     fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>> {
         (**self).alloc_frame()
     }
@@ -88,6 +109,9 @@ impl<S: FrameSource + ?Sized> FrameSource for &S {
     }
     fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
         (**self).free_frames(frames)
+    }
+    fn manages(&self, first: PhysFrame<Size4KiB>, count: u64) -> bool {
+        (**self).manages(first, count)
     }
 }
 

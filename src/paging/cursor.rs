@@ -276,7 +276,7 @@ impl<M: PhysMemory> Descend for Install<'_, '_, M> {
         // table must be zero before that.
         compiler_fence(Ordering::Release);
         // SAFETY: `entry` is a zero upper entry of a reachable table.
-        unsafe { (*entry).set_frame(frame, self.upper_flags) };
+        unsafe { (*entry).set_frame(frame, self.upper_flags | super::CREATED) };
         Ok(table)
     }
 

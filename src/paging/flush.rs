@@ -46,9 +46,14 @@ impl RangeFlush {
         }
     }
 
-    /// Drops the token without flushing, for when the caller knows the TLB holds no
-    /// translation of the range (it was never accessed, or is flushed otherwise).
-    pub fn ignore(self) {}
+    /// Drops the token without flushing.
+    ///
+    /// # Safety
+    ///
+    /// No CPU's TLB holds a translation of the range that matters: the pages were
+    /// never accessed since they were last flushed, or the caller flushes them (or the
+    /// whole TLB) before anything is reused.
+    pub unsafe fn ignore(self) {}
 
     /// One token covering both: the smallest range holding both (flushing more than
     /// was changed is harmless), or the whole TLB for ranges on both sides of the

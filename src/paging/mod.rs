@@ -30,6 +30,18 @@
 //! upper entries gain `WRITABLE` and `USER_ACCESSIBLE` when a leaf below needs them
 //! (`map`, `protect`); nothing is ever taken away from them.
 //!
+//! # Whose tables
+//!
+//! An upper entry that points to a table this crate made carries the software bit
+//! [`CREATED`]. Only such tables are ever freed: tables that were there before (the
+//! boot loader's, the kernel's own) are used as found and never handed to anyone.
+//! Entries of the root itself are never cleared either. A kernel with processes copies
+//! the kernel half of its PML4 into every new address space once, so a root entry
+//! that changed later would leave the copies pointing at a freed table; instead the
+//! owner of a region creates its top-level tables up front
+//! ([`PageTables::preallocate_top_level`], Linux's `preallocate_vmalloc_pages`) and
+//! they stay for as long as it lives.
+//!
 //! # Lazy unmapping
 //!
 //! [`PageTables::detach`] clears only `PRESENT` of each leaf and sets the
@@ -64,7 +76,6 @@ use cursor::{
 };
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
-use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{
     Page, PageSize, PageTable, PageTableFlags, PhysFrame, Size1GiB, Size2MiB, Size4KiB,
 };
@@ -72,6 +83,10 @@ use x86_64::{PhysAddr, VirtAddr};
 
 /// The software-available bit that marks a detached leaf (see [`PageTables::detach`]).
 pub const DETACHED: PageTableFlags = PageTableFlags::BIT_9;
+
+/// The software-available bit of an upper entry whose table this crate created, and
+/// so may free when it is empty (see the [module documentation](self#whose-tables)).
+pub const CREATED: PageTableFlags = PageTableFlags::BIT_10;
 
 /// Start of the upper canonical half.
 const UPPER_HALF: u64 = 0xffff_8000_0000_0000;
@@ -113,6 +128,14 @@ impl<M: PhysMemory> PageTables<M> {
     /// Missing page tables come from `tables`. Nothing needs flushing: no translation
     /// of a page that was not present can be cached.
     ///
+    /// # Safety
+    ///
+    /// - every frame of `frames` is the caller's to map with `flags` (memory it owns,
+    ///   or MMIO it may touch), and none holds a page table;
+    /// - the pages are the caller's to map: nothing else in the address space expects
+    ///   them to stay unmapped;
+    /// - `tables` hands out frames that are unused and reachable through `phys`.
+    ///
     /// # Errors
     ///
     /// Nothing changes on any error:
@@ -126,7 +149,7 @@ impl<M: PhysMemory> PageTables<M> {
     /// `ExactSizeIterator`), the pages mapped so far are unmapped again and the call
     /// fails with [`Error::FrameCountMismatch`], but the page tables it added stay
     /// (empty; [`free_empty_tables`](Self::free_empty_tables) takes them back).
-    pub fn map<I>(
+    pub unsafe fn map<I>(
         &mut self,
         pages: PageRange,
         frames: I,
@@ -231,7 +254,11 @@ impl<M: PhysMemory> PageTables<M> {
     /// [`Error::AlreadyMapped`] if the PD entry is not zero (a page table or a mapping
     /// is there), [`Error::HugePageInTheWay`] for a 1 GiB entry above it,
     /// [`Error::OutOfFrames`]; nothing changes.
-    pub fn map_huge_2m(
+    ///
+    /// # Safety
+    ///
+    /// As [`map`](Self::map), for the 2 MiB `frame` and `page`.
+    pub unsafe fn map_huge_2m(
         &mut self,
         page: Page<Size2MiB>,
         frame: PhysFrame<Size2MiB>,
@@ -273,7 +300,11 @@ impl<M: PhysMemory> PageTables<M> {
     ///
     /// [`Error::NotMapped`] unless a present 2 MiB entry maps `page`;
     /// [`Error::HugePageInTheWay`] for a 1 GiB entry above it. Nothing changes.
-    pub fn unmap_huge_2m(
+    ///
+    /// # Safety
+    ///
+    /// As [`unmap`](Self::unmap).
+    pub unsafe fn unmap_huge_2m(
         &mut self,
         page: Page<Size2MiB>,
     ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
@@ -306,7 +337,12 @@ impl<M: PhysMemory> PageTables<M> {
     /// included: see [`reclaim_detached`](Self::reclaim_detached)),
     /// [`Error::HugePageInTheWay`], [`Error::RangeWraps`], [`Error::NonCanonical`].
     /// The range is checked first, so nothing changes and `on_frame` is not called.
-    pub fn unmap(
+    ///
+    /// # Safety
+    ///
+    /// The pages are the caller's to unmap: no code or data anyone still uses lives
+    /// there, and the caller flushes the returned token before the frames are reused.
+    pub unsafe fn unmap(
         &mut self,
         pages: PageRange,
         mut on_frame: impl FnMut(Page, PhysFrame),
@@ -332,7 +368,11 @@ impl<M: PhysMemory> PageTables<M> {
     /// # Errors
     ///
     /// As [`unmap`](Self::unmap); nothing changes.
-    pub fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
+    ///
+    /// # Safety
+    ///
+    /// As [`unmap`](Self::unmap).
+    pub unsafe fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
         let (present, detached) = (PageTableFlags::PRESENT.bits(), DETACHED.bits());
         self.rewrite_leaves(start, end, PageTableFlags::empty(), &PRESENT, |_, leaf| {
@@ -350,7 +390,12 @@ impl<M: PhysMemory> PageTables<M> {
     /// [`Error::AlreadyMapped`] for a present page, [`Error::NotMapped`] for a page
     /// neither present nor detached, and the range errors of [`unmap`](Self::unmap);
     /// nothing changes.
-    pub fn reclaim_detached(
+    ///
+    /// # Safety
+    ///
+    /// The token [`detach`](Self::detach) returned for these pages has been flushed on
+    /// every CPU that may have used them: the frames handed out are unreachable.
+    pub unsafe fn reclaim_detached(
         &mut self,
         pages: PageRange,
         mut on_frame: impl FnMut(Page, PhysFrame),
@@ -374,7 +419,13 @@ impl<M: PhysMemory> PageTables<M> {
     /// # Errors
     ///
     /// As [`unmap`](Self::unmap); nothing changes.
-    pub fn protect(
+    ///
+    /// # Safety
+    ///
+    /// The pages are the caller's to change: the new rights expose nothing the caller
+    /// may not write or execute, and nothing relies on the old rights (read-only code,
+    /// for one). The caller flushes the returned token.
+    pub unsafe fn protect(
         &mut self,
         pages: PageRange,
         flags: PageTableFlags,
@@ -458,11 +509,13 @@ impl<M: PhysMemory> PageTables<M> {
         unreachable!("level 3 entries are leaves")
     }
 
-    /// Frees every page table below the PML4 that is reached from `pages` and holds
-    /// only zero entries (after its own empty children are freed), clearing the
-    /// entry that pointed to it. Returns how many were freed and a token covering
-    /// every address they served: the CPU's paging-structure caches may still point
-    /// to them. A table that `tables` refuses back (it did not come from there) stays.
+    /// Unlinks every page table this crate [created](CREATED) below the root that is
+    /// reached from `pages` and holds only zero entries (after its own empty children
+    /// are unlinked), handing each table's frame to `on_table`. Returns how many and a
+    /// token covering every address they served: the CPU's paging-structure caches may
+    /// still point to them, so free the frames only after flushing it. Tables found
+    /// rather than created, and the root's own entries, are left as they are (see the
+    /// [module documentation](self#whose-tables)).
     ///
     /// # Errors
     ///
@@ -470,17 +523,110 @@ impl<M: PhysMemory> PageTables<M> {
     pub fn free_empty_tables(
         &mut self,
         pages: PageRange,
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        self.unlink_empty(pages, 1, on_table)
+    }
+
+    /// Gives every root entry covering `pages` a table, creating the missing ones from
+    /// `tables` (marked [`CREATED`]); returns how many it created. After this, the
+    /// root's entries for the range never change while only this crate edits it, so
+    /// the kernel may copy them into other address spaces.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfFrames`] (nothing created), [`Error::HugePageInTheWay`] or
+    /// [`Error::AlreadyMapped`] for a root entry that is not a table, and the range
+    /// errors of [`unmap`](Self::unmap). Nothing changes on error.
+    ///
+    /// # Safety
+    ///
+    /// `tables` hands out frames that are unused and reachable through `phys`.
+    pub unsafe fn preallocate_top_level(
+        &mut self,
+        pages: PageRange,
         tables: &impl FrameSource,
+    ) -> Result<usize, Error> {
+        let (start, end) = span(pages)?;
+        if start == end {
+            return Ok(0);
+        }
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: PageTableFlags::empty(),
+            lacking: false,
+        };
+        let root_span = entry_span(0);
+        let last = end - 1;
+        let mut addr = start;
+        loop {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut count) }?;
+            match (addr | (root_span - 1)).checked_add(1) {
+                Some(next) if next <= last => addr = next,
+                _ => break,
+            }
+        }
+        let created = count.tables;
+        let mut stock = TableStock::take(&self.phys, tables, created)?;
+        let mut install = Install {
+            stock: &mut stock,
+            upper_flags: upper_flags_for(PageTableFlags::WRITABLE),
+            upper_bits: PageTableFlags::empty(),
+        };
+        addr = start;
+        loop {
+            // SAFETY: as above; the first pass counted the tables in the stock.
+            let made = unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut install) };
+            debug_assert!(made.is_ok(), "the counting pass saw the same entries");
+            match (addr | (root_span - 1)).checked_add(1) {
+                Some(next) if next <= last => addr = next,
+                _ => break,
+            }
+        }
+        stock.give_back(tables);
+        Ok(created)
+    }
+
+    /// Unlinks the empty tables this crate created anywhere under the root for
+    /// `pages`, the root's own entries included, handing their frames to `on_table`:
+    /// the teardown of a region [`preallocate_top_level`](Self::preallocate_top_level)
+    /// prepared. Tables that still map something stay.
+    ///
+    /// # Errors
+    ///
+    /// As [`free_empty_tables`](Self::free_empty_tables).
+    ///
+    /// # Safety
+    ///
+    /// No address space still uses a copy of the root entries for `pages`: once the
+    /// returned token is flushed, the kernel frees their tables.
+    pub unsafe fn release_top_level(
+        &mut self,
+        pages: PageRange,
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        self.unlink_empty(pages, 0, on_table)
+    }
+
+    /// [`free_empty_tables`](Self::free_empty_tables), unlinking tables whose parent is
+    /// at `from_level` or deeper.
+    fn unlink_empty(
+        &mut self,
+        pages: PageRange,
+        from_level: usize,
+        mut on_table: impl FnMut(PhysFrame),
     ) -> Result<(usize, RangeFlush), Error> {
         let (start, end) = span(pages)?;
         let mut freed = Freed {
             count: 0,
             low: u64::MAX,
             high: 0,
+            from_level,
         };
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
-            self.free_below(root, 0, start, end - 1, tables, &mut freed);
+            self.free_below(root, 0, start, end - 1, &mut on_table, &mut freed);
         }
         let flush = if freed.count == 0 {
             RangeFlush::new(start, start)
@@ -490,15 +636,15 @@ impl<M: PhysMemory> PageTables<M> {
         Ok((freed.count, flush))
     }
 
-    /// Frees the empty tables below the entries of `table` (at `level`) covering
-    /// `[first, last]`, deepest first.
+    /// Unlinks the empty created tables below the entries of `table` (at `level`)
+    /// covering `[first, last]`, deepest first.
     fn free_below(
         &self,
         table: *mut PageTable,
         level: usize,
         first: u64,
         last: u64,
-        tables: &impl FrameSource,
+        on_table: &mut impl FnMut(PhysFrame),
         freed: &mut Freed,
     ) {
         let span = entry_span(level);
@@ -514,10 +660,23 @@ impl<M: PhysMemory> PageTables<M> {
             {
                 let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
                 if level < 2 {
-                    self.free_below(child, level + 1, addr, last.min(region_last), tables, freed);
+                    self.free_below(
+                        child,
+                        level + 1,
+                        addr,
+                        last.min(region_last),
+                        on_table,
+                        freed,
+                    );
                 }
-                // SAFETY: `entry` leads to a reachable table; nothing borrows either.
-                if unsafe { (*child).is_empty() && free_table(entry, tables) } {
+                let ours = level >= freed.from_level && flags.contains(CREATED);
+                // SAFETY: `child` is a reachable table; nothing borrows it.
+                if ours && unsafe { (*child).is_empty() } {
+                    // SAFETY: `entry` is a present upper entry of a reachable table.
+                    unsafe { (*entry).set_unused() };
+                    // No walk may reach the table once someone else can have its frame.
+                    compiler_fence(Ordering::Release);
+                    on_table(frame_of(raw));
                     freed.count += 1;
                     freed.low = freed.low.min(region_start);
                     freed.high = freed.high.max(range_end_after(region_last));
@@ -548,28 +707,8 @@ struct Freed {
     count: usize,
     low: u64,
     high: u64,
-}
-
-/// Clears `entry` and returns the table it pointed to to `tables`; if `tables`
-/// refuses it, restores the entry and returns false.
-///
-/// # Safety
-///
-/// `entry` is a present upper entry of a reachable table, pointing to an empty table;
-/// nothing borrows it.
-unsafe fn free_table(entry: *mut PageTableEntry, tables: &impl FrameSource) -> bool {
-    // SAFETY: per the caller.
-    let entry = unsafe { &mut *entry };
-    let saved = entry.clone();
-    let frame = PhysFrame::containing_address(entry.addr());
-    entry.set_unused();
-    // No walk may reach the table once someone else can have its frame.
-    compiler_fence(Ordering::Release);
-    if tables.free_frame(frame).is_ok() {
-        return true;
-    }
-    *entry = saved;
-    false
+    /// Level of the shallowest parent whose entries may be cleared (0 = the root).
+    from_level: usize,
 }
 
 /// `[start, end)` of `pages` as addresses, checked.

@@ -36,6 +36,80 @@ fn pages(start: u64, count: u64) -> PageRange {
     Page::range(page(start), page(start + count * PAGE_SIZE))
 }
 
+/// The test machines have no TLB: flushing is only counted.
+static NO_TLB: CountingFlush = CountingFlush::new();
+
+/// The calls under test, on tables and frames of the test's own host memory, which
+/// no CPU walks: nothing the library could map or unmap there is in use.
+impl Machine {
+    fn map<I>(&mut self, range: PageRange, frames: I, flags: PageTableFlags) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = PhysFrame>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        // SAFETY: the frames are the test pool's; nothing uses the address space.
+        unsafe { self.tables.map(range, frames, flags, &self.pool) }
+    }
+
+    fn unmap(
+        &mut self,
+        range: PageRange,
+        on_frame: impl FnMut(Page, PhysFrame),
+    ) -> Result<RangeFlush, Error> {
+        // SAFETY: nothing uses the address space; no TLB caches it.
+        unsafe { self.tables.unmap(range, on_frame) }
+    }
+
+    fn detach(&mut self, range: PageRange) -> Result<RangeFlush, Error> {
+        // SAFETY: as for `unmap`.
+        unsafe { self.tables.detach(range) }
+    }
+
+    fn reclaim(
+        &mut self,
+        range: PageRange,
+        on_frame: impl FnMut(Page, PhysFrame),
+    ) -> Result<(), Error> {
+        // SAFETY: no TLB caches the test's address space.
+        unsafe { self.tables.reclaim_detached(range, on_frame) }
+    }
+
+    fn protect(&mut self, range: PageRange, flags: PageTableFlags) -> Result<RangeFlush, Error> {
+        // SAFETY: as for `unmap`.
+        unsafe { self.tables.protect(range, flags) }
+    }
+
+    fn map_huge(
+        &mut self,
+        page: Page<Size2MiB>,
+        frame: PhysFrame<Size2MiB>,
+        flags: PageTableFlags,
+    ) -> Result<(), Error> {
+        // SAFETY: as for `map`; the 2 MiB frame is never accessed.
+        unsafe { self.tables.map_huge_2m(page, frame, flags, &self.pool) }
+    }
+
+    fn unmap_huge(
+        &mut self,
+        page: Page<Size2MiB>,
+    ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
+        // SAFETY: as for `unmap`.
+        unsafe { self.tables.unmap_huge_2m(page) }
+    }
+
+    /// Unlinks the empty tables of `range` and frees them to the pool at once (no
+    /// TLB to flush first).
+    fn free_empty(&mut self, range: PageRange) -> (usize, RangeFlush) {
+        let mut unlinked = Vec::new();
+        let result = self
+            .tables
+            .free_empty_tables(range, |frame| unlinked.push(frame))
+            .unwrap();
+        self.pool.free_frames(&unlinked).unwrap();
+        result
+    }
+}
+
 impl Machine {
     /// What the `x86_64` crate's walker says about `addr`.
     fn reference(&self, addr: u64) -> TranslateResult {
@@ -122,7 +196,7 @@ impl Machine {
         core::array::from_fn(|level| {
             let raw = self.mem.table_copy(frame)[index(addr, level)];
             frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
-            PageTableFlags::from_bits_retain(raw & !ADDR_MASK)
+            PageTableFlags::from_bits_retain(raw & !ADDR_MASK) - CREATED
         })
     }
 }
@@ -140,8 +214,7 @@ fn maps_across_2m_1g_and_512g_boundaries_as_the_reference_walker_sees() {
         let frames = m.pool.take(count as usize);
         let flags = RW | PageTableFlags::NO_EXECUTE | PageTableFlags::GLOBAL;
         let before = m.pool.out();
-        m.tables
-            .map(pages(start, count), frames.iter().copied(), flags, &m.pool)
+        m.map(pages(start, count), frames.iter().copied(), flags)
             .unwrap();
         assert_eq!(
             m.pool.out() - before,
@@ -169,13 +242,7 @@ fn bytes_written_at_consecutive_addresses_land_in_order_in_scattered_frames() {
             .windows(2)
             .any(|w| w[1].start_address() != w[0].start_address() + PAGE_SIZE)
     );
-    m.tables
-        .map(
-            pages(start, count as u64),
-            frames.iter().copied(),
-            RW,
-            &m.pool,
-        )
+    m.map(pages(start, count as u64), frames.iter().copied(), RW)
         .unwrap();
     let pattern = |offset: u64| (offset / 61 % 251) as u8 + 1;
     for offset in (0..count as u64 * PAGE_SIZE).step_by(61) {
@@ -205,21 +272,13 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
     let setup = || {
         let mut m = machine(8192, 11);
         let before = m.pool.take(1);
-        m.tables
-            .map(pages(start - PAGE_SIZE, 1), before, RW, &m.pool)
-            .unwrap();
+        m.map(pages(start - PAGE_SIZE, 1), before, RW).unwrap();
         let frames = m.pool.take(count);
         (m, frames)
     };
     let (mut m, frames) = setup();
     let out = m.pool.out();
-    m.tables
-        .map(
-            pages(start, count as u64),
-            frames.iter().copied(),
-            RW,
-            &m.pool,
-        )
+    m.map(pages(start, count as u64), frames.iter().copied(), RW)
         .unwrap();
     let needed = m.pool.out() - out;
     assert_eq!(needed, 1 + 5, "one more PD, five more PTs");
@@ -229,12 +288,7 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
         let tables_before = m.table_snapshot();
         let out_before = m.pool.out();
         m.pool.fail_from(Some(k));
-        let result = m.tables.map(
-            pages(start, count as u64),
-            frames.iter().copied(),
-            RW,
-            &m.pool,
-        );
+        let result = m.map(pages(start, count as u64), frames.iter().copied(), RW);
         assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
         assert!(
             m.table_snapshot() == tables_before,
@@ -246,13 +300,7 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
             "table frames kept, failing allocation {k}"
         );
         m.pool.fail_from(None);
-        m.tables
-            .map(
-                pages(start, count as u64),
-                frames.iter().copied(),
-                RW,
-                &m.pool,
-            )
+        m.map(pages(start, count as u64), frames.iter().copied(), RW)
             .unwrap();
         m.assert_mapped(start, &frames, RW);
     }
@@ -263,16 +311,15 @@ fn mapping_over_anything_in_the_way_fails_and_changes_nothing() {
     let m = &mut machine(2048, 3);
     let start = BASE + MIB2 - 8 * PAGE_SIZE;
     let frames = m.pool.take(16);
-    m.tables
-        .map(pages(start + 12 * PAGE_SIZE, 1), [frames[15]], RW, &m.pool)
+    m.map(pages(start + 12 * PAGE_SIZE, 1), [frames[15]], RW)
         .unwrap();
     let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 4 * MIB2));
     let huge_frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x20_0000));
-    m.tables.map_huge_2m(huge, huge_frame, RW, &m.pool).unwrap();
+    m.map_huge(huge, huge_frame, RW).unwrap();
     let snapshot = m.table_snapshot();
     let out = m.pool.out();
     let mut attempt = |range: PageRange, frames: &[PhysFrame]| {
-        let result = m.tables.map(range, frames.iter().copied(), RW, &m.pool);
+        let result = m.map(range, frames.iter().copied(), RW);
         assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
         result
     };
@@ -297,10 +344,7 @@ fn mapping_over_anything_in_the_way_fails_and_changes_nothing() {
     assert_eq!(attempt(backwards, &[]), Err(Error::RangeWraps));
     let across_hole = Page::range(page(0x7fff_ffff_e000), page(0xffff_8000_0000_0000));
     assert_eq!(attempt(across_hole, &frames[..1]), Err(Error::NonCanonical));
-    assert_eq!(
-        m.tables.map_huge_2m(huge, huge_frame, RW, &m.pool),
-        Err(Error::AlreadyMapped)
-    );
+    assert_eq!(m.map_huge(huge, huge_frame, RW), Err(Error::AlreadyMapped));
 }
 
 /// An iterator that promises more frames than it has.
@@ -326,33 +370,26 @@ fn a_short_exact_size_iterator_unmaps_what_it_mapped() {
     let frames = m.pool.take(290);
     let liar = Liar(frames.into_iter(), 300);
     assert_eq!(
-        m.tables.map(pages(start, 300), liar, RW, &m.pool),
+        m.map(pages(start, 300), liar, RW),
         Err(Error::FrameCountMismatch)
     );
     m.assert_unmapped(start, 300);
 }
 
 #[test]
-fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table() {
+fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table_below_the_root() {
     let m = &mut machine(4096, 9);
     let start = BASE + GIB - 600 * PAGE_SIZE;
     let count = 1500;
     let frames = m.pool.take(count);
     let out = m.pool.out();
-    m.tables
-        .map(
-            pages(start, count as u64),
-            frames.iter().copied(),
-            RW,
-            &m.pool,
-        )
+    m.map(pages(start, count as u64), frames.iter().copied(), RW)
         .unwrap();
     let table_count = m.pool.out() - out;
 
     let mut handed_back = Vec::new();
     let tlb = CountingFlush::new();
     let flush = m
-        .tables
         .unmap(pages(start, count as u64), |p, f| handed_back.push((p, f)))
         .unwrap();
     assert_eq!(flush.range(), Some(pages(start, count as u64)));
@@ -366,16 +403,93 @@ fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table() 
     assert_eq!(handed_back, expected);
     m.assert_unmapped(start, count as u64);
 
-    let (freed, flush) = m
-        .tables
-        .free_empty_tables(pages(start, count as u64), &m.pool)
-        .unwrap();
-    assert_eq!(freed, table_count);
-    assert_eq!(m.pool.out(), out);
+    let pml4_entry = m.mem.table_copy(m.tables.root())[index(start, 0)];
+    let (freed, flush) = m.free_empty(pages(start, count as u64));
+    assert_eq!(freed, table_count - 1, "all but the PDPT");
+    assert_eq!(m.pool.out(), out + 1);
     let covered = flush.range().unwrap();
     assert!(covered.start <= page(start) && covered.end >= page(start) + count as u64);
-    flush.ignore();
-    assert_eq!(m.table_snapshot().len(), 1, "only the PML4 is left");
+    flush.flush(&NO_TLB);
+    assert_eq!(
+        m.table_snapshot().len(),
+        2,
+        "the PML4 and the PDPT are left"
+    );
+    assert_eq!(
+        m.mem.table_copy(m.tables.root())[index(start, 0)],
+        pml4_entry,
+        "root entries never change once made"
+    );
+}
+
+#[test]
+fn only_tables_this_crate_created_are_freed() {
+    let m = &mut machine(2048, 43);
+    let start = BASE + 3 * MIB2;
+    let frames = m.pool.take(2);
+    m.map(pages(start, 2), frames.iter().copied(), RW).unwrap();
+    let entries = |m: &Machine| {
+        let root = m.mem.table_copy(m.tables.root())[index(start, 0)];
+        let pdpt = PhysFrame::containing_address(PhysAddr::new(root & ADDR_MASK));
+        let pd_entry = m.mem.table_copy(pdpt)[index(start, 1)];
+        let pd = PhysFrame::containing_address(PhysAddr::new(pd_entry & ADDR_MASK));
+        (pdpt, pd_entry, pd, m.mem.table_copy(pd)[index(start, 2)])
+    };
+    let (pdpt, pd_entry, pd, pt_entry) = entries(m);
+    for raw in [pd_entry, pt_entry] {
+        assert!(PageTableFlags::from_bits_retain(raw).contains(CREATED));
+    }
+    // Take the mark off the PT's entry, as if a boot loader had made the PT.
+    let slot = pd.start_address() + index(start, 2) as u64 * 8;
+    m.mem
+        .write(slot, &(pt_entry & !CREATED.bits()).to_le_bytes());
+    m.unmap(pages(start, 2), |_, _| {}).unwrap().flush(&NO_TLB);
+    let (freed, _) = m.free_empty(pages(start, 2));
+    assert_eq!(
+        freed, 0,
+        "the PT is not ours, so the PD above it is not empty"
+    );
+    assert_eq!(entries(m).1, pd_entry);
+    assert_eq!(m.mem.table_copy(pdpt)[index(start, 1)], pd_entry);
+}
+
+#[test]
+fn top_level_tables_are_made_up_front_and_released_only_on_request() {
+    let m = &mut machine(2048, 47);
+    let region = Page::range(page(BASE - 512 * GIB), page(BASE + 1024 * GIB));
+    let out = m.pool.out();
+    // SAFETY: the test pool's frames.
+    let made = unsafe { m.tables.preallocate_top_level(region, &m.pool) }.unwrap();
+    assert_eq!((made, m.pool.out() - out), (3, 3));
+    let root = m.mem.table_copy(m.tables.root());
+    for index in [index(BASE, 0) - 1, index(BASE, 0), index(BASE, 0) + 1] {
+        let flags = PageTableFlags::from_bits_retain(root[index]);
+        assert!(flags.contains(RW | CREATED), "entry {index}: {flags:?}");
+    }
+    // SAFETY: as above.
+    let again = unsafe { m.tables.preallocate_top_level(region, &m.pool) }.unwrap();
+    assert_eq!(again, 0, "existing tables are kept");
+    let frames = m.pool.take(1);
+    m.map(pages(BASE, 1), frames.iter().copied(), RW).unwrap();
+    let (freed, _) = m.free_empty(region);
+    assert_eq!(freed, 0);
+
+    let mut unlinked = Vec::new();
+    // SAFETY: no other address space uses the entries.
+    let (released, flush) =
+        unsafe { m.tables.release_top_level(region, |f| unlinked.push(f)) }.unwrap();
+    assert_eq!(released, 2, "the PDPT still mapping a page stays");
+    flush.flush(&NO_TLB);
+    m.pool.free_frames(&unlinked).unwrap();
+    m.assert_mapped(BASE, &frames, RW);
+
+    let out = m.pool.out();
+    m.pool.fail_from(Some(2));
+    // SAFETY: as above.
+    let failed = unsafe { m.tables.preallocate_top_level(region, &m.pool) };
+    assert_eq!(failed, Err(Error::OutOfFrames));
+    assert_eq!(m.pool.out(), out, "all or nothing");
+    m.pool.fail_from(None);
 }
 
 #[test]
@@ -383,14 +497,9 @@ fn free_empty_tables_keeps_tables_that_still_map_something() {
     let m = &mut machine(2048, 13);
     let start = BASE + MIB2 - 4 * PAGE_SIZE;
     let frames = m.pool.take(8);
-    m.tables
-        .map(pages(start, 8), frames.iter().copied(), RW, &m.pool)
-        .unwrap();
-    m.tables.unmap(pages(start, 4), |_, _| {}).unwrap().ignore();
-    let (freed, flush) = m
-        .tables
-        .free_empty_tables(pages(start, 8), &m.pool)
-        .unwrap();
+    m.map(pages(start, 8), frames.iter().copied(), RW).unwrap();
+    m.unmap(pages(start, 4), |_, _| {}).unwrap().flush(&NO_TLB);
+    let (freed, flush) = m.free_empty(pages(start, 8));
     assert_eq!(freed, 1, "only the first PT became empty");
     assert_eq!(flush.range().unwrap().len(), 512, "the PT served 2 MiB");
     m.assert_mapped(start + 4 * PAGE_SIZE, &frames[4..], RW);
@@ -401,29 +510,22 @@ fn unmapping_a_range_with_a_hole_fails_and_changes_nothing() {
     let m = &mut machine(2048, 17);
     let start = BASE + MIB2 - 4 * PAGE_SIZE;
     let frames = m.pool.take(8);
-    m.tables
-        .map(pages(start, 4), frames[..4].iter().copied(), RW, &m.pool)
+    m.map(pages(start, 4), frames[..4].iter().copied(), RW)
         .unwrap();
-    m.tables
-        .map(
-            pages(start + 5 * PAGE_SIZE, 3),
-            frames[5..].iter().copied(),
-            RW,
-            &m.pool,
-        )
-        .unwrap();
+    m.map(
+        pages(start + 5 * PAGE_SIZE, 3),
+        frames[5..].iter().copied(),
+        RW,
+    )
+    .unwrap();
     let snapshot = m.table_snapshot();
     let mut called = false;
     let range = pages(start, 8);
+    assert_eq!(m.unmap(range, |_, _| called = true), Err(Error::NotMapped));
+    assert_eq!(m.detach(range), Err(Error::NotMapped));
+    assert_eq!(m.protect(range, RW), Err(Error::NotMapped));
     assert_eq!(
-        m.tables.unmap(range, |_, _| called = true),
-        Err(Error::NotMapped)
-    );
-    assert_eq!(m.tables.detach(range), Err(Error::NotMapped));
-    assert_eq!(m.tables.protect(range, RW), Err(Error::NotMapped));
-    assert_eq!(
-        m.tables
-            .unmap(pages(BASE + 8 * GIB, 1), |_, _| called = true),
+        m.unmap(pages(BASE + 8 * GIB, 1), |_, _| called = true),
         Err(Error::NotMapped)
     );
     assert!(!called);
@@ -435,11 +537,9 @@ fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
     let m = &mut machine(2048, 19);
     let start = BASE + MIB2 - 10 * PAGE_SIZE;
     let frames = m.pool.take(20);
-    m.tables
-        .map(pages(start, 20), frames.iter().copied(), RW, &m.pool)
-        .unwrap();
-    let first = m.tables.detach(pages(start, 10)).unwrap();
-    let second = m.tables.detach(pages(start + 10 * PAGE_SIZE, 10)).unwrap();
+    m.map(pages(start, 20), frames.iter().copied(), RW).unwrap();
+    let first = m.detach(pages(start, 10)).unwrap();
+    let second = m.detach(pages(start + 10 * PAGE_SIZE, 10)).unwrap();
     // The reference walker reports any non-zero leaf as mapped, present or not.
     m.assert_mapped_with(start, &frames, |flags| {
         assert!(!flags.contains(PageTableFlags::PRESENT) && flags.contains(DETACHED))
@@ -452,10 +552,10 @@ fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
     let range = pages(start, 20);
     let more = m.pool.take(20);
     assert_eq!(
-        m.tables.map(range, more.iter().copied(), RW, &m.pool),
+        m.map(range, more.iter().copied(), RW),
         Err(Error::AlreadyMapped)
     );
-    assert_eq!(m.tables.unmap(range, |_, _| {}), Err(Error::NotMapped));
+    assert_eq!(m.unmap(range, |_, _| {}), Err(Error::NotMapped));
 
     let batch = first.merge(second);
     assert_eq!(batch.range(), Some(range));
@@ -464,21 +564,11 @@ fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
     assert_eq!(tlb.range_pages(), 20);
 
     let mut reclaimed = Vec::new();
-    m.tables
-        .reclaim_detached(range, |_, f| reclaimed.push(f))
-        .unwrap();
+    m.reclaim(range, |_, f| reclaimed.push(f)).unwrap();
     assert_eq!(reclaimed, frames);
-    assert_eq!(
-        m.tables.reclaim_detached(range, |_, _| {}),
-        Err(Error::NotMapped)
-    );
-    m.tables
-        .map(range, more.iter().copied(), RW, &m.pool)
-        .unwrap();
-    assert_eq!(
-        m.tables.reclaim_detached(range, |_, _| {}),
-        Err(Error::AlreadyMapped)
-    );
+    assert_eq!(m.reclaim(range, |_, _| {}), Err(Error::NotMapped));
+    m.map(range, more.iter().copied(), RW).unwrap();
+    assert_eq!(m.reclaim(range, |_, _| {}), Err(Error::AlreadyMapped));
     m.assert_mapped(start, &more, RW);
 }
 
@@ -488,18 +578,17 @@ fn protect_changes_flags_keeps_frames_and_accessed_dirty() {
     let start = BASE + MIB2 - 2 * PAGE_SIZE;
     let frames = m.pool.take(4);
     let used = RW | PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
-    m.tables
-        .map(pages(start, 4), frames.iter().copied(), used, &m.pool)
+    m.map(pages(start, 4), frames.iter().copied(), used)
         .unwrap();
     let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
-    let flush = m.tables.protect(pages(start, 4), read_only).unwrap();
+    let flush = m.protect(pages(start, 4), read_only).unwrap();
     assert_eq!(flush.range(), Some(pages(start, 4)));
-    flush.ignore();
+    flush.flush(&NO_TLB);
     let kept = read_only | PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
     m.assert_mapped(start, &frames, kept);
 
     let user = RW | PageTableFlags::USER_ACCESSIBLE;
-    m.tables.protect(pages(start, 1), user).unwrap().ignore();
+    m.protect(pages(start, 1), user).unwrap().flush(&NO_TLB);
     assert!(
         m.upper_flags(start)
             .iter()
@@ -513,8 +602,7 @@ fn user_leaves_get_user_upper_entries() {
     let m = &mut machine(2048, 29);
     let frames = m.pool.take(1);
     let user = RW | PageTableFlags::USER_ACCESSIBLE;
-    m.tables
-        .map(pages(0x40_0000, 1), frames.iter().copied(), user, &m.pool)
+    m.map(pages(0x40_0000, 1), frames.iter().copied(), user)
         .unwrap();
     assert_eq!(m.upper_flags(0x40_0000), [user; 3]);
     m.assert_mapped(0x40_0000, &frames, user);
@@ -525,7 +613,7 @@ fn translate_understands_2m_and_1g_entries() {
     let m = &mut machine(2048, 31);
     let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 6 * MIB2));
     let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
-    m.tables.map_huge_2m(huge, frame, RW, &m.pool).unwrap();
+    m.map_huge(huge, frame, RW).unwrap();
     let addr = BASE + 6 * MIB2 + 0x12345;
     let (phys, flags, mapped) = m.tables.translate(VirtAddr::new(addr)).unwrap();
     assert_eq!(phys, PhysAddr::new(0x4020_0000 + 0x12345));
@@ -537,9 +625,9 @@ fn translate_understands_2m_and_1g_entries() {
         } => assert_eq!(f.start_address() + offset, phys),
         other => panic!("{other:?}"),
     }
-    let (back, flush) = m.tables.unmap_huge_2m(huge).unwrap();
+    let (back, flush) = m.unmap_huge(huge).unwrap();
     assert_eq!((back, flush.range().map(|r| r.len())), (frame, Some(512)));
-    assert_eq!(m.tables.unmap_huge_2m(huge), Err(Error::NotMapped));
+    assert_eq!(m.unmap_huge(huge), Err(Error::NotMapped));
 
     // A 1 GiB entry, written by hand into the PDPT the 2 MiB page left behind.
     let pdpt = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
@@ -556,14 +644,8 @@ fn translate_understands_2m_and_1g_entries() {
     assert!(matches!(mapped, MappedFrame::Size1GiB(_)));
     let frames = m.pool.take(1);
     let inside = pages(BASE + 3 * GIB + MIB2, 1);
-    assert_eq!(
-        m.tables.map(inside, frames, RW, &m.pool),
-        Err(Error::HugePageInTheWay)
-    );
-    assert_eq!(
-        m.tables.unmap(inside, |_, _| {}),
-        Err(Error::HugePageInTheWay)
-    );
+    assert_eq!(m.map(inside, frames, RW), Err(Error::HugePageInTheWay));
+    assert_eq!(m.unmap(inside, |_, _| {}), Err(Error::HugePageInTheWay));
 }
 
 #[test]
@@ -604,9 +686,7 @@ fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
     let start = BASE + 5 * MIB2;
     let frames = m.pool.take(3);
     let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
-    m.tables
-        .map(pages(start, 1), [frames[0]], read_only, &m.pool)
-        .unwrap();
+    m.map(pages(start, 1), [frames[0]], read_only).unwrap();
     // Take WRITABLE away from the PD entry, as a loader might have left it.
     let pd = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
         m.mem
@@ -623,13 +703,10 @@ fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
     );
     assert!(!m.upper_flags(start)[2].contains(PageTableFlags::WRITABLE));
 
-    m.tables
-        .map(pages(start + PAGE_SIZE, 1), [frames[1]], RW, &m.pool)
-        .unwrap();
+    m.map(pages(start + PAGE_SIZE, 1), [frames[1]], RW).unwrap();
     assert_eq!(m.upper_flags(start)[2], RW);
     let user = RW | PageTableFlags::USER_ACCESSIBLE;
-    m.tables
-        .map(pages(start + 2 * PAGE_SIZE, 1), [frames[2]], user, &m.pool)
+    m.map(pages(start + 2 * PAGE_SIZE, 1), [frames[2]], user)
         .unwrap();
     assert_eq!(m.upper_flags(start), [user; 3]);
     m.assert_mapped(start, &frames[..1], read_only);
@@ -646,11 +723,11 @@ fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
     let out = m.pool.out();
     for k in 1..=2 {
         m.pool.fail_from(Some(k));
-        let result = m.tables.map_huge_2m(huge, frame, RW, &m.pool);
+        let result = m.map_huge(huge, frame, RW);
         assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
         assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
     }
     m.pool.fail_from(None);
-    m.tables.map_huge_2m(huge, frame, RW, &m.pool).unwrap();
+    m.map_huge(huge, frame, RW).unwrap();
     assert_eq!(m.pool.out(), out + 2, "a PDPT and a PD");
 }

@@ -141,7 +141,9 @@ impl Pool {
     }
 }
 
-impl FrameSource for Pool {
+// SAFETY: frames lie in the host buffer the tests reach them through, and each is
+// handed out once until freed.
+unsafe impl FrameSource for Pool {
     fn alloc_frame(&self) -> Option<PhysFrame> {
         if let Some(k) = self.fail_in.get() {
             if k <= 1 {

@@ -72,7 +72,9 @@ impl SimFrames {
     }
 }
 
-impl FrameSource for SimFrames {
+// SAFETY: every frame comes from the locked bitmap allocator over the machine's
+// usable memory, which the machine reaches through `SimPhys`.
+unsafe impl FrameSource for SimFrames {
     fn alloc_frame(&self) -> Option<PhysFrame> {
         match &self.scatter {
             Some(rng) => self.allocator.alloc_from(self.random_frame(rng)),
@@ -101,6 +103,10 @@ impl FrameSource for SimFrames {
 
     fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.allocator.free_bulk(frames)
+    }
+
+    fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        self.allocator.manages(first, count)
     }
 }
 

@@ -250,7 +250,7 @@ impl SimMachine {
 
     /// Walks the four levels for `addr`, reading each entry with one atomic load.
     fn walk(&self, addr: u64) -> Result<Translation, Cause> {
-        walk(self.root(), addr, |entry, level| {
+        walk(self.cr3(), addr, |entry, level| {
             self.load_entry(entry, level)
         })
     }

@@ -37,8 +37,9 @@
 //!   inside a huge mapping drops the whole mapping. Counters ([`tlb_stats`]) let tests
 //!   check that code flushes what it must, and no more.
 //!
-//! What is not simulated: caching attributes (PWT, PCD, PAT and GLOBAL are recorded in
-//! the translation and otherwise ignored), accessed and dirty bits (never set by the
+//! What is not simulated: caching attributes (PWT, PCD and PAT are recorded in
+//! the translation and otherwise ignored; GLOBAL decides only which entries survive
+//! [`load_cr3`](SimMachine::load_cr3)), accessed and dirty bits (never set by the
 //! MMU, so tables change only when the code under test changes them), paging-structure
 //! caches (an upper-level change is seen at once by pages not in the TLB), protection
 //! keys, MAXPHYADDR checks, and per-CPU TLBs: there is one TLB shared by all threads,
@@ -124,6 +125,7 @@ use crate::frame::MemoryRegion;
 use crate::{PhysMemory, TlbFlush};
 use core::marker::PhantomData;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
@@ -204,6 +206,8 @@ pub struct SimMachine {
     backing: Backing,
     memory_map: Vec<MemoryRegion>,
     root: PhysFrame,
+    /// The PML4 the MMU walks: `root` until [`SimMachine::load_cr3`].
+    cr3: AtomicU64,
     scatter_seed: Option<u64>,
     tlb: Mutex<Tlb>,
 }
@@ -274,6 +278,7 @@ impl SimMachine {
             backing,
             memory_map,
             root,
+            cr3: AtomicU64::new(root.start_address().as_u64()),
             scatter_seed: config.scatter_seed,
             tlb: Mutex::new(Tlb::default()),
         }
@@ -320,9 +325,25 @@ impl SimMachine {
         }
     }
 
-    /// The frame of the top-level page table (a zeroed PML4 at start-up).
+    /// The frame of the boot top-level page table (a zeroed PML4 at start-up).
     pub fn root(&self) -> PhysFrame {
         self.root
+    }
+
+    /// The PML4 the MMU walks now: [`root`](Self::root) until
+    /// [`load_cr3`](Self::load_cr3) switches address spaces.
+    pub fn cr3(&self) -> PhysFrame {
+        PhysFrame::containing_address(PhysAddr::new(self.cr3.load(Ordering::Acquire)))
+    }
+
+    /// Switches to the address space whose PML4 is `pml4`, as a write to CR3 does:
+    /// later walks start there, and every TLB entry but those of global pages is
+    /// dropped. (The host window's fills always walk [`root`](Self::root).)
+    pub fn load_cr3(&self, pml4: PhysFrame) {
+        let mut tlb = self.lock_tlb();
+        self.cr3
+            .store(pml4.start_address().as_u64(), Ordering::Release);
+        tlb.clear_non_global();
     }
 
     /// The host address at which physical address 0 lives.

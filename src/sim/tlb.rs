@@ -9,7 +9,7 @@
 use super::mmu::Translation;
 use std::collections::BTreeMap;
 use std::vec::Vec;
-use x86_64::structures::paging::{PageSize, Size1GiB};
+use x86_64::structures::paging::{PageSize, PageTableFlags, Size1GiB};
 
 /// How often the TLB was used and flushed, since the machine was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,5 +75,11 @@ impl Tlb {
 
     pub(super) fn clear(&mut self) {
         self.entries.clear();
+    }
+
+    /// Drops every entry but those of global pages, as a CR3 load does.
+    pub(super) fn clear_non_global(&mut self) {
+        self.entries
+            .retain(|_, translation| translation.flags.contains(PageTableFlags::GLOBAL));
     }
 }

@@ -1,6 +1,6 @@
 //! What the manager records about each area, and how it shows it.
 
-use super::{VmFlags, VmOptions};
+use super::options::{VmFlags, VmOptions};
 use crate::PAGE_SIZE;
 use core::fmt;
 use x86_64::structures::paging::PageTableFlags;
@@ -43,8 +43,14 @@ pub(crate) struct AreaRecord {
     pub kind: AreaKind,
     /// Pages mapped from the start of the area (for `Reserved`: populated so far).
     pub mapped_pages: u64,
-    /// Usable size in bytes (excludes the guard page).
+    /// Usable size in bytes, whole pages (excludes the guard page).
     pub size: u64,
+    /// Bytes the caller asked for (`vmalloc`, the last `vrealloc`): a zeroed area
+    /// zeroes what a shrink drops past it, so growing again shows zeros.
+    pub bytes: u64,
+    /// Being unmapped by `vunmap`, which hands its frames back outside the lock: no
+    /// call may find it any more.
+    pub dying: bool,
     /// Whether one unmapped guard page follows the area.
     pub guard: bool,
     /// Leaf flags the area is mapped with.
@@ -60,11 +66,14 @@ pub(crate) struct AreaRecord {
 }
 
 impl AreaRecord {
-    pub fn new(kind: AreaKind, pages: u64, flags: PageTableFlags, options: &VmOptions) -> Self {
+    pub fn new(kind: AreaKind, bytes: u64, flags: PageTableFlags, options: &VmOptions) -> Self {
+        let pages = bytes.div_ceil(PAGE_SIZE);
         Self {
             kind,
             mapped_pages: pages,
             size: pages * PAGE_SIZE,
+            bytes,
+            dying: false,
             guard: !options.flags.contains(VmFlags::NO_GUARD),
             flags,
             phys: PhysAddr::zero(),
@@ -140,46 +149,5 @@ impl fmt::Display for AreaInfo {
             write!(f, " phys={:#x}", phys.as_u64())?;
         }
         write!(f, " {}", self.kind.name())
-    }
-}
-
-/// Counters in the spirit of the `Vmalloc*` lines of `/proc/meminfo`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VmallocStats {
-    /// Bytes in the managed region.
-    pub region_total: u64,
-    /// Bytes of the region taken by live areas and their guard pages.
-    pub used: u64,
-    /// Bytes of the region waiting for the lazy purge.
-    pub pending_purge_bytes: u64,
-    /// Largest free contiguous chunk of the region, in bytes.
-    pub largest_free: u64,
-    /// Live areas.
-    pub areas: u64,
-    /// Frames mapped as data of live `vmalloc` and reserved areas.
-    pub data_frames: u64,
-    /// Frames held in page tables this manager allocated.
-    pub page_table_frames: u64,
-    /// Frames holding the manager's own bookkeeping.
-    pub bookkeeping_frames: u64,
-    /// Pages detached by `vfree` and waiting for the batched TLB flush.
-    pub pending_purge_pages: u64,
-    /// Frames waiting for that flush before they go back to the frame allocator.
-    pub pending_purge_frames: u64,
-    /// Purges (batched flushes) done so far.
-    pub purges: u64,
-}
-
-impl fmt::Display for VmallocStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kib = |bytes: u64| bytes / 1024;
-        writeln!(f, "VmallocTotal:   {:>10} kB", kib(self.region_total))?;
-        writeln!(f, "VmallocUsed:    {:>10} kB", kib(self.used))?;
-        writeln!(f, "VmallocChunk:   {:>10} kB", kib(self.largest_free))?;
-        writeln!(f, "VmallocAreas:   {:>10}", self.areas)?;
-        writeln!(f, "VmallocFrames:  {:>10}", self.data_frames)?;
-        writeln!(f, "PageTables:     {:>10} kB", self.page_table_frames * 4)?;
-        writeln!(f, "Bookkeeping:    {:>10} kB", self.bookkeeping_frames * 4)?;
-        write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)
     }
 }

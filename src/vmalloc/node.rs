@@ -11,9 +11,13 @@
 //! entry in the slot the area map just freed, and the purge pops it (freeing the slot)
 //! before giving the range back (which may need one), so neither step needs a new frame.
 //!
-//! Slabs are never given back to the frame source: the bookkeeping stays as large as
-//! its high-water mark, as a slab cache without a shrinker would. This keeps node
-//! memory valid for as long as any tree may point into it.
+//! Each slab counts its free slots and keeps its own free list, and the pool keeps
+//! its slabs on three lists (full, partial, empty), as SLUB does, so a slab whose
+//! last node is freed is found in O(1). Empty slabs go back to the frame source when
+//! the manager asks ([`NodePool::shrink`]): after every call it keeps at most one, so
+//! bookkeeping shrinks when areas go, and a failed call gives back every slab it took
+//! ([`NodePool::shrink_to`]). Nothing is given back in the middle of a call, so a
+//! reservation stays valid until the call ends.
 //!
 //! Operations that may need nodes call [`NodePool::reserve`] first and mutate only once
 //! it succeeded, so running out of frames changes nothing.
@@ -52,7 +56,75 @@ struct FreeSlot {
 /// The first slot of every slab frame.
 struct SlabHeader {
     next: *mut SlabHeader,
+    prev: *mut SlabHeader,
+    /// This slab's free slots.
+    free: *mut FreeSlot,
+    free_count: usize,
     frame: PhysFrame<Size4KiB>,
+}
+
+/// A doubly linked list of slabs.
+struct SlabList {
+    head: *mut SlabHeader,
+    len: usize,
+}
+
+impl SlabList {
+    const fn new() -> Self {
+        Self {
+            head: null_mut(),
+            len: 0,
+        }
+    }
+
+    /// Links `slab` at the front.
+    ///
+    /// # Safety
+    ///
+    /// `slab` is a live slab header on no list.
+    unsafe fn push(&mut self, slab: *mut SlabHeader) {
+        // SAFETY: per the caller; `head` is live or null.
+        unsafe {
+            (*slab).prev = null_mut();
+            (*slab).next = self.head;
+            if let Some(head) = self.head.as_mut() {
+                head.prev = slab;
+            }
+        }
+        self.head = slab;
+        self.len += 1;
+    }
+
+    /// Unlinks `slab`.
+    ///
+    /// # Safety
+    ///
+    /// `slab` is on this list.
+    unsafe fn unlink(&mut self, slab: *mut SlabHeader) {
+        // SAFETY: per the caller; neighbours on a list are live or null.
+        unsafe {
+            let (prev, next) = ((*slab).prev, (*slab).next);
+            match prev.as_mut() {
+                Some(prev) => prev.next = next,
+                None => self.head = next,
+            }
+            if let Some(next) = next.as_mut() {
+                next.prev = prev;
+            }
+        }
+        self.len -= 1;
+    }
+
+    /// Unlinks and returns the first slab.
+    fn pop(&mut self) -> Option<*mut SlabHeader> {
+        let slab = self.head;
+        if slab.is_null() {
+            return None;
+        }
+        // SAFETY: the head is on this list.
+        unsafe { self.unlink(slab) };
+        Some(slab)
+    }
 }
 
 /// Fixed-size node slots carved from 4 KiB frames (see the module doc).
@@ -60,10 +132,11 @@ pub(crate) struct NodePool<F: FrameSource, M: PhysMemory> {
     frames: F,
     phys: M,
     slot_size: usize,
-    free: *mut FreeSlot,
+    /// Slabs with no free slot, some free slots, every slot free.
+    full: SlabList,
+    partial: SlabList,
+    empty: SlabList,
     free_count: usize,
-    slabs: *mut SlabHeader,
-    frame_count: usize,
 }
 
 // SAFETY: the pool exclusively owns its slabs; the raw pointers are never shared with
@@ -90,10 +163,10 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
             frames,
             phys,
             slot_size,
-            free: null_mut(),
+            full: SlabList::new(),
+            partial: SlabList::new(),
+            empty: SlabList::new(),
             free_count: 0,
-            slabs: null_mut(),
-            frame_count: 0,
         }
     }
 
@@ -109,7 +182,7 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
 
     /// Frames the pool holds: the manager's "bookkeeping frames".
     pub(crate) fn frames_held(&self) -> usize {
-        self.frame_count
+        self.full.len + self.partial.len + self.empty.len
     }
 
     /// Slots ready to hand out without taking a frame.
@@ -141,7 +214,12 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
         for slot in taken.iter_mut().take(needed) {
             match self.frames.alloc_frame() {
                 Some(frame) => *slot = Some(frame),
-                None => return Err(self.give_back(&taken)),
+                None => {
+                    for frame in taken.iter().flatten() {
+                        self.give_frame(*frame);
+                    }
+                    return Err(Error::OutOfFrames);
+                }
             }
         }
         for frame in taken.iter().flatten() {
@@ -150,42 +228,39 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
         Ok(())
     }
 
-    /// Returns frames taken by a failed [`reserve`](Self::reserve).
-    fn give_back(&self, taken: &[Option<PhysFrame<Size4KiB>>]) -> Error {
-        for frame in taken.iter().flatten() {
-            // The frame came from this source a moment ago; refusing it back would be
-            // the source's bug, and the pool has nowhere better to put it.
-            let _ = self.frames.free_frame(*frame);
-        }
-        Error::OutOfFrames
+    /// Returns a frame to the source it came from.
+    fn give_frame(&self, frame: PhysFrame<Size4KiB>) {
+        // The frame came from this source; its contract is to take it back, and the
+        // pool has nowhere better to put it should it refuse.
+        let _ = self.frames.free_frame(frame);
     }
 
-    /// Links a fresh frame in as a slab and puts its slots on the free list.
+    /// Links a fresh frame in as an empty slab.
     fn carve(&mut self, frame: PhysFrame<Size4KiB>) {
         let base = self.phys.phys_to_virt(frame.start_address());
         let header = base.cast::<SlabHeader>();
-        // SAFETY: `PhysMemory` makes `base` valid for the whole frame, which this pool
-        // now owns; the header fits in the first slot and `base` is 4 KiB-aligned.
+        let mut free = null_mut::<FreeSlot>();
+        for index in (1..=self.slots_per_frame()).rev() {
+            // SAFETY: slot `index` lies inside the frame (see `slots_per_frame`), which
+            // this pool now owns; slots are `SLOT_ALIGN`-aligned in a 4 KiB-aligned
+            // frame (`PhysMemory`'s contract).
+            let slot = unsafe { base.add(index * self.slot_size) }.cast::<FreeSlot>();
+            // SAFETY: as above.
+            unsafe { slot.write(FreeSlot { next: free }) };
+            free = slot;
+        }
+        // SAFETY: as above; the header fits in the first slot.
         unsafe {
             header.write(SlabHeader {
-                next: self.slabs,
+                next: null_mut(),
+                prev: null_mut(),
+                free,
+                free_count: self.slots_per_frame(),
                 frame,
-            })
-        };
-        self.slabs = header;
-        self.frame_count += 1;
-        for index in 1..=self.slots_per_frame() {
-            // SAFETY: slot `index` lies inside the frame (see `slots_per_frame`).
-            let slot = unsafe { base.add(index * self.slot_size) };
-            self.push_free(slot.cast());
+            });
+            self.empty.push(header);
         }
-    }
-
-    fn push_free(&mut self, slot: *mut FreeSlot) {
-        // SAFETY: `slot` is an unused, aligned slot of one of this pool's slabs.
-        unsafe { slot.write(FreeSlot { next: self.free }) };
-        self.free = slot;
-        self.free_count += 1;
+        self.free_count += self.slots_per_frame();
     }
 
     /// Takes a reserved slot and writes `node` into it.
@@ -195,39 +270,118 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     /// If nothing was reserved, or `N` does not fit a slot: both are bugs in the caller.
     pub(crate) fn take<N>(&mut self, node: N) -> *mut N {
         assert!(size_of::<N>() <= self.slot_size && align_of::<N>() <= SLOT_ALIGN);
-        let slot = self.free;
-        assert!(!slot.is_null(), "node taken without a reservation");
+        let slab = if self.partial.head.is_null() {
+            let slab = self.empty.pop().expect("node taken without a reservation");
+            // SAFETY: a slab just unlinked from the empty list.
+            unsafe { self.partial.push(slab) };
+            slab
+        } else {
+            self.partial.head
+        };
+        // SAFETY: slabs on the lists are live, and partial ones have a free slot.
+        let header = unsafe { &mut *slab };
+        let slot = header.free;
         // SAFETY: free-list slots hold a valid `FreeSlot`.
-        self.free = unsafe { (*slot).next };
+        header.free = unsafe { (*slot).next };
+        header.free_count -= 1;
         self.free_count -= 1;
+        if header.free_count == 0 {
+            // SAFETY: the slab is on the partial list.
+            unsafe {
+                self.partial.unlink(slab);
+                self.full.push(slab);
+            }
+        }
         let node_ptr = slot.cast::<N>();
         // SAFETY: the slot is unused, large and aligned enough for `N` (checked above).
         unsafe { node_ptr.write(node) };
         node_ptr
     }
 
-    /// Puts a node's slot back on the free list.
+    /// Puts a node's slot back on its slab's free list.
     ///
     /// # Safety
     ///
     /// `node` came from [`take`](Self::take) on this pool, is no longer linked into any
     /// tree and is not used again.
     pub(crate) unsafe fn give(&mut self, node: *mut u8) {
-        self.push_free(node.cast());
+        // Slabs are 4 KiB-aligned and a slot never crosses its slab's end.
+        let slab = node
+            .map_addr(|addr| addr & !(PAGE_SIZE as usize - 1))
+            .cast::<SlabHeader>();
+        let per_frame = self.slots_per_frame();
+        // SAFETY: the node's slab is live and owned by this pool (the caller).
+        let header = unsafe { &mut *slab };
+        let slot = node.cast::<FreeSlot>();
+        // SAFETY: the slot is unused now (the caller) and aligned for a `FreeSlot`.
+        unsafe { slot.write(FreeSlot { next: header.free }) };
+        header.free = slot;
+        header.free_count += 1;
+        self.free_count += 1;
+        // SAFETY: a slab with one free slot was full, with all free partial (or full
+        // when a slab holds one slot); each is on the list its old count says.
+        unsafe {
+            if header.free_count == 1 {
+                self.full.unlink(slab);
+                self.partial.push(slab);
+            }
+            if header.free_count == per_frame {
+                self.partial.unlink(slab);
+                self.empty.push(slab);
+            }
+        }
     }
 
-    /// Physical start addresses of the slab frames, newest first (for diagnostics).
-    pub(crate) fn slab_frames(&self) -> impl Iterator<Item = PhysAddr> + '_ {
-        let mut slab = self.slabs;
-        core::iter::from_fn(move || {
-            if slab.is_null() {
-                return None;
+    /// Gives empty slabs back to the frame source until at most `keep` are left.
+    pub(crate) fn shrink(&mut self, keep: usize) {
+        while self.empty.len > keep {
+            self.release_empty();
+        }
+    }
+
+    /// Gives empty slabs back until the pool holds at most `frames` frames (or no
+    /// empty slab is left): the rollback of a failed call that grew the pool.
+    pub(crate) fn shrink_to(&mut self, frames: usize) {
+        while self.frames_held() > frames && self.empty.len > 0 {
+            self.release_empty();
+        }
+    }
+
+    fn release_empty(&mut self) {
+        if let Some(slab) = self.empty.pop() {
+            // SAFETY: an empty slab: no node lives in it, and it is on no list now.
+            let frame = unsafe { (*slab).frame };
+            self.free_count -= self.slots_per_frame();
+            self.give_frame(frame);
+        }
+    }
+
+    /// Gives every slab back, whatever lives in it: the end of the manager, whose trees
+    /// are dropped unused.
+    pub(crate) fn release_all(&mut self) {
+        for list in [&mut self.full, &mut self.partial, &mut self.empty] {
+            while let Some(slab) = list.pop() {
+                // SAFETY: slabs on the lists are live; this one is on none now.
+                let frame = unsafe { (*slab).frame };
+                let _ = self.frames.free_frame(frame);
             }
-            // SAFETY: slab headers stay valid for the pool's lifetime.
-            let header = unsafe { &*slab };
-            slab = header.next;
-            Some(header.frame.start_address())
-        })
+        }
+        self.free_count = 0;
+    }
+
+    /// Physical start addresses of the slab frames (for diagnostics).
+    pub(crate) fn slab_frames(&self) -> impl Iterator<Item = PhysAddr> + '_ {
+        [&self.full, &self.partial, &self.empty]
+            .into_iter()
+            .flat_map(|list| {
+                let mut slab = list.head;
+                core::iter::from_fn(move || {
+                    // SAFETY: slabs on the lists are live.
+                    let header = unsafe { slab.as_ref() }?;
+                    slab = header.next;
+                    Some(header.frame.start_address())
+                })
+            })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Owners that `vfree` on drop, named after Rust-for-Linux's `kernel::alloc`.
 
-use super::{VmFlags, VmOptions};
+use super::options::{VmFlags, VmOptions};
 use crate::{Error, PAGE_SIZE};
 use core::marker::PhantomData;
 use core::mem::{align_of, size_of};
@@ -10,7 +10,24 @@ use core::ptr::NonNull;
 /// The allocation calls the owners and the kernel heap need from a
 /// [`Vmalloc`](super::Vmalloc), object-safe so they can hold a `&dyn VmallocOps`
 /// whatever the manager's frame allocator, memory access and flush policy.
-pub trait VmallocOps: Sync {
+///
+/// # Safety
+///
+/// The owners ([`VBox`], [`VBuffer`]) and the kernel heap write through the pointers
+/// these calls return, so an implementation promises, as [`Vmalloc`](super::Vmalloc)
+/// does:
+///
+/// - `vmalloc_with` returns the start of `size` bytes (rounded up to pages), aligned to
+///   `options.align` (at least a page), mapped readable and writable when
+///   `options.prot` has `WRITE`, zeroed when `options.flags` has `ZERO`, and used by
+///   nothing else until `vfree` (or a moving `vrealloc`) gives them up;
+/// - `vrealloc` returns such a block of `new_size` bytes holding the old contents up
+///   to the smaller size, and the old pointer is no longer valid unless returned;
+/// - `reserve` returns a range of `size` bytes that nothing else uses, of which
+///   `populate` maps (readable and writable, zeroed when asked) the first bytes it
+///   reports, staying mapped until `vfree`;
+/// - a call that fails leaves every block as it was.
+pub unsafe trait VmallocOps: Sync {
     /// See [`Vmalloc::vmalloc_with`](super::Vmalloc::vmalloc_with).
     ///
     /// # Errors
@@ -55,22 +72,13 @@ pub struct VBuffer<'a> {
 }
 
 impl<'a> VBuffer<'a> {
-    /// `len` bytes, not zeroed (their previous contents are whatever the frames held).
-    ///
-    /// # Errors
-    ///
-    /// As [`Vmalloc::vmalloc`](super::Vmalloc::vmalloc).
-    pub fn new(vmalloc: &'a dyn VmallocOps, len: usize) -> Result<Self, Error> {
-        let ptr = vmalloc.vmalloc_with(len, &VmOptions::default())?;
-        Ok(Self { ptr, len, vmalloc })
-    }
-
-    /// `len` zeroed bytes.
+    /// `len` zeroed bytes (a `&[u8]` may not show whatever the frames held before:
+    /// reading uninitialised memory as `u8` is undefined behaviour).
     ///
     /// # Errors
     ///
     /// As [`Vmalloc::vzalloc`](super::Vmalloc::vzalloc).
-    pub fn zeroed(vmalloc: &'a dyn VmallocOps, len: usize) -> Result<Self, Error> {
+    pub fn new(vmalloc: &'a dyn VmallocOps, len: usize) -> Result<Self, Error> {
         let options = VmOptions {
             flags: VmFlags::ZERO,
             ..VmOptions::default()
@@ -80,7 +88,8 @@ impl<'a> VBuffer<'a> {
     }
 
     /// Resizes to `new_len` bytes with [`vrealloc`](super::Vmalloc::vrealloc),
-    /// keeping the contents up to the smaller length; the buffer may move.
+    /// keeping the contents up to the smaller length; bytes added are zero (the area
+    /// is a zeroed one). The buffer may move.
     ///
     /// # Errors
     ///
@@ -100,8 +109,9 @@ impl<'a> VBuffer<'a> {
 impl Deref for VBuffer<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: the area holds `len` mapped bytes for as long as `self` lives, and
-        // only `self` hands out references to it.
+        // SAFETY: the area holds `len` mapped, initialised (zeroed, then written only
+        // through `self`) bytes for as long as `self` lives (`VmallocOps`' contract),
+        // and only `self` hands out references to it.
         unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -147,7 +157,8 @@ impl<'a, T> VBox<'a, T> {
         let ptr = vmalloc
             .vmalloc_with(size_of::<T>().max(1), &options)?
             .cast::<T>();
-        // SAFETY: the area is fresh, mapped read-write, large enough and aligned for T.
+        // SAFETY: the area is fresh, mapped read-write, large enough and aligned for T
+        // (`VmallocOps`' contract).
         unsafe { ptr.as_ptr().write(value) };
         Ok(Self {
             ptr,

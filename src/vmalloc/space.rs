@@ -41,11 +41,6 @@ use super::node::{MaxFree, Node, NodePool, Payload, Tree, release};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use x86_64::VirtAddr;
 
-/// Start of Linux's x86_64 vmalloc range (4-level paging).
-pub const VMALLOC_START: u64 = 0xffff_c900_0000_0000;
-/// End of Linux's x86_64 vmalloc range, exclusive: 32 TiB after the start.
-pub const VMALLOC_END: u64 = 0xffff_e900_0000_0000;
-
 /// Lowest bit outside the lower canonical half.
 const LOWER_HALF_END: u64 = 1 << 47;
 
@@ -58,21 +53,6 @@ pub(crate) struct VSpace {
 }
 
 impl VSpace {
-    /// Linux's x86_64 vmalloc region, all free.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::OutOfFrames`] if the first node cannot be had.
-    pub(crate) fn linux_default<F: FrameSource, M: PhysMemory>(
-        pool: &mut NodePool<F, M>,
-    ) -> Result<Self, Error> {
-        Self::new(
-            pool,
-            VirtAddr::new(VMALLOC_START),
-            VMALLOC_END - VMALLOC_START,
-        )
-    }
-
     /// The region `[start, start + size)`, all free.
     ///
     /// # Errors
@@ -96,6 +76,16 @@ impl VSpace {
             size,
             free_total: size,
         })
+    }
+
+    /// A space with no region, for a manager that is being torn down.
+    pub(crate) const fn empty() -> Self {
+        Self {
+            free: Tree::new(),
+            start: 0,
+            size: 0,
+            free_total: 0,
+        }
     }
 
     /// First address of the region.
@@ -316,19 +306,29 @@ fn free_node(start: u64, size: u64) -> Node<MaxFree> {
     }
 }
 
-fn check_region(start: u64, size: u64) -> Result<(), Error> {
+/// Checks that `[start, start + size)` can be a region: page-aligned, not empty,
+/// not containing address 0 (areas there would be null pointers), inside one
+/// canonical half, and ending at a canonical address (so the end of its last area,
+/// guard page included, can be named).
+///
+/// # Errors
+///
+/// [`Error::ZeroSize`], [`Error::Unaligned`], [`Error::NullPointer`] for a region
+/// starting at 0, [`Error::RangeWraps`] for one reaching the end of the address
+/// space, [`Error::NonCanonical`] otherwise.
+pub(crate) fn check_region(start: u64, size: u64) -> Result<(), Error> {
     if size == 0 {
         return Err(Error::ZeroSize);
     }
     if !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(Error::Unaligned);
     }
-    let last = start.checked_add(size - 1).ok_or(Error::RangeWraps)?;
-    if last == u64::MAX {
-        return Err(Error::RangeWraps);
+    if start == 0 {
+        return Err(Error::NullPointer);
     }
-    let crosses_hole = start < LOWER_HALF_END && last >= LOWER_HALF_END;
-    if crosses_hole || VirtAddr::try_new(last).is_err() {
+    let end = start.checked_add(size).ok_or(Error::RangeWraps)?;
+    let crosses_hole = start < LOWER_HALF_END && end > LOWER_HALF_END;
+    if crosses_hole || VirtAddr::try_new(start).is_err() || VirtAddr::try_new(end).is_err() {
         return Err(Error::NonCanonical);
     }
     Ok(())

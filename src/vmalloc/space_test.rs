@@ -3,6 +3,9 @@
 extern crate std;
 
 use super::super::node::NodePool;
+// `benches/vspace.rs` compiles this file without its `#[test]` functions.
+#[allow(unused_imports)]
+use super::super::options::{VMALLOC_SIZE, VMALLOC_START};
 use super::*;
 use crate::{Error, FrameSource, OffsetPhysMemory, PAGE_SIZE};
 use proptest::prelude::*;
@@ -58,7 +61,8 @@ impl Drop for TestFrames {
     }
 }
 
-impl FrameSource for TestFrames {
+// SAFETY: frames come from a host buffer that outlives the pool, each once.
+unsafe impl FrameSource for TestFrames {
     fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>> {
         let number = self.allocs.get();
         self.allocs.set(number + 1);
@@ -134,7 +138,7 @@ fn failed_reserve_gives_frames_back() {
 fn default_region_is_linux_vmalloc_range() {
     let frames = TestFrames::new(4);
     let mut pool = pool(&frames);
-    let space = VSpace::linux_default(&mut pool).unwrap();
+    let space = VSpace::new(&mut pool, va(VMALLOC_START), VMALLOC_SIZE).unwrap();
     assert_eq!(space.region_start(), va(0xffff_c900_0000_0000));
     assert_eq!(space.region_size(), 32 << 40);
     assert_eq!(space.free_total(), 32 << 40);
@@ -181,7 +185,7 @@ fn alloc_is_lowest_first_fit_and_free_coalesces() {
 fn alignment_is_honoured_and_huge_alignments_fail_cleanly() {
     let frames = TestFrames::new(4);
     let mut pool = pool(&frames);
-    let mut space = VSpace::linux_default(&mut pool).unwrap();
+    let mut space = VSpace::new(&mut pool, va(VMALLOC_START), VMALLOC_SIZE).unwrap();
     let first = space.alloc(&mut pool, PAGE, 1).unwrap();
     let aligned = space.alloc(&mut pool, PAGE, 1 << 30).unwrap();
     assert_eq!(aligned.as_u64() % (1 << 30), 0);
@@ -302,7 +306,7 @@ fn hundred_thousand_live_areas_are_found() {
     const COUNT: u64 = 100_000;
     let frames = TestFrames::new(4096);
     let mut pool = pool(&frames);
-    let mut space = VSpace::linux_default(&mut pool).unwrap();
+    let mut space = VSpace::new(&mut pool, va(VMALLOC_START), VMALLOC_SIZE).unwrap();
     let mut areas = AreaMap::new();
     let mut starts = Vec::new();
     for i in 0..COUNT {

@@ -86,7 +86,9 @@ pub fn memory_map(ctx: &mut Ctx) -> Result<(), &'static str> {
     )
 }
 
-/// RAM is reachable through the physical map, and the vmalloc region is empty.
+/// RAM is reachable through the physical map, and every top-level entry of the
+/// vmalloc region is a table the library made when the manager was set up (so the
+/// kernel half can be copied into other address spaces).
 pub fn address_space(ctx: &mut Ctx) -> Result<(), &'static str> {
     static MARKER: u64 = 0x5eed_cafe_f00d_beef;
     let marker_phys = PhysAddr::new(&raw const MARKER as u64);
@@ -116,9 +118,13 @@ pub fn address_space(ctx: &mut Ctx) -> Result<(), &'static str> {
     let pml4 = unsafe { &*(ctx.pml4.start_address().as_u64() as *const PageTable) };
     let first = VirtAddr::new(VMALLOC_START).p4_index();
     let last = VirtAddr::new(VMALLOC_END - 1).p4_index();
+    let table = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | vmalloc::paging::CREATED;
     ensure(
-        (usize::from(first)..=usize::from(last)).all(|index| pml4[index].is_unused()),
-        "the vmalloc region has PML4 entries",
+        (usize::from(first)..=usize::from(last)).all(|index| {
+            let flags = pml4[index].flags();
+            flags.contains(table) && !flags.contains(PageTableFlags::HUGE_PAGE)
+        }),
+        "a vmalloc-region PML4 entry is not a table the library made",
     )
 }
 

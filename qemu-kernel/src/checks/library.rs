@@ -285,9 +285,9 @@ pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
         "APIC is outside the physical map",
     )?;
     let vm = mm::vmalloc();
-    let mmio = vm
-        .ioremap(base, PAGE, CacheMode::Uncached)
-        .map_err(|_| "ioremap failed")?;
+    // SAFETY: the local APIC's MMIO page; the check only reads a read-only register.
+    let mmio =
+        unsafe { vm.ioremap(base, PAGE, CacheMode::Uncached) }.map_err(|_| "ioremap failed")?;
     // SAFETY: the APIC page, just mapped uncached; the version register is read-only.
     let remapped = unsafe {
         mmio.as_ptr()
@@ -433,9 +433,9 @@ fn stress_alloc(rng: &mut XorShift) -> Result<Slot, &'static str> {
             mm::frames().alloc_bulk(&mut frames[..pages]) == pages,
             "out of frames for vmap",
         )?;
-        let ptr = vm
-            .vmap(&frames[..pages], Prot::KERNEL_RW)
-            .map_err(|_| "vmap failed")?;
+        // SAFETY: frames this check took from the allocator and frees after vunmap.
+        let ptr =
+            unsafe { vm.vmap(&frames[..pages], Prot::KERNEL_RW) }.map_err(|_| "vmap failed")?;
         return Ok(Slot {
             ptr: ptr.as_ptr(),
             pages,

@@ -1,0 +1,174 @@
+//! What the manager shows of itself: the area listing (`/proc/vmallocinfo`) and the
+//! counters (`/proc/meminfo`).
+//!
+//! Listings are read in batches: each batch is copied under the lock, and the lock is
+//! released before the caller sees it, as Linux's `seq_file` iteration does. The
+//! caller's code (a `Display` sink growing a `String` through the kernel heap, which
+//! grows through this manager) thus never runs with the lock held.
+
+use super::Vmalloc;
+use super::area::{AreaInfo, AreaKind};
+use crate::{FrameSource, PhysMemory, TlbFlush};
+use core::fmt;
+use x86_64::VirtAddr;
+
+/// Areas copied per batch of a listing.
+const BATCH: usize = 16;
+
+impl<F, M, T> Vmalloc<F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// Counters of the region, the frames held, and the purge list.
+    pub fn stats(&self) -> VmallocStats {
+        let mut cx = self.lock();
+        let size = self.config.size;
+        let inner = cx.inner();
+        VmallocStats {
+            region_total: size,
+            used: size - inner.space.free_total() - inner.purge.bytes,
+            pending_purge_bytes: inner.purge.bytes,
+            largest_free: inner.space.largest_free(),
+            areas: inner.areas.len() as u64,
+            data_frames: inner.data_frames,
+            page_table_frames: inner.page_table_frames,
+            bookkeeping_frames: inner.pool.frames_held() as u64,
+            pending_purge_pages: inner.purge.pages,
+            pending_purge_frames: inner.purge.frames,
+            purges: inner.purges,
+        }
+    }
+
+    /// The live areas, in address order. The iterator takes the lock only while it
+    /// copies the next batch, so the manager may be called between items; an area
+    /// made or freed meanwhile is shown or not depending on where the listing is.
+    pub fn areas(&self) -> Areas<'_, F, M, T> {
+        Areas {
+            vmalloc: self,
+            batch: [EMPTY; BATCH],
+            len: 0,
+            pos: 0,
+            next: Some(0),
+        }
+    }
+
+    /// A `/proc/vmallocinfo`-style listing, one line per live area.
+    pub fn info(&self) -> VmallocInfo<'_, F, M, T> {
+        VmallocInfo { vmalloc: self }
+    }
+
+    /// Copies up to `out.len()` live areas starting at or after `from`; returns how
+    /// many, and where the next batch starts (`None` after the last area).
+    fn copy_areas(&self, from: u64, out: &mut [AreaInfo]) -> (usize, Option<u64>) {
+        let mut cx = self.lock();
+        let areas = &cx.inner().areas;
+        let mut next = Some(from);
+        let mut count = 0;
+        while count < out.len() {
+            let Some(area) = next.and_then(|addr| areas.first_from(addr)) else {
+                return (count, None);
+            };
+            next = area.start.as_u64().checked_add(1);
+            if !area.data.dying {
+                out[count] = AreaInfo::new(area.start, area.size, &area.data);
+                count += 1;
+            }
+        }
+        (count, next)
+    }
+}
+
+const EMPTY: AreaInfo = AreaInfo {
+    start: VirtAddr::zero(),
+    span: 0,
+    size: 0,
+    pages: 0,
+    kind: AreaKind::Vmalloc,
+    phys: None,
+    tag: "",
+};
+
+/// Iterator over live areas; see [`Vmalloc::areas`].
+pub struct Areas<'a, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
+    vmalloc: &'a Vmalloc<F, M, T>,
+    batch: [AreaInfo; BATCH],
+    len: usize,
+    pos: usize,
+    /// Where the next batch starts; `None` once the last one is copied.
+    next: Option<u64>,
+}
+
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Iterator for Areas<'_, F, M, T> {
+    type Item = AreaInfo;
+
+    fn next(&mut self) -> Option<AreaInfo> {
+        if self.pos == self.len {
+            let from = self.next?;
+            (self.len, self.next) = self.vmalloc.copy_areas(from, &mut self.batch);
+            self.pos = 0;
+            if self.len == 0 {
+                return None;
+            }
+        }
+        self.pos += 1;
+        Some(self.batch[self.pos - 1])
+    }
+}
+
+/// A `/proc/vmallocinfo`-style listing; see [`Vmalloc::info`].
+pub struct VmallocInfo<'a, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
+    vmalloc: &'a Vmalloc<F, M, T>,
+}
+
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> fmt::Display
+    for VmallocInfo<'_, F, M, T>
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.vmalloc
+            .areas()
+            .try_for_each(|area| writeln!(f, "{area}"))
+    }
+}
+
+/// Counters in the spirit of the `Vmalloc*` lines of `/proc/meminfo`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmallocStats {
+    /// Bytes in the managed region.
+    pub region_total: u64,
+    /// Bytes of the region taken by live areas and their guard pages.
+    pub used: u64,
+    /// Bytes of the region waiting for the lazy purge.
+    pub pending_purge_bytes: u64,
+    /// Largest free contiguous chunk of the region, in bytes.
+    pub largest_free: u64,
+    /// Live areas.
+    pub areas: u64,
+    /// Frames mapped as data of live `vmalloc` and reserved areas.
+    pub data_frames: u64,
+    /// Frames held in page tables this manager allocated.
+    pub page_table_frames: u64,
+    /// Frames holding the manager's own bookkeeping.
+    pub bookkeeping_frames: u64,
+    /// Pages detached by `vfree` and waiting for the batched TLB flush.
+    pub pending_purge_pages: u64,
+    /// Frames waiting for that flush before they go back to the frame allocator.
+    pub pending_purge_frames: u64,
+    /// Purges (batched flushes) done so far.
+    pub purges: u64,
+}
+
+impl fmt::Display for VmallocStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kib = |bytes: u64| bytes / 1024;
+        writeln!(f, "VmallocTotal:   {:>10} kB", kib(self.region_total))?;
+        writeln!(f, "VmallocUsed:    {:>10} kB", kib(self.used))?;
+        writeln!(f, "VmallocChunk:   {:>10} kB", kib(self.largest_free))?;
+        writeln!(f, "VmallocAreas:   {:>10}", self.areas)?;
+        writeln!(f, "VmallocFrames:  {:>10}", self.data_frames)?;
+        writeln!(f, "PageTables:     {:>10} kB", self.page_table_frames * 4)?;
+        writeln!(f, "Bookkeeping:    {:>10} kB", self.bookkeeping_frames * 4)?;
+        write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)
+    }
+}

@@ -1,0 +1,404 @@
+//! The manager with its lock held: the steps every call is made of, each undoing
+//! itself on failure.
+
+use super::area::{AreaKind, AreaRecord};
+use super::reclaim::{CountingFrames, FrameBatch, TableSweep};
+use super::{CHUNK, Inner, KEEP_EMPTY_SLABS, Vmalloc, invariant, page_at, page_range};
+use crate::{Error, FrameSource, PhysMemory, TlbFlush};
+use x86_64::structures::paging::mapper::MappedFrame;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// A [`Vmalloc`] whose lock this value holds. Dropping it gives back all but
+/// [`KEEP_EMPTY_SLABS`] empty bookkeeping slabs, then unlocks.
+pub(super) struct Locked<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
+    pub(super) vm: &'v Vmalloc<F, M, T>,
+    guard: spin::MutexGuard<'v, Inner<F, M>>,
+}
+
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Drop for Locked<'_, F, M, T> {
+    fn drop(&mut self) {
+        self.guard.pool.shrink(KEEP_EMPTY_SLABS);
+    }
+}
+
+impl<'v, F, M, T> Locked<'v, F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    pub(super) fn new(vm: &'v Vmalloc<F, M, T>, guard: spin::MutexGuard<'v, Inner<F, M>>) -> Self {
+        Self { vm, guard }
+    }
+
+    /// The state under the lock.
+    pub(super) fn inner(&mut self) -> &mut Inner<F, M> {
+        &mut self.guard
+    }
+
+    /// The live area starting exactly at `ptr`, of one of `kinds`.
+    pub(super) fn live_area_at(
+        &self,
+        ptr: *mut u8,
+        kinds: &[AreaKind],
+    ) -> Result<(VirtAddr, AreaRecord), Error> {
+        if ptr.is_null() {
+            return Err(Error::NullPointer);
+        }
+        let addr = VirtAddr::try_new(ptr as u64).map_err(|_| Error::NotInRegion)?;
+        if !self.vm.is_vmalloc_addr(addr) {
+            return Err(Error::NotInRegion);
+        }
+        let (start, _, record) = self.area_containing(addr).ok_or(Error::NotAllocated)?;
+        if record.dying {
+            return Err(Error::NotAllocated);
+        }
+        if start != addr {
+            let in_guard = addr - start >= record.size;
+            return Err(if in_guard {
+                Error::NotAllocated
+            } else {
+                Error::InteriorPointer
+            });
+        }
+        if !kinds.contains(&record.kind) {
+            return Err(Error::WrongKind);
+        }
+        Ok((start, record))
+    }
+
+    /// The area whose span (guard page included) contains `addr`.
+    pub(super) fn area_containing(&self, addr: VirtAddr) -> Option<(VirtAddr, u64, AreaRecord)> {
+        self.guard
+            .areas
+            .find_containing(addr)
+            .map(|area| (area.start, area.size, area.data))
+    }
+
+    /// What the page tables map `addr` to.
+    pub(super) fn translate(
+        &self,
+        addr: VirtAddr,
+    ) -> Result<(PhysAddr, PageTableFlags, MappedFrame), Error> {
+        self.guard.tables.translate(addr)
+    }
+
+    /// The record of the live area at `start`, to update in place.
+    pub(super) fn record_mut(&mut self, start: VirtAddr) -> &mut AreaRecord {
+        self.guard
+            .areas
+            .data_mut(start)
+            .expect("the area was looked up under the same lock")
+    }
+
+    /// Runs `op`, which must change nothing when it fails; if it runs out of frames or
+    /// virtual space while areas wait on the purge list, purges and runs it again.
+    fn retrying<R>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        loop {
+            match op(self) {
+                Err(Error::OutOfFrames | Error::OutOfVirtualSpace)
+                    if !self.guard.purge.is_empty() =>
+                {
+                    self.purge()
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Makes sure `count` bookkeeping nodes can be taken without failing.
+    pub(super) fn reserve_nodes(&mut self, count: usize) -> Result<(), Error> {
+        self.retrying(|cx| cx.guard.pool.reserve(count))
+    }
+
+    /// Reserves a range for `record` (its span, guard page included) and records it.
+    pub(super) fn create_area(
+        &mut self,
+        record: AreaRecord,
+        align: u64,
+    ) -> Result<VirtAddr, Error> {
+        if !self.could_ever_fit(record.span(), align) {
+            // No purge can help: refuse before touching anything.
+            return Err(Error::OutOfVirtualSpace);
+        }
+        self.retrying(|cx| {
+            let inner = &mut *cx.guard;
+            // A split of the free range and the area's own node: two at most.
+            inner.pool.reserve(2)?;
+            let span = record.span();
+            let start = inner.space.alloc(&mut inner.pool, span, align)?;
+            if let Err(error) = inner.areas.insert(&mut inner.pool, start, span, record) {
+                invariant(inner.space.free(&mut inner.pool, start, span));
+                return Err(error);
+            }
+            Ok(start)
+        })
+    }
+
+    /// Whether the empty region has an address aligned to `align` with `span`
+    /// bytes after it.
+    fn could_ever_fit(&self, span: u64, align: u64) -> bool {
+        let start = self.vm.config.start.as_u64();
+        let end = start + self.vm.config.size;
+        start
+            .checked_next_multiple_of(align)
+            .and_then(|first| first.checked_add(span))
+            .is_some_and(|last| last <= end)
+    }
+
+    /// Forgets the area at `start` and frees its range.
+    pub(super) fn remove_area(&mut self, start: VirtAddr) {
+        let inner = &mut *self.guard;
+        // The area's node goes back to the pool first, so freeing the range, which
+        // needs at most one node, cannot fail.
+        if let Some(area) = inner.areas.remove(&mut inner.pool, start) {
+            invariant(inner.space.free(&mut inner.pool, start, area.size));
+        }
+    }
+
+    /// Maps fresh frames at pages `pages` of the area at `start`, in chunks taken in
+    /// bulk from the frame allocator. On failure, unmaps and frees what it mapped.
+    pub(super) fn back_pages(
+        &mut self,
+        start: VirtAddr,
+        pages: core::ops::Range<u64>,
+        flags: PageTableFlags,
+        zero: bool,
+    ) -> Result<(), Error> {
+        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
+        let mut next = pages.start;
+        while next < pages.end {
+            let want = ((pages.end - next) as usize).min(CHUNK);
+            let got = self.alloc_frames(&mut chunk[..want]);
+            let frames = &chunk[..got];
+            let result = if got < want {
+                Err(Error::OutOfFrames)
+            } else {
+                if zero {
+                    frames.iter().for_each(|&frame| self.zero_frame(frame));
+                }
+                self.map(page_at(start, next), frames.iter().copied(), flags)
+            };
+            if let Err(error) = result {
+                let mut batch = FrameBatch::new(&self.vm.frames);
+                frames.iter().for_each(|&frame| batch.push(frame));
+                batch.finish();
+                self.free_range(page_range(start, pages.start..next));
+                return Err(error);
+            }
+            next += got as u64;
+        }
+        Ok(())
+    }
+
+    /// Fills `out` from the frame allocator, purging once if it runs dry while
+    /// frames wait on the purge list.
+    fn alloc_frames(&mut self, out: &mut [PhysFrame]) -> usize {
+        let got = self.vm.frames.alloc_frames(out);
+        if got == out.len() || self.guard.purge.is_empty() {
+            return got;
+        }
+        self.purge();
+        got + self.vm.frames.alloc_frames(&mut out[got..])
+    }
+
+    /// Maps `frames` at `page` onward (all or nothing), purging once if page-table
+    /// frames run out while frames wait on the purge list.
+    pub(super) fn map<I>(
+        &mut self,
+        page: Page,
+        frames: I,
+        flags: PageTableFlags,
+    ) -> Result<(), Error>
+    where
+        I: ExactSizeIterator<Item = PhysFrame> + Clone,
+    {
+        let vm = self.vm;
+        self.retrying(|cx| {
+            let source = CountingFrames::new(&vm.frames);
+            let pages = Page::range(page, page + frames.len() as u64);
+            let inner = &mut *cx.guard;
+            // SAFETY: the area at `page` is this manager's and unmapped; its frames
+            // are fresh from the allocator, the caller's (`vmap`, whose contract says
+            // so) or the MMIO range `ioremap`'s caller vouched for; the tables come
+            // from the allocator (`FrameSource`'s contract).
+            let result = unsafe { inner.tables.map(pages, frames.clone(), flags, &source) };
+            inner.page_table_frames = inner.page_table_frames.wrapping_add_signed(source.net());
+            result
+        })
+    }
+
+    fn zero_frame(&self, frame: PhysFrame) {
+        let ptr = self.vm.phys.phys_to_virt(frame.start_address());
+        // SAFETY: `frame` was just handed to us by the frame allocator, and `PhysMemory`
+        // guarantees the whole frame is writable through `ptr`.
+        unsafe { core::ptr::write_bytes(ptr, 0, crate::PAGE_SIZE as usize) };
+    }
+
+    /// Zeroes bytes `[from, to)` of the area at `start`, all inside its mapped pages.
+    pub(super) fn zero_bytes(&self, start: VirtAddr, from: u64, to: u64) {
+        let mut offset = from;
+        while offset < to {
+            let in_page = offset % crate::PAGE_SIZE;
+            let len = (crate::PAGE_SIZE - in_page).min(to - offset);
+            if let Ok((phys, _, _)) = self.translate(start + offset) {
+                let ptr = self.vm.phys.phys_to_virt(phys);
+                // SAFETY: `phys` is inside a frame of a live area, reachable through
+                // `PhysMemory`, and the range stays within that frame.
+                unsafe { core::ptr::write_bytes(ptr, 0, len as usize) };
+            }
+            offset += len;
+        }
+    }
+
+    /// Frees an area: detaches its mapped pages and queues it for the batched flush.
+    pub(super) fn retire(&mut self, start: VirtAddr, record: AreaRecord) {
+        self.queue_for_purge(start, record);
+        let pending = self.guard.purge.pages;
+        if self.vm.config.eager || pending > self.vm.config.lazy_threshold_pages {
+            self.purge();
+        }
+    }
+
+    /// Detaches the area's pages and moves it from the area map to the purge list.
+    fn queue_for_purge(&mut self, start: VirtAddr, record: AreaRecord) {
+        let inner = &mut *self.guard;
+        let mapped = page_range(start, 0..record.mapped_pages);
+        if !mapped.is_empty() {
+            // SAFETY: the area is being freed, its pages are this manager's; the purge
+            // flushes them before their frames or range are reused.
+            let detached = unsafe { inner.tables.detach(mapped) };
+            // SAFETY: as above: the purge flushes the range.
+            invariant(detached.map(|flush| unsafe { flush.ignore() }));
+        }
+        // The area's node goes back to the pool and the purge entry takes it.
+        let removed = inner.areas.remove(&mut inner.pool, start);
+        debug_assert_eq!(removed.map(|area| area.size), Some(record.span()));
+        inner.purge.push(&mut inner.pool, start, record);
+    }
+
+    /// Frees every live area, as `vfree` (or `vunmap`, `iounmap`) would, without
+    /// purging: the manager's teardown.
+    pub(super) fn retire_all(&mut self) {
+        while let Some(area) = self.guard.areas.first_from(0) {
+            if area.data.kind.owns_frames() {
+                self.guard.data_frames -= area.data.mapped_pages;
+            }
+            self.queue_for_purge(area.start, area.data);
+        }
+    }
+
+    /// Takes the `vmap` area at `start` out of every lookup and unmaps its `pages`
+    /// pages, flushing, but keeps its frames in the detached entries and its range
+    /// busy, for [`reclaim_chunk`](Self::reclaim_chunk) to hand out.
+    pub(super) fn start_unmapping(&mut self, start: VirtAddr, pages: u64) {
+        self.record_mut(start).dying = true;
+        let range = page_range(start, 0..pages);
+        if !range.is_empty() {
+            // SAFETY: the area is being unmapped; its pages are this manager's, and the
+            // flush comes right after.
+            let detached = unsafe { self.guard.tables.detach(range) };
+            invariant(detached.map(|flush| flush.flush(&self.vm.tlb)));
+        }
+    }
+
+    /// Takes the frames of the detached `range` (flushed) into `out`, in order.
+    pub(super) fn reclaim_chunk(&mut self, range: PageRange, out: &mut [PhysFrame]) {
+        let mut index = 0;
+        // SAFETY: `start_unmapping` flushed the range.
+        let reclaimed = unsafe {
+            self.guard.tables.reclaim_detached(range, |_, frame| {
+                out[index] = frame;
+                index += 1;
+            })
+        };
+        invariant(reclaimed);
+    }
+
+    /// Frees the page tables and the range of an area whose frames were all handed
+    /// out, and forgets it.
+    pub(super) fn finish_unmapping(&mut self, start: VirtAddr, pages: u64) {
+        let mut sweep = TableSweep::new(&self.vm.frames, &self.vm.tlb);
+        sweep.sweep(&mut self.guard.tables, page_range(start, 0..pages));
+        let freed = sweep.finish(&self.vm.tlb);
+        self.guard.page_table_frames -= freed;
+        self.remove_area(start);
+    }
+
+    /// One batched flush for every pending area, then their frames and ranges return.
+    pub(super) fn purge(&mut self) {
+        let vm = self.vm;
+        let inner = &mut *self.guard;
+        if inner.purge.is_empty() {
+            return;
+        }
+        if inner.purge.pages <= crate::tlb::SINGLE_PAGE_FLUSH_CEILING {
+            for (start, record) in inner.purge.iter() {
+                vm.tlb
+                    .flush_range(page_range(start, 0..record.mapped_pages));
+            }
+        } else {
+            vm.tlb.flush_all();
+        }
+        // Emptied page tables of all areas go after one more flush, which covers them.
+        let mut sweep = TableSweep::new(&vm.frames, &vm.tlb);
+        let mut pending = core::mem::replace(&mut inner.purge, super::PurgeList::new());
+        let mut frames = FrameBatch::new(&vm.frames);
+        while let Some((start, record)) = pending.pop(&mut inner.pool) {
+            let owns_frames = record.kind.owns_frames();
+            let range = page_range(start, 0..record.mapped_pages);
+            // SAFETY: the range was flushed above.
+            let reclaimed = unsafe {
+                inner.tables.reclaim_detached(range, |_, frame| {
+                    if owns_frames {
+                        frames.push(frame)
+                    }
+                })
+            };
+            invariant(reclaimed);
+            sweep.sweep(&mut inner.tables, range);
+            // The entry's slot was just given back: freeing the range cannot fail.
+            invariant(inner.space.free(&mut inner.pool, start, record.span()));
+        }
+        frames.finish();
+        inner.page_table_frames -= sweep.finish(&vm.tlb);
+        inner.purges += 1;
+    }
+
+    /// Unmaps `range` now, flushing, and hands each frame to `on_frame`, in order;
+    /// then frees the page tables it left empty.
+    pub(super) fn unmap_flushed(&mut self, range: PageRange, mut on_frame: impl FnMut(PhysFrame)) {
+        if range.is_empty() {
+            return;
+        }
+        let vm = self.vm;
+        let inner = &mut *self.guard;
+        // SAFETY: the caller unmaps pages of its own area, which it no longer uses; the
+        // flush follows at once.
+        let detached = unsafe { inner.tables.detach(range) };
+        invariant(detached.map(|flush| flush.flush(&vm.tlb)));
+        // SAFETY: flushed just above.
+        let reclaimed = unsafe {
+            inner
+                .tables
+                .reclaim_detached(range, |_, frame| on_frame(frame))
+        };
+        invariant(reclaimed);
+        let mut sweep = TableSweep::new(&vm.frames, &vm.tlb);
+        sweep.sweep(&mut inner.tables, range);
+        inner.page_table_frames -= sweep.finish(&vm.tlb);
+    }
+
+    /// Unmaps `range` now, flushing, and frees its frames to the allocator.
+    pub(super) fn free_range(&mut self, range: PageRange) {
+        let vm = self.vm;
+        let mut batch = FrameBatch::new(&vm.frames);
+        self.unmap_flushed(range, |frame| batch.push(frame));
+        batch.finish();
+    }
+}
