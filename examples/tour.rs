@@ -106,15 +106,24 @@ fn main() {
     );
     vm.purge();
     let stats = vm.stats();
-    let returned = frames.stats().free + stats.bookkeeping_frames;
     println!(
-        "after purge: {} areas, {} frames in page tables, {} of {} frames free ({} hold the manager's bookkeeping)",
+        "after purge: {} areas, {} of {} frames free; the manager keeps {} top-level page tables \
+         (made at setup, shared by every address space) and {} frames of bookkeeping",
         stats.areas,
-        stats.page_table_frames,
         frames.stats().free,
         free_at_boot,
+        stats.page_table_frames,
         stats.bookkeeping_frames
     );
-    assert_eq!(returned, free_at_boot);
+    assert_eq!(
+        frames.stats().free + stats.page_table_frames + stats.bookkeeping_frames,
+        free_at_boot
+    );
+    drop(vm);
+    println!(
+        "after dropping the manager: {} frames free",
+        frames.stats().free
+    );
+    assert_eq!(frames.stats().free, free_at_boot);
     println!("all {free_at_boot} frames returned");
 }
