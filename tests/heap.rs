@@ -320,3 +320,32 @@ fn an_uninitialised_heap_fails_cleanly() {
         "initialised once"
     );
 }
+
+#[test]
+fn a_window_that_is_not_a_page_multiple_serves_and_takes_back_every_block() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig {
+        window: 10_000,
+        grow_step: 4096,
+        ..HeapConfig::DEFAULT
+    });
+    heap.init(&vm).unwrap();
+    let layout = Layout::from_size_align(2000, 8).unwrap();
+    // SAFETY: non-zero size; every block is freed with its layout.
+    let blocks: Vec<*mut u8> = (0..6).map(|_| unsafe { heap.alloc(layout) }).collect();
+    for &block in &blocks {
+        assert!(!block.is_null());
+        assert!(heap.owns_small(block), "{block:?} is in the reserved pages");
+        // SAFETY: a live 2000-byte block.
+        unsafe { block.write_bytes(0x77, 2000) };
+    }
+    let areas = vm.stats().areas;
+    for block in blocks {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block, layout) };
+    }
+    assert_eq!(heap.stats().in_use, 0, "every block came back to the list");
+    assert_eq!(vm.stats().areas, areas, "no block went to vfree");
+}

@@ -137,4 +137,14 @@ fn std_collections_live_in_vmalloc_memory() {
     let before = HEAP.stats().large_blocks;
     drop(big);
     assert_eq!(HEAP.stats().large_blocks, before - 1);
+
+    // A listing longer than a heap step grows its `String` through the heap, which
+    // grows through the manager: the listing must not hold the manager's lock then.
+    let areas: Vec<_> = (0..1000).map(|_| manager.vmalloc(4096).unwrap()).collect();
+    let listing = format!("{}", manager.info());
+    assert!(listing.len() > 16 << 10, "{} bytes", listing.len());
+    assert!(listing.lines().filter(|l| l.ends_with(" vmalloc")).count() >= 1000);
+    for area in areas {
+        manager.vfree(area.as_ptr()).unwrap();
+    }
 }
