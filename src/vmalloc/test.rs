@@ -684,33 +684,90 @@ fn back_of(data: &[u8]) -> Vec<u8> {
     vec![0; data.len()]
 }
 
-#[test]
-fn calls_that_run_dry_purge_the_lazily_freed_frames_first() {
+/// Makes areas of one page until the bookkeeping pool has exactly `slots` free.
+fn leave_free_slots(vm: &SimVmalloc<'_, &SimFrames>, slots: usize) -> Vec<NonNull<u8>> {
+    let free_slots = || vm.lock().inner().pool.free_slots();
+    let mut made = Vec::new();
+    while free_slots() != slots {
+        made.push(vm.vmalloc(4096).unwrap());
+        assert!(made.len() < 1000, "cannot leave {slots} free slots");
+    }
+    made
+}
+
+/// Runs `call` on a manager whose frames are all taken, but for 200 waiting for the
+/// purge, after `setup`; the call must succeed by purging them.
+fn with_frames_waiting(
+    setup: impl FnOnce(&SimVmalloc<'_, &SimFrames>),
+    call: impl FnOnce(&SimVmalloc<'_, &SimFrames>, &[PhysFrame]) -> Result<(), Error>,
+) {
     let machine = machine();
     let frames = machine.frames();
     let vm = manager(&machine, &frames, config(false));
-    let a = vm.vmalloc(4 * 4096).unwrap();
-    let window = vm.reserve(1 << 20, &VmOptions::default()).unwrap();
     let waiting = vm.vmalloc(200 * 4096).unwrap();
-    // Every frame is taken but those that will wait for the purge.
+    setup(&vm);
     let held = hold_all_but(&frames, 0);
     vm.vfree(waiting.as_ptr()).unwrap();
     assert_eq!(vm.stats().pending_purge_frames, 200);
-    let grown = vm.vrealloc(a.as_ptr(), 40 * 4096).unwrap();
-    assert_eq!(vm.stats().pending_purge_frames, 0, "vrealloc purged");
-    vm.vfree(grown.as_ptr()).unwrap();
-    assert!(
-        vm.populate(window.as_ptr(), 30 * 4096).is_ok(),
-        "populate purged"
-    );
-    let b = vm.vmalloc(30 * 4096).unwrap();
-    vm.vfree(b.as_ptr()).unwrap();
-    let mut lent = vec![PhysFrame::containing_address(PhysAddr::zero()); 4];
-    lent.copy_from_slice(&held[..4]);
-    // SAFETY: frames the test holds, never freed while mapped.
-    let mapped = unsafe { vm.vmap(&lent, Prot::KERNEL_RW) }.unwrap();
-    vm.vunmap(mapped.as_ptr(), |_| ()).unwrap();
+    call(&vm, &held).unwrap();
+    assert_eq!(vm.stats().pending_purge_frames, 0, "purged");
     frames.free_frames(&held).unwrap();
+}
+
+/// Reserves the region up to the next 2 MiB boundary, so the next area needs a new
+/// page table.
+fn pad_to_a_new_page_table(vm: &SimVmalloc<'_, &SimFrames>) {
+    let end = vm
+        .areas()
+        .map(|area| area.start.as_u64() + area.span)
+        .max()
+        .unwrap();
+    let pad = end.next_multiple_of(2 << 20) - end;
+    if pad > 4096 {
+        vm.reserve((pad - 4096) as usize, &VmOptions::default())
+            .unwrap();
+    }
+}
+
+#[test]
+fn calls_that_run_dry_purge_the_lazily_freed_frames_first() {
+    // Bookkeeping: the pool has one free slot, and every call reserves two first, so
+    // it needs a new slab.
+    with_frames_waiting(
+        |vm| drop(leave_free_slots(vm, 1)),
+        |vm, _| vm.vmalloc(4096).map(drop),
+    );
+    with_frames_waiting(
+        |vm| drop(leave_free_slots(vm, 1)),
+        |vm, _| {
+            let a = vm.lock().inner().areas.first_from(0).unwrap().start;
+            vm.vrealloc(a.as_mut_ptr(), 8 * 4096).map(drop)
+        },
+    );
+    // Page tables: the pool has room, the mapping needs a new page table.
+    with_frames_waiting(
+        |vm| {
+            drop(leave_free_slots(vm, 5));
+            pad_to_a_new_page_table(vm);
+        },
+        |vm, held| {
+            // SAFETY: frames the test holds, never freed while mapped.
+            let mapped = unsafe { vm.vmap(&held[..4], Prot::KERNEL_RW) }?;
+            vm.vunmap(mapped.as_ptr(), |_| ())
+        },
+    );
+    with_frames_waiting(
+        |vm| {
+            drop(leave_free_slots(vm, 5));
+            pad_to_a_new_page_table(vm);
+        },
+        |vm, _| {
+            let window = vm.reserve(1 << 20, &VmOptions::default())?;
+            vm.populate(window.as_ptr(), 30 * 4096).map(drop)
+        },
+    );
+    // Data frames.
+    with_frames_waiting(|_| (), |vm, _| vm.vmalloc(30 * 4096).map(drop));
 }
 
 #[test]
