@@ -31,11 +31,15 @@ const REQUIRED_CHECKS: &[&str] = &[
     "frame_allocator",
     "vmalloc_large",
     "vzalloc_zeroed",
+    "no_frame_reused_before_purge",
     "use_after_free_faults",
     "guard_page_faults",
+    "readonly_write_faults",
     "nx_faults",
+    "second_address_space",
     "ioremap_apic",
     "heap_global_alloc",
+    "info_listing_under_global_heap",
     "stress",
 ];
 

@@ -4,7 +4,7 @@
 //! |------------------------------------------------|---------------------------------------|
 //! | `0 .. 1 GiB`                                   | identity map (boot stub), 2 MiB pages |
 //! | `PHYS_OFFSET ..` + max(RAM end, 4 GiB)         | all physical memory, 2 MiB pages, NX  |
-//! | [`VMALLOC_START`] .. [`VMALLOC_END`]           | empty: PML4 entries left zero         |
+//! | [`VMALLOC_START`] .. [`VMALLOC_END`]           | the vmalloc manager's                 |
 //! | [`SCRATCH_BASE`] .. + 2 MiB                    | 512 4 KiB slots checks map by hand    |
 //!
 //! The physical map makes [`vmalloc::OffsetPhysMemory`] valid at [`PHYS_OFFSET`]. It
@@ -12,11 +12,12 @@
 //! reachable; 2 MiB pages above the end of RAM are mapped uncached. Its page tables
 //! are statics in the kernel image, enough for [`PHYSMAP_MAX_GIB`] GiB.
 //!
-//! The vmalloc region's PML4 entries are left empty: the library allocates the
-//! page tables below them from the frame allocator when it first maps there.
+//! The vmalloc region's PML4 entries are left empty: the manager gives each one a
+//! table as it is set up, and the tables below them as areas need them.
 
 use crate::cell::{PageAligned, StaticCell};
 use core::ops::Range;
+use vmalloc::{OffsetPhysMemory, PhysMemory};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr, instructions::tlb};
@@ -178,4 +179,51 @@ impl ScratchWindow {
 pub fn test_frames() -> [PhysFrame; TEST_FRAME_COUNT] {
     let first = phys_of(TEST_FRAMES.get());
     core::array::from_fn(|index| PhysFrame::containing_address(first + index as u64 * 4096))
+}
+
+/// A present leaf entry found by [`leaf_entry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// The physical address the entry maps (in a large page's entry, bit 12 is its
+    /// PAT bit and is not masked out).
+    pub addr: PhysAddr,
+    /// The entry's flags. In a 4 KiB entry bit 7 is PAT, which `PageTableFlags` calls
+    /// `HUGE_PAGE`.
+    pub flags: PageTableFlags,
+    /// 1 for a 4 KiB page, 2 for 2 MiB, 3 for 1 GiB.
+    pub level: u8,
+}
+
+/// The leaf entry that maps `addr` in the tables under `pml4`, as the MMU walks them
+/// (read through the physical map, with no reference into tables others may edit),
+/// or `None` where a walk would fault not-present.
+pub fn leaf_entry(phys: &OffsetPhysMemory, pml4: PhysFrame, addr: VirtAddr) -> Option<Leaf> {
+    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+    let indices = [
+        addr.p4_index(),
+        addr.p3_index(),
+        addr.p2_index(),
+        addr.p1_index(),
+    ];
+    let mut table = pml4.start_address();
+    for (depth, index) in indices.into_iter().enumerate() {
+        let entries = phys.phys_to_virt(table).cast::<u64>();
+        // SAFETY: `table` is a page table (the PML4 or one an entry above points to),
+        // RAM the physical map reaches; `index` < 512 keeps the read inside it.
+        let entry = unsafe { entries.add(usize::from(index)).read_volatile() };
+        let flags = PageTableFlags::from_bits_truncate(entry);
+        if !flags.contains(PageTableFlags::PRESENT) {
+            return None;
+        }
+        let level = 4 - depth as u8;
+        if level == 1 || (level < 4 && flags.contains(PageTableFlags::HUGE_PAGE)) {
+            return Some(Leaf {
+                addr: PhysAddr::new(entry & ADDR_MASK),
+                flags,
+                level,
+            });
+        }
+        table = PhysAddr::new(entry & ADDR_MASK);
+    }
+    None
 }

@@ -1,6 +1,6 @@
-//! What the precompiled `core` and the optimiser expect from the environment: the C
-//! memory and string functions, an unwinding personality (never called: `panic = "abort"`) and a panic
-//! handler.
+//! What the precompiled `core` and `alloc` and the optimiser expect from the
+//! environment: the C memory and string functions, an unwinding personality and
+//! `_Unwind_Resume` (never called: `panic = "abort"`) and a panic handler.
 //!
 //! The copy and fill functions use `rep movsb` / `rep stosb` in assembly, so the
 //! optimiser cannot turn them back into calls to themselves.
@@ -99,6 +99,14 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
 /// Referenced by the precompiled `core`; never called because panics abort.
 #[unsafe(no_mangle)]
 pub extern "C" fn rust_eh_personality() {}
+
+/// Referenced by the landing pads of the precompiled `alloc` (`alloc::format!`);
+/// never reached because panics abort, so an unwind that gets here is a bug.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    crate::println!("\nfatal: _Unwind_Resume called, but panics abort");
+    crate::serial::exit(false)
+}
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

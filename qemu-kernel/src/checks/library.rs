@@ -1,18 +1,22 @@
 //! Checks of the library on the real MMU: the frame allocator, vmalloc, the
-//! fault-visible effects of freeing, ioremap, the global heap and a random stress run.
+//! fault-visible effects of freeing, protections, a second address space, ioremap,
+//! the global heap and a random stress run.
 
 use super::infra::{APIC_VERSION_REGISTER, local_apic};
 use super::{Ctx, ensure};
 use crate::fault::{probe_exec, probe_read, probe_write};
 use crate::mm;
+use crate::paging::{Leaf, leaf_entry};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
-use vmalloc::PhysMemory;
 use vmalloc::frame::RegionKind;
-use vmalloc::vmalloc::{CacheMode, Prot};
+use vmalloc::vmalloc::{CacheMode, Prot, VmOptions};
+use vmalloc::{Error, PhysMemory};
+use x86_64::instructions::tlb;
+use x86_64::registers::control::Cr3;
 use x86_64::structures::idt::PageFaultErrorCode;
-use x86_64::structures::paging::PhysFrame;
+use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
 
 const PAGE: usize = 4096;
@@ -203,21 +207,84 @@ fn is_not_present_fault_at(result: Result<u64, crate::fault::Fault>, at: VirtAdd
     })
 }
 
-/// After `vfree` the entries are detached at once (an untouched page faults, not
-/// present); after `purge` the first page, whose translation was cached, faults too.
-pub fn use_after_free_faults(_ctx: &mut Ctx) -> Outcome {
+/// Pages of [`use_after_free_faults`]' area whose translations it caches: few
+/// enough that the purge flushes them page by page, as a driver's small buffer is.
+const TOUCHED_PAGES: usize = 8;
+
+/// The last-level page table (2 MiB slot) that maps `addr`.
+fn page_table_of(addr: u64) -> u64 {
+    addr >> 21
+}
+
+/// A one-page neighbour, then a `pages`-page area in the same last-level page table,
+/// so freeing the area leaves that table in use and its purge frees no table (whose
+/// flush would cover the area and hide a missing one). Pairs that straddle a 2 MiB
+/// boundary stay allocated in `held`, so the next try lands elsewhere; the caller
+/// frees `held` after its purge.
+fn area_beside_neighbour(
+    pages: usize,
+    held: &mut Vec<*mut u8>,
+) -> Result<(*mut u8, *mut u8), &'static str> {
     let vm = mm::vmalloc();
-    let ptr = vm.vmalloc(4 * PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
-    let first = addr(ptr);
-    let untouched = first + 2 * PAGE as u64;
-    // SAFETY: the area's first page is mapped and writable.
-    unsafe { ptr.cast::<u64>().write_volatile(7) };
+    for _ in 0..8 {
+        let neighbour = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+        held.push(neighbour);
+        let area = vm.vmalloc(pages * PAGE).map_err(|_| "vmalloc failed")?;
+        let (first, last) = (area.addr().get(), area.addr().get() + pages * PAGE - 1);
+        let table = page_table_of(neighbour as u64);
+        if page_table_of(first as u64) == table && page_table_of(last as u64) == table {
+            return Ok((neighbour, area.as_ptr()));
+        }
+        held.push(area.as_ptr());
+    }
+    Err("no area landed in its neighbour's page table")
+}
+
+fn vfree_all(ptrs: &[*mut u8]) -> Outcome {
+    let vm = mm::vmalloc();
+    let freed = ptrs.iter().all(|&ptr| vm.vfree(ptr).is_ok());
+    vm.purge();
+    ensure(freed, "vfree failed")
+}
+
+/// After `vfree` the entries are detached at once (an untouched page faults, not
+/// present); after `purge` every page whose translation was cached faults too. A
+/// live neighbour keeps the page table, so only the purge's own flush of the area
+/// can drop those translations.
+pub fn use_after_free_faults(_ctx: &mut Ctx) -> Outcome {
+    // Nothing else on the purge list: its flush is the area's alone.
+    mm::vmalloc().purge();
+    // Made now: growing it later could map heap pages between the touch and the probe.
+    let mut held = Vec::with_capacity(16);
+    let outcome = area_beside_neighbour(TOUCHED_PAGES + 1, &mut held)
+        .and_then(|(_, area)| faults_after_free(area));
+    // Freed only now: their purge may free page tables, and that flush covers the area.
+    let freed = vfree_all(&held);
+    outcome.and(freed)
+}
+
+/// The body of [`use_after_free_faults`]: touches the first [`TOUCHED_PAGES`] pages
+/// of the area at `ptr` (one more page, untouched, follows), frees and purges it.
+fn faults_after_free(ptr: *mut u8) -> Outcome {
+    let vm = mm::vmalloc();
+    let page = |index: usize| addr(ptr) + (index * PAGE) as u64;
+    let mut cached = true;
+    for index in 0..TOUCHED_PAGES {
+        let word = page(index).as_mut_ptr::<u64>();
+        // SAFETY: a page of the live area, mapped writable.
+        cached &= unsafe {
+            word.write_volatile(index as u64);
+            word.read_volatile() == index as u64
+        };
+    }
     vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    ensure(cached, "the area did not read back what was written")?;
     ensure(
-        vm.stats().pending_purge_pages >= 4,
+        vm.stats().pending_purge_pages == (TOUCHED_PAGES + 1) as u64,
         "vfree did not defer to the purge list",
     )?;
     // Only a stale TLB entry could still reach the area; the untouched page has none.
+    let untouched = page(TOUCHED_PAGES);
     // SAFETY: vmalloc region; a fault is recovered.
     let before_purge = unsafe { probe_read(untouched) };
     ensure(
@@ -225,21 +292,50 @@ pub fn use_after_free_faults(_ctx: &mut Ctx) -> Outcome {
         "detached page still readable before purge",
     )?;
     vm.purge();
-    // SAFETY: as above.
-    let after_purge = unsafe { probe_read(first) };
     ensure(
-        is_not_present_fault_at(after_purge, first),
-        "freed page readable after purge",
+        (0..TOUCHED_PAGES).all(|index| {
+            // SAFETY: as above.
+            let read = unsafe { probe_read(page(index)) };
+            is_not_present_fault_at(read, page(index))
+        }),
+        "a freed page whose translation was cached is readable after purge (not flushed)",
     )
 }
 
-/// The page after an area is an unmapped guard: reading or writing it faults there.
-pub fn guard_page_faults(_ctx: &mut Ctx) -> Outcome {
+/// A two-page area and a one-page neighbour allocated right after it: one guard page
+/// past the area's end, or (guard missing) right at it, which the probes must catch.
+/// Pairs placed apart stay allocated in `held` for the caller to free.
+fn area_then_neighbour(held: &mut Vec<*mut u8>) -> Result<(*mut u8, *mut u8), &'static str> {
     let vm = mm::vmalloc();
-    let ptr = vm.vmalloc(2 * PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
-    let last_word = addr(ptr) + (2 * PAGE - 8) as u64;
-    let guard = addr(ptr) + (2 * PAGE) as u64;
-    // SAFETY: the last word of the area, then its guard page; faults are recovered.
+    for _ in 0..8 {
+        let area = vm.vmalloc(2 * PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+        held.push(area);
+        let neighbour = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+        held.push(neighbour);
+        let end = addr(area) + (2 * PAGE) as u64;
+        if [end, end + PAGE as u64].contains(&addr(neighbour)) {
+            return Ok((area, neighbour));
+        }
+    }
+    Err("no neighbour landed right after the area")
+}
+
+/// The page after an area is an unmapped guard, even with another area allocated
+/// right after it: reading or writing the guard faults there.
+pub fn guard_page_faults(_ctx: &mut Ctx) -> Outcome {
+    let mut held = Vec::with_capacity(16);
+    let outcome =
+        area_then_neighbour(&mut held).and_then(|(area, neighbour)| guard_between(area, neighbour));
+    let freed = vfree_all(&held);
+    outcome.and(freed)
+}
+
+/// The body of [`guard_page_faults`].
+fn guard_between(area: *mut u8, neighbour: *mut u8) -> Outcome {
+    let last_word = addr(area) + (2 * PAGE - 8) as u64;
+    let guard = addr(area) + (2 * PAGE) as u64;
+    // SAFETY: the last word of the area, then its guard page (or, were the guard
+    // missing, the first word of the neighbour, which is ours); faults are recovered.
     let (inside, read, write) = unsafe {
         (
             probe_write(last_word, 1),
@@ -247,7 +343,6 @@ pub fn guard_page_faults(_ctx: &mut Ctx) -> Outcome {
             probe_write(guard, 1),
         )
     };
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
     ensure(inside.is_ok(), "the area's last word is not writable")?;
     ensure(
         is_not_present_fault_at(read, guard),
@@ -258,6 +353,170 @@ pub fn guard_page_faults(_ctx: &mut Ctx) -> Outcome {
             fault.addr == guard && fault.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE)
         }),
         "writing the guard page did not fault there",
+    )?;
+    ensure(
+        addr(neighbour) == guard + PAGE as u64,
+        "the neighbour does not start one guard page after the area",
+    )
+}
+
+/// A read-only area reads, and a write to it faults with P = 1, W = 1 there.
+pub fn readonly_write_faults(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let options = VmOptions {
+        prot: Prot::READ,
+        ..VmOptions::default()
+    };
+    let ptr = vm
+        .vmalloc_with(PAGE, &options)
+        .map_err(|_| "vmalloc_with(Prot::READ) failed")?
+        .as_ptr();
+    let at = addr(ptr) + 8u64;
+    // SAFETY: a live area of ours; a fault is recovered.
+    let (read, write) = unsafe { (probe_read(at), probe_write(at, 1)) };
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    vm.purge();
+    ensure(read.is_ok(), "reading a read-only area faulted")?;
+    let write = write.err().ok_or("writing a read-only area succeeded")?;
+    ensure(
+        write.addr == at
+            && write.code.contains(
+                PageFaultErrorCode::PROTECTION_VIOLATION | PageFaultErrorCode::CAUSED_BY_WRITE,
+            ),
+        "writing a read-only area did not fault with P=1, W=1 there",
+    )
+}
+
+/// Frames of a lazily freed area stay allocated until the purge has flushed their
+/// stale translations, and are free right after it.
+pub fn no_frame_reused_before_purge(_ctx: &mut Ctx) -> Outcome {
+    const PAGES: usize = 16;
+    let vm = mm::vmalloc();
+    // From an empty list this `vfree` stays below the lazy threshold: no purge of its own.
+    vm.purge();
+    let ptr = vm.vmalloc(PAGES * PAGE).map_err(|_| "vmalloc failed")?;
+    let mut frames = [PhysFrame::containing_address(PhysAddr::zero()); PAGES];
+    let mut found = true;
+    for (page, frame) in frames.iter_mut().enumerate() {
+        match vm.vmalloc_to_frame(addr(ptr.as_ptr()) + (page * PAGE) as u64) {
+            Ok(mapped) => *frame = mapped,
+            Err(_) => found = false,
+        }
+    }
+    vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
+    let is_free = |frame: &PhysFrame| mm::frames().is_free(*frame);
+    let none_before = frames.iter().all(|frame| is_free(frame) == Ok(false));
+    vm.purge();
+    let all_after = frames.iter().all(|frame| is_free(frame) == Ok(true));
+    ensure(found, "vmalloc_to_frame failed inside the area")?;
+    ensure(
+        none_before,
+        "a frame of a freed area went back before the purge flushed it",
+    )?;
+    ensure(all_after, "the purge did not give the area's frames back")
+}
+
+/// Bytes one PML4 entry maps.
+const TOP_LEVEL_SPAN: u64 = 1 << 39;
+
+/// Runs `body` with CR3 on `pml4`, then loads the live PML4 again, whatever `body`
+/// found (it reports failure by its result, never by leaving early).
+fn in_address_space<R>(pml4: PhysFrame, body: impl FnOnce() -> R) -> R {
+    let (live, flags) = Cr3::read();
+    // SAFETY: `pml4` holds every entry of the live PML4 (the caller copied them), so
+    // the kernel's code, stacks, IDT and physical map stay where they are.
+    unsafe { Cr3::write(pml4, flags) };
+    let result = body();
+    // SAFETY: the PML4 that was live before.
+    unsafe { Cr3::write(live, flags) };
+    result
+}
+
+/// Reads `addr` through a fresh page walk: vmalloc pages are global, so a CR3 switch
+/// keeps their translations, and only `invlpg` makes the read prove the tables the
+/// current PML4 reaches.
+///
+/// # Safety
+///
+/// As [`probe_read`].
+unsafe fn read_walked(addr: VirtAddr) -> Result<u64, crate::fault::Fault> {
+    tlb::flush(addr);
+    // SAFETY: forwarded.
+    unsafe { probe_read(addr) }
+}
+
+/// A process's address space, made by copying the kernel's PML4, sees areas made
+/// after the copy, and stops seeing them once they are freed and purged: the region's
+/// top-level entries are fixed when the manager is set up.
+pub fn second_address_space(ctx: &mut Ctx) -> Outcome {
+    let copy = mm::frames().alloc().ok_or("no frame for a second PML4")?;
+    let live = ctx.phys.phys_to_virt(ctx.pml4.start_address());
+    // SAFETY: two whole frames of RAM through the physical map: the fresh one is
+    // ours, the live PML4 is only read. All 512 entries: the kernel runs identity
+    // mapped in the low half, the vmalloc region is in the high half.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            live.cast::<PageTable>(),
+            ctx.phys
+                .phys_to_virt(copy.start_address())
+                .cast::<PageTable>(),
+            1,
+        )
+    };
+    let outcome = area_made_after_copy(copy);
+    let freed = mm::frames().free(copy);
+    outcome?;
+    ensure(freed.is_ok(), "freeing the second PML4 failed")
+}
+
+/// The body of [`second_address_space`], with the copied PML4 `copy`.
+fn area_made_after_copy(copy: PhysFrame) -> Outcome {
+    const PAGES: usize = 2;
+    let value = |page: usize| pattern(page) ^ 0xc0fe;
+    let vm = mm::vmalloc();
+    // Alone in its 512 GiB top-level slot: only a table that was there before the
+    // copy can show it in the copy.
+    let options = VmOptions {
+        align: TOP_LEVEL_SPAN,
+        ..VmOptions::default()
+    };
+    let ptr = vm
+        .vmalloc_with(PAGES * PAGE, &options)
+        .map_err(|_| "vmalloc failed")?
+        .as_ptr();
+    let start = addr(ptr);
+    let slot = start.as_u64()..start.as_u64() + TOP_LEVEL_SPAN;
+    let alone = vm
+        .areas()
+        .filter(|area| {
+            area.start.as_u64() < slot.end && slot.start < area.start.as_u64() + area.span
+        })
+        .count()
+        == 1;
+    let page = |index: usize| start + (index * PAGE) as u64;
+    for index in 0..PAGES {
+        // SAFETY: a page of the live area, mapped writable in the live address space.
+        unsafe { page(index).as_mut_ptr::<u64>().write_volatile(value(index)) };
+    }
+    let seen = in_address_space(copy, || {
+        // SAFETY: the area's pages; a fault is recovered.
+        (0..PAGES).all(|index| unsafe { read_walked(page(index)) } == Ok(value(index)))
+    });
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    vm.purge();
+    // SAFETY: the freed area's first page; a fault is recovered.
+    let after = in_address_space(copy, || unsafe { read_walked(start) });
+    ensure(
+        alone,
+        "another area shares the top-level slot of the test area",
+    )?;
+    ensure(
+        seen,
+        "an area made after the PML4 was copied does not read back in the copy",
+    )?;
+    ensure(
+        is_not_present_fault_at(after, start),
+        "a freed and purged area is still readable in the copy",
     )
 }
 
@@ -277,7 +536,9 @@ pub fn nx_faults(_ctx: &mut Ctx) -> Outcome {
     )
 }
 
-/// `ioremap` of the local APIC reads the same version register as the physical map.
+/// `ioremap` of the local APIC reads the same version register as the physical map,
+/// through a 4 KiB entry the CPU treats as strong uncacheable (PCD, PWT, PAT = 0:
+/// PAT entry 3, UC); `ioremap` of RAM the frame allocator manages is refused.
 pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
     let (base, _) = local_apic();
     ensure(
@@ -288,6 +549,7 @@ pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
     // SAFETY: the local APIC's MMIO page; the check only reads a read-only register.
     let mmio =
         unsafe { vm.ioremap(base, PAGE, CacheMode::Uncached) }.map_err(|_| "ioremap failed")?;
+    let leaf = leaf_entry(&ctx.phys, ctx.pml4, addr(mmio.as_ptr()));
     // SAFETY: the APIC page, just mapped uncached; the version register is read-only.
     let remapped = unsafe {
         mmio.as_ptr()
@@ -302,14 +564,48 @@ pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
     // SAFETY: the physical map covers the APIC (checked above); the register is read-only.
     let direct = unsafe { direct.read_volatile() };
     vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
+    vm.purge();
     ensure(
         remapped == direct,
         "APIC version through ioremap differs from the physical map",
+    )?;
+    ensure(
+        leaf.is_some_and(|leaf| leaf.level == 1 && leaf.addr == base),
+        "the ioremap leaf entry is not a 4 KiB entry for the APIC page",
+    )?;
+    let uncached = PageTableFlags::NO_CACHE | PageTableFlags::WRITE_THROUGH;
+    ensure(
+        leaf.is_some_and(|Leaf { flags, .. }| {
+            // In a 4 KiB entry `HUGE_PAGE` is the PAT bit.
+            flags.contains(uncached) && !flags.contains(PageTableFlags::HUGE_PAGE)
+        }),
+        "the ioremap leaf entry lacks PCD and PWT (or sets PAT): not uncached",
+    )?;
+    ioremap_refuses_ram()
+}
+
+/// `ioremap` of a frame the allocator manages fails with `ManagedRam`: an uncached
+/// alias of RAM someone else owns would break the cached view of it.
+fn ioremap_refuses_ram() -> Outcome {
+    let vm = mm::vmalloc();
+    let ram = mm::frames().alloc().ok_or("no frame to ioremap")?;
+    // SAFETY: this should be refused; if it is not, nothing touches the mapping, and
+    // it is gone (unmapped and flushed) before the frame goes back.
+    let result = unsafe { vm.ioremap(ram.start_address(), PAGE, CacheMode::Uncached) };
+    if let Ok(mmio) = result {
+        vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
+        vm.purge();
+    }
+    free_all(&[ram])?;
+    ensure(
+        matches!(result, Err(Error::ManagedRam)),
+        "ioremap of managed RAM was not refused with ManagedRam",
     )
 }
 
 /// The `#[global_allocator]` is the library's heap: collections work, and a
-/// multi-MiB `Vec` lives in its own vmalloc area and grows through `vrealloc`.
+/// multi-MiB `Vec` lives in its own vmalloc area, grows through `vrealloc`, and gives
+/// every frame back when dropped and purged.
 pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
     let numbers: Vec<u32> = (0..1000).collect();
     let mut map = BTreeMap::new();
@@ -334,6 +630,12 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
         "small Vec not in the heap window",
     )?;
 
+    let vm = mm::vmalloc();
+    // Nothing pending: the purge below returns the Vec's frames alone.
+    vm.purge();
+    let free_before = mm::frames().stats().free;
+    let held_before = held_by_manager();
+    let mapped_before = mm::HEAP.stats().mapped;
     let large_before = mm::HEAP.stats().large_blocks;
     let mut large: Vec<u64> = (0..(4 * MIB / 8) as u64).collect();
     ensure(
@@ -341,10 +643,10 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
         "4 MiB Vec did not go to vmalloc",
     )?;
     ensure(
-        mm::vmalloc().is_vmalloc_addr(VirtAddr::from_ptr(large.as_ptr())),
+        vm.is_vmalloc_addr(VirtAddr::from_ptr(large.as_ptr())),
         "4 MiB Vec outside vmalloc",
     )?;
-    let frame_of = |v: &Vec<u64>| mm::vmalloc().vmalloc_to_frame(VirtAddr::from_ptr(v.as_ptr()));
+    let frame_of = |v: &Vec<u64>| vm.vmalloc_to_frame(VirtAddr::from_ptr(v.as_ptr()));
     let first_frame = frame_of(&large);
     large.reserve_exact(4 * MIB / 8);
     // `vrealloc` remaps the old frames; allocate-copy-free would have new ones.
@@ -356,6 +658,12 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
         "growing made another block",
     )?;
     drop(large);
+    vm.purge();
+    // Every frame is back but those the manager's tables and bookkeeping, or the
+    // small heap's window, grew by (either may also shrink: signed arithmetic).
+    let grown = held_by_manager() as i64 - held_before as i64
+        + (mm::HEAP.stats().mapped as i64 - mapped_before as i64) / PAGE as i64;
+    let leaked = free_before as i64 - grown - mm::frames().stats().free as i64;
     ensure(intact, "Vec content changed when it grew to 8 MiB")?;
     ensure(
         remapped,
@@ -364,6 +672,51 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
     ensure(
         mm::HEAP.stats().large_blocks == large_before,
         "dropped Vec still counted",
+    )?;
+    ensure(
+        leaked == 0,
+        "frames of the dropped 8 MiB Vec did not come back after purge",
+    )
+}
+
+/// Small areas [`info_listing_under_global_heap`] lists.
+const LISTED_AREAS: usize = 1000;
+
+/// A `/proc/vmallocinfo` listing formatted into a `String` on the global heap: the
+/// `String` grows through the heap, which grows through the manager, so a listing
+/// that held the manager's lock while writing would deadlock here.
+pub fn info_listing_under_global_heap(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let mut areas = Vec::with_capacity(LISTED_AREAS);
+    let mut made = true;
+    for _ in 0..LISTED_AREAS {
+        match vm.vmalloc(PAGE) {
+            Ok(ptr) => areas.push(ptr.as_ptr()),
+            Err(_) => made = false,
+        }
+    }
+    let listing = if made {
+        alloc::format!("{}", vm.info())
+    } else {
+        String::new()
+    };
+    let lines = listing
+        .lines()
+        .filter(|line| line.contains("vmalloc"))
+        .count();
+    // Past the heap's large threshold, the `String` grew through `vrealloc`.
+    let grew_through_vmalloc = !mm::HEAP.owns_small(listing.as_ptr());
+    drop(listing);
+    let freed = vfree_all(&areas);
+    ensure(made, "vmalloc of a small area failed")?;
+    freed?;
+    ensure(
+        lines >= LISTED_AREAS,
+        "the listing lacks a vmalloc line per area",
+    )?;
+    ensure(
+        grew_through_vmalloc,
+        "the listing never grew past the small heap (no vmalloc call while listing)",
     )
 }
 

@@ -53,11 +53,21 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("frame_allocator", library::frame_allocator),
     ("vmalloc_large", library::vmalloc_large),
     ("vzalloc_zeroed", library::vzalloc_zeroed),
+    (
+        "no_frame_reused_before_purge",
+        library::no_frame_reused_before_purge,
+    ),
     ("use_after_free_faults", library::use_after_free_faults),
     ("guard_page_faults", library::guard_page_faults),
+    ("readonly_write_faults", library::readonly_write_faults),
     ("nx_faults", library::nx_faults),
+    ("second_address_space", library::second_address_space),
     ("ioremap_apic", library::ioremap_apic),
     ("heap_global_alloc", library::heap_global_alloc),
+    (
+        "info_listing_under_global_heap",
+        library::info_listing_under_global_heap,
+    ),
     ("stress", library::stress),
 ];
 
