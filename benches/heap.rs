@@ -12,8 +12,8 @@ use linked_list_allocator::LockedHeap;
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 
 /// Bytes of heap for both contenders.
 const REGION: usize = 64 << 20;

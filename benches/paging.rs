@@ -9,19 +9,13 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
+use vmalloc::frame::MapperFrames;
 use vmalloc::paging::PageTables;
-// `test_pool` takes these from here.
-use vmalloc::{Error, FrameSource, OffsetPhysMemory};
+use vmalloc::{FrameSource, OffsetPhysMemory};
+use vmalloc_sim::{SimConfig, SimMachine};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::page::PageRange;
-use x86_64::structures::paging::{
-    FrameAllocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB,
-};
-
-#[path = "../src/paging/test_pool.rs"]
-mod test_pool;
-
-use test_pool::{HostMemory, Pool};
+use x86_64::structures::paging::{Mapper, Page, PageTableFlags, PhysFrame};
 
 /// The vmalloc region's start: a 512 GiB-aligned kernel address.
 const START: u64 = 0xffff_c900_0000_0000;
@@ -31,16 +25,6 @@ const FLAGS: PageTableFlags = PageTableFlags::PRESENT
     .union(PageTableFlags::NO_EXECUTE)
     .union(PageTableFlags::GLOBAL);
 
-/// The `x86_64` crate's frame allocator interface over the same pool.
-struct Adapter<'p>(&'p Pool);
-
-// SAFETY: the pool hands out each frame once, until it is freed.
-unsafe impl FrameAllocator<Size4KiB> for Adapter<'_> {
-    fn allocate_frame(&mut self) -> Option<PhysFrame> {
-        self.0.alloc_frame()
-    }
-}
-
 fn range(count: u64) -> PageRange {
     let start = Page::containing_address(VirtAddr::new(START));
     Page::range(start, start + count)
@@ -48,12 +32,13 @@ fn range(count: u64) -> PageRange {
 
 fn map_unmap(c: &mut Criterion) {
     let max = *SIZES.last().unwrap() as usize;
-    let mem = HostMemory::new(max + 1024);
-    let pool = Pool::new(mem.frames(), 0x5eed);
-    let root = pool.alloc_frame().unwrap();
-    let frames = pool.take(max);
-    // SAFETY: `root` is a zeroed frame of `mem`, reachable through `mem.phys()`.
-    let mut tables = unsafe { PageTables::new(root, mem.phys()) };
+    let machine = SimMachine::new(SimConfig::new(512 << 20).with_scatter_seed(0x5eed));
+    let pool = machine.frames();
+    let frames: Vec<PhysFrame> = (0..max).map(|_| pool.alloc_frame().unwrap()).collect();
+    // SAFETY: the machine's memory stays at this offset while `machine` lives.
+    let phys = unsafe { OffsetPhysMemory::new(machine.phys_offset()) };
+    // SAFETY: the machine's root is a zeroed PML4 that nothing else uses.
+    let mut tables = unsafe { PageTables::new(machine.root(), phys) };
 
     let mut group = c.benchmark_group("map_unmap");
     for size in SIZES {
@@ -61,7 +46,7 @@ fn map_unmap(c: &mut Criterion) {
         group.throughput(Throughput::Elements(size));
         group.bench_with_input(BenchmarkId::new("cursor", size), &size, |b, &size| {
             b.iter(|| {
-                // SAFETY: the pool's frames, in host-memory tables no CPU walks.
+                // SAFETY: the pool's frames, in simulated tables no CPU walks.
                 unsafe { tables.map(range(size), frames.iter().copied(), FLAGS, &pool) }.unwrap();
                 let mut checksum = 0;
                 // SAFETY: as above; no TLB caches these tables.
@@ -80,8 +65,8 @@ fn map_unmap(c: &mut Criterion) {
             &size,
             |b, &size| {
                 // SAFETY: the cursor above is not used while this walker lives.
-                let mut mapper = unsafe { mem.offset_page_table(root) };
-                let mut allocator = Adapter(&pool);
+                let mut mapper = unsafe { machine.offset_page_table() };
+                let mut allocator = MapperFrames(&pool);
                 b.iter(|| {
                     for (page, frame) in range(size).zip(frames) {
                         // SAFETY: the page is unmapped and the frame is not a page table.

@@ -5,30 +5,16 @@
 //!
 //! `cargo bench --bench vmalloc`; TLB flush counts: `cargo run --release --example flush_counts`.
 
-#[path = "common/test_vmalloc.rs"]
-mod test_vmalloc;
-
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use test_vmalloc::*;
-use vmalloc::sim::{Rng, SimFrames, SimMachine};
+use vmalloc::frame::MapperFrames;
 use vmalloc::{FrameSource, PAGE_SIZE};
+use vmalloc_sim::scenarios::*;
+use vmalloc_sim::{Rng, SimFrames, SimMachine};
 use x86_64::VirtAddr;
-use x86_64::structures::paging::{
-    FrameAllocator, Mapper, OffsetPageTable, Page, PageTableFlags, PhysFrame, Size4KiB,
-};
+use x86_64::structures::paging::{Mapper, OffsetPageTable, Page, PageTableFlags, Size4KiB};
 
 /// Where the peer maps: Linux's vmalloc start, as the manager uses by default.
 const PEER_START: u64 = 0xffff_c900_0000_0000;
-
-/// The `x86_64` crate's frame allocator interface over the same frames.
-struct Adapter<'f>(&'f SimFrames);
-
-// SAFETY: `SimFrames` hands out each frame once, until it is freed.
-unsafe impl FrameAllocator<Size4KiB> for Adapter<'_> {
-    fn allocate_frame(&mut self) -> Option<PhysFrame> {
-        self.0.alloc_frame()
-    }
-}
 
 /// A blog_os-style vmalloc: a bump pointer for addresses (rewound when the last area
 /// is freed, which the benchmark always does, so the peer never pays for a search),
@@ -65,7 +51,7 @@ impl<'m> PeerVmalloc<'m> {
             // SAFETY: the page is unused and the frame is fresh.
             unsafe {
                 self.mapper
-                    .map_to(page, frame, FLAGS, &mut Adapter(self.frames))
+                    .map_to(page, frame, FLAGS, &mut MapperFrames(self.frames))
             }
             .unwrap()
             .ignore();
@@ -124,7 +110,7 @@ fn vmalloc_vfree(c: &mut Criterion) {
             // SAFETY: the page is unused between iterations; the frame is ours.
             unsafe {
                 peer.mapper
-                    .map_to(page, frame, FLAGS, &mut Adapter(&peer_frames))
+                    .map_to(page, frame, FLAGS, &mut MapperFrames(&peer_frames))
             }
             .unwrap()
             .ignore();

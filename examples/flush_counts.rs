@@ -1,12 +1,9 @@
 //! TLB flushes of each kind per `lib/test_vmalloc.c` scenario, lazy against eager:
 //! `cargo run --release --example flush_counts`.
 
-#[path = "../benches/common/test_vmalloc.rs"]
-mod test_vmalloc;
-
-use test_vmalloc::*;
 use vmalloc::FrameSource;
-use vmalloc::sim::Rng;
+use vmalloc_sim::Rng;
+use vmalloc_sim::scenarios::*;
 
 const ROUNDS: usize = 1000;
 

@@ -4,8 +4,8 @@
 //! scattered frames behind it, writes through it, lists the areas, runs into the
 //! guard page, makes a few mistakes on purpose, and gives everything back.
 
-use vmalloc::sim::{Access, SimConfig, SimMachine};
 use vmalloc::vmalloc::{VmOptions, Vmalloc, VmallocConfig};
+use vmalloc_sim::{Access, SimConfig, SimMachine};
 use x86_64::VirtAddr;
 
 fn main() {

@@ -85,7 +85,7 @@ pub struct HeapStats {
 /// ```
 /// use core::alloc::{GlobalAlloc, Layout};
 /// use vmalloc::heap::{HeapConfig, KernelHeap};
-/// use vmalloc::sim::{SimConfig, SimMachine};
+/// use vmalloc_sim::{SimConfig, SimMachine};
 /// use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 ///
 /// let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));

@@ -29,7 +29,7 @@
 //! # Example
 //!
 //! ```
-//! use vmalloc::sim::{SimConfig, SimMachine};
+//! use vmalloc_sim::{SimConfig, SimMachine};
 //! use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 //! use x86_64::VirtAddr;
 //!
@@ -55,7 +55,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-#[cfg(feature = "std")]
+#[cfg(test)]
 extern crate std;
 
 mod error;
@@ -63,8 +63,6 @@ pub mod frame;
 pub mod heap;
 pub mod paging;
 pub mod phys;
-#[cfg(feature = "sim")]
-pub mod sim;
 pub mod tlb;
 pub mod vmalloc;
 

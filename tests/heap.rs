@@ -7,9 +7,9 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use vmalloc::frame::FaultInjector;
 use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
-use vmalloc::sim::{Rng, SimConfig, SimMachine, SimPhys};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE};
+use vmalloc_sim::{Rng, SimConfig, SimMachine, SimPhys};
 use x86_64::VirtAddr;
 
 type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;

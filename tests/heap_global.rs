@@ -10,8 +10,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::sim::{SimConfig, SimFrames, SimMachine};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
 
 static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
     window: 512 << 20,
@@ -77,7 +77,7 @@ unsafe impl GlobalAlloc for Routed {
 #[global_allocator]
 static GLOBAL: Routed = Routed;
 
-type Manager = Vmalloc<&'static SimFrames, vmalloc::sim::SimPhys<'static>, &'static SimMachine>;
+type Manager = Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, &'static SimMachine>;
 
 fn switch_to_the_kernel_heap() -> &'static Manager {
     let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(

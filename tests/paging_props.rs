@@ -5,18 +5,13 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use vmalloc::paging::PageTables;
-// `test_pool` takes these from here.
+use vmalloc::tlb::CountingFlush;
 use vmalloc::{Error, FrameSource, OffsetPhysMemory};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
-
-#[path = "../src/paging/test_pool.rs"]
-mod test_pool;
-
-use test_pool::{HostMemory, Pool};
-use vmalloc::tlb::CountingFlush;
 
 /// The test's tables are walked by no CPU: flushing is only counted.
 static NO_TLB: CountingFlush = CountingFlush::new();
@@ -72,25 +67,40 @@ fn range(start: u64, len: u64) -> PageRange {
 }
 
 struct World {
-    pool: Pool,
+    pool: SimFrames,
     tables: PageTables<OffsetPhysMemory>,
     model: BTreeMap<u64, Model>,
-    _mem: HostMemory,
+    start_free: u64,
+    // Declared last: dropped after the tables that point into it.
+    machine: SimMachine,
 }
 
 impl World {
     fn new(seed: u64) -> Self {
-        let mem = HostMemory::new(4096);
-        let pool = Pool::new(mem.frames(), seed);
-        let root = pool.alloc_frame().unwrap();
-        // SAFETY: `root` is a zeroed frame of `mem`, reachable through `mem.phys()`.
-        let tables = unsafe { PageTables::new(root, mem.phys()) };
+        let machine = SimMachine::new(SimConfig::new(16 << 20).with_scatter_seed(seed));
+        let pool = machine.frames();
+        // SAFETY: the machine's memory lives at this offset for as long as `machine`,
+        // which the world owns and drops last.
+        let phys = unsafe { OffsetPhysMemory::new(machine.phys_offset()) };
+        // SAFETY: the machine's root is a zeroed PML4 that nothing else uses.
+        let tables = unsafe { PageTables::new(machine.root(), phys) };
         Self {
+            start_free: pool.stats().free,
             pool,
             tables,
             model: BTreeMap::new(),
-            _mem: mem,
+            machine,
         }
+    }
+
+    /// `n` frames from the machine.
+    fn take(&self, n: usize) -> Vec<PhysFrame> {
+        (0..n).map(|_| self.pool.alloc_frame().unwrap()).collect()
+    }
+
+    /// Frames handed out and not given back.
+    fn out(&self) -> u64 {
+        self.start_free - self.pool.stats().free
     }
 
     /// What the model expects: the error of the first page of `[start, start + len)`
@@ -121,7 +131,7 @@ impl World {
             Op::Map(s, n, f) => {
                 let expected =
                     self.expect(s, n, |m| m.map_or(Ok(()), |_| Err(Error::AlreadyMapped)));
-                let frames = self.pool.take(n as usize);
+                let frames = self.take(n as usize);
                 let flags = FLAG_CHOICES[f];
                 // SAFETY: the test pool's frames, in tables no CPU walks.
                 let result = unsafe {
@@ -259,8 +269,8 @@ proptest! {
             world.apply(op)?;
         }
         // Tear down: every page detached, reclaimed, every table below the root freed:
-        // only the root and the PDPT under the window's root entry (root entries
-        // never change once made) are left out of the pool.
+        // only the PDPT under the window's root entry (root entries never change once
+        // made) is left out of the pool.
         let mapped: Vec<u64> = world
             .model
             .iter()
@@ -275,7 +285,9 @@ proptest! {
             world.apply(Op::Reclaim(i, 1))?;
         }
         world.apply(Op::FreeEmptyTables(0, WINDOW))?;
-        let root_entry = world._mem.table_copy(world.tables.root())[(WINDOW_START >> 39) as usize & 511];
-        prop_assert_eq!(world.pool.out(), 1 + usize::from(root_entry != 0));
+        let root = world.machine.frame_bytes(world.tables.root());
+        let slot = ((WINDOW_START >> 39) as usize & 511) * 8;
+        let root_entry = u64::from_le_bytes(root[slot..slot + 8].try_into().unwrap());
+        prop_assert_eq!(world.out(), u64::from(root_entry != 0));
     }
 }

@@ -2,40 +2,13 @@
 //! mapper writing the page tables, as a kernel built on that crate would.
 
 use vmalloc::TlbFlush;
-use vmalloc::frame::RegionKind;
-use vmalloc::sim::{Access, Fault, SimConfig, SimMachine};
+use vmalloc::frame::MapperFrames;
+use vmalloc_sim::{Access, Fault, SimConfig, SimMachine};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::{
-    FrameAllocator, Mapper, OffsetPageTable, Page, PageTableFlags, PhysFrame, Size2MiB, Size4KiB,
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTableFlags, PhysFrame, Size2MiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
-
-/// Usable 4 KiB frames of the machine's memory map, above 1 MiB, in address order.
-struct MapFrames(std::vec::IntoIter<PhysFrame>);
-
-impl MapFrames {
-    fn new(machine: &SimMachine) -> Self {
-        let frames: Vec<PhysFrame> = machine
-            .memory_map()
-            .iter()
-            .filter(|r| r.kind == RegionKind::Usable && r.range.start.as_u64() >= 1 << 20)
-            .flat_map(|r| {
-                let start = r.range.start.align_up(4096u64).as_u64();
-                let end = r.range.end.align_down(4096u64).as_u64();
-                (start..end).step_by(4096)
-            })
-            .map(|a| PhysFrame::containing_address(PhysAddr::new(a)))
-            .collect();
-        Self(frames.into_iter())
-    }
-}
-
-// SAFETY: every frame comes from a usable region and is handed out once.
-unsafe impl FrameAllocator<Size4KiB> for MapFrames {
-    fn allocate_frame(&mut self) -> Option<PhysFrame> {
-        self.0.next()
-    }
-}
 
 /// The `x86_64` crate's mapper over the machine's tables.
 fn mapper(machine: &SimMachine) -> OffsetPageTable<'_> {
@@ -50,7 +23,7 @@ const KERNEL_DATA: PageTableFlags = PageTableFlags::PRESENT
 #[test]
 fn pages_mapped_by_the_x86_64_mapper_are_reachable() {
     let machine = SimMachine::new(SimConfig::default());
-    let mut frames = MapFrames::new(&machine);
+    let mut frames = MapperFrames(machine.frames());
     let mut tables = mapper(&machine);
     let page: Page = Page::containing_address(VirtAddr::new(0xffff_8880_0000_0000));
     let frame = frames.allocate_frame().unwrap();
@@ -81,7 +54,7 @@ fn pages_mapped_by_the_x86_64_mapper_are_reachable() {
 #[test]
 fn huge_pages_mapped_by_the_x86_64_mapper_translate() {
     let machine = SimMachine::new(SimConfig::default());
-    let mut frames = MapFrames::new(&machine);
+    let mut frames = MapperFrames(machine.frames());
     let mut tables = mapper(&machine);
     let page: Page<Size2MiB> = Page::containing_address(VirtAddr::new(0xffff_9000_0000_0000));
     let frame: PhysFrame<Size2MiB> = PhysFrame::containing_address(PhysAddr::new(32 << 20));
@@ -99,7 +72,7 @@ fn huge_pages_mapped_by_the_x86_64_mapper_translate() {
 #[test]
 fn unmap_without_flush_is_stale_until_flushed() {
     let machine = SimMachine::new(SimConfig::default());
-    let mut frames = MapFrames::new(&machine);
+    let mut frames = MapperFrames(machine.frames());
     let mut tables = mapper(&machine);
     let page: Page = Page::containing_address(VirtAddr::new(0xffff_8880_0010_0000));
     let frame = frames.allocate_frame().unwrap();

@@ -4,11 +4,11 @@
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use vmalloc::frame::FaultInjector;
-use vmalloc::sim::{SimConfig, SimFrames, SimMachine, SimPhys};
 use vmalloc::vmalloc::{
     AreaInfo, AreaKind, CacheMode, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
 };
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
 use x86_64::{PhysAddr, VirtAddr};
@@ -355,7 +355,7 @@ impl World<'_> {
                         }) {
                             assert!(
                                 self.machine
-                                    .translate(addr, vmalloc::sim::Access::READ)
+                                    .translate(addr, vmalloc_sim::Access::READ)
                                     .is_err(),
                                 "freed page still maps"
                             );
@@ -553,7 +553,7 @@ fn every_failing_frame_allocation_rolls_back() {
         machine
             .translate(
                 VirtAddr::from_ptr(small.as_ptr()),
-                vmalloc::sim::Access::READ
+                vmalloc_sim::Access::READ
             )
             .is_err(),
         "moved"

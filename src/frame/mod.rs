@@ -18,7 +18,7 @@ pub use locked::LockedFrameAllocator;
 use crate::Error;
 use core::ops::Range;
 use x86_64::PhysAddr;
-use x86_64::structures::paging::{PhysFrame, Size4KiB};
+use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size4KiB};
 
 /// What a firmware memory map says about one physical range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +112,29 @@ unsafe impl<S: FrameSource + ?Sized> FrameSource for &S {
     }
     fn manages(&self, first: PhysFrame<Size4KiB>, count: u64) -> bool {
         (**self).manages(first, count)
+    }
+}
+
+/// Any [`FrameSource`] as the `x86_64` crate's `FrameAllocator` and
+/// `FrameDeallocator`, so its mappers (`OffsetPageTable`, ...) can take page-table
+/// frames from the same allocator as this library.
+///
+/// A free the source refuses (a frame it never handed out) is dropped, as
+/// `FrameDeallocator` cannot report it.
+#[derive(Debug, Clone, Copy)]
+pub struct MapperFrames<S>(pub S);
+
+// SAFETY: `FrameSource`'s contract is the same promise: unique, unused frames.
+unsafe impl<S: FrameSource> FrameAllocator<Size4KiB> for MapperFrames<S> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        self.0.alloc_frame()
+    }
+}
+
+impl<S: FrameSource> FrameDeallocator<Size4KiB> for MapperFrames<S> {
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size4KiB>) {
+        // A refused free left the source unchanged; there is no way to report it.
+        let _ = self.0.free_frame(frame);
     }
 }
 

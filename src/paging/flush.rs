@@ -27,6 +27,15 @@ impl RangeFlush {
         }
     }
 
+    /// A token for `range`: for code that changed entries by other means and wants
+    /// the flush batched with the library's.
+    pub fn from_range(range: PageRange<Size4KiB>) -> Self {
+        Self {
+            range,
+            whole: false,
+        }
+    }
+
     /// The pages to flush; `None` when only a whole-TLB flush will do.
     pub fn range(&self) -> Option<PageRange<Size4KiB>> {
         (!self.whole).then_some(self.range)

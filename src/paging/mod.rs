@@ -59,15 +59,9 @@
 
 mod cursor;
 mod flush;
-#[cfg(test)]
-mod test;
-#[cfg(test)]
-pub(crate) mod test_pool;
 
 pub use flush::RangeFlush;
 
-#[cfg(test)]
-use crate::OffsetPhysMemory;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::sync::atomic::{Ordering, compiler_fence};
 use cursor::{

@@ -35,6 +35,7 @@ where
             data_frames: inner.data_frames,
             page_table_frames: inner.page_table_frames,
             bookkeeping_frames: inner.pool.frames_held() as u64,
+            bookkeeping_free_slots: inner.pool.free_slots() as u64,
             pending_purge_pages: inner.purge.pages,
             pending_purge_frames: inner.purge.frames,
             purges: inner.purges,
@@ -52,6 +53,14 @@ where
             pos: 0,
             next: Some(0),
         }
+    }
+
+    /// The live area whose span (its guard page included) holds `addr` (Linux's
+    /// `find_vm_area`), or `None`.
+    pub fn find_vm_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
+        let mut cx = self.lock();
+        let area = cx.inner().areas.find_containing(addr)?;
+        (!area.data.dying).then(|| AreaInfo::new(area.start, area.size, &area.data))
     }
 
     /// A `/proc/vmallocinfo`-style listing, one line per live area.
@@ -151,6 +160,9 @@ pub struct VmallocStats {
     pub page_table_frames: u64,
     /// Frames holding the manager's own bookkeeping.
     pub bookkeeping_frames: u64,
+    /// Bookkeeping slots free in those frames: a call that needs more than this many
+    /// takes a new frame first.
+    pub bookkeeping_free_slots: u64,
     /// Pages detached by `vfree` and waiting for the batched TLB flush.
     pub pending_purge_pages: u64,
     /// Frames waiting for that flush before they go back to the frame allocator.

@@ -75,8 +75,6 @@ mod realloc;
 mod reclaim;
 #[allow(dead_code)]
 mod space;
-#[cfg(test)]
-mod test;
 
 pub use area::{AreaInfo, AreaKind};
 pub use info::{Areas, VmallocInfo, VmallocStats};

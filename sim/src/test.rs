@@ -1,7 +1,7 @@
 use super::memmap::{KERNEL_IMAGE_END, KERNEL_IMAGE_START, LOW_USABLE_END};
 use super::*;
-use crate::frame::RegionKind;
 use std::vec;
+use vmalloc::frame::RegionKind;
 use x86_64::structures::idt::PageFaultErrorCode as Code;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};

@@ -9,7 +9,7 @@
 //! and, if the access is allowed, maps the 4 KiB piece of the frame at that page with
 //! the effective permissions, so the access retries and succeeds. The host's
 //! mappings are thus a second TLB: filled on demand, and dropped only when the
-//! machine's [`TlbFlush`](crate::TlbFlush) methods re-reserve the flushed pages.
+//! machine's [`TlbFlush`](vmalloc::TlbFlush) methods re-reserve the flushed pages.
 //!
 //! An access the tables do not allow is a bug in the code under test, as an oops is
 //! in a kernel: the handler prints one line naming the address to stderr, restores
@@ -474,7 +474,7 @@ fn report(addr: u64, refusal: Refusal) {
         line[len..len + n].copy_from_slice(&bytes[..n]);
         len += n;
     };
-    push(b"vmalloc::sim host window: fatal fault at 0x");
+    push(b"vmalloc-sim host window: fatal fault at 0x");
     let mut hex = [0u8; 16];
     for (i, digit) in hex.iter_mut().enumerate() {
         *digit = b"0123456789abcdef"[(addr >> (60 - 4 * i)) as usize & 0xf];

@@ -77,7 +77,7 @@
 //! # Example
 //!
 //! ```
-//! use vmalloc::sim::{Access, SimConfig, SimMachine};
+//! use vmalloc_sim::{Access, SimConfig, SimMachine};
 //! use x86_64::VirtAddr;
 //!
 //! let machine = SimMachine::new(SimConfig::new(64 << 20).with_holes(4));
@@ -103,12 +103,17 @@
 //! [`tlb_stats`]: SimMachine::tlb_stats
 //! [`host_window`]: SimMachine::host_window
 
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod frames;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod host;
 mod memmap;
 mod mmu;
 mod rng;
+pub mod scenarios;
 mod tlb;
 
 #[cfg(test)]
@@ -121,8 +126,6 @@ pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
 pub use tlb::TlbStats;
 
-use crate::frame::MemoryRegion;
-use crate::{PhysMemory, TlbFlush};
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -130,6 +133,8 @@ use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 use tlb::Tlb;
+use vmalloc::frame::MemoryRegion;
+use vmalloc::{PhysMemory, TlbFlush};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PhysFrame, Size4KiB};
 use x86_64::{PhysAddr, VirtAddr};

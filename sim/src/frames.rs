@@ -1,12 +1,12 @@
 //! Frames of a simulated machine, handed out scattered.
 
 use super::{Rng, SimMachine};
-use crate::frame::{BitmapFrameAllocator, FrameStats, LockedFrameAllocator};
-use crate::{Error, FrameSource, PAGE_SIZE};
 use std::boxed::Box;
 use std::mem::ManuallyDrop;
 use std::sync::Mutex;
 use std::vec;
+use vmalloc::frame::{BitmapFrameAllocator, FrameStats, LockedFrameAllocator};
+use vmalloc::{Error, FrameSource, PAGE_SIZE};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 

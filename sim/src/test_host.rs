@@ -1,9 +1,9 @@
 //! The host window: pages mapped in the machine's tables, used through host pointers.
 
 use super::*;
-use crate::frame::RegionKind;
 use core::ffi::c_void;
 use std::vec;
+use vmalloc::frame::MapperFrames;
 use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
 use x86_64::structures::paging::{FrameAllocator, PageTableFlags as Flags, Size2MiB};
 
@@ -18,35 +18,14 @@ fn machine() -> SimMachine {
     )
 }
 
-/// Usable frames above the kernel image, in address order.
-struct Frames(std::vec::IntoIter<PhysFrame>);
-
-impl Frames {
-    fn new(machine: &SimMachine) -> Self {
-        let frames: Vec<PhysFrame> = machine
-            .memory_map()
-            .iter()
-            .filter(|r| r.kind == RegionKind::Usable && r.range.start.as_u64() >= 4 << 20)
-            .flat_map(|r| {
-                let start = r.range.start.align_up(4096u64).as_u64();
-                let end = r.range.end.align_down(4096u64).as_u64();
-                (start..end).step_by(4096)
-            })
-            .map(|a| PhysFrame::containing_address(PhysAddr::new(a)))
-            .collect();
-        Self(frames.into_iter())
-    }
-
-    fn next(&mut self) -> PhysFrame {
-        self.0.next().expect("test ran out of frames")
-    }
+/// The machine's own frames, as the `x86_64` crate's mapper takes them.
+fn frames_of(machine: &SimMachine) -> MapperFrames<SimFrames> {
+    MapperFrames(machine.frames())
 }
 
-// SAFETY: each usable frame is handed out once.
-unsafe impl FrameAllocator<Size4KiB> for Frames {
-    fn allocate_frame(&mut self) -> Option<PhysFrame> {
-        self.0.next()
-    }
+/// The next frame, which the test then owns.
+fn next(frames: &mut MapperFrames<SimFrames>) -> PhysFrame {
+    frames.allocate_frame().expect("test ran out of frames")
 }
 
 /// The machine's tables, as the `x86_64` crate's mapper sees them.
@@ -62,7 +41,13 @@ fn window_page(machine: &SimMachine, index: u64) -> Page {
     Page::containing_address(start + index * 4096)
 }
 
-fn map(machine: &SimMachine, frames: &mut Frames, page: Page, frame: PhysFrame, flags: Flags) {
+fn map(
+    machine: &SimMachine,
+    frames: &mut MapperFrames<SimFrames>,
+    page: Page,
+    frame: PhysFrame,
+    flags: Flags,
+) {
     // SAFETY: the frame is a usable frame of the machine; nothing else uses the page.
     // Tables are made writable, so the leaf alone decides.
     unsafe { mapper(machine).map_to_with_table_flags(page, frame, flags, RW, frames) }
@@ -104,9 +89,13 @@ fn window_is_aligned_canonical_and_reserved() {
 #[test]
 fn host_accesses_reach_scattered_frames() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     // Every third frame, last first: no two pages map neighbouring frames.
-    let data: Vec<PhysFrame> = (0..24).map(|_| frames.next()).step_by(3).rev().collect();
+    let data: Vec<PhysFrame> = (0..24)
+        .map(|_| next(&mut frames))
+        .step_by(3)
+        .rev()
+        .collect();
     for (index, frame) in data.iter().enumerate() {
         map(
             &machine,
@@ -136,8 +125,8 @@ fn host_accesses_reach_scattered_frames() {
 #[test]
 fn aliased_pages_see_each_others_writes() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
-    let frame = frames.next();
+    let mut frames = frames_of(&machine);
+    let frame = next(&mut frames);
     let (first, second) = (window_page(&machine, 3), window_page(&machine, 700));
     map(&machine, &mut frames, first, frame, RW);
     map(&machine, &mut frames, second, frame, RW);
@@ -154,9 +143,9 @@ fn aliased_pages_see_each_others_writes() {
 #[test]
 fn rust_values_live_in_the_window() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     for index in 0..4 {
-        let frame = frames.next();
+        let frame = next(&mut frames);
         map(
             &machine,
             &mut frames,
@@ -182,9 +171,9 @@ fn rust_values_live_in_the_window() {
 #[test]
 fn flush_drops_the_host_mapping() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let page = window_page(&machine, 42);
-    let frame = frames.next();
+    let frame = next(&mut frames);
     map(&machine, &mut frames, page, frame, RW);
     // SAFETY: the page is mapped writable.
     unsafe { ptr(page).write_volatile(7) };
@@ -201,10 +190,10 @@ fn flush_drops_the_host_mapping() {
 #[test]
 fn flush_range_and_flush_all_drop_what_they_cover() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let pages: Vec<Page> = (10..14).map(|i| window_page(&machine, i)).collect();
     for &page in &pages {
-        let frame = frames.next();
+        let frame = next(&mut frames);
         map(&machine, &mut frames, page, frame, RW);
         // SAFETY: mapped writable.
         unsafe { ptr(page).write_volatile(1) };
@@ -225,9 +214,9 @@ fn flush_range_and_flush_all_drop_what_they_cover() {
 #[test]
 fn unmap_without_flush_leaves_the_old_frame_readable() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let page = window_page(&machine, 5);
-    let frame = frames.next();
+    let frame = next(&mut frames);
     map(&machine, &mut frames, page, frame, RW);
     // SAFETY: mapped writable.
     unsafe { ptr(page).write_volatile(0x5a) };
@@ -247,9 +236,9 @@ fn unmap_without_flush_leaves_the_old_frame_readable() {
 #[test]
 fn read_only_page_becomes_writable_after_a_rewalk() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let page = window_page(&machine, 9);
-    let frame = frames.next();
+    let frame = next(&mut frames);
     map(&machine, &mut frames, page, frame, Flags::PRESENT);
     machine.write_phys(frame.start_address(), &[3]);
     // SAFETY: mapped readable.
@@ -268,9 +257,9 @@ fn read_only_page_becomes_writable_after_a_rewalk() {
 #[test]
 fn host_fills_count_as_tlb_misses() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let page = window_page(&machine, 0);
-    let frame = frames.next();
+    let frame = next(&mut frames);
     map(&machine, &mut frames, page, frame, RW);
     let before = machine.tlb_stats().misses;
     // SAFETY: mapped writable.
@@ -288,12 +277,12 @@ fn host_fills_count_as_tlb_misses() {
 #[test]
 fn threads_fill_their_own_pages_at_once() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     const THREADS: u64 = 4;
     const PAGES: u64 = 32;
     let mut mapped = vec![];
     for index in 0..THREADS * PAGES {
-        let (page, frame) = (window_page(&machine, index), frames.next());
+        let (page, frame) = (window_page(&machine, index), next(&mut frames));
         map(&machine, &mut frames, page, frame, RW);
         mapped.push((page.start_address().as_u64(), frame));
     }
@@ -329,8 +318,8 @@ fn two_machines_have_separate_windows() {
     let (start_two, _) = two.host_window().unwrap();
     assert!(start_one.as_u64().abs_diff(start_two.as_u64()) >= WINDOW);
     for (machine, byte) in [(&one, 0x11), (&two, 0x22)] {
-        let mut frames = Frames::new(machine);
-        let frame = frames.next();
+        let mut frames = frames_of(machine);
+        let frame = next(&mut frames);
         map(machine, &mut frames, window_page(machine, 1), frame, RW);
         machine.fill_phys(frame.start_address(), 4096, byte);
     }
@@ -381,9 +370,9 @@ fn in_child(access: impl FnOnce()) -> (libc::c_int, std::string::String) {
 #[test]
 fn forbidden_accesses_kill_with_sigsegv_and_say_where() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let read_only = window_page(&machine, 2);
-    let frame = frames.next();
+    let frame = next(&mut frames);
     map(&machine, &mut frames, read_only, frame, Flags::PRESENT);
     let unmapped = window_page(&machine, 3);
     for (page, write) in [(read_only, true), (unmapped, false)] {
@@ -435,13 +424,13 @@ unsafe impl allocator_api2::alloc::Allocator for WindowHeap {
 #[test]
 fn a_linked_list_heap_runs_in_the_window() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     const PAGES: u64 = 16;
     let mut data_frames = vec![];
     for index in 0..PAGES {
         // Every other frame: the heap is virtually contiguous, physically scattered.
-        frames.next();
-        let frame = frames.next();
+        next(&mut frames);
+        let frame = next(&mut frames);
         map(
             &machine,
             &mut frames,
@@ -482,7 +471,7 @@ fn a_linked_list_heap_runs_in_the_window() {
 #[test]
 fn a_2mib_mapping_is_filled_page_by_page() {
     let machine = machine();
-    let mut frames = Frames::new(&machine);
+    let mut frames = frames_of(&machine);
     let (start, _) = machine.host_window().unwrap();
     let page = Page::<Size2MiB>::from_start_address(start + (2u64 << 20)).unwrap();
     // Far above the frames the tables come from.

@@ -1,9 +1,7 @@
 //! The scenarios of Linux's `lib/test_vmalloc.c`, ported to a simulated machine,
-//! shared by `benches/vmalloc.rs` and `examples/flush_counts.rs`.
+//! for benchmarks and flush counts (`benches/vmalloc.rs`, `examples/flush_counts.rs`).
 
-#![allow(dead_code)]
-
-use vmalloc::sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use crate::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use vmalloc::vmalloc::{Prot, VmOptions, Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE};
 use x86_64::PhysAddr;

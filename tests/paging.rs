@@ -1,31 +1,95 @@
-extern crate std;
+//! The page-table cursor on the simulated machine's memory: whole-range map, unmap,
+//! detach, protect and sweep, checked entry by entry and against the `x86_64` crate's
+//! own walker.
 
-use super::test_pool::{HostMemory, Pool};
-use super::*;
-use crate::TlbFlush;
-use crate::tlb::CountingFlush;
-use std::vec::Vec;
-use x86_64::structures::paging::mapper::{Translate, TranslateResult};
+use vmalloc::frame::FaultInjector;
+use vmalloc::paging::*;
+use vmalloc::tlb::CountingFlush;
+use vmalloc::{Error, FrameSource, PAGE_SIZE, TlbFlush};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine, SimPhys};
+use x86_64::structures::paging::mapper::{MappedFrame, Translate, TranslateResult};
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame, Size2MiB, Size4KiB};
+use x86_64::{PhysAddr, VirtAddr};
 
 /// A 512 GiB-aligned kernel address (PML4 index 402), as vmalloc areas use.
 const BASE: u64 = 0xffff_c900_0000_0000;
 const GIB: u64 = 1 << 30;
 const MIB2: u64 = 2 << 20;
-const RW: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
+/// Bits of an entry that hold a physical address.
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
-struct Machine {
-    pool: Pool,
-    tables: PageTables<OffsetPhysMemory>,
-    mem: HostMemory,
+/// The index of `addr`'s entry in its table at `level` (0 = PML4 ... 3 = PT).
+const fn index(addr: u64, level: usize) -> usize {
+    ((addr >> (39 - 9 * level)) & 511) as usize
 }
 
+const RW: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
+
+/// Page tables rooted at the machine's PML4, with frames from its scattered
+/// allocator behind an injector that can fail a chosen allocation.
+struct Machine {
+    frames: FaultInjector<SimFrames>,
+    tables: PageTables<SimPhys<'static>>,
+    sim: &'static SimMachine,
+    start_free: u64,
+}
+
+/// A machine of at least `frames` frames whose free frames come in the order `seed`
+/// scatters them.
 fn machine(frames: usize, seed: u64) -> Machine {
-    let mem = HostMemory::new(frames);
-    let pool = Pool::new(frames, seed);
-    let root = pool.alloc_frame().unwrap();
-    // SAFETY: `root` is a zeroed frame of `mem`, reachable through `mem.phys()`.
-    let tables = unsafe { PageTables::new(root, mem.phys()) };
-    Machine { pool, tables, mem }
+    let size = (frames as u64 * PAGE_SIZE).max(16 << 20);
+    // Leaked: the tables borrow the machine for the whole test.
+    let sim: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(size).with_scatter_seed(seed),
+    )));
+    let frames = FaultInjector::new(sim.frames());
+    // SAFETY: the machine's root is a zeroed PML4 that nothing else uses.
+    let tables = unsafe { PageTables::new(sim.root(), sim.phys()) };
+    let start_free = frames.inner().stats().free;
+    Machine {
+        frames,
+        tables,
+        sim,
+        start_free,
+    }
+}
+
+/// Pool-like helpers over the machine's frames and memory.
+impl Machine {
+    /// `n` frames, panicking if memory runs dry.
+    fn take(&self, n: usize) -> Vec<PhysFrame> {
+        (0..n)
+            .map(|_| self.frames.alloc_frame().expect("frames exhausted"))
+            .collect()
+    }
+
+    /// Frames handed out since the machine was made and not given back.
+    fn out(&self) -> usize {
+        (self.start_free - self.frames.inner().stats().free) as usize
+    }
+
+    /// Makes the `k`-th allocation from now (1-based) fail, or disarms with `None`.
+    fn fail_from(&self, k: Option<usize>) {
+        match k {
+            Some(k) => self.frames.fail_after(k as u64 - 1),
+            None => self.frames.disarm(),
+        }
+    }
+
+    /// A copy of the page table at `frame`.
+    fn table_copy(&self, frame: PhysFrame) -> [u64; 512] {
+        let bytes = self.sim.frame_bytes(frame);
+        core::array::from_fn(|i| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap()))
+    }
+
+    fn frame_copy(&self, frame: PhysFrame) -> Vec<u8> {
+        self.sim.frame_bytes(frame)
+    }
+
+    fn write_phys(&self, phys: PhysAddr, bytes: &[u8]) {
+        self.sim.write_phys(phys, bytes)
+    }
 }
 
 fn page(addr: u64) -> Page {
@@ -48,7 +112,7 @@ impl Machine {
         I::IntoIter: ExactSizeIterator,
     {
         // SAFETY: the frames are the test pool's; nothing uses the address space.
-        unsafe { self.tables.map(range, frames, flags, &self.pool) }
+        unsafe { self.tables.map(range, frames, flags, &self.frames) }
     }
 
     fn unmap(
@@ -86,7 +150,7 @@ impl Machine {
         flags: PageTableFlags,
     ) -> Result<(), Error> {
         // SAFETY: as for `map`; the 2 MiB frame is never accessed.
-        unsafe { self.tables.map_huge_2m(page, frame, flags, &self.pool) }
+        unsafe { self.tables.map_huge_2m(page, frame, flags, &self.frames) }
     }
 
     fn unmap_huge(
@@ -105,7 +169,7 @@ impl Machine {
             .tables
             .free_empty_tables(range, |frame| unlinked.push(frame))
             .unwrap();
-        self.pool.free_frames(&unlinked).unwrap();
+        self.frames.free_frames(&unlinked).unwrap();
         result
     }
 }
@@ -114,7 +178,7 @@ impl Machine {
     /// What the `x86_64` crate's walker says about `addr`.
     fn reference(&self, addr: u64) -> TranslateResult {
         // SAFETY: no reference into the tables is alive during the call.
-        unsafe { self.mem.offset_page_table(self.tables.root()) }.translate(VirtAddr::new(addr))
+        unsafe { self.sim.offset_page_table() }.translate(VirtAddr::new(addr))
     }
 
     /// Asserts the reference walker sees `frames[i]` with `flags` at page `i` from `start`.
@@ -175,7 +239,7 @@ impl Machine {
         level: usize,
         out: &mut Vec<(PhysFrame, [u64; 512])>,
     ) {
-        let entries = self.mem.table_copy(frame);
+        let entries = self.table_copy(frame);
         out.push((frame, entries));
         if level == 3 {
             return;
@@ -194,7 +258,7 @@ impl Machine {
     fn upper_flags(&self, addr: u64) -> [PageTableFlags; 3] {
         let mut frame = self.tables.root();
         core::array::from_fn(|level| {
-            let raw = self.mem.table_copy(frame)[index(addr, level)];
+            let raw = self.table_copy(frame)[index(addr, level)];
             frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
             PageTableFlags::from_bits_retain(raw & !ADDR_MASK) - CREATED
         })
@@ -211,16 +275,12 @@ fn maps_across_2m_1g_and_512g_boundaries_as_the_reference_walker_sees() {
     ];
     for (start, count, tables_expected) in cases {
         let m = &mut machine(2048, start);
-        let frames = m.pool.take(count as usize);
+        let frames = m.take(count as usize);
         let flags = RW | PageTableFlags::NO_EXECUTE | PageTableFlags::GLOBAL;
-        let before = m.pool.out();
+        let before = m.out();
         m.map(pages(start, count), frames.iter().copied(), flags)
             .unwrap();
-        assert_eq!(
-            m.pool.out() - before,
-            tables_expected,
-            "tables for {start:#x}"
-        );
+        assert_eq!(m.out() - before, tables_expected, "tables for {start:#x}");
         m.assert_mapped(start, &frames, flags);
         m.assert_unmapped(start - PAGE_SIZE, 1);
         m.assert_unmapped(start + count * PAGE_SIZE, 1);
@@ -236,7 +296,7 @@ fn bytes_written_at_consecutive_addresses_land_in_order_in_scattered_frames() {
     let m = &mut machine(1024, 7);
     let start = BASE + MIB2 - 100 * PAGE_SIZE;
     let count = 300;
-    let frames = m.pool.take(count);
+    let frames = m.take(count);
     assert!(
         frames
             .windows(2)
@@ -247,10 +307,10 @@ fn bytes_written_at_consecutive_addresses_land_in_order_in_scattered_frames() {
     let pattern = |offset: u64| (offset / 61 % 251) as u8 + 1;
     for offset in (0..count as u64 * PAGE_SIZE).step_by(61) {
         let (phys, _, _) = m.tables.translate(VirtAddr::new(start + offset)).unwrap();
-        m.mem.write(phys, &[pattern(offset)]);
+        m.write_phys(phys, &[pattern(offset)]);
     }
     for (i, frame) in frames.iter().enumerate() {
-        let bytes = m.mem.frame_copy(*frame);
+        let bytes = m.frame_copy(*frame);
         for (j, byte) in bytes.iter().enumerate() {
             let offset = i as u64 * PAGE_SIZE + j as u64;
             let expected = if offset.is_multiple_of(61) {
@@ -271,23 +331,23 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
     let count = 3000;
     let setup = || {
         let mut m = machine(8192, 11);
-        let before = m.pool.take(1);
+        let before = m.take(1);
         m.map(pages(start - PAGE_SIZE, 1), before, RW).unwrap();
-        let frames = m.pool.take(count);
+        let frames = m.take(count);
         (m, frames)
     };
     let (mut m, frames) = setup();
-    let out = m.pool.out();
+    let out = m.out();
     m.map(pages(start, count as u64), frames.iter().copied(), RW)
         .unwrap();
-    let needed = m.pool.out() - out;
+    let needed = m.out() - out;
     assert_eq!(needed, 1 + 5, "one more PD, five more PTs");
 
     for k in 1..=needed {
         let (mut m, frames) = setup();
         let tables_before = m.table_snapshot();
-        let out_before = m.pool.out();
-        m.pool.fail_from(Some(k));
+        let out_before = m.out();
+        m.fail_from(Some(k));
         let result = m.map(pages(start, count as u64), frames.iter().copied(), RW);
         assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
         assert!(
@@ -295,11 +355,11 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
             "tables changed, failing allocation {k}"
         );
         assert_eq!(
-            m.pool.out(),
+            m.out(),
             out_before,
             "table frames kept, failing allocation {k}"
         );
-        m.pool.fail_from(None);
+        m.fail_from(None);
         m.map(pages(start, count as u64), frames.iter().copied(), RW)
             .unwrap();
         m.assert_mapped(start, &frames, RW);
@@ -310,17 +370,17 @@ fn running_out_of_table_frames_at_any_point_leaves_the_tables_byte_identical() {
 fn mapping_over_anything_in_the_way_fails_and_changes_nothing() {
     let m = &mut machine(2048, 3);
     let start = BASE + MIB2 - 8 * PAGE_SIZE;
-    let frames = m.pool.take(16);
+    let frames = m.take(16);
     m.map(pages(start + 12 * PAGE_SIZE, 1), [frames[15]], RW)
         .unwrap();
     let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 4 * MIB2));
     let huge_frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x20_0000));
     m.map_huge(huge, huge_frame, RW).unwrap();
     let snapshot = m.table_snapshot();
-    let out = m.pool.out();
+    let out = m.out();
     let mut attempt = |range: PageRange, frames: &[PhysFrame]| {
         let result = m.map(range, frames.iter().copied(), RW);
-        assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
+        assert!(m.table_snapshot() == snapshot && m.out() == out);
         result
     };
     assert_eq!(
@@ -367,7 +427,7 @@ impl ExactSizeIterator for Liar {
 fn a_short_exact_size_iterator_unmaps_what_it_mapped() {
     let m = &mut machine(2048, 5);
     let start = BASE + MIB2 - 100 * PAGE_SIZE;
-    let frames = m.pool.take(290);
+    let frames = m.take(290);
     let liar = Liar(frames.into_iter(), 300);
     assert_eq!(
         m.map(pages(start, 300), liar, RW),
@@ -381,11 +441,11 @@ fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table_be
     let m = &mut machine(4096, 9);
     let start = BASE + GIB - 600 * PAGE_SIZE;
     let count = 1500;
-    let frames = m.pool.take(count);
-    let out = m.pool.out();
+    let frames = m.take(count);
+    let out = m.out();
     m.map(pages(start, count as u64), frames.iter().copied(), RW)
         .unwrap();
-    let table_count = m.pool.out() - out;
+    let table_count = m.out() - out;
 
     let mut handed_back = Vec::new();
     let tlb = CountingFlush::new();
@@ -403,10 +463,10 @@ fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table_be
     assert_eq!(handed_back, expected);
     m.assert_unmapped(start, count as u64);
 
-    let pml4_entry = m.mem.table_copy(m.tables.root())[index(start, 0)];
+    let pml4_entry = m.table_copy(m.tables.root())[index(start, 0)];
     let (freed, flush) = m.free_empty(pages(start, count as u64));
     assert_eq!(freed, table_count - 1, "all but the PDPT");
-    assert_eq!(m.pool.out(), out + 1);
+    assert_eq!(m.out(), out + 1);
     let covered = flush.range().unwrap();
     assert!(covered.start <= page(start) && covered.end >= page(start) + count as u64);
     flush.flush(&NO_TLB);
@@ -416,7 +476,7 @@ fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table_be
         "the PML4 and the PDPT are left"
     );
     assert_eq!(
-        m.mem.table_copy(m.tables.root())[index(start, 0)],
+        m.table_copy(m.tables.root())[index(start, 0)],
         pml4_entry,
         "root entries never change once made"
     );
@@ -426,14 +486,14 @@ fn unmap_hands_back_frames_in_order_and_free_empty_tables_returns_every_table_be
 fn only_tables_this_crate_created_are_freed() {
     let m = &mut machine(2048, 43);
     let start = BASE + 3 * MIB2;
-    let frames = m.pool.take(2);
+    let frames = m.take(2);
     m.map(pages(start, 2), frames.iter().copied(), RW).unwrap();
     let entries = |m: &Machine| {
-        let root = m.mem.table_copy(m.tables.root())[index(start, 0)];
+        let root = m.table_copy(m.tables.root())[index(start, 0)];
         let pdpt = PhysFrame::containing_address(PhysAddr::new(root & ADDR_MASK));
-        let pd_entry = m.mem.table_copy(pdpt)[index(start, 1)];
+        let pd_entry = m.table_copy(pdpt)[index(start, 1)];
         let pd = PhysFrame::containing_address(PhysAddr::new(pd_entry & ADDR_MASK));
-        (pdpt, pd_entry, pd, m.mem.table_copy(pd)[index(start, 2)])
+        (pdpt, pd_entry, pd, m.table_copy(pd)[index(start, 2)])
     };
     let (pdpt, pd_entry, pd, pt_entry) = entries(m);
     for raw in [pd_entry, pt_entry] {
@@ -441,8 +501,7 @@ fn only_tables_this_crate_created_are_freed() {
     }
     // Take the mark off the PT's entry, as if a boot loader had made the PT.
     let slot = pd.start_address() + index(start, 2) as u64 * 8;
-    m.mem
-        .write(slot, &(pt_entry & !CREATED.bits()).to_le_bytes());
+    m.write_phys(slot, &(pt_entry & !CREATED.bits()).to_le_bytes());
     m.unmap(pages(start, 2), |_, _| {}).unwrap().flush(&NO_TLB);
     let (freed, _) = m.free_empty(pages(start, 2));
     assert_eq!(
@@ -450,26 +509,26 @@ fn only_tables_this_crate_created_are_freed() {
         "the PT is not ours, so the PD above it is not empty"
     );
     assert_eq!(entries(m).1, pd_entry);
-    assert_eq!(m.mem.table_copy(pdpt)[index(start, 1)], pd_entry);
+    assert_eq!(m.table_copy(pdpt)[index(start, 1)], pd_entry);
 }
 
 #[test]
 fn top_level_tables_are_made_up_front_and_released_only_on_request() {
     let m = &mut machine(2048, 47);
     let region = Page::range(page(BASE - 512 * GIB), page(BASE + 1024 * GIB));
-    let out = m.pool.out();
+    let out = m.out();
     // SAFETY: the test pool's frames.
-    let made = unsafe { m.tables.preallocate_top_level(region, &m.pool) }.unwrap();
-    assert_eq!((made, m.pool.out() - out), (3, 3));
-    let root = m.mem.table_copy(m.tables.root());
+    let made = unsafe { m.tables.preallocate_top_level(region, &m.frames) }.unwrap();
+    assert_eq!((made, m.out() - out), (3, 3));
+    let root = m.table_copy(m.tables.root());
     for index in [index(BASE, 0) - 1, index(BASE, 0), index(BASE, 0) + 1] {
         let flags = PageTableFlags::from_bits_retain(root[index]);
         assert!(flags.contains(RW | CREATED), "entry {index}: {flags:?}");
     }
     // SAFETY: as above.
-    let again = unsafe { m.tables.preallocate_top_level(region, &m.pool) }.unwrap();
+    let again = unsafe { m.tables.preallocate_top_level(region, &m.frames) }.unwrap();
     assert_eq!(again, 0, "existing tables are kept");
-    let frames = m.pool.take(1);
+    let frames = m.take(1);
     m.map(pages(BASE, 1), frames.iter().copied(), RW).unwrap();
     let (freed, _) = m.free_empty(region);
     assert_eq!(freed, 0);
@@ -480,23 +539,23 @@ fn top_level_tables_are_made_up_front_and_released_only_on_request() {
         unsafe { m.tables.release_top_level(region, |f| unlinked.push(f)) }.unwrap();
     assert_eq!(released, 2, "the PDPT still mapping a page stays");
     flush.flush(&NO_TLB);
-    m.pool.free_frames(&unlinked).unwrap();
+    m.frames.free_frames(&unlinked).unwrap();
     m.assert_mapped(BASE, &frames, RW);
 
-    let out = m.pool.out();
-    m.pool.fail_from(Some(2));
+    let out = m.out();
+    m.fail_from(Some(2));
     // SAFETY: as above.
-    let failed = unsafe { m.tables.preallocate_top_level(region, &m.pool) };
+    let failed = unsafe { m.tables.preallocate_top_level(region, &m.frames) };
     assert_eq!(failed, Err(Error::OutOfFrames));
-    assert_eq!(m.pool.out(), out, "all or nothing");
-    m.pool.fail_from(None);
+    assert_eq!(m.out(), out, "all or nothing");
+    m.fail_from(None);
 }
 
 #[test]
 fn free_empty_tables_keeps_tables_that_still_map_something() {
     let m = &mut machine(2048, 13);
     let start = BASE + MIB2 - 4 * PAGE_SIZE;
-    let frames = m.pool.take(8);
+    let frames = m.take(8);
     m.map(pages(start, 8), frames.iter().copied(), RW).unwrap();
     m.unmap(pages(start, 4), |_, _| {}).unwrap().flush(&NO_TLB);
     let (freed, flush) = m.free_empty(pages(start, 8));
@@ -509,7 +568,7 @@ fn free_empty_tables_keeps_tables_that_still_map_something() {
 fn unmapping_a_range_with_a_hole_fails_and_changes_nothing() {
     let m = &mut machine(2048, 17);
     let start = BASE + MIB2 - 4 * PAGE_SIZE;
-    let frames = m.pool.take(8);
+    let frames = m.take(8);
     m.map(pages(start, 4), frames[..4].iter().copied(), RW)
         .unwrap();
     m.map(
@@ -536,7 +595,7 @@ fn unmapping_a_range_with_a_hole_fails_and_changes_nothing() {
 fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
     let m = &mut machine(2048, 19);
     let start = BASE + MIB2 - 10 * PAGE_SIZE;
-    let frames = m.pool.take(20);
+    let frames = m.take(20);
     m.map(pages(start, 20), frames.iter().copied(), RW).unwrap();
     let first = m.detach(pages(start, 10)).unwrap();
     let second = m.detach(pages(start + 10 * PAGE_SIZE, 10)).unwrap();
@@ -550,7 +609,7 @@ fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
     }
 
     let range = pages(start, 20);
-    let more = m.pool.take(20);
+    let more = m.take(20);
     assert_eq!(
         m.map(range, more.iter().copied(), RW),
         Err(Error::AlreadyMapped)
@@ -576,7 +635,7 @@ fn detached_pages_fault_keep_their_frames_and_are_reclaimed_after_the_flush() {
 fn protect_changes_flags_keeps_frames_and_accessed_dirty() {
     let m = &mut machine(2048, 23);
     let start = BASE + MIB2 - 2 * PAGE_SIZE;
-    let frames = m.pool.take(4);
+    let frames = m.take(4);
     let used = RW | PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
     m.map(pages(start, 4), frames.iter().copied(), used)
         .unwrap();
@@ -600,7 +659,7 @@ fn protect_changes_flags_keeps_frames_and_accessed_dirty() {
 #[test]
 fn user_leaves_get_user_upper_entries() {
     let m = &mut machine(2048, 29);
-    let frames = m.pool.take(1);
+    let frames = m.take(1);
     let user = RW | PageTableFlags::USER_ACCESSIBLE;
     m.map(pages(0x40_0000, 1), frames.iter().copied(), user)
         .unwrap();
@@ -631,18 +690,18 @@ fn translate_understands_2m_and_1g_entries() {
 
     // A 1 GiB entry, written by hand into the PDPT the 2 MiB page left behind.
     let pdpt = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
-        m.mem.table_copy(m.tables.root())[index(BASE, 0)] & ADDR_MASK,
+        m.table_copy(m.tables.root())[index(BASE, 0)] & ADDR_MASK,
     ));
     let giant = 0x8000_0000u64 | (RW | PageTableFlags::HUGE_PAGE).bits();
     let slot = pdpt.start_address() + index(BASE + 3 * GIB, 1) as u64 * 8;
-    m.mem.write(slot, &giant.to_le_bytes());
+    m.write_phys(slot, &giant.to_le_bytes());
     let (phys, _, mapped) = m
         .tables
         .translate(VirtAddr::new(BASE + 3 * GIB + 0x1234_5678))
         .unwrap();
     assert_eq!(phys, PhysAddr::new(0x8000_0000 + 0x1234_5678));
     assert!(matches!(mapped, MappedFrame::Size1GiB(_)));
-    let frames = m.pool.take(1);
+    let frames = m.take(1);
     let inside = pages(BASE + 3 * GIB + MIB2, 1);
     assert_eq!(m.map(inside, frames, RW), Err(Error::HugePageInTheWay));
     assert_eq!(m.unmap(inside, |_, _| {}), Err(Error::HugePageInTheWay));
@@ -650,11 +709,11 @@ fn translate_understands_2m_and_1g_entries() {
 
 #[test]
 fn flush_tokens_merge_into_hulls_and_across_the_hole_into_a_full_flush() {
-    let low = RangeFlush::new(0x1000, 0x3000);
-    let high = RangeFlush::new(BASE, BASE + 0x2000);
-    let near = RangeFlush::new(0x8000, 0x9000);
+    let low = RangeFlush::from_range(pages(0x1000, 2));
+    let high = RangeFlush::from_range(pages(BASE, 2));
+    let near = RangeFlush::from_range(pages(0x8000, 1));
     assert_eq!(low.merge(near).range(), Some(pages(0x1000, 8)));
-    let empty = RangeFlush::new(BASE, BASE);
+    let empty = RangeFlush::from_range(pages(BASE, 0));
     assert!(empty.is_empty());
     assert_eq!(empty.merge(high), high);
     let tlb = CountingFlush::new();
@@ -684,20 +743,19 @@ fn counting_flush_counts_what_it_is_asked() {
 fn existing_upper_entries_gain_the_bits_a_new_leaf_needs() {
     let m = &mut machine(2048, 37);
     let start = BASE + 5 * MIB2;
-    let frames = m.pool.take(3);
+    let frames = m.take(3);
     let read_only = PageTableFlags::PRESENT | PageTableFlags::NO_EXECUTE;
     m.map(pages(start, 1), [frames[0]], read_only).unwrap();
     // Take WRITABLE away from the PD entry, as a loader might have left it.
     let pd = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
-        m.mem
-            .table_copy(PhysFrame::containing_address(PhysAddr::new(
-                m.mem.table_copy(m.tables.root())[index(start, 0)] & ADDR_MASK,
-            )))[index(start, 1)]
+        m.table_copy(PhysFrame::containing_address(PhysAddr::new(
+            m.table_copy(m.tables.root())[index(start, 0)] & ADDR_MASK,
+        )))[index(start, 1)]
             & ADDR_MASK,
     ));
     let slot = pd.start_address() + index(start, 2) as u64 * 8;
-    let pd_entry = m.mem.table_copy(pd)[index(start, 2)];
-    m.mem.write(
+    let pd_entry = m.table_copy(pd)[index(start, 2)];
+    m.write_phys(
         slot,
         &(pd_entry & !PageTableFlags::WRITABLE.bits()).to_le_bytes(),
     );
@@ -720,14 +778,14 @@ fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
     let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 8 * MIB2));
     let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
     let snapshot = m.table_snapshot();
-    let out = m.pool.out();
+    let out = m.out();
     for k in 1..=2 {
-        m.pool.fail_from(Some(k));
+        m.fail_from(Some(k));
         let result = m.map_huge(huge, frame, RW);
         assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
-        assert!(m.table_snapshot() == snapshot && m.pool.out() == out);
+        assert!(m.table_snapshot() == snapshot && m.out() == out);
     }
-    m.pool.fail_from(None);
+    m.fail_from(None);
     m.map_huge(huge, frame, RW).unwrap();
-    assert_eq!(m.pool.out(), out + 2, "a PDPT and a PD");
+    assert_eq!(m.out(), out + 2, "a PDPT and a PD");
 }

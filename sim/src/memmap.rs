@@ -1,9 +1,9 @@
 //! Builds the firmware-style memory map; the layout is documented on
 //! [`SimMachine::memory_map`](super::SimMachine::memory_map).
 
-use crate::frame::MemoryRegion;
 use core::ops::Range;
 use std::vec::Vec;
+use vmalloc::frame::MemoryRegion;
 
 /// End of the low usable memory: 640 KiB less a 1 KiB EBDA.
 pub(super) const LOW_USABLE_END: u64 = 0x9_fc00;
