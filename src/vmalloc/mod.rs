@@ -65,16 +65,14 @@
 mod area;
 mod info;
 mod locked;
-// Some helpers serve only the tests and `benches/vspace.rs`, which includes these files.
-#[allow(dead_code)]
-mod node;
 mod options;
 mod owned;
 mod purge;
 mod realloc;
 mod reclaim;
-#[allow(dead_code)]
+mod slab;
 mod space;
+mod tree;
 
 pub use area::{AreaInfo, AreaKind};
 pub use info::{Areas, VmallocInfo, VmallocStats};
@@ -89,7 +87,7 @@ use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use area::AreaRecord;
 use core::ptr::NonNull;
 use locked::Locked;
-use node::NodePool;
+use slab::NodePool;
 use purge::PurgeList;
 use reclaim::TableSweep;
 use space::{AreaMap, VSpace};

@@ -7,7 +7,7 @@
 //! map just released is the one the entry takes, so queueing never needs a frame.
 
 use super::area::AreaRecord;
-use super::node::NodePool;
+use super::slab::NodePool;
 use crate::{FrameSource, PhysMemory};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;

@@ -37,7 +37,8 @@
 //! the same O(log n) shape; AVL keeps the path shortest for lookups, which vmalloc
 //! does on every `vfree`.
 
-use super::node::{MaxFree, Node, NodePool, Payload, Tree, release};
+use super::slab::NodePool;
+use super::tree::{MaxFree, Node, Payload, Tree, release};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use x86_64::VirtAddr;
 
@@ -88,11 +89,13 @@ impl VSpace {
         }
     }
 
+    #[cfg(test)]
     /// First address of the region.
     pub(crate) fn region_start(&self) -> VirtAddr {
         VirtAddr::new_truncate(self.start)
     }
 
+    #[cfg(test)]
     /// Size of the region in bytes.
     pub(crate) fn region_size(&self) -> u64 {
         self.size
@@ -109,11 +112,13 @@ impl VSpace {
         unsafe { self.free.root().as_ref().map_or(0, |root| root.value.0) }
     }
 
+    #[cfg(test)]
     /// Number of free ranges (tree nodes).
     pub(crate) fn free_ranges(&self) -> usize {
         self.free.len()
     }
 
+    #[cfg(test)]
     /// Free ranges as `(start, size)`, in address order.
     pub(crate) fn iter_free(&self) -> impl Iterator<Item = (VirtAddr, u64)> + '_ {
         self.free
@@ -403,6 +408,7 @@ impl<T: Copy> AreaMap<T> {
         self.busy.len()
     }
 
+    #[cfg(test)]
     /// Whether there are no areas.
     pub(crate) fn is_empty(&self) -> bool {
         self.busy.len() == 0
@@ -457,6 +463,7 @@ impl<T: Copy> AreaMap<T> {
         Some(area)
     }
 
+    #[cfg(test)]
     /// The area starting exactly at `start`.
     pub(crate) fn get(&self, start: VirtAddr) -> Option<Area<T>> {
         self.busy
@@ -505,11 +512,13 @@ impl<T: Copy> AreaMap<T> {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Areas in address order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = Area<T>> + '_ {
         self.busy.iter().map(area_of)
     }
 
+    #[cfg(test)]
     /// Removes every area, returning the nodes to `pool`.
     pub(crate) fn clear<F: FrameSource, M: PhysMemory>(&mut self, pool: &mut NodePool<F, M>) {
         // SAFETY: drained nodes came from `pool` and are unlinked.
@@ -532,5 +541,4 @@ fn area_of<T: Copy>(node: &Node<Payload<T>>) -> Area<T> {
 }
 
 #[cfg(test)]
-#[path = "space_test.rs"]
 mod test;

@@ -2,10 +2,8 @@
 
 extern crate std;
 
-use super::super::node::NodePool;
-// `benches/vspace.rs` compiles this file without its `#[test]` functions.
-#[allow(unused_imports)]
 use super::super::options::{VMALLOC_SIZE, VMALLOC_START};
+use super::super::slab::NodePool;
 use super::*;
 use crate::{Error, FrameSource, OffsetPhysMemory, PAGE_SIZE};
 use proptest::prelude::*;

@@ -1,26 +1,4 @@
-//! Tree nodes for the vmalloc bookkeeping, and the pool they are carved from.
-//!
-//! The vmalloc manager must work before the kernel has a heap, so its two trees (free
-//! virtual ranges in [`space`](super::space), busy areas in [`AreaMap`](super::space::AreaMap))
-//! take their nodes from a [`NodePool`]: 4 KiB frames pulled from a [`FrameSource`] on
-//! demand, reached through [`PhysMemory`], and cut into equal slots. The first slot of
-//! every frame (a "slab") links the slabs together; the others hold nodes. A freed
-//! node goes onto an intrusive free list and is reused before any new frame is taken.
-//! Both trees share one slot size (the larger of their node types), so a node freed by
-//! one tree can be reused by the other: `vfree` moves the area's record into a purge-list
-//! entry in the slot the area map just freed, and the purge pops it (freeing the slot)
-//! before giving the range back (which may need one), so neither step needs a new frame.
-//!
-//! Each slab counts its free slots and keeps its own free list, and the pool keeps
-//! its slabs on three lists (full, partial, empty), as SLUB does, so a slab whose
-//! last node is freed is found in O(1). Empty slabs go back to the frame source when
-//! the manager asks ([`NodePool::shrink`]): after every call it keeps at most one, so
-//! bookkeeping shrinks when areas go, and a failed call gives back every slab it took
-//! ([`NodePool::shrink_to`]). Nothing is given back in the middle of a call, so a
-//! reservation stays valid until the call ends.
-//!
-//! Operations that may need nodes call [`NodePool::reserve`] first and mutate only once
-//! it succeeded, so running out of frames changes nothing.
+//! The AVL trees of the vmalloc bookkeeping: free virtual ranges and busy areas.
 //!
 //! Both trees are AVL trees keyed by start address over the same [`Node`] layout,
 //! generic over a small value that the tree keeps up to date on every path it changes
@@ -32,358 +10,14 @@
 //! height and augmented value unchanged, the way back up only compares: nothing there
 //! can change.
 
-use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
-use core::marker::PhantomData;
-use core::mem::{align_of, size_of};
+use super::slab::NodePool;
+use crate::{FrameSource, PhysMemory};
+use core::mem::size_of;
 use core::ptr::{self, null_mut};
-use x86_64::PhysAddr;
-use x86_64::structures::paging::{PhysFrame, Size4KiB};
-
-/// Alignment of every slot; a node type may not need more.
-const SLOT_ALIGN: usize = 16;
-
-/// Most frames one [`NodePool::reserve`] call may need to take.
-const MAX_RESERVE_FRAMES: usize = 4;
 
 /// Deepest AVL tree an iterator's fixed stack can walk (far beyond 2^40 nodes).
+#[cfg(test)]
 const MAX_HEIGHT: usize = 64;
-
-/// A free slot, linked through its first word.
-struct FreeSlot {
-    next: *mut FreeSlot,
-}
-
-/// The first slot of every slab frame.
-struct SlabHeader {
-    next: *mut SlabHeader,
-    prev: *mut SlabHeader,
-    /// This slab's free slots.
-    free: *mut FreeSlot,
-    free_count: usize,
-    frame: PhysFrame<Size4KiB>,
-}
-
-/// A doubly linked list of slabs.
-struct SlabList {
-    head: *mut SlabHeader,
-    len: usize,
-}
-
-impl SlabList {
-    const fn new() -> Self {
-        Self {
-            head: null_mut(),
-            len: 0,
-        }
-    }
-
-    /// Links `slab` at the front.
-    ///
-    /// # Safety
-    ///
-    /// `slab` is a live slab header on no list.
-    unsafe fn push(&mut self, slab: *mut SlabHeader) {
-        // SAFETY: per the caller; `head` is live or null.
-        unsafe {
-            (*slab).prev = null_mut();
-            (*slab).next = self.head;
-            if let Some(head) = self.head.as_mut() {
-                head.prev = slab;
-            }
-        }
-        self.head = slab;
-        self.len += 1;
-    }
-
-    /// Unlinks `slab`.
-    ///
-    /// # Safety
-    ///
-    /// `slab` is on this list.
-    unsafe fn unlink(&mut self, slab: *mut SlabHeader) {
-        // SAFETY: per the caller; neighbours on a list are live or null.
-        unsafe {
-            let (prev, next) = ((*slab).prev, (*slab).next);
-            match prev.as_mut() {
-                Some(prev) => prev.next = next,
-                None => self.head = next,
-            }
-            if let Some(next) = next.as_mut() {
-                next.prev = prev;
-            }
-        }
-        self.len -= 1;
-    }
-
-    /// Unlinks and returns the first slab.
-    fn pop(&mut self) -> Option<*mut SlabHeader> {
-        let slab = self.head;
-        if slab.is_null() {
-            return None;
-        }
-        // SAFETY: the head is on this list.
-        unsafe { self.unlink(slab) };
-        Some(slab)
-    }
-}
-
-/// Fixed-size node slots carved from 4 KiB frames (see the module doc).
-pub(crate) struct NodePool<F: FrameSource, M: PhysMemory> {
-    frames: F,
-    phys: M,
-    slot_size: usize,
-    /// Slabs with no free slot, some free slots, every slot free.
-    full: SlabList,
-    partial: SlabList,
-    empty: SlabList,
-    free_count: usize,
-}
-
-// SAFETY: the pool exclusively owns its slabs; the raw pointers are never shared with
-// another pool, so moving the pool moves ownership of that memory with it.
-unsafe impl<F: FrameSource + Send, M: PhysMemory + Send> Send for NodePool<F, M> {}
-
-impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
-    /// An empty pool whose slots fit both trees' nodes for area payload `T`.
-    pub(crate) fn new<T: Copy>(frames: F, phys: M) -> Self {
-        Self::with_slot_size(frames, phys, slot_size_for::<T>())
-    }
-
-    /// An empty pool of `slot_size`-byte slots (rounded up to [`SLOT_ALIGN`]).
-    ///
-    /// # Panics
-    ///
-    /// If fewer than two nodes of that size fit in a frame next to the slab header.
-    pub(crate) fn with_slot_size(frames: F, phys: M, slot_size: usize) -> Self {
-        let slot_size = slot_size
-            .max(size_of::<SlabHeader>())
-            .next_multiple_of(SLOT_ALIGN);
-        assert!(PAGE_SIZE as usize / slot_size >= 3, "node slots too large");
-        Self {
-            frames,
-            phys,
-            slot_size,
-            full: SlabList::new(),
-            partial: SlabList::new(),
-            empty: SlabList::new(),
-            free_count: 0,
-        }
-    }
-
-    /// Bytes per slot.
-    pub(crate) fn slot_size(&self) -> usize {
-        self.slot_size
-    }
-
-    /// Node slots per slab frame (one slot holds the slab header).
-    pub(crate) fn slots_per_frame(&self) -> usize {
-        PAGE_SIZE as usize / self.slot_size - 1
-    }
-
-    /// Frames the pool holds: the manager's "bookkeeping frames".
-    pub(crate) fn frames_held(&self) -> usize {
-        self.full.len + self.partial.len + self.empty.len
-    }
-
-    /// Slots ready to hand out without taking a frame.
-    pub(crate) fn free_slots(&self) -> usize {
-        self.free_count
-    }
-
-    /// The frame source the pool grows from.
-    pub(crate) fn frame_source(&self) -> &F {
-        &self.frames
-    }
-
-    /// The physical-memory window the pool reaches its frames through.
-    pub(crate) fn phys(&self) -> &M {
-        &self.phys
-    }
-
-    /// Makes sure `count` slots can be taken without failing.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::OutOfFrames`] when the frame source runs dry; the frames taken by this
-    /// call are given back and the pool is as it was.
-    pub(crate) fn reserve(&mut self, count: usize) -> Result<(), Error> {
-        let missing = count.saturating_sub(self.free_count);
-        let needed = missing.div_ceil(self.slots_per_frame());
-        assert!(needed <= MAX_RESERVE_FRAMES, "reservation too large");
-        let mut taken = [None; MAX_RESERVE_FRAMES];
-        for slot in taken.iter_mut().take(needed) {
-            match self.frames.alloc_frame() {
-                Some(frame) => *slot = Some(frame),
-                None => {
-                    for frame in taken.iter().flatten() {
-                        self.give_frame(*frame);
-                    }
-                    return Err(Error::OutOfFrames);
-                }
-            }
-        }
-        for frame in taken.iter().flatten() {
-            self.carve(*frame);
-        }
-        Ok(())
-    }
-
-    /// Returns a frame to the source it came from.
-    fn give_frame(&self, frame: PhysFrame<Size4KiB>) {
-        // The frame came from this source; its contract is to take it back, and the
-        // pool has nowhere better to put it should it refuse.
-        let _ = self.frames.free_frame(frame);
-    }
-
-    /// Links a fresh frame in as an empty slab.
-    fn carve(&mut self, frame: PhysFrame<Size4KiB>) {
-        let base = self.phys.phys_to_virt(frame.start_address());
-        let header = base.cast::<SlabHeader>();
-        let mut free = null_mut::<FreeSlot>();
-        for index in (1..=self.slots_per_frame()).rev() {
-            // SAFETY: slot `index` lies inside the frame (see `slots_per_frame`), which
-            // this pool now owns; slots are `SLOT_ALIGN`-aligned in a 4 KiB-aligned
-            // frame (`PhysMemory`'s contract).
-            let slot = unsafe { base.add(index * self.slot_size) }.cast::<FreeSlot>();
-            // SAFETY: as above.
-            unsafe { slot.write(FreeSlot { next: free }) };
-            free = slot;
-        }
-        // SAFETY: as above; the header fits in the first slot.
-        unsafe {
-            header.write(SlabHeader {
-                next: null_mut(),
-                prev: null_mut(),
-                free,
-                free_count: self.slots_per_frame(),
-                frame,
-            });
-            self.empty.push(header);
-        }
-        self.free_count += self.slots_per_frame();
-    }
-
-    /// Takes a reserved slot and writes `node` into it.
-    ///
-    /// # Panics
-    ///
-    /// If nothing was reserved, or `N` does not fit a slot: both are bugs in the caller.
-    pub(crate) fn take<N>(&mut self, node: N) -> *mut N {
-        assert!(size_of::<N>() <= self.slot_size && align_of::<N>() <= SLOT_ALIGN);
-        let slab = if self.partial.head.is_null() {
-            let slab = self.empty.pop().expect("node taken without a reservation");
-            // SAFETY: a slab just unlinked from the empty list.
-            unsafe { self.partial.push(slab) };
-            slab
-        } else {
-            self.partial.head
-        };
-        // SAFETY: slabs on the lists are live, and partial ones have a free slot.
-        let header = unsafe { &mut *slab };
-        let slot = header.free;
-        // SAFETY: free-list slots hold a valid `FreeSlot`.
-        header.free = unsafe { (*slot).next };
-        header.free_count -= 1;
-        self.free_count -= 1;
-        if header.free_count == 0 {
-            // SAFETY: the slab is on the partial list.
-            unsafe {
-                self.partial.unlink(slab);
-                self.full.push(slab);
-            }
-        }
-        let node_ptr = slot.cast::<N>();
-        // SAFETY: the slot is unused, large and aligned enough for `N` (checked above).
-        unsafe { node_ptr.write(node) };
-        node_ptr
-    }
-
-    /// Puts a node's slot back on its slab's free list.
-    ///
-    /// # Safety
-    ///
-    /// `node` came from [`take`](Self::take) on this pool, is no longer linked into any
-    /// tree and is not used again.
-    pub(crate) unsafe fn give(&mut self, node: *mut u8) {
-        // Slabs are 4 KiB-aligned and a slot never crosses its slab's end.
-        let slab = node
-            .map_addr(|addr| addr & !(PAGE_SIZE as usize - 1))
-            .cast::<SlabHeader>();
-        let per_frame = self.slots_per_frame();
-        // SAFETY: the node's slab is live and owned by this pool (the caller).
-        let header = unsafe { &mut *slab };
-        let slot = node.cast::<FreeSlot>();
-        // SAFETY: the slot is unused now (the caller) and aligned for a `FreeSlot`.
-        unsafe { slot.write(FreeSlot { next: header.free }) };
-        header.free = slot;
-        header.free_count += 1;
-        self.free_count += 1;
-        // SAFETY: a slab with one free slot was full, with all free partial (or full
-        // when a slab holds one slot); each is on the list its old count says.
-        unsafe {
-            if header.free_count == 1 {
-                self.full.unlink(slab);
-                self.partial.push(slab);
-            }
-            if header.free_count == per_frame {
-                self.partial.unlink(slab);
-                self.empty.push(slab);
-            }
-        }
-    }
-
-    /// Gives empty slabs back to the frame source until at most `keep` are left.
-    pub(crate) fn shrink(&mut self, keep: usize) {
-        while self.empty.len > keep {
-            self.release_empty();
-        }
-    }
-
-    /// Gives empty slabs back until the pool holds at most `frames` frames (or no
-    /// empty slab is left): the rollback of a failed call that grew the pool.
-    pub(crate) fn shrink_to(&mut self, frames: usize) {
-        while self.frames_held() > frames && self.empty.len > 0 {
-            self.release_empty();
-        }
-    }
-
-    fn release_empty(&mut self) {
-        if let Some(slab) = self.empty.pop() {
-            // SAFETY: an empty slab: no node lives in it, and it is on no list now.
-            let frame = unsafe { (*slab).frame };
-            self.free_count -= self.slots_per_frame();
-            self.give_frame(frame);
-        }
-    }
-
-    /// Gives every slab back, whatever lives in it: the end of the manager, whose trees
-    /// are dropped unused.
-    pub(crate) fn release_all(&mut self) {
-        for list in [&mut self.full, &mut self.partial, &mut self.empty] {
-            while let Some(slab) = list.pop() {
-                // SAFETY: slabs on the lists are live; this one is on none now.
-                let frame = unsafe { (*slab).frame };
-                let _ = self.frames.free_frame(frame);
-            }
-        }
-        self.free_count = 0;
-    }
-
-    /// Physical start addresses of the slab frames (for diagnostics).
-    pub(crate) fn slab_frames(&self) -> impl Iterator<Item = PhysAddr> + '_ {
-        [&self.full, &self.partial, &self.empty]
-            .into_iter()
-            .flat_map(|list| {
-                let mut slab = list.head;
-                core::iter::from_fn(move || {
-                    // SAFETY: slabs on the lists are live.
-                    let header = unsafe { slab.as_ref() }?;
-                    slab = header.next;
-                    Some(header.frame.start_address())
-                })
-            })
-    }
-}
 
 /// Slot size fitting a free-tree node and an area node with payload `T`.
 pub(crate) const fn slot_size_for<T: Copy>() -> usize {
@@ -734,23 +368,26 @@ impl<V: NodeValue> Tree<V> {
         walk(self.root, 0, u64::MAX);
     }
 
+    #[cfg(test)]
     /// Nodes in address order.
     pub(crate) fn iter(&self) -> TreeIter<'_, V> {
         let mut iter = TreeIter {
             stack: [null_mut(); MAX_HEIGHT],
             depth: 0,
-            _tree: PhantomData,
+            _tree: core::marker::PhantomData,
         };
         iter.push_left(self.root);
         iter
     }
 
     /// Unlinks every node and hands each to `release`.
+    #[cfg(test)]
     pub(crate) fn drain(&mut self, mut release: impl FnMut(*mut Node<V>)) {
         while let Some(start) = self.iter().next().map(|n| n.start) {
             release(self.remove(start));
         }
     }
+
 }
 
 /// Returns the new subtree root, or `None`, with nothing changed, if `node`'s range
@@ -868,12 +505,14 @@ unsafe fn modify_at<V: NodeValue>(
 }
 
 /// In-order walk with a fixed stack (no heap).
+#[cfg(test)]
 pub(crate) struct TreeIter<'a, V> {
     stack: [*mut Node<V>; MAX_HEIGHT],
     depth: usize,
-    _tree: PhantomData<&'a Node<V>>,
+    _tree: core::marker::PhantomData<&'a Node<V>>,
 }
 
+#[cfg(test)]
 impl<V> TreeIter<'_, V> {
     fn push_left(&mut self, mut node: *mut Node<V>) {
         while !node.is_null() {
@@ -885,6 +524,7 @@ impl<V> TreeIter<'_, V> {
     }
 }
 
+#[cfg(test)]
 impl<'a, V> Iterator for TreeIter<'a, V> {
     type Item = &'a Node<V>;
 
