@@ -9,14 +9,10 @@
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::tlb::InvlpgFlush;
-use vmalloc::vmalloc::{CacheMode, Vmalloc, VmallocConfig};
-use vmalloc::{Error, OffsetPhysMemory};
+use vmalloc::vmalloc::CacheMode;
+use vmalloc::{Error, KernelVmalloc, OffsetPhysMemory, Vmalloc, VmallocConfig};
 use x86_64::registers::control::Cr3;
 use x86_64::{PhysAddr, VirtAddr};
-
-/// The kernel's vmalloc: frames from the static allocator, physical memory at an
-/// offset, `invlpg` for flushes (an SMP kernel plugs in its shootdown instead).
-type KernelVmalloc = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, InvlpgFlush>;
 
 static FRAMES: spin::Once<LockedFrameAllocator<'static>> = spin::Once::new();
 static VMALLOC: spin::Once<KernelVmalloc> = spin::Once::new();

@@ -4,7 +4,7 @@
 //! scattered frames behind it, writes through it, lists the areas, runs into the
 //! guard page, makes a few mistakes on purpose, and gives everything back.
 
-use vmalloc::vmalloc::{VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::{VmOptions, Vmalloc, VmallocConfig};
 use vmalloc_sim::{Access, SimConfig, SimMachine};
 use x86_64::VirtAddr;
 

@@ -1,36 +1,33 @@
 //! Virtually contiguous kernel memory built from scattered 4 KiB physical frames,
 //! for x86_64 kernels written in Rust: what Linux's `mm/vmalloc.c` gives Linux.
 //!
-//! # Architecture
+//! # Layout
 //!
-//! One module per concept, each usable on its own:
+//! One module per concept. Each may use only the modules listed after it, so the
+//! dependencies point one way, from the heap down to the frames:
 //!
-//! - [`frame`] hands out physical frames. [`BitmapFrameAllocator`](frame::BitmapFrameAllocator)
-//!   is built from a firmware memory map and keeps a hierarchical bitmap, so finding a
-//!   single free frame costs about the same at 0% and 99% use; [`LockedFrameAllocator`](frame::LockedFrameAllocator)
-//!   shares it between CPUs as a [`FrameSource`].
-//! - [`phys`] says how the code reaches physical memory ([`PhysMemory`]); a kernel
-//!   that maps all of it at an offset uses [`OffsetPhysMemory`].
-//! - [`paging`] is a cursor over x86_64 page tables ([`PageTables`](paging::PageTables)):
-//!   it maps, unmaps and protects whole ranges in one walk, takes every table frame
-//!   it needs before writing, and returns `#[must_use]` flush tokens for [`TlbFlush`].
-//! - [`vmalloc`] is the area manager ([`Vmalloc`](vmalloc::Vmalloc)): it reserves
-//!   virtual ranges (lowest fit, O(log n)), backs them with frames, keeps a guard page
-//!   after each area and batches TLB flushes lazily, as Linux does, but returns frames
-//!   only after the flush that covers them.
-//! - [`heap`] is a `GlobalAlloc` ([`KernelHeap`](heap::KernelHeap)) on vmalloc: small
-//!   blocks from `linked_list_allocator` in a growing window, large ones from vmalloc.
-//! - [`sim`] (feature `sim`) is a simulated machine: host memory as physical memory, a
-//!   software MMU and a TLB that only a flush updates, so all of the above runs in
-//!   `cargo test`, a missing flush included.
+//! | module | holds | uses |
+//! |---|---|---|
+//! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose small blocks come from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
+//! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), `vrealloc`, listings; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
+//! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk, and `#[must_use]` flush tokens | `frame`, `phys` |
+//! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, and the one ceiling rule for range against full flushes | `paging` (the tokens) |
+//! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map), its lock, fault injection | `phys` |
+//! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`]) | — |
+//!
+//! Beside the library, in the same workspace: `vmalloc-sim` (`sim/`), a simulated
+//! machine (host memory as physical memory, a software MMU and a TLB that only a
+//! flush updates) that runs all of the above in `cargo test`, a missing flush
+//! included; `qemu-kernel/`, a test kernel that proves it on a real MMU;
+//! `benches/`, criterion benchmarks against peers.
 //!
 //! Nothing here needs a global allocator: bookkeeping grows from frames.
 //!
 //! # Example
 //!
 //! ```
+//! use vmalloc::{Vmalloc, VmallocConfig};
 //! use vmalloc_sim::{SimConfig, SimMachine};
-//! use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 //! use x86_64::VirtAddr;
 //!
 //! let machine = SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(1));
@@ -70,6 +67,13 @@ pub use error::Error;
 pub use frame::FrameSource;
 pub use phys::{OffsetPhysMemory, PhysMemory};
 pub use tlb::TlbFlush;
+pub use vmalloc::{Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig, VmallocOps};
+
+/// The manager as a kernel with one CPU usually sets it up: frames from a
+/// [`LockedFrameAllocator`](frame::LockedFrameAllocator) in a `static`, all physical
+/// memory mapped at an offset, `invlpg` for flushes (see `examples/kernel_setup.rs`).
+pub type KernelVmalloc =
+    Vmalloc<&'static frame::LockedFrameAllocator<'static>, OffsetPhysMemory, tlb::InvlpgFlush>;
 
 /// Size of a base page and of a physical frame, in bytes.
 pub const PAGE_SIZE: u64 = 4096;

@@ -5,7 +5,16 @@
 //! with `invlpg`, or an SMP shootdown), so the library only asks through [`TlbFlush`].
 //! Two implementations come with it: [`InvlpgFlush`] for the CPU it runs on, and
 //! [`CountingFlush`], which only counts, for tests.
+//!
+//! # When a range becomes a full flush
+//!
+//! One number decides: [`TlbFlush::ceiling`], the pages up to which flushing page by
+//! page beats flushing everything (Linux's `tlb_single_page_flush_ceiling`, 33 by
+//! default). [`TlbFlush::flush_range`] applies it to one range and [`flush_batch`] to
+//! a batch of flush tokens, as the vmalloc purge issues them: each range on its own
+//! while their pages together stay within the ceiling, one full flush above it.
 
+use crate::paging::RangeFlush;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -23,11 +32,11 @@ pub trait TlbFlush {
     fn flush_page(&self, page: Page<Size4KiB>);
 
     /// Drops any translation in `range`. The default flushes page by page up to
-    /// [`SINGLE_PAGE_FLUSH_CEILING`] pages and everything above it: ranges can be
-    /// huge (a freed page table covers up to 1 GiB), and one `invlpg` per page
-    /// would take far longer than refilling the TLB.
+    /// [`ceiling`](Self::ceiling) pages and everything above it: ranges can be huge
+    /// (a freed page table covers up to 1 GiB), and one `invlpg` per page would take
+    /// far longer than refilling the TLB.
     fn flush_range(&self, range: PageRange<Size4KiB>) {
-        if range.len() > SINGLE_PAGE_FLUSH_CEILING {
+        if range.len() > self.ceiling() {
             return self.flush_all();
         }
         for page in range {
@@ -37,6 +46,37 @@ pub trait TlbFlush {
 
     /// Drops every non-global and global translation.
     fn flush_all(&self);
+
+    /// Pages up to which a range, or a batch of ranges, is flushed page by page
+    /// rather than all at once. [`SINGLE_PAGE_FLUSH_CEILING`] unless overridden.
+    fn ceiling(&self) -> u64 {
+        SINGLE_PAGE_FLUSH_CEILING
+    }
+}
+
+/// Issues a batch of flush tokens as one flush: each token's range on its own while
+/// their pages together stay within `tlb`'s [ceiling](TlbFlush::ceiling), one full
+/// flush above it (or when a token can only be honoured by one).
+pub fn flush_batch<I>(tlb: &(impl TlbFlush + ?Sized), tokens: I)
+where
+    I: IntoIterator<Item = RangeFlush> + Clone,
+{
+    let mut pages = 0u64;
+    for token in tokens.clone() {
+        match token.range() {
+            Some(range) => pages = pages.saturating_add(range.len()),
+            None => pages = u64::MAX,
+        }
+    }
+    if pages == 0 {
+        return;
+    }
+    if pages > tlb.ceiling() {
+        return tlb.flush_all();
+    }
+    for token in tokens {
+        token.flush(tlb);
+    }
 }
 
 impl<T: TlbFlush + ?Sized> TlbFlush for &T {
@@ -48,6 +88,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn flush_all(&self) {
         (**self).flush_all()
+    }
+    fn ceiling(&self) -> u64 {
+        (**self).ceiling()
     }
 }
 
@@ -96,14 +139,8 @@ impl TlbFlush for InvlpgFlush {
         x86_64::instructions::tlb::flush(page.start_address());
     }
 
-    fn flush_range(&self, range: PageRange<Size4KiB>) {
-        if range.len() > self.ceiling {
-            self.flush_all();
-        } else {
-            for page in range {
-                self.flush_page(page);
-            }
-        }
+    fn ceiling(&self) -> u64 {
+        self.ceiling
     }
 
     fn flush_all(&self) {
@@ -129,8 +166,9 @@ impl TlbFlush for InvlpgFlush {
 
 /// Flushes nothing and counts what it was asked: for tests, and for kernels that
 /// want to see how much flushing their unmaps cost.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CountingFlush {
+    ceiling: u64,
     page_calls: AtomicU64,
     range_calls: AtomicU64,
     range_pages: AtomicU64,
@@ -138,9 +176,15 @@ pub struct CountingFlush {
 }
 
 impl CountingFlush {
-    /// All counters at zero.
+    /// All counters at zero, with the default [ceiling](TlbFlush::ceiling).
     pub const fn new() -> Self {
+        Self::with_ceiling(SINGLE_PAGE_FLUSH_CEILING)
+    }
+
+    /// All counters at zero, reporting `ceiling` as its [ceiling](TlbFlush::ceiling).
+    pub const fn with_ceiling(ceiling: u64) -> Self {
         Self {
+            ceiling,
             page_calls: AtomicU64::new(0),
             range_calls: AtomicU64::new(0),
             range_pages: AtomicU64::new(0),
@@ -169,6 +213,12 @@ impl CountingFlush {
     }
 }
 
+impl Default for CountingFlush {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TlbFlush for CountingFlush {
     fn flush_page(&self, _: Page<Size4KiB>) {
         self.page_calls.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +231,10 @@ impl TlbFlush for CountingFlush {
 
     fn flush_all(&self) {
         self.full_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ceiling(&self) -> u64 {
+        self.ceiling
     }
 }
 
@@ -222,6 +276,36 @@ mod test {
             tlb.alls.load(Ordering::Relaxed),
             1,
             "a 1 GiB range is one full flush"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_flushed_range_by_range_within_the_ceiling_and_at_once_above_it() {
+        let tokens = |count: u64, pages: u64| {
+            (0..count).map(move |i| {
+                let start = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000))
+                    + i * (pages + 1);
+                RangeFlush::from_range(Page::range(start, start + pages))
+            })
+        };
+        let tlb = CountingFlush::new();
+        flush_batch(&tlb, tokens(11, 3));
+        assert_eq!((tlb.range_calls(), tlb.full_calls()), (11, 0), "33 pages");
+        flush_batch(&tlb, tokens(17, 2));
+        assert_eq!((tlb.range_calls(), tlb.full_calls()), (11, 1), "34 pages");
+        let wide = CountingFlush::with_ceiling(1000);
+        flush_batch(&wide, tokens(17, 2));
+        assert_eq!(
+            (wide.range_calls(), wide.full_calls()),
+            (17, 0),
+            "its own ceiling"
+        );
+        flush_batch(&wide, tokens(0, 2));
+        flush_batch(&wide, tokens(5, 0));
+        assert_eq!(
+            (wide.range_calls(), wide.full_calls()),
+            (17, 0),
+            "nothing to do"
         );
     }
 }

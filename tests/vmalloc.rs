@@ -446,6 +446,36 @@ fn eager_mode_flushes_each_free_by_range() {
 }
 
 #[test]
+fn the_purge_flushes_as_the_tlbs_own_ceiling_says() {
+    // Ten 10-page areas: 100 pages, above the default ceiling of 33.
+    let purge_flushes = |tlb: &CountingFlush| {
+        let machine = machine();
+        let frames = machine.frames();
+        // SAFETY: the machine's root table is used by nothing else in this test.
+        let vm =
+            unsafe { Vmalloc::new(config(false), machine.root(), machine.phys(), &frames, tlb) }
+                .unwrap();
+        let areas: Vec<_> = (0..10).map(|_| vm.vmalloc(10 * 4096).unwrap()).collect();
+        let keep = vm.vmalloc(4096).unwrap();
+        areas.iter().for_each(|p| vm.vfree(p.as_ptr()).unwrap());
+        let before = (tlb.range_calls(), tlb.full_calls());
+        vm.purge();
+        vm.vfree(keep.as_ptr()).unwrap();
+        (tlb.range_calls() - before.0, tlb.full_calls() - before.1)
+    };
+    assert_eq!(
+        purge_flushes(&CountingFlush::new()),
+        (0, 1),
+        "one full flush"
+    );
+    assert_eq!(
+        purge_flushes(&CountingFlush::with_ceiling(1000)),
+        (10, 0),
+        "a range flush per area under a ceiling of 1000 pages"
+    );
+}
+
+#[test]
 fn the_lazy_threshold_forces_a_purge() {
     let machine = machine();
     let frames = machine.frames();

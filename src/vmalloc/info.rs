@@ -6,8 +6,8 @@
 //! caller's code (a `Display` sink growing a `String` through the kernel heap, which
 //! grows through this manager) thus never runs with the lock held.
 
-use super::Vmalloc;
 use super::area::{AreaInfo, AreaKind};
+use super::manager::Vmalloc;
 use crate::{FrameSource, PhysMemory, TlbFlush};
 use core::fmt;
 use x86_64::VirtAddr;

@@ -2,13 +2,44 @@
 //! itself on failure.
 
 use super::area::{AreaKind, AreaRecord};
-use super::reclaim::{CountingFrames, FrameBatch, TableSweep};
-use super::{CHUNK, Inner, KEEP_EMPTY_SLABS, Vmalloc, invariant, page_at, page_range};
-use crate::{Error, FrameSource, PhysMemory, TlbFlush};
+use super::manager::Vmalloc;
+use super::purge::PurgeList;
+use super::reclaim::{CountingFrames, Reclaim};
+use super::slab::NodePool;
+use super::space::{AreaMap, VSpace};
+use crate::paging::PageTables;
+use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::ptr::NonNull;
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
+
+/// Frames taken from the allocator per bulk call while mapping, and frames handed
+/// back per batch.
+pub(super) const CHUNK: usize = 64;
+
+/// Empty bookkeeping slabs kept after a call, so alternating calls do not take and
+/// give back a frame each time.
+const KEEP_EMPTY_SLABS: usize = 1;
+
+/// The manager's state, under its lock.
+pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
+    pub(super) tables: PageTables<M>,
+    pub(super) space: VSpace,
+    pub(super) areas: AreaMap<AreaRecord>,
+    pub(super) pool: NodePool<F, M>,
+    pub(super) purge: PurgeList,
+    /// Tables this manager created and has not freed, the top-level ones included.
+    pub(super) page_table_frames: u64,
+    pub(super) data_frames: u64,
+    pub(super) purges: u64,
+}
+
+// SAFETY: `Inner` holds raw pointers into frames it owns (page tables, bookkeeping
+// nodes); they are only dereferenced with the manager's lock held, so moving the
+// state to another CPU is sound whenever the phys-to-virt access itself may move.
+unsafe impl<F: FrameSource + Send, M: PhysMemory + Copy + Send> Send for Inner<F, M> {}
 
 /// A [`Vmalloc`] whose lock this value holds. Dropping it gives back all but
 /// [`KEEP_EMPTY_SLABS`] empty bookkeeping slabs, then unlocks.
@@ -19,7 +50,13 @@ pub(super) struct Locked<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: Tl
 
 impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Drop for Locked<'_, F, M, T> {
     fn drop(&mut self) {
-        self.guard.pool.shrink(KEEP_EMPTY_SLABS);
+        if self.guard.pool.empty_slabs() > KEEP_EMPTY_SLABS {
+            let mut reclaim = Reclaim::new(&self.vm.frames, &self.vm.tlb);
+            self.guard
+                .pool
+                .shrink(KEEP_EMPTY_SLABS, |frame| reclaim.unreachable(frame));
+            reclaim.finish();
+        }
     }
 }
 
@@ -185,10 +222,11 @@ where
                 self.map(page_at(start, next), frames.iter().copied(), flags)
             };
             if let Err(error) = result {
-                let mut batch = FrameBatch::new(&self.vm.frames);
-                frames.iter().for_each(|&frame| batch.push(frame));
-                batch.finish();
-                self.free_range(page_range(start, pages.start..next));
+                let vm = self.vm;
+                let mut reclaim = Reclaim::new(&vm.frames, &vm.tlb);
+                frames.iter().for_each(|&frame| reclaim.unreachable(frame));
+                self.unmap_flushed(page_range(start, pages.start..next), &mut reclaim, true);
+                self.guard.page_table_frames -= reclaim.finish();
                 return Err(error);
             }
             next += got as u64;
@@ -256,43 +294,6 @@ where
         }
     }
 
-    /// Frees an area: detaches its mapped pages and queues it for the batched flush.
-    pub(super) fn retire(&mut self, start: VirtAddr, record: AreaRecord) {
-        self.queue_for_purge(start, record);
-        let pending = self.guard.purge.pages;
-        if self.vm.config.eager || pending > self.vm.config.lazy_threshold_pages {
-            self.purge();
-        }
-    }
-
-    /// Detaches the area's pages and moves it from the area map to the purge list.
-    fn queue_for_purge(&mut self, start: VirtAddr, record: AreaRecord) {
-        let inner = &mut *self.guard;
-        let mapped = page_range(start, 0..record.mapped_pages);
-        if !mapped.is_empty() {
-            // SAFETY: the area is being freed, its pages are this manager's; the purge
-            // flushes them before their frames or range are reused.
-            let detached = unsafe { inner.tables.detach(mapped) };
-            // SAFETY: as above: the purge flushes the range.
-            invariant(detached.map(|flush| unsafe { flush.ignore() }));
-        }
-        // The area's node goes back to the pool and the purge entry takes it.
-        let removed = inner.areas.remove(&mut inner.pool, start);
-        debug_assert_eq!(removed.map(|area| area.size), Some(record.span()));
-        inner.purge.push(&mut inner.pool, start, record);
-    }
-
-    /// Frees every live area, as `vfree` (or `vunmap`, `iounmap`) would, without
-    /// purging: the manager's teardown.
-    pub(super) fn retire_all(&mut self) {
-        while let Some(area) = self.guard.areas.first_from(0) {
-            if area.data.kind.owns_frames() {
-                self.guard.data_frames -= area.data.mapped_pages;
-            }
-            self.queue_for_purge(area.start, area.data);
-        }
-    }
-
     /// Takes the `vmap` area at `start` out of every lookup and unmaps its `pages`
     /// pages, flushing, but keeps its frames in the detached entries and its range
     /// busy, for [`reclaim_chunk`](Self::reclaim_chunk) to hand out.
@@ -323,82 +324,66 @@ where
     /// Frees the page tables and the range of an area whose frames were all handed
     /// out, and forgets it.
     pub(super) fn finish_unmapping(&mut self, start: VirtAddr, pages: u64) {
-        let mut sweep = TableSweep::new(&self.vm.frames, &self.vm.tlb);
-        sweep.sweep(&mut self.guard.tables, page_range(start, 0..pages));
-        let freed = sweep.finish(&self.vm.tlb);
-        self.guard.page_table_frames -= freed;
+        let mut reclaim = Reclaim::new(&self.vm.frames, &self.vm.tlb);
+        reclaim.sweep_tables(&mut self.guard.tables, page_range(start, 0..pages));
+        self.guard.page_table_frames -= reclaim.finish();
         self.remove_area(start);
     }
 
-    /// One batched flush for every pending area, then their frames and ranges return.
-    pub(super) fn purge(&mut self) {
+    /// Unmaps `range` now, flushing; its frames go back to the allocator if
+    /// `free_frames`, and the page tables it left empty in any case.
+    pub(super) fn unmap_now(&mut self, range: PageRange, free_frames: bool) {
         let vm = self.vm;
-        let inner = &mut *self.guard;
-        if inner.purge.is_empty() {
-            return;
-        }
-        if inner.purge.pages <= crate::tlb::SINGLE_PAGE_FLUSH_CEILING {
-            for (start, record) in inner.purge.iter() {
-                vm.tlb
-                    .flush_range(page_range(start, 0..record.mapped_pages));
-            }
-        } else {
-            vm.tlb.flush_all();
-        }
-        // Emptied page tables of all areas go after one more flush, which covers them.
-        let mut sweep = TableSweep::new(&vm.frames, &vm.tlb);
-        let mut pending = core::mem::replace(&mut inner.purge, super::PurgeList::new());
-        let mut frames = FrameBatch::new(&vm.frames);
-        while let Some((start, record)) = pending.pop(&mut inner.pool) {
-            let owns_frames = record.kind.owns_frames();
-            let range = page_range(start, 0..record.mapped_pages);
-            // SAFETY: the range was flushed above.
-            let reclaimed = unsafe {
-                inner.tables.reclaim_detached(range, |_, frame| {
-                    if owns_frames {
-                        frames.push(frame)
-                    }
-                })
-            };
-            invariant(reclaimed);
-            sweep.sweep(&mut inner.tables, range);
-            // The entry's slot was just given back: freeing the range cannot fail.
-            invariant(inner.space.free(&mut inner.pool, start, record.span()));
-        }
-        frames.finish();
-        inner.page_table_frames -= sweep.finish(&vm.tlb);
-        inner.purges += 1;
+        let mut reclaim = Reclaim::new(&vm.frames, &vm.tlb);
+        self.unmap_flushed(range, &mut reclaim, free_frames);
+        self.guard.page_table_frames -= reclaim.finish();
     }
 
-    /// Unmaps `range` now, flushing, and hands each frame to `on_frame`, in order;
-    /// then frees the page tables it left empty.
-    pub(super) fn unmap_flushed(&mut self, range: PageRange, mut on_frame: impl FnMut(PhysFrame)) {
+    /// Unmaps `range` now, flushing, and hands its frames (if `free_frames`) and the
+    /// page tables it left empty to `reclaim`.
+    fn unmap_flushed(&mut self, range: PageRange, reclaim: &mut Reclaim<'_, F>, free_frames: bool) {
         if range.is_empty() {
             return;
         }
-        let vm = self.vm;
-        let inner = &mut *self.guard;
+        let tlb = &self.vm.tlb;
+        let tables = &mut self.guard.tables;
         // SAFETY: the caller unmaps pages of its own area, which it no longer uses; the
         // flush follows at once.
-        let detached = unsafe { inner.tables.detach(range) };
-        invariant(detached.map(|flush| flush.flush(&vm.tlb)));
+        let detached = unsafe { tables.detach(range) };
+        invariant(detached.map(|flush| flush.flush(tlb)));
         // SAFETY: flushed just above.
         let reclaimed = unsafe {
-            inner
-                .tables
-                .reclaim_detached(range, |_, frame| on_frame(frame))
+            tables.reclaim_detached(range, |_, frame| {
+                if free_frames {
+                    reclaim.unreachable(frame)
+                }
+            })
         };
         invariant(reclaimed);
-        let mut sweep = TableSweep::new(&vm.frames, &vm.tlb);
-        sweep.sweep(&mut inner.tables, range);
-        inner.page_table_frames -= sweep.finish(&vm.tlb);
+        reclaim.sweep_tables(tables, range);
     }
+}
 
-    /// Unmaps `range` now, flushing, and frees its frames to the allocator.
-    pub(super) fn free_range(&mut self, range: PageRange) {
-        let vm = self.vm;
-        let mut batch = FrameBatch::new(&vm.frames);
-        self.unmap_flushed(range, |frame| batch.push(frame));
-        batch.finish();
-    }
+pub(super) fn page_at(start: VirtAddr, index: u64) -> Page {
+    Page::containing_address(start + index * PAGE_SIZE)
+}
+
+pub(super) fn page_range(start: VirtAddr, pages: core::ops::Range<u64>) -> PageRange {
+    Page::range(page_at(start, pages.start), page_at(start, pages.end))
+}
+
+pub(super) fn as_ptr(addr: VirtAddr) -> NonNull<u8> {
+    // SAFETY: areas lie in the region, which never contains address 0
+    // (`space::check_region`).
+    unsafe { NonNull::new_unchecked(addr.as_mut_ptr()) }
+}
+
+/// Internal consistency: areas this manager mapped are mapped. A failure is a bug
+/// here, or someone else editing the region's page tables.
+pub(super) fn invariant(result: Result<(), Error>) {
+    debug_assert_eq!(
+        result,
+        Ok(()),
+        "vmalloc page tables out of step with its areas"
+    );
 }

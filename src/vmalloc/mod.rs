@@ -5,7 +5,8 @@
 //! range there, takes 4 KiB frames from wherever the frame allocator finds them, and
 //! writes the page-table entries with one pass of the [page-table cursor]. One unmapped
 //! guard page follows each area, so running off its end faults instead of corrupting
-//! the neighbour.
+//! the neighbour. Frees are lazy: see [the purge](purge) for when the TLB is flushed
+//! and the frames come back.
 //!
 //! # Shared top-level tables
 //!
@@ -17,38 +18,13 @@
 //! freed when a purge leaves them empty; only tables the manager created are freed.
 //! For the default 32 TiB region this costs 64 frames (256 KiB).
 //!
-//! # Lazy TLB flushing
-//!
-//! Unmapping needs a TLB flush before the frames or the virtual range may be reused,
-//! and on an SMP machine a flush is an inter-processor interrupt. Like Linux, `vfree`
-//! does not flush: it *detaches* the area's entries (clears their present bit, so new
-//! walks fault at once) and puts the area on a purge list. When the list holds more
-//! than [`VmallocConfig::lazy_threshold_pages`] pages, or the region or the frame
-//! allocator runs dry, or [`Vmalloc::purge`] is called, one purge flushes them all
-//! (see [`purge`](self#the-purge) below). Only then do their virtual ranges become
-//! free again.
-//!
-//! Linux returns the pages to the page allocator right away and lets a stale TLB entry
-//! point at a page that someone else may already own. Here the frames stay recorded in
-//! the detached entries themselves (the hardware ignores every bit of a non-present
-//! entry) and go back to the frame allocator after the flush: no frame is handed out
-//! again while a stale translation may still reach it, and waiting costs no memory
-//! for bookkeeping. [`VmallocConfig::eager`] flushes on every free instead.
-//!
-//! # The purge
-//!
-//! One purge issues a range flush per waiting area while the list holds at most
-//! [`SINGLE_PAGE_FLUSH_CEILING`](crate::tlb::SINGLE_PAGE_FLUSH_CEILING) pages and one
-//! full flush above that; then it returns the frames, unlinks the page tables left
-//! empty and frees them after one more flush covering every address they served.
-//!
 //! # Failure
 //!
 //! Every call either succeeds or leaves the manager and the frame allocator as it
-//! found them (see [`Error`]): frames for data, page tables and bookkeeping are taken
-//! before anything is published, and a failed call gives back every one it took,
-//! bookkeeping slabs included. A call that runs out of frames or virtual space while
-//! areas wait for the purge purges once and tries again.
+//! found them (see [`Error`](crate::Error)): frames for data, page tables and
+//! bookkeeping are taken before anything is published, and a failed call gives back
+//! every one it took, bookkeeping slabs included. A call that runs out of frames or
+//! virtual space while areas wait for the purge purges once and tries again.
 //!
 //! # Locking
 //!
@@ -60,14 +36,32 @@
 //! [`areas`](Vmalloc::areas)) runs while the lock is held, so the kernel heap may be
 //! built on top without deadlock.
 //!
+//! # Files
+//!
+//! | file | holds | uses |
+//! |---|---|---|
+//! | `options.rs` | the region's bounds, [`VmallocConfig`], [`VmOptions`], [`Prot`] | — |
+//! | `manager.rs` | [`Vmalloc`] and its public calls | `locked`, `options` |
+//! | `locked.rs` | the state under the lock and the steps calls are made of | `space`, `purge`, `reclaim` |
+//! | `purge.rs` | the lazy-free list and the purge | `reclaim`, [`tlb`](crate::tlb) |
+//! | `realloc.rs` | `vrealloc` | `locked` |
+//! | `info.rs` | listings and counters | `locked` |
+//! | `reclaim.rs` | every frame leaving the manager | [`paging`](crate::paging) |
+//! | `space.rs` | free virtual ranges and the area map | `tree`, `slab` |
+//! | `tree.rs`, `slab.rs` | the AVL trees, the node pool | the frame source |
+//! | `area.rs` | what is recorded per area | `options` |
+//! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
+//!
 //! [page-table cursor]: crate::paging
 
 mod area;
 mod info;
 mod locked;
+mod manager;
+mod ops;
 mod options;
 mod owned;
-mod purge;
+pub mod purge;
 mod realloc;
 mod reclaim;
 mod slab;
@@ -76,547 +70,10 @@ mod tree;
 
 pub use area::{AreaInfo, AreaKind};
 pub use info::{Areas, VmallocInfo, VmallocStats};
+pub use manager::Vmalloc;
+pub use ops::VmallocOps;
 pub use options::{
     CacheMode, DEFAULT_LAZY_THRESHOLD_PAGES, Prot, VMALLOC_END, VMALLOC_SIZE, VMALLOC_START,
     VmFlags, VmOptions, VmallocConfig,
 };
-pub use owned::{VBox, VBuffer, VmallocOps};
-
-use crate::paging::PageTables;
-use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
-use area::AreaRecord;
-use core::ptr::NonNull;
-use locked::Locked;
-use slab::NodePool;
-use purge::PurgeList;
-use reclaim::TableSweep;
-use space::{AreaMap, VSpace};
-use x86_64::structures::paging::mapper::MappedFrame;
-use x86_64::structures::paging::page::PageRange;
-use x86_64::structures::paging::{Page, PhysFrame};
-use x86_64::{PhysAddr, VirtAddr};
-
-/// Frames taken from the allocator per bulk call while mapping, and frames handed
-/// back per batch.
-const CHUNK: usize = 64;
-
-/// Empty bookkeeping slabs kept after a call, so alternating calls do not take and
-/// give back a frame each time.
-const KEEP_EMPTY_SLABS: usize = 1;
-
-/// The vmalloc area manager. See the [module documentation](self).
-pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
-    inner: spin::Mutex<Inner<F, M>>,
-    frames: F,
-    phys: M,
-    tlb: T,
-    config: VmallocConfig,
-}
-
-/// State under the lock.
-struct Inner<F: FrameSource, M: PhysMemory + Copy> {
-    tables: PageTables<M>,
-    space: VSpace,
-    areas: AreaMap<AreaRecord>,
-    pool: NodePool<F, M>,
-    purge: PurgeList,
-    /// Tables this manager created and has not freed, the top-level ones included.
-    page_table_frames: u64,
-    data_frames: u64,
-    purges: u64,
-}
-
-// SAFETY: `Inner` holds raw pointers into frames it owns (page tables, bookkeeping
-// nodes); they are only dereferenced with the manager's lock held, so moving the
-// state to another CPU is sound whenever the phys-to-virt access itself may move.
-unsafe impl<F: FrameSource + Send, M: PhysMemory + Copy + Send> Send for Inner<F, M> {}
-
-impl<F, M, T> Vmalloc<F, M, T>
-where
-    F: FrameSource + Clone,
-    M: PhysMemory + Copy,
-    T: TlbFlush,
-{
-    /// A manager for `config`'s region of the address space whose top-level table is
-    /// `root`. It gives every top-level entry of the region a table now (see
-    /// [shared top-level tables](self#shared-top-level-tables)).
-    ///
-    /// # Errors
-    ///
-    /// For the region: [`Error::Unaligned`] if its start or size is not page-aligned,
-    /// [`Error::ZeroSize`] if it is empty, [`Error::NullPointer`] if it starts at 0,
-    /// [`Error::RangeWraps`] if it reaches the end of the address space,
-    /// [`Error::NonCanonical`] if it leaves the canonical half it starts in or ends at
-    /// its top. [`Error::HugePageInTheWay`] or [`Error::AlreadyMapped`] if one of its
-    /// top-level entries is not a table; [`Error::OutOfFrames`] if the top-level tables
-    /// or the first bookkeeping node cannot be had. Nothing is kept on error.
-    ///
-    /// # Safety
-    ///
-    /// - `root` is a valid PML4 reachable through `phys`, and stays valid while the
-    ///   manager lives (normally the kernel's page table, loaded in CR3 on every CPU
-    ///   that touches vmalloc memory; other address spaces may copy the region's
-    ///   top-level entries after this call, and must stop using them before the
-    ///   manager is dropped);
-    /// - nothing else maps, unmaps or frees anything in the region's page tables;
-    /// - `frames` upholds [`FrameSource`]'s contract with frames reachable through
-    ///   `phys`;
-    /// - `tlb` flushes the TLB of every CPU that may hold translations of the region.
-    pub unsafe fn new(
-        config: VmallocConfig,
-        root: PhysFrame,
-        phys: M,
-        frames: F,
-        tlb: T,
-    ) -> Result<Self, Error> {
-        space::check_region(config.start.as_u64(), config.size)?;
-        // SAFETY: forwarded from this function's contract.
-        let mut tables = unsafe { PageTables::new(root, phys) };
-        let mut pool = NodePool::new::<AreaRecord>(frames.clone(), phys);
-        let space = VSpace::new(&mut pool, config.start, config.size)?;
-        let region = page_range(config.start, 0..config.size / PAGE_SIZE);
-        // SAFETY: `frames` hands out unused frames reachable through `phys` (contract).
-        let created = match unsafe { tables.preallocate_top_level(region, &frames) } {
-            Ok(created) => created as u64,
-            Err(error) => {
-                pool.release_all();
-                return Err(error);
-            }
-        };
-        let inner = Inner {
-            tables,
-            space,
-            areas: AreaMap::new(),
-            pool,
-            purge: PurgeList::new(),
-            page_table_frames: created,
-            data_frames: 0,
-            purges: 0,
-        };
-        Ok(Self {
-            inner: spin::Mutex::new(inner),
-            frames,
-            phys,
-            tlb,
-            config,
-        })
-    }
-
-    /// The configuration the manager was built with.
-    pub fn config(&self) -> &VmallocConfig {
-        &self.config
-    }
-
-    /// The frame allocator the manager takes frames from.
-    pub fn frames(&self) -> &F {
-        &self.frames
-    }
-
-    /// The TLB-flush policy.
-    pub fn tlb(&self) -> &T {
-        &self.tlb
-    }
-
-    /// `size` bytes of kernel read-write memory, virtually contiguous, built from
-    /// scattered frames, followed by a guard page. Like Linux's `vmalloc`, the memory
-    /// is not zeroed.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`], [`Error::SizeTooLarge`], [`Error::OutOfVirtualSpace`],
-    /// [`Error::OutOfFrames`]; on error nothing changed.
-    pub fn vmalloc(&self, size: usize) -> Result<NonNull<u8>, Error> {
-        self.vmalloc_with(size, &VmOptions::default())
-    }
-
-    /// As [`vmalloc`](Self::vmalloc), with the memory zeroed.
-    ///
-    /// # Errors
-    ///
-    /// As [`vmalloc`](Self::vmalloc).
-    pub fn vzalloc(&self, size: usize) -> Result<NonNull<u8>, Error> {
-        let options = VmOptions {
-            flags: VmFlags::ZERO,
-            ..VmOptions::default()
-        };
-        self.vmalloc_with(size, &options)
-    }
-
-    /// The general form: alignment, protection, zeroing, guard page and label
-    /// (Linux's `__vmalloc_node_range`).
-    ///
-    /// # Errors
-    ///
-    /// As [`vmalloc`](Self::vmalloc), plus [`Error::BadAlignment`] for an alignment
-    /// that is not a power of two or exceeds the region, and [`Error::WriteExecute`]
-    /// for `WRITE | EXEC`.
-    pub fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        let pages = self.pages_for(size as u64)?;
-        let align = self.check_align(options.align)?;
-        let flags = options.prot.leaf_flags()?;
-        let record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
-        let zero = options.flags.contains(VmFlags::ZERO);
-        self.transact(|cx| {
-            let start = cx.create_area(record, align)?;
-            if let Err(error) = cx.back_pages(start, 0..pages, flags, zero) {
-                cx.remove_area(start);
-                return Err(error);
-            }
-            cx.inner().data_frames += pages;
-            Ok(as_ptr(start))
-        })
-    }
-
-    /// Frees an area made by `vmalloc`/`vzalloc`/`vmalloc_with` (or [`reserve`]): its
-    /// entries are detached at once, and its frames and virtual range return after
-    /// the TLB flush that covers them (see the module documentation).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::NullPointer`], [`Error::NotInRegion`], [`Error::InteriorPointer`],
-    /// [`Error::NotAllocated`] (never allocated, or freed already),
-    /// [`Error::WrongKind`] for a `vmap` or `ioremap` area. Nothing changes on error.
-    ///
-    /// [`reserve`]: Self::reserve
-    pub fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        let mut cx = self.lock();
-        let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
-        cx.inner().data_frames -= record.mapped_pages;
-        cx.retire(start, record);
-        Ok(())
-    }
-
-    /// Maps frames the caller owns at one contiguous virtual range (Linux's `vmap`).
-    /// The frames stay the caller's: [`vunmap`](Self::vunmap) hands them back.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`] for no frames, [`Error::SizeTooLarge`],
-    /// [`Error::WriteExecute`], [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`]
-    /// (for page tables). Nothing changes on error.
-    ///
-    /// # Safety
-    ///
-    /// Every frame is the caller's to map with `prot` for as long as the mapping lives:
-    /// RAM it owns (not the frame allocator's free memory, not a page table, not the
-    /// kernel image) and does not free before `vunmap` hands it back.
-    pub unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
-        let bytes = (frames.len() as u64)
-            .checked_mul(PAGE_SIZE)
-            .ok_or(Error::SizeTooLarge)?;
-        self.pages_for(bytes)?;
-        let flags = prot.leaf_flags()?;
-        let options = VmOptions {
-            prot,
-            ..VmOptions::default()
-        };
-        let record = AreaRecord::new(AreaKind::Vmap, bytes, flags, &options);
-        self.transact(|cx| {
-            let start = cx.create_area(record, PAGE_SIZE)?;
-            let mapped = cx.map(page_at(start, 0), frames.iter().copied(), flags);
-            if let Err(error) = mapped {
-                cx.remove_area(start);
-                return Err(error);
-            }
-            Ok(as_ptr(start))
-        })
-    }
-
-    /// Unmaps a `vmap` area, flushes the TLB for it, and hands each frame back to
-    /// `on_frame` in address order; they never go to the frame allocator. `on_frame`
-    /// runs without the manager's lock, so it may call the manager (or the heap).
-    ///
-    /// # Errors
-    ///
-    /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `vmap`.
-    pub fn vunmap(&self, ptr: *mut u8, mut on_frame: impl FnMut(PhysFrame)) -> Result<(), Error> {
-        let (start, pages) = {
-            let mut cx = self.lock();
-            let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmap])?;
-            cx.start_unmapping(start, record.mapped_pages);
-            (start, record.mapped_pages)
-        };
-        // The area is out of every lookup and its entries are detached and flushed;
-        // its frames come back a chunk at a time, each handed out after unlocking.
-        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
-        let mut done = 0;
-        while done < pages {
-            let count = (pages - done).min(CHUNK as u64);
-            self.lock()
-                .reclaim_chunk(page_range(start, done..done + count), &mut chunk);
-            chunk[..count as usize].iter().for_each(|&f| on_frame(f));
-            done += count;
-        }
-        self.lock().finish_unmapping(start, pages);
-        Ok(())
-    }
-
-    /// Maps the physical MMIO range `phys..phys + size` with `cache` attributes
-    /// (Linux's `ioremap`). `phys` need not be page-aligned: the returned pointer
-    /// keeps its offset into the page.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`], [`Error::SizeTooLarge`] (including a range past the 52-bit
-    /// physical limit), [`Error::ManagedRam`] if the range holds RAM the frame
-    /// allocator manages, [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`].
-    /// Nothing changes on error.
-    ///
-    /// # Safety
-    ///
-    /// The physical range is the caller's to map with `cache`: device memory (or
-    /// firmware tables) it may touch, whose accesses through this mapping cannot break
-    /// anything the rest of the kernel relies on.
-    pub unsafe fn ioremap(
-        &self,
-        phys: PhysAddr,
-        size: usize,
-        cache: CacheMode,
-    ) -> Result<NonNull<u8>, Error> {
-        if size == 0 {
-            return Err(Error::ZeroSize);
-        }
-        let offset = phys.as_u64() % PAGE_SIZE;
-        let end = phys
-            .as_u64()
-            .checked_add(size as u64)
-            .ok_or(Error::SizeTooLarge)?;
-        if PhysAddr::try_new(end - 1).is_err() {
-            return Err(Error::SizeTooLarge);
-        }
-        let bytes = offset + size as u64;
-        let pages = self.pages_for(bytes)?;
-        let first = PhysFrame::containing_address(phys);
-        if self.frames.manages(first, pages) {
-            return Err(Error::ManagedRam);
-        }
-        let flags = Prot::KERNEL_RW.leaf_flags()? | cache.flags();
-        let mut record = AreaRecord::new(AreaKind::Ioremap, bytes, flags, &VmOptions::default());
-        record.phys = phys;
-        self.transact(|cx| {
-            let start = cx.create_area(record, PAGE_SIZE)?;
-            let frames = (0..pages as usize).map(|i| first + i as u64);
-            if let Err(error) = cx.map(page_at(start, 0), frames, flags) {
-                cx.remove_area(start);
-                return Err(error);
-            }
-            Ok(as_ptr(start + offset))
-        })
-    }
-
-    /// Unmaps an `ioremap` area, given the exact pointer `ioremap` returned.
-    ///
-    /// # Errors
-    ///
-    /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `ioremap`.
-    pub fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
-        let mut cx = self.lock();
-        let page_start = ptr.map_addr(|addr| addr & !(PAGE_SIZE as usize - 1));
-        let (start, record) = cx.live_area_at(page_start, &[AreaKind::Ioremap])?;
-        if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
-            return Err(Error::InteriorPointer);
-        }
-        cx.retire(start, record);
-        Ok(())
-    }
-
-    /// The frame behind the vmalloc address `addr` (Linux's `vmalloc_to_page`).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::NotInRegion`] outside the region, [`Error::NotMapped`] for an address
-    /// no live area maps (a guard page, a freed area).
-    pub fn vmalloc_to_frame(&self, addr: VirtAddr) -> Result<PhysFrame, Error> {
-        if !self.is_vmalloc_addr(addr) {
-            return Err(Error::NotInRegion);
-        }
-        let cx = self.lock();
-        let (start, _, record) = cx.area_containing(addr).ok_or(Error::NotMapped)?;
-        let page_index = (addr - start) / PAGE_SIZE;
-        if record.dying || page_index >= record.mapped_pages {
-            return Err(Error::NotMapped);
-        }
-        match cx.translate(addr)? {
-            (_, _, MappedFrame::Size4KiB(frame)) => Ok(frame),
-            (phys, _, _) => Ok(PhysFrame::containing_address(phys)),
-        }
-    }
-
-    /// Whether `addr` lies in the managed region (Linux's `is_vmalloc_addr`).
-    pub fn is_vmalloc_addr(&self, addr: VirtAddr) -> bool {
-        let offset = addr.as_u64().wrapping_sub(self.config.start.as_u64());
-        offset < self.config.size
-    }
-
-    /// Reserves `size` bytes of the region without backing them (Linux's
-    /// `get_vm_area`); [`populate`](Self::populate) backs them from the start,
-    /// as a growing heap does. [`vfree`](Self::vfree) releases it.
-    ///
-    /// # Errors
-    ///
-    /// As [`vmalloc_with`](Self::vmalloc_with), except for frames.
-    pub fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        self.pages_for(size as u64)?;
-        let align = self.check_align(options.align)?;
-        let flags = options.prot.leaf_flags()?;
-        let mut record = AreaRecord::new(AreaKind::Reserved, size as u64, flags, options);
-        record.mapped_pages = 0;
-        self.transact(|cx| cx.create_area(record, align).map(as_ptr))
-    }
-
-    /// Backs the first `bytes` (rounded up to pages) of a reserved area with fresh
-    /// frames, mapping only the pages not mapped yet. Returns the bytes now backed.
-    ///
-    /// # Errors
-    ///
-    /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
-    /// reserved area), [`Error::SizeTooLarge`] past the area, [`Error::OutOfFrames`].
-    /// On error nothing changed.
-    pub fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
-        self.transact(|cx| {
-            let (start, record) = cx.live_area_at(ptr, &[AreaKind::Reserved])?;
-            let want = (bytes as u64).div_ceil(PAGE_SIZE);
-            if want > record.size / PAGE_SIZE {
-                return Err(Error::SizeTooLarge);
-            }
-            let have = record.mapped_pages;
-            if want > have {
-                cx.back_pages(start, have..want, record.flags, record.zeroed)?;
-                cx.record_mut(start).mapped_pages = want;
-                cx.inner().data_frames += want - have;
-            }
-            Ok((want.max(have) * PAGE_SIZE) as usize)
-        })
-    }
-
-    /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
-    /// the module documentation), then returns their frames and virtual ranges.
-    pub fn purge(&self) {
-        self.lock().purge();
-    }
-
-    /// Pages for `bytes`, refusing zero and sizes the region cannot hold.
-    fn pages_for(&self, bytes: u64) -> Result<u64, Error> {
-        if bytes == 0 {
-            return Err(Error::ZeroSize);
-        }
-        if bytes > self.config.size - PAGE_SIZE {
-            return Err(Error::SizeTooLarge);
-        }
-        Ok(bytes.div_ceil(PAGE_SIZE))
-    }
-
-    /// An alignment of at least a page, refusing those that are not powers of two or
-    /// that exceed the region.
-    fn check_align(&self, align: u64) -> Result<u64, Error> {
-        if !align.is_power_of_two() || align > self.config.size {
-            return Err(Error::BadAlignment);
-        }
-        Ok(align.max(PAGE_SIZE))
-    }
-
-    /// The manager with its lock held.
-    fn lock(&self) -> Locked<'_, F, M, T> {
-        Locked::new(self, self.inner.lock())
-    }
-
-    /// Runs `op` under the lock; if it fails, gives back every bookkeeping slab it
-    /// took, so the frame allocator sees no difference.
-    fn transact<R>(
-        &self,
-        op: impl FnOnce(&mut Locked<'_, F, M, T>) -> Result<R, Error>,
-    ) -> Result<R, Error> {
-        let mut cx = self.lock();
-        let slabs = cx.inner().pool.frames_held();
-        let result = op(&mut cx);
-        if result.is_err() {
-            cx.inner().pool.shrink_to(slabs);
-        }
-        result
-    }
-}
-
-impl<F, M, T> Drop for Vmalloc<F, M, T>
-where
-    F: FrameSource + Clone,
-    M: PhysMemory + Copy,
-    T: TlbFlush,
-{
-    /// Unmaps every area, flushes, and returns every frame the manager took: data
-    /// frames, the page tables it created (the top-level ones too, clearing their
-    /// entries in the root) and its bookkeeping. Frames of `vmap` areas are not the
-    /// manager's and are not returned anywhere; `ioremap` ranges are just unmapped.
-    fn drop(&mut self) {
-        let region = page_range(self.config.start, 0..self.config.size / PAGE_SIZE);
-        let mut cx = self.lock();
-        cx.retire_all();
-        cx.purge();
-        let inner = cx.inner();
-        let mut sweep = TableSweep::new(&self.frames, &self.tlb);
-        let batch = sweep.batch();
-        // SAFETY: `new`'s contract: no address space uses copies of the region's
-        // top-level entries once the manager is dropped.
-        let released = unsafe {
-            inner
-                .tables
-                .release_top_level(region, |frame| batch.push(frame))
-        };
-        if let Ok((count, flush)) = released {
-            sweep.add(count, flush);
-        }
-        let freed = sweep.finish(&self.tlb);
-        inner.page_table_frames = inner.page_table_frames.saturating_sub(freed);
-        inner.space = VSpace::empty();
-        inner.areas = AreaMap::new();
-        inner.pool.release_all();
-    }
-}
-
-fn page_at(start: VirtAddr, index: u64) -> Page {
-    Page::containing_address(start + index * PAGE_SIZE)
-}
-
-fn page_range(start: VirtAddr, pages: core::ops::Range<u64>) -> PageRange {
-    Page::range(page_at(start, pages.start), page_at(start, pages.end))
-}
-
-fn as_ptr(addr: VirtAddr) -> NonNull<u8> {
-    // SAFETY: areas lie in the region, which never contains address 0
-    // (`space::check_region`).
-    unsafe { NonNull::new_unchecked(addr.as_mut_ptr()) }
-}
-
-/// Internal consistency: areas this manager mapped are mapped. A failure is a bug
-/// here, or someone else editing the region's page tables.
-fn invariant(result: Result<(), Error>) {
-    debug_assert_eq!(
-        result,
-        Ok(()),
-        "vmalloc page tables out of step with its areas"
-    );
-}
-
-// SAFETY: each method forwards to the manager, whose areas are mapped read-write (or
-// as asked), aligned as asked, and exclusively the caller's until freed.
-unsafe impl<F, M, T> VmallocOps for Vmalloc<F, M, T>
-where
-    F: FrameSource + Clone + Send + Sync,
-    M: PhysMemory + Copy + Send + Sync,
-    T: TlbFlush + Sync,
-{
-    fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        Vmalloc::vmalloc_with(self, size, options)
-    }
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        Vmalloc::vfree(self, ptr)
-    }
-    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
-        Vmalloc::vrealloc(self, ptr, new_size)
-    }
-    fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        Vmalloc::reserve(self, size, options)
-    }
-    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
-        Vmalloc::populate(self, ptr, bytes)
-    }
-}
+pub use owned::{VBox, VBuffer};

@@ -1,68 +1,12 @@
 //! Owners that `vfree` on drop, named after Rust-for-Linux's `kernel::alloc`.
 
+use super::ops::VmallocOps;
 use super::options::{VmFlags, VmOptions};
 use crate::{Error, PAGE_SIZE};
 use core::marker::PhantomData;
 use core::mem::{align_of, size_of};
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
-
-/// The allocation calls the owners and the kernel heap need from a
-/// [`Vmalloc`](super::Vmalloc), object-safe so they can hold a `&dyn VmallocOps`
-/// whatever the manager's frame allocator, memory access and flush policy.
-///
-/// # Safety
-///
-/// The owners ([`VBox`], [`VBuffer`]) and the kernel heap write through the pointers
-/// these calls return, so an implementation promises, as [`Vmalloc`](super::Vmalloc)
-/// does:
-///
-/// - `vmalloc_with` returns the start of `size` bytes (rounded up to pages), aligned to
-///   `options.align` (at least a page), mapped readable and writable when
-///   `options.prot` has `WRITE`, zeroed when `options.flags` has `ZERO`, and used by
-///   nothing else until `vfree` (or a moving `vrealloc`) gives them up;
-/// - `vrealloc` returns such a block of `new_size` bytes holding the old contents up
-///   to the smaller size, and the old pointer is no longer valid unless returned;
-/// - `reserve` returns a range of `size` bytes that nothing else uses, of which
-///   `populate` maps (readable and writable, zeroed when asked) the first bytes it
-///   reports, staying mapped until `vfree`;
-/// - a call that fails leaves every block as it was.
-pub unsafe trait VmallocOps: Sync {
-    /// See [`Vmalloc::vmalloc_with`](super::Vmalloc::vmalloc_with).
-    ///
-    /// # Errors
-    ///
-    /// As there.
-    fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error>;
-
-    /// See [`Vmalloc::vfree`](super::Vmalloc::vfree).
-    ///
-    /// # Errors
-    ///
-    /// As there.
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error>;
-
-    /// See [`Vmalloc::vrealloc`](super::Vmalloc::vrealloc).
-    ///
-    /// # Errors
-    ///
-    /// As there.
-    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error>;
-
-    /// See [`Vmalloc::reserve`](super::Vmalloc::reserve).
-    ///
-    /// # Errors
-    ///
-    /// As there.
-    fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error>;
-
-    /// See [`Vmalloc::populate`](super::Vmalloc::populate).
-    ///
-    /// # Errors
-    ///
-    /// As there.
-    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
-}
 
 /// A byte buffer in vmalloc memory, freed on drop.
 pub struct VBuffer<'a> {

@@ -1,33 +1,69 @@
-//! Freed areas waiting for the batched TLB flush (Linux's `purge_vmap_area_list`).
+//! Lazy freeing: freed areas wait on a list, and one purge flushes them all.
 //!
-//! `vfree` takes the area out of the area map at once, so lookups and inserts only
-//! ever search live areas, however many frees wait; its range stays out of the free
-//! tree, so nothing can be placed there before the flush. The area's record moves
-//! into an entry of this list, carved from the same node pool: the slot the area
-//! map just released is the one the entry takes, so queueing never needs a frame.
+//! Unmapping needs a TLB flush before the frames or the virtual range may be reused,
+//! and on an SMP machine a flush is an inter-processor interrupt. Like Linux
+//! (`purge_vmap_area_lazy`), `vfree` does not flush. It *detaches* the area's entries
+//! (clears their present bit, so new walks fault at once) and moves the area from the
+//! area map to the purge list, with the flush token the detach returned. When the list
+//! holds more than [`VmallocConfig::lazy_threshold_pages`] pages, or the region or the
+//! frame allocator runs dry, or [`Vmalloc::purge`] is called, one purge issues every
+//! waiting token as one batch ([`flush_batch`]: the TLB's own ceiling decides between
+//! range flushes and one full flush). Then it returns the frames, unlinks the page
+//! tables left empty and frees them after one more flush covering every address they
+//! served, and only then frees the virtual ranges. [`VmallocConfig::eager`] purges on
+//! every free instead.
+//!
+//! Linux returns the pages to the page allocator right away and lets a stale TLB entry
+//! point at a page that someone else may already own. Here the frames stay recorded in
+//! the detached entries themselves (the hardware ignores every bit of a non-present
+//! entry) and go back to the frame allocator after the flush: no frame is handed out
+//! again while a stale translation may still reach it, and waiting costs no memory.
+//!
+//! The list is carved from the bookkeeping pool: the slot the area map just released is
+//! the one the entry takes, so queueing never needs a frame, and lookups only ever
+//! search live areas, however many frees wait.
+//!
+//! [`VmallocConfig::lazy_threshold_pages`]: super::VmallocConfig::lazy_threshold_pages
+//! [`VmallocConfig::eager`]: super::VmallocConfig::eager
+//! [`Vmalloc::purge`]: super::Vmalloc::purge
+//! [`flush_batch`]: crate::tlb::flush_batch
 
 use super::area::AreaRecord;
+use super::locked::{Locked, invariant, page_range};
+use super::reclaim::Reclaim;
 use super::slab::NodePool;
-use crate::{FrameSource, PhysMemory};
+use super::tree::slot_size_for;
+use crate::paging::RangeFlush;
+use crate::tlb::flush_batch;
+use crate::{FrameSource, PhysMemory, TlbFlush};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;
 
-/// One freed area: where it starts and what it was.
+/// One freed area: where it starts, what it was, and the flush its detach asked for.
+#[derive(Clone, Copy)]
 struct Pending {
     next: *mut Pending,
     start: VirtAddr,
     record: AreaRecord,
+    flush: RangeFlush,
 }
 
+/// Bytes a bookkeeping slot needs: the trees' nodes and a purge-list entry.
+pub(super) const SLOT_SIZE: usize = {
+    let nodes = slot_size_for::<AreaRecord>();
+    let entry = size_of::<Pending>();
+    if nodes > entry { nodes } else { entry }
+};
+
 /// The pending areas (a stack: order does not matter to one flush) and their totals.
-pub(crate) struct PurgeList {
+pub(super) struct PurgeList {
     head: *mut Pending,
     /// Pages detached (mapped before the free) in all pending areas.
-    pub(crate) pages: u64,
+    pub(super) pages: u64,
     /// Frames of pending areas that go back to the frame allocator after the flush.
-    pub(crate) frames: u64,
+    pub(super) frames: u64,
     /// Virtual bytes the pending areas still take.
-    pub(crate) bytes: u64,
+    pub(super) bytes: u64,
 }
 
 // SAFETY: the list exclusively owns its entries, which live in the pool's frames and
@@ -36,7 +72,7 @@ unsafe impl Send for PurgeList {}
 
 impl PurgeList {
     /// An empty list.
-    pub(crate) const fn new() -> Self {
+    pub(super) const fn new() -> Self {
         Self {
             head: null_mut(),
             pages: 0,
@@ -46,51 +82,52 @@ impl PurgeList {
     }
 
     /// Whether nothing waits.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.head.is_null()
     }
 
-    /// Queues the area at `start`, already removed from the area map.
+    /// Queues the area at `start`, already removed from the area map, with the flush
+    /// its detach returned.
     ///
     /// # Panics
     ///
     /// If the pool has no free slot: the caller frees the area's node first.
-    pub(crate) fn push<F: FrameSource, M: PhysMemory>(
+    fn push<F: FrameSource, M: PhysMemory>(
         &mut self,
         pool: &mut NodePool<F, M>,
         start: VirtAddr,
         record: AreaRecord,
+        flush: RangeFlush,
     ) {
         let next = self.head;
         self.head = pool.take(Pending {
             next,
             start,
             record,
+            flush,
         });
         self.pages += record.mapped_pages;
-        self.frames += if record.kind.owns_frames() {
-            record.mapped_pages
-        } else {
-            0
-        };
+        if record.kind.owns_frames() {
+            self.frames += record.mapped_pages;
+        }
         self.bytes += record.span();
     }
 
-    /// The pending areas, newest first.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (VirtAddr, &AreaRecord)> + '_ {
+    /// The flush tokens of the pending areas.
+    fn tokens(&self) -> impl Iterator<Item = RangeFlush> + Clone + '_ {
         let mut entry = self.head;
         core::iter::from_fn(move || {
             // SAFETY: linked entries stay valid until `pop` gives them back.
             let pending = unsafe { entry.as_ref() }?;
             entry = pending.next;
-            Some((pending.start, &pending.record))
+            Some(pending.flush)
         })
     }
 
     /// Takes the first pending area off the list, giving its entry's slot back to
     /// `pool` first, so freeing the area's range may take one node without a frame.
     /// The totals are left alone: they describe the list as it was queued.
-    pub(crate) fn pop<F: FrameSource, M: PhysMemory>(
+    fn pop<F: FrameSource, M: PhysMemory>(
         &mut self,
         pool: &mut NodePool<F, M>,
     ) -> Option<(VirtAddr, AreaRecord)> {
@@ -105,5 +142,83 @@ impl PurgeList {
         // SAFETY: as above: the slot came from `pool` and is no longer used.
         unsafe { pool.give(entry.cast()) };
         Some((pending.start, pending.record))
+    }
+}
+
+impl<F, M, T> Locked<'_, F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// Frees an area: detaches its mapped pages and queues it for the batched flush,
+    /// purging when the list has grown past the threshold (at once when eager).
+    pub(super) fn retire(&mut self, start: VirtAddr, record: AreaRecord) {
+        self.queue_for_purge(start, record);
+        let config = self.vm.config();
+        if config.eager || self.inner().purge.pages > config.lazy_threshold_pages {
+            self.purge();
+        }
+    }
+
+    /// Detaches the area's pages and moves it from the area map to the purge list.
+    fn queue_for_purge(&mut self, start: VirtAddr, record: AreaRecord) {
+        let inner = self.inner();
+        let mapped = page_range(start, 0..record.mapped_pages);
+        let mut flush = RangeFlush::from_range(mapped);
+        if !mapped.is_empty() {
+            // SAFETY: the area is being freed, its pages are this manager's; the purge
+            // issues the returned flush before their frames or range are reused.
+            match unsafe { inner.tables.detach(mapped) } {
+                Ok(detached) => flush = detached,
+                Err(error) => invariant(Err(error)),
+            }
+        }
+        // The area's node goes back to the pool and the purge entry takes it.
+        let removed = inner.areas.remove(&mut inner.pool, start);
+        debug_assert_eq!(removed.map(|area| area.size), Some(record.span()));
+        inner.purge.push(&mut inner.pool, start, record, flush);
+    }
+
+    /// Frees every live area, as `vfree` (or `vunmap`, `iounmap`) would, without
+    /// purging: the manager's teardown.
+    pub(super) fn retire_all(&mut self) {
+        while let Some(area) = self.inner().areas.first_from(0) {
+            if area.data.kind.owns_frames() {
+                self.inner().data_frames -= area.data.mapped_pages;
+            }
+            self.queue_for_purge(area.start, area.data);
+        }
+    }
+
+    /// One batched flush for every pending area, then their frames, emptied page
+    /// tables and ranges return.
+    pub(super) fn purge(&mut self) {
+        let vm = self.vm;
+        let inner = self.inner();
+        if inner.purge.is_empty() {
+            return;
+        }
+        flush_batch(vm.tlb(), inner.purge.tokens());
+        let mut reclaim = Reclaim::new(vm.frames(), vm.tlb());
+        let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
+        while let Some((start, record)) = pending.pop(&mut inner.pool) {
+            let owns_frames = record.kind.owns_frames();
+            let range = page_range(start, 0..record.mapped_pages);
+            // SAFETY: the batch above flushed the range.
+            let reclaimed = unsafe {
+                inner.tables.reclaim_detached(range, |_, frame| {
+                    if owns_frames {
+                        reclaim.unreachable(frame)
+                    }
+                })
+            };
+            invariant(reclaimed);
+            reclaim.sweep_tables(&mut inner.tables, range);
+            // The entry's slot was just given back: freeing the range cannot fail.
+            invariant(inner.space.free(&mut inner.pool, start, record.span()));
+        }
+        inner.page_table_frames -= reclaim.finish();
+        inner.purges += 1;
     }
 }

@@ -1,8 +1,8 @@
 //! `vrealloc`: resizing an area in place, or moving its frames without copying.
 
 use super::area::{AreaKind, AreaRecord};
-use super::locked::Locked;
-use super::{Vmalloc, as_ptr, invariant, page_range};
+use super::locked::{CHUNK, Locked, as_ptr, invariant, page_at, page_range};
+use super::manager::Vmalloc;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
 use x86_64::structures::paging::{PageTableFlags, PhysFrame};
@@ -76,7 +76,7 @@ where
                 .space
                 .shrink(&mut inner.pool, start, old_span, new_span)?;
             invariant(inner.areas.resize(start, new_span));
-            self.free_range(page_range(start, new_pages..record.mapped_pages));
+            self.unmap_now(page_range(start, new_pages..record.mapped_pages), true);
         }
         if record.zeroed && new_bytes < record.bytes {
             let kept_end = (new_pages * PAGE_SIZE).min(record.bytes);
@@ -148,11 +148,11 @@ where
         if let Err(error) = backed {
             // The old area's frames are mapped at the new range too: unmap them there
             // without freeing.
-            self.unmap_flushed(page_range(new_start, 0..old_pages), |_| {});
+            self.unmap_now(page_range(new_start, 0..old_pages), false);
             self.remove_area(new_start);
             return Err(error);
         }
-        self.unmap_flushed(page_range(start, 0..old_pages), |_| {});
+        self.unmap_now(page_range(start, 0..old_pages), false);
         self.remove_area(start);
         Ok(new_start)
     }
@@ -166,17 +166,17 @@ where
         pages: u64,
         flags: PageTableFlags,
     ) -> Result<(), Error> {
-        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); super::CHUNK];
+        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
         let mut next = 0;
         while next < pages {
-            let count = ((pages - next) as usize).min(super::CHUNK);
+            let count = ((pages - next) as usize).min(CHUNK);
             let frames = &mut chunk[..count];
             let mapped = self
                 .frames_at(from + next * PAGE_SIZE, frames)
-                .and_then(|()| self.map(super::page_at(to, next), frames.iter().copied(), flags));
+                .and_then(|()| self.map(page_at(to, next), frames.iter().copied(), flags));
             if let Err(error) = mapped {
                 // `map` is all or nothing: undo the chunks before this one.
-                self.unmap_flushed(page_range(to, 0..next), |_| {});
+                self.unmap_now(page_range(to, 0..next), false);
                 return Err(error);
             }
             next += count as u64;

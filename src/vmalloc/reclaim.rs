@@ -1,10 +1,16 @@
-//! Frames on their way back to the frame allocator, and the counting of those taken.
+//! Frames leaving the manager, and the counting of page tables taken.
 //!
-//! Every frame the manager gives back (data frames after the flush that covers them,
-//! page tables a sweep unlinked) goes through a [`FrameBatch`], which frees them in
-//! bulk; the node pool gives its slabs back itself (`NodePool::shrink`).
+//! Every frame the manager gives back goes through one [`Reclaim`]: data frames
+//! after the flush that covers their translations, page tables a sweep unlinked
+//! (held until a flush covers every address they served, so no paging-structure
+//! cache can still walk through a table someone reuses), and empty bookkeeping
+//! slabs. They go back to the frame allocator in bulk.
+//!
+//! Two paths stay outside it, because they undo an allocation whose frames were never
+//! used: the page-table cursor returning tables it took but did not need, and the
+//! node pool returning frames of a reservation that failed halfway.
 
-use super::CHUNK;
+use super::locked::CHUNK;
 use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::cell::Cell;
@@ -12,46 +18,83 @@ use x86_64::PhysAddr;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{PhysFrame, Size4KiB};
 
-/// Frames to free in bulk. Pushing a frame promises it may be freed as soon as the
-/// batch is full: for page tables, whose flush comes at the end, the batch flushes
-/// the whole TLB first when it overflows ([`FrameBatch::flushing_on_overflow`]).
-pub(super) struct FrameBatch<'a, F: FrameSource> {
+/// Frames on their way back to the frame allocator. Call [`finish`](Self::finish):
+/// dropping it unfinished keeps the last frames.
+pub(super) struct Reclaim<'a, F: FrameSource> {
     frames: &'a F,
-    overflow_flush: Option<&'a dyn TlbFlush>,
+    tlb: &'a dyn TlbFlush,
     held: [PhysFrame; CHUNK],
     len: usize,
+    /// What unlinked page tables among `held` wait for.
+    tables_flush: Option<RangeFlush>,
+    /// Set while tables are being unlinked, before their flush is known: a full
+    /// buffer then needs a full flush.
+    unlinking: bool,
+    tables: u64,
 }
 
-impl<'a, F: FrameSource> FrameBatch<'a, F> {
-    pub(super) fn new(frames: &'a F) -> Self {
+impl<'a, F: FrameSource> Reclaim<'a, F> {
+    pub(super) fn new(frames: &'a F, tlb: &'a dyn TlbFlush) -> Self {
         Self {
             frames,
-            overflow_flush: None,
+            tlb,
             held: [PhysFrame::containing_address(PhysAddr::zero()); CHUNK],
             len: 0,
+            tables_flush: None,
+            unlinking: false,
+            tables: 0,
         }
     }
 
-    /// A batch for frames that are freed only after a flush still to come.
-    pub(super) fn flushing_on_overflow(frames: &'a F, tlb: &'a dyn TlbFlush) -> Self {
-        Self {
-            overflow_flush: Some(tlb),
-            ..Self::new(frames)
-        }
-    }
-
-    pub(super) fn push(&mut self, frame: PhysFrame) {
+    /// A frame nothing can reach any more: a data frame whose translations were
+    /// flushed (or never made), or an empty bookkeeping slab.
+    pub(super) fn unreachable(&mut self, frame: PhysFrame) {
         if self.len == CHUNK {
-            if let Some(tlb) = self.overflow_flush {
-                tlb.flush_all();
-            }
             self.free_held();
         }
         self.held[self.len] = frame;
         self.len += 1;
     }
 
+    /// Unlinks the empty tables this manager created below the root for `range`;
+    /// they are freed after a flush covering the addresses they served.
+    pub(super) fn sweep_tables<M: PhysMemory>(
+        &mut self,
+        tables: &mut PageTables<M>,
+        range: PageRange,
+    ) {
+        self.unlink_tables(|push| tables.free_empty_tables(range, push));
+    }
+
+    /// Runs `unlink`, which hands unlinked page tables to its argument and returns
+    /// how many and the flush covering what they served; they wait for that flush.
+    pub(super) fn unlink_tables(
+        &mut self,
+        unlink: impl FnOnce(&mut dyn FnMut(PhysFrame)) -> Result<(usize, RangeFlush), Error>,
+    ) {
+        self.unlinking = true;
+        let unlinked = unlink(&mut |frame| self.unreachable(frame));
+        self.unlinking = false;
+        if let Ok((count, flush)) = unlinked
+            && count > 0
+        {
+            self.tables += count as u64;
+            self.tables_flush = Some(match self.tables_flush {
+                Some(earlier) => earlier.merge(flush),
+                None => flush,
+            });
+        }
+    }
+
+    /// Frees the held frames, flushing first if tables among them wait for it.
     fn free_held(&mut self) {
+        if self.unlinking {
+            // Tables among the held frames wait for a flush not known yet.
+            self.tlb.flush_all();
+            self.tables_flush = None;
+        } else if let Some(flush) = self.tables_flush.take() {
+            flush.flush(self.tlb);
+        }
         let held = &self.held[..self.len];
         if !held.is_empty() && self.frames.free_frames(held).is_err() {
             // Every frame here came from this source, which must take them back
@@ -64,58 +107,11 @@ impl<'a, F: FrameSource> FrameBatch<'a, F> {
         self.len = 0;
     }
 
-    /// Frees what is left.
-    pub(super) fn finish(mut self) {
+    /// Flushes for the unlinked tables and frees everything; returns how many page
+    /// tables went back.
+    pub(super) fn finish(mut self) -> u64 {
         self.free_held();
-    }
-}
-
-/// Page tables left empty by unmapping, unlinked from their parents at once but
-/// freed only after one flush covering every address they served, so no
-/// paging-structure cache can still walk through a table someone reuses.
-pub(super) struct TableSweep<'a, F: FrameSource> {
-    tables: FrameBatch<'a, F>,
-    flush: Option<RangeFlush>,
-    freed: u64,
-}
-
-impl<'a, F: FrameSource> TableSweep<'a, F> {
-    pub(super) fn new(frames: &'a F, tlb: &'a dyn TlbFlush) -> Self {
-        Self {
-            tables: FrameBatch::flushing_on_overflow(frames, tlb),
-            flush: None,
-            freed: 0,
-        }
-    }
-
-    /// Unlinks the empty tables this manager created below the root for `range`.
-    pub(super) fn sweep<M: PhysMemory>(&mut self, tables: &mut PageTables<M>, range: PageRange) {
-        let batch = &mut self.tables;
-        if let Ok((freed, flush)) = tables.free_empty_tables(range, |frame| batch.push(frame)) {
-            self.add(freed, flush);
-        }
-    }
-
-    /// Counts `freed` unlinked tables whose addresses `flush` covers.
-    pub(super) fn add(&mut self, freed: usize, flush: RangeFlush) {
-        if freed > 0 {
-            self.freed += freed as u64;
-            self.flush = Some(self.flush.map_or(flush, |earlier| earlier.merge(flush)));
-        }
-    }
-
-    /// The batch the unlinked tables go to, for unlinking that is not a sweep.
-    pub(super) fn batch(&mut self) -> &mut FrameBatch<'a, F> {
-        &mut self.tables
-    }
-
-    /// Flushes once and frees the tables; returns how many.
-    pub(super) fn finish(self, tlb: &dyn TlbFlush) -> u64 {
-        if let Some(flush) = self.flush {
-            flush.flush(tlb);
-        }
-        self.tables.finish();
-        self.freed
+        self.tables
     }
 }
 

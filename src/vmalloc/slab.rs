@@ -16,13 +16,13 @@
 //! last node is freed is found in O(1). Empty slabs go back to the frame source when
 //! the manager asks ([`NodePool::shrink`]): after every call it keeps at most one, so
 //! bookkeeping shrinks when areas go, and a failed call gives back every slab it took
-//! ([`NodePool::shrink_to`]). Nothing is given back in the middle of a call, so a
-//! reservation stays valid until the call ends.
+//! ([`NodePool::shrink_to`]). The pool hands those frames to the caller, which frees
+//! them with every other frame leaving the manager (`reclaim`). Nothing is given back
+//! in the middle of a call, so a reservation stays valid until the call ends.
 //!
 //! Operations that may need nodes call [`NodePool::reserve`] first and mutate only once
 //! it succeeded, so running out of frames changes nothing.
 
-use super::tree::slot_size_for;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::mem::{align_of, size_of};
 use core::ptr::null_mut;
@@ -131,8 +131,9 @@ unsafe impl<F: FrameSource + Send, M: PhysMemory + Send> Send for NodePool<F, M>
 
 impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     /// An empty pool whose slots fit both trees' nodes for area payload `T`.
+    #[cfg(test)]
     pub(crate) fn new<T: Copy>(frames: F, phys: M) -> Self {
-        Self::with_slot_size(frames, phys, slot_size_for::<T>())
+        Self::with_slot_size(frames, phys, super::tree::slot_size_for::<T>())
     }
 
     /// An empty pool of `slot_size`-byte slots (rounded up to [`SLOT_ALIGN`]).
@@ -186,8 +187,9 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
             match self.frames.alloc_frame() {
                 Some(frame) => *slot = Some(frame),
                 None => {
+                    // Undo this call's allocations: the frames were never used.
                     for frame in taken.iter().flatten() {
-                        self.give_frame(*frame);
+                        let _ = self.frames.free_frame(*frame);
                     }
                     return Err(Error::OutOfFrames);
                 }
@@ -197,13 +199,6 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
             self.carve(*frame);
         }
         Ok(())
-    }
-
-    /// Returns a frame to the source it came from.
-    fn give_frame(&self, frame: PhysFrame<Size4KiB>) {
-        // The frame came from this source; its contract is to take it back, and the
-        // pool has nowhere better to put it should it refuse.
-        let _ = self.frames.free_frame(frame);
     }
 
     /// Links a fresh frame in as an empty slab.
@@ -303,38 +298,42 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
         }
     }
 
-    /// Gives empty slabs back to the frame source until at most `keep` are left.
-    pub(crate) fn shrink(&mut self, keep: usize) {
+    /// Empty slabs held.
+    pub(crate) fn empty_slabs(&self) -> usize {
+        self.empty.len
+    }
+
+    /// Hands empty slabs' frames to `give_back` until at most `keep` are left.
+    pub(crate) fn shrink(&mut self, keep: usize, mut give_back: impl FnMut(PhysFrame)) {
         while self.empty.len > keep {
-            self.release_empty();
+            self.release_empty(&mut give_back);
         }
     }
 
-    /// Gives empty slabs back until the pool holds at most `frames` frames (or no
-    /// empty slab is left): the rollback of a failed call that grew the pool.
-    pub(crate) fn shrink_to(&mut self, frames: usize) {
+    /// Hands empty slabs' frames to `give_back` until the pool holds at most `frames`
+    /// frames (or no empty slab is left): the rollback of a failed call that grew it.
+    pub(crate) fn shrink_to(&mut self, frames: usize, mut give_back: impl FnMut(PhysFrame)) {
         while self.frames_held() > frames && self.empty.len > 0 {
-            self.release_empty();
+            self.release_empty(&mut give_back);
         }
     }
 
-    fn release_empty(&mut self) {
+    fn release_empty(&mut self, give_back: &mut impl FnMut(PhysFrame)) {
         if let Some(slab) = self.empty.pop() {
             // SAFETY: an empty slab: no node lives in it, and it is on no list now.
             let frame = unsafe { (*slab).frame };
             self.free_count -= self.slots_per_frame();
-            self.give_frame(frame);
+            give_back(frame);
         }
     }
 
-    /// Gives every slab back, whatever lives in it: the end of the manager, whose trees
-    /// are dropped unused.
-    pub(crate) fn release_all(&mut self) {
+    /// Hands every slab's frame to `give_back`, whatever lives in it: the end of the
+    /// manager, whose trees are dropped unused.
+    pub(crate) fn release_all(&mut self, mut give_back: impl FnMut(PhysFrame)) {
         for list in [&mut self.full, &mut self.partial, &mut self.empty] {
             while let Some(slab) = list.pop() {
                 // SAFETY: slabs on the lists are live; this one is on none now.
-                let frame = unsafe { (*slab).frame };
-                let _ = self.frames.free_frame(frame);
+                give_back(unsafe { (*slab).frame });
             }
         }
         self.free_count = 0;

@@ -387,7 +387,6 @@ impl<V: NodeValue> Tree<V> {
             release(self.remove(start));
         }
     }
-
 }
 
 /// Returns the new subtree root, or `None`, with nothing changed, if `node`'s range
