@@ -10,6 +10,7 @@ mod fault;
 mod locked;
 #[cfg(test)]
 mod test;
+mod zone;
 
 pub use bitmap::{BitmapFrameAllocator, FrameStats};
 pub use fault::FaultInjector;

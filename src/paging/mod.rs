@@ -48,7 +48,8 @@
 //! software-available bit [`DETACHED`], keeping the frame address: new walks fault,
 //! while the frame stays recorded in the table itself until the caller has flushed
 //! the TLB, possibly for many ranges at once. [`PageTables::reclaim_detached`] then
-//! hands the frames back and zeroes the entries.
+//! hands the frames back and zeroes the entries. The vmalloc
+//! [purge](crate::vmalloc::purge) is the policy built on this.
 //!
 //! # Ranges
 //!
@@ -59,6 +60,8 @@
 
 mod cursor;
 mod flush;
+mod huge;
+mod tables;
 
 pub use flush::RangeFlush;
 
@@ -238,87 +241,6 @@ impl<M: PhysMemory> PageTables<M> {
             *leaf = 0
         });
         debug_assert!(cleared.is_ok());
-    }
-
-    /// Maps the 2 MiB `page` to `frame` with one PD entry, flags
-    /// `flags | PRESENT | HUGE_PAGE`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::AlreadyMapped`] if the PD entry is not zero (a page table or a mapping
-    /// is there), [`Error::HugePageInTheWay`] for a 1 GiB entry above it,
-    /// [`Error::OutOfFrames`]; nothing changes.
-    ///
-    /// # Safety
-    ///
-    /// As [`map`](Self::map), for the 2 MiB `frame` and `page`.
-    pub unsafe fn map_huge_2m(
-        &mut self,
-        page: Page<Size2MiB>,
-        frame: PhysFrame<Size2MiB>,
-        flags: PageTableFlags,
-        tables: &impl FrameSource,
-    ) -> Result<(), Error> {
-        let addr = page.start_address().as_u64();
-        let mut count = CountMissing {
-            tables: 0,
-            upper_bits: PageTableFlags::empty(),
-            lacking: false,
-        };
-        // SAFETY: `new`'s contract makes the tables below the root valid.
-        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut count) }?;
-        // SAFETY: the entry lies in a reachable PD.
-        if !pd.is_null() && unsafe { read(entry_at(pd, index(addr, 2))) } != 0 {
-            return Err(Error::AlreadyMapped);
-        }
-        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
-        let leaf_flags = flags | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
-        let leaf_flags = PageTableFlags::from_bits_retain(leaf_flags.bits() & !ADDR_MASK);
-        let mut install = Install {
-            stock: &mut stock,
-            upper_flags: upper_flags_for(leaf_flags),
-            upper_bits: upper_bits_for(leaf_flags),
-        };
-        // SAFETY: as above; the first pass counted the tables in `stock`.
-        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut install) };
-        stock.give_back(tables);
-        // SAFETY: the entry lies in a reachable PD and was zero; nothing borrows it.
-        unsafe { (*entry_at(pd?, index(addr, 2))).set_addr(frame.start_address(), leaf_flags) };
-        Ok(())
-    }
-
-    /// Unmaps the 2 MiB `page` mapped by [`map_huge_2m`](Self::map_huge_2m) and
-    /// returns its frame.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::NotMapped`] unless a present 2 MiB entry maps `page`;
-    /// [`Error::HugePageInTheWay`] for a 1 GiB entry above it. Nothing changes.
-    ///
-    /// # Safety
-    ///
-    /// As [`unmap`](Self::unmap).
-    pub unsafe fn unmap_huge_2m(
-        &mut self,
-        page: Page<Size2MiB>,
-    ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
-        let addr = page.start_address().as_u64();
-        let mut existing = Existing {
-            upper_bits: PageTableFlags::empty(),
-        };
-        // SAFETY: `new`'s contract makes the tables below the root valid.
-        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
-        let entry = entry_at(pd, index(addr, 2));
-        // SAFETY: the entry lies in a reachable PD.
-        let raw = unsafe { read(entry) };
-        let huge = PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
-        if !PageTableFlags::from_bits_retain(raw).contains(huge) {
-            return Err(Error::NotMapped);
-        }
-        // SAFETY: as above; nothing borrows the entry.
-        unsafe { (*entry).set_unused() };
-        let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
-        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
     }
 
     /// Unmaps every page of `pages`, handing each page and its frame to `on_frame`
@@ -502,207 +424,6 @@ impl<M: PhysMemory> PageTables<M> {
         }
         unreachable!("level 3 entries are leaves")
     }
-
-    /// Unlinks every page table this crate [created](CREATED) below the root that is
-    /// reached from `pages` and holds only zero entries (after its own empty children
-    /// are unlinked), handing each table's frame to `on_table`. Returns how many and a
-    /// token covering every address they served: the CPU's paging-structure caches may
-    /// still point to them, so free the frames only after flushing it. Tables found
-    /// rather than created, and the root's own entries, are left as they are (see the
-    /// [module documentation](self#whose-tables)).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::RangeWraps`], [`Error::NonCanonical`]; nothing changes.
-    pub fn free_empty_tables(
-        &mut self,
-        pages: PageRange,
-        on_table: impl FnMut(PhysFrame),
-    ) -> Result<(usize, RangeFlush), Error> {
-        self.unlink_empty(pages, 1, on_table)
-    }
-
-    /// Gives every root entry covering `pages` a table, creating the missing ones from
-    /// `tables` (marked [`CREATED`]); returns how many it created. After this, the
-    /// root's entries for the range never change while only this crate edits it, so
-    /// the kernel may copy them into other address spaces.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::OutOfFrames`] (nothing created), [`Error::HugePageInTheWay`] or
-    /// [`Error::AlreadyMapped`] for a root entry that is not a table, and the range
-    /// errors of [`unmap`](Self::unmap). Nothing changes on error.
-    ///
-    /// # Safety
-    ///
-    /// `tables` hands out frames that are unused and reachable through `phys`.
-    pub unsafe fn preallocate_top_level(
-        &mut self,
-        pages: PageRange,
-        tables: &impl FrameSource,
-    ) -> Result<usize, Error> {
-        let (start, end) = span(pages)?;
-        if start == end {
-            return Ok(0);
-        }
-        let mut count = CountMissing {
-            tables: 0,
-            upper_bits: PageTableFlags::empty(),
-            lacking: false,
-        };
-        let root_span = entry_span(0);
-        let last = end - 1;
-        let mut addr = start;
-        loop {
-            // SAFETY: `new`'s contract makes the tables below the root valid.
-            unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut count) }?;
-            match (addr | (root_span - 1)).checked_add(1) {
-                Some(next) if next <= last => addr = next,
-                _ => break,
-            }
-        }
-        let created = count.tables;
-        let mut stock = TableStock::take(&self.phys, tables, created)?;
-        let mut install = Install {
-            stock: &mut stock,
-            upper_flags: upper_flags_for(PageTableFlags::WRITABLE),
-            upper_bits: PageTableFlags::empty(),
-        };
-        addr = start;
-        loop {
-            // SAFETY: as above; the first pass counted the tables in the stock.
-            let made = unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut install) };
-            debug_assert!(made.is_ok(), "the counting pass saw the same entries");
-            match (addr | (root_span - 1)).checked_add(1) {
-                Some(next) if next <= last => addr = next,
-                _ => break,
-            }
-        }
-        stock.give_back(tables);
-        Ok(created)
-    }
-
-    /// Unlinks the empty tables this crate created anywhere under the root for
-    /// `pages`, the root's own entries included, handing their frames to `on_table`:
-    /// the teardown of a region [`preallocate_top_level`](Self::preallocate_top_level)
-    /// prepared. Tables that still map something stay.
-    ///
-    /// # Errors
-    ///
-    /// As [`free_empty_tables`](Self::free_empty_tables).
-    ///
-    /// # Safety
-    ///
-    /// No address space still uses a copy of the root entries for `pages`: once the
-    /// returned token is flushed, the kernel frees their tables.
-    pub unsafe fn release_top_level(
-        &mut self,
-        pages: PageRange,
-        on_table: impl FnMut(PhysFrame),
-    ) -> Result<(usize, RangeFlush), Error> {
-        self.unlink_empty(pages, 0, on_table)
-    }
-
-    /// [`free_empty_tables`](Self::free_empty_tables), unlinking tables whose parent is
-    /// at `from_level` or deeper.
-    fn unlink_empty(
-        &mut self,
-        pages: PageRange,
-        from_level: usize,
-        mut on_table: impl FnMut(PhysFrame),
-    ) -> Result<(usize, RangeFlush), Error> {
-        let (start, end) = span(pages)?;
-        let mut freed = Freed {
-            count: 0,
-            low: u64::MAX,
-            high: 0,
-            from_level,
-        };
-        if start < end {
-            let root = table_at(&self.phys, self.root.start_address());
-            self.free_below(root, 0, start, end - 1, &mut on_table, &mut freed);
-        }
-        let flush = if freed.count == 0 {
-            RangeFlush::new(start, start)
-        } else {
-            RangeFlush::new(freed.low, freed.high)
-        };
-        Ok((freed.count, flush))
-    }
-
-    /// Unlinks the empty created tables below the entries of `table` (at `level`)
-    /// covering `[first, last]`, deepest first.
-    fn free_below(
-        &self,
-        table: *mut PageTable,
-        level: usize,
-        first: u64,
-        last: u64,
-        on_table: &mut impl FnMut(PhysFrame),
-        freed: &mut Freed,
-    ) {
-        let span = entry_span(level);
-        let mut addr = first;
-        loop {
-            let region_start = addr & !(span - 1);
-            let region_last = region_start | (span - 1);
-            let entry = entry_at(table, index(addr, level));
-            // SAFETY: `entry` lies in a reachable table.
-            let raw = unsafe { read(entry) };
-            let flags = PageTableFlags::from_bits_retain(raw);
-            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
-            {
-                let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
-                if level < 2 {
-                    self.free_below(
-                        child,
-                        level + 1,
-                        addr,
-                        last.min(region_last),
-                        on_table,
-                        freed,
-                    );
-                }
-                let ours = level >= freed.from_level && flags.contains(CREATED);
-                // SAFETY: `child` is a reachable table; nothing borrows it.
-                if ours && unsafe { (*child).is_empty() } {
-                    // SAFETY: `entry` is a present upper entry of a reachable table.
-                    unsafe { (*entry).set_unused() };
-                    // No walk may reach the table once someone else can have its frame.
-                    compiler_fence(Ordering::Release);
-                    on_table(frame_of(raw));
-                    freed.count += 1;
-                    freed.low = freed.low.min(region_start);
-                    freed.high = freed.high.max(range_end_after(region_last));
-                }
-            }
-            if region_last >= last {
-                break;
-            }
-            addr = region_last + 1;
-        }
-    }
-}
-
-/// The exclusive end of a flush range whose last address is `last`. The last page of
-/// each canonical half cannot end a `PageRange` (its end would not be canonical), so
-/// there the range stops one page short.
-fn range_end_after(last: u64) -> u64 {
-    const LOWER_HALF_END: u64 = 1 << 47;
-    if last < LOWER_HALF_END {
-        (last + 1).min(LOWER_HALF_END - PAGE_SIZE)
-    } else {
-        last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1)
-    }
-}
-
-/// Tables freed so far and the hull of the addresses they served.
-struct Freed {
-    count: usize,
-    low: u64,
-    high: u64,
-    /// Level of the shallowest parent whose entries may be cleared (0 = the root).
-    from_level: usize,
 }
 
 /// `[start, end)` of `pages` as addresses, checked.

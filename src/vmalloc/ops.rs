@@ -6,13 +6,13 @@ use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
 
 /// The allocation calls the owners and the kernel heap need from a
-/// [`Vmalloc`](super::Vmalloc), object-safe so they can hold a `&dyn VmallocOps`
+/// [`Vmalloc`], object-safe so they can hold a `&dyn VmallocOps`
 /// whatever the manager's frame allocator, memory access and flush policy.
 ///
 /// # Safety
 ///
 /// The owners ([`VBox`](super::VBox), [`VBuffer`](super::VBuffer)) and the kernel heap write through the pointers
-/// these calls return, so an implementation promises, as [`Vmalloc`](super::Vmalloc)
+/// these calls return, so an implementation promises, as [`Vmalloc`]
 /// does:
 ///
 /// - `vmalloc_with` returns the start of `size` bytes (rounded up to pages), aligned to

@@ -1,7 +1,7 @@
 //! Virtual address space of the vmalloc region: free ranges and busy areas.
 //!
 //! Like Linux's `mm/vmalloc.c`, the region `[start, start + size)` is described by two
-//! trees keyed by start address, both AVL trees from [`node`](super::node) whose nodes
+//! trees keyed by start address, both AVL trees from [`tree`](super::tree) whose nodes
 //! come from a shared [`NodePool`]:
 //!
 //! - [`VSpace`] keeps the *free* ranges, each node augmented with the largest free size
@@ -24,18 +24,15 @@
 //! - [`AreaMap`] keeps the *live* areas with a caller-defined `Copy` payload, and finds
 //!   the area containing an address by a floor descent (greatest start `<=` address).
 //!
-//! Freed areas waiting for the TLB flush are in neither tree: they sit on the purge
-//! list (`purge.rs`), their ranges still out of [`VSpace`].
+//! Freed areas waiting for the TLB flush are in neither tree: they sit on the
+//! [purge list](super::purge), their ranges still out of [`VSpace`].
 //!
 //! Why AVL with augmentation rather than the sorted vector of free ranges a small
-//! kernel would start with: `benches/vspace.rs` measures both. With 100,000 live areas
-//! (and as many free holes) allocating and freeing one page takes about 0.2 µs in the
-//! tree against 40 µs in the vector (220 µs when first fit must look past every hole),
-//! because the vector's linear first fit and its shifting inserts grow with the number
-//! of ranges. The tree's cost grows with its depth only (43 ns at 10 areas, 5.1x at
-//! 100,000; figures in the bench's doc comment). A treap or red-black tree would have
-//! the same O(log n) shape; AVL keeps the path shortest for lookups, which vmalloc
-//! does on every `vfree`.
+//! kernel would start with: the vector's linear first fit and its shifting inserts
+//! grow with the number of ranges, the tree's cost only with its depth
+//! (`benches/vspace.rs` measures both; figures in the README). A treap or red-black
+//! tree would have the same O(log n) shape; AVL keeps the path shortest for lookups,
+//! which vmalloc does on every `vfree`.
 
 use super::slab::NodePool;
 use super::tree::{MaxFree, Node, Payload, Tree, release};

@@ -1,0 +1,86 @@
+//! 2 MiB mappings: one PD entry instead of a page table.
+
+use super::*;
+
+impl<M: PhysMemory> PageTables<M> {
+    /// Maps the 2 MiB `page` to `frame` with one PD entry, flags
+    /// `flags | PRESENT | HUGE_PAGE`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyMapped`] if the PD entry is not zero (a page table or a mapping
+    /// is there), [`Error::HugePageInTheWay`] for a 1 GiB entry above it,
+    /// [`Error::OutOfFrames`]; nothing changes.
+    ///
+    /// # Safety
+    ///
+    /// As [`map`](Self::map), for the 2 MiB `frame` and `page`.
+    pub unsafe fn map_huge_2m(
+        &mut self,
+        page: Page<Size2MiB>,
+        frame: PhysFrame<Size2MiB>,
+        flags: PageTableFlags,
+        tables: &impl FrameSource,
+    ) -> Result<(), Error> {
+        let addr = page.start_address().as_u64();
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: PageTableFlags::empty(),
+            lacking: false,
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut count) }?;
+        // SAFETY: the entry lies in a reachable PD.
+        if !pd.is_null() && unsafe { read(entry_at(pd, index(addr, 2))) } != 0 {
+            return Err(Error::AlreadyMapped);
+        }
+        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
+        let leaf_flags = flags | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        let leaf_flags = PageTableFlags::from_bits_retain(leaf_flags.bits() & !ADDR_MASK);
+        let mut install = Install {
+            stock: &mut stock,
+            upper_flags: upper_flags_for(leaf_flags),
+            upper_bits: upper_bits_for(leaf_flags),
+        };
+        // SAFETY: as above; the first pass counted the tables in `stock`.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut install) };
+        stock.give_back(tables);
+        // SAFETY: the entry lies in a reachable PD and was zero; nothing borrows it.
+        unsafe { (*entry_at(pd?, index(addr, 2))).set_addr(frame.start_address(), leaf_flags) };
+        Ok(())
+    }
+
+    /// Unmaps the 2 MiB `page` mapped by [`map_huge_2m`](Self::map_huge_2m) and
+    /// returns its frame.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] unless a present 2 MiB entry maps `page`;
+    /// [`Error::HugePageInTheWay`] for a 1 GiB entry above it. Nothing changes.
+    ///
+    /// # Safety
+    ///
+    /// As [`unmap`](Self::unmap).
+    pub unsafe fn unmap_huge_2m(
+        &mut self,
+        page: Page<Size2MiB>,
+    ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
+        let addr = page.start_address().as_u64();
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
+        let entry = entry_at(pd, index(addr, 2));
+        // SAFETY: the entry lies in a reachable PD.
+        let raw = unsafe { read(entry) };
+        let huge = PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        if !PageTableFlags::from_bits_retain(raw).contains(huge) {
+            return Err(Error::NotMapped);
+        }
+        // SAFETY: as above; nothing borrows the entry.
+        unsafe { (*entry).set_unused() };
+        let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
+    }
+}

@@ -1,0 +1,207 @@
+//! The life of the page tables themselves: created up front under the root, unlinked
+//! when empty (only those this crate [created](super::CREATED)), released at the end.
+
+use super::*;
+
+impl<M: PhysMemory> PageTables<M> {
+    /// Unlinks every page table this crate [created](CREATED) below the root that is
+    /// reached from `pages` and holds only zero entries (after its own empty children
+    /// are unlinked), handing each table's frame to `on_table`. Returns how many and a
+    /// token covering every address they served: the CPU's paging-structure caches may
+    /// still point to them, so free the frames only after flushing it. Tables found
+    /// rather than created, and the root's own entries, are left as they are (see the
+    /// [module documentation](crate::paging#whose-tables)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RangeWraps`], [`Error::NonCanonical`]; nothing changes.
+    pub fn free_empty_tables(
+        &mut self,
+        pages: PageRange,
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        self.unlink_empty(pages, 1, on_table)
+    }
+
+    /// Gives every root entry covering `pages` a table, creating the missing ones from
+    /// `tables` (marked [`CREATED`]); returns how many it created. After this, the
+    /// root's entries for the range never change while only this crate edits it, so
+    /// the kernel may copy them into other address spaces.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfFrames`] (nothing created), [`Error::HugePageInTheWay`] or
+    /// [`Error::AlreadyMapped`] for a root entry that is not a table, and the range
+    /// errors of [`unmap`](Self::unmap). Nothing changes on error.
+    ///
+    /// # Safety
+    ///
+    /// `tables` hands out frames that are unused and reachable through `phys`.
+    pub unsafe fn preallocate_top_level(
+        &mut self,
+        pages: PageRange,
+        tables: &impl FrameSource,
+    ) -> Result<usize, Error> {
+        let (start, end) = span(pages)?;
+        if start == end {
+            return Ok(0);
+        }
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: PageTableFlags::empty(),
+            lacking: false,
+        };
+        let root_span = entry_span(0);
+        let last = end - 1;
+        let mut addr = start;
+        loop {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut count) }?;
+            match (addr | (root_span - 1)).checked_add(1) {
+                Some(next) if next <= last => addr = next,
+                _ => break,
+            }
+        }
+        let created = count.tables;
+        let mut stock = TableStock::take(&self.phys, tables, created)?;
+        let mut install = Install {
+            stock: &mut stock,
+            upper_flags: upper_flags_for(PageTableFlags::WRITABLE),
+            upper_bits: PageTableFlags::empty(),
+        };
+        addr = start;
+        loop {
+            // SAFETY: as above; the first pass counted the tables in the stock.
+            let made = unsafe { Cursor::new(&self.phys, self.root).table(addr, 0, &mut install) };
+            debug_assert!(made.is_ok(), "the counting pass saw the same entries");
+            match (addr | (root_span - 1)).checked_add(1) {
+                Some(next) if next <= last => addr = next,
+                _ => break,
+            }
+        }
+        stock.give_back(tables);
+        Ok(created)
+    }
+
+    /// Unlinks the empty tables this crate created anywhere under the root for
+    /// `pages`, the root's own entries included, handing their frames to `on_table`:
+    /// the teardown of a region [`preallocate_top_level`](Self::preallocate_top_level)
+    /// prepared. Tables that still map something stay.
+    ///
+    /// # Errors
+    ///
+    /// As [`free_empty_tables`](Self::free_empty_tables).
+    ///
+    /// # Safety
+    ///
+    /// No address space still uses a copy of the root entries for `pages`: once the
+    /// returned token is flushed, the kernel frees their tables.
+    pub unsafe fn release_top_level(
+        &mut self,
+        pages: PageRange,
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        self.unlink_empty(pages, 0, on_table)
+    }
+
+    /// [`free_empty_tables`](Self::free_empty_tables), unlinking tables whose parent is
+    /// at `from_level` or deeper.
+    fn unlink_empty(
+        &mut self,
+        pages: PageRange,
+        from_level: usize,
+        mut on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        let (start, end) = span(pages)?;
+        let mut freed = Freed {
+            count: 0,
+            low: u64::MAX,
+            high: 0,
+            from_level,
+        };
+        if start < end {
+            let root = table_at(&self.phys, self.root.start_address());
+            self.free_below(root, 0, start, end - 1, &mut on_table, &mut freed);
+        }
+        let flush = if freed.count == 0 {
+            RangeFlush::new(start, start)
+        } else {
+            RangeFlush::new(freed.low, freed.high)
+        };
+        Ok((freed.count, flush))
+    }
+
+    /// Unlinks the empty created tables below the entries of `table` (at `level`)
+    /// covering `[first, last]`, deepest first.
+    fn free_below(
+        &self,
+        table: *mut PageTable,
+        level: usize,
+        first: u64,
+        last: u64,
+        on_table: &mut impl FnMut(PhysFrame),
+        freed: &mut Freed,
+    ) {
+        let span = entry_span(level);
+        let mut addr = first;
+        loop {
+            let region_start = addr & !(span - 1);
+            let region_last = region_start | (span - 1);
+            let entry = entry_at(table, index(addr, level));
+            // SAFETY: `entry` lies in a reachable table.
+            let raw = unsafe { read(entry) };
+            let flags = PageTableFlags::from_bits_retain(raw);
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
+                let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
+                if level < 2 {
+                    self.free_below(
+                        child,
+                        level + 1,
+                        addr,
+                        last.min(region_last),
+                        on_table,
+                        freed,
+                    );
+                }
+                let ours = level >= freed.from_level && flags.contains(CREATED);
+                // SAFETY: `child` is a reachable table; nothing borrows it.
+                if ours && unsafe { (*child).is_empty() } {
+                    // SAFETY: `entry` is a present upper entry of a reachable table.
+                    unsafe { (*entry).set_unused() };
+                    // No walk may reach the table once someone else can have its frame.
+                    compiler_fence(Ordering::Release);
+                    on_table(frame_of(raw));
+                    freed.count += 1;
+                    freed.low = freed.low.min(region_start);
+                    freed.high = freed.high.max(range_end_after(region_last));
+                }
+            }
+            if region_last >= last {
+                break;
+            }
+            addr = region_last + 1;
+        }
+    }
+}
+
+/// The exclusive end of a flush range whose last address is `last`. The last page of
+/// each canonical half cannot end a `PageRange` (its end would not be canonical), so
+/// there the range stops one page short.
+fn range_end_after(last: u64) -> u64 {
+    const LOWER_HALF_END: u64 = 1 << 47;
+    if last < LOWER_HALF_END {
+        (last + 1).min(LOWER_HALF_END - PAGE_SIZE)
+    } else {
+        last.saturating_add(1).min(u64::MAX - PAGE_SIZE + 1)
+    }
+}
+
+/// Tables freed so far and the hull of the addresses they served.
+struct Freed {
+    count: usize,
+    low: u64,
+    high: u64,
+    /// Level of the shallowest parent whose entries may be cleared (0 = the root).
+    from_level: usize,
+}
