@@ -5,22 +5,19 @@ extern crate std;
 use super::super::options::{VMALLOC_SIZE, VMALLOC_START};
 use super::super::slab::NodePool;
 use super::*;
-use crate::{Error, FrameSource, OffsetPhysMemory, PAGE_SIZE};
+use crate::frame::{BitmapFrameAllocator, FaultInjector, LockedFrameAllocator, MemoryRegion};
+use crate::{Error, OffsetPhysMemory, PAGE_SIZE};
 use proptest::prelude::*;
 use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::cell::{Cell, RefCell};
 use std::vec::Vec;
-use x86_64::structures::paging::{PhysFrame, Size4KiB};
-use x86_64::{PhysAddr, VirtAddr};
+use x86_64::VirtAddr;
 
-/// Host memory posing as physical memory, handed out frame by frame; allocation
-/// number `fail_at` (counting from 0) fails.
+/// Host memory posing as physical memory, its frames handed out by the library's own
+/// allocator behind a fault injector.
 struct TestFrames {
     buffer: *mut u8,
     layout: Layout,
-    free: RefCell<Vec<PhysFrame<Size4KiB>>>,
-    allocs: Cell<usize>,
-    fail_at: Cell<Option<usize>>,
+    frames: FaultInjector<LockedFrameAllocator<'static>>,
 }
 
 impl TestFrames {
@@ -29,16 +26,15 @@ impl TestFrames {
         // SAFETY: the layout has a non-zero size.
         let buffer = unsafe { alloc_zeroed(layout) };
         assert!(!buffer.is_null());
-        let free = (0..frame_count as u64)
-            .rev()
-            .map(|i| PhysFrame::containing_address(PhysAddr::new(i * PAGE_SIZE)))
-            .collect();
+        let map = [MemoryRegion::usable(0, (frame_count as u64) * PAGE_SIZE)];
+        let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+        // Leaked: a few words per test.
+        let storage = Vec::leak(std::vec![0; words]);
+        let allocator = LockedFrameAllocator::with_storage(map, storage).unwrap();
         Self {
             buffer,
             layout,
-            free: RefCell::new(free),
-            allocs: Cell::new(0),
-            fail_at: Cell::new(None),
+            frames: FaultInjector::new(allocator),
         }
     }
 
@@ -48,7 +44,7 @@ impl TestFrames {
     }
 
     fn available(&self) -> usize {
-        self.free.borrow().len()
+        self.frames.inner().stats().free as usize
     }
 }
 
@@ -59,35 +55,10 @@ impl Drop for TestFrames {
     }
 }
 
-// SAFETY: frames come from a host buffer that outlives the pool, each once.
-unsafe impl FrameSource for TestFrames {
-    fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>> {
-        let number = self.allocs.get();
-        self.allocs.set(number + 1);
-        if self.fail_at.get() == Some(number) {
-            return None;
-        }
-        self.free.borrow_mut().pop()
-    }
-
-    fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
-        let mut free = self.free.borrow_mut();
-        if free.contains(&frame) {
-            return Err(Error::FrameNotAllocated);
-        }
-        free.push(frame);
-        Ok(())
-    }
-
-    fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
-        frames.iter().try_for_each(|f| self.free_frame(*f))
-    }
-}
-
-type Pool<'a> = NodePool<&'a TestFrames, OffsetPhysMemory>;
+type Pool<'a> = NodePool<&'a FaultInjector<LockedFrameAllocator<'static>>, OffsetPhysMemory>;
 
 fn pool(frames: &TestFrames) -> Pool<'_> {
-    NodePool::new::<u64>(frames, frames.phys())
+    NodePool::new::<u64>(&frames.frames, frames.phys())
 }
 
 const PAGE: u64 = PAGE_SIZE;
@@ -123,8 +94,8 @@ fn pool_grows_by_frames_and_reuses_freed_slots() {
 #[test]
 fn failed_reserve_gives_frames_back() {
     let frames = TestFrames::new(8);
-    let mut pool = NodePool::with_slot_size(&frames, frames.phys(), 1024);
-    frames.fail_at.set(Some(1));
+    let mut pool = NodePool::with_slot_size(&frames.frames, frames.phys(), 1024);
+    frames.frames.fail_after(1);
     assert_eq!(pool.reserve(4), Err(Error::OutOfFrames));
     assert_eq!(frames.available(), 8);
     assert_eq!((pool.frames_held(), pool.free_slots()), (0, 0));
@@ -516,13 +487,15 @@ fn fault_workload() -> Vec<Op> {
 fn run_with_failure(fail_at: Option<usize>) -> (usize, usize) {
     let frames = TestFrames::new(64);
     // Three slots a frame make the pool grow every few nodes.
-    let mut pool = NodePool::with_slot_size(&frames, frames.phys(), 1024);
+    let mut pool = NodePool::with_slot_size(&frames.frames, frames.phys(), 1024);
     let base = VMALLOC_START + 0x5000;
     let mut space = VSpace::new(&mut pool, va(base), 1 << 30).unwrap();
     let mut areas = AreaMap::<u64>::new();
     let mut live = Vec::new();
-    let first = frames.allocs.get();
-    frames.fail_at.set(fail_at.map(|k| k + first));
+    let first = frames.frames.handed_out() as usize;
+    if let Some(k) = fail_at {
+        frames.frames.fail_after(k as u64);
+    }
     let mut failures = 0;
     for op in &fault_workload() {
         let before = snapshot(&space, &areas, &frames);
@@ -536,7 +509,7 @@ fn run_with_failure(fail_at: Option<usize>) -> (usize, usize) {
         space.free(&mut pool, va(start), size).unwrap();
     }
     assert_eq!(free_list(&space), [(base, 1 << 30)]);
-    (frames.allocs.get() - first, failures)
+    (frames.frames.handed_out() as usize - first, failures)
 }
 
 #[test]
