@@ -16,6 +16,7 @@ pub(super) struct Span {
 }
 
 impl Span {
+    #[inline]
     pub(super) fn is_empty(&self) -> bool {
         self.start >= self.end
     }
@@ -30,6 +31,7 @@ pub(super) struct NormalMap {
 }
 
 impl NormalMap {
+    #[inline]
     pub(super) fn new(map: impl IntoIterator<Item = MemoryRegion>) -> Result<Self, Error> {
         let mut this = Self {
             usable: [Span::default(); MAX_MAP_REGIONS],
@@ -72,15 +74,18 @@ impl NormalMap {
         Ok(this)
     }
 
+    #[inline]
     pub(super) fn usable(&self) -> &[Span] {
         &self.usable[..self.usable_len]
     }
 
+    #[inline]
     pub(super) fn reserved(&self) -> &[Span] {
         &self.reserved[..self.reserved_len]
     }
 
     /// The first frame of the lowest usable, unreserved run of `count` frames.
+    #[inline]
     pub(super) fn find_unreserved_run(&self, count: u64) -> Option<u64> {
         self.usable().iter().find_map(|span| {
             let mut start = span.start;
@@ -104,6 +109,7 @@ impl NormalMap {
     }
 
     /// Groups the sorted usable spans into at most [`MAX_ZONES`] zone extents.
+    #[inline]
     pub(super) fn zone_spans(&self) -> ([Span; MAX_ZONES], usize) {
         let mut merged = [Span::default(); MAX_MAP_REGIONS];
         let mut count = 0;
@@ -143,6 +149,7 @@ pub(super) struct Zone {
 
 impl Zone {
     /// Lays out a zone's levels from storage word `first_word` on.
+    #[inline]
     pub(super) fn layout(span: Span, first_word: usize) -> Self {
         let mut zone = Zone {
             base: span.start,
@@ -165,15 +172,18 @@ impl Zone {
         }
     }
 
+    #[inline]
     pub(super) fn storage_end(&self) -> usize {
         self.managed_offset + self.words[0]
     }
 
+    #[inline]
     pub(super) fn is_managed(&self, bits: &[u64], index: u64) -> bool {
         bits[self.managed_offset + (index / 64) as usize] & (1 << (index % 64)) != 0
     }
 
     /// Whether any frame index of `[start, end)` may ever be handed out.
+    #[inline]
     pub(super) fn manages_any(&self, bits: &[u64], start: u64, end: u64) -> bool {
         let mut index = start;
         while index < end {
@@ -189,32 +199,39 @@ impl Zone {
     }
 
     /// Records the current level 0 as the set of frames that may be handed out.
+    #[inline]
     pub(super) fn record_managed(&self, bits: &mut [u64]) {
         let leaf = self.offset[0];
         bits.copy_within(leaf..leaf + self.words[0], self.managed_offset);
     }
 
+    #[inline]
     pub(super) fn contains(&self, frame: u64) -> bool {
         frame >= self.base && frame - self.base < self.frames
     }
 
+    #[inline]
     pub(super) fn level<'s>(&self, bits: &'s [u64], level: usize) -> &'s [u64] {
         &bits[self.offset[level]..self.offset[level] + self.words[level]]
     }
 
+    #[inline]
     pub(super) fn level_mut<'s>(&self, bits: &'s mut [u64], level: usize) -> &'s mut [u64] {
         &mut bits[self.offset[level]..self.offset[level] + self.words[level]]
     }
 
+    #[inline]
     pub(super) fn is_free(&self, bits: &[u64], index: u64) -> bool {
         self.level(bits, 0)[(index / 64) as usize] & (1 << (index % 64)) != 0
     }
 
+    #[inline]
     pub(super) fn has_free(&self, bits: &[u64]) -> bool {
         self.level(bits, self.levels - 1)[0] != 0
     }
 
     /// The first free frame index at or after `from`.
+    #[inline]
     pub(super) fn find_free(&self, bits: &[u64], from: u64) -> Option<u64> {
         if from == 0 {
             // The lowest free frame: no need to climb, start at the top word.
@@ -240,6 +257,7 @@ impl Zone {
     }
 
     /// Follows lowest set bits from bit `index` of `level` down to a frame index.
+    #[inline]
     pub(super) fn descend(&self, bits: &[u64], mut level: usize, mut index: u64) -> u64 {
         while level > 0 {
             level -= 1;
@@ -250,6 +268,7 @@ impl Zone {
     }
 
     /// Clears bit `index` of `level`, and the summary bits above while words empty.
+    #[inline]
     pub(super) fn clear_bit(&self, bits: &mut [u64], mut level: usize, mut index: u64) {
         while level < self.levels {
             let word_index = (index / 64) as usize;
@@ -264,6 +283,7 @@ impl Zone {
     }
 
     /// Sets bit `index` of level 0, and the summary bits above while words were empty.
+    #[inline]
     pub(super) fn set_free(&self, bits: &mut [u64], mut index: u64) {
         for level in 0..self.levels {
             let word_index = (index / 64) as usize;
@@ -279,6 +299,7 @@ impl Zone {
 
     /// Takes up to `want` free frames from the level-0 word holding a free frame at
     /// or after `from`; returns the word's first frame index and the bits taken.
+    #[inline]
     pub(super) fn take_word(&self, bits: &mut [u64], from: u64, want: usize) -> Option<(u64, u64)> {
         let index = self.find_free(bits, from)?;
         let word_index = (index / 64) as usize;
@@ -293,6 +314,7 @@ impl Zone {
     }
 
     /// The first used frame index in `[start, end)`.
+    #[inline]
     pub(super) fn first_used(&self, bits: &[u64], start: u64, end: u64) -> Option<u64> {
         let leaf = self.level(bits, 0);
         let mut index = start;
@@ -310,6 +332,7 @@ impl Zone {
     }
 
     /// Sets level-0 bits `[start, end)` to `free`, without touching summaries.
+    #[inline]
     pub(super) fn fill_leaf(&self, bits: &mut [u64], start: u64, end: u64, free: bool) {
         let leaf = self.level_mut(bits, 0);
         let mut index = start;
@@ -324,6 +347,7 @@ impl Zone {
     }
 
     /// Recomputes every summary level from level 0; returns the free frame count.
+    #[inline]
     pub(super) fn rebuild_summaries(&self, bits: &mut [u64]) -> u64 {
         for level in 1..self.levels {
             self.level_mut(bits, level).fill(0);
@@ -340,6 +364,7 @@ impl Zone {
     }
 
     /// Clips frame span `span` to this zone, as zone-relative indices.
+    #[inline]
     pub(super) fn clip(&self, span: Span) -> Option<(u64, u64)> {
         let start = span.start.max(self.base);
         let end = span.end.min(self.base + self.frames);
@@ -348,11 +373,13 @@ impl Zone {
 }
 
 /// A mask of the `count` (1..=64) lowest bits.
+#[inline]
 pub(super) fn low_mask(count: u64) -> u64 {
     if count >= 64 { !0 } else { (1 << count) - 1 }
 }
 
 /// The lowest `count` set bits of `word`.
+#[inline]
 pub(super) fn lowest_bits(word: u64, count: usize) -> u64 {
     if word.count_ones() as usize <= count {
         return word;
@@ -364,10 +391,12 @@ pub(super) fn lowest_bits(word: u64, count: usize) -> u64 {
     word & !rest
 }
 
+#[inline]
 pub(super) fn frame_at(number: u64) -> PhysFrame {
     PhysFrame::containing_address(PhysAddr::new(number * PAGE_SIZE))
 }
 
+#[inline]
 pub(super) fn frame_number(frame: PhysFrame) -> u64 {
     frame.start_address().as_u64() / PAGE_SIZE
 }
