@@ -11,6 +11,7 @@
 //! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose small blocks come from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
 //! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), `vrealloc`, listings; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
 //! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk, and `#[must_use]` flush tokens | `frame`, `phys` |
+//! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes | `tlb` |
 //! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, and the one ceiling rule for range against full flushes | `paging` (the tokens) |
 //! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map), its lock, fault injection | `phys` |
 //! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`]) | — |
@@ -60,6 +61,7 @@ pub mod frame;
 pub mod heap;
 pub mod paging;
 pub mod phys;
+pub mod smp;
 pub mod tlb;
 pub mod vmalloc;
 

@@ -52,6 +52,14 @@ pub trait TlbFlush {
     fn ceiling(&self) -> u64 {
         SINGLE_PAGE_FLUSH_CEILING
     }
+
+    /// Called while waiting for a lock a flush may be waited on under (the vmalloc
+    /// manager's): a policy that flushes other CPUs serves their requests here, so a
+    /// CPU waiting for the lock cannot stall a flush its holder started (see
+    /// [`smp`](crate::smp)). The default only hints the CPU that it spins.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 /// Issues a batch of flush tokens as one flush: each token's range on its own while
@@ -91,6 +99,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn ceiling(&self) -> u64 {
         (**self).ceiling()
+    }
+    fn relax(&self) {
+        (**self).relax()
     }
 }
 

@@ -107,6 +107,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod cpu;
 mod frames;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod host;
@@ -121,6 +122,7 @@ mod test;
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod test_host;
 
+pub use cpu::SimCpu;
 pub use frames::SimFrames;
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
@@ -134,9 +136,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 use tlb::Tlb;
 use vmalloc::frame::MemoryRegion;
-use vmalloc::{PhysMemory, TlbFlush};
-use x86_64::structures::paging::page::PageRange;
-use x86_64::structures::paging::{Page, PhysFrame, Size4KiB};
+use vmalloc::PhysMemory;
+use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
 /// How to build a [`SimMachine`].
@@ -154,6 +155,8 @@ pub struct SimConfig {
     /// Bytes of host window to reserve (a positive multiple of 4 KiB), if any; see
     /// the [module documentation](self#the-host-window). Linux x86_64 only.
     pub host_window: Option<u64>,
+    /// CPUs, each with its own TLB (1 to [`MAX_CPUS`](vmalloc::smp::MAX_CPUS)).
+    pub cpus: usize,
 }
 
 impl SimConfig {
@@ -164,7 +167,13 @@ impl SimConfig {
             reserved_holes: 8,
             scatter_seed: None,
             host_window: None,
+            cpus: 1,
         }
+    }
+
+    /// The same configuration with `cpus` CPUs (see [`SimCpu`]).
+    pub const fn with_cpus(self, cpus: usize) -> Self {
+        Self { cpus, ..self }
     }
 
     /// The same configuration with `holes` holes.
@@ -214,7 +223,10 @@ pub struct SimMachine {
     /// The PML4 the MMU walks: `root` until [`SimMachine::load_cr3`].
     cr3: AtomicU64,
     scatter_seed: Option<u64>,
-    tlb: Mutex<Tlb>,
+    /// One TLB (and paging-structure cache) per CPU.
+    tlbs: Vec<Mutex<Tlb>>,
+    /// The CPUs' interrupt state (see [`cpu`]).
+    cpus: cpu::Cpus,
 }
 
 // SAFETY: the block is owned by the machine and reached only through raw pointers,
@@ -273,7 +285,13 @@ impl SimMachine {
     /// host cannot allocate the block, the process aborts as for any allocation.
     /// With a host window: if its size is not a positive multiple of 4 KiB, if the
     /// host refuses the memfd or a mapping, or if 64 machines with windows exist.
+    ///
+    /// Also if `config.cpus` is 0 or above [`MAX_CPUS`](vmalloc::smp::MAX_CPUS).
     pub fn new(config: SimConfig) -> SimMachine {
+        assert!(
+            (1..=vmalloc::smp::MAX_CPUS).contains(&config.cpus),
+            "a machine has 1 to 64 CPUs"
+        );
         let memory_map = memmap::build(config.memory_size, config.reserved_holes);
         let root = PhysFrame::containing_address(PhysAddr::new(ROOT_TABLE));
         let (backing, memory) = Backing::new(&config, root);
@@ -285,7 +303,8 @@ impl SimMachine {
             root,
             cr3: AtomicU64::new(root.start_address().as_u64()),
             scatter_seed: config.scatter_seed,
-            tlb: Mutex::new(Tlb::default()),
+            tlbs: (0..config.cpus).map(|_| Mutex::default()).collect(),
+            cpus: cpu::Cpus::new(config.cpus),
         }
     }
 
@@ -343,12 +362,14 @@ impl SimMachine {
 
     /// Switches to the address space whose PML4 is `pml4`, as a write to CR3 does:
     /// later walks start there, and every TLB entry but those of global pages is
-    /// dropped. (The host window's fills always walk [`root`](Self::root).)
+    /// dropped, on every CPU (the machine has one CR3 for all of them). (The host
+    /// window's fills always walk [`root`](Self::root).)
     pub fn load_cr3(&self, pml4: PhysFrame) {
-        let mut tlb = self.lock_tlb();
         self.cr3
             .store(pml4.start_address().as_u64(), Ordering::Release);
-        tlb.clear_non_global();
+        for cpu in 0..self.tlbs.len() {
+            self.lock_tlb_of(cpu).clear_non_global();
+        }
     }
 
     /// The host address at which physical address 0 lives.
@@ -435,8 +456,9 @@ impl SimMachine {
         }
     }
 
-    /// What the TLB has done so far. Host-window pages filled on a fault count as
-    /// misses; host accesses that hit the host's own mappings are not counted.
+    /// What the calling thread's CPU's TLB has done so far (see [`SimCpu`]). Host-window
+    /// pages filled on a fault count as misses (of whichever CPU asks); host accesses
+    /// that hit the host's own mappings are not counted.
     pub fn tlb_stats(&self) -> TlbStats {
         let mut stats = self.lock_tlb().stats;
         stats.misses += self.host_fills();
@@ -451,6 +473,15 @@ impl SimMachine {
         }
     }
 
+    /// Drops every host window mapping, if any.
+    fn flush_host_all(&self) {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host.flush_all(),
+            Backing::Heap { .. } => {}
+        }
+    }
+
     /// Drops the host window's mappings of pages `start_vpn..end_vpn`, if any.
     fn flush_host(&self, start_vpn: u64, end_vpn: u64) {
         match &self.backing {
@@ -462,16 +493,23 @@ impl SimMachine {
         }
     }
 
-    /// How many 4 KiB pages the TLB holds a translation for (the host window's
-    /// mappings are not counted).
+    /// How many 4 KiB pages the calling thread's CPU's TLB holds a translation for
+    /// (the host window's mappings are not counted).
     pub fn tlb_len(&self) -> usize {
         self.lock_tlb().len()
     }
 
-    /// The TLB; a panic in another thread while holding it leaves it consistent
-    /// (every update is a single map operation), so poisoning is ignored.
+    /// The calling thread's CPU's TLB.
     fn lock_tlb(&self) -> MutexGuard<'_, Tlb> {
-        self.tlb.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock_tlb_of(self.current_cpu())
+    }
+
+    /// CPU `cpu`'s TLB; a panic in another thread while holding it leaves it
+    /// consistent (every update is a single map operation), so poisoning is ignored.
+    fn lock_tlb_of(&self, cpu: usize) -> MutexGuard<'_, Tlb> {
+        self.tlbs[cpu]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -481,41 +519,6 @@ impl Drop for SimMachine {
             // SAFETY: `block` came from `alloc_zeroed` with exactly `layout`, and
             // nothing borrowing the machine (such as a `SimPhys`) outlives it.
             unsafe { dealloc(block.as_ptr(), layout) };
-        }
-    }
-}
-
-impl TlbFlush for SimMachine {
-    /// `invlpg`: drops the page's translation, and the whole mapping if it is huge.
-    fn flush_page(&self, page: Page<Size4KiB>) {
-        let vpn = page.start_address().as_u64() >> 12;
-        let mut tlb = self.lock_tlb();
-        tlb.stats.page_flushes += 1;
-        tlb.invalidate(vpn, vpn + 1);
-        self.flush_host(vpn, vpn + 1);
-    }
-
-    /// Drops every translation overlapping `range`; counts as one range flush.
-    fn flush_range(&self, range: PageRange<Size4KiB>) {
-        let start = range.start.start_address().as_u64() >> 12;
-        let end = range.end.start_address().as_u64() >> 12;
-        let mut tlb = self.lock_tlb();
-        tlb.stats.range_flushes += 1;
-        if start < end {
-            tlb.invalidate(start, end);
-            self.flush_host(start, end);
-        }
-    }
-
-    /// A CR3 reload with global pages flushed too: empties the TLB.
-    fn flush_all(&self) {
-        let mut tlb = self.lock_tlb();
-        tlb.stats.full_flushes += 1;
-        tlb.clear();
-        match &self.backing {
-            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-            Backing::Host(host) => host.flush_all(),
-            Backing::Heap { .. } => {}
         }
     }
 }

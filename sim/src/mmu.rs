@@ -226,6 +226,7 @@ impl SimMachine {
     pub fn translate_raw(&self, addr: u64, access: Access) -> Result<Translation, Fault> {
         let virt = VirtAddr::try_new(addr).map_err(|_| Fault::GeneralProtection { addr })?;
         let vpn = addr >> 12;
+        self.take_interrupts();
         let mut tlb = self.lock_tlb();
         if let Some(cached) = tlb.lookup(vpn).filter(|t| t.permits(access)) {
             tlb.stats.hits += 1;
@@ -235,7 +236,23 @@ impl SimMachine {
             });
         }
         tlb.stats.misses += 1;
-        match self.walk(addr).and_then(|walked| walked.checked(access)) {
+        // Upper-level entries come from the paging-structure cache when it has them,
+        // and those that point to a table are cached.
+        let walked = walk(self.cr3(), addr, |entry, level| {
+            if level == 1 {
+                return self.load_entry(entry, level);
+            }
+            if let Some(raw) = tlb.cached_entry(level, addr) {
+                return raw;
+            }
+            let raw = self.load_entry(entry, level);
+            let flags = PageTableFlags::from_bits_truncate(raw);
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE) {
+                tlb.cache_entry(level, addr, raw);
+            }
+            raw
+        });
+        match walked.and_then(|walked| walked.checked(access)) {
             Ok(translation) => {
                 tlb.insert(vpn, translation);
                 Ok(translation)
@@ -246,13 +263,6 @@ impl SimMachine {
                 Err(Fault::Page(PageFault { addr: virt, code }))
             }
         }
-    }
-
-    /// Walks the four levels for `addr`, reading each entry with one atomic load.
-    fn walk(&self, addr: u64) -> Result<Translation, Cause> {
-        walk(self.cr3(), addr, |entry, level| {
-            self.load_entry(entry, level)
-        })
     }
 
     /// Loads the table entry at `entry` (in a level-`level` table) atomically.

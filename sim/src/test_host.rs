@@ -1,6 +1,8 @@
 //! The host window: pages mapped in the machine's tables, used through host pointers.
 
 use super::*;
+use vmalloc::TlbFlush;
+use x86_64::structures::paging::{Page, Size4KiB};
 use core::ffi::c_void;
 use std::vec;
 use vmalloc::frame::MapperFrames;

@@ -31,6 +31,9 @@ pub struct TlbStats {
 pub(super) struct Tlb {
     /// Virtual page number (address >> 12) to the translation of that page's start.
     entries: BTreeMap<u64, Translation>,
+    /// The paging-structure cache: upper-level entries that point to a table, keyed by
+    /// level (4 = PML4) and the address bits that entry covers.
+    structures: BTreeMap<(u32, u64), u64>,
     pub(super) stats: TlbStats,
 }
 
@@ -48,6 +51,16 @@ impl Tlb {
 
     pub(super) fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The cached level-`level` entry for `addr`'s prefix, if any.
+    pub(super) fn cached_entry(&self, level: u32, addr: u64) -> Option<u64> {
+        self.structures.get(&(level, prefix(level, addr))).copied()
+    }
+
+    /// Caches the level-`level` entry `raw` for `addr`'s prefix.
+    pub(super) fn cache_entry(&mut self, level: u32, addr: u64, raw: u64) {
+        self.structures.insert((level, prefix(level, addr)), raw);
     }
 
     /// Drops every entry whose mapping (of whatever size) overlaps pages
@@ -71,15 +84,25 @@ impl Tlb {
         for vpn in doomed {
             self.entries.remove(&vpn);
         }
+        // `invlpg` may drop any paging-structure-cache entry (SDM 4.10.4.1); this
+        // model drops them all, so only a missing flush can leave one stale.
+        self.structures.clear();
     }
 
     pub(super) fn clear(&mut self) {
         self.entries.clear();
+        self.structures.clear();
     }
 
     /// Drops every entry but those of global pages, as a CR3 load does.
     pub(super) fn clear_non_global(&mut self) {
         self.entries
             .retain(|_, translation| translation.flags.contains(PageTableFlags::GLOBAL));
+        self.structures.clear();
     }
+}
+
+/// The address bits a level-`level` entry covers (the bits above its span).
+fn prefix(level: u32, addr: u64) -> u64 {
+    addr >> (12 + 9 * (level - 1))
 }

@@ -39,6 +39,7 @@ where
             pending_purge_pages: inner.purge.pages,
             pending_purge_frames: inner.purge.frames,
             purges: inner.purges,
+            deferred_refused: inner.deferred_refused,
         }
     }
 
@@ -169,6 +170,9 @@ pub struct VmallocStats {
     pub pending_purge_frames: u64,
     /// Purges (batched flushes) done so far.
     pub purges: u64,
+    /// Frees queued by `vfree_atomic` that were refused when drained, as `vfree`
+    /// would have refused them (never allocated, freed already, ...).
+    pub deferred_refused: u64,
 }
 
 impl fmt::Display for VmallocStats {

@@ -34,6 +34,8 @@ pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     pub(super) page_table_frames: u64,
     pub(super) data_frames: u64,
     pub(super) purges: u64,
+    /// Deferred frees whose pointer `vfree` would have refused.
+    pub(super) deferred_refused: u64,
 }
 
 // SAFETY: `Inner` holds raw pointers into frames it owns (page tables, bookkeeping

@@ -2,6 +2,7 @@
 //! `locked.rs`.
 
 use super::area::{AreaKind, AreaRecord};
+use super::deferred::DeferredFrees;
 use super::locked::{CHUNK, Inner, Locked, as_ptr, page_at, page_range};
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
 use super::purge::PurgeList;
@@ -22,6 +23,7 @@ pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) phys: M,
     pub(super) tlb: T,
     pub(super) config: VmallocConfig,
+    deferred: DeferredFrees,
 }
 
 impl<F, M, T> Vmalloc<F, M, T>
@@ -85,6 +87,7 @@ where
             page_table_frames: created,
             data_frames: 0,
             purges: 0,
+            deferred_refused: 0,
         };
         Ok(Self {
             inner: spin::Mutex::new(inner),
@@ -92,6 +95,7 @@ where
             phys,
             tlb,
             config,
+            deferred: DeferredFrees::new(),
         })
     }
 
@@ -162,7 +166,7 @@ where
 
     /// Frees an area made by `vmalloc`/`vzalloc`/`vmalloc_with` (or [`reserve`]): its
     /// entries are detached at once, and its frames and virtual range return after
-    /// the TLB flush that covers them (see the module documentation).
+    /// the TLB flush that covers them (see [the purge](super::purge)).
     ///
     /// # Errors
     ///
@@ -177,6 +181,59 @@ where
         cx.inner().data_frames -= record.mapped_pages;
         cx.retire(start, record);
         Ok(())
+    }
+
+    /// Frees like [`vfree`](Self::vfree), from a context that may not wait for the
+    /// manager's lock: an interrupt or fault handler, perhaps one that interrupted
+    /// this manager on its own CPU (Linux's `vfree_atomic`). The area is queued with
+    /// one atomic operation and freed by the next call that takes the lock (see
+    /// [deferred frees](super::deferred)); it stays mapped until then, and a pointer
+    /// `vfree` would refuse is then refused silently, counted in
+    /// [`stats`](Self::stats).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NullPointer`], [`Error::NotInRegion`]; [`Error::WouldBlock`] when the
+    /// queue is full and the lock is busy (nothing was queued).
+    pub fn vfree_atomic(&self, ptr: *mut u8) -> Result<(), Error> {
+        if ptr.is_null() {
+            return Err(Error::NullPointer);
+        }
+        let addr = VirtAddr::try_new(ptr as u64).map_err(|_| Error::NotInRegion)?;
+        if !self.is_vmalloc_addr(addr) {
+            return Err(Error::NotInRegion);
+        }
+        if self.deferred.push(addr.as_u64()) {
+            return Ok(());
+        }
+        // Full: drain the queue ourselves if the lock is free, then queue again.
+        match self.inner.try_lock() {
+            Some(guard) => {
+                let mut cx = Locked::new(self, guard);
+                self.drain_deferred(&mut cx);
+                drop(cx);
+                if self.deferred.push(addr.as_u64()) {
+                    Ok(())
+                } else {
+                    Err(Error::WouldBlock)
+                }
+            }
+            None => Err(Error::WouldBlock),
+        }
+    }
+
+    /// Frees every area [`vfree_atomic`](Self::vfree_atomic) queued.
+    fn drain_deferred(&self, cx: &mut Locked<'_, F, M, T>) {
+        self.deferred.drain(|addr| {
+            let live = cx.live_area_at(addr as *mut u8, &[AreaKind::Vmalloc, AreaKind::Reserved]);
+            match live {
+                Ok((start, record)) => {
+                    cx.inner().data_frames -= record.mapped_pages;
+                    cx.retire(start, record);
+                }
+                Err(_) => cx.inner().deferred_refused += 1,
+            }
+        });
     }
 
     /// Maps frames the caller owns at one contiguous virtual range (Linux's `vmap`).
@@ -383,7 +440,7 @@ where
     }
 
     /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
-    /// the module documentation), then returns their frames and virtual ranges.
+    /// [the purge](super::purge)), then returns their frames and virtual ranges.
     pub fn purge(&self) {
         self.lock().purge();
     }
@@ -408,9 +465,21 @@ where
         Ok(align.max(PAGE_SIZE))
     }
 
-    /// The manager with its lock held.
+    /// The manager with its lock held. While it waits, the flush policy serves
+    /// other CPUs' flush requests ([`TlbFlush::relax`]): the holder may be waiting
+    /// for this CPU's flush.
+    /// Frees queued by [`vfree_atomic`](Self::vfree_atomic) are done first.
     pub(super) fn lock(&self) -> Locked<'_, F, M, T> {
-        Locked::new(self, self.inner.lock())
+        loop {
+            if let Some(guard) = self.inner.try_lock() {
+                let mut cx = Locked::new(self, guard);
+                if self.deferred.any() {
+                    self.drain_deferred(&mut cx);
+                }
+                return cx;
+            }
+            self.tlb.relax();
+        }
     }
 
     /// Runs `op` under the lock; if it fails, gives back every bookkeeping slab it

@@ -50,11 +50,13 @@
 //! | `space.rs` | free virtual ranges and the area map | `tree`, `slab` |
 //! | `tree.rs`, `slab.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |
+//! | `deferred.rs` | frees queued by `vfree_atomic` | — |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
 //!
 //! [page-table cursor]: crate::paging
 
 mod area;
+pub mod deferred;
 mod info;
 mod locked;
 mod manager;

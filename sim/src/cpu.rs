@@ -1,0 +1,314 @@
+//! The machine's CPUs: which one a host thread is, their TLB flushes, and the
+//! inter-processor interrupts between them.
+//!
+//! Host threads act as CPUs. A thread is CPU 0 until it [enters](SimCpu::enter)
+//! another; the machine's own accesses ([`SimMachine::read`], ...), its
+//! [`TlbFlush`] methods and its [`Cpus`] answers are those of the calling thread's CPU,
+//! and a [`SimCpu`] handle does the same for a chosen CPU.
+//!
+//! An IPI ([`Cpus::send_ipi`]) only marks the target pending; the target runs the
+//! handler the test installed ([`SimMachine::set_ipi_handler`]) at its next memory
+//! access or [`poll`](SimCpu::poll), the way a CPU takes an interrupt between
+//! instructions. So delivery is asynchronous: a target that never touches memory never
+//! takes it.
+
+use super::tlb::TlbStats;
+use super::{Access, Fault, SimMachine, Translation};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::vec::Vec;
+use vmalloc::TlbFlush;
+use vmalloc::smp::{CpuSet, Cpus as KernelCpus};
+use x86_64::structures::paging::page::PageRange;
+use x86_64::VirtAddr;
+use x86_64::structures::paging::{Page, Size4KiB};
+
+thread_local! {
+    /// The CPU the calling thread runs as, on every machine.
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A handler for the shootdown IPI.
+type Handler = Arc<dyn Fn() + Send + Sync>;
+
+/// The interrupt state of a machine's CPUs.
+pub(super) struct Cpus {
+    online: AtomicU64,
+    pending: Vec<AtomicBool>,
+    taken: Vec<AtomicU64>,
+    sent: AtomicU64,
+    handler: Mutex<Option<Handler>>,
+}
+
+impl core::fmt::Debug for Cpus {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Cpus")
+            .field("online", &self.online)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cpus {
+    pub(super) fn new(count: usize) -> Self {
+        Self {
+            online: AtomicU64::new(CpuSet::first(count).bits()),
+            pending: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            taken: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            sent: AtomicU64::new(0),
+            handler: Mutex::new(None),
+        }
+    }
+}
+
+impl SimMachine {
+    /// How many CPUs the machine has.
+    pub fn cpu_count(&self) -> usize {
+        self.tlbs.len()
+    }
+
+    /// A handle on CPU `index`.
+    ///
+    /// # Panics
+    ///
+    /// If the machine has no such CPU.
+    pub fn cpu(&self, index: usize) -> SimCpu<'_> {
+        assert!(
+            index < self.cpu_count(),
+            "the machine has {} CPUs",
+            self.cpu_count()
+        );
+        SimCpu {
+            machine: self,
+            index,
+        }
+    }
+
+    /// The CPU the calling thread runs as.
+    ///
+    /// # Panics
+    ///
+    /// If the thread entered a CPU this machine does not have.
+    pub fn current_cpu(&self) -> usize {
+        let cpu = CURRENT.with(Cell::get);
+        assert!(
+            cpu < self.cpu_count(),
+            "this thread runs as CPU {cpu}, which the machine does not have"
+        );
+        cpu
+    }
+
+    /// Installs the handler every CPU runs when it takes a shootdown IPI (typically
+    /// `move || shootdown.handle_ipi()`).
+    pub fn set_ipi_handler(&self, handler: impl Fn() + Send + Sync + 'static) {
+        *self.lock_handler() = Some(Arc::new(handler));
+    }
+
+    /// IPIs sent so far, one per target.
+    pub fn ipis_sent(&self) -> u64 {
+        self.cpus.sent.load(Ordering::Relaxed)
+    }
+
+    /// Runs the calling thread's CPU's pending IPI, if any: what a CPU does between
+    /// two instructions with interrupts enabled.
+    pub(super) fn take_interrupts(&self) {
+        let cpu = self.current_cpu();
+        if !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
+            return;
+        }
+        self.cpus.taken[cpu].fetch_add(1, Ordering::Relaxed);
+        let handler = self.lock_handler().clone();
+        if let Some(handler) = handler {
+            handler();
+        }
+    }
+
+    fn lock_handler(&self) -> std::sync::MutexGuard<'_, Option<Handler>> {
+        self.cpus
+            .handler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Flushes the calling thread's CPU's TLB and paging-structure cache for
+    /// `start_vpn..end_vpn`, counting the flush with `count`.
+    fn flush_current(&self, start_vpn: u64, end_vpn: u64, count: impl FnOnce(&mut TlbStats)) {
+        let mut tlb = self.lock_tlb();
+        count(&mut tlb.stats);
+        if start_vpn < end_vpn {
+            tlb.invalidate(start_vpn, end_vpn);
+            self.flush_host(start_vpn, end_vpn);
+        }
+    }
+}
+
+impl TlbFlush for SimMachine {
+    /// `invlpg` on the calling thread's CPU: drops the page's translation (the whole
+    /// mapping if it is huge) and the paging-structure cache.
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        let vpn = page.start_address().as_u64() >> 12;
+        self.flush_current(vpn, vpn + 1, |stats| stats.page_flushes += 1);
+    }
+
+    /// Drops every translation overlapping `range`, on the calling thread's CPU;
+    /// counts as one range flush.
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        let start = range.start.start_address().as_u64() >> 12;
+        let end = range.end.start_address().as_u64() >> 12;
+        self.flush_current(start, end, |stats| stats.range_flushes += 1);
+    }
+
+    /// A CR3 reload with global pages flushed too, on the calling thread's CPU:
+    /// empties its TLB.
+    fn flush_all(&self) {
+        let mut tlb = self.lock_tlb();
+        tlb.stats.full_flushes += 1;
+        tlb.clear();
+        self.flush_host_all();
+    }
+
+    /// A spinning CPU takes its interrupts, and its host thread lets the others run
+    /// (there may be more simulated CPUs than host cores).
+    fn relax(&self) {
+        self.take_interrupts();
+        std::thread::yield_now();
+    }
+}
+
+// SAFETY: `current` is the thread's CPU, below the machine's count (checked), and a
+// thread changes it only by entering another CPU, which the tests do between calls;
+// `online` starts as every CPU, and `SimCpu::go_offline` flushes the CPU's TLB before
+// taking it out; `send_ipi` marks each target, which runs the installed handler at its
+// next access or poll.
+unsafe impl KernelCpus for SimMachine {
+    fn current(&self) -> usize {
+        self.current_cpu()
+    }
+
+    fn online(&self) -> CpuSet {
+        CpuSet::from_bits(self.cpus.online.load(Ordering::Acquire))
+    }
+
+    fn send_ipi(&self, targets: CpuSet) {
+        for cpu in targets.iter().filter(|&cpu| cpu < self.cpu_count()) {
+            self.cpus.pending[cpu].store(true, Ordering::Release);
+            self.cpus.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One CPU of a [`SimMachine`]: its own view of memory through its own TLB.
+#[derive(Debug, Clone, Copy)]
+pub struct SimCpu<'m> {
+    machine: &'m SimMachine,
+    index: usize,
+}
+
+impl<'m> SimCpu<'m> {
+    /// The CPU's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &'m SimMachine {
+        self.machine
+    }
+
+    /// Makes the calling thread run as this CPU from now on (on every machine).
+    pub fn enter(&self) {
+        CURRENT.with(|cpu| cpu.set(self.index));
+    }
+
+    /// Runs `f` on the calling thread as this CPU, then switches back.
+    pub fn run<R>(&self, f: impl FnOnce(&SimMachine) -> R) -> R {
+        let before = CURRENT.with(|cpu| cpu.replace(self.index));
+        let result = f(self.machine);
+        CURRENT.with(|cpu| cpu.set(before));
+        result
+    }
+
+    /// Takes a pending IPI, if any (as the CPU does with interrupts enabled).
+    pub fn poll(&self) {
+        self.run(SimMachine::take_interrupts);
+    }
+
+    /// [`SimMachine::translate`] on this CPU.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    pub fn translate(&self, addr: VirtAddr, access: Access) -> Result<Translation, Fault> {
+        self.run(|machine| machine.translate(addr, access))
+    }
+
+    /// [`SimMachine::read`] on this CPU.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
+        self.run(|machine| machine.read(addr, buf))
+    }
+
+    /// [`SimMachine::write`] on this CPU.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+        self.run(|machine| machine.write(addr, data))
+    }
+
+    /// This CPU's TLB counters.
+    pub fn tlb_stats(&self) -> TlbStats {
+        self.run(SimMachine::tlb_stats)
+    }
+
+    /// IPIs this CPU has taken.
+    pub fn ipis_taken(&self) -> u64 {
+        self.machine.cpus.taken[self.index].load(Ordering::Relaxed)
+    }
+
+    /// Whether this CPU is online.
+    pub fn is_online(&self) -> bool {
+        KernelCpus::online(self.machine).contains(self.index)
+    }
+
+    /// Takes the CPU offline, as hot-unplug does: it flushes its own TLB and leaves
+    /// the online set, so shootdowns no longer wait for it.
+    pub fn go_offline(&self) {
+        self.run(TlbFlush::flush_all);
+        self.machine
+            .cpus
+            .online
+            .fetch_and(!(1 << self.index), Ordering::AcqRel);
+    }
+
+    /// Brings the CPU back online (with an empty TLB: it was flushed going offline).
+    pub fn go_online(&self) {
+        self.machine
+            .cpus
+            .online
+            .fetch_or(1 << self.index, Ordering::AcqRel);
+    }
+}
+
+impl TlbFlush for SimCpu<'_> {
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        self.run(|machine| machine.flush_page(page));
+    }
+
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        self.run(|machine| machine.flush_range(range));
+    }
+
+    fn flush_all(&self) {
+        self.run(TlbFlush::flush_all);
+    }
+
+    fn relax(&self) {
+        self.run(TlbFlush::relax);
+    }
+}

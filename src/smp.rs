@@ -1,0 +1,432 @@
+//! TLB shootdown: flushing every CPU that may hold a stale translation.
+//!
+//! On a machine with several CPUs, each has its own TLB, and a page-table write on one
+//! CPU does not reach the others: only their own `invlpg` or CR3 writes do. So a flush
+//! that must be global (before a frame or a virtual range is reused) has to run on
+//! every CPU. [`Shootdown`] is a [`TlbFlush`] that does it: it flushes the calling CPU,
+//! queues the same flush in the mailbox of every other online CPU, interrupts them
+//! with an IPI, and waits until each has flushed.
+//!
+//! # What the kernel supplies
+//!
+//! The three facts the library cannot know, in [`Cpus`]: the calling CPU's index, the
+//! CPUs that are online, and how to send them the shootdown IPI. The kernel's IPI
+//! handler calls [`Shootdown::handle_ipi`], then signals end of interrupt. That is all:
+//!
+//! ```text
+//! struct KernelCpus;
+//! unsafe impl Cpus for KernelCpus {
+//!     fn current(&self) -> usize { percpu::index() }
+//!     fn online(&self) -> CpuSet { CpuSet::from_bits(ONLINE.load(Acquire)) }
+//!     fn send_ipi(&self, targets: CpuSet) { lapic::send(targets, SHOOTDOWN_VECTOR) }
+//! }
+//! static TLB: Shootdown<KernelCpus, InvlpgFlush> = Shootdown::new(KernelCpus, unsafe { InvlpgFlush::new() });
+//! extern "x86-interrupt" fn shootdown_vector(_: InterruptStackFrame) {
+//!     TLB.handle_ipi();
+//!     lapic::eoi();
+//! }
+//! // Vmalloc::new(config, root, phys, frames, &TLB)
+//! ```
+//!
+//! An application processor marks itself online only once it runs on the kernel's page
+//! tables with its IPI vector installed; before that it holds no translation of kernel
+//! memory that a flush could miss.
+//!
+//! # Which CPUs are shot at
+//!
+//! Every online CPU but the caller. The vmalloc region lives in the kernel half of the
+//! address space, which every address space shares, so any CPU may have touched an
+//! area (or prefetched its translation) whatever process it runs; tracking which ones
+//! did would cost more on every access than the IPIs it saves on a purge, which the
+//! lazy purge already makes rare.
+//!
+//! # The protocol
+//!
+//! Each CPU has a mailbox: a short queue of flushes (ranges, or "everything" when the
+//! queue overflows or a range passes the [ceiling](TlbFlush::ceiling)), a request
+//! count and a done count. The initiator flushes its own TLB, then for each target
+//! pushes the flush under that mailbox's lock and bumps its request count, remembering
+//! the number. It sends one IPI to all targets and waits until each target's done
+//! count reaches the remembered number. A target's handler reads its request count,
+//! takes the queued flushes under the lock, flushes, and publishes the request count it
+//! read as done (Release), so the initiator's Acquire load sees the flush complete.
+//!
+//! No deadlock is possible between CPUs that follow it:
+//!
+//! - While it waits, the initiator serves its own mailbox, so two CPUs shooting at each
+//!   other both progress.
+//! - While a CPU waits for the vmalloc manager's lock it serves its mailbox too
+//!   ([`TlbFlush::relax`]), so an initiator that holds the lock is never waiting for a
+//!   CPU that waits for it, even if that CPU spins with interrupts disabled.
+//! - The handler only ever *tries* its own mailbox's lock: when it interrupted its own
+//!   CPU in the middle of serving the mailbox, it returns, and the interrupted service
+//!   completes; when another CPU is pushing, that CPU sends an IPI after it unlocks.
+//!
+//! # Allowed CPU states
+//!
+//! An initiator may hold the vmalloc manager's lock, and may run with interrupts
+//! disabled: it polls its own mailbox. A target must eventually do one of: take the
+//! IPI (interrupts enabled), wait for the vmalloc lock, or call
+//! [`handle_ipi`](Shootdown::handle_ipi) itself (a CPU that idles with interrupts off
+//! must poll). A CPU that leaves the online set must flush its own TLB as it goes.
+//! Shootdowns must not be started from an NMI, or from an interrupt handler that
+//! interrupted a shootdown on the same CPU: use `vfree_atomic` there.
+
+use crate::TlbFlush;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, Size4KiB};
+
+/// The most CPUs a [`CpuSet`] can name.
+pub const MAX_CPUS: usize = 64;
+
+/// A set of CPU indices below [`MAX_CPUS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CpuSet(u64);
+
+impl CpuSet {
+    /// No CPU.
+    pub const fn empty() -> Self {
+        Self(0)
+    }
+
+    /// CPUs `0..count` (all of them from [`MAX_CPUS`] on).
+    pub const fn first(count: usize) -> Self {
+        if count >= MAX_CPUS {
+            Self(u64::MAX)
+        } else {
+            Self((1 << count) - 1)
+        }
+    }
+
+    /// The set whose bit `i` says whether CPU `i` is in it.
+    pub const fn from_bits(bits: u64) -> Self {
+        Self(bits)
+    }
+
+    /// Bit `i` set for CPU `i`.
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// This set and `cpu` (unchanged for an index from [`MAX_CPUS`] on).
+    pub const fn with(self, cpu: usize) -> Self {
+        if cpu >= MAX_CPUS {
+            self
+        } else {
+            Self(self.0 | 1 << cpu)
+        }
+    }
+
+    /// This set without `cpu`.
+    pub const fn without(self, cpu: usize) -> Self {
+        if cpu >= MAX_CPUS {
+            self
+        } else {
+            Self(self.0 & !(1 << cpu))
+        }
+    }
+
+    /// Whether `cpu` is in the set.
+    pub const fn contains(self, cpu: usize) -> bool {
+        cpu < MAX_CPUS && self.0 & (1 << cpu) != 0
+    }
+
+    /// Whether the set is empty.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// How many CPUs are in it.
+    pub const fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    /// The CPUs, lowest first.
+    pub fn iter(self) -> impl Iterator<Item = usize> {
+        let mut bits = self.0;
+        core::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let cpu = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(cpu)
+        })
+    }
+}
+
+/// What the kernel tells the library about its CPUs.
+///
+/// # Safety
+///
+/// [`Shootdown`] relies on these answers to decide which TLBs are flushed:
+///
+/// - [`current`](Self::current) is the index (below [`MAX_CPUS`]) of the CPU running
+///   the caller, distinct for each CPU, and does not change while the caller runs (a
+///   kernel that migrates threads calls the library with preemption disabled);
+/// - [`online`](Self::online) contains every CPU that may hold a translation of kernel
+///   memory (every CPU that runs on the kernel's page tables), and a CPU leaves it only
+///   after flushing its own TLB;
+/// - [`send_ipi`](Self::send_ipi) makes each target CPU run
+///   [`Shootdown::handle_ipi`] eventually (or the target polls it, see the
+///   [module documentation](self#allowed-cpu-states)).
+pub unsafe trait Cpus: Sync {
+    /// The index of the CPU running the caller.
+    fn current(&self) -> usize;
+
+    /// The CPUs that may hold translations of kernel memory.
+    fn online(&self) -> CpuSet;
+
+    /// Interrupts each CPU in `targets` with the shootdown vector.
+    fn send_ipi(&self, targets: CpuSet);
+}
+
+// SAFETY: forwards to an implementation that upholds the contract.
+unsafe impl<C: Cpus + ?Sized> Cpus for &C {
+    fn current(&self) -> usize {
+        (**self).current()
+    }
+    fn online(&self) -> CpuSet {
+        (**self).online()
+    }
+    fn send_ipi(&self, targets: CpuSet) {
+        (**self).send_ipi(targets)
+    }
+}
+
+/// Ranges a mailbox holds before it falls back to one full flush.
+const QUEUED_RANGES: usize = 8;
+
+/// One flush to run on a CPU.
+#[derive(Debug, Clone, Copy)]
+enum Flush {
+    Page(Page<Size4KiB>),
+    Range(PageRange<Size4KiB>),
+    All,
+}
+
+/// A queued page or range, as addresses (so a queue can be built in a `const`):
+/// `end == 0` for a single page.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    start: u64,
+    end: u64,
+}
+
+/// Flushes queued for one CPU.
+#[derive(Debug, Clone, Copy)]
+struct Queue {
+    items: [Queued; QUEUED_RANGES],
+    len: usize,
+    all: bool,
+}
+
+impl Queue {
+    const fn new() -> Self {
+        Self {
+            items: [Queued { start: 0, end: 0 }; QUEUED_RANGES],
+            len: 0,
+            all: false,
+        }
+    }
+
+    fn push(&mut self, flush: Flush) {
+        let item = match flush {
+            Flush::Page(page) => Queued {
+                start: page.start_address().as_u64(),
+                end: 0,
+            },
+            Flush::Range(range) => Queued {
+                start: range.start.start_address().as_u64(),
+                end: range.end.start_address().as_u64(),
+            },
+            Flush::All => {
+                self.all = true;
+                return;
+            }
+        };
+        if self.len < QUEUED_RANGES {
+            self.items[self.len] = item;
+            self.len += 1;
+        } else {
+            self.all = true;
+        }
+    }
+
+    fn run(&self, tlb: &impl TlbFlush) {
+        if self.all {
+            return tlb.flush_all();
+        }
+        let page = |addr| Page::containing_address(VirtAddr::new_truncate(addr));
+        for item in &self.items[..self.len] {
+            if item.end == 0 {
+                tlb.flush_page(page(item.start));
+            } else {
+                tlb.flush_range(Page::range(page(item.start), page(item.end)));
+            }
+        }
+    }
+}
+
+/// One CPU's mailbox.
+struct Mailbox {
+    queue: spin::Mutex<Queue>,
+    /// Flushes pushed so far (bumped under the queue's lock).
+    requested: AtomicU64,
+    /// The request count up to which this CPU has flushed.
+    done: AtomicU64,
+}
+
+impl Mailbox {
+    const fn new() -> Self {
+        Self {
+            queue: spin::Mutex::new(Queue::new()),
+            requested: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counters of a [`Shootdown`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShootdownStats {
+    /// Global flushes started (each is one local flush plus the remote ones).
+    pub shootdowns: u64,
+    /// IPIs sent, one per target CPU per shootdown.
+    pub ipis: u64,
+    /// Flushes run on behalf of other CPUs' shootdowns (per mailbox served).
+    pub served: u64,
+}
+
+/// A [`TlbFlush`] that flushes every online CPU; see the [module documentation](self).
+///
+/// `local` flushes the calling CPU's TLB (an [`InvlpgFlush`](crate::tlb::InvlpgFlush)
+/// on hardware); its [ceiling](TlbFlush::ceiling) is the shootdown's.
+pub struct Shootdown<C: Cpus, L: TlbFlush> {
+    cpus: C,
+    local: L,
+    mailboxes: [Mailbox; MAX_CPUS],
+    shootdowns: AtomicU64,
+    ipis: AtomicU64,
+    served: AtomicU64,
+}
+
+impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
+    /// A shootdown over the kernel's `cpus`, flushing each CPU with `local`.
+    pub const fn new(cpus: C, local: L) -> Self {
+        Self {
+            cpus,
+            local,
+            mailboxes: [const { Mailbox::new() }; MAX_CPUS],
+            shootdowns: AtomicU64::new(0),
+            ipis: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+        }
+    }
+
+    /// The kernel's CPUs.
+    pub fn cpus(&self) -> &C {
+        &self.cpus
+    }
+
+    /// Runs the flushes other CPUs queued for the calling CPU. Call it from the
+    /// shootdown IPI's handler, or to poll.
+    pub fn handle_ipi(&self) {
+        self.serve(self.cpus.current());
+    }
+
+    /// Counters since the shootdown was made.
+    pub fn stats(&self) -> ShootdownStats {
+        ShootdownStats {
+            shootdowns: self.shootdowns.load(Ordering::Relaxed),
+            ipis: self.ipis.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves `cpu`'s mailbox, unless its lock is held (see the module docs).
+    fn serve(&self, cpu: usize) {
+        let Some(mailbox) = self.mailboxes.get(cpu) else {
+            return;
+        };
+        let Some(mut queue) = mailbox.queue.try_lock() else {
+            return;
+        };
+        let requested = mailbox.requested.load(Ordering::Acquire);
+        if mailbox.done.load(Ordering::Relaxed) >= requested {
+            return;
+        }
+        let taken = core::mem::replace(&mut *queue, Queue::new());
+        drop(queue);
+        taken.run(&self.local);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        mailbox.done.fetch_max(requested, Ordering::Release);
+    }
+
+    /// Flushes `flush` on this CPU and on every other online CPU, and returns once
+    /// all have.
+    fn shoot(&self, flush: Flush) {
+        let me = self.cpus.current();
+        match flush {
+            Flush::Page(page) => self.local.flush_page(page),
+            Flush::Range(range) => self.local.flush_range(range),
+            Flush::All => self.local.flush_all(),
+        }
+        self.shootdowns.fetch_add(1, Ordering::Relaxed);
+        let targets = self.cpus.online().without(me);
+        if targets.is_empty() {
+            return;
+        }
+        let mut tickets = [0u64; MAX_CPUS];
+        for cpu in targets.iter() {
+            let mailbox = &self.mailboxes[cpu];
+            let mut queue = mailbox.queue.lock();
+            queue.push(flush);
+            tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        self.cpus.send_ipi(targets);
+        self.ipis
+            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+        for cpu in targets.iter() {
+            let mailbox = &self.mailboxes[cpu];
+            while mailbox.done.load(Ordering::Acquire) < tickets[cpu]
+                && self.cpus.online().contains(cpu)
+            {
+                self.serve(me);
+                self.local.relax();
+            }
+        }
+    }
+}
+
+impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        self.shoot(Flush::Page(page));
+    }
+
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        if range.is_empty() {
+            return;
+        }
+        if range.len() > self.ceiling() {
+            self.shoot(Flush::All);
+        } else {
+            self.shoot(Flush::Range(range));
+        }
+    }
+
+    fn flush_all(&self) {
+        self.shoot(Flush::All);
+    }
+
+    fn ceiling(&self) -> u64 {
+        self.local.ceiling()
+    }
+
+    fn relax(&self) {
+        self.handle_ipi();
+        self.local.relax();
+    }
+}

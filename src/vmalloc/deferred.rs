@@ -1,0 +1,62 @@
+//! Frees deferred from contexts that may not wait for the manager's lock.
+//!
+//! An interrupt handler that calls `vfree` while its CPU holds the manager's lock would
+//! spin forever on that lock. Linux's `vfree_atomic` pushes the area on a lock-free
+//! list drained later by a worker; here [`Vmalloc::vfree_atomic`] claims a slot of a
+//! fixed array with one compare-and-swap, and the next call that takes the lock frees
+//! every queued area before doing its own work. The slots hold only addresses, so a
+//! bad pointer cannot do harm: the drain checks each one as `vfree` would and counts
+//! the ones it refuses ([`VmallocStats::deferred_refused`]).
+//!
+//! [`Vmalloc::vfree_atomic`]: super::Vmalloc::vfree_atomic
+//! [`VmallocStats::deferred_refused`]: super::VmallocStats::deferred_refused
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Frees that can wait at once.
+pub(super) const SLOTS: usize = 64;
+
+/// Addresses waiting to be freed; 0 is an empty slot.
+pub(super) struct DeferredFrees {
+    slots: [AtomicU64; SLOTS],
+    queued: AtomicUsize,
+}
+
+impl DeferredFrees {
+    pub(super) const fn new() -> Self {
+        Self {
+            slots: [const { AtomicU64::new(0) }; SLOTS],
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    /// Queues `addr` (not 0); `false` when every slot is taken.
+    pub(super) fn push(&self, addr: u64) -> bool {
+        for slot in &self.slots {
+            if slot
+                .compare_exchange(0, addr, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.queued.fetch_add(1, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether anything may be queued (a cheap check before [`drain`](Self::drain)).
+    pub(super) fn any(&self) -> bool {
+        self.queued.load(Ordering::Acquire) != 0
+    }
+
+    /// Takes every queued address and hands it to `free`.
+    pub(super) fn drain(&self, mut free: impl FnMut(u64)) {
+        for slot in &self.slots {
+            let addr = slot.swap(0, Ordering::AcqRel);
+            if addr != 0 {
+                self.queued.fetch_sub(1, Ordering::Release);
+                free(addr);
+            }
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Several CPUs on the simulated machine, each with its own TLB: the library's
+//! shootdown reaches every one of them, and the checks can tell when it does not.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use vmalloc::smp::Shootdown;
+use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
+use vmalloc_sim::{Rng, SimConfig, SimCpu, SimFrames, SimMachine};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::{Page, PhysFrame};
+
+type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+
+/// A machine with `cpus` CPUs, its frames and a shootdown over it, all leaked (the
+/// IPI handler is `'static`); the handler serves the shootdown.
+fn smp_machine(cpus: usize, scatter: bool) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
+    let mut config = SimConfig::new(64 << 20).with_cpus(cpus);
+    if scatter {
+        config = config.with_scatter_seed(5);
+    }
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+    machine.set_ipi_handler(move || tlb.handle_ipi());
+    (machine, frames, tlb)
+}
+
+fn manager<T: TlbFlush>(
+    machine: &'static SimMachine,
+    frames: &'static SimFrames,
+    tlb: T,
+    config: VmallocConfig,
+) -> Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, T> {
+    // SAFETY: the machine's root table serves this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+}
+
+fn addr(ptr: std::ptr::NonNull<u8>) -> VirtAddr {
+    VirtAddr::from_ptr(ptr.as_ptr())
+}
+
+/// Runs `work(cpu)` on one thread per CPU; each thread takes its CPU offline when done
+/// (flushing its TLB), so shootdowns stop waiting for it. Afterwards only CPU 0 is
+/// online, run by the calling thread.
+fn on_every_cpu(machine: &'static SimMachine, work: impl Fn(SimCpu<'static>) + Sync) {
+    thread::scope(|scope| {
+        for index in 0..machine.cpu_count() {
+            let work = &work;
+            scope.spawn(move || {
+                let cpu = machine.cpu(index);
+                cpu.enter();
+                work(cpu);
+                cpu.go_offline();
+            });
+        }
+    });
+    machine.cpu(0).go_online();
+}
+
+#[test]
+fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
+    let (machine, frames, tlb) = smp_machine(4, true);
+    let vm = manager(
+        machine,
+        frames,
+        tlb,
+        VmallocConfig {
+            lazy_threshold_pages: 64,
+            ..VmallocConfig::default()
+        },
+    );
+    let start = frames.stats().free + vm.stats().bookkeeping_frames;
+    on_every_cpu(machine, |cpu| {
+        let mut rng = Rng::new(cpu.index() as u64 + 1);
+        let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
+        let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, u8)> = Vec::new();
+        for round in 0..300usize {
+            let tag = (cpu.index() * 64 + round % 64) as u8;
+            match rng.below(6) {
+                0 | 1 => {
+                    let pages = 1 + rng.below(8) as usize;
+                    let ptr = vm.vmalloc(pages * 4096).unwrap();
+                    for page in 0..pages {
+                        cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32]).unwrap();
+                    }
+                    live.push((ptr, pages, tag));
+                }
+                2 if !live.is_empty() => {
+                    let (ptr, pages, tag) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                    for page in 0..pages {
+                        let mut back = [0; 32];
+                        cpu.read(addr(ptr) + (page * 4096) as u64, &mut back).unwrap();
+                        assert_eq!(back, [tag; 32], "CPU {} sees its own data", cpu.index());
+                    }
+                    vm.vfree(ptr.as_ptr()).unwrap();
+                }
+                3 if !live.is_empty() => {
+                    let index = rng.below(live.len() as u64) as usize;
+                    let (ptr, pages, tag) = live[index];
+                    let grown = pages + 1 + rng.below(4) as usize;
+                    let moved = vm.vrealloc(ptr.as_ptr(), grown * 4096).unwrap();
+                    let mut back = [0; 32];
+                    cpu.read(addr(moved), &mut back).unwrap();
+                    assert_eq!(back, [tag; 32], "vrealloc kept the contents");
+                    for page in pages..grown {
+                        cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32]).unwrap();
+                    }
+                    live[index] = (moved, grown, tag);
+                }
+                4 => {
+                    let owned: Vec<PhysFrame> = (0..1 + rng.below(4))
+                        .map(|_| frames.alloc_frame().unwrap())
+                        .collect();
+                    // SAFETY: frames this test took from the allocator and holds.
+                    let ptr = unsafe { vm.vmap(&owned, vmalloc::Prot::KERNEL_RW) }.unwrap();
+                    cpu.write(addr(ptr), &[tag; 16]).unwrap();
+                    lent.push((ptr, owned, tag));
+                }
+                5 if !lent.is_empty() => {
+                    let (ptr, owned, tag) = lent.swap_remove(0);
+                    let mut back = [0; 16];
+                    cpu.read(addr(ptr), &mut back).unwrap();
+                    assert_eq!(back, [tag; 16]);
+                    let mut returned = Vec::new();
+                    vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame)).unwrap();
+                    assert_eq!(returned, owned);
+                    assert!(cpu.read(addr(ptr), &mut back).is_err(), "unmapped at once");
+                    frames.free_frames(&owned).unwrap();
+                }
+                _ => vm.purge(),
+            }
+        }
+        for (ptr, ..) in live {
+            vm.vfree(ptr.as_ptr()).unwrap();
+        }
+        for (ptr, owned, _) in lent {
+            vm.vunmap(ptr.as_ptr(), |_| {}).unwrap();
+            frames.free_frames(&owned).unwrap();
+        }
+    });
+    vm.purge();
+    let stats = vm.stats();
+    assert_eq!((stats.areas, stats.data_frames, stats.pending_purge_frames), (0, 0, 0));
+    assert_eq!(
+        frames.stats().free + stats.bookkeeping_frames + stats.page_table_frames,
+        start + vm.stats().page_table_frames,
+        "every frame is back"
+    );
+    assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
+}
+
+/// CPU 1 caches a translation of a vmalloc page; CPU 0 frees the area, purges, and
+/// hands the frame out again with new contents; then CPU 1 reads the old address.
+/// Returns what CPU 1 read, or `None` if it faulted.
+fn stale_read_after_reuse<T: TlbFlush + Sync>(
+    machine: &'static SimMachine,
+    frames: &'static SimFrames,
+    tlb: T,
+) -> Option<[u8; 8]> {
+    let vm = manager(machine, frames, tlb, VmallocConfig::default());
+    let old = addr(vm.vmalloc(4096).unwrap());
+    let cached = Barrier::new(2);
+    let reused = AtomicBool::new(false);
+    let mut seen = None;
+    thread::scope(|scope| {
+        let cpu1 = machine.cpu(1);
+        let (cached, reused) = (&cached, &reused);
+        let reader = scope.spawn(move || {
+            cpu1.enter();
+            let mut first = [0; 8];
+            cpu1.read(old, &mut first).unwrap();
+            cached.wait();
+            // Interrupts are taken between instructions: poll until CPU 0 is done.
+            while !reused.load(Ordering::Acquire) {
+                cpu1.poll();
+                std::hint::spin_loop();
+            }
+            let mut again = [0; 8];
+            cpu1.read(old, &mut again).ok().map(|()| again)
+        });
+        cached.wait();
+        let frame = vm.vmalloc_to_frame(old).unwrap();
+        vm.vfree(old.as_mut_ptr()).unwrap();
+        vm.purge();
+        // The old virtual range goes to a reservation without frames, so the frame
+        // comes back at another address and the old one is mapped to nothing.
+        let hole = vm.reserve(4096, &vmalloc::VmOptions::default()).unwrap();
+        assert_eq!(addr(hole), old, "the virtual range came back");
+        let new = vm.vmalloc(4096).unwrap();
+        assert_eq!(vm.vmalloc_to_frame(addr(new)).unwrap(), frame, "the frame came back");
+        machine.write(addr(new), b"NEWDATA!").unwrap();
+        reused.store(true, Ordering::Release);
+        seen = reader.join().unwrap();
+        // CPU 1's thread is gone: it leaves, so later flushes do not wait for it.
+        cpu1.go_offline();
+        vm.vfree(new.as_ptr()).unwrap();
+        vm.vfree(hole.as_ptr()).unwrap();
+    });
+    seen
+}
+
+#[test]
+fn a_translation_cached_on_another_cpu_is_gone_before_its_frame_is_reused() {
+    let (machine, frames, tlb) = smp_machine(2, false);
+    assert_eq!(stale_read_after_reuse(machine, frames, tlb), None, "CPU 1 faults");
+    assert!(tlb.stats().ipis > 0 && machine.cpu(1).ipis_taken() > 0);
+}
+
+#[test]
+fn a_local_only_flush_is_caught_reading_the_reused_frame() {
+    // The negative control: the same steps with a flush that only reaches CPU 0.
+    let (machine, frames, _) = smp_machine(2, false);
+    assert_eq!(
+        stale_read_after_reuse(machine, frames, machine),
+        Some(*b"NEWDATA!"),
+        "without a shootdown CPU 1 reads the new owner's data"
+    );
+}
+
+#[test]
+fn crossing_shootdowns_do_not_deadlock() {
+    let (machine, _, tlb) = smp_machine(2, false);
+    let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
+    let rounds = 2000;
+    on_every_cpu(machine, |_| {
+        for i in 0..rounds {
+            if i % 2 == 0 {
+                tlb.flush_page(page);
+            } else {
+                tlb.flush_all();
+            }
+        }
+    });
+    let stats = tlb.stats();
+    assert_eq!(stats.shootdowns, 2 * rounds);
+    assert!(stats.served > 0, "each CPU served the other's requests while waiting");
+}
+
+#[test]
+fn two_managers_purging_at_once_on_two_cpus_both_finish() {
+    let (machine, frames, tlb) = smp_machine(2, false);
+    let low = manager(machine, frames, tlb, VmallocConfig::default());
+    let high = manager(
+        machine,
+        frames,
+        tlb,
+        VmallocConfig {
+            start: VirtAddr::new(0xffff_e000_0000_0000),
+            size: 1 << 40,
+            ..VmallocConfig::default()
+        },
+    );
+    let managers = [&low, &high];
+    on_every_cpu(machine, |cpu| {
+        let vm = managers[cpu.index()];
+        for _ in 0..300 {
+            let ptr = vm.vmalloc(3 * 4096).unwrap();
+            cpu.write(addr(ptr), b"x").unwrap();
+            vm.vfree(ptr.as_ptr()).unwrap();
+            vm.purge();
+        }
+    });
+    assert_eq!((low.stats().areas, high.stats().areas), (0, 0));
+}
+
+#[test]
+fn a_cpu_going_offline_is_no_longer_waited_for() {
+    let (machine, _, tlb) = smp_machine(3, false);
+    machine.cpu(2).go_offline();
+    // CPU 1 is online but never polls: only its leaving lets the flush finish.
+    let done = AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            tlb.flush_all();
+            done.store(true, Ordering::Release);
+        });
+        thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!done.load(Ordering::Acquire), "the flush waits for CPU 1");
+        machine.cpu(1).go_offline();
+    });
+    assert!(done.load(Ordering::Acquire));
+    assert_eq!(machine.cpu(2).ipis_taken(), 0, "CPU 2 was never shot at");
+}
+
+/// A frame source that, once armed, runs `interrupt` on its next allocation, which
+/// the manager makes under its lock: an interrupt handler arriving while the CPU holds
+/// the lock.
+struct Interrupting {
+    frames: &'static SimFrames,
+    armed: AtomicBool,
+    interrupt: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+// SAFETY: every frame comes from `frames`, whose contract this forwards.
+unsafe impl FrameSource for Interrupting {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            (self.interrupt.get().unwrap())();
+        }
+        self.frames.alloc_frame()
+    }
+    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.frames.free_frame(frame)
+    }
+    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        self.frames.free_frames(frames)
+    }
+}
+
+#[test]
+fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
+    let (machine, frames, _) = smp_machine(1, false);
+    let source: &'static Interrupting = Box::leak(Box::new(Interrupting {
+        frames,
+        armed: AtomicBool::new(false),
+        interrupt: std::sync::OnceLock::new(),
+    }));
+    // SAFETY: the machine's root table serves this manager alone.
+    let vm = unsafe {
+        Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), source, machine)
+    }
+    .unwrap();
+    let vm: &'static _ = Box::leak(Box::new(vm));
+    let victims: Vec<_> = (0..66).map(|_| vm.vmalloc(4096).unwrap()).collect();
+    let outcomes: &'static std::sync::Mutex<Vec<Result<(), Error>>> =
+        Box::leak(Box::default());
+    let queue: &'static std::sync::Mutex<Vec<usize>> = Box::leak(Box::default());
+    source
+        .interrupt
+        .set(Box::new(move || {
+            for &ptr in queue.lock().unwrap().iter() {
+                outcomes.lock().unwrap().push(vm.vfree_atomic(ptr as *mut u8));
+            }
+        }))
+        .ok()
+        .unwrap();
+    let areas = vm.stats().areas;
+
+    // One good pointer and one interior pointer, freed while the lock is held.
+    *queue.lock().unwrap() = vec![victims[0].as_ptr() as usize, victims[1].as_ptr() as usize + 8];
+    source.armed.store(true, Ordering::SeqCst);
+    let trigger = vm.vmalloc(4096).unwrap();
+    assert_eq!(*outcomes.lock().unwrap(), [Ok(()), Ok(())], "queued without waiting");
+    machine.write(addr(victims[0]), b"mapped until the next call").unwrap();
+    let stats = vm.stats();
+    assert_eq!(stats.areas, areas, "the next call freed one area and made one");
+    assert_eq!(stats.deferred_refused, 1, "the interior pointer was refused");
+    assert_eq!(vm.vfree(victims[0].as_ptr()), Err(Error::NotAllocated));
+
+    // A full queue while the lock is busy: the 65th free would have to wait.
+    outcomes.lock().unwrap().clear();
+    *queue.lock().unwrap() = victims[1..].iter().map(|p| p.as_ptr() as usize).collect();
+    source.armed.store(true, Ordering::SeqCst);
+    let trigger2 = vm.vmalloc(4096).unwrap();
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert!(outcomes[..64].iter().all(Result::is_ok));
+    assert_eq!(outcomes[64], Err(Error::WouldBlock));
+    // Since `areas` was counted: two triggers made, victims[0] and 64 more freed.
+    assert_eq!(vm.stats().areas, areas + 2 - 65, "the 64 queued areas are freed");
+    vm.vfree(victims[65].as_ptr()).unwrap();
+    for ptr in [trigger, trigger2] {
+        vm.vfree(ptr.as_ptr()).unwrap();
+    }
+    assert_eq!(vm.vfree_atomic(std::ptr::null_mut()), Err(Error::NullPointer));
+    assert_eq!(vm.vfree_atomic(0x1000 as *mut u8), Err(Error::NotInRegion));
+}
