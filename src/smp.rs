@@ -387,8 +387,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
             tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
         }
         self.cpus.send_ipi(targets);
-        self.ipis
-            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+        self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
         for cpu in targets.iter() {
             let mailbox = &self.mailboxes[cpu];
             while mailbox.done.load(Ordering::Acquire) < tickets[cpu]

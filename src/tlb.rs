@@ -53,10 +53,11 @@ pub trait TlbFlush {
         SINGLE_PAGE_FLUSH_CEILING
     }
 
-    /// Called while waiting for a lock a flush may be waited on under (the vmalloc
-    /// manager's): a policy that flushes other CPUs serves their requests here, so a
-    /// CPU waiting for the lock cannot stall a flush its holder started (see
-    /// [`smp`](crate::smp)). The default only hints the CPU that it spins.
+    /// Called on every turn of a spin: waiting for the vmalloc manager's lock, or for
+    /// other CPUs to finish a flush. A policy that flushes other CPUs serves their
+    /// requests here, so a CPU waiting for the lock cannot stall a flush its holder
+    /// started (see [`smp`](crate::smp)). The default only hints the CPU that it
+    /// spins.
     fn relax(&self) {
         core::hint::spin_loop();
     }

@@ -1,8 +1,8 @@
 //! Several CPUs on the simulated machine, each with its own TLB: the library's
 //! shootdown reaches every one of them, and the checks can tell when it does not.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use vmalloc::smp::Shootdown;
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
@@ -14,7 +14,10 @@ type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
 
 /// A machine with `cpus` CPUs, its frames and a shootdown over it, all leaked (the
 /// IPI handler is `'static`); the handler serves the shootdown.
-fn smp_machine(cpus: usize, scatter: bool) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
+fn smp_machine(
+    cpus: usize,
+    scatter: bool,
+) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
     let mut config = SimConfig::new(64 << 20).with_cpus(cpus);
     if scatter {
         config = config.with_scatter_seed(5);
@@ -82,7 +85,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                     let pages = 1 + rng.below(8) as usize;
                     let ptr = vm.vmalloc(pages * 4096).unwrap();
                     for page in 0..pages {
-                        cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32]).unwrap();
+                        cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32])
+                            .unwrap();
                     }
                     live.push((ptr, pages, tag));
                 }
@@ -90,7 +94,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                     let (ptr, pages, tag) = live.swap_remove(rng.below(live.len() as u64) as usize);
                     for page in 0..pages {
                         let mut back = [0; 32];
-                        cpu.read(addr(ptr) + (page * 4096) as u64, &mut back).unwrap();
+                        cpu.read(addr(ptr) + (page * 4096) as u64, &mut back)
+                            .unwrap();
                         assert_eq!(back, [tag; 32], "CPU {} sees its own data", cpu.index());
                     }
                     vm.vfree(ptr.as_ptr()).unwrap();
@@ -104,7 +109,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                     cpu.read(addr(moved), &mut back).unwrap();
                     assert_eq!(back, [tag; 32], "vrealloc kept the contents");
                     for page in pages..grown {
-                        cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32]).unwrap();
+                        cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32])
+                            .unwrap();
                     }
                     live[index] = (moved, grown, tag);
                 }
@@ -123,7 +129,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                     cpu.read(addr(ptr), &mut back).unwrap();
                     assert_eq!(back, [tag; 16]);
                     let mut returned = Vec::new();
-                    vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame)).unwrap();
+                    vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame))
+                        .unwrap();
                     assert_eq!(returned, owned);
                     assert!(cpu.read(addr(ptr), &mut back).is_err(), "unmapped at once");
                     frames.free_frames(&owned).unwrap();
@@ -141,7 +148,10 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
     });
     vm.purge();
     let stats = vm.stats();
-    assert_eq!((stats.areas, stats.data_frames, stats.pending_purge_frames), (0, 0, 0));
+    assert_eq!(
+        (stats.areas, stats.data_frames, stats.pending_purge_frames),
+        (0, 0, 0)
+    );
     assert_eq!(
         frames.stats().free + stats.bookkeeping_frames + stats.page_table_frames,
         start + vm.stats().page_table_frames,
@@ -188,7 +198,11 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         let hole = vm.reserve(4096, &vmalloc::VmOptions::default()).unwrap();
         assert_eq!(addr(hole), old, "the virtual range came back");
         let new = vm.vmalloc(4096).unwrap();
-        assert_eq!(vm.vmalloc_to_frame(addr(new)).unwrap(), frame, "the frame came back");
+        assert_eq!(
+            vm.vmalloc_to_frame(addr(new)).unwrap(),
+            frame,
+            "the frame came back"
+        );
         machine.write(addr(new), b"NEWDATA!").unwrap();
         reused.store(true, Ordering::Release);
         seen = reader.join().unwrap();
@@ -203,7 +217,11 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
 #[test]
 fn a_translation_cached_on_another_cpu_is_gone_before_its_frame_is_reused() {
     let (machine, frames, tlb) = smp_machine(2, false);
-    assert_eq!(stale_read_after_reuse(machine, frames, tlb), None, "CPU 1 faults");
+    assert_eq!(
+        stale_read_after_reuse(machine, frames, tlb),
+        None,
+        "CPU 1 faults"
+    );
     assert!(tlb.stats().ipis > 0 && machine.cpu(1).ipis_taken() > 0);
 }
 
@@ -218,9 +236,30 @@ fn a_local_only_flush_is_caught_reading_the_reused_frame() {
     );
 }
 
+/// The calling CPU's flushes, by a CPU that spins with interrupts disabled: it never
+/// takes an IPI while it waits.
+struct InterruptsOff(&'static SimMachine);
+
+impl TlbFlush for InterruptsOff {
+    fn flush_page(&self, page: Page) {
+        self.0.flush_page(page);
+    }
+    fn flush_range(&self, range: x86_64::structures::paging::page::PageRange) {
+        self.0.flush_range(range);
+    }
+    fn flush_all(&self) {
+        self.0.flush_all();
+    }
+    fn relax(&self) {
+        thread::yield_now();
+    }
+}
+
 #[test]
-fn crossing_shootdowns_do_not_deadlock() {
-    let (machine, _, tlb) = smp_machine(2, false);
+fn crossing_shootdowns_with_interrupts_disabled_do_not_deadlock() {
+    let (machine, _, _) = smp_machine(2, false);
+    // No IPI handler runs: each initiator must serve its own mailbox while it waits.
+    let tlb: &'static _ = Box::leak(Box::new(Shootdown::new(machine, InterruptsOff(machine))));
     let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
     let rounds = 2000;
     on_every_cpu(machine, |_| {
@@ -234,7 +273,10 @@ fn crossing_shootdowns_do_not_deadlock() {
     });
     let stats = tlb.stats();
     assert_eq!(stats.shootdowns, 2 * rounds);
-    assert!(stats.served > 0, "each CPU served the other's requests while waiting");
+    assert!(
+        stats.served > 0,
+        "each CPU served the other's requests while waiting"
+    );
 }
 
 #[test]
@@ -318,19 +360,27 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
     }));
     // SAFETY: the machine's root table serves this manager alone.
     let vm = unsafe {
-        Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), source, machine)
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            source,
+            machine,
+        )
     }
     .unwrap();
     let vm: &'static _ = Box::leak(Box::new(vm));
     let victims: Vec<_> = (0..66).map(|_| vm.vmalloc(4096).unwrap()).collect();
-    let outcomes: &'static std::sync::Mutex<Vec<Result<(), Error>>> =
-        Box::leak(Box::default());
+    let outcomes: &'static std::sync::Mutex<Vec<Result<(), Error>>> = Box::leak(Box::default());
     let queue: &'static std::sync::Mutex<Vec<usize>> = Box::leak(Box::default());
     source
         .interrupt
         .set(Box::new(move || {
             for &ptr in queue.lock().unwrap().iter() {
-                outcomes.lock().unwrap().push(vm.vfree_atomic(ptr as *mut u8));
+                outcomes
+                    .lock()
+                    .unwrap()
+                    .push(vm.vfree_atomic(ptr as *mut u8));
             }
         }))
         .ok()
@@ -338,14 +388,29 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
     let areas = vm.stats().areas;
 
     // One good pointer and one interior pointer, freed while the lock is held.
-    *queue.lock().unwrap() = vec![victims[0].as_ptr() as usize, victims[1].as_ptr() as usize + 8];
+    *queue.lock().unwrap() = vec![
+        victims[0].as_ptr() as usize,
+        victims[1].as_ptr() as usize + 8,
+    ];
     source.armed.store(true, Ordering::SeqCst);
     let trigger = vm.vmalloc(4096).unwrap();
-    assert_eq!(*outcomes.lock().unwrap(), [Ok(()), Ok(())], "queued without waiting");
-    machine.write(addr(victims[0]), b"mapped until the next call").unwrap();
+    assert_eq!(
+        *outcomes.lock().unwrap(),
+        [Ok(()), Ok(())],
+        "queued without waiting"
+    );
+    machine
+        .write(addr(victims[0]), b"mapped until the next call")
+        .unwrap();
     let stats = vm.stats();
-    assert_eq!(stats.areas, areas, "the next call freed one area and made one");
-    assert_eq!(stats.deferred_refused, 1, "the interior pointer was refused");
+    assert_eq!(
+        stats.areas, areas,
+        "the next call freed one area and made one"
+    );
+    assert_eq!(
+        stats.deferred_refused, 1,
+        "the interior pointer was refused"
+    );
     assert_eq!(vm.vfree(victims[0].as_ptr()), Err(Error::NotAllocated));
 
     // A full queue while the lock is busy: the 65th free would have to wait.
@@ -357,11 +422,18 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
     assert!(outcomes[..64].iter().all(Result::is_ok));
     assert_eq!(outcomes[64], Err(Error::WouldBlock));
     // Since `areas` was counted: two triggers made, victims[0] and 64 more freed.
-    assert_eq!(vm.stats().areas, areas + 2 - 65, "the 64 queued areas are freed");
+    assert_eq!(
+        vm.stats().areas,
+        areas + 2 - 65,
+        "the 64 queued areas are freed"
+    );
     vm.vfree(victims[65].as_ptr()).unwrap();
     for ptr in [trigger, trigger2] {
         vm.vfree(ptr.as_ptr()).unwrap();
     }
-    assert_eq!(vm.vfree_atomic(std::ptr::null_mut()), Err(Error::NullPointer));
+    assert_eq!(
+        vm.vfree_atomic(std::ptr::null_mut()),
+        Err(Error::NullPointer)
+    );
     assert_eq!(vm.vfree_atomic(0x1000 as *mut u8), Err(Error::NotInRegion));
 }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::vec::Vec;
 use vmalloc::TlbFlush;
 use vmalloc::smp::{CpuSet, Cpus as KernelCpus};
-use x86_64::structures::paging::page::PageRange;
 use x86_64::VirtAddr;
+use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
 
 thread_local! {

@@ -135,8 +135,8 @@ use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 use tlb::Tlb;
-use vmalloc::frame::MemoryRegion;
 use vmalloc::PhysMemory;
+use vmalloc::frame::MemoryRegion;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 

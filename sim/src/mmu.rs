@@ -247,7 +247,8 @@ impl SimMachine {
             }
             let raw = self.load_entry(entry, level);
             let flags = PageTableFlags::from_bits_truncate(raw);
-            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE) {
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
                 tlb.cache_entry(level, addr, raw);
             }
             raw

@@ -1,10 +1,10 @@
 use super::memmap::{KERNEL_IMAGE_END, KERNEL_IMAGE_START, LOW_USABLE_END};
 use super::*;
-use vmalloc::TlbFlush;
-use x86_64::structures::paging::Page;
 use std::vec;
+use vmalloc::TlbFlush;
 use vmalloc::frame::RegionKind;
 use x86_64::structures::idt::PageFaultErrorCode as Code;
+use x86_64::structures::paging::Page;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
 

@@ -1,13 +1,13 @@
 //! The host window: pages mapped in the machine's tables, used through host pointers.
 
 use super::*;
-use vmalloc::TlbFlush;
-use x86_64::structures::paging::{Page, Size4KiB};
 use core::ffi::c_void;
 use std::vec;
+use vmalloc::TlbFlush;
 use vmalloc::frame::MapperFrames;
 use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
 use x86_64::structures::paging::{FrameAllocator, PageTableFlags as Flags, Size2MiB};
+use x86_64::structures::paging::{Page, Size4KiB};
 
 const WINDOW: u64 = 4 << 20;
 const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
