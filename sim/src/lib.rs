@@ -30,7 +30,7 @@
 //!   faulting page (at the access's first byte within it).
 //! - **A TLB** caching every successful translation per 4 KiB page, with the frame,
 //!   the effective permissions and the page size. Entries leave only through the
-//!   [`TlbFlush`] methods, so a test that unmaps a page without flushing still reads
+//!   [`TlbFlush`](vmalloc::TlbFlush) methods, so a test that unmaps a page without flushing still reads
 //!   the old frame, as on hardware. Not-present entries are never cached. A hit whose
 //!   cached permissions forbid the access re-walks the tables once before faulting
 //!   (the x86 rule), and any fault drops the page's entry. Flushing a 4 KiB page
@@ -64,7 +64,7 @@
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
 //! retried. The host mappings are thus a second TLB, filled on demand and dropped
-//! only by the [`TlbFlush`] methods, which re-reserve the flushed window pages: an
+//! only by the [`TlbFlush`](vmalloc::TlbFlush) methods, which re-reserve the flushed window pages: an
 //! unmap without a flush leaves the old frame readable through the host pointer too,
 //! as on hardware. Each fill counts as a TLB miss in [`tlb_stats`]. An access the
 //! tables do not allow is a bug in the code under test, as an oops is in a kernel:
@@ -90,7 +90,7 @@
 //!
 //! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`]), or with
 //! the `x86_64` crate's `OffsetPageTable` ([`SimMachine::offset_page_table`]). Drop its
-//! `MapperFlush` with `ignore()` and flush through [`TlbFlush`] instead: `flush()` runs
+//! `MapperFlush` with `ignore()` and flush through [`TlbFlush`](vmalloc::TlbFlush) instead: `flush()` runs
 //! `invlpg`, which the host does not allow.
 //!
 //! [`phys_offset`]: SimMachine::phys_offset
