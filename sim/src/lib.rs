@@ -28,12 +28,14 @@
 //!   Multi-byte accesses translate every page they touch first and copy only if all
 //!   succeed: a fault leaves memory and the buffer untouched, and reports the first
 //!   faulting page (at the access's first byte within it).
-//! - **A TLB** caching every successful translation per 4 KiB page, with the frame,
-//!   the effective permissions and the page size. Entries leave only through the
-//!   [`TlbFlush`](vmalloc::TlbFlush) methods, so a test that unmaps a page without flushing still reads
-//!   the old frame, as on hardware. Not-present entries are never cached. A hit whose
-//!   cached permissions forbid the access re-walks the tables once before faulting
-//!   (the x86 rule), and any fault drops the page's entry. Flushing a 4 KiB page
+//! - **A TLB per CPU** caching every successful translation per 4 KiB page, with the
+//!   frame, the effective permissions and the page size, and a paging-structure
+//!   cache of upper-level entries. Entries leave only through the
+//!   [`TlbFlush`](vmalloc::TlbFlush) methods run on that CPU (see [`SimCpu`]), so a
+//!   test that unmaps a page without flushing still reads the old frame, as on
+//!   hardware. Not-present entries are never cached. A hit whose cached permissions
+//!   forbid the access re-walks the tables once before faulting (the x86 rule), and
+//!   any fault drops the page's entry. Flushing a 4 KiB page
 //!   inside a huge mapping drops the whole mapping. Counters ([`tlb_stats`]) let tests
 //!   check that code flushes what it must, and no more.
 //!
@@ -64,8 +66,8 @@
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
 //! retried. The host mappings are thus a second TLB, filled on demand and dropped
-//! only by the [`TlbFlush`](vmalloc::TlbFlush) methods, which re-reserve the flushed window pages: an
-//! unmap without a flush leaves the old frame readable through the host pointer too,
+//! only by the [`TlbFlush`](vmalloc::TlbFlush) methods, which re-reserve the flushed
+//! window pages: an unmap without a flush leaves the old frame readable through the host pointer too,
 //! as on hardware. Each fill counts as a TLB miss in [`tlb_stats`]. An access the
 //! tables do not allow is a bug in the code under test, as an oops is in a kernel:
 //! the handler prints the address to stderr and the process dies with SIGSEGV.
@@ -90,8 +92,8 @@
 //!
 //! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`]), or with
 //! the `x86_64` crate's `OffsetPageTable` ([`SimMachine::offset_page_table`]). Drop its
-//! `MapperFlush` with `ignore()` and flush through [`TlbFlush`](vmalloc::TlbFlush) instead: `flush()` runs
-//! `invlpg`, which the host does not allow.
+//! `MapperFlush` with `ignore()` and flush through [`TlbFlush`](vmalloc::TlbFlush)
+//! instead: `flush()` runs `invlpg`, which the host does not allow.
 //!
 //! [`phys_offset`]: SimMachine::phys_offset
 //! [`memory_map`]: SimMachine::memory_map

@@ -176,11 +176,7 @@ where
     ///
     /// [`reserve`]: Self::reserve
     pub fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        let mut cx = self.lock();
-        let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
-        cx.inner().data_frames -= record.mapped_pages;
-        cx.retire(start, record);
-        Ok(())
+        self.lock().vfree(ptr)
     }
 
     /// Frees like [`vfree`](Self::vfree), from a context that may not wait for the
@@ -207,33 +203,13 @@ where
             return Ok(());
         }
         // Full: drain the queue ourselves if the lock is free, then queue again.
-        match self.inner.try_lock() {
-            Some(guard) => {
-                let mut cx = Locked::new(self, guard);
-                self.drain_deferred(&mut cx);
-                drop(cx);
-                if self.deferred.push(addr.as_u64()) {
-                    Ok(())
-                } else {
-                    Err(Error::WouldBlock)
-                }
-            }
-            None => Err(Error::WouldBlock),
+        let guard = self.inner.try_lock().ok_or(Error::WouldBlock)?;
+        drop(self.enter(guard));
+        if self.deferred.push(addr.as_u64()) {
+            Ok(())
+        } else {
+            Err(Error::WouldBlock)
         }
-    }
-
-    /// Frees every area [`vfree_atomic`](Self::vfree_atomic) queued.
-    fn drain_deferred(&self, cx: &mut Locked<'_, F, M, T>) {
-        self.deferred.drain(|addr| {
-            let live = cx.live_area_at(addr as *mut u8, &[AreaKind::Vmalloc, AreaKind::Reserved]);
-            match live {
-                Ok((start, record)) => {
-                    cx.inner().data_frames -= record.mapped_pages;
-                    cx.retire(start, record);
-                }
-                Err(_) => cx.inner().deferred_refused += 1,
-            }
-        });
     }
 
     /// Maps frames the caller owns at one contiguous virtual range (Linux's `vmap`).
@@ -472,14 +448,23 @@ where
     pub(super) fn lock(&self) -> Locked<'_, F, M, T> {
         loop {
             if let Some(guard) = self.inner.try_lock() {
-                let mut cx = Locked::new(self, guard);
-                if self.deferred.any() {
-                    self.drain_deferred(&mut cx);
-                }
-                return cx;
+                return self.enter(guard);
             }
             self.tlb.relax();
         }
+    }
+
+    /// The locked context over `guard`, after the frees `vfree_atomic` queued.
+    fn enter<'a>(&'a self, guard: spin::MutexGuard<'a, Inner<F, M>>) -> Locked<'a, F, M, T> {
+        let mut cx = Locked::new(self, guard);
+        if self.deferred.any() {
+            self.deferred.drain(|addr| {
+                if cx.vfree(addr as *mut u8).is_err() {
+                    cx.inner().deferred_refused += 1;
+                }
+            });
+        }
+        cx
     }
 
     /// Runs `op` under the lock; if it fails, gives back every bookkeeping slab it

@@ -28,14 +28,14 @@
 //! [`Vmalloc::purge`]: super::Vmalloc::purge
 //! [`flush_batch`]: crate::tlb::flush_batch
 
-use super::area::AreaRecord;
+use super::area::{AreaKind, AreaRecord};
 use super::locked::{Locked, invariant, page_range};
 use super::reclaim::Reclaim;
 use super::slab::NodePool;
 use super::tree::slot_size_for;
 use crate::paging::RangeFlush;
 use crate::tlb::flush_batch;
-use crate::{FrameSource, PhysMemory, TlbFlush};
+use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;
 
@@ -159,6 +159,14 @@ where
         if config.eager || self.inner().purge.pages > config.lazy_threshold_pages {
             self.purge();
         }
+    }
+
+    /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
+    pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
+        let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
+        self.inner().data_frames -= record.mapped_pages;
+        self.retire(start, record);
+        Ok(())
     }
 
     /// Detaches the area's pages and moves it from the area map to the purge list.
