@@ -43,6 +43,16 @@ fn addr(ptr: std::ptr::NonNull<u8>) -> VirtAddr {
     VirtAddr::from_ptr(ptr.as_ptr())
 }
 
+/// Takes its CPU offline when dropped, also when the CPU's work panics, so a failed
+/// check fails the test instead of leaving the other CPUs waiting for it forever.
+struct OfflineWhenDone(SimCpu<'static>);
+
+impl Drop for OfflineWhenDone {
+    fn drop(&mut self) {
+        self.0.go_offline();
+    }
+}
+
 /// Runs `work(cpu)` on one thread per CPU; each thread takes its CPU offline when done
 /// (flushing its TLB), so shootdowns stop waiting for it. Afterwards only CPU 0 is
 /// online, run by the calling thread.
@@ -53,8 +63,8 @@ fn on_every_cpu(machine: &'static SimMachine, work: impl Fn(SimCpu<'static>) + S
             scope.spawn(move || {
                 let cpu = machine.cpu(index);
                 cpu.enter();
+                let _offline = OfflineWhenDone(cpu);
                 work(cpu);
-                cpu.go_offline();
             });
         }
     });
@@ -77,7 +87,7 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
     on_every_cpu(machine, |cpu| {
         let mut rng = Rng::new(cpu.index() as u64 + 1);
         let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
-        let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, u8)> = Vec::new();
+        let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, [u8; 16])> = Vec::new();
         for round in 0..300usize {
             let tag = (cpu.index() * 64 + round % 64) as u8;
             match rng.below(6) {
@@ -120,19 +130,30 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                         .collect();
                     // SAFETY: frames this test took from the allocator and holds.
                     let ptr = unsafe { vm.vmap(&owned, vmalloc::Prot::KERNEL_RW) }.unwrap();
-                    cpu.write(addr(ptr), &[tag; 16]).unwrap();
-                    lent.push((ptr, owned, tag));
+                    // A stamp no other mapping holds: this CPU and round.
+                    let mut stamp = [0xa5; 16];
+                    stamp[0] = cpu.index() as u8;
+                    stamp[1..3].copy_from_slice(&(round as u16).to_le_bytes());
+                    cpu.write(addr(ptr), &stamp).unwrap();
+                    lent.push((ptr, owned, stamp));
                 }
                 5 if !lent.is_empty() => {
-                    let (ptr, owned, tag) = lent.swap_remove(0);
+                    let (ptr, owned, stamp) = lent.swap_remove(0);
                     let mut back = [0; 16];
                     cpu.read(addr(ptr), &mut back).unwrap();
-                    assert_eq!(back, [tag; 16]);
+                    assert_eq!(back, stamp);
                     let mut returned = Vec::new();
                     vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame))
                         .unwrap();
                     assert_eq!(returned, owned);
-                    assert!(cpu.read(addr(ptr), &mut back).is_err(), "unmapped at once");
+                    // Another CPU may map the freed range at once, but never onto the
+                    // frames this CPU still holds: seeing the stamp is a stale entry.
+                    let stale = cpu.read(addr(ptr), &mut back).is_ok() && back == stamp;
+                    assert!(
+                        !stale,
+                        "CPU {} still reaches a vunmapped frame",
+                        cpu.index()
+                    );
                     frames.free_frames(&owned).unwrap();
                 }
                 _ => vm.purge(),
