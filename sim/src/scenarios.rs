@@ -3,12 +3,13 @@
 
 use crate::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use vmalloc::vmalloc::{Prot, VmOptions, Vmalloc, VmallocConfig};
-use vmalloc::{FrameSource, PAGE_SIZE};
+use vmalloc::{FrameSource, PAGE_SIZE, TlbFlush};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
-/// A manager over a simulated machine, as the scenarios use it.
-pub type Manager<'m> = Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine>;
+/// A manager over a simulated machine, as the scenarios use it; `T` flushes its TLBs:
+/// the machine itself (one CPU) or a [`Shootdown`](vmalloc::smp::Shootdown) over its CPUs.
+pub type Manager<'m, T = &'m SimMachine> = Vmalloc<&'m SimFrames, SimPhys<'m>, T>;
 
 /// A 1 GiB machine.
 pub fn machine() -> SimMachine {
@@ -39,7 +40,7 @@ pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) 
     unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
 }
 
-fn alloc_free(vm: &Manager, pages: u64, align: u64) {
+fn alloc_free(vm: &Manager<'_, impl TlbFlush>, pages: u64, align: u64) {
     let options = VmOptions {
         align,
         ..VmOptions::default()
@@ -51,13 +52,13 @@ fn alloc_free(vm: &Manager, pages: u64, align: u64) {
 }
 
 /// `fix_size_alloc_test`: vmalloc and vfree of `pages` pages.
-pub fn fix_size_alloc(vm: &Manager, pages: u64) {
+pub fn fix_size_alloc(vm: &Manager<'_, impl TlbFlush>, pages: u64) {
     alloc_free(vm, pages, PAGE_SIZE);
 }
 
 /// `full_fit_alloc_test`: pairs of 1-page areas, every second one freed, then 1-page
 /// allocations that must land in the holes.
-pub fn full_fit_alloc(vm: &Manager, pairs: usize) {
+pub fn full_fit_alloc(vm: &Manager<'_, impl TlbFlush>, pairs: usize) {
     let one = PAGE_SIZE as usize;
     let mut kept = Vec::with_capacity(2 * pairs);
     for _ in 0..pairs {
@@ -75,7 +76,7 @@ pub fn full_fit_alloc(vm: &Manager, pairs: usize) {
 
 /// Fills the region's low end with `count` live 1-page areas (for
 /// `long_busy_list_alloc_test` and the latency scenario); returns them.
-pub fn busy_list(vm: &Manager, count: usize) -> Vec<*mut u8> {
+pub fn busy_list(vm: &Manager<'_, impl TlbFlush>, count: usize) -> Vec<*mut u8> {
     (0..count)
         .map(|_| vm.vmalloc(PAGE_SIZE as usize).unwrap().as_ptr())
         .collect()
@@ -83,30 +84,30 @@ pub fn busy_list(vm: &Manager, count: usize) -> Vec<*mut u8> {
 
 /// `long_busy_list_alloc_test`, one round: with many areas live, a 100-page and a
 /// 1-page allocation, freed again.
-pub fn long_busy_list_alloc(vm: &Manager) {
+pub fn long_busy_list_alloc(vm: &Manager<'_, impl TlbFlush>) {
     alloc_free(vm, 100, PAGE_SIZE);
     alloc_free(vm, 1, PAGE_SIZE);
 }
 
 /// `random_size_alloc_test`: 1 to 100 pages.
-pub fn random_size_alloc(vm: &Manager, rng: &mut Rng) {
+pub fn random_size_alloc(vm: &Manager<'_, impl TlbFlush>, rng: &mut Rng) {
     alloc_free(vm, 1 + rng.below(100), PAGE_SIZE);
 }
 
 /// `fix_align_alloc_test`: 5 pages aligned to 32 KiB.
-pub fn fix_align_alloc(vm: &Manager) {
+pub fn fix_align_alloc(vm: &Manager<'_, impl TlbFlush>) {
     alloc_free(vm, 5, 32 << 10);
 }
 
 /// `random_size_align_alloc_test`: 1 to 10 pages, alignment 2^0 to 2^22 bytes.
-pub fn random_size_align_alloc(vm: &Manager, rng: &mut Rng) {
+pub fn random_size_align_alloc(vm: &Manager<'_, impl TlbFlush>, rng: &mut Rng) {
     let pages = 1 + rng.below(10);
     alloc_free(vm, pages, 1 << rng.below(23));
 }
 
 /// `align_shift_alloc_test`: 1 page at every alignment 2^0 to 2^63. Alignments no
 /// address of the region can meet must fail cleanly; returns how many did.
-pub fn align_shift_alloc(vm: &Manager) -> u32 {
+pub fn align_shift_alloc(vm: &Manager<'_, impl TlbFlush>) -> u32 {
     let mut refused = 0;
     for shift in 0..64 {
         let options = VmOptions {
@@ -133,7 +134,7 @@ pub fn frames_for_vmap(frames: &SimFrames, count: usize) -> Vec<PhysFrame> {
 
 /// `vm_map_ram_test`: vmap and vunmap of the same frames, which the caller holds
 /// (from [`frames_for_vmap`]).
-pub fn vm_map_ram(vm: &Manager, frames: &[PhysFrame]) {
+pub fn vm_map_ram(vm: &Manager<'_, impl TlbFlush>, frames: &[PhysFrame]) {
     // SAFETY: the frames are the caller's, held for the whole run.
     let ptr = unsafe { vm.vmap(frames, Prot::KERNEL_RW) }.unwrap();
     vm.vunmap(ptr.as_ptr(), |_| ()).unwrap();
