@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 const QEMU: &str = "qemu-system-x86_64";
 /// Guest RAM; the kernel checks its memory map against it.
 const GUEST_MEM_MIB: u32 = 128;
+/// Guest CPUs. With multi-threaded TCG each vCPU runs on its own host thread with its
+/// own TLB, which only the guest's own `invlpg` and CR3 writes invalidate: a missing
+/// shootdown leaves a stale translation there, as on hardware.
+const GUEST_CPUS: u32 = 4;
 /// A run that takes longer has hung (TCG boots and runs the suite in seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// QEMU's status for the kernel's success value 0x10 written to isa-debug-exit:
@@ -182,7 +186,13 @@ fn build_kernel() -> PathBuf {
 /// Boots `kernel` and returns QEMU's exit status and the serial output.
 fn boot(kernel: &Path) -> (ExitStatus, String) {
     let mut qemu = Command::new(QEMU)
-        .args(["-accel", "tcg", "-m", &format!("{GUEST_MEM_MIB}M")])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-m",
+            &format!("{GUEST_MEM_MIB}M"),
+        ])
+        .args(["-smp", &GUEST_CPUS.to_string()])
         .args([
             "-nographic",
             "-display",
@@ -196,7 +206,10 @@ fn boot(kernel: &Path) -> (ExitStatus, String) {
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-kernel")
         .arg(kernel)
-        .args(["-append", &format!("expect_mem_mib={GUEST_MEM_MIB}")])
+        .args([
+            "-append",
+            &format!("expect_mem_mib={GUEST_MEM_MIB} cpus={GUEST_CPUS}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,6 +13,13 @@
 //! 4. far-jumps through a minimal GDT into 64-bit code, which calls
 //!    `kmain(magic, multiboot_info)`.
 //!
+//! Application processors enter at `ap_trampoline_start`, copied by
+//! [`crate::smp::start_aps`] to [`TRAMPOLINE`](crate::smp::TRAMPOLINE) because a
+//! STARTUP IPI starts a CPU in real mode in the first MiB. The trampoline loads a GDT
+//! of its own (addressed from its copy), turns on protection and far-jumps to
+//! `ap_start32` in the image, which takes the same steps 2 to 4 as the bootstrap CPU,
+//! on the CR3 and stack `smp` left for it, and calls `ap_main(index)`.
+//!
 //! Everything else about the address space (the physical-memory map at
 //! [`PHYS_OFFSET`](crate::paging::PHYS_OFFSET), the scratch window) is built in Rust by
 //! [`crate::paging`].
@@ -78,12 +85,17 @@ _start32:
     cmpl $512, %ecx
     jne 1b
 
+    movl $boot_pml4, %eax
+    call enable_long_mode
+    ljmp $0x08, $long_mode_entry
+
+/* Steps 2 and 3 with the PML4 at eax, and the 64-bit GDT loaded: returns in
+   compatibility mode, for the caller's far jump. Clobbers eax, ecx, edx. */
+enable_long_mode:
+    movl %eax, %cr3
     movl %cr4, %eax
     orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax   /* PAE, OSFXSR, OSXMMEXCPT */
     movl %eax, %cr4
-
-    movl $boot_pml4, %eax
-    movl %eax, %cr3
 
     movl $0xC0000080, %ecx              /* IA32_EFER */
     rdmsr
@@ -96,7 +108,18 @@ _start32:
     movl %eax, %cr0
 
     lgdt boot_gdt_ptr
-    ljmp $0x08, $long_mode_entry
+    ret
+
+/* An application processor, from the trampoline: flat 32-bit segments, paging off. */
+ap_start32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl AP_BOOT_STACK_TOP, %esp
+    movl AP_BOOT_CR3, %eax
+    call enable_long_mode
+    ljmp $0x08, $ap_long_mode
 
 .code64
 long_mode_entry:
@@ -112,8 +135,49 @@ long_mode_entry:
     call kmain
 2:  hlt
     jmp 2b
+
+ap_long_mode:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movq AP_BOOT_STACK_TOP(%rip), %rsp
+    movq AP_BOOT_INDEX(%rip), %rdi
+    call ap_main
+3:  hlt
+    jmp 3b
+
+/* Copied to {trampoline} and run there in real mode with CS = {trampoline} >> 4: its
+   own addresses are offsets from its start. */
+.section .rodata.ap_trampoline, "a"
+.code16
+.global ap_trampoline_start
+ap_trampoline_start:
+    cli
+    cld
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl ap_gdt_ptr - ap_trampoline_start
+    movl %cr0, %eax
+    orl $1, %eax                        /* PE */
+    movl %eax, %cr0
+    ljmpl $0x08, $ap_start32
+.p2align 3
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff            /* 0x08: 32-bit code, DPL 0 */
+    .quad 0x00cf92000000ffff            /* 0x10: data, DPL 0 */
+ap_gdt_ptr:
+    .word ap_gdt_ptr - ap_gdt - 1
+    .long {trampoline} + (ap_gdt - ap_trampoline_start)
+.global ap_trampoline_end
+ap_trampoline_end:
+.code64
 .text
 "#,
     stack_size = const BOOT_STACK_SIZE,
+    trampoline = const crate::smp::TRAMPOLINE,
     options(att_syntax)
 );

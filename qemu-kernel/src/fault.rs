@@ -17,6 +17,7 @@
 //! Any other page fault is a bug: the handler prints it and ends the run with failure.
 
 use crate::interrupts::TrapFrame;
+use crate::smp::{MAX_CPUS, cpu_index};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
 use x86_64::registers::control::Cr2;
@@ -94,16 +95,33 @@ struct ExTableEntry {
     fixup: u64,
 }
 
-/// The last fault a probe caught; written by the handler before it resumes the probe.
-static LAST_FAULT_ADDR: AtomicU64 = AtomicU64::new(0);
-static LAST_FAULT_CODE: AtomicU64 = AtomicU64::new(0);
-/// The target of the running `probe_exec`, or 0.
-static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
+/// Per CPU, as probes run on every CPU at once.
+struct ProbeState {
+    /// The last fault a probe caught; written by the handler before it resumes the probe.
+    fault_addr: AtomicU64,
+    fault_code: AtomicU64,
+    /// The target of the running `probe_exec`, or 0.
+    exec_target: AtomicU64,
+}
+
+static PROBES: [ProbeState; MAX_CPUS] = [const {
+    ProbeState {
+        fault_addr: AtomicU64::new(0),
+        fault_code: AtomicU64::new(0),
+        exec_target: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+
+/// The calling CPU's probe state.
+fn probes() -> &'static ProbeState {
+    &PROBES[cpu_index()]
+}
 
 fn last_fault() -> Fault {
+    let probes = probes();
     Fault {
-        addr: VirtAddr::new_truncate(LAST_FAULT_ADDR.load(Ordering::SeqCst)),
-        code: PageFaultErrorCode::from_bits_retain(LAST_FAULT_CODE.load(Ordering::SeqCst)),
+        addr: VirtAddr::new_truncate(probes.fault_addr.load(Ordering::SeqCst)),
+        code: PageFaultErrorCode::from_bits_retain(probes.fault_code.load(Ordering::SeqCst)),
     }
 }
 
@@ -146,11 +164,11 @@ pub unsafe fn probe_write(addr: VirtAddr, value: u64) -> Result<(), Fault> {
 /// convention, takes no arguments and returns (a single `ret`, 0xc3, will do).
 /// `addr` is canonical.
 pub unsafe fn probe_exec(addr: VirtAddr) -> Result<(), Fault> {
-    EXEC_PROBE_TARGET.store(addr.as_u64(), Ordering::SeqCst);
+    probes().exec_target.store(addr.as_u64(), Ordering::SeqCst);
     // SAFETY: the caller vouches for the code at `addr`; a fetch fault at `addr`
     // itself is recovered by `page_fault`.
     let faulted = unsafe { vm_probe_exec(addr.as_u64()) };
-    EXEC_PROBE_TARGET.store(0, Ordering::SeqCst);
+    probes().exec_target.store(0, Ordering::SeqCst);
     match faulted {
         0 => Ok(()),
         _ => Err(last_fault()),
@@ -175,7 +193,7 @@ fn fixup_for(rip: u64) -> Option<u64> {
 fn is_exec_probe_fault(frame: &TrapFrame, cr2: u64, code: PageFaultErrorCode) -> bool {
     code.contains(PageFaultErrorCode::INSTRUCTION_FETCH)
         && frame.rip == cr2
-        && cr2 == EXEC_PROBE_TARGET.load(Ordering::SeqCst)
+        && cr2 == probes().exec_target.load(Ordering::SeqCst)
 }
 
 /// The page-fault handler, called by the entry stub with the saved frame.
@@ -194,7 +212,7 @@ pub extern "C" fn page_fault(frame: &mut TrapFrame) {
         );
         crate::serial::exit(false)
     };
-    LAST_FAULT_ADDR.store(cr2, Ordering::SeqCst);
-    LAST_FAULT_CODE.store(code.bits(), Ordering::SeqCst);
+    probes().fault_addr.store(cr2, Ordering::SeqCst);
+    probes().fault_code.store(code.bits(), Ordering::SeqCst);
     frame.rip = resume;
 }

@@ -1,8 +1,10 @@
-//! GDT with a TSS, and the IDT.
+//! A GDT with a TSS per CPU, and the IDT all CPUs share.
 //!
-//! Every exception handler runs on an IST stack: the precompiled `core` uses the
-//! red zone, so an exception must never push onto the stack of the code it
-//! interrupts. Page faults go to [`crate::fault::page_fault`], which recovers
+//! Every exception and interrupt handler runs on an IST stack: the precompiled `core`
+//! uses the red zone, so an interrupt must never push onto the stack of the code it
+//! interrupts. Each CPU has its own IST stacks (in its own TSS), so two CPUs can fault
+//! at once. The interrupt vectors (shootdown, wake-up, spurious) share one IST slot:
+//! their gates clear IF, so they never nest. Page faults go to [`crate::fault::page_fault`], which recovers
 //! faulting probes; every other exception the kernel can take prints its frame and
 //! ends the run with failure (without a handler it would triple-fault, and QEMU with
 //! `-no-reboot` exits with status 0).
@@ -20,6 +22,8 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::tss::TaskStateSegment;
 
+use crate::smp::MAX_CPUS;
+
 const IST_STACK_SIZE: usize = 32 * 1024;
 /// IST slot (0-based, as the `x86_64` crate counts) of the page-fault stack.
 const PAGE_FAULT_IST: u16 = 0;
@@ -28,11 +32,22 @@ const PAGE_FAULT_IST: u16 = 0;
 const DOUBLE_FAULT_IST: u16 = 1;
 /// IST slot of the other fatal exceptions.
 const FATAL_IST: u16 = 2;
+/// IST slot of the interrupt vectors.
+const INTERRUPT_IST: u16 = 3;
+const IST_SLOTS: usize = 4;
 
-static IST_STACKS: StaticCell<PageAligned<[[u8; IST_STACK_SIZE]; 3]>> =
-    StaticCell::new(PageAligned([[0; IST_STACK_SIZE]; 3]));
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+/// Vector of the TLB shootdown IPI.
+pub const SHOOTDOWN_VECTOR: u8 = 0xf0;
+/// Vector of the IPI that wakes a halted CPU to look for work.
+pub const WAKE_VECTOR: u8 = 0xf1;
+
+type IstStacks = [[u8; IST_STACK_SIZE]; IST_SLOTS];
+
+static IST_STACKS: StaticCell<PageAligned<[IstStacks; MAX_CPUS]>> =
+    StaticCell::new(PageAligned([[[0; IST_STACK_SIZE]; IST_SLOTS]; MAX_CPUS]));
+static TSS: [Once<TaskStateSegment>; MAX_CPUS] = [const { Once::new() }; MAX_CPUS];
+static GDT: [Once<(GlobalDescriptorTable, Selectors)>; MAX_CPUS] =
+    [const { Once::new() }; MAX_CPUS];
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
 struct Selectors {
@@ -118,6 +133,9 @@ entry_stub!(
 entry_stub!(invalid_opcode_entry, invalid_opcode, error_code = false);
 entry_stub!(divide_error_entry, divide_error, error_code = false);
 entry_stub!(simd_error_entry, simd_error, error_code = false);
+entry_stub!(shootdown_entry, shootdown, error_code = false);
+entry_stub!(wake_entry, wake, error_code = false);
+entry_stub!(spurious_entry, spurious, error_code = false);
 
 fn fatal(name: &str, frame: &TrapFrame) -> ! {
     crate::println!(
@@ -145,23 +163,41 @@ extern "C" fn simd_error(frame: &mut TrapFrame) {
     fatal("SIMD floating-point exception", frame)
 }
 
-fn ist_stack_top(slot: u16) -> VirtAddr {
-    let stacks = IST_STACKS.get().cast::<[u8; IST_STACK_SIZE]>();
-    // SAFETY: `slot < 3`, in bounds of the array; only the address is computed.
-    let stack = unsafe { stacks.add(usize::from(slot)) };
+extern "C" fn shootdown(_frame: &mut TrapFrame) {
+    crate::smp::TLB.handle_ipi();
+    crate::lapic::end_of_interrupt();
+}
+extern "C" fn wake(_frame: &mut TrapFrame) {
+    crate::lapic::end_of_interrupt();
+}
+/// A spurious interrupt is not in service: no end of interrupt.
+extern "C" fn spurious(_frame: &mut TrapFrame) {}
+
+fn ist_stack_top(cpu: usize, slot: u16) -> VirtAddr {
+    let stacks = IST_STACKS.get().cast::<IstStacks>();
+    // SAFETY: `cpu < MAX_CPUS` and `slot < IST_SLOTS`, in bounds of the arrays; only
+    // the address is computed.
+    let stack = unsafe {
+        stacks
+            .add(cpu)
+            .cast::<[u8; IST_STACK_SIZE]>()
+            .add(usize::from(slot))
+    };
     VirtAddr::from_ptr(stack) + IST_STACK_SIZE as u64
 }
 
-/// Loads the GDT, the TSS with its IST stacks, and the IDT.
-pub fn init() {
-    let tss = TSS.call_once(|| {
+/// Loads CPU `cpu`'s GDT and TSS (with its own IST stacks) and the shared IDT. Each
+/// CPU calls it once, for its own index, before it enables interrupts.
+pub fn init_cpu(cpu: usize) {
+    assert!(cpu < MAX_CPUS, "CPU index {cpu} past MAX_CPUS");
+    let tss = TSS[cpu].call_once(|| {
         let mut tss = TaskStateSegment::new();
-        for slot in [PAGE_FAULT_IST, DOUBLE_FAULT_IST, FATAL_IST] {
-            tss.interrupt_stack_table[usize::from(slot)] = ist_stack_top(slot);
+        for slot in [PAGE_FAULT_IST, DOUBLE_FAULT_IST, FATAL_IST, INTERRUPT_IST] {
+            tss.interrupt_stack_table[usize::from(slot)] = ist_stack_top(cpu, slot);
         }
         tss
     });
-    let (gdt, selectors) = GDT.call_once(|| {
+    let (gdt, selectors) = GDT[cpu].call_once(|| {
         let mut gdt = GlobalDescriptorTable::new();
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
@@ -205,6 +241,15 @@ fn build_idt() -> InterruptDescriptorTable {
         idt.simd_floating_point
             .set_handler_addr(addr(simd_error_entry))
             .set_stack_index(FATAL_IST);
+        for (vector, stub) in [
+            (SHOOTDOWN_VECTOR, shootdown_entry as extern "C" fn()),
+            (WAKE_VECTOR, wake_entry),
+            (crate::lapic::SPURIOUS_VECTOR, spurious_entry),
+        ] {
+            idt[vector]
+                .set_handler_addr(addr(stub))
+                .set_stack_index(INTERRUPT_IST);
+        }
     }
     idt
 }

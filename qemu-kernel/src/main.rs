@@ -1,6 +1,7 @@
 //! A test kernel for `vmalloc`: boots under QEMU (multiboot), builds a kernel address
-//! space, runs the checks in [`checks`] on the real MMU, reports on COM1 and exits
-//! QEMU through isa-debug-exit. See `README.md` for the boot path.
+//! space, starts the other CPUs (`cpus=N` on the command line), runs the checks in
+//! [`checks`] on the real MMU, reports on COM1 and exits QEMU through isa-debug-exit.
+//! See `README.md` for the boot path.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -13,11 +14,13 @@ mod cell;
 mod checks;
 mod fault;
 mod interrupts;
+mod lapic;
 mod mm;
 mod multiboot;
 mod paging;
 mod runtime;
 mod serial;
+mod smp;
 
 use x86_64::registers::control::Cr3;
 
@@ -27,7 +30,7 @@ use x86_64::registers::control::Cr3;
 extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
     serial::init();
     println!("vmalloc test kernel");
-    interrupts::init();
+    interrupts::init_cpu(0);
     if magic != multiboot::BOOTLOADER_MAGIC {
         println!("not started by a multiboot loader (eax = {magic:#x})");
         serial::exit(false);
@@ -45,6 +48,7 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
         );
     }
     let physmap_end = paging::map_physical_memory(boot.ram_end);
+    smp::init_bsp();
     let mut ctx = checks::Ctx {
         boot,
         // SAFETY: `map_physical_memory` mapped all RAM at PHYS_OFFSET, for good.
@@ -55,13 +59,24 @@ extern "C" fn kmain(magic: u32, multiboot_info: u32) -> ! {
         scratch: paging::ScratchWindow::init(),
         test_frames: paging::test_frames(),
     };
-    // SAFETY: ring 0 with paging enabled.
-    let tlb = unsafe { vmalloc::tlb::InvlpgFlush::new() };
     // SAFETY: the only call; `memory_map` reserves everything the kernel uses, the
     // physical map reaches all RAM, and only `mm` touches the vmalloc region's entries.
-    if let Err(error) = unsafe { mm::init(ctx.boot.memory_map, ctx.phys, ctx.pml4, tlb) } {
+    if let Err(error) = unsafe { mm::init(ctx.boot.memory_map, ctx.phys, ctx.pml4, &smp::TLB) } {
         println!("memory management failed to start: {error:?}");
         serial::exit(false);
     }
+    let cpus = ctx
+        .boot
+        .cmdline_value("cpus")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    match smp::start_aps(cpus, &ctx.boot.loader_ranges()) {
+        Ok(online) => println!("cpus: {online} online"),
+        Err(why) => {
+            println!("cpus: starting {cpus} failed: {why}");
+            serial::exit(false);
+        }
+    }
+    x86_64::instructions::interrupts::enable();
     serial::exit(checks::run_all(&mut ctx))
 }

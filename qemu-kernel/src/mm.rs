@@ -1,15 +1,19 @@
 //! The kernel's memory management, built at boot from the library as a kernel would:
 //! the frame allocator, the vmalloc manager over the live PML4, and the global heap.
 
+use crate::smp::KernelCpus;
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::smp::Shootdown;
 use vmalloc::tlb::InvlpgFlush;
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{Error, OffsetPhysMemory};
 use x86_64::structures::paging::PhysFrame;
 
 /// The vmalloc manager's type in this kernel.
-pub type Manager = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, InvlpgFlush>;
+pub type Manager = Vmalloc<&'static LockedFrameAllocator<'static>, OffsetPhysMemory, Tlb>;
+/// The manager's TLB flush: a shootdown of every online CPU.
+pub type Tlb = &'static Shootdown<KernelCpus, InvlpgFlush>;
 
 /// The frame allocator over the boot memory map.
 pub static FRAMES: spin::Once<LockedFrameAllocator<'static>> = spin::Once::new();
@@ -31,12 +35,12 @@ pub unsafe fn init(
     map: &[MemoryRegion],
     phys: OffsetPhysMemory,
     pml4: PhysFrame,
-    tlb: InvlpgFlush,
+    tlb: Tlb,
 ) -> Result<(), Error> {
     // SAFETY: forwarded from this function's contract.
     let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
     let frames = FRAMES.call_once(|| LockedFrameAllocator::new(bitmap));
-    // SAFETY: forwarded; `InvlpgFlush` flushes the only CPU.
+    // SAFETY: forwarded; `tlb` flushes every CPU that runs on these page tables.
     let manager = unsafe { Manager::new(VmallocConfig::default(), pml4, phys, frames, tlb)? };
     let manager = VMALLOC.call_once(|| manager);
     HEAP.init(manager)

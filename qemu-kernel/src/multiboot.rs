@@ -42,9 +42,17 @@ pub struct BootInfo {
     pub memory_map: &'static [MemoryRegion],
     /// Physical end of the highest RAM region.
     pub ram_end: PhysAddr,
+    /// What the loader left that the kernel still reads: the info structure, the
+    /// memory map buffer and the command line.
+    loader: [Range<u64>; 3],
 }
 
 impl BootInfo {
+    /// The physical ranges of what the loader left that the kernel still uses.
+    pub fn loader_ranges(&self) -> [Range<u64>; 3] {
+        self.loader.clone()
+    }
+
     /// The value of `key=value` on the command line.
     pub fn cmdline_value(&self, key: &str) -> Option<&'static str> {
         self.cmdline
@@ -153,12 +161,13 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
         .map(|region| region.range.end)
         .max()
         .expect("no usable RAM in the memory map");
+    let loader = [info_addr..info_addr + INFO_SIZE, mmap, cmdline_range];
     let in_use = [
         0..LEGACY_LOW_END,
         kernel_image.start.as_u64()..kernel_image.end.as_u64(),
-        info_addr..info_addr + INFO_SIZE,
-        mmap,
-        cmdline_range,
+        loader[0].clone(),
+        loader[1].clone(),
+        loader[2].clone(),
     ];
     carve(firmware.as_slice(), in_use, memory_map);
     BootInfo {
@@ -168,6 +177,7 @@ pub unsafe fn parse(info_addr: u64, kernel_image: Range<PhysAddr>) -> BootInfo {
         firmware_map: firmware.as_slice(),
         memory_map: memory_map.as_slice(),
         ram_end,
+        loader,
     }
 }
 

@@ -847,14 +847,37 @@ fn held_by_manager() -> u64 {
 /// checks; afterwards every frame is back except those the manager's own page
 /// tables and bookkeeping grew by.
 pub fn stress(_ctx: &mut Ctx) -> Outcome {
-    const STEPS: usize = 4000;
+    conserves_frames(|| random_steps(0x2545_f491_4f6c_dd1d, 4000))
+}
+
+/// Runs `run`, purges, and checks that every frame is back except those the
+/// manager's own page tables and bookkeeping grew by.
+pub(super) fn conserves_frames(run: impl FnOnce() -> Outcome) -> Outcome {
     let vm = mm::vmalloc();
     vm.purge();
     let free_before = mm::frames().stats().free;
     let held_before = held_by_manager();
-    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    run()?;
+    vm.purge();
+    // The manager's own tables may have grown or shrunk: signed arithmetic.
+    let grown = held_by_manager() as i64 - held_before as i64;
+    ensure(
+        vm.stats().pending_purge_frames == 0,
+        "frames still pending after purge",
+    )?;
+    ensure(
+        mm::frames().stats().free as i64 == free_before as i64 - grown,
+        "frames lost or duplicated by the stress run",
+    )
+}
+
+/// `steps` random vmalloc/vfree/vmap/vunmap/vrealloc/purge steps from `seed`, each
+/// area's pages checked before it is freed; frees what is left at the end.
+pub(super) fn random_steps(seed: u64, steps: usize) -> Outcome {
+    let vm = mm::vmalloc();
+    let mut rng = XorShift(seed);
     let mut slots: [Option<Slot>; SLOTS] = [None; SLOTS];
-    for _ in 0..STEPS {
+    for _ in 0..steps {
         let index = rng.below(SLOTS as u64) as usize;
         match (slots[index].as_mut(), rng.below(8)) {
             (_, 0) => vm.purge(),
@@ -872,18 +895,5 @@ pub fn stress(_ctx: &mut Ctx) -> Outcome {
             }
         }
     }
-    for slot in slots.iter().flatten() {
-        stress_free(slot)?;
-    }
-    vm.purge();
-    // The manager's own tables may have grown or shrunk: signed arithmetic.
-    let grown = held_by_manager() as i64 - held_before as i64;
-    ensure(
-        vm.stats().pending_purge_frames == 0,
-        "frames still pending after purge",
-    )?;
-    ensure(
-        mm::frames().stats().free as i64 == free_before as i64 - grown,
-        "frames lost or duplicated by the stress run",
-    )
+    slots.iter().flatten().try_for_each(stress_free)
 }

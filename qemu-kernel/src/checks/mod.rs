@@ -8,6 +8,7 @@
 
 mod infra;
 mod library;
+mod smp;
 
 use crate::multiboot::BootInfo;
 use crate::paging::{ScratchWindow, TEST_FRAME_COUNT};
@@ -69,6 +70,17 @@ pub const CHECKS: &[(&str, Check)] = &[
         library::info_listing_under_global_heap,
     ),
     ("stress", library::stress),
+    ("smp_cpus_online", smp::smp_cpus_online),
+    ("smp_stress", smp::smp_stress),
+    (
+        "smp_stale_translation_faults",
+        smp::smp_stale_translation_faults,
+    ),
+    (
+        "smp_local_only_flush_is_caught",
+        smp::smp_local_only_flush_is_caught,
+    ),
+    ("smp_crossing_purges", smp::smp_crossing_purges),
 ];
 
 /// Runs every check; true if all passed.

@@ -1,0 +1,255 @@
+//! Checks with every CPU running: the shootdown on real (emulated) per-CPU TLBs.
+//!
+//! Under multi-threaded TCG each vCPU keeps its own TLB, and only its own `invlpg` or
+//! CR3 write empties it, as on hardware; so a translation another CPU cached survives
+//! a flush that does not reach it, and `smp_local_only_flush_is_caught` shows that the
+//! stale-translation check sees it.
+
+use super::library::{conserves_frames, random_steps};
+use super::{Ctx, ensure};
+use crate::fault::probe_read;
+use crate::mm;
+use crate::smp::{self, MAX_CPUS, on_each_cpu};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use vmalloc::tlb::{InvlpgFlush, TlbFlush};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::{OffsetPhysMemory, PhysMemory};
+use x86_64::VirtAddr;
+use x86_64::instructions::interrupts;
+use x86_64::structures::paging::PhysFrame;
+
+type Outcome = Result<(), &'static str>;
+
+const PAGE: usize = 4096;
+/// What the frame holds once it has a new owner.
+const NEW_DATA: u64 = u64::from_le_bytes(*b"NEWDATA!");
+const OLD_DATA: u64 = u64::from_le_bytes(*b"OLD_DATA");
+
+/// The first failure any CPU reported.
+struct FirstError(spin::Mutex<Outcome>);
+
+impl FirstError {
+    const fn new() -> Self {
+        Self(spin::Mutex::new(Ok(())))
+    }
+
+    fn report(&self, outcome: Outcome) {
+        let mut first = self.0.lock();
+        if first.is_ok() {
+            *first = outcome;
+        }
+    }
+
+    fn get(&self) -> Outcome {
+        *self.0.lock()
+    }
+}
+
+/// Every CPU the command line asked for is online, and each ran work with its own
+/// index and its own APIC ID.
+pub fn smp_cpus_online(ctx: &mut Ctx) -> Outcome {
+    let asked: usize = ctx
+        .boot
+        .cmdline_value("cpus")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let online = smp::online();
+    ensure(online.len() == asked, "not every CPU asked for is online")?;
+    ensure(asked >= 2, "the SMP checks need cpus=2 or more")?;
+    let ran = AtomicU64::new(0);
+    let apic_ids = AtomicU64::new(0);
+    on_each_cpu(&|cpu| {
+        ran.fetch_or(1 << smp::cpu_index(), Ordering::Relaxed);
+        if crate::lapic::id() == smp::apic_id(cpu) {
+            apic_ids.fetch_or(1 << crate::lapic::id(), Ordering::Relaxed);
+        }
+    });
+    ensure(
+        ran.load(Ordering::Relaxed) == online.bits(),
+        "not every online CPU ran the work as itself",
+    )?;
+    ensure(
+        apic_ids.load(Ordering::Relaxed).count_ones() as usize == asked,
+        "the CPUs' APIC IDs are not distinct or not the recorded ones",
+    )
+}
+
+/// Every CPU runs random vmalloc/vfree/vmap/vunmap/vrealloc/purge steps at once, each
+/// checking its areas' contents before it frees them; then every frame is back.
+pub fn smp_stress(_ctx: &mut Ctx) -> Outcome {
+    let ipis = smp::TLB.stats().ipis;
+    conserves_frames(|| {
+        let error = FirstError::new();
+        on_each_cpu(&|cpu| error.report(random_steps(0x9e37_79b9 ^ cpu as u64, 1500)));
+        error.get()
+    })?;
+    ensure(
+        smp::TLB.stats().ipis > ipis,
+        "no CPU was shot at during the run",
+    )
+}
+
+/// CPU 1 caches a translation of an area's page; CPU 0 frees the area, purges, takes
+/// the frame back and writes new contents into it; CPU 1 reads the old address again.
+/// Returns what that read saw: `None` for a fault, else the value (the new owner's
+/// data through a stale translation).
+fn stale_read_after_reuse<T: TlbFlush + Sync>(
+    vm: &Vmalloc<&'static vmalloc::frame::LockedFrameAllocator<'static>, OffsetPhysMemory, T>,
+    phys: OffsetPhysMemory,
+) -> Result<Option<u64>, &'static str> {
+    let old = VirtAddr::from_ptr(vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr());
+    // SAFETY: the first word of the page just allocated.
+    unsafe { old.as_mut_ptr::<u64>().write_volatile(OLD_DATA) };
+    let cached = AtomicBool::new(false);
+    let reused = AtomicBool::new(false);
+    let seen = spin::Mutex::new(Err("CPU 1 did not read"));
+    let error = FirstError::new();
+    let reuse = || -> Result<PhysFrame, &'static str> {
+        let frame = vm
+            .vmalloc_to_frame(old)
+            .map_err(|_| "vmalloc_to_frame failed")?;
+        vm.vfree(old.as_mut_ptr()).map_err(|_| "vfree failed")?;
+        vm.purge();
+        ensure(
+            mm::frames().alloc_from(frame) == Some(frame),
+            "the purged frame did not come back",
+        )?;
+        // SAFETY: the frame is ours again; its first word, through the physical map.
+        unsafe {
+            phys.phys_to_virt(frame.start_address())
+                .cast::<u64>()
+                .write_volatile(NEW_DATA)
+        };
+        Ok(frame)
+    };
+    let frame = spin::Mutex::new(None);
+    on_each_cpu(&|cpu| match cpu {
+        1 => {
+            // SAFETY: a live vmalloc page, aligned.
+            let first = unsafe { probe_read(old) };
+            if first != Ok(OLD_DATA) {
+                error.report(Err("CPU 1 could not read the live area"));
+            }
+            cached.store(true, Ordering::Release);
+            // Interrupts are on: the shootdown, if any, is taken here.
+            while !reused.load(Ordering::Acquire) {
+                core::hint::spin_loop();
+            }
+            // SAFETY: an aligned address in the vmalloc region; nothing else is mapped
+            // there, so a read is harmless whatever it finds.
+            *seen.lock() = Ok(unsafe { probe_read(old) }.ok());
+        }
+        0 => {
+            while !cached.load(Ordering::Acquire) {
+                core::hint::spin_loop();
+            }
+            match reuse() {
+                Ok(reused) => *frame.lock() = Some(reused),
+                Err(why) => error.report(Err(why)),
+            }
+            reused.store(true, Ordering::Release);
+        }
+        _ => {}
+    });
+    if let Some(frame) = frame.lock().take() {
+        mm::frames()
+            .free(frame)
+            .map_err(|_| "the reused frame could not be freed")?;
+    }
+    error.get()?;
+    seen.into_inner()
+}
+
+/// A translation CPU 1 cached is gone before CPU 0 hands its frame to a new owner:
+/// CPU 1's next read faults instead of reading the new owner's data.
+pub fn smp_stale_translation_faults(ctx: &mut Ctx) -> Outcome {
+    let taken = smp::TLB.stats().ipis;
+    for _ in 0..8 {
+        match stale_read_after_reuse(mm::vmalloc(), ctx.phys)? {
+            None => {}
+            Some(NEW_DATA) => return Err("CPU 1 read the new owner's data"),
+            Some(_) => return Err("CPU 1 read something through a freed area"),
+        }
+    }
+    ensure(smp::TLB.stats().ipis > taken, "no IPI was sent")
+}
+
+/// The negative control: the same steps through a manager whose flush reaches only
+/// the calling CPU. CPU 1 keeps its stale translation and reads the new owner's data,
+/// so the check above can fail. Its own region, one top-level slot above the main
+/// manager's, so it shares no page table with it.
+pub fn smp_local_only_flush_is_caught(ctx: &mut Ctx) -> Outcome {
+    const START: u64 = 0xffff_f000_0000_0000;
+    let config = VmallocConfig {
+        start: VirtAddr::new(START),
+        size: 1 << 39,
+        ..VmallocConfig::default()
+    };
+    let free_before = mm::frames().stats().free;
+    // SAFETY: ring 0 with paging on; a local-only flush on purpose.
+    let local = unsafe { InvlpgFlush::new() };
+    // SAFETY: the region's top-level slot is empty and no address space copies it; the
+    // frame allocator's frames are RAM the physical map reaches.
+    let vm = unsafe { Vmalloc::new(config, ctx.pml4, ctx.phys, mm::frames(), local) }
+        .map_err(|_| "the local-only manager could not be made")?;
+    let mut caught = false;
+    for _ in 0..8 {
+        match stale_read_after_reuse(&vm, ctx.phys)? {
+            Some(NEW_DATA) => caught = true,
+            Some(_) => return Err("CPU 1 read neither fault nor the new data"),
+            None => {}
+        }
+        if caught {
+            break;
+        }
+    }
+    drop(vm);
+    ensure(
+        caught,
+        "with a local-only flush CPU 1 never read the new owner's data",
+    )?;
+    ensure(
+        mm::frames().stats().free == free_before,
+        "the local-only manager did not give its frames back",
+    )
+}
+
+/// Every CPU purges at once, two of them with interrupts disabled (they take no IPI
+/// and must serve their mailbox while they wait), and shoots down directly too:
+/// nobody deadlocks, and every area is gone at the end.
+pub fn smp_crossing_purges(_ctx: &mut Ctx) -> Outcome {
+    let vm = mm::vmalloc();
+    let before = smp::TLB.stats();
+    let areas = vm.stats().areas;
+    let error = FirstError::new();
+    let rounds = 200;
+    on_each_cpu(&|cpu| {
+        let run = || {
+            for round in 0..rounds {
+                let Ok(ptr) = vm.vmalloc(3 * PAGE) else {
+                    return error.report(Err("vmalloc failed"));
+                };
+                // SAFETY: the first word of a live area.
+                unsafe { ptr.as_ptr().cast::<u64>().write_volatile(round) };
+                if vm.vfree(ptr.as_ptr()).is_err() {
+                    return error.report(Err("vfree failed"));
+                }
+                vm.purge();
+                smp::TLB.flush_all();
+            }
+        };
+        if cpu < 2 {
+            interrupts::without_interrupts(run);
+        } else {
+            run();
+        }
+    });
+    error.get()?;
+    let after = smp::TLB.stats();
+    let cpus = smp::online().len().min(MAX_CPUS) as u64;
+    ensure(
+        after.shootdowns - before.shootdowns >= cpus * rounds,
+        "fewer shootdowns than the CPUs started",
+    )?;
+    ensure(vm.stats().areas == areas, "areas left behind")
+}
