@@ -151,7 +151,7 @@ impl<'a> KernelHeap<'a> {
     /// [`Error::Overlap`] if the heap was initialised already; whatever
     /// [`Vmalloc::reserve`](crate::vmalloc::Vmalloc::reserve) returns.
     pub fn init(&self, vmalloc: &'a dyn VmallocOps) -> Result<(), Error> {
-        let mut small = self.small.lock();
+        let mut small = self.lock_small();
         if self.vmalloc.is_completed() {
             return Err(Error::Overlap);
         }
@@ -175,7 +175,7 @@ impl<'a> KernelHeap<'a> {
 
     /// Counters of both paths.
     pub fn stats(&self) -> HeapStats {
-        let small = self.small.lock();
+        let small = self.lock_small();
         HeapStats {
             mapped: small.mapped,
             in_use: small.list.used(),
@@ -186,8 +186,24 @@ impl<'a> KernelHeap<'a> {
 
     /// Whether `ptr` lies in the small heap's window.
     pub fn owns_small(&self, ptr: *const u8) -> bool {
-        let small = self.small.lock();
+        let small = self.lock_small();
         (ptr as usize).wrapping_sub(small.window) < small.window_len
+    }
+
+    /// The small heap, locked. Its holder may be in a vmalloc call that waits for this
+    /// CPU's TLB flush (a shootdown), so a waiter serves flush requests while it spins
+    /// ([`VmallocOps::relax`]): with interrupts disabled it would otherwise never
+    /// answer, and both CPUs would wait forever.
+    fn lock_small(&self) -> spin::MutexGuard<'_, SmallHeap> {
+        loop {
+            if let Some(guard) = self.small.try_lock() {
+                return guard;
+            }
+            match self.vmalloc.get() {
+                Some(vmalloc) => vmalloc.relax(),
+                None => core::hint::spin_loop(),
+            }
+        }
     }
 
     fn is_large(&self, layout: Layout) -> bool {
@@ -196,7 +212,7 @@ impl<'a> KernelHeap<'a> {
 
     fn alloc_small(&self, layout: Layout) -> Option<NonNull<u8>> {
         let vmalloc = *self.vmalloc.get()?;
-        let mut small = self.small.lock();
+        let mut small = self.lock_small();
         if let Ok(block) = small.list.allocate_first_fit(layout) {
             return Some(block);
         }
@@ -230,7 +246,7 @@ impl<'a> KernelHeap<'a> {
     ///
     /// `ptr` was returned by `allocate` with `layout` and is not used afterwards.
     unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
-        let mut small = self.small.lock();
+        let mut small = self.lock_small();
         if (ptr as usize).wrapping_sub(small.window) < small.window_len {
             // SAFETY: the block came from the list heap with this layout (caller).
             unsafe { small.list.deallocate(NonNull::new_unchecked(ptr), layout) };

@@ -55,7 +55,8 @@
 //!
 //! - While it waits, the initiator serves its own mailbox, so two CPUs shooting at each
 //!   other both progress.
-//! - While a CPU waits for the vmalloc manager's lock it serves its mailbox too
+//! - While a CPU waits for the vmalloc manager's lock, or for the kernel heap's (whose
+//!   holder may be inside a vmalloc call), it serves its mailbox too
 //!   ([`TlbFlush::relax`]), so an initiator that holds the lock is never waiting for a
 //!   CPU that waits for it, even if that CPU spins with interrupts disabled.
 //! - The handler only ever *tries* its own mailbox's lock: when it interrupted its own

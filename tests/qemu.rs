@@ -24,7 +24,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// `(0x10 << 1) | 1`. Anything else, including 0 after a triple fault, is failure.
 const SUCCESS_STATUS: i32 = 33;
 /// Checks the suite must contain at least: the kernel's own machinery, then the
-/// library's.
+/// library's, then the library's on every CPU at once.
 const REQUIRED_CHECKS: &[&str] = &[
     "memory_map",
     "address_space",
@@ -45,6 +45,11 @@ const REQUIRED_CHECKS: &[&str] = &[
     "heap_global_alloc",
     "info_listing_under_global_heap",
     "stress",
+    "smp_cpus_online",
+    "smp_stress",
+    "smp_stale_translation_faults",
+    "smp_local_only_flush_is_caught",
+    "smp_crossing_purges",
 ];
 
 #[test]

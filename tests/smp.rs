@@ -1,10 +1,14 @@
 //! Several CPUs on the simulated machine, each with its own TLB: the library's
 //! shootdown reaches every one of them, and the checks can tell when it does not.
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
+use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
+use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::{Rng, SimConfig, SimCpu, SimFrames, SimMachine};
 use x86_64::VirtAddr;
@@ -457,4 +461,102 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
         Err(Error::NullPointer)
     );
     assert_eq!(vm.vfree_atomic(0x1000 as *mut u8), Err(Error::NotInRegion));
+}
+
+/// The manager as the kernel heap sees it, except that `populate` (which the heap
+/// calls with its lock held) first shoots down every CPU, as a purge under memory
+/// pressure would from inside the call.
+struct ShootsWhilePopulating<'a> {
+    vm: &'a dyn VmallocOps,
+    tlb: &'static Tlb,
+    inside: &'a AtomicBool,
+}
+
+// SAFETY: every call forwards to a manager; the shootdown changes no mapping.
+unsafe impl VmallocOps for ShootsWhilePopulating<'_> {
+    fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        self.vm.vmalloc_with(size, options)
+    }
+    fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        self.vm.vfree(ptr)
+    }
+    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
+        self.vm.vrealloc(ptr, new_size)
+    }
+    fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        self.vm.reserve(size, options)
+    }
+    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
+        self.inside.store(true, Ordering::Release);
+        self.tlb.flush_all();
+        self.vm.populate(ptr, bytes)
+    }
+    fn relax(&self) {
+        self.vm.relax();
+    }
+}
+
+#[test]
+fn a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started() {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(64 << 20)
+            .with_cpus(2)
+            .with_host_window(1 << 30),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+    machine.set_ipi_handler(move || tlb.handle_ipi());
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // A hang is the failure: a watchdog turns it into a panic.
+    let (done, finished) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let vm = manager(machine, frames, tlb, config);
+        let inside = AtomicBool::new(false);
+        let ops = ShootsWhilePopulating {
+            vm: &vm,
+            tlb,
+            inside: &inside,
+        };
+        let heap = KernelHeap::new(HeapConfig {
+            window: 16 << 20,
+            ..HeapConfig::DEFAULT
+        });
+        heap.init(&ops).unwrap();
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        thread::scope(|scope| {
+            let cpu1 = machine.cpu(1);
+            let (heap, inside) = (&heap, &inside);
+            scope.spawn(move || {
+                cpu1.enter();
+                // Interrupts off: this CPU takes no IPI, it only serves while it waits.
+                while !inside.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                // SAFETY: a valid layout; the block is freed with it.
+                unsafe {
+                    let block = heap.alloc(layout);
+                    assert!(!block.is_null());
+                    heap.dealloc(block, layout);
+                }
+            });
+            machine.cpu(0).enter();
+            // The first small block grows the heap: `populate` under the heap's lock.
+            // SAFETY: as above.
+            unsafe {
+                let block = heap.alloc(layout);
+                assert!(!block.is_null());
+                heap.dealloc(block, layout);
+            }
+        });
+        done.send(tlb.stats()).unwrap();
+    });
+    let stats = finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("deadlock: CPU 1 waited for the heap lock without serving the shootdown");
+    assert!(stats.ipis > 0 && stats.served > 0);
 }

@@ -1,16 +1,15 @@
-//! A static the single-CPU kernel mutates through raw pointers.
+//! A static the kernel mutates through raw pointers.
 
 use core::cell::UnsafeCell;
 
 /// Interior-mutable storage for a `static` (page tables, stacks, buffers).
 ///
-/// The kernel runs on one CPU with interrupts off, so the only concurrency is an
-/// exception handler interrupting the code it runs on; every user documents why its
-/// accesses cannot overlap.
+/// Each user documents why its accesses cannot overlap: boot-time tables and buffers
+/// are written before the other CPUs start, and stacks belong to one CPU each.
 #[repr(transparent)]
 pub struct StaticCell<T>(UnsafeCell<T>);
 
-// SAFETY: one CPU, interrupts disabled; users uphold exclusivity per access (see above).
+// SAFETY: users uphold exclusivity per access (see above).
 unsafe impl<T> Sync for StaticCell<T> {}
 
 impl<T> StaticCell<T> {

@@ -60,6 +60,13 @@ pub unsafe trait VmallocOps: Sync {
     ///
     /// As there.
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
+
+    /// Called by a CPU spinning for a lock whose holder may be inside one of these
+    /// calls, waiting for this CPU to flush: serves the flush requests sent to this
+    /// CPU ([`TlbFlush::relax`]), as the manager's own lock waits do.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 // SAFETY: each method forwards to the manager, whose areas are mapped read-write (or
@@ -84,5 +91,8 @@ where
     }
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         Vmalloc::populate(self, ptr, bytes)
+    }
+    fn relax(&self) {
+        self.tlb.relax();
     }
 }
