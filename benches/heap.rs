@@ -1,5 +1,8 @@
 //! The kernel heap against `linked_list_allocator::LockedHeap` alone on a fixed
-//! region of the same size: many small objects with a few 1 MiB buffers.
+//! region of the same size: many small objects with a few 1 MiB buffers; and against
+//! `talc` and `LockedHeap` on a heap that has fragmented ("random actions": 10,000 live
+//! blocks of 16-512 bytes, 1 in 64 up to 4 KiB; each step frees a random live block
+//! and allocates one of a random size).
 //!
 //! The kernel heap runs in the simulated machine's host window, where the first touch
 //! of a freshly mapped page is a host page fault and a purge unmaps the window again;
@@ -11,6 +14,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use linked_list_allocator::LockedHeap;
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
+use talc::TalcLock;
+use talc::source::Claim;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
@@ -65,6 +70,119 @@ fn round(heap: &dyn GlobalAlloc, layouts: &[Layout], held: &mut Vec<(*mut u8, La
 
 type Manager<'m> = Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine>;
 
+/// Live blocks of the random-actions workload.
+const LIVE: usize = 10_000;
+/// Steps run before measuring, so every heap has fragmented.
+const WARM_UP_STEPS: usize = 200_000;
+/// Steps per measured iteration.
+const STEPS: usize = 1000;
+
+/// A size of the random-actions workload: 16-512 bytes, 1 in 64 up to 4 KiB.
+fn random_action_layout(rng: &mut Rng) -> Layout {
+    let size = if rng.below(64) == 0 {
+        16 + rng.below(4096 - 15)
+    } else {
+        16 + rng.below(512 - 15)
+    };
+    Layout::from_size_align(size as usize, 8).unwrap()
+}
+
+/// The live blocks of a random-actions run on one heap.
+struct RandomActions<'h> {
+    heap: &'h dyn GlobalAlloc,
+    live: Vec<(*mut u8, Layout)>,
+    rng: Rng,
+}
+
+impl<'h> RandomActions<'h> {
+    /// Fills `heap` with [`LIVE`] blocks and runs the warm-up.
+    fn new(heap: &'h dyn GlobalAlloc) -> Self {
+        let mut run = Self {
+            heap,
+            live: Vec::with_capacity(LIVE),
+            rng: Rng::new(3),
+        };
+        for _ in 0..LIVE {
+            let layout = random_action_layout(&mut run.rng);
+            run.live.push((run.alloc(layout), layout));
+        }
+        run.steps(WARM_UP_STEPS);
+        run
+    }
+
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: a non-zero size.
+        let block = unsafe { self.heap.alloc(layout) };
+        assert!(!block.is_null());
+        // SAFETY: the block holds at least 16 bytes.
+        unsafe { block.write(layout.size() as u8) };
+        block
+    }
+
+    /// Frees a random live block and allocates a new one, `count` times.
+    fn steps(&mut self, count: usize) {
+        for _ in 0..count {
+            let index = self.rng.below(LIVE as u64) as usize;
+            let (block, layout) = self.live[index];
+            // SAFETY: a live block of this heap with its layout.
+            unsafe { self.heap.dealloc(black_box(block), layout) };
+            let layout = random_action_layout(&mut self.rng);
+            self.live[index] = (self.alloc(layout), layout);
+        }
+    }
+
+    fn live_bytes(&self) -> usize {
+        self.live.iter().map(|(_, layout)| layout.size()).sum()
+    }
+}
+
+impl Drop for RandomActions<'_> {
+    fn drop(&mut self) {
+        for &(block, layout) in &self.live {
+            // SAFETY: live blocks of this heap with their layouts.
+            unsafe { self.heap.dealloc(block, layout) };
+        }
+    }
+}
+
+/// `talc` on a leaked host region of `size` bytes.
+fn talc_with_region(size: usize) -> TalcLock<spinning_top::RawSpinlock, Claim> {
+    let region: &'static mut [u8] = Box::leak(vec![0u8; size].into_boxed_slice());
+    // SAFETY: the region is leaked, so it lives as long as the heap, and only the heap
+    // uses it.
+    TalcLock::new(unsafe { Claim::new(region.as_mut_ptr(), size) })
+}
+
+fn random_actions(c: &mut Criterion, heap: &KernelHeap) {
+    let talc = talc_with_region(REGION);
+    let list = LockedHeap::empty_with_region(REGION);
+    let mut group = c.benchmark_group("heap_random_actions");
+    group.throughput(Throughput::Elements(STEPS as u64));
+    group.sample_size(10);
+    {
+        let mut run = RandomActions::new(heap);
+        let stats = heap.stats();
+        eprintln!(
+            "kernel_heap after {WARM_UP_STEPS} steps: {} live bytes, {} bytes of frames \
+             (list window {} + slabs {}): {:.2} bytes of frames per live byte",
+            run.live_bytes(),
+            stats.mapped + stats.slab_bytes,
+            stats.mapped,
+            stats.slab_bytes,
+            (stats.mapped + stats.slab_bytes) as f64 / run.live_bytes() as f64
+        );
+        group.bench_function("kernel_heap", |b| b.iter(|| run.steps(STEPS)));
+    }
+    for (name, peer) in [
+        ("talc", &talc as &dyn GlobalAlloc),
+        ("linked_list_allocator", &list),
+    ] {
+        let mut run = RandomActions::new(peer);
+        group.bench_function(name, |b| b.iter(|| run.steps(STEPS)));
+    }
+    group.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let machine = SimMachine::new(
         SimConfig::new(512 << 20)
@@ -102,6 +220,7 @@ fn bench(c: &mut Criterion) {
         });
         group.finish();
     }
+    random_actions(c, &heap);
 }
 
 /// A `LockedHeap` over a leaked host region of `size` bytes.

@@ -134,9 +134,10 @@ fn random_alloc_dealloc_realloc_keeps_blocks_apart_and_returns_frames() {
     let vm_stats = vm.stats();
     assert_eq!(
         vm_stats.data_frames,
-        stats.mapped as u64 / PAGE_SIZE,
-        "only the high-water pages stay mapped"
+        (stats.mapped + stats.slab_bytes) as u64 / PAGE_SIZE,
+        "only the list's high-water pages and the slabs kept stay mapped"
     );
+    assert_eq!(stats.slab_bytes % PAGE_SIZE as usize, 0);
     // The manager's own tables and bookkeeping may have grown or shrunk.
     let kept = vm_stats.data_frames as i64
         + (vm_stats.page_table_frames as i64 - before.page_table_frames as i64)
@@ -146,6 +147,10 @@ fn random_alloc_dealloc_realloc_keeps_blocks_apart_and_returns_frames() {
         free_before as i64,
         "every other frame went back"
     );
+    heap.shrink();
+    vm.purge();
+    assert_eq!(heap.stats().slab_bytes, 0, "shrink frees every empty slab");
+    assert_eq!(vm.stats().data_frames, stats.mapped as u64 / PAGE_SIZE);
 }
 
 fn assert_disjoint(live: &[Block]) {
@@ -178,7 +183,8 @@ fn collections_through_the_allocator_api() {
         "a 800 KB vector lives in its own vmalloc area"
     );
     let boxed = ABox::new_in([3u8; 100], &heap);
-    assert!(inside(boxed.as_ptr()) && heap.owns_small(boxed.as_ptr()));
+    assert!(inside(boxed.as_ptr()) && !heap.owns_small(boxed.as_ptr()));
+    assert!(heap.stats().slab_objects >= 1, "100 bytes come from a slab");
     let mut words: AVec<AVec<u8, &KernelHeap>, &KernelHeap> = AVec::new_in(&heap);
     for i in 0..500 {
         let mut word = AVec::new_in(&heap);
@@ -282,15 +288,19 @@ fn kvmalloc_picks_a_path_by_size_and_kvfree_needs_no_size() {
     let heap = KernelHeap::new(CONFIG);
     heap.init(&vm).unwrap();
     let small = heap.kvmalloc(100).unwrap();
+    let middle = heap.kvmalloc(8000).unwrap();
     let large = heap.kvmalloc(1 << 20).unwrap();
-    assert!(heap.owns_small(small.as_ptr()));
+    assert_eq!(heap.stats().slab_objects, 1, "100 bytes from a slab");
+    assert!(heap.owns_small(middle.as_ptr()), "8000 bytes from the list");
     assert!(!heap.owns_small(large.as_ptr()));
     assert_eq!(heap.stats().large_blocks, 1);
     // SAFETY: both came from kvmalloc and hold the sizes asked for.
     unsafe {
         small.as_ptr().write_bytes(1, 100);
         large.as_ptr().write_bytes(2, 1 << 20);
+        middle.as_ptr().write_bytes(3, 8000);
         heap.kvfree(small);
+        heap.kvfree(middle);
         heap.kvfree(large);
     }
     assert_eq!(heap.stats().large_blocks, 0);
@@ -327,19 +337,20 @@ fn a_window_that_is_not_a_page_multiple_serves_and_takes_back_every_block() {
     let frames = machine.frames();
     let vm = manager(&machine, &frames);
     let heap = KernelHeap::new(HeapConfig {
-        window: 10_000,
+        window: 25_000,
         grow_step: 4096,
         ..HeapConfig::DEFAULT
     });
     heap.init(&vm).unwrap();
-    let layout = Layout::from_size_align(2000, 8).unwrap();
+    // Past the slabs' largest class: the list's.
+    let layout = Layout::from_size_align(5000, 8).unwrap();
     // SAFETY: non-zero size; every block is freed with its layout.
-    let blocks: Vec<*mut u8> = (0..6).map(|_| unsafe { heap.alloc(layout) }).collect();
+    let blocks: Vec<*mut u8> = (0..5).map(|_| unsafe { heap.alloc(layout) }).collect();
     for &block in &blocks {
         assert!(!block.is_null());
         assert!(heap.owns_small(block), "{block:?} is in the reserved pages");
-        // SAFETY: a live 2000-byte block.
-        unsafe { block.write_bytes(0x77, 2000) };
+        // SAFETY: a live 5000-byte block.
+        unsafe { block.write_bytes(0x77, 5000) };
     }
     let areas = vm.stats().areas;
     for block in blocks {
@@ -348,4 +359,226 @@ fn a_window_that_is_not_a_page_multiple_serves_and_takes_back_every_block() {
     }
     assert_eq!(heap.stats().in_use, 0, "every block came back to the list");
     assert_eq!(vm.stats().areas, areas, "no block went to vfree");
+}
+
+/// A block of the slab model: `len` bytes, every 8-byte word holding `id` (and the
+/// tail bytes its low byte).
+struct Tagged {
+    ptr: *mut u8,
+    layout: Layout,
+    id: u64,
+}
+
+impl Tagged {
+    fn write(&self) {
+        let words = self.layout.size() / 8;
+        // SAFETY: the block is live and `layout.size()` bytes long, aligned to at
+        // least its layout's alignment; words are written unaligned.
+        unsafe {
+            for word in 0..words {
+                self.ptr
+                    .add(word * 8)
+                    .cast::<u64>()
+                    .write_unaligned(self.id);
+            }
+            for byte in words * 8..self.layout.size() {
+                self.ptr.add(byte).write(self.id as u8);
+            }
+        }
+    }
+
+    fn intact(&self) -> bool {
+        let words = self.layout.size() / 8;
+        // SAFETY: as in `write`.
+        unsafe {
+            (0..words).all(|word| self.ptr.add(word * 8).cast::<u64>().read_unaligned() == self.id)
+                && (words * 8..self.layout.size())
+                    .all(|byte| self.ptr.add(byte).read() == self.id as u8)
+        }
+    }
+}
+
+fn slab_layout(rng: &mut Rng) -> Layout {
+    let size = 1 + rng.below(4096) as usize;
+    let align = match rng.below(16) {
+        0 => 1 << rng.below(13),
+        _ => 8,
+    };
+    Layout::from_size_align(size, align).unwrap()
+}
+
+#[test]
+fn a_size_class_never_hands_out_a_block_twice() {
+    let machine = machine(512 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let mut rng = Rng::new(17);
+    let mut live: Vec<Tagged> = Vec::new();
+    // Start address -> end of every live block, to find an overlap at once.
+    let mut spans: BTreeMap<usize, usize> = BTreeMap::new();
+    for id in 0..60_000u64 {
+        // Climbs to 4000 live blocks, then churns there.
+        if live.len() < 4000 && (live.is_empty() || rng.below(4) != 0) {
+            let layout = slab_layout(&mut rng);
+            // SAFETY: a non-zero size.
+            let ptr = unsafe { heap.alloc(layout) };
+            assert!(!ptr.is_null());
+            assert_eq!(ptr as usize % layout.align(), 0, "{layout:?}");
+            let (start, end) = (ptr as usize, ptr as usize + layout.size());
+            let below = spans.range(..=start).next_back();
+            let above = spans.range(start..).next();
+            assert!(
+                below.is_none_or(|(_, &below_end)| below_end <= start)
+                    && above.is_none_or(|(&above_start, _)| end <= above_start),
+                "block {id} at {start:#x}..{end:#x} overlaps a live block"
+            );
+            spans.insert(start, end);
+            let block = Tagged { ptr, layout, id };
+            block.write();
+            live.push(block);
+        } else {
+            let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+            assert!(block.intact(), "block {} was written by another", block.id);
+            spans.remove(&(block.ptr as usize));
+            // SAFETY: the block came from this heap with this layout.
+            unsafe { heap.dealloc(block.ptr, block.layout) };
+        }
+    }
+    assert_eq!(
+        heap.stats().slab_objects,
+        live.len(),
+        "the slabs served every block"
+    );
+    for block in live.drain(..) {
+        assert!(block.intact(), "block {} was written by another", block.id);
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block.ptr, block.layout) };
+    }
+    let stats = heap.stats();
+    assert_eq!((stats.in_use, stats.slab_objects), (0, 0));
+}
+
+#[test]
+fn empty_slabs_go_back_to_vmalloc_and_a_fragmented_heap_keeps_only_its_live_slabs() {
+    let machine = machine(512 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let free_at_start = frames.stats().free;
+    let class = |heap: &KernelHeap, size| {
+        heap.slab_stats()
+            .into_iter()
+            .find(|class| class.size == size)
+            .unwrap()
+    };
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: non-zero size; every block is freed with its layout below.
+    let blocks: Vec<*mut u8> = (0..40_000).map(|_| unsafe { heap.alloc(layout) }).collect();
+    assert!(blocks.iter().all(|block| !block.is_null()));
+    let full = class(&heap, 64);
+    assert_eq!(full.objects, 40_000);
+    // 63 objects of 64 bytes per 4 KiB slab, after its header.
+    assert_eq!(full.slabs, 40_000usize.div_ceil(63));
+
+    // Keep one block in every 10th slab's worth, free the rest: most slabs empty.
+    let mut kept = Vec::new();
+    for (index, &block) in blocks.iter().enumerate() {
+        if index % 630 == 0 {
+            kept.push(block);
+        } else {
+            // SAFETY: as above.
+            unsafe { heap.dealloc(block, layout) };
+        }
+    }
+    // Bursts in another class move the heap's clock: the 64-byte class's empty slabs
+    // age past the decay and go back, though the class itself is idle.
+    let other = Layout::from_size_align(128, 8).unwrap();
+    for _ in 0..20 {
+        // SAFETY: non-zero size; freed with the same layout.
+        let burst: Vec<*mut u8> = (0..2000).map(|_| unsafe { heap.alloc(other) }).collect();
+        for block in burst {
+            // SAFETY: as above.
+            unsafe { heap.dealloc(block, other) };
+        }
+    }
+    let aged = class(&heap, 64);
+    assert_eq!(aged.objects, kept.len());
+    // Each live or magazine object may pin a slab, plus what the empty budget keeps.
+    let budget_slabs = vmalloc::heap::slab::EMPTY_BUDGET / 4096;
+    assert!(
+        aged.slabs <= kept.len() + aged.cached + budget_slabs,
+        "{} slabs for {} live objects and {} in the magazine",
+        aged.slabs,
+        kept.len(),
+        aged.cached
+    );
+    heap.shrink();
+    assert_eq!(
+        class(&heap, 64).slabs,
+        kept.len(),
+        "after shrink, exactly the slabs with a live object stay"
+    );
+    for block in kept {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block, layout) };
+    }
+    heap.shrink();
+    vm.purge();
+    let stats = heap.stats();
+    assert_eq!(stats.slab_bytes, 0);
+    assert_eq!(
+        vm.stats().data_frames,
+        stats.mapped as u64 / PAGE_SIZE,
+        "every data frame of the slabs came back"
+    );
+    // The rest is the manager's own page tables and bookkeeping.
+    let vm_own = vm.stats().page_table_frames + vm.stats().bookkeeping_frames;
+    assert!(free_at_start - frames.stats().free <= vm_own);
+}
+
+#[test]
+fn two_threads_share_the_size_classes() {
+    let machine = machine(512 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    std::thread::scope(|scope| {
+        for seed in [1, 2] {
+            let heap = &heap;
+            scope.spawn(move || {
+                let mut rng = Rng::new(seed);
+                let mut live: Vec<Tagged> = Vec::new();
+                for id in 0..20_000u64 {
+                    if live.len() < 500 && rng.below(2) == 0 {
+                        let layout = slab_layout(&mut rng);
+                        // SAFETY: a non-zero size.
+                        let ptr = unsafe { heap.alloc(layout) };
+                        assert!(!ptr.is_null());
+                        let block = Tagged {
+                            ptr,
+                            layout,
+                            id: id << 1 | seed,
+                        };
+                        block.write();
+                        live.push(block);
+                    } else if !live.is_empty() {
+                        let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+                        assert!(block.intact(), "a block was written by another");
+                        // SAFETY: the block came from this heap with this layout.
+                        unsafe { heap.dealloc(block.ptr, block.layout) };
+                    }
+                }
+                for block in live {
+                    assert!(block.intact());
+                    // SAFETY: as above.
+                    unsafe { heap.dealloc(block.ptr, block.layout) };
+                }
+            });
+        }
+    });
+    assert_eq!(heap.stats().in_use, 0);
 }

@@ -463,9 +463,10 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
     assert_eq!(vm.vfree_atomic(0x1000 as *mut u8), Err(Error::NotInRegion));
 }
 
-/// The manager as the kernel heap sees it, except that `populate` (which the heap
-/// calls with its lock held) first shoots down every CPU, as a purge under memory
-/// pressure would from inside the call.
+/// The manager as the kernel heap sees it, except that the calls that map memory
+/// (which the heap makes with a lock held: a slab class's for `vmalloc_with`, the list
+/// heap's for `populate`) first shoot down every CPU, as a purge under memory pressure
+/// would from inside the call.
 struct ShootsWhilePopulating<'a> {
     vm: &'a dyn VmallocOps,
     tlb: &'static Tlb,
@@ -475,6 +476,8 @@ struct ShootsWhilePopulating<'a> {
 // SAFETY: every call forwards to a manager; the shootdown changes no mapping.
 unsafe impl VmallocOps for ShootsWhilePopulating<'_> {
     fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        self.inside.store(true, Ordering::Release);
+        self.tlb.flush_all();
         self.vm.vmalloc_with(size, options)
     }
     fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
@@ -515,48 +518,55 @@ fn a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started() {
     // A hang is the failure: a watchdog turns it into a panic.
     let (done, finished) = std::sync::mpsc::channel();
     thread::spawn(move || {
-        let vm = manager(machine, frames, tlb, config);
-        let inside = AtomicBool::new(false);
-        let ops = ShootsWhilePopulating {
-            vm: &vm,
-            tlb,
-            inside: &inside,
-        };
-        let heap = KernelHeap::new(HeapConfig {
-            window: 16 << 20,
-            ..HeapConfig::DEFAULT
-        });
-        heap.init(&ops).unwrap();
-        let layout = Layout::from_size_align(64, 8).unwrap();
-        thread::scope(|scope| {
-            let cpu1 = machine.cpu(1);
-            let (heap, inside) = (&heap, &inside);
-            scope.spawn(move || {
-                cpu1.enter();
-                // Interrupts off: this CPU takes no IPI, it only serves while it waits.
-                while !inside.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
-                }
-                // SAFETY: a valid layout; the block is freed with it.
+        // A slab-sized block (the class's lock) and a list-sized one (the list's).
+        for size in [64, 5000] {
+            machine.cpu(1).go_online();
+            let vm = manager(machine, frames, tlb, config);
+            let inside = AtomicBool::new(false);
+            let ops = ShootsWhilePopulating {
+                vm: &vm,
+                tlb,
+                inside: &inside,
+            };
+            let heap = KernelHeap::new(HeapConfig {
+                window: 16 << 20,
+                ..HeapConfig::DEFAULT
+            });
+            heap.init(&ops).unwrap();
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            thread::scope(|scope| {
+                let cpu1 = machine.cpu(1);
+                let (heap, inside) = (&heap, &inside);
+                scope.spawn(move || {
+                    cpu1.enter();
+                    // Interrupts off: this CPU takes no IPI, it only serves while it waits.
+                    while !inside.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    // SAFETY: a valid layout; the block is freed with it.
+                    unsafe {
+                        let block = heap.alloc(layout);
+                        assert!(!block.is_null());
+                        heap.dealloc(block, layout);
+                    }
+                });
+                machine.cpu(0).enter();
+                // The first block of its kind maps memory under the heap's lock.
+                // SAFETY: as above.
                 unsafe {
                     let block = heap.alloc(layout);
                     assert!(!block.is_null());
                     heap.dealloc(block, layout);
                 }
             });
-            machine.cpu(0).enter();
-            // The first small block grows the heap: `populate` under the heap's lock.
-            // SAFETY: as above.
-            unsafe {
-                let block = heap.alloc(layout);
-                assert!(!block.is_null());
-                heap.dealloc(block, layout);
-            }
-        });
+            // CPU 1's thread is gone: it leaves, so dropping the manager (which
+            // shoots down) does not wait for it.
+            machine.cpu(1).go_offline();
+        }
         done.send(tlb.stats()).unwrap();
     });
     let stats = finished
         .recv_timeout(std::time::Duration::from_secs(120))
         .expect("deadlock: CPU 1 waited for the heap lock without serving the shootdown");
-    assert!(stats.ipis > 0 && stats.served > 0);
+    assert!(stats.ipis >= 2 && stats.served >= 2);
 }

@@ -603,8 +603,9 @@ fn ioremap_refuses_ram() -> Outcome {
     )
 }
 
-/// The `#[global_allocator]` is the library's heap: collections work, and a
-/// multi-MiB `Vec` lives in its own vmalloc area, grows through `vrealloc`, and gives
+/// The `#[global_allocator]` is the library's heap: collections work (their small
+/// blocks from its slabs, a 4000-byte `Vec` from a slab, an 8000-byte one from the list
+/// heap's window), and a multi-MiB `Vec` lives in its own vmalloc area, grows through `vrealloc`, and gives
 /// every frame back when dropped and purged.
 pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
     let numbers: Vec<u32> = (0..1000).collect();
@@ -625,17 +626,27 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
         text.len() == 450 && text.starts_with("even odd "),
         "String content wrong",
     )?;
+    let slab_objects = mm::HEAP.stats().slab_objects;
+    let (in_slab, in_list) = (
+        Vec::<u8>::with_capacity(4000),
+        Vec::<u8>::with_capacity(8000),
+    );
     ensure(
-        mm::HEAP.owns_small(numbers.as_ptr().cast()),
-        "small Vec not in the heap window",
+        mm::HEAP.stats().slab_objects == slab_objects + 1 && !mm::HEAP.owns_small(in_slab.as_ptr()),
+        "a 4000-byte Vec did not come from a slab",
     )?;
+    ensure(
+        mm::HEAP.owns_small(in_list.as_ptr()),
+        "an 8000-byte Vec not in the heap window",
+    )?;
+    drop((in_slab, in_list));
 
     let vm = mm::vmalloc();
     // Nothing pending: the purge below returns the Vec's frames alone.
     vm.purge();
     let free_before = mm::frames().stats().free;
     let held_before = held_by_manager();
-    let mapped_before = mm::HEAP.stats().mapped;
+    let heap_before = mm::HEAP.stats();
     let large_before = mm::HEAP.stats().large_blocks;
     let mut large: Vec<u64> = (0..(4 * MIB / 8) as u64).collect();
     ensure(
@@ -660,9 +671,12 @@ pub fn heap_global_alloc(_ctx: &mut Ctx) -> Outcome {
     drop(large);
     vm.purge();
     // Every frame is back but those the manager's tables and bookkeeping, or the
-    // small heap's window, grew by (either may also shrink: signed arithmetic).
-    let grown = held_by_manager() as i64 - held_before as i64
-        + (mm::HEAP.stats().mapped as i64 - mapped_before as i64) / PAGE as i64;
+    // list heap's window and the slabs, grew by (any may also shrink: signed
+    // arithmetic).
+    let heap_after = mm::HEAP.stats();
+    let heap_grown = (heap_after.mapped + heap_after.slab_bytes) as i64
+        - (heap_before.mapped + heap_before.slab_bytes) as i64;
+    let grown = held_by_manager() as i64 - held_before as i64 + heap_grown / PAGE as i64;
     let leaked = free_before as i64 - grown - mm::frames().stats().free as i64;
     ensure(intact, "Vec content changed when it grew to 8 MiB")?;
     ensure(

@@ -1,26 +1,35 @@
 //! A kernel heap (`GlobalAlloc`) on top of vmalloc.
 //!
-//! Two paths, chosen by size:
+//! Three paths, chosen by the layout:
 //!
-//! - Small requests come from a `linked_list_allocator::Heap` whose memory is a
-//!   virtual *window* reserved once in the vmalloc region and backed by frames only as
-//!   the heap grows: when the list runs dry, the next pages of the window are mapped
-//!   ([`Vmalloc::populate`]) and handed to `Heap::extend`. Pages stay mapped once the
-//!   heap has grown (the high-water mark), as a kernel's `brk`-style heap does.
+//! - Blocks up to [`HeapConfig::slab_max`] bytes (a page by default) come from
+//!   size-class [slabs](slab): constant time however fragmented the heap is, and
+//!   emptied slabs go back to vmalloc.
+//! - Other requests below [`HeapConfig::large_threshold`] come from a
+//!   `linked_list_allocator::Heap` whose memory is a virtual *window* reserved once in
+//!   the vmalloc region and backed by frames only as the heap grows: when the list runs
+//!   dry, the next pages of the window are mapped ([`Vmalloc::populate`]) and handed to
+//!   `Heap::extend`. Pages stay mapped once the heap has grown (the high-water mark),
+//!   as a kernel's `brk`-style heap does.
 //! - Requests of at least [`HeapConfig::large_threshold`] bytes, or aligned beyond a
 //!   page, go straight to `vmalloc` with the requested alignment, so big buffers never
 //!   fragment the list, and growing one is a `vrealloc` that remaps instead of copying.
 //!
-//! `dealloc` and `realloc` tell the paths apart by address: a block inside the window
-//! is the list's, anything else is a vmalloc area. When the window is full, small
-//! requests fall back to vmalloc too, so running past the window only fails when
-//! vmalloc itself fails; failure is a null pointer, never a panic.
+//! `dealloc` and `realloc` tell the paths apart by address and layout: a block inside
+//! the window is the list's (a slab-sized request falls back to the list when no slab
+//! can be made), a slab-sized layout outside it is a slab object, anything else is a
+//! vmalloc area. When the window is full, list-sized requests fall back to vmalloc
+//! too, so running past the window only fails when vmalloc itself fails; failure is a
+//! null pointer, never a panic.
 //!
 //! The heap and the vmalloc manager have separate locks, always taken in that order
-//! (heap, then manager, then frame allocator), and the manager never allocates from
-//! the heap, so the heap can back a kernel's `#[global_allocator]`.
+//! (a slab class or the list, then the manager, then the frame allocator), and the
+//! manager never allocates from the heap, so the heap can back a kernel's
+//! `#[global_allocator]`.
 //!
 //! [`Vmalloc::populate`]: crate::vmalloc::Vmalloc::populate
+
+pub mod slab;
 
 use crate::vmalloc::{VmOptions, VmallocOps};
 use crate::{Error, PAGE_SIZE};
@@ -28,24 +37,30 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use linked_list_allocator::Heap;
+use slab::{SlabClassStats, Slabs};
 
 /// Sizes that shape a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapConfig {
-    /// Bytes of virtual space reserved for the small-object heap.
+    /// Bytes of virtual space reserved for the list heap.
     pub window: usize,
     /// Requests of at least this many bytes go straight to vmalloc.
     pub large_threshold: usize,
-    /// The least the small heap grows by, in bytes (rounded up to pages).
+    /// The least the list heap grows by, in bytes (rounded up to pages).
     pub grow_step: usize,
+    /// Requests up to this many bytes (and [`slab::MAX_OBJECT`] at most) come from
+    /// the slabs; 0 turns them off.
+    pub slab_max: usize,
 }
 
 impl HeapConfig {
-    /// A 1 GiB window, requests from 16 KiB (four pages) to vmalloc, 64 KiB growth.
+    /// A 1 GiB window, slabs up to a page, requests from 16 KiB (four pages) to
+    /// vmalloc, 64 KiB growth.
     pub const DEFAULT: HeapConfig = HeapConfig {
         window: 1 << 30,
         large_threshold: 4 * PAGE_SIZE as usize,
         grow_step: 16 * PAGE_SIZE as usize,
+        slab_max: slab::MAX_OBJECT,
     };
 }
 
@@ -58,10 +73,15 @@ impl Default for HeapConfig {
 /// Counters of a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeapStats {
-    /// Bytes of the window backed by frames (the small heap's high-water mark).
+    /// Bytes of the window backed by frames (the list heap's high-water mark).
     pub mapped: usize,
-    /// Bytes of the small heap handed out (as `linked_list_allocator` counts them).
+    /// Bytes handed out by the list heap (as `linked_list_allocator` counts them) and
+    /// the slabs (whole objects).
     pub in_use: usize,
+    /// Slab objects handed out and not freed.
+    pub slab_objects: usize,
+    /// Bytes of frames the slabs hold (per class: [`KernelHeap::slab_stats`]).
+    pub slab_bytes: usize,
     /// Blocks living in their own vmalloc areas.
     pub large_blocks: usize,
     /// Bytes requested for those blocks.
@@ -101,43 +121,67 @@ pub struct HeapStats {
 /// unsafe {
 ///     let block = heap.alloc(layout);
 ///     block.write_bytes(7, 100);
-///     assert!(heap.owns_small(block));
+///     assert_eq!(heap.stats().slab_objects, 1);
 ///     heap.dealloc(block, layout);
 /// }
 /// assert_eq!(heap.stats().in_use, 0);
 /// # Ok::<(), vmalloc::Error>(())
 /// ```
 pub struct KernelHeap<'a> {
-    vmalloc: spin::Once<&'a dyn VmallocOps>,
-    small: spin::Mutex<SmallHeap>,
+    backing: spin::Once<Backing<'a>>,
+    list: spin::Mutex<ListHeap>,
+    slabs: Slabs,
     config: HeapConfig,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
 }
 
-/// The list heap and the window it lives in.
-struct SmallHeap {
-    list: Heap,
+/// What [`KernelHeap::init`] sets once.
+struct Backing<'a> {
+    vmalloc: &'a dyn VmallocOps,
+    /// The list heap's window: start and length in bytes (whole pages).
     window: usize,
     window_len: usize,
+}
+
+/// The list heap and how much of its window is mapped.
+struct ListHeap {
+    list: Heap,
     mapped: usize,
 }
 
 // SAFETY: the list heap's raw pointers point into the window, which belongs to this
 // heap alone; they are only used with the lock held.
-unsafe impl Send for SmallHeap {}
+unsafe impl Send for ListHeap {}
+
+/// Locks `mutex`, serving flush requests while it waits: the holder may be in a
+/// vmalloc call that waits for this CPU's TLB flush (a shootdown), and a waiter with
+/// interrupts disabled would otherwise never answer ([`VmallocOps::relax`]).
+fn lock_relaxed<'m, T>(
+    mutex: &'m spin::Mutex<T>,
+    vmalloc: Option<&dyn VmallocOps>,
+) -> spin::MutexGuard<'m, T> {
+    loop {
+        if let Some(guard) = mutex.try_lock() {
+            return guard;
+        }
+        match vmalloc {
+            Some(vmalloc) => vmalloc.relax(),
+            None => core::hint::spin_loop(),
+        }
+    }
+}
 
 impl<'a> KernelHeap<'a> {
     /// A heap that serves nothing until [`init`](Self::init); `const`, for a `static`.
     pub const fn new(config: HeapConfig) -> Self {
         Self {
-            vmalloc: spin::Once::new(),
-            small: spin::Mutex::new(SmallHeap {
+            backing: spin::Once::new(),
+            list: spin::Mutex::new(ListHeap {
                 list: Heap::empty(),
-                window: 0,
-                window_len: 0,
                 mapped: 0,
             }),
+            slabs: Slabs::new(),
             config,
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
@@ -151,8 +195,9 @@ impl<'a> KernelHeap<'a> {
     /// [`Error::Overlap`] if the heap was initialised already; whatever
     /// [`Vmalloc::reserve`](crate::vmalloc::Vmalloc::reserve) returns.
     pub fn init(&self, vmalloc: &'a dyn VmallocOps) -> Result<(), Error> {
-        let mut small = self.lock_small();
-        if self.vmalloc.is_completed() {
+        // The list's lock keeps two `init`s from both reserving.
+        let _list = self.list.lock();
+        if self.backing.is_completed() {
             return Err(Error::Overlap);
         }
         let options = VmOptions {
@@ -160,11 +205,13 @@ impl<'a> KernelHeap<'a> {
             ..VmOptions::default()
         };
         let window = vmalloc.reserve(self.config.window, &options)?;
-        small.window = window.as_ptr() as usize;
-        // The reservation is whole pages, and so is what `populate` backs: blocks
-        // past a window size that is not a page multiple are still the list's.
-        small.window_len = self.config.window.next_multiple_of(PAGE_SIZE as usize);
-        self.vmalloc.call_once(|| vmalloc);
+        self.backing.call_once(|| Backing {
+            vmalloc,
+            window: window.as_ptr() as usize,
+            // The reservation is whole pages, and so is what `populate` backs: blocks
+            // past a window size that is not a page multiple are still the list's.
+            window_len: self.config.window.next_multiple_of(PAGE_SIZE as usize),
+        });
         Ok(())
     }
 
@@ -173,55 +220,69 @@ impl<'a> KernelHeap<'a> {
         &self.config
     }
 
-    /// Counters of both paths.
+    /// Counters of every path.
     pub fn stats(&self) -> HeapStats {
-        let small = self.lock_small();
+        let vmalloc = self.backing.get().map(|backing| backing.vmalloc);
+        let (mapped, list_in_use) = {
+            let list = lock_relaxed(&self.list, vmalloc);
+            (list.mapped, list.list.used())
+        };
+        let classes = self.slab_stats();
+        let sum = |count: fn(&SlabClassStats) -> usize| classes.iter().map(count).sum::<usize>();
         HeapStats {
-            mapped: small.mapped,
-            in_use: small.list.used(),
+            mapped,
+            in_use: list_in_use + sum(|class| class.objects * class.size),
+            slab_objects: sum(|class| class.objects),
+            slab_bytes: sum(|class| class.bytes),
             large_blocks: self.large_blocks.load(Ordering::Relaxed),
             large_bytes: self.large_bytes.load(Ordering::Relaxed),
         }
     }
 
-    /// Whether `ptr` lies in the small heap's window.
-    pub fn owns_small(&self, ptr: *const u8) -> bool {
-        let small = self.lock_small();
-        (ptr as usize).wrapping_sub(small.window) < small.window_len
+    /// Counters of each slab size class.
+    pub fn slab_stats(&self) -> [SlabClassStats; slab::CLASSES] {
+        self.slabs.stats()
     }
 
-    /// The small heap, locked. Its holder may be in a vmalloc call that waits for this
-    /// CPU's TLB flush (a shootdown), so a waiter serves flush requests while it spins
-    /// ([`VmallocOps::relax`]): with interrupts disabled it would otherwise never
-    /// answer, and both CPUs would wait forever.
-    fn lock_small(&self) -> spin::MutexGuard<'_, SmallHeap> {
-        loop {
-            if let Some(guard) = self.small.try_lock() {
-                return guard;
-            }
-            match self.vmalloc.get() {
-                Some(vmalloc) => vmalloc.relax(),
-                None => core::hint::spin_loop(),
-            }
+    /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the
+    /// heap otherwise keeps up to [`slab::EMPTY_BUDGET`] bytes of them.
+    pub fn shrink(&self) {
+        if let Some(backing) = self.backing.get() {
+            self.slabs.shrink(backing.vmalloc);
         }
+    }
+
+    /// Whether `ptr` lies in the list heap's window.
+    pub fn owns_small(&self, ptr: *const u8) -> bool {
+        self.backing
+            .get()
+            .is_some_and(|backing| (ptr as usize).wrapping_sub(backing.window) < backing.window_len)
     }
 
     fn is_large(&self, layout: Layout) -> bool {
         layout.size() >= self.config.large_threshold || layout.align() > PAGE_SIZE as usize
     }
 
-    fn alloc_small(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let vmalloc = *self.vmalloc.get()?;
-        let mut small = self.lock_small();
-        if let Ok(block) = small.list.allocate_first_fit(layout) {
+    /// The slab class that serves `layout`, if the slabs serve it.
+    fn slab_class(&self, layout: Layout) -> Option<usize> {
+        if layout.size() > self.config.slab_max || self.is_large(layout) {
+            return None;
+        }
+        slab::class_for(layout)
+    }
+
+    fn alloc_list(&self, layout: Layout) -> Option<NonNull<u8>> {
+        let backing = self.backing.get()?;
+        let mut list = lock_relaxed(&self.list, Some(backing.vmalloc));
+        if let Ok(block) = list.list.allocate_first_fit(layout) {
             return Some(block);
         }
-        small.grow(vmalloc, layout, self.config.grow_step).ok()?;
-        small.list.allocate_first_fit(layout).ok()
+        list.grow(backing, layout, self.config.grow_step).ok()?;
+        list.list.allocate_first_fit(layout).ok()
     }
 
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let vmalloc = *self.vmalloc.get()?;
+        let vmalloc = self.backing.get()?.vmalloc;
         let options = VmOptions {
             align: layout.align() as u64,
             tag: "kernel heap large",
@@ -235,35 +296,43 @@ impl<'a> KernelHeap<'a> {
 
     fn allocate(&self, layout: Layout) -> Option<NonNull<u8>> {
         if self.is_large(layout) {
-            self.alloc_large(layout)
-        } else {
-            self.alloc_small(layout)
-                .or_else(|| self.alloc_large(layout))
+            return self.alloc_large(layout);
         }
+        if let Some(class) = self.slab_class(layout) {
+            // Not to vmalloc: `deallocate` takes a slab-sized block outside the window
+            // for a slab object.
+            let vmalloc = self.backing.get()?.vmalloc;
+            return self
+                .slabs
+                .alloc(class, vmalloc)
+                .or_else(|| self.alloc_list(layout));
+        }
+        self.alloc_list(layout).or_else(|| self.alloc_large(layout))
     }
 
     /// # Safety
     ///
     /// `ptr` was returned by `allocate` with `layout` and is not used afterwards.
     unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
-        let mut small = self.lock_small();
-        if (ptr as usize).wrapping_sub(small.window) < small.window_len {
-            // SAFETY: the block came from the list heap with this layout (caller).
-            unsafe { small.list.deallocate(NonNull::new_unchecked(ptr), layout) };
-            return;
-        }
-        drop(small);
-        let Some(vmalloc) = self.vmalloc.get() else {
+        let Some(backing) = self.backing.get() else {
             return;
         };
-        if vmalloc.vfree(ptr).is_ok() {
+        if self.owns_small(ptr) {
+            let mut list = lock_relaxed(&self.list, Some(backing.vmalloc));
+            // SAFETY: the block came from the list heap with this layout (caller).
+            unsafe { list.list.deallocate(NonNull::new_unchecked(ptr), layout) };
+        } else if let Some(class) = self.slab_class(layout) {
+            // SAFETY: a slab-sized block outside the window is a slab object of this
+            // layout's class (caller, and `allocate`'s routing).
+            unsafe { self.slabs.free(class, ptr, backing.vmalloc) };
+        } else if backing.vmalloc.vfree(ptr).is_ok() {
             self.large_blocks.fetch_sub(1, Ordering::Relaxed);
             self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
         }
     }
 
-    /// Linux's `kvmalloc`: `size` bytes from the small heap if they fit, else from
-    /// vmalloc. Free with [`kvfree`](Self::kvfree), which needs no size.
+    /// Linux's `kvmalloc`: `size` bytes from the slabs or the list heap if they fit,
+    /// else from vmalloc. Free with [`kvfree`](Self::kvfree), which needs no size.
     pub fn kvmalloc(&self, size: usize) -> Option<NonNull<u8>> {
         let total = size.checked_add(KV_HEADER)?;
         let layout = Layout::from_size_align(total, KV_HEADER).ok()?;
@@ -293,23 +362,25 @@ impl<'a> KernelHeap<'a> {
 /// Bytes `kvmalloc` keeps before each block for its size (and the alignment it gives).
 const KV_HEADER: usize = 16;
 
-impl SmallHeap {
+impl ListHeap {
     /// Maps enough of the window for `layout` (at least `step` bytes) and hands the
     /// new pages to the list heap.
-    fn grow(&mut self, vmalloc: &dyn VmallocOps, layout: Layout, step: usize) -> Result<(), Error> {
+    fn grow(&mut self, backing: &Backing<'_>, layout: Layout, step: usize) -> Result<(), Error> {
         let need = layout.size() + layout.align() + 4 * core::mem::size_of::<usize>();
         let target = self
             .mapped
             .saturating_add(need.max(step))
-            .min(self.window_len);
+            .min(backing.window_len);
         if target <= self.mapped {
             return Err(Error::OutOfVirtualSpace);
         }
-        let backed = vmalloc.populate(self.window as *mut u8, target)?;
+        let backed = backing
+            .vmalloc
+            .populate(backing.window as *mut u8, target)?;
         if self.mapped == 0 {
             // SAFETY: `backed` bytes from the window start are mapped read-write and
             // belong to this heap alone.
-            unsafe { self.list.init(self.window as *mut u8, backed) };
+            unsafe { self.list.init(backing.window as *mut u8, backed) };
         } else {
             // SAFETY: the bytes between the old and the new top are freshly mapped
             // and contiguous with the heap.
@@ -320,8 +391,9 @@ impl SmallHeap {
     }
 }
 
-// SAFETY: blocks come from the list heap or from their own vmalloc areas, both
-// mapped read-write and handed out once; `dealloc` routes each back by address.
+// SAFETY: blocks come from slabs, the list heap or their own vmalloc areas, all
+// mapped read-write and handed out once; `dealloc` routes each back by address and
+// layout as `allocate` chose.
 unsafe impl GlobalAlloc for KernelHeap<'_> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.allocate(layout)
@@ -334,23 +406,28 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let large_block = !self.owns_small(ptr);
-        if let Some(vmalloc) = self.vmalloc.get()
-            && large_block
-            && new_size >= self.config.large_threshold
-        {
-            // The frames are remapped, not copied.
-            return match vmalloc.vrealloc(ptr, new_size) {
-                Ok(moved) => {
-                    self.large_bytes.fetch_add(new_size, Ordering::Relaxed);
-                    self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
-                    moved.as_ptr()
-                }
-                Err(_) => ptr::null_mut(),
-            };
-        }
         // SAFETY: GlobalAlloc's contract: `new_size` is valid for `layout.align()`.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !self.owns_small(ptr) {
+            if let Some(class) = self.slab_class(layout) {
+                if self.slab_class(new_layout) == Some(class) {
+                    // The object already holds `new_size` bytes.
+                    return ptr;
+                }
+            } else if let Some(backing) = self.backing.get()
+                && new_size >= self.config.large_threshold
+            {
+                // A large block: the frames are remapped, not copied.
+                return match backing.vmalloc.vrealloc(ptr, new_size) {
+                    Ok(moved) => {
+                        self.large_bytes.fetch_add(new_size, Ordering::Relaxed);
+                        self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
+                        moved.as_ptr()
+                    }
+                    Err(_) => ptr::null_mut(),
+                };
+            }
+        }
         let Some(moved) = self.allocate(new_layout) else {
             return ptr::null_mut();
         };

@@ -1,0 +1,620 @@
+//! Size-class slabs in front of the list heap: allocation and free of blocks up to
+//! [`MAX_OBJECT`] bytes in constant time, however fragmented the heap is.
+//!
+//! A first-fit list walks every hole before the one that fits, so once a heap has
+//! fragmented into thousands of holes, each allocation costs thousands of steps.
+//! Slabs cannot fragment that way: a size class hands out objects of one size, so any
+//! free object of the class fits any request of it. The design is Linux's SLUB:
+//!
+//! - A *slab* is one vmalloc area, aligned to its size, so the slab an object lives in
+//!   is its address rounded down: one page for classes up to 128 bytes, 4 pages up to
+//!   1 KiB, 8 above, so the header and the tail waste at most an eighth. The slab's
+//!   first bytes hold its header; objects follow, each aligned to the largest power of
+//!   two dividing the class size, up to a page (a power-of-two class is naturally
+//!   aligned, as `kmalloc` promises).
+//! - Freed objects form a list threaded through themselves, one per slab; objects
+//!   never handed out are counted by a bump index, so a new slab costs no pass over
+//!   its memory.
+//! - Each class keeps the slabs that have both free and used objects on a doubly
+//!   linked *partial* list and allocates from its head. A slab leaves the list when it
+//!   fills and joins it again at its first free.
+//! - A slab whose objects are all free moves to the class's *empty* list, reused
+//!   before a new slab is made.
+//!
+//! In front of each class's slabs sits a *magazine* (Bonwick's word): a stack of
+//! freed objects (up to 32, and about 8 KiB of them) that the next allocations take
+//! first. A free then touches neither the object nor its slab, and a heap whose frees
+//! and allocations alternate, as a running kernel's do, rarely reaches the slabs at
+//! all. A magazine that fills gives half back to the slabs, one that empties takes half
+//! a magazine from them. When the class's last object in use comes back, the magazine
+//! goes back whole, so its slabs can empty.
+//!
+//! Empty slabs wait on their class's empty list. While they fit in [`EMPTY_BUDGET`]
+//! they stay; past it, each goes back to vmalloc once the heap has flushed
+//! `EMPTY_DECAY` (1024) magazines since it emptied (checked at its class's flushes, and
+//! one other class's at each flush). So a heap that frees everything and allocates it
+//! again, a common pattern, reuses its slabs instead of remapping them, and a heap that
+//! shrank for good gives its frames back as it keeps working.
+//! [`KernelHeap::shrink`](super::KernelHeap::shrink) gives everything idle back at
+//! once, and an allocation that cannot make a slab calls it before it fails.
+//!
+//! Each class has its own lock, held across the vmalloc call that makes or frees a
+//! slab (class, then manager: the manager never allocates from the heap).
+
+use super::lock_relaxed;
+use crate::PAGE_SIZE;
+use crate::vmalloc::{VmOptions, VmallocOps};
+use core::alloc::Layout;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// The largest block the slabs serve; larger ones go to the list heap or vmalloc.
+pub const MAX_OBJECT: usize = PAGE_SIZE as usize;
+
+/// The class sizes: four per power of two, so a block wastes at most 20% of its
+/// object (6% on average for sizes spread evenly).
+pub const CLASS_SIZES: [usize; CLASSES] = [
+    16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+    1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096,
+];
+
+/// How many size classes there are.
+pub const CLASSES: usize = 28;
+
+/// Bytes of empty slabs the heap keeps, over all classes, before it frees them.
+pub const EMPTY_BUDGET: usize = 8 * PAGE_SIZE as usize;
+
+/// The shape of one class's slabs.
+#[derive(Clone, Copy)]
+struct Geometry {
+    size: usize,
+    /// Alignment every object of the class has.
+    align: usize,
+    /// Bytes of a slab (its alignment too).
+    slab_bytes: usize,
+    /// Offset of the first object: the header, rounded up to `align`.
+    first: usize,
+    /// Objects per slab.
+    capacity: u32,
+    /// Objects the class's magazine holds: up to [`MAGAZINE`], about 8 KiB of them.
+    magazine: usize,
+}
+
+const fn geometry(size: usize) -> Geometry {
+    let align = 1 << size.trailing_zeros();
+    let align = if align > MAX_OBJECT {
+        MAX_OBJECT
+    } else {
+        align
+    };
+    let slab_bytes = if size <= 128 {
+        PAGE_SIZE as usize
+    } else if size <= 1024 {
+        4 * PAGE_SIZE as usize
+    } else {
+        8 * PAGE_SIZE as usize
+    };
+    let first = core::mem::size_of::<SlabHeader>().next_multiple_of(align);
+    Geometry {
+        size,
+        align,
+        slab_bytes,
+        first,
+        capacity: ((slab_bytes - first) / size) as u32,
+        magazine: {
+            let fit = 8192 / size;
+            if fit > MAGAZINE {
+                MAGAZINE
+            } else if fit < 4 {
+                4
+            } else {
+                fit
+            }
+        },
+    }
+}
+
+const GEOMETRY: [Geometry; CLASSES] = {
+    let mut table = [geometry(16); CLASSES];
+    let mut class = 0;
+    while class < CLASSES {
+        table[class] = geometry(CLASS_SIZES[class]);
+        class += 1;
+    }
+    table
+};
+
+/// The smallest class whose size is at least `16 * i` bytes.
+const SIZE_TO_CLASS: [u8; MAX_OBJECT / 16 + 1] = {
+    let mut table = [0u8; MAX_OBJECT / 16 + 1];
+    let (mut step, mut class) = (0, 0);
+    while step < table.len() {
+        while CLASS_SIZES[class] < step * 16 {
+            class += 1;
+        }
+        table[step] = class as u8;
+        step += 1;
+    }
+    table
+};
+
+/// The class that serves `layout`, if any: the smallest at least as large and as
+/// aligned.
+pub fn class_for(layout: Layout) -> Option<usize> {
+    let size = layout.size();
+    if size > MAX_OBJECT || layout.align() > MAX_OBJECT {
+        return None;
+    }
+    let mut class = usize::from(*SIZE_TO_CLASS.get(size.div_ceil(16))?);
+    // The last class is page-aligned, so the walk stops there at the latest.
+    while class + 1 < CLASSES && GEOMETRY[class].align < layout.align() {
+        class += 1;
+    }
+    Some(class)
+}
+
+/// Which list a slab is on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// Full: on no list (found again through its objects' addresses).
+    Nowhere,
+    Partial,
+    Empty,
+}
+
+/// The start of a slab.
+#[repr(C)]
+struct SlabHeader {
+    /// Freed objects, threaded through their first word.
+    free: *mut FreeObject,
+    /// Neighbours on the list the slab is on (null at its ends).
+    next: *mut SlabHeader,
+    prev: *mut SlabHeader,
+    /// Objects `0..bump` have been handed out at least once.
+    bump: u32,
+    /// Objects handed out and not freed.
+    in_use: u32,
+    listed: Listed,
+    /// The heap's flush count when the slab became empty.
+    emptied: u64,
+}
+
+struct FreeObject {
+    next: *mut FreeObject,
+}
+
+/// A doubly linked list of slabs, threaded through their headers.
+struct SlabList {
+    head: *mut SlabHeader,
+    tail: *mut SlabHeader,
+    which: Listed,
+}
+
+impl SlabList {
+    const fn new(which: Listed) -> Self {
+        Self {
+            head: ptr::null_mut(),
+            tail: ptr::null_mut(),
+            which,
+        }
+    }
+
+    /// Puts `slab` at the head.
+    ///
+    /// # Safety
+    ///
+    /// `slab` is a live slab of this list's class, on no list.
+    unsafe fn push(&mut self, slab: *mut SlabHeader) {
+        // SAFETY: live slabs of this class (caller); the class's lock is held.
+        unsafe {
+            (*slab).prev = ptr::null_mut();
+            (*slab).next = self.head;
+            match self.head.as_mut() {
+                Some(head) => head.prev = slab,
+                None => self.tail = slab,
+            }
+            (*slab).listed = self.which;
+        }
+        self.head = slab;
+    }
+
+    /// Takes `slab` off the list.
+    ///
+    /// # Safety
+    ///
+    /// `slab` is a live slab of this list's class, on this list.
+    unsafe fn unlink(&mut self, slab: *mut SlabHeader) {
+        // SAFETY: `slab` and its neighbours are live slabs on this list (caller).
+        unsafe {
+            let SlabHeader { next, prev, .. } = *slab;
+            match prev.as_mut() {
+                Some(prev) => prev.next = next,
+                None => self.head = next,
+            }
+            match next.as_mut() {
+                Some(next) => next.prev = prev,
+                None => self.tail = prev,
+            }
+            (*slab).listed = Listed::Nowhere;
+        }
+    }
+}
+
+/// The most objects a class keeps freed in its magazine.
+const MAGAZINE: usize = 32;
+
+/// Magazine flushes (over the whole heap) an empty slab past [`EMPTY_BUDGET`] waits
+/// before it goes back to vmalloc: more than a heap that frees everything does while
+/// it frees, so one that then allocates it all again finds its slabs still there.
+const EMPTY_DECAY: u64 = 1024;
+
+/// One class's slabs and its magazine.
+struct Class {
+    /// Slabs with both free and used objects; allocation takes from the head.
+    partial: SlabList,
+    /// Slabs with no object in use, the last emptied at the head.
+    empty: SlabList,
+    slabs: usize,
+    /// Objects handed out and not freed (not counting the magazine's).
+    objects: usize,
+    /// Freed objects not yet given back to their slabs, the last freed on top.
+    magazine: [*mut u8; MAGAZINE],
+    cached: usize,
+}
+
+// SAFETY: the slab pointers point into vmalloc areas this class owns; they are only
+// followed with the class's lock held.
+unsafe impl Send for Class {}
+
+/// Counters of one size class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlabClassStats {
+    /// The class's object size in bytes.
+    pub size: usize,
+    /// Objects handed out and not freed.
+    pub objects: usize,
+    /// Freed objects the class's magazine holds for the next allocations.
+    pub cached: usize,
+    /// Slabs the class holds (full, partial and empty).
+    pub slabs: usize,
+    /// Of those, slabs with no object in use.
+    pub empty_slabs: usize,
+    /// Bytes of frames the class's slabs hold.
+    pub bytes: usize,
+}
+
+/// Every class's slabs and magazines; see the [module documentation](self).
+pub(crate) struct Slabs {
+    classes: [spin::Mutex<Class>; CLASSES],
+    /// Bytes of empty slabs, over all classes.
+    empty_bytes: AtomicUsize,
+    /// Magazine flushes so far: the clock empty slabs age by.
+    flushes: AtomicU64,
+}
+
+impl Slabs {
+    /// No slabs yet.
+    pub(crate) const fn new() -> Self {
+        Self {
+            classes: [const {
+                spin::Mutex::new(Class {
+                    partial: SlabList::new(Listed::Partial),
+                    empty: SlabList::new(Listed::Empty),
+                    slabs: 0,
+                    objects: 0,
+                    magazine: [ptr::null_mut(); MAGAZINE],
+                    cached: 0,
+                })
+            }; CLASSES],
+            empty_bytes: AtomicUsize::new(0),
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// An object of `class` (below [`CLASSES`]), or `None` if no slab can be made
+    /// even after every class gave its magazine and empty slabs back.
+    pub(crate) fn alloc(&self, class: usize, vmalloc: &dyn VmallocOps) -> Option<NonNull<u8>> {
+        let geometry = GEOMETRY.get(class)?;
+        for attempt in 0..2 {
+            let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+            if state.cached == 0 {
+                self.refill(&mut state, geometry, vmalloc);
+            }
+            if state.cached > 0 {
+                state.cached -= 1;
+                state.objects += 1;
+                return NonNull::new(state.magazine[state.cached]);
+            }
+            drop(state);
+            if attempt == 0 {
+                // Out of memory: what every class holds idle goes back first.
+                self.shrink(vmalloc);
+            }
+        }
+        None
+    }
+
+    /// Gives `ptr` back to its class.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` came from [`alloc`](Self::alloc) with `class` on these slabs, with
+    /// `vmalloc`, and is not used afterwards.
+    pub(crate) unsafe fn free(&self, class: usize, ptr: *mut u8, vmalloc: &dyn VmallocOps) {
+        let Some(geometry) = GEOMETRY.get(class) else {
+            return;
+        };
+        let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+        state.objects -= 1;
+        let mut flushed = None;
+        if state.cached == geometry.magazine {
+            // SAFETY: the magazine's objects are this class's, freed (caller).
+            flushed =
+                Some(unsafe { self.flush(&mut state, geometry, geometry.magazine / 2, vmalloc) });
+        }
+        let top = state.cached;
+        state.magazine[top] = ptr;
+        state.cached += 1;
+        if state.objects == 0 {
+            // SAFETY: as above.
+            flushed = Some(unsafe { self.flush(&mut state, geometry, MAGAZINE, vmalloc) });
+        }
+        drop(state);
+        if let Some(now) = flushed {
+            // Classes that went idle age too: each flush looks at one other class.
+            let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
+            let mut state = lock_relaxed(&self.classes[other], Some(vmalloc));
+            self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
+        }
+    }
+
+    /// Gives every magazine back to the slabs and every empty slab back to vmalloc
+    /// (Linux's `kmem_cache_shrink`).
+    pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) {
+        for (class, geometry) in GEOMETRY.iter().enumerate() {
+            let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+            // SAFETY: the magazine's objects are this class's, freed.
+            unsafe { self.flush(&mut state, geometry, MAGAZINE, vmalloc) };
+            while !state.empty.tail.is_null() {
+                self.discard_oldest_empty(&mut state, geometry, vmalloc);
+            }
+        }
+    }
+
+    /// Counters of every class.
+    pub(crate) fn stats(&self) -> [SlabClassStats; CLASSES] {
+        core::array::from_fn(|class| {
+            let state = self.classes[class].lock();
+            let geometry = GEOMETRY[class];
+            let mut empty_slabs = 0;
+            let mut slab = state.empty.head;
+            while !slab.is_null() {
+                empty_slabs += 1;
+                // SAFETY: slabs on the list are live slabs of this class.
+                slab = unsafe { (*slab).next };
+            }
+            SlabClassStats {
+                size: geometry.size,
+                objects: state.objects,
+                cached: state.cached,
+                slabs: state.slabs,
+                empty_slabs,
+                bytes: state.slabs * geometry.slab_bytes,
+            }
+        })
+    }
+
+    /// Fills half of `state`'s empty magazine from its slabs (making a slab if none
+    /// has a free object); fewer if no slab can be made.
+    fn refill(&self, state: &mut Class, geometry: &Geometry, vmalloc: &dyn VmallocOps) {
+        while state.cached < geometry.magazine / 2 {
+            let Some(object) = self.take(state, geometry, vmalloc) else {
+                return;
+            };
+            state.magazine[state.cached] = object;
+            state.cached += 1;
+        }
+    }
+
+    /// Gives the `count` oldest objects of `state`'s magazine back to their slabs, then
+    /// lets the class's aged empty slabs go; returns the flush clock.
+    ///
+    /// # Safety
+    ///
+    /// The magazine holds freed objects of this class.
+    unsafe fn flush(
+        &self,
+        state: &mut Class,
+        geometry: &Geometry,
+        count: usize,
+        vmalloc: &dyn VmallocOps,
+    ) -> u64 {
+        let now = self.flushes.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = count.min(state.cached);
+        for index in 0..count {
+            let object = state.magazine[index];
+            // SAFETY: a freed object of this class (caller).
+            unsafe { self.release(state, object, geometry, now) };
+        }
+        state.magazine.copy_within(count..state.cached, 0);
+        state.cached -= count;
+        self.discard_aged(state, geometry, now, vmalloc);
+        now
+    }
+
+    /// Gives back the class's empty slabs that have waited [`EMPTY_DECAY`] flushes by
+    /// `now`, oldest first, while the heap's empty slabs exceed [`EMPTY_BUDGET`].
+    fn discard_aged(
+        &self,
+        state: &mut Class,
+        geometry: &Geometry,
+        now: u64,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        // SAFETY: the tail of the empty list is a live slab of this class.
+        while let Some(oldest) = unsafe { state.empty.tail.as_ref() } {
+            let over_budget = self.empty_bytes.load(Ordering::Relaxed) > EMPTY_BUDGET;
+            if !over_budget || oldest.emptied + EMPTY_DECAY > now {
+                break;
+            }
+            self.discard_oldest_empty(state, geometry, vmalloc);
+        }
+    }
+
+    /// Gives the class's oldest empty slab back to vmalloc.
+    fn discard_oldest_empty(
+        &self,
+        state: &mut Class,
+        geometry: &Geometry,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        let slab = state.empty.tail;
+        if slab.is_null() {
+            return;
+        }
+        // SAFETY: the tail of the empty list is a live slab on it.
+        unsafe { state.empty.unlink(slab) };
+        state.slabs -= 1;
+        self.empty_bytes
+            .fetch_sub(geometry.slab_bytes, Ordering::Relaxed);
+        // The slab is a vmalloc area of its own, and no object of it is in use.
+        let _ = vmalloc.vfree(slab.cast());
+    }
+
+    /// An object from the head of the partial list, else from the last emptied slab,
+    /// else from a new slab.
+    fn take(
+        &self,
+        state: &mut Class,
+        geometry: &Geometry,
+        vmalloc: &dyn VmallocOps,
+    ) -> Option<*mut u8> {
+        if state.partial.head.is_null() {
+            let slab = if state.empty.head.is_null() {
+                let slab = self.new_slab(geometry, vmalloc)?;
+                state.slabs += 1;
+                slab
+            } else {
+                let slab = state.empty.head;
+                // SAFETY: the head of the empty list is a live slab on it.
+                unsafe { state.empty.unlink(slab) };
+                self.empty_bytes
+                    .fetch_sub(geometry.slab_bytes, Ordering::Relaxed);
+                slab
+            };
+            // SAFETY: a live slab of this class, on no list.
+            unsafe { state.partial.push(slab) };
+        }
+        let slab = state.partial.head;
+        // SAFETY: the head of the partial list is a live slab of this class with a
+        // free object: one on its free list, or one past `bump` below `capacity`.
+        unsafe {
+            let header = &mut *slab;
+            let object = if let Some(freed) = header.free.as_mut() {
+                header.free = freed.next;
+                ptr::from_mut(freed).cast::<u8>()
+            } else {
+                let offset = geometry.first + header.bump as usize * geometry.size;
+                header.bump += 1;
+                slab.cast::<u8>().add(offset)
+            };
+            header.in_use += 1;
+            if header.in_use == geometry.capacity {
+                state.partial.unlink(slab);
+            }
+            Some(object)
+        }
+    }
+
+    /// Puts `object` back on its slab's free list; a slab left empty moves to the
+    /// empty list, stamped with `now`.
+    ///
+    /// # Safety
+    ///
+    /// `object` is a freed object of this class.
+    unsafe fn release(&self, state: &mut Class, object: *mut u8, geometry: &Geometry, now: u64) {
+        let slab = (object as usize & !(geometry.slab_bytes - 1)) as *mut SlabHeader;
+        // SAFETY: `object` is an object of this class (caller), so `slab` is its live
+        // slab, and the object's first word is free to hold the list link.
+        unsafe {
+            let link = object.cast::<FreeObject>();
+            link.write(FreeObject { next: (*slab).free });
+            (*slab).free = link;
+            (*slab).in_use -= 1;
+            if (*slab).listed == Listed::Partial {
+                if (*slab).in_use > 0 {
+                    return;
+                }
+                state.partial.unlink(slab);
+            }
+            if (*slab).in_use > 0 {
+                state.partial.push(slab);
+                return;
+            }
+            (*slab).emptied = now;
+            state.empty.push(slab);
+        }
+        self.empty_bytes
+            .fetch_add(geometry.slab_bytes, Ordering::Relaxed);
+    }
+
+    /// A new slab, on no list.
+    fn new_slab(&self, geometry: &Geometry, vmalloc: &dyn VmallocOps) -> Option<*mut SlabHeader> {
+        let options = VmOptions {
+            align: geometry.slab_bytes as u64,
+            tag: "kernel heap slab",
+            ..VmOptions::default()
+        };
+        let area = vmalloc.vmalloc_with(geometry.slab_bytes, &options).ok()?;
+        let slab = area.as_ptr().cast::<SlabHeader>();
+        // SAFETY: the area is ours, mapped read-write, aligned for the header.
+        unsafe {
+            slab.write(SlabHeader {
+                free: ptr::null_mut(),
+                next: ptr::null_mut(),
+                prev: ptr::null_mut(),
+                bump: 0,
+                in_use: 0,
+                listed: Listed::Nowhere,
+                emptied: 0,
+            })
+        };
+        Some(slab)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn every_class_fits_its_slab_and_is_aligned() {
+        for geometry in GEOMETRY {
+            assert!(geometry.capacity >= 7, "{} bytes", geometry.size);
+            assert_eq!(geometry.first % geometry.align, 0);
+            assert_eq!(geometry.size % geometry.align, 0);
+            let used = geometry.first + geometry.capacity as usize * geometry.size;
+            assert!(used <= geometry.slab_bytes);
+            // Header and tail waste at most an eighth of the slab.
+            assert!(geometry.slab_bytes - used <= geometry.slab_bytes / 8);
+        }
+    }
+
+    #[test]
+    fn a_layout_gets_the_smallest_class_that_is_large_and_aligned_enough() {
+        let class = |size, align| class_for(Layout::from_size_align(size, align).unwrap());
+        assert_eq!(class(1, 1), Some(0));
+        assert_eq!(class(16, 8), Some(0));
+        assert_eq!(class(17, 8), Some(1));
+        assert_eq!(class(100, 8).map(|c| CLASS_SIZES[c]), Some(112));
+        assert_eq!(class(40, 32).map(|c| CLASS_SIZES[c]), Some(64));
+        assert_eq!(class(1, 2048).map(|c| CLASS_SIZES[c]), Some(2048));
+        assert_eq!(class(4096, 4096).map(|c| CLASS_SIZES[c]), Some(4096));
+        assert_eq!(class(4097, 8), None);
+        assert_eq!(class(8, 8192), None);
+        for size in 1..=MAX_OBJECT {
+            let picked = CLASS_SIZES[class(size, 1).unwrap()];
+            assert!(picked >= size && picked < size + size / 4 + 16);
+        }
+    }
+}
