@@ -8,7 +8,7 @@
 //!
 //! | module | holds | uses |
 //! |---|---|---|
-//! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose small blocks come from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
+//! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose blocks up to a page come from size-class slabs, middle ones from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
 //! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), `vrealloc`, listings; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
 //! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk, and `#[must_use]` flush tokens | `frame`, `phys` |
 //! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes | `tlb` |

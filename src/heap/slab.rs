@@ -25,14 +25,14 @@
 //! freed objects (up to 32, and about 8 KiB of them) that the next allocations take
 //! first. A free then touches neither the object nor its slab, and a heap whose frees
 //! and allocations alternate, as a running kernel's do, rarely reaches the slabs at
-//! all. A magazine that fills gives half back to the slabs, one that empties takes half
-//! a magazine from them. When the class's last object in use comes back, the magazine
-//! goes back whole, so its slabs can empty.
+//! all. Past a full magazine, frees go to the slabs, and past an empty one, allocations
+//! come from them, so a burst costs one trip per object. When the class's last object
+//! in use comes back, the magazine goes back whole, so its slabs can empty.
 //!
 //! Empty slabs wait on their class's empty list. While they fit in [`EMPTY_BUDGET`]
-//! they stay; past it, each goes back to vmalloc once the heap has flushed
-//! `EMPTY_DECAY` (1024) magazines since it emptied (checked at its class's flushes, and
-//! one other class's at each flush). So a heap that frees everything and allocates it
+//! they stay; past it, each goes back to vmalloc once the heap has moved
+//! `EMPTY_DECAY` (16,384) objects to or from slabs since it emptied (checked when a slab
+//! of its class empties, and one other class's each time). So a heap that frees everything and allocates it
 //! again, a common pattern, reuses its slabs instead of remapping them, and a heap that
 //! shrank for good gives its frames back as it keeps working.
 //! [`KernelHeap::shrink`](super::KernelHeap::shrink) gives everything idle back at
@@ -243,10 +243,11 @@ impl SlabList {
 /// The most objects a class keeps freed in its magazine.
 const MAGAZINE: usize = 32;
 
-/// Magazine flushes (over the whole heap) an empty slab past [`EMPTY_BUDGET`] waits
-/// before it goes back to vmalloc: more than a heap that frees everything does while
-/// it frees, so one that then allocates it all again finds its slabs still there.
-const EMPTY_DECAY: u64 = 1024;
+/// Objects taken from or given back to slabs (over the whole heap) while an empty slab
+/// past [`EMPTY_BUDGET`] waits before it goes back to vmalloc: more than a heap that
+/// frees everything and allocates it again does in between, so it finds its slabs
+/// still there.
+const EMPTY_DECAY: u64 = 1 << 14;
 
 /// One class's slabs and its magazine.
 struct Class {
@@ -288,8 +289,9 @@ pub(crate) struct Slabs {
     classes: [spin::Mutex<Class>; CLASSES],
     /// Bytes of empty slabs, over all classes.
     empty_bytes: AtomicUsize,
-    /// Magazine flushes so far: the clock empty slabs age by.
-    flushes: AtomicU64,
+    /// Objects taken from or given back to slabs so far: the clock empty slabs age by.
+    /// Bumped without a locked instruction: a lost tick only slows the clock.
+    slab_ops: AtomicU64,
 }
 
 impl Slabs {
@@ -307,7 +309,7 @@ impl Slabs {
                 })
             }; CLASSES],
             empty_bytes: AtomicUsize::new(0),
-            flushes: AtomicU64::new(0),
+            slab_ops: AtomicU64::new(0),
         }
     }
 
@@ -317,13 +319,15 @@ impl Slabs {
         let geometry = GEOMETRY.get(class)?;
         for attempt in 0..2 {
             let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
-            if state.cached == 0 {
-                self.refill(&mut state, geometry, vmalloc);
-            }
-            if state.cached > 0 {
+            let object = if state.cached > 0 {
                 state.cached -= 1;
+                Some(state.magazine[state.cached])
+            } else {
+                self.take(&mut state, geometry, vmalloc)
+            };
+            if let Some(object) = object {
                 state.objects += 1;
-                return NonNull::new(state.magazine[state.cached]);
+                return NonNull::new(object);
             }
             drop(state);
             if attempt == 0 {
@@ -346,26 +350,29 @@ impl Slabs {
         };
         let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
         state.objects -= 1;
-        let mut flushed = None;
-        if state.cached == geometry.magazine {
-            // SAFETY: the magazine's objects are this class's, freed (caller).
-            flushed =
-                Some(unsafe { self.flush(&mut state, geometry, geometry.magazine / 2, vmalloc) });
+        let mut emptied = false;
+        if state.cached < geometry.magazine {
+            let top = state.cached;
+            state.magazine[top] = ptr;
+            state.cached += 1;
+        } else {
+            // SAFETY: a freed object of this class (caller).
+            emptied = unsafe { self.release(&mut state, ptr, geometry) };
         }
-        let top = state.cached;
-        state.magazine[top] = ptr;
-        state.cached += 1;
         if state.objects == 0 {
-            // SAFETY: as above.
-            flushed = Some(unsafe { self.flush(&mut state, geometry, MAGAZINE, vmalloc) });
+            // SAFETY: the magazine's objects are this class's, freed.
+            emptied |= unsafe { self.drain_magazine(&mut state, geometry) };
         }
+        if !emptied {
+            return;
+        }
+        let now = self.slab_ops.load(Ordering::Relaxed);
+        self.discard_aged(&mut state, geometry, now, vmalloc);
         drop(state);
-        if let Some(now) = flushed {
-            // Classes that went idle age too: each flush looks at one other class.
-            let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
-            let mut state = lock_relaxed(&self.classes[other], Some(vmalloc));
-            self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
-        }
+        // Classes that went idle age too: each emptied slab looks at one other class.
+        let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
+        let mut state = lock_relaxed(&self.classes[other], Some(vmalloc));
+        self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
     }
 
     /// Gives every magazine back to the slabs and every empty slab back to vmalloc
@@ -374,7 +381,7 @@ impl Slabs {
         for (class, geometry) in GEOMETRY.iter().enumerate() {
             let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
             // SAFETY: the magazine's objects are this class's, freed.
-            unsafe { self.flush(&mut state, geometry, MAGAZINE, vmalloc) };
+            unsafe { self.drain_magazine(&mut state, geometry) };
             while !state.empty.tail.is_null() {
                 self.discard_oldest_empty(&mut state, geometry, vmalloc);
             }
@@ -404,45 +411,31 @@ impl Slabs {
         })
     }
 
-    /// Fills half of `state`'s empty magazine from its slabs (making a slab if none
-    /// has a free object); fewer if no slab can be made.
-    fn refill(&self, state: &mut Class, geometry: &Geometry, vmalloc: &dyn VmallocOps) {
-        while state.cached < geometry.magazine / 2 {
-            let Some(object) = self.take(state, geometry, vmalloc) else {
-                return;
-            };
-            state.magazine[state.cached] = object;
-            state.cached += 1;
-        }
-    }
-
-    /// Gives the `count` oldest objects of `state`'s magazine back to their slabs, then
-    /// lets the class's aged empty slabs go; returns the flush clock.
+    /// Gives every object of `state`'s magazine back to its slab; whether a slab
+    /// emptied.
     ///
     /// # Safety
     ///
     /// The magazine holds freed objects of this class.
-    unsafe fn flush(
-        &self,
-        state: &mut Class,
-        geometry: &Geometry,
-        count: usize,
-        vmalloc: &dyn VmallocOps,
-    ) -> u64 {
-        let now = self.flushes.fetch_add(1, Ordering::Relaxed) + 1;
-        let count = count.min(state.cached);
-        for index in 0..count {
-            let object = state.magazine[index];
+    unsafe fn drain_magazine(&self, state: &mut Class, geometry: &Geometry) -> bool {
+        let mut emptied = false;
+        while state.cached > 0 {
+            state.cached -= 1;
+            let object = state.magazine[state.cached];
             // SAFETY: a freed object of this class (caller).
-            unsafe { self.release(state, object, geometry, now) };
+            emptied |= unsafe { self.release(state, object, geometry) };
         }
-        state.magazine.copy_within(count..state.cached, 0);
-        state.cached -= count;
-        self.discard_aged(state, geometry, now, vmalloc);
+        emptied
+    }
+
+    /// Advances the clock empty slabs age by.
+    fn tick(&self) -> u64 {
+        let now = self.slab_ops.load(Ordering::Relaxed) + 1;
+        self.slab_ops.store(now, Ordering::Relaxed);
         now
     }
 
-    /// Gives back the class's empty slabs that have waited [`EMPTY_DECAY`] flushes by
+    /// Gives back the class's empty slabs that have waited [`EMPTY_DECAY`] ticks by
     /// `now`, oldest first, while the heap's empty slabs exceed [`EMPTY_BUDGET`].
     fn discard_aged(
         &self,
@@ -505,6 +498,7 @@ impl Slabs {
             // SAFETY: a live slab of this class, on no list.
             unsafe { state.partial.push(slab) };
         }
+        self.tick();
         let slab = state.partial.head;
         // SAFETY: the head of the partial list is a live slab of this class with a
         // free object: one on its free list, or one past `bump` below `capacity`.
@@ -527,12 +521,13 @@ impl Slabs {
     }
 
     /// Puts `object` back on its slab's free list; a slab left empty moves to the
-    /// empty list, stamped with `now`.
+    /// empty list, stamped with the clock. Whether the slab emptied.
     ///
     /// # Safety
     ///
     /// `object` is a freed object of this class.
-    unsafe fn release(&self, state: &mut Class, object: *mut u8, geometry: &Geometry, now: u64) {
+    unsafe fn release(&self, state: &mut Class, object: *mut u8, geometry: &Geometry) -> bool {
+        let now = self.tick();
         let slab = (object as usize & !(geometry.slab_bytes - 1)) as *mut SlabHeader;
         // SAFETY: `object` is an object of this class (caller), so `slab` is its live
         // slab, and the object's first word is free to hold the list link.
@@ -543,19 +538,24 @@ impl Slabs {
             (*slab).in_use -= 1;
             if (*slab).listed == Listed::Partial {
                 if (*slab).in_use > 0 {
-                    return;
+                    return false;
                 }
                 state.partial.unlink(slab);
             }
             if (*slab).in_use > 0 {
                 state.partial.push(slab);
-                return;
+                return false;
             }
+            // An empty slab's free list says nothing: it hands out its objects in
+            // address order again, without reading a link per object.
+            (*slab).free = ptr::null_mut();
+            (*slab).bump = 0;
             (*slab).emptied = now;
             state.empty.push(slab);
         }
         self.empty_bytes
             .fetch_add(geometry.slab_bytes, Ordering::Relaxed);
+        true
     }
 
     /// A new slab, on no list.
