@@ -582,3 +582,57 @@ fn two_threads_share_the_size_classes() {
     });
     assert_eq!(heap.stats().in_use, 0);
 }
+
+#[test]
+fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back() {
+    // The random-actions workload: 10,000 live blocks of 16-512 bytes (1 in 64 up to
+    // 4 KiB); each step frees a random one and allocates one of a random size.
+    let machine = machine(512 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let data_at_start = vm.stats().data_frames;
+    let mut rng = Rng::new(3);
+    let mut layout = || {
+        let top = if rng.below(64) == 0 { 4096 } else { 512 };
+        Layout::from_size_align(16 + rng.below(top - 15) as usize, 8).unwrap()
+    };
+    let mut live: Vec<(*mut u8, Layout)> = (0..10_000)
+        .map(|_| {
+            let layout = layout();
+            // SAFETY: a non-zero size.
+            (unsafe { heap.alloc(layout) }, layout)
+        })
+        .collect();
+    let mut rng = Rng::new(4);
+    for _ in 0..100_000 {
+        let index = rng.below(live.len() as u64) as usize;
+        let (block, old) = live[index];
+        // SAFETY: a live block with its layout; the new one has a non-zero size.
+        unsafe {
+            heap.dealloc(block, old);
+            let new = layout();
+            live[index] = (heap.alloc(new), new);
+        }
+    }
+    assert!(live.iter().all(|(block, _)| !block.is_null()));
+    let live_bytes: usize = live.iter().map(|(_, layout)| layout.size()).sum();
+    let held = (vm.stats().data_frames - data_at_start) as usize * PAGE_SIZE as usize;
+    assert!(
+        held * 2 <= live_bytes * 3,
+        "{held} bytes of frames for {live_bytes} live bytes"
+    );
+    for (block, layout) in live {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block, layout) };
+    }
+    heap.shrink();
+    vm.purge();
+    let stats = heap.stats();
+    assert_eq!((stats.in_use, stats.slab_bytes), (0, 0));
+    assert!(
+        vm.stats().data_frames - data_at_start <= 4 + stats.mapped as u64 / PAGE_SIZE,
+        "within a few pages of the start once everything is freed and shrunk"
+    );
+}
