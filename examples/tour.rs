@@ -88,6 +88,10 @@ fn main() {
         .translate(guard, Access::WRITE)
         .expect_err("guard page");
     println!("write to the guard page at {guard:#x}: {fault:?}");
+    // What a page-fault handler prints before it oopses: which area, who made it.
+    if let Some(fault) = fault.page_fault() {
+        println!("diagnosis: {}", vm.diagnose_fault(fault.addr, fault.code));
+    }
     // Mistakes get an error and change nothing.
     println!(
         "vfree(interior pointer): {:?}",

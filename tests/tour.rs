@@ -46,10 +46,16 @@ fn the_tour_shows_scattered_frames_and_returns_everything() {
     let adjacent = frames.windows(2).filter(|w| w[1] == w[0] + 4096).count();
     assert!(adjacent < 4, "the frames should be scattered:\n{text}");
     assert!(
-        text.contains("tour_buffer pages=8 vmalloc"),
+        text.contains("tour_buffer examples/tour.rs:") && text.contains("pages=8 vmalloc"),
         "vmallocinfo listing:\n{text}"
     );
     assert!(text.contains("PageFault"), "the guard page faults:\n{text}");
+    assert!(
+        text.contains("diagnosis: write past the end of 'tour_buffer' (32 KiB vmalloc")
+            && text.contains("allocated at examples/tour.rs:")
+            && text.contains(": guard page"),
+        "the guard-page fault diagnosed:\n{text}"
+    );
     assert!(
         text.contains("InteriorPointer") && text.contains("NotAllocated"),
         "bad vfree errors:\n{text}"

@@ -966,10 +966,11 @@ fn listing_and_stats_read_like_procfs() {
         tag: "driver_ring",
         ..VmOptions::default()
     };
-    let ptr = vm.vmalloc_with(4 * 4096, &tagged).unwrap();
+    let (ptr, line) = (vm.vmalloc_with(4 * 4096, &tagged).unwrap(), line!());
     let listing = std::format!("{}", vm.info());
+    // As Linux names the caller, the line names the call that made the area.
     let line = std::format!(
-        "{:#018x}-{:#018x}     20480 driver_ring pages=4 vmalloc\n",
+        "{:#018x}-{:#018x}     20480 driver_ring tests/vmalloc.rs:{line} pages=4 vmalloc\n",
         ptr.as_ptr() as u64,
         ptr.as_ptr() as u64 + 5 * 4096
     );

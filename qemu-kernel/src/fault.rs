@@ -14,7 +14,9 @@
 //! only come from that `call`, so the handler pops the return address the `call`
 //! pushed and resumes at the probe's recovery label.
 //!
-//! Any other page fault is a bug: the handler prints it and ends the run with failure.
+//! Any other page fault is a bug: the handler prints it, with the vmalloc manager's
+//! diagnosis of the address (which area, which page, guard page or use after free,
+//! and where the area was allocated), and ends the run with failure.
 
 use crate::interrupts::TrapFrame;
 use crate::smp::{MAX_CPUS, cpu_index};
@@ -210,6 +212,14 @@ pub extern "C" fn page_fault(frame: &mut TrapFrame) {
             "\nfatal: page fault at {cr2:#x}, rip {:#x}, error code {code:?}",
             frame.rip
         );
+        // The manager's word on the address; it never waits for its lock, which
+        // the faulting code may hold.
+        if let Some(vmalloc) = crate::mm::VMALLOC.get() {
+            crate::println!(
+                "vmalloc: {}",
+                vmalloc.diagnose_fault(VirtAddr::new_truncate(cr2), code)
+            );
+        }
         crate::serial::exit(false)
     };
     probes().fault_addr.store(cr2, Ordering::SeqCst);

@@ -3,6 +3,7 @@
 use super::options::{VmFlags, VmOptions};
 use crate::PAGE_SIZE;
 use core::fmt;
+use core::panic::Location;
 use x86_64::structures::paging::PageTableFlags;
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -63,9 +64,12 @@ pub(crate) struct AreaRecord {
     pub zeroed: bool,
     /// Caller-supplied label for listings.
     pub tag: &'static str,
+    /// Where the call that made the area was made (`#[track_caller]`).
+    pub caller: &'static Location<'static>,
 }
 
 impl AreaRecord {
+    #[track_caller]
     pub fn new(kind: AreaKind, bytes: u64, flags: PageTableFlags, options: &VmOptions) -> Self {
         let pages = bytes.div_ceil(PAGE_SIZE);
         Self {
@@ -80,6 +84,7 @@ impl AreaRecord {
             align: options.align.max(PAGE_SIZE),
             zeroed: options.flags.contains(VmFlags::ZERO),
             tag: options.tag,
+            caller: Location::caller(),
         }
     }
 
@@ -111,6 +116,9 @@ pub struct AreaInfo {
     pub phys: Option<PhysAddr>,
     /// The caller's label.
     pub tag: &'static str,
+    /// Where the call that made the area was made, as `/proc/vmallocinfo` names the
+    /// caller.
+    pub caller: Option<&'static Location<'static>>,
 }
 
 impl AreaInfo {
@@ -123,13 +131,14 @@ impl AreaInfo {
             kind: record.kind,
             phys: (record.kind == AreaKind::Ioremap).then_some(record.phys),
             tag: record.tag,
+            caller: Some(record.caller),
         }
     }
 }
 
 impl fmt::Display for AreaInfo {
     /// One line in the style of `/proc/vmallocinfo`:
-    /// `0xffffc90000000000-0xffffc90000005000   20480 tag pages=4 vmalloc`.
+    /// `0xffffc90000000000-0xffffc90000005000   20480 tag src/net.rs:88 pages=4 vmalloc`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let end = self.start.as_u64() + self.span;
         write!(
@@ -141,6 +150,9 @@ impl fmt::Display for AreaInfo {
         )?;
         if !self.tag.is_empty() {
             write!(f, " {}", self.tag)?;
+        }
+        if let Some(caller) = self.caller {
+            write!(f, " {}:{}", caller.file(), caller.line())?;
         }
         if self.pages > 0 {
             write!(f, " pages={}", self.pages)?;

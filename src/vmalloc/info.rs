@@ -98,6 +98,7 @@ const EMPTY: AreaInfo = AreaInfo {
     kind: AreaKind::Vmalloc,
     phys: None,
     tag: "",
+    caller: None,
 };
 
 /// Iterator over live areas; see [`Vmalloc::areas`].

@@ -122,6 +122,7 @@ where
     ///
     /// [`Error::ZeroSize`], [`Error::SizeTooLarge`], [`Error::OutOfVirtualSpace`],
     /// [`Error::OutOfFrames`]; on error nothing changed.
+    #[track_caller]
     pub fn vmalloc(&self, size: usize) -> Result<NonNull<u8>, Error> {
         self.vmalloc_with(size, &VmOptions::default())
     }
@@ -131,6 +132,7 @@ where
     /// # Errors
     ///
     /// As [`vmalloc`](Self::vmalloc).
+    #[track_caller]
     pub fn vzalloc(&self, size: usize) -> Result<NonNull<u8>, Error> {
         let options = VmOptions {
             flags: VmFlags::ZERO,
@@ -147,6 +149,7 @@ where
     /// As [`vmalloc`](Self::vmalloc), plus [`Error::BadAlignment`] for an alignment
     /// that is not a power of two or exceeds the region, and [`Error::WriteExecute`]
     /// for `WRITE | EXEC`.
+    #[track_caller]
     pub fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         let pages = self.pages_for(size as u64)?;
         let align = self.check_align(options.align)?;
@@ -226,6 +229,7 @@ where
     /// Every frame is the caller's to map with `prot` for as long as the mapping lives:
     /// RAM it owns (not the frame allocator's free memory, not a page table, not the
     /// kernel image) and does not free before `vunmap` hands it back.
+    #[track_caller]
     pub unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
         let bytes = (frames.len() as u64)
             .checked_mul(PAGE_SIZE)
@@ -293,6 +297,7 @@ where
     /// The physical range is the caller's to map with `cache`: device memory (or
     /// firmware tables) it may touch, whose accesses through this mapping cannot break
     /// anything the rest of the kernel relies on.
+    #[track_caller]
     pub unsafe fn ioremap(
         &self,
         phys: PhysAddr,
@@ -381,6 +386,7 @@ where
     /// # Errors
     ///
     /// As [`vmalloc_with`](Self::vmalloc_with), except for frames.
+    #[track_caller]
     pub fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.pages_for(size as u64)?;
         let align = self.check_align(options.align)?;

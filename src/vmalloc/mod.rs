@@ -51,12 +51,14 @@
 //! | `tree.rs`, `slab.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |
 //! | `deferred.rs` | frees queued by `vfree_atomic` | — |
+//! | `diagnose.rs` | what a faulting address is | `locked`, `purge` |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
 //!
 //! [page-table cursor]: crate::paging
 
 mod area;
 pub mod deferred;
+pub mod diagnose;
 mod info;
 mod locked;
 mod manager;
@@ -71,6 +73,7 @@ mod space;
 mod tree;
 
 pub use area::{AreaInfo, AreaKind};
+pub use diagnose::{FaultDiagnosis, FaultSite};
 pub use info::{Areas, VmallocInfo, VmallocStats};
 pub use manager::Vmalloc;
 pub use ops::VmallocOps;

@@ -31,6 +31,7 @@ pub unsafe trait VmallocOps: Sync {
     /// # Errors
     ///
     /// As there.
+    #[track_caller]
     fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error>;
 
     /// See [`Vmalloc::vfree`](super::Vmalloc::vfree).
@@ -52,6 +53,7 @@ pub unsafe trait VmallocOps: Sync {
     /// # Errors
     ///
     /// As there.
+    #[track_caller]
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error>;
 
     /// See [`Vmalloc::populate`](super::Vmalloc::populate).
@@ -77,6 +79,7 @@ where
     M: PhysMemory + Copy + Send + Sync,
     T: TlbFlush + Sync,
 {
+    #[track_caller]
     fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         Vmalloc::vmalloc_with(self, size, options)
     }
@@ -86,6 +89,7 @@ where
     fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
         Vmalloc::vrealloc(self, ptr, new_size)
     }
+    #[track_caller]
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         Vmalloc::reserve(self, size, options)
     }

@@ -22,6 +22,7 @@ impl<'a> VBuffer<'a> {
     /// # Errors
     ///
     /// As [`Vmalloc::vzalloc`](super::Vmalloc::vzalloc).
+    #[track_caller]
     pub fn new(vmalloc: &'a dyn VmallocOps, len: usize) -> Result<Self, Error> {
         let options = VmOptions {
             flags: VmFlags::ZERO,
@@ -93,6 +94,7 @@ impl<'a, T> VBox<'a, T> {
     /// # Errors
     ///
     /// As [`Vmalloc::vmalloc_with`](super::Vmalloc::vmalloc_with); `value` is dropped.
+    #[track_caller]
     pub fn new(vmalloc: &'a dyn VmallocOps, value: T) -> Result<Self, Error> {
         let options = VmOptions {
             align: (align_of::<T>() as u64).max(PAGE_SIZE),

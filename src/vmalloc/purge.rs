@@ -113,6 +113,19 @@ impl PurgeList {
         self.bytes += record.span();
     }
 
+    /// The pending area whose span (guard page included) holds `addr`.
+    pub(super) fn find_containing(&self, addr: VirtAddr) -> Option<(VirtAddr, AreaRecord)> {
+        let mut entry = self.head;
+        // SAFETY: linked entries stay valid until `pop` gives them back.
+        while let Some(pending) = unsafe { entry.as_ref() } {
+            if addr.as_u64().wrapping_sub(pending.start.as_u64()) < pending.record.span() {
+                return Some((pending.start, pending.record));
+            }
+            entry = pending.next;
+        }
+        None
+    }
+
     /// The flush tokens of the pending areas.
     fn tokens(&self) -> impl Iterator<Item = RangeFlush> + Clone + '_ {
         let mut entry = self.head;

@@ -291,6 +291,13 @@ fn faults_after_free(ptr: *mut u8) -> Outcome {
         is_not_present_fault_at(before_purge, untouched),
         "detached page still readable before purge",
     )?;
+    ensure(
+        diagnosed(
+            before_purge,
+            "use after free: read of an area (36 KiB vmalloc at",
+        ),
+        "the fault before the purge is not diagnosed as a use after free",
+    )?;
     vm.purge();
     ensure(
         (0..TOUCHED_PAGES).all(|index| {
@@ -300,6 +307,14 @@ fn faults_after_free(ptr: *mut u8) -> Outcome {
         }),
         "a freed page whose translation was cached is readable after purge (not flushed)",
     )
+}
+
+/// Whether `probe` faulted and the manager's diagnosis of the fault contains `text`.
+fn diagnosed<T>(probe: Result<T, crate::fault::Fault>, text: &str) -> bool {
+    probe.is_err_and(|fault| {
+        let diagnosis = mm::vmalloc().diagnose_fault(fault.addr, fault.code);
+        alloc::format!("{diagnosis}").contains(text)
+    })
 }
 
 /// A two-page area and a one-page neighbour allocated right after it: one guard page
@@ -353,6 +368,12 @@ fn guard_between(area: *mut u8, neighbour: *mut u8) -> Outcome {
             fault.addr == guard && fault.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE)
         }),
         "writing the guard page did not fault there",
+    )?;
+    ensure(
+        diagnosed(write, "write past the end of an area (8 KiB vmalloc at")
+            && diagnosed(write, "checks/library.rs:")
+            && diagnosed(write, ", 0 bytes past it: guard page"),
+        "the guard-page write is not diagnosed as a run past the area's end",
     )?;
     ensure(
         addr(neighbour) == guard + PAGE as u64,

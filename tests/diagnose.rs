@@ -1,0 +1,235 @@
+//! `diagnose_fault`: what a page fault in the vmalloc region hit, in the words an oops
+//! prints, with the area's label and the line that allocated it.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use vmalloc::vmalloc::{FaultSite, Prot, VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::{Error, FrameSource};
+use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine, SimPhys};
+use x86_64::structures::idt::PageFaultErrorCode;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+fn machine() -> SimMachine {
+    SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(2))
+}
+
+fn manager<'m, F: FrameSource + Clone>(
+    machine: &'m SimMachine,
+    frames: F,
+) -> Vmalloc<F, SimPhys<'m>, &'m SimMachine> {
+    // SAFETY: the machine's page tables serve this manager alone.
+    unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            frames,
+            machine,
+        )
+    }
+    .unwrap()
+}
+
+/// The page fault the simulated MMU raises for `access` at `addr`.
+fn fault(machine: &SimMachine, addr: VirtAddr, access: Access) -> (VirtAddr, PageFaultErrorCode) {
+    match machine.translate(addr, access) {
+        Err(Fault::Page(fault)) => (fault.addr, fault.code),
+        other => panic!("expected a page fault at {addr:#x}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_run_off_the_end_names_the_area_its_size_its_caller_and_the_guard_page() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let ring = VmOptions {
+        tag: "net_rx_ring",
+        ..VmOptions::default()
+    };
+    let (ptr, line) = (vm.vmalloc_with(16 << 10, &ring).unwrap(), line!());
+    let start = VirtAddr::from_ptr(ptr.as_ptr());
+    let (addr, code) = fault(&machine, start + (16u64 << 10) + 8, Access::WRITE);
+    let diagnosis = vm.diagnose_fault(addr, code);
+    assert!(matches!(
+        diagnosis.site,
+        FaultSite::Guard { past_end: 8, area } if area.start == start
+    ));
+    assert_eq!(
+        diagnosis.to_string(),
+        format!(
+            "write past the end of 'net_rx_ring' (16 KiB vmalloc at {:#x}, allocated at \
+             tests/diagnose.rs:{line}) at {:#x}, 8 bytes past it: guard page",
+            start.as_u64(),
+            addr.as_u64()
+        )
+    );
+}
+
+#[test]
+fn a_freed_area_waiting_for_the_purge_is_a_use_after_free_and_after_it_is_gone() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let options = VmOptions {
+        tag: "session",
+        ..VmOptions::default()
+    };
+    let ptr = vm.vmalloc_with(3 * 4096, &options).unwrap();
+    let start = VirtAddr::from_ptr(ptr.as_ptr());
+    vm.vfree(ptr.as_ptr()).unwrap();
+    // An untouched page: no stale translation, the walk finds the detached entry.
+    let (addr, code) = fault(&machine, start + 4100u64, Access::READ);
+    let diagnosis = vm.diagnose_fault(addr, code);
+    assert!(matches!(
+        diagnosis.site,
+        FaultSite::Freed { offset: 4100, .. }
+    ));
+    let text = diagnosis.to_string();
+    assert!(
+        text.starts_with("use after free: read of 'session' (12 KiB vmalloc")
+            && text.contains("tests/diagnose.rs:")
+            && text.ends_with("freed and waiting for the purge"),
+        "{text}"
+    );
+    vm.purge();
+    assert_eq!(vm.diagnose_fault(addr, code).site, FaultSite::Unmapped);
+}
+
+#[test]
+fn a_write_to_a_read_only_area_broke_its_protection() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let options = VmOptions {
+        prot: Prot::READ,
+        tag: "firmware_table",
+        ..VmOptions::default()
+    };
+    let ptr = vm.vmalloc_with(2 * 4096, &options).unwrap();
+    let start = VirtAddr::from_ptr(ptr.as_ptr());
+    let (addr, code) = fault(&machine, start + 4096u64, Access::WRITE);
+    let diagnosis = vm.diagnose_fault(addr, code);
+    assert!(matches!(
+        diagnosis.site,
+        FaultSite::Area {
+            offset: 4096,
+            broke_protection: true,
+            ..
+        }
+    ));
+    let text = diagnosis.to_string();
+    assert!(
+        text.starts_with("write to read-only 'firmware_table' (8 KiB vmalloc")
+            && text.ends_with("page 1 of 2"),
+        "{text}"
+    );
+    // A read of the same page would not have faulted: no protection broken.
+    let read = vm.diagnose_fault(addr, PageFaultErrorCode::empty());
+    assert!(matches!(
+        read.site,
+        FaultSite::Area {
+            broke_protection: false,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn ioremap_areas_and_addresses_outside_any_area_are_told_apart() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    // SAFETY: a page past the machine's RAM, which nothing uses.
+    let mmio = unsafe {
+        vm.ioremap(
+            PhysAddr::new(0xfee0_0000),
+            4096,
+            vmalloc::vmalloc::CacheMode::Uncached,
+        )
+    }
+    .unwrap();
+    let at = VirtAddr::from_ptr(mmio.as_ptr());
+    let text = vm
+        .diagnose_fault(at, PageFaultErrorCode::empty())
+        .to_string();
+    assert!(
+        text.contains("ioremap at") && text.contains("of 0xfee00000"),
+        "{text}"
+    );
+    let never = vm.config().start + (1u64 << 40);
+    assert_eq!(
+        vm.diagnose_fault(never, PageFaultErrorCode::empty()).site,
+        FaultSite::Unmapped
+    );
+    assert_eq!(
+        vm.diagnose_fault(VirtAddr::new(0x1000), PageFaultErrorCode::empty())
+            .site,
+        FaultSite::Outside
+    );
+}
+
+/// A frame source that, once armed, runs `interrupt` inside its next allocation,
+/// which the manager makes under its lock: a fault taken while the manager runs.
+struct Interrupting {
+    frames: &'static SimFrames,
+    armed: AtomicBool,
+    interrupt: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Interrupting {
+    fn interrupt_if_armed(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            (self.interrupt.get().unwrap())();
+        }
+    }
+}
+
+// SAFETY: every frame comes from `frames`, whose contract this forwards.
+unsafe impl FrameSource for Interrupting {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        self.interrupt_if_armed();
+        self.frames.alloc_frame()
+    }
+    fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
+        self.interrupt_if_armed();
+        self.frames.alloc_frames(out)
+    }
+    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.frames.free_frame(frame)
+    }
+    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        self.frames.free_frames(frames)
+    }
+}
+
+#[test]
+fn a_fault_that_interrupted_the_manager_is_told_busy_instead_of_deadlocking() {
+    // Leaked: the interrupt refers to the manager, which refers to the source.
+    let machine: &'static SimMachine = Box::leak(Box::new(machine()));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let source: &'static Interrupting = Box::leak(Box::new(Interrupting {
+        frames,
+        armed: AtomicBool::new(false),
+        interrupt: OnceLock::new(),
+    }));
+    let vm: &'static _ = Box::leak(Box::new(manager(machine, source)));
+    let live = vm.vmalloc(4096).unwrap();
+    let guard = VirtAddr::from_ptr(live.as_ptr()) + 4096u64;
+    let seen: &'static OnceLock<FaultSite> = Box::leak(Box::default());
+    source
+        .interrupt
+        .set(Box::new(move || {
+            let _ = seen.set(vm.diagnose_fault(guard, PageFaultErrorCode::empty()).site);
+        }))
+        .ok()
+        .unwrap();
+    source.armed.store(true, Ordering::SeqCst);
+    vm.vmalloc(4096).unwrap();
+    assert_eq!(seen.get(), Some(&FaultSite::Busy), "asked under the lock");
+    let text = vm
+        .diagnose_fault(guard, PageFaultErrorCode::empty())
+        .to_string();
+    assert!(text.ends_with("guard page"), "outside the lock: {text}");
+}
