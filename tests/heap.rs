@@ -636,3 +636,30 @@ fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back
         "within a few pages of the start once everything is freed and shrunk"
     );
 }
+
+#[test]
+fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig {
+        slab_max: 0,
+        ..CONFIG
+    });
+    heap.init(&vm).unwrap();
+    let layout = Layout::from_size_align(100, 8).unwrap();
+    // SAFETY: non-zero sizes; every block is freed with its layout.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..100).map(|_| heap.alloc(layout)).collect();
+        assert!(blocks.iter().all(|&block| heap.owns_small(block)));
+        assert_eq!(heap.stats().slab_objects, 0);
+        // Growing within what was a slab class stays on the list too.
+        let grown = heap.realloc(blocks[0], layout, 200);
+        assert!(heap.owns_small(grown));
+        heap.dealloc(grown, Layout::from_size_align(200, 8).unwrap());
+        for &block in &blocks[1..] {
+            heap.dealloc(block, layout);
+        }
+    }
+    assert_eq!(heap.stats().in_use, 0);
+}

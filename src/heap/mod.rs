@@ -241,7 +241,8 @@ impl<'a> KernelHeap<'a> {
 
     /// Counters of each slab size class.
     pub fn slab_stats(&self) -> [SlabClassStats; slab::CLASSES] {
-        self.slabs.stats()
+        self.slabs
+            .stats(self.backing.get().map(|backing| backing.vmalloc))
     }
 
     /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the

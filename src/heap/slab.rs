@@ -389,9 +389,9 @@ impl Slabs {
     }
 
     /// Counters of every class.
-    pub(crate) fn stats(&self) -> [SlabClassStats; CLASSES] {
+    pub(crate) fn stats(&self, vmalloc: Option<&dyn VmallocOps>) -> [SlabClassStats; CLASSES] {
         core::array::from_fn(|class| {
-            let state = self.classes[class].lock();
+            let state = lock_relaxed(&self.classes[class], vmalloc);
             let geometry = GEOMETRY[class];
             let mut empty_slabs = 0;
             let mut slab = state.empty.head;
