@@ -97,16 +97,22 @@ struct RandomActions<'h> {
 impl<'h> RandomActions<'h> {
     /// Fills `heap` with [`LIVE`] blocks and runs the warm-up.
     fn new(heap: &'h dyn GlobalAlloc) -> Self {
+        let mut run = Self::with_live(heap, LIVE, 3);
+        run.steps(WARM_UP_STEPS);
+        run
+    }
+
+    /// `live` blocks on `heap`, from `seed`.
+    fn with_live(heap: &'h dyn GlobalAlloc, live: usize, seed: u64) -> Self {
         let mut run = Self {
             heap,
-            live: Vec::with_capacity(LIVE),
-            rng: Rng::new(3),
+            live: Vec::with_capacity(live),
+            rng: Rng::new(seed),
         };
-        for _ in 0..LIVE {
+        for _ in 0..live {
             let layout = random_action_layout(&mut run.rng);
             run.live.push((run.alloc(layout), layout));
         }
-        run.steps(WARM_UP_STEPS);
         run
     }
 
@@ -122,7 +128,7 @@ impl<'h> RandomActions<'h> {
     /// Frees a random live block and allocates a new one, `count` times.
     fn steps(&mut self, count: usize) {
         for _ in 0..count {
-            let index = self.rng.below(LIVE as u64) as usize;
+            let index = self.rng.below(self.live.len() as u64) as usize;
             let (block, layout) = self.live[index];
             // SAFETY: a live block of this heap with its layout.
             unsafe { self.heap.dealloc(black_box(block), layout) };
@@ -182,6 +188,43 @@ fn random_actions(c: &mut Criterion, heap: &KernelHeap) {
         group.bench_function(name, |b| {
             let run = run.get_or_insert_with(|| RandomActions::new(peer));
             b.iter(|| run.steps(STEPS))
+        });
+    }
+    group.finish();
+    threads(c, heap);
+}
+
+/// A random-actions run a thread owns.
+struct Owned<'h>(RandomActions<'h>);
+
+// SAFETY: the blocks belong to one run, used by one thread at a time (behind a lock);
+// the heap is `Sync`.
+unsafe impl Send for Owned<'_> {}
+
+/// Random-actions steps on 1, 2 and 4 threads at once, each on its own 2,500 live
+/// blocks, all from one heap: total steps per second.
+fn threads(c: &mut Criterion, heap: &KernelHeap) {
+    let mut group = c.benchmark_group("heap_threads");
+    group.sample_size(10);
+    for count in [1usize, 2, 4] {
+        let runs: Vec<std::sync::Mutex<Owned>> = (0..count)
+            .map(|seed| {
+                let mut run = RandomActions::with_live(heap, LIVE / 4, seed as u64 + 10);
+                run.steps(WARM_UP_STEPS / 4);
+                std::sync::Mutex::new(Owned(run))
+            })
+            .collect();
+        group.throughput(Throughput::Elements((STEPS * count) as u64));
+        group.bench_function(format!("{count}"), |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for run in &runs {
+                        scope.spawn(move || run.lock().unwrap().0.steps(iters as usize * STEPS));
+                    }
+                });
+                start.elapsed()
+            })
         });
     }
     group.finish();
