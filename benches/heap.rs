@@ -159,7 +159,12 @@ fn talc_with_region(size: usize) -> TalcLock<spinning_top::RawSpinlock, Claim> {
     TalcLock::new(unsafe { Claim::new(region.as_mut_ptr(), size) })
 }
 
-fn random_actions(c: &mut Criterion, heap: &KernelHeap) {
+fn random_actions(
+    c: &mut Criterion,
+    heap: &KernelHeap,
+    per_cpu: &KernelHeap,
+    machine: &SimMachine,
+) {
     let talc = talc_with_region(REGION);
     let list = LockedHeap::empty_with_region(REGION);
     let mut group = c.benchmark_group("heap_random_actions");
@@ -179,6 +184,10 @@ fn random_actions(c: &mut Criterion, heap: &KernelHeap) {
         );
         group.bench_function("kernel_heap", |b| b.iter(|| run.steps(STEPS)));
     }
+    {
+        let mut run = RandomActions::new(per_cpu);
+        group.bench_function("kernel_heap_per_cpu", |b| b.iter(|| run.steps(STEPS)));
+    }
     for (name, peer) in [
         ("talc", &talc as &dyn GlobalAlloc),
         ("linked_list_allocator", &list),
@@ -191,7 +200,8 @@ fn random_actions(c: &mut Criterion, heap: &KernelHeap) {
         });
     }
     group.finish();
-    threads(c, heap);
+    threads(c, "shared", heap, machine);
+    threads(c, "per_cpu", per_cpu, machine);
 }
 
 /// A random-actions run a thread owns.
@@ -201,26 +211,39 @@ struct Owned<'h>(RandomActions<'h>);
 // the heap is `Sync`.
 unsafe impl Send for Owned<'_> {}
 
-/// Random-actions steps on 1, 2 and 4 threads at once, each on its own 2,500 live
-/// blocks, all from one heap: total steps per second.
-fn threads(c: &mut Criterion, heap: &KernelHeap) {
-    let mut group = c.benchmark_group("heap_threads");
+/// Random-actions steps on 1, 2 and 4 threads at once (thread `i` runs as CPU `i`),
+/// each on its own 2,500 live blocks, all from one heap: total steps per second.
+fn threads(c: &mut Criterion, name: &str, heap: &KernelHeap, machine: &SimMachine) {
+    let mut group = c.benchmark_group(format!("heap_threads_{name}"));
     group.sample_size(10);
     for count in [1usize, 2, 4] {
-        let runs: Vec<std::sync::Mutex<Owned>> = (0..count)
-            .map(|seed| {
-                let mut run = RandomActions::with_live(heap, LIVE / 4, seed as u64 + 10);
-                run.steps(WARM_UP_STEPS / 4);
-                std::sync::Mutex::new(Owned(run))
-            })
-            .collect();
+        // Each run is set up on the CPU that will run it, as a kernel thread would.
+        let runs: Vec<std::sync::Mutex<Owned>> = std::thread::scope(|scope| {
+            let setups: Vec<_> = (0..count)
+                .map(|cpu| {
+                    scope.spawn(move || {
+                        machine.cpu(cpu).enter();
+                        let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
+                        run.steps(WARM_UP_STEPS / 4);
+                        std::sync::Mutex::new(Owned(run))
+                    })
+                })
+                .collect();
+            setups
+                .into_iter()
+                .map(|setup| setup.join().unwrap())
+                .collect()
+        });
         group.throughput(Throughput::Elements((STEPS * count) as u64));
         group.bench_function(format!("{count}"), |b| {
             b.iter_custom(|iters| {
                 let start = std::time::Instant::now();
                 std::thread::scope(|scope| {
-                    for run in &runs {
-                        scope.spawn(move || run.lock().unwrap().0.steps(iters as usize * STEPS));
+                    for (cpu, run) in runs.iter().enumerate() {
+                        scope.spawn(move || {
+                            machine.cpu(cpu).enter();
+                            run.lock().unwrap().0.steps(iters as usize * STEPS)
+                        });
                     }
                 });
                 start.elapsed()
@@ -233,6 +256,7 @@ fn threads(c: &mut Criterion, heap: &KernelHeap) {
 fn bench(c: &mut Criterion) {
     let machine = SimMachine::new(
         SimConfig::new(512 << 20)
+            .with_cpus(4)
             .with_scatter_seed(1)
             .with_host_window(4 << 30),
     );
@@ -267,7 +291,13 @@ fn bench(c: &mut Criterion) {
         });
         group.finish();
     }
-    random_actions(c, &heap);
+    let per_cpu = KernelHeap::new(HeapConfig {
+        window: REGION,
+        ..HeapConfig::DEFAULT
+    });
+    per_cpu.init(&manager).unwrap();
+    per_cpu.use_cpus(&machine);
+    random_actions(c, &heap, &per_cpu, &machine);
 }
 
 /// A `LockedHeap` over a leaked host region of `size` bytes.

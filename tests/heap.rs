@@ -663,3 +663,63 @@ fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
     }
     assert_eq!(heap.stats().in_use, 0);
 }
+
+#[test]
+fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_them() {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(512 << 20)
+            .with_cpus(4)
+            .with_scatter_seed(11)
+            .with_host_window(8 << 30),
+    )));
+    let frames = machine.frames();
+    let vm = manager(machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    heap.use_cpus(machine);
+    std::thread::scope(|scope| {
+        for cpu in 0..4 {
+            let heap = &heap;
+            scope.spawn(move || {
+                machine.cpu(cpu).enter();
+                let mut rng = Rng::new(cpu as u64 + 30);
+                let mut live: Vec<Tagged> = Vec::new();
+                for id in 0..20_000u64 {
+                    if live.len() < 400 && (live.is_empty() || rng.below(2) == 0) {
+                        let layout = slab_layout(&mut rng);
+                        // SAFETY: a non-zero size.
+                        let ptr = unsafe { heap.alloc(layout) };
+                        assert!(!ptr.is_null());
+                        let block = Tagged {
+                            ptr,
+                            layout,
+                            id: id << 2 | cpu as u64,
+                        };
+                        block.write();
+                        live.push(block);
+                    } else {
+                        let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+                        assert!(block.intact(), "a block was written by another");
+                        // SAFETY: the block came from this heap with this layout.
+                        unsafe { heap.dealloc(block.ptr, block.layout) };
+                    }
+                }
+                for block in live {
+                    assert!(block.intact());
+                    // SAFETY: as above.
+                    unsafe { heap.dealloc(block.ptr, block.layout) };
+                }
+            });
+        }
+    });
+    let cached: usize = heap.slab_stats().iter().map(|class| class.cached).sum();
+    assert!(cached > 0, "the magazines hold freed objects");
+    assert_eq!(heap.stats().in_use, 0);
+    heap.shrink();
+    vm.purge();
+    assert_eq!(
+        heap.stats().slab_bytes,
+        0,
+        "shrink drained every CPU's magazines"
+    );
+}

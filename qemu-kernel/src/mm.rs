@@ -24,7 +24,8 @@ pub static VMALLOC: spin::Once<Manager> = spin::Once::new();
 #[global_allocator]
 pub static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig::DEFAULT);
 
-/// Builds the frame allocator from `map`, the vmalloc manager on `pml4`, and the heap.
+/// Builds the frame allocator from `map`, the vmalloc manager on `pml4`, and the heap
+/// (with per-CPU magazines).
 ///
 /// # Safety
 ///
@@ -43,7 +44,10 @@ pub unsafe fn init(
     // SAFETY: forwarded; `tlb` flushes every CPU that runs on these page tables.
     let manager = unsafe { Manager::new(VmallocConfig::default(), pml4, phys, frames, tlb)? };
     let manager = VMALLOC.call_once(|| manager);
-    HEAP.init(manager)
+    HEAP.init(manager)?;
+    // Each CPU its own slab magazines.
+    HEAP.use_cpus(&KernelCpus);
+    Ok(())
 }
 
 /// The frame allocator (after [`init`]).

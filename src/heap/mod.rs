@@ -4,7 +4,10 @@
 //!
 //! - Blocks up to [`HeapConfig::slab_max`] bytes (a page by default) come from
 //!   size-class [slabs](slab): constant time however fragmented the heap is, and
-//!   emptied slabs go back to vmalloc.
+//!   emptied slabs go back to vmalloc. Once the kernel names its CPUs
+//!   ([`KernelHeap::use_cpus`]), each CPU keeps a magazine per class of its own in
+//!   front of them, under a lock only that CPU waits for (an interrupt handler that
+//!   finds it held goes to the class), filled and emptied half a magazine at a time.
 //! - Other requests below [`HeapConfig::large_threshold`] come from a
 //!   `linked_list_allocator::Heap` whose memory is a virtual *window* reserved once in
 //!   the vmalloc region and backed by frames only as the heap grows: when the list runs
@@ -29,14 +32,17 @@
 //!
 //! [`Vmalloc::populate`]: crate::vmalloc::Vmalloc::populate
 
+mod percpu;
 pub mod slab;
 
+use crate::smp::Cpus;
 use crate::vmalloc::{VmOptions, VmallocOps};
 use crate::{Error, PAGE_SIZE};
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use linked_list_allocator::Heap;
+use percpu::CpuCaches;
 use slab::{SlabClassStats, Slabs};
 
 /// Sizes that shape a [`KernelHeap`].
@@ -131,6 +137,8 @@ pub struct KernelHeap<'a> {
     backing: spin::Once<Backing<'a>>,
     list: spin::Mutex<ListHeap>,
     slabs: Slabs,
+    cpus: spin::Once<&'a dyn Cpus>,
+    cpu_caches: CpuCaches,
     config: HeapConfig,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
@@ -182,6 +190,8 @@ impl<'a> KernelHeap<'a> {
                 mapped: 0,
             }),
             slabs: Slabs::new(),
+            cpus: spin::Once::new(),
+            cpu_caches: CpuCaches::new(),
             config,
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
@@ -215,6 +225,13 @@ impl<'a> KernelHeap<'a> {
         Ok(())
     }
 
+    /// Gives each CPU its own magazines in front of the slab classes, picked by
+    /// `cpus.current()`: allocations and frees on different CPUs then rarely meet on a
+    /// lock (see the [module documentation](self)). Once; later calls change nothing.
+    pub fn use_cpus(&self, cpus: &'a dyn Cpus) {
+        self.cpus.call_once(|| cpus);
+    }
+
     /// The configuration the heap was built with.
     pub fn config(&self) -> &HeapConfig {
         &self.config
@@ -241,14 +258,22 @@ impl<'a> KernelHeap<'a> {
 
     /// Counters of each slab size class.
     pub fn slab_stats(&self) -> [SlabClassStats; slab::CLASSES] {
-        self.slabs
-            .stats(self.backing.get().map(|backing| backing.vmalloc))
+        let mut classes = self
+            .slabs
+            .stats(self.backing.get().map(|backing| backing.vmalloc));
+        // Objects in per-CPU magazines left their class but are free.
+        for (class, cached) in classes.iter_mut().zip(self.cpu_caches.cached()) {
+            class.objects -= cached.min(class.objects);
+            class.cached += cached;
+        }
+        classes
     }
 
     /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the
     /// heap otherwise keeps up to [`slab::EMPTY_BUDGET`] bytes of them.
     pub fn shrink(&self) {
         if let Some(backing) = self.backing.get() {
+            self.cpu_caches.drain(&self.slabs, backing.vmalloc);
             self.slabs.shrink(backing.vmalloc);
         }
     }
@@ -303,10 +328,13 @@ impl<'a> KernelHeap<'a> {
             // Not to vmalloc: `deallocate` takes a slab-sized block outside the window
             // for a slab object.
             let vmalloc = self.backing.get()?.vmalloc;
-            return self
-                .slabs
-                .alloc(class, vmalloc)
-                .or_else(|| self.alloc_list(layout));
+            let object = match self.cpus.get() {
+                Some(cpus) => self
+                    .cpu_caches
+                    .alloc(cpus.current(), class, &self.slabs, vmalloc),
+                None => self.slabs.alloc(class, vmalloc),
+            };
+            return object.or_else(|| self.alloc_list(layout));
         }
         self.alloc_list(layout).or_else(|| self.alloc_large(layout))
     }
@@ -325,7 +353,18 @@ impl<'a> KernelHeap<'a> {
         } else if let Some(class) = self.slab_class(layout) {
             // SAFETY: a slab-sized block outside the window is a slab object of this
             // layout's class (caller, and `allocate`'s routing).
-            unsafe { self.slabs.free(class, ptr, backing.vmalloc) };
+            unsafe {
+                match self.cpus.get() {
+                    Some(cpus) => self.cpu_caches.free(
+                        cpus.current(),
+                        class,
+                        ptr,
+                        &self.slabs,
+                        backing.vmalloc,
+                    ),
+                    None => self.slabs.free(class, ptr, backing.vmalloc),
+                }
+            }
         } else if backing.vmalloc.vfree(ptr).is_ok() {
             self.large_blocks.fetch_sub(1, Ordering::Relaxed);
             self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);

@@ -138,6 +138,11 @@ const SIZE_TO_CLASS: [u8; MAX_OBJECT / 16 + 1] = {
     table
 };
 
+/// How many freed objects of `class` a magazine holds: up to 32, about 8 KiB of them.
+pub(crate) fn magazine_limit(class: usize) -> usize {
+    GEOMETRY.get(class).map_or(0, |geometry| geometry.magazine)
+}
+
 /// The class that serves `layout`, if any: the smallest at least as large and as
 /// aligned.
 pub fn class_for(layout: Layout) -> Option<usize> {
@@ -316,18 +321,38 @@ impl Slabs {
     /// An object of `class` (below [`CLASSES`]), or `None` if no slab can be made
     /// even after every class gave its magazine and empty slabs back.
     pub(crate) fn alloc(&self, class: usize, vmalloc: &dyn VmallocOps) -> Option<NonNull<u8>> {
-        let geometry = GEOMETRY.get(class)?;
+        let mut one = [ptr::null_mut()];
+        (self.alloc_batch(class, &mut one, vmalloc) == 1)
+            .then(|| NonNull::new(one[0]))
+            .flatten()
+    }
+
+    /// Fills `out` with objects of `class` (below [`CLASSES`]) under one lock;
+    /// returns how many, fewer (none) only if no slab can be made even after every
+    /// class gave its magazine and empty slabs back.
+    #[inline]
+    pub(crate) fn alloc_batch(
+        &self,
+        class: usize,
+        out: &mut [*mut u8],
+        vmalloc: &dyn VmallocOps,
+    ) -> usize {
+        let Some(geometry) = GEOMETRY.get(class) else {
+            return 0;
+        };
         for attempt in 0..2 {
             let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
-            let object = if state.cached > 0 {
-                state.cached -= 1;
-                Some(state.magazine[state.cached])
-            } else {
-                self.take(&mut state, geometry, vmalloc)
-            };
-            if let Some(object) = object {
-                state.objects += 1;
-                return NonNull::new(object);
+            let mut count = 0;
+            for slot in out.iter_mut() {
+                let Some(object) = self.get(&mut state, geometry, vmalloc) else {
+                    break;
+                };
+                *slot = object;
+                count += 1;
+            }
+            state.objects += count;
+            if count > 0 {
+                return count;
             }
             drop(state);
             if attempt == 0 {
@@ -335,41 +360,97 @@ impl Slabs {
                 self.shrink(vmalloc);
             }
         }
-        None
+        0
     }
 
     /// Gives `ptr` back to its class.
     ///
     /// # Safety
     ///
-    /// `ptr` came from [`alloc`](Self::alloc) with `class` on these slabs, with
-    /// `vmalloc`, and is not used afterwards.
+    /// `ptr` came from [`alloc`](Self::alloc) or [`alloc_batch`](Self::alloc_batch)
+    /// with `class` on these slabs, with `vmalloc`, and is not used afterwards.
     pub(crate) unsafe fn free(&self, class: usize, ptr: *mut u8, vmalloc: &dyn VmallocOps) {
+        // SAFETY: forwarded.
+        unsafe { self.free_batch(class, &[ptr], vmalloc) }
+    }
+
+    /// Gives `objects` back to their class under one lock.
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free), for each object.
+    #[inline]
+    pub(crate) unsafe fn free_batch(
+        &self,
+        class: usize,
+        objects: &[*mut u8],
+        vmalloc: &dyn VmallocOps,
+    ) {
         let Some(geometry) = GEOMETRY.get(class) else {
             return;
         };
         let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
-        state.objects -= 1;
+        state.objects -= objects.len();
         let mut emptied = false;
-        if state.cached < geometry.magazine {
-            let top = state.cached;
-            state.magazine[top] = ptr;
-            state.cached += 1;
-        } else {
+        for &object in objects {
             // SAFETY: a freed object of this class (caller).
-            emptied = unsafe { self.release(&mut state, ptr, geometry) };
+            emptied |= unsafe { self.put(&mut state, object, geometry) };
         }
         if state.objects == 0 {
             // SAFETY: the magazine's objects are this class's, freed.
             emptied |= unsafe { self.drain_magazine(&mut state, geometry) };
         }
-        if !emptied {
-            return;
+        if emptied {
+            self.age(state, class, geometry, vmalloc);
         }
+    }
+
+    /// An object from the class's magazine, else from its slabs.
+    #[inline(always)]
+    fn get(
+        &self,
+        state: &mut Class,
+        geometry: &Geometry,
+        vmalloc: &dyn VmallocOps,
+    ) -> Option<*mut u8> {
+        if state.cached > 0 {
+            state.cached -= 1;
+            Some(state.magazine[state.cached])
+        } else {
+            self.take(state, geometry, vmalloc)
+        }
+    }
+
+    /// Puts a freed object in the class's magazine, else on its slab; whether a slab
+    /// emptied.
+    ///
+    /// # Safety
+    ///
+    /// `object` is a freed object of this class.
+    #[inline(always)]
+    unsafe fn put(&self, state: &mut Class, object: *mut u8, geometry: &Geometry) -> bool {
+        if state.cached < geometry.magazine {
+            state.magazine[state.cached] = object;
+            state.cached += 1;
+            false
+        } else {
+            // SAFETY: forwarded.
+            unsafe { self.release(state, object, geometry) }
+        }
+    }
+
+    /// After a slab of `class` emptied: lets its aged empty slabs go, then, without
+    /// its lock, one other class's (classes that went idle age too).
+    fn age(
+        &self,
+        mut state: spin::MutexGuard<'_, Class>,
+        class: usize,
+        geometry: &Geometry,
+        vmalloc: &dyn VmallocOps,
+    ) {
         let now = self.slab_ops.load(Ordering::Relaxed);
         self.discard_aged(&mut state, geometry, now, vmalloc);
         drop(state);
-        // Classes that went idle age too: each emptied slab looks at one other class.
         let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
         let mut state = lock_relaxed(&self.classes[other], Some(vmalloc));
         self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
