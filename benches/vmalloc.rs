@@ -159,6 +159,52 @@ fn latency_with_live_areas(c: &mut Criterion) {
             b.iter(|| fix_size_alloc(&vm, 1))
         });
     }
+    // 200,000 allocations, every second one (1 to 5 pages) freed, then a purge:
+    // 100,000 live 1-page areas with holes between them.
+    let machine = machine();
+    let frames = fragmented_frames(&machine);
+    let vm = manager(&machine, &frames, false);
+    let mut rng = Rng::new(8);
+    let mut live = Vec::with_capacity(100_000);
+    for _ in 0..100_000 {
+        live.push(vm.vmalloc(PAGE_SIZE as usize).unwrap());
+        let hole = vm
+            .vmalloc((1 + rng.below(5) as usize) * PAGE_SIZE as usize)
+            .unwrap();
+        vm.vfree(hole.as_ptr()).unwrap();
+    }
+    vm.purge();
+    group.bench_function("live_areas_with_holes/100000", |b| {
+        b.iter(|| fix_size_alloc(&vm, 1))
+    });
+    group.finish();
+}
+
+/// 1- and 16-page vmalloc+vfree pairs on 1, 2 and 4 threads sharing one manager:
+/// total pairs per second.
+fn threads(c: &mut Criterion) {
+    let machine = machine();
+    let frames = fragmented_frames(&machine);
+    let vm = manager(&machine, &frames, false);
+    let mut group = c.benchmark_group("vmalloc_threads");
+    group.sample_size(10);
+    for pages in [1u64, 16] {
+        for count in [1u64, 2, 4] {
+            group.throughput(Throughput::Elements(count));
+            let id = BenchmarkId::new(format!("pages{pages}"), count);
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let start = std::time::Instant::now();
+                    std::thread::scope(|scope| {
+                        for _ in 0..count {
+                            scope.spawn(|| (0..iters).for_each(|_| fix_size_alloc(&vm, pages)));
+                        }
+                    });
+                    start.elapsed()
+                })
+            });
+        }
+    }
     group.finish();
 }
 
@@ -166,6 +212,7 @@ criterion_group!(
     benches,
     vmalloc_vfree,
     test_vmalloc_scenarios,
-    latency_with_live_areas
+    latency_with_live_areas,
+    threads
 );
 criterion_main!(benches);
