@@ -50,6 +50,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "smp_stale_translation_faults",
     "smp_local_only_flush_is_caught",
     "smp_crossing_purges",
+    "smp_heap",
 ];
 
 #[test]

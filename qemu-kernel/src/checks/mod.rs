@@ -81,6 +81,7 @@ pub const CHECKS: &[(&str, Check)] = &[
         smp::smp_local_only_flush_is_caught,
     ),
     ("smp_crossing_purges", smp::smp_crossing_purges),
+    ("smp_heap", smp::smp_heap),
 ];
 
 /// Runs every check; true if all passed.

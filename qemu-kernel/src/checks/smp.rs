@@ -253,3 +253,46 @@ pub fn smp_crossing_purges(_ctx: &mut Ctx) -> Outcome {
     )?;
     ensure(vm.stats().areas == areas, "areas left behind")
 }
+
+/// Every CPU allocates and frees through the global heap at once (slab objects from
+/// its own magazines, list blocks, a few vmalloc'd ones), each block filled with a
+/// pattern of its CPU and checked before it is dropped; afterwards every slab object
+/// is back.
+pub fn smp_heap(_ctx: &mut Ctx) -> Outcome {
+    let error = FirstError::new();
+    let objects_before = mm::HEAP.stats().slab_objects;
+    on_each_cpu(&|cpu| {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ (cpu as u64) << 32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut live: alloc::vec::Vec<alloc::vec::Vec<u64>> = alloc::vec::Vec::new();
+        for step in 0..3000u64 {
+            if live.len() < 64 && next() % 2 == 0 {
+                let words = match next() % 64 {
+                    0 => 4096,
+                    1..=4 => 1024,
+                    _ => 1 + next() % 64,
+                } as usize;
+                let stamp = (cpu as u64) << 56 | step;
+                live.push(alloc::vec![stamp; words]);
+            } else if !live.is_empty() {
+                let index = (next() % live.len() as u64) as usize;
+                let block = live.swap_remove(index);
+                let stamp = block[0];
+                if stamp >> 56 != cpu as u64 || block.iter().any(|&word| word != stamp) {
+                    error.report(Err("a heap block changed under its owner"));
+                }
+            }
+        }
+    });
+    error.get()?;
+    mm::HEAP.shrink();
+    ensure(
+        mm::HEAP.stats().slab_objects == objects_before,
+        "slab objects left behind",
+    )
+}
