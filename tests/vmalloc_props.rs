@@ -406,7 +406,7 @@ impl World<'_> {
                         let base = live.phys.unwrap().align_down(PAGE_SIZE);
                         assert_eq!(frame, base + page * PAGE_SIZE);
                     }
-                    AreaKind::Reserved => unreachable!(),
+                    AreaKind::Reserved | AreaKind::Stack => unreachable!("the model makes neither"),
                 }
             }
             if area.span > area.size {

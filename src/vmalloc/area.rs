@@ -18,6 +18,8 @@ pub enum AreaKind {
     Ioremap,
     /// `reserve`: a virtual window populated page by page (the kernel heap's).
     Reserved,
+    /// `alloc_stack`: a kernel stack, with an unmapped guard below it.
+    Stack,
 }
 
 impl AreaKind {
@@ -28,12 +30,16 @@ impl AreaKind {
             AreaKind::Vmap => "vmap",
             AreaKind::Ioremap => "ioremap",
             AreaKind::Reserved => "reserved",
+            AreaKind::Stack => "stack",
         }
     }
 
     /// Whether the frames behind the area belong to the frame allocator.
     pub(crate) const fn owns_frames(self) -> bool {
-        matches!(self, AreaKind::Vmalloc | AreaKind::Reserved)
+        matches!(
+            self,
+            AreaKind::Vmalloc | AreaKind::Reserved | AreaKind::Stack
+        )
     }
 }
 
@@ -42,7 +48,10 @@ impl AreaKind {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AreaRecord {
     pub kind: AreaKind,
-    /// Pages mapped from the start of the area (for `Reserved`: populated so far).
+    /// Unmapped pages at the start of the area, before the mapped ones (a stack's
+    /// guard below); 0 for every other kind.
+    pub lead: u64,
+    /// Pages mapped after the lead (for `Reserved`: populated so far).
     pub mapped_pages: u64,
     /// Usable size in bytes, whole pages (excludes the guard page).
     pub size: u64,
@@ -74,6 +83,7 @@ impl AreaRecord {
         let pages = bytes.div_ceil(PAGE_SIZE);
         Self {
             kind,
+            lead: 0,
             mapped_pages: pages,
             size: pages * PAGE_SIZE,
             bytes,
@@ -88,14 +98,14 @@ impl AreaRecord {
         }
     }
 
-    /// Virtual bytes the area takes, guard page included.
+    /// Virtual bytes the area takes, guard pages included.
     pub fn span(&self) -> u64 {
         self.span_for(self.size / PAGE_SIZE)
     }
 
     /// Virtual bytes the area would take with `pages` pages.
     pub fn span_for(&self, pages: u64) -> u64 {
-        (pages + u64::from(self.guard)) * PAGE_SIZE
+        (self.lead + pages + u64::from(self.guard)) * PAGE_SIZE
     }
 }
 
@@ -114,6 +124,8 @@ pub struct AreaInfo {
     pub kind: AreaKind,
     /// The physical start of an `ioremap` area.
     pub phys: Option<PhysAddr>,
+    /// Unmapped bytes before the mapped ones (a stack's guard below).
+    pub lead: u64,
     /// The caller's label.
     pub tag: &'static str,
     /// Where the call that made the area was made, as `/proc/vmallocinfo` names the
@@ -130,6 +142,7 @@ impl AreaInfo {
             pages: record.mapped_pages,
             kind: record.kind,
             phys: (record.kind == AreaKind::Ioremap).then_some(record.phys),
+            lead: record.lead * PAGE_SIZE,
             tag: record.tag,
             caller: Some(record.caller),
         }

@@ -3,7 +3,8 @@
 //! A bare address tells a kernel author little; "write past the end of 'net_rx_ring'
 //! (16 KiB vmalloc at 0xffffc90000010000, allocated at src/net.rs:88): guard page"
 //! tells them where to look. [`Vmalloc::diagnose_fault`] looks the address up among
-//! the live areas (a page of one, or the guard page after it) and the areas freed and
+//! the live areas (a page of one, the guard page after it, or the unmapped memory
+//! below a kernel stack: an overflow) and the areas freed and
 //! waiting for the purge (a use after free), with the area's label and the place that
 //! allocated it (recorded through `#[track_caller]`).
 //!
@@ -34,6 +35,13 @@ pub enum FaultSite {
         offset: u64,
         /// Whether the access broke the area's protection.
         broke_protection: bool,
+    },
+    /// The unmapped memory below a kernel stack: a stack overflow.
+    StackOverflow {
+        /// The stack's area.
+        area: AreaInfo,
+        /// Bytes below the stack's base.
+        below: u64,
     },
     /// The unmapped guard page that follows an area: a run off its end.
     Guard {
@@ -96,8 +104,16 @@ where
             return FaultSite::Busy;
         };
         if let Some(area) = inner.areas.find_containing(addr) {
-            let offset = addr - area.start;
             let info = AreaInfo::new(area.start, area.size, &area.data);
+            let lead = area.data.lead * PAGE_SIZE;
+            if addr - area.start < lead && !area.data.dying {
+                return FaultSite::StackOverflow {
+                    area: info,
+                    below: lead - (addr - area.start),
+                };
+            }
+            // From the first mapped byte (the stack's base for a stack).
+            let offset = (addr - area.start).saturating_sub(lead);
             return if area.data.dying {
                 FaultSite::Freed { area: info, offset }
             } else if offset < area.data.size {
@@ -116,7 +132,7 @@ where
         match inner.purge.find_containing(addr) {
             Some((start, record)) => FaultSite::Freed {
                 area: AreaInfo::new(start, record.span(), &record),
-                offset: addr - start,
+                offset: (addr - start).saturating_sub(record.lead * PAGE_SIZE),
             },
             None => FaultSite::Unmapped,
         }
@@ -159,7 +175,12 @@ impl fmt::Display for Described<'_> {
         } else {
             write!(f, "{size} bytes")?;
         }
-        write!(f, " {} at {:#x}", area.kind.name(), area.start.as_u64())?;
+        write!(
+            f,
+            " {} at {:#x}",
+            area.kind.name(),
+            area.start.as_u64() + area.lead
+        )?;
         if let Some(phys) = area.phys {
             write!(f, " of {:#x}", phys.as_u64())?;
         }
@@ -178,6 +199,12 @@ impl fmt::Display for FaultDiagnosis {
             FaultSite::Guard { area, past_end } => write!(
                 f,
                 "{access} past the end of {} at {addr:#x}, {past_end} bytes past it: guard page",
+                Described(area)
+            ),
+            FaultSite::StackOverflow { area, below } => write!(
+                f,
+                "{access} below {} at {addr:#x}, {below} bytes below its base: stack \
+                 overflow",
                 Described(area)
             ),
             FaultSite::Freed { area, offset } => write!(

@@ -97,6 +97,7 @@ const EMPTY: AreaInfo = AreaInfo {
     pages: 0,
     kind: AreaKind::Vmalloc,
     phys: None,
+    lead: 0,
     tag: "",
     caller: None,
 };

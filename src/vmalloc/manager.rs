@@ -364,7 +364,8 @@ where
         let cx = self.lock();
         let (start, _, record) = cx.area_containing(addr).ok_or(Error::NotMapped)?;
         let page_index = (addr - start) / PAGE_SIZE;
-        if record.dying || page_index >= record.mapped_pages {
+        let mapped = record.lead..record.lead + record.mapped_pages;
+        if record.dying || !mapped.contains(&page_index) {
             return Err(Error::NotMapped);
         }
         match cx.translate(addr)? {

@@ -52,6 +52,7 @@
 //! | `area.rs` | what is recorded per area | `options` |
 //! | `deferred.rs` | frees queued by `vfree_atomic` | — |
 //! | `diagnose.rs` | what a faulting address is | `locked`, `purge` |
+//! | `stack.rs` | kernel stacks with a guard below | `locked` |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
 //!
 //! [page-table cursor]: crate::paging
@@ -70,6 +71,7 @@ mod realloc;
 mod reclaim;
 mod slab;
 mod space;
+pub mod stack;
 mod tree;
 
 pub use area::{AreaInfo, AreaKind};
@@ -82,3 +84,4 @@ pub use options::{
     VmFlags, VmOptions, VmallocConfig,
 };
 pub use owned::{VBox, VBuffer};
+pub use stack::KernelStack;

@@ -185,7 +185,7 @@ where
     /// Detaches the area's pages and moves it from the area map to the purge list.
     fn queue_for_purge(&mut self, start: VirtAddr, record: AreaRecord) {
         let inner = self.inner();
-        let mapped = page_range(start, 0..record.mapped_pages);
+        let mapped = page_range(start, record.lead..record.lead + record.mapped_pages);
         let mut flush = RangeFlush::from_range(mapped);
         if !mapped.is_empty() {
             // SAFETY: the area is being freed, its pages are this manager's; the purge
@@ -225,7 +225,7 @@ where
         let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
         while let Some((start, record)) = pending.pop(&mut inner.pool) {
             let owns_frames = record.kind.owns_frames();
-            let range = page_range(start, 0..record.mapped_pages);
+            let range = page_range(start, record.lead..record.lead + record.mapped_pages);
             // SAFETY: the batch above flushed the range.
             let reclaimed = unsafe {
                 inner.tables.reclaim_detached(range, |_, frame| {

@@ -1,0 +1,139 @@
+//! Kernel stacks from vmalloc: aligned to their size, zeroed, unmapped below (an
+//! overflow faults and is diagnosed as one) and above, and freed on drop.
+
+use vmalloc::Error;
+use vmalloc::vmalloc::{AreaKind, FaultSite, Vmalloc, VmallocConfig};
+use vmalloc_sim::{Access, Fault, SimConfig, SimMachine};
+use x86_64::VirtAddr;
+
+fn machine() -> SimMachine {
+    SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(4))
+}
+
+fn page_fault(machine: &SimMachine, addr: VirtAddr, access: Access) -> Option<FaultSiteInput> {
+    match machine.translate(addr, access) {
+        Err(Fault::Page(fault)) => Some((fault.addr, fault.code)),
+        _ => None,
+    }
+}
+
+type FaultSiteInput = (VirtAddr, x86_64::structures::idt::PageFaultErrorCode);
+
+#[test]
+fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
+    let machine = machine();
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone.
+    let vm = unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            &frames,
+            &machine,
+        )
+    }
+    .unwrap();
+    let own = |vm: &Vmalloc<_, _, _>| {
+        let stats = vm.stats();
+        (stats.page_table_frames + stats.bookkeeping_frames) as i64
+    };
+    let (free_before, own_before) = (frames.stats().free as i64, own(&vm));
+    let (stack, line) = (vm.alloc_stack(16 << 10).unwrap(), line!());
+    let (base, top) = (stack.base(), stack.top());
+    assert_eq!(top - base, 16 << 10);
+    assert_eq!(base.as_u64() % (16 << 10), 0, "aligned to its size");
+    // Any stack pointer inside finds the base by masking.
+    let rsp = top - 200u64;
+    assert_eq!(VirtAddr::new(rsp.as_u64() & !((16 << 10) - 1)), base);
+    let mut word = [0xffu8; 8];
+    machine.read(top - 8u64, &mut word).unwrap();
+    assert_eq!(word, [0; 8], "zeroed");
+    machine.write(base, b"deepest").unwrap();
+
+    // One byte below the base: an overflow, named as one.
+    let (addr, code) = page_fault(&machine, base - 8u64, Access::WRITE).expect("faults");
+    let diagnosis = vm.diagnose_fault(addr, code);
+    assert!(matches!(
+        diagnosis.site,
+        FaultSite::StackOverflow { below: 8, .. }
+    ));
+    let text = diagnosis.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "write below 'kernel stack' (16 KiB stack at {:#x}, allocated at tests/stack.rs:{line})",
+            base.as_u64()
+        )) && text.ends_with("8 bytes below its base: stack overflow"),
+        "{text}"
+    );
+    // The whole lower half is unmapped, not just one page.
+    assert!(page_fault(&machine, base - (16u64 << 10), Access::READ).is_some());
+    // Above the top: the usual guard page.
+    let (addr, code) = page_fault(&machine, top, Access::READ).expect("faults");
+    assert!(matches!(
+        vm.diagnose_fault(addr, code).site,
+        FaultSite::Guard { past_end: 0, .. }
+    ));
+    let area = vm.find_vm_area(base).unwrap();
+    assert_eq!((area.kind, area.pages), (AreaKind::Stack, 4));
+    assert_eq!(
+        vm.vfree(base.as_mut_ptr()),
+        Err(Error::NotAllocated),
+        "vfree does not take a stack"
+    );
+    assert_eq!(
+        vm.vfree(area.start.as_mut_ptr()),
+        Err(Error::WrongKind),
+        "nor its area"
+    );
+
+    drop(stack);
+    vm.purge();
+    assert_eq!(vm.stats().areas, 0);
+    assert!(
+        page_fault(&machine, base, Access::READ).is_some(),
+        "unmapped once freed"
+    );
+    // Every frame came back but what the manager's own tables grew by.
+    assert_eq!(
+        frames.stats().free as i64,
+        free_before - (own(&vm) - own_before)
+    );
+}
+
+#[test]
+fn bad_sizes_are_refused_and_change_nothing() {
+    let machine = machine();
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone.
+    let vm = unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            &frames,
+            &machine,
+        )
+    }
+    .unwrap();
+    let before = vm.stats();
+    assert_eq!(vm.alloc_stack(0).err(), Some(Error::ZeroSize));
+    assert_eq!(vm.alloc_stack(4096).err(), Some(Error::BadAlignment));
+    assert_eq!(vm.alloc_stack(12 << 10).err(), Some(Error::BadAlignment));
+    assert_eq!(vm.alloc_stack(1 << 62).err(), Some(Error::SizeTooLarge));
+    assert_eq!(
+        vm.alloc_stack(usize::MAX / 2 + 1).err(),
+        Some(Error::SizeTooLarge)
+    );
+    assert_eq!(vm.stats(), before);
+    // Stacks in a row never touch: each one's lower half separates it from the last.
+    let stacks: Vec<_> = (0..8).map(|_| vm.alloc_stack(8192).unwrap()).collect();
+    for pair in stacks.windows(2) {
+        let (low, high) = if pair[0].base() < pair[1].base() {
+            (&pair[0], &pair[1])
+        } else {
+            (&pair[1], &pair[0])
+        };
+        assert!(high.base() - low.top() >= 8192);
+    }
+}
