@@ -45,6 +45,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "heap_global_alloc",
     "info_listing_under_global_heap",
     "stress",
+    "kernel_stack_overflow",
     "smp_cpus_online",
     "smp_stress",
     "smp_stale_translation_faults",

@@ -14,6 +14,12 @@
 //! only come from that `call`, so the handler pops the return address the `call`
 //! pushed and resumes at the probe's recovery label.
 //!
+//! `run_on_stack` runs a function on another stack (a vmalloc'd kernel stack) and
+//! records the stack's unmapped guard below it. A fault there (the function overflowed
+//! the stack) is taken on the handler's IST stack, so it is not a double fault; the
+//! handler puts back the stack pointer the caller had and resumes at the probe's
+//! recovery label, which returns "faulted".
+//!
 //! Any other page fault is a bug: the handler prints it, with the vmalloc manager's
 //! diagnosis of the address (which area, which page, guard page or use after free,
 //! and where the area was allocated), and ends the run with failure.
@@ -78,6 +84,36 @@ vm_probe_exec_fixup:
 .quad .Lprobe_read_insn, .Lprobe_read_fixup
 .quad .Lprobe_write_insn, .Lprobe_write_fixup
 .popsection
+
+/* u64 vm_run_on_stack(u64 top, u64 function, u64 *saved_rsp): runs function() with
+   rsp = top; 0 when it returns, 1 when the page-fault handler ended it (it resumes at
+   vm_run_on_stack_fixup with rsp = *saved_rsp) */
+.global vm_run_on_stack
+vm_run_on_stack:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    mov qword ptr [rdx], rsp
+    mov r12, rdx
+    mov rsp, rdi
+    call rsi
+    mov rsp, qword ptr [r12]
+    xor eax, eax
+    jmp .Lrun_on_stack_out
+.global vm_run_on_stack_fixup
+vm_run_on_stack_fixup:
+    mov eax, 1
+.Lrun_on_stack_out:
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
 .text
 "#
 );
@@ -87,6 +123,8 @@ unsafe extern "C" {
     fn vm_probe_write(addr: u64, value: u64) -> u64;
     fn vm_probe_exec(target: u64) -> u64;
     static vm_probe_exec_fixup: u8;
+    fn vm_run_on_stack(top: u64, function: u64, saved_rsp: *mut u64) -> u64;
+    static vm_run_on_stack_fixup: u8;
     static __ex_table_start: ExTableEntry;
     static __ex_table_end: ExTableEntry;
 }
@@ -104,6 +142,11 @@ struct ProbeState {
     fault_code: AtomicU64,
     /// The target of the running `probe_exec`, or 0.
     exec_target: AtomicU64,
+    /// The stack `run_on_stack` switched to: the unmapped range below it, or 0..0.
+    stack_guard_start: AtomicU64,
+    stack_guard_end: AtomicU64,
+    /// Where `run_on_stack` left the caller's stack pointer.
+    saved_rsp: AtomicU64,
 }
 
 static PROBES: [ProbeState; MAX_CPUS] = [const {
@@ -111,6 +154,9 @@ static PROBES: [ProbeState; MAX_CPUS] = [const {
         fault_addr: AtomicU64::new(0),
         fault_code: AtomicU64::new(0),
         exec_target: AtomicU64::new(0),
+        stack_guard_start: AtomicU64::new(0),
+        stack_guard_end: AtomicU64::new(0),
+        saved_rsp: AtomicU64::new(0),
     }
 }; MAX_CPUS];
 
@@ -177,6 +223,50 @@ pub unsafe fn probe_exec(addr: VirtAddr) -> Result<(), Fault> {
     }
 }
 
+/// Runs `function` on the stack whose top is `top`, whose unmapped guard is `guard`
+/// (below it): `Ok` when it returns, or the page fault that ran it into the guard (the
+/// handler, on its IST stack, ends it and resumes here on the caller's stack).
+///
+/// # Safety
+///
+/// `top` is the top of a mapped, writable stack this CPU uses for nothing else, with
+/// `guard` unmapped below it; `function` only uses that stack and returns or overflows.
+pub unsafe fn run_on_stack(
+    top: VirtAddr,
+    guard: core::ops::Range<VirtAddr>,
+    function: extern "C" fn(),
+) -> Result<(), Fault> {
+    let probes = probes();
+    probes
+        .stack_guard_start
+        .store(guard.start.as_u64(), Ordering::SeqCst);
+    probes
+        .stack_guard_end
+        .store(guard.end.as_u64(), Ordering::SeqCst);
+    // SAFETY: the caller vouches for the stack and the function; a fault in the guard
+    // resumes at the fixup with the saved stack pointer.
+    let overflowed = unsafe {
+        vm_run_on_stack(
+            top.as_u64(),
+            function as usize as u64,
+            probes.saved_rsp.as_ptr(),
+        )
+    };
+    probes.stack_guard_start.store(0, Ordering::SeqCst);
+    probes.stack_guard_end.store(0, Ordering::SeqCst);
+    match overflowed {
+        0 => Ok(()),
+        _ => Err(last_fault()),
+    }
+}
+
+/// Whether a fault at `cr2` ran `run_on_stack`'s function into its guard.
+fn is_stack_overflow(cr2: u64) -> bool {
+    let probes = probes();
+    (probes.stack_guard_start.load(Ordering::SeqCst)..probes.stack_guard_end.load(Ordering::SeqCst))
+        .contains(&cr2)
+}
+
 fn fixup_for(rip: u64) -> Option<u64> {
     // SAFETY: the linker script brackets the `.ex_table` section, which holds only
     // `ExTableEntry` pairs emitted above, with these two symbols.
@@ -207,6 +297,10 @@ pub extern "C" fn page_fault(frame: &mut TrapFrame) {
     } else if is_exec_probe_fault(frame, cr2, code) {
         frame.rsp += 8; // pop the probe's return address, as the target's `ret` would
         &raw const vm_probe_exec_fixup as u64
+    } else if is_stack_overflow(cr2) {
+        // Back to the caller's stack: the overflowed one is abandoned.
+        frame.rsp = probes().saved_rsp.load(Ordering::SeqCst);
+        &raw const vm_run_on_stack_fixup as u64
     } else {
         crate::println!(
             "\nfatal: page fault at {cr2:#x}, rip {:#x}, error code {code:?}",

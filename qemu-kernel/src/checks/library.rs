@@ -4,7 +4,7 @@
 
 use super::infra::{APIC_VERSION_REGISTER, local_apic};
 use super::{Ctx, ensure};
-use crate::fault::{probe_exec, probe_read, probe_write};
+use crate::fault::{probe_exec, probe_read, probe_write, run_on_stack};
 use crate::mm;
 use crate::paging::{Leaf, leaf_entry};
 use alloc::collections::BTreeMap;
@@ -931,4 +931,60 @@ pub(super) fn random_steps(seed: u64, steps: usize) -> Outcome {
         }
     }
     slots.iter().flatten().try_for_each(stress_free)
+}
+
+/// Recurses until the stack runs out (the depth is opaque to the optimiser).
+extern "C" fn overflow_the_stack() {
+    fn deep(depth: u64) -> u64 {
+        let mut frame = [0u8; 512];
+        core::hint::black_box(&mut frame);
+        if core::hint::black_box(depth) == u64::MAX {
+            return 0;
+        }
+        deep(depth + 1) + u64::from(frame[core::hint::black_box(1)])
+    }
+    core::hint::black_box(deep(0));
+}
+
+/// Uses a little of the stack and returns.
+extern "C" fn use_the_stack() {
+    let frame = [7u8; 1024];
+    core::hint::black_box(&frame);
+}
+
+/// A vmalloc'd kernel stack works, and a deliberate overflow of it faults in the
+/// unmapped memory below it, on the page-fault handler's IST stack (not a double or
+/// triple fault); the manager's diagnosis names it an overflow of that stack.
+pub fn kernel_stack_overflow(_ctx: &mut Ctx) -> Outcome {
+    const SIZE: u64 = 16 << 10;
+    let vm = mm::vmalloc();
+    let stack = vm
+        .alloc_stack(SIZE as usize)
+        .map_err(|_| "alloc_stack failed")?;
+    let guard = stack.base() - SIZE..stack.base();
+    ensure(
+        stack.base().as_u64() % SIZE == 0,
+        "the stack is not aligned to its size",
+    )?;
+    // SAFETY: a mapped, writable stack of this CPU's alone, unmapped below; the
+    // functions only use their own frames.
+    let (shallow, overflow) = unsafe {
+        (
+            run_on_stack(stack.top(), guard.clone(), use_the_stack),
+            run_on_stack(stack.top(), guard, overflow_the_stack),
+        )
+    };
+    let expected = alloc::format!(
+        "below 'kernel stack' (16 KiB stack at {:#x}, allocated at",
+        stack.base().as_u64()
+    );
+    // Asked while the stack lives, as a fault handler would.
+    let named = diagnosed(overflow, &expected) && diagnosed(overflow, "stack overflow");
+    drop(stack);
+    vm.purge();
+    ensure(shallow.is_ok(), "a function that fits faulted on the stack")?;
+    ensure(
+        named,
+        "the overflow was not diagnosed as an overflow of that stack",
+    )
 }

@@ -70,6 +70,7 @@ pub const CHECKS: &[(&str, Check)] = &[
         library::info_listing_under_global_heap,
     ),
     ("stress", library::stress),
+    ("kernel_stack_overflow", library::kernel_stack_overflow),
     ("smp_cpus_online", smp::smp_cpus_online),
     ("smp_stress", smp::smp_stress),
     (
