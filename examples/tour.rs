@@ -92,6 +92,15 @@ fn main() {
     if let Some(fault) = fault.page_fault() {
         println!("diagnosis: {}", vm.diagnose_fault(fault.addr, fault.code));
     }
+    // A kernel stack: aligned to its size, unmapped below, so an overflow faults.
+    let stack = vm.alloc_stack(16 << 10).expect("alloc_stack");
+    let below = stack.base() - 8u64;
+    if let Err(fault) = machine.translate(below, Access::WRITE)
+        && let Some(fault) = fault.page_fault()
+    {
+        println!("diagnosis: {}", vm.diagnose_fault(fault.addr, fault.code));
+    }
+    drop(stack);
     // Mistakes get an error and change nothing.
     println!(
         "vfree(interior pointer): {:?}",

@@ -57,6 +57,11 @@ fn the_tour_shows_scattered_frames_and_returns_everything() {
         "the guard-page fault diagnosed:\n{text}"
     );
     assert!(
+        text.contains("diagnosis: write below 'kernel stack' (16 KiB stack at")
+            && text.contains(": stack overflow"),
+        "the stack overflow diagnosed:\n{text}"
+    );
+    assert!(
         text.contains("InteriorPointer") && text.contains("NotAllocated"),
         "bad vfree errors:\n{text}"
     );

@@ -84,4 +84,4 @@ pub use options::{
     VmFlags, VmOptions, VmallocConfig,
 };
 pub use owned::{VBox, VBuffer};
-pub use stack::KernelStack;
+pub use stack::{KernelStack, StackCache};

@@ -8,11 +8,17 @@
 //! base is aligned to its size, so `rsp & !(size - 1)` finds it, as Linux's
 //! `THREAD_ALIGN` does. The lower half costs virtual space only, of which the region
 //! has terabytes; the usual guard page still follows the top.
+//!
+//! Making a stack maps pages and freeing one needs a TLB flush, so a kernel that
+//! creates threads often keeps a few freed stacks: a [`StackCache`] holds two per CPU
+//! (Linux's `NR_CACHED_STACKS`), and a stack it hands out again is zeroed first.
 
 use super::area::{AreaKind, AreaRecord};
 use super::manager::Vmalloc;
 use super::options::{Prot, VmOptions};
+use crate::smp::{Cpus, MAX_CPUS};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
 
 /// A kernel stack made by [`Vmalloc::alloc_stack`], freed when dropped.
@@ -25,6 +31,8 @@ where
     vmalloc: &'a Vmalloc<F, M, T>,
     base: VirtAddr,
     size: u64,
+    /// Where the stack goes when dropped, if it came from a cache.
+    cache: Option<&'a dyn Park>,
 }
 
 impl<F, M, T> KernelStack<'_, F, M, T>
@@ -56,6 +64,12 @@ where
     T: TlbFlush,
 {
     fn drop(&mut self) {
+        if self
+            .cache
+            .is_some_and(|cache| cache.park(self.base, self.size))
+        {
+            return;
+        }
         // The stack is this value's alone; freeing it cannot fail.
         let _ = self.vmalloc.free_stack(self.base);
     }
@@ -105,6 +119,7 @@ where
                 vmalloc: self,
                 base: start + bytes,
                 size: bytes,
+                cache: None,
             })
         })
     }
@@ -112,13 +127,156 @@ where
     /// Frees the stack whose base is `base`.
     fn free_stack(&self, base: VirtAddr) -> Result<(), Error> {
         let mut cx = self.lock();
-        let (start, _, record) = cx.area_containing(base).ok_or(Error::NotAllocated)?;
-        if record.kind != AreaKind::Stack || record.dying || start + record.lead * PAGE_SIZE != base
-        {
-            return Err(Error::NotAllocated);
-        }
+        let (start, record) = stack_at(&cx.area_containing(base), base)?;
         cx.inner().data_frames -= record.mapped_pages;
         cx.retire(start, record);
         Ok(())
     }
+
+    /// The live stack of `size` bytes at `base`, zeroed again, if this manager has one.
+    fn reuse_stack(&self, base: VirtAddr, size: u64) -> Option<KernelStack<'_, F, M, T>> {
+        let cx = self.lock();
+        let (start, record) = stack_at(&cx.area_containing(base), base).ok()?;
+        if record.size != size {
+            return None;
+        }
+        let lead = record.lead * PAGE_SIZE;
+        cx.zero_bytes(start, lead, lead + size);
+        Some(KernelStack {
+            vmalloc: self,
+            base,
+            size,
+            cache: None,
+        })
+    }
+}
+
+/// The start and record of the live stack whose base is `base`, from the area
+/// containing it.
+fn stack_at(
+    area: &Option<(VirtAddr, u64, AreaRecord)>,
+    base: VirtAddr,
+) -> Result<(VirtAddr, AreaRecord), Error> {
+    match *area {
+        Some((start, _, record))
+            if record.kind == AreaKind::Stack
+                && !record.dying
+                && start + record.lead * PAGE_SIZE == base =>
+        {
+            Ok((start, record))
+        }
+        _ => Err(Error::NotAllocated),
+    }
+}
+
+/// Stacks each CPU keeps.
+const CACHED_PER_CPU: usize = 2;
+
+/// What a dropped [`KernelStack`] from a cache needs of it.
+trait Park: Sync {
+    /// Keeps the stack at `base` for this CPU; false if its slots are full.
+    fn park(&self, base: VirtAddr, size: u64) -> bool;
+}
+
+/// Freed stacks kept per CPU for the next [`alloc`](Self::alloc) on that CPU; see the
+/// [module docs](self). One cache serves one manager.
+pub struct StackCache<C: Cpus> {
+    cpus: C,
+    /// Each slot: a cached stack's base with log2 of its size in the low bits, or 0.
+    slots: [[AtomicU64; CACHED_PER_CPU]; MAX_CPUS],
+}
+
+impl<C: Cpus> StackCache<C> {
+    /// An empty cache over the kernel's `cpus`; `const`, for a `static`.
+    pub const fn new(cpus: C) -> Self {
+        Self {
+            cpus,
+            slots: [const { [const { AtomicU64::new(0) }; CACHED_PER_CPU] }; MAX_CPUS],
+        }
+    }
+
+    /// A stack of `size` bytes from `vmalloc`: one this CPU freed, zeroed again, or a
+    /// new one ([`Vmalloc::alloc_stack`]). Dropped, it comes back to this cache while
+    /// the CPU has room.
+    ///
+    /// # Errors
+    ///
+    /// As [`Vmalloc::alloc_stack`].
+    #[track_caller]
+    pub fn alloc<'a, F, M, T>(
+        &'a self,
+        vmalloc: &'a Vmalloc<F, M, T>,
+        size: usize,
+    ) -> Result<KernelStack<'a, F, M, T>, Error>
+    where
+        F: FrameSource + Clone,
+        M: PhysMemory + Copy,
+        T: TlbFlush,
+    {
+        for slot in self.slots_here() {
+            let packed = slot.swap(0, Ordering::AcqRel);
+            if packed == 0 {
+                continue;
+            }
+            let (base, bytes) = unpack(packed);
+            if bytes == size as u64
+                && let Some(mut stack) = vmalloc.reuse_stack(base, bytes)
+            {
+                stack.cache = Some(self);
+                return Ok(stack);
+            }
+            // Another size: it goes back to the manager.
+            let _ = vmalloc.free_stack(base);
+        }
+        let mut stack = vmalloc.alloc_stack(size)?;
+        stack.cache = Some(self);
+        Ok(stack)
+    }
+
+    /// Gives every cached stack back to `vmalloc`.
+    pub fn drain<F, M, T>(&self, vmalloc: &Vmalloc<F, M, T>)
+    where
+        F: FrameSource + Clone,
+        M: PhysMemory + Copy,
+        T: TlbFlush,
+    {
+        for slot in self.slots.iter().flatten() {
+            let packed = slot.swap(0, Ordering::AcqRel);
+            if packed != 0 {
+                let _ = vmalloc.free_stack(unpack(packed).0);
+            }
+        }
+    }
+
+    /// Stacks the cache holds.
+    pub fn cached(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|slot| slot.load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
+    /// This CPU's slots (none for an index past [`MAX_CPUS`]).
+    fn slots_here(&self) -> &[AtomicU64] {
+        self.slots
+            .get(self.cpus.current())
+            .map_or(&[], |slots| slots.as_slice())
+    }
+}
+
+impl<C: Cpus> Park for StackCache<C> {
+    fn park(&self, base: VirtAddr, size: u64) -> bool {
+        let packed = base.as_u64() | u64::from(size.trailing_zeros());
+        self.slots_here().iter().any(|slot| {
+            slot.compare_exchange(0, packed, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+}
+
+/// A slot's base and size.
+fn unpack(packed: u64) -> (VirtAddr, u64) {
+    let size = 1 << (packed & 0x3f);
+    (VirtAddr::new_truncate(packed & !0x3f), size)
 }
