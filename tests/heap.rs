@@ -539,6 +539,38 @@ fn empty_slabs_go_back_to_vmalloc_and_a_fragmented_heap_keeps_only_its_live_slab
     assert!(free_at_start - frames.stats().free <= vm_own);
 }
 
+/// 20,000 random allocations and frees of slab-sized blocks on `heap`, at most
+/// `max_live` live, each block tagged with `seed` and checked before it is freed.
+fn churn(heap: &KernelHeap, seed: u64, max_live: usize) {
+    let mut rng = Rng::new(seed);
+    let mut live: Vec<Tagged> = Vec::new();
+    for id in 0..20_000u64 {
+        if live.len() < max_live && (live.is_empty() || rng.below(2) == 0) {
+            let layout = slab_layout(&mut rng);
+            // SAFETY: a non-zero size.
+            let ptr = unsafe { heap.alloc(layout) };
+            assert!(!ptr.is_null());
+            let block = Tagged {
+                ptr,
+                layout,
+                id: id << 8 | seed,
+            };
+            block.write();
+            live.push(block);
+        } else {
+            let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+            assert!(block.intact(), "a block was written by another");
+            // SAFETY: the block came from this heap with this layout.
+            unsafe { heap.dealloc(block.ptr, block.layout) };
+        }
+    }
+    for block in live {
+        assert!(block.intact(), "a block was written by another");
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block.ptr, block.layout) };
+    }
+}
+
 #[test]
 fn two_threads_share_the_size_classes() {
     let machine = machine(512 << 20);
@@ -549,35 +581,7 @@ fn two_threads_share_the_size_classes() {
     std::thread::scope(|scope| {
         for seed in [1, 2] {
             let heap = &heap;
-            scope.spawn(move || {
-                let mut rng = Rng::new(seed);
-                let mut live: Vec<Tagged> = Vec::new();
-                for id in 0..20_000u64 {
-                    if live.len() < 500 && rng.below(2) == 0 {
-                        let layout = slab_layout(&mut rng);
-                        // SAFETY: a non-zero size.
-                        let ptr = unsafe { heap.alloc(layout) };
-                        assert!(!ptr.is_null());
-                        let block = Tagged {
-                            ptr,
-                            layout,
-                            id: id << 1 | seed,
-                        };
-                        block.write();
-                        live.push(block);
-                    } else if !live.is_empty() {
-                        let block = live.swap_remove(rng.below(live.len() as u64) as usize);
-                        assert!(block.intact(), "a block was written by another");
-                        // SAFETY: the block came from this heap with this layout.
-                        unsafe { heap.dealloc(block.ptr, block.layout) };
-                    }
-                }
-                for block in live {
-                    assert!(block.intact());
-                    // SAFETY: as above.
-                    unsafe { heap.dealloc(block.ptr, block.layout) };
-                }
-            });
+            scope.spawn(move || churn(heap, seed, 500));
         }
     });
     assert_eq!(heap.stats().in_use, 0);
@@ -682,33 +686,7 @@ fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_them() {
             let heap = &heap;
             scope.spawn(move || {
                 machine.cpu(cpu).enter();
-                let mut rng = Rng::new(cpu as u64 + 30);
-                let mut live: Vec<Tagged> = Vec::new();
-                for id in 0..20_000u64 {
-                    if live.len() < 400 && (live.is_empty() || rng.below(2) == 0) {
-                        let layout = slab_layout(&mut rng);
-                        // SAFETY: a non-zero size.
-                        let ptr = unsafe { heap.alloc(layout) };
-                        assert!(!ptr.is_null());
-                        let block = Tagged {
-                            ptr,
-                            layout,
-                            id: id << 2 | cpu as u64,
-                        };
-                        block.write();
-                        live.push(block);
-                    } else {
-                        let block = live.swap_remove(rng.below(live.len() as u64) as usize);
-                        assert!(block.intact(), "a block was written by another");
-                        // SAFETY: the block came from this heap with this layout.
-                        unsafe { heap.dealloc(block.ptr, block.layout) };
-                    }
-                }
-                for block in live {
-                    assert!(block.intact());
-                    // SAFETY: as above.
-                    unsafe { heap.dealloc(block.ptr, block.layout) };
-                }
+                churn(heap, cpu as u64 + 30, 400);
             });
         }
     });

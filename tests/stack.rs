@@ -3,11 +3,28 @@
 
 use vmalloc::Error;
 use vmalloc::vmalloc::{AreaKind, FaultSite, StackCache, Vmalloc, VmallocConfig};
-use vmalloc_sim::{Access, Fault, SimConfig, SimMachine};
+use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::VirtAddr;
 
 fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(4))
+}
+
+fn manager<'m>(
+    machine: &'m SimMachine,
+    frames: &'m SimFrames,
+) -> Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine> {
+    // SAFETY: the machine's page tables serve this manager alone.
+    unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            frames,
+            machine,
+        )
+    }
+    .unwrap()
 }
 
 fn page_fault(machine: &SimMachine, addr: VirtAddr, access: Access) -> Option<FaultSiteInput> {
@@ -23,17 +40,7 @@ type FaultSiteInput = (VirtAddr, x86_64::structures::idt::PageFaultErrorCode);
 fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
     let machine = machine();
     let frames = machine.frames();
-    // SAFETY: the machine's page tables serve this manager alone.
-    let vm = unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            &frames,
-            &machine,
-        )
-    }
-    .unwrap();
+    let vm = manager(&machine, &frames);
     let own = |vm: &Vmalloc<_, _, _>| {
         let stats = vm.stats();
         (stats.page_table_frames + stats.bookkeeping_frames) as i64
@@ -105,17 +112,7 @@ fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
 fn bad_sizes_are_refused_and_change_nothing() {
     let machine = machine();
     let frames = machine.frames();
-    // SAFETY: the machine's page tables serve this manager alone.
-    let vm = unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            &frames,
-            &machine,
-        )
-    }
-    .unwrap();
+    let vm = manager(&machine, &frames);
     let before = vm.stats();
     assert_eq!(vm.alloc_stack(0).err(), Some(Error::ZeroSize));
     assert_eq!(vm.alloc_stack(4096).err(), Some(Error::BadAlignment));
@@ -144,17 +141,7 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
         SimConfig::new(64 << 20).with_cpus(2).with_scatter_seed(4),
     )));
     let frames = machine.frames();
-    // SAFETY: the machine's page tables serve this manager alone.
-    let vm = unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            &frames,
-            machine,
-        )
-    }
-    .unwrap();
+    let vm = manager(machine, &frames);
     let cache = StackCache::new(machine);
     machine.cpu(0).enter();
     let stack = cache.alloc(&vm, 16 << 10).unwrap();
