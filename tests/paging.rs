@@ -161,6 +161,11 @@ impl Machine {
         unsafe { self.tables.unmap_huge_2m(page) }
     }
 
+    fn split_huge(&mut self, page: Page<Size2MiB>) -> Result<RangeFlush, Error> {
+        // SAFETY: as for `map`: the same frames stay mapped with the same rights.
+        unsafe { self.tables.split_huge_2m(page, &self.frames) }
+    }
+
     /// Unlinks the empty tables of `range` and frees them to the pool at once (no
     /// TLB to flush first).
     fn free_empty(&mut self, range: PageRange) -> (usize, RangeFlush) {
@@ -705,6 +710,112 @@ fn translate_understands_2m_and_1g_entries() {
     let inside = pages(BASE + 3 * GIB + MIB2, 1);
     assert_eq!(m.map(inside, frames, RW), Err(Error::HugePageInTheWay));
     assert_eq!(m.unmap(inside, |_, _| {}), Err(Error::HugePageInTheWay));
+}
+
+#[test]
+fn range_calls_treat_a_whole_2m_entry_as_512_pages_and_refuse_part_of_one() {
+    let m = &mut machine(2048, 37);
+    let start = BASE + 10 * MIB2 - 2 * PAGE_SIZE;
+    let small = m.take(4);
+    m.map(pages(start, 2), small[..2].iter().copied(), RW)
+        .unwrap();
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 10 * MIB2));
+    let run = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+    m.map_huge(huge, run, RW).unwrap();
+    m.map(pages(BASE + 11 * MIB2, 2), small[2..].iter().copied(), RW)
+        .unwrap();
+    let whole = pages(start, 2 + 512 + 2);
+    let first = PhysFrame::<Size4KiB>::containing_address(run.start_address());
+    let mut expected: Vec<PhysFrame> = small[..2].to_vec();
+    expected.extend((0..512).map(|i| first + i));
+    expected.extend_from_slice(&small[2..]);
+
+    // Part of the 2 MiB entry: refused, nothing changes.
+    let snapshot = m.table_snapshot();
+    let part = pages(start, 2 + 100);
+    assert_eq!(
+        m.protect(part, PageTableFlags::PRESENT),
+        Err(Error::HugePageInTheWay)
+    );
+    assert_eq!(m.detach(part), Err(Error::HugePageInTheWay));
+    assert!(m.table_snapshot() == snapshot);
+
+    let read_only = PageTableFlags::GLOBAL;
+    let flush = m.protect(whole, read_only).unwrap();
+    assert_eq!(flush.range(), Some(whole));
+    let (_, flags, mapped) = m
+        .tables
+        .translate(VirtAddr::new(BASE + 10 * MIB2 + 0x5000))
+        .unwrap();
+    assert_eq!(
+        flags,
+        read_only | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE
+    );
+    assert!(matches!(mapped, MappedFrame::Size2MiB(f) if f == run));
+
+    let flush = m.detach(whole).unwrap();
+    assert_eq!(flush.range(), Some(whole));
+    assert_eq!(
+        m.tables.translate(VirtAddr::new(BASE + 10 * MIB2)).err(),
+        Some(Error::NotMapped)
+    );
+    assert_eq!(
+        m.detach(whole),
+        Err(Error::NotMapped),
+        "detached entries are not mapped"
+    );
+    let mut handed = Vec::new();
+    m.reclaim(whole, |page, frame| handed.push((page, frame)))
+        .unwrap();
+    let pages_seen: Vec<_> = handed.iter().map(|&(page, _)| page).collect();
+    assert_eq!(pages_seen, whole.collect::<Vec<_>>());
+    let frames_seen: Vec<_> = handed.iter().map(|&(_, frame)| frame).collect();
+    assert_eq!(frames_seen, expected);
+    assert_eq!(
+        m.map_huge(huge, run, RW),
+        Ok(()),
+        "the PD entry is free again"
+    );
+}
+
+#[test]
+fn splitting_a_2m_entry_keeps_every_translation_and_lets_part_of_it_go() {
+    let m = &mut machine(2048, 43);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 12 * MIB2));
+    let run = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
+    let flags = RW | PageTableFlags::GLOBAL | PageTableFlags::NO_EXECUTE;
+    m.map_huge(huge, run, flags).unwrap();
+    assert_eq!(
+        m.split_huge(Page::containing_address(VirtAddr::new(BASE + 14 * MIB2))),
+        Err(Error::NotMapped)
+    );
+
+    let out = m.out();
+    m.fail_from(Some(1));
+    assert_eq!(m.split_huge(huge), Err(Error::OutOfFrames));
+    m.fail_from(None);
+    let flush = m.split_huge(huge).unwrap();
+    assert_eq!(m.out(), out + 1, "one page table");
+    assert_eq!(flush.range().map(|r| r.len()), Some(512));
+    let first = PhysFrame::<Size4KiB>::containing_address(run.start_address());
+    let frames: Vec<_> = (0..512).map(|i| first + i).collect();
+    m.assert_mapped(BASE + 12 * MIB2, &frames, flags);
+    assert_eq!(
+        m.split_huge(huge),
+        Err(Error::NotMapped),
+        "a table is there now"
+    );
+
+    let mut back = Vec::new();
+    let flush = m
+        .unmap(
+            pages(BASE + 12 * MIB2 + 256 * PAGE_SIZE, 256),
+            |_, frame| back.push(frame),
+        )
+        .unwrap();
+    assert_eq!(flush.range().map(|r| r.len()), Some(256));
+    assert_eq!(back, frames[256..]);
+    m.assert_mapped(BASE + 12 * MIB2, &frames[..256], flags);
 }
 
 #[test]

@@ -44,6 +44,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "ioremap_apic",
     "heap_global_alloc",
     "info_listing_under_global_heap",
+    "vmalloc_huge",
     "stress",
     "kernel_stack_overflow",
     "smp_cpus_online",

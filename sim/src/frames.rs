@@ -8,7 +8,7 @@ use std::vec;
 use vmalloc::frame::{BitmapFrameAllocator, FrameStats, LockedFrameAllocator};
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
 use x86_64::PhysAddr;
-use x86_64::structures::paging::PhysFrame;
+use x86_64::structures::paging::{PhysFrame, Size2MiB};
 
 /// A frame allocator over a [`SimMachine`]'s usable memory.
 ///
@@ -95,6 +95,10 @@ unsafe impl FrameSource for SimFrames {
             filled += 1;
         }
         filled
+    }
+
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        self.allocator.alloc_frame_2m()
     }
 
     fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {

@@ -1,9 +1,9 @@
 //! Failing a chosen frame allocation, to test rollback paths.
 
 use super::FrameSource;
-use crate::Error;
+use crate::{Error, PAGE_SIZE};
 use core::sync::atomic::{AtomicU64, Ordering};
-use x86_64::structures::paging::PhysFrame;
+use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB};
 
 const DISARMED: u64 = u64::MAX;
 
@@ -119,6 +119,16 @@ unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
         let filled = self.inner.alloc_frames(&mut out[..allowed]);
         self.count(filled);
         filled
+    }
+
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        const FRAMES: usize = (Size2MiB::SIZE / PAGE_SIZE) as usize;
+        if self.allowed(FRAMES) < FRAMES {
+            return None;
+        }
+        let run = self.inner.alloc_frame_2m()?;
+        self.count(FRAMES);
+        Some(run)
     }
 
     fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {

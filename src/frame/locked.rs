@@ -3,7 +3,7 @@
 use super::bitmap::{BitmapFrameAllocator, FrameStats};
 use super::{FrameSource, MemoryRegion};
 use crate::Error;
-use x86_64::structures::paging::PhysFrame;
+use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB, Size4KiB};
 
 /// A [`BitmapFrameAllocator`] behind a [`spin::Mutex`], usable from several CPUs.
 ///
@@ -114,6 +114,11 @@ unsafe impl FrameSource for LockedFrameAllocator<'_> {
     }
     fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
         self.alloc_bulk(out)
+    }
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        let frames = Size2MiB::SIZE / Size4KiB::SIZE;
+        let first = self.alloc_contiguous(frames, frames).ok()?;
+        PhysFrame::from_start_address(first.start_address()).ok()
     }
     fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
         self.free(frame)

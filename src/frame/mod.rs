@@ -19,7 +19,7 @@ pub use locked::LockedFrameAllocator;
 use crate::Error;
 use core::ops::Range;
 use x86_64::PhysAddr;
-use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size4KiB};
+use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size2MiB, Size4KiB};
 
 /// What a firmware memory map says about one physical range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub struct MemoryRegion {
 /// The library writes page tables and data into the frames it is given and maps them
 /// into the kernel's address space, so an implementation promises:
 ///
-/// - every frame handed out is RAM that nobody else uses (not the kernel image, not a
+/// - every frame handed out (each of the 512 of a 2 MiB run too) is RAM that nobody else uses (not the kernel image, not a
 ///   page table, not MMIO) until it comes back through `free_frame`/`free_frames`,
 ///   and is not handed out again before that;
 /// - it takes back, with `Ok`, every frame it handed out that is not back yet, and
@@ -71,6 +71,14 @@ pub unsafe trait FrameSource {
             filled += 1;
         }
         filled
+    }
+
+    /// 512 physically contiguous frames starting on a 2 MiB boundary, for one 2 MiB
+    /// mapping, or `None`. They come back as 512 single frames, through
+    /// [`free_frame`](Self::free_frame) or [`free_frames`](Self::free_frames). The
+    /// default finds none, so a source that cannot look for runs maps 4 KiB pages.
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        None
     }
 
     /// Returns one frame.
@@ -104,6 +112,9 @@ unsafe impl<S: FrameSource + ?Sized> FrameSource for &S {
     }
     fn alloc_frames(&self, out: &mut [PhysFrame<Size4KiB>]) -> usize {
         (**self).alloc_frames(out)
+    }
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        (**self).alloc_frame_2m()
     }
     fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
         (**self).free_frame(frame)

@@ -83,4 +83,57 @@ impl<M: PhysMemory> PageTables<M> {
         let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
         Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
     }
+
+    /// Replaces the 2 MiB mapping at `page` by a page table of 512 4 KiB entries
+    /// that map the same frames with the same rights (Linux's `split_huge_pmd`), so
+    /// that part of it can be unmapped. The table comes from `tables` and is marked
+    /// [`CREATED`]. Flush the returned token: the TLB may hold the 2 MiB translation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] unless a present 2 MiB entry maps `page`;
+    /// [`Error::HugePageInTheWay`] for a 1 GiB entry above it; [`Error::OutOfFrames`]
+    /// without a frame for the table. Nothing changes on error.
+    ///
+    /// # Safety
+    ///
+    /// As [`protect`](Self::protect): the pages are the caller's to change, and
+    /// `tables` hands out unused frames reachable through `phys`.
+    pub unsafe fn split_huge_2m(
+        &mut self,
+        page: Page<Size2MiB>,
+        tables: &impl FrameSource,
+    ) -> Result<RangeFlush, Error> {
+        let addr = page.start_address().as_u64();
+        let mut existing = Existing {
+            upper_bits: PageTableFlags::empty(),
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
+        let entry = entry_at(pd, index(addr, 2));
+        // SAFETY: the entry lies in a reachable PD.
+        let raw = unsafe { read(entry) };
+        let huge = PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
+        if !PageTableFlags::from_bits_retain(raw).contains(huge) {
+            return Err(Error::NotMapped);
+        }
+        let table_frame = tables.alloc_frame().ok_or(Error::OutOfFrames)?;
+        // Bit 12 of the 2 MiB entry is PAT and bit 7 says "huge"; a 4 KiB leaf has
+        // neither (PAT is never set here).
+        let base = raw & ADDR_MASK & !(Size2MiB::SIZE - 1);
+        let leaf_bits = raw & !ADDR_MASK & !PageTableFlags::HUGE_PAGE.bits();
+        let table = table_at(&self.phys, table_frame.start_address());
+        // SAFETY: the frame is fresh from `tables`, reachable through `phys`, and not
+        // yet linked anywhere.
+        let leaves = unsafe { leaf_entries(table, 0, ENTRIES as usize) };
+        for (i, leaf) in leaves.iter_mut().enumerate() {
+            *leaf = (base + i as u64 * PAGE_SIZE) | leaf_bits;
+        }
+        // The table is complete before the entry that publishes it is written.
+        compiler_fence(Ordering::Release);
+        let leaf_flags = PageTableFlags::from_bits_retain(leaf_bits);
+        // SAFETY: the entry lies in a reachable PD; nothing borrows it.
+        unsafe { (*entry).set_frame(table_frame, upper_flags_for(leaf_flags) | CREATED) };
+        Ok(RangeFlush::new(addr, addr + Size2MiB::SIZE))
+    }
 }

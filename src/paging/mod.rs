@@ -237,9 +237,10 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
     fn clear_leaves(&self, start: u64, end: u64) {
-        let cleared = self.rewrite_leaves(start, end, PageTableFlags::empty(), &ANY, |_, leaf| {
-            *leaf = 0
-        });
+        let cleared =
+            self.rewrite_leaves(start, end, PageTableFlags::empty(), &ANY, |_, leaf, _| {
+                *leaf = 0
+            });
         debug_assert!(cleared.is_ok());
     }
 
@@ -269,10 +270,7 @@ impl<M: PhysMemory> PageTables<M> {
             end,
             PageTableFlags::empty(),
             &PRESENT,
-            |addr, leaf| {
-                let raw = core::mem::take(leaf);
-                on_frame(page_at(addr), frame_of(raw));
-            },
+            |addr, leaf, pages| hand_out(addr, core::mem::take(leaf), pages, &mut on_frame),
         )?;
         Ok(RangeFlush::new(start, end))
     }
@@ -291,9 +289,15 @@ impl<M: PhysMemory> PageTables<M> {
     pub unsafe fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
         let (present, detached) = (PageTableFlags::PRESENT.bits(), DETACHED.bits());
-        self.rewrite_leaves(start, end, PageTableFlags::empty(), &PRESENT, |_, leaf| {
-            *leaf = (*leaf & !present) | detached;
-        })?;
+        self.rewrite_leaves(
+            start,
+            end,
+            PageTableFlags::empty(),
+            &PRESENT,
+            |_, leaf, _| {
+                *leaf = (*leaf & !present) | detached;
+            },
+        )?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -322,10 +326,7 @@ impl<M: PhysMemory> PageTables<M> {
             end,
             PageTableFlags::empty(),
             &DETACHED_LEAF,
-            |addr, leaf| {
-                let raw = core::mem::take(leaf);
-                on_frame(page_at(addr), frame_of(raw));
-            },
+            |addr, leaf, pages| hand_out(addr, core::mem::take(leaf), pages, &mut on_frame),
         )
     }
 
@@ -347,30 +348,43 @@ impl<M: PhysMemory> PageTables<M> {
         flags: PageTableFlags,
     ) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        let kept = ADDR_MASK | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY).bits();
+        // `HUGE_PAGE` says a 2 MiB leaf (in a 4 KiB leaf it is PAT): kept either way.
+        let kept = ADDR_MASK
+            | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY | PageTableFlags::HUGE_PAGE).bits();
         let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
         let upper_bits = upper_bits_for(flags);
-        self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf| {
+        self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf, _| {
             *leaf = (*leaf & kept) | leaf_bits;
         })?;
         Ok(RangeFlush::new(start, end))
     }
 
     /// Checks every leaf of `[start, end)` with `check`, then, if all pass, rewrites
-    /// each with `rewrite`, OR-ing `upper_bits` into the upper entries on the way.
+    /// each with `rewrite(address, entry, pages it maps)`, OR-ing `upper_bits` into
+    /// the upper entries on the way.
+    ///
+    /// A 2 MiB entry (present, or detached by [`detach`](Self::detach)) that the range
+    /// covers whole is one leaf of 512 pages; one the range covers in part fails
+    /// with [`Error::HugePageInTheWay`] (or [`Error::NotMapped`] when detached).
     fn rewrite_leaves(
         &self,
         start: u64,
         end: u64,
         upper_bits: PageTableFlags,
         check: &LeafCheck,
-        mut rewrite: impl FnMut(u64, &mut u64),
+        mut rewrite: impl FnMut(u64, &mut u64, u64),
     ) -> Result<(), Error> {
         let mut existing = Existing {
             upper_bits: PageTableFlags::empty(),
         };
         let mut cursor = Cursor::new(&self.phys, self.root);
         for (addr, first, len) in leaf_chunks(start, end) {
+            // SAFETY: `new`'s contract makes the tables below the root valid.
+            if let Some(huge) = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }? {
+                // SAFETY: `huge_leaf` found the entry in a reachable PD.
+                check.check(core::slice::from_ref(unsafe { &*huge }))?;
+                continue;
+            }
             // SAFETY: `new`'s contract makes the tables below the root valid.
             let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
@@ -385,12 +399,18 @@ impl<M: PhysMemory> PageTables<M> {
         }
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: as above; the first pass found every table.
+            if let Some(huge) = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }? {
+                // SAFETY: as above; nothing else borrows the entry.
+                rewrite(addr, unsafe { &mut *huge }, ENTRIES);
+                continue;
+            }
+            // SAFETY: as above.
             let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
             // SAFETY: as above.
             let leaves = unsafe { leaf_entries(table, first, len) };
             let mut page_addr = addr;
             for leaf in leaves {
-                rewrite(page_addr, leaf);
+                rewrite(page_addr, leaf, 1);
                 page_addr += PAGE_SIZE;
             }
         }
@@ -504,6 +524,42 @@ const ANY: LeafCheck = LeafCheck {
 fn frame_of(raw: u64) -> PhysFrame {
     // SAFETY: masking with `ADDR_MASK` leaves a 4 KiB-aligned address below 2^52.
     unsafe { PhysFrame::from_start_address_unchecked(PhysAddr::new_truncate(raw & ADDR_MASK)) }
+}
+
+/// The 2 MiB leaf that maps the whole leaf-table chunk at `addr` (`len` pages), if
+/// there is one: present, or detached (the hardware ignores a non-present entry's
+/// other bits, so `HUGE_PAGE` still tells its size).
+///
+/// # Safety
+///
+/// The cursor's tables are valid (`PageTables::new`'s contract).
+unsafe fn huge_leaf<M: PhysMemory>(
+    cursor: &mut Cursor<'_, M>,
+    addr: u64,
+    len: usize,
+    existing: &mut Existing,
+) -> Result<Option<*mut u64>, Error> {
+    if len as u64 != ENTRIES {
+        return Ok(None);
+    }
+    // SAFETY: per the caller.
+    let pd = unsafe { cursor.table(addr, 1, existing) }?;
+    let entry = entry_at(pd, index(addr, 2)).cast::<u64>();
+    // SAFETY: the entry lies in a reachable PD.
+    let raw = unsafe { *entry };
+    let leaf = PageTableFlags::PRESENT.bits() | DETACHED.bits();
+    let huge = raw & PageTableFlags::HUGE_PAGE.bits() != 0 && raw & leaf != 0;
+    Ok(huge.then_some(entry))
+}
+
+/// Hands each 4 KiB page and frame of the leaf `raw` at `addr`, which maps `pages`
+/// pages (1, or 512 for a 2 MiB leaf), to `on_frame`.
+fn hand_out(addr: u64, raw: u64, pages: u64, on_frame: &mut impl FnMut(Page, PhysFrame)) {
+    // Bit 12 of a 2 MiB entry is PAT, not address.
+    let first = frame_of(raw & !(pages * PAGE_SIZE - 1));
+    for i in 0..pages {
+        on_frame(page_at(addr + i * PAGE_SIZE), first + i);
+    }
 }
 
 /// The 4 KiB page at canonical address `addr`.

@@ -53,6 +53,9 @@ pub(crate) struct AreaRecord {
     pub lead: u64,
     /// Pages mapped after the lead (for `Reserved`: populated so far).
     pub mapped_pages: u64,
+    /// How many 2 MiB mappings back the area (see `VmFlags::HUGE`); the rest of its
+    /// pages are 4 KiB ones.
+    pub huge_mappings: u64,
     /// Usable size in bytes, whole pages (excludes the guard page).
     pub size: u64,
     /// Bytes the caller asked for (`vmalloc`, the last `vrealloc`): a zeroed area
@@ -85,6 +88,7 @@ impl AreaRecord {
             kind,
             lead: 0,
             mapped_pages: pages,
+            huge_mappings: 0,
             size: pages * PAGE_SIZE,
             bytes,
             dying: false,
@@ -118,8 +122,11 @@ pub struct AreaInfo {
     pub span: u64,
     /// Usable bytes.
     pub size: u64,
-    /// Pages mapped.
+    /// Pages mapped, in 4 KiB pages.
     pub pages: u64,
+    /// How many 2 MiB mappings back the area ([`VmFlags::HUGE`]); its other pages
+    /// are mapped 4 KiB at a time.
+    pub huge_mappings: u64,
     /// Which call made it.
     pub kind: AreaKind,
     /// The physical start of an `ioremap` area.
@@ -140,6 +147,7 @@ impl AreaInfo {
             span,
             size: record.size,
             pages: record.mapped_pages,
+            huge_mappings: record.huge_mappings,
             kind: record.kind,
             phys: (record.kind == AreaKind::Ioremap).then_some(record.phys),
             lead: record.lead * PAGE_SIZE,
@@ -151,7 +159,8 @@ impl AreaInfo {
 
 impl fmt::Display for AreaInfo {
     /// One line in the style of `/proc/vmallocinfo`:
-    /// `0xffffc90000000000-0xffffc90000005000   20480 tag src/net.rs:88 pages=4 vmalloc`.
+    /// `0xffffc90000000000-0xffffc90000005000   20480 tag src/net.rs:88 pages=4 vmalloc`,
+    /// with `huge=N` after the pages for an area backed by N 2 MiB mappings.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let end = self.start.as_u64() + self.span;
         write!(
@@ -169,6 +178,9 @@ impl fmt::Display for AreaInfo {
         }
         if self.pages > 0 {
             write!(f, " pages={}", self.pages)?;
+        }
+        if self.huge_mappings > 0 {
+            write!(f, " huge={}", self.huge_mappings)?;
         }
         if let Some(phys) = self.phys {
             write!(f, " phys={:#x}", phys.as_u64())?;

@@ -33,6 +33,7 @@ where
             largest_free: inner.space.largest_free(),
             areas: inner.areas.len() as u64,
             data_frames: inner.data_frames,
+            huge_mappings: inner.huge_mappings,
             page_table_frames: inner.page_table_frames,
             bookkeeping_frames: inner.pool.frames_held() as u64,
             bookkeeping_free_slots: inner.pool.free_slots() as u64,
@@ -95,6 +96,7 @@ const EMPTY: AreaInfo = AreaInfo {
     span: 0,
     size: 0,
     pages: 0,
+    huge_mappings: 0,
     kind: AreaKind::Vmalloc,
     phys: None,
     lead: 0,
@@ -157,8 +159,10 @@ pub struct VmallocStats {
     pub largest_free: u64,
     /// Live areas.
     pub areas: u64,
-    /// Frames mapped as data of live `vmalloc` and reserved areas.
+    /// Frames mapped as data of live `vmalloc`, reserved and stack areas.
     pub data_frames: u64,
+    /// Of those, how many are 2 MiB mappings (512 frames each).
+    pub huge_mappings: u64,
     /// Frames held in page tables this manager allocated.
     pub page_table_frames: u64,
     /// Frames holding the manager's own bookkeeping.
@@ -185,6 +189,7 @@ impl fmt::Display for VmallocStats {
         writeln!(f, "VmallocChunk:   {:>10} kB", kib(self.largest_free))?;
         writeln!(f, "VmallocAreas:   {:>10}", self.areas)?;
         writeln!(f, "VmallocFrames:  {:>10}", self.data_frames)?;
+        writeln!(f, "VmallocHuge:    {:>10}", self.huge_mappings)?;
         writeln!(f, "PageTables:     {:>10} kB", self.page_table_frames * 4)?;
         writeln!(f, "Bookkeeping:    {:>10} kB", self.bookkeeping_frames * 4)?;
         write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)

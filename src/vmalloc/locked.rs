@@ -33,6 +33,8 @@ pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     /// Tables this manager created and has not freed, the top-level ones included.
     pub(super) page_table_frames: u64,
     pub(super) data_frames: u64,
+    /// 2 MiB mappings among the data frames.
+    pub(super) huge_mappings: u64,
     pub(super) purges: u64,
     /// Deferred frees whose pointer `vfree` would have refused.
     pub(super) deferred_refused: u64,
@@ -134,7 +136,7 @@ where
 
     /// Runs `op`, which must change nothing when it fails; if it runs out of frames or
     /// virtual space while areas wait on the purge list, purges and runs it again.
-    fn retrying<R>(
+    pub(super) fn retrying<R>(
         &mut self,
         mut op: impl FnMut(&mut Self) -> Result<R, Error>,
     ) -> Result<R, Error> {
@@ -273,7 +275,7 @@ where
         })
     }
 
-    fn zero_frame(&self, frame: PhysFrame) {
+    pub(super) fn zero_frame(&self, frame: PhysFrame) {
         let ptr = self.vm.phys.phys_to_virt(frame.start_address());
         // SAFETY: `frame` was just handed to us by the frame allocator, and `PhysMemory`
         // guarantees the whole frame is writable through `ptr`.

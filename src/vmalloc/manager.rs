@@ -3,6 +3,7 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::deferred::DeferredFrees;
+use super::huge;
 use super::locked::{CHUNK, Inner, Locked, as_ptr, page_at, page_range};
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
 use super::purge::PurgeList;
@@ -86,6 +87,7 @@ where
             purge: PurgeList::new(),
             page_table_frames: created,
             data_frames: 0,
+            huge_mappings: 0,
             purges: 0,
             deferred_refused: 0,
         };
@@ -156,6 +158,9 @@ where
         let flags = options.prot.leaf_flags()?;
         let record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
         let zero = options.flags.contains(VmFlags::ZERO);
+        if huge::wants_huge(size as u64, options) {
+            return self.vmalloc_huge_area(record, pages, zero);
+        }
         self.transact(|cx| {
             let start = cx.create_area(record, align)?;
             if let Err(error) = cx.back_pages(start, 0..pages, flags, zero) {

@@ -45,6 +45,7 @@
 //! | `locked.rs` | the state under the lock and the steps calls are made of | `space`, `purge`, `reclaim` |
 //! | `purge.rs` | the lazy-free list and the purge | `reclaim`, [`tlb`](crate::tlb) |
 //! | `realloc.rs` | `vrealloc` | `locked` |
+//! | `huge.rs` | areas backed by 2 MiB pages | `locked` |
 //! | `info.rs` | listings and counters | `locked` |
 //! | `reclaim.rs` | every frame leaving the manager | [`paging`](crate::paging) |
 //! | `space.rs` | free virtual ranges and the area map | `tree`, `slab` |
@@ -60,6 +61,7 @@
 mod area;
 pub mod deferred;
 pub mod diagnose;
+mod huge;
 mod info;
 mod locked;
 mod manager;
@@ -80,8 +82,8 @@ pub use info::{Areas, VmallocInfo, VmallocStats};
 pub use manager::Vmalloc;
 pub use ops::VmallocOps;
 pub use options::{
-    CacheMode, DEFAULT_LAZY_THRESHOLD_PAGES, Prot, VMALLOC_END, VMALLOC_SIZE, VMALLOC_START,
-    VmFlags, VmOptions, VmallocConfig,
+    CacheMode, DEFAULT_LAZY_THRESHOLD_PAGES, HUGE_PAGE_SIZE, Prot, VMALLOC_END, VMALLOC_SIZE,
+    VMALLOC_START, VmFlags, VmOptions, VmallocConfig,
 };
 pub use owned::{VBox, VBuffer};
 pub use stack::{KernelStack, StackCache};

@@ -12,6 +12,9 @@ pub const VMALLOC_END: u64 = 0xffff_e900_0000_0000;
 /// Size of Linux's x86_64 vmalloc range: 32 TiB.
 pub const VMALLOC_SIZE: u64 = VMALLOC_END - VMALLOC_START;
 
+/// Bytes of one huge mapping (a PD entry): 2 MiB.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 /// Pages freed lazily before a purge is forced by default: 32 MiB, as Linux's
 /// `lazy_max_pages()` on one CPU.
 pub const DEFAULT_LAZY_THRESHOLD_PAGES: u64 = (32 << 20) / PAGE_SIZE;
@@ -59,6 +62,9 @@ bitflags! {
         const ZERO = 1 << 0;
         /// No guard page after the area (Linux's `VM_NO_GUARD`).
         const NO_GUARD = 1 << 1;
+        /// Map with 2 MiB pages where possible (Linux's `VM_ALLOW_HUGE_VMAP`,
+        /// `vmalloc_huge`): see [huge mappings](super::Vmalloc::vmalloc_huge).
+        const HUGE = 1 << 2;
     }
 }
 

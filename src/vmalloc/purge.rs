@@ -177,7 +177,9 @@ where
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
     pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
         let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
-        self.inner().data_frames -= record.mapped_pages;
+        let inner = self.inner();
+        inner.data_frames -= record.mapped_pages;
+        inner.huge_mappings -= record.huge_mappings;
         self.retire(start, record);
         Ok(())
     }
@@ -206,7 +208,9 @@ where
     pub(super) fn retire_all(&mut self) {
         while let Some(area) = self.inner().areas.first_from(0) {
             if area.data.kind.owns_frames() {
-                self.inner().data_frames -= area.data.mapped_pages;
+                let inner = self.inner();
+                inner.data_frames -= area.data.mapped_pages;
+                inner.huge_mappings -= area.data.huge_mappings;
             }
             self.queue_for_purge(area.start, area.data);
         }

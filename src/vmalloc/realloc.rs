@@ -32,15 +32,27 @@ where
             let old_pages = record.mapped_pages;
             // Every path below needs at most two bookkeeping nodes: have them first.
             cx.reserve_nodes(2)?;
+            if new_pages < old_pages && record.huge_mappings > 0 {
+                cx.split_at_cut(start, new_pages)?;
+            }
             let moved = if new_pages <= old_pages {
-                cx.shrink_in_place(start, &record, new_pages, new_bytes)?;
-                start
+                cx.shrink_in_place(start, &record, new_pages, new_bytes)
+                    .map(|()| start)
             } else if cx.try_extend(start, &record, new_pages) {
-                cx.grow_in_place(start, &record, new_pages, new_bytes)?;
-                start
+                cx.grow_in_place(start, &record, new_pages, new_bytes)
+                    .map(|()| start)
             } else {
-                cx.grow_by_moving(start, &record, new_pages, new_bytes)?
+                cx.grow_by_moving(start, &record, new_pages, new_bytes)
             };
+            if record.huge_mappings > 0 {
+                // A split or a move maps 4 KiB pages where 2 MiB ones were.
+                let (at, pages) = moved.map_or((start, old_pages), |at| (at, new_pages));
+                let huge = cx.count_huge(at, pages);
+                cx.record_mut(at).huge_mappings = huge;
+                let inner = cx.inner();
+                inner.huge_mappings = inner.huge_mappings + huge - record.huge_mappings;
+            }
+            let moved = moved?;
             let inner = cx.inner();
             inner.data_frames = inner.data_frames + new_pages - old_pages;
             Ok(as_ptr(moved))

@@ -408,6 +408,83 @@ pub fn readonly_write_faults(_ctx: &mut Ctx) -> Outcome {
     )
 }
 
+/// A huge area: its 2 MiB chunks are 2 MiB entries in the real page tables, every
+/// byte reads back what was written through them, the 4 KiB tail follows, and a write
+/// past the end faults on the guard page and is diagnosed so. After `vfree` and the
+/// purge, the area faults and every frame is back.
+pub fn vmalloc_huge(ctx: &mut Ctx) -> Outcome {
+    const SIZE: usize = 4 * MIB + 3 * PAGE;
+    let vm = mm::vmalloc();
+    let ptr = vm
+        .vmalloc_huge(SIZE)
+        .map_err(|_| "vmalloc_huge failed")?
+        .as_ptr();
+    let start = addr(ptr);
+    let level = |at: VirtAddr| leaf_entry(&ctx.phys, ctx.pml4, at).map(|leaf| leaf.level);
+    let shape = [0, 2 * MIB, 4 * MIB].map(|offset| level(start + offset as u64));
+    let frames: Vec<PhysFrame> = (0..SIZE / PAGE)
+        .filter_map(|page| leaf_entry(&ctx.phys, ctx.pml4, start + (page * PAGE) as u64))
+        .enumerate()
+        .map(|(page, leaf)| {
+            let base = leaf
+                .addr
+                .align_down((PAGE << (9 * (leaf.level - 1))) as u64);
+            let offset = (page * PAGE) as u64 % (PAGE << (9 * (leaf.level - 1))) as u64;
+            PhysFrame::containing_address(base + offset)
+        })
+        .collect();
+    let words = SIZE / 8;
+    let base = ptr.cast::<u64>();
+    for i in 0..words {
+        // SAFETY: `i` < `words` keeps the write inside the live area.
+        unsafe { base.add(i).write_volatile(i as u64 ^ 0x2_0000_0000) };
+    }
+    // SAFETY: as above, reading back.
+    let intact =
+        (0..words).all(|i| unsafe { base.add(i).read_volatile() } == i as u64 ^ 0x2_0000_0000);
+    let guard = start + SIZE as u64;
+    // SAFETY: the guard page after the area; the fault is recovered.
+    let past_end = unsafe { probe_write(guard, 1) };
+    let guard_diagnosed = diagnosed(past_end, "0 bytes past it: guard page");
+    let huge = vm.stats().huge_mappings;
+    let listed = alloc::format!("{}", vm.info()).contains("pages=1027 huge=2 vmalloc");
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    vm.purge();
+    // SAFETY: the freed area; the fault is recovered.
+    let after_free = unsafe { probe_read(start + MIB as u64) };
+    ensure(
+        start.as_u64().is_multiple_of((2 * MIB) as u64),
+        "the huge area is not 2 MiB-aligned",
+    )?;
+    ensure(
+        shape == [Some(2), Some(2), Some(1)],
+        "not two 2 MiB entries and a 4 KiB tail",
+    )?;
+    ensure(
+        huge == 2 && listed,
+        "stats or info do not show the two 2 MiB mappings",
+    )?;
+    ensure(intact, "a word of the huge area did not read back")?;
+    ensure(
+        past_end.is_err_and(|fault| {
+            fault.addr == guard && fault.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE)
+        }) && guard_diagnosed,
+        "a write past the huge area did not fault on its guard page",
+    )?;
+    ensure(
+        is_not_present_fault_at(after_free, start + MIB as u64),
+        "the freed huge area did not fault",
+    )?;
+    ensure(
+        frames.len() == SIZE / PAGE
+            && frames
+                .iter()
+                .all(|&frame| mm::frames().is_free(frame) == Ok(true))
+            && vm.stats().huge_mappings == 0,
+        "the huge area's frames did not all come back",
+    )
+}
+
 /// Frames of a lazily freed area stay allocated until the purge has flushed their
 /// stale translations, and are free right after it.
 pub fn no_frame_reused_before_purge(_ctx: &mut Ctx) -> Outcome {

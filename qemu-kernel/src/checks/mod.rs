@@ -60,6 +60,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("use_after_free_faults", library::use_after_free_faults),
     ("guard_page_faults", library::guard_page_faults),
+    ("vmalloc_huge", library::vmalloc_huge),
     ("readonly_write_faults", library::readonly_write_faults),
     ("nx_faults", library::nx_faults),
     ("second_address_space", library::second_address_space),
