@@ -7,6 +7,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use vmalloc::frame::MapperFrames;
+use vmalloc::vmalloc::{VmFlags, VmOptions};
 use vmalloc::{FrameSource, PAGE_SIZE};
 use vmalloc_sim::scenarios::*;
 use vmalloc_sim::{Rng, SimFrames, SimMachine};
@@ -119,6 +120,46 @@ fn vmalloc_vfree(c: &mut Criterion) {
     });
 }
 
+/// 64 MiB `vzalloc`+`vfree`+purge, mapped with 4 KiB pages and with 2 MiB ones
+/// (`VmFlags::HUGE`), on a 1 GiB machine whose frames are not fragmented, so 2 MiB
+/// runs exist. Prints the page-table frames each needs.
+fn huge_vzalloc(c: &mut Criterion) {
+    const SIZE: usize = 64 << 20;
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, false);
+    let small = VmOptions {
+        flags: VmFlags::ZERO,
+        ..VmOptions::default()
+    };
+    let huge = VmOptions {
+        flags: VmFlags::ZERO | VmFlags::HUGE,
+        ..small
+    };
+    let mut group = c.benchmark_group("vzalloc_64m");
+    group.throughput(Throughput::Bytes(SIZE as u64));
+    for (name, options) in [("4k", small), ("huge", huge)] {
+        let tables = vm.stats().page_table_frames;
+        let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
+        let stats = vm.stats();
+        println!(
+            "vzalloc_64m/{name}: {} page-table frames, {} 2 MiB mappings",
+            stats.page_table_frames - tables,
+            stats.huge_mappings
+        );
+        vm.vfree(ptr.as_ptr()).unwrap();
+        vm.purge();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
+                vm.vfree(ptr.as_ptr()).unwrap();
+                vm.purge();
+            })
+        });
+    }
+    group.finish();
+}
+
 fn test_vmalloc_scenarios(c: &mut Criterion) {
     let machine = machine();
     let frames = fragmented_frames(&machine);
@@ -211,6 +252,7 @@ fn threads(c: &mut Criterion) {
 criterion_group!(
     benches,
     vmalloc_vfree,
+    huge_vzalloc,
     test_vmalloc_scenarios,
     latency_with_live_areas,
     threads

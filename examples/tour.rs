@@ -1,8 +1,9 @@
 //! A tour of `vmalloc` on a simulated machine: `cargo run --example tour`.
 //!
 //! It boots a machine whose memory is fragmented, vmallocs a buffer, shows the
-//! scattered frames behind it, writes through it, lists the areas, runs into the
-//! guard page, makes a few mistakes on purpose, and gives everything back.
+//! scattered frames behind it, writes through it, maps a table with 2 MiB pages,
+//! lists the areas, runs into a guard page and a stack's guard, makes a few mistakes
+//! on purpose, and gives everything back.
 
 use vmalloc::{VmOptions, Vmalloc, VmallocConfig};
 use vmalloc_sim::{Access, SimConfig, SimMachine};
@@ -79,6 +80,16 @@ fn main() {
     );
 
     let zeroed = vm.vzalloc(3 * 4096).expect("vzalloc");
+    // Large tables may ask for 2 MiB pages: one TLB entry and no page table per 2 MiB,
+    // where the frame allocator has 2 MiB runs; 4 KiB pages elsewhere and for the tail.
+    let table = vm.vmalloc_huge((4 << 20) + 8192).expect("vmalloc_huge");
+    let table_at = VirtAddr::from_ptr(table.as_ptr());
+    let mapped = machine.translate(table_at, Access::READ).expect("mapped");
+    println!(
+        "\nvmalloc_huge(4 MiB + 8 KiB) = {table_at:#x}: its first page is a {} KiB page at frame {:#x}",
+        mapped.page_size >> 10,
+        mapped.frame_start.as_u64()
+    );
     println!("\n/proc/vmallocinfo:\n{}", vm.info());
     println!("/proc/meminfo:\n{}\n", vm.stats());
 
@@ -113,6 +124,7 @@ fn main() {
     );
 
     vm.vfree(buffer.as_ptr()).expect("vfree");
+    vm.vfree(table.as_ptr()).expect("vfree");
     println!(
         "\nafter vfree: {} pages wait for the next purge",
         vm.stats().pending_purge_pages

@@ -51,6 +51,16 @@
 //! hands the frames back and zeroes the entries. The vmalloc
 //! [purge](crate::vmalloc::purge) is the policy built on this.
 //!
+//! # 2 MiB entries
+//!
+//! [`PageTables::map_huge_2m`] writes a 2 MiB leaf into a PD. The range calls that
+//! rewrite leaves ([`unmap`](PageTables::unmap), [`detach`](PageTables::detach),
+//! [`reclaim_detached`](PageTables::reclaim_detached), [`protect`](PageTables::protect))
+//! take a 2 MiB entry that the range covers whole as 512 pages, handing its frames
+//! out one 4 KiB frame at a time; a range that covers part of one fails with
+//! [`Error::HugePageInTheWay`] and changes nothing. [`PageTables::split_huge_2m`]
+//! turns one into a page table first.
+//!
 //! # Ranges
 //!
 //! Ranges are [`PageRange`]s, end exclusive. A range whose end is below its start

@@ -61,7 +61,7 @@
 mod area;
 pub mod deferred;
 pub mod diagnose;
-mod huge;
+pub mod huge;
 mod info;
 mod locked;
 mod manager;

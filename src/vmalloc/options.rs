@@ -63,7 +63,7 @@ bitflags! {
         /// No guard page after the area (Linux's `VM_NO_GUARD`).
         const NO_GUARD = 1 << 1;
         /// Map with 2 MiB pages where possible (Linux's `VM_ALLOW_HUGE_VMAP`,
-        /// `vmalloc_huge`): see [huge mappings](super::Vmalloc::vmalloc_huge).
+        /// `vmalloc_huge`): see [huge mappings](super::huge).
         const HUGE = 1 << 2;
     }
 }
