@@ -122,42 +122,51 @@ fn vmalloc_vfree(c: &mut Criterion) {
 
 /// 64 MiB `vzalloc`+`vfree`+purge, mapped with 4 KiB pages and with 2 MiB ones
 /// (`VmFlags::HUGE`), on a 1 GiB machine whose frames are not fragmented, so 2 MiB
-/// runs exist. Prints the page-table frames each needs.
+/// runs exist; and the same with `vmalloc`, which leaves the memory as it was, so
+/// the mapping work shows without the 64 MiB of zeroing. Prints the page-table
+/// frames each needs.
 fn huge_vzalloc(c: &mut Criterion) {
     const SIZE: usize = 64 << 20;
     let machine = machine();
     let frames = machine.frames();
     let vm = manager(&machine, &frames, false);
-    let small = VmOptions {
-        flags: VmFlags::ZERO,
-        ..VmOptions::default()
-    };
-    let huge = VmOptions {
-        flags: VmFlags::ZERO | VmFlags::HUGE,
-        ..small
-    };
-    let mut group = c.benchmark_group("vzalloc_64m");
-    group.throughput(Throughput::Bytes(SIZE as u64));
-    for (name, options) in [("4k", small), ("huge", huge)] {
-        let tables = vm.stats().page_table_frames;
-        let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
-        let stats = vm.stats();
-        println!(
-            "vzalloc_64m/{name}: {} page-table frames, {} 2 MiB mappings",
-            stats.page_table_frames - tables,
-            stats.huge_mappings
-        );
-        vm.vfree(ptr.as_ptr()).unwrap();
-        vm.purge();
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
-                vm.vfree(ptr.as_ptr()).unwrap();
-                vm.purge();
-            })
-        });
+    for zero in [true, false] {
+        let name = if zero { "vzalloc_64m" } else { "vmalloc_64m" };
+        let plain = VmOptions {
+            flags: if zero {
+                VmFlags::ZERO
+            } else {
+                VmFlags::empty()
+            },
+            ..VmOptions::default()
+        };
+        let huge = VmOptions {
+            flags: plain.flags | VmFlags::HUGE,
+            ..plain
+        };
+        let mut group = c.benchmark_group(name);
+        group.throughput(Throughput::Bytes(SIZE as u64));
+        for (pages, options) in [("4k", plain), ("huge", huge)] {
+            let tables = vm.stats().page_table_frames;
+            let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
+            let stats = vm.stats();
+            println!(
+                "{name}/{pages}: {} page-table frames, {} 2 MiB mappings",
+                stats.page_table_frames - tables,
+                stats.huge_mappings
+            );
+            vm.vfree(ptr.as_ptr()).unwrap();
+            vm.purge();
+            group.bench_function(pages, |b| {
+                b.iter(|| {
+                    let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
+                    vm.vfree(ptr.as_ptr()).unwrap();
+                    vm.purge();
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn test_vmalloc_scenarios(c: &mut Criterion) {
