@@ -149,7 +149,11 @@ fn a_huge_area_is_aligned_and_mapped_with_2mib_entries_and_a_4kib_tail() {
 
     let stats = vm.stats();
     assert_eq!(stats.huge_mappings, 2);
-    assert_eq!(stats.data_frames, size / PAGE_SIZE + 1, "and the page before");
+    assert_eq!(
+        stats.data_frames,
+        size / PAGE_SIZE + 1,
+        "and the page before"
+    );
     let line = vm.info().to_string();
     assert!(
         line.contains(&format!("pages={} huge=2 vmalloc", size / PAGE_SIZE)),
@@ -410,5 +414,30 @@ fn a_chunk_whose_pd_entry_holds_a_table_falls_back_and_its_run_goes_back() {
         frames.stats().free,
         base,
         "the run the first chunk could not use is back"
+    );
+}
+
+#[test]
+fn without_a_2mib_aligned_range_a_huge_request_gets_4kib_pages_where_it_fits() {
+    let machine = machine();
+    let frames = machine.frames();
+    // 3 MiB from one page past a 2 MiB boundary: the next boundary leaves only
+    // 1 MiB before the end.
+    let config = VmallocConfig {
+        start: VirtAddr::new(VMALLOC_START + PAGE_SIZE),
+        size: 3 << 20,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's root table is used by nothing else in this test.
+    let vm =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let ptr = vm.vmalloc_huge(MIB2 as usize).unwrap();
+    assert_eq!(addr(ptr), config.start);
+    assert_eq!(vm.stats().huge_mappings, 0);
+    stamp(&machine, addr(ptr), MIB2, 4);
+    assert!(stamped(&machine, addr(ptr), MIB2, 4));
+    assert_eq!(
+        vm.vmalloc_huge(MIB2 as usize),
+        Err(Error::OutOfVirtualSpace)
     );
 }

@@ -63,15 +63,29 @@ where
     /// `vmalloc_with` for an area that may be backed by 2 MiB pages.
     pub(super) fn vmalloc_huge_area(
         &self,
-        mut record: AreaRecord,
+        record: AreaRecord,
         pages: u64,
         zero: bool,
     ) -> Result<NonNull<u8>, Error> {
-        record.align = record.align.max(HUGE_PAGE_SIZE);
         let flags = record.flags;
         self.transact(|cx| {
-            let start = cx.create_area(record, record.align)?;
-            match cx.back_huge(start, pages, flags, zero) {
+            // Where no free range has a 2 MiB-aligned start, an area with the
+            // caller's own alignment and 4 KiB pages will do (so does Linux).
+            let aligned = AreaRecord {
+                align: record.align.max(HUGE_PAGE_SIZE),
+                ..record
+            };
+            let (start, record) = match cx.create_area(aligned, aligned.align) {
+                Ok(start) => (start, aligned),
+                Err(Error::OutOfVirtualSpace) => (cx.create_area(record, record.align)?, record),
+                Err(error) => return Err(error),
+            };
+            let backed = if record.align >= HUGE_PAGE_SIZE {
+                cx.back_huge(start, pages, flags, zero)
+            } else {
+                cx.back_pages(start, 0..pages, flags, zero).map(|()| 0)
+            };
+            match backed {
                 Ok(huge) => {
                     cx.record_mut(start).huge_mappings = huge;
                     let inner = cx.inner();
