@@ -280,7 +280,13 @@ impl<M: PhysMemory> PageTables<M> {
             end,
             PageTableFlags::empty(),
             &PRESENT,
-            |addr, leaf, pages| hand_out(addr, core::mem::take(leaf), pages, &mut on_frame),
+            |addr, leaf, pages| {
+                let raw = core::mem::take(leaf);
+                match pages {
+                    1 => on_frame(page_at(addr), frame_of(raw)),
+                    _ => hand_out_huge(addr, raw, &mut on_frame),
+                }
+            },
         )?;
         Ok(RangeFlush::new(start, end))
     }
@@ -336,7 +342,13 @@ impl<M: PhysMemory> PageTables<M> {
             end,
             PageTableFlags::empty(),
             &DETACHED_LEAF,
-            |addr, leaf, pages| hand_out(addr, core::mem::take(leaf), pages, &mut on_frame),
+            |addr, leaf, pages| {
+                let raw = core::mem::take(leaf);
+                match pages {
+                    1 => on_frame(page_at(addr), frame_of(raw)),
+                    _ => hand_out_huge(addr, raw, &mut on_frame),
+                }
+            },
         )
     }
 
@@ -388,15 +400,22 @@ impl<M: PhysMemory> PageTables<M> {
             upper_bits: PageTableFlags::empty(),
         };
         let mut cursor = Cursor::new(&self.phys, self.root);
+        let mut any_huge = false;
         for (addr, first, len) in leaf_chunks(start, end) {
             // SAFETY: `new`'s contract makes the tables below the root valid.
-            if let Some(huge) = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }? {
-                // SAFETY: `huge_leaf` found the entry in a reachable PD.
-                check.check(core::slice::from_ref(unsafe { &*huge }))?;
-                continue;
-            }
-            // SAFETY: `new`'s contract makes the tables below the root valid.
-            let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
+            let table = match unsafe { cursor.table(addr, 2, &mut existing) } {
+                Ok(table) => table,
+                // In the way of a leaf table: perhaps a 2 MiB leaf the chunk covers.
+                Err(error) => {
+                    // SAFETY: as above.
+                    let huge = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }?;
+                    let huge = huge.ok_or(error)?;
+                    // SAFETY: `huge_leaf` found the entry in a reachable PD.
+                    check.check(core::slice::from_ref(unsafe { &*huge }))?;
+                    any_huge = true;
+                    continue;
+                }
+            };
             // SAFETY: a leaf table of the walk; no other reference to it is alive.
             check.check(unsafe { leaf_entries(table, first, len) })?;
         }
@@ -404,15 +423,17 @@ impl<M: PhysMemory> PageTables<M> {
         // table), so a range inside one leaf table is not walked twice; unless upper
         // entries need bits, which takes passing each of them again.
         let mut existing = Existing { upper_bits };
-        if !upper_bits.is_empty() {
+        if !upper_bits.is_empty() || any_huge {
             cursor = Cursor::new(&self.phys, self.root);
         }
         for (addr, first, len) in leaf_chunks(start, end) {
-            // SAFETY: as above; the first pass found every table.
-            if let Some(huge) = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }? {
-                // SAFETY: as above; nothing else borrows the entry.
-                rewrite(addr, unsafe { &mut *huge }, ENTRIES);
-                continue;
+            if any_huge {
+                // SAFETY: as above; the first pass found every table and 2 MiB leaf.
+                if let Some(huge) = unsafe { huge_leaf(&mut cursor, addr, len, &mut existing) }? {
+                    // SAFETY: as above; nothing else borrows the entry.
+                    rewrite(addr, unsafe { &mut *huge }, ENTRIES);
+                    continue;
+                }
             }
             // SAFETY: as above.
             let table = unsafe { cursor.table(addr, 2, &mut existing) }?;
@@ -543,6 +564,7 @@ fn frame_of(raw: u64) -> PhysFrame {
 /// # Safety
 ///
 /// The cursor's tables are valid (`PageTables::new`'s contract).
+#[inline(never)]
 unsafe fn huge_leaf<M: PhysMemory>(
     cursor: &mut Cursor<'_, M>,
     addr: u64,
@@ -562,12 +584,12 @@ unsafe fn huge_leaf<M: PhysMemory>(
     Ok(huge.then_some(entry))
 }
 
-/// Hands each 4 KiB page and frame of the leaf `raw` at `addr`, which maps `pages`
-/// pages (1, or 512 for a 2 MiB leaf), to `on_frame`.
-fn hand_out(addr: u64, raw: u64, pages: u64, on_frame: &mut impl FnMut(Page, PhysFrame)) {
+/// Hands each 4 KiB page and frame of the 2 MiB leaf `raw` at `addr` to `on_frame`.
+#[inline(never)]
+fn hand_out_huge(addr: u64, raw: u64, on_frame: &mut impl FnMut(Page, PhysFrame)) {
     // Bit 12 of a 2 MiB entry is PAT, not address.
-    let first = frame_of(raw & !(pages * PAGE_SIZE - 1));
-    for i in 0..pages {
+    let first = frame_of(raw & !(Size2MiB::SIZE - 1));
+    for i in 0..ENTRIES {
         on_frame(page_at(addr + i * PAGE_SIZE), first + i);
     }
 }
