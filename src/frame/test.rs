@@ -247,6 +247,49 @@ fn free_bulk_is_all_or_nothing() {
 }
 
 #[test]
+fn consecutive_frames_come_back_a_word_at_a_time_and_still_all_or_nothing() {
+    // Frames 100..400 usable, 50..60 reserved inside a word: runs cross words and
+    // touch unmanaged frames.
+    let map = [
+        MemoryRegion::usable(0, 400 * FRAME),
+        MemoryRegion::reserved(50 * FRAME, 60 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    let all: Vec<PhysFrame> = core::iter::from_fn(|| alloc.alloc()).collect();
+    let free_before = alloc.stats().free;
+    let run: Vec<PhysFrame> = (70..300).map(frame).collect();
+
+    // A run with one frame already free in the middle: refused, nothing freed.
+    alloc.free(frame(200)).unwrap();
+    assert_eq!(alloc.free_bulk(&run), Err(Error::FrameNotAllocated));
+    assert_eq!(alloc.stats().free, free_before + 1);
+    assert!(!alloc.is_free(frame(150)).unwrap() && !alloc.is_free(frame(250)).unwrap());
+    alloc.alloc_contiguous(1, 1).unwrap(); // frame 0..: takes back the lowest free
+    assert!(!alloc.is_free(frame(200)).unwrap());
+
+    // Across the reserved frames: refused as unmanaged, nothing freed.
+    let across: Vec<PhysFrame> = (40..70).map(frame).collect();
+    assert_eq!(alloc.free_bulk(&across), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.stats().free, free_before);
+
+    // The run, then the rest: every frame free again, and each handed out once more.
+    alloc.free_bulk(&run).unwrap();
+    assert_eq!(alloc.stats().free, free_before + run.len() as u64);
+    assert_eq!(alloc.free_bulk(&run[5..7]), Err(Error::FrameNotAllocated));
+    let rest: Vec<PhysFrame> = all.iter().copied().filter(|f| !run.contains(f)).collect();
+    alloc.free_bulk(&rest).unwrap();
+    let mut again = drain(&mut alloc);
+    again.sort_unstable();
+    let mut expected: Vec<u64> = all
+        .iter()
+        .map(|f| f.start_address().as_u64() / FRAME)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(again, expected);
+}
+
+#[test]
 fn alloc_contiguous_returns_aligned_free_runs() {
     let map = [MemoryRegion::usable(FRAME, 8 * M)];
     let mut storage = Vec::new();
@@ -266,6 +309,14 @@ fn alloc_contiguous_returns_aligned_free_runs() {
     assert_eq!(alloc.alloc_contiguous(2048, 1), Err(Error::OutOfFrames));
     assert_eq!(alloc.alloc_contiguous(1, 1 << 40), Err(Error::OutOfFrames));
     assert_eq!(alloc.stats(), before);
+    // The rest comes out one frame at a time, never a frame of the runs.
+    let rest = drain(&mut alloc);
+    assert_eq!(rest.len() as u64, before.free);
+    assert!(
+        rest.iter()
+            .all(|&n| !(512..1024).contains(&n) && !(1..5).contains(&n))
+    );
+    assert_eq!(rest.iter().collect::<BTreeSet<_>>().len(), rest.len());
 }
 
 #[test]

@@ -297,6 +297,36 @@ impl Zone {
         }
     }
 
+    /// Takes the `count` free frames from `index` on, all in one level-0 word.
+    #[inline]
+    pub(super) fn take_in_word(&self, bits: &mut [u64], index: u64, count: u64) {
+        let word_index = (index / 64) as usize;
+        let word = &mut self.level_mut(bits, 0)[word_index];
+        *word &= !(low_mask(count) << (index % 64));
+        if *word == 0 && self.levels > 1 {
+            self.clear_bit(bits, 1, word_index as u64);
+        }
+    }
+
+    /// Frees the `count` frames from `index` on, all in one level-0 word, if every one
+    /// is managed and allocated; returns whether it did.
+    #[inline]
+    pub(super) fn free_in_word(&self, bits: &mut [u64], index: u64, count: u64) -> bool {
+        let word_index = (index / 64) as usize;
+        let mask = low_mask(count) << (index % 64);
+        let managed = bits[self.managed_offset + word_index] & mask == mask;
+        let word = self.level(bits, 0)[word_index];
+        if !managed || word & mask != 0 {
+            return false;
+        }
+        if word == 0 {
+            // The summary bits above learn of the word's first free frame.
+            self.set_free(bits, index);
+        }
+        self.level_mut(bits, 0)[word_index] |= mask;
+        true
+    }
+
     /// Takes up to `want` free frames from the level-0 word holding a free frame at
     /// or after `from`; returns the word's first frame index and the bits taken.
     #[inline]
