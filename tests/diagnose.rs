@@ -121,7 +121,7 @@ fn a_write_to_a_read_only_area_broke_its_protection() {
     ));
     let text = diagnosis.to_string();
     assert!(
-        text.starts_with("write to read-only 'firmware_table' (8 KiB vmalloc")
+        text.starts_with("write to read-only memory of 'firmware_table' (8 KiB vmalloc")
             && text.ends_with("page 1 of 2"),
         "{text}"
     );

@@ -441,3 +441,28 @@ fn without_a_2mib_aligned_range_a_huge_request_gets_4kib_pages_where_it_fits() {
         Err(Error::OutOfVirtualSpace)
     );
 }
+
+#[test]
+fn set_prot_on_a_huge_area_keeps_its_2mib_entries() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let size = 2 * MIB2 + PAGE_SIZE;
+    let ptr = vm.vmalloc_huge(size as usize).unwrap();
+    stamp(&machine, addr(ptr), size, 6);
+    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
+    for at in [addr(ptr) + 8u64, addr(ptr) + MIB2 + 8, addr(ptr) + 2 * MIB2] {
+        let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
+        assert!(
+            fault
+                .code
+                .contains(PageFaultErrorCode::PROTECTION_VIOLATION)
+        );
+    }
+    assert_eq!(mmu_page_size(&machine, addr(ptr) + MIB2), MIB2);
+    assert_eq!(walker_page_size(&machine, addr(ptr)), Some(MIB2));
+    assert!(stamped(&machine, addr(ptr), size, 6));
+    vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW).unwrap();
+    machine.write(addr(ptr) + MIB2 + 8, &[1]).unwrap();
+    assert_eq!(vm.stats().huge_mappings, 2);
+}

@@ -1265,3 +1265,75 @@ fn dropping_the_manager_returns_every_frame_it_took() {
     }
     frames.free_frames(&lent).unwrap();
 }
+
+#[test]
+fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, config(false));
+    let ptr = vm.vmalloc(3 * 4096).unwrap();
+    let at = addr(ptr) + 2 * 4096u64 + 8;
+    // Cache a writable translation of every page first.
+    for page in 0..3u64 {
+        machine.write(addr(ptr) + page * 4096, &[7]).unwrap();
+    }
+    let before = (free_frames(&frames), vm.stats());
+
+    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
+    let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
+    assert!(
+        fault
+            .code
+            .contains(PageFaultErrorCode::PROTECTION_VIOLATION)
+    );
+    let diagnosis = vm.diagnose_fault(fault.addr, fault.code).to_string();
+    assert!(
+        diagnosis.starts_with("write to read-only memory of an area (12 KiB vmalloc"),
+        "{diagnosis}"
+    );
+    let mut byte = [0];
+    machine.read(addr(ptr), &mut byte).unwrap();
+    assert_eq!(byte, [7], "the same frames, readable");
+
+    vm.set_prot(ptr.as_ptr(), Prot::READ | Prot::EXEC).unwrap();
+    machine.fetch(at, &mut byte).unwrap();
+    vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW).unwrap();
+    assert!(machine.fetch(at, &mut byte).is_err(), "NX again, flushed");
+    machine.write(at, &[2]).unwrap();
+    assert_eq!((free_frames(&frames), vm.stats()), before);
+
+    // Growing keeps the rights the area has now.
+    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
+    let grown = vm.vrealloc(ptr.as_ptr(), 6 * 4096).unwrap();
+    assert!(machine.write(addr(grown) + 5 * 4096u64, &[1]).is_err());
+
+    // Bad input changes nothing.
+    let snapshot = (free_frames(&frames), vm.stats());
+    assert_eq!(
+        vm.set_prot(grown.as_ptr(), Prot::WRITE | Prot::EXEC),
+        Err(Error::WriteExecute)
+    );
+    assert_eq!(
+        vm.set_prot(grown.as_ptr().wrapping_add(4096), Prot::READ),
+        Err(Error::InteriorPointer)
+    );
+    assert_eq!(
+        vm.set_prot(core::ptr::null_mut(), Prot::READ),
+        Err(Error::NullPointer)
+    );
+    assert_eq!((free_frames(&frames), vm.stats()), snapshot);
+    let frames_for_vmap = vmalloc_sim::scenarios::frames_for_vmap(&frames, 1);
+    // SAFETY: the frames are the test's own.
+    let mapped = unsafe { vm.vmap(&frames_for_vmap, Prot::KERNEL_RW) }.unwrap();
+    assert_eq!(
+        vm.set_prot(mapped.as_ptr(), Prot::READ),
+        Err(Error::WrongKind)
+    );
+    vm.vunmap(mapped.as_ptr(), |_| {}).unwrap();
+    vm.vfree(grown.as_ptr()).unwrap();
+    assert_eq!(
+        vm.set_prot(grown.as_ptr(), Prot::READ),
+        Err(Error::NotAllocated)
+    );
+    assert!(machine.write(addr(grown), &[1]).is_err());
+}

@@ -225,7 +225,7 @@ impl fmt::Display for FaultDiagnosis {
                 };
                 write!(
                     f,
-                    "{access} to {broke} {} at {addr:#x}: page {} of {}",
+                    "{access} to {broke} memory of {} at {addr:#x}: page {} of {}",
                     Described(area),
                     offset / PAGE_SIZE,
                     area.size / PAGE_SIZE

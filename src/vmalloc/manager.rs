@@ -4,7 +4,7 @@
 use super::area::{AreaKind, AreaRecord};
 use super::deferred::DeferredFrees;
 use super::huge;
-use super::locked::{CHUNK, Inner, Locked, as_ptr, page_at, page_range};
+use super::locked::{CHUNK, Inner, Locked, as_ptr, invariant, page_at, page_range};
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
 use super::purge::PurgeList;
 use super::reclaim::Reclaim;
@@ -377,6 +377,32 @@ where
             (_, _, MappedFrame::Size4KiB(frame)) => Ok(frame),
             (phys, _, _) => Ok(PhysFrame::containing_address(phys)),
         }
+    }
+
+    /// Gives a whole `vmalloc` area the rights `prot` and flushes its old
+    /// translations (Linux's `set_memory_ro`, `set_memory_rw`, `set_memory_x` and
+    /// `set_memory_nx` on vmalloc memory, as module loaders and BPF use them). Its
+    /// 2 MiB mappings stay 2 MiB; memory `vrealloc` adds later gets the new rights.
+    ///
+    /// # Errors
+    ///
+    /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
+    /// `vmalloc` area), [`Error::WriteExecute`] for `WRITE | EXEC`. Nothing changes
+    /// on error.
+    pub fn set_prot(&self, ptr: *mut u8, prot: Prot) -> Result<(), Error> {
+        let flags = prot.leaf_flags()?;
+        let mut cx = self.lock();
+        let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;
+        let pages = page_range(start, record.lead..record.lead + record.mapped_pages);
+        // SAFETY: the caller owns the live area and asks for the rights; the flush
+        // follows before the lock is released.
+        let changed = unsafe { cx.inner().tables.protect(pages, flags) };
+        match changed {
+            Ok(flush) => flush.flush(&self.tlb),
+            Err(error) => invariant(Err(error)),
+        }
+        cx.record_mut(start).flags = flags;
+        Ok(())
     }
 
     /// Whether `addr` lies in the managed region (Linux's `is_vmalloc_addr`).

@@ -405,6 +405,35 @@ pub fn readonly_write_faults(_ctx: &mut Ctx) -> Outcome {
                 PageFaultErrorCode::PROTECTION_VIOLATION | PageFaultErrorCode::CAUSED_BY_WRITE,
             ),
         "writing a read-only area did not fault with P=1, W=1 there",
+    )?;
+    set_prot_read_only()
+}
+
+/// A read-write area, written (so the TLB holds a writable translation), then made
+/// read-only with `set_prot`: the next write faults, so the old translation was
+/// flushed.
+fn set_prot_read_only() -> Outcome {
+    let vm = mm::vmalloc();
+    let ptr = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
+    let at = addr(ptr) + 8u64;
+    // SAFETY: a live area of ours, read-write until `set_prot`; faults are recovered.
+    let before = unsafe { probe_write(at, 1) };
+    let changed = vm.set_prot(ptr, Prot::READ);
+    // SAFETY: as above.
+    let after = unsafe { probe_write(at, 2) };
+    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    vm.purge();
+    ensure(
+        before.is_ok() && changed.is_ok(),
+        "writing before set_prot failed",
+    )?;
+    ensure(
+        after.is_err_and(|fault| {
+            fault
+                .code
+                .contains(PageFaultErrorCode::PROTECTION_VIOLATION)
+        }),
+        "a write after set_prot(READ) did not fault: the writable translation was not flushed",
     )
 }
 
