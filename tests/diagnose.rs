@@ -3,32 +3,16 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use vmalloc::vmalloc::{FaultSite, Prot, VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::{FaultSite, Prot, VmOptions};
 use vmalloc::{Error, FrameSource};
-use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::scenarios::manager_over as manager;
+use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
 fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(2))
-}
-
-fn manager<'m, F: FrameSource + Clone>(
-    machine: &'m SimMachine,
-    frames: F,
-) -> Vmalloc<F, SimPhys<'m>, &'m SimMachine> {
-    // SAFETY: the machine's page tables serve this manager alone.
-    unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            frames,
-            machine,
-        )
-    }
-    .unwrap()
 }
 
 /// The page fault the simulated MMU raises for `access` at `addr`.

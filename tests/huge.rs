@@ -5,33 +5,18 @@ use core::ptr::NonNull;
 use vmalloc::frame::FaultInjector;
 use vmalloc::vmalloc::*;
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
-use vmalloc_sim::{Access, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::scenarios::manager_over as manager;
+use vmalloc_sim::{Access, SimConfig, SimFrames, SimMachine};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::mapper::{MappedFrame, Translate, TranslateResult};
 use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB};
 use x86_64::{PhysAddr, VirtAddr};
-
-type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
 
 const MIB2: u64 = HUGE_PAGE_SIZE;
 
 /// Frames are handed out lowest first, so 2 MiB runs exist.
 fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(64 << 20))
-}
-
-fn manager<'m, F: FrameSource + Clone>(machine: &'m SimMachine, frames: F) -> SimVmalloc<'m, F> {
-    // SAFETY: the machine's root table is used by nothing else in this test.
-    unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            frames,
-            machine,
-        )
-    }
-    .unwrap()
 }
 
 fn addr(ptr: NonNull<u8>) -> VirtAddr {

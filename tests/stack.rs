@@ -2,29 +2,13 @@
 //! overflow faults and is diagnosed as one) and above, and freed on drop.
 
 use vmalloc::Error;
-use vmalloc::vmalloc::{AreaKind, FaultSite, StackCache, Vmalloc, VmallocConfig};
-use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::vmalloc::{AreaKind, FaultSite, StackCache, Vmalloc};
+use vmalloc_sim::scenarios::manager_over as manager;
+use vmalloc_sim::{Access, Fault, SimConfig, SimMachine};
 use x86_64::VirtAddr;
 
 fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(4))
-}
-
-fn manager<'m>(
-    machine: &'m SimMachine,
-    frames: &'m SimFrames,
-) -> Vmalloc<&'m SimFrames, SimPhys<'m>, &'m SimMachine> {
-    // SAFETY: the machine's page tables serve this manager alone.
-    unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            frames,
-            machine,
-        )
-    }
-    .unwrap()
 }
 
 fn page_fault(machine: &SimMachine, addr: VirtAddr, access: Access) -> Option<FaultSiteInput> {

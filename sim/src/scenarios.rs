@@ -11,6 +11,30 @@ use x86_64::structures::paging::PhysFrame;
 /// the machine itself (one CPU) or a [`Shootdown`](vmalloc::smp::Shootdown) over its CPUs.
 pub type Manager<'m, T = &'m SimMachine> = Vmalloc<&'m SimFrames, SimPhys<'m>, T>;
 
+/// A manager of the default region over `machine`'s page tables, with frames from
+/// any source (`SimFrames`, a `FaultInjector` in front of it, ...), as the tests make
+/// them. The machine's page tables must serve this manager alone.
+///
+/// # Panics
+///
+/// If the manager cannot be made (no frames for its top-level tables).
+pub fn manager_over<F: FrameSource + Clone>(
+    machine: &SimMachine,
+    frames: F,
+) -> Vmalloc<F, SimPhys<'_>, &SimMachine> {
+    // SAFETY: the machine's page tables serve this manager alone (see above).
+    unsafe {
+        Vmalloc::new(
+            VmallocConfig::default(),
+            machine.root(),
+            machine.phys(),
+            frames,
+            machine,
+        )
+    }
+    .expect("a manager over the simulated machine")
+}
+
 /// A 1 GiB machine.
 pub fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(1 << 30))

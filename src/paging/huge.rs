@@ -1,6 +1,7 @@
 //! 2 MiB mappings: one PD entry instead of a page table.
 
 use super::*;
+use x86_64::structures::paging::page_table::PageTableEntry;
 
 impl<M: PhysMemory> PageTables<M> {
     /// Maps the 2 MiB `page` to `frame` with one PD entry, flags
@@ -66,6 +67,15 @@ impl<M: PhysMemory> PageTables<M> {
         page: Page<Size2MiB>,
     ) -> Result<(PhysFrame<Size2MiB>, RangeFlush), Error> {
         let addr = page.start_address().as_u64();
+        let (entry, raw) = self.present_2m_entry(addr)?;
+        // SAFETY: as above; nothing borrows the entry.
+        unsafe { (*entry).set_unused() };
+        let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
+    }
+
+    /// The PD entry of the present 2 MiB mapping at `addr`, and its value.
+    fn present_2m_entry(&self, addr: u64) -> Result<(*mut PageTableEntry, u64), Error> {
         let mut existing = Existing {
             upper_bits: PageTableFlags::empty(),
         };
@@ -78,10 +88,7 @@ impl<M: PhysMemory> PageTables<M> {
         if !PageTableFlags::from_bits_retain(raw).contains(huge) {
             return Err(Error::NotMapped);
         }
-        // SAFETY: as above; nothing borrows the entry.
-        unsafe { (*entry).set_unused() };
-        let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
-        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
+        Ok((entry, raw))
     }
 
     /// Replaces the 2 MiB mapping at `page` by a page table of 512 4 KiB entries
@@ -105,18 +112,7 @@ impl<M: PhysMemory> PageTables<M> {
         tables: &impl FrameSource,
     ) -> Result<RangeFlush, Error> {
         let addr = page.start_address().as_u64();
-        let mut existing = Existing {
-            upper_bits: PageTableFlags::empty(),
-        };
-        // SAFETY: `new`'s contract makes the tables below the root valid.
-        let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
-        let entry = entry_at(pd, index(addr, 2));
-        // SAFETY: the entry lies in a reachable PD.
-        let raw = unsafe { read(entry) };
-        let huge = PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE;
-        if !PageTableFlags::from_bits_retain(raw).contains(huge) {
-            return Err(Error::NotMapped);
-        }
+        let (entry, raw) = self.present_2m_entry(addr)?;
         let table_frame = tables.alloc_frame().ok_or(Error::OutOfFrames)?;
         // Bit 12 of the 2 MiB entry is PAT and bit 7 says "huge"; a 4 KiB leaf has
         // neither (PAT is never set here).
@@ -135,5 +131,42 @@ impl<M: PhysMemory> PageTables<M> {
         // SAFETY: the entry lies in a reachable PD; nothing borrows it.
         unsafe { (*entry).set_frame(table_frame, upper_flags_for(leaf_flags) | CREATED) };
         Ok(RangeFlush::new(addr, addr + Size2MiB::SIZE))
+    }
+}
+
+/// The 2 MiB leaf that maps the whole leaf-table chunk at `addr` (`len` pages), if
+/// there is one: present, or detached (the hardware ignores a non-present entry's
+/// other bits, so `HUGE_PAGE` still tells its size).
+///
+/// # Safety
+///
+/// The cursor's tables are valid (`PageTables::new`'s contract).
+#[inline(never)]
+pub(super) unsafe fn huge_leaf<M: PhysMemory>(
+    cursor: &mut Cursor<'_, M>,
+    addr: u64,
+    len: usize,
+    existing: &mut Existing,
+) -> Result<Option<*mut u64>, Error> {
+    if len as u64 != ENTRIES {
+        return Ok(None);
+    }
+    // SAFETY: per the caller.
+    let pd = unsafe { cursor.table(addr, 1, existing) }?;
+    let entry = entry_at(pd, index(addr, 2)).cast::<u64>();
+    // SAFETY: the entry lies in a reachable PD.
+    let raw = unsafe { *entry };
+    let leaf = PageTableFlags::PRESENT.bits() | DETACHED.bits();
+    let huge = raw & PageTableFlags::HUGE_PAGE.bits() != 0 && raw & leaf != 0;
+    Ok(huge.then_some(entry))
+}
+
+/// Hands each 4 KiB page and frame of the 2 MiB leaf `raw` at `addr` to `on_frame`.
+#[inline(never)]
+pub(super) fn hand_out_huge(addr: u64, raw: u64, on_frame: &mut impl FnMut(Page, PhysFrame)) {
+    // Bit 12 of a 2 MiB entry is PAT, not address.
+    let first = frame_of(raw & !(Size2MiB::SIZE - 1));
+    for i in 0..ENTRIES {
+        on_frame(page_at(addr + i * PAGE_SIZE), first + i);
     }
 }

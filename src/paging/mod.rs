@@ -71,6 +71,7 @@
 mod cursor;
 mod flush;
 mod huge;
+use huge::{hand_out_huge, huge_leaf};
 mod tables;
 
 pub use flush::RangeFlush;
@@ -555,43 +556,6 @@ const ANY: LeafCheck = LeafCheck {
 fn frame_of(raw: u64) -> PhysFrame {
     // SAFETY: masking with `ADDR_MASK` leaves a 4 KiB-aligned address below 2^52.
     unsafe { PhysFrame::from_start_address_unchecked(PhysAddr::new_truncate(raw & ADDR_MASK)) }
-}
-
-/// The 2 MiB leaf that maps the whole leaf-table chunk at `addr` (`len` pages), if
-/// there is one: present, or detached (the hardware ignores a non-present entry's
-/// other bits, so `HUGE_PAGE` still tells its size).
-///
-/// # Safety
-///
-/// The cursor's tables are valid (`PageTables::new`'s contract).
-#[inline(never)]
-unsafe fn huge_leaf<M: PhysMemory>(
-    cursor: &mut Cursor<'_, M>,
-    addr: u64,
-    len: usize,
-    existing: &mut Existing,
-) -> Result<Option<*mut u64>, Error> {
-    if len as u64 != ENTRIES {
-        return Ok(None);
-    }
-    // SAFETY: per the caller.
-    let pd = unsafe { cursor.table(addr, 1, existing) }?;
-    let entry = entry_at(pd, index(addr, 2)).cast::<u64>();
-    // SAFETY: the entry lies in a reachable PD.
-    let raw = unsafe { *entry };
-    let leaf = PageTableFlags::PRESENT.bits() | DETACHED.bits();
-    let huge = raw & PageTableFlags::HUGE_PAGE.bits() != 0 && raw & leaf != 0;
-    Ok(huge.then_some(entry))
-}
-
-/// Hands each 4 KiB page and frame of the 2 MiB leaf `raw` at `addr` to `on_frame`.
-#[inline(never)]
-fn hand_out_huge(addr: u64, raw: u64, on_frame: &mut impl FnMut(Page, PhysFrame)) {
-    // Bit 12 of a 2 MiB entry is PAT, not address.
-    let first = frame_of(raw & !(Size2MiB::SIZE - 1));
-    for i in 0..ENTRIES {
-        on_frame(page_at(addr + i * PAGE_SIZE), first + i);
-    }
 }
 
 /// The 4 KiB page at canonical address `addr`.

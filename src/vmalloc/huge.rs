@@ -123,9 +123,10 @@ where
         let mut done = 0;
         while done < pages {
             let step = HUGE_PAGES.min(pages - done);
-            let backed = match step == HUGE_PAGES {
-                true => self.map_huge_run(start + done * PAGE_SIZE, flags, zero),
-                false => Ok(false),
+            let backed = if step == HUGE_PAGES {
+                self.map_huge_run(start + done * PAGE_SIZE, flags, zero)
+            } else {
+                Ok(false)
             };
             let backed = match backed {
                 Ok(true) => {
