@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use vmalloc::frame::FaultInjector;
 use vmalloc::vmalloc::{
-    AreaInfo, AreaKind, CacheMode, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
+    AreaInfo, AreaKind, CacheMode, HUGE_PAGE_SIZE, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
 };
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
 use vmalloc_sim::{SimConfig, SimFrames, SimMachine, SimPhys};
@@ -23,6 +23,7 @@ enum Op {
         zero: bool,
         no_guard: bool,
         wx: bool,
+        huge: bool,
     },
     Free {
         pick: usize,
@@ -45,6 +46,10 @@ enum Op {
         pick: usize,
         bytes: usize,
     },
+    SetProt {
+        pick: usize,
+        prot: u8,
+    },
     Purge,
 }
 
@@ -60,7 +65,10 @@ enum BadPointer {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1usize..40 * 4096, 0u8..64, any::<bool>(), any::<bool>(), prop::bool::weighted(0.05))
-            .prop_map(|(bytes, align_shift, zero, no_guard, wx)| Op::Alloc { bytes, align_shift, zero, no_guard, wx }),
+            .prop_map(|(bytes, align_shift, zero, no_guard, wx)| Op::Alloc { bytes, align_shift, zero, no_guard, wx, huge: false }),
+        1 => (1usize..5 << 20, 0u8..24, any::<bool>(), any::<bool>(), prop::bool::weighted(0.05))
+            .prop_map(|(bytes, align_shift, zero, no_guard, wx)| Op::Alloc { bytes, align_shift, zero, no_guard, wx, huge: true }),
+        1 => (any::<usize>(), 0u8..4).prop_map(|(pick, prot)| Op::SetProt { pick, prot }),
         3 => (any::<usize>(), prop_oneof![
                 6 => Just(BadPointer::Exact), 1 => Just(BadPointer::Interior), 1 => Just(BadPointer::Guard),
                 1 => Just(BadPointer::Null), 1 => Just(BadPointer::Outside)])
@@ -140,10 +148,12 @@ impl World<'_> {
                 zero,
                 no_guard,
                 wx,
+                huge,
             } => {
                 let mut flags = VmFlags::empty();
                 flags.set(VmFlags::ZERO, zero);
                 flags.set(VmFlags::NO_GUARD, no_guard);
+                flags.set(VmFlags::HUGE, huge);
                 let prot = if wx {
                     Prot::WRITE | Prot::EXEC
                 } else {
@@ -161,6 +171,9 @@ impl World<'_> {
                         assert!(!wx);
                         let start = ptr.as_ptr() as u64;
                         assert_eq!(start % align.max(PAGE_SIZE), 0);
+                        if huge && bytes as u64 >= HUGE_PAGE_SIZE {
+                            assert_eq!(start % HUGE_PAGE_SIZE, 0, "a huge area is 2 MiB-aligned");
+                        }
                         let pages = (bytes as u64).div_ceil(PAGE_SIZE);
                         if zero {
                             let mut bytes_back = vec![1; (pages * PAGE_SIZE) as usize];
@@ -344,6 +357,33 @@ impl World<'_> {
                 }
                 self.live.insert(moved, live);
             }
+            Op::SetProt { pick, prot } => {
+                let Some((start, live)) = self.pick(pick, AreaKind::Vmalloc) else {
+                    return;
+                };
+                let prot = [
+                    Prot::READ,
+                    Prot::KERNEL_RW,
+                    Prot::READ | Prot::EXEC,
+                    Prot::WRITE | Prot::EXEC,
+                ][usize::from(prot)];
+                let result = self.vm.set_prot(start as *mut u8, prot);
+                if prot.contains(Prot::WRITE | Prot::EXEC) {
+                    assert_eq!(result, Err(Error::WriteExecute));
+                    refused(self, "W+X set_prot");
+                } else {
+                    result.unwrap();
+                    assert_eq!(
+                        self.snapshot(),
+                        before,
+                        "set_prot changes rights, nothing else"
+                    );
+                    let last = VirtAddr::new(start + (live.pages - 1) * PAGE_SIZE);
+                    let write = self.machine.translate(last, vmalloc_sim::Access::WRITE);
+                    assert_eq!(write.is_ok(), prot.contains(Prot::WRITE), "{prot:?}");
+                    self.check_pattern(&live);
+                }
+            }
             Op::Purge => {
                 self.vm.purge();
                 for (start, pages) in self.freed.drain(..) {
@@ -393,10 +433,11 @@ impl World<'_> {
             assert_eq!((area.kind, area.pages), (live.kind, live.pages));
             for page in 0..live.pages {
                 let addr = area.start + page * PAGE_SIZE;
-                let TranslateResult::Mapped { frame, .. } = walker.translate(addr) else {
+                let TranslateResult::Mapped { frame, offset, .. } = walker.translate(addr) else {
                     panic!("page {page} of {area} is not mapped");
                 };
-                let frame = frame.start_address();
+                // The 4 KiB frame, inside a 2 MiB one where the area has those.
+                let frame = (frame.start_address() + offset).align_down(PAGE_SIZE);
                 match live.kind {
                     AreaKind::Vmalloc => {
                         assert!(data_frames.insert(frame), "frame {frame:?} held twice")
