@@ -375,30 +375,38 @@ impl<'a> BitmapFrameAllocator<'a> {
         Ok(())
     }
 
-    /// Frees the consecutive frames at the front of `frames` that share one bitmap
-    /// word, with one write, if there are at least two and all are managed and
-    /// allocated (a 2 MiB run comes back 64 frames a word). Returns how many it
-    /// freed: 0 when it did nothing, and the caller frees one at a time.
+    /// Frees the frames at the front of `frames` that share one bitmap word (each
+    /// once), with one write, if there are at least two and all are managed and
+    /// allocated: a 2 MiB run comes back 64 frames a word, and frames handed out in
+    /// bulk from a fragmented zone a few dozen a word. Returns how many it freed: 0
+    /// when it did nothing, and the caller frees one at a time (and reports the bad
+    /// frame, if any).
     fn free_word_run(&mut self, frames: &[PhysFrame]) -> usize {
         let [first, second, ..] = *frames else {
             return 0;
         };
         let number = frame_number(first);
-        if frame_number(second) != number + 1 {
-            return 0;
+        if frame_number(second) / 64 != number / 64 {
+            return 0; // the common case for scattered frames: no group to make
         }
         let Ok((z, index)) = self.locate(number) else {
             return 0;
         };
         let zone = self.zones[z];
-        let room = (64 - index % 64).min(zone.frames - index) as usize;
-        let run = frames
-            .iter()
-            .take(room)
-            .zip(number..)
-            .take_while(|&(&frame, expected)| frame_number(frame) == expected)
-            .count();
-        if run < 2 || !zone.free_in_word(self.bits, index, run as u64) {
+        let word_start = zone.base + index / 64 * 64;
+        let mut mask = 0u64;
+        let mut run = 0;
+        for &frame in frames {
+            let offset = frame_number(frame).wrapping_sub(word_start);
+            let bit = 1u64.checked_shl(offset as u32).filter(|_| offset < 64);
+            match bit {
+                // A frame listed twice stops the group; the one-by-one path refuses it.
+                Some(bit) if mask & bit == 0 => mask |= bit,
+                _ => break,
+            }
+            run += 1;
+        }
+        if run < 2 || !zone.free_in_word(self.bits, index / 64, mask) {
             return 0;
         }
         self.free += run as u64;

@@ -247,7 +247,7 @@ fn free_bulk_is_all_or_nothing() {
 }
 
 #[test]
-fn consecutive_frames_come_back_a_word_at_a_time_and_still_all_or_nothing() {
+fn frames_sharing_a_bitmap_word_come_back_with_one_write_and_still_all_or_nothing() {
     // Frames 100..400 usable, 50..60 reserved inside a word: runs cross words and
     // touch unmanaged frames.
     let map = [
@@ -271,6 +271,20 @@ fn consecutive_frames_come_back_a_word_at_a_time_and_still_all_or_nothing() {
     // Across the reserved frames: refused as unmanaged, nothing freed.
     let across: Vec<PhysFrame> = (40..70).map(frame).collect();
     assert_eq!(alloc.free_bulk(&across), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.stats().free, free_before);
+
+    // Frames of one word, not consecutive, one listed twice: refused as a double free.
+    let twice: Vec<PhysFrame> = [130, 133, 140, 133, 150].map(frame).to_vec();
+    assert_eq!(alloc.free_bulk(&twice), Err(Error::FrameNotAllocated));
+    assert_eq!(alloc.stats().free, free_before);
+    let spread: Vec<PhysFrame> = [130, 133, 140, 150, 191, 192].map(frame).to_vec();
+    alloc.free_bulk(&spread).unwrap();
+    assert_eq!(alloc.stats().free, free_before + 6);
+    assert!(spread.iter().all(|&f| alloc.is_free(f) == Ok(true)));
+    assert_eq!(alloc.is_free(frame(131)), Ok(false));
+    for _ in 0..6 {
+        alloc.alloc().unwrap();
+    }
     assert_eq!(alloc.stats().free, free_before);
 
     // The run, then the rest: every frame free again, and each handed out once more.

@@ -308,12 +308,11 @@ impl Zone {
         }
     }
 
-    /// Frees the `count` frames from `index` on, all in one level-0 word, if every one
-    /// is managed and allocated; returns whether it did.
+    /// Frees the frames whose bits `mask` sets in level-0 word `word_index`, if every
+    /// one is managed and allocated; returns whether it did.
     #[inline]
-    pub(super) fn free_in_word(&self, bits: &mut [u64], index: u64, count: u64) -> bool {
-        let word_index = (index / 64) as usize;
-        let mask = low_mask(count) << (index % 64);
+    pub(super) fn free_in_word(&self, bits: &mut [u64], word_index: u64, mask: u64) -> bool {
+        let word_index = word_index as usize;
         let managed = bits[self.managed_offset + word_index] & mask == mask;
         let word = self.level(bits, 0)[word_index];
         if !managed || word & mask != 0 {
@@ -321,7 +320,10 @@ impl Zone {
         }
         if word == 0 {
             // The summary bits above learn of the word's first free frame.
-            self.set_free(bits, index);
+            self.set_free(
+                bits,
+                word_index as u64 * 64 + u64::from(mask.trailing_zeros()),
+            );
         }
         self.level_mut(bits, 0)[word_index] |= mask;
         true
