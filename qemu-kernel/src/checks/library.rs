@@ -477,6 +477,17 @@ pub fn vmalloc_huge(ctx: &mut Ctx) -> Outcome {
     let guard_diagnosed = diagnosed(past_end, "0 bytes past it: guard page");
     let huge = vm.stats().huge_mappings;
     let listed = alloc::format!("{}", vm.info()).contains("pages=1027 huge=2 vmalloc");
+    // A shrink that cuts inside the second 2 MiB mapping splits it into a page table:
+    // the words before the cut still read back, the page after it faults (its 2 MiB
+    // translation, cached by the writes above, was flushed).
+    const CUT: usize = 3 * MIB;
+    let shrunk = vm.vrealloc(ptr, CUT).map(|p| p.as_ptr() == ptr);
+    let split = [0, 2 * MIB].map(|offset| level(start + offset as u64)) == [Some(2), Some(1)];
+    // SAFETY: as above, below the cut.
+    let kept =
+        (0..CUT / 8).all(|i| unsafe { base.add(i).read_volatile() } == i as u64 ^ 0x2_0000_0000);
+    // SAFETY: past the cut; the fault is recovered.
+    let past_cut = unsafe { probe_read(start + CUT as u64 + 8) };
     vm.vfree(ptr).map_err(|_| "vfree failed")?;
     vm.purge();
     // SAFETY: the freed area; the fault is recovered.
@@ -494,6 +505,14 @@ pub fn vmalloc_huge(ctx: &mut Ctx) -> Outcome {
         "stats or info do not show the two 2 MiB mappings",
     )?;
     ensure(intact, "a word of the huge area did not read back")?;
+    ensure(
+        shrunk == Ok(true) && split && kept,
+        "a shrink inside a 2 MiB mapping did not split it in place, contents kept",
+    )?;
+    ensure(
+        is_not_present_fault_at(past_cut, start + CUT as u64 + 8),
+        "the page past the shrink's cut did not fault",
+    )?;
     ensure(
         past_end.is_err_and(|fault| {
             fault.addr == guard && fault.code.contains(PageFaultErrorCode::CAUSED_BY_WRITE)
