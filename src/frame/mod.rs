@@ -50,9 +50,11 @@ pub struct MemoryRegion {
 /// The library writes page tables and data into the frames it is given and maps them
 /// into the kernel's address space, so an implementation promises:
 ///
-/// - every frame handed out (each of the 512 of a 2 MiB run too) is RAM that nobody else uses (not the kernel image, not a
+/// - every frame handed out is RAM that nobody else uses (not the kernel image, not a
 ///   page table, not MMIO) until it comes back through `free_frame`/`free_frames`,
 ///   and is not handed out again before that;
+/// - a run from [`alloc_frame_2m`](Self::alloc_frame_2m) is 512 such frames, all of
+///   them: the library maps the run with one 2 MiB entry;
 /// - it takes back, with `Ok`, every frame it handed out that is not back yet, and
 ///   `free_frames` frees all of its frames or none;
 /// - [`manages`](Self::manages) does not answer `false` for a frame it may hand out.

@@ -143,8 +143,9 @@ where
         self.vmalloc_with(size, &options)
     }
 
-    /// The general form: alignment, protection, zeroing, guard page and label
-    /// (Linux's `__vmalloc_node_range`).
+    /// The general form: alignment, protection, zeroing, guard page, 2 MiB pages
+    /// ([`VmFlags::HUGE`], see [huge mappings](super::huge)) and label (Linux's
+    /// `__vmalloc_node_range`).
     ///
     /// # Errors
     ///
