@@ -9,8 +9,8 @@
 //! | module | holds | uses |
 //! |---|---|---|
 //! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose blocks up to a page come from size-class slabs, middle ones from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
-//! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), `vrealloc`, listings; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
-//! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk, and `#[must_use]` flush tokens | `frame`, `phys` |
+//! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), 2 MiB mappings ([`vmalloc::huge`]), `vrealloc`, listings, fault diagnosis, kernel stacks; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
+//! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk (2 MiB entries included), and `#[must_use]` flush tokens | `frame`, `phys` |
 //! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes | `tlb` |
 //! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, and the one ceiling rule for range against full flushes | `paging` (the tokens) |
 //! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map), its lock, fault injection | `phys` |
