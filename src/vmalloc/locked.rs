@@ -20,6 +20,9 @@ use x86_64::{PhysAddr, VirtAddr};
 /// stack (1 KiB), under the 2 KiB per frame Linux warns about.
 pub(super) const CHUNK: usize = 128;
 
+/// Frames per bulk call for small areas.
+const SMALL_CHUNK: usize = 16;
+
 /// Empty bookkeeping slabs kept after a call, so alternating calls do not take and
 /// give back a frame each time.
 const KEEP_EMPTY_SLABS: usize = 1;
@@ -212,10 +215,26 @@ where
         flags: PageTableFlags,
         zero: bool,
     ) -> Result<(), Error> {
-        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
+        // A few pages need no kilobyte of stack cleared for their frames.
+        if pages.end - pages.start <= SMALL_CHUNK as u64 {
+            self.back_pages_by::<SMALL_CHUNK>(start, pages, flags, zero)
+        } else {
+            self.back_pages_by::<CHUNK>(start, pages, flags, zero)
+        }
+    }
+
+    /// [`back_pages`](Self::back_pages), `N` frames per bulk call.
+    fn back_pages_by<const N: usize>(
+        &mut self,
+        start: VirtAddr,
+        pages: core::ops::Range<u64>,
+        flags: PageTableFlags,
+        zero: bool,
+    ) -> Result<(), Error> {
+        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); N];
         let mut next = pages.start;
         while next < pages.end {
-            let want = ((pages.end - next) as usize).min(CHUNK);
+            let want = ((pages.end - next) as usize).min(N);
             let got = self.alloc_frames(&mut chunk[..want]);
             let frames = &chunk[..got];
             let result = if got < want {

@@ -30,6 +30,7 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::locked::{Locked, invariant, page_range};
+use super::options::VmallocConfig;
 use super::reclaim::Reclaim;
 use super::slab::NodePool;
 use super::tree::slot_size_for;
@@ -38,6 +39,8 @@ use crate::tlb::flush_batch;
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;
+use x86_64::structures::paging::Page;
+use x86_64::structures::paging::page::PageRange;
 
 /// One freed area: where it starts, what it was, and the flush its detach asked for.
 #[derive(Clone, Copy)]
@@ -227,6 +230,9 @@ where
         flush_batch(vm.tlb(), inner.purge.tokens());
         let mut reclaim = Reclaim::new(vm.frames(), vm.tlb());
         let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
+        // Neighbouring areas share leaf tables: each table is swept once, when the
+        // run of 2 MiB regions the purged areas touch ends.
+        let mut sweep = SweepWindow::default();
         while let Some((start, record)) = pending.pop(&mut inner.pool) {
             let owns_frames = record.kind.owns_frames();
             let range = page_range(start, record.lead..record.lead + record.mapped_pages);
@@ -239,11 +245,57 @@ where
                 })
             };
             invariant(reclaimed);
-            reclaim.sweep_tables(&mut inner.tables, range);
+            if let Some(done) = sweep.extend(range) {
+                reclaim.sweep_tables(&mut inner.tables, in_region(vm.config(), done));
+            }
             // The entry's slot was just given back: freeing the range cannot fail.
             invariant(inner.space.free(&mut inner.pool, start, record.span()));
+        }
+        if let Some(last) = sweep.window {
+            reclaim.sweep_tables(&mut inner.tables, in_region(vm.config(), last));
         }
         inner.page_table_frames -= reclaim.finish();
         inner.purges += 1;
     }
+}
+
+/// The 2 MiB regions (one leaf table each) of the areas a purge has reclaimed since
+/// the last sweep, as long as they stay one run.
+#[derive(Default)]
+struct SweepWindow {
+    window: Option<(u64, u64)>,
+}
+
+impl SweepWindow {
+    /// Adds `range`; returns the window to sweep now when `range` does not touch it.
+    fn extend(&mut self, range: PageRange) -> Option<(u64, u64)> {
+        if range.is_empty() {
+            return None;
+        }
+        const REGION: u64 = 2 << 20;
+        let low = range.start.start_address().as_u64() & !(REGION - 1);
+        let end = range.end.start_address().as_u64();
+        let high = end.checked_next_multiple_of(REGION).unwrap_or(end);
+        match self.window {
+            Some((start, end)) if low <= end && high >= start => {
+                self.window = Some((start.min(low), end.max(high)));
+                None
+            }
+            done => {
+                self.window = Some((low, high));
+                done
+            }
+        }
+    }
+}
+
+/// The pages of `[start, end)` inside the region.
+fn in_region(config: &VmallocConfig, (start, end): (u64, u64)) -> PageRange {
+    let region = config.start.as_u64();
+    let first = VirtAddr::new(start.max(region));
+    let last = VirtAddr::new(end.min(region + config.size));
+    Page::range(
+        Page::containing_address(first),
+        Page::containing_address(last),
+    )
 }
