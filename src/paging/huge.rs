@@ -153,12 +153,12 @@ pub(super) unsafe fn huge_leaf<M: PhysMemory>(
     }
     // SAFETY: per the caller.
     let pd = unsafe { cursor.table(addr, 1, existing) }?;
-    let entry = entry_at(pd, index(addr, 2)).cast::<u64>();
+    let entry = entry_at(pd, index(addr, 2));
     // SAFETY: the entry lies in a reachable PD.
-    let raw = unsafe { *entry };
+    let raw = unsafe { read(entry) };
     let leaf = PageTableFlags::PRESENT.bits() | DETACHED.bits();
     let huge = raw & PageTableFlags::HUGE_PAGE.bits() != 0 && raw & leaf != 0;
-    Ok(huge.then_some(entry))
+    Ok(huge.then_some(entry.cast()))
 }
 
 /// Hands each 4 KiB page and frame of the 2 MiB leaf `raw` at `addr` to `on_frame`.

@@ -44,6 +44,14 @@ pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     pub(super) deferred_refused: u64,
 }
 
+impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
+    /// Stops counting the data frames (and 2 MiB mappings) of an area being freed.
+    pub(super) fn uncount_data(&mut self, record: &AreaRecord) {
+        self.data_frames -= record.mapped_pages;
+        self.huge_mappings -= record.huge_mappings;
+    }
+}
+
 // SAFETY: `Inner` holds raw pointers into frames it owns (page tables, bookkeeping
 // nodes); they are only dereferenced with the manager's lock held, so moving the
 // state to another CPU is sound whenever the phys-to-virt access itself may move.

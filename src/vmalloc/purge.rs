@@ -30,7 +30,7 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::locked::{Locked, invariant, page_range};
-use super::options::VmallocConfig;
+use super::options::{HUGE_PAGE_SIZE, VmallocConfig};
 use super::reclaim::Reclaim;
 use super::slab::NodePool;
 use super::tree::slot_size_for;
@@ -180,9 +180,7 @@ where
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
     pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
         let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
-        let inner = self.inner();
-        inner.data_frames -= record.mapped_pages;
-        inner.huge_mappings -= record.huge_mappings;
+        self.inner().uncount_data(&record);
         self.retire(start, record);
         Ok(())
     }
@@ -211,9 +209,7 @@ where
     pub(super) fn retire_all(&mut self) {
         while let Some(area) = self.inner().areas.first_from(0) {
             if area.data.kind.owns_frames() {
-                let inner = self.inner();
-                inner.data_frames -= area.data.mapped_pages;
-                inner.huge_mappings -= area.data.huge_mappings;
+                self.inner().uncount_data(&area.data);
             }
             self.queue_for_purge(area.start, area.data);
         }
@@ -272,7 +268,7 @@ impl SweepWindow {
         if range.is_empty() {
             return None;
         }
-        const REGION: u64 = 2 << 20;
+        const REGION: u64 = HUGE_PAGE_SIZE;
         let low = range.start.start_address().as_u64() & !(REGION - 1);
         let end = range.end.start_address().as_u64();
         let high = end.checked_next_multiple_of(REGION).unwrap_or(end);

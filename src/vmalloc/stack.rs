@@ -128,7 +128,7 @@ where
     fn free_stack(&self, base: VirtAddr) -> Result<(), Error> {
         let mut cx = self.lock();
         let (start, record) = stack_at(&cx.area_containing(base), base)?;
-        cx.inner().data_frames -= record.mapped_pages;
+        cx.inner().uncount_data(&record);
         cx.retire(start, record);
         Ok(())
     }
