@@ -162,14 +162,17 @@ impl CpuSet {
 ///
 /// # Safety
 ///
-/// [`Shootdown`] relies on these answers to decide which TLBs are flushed:
+/// [`Shootdown`] relies on these answers to decide which TLBs are flushed, and the
+/// kernel heap's per-CPU magazines on them to touch a CPU's magazines from that CPU
+/// alone:
 ///
 /// - [`current`](Self::current) is the index (below [`MAX_CPUS`]) of the CPU running
 ///   the caller, distinct for each CPU, and does not change while the caller runs (a
 ///   kernel that migrates threads calls the library with preemption disabled);
 /// - [`online`](Self::online) contains every CPU that may hold a translation of kernel
 ///   memory (every CPU that runs on the kernel's page tables), and a CPU leaves it only
-///   after flushing its own TLB;
+///   after flushing its own TLB, and joins it with a sequentially consistent
+///   read-modify-write (any locked instruction on x86) before it calls the library;
 /// - [`send_ipi`](Self::send_ipi) makes each target CPU run
 ///   [`Shootdown::handle_ipi`] eventually (or the target polls it, see the
 ///   [module documentation](self#allowed-cpu-states)).

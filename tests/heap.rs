@@ -668,14 +668,25 @@ fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
     assert_eq!(heap.stats().in_use, 0);
 }
 
-#[test]
-fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_them() {
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+/// A 4-CPU machine that lives as long as the test binary, with a heap on per-CPU
+/// magazines.
+fn per_cpu_machine(seed: u64) -> &'static SimMachine {
+    Box::leak(Box::new(SimMachine::new(
         SimConfig::new(512 << 20)
             .with_cpus(4)
-            .with_scatter_seed(11)
+            .with_scatter_seed(seed)
             .with_host_window(8 << 30),
-    )));
+    )))
+}
+
+/// Objects the per-CPU and class magazines hold, over every class.
+fn cached(heap: &KernelHeap) -> usize {
+    heap.slab_stats().iter().map(|class| class.cached).sum()
+}
+
+#[test]
+fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus() {
+    let machine = per_cpu_machine(11);
     let frames = machine.frames();
     let vm = manager(machine, &frames);
     let heap = KernelHeap::new(CONFIG);
@@ -687,17 +698,98 @@ fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_them() {
             scope.spawn(move || {
                 machine.cpu(cpu).enter();
                 churn(heap, cpu as u64 + 30, 400);
+                // CPU 0 is this test's thread again below; the others are unplugged.
+                if cpu != 0 {
+                    machine.cpu(cpu).go_offline();
+                }
             });
         }
     });
-    let cached: usize = heap.slab_stats().iter().map(|class| class.cached).sum();
-    assert!(cached > 0, "the magazines hold freed objects");
+    assert!(cached(&heap) > 0, "the magazines hold freed objects");
     assert_eq!(heap.stats().in_use, 0);
     heap.shrink();
     vm.purge();
+    assert_eq!(cached(&heap), 0);
     assert_eq!(
         heap.stats().slab_bytes,
         0,
-        "shrink drained every CPU's magazines"
+        "shrink drained this CPU's magazines and the offline CPUs'"
+    );
+}
+
+#[test]
+fn an_online_cpu_empties_its_magazines_at_its_next_call_after_a_shrink() {
+    let machine = per_cpu_machine(12);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    heap.use_cpus(machine);
+    let small = Layout::from_size_align(64, 8).unwrap();
+    let other = Layout::from_size_align(1000, 8).unwrap();
+    // CPU 1 allocates and frees: the freed blocks wait in its magazine.
+    machine.cpu(1).run(|_| {
+        // SAFETY: non-zero sizes; each block is freed once with its layout.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..20).map(|_| heap.alloc(small)).collect();
+            for block in blocks {
+                heap.dealloc(block, small);
+            }
+        }
+    });
+    let class =
+        |heap: &KernelHeap| heap.slab_stats()[vmalloc::heap::slab::class_for(small).unwrap()];
+    assert!(class(&heap).cached >= 20);
+    // CPU 0 shrinks; CPU 1 is online, so its magazine stays until it calls again.
+    heap.shrink();
+    assert!(
+        class(&heap).cached >= 20,
+        "another online CPU's magazine was touched"
+    );
+    assert!(class(&heap).slabs > 0);
+    // CPU 1's next call, of another class, gives its magazines back first.
+    machine.cpu(1).run(|_| {
+        // SAFETY: a non-zero size; freed with its layout.
+        unsafe { heap.dealloc(heap.alloc(other), other) }
+    });
+    assert_eq!(class(&heap).cached, 0);
+    heap.shrink();
+    assert_eq!(class(&heap).slabs, 0, "the 64-byte class kept a slab");
+}
+
+#[test]
+fn a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazines() {
+    let machine = per_cpu_machine(13);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    heap.use_cpus(machine);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (heap, done) = (&heap, &done);
+        scope.spawn(move || {
+            let cpu = machine.cpu(1);
+            cpu.enter();
+            for round in 0..16 {
+                cpu.go_online();
+                churn(heap, 40 + round, 64);
+                cpu.go_offline();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        scope.spawn(move || {
+            machine.cpu(2).enter();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                heap.shrink();
+            }
+        });
+    });
+    assert_eq!(heap.stats().in_use, 0);
+    heap.shrink();
+    assert_eq!(
+        cached(&heap),
+        0,
+        "CPU 1 went offline; its magazines were drained"
     );
 }

@@ -180,7 +180,7 @@ extern "C" fn ap_main(cpu: u64) -> ! {
     GsBase::write(VirtAddr::new(cpu as u64));
     lapic::enable();
     APIC_IDS[cpu].store(lapic::id(), Ordering::Release);
-    ONLINE.fetch_or(1 << cpu, Ordering::AcqRel);
+    ONLINE.fetch_or(1 << cpu, Ordering::SeqCst);
     tlb::flush_all();
     STARTED.store(cpu, Ordering::Release);
     wait_for_work(cpu)

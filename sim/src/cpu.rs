@@ -291,7 +291,7 @@ impl<'m> SimCpu<'m> {
         self.machine
             .cpus
             .online
-            .fetch_or(1 << self.index, Ordering::AcqRel);
+            .fetch_or(1 << self.index, Ordering::SeqCst);
     }
 }
 

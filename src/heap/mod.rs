@@ -6,8 +6,8 @@
 //!   size-class [slabs](slab): constant time however fragmented the heap is, and
 //!   emptied slabs go back to vmalloc. Once the kernel names its CPUs
 //!   ([`KernelHeap::use_cpus`]), each CPU keeps a magazine per class of its own in
-//!   front of them, under a lock only that CPU waits for (an interrupt handler that
-//!   finds it held goes to the class), filled and emptied half a magazine at a time.
+//!   front of them, used with no locked instruction (an interrupt handler that finds
+//!   it busy goes to the class), filled and emptied half a magazine at a time.
 //! - Other requests below [`HeapConfig::large_threshold`] come from a
 //!   `linked_list_allocator::Heap` whose memory is a virtual *window* reserved once in
 //!   the vmalloc region and backed by frames only as the heap grows: when the list runs
@@ -43,7 +43,7 @@ use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use linked_list_allocator::Heap;
 use percpu::CpuCaches;
-use slab::{SlabClassStats, Slabs};
+use slab::{Route, SlabClassStats, Slabs};
 
 /// Sizes that shape a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +227,11 @@ impl<'a> KernelHeap<'a> {
 
     /// Gives each CPU its own magazines in front of the slab classes, picked by
     /// `cpus.current()`: allocations and frees on different CPUs then rarely meet on a
-    /// lock (see the [module documentation](self)). Once; later calls change nothing.
+    /// lock, and most take none (see the [module documentation](self)). Once; later
+    /// calls change nothing.
+    ///
+    /// The magazines rely on [`Cpus`]'s contract for their soundness: a caller does
+    /// not change CPUs during a heap call, and a CPU outside `online()` makes none.
     pub fn use_cpus(&self, cpus: &'a dyn Cpus) {
         self.cpus.call_once(|| cpus);
     }
@@ -271,9 +275,15 @@ impl<'a> KernelHeap<'a> {
 
     /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the
     /// heap otherwise keeps up to [`slab::EMPTY_BUDGET`] bytes of them.
+    ///
+    /// With per-CPU magazines, this CPU's and every offline CPU's are emptied first;
+    /// another online CPU empties its own at its next heap call (or run `shrink` on
+    /// every CPU, as Linux's `flush_all` runs on each).
     pub fn shrink(&self) {
         if let Some(backing) = self.backing.get() {
-            self.cpu_caches.drain(&self.slabs, backing.vmalloc);
+            if let Some(cpus) = self.cpus.get() {
+                self.cpu_caches.drain(*cpus, &self.slabs, backing.vmalloc);
+            }
             self.slabs.shrink(backing.vmalloc);
         }
     }
@@ -329,10 +339,8 @@ impl<'a> KernelHeap<'a> {
             // for a slab object.
             let vmalloc = self.backing.get()?.vmalloc;
             let object = match self.cpus.get() {
-                Some(cpus) => self
-                    .cpu_caches
-                    .alloc(cpus.current(), class, &self.slabs, vmalloc),
-                None => self.slabs.alloc(class, vmalloc),
+                Some(cpus) => self.cpu_caches.alloc(*cpus, class, &self.slabs, vmalloc),
+                None => self.slabs.alloc(class, Route::SHARED, vmalloc),
             };
             return object.or_else(|| self.alloc_list(layout));
         }
@@ -355,14 +363,11 @@ impl<'a> KernelHeap<'a> {
             // layout's class (caller, and `allocate`'s routing).
             unsafe {
                 match self.cpus.get() {
-                    Some(cpus) => self.cpu_caches.free(
-                        cpus.current(),
-                        class,
-                        ptr,
-                        &self.slabs,
-                        backing.vmalloc,
-                    ),
-                    None => self.slabs.free(class, ptr, backing.vmalloc),
+                    Some(cpus) => {
+                        self.cpu_caches
+                            .free(*cpus, class, ptr, &self.slabs, backing.vmalloc)
+                    }
+                    None => self.slabs.free(class, ptr, Route::SHARED, backing.vmalloc),
                 }
             }
         } else if backing.vmalloc.vfree(ptr).is_ok() {

@@ -5,48 +5,147 @@
 //! tells the heap its CPUs ([`KernelHeap::use_cpus`](super::KernelHeap::use_cpus)),
 //! each CPU keeps its own magazine per class in front of the classes (Bonwick's
 //! per-CPU layer; SLUB's per-CPU slabs do the same job): an allocation pops from it,
-//! a free pushes to it, under a lock only that CPU takes. An empty magazine takes half
-//! a magazine from the class in one locked batch, a full one gives half back, so the
-//! shared lock is taken once per 2 to 16 objects at most (a magazine holds as many
-//! objects as the class's own: up to 32, about 8 KiB).
+//! a free pushes to it. An empty magazine takes half a magazine from the class in one
+//! locked batch, a full one gives half back, so the shared lock is taken once per 2
+//! to 16 objects at most (a magazine holds as many objects as the class's own: up to
+//! 32, about 8 KiB).
 //!
-//! A CPU's magazines live in a page of their own, made by vmalloc the first time the
-//! CPU uses the heap. Another CPU only ever *tries* their lock (to drain them when
-//! memory runs out, or for statistics), and so does the CPU itself: an interrupt
-//! handler that allocates while the code it interrupted holds them goes to the class
-//! instead. So no CPU ever waits for a magazine lock.
+//! The fast path has no locked instruction. Only the CPU itself touches its
+//! magazines, which [`Cpus::current`]'s contract makes safe (the caller does not
+//! migrate while it runs); what remains is the same CPU interrupting itself. So a
+//! CPU marks its magazines busy with a plain store before it touches them and idle
+//! after, and an interrupt handler that finds them busy goes to the classes instead,
+//! as SLUB's `this_cpu_cmpxchg` fast path lets an interrupted allocation retry.
+//!
+//! Other CPUs reach the magazines two ways, both rare:
+//! - When memory runs out, or [`shrink`](super::KernelHeap::shrink) runs, the caller
+//!   empties its own magazines and asks every other online CPU to empty its own at its
+//!   next heap call (Linux sends an IPI for this, `flush_all`; a library cannot).
+//!   Running `shrink` on every CPU (for example with an `on_each_cpu`) empties them
+//!   all at once.
+//! - The magazines of an offline CPU, which runs no kernel code, are emptied by the
+//!   caller directly. The caller claims them with a compare-and-swap, then checks that
+//!   the CPU is still offline; a CPU that comes back online checks the claim after it
+//!   rejoined. Both sides order their write before their read (a locked instruction
+//!   on one side, the online set's sequentially consistent update on the other), so
+//!   at least one of them sees the other (Dekker's argument), and never both proceed.
+//!
+//! A CPU's magazines live in pages of their own, made by vmalloc the first time the
+//! CPU uses the heap, so no two CPUs' magazines share a cache line.
 
-use super::slab::{CLASSES, Slabs, magazine_limit};
-use crate::smp::MAX_CPUS;
+use super::slab::{CLASSES, Route, Slabs, magazine_limit};
+use crate::smp::{Cpus, MAX_CPUS};
 use crate::vmalloc::{VmOptions, VmallocOps};
+use core::cell::UnsafeCell;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering, compiler_fence, fence,
+};
 
 /// The most objects a CPU's magazine holds per class; each class holds as many as
 /// its shared magazine ([`magazine_limit`]), about 8 KiB.
 const CPU_MAGAZINE: usize = 32;
 
+/// Nobody is using the magazines.
+const IDLE: u8 = 0;
+/// Their own CPU is using them.
+const OWNER: u8 = 1;
+/// Another CPU is emptying them, their own being offline.
+const REMOTE: u8 = 2;
+
 /// One class's magazine on one CPU.
 struct Magazine {
-    len: usize,
-    objects: [*mut u8; CPU_MAGAZINE],
+    /// Objects held; written by whoever holds the magazines, read by anyone for
+    /// statistics.
+    len: AtomicUsize,
+    objects: UnsafeCell<[*mut u8; CPU_MAGAZINE]>,
 }
 
 /// One CPU's magazines.
 struct CpuMagazines {
+    /// [`IDLE`], [`OWNER`] or [`REMOTE`].
+    state: AtomicU8,
+    /// Another CPU ran out of memory or shrank the heap: empty the magazines at the
+    /// next call.
+    drain_requested: AtomicBool,
     classes: [Magazine; CLASSES],
 }
 
-type Locked = spin::Mutex<CpuMagazines>;
+// SAFETY: the objects are moved only by whoever holds `state` (see the module
+// documentation); everything else is atomic.
+unsafe impl Sync for CpuMagazines {}
+
+/// The right to use one CPU's magazines, given back on drop.
+struct Held<'c> {
+    cpu: &'c CpuMagazines,
+}
+
+impl Held<'_> {
+    /// Class `class`'s objects and how many there are.
+    fn magazine(&mut self, class: usize) -> Option<(&mut [*mut u8; CPU_MAGAZINE], &AtomicUsize)> {
+        let magazine = self.cpu.classes.get(class)?;
+        // SAFETY: holding the magazines makes this the only reference to their
+        // objects; `&mut self` keeps it unique while it is used.
+        Some((unsafe { &mut *magazine.objects.get() }, &magazine.len))
+    }
+
+    /// Gives every object back to its class.
+    fn empty(&mut self, route: Route, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+        for class in 0..CLASSES {
+            if let Some((objects, len)) = self.magazine(class) {
+                let held = len.load(Ordering::Relaxed);
+                // SAFETY: the magazine holds freed objects of this class.
+                unsafe { slabs.free_batch(class, &objects[..held], route, vmalloc) };
+                len.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Release: whoever takes the magazines next sees what was done to them.
+        self.cpu.state.store(IDLE, Ordering::Release);
+    }
+}
+
+impl CpuMagazines {
+    /// The magazines for their own CPU, unless an interrupted call on this CPU or
+    /// another CPU holds them.
+    #[inline]
+    fn enter(&self) -> Option<Held<'_>> {
+        // SeqCst, a plain load on x86: it is the read of Dekker's pair.
+        if self.state.load(Ordering::SeqCst) != IDLE {
+            return None;
+        }
+        self.state.store(OWNER, Ordering::Relaxed);
+        // An interrupt handler on this CPU must see OWNER before the magazines move.
+        compiler_fence(Ordering::SeqCst);
+        Some(Held { cpu: self })
+    }
+
+    /// The magazines of an offline CPU, for another CPU; `None` if the CPU is online
+    /// or they are held.
+    fn claim_offline(&self, index: usize, cpus: &dyn Cpus) -> Option<Held<'_>> {
+        self.state
+            .compare_exchange(IDLE, REMOTE, Ordering::SeqCst, Ordering::Relaxed)
+            .ok()?;
+        fence(Ordering::SeqCst);
+        if cpus.online().contains(index) {
+            // The owner may have written OWNER over the claim; only undo our own.
+            let _ = self
+                .state
+                .compare_exchange(REMOTE, IDLE, Ordering::Release, Ordering::Relaxed);
+            return None;
+        }
+        Some(Held { cpu: self })
+    }
+}
 
 /// Every CPU's magazines; see the [module documentation](self).
 pub(crate) struct CpuCaches {
-    caches: [AtomicPtr<Locked>; MAX_CPUS],
+    caches: [AtomicPtr<CpuMagazines>; MAX_CPUS],
 }
-
-// SAFETY: the magazines hold objects of the heap, moved only under their CPU's lock;
-// the pages they live in belong to the heap.
-unsafe impl Send for CpuMagazines {}
 
 impl CpuCaches {
     /// No CPU has magazines yet.
@@ -56,33 +155,47 @@ impl CpuCaches {
         }
     }
 
-    /// An object of `class` for CPU `cpu`.
+    /// The calling CPU's magazines, entered, after emptying them if that was asked.
+    #[inline]
+    fn enter(&self, cpu: usize, slabs: &Slabs, vmalloc: &dyn VmallocOps) -> Option<Held<'_>> {
+        let mut held = self.cache(cpu, vmalloc)?.enter()?;
+        if held.cpu.drain_requested.load(Ordering::Relaxed) {
+            held.cpu.drain_requested.store(false, Ordering::Relaxed);
+            held.empty(Route::cpu(cpu), slabs, vmalloc);
+        }
+        Some(held)
+    }
+
+    /// An object of `class` for the calling CPU.
     pub(crate) fn alloc(
         &self,
-        cpu: usize,
+        cpus: &dyn Cpus,
         class: usize,
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
     ) -> Option<NonNull<u8>> {
-        let Some(mut magazines) = self.cache(cpu, vmalloc).and_then(spin::Mutex::try_lock) else {
-            return slabs.alloc(class, vmalloc);
+        let cpu = cpus.current();
+        let Some(mut held) = self.enter(cpu, slabs, vmalloc) else {
+            return slabs.alloc(class, Route::cpu(cpu), vmalloc);
         };
-        let magazine = magazines.classes.get_mut(class)?;
-        if magazine.len == 0 {
+        let (objects, len) = held.magazine(class)?;
+        let mut count = len.load(Ordering::Relaxed);
+        if count == 0 {
             let half = magazine_limit(class) / 2;
-            magazine.len = slabs.alloc_batch(class, &mut magazine.objects[..half], vmalloc);
+            count = slabs.alloc_batch(class, &mut objects[..half], Route::cpu(cpu), vmalloc);
         }
-        if magazine.len == 0 {
-            drop(magazines);
-            // Out of memory: every CPU's magazines go back before the last try.
-            self.drain(slabs, vmalloc);
-            return slabs.alloc(class, vmalloc);
+        if count == 0 {
+            drop(held);
+            // Out of memory: the magazines go back before the last try.
+            self.drain(cpus, slabs, vmalloc);
+            return slabs.alloc(class, Route::cpu(cpu), vmalloc);
         }
-        magazine.len -= 1;
-        NonNull::new(magazine.objects[magazine.len])
+        count -= 1;
+        len.store(count, Ordering::Relaxed);
+        NonNull::new(*objects.get(count)?)
     }
 
-    /// Gives `ptr` back on CPU `cpu`.
+    /// Gives `ptr` back on the calling CPU.
     ///
     /// # Safety
     ///
@@ -90,57 +203,63 @@ impl CpuCaches {
     /// is not used afterwards.
     pub(crate) unsafe fn free(
         &self,
-        cpu: usize,
+        cpus: &dyn Cpus,
         class: usize,
         ptr: *mut u8,
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
     ) {
-        let Some(mut magazines) = self.cache(cpu, vmalloc).and_then(spin::Mutex::try_lock) else {
+        let cpu = cpus.current();
+        let Some(mut held) = self.enter(cpu, slabs, vmalloc) else {
             // SAFETY: forwarded.
-            return unsafe { slabs.free(class, ptr, vmalloc) };
+            return unsafe { slabs.free(class, ptr, Route::cpu(cpu), vmalloc) };
         };
-        let Some(magazine) = magazines.classes.get_mut(class) else {
+        let Some((objects, len)) = held.magazine(class) else {
             return;
         };
-        if magazine.len >= magazine_limit(class) {
-            let half = magazine.len / 2;
+        let mut count = len.load(Ordering::Relaxed);
+        if count >= magazine_limit(class) {
+            let half = count / 2;
             // SAFETY: the magazine holds freed objects of this class.
-            unsafe { slabs.free_batch(class, &magazine.objects[..half], vmalloc) };
-            magazine.objects.copy_within(half.., 0);
-            magazine.len -= half;
+            unsafe { slabs.free_batch(class, &objects[..half], Route::cpu(cpu), vmalloc) };
+            objects.copy_within(half..count, 0);
+            count -= half;
         }
-        magazine.objects[magazine.len] = ptr;
-        magazine.len += 1;
+        if let Some(slot) = objects.get_mut(count) {
+            *slot = ptr;
+            len.store(count + 1, Ordering::Relaxed);
+        }
     }
 
-    /// Gives every magazine whose lock is free back to the classes.
-    pub(crate) fn drain(&self, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
-        for cache in &self.caches {
+    /// Empties the calling CPU's magazines and those of offline CPUs, and asks every
+    /// other CPU to empty its own at its next call.
+    pub(crate) fn drain(&self, cpus: &dyn Cpus, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+        let current = cpus.current();
+        for (index, cache) in self.caches.iter().enumerate() {
             // SAFETY: a published cache lives as long as the heap.
-            let Some(mut magazines) =
-                unsafe { cache.load(Ordering::Acquire).as_ref() }.and_then(spin::Mutex::try_lock)
-            else {
+            let Some(cache) = (unsafe { cache.load(Ordering::Acquire).as_ref() }) else {
                 continue;
             };
-            for (class, magazine) in magazines.classes.iter_mut().enumerate() {
-                // SAFETY: the magazine holds freed objects of this class.
-                unsafe { slabs.free_batch(class, &magazine.objects[..magazine.len], vmalloc) };
-                magazine.len = 0;
+            let held = if index == current {
+                cache.enter()
+            } else {
+                cache.claim_offline(index, cpus)
+            };
+            match held {
+                Some(mut held) => held.empty(Route::cpu(index), slabs, vmalloc),
+                None => cache.drain_requested.store(true, Ordering::Relaxed),
             }
         }
     }
 
-    /// Objects every magazine holds, per class (magazines busy at the moment are not
-    /// counted).
+    /// Objects every magazine holds, per class (a moment's count while CPUs run).
     pub(crate) fn cached(&self) -> [usize; CLASSES] {
         let mut cached = [0; CLASSES];
         for cache in &self.caches {
             // SAFETY: a published cache lives as long as the heap.
-            let cache = unsafe { cache.load(Ordering::Acquire).as_ref() };
-            if let Some(magazines) = cache.and_then(spin::Mutex::try_lock) {
-                for (count, magazine) in cached.iter_mut().zip(&magazines.classes) {
-                    *count += magazine.len;
+            if let Some(cache) = unsafe { cache.load(Ordering::Acquire).as_ref() } {
+                for (count, magazine) in cached.iter_mut().zip(&cache.classes) {
+                    *count += magazine.len.load(Ordering::Relaxed);
                 }
             }
         }
@@ -149,30 +268,42 @@ impl CpuCaches {
 
     /// CPU `cpu`'s magazines, made on first use; `None` for an index past
     /// [`MAX_CPUS`] or when no page can be had.
-    fn cache(&self, cpu: usize, vmalloc: &dyn VmallocOps) -> Option<&Locked> {
+    #[inline]
+    fn cache(&self, cpu: usize, vmalloc: &dyn VmallocOps) -> Option<&CpuMagazines> {
         let slot = self.caches.get(cpu)?;
         // SAFETY: a published cache lives as long as the heap.
         if let Some(cache) = unsafe { slot.load(Ordering::Acquire).as_ref() } {
             return Some(cache);
         }
+        self.publish(slot, vmalloc)
+    }
+
+    #[cold]
+    fn publish<'s>(
+        &'s self,
+        slot: &'s AtomicPtr<CpuMagazines>,
+        vmalloc: &dyn VmallocOps,
+    ) -> Option<&'s CpuMagazines> {
         let options = VmOptions {
             tag: "kernel heap per-CPU magazines",
             ..VmOptions::default()
         };
         let area = vmalloc
-            .vmalloc_with(size_of::<Locked>(), &options)
+            .vmalloc_with(size_of::<CpuMagazines>(), &options)
             .ok()?
-            .cast::<Locked>();
+            .cast::<CpuMagazines>();
         // SAFETY: a fresh area of the right size, page-aligned, ours alone.
         unsafe {
-            area.write(spin::Mutex::new(CpuMagazines {
+            area.write(CpuMagazines {
+                state: AtomicU8::new(IDLE),
+                drain_requested: AtomicBool::new(false),
                 classes: [const {
                     Magazine {
-                        len: 0,
-                        objects: [ptr::null_mut(); CPU_MAGAZINE],
+                        len: AtomicUsize::new(0),
+                        objects: UnsafeCell::new([ptr::null_mut(); CPU_MAGAZINE]),
                     }
                 }; CLASSES],
-            }))
+            })
         };
         match slot.compare_exchange(
             ptr::null_mut(),

@@ -17,7 +17,11 @@
 //!   its memory.
 //! - Each class keeps the slabs that have both free and used objects on a doubly
 //!   linked *partial* list and allocates from its head. A slab leaves the list when it
-//!   fills and joins it again at its first free.
+//!   fills and joins it again at its first free. A class has eight (`PARTIAL_LISTS`) of
+//!   them: a CPU with magazines of its own refills from its own list and frees full
+//!   slabs onto it, so its objects come from slabs no other CPU is carving (SLUB's
+//!   per-CPU partial slabs), and a list that runs dry takes a slab from another
+//!   before a new one is made.
 //! - A slab whose objects are all free moves to the class's *empty* list, reused
 //!   before a new slab is made.
 //!
@@ -75,6 +79,8 @@ struct SlabHeader {
     /// Objects handed out and not freed.
     in_use: u32,
     listed: Listed,
+    /// Which of its class's partial lists the slab is on, when it is on one.
+    list: u8,
     /// The heap's flush count when the slab became empty.
     emptied: u64,
 }
@@ -149,10 +155,41 @@ pub const EMPTY_BUDGET: usize = 8 * PAGE_SIZE as usize;
 /// still there.
 const EMPTY_DECAY: u64 = 1 << 14;
 
+/// Partial lists per class: a CPU with magazines of its own refills from the list
+/// of its index modulo this, so two CPUs rarely carve objects from one slab (objects
+/// of two CPUs in one cache line make each CPU's writes evict the other's line).
+pub(crate) const PARTIAL_LISTS: usize = 8;
+
+/// Where a batch of objects comes from or goes to.
+#[derive(Clone, Copy)]
+pub(crate) struct Route {
+    /// The partial list that refills take from and that slabs freed into join.
+    list: usize,
+    /// Whether the class's magazine is used (not when a CPU has its own).
+    magazine: bool,
+}
+
+impl Route {
+    /// Callers without magazines of their own: the class's magazine, list 0.
+    pub(crate) const SHARED: Self = Self {
+        list: 0,
+        magazine: true,
+    };
+
+    /// CPU `cpu`, which has magazines of its own.
+    pub(crate) const fn cpu(cpu: usize) -> Self {
+        Self {
+            list: cpu % PARTIAL_LISTS,
+            magazine: false,
+        }
+    }
+}
+
 /// One class's slabs and its magazine.
 struct Class {
-    /// Slabs with both free and used objects; allocation takes from the head.
-    partial: SlabList,
+    /// Slabs with both free and used objects; allocation takes from the head of the
+    /// caller's list ([`Route`]).
+    partial: [SlabList; PARTIAL_LISTS],
     /// Slabs with no object in use, the last emptied at the head.
     empty: SlabList,
     slabs: usize,
@@ -166,6 +203,21 @@ struct Class {
 // SAFETY: the slab pointers point into vmalloc areas this class owns; they are only
 // followed with the class's lock held.
 unsafe impl Send for Class {}
+
+impl Class {
+    /// Puts `slab` at the head of partial list `list` (below [`PARTIAL_LISTS`]).
+    ///
+    /// # Safety
+    ///
+    /// `slab` is a live slab of this class, on no list.
+    unsafe fn push_partial(&mut self, slab: *mut SlabHeader, list: usize) {
+        // SAFETY: a live slab of this class on no list (caller).
+        unsafe {
+            self.partial[list].push(slab);
+            (*slab).list = list as u8;
+        }
+    }
+}
 
 /// Counters of one size class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,7 +252,7 @@ impl Slabs {
         Self {
             classes: [const {
                 spin::Mutex::new(Class {
-                    partial: SlabList::new(Listed::Partial),
+                    partial: [const { SlabList::new(Listed::Partial) }; PARTIAL_LISTS],
                     empty: SlabList::new(Listed::Empty),
                     slabs: 0,
                     objects: 0,
@@ -215,9 +267,14 @@ impl Slabs {
 
     /// An object of `class` (below [`CLASSES`]), or `None` if no slab can be made
     /// even after every class gave its magazine and empty slabs back.
-    pub(crate) fn alloc(&self, class: usize, vmalloc: &dyn VmallocOps) -> Option<NonNull<u8>> {
+    pub(crate) fn alloc(
+        &self,
+        class: usize,
+        route: Route,
+        vmalloc: &dyn VmallocOps,
+    ) -> Option<NonNull<u8>> {
         let mut one = [ptr::null_mut()];
-        (self.alloc_batch(class, &mut one, vmalloc) == 1)
+        (self.alloc_batch(class, &mut one, route, vmalloc) == 1)
             .then(|| NonNull::new(one[0]))
             .flatten()
     }
@@ -230,6 +287,7 @@ impl Slabs {
         &self,
         class: usize,
         out: &mut [*mut u8],
+        route: Route,
         vmalloc: &dyn VmallocOps,
     ) -> usize {
         let Some(geometry) = GEOMETRY.get(class) else {
@@ -239,12 +297,13 @@ impl Slabs {
             let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
             let mut count = 0;
             for slot in out.iter_mut() {
-                let Some(object) = self.get(&mut state, geometry, vmalloc) else {
+                let Some(object) = self.get(&mut state, geometry, route, vmalloc) else {
                     break;
                 };
                 *slot = object;
                 count += 1;
             }
+            self.tick(count);
             state.objects += count;
             if count > 0 {
                 return count;
@@ -264,9 +323,15 @@ impl Slabs {
     ///
     /// `ptr` came from [`alloc`](Self::alloc) or [`alloc_batch`](Self::alloc_batch)
     /// with `class` on these slabs, with `vmalloc`, and is not used afterwards.
-    pub(crate) unsafe fn free(&self, class: usize, ptr: *mut u8, vmalloc: &dyn VmallocOps) {
+    pub(crate) unsafe fn free(
+        &self,
+        class: usize,
+        ptr: *mut u8,
+        route: Route,
+        vmalloc: &dyn VmallocOps,
+    ) {
         // SAFETY: forwarded.
-        unsafe { self.free_batch(class, &[ptr], vmalloc) }
+        unsafe { self.free_batch(class, &[ptr], route, vmalloc) }
     }
 
     /// Gives `objects` back to their class under one lock.
@@ -279,6 +344,7 @@ impl Slabs {
         &self,
         class: usize,
         objects: &[*mut u8],
+        route: Route,
         vmalloc: &dyn VmallocOps,
     ) {
         let Some(geometry) = GEOMETRY.get(class) else {
@@ -286,10 +352,11 @@ impl Slabs {
         };
         let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
         state.objects -= objects.len();
+        let now = self.tick(objects.len());
         let mut emptied = false;
         for &object in objects {
             // SAFETY: a freed object of this class (caller).
-            emptied |= unsafe { self.put(&mut state, object, geometry) };
+            emptied |= unsafe { self.put(&mut state, object, geometry, route, now) };
         }
         if state.objects == 0 {
             // SAFETY: the magazine's objects are this class's, freed.
@@ -306,13 +373,14 @@ impl Slabs {
         &self,
         state: &mut Class,
         geometry: &Geometry,
+        route: Route,
         vmalloc: &dyn VmallocOps,
     ) -> Option<*mut u8> {
-        if state.cached > 0 {
+        if route.magazine && state.cached > 0 {
             state.cached -= 1;
             Some(state.magazine[state.cached])
         } else {
-            self.take(state, geometry, vmalloc)
+            self.take(state, geometry, route.list, vmalloc)
         }
     }
 
@@ -323,14 +391,21 @@ impl Slabs {
     ///
     /// `object` is a freed object of this class.
     #[inline(always)]
-    unsafe fn put(&self, state: &mut Class, object: *mut u8, geometry: &Geometry) -> bool {
-        if state.cached < geometry.magazine {
+    unsafe fn put(
+        &self,
+        state: &mut Class,
+        object: *mut u8,
+        geometry: &Geometry,
+        route: Route,
+        now: u64,
+    ) -> bool {
+        if route.magazine && state.cached < geometry.magazine {
             state.magazine[state.cached] = object;
             state.cached += 1;
             false
         } else {
             // SAFETY: forwarded.
-            unsafe { self.release(state, object, geometry) }
+            unsafe { self.release(state, object, geometry, route.list, now) }
         }
     }
 
@@ -394,19 +469,21 @@ impl Slabs {
     ///
     /// The magazine holds freed objects of this class.
     unsafe fn drain_magazine(&self, state: &mut Class, geometry: &Geometry) -> bool {
+        let now = self.tick(state.cached);
         let mut emptied = false;
         while state.cached > 0 {
             state.cached -= 1;
             let object = state.magazine[state.cached];
             // SAFETY: a freed object of this class (caller).
-            emptied |= unsafe { self.release(state, object, geometry) };
+            emptied |= unsafe { self.release(state, object, geometry, 0, now) };
         }
         emptied
     }
 
-    /// Advances the clock empty slabs age by.
-    fn tick(&self) -> u64 {
-        let now = self.slab_ops.load(Ordering::Relaxed) + 1;
+    /// Advances the clock empty slabs age by `objects` (once per batch: the clock is
+    /// shared by every CPU).
+    fn tick(&self, objects: usize) -> u64 {
+        let now = self.slab_ops.load(Ordering::Relaxed) + objects as u64;
         self.slab_ops.store(now, Ordering::Relaxed);
         now
     }
@@ -450,32 +527,38 @@ impl Slabs {
         let _ = vmalloc.vfree(slab.cast());
     }
 
-    /// An object from the head of the partial list, else from the last emptied slab,
-    /// else from a new slab.
+    /// An object from the head of partial list `list`, else from the last emptied
+    /// slab, else from another partial list's head slab, else from a new slab.
     fn take(
         &self,
         state: &mut Class,
         geometry: &Geometry,
+        list: usize,
         vmalloc: &dyn VmallocOps,
     ) -> Option<*mut u8> {
-        if state.partial.head.is_null() {
-            let slab = if state.empty.head.is_null() {
-                let slab = self.new_slab(geometry, vmalloc)?;
-                state.slabs += 1;
-                slab
-            } else {
+        if state.partial[list].head.is_null() {
+            let slab = if !state.empty.head.is_null() {
                 let slab = state.empty.head;
                 // SAFETY: the head of the empty list is a live slab on it.
                 unsafe { state.empty.unlink(slab) };
                 self.empty_bytes
                     .fetch_sub(geometry.slab_bytes, Ordering::Relaxed);
                 slab
+            } else if let Some(other) = state.partial.iter().position(|other| !other.head.is_null())
+            {
+                let slab = state.partial[other].head;
+                // SAFETY: the head of a partial list is a live slab on it.
+                unsafe { state.partial[other].unlink(slab) };
+                slab
+            } else {
+                let slab = self.new_slab(geometry, vmalloc)?;
+                state.slabs += 1;
+                slab
             };
             // SAFETY: a live slab of this class, on no list.
-            unsafe { state.partial.push(slab) };
+            unsafe { state.push_partial(slab, list) };
         }
-        self.tick();
-        let slab = state.partial.head;
+        let slab = state.partial[list].head;
         // SAFETY: the head of the partial list is a live slab of this class with a
         // free object: one on its free list, or one past `bump` below `capacity`.
         unsafe {
@@ -490,20 +573,27 @@ impl Slabs {
             };
             header.in_use += 1;
             if header.in_use == geometry.capacity {
-                state.partial.unlink(slab);
+                state.partial[list].unlink(slab);
             }
             Some(object)
         }
     }
 
-    /// Puts `object` back on its slab's free list; a slab left empty moves to the
-    /// empty list, stamped with the clock. Whether the slab emptied.
+    /// Puts `object` back on its slab's free list; a full slab joins partial list
+    /// `list`, and a slab left empty moves to the empty list, stamped with the clock
+    /// (`now`). Whether the slab emptied.
     ///
     /// # Safety
     ///
     /// `object` is a freed object of this class.
-    unsafe fn release(&self, state: &mut Class, object: *mut u8, geometry: &Geometry) -> bool {
-        let now = self.tick();
+    unsafe fn release(
+        &self,
+        state: &mut Class,
+        object: *mut u8,
+        geometry: &Geometry,
+        list: usize,
+        now: u64,
+    ) -> bool {
         let slab = (object as usize & !(geometry.slab_bytes - 1)) as *mut SlabHeader;
         // SAFETY: `object` is an object of this class (caller), so `slab` is its live
         // slab, and the object's first word is free to hold the list link.
@@ -516,10 +606,10 @@ impl Slabs {
                 if (*slab).in_use > 0 {
                     return false;
                 }
-                state.partial.unlink(slab);
+                state.partial[usize::from((*slab).list)].unlink(slab);
             }
             if (*slab).in_use > 0 {
-                state.partial.push(slab);
+                state.push_partial(slab, list);
                 return false;
             }
             // An empty slab's free list says nothing: it hands out its objects in
@@ -552,6 +642,7 @@ impl Slabs {
                 bump: 0,
                 in_use: 0,
                 listed: Listed::Nowhere,
+                list: 0,
                 emptied: 0,
             })
         };
