@@ -793,3 +793,51 @@ fn a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazin
         "CPU 1 went offline; its magazines were drained"
     );
 }
+
+#[test]
+fn a_cpu_whose_partial_list_ran_dry_takes_another_cpus_partial_slabs_before_new_ones() {
+    let machine = per_cpu_machine(14);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    heap.use_cpus(machine);
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let class = vmalloc::heap::slab::class_for(layout).unwrap();
+    // CPU 1 fills slabs, frees every second object and gives its magazines back: its
+    // partial list holds half-used slabs.
+    let kept: Vec<usize> = machine.cpu(1).run(|_| {
+        // SAFETY: non-zero sizes; each block is freed once with its layout.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..2000).map(|_| heap.alloc(layout)).collect();
+            for &block in blocks.iter().step_by(2) {
+                heap.dealloc(block, layout);
+            }
+            heap.shrink();
+            blocks
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|&b| b as usize)
+                .collect()
+        }
+    });
+    let slabs = heap.slab_stats()[class].slabs;
+    // CPU 0 allocates as many as were freed: no new slab.
+    // SAFETY: non-zero sizes; each block is freed once with its layout.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..1000).map(|_| heap.alloc(layout)).collect();
+        assert_eq!(
+            heap.slab_stats()[class].slabs,
+            slabs,
+            "CPU 0 made new slabs while CPU 1's half-used ones waited"
+        );
+        for block in blocks {
+            heap.dealloc(block, layout);
+        }
+        for block in kept {
+            heap.dealloc(block as *mut u8, layout);
+        }
+    }
+    assert_eq!(heap.stats().in_use, 0);
+}

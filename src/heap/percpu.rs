@@ -322,3 +322,6 @@ impl CpuCaches {
         }
     }
 }
+
+#[cfg(test)]
+mod test;
