@@ -204,6 +204,14 @@ fn random_actions(
     threads(c, "per_cpu", per_cpu, machine);
 }
 
+/// Pins the calling thread to host core `cpu` modulo the cores there are, so the
+/// scheduler does not put two measuring threads on one core while another idles.
+fn pin(cpu: usize) {
+    if let Some(cores) = core_affinity::get_core_ids().filter(|cores| !cores.is_empty()) {
+        core_affinity::set_for_current(cores[cpu % cores.len()]);
+    }
+}
+
 /// A random-actions run a thread owns, on cache lines of its own: the runs sit side by
 /// side in one `Vec`, and a generator state shared by two threads' lines would make
 /// the harness, not the heap, stop scaling.
@@ -225,6 +233,7 @@ fn threads(c: &mut Criterion, name: &str, heap: &KernelHeap, machine: &SimMachin
             let setups: Vec<_> = (0..count)
                 .map(|cpu| {
                     scope.spawn(move || {
+                        pin(cpu);
                         machine.cpu(cpu).enter();
                         let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
                         run.steps(WARM_UP_STEPS / 4);
@@ -244,6 +253,7 @@ fn threads(c: &mut Criterion, name: &str, heap: &KernelHeap, machine: &SimMachin
                 std::thread::scope(|scope| {
                     for (cpu, run) in runs.iter().enumerate() {
                         scope.spawn(move || {
+                            pin(cpu);
                             machine.cpu(cpu).enter();
                             run.lock().unwrap().0.steps(iters as usize * STEPS)
                         });

@@ -170,9 +170,11 @@ impl CpuSet {
 ///   the caller, distinct for each CPU, and does not change while the caller runs (a
 ///   kernel that migrates threads calls the library with preemption disabled);
 /// - [`online`](Self::online) contains every CPU that may hold a translation of kernel
-///   memory (every CPU that runs on the kernel's page tables), and a CPU leaves it only
-///   after flushing its own TLB, and joins it with a sequentially consistent
-///   read-modify-write (any locked instruction on x86) before it calls the library;
+///   memory (every CPU that runs on the kernel's page tables); a CPU leaves it only
+///   after flushing its own TLB and after its last call into the library returned,
+///   with a release (or stronger) update, and joins it with a sequentially consistent
+///   read-modify-write (any locked instruction on x86) before it calls the library
+///   again;
 /// - [`send_ipi`](Self::send_ipi) makes each target CPU run
 ///   [`Shootdown::handle_ipi`] eventually (or the target polls it, see the
 ///   [module documentation](self#allowed-cpu-states)).

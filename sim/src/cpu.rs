@@ -27,7 +27,12 @@ use x86_64::structures::paging::{Page, Size4KiB};
 thread_local! {
     /// The CPU the calling thread runs as, on every machine.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
+    /// `relax` calls on this thread so far.
+    static SPINS: Cell<u32> = const { Cell::new(0) };
 }
+
+/// `relax` calls between two yields of the host thread.
+const SPINS_PER_YIELD: u32 = 64;
 
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
@@ -114,7 +119,10 @@ impl SimMachine {
     /// two instructions with interrupts enabled.
     pub(super) fn take_interrupts(&self) {
         let cpu = self.current_cpu();
-        if !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
+        // A plain read first: spinning CPUs poll here, and a swap would write the
+        // line every CPU's flag shares.
+        let pending = &self.cpus.pending[cpu];
+        if !pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel) {
             return;
         }
         self.cpus.taken[cpu].fetch_add(1, Ordering::Relaxed);
@@ -169,10 +177,19 @@ impl TlbFlush for SimMachine {
     }
 
     /// A spinning CPU takes its interrupts, and its host thread lets the others run
-    /// (there may be more simulated CPUs than host cores).
+    /// every [`SPINS_PER_YIELD`] calls (there may be more simulated CPUs than host
+    /// cores; yielding on every call would make each short wait a system call).
     fn relax(&self) {
         self.take_interrupts();
-        std::thread::yield_now();
+        let spins = SPINS.with(|spins| {
+            spins.set(spins.get().wrapping_add(1));
+            spins.get()
+        });
+        if spins.is_multiple_of(SPINS_PER_YIELD) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 

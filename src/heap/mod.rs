@@ -6,8 +6,8 @@
 //!   size-class [slabs](slab): constant time however fragmented the heap is, and
 //!   emptied slabs go back to vmalloc. Once the kernel names its CPUs
 //!   ([`KernelHeap::use_cpus`]), each CPU keeps a magazine per class of its own in
-//!   front of them, used with no locked instruction (an interrupt handler that finds
-//!   it busy goes to the class), filled and emptied half a magazine at a time.
+//!   front of them, used with no locked instruction and filled and emptied half a
+//!   magazine at a time.
 //! - Other requests below [`HeapConfig::large_threshold`] come from a
 //!   `linked_list_allocator::Heap` whose memory is a virtual *window* reserved once in
 //!   the vmalloc region and backed by frames only as the heap grows: when the list runs
@@ -173,9 +173,13 @@ fn lock_relaxed<'m, T>(
         if let Some(guard) = mutex.try_lock() {
             return guard;
         }
-        match vmalloc {
-            Some(vmalloc) => vmalloc.relax(),
-            None => core::hint::spin_loop(),
+        // Wait with plain reads: a waiter's failed compare-and-swap takes the line
+        // from the holder, who needs it back to unlock.
+        while mutex.is_locked() {
+            match vmalloc {
+                Some(vmalloc) => vmalloc.relax(),
+                None => core::hint::spin_loop(),
+            }
         }
     }
 }
@@ -278,7 +282,8 @@ impl<'a> KernelHeap<'a> {
     ///
     /// With per-CPU magazines, this CPU's and every offline CPU's are emptied first;
     /// another online CPU empties its own at its next heap call (or run `shrink` on
-    /// every CPU, as Linux's `flush_all` runs on each).
+    /// every CPU, as Linux's `flush_all` runs on each). Magazines in use at the moment
+    /// (by the code an interrupt handler interrupted) are emptied at their next call.
     pub fn shrink(&self) {
         if let Some(backing) = self.backing.get() {
             if let Some(cpus) = self.cpus.get() {

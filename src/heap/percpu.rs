@@ -15,7 +15,9 @@
 //! migrate while it runs); what remains is the same CPU interrupting itself. So a
 //! CPU marks its magazines busy with a plain store before it touches them and idle
 //! after, and an interrupt handler that finds them busy goes to the classes instead,
-//! as SLUB's `this_cpu_cmpxchg` fast path lets an interrupted allocation retry.
+//! as SLUB's `this_cpu_cmpxchg` fast path lets an interrupted allocation retry. (The
+//! classes' locks, like every lock of the heap, are not interrupt-safe: a kernel that
+//! allocates in interrupt handlers disables interrupts around its other heap calls.)
 //!
 //! Other CPUs reach the magazines two ways, both rare:
 //! - When memory runs out, or [`shrink`](super::KernelHeap::shrink) runs, the caller
@@ -24,11 +26,15 @@
 //!   Running `shrink` on every CPU (for example with an `on_each_cpu`) empties them
 //!   all at once.
 //! - The magazines of an offline CPU, which runs no kernel code, are emptied by the
-//!   caller directly. The caller claims them with a compare-and-swap, then checks that
-//!   the CPU is still offline; a CPU that comes back online checks the claim after it
-//!   rejoined. Both sides order their write before their read (a locked instruction
-//!   on one side, the online set's sequentially consistent update on the other), so
-//!   at least one of them sees the other (Dekker's argument), and never both proceed.
+//!   caller directly. The caller claims them with a compare-and-swap of a value of its
+//!   own, then checks that the CPU is offline and that its claim is still there; a
+//!   CPU that comes back online checks for a claim after it rejoined. Both sides order
+//!   their write before their read (a locked instruction on one side, the online
+//!   set's sequentially consistent update on the other), so at least one of them sees
+//!   the other (Dekker's argument). An owner already inside a call when the claim
+//!   landed writes over it, and it leaves the online set only after that call
+//!   returned: a claimer that sees it offline then no longer finds its claim, and
+//!   backs off.
 //!
 //! A CPU's magazines live in pages of their own, made by vmalloc the first time the
 //! CPU uses the heap, so no two CPUs' magazines share a cache line.
@@ -50,8 +56,11 @@ const CPU_MAGAZINE: usize = 32;
 const IDLE: u8 = 0;
 /// Their own CPU is using them.
 const OWNER: u8 = 1;
-/// Another CPU is emptying them, their own being offline.
-const REMOTE: u8 = 2;
+/// Another CPU, `claimer`, is emptying them, their own being offline: each claimer
+/// writes its own value, so a claim is recognised as its claimer's alone.
+const fn claimed_by(claimer: usize) -> u8 {
+    2 + (claimer % MAX_CPUS) as u8
+}
 
 /// One class's magazine on one CPU.
 struct Magazine {
@@ -63,7 +72,7 @@ struct Magazine {
 
 /// One CPU's magazines.
 struct CpuMagazines {
-    /// [`IDLE`], [`OWNER`] or [`REMOTE`].
+    /// [`IDLE`], [`OWNER`] or [`claimed_by`] a CPU.
     state: AtomicU8,
     /// Another CPU ran out of memory or shrank the heap: empty the magazines at the
     /// next call.
@@ -124,18 +133,24 @@ impl CpuMagazines {
         Some(Held { cpu: self })
     }
 
-    /// The magazines of an offline CPU, for another CPU; `None` if the CPU is online
-    /// or they are held.
-    fn claim_offline(&self, index: usize, cpus: &dyn Cpus) -> Option<Held<'_>> {
+    /// The magazines of offline CPU `index`, for CPU `claimer`; `None` if `index`
+    /// is online or they are held.
+    fn claim_offline(&self, index: usize, claimer: usize, cpus: &dyn Cpus) -> Option<Held<'_>> {
+        let claim = claimed_by(claimer);
         self.state
-            .compare_exchange(IDLE, REMOTE, Ordering::SeqCst, Ordering::Relaxed)
+            .compare_exchange(IDLE, claim, Ordering::SeqCst, Ordering::Relaxed)
             .ok()?;
         fence(Ordering::SeqCst);
-        if cpus.online().contains(index) {
-            // The owner may have written OWNER over the claim; only undo our own.
+        #[cfg(test)]
+        test::AFTER_CLAIM.with(|hook| hook.get().map(|hook| hook(self)));
+        // An owner that read IDLE just before the claim may have written OWNER over
+        // it, finished its call and left the online set since: the claim must still
+        // be there once the CPU is seen offline.
+        if cpus.online().contains(index) || self.state.load(Ordering::SeqCst) != claim {
+            // Undo only our own claim, never another claimer's or the owner's.
             let _ = self
                 .state
-                .compare_exchange(REMOTE, IDLE, Ordering::Release, Ordering::Relaxed);
+                .compare_exchange(claim, IDLE, Ordering::Release, Ordering::Relaxed);
             return None;
         }
         Some(Held { cpu: self })
@@ -243,7 +258,7 @@ impl CpuCaches {
             let held = if index == current {
                 cache.enter()
             } else {
-                cache.claim_offline(index, cpus)
+                cache.claim_offline(index, current, cpus)
             };
             match held {
                 Some(mut held) => held.empty(Route::cpu(index), slabs, vmalloc),

@@ -137,10 +137,10 @@ fn only_an_offline_cpu_s_magazines_are_claimed_and_a_cpu_back_online_waits_for_t
     cpus.current.store(0, Ordering::Relaxed);
     // SAFETY: published caches live as long as `caches`.
     let cpu1 = unsafe { caches.caches[1].load(Ordering::Acquire).as_ref() }.unwrap();
-    assert!(cpu1.claim_offline(1, &cpus).is_none(), "CPU 1 is online");
+    assert!(cpu1.claim_offline(1, 0, &cpus).is_none(), "CPU 1 is online");
     assert_eq!(cpu1.state.load(Ordering::Relaxed), IDLE);
     cpus.online.fetch_and(!0b10, Ordering::SeqCst);
-    let claim = cpu1.claim_offline(1, &cpus).unwrap();
+    let claim = cpu1.claim_offline(1, 0, &cpus).unwrap();
     // CPU 1 comes back while CPU 0 still empties its magazines: it stays out.
     cpus.online.fetch_or(0b10, Ordering::SeqCst);
     assert!(cpu1.enter().is_none(), "CPU 1 entered claimed magazines");
@@ -153,4 +153,62 @@ fn only_an_offline_cpu_s_magazines_are_claimed_and_a_cpu_back_online_waits_for_t
     cpus.online.fetch_and(!0b10, Ordering::SeqCst);
     caches.drain(&cpus, &slabs, &vmalloc);
     assert_eq!(magazine_len(&caches, 1), 0);
+}
+
+std::thread_local! {
+    /// Runs inside `claim_offline` between the claim and its checks, on this thread.
+    pub(super) static AFTER_CLAIM: core::cell::Cell<Option<fn(&CpuMagazines)>> =
+        const { core::cell::Cell::new(None) };
+}
+
+/// The online set `owner_finishes_and_goes_offline` takes CPU 1 out of.
+static ONLINE_OF_RACE: AtomicU64 = AtomicU64::new(0b11);
+
+/// CPU 1 read IDLE just before the claim: it writes OWNER over it, finishes its
+/// call and leaves the online set, all before the claimer checks.
+fn owner_finishes_and_goes_offline(cpu1: &CpuMagazines) {
+    cpu1.state.store(OWNER, Ordering::Relaxed);
+    cpu1.state.store(IDLE, Ordering::Release);
+    ONLINE_OF_RACE.fetch_and(!0b10, Ordering::SeqCst);
+}
+
+/// CPUs whose online set is [`ONLINE_OF_RACE`].
+struct RaceCpus;
+
+// SAFETY: one test thread plays every CPU; nothing is shot down.
+unsafe impl Cpus for RaceCpus {
+    fn current(&self) -> usize {
+        0
+    }
+    fn online(&self) -> CpuSet {
+        CpuSet::from_bits(ONLINE_OF_RACE.load(Ordering::SeqCst))
+    }
+    fn send_ipi(&self, _: CpuSet) {}
+}
+
+#[test]
+fn a_claim_an_owner_wrote_over_is_not_taken_when_the_owner_has_gone_offline() {
+    let (vmalloc, cpus) = (HostAreas::default(), two_cpus());
+    let (caches, slabs) = (CpuCaches::new(), Slabs::new());
+    cpus.current.store(1, Ordering::Relaxed);
+    let object = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
+    // SAFETY: published caches live as long as `caches`.
+    let cpu1 = unsafe { caches.caches[1].load(Ordering::Acquire).as_ref() }.unwrap();
+    AFTER_CLAIM.with(|hook| hook.set(Some(owner_finishes_and_goes_offline)));
+    let claim = cpu1.claim_offline(1, 0, &RaceCpus);
+    AFTER_CLAIM.with(|hook| hook.set(None));
+    assert!(
+        claim.is_none(),
+        "claimed magazines whose claim the owner wrote over"
+    );
+    assert_eq!(cpu1.state.load(Ordering::Relaxed), IDLE);
+    // Magazines another CPU has claimed are left to it.
+    cpu1.state.store(claimed_by(3), Ordering::SeqCst);
+    assert!(cpu1.claim_offline(1, 0, &RaceCpus).is_none());
+    assert_eq!(cpu1.state.load(Ordering::Relaxed), claimed_by(3));
+    cpu1.state.store(IDLE, Ordering::Release);
+    // Offline and unclaimed: claimed.
+    assert!(cpu1.claim_offline(1, 0, &RaceCpus).is_some());
+    // SAFETY: an object of CLASS from these caches, not used again.
+    unsafe { caches.free(&cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
 }

@@ -185,7 +185,9 @@ impl Route {
     }
 }
 
-/// One class's slabs and its magazine.
+/// One class's slabs and its magazine, on cache lines of its own (with its lock):
+/// two CPUs working in neighbouring classes must not bounce one line between them.
+#[repr(align(128))]
 struct Class {
     /// Slabs with both free and used objects; allocation takes from the head of the
     /// caller's list ([`Route`]).
