@@ -246,8 +246,12 @@ fn threads(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let start = std::time::Instant::now();
                     std::thread::scope(|scope| {
-                        for _ in 0..count {
-                            scope.spawn(|| (0..iters).for_each(|_| fix_size_alloc(&vm, pages)));
+                        for thread in 0..count as usize {
+                            let vm = &vm;
+                            scope.spawn(move || {
+                                pin(thread);
+                                (0..iters).for_each(|_| fix_size_alloc(vm, pages))
+                            });
                         }
                     });
                     start.elapsed()
@@ -256,6 +260,14 @@ fn threads(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// Pins the calling thread to host core `thread` modulo the cores there are, so the
+/// scheduler does not put two measuring threads on one core while another idles.
+fn pin(thread: usize) {
+    if let Some(cores) = core_affinity::get_core_ids().filter(|cores| !cores.is_empty()) {
+        core_affinity::set_for_current(cores[thread % cores.len()]);
+    }
 }
 
 criterion_group!(

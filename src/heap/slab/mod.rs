@@ -243,10 +243,17 @@ pub(crate) struct Slabs {
     classes: [spin::Mutex<Class>; CLASSES],
     /// Bytes of empty slabs, over all classes.
     empty_bytes: AtomicUsize,
-    /// Objects taken from or given back to slabs so far: the clock empty slabs age by.
-    /// Bumped without a locked instruction: a lost tick only slows the clock.
-    slab_ops: AtomicU64,
+    /// Objects taken from or given back to slabs so far, per partial list: the clock
+    /// empty slabs age by is their sum. Bumped without a locked instruction: a lost
+    /// tick only slows the clock.
+    slab_ops: [Clock; PARTIAL_LISTS],
 }
+
+/// One partial list's share of the clock empty slabs age by, on a cache line of its
+/// own: CPUs tick their own share, and only reading the time (when a slab empties)
+/// sums them.
+#[repr(align(128))]
+struct Clock(AtomicU64);
 
 impl Slabs {
     /// No slabs yet.
@@ -263,7 +270,7 @@ impl Slabs {
                 })
             }; CLASSES],
             empty_bytes: AtomicUsize::new(0),
-            slab_ops: AtomicU64::new(0),
+            slab_ops: [const { Clock(AtomicU64::new(0)) }; PARTIAL_LISTS],
         }
     }
 
@@ -305,7 +312,7 @@ impl Slabs {
                 *slot = object;
                 count += 1;
             }
-            self.tick(count);
+            self.tick(route.list, count);
             state.objects += count;
             if count > 0 {
                 return count;
@@ -354,11 +361,11 @@ impl Slabs {
         };
         let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
         state.objects -= objects.len();
-        let now = self.tick(objects.len());
+        self.tick(route.list, objects.len());
         let mut emptied = false;
         for &object in objects {
             // SAFETY: a freed object of this class (caller).
-            emptied |= unsafe { self.put(&mut state, object, geometry, route, now) };
+            emptied |= unsafe { self.put(&mut state, object, geometry, route) };
         }
         if state.objects == 0 {
             // SAFETY: the magazine's objects are this class's, freed.
@@ -399,7 +406,6 @@ impl Slabs {
         object: *mut u8,
         geometry: &Geometry,
         route: Route,
-        now: u64,
     ) -> bool {
         if route.magazine && state.cached < geometry.magazine {
             state.magazine[state.cached] = object;
@@ -407,7 +413,7 @@ impl Slabs {
             false
         } else {
             // SAFETY: forwarded.
-            unsafe { self.release(state, object, geometry, route.list, now) }
+            unsafe { self.release(state, object, geometry, route.list) }
         }
     }
 
@@ -420,7 +426,7 @@ impl Slabs {
         geometry: &Geometry,
         vmalloc: &dyn VmallocOps,
     ) {
-        let now = self.slab_ops.load(Ordering::Relaxed);
+        let now = self.now();
         self.discard_aged(&mut state, geometry, now, vmalloc);
         drop(state);
         let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
@@ -471,23 +477,34 @@ impl Slabs {
     ///
     /// The magazine holds freed objects of this class.
     unsafe fn drain_magazine(&self, state: &mut Class, geometry: &Geometry) -> bool {
-        let now = self.tick(state.cached);
+        self.tick(0, state.cached);
         let mut emptied = false;
         while state.cached > 0 {
             state.cached -= 1;
             let object = state.magazine[state.cached];
             // SAFETY: a freed object of this class (caller).
-            emptied |= unsafe { self.release(state, object, geometry, 0, now) };
+            emptied |= unsafe { self.release(state, object, geometry, 0) };
         }
         emptied
     }
 
-    /// Advances the clock empty slabs age by `objects` (once per batch: the clock is
-    /// shared by every CPU).
-    fn tick(&self, objects: usize) -> u64 {
-        let now = self.slab_ops.load(Ordering::Relaxed) + objects as u64;
-        self.slab_ops.store(now, Ordering::Relaxed);
-        now
+    /// Advances list `list`'s share of the clock by `objects` (once per batch).
+    fn tick(&self, list: usize, objects: usize) {
+        let Some(Clock(share)) = self.slab_ops.get(list) else {
+            return;
+        };
+        share.store(
+            share.load(Ordering::Relaxed) + objects as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The clock empty slabs age by: objects moved to or from slabs so far.
+    fn now(&self) -> u64 {
+        self.slab_ops
+            .iter()
+            .map(|Clock(share)| share.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Gives back the class's empty slabs that have waited [`EMPTY_DECAY`] ticks by
@@ -582,8 +599,8 @@ impl Slabs {
     }
 
     /// Puts `object` back on its slab's free list; a full slab joins partial list
-    /// `list`, and a slab left empty moves to the empty list, stamped with the clock
-    /// (`now`). Whether the slab emptied.
+    /// `list`, and a slab left empty moves to the empty list, stamped with the clock.
+    /// Whether the slab emptied.
     ///
     /// # Safety
     ///
@@ -594,7 +611,6 @@ impl Slabs {
         object: *mut u8,
         geometry: &Geometry,
         list: usize,
-        now: u64,
     ) -> bool {
         let slab = (object as usize & !(geometry.slab_bytes - 1)) as *mut SlabHeader;
         // SAFETY: `object` is an object of this class (caller), so `slab` is its live
@@ -618,7 +634,7 @@ impl Slabs {
             // address order again, without reading a link per object.
             (*slab).free = ptr::null_mut();
             (*slab).bump = 0;
-            (*slab).emptied = now;
+            (*slab).emptied = self.now();
             state.empty.push(slab);
         }
         self.empty_bytes
