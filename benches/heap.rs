@@ -202,6 +202,55 @@ fn random_actions(
     group.finish();
     threads(c, "shared", heap, machine);
     threads(c, "per_cpu", per_cpu, machine);
+    threads_private_talc(c);
+}
+
+/// A value on cache lines of its own.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// The control for the thread curves: each thread with a `talc` of its own, so
+/// nothing is shared but the machine (its caches and memory bandwidth).
+fn threads_private_talc(c: &mut Criterion) {
+    let mut group = c.benchmark_group("heap_threads_private_talc");
+    group.sample_size(10);
+    let heaps: Vec<_> = (0..4).map(|_| Padded(talc_with_region(REGION))).collect();
+    for count in [1usize, 2, 4] {
+        let runs: Vec<std::sync::Mutex<Owned>> = std::thread::scope(|scope| {
+            let setups: Vec<_> = heaps[..count]
+                .iter()
+                .enumerate()
+                .map(|(cpu, Padded(heap))| {
+                    scope.spawn(move || {
+                        pin(cpu);
+                        let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
+                        run.steps(WARM_UP_STEPS / 4);
+                        std::sync::Mutex::new(Owned(run))
+                    })
+                })
+                .collect();
+            setups
+                .into_iter()
+                .map(|setup| setup.join().unwrap())
+                .collect()
+        });
+        group.throughput(Throughput::Elements((STEPS * count) as u64));
+        group.bench_function(format!("{count}"), |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for (cpu, run) in runs.iter().enumerate() {
+                        scope.spawn(move || {
+                            pin(cpu);
+                            run.lock().unwrap().0.steps(iters as usize * STEPS)
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
 }
 
 /// Pins the calling thread to host core `cpu` modulo the cores there are, so the
