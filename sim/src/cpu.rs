@@ -27,12 +27,7 @@ use x86_64::structures::paging::{Page, Size4KiB};
 thread_local! {
     /// The CPU the calling thread runs as, on every machine.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
-    /// `relax` calls on this thread so far.
-    static SPINS: Cell<u32> = const { Cell::new(0) };
 }
-
-/// `relax` calls between two yields of the host thread.
-const SPINS_PER_YIELD: u32 = 64;
 
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
@@ -177,19 +172,10 @@ impl TlbFlush for SimMachine {
     }
 
     /// A spinning CPU takes its interrupts, and its host thread lets the others run
-    /// every [`SPINS_PER_YIELD`] calls (there may be more simulated CPUs than host
-    /// cores; yielding on every call would make each short wait a system call).
+    /// (there may be more simulated CPUs than host cores).
     fn relax(&self) {
         self.take_interrupts();
-        let spins = SPINS.with(|spins| {
-            spins.set(spins.get().wrapping_add(1));
-            spins.get()
-        });
-        if spins.is_multiple_of(SPINS_PER_YIELD) {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
+        std::thread::yield_now();
     }
 }
 
