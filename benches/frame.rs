@@ -1,12 +1,14 @@
 //! Frame alloc+free cost at 0%, 50% and 99% occupancy, against the buddy allocator
 //! of `buddy_system_allocator` on the same memory map.
 //!
-//! Occupancy is scattered: everything is allocated, then every second (50%) or every
-//! hundredth (99%) frame is freed again, so free frames are spread over all of memory.
+//! Occupancy is scattered at random: everything is allocated, then a random half
+//! (50%) or hundredth (99%) of the frames is freed again, so free frames are spread
+//! over all of memory. The single-frame rows also go through `LockedFrameAllocator`,
+//! the allocator a kernel shares between CPUs and hands to the manager.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use vmalloc::frame::{BitmapFrameAllocator, MemoryRegion};
+use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
@@ -35,13 +37,14 @@ fn usable_ranges() -> [(usize, usize); 4] {
     ]
 }
 
-/// Whether the `index`-th frame stays allocated at `occupancy` percent.
+/// Whether the `index`-th frame stays allocated at `occupancy` percent: a fixed
+/// pseudo-random pick (SplitMix64 of the index).
 fn stays_held(index: usize, occupancy: usize) -> bool {
-    match occupancy {
-        0 => false,
-        50 => !index.is_multiple_of(2),
-        _ => !index.is_multiple_of(100),
-    }
+    let mut z = (index as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % 100) as usize >= 100 - occupancy
 }
 
 fn frame(number: usize) -> PhysFrame {
@@ -80,6 +83,11 @@ fn bench(c: &mut Criterion) {
         let mut storage = vec![0; BitmapFrameAllocator::storage_words(map.clone())];
         let mut bitmap = BitmapFrameAllocator::with_storage(map.clone(), &mut storage).unwrap();
         fill_bitmap(&mut bitmap, occupancy);
+        let mut locked_storage = vec![0; BitmapFrameAllocator::storage_words(map.clone())];
+        let mut shared =
+            BitmapFrameAllocator::with_storage(map.clone(), &mut locked_storage).unwrap();
+        fill_bitmap(&mut shared, occupancy);
+        let locked = LockedFrameAllocator::new(shared);
         let mut peer = buddy(occupancy);
 
         let mut group = c.benchmark_group(format!("frame/occupancy{occupancy}"));
@@ -88,6 +96,12 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let f = bitmap.alloc().unwrap();
                 bitmap.free(black_box(f)).unwrap();
+            })
+        });
+        group.bench_function("single/locked", |b| {
+            b.iter(|| {
+                let f = locked.alloc().unwrap();
+                locked.free(black_box(f)).unwrap();
             })
         });
         group.bench_function("single/buddy", |b| {
