@@ -200,58 +200,19 @@ fn random_actions(
         });
     }
     group.finish();
-    threads(c, "shared", heap, machine);
-    threads(c, "per_cpu", per_cpu, machine);
-    threads_private_talc(c);
+    threads(c, "shared", &[heap], machine);
+    threads(c, "per_cpu", &[per_cpu], machine);
+    // The control: each thread with a `talc` of its own, so nothing is shared but the
+    // machine (its caches and memory bandwidth).
+    let talcs: Vec<_> = (0..4).map(|_| Padded(talc_with_region(REGION))).collect();
+    let talcs: Vec<&(dyn GlobalAlloc + Sync)> =
+        talcs.iter().map(|Padded(talc)| talc as _).collect();
+    threads(c, "private_talc", &talcs, machine);
 }
 
 /// A value on cache lines of its own.
 #[repr(align(128))]
 struct Padded<T>(T);
-
-/// The control for the thread curves: each thread with a `talc` of its own, so
-/// nothing is shared but the machine (its caches and memory bandwidth).
-fn threads_private_talc(c: &mut Criterion) {
-    let mut group = c.benchmark_group("heap_threads_private_talc");
-    group.sample_size(10);
-    let heaps: Vec<_> = (0..4).map(|_| Padded(talc_with_region(REGION))).collect();
-    for count in [1usize, 2, 4] {
-        let runs: Vec<std::sync::Mutex<Owned>> = std::thread::scope(|scope| {
-            let setups: Vec<_> = heaps[..count]
-                .iter()
-                .enumerate()
-                .map(|(cpu, Padded(heap))| {
-                    scope.spawn(move || {
-                        pin(cpu);
-                        let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
-                        run.steps(WARM_UP_STEPS / 4);
-                        std::sync::Mutex::new(Owned(run))
-                    })
-                })
-                .collect();
-            setups
-                .into_iter()
-                .map(|setup| setup.join().unwrap())
-                .collect()
-        });
-        group.throughput(Throughput::Elements((STEPS * count) as u64));
-        group.bench_function(format!("{count}"), |b| {
-            b.iter_custom(|iters| {
-                let start = std::time::Instant::now();
-                std::thread::scope(|scope| {
-                    for (cpu, run) in runs.iter().enumerate() {
-                        scope.spawn(move || {
-                            pin(cpu);
-                            run.lock().unwrap().0.steps(iters as usize * STEPS)
-                        });
-                    }
-                });
-                start.elapsed()
-            })
-        });
-    }
-    group.finish();
-}
 
 /// Pins the calling thread to host core `cpu` modulo the cores there are, so the
 /// scheduler does not put two measuring threads on one core while another idles.
@@ -271,19 +232,29 @@ struct Owned<'h>(RandomActions<'h>);
 // the heap is `Sync`.
 unsafe impl Send for Owned<'_> {}
 
-/// Random-actions steps on 1, 2 and 4 threads at once (thread `i` runs as CPU `i`),
-/// each on its own 2,500 live blocks, all from one heap: total steps per second.
-fn threads(c: &mut Criterion, name: &str, heap: &KernelHeap, machine: &SimMachine) {
+/// Random-actions steps on 1, 2 and 4 threads at once (thread `i` runs as CPU `i`,
+/// pinned to a host core), each on its own 2,500 live blocks from
+/// `heaps[i % heaps.len()]`: total steps per second.
+fn threads(
+    c: &mut Criterion,
+    name: &str,
+    heaps: &[&(dyn GlobalAlloc + Sync)],
+    machine: &SimMachine,
+) {
     let mut group = c.benchmark_group(format!("heap_threads_{name}"));
     group.sample_size(10);
+    let on_cpu = |cpu: usize| {
+        pin(cpu);
+        machine.cpu(cpu).enter();
+    };
     for count in [1usize, 2, 4] {
         // Each run is set up on the CPU that will run it, as a kernel thread would.
         let runs: Vec<std::sync::Mutex<Owned>> = std::thread::scope(|scope| {
             let setups: Vec<_> = (0..count)
                 .map(|cpu| {
+                    let heap = heaps[cpu % heaps.len()];
                     scope.spawn(move || {
-                        pin(cpu);
-                        machine.cpu(cpu).enter();
+                        on_cpu(cpu);
                         let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
                         run.steps(WARM_UP_STEPS / 4);
                         std::sync::Mutex::new(Owned(run))
@@ -302,8 +273,7 @@ fn threads(c: &mut Criterion, name: &str, heap: &KernelHeap, machine: &SimMachin
                 std::thread::scope(|scope| {
                     for (cpu, run) in runs.iter().enumerate() {
                         scope.spawn(move || {
-                            pin(cpu);
-                            machine.cpu(cpu).enter();
+                            on_cpu(cpu);
                             run.lock().unwrap().0.steps(iters as usize * STEPS)
                         });
                     }
