@@ -161,41 +161,31 @@ std::thread_local! {
         const { core::cell::Cell::new(None) };
 }
 
-/// The online set `owner_finishes_and_goes_offline` takes CPU 1 out of.
-static ONLINE_OF_RACE: AtomicU64 = AtomicU64::new(0b11);
+/// The CPUs of the race test: a `static`, because the hook is a plain `fn`.
+static RACE: TestCpus = TestCpus {
+    current: AtomicUsize::new(0),
+    online: AtomicU64::new(0b11),
+};
 
 /// CPU 1 read IDLE just before the claim: it writes OWNER over it, finishes its
 /// call and leaves the online set, all before the claimer checks.
 fn owner_finishes_and_goes_offline(cpu1: &CpuMagazines) {
     cpu1.state.store(OWNER, Ordering::Relaxed);
     cpu1.state.store(IDLE, Ordering::Release);
-    ONLINE_OF_RACE.fetch_and(!0b10, Ordering::SeqCst);
-}
-
-/// CPUs whose online set is [`ONLINE_OF_RACE`].
-struct RaceCpus;
-
-// SAFETY: one test thread plays every CPU; nothing is shot down.
-unsafe impl Cpus for RaceCpus {
-    fn current(&self) -> usize {
-        0
-    }
-    fn online(&self) -> CpuSet {
-        CpuSet::from_bits(ONLINE_OF_RACE.load(Ordering::SeqCst))
-    }
-    fn send_ipi(&self, _: CpuSet) {}
+    RACE.online.fetch_and(!0b10, Ordering::SeqCst);
 }
 
 #[test]
 fn a_claim_an_owner_wrote_over_is_not_taken_when_the_owner_has_gone_offline() {
-    let (vmalloc, cpus) = (HostAreas::default(), two_cpus());
+    let (vmalloc, cpus) = (HostAreas::default(), &RACE);
     let (caches, slabs) = (CpuCaches::new(), Slabs::new());
     cpus.current.store(1, Ordering::Relaxed);
-    let object = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
+    let object = caches.alloc(cpus, CLASS, &slabs, &vmalloc).unwrap();
+    cpus.current.store(0, Ordering::Relaxed);
     // SAFETY: published caches live as long as `caches`.
     let cpu1 = unsafe { caches.caches[1].load(Ordering::Acquire).as_ref() }.unwrap();
     AFTER_CLAIM.with(|hook| hook.set(Some(owner_finishes_and_goes_offline)));
-    let claim = cpu1.claim_offline(1, 0, &RaceCpus);
+    let claim = cpu1.claim_offline(1, 0, cpus);
     AFTER_CLAIM.with(|hook| hook.set(None));
     assert!(
         claim.is_none(),
@@ -204,11 +194,11 @@ fn a_claim_an_owner_wrote_over_is_not_taken_when_the_owner_has_gone_offline() {
     assert_eq!(cpu1.state.load(Ordering::Relaxed), IDLE);
     // Magazines another CPU has claimed are left to it.
     cpu1.state.store(claimed_by(3), Ordering::SeqCst);
-    assert!(cpu1.claim_offline(1, 0, &RaceCpus).is_none());
+    assert!(cpu1.claim_offline(1, 0, cpus).is_none());
     assert_eq!(cpu1.state.load(Ordering::Relaxed), claimed_by(3));
     cpu1.state.store(IDLE, Ordering::Release);
     // Offline and unclaimed: claimed.
-    assert!(cpu1.claim_offline(1, 0, &RaceCpus).is_some());
+    assert!(cpu1.claim_offline(1, 0, cpus).is_some());
     // SAFETY: an object of CLASS from these caches, not used again.
-    unsafe { caches.free(&cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
+    unsafe { caches.free(cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
 }
