@@ -434,4 +434,8 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
         self.handle_ipi();
         self.local.relax();
     }
+
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        Some(&self.cpus)
+    }
 }

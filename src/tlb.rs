@@ -15,6 +15,7 @@
 //! while their pages together stay within the ceiling, one full flush above it.
 
 use crate::paging::RangeFlush;
+use crate::smp::Cpus;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -61,6 +62,16 @@ pub trait TlbFlush {
     fn relax(&self) {
         core::hint::spin_loop();
     }
+
+    /// The kernel's CPUs, when this policy knows them (a [`Shootdown`] does): the
+    /// vmalloc manager's per-CPU caches use [`Cpus::current`] to pick the calling
+    /// CPU's cache. `None`, the default, gives every CPU the same one. The answer is
+    /// trusted for speed only: every cache has its own lock.
+    ///
+    /// [`Shootdown`]: crate::smp::Shootdown
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        None
+    }
 }
 
 /// Issues a batch of flush tokens as one flush: each token's range on its own while
@@ -103,6 +114,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn relax(&self) {
         (**self).relax()
+    }
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        (**self).cpus()
     }
 }
 

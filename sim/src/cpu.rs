@@ -177,6 +177,11 @@ impl TlbFlush for SimMachine {
         self.take_interrupts();
         std::thread::yield_now();
     }
+
+    /// The calling thread's CPU picks its per-CPU caches.
+    fn cpus(&self) -> Option<&dyn KernelCpus> {
+        Some(self)
+    }
 }
 
 // SAFETY: `current` is the thread's CPU, below the machine's count (checked), and a

@@ -23,6 +23,45 @@ impl<M: PhysMemory> PageTables<M> {
         self.unlink_empty(pages, 1, on_table)
     }
 
+    /// The leaf table (the one holding 4 KiB entries) whose 2 MiB contains `addr`,
+    /// made with the tables above it (marked [`CREATED`]) if missing. For a caller that
+    /// owns the whole 2 MiB and writes its entries itself: the vmalloc manager's
+    /// per-CPU blocks, which keep their tables for as long as they live.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfFrames`] (nothing created), [`Error::HugePageInTheWay`] or
+    /// [`Error::AlreadyMapped`] for an upper entry that is not a table.
+    ///
+    /// # Safety
+    ///
+    /// `tables` hands out frames that are unused and reachable through `phys`.
+    pub unsafe fn leaf_table(
+        &mut self,
+        addr: VirtAddr,
+        tables: &impl FrameSource,
+    ) -> Result<*mut PageTable, Error> {
+        let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+        let addr = addr.as_u64();
+        let mut count = CountMissing {
+            tables: 0,
+            upper_bits: upper_bits_for(flags),
+            lacking: false,
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid.
+        unsafe { Cursor::new(&self.phys, self.root).table(addr, 2, &mut count) }?;
+        let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
+        let mut install = Install {
+            stock: &mut stock,
+            upper_flags: upper_flags_for(flags),
+            upper_bits: upper_bits_for(flags),
+        };
+        // SAFETY: as above; the first walk counted the tables in `stock`.
+        let table = unsafe { Cursor::new(&self.phys, self.root).table(addr, 2, &mut install) };
+        stock.give_back(tables);
+        table
+    }
+
     /// Gives every root entry covering `pages` a table, creating the missing ones from
     /// `tables` (marked [`CREATED`]); returns how many it created. After this, the
     /// root's entries for the range never change while only this crate edits it, so

@@ -100,6 +100,28 @@ where
         if addr.as_u64().wrapping_sub(config.start.as_u64()) >= config.size {
             return FaultSite::Outside;
         }
+        if self.blocks.contains(addr.as_u64()) {
+            return match self.try_block_area(addr.as_u64()) {
+                Err(()) => FaultSite::Busy,
+                Ok(None) => FaultSite::Unmapped,
+                Ok(Some((area, guard))) => {
+                    let info = area.info();
+                    let offset = addr - area.start;
+                    if guard {
+                        FaultSite::Guard {
+                            area: info,
+                            past_end: offset - info.size,
+                        }
+                    } else {
+                        FaultSite::Area {
+                            area: info,
+                            offset,
+                            broke_protection: refuses(area.flags, code),
+                        }
+                    }
+                }
+            };
+        }
         let Some(inner) = self.inner.try_lock() else {
             return FaultSite::Busy;
         };
@@ -141,10 +163,15 @@ where
 
 /// Whether an access with `code` is one `record`'s protection refuses.
 fn broke_protection(record: &AreaRecord, code: PageFaultErrorCode) -> bool {
+    refuses(record.flags, code)
+}
+
+/// Whether leaf flags `flags` refuse the access `code` describes.
+fn refuses(flags: PageTableFlags, code: PageFaultErrorCode) -> bool {
     let write = code.contains(PageFaultErrorCode::CAUSED_BY_WRITE);
     let fetch = code.contains(PageFaultErrorCode::INSTRUCTION_FETCH);
-    (write && !record.flags.contains(PageTableFlags::WRITABLE))
-        || (fetch && record.flags.contains(PageTableFlags::NO_EXECUTE))
+    (write && !flags.contains(PageTableFlags::WRITABLE))
+        || (fetch && flags.contains(PageTableFlags::NO_EXECUTE))
 }
 
 /// The access: "read", "write" or "instruction fetch".

@@ -23,6 +23,7 @@ where
 {
     /// Counters of the region, the frames held, and the purge list.
     pub fn stats(&self) -> VmallocStats {
+        let blocks = self.blocks.counters();
         let mut cx = self.lock();
         let size = self.config.size;
         let inner = cx.inner();
@@ -32,15 +33,20 @@ where
             pending_purge_bytes: inner.purge.bytes,
             largest_free: inner.space.largest_free(),
             areas: inner.areas.len() as u64,
-            data_frames: inner.data_frames,
+            data_frames: inner.data_frames + blocks.data_frames,
             huge_mappings: inner.huge_mappings,
             page_table_frames: inner.page_table_frames,
-            bookkeeping_frames: inner.pool.frames_held() as u64,
+            bookkeeping_frames: inner.pool.frames_held() as u64 + blocks.bookkeeping_frames,
             bookkeeping_free_slots: inner.pool.free_slots() as u64,
             pending_purge_pages: inner.purge.pages,
             pending_purge_frames: inner.purge.frames,
             purges: inner.purges,
             deferred_refused: inner.deferred_refused,
+            block_zone_bytes: blocks.zone_bytes,
+            block_free_bytes: blocks.free_bytes,
+            block_areas: blocks.areas,
+            cached_frames: blocks.cached_frames,
+            cached_pending_frames: blocks.pending_frames,
         }
     }
 
@@ -60,6 +66,9 @@ where
     /// The live area whose span (its guard page included) holds `addr` (Linux's
     /// `find_vm_area`), or `None`.
     pub fn find_vm_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
+        if self.blocks.contains(addr.as_u64()) {
+            return self.block_area(addr.as_u64()).map(|(area, _)| area.info());
+        }
         let mut cx = self.lock();
         let area = cx.inner().areas.find_containing(addr)?;
         (!area.data.dying).then(|| AreaInfo::new(area.start, area.size, &area.data))
@@ -179,6 +188,20 @@ pub struct VmallocStats {
     /// Frees queued by `vfree_atomic` that were refused when drained, as `vfree`
     /// would have refused them (never allocated, freed already, ...).
     pub deferred_refused: u64,
+    /// Bytes of the region reserved for [per-CPU blocks](super::percpu) (0 with
+    /// the caches off); counted in `used` and listed as one reserved area labelled `vmap_blocks`.
+    pub block_zone_bytes: u64,
+    /// Of those, bytes no live area (or its guard page) holds: virtual space the
+    /// caches keep.
+    pub block_free_bytes: u64,
+    /// Live areas in per-CPU blocks; not counted in `areas`, their frames counted
+    /// in `data_frames`.
+    pub block_areas: u64,
+    /// Free frames the per-CPU caches hold.
+    pub cached_frames: u64,
+    /// Frames of areas freed from per-CPU blocks, waiting for their CPU's batched
+    /// flush before they can be reused.
+    pub cached_pending_frames: u64,
 }
 
 impl fmt::Display for VmallocStats {
@@ -192,6 +215,17 @@ impl fmt::Display for VmallocStats {
         writeln!(f, "VmallocHuge:    {:>10}", self.huge_mappings)?;
         writeln!(f, "PageTables:     {:>10} kB", self.page_table_frames * 4)?;
         writeln!(f, "Bookkeeping:    {:>10} kB", self.bookkeeping_frames * 4)?;
-        write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)
+        write!(f, "LazyPurgePages: {:>10}", self.pending_purge_pages)?;
+        if self.block_zone_bytes > 0 {
+            writeln!(f)?;
+            writeln!(f, "BlockAreas:     {:>10}", self.block_areas)?;
+            writeln!(f, "BlockFree:      {:>10} kB", kib(self.block_free_bytes))?;
+            write!(
+                f,
+                "CachedFrames:   {:>10} ({} waiting for a flush)",
+                self.cached_frames, self.cached_pending_frames
+            )?;
+        }
+        Ok(())
     }
 }

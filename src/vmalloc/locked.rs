@@ -104,6 +104,15 @@ where
         if !self.vm.is_vmalloc_addr(addr) {
             return Err(Error::NotInRegion);
         }
+        if self.vm.blocks.contains(addr.as_u64()) {
+            // Areas in per-CPU blocks are only ever `vmalloc` areas, which the
+            // callers that accept them look up before taking the lock.
+            return Err(match self.vm.block_area(addr.as_u64()) {
+                Some((area, false)) if area.start == addr => Error::WrongKind,
+                Some((_, false)) => Error::InteriorPointer,
+                _ => Error::NotAllocated,
+            });
+        }
         let (start, _, record) = self.area_containing(addr).ok_or(Error::NotAllocated)?;
         if record.dying {
             return Err(Error::NotAllocated);

@@ -6,6 +6,7 @@ use super::deferred::DeferredFrees;
 use super::huge;
 use super::locked::{CHUNK, Inner, Locked, as_ptr, invariant, page_at, page_range};
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
+use super::percpu::{self, BLOCK_BYTES, Blocks};
 use super::purge::PurgeList;
 use super::reclaim::Reclaim;
 use super::slab::NodePool;
@@ -25,6 +26,7 @@ pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) tlb: T,
     pub(super) config: VmallocConfig,
     deferred: DeferredFrees,
+    pub(super) blocks: Blocks,
 }
 
 impl<F, M, T> Vmalloc<F, M, T>
@@ -91,14 +93,29 @@ where
             purges: 0,
             deferred_refused: 0,
         };
-        Ok(Self {
+        let mut vm = Self {
             inner: spin::Mutex::new(inner),
             frames,
             phys,
             tlb,
             config,
             deferred: DeferredFrees::new(),
-        })
+            blocks: Blocks::off(),
+        };
+        let blocks = Blocks::blocks_for(config.size);
+        if config.cpu_caches && blocks > 0 {
+            let options = VmOptions {
+                flags: VmFlags::NO_GUARD,
+                tag: "vmap_blocks",
+                ..VmOptions::default()
+            };
+            let bytes = blocks as u64 * BLOCK_BYTES;
+            let mut record = AreaRecord::new(AreaKind::Reserved, bytes, Prot::KERNEL_RW.leaf_flags()?, &options);
+            record.mapped_pages = 0;
+            let zone = vm.transact(|cx| cx.create_area(record, BLOCK_BYTES))?;
+            vm.blocks.set_zone(zone.as_u64(), blocks);
+        }
+        Ok(vm)
     }
 
     /// The configuration the manager was built with.
@@ -162,6 +179,11 @@ where
         if huge::wants_huge(size as u64, options) {
             return self.vmalloc_huge_area(record, pages, zero);
         }
+        if Self::fits_a_block(options)
+            && let Some(ptr) = self.alloc_in_block(pages, flags, zero)
+        {
+            return Ok(ptr);
+        }
         self.transact(|cx| {
             let start = cx.create_area(record, align)?;
             if let Err(error) = cx.back_pages(start, 0..pages, flags, zero) {
@@ -185,6 +207,9 @@ where
     ///
     /// [`reserve`]: Self::reserve
     pub fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        if self.blocks.contains(ptr as u64) {
+            return self.free_in_block(ptr as u64, false);
+        }
         self.lock().vfree(ptr)
     }
 
@@ -367,6 +392,9 @@ where
         if !self.is_vmalloc_addr(addr) {
             return Err(Error::NotInRegion);
         }
+        if self.blocks.contains(addr.as_u64()) {
+            return self.block_frame(addr.as_u64());
+        }
         let cx = self.lock();
         let (start, _, record) = cx.area_containing(addr).ok_or(Error::NotMapped)?;
         let page_index = (addr - start) / PAGE_SIZE;
@@ -392,6 +420,9 @@ where
     /// on error.
     pub fn set_prot(&self, ptr: *mut u8, prot: Prot) -> Result<(), Error> {
         let flags = prot.leaf_flags()?;
+        if self.blocks.contains(ptr as u64) {
+            return self.protect_in_block(ptr as u64, flags);
+        }
         let mut cx = self.lock();
         let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;
         let pages = page_range(start, record.lead..record.lead + record.mapped_pages);
@@ -455,8 +486,11 @@ where
     }
 
     /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
-    /// [the purge](super::purge)), then returns their frames and virtual ranges.
+    /// [the purge](super::purge)), then returns their frames and virtual ranges; the
+    /// same for the areas waiting on every CPU's lazy list ([per-CPU
+    /// blocks](super::percpu)).
     pub fn purge(&self) {
+        self.flush_cpu_lazy_lists();
         self.lock().purge();
     }
 
@@ -478,6 +512,14 @@ where
             return Err(Error::BadAlignment);
         }
         Ok(align.max(PAGE_SIZE))
+    }
+
+    /// Whether an area made with `options` may come from a per-CPU block: page
+    /// alignment, a guard page, no 2 MiB pages and no label (listings show labels).
+    fn fits_a_block(options: &VmOptions) -> bool {
+        options.align <= PAGE_SIZE
+            && options.tag.is_empty()
+            && !options.flags.intersects(VmFlags::NO_GUARD | VmFlags::HUGE)
     }
 
     /// The manager with its lock held. While it waits, the flush policy serves
@@ -507,10 +549,23 @@ where
     }
 
     /// Runs `op` under the lock; if it fails, gives back every bookkeeping slab it
-    /// took, so the frame allocator sees no difference.
+    /// took, so the frame allocator sees no difference. If it ran out of frames or
+    /// virtual space while the per-CPU caches held some, empties them all and runs
+    /// it once more.
     pub(super) fn transact<R>(
         &self,
-        op: impl FnOnce(&mut Locked<'_, F, M, T>) -> Result<R, Error>,
+        mut op: impl FnMut(&mut Locked<'_, F, M, T>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let result = self.transact_once(&mut op);
+        if percpu::ran_out(&result) && self.drain_cpu_caches() {
+            return self.transact_once(&mut op);
+        }
+        result
+    }
+
+    fn transact_once<R>(
+        &self,
+        op: &mut impl FnMut(&mut Locked<'_, F, M, T>) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let mut cx = self.lock();
         let slabs = cx.inner().pool.frames_held();
@@ -538,11 +593,20 @@ where
     /// manager's and are not returned anywhere; `ioremap` ranges are just unmapped.
     fn drop(&mut self) {
         let region = page_range(self.config.start, 0..self.config.size / PAGE_SIZE);
+        self.drain_cpu_caches();
+        let mut leaked = Reclaim::new(&self.frames, &self.tlb);
+        self.unmap_all_blocks(&mut leaked);
+        leaked.finish();
         let mut cx = self.lock();
         cx.retire_all();
         cx.purge();
         let inner = cx.inner();
         let mut reclaim = Reclaim::new(&self.frames, &self.tlb);
+        let zone = self.blocks.zone_bytes() / PAGE_SIZE;
+        if zone > 0 {
+            let start = VirtAddr::new(self.blocks.zone());
+            reclaim.sweep_tables(&mut inner.tables, page_range(start, 0..zone));
+        }
         // SAFETY: `new`'s contract: no address space uses copies of the region's
         // top-level entries once the manager is dropped.
         reclaim.unlink_tables(|push| unsafe { inner.tables.release_top_level(region, push) });
@@ -551,5 +615,7 @@ where
         inner.pool.release_all(|frame| reclaim.unreachable(frame));
         let freed = reclaim.finish();
         inner.page_table_frames = inner.page_table_frames.saturating_sub(freed);
+        drop(cx);
+        self.release_block_bookkeeping();
     }
 }

@@ -28,7 +28,8 @@
 //!
 //! # Locking
 //!
-//! All methods take `&self` and serialise on one spin lock, so a kernel keeps one
+//! All methods take `&self` and serialise on one spin lock (small areas may skip
+//! it: see [per-CPU blocks](percpu)), so a kernel keeps one
 //! `Vmalloc` in a `static` (`spin::Once`) and calls it from any CPU. The frame
 //! allocator has its own lock, taken inside this one; nothing here allocates from a
 //! global allocator, and no caller code ([`vunmap`](Vmalloc::vunmap)'s callback, the
@@ -52,6 +53,7 @@
 //! | `tree.rs`, `slab.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |
 //! | `deferred.rs` | frees queued by `vfree_atomic` | — |
+//! | `percpu.rs` | per-CPU blocks and frame caches for small areas | `locked` |
 //! | `diagnose.rs` | what a faulting address is | `locked`, `purge` |
 //! | `stack.rs` | kernel stacks with a guard below | `locked` |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
@@ -68,6 +70,7 @@ mod manager;
 mod ops;
 mod options;
 mod owned;
+pub mod percpu;
 pub mod purge;
 mod realloc;
 mod reclaim;

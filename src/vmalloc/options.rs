@@ -126,6 +126,12 @@ pub struct VmallocConfig {
     pub lazy_threshold_pages: u64,
     /// Flush and return frames on every free instead of batching.
     pub eager: bool,
+    /// Serve small `vmalloc` areas (up to 16 pages, plain options) from per-CPU
+    /// blocks and frame caches, without the manager's lock (see
+    /// [per-CPU blocks](super::percpu)). Off by default: areas in blocks carry no
+    /// caller location and listings show their zone as one reserved area labelled
+    /// `vmap_blocks`.
+    pub cpu_caches: bool,
 }
 
 impl Default for VmallocConfig {
@@ -135,6 +141,7 @@ impl Default for VmallocConfig {
             size: VMALLOC_SIZE,
             lazy_threshold_pages: DEFAULT_LAZY_THRESHOLD_PAGES,
             eager: false,
+            cpu_caches: false,
         }
     }
 }

@@ -179,6 +179,10 @@ where
 
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
     pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
+        if self.vm.blocks.contains(ptr as u64) {
+            // Under the lock the CPU's cache may be held by the caller: flush now.
+            return self.vm.free_in_block(ptr as u64, true);
+        }
         let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
         self.inner().uncount_data(&record);
         self.retire(start, record);

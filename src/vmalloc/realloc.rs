@@ -27,6 +27,9 @@ where
     pub fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
         let new_pages = self.pages_for(new_size as u64)?;
         let new_bytes = new_size as u64;
+        if self.blocks.contains(ptr as u64) {
+            return self.realloc_from_block(ptr as u64, new_size);
+        }
         self.transact(|cx| {
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;
             let old_pages = record.mapped_pages;

@@ -1,0 +1,969 @@
+//! Per-CPU blocks: small areas made and freed without the manager's lock.
+//!
+//! With [`VmallocConfig::cpu_caches`](super::VmallocConfig::cpu_caches) on, a
+//! `vmalloc` of up to [`MAX_BLOCK_PAGES`] pages with plain options (page alignment,
+//! a guard page, no 2 MiB pages, no label) is served from per-CPU state, after
+//! Linux's vmap blocks (`vm_map_ram`) and per-CPU frame caches:
+//!
+//! - **The zone.** [`Vmalloc::new`](super::Vmalloc::new) reserves one range of the
+//!   region, at most 1/64 of it and at most [`MAX_BLOCKS`] blocks of 2 MiB, listed as
+//!   one reserved area labelled `vmap_blocks`. Each block is one leaf page table's worth: the block
+//!   makes its table when first used and keeps it until the manager is dropped, so
+//!   mapping a page is one entry store, and no purge can free a table under it.
+//! - **Carving.** A CPU owns one block at a time and carves areas from it with a bump
+//!   pointer: `pages + 1` pages each, the last one the unmapped guard. A block whose
+//!   end is reached starts again from 0 once it is empty (every area freed and
+//!   flushed); otherwise its CPU hands it over as an orphan and takes an empty one.
+//!   An orphan becomes empty, and free for any CPU, when its last area is flushed.
+//! - **Frames.** A CPU keeps up to [`CACHED_FRAMES`] free frames, taken from the
+//!   frame allocator [`REFILL`] at a time.
+//! - **Frees.** `vfree` from any CPU clears the area's entries under its block's lock
+//!   and puts the range and its frames on the *freeing* CPU's lazy list. When that
+//!   list is full, one batched flush covers it; then the frames join the CPU's cache
+//!   and the pages count as clean in their blocks. Until then neither the frames nor
+//!   the range can be handed out again: a block only rewinds when nothing in it
+//!   waits for a flush.
+//!
+//! # Locks
+//!
+//! Each CPU's cache and each block has its own spin lock, so CPUs share no lock on
+//! the fast path. The order is: a CPU's cache, then the manager's lock, then a
+//! block. The owner only *tries* its cache's lock, so an interrupt handler that
+//! finds it held takes the locked path; waiting for another CPU's cache or for a
+//! block serves TLB flush requests meanwhile ([`TlbFlush::relax`]).
+//!
+//! # Running out
+//!
+//! A locked call that runs out of frames or virtual space empties every CPU's cache
+//! ([`Vmalloc::drain_cpu_caches`](super::Vmalloc::drain_cpu_caches)) and tries
+//! once more: lazy lists are flushed, cached frames go back to the allocator, and
+//! blocks are handed back. The zone itself stays reserved while the manager lives.
+//!
+//! # What callers see
+//!
+//! Areas in blocks behave as other `vmalloc` areas for `vfree`, `vfree_atomic`,
+//! `vrealloc`, `set_prot`, `vmalloc_to_frame`, `find_vm_area` and fault diagnosis,
+//! but carry no caller location, and listings show the zone as one line, as Linux's
+//! `/proc/vmallocinfo` shows each vmap block as one `vm_map_ram` line.
+//! [`VmallocStats`](super::VmallocStats) counts them in `block_areas` and
+//! `data_frames`, and says what the caches hold.
+
+use super::area::{AreaInfo, AreaKind};
+use super::locked::Locked;
+use super::reclaim::{CountingFrames, Reclaim};
+use super::manager::Vmalloc;
+use super::options::{Prot, VmFlags, VmOptions};
+use crate::paging::RangeFlush;
+use crate::smp::MAX_CPUS;
+use crate::tlb::flush_batch;
+use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use x86_64::structures::paging::{Page, PageTable, PageTableFlags, PhysFrame};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Pages in a block: one leaf table's worth (2 MiB).
+pub(super) const BLOCK_PAGES: usize = 512;
+/// Bytes in a block.
+pub(super) const BLOCK_BYTES: u64 = BLOCK_PAGES as u64 * PAGE_SIZE;
+/// Largest area, in pages (its guard page not counted), served from a block.
+pub const MAX_BLOCK_PAGES: u64 = 16;
+/// Most blocks a zone holds (128 MiB).
+pub(super) const MAX_BLOCKS: usize = 64;
+/// Free frames a CPU keeps at most.
+pub(super) const CACHED_FRAMES: usize = 64;
+/// Frames a CPU takes from the allocator at once.
+pub(super) const REFILL: usize = 32;
+/// Freed areas a CPU collects before one batched flush.
+const LAZY_RANGES: usize = 32;
+/// Freed frames a CPU collects before one batched flush.
+const LAZY_FRAMES: usize = 32;
+
+const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
+
+/// Who holds a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Nobody, and nothing is in it.
+    Free,
+    /// The CPU carving from it.
+    Cpu(usize),
+    /// Nobody, but areas live in it or wait for a flush.
+    Orphan,
+}
+
+/// A block's state, under its lock.
+struct BlockState {
+    owner: Owner,
+    /// Pages below this one were handed out since the block was last empty.
+    next: usize,
+    /// Pages held by live areas, guard pages included.
+    live: usize,
+    /// Pages of freed areas waiting for a flush, guard pages included.
+    dirty: usize,
+    /// At a live area's first page, its pages (guard excluded), with [`ZEROED`] set
+    /// for a `vzalloc` area; 0 elsewhere.
+    len: [u8; BLOCK_PAGES],
+}
+
+/// Marks a zeroed area in [`BlockState::len`].
+const ZEROED: u8 = 0x80;
+
+impl BlockState {
+    fn is_empty(&self) -> bool {
+        self.live == 0 && self.dirty == 0
+    }
+
+    /// The first page of `span` fresh pages, rewinding an empty block.
+    fn carve(&mut self, span: usize) -> Option<usize> {
+        if self.next + span > BLOCK_PAGES && self.is_empty() {
+            self.next = 0;
+        }
+        let first = self.next;
+        (first + span <= BLOCK_PAGES).then(|| {
+            self.next += span;
+            first
+        })
+    }
+
+    /// Pages of the live area starting at page `first`; 0 if none does.
+    fn pages_at(&self, first: usize) -> usize {
+        usize::from(self.len[first] & !ZEROED)
+    }
+
+    /// The live area whose span (guard included) holds page `page`: its first page
+    /// and its pages.
+    fn area_over(&self, page: usize) -> Option<(usize, usize)> {
+        let lowest = page.saturating_sub(MAX_BLOCK_PAGES as usize);
+        (lowest..=page).rev().find_map(|first| {
+            let pages = self.pages_at(first);
+            (pages > 0 && page <= first + pages).then_some((first, pages))
+        })
+    }
+
+    /// The live area starting at `addr`'s page (`addr` in `block`): its first page and
+    /// pages, or the error `vfree` gives for `addr`.
+    fn area_at(&self, block: &Block, addr: u64) -> Result<(usize, usize), Error> {
+        let page = ((addr - block.base) / PAGE_SIZE) as usize;
+        let pages = self.pages_at(page);
+        if pages > 0 && addr.is_multiple_of(PAGE_SIZE) {
+            return Ok((page, pages));
+        }
+        Err(match self.area_over(page) {
+            Some((first, pages)) if page < first + pages => Error::InteriorPointer,
+            _ => Error::NotAllocated,
+        })
+    }
+
+    /// Marks `span` freed pages as flushed; an orphan that becomes empty is free.
+    fn clean(&mut self, span: usize) {
+        self.dirty -= span;
+        if self.owner == Owner::Orphan && self.is_empty() {
+            self.owner = Owner::Free;
+        }
+    }
+}
+
+/// One block: its lock, its range, and its leaf table. Lives in a frame of its own
+/// until the manager is dropped.
+pub(super) struct Block {
+    state: spin::Mutex<BlockState>,
+    base: u64,
+    /// The block's leaf table, through the manager's `PhysMemory`.
+    table: *mut PageTable,
+    /// The frame this descriptor lives in.
+    frame: PhysFrame,
+}
+
+/// A freed area waiting for its CPU's batched flush.
+#[derive(Debug, Clone, Copy)]
+struct Lazy {
+    block: u8,
+    first: u16,
+    pages: u8,
+}
+
+/// A CPU's cache, under its lock.
+struct CpuState {
+    block: Option<usize>,
+    frames: [PhysFrame; CACHED_FRAMES],
+    cached: usize,
+    lazy: [Lazy; LAZY_RANGES],
+    lazy_len: usize,
+    lazy_frames: [PhysFrame; LAZY_FRAMES],
+    lazy_frame_count: usize,
+}
+
+/// A CPU's cache and its counters; lives in a frame of its own until the manager is
+/// dropped. The counters are written under the lock and read by `stats` without it.
+pub(super) struct CpuCache {
+    state: spin::Mutex<CpuState>,
+    /// Frames in `frames`.
+    cached: AtomicU64,
+    /// Frames in `lazy_frames`.
+    pending: AtomicU64,
+    /// Data frames mapped minus unmapped by this CPU.
+    data: AtomicI64,
+    /// Areas made minus freed by this CPU.
+    areas: AtomicI64,
+    /// Pages (guards included) of areas made minus freed by this CPU.
+    live_pages: AtomicI64,
+    frame: PhysFrame,
+}
+
+/// What the manager keeps for its per-CPU blocks.
+pub(super) struct Blocks {
+    /// First address of the zone; 0 when the caches are off.
+    zone: u64,
+    /// Blocks in the zone.
+    count: usize,
+    blocks: [AtomicPtr<Block>; MAX_BLOCKS],
+    caches: [AtomicPtr<CpuCache>; MAX_CPUS],
+    /// Counters of frees that went through no CPU's cache.
+    data: AtomicI64,
+    areas: AtomicI64,
+    live_pages: AtomicI64,
+    /// Frames holding descriptors and caches.
+    bookkeeping: AtomicU64,
+}
+
+impl Blocks {
+    /// No zone: every call takes the locked path.
+    pub(super) const fn off() -> Self {
+        Self {
+            zone: 0,
+            count: 0,
+            blocks: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_BLOCKS],
+            caches: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
+            data: AtomicI64::new(0),
+            areas: AtomicI64::new(0),
+            live_pages: AtomicI64::new(0),
+            bookkeeping: AtomicU64::new(0),
+        }
+    }
+
+    /// Blocks a zone for a region of `size` bytes gets: 1/64 of the region, at most
+    /// [`MAX_BLOCKS`].
+    pub(super) fn blocks_for(size: u64) -> usize {
+        ((size / 64 / BLOCK_BYTES) as usize).min(MAX_BLOCKS)
+    }
+
+    /// The zone at `zone`, `count` blocks long.
+    pub(super) fn set_zone(&mut self, zone: u64, count: usize) {
+        self.zone = zone;
+        self.count = count;
+    }
+
+    /// First address of the zone (0 when the caches are off).
+    pub(super) fn zone(&self) -> u64 {
+        self.zone
+    }
+
+    /// Bytes of the zone.
+    pub(super) fn zone_bytes(&self) -> u64 {
+        self.count as u64 * BLOCK_BYTES
+    }
+
+    /// Whether `addr` lies in the zone.
+    pub(super) fn contains(&self, addr: u64) -> bool {
+        addr.wrapping_sub(self.zone) < self.zone_bytes()
+    }
+
+    /// The block holding `addr` (in the zone), if it was ever used.
+    fn block_at(&self, addr: u64) -> Option<(usize, &Block)> {
+        let index = (addr.wrapping_sub(self.zone) / BLOCK_BYTES) as usize;
+        let block = self.blocks.get(index)?.load(Ordering::Acquire);
+        // SAFETY: published descriptors stay valid until the manager is dropped.
+        unsafe { block.as_ref() }.map(|block| (index, block))
+    }
+
+    fn block(&self, index: usize) -> &Block {
+        let block = self.blocks[index].load(Ordering::Acquire);
+        // SAFETY: as in `block_at`; callers pass indices of published blocks.
+        unsafe { &*block }
+    }
+
+    fn cache(&self, cpu: usize) -> Option<&CpuCache> {
+        let cache = self.caches.get(cpu)?.load(Ordering::Acquire);
+        // SAFETY: published caches stay valid until the manager is dropped.
+        unsafe { cache.as_ref() }
+    }
+
+    /// What the caches hold, for `stats`.
+    pub(super) fn counters(&self) -> BlockCounters {
+        let mut counters = BlockCounters {
+            zone_bytes: self.zone_bytes(),
+            bookkeeping_frames: self.bookkeeping.load(Ordering::Relaxed),
+            ..BlockCounters::default()
+        };
+        let (mut data, mut areas, mut live) = (
+            self.data.load(Ordering::Relaxed),
+            self.areas.load(Ordering::Relaxed),
+            self.live_pages.load(Ordering::Relaxed),
+        );
+        for cache in (0..MAX_CPUS).filter_map(|cpu| self.cache(cpu)) {
+            counters.cached_frames += cache.cached.load(Ordering::Relaxed);
+            counters.pending_frames += cache.pending.load(Ordering::Relaxed);
+            data += cache.data.load(Ordering::Relaxed);
+            areas += cache.areas.load(Ordering::Relaxed);
+            live += cache.live_pages.load(Ordering::Relaxed);
+        }
+        counters.data_frames = data.max(0) as u64;
+        counters.areas = areas.max(0) as u64;
+        counters.free_bytes = counters
+            .zone_bytes
+            .saturating_sub(live.max(0) as u64 * PAGE_SIZE);
+        counters
+    }
+}
+
+/// What the per-CPU caches hold (see `VmallocStats`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct BlockCounters {
+    pub zone_bytes: u64,
+    pub free_bytes: u64,
+    pub areas: u64,
+    pub data_frames: u64,
+    pub cached_frames: u64,
+    pub pending_frames: u64,
+    pub bookkeeping_frames: u64,
+}
+
+/// A live area in a block, as lookups see it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlockArea {
+    pub start: VirtAddr,
+    pub pages: u64,
+    /// The leaf flags of its first page.
+    pub flags: PageTableFlags,
+}
+
+impl BlockArea {
+    /// The area as listings show areas: a `vmalloc` area with its guard page, no
+    /// label, no caller.
+    pub(super) fn info(&self) -> AreaInfo {
+        AreaInfo {
+            start: self.start,
+            span: (self.pages + 1) * PAGE_SIZE,
+            size: self.pages * PAGE_SIZE,
+            pages: self.pages,
+            huge_mappings: 0,
+            kind: AreaKind::Vmalloc,
+            phys: None,
+            lead: 0,
+            tag: "",
+            caller: None,
+        }
+    }
+}
+
+// SAFETY: a `Block` is a lock and plain data; `table` points into a page table only
+// this block's lock holders write, reachable from every CPU (`PhysMemory`).
+unsafe impl Send for Block {}
+// SAFETY: as above.
+unsafe impl Sync for Block {}
+
+impl<F, M, T> Vmalloc<F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// The calling CPU's index (0 when the flush policy knows no CPUs).
+    fn cpu(&self) -> usize {
+        self.tlb.cpus().map_or(0, |cpus| cpus.current())
+    }
+
+    /// Makes `pages` pages (at most [`MAX_BLOCK_PAGES`]) from the calling CPU's block;
+    /// `None` leaves the request to the locked path, with nothing changed.
+    pub(super) fn alloc_in_block(
+        &self,
+        pages: u64,
+        flags: PageTableFlags,
+        zero: bool,
+    ) -> Option<NonNull<u8>> {
+        let blocks = &self.blocks;
+        if blocks.count == 0 || pages > MAX_BLOCK_PAGES {
+            return None;
+        }
+        let cpu = self.cpu();
+        let cache = self.cpu_cache(cpu)?;
+        let mut state = cache.state.try_lock()?;
+        let n = pages as usize;
+        if !self.stock_frames(cache, &mut state, n) {
+            return None;
+        }
+        let frames = state.cached - n..state.cached;
+        if zero {
+            for frame in &state.frames[frames.clone()] {
+                let ptr = self.phys.phys_to_virt(frame.start_address());
+                // SAFETY: a cached frame is free and ours, and `PhysMemory` makes the
+                // whole frame writable through `ptr`.
+                unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
+            }
+        }
+        let start = self.carve(cpu, cache, &mut state, (n, zero), flags, frames)?;
+        state.cached -= n;
+        cache.cached.store(state.cached as u64, Ordering::Relaxed);
+        add(&cache.data, n as i64);
+        add(&cache.areas, 1);
+        add(&cache.live_pages, n as i64 + 1);
+        // SAFETY: the zone lies in the region, which never holds address 0.
+        Some(unsafe { NonNull::new_unchecked(start as *mut u8) })
+    }
+
+    /// Makes sure the cache holds `n` frames: from the allocator, or from its own
+    /// lazy list after flushing it.
+    fn stock_frames(&self, cache: &CpuCache, state: &mut CpuState, n: usize) -> bool {
+        if state.cached < n {
+            let have = state.cached;
+            let want = REFILL.max(n).min(CACHED_FRAMES - have);
+            state.cached += self.frames.alloc_frames(&mut state.frames[have..have + want]);
+            cache.cached.store(state.cached as u64, Ordering::Relaxed);
+        }
+        if state.cached < n {
+            self.flush_lazy(cache, state);
+        }
+        state.cached >= n
+    }
+
+    /// Maps `state.frames[frames]` at `n` fresh pages of the CPU's block, taking a new
+    /// block if it has no room; the area's start.
+    fn carve(
+        &self,
+        cpu: usize,
+        cache: &CpuCache,
+        state: &mut CpuState,
+        (n, zero): (usize, bool),
+        flags: PageTableFlags,
+        frames: core::ops::Range<usize>,
+    ) -> Option<u64> {
+        for _ in 0..3 {
+            let index = match state.block {
+                Some(index) => index,
+                None => {
+                    let index = self.take_block(cpu)?;
+                    state.block = Some(index);
+                    index
+                }
+            };
+            let block = self.blocks.block(index);
+            let mut locked = self.lock_block(block);
+            if let Some(first) = locked.carve(n + 1) {
+                let bits = (flags | PageTableFlags::PRESENT).bits();
+                for (i, frame) in state.frames[frames].iter().enumerate() {
+                    // SAFETY: the page is fresh in a block this CPU carves under its
+                    // lock; the entry lies in the block's own leaf table.
+                    unsafe { entry(block, first + i).write(frame.start_address().as_u64() | bits) };
+                }
+                locked.len[first] = n as u8 | if zero { ZEROED } else { 0 };
+                locked.live += n + 1;
+                return Some(block.base + first as u64 * PAGE_SIZE);
+            }
+            drop(locked);
+            if state.lazy_len > 0 {
+                // Flushing our own freed areas may empty the block.
+                self.flush_lazy(cache, state);
+                continue;
+            }
+            let mut locked = self.lock_block(block);
+            locked.owner = if locked.is_empty() {
+                Owner::Free
+            } else {
+                Owner::Orphan
+            };
+            state.block = None;
+        }
+        None
+    }
+
+    /// An empty block for `cpu`: a free one, or one never used yet.
+    fn take_block(&self, cpu: usize) -> Option<usize> {
+        let blocks = &self.blocks;
+        for index in 0..blocks.count {
+            let Some((_, block)) = blocks.block_at(blocks.zone + index as u64 * BLOCK_BYTES)
+            else {
+                continue;
+            };
+            let Some(mut state) = block.state.try_lock() else {
+                continue;
+            };
+            if state.owner == Owner::Free {
+                state.owner = Owner::Cpu(cpu);
+                state.next = 0;
+                return Some(index);
+            }
+        }
+        let unused = (0..blocks.count).find(|&i| blocks.blocks[i].load(Ordering::Acquire).is_null())?;
+        let block = self.lock().activate_block(unused).ok()?;
+        self.lock_block(block).owner = Owner::Cpu(cpu);
+        Some(unused)
+    }
+
+    /// The calling CPU's cache, made on first use.
+    fn cpu_cache(&self, cpu: usize) -> Option<&CpuCache> {
+        if let Some(cache) = self.blocks.cache(cpu) {
+            return Some(cache);
+        }
+        let slot = self.blocks.caches.get(cpu)?;
+        let cache = CpuCache {
+            state: spin::Mutex::new(CpuState {
+                block: None,
+                frames: [NO_FRAME; CACHED_FRAMES],
+                cached: 0,
+                lazy: [Lazy {
+                    block: 0,
+                    first: 0,
+                    pages: 0,
+                }; LAZY_RANGES],
+                lazy_len: 0,
+                lazy_frames: [NO_FRAME; LAZY_FRAMES],
+                lazy_frame_count: 0,
+            }),
+            cached: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            data: AtomicI64::new(0),
+            areas: AtomicI64::new(0),
+            live_pages: AtomicI64::new(0),
+            frame: NO_FRAME,
+        };
+        let placed = self.place(cache, |cache, frame| cache.frame = frame).ok()?;
+        match slot.compare_exchange(
+            core::ptr::null_mut(),
+            placed,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {}
+            // An interrupt handler on this CPU made it first: ours was never seen.
+            Err(_) => {
+                // SAFETY: `placed` was placed by us and published nowhere.
+                let frame = unsafe { (*placed).frame };
+                self.unplace(frame);
+            }
+        }
+        self.blocks.cache(cpu)
+    }
+
+    /// Moves `value` into a frame of its own; `set_frame` records the frame in it.
+    fn place<V>(&self, mut value: V, set_frame: impl FnOnce(&mut V, PhysFrame)) -> Result<*mut V, Error> {
+        const { assert!(size_of::<V>() <= PAGE_SIZE as usize && align_of::<V>() <= 4096) };
+        let frame = self.frames.alloc_frame().ok_or(Error::OutOfFrames)?;
+        set_frame(&mut value, frame);
+        let ptr = self.phys.phys_to_virt(frame.start_address()).cast::<V>();
+        // SAFETY: the frame is fresh from the allocator, reachable through `phys`
+        // (`FrameSource` and `PhysMemory` contracts), page-aligned and big enough.
+        unsafe { ptr.write(value) };
+        self.blocks.bookkeeping.fetch_add(1, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    /// Gives back a frame `place` took.
+    fn unplace(&self, frame: PhysFrame) {
+        // The frame came from the allocator; one refusing it back has nothing better
+        // to be told.
+        let _ = self.frames.free_frame(frame);
+        self.blocks.bookkeeping.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// `block`'s lock, serving flush requests while it waits.
+    fn lock_block<'b>(&self, block: &'b Block) -> spin::MutexGuard<'b, BlockState> {
+        loop {
+            if let Some(state) = block.state.try_lock() {
+                return state;
+            }
+            self.tlb.relax();
+        }
+    }
+
+    /// Frees the area at `addr` in the zone. Its entries are cleared now; its range and
+    /// frames wait on the calling CPU's lazy list, or are flushed at once when that
+    /// list cannot be had (`eager`, or an interrupted holder).
+    pub(super) fn free_in_block(&self, addr: u64, eager: bool) -> Result<(), Error> {
+        let (index, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
+        let (page, pages) = {
+            let mut state = self.lock_block(block);
+            let (page, pages) = state.area_at(block, addr)?;
+            for (i, frame) in frames[..pages].iter_mut().enumerate() {
+                // SAFETY: the entry lies in the block's leaf table, which only this
+                // lock's holders write; the area is live, so the entry maps its frame.
+                let raw = unsafe { entry(block, page + i).replace(0) };
+                *frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+            }
+            state.len[page] = 0;
+            state.live -= pages + 1;
+            state.dirty += pages + 1;
+            (page, pages)
+        };
+        let lazy = Lazy {
+            block: index as u8,
+            first: page as u16,
+            pages: pages as u8,
+        };
+        let cache = (!eager).then(|| self.cpu_cache(self.cpu())).flatten();
+        match cache.and_then(|cache| Some((cache, cache.state.try_lock()?))) {
+            Some((cache, mut state)) => {
+                if state.lazy_len == LAZY_RANGES || state.lazy_frame_count + pages > LAZY_FRAMES {
+                    self.flush_lazy(cache, &mut state);
+                }
+                let len = state.lazy_len;
+                state.lazy[len] = lazy;
+                state.lazy_len += 1;
+                let count = state.lazy_frame_count;
+                state.lazy_frames[count..count + pages].copy_from_slice(&frames[..pages]);
+                state.lazy_frame_count += pages;
+                cache.pending.store(state.lazy_frame_count as u64, Ordering::Relaxed);
+                add(&cache.data, -(pages as i64));
+                add(&cache.areas, -1);
+                add(&cache.live_pages, -(pages as i64 + 1));
+            }
+            None => {
+                self.range_of(lazy).flush(&self.tlb);
+                self.lock_block(block).clean(pages + 1);
+                // The frames were ours and are flushed; a refusal has no better answer.
+                let _ = self.frames.free_frames(&frames[..pages]);
+                self.blocks.data.fetch_sub(pages as i64, Ordering::Relaxed);
+                self.blocks.areas.fetch_sub(1, Ordering::Relaxed);
+                self.blocks.live_pages.fetch_sub(pages as i64 + 1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The mapped pages of a freed area, as a flush token.
+    fn range_of(&self, lazy: Lazy) -> RangeFlush {
+        let start = self.blocks.block(lazy.block as usize).base + u64::from(lazy.first) * PAGE_SIZE;
+        let first = Page::containing_address(VirtAddr::new(start));
+        RangeFlush::from_range(Page::range(first, first + u64::from(lazy.pages)))
+    }
+
+    /// One batched flush for the CPU's lazy list; then its frames join the cache (the
+    /// rest go back to the allocator) and its pages count as clean.
+    fn flush_lazy(&self, cache: &CpuCache, state: &mut CpuState) {
+        if state.lazy_len == 0 {
+            return;
+        }
+        let lazy = &state.lazy[..state.lazy_len];
+        flush_batch(&self.tlb, lazy.iter().map(|&entry| self.range_of(entry)));
+        for entry in lazy {
+            let block = self.blocks.block(entry.block as usize);
+            self.lock_block(block).clean(usize::from(entry.pages) + 1);
+        }
+        let pending = &state.lazy_frames[..state.lazy_frame_count];
+        let room = (CACHED_FRAMES - state.cached).min(pending.len());
+        let (kept, rest) = pending.split_at(room);
+        state.frames[state.cached..state.cached + room].copy_from_slice(kept);
+        state.cached += room;
+        if !rest.is_empty() {
+            // Flushed frames of ours; a refusal has no better answer.
+            let _ = self.frames.free_frames(rest);
+        }
+        state.lazy_len = 0;
+        state.lazy_frame_count = 0;
+        cache.cached.store(state.cached as u64, Ordering::Relaxed);
+        cache.pending.store(0, Ordering::Relaxed);
+    }
+
+    /// Flushes every CPU's lazy list (a purge).
+    pub(super) fn flush_cpu_lazy_lists(&self) {
+        self.each_cache(|cache, state| self.flush_lazy(cache, state));
+    }
+
+    /// Empties every CPU's cache, other CPUs' too: flushes its lazy list, gives its
+    /// frames back to the allocator and hands its block back. Returns whether
+    /// anything came back. A cache whose holder this call interrupted is skipped.
+    pub fn drain_cpu_caches(&self) -> bool {
+        let mut released = false;
+        self.each_cache(|cache, state| {
+            released |= state.lazy_len > 0 || state.cached > 0 || state.block.is_some();
+            self.flush_lazy(cache, state);
+            if state.cached > 0 {
+                // Flushed frames of ours; a refusal has no better answer.
+                let _ = self.frames.free_frames(&state.frames[..state.cached]);
+                state.cached = 0;
+                cache.cached.store(0, Ordering::Relaxed);
+            }
+            if let Some(index) = state.block.take() {
+                let mut block = self.lock_block(self.blocks.block(index));
+                block.owner = if block.is_empty() {
+                    Owner::Free
+                } else {
+                    Owner::Orphan
+                };
+            }
+        });
+        released
+    }
+
+    /// Runs `op` on every CPU's cache under its lock; the calling CPU's only if its
+    /// lock is free (held, it belongs to the code this call interrupted).
+    fn each_cache(&self, mut op: impl FnMut(&CpuCache, &mut CpuState)) {
+        let me = self.cpu();
+        for cpu in 0..MAX_CPUS {
+            let Some(cache) = self.blocks.cache(cpu) else {
+                continue;
+            };
+            let state = if cpu == me {
+                cache.state.try_lock()
+            } else {
+                Some(loop {
+                    if let Some(state) = cache.state.try_lock() {
+                        break state;
+                    }
+                    self.tlb.relax();
+                })
+            };
+            if let Some(mut state) = state {
+                op(cache, &mut state);
+            }
+        }
+    }
+
+    /// The live area in the zone whose span (guard page included) holds `addr`, and
+    /// whether `addr` is in its guard page.
+    pub(super) fn block_area(&self, addr: u64) -> Option<(BlockArea, bool)> {
+        let (_, block) = self.blocks.block_at(addr)?;
+        let page = ((addr - block.base) / PAGE_SIZE) as usize;
+        let state = self.lock_block(block);
+        Some(area_in(block, &state, page))?
+    }
+
+    /// As [`block_area`](Self::block_area) without waiting: `Err` if the block's lock
+    /// is held (a fault handler must not wait for it).
+    pub(super) fn try_block_area(&self, addr: u64) -> Result<Option<(BlockArea, bool)>, ()> {
+        let Some((_, block)) = self.blocks.block_at(addr) else {
+            return Ok(None);
+        };
+        let page = ((addr - block.base) / PAGE_SIZE) as usize;
+        let state = block.state.try_lock().ok_or(())?;
+        Ok(area_in(block, &state, page))
+    }
+
+    /// The frame behind `addr`, a page of a live area in the zone.
+    pub(super) fn block_frame(&self, addr: u64) -> Result<PhysFrame, Error> {
+        let (_, block) = self.blocks.block_at(addr).ok_or(Error::NotMapped)?;
+        let page = ((addr - block.base) / PAGE_SIZE) as usize;
+        let state = self.lock_block(block);
+        match state.area_over(page) {
+            Some((first, pages)) if page < first + pages => {
+                // SAFETY: the entry lies in the block's table; its lock is held.
+                let raw = unsafe { entry(block, page).read() };
+                Ok(PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK)))
+            }
+            _ => Err(Error::NotMapped),
+        }
+    }
+
+    /// Gives the live area starting at `addr` in the zone the leaf flags `flags`, and
+    /// flushes its old translations.
+    pub(super) fn protect_in_block(&self, addr: u64, flags: PageTableFlags) -> Result<(), Error> {
+        let (_, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let state = self.lock_block(block);
+        let (page, pages) = state.area_at(block, addr)?;
+        let bits = (flags | PageTableFlags::PRESENT).bits();
+        for i in page..page + pages {
+            let entry = entry(block, i);
+            // SAFETY: the block's table, under its lock; the area is live.
+            unsafe { entry.write(entry.read() & ADDR_MASK | bits) };
+        }
+        drop(state);
+        let first = Page::containing_address(VirtAddr::new(addr));
+        self.tlb.flush_range(Page::range(first, first + pages as u64));
+        Ok(())
+    }
+
+    /// `vrealloc` of the live area at `addr` in the zone: a new area with the same
+    /// rights (zeroed if the old one was), the contents copied, the old area freed.
+    pub(super) fn realloc_from_block(&self, addr: u64, new_size: usize) -> Result<NonNull<u8>, Error> {
+        let (_, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let (pages, zeroed, flags) = {
+            let state = self.lock_block(block);
+            let (first, pages) = state.area_at(block, addr)?;
+            // SAFETY: the block's table, under its lock.
+            let raw = unsafe { entry(block, first).read() };
+            let flags = PageTableFlags::from_bits_truncate(raw & !ADDR_MASK);
+            (pages as u64, state.len[first] & ZEROED != 0, flags)
+        };
+        let mut prot = Prot::READ;
+        if flags.contains(PageTableFlags::WRITABLE) {
+            prot |= Prot::WRITE;
+        }
+        if !flags.contains(PageTableFlags::NO_EXECUTE) {
+            prot |= Prot::EXEC;
+        }
+        let options = VmOptions {
+            prot,
+            flags: if zeroed { VmFlags::ZERO } else { VmFlags::empty() },
+            ..VmOptions::default()
+        };
+        let new = self.vmalloc_with(new_size, &options)?;
+        let copied = self.copy_area(addr, new.as_ptr() as u64, (pages * PAGE_SIZE).min(new_size as u64));
+        let freed = copied.and_then(|()| self.free_in_block(addr, false));
+        if let Err(error) = freed {
+            // The old area changed under us (freed by someone else): keep nothing.
+            let _ = self.vfree(new.as_ptr());
+            return Err(error);
+        }
+        Ok(new)
+    }
+
+    /// Copies `bytes` from the area at `from` (in the zone) to the area at `to`,
+    /// frame by frame through `PhysMemory`.
+    fn copy_area(&self, from: u64, to: u64, bytes: u64) -> Result<(), Error> {
+        for offset in (0..bytes).step_by(PAGE_SIZE as usize) {
+            let len = (bytes - offset).min(PAGE_SIZE) as usize;
+            let source = self.block_frame(from + offset)?;
+            let target = self.vmalloc_to_frame(VirtAddr::new(to + offset))?;
+            let source = self.phys.phys_to_virt(source.start_address());
+            let target = self.phys.phys_to_virt(target.start_address());
+            // SAFETY: both are frames of live areas (the target is ours alone), whole
+            // frames reachable through `PhysMemory`; distinct areas share no frame.
+            unsafe { core::ptr::copy_nonoverlapping(source, target, len) };
+        }
+        Ok(())
+    }
+
+    /// Unmaps the areas still live in the zone, flushes, and hands their frames to
+    /// `reclaim`: the manager's teardown, after the caches were drained.
+    pub(super) fn unmap_all_blocks(&self, reclaim: &mut Reclaim<'_, F>) {
+        // First every entry stops being present, keeping its frame; one flush; then
+        // the frames are taken.
+        let mut any = false;
+        self.each_live_page(|entry| {
+            // SAFETY: the block's table, under its lock; the area is live.
+            unsafe { entry.write(entry.read() & !PageTableFlags::PRESENT.bits()) };
+            any = true;
+        });
+        if !any {
+            return;
+        }
+        self.tlb.flush_all();
+        self.each_live_page(|entry| {
+            // SAFETY: as above.
+            let raw = unsafe { entry.replace(0) };
+            reclaim.unreachable(PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK)));
+        });
+        for block in (0..self.blocks.count).filter_map(|i| self.blocks.block_at(self.blocks.zone + i as u64 * BLOCK_BYTES)) {
+            self.lock_block(block.1).len = [0; BLOCK_PAGES];
+        }
+    }
+
+    /// Runs `op` on the entry of every page of every live area in the zone, each
+    /// block under its lock.
+    fn each_live_page(&self, mut op: impl FnMut(*mut u64)) {
+        for index in 0..self.blocks.count {
+            let Some((_, block)) = self.blocks.block_at(self.blocks.zone + index as u64 * BLOCK_BYTES)
+            else {
+                continue;
+            };
+            let state = self.lock_block(block);
+            for first in 0..BLOCK_PAGES {
+                (first..first + state.pages_at(first)).for_each(|page| op(entry(block, page)));
+            }
+        }
+    }
+
+    /// Gives back the frames of every block descriptor and CPU cache.
+    pub(super) fn release_block_bookkeeping(&self) {
+        for slot in &self.blocks.blocks {
+            let block = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            // SAFETY: descriptors stay valid until here; nothing else holds one.
+            if let Some(block) = unsafe { block.as_ref() } {
+                self.unplace(block.frame);
+            }
+        }
+        for slot in &self.blocks.caches {
+            let cache = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            // SAFETY: as above.
+            if let Some(cache) = unsafe { cache.as_ref() } {
+                self.unplace(cache.frame);
+            }
+        }
+    }
+}
+
+/// Bits of an entry that hold a physical address.
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Entry `page` of `block`'s leaf table.
+fn entry(block: &Block, page: usize) -> *mut u64 {
+    debug_assert!(page < BLOCK_PAGES);
+    block.table.cast::<u64>().wrapping_add(page)
+}
+
+/// The live area over `page` of a locked block, and whether `page` is its guard.
+fn area_in(block: &Block, state: &BlockState, page: usize) -> Option<(BlockArea, bool)> {
+    let (first, pages) = state.area_over(page)?;
+    // SAFETY: the block's table, under its lock.
+    let raw = unsafe { entry(block, first).read() };
+    let area = BlockArea {
+        start: VirtAddr::new(block.base + first as u64 * PAGE_SIZE),
+        pages: pages as u64,
+        flags: PageTableFlags::from_bits_truncate(raw & !ADDR_MASK),
+    };
+    Some((area, page == first + pages))
+}
+
+impl<'v, F, M, T> Locked<'v, F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// Makes block `index`'s descriptor and leaf table and publishes it, empty and
+    /// orphaned so no other CPU takes it. The manager's lock serialises this; a block
+    /// published meanwhile is refused with [`Error::AlreadyMapped`]. Nothing is kept
+    /// on error.
+    fn activate_block(&mut self, index: usize) -> Result<&'v Block, Error> {
+        let vm = self.vm;
+        let slot = &vm.blocks.blocks[index];
+        if !slot.load(Ordering::Acquire).is_null() {
+            return Err(Error::AlreadyMapped);
+        }
+        let base = vm.blocks.zone + index as u64 * BLOCK_BYTES;
+        let descriptor = Block {
+            state: spin::Mutex::new(BlockState {
+                owner: Owner::Orphan,
+                next: 0,
+                live: 0,
+                dirty: 0,
+                len: [0; BLOCK_PAGES],
+            }),
+            base,
+            table: core::ptr::null_mut(),
+            frame: NO_FRAME,
+        };
+        let block = vm.place(descriptor, |block, frame| block.frame = frame)?;
+        let source = CountingFrames::new(&vm.frames);
+        let inner = self.inner();
+        // SAFETY: the zone is this manager's; `frames` hands out unused frames
+        // reachable through `phys` (`new`'s contract).
+        let table = unsafe { inner.tables.leaf_table(VirtAddr::new(base), &source) };
+        inner.page_table_frames = inner.page_table_frames.wrapping_add_signed(source.net());
+        match table {
+            Ok(table) => {
+                // SAFETY: placed above and not yet published.
+                unsafe { (*block).table = table };
+                slot.store(block, Ordering::Release);
+                // SAFETY: published descriptors stay valid until the manager is dropped.
+                Ok(unsafe { &*block })
+            }
+            Err(error) => {
+                // SAFETY: placed above and never published.
+                vm.unplace(unsafe { (*block).frame });
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Adds `delta` to a counter only its cache's lock holder writes.
+fn add(counter: &AtomicI64, delta: i64) {
+    counter.store(counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
+}
+
+/// Whether the result of a locked call asks for the caches to be drained.
+pub(super) fn ran_out<R>(result: &Result<R, Error>) -> bool {
+    matches!(result, Err(Error::OutOfFrames | Error::OutOfVirtualSpace))
+}
