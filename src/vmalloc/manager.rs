@@ -110,7 +110,12 @@ where
                 ..VmOptions::default()
             };
             let bytes = blocks as u64 * BLOCK_BYTES;
-            let mut record = AreaRecord::new(AreaKind::Reserved, bytes, Prot::KERNEL_RW.leaf_flags()?, &options);
+            let mut record = AreaRecord::new(
+                AreaKind::Reserved,
+                bytes,
+                Prot::KERNEL_RW.leaf_flags()?,
+                &options,
+            );
             record.mapped_pages = 0;
             let zone = vm.transact(|cx| cx.create_area(record, BLOCK_BYTES))?;
             vm.blocks.set_zone(zone.as_u64(), blocks);

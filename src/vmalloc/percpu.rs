@@ -50,9 +50,9 @@
 
 use super::area::{AreaInfo, AreaKind};
 use super::locked::Locked;
-use super::reclaim::{CountingFrames, Reclaim};
 use super::manager::Vmalloc;
 use super::options::{Prot, VmFlags, VmOptions};
+use super::reclaim::{CountingFrames, Reclaim};
 use crate::paging::RangeFlush;
 use crate::smp::MAX_CPUS;
 use crate::tlb::flush_batch;
@@ -393,17 +393,25 @@ where
         if !self.stock_frames(cache, &mut state, n) {
             return None;
         }
-        let frames = state.cached - n..state.cached;
+        // The frames leave the cache first: carving may flush the lazy list, which
+        // puts other frames into it.
+        let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
+        state.cached -= n;
+        frames[..n].copy_from_slice(&state.frames[state.cached..state.cached + n]);
+        let frames = &frames[..n];
         if zero {
-            for frame in &state.frames[frames.clone()] {
+            for frame in frames {
                 let ptr = self.phys.phys_to_virt(frame.start_address());
                 // SAFETY: a cached frame is free and ours, and `PhysMemory` makes the
                 // whole frame writable through `ptr`.
                 unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
             }
         }
-        let start = self.carve(cpu, cache, &mut state, (n, zero), flags, frames)?;
-        state.cached -= n;
+        let Some(start) = self.carve(cpu, cache, &mut state, (n, zero), flags, frames) else {
+            self.cache_frames(&mut state, frames);
+            cache.cached.store(state.cached as u64, Ordering::Relaxed);
+            return None;
+        };
         cache.cached.store(state.cached as u64, Ordering::Relaxed);
         add(&cache.data, n as i64);
         add(&cache.areas, 1);
@@ -418,7 +426,9 @@ where
         if state.cached < n {
             let have = state.cached;
             let want = REFILL.max(n).min(CACHED_FRAMES - have);
-            state.cached += self.frames.alloc_frames(&mut state.frames[have..have + want]);
+            state.cached += self
+                .frames
+                .alloc_frames(&mut state.frames[have..have + want]);
             cache.cached.store(state.cached as u64, Ordering::Relaxed);
         }
         if state.cached < n {
@@ -436,7 +446,7 @@ where
         state: &mut CpuState,
         (n, zero): (usize, bool),
         flags: PageTableFlags,
-        frames: core::ops::Range<usize>,
+        frames: &[PhysFrame],
     ) -> Option<u64> {
         for _ in 0..3 {
             let index = match state.block {
@@ -451,7 +461,7 @@ where
             let mut locked = self.lock_block(block);
             if let Some(first) = locked.carve(n + 1) {
                 let bits = (flags | PageTableFlags::PRESENT).bits();
-                for (i, frame) in state.frames[frames].iter().enumerate() {
+                for (i, frame) in frames.iter().enumerate() {
                     // SAFETY: the page is fresh in a block this CPU carves under its
                     // lock; the entry lies in the block's own leaf table.
                     unsafe { entry(block, first + i).write(frame.start_address().as_u64() | bits) };
@@ -481,8 +491,7 @@ where
     fn take_block(&self, cpu: usize) -> Option<usize> {
         let blocks = &self.blocks;
         for index in 0..blocks.count {
-            let Some((_, block)) = blocks.block_at(blocks.zone + index as u64 * BLOCK_BYTES)
-            else {
+            let Some((_, block)) = blocks.block_at(blocks.zone + index as u64 * BLOCK_BYTES) else {
                 continue;
             };
             let Some(mut state) = block.state.try_lock() else {
@@ -494,7 +503,8 @@ where
                 return Some(index);
             }
         }
-        let unused = (0..blocks.count).find(|&i| blocks.blocks[i].load(Ordering::Acquire).is_null())?;
+        let unused =
+            (0..blocks.count).find(|&i| blocks.blocks[i].load(Ordering::Acquire).is_null())?;
         let block = self.lock().activate_block(unused).ok()?;
         self.lock_block(block).owner = Owner::Cpu(cpu);
         Some(unused)
@@ -546,7 +556,11 @@ where
     }
 
     /// Moves `value` into a frame of its own; `set_frame` records the frame in it.
-    fn place<V>(&self, mut value: V, set_frame: impl FnOnce(&mut V, PhysFrame)) -> Result<*mut V, Error> {
+    fn place<V>(
+        &self,
+        mut value: V,
+        set_frame: impl FnOnce(&mut V, PhysFrame),
+    ) -> Result<*mut V, Error> {
         const { assert!(size_of::<V>() <= PAGE_SIZE as usize && align_of::<V>() <= 4096) };
         let frame = self.frames.alloc_frame().ok_or(Error::OutOfFrames)?;
         set_frame(&mut value, frame);
@@ -613,7 +627,9 @@ where
                 let count = state.lazy_frame_count;
                 state.lazy_frames[count..count + pages].copy_from_slice(&frames[..pages]);
                 state.lazy_frame_count += pages;
-                cache.pending.store(state.lazy_frame_count as u64, Ordering::Relaxed);
+                cache
+                    .pending
+                    .store(state.lazy_frame_count as u64, Ordering::Relaxed);
                 add(&cache.data, -(pages as i64));
                 add(&cache.areas, -1);
                 add(&cache.live_pages, -(pages as i64 + 1));
@@ -625,7 +641,9 @@ where
                 let _ = self.frames.free_frames(&frames[..pages]);
                 self.blocks.data.fetch_sub(pages as i64, Ordering::Relaxed);
                 self.blocks.areas.fetch_sub(1, Ordering::Relaxed);
-                self.blocks.live_pages.fetch_sub(pages as i64 + 1, Ordering::Relaxed);
+                self.blocks
+                    .live_pages
+                    .fetch_sub(pages as i64 + 1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -650,19 +668,26 @@ where
             let block = self.blocks.block(entry.block as usize);
             self.lock_block(block).clean(usize::from(entry.pages) + 1);
         }
-        let pending = &state.lazy_frames[..state.lazy_frame_count];
-        let room = (CACHED_FRAMES - state.cached).min(pending.len());
-        let (kept, rest) = pending.split_at(room);
+        let count = state.lazy_frame_count;
+        let pending = state.lazy_frames;
+        self.cache_frames(state, &pending[..count]);
+        state.lazy_len = 0;
+        state.lazy_frame_count = 0;
+        cache.cached.store(state.cached as u64, Ordering::Relaxed);
+        cache.pending.store(0, Ordering::Relaxed);
+    }
+
+    /// Puts flushed `frames` into the CPU's cache; those it has no room for go back
+    /// to the allocator.
+    fn cache_frames(&self, state: &mut CpuState, frames: &[PhysFrame]) {
+        let room = (CACHED_FRAMES - state.cached).min(frames.len());
+        let (kept, rest) = frames.split_at(room);
         state.frames[state.cached..state.cached + room].copy_from_slice(kept);
         state.cached += room;
         if !rest.is_empty() {
             // Flushed frames of ours; a refusal has no better answer.
             let _ = self.frames.free_frames(rest);
         }
-        state.lazy_len = 0;
-        state.lazy_frame_count = 0;
-        cache.cached.store(state.cached as u64, Ordering::Relaxed);
-        cache.pending.store(0, Ordering::Relaxed);
     }
 
     /// Flushes every CPU's lazy list (a purge).
@@ -749,7 +774,9 @@ where
             Some((first, pages)) if page < first + pages => {
                 // SAFETY: the entry lies in the block's table; its lock is held.
                 let raw = unsafe { entry(block, page).read() };
-                Ok(PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK)))
+                Ok(PhysFrame::containing_address(PhysAddr::new(
+                    raw & ADDR_MASK,
+                )))
             }
             _ => Err(Error::NotMapped),
         }
@@ -769,13 +796,18 @@ where
         }
         drop(state);
         let first = Page::containing_address(VirtAddr::new(addr));
-        self.tlb.flush_range(Page::range(first, first + pages as u64));
+        self.tlb
+            .flush_range(Page::range(first, first + pages as u64));
         Ok(())
     }
 
     /// `vrealloc` of the live area at `addr` in the zone: a new area with the same
     /// rights (zeroed if the old one was), the contents copied, the old area freed.
-    pub(super) fn realloc_from_block(&self, addr: u64, new_size: usize) -> Result<NonNull<u8>, Error> {
+    pub(super) fn realloc_from_block(
+        &self,
+        addr: u64,
+        new_size: usize,
+    ) -> Result<NonNull<u8>, Error> {
         let (_, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
         let (pages, zeroed, flags) = {
             let state = self.lock_block(block);
@@ -794,11 +826,19 @@ where
         }
         let options = VmOptions {
             prot,
-            flags: if zeroed { VmFlags::ZERO } else { VmFlags::empty() },
+            flags: if zeroed {
+                VmFlags::ZERO
+            } else {
+                VmFlags::empty()
+            },
             ..VmOptions::default()
         };
         let new = self.vmalloc_with(new_size, &options)?;
-        let copied = self.copy_area(addr, new.as_ptr() as u64, (pages * PAGE_SIZE).min(new_size as u64));
+        let copied = self.copy_area(
+            addr,
+            new.as_ptr() as u64,
+            (pages * PAGE_SIZE).min(new_size as u64),
+        );
         let freed = copied.and_then(|()| self.free_in_block(addr, false));
         if let Err(error) = freed {
             // The old area changed under us (freed by someone else): keep nothing.
@@ -842,9 +882,14 @@ where
         self.each_live_page(|entry| {
             // SAFETY: as above.
             let raw = unsafe { entry.replace(0) };
-            reclaim.unreachable(PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK)));
+            reclaim.unreachable(PhysFrame::containing_address(PhysAddr::new(
+                raw & ADDR_MASK,
+            )));
         });
-        for block in (0..self.blocks.count).filter_map(|i| self.blocks.block_at(self.blocks.zone + i as u64 * BLOCK_BYTES)) {
+        for block in (0..self.blocks.count).filter_map(|i| {
+            self.blocks
+                .block_at(self.blocks.zone + i as u64 * BLOCK_BYTES)
+        }) {
             self.lock_block(block.1).len = [0; BLOCK_PAGES];
         }
     }
@@ -853,7 +898,9 @@ where
     /// block under its lock.
     fn each_live_page(&self, mut op: impl FnMut(*mut u64)) {
         for index in 0..self.blocks.count {
-            let Some((_, block)) = self.blocks.block_at(self.blocks.zone + index as u64 * BLOCK_BYTES)
+            let Some((_, block)) = self
+                .blocks
+                .block_at(self.blocks.zone + index as u64 * BLOCK_BYTES)
             else {
                 continue;
             };

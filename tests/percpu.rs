@@ -1,0 +1,470 @@
+//! Small areas from per-CPU blocks (`VmallocConfig::cpu_caches`): they behave as other
+//! `vmalloc` areas, are never reused before the flush that covers them, give every
+//! frame back, and running out empties every CPU's cache before failing.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::thread;
+use vmalloc::smp::Shootdown;
+use vmalloc::vmalloc::percpu::MAX_BLOCK_PAGES;
+use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
+use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
+use vmalloc_sim::{Access, Rng, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys};
+use x86_64::structures::idt::PageFaultErrorCode;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+type Manager<T> = Vmalloc<&'static SimFrames, SimPhys<'static>, T>;
+
+const PAGE: usize = 4096;
+
+fn cached() -> VmallocConfig {
+    VmallocConfig {
+        cpu_caches: true,
+        ..VmallocConfig::default()
+    }
+}
+
+/// A machine with `cpus` CPUs, its frames and a shootdown over it, all leaked (the
+/// IPI handler is `'static`).
+fn smp_machine(cpus: usize) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
+    let config = SimConfig::new(64 << 20)
+        .with_cpus(cpus)
+        .with_scatter_seed(9);
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+    machine.set_ipi_handler(move || tlb.handle_ipi());
+    (machine, frames, tlb)
+}
+
+fn manager<T: TlbFlush>(
+    machine: &'static SimMachine,
+    frames: &'static SimFrames,
+    tlb: T,
+    config: VmallocConfig,
+) -> Manager<T> {
+    // SAFETY: the machine's root table serves this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+}
+
+fn addr(ptr: NonNull<u8>) -> VirtAddr {
+    VirtAddr::from_ptr(ptr.as_ptr())
+}
+
+/// The zone's range, from the listing.
+fn zone<T: TlbFlush>(vm: &Manager<T>) -> std::ops::Range<u64> {
+    let zone = vm
+        .areas()
+        .find(|area| area.tag == "vmap_blocks")
+        .expect("the zone is listed");
+    zone.start.as_u64()..zone.start.as_u64() + zone.span
+}
+
+/// Every frame is free, data, a page table, waiting for a flush, cached, or
+/// bookkeeping.
+fn assert_frames_conserved(stats: &VmallocStats, frames: &SimFrames) {
+    let accounted = frames.stats().free
+        + stats.data_frames
+        + stats.page_table_frames
+        + stats.pending_purge_frames
+        + stats.cached_frames
+        + stats.cached_pending_frames
+        + stats.bookkeeping_frames;
+    assert_eq!(accounted, frames.stats().total, "{stats:?}");
+}
+
+/// Takes its CPU offline when dropped (also on a panic), so shootdowns stop
+/// waiting for it.
+struct OfflineWhenDone(SimCpu<'static>);
+
+impl Drop for OfflineWhenDone {
+    fn drop(&mut self) {
+        self.0.go_offline();
+    }
+}
+
+/// Runs `work(cpu)` on one thread per CPU, then brings CPU 0 back for the caller.
+fn on_every_cpu(machine: &'static SimMachine, work: impl Fn(SimCpu<'static>) + Sync) {
+    thread::scope(|scope| {
+        for index in 0..machine.cpu_count() {
+            let work = &work;
+            scope.spawn(move || {
+                let cpu = machine.cpu(index);
+                cpu.enter();
+                let _offline = OfflineWhenDone(cpu);
+                work(cpu);
+            });
+        }
+    });
+    machine.cpu(0).go_online();
+}
+
+#[test]
+fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    let zone = zone(&vm);
+    assert_eq!(vm.stats().block_zone_bytes, zone.end - zone.start);
+    let ptr = vm.vmalloc(2 * PAGE).unwrap();
+    let start = addr(ptr);
+    assert!(zone.contains(&start.as_u64()), "{start:?} is in the zone");
+    assert_eq!(vm.stats().block_areas, 1);
+
+    machine.write(start + 4000u64, b"across a page").unwrap();
+    let mut back = [0; 13];
+    machine.read(start + 4000u64, &mut back).unwrap();
+    assert_eq!(&back, b"across a page");
+    let frame = vm.vmalloc_to_frame(start + PAGE as u64).unwrap();
+    let translated = machine
+        .translate(start + PAGE as u64, Access::READ)
+        .unwrap();
+    assert_eq!(
+        translated.phys().align_down(PAGE as u64),
+        frame.start_address()
+    );
+
+    let area = vm.find_vm_area(start + 5u64).unwrap();
+    assert_eq!(
+        (area.start, area.size, area.span),
+        (start, 2 * PAGE as u64, 3 * PAGE as u64)
+    );
+    assert_eq!(
+        vm.find_vm_area(start + 2 * PAGE as u64).unwrap().start,
+        start,
+        "the guard page is the area's"
+    );
+    assert!(
+        machine.read(start + 2 * PAGE as u64, &mut back).is_err(),
+        "the guard page faults"
+    );
+
+    // Every call that refuses a pointer refuses this one as it would any area.
+    assert_eq!(
+        vm.vfree(ptr.as_ptr().wrapping_add(8)),
+        Err(Error::InteriorPointer)
+    );
+    assert_eq!(
+        vm.vfree(ptr.as_ptr().wrapping_add(PAGE)),
+        Err(Error::InteriorPointer)
+    );
+    assert_eq!(
+        vm.vfree(ptr.as_ptr().wrapping_add(2 * PAGE)),
+        Err(Error::NotAllocated)
+    );
+    assert_eq!(
+        vm.vfree(ptr.as_ptr().wrapping_add(64 * PAGE)),
+        Err(Error::NotAllocated)
+    );
+    assert_eq!(vm.vunmap(ptr.as_ptr(), |_| {}), Err(Error::WrongKind));
+    assert_eq!(vm.iounmap(ptr.as_ptr()), Err(Error::WrongKind));
+    assert_eq!(vm.populate(ptr.as_ptr(), PAGE), Err(Error::WrongKind));
+    assert_eq!(vm.stats().block_areas, 1, "nothing changed");
+
+    vm.vfree(ptr.as_ptr()).unwrap();
+    assert_eq!(
+        vm.vfree(ptr.as_ptr()),
+        Err(Error::NotAllocated),
+        "a double free"
+    );
+    assert_eq!(vm.vmalloc_to_frame(start), Err(Error::NotMapped));
+    assert_eq!(vm.find_vm_area(start), None);
+    let stats = vm.stats();
+    assert_eq!((stats.block_areas, stats.data_frames), (0, 0));
+    assert_eq!(
+        stats.cached_pending_frames, 2,
+        "its frames wait for the flush"
+    );
+    assert_frames_conserved(&stats, frames);
+    vm.purge();
+    assert_eq!(
+        vm.stats().cached_pending_frames,
+        0,
+        "a purge flushes the CPU's list"
+    );
+    assert!(machine.read(start, &mut back).is_err(), "unmapped");
+}
+
+#[test]
+fn labelled_aligned_unguarded_and_large_requests_take_the_locked_path() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    let zone = zone(&vm);
+    let outside = |ptr: NonNull<u8>| !zone.contains(&(ptr.as_ptr() as u64));
+    let labelled = VmOptions {
+        tag: "ring",
+        ..VmOptions::default()
+    };
+    let aligned = VmOptions {
+        align: 4 * PAGE as u64,
+        ..VmOptions::default()
+    };
+    let unguarded = VmOptions {
+        flags: vmalloc::vmalloc::VmFlags::NO_GUARD,
+        ..VmOptions::default()
+    };
+    for options in [labelled, aligned, unguarded] {
+        let ptr = vm.vmalloc_with(PAGE, &options).unwrap();
+        assert!(outside(ptr), "{options:?}");
+        vm.vfree(ptr.as_ptr()).unwrap();
+    }
+    let largest = vm.vmalloc(MAX_BLOCK_PAGES as usize * PAGE).unwrap();
+    assert!(!outside(largest));
+    let larger = vm.vmalloc((MAX_BLOCK_PAGES as usize + 1) * PAGE).unwrap();
+    assert!(outside(larger));
+    assert_eq!(vm.stats().block_areas, 1);
+}
+
+#[test]
+fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    let ptr = vm.vzalloc(PAGE).unwrap();
+    machine.write(addr(ptr), b"kept").unwrap();
+    let grown = vm.vrealloc(ptr.as_ptr(), 3 * PAGE).unwrap();
+    let mut back = [0xff; 4];
+    machine.read(addr(grown), &mut back).unwrap();
+    assert_eq!(&back, b"kept", "the contents moved");
+    machine
+        .read(addr(grown) + 2 * PAGE as u64 + 100, &mut back)
+        .unwrap();
+    assert_eq!(back, [0; 4], "a zeroed area grows zeroed");
+    assert_eq!(
+        vm.vfree(ptr.as_ptr()),
+        Err(Error::NotAllocated),
+        "the old area is gone"
+    );
+    assert_eq!(vm.stats().block_areas, 1);
+
+    vm.set_prot(grown.as_ptr(), Prot::READ).unwrap();
+    assert!(machine.write(addr(grown), b"x").is_err(), "read-only now");
+    machine.read(addr(grown), &mut back).unwrap();
+    let write = PageFaultErrorCode::CAUSED_BY_WRITE | PageFaultErrorCode::PROTECTION_VIOLATION;
+    let site = vm.diagnose_fault(addr(grown) + 8u64, write).site;
+    assert!(
+        matches!(
+            site,
+            vmalloc::vmalloc::FaultSite::Area {
+                offset: 8,
+                broke_protection: true,
+                ..
+            }
+        ),
+        "{site:?}"
+    );
+    let past = vm.diagnose_fault(addr(grown) + 3 * PAGE as u64, write).site;
+    assert!(
+        matches!(past, vmalloc::vmalloc::FaultSite::Guard { past_end: 0, .. }),
+        "{past:?}"
+    );
+    // A read-only area keeps its rights when it moves.
+    let moved = vm.vrealloc(grown.as_ptr(), PAGE).unwrap();
+    assert!(machine.write(addr(moved), b"x").is_err());
+    machine.read(addr(moved), &mut back).unwrap();
+    assert_eq!(&back, b"kept");
+    assert_eq!(
+        vm.vrealloc(moved.as_ptr().wrapping_add(1), PAGE),
+        Err(Error::InteriorPointer)
+    );
+}
+
+#[test]
+fn vfree_atomic_of_a_small_area_is_done_by_the_next_call() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    let ptr = vm.vmalloc(PAGE).unwrap();
+    vm.vfree_atomic(ptr.as_ptr()).unwrap();
+    vm.vfree_atomic(ptr.as_ptr().wrapping_add(PAGE)).unwrap();
+    assert!(machine.read(addr(ptr), &mut [0; 1]).is_ok(), "queued only");
+    // The next call that takes the lock frees the area and refuses the guard page.
+    vm.purge();
+    let stats = vm.stats();
+    assert_eq!((stats.block_areas, stats.deferred_refused), (0, 1));
+    assert!(machine.read(addr(ptr), &mut [0; 1]).is_err());
+    assert_frames_conserved(&vm.stats(), frames);
+}
+
+/// CPU 1 caches a translation of a small area; CPU 0 frees it and makes small areas
+/// until one gets its frame back, then writes there; CPU 1 reads the old address
+/// again. Returns what it read, or `None` if it faulted.
+fn stale_read_after_reuse<T: TlbFlush + Sync>(
+    machine: &'static SimMachine,
+    frames: &'static SimFrames,
+    tlb: T,
+) -> Option<[u8; 8]> {
+    let vm = manager(machine, frames, tlb, cached());
+    let old = addr(vm.vmalloc(PAGE).unwrap());
+    machine.write(old, b"OLD-DATA").unwrap();
+    let cached = Barrier::new(2);
+    let reused = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let cpu1 = machine.cpu(1);
+        let (cached, reused) = (&cached, &reused);
+        let reader = scope.spawn(move || {
+            cpu1.enter();
+            let _offline = OfflineWhenDone(cpu1);
+            let mut first = [0; 8];
+            cpu1.read(old, &mut first).unwrap();
+            cached.wait();
+            while !reused.load(Ordering::Acquire) {
+                cpu1.poll();
+                std::hint::spin_loop();
+            }
+            let mut again = [0; 8];
+            cpu1.read(old, &mut again).ok().map(|()| again)
+        });
+        cached.wait();
+        // Lets the reader go even if a check below fails.
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let release = Release(reused);
+        let frame = vm.vmalloc_to_frame(old).unwrap();
+        vm.vfree(old.as_mut_ptr()).unwrap();
+        // Small areas come and go until one gets the frame back.
+        let new = (0..10_000)
+            .find_map(|_| {
+                let new = vm.vmalloc(PAGE).unwrap();
+                assert_ne!(addr(new), old, "the range is not reused before the flush");
+                if vm.vmalloc_to_frame(addr(new)).unwrap() == frame {
+                    return Some(new);
+                }
+                vm.vfree(new.as_ptr()).unwrap();
+                None
+            })
+            .expect("the frame comes back");
+        machine.write(addr(new), b"NEWDATA!").unwrap();
+        drop(release);
+        let seen = reader.join().unwrap();
+        vm.vfree(new.as_ptr()).unwrap();
+        seen
+    })
+}
+
+#[test]
+fn a_small_areas_frame_is_reused_only_after_every_cpu_dropped_its_translation() {
+    let (machine, frames, tlb) = smp_machine(2);
+    let seen = stale_read_after_reuse(machine, frames, tlb);
+    assert_eq!(seen, None, "CPU 1 faults on the freed address");
+}
+
+#[test]
+fn a_local_only_flush_is_caught_reading_the_reused_frame_of_a_small_area() {
+    // The negative control: the same steps with a flush that only reaches CPU 0.
+    let (machine, frames, _) = smp_machine(2);
+    assert_eq!(
+        stale_read_after_reuse(machine, frames, machine),
+        Some(*b"NEWDATA!"),
+        "without a shootdown CPU 1 reads the new owner's data"
+    );
+}
+
+#[test]
+fn running_out_empties_every_cpus_cache_before_failing() {
+    let (machine, frames, tlb) = smp_machine(4);
+    let vm = manager(machine, frames, tlb, cached());
+    // Each CPU leaves frames in its cache and freed areas on its lazy list.
+    on_every_cpu(machine, |_| {
+        let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
+        areas.iter().for_each(|ptr| vm.vfree(ptr.as_ptr()).unwrap());
+    });
+    let stats = vm.stats();
+    assert!(
+        stats.cached_frames > 0 && stats.cached_pending_frames > 0,
+        "{stats:?}"
+    );
+    let in_caches = stats.cached_frames + stats.cached_pending_frames;
+
+    // Hold every free frame: only the caches have any.
+    let mut held =
+        vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
+    assert_eq!(frames.alloc_frames(&mut held), held.len());
+    // A labelled area takes the locked path, which finds no frame, empties every
+    // CPU's cache, and succeeds with their frames.
+    let labelled = VmOptions {
+        tag: "needs the caches",
+        ..VmOptions::default()
+    };
+    let wanted = (in_caches as usize - 8) * PAGE;
+    let ptr = vm.vmalloc_with(wanted, &labelled).unwrap();
+    let stats = vm.stats();
+    assert_eq!(
+        (stats.cached_frames, stats.cached_pending_frames),
+        (0, 0),
+        "{stats:?}"
+    );
+    vm.vfree(ptr.as_ptr()).unwrap();
+    vm.purge();
+
+    // With every cache empty, a request too large fails and changes nothing.
+    vm.drain_cpu_caches();
+    let before = (vm.stats(), frames.stats().free);
+    assert_eq!(
+        vm.vmalloc_with(4 * wanted, &labelled),
+        Err(Error::OutOfFrames)
+    );
+    assert_eq!((vm.stats(), frames.stats().free), before);
+    frames.free_frames(&held).unwrap();
+    assert_frames_conserved(&vm.stats(), frames);
+}
+
+#[test]
+fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
+    let (machine, frames, tlb) = smp_machine(4);
+    let start = frames.stats().free;
+    let vm = manager(machine, frames, tlb, cached());
+    let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
+    on_every_cpu(machine, |cpu| {
+        let mut rng = Rng::new(cpu.index() as u64 + 11);
+        for round in 0..400usize {
+            let tag = (cpu.index() * 64 + round % 64) as u8;
+            if rng.below(2) == 0 {
+                let pages = 1 + rng.below(MAX_BLOCK_PAGES) as usize;
+                let ptr = vm.vmalloc(pages * PAGE).unwrap();
+                for page in 0..pages {
+                    cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16])
+                        .unwrap();
+                }
+                shared
+                    .lock()
+                    .unwrap()
+                    .push((ptr.as_ptr() as usize, pages, tag));
+            } else {
+                let taken = {
+                    let mut shared = shared.lock().unwrap();
+                    let len = shared.len() as u64;
+                    (len > 0).then(|| shared.swap_remove(rng.below(len) as usize))
+                };
+                // Often another CPU's area, in another CPU's block.
+                if let Some((ptr, pages, tag)) = taken {
+                    let ptr = NonNull::new(ptr as *mut u8).unwrap();
+                    for page in 0..pages {
+                        let mut back = [0; 16];
+                        cpu.read(addr(ptr) + (page * PAGE) as u64, &mut back)
+                            .unwrap();
+                        assert_eq!(back, [tag; 16], "no other area shares its frames");
+                    }
+                    vm.vfree(ptr.as_ptr()).unwrap();
+                }
+            }
+        }
+    });
+    let left: Vec<_> = shared.into_inner().unwrap();
+    let stats = vm.stats();
+    assert_eq!(stats.block_areas, left.len() as u64);
+    assert_frames_conserved(&stats, frames);
+    for &(ptr, ..) in &left[..left.len() / 2] {
+        vm.vfree(ptr as *mut u8).unwrap();
+    }
+    vm.purge();
+    assert_eq!(vm.stats().cached_pending_frames, 0);
+    // The rest leak into the manager's teardown, which gives them back too.
+    drop(vm);
+    assert_eq!(frames.stats().free, start, "every frame is back");
+    assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
+}
