@@ -10,7 +10,7 @@ use vmalloc::frame::MapperFrames;
 use vmalloc::vmalloc::{VmFlags, VmOptions};
 use vmalloc::{FrameSource, PAGE_SIZE};
 use vmalloc_sim::scenarios::*;
-use vmalloc_sim::{Rng, SimFrames, SimMachine};
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{Mapper, OffsetPageTable, Page, PageTableFlags, Size4KiB};
 
@@ -81,6 +81,9 @@ fn vmalloc_vfree(c: &mut Criterion) {
     let eager_machine = self::machine();
     let eager_frames = fragmented_frames(&eager_machine);
     let eager = manager(&eager_machine, &eager_frames, true);
+    let cached_machine = self::machine();
+    let cached_frames = fragmented_frames(&cached_machine);
+    let cached = cached_manager(&cached_machine, &cached_frames);
     let peer_machine = self::machine();
     let peer_frames = fragmented_frames(&peer_machine);
     let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
@@ -93,6 +96,9 @@ fn vmalloc_vfree(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("eager", pages), &pages, |b, &p| {
             b.iter(|| fix_size_alloc(&eager, p))
+        });
+        group.bench_with_input(BenchmarkId::new("per_cpu", pages), &pages, |b, &p| {
+            b.iter(|| fix_size_alloc(&cached, p))
         });
         group.bench_with_input(BenchmarkId::new("x86_64_map_to", pages), &pages, |b, &p| {
             b.iter(|| {
@@ -197,66 +203,89 @@ fn test_vmalloc_scenarios(c: &mut Criterion) {
     group.finish();
 }
 
-/// 1-page vmalloc+vfree latency with 10 and with 100,000 other live areas.
+/// 1-page vmalloc+vfree latency with 10 and with 100,000 other live areas, with the
+/// per-CPU caches off (the default) and on.
 fn latency_with_live_areas(c: &mut Criterion) {
-    let mut group = c.benchmark_group("latency_1_page");
-    for live in [10usize, 100_000] {
-        let machine = machine();
-        let frames = fragmented_frames(&machine);
-        let vm = manager(&machine, &frames, false);
-        let _busy = busy_list(&vm, live);
-        group.bench_with_input(BenchmarkId::new("live_areas", live), &live, |b, _| {
+    for (group, caches) in [("latency_1_page", false), ("latency_1_page_per_cpu", true)] {
+        let make = |machine: &'static SimMachine| {
+            let frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(machine)));
+            if caches {
+                cached_manager(machine, frames)
+            } else {
+                manager(machine, frames, false)
+            }
+        };
+        let mut group = c.benchmark_group(group);
+        for live in [10usize, 100_000] {
+            let vm = make(Box::leak(Box::new(machine())));
+            let _busy = busy_list(&vm, live);
+            group.bench_with_input(BenchmarkId::new("live_areas", live), &live, |b, _| {
+                b.iter(|| fix_size_alloc(&vm, 1))
+            });
+        }
+        // 200,000 allocations, every second one (1 to 5 pages) freed, then a purge:
+        // 100,000 live 1-page areas with holes between them.
+        let vm = make(Box::leak(Box::new(machine())));
+        let mut rng = Rng::new(8);
+        let mut live = Vec::with_capacity(100_000);
+        for _ in 0..100_000 {
+            live.push(vm.vmalloc(PAGE_SIZE as usize).unwrap());
+            let hole = vm
+                .vmalloc((1 + rng.below(5) as usize) * PAGE_SIZE as usize)
+                .unwrap();
+            vm.vfree(hole.as_ptr()).unwrap();
+        }
+        vm.purge();
+        group.bench_function("live_areas_with_holes/100000", |b| {
             b.iter(|| fix_size_alloc(&vm, 1))
         });
+        group.finish();
     }
-    // 200,000 allocations, every second one (1 to 5 pages) freed, then a purge:
-    // 100,000 live 1-page areas with holes between them.
-    let machine = machine();
-    let frames = fragmented_frames(&machine);
-    let vm = manager(&machine, &frames, false);
-    let mut rng = Rng::new(8);
-    let mut live = Vec::with_capacity(100_000);
-    for _ in 0..100_000 {
-        live.push(vm.vmalloc(PAGE_SIZE as usize).unwrap());
-        let hole = vm
-            .vmalloc((1 + rng.below(5) as usize) * PAGE_SIZE as usize)
-            .unwrap();
-        vm.vfree(hole.as_ptr()).unwrap();
-    }
-    vm.purge();
-    group.bench_function("live_areas_with_holes/100000", |b| {
-        b.iter(|| fix_size_alloc(&vm, 1))
-    });
-    group.finish();
 }
 
 /// 1- and 16-page vmalloc+vfree pairs on 1, 2 and 4 threads sharing one manager:
-/// total pairs per second.
+/// total pairs per second. `shared`: every thread is CPU 0 of a default manager;
+/// `per_cpu`: thread i is CPU i of a manager with per-CPU caches. Flushes reach the
+/// calling CPU only, in both.
 fn threads(c: &mut Criterion) {
-    let machine = machine();
-    let frames = fragmented_frames(&machine);
-    let vm = manager(&machine, &frames, false);
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(1 << 30).with_cpus(4),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(machine)));
+    let shared = manager(machine, frames, false);
+    let cached_machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(1 << 30).with_cpus(4),
+    )));
+    let cached_frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(cached_machine)));
+    let per_cpu = cached_manager(cached_machine, cached_frames);
     let mut group = c.benchmark_group("vmalloc_threads");
     group.sample_size(10);
-    for pages in [1u64, 16] {
-        for count in [1u64, 2, 4] {
-            group.throughput(Throughput::Elements(count));
-            let id = BenchmarkId::new(format!("pages{pages}"), count);
-            group.bench_function(id, |b| {
-                b.iter_custom(|iters| {
-                    let start = std::time::Instant::now();
-                    std::thread::scope(|scope| {
-                        for thread in 0..count as usize {
-                            let vm = &vm;
-                            scope.spawn(move || {
-                                pin(thread);
-                                (0..iters).for_each(|_| fix_size_alloc(vm, pages))
-                            });
-                        }
-                    });
-                    start.elapsed()
-                })
-            });
+    for (name, vm, machine, own_cpu) in [
+        ("shared", &shared, machine, false),
+        ("per_cpu", &per_cpu, cached_machine, true),
+    ] {
+        for pages in [1u64, 16] {
+            for count in [1u64, 2, 4] {
+                group.throughput(Throughput::Elements(count));
+                let id = BenchmarkId::new(format!("{name}/pages{pages}"), count);
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let start = std::time::Instant::now();
+                        std::thread::scope(|scope| {
+                            for thread in 0..count as usize {
+                                scope.spawn(move || {
+                                    pin(thread);
+                                    if own_cpu {
+                                        machine.cpu(thread).enter();
+                                    }
+                                    (0..iters).for_each(|_| fix_size_alloc(vm, pages))
+                                });
+                            }
+                        });
+                        start.elapsed()
+                    })
+                });
+            }
         }
     }
     group.finish();

@@ -468,3 +468,55 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
     assert_eq!(frames.stats().free, start, "every frame is back");
     assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
 }
+
+/// The machine's flushes, counted.
+struct Counted {
+    machine: &'static SimMachine,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl TlbFlush for &Counted {
+    fn flush_page(&self, page: x86_64::structures::paging::Page) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.machine.flush_page(page);
+    }
+    fn flush_all(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.machine.flush_all();
+    }
+    fn cpus(&self) -> Option<&dyn vmalloc::smp::Cpus> {
+        self.machine.cpus()
+    }
+}
+
+#[test]
+fn a_freed_range_comes_back_only_after_a_flush_and_then_does() {
+    let (machine, frames, _) = smp_machine(1);
+    let tlb: &'static Counted = Box::leak(Box::new(Counted {
+        machine,
+        flushes: 0.into(),
+    }));
+    let vm = manager(machine, frames, tlb, cached());
+    let first = vm.vmalloc(PAGE).unwrap();
+    vm.vfree(first.as_ptr()).unwrap();
+    let mut live = Vec::new();
+    let mut reused = false;
+    for round in 0..1200 {
+        if round == 600 {
+            vm.purge();
+        }
+        let ptr = vm.vmalloc(PAGE).unwrap();
+        live.push(ptr);
+        if ptr == first {
+            // A full block may have flushed its CPU's lazy list to make room.
+            assert!(
+                tlb.flushes.load(Ordering::Relaxed) > 0,
+                "reused before any flush"
+            );
+            reused = true;
+            break;
+        }
+    }
+    assert!(reused, "a flushed range is carved again");
+    live.iter().for_each(|ptr| vm.vfree(ptr.as_ptr()).unwrap());
+}

@@ -64,6 +64,17 @@ pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) 
     unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
 }
 
+/// A lazy manager over `machine` whose small areas come from per-CPU blocks
+/// (`VmallocConfig::cpu_caches`).
+pub fn cached_manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames) -> Manager<'m> {
+    let config = VmallocConfig {
+        cpu_caches: true,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables belong to this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+}
+
 fn alloc_free(vm: &Manager<'_, impl TlbFlush>, pages: u64, align: u64) {
     let options = VmOptions {
         align,

@@ -491,11 +491,12 @@ where
     }
 
     /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
-    /// [the purge](super::purge)), then returns their frames and virtual ranges; the
-    /// same for the areas waiting on every CPU's lazy list ([per-CPU
-    /// blocks](super::percpu)).
+    /// [the purge](super::purge)), then returns their frames and virtual ranges. With
+    /// [per-CPU blocks](super::percpu) it first empties every CPU's cache
+    /// ([`drain_cpu_caches`](Self::drain_cpu_caches)), so every frame not in use is
+    /// back in the frame allocator when it returns.
     pub fn purge(&self) {
-        self.flush_cpu_lazy_lists();
+        self.drain_cpu_caches();
         self.lock().purge();
     }
 

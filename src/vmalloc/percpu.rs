@@ -58,7 +58,7 @@ use crate::smp::MAX_CPUS;
 use crate::tlb::flush_batch;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use x86_64::structures::paging::{Page, PageTable, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -68,8 +68,8 @@ pub(super) const BLOCK_PAGES: usize = 512;
 pub(super) const BLOCK_BYTES: u64 = BLOCK_PAGES as u64 * PAGE_SIZE;
 /// Largest area, in pages (its guard page not counted), served from a block.
 pub const MAX_BLOCK_PAGES: u64 = 16;
-/// Most blocks a zone holds (128 MiB).
-pub(super) const MAX_BLOCKS: usize = 64;
+/// Most blocks a zone holds (1 GiB).
+pub(super) const MAX_BLOCKS: usize = 512;
 /// Free frames a CPU keeps at most.
 pub(super) const CACHED_FRAMES: usize = 64;
 /// Frames a CPU takes from the allocator at once.
@@ -81,22 +81,22 @@ const LAZY_FRAMES: usize = 32;
 
 const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
 
-/// Who holds a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Owner {
-    /// Nobody, and nothing is in it.
-    Free,
-    /// The CPU carving from it.
-    Cpu(usize),
-    /// Nobody, but areas live in it or wait for a flush.
-    Orphan,
-}
+/// Words in a block's free-page bitmap.
+const WORDS: usize = BLOCK_PAGES / 64;
+
+/// Free pages from which a block nobody owns is worth taking.
+const TAKE_FROM: usize = BLOCK_PAGES / 4;
 
 /// A block's state, under its lock.
 struct BlockState {
-    owner: Owner,
-    /// Pages below this one were handed out since the block was last empty.
-    next: usize,
+    /// The CPU carving from it, if any.
+    owner: Option<usize>,
+    /// Bit `i` set: page `i` is free and no TLB may still hold a translation of it.
+    free: [u64; WORDS],
+    /// Set bits in `free`.
+    free_pages: usize,
+    /// The word where the last area was carved: the next search starts there.
+    hint: usize,
     /// Pages held by live areas, guard pages included.
     live: usize,
     /// Pages of freed areas waiting for a flush, guard pages included.
@@ -110,20 +110,59 @@ struct BlockState {
 const ZEROED: u8 = 0x80;
 
 impl BlockState {
-    fn is_empty(&self) -> bool {
-        self.live == 0 && self.dirty == 0
+    /// A block owned by `cpu`, every page free.
+    fn new(cpu: usize) -> Self {
+        Self {
+            owner: Some(cpu),
+            free: [u64::MAX; WORDS],
+            free_pages: BLOCK_PAGES,
+            hint: 0,
+            live: 0,
+            dirty: 0,
+            len: [0; BLOCK_PAGES],
+        }
     }
 
-    /// The first page of `span` fresh pages, rewinding an empty block.
+    /// The first page of a run of `span` free pages, now taken: first fit from the
+    /// word of the last carve, wrapping around. A run may cross into the next word:
+    /// each word is searched with the next one above it.
     fn carve(&mut self, span: usize) -> Option<usize> {
-        if self.next + span > BLOCK_PAGES && self.is_empty() {
-            self.next = 0;
+        for step in 0..WORDS {
+            let word = (self.hint + step) % WORDS;
+            let next = self.free.get(word + 1).copied().unwrap_or(0);
+            let both = u128::from(self.free[word]) | u128::from(next) << 64;
+            // Bit i of `starts`: pages i..i + span of `both` are all free.
+            let starts = (1..span).fold(both, |run, shift| run & both >> shift) as u64;
+            if starts != 0 {
+                let first = word * 64 + starts.trailing_zeros() as usize;
+                self.set_free(first, span, false);
+                self.hint = word;
+                return Some(first);
+            }
         }
-        let first = self.next;
-        (first + span <= BLOCK_PAGES).then(|| {
-            self.next += span;
-            first
-        })
+        None
+    }
+
+    /// Marks pages `first..first + span` free (clean) or taken.
+    fn set_free(&mut self, first: usize, span: usize, free: bool) {
+        for page in first..first + span {
+            let bit = 1u64 << (page % 64);
+            if free {
+                self.free[page / 64] |= bit;
+            } else {
+                self.free[page / 64] &= !bit;
+            }
+        }
+        if free {
+            self.free_pages += span;
+        } else {
+            self.free_pages -= span;
+        }
+    }
+
+    /// Whether a CPU looking for a block should take this one.
+    fn worth_taking(&self) -> bool {
+        self.owner.is_none() && self.free_pages >= TAKE_FROM
     }
 
     /// Pages of the live area starting at page `first`; 0 if none does.
@@ -155,12 +194,10 @@ impl BlockState {
         })
     }
 
-    /// Marks `span` freed pages as flushed; an orphan that becomes empty is free.
-    fn clean(&mut self, span: usize) {
+    /// Marks the `span` freed pages from `first` as flushed: free again.
+    fn clean(&mut self, first: usize, span: usize) {
         self.dirty -= span;
-        if self.owner == Owner::Orphan && self.is_empty() {
-            self.owner = Owner::Free;
-        }
+        self.set_free(first, span, true);
     }
 }
 
@@ -218,6 +255,11 @@ pub(super) struct Blocks {
     /// Blocks in the zone.
     count: usize,
     blocks: [AtomicPtr<Block>; MAX_BLOCKS],
+    /// Blocks made so far: `blocks[..activated]` are published, in order.
+    activated: AtomicUsize,
+    /// Bit `i` set: block `i` is worth taking (see `BlockState::worth_taking`);
+    /// changed only under that block's lock.
+    takeable: [AtomicU64; MAX_BLOCKS / 64],
     caches: [AtomicPtr<CpuCache>; MAX_CPUS],
     /// Counters of frees that went through no CPU's cache.
     data: AtomicI64,
@@ -234,6 +276,8 @@ impl Blocks {
             zone: 0,
             count: 0,
             blocks: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_BLOCKS],
+            activated: AtomicUsize::new(0),
+            takeable: [const { AtomicU64::new(0) }; MAX_BLOCKS / 64],
             caches: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS],
             data: AtomicI64::new(0),
             areas: AtomicI64::new(0),
@@ -281,6 +325,17 @@ impl Blocks {
         let block = self.blocks[index].load(Ordering::Acquire);
         // SAFETY: as in `block_at`; callers pass indices of published blocks.
         unsafe { &*block }
+    }
+
+    /// Records whether block `index`, whose lock the caller holds, is worth taking.
+    fn mark(&self, index: usize, state: &BlockState) {
+        let (word, bit) = (&self.takeable[index / 64], 1u64 << (index % 64));
+        let marked = word.load(Ordering::Relaxed) & bit != 0;
+        if state.worth_taking() && !marked {
+            word.fetch_or(bit, Ordering::Relaxed);
+        } else if !state.worth_taking() && marked {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
     }
 
     fn cache(&self, cpu: usize) -> Option<&CpuCache> {
@@ -476,37 +531,43 @@ where
                 self.flush_lazy(cache, state);
                 continue;
             }
-            let mut locked = self.lock_block(block);
-            locked.owner = if locked.is_empty() {
-                Owner::Free
-            } else {
-                Owner::Orphan
-            };
+            self.release_block(index);
             state.block = None;
         }
         None
     }
 
-    /// An empty block for `cpu`: a free one, or one never used yet.
+    /// Block `index` is no longer its CPU's.
+    fn release_block(&self, index: usize) {
+        let mut state = self.lock_block(self.blocks.block(index));
+        state.owner = None;
+        self.blocks.mark(index, &state);
+    }
+
+    /// A block for `cpu`: one nobody owns with room in it, or a new one.
     fn take_block(&self, cpu: usize) -> Option<usize> {
         let blocks = &self.blocks;
-        for index in 0..blocks.count {
-            let Some((_, block)) = blocks.block_at(blocks.zone + index as u64 * BLOCK_BYTES) else {
-                continue;
-            };
-            let Some(mut state) = block.state.try_lock() else {
-                continue;
-            };
-            if state.owner == Owner::Free {
-                state.owner = Owner::Cpu(cpu);
-                state.next = 0;
-                return Some(index);
+        for (word, marks) in blocks.takeable.iter().enumerate() {
+            let mut bits = marks.load(Ordering::Relaxed);
+            while bits != 0 {
+                let index = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let Some(mut state) = blocks.block(index).state.try_lock() else {
+                    continue;
+                };
+                if state.worth_taking() {
+                    state.owner = Some(cpu);
+                    blocks.mark(index, &state);
+                    return Some(index);
+                }
+                blocks.mark(index, &state);
             }
         }
-        let unused =
-            (0..blocks.count).find(|&i| blocks.blocks[i].load(Ordering::Acquire).is_null())?;
-        let block = self.lock().activate_block(unused).ok()?;
-        self.lock_block(block).owner = Owner::Cpu(cpu);
+        let unused = blocks.activated.load(Ordering::Acquire);
+        if unused >= blocks.count {
+            return None;
+        }
+        self.lock().activate_block(unused, cpu).ok()?;
         Some(unused)
     }
 
@@ -636,7 +697,10 @@ where
             }
             None => {
                 self.range_of(lazy).flush(&self.tlb);
-                self.lock_block(block).clean(pages + 1);
+                let mut state = self.lock_block(block);
+                state.clean(page, pages + 1);
+                self.blocks.mark(index, &state);
+                drop(state);
                 // The frames were ours and are flushed; a refusal has no better answer.
                 let _ = self.frames.free_frames(&frames[..pages]);
                 self.blocks.data.fetch_sub(pages as i64, Ordering::Relaxed);
@@ -665,8 +729,10 @@ where
         let lazy = &state.lazy[..state.lazy_len];
         flush_batch(&self.tlb, lazy.iter().map(|&entry| self.range_of(entry)));
         for entry in lazy {
-            let block = self.blocks.block(entry.block as usize);
-            self.lock_block(block).clean(usize::from(entry.pages) + 1);
+            let index = usize::from(entry.block);
+            let mut block = self.lock_block(self.blocks.block(index));
+            block.clean(usize::from(entry.first), usize::from(entry.pages) + 1);
+            self.blocks.mark(index, &block);
         }
         let count = state.lazy_frame_count;
         let pending = state.lazy_frames;
@@ -690,11 +756,6 @@ where
         }
     }
 
-    /// Flushes every CPU's lazy list (a purge).
-    pub(super) fn flush_cpu_lazy_lists(&self) {
-        self.each_cache(|cache, state| self.flush_lazy(cache, state));
-    }
-
     /// Empties every CPU's cache, other CPUs' too: flushes its lazy list, gives its
     /// frames back to the allocator and hands its block back. Returns whether
     /// anything came back. A cache whose holder this call interrupted is skipped.
@@ -710,12 +771,7 @@ where
                 cache.cached.store(0, Ordering::Relaxed);
             }
             if let Some(index) = state.block.take() {
-                let mut block = self.lock_block(self.blocks.block(index));
-                block.owner = if block.is_empty() {
-                    Owner::Free
-                } else {
-                    Owner::Orphan
-                };
+                self.release_block(index);
             }
         });
         released
@@ -958,25 +1014,18 @@ where
     M: PhysMemory + Copy,
     T: TlbFlush,
 {
-    /// Makes block `index`'s descriptor and leaf table and publishes it, empty and
-    /// orphaned so no other CPU takes it. The manager's lock serialises this; a block
-    /// published meanwhile is refused with [`Error::AlreadyMapped`]. Nothing is kept
-    /// on error.
-    fn activate_block(&mut self, index: usize) -> Result<&'v Block, Error> {
+    /// Makes block `index` (the next one) with its leaf table, owned by `cpu`, and
+    /// publishes it. The manager's lock serialises this; if another CPU made block
+    /// `index` meanwhile, [`Error::AlreadyMapped`]. Nothing is kept on error.
+    fn activate_block(&mut self, index: usize, cpu: usize) -> Result<&'v Block, Error> {
         let vm = self.vm;
         let slot = &vm.blocks.blocks[index];
-        if !slot.load(Ordering::Acquire).is_null() {
+        if vm.blocks.activated.load(Ordering::Acquire) != index {
             return Err(Error::AlreadyMapped);
         }
         let base = vm.blocks.zone + index as u64 * BLOCK_BYTES;
         let descriptor = Block {
-            state: spin::Mutex::new(BlockState {
-                owner: Owner::Orphan,
-                next: 0,
-                live: 0,
-                dirty: 0,
-                len: [0; BLOCK_PAGES],
-            }),
+            state: spin::Mutex::new(BlockState::new(cpu)),
             base,
             table: core::ptr::null_mut(),
             frame: NO_FRAME,
@@ -993,6 +1042,7 @@ where
                 // SAFETY: placed above and not yet published.
                 unsafe { (*block).table = table };
                 slot.store(block, Ordering::Release);
+                vm.blocks.activated.store(index + 1, Ordering::Release);
                 // SAFETY: published descriptors stay valid until the manager is dropped.
                 Ok(unsafe { &*block })
             }
