@@ -38,8 +38,8 @@ where
             page_table_frames: inner.page_table_frames,
             bookkeeping_frames: inner.pool.frames_held() as u64 + blocks.bookkeeping_frames,
             bookkeeping_free_slots: inner.pool.free_slots() as u64,
-            pending_purge_pages: inner.purge.pages,
-            pending_purge_frames: inner.purge.frames,
+            pending_purge_pages: inner.purge.pages + blocks.pending_frames,
+            pending_purge_frames: inner.purge.frames + blocks.pending_frames,
             purges: inner.purges,
             deferred_refused: inner.deferred_refused,
             block_zone_bytes: blocks.zone_bytes,
@@ -80,14 +80,26 @@ where
     }
 
     /// Copies up to `out.len()` live areas starting at or after `from`; returns how
-    /// many, and where the next batch starts (`None` after the last area).
+    /// many, and where the next batch starts (`None` after the last area). The
+    /// per-CPU blocks' zone is listed as one area, followed by the areas in it.
     fn copy_areas(&self, from: u64, out: &mut [AreaInfo]) -> (usize, Option<u64>) {
+        let zone = self.blocks.zone();
         let mut cx = self.lock();
         let areas = &cx.inner().areas;
         let mut next = Some(from);
         let mut count = 0;
         while count < out.len() {
-            let Some(area) = next.and_then(|addr| areas.first_from(addr)) else {
+            let Some(at) = next else {
+                return (count, None);
+            };
+            if self.blocks.contains(at) && at > zone {
+                // Inside the zone: the areas of its blocks, then what follows it.
+                let (copied, rest) = self.copy_block_areas(at, &mut out[count..]);
+                count += copied;
+                next = rest.or(Some(zone + self.blocks.zone_bytes()));
+                continue;
+            }
+            let Some(area) = areas.first_from(at) else {
                 return (count, None);
             };
             next = area.start.as_u64().checked_add(1);
@@ -200,7 +212,8 @@ pub struct VmallocStats {
     /// Free frames the per-CPU caches hold.
     pub cached_frames: u64,
     /// Frames of areas freed from per-CPU blocks, waiting for their CPU's batched
-    /// flush before they can be reused.
+    /// flush before they can be reused; included in `pending_purge_frames` (and,
+    /// one page each, in `pending_purge_pages`).
     pub cached_pending_frames: u64,
 }
 

@@ -185,7 +185,7 @@ where
             return self.vmalloc_huge_area(record, pages, zero);
         }
         if Self::fits_a_block(options)
-            && let Some(ptr) = self.alloc_in_block(pages, flags, zero)
+            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, record.caller)
         {
             return Ok(ptr);
         }

@@ -57,6 +57,7 @@ use crate::paging::RangeFlush;
 use crate::smp::MAX_CPUS;
 use crate::tlb::flush_batch;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::panic::Location;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use x86_64::structures::paging::{Page, PageTable, PageTableFlags, PhysFrame};
@@ -104,6 +105,9 @@ struct BlockState {
     /// At a live area's first page, its pages (guard excluded), with [`ZEROED`] set
     /// for a `vzalloc` area; 0 elsewhere.
     len: [u8; BLOCK_PAGES],
+    /// Where the live area starting at page `2 * i` or `2 * i + 1` was made (an area
+    /// and its guard take two pages at least, so no two start in one pair).
+    callers: [Option<&'static Location<'static>>; BLOCK_PAGES / 2],
 }
 
 /// Marks a zeroed area in [`BlockState::len`].
@@ -120,6 +124,7 @@ impl BlockState {
             live: 0,
             dirty: 0,
             len: [0; BLOCK_PAGES],
+            callers: [None; BLOCK_PAGES / 2],
         }
     }
 
@@ -391,6 +396,8 @@ pub(super) struct BlockArea {
     pub pages: u64,
     /// The leaf flags of its first page.
     pub flags: PageTableFlags,
+    /// Where it was made.
+    pub caller: Option<&'static Location<'static>>,
 }
 
 impl BlockArea {
@@ -407,7 +414,7 @@ impl BlockArea {
             phys: None,
             lead: 0,
             tag: "",
-            caller: None,
+            caller: self.caller,
         }
     }
 }
@@ -436,6 +443,7 @@ where
         pages: u64,
         flags: PageTableFlags,
         zero: bool,
+        caller: &'static Location<'static>,
     ) -> Option<NonNull<u8>> {
         let blocks = &self.blocks;
         if blocks.count == 0 || pages > MAX_BLOCK_PAGES {
@@ -462,7 +470,8 @@ where
                 unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
             }
         }
-        let Some(start) = self.carve(cpu, cache, &mut state, (n, zero), flags, frames) else {
+        let Some(start) = self.carve(cpu, cache, &mut state, (n, zero, caller), flags, frames)
+        else {
             self.cache_frames(&mut state, frames);
             cache.cached.store(state.cached as u64, Ordering::Relaxed);
             return None;
@@ -499,7 +508,7 @@ where
         cpu: usize,
         cache: &CpuCache,
         state: &mut CpuState,
-        (n, zero): (usize, bool),
+        (n, zero, caller): (usize, bool, &'static Location<'static>),
         flags: PageTableFlags,
         frames: &[PhysFrame],
     ) -> Option<u64> {
@@ -522,6 +531,7 @@ where
                     unsafe { entry(block, first + i).write(frame.start_address().as_u64() | bits) };
                 }
                 locked.len[first] = n as u8 | if zero { ZEROED } else { 0 };
+                locked.callers[first / 2] = Some(caller);
                 locked.live += n + 1;
                 return Some(block.base + first as u64 * PAGE_SIZE);
             }
@@ -920,6 +930,33 @@ where
         Ok(())
     }
 
+    /// Copies the live areas of the zone starting in `from`'s page or above into
+    /// `out`, in address order; returns how many, and where to go on if `out` filled up.
+    pub(super) fn copy_block_areas(&self, from: u64, out: &mut [AreaInfo]) -> (usize, Option<u64>) {
+        let mut count = 0;
+        let blocks = &self.blocks;
+        let first = (from.saturating_sub(blocks.zone) / BLOCK_BYTES) as usize;
+        for index in first..blocks.activated.load(Ordering::Acquire).min(blocks.count) {
+            let block = blocks.block(index);
+            let state = self.lock_block(block);
+            for page in 0..BLOCK_PAGES {
+                let start = block.base + page as u64 * PAGE_SIZE;
+                // `from` may be one past the zone's start: its line was listed.
+                if start < from & !(PAGE_SIZE - 1) || state.pages_at(page) == 0 {
+                    continue;
+                }
+                if count == out.len() {
+                    return (count, Some(start));
+                }
+                if let Some((area, _)) = area_in(block, &state, page) {
+                    out[count] = area.info();
+                    count += 1;
+                }
+            }
+        }
+        (count, None)
+    }
+
     /// Unmaps the areas still live in the zone, flushes, and hands their frames to
     /// `reclaim`: the manager's teardown, after the caches were drained.
     pub(super) fn unmap_all_blocks(&self, reclaim: &mut Reclaim<'_, F>) {
@@ -1004,6 +1041,7 @@ fn area_in(block: &Block, state: &BlockState, page: usize) -> Option<(BlockArea,
         start: VirtAddr::new(block.base + first as u64 * PAGE_SIZE),
         pages: pages as u64,
         flags: PageTableFlags::from_bits_truncate(raw & !ADDR_MASK),
+        caller: state.callers[first / 2],
     };
     Some((area, page == first + pages))
 }
