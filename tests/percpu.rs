@@ -170,6 +170,13 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
     );
     assert_eq!(vm.vmalloc_to_frame(start), Err(Error::NotMapped));
     assert_eq!(vm.find_vm_area(start), None);
+    let site = vm
+        .diagnose_fault(start + 16u64, PageFaultErrorCode::empty())
+        .site;
+    assert!(
+        matches!(site, vmalloc::vmalloc::FaultSite::Freed { offset: 16, .. }),
+        "a use after free: {site:?}"
+    );
     let stats = vm.stats();
     assert_eq!((stats.block_areas, stats.data_frames), (0, 0));
     assert_eq!(
@@ -184,6 +191,12 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
         "a purge flushes the CPU's list"
     );
     assert!(machine.read(start, &mut back).is_err(), "unmapped");
+    let site = vm.diagnose_fault(start, PageFaultErrorCode::empty()).site;
+    assert_eq!(
+        site,
+        vmalloc::vmalloc::FaultSite::Unmapped,
+        "flushed and forgotten"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@
 
 use super::area::{AreaInfo, AreaKind, AreaRecord};
 use super::manager::Vmalloc;
+use super::percpu::BlockSite;
 use crate::{FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::fmt;
 use x86_64::VirtAddr;
@@ -104,20 +105,20 @@ where
             return match self.try_block_area(addr.as_u64()) {
                 Err(()) => FaultSite::Busy,
                 Ok(None) => FaultSite::Unmapped,
-                Ok(Some((area, guard))) => {
+                Ok(Some((area, site))) => {
                     let info = area.info();
                     let offset = addr - area.start;
-                    if guard {
-                        FaultSite::Guard {
+                    match site {
+                        BlockSite::Freed => FaultSite::Freed { area: info, offset },
+                        BlockSite::Guard => FaultSite::Guard {
                             area: info,
                             past_end: offset - info.size,
-                        }
-                    } else {
-                        FaultSite::Area {
+                        },
+                        BlockSite::Live => FaultSite::Area {
                             area: info,
                             offset,
                             broke_protection: refuses(area.flags, code),
-                        }
+                        },
                     }
                 }
             };

@@ -112,6 +112,9 @@ struct BlockState {
 
 /// Marks a zeroed area in [`BlockState::len`].
 const ZEROED: u8 = 0x80;
+/// Marks a freed area waiting for its flush in [`BlockState::len`] (for fault
+/// diagnosis: a use after free).
+const FREED: u8 = 0x40;
 
 impl BlockState {
     /// A block owned by `cpu`, every page free.
@@ -172,7 +175,21 @@ impl BlockState {
 
     /// Pages of the live area starting at page `first`; 0 if none does.
     fn pages_at(&self, first: usize) -> usize {
+        if self.len[first] & FREED != 0 {
+            return 0;
+        }
         usize::from(self.len[first] & !ZEROED)
+    }
+
+    /// The freed area, still waiting for its flush, whose span holds page `page`:
+    /// its first page and pages.
+    fn freed_over(&self, page: usize) -> Option<(usize, usize)> {
+        let lowest = page.saturating_sub(MAX_BLOCK_PAGES as usize);
+        (lowest..=page).rev().find_map(|first| {
+            let pages = usize::from(self.len[first] & !FREED);
+            let freed = self.len[first] & FREED != 0;
+            (freed && page <= first + pages).then_some((first, pages))
+        })
     }
 
     /// The live area whose span (guard included) holds page `page`: its first page
@@ -201,6 +218,8 @@ impl BlockState {
 
     /// Marks the `span` freed pages from `first` as flushed: free again.
     fn clean(&mut self, first: usize, span: usize) {
+        self.len[first] = 0;
+        self.callers[first / 2] = None;
         self.dirty -= span;
         self.set_free(first, span, true);
     }
@@ -387,6 +406,17 @@ pub(super) struct BlockCounters {
     pub cached_frames: u64,
     pub pending_frames: u64,
     pub bookkeeping_frames: u64,
+}
+
+/// Where in an area of a block a faulting address is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BlockSite {
+    /// A page of the live area.
+    Live,
+    /// Its guard page.
+    Guard,
+    /// The area was freed and waits for its flush: a use after free.
+    Freed,
 }
 
 /// A live area in a block, as lookups see it.
@@ -676,7 +706,7 @@ where
                 let raw = unsafe { entry(block, page + i).replace(0) };
                 *frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
             }
-            state.len[page] = 0;
+            state.len[page] = pages as u8 | FREED;
             state.live -= pages + 1;
             state.dirty += pages + 1;
             (page, pages)
@@ -820,15 +850,32 @@ where
         Some(area_in(block, &state, page))?
     }
 
-    /// As [`block_area`](Self::block_area) without waiting: `Err` if the block's lock
-    /// is held (a fault handler must not wait for it).
-    pub(super) fn try_block_area(&self, addr: u64) -> Result<Option<(BlockArea, bool)>, ()> {
+    /// As [`block_area`](Self::block_area) without waiting, and finding freed areas
+    /// that wait for their flush too: `Err` if the block's lock is held (a fault
+    /// handler must not wait for it).
+    pub(super) fn try_block_area(&self, addr: u64) -> Result<Option<(BlockArea, BlockSite)>, ()> {
         let Some((_, block)) = self.blocks.block_at(addr) else {
             return Ok(None);
         };
         let page = ((addr - block.base) / PAGE_SIZE) as usize;
         let state = block.state.try_lock().ok_or(())?;
-        Ok(area_in(block, &state, page))
+        if let Some((area, guard)) = area_in(block, &state, page) {
+            let site = if guard {
+                BlockSite::Guard
+            } else {
+                BlockSite::Live
+            };
+            return Ok(Some((area, site)));
+        }
+        Ok(state.freed_over(page).map(|(first, pages)| {
+            let area = BlockArea {
+                start: VirtAddr::new(block.base + first as u64 * PAGE_SIZE),
+                pages: pages as u64,
+                flags: PageTableFlags::empty(),
+                caller: state.callers[first / 2],
+            };
+            (area, BlockSite::Freed)
+        }))
     }
 
     /// The frame behind `addr`, a page of a live area in the zone.
