@@ -176,13 +176,22 @@ pub fn smp_stale_translation_faults(ctx: &mut Ctx) -> Outcome {
 
 /// The negative control: the same steps through a manager whose flush reaches only
 /// the calling CPU. CPU 1 keeps its stale translation and reads the new owner's data,
-/// so the check above can fail. Its own region, one top-level slot above the main
-/// manager's, so it shares no page table with it.
+/// so the check above can fail. Its own region, top-level slots above the main
+/// manager's, so it shares no page table with it. Run without and with the per-CPU
+/// caches, whose blocks free and reuse areas on their own path.
 pub fn smp_local_only_flush_is_caught(ctx: &mut Ctx) -> Outcome {
-    const START: u64 = 0xffff_f000_0000_0000;
+    local_only_flush_is_caught(ctx, false)?;
+    local_only_flush_is_caught(ctx, true)
+}
+
+fn local_only_flush_is_caught(ctx: &mut Ctx, cpu_caches: bool) -> Outcome {
+    // A slot of its own for each run: CPU 1 keeps stale translations (and cached
+    // upper-level entries) of the one before.
+    let start = 0xffff_f000_0000_0000 + if cpu_caches { 1 << 39 } else { 0 };
     let config = VmallocConfig {
-        start: VirtAddr::new(START),
+        start: VirtAddr::new(start),
         size: 1 << 39,
+        cpu_caches,
         ..VmallocConfig::default()
     };
     let free_before = mm::frames().stats().free;
