@@ -13,6 +13,7 @@ use super::slab::NodePool;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::panic::Location;
 use core::ptr::NonNull;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::MappedFrame;
@@ -179,15 +180,15 @@ where
         let pages = self.pages_for(size as u64)?;
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
-        let record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
         let zero = options.flags.contains(VmFlags::ZERO);
-        if huge::wants_huge(size as u64, options) {
-            return self.vmalloc_huge_area(record, pages, zero);
-        }
         if Self::fits_a_block(options)
-            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, record.caller)
+            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, Location::caller())
         {
             return Ok(ptr);
+        }
+        let record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
+        if huge::wants_huge(size as u64, options) {
+            return self.vmalloc_huge_area(record, pages, zero);
         }
         self.transact(|cx| {
             let start = cx.create_area(record, align)?;

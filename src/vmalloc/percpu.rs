@@ -55,11 +55,11 @@ use super::options::{Prot, VmFlags, VmOptions};
 use super::reclaim::{CountingFrames, Reclaim};
 use crate::paging::RangeFlush;
 use crate::smp::MAX_CPUS;
-use crate::tlb::flush_batch;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTable, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -239,7 +239,7 @@ pub(super) struct Block {
 /// A freed area waiting for its CPU's batched flush.
 #[derive(Debug, Clone, Copy)]
 struct Lazy {
-    block: u8,
+    block: u16,
     first: u16,
     pages: u8,
 }
@@ -345,6 +345,7 @@ impl Blocks {
         unsafe { block.as_ref() }.map(|block| (index, block))
     }
 
+    #[inline]
     fn block(&self, index: usize) -> &Block {
         let block = self.blocks[index].load(Ordering::Acquire);
         // SAFETY: as in `block_at`; callers pass indices of published blocks.
@@ -712,7 +713,7 @@ where
             (page, pages)
         };
         let lazy = Lazy {
-            block: index as u8,
+            block: index as u16,
             first: page as u16,
             pages: pages as u8,
         };
@@ -736,7 +737,7 @@ where
                 add(&cache.live_pages, -(pages as i64 + 1));
             }
             None => {
-                self.range_of(lazy).flush(&self.tlb);
+                self.tlb.flush_range(self.range_of(lazy));
                 let mut state = self.lock_block(block);
                 state.clean(page, pages + 1);
                 self.blocks.mark(index, &state);
@@ -753,11 +754,13 @@ where
         Ok(())
     }
 
-    /// The mapped pages of a freed area, as a flush token.
-    fn range_of(&self, lazy: Lazy) -> RangeFlush {
-        let start = self.blocks.block(lazy.block as usize).base + u64::from(lazy.first) * PAGE_SIZE;
+    /// The mapped pages of a freed area.
+    fn range_of(&self, lazy: Lazy) -> PageRange {
+        let start = self.blocks.zone
+            + u64::from(lazy.block) * BLOCK_BYTES
+            + u64::from(lazy.first) * PAGE_SIZE;
         let first = Page::containing_address(VirtAddr::new(start));
-        RangeFlush::from_range(Page::range(first, first + u64::from(lazy.pages)))
+        Page::range(first, first + u64::from(lazy.pages))
     }
 
     /// One batched flush for the CPU's lazy list; then its frames join the cache (the
@@ -767,12 +770,34 @@ where
             return;
         }
         let lazy = &state.lazy[..state.lazy_len];
-        flush_batch(&self.tlb, lazy.iter().map(|&entry| self.range_of(entry)));
+        // One range over them all, as Linux's purge flushes: past the ceiling, which
+        // a full list of small areas usually is, that is one full flush.
+        let start = |entry: &Lazy| self.range_of(*entry).start.start_address();
+        let end = |entry: &Lazy| self.range_of(*entry).end.start_address();
+        let first = lazy.iter().map(start).min();
+        let last = lazy.iter().map(end).max();
+        if let (Some(first), Some(last)) = (first, last) {
+            let pages = Page::range(Page::containing_address(first), Page::containing_address(last));
+            RangeFlush::from_range(pages).flush(&self.tlb);
+        }
+        // Then their pages are clean; one lock per run of entries in one block.
+        let mut held: Option<(usize, spin::MutexGuard<'_, BlockState>)> = None;
         for entry in lazy {
             let index = usize::from(entry.block);
-            let mut block = self.lock_block(self.blocks.block(index));
+            let block = match &mut held {
+                Some((at, block)) if *at == index => block,
+                _ => {
+                    if let Some((at, block)) = held.take() {
+                        self.blocks.mark(at, &block);
+                    }
+                    let block = self.lock_block(self.blocks.block(index));
+                    &mut held.insert((index, block)).1
+                }
+            };
             block.clean(usize::from(entry.first), usize::from(entry.pages) + 1);
-            self.blocks.mark(index, &block);
+        }
+        if let Some((at, block)) = held {
+            self.blocks.mark(at, &block);
         }
         let count = state.lazy_frame_count;
         let pending = state.lazy_frames;
@@ -1074,6 +1099,7 @@ where
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Entry `page` of `block`'s leaf table.
+#[inline]
 fn entry(block: &Block, page: usize) -> *mut u64 {
     debug_assert!(page < BLOCK_PAGES);
     block.table.cast::<u64>().wrapping_add(page)
@@ -1141,6 +1167,7 @@ where
 }
 
 /// Adds `delta` to a counter only its cache's lock holder writes.
+#[inline]
 fn add(counter: &AtomicI64, delta: i64) {
     counter.store(counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
 }
