@@ -76,9 +76,11 @@ pub(super) const CACHED_FRAMES: usize = 64;
 /// Frames a CPU takes from the allocator at once.
 pub(super) const REFILL: usize = 32;
 /// Freed areas a CPU collects before one batched flush.
-const LAZY_RANGES: usize = 32;
-/// Freed frames a CPU collects before one batched flush.
-const LAZY_FRAMES: usize = 32;
+const LAZY_RANGES: usize = 64;
+/// Freed frames (1 MiB) a CPU collects before one batched flush: on a machine with
+/// several CPUs each flush is a shootdown, so 16-page areas should not pay one
+/// every other free.
+const LAZY_FRAMES: usize = 256;
 
 const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
 
@@ -777,7 +779,10 @@ where
         let first = lazy.iter().map(start).min();
         let last = lazy.iter().map(end).max();
         if let (Some(first), Some(last)) = (first, last) {
-            let pages = Page::range(Page::containing_address(first), Page::containing_address(last));
+            let pages = Page::range(
+                Page::containing_address(first),
+                Page::containing_address(last),
+            );
             RangeFlush::from_range(pages).flush(&self.tlb);
         }
         // Then their pages are clean; one lock per run of entries in one block.
