@@ -6,23 +6,24 @@
 //! Linux's vmap blocks (`vm_map_ram`) and per-CPU frame caches:
 //!
 //! - **The zone.** [`Vmalloc::new`](super::Vmalloc::new) reserves one range of the
-//!   region, at most 1/64 of it and at most [`MAX_BLOCKS`] blocks of 2 MiB, listed as
-//!   one reserved area labelled `vmap_blocks`. Each block is one leaf page table's worth: the block
-//!   makes its table when first used and keeps it until the manager is dropped, so
-//!   mapping a page is one entry store, and no purge can free a table under it.
-//! - **Carving.** A CPU owns one block at a time and carves areas from it with a bump
-//!   pointer: `pages + 1` pages each, the last one the unmapped guard. A block whose
-//!   end is reached starts again from 0 once it is empty (every area freed and
-//!   flushed); otherwise its CPU hands it over as an orphan and takes an empty one.
-//!   An orphan becomes empty, and free for any CPU, when its last area is flushed.
+//!   region, at most 1/64 of it and at most [`MAX_BLOCKS`] blocks of 2 MiB, listed
+//!   as one reserved area labelled `vmap_blocks`. Each block is one leaf page
+//!   table's worth: the block makes its table when first used and keeps it until the
+//!   manager is dropped, so mapping a page is one entry store, and no purge can free
+//!   a table under it.
+//! - **Carving.** A CPU owns one block at a time and carves areas from its bitmap of
+//!   free pages, first fit from where it last carved: `pages + 1` pages each, the
+//!   last one the unmapped guard. When its block has no room it flushes its own lazy
+//!   list (which may free some) or hands the block back and takes another: one nobody
+//!   owns with at least a quarter free (a bitmask finds them), else a new one.
 //! - **Frames.** A CPU keeps up to [`CACHED_FRAMES`] free frames, taken from the
 //!   frame allocator [`REFILL`] at a time.
 //! - **Frees.** `vfree` from any CPU clears the area's entries under its block's lock
 //!   and puts the range and its frames on the *freeing* CPU's lazy list. When that
-//!   list is full, one batched flush covers it; then the frames join the CPU's cache
-//!   and the pages count as clean in their blocks. Until then neither the frames nor
-//!   the range can be handed out again: a block only rewinds when nothing in it
-//!   waits for a flush.
+//!   list is full, one flush over the span of its areas covers it (Linux's purge
+//!   flushes one range too); then the frames join the CPU's cache and the pages are
+//!   free again in their blocks. Until then neither the frames nor the range can be
+//!   handed out again.
 //!
 //! # Locks
 //!
@@ -42,11 +43,17 @@
 //! # What callers see
 //!
 //! Areas in blocks behave as other `vmalloc` areas for `vfree`, `vfree_atomic`,
-//! `vrealloc`, `set_prot`, `vmalloc_to_frame`, `find_vm_area` and fault diagnosis,
-//! but carry no caller location, and listings show the zone as one line, as Linux's
-//! `/proc/vmallocinfo` shows each vmap block as one `vm_map_ram` line.
+//! `vrealloc` (which copies them), `set_prot`, `vmalloc_to_frame`, `find_vm_area`,
+//! fault diagnosis (a freed one waiting for its flush is a use after free) and
+//! listings, which show the zone as one line followed by the areas in it.
 //! [`VmallocStats`](super::VmallocStats) counts them in `block_areas` and
-//! `data_frames`, and says what the caches hold.
+//! `data_frames`, their frees waiting for a flush in `pending_purge_*`, and says what
+//! the caches hold. Other calls on them (`vunmap`, `iounmap`, `populate`) refuse
+//! them with [`Error::WrongKind`].
+//!
+//! A kernel that calls the manager from interrupt handlers uses `vfree_atomic`
+//! there, as without the caches: a handler that interrupted a CPU holding a block's
+//! lock would wait for it forever.
 
 use super::area::{AreaInfo, AreaKind};
 use super::locked::Locked;
@@ -71,16 +78,18 @@ pub(super) const BLOCK_BYTES: u64 = BLOCK_PAGES as u64 * PAGE_SIZE;
 pub const MAX_BLOCK_PAGES: u64 = 16;
 /// Most blocks a zone holds (1 GiB).
 pub(super) const MAX_BLOCKS: usize = 512;
-/// Free frames a CPU keeps at most.
-pub(super) const CACHED_FRAMES: usize = 64;
+/// Free frames a CPU keeps at most: as many as its lazy list holds, so the frames
+/// of a flushed list fit back in the cache and a steady stream of areas costs the
+/// frame allocator nothing.
+pub(super) const CACHED_FRAMES: usize = 128;
 /// Frames a CPU takes from the allocator at once.
 pub(super) const REFILL: usize = 32;
 /// Freed areas a CPU collects before one batched flush.
 const LAZY_RANGES: usize = 64;
-/// Freed frames (1 MiB) a CPU collects before one batched flush: on a machine with
-/// several CPUs each flush is a shootdown, so 16-page areas should not pay one
+/// Freed frames (512 KiB) a CPU collects before one batched flush: on a machine
+/// with several CPUs each flush is a shootdown, so 16-page areas should not pay one
 /// every other free.
-const LAZY_FRAMES: usize = 256;
+const LAZY_FRAMES: usize = CACHED_FRAMES;
 
 const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
 
@@ -827,8 +836,11 @@ where
     }
 
     /// Empties every CPU's cache, other CPUs' too: flushes its lazy list, gives its
-    /// frames back to the allocator and hands its block back. Returns whether
-    /// anything came back. A cache whose holder this call interrupted is skipped.
+    /// frames back to the allocator and hands its block back (see [per-CPU
+    /// blocks](super::percpu)). Returns whether anything came back. The calling
+    /// CPU's cache is skipped if its lock is held: by the code this call interrupted,
+    /// or, when the flush policy names no CPUs and all share one cache, by another
+    /// CPU.
     pub fn drain_cpu_caches(&self) -> bool {
         let mut released = false;
         self.each_cache(|cache, state| {

@@ -18,7 +18,9 @@ where
     /// place; grows in place when the virtual pages after it are free; otherwise moves
     /// the existing frames to a new range by remapping them, without copying data.
     /// A zeroed area stays zeroed: new memory is zero, and so is what a shrink drops
-    /// (as Linux's `vrealloc` does), so growing it back shows zeros.
+    /// (as Linux's `vrealloc` does), so growing it back shows zeros. An area in a
+    /// [per-CPU block](super::percpu) is copied to a new area instead (at most 16
+    /// pages).
     ///
     /// # Errors
     ///
