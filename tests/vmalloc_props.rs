@@ -107,6 +107,9 @@ struct World<'m> {
     /// Ranges freed since the last purge: their pages must not translate after it.
     freed: Vec<(u64, u64)>,
     held_for_vmap: u64,
+    /// The label areas get: none with the per-CPU caches on, so small ones come
+    /// from blocks.
+    tag: &'static str,
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -164,7 +167,7 @@ impl World<'_> {
                     align,
                     prot,
                     flags,
-                    tag: "prop",
+                    tag: self.tag,
                 };
                 match self.vm.vmalloc_with(bytes, &options) {
                     Ok(ptr) => {
@@ -417,7 +420,12 @@ impl World<'_> {
     }
 
     fn check_invariants(&self) {
-        let areas: Vec<AreaInfo> = self.vm.areas().collect();
+        // The per-CPU blocks' zone is listed before the areas in it.
+        let areas: Vec<AreaInfo> = self
+            .vm
+            .areas()
+            .filter(|area| area.tag != "vmap_blocks")
+            .collect();
         assert_eq!(areas.len(), self.live.len());
         for pair in areas.windows(2) {
             assert!(
@@ -464,6 +472,7 @@ impl World<'_> {
             + s.data_frames
             + s.page_table_frames
             + s.pending_purge_frames
+            + s.cached_frames
             + s.bookkeeping_frames
             + self.held_for_vmap;
         assert_eq!(
@@ -475,11 +484,16 @@ impl World<'_> {
 }
 
 fn run(ops: Vec<Op>, eager: bool) {
+    run_with(ops, eager, false)
+}
+
+fn run_with(ops: Vec<Op>, eager: bool, cpu_caches: bool) {
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_scatter_seed(2));
     let frames = machine.frames();
     let config = VmallocConfig {
         eager,
         lazy_threshold_pages: 40,
+        cpu_caches,
         ..VmallocConfig::default()
     };
     // SAFETY: the machine's page tables are used by this manager alone.
@@ -492,11 +506,35 @@ fn run(ops: Vec<Op>, eager: bool) {
         live: BTreeMap::new(),
         freed: Vec::new(),
         held_for_vmap: 0,
+        tag: if cpu_caches { "" } else { "prop" },
     };
     for op in ops {
-        world.step(op);
+        world.step(if cpu_caches { small_half(op) } else { op });
     }
     world.step(Op::Purge);
+}
+
+/// With the per-CPU caches on, every other allocation is made one the blocks serve:
+/// up to 16 pages, page-aligned, with a guard page.
+fn small_half(op: Op) -> Op {
+    match op {
+        Op::Alloc {
+            bytes,
+            align_shift,
+            zero,
+            wx,
+            huge: false,
+            ..
+        } if align_shift % 2 == 0 => Op::Alloc {
+            bytes: 1 + bytes % (16 * 4096),
+            align_shift: align_shift % 13,
+            zero,
+            no_guard: false,
+            wx,
+            huge: false,
+        },
+        op => op,
+    }
 }
 
 proptest! {
@@ -510,6 +548,11 @@ proptest! {
     #[test]
     fn eager_manager_matches_the_model(ops in prop::collection::vec(op(), 1..80)) {
         run(ops, true);
+    }
+
+    #[test]
+    fn manager_with_cpu_caches_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
+        run_with(ops, false, true);
     }
 }
 
