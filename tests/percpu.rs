@@ -579,3 +579,48 @@ fn listings_show_the_zone_and_every_small_area_with_its_caller_in_address_order(
     );
     assert!(format!("{}", vm.stats()).contains("BlockAreas:             40"));
 }
+
+/// With only `k` frames free, for every `k` until it succeeds, a small area is made
+/// on a CPU whose cache, block and descriptor do not exist yet. Each failure takes
+/// no frame but those of the per-CPU structures it made, which stay for the
+/// manager's life and are counted as bookkeeping and page tables; nothing else
+/// changes.
+#[test]
+fn running_out_while_making_the_first_small_area_keeps_only_the_per_cpu_structures() {
+    let (machine, frames, tlb) = smp_machine(1);
+    for k in 0.. {
+        let vm = manager(machine, frames, tlb, cached());
+        let before = (vm.stats(), vm.areas().collect::<Vec<_>>());
+        let mut held =
+            vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize - k];
+        assert_eq!(frames.alloc_frames(&mut held), held.len());
+        let result = vm.vmalloc(3 * PAGE);
+        let after = vm.stats();
+        frames.free_frames(&held).unwrap();
+        match result {
+            Err(error) => {
+                assert_eq!(error, Error::OutOfFrames, "{k} frames free");
+                assert_eq!(vm.areas().collect::<Vec<_>>(), before.1, "{k} frames free");
+                let structures = (after.bookkeeping_frames - before.0.bookkeeping_frames)
+                    + (after.page_table_frames - before.0.page_table_frames);
+                assert_eq!(
+                    VmallocStats {
+                        bookkeeping_frames: before.0.bookkeeping_frames,
+                        page_table_frames: before.0.page_table_frames,
+                        bookkeeping_free_slots: before.0.bookkeeping_free_slots,
+                        ..after
+                    },
+                    before.0,
+                    "{k} frames free"
+                );
+                assert!(structures <= k as u64, "{k} frames free");
+                assert_frames_conserved(&after, frames);
+            }
+            Ok(ptr) => {
+                assert!(k > 0);
+                vm.vfree(ptr.as_ptr()).unwrap();
+                break;
+            }
+        }
+    }
+}
