@@ -6,7 +6,7 @@
 //! Linux's vmap blocks (`vm_map_ram`) and per-CPU frame caches:
 //!
 //! - **The zone.** [`Vmalloc::new`](super::Vmalloc::new) reserves one range of the
-//!   region, at most 1/64 of it and at most [`MAX_BLOCKS`] blocks of 2 MiB, listed
+//!   region, at most 1/64 of it and at most `MAX_BLOCKS` (512) blocks of 2 MiB, listed
 //!   as one reserved area labelled `vmap_blocks`. Each block is one leaf page
 //!   table's worth: the block makes its table when first used and keeps it until the
 //!   manager is dropped, so mapping a page is one entry store, and no purge can free
@@ -16,8 +16,8 @@
 //!   last one the unmapped guard. When its block has no room it flushes its own lazy
 //!   list (which may free some) or hands the block back and takes another: one nobody
 //!   owns with at least a quarter free (a bitmask finds them), else a new one.
-//! - **Frames.** A CPU keeps up to [`CACHED_FRAMES`] free frames, taken from the
-//!   frame allocator [`REFILL`] at a time.
+//! - **Frames.** A CPU keeps up to `CACHED_FRAMES` (128) free frames, taken from the
+//!   frame allocator `REFILL` (32) at a time.
 //! - **Frees.** `vfree` from any CPU clears the area's entries under its block's lock
 //!   and puts the range and its frames on the *freeing* CPU's lazy list. When that
 //!   list is full, one flush over the span of its areas covers it (Linux's purge
