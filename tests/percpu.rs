@@ -10,7 +10,7 @@ use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::percpu::MAX_BLOCK_PAGES;
 use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
-use vmalloc_sim::{Access, Rng, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::{Access, Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
@@ -73,32 +73,6 @@ fn assert_frames_conserved(stats: &VmallocStats, frames: &SimFrames) {
         + stats.cached_frames
         + stats.bookkeeping_frames;
     assert_eq!(accounted, frames.stats().total, "{stats:?}");
-}
-
-/// Takes its CPU offline when dropped (also on a panic), so shootdowns stop
-/// waiting for it.
-struct OfflineWhenDone(SimCpu<'static>);
-
-impl Drop for OfflineWhenDone {
-    fn drop(&mut self) {
-        self.0.go_offline();
-    }
-}
-
-/// Runs `work(cpu)` on one thread per CPU, then brings CPU 0 back for the caller.
-fn on_every_cpu(machine: &'static SimMachine, work: impl Fn(SimCpu<'static>) + Sync) {
-    thread::scope(|scope| {
-        for index in 0..machine.cpu_count() {
-            let work = &work;
-            scope.spawn(move || {
-                let cpu = machine.cpu(index);
-                cpu.enter();
-                let _offline = OfflineWhenDone(cpu);
-                work(cpu);
-            });
-        }
-    });
-    machine.cpu(0).go_online();
 }
 
 #[test]
@@ -316,7 +290,7 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         let (cached, reused) = (&cached, &reused);
         let reader = scope.spawn(move || {
             cpu1.enter();
-            let _offline = OfflineWhenDone(cpu1);
+            let _offline = cpu1.offline_when_dropped();
             let mut first = [0; 8];
             cpu1.read(old, &mut first).unwrap();
             cached.wait();
@@ -381,7 +355,7 @@ fn running_out_empties_every_cpus_cache_before_failing() {
     let (machine, frames, tlb) = smp_machine(4);
     let vm = manager(machine, frames, tlb, cached());
     // Each CPU leaves frames in its cache and freed areas on its lazy list.
-    on_every_cpu(machine, |_| {
+    machine.on_every_cpu(|_| {
         let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
         areas.iter().for_each(|ptr| vm.vfree(ptr.as_ptr()).unwrap());
     });
@@ -431,7 +405,7 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
     let start = frames.stats().free;
     let vm = manager(machine, frames, tlb, cached());
     let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
-    on_every_cpu(machine, |cpu| {
+    machine.on_every_cpu(|cpu| {
         let mut rng = Rng::new(cpu.index() as u64 + 11);
         for round in 0..400usize {
             let tag = (cpu.index() * 64 + round % 64) as u8;

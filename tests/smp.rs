@@ -10,7 +10,7 @@ use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
-use vmalloc_sim::{Rng, SimConfig, SimCpu, SimFrames, SimMachine};
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{Page, PhysFrame};
 
@@ -47,34 +47,6 @@ fn addr(ptr: std::ptr::NonNull<u8>) -> VirtAddr {
     VirtAddr::from_ptr(ptr.as_ptr())
 }
 
-/// Takes its CPU offline when dropped, also when the CPU's work panics, so a failed
-/// check fails the test instead of leaving the other CPUs waiting for it forever.
-struct OfflineWhenDone(SimCpu<'static>);
-
-impl Drop for OfflineWhenDone {
-    fn drop(&mut self) {
-        self.0.go_offline();
-    }
-}
-
-/// Runs `work(cpu)` on one thread per CPU; each thread takes its CPU offline when done
-/// (flushing its TLB), so shootdowns stop waiting for it. Afterwards only CPU 0 is
-/// online, run by the calling thread.
-fn on_every_cpu(machine: &'static SimMachine, work: impl Fn(SimCpu<'static>) + Sync) {
-    thread::scope(|scope| {
-        for index in 0..machine.cpu_count() {
-            let work = &work;
-            scope.spawn(move || {
-                let cpu = machine.cpu(index);
-                cpu.enter();
-                let _offline = OfflineWhenDone(cpu);
-                work(cpu);
-            });
-        }
-    });
-    machine.cpu(0).go_online();
-}
-
 #[test]
 fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
     let (machine, frames, tlb) = smp_machine(4, true);
@@ -88,7 +60,7 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
         },
     );
     let start = frames.stats().free + vm.stats().bookkeeping_frames;
-    on_every_cpu(machine, |cpu| {
+    machine.on_every_cpu(|cpu| {
         let mut rng = Rng::new(cpu.index() as u64 + 1);
         let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
         let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, [u8; 16])> = Vec::new();
@@ -287,7 +259,7 @@ fn crossing_shootdowns_with_interrupts_disabled_do_not_deadlock() {
     let tlb: &'static _ = Box::leak(Box::new(Shootdown::new(machine, InterruptsOff(machine))));
     let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
     let rounds = 2000;
-    on_every_cpu(machine, |_| {
+    machine.on_every_cpu(|_| {
         for i in 0..rounds {
             if i % 2 == 0 {
                 tlb.flush_page(page);
@@ -319,7 +291,7 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
         },
     );
     let managers = [&low, &high];
-    on_every_cpu(machine, |cpu| {
+    machine.on_every_cpu(|cpu| {
         let vm = managers[cpu.index()];
         for _ in 0..300 {
             let ptr = vm.vmalloc(3 * 4096).unwrap();

@@ -206,6 +206,38 @@ unsafe impl KernelCpus for SimMachine {
     }
 }
 
+impl SimMachine {
+    /// Runs `work(cpu)` on one host thread per CPU, each entered as its CPU. Each
+    /// thread takes its CPU offline when `work` returns or panics (flushing its TLB),
+    /// so shootdowns stop waiting for it and a failed check fails the test instead
+    /// of leaving the others waiting. Afterwards CPU 0 is back online, for the caller.
+    pub fn on_every_cpu<'m>(&'m self, work: impl Fn(SimCpu<'m>) + Sync) {
+        std::thread::scope(|scope| {
+            for index in 0..self.cpu_count() {
+                let work = &work;
+                scope.spawn(move || {
+                    let cpu = self.cpu(index);
+                    cpu.enter();
+                    let _offline = cpu.offline_when_dropped();
+                    work(cpu);
+                });
+            }
+        });
+        self.cpu(0).go_online();
+    }
+}
+
+/// Takes its CPU offline when dropped, also during a panic; see
+/// [`SimCpu::offline_when_dropped`].
+#[derive(Debug)]
+pub struct OfflineWhenDropped<'m>(SimCpu<'m>);
+
+impl Drop for OfflineWhenDropped<'_> {
+    fn drop(&mut self) {
+        self.0.go_offline();
+    }
+}
+
 /// One CPU of a [`SimMachine`]: its own view of memory through its own TLB.
 #[derive(Debug, Clone, Copy)]
 pub struct SimCpu<'m> {
@@ -282,6 +314,12 @@ impl<'m> SimCpu<'m> {
     /// Whether this CPU is online.
     pub fn is_online(&self) -> bool {
         KernelCpus::online(self.machine).contains(self.index)
+    }
+
+    /// A guard that takes this CPU offline when dropped, also when the thread
+    /// running it panics.
+    pub fn offline_when_dropped(self) -> OfflineWhenDropped<'m> {
+        OfflineWhenDropped(self)
     }
 
     /// Takes the CPU offline, as hot-unplug does: it flushes its own TLB and leaves

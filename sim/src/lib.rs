@@ -124,7 +124,7 @@ mod test;
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod test_host;
 
-pub use cpu::SimCpu;
+pub use cpu::{OfflineWhenDropped, SimCpu};
 pub use frames::SimFrames;
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
