@@ -41,12 +41,12 @@ pub unsafe fn init(
     // SAFETY: forwarded from this function's contract.
     let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
     let frames = FRAMES.call_once(|| LockedFrameAllocator::new(bitmap));
-    // SAFETY: forwarded; `tlb` flushes every CPU that runs on these page tables.
     // Small areas come from per-CPU blocks: the SMP checks run with the caches on.
     let config = VmallocConfig {
         cpu_caches: true,
         ..VmallocConfig::default()
     };
+    // SAFETY: forwarded; `tlb` flushes every CPU that runs on these page tables.
     let manager = unsafe { Manager::new(config, pml4, phys, frames, tlb)? };
     let manager = VMALLOC.call_once(|| manager);
     HEAP.init(manager)?;
