@@ -99,7 +99,7 @@ pub const CREATED: PageTableFlags = PageTableFlags::BIT_10;
 /// Start of the upper canonical half.
 const UPPER_HALF: u64 = 0xffff_8000_0000_0000;
 /// Bits of an entry that hold a physical address.
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub(crate) const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// One address space's page tables, changed a range at a time.
 #[derive(Debug)]

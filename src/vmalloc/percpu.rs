@@ -60,7 +60,7 @@ use super::locked::Locked;
 use super::manager::Vmalloc;
 use super::options::{Prot, VmFlags, VmOptions};
 use super::reclaim::{CountingFrames, Reclaim};
-use crate::paging::RangeFlush;
+use crate::paging::{ADDR_MASK, RangeFlush};
 use crate::smp::MAX_CPUS;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
@@ -372,6 +372,12 @@ impl Blocks {
         } else if !state.worth_taking() && marked {
             word.fetch_and(!bit, Ordering::Relaxed);
         }
+    }
+
+    /// Every block made so far, in address order.
+    fn published(&self) -> impl Iterator<Item = &Block> {
+        let made = self.activated.load(Ordering::Acquire).min(self.count);
+        (0..made).map(|index| self.block(index))
     }
 
     fn cache(&self, cpu: usize) -> Option<&CpuCache> {
@@ -1025,8 +1031,7 @@ where
         let mut count = 0;
         let blocks = &self.blocks;
         let first = (from.saturating_sub(blocks.zone) / BLOCK_BYTES) as usize;
-        for index in first..blocks.activated.load(Ordering::Acquire).min(blocks.count) {
-            let block = blocks.block(index);
+        for block in blocks.published().skip(first) {
             let state = self.lock_block(block);
             for page in 0..BLOCK_PAGES {
                 let start = block.base + page as u64 * PAGE_SIZE;
@@ -1068,24 +1073,15 @@ where
                 raw & ADDR_MASK,
             )));
         });
-        for block in (0..self.blocks.count).filter_map(|i| {
-            self.blocks
-                .block_at(self.blocks.zone + i as u64 * BLOCK_BYTES)
-        }) {
-            self.lock_block(block.1).len = [0; BLOCK_PAGES];
+        for block in self.blocks.published() {
+            self.lock_block(block).len = [0; BLOCK_PAGES];
         }
     }
 
     /// Runs `op` on the entry of every page of every live area in the zone, each
     /// block under its lock.
     fn each_live_page(&self, mut op: impl FnMut(*mut u64)) {
-        for index in 0..self.blocks.count {
-            let Some((_, block)) = self
-                .blocks
-                .block_at(self.blocks.zone + index as u64 * BLOCK_BYTES)
-            else {
-                continue;
-            };
+        for block in self.blocks.published() {
             let state = self.lock_block(block);
             for first in 0..BLOCK_PAGES {
                 (first..first + state.pages_at(first)).for_each(|page| op(entry(block, page)));
@@ -1111,9 +1107,6 @@ where
         }
     }
 }
-
-/// Bits of an entry that hold a physical address.
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Entry `page` of `block`'s leaf table.
 #[inline]
