@@ -3,19 +3,18 @@
 //! frame back, and running out empties every CPU's cache before failing.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Barrier, Mutex};
-use std::thread;
-use vmalloc::smp::Shootdown;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use vmalloc::vmalloc::percpu::MAX_BLOCK_PAGES;
 use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
+use vmalloc_sim::scenarios::{self, manager_with as manager};
 use vmalloc_sim::{Access, Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
-type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+type Tlb = scenarios::SmpTlb;
 type Manager<T> = Vmalloc<&'static SimFrames, SimPhys<'static>, T>;
 
 const PAGE: usize = 4096;
@@ -27,27 +26,13 @@ fn cached() -> VmallocConfig {
     }
 }
 
-/// A machine with `cpus` CPUs, its frames and a shootdown over it, all leaked (the
-/// IPI handler is `'static`).
+/// A machine with `cpus` CPUs, its frames and a shootdown over it.
 fn smp_machine(cpus: usize) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
-    let config = SimConfig::new(64 << 20)
-        .with_cpus(cpus)
-        .with_scatter_seed(9);
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
-    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
-    machine.set_ipi_handler(move || tlb.handle_ipi());
-    (machine, frames, tlb)
-}
-
-fn manager<T: TlbFlush>(
-    machine: &'static SimMachine,
-    frames: &'static SimFrames,
-    tlb: T,
-    config: VmallocConfig,
-) -> Manager<T> {
-    // SAFETY: the machine's root table serves this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+    scenarios::smp_machine(
+        SimConfig::new(64 << 20)
+            .with_cpus(cpus)
+            .with_scatter_seed(9),
+    )
 }
 
 fn addr(ptr: NonNull<u8>) -> VirtAddr {
@@ -283,33 +268,7 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     let vm = manager(machine, frames, tlb, cached());
     let old = addr(vm.vmalloc(PAGE).unwrap());
     machine.write(old, b"OLD-DATA").unwrap();
-    let cached = Barrier::new(2);
-    let reused = AtomicBool::new(false);
-    thread::scope(|scope| {
-        let cpu1 = machine.cpu(1);
-        let (cached, reused) = (&cached, &reused);
-        let reader = scope.spawn(move || {
-            cpu1.enter();
-            let _offline = cpu1.offline_when_dropped();
-            let mut first = [0; 8];
-            cpu1.read(old, &mut first).unwrap();
-            cached.wait();
-            while !reused.load(Ordering::Acquire) {
-                cpu1.poll();
-                std::hint::spin_loop();
-            }
-            let mut again = [0; 8];
-            cpu1.read(old, &mut again).ok().map(|()| again)
-        });
-        cached.wait();
-        // Lets the reader go even if a check below fails.
-        struct Release<'a>(&'a AtomicBool);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Release);
-            }
-        }
-        let release = Release(reused);
+    let (seen, new) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
         vm.vfree(old.as_mut_ptr()).unwrap();
         // Small areas come and go until one gets the frame back.
@@ -325,11 +284,10 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
             })
             .expect("the frame comes back");
         machine.write(addr(new), b"NEWDATA!").unwrap();
-        drop(release);
-        let seen = reader.join().unwrap();
-        vm.vfree(new.as_ptr()).unwrap();
-        seen
-    })
+        new
+    });
+    vm.vfree(new.as_ptr()).unwrap();
+    seen
 }
 
 #[test]

@@ -3,21 +3,21 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::NonNull;
-use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
+use vmalloc_sim::scenarios::{self, manager_with as manager};
 use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{Page, PhysFrame};
 
-type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+type Tlb = scenarios::SmpTlb;
 
-/// A machine with `cpus` CPUs, its frames and a shootdown over it, all leaked (the
-/// IPI handler is `'static`); the handler serves the shootdown.
+/// A machine with `cpus` CPUs, its frames and a shootdown over it; `scatter` hands
+/// its frames out in a scattered order.
 fn smp_machine(
     cpus: usize,
     scatter: bool,
@@ -26,21 +26,7 @@ fn smp_machine(
     if scatter {
         config = config.with_scatter_seed(5);
     }
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
-    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
-    machine.set_ipi_handler(move || tlb.handle_ipi());
-    (machine, frames, tlb)
-}
-
-fn manager<T: TlbFlush>(
-    machine: &'static SimMachine,
-    frames: &'static SimFrames,
-    tlb: T,
-    config: VmallocConfig,
-) -> Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, T> {
-    // SAFETY: the machine's root table serves this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+    scenarios::smp_machine(config)
 }
 
 fn addr(ptr: std::ptr::NonNull<u8>) -> VirtAddr {
@@ -167,26 +153,7 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
 ) -> Option<[u8; 8]> {
     let vm = manager(machine, frames, tlb, VmallocConfig::default());
     let old = addr(vm.vmalloc(4096).unwrap());
-    let cached = Barrier::new(2);
-    let reused = AtomicBool::new(false);
-    let mut seen = None;
-    thread::scope(|scope| {
-        let cpu1 = machine.cpu(1);
-        let (cached, reused) = (&cached, &reused);
-        let reader = scope.spawn(move || {
-            cpu1.enter();
-            let mut first = [0; 8];
-            cpu1.read(old, &mut first).unwrap();
-            cached.wait();
-            // Interrupts are taken between instructions: poll until CPU 0 is done.
-            while !reused.load(Ordering::Acquire) {
-                cpu1.poll();
-                std::hint::spin_loop();
-            }
-            let mut again = [0; 8];
-            cpu1.read(old, &mut again).ok().map(|()| again)
-        });
-        cached.wait();
+    let (seen, (new, hole)) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
         vm.vfree(old.as_mut_ptr()).unwrap();
         vm.purge();
@@ -201,13 +168,11 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
             "the frame came back"
         );
         machine.write(addr(new), b"NEWDATA!").unwrap();
-        reused.store(true, Ordering::Release);
-        seen = reader.join().unwrap();
-        // CPU 1's thread is gone: it leaves, so later flushes do not wait for it.
-        cpu1.go_offline();
-        vm.vfree(new.as_ptr()).unwrap();
-        vm.vfree(hole.as_ptr()).unwrap();
+        (new, hole)
     });
+    // CPU 1 left when it was done, so these flushes do not wait for it.
+    vm.vfree(new.as_ptr()).unwrap();
+    vm.vfree(hole.as_ptr()).unwrap();
     seen
 }
 

@@ -227,6 +227,60 @@ impl SimMachine {
     }
 }
 
+impl SimMachine {
+    /// The stale-translation probe: CPU `reader` reads 8 bytes at `addr` (so its TLB
+    /// caches the translation), then the calling thread runs `change`; then the
+    /// reader takes its pending IPIs and reads `addr` again. Returns what that second
+    /// read saw (`None`: it faulted) and what `change` returned. The reader's CPU goes
+    /// offline when it is done, and is released even if `change` panics.
+    ///
+    /// # Panics
+    ///
+    /// If the first read faults, or `change` panics.
+    pub fn read_again_after<R>(
+        &self,
+        reader: usize,
+        addr: VirtAddr,
+        change: impl FnOnce() -> R,
+    ) -> (Option<[u8; 8]>, R) {
+        /// Lets the reader go when dropped.
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let cached = std::sync::Barrier::new(2);
+        let changed = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let cpu = self.cpu(reader);
+            let (cached, changed) = (&cached, &changed);
+            let read = scope.spawn(move || {
+                cpu.enter();
+                let _offline = cpu.offline_when_dropped();
+                let mut first = [0; 8];
+                let touched = cpu.read(addr, &mut first);
+                cached.wait();
+                touched.expect("the first read maps");
+                // Interrupts are taken between instructions: poll until the change
+                // is done.
+                while !changed.load(Ordering::Acquire) {
+                    cpu.poll();
+                    std::hint::spin_loop();
+                }
+                let mut again = [0; 8];
+                cpu.read(addr, &mut again).ok().map(|()| again)
+            });
+            cached.wait();
+            let release = Release(changed);
+            let result = change();
+            drop(release);
+            let seen = read.join().expect("the reader does not panic");
+            (seen, result)
+        })
+    }
+}
+
 /// Takes its CPU offline when dropped, also during a panic; see
 /// [`SimCpu::offline_when_dropped`].
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 //! for benchmarks and flush counts (`benches/vmalloc.rs`, `examples/flush_counts.rs`).
 
 use crate::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::{Prot, VmOptions, Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE, TlbFlush};
 use x86_64::PhysAddr;
@@ -10,6 +11,38 @@ use x86_64::structures::paging::PhysFrame;
 /// A manager over a simulated machine, as the scenarios use it; `T` flushes its TLBs:
 /// the machine itself (one CPU) or a [`Shootdown`](vmalloc::smp::Shootdown) over its CPUs.
 pub type Manager<'m, T = &'m SimMachine> = Vmalloc<&'m SimFrames, SimPhys<'m>, T>;
+
+/// The TLB flush of a machine with several CPUs: a shootdown over them.
+pub type SmpTlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+
+/// A machine made from `config`, its frames and a shootdown over its CPUs, all leaked
+/// (the IPI handler is `'static`); every CPU's IPI handler serves the shootdown.
+pub fn smp_machine(
+    config: SimConfig,
+) -> (&'static SimMachine, &'static SimFrames, &'static SmpTlb) {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let tlb: &'static SmpTlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+    machine.set_ipi_handler(move || tlb.handle_ipi());
+    (machine, frames, tlb)
+}
+
+/// A manager with `config` over `machine`'s page tables, flushing with `tlb`. The
+/// machine's page tables must serve this manager alone.
+///
+/// # Panics
+///
+/// If the manager cannot be made.
+pub fn manager_with<'m, T: TlbFlush>(
+    machine: &'m SimMachine,
+    frames: &'m SimFrames,
+    tlb: T,
+    config: VmallocConfig,
+) -> Manager<'m, T> {
+    // SAFETY: the caller gives the machine's page tables to this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }
+        .expect("a manager over the simulated machine")
+}
 
 /// A manager of the default region over `machine`'s page tables, with frames from
 /// any source (`SimFrames`, a `FaultInjector` in front of it, ...), as the tests make
