@@ -9,7 +9,7 @@ use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
 /// A manager over a simulated machine, as the scenarios use it; `T` flushes its TLBs:
-/// the machine itself (one CPU) or a [`Shootdown`](vmalloc::smp::Shootdown) over its CPUs.
+/// the machine itself (one CPU) or a [`Shootdown`] over its CPUs.
 pub type Manager<'m, T = &'m SimMachine> = Vmalloc<&'m SimFrames, SimPhys<'m>, T>;
 
 /// The TLB flush of a machine with several CPUs: a shootdown over them.
