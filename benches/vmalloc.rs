@@ -161,12 +161,14 @@ fn huge_vzalloc(c: &mut Criterion) {
                 stats.page_table_frames - tables,
                 stats.huge_mappings
             );
-            vm.vfree(ptr.as_ptr()).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
             vm.purge();
             group.bench_function(pages, |b| {
                 b.iter(|| {
                     let ptr = vm.vmalloc_with(SIZE, &options).unwrap();
-                    vm.vfree(ptr.as_ptr()).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                     vm.purge();
                 })
             });
@@ -233,7 +235,8 @@ fn latency_with_live_areas(c: &mut Criterion) {
             let hole = vm
                 .vmalloc((1 + rng.below(5) as usize) * PAGE_SIZE as usize)
                 .unwrap();
-            vm.vfree(hole.as_ptr()).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(hole.as_ptr()) }.unwrap();
         }
         vm.purge();
         group.bench_function("live_areas_with_holes/100000", |b| {

@@ -9,7 +9,7 @@
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::tlb::InvlpgFlush;
-use vmalloc::vmalloc::CacheMode;
+use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer};
 use vmalloc::{Error, KernelVmalloc, OffsetPhysMemory, Vmalloc, VmallocConfig};
 use x86_64::registers::control::Cr3;
 use x86_64::{PhysAddr, VirtAddr};
@@ -52,18 +52,23 @@ unsafe fn init_memory(regions: &[MemoryRegion], physical_memory_offset: u64) -> 
 /// What a driver does with it.
 fn use_vmalloc() -> Result<(), Error> {
     let vmalloc = VMALLOC.get().expect("init_memory ran");
-    // 16 MiB, virtually contiguous, from scattered frames, with a guard page after it.
-    let buffer = vmalloc.vzalloc(16 << 20)?;
-    // SAFETY: the area is 16 MiB of mapped, zeroed, read-write memory.
-    unsafe { buffer.as_ptr().write_bytes(0xab, 16 << 20) };
-    vmalloc.vfree(buffer.as_ptr())?;
+    // 16 MiB, virtually contiguous, from scattered frames, with a guard page after it;
+    // zeroed, and freed when `buffer` is dropped.
+    let mut buffer = VBuffer::new(vmalloc, 16 << 20)?;
+    buffer.fill(0xab);
+    drop(buffer);
 
-    // The local APIC's registers, uncached; the pointer keeps any sub-page offset.
+    // The local APIC's registers, uncached, unmapped when `apic` is dropped.
     // SAFETY: 0xfee00000 is the local APIC's MMIO page, which this kernel may touch.
-    let apic = unsafe { vmalloc.ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached) }?;
-    // SAFETY: offset 0x30 is the APIC version register, inside the mapping.
-    let version = unsafe { apic.as_ptr().add(0x30).cast::<u32>().read_volatile() };
-    vmalloc.iounmap(apic.as_ptr())?;
+    let apic = unsafe {
+        IoMapping::new(
+            vmalloc,
+            PhysAddr::new(0xfee0_0000),
+            0x400,
+            CacheMode::Uncached,
+        )
+    }?;
+    let version: u32 = apic.read(0x30)?; // bounds- and alignment-checked
     let _ = version;
     Ok(())
 }

@@ -112,19 +112,21 @@ fn main() {
         println!("diagnosis: {}", vm.diagnose_fault(fault.addr, fault.code));
     }
     drop(stack);
+    // Raw pointers are freed with `unsafe` (owners such as `VBuffer` free on drop).
     // Mistakes get an error and change nothing.
-    println!(
-        "vfree(interior pointer): {:?}",
-        vm.vfree(buffer.as_ptr().wrapping_add(100)).unwrap_err()
-    );
-    vm.vfree(zeroed.as_ptr()).expect("vfree");
-    println!(
-        "vfree(the same pointer twice): {:?}",
-        vm.vfree(zeroed.as_ptr()).unwrap_err()
-    );
+    // SAFETY: an interior pointer starts no area: refused, the buffer stays live.
+    let interior = unsafe { vm.vfree(buffer.as_ptr().wrapping_add(100)) };
+    println!("vfree(interior pointer): {:?}", interior.unwrap_err());
+    // SAFETY: the zeroed area is not used again; the second call frees nothing.
+    let (first, again) = unsafe { (vm.vfree(zeroed.as_ptr()), vm.vfree(zeroed.as_ptr())) };
+    first.expect("vfree");
+    println!("vfree(the same pointer twice): {:?}", again.unwrap_err());
 
-    vm.vfree(buffer.as_ptr()).expect("vfree");
-    vm.vfree(table.as_ptr()).expect("vfree");
+    // SAFETY: neither area is used again.
+    unsafe {
+        vm.vfree(buffer.as_ptr()).expect("vfree");
+        vm.vfree(table.as_ptr()).expect("vfree");
+    }
     println!(
         "\nafter vfree: {} pages wait for the next purge",
         vm.stats().pending_purge_pages

@@ -57,9 +57,11 @@ pub enum Error {
     /// A physical range holding RAM the frame allocator manages was given where only
     /// memory outside it may go (`ioremap` of RAM, as Linux refuses it).
     ManagedRam,
-    /// The call cannot complete without waiting for a lock, and may not wait
-    /// (`vfree_atomic` with its queue full while the manager is busy).
+    /// The call cannot complete without waiting, and may not wait (`vfree_atomic`
+    /// with its queue full).
     WouldBlock,
+    /// The object serves another manager (a `StackCache` bound to another `Vmalloc`).
+    WrongManager,
 }
 
 impl fmt::Display for Error {
@@ -87,7 +89,8 @@ impl fmt::Display for Error {
             Error::HugePageInTheWay => "a huge page entry covers part of the range",
             Error::FrameCountMismatch => "frame count does not match the page count",
             Error::Overlap => "range overlaps one in use",
-            Error::WouldBlock => "would have to wait for a lock",
+            Error::WouldBlock => "would have to wait",
+            Error::WrongManager => "serves another manager",
             Error::ManagedRam => "physical range holds RAM the frame allocator manages",
         };
         f.write_str(text)

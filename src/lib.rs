@@ -43,8 +43,12 @@
 //! let mut back = [0; 22];
 //! machine.read(addr + 4000u64, &mut back).unwrap();
 //! assert_eq!(&back, b"across a page boundary");
-//! vm.vfree(buffer.as_ptr())?;
-//! assert_eq!(vm.vfree(buffer.as_ptr()), Err(vmalloc::Error::NotAllocated));
+//! // SAFETY: nothing uses the buffer after this (safe code frees through owners:
+//! // `VBuffer`, `VBox`); a pointer to no live area is refused with an error.
+//! unsafe {
+//!     vm.vfree(buffer.as_ptr())?;
+//!     assert_eq!(vm.vfree(buffer.as_ptr()), Err(vmalloc::Error::NotAllocated));
+//! }
 //! # Ok::<(), vmalloc::Error>(())
 //! ```
 #![no_std]

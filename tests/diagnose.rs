@@ -62,7 +62,8 @@ fn a_freed_area_waiting_for_the_purge_is_a_use_after_free_and_after_it_is_gone()
     };
     let ptr = vm.vmalloc_with(3 * 4096, &options).unwrap();
     let start = VirtAddr::from_ptr(ptr.as_ptr());
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     // An untouched page: no stale translation, the walk finds the detached entry.
     let (addr, code) = fault(&machine, start + 4100u64, Access::READ);
     let diagnosis = vm.diagnose_fault(addr, code);

@@ -159,7 +159,8 @@ fn a_huge_area_needs_fewer_page_tables_and_gives_every_frame_back() {
 
     let small = vm.vzalloc(size as usize).unwrap();
     let tables_4k = vm.stats().page_table_frames - base.1;
-    vm.vfree(small.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(small.as_ptr()) }.unwrap();
     vm.purge();
     assert_eq!((frames.stats().free, vm.stats().page_table_frames), base);
 
@@ -172,7 +173,8 @@ fn a_huge_area_needs_fewer_page_tables_and_gives_every_frame_back() {
         "{tables_huge} tables vs {tables_4k}"
     );
     assert_eq!(tables_4k - tables_huge, 8, "one page table per 2 MiB saved");
-    vm.vfree(big.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(big.as_ptr()) }.unwrap();
     assert_eq!(vm.stats().huge_mappings, 0);
     assert!(
         machine.read(addr(big), &mut [0]).is_err(),
@@ -189,7 +191,8 @@ fn vzalloc_huge_zeroes_frames_that_held_data() {
     let vm = manager(&machine, &frames);
     let dirty = vm.vmalloc_huge((4 * MIB2) as usize).unwrap();
     stamp(&machine, addr(dirty), 4 * MIB2, 0xdead);
-    vm.vfree(dirty.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(dirty.as_ptr()) }.unwrap();
     vm.purge();
     let ptr = vm
         .vmalloc_with((4 * MIB2) as usize, &huge(VmFlags::ZERO))
@@ -210,7 +213,8 @@ fn without_2mib_runs_each_chunk_falls_back_to_4kib_pages() {
     assert_eq!(mmu_page_size(&machine, addr(ptr)), PAGE_SIZE);
     stamp(&machine, addr(ptr), size, 3);
     assert!(stamped(&machine, addr(ptr), size, 3));
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     vm.purge();
 
     // One run back: the first chunk is huge, the others are not.
@@ -267,7 +271,8 @@ fn running_out_of_frames_at_any_step_of_a_huge_vmalloc_rolls_back() {
                         assert!(zeroed(&machine, addr(ptr), size));
                         break;
                     }
-                    vm.vfree(ptr.as_ptr()).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
                 Err(error) => {
                     failures += 1;
@@ -298,7 +303,8 @@ fn vrealloc_of_a_huge_area_keeps_its_contents_and_splits_where_it_cuts() {
 
     // A cut inside the second 2 MiB mapping splits it.
     let cut = MIB2 + MIB2 / 2;
-    let shrunk = vm.vrealloc(ptr.as_ptr(), cut as usize).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let shrunk = unsafe { vm.vrealloc(ptr.as_ptr(), cut as usize) }.unwrap();
     assert_eq!(shrunk, ptr);
     assert_eq!(vm.stats().huge_mappings, 1);
     assert_eq!(vm.find_vm_area(addr(ptr)).unwrap().huge_mappings, 1);
@@ -311,16 +317,19 @@ fn vrealloc_of_a_huge_area_keeps_its_contents_and_splits_where_it_cuts() {
     );
 
     // A cut on a 2 MiB boundary drops whole mappings.
-    let shrunk = vm.vrealloc(ptr.as_ptr(), MIB2 as usize).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let shrunk = unsafe { vm.vrealloc(ptr.as_ptr(), MIB2 as usize) }.unwrap();
     assert_eq!(vm.stats().huge_mappings, 1);
     assert!(stamped(&machine, addr(shrunk), MIB2, 9));
 
     // Growing keeps the contents, wherever it lands.
-    let grown = vm.vrealloc(shrunk.as_ptr(), (3 * MIB2) as usize).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let grown = unsafe { vm.vrealloc(shrunk.as_ptr(), (3 * MIB2) as usize) }.unwrap();
     assert!(stamped(&machine, addr(grown), MIB2, 9));
     let info = vm.find_vm_area(addr(grown)).unwrap();
     assert_eq!(vm.stats().huge_mappings, info.huge_mappings);
-    vm.vfree(grown.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(grown.as_ptr()) }.unwrap();
     vm.purge();
     assert_eq!((frames.stats().free, vm.stats().page_table_frames), base);
     assert_eq!(vm.stats().huge_mappings, 0);
@@ -393,7 +402,8 @@ fn a_chunk_whose_pd_entry_holds_a_table_falls_back_and_its_run_goes_back() {
     assert_eq!(mmu_page_size(&machine, addr(ptr) + MIB2), MIB2);
     stamp(&machine, addr(ptr), 2 * MIB2, 1);
     assert!(stamped(&machine, addr(ptr), 2 * MIB2, 1));
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     vm.purge();
     assert_eq!(
         frames.stats().free,
@@ -435,7 +445,8 @@ fn set_prot_on_a_huge_area_keeps_its_2mib_entries() {
     let size = 2 * MIB2 + PAGE_SIZE;
     let ptr = vm.vmalloc_huge(size as usize).unwrap();
     stamp(&machine, addr(ptr), size, 6);
-    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
     for at in [addr(ptr) + 8u64, addr(ptr) + MIB2 + 8, addr(ptr) + 2 * MIB2] {
         let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
         assert!(
@@ -447,7 +458,8 @@ fn set_prot_on_a_huge_area_keeps_its_2mib_entries() {
     assert_eq!(mmu_page_size(&machine, addr(ptr) + MIB2), MIB2);
     assert_eq!(walker_page_size(&machine, addr(ptr)), Some(MIB2));
     assert!(stamped(&machine, addr(ptr), size, 6));
-    vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW) }.unwrap();
     machine.write(addr(ptr) + MIB2 + 8, &[1]).unwrap();
     assert_eq!(vm.stats().huge_mappings, 2);
 }

@@ -100,30 +100,41 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
     );
 
     // Every call that refuses a pointer refuses this one as it would any area.
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr().wrapping_add(8)),
+        unsafe { vm.vfree(ptr.as_ptr().wrapping_add(8)) },
         Err(Error::InteriorPointer)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr().wrapping_add(PAGE)),
+        unsafe { vm.vfree(ptr.as_ptr().wrapping_add(PAGE)) },
         Err(Error::InteriorPointer)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr().wrapping_add(2 * PAGE)),
+        unsafe { vm.vfree(ptr.as_ptr().wrapping_add(2 * PAGE)) },
         Err(Error::NotAllocated)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr().wrapping_add(64 * PAGE)),
+        unsafe { vm.vfree(ptr.as_ptr().wrapping_add(64 * PAGE)) },
         Err(Error::NotAllocated)
     );
-    assert_eq!(vm.vunmap(ptr.as_ptr(), |_| {}), Err(Error::WrongKind));
-    assert_eq!(vm.iounmap(ptr.as_ptr()), Err(Error::WrongKind));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vunmap(ptr.as_ptr(), |_| {}) },
+        Err(Error::WrongKind)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(unsafe { vm.iounmap(ptr.as_ptr()) }, Err(Error::WrongKind));
     assert_eq!(vm.populate(ptr.as_ptr(), PAGE), Err(Error::WrongKind));
     assert_eq!(vm.stats().block_areas, 1, "nothing changed");
 
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr()),
+        unsafe { vm.vfree(ptr.as_ptr()) },
         Err(Error::NotAllocated),
         "a double free"
     );
@@ -179,7 +190,8 @@ fn labelled_aligned_unguarded_and_large_requests_take_the_locked_path() {
     for options in [labelled, aligned, unguarded] {
         let ptr = vm.vmalloc_with(PAGE, &options).unwrap();
         assert!(outside(ptr), "{options:?}");
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     let largest = vm.vmalloc(MAX_BLOCK_PAGES as usize * PAGE).unwrap();
     assert!(!outside(largest));
@@ -194,7 +206,8 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
     let vm = manager(machine, frames, tlb, cached());
     let ptr = vm.vzalloc(PAGE).unwrap();
     machine.write(addr(ptr), b"kept").unwrap();
-    let grown = vm.vrealloc(ptr.as_ptr(), 3 * PAGE).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 3 * PAGE) }.unwrap();
     let mut back = [0xff; 4];
     machine.read(addr(grown), &mut back).unwrap();
     assert_eq!(&back, b"kept", "the contents moved");
@@ -202,14 +215,16 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
         .read(addr(grown) + 2 * PAGE as u64 + 100, &mut back)
         .unwrap();
     assert_eq!(back, [0; 4], "a zeroed area grows zeroed");
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(ptr.as_ptr()),
+        unsafe { vm.vfree(ptr.as_ptr()) },
         Err(Error::NotAllocated),
         "the old area is gone"
     );
     assert_eq!(vm.stats().block_areas, 1);
 
-    vm.set_prot(grown.as_ptr(), Prot::READ).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(grown.as_ptr(), Prot::READ) }.unwrap();
     assert!(machine.write(addr(grown), b"x").is_err(), "read-only now");
     machine.read(addr(grown), &mut back).unwrap();
     let write = PageFaultErrorCode::CAUSED_BY_WRITE | PageFaultErrorCode::PROTECTION_VIOLATION;
@@ -231,12 +246,14 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
         "{past:?}"
     );
     // A read-only area keeps its rights when it moves.
-    let moved = vm.vrealloc(grown.as_ptr(), PAGE).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let moved = unsafe { vm.vrealloc(grown.as_ptr(), PAGE) }.unwrap();
     assert!(machine.write(addr(moved), b"x").is_err());
     machine.read(addr(moved), &mut back).unwrap();
     assert_eq!(&back, b"kept");
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vrealloc(moved.as_ptr().wrapping_add(1), PAGE),
+        unsafe { vm.vrealloc(moved.as_ptr().wrapping_add(1), PAGE) },
         Err(Error::InteriorPointer)
     );
 }
@@ -246,8 +263,10 @@ fn vfree_atomic_of_a_small_area_is_done_by_the_next_call() {
     let (machine, frames, tlb) = smp_machine(1);
     let vm = manager(machine, frames, tlb, cached());
     let ptr = vm.vmalloc(PAGE).unwrap();
-    vm.vfree_atomic(ptr.as_ptr()).unwrap();
-    vm.vfree_atomic(ptr.as_ptr().wrapping_add(PAGE)).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree_atomic(ptr.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree_atomic(ptr.as_ptr().wrapping_add(PAGE)) }.unwrap();
     assert!(machine.read(addr(ptr), &mut [0; 1]).is_ok(), "queued only");
     // The next call that takes the lock frees the area and refuses the guard page.
     vm.purge();
@@ -270,7 +289,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     machine.write(old, b"OLD-DATA").unwrap();
     let (seen, new) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
-        vm.vfree(old.as_mut_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(old.as_mut_ptr()) }.unwrap();
         // Small areas come and go until one gets the frame back.
         let new = (0..10_000)
             .find_map(|_| {
@@ -279,14 +299,16 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
                 if vm.vmalloc_to_frame(addr(new)).unwrap() == frame {
                     return Some(new);
                 }
-                vm.vfree(new.as_ptr()).unwrap();
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vfree(new.as_ptr()) }.unwrap();
                 None
             })
             .expect("the frame comes back");
         machine.write(addr(new), b"NEWDATA!").unwrap();
         new
     });
-    vm.vfree(new.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(new.as_ptr()) }.unwrap();
     seen
 }
 
@@ -315,7 +337,10 @@ fn running_out_empties_every_cpus_cache_before_failing() {
     // Each CPU leaves frames in its cache and freed areas on its lazy list.
     machine.on_every_cpu(|_| {
         let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
-        areas.iter().for_each(|ptr| vm.vfree(ptr.as_ptr()).unwrap());
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        areas
+            .iter()
+            .for_each(|ptr| unsafe { vm.vfree(ptr.as_ptr()) }.unwrap());
     });
     let stats = vm.stats();
     assert!(
@@ -342,7 +367,8 @@ fn running_out_empties_every_cpus_cache_before_failing() {
         (0, 0),
         "{stats:?}"
     );
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     vm.purge();
 
     // With every cache empty, a request too large fails and changes nothing.
@@ -393,7 +419,8 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
                             .unwrap();
                         assert_eq!(back, [tag; 16], "no other area shares its frames");
                     }
-                    vm.vfree(ptr.as_ptr()).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
             }
         }
@@ -403,7 +430,8 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
     assert_eq!(stats.block_areas, left.len() as u64);
     assert_frames_conserved(&stats, frames);
     for &(ptr, ..) in &left[..left.len() / 2] {
-        vm.vfree(ptr as *mut u8).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
     }
     vm.purge();
     assert_eq!(vm.stats().cached_pending_frames, 0);
@@ -442,7 +470,8 @@ fn a_freed_range_comes_back_only_after_a_flush_and_then_does() {
     }));
     let vm = manager(machine, frames, tlb, cached());
     let first = vm.vmalloc(PAGE).unwrap();
-    vm.vfree(first.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(first.as_ptr()) }.unwrap();
     let mut live = Vec::new();
     let mut reused = false;
     for round in 0..1200 {
@@ -462,7 +491,9 @@ fn a_freed_range_comes_back_only_after_a_flush_and_then_does() {
         }
     }
     assert!(reused, "a flushed range is carved again");
-    live.iter().for_each(|ptr| vm.vfree(ptr.as_ptr()).unwrap());
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    live.iter()
+        .for_each(|ptr| unsafe { vm.vfree(ptr.as_ptr()) }.unwrap());
 }
 
 #[test]
@@ -550,7 +581,8 @@ fn running_out_while_making_the_first_small_area_keeps_only_the_per_cpu_structur
             }
             Ok(ptr) => {
                 assert!(k > 0);
-                vm.vfree(ptr.as_ptr()).unwrap();
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 break;
             }
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
+use vmalloc::vmalloc::deferred::SLOTS;
 use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::scenarios::{self, manager_with as manager};
@@ -70,13 +71,15 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                             .unwrap();
                         assert_eq!(back, [tag; 32], "CPU {} sees its own data", cpu.index());
                     }
-                    vm.vfree(ptr.as_ptr()).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
                 3 if !live.is_empty() => {
                     let index = rng.below(live.len() as u64) as usize;
                     let (ptr, pages, tag) = live[index];
                     let grown = pages + 1 + rng.below(4) as usize;
-                    let moved = vm.vrealloc(ptr.as_ptr(), grown * 4096).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    let moved = unsafe { vm.vrealloc(ptr.as_ptr(), grown * 4096) }.unwrap();
                     let mut back = [0; 32];
                     cpu.read(addr(moved), &mut back).unwrap();
                     assert_eq!(back, [tag; 32], "vrealloc kept the contents");
@@ -105,8 +108,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                     cpu.read(addr(ptr), &mut back).unwrap();
                     assert_eq!(back, stamp);
                     let mut returned = Vec::new();
-                    vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame))
-                        .unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame)) }.unwrap();
                     assert_eq!(returned, owned);
                     // Another CPU may map the freed range at once, but never onto the
                     // frames this CPU still holds: seeing the stamp is a stale entry.
@@ -122,10 +125,12 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
             }
         }
         for (ptr, ..) in live {
-            vm.vfree(ptr.as_ptr()).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
         }
         for (ptr, owned, _) in lent {
-            vm.vunmap(ptr.as_ptr(), |_| {}).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vunmap(ptr.as_ptr(), |_| {}) }.unwrap();
             frames.free_frames(&owned).unwrap();
         }
     });
@@ -155,7 +160,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     let old = addr(vm.vmalloc(4096).unwrap());
     let (seen, (new, hole)) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
-        vm.vfree(old.as_mut_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(old.as_mut_ptr()) }.unwrap();
         vm.purge();
         // The old virtual range goes to a reservation without frames, so the frame
         // comes back at another address and the old one is mapped to nothing.
@@ -171,8 +177,10 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         (new, hole)
     });
     // CPU 1 left when it was done, so these flushes do not wait for it.
-    vm.vfree(new.as_ptr()).unwrap();
-    vm.vfree(hole.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(new.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(hole.as_ptr()) }.unwrap();
     seen
 }
 
@@ -261,7 +269,8 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
         for _ in 0..300 {
             let ptr = vm.vmalloc(3 * 4096).unwrap();
             cpu.write(addr(ptr), b"x").unwrap();
-            vm.vfree(ptr.as_ptr()).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
             vm.purge();
         }
     });
@@ -332,17 +341,18 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
     }
     .unwrap();
     let vm: &'static _ = Box::leak(Box::new(vm));
-    let victims: Vec<_> = (0..66).map(|_| vm.vmalloc(4096).unwrap()).collect();
+    let victims: Vec<_> = (0..SLOTS + 2).map(|_| vm.vmalloc(4096).unwrap()).collect();
     let outcomes: &'static std::sync::Mutex<Vec<Result<(), Error>>> = Box::leak(Box::default());
     let queue: &'static std::sync::Mutex<Vec<usize>> = Box::leak(Box::default());
     source
         .interrupt
         .set(Box::new(move || {
             for &ptr in queue.lock().unwrap().iter() {
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                 outcomes
                     .lock()
                     .unwrap()
-                    .push(vm.vfree_atomic(ptr as *mut u8));
+                    .push(unsafe { vm.vfree_atomic(ptr as *mut u8) });
             }
         }))
         .ok()
@@ -373,31 +383,43 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
         stats.deferred_refused, 1,
         "the interior pointer was refused"
     );
-    assert_eq!(vm.vfree(victims[0].as_ptr()), Err(Error::NotAllocated));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vfree(victims[0].as_ptr()) },
+        Err(Error::NotAllocated)
+    );
 
-    // A full queue while the lock is busy: the 65th free would have to wait.
+    // A full queue: the free past its slots is refused at once, without waiting
+    // for the lock or draining the queue itself.
     outcomes.lock().unwrap().clear();
     *queue.lock().unwrap() = victims[1..].iter().map(|p| p.as_ptr() as usize).collect();
     source.armed.store(true, Ordering::SeqCst);
     let trigger2 = vm.vmalloc(4096).unwrap();
     let outcomes = outcomes.lock().unwrap().clone();
-    assert!(outcomes[..64].iter().all(Result::is_ok));
-    assert_eq!(outcomes[64], Err(Error::WouldBlock));
-    // Since `areas` was counted: two triggers made, victims[0] and 64 more freed.
+    assert!(outcomes[..SLOTS].iter().all(Result::is_ok));
+    assert_eq!(outcomes[SLOTS], Err(Error::WouldBlock));
+    // Since `areas` was counted: two triggers made, victims[0] and SLOTS more freed.
     assert_eq!(
         vm.stats().areas,
-        areas + 2 - 65,
-        "the 64 queued areas are freed"
+        areas + 2 - 1 - SLOTS as u64,
+        "the queued areas are freed by the next call"
     );
-    vm.vfree(victims[65].as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(victims[SLOTS + 1].as_ptr()) }.unwrap();
     for ptr in [trigger, trigger2] {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree_atomic(std::ptr::null_mut()),
+        unsafe { vm.vfree_atomic(std::ptr::null_mut()) },
         Err(Error::NullPointer)
     );
-    assert_eq!(vm.vfree_atomic(0x1000 as *mut u8), Err(Error::NotInRegion));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vfree_atomic(0x1000 as *mut u8) },
+        Err(Error::NotInRegion)
+    );
 }
 
 /// The manager as the kernel heap sees it, except that the calls that map memory
@@ -417,11 +439,13 @@ unsafe impl VmallocOps for ShootsWhilePopulating<'_> {
         self.tlb.flush_all();
         self.vm.vmalloc_with(size, options)
     }
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        self.vm.vfree(ptr)
+    unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vm.vfree(ptr) }
     }
-    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
-        self.vm.vrealloc(ptr, new_size)
+    unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vm.vrealloc(ptr, new_size) }
     }
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.vm.reserve(size, options)

@@ -67,13 +67,15 @@ fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
     ));
     let area = vm.find_vm_area(base).unwrap();
     assert_eq!((area.kind, area.pages), (AreaKind::Stack, 4));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(base.as_mut_ptr()),
+        unsafe { vm.vfree(base.as_mut_ptr()) },
         Err(Error::NotAllocated),
         "vfree does not take a stack"
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(area.start.as_mut_ptr()),
+        unsafe { vm.vfree(area.start.as_mut_ptr()) },
         Err(Error::WrongKind),
         "nor its area"
     );
@@ -168,7 +170,40 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
     let small = cache.alloc(&vm, 8 << 10).unwrap();
     assert_eq!(small.size(), 8 << 10);
     drop(small);
-    cache.drain(&vm);
+    cache.drain(&vm).unwrap();
     vm.purge();
     assert_eq!((cache.cached(), vm.stats().areas), (0, 0));
+}
+
+#[test]
+fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_region() {
+    let machine = machine();
+    let frames = machine.frames();
+    let cache = StackCache::new(&machine);
+    let first = manager(&machine, &frames);
+    let parked = cache.alloc(&first, 16 << 10).unwrap();
+    let base = parked.base();
+    drop(parked);
+    assert_eq!(cache.cached(), 1);
+    drop(first);
+
+    // A new manager over the same region makes a stack where the parked one was.
+    let second = manager(&machine, &frames);
+    let live = second.alloc_stack(16 << 10).unwrap();
+    assert_eq!(
+        live.base(),
+        base,
+        "the same range, now another manager's stack"
+    );
+    machine.write(live.top() - 8u64, b"live one").unwrap();
+    assert_eq!(
+        cache.alloc(&second, 16 << 10).err(),
+        Some(Error::WrongManager),
+        "the cache would hand out a second owner of the live stack"
+    );
+    assert_eq!(cache.drain(&second), Err(Error::WrongManager));
+    let mut word = [0; 8];
+    machine.read(live.top() - 8u64, &mut word).unwrap();
+    assert_eq!(&word, b"live one", "nothing zeroed the live stack");
+    assert_eq!(second.stats().areas, 1);
 }

@@ -137,7 +137,8 @@ fn vzalloc_zeroes_frames_that_held_data() {
     let dirtied: Vec<PhysFrame> = (0..64)
         .map(|i| vm.vmalloc_to_frame(addr(dirty) + i * 4096).unwrap())
         .collect();
-    vm.vfree(dirty.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(dirty.as_ptr()) }.unwrap();
     let zeroed = vm.vzalloc(64 * 4096).unwrap();
     let reused = (0..64)
         .filter(|&i| dirtied.contains(&vm.vmalloc_to_frame(addr(zeroed) + i * 4096).unwrap()))
@@ -242,35 +243,63 @@ fn bad_input_gets_a_specific_error_and_changes_nothing() {
         ..VmOptions::default()
     };
     assert_eq!(vm.vmalloc_with(4096, &wx), Err(Error::WriteExecute));
-    assert_eq!(vm.vfree(core::ptr::null_mut()), Err(Error::NullPointer));
-    assert_eq!(vm.vfree(0x1000 as *mut u8), Err(Error::NotInRegion));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(0x8000_0000_0000 as *mut u8),
+        unsafe { vm.vfree(core::ptr::null_mut()) },
+        Err(Error::NullPointer)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vfree(0x1000 as *mut u8) },
         Err(Error::NotInRegion)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(live.as_ptr().wrapping_add(4096)),
+        unsafe { vm.vfree(0x8000_0000_0000 as *mut u8) },
+        Err(Error::NotInRegion)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vfree(live.as_ptr().wrapping_add(4096)) },
         Err(Error::InteriorPointer)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(live.as_ptr().wrapping_add(1)),
+        unsafe { vm.vfree(live.as_ptr().wrapping_add(1)) },
         Err(Error::InteriorPointer)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(live.as_ptr().wrapping_add(3 * 4096)),
+        unsafe { vm.vfree(live.as_ptr().wrapping_add(3 * 4096)) },
         Err(Error::NotAllocated)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree((VMALLOC_START + (1 << 40)) as *mut u8),
+        unsafe { vm.vfree((VMALLOC_START + (1 << 40)) as *mut u8) },
         Err(Error::NotAllocated)
     );
-    assert_eq!(vm.vfree(mapped.as_ptr()), Err(Error::WrongKind));
-    assert_eq!(vm.vunmap(live.as_ptr(), |_| ()), Err(Error::WrongKind));
-    assert_eq!(vm.iounmap(live.as_ptr()), Err(Error::WrongKind));
-    assert_eq!(vm.vrealloc(mapped.as_ptr(), 8192), Err(Error::WrongKind));
-    assert_eq!(vm.vrealloc(live.as_ptr(), 0), Err(Error::ZeroSize));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(unsafe { vm.vfree(mapped.as_ptr()) }, Err(Error::WrongKind));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vrealloc(live.as_ptr(), usize::MAX),
+        unsafe { vm.vunmap(live.as_ptr(), |_| ()) },
+        Err(Error::WrongKind)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(unsafe { vm.iounmap(live.as_ptr()) }, Err(Error::WrongKind));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vrealloc(mapped.as_ptr(), 8192) },
+        Err(Error::WrongKind)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vrealloc(live.as_ptr(), 0) },
+        Err(Error::ZeroSize)
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vrealloc(live.as_ptr(), usize::MAX) },
         Err(Error::SizeTooLarge)
     );
     assert_eq!(vm.populate(live.as_ptr(), 4096), Err(Error::WrongKind));
@@ -294,9 +323,11 @@ fn bad_input_gets_a_specific_error_and_changes_nothing() {
     }
     assert_eq!((vm.stats(), free_frames(&frames)), before);
 
-    vm.vfree(live.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(live.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.vfree(live.as_ptr()),
+        unsafe { vm.vfree(live.as_ptr()) },
         Err(Error::NotAllocated),
         "double free"
     );
@@ -352,7 +383,8 @@ fn a_region_just_below_the_top_of_the_lower_half_fills_up_cleanly() {
     assert_eq!(vm.vmalloc(4096), Err(Error::OutOfVirtualSpace));
     machine.write(addr(c) + 4 * 4096u64 - 1u64, &[1]).unwrap();
     for ptr in [a, b, c] {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     vm.purge();
     assert_eq!(vm.stats().largest_free, 8 * 4096);
@@ -372,7 +404,8 @@ fn lazy_vfree_holds_frames_until_the_batched_flush() {
     let tables = vm.stats().page_table_frames - tables_before;
     for ptr in &ptrs {
         machine.write(addr(*ptr), b"live").unwrap();
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     let stats = vm.stats();
     assert_eq!(stats.pending_purge_pages, 80);
@@ -405,7 +438,8 @@ fn lazy_vfree_holds_frames_until_the_batched_flush() {
     assert_frames_conserved(&vm, &frames, 0);
     assert!(vm.vmalloc_to_frame(addr(ptrs[0])).is_err());
 
-    vm.vfree(neighbour.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(neighbour.as_ptr()) }.unwrap();
     vm.purge();
     assert_eq!(
         vm.stats().page_table_frames,
@@ -426,7 +460,8 @@ fn eager_mode_flushes_each_free_by_range() {
         machine.write(addr(ptr) + page * 4096, b"cached").unwrap();
     }
     let before = machine.tlb_stats();
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     let after = machine.tlb_stats();
     assert_eq!(after.full_flushes, before.full_flushes);
     assert_eq!(
@@ -442,7 +477,8 @@ fn eager_mode_flushes_each_free_by_range() {
     }
     assert_eq!(free_frames(&frames), baseline);
     assert_frames_conserved(&vm, &frames, 0);
-    vm.vfree(neighbour.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(neighbour.as_ptr()) }.unwrap();
 }
 
 #[test]
@@ -457,10 +493,14 @@ fn the_purge_flushes_as_the_tlbs_own_ceiling_says() {
                 .unwrap();
         let areas: Vec<_> = (0..10).map(|_| vm.vmalloc(10 * 4096).unwrap()).collect();
         let keep = vm.vmalloc(4096).unwrap();
-        areas.iter().for_each(|p| vm.vfree(p.as_ptr()).unwrap());
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        areas
+            .iter()
+            .for_each(|p| unsafe { vm.vfree(p.as_ptr()) }.unwrap());
         let before = (tlb.range_calls(), tlb.full_calls());
         vm.purge();
-        vm.vfree(keep.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(keep.as_ptr()) }.unwrap();
         (tlb.range_calls() - before.0, tlb.full_calls() - before.1)
     };
     assert_eq!(
@@ -489,11 +529,13 @@ fn the_lazy_threshold_forces_a_purge() {
     );
     for _ in 0..3 {
         let ptr = vm.vmalloc(5 * 4096).unwrap();
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     assert_eq!((vm.stats().purges, vm.stats().pending_purge_pages), (0, 15));
     let ptr = vm.vmalloc(5 * 4096).unwrap();
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     assert_eq!(
         (vm.stats().purges, vm.stats().pending_purge_pages),
         (1, 0),
@@ -520,7 +562,8 @@ fn running_out_of_frames_at_any_step_rolls_back() {
                     k > pages,
                     "only succeeds once all {pages} frames and tables could be had"
                 );
-                vm.vfree(ptr.as_ptr()).unwrap();
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 break;
             }
             Err(error) => {
@@ -563,7 +606,8 @@ fn a_failed_vmalloc_gives_back_the_bookkeeping_slab_it_took() {
     assert_eq!((free_frames(&frames), vm.stats()), before);
     frames.free_frames(&held).unwrap();
     for ptr in live.iter().chain(&extra) {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
 }
 
@@ -577,7 +621,8 @@ fn empty_bookkeeping_slabs_go_back_to_the_frame_allocator() {
     // Holes between live areas make a free-range node each, and the area nodes too.
     let ptrs: Vec<_> = (0..3000).map(|_| vm.vmalloc(4096).unwrap()).collect();
     for ptr in ptrs.iter().step_by(2) {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     vm.purge();
     let grown = vm.stats().bookkeeping_frames;
@@ -586,7 +631,8 @@ fn empty_bookkeeping_slabs_go_back_to_the_frame_allocator() {
         "3000 areas and 1500 holes take slabs: {grown}"
     );
     for ptr in ptrs.iter().skip(1).step_by(2) {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
     vm.purge();
     let after = vm.stats();
@@ -612,10 +658,12 @@ fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
     machine.write(addr(ptr), &data).unwrap();
     let third = vm.vmalloc_to_frame(addr(ptr) + 2 * 4096u64).unwrap();
 
-    let grown = vm.vrealloc(ptr.as_ptr(), 6 * 4096).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 6 * 4096) }.unwrap();
     assert_eq!(grown, ptr, "the pages after it were free");
     let blocker = vm.vmalloc(4096).unwrap();
-    let moved = vm.vrealloc(ptr.as_ptr(), 20 * 4096).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let moved = unsafe { vm.vrealloc(ptr.as_ptr(), 20 * 4096) }.unwrap();
     assert_ne!(moved, ptr);
     assert_eq!(
         vm.vmalloc_to_frame(addr(moved) + 2 * 4096u64).unwrap(),
@@ -631,15 +679,18 @@ fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
     );
     machine.write(addr(moved) + 19 * 4096u64, &[1]).unwrap();
 
-    let shrunk = vm.vrealloc(moved.as_ptr(), 4096).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let shrunk = unsafe { vm.vrealloc(moved.as_ptr(), 4096) }.unwrap();
     assert_eq!(shrunk, moved);
     assert!(
         machine.read(addr(moved) + 4096u64, &mut [0]).is_err(),
         "the tail is unmapped"
     );
     assert_eq!(vm.stats().data_frames, 2);
-    vm.vfree(shrunk.as_ptr()).unwrap();
-    vm.vfree(blocker.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(shrunk.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(blocker.as_ptr()) }.unwrap();
     assert_eq!(vm.stats().data_frames, 0);
 }
 
@@ -659,7 +710,11 @@ fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
         vm.stats(),
         vm.areas().collect::<Vec<_>>(),
     );
-    assert_eq!(vm.vrealloc(a.as_ptr(), 32 << 10), Err(Error::OutOfFrames));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.vrealloc(a.as_ptr(), 32 << 10) },
+        Err(Error::OutOfFrames)
+    );
     assert_eq!(
         (
             free_frames(&frames),
@@ -691,7 +746,8 @@ fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
             vm.areas().collect::<Vec<_>>(),
         );
         injector.fail_after(k);
-        let result = vm.vrealloc(a.as_ptr(), 700 * 4096);
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        let result = unsafe { vm.vrealloc(a.as_ptr(), 700 * 4096) };
         injector.disarm();
         if let Ok(moved) = result {
             assert!(k > 100, "succeeded with the failure injected at frame {k}");
@@ -740,7 +796,8 @@ fn with_frames_waiting(
     let waiting = vm.vmalloc(200 * 4096).unwrap();
     setup(&vm);
     let held = hold_all_but(&frames, 0);
-    vm.vfree(waiting.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(waiting.as_ptr()) }.unwrap();
     assert_eq!(vm.stats().pending_purge_frames, 200);
     call(&vm, &held).unwrap();
     assert_eq!(vm.stats().pending_purge_frames, 0, "purged");
@@ -774,7 +831,8 @@ fn calls_that_run_dry_purge_the_lazily_freed_frames_first() {
         |vm| drop(leave_free_slots(vm, 1)),
         |vm, _| {
             let a = vm.areas().next().unwrap().start;
-            vm.vrealloc(a.as_mut_ptr(), 8 * 4096).map(drop)
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vrealloc(a.as_mut_ptr(), 8 * 4096) }.map(drop)
         },
     );
     // Page tables: the pool has room, the mapping needs a new page table.
@@ -786,7 +844,8 @@ fn calls_that_run_dry_purge_the_lazily_freed_frames_first() {
         |vm, held| {
             // SAFETY: frames the test holds, never freed while mapped.
             let mapped = unsafe { vm.vmap(&held[..4], Prot::KERNEL_RW) }?;
-            vm.vunmap(mapped.as_ptr(), |_| ())
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vunmap(mapped.as_ptr(), |_| ()) }
         },
     );
     with_frames_waiting(
@@ -810,8 +869,10 @@ fn a_zeroed_area_reads_zero_where_a_shrink_dropped_bytes() {
     let vm = manager(&machine, &frames, config(false));
     let p = vm.vzalloc(8192).unwrap();
     machine.write(addr(p), &[0xaa; 8192]).unwrap();
-    let p = vm.vrealloc(p.as_ptr(), 100).unwrap();
-    let p = vm.vrealloc(p.as_ptr(), 8192).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let p = unsafe { vm.vrealloc(p.as_ptr(), 100) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let p = unsafe { vm.vrealloc(p.as_ptr(), 8192) }.unwrap();
     let mut back = vec![1; 8192];
     machine.read(addr(p), &mut back).unwrap();
     assert!(back[..100].iter().all(|&b| b == 0xaa), "kept bytes stay");
@@ -822,8 +883,10 @@ fn a_zeroed_area_reads_zero_where_a_shrink_dropped_bytes() {
 
     // Within one page too.
     machine.write(addr(p), &[0xbb; 4096]).unwrap();
-    let p = vm.vrealloc(p.as_ptr(), 3000).unwrap();
-    let p = vm.vrealloc(p.as_ptr(), 4000).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let p = unsafe { vm.vrealloc(p.as_ptr(), 3000) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let p = unsafe { vm.vrealloc(p.as_ptr(), 4000) }.unwrap();
     let mut back = vec![1; 4000];
     machine.read(addr(p), &mut back).unwrap();
     assert!(back[3000..].iter().all(|&b| b == 0));
@@ -847,7 +910,8 @@ fn vmap_hands_the_callers_frames_back() {
     machine.read_phys(mine[3].start_address(), &mut bytes);
     assert_eq!(&bytes, b"vmap");
     let mut back = Vec::new();
-    vm.vunmap(ptr.as_ptr(), |frame| back.push(frame)).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vunmap(ptr.as_ptr(), |frame| back.push(frame)) }.unwrap();
     assert_eq!(back, mine);
     assert!(
         machine.read(addr(ptr) + 3 * 4096u64, &mut bytes).is_err(),
@@ -858,7 +922,8 @@ fn vmap_hands_the_callers_frames_back() {
         free_before,
         "no frame went to the allocator"
     );
-    vm.vfree(neighbour.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(neighbour.as_ptr()) }.unwrap();
 }
 
 #[test]
@@ -887,11 +952,13 @@ fn ioremap_keeps_the_offset_maps_uncached_and_refuses_ram() {
     let info: Vec<AreaInfo> = vm.areas().collect();
     assert_eq!(info[0].kind, AreaKind::Ioremap);
     assert_eq!(info[0].phys, Some(phys));
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.iounmap(ptr.as_ptr().wrapping_sub(0x123)),
+        unsafe { vm.iounmap(ptr.as_ptr().wrapping_sub(0x123)) },
         Err(Error::InteriorPointer)
     );
-    vm.iounmap(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.iounmap(ptr.as_ptr()) }.unwrap();
     vm.purge();
     assert_eq!(
         free_frames(&frames),
@@ -917,7 +984,8 @@ fn ioremap_keeps_the_offset_maps_uncached_and_refuses_ram() {
     assert_eq!(vm.stats(), stats);
     // SAFETY: the kernel image's frames are reserved; nothing touches the mapping.
     let image = unsafe { vm.ioremap(PhysAddr::new(0x20_0000), 4096, CacheMode::WriteThrough) };
-    vm.iounmap(image.unwrap().as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.iounmap(image.unwrap().as_ptr()) }.unwrap();
 }
 
 #[test]
@@ -938,7 +1006,8 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
     // Dirty frames first, so a buffer built from them would show 0xee.
     let dirty = vm.vmalloc(16 * 4096).unwrap();
     machine.write(addr(dirty), &[0xee; 16 * 4096]).unwrap();
-    vm.vfree(dirty.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(dirty.as_ptr()) }.unwrap();
     {
         let mut buffer = VBuffer::new(&vm, 10_000).unwrap();
         assert_eq!(buffer.len(), 10_000);
@@ -955,6 +1024,78 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
     }
     assert_eq!(vm.stats().areas, 0);
     assert_eq!(vm.stats().data_frames, 0);
+}
+
+#[test]
+fn vmap_and_ioremap_owners_unmap_on_drop_and_bound_every_access() {
+    // The owners dereference their pointers: the host window makes that possible.
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
+    let frames = machine.frames();
+    let (start, size) = machine.host_window().unwrap();
+    let vm = manager(
+        &machine,
+        &frames,
+        VmallocConfig {
+            start,
+            size,
+            ..config(false)
+        },
+    );
+    let mut mine = [PhysFrame::containing_address(PhysAddr::zero()); 2];
+    assert_eq!(frames.alloc_frames(&mut mine), 2);
+    // SAFETY: the frames are this test's, held until the end.
+    let mapping = unsafe { VMapping::new(&vm, &mine, Prot::KERNEL_RW) }.unwrap();
+    assert_eq!(mapping.len(), 8192);
+    let at = VirtAddr::from_ptr(mapping.as_ptr());
+    machine.write(at + 4096u64, b"vmapped").unwrap();
+    let mut back = Vec::new();
+    mapping.unmap(|frame| back.push(frame));
+    assert_eq!(back, mine, "the frames come back in order");
+    assert!(
+        machine.translate(at, Access::READ).is_err(),
+        "unmapped at once"
+    );
+    // SAFETY: as above.
+    let dropped = unsafe { VMapping::new(&vm, &mine, Prot::READ) }.unwrap();
+    let at = VirtAddr::from_ptr(dropped.as_ptr());
+    drop(dropped);
+    assert!(
+        machine.translate(at, Access::READ).is_err(),
+        "dropped: unmapped"
+    );
+    assert_eq!(vm.stats().areas, 0);
+    frames
+        .free_frames(&mine)
+        .expect("the frames stayed the test's");
+
+    // Part of the machine's reserved kernel image, which no one else uses here.
+    let phys = PhysAddr::new(0x20_0010);
+    // SAFETY: a reserved range nothing else touches; the test reads and writes it.
+    let device = unsafe { IoMapping::new(&vm, phys, 64, CacheMode::Uncached) }.unwrap();
+    assert_eq!(device.len(), 64);
+    device.write::<u32>(4, 0xdead_beef).unwrap();
+    assert_eq!(device.read::<u32>(4), Ok(0xdead_beef));
+    let mut word = [0; 4];
+    machine
+        .read(VirtAddr::from_ptr(device.as_ptr()) + 4u64, &mut word)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(word), 0xdead_beef, "the same bytes");
+    assert_eq!(
+        device.read::<u64>(57),
+        Err(Error::SizeTooLarge),
+        "past the end"
+    );
+    assert_eq!(device.write::<u8>(64, 1), Err(Error::SizeTooLarge));
+    assert_eq!(device.read::<u64>(usize::MAX), Err(Error::SizeTooLarge));
+    assert_eq!(device.read::<u32>(2), Err(Error::Unaligned));
+    assert_eq!(device.read::<u8>(63), Ok(0));
+    let at = VirtAddr::from_ptr(device.as_ptr());
+    drop(device);
+    assert!(
+        machine.translate(at, Access::READ).is_err(),
+        "dropped: unmapped"
+    );
+    assert_eq!(vm.stats().areas, 0);
 }
 
 #[test]
@@ -991,7 +1132,8 @@ struct CallingSink<'v, 'm> {
 impl core::fmt::Write for CallingSink<'_, '_> {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
         let ptr = self.vm.vmalloc(4096).map_err(|_| core::fmt::Error)?;
-        self.vm.vfree(ptr.as_ptr()).map_err(|_| core::fmt::Error)?;
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { self.vm.vfree(ptr.as_ptr()) }.map_err(|_| core::fmt::Error)?;
         self.text.push_str(s);
         Ok(())
     }
@@ -1030,14 +1172,18 @@ fn listings_and_callbacks_run_without_the_lock() {
     // SAFETY: frames the test owns, not freed while mapped.
     let mapped = unsafe { vm.vmap(&mine, Prot::KERNEL_RW) }.unwrap();
     let mut back = Vec::new();
-    vm.vunmap(mapped.as_ptr(), |frame| {
-        assert_eq!(vm.vfree(mapped.as_ptr()), Err(Error::NotAllocated));
-        back.push(frame);
-    })
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe {
+        vm.vunmap(mapped.as_ptr(), |frame| {
+            assert_eq!(vm.vfree(mapped.as_ptr()), Err(Error::NotAllocated));
+            back.push(frame);
+        })
+    }
     .unwrap();
     assert_eq!(back, mine);
     for ptr in ptrs {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
 }
 
@@ -1070,11 +1216,13 @@ fn threads_share_one_manager() {
                         let mut check = [0; 64];
                         machine.read(addr(victim), &mut check).unwrap();
                         assert_eq!(check, [t; 64], "no other thread wrote into this area");
-                        vm.vfree(victim.as_ptr()).unwrap();
+                        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                        unsafe { vm.vfree(victim.as_ptr()) }.unwrap();
                     }
                 }
                 for ptr in live {
-                    vm.vfree(ptr.as_ptr()).unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
             });
         }
@@ -1117,7 +1265,8 @@ fn areas_made_after_another_address_space_copied_the_kernel_half_are_visible_the
     assert_eq!(&back, b"shared");
     machine.load_cr3(machine.root());
 
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     vm.purge();
     for root in [process, machine.root()] {
         machine.load_cr3(root);
@@ -1150,8 +1299,10 @@ fn the_regions_top_level_entries_never_change() {
         };
         let a = vm.vmalloc(4096).unwrap();
         let b = vm.vmalloc_with(8192, &far).unwrap();
-        vm.vfree(a.as_ptr()).unwrap();
-        vm.vfree(b.as_ptr()).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(a.as_ptr()) }.unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(b.as_ptr()) }.unwrap();
         vm.purge();
         assert_eq!(top(&machine), set_up, "round {round}");
     }
@@ -1202,8 +1353,10 @@ fn tables_that_were_there_before_the_manager_are_adopted_and_never_freed() {
             entry(&machine, pt, 0) & 0x000f_ffff_ffff_f000
         ))
     );
-    vm.vfree(near.as_ptr()).unwrap();
-    vm.vfree(far.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(near.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(far.as_ptr()) }.unwrap();
     vm.purge();
     let now = [
         entry(&machine, machine.root(), 402),
@@ -1241,7 +1394,8 @@ fn dropping_the_manager_returns_every_frame_it_took() {
             .map(|i| vm.vmalloc((i % 7 + 1) * 4096).unwrap())
             .collect();
         for ptr in ptrs.iter().step_by(3) {
-            vm.vfree(ptr.as_ptr()).unwrap();
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
         }
         let window = vm.reserve(1 << 20, &VmOptions::default()).unwrap();
         vm.populate(window.as_ptr(), 300 << 10).unwrap();
@@ -1279,7 +1433,8 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     }
     let before = (free_frames(&frames), vm.stats());
 
-    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
     let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
     assert!(
         fault
@@ -1295,44 +1450,55 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     machine.read(addr(ptr), &mut byte).unwrap();
     assert_eq!(byte, [7], "the same frames, readable");
 
-    vm.set_prot(ptr.as_ptr(), Prot::READ | Prot::EXEC).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ | Prot::EXEC) }.unwrap();
     machine.fetch(at, &mut byte).unwrap();
-    vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW) }.unwrap();
     assert!(machine.fetch(at, &mut byte).is_err(), "NX again, flushed");
     machine.write(at, &[2]).unwrap();
     assert_eq!((free_frames(&frames), vm.stats()), before);
 
     // Growing keeps the rights the area has now.
-    vm.set_prot(ptr.as_ptr(), Prot::READ).unwrap();
-    let grown = vm.vrealloc(ptr.as_ptr(), 6 * 4096).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 6 * 4096) }.unwrap();
     assert!(machine.write(addr(grown) + 5 * 4096u64, &[1]).is_err());
 
     // Bad input changes nothing.
     let snapshot = (free_frames(&frames), vm.stats());
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.set_prot(grown.as_ptr(), Prot::WRITE | Prot::EXEC),
+        unsafe { vm.set_prot(grown.as_ptr(), Prot::WRITE | Prot::EXEC) },
         Err(Error::WriteExecute)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.set_prot(grown.as_ptr().wrapping_add(4096), Prot::READ),
+        unsafe { vm.set_prot(grown.as_ptr().wrapping_add(4096), Prot::READ) },
         Err(Error::InteriorPointer)
     );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.set_prot(core::ptr::null_mut(), Prot::READ),
+        unsafe { vm.set_prot(core::ptr::null_mut(), Prot::READ) },
         Err(Error::NullPointer)
     );
     assert_eq!((free_frames(&frames), vm.stats()), snapshot);
     let frames_for_vmap = vmalloc_sim::scenarios::frames_for_vmap(&frames, 1);
     // SAFETY: the frames are the test's own.
     let mapped = unsafe { vm.vmap(&frames_for_vmap, Prot::KERNEL_RW) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.set_prot(mapped.as_ptr(), Prot::READ),
+        unsafe { vm.set_prot(mapped.as_ptr(), Prot::READ) },
         Err(Error::WrongKind)
     );
-    vm.vunmap(mapped.as_ptr(), |_| {}).unwrap();
-    vm.vfree(grown.as_ptr()).unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vunmap(mapped.as_ptr(), |_| {}) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(grown.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
-        vm.set_prot(grown.as_ptr(), Prot::READ),
+        unsafe { vm.set_prot(grown.as_ptr(), Prot::READ) },
         Err(Error::NotAllocated)
     );
     assert!(machine.write(addr(grown), &[1]).is_err());

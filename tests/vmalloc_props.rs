@@ -242,13 +242,15 @@ impl World<'_> {
                 if expected.is_ok() {
                     self.check_pattern(&live);
                 }
-                let result = self.vm.vfree(ptr as *mut u8);
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                let result = unsafe { self.vm.vfree(ptr as *mut u8) };
                 assert_eq!(result, expected, "vfree {how:?}");
                 if expected.is_ok() {
                     self.live.remove(&start);
                     self.freed.push((start, live.pages));
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                     assert_eq!(
-                        self.vm.vfree(start as *mut u8),
+                        unsafe { self.vm.vfree(start as *mut u8) },
                         Err(Error::NotAllocated),
                         "double free"
                     );
@@ -285,11 +287,14 @@ impl World<'_> {
                 let Some((start, live)) = self.pick(pick, AreaKind::Vmap) else {
                     return;
                 };
-                assert_eq!(self.vm.vfree(start as *mut u8), Err(Error::WrongKind));
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                assert_eq!(
+                    unsafe { self.vm.vfree(start as *mut u8) },
+                    Err(Error::WrongKind)
+                );
                 let mut back = Vec::new();
-                self.vm
-                    .vunmap(start as *mut u8, |frame| back.push(frame))
-                    .unwrap();
+                // SAFETY: the model uses the mapping no more.
+                unsafe { self.vm.vunmap(start as *mut u8, |frame| back.push(frame)) }.unwrap();
                 assert_eq!(
                     back, live.frames,
                     "vunmap hands the caller's frames back in order"
@@ -334,12 +339,14 @@ impl World<'_> {
                     return;
                 };
                 if live.ptr != start {
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                     assert_eq!(
-                        self.vm.iounmap(start as *mut u8),
+                        unsafe { self.vm.iounmap(start as *mut u8) },
                         Err(Error::InteriorPointer)
                     );
                 }
-                self.vm.iounmap(live.ptr as *mut u8).unwrap();
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { self.vm.iounmap(live.ptr as *mut u8) }.unwrap();
                 self.live.remove(&start);
                 self.freed.push((start, live.pages));
             }
@@ -347,7 +354,10 @@ impl World<'_> {
                 let Some((start, mut live)) = self.pick(pick, AreaKind::Vmalloc) else {
                     return;
                 };
-                let moved = self.vm.vrealloc(start as *mut u8, bytes).unwrap().as_ptr() as u64;
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                let moved = unsafe { self.vm.vrealloc(start as *mut u8, bytes) }
+                    .unwrap()
+                    .as_ptr() as u64;
                 let (seed, len) = live.pattern.unwrap();
                 let old_pages = live.pages;
                 live.pattern = Some((seed, len.min(bytes)));
@@ -370,7 +380,8 @@ impl World<'_> {
                     Prot::READ | Prot::EXEC,
                     Prot::WRITE | Prot::EXEC,
                 ][usize::from(prot)];
-                let result = self.vm.set_prot(start as *mut u8, prot);
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                let result = unsafe { self.vm.set_prot(start as *mut u8, prot) };
                 if prot.contains(Prot::WRITE | Prot::EXEC) {
                     assert_eq!(result, Err(Error::WriteExecute));
                     refused(self, "W+X set_prot");
@@ -597,8 +608,8 @@ fn every_failing_frame_allocation_rolls_back() {
         (
             "vrealloc",
             Box::new(|vm| {
-                vm.vrealloc(small.as_ptr(), 900 * 4096)
-                    .map(|p| p.as_ptr() as u64)
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vrealloc(small.as_ptr(), 900 * 4096) }.map(|p| p.as_ptr() as u64)
             }),
         ),
         (

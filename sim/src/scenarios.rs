@@ -116,7 +116,8 @@ fn alloc_free(vm: &Manager<'_, impl TlbFlush>, pages: u64, align: u64) {
     let ptr = vm
         .vmalloc_with((pages * PAGE_SIZE) as usize, &options)
         .unwrap();
-    vm.vfree(ptr.as_ptr()).unwrap();
+    // SAFETY: the area was made above for this scenario and is not used again.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
 }
 
 /// `fix_size_alloc_test`: vmalloc and vfree of `pages` pages.
@@ -132,13 +133,15 @@ pub fn full_fit_alloc(vm: &Manager<'_, impl TlbFlush>, pairs: usize) {
     for _ in 0..pairs {
         let junk = vm.vmalloc(one).unwrap();
         kept.push(vm.vmalloc(one).unwrap());
-        vm.vfree(junk.as_ptr()).unwrap();
+        // SAFETY: the area was made above for this scenario and is not used again.
+        unsafe { vm.vfree(junk.as_ptr()) }.unwrap();
     }
     for _ in 0..pairs {
         kept.push(vm.vmalloc(one).unwrap());
     }
     for ptr in kept {
-        vm.vfree(ptr.as_ptr()).unwrap();
+        // SAFETY: the area was made above for this scenario and is not used again.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
 }
 
@@ -183,7 +186,8 @@ pub fn align_shift_alloc(vm: &Manager<'_, impl TlbFlush>) -> u32 {
             ..VmOptions::default()
         };
         match vm.vmalloc_with(PAGE_SIZE as usize, &options) {
-            Ok(ptr) => vm.vfree(ptr.as_ptr()).unwrap(),
+            // SAFETY: the area was made above for this scenario and is not used again.
+            Ok(ptr) => unsafe { vm.vfree(ptr.as_ptr()) }.unwrap(),
             Err(error) => {
                 assert!(shift > 40, "alignment 2^{shift} refused: {error:?}");
                 refused += 1;
@@ -205,5 +209,6 @@ pub fn frames_for_vmap(frames: &SimFrames, count: usize) -> Vec<PhysFrame> {
 pub fn vm_map_ram(vm: &Manager<'_, impl TlbFlush>, frames: &[PhysFrame]) {
     // SAFETY: the frames are the caller's, held for the whole run.
     let ptr = unsafe { vm.vmap(frames, Prot::KERNEL_RW) }.unwrap();
-    vm.vunmap(ptr.as_ptr(), |_| ()).unwrap();
+    // SAFETY: the area was made above for this scenario and is not used again.
+    unsafe { vm.vunmap(ptr.as_ptr(), |_| ()) }.unwrap();
 }

@@ -375,7 +375,9 @@ impl<'a> KernelHeap<'a> {
                     None => self.slabs.free(class, ptr, Route::SHARED, backing.vmalloc),
                 }
             }
-        } else if backing.vmalloc.vfree(ptr).is_ok() {
+        // SAFETY: anything else is a block in a vmalloc area of its own, which the
+        // caller gives up.
+        } else if unsafe { backing.vmalloc.vfree(ptr) }.is_ok() {
             self.large_blocks.fetch_sub(1, Ordering::Relaxed);
             self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
         }
@@ -468,7 +470,9 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
                 && new_size >= self.config.large_threshold
             {
                 // A large block: the frames are remapped, not copied.
-                return match backing.vmalloc.vrealloc(ptr, new_size) {
+                // SAFETY: the caller gives up `ptr` unless it comes back (GlobalAlloc's
+                // contract), and the block is a vmalloc area of its own.
+                return match unsafe { backing.vmalloc.vrealloc(ptr, new_size) } {
                     Ok(moved) => {
                         self.large_bytes.fetch_add(new_size, Ordering::Relaxed);
                         self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);

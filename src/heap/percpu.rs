@@ -330,7 +330,8 @@ impl CpuCaches {
             Ok(_) => Some(unsafe { area.as_ref() }),
             Err(installed) => {
                 // An interrupt on this CPU made them first: use those.
-                let _ = vmalloc.vfree(area.as_ptr().cast());
+                // SAFETY: ours was never published; nothing refers to it.
+                let _ = unsafe { vmalloc.vfree(area.as_ptr().cast()) };
                 // SAFETY: published by the winner; it lives as long as the heap.
                 unsafe { installed.as_ref() }
             }

@@ -1,20 +1,24 @@
-//! Frees deferred from contexts that may not wait for the manager's lock.
+//! Frees deferred from contexts that may not wait for any lock.
 //!
-//! An interrupt handler that calls `vfree` while its CPU holds the manager's lock would
-//! spin forever on that lock. Linux's `vfree_atomic` pushes the area on a lock-free
-//! list drained later by a worker; here [`Vmalloc::vfree_atomic`] claims a slot of a
-//! fixed array with one compare-and-swap, and the next call that takes the lock frees
-//! every queued area before doing its own work. The slots hold only addresses, so a
-//! bad pointer cannot do harm: the drain checks each one as `vfree` would and counts
-//! the ones it refuses ([`VmallocStats::deferred_refused`]).
+//! A fault handler, an NMI, or code holding a lock of its own cannot wait for the
+//! manager's locks. Linux's `vfree_atomic` pushes the area on a lock-free list drained
+//! later by a worker; here [`Vmalloc::vfree_atomic`] claims a slot of a fixed array
+//! with one compare-and-swap and returns: it never waits and never starts a flush.
+//! The next call of any kind on the manager, the per-CPU fast paths included, frees
+//! every queued area before doing its own work, so a queued area waits at most one
+//! call. A full queue is refused ([`Error::WouldBlock`]) rather than drained by the
+//! pusher, which could mean waiting for a lock its own CPU holds. The slots hold only
+//! addresses, so a bad pointer cannot do harm: the drain checks each one as `vfree`
+//! would and counts the ones it refuses ([`VmallocStats::deferred_refused`]).
 //!
 //! [`Vmalloc::vfree_atomic`]: super::Vmalloc::vfree_atomic
 //! [`VmallocStats::deferred_refused`]: super::VmallocStats::deferred_refused
+//! [`Error::WouldBlock`]: crate::Error::WouldBlock
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Frees that can wait at once.
-pub(super) const SLOTS: usize = 64;
+pub const SLOTS: usize = 256;
 
 /// Addresses waiting to be freed; 0 is an empty slot.
 pub(super) struct DeferredFrees {
@@ -33,9 +37,11 @@ impl DeferredFrees {
     /// Queues `addr` (not 0); `false` when every slot is taken.
     pub(super) fn push(&self, addr: u64) -> bool {
         for slot in &self.slots {
-            if slot
-                .compare_exchange(0, addr, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+            // A plain read first: full slots are skipped without taking their line.
+            if slot.load(Ordering::Relaxed) == 0
+                && slot
+                    .compare_exchange(0, addr, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
             {
                 self.queued.fetch_add(1, Ordering::Release);
                 return true;

@@ -67,6 +67,7 @@ where
     /// `find_vm_area`), or `None`.
     pub fn find_vm_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
         if self.blocks.contains(addr.as_u64()) {
+            self.settle();
             return self.block_area(addr.as_u64()).map(|(area, _)| area.info());
         }
         let mut cx = self.lock();

@@ -15,12 +15,20 @@ use crate::paging::PageTables;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
+/// Each manager's identity: distinct for every manager made in the program's life,
+/// even one made at the address of a dropped one.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The vmalloc area manager. See the [module documentation](crate::vmalloc).
 pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
+    /// This manager's identity (see [`NEXT_ID`]): what a
+    /// [`StackCache`](super::StackCache) binds to.
+    pub(super) id: u64,
     pub(super) inner: spin::Mutex<Inner<F, M>>,
     pub(super) frames: F,
     pub(super) phys: M,
@@ -95,6 +103,7 @@ where
             deferred_refused: 0,
         };
         let mut vm = Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             inner: spin::Mutex::new(inner),
             frames,
             phys,
@@ -181,6 +190,7 @@ where
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
         let zero = options.flags.contains(VmFlags::ZERO);
+        self.settle();
         if Self::fits_a_block(options)
             && let Some(ptr) = self.alloc_in_block(pages, flags, zero, Location::caller())
         {
@@ -211,27 +221,42 @@ where
     /// [`Error::NotAllocated`] (never allocated, or freed already),
     /// [`Error::WrongKind`] for a `vmap` or `ioremap` area. Nothing changes on error.
     ///
+    /// # Safety
+    ///
+    /// If `ptr` starts a live area, nothing uses that area's memory after this call:
+    /// no reference, owner ([`VBox`](super::VBox), [`VBuffer`](super::VBuffer), the
+    /// kernel heap) or other pointer into it is used again, since its frames and
+    /// range go to new owners. A pointer that starts no live area of this manager is
+    /// refused with an error, which is safe.
+    ///
     /// [`reserve`]: Self::reserve
-    pub fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+    pub unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
         if self.blocks.contains(ptr as u64) {
-            return self.free_in_block(ptr as u64, false);
+            self.settle();
+            return self.free_in_block(ptr as u64, self.config.eager);
         }
         self.lock().vfree(ptr)
     }
 
-    /// Frees like [`vfree`](Self::vfree), from a context that may not wait for the
-    /// manager's lock: an interrupt or fault handler, perhaps one that interrupted
-    /// this manager on its own CPU (Linux's `vfree_atomic`). The area is queued with
-    /// one atomic operation and freed by the next call that takes the lock (see
-    /// [deferred frees](super::deferred)); it stays mapped until then, and a pointer
-    /// `vfree` would refuse is then refused silently, counted in
-    /// [`stats`](Self::stats).
+    /// Frees like [`vfree`](Self::vfree), from a context that may not wait for any
+    /// lock: an interrupt or fault handler, perhaps one that interrupted this
+    /// manager on its own CPU (Linux's `vfree_atomic`). The area is queued with one
+    /// compare-and-swap and freed by the next call of any kind on this manager, fast
+    /// paths included (see [deferred frees](super::deferred)); it stays mapped until
+    /// then. It never waits and never flushes. A pointer `vfree` would refuse is then
+    /// refused silently, counted in [`stats`](Self::stats).
     ///
     /// # Errors
     ///
     /// [`Error::NullPointer`], [`Error::NotInRegion`]; [`Error::WouldBlock`] when the
-    /// queue is full and the lock is busy (nothing was queued).
-    pub fn vfree_atomic(&self, ptr: *mut u8) -> Result<(), Error> {
+    /// queue is full (nothing was queued: keep the pointer and try again after the
+    /// next call, or `vfree` it from a context that may wait).
+    ///
+    /// # Safety
+    ///
+    /// As [`vfree`](Self::vfree), from the moment of the call: the area may be freed
+    /// at any time after it.
+    pub unsafe fn vfree_atomic(&self, ptr: *mut u8) -> Result<(), Error> {
         if ptr.is_null() {
             return Err(Error::NullPointer);
         }
@@ -239,12 +264,6 @@ where
         if !self.is_vmalloc_addr(addr) {
             return Err(Error::NotInRegion);
         }
-        if self.deferred.push(addr.as_u64()) {
-            return Ok(());
-        }
-        // Full: drain the queue ourselves if the lock is free, then queue again.
-        let guard = self.inner.try_lock().ok_or(Error::WouldBlock)?;
-        drop(self.enter(guard));
         if self.deferred.push(addr.as_u64()) {
             Ok(())
         } else {
@@ -296,7 +315,17 @@ where
     /// # Errors
     ///
     /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `vmap`.
-    pub fn vunmap(&self, ptr: *mut u8, mut on_frame: impl FnMut(PhysFrame)) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// As [`vfree`](Self::vfree): if `ptr` starts a live `vmap` area, nothing uses
+    /// the mapping after this call ([`VMapping`](super::VMapping) is the owner that
+    /// makes this safe).
+    pub unsafe fn vunmap(
+        &self,
+        ptr: *mut u8,
+        mut on_frame: impl FnMut(PhysFrame),
+    ) -> Result<(), Error> {
         let (start, pages) = {
             let mut cx = self.lock();
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmap])?;
@@ -372,19 +401,29 @@ where
         })
     }
 
-    /// Unmaps an `ioremap` area, given the exact pointer `ioremap` returned.
+    /// Unmaps an `ioremap` area, given the exact pointer `ioremap` returned, and
+    /// flushes the TLB for it before it returns.
     ///
     /// # Errors
     ///
     /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `ioremap`.
-    pub fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// As [`vfree`](Self::vfree): if `ptr` is what `ioremap` returned for a live
+    /// mapping, nothing uses the mapping after this call
+    /// ([`IoMapping`](super::IoMapping) is the owner that makes this safe).
+    pub unsafe fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
         let mut cx = self.lock();
         let page_start = ptr.map_addr(|addr| addr & !(PAGE_SIZE as usize - 1));
         let (start, record) = cx.live_area_at(page_start, &[AreaKind::Ioremap])?;
         if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
             return Err(Error::InteriorPointer);
         }
-        cx.retire(start, record);
+        // Flushed before it returns, as `vunmap`: the device range may be given to
+        // another driver (or remapped by its bus) as soon as the caller is done.
+        cx.unmap_now(page_range(start, 0..record.mapped_pages), false);
+        cx.remove_area(start);
         Ok(())
     }
 
@@ -399,6 +438,7 @@ where
             return Err(Error::NotInRegion);
         }
         if self.blocks.contains(addr.as_u64()) {
+            self.settle();
             return self.block_frame(addr.as_u64());
         }
         let cx = self.lock();
@@ -424,9 +464,18 @@ where
     /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
     /// `vmalloc` area), [`Error::WriteExecute`] for `WRITE | EXEC`. Nothing changes
     /// on error.
-    pub fn set_prot(&self, ptr: *mut u8, prot: Prot) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// If `ptr` starts a live area, no reference into it is used in a way `prot`
+    /// forbids: a `&mut` (or an owner that writes, such as [`VBuffer`](super::VBuffer)
+    /// or the kernel heap) into memory made read-only would fault on its next write,
+    /// and memory made executable runs whatever it holds. A pointer that starts no
+    /// live `vmalloc` area is refused with an error, which is safe.
+    pub unsafe fn set_prot(&self, ptr: *mut u8, prot: Prot) -> Result<(), Error> {
         let flags = prot.leaf_flags()?;
         if self.blocks.contains(ptr as u64) {
+            self.settle();
             return self.protect_in_block(ptr as u64, flags);
         }
         let mut cx = self.lock();
@@ -539,6 +588,15 @@ where
                 return self.enter(guard);
             }
             self.tlb.relax();
+        }
+    }
+
+    /// Frees what [`vfree_atomic`](Self::vfree_atomic) queued, at the start of a call
+    /// that may not take the manager's lock (taking it does this).
+    #[inline]
+    pub(super) fn settle(&self) {
+        if self.deferred.any() {
+            drop(self.lock());
         }
     }
 

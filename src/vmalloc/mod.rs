@@ -37,6 +37,127 @@
 //! [`areas`](Vmalloc::areas)) runs while the lock is held, so the kernel heap may be
 //! built on top without deadlock.
 //!
+//! # Owners and raw pointers
+//!
+//! The safe way to hold vmalloc memory is an owner that frees or unmaps it on drop:
+//! [`VBuffer`], [`VBox`], [`VMapping`] (`vmap`), [`IoMapping`] (`ioremap`),
+//! [`KernelStack`], and the kernel heap's blocks. The raw-pointer calls that free,
+//! move or change an area (`vfree`, `vfree_atomic`, `vrealloc`, `set_prot`,
+//! `vunmap`, `iounmap`) are `unsafe fn`s, so safe code holding an owner's pointer
+//! cannot free the area under it: each line below fails to compile (E0133, a call to
+//! an unsafe function), and compiles once an `unsafe` block vouches for it, as the
+//! last example shows. A bad pointer passed to them (never allocated, freed already,
+//! interior) is refused with an [`Error`](crate::Error) and changes nothing; what
+//! their `# Safety` sections ask is only that no reference into a live area
+//! survives its free.
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! let mut buffer = VBuffer::new(&vm, 4096).unwrap();
+//! vm.vfree(buffer.as_ptr()).unwrap();
+//! buffer[0] = b'X'; // would write into whoever owns the frame next
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! let buffer = VBuffer::new(&vm, 4096).unwrap();
+//! vm.vfree_atomic(buffer.as_ptr()).unwrap();
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! let buffer = VBuffer::new(&vm, 8192).unwrap();
+//! vm.vrealloc(buffer.as_ptr(), 4096).unwrap();
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! let buffer = VBuffer::new(&vm, 4096).unwrap();
+//! vm.set_prot(buffer.as_ptr(), Prot::READ).unwrap();
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # let mine = [frames.alloc_frame().unwrap()];
+//! let mapping = unsafe { VMapping::new(&vm, &mine, Prot::KERNEL_RW) }.unwrap();
+//! vm.vunmap(mapping.as_ptr(), |_| {}).unwrap();
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! let device = unsafe { IoMapping::new(&vm, PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached) }.unwrap();
+//! vm.iounmap(device.as_ptr()).unwrap();
+//! ```
+//!
+//! ```
+//! # use vmalloc::{FrameSource, Prot, Vmalloc, VmallocConfig};
+//! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
+//! # use vmalloc_sim::{SimConfig, SimMachine};
+//! # use x86_64::PhysAddr;
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let frames = machine.frames();
+//! # // SAFETY: the machine's page tables belong to this manager alone.
+//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # let mine = [frames.alloc_frame().unwrap()];
+//! // SAFETY: each area below is made here and not used after the call that frees
+//! // it; the mapped frame and the device range are this example's.
+//! unsafe {
+//!     vm.vfree(vm.vmalloc(4096)?.as_ptr())?;
+//!     vm.vfree_atomic(vm.vmalloc(4096)?.as_ptr())?;
+//!     let area = vm.vzalloc(8192)?;
+//!     let area = vm.vrealloc(area.as_ptr(), 4096)?;
+//!     vm.set_prot(area.as_ptr(), Prot::READ)?;
+//!     vm.vfree(area.as_ptr())?;
+//!     let mapping = vm.vmap(&mine, Prot::KERNEL_RW)?;
+//!     vm.vunmap(mapping.as_ptr(), |_| {})?;
+//!     let device = vm.ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached)?;
+//!     vm.iounmap(device.as_ptr())?;
+//! }
+//! # Ok::<(), vmalloc::Error>(())
+//! ```
+//!
 //! # Files
 //!
 //! | file | holds | uses |
@@ -88,5 +209,5 @@ pub use options::{
     CacheMode, DEFAULT_LAZY_THRESHOLD_PAGES, HUGE_PAGE_SIZE, Prot, VMALLOC_END, VMALLOC_SIZE,
     VMALLOC_START, VmFlags, VmOptions, VmallocConfig,
 };
-pub use owned::{VBox, VBuffer};
+pub use owned::{IoMapping, IoValue, VBox, VBuffer, VMapping};
 pub use stack::{KernelStack, StackCache};

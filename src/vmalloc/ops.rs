@@ -1,30 +1,40 @@
 //! The object-safe face of the manager that owners and the kernel heap hold.
 
 use super::manager::Vmalloc;
-use super::options::VmOptions;
+use super::options::{CacheMode, Prot, VmOptions};
+use crate::smp::Cpus;
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
+use x86_64::PhysAddr;
+use x86_64::structures::paging::PhysFrame;
 
-/// The allocation calls the owners and the kernel heap need from a
-/// [`Vmalloc`], object-safe so they can hold a `&dyn VmallocOps`
-/// whatever the manager's frame allocator, memory access and flush policy.
+/// The calls the owners ([`VBox`](super::VBox), [`VBuffer`](super::VBuffer),
+/// [`VMapping`](super::VMapping), [`IoMapping`](super::IoMapping)) and the kernel heap
+/// need from a [`Vmalloc`], object-safe so they can hold a `&dyn VmallocOps` whatever
+/// the manager's frame allocator, memory access and flush policy.
 ///
 /// # Safety
 ///
-/// The owners ([`VBox`](super::VBox), [`VBuffer`](super::VBuffer)) and the kernel heap write through the pointers
-/// these calls return, so an implementation promises, as [`Vmalloc`]
-/// does:
+/// The owners and the kernel heap read and write through the pointers these calls
+/// return, and hand them back only through these calls, so an implementation
+/// promises, as [`Vmalloc`] does:
 ///
 /// - `vmalloc_with` returns the start of `size` bytes (rounded up to pages), aligned to
-///   `options.align` (at least a page), mapped readable and writable when
+///   `options.align` (at least a page), mapped readable, and writable when
 ///   `options.prot` has `WRITE`, zeroed when `options.flags` has `ZERO`, and used by
-///   nothing else until `vfree` (or a moving `vrealloc`) gives them up;
-/// - `vrealloc` returns such a block of `new_size` bytes holding the old contents up
-///   to the smaller size, and the old pointer is no longer valid unless returned;
-/// - `reserve` returns a range of `size` bytes that nothing else uses, of which
-///   `populate` maps (readable and writable, zeroed when asked) the first bytes it
-///   reports, staying mapped until `vfree`;
-/// - a call that fails leaves every block as it was.
+///   nothing else until `vfree` (or a `vrealloc` that moves it) gives them up;
+/// - `vrealloc` returns such a block of `new_size` bytes, with the area's alignment,
+///   rights and zeroing kept, holding the old contents up to the smaller size; a
+///   block whose size it shrinks keeps its address; the old pointer is no longer
+///   valid unless it is the one returned;
+/// - `reserve` returns a range of `size` bytes aligned to `options.align` that nothing
+///   else uses, of which `populate` maps (readable and writable, zeroed when asked)
+///   the first bytes it reports, at least as many as asked, staying mapped until
+///   `vfree`;
+/// - `vmap` maps the given frames in order and `ioremap` the given physical range,
+///   each at a range nothing else uses, until `vunmap` or `iounmap`;
+/// - a call that fails leaves every block and mapping as it was;
+/// - `cpus`, when it answers, upholds [`Cpus`]'s contract for the CPUs that call.
 pub unsafe trait VmallocOps: Sync {
     /// See [`Vmalloc::vmalloc_with`](super::Vmalloc::vmalloc_with).
     ///
@@ -39,14 +49,22 @@ pub unsafe trait VmallocOps: Sync {
     /// # Errors
     ///
     /// As there.
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error>;
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error>;
 
     /// See [`Vmalloc::vrealloc`](super::Vmalloc::vrealloc).
     ///
     /// # Errors
     ///
     /// As there.
-    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error>;
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error>;
 
     /// See [`Vmalloc::reserve`](super::Vmalloc::reserve).
     ///
@@ -63,16 +81,94 @@ pub unsafe trait VmallocOps: Sync {
     /// As there.
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
 
+    /// See [`Vmalloc::vmap`](super::Vmalloc::vmap). The default refuses
+    /// ([`Error::WrongKind`]): the heap never calls it.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    #[track_caller]
+    unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
+        let _ = (frames, prot);
+        Err(Error::WrongKind)
+    }
+
+    /// See [`Vmalloc::vunmap`](super::Vmalloc::vunmap). The default refuses
+    /// ([`Error::WrongKind`]): the heap never calls it.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn vunmap(
+        &self,
+        ptr: *mut u8,
+        on_frame: &mut dyn FnMut(PhysFrame),
+    ) -> Result<(), Error> {
+        let _ = (ptr, on_frame);
+        Err(Error::WrongKind)
+    }
+
+    /// See [`Vmalloc::ioremap`](super::Vmalloc::ioremap). The default refuses
+    /// ([`Error::WrongKind`]): the heap never calls it.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    #[track_caller]
+    unsafe fn ioremap(
+        &self,
+        phys: PhysAddr,
+        size: usize,
+        cache: CacheMode,
+    ) -> Result<NonNull<u8>, Error> {
+        let _ = (phys, size, cache);
+        Err(Error::WrongKind)
+    }
+
+    /// See [`Vmalloc::iounmap`](super::Vmalloc::iounmap). The default refuses
+    /// ([`Error::WrongKind`]): the heap never calls it.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
+        let _ = ptr;
+        Err(Error::WrongKind)
+    }
+
     /// Called by a CPU spinning for a lock whose holder may be inside one of these
     /// calls, waiting for this CPU to flush: serves the flush requests sent to this
     /// CPU ([`TlbFlush::relax`]), as the manager's own lock waits do.
     fn relax(&self) {
         core::hint::spin_loop();
     }
+
+    /// The kernel's CPUs as the manager's flush policy knows them
+    /// ([`TlbFlush::cpus`]): how the heap holds off interrupts around its locks.
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        None
+    }
 }
 
-// SAFETY: each method forwards to the manager, whose areas are mapped read-write (or
-// as asked), aligned as asked, and exclusively the caller's until freed.
+// SAFETY: each method forwards to the manager, whose areas are mapped as asked,
+// aligned as asked, and exclusively the caller's until freed; `cpus` is the flush
+// policy's, which the manager's own contract makes the kernel's.
 unsafe impl<F, M, T> VmallocOps for Vmalloc<F, M, T>
 where
     F: FrameSource + Clone + Send + Sync,
@@ -83,11 +179,13 @@ where
     fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         Vmalloc::vmalloc_with(self, size, options)
     }
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        Vmalloc::vfree(self, ptr)
+    unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::vfree(self, ptr) }
     }
-    fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
-        Vmalloc::vrealloc(self, ptr, new_size)
+    unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::vrealloc(self, ptr, new_size) }
     }
     #[track_caller]
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
@@ -96,7 +194,37 @@ where
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         Vmalloc::populate(self, ptr, bytes)
     }
+    #[track_caller]
+    unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::vmap(self, frames, prot) }
+    }
+    unsafe fn vunmap(
+        &self,
+        ptr: *mut u8,
+        on_frame: &mut dyn FnMut(PhysFrame),
+    ) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::vunmap(self, ptr, on_frame) }
+    }
+    #[track_caller]
+    unsafe fn ioremap(
+        &self,
+        phys: PhysAddr,
+        size: usize,
+        cache: CacheMode,
+    ) -> Result<NonNull<u8>, Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::ioremap(self, phys, size, cache) }
+    }
+    unsafe fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::iounmap(self, ptr) }
+    }
     fn relax(&self) {
         self.tlb.relax();
+    }
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        self.tlb.cpus()
     }
 }

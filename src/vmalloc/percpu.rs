@@ -848,6 +848,7 @@ where
     /// or, when the flush policy names no CPUs and all share one cache, by another
     /// CPU.
     pub fn drain_cpu_caches(&self) -> bool {
+        self.settle();
         let mut released = false;
         self.each_cache(|cache, state| {
             released |= state.lazy_len > 0 || state.cached > 0 || state.block.is_some();
@@ -962,14 +963,18 @@ where
         Ok(())
     }
 
-    /// `vrealloc` of the live area at `addr` in the zone: a new area with the same
-    /// rights (zeroed if the old one was), the contents copied, the old area freed.
+    /// `vrealloc` of the live area at `addr` in the zone. A shrink stays in place: the
+    /// dropped pages are unmapped and flushed before it returns, as a tree area's
+    /// are. A growth makes a new area with the same rights (zeroed if the old one
+    /// was), copies the contents, and frees the old area with its flush done before
+    /// it returns, as a tree area's move does.
     pub(super) fn realloc_from_block(
         &self,
         addr: u64,
         new_size: usize,
     ) -> Result<NonNull<u8>, Error> {
-        let (_, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let (index, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let new_pages = (new_size as u64).div_ceil(PAGE_SIZE);
         let (pages, zeroed, flags) = {
             let state = self.lock_block(block);
             let (first, pages) = state.area_at(block, addr)?;
@@ -978,6 +983,15 @@ where
             let flags = PageTableFlags::from_bits_truncate(raw & !ADDR_MASK);
             (pages as u64, state.len[first] & ZEROED != 0, flags)
         };
+        if new_pages <= pages {
+            self.shrink_in_block(index, addr, new_pages as usize)?;
+            if zeroed {
+                // What the shrink drops reads as zero if the area grows back.
+                self.zero_block_bytes(addr, new_size as u64, new_pages * PAGE_SIZE)?;
+            }
+            // SAFETY: the zone lies in the region, which never holds address 0.
+            return Ok(unsafe { NonNull::new_unchecked(addr as *mut u8) });
+        }
         let mut prot = Prot::READ;
         if flags.contains(PageTableFlags::WRITABLE) {
             prot |= Prot::WRITE;
@@ -995,18 +1009,75 @@ where
             ..VmOptions::default()
         };
         let new = self.vmalloc_with(new_size, &options)?;
-        let copied = self.copy_area(
-            addr,
-            new.as_ptr() as u64,
-            (pages * PAGE_SIZE).min(new_size as u64),
-        );
-        let freed = copied.and_then(|()| self.free_in_block(addr, false));
+        let copied = self.copy_area(addr, new.as_ptr() as u64, pages * PAGE_SIZE);
+        let freed = copied.and_then(|()| self.free_in_block(addr, true));
         if let Err(error) = freed {
             // The old area changed under us (freed by someone else): keep nothing.
-            let _ = self.vfree(new.as_ptr());
+            // SAFETY: `new` was made above and handed to nobody.
+            let _ = unsafe { self.vfree(new.as_ptr()) };
             return Err(error);
         }
         Ok(new)
+    }
+
+    /// Shrinks the live area at `addr` in block `index` to `new_pages` pages in place:
+    /// the dropped pages' entries are cleared, flushed at once, and their frames and
+    /// pages freed; the first dropped page becomes the guard.
+    fn shrink_in_block(&self, index: usize, addr: u64, new_pages: usize) -> Result<(), Error> {
+        let block = self.blocks.block(index);
+        let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
+        let (first, dropped) = {
+            let mut state = self.lock_block(block);
+            let (first, pages) = state.area_at(block, addr)?;
+            let dropped = pages.saturating_sub(new_pages);
+            for (i, frame) in frames[..dropped].iter_mut().enumerate() {
+                // SAFETY: the entry lies in the block's leaf table, under its lock;
+                // the area is live, so the entry maps its frame.
+                let raw = unsafe { entry(block, first + new_pages + i).replace(0) };
+                *frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+            }
+            state.len[first] = new_pages as u8 | state.len[first] & ZEROED;
+            state.live -= dropped;
+            state.dirty += dropped;
+            (first, dropped)
+        };
+        if dropped == 0 {
+            return Ok(());
+        }
+        let cut = Page::containing_address(VirtAddr::new(addr)) + new_pages as u64;
+        self.tlb.flush_range(Page::range(cut, cut + dropped as u64));
+        let mut state = self.lock_block(block);
+        // The pages past the new guard page are free again.
+        state.set_free(first + new_pages + 1, dropped, true);
+        state.dirty -= dropped;
+        self.blocks.mark(index, &state);
+        drop(state);
+        // The frames were ours and are flushed; a refusal has no better answer.
+        let _ = self.frames.free_frames(&frames[..dropped]);
+        self.blocks
+            .data
+            .fetch_sub(dropped as i64, Ordering::Relaxed);
+        self.blocks
+            .live_pages
+            .fetch_sub(dropped as i64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Zeroes bytes `[from, to)` of the live area at `addr` in the zone, through
+    /// `PhysMemory`.
+    fn zero_block_bytes(&self, addr: u64, from: u64, to: u64) -> Result<(), Error> {
+        let mut offset = from;
+        while offset < to {
+            let in_page = offset % PAGE_SIZE;
+            let len = (PAGE_SIZE - in_page).min(to - offset);
+            let frame = self.block_frame(addr + offset)?;
+            let ptr = self.phys.phys_to_virt(frame.start_address() + in_page);
+            // SAFETY: a frame of a live area of the caller's, reachable through
+            // `PhysMemory`; the range stays within it.
+            unsafe { core::ptr::write_bytes(ptr, 0, len as usize) };
+            offset += len;
+        }
+        Ok(())
     }
 
     /// Copies `bytes` from the area at `from` (in the zone) to the area at `to`,

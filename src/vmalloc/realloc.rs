@@ -26,10 +26,19 @@ where
     ///
     /// As [`vfree`](Self::vfree) for `ptr`, as [`vmalloc`](Self::vmalloc) for
     /// `new_size`. On error the old area is untouched and nothing changed.
-    pub fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
+    ///
+    /// # Safety
+    ///
+    /// If `ptr` starts a live area, nothing uses it through `ptr` (or any reference
+    /// or pointer into it) after the call unless the call fails or returns `ptr`
+    /// itself: a moved area's old range goes to new owners, and a shrink takes the
+    /// pages past `new_size` away. A pointer that starts no live `vmalloc` area is
+    /// refused with an error, which is safe.
+    pub unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
         let new_pages = self.pages_for(new_size as u64)?;
         let new_bytes = new_size as u64;
         if self.blocks.contains(ptr as u64) {
+            self.settle();
             return self.realloc_from_block(ptr as u64, new_size);
         }
         self.transact(|cx| {

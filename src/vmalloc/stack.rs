@@ -11,7 +11,10 @@
 //!
 //! Making a stack maps pages and freeing one needs a TLB flush, so a kernel that
 //! creates threads often keeps a few freed stacks: a [`StackCache`] holds two per CPU
-//! (Linux's `NR_CACHED_STACKS`), and a stack it hands out again is zeroed first.
+//! (Linux's `NR_CACHED_STACKS`), and a stack it hands out again is zeroed first. A
+//! cache serves the first manager it is used with and refuses every other
+//! ([`Error::WrongManager`]), a manager made later at the same address included: a
+//! stack it keeps is a live area of that manager alone.
 
 use super::area::{AreaKind, AreaRecord};
 use super::manager::Vmalloc;
@@ -179,9 +182,11 @@ trait Park: Sync {
 }
 
 /// Freed stacks kept per CPU for the next [`alloc`](Self::alloc) on that CPU; see the
-/// [module docs](self). One cache serves one manager.
+/// [module docs](self). One cache serves one manager: the first it is used with.
 pub struct StackCache<C: Cpus> {
     cpus: C,
+    /// The identity of the manager the cache serves; 0 before its first use.
+    manager: AtomicU64,
     /// Each slot: a cached stack's base with log2 of its size in the low bits, or 0.
     slots: [[AtomicU64; CACHED_PER_CPU]; MAX_CPUS],
 }
@@ -191,6 +196,7 @@ impl<C: Cpus> StackCache<C> {
     pub const fn new(cpus: C) -> Self {
         Self {
             cpus,
+            manager: AtomicU64::new(0),
             slots: [const { [const { AtomicU64::new(0) }; CACHED_PER_CPU] }; MAX_CPUS],
         }
     }
@@ -201,7 +207,8 @@ impl<C: Cpus> StackCache<C> {
     ///
     /// # Errors
     ///
-    /// As [`Vmalloc::alloc_stack`].
+    /// [`Error::WrongManager`] if the cache serves another manager; otherwise as
+    /// [`Vmalloc::alloc_stack`].
     #[track_caller]
     pub fn alloc<'a, F, M, T>(
         &'a self,
@@ -213,6 +220,7 @@ impl<C: Cpus> StackCache<C> {
         M: PhysMemory + Copy,
         T: TlbFlush,
     {
+        self.serve(vmalloc.id)?;
         for slot in self.slots_here() {
             let packed = slot.swap(0, Ordering::AcqRel);
             if packed == 0 {
@@ -234,17 +242,35 @@ impl<C: Cpus> StackCache<C> {
     }
 
     /// Gives every cached stack back to `vmalloc`.
-    pub fn drain<F, M, T>(&self, vmalloc: &Vmalloc<F, M, T>)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WrongManager`] if the cache serves another manager (nothing changes).
+    pub fn drain<F, M, T>(&self, vmalloc: &Vmalloc<F, M, T>) -> Result<(), Error>
     where
         F: FrameSource + Clone,
         M: PhysMemory + Copy,
         T: TlbFlush,
     {
+        self.serve(vmalloc.id)?;
         for slot in self.slots.iter().flatten() {
             let packed = slot.swap(0, Ordering::AcqRel);
             if packed != 0 {
                 let _ = vmalloc.free_stack(unpack(packed).0);
             }
+        }
+        Ok(())
+    }
+
+    /// Binds the cache to the manager `id` on first use; refuses any other after.
+    fn serve(&self, id: u64) -> Result<(), Error> {
+        match self
+            .manager
+            .compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Ok(()),
+            Err(bound) if bound == id => Ok(()),
+            Err(_) => Err(Error::WrongManager),
         }
     }
 

@@ -130,7 +130,8 @@ fn large_on_fragmented(ctx: &Ctx) -> Outcome {
     let vm = mm::vmalloc();
     let ptr = vm.vmalloc(SIZE).map_err(|_| "vmalloc of 48 MiB failed")?;
     let outcome = fill_and_verify_scattered(ctx, ptr.as_ptr(), SIZE);
-    vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr.as_ptr()) }.map_err(|_| "vfree failed")?;
     vm.purge();
     outcome
 }
@@ -182,7 +183,8 @@ pub fn vzalloc_zeroed(_ctx: &mut Ctx) -> Outcome {
             .vmalloc_to_frame(addr(dirty.as_ptr()) + (page * PAGE) as u64)
             .map_err(|_| "vmalloc_to_frame failed")?;
     }
-    vm.vfree(dirty.as_ptr()).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(dirty.as_ptr()) }.map_err(|_| "vfree failed")?;
     vm.purge();
     let zeroed = vm.vzalloc(PAGES * PAGE).map_err(|_| "vzalloc failed")?;
     let mut reused = 0;
@@ -193,7 +195,8 @@ pub fn vzalloc_zeroed(_ctx: &mut Ctx) -> Outcome {
     // SAFETY: a live area of PAGES pages.
     let bytes = unsafe { core::slice::from_raw_parts(zeroed.as_ptr(), PAGES * PAGE) };
     let all_zero = bytes.iter().all(|&b| b == 0);
-    vm.vfree(zeroed.as_ptr()).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(zeroed.as_ptr()) }.map_err(|_| "vfree failed")?;
     ensure(reused > 0, "vzalloc reused none of the dirtied frames")?;
     ensure(all_zero, "vzalloc memory is not zero")
 }
@@ -242,7 +245,8 @@ fn area_beside_neighbour(
 
 fn vfree_all(ptrs: &[*mut u8]) -> Outcome {
     let vm = mm::vmalloc();
-    let freed = ptrs.iter().all(|&ptr| vm.vfree(ptr).is_ok());
+    // SAFETY: the check made this area and does not use it again.
+    let freed = ptrs.iter().all(|&ptr| unsafe { vm.vfree(ptr) }.is_ok());
     vm.purge();
     ensure(freed, "vfree failed")
 }
@@ -277,7 +281,8 @@ fn faults_after_free(ptr: *mut u8) -> Outcome {
             word.read_volatile() == index as u64
         };
     }
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     ensure(cached, "the area did not read back what was written")?;
     ensure(
         vm.stats().pending_purge_pages == (TOUCHED_PAGES + 1) as u64,
@@ -395,7 +400,8 @@ pub fn readonly_write_faults(_ctx: &mut Ctx) -> Outcome {
     let at = addr(ptr) + 8u64;
     // SAFETY: a live area of ours; a fault is recovered.
     let (read, write) = unsafe { (probe_read(at), probe_write(at, 1)) };
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     vm.purge();
     ensure(read.is_ok(), "reading a read-only area faulted")?;
     let write = write.err().ok_or("writing a read-only area succeeded")?;
@@ -418,10 +424,12 @@ fn set_prot_read_only() -> Outcome {
     let at = addr(ptr) + 8u64;
     // SAFETY: a live area of ours, read-write until `set_prot`; faults are recovered.
     let before = unsafe { probe_write(at, 1) };
-    let changed = vm.set_prot(ptr, Prot::READ);
+    // SAFETY: the check made this area and does not use it again.
+    let changed = unsafe { vm.set_prot(ptr, Prot::READ) };
     // SAFETY: as above.
     let after = unsafe { probe_write(at, 2) };
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     vm.purge();
     ensure(
         before.is_ok() && changed.is_ok(),
@@ -481,14 +489,16 @@ pub fn vmalloc_huge(ctx: &mut Ctx) -> Outcome {
     // the words before the cut still read back, the page after it faults (its 2 MiB
     // translation, cached by the writes above, was flushed).
     const CUT: usize = 3 * MIB;
-    let shrunk = vm.vrealloc(ptr, CUT).map(|p| p.as_ptr() == ptr);
+    // SAFETY: the check made this area and does not use it again.
+    let shrunk = unsafe { vm.vrealloc(ptr, CUT) }.map(|p| p.as_ptr() == ptr);
     let split = [0, 2 * MIB].map(|offset| level(start + offset as u64)) == [Some(2), Some(1)];
     // SAFETY: as above, below the cut.
     let kept =
         (0..CUT / 8).all(|i| unsafe { base.add(i).read_volatile() } == i as u64 ^ 0x2_0000_0000);
     // SAFETY: past the cut; the fault is recovered.
     let past_cut = unsafe { probe_read(start + CUT as u64 + 8) };
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     vm.purge();
     // SAFETY: the freed area; the fault is recovered.
     let after_free = unsafe { probe_read(start + MIB as u64) };
@@ -549,7 +559,8 @@ pub fn no_frame_reused_before_purge(_ctx: &mut Ctx) -> Outcome {
             Err(_) => found = false,
         }
     }
-    vm.vfree(ptr.as_ptr()).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr.as_ptr()) }.map_err(|_| "vfree failed")?;
     let is_free = |frame: &PhysFrame| mm::frames().is_free(*frame);
     let none_before = frames.iter().all(|frame| is_free(frame) == Ok(false));
     vm.purge();
@@ -648,7 +659,8 @@ fn area_made_after_copy(copy: PhysFrame) -> Outcome {
         // SAFETY: the area's pages; a fault is recovered.
         (0..PAGES).all(|index| unsafe { read_walked(page(index)) } == Ok(value(index)))
     });
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     vm.purge();
     // SAFETY: the freed area's first page; a fault is recovered.
     let after = in_address_space(copy, || unsafe { read_walked(start) });
@@ -674,7 +686,8 @@ pub fn nx_faults(_ctx: &mut Ctx) -> Outcome {
     unsafe { ptr.write_volatile(0xc3) };
     // SAFETY: the target is a `ret`; the NX fetch fault is recovered.
     let result = unsafe { probe_exec(addr(ptr)) };
-    vm.vfree(ptr).map_err(|_| "vfree failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.vfree(ptr) }.map_err(|_| "vfree failed")?;
     let fetch = PageFaultErrorCode::INSTRUCTION_FETCH | PageFaultErrorCode::PROTECTION_VIOLATION;
     ensure(
         result.is_err_and(|fault| fault.addr == addr(ptr) && fault.code.contains(fetch)),
@@ -709,7 +722,8 @@ pub fn ioremap_apic(ctx: &mut Ctx) -> Outcome {
         .cast::<u32>();
     // SAFETY: the physical map covers the APIC (checked above); the register is read-only.
     let direct = unsafe { direct.read_volatile() };
-    vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
+    // SAFETY: the check made this area and does not use it again.
+    unsafe { vm.iounmap(mmio.as_ptr()) }.map_err(|_| "iounmap failed")?;
     vm.purge();
     ensure(
         remapped == direct,
@@ -739,7 +753,8 @@ fn ioremap_refuses_ram() -> Outcome {
     // it is gone (unmapped and flushed) before the frame goes back.
     let result = unsafe { vm.ioremap(ram.start_address(), PAGE, CacheMode::Uncached) };
     if let Ok(mmio) = result {
-        vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
+        // SAFETY: the check made this area and does not use it again.
+        unsafe { vm.iounmap(mmio.as_ptr()) }.map_err(|_| "iounmap failed")?;
         vm.purge();
     }
     free_all(&[ram])?;
@@ -970,10 +985,12 @@ fn stress_free(slot: &Slot) -> Outcome {
     ensure(pages_intact(slot), "area content changed")?;
     let vm = mm::vmalloc();
     match slot.kind {
-        Kind::Vmalloc => vm.vfree(slot.ptr).map_err(|_| "vfree failed"),
+        // SAFETY: the check made this area and does not use it again.
+        Kind::Vmalloc => unsafe { vm.vfree(slot.ptr) }.map_err(|_| "vfree failed"),
         Kind::Vmap => {
             let mut freed = true;
-            vm.vunmap(slot.ptr, |frame| freed &= mm::frames().free(frame).is_ok())
+            // SAFETY: the check made this area and does not use it again.
+            unsafe { vm.vunmap(slot.ptr, |frame| freed &= mm::frames().free(frame).is_ok()) }
                 .map_err(|_| "vunmap failed")?;
             ensure(freed, "a vunmapped frame was not the caller's")
         }
@@ -983,9 +1000,9 @@ fn stress_free(slot: &Slot) -> Outcome {
 fn stress_realloc(slot: &mut Slot, rng: &mut XorShift) -> Outcome {
     ensure(pages_intact(slot), "area content changed before vrealloc")?;
     let pages = 1 + rng.below(2 * MAX_PAGES) as usize;
-    let ptr = mm::vmalloc()
-        .vrealloc(slot.ptr, pages * PAGE)
-        .map_err(|_| "vrealloc failed")?;
+    // SAFETY: the slot's area is this check's; its old pointer is replaced below.
+    let ptr =
+        unsafe { mm::vmalloc().vrealloc(slot.ptr, pages * PAGE) }.map_err(|_| "vrealloc failed")?;
     let kept = slot.pages.min(pages);
     *slot = Slot {
         ptr: ptr.as_ptr(),

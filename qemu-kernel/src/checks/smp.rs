@@ -108,7 +108,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         let frame = vm
             .vmalloc_to_frame(old)
             .map_err(|_| "vmalloc_to_frame failed")?;
-        vm.vfree(old.as_mut_ptr()).map_err(|_| "vfree failed")?;
+        // SAFETY: the check made this area and does not use it again.
+        unsafe { vm.vfree(old.as_mut_ptr()) }.map_err(|_| "vfree failed")?;
         vm.purge();
         ensure(
             mm::frames().alloc_from(frame) == Some(frame),
@@ -240,7 +241,8 @@ pub fn smp_crossing_purges(_ctx: &mut Ctx) -> Outcome {
                 };
                 // SAFETY: the first word of a live area.
                 unsafe { ptr.as_ptr().cast::<u64>().write_volatile(round) };
-                if vm.vfree(ptr.as_ptr()).is_err() {
+                // SAFETY: the check made this area and does not use it again.
+                if unsafe { vm.vfree(ptr.as_ptr()) }.is_err() {
                     return error.report(Err("vfree failed"));
                 }
                 vm.purge();

@@ -30,7 +30,7 @@ unsafe impl VmallocOps for HostAreas {
             .push((area.as_ptr() as usize, layout));
         Ok(area)
     }
-    fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+    unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
         let mut areas = self.areas.lock().unwrap();
         let index = areas
             .iter()
@@ -41,7 +41,7 @@ unsafe impl VmallocOps for HostAreas {
         unsafe { std::alloc::dealloc(ptr, layout) };
         Ok(())
     }
-    fn vrealloc(&self, _: *mut u8, _: usize) -> Result<NonNull<u8>, Error> {
+    unsafe fn vrealloc(&self, _: *mut u8, _: usize) -> Result<NonNull<u8>, Error> {
         Err(Error::WrongKind)
     }
     fn reserve(&self, _: usize, _: &VmOptions) -> Result<NonNull<u8>, Error> {

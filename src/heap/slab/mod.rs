@@ -542,8 +542,9 @@ impl Slabs {
         state.slabs -= 1;
         self.empty_bytes
             .fetch_sub(geometry.slab_bytes, Ordering::Relaxed);
-        // The slab is a vmalloc area of its own, and no object of it is in use.
-        let _ = vmalloc.vfree(slab.cast());
+        // SAFETY: the slab is a vmalloc area of its own, off every list, and no
+        // object of it is in use.
+        let _ = unsafe { vmalloc.vfree(slab.cast()) };
     }
 
     /// An object from the head of partial list `list`, else from the last emptied
