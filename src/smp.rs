@@ -163,18 +163,23 @@ impl CpuSet {
 /// # Safety
 ///
 /// [`Shootdown`] relies on these answers to decide which TLBs are flushed, and the
-/// kernel heap's per-CPU magazines on them to touch a CPU's magazines from that CPU
-/// alone:
+/// library's per-CPU state (the kernel heap's magazines, the vmalloc manager's CPU
+/// caches) on them to touch a CPU's state from that CPU alone:
 ///
 /// - [`current`](Self::current) is the index (below [`MAX_CPUS`]) of the CPU running
-///   the caller, distinct for each CPU, and does not change while the caller runs (a
-///   kernel that migrates threads calls the library with preemption disabled);
+///   the caller, distinct for each CPU;
+/// - the caller stays on that CPU from [`irq_save`](Self::irq_save) to the matching
+///   [`irq_restore`](Self::irq_restore): `irq_save` holds off interrupts on the
+///   calling CPU and, in a kernel that preempts, task switches (no migration, no
+///   other task on the CPU) until then; the library reads `current` only in between.
+///   The defaults execute `pushf`/`cli`/`sti`, so an implementation running outside
+///   ring 0 (a host test) overrides both;
 /// - [`online`](Self::online) contains every CPU that may hold a translation of kernel
 ///   memory (every CPU that runs on the kernel's page tables); a CPU leaves it only
 ///   after flushing its own TLB and after its last call into the library returned,
 ///   with a release (or stronger) update, and joins it with a sequentially consistent
-///   read-modify-write (any locked instruction on x86) before it calls the library
-///   again;
+///   read-modify-write (any locked instruction on x86) before it flushes its own TLB
+///   and calls the library again;
 /// - [`send_ipi`](Self::send_ipi) makes each target CPU run
 ///   [`Shootdown::handle_ipi`] eventually (or the target polls it, see the
 ///   [module documentation](self#allowed-cpu-states)).
@@ -187,6 +192,46 @@ pub unsafe trait Cpus: Sync {
 
     /// Interrupts each CPU in `targets` with the shootdown vector.
     fn send_ipi(&self, targets: CpuSet);
+
+    /// Holds off interrupts (and task switches) on the calling CPU until the matching
+    /// [`irq_restore`](Self::irq_restore), and says what to restore: Linux's
+    /// `local_irq_save`. The library calls it before it takes any lock an interrupt
+    /// handler can reach, and around its per-CPU state. Calls nest.
+    ///
+    /// The default reads RFLAGS.IF and executes `cli`: ring 0 only. A kernel that
+    /// counts preemption disables it here too, or keeps interrupts as its only way
+    /// to preempt.
+    fn irq_save(&self) -> IrqState {
+        let enabled = x86_64::instructions::interrupts::are_enabled();
+        x86_64::instructions::interrupts::disable();
+        IrqState::new(u64::from(enabled))
+    }
+
+    /// Undoes the matching [`irq_save`](Self::irq_save): Linux's
+    /// `local_irq_restore`. The default executes `sti` if interrupts were enabled.
+    fn irq_restore(&self, state: IrqState) {
+        if state.bits() & 1 != 0 {
+            x86_64::instructions::interrupts::enable();
+        }
+    }
+}
+
+/// What [`Cpus::irq_save`] saved, for [`Cpus::irq_restore`]: the defaults keep
+/// whether interrupts were enabled in bit 0; a kernel's own implementation may keep
+/// anything in the bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IrqState(u64);
+
+impl IrqState {
+    /// A state holding `bits`.
+    pub const fn new(bits: u64) -> Self {
+        Self(bits)
+    }
+
+    /// The bits the state holds.
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
 }
 
 // SAFETY: forwards to an implementation that upholds the contract.
@@ -199,6 +244,12 @@ unsafe impl<C: Cpus + ?Sized> Cpus for &C {
     }
     fn send_ipi(&self, targets: CpuSet) {
         (**self).send_ipi(targets)
+    }
+    fn irq_save(&self) -> IrqState {
+        (**self).irq_save()
+    }
+    fn irq_restore(&self, state: IrqState) {
+        (**self).irq_restore(state)
     }
 }
 

@@ -63,10 +63,13 @@ pub trait TlbFlush {
         core::hint::spin_loop();
     }
 
-    /// The kernel's CPUs, when this policy knows them (a [`Shootdown`] does): the
-    /// vmalloc manager's per-CPU caches use [`Cpus::current`] to pick the calling
-    /// CPU's cache. `None`, the default, gives every CPU the same one. The answer is
-    /// trusted for speed only: every cache has its own lock.
+    /// The kernel's CPUs, when this policy knows them (a [`Shootdown`] does, and an
+    /// [`InvlpgFlush`] answers as the one CPU of a uniprocessor kernel). The library
+    /// holds off interrupts through them ([`Cpus::irq_save`]) around every lock an
+    /// interrupt handler can reach, and the vmalloc manager's per-CPU caches use
+    /// [`Cpus::current`] to pick the calling CPU's cache. `None`, the default, is for
+    /// code no interrupt handler calls into (host tests): no interrupts are held off,
+    /// and every CPU shares one cache.
     ///
     /// [`Shootdown`]: crate::smp::Shootdown
     fn cpus(&self) -> Option<&dyn Cpus> {
@@ -127,7 +130,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
 /// flush toggles `CR4.PGE` when global pages are enabled (reloading CR3 alone keeps
 /// global translations, which kernel mappings often are) and reloads CR3 otherwise.
 ///
-/// This flushes only the CPU it runs on; SMP kernels wrap it in a shootdown.
+/// This flushes only the CPU it runs on; SMP kernels wrap it in a shootdown. It
+/// answers [`TlbFlush::cpus`] as the one CPU of a uniprocessor kernel, holding off
+/// interrupts with `cli`.
 #[derive(Debug, Clone, Copy)]
 pub struct InvlpgFlush {
     ceiling: u64,
@@ -159,8 +164,32 @@ impl InvlpgFlush {
     }
 }
 
+/// The one CPU of a uniprocessor kernel: index 0, always online, no IPIs, and
+/// interrupts held off with `cli` (the [`Cpus`] defaults).
+struct OneCpu;
+
+// SAFETY: only reachable through an `InvlpgFlush`, whose constructor's contract puts
+// the caller in ring 0 (so the default `cli`/`sti` may run); the kernel has one CPU,
+// index 0, online while it runs, and nothing to interrupt with a shootdown.
+unsafe impl Cpus for OneCpu {
+    fn current(&self) -> usize {
+        0
+    }
+    fn online(&self) -> crate::smp::CpuSet {
+        crate::smp::CpuSet::first(1)
+    }
+    fn send_ipi(&self, _: crate::smp::CpuSet) {}
+}
+
 #[cfg(target_arch = "x86_64")]
 impl TlbFlush for InvlpgFlush {
+    /// The calling CPU alone, holding off interrupts with `cli`: an `InvlpgFlush`
+    /// runs in ring 0 (its constructor's contract). An SMP kernel wraps it in a
+    /// [`Shootdown`](crate::smp::Shootdown), which answers with the kernel's CPUs.
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        Some(&OneCpu)
+    }
+
     fn flush_page(&self, page: Page<Size4KiB>) {
         x86_64::instructions::tlb::flush(page.start_address());
     }

@@ -11,15 +11,34 @@
 //! access or [`poll`](SimCpu::poll), the way a CPU takes an interrupt between
 //! instructions. So delivery is asynchronous: a target that never touches memory never
 //! takes it.
+//!
+//! # Interrupts on and off
+//!
+//! Each CPU has an interrupt flag (RFLAGS.IF), on at first. [`Cpus::irq_save`] turns it
+//! off and [`Cpus::irq_restore`] back on, as `cli` and `sti` do; a handler runs with
+//! it off. While it is off, interrupts wait: an IPI stays pending, and is taken
+//! when `irq_restore` turns the flag on again.
+//!
+//! # Interrupt points
+//!
+//! A test can interrupt a CPU at a point of its choosing inside a library call
+//! ([`SimCpu::interrupt_after`]). The points are the calls the library makes into
+//! the machine on that CPU: [`Cpus::current`], `irq_save` (before the flag goes off)
+//! and `irq_restore` (after it comes on), each [`TlbFlush`] method, frame allocation
+//! and freeing through [`SimFrames`](crate::SimFrames), and each memory access
+//! through the MMU. [`SimCpu::count_points`] says how many points a call passes, so
+//! a test can interrupt it at each one in turn. An interrupt due while the flag is
+//! off is taken when it comes on, as on hardware.
 
 use super::tlb::TlbStats;
 use super::{Access, Fault, SimMachine, Translation};
+use std::boxed::Box;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::vec::Vec;
 use vmalloc::TlbFlush;
-use vmalloc::smp::{CpuSet, Cpus as KernelCpus};
+use vmalloc::smp::{CpuSet, Cpus as KernelCpus, IrqState};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -32,6 +51,13 @@ thread_local! {
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
 
+/// An interrupt a test armed on one CPU: it runs at the `after`-th interrupt point
+/// from now (0: the next one).
+struct Armed {
+    after: u64,
+    handler: Box<dyn FnOnce() + Send>,
+}
+
 /// The interrupt state of a machine's CPUs.
 pub(super) struct Cpus {
     online: AtomicU64,
@@ -39,6 +65,17 @@ pub(super) struct Cpus {
     taken: Vec<AtomicU64>,
     sent: AtomicU64,
     handler: Mutex<Option<Handler>>,
+    /// Per CPU: the interrupt flag.
+    enabled: Vec<AtomicBool>,
+    /// Per CPU: the interrupt a test armed.
+    armed: Vec<Mutex<Option<Armed>>>,
+    /// Per CPU: interrupt points passed while counting.
+    points: Vec<AtomicU64>,
+    /// Per CPU: whether its points are counted.
+    counting: Vec<AtomicBool>,
+    /// Whether any CPU has an interrupt armed or counts its points: the one read an
+    /// interrupt point makes otherwise.
+    watched: AtomicU64,
 }
 
 impl core::fmt::Debug for Cpus {
@@ -58,8 +95,86 @@ impl Cpus {
             taken: (0..count).map(|_| AtomicU64::new(0)).collect(),
             sent: AtomicU64::new(0),
             handler: Mutex::new(None),
+            enabled: (0..count).map(|_| AtomicBool::new(true)).collect(),
+            armed: (0..count).map(|_| Mutex::new(None)).collect(),
+            points: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            counting: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            watched: AtomicU64::new(0),
         }
     }
+
+    /// The CPU the calling thread runs as, if this machine has it.
+    fn current(&self) -> Option<usize> {
+        let cpu = CURRENT.with(Cell::get);
+        (cpu < self.enabled.len()).then_some(cpu)
+    }
+
+    /// An interrupt point of the calling thread's CPU (see the [module
+    /// docs](self#interrupt-points)): counts it, and takes the armed interrupt when
+    /// it is due and interrupts are on.
+    pub(super) fn point(&self) {
+        if self.watched.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some(cpu) = self.current() else {
+            return;
+        };
+        if self.counting[cpu].load(Ordering::Relaxed) {
+            self.points[cpu].fetch_add(1, Ordering::Relaxed);
+        }
+        self.take_armed(cpu, true);
+    }
+
+    /// Runs CPU `cpu`'s armed interrupt if it is due (counting this point down when
+    /// `tick`) and interrupts are on.
+    fn take_armed(&self, cpu: usize, tick: bool) {
+        let due = {
+            let mut armed = lock(&self.armed[cpu]);
+            match armed.as_mut() {
+                Some(interrupt) if interrupt.after > 0 => {
+                    if tick {
+                        interrupt.after -= 1;
+                    }
+                    None
+                }
+                Some(_) if self.enabled[cpu].load(Ordering::Relaxed) => armed.take(),
+                _ => None,
+            }
+        };
+        if let Some(interrupt) = due {
+            self.watched.fetch_sub(1, Ordering::Relaxed);
+            self.as_interrupt(cpu, interrupt.handler);
+        }
+    }
+
+    /// Runs `handler` as an interrupt on `cpu`: with its interrupt flag off.
+    fn as_interrupt(&self, cpu: usize, handler: impl FnOnce()) {
+        let was = self.enabled[cpu].swap(false, Ordering::Relaxed);
+        handler();
+        self.enabled[cpu].store(was, Ordering::Relaxed);
+    }
+
+    /// `cli`, saying whether interrupts were on.
+    fn save(&self) -> bool {
+        self.point();
+        self.current()
+            .is_some_and(|cpu| self.enabled[cpu].swap(false, Ordering::Relaxed))
+    }
+
+    /// `sti` if `on`; interrupts that waited are taken now.
+    fn restore(&self, on: bool) -> Option<usize> {
+        let cpu = self.current()?;
+        if on {
+            self.enabled[cpu].store(true, Ordering::Relaxed);
+            self.take_armed(cpu, false);
+            self.point();
+        }
+        Some(cpu)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl SimMachine {
@@ -114,16 +229,20 @@ impl SimMachine {
     /// two instructions with interrupts enabled.
     pub(super) fn take_interrupts(&self) {
         let cpu = self.current_cpu();
+        self.cpus.point();
         // A plain read first: spinning CPUs poll here, and a swap would write the
         // line every CPU's flag shares.
         let pending = &self.cpus.pending[cpu];
-        if !pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel) {
+        if !pending.load(Ordering::Relaxed)
+            || !self.cpus.enabled[cpu].load(Ordering::Relaxed)
+            || !pending.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         self.cpus.taken[cpu].fetch_add(1, Ordering::Relaxed);
         let handler = self.lock_handler().clone();
         if let Some(handler) = handler {
-            handler();
+            self.cpus.as_interrupt(cpu, || handler());
         }
     }
 
@@ -137,6 +256,7 @@ impl SimMachine {
     /// Flushes the calling thread's CPU's TLB and paging-structure cache for
     /// `start_vpn..end_vpn`, counting the flush with `count`.
     fn flush_current(&self, start_vpn: u64, end_vpn: u64, count: impl FnOnce(&mut TlbStats)) {
+        self.cpus.point();
         let mut tlb = self.lock_tlb();
         count(&mut tlb.stats);
         if start_vpn < end_vpn {
@@ -165,6 +285,7 @@ impl TlbFlush for SimMachine {
     /// A CR3 reload with global pages flushed too, on the calling thread's CPU:
     /// empties its TLB.
     fn flush_all(&self) {
+        self.cpus.point();
         let mut tlb = self.lock_tlb();
         tlb.stats.full_flushes += 1;
         tlb.clear();
@@ -191,6 +312,7 @@ impl TlbFlush for SimMachine {
 // next access or poll.
 unsafe impl KernelCpus for SimMachine {
     fn current(&self) -> usize {
+        self.cpus.point();
         self.current_cpu()
     }
 
@@ -202,6 +324,21 @@ unsafe impl KernelCpus for SimMachine {
         for cpu in targets.iter().filter(|&cpu| cpu < self.cpu_count()) {
             self.cpus.pending[cpu].store(true, Ordering::Release);
             self.cpus.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The calling thread's CPU's interrupt flag goes off (see the [module
+    /// docs](self#interrupts-on-and-off)).
+    fn irq_save(&self) -> IrqState {
+        IrqState::new(u64::from(self.cpus.save()))
+    }
+
+    /// The flag comes back on if it was; a pending IPI or an armed interrupt that
+    /// waited is taken now.
+    fn irq_restore(&self, state: IrqState) {
+        let on = state.bits() & 1 != 0;
+        if self.cpus.restore(on).is_some() && on {
+            self.take_interrupts();
         }
     }
 }
@@ -363,6 +500,58 @@ impl<'m> SimCpu<'m> {
     /// IPIs this CPU has taken.
     pub fn ipis_taken(&self) -> u64 {
         self.machine.cpus.taken[self.index].load(Ordering::Relaxed)
+    }
+
+    /// Arms an interrupt: `handler` runs on the calling thread as an interrupt of
+    /// this CPU at the `after`-th [interrupt point](self#interrupt-points) this CPU
+    /// passes from now (0: the next one), or, if interrupts are off then, as soon as
+    /// they are on again. Replaces an interrupt armed before and not yet taken.
+    pub fn interrupt_after(&self, after: u64, handler: impl FnOnce() + Send + 'static) {
+        let cpus = &self.machine.cpus;
+        let old = lock(&cpus.armed[self.index]).replace(Armed {
+            after,
+            handler: Box::new(handler),
+        });
+        if old.is_none() {
+            cpus.watched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an interrupt armed with [`interrupt_after`](Self::interrupt_after)
+    /// has not run yet.
+    pub fn interrupt_armed(&self) -> bool {
+        lock(&self.machine.cpus.armed[self.index]).is_some()
+    }
+
+    /// Drops the armed interrupt, if it has not run; says whether there was one.
+    pub fn disarm(&self) -> bool {
+        let cpus = &self.machine.cpus;
+        let dropped = lock(&cpus.armed[self.index]).take().is_some();
+        if dropped {
+            cpus.watched.fetch_sub(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+
+    /// Runs `f` on the calling thread as this CPU and counts the [interrupt
+    /// points](self#interrupt-points) it passes on this CPU.
+    pub fn count_points<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
+        let cpus = &self.machine.cpus;
+        let before = cpus.points[self.index].load(Ordering::Relaxed);
+        cpus.counting[self.index].store(true, Ordering::Relaxed);
+        cpus.watched.fetch_add(1, Ordering::Relaxed);
+        let result = self.run(|_| f());
+        cpus.watched.fetch_sub(1, Ordering::Relaxed);
+        cpus.counting[self.index].store(false, Ordering::Relaxed);
+        (
+            result,
+            cpus.points[self.index].load(Ordering::Relaxed) - before,
+        )
+    }
+
+    /// Whether this CPU's interrupts are on.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.machine.cpus.enabled[self.index].load(Ordering::Relaxed)
     }
 
     /// Whether this CPU is online.

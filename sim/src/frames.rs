@@ -23,6 +23,8 @@ pub struct SimFrames {
     storage: *mut [u64],
     scatter: Option<Mutex<Rng>>,
     frames_in_memory: u64,
+    /// The machine's CPUs: each call is an interrupt point of the calling CPU.
+    cpus: std::sync::Arc<super::cpu::Cpus>,
 }
 
 // SAFETY: `storage` is only reached through the allocator, which locks.
@@ -51,6 +53,7 @@ impl SimMachine {
             storage,
             scatter: self.scatter_seed().map(|seed| Mutex::new(Rng::new(seed))),
             frames_in_memory: self.memory_size() / PAGE_SIZE,
+            cpus: self.cpus.clone(),
         }
     }
 }
@@ -76,6 +79,7 @@ impl SimFrames {
 // usable memory, which the machine reaches through `SimPhys`.
 unsafe impl FrameSource for SimFrames {
     fn alloc_frame(&self) -> Option<PhysFrame> {
+        self.cpus.point();
         match &self.scatter {
             Some(rng) => self.allocator.alloc_from(self.random_frame(rng)),
             None => self.allocator.alloc(),
@@ -83,6 +87,7 @@ unsafe impl FrameSource for SimFrames {
     }
 
     fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
+        self.cpus.point();
         if self.scatter.is_none() {
             return self.allocator.alloc_bulk(out);
         }
@@ -98,14 +103,17 @@ unsafe impl FrameSource for SimFrames {
     }
 
     fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        self.cpus.point();
         self.allocator.alloc_frame_2m()
     }
 
     fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.cpus.point();
         self.allocator.free(frame)
     }
 
     fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        self.cpus.point();
         self.allocator.free_bulk(frames)
     }
 

@@ -227,8 +227,9 @@ pub struct SimMachine {
     scatter_seed: Option<u64>,
     /// One TLB (and paging-structure cache) per CPU.
     tlbs: Vec<Mutex<Tlb>>,
-    /// The CPUs' interrupt state (see [`cpu`]).
-    cpus: cpu::Cpus,
+    /// The CPUs' interrupt state (see [`cpu`]), shared with the machine's frame
+    /// sources (frame calls are interrupt points).
+    cpus: std::sync::Arc<cpu::Cpus>,
 }
 
 // SAFETY: the block is owned by the machine and reached only through raw pointers,
@@ -306,7 +307,7 @@ impl SimMachine {
             cr3: AtomicU64::new(root.start_address().as_u64()),
             scatter_seed: config.scatter_seed,
             tlbs: (0..config.cpus).map(|_| Mutex::default()).collect(),
-            cpus: cpu::Cpus::new(config.cpus),
+            cpus: std::sync::Arc::new(cpu::Cpus::new(config.cpus)),
         }
     }
 

@@ -68,6 +68,11 @@ unsafe impl Cpus for TestCpus {
         CpuSet::from_bits(self.online.load(Ordering::SeqCst))
     }
     fn send_ipi(&self, _: CpuSet) {}
+    // No interrupts on the host: the test plays them by switching `current`.
+    fn irq_save(&self) -> crate::smp::IrqState {
+        crate::smp::IrqState::new(0)
+    }
+    fn irq_restore(&self, _: crate::smp::IrqState) {}
 }
 
 const CLASS: usize = 4;
