@@ -6,6 +6,7 @@
 //! passed. Between checks the scratch window is emptied. A check that panics or takes
 //! an unexpected exception ends the run with failure (its line stays unfinished).
 
+mod edges;
 mod infra;
 mod library;
 mod smp;
@@ -15,8 +16,9 @@ use crate::paging::{ScratchWindow, TEST_FRAME_COUNT};
 use crate::println;
 use core::ops::Range;
 use vmalloc::OffsetPhysMemory;
-use x86_64::PhysAddr;
+use vmalloc::vmalloc::VmallocConfig;
 use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
 
 /// What a check may use.
 pub struct Ctx {
@@ -72,6 +74,16 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("stress", library::stress),
     ("kernel_stack_overflow", library::kernel_stack_overflow),
+    ("set_prot_tree_area", edges::set_prot_tree_area),
+    ("vzalloc_block_zeroed", edges::vzalloc_block_zeroed),
+    ("stack_cache_reuse", edges::stack_cache_reuse),
+    ("huge_split_keeps_nx", edges::huge_split_keeps_nx),
+    (
+        "frame_double_free_refused",
+        edges::frame_double_free_refused,
+    ),
+    ("vrealloc_regrow_zeroed", edges::vrealloc_regrow_zeroed),
+    ("heap_overaligned", edges::heap_overaligned),
     ("smp_cpus_online", smp::smp_cpus_online),
     ("smp_stress", smp::smp_stress),
     (
@@ -112,4 +124,26 @@ pub fn run_all(ctx: &mut Ctx) -> bool {
 /// `Ok` if `condition`, else `Err(why)`: keeps checks a list of plain conditions.
 pub fn ensure(condition: bool, why: &'static str) -> Result<(), &'static str> {
     if condition { Ok(()) } else { Err(why) }
+}
+
+/// The top-level (512 GiB) slots, above the boot manager's region and below the
+/// scratch window, where checks make managers of their own: one slot each, so no
+/// CPU's paging-structure caches still hold tables of a manager dropped earlier.
+#[derive(Clone, Copy)]
+#[repr(u64)]
+pub enum SpareSlot {
+    LocalOnlyFlush,
+    LocalOnlyFlushCpuCaches,
+    StackCacheOther,
+}
+
+/// A one-slot region at `slot` for a manager a check makes and drops.
+pub fn spare_region(slot: SpareSlot, cpu_caches: bool) -> VmallocConfig {
+    const FIRST: u64 = 0xffff_f000_0000_0000;
+    VmallocConfig {
+        start: VirtAddr::new(FIRST + ((slot as u64) << 39)),
+        size: 1 << 39,
+        cpu_caches,
+        ..VmallocConfig::default()
+    }
 }

@@ -6,13 +6,13 @@
 //! stale-translation check sees it.
 
 use super::library::{conserves_frames, random_steps};
-use super::{Ctx, ensure};
+use super::{Ctx, SpareSlot, ensure, spare_region};
 use crate::fault::probe_read;
 use crate::mm;
 use crate::smp::{self, MAX_CPUS, on_each_cpu};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vmalloc::tlb::{InvlpgFlush, TlbFlush};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{OffsetPhysMemory, PhysMemory};
 use x86_64::VirtAddr;
 use x86_64::instructions::interrupts;
@@ -188,13 +188,12 @@ pub fn smp_local_only_flush_is_caught(ctx: &mut Ctx) -> Outcome {
 fn local_only_flush_is_caught(ctx: &mut Ctx, cpu_caches: bool) -> Outcome {
     // A slot of its own for each run: CPU 1 keeps stale translations (and cached
     // upper-level entries) of the one before.
-    let start = 0xffff_f000_0000_0000 + if cpu_caches { 1 << 39 } else { 0 };
-    let config = VmallocConfig {
-        start: VirtAddr::new(start),
-        size: 1 << 39,
-        cpu_caches,
-        ..VmallocConfig::default()
+    let slot = if cpu_caches {
+        SpareSlot::LocalOnlyFlushCpuCaches
+    } else {
+        SpareSlot::LocalOnlyFlush
     };
+    let config = spare_region(slot, cpu_caches);
     let free_before = mm::frames().stats().free;
     // SAFETY: ring 0 with paging on; a local-only flush on purpose.
     let local = unsafe { InvlpgFlush::new() };
