@@ -66,6 +66,7 @@ pub mod heap;
 pub mod paging;
 pub mod phys;
 pub mod smp;
+mod sync;
 pub mod tlb;
 pub mod vmalloc;
 

@@ -74,7 +74,8 @@
 //! interrupted a shootdown on the same CPU: use `vfree_atomic` there.
 
 use crate::TlbFlush;
-use core::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{IrqOff, wait_for};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, compiler_fence, fence};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -334,6 +335,9 @@ struct Mailbox {
     requested: AtomicU64,
     /// The request count up to which this CPU has flushed.
     done: AtomicU64,
+    /// Whether this CPU is serving the mailbox: read and written by its own CPU
+    /// only, so a serve that interrupted another leaves the queue to it.
+    serving: AtomicBool,
 }
 
 impl Mailbox {
@@ -342,6 +346,7 @@ impl Mailbox {
             queue: spin::Mutex::new(Queue::new()),
             requested: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
         }
     }
 }
@@ -403,28 +408,44 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         }
     }
 
-    /// Serves `cpu`'s mailbox, unless its lock is held (see the module docs).
+    /// Serves the calling CPU's mailbox `cpu` (see the [module docs](self#the-protocol)):
+    /// flushes what is queued and publishes the requests it covered, until nothing
+    /// is left or a pusher holds the queue (it sends an IPI after it unlocks).
     fn serve(&self, cpu: usize) {
         let Some(mailbox) = self.mailboxes.get(cpu) else {
             return;
         };
-        let Some(mut queue) = mailbox.queue.try_lock() else {
-            return;
-        };
-        let requested = mailbox.requested.load(Ordering::Acquire);
-        if mailbox.done.load(Ordering::Relaxed) >= requested {
+        let _irq = IrqOff::new(self);
+        // A serve interrupted on this CPU between taking the queue and publishing
+        // (by an NMI, or a kernel whose hook holds nothing off) finishes the job: it
+        // checks the queue again before it returns. Publishing here could tell an
+        // initiator its request was flushed while the interrupted serve still holds
+        // it unflushed.
+        if mailbox.serving.load(Ordering::Relaxed) {
             return;
         }
-        let taken = core::mem::replace(&mut *queue, Queue::new());
-        drop(queue);
-        taken.run(&self.local);
-        self.served.fetch_add(1, Ordering::Relaxed);
-        mailbox.done.fetch_max(requested, Ordering::Release);
+        mailbox.serving.store(true, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        while let Some(mut queue) = mailbox.queue.try_lock() {
+            let requested = mailbox.requested.load(Ordering::Acquire);
+            if mailbox.done.load(Ordering::Relaxed) >= requested {
+                break;
+            }
+            let taken = core::mem::replace(&mut *queue, Queue::new());
+            drop(queue);
+            taken.run(&self.local);
+            self.served.fetch_add(1, Ordering::Relaxed);
+            mailbox.done.store(requested, Ordering::Release);
+        }
+        compiler_fence(Ordering::SeqCst);
+        mailbox.serving.store(false, Ordering::Relaxed);
     }
 
     /// Flushes `flush` on this CPU and on every other online CPU, and returns once
     /// all have.
     fn shoot(&self, flush: Flush) {
+        // No interrupt handler on this CPU may start a shootdown inside this one.
+        let _irq = IrqOff::new(self);
         let me = self.cpus.current();
         match flush {
             Flush::Page(page) => self.local.flush_page(page),
@@ -432,6 +453,11 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
             Flush::All => self.local.flush_all(),
         }
         self.shootdowns.fetch_add(1, Ordering::Relaxed);
+        // The caller's page-table stores come before the read of the online set: a
+        // CPU joining it (a sequentially consistent update, then a flush of its own
+        // TLB) either is seen here and shot at, or walks the tables after the
+        // stores.
+        fence(Ordering::SeqCst);
         let targets = self.cpus.online().without(me);
         if targets.is_empty() {
             return;
@@ -439,7 +465,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         let mut tickets = [0u64; MAX_CPUS];
         for cpu in targets.iter() {
             let mailbox = &self.mailboxes[cpu];
-            let mut queue = mailbox.queue.lock();
+            let mut queue = wait_for(&mailbox.queue, self);
             queue.push(flush);
             tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
         }

@@ -51,11 +51,14 @@ thread_local! {
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
 
+/// Code a test runs on a CPU at a moment of its choosing.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// An interrupt a test armed on one CPU: it runs at the `after`-th interrupt point
 /// from now (0: the next one).
 struct Armed {
     after: u64,
-    handler: Box<dyn FnOnce() + Send>,
+    handler: Hook,
 }
 
 /// The interrupt state of a machine's CPUs.
@@ -73,8 +76,12 @@ pub(super) struct Cpus {
     points: Vec<AtomicU64>,
     /// Per CPU: whether its points are counted.
     counting: Vec<AtomicBool>,
-    /// Whether any CPU has an interrupt armed or counts its points: the one read an
-    /// interrupt point makes otherwise.
+    /// Per CPU: what runs inside its next TLB flush.
+    in_flush: Vec<Mutex<Option<Hook>>>,
+    /// Per CPU: turns of spin loops ([`TlbFlush::relax`]).
+    relaxes: Vec<AtomicU64>,
+    /// Whether any CPU has an interrupt or a flush hook armed, or counts its points:
+    /// the one read an interrupt point or a flush makes otherwise.
     watched: AtomicU64,
 }
 
@@ -99,7 +106,24 @@ impl Cpus {
             armed: (0..count).map(|_| Mutex::new(None)).collect(),
             points: (0..count).map(|_| AtomicU64::new(0)).collect(),
             counting: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            in_flush: (0..count).map(|_| Mutex::new(None)).collect(),
+            relaxes: (0..count).map(|_| AtomicU64::new(0)).collect(),
             watched: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs the hook armed for the calling thread's CPU's next flush, if any.
+    fn flushing(&self) {
+        if self.watched.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some(cpu) = self.current() else {
+            return;
+        };
+        let hook = lock(&self.in_flush[cpu]).take();
+        if let Some(hook) = hook {
+            self.watched.fetch_sub(1, Ordering::Relaxed);
+            hook();
         }
     }
 
@@ -257,6 +281,7 @@ impl SimMachine {
     /// `start_vpn..end_vpn`, counting the flush with `count`.
     fn flush_current(&self, start_vpn: u64, end_vpn: u64, count: impl FnOnce(&mut TlbStats)) {
         self.cpus.point();
+        self.cpus.flushing();
         let mut tlb = self.lock_tlb();
         count(&mut tlb.stats);
         if start_vpn < end_vpn {
@@ -286,6 +311,7 @@ impl TlbFlush for SimMachine {
     /// empties its TLB.
     fn flush_all(&self) {
         self.cpus.point();
+        self.cpus.flushing();
         let mut tlb = self.lock_tlb();
         tlb.stats.full_flushes += 1;
         tlb.clear();
@@ -295,6 +321,9 @@ impl TlbFlush for SimMachine {
     /// A spinning CPU takes its interrupts, and its host thread lets the others run
     /// (there may be more simulated CPUs than host cores).
     fn relax(&self) {
+        if let Some(cpu) = self.cpus.current() {
+            self.cpus.relaxes[cpu].fetch_add(1, Ordering::Relaxed);
+        }
         self.take_interrupts();
         std::thread::yield_now();
     }
@@ -547,6 +576,40 @@ impl<'m> SimCpu<'m> {
             result,
             cpus.points[self.index].load(Ordering::Relaxed) - before,
         )
+    }
+
+    /// Runs `hook` on the calling thread in the middle of this CPU's next TLB flush
+    /// (before it drops anything), whether interrupts are on or off: what an NMI,
+    /// or an IPI landing in a flush that runs with interrupts on, would do there.
+    pub fn in_next_flush(&self, hook: impl FnOnce() + Send + 'static) {
+        let cpus = &self.machine.cpus;
+        let old = lock(&cpus.in_flush[self.index]).replace(Box::new(hook));
+        if old.is_none() {
+            cpus.watched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Turns of spin loops this CPU has made ([`TlbFlush::relax`] calls): a waiter
+    /// that made two since a moment has read what it waits for after it.
+    pub fn relaxes(&self) -> u64 {
+        self.machine.cpus.relaxes[self.index].load(Ordering::Relaxed)
+    }
+
+    /// Whether an IPI waits for this CPU.
+    pub fn ipi_pending(&self) -> bool {
+        self.machine.cpus.pending[self.index].load(Ordering::Acquire)
+    }
+
+    /// What this CPU's TLB holds for `addr`'s page, without walking the tables or
+    /// counting a lookup.
+    pub fn cached(&self, addr: VirtAddr) -> Option<Translation> {
+        self.machine
+            .lock_tlb_of(self.index)
+            .lookup(addr.as_u64() >> 12)
+            .map(|cached| Translation {
+                offset: addr.as_u64() & (cached.page_size - 1),
+                ..cached
+            })
     }
 
     /// Whether this CPU's interrupts are on.

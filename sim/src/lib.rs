@@ -118,6 +118,7 @@ mod mmu;
 mod rng;
 pub mod scenarios;
 mod tlb;
+mod watchdog;
 
 #[cfg(test)]
 mod test;
@@ -129,6 +130,7 @@ pub use frames::SimFrames;
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
 pub use tlb::TlbStats;
+pub use watchdog::{DEADLOCK_LIMIT, watchdog};
 
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -509,7 +511,7 @@ impl SimMachine {
 
     /// CPU `cpu`'s TLB; a panic in another thread while holding it leaves it
     /// consistent (every update is a single map operation), so poisoning is ignored.
-    fn lock_tlb_of(&self, cpu: usize) -> MutexGuard<'_, Tlb> {
+    pub(crate) fn lock_tlb_of(&self, cpu: usize) -> MutexGuard<'_, Tlb> {
         self.tlbs[cpu]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

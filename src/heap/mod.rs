@@ -36,6 +36,7 @@ mod percpu;
 pub mod slab;
 
 use crate::smp::Cpus;
+use crate::sync::{IrqGuard, IrqLock, Spin};
 use crate::vmalloc::{VmOptions, VmallocOps};
 use crate::{Error, PAGE_SIZE};
 use core::alloc::{GlobalAlloc, Layout};
@@ -135,7 +136,7 @@ pub struct HeapStats {
 /// ```
 pub struct KernelHeap<'a> {
     backing: spin::Once<Backing<'a>>,
-    list: spin::Mutex<ListHeap>,
+    list: IrqLock<ListHeap>,
     slabs: Slabs,
     cpus: spin::Once<&'a dyn Cpus>,
     cpu_caches: CpuCaches,
@@ -162,25 +163,14 @@ struct ListHeap {
 // heap alone; they are only used with the lock held.
 unsafe impl Send for ListHeap {}
 
-/// Locks `mutex`, serving flush requests while it waits: the holder may be in a
-/// vmalloc call that waits for this CPU's TLB flush (a shootdown), and a waiter with
-/// interrupts disabled would otherwise never answer ([`VmallocOps::relax`]).
-fn lock_relaxed<'m, T>(
-    mutex: &'m spin::Mutex<T>,
-    vmalloc: Option<&dyn VmallocOps>,
-) -> spin::MutexGuard<'m, T> {
-    loop {
-        if let Some(guard) = mutex.try_lock() {
-            return guard;
-        }
-        // Wait with plain reads: a waiter's failed compare-and-swap takes the line
-        // from the holder, who needs it back to unlock.
-        while mutex.is_locked() {
-            match vmalloc {
-                Some(vmalloc) => vmalloc.relax(),
-                None => core::hint::spin_loop(),
-            }
-        }
+/// Takes one of the heap's locks with interrupts held off through the manager's
+/// CPUs, serving flush requests while it waits: the holder may be in a vmalloc call
+/// that waits for this CPU's TLB flush (see [`sync`](crate::sync)). Before `init`
+/// nothing can be allocated, so no interrupt handler contends.
+fn lock_heap<'m, T>(lock: &'m IrqLock<T>, vmalloc: Option<&'m dyn VmallocOps>) -> IrqGuard<'m, T> {
+    match vmalloc {
+        Some(vmalloc) => lock.lock(vmalloc),
+        None => lock.lock(&Spin),
     }
 }
 
@@ -189,7 +179,7 @@ impl<'a> KernelHeap<'a> {
     pub const fn new(config: HeapConfig) -> Self {
         Self {
             backing: spin::Once::new(),
-            list: spin::Mutex::new(ListHeap {
+            list: IrqLock::new(ListHeap {
                 list: Heap::empty(),
                 mapped: 0,
             }),
@@ -210,7 +200,7 @@ impl<'a> KernelHeap<'a> {
     /// [`Vmalloc::reserve`](crate::vmalloc::Vmalloc::reserve) returns.
     pub fn init(&self, vmalloc: &'a dyn VmallocOps) -> Result<(), Error> {
         // The list's lock keeps two `init`s from both reserving.
-        let _list = self.list.lock();
+        let _list = self.list.lock(vmalloc);
         if self.backing.is_completed() {
             return Err(Error::Overlap);
         }
@@ -249,7 +239,7 @@ impl<'a> KernelHeap<'a> {
     pub fn stats(&self) -> HeapStats {
         let vmalloc = self.backing.get().map(|backing| backing.vmalloc);
         let (mapped, list_in_use) = {
-            let list = lock_relaxed(&self.list, vmalloc);
+            let list = lock_heap(&self.list, vmalloc);
             (list.mapped, list.list.used())
         };
         let classes = self.slab_stats();
@@ -314,7 +304,7 @@ impl<'a> KernelHeap<'a> {
 
     fn alloc_list(&self, layout: Layout) -> Option<NonNull<u8>> {
         let backing = self.backing.get()?;
-        let mut list = lock_relaxed(&self.list, Some(backing.vmalloc));
+        let mut list = lock_heap(&self.list, Some(backing.vmalloc));
         if let Ok(block) = list.list.allocate_first_fit(layout) {
             return Some(block);
         }
@@ -360,7 +350,7 @@ impl<'a> KernelHeap<'a> {
             return;
         };
         if self.owns_small(ptr) {
-            let mut list = lock_relaxed(&self.list, Some(backing.vmalloc));
+            let mut list = lock_heap(&self.list, Some(backing.vmalloc));
             // SAFETY: the block came from the list heap with this layout (caller).
             unsafe { list.list.deallocate(NonNull::new_unchecked(ptr), layout) };
         } else if let Some(class) = self.slab_class(layout) {

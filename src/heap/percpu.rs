@@ -11,13 +11,14 @@
 //! 32, about 8 KiB).
 //!
 //! The fast path has no locked instruction. Only the CPU itself touches its
-//! magazines, which [`Cpus::current`]'s contract makes safe (the caller does not
-//! migrate while it runs); what remains is the same CPU interrupting itself. So a
-//! CPU marks its magazines busy with a plain store before it touches them and idle
-//! after, and an interrupt handler that finds them busy goes to the classes instead,
-//! as SLUB's `this_cpu_cmpxchg` fast path lets an interrupted allocation retry. (The
-//! classes' locks, like every lock of the heap, are not interrupt-safe: a kernel that
-//! allocates in interrupt handlers disables interrupts around its other heap calls.)
+//! magazines, with interrupts (and task switches) held off through
+//! [`Cpus::irq_save`], so nothing else runs on the CPU meanwhile and the caller stays
+//! on it. A CPU still marks its magazines busy with a plain store before it touches
+//! them and idle after: a handler the hold cannot keep out (an NMI, or a kernel
+//! whose hook holds nothing off) that finds them busy goes to the classes instead,
+//! as SLUB's `this_cpu_cmpxchg` fast path lets an interrupted allocation retry. The
+//! classes' locks, like every lock of the heap, are taken with interrupts held off
+//! too (see [`sync`](crate::sync)), so an interrupt handler may allocate.
 //!
 //! Other CPUs reach the magazines two ways, both rare:
 //! - When memory runs out, or [`shrink`](super::KernelHeap::shrink) runs, the caller
@@ -41,6 +42,7 @@
 
 use super::slab::{CLASSES, Route, Slabs, magazine_limit};
 use crate::smp::{Cpus, MAX_CPUS};
+use crate::sync::IrqOff;
 use crate::vmalloc::{VmOptions, VmallocOps};
 use core::cell::UnsafeCell;
 use core::ptr::{self, NonNull};
@@ -189,6 +191,7 @@ impl CpuCaches {
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
     ) -> Option<NonNull<u8>> {
+        let _irq = IrqOff::with(cpus);
         let cpu = cpus.current();
         let Some(mut held) = self.enter(cpu, slabs, vmalloc) else {
             return slabs.alloc(class, Route::cpu(cpu), vmalloc);
@@ -224,6 +227,7 @@ impl CpuCaches {
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
     ) {
+        let _irq = IrqOff::with(cpus);
         let cpu = cpus.current();
         let Some(mut held) = self.enter(cpu, slabs, vmalloc) else {
             // SAFETY: forwarded.
@@ -249,6 +253,7 @@ impl CpuCaches {
     /// Empties the calling CPU's magazines and those of offline CPUs, and asks every
     /// other CPU to empty its own at its next call.
     pub(crate) fn drain(&self, cpus: &dyn Cpus, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+        let _irq = IrqOff::with(cpus);
         let current = cpus.current();
         for (index, cache) in self.caches.iter().enumerate() {
             // SAFETY: a published cache lives as long as the heap.

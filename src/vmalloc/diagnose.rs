@@ -123,7 +123,7 @@ where
                 }
             };
         }
-        let Some(inner) = self.inner.try_lock() else {
+        let Some(inner) = self.inner.try_lock(&self.tlb) else {
             return FaultSite::Busy;
         };
         if let Some(area) = inner.areas.find_containing(addr) {

@@ -8,6 +8,7 @@ use super::reclaim::{CountingFrames, Reclaim};
 use super::slab::NodePool;
 use super::space::{AreaMap, VSpace};
 use crate::paging::PageTables;
+use crate::sync::IrqGuard;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
 use x86_64::structures::paging::mapper::MappedFrame;
@@ -61,7 +62,7 @@ unsafe impl<F: FrameSource + Send, M: PhysMemory + Copy + Send> Send for Inner<F
 /// [`KEEP_EMPTY_SLABS`] empty bookkeeping slabs, then unlocks.
 pub(super) struct Locked<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) vm: &'v Vmalloc<F, M, T>,
-    guard: spin::MutexGuard<'v, Inner<F, M>>,
+    guard: IrqGuard<'v, Inner<F, M>>,
 }
 
 impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Drop for Locked<'_, F, M, T> {
@@ -82,7 +83,7 @@ where
     M: PhysMemory + Copy,
     T: TlbFlush,
 {
-    pub(super) fn new(vm: &'v Vmalloc<F, M, T>, guard: spin::MutexGuard<'v, Inner<F, M>>) -> Self {
+    pub(super) fn new(vm: &'v Vmalloc<F, M, T>, guard: IrqGuard<'v, Inner<F, M>>) -> Self {
         Self { vm, guard }
     }
 

@@ -12,6 +12,7 @@ use super::reclaim::Reclaim;
 use super::slab::NodePool;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
+use crate::sync::{IrqGuard, IrqLock};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -29,7 +30,7 @@ pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     /// This manager's identity (see [`NEXT_ID`]): what a
     /// [`StackCache`](super::StackCache) binds to.
     pub(super) id: u64,
-    pub(super) inner: spin::Mutex<Inner<F, M>>,
+    pub(super) inner: IrqLock<Inner<F, M>>,
     pub(super) frames: F,
     pub(super) phys: M,
     pub(super) tlb: T,
@@ -104,7 +105,7 @@ where
         };
         let mut vm = Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            inner: spin::Mutex::new(inner),
+            inner: IrqLock::new(inner),
             frames,
             phys,
             tlb,
@@ -583,12 +584,7 @@ where
     /// for this CPU's flush.
     /// Frees queued by [`vfree_atomic`](Self::vfree_atomic) are done first.
     pub(super) fn lock(&self) -> Locked<'_, F, M, T> {
-        loop {
-            if let Some(guard) = self.inner.try_lock() {
-                return self.enter(guard);
-            }
-            self.tlb.relax();
-        }
+        self.enter(self.inner.lock(&self.tlb))
     }
 
     /// Frees what [`vfree_atomic`](Self::vfree_atomic) queued, at the start of a call
@@ -601,7 +597,7 @@ where
     }
 
     /// The locked context over `guard`, after the frees `vfree_atomic` queued.
-    fn enter<'a>(&'a self, guard: spin::MutexGuard<'a, Inner<F, M>>) -> Locked<'a, F, M, T> {
+    fn enter<'a>(&'a self, guard: IrqGuard<'a, Inner<F, M>>) -> Locked<'a, F, M, T> {
         let mut cx = Locked::new(self, guard);
         if self.deferred.any() {
             self.deferred.drain(|addr| {

@@ -62,6 +62,7 @@ use super::options::{Prot, VmFlags, VmOptions};
 use super::reclaim::{CountingFrames, Reclaim};
 use crate::paging::{ADDR_MASK, RangeFlush};
 use crate::smp::MAX_CPUS;
+use crate::sync::{IrqGuard, IrqLock};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -239,7 +240,7 @@ impl BlockState {
 /// One block: its lock, its range, and its leaf table. Lives in a frame of its own
 /// until the manager is dropped.
 pub(super) struct Block {
-    state: spin::Mutex<BlockState>,
+    state: IrqLock<BlockState>,
     base: u64,
     /// The block's leaf table, through the manager's `PhysMemory`.
     table: *mut PageTable,
@@ -269,7 +270,7 @@ struct CpuState {
 /// A CPU's cache and its counters; lives in a frame of its own until the manager is
 /// dropped. The counters are written under the lock and read by `stats` without it.
 pub(super) struct CpuCache {
-    state: spin::Mutex<CpuState>,
+    state: IrqLock<CpuState>,
     /// Frames in `frames`.
     cached: AtomicU64,
     /// Frames in `lazy_frames`.
@@ -499,7 +500,7 @@ where
         }
         let cpu = self.cpu();
         let cache = self.cpu_cache(cpu)?;
-        let mut state = cache.state.try_lock()?;
+        let mut state = cache.state.try_lock(&self.tlb)?;
         let n = pages as usize;
         if !self.stock_frames(cache, &mut state, n) {
             return None;
@@ -610,7 +611,7 @@ where
             while bits != 0 {
                 let index = word * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                let Some(mut state) = blocks.block(index).state.try_lock() else {
+                let Some(mut state) = blocks.block(index).state.try_lock(&self.tlb) else {
                     continue;
                 };
                 if state.worth_taking() {
@@ -636,7 +637,7 @@ where
         }
         let slot = self.blocks.caches.get(cpu)?;
         let cache = CpuCache {
-            state: spin::Mutex::new(CpuState {
+            state: IrqLock::new(CpuState {
                 block: None,
                 frames: [NO_FRAME; CACHED_FRAMES],
                 cached: 0,
@@ -700,13 +701,8 @@ where
     }
 
     /// `block`'s lock, serving flush requests while it waits.
-    fn lock_block<'b>(&self, block: &'b Block) -> spin::MutexGuard<'b, BlockState> {
-        loop {
-            if let Some(state) = block.state.try_lock() {
-                return state;
-            }
-            self.tlb.relax();
-        }
+    fn lock_block<'b>(&'b self, block: &'b Block) -> IrqGuard<'b, BlockState> {
+        block.state.lock(&self.tlb)
     }
 
     /// Frees the area at `addr` in the zone. Its entries are cleared now; its range and
@@ -735,7 +731,7 @@ where
             pages: pages as u8,
         };
         let cache = (!eager).then(|| self.cpu_cache(self.cpu())).flatten();
-        match cache.and_then(|cache| Some((cache, cache.state.try_lock()?))) {
+        match cache.and_then(|cache| Some((cache, cache.state.try_lock(&self.tlb)?))) {
             Some((cache, mut state)) => {
                 if state.lazy_len == LAZY_RANGES || state.lazy_frame_count + pages > LAZY_FRAMES {
                     self.flush_lazy(cache, &mut state);
@@ -801,7 +797,7 @@ where
             RangeFlush::from_range(pages).flush(&self.tlb);
         }
         // Then their pages are clean; one lock per run of entries in one block.
-        let mut held: Option<(usize, spin::MutexGuard<'_, BlockState>)> = None;
+        let mut held: Option<(usize, IrqGuard<'_, BlockState>)> = None;
         for entry in lazy {
             let index = usize::from(entry.block);
             let block = match &mut held {
@@ -867,7 +863,8 @@ where
     }
 
     /// Runs `op` on every CPU's cache under its lock; the calling CPU's only if its
-    /// lock is free (held, it belongs to the code this call interrupted).
+    /// lock is free (held, it belongs to a caller further up this CPU's stack, or,
+    /// when the flush policy names no CPUs and all share one cache, to another CPU).
     fn each_cache(&self, mut op: impl FnMut(&CpuCache, &mut CpuState)) {
         let me = self.cpu();
         for cpu in 0..MAX_CPUS {
@@ -875,14 +872,9 @@ where
                 continue;
             };
             let state = if cpu == me {
-                cache.state.try_lock()
+                cache.state.try_lock(&self.tlb)
             } else {
-                Some(loop {
-                    if let Some(state) = cache.state.try_lock() {
-                        break state;
-                    }
-                    self.tlb.relax();
-                })
+                Some(cache.state.lock(&self.tlb))
             };
             if let Some(mut state) = state {
                 op(cache, &mut state);
@@ -907,7 +899,7 @@ where
             return Ok(None);
         };
         let page = ((addr - block.base) / PAGE_SIZE) as usize;
-        let state = block.state.try_lock().ok_or(())?;
+        let state = block.state.try_lock(&self.tlb).ok_or(())?;
         if let Some((area, guard)) = area_in(block, &state, page) {
             let site = if guard {
                 BlockSite::Guard
@@ -1217,7 +1209,7 @@ where
         }
         let base = vm.blocks.zone + index as u64 * BLOCK_BYTES;
         let descriptor = Block {
-            state: spin::Mutex::new(BlockState::new(cpu)),
+            state: IrqLock::new(BlockState::new(cpu)),
             base,
             table: core::ptr::null_mut(),
             frame: NO_FRAME,

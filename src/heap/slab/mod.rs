@@ -45,8 +45,9 @@
 //! Each class has its own lock, held across the vmalloc call that makes or frees a
 //! slab (class, then manager: the manager never allocates from the heap).
 
-use super::lock_relaxed;
+use super::lock_heap;
 use crate::PAGE_SIZE;
+use crate::sync::{IrqGuard, IrqLock};
 use crate::vmalloc::{VmOptions, VmallocOps};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -240,7 +241,7 @@ pub struct SlabClassStats {
 
 /// Every class's slabs and magazines; see the [module documentation](self).
 pub(crate) struct Slabs {
-    classes: [spin::Mutex<Class>; CLASSES],
+    classes: [IrqLock<Class>; CLASSES],
     /// Bytes of empty slabs, over all classes.
     empty_bytes: AtomicUsize,
     /// Objects taken from or given back to slabs so far, per partial list: the clock
@@ -260,7 +261,7 @@ impl Slabs {
     pub(crate) const fn new() -> Self {
         Self {
             classes: [const {
-                spin::Mutex::new(Class {
+                IrqLock::new(Class {
                     partial: [const { SlabList::new(Listed::Partial) }; PARTIAL_LISTS],
                     empty: SlabList::new(Listed::Empty),
                     slabs: 0,
@@ -303,7 +304,7 @@ impl Slabs {
             return 0;
         };
         for attempt in 0..2 {
-            let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+            let mut state = self.classes[class].lock(vmalloc);
             let mut count = 0;
             for slot in out.iter_mut() {
                 let Some(object) = self.get(&mut state, geometry, route, vmalloc) else {
@@ -359,7 +360,7 @@ impl Slabs {
         let Some(geometry) = GEOMETRY.get(class) else {
             return;
         };
-        let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+        let mut state = self.classes[class].lock(vmalloc);
         state.objects -= objects.len();
         self.tick(route.list, objects.len());
         let mut emptied = false;
@@ -421,7 +422,7 @@ impl Slabs {
     /// its lock, one other class's (classes that went idle age too).
     fn age(
         &self,
-        mut state: spin::MutexGuard<'_, Class>,
+        mut state: IrqGuard<'_, Class>,
         class: usize,
         geometry: &Geometry,
         vmalloc: &dyn VmallocOps,
@@ -430,7 +431,7 @@ impl Slabs {
         self.discard_aged(&mut state, geometry, now, vmalloc);
         drop(state);
         let other = (class + 1 + now as usize % (CLASSES - 1)) % CLASSES;
-        let mut state = lock_relaxed(&self.classes[other], Some(vmalloc));
+        let mut state = self.classes[other].lock(vmalloc);
         self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
     }
 
@@ -438,7 +439,7 @@ impl Slabs {
     /// (Linux's `kmem_cache_shrink`).
     pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) {
         for (class, geometry) in GEOMETRY.iter().enumerate() {
-            let mut state = lock_relaxed(&self.classes[class], Some(vmalloc));
+            let mut state = self.classes[class].lock(vmalloc);
             // SAFETY: the magazine's objects are this class's, freed.
             unsafe { self.drain_magazine(&mut state, geometry) };
             while !state.empty.tail.is_null() {
@@ -450,7 +451,7 @@ impl Slabs {
     /// Counters of every class.
     pub(crate) fn stats(&self, vmalloc: Option<&dyn VmallocOps>) -> [SlabClassStats; CLASSES] {
         core::array::from_fn(|class| {
-            let state = lock_relaxed(&self.classes[class], vmalloc);
+            let state = lock_heap(&self.classes[class], vmalloc);
             let geometry = GEOMETRY[class];
             let mut empty_slabs = 0;
             let mut slab = state.empty.head;
