@@ -8,6 +8,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,12 @@ const GUEST_MEM_MIB: u32 = 128;
 /// own TLB, which only the guest's own `invlpg` and CR3 writes invalidate: a missing
 /// shootdown leaves a stale translation there, as on hardware.
 const GUEST_CPUS: u32 = 4;
-/// A run that takes longer has hung (TCG boots and runs the suite in seconds).
+/// A run that takes longer has hung (TCG boots and runs the suite in well under a
+/// minute).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// A check that reports no result for this long has hung (a deadlock): the run is
+/// killed and the check named. The slowest check takes under 20 s under TCG.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// QEMU's status for the kernel's success value 0x10 written to isa-debug-exit:
 /// `(0x10 << 1) | 1`. Anything else, including 0 after a triple fault, is failure.
 const SUCCESS_STATUS: i32 = 33;
@@ -198,7 +203,9 @@ fn build_kernel() -> PathBuf {
     elf32
 }
 
-/// Boots `kernel` and returns QEMU's exit status and the serial output.
+/// Boots `kernel` and returns QEMU's exit status and the serial output. Fails the
+/// test, naming the check, if a check reports no result within [`CHECK_TIMEOUT`] or
+/// the whole run outlives [`BOOT_TIMEOUT`].
 fn boot(kernel: &Path) -> (ExitStatus, String) {
     let mut qemu = Command::new(QEMU)
         .args([
@@ -230,39 +237,106 @@ fn boot(kernel: &Path) -> (ExitStatus, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start QEMU");
-    let stdout = drain(qemu.stdout.take());
-    let stderr = drain(qemu.stderr.take());
-    let status = wait_or_kill(&mut qemu);
-    let serial = stdout.join().expect("stdout reader");
-    let errors = stderr.join().expect("stderr reader");
-    let status = status.unwrap_or_else(|| {
-        panic!("QEMU killed after {BOOT_TIMEOUT:?}:\n{serial}\n--- stderr ---\n{errors}")
-    });
+    let serial = SharedOutput::default();
+    let stdout = serial.fill_from(qemu.stdout.take());
+    let stderr = SharedOutput::default();
+    let stderr_reader = stderr.fill_from(qemu.stderr.take());
+    let ending = watch(&mut qemu, &serial);
+    stdout.join().expect("stdout reader");
+    stderr_reader.join().expect("stderr reader");
+    let (serial, errors) = (serial.text(), stderr.text());
+    let status = match ending {
+        Ending::Exited(status) => status,
+        Ending::CheckHung(name) => panic!(
+            "check {name} hung: no result in {} s\n--- serial output so far ---\n{serial}\n--- stderr ---\n{errors}",
+            CHECK_TIMEOUT.as_secs()
+        ),
+        Ending::TimedOut(running) => panic!(
+            "QEMU killed after {} s, {}:\n{serial}\n--- stderr ---\n{errors}",
+            BOOT_TIMEOUT.as_secs(),
+            match running {
+                Some(name) => format!("while check {name} was running"),
+                None => "with no check running".to_owned(),
+            }
+        ),
+    };
     if !errors.trim().is_empty() {
         eprintln!("QEMU stderr:\n{errors}");
     }
     (status, serial)
 }
 
-fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    let mut pipe = pipe.expect("piped");
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
+/// What a pipe has delivered so far, readable while a thread keeps filling it.
+#[derive(Clone, Default)]
+struct SharedOutput(Arc<Mutex<Vec<u8>>>);
+
+impl SharedOutput {
+    /// Appends everything `pipe` delivers, on a thread of its own, until it closes.
+    fn fill_from(&self, pipe: Option<impl Read + Send + 'static>) -> JoinHandle<()> {
+        let mut pipe = pipe.expect("piped");
+        let output = self.clone();
+        thread::spawn(move || {
+            let mut chunk = [0; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                output
+                    .0
+                    .lock()
+                    .expect("output lock")
+                    .extend_from_slice(&chunk[..read]);
+            }
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("output lock")).into_owned()
+    }
 }
 
-/// QEMU's exit status, or `None` if it outlived [`BOOT_TIMEOUT`] and was killed.
-fn wait_or_kill(qemu: &mut Child) -> Option<ExitStatus> {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    while Instant::now() < deadline {
+/// How a run ended.
+enum Ending {
+    /// QEMU exited on its own.
+    Exited(ExitStatus),
+    /// QEMU was killed: this check had reported nothing for [`CHECK_TIMEOUT`].
+    CheckHung(String),
+    /// QEMU was killed after [`BOOT_TIMEOUT`], while this check (if any) was running.
+    TimedOut(Option<String>),
+}
+
+/// Waits for QEMU while watching the serial output: kills it when the check it is
+/// running has had no result for [`CHECK_TIMEOUT`], or when the run outlives
+/// [`BOOT_TIMEOUT`].
+fn watch(qemu: &mut Child, serial: &SharedOutput) -> Ending {
+    let started = Instant::now();
+    let mut running: Option<(String, Instant)> = None;
+    let ending = loop {
         if let Some(status) = qemu.try_wait().expect("waiting for QEMU") {
-            return Some(status);
+            return Ending::Exited(status);
+        }
+        let now = Instant::now();
+        running = match (running_check(&serial.text()), running) {
+            (Some(name), Some((same, since))) if name == same => Some((same, since)),
+            (Some(name), _) => Some((name, now)),
+            (None, _) => None,
+        };
+        if let Some((name, since)) = &running
+            && now - *since > CHECK_TIMEOUT
+        {
+            break Ending::CheckHung(name.clone());
+        }
+        if now - started > BOOT_TIMEOUT {
+            break Ending::TimedOut(running.map(|(name, _)| name));
         }
         thread::sleep(Duration::from_millis(50));
-    }
+    };
     let _ = qemu.kill();
     let _ = qemu.wait();
-    None
+    ending
+}
+
+/// The check the kernel is running: the last line is `check <name> ... ` with no
+/// result after it yet.
+fn running_check(serial: &str) -> Option<String> {
+    let last = serial.rsplit('\n').next()?;
+    let (name, result) = last.strip_prefix("check ")?.split_once(" ...")?;
+    result.trim().is_empty().then(|| name.to_owned())
 }
