@@ -63,6 +63,8 @@ const REQUIRED_CHECKS: &[&str] = &[
     "smp_stress",
     "smp_stale_translation_faults",
     "smp_local_only_flush_is_caught",
+    "smp_freed_frame_poison_unseen",
+    "smp_poison_seen_with_local_only_flush",
     "smp_crossing_purges",
     "smp_heap",
 ];

@@ -9,6 +9,7 @@
 mod edges;
 mod infra;
 mod library;
+mod poison;
 mod smp;
 
 use crate::multiboot::BootInfo;
@@ -94,6 +95,14 @@ pub const CHECKS: &[(&str, Check)] = &[
         "smp_local_only_flush_is_caught",
         smp::smp_local_only_flush_is_caught,
     ),
+    (
+        "smp_freed_frame_poison_unseen",
+        poison::smp_freed_frame_poison_unseen,
+    ),
+    (
+        "smp_poison_seen_with_local_only_flush",
+        poison::smp_poison_seen_with_local_only_flush,
+    ),
     ("smp_crossing_purges", smp::smp_crossing_purges),
     ("smp_heap", smp::smp_heap),
 ];
@@ -135,6 +144,10 @@ pub enum SpareSlot {
     LocalOnlyFlush,
     LocalOnlyFlushCpuCaches,
     StackCacheOther,
+    PoisonShootdown,
+    PoisonShootdownCpuCaches,
+    PoisonLocalOnly,
+    PoisonLocalOnlyCpuCaches,
 }
 
 /// A one-slot region at `slot` for a manager a check makes and drops.
