@@ -9,10 +9,15 @@ use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmalloc::Error;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
+use vmalloc::vmalloc::deferred::SLOTS;
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
-use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys, watchdog};
+use vmalloc_sim::{
+    Access, DEADLOCK_LIMIT, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys, watchdog,
+};
+use x86_64::VirtAddr;
 
 type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
 type Manager = Vmalloc<&'static SimFrames, SimPhys<'static>, &'static Tlb>;
@@ -260,5 +265,134 @@ fn an_interrupt_at_every_point_of_a_vmalloc_call_allocates_without_deadlock() {
             vmalloc_calls(kernel);
             nothing_left(kernel);
         });
+    }
+}
+
+/// TLB flushes of any kind the calling thread's CPU has made.
+fn flushes(machine: &SimMachine) -> u64 {
+    let stats = machine.tlb_stats();
+    stats.page_flushes + stats.range_flushes + stats.full_flushes
+}
+
+#[test]
+fn vfree_atomic_never_waits_or_flushes_even_inside_a_purge_and_refuses_a_full_queue() {
+    watchdog("vfree_atomic inside a purge", DEADLOCK_LIMIT, || {
+        let machine: &'static SimMachine =
+            Box::leak(Box::new(SimMachine::new(SimConfig::new(64 << 20))));
+        let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+        // Eager: every free the queue hands over is flushed at once, so a
+        // `vfree_atomic` that drained the queue itself would flush.
+        let config = VmallocConfig {
+            eager: true,
+            ..VmallocConfig::default()
+        };
+        let vm = vmalloc_sim::scenarios::manager_with(machine, frames, machine, config);
+        let vm: &'static _ = Box::leak(Box::new(vm));
+        let fill_the_queue = move |areas: &[usize]| {
+            let before = flushes(machine);
+            let outcomes: Vec<_> = areas
+                .iter()
+                // SAFETY: the areas are not used again.
+                .map(|&area| unsafe { vm.vfree_atomic(area as *mut u8) })
+                .collect();
+            assert!(outcomes[..SLOTS].iter().all(Result::is_ok), "queued");
+            assert_eq!(
+                outcomes[SLOTS],
+                Err(Error::WouldBlock),
+                "refused, not drained"
+            );
+            assert_eq!(flushes(machine), before, "vfree_atomic never flushed");
+        };
+        let make = || -> &'static [usize] {
+            (0..SLOTS + 1)
+                .map(|_| vm.vmalloc(4096).unwrap().as_ptr() as usize)
+                .collect::<Vec<_>>()
+                .leak()
+        };
+        // From a plain context, the manager idle.
+        let areas = make();
+        fill_the_queue(areas);
+        assert_eq!(vm.stats().areas, 1, "the next call freed the queued ones");
+        // SAFETY: the refused area was never queued and is not used again.
+        unsafe { vm.vfree(areas[SLOTS] as *mut u8) }.unwrap();
+        // In the middle of a purge's flush, with the manager's lock held by the code
+        // it interrupted (as an NMI, or a fault handler, would land).
+        let areas = make();
+        machine.cpu(0).in_next_flush(move || fill_the_queue(areas));
+        let victim = vm.vmalloc(4096).unwrap();
+        // SAFETY: made above, not used again; eager: the free purges at once.
+        unsafe { vm.vfree(victim.as_ptr()) }.unwrap();
+        assert!(!machine.cpu(0).disarm(), "the hook ran inside the purge");
+        assert_eq!(vm.stats().areas, 1);
+        // SAFETY: as above.
+        unsafe { vm.vfree(areas[SLOTS] as *mut u8) }.unwrap();
+        assert_eq!(vm.stats().deferred_refused, 0);
+    });
+}
+
+#[test]
+fn every_call_drains_the_queued_frees_the_per_cpu_fast_paths_included() {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(64 << 20).with_cpus(2),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let config = VmallocConfig {
+        cpu_caches: true,
+        ..VmallocConfig::default()
+    };
+    let vm = vmalloc_sim::scenarios::manager_with(machine, frames, machine, config);
+    // Each call returns the areas it made, which may take a queued area's place.
+    type Call<'a> = (&'a str, Box<dyn Fn() -> Vec<NonNull<u8>> + 'a>);
+    let small = vm.vmalloc(4096).unwrap();
+    let calls: [Call; 5] = [
+        (
+            "a small vmalloc",
+            Box::new(|| vec![vm.vmalloc(4096).unwrap()]),
+        ),
+        (
+            "a small vfree",
+            Box::new(|| {
+                // SAFETY: made for this call, not used again.
+                unsafe { vm.vfree(vm.vmalloc(4096).unwrap().as_ptr()) }.unwrap();
+                Vec::new()
+            }),
+        ),
+        (
+            "vmalloc_to_frame of a small area",
+            Box::new(|| {
+                vm.vmalloc_to_frame(VirtAddr::from_ptr(small.as_ptr()))
+                    .unwrap();
+                Vec::new()
+            }),
+        ),
+        (
+            "find_vm_area of a small area",
+            Box::new(|| {
+                vm.find_vm_area(VirtAddr::from_ptr(small.as_ptr())).unwrap();
+                Vec::new()
+            }),
+        ),
+        (
+            "a large vmalloc",
+            Box::new(|| vec![vm.vmalloc(64 * 4096).unwrap()]),
+        ),
+    ];
+    for (name, call) in &calls {
+        // One small and one large area, written on CPU 0, queued.
+        let queued = [vm.vmalloc(4096).unwrap(), vm.vmalloc(40 * 4096).unwrap()];
+        for area in queued {
+            machine
+                .write(VirtAddr::from_ptr(area.as_ptr()), b"queued")
+                .unwrap();
+            // SAFETY: not used again.
+            unsafe { vm.vfree_atomic(area.as_ptr()) }.unwrap();
+        }
+        let made = call();
+        // CPU 1 never cached them: its walk sees what the page tables say now.
+        for area in queued.into_iter().filter(|area| !made.contains(area)) {
+            let at = VirtAddr::from_ptr(area.as_ptr());
+            let walk = machine.cpu(1).translate(at, Access::READ);
+            assert!(walk.is_err(), "{name} left a queued area mapped");
+        }
     }
 }
