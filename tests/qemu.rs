@@ -65,6 +65,9 @@ const REQUIRED_CHECKS: &[&str] = &[
     "smp_local_only_flush_is_caught",
     "smp_freed_frame_poison_unseen",
     "smp_poison_seen_with_local_only_flush",
+    "smp_shootdown_acks_after_flush",
+    "smp_shootdown_nested_acks_after_flush",
+    "smp_early_ack_is_caught",
     "smp_crossing_purges",
     "smp_heap",
 ];

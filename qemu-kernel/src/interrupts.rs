@@ -165,6 +165,8 @@ extern "C" fn simd_error(frame: &mut TrapFrame) {
 
 extern "C" fn shootdown(_frame: &mut TrapFrame) {
     crate::smp::TLB.handle_ipi();
+    // The shootdown of a check's own manager, while that check routes it here.
+    crate::checks::serve_check_shootdown();
     crate::lapic::end_of_interrupt();
 }
 extern "C" fn wake(_frame: &mut TrapFrame) {

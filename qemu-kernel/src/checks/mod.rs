@@ -10,7 +10,10 @@ mod edges;
 mod infra;
 mod library;
 mod poison;
+mod shootdown;
 mod smp;
+
+pub use shootdown::serve_ipi as serve_check_shootdown;
 
 use crate::multiboot::BootInfo;
 use crate::paging::{ScratchWindow, TEST_FRAME_COUNT};
@@ -103,6 +106,18 @@ pub const CHECKS: &[(&str, Check)] = &[
         "smp_poison_seen_with_local_only_flush",
         poison::smp_poison_seen_with_local_only_flush,
     ),
+    (
+        "smp_shootdown_acks_after_flush",
+        shootdown::smp_shootdown_acks_after_flush,
+    ),
+    (
+        "smp_shootdown_nested_acks_after_flush",
+        shootdown::smp_shootdown_nested_acks_after_flush,
+    ),
+    (
+        "smp_early_ack_is_caught",
+        shootdown::smp_early_ack_is_caught,
+    ),
     ("smp_crossing_purges", smp::smp_crossing_purges),
     ("smp_heap", smp::smp_heap),
 ];
@@ -148,6 +163,10 @@ pub enum SpareSlot {
     PoisonShootdownCpuCaches,
     PoisonLocalOnly,
     PoisonLocalOnlyCpuCaches,
+    ShootdownAckAfterFlush,
+    ShootdownNestedAck,
+    ShootdownEarlyAck,
+    ShootdownUnrelated,
 }
 
 /// A one-slot region at `slot` for a manager a check makes and drops.
