@@ -9,7 +9,9 @@ use vmalloc::vmalloc::percpu::MAX_BLOCK_PAGES;
 use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::scenarios::{self, manager_with as manager};
-use vmalloc_sim::{Access, Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::{
+    Access, DEADLOCK_LIMIT, Rng, SimConfig, SimFrames, SimMachine, SimPhys, watchdog,
+};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
@@ -585,6 +587,168 @@ fn running_out_while_making_the_first_small_area_keeps_only_the_per_cpu_structur
                 unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 break;
             }
+        }
+    }
+}
+
+/// An area of `pages` pages: from a per-CPU block up to `MAX_BLOCK_PAGES`, from the
+/// locked path above.
+fn area_of(vm: &Manager<impl TlbFlush>, pages: usize) -> NonNull<u8> {
+    let ptr = vm.vmalloc(pages * PAGE).unwrap();
+    let in_zone = zone(vm).contains(&(ptr.as_ptr() as u64));
+    assert_eq!(in_zone, pages as u64 <= MAX_BLOCK_PAGES, "{pages} pages");
+    ptr
+}
+
+#[test]
+fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let config = VmallocConfig {
+        eager: true,
+        ..cached()
+    };
+    let vm = manager(machine, frames, tlb, config);
+    for pages in [2, 20] {
+        let ptr = area_of(&vm, pages);
+        machine.write(addr(ptr), b"cached").unwrap();
+        let before = vm.stats();
+        // SAFETY: not used again (the reads below go through the MMU).
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+        let mut back = [0; 6];
+        assert!(
+            machine.read(addr(ptr), &mut back).is_err(),
+            "{pages} pages: the calling CPU no longer reads the page"
+        );
+        let stats = vm.stats();
+        assert_eq!(
+            stats.pending_purge_frames, 0,
+            "{pages} pages: nothing waits"
+        );
+        assert_eq!(stats.data_frames, before.data_frames - pages as u64);
+        assert_frames_conserved(&stats, frames);
+    }
+}
+
+#[test]
+fn a_shrinking_vrealloc_returns_after_every_cpu_dropped_the_pages_for_block_and_tree_areas() {
+    watchdog("shrinking vrealloc", DEADLOCK_LIMIT, shrink_on_two_cpus);
+}
+
+fn shrink_on_two_cpus() {
+    let (machine, frames, tlb) = smp_machine(2);
+    let vm = manager(machine, frames, tlb, cached());
+    for pages in [8, 24] {
+        // The reader leaves the online set when it is done: back for this round.
+        machine.cpu(1).go_online();
+        let ptr = area_of(&vm, pages);
+        let last = addr(ptr) + ((pages - 1) * PAGE) as u64;
+        machine.write(last, b"old page").unwrap();
+        // CPU 1 caches the last page; CPU 0 shrinks the area to two pages.
+        let (seen, shrunk) = machine.read_again_after(1, last, || {
+            // SAFETY: nothing keeps a reference into the dropped pages.
+            unsafe { vm.vrealloc(ptr.as_ptr(), 2 * PAGE) }.unwrap()
+        });
+        assert_eq!(shrunk, ptr, "{pages} pages: shrunk in place");
+        assert_eq!(
+            seen, None,
+            "{pages} pages: CPU 1 dropped the page before it returned"
+        );
+        let mut back = [0; 8];
+        assert!(
+            machine.read(last, &mut back).is_err(),
+            "{pages} pages: so did CPU 0"
+        );
+        let mut kept = [0; 8];
+        machine.write(addr(ptr) + PAGE as u64, b"page one").unwrap();
+        machine.read(addr(ptr) + PAGE as u64, &mut kept).unwrap();
+        assert_eq!(&kept, b"page one");
+        // SAFETY: not used again.
+        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+    }
+    vm.purge();
+    assert_eq!(vm.stats().data_frames, 0);
+    assert_frames_conserved(&vm.stats(), frames);
+}
+
+#[test]
+fn a_shrunk_block_area_reads_zero_where_it_grows_back_and_its_freed_pages_are_reused() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    let ptr = vm.vzalloc(6 * PAGE).unwrap();
+    machine.write(addr(ptr), &[0xee; 6 * PAGE]).unwrap();
+    // SAFETY: the old pages past the new size are not used again.
+    let shrunk = unsafe { vm.vrealloc(ptr.as_ptr(), PAGE + 100) }.unwrap();
+    assert_eq!(shrunk, ptr);
+    let mut tail = [0xff; 100];
+    machine
+        .read(addr(ptr) + (PAGE + 100) as u64, &mut tail)
+        .unwrap();
+    assert_eq!(
+        tail, [0; 100],
+        "the dropped bytes of the kept page are zero"
+    );
+    assert!(
+        machine
+            .read(addr(ptr) + 2 * PAGE as u64, &mut tail)
+            .is_err(),
+        "the new guard page"
+    );
+    // SAFETY: as above.
+    let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 6 * PAGE) }.unwrap();
+    let mut back = vec![0xff; 6 * PAGE];
+    machine.read(addr(grown), &mut back).unwrap();
+    assert!(back[..PAGE + 100].iter().all(|&b| b == 0xee), "kept");
+    assert!(back[PAGE + 100..].iter().all(|&b| b == 0), "regrown zeroed");
+    // The pages the shrink freed are free again: an area fits there now.
+    let next = vm.vmalloc(2 * PAGE).unwrap();
+    assert!(zone(&vm).contains(&(next.as_ptr() as u64)));
+    // SAFETY: not used again.
+    unsafe {
+        vm.vfree(grown.as_ptr()).unwrap();
+        vm.vfree(next.as_ptr()).unwrap();
+    }
+    vm.purge();
+    assert_frames_conserved(&vm.stats(), frames);
+}
+
+#[test]
+fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
+    let (machine, frames, tlb) = smp_machine(1);
+    let vm = manager(machine, frames, tlb, cached());
+    for pages in [3, 30] {
+        let ptr = area_of(&vm, pages);
+        let interior = ptr.as_ptr().wrapping_add(8);
+        let guard = ptr.as_ptr().wrapping_add(pages * PAGE);
+        let stats = vm.stats();
+        // SAFETY: every call below is refused; the area stays live and unused.
+        unsafe {
+            assert_eq!(vm.vfree(interior), Err(Error::InteriorPointer), "{pages}");
+            assert_eq!(vm.vfree(guard), Err(Error::NotAllocated), "{pages}");
+            assert_eq!(
+                vm.vrealloc(interior, PAGE).err(),
+                Some(Error::InteriorPointer)
+            );
+            assert_eq!(
+                vm.set_prot(interior, Prot::READ),
+                Err(Error::InteriorPointer)
+            );
+            assert_eq!(
+                vm.set_prot(ptr.as_ptr(), Prot::all()),
+                Err(Error::WriteExecute)
+            );
+            assert_eq!(vm.vunmap(ptr.as_ptr(), |_| {}), Err(Error::WrongKind));
+            assert_eq!(vm.iounmap(ptr.as_ptr()), Err(Error::WrongKind));
+        }
+        assert_eq!(vm.populate(ptr.as_ptr(), PAGE), Err(Error::WrongKind));
+        assert_eq!(vm.stats(), stats, "{pages} pages: nothing changed");
+        // SAFETY: not used again; the second call is refused.
+        unsafe {
+            vm.vfree(ptr.as_ptr()).unwrap();
+            assert_eq!(vm.vfree(ptr.as_ptr()), Err(Error::NotAllocated), "{pages}");
+            assert_eq!(
+                vm.vrealloc(ptr.as_ptr(), PAGE).err(),
+                Some(Error::NotAllocated)
+            );
         }
     }
 }
