@@ -9,7 +9,7 @@ use vmalloc::frame::FaultInjector;
 use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE};
-use vmalloc_sim::{Rng, SimConfig, SimMachine, SimPhys};
+use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimMachine, SimPhys, watchdog};
 use x86_64::VirtAddr;
 
 type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
@@ -574,18 +574,20 @@ fn churn(heap: &KernelHeap, seed: u64, max_live: usize) {
 
 #[test]
 fn two_threads_share_the_size_classes() {
-    let machine = machine(512 << 20);
-    let frames = machine.frames();
-    let vm = manager(&machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    std::thread::scope(|scope| {
-        for seed in [1, 2] {
-            let heap = &heap;
-            scope.spawn(move || churn(heap, seed, 500));
-        }
+    watchdog("two_threads_share_the_size_classes", DEADLOCK_LIMIT, || {
+        let machine = machine(512 << 20);
+        let frames = machine.frames();
+        let vm = manager(&machine, &frames);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        std::thread::scope(|scope| {
+            for seed in [1, 2] {
+                let heap = &heap;
+                scope.spawn(move || churn(heap, seed, 500));
+            }
+        });
+        assert_eq!(heap.stats().in_use, 0);
     });
-    assert_eq!(heap.stats().in_use, 0);
 }
 
 #[test]
@@ -687,34 +689,40 @@ fn cached(heap: &KernelHeap) -> usize {
 
 #[test]
 fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus() {
-    let machine = per_cpu_machine(11);
-    let frames = machine.frames();
-    let vm = manager(machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    heap.use_cpus(machine);
-    std::thread::scope(|scope| {
-        for cpu in 0..4 {
-            let heap = &heap;
-            scope.spawn(move || {
-                machine.cpu(cpu).enter();
-                churn(heap, cpu as u64 + 30, 400);
-                // CPU 0 is this test's thread again below; the others are unplugged.
-                if cpu != 0 {
-                    machine.cpu(cpu).go_offline();
+    watchdog(
+        "per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus",
+        DEADLOCK_LIMIT,
+        || {
+            let machine = per_cpu_machine(11);
+            let frames = machine.frames();
+            let vm = manager(machine, &frames);
+            let heap = KernelHeap::new(CONFIG);
+            heap.init(&vm).unwrap();
+            heap.use_cpus(machine);
+            std::thread::scope(|scope| {
+                for cpu in 0..4 {
+                    let heap = &heap;
+                    scope.spawn(move || {
+                        machine.cpu(cpu).enter();
+                        churn(heap, cpu as u64 + 30, 400);
+                        // CPU 0 is this test's thread again below; the others are unplugged.
+                        if cpu != 0 {
+                            machine.cpu(cpu).go_offline();
+                        }
+                    });
                 }
             });
-        }
-    });
-    assert!(cached(&heap) > 0, "the magazines hold freed objects");
-    assert_eq!(heap.stats().in_use, 0);
-    heap.shrink();
-    vm.purge();
-    assert_eq!(cached(&heap), 0);
-    assert_eq!(
-        heap.stats().slab_bytes,
-        0,
-        "shrink drained this CPU's magazines and the offline CPUs'"
+            assert!(cached(&heap) > 0, "the magazines hold freed objects");
+            assert_eq!(heap.stats().in_use, 0);
+            heap.shrink();
+            vm.purge();
+            assert_eq!(cached(&heap), 0);
+            assert_eq!(
+                heap.stats().slab_bytes,
+                0,
+                "shrink drained this CPU's magazines and the offline CPUs'"
+            );
+        },
     );
 }
 
@@ -760,38 +768,44 @@ fn an_online_cpu_empties_its_magazines_at_its_next_call_after_a_shrink() {
 
 #[test]
 fn a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazines() {
-    let machine = per_cpu_machine(13);
-    let frames = machine.frames();
-    let vm = manager(machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    heap.use_cpus(machine);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let (heap, done) = (&heap, &done);
-        scope.spawn(move || {
-            let cpu = machine.cpu(1);
-            cpu.enter();
-            for round in 0..16 {
-                cpu.go_online();
-                churn(heap, 40 + round, 64);
-                cpu.go_offline();
-            }
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        scope.spawn(move || {
-            machine.cpu(2).enter();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                heap.shrink();
-            }
-        });
-    });
-    assert_eq!(heap.stats().in_use, 0);
-    heap.shrink();
-    assert_eq!(
-        cached(&heap),
-        0,
-        "CPU 1 went offline; its magazines were drained"
+    watchdog(
+        "a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazines",
+        DEADLOCK_LIMIT,
+        || {
+            let machine = per_cpu_machine(13);
+            let frames = machine.frames();
+            let vm = manager(machine, &frames);
+            let heap = KernelHeap::new(CONFIG);
+            heap.init(&vm).unwrap();
+            heap.use_cpus(machine);
+            let done = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                let (heap, done) = (&heap, &done);
+                scope.spawn(move || {
+                    let cpu = machine.cpu(1);
+                    cpu.enter();
+                    for round in 0..16 {
+                        cpu.go_online();
+                        churn(heap, 40 + round, 64);
+                        cpu.go_offline();
+                    }
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+                scope.spawn(move || {
+                    machine.cpu(2).enter();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        heap.shrink();
+                    }
+                });
+            });
+            assert_eq!(heap.stats().in_use, 0);
+            heap.shrink();
+            assert_eq!(
+                cached(&heap),
+                0,
+                "CPU 1 went offline; its magazines were drained"
+            );
+        },
     );
 }
 

@@ -316,131 +316,155 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
 
 #[test]
 fn a_small_areas_frame_is_reused_only_after_every_cpu_dropped_its_translation() {
-    let (machine, frames, tlb) = smp_machine(2);
-    let seen = stale_read_after_reuse(machine, frames, tlb);
-    assert_eq!(seen, None, "CPU 1 faults on the freed address");
+    watchdog(
+        "a_small_areas_frame_is_reused_only_after_every_cpu_dropped_its_translation",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2);
+            let seen = stale_read_after_reuse(machine, frames, tlb);
+            assert_eq!(seen, None, "CPU 1 faults on the freed address");
+        },
+    );
 }
 
 #[test]
 fn a_local_only_flush_is_caught_reading_the_reused_frame_of_a_small_area() {
-    // The negative control: the same steps with a flush that only reaches CPU 0.
-    let (machine, frames, _) = smp_machine(2);
-    assert_eq!(
-        stale_read_after_reuse(machine, frames, machine),
-        Some(*b"NEWDATA!"),
-        "without a shootdown CPU 1 reads the new owner's data"
+    watchdog(
+        "a_local_only_flush_is_caught_reading_the_reused_frame_of_a_small_area",
+        DEADLOCK_LIMIT,
+        || {
+            // The negative control: the same steps with a flush that only reaches CPU 0.
+            let (machine, frames, _) = smp_machine(2);
+            assert_eq!(
+                stale_read_after_reuse(machine, frames, machine),
+                Some(*b"NEWDATA!"),
+                "without a shootdown CPU 1 reads the new owner's data"
+            );
+        },
     );
 }
 
 #[test]
 fn running_out_empties_every_cpus_cache_before_failing() {
-    let (machine, frames, tlb) = smp_machine(4);
-    let vm = manager(machine, frames, tlb, cached());
-    // Each CPU leaves frames in its cache and freed areas on its lazy list.
-    machine.on_every_cpu(|_| {
-        let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
-        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-        areas
-            .iter()
-            .for_each(|ptr| unsafe { vm.vfree(ptr.as_ptr()) }.unwrap());
-    });
-    let stats = vm.stats();
-    assert!(
-        stats.cached_frames > 0 && stats.cached_pending_frames > 0,
-        "{stats:?}"
-    );
-    let in_caches = stats.cached_frames + stats.cached_pending_frames;
+    watchdog(
+        "running_out_empties_every_cpus_cache_before_failing",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(4);
+            let vm = manager(machine, frames, tlb, cached());
+            // Each CPU leaves frames in its cache and freed areas on its lazy list.
+            machine.on_every_cpu(|_| {
+                let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                areas
+                    .iter()
+                    .for_each(|ptr| unsafe { vm.vfree(ptr.as_ptr()) }.unwrap());
+            });
+            let stats = vm.stats();
+            assert!(
+                stats.cached_frames > 0 && stats.cached_pending_frames > 0,
+                "{stats:?}"
+            );
+            let in_caches = stats.cached_frames + stats.cached_pending_frames;
 
-    // Hold every free frame: only the caches have any.
-    let mut held =
-        vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
-    assert_eq!(frames.alloc_frames(&mut held), held.len());
-    // A labelled area takes the locked path, which finds no frame, empties every
-    // CPU's cache, and succeeds with their frames.
-    let labelled = VmOptions {
-        tag: "needs the caches",
-        ..VmOptions::default()
-    };
-    let wanted = (in_caches as usize - 8) * PAGE;
-    let ptr = vm.vmalloc_with(wanted, &labelled).unwrap();
-    let stats = vm.stats();
-    assert_eq!(
-        (stats.cached_frames, stats.cached_pending_frames),
-        (0, 0),
-        "{stats:?}"
-    );
-    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-    vm.purge();
+            // Hold every free frame: only the caches have any.
+            let mut held =
+                vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
+            assert_eq!(frames.alloc_frames(&mut held), held.len());
+            // A labelled area takes the locked path, which finds no frame, empties every
+            // CPU's cache, and succeeds with their frames.
+            let labelled = VmOptions {
+                tag: "needs the caches",
+                ..VmOptions::default()
+            };
+            let wanted = (in_caches as usize - 8) * PAGE;
+            let ptr = vm.vmalloc_with(wanted, &labelled).unwrap();
+            let stats = vm.stats();
+            assert_eq!(
+                (stats.cached_frames, stats.cached_pending_frames),
+                (0, 0),
+                "{stats:?}"
+            );
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+            vm.purge();
 
-    // With every cache empty, a request too large fails and changes nothing.
-    vm.drain_cpu_caches();
-    let before = (vm.stats(), frames.stats().free);
-    assert_eq!(
-        vm.vmalloc_with(4 * wanted, &labelled),
-        Err(Error::OutOfFrames)
+            // With every cache empty, a request too large fails and changes nothing.
+            vm.drain_cpu_caches();
+            let before = (vm.stats(), frames.stats().free);
+            assert_eq!(
+                vm.vmalloc_with(4 * wanted, &labelled),
+                Err(Error::OutOfFrames)
+            );
+            assert_eq!((vm.stats(), frames.stats().free), before);
+            frames.free_frames(&held).unwrap();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
     );
-    assert_eq!((vm.stats(), frames.stats().free), before);
-    frames.free_frames(&held).unwrap();
-    assert_frames_conserved(&vm.stats(), frames);
 }
 
 #[test]
 fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
-    let (machine, frames, tlb) = smp_machine(4);
-    let start = frames.stats().free;
-    let vm = manager(machine, frames, tlb, cached());
-    let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
-    machine.on_every_cpu(|cpu| {
-        let mut rng = Rng::new(cpu.index() as u64 + 11);
-        for round in 0..400usize {
-            let tag = (cpu.index() * 64 + round % 64) as u8;
-            if rng.below(2) == 0 {
-                let pages = 1 + rng.below(MAX_BLOCK_PAGES) as usize;
-                let ptr = vm.vmalloc(pages * PAGE).unwrap();
-                for page in 0..pages {
-                    cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16])
-                        .unwrap();
-                }
-                shared
-                    .lock()
-                    .unwrap()
-                    .push((ptr.as_ptr() as usize, pages, tag));
-            } else {
-                let taken = {
-                    let mut shared = shared.lock().unwrap();
-                    let len = shared.len() as u64;
-                    (len > 0).then(|| shared.swap_remove(rng.below(len) as usize))
-                };
-                // Often another CPU's area, in another CPU's block.
-                if let Some((ptr, pages, tag)) = taken {
-                    let ptr = NonNull::new(ptr as *mut u8).unwrap();
-                    for page in 0..pages {
-                        let mut back = [0; 16];
-                        cpu.read(addr(ptr) + (page * PAGE) as u64, &mut back)
-                            .unwrap();
-                        assert_eq!(back, [tag; 16], "no other area shares its frames");
+    watchdog(
+        "four_cpus_free_each_others_small_areas_and_every_frame_comes_back",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(4);
+            let start = frames.stats().free;
+            let vm = manager(machine, frames, tlb, cached());
+            let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
+            machine.on_every_cpu(|cpu| {
+                let mut rng = Rng::new(cpu.index() as u64 + 11);
+                for round in 0..400usize {
+                    let tag = (cpu.index() * 64 + round % 64) as u8;
+                    if rng.below(2) == 0 {
+                        let pages = 1 + rng.below(MAX_BLOCK_PAGES) as usize;
+                        let ptr = vm.vmalloc(pages * PAGE).unwrap();
+                        for page in 0..pages {
+                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16])
+                                .unwrap();
+                        }
+                        shared
+                            .lock()
+                            .unwrap()
+                            .push((ptr.as_ptr() as usize, pages, tag));
+                    } else {
+                        let taken = {
+                            let mut shared = shared.lock().unwrap();
+                            let len = shared.len() as u64;
+                            (len > 0).then(|| shared.swap_remove(rng.below(len) as usize))
+                        };
+                        // Often another CPU's area, in another CPU's block.
+                        if let Some((ptr, pages, tag)) = taken {
+                            let ptr = NonNull::new(ptr as *mut u8).unwrap();
+                            for page in 0..pages {
+                                let mut back = [0; 16];
+                                cpu.read(addr(ptr) + (page * PAGE) as u64, &mut back)
+                                    .unwrap();
+                                assert_eq!(back, [tag; 16], "no other area shares its frames");
+                            }
+                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+                        }
                     }
-                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
+            });
+            let left: Vec<_> = shared.into_inner().unwrap();
+            let stats = vm.stats();
+            assert_eq!(stats.block_areas, left.len() as u64);
+            assert_frames_conserved(&stats, frames);
+            for &(ptr, ..) in &left[..left.len() / 2] {
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
             }
-        }
-    });
-    let left: Vec<_> = shared.into_inner().unwrap();
-    let stats = vm.stats();
-    assert_eq!(stats.block_areas, left.len() as u64);
-    assert_frames_conserved(&stats, frames);
-    for &(ptr, ..) in &left[..left.len() / 2] {
-        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-        unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-    }
-    vm.purge();
-    assert_eq!(vm.stats().cached_pending_frames, 0);
-    // The rest leak into the manager's teardown, which gives them back too.
-    drop(vm);
-    assert_eq!(frames.stats().free, start, "every frame is back");
-    assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
+            vm.purge();
+            assert_eq!(vm.stats().cached_pending_frames, 0);
+            // The rest leak into the manager's teardown, which gives them back too.
+            drop(vm);
+            assert_eq!(frames.stats().free, start, "every frame is back");
+            assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
+        },
+    );
 }
 
 /// The machine's flushes, counted.

@@ -36,116 +36,129 @@ fn addr(ptr: std::ptr::NonNull<u8>) -> VirtAddr {
 
 #[test]
 fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
-    let (machine, frames, tlb) = smp_machine(4, true);
-    let vm = manager(
-        machine,
-        frames,
-        tlb,
-        VmallocConfig {
-            lazy_threshold_pages: 64,
-            ..VmallocConfig::default()
-        },
-    );
-    let start = frames.stats().free + vm.stats().bookkeeping_frames;
-    machine.on_every_cpu(|cpu| {
-        let mut rng = Rng::new(cpu.index() as u64 + 1);
-        let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
-        let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, [u8; 16])> = Vec::new();
-        for round in 0..300usize {
-            let tag = (cpu.index() * 64 + round % 64) as u8;
-            match rng.below(6) {
-                0 | 1 => {
-                    let pages = 1 + rng.below(8) as usize;
-                    let ptr = vm.vmalloc(pages * 4096).unwrap();
-                    for page in 0..pages {
-                        cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32])
-                            .unwrap();
+    watchdog(
+        "four_cpus_share_one_manager_and_every_free_is_seen_by_all",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(4, true);
+            let vm = manager(
+                machine,
+                frames,
+                tlb,
+                VmallocConfig {
+                    lazy_threshold_pages: 64,
+                    ..VmallocConfig::default()
+                },
+            );
+            let start = frames.stats().free + vm.stats().bookkeeping_frames;
+            machine.on_every_cpu(|cpu| {
+                let mut rng = Rng::new(cpu.index() as u64 + 1);
+                let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
+                let mut lent: Vec<(std::ptr::NonNull<u8>, Vec<PhysFrame>, [u8; 16])> = Vec::new();
+                for round in 0..300usize {
+                    let tag = (cpu.index() * 64 + round % 64) as u8;
+                    match rng.below(6) {
+                        0 | 1 => {
+                            let pages = 1 + rng.below(8) as usize;
+                            let ptr = vm.vmalloc(pages * 4096).unwrap();
+                            for page in 0..pages {
+                                cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32])
+                                    .unwrap();
+                            }
+                            live.push((ptr, pages, tag));
+                        }
+                        2 if !live.is_empty() => {
+                            let (ptr, pages, tag) =
+                                live.swap_remove(rng.below(live.len() as u64) as usize);
+                            for page in 0..pages {
+                                let mut back = [0; 32];
+                                cpu.read(addr(ptr) + (page * 4096) as u64, &mut back)
+                                    .unwrap();
+                                assert_eq!(
+                                    back,
+                                    [tag; 32],
+                                    "CPU {} sees its own data",
+                                    cpu.index()
+                                );
+                            }
+                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+                        }
+                        3 if !live.is_empty() => {
+                            let index = rng.below(live.len() as u64) as usize;
+                            let (ptr, pages, tag) = live[index];
+                            let grown = pages + 1 + rng.below(4) as usize;
+                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                            let moved = unsafe { vm.vrealloc(ptr.as_ptr(), grown * 4096) }.unwrap();
+                            let mut back = [0; 32];
+                            cpu.read(addr(moved), &mut back).unwrap();
+                            assert_eq!(back, [tag; 32], "vrealloc kept the contents");
+                            for page in pages..grown {
+                                cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32])
+                                    .unwrap();
+                            }
+                            live[index] = (moved, grown, tag);
+                        }
+                        4 => {
+                            let owned: Vec<PhysFrame> = (0..1 + rng.below(4))
+                                .map(|_| frames.alloc_frame().unwrap())
+                                .collect();
+                            // SAFETY: frames this test took from the allocator and holds.
+                            let ptr = unsafe { vm.vmap(&owned, vmalloc::Prot::KERNEL_RW) }.unwrap();
+                            // A stamp no other mapping holds: this CPU and round.
+                            let mut stamp = [0xa5; 16];
+                            stamp[0] = cpu.index() as u8;
+                            stamp[1..3].copy_from_slice(&(round as u16).to_le_bytes());
+                            cpu.write(addr(ptr), &stamp).unwrap();
+                            lent.push((ptr, owned, stamp));
+                        }
+                        5 if !lent.is_empty() => {
+                            let (ptr, owned, stamp) = lent.swap_remove(0);
+                            let mut back = [0; 16];
+                            cpu.read(addr(ptr), &mut back).unwrap();
+                            assert_eq!(back, stamp);
+                            let mut returned = Vec::new();
+                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                            unsafe { vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame)) }
+                                .unwrap();
+                            assert_eq!(returned, owned);
+                            // Another CPU may map the freed range at once, but never onto the
+                            // frames this CPU still holds: seeing the stamp is a stale entry.
+                            let stale = cpu.read(addr(ptr), &mut back).is_ok() && back == stamp;
+                            assert!(
+                                !stale,
+                                "CPU {} still reaches a vunmapped frame",
+                                cpu.index()
+                            );
+                            frames.free_frames(&owned).unwrap();
+                        }
+                        _ => vm.purge(),
                     }
-                    live.push((ptr, pages, tag));
                 }
-                2 if !live.is_empty() => {
-                    let (ptr, pages, tag) = live.swap_remove(rng.below(live.len() as u64) as usize);
-                    for page in 0..pages {
-                        let mut back = [0; 32];
-                        cpu.read(addr(ptr) + (page * 4096) as u64, &mut back)
-                            .unwrap();
-                        assert_eq!(back, [tag; 32], "CPU {} sees its own data", cpu.index());
-                    }
+                for (ptr, ..) in live {
                     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                     unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                 }
-                3 if !live.is_empty() => {
-                    let index = rng.below(live.len() as u64) as usize;
-                    let (ptr, pages, tag) = live[index];
-                    let grown = pages + 1 + rng.below(4) as usize;
+                for (ptr, owned, _) in lent {
                     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                    let moved = unsafe { vm.vrealloc(ptr.as_ptr(), grown * 4096) }.unwrap();
-                    let mut back = [0; 32];
-                    cpu.read(addr(moved), &mut back).unwrap();
-                    assert_eq!(back, [tag; 32], "vrealloc kept the contents");
-                    for page in pages..grown {
-                        cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32])
-                            .unwrap();
-                    }
-                    live[index] = (moved, grown, tag);
-                }
-                4 => {
-                    let owned: Vec<PhysFrame> = (0..1 + rng.below(4))
-                        .map(|_| frames.alloc_frame().unwrap())
-                        .collect();
-                    // SAFETY: frames this test took from the allocator and holds.
-                    let ptr = unsafe { vm.vmap(&owned, vmalloc::Prot::KERNEL_RW) }.unwrap();
-                    // A stamp no other mapping holds: this CPU and round.
-                    let mut stamp = [0xa5; 16];
-                    stamp[0] = cpu.index() as u8;
-                    stamp[1..3].copy_from_slice(&(round as u16).to_le_bytes());
-                    cpu.write(addr(ptr), &stamp).unwrap();
-                    lent.push((ptr, owned, stamp));
-                }
-                5 if !lent.is_empty() => {
-                    let (ptr, owned, stamp) = lent.swap_remove(0);
-                    let mut back = [0; 16];
-                    cpu.read(addr(ptr), &mut back).unwrap();
-                    assert_eq!(back, stamp);
-                    let mut returned = Vec::new();
-                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                    unsafe { vm.vunmap(ptr.as_ptr(), |frame| returned.push(frame)) }.unwrap();
-                    assert_eq!(returned, owned);
-                    // Another CPU may map the freed range at once, but never onto the
-                    // frames this CPU still holds: seeing the stamp is a stale entry.
-                    let stale = cpu.read(addr(ptr), &mut back).is_ok() && back == stamp;
-                    assert!(
-                        !stale,
-                        "CPU {} still reaches a vunmapped frame",
-                        cpu.index()
-                    );
+                    unsafe { vm.vunmap(ptr.as_ptr(), |_| {}) }.unwrap();
                     frames.free_frames(&owned).unwrap();
                 }
-                _ => vm.purge(),
-            }
-        }
-        for (ptr, ..) in live {
-            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-        }
-        for (ptr, owned, _) in lent {
-            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-            unsafe { vm.vunmap(ptr.as_ptr(), |_| {}) }.unwrap();
-            frames.free_frames(&owned).unwrap();
-        }
-    });
-    vm.purge();
-    let stats = vm.stats();
-    assert_eq!(
-        (stats.areas, stats.data_frames, stats.pending_purge_frames),
-        (0, 0, 0)
+            });
+            vm.purge();
+            let stats = vm.stats();
+            assert_eq!(
+                (stats.areas, stats.data_frames, stats.pending_purge_frames),
+                (0, 0, 0)
+            );
+            assert_eq!(
+                frames.stats().free + stats.bookkeeping_frames + stats.page_table_frames,
+                start + vm.stats().page_table_frames,
+                "every frame is back"
+            );
+            assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
+        },
     );
-    assert_eq!(
-        frames.stats().free + stats.bookkeeping_frames + stats.page_table_frames,
-        start + vm.stats().page_table_frames,
-        "every frame is back"
-    );
-    assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
 }
 
 /// CPU 1 caches a translation of a vmalloc page; CPU 0 frees the area, purges, and
@@ -186,23 +199,35 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
 
 #[test]
 fn a_translation_cached_on_another_cpu_is_gone_before_its_frame_is_reused() {
-    let (machine, frames, tlb) = smp_machine(2, false);
-    assert_eq!(
-        stale_read_after_reuse(machine, frames, tlb),
-        None,
-        "CPU 1 faults"
+    watchdog(
+        "a_translation_cached_on_another_cpu_is_gone_before_its_frame_is_reused",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2, false);
+            assert_eq!(
+                stale_read_after_reuse(machine, frames, tlb),
+                None,
+                "CPU 1 faults"
+            );
+            assert!(tlb.stats().ipis > 0 && machine.cpu(1).ipis_taken() > 0);
+        },
     );
-    assert!(tlb.stats().ipis > 0 && machine.cpu(1).ipis_taken() > 0);
 }
 
 #[test]
 fn a_local_only_flush_is_caught_reading_the_reused_frame() {
-    // The negative control: the same steps with a flush that only reaches CPU 0.
-    let (machine, frames, _) = smp_machine(2, false);
-    assert_eq!(
-        stale_read_after_reuse(machine, frames, machine),
-        Some(*b"NEWDATA!"),
-        "without a shootdown CPU 1 reads the new owner's data"
+    watchdog(
+        "a_local_only_flush_is_caught_reading_the_reused_frame",
+        DEADLOCK_LIMIT,
+        || {
+            // The negative control: the same steps with a flush that only reaches CPU 0.
+            let (machine, frames, _) = smp_machine(2, false);
+            assert_eq!(
+                stale_read_after_reuse(machine, frames, machine),
+                Some(*b"NEWDATA!"),
+                "without a shootdown CPU 1 reads the new owner's data"
+            );
+        },
     );
 }
 
@@ -227,73 +252,92 @@ impl TlbFlush for InterruptsOff {
 
 #[test]
 fn crossing_shootdowns_with_interrupts_disabled_do_not_deadlock() {
-    let (machine, _, _) = smp_machine(2, false);
-    // No IPI handler runs: each initiator must serve its own mailbox while it waits.
-    let tlb: &'static _ = Box::leak(Box::new(Shootdown::new(machine, InterruptsOff(machine))));
-    let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
-    let rounds = 2000;
-    machine.on_every_cpu(|_| {
-        for i in 0..rounds {
-            if i % 2 == 0 {
-                tlb.flush_page(page);
-            } else {
-                tlb.flush_all();
-            }
-        }
-    });
-    let stats = tlb.stats();
-    assert_eq!(stats.shootdowns, 2 * rounds);
-    assert!(
-        stats.served > 0,
-        "each CPU served the other's requests while waiting"
+    watchdog(
+        "crossing_shootdowns_with_interrupts_disabled_do_not_deadlock",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, _, _) = smp_machine(2, false);
+            // No IPI handler runs: each initiator must serve its own mailbox while it waits.
+            let tlb: &'static _ =
+                Box::leak(Box::new(Shootdown::new(machine, InterruptsOff(machine))));
+            let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
+            let rounds = 2000;
+            machine.on_every_cpu(|_| {
+                for i in 0..rounds {
+                    if i % 2 == 0 {
+                        tlb.flush_page(page);
+                    } else {
+                        tlb.flush_all();
+                    }
+                }
+            });
+            let stats = tlb.stats();
+            assert_eq!(stats.shootdowns, 2 * rounds);
+            assert!(
+                stats.served > 0,
+                "each CPU served the other's requests while waiting"
+            );
+        },
     );
 }
 
 #[test]
 fn two_managers_purging_at_once_on_two_cpus_both_finish() {
-    let (machine, frames, tlb) = smp_machine(2, false);
-    let low = manager(machine, frames, tlb, VmallocConfig::default());
-    let high = manager(
-        machine,
-        frames,
-        tlb,
-        VmallocConfig {
-            start: VirtAddr::new(0xffff_e000_0000_0000),
-            size: 1 << 40,
-            ..VmallocConfig::default()
+    watchdog(
+        "two_managers_purging_at_once_on_two_cpus_both_finish",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2, false);
+            let low = manager(machine, frames, tlb, VmallocConfig::default());
+            let high = manager(
+                machine,
+                frames,
+                tlb,
+                VmallocConfig {
+                    start: VirtAddr::new(0xffff_e000_0000_0000),
+                    size: 1 << 40,
+                    ..VmallocConfig::default()
+                },
+            );
+            let managers = [&low, &high];
+            machine.on_every_cpu(|cpu| {
+                let vm = managers[cpu.index()];
+                for _ in 0..300 {
+                    let ptr = vm.vmalloc(3 * 4096).unwrap();
+                    cpu.write(addr(ptr), b"x").unwrap();
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+                    vm.purge();
+                }
+            });
+            assert_eq!((low.stats().areas, high.stats().areas), (0, 0));
         },
     );
-    let managers = [&low, &high];
-    machine.on_every_cpu(|cpu| {
-        let vm = managers[cpu.index()];
-        for _ in 0..300 {
-            let ptr = vm.vmalloc(3 * 4096).unwrap();
-            cpu.write(addr(ptr), b"x").unwrap();
-            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-            vm.purge();
-        }
-    });
-    assert_eq!((low.stats().areas, high.stats().areas), (0, 0));
 }
 
 #[test]
 fn a_cpu_going_offline_is_no_longer_waited_for() {
-    let (machine, _, tlb) = smp_machine(3, false);
-    machine.cpu(2).go_offline();
-    // CPU 1 is online but never polls: only its leaving lets the flush finish.
-    let done = AtomicBool::new(false);
-    thread::scope(|scope| {
-        scope.spawn(|| {
-            tlb.flush_all();
-            done.store(true, Ordering::Release);
-        });
-        thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!done.load(Ordering::Acquire), "the flush waits for CPU 1");
-        machine.cpu(1).go_offline();
-    });
-    assert!(done.load(Ordering::Acquire));
-    assert_eq!(machine.cpu(2).ipis_taken(), 0, "CPU 2 was never shot at");
+    watchdog(
+        "a_cpu_going_offline_is_no_longer_waited_for",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, _, tlb) = smp_machine(3, false);
+            machine.cpu(2).go_offline();
+            // CPU 1 is online but never polls: only its leaving lets the flush finish.
+            let done = AtomicBool::new(false);
+            thread::scope(|scope| {
+                scope.spawn(|| {
+                    tlb.flush_all();
+                    done.store(true, Ordering::Release);
+                });
+                thread::sleep(std::time::Duration::from_millis(20));
+                assert!(!done.load(Ordering::Acquire), "the flush waits for CPU 1");
+                machine.cpu(1).go_offline();
+            });
+            assert!(done.load(Ordering::Acquire));
+            assert_eq!(machine.cpu(2).ipis_taken(), 0, "CPU 2 was never shot at");
+        },
+    );
 }
 
 /// A frame source that, once armed, runs `interrupt` on its next allocation, which
@@ -462,74 +506,80 @@ unsafe impl VmallocOps for ShootsWhilePopulating<'_> {
 
 #[test]
 fn a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started() {
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
-        SimConfig::new(64 << 20)
-            .with_cpus(2)
-            .with_host_window(1 << 30),
-    )));
-    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
-    machine.set_ipi_handler(move || tlb.handle_ipi());
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // A hang is the failure: a watchdog turns it into a panic.
-    let (done, finished) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        // A slab-sized block (the class's lock) and a list-sized one (the list's).
-        for size in [64, 5000] {
-            machine.cpu(1).go_online();
-            let vm = manager(machine, frames, tlb, config);
-            let inside = AtomicBool::new(false);
-            let ops = ShootsWhilePopulating {
-                vm: &vm,
-                tlb,
-                inside: &inside,
+    watchdog(
+        "a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started",
+        DEADLOCK_LIMIT,
+        || {
+            let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+                SimConfig::new(64 << 20)
+                    .with_cpus(2)
+                    .with_host_window(1 << 30),
+            )));
+            let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+            let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+            machine.set_ipi_handler(move || tlb.handle_ipi());
+            let (start, size) = machine.host_window().unwrap();
+            let config = VmallocConfig {
+                start,
+                size,
+                ..VmallocConfig::default()
             };
-            let heap = KernelHeap::new(HeapConfig {
-                window: 16 << 20,
-                ..HeapConfig::DEFAULT
-            });
-            heap.init(&ops).unwrap();
-            let layout = Layout::from_size_align(size, 8).unwrap();
-            thread::scope(|scope| {
-                let cpu1 = machine.cpu(1);
-                let (heap, inside) = (&heap, &inside);
-                scope.spawn(move || {
-                    cpu1.enter();
-                    // Interrupts off: this CPU takes no IPI, it only serves while it waits.
-                    while !inside.load(Ordering::Acquire) {
-                        std::hint::spin_loop();
-                    }
-                    // SAFETY: a valid layout; the block is freed with it.
-                    unsafe {
-                        let block = heap.alloc(layout);
-                        assert!(!block.is_null());
-                        heap.dealloc(block, layout);
-                    }
-                });
-                machine.cpu(0).enter();
-                // The first block of its kind maps memory under the heap's lock.
-                // SAFETY: as above.
-                unsafe {
-                    let block = heap.alloc(layout);
-                    assert!(!block.is_null());
-                    heap.dealloc(block, layout);
+            // A hang is the failure: a watchdog turns it into a panic.
+            let (done, finished) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                // A slab-sized block (the class's lock) and a list-sized one (the list's).
+                for size in [64, 5000] {
+                    machine.cpu(1).go_online();
+                    let vm = manager(machine, frames, tlb, config);
+                    let inside = AtomicBool::new(false);
+                    let ops = ShootsWhilePopulating {
+                        vm: &vm,
+                        tlb,
+                        inside: &inside,
+                    };
+                    let heap = KernelHeap::new(HeapConfig {
+                        window: 16 << 20,
+                        ..HeapConfig::DEFAULT
+                    });
+                    heap.init(&ops).unwrap();
+                    let layout = Layout::from_size_align(size, 8).unwrap();
+                    thread::scope(|scope| {
+                        let cpu1 = machine.cpu(1);
+                        let (heap, inside) = (&heap, &inside);
+                        scope.spawn(move || {
+                            cpu1.enter();
+                            // Interrupts off: this CPU takes no IPI, it only serves while it waits.
+                            while !inside.load(Ordering::Acquire) {
+                                std::hint::spin_loop();
+                            }
+                            // SAFETY: a valid layout; the block is freed with it.
+                            unsafe {
+                                let block = heap.alloc(layout);
+                                assert!(!block.is_null());
+                                heap.dealloc(block, layout);
+                            }
+                        });
+                        machine.cpu(0).enter();
+                        // The first block of its kind maps memory under the heap's lock.
+                        // SAFETY: as above.
+                        unsafe {
+                            let block = heap.alloc(layout);
+                            assert!(!block.is_null());
+                            heap.dealloc(block, layout);
+                        }
+                    });
+                    // CPU 1's thread is gone: it leaves, so dropping the manager (which
+                    // shoots down) does not wait for it.
+                    machine.cpu(1).go_offline();
                 }
+                done.send(tlb.stats()).unwrap();
             });
-            // CPU 1's thread is gone: it leaves, so dropping the manager (which
-            // shoots down) does not wait for it.
-            machine.cpu(1).go_offline();
-        }
-        done.send(tlb.stats()).unwrap();
-    });
-    let stats = finished
-        .recv_timeout(std::time::Duration::from_secs(120))
-        .expect("deadlock: CPU 1 waited for the heap lock without serving the shootdown");
-    assert!(stats.ipis >= 2 && stats.served >= 2);
+            let stats = finished
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("deadlock: CPU 1 waited for the heap lock without serving the shootdown");
+            assert!(stats.ipis >= 2 && stats.served >= 2);
+        },
+    );
 }
 
 /// A shootdown's handler, for the nested-flush scenario to drive any protocol.

@@ -4,7 +4,7 @@
 use vmalloc::Error;
 use vmalloc::vmalloc::{AreaKind, FaultSite, StackCache, Vmalloc};
 use vmalloc_sim::scenarios::manager_over as manager;
-use vmalloc_sim::{Access, Fault, SimConfig, SimMachine};
+use vmalloc_sim::{Access, DEADLOCK_LIMIT, Fault, SimConfig, SimMachine, watchdog};
 use x86_64::VirtAddr;
 
 fn machine() -> SimMachine {
@@ -123,56 +123,62 @@ fn bad_sizes_are_refused_and_change_nothing() {
 
 #[test]
 fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
-        SimConfig::new(64 << 20).with_cpus(2).with_scatter_seed(4),
-    )));
-    let frames = machine.frames();
-    let vm = manager(machine, &frames);
-    let cache = StackCache::new(machine);
-    machine.cpu(0).enter();
-    let stack = cache.alloc(&vm, 16 << 10).unwrap();
-    let base = stack.base();
-    machine.write(stack.top() - 8u64, b"old data").unwrap();
-    drop(stack);
-    assert_eq!(
-        (cache.cached(), vm.stats().areas),
-        (1, 1),
-        "kept, still mapped"
+    watchdog(
+        "a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two",
+        DEADLOCK_LIMIT,
+        || {
+            let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+                SimConfig::new(64 << 20).with_cpus(2).with_scatter_seed(4),
+            )));
+            let frames = machine.frames();
+            let vm = manager(machine, &frames);
+            let cache = StackCache::new(machine);
+            machine.cpu(0).enter();
+            let stack = cache.alloc(&vm, 16 << 10).unwrap();
+            let base = stack.base();
+            machine.write(stack.top() - 8u64, b"old data").unwrap();
+            drop(stack);
+            assert_eq!(
+                (cache.cached(), vm.stats().areas),
+                (1, 1),
+                "kept, still mapped"
+            );
+            let again = cache.alloc(&vm, 16 << 10).unwrap();
+            assert_eq!(again.base(), base, "the same stack");
+            let mut word = [0xffu8; 8];
+            machine.read(again.top() - 8u64, &mut word).unwrap();
+            assert_eq!(word, [0; 8], "zeroed before it is handed out again");
+            assert_eq!(cache.cached(), 0);
+
+            // Three freed: two kept, the third goes back to the manager.
+            let more: Vec<_> = (0..2)
+                .map(|_| cache.alloc(&vm, 16 << 10).unwrap())
+                .collect();
+            drop(again);
+            drop(more);
+            assert_eq!((cache.cached(), vm.stats().areas), (2, 2));
+
+            // Another CPU has its own slots: it makes a new stack.
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    machine.cpu(1).enter();
+                    let other = cache.alloc(&vm, 16 << 10).unwrap();
+                    assert_ne!(other.base(), base);
+                    assert_eq!(cache.cached(), 2);
+                    // The other CPU's slots take it when it is dropped.
+                    drop(other);
+                    assert_eq!(cache.cached(), 3);
+                });
+            });
+            // A cached stack of another size is freed, not handed out.
+            let small = cache.alloc(&vm, 8 << 10).unwrap();
+            assert_eq!(small.size(), 8 << 10);
+            drop(small);
+            cache.drain(&vm).unwrap();
+            vm.purge();
+            assert_eq!((cache.cached(), vm.stats().areas), (0, 0));
+        },
     );
-    let again = cache.alloc(&vm, 16 << 10).unwrap();
-    assert_eq!(again.base(), base, "the same stack");
-    let mut word = [0xffu8; 8];
-    machine.read(again.top() - 8u64, &mut word).unwrap();
-    assert_eq!(word, [0; 8], "zeroed before it is handed out again");
-    assert_eq!(cache.cached(), 0);
-
-    // Three freed: two kept, the third goes back to the manager.
-    let more: Vec<_> = (0..2)
-        .map(|_| cache.alloc(&vm, 16 << 10).unwrap())
-        .collect();
-    drop(again);
-    drop(more);
-    assert_eq!((cache.cached(), vm.stats().areas), (2, 2));
-
-    // Another CPU has its own slots: it makes a new stack.
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            machine.cpu(1).enter();
-            let other = cache.alloc(&vm, 16 << 10).unwrap();
-            assert_ne!(other.base(), base);
-            assert_eq!(cache.cached(), 2);
-            // The other CPU's slots take it when it is dropped.
-            drop(other);
-            assert_eq!(cache.cached(), 3);
-        });
-    });
-    // A cached stack of another size is freed, not handed out.
-    let small = cache.alloc(&vm, 8 << 10).unwrap();
-    assert_eq!(small.size(), 8 << 10);
-    drop(small);
-    cache.drain(&vm).unwrap();
-    vm.purge();
-    assert_eq!((cache.cached(), vm.stats().areas), (0, 0));
 }
 
 #[test]

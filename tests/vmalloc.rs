@@ -6,7 +6,7 @@ use vmalloc::frame::FaultInjector;
 use vmalloc::tlb::CountingFlush;
 use vmalloc::vmalloc::*;
 use vmalloc::{Error, FrameSource};
-use vmalloc_sim::{Access, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::{Access, DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, SimPhys, watchdog};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PageTableFlags;
 use x86_64::structures::paging::PhysFrame;
@@ -1189,56 +1189,58 @@ fn listings_and_callbacks_run_without_the_lock() {
 
 #[test]
 fn threads_share_one_manager() {
-    let machine = machine();
-    let frames = machine.frames();
-    let vm = manager(
-        &machine,
-        &frames,
-        VmallocConfig {
-            lazy_threshold_pages: 64,
-            ..config(false)
-        },
-    );
-    let initial = vm.stats();
-    let baseline = free_frames(&frames);
-    std::thread::scope(|scope| {
-        for t in 0..4u8 {
-            let (vm, machine) = (&vm, &machine);
-            scope.spawn(move || {
-                let mut live = Vec::new();
-                for i in 0..200usize {
-                    let pages = 1 + (i * 7 + t as usize) % 9;
-                    let ptr = vm.vmalloc(pages * 4096).unwrap();
-                    machine.write(addr(ptr), &[t; 64]).unwrap();
-                    live.push(ptr);
-                    if i % 3 != 0 {
-                        let victim = live.swap_remove(i % live.len());
-                        let mut check = [0; 64];
-                        machine.read(addr(victim), &mut check).unwrap();
-                        assert_eq!(check, [t; 64], "no other thread wrote into this area");
-                        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                        unsafe { vm.vfree(victim.as_ptr()) }.unwrap();
+    watchdog("threads_share_one_manager", DEADLOCK_LIMIT, || {
+        let machine = machine();
+        let frames = machine.frames();
+        let vm = manager(
+            &machine,
+            &frames,
+            VmallocConfig {
+                lazy_threshold_pages: 64,
+                ..config(false)
+            },
+        );
+        let initial = vm.stats();
+        let baseline = free_frames(&frames);
+        std::thread::scope(|scope| {
+            for t in 0..4u8 {
+                let (vm, machine) = (&vm, &machine);
+                scope.spawn(move || {
+                    let mut live = Vec::new();
+                    for i in 0..200usize {
+                        let pages = 1 + (i * 7 + t as usize) % 9;
+                        let ptr = vm.vmalloc(pages * 4096).unwrap();
+                        machine.write(addr(ptr), &[t; 64]).unwrap();
+                        live.push(ptr);
+                        if i % 3 != 0 {
+                            let victim = live.swap_remove(i % live.len());
+                            let mut check = [0; 64];
+                            machine.read(addr(victim), &mut check).unwrap();
+                            assert_eq!(check, [t; 64], "no other thread wrote into this area");
+                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                            unsafe { vm.vfree(victim.as_ptr()) }.unwrap();
+                        }
                     }
-                }
-                for ptr in live {
-                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-                }
-            });
-        }
+                    for ptr in live {
+                        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+                    }
+                });
+            }
+        });
+        vm.purge();
+        let stats = vm.stats();
+        assert_eq!(
+            (stats.areas, stats.data_frames, stats.page_table_frames),
+            (0, 0, initial.page_table_frames)
+        );
+        assert_eq!(
+            free_frames(&frames) + stats.bookkeeping_frames,
+            baseline + initial.bookkeeping_frames,
+            "every frame is back but the bookkeeping kept"
+        );
+        assert_frames_conserved(&vm, &frames, 0);
     });
-    vm.purge();
-    let stats = vm.stats();
-    assert_eq!(
-        (stats.areas, stats.data_frames, stats.page_table_frames),
-        (0, 0, initial.page_table_frames)
-    );
-    assert_eq!(
-        free_frames(&frames) + stats.bookkeeping_frames,
-        baseline + initial.bookkeeping_frames,
-        "every frame is back but the bookkeeping kept"
-    );
-    assert_frames_conserved(&vm, &frames, 0);
 }
 
 #[test]
