@@ -11,7 +11,7 @@ use vmalloc::vmalloc::deferred::SLOTS;
 use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::scenarios::{self, manager_with as manager};
-use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimFrames, SimMachine, watchdog};
+use vmalloc_sim::{DEADLOCK_LIMIT, PoisonOnFree, Rng, SimConfig, SimFrames, SimMachine, watchdog};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::{Page, PhysFrame};
 
@@ -777,5 +777,79 @@ fn publishing_in_any_nesting_is_caught_completing_early() {
             completes_before_the_target_flushed(machine, frames, tlb),
             "the old protocol reports R1 flushed before CPU 1 flushed it"
         );
+    });
+}
+
+#[test]
+fn no_frame_comes_back_while_any_cpu_still_reaches_it() {
+    watchdog("poisoned frames", DEADLOCK_LIMIT, || {
+        for cpu_caches in [false, true] {
+            let (machine, frames, tlb) = smp_machine(2, true);
+            let poison: &'static PoisonOnFree =
+                Box::leak(Box::new(PoisonOnFree::new(machine, frames)));
+            let config = VmallocConfig {
+                cpu_caches,
+                lazy_threshold_pages: 48,
+                ..VmallocConfig::default()
+            };
+            // SAFETY: the machine's page tables serve this manager alone.
+            let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), poison, tlb) }
+                .unwrap();
+            let areas: Vec<(usize, usize)> = (1..40)
+                .map(|pages| (vm.vmalloc(pages * 4096).unwrap().as_ptr() as usize, pages))
+                .collect();
+            let cached = AtomicBool::new(false);
+            machine.on_every_cpu(|cpu| {
+                if cpu.index() == 1 {
+                    // Every page read once: CPU 1 caches every translation.
+                    for &(start, pages) in &areas {
+                        for page in 0..pages {
+                            let mut byte = [0];
+                            cpu.read(VirtAddr::new((start + page * 4096) as u64), &mut byte)
+                                .unwrap();
+                        }
+                    }
+                    cached.store(true, Ordering::Release);
+                    // Served while CPU 0 frees: interrupts on, polled.
+                    while cached.load(Ordering::Acquire) {
+                        cpu.poll();
+                        thread::yield_now();
+                    }
+                    return;
+                }
+                while !cached.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                eprintln!(
+                    "cpu1 caches first: {:?}",
+                    machine.cpu(1).cached(VirtAddr::new(areas[0].0 as u64))
+                );
+                for &(start, _) in &areas {
+                    // SAFETY: not used again (CPU 1 only read them before).
+                    unsafe { vm.vfree(start as *mut u8) }.unwrap();
+                }
+                vm.purge();
+                cached.store(false, Ordering::Release);
+            });
+            eprintln!(
+                "poisoned {} stale {}",
+                poison.poisoned(),
+                poison.stale_reads().len()
+            );
+            assert!(
+                poison.poisoned() >= (1..40).sum::<u64>(),
+                "every data frame came back"
+            );
+            let stale = poison.stale_reads();
+            assert!(
+                stale.is_empty(),
+                "caches {cpu_caches}: {} frames came back while a CPU could still reach them, \
+                 the first: {:?}",
+                stale.len(),
+                stale.first()
+            );
+            drop(vm);
+            assert_eq!(poison.stale_reads(), [], "caches {cpu_caches}: teardown");
+        }
     });
 }

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::vec;
 use vmalloc::frame::{BitmapFrameAllocator, FrameStats, LockedFrameAllocator};
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
-use x86_64::PhysAddr;
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
+use x86_64::{PhysAddr, VirtAddr};
 
 /// A frame allocator over a [`SimMachine`]'s usable memory.
 ///
@@ -129,5 +129,116 @@ impl Drop for SimFrames {
             ManuallyDrop::drop(&mut self.allocator);
             drop(Box::from_raw(self.storage));
         }
+    }
+}
+
+/// Written into every frame a [`PoisonOnFree`] takes back.
+pub const POISON: u8 = 0x6b;
+
+/// A frame source in front of a [`SimFrames`] that writes [`POISON`] into every frame
+/// at the moment it comes back, and records every CPU whose TLB still holds a
+/// translation to it, or whose paging-structure cache still points to it as a
+/// table: that CPU would read the poison (and later the next owner's data) through
+/// it, or walk it as a page table. A frame returned before the flush that covers its translations
+/// shows in [`stale_reads`](Self::stale_reads), whatever the manager does afterwards.
+/// A frame the allocator does not hold as allocated (a double free) is passed on
+/// untouched, to be refused there.
+pub struct PoisonOnFree<'m> {
+    frames: &'m SimFrames,
+    machine: &'m SimMachine,
+    poisoned: std::sync::atomic::AtomicU64,
+    stale: Mutex<vec::Vec<StaleRead>>,
+}
+
+/// A translation a CPU still cached when its frame came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleRead {
+    /// The CPU.
+    pub cpu: usize,
+    /// The page it could still read the frame through; `None` for a page table its
+    /// paging-structure cache could still walk through.
+    pub addr: Option<VirtAddr>,
+    /// The frame that had come back.
+    pub frame: PhysFrame,
+}
+
+impl<'m> PoisonOnFree<'m> {
+    /// Frames from `frames`, over `machine`'s memory and TLBs.
+    pub fn new(machine: &'m SimMachine, frames: &'m SimFrames) -> Self {
+        Self {
+            frames,
+            machine,
+            poisoned: std::sync::atomic::AtomicU64::new(0),
+            stale: Mutex::new(vec::Vec::new()),
+        }
+    }
+
+    /// Frames poisoned so far.
+    pub fn poisoned(&self) -> u64 {
+        self.poisoned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Each frame that came back while a CPU could still reach it.
+    pub fn stale_reads(&self) -> vec::Vec<StaleRead> {
+        self.stale.lock().expect("stale reads").clone()
+    }
+
+    fn poison(&self, frame: PhysFrame) {
+        if self.frames.allocator().is_free(frame) != Ok(false) {
+            return;
+        }
+        self.machine
+            .fill_phys(frame.start_address(), PAGE_SIZE as usize, POISON);
+        self.poisoned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for cpu in 0..self.machine.cpu_count() {
+            let pages: vec::Vec<u64> = self
+                .machine
+                .lock_tlb_of(cpu)
+                .pages_reaching(frame.start_address().as_u64())
+                .collect();
+            let mut stale = self.stale.lock().expect("stale reads");
+            stale.extend(pages.into_iter().map(|vpn| StaleRead {
+                cpu,
+                addr: Some(VirtAddr::new_truncate(vpn << 12)),
+                frame,
+            }));
+            if self
+                .machine
+                .lock_tlb_of(cpu)
+                .walks_through(frame.start_address().as_u64())
+            {
+                stale.push(StaleRead {
+                    cpu,
+                    addr: None,
+                    frame,
+                });
+            }
+        }
+    }
+}
+
+// SAFETY: every call forwards to `SimFrames`, which upholds the contract; poisoning
+// writes only frames that were just handed back, which nobody owns.
+unsafe impl FrameSource for &PoisonOnFree<'_> {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        self.frames.alloc_frame()
+    }
+    fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
+        self.frames.alloc_frames(out)
+    }
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        self.frames.alloc_frame_2m()
+    }
+    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.poison(frame);
+        self.frames.free_frame(frame)
+    }
+    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        frames.iter().for_each(|&frame| self.poison(frame));
+        self.frames.free_frames(frames)
+    }
+    fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        self.frames.manages(first, count)
     }
 }

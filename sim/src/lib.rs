@@ -126,7 +126,7 @@ mod test;
 mod test_host;
 
 pub use cpu::{OfflineWhenDropped, SimCpu};
-pub use frames::SimFrames;
+pub use frames::{POISON, PoisonOnFree, SimFrames, StaleRead};
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use rng::Rng;
 pub use tlb::TlbStats;

@@ -49,6 +49,21 @@ impl Tlb {
         self.entries.insert(vpn, translation);
     }
 
+    /// The pages whose cached translation reaches `frame_start` (a 4 KiB frame), by
+    /// virtual page number.
+    pub(super) fn pages_reaching(&self, frame_start: u64) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().filter_map(move |(&vpn, t)| {
+            let reached = t.frame_start.as_u64() + ((vpn << 12) & (t.page_size - 1));
+            (reached == frame_start).then_some(vpn)
+        })
+    }
+
+    /// Whether a cached upper-level entry points to the table in frame `table`.
+    pub(super) fn walks_through(&self, table: u64) -> bool {
+        const ADDR: u64 = 0x000f_ffff_ffff_f000;
+        self.structures.values().any(|&raw| raw & ADDR == table)
+    }
+
     pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
