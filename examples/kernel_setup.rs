@@ -8,12 +8,15 @@
 
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::smp::OneCpu;
 use vmalloc::tlb::InvlpgFlush;
 use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer};
 use vmalloc::{Error, KernelVmalloc, OffsetPhysMemory, Vmalloc, VmallocConfig};
 use x86_64::registers::control::Cr3;
 use x86_64::{PhysAddr, VirtAddr};
 
+// SAFETY: this kernel runs on one CPU, in ring 0.
+static CPU: OneCpu = unsafe { OneCpu::new() };
 static FRAMES: spin::Once<LockedFrameAllocator<'static>> = spin::Once::new();
 static VMALLOC: spin::Once<KernelVmalloc> = spin::Once::new();
 
@@ -33,7 +36,8 @@ unsafe fn init_memory(regions: &[MemoryRegion], physical_memory_offset: u64) -> 
     // SAFETY: the map describes this machine's RAM, reachable through `phys`; the
     // allocator keeps its bitmaps in usable frames it then marks used.
     let allocator = unsafe { BitmapFrameAllocator::from_memory(regions.iter().cloned(), &phys) }?;
-    let frames = FRAMES.call_once(|| LockedFrameAllocator::new(allocator));
+    // Interrupts held off while its lock is held: a handler may allocate.
+    let frames = FRAMES.call_once(|| LockedFrameAllocator::with_cpus(allocator, &CPU));
     let (root, _) = Cr3::read();
     // SAFETY: CR3's PML4 is the kernel's page table, reachable through `phys`; only
     // this manager edits the vmalloc region; invlpg flushes this (single) CPU.

@@ -217,6 +217,40 @@ pub unsafe trait Cpus: Sync {
     }
 }
 
+/// The one CPU of a uniprocessor kernel: index 0, always online, no IPIs, and
+/// interrupts held off with `cli` (the [`Cpus`] defaults). An [`InvlpgFlush`]
+/// answers [`TlbFlush::cpus`] with it; a kernel gives it to a
+/// [`LockedFrameAllocator`] it also calls outside the library.
+///
+/// [`InvlpgFlush`]: crate::tlb::InvlpgFlush
+/// [`LockedFrameAllocator`]: crate::frame::LockedFrameAllocator
+#[derive(Debug)]
+pub struct OneCpu(pub(crate) ());
+
+impl OneCpu {
+    /// The kernel's only CPU.
+    ///
+    /// # Safety
+    ///
+    /// The kernel runs on one CPU, in ring 0 (interrupts are held off with `cli`).
+    pub const unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
+// SAFETY: made by `new`, whose contract puts the caller in ring 0 on the only CPU:
+// index 0, online while it runs, nothing to interrupt with a shootdown, and the
+// default `cli`/`sti` may run.
+unsafe impl Cpus for OneCpu {
+    fn current(&self) -> usize {
+        0
+    }
+    fn online(&self) -> CpuSet {
+        CpuSet::first(1)
+    }
+    fn send_ipi(&self, _: CpuSet) {}
+}
+
 /// What [`Cpus::irq_save`] saved, for [`Cpus::irq_restore`]: the defaults keep
 /// whether interrupts were enabled in bit 0; a kernel's own implementation may keep
 /// anything in the bits.

@@ -146,6 +146,11 @@ impl<T> IrqLock<T> {
         }
     }
 
+    /// The value, the lock no longer needed.
+    pub(crate) fn into_inner(self) -> T {
+        self.lock.into_inner()
+    }
+
     /// The lock if it is free, interrupts held off while it is held.
     #[inline]
     pub(crate) fn try_lock<'a>(&'a self, cpu: &'a (impl Cpu + ?Sized)) -> Option<IrqGuard<'a, T>> {

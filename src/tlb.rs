@@ -15,7 +15,7 @@
 //! while their pages together stay within the ceiling, one full flush above it.
 
 use crate::paging::RangeFlush;
-use crate::smp::Cpus;
+use crate::smp::{Cpus, OneCpu};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -164,22 +164,8 @@ impl InvlpgFlush {
     }
 }
 
-/// The one CPU of a uniprocessor kernel: index 0, always online, no IPIs, and
-/// interrupts held off with `cli` (the [`Cpus`] defaults).
-struct OneCpu;
-
-// SAFETY: only reachable through an `InvlpgFlush`, whose constructor's contract puts
-// the caller in ring 0 (so the default `cli`/`sti` may run); the kernel has one CPU,
-// index 0, online while it runs, and nothing to interrupt with a shootdown.
-unsafe impl Cpus for OneCpu {
-    fn current(&self) -> usize {
-        0
-    }
-    fn online(&self) -> crate::smp::CpuSet {
-        crate::smp::CpuSet::first(1)
-    }
-    fn send_ipi(&self, _: crate::smp::CpuSet) {}
-}
+/// What an [`InvlpgFlush`] answers: its constructor's contract is `OneCpu`'s.
+static ONE_CPU: OneCpu = OneCpu(());
 
 #[cfg(target_arch = "x86_64")]
 impl TlbFlush for InvlpgFlush {
@@ -187,7 +173,7 @@ impl TlbFlush for InvlpgFlush {
     /// runs in ring 0 (its constructor's contract). An SMP kernel wraps it in a
     /// [`Shootdown`](crate::smp::Shootdown), which answers with the kernel's CPUs.
     fn cpus(&self) -> Option<&dyn Cpus> {
-        Some(&OneCpu)
+        Some(&ONE_CPU)
     }
 
     fn flush_page(&self, page: Page<Size4KiB>) {

@@ -10,6 +10,7 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vmalloc::Error;
+use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::deferred::SLOTS;
@@ -395,4 +396,25 @@ fn every_call_drains_the_queued_frees_the_per_cpu_fast_paths_included() {
             assert!(walk.is_err(), "{name} left a queued area mapped");
         }
     }
+}
+
+#[test]
+fn a_frame_allocator_given_the_cpus_holds_interrupts_off_while_its_lock_is_held() {
+    let machine = SimMachine::new(SimConfig::new(64 << 20));
+    let map: Vec<MemoryRegion> = machine.memory_map().to_vec();
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let (mut plain, mut guarded) = (vec![0; words], vec![0; words]);
+    let plain = LockedFrameAllocator::with_storage(map.iter().cloned(), &mut plain).unwrap();
+    let bitmap = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut guarded).unwrap();
+    let guarded = LockedFrameAllocator::with_cpus(bitmap, &machine);
+    let cpu = machine.cpu(0);
+    assert!(
+        plain.with_lock(|_| cpu.interrupts_enabled()),
+        "nothing held off"
+    );
+    assert!(!guarded.with_lock(|_| cpu.interrupts_enabled()), "held off");
+    assert!(cpu.interrupts_enabled(), "and on again after the unlock");
+    let frame = guarded.alloc().unwrap();
+    assert_eq!(guarded.free(frame), Ok(()));
+    assert_eq!(guarded.free(frame), Err(Error::FrameNotAllocated));
 }

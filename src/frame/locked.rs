@@ -3,22 +3,67 @@
 use super::bitmap::{BitmapFrameAllocator, FrameStats};
 use super::{FrameSource, MemoryRegion};
 use crate::Error;
+use crate::smp::Cpus;
+use crate::sync::{Cpu, IrqLock};
 use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB, Size4KiB};
 
-/// A [`BitmapFrameAllocator`] behind a [`spin::Mutex`], usable from several CPUs.
+/// A [`BitmapFrameAllocator`] behind a spin lock, usable from several CPUs.
 ///
-/// Every method takes the lock once per call, bulk ones included.
-#[derive(Debug)]
+/// Every method takes the lock once per call, bulk ones included. The vmalloc
+/// manager calls it only with interrupts held off, so an interrupt handler that
+/// allocates through the manager never finds the lock held by the code it
+/// interrupted there. A kernel that also calls it directly, where such a handler may
+/// interrupt, builds it [`with_cpus`](Self::with_cpus): the lock is then taken with
+/// interrupts held off ([`Cpus::irq_save`]) on every call.
 pub struct LockedFrameAllocator<'a> {
-    inner: spin::Mutex<BitmapFrameAllocator<'a>>,
+    inner: IrqLock<BitmapFrameAllocator<'a>>,
+    cpus: Option<&'a dyn Cpus>,
+}
+
+impl core::fmt::Debug for LockedFrameAllocator<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LockedFrameAllocator")
+            .field("stats", &self.stats())
+            .field("holds_off_interrupts", &self.cpus.is_some())
+            .finish()
+    }
+}
+
+/// The frame allocator's lock holder never waits for another CPU, so a waiter spins.
+struct Hook<'a>(Option<&'a dyn Cpus>);
+
+impl Cpu for Hook<'_> {
+    fn irq_cpus(&self) -> Option<&dyn Cpus> {
+        self.0
+    }
+
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 impl<'a> LockedFrameAllocator<'a> {
-    /// Wraps `allocator`.
+    /// Wraps `allocator`; its lock holds nothing off (see the type's docs).
     pub fn new(allocator: BitmapFrameAllocator<'a>) -> Self {
         Self {
-            inner: spin::Mutex::new(allocator),
+            inner: IrqLock::new(allocator),
+            cpus: None,
         }
+    }
+
+    /// Wraps `allocator`; its lock is taken with interrupts held off through `cpus`
+    /// (a kernel's [`Cpus`], or [`OneCpu`](crate::smp::OneCpu) on one CPU).
+    pub fn with_cpus(allocator: BitmapFrameAllocator<'a>, cpus: &'a dyn Cpus) -> Self {
+        Self {
+            inner: IrqLock::new(allocator),
+            cpus: Some(cpus),
+        }
+    }
+
+    /// The allocator, locked, for one call.
+    fn locked<R>(&self, f: impl FnOnce(&mut BitmapFrameAllocator<'a>) -> R) -> R {
+        let hook = Hook(self.cpus);
+        f(&mut self.inner.lock(&hook))
     }
 
     /// See [`BitmapFrameAllocator::with_storage`].
@@ -35,7 +80,7 @@ impl<'a> LockedFrameAllocator<'a> {
 
     /// Runs `f` with the lock held, for several operations in one critical section.
     pub fn with_lock<R>(&self, f: impl FnOnce(&mut BitmapFrameAllocator<'a>) -> R) -> R {
-        f(&mut self.inner.lock())
+        self.locked(f)
     }
 
     /// Gives back the allocator.
@@ -45,17 +90,17 @@ impl<'a> LockedFrameAllocator<'a> {
 
     /// See [`BitmapFrameAllocator::alloc`].
     pub fn alloc(&self) -> Option<PhysFrame> {
-        self.inner.lock().alloc()
+        self.locked(|bitmap| bitmap.alloc())
     }
 
     /// See [`BitmapFrameAllocator::alloc_from`].
     pub fn alloc_from(&self, hint: PhysFrame) -> Option<PhysFrame> {
-        self.inner.lock().alloc_from(hint)
+        self.locked(|bitmap| bitmap.alloc_from(hint))
     }
 
     /// See [`BitmapFrameAllocator::alloc_bulk`].
     pub fn alloc_bulk(&self, out: &mut [PhysFrame]) -> usize {
-        self.inner.lock().alloc_bulk(out)
+        self.locked(|bitmap| bitmap.alloc_bulk(out))
     }
 
     /// See [`BitmapFrameAllocator::alloc_contiguous`].
@@ -64,7 +109,7 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// As [`BitmapFrameAllocator::alloc_contiguous`].
     pub fn alloc_contiguous(&self, count: u64, align_frames: u64) -> Result<PhysFrame, Error> {
-        self.inner.lock().alloc_contiguous(count, align_frames)
+        self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames))
     }
 
     /// See [`BitmapFrameAllocator::free`].
@@ -73,7 +118,7 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// As [`BitmapFrameAllocator::free`].
     pub fn free(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.inner.lock().free(frame)
+        self.locked(|bitmap| bitmap.free(frame))
     }
 
     /// See [`BitmapFrameAllocator::free_bulk`].
@@ -82,7 +127,7 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// As [`BitmapFrameAllocator::free_bulk`].
     pub fn free_bulk(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.inner.lock().free_bulk(frames)
+        self.locked(|bitmap| bitmap.free_bulk(frames))
     }
 
     /// See [`BitmapFrameAllocator::is_free`].
@@ -91,17 +136,17 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// As [`BitmapFrameAllocator::is_free`].
     pub fn is_free(&self, frame: PhysFrame) -> Result<bool, Error> {
-        self.inner.lock().is_free(frame)
+        self.locked(|bitmap| bitmap.is_free(frame))
     }
 
     /// See [`BitmapFrameAllocator::manages`].
     pub fn manages(&self, first: PhysFrame, count: u64) -> bool {
-        self.inner.lock().manages(first, count)
+        self.locked(|bitmap| bitmap.manages(first, count))
     }
 
     /// See [`BitmapFrameAllocator::stats`].
     pub fn stats(&self) -> FrameStats {
-        self.inner.lock().stats()
+        self.locked(|bitmap| bitmap.stats())
     }
 }
 

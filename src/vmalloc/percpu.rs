@@ -62,7 +62,7 @@ use super::options::{Prot, VmFlags, VmOptions};
 use super::reclaim::{CountingFrames, Reclaim};
 use crate::paging::{ADDR_MASK, RangeFlush};
 use crate::smp::MAX_CPUS;
-use crate::sync::{IrqGuard, IrqLock};
+use crate::sync::{IrqGuard, IrqLock, IrqOff};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -498,6 +498,9 @@ where
         if blocks.count == 0 || pages > MAX_BLOCK_PAGES {
             return None;
         }
+        // The whole call, frame allocator calls included, with interrupts held off;
+        // the calling CPU stays the one it picks.
+        let _irq = IrqOff::new(&self.tlb);
         let cpu = self.cpu();
         let cache = self.cpu_cache(cpu)?;
         let mut state = cache.state.try_lock(&self.tlb)?;
@@ -710,6 +713,7 @@ where
     /// list cannot be had (`eager`, or an interrupted holder).
     pub(super) fn free_in_block(&self, addr: u64, eager: bool) -> Result<(), Error> {
         let (index, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
+        let _irq = IrqOff::new(&self.tlb);
         let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
         let (page, pages) = {
             let mut state = self.lock_block(block);
@@ -1017,6 +1021,7 @@ where
     /// pages freed; the first dropped page becomes the guard.
     fn shrink_in_block(&self, index: usize, addr: u64, new_pages: usize) -> Result<(), Error> {
         let block = self.blocks.block(index);
+        let _irq = IrqOff::new(&self.tlb);
         let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
         let (first, dropped) = {
             let mut state = self.lock_block(block);
