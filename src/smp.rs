@@ -44,34 +44,50 @@
 //!
 //! Each CPU has a mailbox: a short queue of flushes (ranges, or "everything" when the
 //! queue overflows or a range passes the [ceiling](TlbFlush::ceiling)), a request
-//! count and a done count. The initiator flushes its own TLB, then for each target
-//! pushes the flush under that mailbox's lock and bumps its request count, remembering
-//! the number. It sends one IPI to all targets and waits until each target's done
-//! count reaches the remembered number. A target's handler reads its request count,
-//! takes the queued flushes under the lock, flushes, and publishes the request count it
-//! read as done (Release), so the initiator's Acquire load sees the flush complete.
+//! count and a done count. The initiator flushes its own TLB, then, after a
+//! sequentially consistent fence, reads the online set, and for each target pushes
+//! the flush under that mailbox's lock and bumps its request count, remembering the
+//! number. It sends one IPI to all targets and waits until each target's done count
+//! reaches the remembered number. A target's handler reads its request count, takes
+//! the queued flushes under the lock, flushes, and publishes the request count it
+//! read as done (Release), so the initiator's Acquire load sees the flush complete;
+//! then it looks again, until the queue is empty.
+//!
+//! The fence orders the caller's page-table stores before the read of the online set.
+//! A CPU joining the set does so with a sequentially consistent update and only then
+//! flushes its own TLB (the [`Cpus`] contract): either the initiator sees it and
+//! shoots at it, or its walks after the flush see the stores.
+//!
+//! A CPU serves its mailbox once at a time. Both the shootdown and the serve run with
+//! interrupts held off ([`Cpus::irq_save`]), and a serve that still finds itself
+//! nested in another on the same CPU (an NMI, or a kernel whose hook holds nothing
+//! off) returns at once: the serve it interrupted looks at the queue again before it
+//! returns. So `done` never passes a request its CPU has not flushed: a nested serve
+//! cannot publish a count that covers a request the outer one took but has not
+//! flushed yet.
 //!
 //! No deadlock is possible between CPUs that follow it:
 //!
-//! - While it waits, the initiator serves its own mailbox, so two CPUs shooting at each
-//!   other both progress.
-//! - While a CPU waits for the vmalloc manager's lock, or for the kernel heap's (whose
-//!   holder may be inside a vmalloc call), it serves its mailbox too
-//!   ([`TlbFlush::relax`]), so an initiator that holds the lock is never waiting for a
-//!   CPU that waits for it, even if that CPU spins with interrupts disabled.
-//! - The handler only ever *tries* its own mailbox's lock: when it interrupted its own
-//!   CPU in the middle of serving the mailbox, it returns, and the interrupted service
-//!   completes; when another CPU is pushing, that CPU sends an IPI after it unlocks.
+//! - While it waits, for targets or for a target's mailbox lock, the initiator serves
+//!   its own mailbox, so two CPUs shooting at each other both progress.
+//! - While a CPU waits for any of the library's locks (the manager's, a per-CPU
+//!   block's, the kernel heap's, whose holder may be inside a vmalloc call), it serves
+//!   its mailbox too ([`TlbFlush::relax`], in the library's one wait loop), so an
+//!   initiator that holds a lock is never waiting for a CPU that waits for it, even
+//!   though that CPU spins with interrupts held off.
+//! - The handler only ever *tries* its own mailbox's lock: when another CPU is pushing,
+//!   that CPU sends an IPI after it unlocks.
 //!
 //! # Allowed CPU states
 //!
-//! An initiator may hold the vmalloc manager's lock, and may run with interrupts
-//! disabled: it polls its own mailbox. A target must eventually do one of: take the
-//! IPI (interrupts enabled), wait for the vmalloc lock, or call
+//! An initiator may hold any of the library's locks and runs with interrupts held
+//! off: it polls its own mailbox. A target must eventually do one of: take the IPI
+//! (interrupts enabled), wait for one of the library's locks, or call
 //! [`handle_ipi`](Shootdown::handle_ipi) itself (a CPU that idles with interrupts off
 //! must poll). A CPU that leaves the online set must flush its own TLB as it goes.
-//! Shootdowns must not be started from an NMI, or from an interrupt handler that
-//! interrupted a shootdown on the same CPU: use `vfree_atomic` there.
+//! An interrupt handler may start a shootdown (it cannot have interrupted one: the
+//! library holds interrupts off while it shoots); an NMI handler must not, and frees
+//! with `vfree_atomic`.
 
 use crate::TlbFlush;
 use crate::sync::{IrqOff, wait_for};

@@ -11,24 +11,10 @@
 //! access or [`poll`](SimCpu::poll), the way a CPU takes an interrupt between
 //! instructions. So delivery is asynchronous: a target that never touches memory never
 //! takes it.
+
 //!
-//! # Interrupts on and off
-//!
-//! Each CPU has an interrupt flag (RFLAGS.IF), on at first. [`Cpus::irq_save`] turns it
-//! off and [`Cpus::irq_restore`] back on, as `cli` and `sti` do; a handler runs with
-//! it off. While it is off, interrupts wait: an IPI stays pending, and is taken
-//! when `irq_restore` turns the flag on again.
-//!
-//! # Interrupt points
-//!
-//! A test can interrupt a CPU at a point of its choosing inside a library call
-//! ([`SimCpu::interrupt_after`]). The points are the calls the library makes into
-//! the machine on that CPU: [`Cpus::current`], `irq_save` (before the flag goes off)
-//! and `irq_restore` (after it comes on), each [`TlbFlush`] method, frame allocation
-//! and freeing through [`SimFrames`](crate::SimFrames), and each memory access
-//! through the MMU. [`SimCpu::count_points`] says how many points a call passes, so
-//! a test can interrupt it at each one in turn. An interrupt due while the flag is
-//! off is taken when it comes on, as on hardware.
+//! Interrupts on and off, and the points a test may interrupt a CPU at: see
+//! [`SimCpu`].
 
 use super::tlb::TlbStats;
 use super::{Access, Fault, SimMachine, Translation};
@@ -134,7 +120,7 @@ impl Cpus {
     }
 
     /// An interrupt point of the calling thread's CPU (see the [module
-    /// docs](self#interrupt-points)): counts it, and takes the armed interrupt when
+    /// docs](SimCpu#interrupt-points)): counts it, and takes the armed interrupt when
     /// it is due and interrupts are on.
     pub(super) fn point(&self) {
         if self.watched.load(Ordering::Relaxed) == 0 {
@@ -357,7 +343,7 @@ unsafe impl KernelCpus for SimMachine {
     }
 
     /// The calling thread's CPU's interrupt flag goes off (see the [module
-    /// docs](self#interrupts-on-and-off)).
+    /// docs](SimCpu#interrupts-on-and-off)).
     fn irq_save(&self) -> IrqState {
         IrqState::new(u64::from(self.cpus.save()))
     }
@@ -459,6 +445,24 @@ impl Drop for OfflineWhenDropped<'_> {
 }
 
 /// One CPU of a [`SimMachine`]: its own view of memory through its own TLB.
+///
+/// # Interrupts on and off
+///
+/// Each CPU has an interrupt flag (RFLAGS.IF), on at first. [`KernelCpus::irq_save`] turns it
+/// off and [`KernelCpus::irq_restore`] back on, as `cli` and `sti` do; a handler runs with
+/// it off. While it is off, interrupts wait: an IPI stays pending, and is taken
+/// when `irq_restore` turns the flag on again.
+///
+/// # Interrupt points
+///
+/// A test can interrupt a CPU at a point of its choosing inside a library call
+/// ([`SimCpu::interrupt_after`]). The points are the calls the library makes into
+/// the machine on that CPU: [`KernelCpus::current`], `irq_save` (before the flag goes off)
+/// and `irq_restore` (after it comes on), each [`TlbFlush`] method, frame allocation
+/// and freeing through [`SimFrames`](crate::SimFrames), and each memory access
+/// through the MMU. [`SimCpu::count_points`] says how many points a call passes, so
+/// a test can interrupt it at each one in turn. An interrupt due while the flag is
+/// off is taken when it comes on, as on hardware.
 #[derive(Debug, Clone, Copy)]
 pub struct SimCpu<'m> {
     machine: &'m SimMachine,
@@ -532,7 +536,7 @@ impl<'m> SimCpu<'m> {
     }
 
     /// Arms an interrupt: `handler` runs on the calling thread as an interrupt of
-    /// this CPU at the `after`-th [interrupt point](self#interrupt-points) this CPU
+    /// this CPU at the `after`-th [interrupt point](SimCpu#interrupt-points) this CPU
     /// passes from now (0: the next one), or, if interrupts are off then, as soon as
     /// they are on again. Replaces an interrupt armed before and not yet taken.
     pub fn interrupt_after(&self, after: u64, handler: impl FnOnce() + Send + 'static) {
@@ -563,7 +567,7 @@ impl<'m> SimCpu<'m> {
     }
 
     /// Runs `f` on the calling thread as this CPU and counts the [interrupt
-    /// points](self#interrupt-points) it passes on this CPU.
+    /// points](SimCpu#interrupt-points) it passes on this CPU.
     pub fn count_points<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
         let cpus = &self.machine.cpus;
         let before = cpus.points[self.index].load(Ordering::Relaxed);

@@ -28,7 +28,10 @@
 //! The heap and the vmalloc manager have separate locks, always taken in that order
 //! (a slab class or the list, then the manager, then the frame allocator), and the
 //! manager never allocates from the heap, so the heap can back a kernel's
-//! `#[global_allocator]`.
+//! `#[global_allocator]`. Every one of them is taken with interrupts held off through
+//! the kernel's [`Cpus::irq_save`] (the manager's flush policy names the CPUs), and
+//! the per-CPU magazines are used under the same hold, so an interrupt handler may
+//! allocate and free: it never finds a lock held by the code it interrupted.
 //!
 //! [`Vmalloc::populate`]: crate::vmalloc::Vmalloc::populate
 

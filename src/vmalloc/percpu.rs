@@ -29,9 +29,12 @@
 //!
 //! Each CPU's cache and each block has its own spin lock, so CPUs share no lock on
 //! the fast path. The order is: a CPU's cache, then the manager's lock, then a
-//! block. The owner only *tries* its cache's lock, so an interrupt handler that
-//! finds it held takes the locked path; waiting for another CPU's cache or for a
-//! block serves TLB flush requests meanwhile ([`TlbFlush::relax`]).
+//! block. The fast paths run with interrupts held off, frame allocator calls
+//! included, so an interrupt handler that allocates never finds a lock held by the
+//! code it interrupted. The owner only *tries* its cache's lock, so a call that
+//! finds it held further up its own stack (or, when every CPU shares one cache,
+//! held by another CPU) takes the locked path; waiting for another CPU's cache or
+//! for a block serves TLB flush requests meanwhile ([`TlbFlush::relax`]).
 //!
 //! # Running out
 //!
@@ -43,17 +46,15 @@
 //! # What callers see
 //!
 //! Areas in blocks behave as other `vmalloc` areas for `vfree`, `vfree_atomic`,
-//! `vrealloc` (which copies them), `set_prot`, `vmalloc_to_frame`, `find_vm_area`,
+//! `vrealloc` (which shrinks them in place and copies them to grow), `set_prot`, `vmalloc_to_frame`, `find_vm_area`,
 //! fault diagnosis (a freed one waiting for its flush is a use after free) and
 //! listings, which show the zone as one line followed by the areas in it.
 //! [`VmallocStats`](super::VmallocStats) counts them in `block_areas` and
 //! `data_frames`, their frees waiting for a flush in `pending_purge_*`, and says what
 //! the caches hold. Other calls on them (`vunmap`, `iounmap`, `populate`) refuse
-//! them with [`Error::WrongKind`].
-//!
-//! A kernel that calls the manager from interrupt handlers uses `vfree_atomic`
-//! there, as without the caches: a handler that interrupted a CPU holding a block's
-//! lock would wait for it forever.
+//! them with [`Error::WrongKind`]. Every call keeps the promises it keeps on other
+//! areas: `eager` frees flush at once, and a shrinking `vrealloc` (which stays in
+//! place) returns after every CPU dropped the pages it took away.
 
 use super::area::{AreaInfo, AreaKind};
 use super::locked::Locked;
@@ -710,7 +711,7 @@ where
 
     /// Frees the area at `addr` in the zone. Its entries are cleared now; its range and
     /// frames wait on the calling CPU's lazy list, or are flushed at once when that
-    /// list cannot be had (`eager`, or an interrupted holder).
+    /// list cannot be had (`eager`, or its lock held further up this CPU's stack).
     pub(super) fn free_in_block(&self, addr: u64, eager: bool) -> Result<(), Error> {
         let (index, block) = self.blocks.block_at(addr).ok_or(Error::NotAllocated)?;
         let _irq = IrqOff::new(&self.tlb);
@@ -844,9 +845,8 @@ where
     /// Empties every CPU's cache, other CPUs' too: flushes its lazy list, gives its
     /// frames back to the allocator and hands its block back (see [per-CPU
     /// blocks](super::percpu)). Returns whether anything came back. The calling
-    /// CPU's cache is skipped if its lock is held: by the code this call interrupted,
-    /// or, when the flush policy names no CPUs and all share one cache, by another
-    /// CPU.
+    /// CPU's cache is skipped if its lock is held: further up this CPU's stack, or,
+    /// when the flush policy names no CPUs and all share one cache, by another CPU.
     pub fn drain_cpu_caches(&self) -> bool {
         self.settle();
         let mut released = false;
