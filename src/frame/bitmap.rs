@@ -9,8 +9,17 @@
 //! [`MAX_ZONES`] *zones*: neighbours closer than [`ZONE_GAP_FRAMES`] share a zone
 //! (a small gap costs fewer bitmap words than a zone does), and while there are too
 //! many zones the two with the smallest gap between them are merged. Every frame of
-//! a zone starts as used; usable ranges are then marked free and reserved ranges used
-//! again, so reserved wins wherever the two overlap.
+//! a zone starts as used; usable ranges are then marked free, and reserved ranges
+//! and every frame a reclaimable range touches used again, so wherever kinds
+//! overlap, reserved wins over reclaimable and reclaimable over usable.
+//!
+//! # Reclaimable memory
+//!
+//! Zones also span the whole frames of reclaimable ranges, which start neither free
+//! nor managed. What may be reclaimed later (those frames, less reserved ones and
+//! those another source's range touches) is kept as a table of pieces after the
+//! bitmaps; [`reclaim`](BitmapFrameAllocator::reclaim) marks a source's pieces
+//! managed and free, skipping frames already managed, so nothing is freed twice.
 //!
 //! # The hierarchical bitmap
 //!
@@ -34,8 +43,8 @@
 //! of the usable memory itself ([`BitmapFrameAllocator::from_memory`]), because a
 //! booting kernel has no heap. No heap is used in either case.
 
-use super::MemoryRegion;
 use super::zone::{NormalMap, Span, Zone, frame_at, frame_number};
+use super::{MemoryRegion, Reclaim};
 use crate::phys::PhysMemory;
 use crate::{Error, PAGE_SIZE};
 use x86_64::PhysAddr;
@@ -61,10 +70,13 @@ pub struct FrameStats {
     pub used: u64,
 }
 
-/// The zone layout of a whole map.
+/// The zone layout of a whole map, and where the reclaimable pieces are kept.
 struct Plan {
     zones: [Zone; MAX_ZONES],
     zone_count: usize,
+    /// First word of the pieces table: two words a piece, after every zone.
+    pieces_offset: usize,
+    pieces: usize,
     storage_words: usize,
 }
 
@@ -77,23 +89,37 @@ impl Plan {
             *zone = Zone::layout(*span, storage_words);
             storage_words = zone.storage_end();
         }
+        let pieces = map.pieces(|_, _| {});
         Plan {
             zones,
             zone_count,
-            storage_words,
+            pieces_offset: storage_words,
+            pieces,
+            storage_words: storage_words + 2 * pieces,
         }
     }
 }
+
+/// Bit position of a piece's source in the first word of its table entry (frame
+/// numbers stay below 2^40).
+const SOURCE_SHIFT: u32 = 56;
 
 /// A physical frame allocator over a hierarchical bitmap per memory zone.
 ///
 /// See the [module documentation](self) for the structure. Never hands out a frame
 /// twice; every refused call leaves it unchanged.
+///
+/// Reclaimable ranges of the map are neither free nor managed until
+/// [`reclaim`](Self::reclaim) or [`reclaim_range`](Self::reclaim_range) hands them
+/// over; the allocator keeps their frames (less every reserved one) in its
+/// bookkeeping until then.
 #[derive(Debug)]
 pub struct BitmapFrameAllocator<'a> {
     bits: &'a mut [u64],
     zones: [Zone; MAX_ZONES],
     zone_count: usize,
+    pieces_offset: usize,
+    pieces: usize,
     total: u64,
     free: u64,
 }
@@ -101,7 +127,7 @@ pub struct BitmapFrameAllocator<'a> {
 impl<'a> BitmapFrameAllocator<'a> {
     /// How many `u64` words of bookkeeping [`with_storage`](Self::with_storage) needs
     /// for `map`; 0 when the map is unusable (no usable frame, or more than
-    /// [`MAX_MAP_REGIONS`] entries).
+    /// [`MAX_MAP_REGIONS`] disjoint entries of one kind).
     pub fn storage_words(map: impl IntoIterator<Item = MemoryRegion>) -> usize {
         NormalMap::new(map).map_or(0, |map| Plan::new(&map).storage_words)
     }
@@ -111,8 +137,9 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// # Errors
     ///
     /// [`Error::BadMemoryMap`] when the map has no whole usable frame, has more than
-    /// [`MAX_MAP_REGIONS`] entries, or `storage` is shorter than
-    /// [`storage_words`](Self::storage_words).
+    /// [`MAX_MAP_REGIONS`] entries of one kind (usable, reserved, reclaimable) that
+    /// stay apart after overlapping and touching ones are merged, or `storage` is
+    /// shorter than [`storage_words`](Self::storage_words).
     pub fn with_storage(
         map: impl IntoIterator<Item = MemoryRegion>,
         storage: &'a mut [u64],
@@ -135,16 +162,28 @@ impl<'a> BitmapFrameAllocator<'a> {
             for (start, end) in map.reserved().iter().filter_map(|span| zone.clip(*span)) {
                 zone.fill_leaf(bits, start, end, false);
             }
+            let pending = map.pending().iter().map(|p| p.outer());
+            for (start, end) in pending.filter_map(|span| zone.clip(span)) {
+                zone.fill_leaf(bits, start, end, false);
+            }
             zone.record_managed(bits);
             free += zone.rebuild_summaries(bits);
         }
         if free == 0 {
             return Err(Error::BadMemoryMap);
         }
+        let mut slot = plan.pieces_offset;
+        map.pieces(|span, from| {
+            bits[slot] = span.start | from.code() << SOURCE_SHIFT;
+            bits[slot + 1] = span.end;
+            slot += 2;
+        });
         Ok(Self {
             bits,
             zones: plan.zones,
             zone_count: plan.zone_count,
+            pieces_offset: plan.pieces_offset,
+            pieces: plan.pieces,
             total: free,
             free,
         })
@@ -156,17 +195,19 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// long enough; those frames are marked used for good and left out of
     /// [`FrameStats::total`].
     ///
+    /// The frames are asked of `phys` one by one, so a [`PhysMemory`] that maps on
+    /// demand maps them all; they must come out virtually contiguous.
+    ///
     /// # Safety
     ///
     /// Every usable range of `map` must be RAM that nothing else uses (the allocator
-    /// writes to it), and `phys` must reach it as one virtually contiguous block per
-    /// usable range (as [`OffsetPhysMemory`](crate::OffsetPhysMemory) does) for as
-    /// long as the allocator lives.
+    /// writes to it), and `phys` must reach it for as long as the allocator lives.
     ///
     /// # Errors
     ///
-    /// [`Error::BadMemoryMap`] as for [`with_storage`](Self::with_storage), or when no
-    /// usable run is long enough for the bookkeeping (or nothing is left after it).
+    /// [`Error::BadMemoryMap`] as for [`with_storage`](Self::with_storage), when no
+    /// usable run is long enough for the bookkeeping (or nothing is left after it),
+    /// or when `phys` does not reach the run as one virtually contiguous block.
     pub unsafe fn from_memory(
         map: impl IntoIterator<Item = MemoryRegion>,
         phys: &impl PhysMemory,
@@ -175,13 +216,19 @@ impl<'a> BitmapFrameAllocator<'a> {
         let words = Plan::new(&map).storage_words;
         let frames = (words as u64 * 8).div_ceil(PAGE_SIZE);
         let first = map.find_unreserved_run(frames).ok_or(Error::BadMemoryMap)?;
-        let start = phys
-            .phys_to_virt(PhysAddr::new(first * PAGE_SIZE))
-            .cast::<u64>();
+        let start = phys.phys_to_virt(PhysAddr::new(first * PAGE_SIZE));
+        let contiguous = (1..frames).all(|i| {
+            let at = phys.phys_to_virt(PhysAddr::new((first + i) * PAGE_SIZE));
+            at.addr() == start.addr().wrapping_add((i * PAGE_SIZE) as usize)
+        });
+        if !contiguous {
+            return Err(Error::BadMemoryMap);
+        }
+        let start = start.cast::<u64>();
         // SAFETY: frames `first..first + frames` are usable and unreserved, so by the
-        // caller's promise they are unused RAM reached contiguously at `start`, which
-        // is page-aligned (so aligned for u64); nothing else refers to them while the
-        // returned allocator, which marks them used, lives.
+        // caller's promise they are unused RAM, reached contiguously at `start`
+        // (checked above), which is page-aligned (so aligned for u64); nothing else
+        // refers to them while the returned allocator, which marks them used, lives.
         let storage = unsafe { core::slice::from_raw_parts_mut(start, words) };
         let mut this = BitmapFrameAllocator::build(&map, storage)?;
         this.exclude(Span {
@@ -447,6 +494,105 @@ impl<'a> BitmapFrameAllocator<'a> {
             let (from, to) = (start.max(zone_start), end.min(zone_end));
             from < to && zone.manages_any(self.bits, from - zone_start, to - zone_start)
         })
+    }
+
+    /// Hands every frame the map said is reclaimable `from` this source, and that is
+    /// not managed yet, to the allocator as free: call it once the kernel is done
+    /// with what the memory holds (ACPI tables parsed, boot services exited, boot
+    /// information read and the boot loader's tables and stack left). Returns how
+    /// many frames it added; 0 when there are none left, so calling it twice frees
+    /// nothing twice.
+    ///
+    /// Only whole frames inside a reclaimable range are added, never one that the
+    /// map also reserves, nor one that a reclaimable range of another source
+    /// touches.
+    pub fn reclaim(&mut self, from: Reclaim) -> u64 {
+        let mut added = 0;
+        for i in 0..self.pieces {
+            let (span, source) = self.piece(i);
+            if source == Some(from) {
+                added += self.adopt(span);
+            }
+        }
+        added
+    }
+
+    /// Hands the reclaimable frames inside `range` to the allocator, as
+    /// [`reclaim`](Self::reclaim) does for a whole source: for a kernel that is done
+    /// with part of its reclaimable memory (the boot information, say, but not yet
+    /// the page tables it runs on). Returns how many frames it added; 0 for a range
+    /// with no whole frame.
+    ///
+    /// # Errors
+    ///
+    /// Nothing changes on any error:
+    /// - [`Error::RangeWraps`] when `range` ends before it starts;
+    /// - [`Error::Overlap`] when a frame of `range` is already managed: usable in
+    ///   the map, or reclaimed before (so nothing is freed twice);
+    /// - [`Error::FrameNotManaged`] when `range` holds no frame still waiting to be
+    ///   reclaimed (reserved memory, a hole, or nothing the map called reclaimable).
+    pub fn reclaim_range(&mut self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
+        let (start, end) = (range.start.as_u64(), range.end.as_u64());
+        if start > end {
+            return Err(Error::RangeWraps);
+        }
+        let frames = Span {
+            start: start.div_ceil(PAGE_SIZE),
+            end: end / PAGE_SIZE,
+        };
+        if frames.is_empty() {
+            return Ok(0); // no whole frame: nothing to do, as for an empty map entry
+        }
+        let managed = self.zones().iter().any(|zone| {
+            zone.clip(frames)
+                .is_some_and(|(from, to)| zone.manages_any(self.bits, from, to))
+        });
+        if managed {
+            return Err(Error::Overlap);
+        }
+        let mut added = 0;
+        for i in 0..self.pieces {
+            let (span, _) = self.piece(i);
+            let inside = Span {
+                start: span.start.max(frames.start),
+                end: span.end.min(frames.end),
+            };
+            if !inside.is_empty() {
+                added += self.adopt(inside);
+            }
+        }
+        if added == 0 {
+            return Err(Error::FrameNotManaged);
+        }
+        Ok(added)
+    }
+
+    /// Piece `i` of the reclaim table: its frames and where they came from.
+    fn piece(&self, i: usize) -> (Span, Option<Reclaim>) {
+        let first = self.bits[self.pieces_offset + 2 * i];
+        let source = first >> SOURCE_SHIFT;
+        let span = Span {
+            start: first & ((1 << SOURCE_SHIFT) - 1),
+            end: self.bits[self.pieces_offset + 2 * i + 1],
+        };
+        (span, Reclaim::ALL.into_iter().find(|r| r.code() == source))
+    }
+
+    /// Makes the unmanaged frames of `span` managed and free; returns how many.
+    fn adopt(&mut self, span: Span) -> u64 {
+        let mut added = 0;
+        for zone in &self.zones[..self.zone_count] {
+            if let Some((start, end)) = zone.clip(span) {
+                let new = zone.adopt(self.bits, start, end);
+                if new > 0 {
+                    zone.rebuild_summaries(self.bits);
+                    added += new;
+                }
+            }
+        }
+        self.total += added;
+        self.free += added;
+        added
     }
 
     /// Frame counts.

@@ -1,10 +1,11 @@
 //! A [`BitmapFrameAllocator`] behind a spin lock, shared through `&self`.
 
 use super::bitmap::{BitmapFrameAllocator, FrameStats};
-use super::{FrameSource, MemoryRegion};
+use super::{FrameSource, MemoryRegion, Reclaim};
 use crate::Error;
 use crate::smp::Cpus;
 use crate::sync::{Cpu, IrqLock};
+use x86_64::PhysAddr;
 use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB, Size4KiB};
 
 /// A [`BitmapFrameAllocator`] behind a spin lock, usable from several CPUs.
@@ -142,6 +143,20 @@ impl<'a> LockedFrameAllocator<'a> {
     /// See [`BitmapFrameAllocator::manages`].
     pub fn manages(&self, first: PhysFrame, count: u64) -> bool {
         self.locked(|bitmap| bitmap.manages(first, count))
+    }
+
+    /// See [`BitmapFrameAllocator::reclaim`].
+    pub fn reclaim(&self, from: Reclaim) -> u64 {
+        self.locked(|bitmap| bitmap.reclaim(from))
+    }
+
+    /// See [`BitmapFrameAllocator::reclaim_range`].
+    ///
+    /// # Errors
+    ///
+    /// As [`BitmapFrameAllocator::reclaim_range`].
+    pub fn reclaim_range(&self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
+        self.locked(|bitmap| bitmap.reclaim_range(range))
     }
 
     /// See [`BitmapFrameAllocator::stats`].

@@ -1,11 +1,16 @@
 //! Physical frame allocation.
 //!
 //! [`BitmapFrameAllocator`] manages the usable frames of a firmware memory map with
-//! a hierarchical bitmap per zone (see [`bitmap`] for the structure);
+//! a hierarchical bitmap per zone (see [`bitmap`] for the structure), and takes the
+//! map's reclaimable memory once the kernel is done with it
+//! ([`reclaim`](BitmapFrameAllocator::reclaim));
 //! [`LockedFrameAllocator`] shares it between CPUs as a [`FrameSource`];
-//! [`FaultInjector`] makes a chosen allocation fail, to test rollback paths.
+//! [`EarlyFrames`] hands out frames before there is an allocator, reserving them in
+//! the map it gives on; [`FaultInjector`] makes a chosen allocation fail, to test
+//! rollback paths.
 
 pub mod bitmap;
+mod early;
 mod fault;
 mod locked;
 #[cfg(test)]
@@ -13,6 +18,7 @@ mod test;
 mod zone;
 
 pub use bitmap::{BitmapFrameAllocator, FrameStats};
+pub use early::EarlyFrames;
 pub use fault::FaultInjector;
 pub use locked::LockedFrameAllocator;
 
@@ -22,12 +28,49 @@ use x86_64::PhysAddr;
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size2MiB, Size4KiB};
 
 /// What a firmware memory map says about one physical range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Where entries of different kinds overlap, the allocator lets the more
+/// restrictive one win: `Reserved` over `Reclaimable` over `Usable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RegionKind {
     /// RAM the kernel may hand out.
     Usable,
+    /// RAM in use now, free once the kernel is done with what it holds: an
+    /// allocator built from the map leaves it alone until
+    /// [`reclaim`](BitmapFrameAllocator::reclaim) hands it over.
+    Reclaimable(Reclaim),
     /// Anything else: firmware, MMIO, the kernel image, boot structures.
     Reserved,
+}
+
+/// What a [`RegionKind::Reclaimable`] range holds until the kernel reclaims it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reclaim {
+    /// The boot loader's own data: the boot information, its memory map, and
+    /// possibly the page tables and stack the kernel starts on (Limine's
+    /// `BOOTLOADER_RECLAIMABLE`, the multiboot2 information structure). Reclaim it
+    /// once nothing reads those and the kernel runs on its own tables and stack.
+    Bootloader,
+    /// ACPI tables (E820 type 3, UEFI `ACPI_RECLAIM`): reclaim them once parsed.
+    Acpi,
+    /// UEFI boot-services code and data: free once boot services are exited.
+    BootServices,
+}
+
+impl Reclaim {
+    /// Every source, in the order of their codes.
+    pub(crate) const ALL: [Reclaim; 3] =
+        [Reclaim::Bootloader, Reclaim::Acpi, Reclaim::BootServices];
+
+    /// A small number naming the source, for the allocator's bookkeeping.
+    pub(crate) fn code(self) -> u64 {
+        match self {
+            Reclaim::Bootloader => 0,
+            Reclaim::Acpi => 1,
+            Reclaim::BootServices => 2,
+        }
+    }
 }
 
 /// One entry of a firmware memory map (E820, multiboot, UEFI, `bootloader`).
@@ -35,7 +78,7 @@ pub enum RegionKind {
 pub struct MemoryRegion {
     /// Physical byte range, end exclusive; need not be page-aligned.
     pub range: Range<PhysAddr>,
-    /// Whether the range may be handed out.
+    /// Whether the range may be handed out, now or once reclaimed.
     pub kind: RegionKind,
 }
 
@@ -166,6 +209,13 @@ impl MemoryRegion {
         Self {
             range: PhysAddr::new(start)..PhysAddr::new(end),
             kind: RegionKind::Reserved,
+        }
+    }
+    /// A range `[start, end)` that is in use until reclaimed.
+    pub fn reclaimable(start: u64, end: u64, from: Reclaim) -> Self {
+        Self {
+            range: PhysAddr::new(start)..PhysAddr::new(end),
+            kind: RegionKind::Reclaimable(from),
         }
     }
 }

@@ -464,3 +464,223 @@ fn fault_injector_fails_the_chosen_frame_once() {
     assert_eq!(injector.handed_out(), 7);
     assert_eq!(locked.stats().used, 7);
 }
+
+/// A map with usable memory, an ACPI table and boot-loader data in it, and a
+/// reserved frame inside the boot-loader data.
+fn map_with_reclaimable() -> [MemoryRegion; 4] {
+    [
+        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::reclaimable(8 * FRAME + 100, 12 * FRAME, Reclaim::Acpi),
+        MemoryRegion::reclaimable(32 * FRAME, 40 * FRAME, Reclaim::Bootloader),
+        MemoryRegion::reserved(35 * FRAME, 36 * FRAME),
+    ]
+}
+
+#[test]
+fn reclaimable_memory_is_never_handed_out_before_it_is_reclaimed() {
+    let map = map_with_reclaimable();
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    // 64 usable frames less 4 (8..12, frame 8 touched) and 8 (32..40).
+    assert_eq!(alloc.stats().total, 52);
+    let handed = drain(&mut alloc);
+    assert!(
+        handed
+            .iter()
+            .all(|&f| !(8..12).contains(&f) && !(32..40).contains(&f))
+    );
+    assert!(!alloc.manages(frame(33), 1));
+    assert_eq!(alloc.is_free(frame(9)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.free(frame(9)), Err(Error::FrameNotManaged));
+}
+
+#[test]
+fn reclaim_hands_over_one_source_once_and_never_a_reserved_frame() {
+    let map = map_with_reclaimable();
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    let before = alloc.stats();
+    // Frame 8 is only partly ACPI's: the other part is usable, but a frame is
+    // reclaimed only when wholly inside the range.
+    assert_eq!(alloc.reclaim(Reclaim::Acpi), 3);
+    assert_eq!(
+        alloc.reclaim(Reclaim::Acpi),
+        0,
+        "a second reclaim frees nothing"
+    );
+    assert_eq!(alloc.stats().total, before.total + 3);
+    assert_eq!(alloc.stats().free, before.free + 3);
+    assert_eq!(alloc.is_free(frame(9)), Ok(true));
+    assert_eq!(alloc.is_free(frame(33)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 7);
+    assert_eq!(alloc.is_free(frame(35)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.reclaim(Reclaim::BootServices), 0);
+    let handed = drain(&mut alloc);
+    assert!(handed.contains(&9) && handed.contains(&39) && !handed.contains(&35));
+    assert_eq!(handed.len() as u64, before.total + 10);
+    assert!(alloc.manages(frame(33), 1));
+}
+
+#[test]
+fn reclaim_range_checks_overlap_and_frees_nothing_twice() {
+    let map = map_with_reclaimable();
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    let at = |f: u64| PhysAddr::new(f * FRAME);
+    // Part of the boot-loader data: the rest waits.
+    assert_eq!(alloc.reclaim_range(at(32)..at(34)), Ok(2));
+    assert_eq!(alloc.reclaim_range(at(32)..at(34)), Err(Error::Overlap));
+    assert_eq!(alloc.reclaim_range(at(30)..at(34)), Err(Error::Overlap));
+    assert_eq!(alloc.reclaim_range(at(34)..at(33)), Err(Error::RangeWraps));
+    assert_eq!(
+        alloc.reclaim_range(at(35)..at(36)),
+        Err(Error::FrameNotManaged)
+    );
+    assert_eq!(
+        alloc.reclaim_range(at(100)..at(200)),
+        Err(Error::FrameNotManaged)
+    );
+    assert_eq!(alloc.reclaim_range(at(34)..at(34)), Ok(0));
+    // The whole source: only what is left.
+    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 5);
+    assert_eq!(alloc.is_free(frame(33)), Ok(true));
+}
+
+#[test]
+fn a_frame_two_sources_claim_is_never_reclaimed_and_reserved_beats_reclaimable() {
+    let map = [
+        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::reclaimable(10 * FRAME, 20 * FRAME, Reclaim::Acpi),
+        MemoryRegion::reclaimable(18 * FRAME, 30 * FRAME, Reclaim::Bootloader),
+        MemoryRegion::reclaimable(40 * FRAME, 50 * FRAME, Reclaim::Acpi),
+        MemoryRegion::reserved(40 * FRAME, 50 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.reclaim(Reclaim::Acpi), 8);
+    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 10);
+    assert_eq!(alloc.is_free(frame(18)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.is_free(frame(45)), Err(Error::FrameNotManaged));
+}
+
+#[test]
+fn reclaimable_memory_outside_usable_zones_gets_a_zone() {
+    // Boot-services memory far above the usable memory.
+    let map = [
+        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::reclaimable(1 << 32, (1 << 32) + 16 * FRAME, Reclaim::BootServices),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.stats().total, 64);
+    assert_eq!(alloc.reclaim(Reclaim::BootServices), 16);
+    let handed = drain(&mut alloc);
+    assert_eq!(handed.len(), 80);
+    assert!(handed.contains(&((1 << 32) / FRAME + 15)));
+}
+
+#[test]
+fn long_maps_of_touching_entries_are_merged_not_refused() {
+    // 600 touching usable entries and 600 touching boot-services entries, as a
+    // fragmented UEFI map gives them.
+    let mut map = Vec::new();
+    for i in 0..600u64 {
+        map.push(MemoryRegion::usable(i * FRAME, (i + 1) * FRAME));
+        let base = 1 << 30;
+        map.push(MemoryRegion::reclaimable(
+            base + i * FRAME,
+            base + (i + 1) * FRAME,
+            Reclaim::BootServices,
+        ));
+        map.push(MemoryRegion::reserved(
+            (1 << 31) + i * FRAME,
+            (1 << 31) + (i + 1) * FRAME,
+        ));
+    }
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.stats().total, 600);
+    assert_eq!(alloc.reclaim(Reclaim::BootServices), 600);
+}
+
+#[test]
+fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
+    let size = 4 * M;
+    let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
+    let phys = HostMemory {
+        base: 0,
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [
+        MemoryRegion::usable(0, size),
+        MemoryRegion::reclaimable(0, 16 * FRAME, Reclaim::Bootloader),
+    ];
+    // SAFETY: `ram` backs the whole usable range and outlives the allocator.
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    // The bookkeeping took frame 16, the first one not reclaimable.
+    assert_eq!(alloc.is_free(frame(16)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 16);
+    assert_eq!(alloc.is_free(frame(0)), Ok(true));
+    drop(ram);
+}
+
+/// Physical memory reached through pages that are not in physical order.
+struct Scrambled {
+    bytes: *mut u8,
+}
+
+// SAFETY: every frame below 1 MiB maps to a distinct, aligned page of the buffer;
+// frames are swapped in pairs, so no two alias.
+unsafe impl PhysMemory for Scrambled {
+    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
+        let frame = (phys.as_u64() / FRAME) ^ 1;
+        self.bytes
+            .wrapping_add((frame * FRAME + phys.as_u64() % FRAME) as usize)
+    }
+}
+
+#[test]
+fn from_memory_refuses_bookkeeping_that_is_not_contiguous() {
+    let mut ram: Vec<u64> = vec![0; (64 * M / 8) as usize];
+    let phys = Scrambled {
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [MemoryRegion::usable(0, 64 * M)];
+    // SAFETY: `ram` backs the whole usable range and outlives the call.
+    let result = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) };
+    assert_eq!(result.err(), Some(Error::BadMemoryMap));
+}
+
+#[test]
+fn early_frames_come_from_the_top_and_the_map_reserves_them() {
+    let map = [
+        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::usable(100 * FRAME, 110 * FRAME),
+        MemoryRegion::reserved(108 * FRAME, 110 * FRAME),
+        MemoryRegion::reclaimable(104 * FRAME, 105 * FRAME, Reclaim::Acpi),
+    ];
+    let mut early = EarlyFrames::new(map.iter().cloned()).unwrap();
+    let taken: Vec<u64> = core::iter::from_fn(|| early.allocate_frame())
+        .map(|f| f.start_address().as_u64() / FRAME)
+        .collect();
+    // The highest free run is 105..108.
+    assert_eq!(taken, vec![107, 106, 105]);
+    assert_eq!(
+        early.taken(),
+        MemoryRegion::reserved(105 * FRAME, 108 * FRAME)
+    );
+    let mut storage = vec![0; BitmapFrameAllocator::storage_words(early.map())];
+    let mut alloc = BitmapFrameAllocator::with_storage(early.map(), &mut storage).unwrap();
+    let handed = drain(&mut alloc);
+    assert!(handed.iter().all(|f| !taken.contains(f)));
+    assert_eq!(handed.len(), 64 + 4);
+    let nothing = [
+        MemoryRegion::usable(0, FRAME),
+        MemoryRegion::reserved(0, FRAME),
+    ];
+    assert_eq!(
+        EarlyFrames::new(nothing.iter().cloned()).err(),
+        Some(Error::BadMemoryMap)
+    );
+}
