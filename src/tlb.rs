@@ -10,11 +10,10 @@
 //!
 //! One number decides: [`TlbFlush::ceiling`], the pages up to which flushing page by
 //! page beats flushing everything (Linux's `tlb_single_page_flush_ceiling`, 33 by
-//! default). [`TlbFlush::flush_range`] applies it to one range and [`flush_batch`] to
-//! a batch of flush tokens, as the vmalloc purge issues them: each range on its own
-//! while their pages together stay within the ceiling, one full flush above it.
+//! default). [`TlbFlush::flush_range`] applies it to one range; the vmalloc manager's
+//! gather applies it to a batch: each range on its own while their pages together
+//! stay within the ceiling, one full flush above it.
 
-use crate::paging::RangeFlush;
 use crate::smp::{Cpus, OneCpu};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
@@ -74,31 +73,6 @@ pub trait TlbFlush {
     /// [`Shootdown`]: crate::smp::Shootdown
     fn cpus(&self) -> Option<&dyn Cpus> {
         None
-    }
-}
-
-/// Issues a batch of flush tokens as one flush: each token's range on its own while
-/// their pages together stay within `tlb`'s [ceiling](TlbFlush::ceiling), one full
-/// flush above it (or when a token can only be honoured by one).
-pub fn flush_batch<I>(tlb: &(impl TlbFlush + ?Sized), tokens: I)
-where
-    I: IntoIterator<Item = RangeFlush> + Clone,
-{
-    let mut pages = 0u64;
-    for token in tokens.clone() {
-        match token.range() {
-            Some(range) => pages = pages.saturating_add(range.len()),
-            None => pages = u64::MAX,
-        }
-    }
-    if pages == 0 {
-        return;
-    }
-    if pages > tlb.ceiling() {
-        return tlb.flush_all();
-    }
-    for token in tokens {
-        token.flush(tlb);
     }
 }
 
@@ -317,36 +291,6 @@ mod test {
             tlb.alls.load(Ordering::Relaxed),
             1,
             "a 1 GiB range is one full flush"
-        );
-    }
-
-    #[test]
-    fn a_batch_is_flushed_range_by_range_within_the_ceiling_and_at_once_above_it() {
-        let tokens = |count: u64, pages: u64| {
-            (0..count).map(move |i| {
-                let start = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000))
-                    + i * (pages + 1);
-                RangeFlush::from_range(Page::range(start, start + pages))
-            })
-        };
-        let tlb = CountingFlush::new();
-        flush_batch(&tlb, tokens(11, 3));
-        assert_eq!((tlb.range_calls(), tlb.full_calls()), (11, 0), "33 pages");
-        flush_batch(&tlb, tokens(17, 2));
-        assert_eq!((tlb.range_calls(), tlb.full_calls()), (11, 1), "34 pages");
-        let wide = CountingFlush::with_ceiling(1000);
-        flush_batch(&wide, tokens(17, 2));
-        assert_eq!(
-            (wide.range_calls(), wide.full_calls()),
-            (17, 0),
-            "its own ceiling"
-        );
-        flush_batch(&wide, tokens(0, 2));
-        flush_batch(&wide, tokens(5, 0));
-        assert_eq!(
-            (wide.range_calls(), wide.full_calls()),
-            (17, 0),
-            "nothing to do"
         );
     }
 }

@@ -25,10 +25,10 @@
 //! [`PageTables::split_huge_2m`]: crate::paging::PageTables::split_huge_2m
 
 use super::area::AreaRecord;
+use super::gather::CountingFrames;
 use super::locked::{Locked, as_ptr, page_range};
 use super::manager::Vmalloc;
 use super::options::{HUGE_PAGE_SIZE, VmFlags, VmOptions};
-use super::reclaim::{CountingFrames, Reclaim};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
 use x86_64::VirtAddr;
@@ -173,9 +173,9 @@ where
             result
         });
         if mapped.is_err() {
-            let mut reclaim = Reclaim::new(&vm.frames, &vm.tlb);
-            frames().for_each(|frame| reclaim.unreachable(frame));
-            reclaim.finish();
+            let mut gather = vm.gather();
+            frames().for_each(|frame| gather.free(frame));
+            gather.finish();
         }
         match mapped {
             Ok(()) => Ok(true),
@@ -211,7 +211,11 @@ where
             // the same frames with the same rights, and the flush follows.
             let split = unsafe { inner.tables.split_huge_2m(page, &source) };
             inner.page_table_frames = inner.page_table_frames.wrapping_add_signed(source.net());
-            split.map(|flush| flush.flush(&vm.tlb))
+            split.map(|flush| {
+                let mut gather = vm.gather();
+                gather.stale(flush);
+                gather.finish();
+            })
         })
     }
 

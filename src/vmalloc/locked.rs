@@ -2,10 +2,10 @@
 //! itself on failure.
 
 use super::area::{AreaKind, AreaRecord};
+use super::gather::{CountingFrames, Gather};
 use super::manager::Vmalloc;
+use super::nodes::NodePool;
 use super::purge::PurgeList;
-use super::reclaim::{CountingFrames, Reclaim};
-use super::slab::NodePool;
 use super::space::{AreaMap, VSpace};
 use crate::paging::PageTables;
 use crate::sync::IrqGuard;
@@ -26,7 +26,7 @@ const SMALL_CHUNK: usize = 16;
 
 /// Empty bookkeeping slabs kept after a call, so alternating calls do not take and
 /// give back a frame each time.
-const KEEP_EMPTY_SLABS: usize = 1;
+const KEEP_EMPTY_PAGES: usize = 1;
 
 /// The manager's state, under its lock.
 pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
@@ -59,7 +59,7 @@ impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {
 unsafe impl<F: FrameSource + Send, M: PhysMemory + Copy + Send> Send for Inner<F, M> {}
 
 /// A [`Vmalloc`] whose lock this value holds. Dropping it gives back all but
-/// [`KEEP_EMPTY_SLABS`] empty bookkeeping slabs, then unlocks.
+/// [`KEEP_EMPTY_PAGES`] empty bookkeeping slabs, then unlocks.
 pub(super) struct Locked<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) vm: &'v Vmalloc<F, M, T>,
     guard: IrqGuard<'v, Inner<F, M>>,
@@ -67,12 +67,12 @@ pub(super) struct Locked<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: Tl
 
 impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Drop for Locked<'_, F, M, T> {
     fn drop(&mut self) {
-        if self.guard.pool.empty_slabs() > KEEP_EMPTY_SLABS {
-            let mut reclaim = Reclaim::new(&self.vm.frames, &self.vm.tlb);
+        if self.guard.pool.empty_pages() > KEEP_EMPTY_PAGES {
+            let mut gather = self.vm.gather();
             self.guard
                 .pool
-                .shrink(KEEP_EMPTY_SLABS, |frame| reclaim.unreachable(frame));
-            reclaim.finish();
+                .shrink(KEEP_EMPTY_PAGES, |frame| gather.free(frame));
+            gather.finish();
         }
     }
 }
@@ -264,11 +264,10 @@ where
                 self.map(page_at(start, next), frames.iter().copied(), flags)
             };
             if let Err(error) = result {
-                let vm = self.vm;
-                let mut reclaim = Reclaim::new(&vm.frames, &vm.tlb);
-                frames.iter().for_each(|&frame| reclaim.unreachable(frame));
-                self.unmap_flushed(page_range(start, pages.start..next), &mut reclaim, true);
-                self.guard.page_table_frames -= reclaim.finish();
+                let mut gather = self.vm.gather();
+                frames.iter().for_each(|&frame| gather.free(frame));
+                self.unmap_into(page_range(start, pages.start..next), &mut gather, true);
+                self.guard.page_table_frames -= gather.finish();
                 return Err(error);
             }
             next += got as u64;
@@ -343,10 +342,13 @@ where
         self.record_mut(start).dying = true;
         let range = page_range(start, 0..pages);
         if !range.is_empty() {
+            let mut gather = self.vm.gather();
             // SAFETY: the area is being unmapped; its pages are this manager's, and the
             // flush comes right after.
             let detached = unsafe { self.guard.tables.detach(range) };
-            invariant(detached.map(|flush| flush.flush(&self.vm.tlb)));
+            invariant(detached.map(|flush| gather.stale(flush)));
+            gather.flush();
+            gather.finish();
         }
     }
 
@@ -366,43 +368,42 @@ where
     /// Frees the page tables and the range of an area whose frames were all handed
     /// out, and forgets it.
     pub(super) fn finish_unmapping(&mut self, start: VirtAddr, pages: u64) {
-        let mut reclaim = Reclaim::new(&self.vm.frames, &self.vm.tlb);
-        reclaim.sweep_tables(&mut self.guard.tables, page_range(start, 0..pages));
-        self.guard.page_table_frames -= reclaim.finish();
+        let mut gather = self.vm.gather();
+        gather.sweep_tables(&mut self.guard.tables, page_range(start, 0..pages));
+        self.guard.page_table_frames -= gather.finish();
         self.remove_area(start);
     }
 
-    /// Unmaps `range` now, flushing; its frames go back to the allocator if
-    /// `free_frames`, and the page tables it left empty in any case.
+    /// Unmaps `range` now, flushing before it returns; its frames go back to the
+    /// allocator if `free_frames`, and the page tables it left empty in any case.
     pub(super) fn unmap_now(&mut self, range: PageRange, free_frames: bool) {
-        let vm = self.vm;
-        let mut reclaim = Reclaim::new(&vm.frames, &vm.tlb);
-        self.unmap_flushed(range, &mut reclaim, free_frames);
-        self.guard.page_table_frames -= reclaim.finish();
+        let mut gather = self.vm.gather();
+        self.unmap_into(range, &mut gather, free_frames);
+        self.guard.page_table_frames -= gather.finish();
     }
 
     /// Unmaps `range` now, flushing, and hands its frames (if `free_frames`) and the
-    /// page tables it left empty to `reclaim`.
-    fn unmap_flushed(&mut self, range: PageRange, reclaim: &mut Reclaim<'_, F>, free_frames: bool) {
+    /// page tables it left empty to `gather`.
+    fn unmap_into(&mut self, range: PageRange, gather: &mut Gather<'_, F>, free_frames: bool) {
         if range.is_empty() {
             return;
         }
-        let tlb = &self.vm.tlb;
         let tables = &mut self.guard.tables;
         // SAFETY: the caller unmaps pages of its own area, which it no longer uses; the
         // flush follows at once.
         let detached = unsafe { tables.detach(range) };
-        invariant(detached.map(|flush| flush.flush(tlb)));
+        invariant(detached.map(|flush| gather.stale(flush)));
+        gather.flush();
         // SAFETY: flushed just above.
         let reclaimed = unsafe {
             tables.reclaim_detached(range, |_, frame| {
                 if free_frames {
-                    reclaim.unreachable(frame)
+                    gather.free(frame)
                 }
             })
         };
         invariant(reclaimed);
-        reclaim.sweep_tables(tables, range);
+        gather.sweep_tables(tables, range);
     }
 }
 

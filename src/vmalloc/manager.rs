@@ -3,13 +3,13 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::deferred::DeferredFrees;
+use super::gather::Gather;
 use super::huge;
 use super::locked::{CHUNK, Inner, Locked, as_ptr, invariant, page_at, page_range};
+use super::nodes::NodePool;
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
 use super::percpu::{self, BLOCK_BYTES, Blocks};
 use super::purge::PurgeList;
-use super::reclaim::Reclaim;
-use super::slab::NodePool;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
 use crate::sync::{IrqGuard, IrqLock};
@@ -81,13 +81,20 @@ where
         // SAFETY: forwarded from this function's contract.
         let mut tables = unsafe { PageTables::new(root, phys) };
         let mut pool = NodePool::with_slot_size(frames.clone(), phys, super::purge::SLOT_SIZE);
-        let space = VSpace::new(&mut pool, config.start, config.size)?;
         let region = page_range(config.start, 0..config.size / PAGE_SIZE);
-        // SAFETY: `frames` hands out unused frames reachable through `phys` (contract).
-        let created = match unsafe { tables.preallocate_top_level(region, &frames) } {
-            Ok(created) => created as u64,
+        let space = VSpace::new(&mut pool, config.start, config.size);
+        let created = space.and_then(|space| {
+            // SAFETY: `frames` hands out unused frames reachable through `phys`
+            // (contract).
+            let created = unsafe { tables.preallocate_top_level(region, &frames) }?;
+            Ok((space, created as u64))
+        });
+        let (space, created) = match created {
+            Ok(made) => made,
             Err(error) => {
-                pool.release_all(|frame| _ = frames.free_frame(frame));
+                let mut gather = Gather::new(&frames, &tlb);
+                pool.release_all(|frame| gather.free(frame));
+                gather.finish();
                 return Err(error);
             }
         };
@@ -485,10 +492,9 @@ where
         // SAFETY: the caller owns the live area and asks for the rights; the flush
         // follows before the lock is released.
         let changed = unsafe { cx.inner().tables.protect(pages, flags) };
-        match changed {
-            Ok(flush) => flush.flush(&self.tlb),
-            Err(error) => invariant(Err(error)),
-        }
+        let mut gather = self.gather();
+        invariant(changed.map(|flush| gather.stale(flush)));
+        gather.finish();
         cx.record_mut(start).flags = flags;
         Ok(())
     }
@@ -632,13 +638,17 @@ where
         let slabs = cx.inner().pool.frames_held();
         let result = op(&mut cx);
         if result.is_err() {
-            let mut reclaim = Reclaim::new(&self.frames, &self.tlb);
-            cx.inner()
-                .pool
-                .shrink_to(slabs, |frame| reclaim.unreachable(frame));
-            reclaim.finish();
+            let mut gather = self.gather();
+            cx.inner().pool.shrink_to(slabs, |frame| gather.free(frame));
+            gather.finish();
         }
         result
+    }
+
+    /// A gather for what this manager unmaps: the only way its frames and tables
+    /// leave it (see [the gather](super::gather)).
+    pub(super) fn gather(&self) -> Gather<'_, F> {
+        Gather::new(&self.frames, &self.tlb)
     }
 }
 
@@ -655,26 +665,26 @@ where
     fn drop(&mut self) {
         let region = page_range(self.config.start, 0..self.config.size / PAGE_SIZE);
         self.drain_cpu_caches();
-        let mut leaked = Reclaim::new(&self.frames, &self.tlb);
+        let mut leaked = self.gather();
         self.unmap_all_blocks(&mut leaked);
         leaked.finish();
         let mut cx = self.lock();
         cx.retire_all();
         cx.purge();
         let inner = cx.inner();
-        let mut reclaim = Reclaim::new(&self.frames, &self.tlb);
+        let mut gather = Gather::new(&self.frames, &self.tlb);
         let zone = self.blocks.zone_bytes() / PAGE_SIZE;
         if zone > 0 {
             let start = VirtAddr::new(self.blocks.zone());
-            reclaim.sweep_tables(&mut inner.tables, page_range(start, 0..zone));
+            gather.sweep_tables(&mut inner.tables, page_range(start, 0..zone));
         }
         // SAFETY: `new`'s contract: no address space uses copies of the region's
         // top-level entries once the manager is dropped.
-        reclaim.unlink_tables(|push| unsafe { inner.tables.release_top_level(region, push) });
+        gather.unlink_tables(|push| unsafe { inner.tables.release_top_level(region, push) });
         inner.space = VSpace::empty();
         inner.areas = AreaMap::new();
-        inner.pool.release_all(|frame| reclaim.unreachable(frame));
-        let freed = reclaim.finish();
+        inner.pool.release_all(|frame| gather.free(frame));
+        let freed = gather.finish();
         inner.page_table_frames = inner.page_table_frames.saturating_sub(freed);
         drop(cx);
         self.release_block_bookkeeping();

@@ -170,8 +170,8 @@
 //! | `huge.rs` | areas backed by 2 MiB pages | `locked` |
 //! | `info.rs` | listings and counters | `locked` |
 //! | `reclaim.rs` | every frame leaving the manager | [`paging`](crate::paging) |
-//! | `space.rs` | free virtual ranges and the area map | `tree`, `slab` |
-//! | `tree.rs`, `slab.rs` | the AVL trees, the node pool | the frame source |
+//! | `space.rs` | free virtual ranges and the area map | `tree`, `nodes` |
+//! | `tree.rs`, `nodes.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |
 //! | `deferred.rs` | frees queued by `vfree_atomic` | — |
 //! | `percpu.rs` | per-CPU blocks and frame caches for small areas | `locked` |
@@ -184,18 +184,18 @@
 mod area;
 pub mod deferred;
 pub mod diagnose;
+mod gather;
 pub mod huge;
 mod info;
 mod locked;
 mod manager;
+mod nodes;
 mod ops;
 mod options;
 mod owned;
 pub mod percpu;
 pub mod purge;
 mod realloc;
-mod reclaim;
-mod slab;
 mod space;
 pub mod stack;
 mod tree;

@@ -57,10 +57,10 @@
 //! place) returns after every CPU dropped the pages it took away.
 
 use super::area::{AreaInfo, AreaKind};
+use super::gather::{CountingFrames, Gather};
 use super::locked::Locked;
 use super::manager::Vmalloc;
 use super::options::{Prot, VmFlags, VmOptions};
-use super::reclaim::{CountingFrames, Reclaim};
 use crate::paging::{ADDR_MASK, RangeFlush};
 use crate::smp::MAX_CPUS;
 use crate::sync::{IrqGuard, IrqLock, IrqOff};
@@ -698,9 +698,9 @@ where
 
     /// Gives back a frame `place` took.
     fn unplace(&self, frame: PhysFrame) {
-        // The frame came from the allocator; one refusing it back has nothing better
-        // to be told.
-        let _ = self.frames.free_frame(frame);
+        let mut gather = self.gather();
+        gather.free(frame);
+        gather.finish();
         self.blocks.bookkeeping.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -755,13 +755,15 @@ where
                 add(&cache.live_pages, -(pages as i64 + 1));
             }
             None => {
-                self.tlb.flush_range(self.range_of(lazy));
+                let mut gather = self.gather();
+                gather.stale(RangeFlush::from_range(self.range_of(lazy)));
+                gather.flush();
                 let mut state = self.lock_block(block);
                 state.clean(page, pages + 1);
                 self.blocks.mark(index, &state);
                 drop(state);
-                // The frames were ours and are flushed; a refusal has no better answer.
-                let _ = self.frames.free_frames(&frames[..pages]);
+                frames[..pages].iter().for_each(|&frame| gather.free(frame));
+                gather.finish();
                 self.blocks.data.fetch_sub(pages as i64, Ordering::Relaxed);
                 self.blocks.areas.fetch_sub(1, Ordering::Relaxed);
                 self.blocks
@@ -788,19 +790,12 @@ where
             return;
         }
         let lazy = &state.lazy[..state.lazy_len];
-        // One range over them all, as Linux's purge flushes: past the ceiling, which
-        // a full list of small areas usually is, that is one full flush.
-        let start = |entry: &Lazy| self.range_of(*entry).start.start_address();
-        let end = |entry: &Lazy| self.range_of(*entry).end.start_address();
-        let first = lazy.iter().map(start).min();
-        let last = lazy.iter().map(end).max();
-        if let (Some(first), Some(last)) = (first, last) {
-            let pages = Page::range(
-                Page::containing_address(first),
-                Page::containing_address(last),
-            );
-            RangeFlush::from_range(pages).flush(&self.tlb);
-        }
+        // One batched flush for them all: past the ceiling, which a full list of
+        // small areas usually is, one full flush.
+        let mut gather = self.gather();
+        lazy.iter()
+            .for_each(|entry| gather.stale(RangeFlush::from_range(self.range_of(*entry))));
+        gather.flush();
         // Then their pages are clean; one lock per run of entries in one block.
         let mut held: Option<(usize, IrqGuard<'_, BlockState>)> = None;
         for entry in lazy {
@@ -822,7 +817,8 @@ where
         }
         let count = state.lazy_frame_count;
         let pending = state.lazy_frames;
-        self.cache_frames(state, &pending[..count]);
+        // Flushed above: the frames go back to this CPU's cache.
+        gather.finish_into(|_| self.cache_frames(state, &pending[..count]));
         state.lazy_len = 0;
         state.lazy_frame_count = 0;
         cache.cached.store(state.cached as u64, Ordering::Relaxed);
@@ -837,8 +833,10 @@ where
         state.frames[state.cached..state.cached + room].copy_from_slice(kept);
         state.cached += room;
         if !rest.is_empty() {
-            // Flushed frames of ours; a refusal has no better answer.
-            let _ = self.frames.free_frames(rest);
+            // Flushed frames of ours: nothing stale to wait for.
+            let mut gather = self.gather();
+            rest.iter().for_each(|&frame| gather.free(frame));
+            gather.finish();
         }
     }
 
@@ -854,8 +852,11 @@ where
             released |= state.lazy_len > 0 || state.cached > 0 || state.block.is_some();
             self.flush_lazy(cache, state);
             if state.cached > 0 {
-                // Flushed frames of ours; a refusal has no better answer.
-                let _ = self.frames.free_frames(&state.frames[..state.cached]);
+                // Flushed frames of ours: nothing stale to wait for.
+                let mut gather = self.gather();
+                let cached = &state.frames[..state.cached];
+                cached.iter().for_each(|&frame| gather.free(frame));
+                gather.finish();
                 state.cached = 0;
                 cache.cached.store(0, Ordering::Relaxed);
             }
@@ -954,8 +955,12 @@ where
         }
         drop(state);
         let first = Page::containing_address(VirtAddr::new(addr));
-        self.tlb
-            .flush_range(Page::range(first, first + pages as u64));
+        let mut gather = self.gather();
+        gather.stale(RangeFlush::from_range(Page::range(
+            first,
+            first + pages as u64,
+        )));
+        gather.finish();
         Ok(())
     }
 
@@ -1042,15 +1047,22 @@ where
             return Ok(());
         }
         let cut = Page::containing_address(VirtAddr::new(addr)) + new_pages as u64;
-        self.tlb.flush_range(Page::range(cut, cut + dropped as u64));
+        let mut gather = self.gather();
+        gather.stale(RangeFlush::from_range(Page::range(
+            cut,
+            cut + dropped as u64,
+        )));
+        gather.flush();
         let mut state = self.lock_block(block);
         // The pages past the new guard page are free again.
         state.set_free(first + new_pages + 1, dropped, true);
         state.dirty -= dropped;
         self.blocks.mark(index, &state);
         drop(state);
-        // The frames were ours and are flushed; a refusal has no better answer.
-        let _ = self.frames.free_frames(&frames[..dropped]);
+        frames[..dropped]
+            .iter()
+            .for_each(|&frame| gather.free(frame));
+        gather.finish();
         self.blocks
             .data
             .fetch_sub(dropped as i64, Ordering::Relaxed);
@@ -1121,7 +1133,7 @@ where
 
     /// Unmaps the areas still live in the zone, flushes, and hands their frames to
     /// `reclaim`: the manager's teardown, after the caches were drained.
-    pub(super) fn unmap_all_blocks(&self, reclaim: &mut Reclaim<'_, F>) {
+    pub(super) fn unmap_all_blocks(&self, gather: &mut Gather<'_, F>) {
         // First every entry stops being present, keeping its frame; one flush; then
         // the frames are taken.
         let mut any = false;
@@ -1133,11 +1145,14 @@ where
         if !any {
             return;
         }
-        self.tlb.flush_all();
+        let zone = Page::containing_address(VirtAddr::new(self.blocks.zone));
+        let blocks = self.blocks.count as u64 * BLOCK_PAGES as u64;
+        gather.stale(RangeFlush::from_range(Page::range(zone, zone + blocks)));
+        gather.flush();
         self.each_live_page(|entry| {
             // SAFETY: as above.
             let raw = unsafe { entry.replace(0) };
-            reclaim.unreachable(PhysFrame::containing_address(PhysAddr::new(
+            gather.free(PhysFrame::containing_address(PhysAddr::new(
                 raw & ADDR_MASK,
             )));
         });

@@ -7,7 +7,7 @@
 //! area map to the purge list, with the flush token the detach returned. When the list
 //! holds more than [`VmallocConfig::lazy_threshold_pages`] pages, or the region or the
 //! frame allocator runs dry, or [`Vmalloc::purge`] is called, one purge issues every
-//! waiting token as one batch ([`flush_batch`]: the TLB's own ceiling decides between
+//! waiting token as one batch (through [the gather](super::gather): the TLB's own ceiling decides between
 //! range flushes and one full flush). Then it returns the frames, unlinks the page
 //! tables left empty and frees them after one more flush covering every address they
 //! served, and only then frees the virtual ranges. [`VmallocConfig::eager`] purges on
@@ -26,16 +26,13 @@
 //! [`VmallocConfig::lazy_threshold_pages`]: super::VmallocConfig::lazy_threshold_pages
 //! [`VmallocConfig::eager`]: super::VmallocConfig::eager
 //! [`Vmalloc::purge`]: super::Vmalloc::purge
-//! [`flush_batch`]: crate::tlb::flush_batch
 
 use super::area::{AreaKind, AreaRecord};
 use super::locked::{Locked, invariant, page_range};
+use super::nodes::NodePool;
 use super::options::{HUGE_PAGE_SIZE, VmallocConfig};
-use super::reclaim::Reclaim;
-use super::slab::NodePool;
 use super::tree::slot_size_for;
 use crate::paging::RangeFlush;
-use crate::tlb::flush_batch;
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;
@@ -227,8 +224,9 @@ where
         if inner.purge.is_empty() {
             return;
         }
-        flush_batch(vm.tlb(), inner.purge.tokens());
-        let mut reclaim = Reclaim::new(vm.frames(), vm.tlb());
+        let mut gather = vm.gather();
+        inner.purge.tokens().for_each(|flush| gather.stale(flush));
+        gather.flush();
         let mut pending = core::mem::replace(&mut inner.purge, PurgeList::new());
         // Neighbouring areas share leaf tables: each table is swept once, when the
         // run of 2 MiB regions the purged areas touch ends.
@@ -240,21 +238,21 @@ where
             let reclaimed = unsafe {
                 inner.tables.reclaim_detached(range, |_, frame| {
                     if owns_frames {
-                        reclaim.unreachable(frame)
+                        gather.free(frame)
                     }
                 })
             };
             invariant(reclaimed);
             if let Some(done) = sweep.extend(range) {
-                reclaim.sweep_tables(&mut inner.tables, in_region(vm.config(), done));
+                gather.sweep_tables(&mut inner.tables, in_region(vm.config(), done));
             }
             // The entry's slot was just given back: freeing the range cannot fail.
             invariant(inner.space.free(&mut inner.pool, start, record.span()));
         }
         if let Some(last) = sweep.window {
-            reclaim.sweep_tables(&mut inner.tables, in_region(vm.config(), last));
+            gather.sweep_tables(&mut inner.tables, in_region(vm.config(), last));
         }
-        inner.page_table_frames -= reclaim.finish();
+        inner.page_table_frames -= gather.finish();
         inner.purges += 1;
     }
 }

@@ -34,7 +34,7 @@
 //! tree would have the same O(log n) shape; AVL keeps the path shortest for lookups,
 //! which vmalloc does on every `vfree`.
 
-use super::slab::NodePool;
+use super::nodes::NodePool;
 use super::tree::{MaxFree, Node, Payload, Tree, release};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use x86_64::VirtAddr;

@@ -10,7 +10,7 @@
 //! height and augmented value unchanged, the way back up only compares: nothing there
 //! can change.
 
-use super::slab::NodePool;
+use super::nodes::NodePool;
 use crate::{FrameSource, PhysMemory};
 use core::mem::size_of;
 use core::ptr::{self, null_mut};

@@ -2,8 +2,8 @@
 
 extern crate std;
 
+use super::super::nodes::NodePool;
 use super::super::options::{VMALLOC_SIZE, VMALLOC_START};
-use super::super::slab::NodePool;
 use super::*;
 use crate::frame::{BitmapFrameAllocator, FaultInjector, LockedFrameAllocator, MemoryRegion};
 use crate::{Error, OffsetPhysMemory, PAGE_SIZE};
@@ -88,17 +88,21 @@ fn pool_grows_by_frames_and_reuses_freed_slots() {
     assert_eq!(pool.frames_held(), 1, "freed slot reused, no new frame");
     pool.reserve(per_frame + 1).unwrap();
     assert_eq!(pool.frames_held(), 2);
-    assert_eq!(pool.slab_frames().count(), 2);
+    assert_eq!(pool.page_frames().count(), 2);
 }
 
 #[test]
-fn failed_reserve_gives_frames_back() {
+fn a_failed_reserve_keeps_its_frames_for_the_rollback_to_give_back() {
     let frames = TestFrames::new(8);
     let mut pool = NodePool::with_slot_size(&frames.frames, frames.phys(), 1024);
     frames.frames.fail_after(1);
     assert_eq!(pool.reserve(4), Err(Error::OutOfFrames));
+    assert_eq!(pool.frames_held(), 1, "the frame it got is an empty page");
+    let mut back = Vec::new();
+    pool.shrink_to(0, |frame| back.push(frame));
+    assert_eq!((back.len(), pool.frames_held(), pool.free_slots()), (1, 0, 0));
+    back.into_iter().for_each(|frame| frames.frames.free_frame(frame).unwrap());
     assert_eq!(frames.available(), 8);
-    assert_eq!((pool.frames_held(), pool.free_slots()), (0, 0));
     pool.reserve(4).unwrap();
     assert_eq!(pool.frames_held(), 2);
 }

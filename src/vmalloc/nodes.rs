@@ -4,24 +4,27 @@
 //! virtual ranges in [`space`](super::space), busy areas in [`AreaMap`](super::space::AreaMap))
 //! take their nodes from a [`NodePool`]: 4 KiB frames pulled from a [`FrameSource`] on
 //! demand, reached through [`PhysMemory`], and cut into equal slots. The first slot of
-//! every frame (a "slab") links the slabs together; the others hold nodes. A freed
+//! every frame (its header) links the pool's frames together; the others hold nodes. A freed
 //! node goes onto an intrusive free list and is reused before any new frame is taken.
 //! Both trees share one slot size (the larger of their node types), so a node freed by
 //! one tree can be reused by the other: `vfree` moves the area's record into a purge-list
 //! entry in the slot the area map just freed, and the purge pops it (freeing the slot)
 //! before giving the range back (which may need one), so neither step needs a new frame.
 //!
-//! Each slab counts its free slots and keeps its own free list, and the pool keeps
-//! its slabs on three lists (full, partial, empty), as SLUB does, so a slab whose
-//! last node is freed is found in O(1). Empty slabs go back to the frame source when
+//! Each page counts its free slots and keeps its own free list, and the pool keeps
+//! its pages on three lists (full, partial, empty), as SLUB does, so a page whose
+//! last node is freed is found in O(1). Empty pages go back to the frame source when
 //! the manager asks ([`NodePool::shrink`]): after every call it keeps at most one, so
-//! bookkeeping shrinks when areas go, and a failed call gives back every slab it took
+//! bookkeeping shrinks when areas go, and a failed call gives back every page it took
 //! ([`NodePool::shrink_to`]). The pool hands those frames to the caller, which frees
-//! them with every other frame leaving the manager (`reclaim`). Nothing is given back
-//! in the middle of a call, so a reservation stays valid until the call ends.
+//! them with every other frame leaving the manager (through the
+//! [gather](super::gather)). Nothing is given back in the middle of a call, so a
+//! reservation stays valid until the call ends.
 //!
 //! Operations that may need nodes call [`NodePool::reserve`] first and mutate only once
-//! it succeeded, so running out of frames changes nothing.
+//! it succeeded. A reservation that runs out of frames halfway keeps the frames it
+//! got as empty pages, and the failed call's rollback (`shrink_to`) gives them back,
+//! so running out of frames changes nothing.
 
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::mem::{align_of, size_of};
@@ -39,23 +42,23 @@ struct FreeSlot {
     next: *mut FreeSlot,
 }
 
-/// The first slot of every slab frame.
-struct SlabHeader {
-    next: *mut SlabHeader,
-    prev: *mut SlabHeader,
-    /// This slab's free slots.
+/// The first slot of every page frame.
+struct PageHeader {
+    next: *mut PageHeader,
+    prev: *mut PageHeader,
+    /// This page's free slots.
     free: *mut FreeSlot,
     free_count: usize,
     frame: PhysFrame<Size4KiB>,
 }
 
-/// A doubly linked list of slabs.
-struct SlabList {
-    head: *mut SlabHeader,
+/// A doubly linked list of pages.
+struct PageList {
+    head: *mut PageHeader,
     len: usize,
 }
 
-impl SlabList {
+impl PageList {
     const fn new() -> Self {
         Self {
             head: null_mut(),
@@ -63,33 +66,33 @@ impl SlabList {
         }
     }
 
-    /// Links `slab` at the front.
+    /// Links `page` at the front.
     ///
     /// # Safety
     ///
-    /// `slab` is a live slab header on no list.
-    unsafe fn push(&mut self, slab: *mut SlabHeader) {
+    /// `page` is a live page header on no list.
+    unsafe fn push(&mut self, page: *mut PageHeader) {
         // SAFETY: per the caller; `head` is live or null.
         unsafe {
-            (*slab).prev = null_mut();
-            (*slab).next = self.head;
+            (*page).prev = null_mut();
+            (*page).next = self.head;
             if let Some(head) = self.head.as_mut() {
-                head.prev = slab;
+                head.prev = page;
             }
         }
-        self.head = slab;
+        self.head = page;
         self.len += 1;
     }
 
-    /// Unlinks `slab`.
+    /// Unlinks `page`.
     ///
     /// # Safety
     ///
-    /// `slab` is on this list.
-    unsafe fn unlink(&mut self, slab: *mut SlabHeader) {
+    /// `page` is on this list.
+    unsafe fn unlink(&mut self, page: *mut PageHeader) {
         // SAFETY: per the caller; neighbours on a list are live or null.
         unsafe {
-            let (prev, next) = ((*slab).prev, (*slab).next);
+            let (prev, next) = ((*page).prev, (*page).next);
             match prev.as_mut() {
                 Some(prev) => prev.next = next,
                 None => self.head = next,
@@ -101,15 +104,15 @@ impl SlabList {
         self.len -= 1;
     }
 
-    /// Unlinks and returns the first slab.
-    fn pop(&mut self) -> Option<*mut SlabHeader> {
-        let slab = self.head;
-        if slab.is_null() {
+    /// Unlinks and returns the first page.
+    fn pop(&mut self) -> Option<*mut PageHeader> {
+        let page = self.head;
+        if page.is_null() {
             return None;
         }
         // SAFETY: the head is on this list.
-        unsafe { self.unlink(slab) };
-        Some(slab)
+        unsafe { self.unlink(page) };
+        Some(page)
     }
 }
 
@@ -118,14 +121,14 @@ pub(crate) struct NodePool<F: FrameSource, M: PhysMemory> {
     frames: F,
     phys: M,
     slot_size: usize,
-    /// Slabs with no free slot, some free slots, every slot free.
-    full: SlabList,
-    partial: SlabList,
-    empty: SlabList,
+    /// Pages with no free slot, some free slots, every slot free.
+    full: PageList,
+    partial: PageList,
+    empty: PageList,
     free_count: usize,
 }
 
-// SAFETY: the pool exclusively owns its slabs; the raw pointers are never shared with
+// SAFETY: the pool exclusively owns its pages; the raw pointers are never shared with
 // another pool, so moving the pool moves ownership of that memory with it.
 unsafe impl<F: FrameSource + Send, M: PhysMemory + Send> Send for NodePool<F, M> {}
 
@@ -140,24 +143,24 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     ///
     /// # Panics
     ///
-    /// If fewer than two nodes of that size fit in a frame next to the slab header.
+    /// If fewer than two nodes of that size fit in a frame next to the page header.
     pub(crate) fn with_slot_size(frames: F, phys: M, slot_size: usize) -> Self {
         let slot_size = slot_size
-            .max(size_of::<SlabHeader>())
+            .max(size_of::<PageHeader>())
             .next_multiple_of(SLOT_ALIGN);
         assert!(PAGE_SIZE as usize / slot_size >= 3, "node slots too large");
         Self {
             frames,
             phys,
             slot_size,
-            full: SlabList::new(),
-            partial: SlabList::new(),
-            empty: SlabList::new(),
+            full: PageList::new(),
+            partial: PageList::new(),
+            empty: PageList::new(),
             free_count: 0,
         }
     }
 
-    /// Node slots per slab frame (one slot holds the slab header).
+    /// Node slots per page frame (one slot holds the page header).
     pub(crate) fn slots_per_frame(&self) -> usize {
         PAGE_SIZE as usize / self.slot_size - 1
     }
@@ -176,35 +179,24 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     ///
     /// # Errors
     ///
-    /// [`Error::OutOfFrames`] when the frame source runs dry; the frames taken by this
-    /// call are given back and the pool is as it was.
+    /// [`Error::OutOfFrames`] when the frame source runs dry; the frames this call got
+    /// stay as empty pages, for the caller's rollback ([`shrink_to`](Self::shrink_to))
+    /// to give back.
     pub(crate) fn reserve(&mut self, count: usize) -> Result<(), Error> {
         let missing = count.saturating_sub(self.free_count);
         let needed = missing.div_ceil(self.slots_per_frame());
         assert!(needed <= MAX_RESERVE_FRAMES, "reservation too large");
-        let mut taken = [None; MAX_RESERVE_FRAMES];
-        for slot in taken.iter_mut().take(needed) {
-            match self.frames.alloc_frame() {
-                Some(frame) => *slot = Some(frame),
-                None => {
-                    // Undo this call's allocations: the frames were never used.
-                    for frame in taken.iter().flatten() {
-                        let _ = self.frames.free_frame(*frame);
-                    }
-                    return Err(Error::OutOfFrames);
-                }
-            }
-        }
-        for frame in taken.iter().flatten() {
-            self.carve(*frame);
+        for _ in 0..needed {
+            let frame = self.frames.alloc_frame().ok_or(Error::OutOfFrames)?;
+            self.carve(frame);
         }
         Ok(())
     }
 
-    /// Links a fresh frame in as an empty slab.
+    /// Links a fresh frame in as an empty page.
     fn carve(&mut self, frame: PhysFrame<Size4KiB>) {
         let base = self.phys.phys_to_virt(frame.start_address());
-        let header = base.cast::<SlabHeader>();
+        let header = base.cast::<PageHeader>();
         let mut free = null_mut::<FreeSlot>();
         for index in (1..=self.slots_per_frame()).rev() {
             // SAFETY: slot `index` lies inside the frame (see `slots_per_frame`), which
@@ -217,7 +209,7 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
         }
         // SAFETY: as above; the header fits in the first slot.
         unsafe {
-            header.write(SlabHeader {
+            header.write(PageHeader {
                 next: null_mut(),
                 prev: null_mut(),
                 free,
@@ -236,26 +228,26 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     /// If nothing was reserved, or `N` does not fit a slot: both are bugs in the caller.
     pub(crate) fn take<N>(&mut self, node: N) -> *mut N {
         assert!(size_of::<N>() <= self.slot_size && align_of::<N>() <= SLOT_ALIGN);
-        let slab = if self.partial.head.is_null() {
-            let slab = self.empty.pop().expect("node taken without a reservation");
-            // SAFETY: a slab just unlinked from the empty list.
-            unsafe { self.partial.push(slab) };
-            slab
+        let page = if self.partial.head.is_null() {
+            let page = self.empty.pop().expect("node taken without a reservation");
+            // SAFETY: a page just unlinked from the empty list.
+            unsafe { self.partial.push(page) };
+            page
         } else {
             self.partial.head
         };
-        // SAFETY: slabs on the lists are live, and partial ones have a free slot.
-        let header = unsafe { &mut *slab };
+        // SAFETY: pages on the lists are live, and partial ones have a free slot.
+        let header = unsafe { &mut *page };
         let slot = header.free;
         // SAFETY: free-list slots hold a valid `FreeSlot`.
         header.free = unsafe { (*slot).next };
         header.free_count -= 1;
         self.free_count -= 1;
         if header.free_count == 0 {
-            // SAFETY: the slab is on the partial list.
+            // SAFETY: the page is on the partial list.
             unsafe {
-                self.partial.unlink(slab);
-                self.full.push(slab);
+                self.partial.unlink(page);
+                self.full.push(page);
             }
         }
         let node_ptr = slot.cast::<N>();
@@ -264,54 +256,54 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
         node_ptr
     }
 
-    /// Puts a node's slot back on its slab's free list.
+    /// Puts a node's slot back on its page's free list.
     ///
     /// # Safety
     ///
     /// `node` came from [`take`](Self::take) on this pool, is no longer linked into any
     /// tree and is not used again.
     pub(crate) unsafe fn give(&mut self, node: *mut u8) {
-        // Slabs are 4 KiB-aligned and a slot never crosses its slab's end.
-        let slab = node
+        // Pages are 4 KiB-aligned and a slot never crosses its page's end.
+        let page = node
             .map_addr(|addr| addr & !(PAGE_SIZE as usize - 1))
-            .cast::<SlabHeader>();
+            .cast::<PageHeader>();
         let per_frame = self.slots_per_frame();
-        // SAFETY: the node's slab is live and owned by this pool (the caller).
-        let header = unsafe { &mut *slab };
+        // SAFETY: the node's page is live and owned by this pool (the caller).
+        let header = unsafe { &mut *page };
         let slot = node.cast::<FreeSlot>();
         // SAFETY: the slot is unused now (the caller) and aligned for a `FreeSlot`.
         unsafe { slot.write(FreeSlot { next: header.free }) };
         header.free = slot;
         header.free_count += 1;
         self.free_count += 1;
-        // SAFETY: a slab with one free slot was full, with all free partial (or full
-        // when a slab holds one slot); each is on the list its old count says.
+        // SAFETY: a page with one free slot was full, with all free partial (or full
+        // when a page holds one slot); each is on the list its old count says.
         unsafe {
             if header.free_count == 1 {
-                self.full.unlink(slab);
-                self.partial.push(slab);
+                self.full.unlink(page);
+                self.partial.push(page);
             }
             if header.free_count == per_frame {
-                self.partial.unlink(slab);
-                self.empty.push(slab);
+                self.partial.unlink(page);
+                self.empty.push(page);
             }
         }
     }
 
-    /// Empty slabs held.
-    pub(crate) fn empty_slabs(&self) -> usize {
+    /// Empty pages held.
+    pub(crate) fn empty_pages(&self) -> usize {
         self.empty.len
     }
 
-    /// Hands empty slabs' frames to `give_back` until at most `keep` are left.
+    /// Hands empty pages' frames to `give_back` until at most `keep` are left.
     pub(crate) fn shrink(&mut self, keep: usize, mut give_back: impl FnMut(PhysFrame)) {
         while self.empty.len > keep {
             self.release_empty(&mut give_back);
         }
     }
 
-    /// Hands empty slabs' frames to `give_back` until the pool holds at most `frames`
-    /// frames (or no empty slab is left): the rollback of a failed call that grew it.
+    /// Hands empty pages' frames to `give_back` until the pool holds at most `frames`
+    /// frames (or no empty page is left): the rollback of a failed call that grew it.
     pub(crate) fn shrink_to(&mut self, frames: usize, mut give_back: impl FnMut(PhysFrame)) {
         while self.frames_held() > frames && self.empty.len > 0 {
             self.release_empty(&mut give_back);
@@ -319,37 +311,37 @@ impl<F: FrameSource, M: PhysMemory> NodePool<F, M> {
     }
 
     fn release_empty(&mut self, give_back: &mut impl FnMut(PhysFrame)) {
-        if let Some(slab) = self.empty.pop() {
-            // SAFETY: an empty slab: no node lives in it, and it is on no list now.
-            let frame = unsafe { (*slab).frame };
+        if let Some(page) = self.empty.pop() {
+            // SAFETY: an empty page: no node lives in it, and it is on no list now.
+            let frame = unsafe { (*page).frame };
             self.free_count -= self.slots_per_frame();
             give_back(frame);
         }
     }
 
-    /// Hands every slab's frame to `give_back`, whatever lives in it: the end of the
+    /// Hands every page's frame to `give_back`, whatever lives in it: the end of the
     /// manager, whose trees are dropped unused.
     pub(crate) fn release_all(&mut self, mut give_back: impl FnMut(PhysFrame)) {
         for list in [&mut self.full, &mut self.partial, &mut self.empty] {
-            while let Some(slab) = list.pop() {
-                // SAFETY: slabs on the lists are live; this one is on none now.
-                give_back(unsafe { (*slab).frame });
+            while let Some(page) = list.pop() {
+                // SAFETY: pages on the lists are live; this one is on none now.
+                give_back(unsafe { (*page).frame });
             }
         }
         self.free_count = 0;
     }
 
     #[cfg(test)]
-    /// Physical start addresses of the slab frames (for diagnostics).
-    pub(crate) fn slab_frames(&self) -> impl Iterator<Item = x86_64::PhysAddr> + '_ {
+    /// Physical start addresses of the page frames (for diagnostics).
+    pub(crate) fn page_frames(&self) -> impl Iterator<Item = x86_64::PhysAddr> + '_ {
         [&self.full, &self.partial, &self.empty]
             .into_iter()
             .flat_map(|list| {
-                let mut slab = list.head;
+                let mut page = list.head;
                 core::iter::from_fn(move || {
-                    // SAFETY: slabs on the lists are live.
-                    let header = unsafe { slab.as_ref() }?;
-                    slab = header.next;
+                    // SAFETY: pages on the lists are live.
+                    let header = unsafe { page.as_ref() }?;
+                    page = header.next;
                     Some(header.frame.start_address())
                 })
             })
