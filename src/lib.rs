@@ -13,7 +13,8 @@
 //! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk (2 MiB entries included), and `#[must_use]` flush tokens | `frame`, `phys` |
 //! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes | `tlb` |
 //! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, and the one ceiling rule for range against full flushes | `paging` (the tokens) |
-//! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map), its lock, fault injection | `phys` |
+//! | [`boot`] | memory maps from `bootloader`, Limine, multiboot2 and UEFI as [`MemoryRegion`](frame::MemoryRegion)s (one feature each), usable, reclaimable later, or never | `frame`, `phys` |
+//! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map, reclaimable memory taken later), its lock, early frames, fault injection | `phys` |
 //! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`]) | — |
 //!
 //! Beside the library, in the same workspace: `vmalloc-sim` (`sim/`), a simulated
@@ -60,6 +61,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod boot;
 mod error;
 pub mod frame;
 pub mod heap;
