@@ -66,6 +66,7 @@ mod error;
 pub mod frame;
 pub mod heap;
 pub mod paging;
+mod percpu;
 pub mod phys;
 pub mod smp;
 mod sync;

@@ -74,6 +74,18 @@ pub trait TlbFlush {
     fn cpus(&self) -> Option<&dyn Cpus> {
         None
     }
+
+    /// Runs `work` on every other online CPU and returns once each has (Linux's
+    /// `smp_call_function_many` with `wait`); `false` when this policy cannot reach
+    /// other CPUs (the default). A [`Shootdown`] runs it in its IPI service, with
+    /// interrupts held off: `work` must not wait for anything. The library's per-CPU
+    /// caches use it to drain every CPU when a call runs dry.
+    ///
+    /// [`Shootdown`]: crate::smp::Shootdown
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        let _ = work;
+        false
+    }
 }
 
 impl<T: TlbFlush + ?Sized> TlbFlush for &T {
@@ -94,6 +106,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn cpus(&self) -> Option<&dyn Cpus> {
         (**self).cpus()
+    }
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        (**self).call_on_other_cpus(work)
     }
 }
 

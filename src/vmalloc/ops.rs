@@ -164,6 +164,13 @@ pub unsafe trait VmallocOps: Sync {
     fn cpus(&self) -> Option<&dyn Cpus> {
         None
     }
+
+    /// Runs `work` on every other online CPU, as the manager's flush policy does
+    /// ([`TlbFlush::call_on_other_cpus`]); `false` when it cannot.
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        let _ = work;
+        false
+    }
 }
 
 // SAFETY: each method forwards to the manager, whose areas are mapped as asked,
@@ -226,5 +233,8 @@ where
     }
     fn cpus(&self) -> Option<&dyn Cpus> {
         self.tlb.cpus()
+    }
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        self.tlb.call_on_other_cpus(work)
     }
 }

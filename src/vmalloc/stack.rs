@@ -19,7 +19,8 @@
 use super::area::{AreaKind, AreaRecord};
 use super::manager::Vmalloc;
 use super::options::{Prot, VmOptions};
-use crate::smp::{Cpus, MAX_CPUS};
+use crate::percpu::PerCpu;
+use crate::smp::Cpus;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
@@ -187,8 +188,9 @@ pub struct StackCache<C: Cpus> {
     cpus: C,
     /// The identity of the manager the cache serves; 0 before its first use.
     manager: AtomicU64,
-    /// Each slot: a cached stack's base with log2 of its size in the low bits, or 0.
-    slots: [[AtomicU64; CACHED_PER_CPU]; MAX_CPUS],
+    /// Each CPU's slots: a cached stack's base with log2 of its size in the low bits,
+    /// or 0. Any CPU may take one (`drain`), so they are swapped atomically.
+    slots: PerCpu<[AtomicU64; CACHED_PER_CPU]>,
 }
 
 impl<C: Cpus> StackCache<C> {
@@ -197,7 +199,7 @@ impl<C: Cpus> StackCache<C> {
         Self {
             cpus,
             manager: AtomicU64::new(0),
-            slots: [const { [const { AtomicU64::new(0) }; CACHED_PER_CPU] }; MAX_CPUS],
+            slots: PerCpu::new(),
         }
     }
 
@@ -253,10 +255,12 @@ impl<C: Cpus> StackCache<C> {
         T: TlbFlush,
     {
         self.serve(vmalloc.id)?;
-        for slot in self.slots.iter().flatten() {
-            let packed = slot.swap(0, Ordering::AcqRel);
-            if packed != 0 {
-                let _ = vmalloc.free_stack(unpack(packed).0);
+        for (_, slots) in self.slots.each() {
+            for slot in slots {
+                let packed = slot.swap(0, Ordering::AcqRel);
+                if packed != 0 {
+                    let _ = vmalloc.free_stack(unpack(packed).0);
+                }
             }
         }
         Ok(())
@@ -277,8 +281,8 @@ impl<C: Cpus> StackCache<C> {
     /// Stacks the cache holds.
     pub fn cached(&self) -> usize {
         self.slots
-            .iter()
-            .flatten()
+            .each()
+            .flat_map(|(_, slots)| slots)
             .filter(|slot| slot.load(Ordering::Relaxed) != 0)
             .count()
     }

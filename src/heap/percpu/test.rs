@@ -4,7 +4,7 @@ use super::*;
 use crate::Error;
 use crate::smp::CpuSet;
 use core::alloc::Layout;
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Mutex;
 use std::vec::Vec;
 
@@ -68,7 +68,7 @@ unsafe impl Cpus for TestCpus {
         CpuSet::from_bits(self.online.load(Ordering::SeqCst))
     }
     fn send_ipi(&self, _: CpuSet) {}
-    // No interrupts on the host: the test plays them by switching `current`.
+    // No interrupts on the host: the test plays them by holding slots itself.
     fn irq_save(&self) -> crate::smp::IrqState {
         crate::smp::IrqState::new(0)
     }
@@ -85,13 +85,65 @@ fn two_cpus() -> TestCpus {
 }
 
 fn magazine_len(caches: &CpuCaches, cpu: usize) -> usize {
-    // SAFETY: published caches live as long as `caches`.
-    let cache = unsafe { caches.caches[cpu].load(Ordering::Acquire).as_ref() }.unwrap();
-    cache.classes[CLASS].len.load(Ordering::Relaxed)
+    caches.cached_on(cpu)[CLASS]
+}
+
+impl CpuCaches {
+    /// Objects CPU `cpu`'s magazines hold, per class.
+    fn cached_on(&self, cpu: usize) -> [usize; CLASSES] {
+        let counts = self.slots.get(cpu).unwrap();
+        core::array::from_fn(|class| usize::from(counts.0[class].load(Ordering::Relaxed)))
+    }
+}
+
+/// Host areas, and work on other CPUs run by switching the test's current CPU, as
+/// their shootdown service would run it.
+struct Reaching<'c> {
+    areas: HostAreas,
+    cpus: &'c TestCpus,
+}
+
+// SAFETY: forwards to `HostAreas`.
+unsafe impl VmallocOps for Reaching<'_> {
+    fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        self.areas.vmalloc_with(size, options)
+    }
+    unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        // SAFETY: forwarded.
+        unsafe { self.areas.vfree(ptr) }
+    }
+    unsafe fn vrealloc(&self, _: *mut u8, _: usize) -> Result<NonNull<u8>, Error> {
+        Err(Error::WrongKind)
+    }
+    fn reserve(&self, _: usize, _: &VmOptions) -> Result<NonNull<u8>, Error> {
+        Err(Error::WrongKind)
+    }
+    fn populate(&self, _: *mut u8, _: usize) -> Result<usize, Error> {
+        Err(Error::WrongKind)
+    }
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        let me = self.cpus.current.load(Ordering::Relaxed);
+        for cpu in self.cpus.online().iter().filter(|&cpu| cpu != me) {
+            self.cpus.current.store(cpu, Ordering::Relaxed);
+            work();
+        }
+        self.cpus.current.store(me, Ordering::Relaxed);
+        true
+    }
+}
+
+/// One object of CLASS allocated and freed on CPU `cpu`: it stays in its magazine.
+fn churn_on(caches: &CpuCaches, cpus: &TestCpus, cpu: usize, slabs: &Slabs, vm: &dyn VmallocOps) {
+    cpus.current.store(cpu, Ordering::Relaxed);
+    let object = caches.alloc(cpus, CLASS, slabs, vm).unwrap();
+    // SAFETY: an object of CLASS from these caches, not used again.
+    unsafe { caches.free(cpus, CLASS, object.as_ptr(), slabs, vm) };
+    cpus.current.store(0, Ordering::Relaxed);
+    assert!(magazine_len(caches, cpu) > 0);
 }
 
 #[test]
-fn an_interrupt_on_a_cpu_inside_its_magazines_goes_to_the_classes() {
+fn code_landing_inside_a_cpus_magazines_goes_to_the_classes() {
     let (vmalloc, cpus) = (HostAreas::default(), two_cpus());
     let (caches, slabs) = (CpuCaches::new(), Slabs::new());
     let first = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
@@ -100,20 +152,13 @@ fn an_interrupt_on_a_cpu_inside_its_magazines_goes_to_the_classes() {
     let held = magazine_len(&caches, 0);
     assert!(held > 0);
     // The interrupted code is inside CPU 0's magazines.
-    let inside = caches.enter(0, &slabs, &vmalloc).unwrap();
+    let irq = IrqOff::with(&cpus);
+    let inside = caches.slots.this_cpu(&cpus, &irq).unwrap();
     let from_handler = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
-    assert_eq!(
-        magazine_len(&caches, 0),
-        held,
-        "the handler took from a busy magazine"
-    );
+    assert_eq!(magazine_len(&caches, 0), held, "took from a busy magazine");
     // SAFETY: as above.
     unsafe { caches.free(&cpus, CLASS, from_handler.as_ptr(), &slabs, &vmalloc) };
-    assert_eq!(
-        magazine_len(&caches, 0),
-        held,
-        "the handler pushed to a busy magazine"
-    );
+    assert_eq!(magazine_len(&caches, 0), held, "pushed to a busy magazine");
     drop(inside);
     let again = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
     assert_eq!(
@@ -132,78 +177,46 @@ fn an_interrupt_on_a_cpu_inside_its_magazines_goes_to_the_classes() {
 }
 
 #[test]
-fn only_an_offline_cpu_s_magazines_are_claimed_and_a_cpu_back_online_waits_for_the_claim() {
-    let (vmalloc, cpus) = (HostAreas::default(), two_cpus());
+fn a_drain_empties_the_callers_an_offline_cpus_and_through_their_service_online_cpus_magazines() {
+    let cpus = TestCpus {
+        current: AtomicUsize::new(0),
+        online: AtomicU64::new(0b111),
+    };
+    let vm = Reaching {
+        areas: HostAreas::default(),
+        cpus: &cpus,
+    };
     let (caches, slabs) = (CpuCaches::new(), Slabs::new());
-    cpus.current.store(1, Ordering::Relaxed);
-    let object = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
-    // SAFETY: an object of CLASS from these caches, not used again.
-    unsafe { caches.free(&cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
-    cpus.current.store(0, Ordering::Relaxed);
-    // SAFETY: published caches live as long as `caches`.
-    let cpu1 = unsafe { caches.caches[1].load(Ordering::Acquire).as_ref() }.unwrap();
-    assert!(cpu1.claim_offline(1, 0, &cpus).is_none(), "CPU 1 is online");
-    assert_eq!(cpu1.state.load(Ordering::Relaxed), IDLE);
-    cpus.online.fetch_and(!0b10, Ordering::SeqCst);
-    let claim = cpu1.claim_offline(1, 0, &cpus).unwrap();
-    // CPU 1 comes back while CPU 0 still empties its magazines: it stays out.
-    cpus.online.fetch_or(0b10, Ordering::SeqCst);
-    assert!(cpu1.enter().is_none(), "CPU 1 entered claimed magazines");
-    drop(claim);
-    assert!(cpu1.enter().is_some());
-    // A drain from CPU 0 empties an offline CPU 1 at once, and asks an online one.
-    caches.drain(&cpus, &slabs, &vmalloc);
-    assert!(cpu1.drain_requested.load(Ordering::Relaxed));
-    assert!(magazine_len(&caches, 1) > 0);
-    cpus.online.fetch_and(!0b10, Ordering::SeqCst);
-    caches.drain(&cpus, &slabs, &vmalloc);
-    assert_eq!(magazine_len(&caches, 1), 0);
-}
-
-std::thread_local! {
-    /// Runs inside `claim_offline` between the claim and its checks, on this thread.
-    pub(super) static AFTER_CLAIM: core::cell::Cell<Option<fn(&CpuMagazines)>> =
-        const { core::cell::Cell::new(None) };
-}
-
-/// The CPUs of the race test: a `static`, because the hook is a plain `fn`.
-static RACE: TestCpus = TestCpus {
-    current: AtomicUsize::new(0),
-    online: AtomicU64::new(0b11),
-};
-
-/// CPU 1 read IDLE just before the claim: it writes OWNER over it, finishes its
-/// call and leaves the online set, all before the claimer checks.
-fn owner_finishes_and_goes_offline(cpu1: &CpuMagazines) {
-    cpu1.state.store(OWNER, Ordering::Relaxed);
-    cpu1.state.store(IDLE, Ordering::Release);
-    RACE.online.fetch_and(!0b10, Ordering::SeqCst);
+    for cpu in 0..3 {
+        churn_on(&caches, &cpus, cpu, &slabs, &vm);
+    }
+    cpus.online.fetch_and(!0b100, Ordering::SeqCst);
+    caches.drain(&cpus, &slabs, &vm);
+    assert_eq!(caches.cached(), [0; CLASSES], "every magazine is empty");
+    assert_eq!(slabs.stats(Some(&vm))[CLASS].objects, 0);
+    slabs.shrink(&vm);
+    assert_eq!(
+        vm.areas.areas.lock().unwrap().len(),
+        3,
+        "the three magazine pages"
+    );
 }
 
 #[test]
-fn a_claim_an_owner_wrote_over_is_not_taken_when_the_owner_has_gone_offline() {
-    let (vmalloc, cpus) = (HostAreas::default(), &RACE);
+fn without_a_way_to_reach_them_online_cpus_empty_their_magazines_at_their_next_call() {
+    let (vmalloc, cpus) = (HostAreas::default(), two_cpus());
     let (caches, slabs) = (CpuCaches::new(), Slabs::new());
+    churn_on(&caches, &cpus, 1, &slabs, &vmalloc);
+    caches.drain(&cpus, &slabs, &vmalloc);
+    assert!(magazine_len(&caches, 1) > 0, "CPU 1 could not be reached");
+    // Its next call empties them first.
     cpus.current.store(1, Ordering::Relaxed);
-    let object = caches.alloc(cpus, CLASS, &slabs, &vmalloc).unwrap();
-    cpus.current.store(0, Ordering::Relaxed);
-    // SAFETY: published caches live as long as `caches`.
-    let cpu1 = unsafe { caches.caches[1].load(Ordering::Acquire).as_ref() }.unwrap();
-    AFTER_CLAIM.with(|hook| hook.set(Some(owner_finishes_and_goes_offline)));
-    let claim = cpu1.claim_offline(1, 0, cpus);
-    AFTER_CLAIM.with(|hook| hook.set(None));
-    assert!(
-        claim.is_none(),
-        "claimed magazines whose claim the owner wrote over"
-    );
-    assert_eq!(cpu1.state.load(Ordering::Relaxed), IDLE);
-    // Magazines another CPU has claimed are left to it.
-    cpu1.state.store(claimed_by(3), Ordering::SeqCst);
-    assert!(cpu1.claim_offline(1, 0, cpus).is_none());
-    assert_eq!(cpu1.state.load(Ordering::Relaxed), claimed_by(3));
-    cpu1.state.store(IDLE, Ordering::Release);
-    // Offline and unclaimed: claimed.
-    assert!(cpu1.claim_offline(1, 0, cpus).is_some());
+    let object = caches.alloc(&cpus, CLASS, &slabs, &vmalloc).unwrap();
+    assert!(magazine_len(&caches, 1) > 0, "refilled after the drain");
     // SAFETY: an object of CLASS from these caches, not used again.
-    unsafe { caches.free(cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
+    unsafe { caches.free(&cpus, CLASS, object.as_ptr(), &slabs, &vmalloc) };
+    cpus.online.fetch_and(!0b10, Ordering::SeqCst);
+    cpus.current.store(0, Ordering::Relaxed);
+    caches.drain(&cpus, &slabs, &vmalloc);
+    assert_eq!(magazine_len(&caches, 1), 0, "offline: claimed and emptied");
 }

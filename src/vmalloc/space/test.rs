@@ -100,8 +100,12 @@ fn a_failed_reserve_keeps_its_frames_for_the_rollback_to_give_back() {
     assert_eq!(pool.frames_held(), 1, "the frame it got is an empty page");
     let mut back = Vec::new();
     pool.shrink_to(0, |frame| back.push(frame));
-    assert_eq!((back.len(), pool.frames_held(), pool.free_slots()), (1, 0, 0));
-    back.into_iter().for_each(|frame| frames.frames.free_frame(frame).unwrap());
+    assert_eq!(
+        (back.len(), pool.frames_held(), pool.free_slots()),
+        (1, 0, 0)
+    );
+    back.into_iter()
+        .for_each(|frame| frames.frames.free_frame(frame).unwrap());
     assert_eq!(frames.available(), 8);
     pool.reserve(4).unwrap();
     assert_eq!(pool.frames_held(), 2);

@@ -1,0 +1,377 @@
+//! [`Shootdown`]: the protocol the [module documentation](super#the-protocol)
+//! describes, over per-CPU mailboxes.
+
+use super::{Cpus, MAX_CPUS};
+use crate::TlbFlush;
+use crate::percpu::{Init, PerCpu};
+use crate::sync::{IrqOff, wait_for};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, Size4KiB};
+
+/// Ranges a mailbox holds before it falls back to one full flush.
+const QUEUED_RANGES: usize = 8;
+/// Work items a mailbox holds; an initiator waits for room past them.
+const QUEUED_WORK: usize = 4;
+
+/// One flush to run on a CPU.
+#[derive(Debug, Clone, Copy)]
+enum Flush {
+    Page(Page<Size4KiB>),
+    Range(PageRange<Size4KiB>),
+    All,
+}
+
+/// A queued page or range, as addresses (so a queue can be built in a `const`):
+/// `end == 0` for a single page.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    start: u64,
+    end: u64,
+}
+
+/// Work an initiator asked a CPU to run: the initiator keeps the closure alive until
+/// that CPU published the request done, or takes it back out of the queue.
+#[derive(Clone, Copy)]
+struct Work(*const (dyn Fn() + Sync));
+
+// SAFETY: the closure is `Sync`, and lives until the CPU that runs it publishes that
+// it did (the initiator waits for that, or removes it from the queue first).
+unsafe impl Send for Work {}
+
+/// Flushes and work queued for one CPU.
+#[derive(Clone, Copy)]
+struct Queue {
+    items: [Queued; QUEUED_RANGES],
+    len: usize,
+    all: bool,
+    work: [Option<Work>; QUEUED_WORK],
+}
+
+impl Queue {
+    const fn new() -> Self {
+        Self {
+            items: [Queued { start: 0, end: 0 }; QUEUED_RANGES],
+            len: 0,
+            all: false,
+            work: [None; QUEUED_WORK],
+        }
+    }
+
+    fn push(&mut self, flush: Flush) {
+        let item = match flush {
+            Flush::Page(page) => Queued {
+                start: page.start_address().as_u64(),
+                end: 0,
+            },
+            Flush::Range(range) => Queued {
+                start: range.start.start_address().as_u64(),
+                end: range.end.start_address().as_u64(),
+            },
+            Flush::All => {
+                self.all = true;
+                return;
+            }
+        };
+        if self.len < QUEUED_RANGES {
+            self.items[self.len] = item;
+            self.len += 1;
+        } else {
+            self.all = true;
+        }
+    }
+
+    /// Queues `work`; `false` when the queue has no room for it.
+    fn push_work(&mut self, work: Work) -> bool {
+        match self.work.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => {
+                *slot = Some(work);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes `work` back out, if it is still queued.
+    fn remove_work(&mut self, work: Work) {
+        for slot in &mut self.work {
+            if slot.is_some_and(|queued| core::ptr::addr_eq(queued.0, work.0)) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn run(&self, tlb: &impl TlbFlush) {
+        if self.all {
+            tlb.flush_all();
+        } else {
+            let page = |addr| Page::containing_address(VirtAddr::new_truncate(addr));
+            for item in &self.items[..self.len] {
+                if item.end == 0 {
+                    tlb.flush_page(page(item.start));
+                } else {
+                    tlb.flush_range(Page::range(page(item.start), page(item.end)));
+                }
+            }
+        }
+        for work in self.work.iter().flatten() {
+            // SAFETY: the initiator keeps the closure alive until this CPU publishes
+            // the request done, which comes after this call.
+            unsafe { (*work.0)() };
+        }
+    }
+}
+
+/// One CPU's mailbox: what any CPU may touch. Serving it is its own CPU's, one serve
+/// at a time (the [`PerCpu`] slot's hold).
+struct Mailbox {
+    queue: spin::Mutex<Queue>,
+    /// Requests pushed so far (bumped under the queue's lock).
+    requested: AtomicU64,
+    /// The request count up to which this CPU has served.
+    done: AtomicU64,
+}
+
+impl Init for Mailbox {
+    const INIT: Self = Mailbox {
+        queue: spin::Mutex::new(Queue::new()),
+        requested: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+    };
+}
+
+/// Counters of a [`Shootdown`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShootdownStats {
+    /// Global flushes started (each is one local flush plus the remote ones).
+    pub shootdowns: u64,
+    /// IPIs sent, one per target CPU per shootdown or call.
+    pub ipis: u64,
+    /// Mailboxes served on behalf of other CPUs' shootdowns and calls.
+    pub served: u64,
+    /// Calls of work on other CPUs ([`TlbFlush::call_on_other_cpus`]).
+    pub calls: u64,
+}
+
+/// A [`TlbFlush`] that flushes every online CPU, and runs work on them; see the
+/// [module documentation](super).
+///
+/// `local` flushes the calling CPU's TLB (an [`InvlpgFlush`](crate::tlb::InvlpgFlush)
+/// on hardware); its [ceiling](TlbFlush::ceiling) is the shootdown's.
+pub struct Shootdown<C: Cpus, L: TlbFlush> {
+    cpus: C,
+    local: L,
+    mailboxes: PerCpu<Mailbox>,
+    shootdowns: AtomicU64,
+    ipis: AtomicU64,
+    served: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
+    /// A shootdown over the kernel's `cpus`, flushing each CPU with `local`.
+    pub const fn new(cpus: C, local: L) -> Self {
+        Self {
+            cpus,
+            local,
+            mailboxes: PerCpu::new(),
+            shootdowns: AtomicU64::new(0),
+            ipis: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The kernel's CPUs.
+    pub fn cpus(&self) -> &C {
+        &self.cpus
+    }
+
+    /// Runs the flushes and work other CPUs queued for the calling CPU. Call it from
+    /// the shootdown IPI's handler, or to poll.
+    pub fn handle_ipi(&self) {
+        self.serve();
+    }
+
+    /// Counters since the shootdown was made.
+    pub fn stats(&self) -> ShootdownStats {
+        ShootdownStats {
+            shootdowns: self.shootdowns.load(Ordering::Relaxed),
+            ipis: self.ipis.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves the calling CPU's mailbox (see the [module docs](super#the-protocol)):
+    /// runs what is queued and publishes the requests it covered, until nothing is
+    /// left or a pusher holds the queue (it sends an IPI after it unlocks).
+    fn serve(&self) {
+        let irq = IrqOff::new(self);
+        // A serve that landed inside another on this CPU (an NMI, or a kernel whose
+        // hook holds nothing off) leaves the queue to the one it interrupted, which
+        // looks again before it returns: publishing here could tell an initiator its
+        // request was served while the outer serve still holds it unserved.
+        let Some(held) = self.mailboxes.this_cpu(&self.cpus, &irq) else {
+            return;
+        };
+        let mailbox = held.shared();
+        while let Some(mut queue) = mailbox.queue.try_lock() {
+            let requested = mailbox.requested.load(Ordering::Acquire);
+            if mailbox.done.load(Ordering::Relaxed) >= requested {
+                break;
+            }
+            let taken = core::mem::replace(&mut *queue, Queue::new());
+            drop(queue);
+            taken.run(&self.local);
+            self.served.fetch_add(1, Ordering::Relaxed);
+            mailbox.done.store(requested, Ordering::Release);
+        }
+    }
+
+    /// Waits until every CPU of `targets` served its request `tickets[cpu]`, or left
+    /// the online set, serving this CPU's own mailbox meanwhile. Returns the CPUs
+    /// that left without serving it.
+    fn wait_for_targets(&self, targets: super::CpuSet, tickets: &[u64; MAX_CPUS]) -> super::CpuSet {
+        let mut left = super::CpuSet::empty();
+        for cpu in targets.iter() {
+            let Some(mailbox) = self.mailboxes.get(cpu) else {
+                continue;
+            };
+            while mailbox.done.load(Ordering::Acquire) < tickets[cpu] {
+                if !self.cpus.online().contains(cpu) {
+                    left = left.with(cpu);
+                    break;
+                }
+                self.serve();
+                self.local.relax();
+            }
+        }
+        left
+    }
+
+    /// The online CPUs but the caller, read after the caller's page-table stores: a
+    /// CPU joining the set (a sequentially consistent update, then a flush of its
+    /// own TLB) either is seen here, or walks the tables after the stores.
+    fn others(&self, me: usize) -> super::CpuSet {
+        fence(Ordering::SeqCst);
+        self.cpus.online().without(me)
+    }
+
+    /// Flushes `flush` on this CPU and on every other online CPU, and returns once
+    /// all have.
+    fn shoot(&self, flush: Flush) {
+        // No interrupt handler on this CPU may start a shootdown inside this one.
+        let _irq = IrqOff::new(self);
+        let me = self.cpus.current();
+        match flush {
+            Flush::Page(page) => self.local.flush_page(page),
+            Flush::Range(range) => self.local.flush_range(range),
+            Flush::All => self.local.flush_all(),
+        }
+        self.shootdowns.fetch_add(1, Ordering::Relaxed);
+        let targets = self.others(me);
+        if targets.is_empty() {
+            return;
+        }
+        let mut tickets = [0u64; MAX_CPUS];
+        for cpu in targets.iter() {
+            let Some(mailbox) = self.mailboxes.get(cpu) else {
+                continue;
+            };
+            let mut queue = wait_for(&mailbox.queue, self);
+            queue.push(flush);
+            tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        self.cpus.send_ipi(targets);
+        self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
+        // A CPU that left the online set flushed its own TLB as it went.
+        self.wait_for_targets(targets, &tickets);
+    }
+
+    /// Runs `work` on every other online CPU, in its shootdown service, and returns
+    /// once each has (Linux's `smp_call_function_many` with `wait`).
+    fn call(&self, work: &(dyn Fn() + Sync)) {
+        let _irq = IrqOff::new(self);
+        let me = self.cpus.current();
+        let targets = self.others(me);
+        if targets.is_empty() {
+            return;
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: only the lifetime is erased: this call takes the pointer back out
+        // of every queue that still holds it before it returns, and waits for every
+        // CPU that took it to publish that it ran it.
+        let work = Work(unsafe {
+            core::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync)>(work)
+        });
+        let mut tickets = [0u64; MAX_CPUS];
+        for cpu in targets.iter() {
+            let Some(mailbox) = self.mailboxes.get(cpu) else {
+                continue;
+            };
+            loop {
+                let mut queue = wait_for(&mailbox.queue, self);
+                if queue.push_work(work) {
+                    tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
+                    break;
+                }
+                // No room: the target is slow to serve; let it, and serve meanwhile.
+                drop(queue);
+                self.cpus.send_ipi(super::CpuSet::empty().with(cpu));
+                self.serve();
+                self.local.relax();
+            }
+        }
+        self.cpus.send_ipi(targets);
+        self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
+        // A CPU that left without serving never took the work (it serves before its
+        // last library call returns): take it back.
+        let left = self.wait_for_targets(targets, &tickets);
+        for cpu in left.iter() {
+            if let Some(mailbox) = self.mailboxes.get(cpu) {
+                wait_for(&mailbox.queue, self).remove_work(work);
+            }
+        }
+    }
+}
+
+impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
+    fn flush_page(&self, page: Page<Size4KiB>) {
+        self.shoot(Flush::Page(page));
+    }
+
+    fn flush_range(&self, range: PageRange<Size4KiB>) {
+        if range.is_empty() {
+            return;
+        }
+        if range.len() > self.ceiling() {
+            self.shoot(Flush::All);
+        } else {
+            self.shoot(Flush::Range(range));
+        }
+    }
+
+    fn flush_all(&self) {
+        self.shoot(Flush::All);
+    }
+
+    fn ceiling(&self) -> u64 {
+        self.local.ceiling()
+    }
+
+    fn relax(&self) {
+        self.handle_ipi();
+        self.local.relax();
+    }
+
+    fn cpus(&self) -> Option<&dyn Cpus> {
+        Some(&self.cpus)
+    }
+
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        self.call(work);
+        true
+    }
+}
