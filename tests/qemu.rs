@@ -70,6 +70,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "smp_early_ack_is_caught",
     "smp_crossing_purges",
     "smp_heap",
+    "smp_irq_storm",
 ];
 
 #[test]

@@ -3,7 +3,7 @@
 //! Every exception and interrupt handler runs on an IST stack: the precompiled `core`
 //! uses the red zone, so an interrupt must never push onto the stack of the code it
 //! interrupts. Each CPU has its own IST stacks (in its own TSS), so two CPUs can fault
-//! at once. The interrupt vectors (shootdown, wake-up, spurious) share one IST slot:
+//! at once. The interrupt vectors (shootdown, wake-up, timer, spurious) share one IST slot:
 //! their gates clear IF, so they never nest. Page faults go to [`crate::fault::page_fault`], which recovers
 //! faulting probes; every other exception the kernel can take prints its frame and
 //! ends the run with failure (without a handler it would triple-fault, and QEMU with
@@ -40,6 +40,8 @@ const IST_SLOTS: usize = 4;
 pub const SHOOTDOWN_VECTOR: u8 = 0xf0;
 /// Vector of the IPI that wakes a halted CPU to look for work.
 pub const WAKE_VECTOR: u8 = 0xf1;
+/// Vector of the local APIC timer, which checks start and stop.
+pub const TIMER_VECTOR: u8 = 0xe0;
 
 type IstStacks = [[u8; IST_STACK_SIZE]; IST_SLOTS];
 
@@ -135,6 +137,7 @@ entry_stub!(divide_error_entry, divide_error, error_code = false);
 entry_stub!(simd_error_entry, simd_error, error_code = false);
 entry_stub!(shootdown_entry, shootdown, error_code = false);
 entry_stub!(wake_entry, wake, error_code = false);
+entry_stub!(timer_entry, timer, error_code = false);
 entry_stub!(spurious_entry, spurious, error_code = false);
 
 fn fatal(name: &str, frame: &TrapFrame) -> ! {
@@ -170,6 +173,10 @@ extern "C" fn shootdown(_frame: &mut TrapFrame) {
     crate::lapic::end_of_interrupt();
 }
 extern "C" fn wake(_frame: &mut TrapFrame) {
+    crate::lapic::end_of_interrupt();
+}
+extern "C" fn timer(_frame: &mut TrapFrame) {
+    crate::checks::timer_tick();
     crate::lapic::end_of_interrupt();
 }
 /// A spurious interrupt is not in service: no end of interrupt.
@@ -246,6 +253,7 @@ fn build_idt() -> InterruptDescriptorTable {
         for (vector, stub) in [
             (SHOOTDOWN_VECTOR, shootdown_entry as extern "C" fn()),
             (WAKE_VECTOR, wake_entry),
+            (TIMER_VECTOR, timer_entry),
             (crate::lapic::SPURIOUS_VECTOR, spurious_entry),
         ] {
             idt[vector]

@@ -18,6 +18,15 @@ const END_OF_INTERRUPT: u64 = 0xb0;
 const SPURIOUS: u64 = 0xf0;
 const COMMAND_LOW: u64 = 0x300;
 const COMMAND_HIGH: u64 = 0x310;
+const TIMER_LVT: u64 = 0x320;
+const TIMER_INITIAL_COUNT: u64 = 0x380;
+const TIMER_DIVIDE: u64 = 0x3e0;
+/// Local vector table entry: the interrupt is masked.
+const LVT_MASKED: u32 = 1 << 16;
+/// Timer entry: periodic (reloads the initial count) rather than one-shot.
+const TIMER_PERIODIC: u32 = 1 << 17;
+/// Divide configuration: the timer counts at the bus clock itself.
+const DIVIDE_BY_1: u32 = 0b1011;
 /// Spurious-vector register: APIC software enable.
 const SOFTWARE_ENABLE: u32 = 1 << 8;
 /// Command register: the previous IPI is still being delivered.
@@ -62,6 +71,20 @@ pub fn id() -> u8 {
 /// Signals the end of the interrupt being handled.
 pub fn end_of_interrupt() {
     write(END_OF_INTERRUPT, 0);
+}
+
+/// Starts this CPU's APIC timer: an interrupt with `vector` every `period` bus
+/// clocks (QEMU's APIC bus runs at 1 GHz: nanoseconds of host time).
+pub fn start_periodic_timer(vector: u8, period: u32) {
+    write(TIMER_DIVIDE, DIVIDE_BY_1);
+    write(TIMER_LVT, TIMER_PERIODIC | u32::from(vector));
+    write(TIMER_INITIAL_COUNT, period);
+}
+
+/// Stops this CPU's APIC timer (an interrupt already pending is still delivered).
+pub fn stop_timer() {
+    write(TIMER_LVT, LVT_MASKED);
+    write(TIMER_INITIAL_COUNT, 0);
 }
 
 /// Sends `command` (the low half of the command register) to the CPU with APIC ID

@@ -40,7 +40,10 @@ pub unsafe fn init(
 ) -> Result<(), Error> {
     // SAFETY: forwarded from this function's contract.
     let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
-    let frames = FRAMES.call_once(|| LockedFrameAllocator::new(bitmap));
+    // Checks call the allocator directly with interrupts on, and a timer handler may
+    // allocate through the manager, which takes the same lock: it is taken with
+    // interrupts held off.
+    let frames = FRAMES.call_once(|| LockedFrameAllocator::with_cpus(bitmap, &KernelCpus));
     // Small areas come from per-CPU blocks: the SMP checks run with the caches on.
     let config = VmallocConfig {
         cpu_caches: true,

@@ -8,11 +8,13 @@
 
 mod edges;
 mod infra;
+mod irq;
 mod library;
 mod poison;
 mod shootdown;
 mod smp;
 
+pub use irq::timer_tick;
 pub use shootdown::serve_ipi as serve_check_shootdown;
 
 use crate::multiboot::BootInfo;
@@ -120,6 +122,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("smp_crossing_purges", smp::smp_crossing_purges),
     ("smp_heap", smp::smp_heap),
+    ("smp_irq_storm", irq::smp_irq_storm),
 ];
 
 /// Runs every check; true if all passed.
