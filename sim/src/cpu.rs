@@ -32,7 +32,14 @@ use x86_64::structures::paging::{Page, Size4KiB};
 thread_local! {
     /// The CPU the calling thread runs as, on every machine.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
+    /// Whether the calling thread runs with interrupts off (its RFLAGS.IF clear).
+    static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
+    /// The calling thread's token, for the CPU it occupies.
+    static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
 }
+
+/// Tokens of threads, from 1 (0 is no thread).
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
@@ -54,8 +61,8 @@ pub(super) struct Cpus {
     taken: Vec<AtomicU64>,
     sent: AtomicU64,
     handler: Mutex<Option<Handler>>,
-    /// Per CPU: the interrupt flag.
-    enabled: Vec<AtomicBool>,
+    /// Per CPU: the token of the thread running on it with interrupts off, or 0.
+    occupant: Vec<AtomicU64>,
     /// Per CPU: the interrupt a test armed.
     armed: Vec<Mutex<Option<Armed>>>,
     /// Per CPU: interrupt points passed while counting.
@@ -88,7 +95,7 @@ impl Cpus {
             taken: (0..count).map(|_| AtomicU64::new(0)).collect(),
             sent: AtomicU64::new(0),
             handler: Mutex::new(None),
-            enabled: (0..count).map(|_| AtomicBool::new(true)).collect(),
+            occupant: (0..count).map(|_| AtomicU64::new(0)).collect(),
             armed: (0..count).map(|_| Mutex::new(None)).collect(),
             points: (0..count).map(|_| AtomicU64::new(0)).collect(),
             counting: (0..count).map(|_| AtomicBool::new(false)).collect(),
@@ -116,7 +123,7 @@ impl Cpus {
     /// The CPU the calling thread runs as, if this machine has it.
     fn current(&self) -> Option<usize> {
         let cpu = CURRENT.with(Cell::get);
-        (cpu < self.enabled.len()).then_some(cpu)
+        (cpu < self.occupant.len()).then_some(cpu)
     }
 
     /// An interrupt point of the calling thread's CPU (see the [module
@@ -147,7 +154,7 @@ impl Cpus {
                     }
                     None
                 }
-                Some(_) if self.enabled[cpu].load(Ordering::Relaxed) => armed.take(),
+                Some(_) if !INTERRUPTS_OFF.get() => armed.take(),
                 _ => None,
             }
         };
@@ -157,25 +164,53 @@ impl Cpus {
         }
     }
 
-    /// Runs `handler` as an interrupt on `cpu`: with its interrupt flag off.
+    /// Runs `handler` as an interrupt on `cpu` (the calling thread's interrupts are
+    /// on): with them off, on the CPU alone.
     fn as_interrupt(&self, cpu: usize, handler: impl FnOnce()) {
-        let was = self.enabled[cpu].swap(false, Ordering::Relaxed);
+        self.interrupts_off(cpu);
         handler();
-        self.enabled[cpu].store(was, Ordering::Relaxed);
+        self.interrupts_on(cpu);
+    }
+
+    /// The calling thread's interrupts go off on `cpu`: it waits until no other
+    /// thread runs there with interrupts off, as a task waits to be scheduled.
+    fn interrupts_off(&self, cpu: usize) {
+        let token = TOKEN.with(|token| *token);
+        let occupant = &self.occupant[cpu];
+        while occupant
+            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        INTERRUPTS_OFF.set(true);
+    }
+
+    /// The calling thread's interrupts come back on: another thread may run on
+    /// `cpu` with interrupts off.
+    fn interrupts_on(&self, cpu: usize) {
+        INTERRUPTS_OFF.set(false);
+        self.occupant[cpu].store(0, Ordering::Release);
     }
 
     /// `cli`, saying whether interrupts were on.
     fn save(&self) -> bool {
         self.point();
-        self.current()
-            .is_some_and(|cpu| self.enabled[cpu].swap(false, Ordering::Relaxed))
+        let Some(cpu) = self.current() else {
+            return false;
+        };
+        let on = !INTERRUPTS_OFF.get();
+        if on {
+            self.interrupts_off(cpu);
+        }
+        on
     }
 
     /// `sti` if `on`; interrupts that waited are taken now.
     fn restore(&self, on: bool) -> Option<usize> {
         let cpu = self.current()?;
-        if on {
-            self.enabled[cpu].store(true, Ordering::Relaxed);
+        if on && INTERRUPTS_OFF.get() {
+            self.interrupts_on(cpu);
             self.take_armed(cpu, false);
             self.point();
         }
@@ -244,7 +279,7 @@ impl SimMachine {
         // line every CPU's flag shares.
         let pending = &self.cpus.pending[cpu];
         if !pending.load(Ordering::Relaxed)
-            || !self.cpus.enabled[cpu].load(Ordering::Relaxed)
+            || INTERRUPTS_OFF.get()
             || !pending.swap(false, Ordering::AcqRel)
         {
             return;
@@ -448,10 +483,17 @@ impl Drop for OfflineWhenDropped<'_> {
 ///
 /// # Interrupts on and off
 ///
-/// Each CPU has an interrupt flag (RFLAGS.IF), on at first. [`KernelCpus::irq_save`] turns it
-/// off and [`KernelCpus::irq_restore`] back on, as `cli` and `sti` do; a handler runs with
-/// it off. While it is off, interrupts wait: an IPI stays pending, and is taken
-/// when `irq_restore` turns the flag on again.
+/// Each thread has an interrupt flag (RFLAGS.IF), on at first.
+/// [`KernelCpus::irq_save`] turns it off and [`KernelCpus::irq_restore`] back on, as
+/// `cli` and `sti` do; a handler runs with it off. While it is off, interrupts wait:
+/// an IPI stays pending, and is taken when `irq_restore` turns the flag on again.
+///
+/// Several threads may run as one CPU, as tasks share a CPU; but only one at a time
+/// runs on it with interrupts off: a thread that turns them off waits until no other
+/// thread is inside such a section on its CPU, as a task waits to be scheduled. So
+/// the per-CPU state the library touches with interrupts off is one thread's at a
+/// time, as [`KernelCpus`]'s contract promises, however many threads a test runs
+/// as CPU 0.
 ///
 /// # Interrupt points
 ///
@@ -616,9 +658,9 @@ impl<'m> SimCpu<'m> {
             })
     }
 
-    /// Whether this CPU's interrupts are on.
+    /// Whether the calling thread's interrupts are on (the thread running as this CPU).
     pub fn interrupts_enabled(&self) -> bool {
-        self.machine.cpus.enabled[self.index].load(Ordering::Relaxed)
+        !INTERRUPTS_OFF.get()
     }
 
     /// Whether this CPU is online.
