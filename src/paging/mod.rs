@@ -72,9 +72,11 @@ mod cursor;
 mod flush;
 mod huge;
 use huge::{hand_out_huge, huge_leaf};
+mod mapper;
 mod tables;
 
 pub use flush::RangeFlush;
+pub use mapper::PageTableMapper;
 
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory};
 use core::sync::atomic::{Ordering, compiler_fence};

@@ -1,0 +1,548 @@
+//! The `x86_64` crate's mapper traits over [`PageTables`]: [`PageTableMapper`].
+
+use super::PageTables;
+use super::cursor::{entry_at, read, table_at};
+use crate::PhysMemory;
+use core::sync::atomic::{Ordering, compiler_fence};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::mapper::{
+    FlagUpdateError, MapToError, MappedFrame, Mapper, MapperFlush, MapperFlushAll, TranslateError,
+    TranslateResult, UnmapError,
+};
+use x86_64::structures::paging::page_table::PageTableEntry;
+use x86_64::structures::paging::{
+    FrameAllocator, Page, PageSize, PageTable, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
+    Size4KiB, Translate,
+};
+
+/// [`PageTables`] as the `x86_64` crate's `Mapper<Size4KiB>`, `Mapper<Size2MiB>` and
+/// `Translate`, for code written against `OffsetPageTable`.
+///
+/// The traits mean what the `x86_64` crate (0.15) makes them mean, flush tokens and
+/// error enums included, so such code compiles unchanged and writes the same
+/// entries `OffsetPageTable` writes; and [`tables_mut`](PageTableMapper::tables_mut)
+/// gives the same tables to this crate's range calls. Because it reaches tables
+/// through any [`PhysMemory`], the traits also work where no offset map exists
+/// (a `RecursivePhysMemory`).
+///
+/// # Where it departs from `OffsetPageTable`
+///
+/// Only where `OffsetPageTable` panics or breaks an entry on its way to an error;
+/// everything else, error paths included, leaves the tables as it leaves them:
+///
+/// - a `HUGE_PAGE` bit in `flags` of a 4 KiB page is written (it is the PAT bit
+///   there); `OffsetPageTable` panics;
+/// - `parent_table_flags` with `HUGE_PAGE`, or without `PRESENT`, where a table must
+///   be made: [`MapToError::ParentEntryHugePage`], as the new table could not be
+///   walked; `OffsetPageTable` panics;
+/// - an upper entry in the way that is a huge page, or is not zero and not present
+///   (a detached 2 MiB mapping of this crate's): [`MapToError::ParentEntryHugePage`]
+///   with the entry left alone; `OffsetPageTable` first ORs `parent_table_flags`
+///   into it (making a read-only huge page writable, or a detached one present)
+///   or panics;
+/// - `Translate::translate` of an address whose PML4 entry has `HUGE_PAGE` (a
+///   reserved bit there) is [`TranslateResult::InvalidFrameAddress`];
+///   `OffsetPageTable` panics.
+///
+/// Tables it makes are the caller's (from the `FrameAllocator`), as with
+/// `OffsetPageTable`: they do not carry [`CREATED`](super::CREATED), so this crate
+/// never frees them.
+///
+/// ```
+/// use vmalloc::frame::MapperFrames;
+/// use vmalloc::paging::{PageTableMapper, PageTables};
+/// use vmalloc_sim::{SimConfig, SimMachine};
+/// use x86_64::structures::paging::{Mapper, Page, PageTableFlags, PhysFrame, Size4KiB, Translate};
+/// use x86_64::{PhysAddr, VirtAddr};
+///
+/// let machine = SimMachine::new(SimConfig::new(64 << 20));
+/// let frames = machine.frames();
+/// // SAFETY: the machine's tables are this mapper's alone.
+/// let mut mapper = PageTableMapper::new(unsafe { PageTables::new(machine.root(), machine.phys()) });
+/// let page = Page::<Size4KiB>::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
+/// let frame = PhysFrame::containing_address(PhysAddr::new(0x80_0000));
+/// let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+/// // SAFETY: the page and the frame are unused; nothing was mapped there before.
+/// let flush = unsafe { mapper.map_to(page, frame, flags, &mut MapperFrames(&frames)) }.unwrap();
+/// flush.ignore(); // a page that was not present was cached nowhere
+/// assert_eq!(mapper.translate_addr(page.start_address() + 8u64), Some(PhysAddr::new(0x80_0008)));
+/// ```
+#[derive(Debug)]
+pub struct PageTableMapper<M: PhysMemory> {
+    tables: PageTables<M>,
+}
+
+impl<M: PhysMemory> PageTableMapper<M> {
+    /// The mapper over `tables`.
+    pub fn new(tables: PageTables<M>) -> Self {
+        Self { tables }
+    }
+
+    /// The tables, for this crate's calls that read them.
+    pub fn tables(&self) -> &PageTables<M> {
+        &self.tables
+    }
+
+    /// The tables, for this crate's range calls.
+    pub fn tables_mut(&mut self) -> &mut PageTables<M> {
+        &mut self.tables
+    }
+
+    /// Gives back the tables.
+    pub fn into_inner(self) -> PageTables<M> {
+        self.tables
+    }
+
+    /// The root table.
+    fn root(&self) -> *mut PageTable {
+        table_at(&self.tables.phys, self.tables.root.start_address())
+    }
+
+    /// Entry `index` of the table below the upper entry `entry`, as `x86_64`'s
+    /// `next_table` finds it: not present is [`Step::NotMapped`], `HUGE_PAGE` is
+    /// [`Step::Huge`].
+    ///
+    /// # Safety
+    ///
+    /// `entry` lies in a table reachable through `phys` (`PageTables::new`'s
+    /// contract).
+    unsafe fn below(&self, entry: *mut PageTableEntry, index: usize) -> Step {
+        // SAFETY: per the caller.
+        let raw = unsafe { read(entry) };
+        let flags = PageTableFlags::from_bits_retain(raw);
+        if !flags.contains(PageTableFlags::PRESENT) {
+            Step::NotMapped
+        } else if flags.contains(PageTableFlags::HUGE_PAGE) {
+            Step::Huge
+        } else {
+            // SAFETY: as above; a present entry without `HUGE_PAGE` holds a table.
+            let table = table_at(&self.tables.phys, unsafe { (*entry).addr() });
+            Step::Entry(entry_at(table, index))
+        }
+    }
+
+    /// The entry of `addr` at `level` (4 = PML4 ... 1 = PT), walking down as
+    /// `x86_64`'s `next_table` does.
+    fn walk(&self, addr: VirtAddr, level: usize) -> Result<*mut PageTableEntry, Step> {
+        let mut entry = entry_at(self.root(), addr.p4_index().into());
+        for index in indexes(addr).into_iter().take(4 - level) {
+            // SAFETY: `entry` lies in a table below the root (`PageTables::new`).
+            match unsafe { self.below(entry, index) } {
+                Step::Entry(next) => entry = next,
+                other => return Err(other),
+            }
+        }
+        Ok(entry)
+    }
+
+    /// The entry of `addr` at `level` (3 = PDPT ... 1 = PT), making the tables above
+    /// it as `x86_64`'s `create_next_table` does, with `parent_flags`.
+    ///
+    /// # Safety
+    ///
+    /// `allocator` hands out unused frames, reachable through `phys`.
+    unsafe fn create<A>(
+        &mut self,
+        addr: VirtAddr,
+        level: usize,
+        parent_flags: PageTableFlags,
+        allocator: &mut A,
+    ) -> Result<*mut PageTableEntry, Create>
+    where
+        A: FrameAllocator<Size4KiB> + ?Sized,
+    {
+        let mut entry = entry_at(self.root(), addr.p4_index().into());
+        for index in indexes(addr).into_iter().take(4 - level) {
+            // SAFETY: `entry` lies in a reachable table; the caller vouches for the
+            // allocator.
+            let table = unsafe { self.next_table(entry, parent_flags, allocator) }?;
+            entry = entry_at(table, index);
+        }
+        Ok(entry)
+    }
+
+    /// The table below the upper entry `entry`, made from `allocator` if the entry
+    /// is zero; `insert` is OR-ed into an existing entry.
+    ///
+    /// # Safety
+    ///
+    /// As [`create`](Self::create), and `entry` lies in a reachable table.
+    unsafe fn next_table<A>(
+        &mut self,
+        entry: *mut PageTableEntry,
+        insert: PageTableFlags,
+        allocator: &mut A,
+    ) -> Result<*mut PageTable, Create>
+    where
+        A: FrameAllocator<Size4KiB> + ?Sized,
+    {
+        // SAFETY: per the caller.
+        let raw = unsafe { read(entry) };
+        if raw == 0 {
+            let walkable = insert.contains(PageTableFlags::PRESENT)
+                && !insert.contains(PageTableFlags::HUGE_PAGE);
+            if !walkable {
+                return Err(Create::Huge);
+            }
+            let frame = allocator.allocate_frame().ok_or(Create::NoFrame)?;
+            let table = table_at(&self.tables.phys, frame.start_address());
+            // SAFETY: a fresh frame from the allocator, reachable through `phys`,
+            // linked nowhere yet.
+            unsafe { table.write(PageTable::new()) };
+            // The table is zero before the entry that publishes it is written.
+            compiler_fence(Ordering::Release);
+            // SAFETY: per the caller; nothing else borrows the entry.
+            unsafe { (*entry).set_frame(frame, insert) };
+            return Ok(table);
+        }
+        let flags = PageTableFlags::from_bits_retain(raw);
+        if flags.contains(PageTableFlags::HUGE_PAGE) || !flags.contains(PageTableFlags::PRESENT) {
+            return Err(Create::Huge);
+        }
+        if !insert.is_empty() && !flags.contains(insert) {
+            // SAFETY: as above.
+            unsafe { (*entry).set_flags(flags | insert) };
+        }
+        // SAFETY: as above.
+        Ok(table_at(&self.tables.phys, unsafe { (*entry).addr() }))
+    }
+
+    /// Sets the flags of the upper entry of `addr` at `level` (4 = PML4 ... 2 = PD).
+    ///
+    /// # Safety
+    ///
+    /// As `Mapper::set_flags_p4_entry`.
+    unsafe fn set_upper_flags(
+        &mut self,
+        addr: VirtAddr,
+        level: usize,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        let entry = self.walk(addr, level).map_err(Step::flag_error)?;
+        // SAFETY: a reachable entry; nothing else borrows it.
+        unsafe {
+            if read(entry) == 0 {
+                return Err(FlagUpdateError::PageNotMapped);
+            }
+            (*entry).set_flags(flags);
+        }
+        Ok(MapperFlushAll::new())
+    }
+}
+
+/// The PDPT, PD and PT indexes of `addr`.
+fn indexes(addr: VirtAddr) -> [usize; 3] {
+    [addr.p3_index(), addr.p2_index(), addr.p1_index()].map(usize::from)
+}
+
+impl<M: PhysMemory> From<PageTables<M>> for PageTableMapper<M> {
+    fn from(tables: PageTables<M>) -> Self {
+        Self::new(tables)
+    }
+}
+
+/// Where a walk down stopped.
+enum Step {
+    /// The entry at the next level.
+    Entry(*mut PageTableEntry),
+    /// An upper entry without `PRESENT`.
+    NotMapped,
+    /// An upper entry with `HUGE_PAGE`.
+    Huge,
+}
+
+impl Step {
+    fn unmap_error(self) -> UnmapError {
+        match self {
+            Step::Huge => UnmapError::ParentEntryHugePage,
+            _ => UnmapError::PageNotMapped,
+        }
+    }
+
+    fn flag_error(self) -> FlagUpdateError {
+        match self {
+            Step::Huge => FlagUpdateError::ParentEntryHugePage,
+            _ => FlagUpdateError::PageNotMapped,
+        }
+    }
+
+    fn translate_error(self) -> TranslateError {
+        match self {
+            Step::Huge => TranslateError::ParentEntryHugePage,
+            _ => TranslateError::PageNotMapped,
+        }
+    }
+}
+
+/// Why a table could not be had on the way down.
+enum Create {
+    /// A huge page or an entry that is no table is in the way, or the table to be
+    /// made could not be walked.
+    Huge,
+    /// The allocator ran out.
+    NoFrame,
+}
+
+impl<S: PageSize> From<Create> for MapToError<S> {
+    fn from(error: Create) -> Self {
+        match error {
+            Create::Huge => MapToError::ParentEntryHugePage,
+            Create::NoFrame => MapToError::FrameAllocationFailed,
+        }
+    }
+}
+
+impl<M: PhysMemory> Mapper<Size4KiB> for PageTableMapper<M> {
+    unsafe fn map_to_with_table_flags<A>(
+        &mut self,
+        page: Page<Size4KiB>,
+        frame: PhysFrame<Size4KiB>,
+        flags: PageTableFlags,
+        parent_table_flags: PageTableFlags,
+        frame_allocator: &mut A,
+    ) -> Result<MapperFlush<Size4KiB>, MapToError<Size4KiB>>
+    where
+        Self: Sized,
+        A: FrameAllocator<Size4KiB> + ?Sized,
+    {
+        let addr = page.start_address();
+        // SAFETY: the caller vouches for the allocator (the trait's contract).
+        let entry = unsafe { self.create(addr, 1, parent_table_flags, frame_allocator) }?;
+        // SAFETY: a reachable PT entry; nothing else borrows it.
+        unsafe {
+            if read(entry) != 0 {
+                return Err(MapToError::PageAlreadyMapped(frame));
+            }
+            (*entry).set_addr(frame.start_address(), flags);
+        }
+        Ok(MapperFlush::new(page))
+    }
+
+    fn unmap(
+        &mut self,
+        page: Page<Size4KiB>,
+    ) -> Result<(PhysFrame<Size4KiB>, MapperFlush<Size4KiB>), UnmapError> {
+        let entry = self
+            .walk(page.start_address(), 1)
+            .map_err(Step::unmap_error)?;
+        // SAFETY: a reachable PT entry; nothing else borrows it.
+        let entry = unsafe { &mut *entry };
+        let flags = entry.flags();
+        if !flags.contains(PageTableFlags::PRESENT) {
+            return Err(UnmapError::PageNotMapped);
+        }
+        if flags.contains(PageTableFlags::HUGE_PAGE) {
+            return Err(UnmapError::ParentEntryHugePage); // as `x86_64` reads the PAT bit
+        }
+        let frame = PhysFrame::containing_address(entry.addr());
+        entry.set_unused();
+        Ok((frame, MapperFlush::new(page)))
+    }
+
+    unsafe fn update_flags(
+        &mut self,
+        page: Page<Size4KiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlush<Size4KiB>, FlagUpdateError> {
+        let entry = self
+            .walk(page.start_address(), 1)
+            .map_err(Step::flag_error)?;
+        // SAFETY: a reachable PT entry; nothing else borrows it.
+        unsafe {
+            if read(entry) == 0 {
+                return Err(FlagUpdateError::PageNotMapped);
+            }
+            (*entry).set_flags(flags);
+        }
+        Ok(MapperFlush::new(page))
+    }
+
+    unsafe fn set_flags_p4_entry(
+        &mut self,
+        page: Page<Size4KiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        // SAFETY: the trait's contract.
+        unsafe { self.set_upper_flags(page.start_address(), 4, flags) }
+    }
+
+    unsafe fn set_flags_p3_entry(
+        &mut self,
+        page: Page<Size4KiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        // SAFETY: the trait's contract.
+        unsafe { self.set_upper_flags(page.start_address(), 3, flags) }
+    }
+
+    unsafe fn set_flags_p2_entry(
+        &mut self,
+        page: Page<Size4KiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        // SAFETY: the trait's contract.
+        unsafe { self.set_upper_flags(page.start_address(), 2, flags) }
+    }
+
+    fn translate_page(&self, page: Page<Size4KiB>) -> Result<PhysFrame<Size4KiB>, TranslateError> {
+        let entry = self
+            .walk(page.start_address(), 1)
+            .map_err(Step::translate_error)?;
+        // SAFETY: a reachable PT entry.
+        let raw = unsafe { read(entry) };
+        if raw == 0 {
+            return Err(TranslateError::PageNotMapped);
+        }
+        // SAFETY: as above.
+        Ok(PhysFrame::containing_address(unsafe { (*entry).addr() }))
+    }
+}
+
+impl<M: PhysMemory> Mapper<Size2MiB> for PageTableMapper<M> {
+    unsafe fn map_to_with_table_flags<A>(
+        &mut self,
+        page: Page<Size2MiB>,
+        frame: PhysFrame<Size2MiB>,
+        flags: PageTableFlags,
+        parent_table_flags: PageTableFlags,
+        frame_allocator: &mut A,
+    ) -> Result<MapperFlush<Size2MiB>, MapToError<Size2MiB>>
+    where
+        Self: Sized,
+        A: FrameAllocator<Size4KiB> + ?Sized,
+    {
+        let addr = page.start_address();
+        // SAFETY: the caller vouches for the allocator (the trait's contract).
+        let entry = unsafe { self.create(addr, 2, parent_table_flags, frame_allocator) }?;
+        // SAFETY: a reachable PD entry; nothing else borrows it.
+        unsafe {
+            if read(entry) != 0 {
+                return Err(MapToError::PageAlreadyMapped(frame));
+            }
+            (*entry).set_addr(frame.start_address(), flags | PageTableFlags::HUGE_PAGE);
+        }
+        Ok(MapperFlush::new(page))
+    }
+
+    fn unmap(
+        &mut self,
+        page: Page<Size2MiB>,
+    ) -> Result<(PhysFrame<Size2MiB>, MapperFlush<Size2MiB>), UnmapError> {
+        let entry = self
+            .walk(page.start_address(), 2)
+            .map_err(Step::unmap_error)?;
+        // SAFETY: a reachable PD entry; nothing else borrows it.
+        let entry = unsafe { &mut *entry };
+        let flags = entry.flags();
+        if !flags.contains(PageTableFlags::PRESENT) {
+            return Err(UnmapError::PageNotMapped);
+        }
+        if !flags.contains(PageTableFlags::HUGE_PAGE) {
+            return Err(UnmapError::ParentEntryHugePage); // `x86_64`'s error for a table here
+        }
+        let frame = PhysFrame::from_start_address(entry.addr())
+            .map_err(|_| UnmapError::InvalidFrameAddress(entry.addr()))?;
+        entry.set_unused();
+        Ok((frame, MapperFlush::new(page)))
+    }
+
+    unsafe fn update_flags(
+        &mut self,
+        page: Page<Size2MiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlush<Size2MiB>, FlagUpdateError> {
+        let entry = self
+            .walk(page.start_address(), 2)
+            .map_err(Step::flag_error)?;
+        // SAFETY: a reachable PD entry; nothing else borrows it.
+        unsafe {
+            if read(entry) == 0 {
+                return Err(FlagUpdateError::PageNotMapped);
+            }
+            (*entry).set_flags(flags | PageTableFlags::HUGE_PAGE);
+        }
+        Ok(MapperFlush::new(page))
+    }
+
+    unsafe fn set_flags_p4_entry(
+        &mut self,
+        page: Page<Size2MiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        // SAFETY: the trait's contract.
+        unsafe { self.set_upper_flags(page.start_address(), 4, flags) }
+    }
+
+    unsafe fn set_flags_p3_entry(
+        &mut self,
+        page: Page<Size2MiB>,
+        flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        // SAFETY: the trait's contract.
+        unsafe { self.set_upper_flags(page.start_address(), 3, flags) }
+    }
+
+    unsafe fn set_flags_p2_entry(
+        &mut self,
+        _page: Page<Size2MiB>,
+        _flags: PageTableFlags,
+    ) -> Result<MapperFlushAll, FlagUpdateError> {
+        Err(FlagUpdateError::ParentEntryHugePage) // the PD entry is the page itself
+    }
+
+    fn translate_page(&self, page: Page<Size2MiB>) -> Result<PhysFrame<Size2MiB>, TranslateError> {
+        let entry = self
+            .walk(page.start_address(), 2)
+            .map_err(Step::translate_error)?;
+        // SAFETY: a reachable PD entry.
+        let (raw, addr) = unsafe { (read(entry), (*entry).addr()) };
+        if raw == 0 {
+            return Err(TranslateError::PageNotMapped);
+        }
+        PhysFrame::from_start_address(addr).map_err(|_| TranslateError::InvalidFrameAddress(addr))
+    }
+}
+
+impl<M: PhysMemory> Translate for PageTableMapper<M> {
+    fn translate(&self, addr: VirtAddr) -> TranslateResult {
+        let mut entry = entry_at(self.root(), addr.p4_index().into());
+        for (depth, index) in indexes(addr).into_iter().enumerate() {
+            // SAFETY: `entry` lies in a table below the root (`PageTables::new`).
+            match unsafe { self.below(entry, index) } {
+                Step::Entry(next) => entry = next,
+                Step::NotMapped => return TranslateResult::NotMapped,
+                Step::Huge => {
+                    // SAFETY: as above.
+                    let (addr_bits, flags) = unsafe { ((*entry).addr(), (*entry).flags()) };
+                    let (frame, offset) = match depth {
+                        // `HUGE_PAGE` is reserved in a PML4 entry.
+                        0 => return TranslateResult::InvalidFrameAddress(addr_bits),
+                        1 => (
+                            MappedFrame::Size1GiB(PhysFrame::containing_address(addr_bits)),
+                            addr.as_u64() & (Size1GiB::SIZE - 1),
+                        ),
+                        _ => (
+                            MappedFrame::Size2MiB(PhysFrame::containing_address(addr_bits)),
+                            addr.as_u64() & (Size2MiB::SIZE - 1),
+                        ),
+                    };
+                    return TranslateResult::Mapped {
+                        frame,
+                        offset,
+                        flags,
+                    };
+                }
+            }
+        }
+        // SAFETY: a reachable PT entry.
+        let (raw, addr_bits, flags) = unsafe { (read(entry), (*entry).addr(), (*entry).flags()) };
+        if raw == 0 {
+            return TranslateResult::NotMapped;
+        }
+        TranslateResult::Mapped {
+            frame: MappedFrame::Size4KiB(PhysFrame::containing_address(addr_bits)),
+            offset: u64::from(addr.page_offset()),
+            flags,
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! `PageTableMapper` against the `x86_64` crate's `OffsetPageTable`: the same calls
+//! on two identical simulated machines give the same results and leave the same
+//! bytes in memory; where `OffsetPageTable` would panic, the adapter returns the
+//! `x86_64` error instead; and the adapter's tables take this crate's range calls.
+
+use proptest::prelude::*;
+use vmalloc::PAGE_SIZE;
+use vmalloc::frame::MapperFrames;
+use vmalloc::paging::{PageTableMapper, PageTables};
+use vmalloc_sim::{Access, SimConfig, SimMachine};
+use x86_64::structures::paging::mapper::{
+    FlagUpdateError, MapToError, MapperFlush, TranslateError, TranslateResult, UnmapError,
+};
+use x86_64::structures::paging::{
+    Mapper, OffsetPageTable, Page, PageSize, PageTableFlags as F, PhysFrame, Size2MiB, Size4KiB,
+    Translate,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+const MEMORY: u64 = 16 << 20;
+/// Where the calls map: two 1 GiB regions in different PML4 slots, lower and upper half.
+const BASES: [u64; 2] = [0x0000_1234_0000_0000, 0xffff_c900_0000_0000];
+
+fn machine() -> SimMachine {
+    SimMachine::new(SimConfig::new(MEMORY))
+}
+
+fn mapper(machine: &SimMachine) -> PageTableMapper<vmalloc_sim::SimPhys<'_>> {
+    // SAFETY: the machine's tables belong to this mapper alone.
+    PageTableMapper::new(unsafe { PageTables::new(machine.root(), machine.phys()) })
+}
+
+/// One call of the `Mapper` and `Translate` traits.
+#[derive(Debug, Clone)]
+enum Call {
+    Map4k {
+        page: u64,
+        frame: u64,
+        flags: F,
+        parents: F,
+    },
+    Map2m {
+        page: u64,
+        frame: u64,
+        flags: F,
+        parents: F,
+    },
+    Unmap4k(u64),
+    Unmap2m(u64),
+    Update4k(u64, F),
+    Update2m(u64, F),
+    P4(u64, F),
+    P3(u64, F),
+    P2(u64, F),
+    P2Of2m(u64, F),
+    Page4k(u64),
+    Page2m(u64),
+    Translate(u64),
+}
+
+/// A page address: one of a few 2 MiB chunks in each region, so calls meet.
+fn page_addr() -> impl Strategy<Value = u64> {
+    (0..2usize, 0..4u64, 0..6u64)
+        .prop_map(|(base, chunk, page)| BASES[base] + chunk * Size2MiB::SIZE + page * PAGE_SIZE)
+}
+
+/// Leaf or upper-entry flags: always present and writable, so that no call meets
+/// the cases where `OffsetPageTable` panics or ORs flags into a huge page (those
+/// are tested on the adapter alone below).
+fn flags() -> impl Strategy<Value = F> {
+    let optional = F::USER_ACCESSIBLE
+        | F::NO_EXECUTE
+        | F::WRITE_THROUGH
+        | F::NO_CACHE
+        | F::ACCESSED
+        | F::GLOBAL
+        | F::BIT_9;
+    any::<u64>()
+        .prop_map(move |bits| F::PRESENT | F::WRITABLE | F::from_bits_truncate(bits) & optional)
+}
+
+/// Flags for `update_flags` of a 4 KiB page, which `OffsetPageTable` writes as they
+/// come: a leaf may lose `PRESENT` (not zero, not present) or gain bit 7 (PAT).
+fn leaf_flags() -> impl Strategy<Value = F> {
+    (flags(), any::<bool>(), any::<bool>()).prop_map(|(flags, absent, pat)| {
+        let flags = if absent { flags - F::PRESENT } else { flags };
+        if pat { flags | F::HUGE_PAGE } else { flags }
+    })
+}
+
+fn parents() -> impl Strategy<Value = F> {
+    prop_oneof![Just(F::PRESENT | F::WRITABLE), Just(F::PRESENT)]
+}
+
+fn call() -> impl Strategy<Value = Call> {
+    let frame4k = (12 * 256..16 * 256u64).prop_map(|n| n * PAGE_SIZE);
+    let frame2m = prop_oneof![Just(12u64 << 20), Just(14u64 << 20)];
+    prop_oneof![
+        4 => (page_addr(), frame4k, flags(), parents())
+            .prop_map(|(page, frame, flags, parents)| Call::Map4k { page, frame, flags, parents }),
+        2 => (page_addr(), frame2m, flags(), parents())
+            .prop_map(|(page, frame, flags, parents)| Call::Map2m { page, frame, flags, parents }),
+        2 => page_addr().prop_map(Call::Unmap4k),
+        1 => page_addr().prop_map(Call::Unmap2m),
+        2 => (page_addr(), leaf_flags()).prop_map(|(p, f)| Call::Update4k(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::Update2m(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::P4(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::P3(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::P2(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::P2Of2m(p, f)),
+        1 => page_addr().prop_map(Call::Page4k),
+        1 => page_addr().prop_map(Call::Page2m),
+        2 => (page_addr(), 0..PAGE_SIZE).prop_map(|(p, o)| Call::Translate(p + o)),
+    ]
+}
+
+fn page4k(addr: u64) -> Page<Size4KiB> {
+    Page::containing_address(VirtAddr::new(addr))
+}
+
+fn page2m(addr: u64) -> Page<Size2MiB> {
+    Page::containing_address(VirtAddr::new(addr))
+}
+
+/// What a flush token says (the page), dropped without flushing: the test only
+/// compares tables, and the host cannot run `invlpg`.
+fn token<S: PageSize>(flush: MapperFlush<S>) -> String {
+    let page = flush.page();
+    flush.ignore();
+    format!("flush {page:?}")
+}
+
+/// Runs `call` on any mapper with both traits; the result, as text.
+fn run<M>(mapper: &mut M, call: &Call, frames: &mut MapperFrames<&vmalloc_sim::SimFrames>) -> String
+where
+    M: Mapper<Size4KiB> + Mapper<Size2MiB> + Translate,
+{
+    let all = |flush: x86_64::structures::paging::mapper::MapperFlushAll| {
+        flush.ignore();
+        "flush all".to_string()
+    };
+    // SAFETY (every call): the machines are tests' own; nothing runs on the pages
+    // or frames mapped, and the frames come from the machine's allocator.
+    unsafe {
+        match *call {
+            Call::Map4k {
+                page,
+                frame,
+                flags,
+                parents,
+            } => format!(
+                "{:?}",
+                mapper
+                    .map_to_with_table_flags(
+                        page4k(page),
+                        PhysFrame::containing_address(PhysAddr::new(frame)),
+                        flags,
+                        parents,
+                        frames
+                    )
+                    .map(token)
+            ),
+            Call::Map2m {
+                page,
+                frame,
+                flags,
+                parents,
+            } => format!(
+                "{:?}",
+                mapper
+                    .map_to_with_table_flags(
+                        page2m(page),
+                        PhysFrame::containing_address(PhysAddr::new(frame)),
+                        flags,
+                        parents,
+                        frames
+                    )
+                    .map(token)
+            ),
+            Call::Unmap4k(page) => format!(
+                "{:?}",
+                Mapper::<Size4KiB>::unmap(mapper, page4k(page)).map(|(f, t)| (f, token(t)))
+            ),
+            Call::Unmap2m(page) => format!(
+                "{:?}",
+                Mapper::<Size2MiB>::unmap(mapper, page2m(page)).map(|(f, t)| (f, token(t)))
+            ),
+            Call::Update4k(page, flags) => {
+                format!("{:?}", mapper.update_flags(page4k(page), flags).map(token))
+            }
+            Call::Update2m(page, flags) => {
+                format!("{:?}", mapper.update_flags(page2m(page), flags).map(token))
+            }
+            Call::P4(page, flags) => format!(
+                "{:?}",
+                Mapper::<Size4KiB>::set_flags_p4_entry(mapper, page4k(page), flags).map(all)
+            ),
+            Call::P3(page, flags) => format!(
+                "{:?}",
+                Mapper::<Size2MiB>::set_flags_p3_entry(mapper, page2m(page), flags).map(all)
+            ),
+            Call::P2(page, flags) => format!(
+                "{:?}",
+                Mapper::<Size4KiB>::set_flags_p2_entry(mapper, page4k(page), flags).map(all)
+            ),
+            Call::P2Of2m(page, flags) => format!(
+                "{:?}",
+                Mapper::<Size2MiB>::set_flags_p2_entry(mapper, page2m(page), flags).map(all)
+            ),
+            Call::Page4k(page) => format!("{:?}", mapper.translate_page(page4k(page))),
+            Call::Page2m(page) => format!("{:?}", mapper.translate_page(page2m(page))),
+            Call::Translate(addr) => {
+                let addr = VirtAddr::new(addr);
+                format!(
+                    "{:?} {:?}",
+                    mapper.translate(addr),
+                    mapper.translate_addr(addr)
+                )
+            }
+        }
+    }
+}
+
+/// Every byte of physical memory.
+fn memory(machine: &SimMachine) -> Vec<u8> {
+    let mut bytes = vec![0; MEMORY as usize];
+    machine.read_phys(PhysAddr::zero(), &mut bytes);
+    bytes
+}
+
+/// Runs `calls` through `OffsetPageTable` on one machine and through the adapter on
+/// another; returns both transcripts and both memories.
+fn both(calls: &[Call]) -> ([Vec<String>; 2], [Vec<u8>; 2]) {
+    let (peer_machine, our_machine) = (machine(), machine());
+    let (peer_frames, our_frames) = (peer_machine.frames(), our_machine.frames());
+    // SAFETY: nothing else writes this machine's tables while the mapper lives.
+    let mut peer: OffsetPageTable<'_> = unsafe { peer_machine.offset_page_table() };
+    let mut ours = mapper(&our_machine);
+    let peer_log = calls
+        .iter()
+        .map(|call| run(&mut peer, call, &mut MapperFrames(&peer_frames)))
+        .collect();
+    let our_log = calls
+        .iter()
+        .map(|call| run(&mut ours, call, &mut MapperFrames(&our_frames)))
+        .collect();
+    let _ = peer;
+    (
+        [peer_log, our_log],
+        [memory(&peer_machine), memory(&our_machine)],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_same_calls_give_the_same_results_and_the_same_tables(calls in prop::collection::vec(call(), 1..60)) {
+        let ([peer_log, our_log], [peer_memory, our_memory]) = both(&calls);
+        for (i, (peer, ours)) in peer_log.iter().zip(&our_log).enumerate() {
+            prop_assert_eq!(peer, ours, "call {} of {:?}", i, calls);
+        }
+        prop_assert!(peer_memory == our_memory, "the tables differ after {:?}", calls);
+    }
+}
+
+#[test]
+fn a_sequence_through_every_call_matches_offset_page_table() {
+    let base = BASES[1];
+    let calls = [
+        Call::Map4k {
+            page: base,
+            frame: 12 << 20,
+            flags: F::PRESENT | F::WRITABLE,
+            parents: F::PRESENT | F::WRITABLE,
+        },
+        Call::Map4k {
+            page: base,
+            frame: 13 << 20,
+            flags: F::PRESENT,
+            parents: F::PRESENT,
+        },
+        Call::Map4k {
+            page: base + PAGE_SIZE,
+            frame: 13 << 20,
+            flags: F::PRESENT | F::NO_EXECUTE,
+            parents: F::PRESENT | F::WRITABLE,
+        },
+        Call::Map2m {
+            page: base + (2 << 20),
+            frame: 14 << 20,
+            flags: F::PRESENT | F::WRITABLE,
+            parents: F::PRESENT | F::WRITABLE,
+        },
+        Call::Map2m {
+            page: base,
+            frame: 14 << 20,
+            flags: F::PRESENT,
+            parents: F::PRESENT,
+        },
+        Call::Map4k {
+            page: base + (2 << 20),
+            frame: 12 << 20,
+            flags: F::PRESENT | F::WRITABLE,
+            parents: F::PRESENT | F::WRITABLE,
+        },
+        Call::Translate(base + 0x123),
+        Call::Translate(base + (2 << 20) + 0x12345),
+        Call::Translate(base + (4 << 20)),
+        Call::Page4k(base),
+        Call::Page4k(base + (2 << 20)),
+        Call::Page2m(base + (2 << 20)),
+        Call::Page2m(base),
+        Call::Update4k(base, F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE),
+        Call::Update4k(base + (4 << 20), F::PRESENT),
+        Call::Update4k(base + PAGE_SIZE, F::WRITABLE),
+        Call::Translate(base + PAGE_SIZE),
+        Call::Page4k(base + PAGE_SIZE),
+        Call::Unmap4k(base + PAGE_SIZE),
+        Call::Update4k(base + PAGE_SIZE, F::PRESENT | F::HUGE_PAGE),
+        Call::Translate(base + PAGE_SIZE + 4),
+        Call::Unmap4k(base + PAGE_SIZE),
+        Call::Update2m(base + (2 << 20), F::PRESENT | F::WRITABLE | F::NO_EXECUTE),
+        Call::Update2m(base, F::PRESENT),
+        Call::P4(base, F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE),
+        Call::P3(base, F::PRESENT | F::WRITABLE),
+        Call::P2(base, F::PRESENT | F::WRITABLE | F::ACCESSED),
+        Call::P2Of2m(base, F::PRESENT),
+        Call::P4(BASES[0], F::PRESENT),
+        Call::Unmap4k(base),
+        Call::Unmap4k(base),
+        Call::Unmap4k(base + (2 << 20)),
+        Call::Unmap2m(base),
+        Call::Unmap2m(base + (2 << 20)),
+        Call::Unmap2m(base + (2 << 20)),
+        Call::Translate(base + (2 << 20)),
+    ];
+    let ([peer_log, our_log], [peer_memory, our_memory]) = both(&calls);
+    assert_eq!(peer_log, our_log);
+    assert!(peer_memory == our_memory, "the tables differ");
+    // The transcript holds each kind of answer at least once.
+    let log = our_log.join("\n");
+    for expected in [
+        "PageAlreadyMapped",
+        "ParentEntryHugePage",
+        "PageNotMapped",
+        "Size2MiB",
+        "Size4KiB",
+        "flush all",
+        "NotMapped",
+    ] {
+        assert!(log.contains(expected), "no {expected} in\n{log}");
+    }
+}
+
+#[test]
+fn where_offset_page_table_panics_the_adapter_answers_with_an_error() {
+    let machine = machine();
+    let frames = machine.frames();
+    let mut tables = MapperFrames(&frames);
+    let mut mapper = mapper(&machine);
+    let base = BASES[1];
+    let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(12 << 20));
+    // SAFETY (every call): the test's own machine; nothing runs on these pages.
+    unsafe {
+        // A table must be made, but the parent flags would make it unwalkable.
+        for parents in [F::WRITABLE, F::PRESENT | F::HUGE_PAGE, F::empty()] {
+            let result = mapper.map_to_with_table_flags(
+                page4k(base),
+                frame,
+                F::PRESENT,
+                parents,
+                &mut tables,
+            );
+            assert!(
+                matches!(result, Err(MapToError::ParentEntryHugePage)),
+                "{parents:?}"
+            );
+        }
+        // Bit 7 of a 4 KiB leaf is PAT: written, not refused.
+        let pat = F::PRESENT | F::HUGE_PAGE;
+        mapper
+            .map_to(page4k(base), frame, pat, &mut tables)
+            .unwrap()
+            .ignore();
+        match mapper.translate(VirtAddr::new(base)) {
+            TranslateResult::Mapped { flags, .. } => assert!(flags.contains(F::HUGE_PAGE)),
+            other => panic!("{other:?}"),
+        }
+        // A read-only 2 MiB page stays read-only when a 4 KiB map meets it.
+        let huge = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(14 << 20));
+        mapper
+            .map_to(page2m(base + (2 << 20)), huge, F::PRESENT, &mut tables)
+            .unwrap()
+            .ignore();
+        let result = mapper.map_to(
+            page4k(base + (2 << 20)),
+            frame,
+            F::PRESENT | F::WRITABLE,
+            &mut tables,
+        );
+        assert!(matches!(result, Err(MapToError::ParentEntryHugePage)));
+        assert_eq!(
+            machine
+                .translate(VirtAddr::new(base + (2 << 20)), Access::WRITE)
+                .map(|_| ())
+                .err()
+                .map(|f| f.page_fault().is_some()),
+            Some(true),
+            "the 2 MiB page became writable"
+        );
+    }
+    // A 2 MiB mapping this crate detached: not present, not zero.
+    let detached = base + (4 << 20);
+    let huge = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(14 << 20));
+    // SAFETY: as above.
+    unsafe {
+        let tables = mapper.tables_mut();
+        tables
+            .map_huge_2m(page2m(detached), huge, F::PRESENT | F::WRITABLE, &&frames)
+            .unwrap();
+        tables
+            .detach(Page::range(page4k(detached), page4k(detached + (2 << 20))))
+            .unwrap()
+            .ignore();
+    }
+    let before = machine.frame_bytes(PhysFrame::containing_address(PhysAddr::new(0)));
+    // SAFETY: as above.
+    let result = unsafe {
+        mapper.map_to(
+            page4k(detached),
+            frame,
+            F::PRESENT | F::WRITABLE,
+            &mut tables,
+        )
+    };
+    assert!(matches!(result, Err(MapToError::ParentEntryHugePage)));
+    assert!(matches!(
+        mapper.translate(VirtAddr::new(detached)),
+        TranslateResult::NotMapped
+    ));
+    assert_eq!(
+        before,
+        machine.frame_bytes(PhysFrame::containing_address(PhysAddr::new(0)))
+    );
+    // A PML4 entry with the (reserved) huge bit: no panic.
+    // SAFETY: as above.
+    unsafe {
+        Mapper::<Size4KiB>::set_flags_p4_entry(&mut mapper, page4k(base), F::PRESENT | F::HUGE_PAGE)
+    }
+    .unwrap()
+    .ignore();
+    assert!(matches!(
+        mapper.translate(VirtAddr::new(base)),
+        TranslateResult::InvalidFrameAddress(_)
+    ));
+    assert!(matches!(
+        mapper.translate_page(page4k(base)),
+        Err(TranslateError::ParentEntryHugePage)
+    ));
+    assert!(matches!(
+        Mapper::<Size4KiB>::unmap(&mut mapper, page4k(base)),
+        Err(UnmapError::ParentEntryHugePage)
+    ));
+    // SAFETY: as above.
+    let update = unsafe { mapper.update_flags(page4k(base), F::PRESENT) };
+    assert!(matches!(update, Err(FlagUpdateError::ParentEntryHugePage)));
+}
+
+#[test]
+fn the_adapter_gains_the_range_walk_on_the_same_tables() {
+    let machine = machine();
+    let frames = machine.frames();
+    let mut mapper = mapper(&machine);
+    let start = page4k(BASES[1]);
+    let pages = Page::range(start, start + 600);
+    let data: Vec<PhysFrame> = (0..600)
+        .map(|i| PhysFrame::containing_address(PhysAddr::new((12 << 20) + i * PAGE_SIZE)))
+        .collect();
+    // SAFETY: the test's own machine; nothing runs on these pages.
+    unsafe {
+        mapper
+            .tables_mut()
+            .map(pages, data.iter().copied(), F::WRITABLE, &&frames)
+            .unwrap();
+    }
+    for (i, frame) in data.iter().enumerate() {
+        assert!(matches!(mapper.translate_page(start + i as u64), Ok(f) if f == *frame));
+    }
+    // One page out through the trait, the rest through the range call.
+    let (frame, flush) = Mapper::<Size4KiB>::unmap(&mut mapper, start + 5).unwrap();
+    flush.ignore();
+    assert_eq!(frame, data[5]);
+    // SAFETY: as above; nothing was accessed, so no TLB holds the pages.
+    let error = unsafe { mapper.tables_mut().unmap(pages, |_, _| {}) }.unwrap_err();
+    assert_eq!(error, vmalloc::Error::NotMapped);
+    let mut back = Vec::new();
+    // SAFETY: as above.
+    unsafe {
+        mapper
+            .tables_mut()
+            .unmap(Page::range(start + 6, start + 600), |_, f| back.push(f))
+    }
+    .unwrap()
+    .flush(&machine);
+    assert_eq!(back, data[6..]);
+    assert!(matches!(
+        mapper.translate(VirtAddr::new(BASES[1] + 7 * PAGE_SIZE)),
+        TranslateResult::NotMapped
+    ));
+}
