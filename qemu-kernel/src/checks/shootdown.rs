@@ -193,9 +193,10 @@ impl HookedFlush {
 impl TlbFlush for HookedFlush {
     fn flush_page(&self, page: Page<Size4KiB>) {
         // Nothing maps the page CPU 2 shoots down in nested mode, so there is nothing
-        // to drop; and under TCG an `invlpg` empties the whole TLB while 2 MiB
-        // translations of both halves are cached, which would drop the translation
-        // the hook reads.
+        // to drop. And under TCG an `invlpg` on a CPU that holds 2 MiB translations of
+        // both the identity map and the physical map (an end of interrupt reaches the
+        // APIC through the latter) empties its whole TLB (QEMU tracks one range of
+        // large pages per TLB): it would drop the translation the hook reads.
         if page.start_address() == unrelated_page() {
             return;
         }
