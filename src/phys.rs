@@ -5,7 +5,14 @@
 //! frame goes through [`PhysMemory`], so the same code runs in a kernel (which maps all
 //! physical memory at a fixed offset, as the `bootloader` crate does) and on the
 //! simulated machine (where "physical memory" is a block of host memory).
+//!
+//! [`OffsetPhysMemory`] is a map of all physical memory at one offset, as boot loaders
+//! make it; [`RecursivePhysMemory`] maps physical memory on demand, for kernels with
+//! a recursive page table and no such map.
 
+mod recursive;
+
+pub use recursive::RecursivePhysMemory;
 use x86_64::{PhysAddr, VirtAddr};
 
 /// Translates physical addresses to pointers the running code may dereference.

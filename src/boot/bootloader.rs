@@ -54,7 +54,7 @@ pub fn kind(kind: MemoryRegionKind) -> RegionKind {
 /// # Errors
 ///
 /// [`Error::NotMapped`] when the boot loader did not map physical memory (use a
-/// `RecursivePhysMemory` then);
+/// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) then);
 /// [`Error::NonCanonical`] for an offset that is no address.
 ///
 /// # Safety

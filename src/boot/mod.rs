@@ -4,7 +4,7 @@
 //!
 //! | feature | module | reads | physical memory |
 //! |---|---|---|---|
-//! | `bootloader` | [`bootloader`] | `bootloader_api` 0.11: `BootInfo::memory_regions` | `physical_memory_offset`, or a recursive mapping (`RecursivePhysMemory`) |
+//! | `bootloader` | [`bootloader`] | `bootloader_api` 0.11: `BootInfo::memory_regions` | `physical_memory_offset`, or a recursive mapping ([`RecursivePhysMemory`](crate::phys::RecursivePhysMemory)) |
 //! | `limine` | [`limine`] | `limine` 0.5: the memory-map response's entries | the HHDM offset |
 //! | `multiboot2` | [`multiboot2`] | `multiboot2`: the memory-map tag, the EFI memory-map tag, modules, framebuffer, the information itself | the kernel maps it |
 //! | `uefi` | [`uefi`] | `uefi` 0.37: the memory map `exit_boot_services` returns | the kernel maps it |

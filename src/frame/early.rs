@@ -8,7 +8,7 @@ use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
 
 /// Frames taken from the top of a memory map before any allocator exists: for the
 /// few page tables a kernel must build before it can reach its memory (a
-/// physical map built on demand, say).
+/// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory)'s window, say).
 ///
 /// It hands out frames downwards from the top of the highest usable run that
 /// nothing reserves or will reclaim, as an `x86_64` [`FrameAllocator`].

@@ -23,7 +23,7 @@ use x86_64::structures::paging::{
 /// entries `OffsetPageTable` writes; and [`tables_mut`](PageTableMapper::tables_mut)
 /// gives the same tables to this crate's range calls. Because it reaches tables
 /// through any [`PhysMemory`], the traits also work where no offset map exists
-/// (a `RecursivePhysMemory`).
+/// ([`RecursivePhysMemory`](crate::phys::RecursivePhysMemory)).
 ///
 /// # Where it departs from `OffsetPageTable`
 ///
