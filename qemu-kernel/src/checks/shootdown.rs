@@ -449,7 +449,7 @@ fn rounds_on(
     ctx: &Ctx,
     modes: &[Mode],
     rounds: usize,
-    mut judge: impl FnMut(Mode, Round, bool) -> Result<bool, &'static str>,
+    mut judge: impl FnMut(Round, bool) -> Result<bool, &'static str>,
 ) -> Outcome {
     let keeper = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?;
     let table = VirtAddr::from_ptr(keeper.as_ptr()).as_u64() >> 21;
@@ -457,7 +457,7 @@ fn rounds_on(
     'modes: for &mode in modes {
         for _ in 0..rounds {
             match round(vm, mode, ctx.phys, table)
-                .and_then(|(result, landed)| judge(mode, result, landed))
+                .and_then(|(result, landed)| judge(result, landed))
             {
                 Ok(false) => {}
                 Ok(true) => break 'modes,
@@ -484,7 +484,7 @@ fn rounds(
     slot: SpareSlot,
     modes: &[Mode],
     rounds: usize,
-    judge: impl FnMut(Mode, Round, bool) -> Result<bool, &'static str>,
+    judge: impl FnMut(Round, bool) -> Result<bool, &'static str>,
 ) -> Outcome {
     let free_before = mm::frames().stats().free;
     ROUTED.store(smp::online().bits(), Ordering::Release);
@@ -527,7 +527,7 @@ pub fn smp_shootdown_acks_after_flush(ctx: &mut Ctx) -> Outcome {
         SpareSlot::ShootdownAckAfterFlush,
         &[Mode::Ipi, Mode::Poll],
         3,
-        |_, result, _| match result {
+        |result, _| match result {
             Round::Early(POISON) => {
                 Err("CPU 1 read the poison in its flush: acknowledged before flushing")
             }
@@ -559,7 +559,7 @@ pub fn smp_shootdown_nested_acks_after_flush(ctx: &mut Ctx) -> Outcome {
         SpareSlot::ShootdownNestedAck,
         &[Mode::Nested],
         3,
-        |_, result, landed| match result {
+        |result, landed| match result {
             Round::Early(_) => {
                 Err("a shootdown IPI nested in CPU 1's flush acknowledged the flush it interrupted")
             }
@@ -582,7 +582,7 @@ pub fn smp_early_ack_is_caught(ctx: &mut Ctx) -> Outcome {
         SpareSlot::ShootdownEarlyAck,
         &[Mode::Deferred],
         4,
-        |_, result, _| {
+        |result, _| {
             caught |= matches!(result, Round::Early(POISON | NEW_DATA));
             Ok(caught)
         },
