@@ -15,7 +15,7 @@
 //! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, and the one ceiling rule for range against full flushes | `paging` (the tokens) |
 //! | [`boot`] | memory maps from `bootloader`, Limine, multiboot2 and UEFI as [`MemoryRegion`](frame::MemoryRegion)s (one feature each), usable, reclaimable later, or never | `frame`, `phys` |
 //! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map, reclaimable memory taken later), its lock, early frames, fault injection | `phys` |
-//! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`]) | — |
+//! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`], or [`RecursivePhysMemory`](phys::RecursivePhysMemory) on demand) | — |
 //!
 //! Beside the library, in the same workspace: `vmalloc-sim` (`sim/`), a simulated
 //! machine (host memory as physical memory, a software MMU and a TLB that only a
