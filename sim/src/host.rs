@@ -8,14 +8,41 @@
 //! machine's page tables for the page (the MMU's own walk, entries read atomically)
 //! and, if the access is allowed, maps the 4 KiB piece of the frame at that page with
 //! the effective permissions, so the access retries and succeeds. The host's
-//! mappings are thus a second TLB: filled on demand, and dropped only when the
-//! machine's [`TlbFlush`](vmalloc::TlbFlush) methods re-reserve the flushed pages.
+//! mappings are thus a second TLB, filled on demand.
+//!
+//! Like a TLB it has a capacity. Each host-mapped page of scattered frames is a host
+//! mapping of its own (and splits the reservation around it), and Linux allows a
+//! process 65,530 by default (`vm.max_map_count`). So the windows of a process keep
+//! at most [`budget`] pages mapped between them (a quarter of that limit, so they
+//! use at most about half of it), each window at least [`FLOOR`] whatever the others
+//! hold: past that, a fill first evicts the window's oldest fill, with the other
+//! pages it holds in the same 2 MiB (one call re-reserves them all), and the next
+//! touch of an evicted page fills it again from the tables as they are then, as a TLB
+//! refills an entry it evicted. Each window records, per page it holds, the frame piece and the
+//! effective flags it mapped, in a ring in fill order with a hash index by page.
+//!
+//! A flush ([`TlbFlush`](vmalloc::TlbFlush)) re-walks the tables for the host-mapped
+//! pages in its range and drops only those whose translation changed since the fill
+//! (re-reserving them); a page whose entry is unchanged keeps its mapping, since a
+//! refill would map the same frame with the same rights. So after a flush every
+//! host-mapped page translates as the tables say now, as after a real flush, and an
+//! unmap without a flush still leaves the old frame readable through the host
+//! pointer, as on hardware; but a flush costs no refills of pages it did not change.
 //!
 //! An access the tables do not allow is a bug in the code under test, as an oops is
 //! in a kernel: the handler prints one line naming the address to stderr, restores
 //! the default action and returns, so the retried access kills the process with
 //! SIGSEGV instead of looping. Faults outside every window go to the handler that was
 //! installed before ours (Rust's stack-overflow handler).
+//!
+//! The Rust runtime installs that handler before `main` only if SIGSEGV still has its
+//! default action, and reads the action before it allocates: a machine made inside
+//! the process's first allocation (a global allocator that builds it on first use)
+//! installs ours in between, and the runtime then installs its own over it. So while
+//! the action ours replaced was the default, [`watch`] (called by every [`SimPhys`]
+//! access and every flush, before the code under test can map a window page) checks
+//! that ours is still installed; if not, it installs it again in front, chaining to
+//! the one that replaced it, and says so on stderr.
 //!
 //! The handler allocates nothing and takes no std lock. Each window has one spin
 //! lock, `busy`, held while a fault fills a page and while a flush drops pages, so a
@@ -25,11 +52,14 @@
 //! so a thread never faults into the handler while holding it. Each registry slot
 //! counts the handlers reading it, so that dropping a window waits for them before
 //! unmapping what they read.
+//!
+//! [`SimPhys`]: super::SimPhys
 
-use super::mmu::{self, Access, AccessKind};
+use super::mmu::{self, Access, AccessKind, Translation};
+use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::boxed::Box;
 use std::sync::{Once, OnceLock};
 use x86_64::PhysAddr;
@@ -40,11 +70,32 @@ const PAGE: u64 = 4096;
 const WINDOW_ALIGN: u64 = 2 << 20;
 /// How many windows may exist at once (tests run machines in parallel threads).
 const MAX_WINDOWS: usize = 64;
+/// Pages a window may keep mapped whatever the other windows hold, so a small test
+/// next to a large one is not made to refill its few pages on every touch.
+pub(super) const FLOOR: usize = 64;
 
 /// Error-code bits the CPU pushes for a page fault (the kernel passes them on in
 /// `REG_ERR`).
 const ERR_WRITE: u64 = 1 << 1;
 const ERR_FETCH: u64 = 1 << 4;
+
+/// Host-mapped pages of every window together.
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+static BUDGET: OnceLock<usize> = OnceLock::new();
+
+/// How many pages the windows of this process keep host-mapped between them: a
+/// quarter of the host's limit on mappings (each isolated page costs at most two,
+/// itself and the split of the reservation around it), so at least half of the limit
+/// stays for the rest of the process.
+pub(super) fn budget() -> usize {
+    *BUDGET.get_or_init(|| {
+        let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(65_530);
+        (limit / 4).clamp(1024, 1 << 16)
+    })
+}
 
 /// What the signal handler needs of a machine with a host window; boxed, so its
 /// address stays put while the machine moves.
@@ -61,6 +112,37 @@ struct Window {
     busy: AtomicBool,
     /// Pages filled by the handler: TLB misses of host accesses.
     fills: AtomicU64,
+    /// The pages mapped now; used only with `busy` held.
+    mapped: UnsafeCell<Mapped>,
+}
+
+/// A host-mapped page: the window page, and the frame piece and effective flags the
+/// fill mapped it with.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Entry {
+    /// The page's address; 0 for a hole (a page a flush dropped since).
+    page: u64,
+    piece: u64,
+    flags: u64,
+}
+
+/// A window's host-mapped pages: a ring in fill order (the oldest is evicted first)
+/// and an open-addressing index from page to ring slot. Both live in anonymous host
+/// memory of their own, allocated up front: the signal handler cannot allocate.
+#[derive(Debug)]
+struct Mapped {
+    ring: NonNull<Entry>,
+    /// Ring slots (a power of two).
+    capacity: usize,
+    /// Ring positions, counting up: the next fill goes at `head`, the oldest is at
+    /// `tail`; entries between them are pages or holes.
+    head: u64,
+    tail: u64,
+    /// Pages (not holes) in the ring.
+    live: usize,
+    /// `2 * capacity` slots: 0 free, else a ring slot + 1; linear probing.
+    index: NonNull<u32>,
 }
 
 /// Why a window fault cannot be served.
@@ -81,12 +163,151 @@ impl Refusal {
     }
 }
 
+impl Mapped {
+    /// Room for `capacity` pages (a power of two).
+    fn new(capacity: usize) -> Mapped {
+        let ring = anonymous(capacity * size_of::<Entry>()).cast();
+        let index = anonymous(2 * capacity * size_of::<u32>()).cast();
+        Mapped {
+            ring,
+            capacity,
+            head: 0,
+            tail: 0,
+            live: 0,
+            index,
+        }
+    }
+
+    fn slot_of(&self, position: u64) -> usize {
+        position as usize & (self.capacity - 1)
+    }
+
+    fn entry(&mut self, slot: usize) -> &mut Entry {
+        debug_assert!(slot < self.capacity);
+        // SAFETY: `slot` is below the capacity the ring was mapped with; `&mut self`
+        // makes this the only reference.
+        unsafe { &mut *self.ring.as_ptr().add(slot) }
+    }
+
+    /// A copy of the entry in ring slot `slot`.
+    fn get(&self, slot: usize) -> Entry {
+        debug_assert!(slot < self.capacity);
+        // SAFETY: `slot` is below the capacity the ring was mapped with.
+        unsafe { self.ring.as_ptr().add(slot).read() }
+    }
+
+    fn index_slot(&mut self, at: usize) -> &mut u32 {
+        debug_assert!(at < 2 * self.capacity);
+        // SAFETY: as in `entry`, for the index's `2 * capacity` slots.
+        unsafe { &mut *self.index.as_ptr().add(at) }
+    }
+
+    /// Where `page` hashes to in the index.
+    fn home(&self, page: u64) -> usize {
+        let bits = (2 * self.capacity).trailing_zeros();
+        ((page / PAGE).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
+    }
+
+    /// The index position and ring slot of `page`, if it is mapped.
+    fn find(&mut self, page: u64) -> Option<(usize, usize)> {
+        let mask = 2 * self.capacity - 1;
+        let mut at = self.home(page);
+        loop {
+            let value = *self.index_slot(at);
+            if value == 0 {
+                return None;
+            }
+            let slot = value as usize - 1;
+            if self.get(slot).page == page {
+                return Some((at, slot));
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn insert(&mut self, page: u64, slot: usize) {
+        let mask = 2 * self.capacity - 1;
+        let mut at = self.home(page);
+        while *self.index_slot(at) != 0 {
+            at = (at + 1) & mask;
+        }
+        *self.index_slot(at) = slot as u32 + 1;
+    }
+
+    /// Takes index position `at` out, shifting back the entries that probed past it.
+    fn remove(&mut self, mut at: usize) {
+        let mask = 2 * self.capacity - 1;
+        let mut next = at;
+        loop {
+            next = (next + 1) & mask;
+            let value = *self.index_slot(next);
+            if value == 0 {
+                break;
+            }
+            let home = self.home(self.get(value as usize - 1).page);
+            // The entry at `next` may fill the hole unless its home lies cyclically
+            // in (at, next]: it would no longer be found from there.
+            let stays = if at <= next {
+                at < home && home <= next
+            } else {
+                at < home || home <= next
+            };
+            if !stays {
+                *self.index_slot(at) = value;
+                at = next;
+            }
+        }
+        *self.index_slot(at) = 0;
+    }
+
+    /// Forgets the page in ring slot `slot` (at index position `at`).
+    fn forget(&mut self, at: usize, slot: usize) {
+        self.remove(at);
+        self.entry(slot).page = 0;
+        self.live -= 1;
+        MAPPED.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records a fresh fill of `page`; the ring has room.
+    fn push(&mut self, page: u64, piece: u64, flags: u64) {
+        let slot = self.slot_of(self.head);
+        *self.entry(slot) = Entry { page, piece, flags };
+        self.insert(page, slot);
+        self.head += 1;
+        self.live += 1;
+        MAPPED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the oldest ring position off: its page, if it was not a hole.
+    fn pop_oldest(&mut self) -> Option<u64> {
+        let slot = self.slot_of(self.tail);
+        self.tail += 1;
+        let page = self.get(slot).page;
+        if page == 0 {
+            return None;
+        }
+        let (at, _) = self.find(page).expect("a live ring entry is indexed");
+        self.forget(at, slot);
+        Some(page)
+    }
+
+    /// Whether a fill must evict first: the ring is full, or every window together
+    /// holds the budget and this one at least its floor.
+    fn must_evict(&self) -> bool {
+        let full = self.head - self.tail == self.capacity as u64;
+        // The budget was set before any window existed.
+        let budget = BUDGET.get().copied().unwrap_or(0);
+        full || (self.live >= FLOOR && MAPPED.load(Ordering::Relaxed) >= budget)
+    }
+}
+
 impl Window {
     fn contains(&self, addr: u64) -> bool {
         addr.wrapping_sub(self.start) < self.size
     }
 
-    fn lock(&self) {
+    /// Takes `busy`, for the pages mapped now.
+    fn lock(&self) -> Busy<'_> {
         while self
             .busy
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -94,10 +315,7 @@ impl Window {
         {
             core::hint::spin_loop();
         }
-    }
-
-    fn unlock(&self) {
-        self.busy.store(false, Ordering::Release);
+        Busy { window: self }
     }
 
     /// Serves a fault at `addr` with error code `err`: maps the page's frame, or
@@ -112,15 +330,18 @@ impl Window {
         };
         let access = Access { kind, user: false };
         let page = addr & !(PAGE - 1);
-        self.lock();
+        let mut mapped = self.lock();
         self.fills.fetch_add(1, Ordering::Relaxed);
-        let result = match mmu::walk(self.root, page, |entry, _| self.load_entry(entry)) {
-            Err(_) => Err(Refusal::NotMapped),
-            Ok(translation) if !translation.permits(access) => Err(Refusal::NotAllowed),
-            Ok(translation) => self.map_frame(page, translation.phys(), translation.flags, kind),
-        };
-        self.unlock();
-        result
+        match self.walk(page) {
+            None => Err(Refusal::NotMapped),
+            Some(translation) if !translation.permits(access) => Err(Refusal::NotAllowed),
+            Some(translation) => self.map_page(&mut mapped, page, translation, kind),
+        }
+    }
+
+    /// The translation of `page` under the tables as they are now.
+    fn walk(&self, page: u64) -> Option<Translation> {
+        mmu::walk(self.root, page, |entry, _| self.load_entry(entry)).ok()
     }
 
     /// The entry at `entry`, or 0 (not present) outside the memory: the handler
@@ -137,20 +358,32 @@ impl Window {
         unsafe { AtomicU64::from_ptr(entry.cast()) }.load(Ordering::Acquire)
     }
 
-    /// Maps the 4 KiB of physical memory at `phys` at window page `page`.
-    fn map_frame(
+    /// Maps the 4 KiB of physical memory `translation` reaches at window page `page`
+    /// and records it, evicting the oldest fills first if the budget says so.
+    fn map_page(
         &self,
+        mapped: &mut Mapped,
         page: u64,
-        phys: PhysAddr,
-        flags: PageTableFlags,
+        translation: Translation,
         kind: AccessKind,
     ) -> Result<(), Refusal> {
-        let offset = phys.as_u64() & !(PAGE - 1);
-        if offset >= self.memory_size {
+        let piece = translation.phys().as_u64() & !(PAGE - 1);
+        if piece >= self.memory_size {
             return Err(Refusal::NotMapped);
         }
+        // A page mapped already faults again when the access needs more rights than
+        // it was mapped with (the tables gave them since, or it is fetched from).
+        let known = mapped.find(page);
+        if known.is_none() {
+            while mapped.must_evict() {
+                if let Some(oldest) = mapped.pop_oldest() {
+                    self.evict_around(mapped, oldest)
+                        .map_err(|()| Refusal::MapFailed)?;
+                }
+            }
+        }
         let mut prot = libc::PROT_READ;
-        if flags.contains(PageTableFlags::WRITABLE) {
+        if translation.flags.contains(PageTableFlags::WRITABLE) {
             prot |= libc::PROT_WRITE;
         }
         // Executable only when fetched from, so data pages stay non-executable.
@@ -159,33 +392,126 @@ impl Window {
         }
         // SAFETY: `page` is a page of the window, which this machine reserved and
         // nothing else maps; replacing it changes no memory Rust code owns.
-        let mapped = unsafe {
+        let done = unsafe {
             libc::mmap(
                 page as *mut c_void,
                 PAGE as usize,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 self.fd,
-                offset as libc::off_t,
+                piece as libc::off_t,
             )
         };
-        if mapped == libc::MAP_FAILED {
-            Err(Refusal::MapFailed)
-        } else {
-            Ok(())
+        if done == libc::MAP_FAILED {
+            return Err(Refusal::MapFailed);
         }
+        let flags = translation.flags.bits();
+        match known {
+            Some((_, slot)) => *mapped.entry(slot) = Entry { page, piece, flags },
+            None => mapped.push(page, piece, flags),
+        }
+        Ok(())
     }
 
-    /// Drops the host mappings of window pages `start_vpn..end_vpn` (clipped to the
-    /// window) by reserving them again.
-    fn drop_pages(&self, start_vpn: u64, end_vpn: u64) {
+    /// Evicts the host-mapped pages of the 2 MiB of the window around `oldest` (the
+    /// oldest fill, already taken off the ring): one call re-reserves them all, where
+    /// a page at a time would cost a call per page (pages of scattered frames never
+    /// merge into one mapping).
+    fn evict_around(&self, mapped: &mut Mapped, oldest: u64) -> Result<(), ()> {
+        let first = (oldest & !(WINDOW_ALIGN - 1)).max(self.start);
+        let end = (first + WINDOW_ALIGN).min(self.start + self.size);
+        for page in (first..end).step_by(PAGE as usize) {
+            if let Some((at, slot)) = mapped.find(page) {
+                mapped.forget(at, slot);
+            }
+        }
+        try_reserve(Some(first), end - first).map(|_| ())
+    }
+
+    /// Whether the recorded fill no longer matches what the tables say now.
+    fn changed(&self, entry: &Entry) -> bool {
+        self.walk(entry.page).is_none_or(|now| {
+            now.phys().as_u64() & !(PAGE - 1) != entry.piece || now.flags.bits() != entry.flags
+        })
+    }
+
+    /// A flush of window pages `start_vpn..end_vpn` (clipped to the window): drops
+    /// the host mappings there whose translation changed since they were filled.
+    fn flush(&self, start_vpn: u64, end_vpn: u64) {
         let start = (start_vpn.saturating_mul(PAGE)).max(self.start);
         let end = (end_vpn.saturating_mul(PAGE)).min(self.start + self.size);
-        if start < end {
-            self.lock();
-            reserve(Some(start), end - start);
-            self.unlock();
+        if start >= end {
+            return;
         }
+        let mut mapped = self.lock();
+        let pages = (end - start) / PAGE;
+        if pages <= 2 * mapped.live as u64 {
+            // Look each page up, dropping each run of neighbours with one call.
+            let drop_run = |run: Option<(u64, u64)>| {
+                if let Some((first, end)) = run {
+                    reserve(Some(first), end - first);
+                }
+            };
+            let mut run: Option<(u64, u64)> = None;
+            for page in (start..end).step_by(PAGE as usize) {
+                let dropped = match mapped.find(page) {
+                    Some((at, slot)) if self.changed(&mapped.get(slot)) => {
+                        mapped.forget(at, slot);
+                        true
+                    }
+                    _ => false,
+                };
+                run = match run {
+                    Some((first, last)) if dropped && last == page => Some((first, page + PAGE)),
+                    run => {
+                        drop_run(run);
+                        dropped.then_some((page, page + PAGE))
+                    }
+                };
+            }
+            drop_run(run);
+        } else {
+            // Fewer pages mapped than covered: walk the ring instead.
+            for position in mapped.tail..mapped.head {
+                let slot = mapped.slot_of(position);
+                let entry = mapped.get(slot);
+                if entry.page == 0 || !(start..end).contains(&entry.page) || !self.changed(&entry) {
+                    continue;
+                }
+                let (at, _) = mapped
+                    .find(entry.page)
+                    .expect("a live ring entry is indexed");
+                mapped.forget(at, slot);
+                reserve(Some(entry.page), PAGE);
+            }
+        }
+    }
+}
+
+/// A window's `busy` held, with its pages; dropping it lets go.
+struct Busy<'w> {
+    window: &'w Window,
+}
+
+impl core::ops::Deref for Busy<'_> {
+    type Target = Mapped;
+    fn deref(&self) -> &Mapped {
+        // SAFETY: `busy` is held while this value lives, so nothing else reaches the
+        // pages.
+        unsafe { &*self.window.mapped.get() }
+    }
+}
+
+impl core::ops::DerefMut for Busy<'_> {
+    fn deref_mut(&mut self) -> &mut Mapped {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference.
+        unsafe { &mut *self.window.mapped.get() }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.window.busy.store(false, Ordering::Release);
     }
 }
 
@@ -196,6 +522,17 @@ impl Window {
 ///
 /// If the host refuses.
 fn reserve(at: Option<u64>, size: u64) -> u64 {
+    let reserved = try_reserve(at, size);
+    assert!(
+        reserved.is_ok(),
+        "host window: cannot reserve {size:#x} bytes: {}",
+        std::io::Error::last_os_error()
+    );
+    reserved.unwrap_or_default()
+}
+
+/// [`reserve`], failing with `Err` instead of panicking.
+fn try_reserve(at: Option<u64>, size: u64) -> Result<u64, ()> {
     let (hint, fixed) = match at {
         Some(addr) => (addr as *mut c_void, libc::MAP_FIXED),
         None => (ptr::null_mut(), 0),
@@ -212,12 +549,37 @@ fn reserve(at: Option<u64>, size: u64) -> u64 {
             0,
         )
     };
+    if addr == libc::MAP_FAILED {
+        Err(())
+    } else {
+        Ok(addr as u64)
+    }
+}
+
+/// `size` bytes of zeroed, readable and writable host memory of its own, backed only
+/// where touched.
+///
+/// # Panics
+///
+/// If the host refuses.
+fn anonymous(size: usize) -> NonNull<u8> {
+    // SAFETY: a fresh private mapping; the result is checked.
+    let addr = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
     assert!(
         addr != libc::MAP_FAILED,
-        "host window: cannot reserve {size:#x} bytes: {}",
+        "host window: cannot map {size:#x} bytes of bookkeeping: {}",
         std::io::Error::last_os_error()
     );
-    addr as u64
+    NonNull::new(addr.cast()).expect("mmap never returns null")
 }
 
 /// Unmaps `size` bytes at `addr`; failure only leaks address space.
@@ -241,9 +603,25 @@ static SLOTS: [Slot; MAX_WINDOWS] = [const {
     }
 }; MAX_WINDOWS];
 
-/// The SIGSEGV action installed before ours.
-static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// How many times ours may be put back in front of a handler that replaced it.
+const REINSTALLS: usize = 4;
+/// The action faults outside every window go to: `PREVIOUS[CHAIN]`, the one ours
+/// replaced last. Set before `CHAIN` points to it, never changed afterwards, so the
+/// handler reads it without a lock.
+static PREVIOUS: [OnceLock<libc::sigaction>; REINSTALLS + 1] =
+    [const { OnceLock::new() }; REINSTALLS + 1];
+static CHAIN: AtomicUsize = AtomicUsize::new(0);
 static INSTALL: Once = Once::new();
+/// Checks [`watch`] still makes (see the module documentation): 0 once ours has
+/// been found replaced and put back, or when it replaced a handler, not the default.
+static WATCH: AtomicU32 = AtomicU32::new(0);
+/// How many checks a process watching its handler makes at most: a program whose
+/// runtime installs no handler of its own is not slowed down for ever.
+const WATCH_CHECKS: u32 = 100_000;
+/// Held while putting ours back.
+static REINSTALLING: AtomicBool = AtomicBool::new(false);
+/// Set once a refused fault restored the default action: nothing is put back then.
+static DYING: AtomicBool = AtomicBool::new(false);
 
 /// A machine's physical memory in a memfd, and its host window.
 #[derive(Debug)]
@@ -275,9 +653,11 @@ impl HostMemory {
             root,
             busy: AtomicBool::new(false),
             fills: AtomicU64::new(0),
+            mapped: UnsafeCell::new(Mapped::new(budget().next_power_of_two())),
         });
         let window = NonNull::from(Box::leak(window));
         INSTALL.call_once(install_handler);
+        watch();
         let slot = SLOTS
             .iter()
             .position(|slot| {
@@ -314,15 +694,22 @@ impl HostMemory {
         self.window().fills.load(Ordering::Relaxed)
     }
 
-    /// Drops the host mappings of pages `start_vpn..end_vpn` inside the window.
-    pub(super) fn flush(&self, start_vpn: u64, end_vpn: u64) {
-        self.window().drop_pages(start_vpn, end_vpn);
+    /// Window pages host-mapped now.
+    pub(super) fn mapped_pages(&self) -> usize {
+        self.window().lock().live
     }
 
-    /// Drops every host mapping of the window.
+    /// A flush of pages `start_vpn..end_vpn`: drops the host mappings there whose
+    /// translation changed.
+    pub(super) fn flush(&self, start_vpn: u64, end_vpn: u64) {
+        watch();
+        self.window().flush(start_vpn, end_vpn);
+    }
+
+    /// A flush of every page: drops the host mappings whose translation changed.
     pub(super) fn flush_all(&self) {
         let window = self.window();
-        window.drop_pages(window.start / PAGE, (window.start + window.size) / PAGE);
+        self.flush(window.start / PAGE, (window.start + window.size) / PAGE);
     }
 }
 
@@ -336,6 +723,16 @@ impl Drop for HostMemory {
         // SAFETY: unregistered and no handler reads it any more (waited above); it
         // came from `Box::leak` in `new`.
         let window = unsafe { Box::from_raw(self.window.as_ptr()) };
+        let mapped = window.mapped.into_inner();
+        MAPPED.fetch_sub(mapped.live, Ordering::Relaxed);
+        unmap(
+            mapped.ring.as_ptr() as u64,
+            (mapped.capacity * size_of::<Entry>()) as u64,
+        );
+        unmap(
+            mapped.index.as_ptr() as u64,
+            (2 * mapped.capacity * size_of::<u32>()) as u64,
+        );
         unmap(window.start, window.size);
         unmap(window.memory.as_ptr() as u64, window.memory_size);
         // SAFETY: the memfd is owned by the window and closed once, here.
@@ -384,15 +781,35 @@ fn reserve_aligned(size: u64) -> u64 {
     start
 }
 
-fn install_handler() {
+/// The SIGSEGV action now.
+fn current_action() -> libc::sigaction {
     // SAFETY: all-zero is a valid `sigaction` (no handler, empty mask, no flags).
-    let mut previous: libc::sigaction = unsafe { core::mem::zeroed() };
-    // SAFETY: querying the current action into a valid struct.
-    unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), &mut previous) };
-    let _ = PREVIOUS.set(previous);
-    // SAFETY: as above.
     let mut action: libc::sigaction = unsafe { core::mem::zeroed() };
-    action.sa_sigaction = on_segv as *const () as libc::sighandler_t;
+    // SAFETY: querying the current action into a valid struct.
+    unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), &mut action) };
+    action
+}
+
+fn ours() -> libc::sighandler_t {
+    on_segv as *const () as libc::sighandler_t
+}
+
+/// Installs ours, to chain to `previous` (the action it replaces).
+fn install_over(previous: libc::sigaction) {
+    let chain = CHAIN.load(Ordering::Acquire);
+    let next = if PREVIOUS[chain].get().is_none() {
+        chain
+    } else {
+        chain + 1
+    };
+    let Some(slot) = PREVIOUS.get(next) else {
+        return;
+    };
+    let _ = slot.set(previous);
+    CHAIN.store(next, Ordering::Release);
+    // SAFETY: all-zero is a valid `sigaction`.
+    let mut action: libc::sigaction = unsafe { core::mem::zeroed() };
+    action.sa_sigaction = ours();
     // On the alternate stack when there is one, as Rust's handler, so a stack
     // overflow still reaches it through us.
     action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
@@ -402,6 +819,52 @@ fn install_handler() {
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(libc::SIGSEGV, &action, ptr::null_mut());
     }
+    // Replacing the default action, ours may be replaced in turn by a runtime that
+    // read the default before it (see the module documentation).
+    let watch = if previous.sa_sigaction == libc::SIG_DFL {
+        WATCH_CHECKS
+    } else {
+        0
+    };
+    WATCH.store(watch, Ordering::Relaxed);
+}
+
+fn install_handler() {
+    install_over(current_action());
+}
+
+/// Whether the SIGSEGV action is ours now.
+pub(super) fn installed() -> bool {
+    INSTALL.is_completed() && current_action().sa_sigaction == ours()
+}
+
+/// While ours may still be replaced (see the module documentation): checks that it
+/// is installed, and if it is not, installs it again in front of the one that
+/// replaced it and says so. One relaxed load otherwise. Allocates nothing: it runs
+/// inside the code under test, which may be a global allocator.
+pub(super) fn watch() {
+    if WATCH.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let _ = WATCH.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+        left.checked_sub(1)
+    });
+    let current = current_action();
+    if current.sa_sigaction == ours()
+        || DYING.load(Ordering::Relaxed)
+        || REINSTALLING.swap(true, Ordering::Acquire)
+    {
+        return;
+    }
+    let full = CHAIN.load(Ordering::Acquire) >= REINSTALLS;
+    if full {
+        WATCH.store(0, Ordering::Relaxed);
+        say(b"vmalloc-sim host window: the SIGSEGV handler was replaced again; window faults now reach the new handler\n");
+    } else {
+        install_over(current);
+        say(b"vmalloc-sim host window: the SIGSEGV handler was replaced after the machine was made (by the Rust runtime, if the machine was made before main); installed again in front of the new one\n");
+    }
+    REINSTALLING.store(false, Ordering::Release);
 }
 
 extern "C" fn on_segv(signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
@@ -436,9 +899,9 @@ fn serve(addr: u64, err: u64) -> Option<Result<(), Refusal>> {
     })
 }
 
-/// Hands a fault outside every window to the previous handler.
+/// Hands a fault outside every window to the action ours replaced.
 fn chain(signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    let Some(previous) = PREVIOUS.get() else {
+    let Some(previous) = PREVIOUS[CHAIN.load(Ordering::Acquire)].get() else {
         return die_on_return();
     };
     match previous.sa_sigaction {
@@ -459,10 +922,17 @@ fn chain(signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
 
 /// Restores the default action, so the faulting access, retried, kills the process.
 fn die_on_return() {
+    DYING.store(true, Ordering::Relaxed);
     // SAFETY: all-zero with `SIG_DFL` (0) is the default action.
     let action: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: `sigaction` is async-signal-safe.
     unsafe { libc::sigaction(libc::SIGSEGV, &action, ptr::null_mut()) };
+}
+
+/// Writes `line` to stderr, without allocating.
+fn say(line: &[u8]) {
+    // SAFETY: `write` is async-signal-safe and `line` is initialised.
+    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), line.len()) };
 }
 
 /// Writes one line about a refused fault to stderr, without allocating.
@@ -483,6 +953,5 @@ fn report(addr: u64, refusal: Refusal) {
     push(b": ");
     push(refusal.message());
     push(b"\n");
-    // SAFETY: `write` is async-signal-safe and `line[..len]` is initialised.
-    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len) };
+    say(&line[..len]);
 }

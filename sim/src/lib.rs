@@ -65,16 +65,53 @@
 //! process-wide handler walks this machine's tables as the MMU does and, if the
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
-//! retried. The host mappings are thus a second TLB, filled on demand and dropped
-//! only by the [`TlbFlush`](vmalloc::TlbFlush) methods, which re-reserve the flushed
-//! window pages: an unmap without a flush leaves the old frame readable through the host pointer too,
-//! as on hardware. Each fill counts as a TLB miss in [`tlb_stats`]. An access the
-//! tables do not allow is a bug in the code under test, as an oops is in a kernel:
-//! the handler prints the address to stderr and the process dies with SIGSEGV.
-//! Limits: flushing one page of a 2 MiB or 1 GiB mapping drops only that page's host
-//! mapping, and each filled page costs the host a mapping (Linux allows about 65 000
-//! per process by default, less where neighbouring pages map neighbouring frames and
-//! merge).
+//! retried. The host mappings are thus a second TLB, filled on demand. Each fill
+//! counts as a TLB miss in [`tlb_stats`]. An access the tables do not allow is a bug
+//! in the code under test, as an oops is in a kernel: the handler prints the address
+//! to stderr and the process dies with SIGSEGV.
+//!
+//! **Flushes.** The [`TlbFlush`](vmalloc::TlbFlush) methods drop the host mappings
+//! in their range whose translation changed since they were filled (the flush walks
+//! the tables for each host-mapped page it covers); the others stay, as the same
+//! frame with the same rights would be filled again. So after a flush host code
+//! reaches what the tables say now, an unmap without a flush leaves the old frame
+//! readable through the host pointer too, as on hardware, and a flush costs no
+//! refills of pages it did not change.
+//!
+//! **Capacity.** Each host-mapped page of a scattered frame is a host mapping of its
+//! own, and Linux allows a process about 65,000 (`vm.max_map_count`). So, like a
+//! TLB, the windows hold a bounded number of pages: between them at most a quarter
+//! of the host's limit (16,382 pages by default; [`host_mapped_pages`] says how
+//! many one holds), each at least 64 whatever the others hold; past that a fill
+//! evicts the window's oldest fill (with the pages it holds in the same 2 MiB), and
+//! the next touch of an evicted page fills it again from the tables. Host mappings thus stay under half the limit however the frames scatter,
+//! and a test can keep as much memory live as the machine has: a working set larger
+//! than the capacity only costs refills. As for a TLB entry, an eviction may end a
+//! stale translation early (a test reading a frame through an unmapped, unflushed
+//! page relies on it only for pages it touched recently).
+//!
+//! **The SIGSEGV handler.** The handler is installed when the first machine with a
+//! window is made, in front of the one there was (Rust's stack-overflow handler in
+//! `main`), to which it passes every fault outside the windows. Make the machine in
+//! `main`, a test, or lazily from a global allocator once `main` runs: before `main`
+//! the Rust runtime reads the SIGSEGV action, may allocate, and then installs its
+//! handler over whatever the allocation installed. A machine made inside such an
+//! allocation notices, as long as the action it replaced was the default: the
+//! machine's accesses to physical memory and its flushes check that the handler is
+//! still installed, and if not, install it again in front of the new one and print a
+//! line saying so. That covers every window page the code under test maps after the
+//! runtime's handler arrived; a page mapped before it and first touched after,
+//! with no machine call in between, would still reach the runtime's handler and kill
+//! the process. So a global allocator that makes its machine on first use should
+//! serve allocations from the system allocator until `main` has started
+//! (`tests/heap_global.rs`), or make it before `main` knowing the first heap pages
+//! it touches go through the check (`tests/sim_handler_order.rs`).
+//! [`host_window_handler_installed`] says whether the handler is in place. A program
+//! that installs a SIGSEGV handler of its own after making a machine must pass the
+//! faults it does not handle to the one it replaced.
+//!
+//! Limits: flushing one page of a 2 MiB or 1 GiB mapping checks only that page's
+//! host mapping (a TLB drops the whole mapping).
 //!
 //! # Example
 //!
@@ -104,6 +141,8 @@
 //! [`fetch`]: SimMachine::fetch
 //! [`tlb_stats`]: SimMachine::tlb_stats
 //! [`host_window`]: SimMachine::host_window
+//! [`host_mapped_pages`]: SimMachine::host_mapped_pages
+//! [`host_window_handler_installed`]: SimMachine::host_window_handler_installed
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -470,6 +509,26 @@ impl SimMachine {
         stats
     }
 
+    /// How many pages of the host window are host-mapped now (see [the
+    /// module documentation](self#the-host-window)); 0 without a window.
+    pub fn host_mapped_pages(&self) -> usize {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host.mapped_pages(),
+            Backing::Heap { .. } => 0,
+        }
+    }
+
+    /// Whether the host window's SIGSEGV handler is installed now; `false` for a
+    /// machine without a window (see [the module documentation](self#the-host-window)).
+    pub fn host_window_handler_installed(&self) -> bool {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(_) => host::installed(),
+            Backing::Heap { .. } => false,
+        }
+    }
+
     fn host_fills(&self) -> u64 {
         match &self.backing {
             #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -478,7 +537,7 @@ impl SimMachine {
         }
     }
 
-    /// Drops every host window mapping, if any.
+    /// Drops the host window's mappings whose translation changed, if any.
     fn flush_host_all(&self) {
         match &self.backing {
             #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -487,7 +546,8 @@ impl SimMachine {
         }
     }
 
-    /// Drops the host window's mappings of pages `start_vpn..end_vpn`, if any.
+    /// Drops the host window's mappings of pages `start_vpn..end_vpn` whose
+    /// translation changed, if any.
     fn flush_host(&self, start_vpn: u64, end_vpn: u64) {
         match &self.backing {
             #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -557,6 +617,10 @@ impl SimPhys<'_> {
     /// The host pointer for `addr`, after checking that `len` bytes (at least one)
     /// from there are inside the simulated memory.
     fn host_range(&self, addr: PhysAddr, len: usize) -> *mut u8 {
+        // Before the code under test can map a window page: see "The SIGSEGV
+        // handler" in the module documentation.
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        host::watch();
         let end = addr.as_u64().checked_add(len.max(1) as u64);
         assert!(
             end.is_some_and(|end| end <= self.size),

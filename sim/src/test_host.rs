@@ -190,7 +190,7 @@ fn flush_drops_the_host_mapping() {
 }
 
 #[test]
-fn flush_range_and_flush_all_drop_what_they_cover() {
+fn flush_range_and_flush_all_drop_the_changed_pages_they_cover() {
     let machine = machine();
     let mut frames = frames_of(&machine);
     let pages: Vec<Page> = (10..14).map(|i| window_page(&machine, i)).collect();
@@ -200,17 +200,67 @@ fn flush_range_and_flush_all_drop_what_they_cover() {
         // SAFETY: mapped writable.
         unsafe { ptr(page).write_volatile(1) };
     }
+    // Every entry changes: each page now maps a fresh frame holding 2.
+    for &page in &pages {
+        mapper(&machine).unmap(page).unwrap().1.ignore();
+        let frame = next(&mut frames);
+        machine.fill_phys(frame.start_address(), 4096, 2);
+        map(&machine, &mut frames, page, frame, RW);
+    }
     machine.flush_range(Page::range(pages[1], pages[3]));
     let resident: Vec<bool> = pages.iter().map(|&p| host_resident(p)).collect();
     assert_eq!(resident, [true, false, false, true]);
 
-    // Still mapped in the tables: the next touch fills the page again.
-    // SAFETY: mapped writable.
-    assert_eq!(unsafe { ptr(pages[1]).read_volatile() }, 1);
+    // SAFETY: mapped writable. Outside the flushed range the host mapping is stale,
+    // as a TLB entry would be; inside it, the next touch fills the new frame.
+    let seen = unsafe { [ptr(pages[0]).read_volatile(), ptr(pages[1]).read_volatile()] };
+    assert_eq!(seen, [1, 2]);
     assert!(host_resident(pages[1]));
 
+    // Page 1 was filled from the tables as they are now: the full flush keeps it.
     machine.flush_all();
-    assert!(pages.iter().all(|&p| !host_resident(p)));
+    let resident: Vec<bool> = pages.iter().map(|&p| host_resident(p)).collect();
+    assert_eq!(resident, [false, true, false, false]);
+}
+
+#[test]
+fn a_flush_keeps_pages_whose_translation_did_not_change() {
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    let pages: Vec<Page> = (20..28).map(|i| window_page(&machine, i)).collect();
+    for &page in &pages {
+        let frame = next(&mut frames);
+        map(&machine, &mut frames, page, frame, RW);
+        // SAFETY: mapped writable.
+        unsafe { ptr(page).write_volatile(3) };
+    }
+    let misses = machine.tlb_stats().misses;
+    machine.flush_all();
+    machine.flush_range(Page::range(pages[0], pages[7]));
+    machine.flush_page(pages[7]);
+    assert!(pages.iter().all(|&p| host_resident(p)));
+    for &page in &pages {
+        // SAFETY: mapped writable.
+        assert_eq!(unsafe { ptr(page).read_volatile() }, 3);
+    }
+    assert_eq!(
+        machine.tlb_stats().misses,
+        misses,
+        "no page was filled again"
+    );
+
+    // A change of rights alone is a change: the page is dropped and filled again
+    // read-only.
+    // SAFETY: the page is mapped; only its flags change.
+    unsafe { mapper(&machine).update_flags(pages[2], Flags::PRESENT) }
+        .unwrap()
+        .ignore();
+    machine.flush_all();
+    assert!(!host_resident(pages[2]));
+    assert!(host_resident(pages[3]));
+    // SAFETY: mapped readable.
+    assert_eq!(unsafe { ptr(pages[2]).read_volatile() }, 3);
+    assert_eq!(machine.tlb_stats().misses, misses + 1);
 }
 
 #[test]

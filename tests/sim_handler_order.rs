@@ -1,0 +1,187 @@
+//! A global allocator that builds the simulated machine inside the process's very
+//! first allocation, before `main`: the Rust runtime reads the default SIGSEGV
+//! disposition, allocates (the machine installs its host-window handler), then
+//! installs its own stack-overflow handler over it. The machine must notice and put
+//! its handler back in front, chaining to the runtime's, before the heap's first
+//! touch of a fresh window page.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
+
+static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
+    window: 256 << 20,
+    ..HeapConfig::DEFAULT
+});
+
+const UNBUILT: u8 = 0;
+const BUILDING: u8 = 1;
+const READY: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNBUILT);
+static WINDOW_START: AtomicU64 = AtomicU64::new(0);
+static WINDOW_SIZE: AtomicU64 = AtomicU64::new(0);
+static MACHINE: std::sync::OnceLock<&'static SimMachine> = std::sync::OnceLock::new();
+/// Whether the runtime's handler was not yet installed when the machine was built:
+/// the order this test is about.
+static BUILT_BEFORE_RUNTIME: AtomicBool = AtomicBool::new(false);
+
+fn in_window(ptr: *mut u8) -> bool {
+    let size = WINDOW_SIZE.load(Ordering::Acquire);
+    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire)) < size
+}
+
+type Manager = Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, &'static SimMachine>;
+
+/// Builds the machine, its manager and the heap; allocations made meanwhile go to
+/// the system allocator (the state is `BUILDING`).
+fn build() {
+    // SAFETY: all-zero is a valid `sigaction`; the call only reads the disposition.
+    let disposition = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut action);
+        action.sa_sigaction
+    };
+    BUILT_BEFORE_RUNTIME.store(disposition == libc::SIG_DFL, Ordering::Relaxed);
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(256 << 20)
+            .with_scatter_seed(5)
+            .with_host_window(4 << 30),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let manager =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap();
+    let manager: &'static Manager = Box::leak(Box::new(manager));
+    HEAP.init(manager).unwrap();
+    let _ = MACHINE.set(machine);
+    WINDOW_START.store(start.as_u64(), Ordering::Release);
+    WINDOW_SIZE.store(size, Ordering::Release);
+}
+
+struct BuildOnFirstUse;
+
+// SAFETY: every block is freed by the allocator that made it, told apart by address.
+unsafe impl GlobalAlloc for BuildOnFirstUse {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if STATE
+            .compare_exchange(UNBUILT, BUILDING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            build();
+            STATE.store(READY, Ordering::Release);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if STATE.load(Ordering::Acquire) == READY {
+                HEAP.alloc(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller; the address says who made the block.
+        unsafe {
+            if in_window(ptr) {
+                HEAP.dealloc(ptr, layout)
+            } else {
+                System.dealloc(ptr, layout)
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller; a system block moves to the heap.
+        unsafe {
+            if in_window(ptr) {
+                HEAP.realloc(ptr, layout, new_size)
+            } else {
+                let new = Layout::from_size_align_unchecked(new_size, layout.align());
+                let moved = self.alloc(new);
+                if !moved.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
+                    System.dealloc(ptr, layout);
+                }
+                moved
+            }
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: BuildOnFirstUse = BuildOnFirstUse;
+
+#[test]
+fn a_machine_built_before_main_keeps_serving_its_window() {
+    assert_eq!(
+        STATE.load(Ordering::Acquire),
+        READY,
+        "built before the test"
+    );
+    assert!(
+        BUILT_BEFORE_RUNTIME.load(Ordering::Relaxed),
+        "the machine was built before the runtime installed its SIGSEGV handler"
+    );
+    // Fresh window pages of every path: slabs of many classes, the list heap, and
+    // areas of their own.
+    let mut text = String::new();
+    for i in 0..20_000 {
+        text.push_str(&i.to_string());
+    }
+    let boxes: Vec<Box<[u8]>> = (1..=300)
+        .map(|i| vec![i as u8; i * 37].into_boxed_slice())
+        .collect();
+    let map: BTreeMap<u32, u64> = (0..50_000).map(|i| (i, u64::from(i) * 3)).collect();
+    let big: Vec<u64> = (0..(1 << 20)).collect();
+    assert!(in_window(text.as_mut_ptr()) && in_window(big.as_ptr() as *mut u8));
+    assert!(text.starts_with("0123456789101112"));
+    assert!(
+        boxes
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.len() == (i + 1) * 37 && b.iter().all(|&x| x == (i + 1) as u8))
+    );
+    assert_eq!(map[&49_999], 149_997);
+    assert_eq!(big.iter().sum::<u64>(), (1 << 20) * ((1 << 20) - 1) / 2);
+    let machine = MACHINE.get().expect("built");
+    assert!(machine.host_window_handler_installed());
+}
+
+/// Recurses until the stack runs out.
+fn overflow(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    if frame[0] == u64::MAX {
+        return 0;
+    }
+    overflow(depth + 1) + frame[7]
+}
+
+#[test]
+#[ignore = "run by faults_outside_the_window_still_reach_the_runtime, in a child"]
+fn overflow_the_stack() {
+    std::thread::spawn(|| overflow(0)).join().unwrap();
+}
+
+#[test]
+fn faults_outside_the_window_still_reach_the_runtime() {
+    // A child of this same binary (so its machine is built before main too)
+    // overflows a thread's stack: the runtime's handler, now behind the machine's,
+    // must still name it.
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "overflow_the_stack", "--nocapture"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(!child.status.success());
+    assert!(stderr.contains("has overflowed its stack"), "{stderr}");
+}
