@@ -28,7 +28,11 @@
 //! The heap and the vmalloc manager have separate locks, always taken in that order
 //! (a slab class or the list, then the manager, then the frame allocator), and the
 //! manager never allocates from the heap, so the heap can back a kernel's
-//! `#[global_allocator]`. Every one of them is taken with interrupts held off through
+//! `#[global_allocator]`. No lock of the whole heap is held across a call into the
+//! manager: the list grows without its lock (other CPUs go on allocating and freeing
+//! list blocks meanwhile), and blocks of their own go to vmalloc with no heap lock at
+//! all; only a slab class's own lock is held while it makes or frees one of its
+//! slabs. Every one of these locks is taken with interrupts held off through
 //! the kernel's [`Cpus::irq_save`] (the manager's flush policy names the CPUs), and
 //! the per-CPU magazines are used under the same hold, so an interrupt handler may
 //! allocate and free: it never finds a lock held by the code it interrupted.
@@ -307,12 +311,26 @@ impl<'a> KernelHeap<'a> {
 
     fn alloc_list(&self, layout: Layout) -> Option<NonNull<u8>> {
         let backing = self.backing.get()?;
-        let mut list = lock_heap(&self.list, Some(backing.vmalloc));
-        if let Ok(block) = list.list.allocate_first_fit(layout) {
-            return Some(block);
+        // Two rounds: a CPU growing at the same time may take the pages this one
+        // mapped, as this one may take its.
+        for _ in 0..2 {
+            let mapped = {
+                let mut list = lock_heap(&self.list, Some(backing.vmalloc));
+                if let Ok(block) = list.list.allocate_first_fit(layout) {
+                    return Some(block);
+                }
+                list.mapped
+            };
+            // The list's lock is not held across the manager's call: other CPUs
+            // allocate and free list blocks meanwhile.
+            let backed = grow(backing, mapped, layout, self.config.grow_step).ok()?;
+            let mut list = lock_heap(&self.list, Some(backing.vmalloc));
+            list.adopt(backing, backed);
+            if let Ok(block) = list.list.allocate_first_fit(layout) {
+                return Some(block);
+            }
         }
-        list.grow(backing, layout, self.config.grow_step).ok()?;
-        list.list.allocate_first_fit(layout).ok()
+        None
     }
 
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
@@ -407,32 +425,39 @@ impl<'a> KernelHeap<'a> {
 /// Bytes `kvmalloc` keeps before each block for its size (and the alignment it gives).
 const KV_HEADER: usize = 16;
 
+/// Maps enough of the window past `mapped` bytes for `layout` (at least `step`
+/// bytes); returns how many bytes from the window's start are mapped now. Called
+/// without the list's lock: `populate` maps the window from its start under the
+/// manager's lock, so CPUs growing at once each get a prefix that covers what they
+/// asked, and the list takes it in with [`ListHeap::adopt`].
+fn grow(backing: &Backing<'_>, mapped: usize, layout: Layout, step: usize) -> Result<usize, Error> {
+    let need = layout.size() + layout.align() + 4 * core::mem::size_of::<usize>();
+    let target = mapped
+        .saturating_add(need.max(step))
+        .min(backing.window_len);
+    if target <= mapped {
+        return Err(Error::OutOfVirtualSpace);
+    }
+    backing.vmalloc.populate(backing.window as *mut u8, target)
+}
+
 impl ListHeap {
-    /// Maps enough of the window for `layout` (at least `step` bytes) and hands the
-    /// new pages to the list heap.
-    fn grow(&mut self, backing: &Backing<'_>, layout: Layout, step: usize) -> Result<(), Error> {
-        let need = layout.size() + layout.align() + 4 * core::mem::size_of::<usize>();
-        let target = self
-            .mapped
-            .saturating_add(need.max(step))
-            .min(backing.window_len);
-        if target <= self.mapped {
-            return Err(Error::OutOfVirtualSpace);
+    /// Hands the window's pages between the list's top and `backed` bytes (mapped by
+    /// [`grow`], here or on another CPU) to the list heap.
+    fn adopt(&mut self, backing: &Backing<'_>, backed: usize) {
+        if backed <= self.mapped {
+            return;
         }
-        let backed = backing
-            .vmalloc
-            .populate(backing.window as *mut u8, target)?;
         if self.mapped == 0 {
             // SAFETY: `backed` bytes from the window start are mapped read-write and
             // belong to this heap alone.
             unsafe { self.list.init(backing.window as *mut u8, backed) };
         } else {
-            // SAFETY: the bytes between the old and the new top are freshly mapped
-            // and contiguous with the heap.
+            // SAFETY: the bytes between the old and the new top are mapped and
+            // contiguous with the heap.
             unsafe { self.list.extend(backed - self.mapped) };
         }
         self.mapped = backed;
-        Ok(())
     }
 }
 
