@@ -34,11 +34,16 @@
 //! in use comes back, the magazine goes back whole, so its slabs can empty.
 //!
 //! Empty slabs wait on their class's empty list. While they fit in [`EMPTY_BUDGET`]
-//! they stay; past it, each goes back to vmalloc once the heap has moved
-//! `EMPTY_DECAY` (16,384) objects to or from slabs since it emptied (checked when a slab
-//! of its class empties, and one other class's each time). So a heap that frees everything and allocates it
-//! again, a common pattern, reuses its slabs instead of remapping them, and a heap that
-//! shrank for good gives its frames back as it keeps working.
+//! they stay; past it, each goes back to vmalloc once the heap has made
+//! `EMPTY_DECAY` (16,384) slab-object operations since it emptied: objects moved to or
+//! from slabs, and allocations and frees a CPU's own magazines serve. That is checked
+//! when a slab empties (its class and one other), and, while the heap's empty slabs
+//! exceed the budget, over every class each `AGE_EVERY` (1,024) operations on a clock
+//! share: a heap whose slabs no longer empty (its traffic stays in partial slabs or
+//! magazines) still gives back the slabs it emptied before. So a heap that frees
+//! everything and allocates it again, a common pattern, reuses its slabs instead of
+//! remapping them, and a heap that shrank for good gives its frames back as it keeps
+//! working.
 //! [`KernelHeap::shrink`](super::KernelHeap::shrink) gives everything idle back at
 //! once, and an allocation that cannot make a slab calls it before it fails.
 //!
@@ -150,11 +155,15 @@ impl SlabList {
 /// Bytes of empty slabs the heap keeps, over all classes, before it frees them.
 pub const EMPTY_BUDGET: usize = 8 * PAGE_SIZE as usize;
 
-/// Objects taken from or given back to slabs (over the whole heap) while an empty slab
-/// past [`EMPTY_BUDGET`] waits before it goes back to vmalloc: more than a heap that
-/// frees everything and allocates it again does in between, so it finds its slabs
-/// still there.
+/// Slab-object operations (over the whole heap) while an empty slab past
+/// [`EMPTY_BUDGET`] waits before it goes back to vmalloc: more than a heap that frees
+/// everything and allocates it again does in between, so it finds its slabs still
+/// there.
 const EMPTY_DECAY: u64 = 1 << 14;
+
+/// Operations on one clock share between two checks of every class for aged empty
+/// slabs, while they exceed [`EMPTY_BUDGET`] (a power of two).
+const AGE_EVERY: u64 = 1 << 10;
 
 /// Partial lists per class: a CPU with magazines of its own refills from the list
 /// of its index modulo this, so two CPUs rarely carve objects from one slab (objects
@@ -244,9 +253,9 @@ pub(crate) struct Slabs {
     classes: [IrqLock<Class>; CLASSES],
     /// Bytes of empty slabs, over all classes.
     empty_bytes: AtomicUsize,
-    /// Objects taken from or given back to slabs so far, per partial list: the clock
-    /// empty slabs age by is their sum. Bumped without a locked instruction: a lost
-    /// tick only slows the clock.
+    /// Slab-object operations so far, per partial list: the clock empty slabs age by
+    /// is their sum. Bumped without a locked instruction: a lost tick only slows the
+    /// clock.
     slab_ops: [Clock; PARTIAL_LISTS],
 }
 
@@ -313,12 +322,15 @@ impl Slabs {
                 *slot = object;
                 count += 1;
             }
-            self.tick(route.list, count);
+            let due = self.tick(route.list, count);
             state.objects += count;
+            drop(state);
+            if due {
+                self.age_idle(vmalloc);
+            }
             if count > 0 {
                 return count;
             }
-            drop(state);
             if attempt == 0 {
                 // Out of memory: what every class holds idle goes back first.
                 self.shrink(vmalloc);
@@ -362,7 +374,7 @@ impl Slabs {
         };
         let mut state = self.classes[class].lock(vmalloc);
         state.objects -= objects.len();
-        self.tick(route.list, objects.len());
+        let due = self.tick(route.list, objects.len());
         let mut emptied = false;
         for &object in objects {
             // SAFETY: a freed object of this class (caller).
@@ -374,6 +386,20 @@ impl Slabs {
         }
         if emptied {
             self.age(state, class, geometry, vmalloc);
+        } else {
+            drop(state);
+        }
+        if due {
+            self.age_idle(vmalloc);
+        }
+    }
+
+    /// Counts one allocation or free that CPU `cpu`'s own magazine served: those
+    /// reach no slab, but the clock must go on for the slabs they leave idle. The
+    /// caller holds no class lock.
+    pub(crate) fn tick_cpu(&self, cpu: usize, vmalloc: &dyn VmallocOps) {
+        if self.tick(Route::cpu(cpu).list, 1) {
+            self.age_idle(vmalloc);
         }
     }
 
@@ -435,6 +461,20 @@ impl Slabs {
         self.discard_aged(&mut state, &GEOMETRY[other], now, vmalloc);
     }
 
+    /// While the heap's empty slabs exceed [`EMPTY_BUDGET`], lets every class's aged
+    /// ones go, one class lock at a time: slabs that emptied earlier age out even
+    /// when none empties again. The caller holds no class lock.
+    fn age_idle(&self, vmalloc: &dyn VmallocOps) {
+        if self.empty_bytes.load(Ordering::Relaxed) <= EMPTY_BUDGET {
+            return;
+        }
+        let now = self.now();
+        for (class, geometry) in GEOMETRY.iter().enumerate() {
+            let mut state = self.classes[class].lock(vmalloc);
+            self.discard_aged(&mut state, geometry, now, vmalloc);
+        }
+    }
+
     /// Gives every magazine back to the slabs and every empty slab back to vmalloc
     /// (Linux's `kmem_cache_shrink`).
     pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) {
@@ -478,7 +518,8 @@ impl Slabs {
     ///
     /// The magazine holds freed objects of this class.
     unsafe fn drain_magazine(&self, state: &mut Class, geometry: &Geometry) -> bool {
-        self.tick(0, state.cached);
+        // Aging waits for the next tick: the caller holds the class lock.
+        let _ = self.tick(0, state.cached);
         let mut emptied = false;
         while state.cached > 0 {
             state.cached -= 1;
@@ -489,18 +530,20 @@ impl Slabs {
         emptied
     }
 
-    /// Advances list `list`'s share of the clock by `objects` (once per batch).
-    fn tick(&self, list: usize, objects: usize) {
+    /// Advances list `list`'s share of the clock by `objects` (once per batch); whether
+    /// the share passed a multiple of [`AGE_EVERY`], so every class is due for aging
+    /// (once the caller dropped its class lock).
+    fn tick(&self, list: usize, objects: usize) -> bool {
         let Some(Clock(share)) = self.slab_ops.get(list) else {
-            return;
+            return false;
         };
-        share.store(
-            share.load(Ordering::Relaxed) + objects as u64,
-            Ordering::Relaxed,
-        );
+        let before = share.load(Ordering::Relaxed);
+        let after = before + objects as u64;
+        share.store(after, Ordering::Relaxed);
+        before / AGE_EVERY != after / AGE_EVERY
     }
 
-    /// The clock empty slabs age by: objects moved to or from slabs so far.
+    /// The clock empty slabs age by: slab-object operations so far.
     fn now(&self) -> u64 {
         self.slab_ops
             .iter()

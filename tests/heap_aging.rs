@@ -1,0 +1,142 @@
+//! Empty slabs age out while the heap keeps working: after a burst of frees leaves
+//! hundreds of empty slabs, ordinary work afterwards (a ring of small blocks, or one
+//! class's allocations and frees served by a CPU's own magazine) gives back all but
+//! the heap's budget of them, without a `shrink`.
+
+use std::alloc::{GlobalAlloc, Layout};
+use vmalloc::heap::slab::EMPTY_BUDGET;
+use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::{Rng, SimConfig, SimMachine};
+
+fn machine() -> SimMachine {
+    SimMachine::new(
+        SimConfig::new(256 << 20)
+            .with_scatter_seed(21)
+            .with_host_window(4 << 30),
+    )
+}
+
+/// Bytes of frames the heap's empty slabs hold.
+fn empty_slab_bytes(heap: &KernelHeap) -> usize {
+    heap.slab_stats()
+        .iter()
+        .map(|class| class.bytes / class.slabs.max(1) * class.empty_slabs)
+        .sum()
+}
+
+/// Allocates `count` blocks of `size` bytes, then frees them all: the slabs they
+/// filled are left empty.
+fn burst(heap: &KernelHeap, size: usize, count: usize) {
+    let layout = Layout::from_size_align(size, 8).unwrap();
+    let blocks: Vec<*mut u8> = (0..count)
+        .map(|_| {
+            // SAFETY: a non-zero size.
+            let block = unsafe { heap.alloc(layout) };
+            assert!(!block.is_null());
+            // SAFETY: the block holds `size` bytes.
+            unsafe { block.write_bytes(0x5a, size) };
+            block
+        })
+        .collect();
+    for block in blocks {
+        // SAFETY: freed once, with its layout.
+        unsafe { heap.dealloc(block, layout) };
+    }
+}
+
+/// The bursts of the report: 48-byte and 200-byte objects, many slabs' worth.
+fn bursts(heap: &KernelHeap) {
+    burst(heap, 48, 200_000);
+    burst(heap, 200, 40_000);
+    let left = empty_slab_bytes(heap);
+    assert!(
+        left > 16 * EMPTY_BUDGET,
+        "the bursts leave {left} bytes of empty slabs: the freshly emptied wait"
+    );
+}
+
+#[test]
+fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
+    let machine = machine();
+    let frames = machine.frames();
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let vm =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let heap = KernelHeap::new(HeapConfig::DEFAULT);
+    heap.init(&vm).unwrap();
+    bursts(&heap);
+    // A ring of 1,000 blocks of 16-512 bytes: each step frees the oldest and
+    // allocates another.
+    let mut rng = Rng::new(4);
+    let mut ring: Vec<(*mut u8, Layout)> = Vec::with_capacity(1000);
+    for step in 0..100_000 {
+        if ring.len() == 1000 {
+            let (block, layout) = ring[step % 1000];
+            // SAFETY: a live block with its layout.
+            unsafe { heap.dealloc(block, layout) };
+        }
+        let layout = Layout::from_size_align(16 + rng.below(497) as usize, 8).unwrap();
+        // SAFETY: a non-zero size.
+        let block = unsafe { heap.alloc(layout) };
+        assert!(!block.is_null());
+        // SAFETY: the block holds at least 16 bytes.
+        unsafe { block.write(step as u8) };
+        if ring.len() < 1000 {
+            ring.push((block, layout));
+        } else {
+            ring[step % 1000] = (block, layout);
+        }
+    }
+    let left = empty_slab_bytes(&heap);
+    assert!(
+        left <= EMPTY_BUDGET,
+        "{left} bytes of empty slabs after the ring, the budget is {EMPTY_BUDGET}"
+    );
+    for (block, layout) in ring {
+        // SAFETY: a live block with its layout.
+        unsafe { heap.dealloc(block, layout) };
+    }
+}
+
+#[test]
+fn pairs_served_by_a_cpu_magazine_age_the_empty_slabs_out() {
+    let machine = machine();
+    let frames = machine.frames();
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let vm =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let heap = KernelHeap::new(HeapConfig::DEFAULT);
+    heap.init(&vm).unwrap();
+    heap.use_cpus(&machine);
+    bursts(&heap);
+    // Allocate and free one 64-byte block, over and over: the CPU's magazine serves
+    // every call, and no slab is touched.
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    for _ in 0..100_000 {
+        // SAFETY: a non-zero size; freed at once with its layout.
+        unsafe {
+            let block = heap.alloc(layout);
+            assert!(!block.is_null());
+            block.write(1);
+            heap.dealloc(block, layout);
+        }
+    }
+    let left = empty_slab_bytes(&heap);
+    assert!(
+        left <= EMPTY_BUDGET,
+        "{left} bytes of empty slabs after the pairs, the budget is {EMPTY_BUDGET}"
+    );
+}
