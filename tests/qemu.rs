@@ -71,6 +71,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "smp_crossing_purges",
     "smp_heap",
     "smp_irq_storm",
+    "recursive_window_manager",
 ];
 
 #[test]

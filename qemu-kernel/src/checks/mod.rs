@@ -6,6 +6,7 @@
 //! passed. Between checks the scratch window is emptied. A check that panics or takes
 //! an unexpected exception ends the run with failure (its line stays unfinished).
 
+mod boot;
 mod edges;
 mod infra;
 mod irq;
@@ -123,6 +124,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("smp_crossing_purges", smp::smp_crossing_purges),
     ("smp_heap", smp::smp_heap),
     ("smp_irq_storm", irq::smp_irq_storm),
+    ("recursive_window_manager", boot::recursive_window_manager),
 ];
 
 /// Runs every check; true if all passed.
