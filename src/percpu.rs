@@ -122,6 +122,13 @@ impl<S, O> Held<'_, S, O> {
         &self.slot.shared
     }
 
+    /// Both parts at once: the shared one and the owner's.
+    pub(crate) fn split(&mut self) -> (&S, &mut O) {
+        // SAFETY: holding the slot makes this the only access to its owned part;
+        // `shared` is a separate field.
+        (&self.slot.shared, unsafe { &mut *self.slot.owned.get() })
+    }
+
     /// Whether a drain was asked of this slot since it was last held; clears it.
     pub(crate) fn take_drain_request(&self) -> bool {
         self.slot.drain.load(Ordering::Relaxed) && self.slot.drain.swap(false, Ordering::Relaxed)
@@ -148,6 +155,11 @@ impl<S, O> DerefMut for Held<'_, S, O> {
 impl<S, O> Drop for Held<'_, S, O> {
     #[inline]
     fn drop(&mut self) {
+        debug_assert_ne!(
+            self.slot.state.load(Ordering::Relaxed),
+            IDLE,
+            "a slot held twice"
+        );
         // Release: whoever takes the slot next sees what was done to it.
         self.slot.state.store(IDLE, Ordering::Release);
     }
@@ -170,6 +182,11 @@ impl<S: Init, O: Init> PerCpu<S, O> {
 }
 
 impl<S, O> PerCpu<S, O> {
+    /// Every slot's owned part, by value: the teardown's, once nothing holds a slot.
+    pub(crate) fn into_owned(self) -> impl Iterator<Item = O> {
+        self.slots.into_iter().map(|slot| slot.owned.into_inner())
+    }
+
     /// CPU `cpu`'s shared part; `None` past [`MAX_CPUS`].
     #[inline]
     pub(crate) fn get(&self, cpu: usize) -> Option<&S> {
@@ -248,8 +265,12 @@ impl<S, O> PerCpu<S, O> {
     /// The slot of CPU `index`, if it was handed to `claimer`.
     fn handed(&self, index: usize, claimer: usize) -> Option<Held<'_, S, O>> {
         let slot = &self.slots[index];
-        (slot.state.load(Ordering::Acquire) == claimed_by(claimer))
-            .then_some(Held { slot, cpu: index })
+        // Not `then_some`: a `Held` made and dropped would mark the slot idle.
+        if slot.state.load(Ordering::Acquire) == claimed_by(claimer) {
+            Some(Held { slot, cpu: index })
+        } else {
+            None
+        }
     }
 
     /// Asks CPU `index`'s owner to drain its slot at its next entry.

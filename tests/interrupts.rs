@@ -155,9 +155,13 @@ impl Kernel {
                 taken += 1;
             }
         }
+        // A first run may take slower paths than later ones (a block made, a slab
+        // carved): every point of the path the call takes now was interrupted.
+        cpu.run(|_| self.cold());
+        let (_, now) = cpu.count_points(&mut op);
         assert!(
-            taken * 10 >= points * 9,
-            "interrupted at {taken} of {points} points"
+            taken >= now,
+            "interrupted at {taken} of {points} points, the call passes {now} now"
         );
     }
 

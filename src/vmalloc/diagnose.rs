@@ -14,8 +14,8 @@
 //! nothing and takes no other lock.
 
 use super::area::{AreaInfo, AreaKind, AreaRecord};
+use super::blocks::{BlockSite, Located};
 use super::manager::Vmalloc;
-use super::percpu::BlockSite;
 use crate::{FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::fmt;
 use x86_64::VirtAddr;
@@ -101,11 +101,10 @@ where
         if addr.as_u64().wrapping_sub(config.start.as_u64()) >= config.size {
             return FaultSite::Outside;
         }
-        if self.blocks.contains(addr.as_u64()) {
-            return match self.try_block_area(addr.as_u64()) {
-                Err(()) => FaultSite::Busy,
-                Ok(None) => FaultSite::Unmapped,
-                Ok(Some((area, site))) => {
+        if let Located::Zone(at) = self.blocks.locate(addr.as_u64()) {
+            return match self.block_site(at) {
+                None => FaultSite::Unmapped,
+                Some((area, site)) => {
                     let info = area.info();
                     let offset = addr - area.start;
                     match site {

@@ -7,6 +7,7 @@
 //! grows through this manager) thus never runs with the lock held.
 
 use super::area::{AreaInfo, AreaKind};
+use super::blocks::Located;
 use super::manager::Vmalloc;
 use crate::{FrameSource, PhysMemory, TlbFlush};
 use core::fmt;
@@ -66,9 +67,9 @@ where
     /// The live area whose span (its guard page included) holds `addr` (Linux's
     /// `find_vm_area`), or `None`.
     pub fn find_vm_area(&self, addr: VirtAddr) -> Option<AreaInfo> {
-        if self.blocks.contains(addr.as_u64()) {
+        if let Located::Zone(at) = self.blocks.locate(addr.as_u64()) {
             self.settle();
-            return self.block_area(addr.as_u64()).map(|(area, _)| area.info());
+            return self.block_area(at).map(|(area, _)| area.info());
         }
         let mut cx = self.lock();
         let area = cx.inner().areas.find_containing(addr)?;
@@ -93,7 +94,7 @@ where
             let Some(at) = next else {
                 return (count, None);
             };
-            if self.blocks.contains(at) && at > zone {
+            if matches!(self.blocks.locate(at), Located::Zone(_)) && at > zone {
                 // Inside the zone: the areas of its blocks, then what follows it.
                 let (copied, rest) = self.copy_block_areas(at, &mut out[count..]);
                 count += copied;

@@ -2,6 +2,7 @@
 //! itself on failure.
 
 use super::area::{AreaKind, AreaRecord};
+use super::blocks::Located;
 use super::gather::{CountingFrames, Gather};
 use super::manager::Vmalloc;
 use super::nodes::NodePool;
@@ -105,10 +106,10 @@ where
         if !self.vm.is_vmalloc_addr(addr) {
             return Err(Error::NotInRegion);
         }
-        if self.vm.blocks.contains(addr.as_u64()) {
+        if let Located::Zone(at) = self.vm.blocks.locate(addr.as_u64()) {
             // Areas in per-CPU blocks are only ever `vmalloc` areas, which the
             // callers that accept them look up before taking the lock.
-            return Err(match self.vm.block_area(addr.as_u64()) {
+            return Err(match self.vm.block_area(at) {
                 Some((area, false)) if area.start == addr => Error::WrongKind,
                 Some((_, false)) => Error::InteriorPointer,
                 _ => Error::NotAllocated,

@@ -2,13 +2,13 @@
 //! `locked.rs`.
 
 use super::area::{AreaKind, AreaRecord};
+use super::blocks::{self, BLOCK_BYTES, Blocks, Located};
 use super::deferred::DeferredFrees;
 use super::gather::Gather;
 use super::huge;
 use super::locked::{CHUNK, Inner, Locked, as_ptr, invariant, page_at, page_range};
 use super::nodes::NodePool;
 use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
-use super::percpu::{self, BLOCK_BYTES, Blocks};
 use super::purge::PurgeList;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
@@ -239,11 +239,13 @@ where
     ///
     /// [`reserve`]: Self::reserve
     pub unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
-        if self.blocks.contains(ptr as u64) {
-            self.settle();
-            return self.free_in_block(ptr as u64, self.config.eager);
+        match self.blocks.locate(ptr as u64) {
+            Located::Zone(at) => {
+                self.settle();
+                self.free_in_block(at, self.config.eager)
+            }
+            Located::Tree => self.lock().vfree(ptr),
         }
-        self.lock().vfree(ptr)
     }
 
     /// Frees like [`vfree`](Self::vfree), from a context that may not wait for any
@@ -445,9 +447,9 @@ where
         if !self.is_vmalloc_addr(addr) {
             return Err(Error::NotInRegion);
         }
-        if self.blocks.contains(addr.as_u64()) {
+        if let Located::Zone(at) = self.blocks.locate(addr.as_u64()) {
             self.settle();
-            return self.block_frame(addr.as_u64());
+            return self.block_frame(at);
         }
         let cx = self.lock();
         let (start, _, record) = cx.area_containing(addr).ok_or(Error::NotMapped)?;
@@ -482,9 +484,9 @@ where
     /// live `vmalloc` area is refused with an error, which is safe.
     pub unsafe fn set_prot(&self, ptr: *mut u8, prot: Prot) -> Result<(), Error> {
         let flags = prot.leaf_flags()?;
-        if self.blocks.contains(ptr as u64) {
+        if let Located::Zone(at) = self.blocks.locate(ptr as u64) {
             self.settle();
-            return self.protect_in_block(ptr as u64, flags);
+            return self.protect_in_block(at, flags);
         }
         let mut cx = self.lock();
         let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;
@@ -624,7 +626,7 @@ where
         mut op: impl FnMut(&mut Locked<'_, F, M, T>) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let result = self.transact_once(&mut op);
-        if percpu::ran_out(&result) && self.drain_cpu_caches() {
+        if blocks::ran_out(&result) && self.drain_cpu_caches() {
             return self.transact_once(&mut op);
         }
         result

@@ -29,7 +29,7 @@
 //! # Locking
 //!
 //! All methods take `&self` and serialise on one spin lock (small areas may skip
-//! it: see [per-CPU blocks](percpu)), so a kernel keeps one
+//! it: see [per-CPU blocks](blocks)), so a kernel keeps one
 //! `Vmalloc` in a `static` (`spin::Once`) and calls it from any CPU. The frame
 //! allocator has its own lock, taken inside this one; nothing here allocates from a
 //! global allocator, and no caller code ([`vunmap`](Vmalloc::vunmap)'s callback, the
@@ -174,7 +174,7 @@
 //! | `tree.rs`, `nodes.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |
 //! | `deferred.rs` | frees queued by `vfree_atomic` | — |
-//! | `percpu.rs` | per-CPU blocks and frame caches for small areas | `locked` |
+//! | `blocks/` | per-CPU blocks and frame caches for small areas: the block, the CPU's cache, the calls on block areas | `locked`, `gather` |
 //! | `diagnose.rs` | what a faulting address is | `locked`, `purge` |
 //! | `stack.rs` | kernel stacks with a guard below | `locked` |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
@@ -182,6 +182,7 @@
 //! [page-table cursor]: crate::paging
 
 mod area;
+pub mod blocks;
 pub mod deferred;
 pub mod diagnose;
 mod gather;
@@ -193,7 +194,6 @@ mod nodes;
 mod ops;
 mod options;
 mod owned;
-pub mod percpu;
 pub mod purge;
 mod realloc;
 mod space;

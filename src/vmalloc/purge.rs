@@ -28,6 +28,7 @@
 //! [`Vmalloc::purge`]: super::Vmalloc::purge
 
 use super::area::{AreaKind, AreaRecord};
+use super::blocks::Located;
 use super::locked::{Locked, invariant, page_range};
 use super::nodes::NodePool;
 use super::options::{HUGE_PAGE_SIZE, VmallocConfig};
@@ -176,9 +177,9 @@ where
 
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
     pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
-        if self.vm.blocks.contains(ptr as u64) {
+        if let Located::Zone(at) = self.vm.blocks.locate(ptr as u64) {
             // Under the lock the CPU's cache may be held by the caller: flush now.
-            return self.vm.free_in_block(ptr as u64, true);
+            return self.vm.free_in_block(at, true);
         }
         let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
         self.inner().uncount_data(&record);

@@ -1,6 +1,7 @@
 //! `vrealloc`: resizing an area in place, or moving its frames without copying.
 
 use super::area::{AreaKind, AreaRecord};
+use super::blocks::Located;
 use super::locked::{CHUNK, Locked, as_ptr, invariant, page_at, page_range};
 use super::manager::Vmalloc;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
@@ -37,9 +38,9 @@ where
     pub unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
         let new_pages = self.pages_for(new_size as u64)?;
         let new_bytes = new_size as u64;
-        if self.blocks.contains(ptr as u64) {
+        if let Located::Zone(at) = self.blocks.locate(ptr as u64) {
             self.settle();
-            return self.realloc_from_block(ptr as u64, new_size);
+            return self.realloc_in_block(at, new_size);
         }
         self.transact(|cx| {
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;

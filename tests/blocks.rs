@@ -5,7 +5,7 @@
 use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use vmalloc::vmalloc::percpu::MAX_BLOCK_PAGES;
+use vmalloc::vmalloc::blocks::MAX_BLOCK_PAGES;
 use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
 use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::scenarios::{self, manager_with as manager};
@@ -555,7 +555,7 @@ fn listings_show_the_zone_and_every_small_area_with_its_caller_in_address_order(
             .find(|area| area.start == addr(*ptr) && area.tag.is_empty())
             .unwrap();
         assert!(zone.contains(&area.start.as_u64()));
-        assert!(area.caller.unwrap().file().ends_with("percpu.rs"), "{area}");
+        assert!(area.caller.unwrap().file().ends_with("blocks.rs"), "{area}");
         assert_eq!(vm.find_vm_area(area.start), Some(*area));
     }
     assert!(listed.iter().any(|area| area.start == addr(big)));
@@ -774,5 +774,92 @@ fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
                 Some(Error::NotAllocated)
             );
         }
+    }
+}
+
+#[test]
+fn four_cpus_stress_small_areas_allocating_freeing_resizing_and_purging_at_once() {
+    watchdog("small-area stress", DEADLOCK_LIMIT, || {
+        let (machine, frames, tlb) = smp_machine(4);
+        let vm = manager(machine, frames, tlb, cached());
+        let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
+        machine.on_every_cpu(|cpu| {
+            let mut rng = Rng::new(cpu.index() as u64 * 7 + 3);
+            let mut mine: Vec<(usize, usize, u8)> = Vec::new();
+            for round in 0..1500usize {
+                let stamp = (cpu.index() * 61 + round) as u8 | 1;
+                match rng.below(8) {
+                    0..=2 => {
+                        let pages = 1 + rng.below(6) as usize;
+                        let ptr = vm.vmalloc(pages * PAGE).unwrap();
+                        for page in 0..pages {
+                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[stamp; 8])
+                                .unwrap();
+                        }
+                        mine.push((ptr.as_ptr() as usize, pages, stamp));
+                    }
+                    3 | 4 if !mine.is_empty() => {
+                        let (ptr, pages, stamp) =
+                            mine.swap_remove(rng.below(mine.len() as u64) as usize);
+                        check(cpu, ptr, pages, stamp);
+                        // Half of them are freed by another CPU.
+                        if rng.below(2) == 0 {
+                            shared.lock().unwrap().push((ptr, pages, stamp));
+                        } else {
+                            // SAFETY: this CPU's area, checked and not used again.
+                            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
+                        }
+                    }
+                    5 if !mine.is_empty() => {
+                        let index = rng.below(mine.len() as u64) as usize;
+                        let (ptr, pages, stamp) = mine[index];
+                        check(cpu, ptr, pages, stamp);
+                        let new_pages = 1 + rng.below(8) as usize;
+                        // SAFETY: the old pointer is replaced by the one returned.
+                        let moved =
+                            unsafe { vm.vrealloc(ptr as *mut u8, new_pages * PAGE) }.unwrap();
+                        let kept = pages.min(new_pages);
+                        check(cpu, moved.as_ptr() as usize, kept, stamp);
+                        for page in kept..new_pages {
+                            cpu.write(addr(moved) + (page * PAGE) as u64, &[stamp; 8])
+                                .unwrap();
+                        }
+                        mine[index] = (moved.as_ptr() as usize, new_pages, stamp);
+                    }
+                    6 => {
+                        let theirs = shared.lock().unwrap().pop();
+                        if let Some((ptr, pages, stamp)) = theirs {
+                            check(cpu, ptr, pages, stamp);
+                            // SAFETY: handed over by the CPU that made it, not used again.
+                            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
+                        }
+                    }
+                    7 => vm.purge(),
+                    _ => {}
+                }
+            }
+            for (ptr, ..) in mine {
+                // SAFETY: as above.
+                unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
+            }
+        });
+        for (ptr, ..) in shared.into_inner().unwrap() {
+            // SAFETY: as above.
+            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
+        }
+        vm.purge();
+        let stats = vm.stats();
+        assert_eq!((stats.block_areas, stats.data_frames), (0, 0));
+        assert_frames_conserved(&stats, frames);
+    });
+}
+
+/// The stamp on every page of the area at `ptr`, as its maker wrote it.
+fn check(cpu: vmalloc_sim::SimCpu<'_>, ptr: usize, pages: usize, stamp: u8) {
+    for page in 0..pages {
+        let mut back = [0; 8];
+        cpu.read(VirtAddr::new((ptr + page * PAGE) as u64), &mut back)
+            .unwrap();
+        assert_eq!(back, [stamp; 8], "page {page} of {ptr:#x}");
     }
 }

@@ -1,0 +1,473 @@
+//! A CPU's cache: its block, free frames and lazy list, in its [`PerCpu`] slot.
+
+use super::block::{Block, NO_OWNER};
+use super::{BLOCK_BYTES, BLOCK_PAGES, MAX_BLOCK_PAGES, TAKE_FROM};
+use crate::paging::RangeFlush;
+use crate::percpu::{Held, Init};
+use crate::sync::IrqOff;
+use crate::vmalloc::gather::CountingFrames;
+use crate::vmalloc::locked::Locked;
+use crate::vmalloc::manager::Vmalloc;
+use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use x86_64::structures::paging::page::PageRange;
+use x86_64::structures::paging::{Page, PhysFrame};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Free frames a CPU keeps at most: as many as its lazy list holds, so the frames
+/// of a flushed list fit back in the cache and a steady stream of areas costs the
+/// frame allocator nothing.
+pub(super) const CACHED_FRAMES: usize = 128;
+/// Frames a CPU takes from the allocator at once.
+pub(super) const REFILL: usize = 32;
+/// Freed areas a CPU collects before one batched flush.
+const LAZY_RANGES: usize = 64;
+/// Freed frames (512 KiB) a CPU collects before one batched flush: on a machine
+/// with several CPUs each flush is a shootdown, so 16-page areas should not pay one
+/// every other free.
+const LAZY_FRAMES: usize = CACHED_FRAMES;
+
+const _: () = assert!(
+    LAZY_FRAMES <= crate::vmalloc::locked::CHUNK,
+    "a list fits one gather"
+);
+const _: () = assert!(REFILL >= MAX_BLOCK_PAGES as usize && REFILL <= CACHED_FRAMES);
+
+pub(super) const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
+
+/// A freed area waiting for its CPU's batched flush.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lazy {
+    pub(super) block: u16,
+    pub(super) first: u16,
+    pub(super) pages: u8,
+}
+
+/// What a CPU's cache counts: written by its holder, read by `stats` from any CPU.
+pub(crate) struct CacheCounters {
+    /// Frames in `frames`.
+    pub(super) cached: AtomicU64,
+    /// Frames in `lazy_frames`.
+    pub(super) pending: AtomicU64,
+    /// Data frames mapped minus unmapped by this CPU.
+    pub(super) data: AtomicI64,
+    /// Areas made minus freed by this CPU.
+    pub(super) areas: AtomicI64,
+    /// Pages (guards included) of areas made minus freed by this CPU.
+    pub(super) live_pages: AtomicI64,
+    /// Whether the cache owns a block.
+    pub(super) owns_block: AtomicBool,
+}
+
+impl Init for CacheCounters {
+    const INIT: Self = CacheCounters {
+        cached: AtomicU64::new(0),
+        pending: AtomicU64::new(0),
+        data: AtomicI64::new(0),
+        areas: AtomicI64::new(0),
+        live_pages: AtomicI64::new(0),
+        owns_block: AtomicBool::new(false),
+    };
+}
+
+impl CacheCounters {
+    /// Whether draining the cache would give anything back.
+    fn holds_anything(&self) -> bool {
+        self.cached.load(Ordering::Relaxed) > 0
+            || self.pending.load(Ordering::Relaxed) > 0
+            || self.owns_block.load(Ordering::Relaxed)
+    }
+}
+
+/// Adds `delta` to a counter only the cache's holder writes: no locked instruction.
+#[inline]
+pub(super) fn add(counter: &AtomicI64, delta: i64) {
+    counter.store(counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
+}
+
+/// A CPU's cache, touched only by whoever holds its slot; lives in a frame of its own
+/// until the manager is dropped.
+pub(super) struct CpuState {
+    pub(super) block: Option<usize>,
+    frames: [PhysFrame; CACHED_FRAMES],
+    cached: usize,
+    lazy: [Lazy; LAZY_RANGES],
+    lazy_len: usize,
+    lazy_frames: [PhysFrame; LAZY_FRAMES],
+    lazy_frame_count: usize,
+    /// The frame this state lives in.
+    frame: PhysFrame,
+}
+
+impl CpuState {
+    /// Freed areas waiting on the lazy list.
+    pub(super) fn lazy_len(&self) -> usize {
+        self.lazy_len
+    }
+}
+
+/// The frame holding a CPU's cache.
+pub(crate) struct StatePage(NonNull<CpuState>);
+
+// SAFETY: the state is the slot's, and moves with it between CPUs.
+unsafe impl Send for StatePage {}
+
+/// A CPU's cache, held.
+pub(super) type Slot<'a> = Held<'a, CacheCounters, Option<StatePage>>;
+
+impl<F, M, T> Vmalloc<F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// The calling CPU's cache, for as long as `irq` holds interrupts off; emptied
+    /// first if that was asked. `None` when the flush policy names no CPUs, or the
+    /// cache is held (further up this CPU's stack, or by a CPU draining it).
+    pub(super) fn cpu_slot<'a>(&'a self, irq: &'a IrqOff<'_>) -> Option<Slot<'a>> {
+        let cpus = self.tlb.cpus()?;
+        let mut slot = self.blocks.cpus.this_cpu(cpus, irq)?;
+        if slot.take_drain_request() {
+            self.empty_cache(&mut slot);
+        }
+        Some(slot)
+    }
+
+    /// The held cache's state, made on first use; `None` if no frame can be had.
+    pub(super) fn open<'s>(&self, owned: &'s mut Option<StatePage>) -> Option<&'s mut CpuState> {
+        if owned.is_none() {
+            let state = CpuState {
+                block: None,
+                frames: [NO_FRAME; CACHED_FRAMES],
+                cached: 0,
+                lazy: [Lazy {
+                    block: 0,
+                    first: 0,
+                    pages: 0,
+                }; LAZY_RANGES],
+                lazy_len: 0,
+                lazy_frames: [NO_FRAME; LAZY_FRAMES],
+                lazy_frame_count: 0,
+                frame: NO_FRAME,
+            };
+            let placed = self.place(state, |state, frame| state.frame = frame).ok()?;
+            // SAFETY: placed just above: a valid, unaliased state.
+            *owned = Some(StatePage(unsafe { NonNull::new_unchecked(placed) }));
+        }
+        // SAFETY: the state lives until the manager is dropped and only the slot's
+        // holder reaches it; `&mut` on the slot's part keeps this reference unique.
+        owned.as_mut().map(|page| unsafe { page.0.as_mut() })
+    }
+
+    /// Makes sure the cache holds `n` frames: from the allocator, or from its own
+    /// lazy list after flushing it.
+    pub(super) fn stock_frames(
+        &self,
+        counters: &CacheCounters,
+        state: &mut CpuState,
+        n: usize,
+    ) -> bool {
+        if state.cached < n {
+            let have = state.cached;
+            let want = REFILL.max(n).min(CACHED_FRAMES - have);
+            state.cached += self
+                .frames
+                .alloc_frames(&mut state.frames[have..have + want]);
+            counters
+                .cached
+                .store(state.cached as u64, Ordering::Relaxed);
+        }
+        if state.cached < n {
+            self.flush_lazy(counters, state);
+        }
+        state.cached >= n
+    }
+
+    /// Takes `n` frames out of the cache into `out` (the caller stocked them).
+    pub(super) fn take_frames(
+        state: &mut CpuState,
+        counters: &CacheCounters,
+        out: &mut [PhysFrame],
+    ) {
+        let n = out.len();
+        state.cached -= n;
+        out.copy_from_slice(&state.frames[state.cached..state.cached + n]);
+        counters
+            .cached
+            .store(state.cached as u64, Ordering::Relaxed);
+    }
+
+    /// Puts flushed `frames` into the cache; those it has no room for go back to the
+    /// allocator.
+    pub(super) fn cache_frames(
+        &self,
+        state: &mut CpuState,
+        counters: &CacheCounters,
+        frames: &[PhysFrame],
+    ) {
+        let room = (CACHED_FRAMES - state.cached).min(frames.len());
+        let (kept, rest) = frames.split_at(room);
+        state.frames[state.cached..state.cached + room].copy_from_slice(kept);
+        state.cached += room;
+        counters
+            .cached
+            .store(state.cached as u64, Ordering::Relaxed);
+        if !rest.is_empty() {
+            // Flushed frames of ours: nothing stale to wait for.
+            let mut gather = self.gather();
+            rest.iter().for_each(|&frame| gather.free(frame));
+            gather.finish();
+        }
+    }
+
+    /// Queues a freed area and its frames on the cache's lazy list, flushing the list
+    /// first if it is full.
+    pub(super) fn queue_lazy(
+        &self,
+        counters: &CacheCounters,
+        state: &mut CpuState,
+        lazy: Lazy,
+        frames: &[PhysFrame],
+    ) {
+        let pages = frames.len();
+        if state.lazy_len == LAZY_RANGES || state.lazy_frame_count + pages > LAZY_FRAMES {
+            self.flush_lazy(counters, state);
+        }
+        state.lazy[state.lazy_len] = lazy;
+        state.lazy_len += 1;
+        let count = state.lazy_frame_count;
+        state.lazy_frames[count..count + pages].copy_from_slice(frames);
+        state.lazy_frame_count += pages;
+        counters
+            .pending
+            .store(state.lazy_frame_count as u64, Ordering::Relaxed);
+    }
+
+    /// The mapped pages of a freed area.
+    pub(super) fn range_of(&self, lazy: Lazy) -> PageRange {
+        let start = self.blocks.zone
+            + u64::from(lazy.block) * BLOCK_BYTES
+            + u64::from(lazy.first) * PAGE_SIZE;
+        let first = Page::containing_address(VirtAddr::new(start));
+        Page::range(first, first + u64::from(lazy.pages))
+    }
+
+    /// One batched flush for the cache's lazy list; then its frames join the cache
+    /// (the rest go back to the allocator) and its pages are free again.
+    pub(super) fn flush_lazy(&self, counters: &CacheCounters, state: &mut CpuState) {
+        if state.lazy_len == 0 {
+            return;
+        }
+        let lazy = &state.lazy[..state.lazy_len];
+        // One batched flush for them all: past the ceiling, which a full list of
+        // small areas usually is, one full flush.
+        let mut gather = self.gather();
+        lazy.iter()
+            .for_each(|entry| gather.stale(RangeFlush::from_range(self.range_of(*entry))));
+        gather.flush();
+        let owned = state.block;
+        for entry in lazy {
+            self.free_again(owned, usize::from(entry.block), usize::from(entry.first));
+        }
+        let count = state.lazy_frame_count;
+        let pending = state.lazy_frames;
+        state.lazy_len = 0;
+        state.lazy_frame_count = 0;
+        counters.pending.store(0, Ordering::Relaxed);
+        // Flushed above: the frames go back to this cache.
+        gather.finish_into(|_| self.cache_frames(state, counters, &pending[..count]));
+    }
+
+    /// The flushed freed area at page `first` of block `index` is free again:
+    /// directly in the bitmap when the cache holding it owns the block (`owned`),
+    /// through the block's list of returned areas otherwise.
+    pub(super) fn free_again(&self, owned: Option<usize>, index: usize, first: usize) {
+        let block = self.blocks.block(index);
+        if owned == Some(index) {
+            // SAFETY: the caller holds the cache of the CPU owning the block.
+            unsafe { block.free_again(first) };
+        } else if block.return_freed(first, TAKE_FROM) {
+            self.blocks.mark_takeable(index);
+        }
+    }
+
+    /// Empties a held cache: flushes its lazy list, gives its frames back to the
+    /// allocator and hands its block back. Returns whether anything came back.
+    pub(super) fn empty_cache(&self, slot: &mut Slot<'_>) -> bool {
+        let (counters, owned) = slot.split();
+        let Some(page) = owned.as_mut() else {
+            return false;
+        };
+        // SAFETY: as in `open`: the slot is held.
+        let state = unsafe { page.0.as_mut() };
+        let released = state.lazy_len > 0 || state.cached > 0 || state.block.is_some();
+        self.flush_lazy(counters, state);
+        if state.cached > 0 {
+            // Flushed frames of ours: nothing stale to wait for.
+            let mut gather = self.gather();
+            state.frames[..state.cached]
+                .iter()
+                .for_each(|&frame| gather.free(frame));
+            gather.finish();
+            state.cached = 0;
+            counters.cached.store(0, Ordering::Relaxed);
+        }
+        if let Some(index) = state.block.take() {
+            self.release_block(index);
+            counters.owns_block.store(false, Ordering::Relaxed);
+        }
+        released
+    }
+
+    /// Empties every CPU's cache, other CPUs' too: flushes its lazy list, gives its
+    /// frames back to the allocator and hands its block back (see [per-CPU
+    /// blocks](super)). Returns whether anything came back. An online CPU's cache is
+    /// handed over from work it runs in its shootdown service; one that cannot be had
+    /// now (the flush policy cannot run work on other CPUs, or its owner is inside a
+    /// call of its own) empties itself at its owner's next call.
+    pub fn drain_cpu_caches(&self) -> bool {
+        self.settle();
+        let Some(cpus) = self.tlb.cpus() else {
+            return false;
+        };
+        let mut released = false;
+        self.blocks.cpus.drain_all(
+            cpus,
+            CacheCounters::holds_anything,
+            |work| self.tlb.call_on_other_cpus(work),
+            |slot| released |= self.empty_cache(slot),
+        );
+        released
+    }
+
+    /// Block `index` is no longer its CPU's.
+    pub(super) fn release_block(&self, index: usize) {
+        let block = self.blocks.block(index);
+        block.release();
+        if block.worth_taking(TAKE_FROM) {
+            self.blocks.mark_takeable(index);
+        }
+    }
+
+    /// A block for `cpu`: one nobody owns with room in it, or a new one.
+    pub(super) fn take_block(&self, cpu: usize) -> Option<usize> {
+        let blocks = &self.blocks;
+        for (word, marks) in blocks.takeable.iter().enumerate() {
+            let mut bits = marks.load(Ordering::Relaxed);
+            while bits != 0 {
+                let index = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let block = blocks.block(index);
+                if block.worth_taking(TAKE_FROM) && block.take(cpu) {
+                    marks.fetch_and(!(1 << (index % 64)), Ordering::Relaxed);
+                    return Some(index);
+                }
+                if block.owner() == NO_OWNER && !block.worth_taking(TAKE_FROM) {
+                    // Not worth it any more: the next return marks it again.
+                    marks.fetch_and(!(1 << (index % 64)), Ordering::Relaxed);
+                }
+            }
+        }
+        let unused = blocks.activated.load(Ordering::Acquire);
+        if unused >= blocks.count {
+            return None;
+        }
+        self.lock().activate_block(unused, cpu).ok()?;
+        Some(unused)
+    }
+
+    /// Moves `value` into a frame of its own; `set_frame` records the frame in it.
+    pub(super) fn place<V>(
+        &self,
+        mut value: V,
+        set_frame: impl FnOnce(&mut V, PhysFrame),
+    ) -> Result<*mut V, Error> {
+        const { assert!(size_of::<V>() <= PAGE_SIZE as usize && align_of::<V>() <= 4096) };
+        let frame = self.frames.alloc_frame().ok_or(Error::OutOfFrames)?;
+        set_frame(&mut value, frame);
+        let ptr = self.phys.phys_to_virt(frame.start_address()).cast::<V>();
+        // SAFETY: the frame is fresh from the allocator, reachable through `phys`
+        // (`FrameSource` and `PhysMemory` contracts), page-aligned and big enough.
+        unsafe { ptr.write(value) };
+        self.blocks.bookkeeping.fetch_add(1, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    /// Gives back a frame `place` took.
+    pub(super) fn unplace(&self, frame: PhysFrame) {
+        let mut gather = self.gather();
+        gather.free(frame);
+        gather.finish();
+        self.blocks.bookkeeping.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Gives back the frames of every block descriptor and CPU cache: the teardown,
+    /// after the caches were emptied.
+    pub(in crate::vmalloc) fn release_block_bookkeeping(&mut self) {
+        for slot in &self.blocks.blocks {
+            let block = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            // SAFETY: descriptors stay valid until here; nothing else holds one.
+            if let Some(block) = unsafe { block.as_ref() } {
+                self.unplace(block.frame);
+            }
+        }
+        let cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
+        for page in cpus.into_owned().flatten() {
+            // SAFETY: the state lives until here; the slots are gone.
+            let frame = unsafe { page.0.as_ref() }.frame;
+            self.unplace(frame);
+        }
+    }
+}
+
+impl<'v, F, M, T> Locked<'v, F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// Makes block `index` (the next one) with its leaf table, owned by `cpu`, and
+    /// publishes it. The manager's lock serialises this; if another CPU made block
+    /// `index` meanwhile, [`Error::AlreadyMapped`]. Nothing is kept on error.
+    pub(super) fn activate_block(&mut self, index: usize, cpu: usize) -> Result<&'v Block, Error> {
+        let vm = self.vm;
+        let slot = &vm.blocks.blocks[index];
+        if vm.blocks.activated.load(Ordering::Acquire) != index {
+            return Err(Error::AlreadyMapped);
+        }
+        let base = vm.blocks.zone + index as u64 * BLOCK_BYTES;
+        let block = vm.place(Block::new(base, cpu), |block, frame| block.frame = frame)?;
+        let source = CountingFrames::new(&vm.frames);
+        let inner = self.inner();
+        // SAFETY: the zone is this manager's; `frames` hands out unused frames
+        // reachable through `phys` (`new`'s contract).
+        let table = unsafe { inner.tables.leaf_table(VirtAddr::new(base), &source) };
+        inner.page_table_frames = inner.page_table_frames.wrapping_add_signed(source.net());
+        match table {
+            Ok(table) => {
+                // SAFETY: placed above and not yet published.
+                unsafe { (*block).table = table };
+                slot.store(block, Ordering::Release);
+                vm.blocks.activated.store(index + 1, Ordering::Release);
+                // SAFETY: published descriptors stay valid until the manager is dropped.
+                Ok(unsafe { &*block })
+            }
+            Err(error) => {
+                // SAFETY: placed above and never published.
+                vm.unplace(unsafe { (*block).frame });
+                Err(error)
+            }
+        }
+    }
+}
+
+const _: () = assert!(
+    size_of::<Block>() <= PAGE_SIZE as usize,
+    "a descriptor fits its frame"
+);
+const _: () = assert!(
+    size_of::<CpuState>() <= PAGE_SIZE as usize,
+    "a cache fits its frame"
+);
+const _: () = assert!(BLOCK_PAGES.is_multiple_of(64));
