@@ -6,9 +6,9 @@ use super::blocks::{self, BLOCK_BYTES, Blocks, Located};
 use super::deferred::DeferredFrees;
 use super::gather::Gather;
 use super::huge;
-use super::locked::{CHUNK, Inner, Locked, as_ptr, invariant, page_at, page_range};
+use super::locked::{Inner, Locked, as_ptr, invariant, page_range};
 use super::nodes::NodePool;
-use super::options::{CacheMode, Prot, VmFlags, VmOptions, VmallocConfig};
+use super::options::{Prot, VmFlags, VmOptions, VmallocConfig};
 use super::purge::PurgeList;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
@@ -17,9 +17,9 @@ use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::VirtAddr;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::MappedFrame;
-use x86_64::{PhysAddr, VirtAddr};
 
 /// Each manager's identity: distinct for every manager made in the program's life,
 /// even one made at the address of a dropped one.
@@ -279,162 +279,6 @@ where
         } else {
             Err(Error::WouldBlock)
         }
-    }
-
-    /// Maps frames the caller owns at one contiguous virtual range (Linux's `vmap`).
-    /// The frames stay the caller's: [`vunmap`](Self::vunmap) hands them back.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`] for no frames, [`Error::SizeTooLarge`],
-    /// [`Error::WriteExecute`], [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`]
-    /// (for page tables). Nothing changes on error.
-    ///
-    /// # Safety
-    ///
-    /// Every frame is the caller's to map with `prot` for as long as the mapping lives:
-    /// RAM it owns (not the frame allocator's free memory, not a page table, not the
-    /// kernel image) and does not free before `vunmap` hands it back.
-    #[track_caller]
-    pub unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {
-        let bytes = (frames.len() as u64)
-            .checked_mul(PAGE_SIZE)
-            .ok_or(Error::SizeTooLarge)?;
-        self.pages_for(bytes)?;
-        let flags = prot.leaf_flags()?;
-        let options = VmOptions {
-            prot,
-            ..VmOptions::default()
-        };
-        let record = AreaRecord::new(AreaKind::Vmap, bytes, flags, &options);
-        self.transact(|cx| {
-            let start = cx.create_area(record, PAGE_SIZE)?;
-            let mapped = cx.map(page_at(start, 0), frames.iter().copied(), flags);
-            if let Err(error) = mapped {
-                cx.remove_area(start);
-                return Err(error);
-            }
-            Ok(as_ptr(start))
-        })
-    }
-
-    /// Unmaps a `vmap` area, flushes the TLB for it, and hands each frame back to
-    /// `on_frame` in address order; they never go to the frame allocator. `on_frame`
-    /// runs without the manager's lock, so it may call the manager (or the heap).
-    ///
-    /// # Errors
-    ///
-    /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `vmap`.
-    ///
-    /// # Safety
-    ///
-    /// As [`vfree`](Self::vfree): if `ptr` starts a live `vmap` area, nothing uses
-    /// the mapping after this call ([`VMapping`](super::VMapping) is the owner that
-    /// makes this safe).
-    pub unsafe fn vunmap(
-        &self,
-        ptr: *mut u8,
-        mut on_frame: impl FnMut(PhysFrame),
-    ) -> Result<(), Error> {
-        let (start, pages) = {
-            let mut cx = self.lock();
-            let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmap])?;
-            cx.start_unmapping(start, record.mapped_pages);
-            (start, record.mapped_pages)
-        };
-        // The area is out of every lookup and its entries are detached and flushed;
-        // its frames come back a chunk at a time, each handed out after unlocking.
-        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
-        let mut done = 0;
-        while done < pages {
-            let count = (pages - done).min(CHUNK as u64);
-            self.lock()
-                .reclaim_chunk(page_range(start, done..done + count), &mut chunk);
-            chunk[..count as usize].iter().for_each(|&f| on_frame(f));
-            done += count;
-        }
-        self.lock().finish_unmapping(start, pages);
-        Ok(())
-    }
-
-    /// Maps the physical MMIO range `phys..phys + size` with `cache` attributes
-    /// (Linux's `ioremap`). `phys` need not be page-aligned: the returned pointer
-    /// keeps its offset into the page.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`], [`Error::SizeTooLarge`] (including a range past the 52-bit
-    /// physical limit), [`Error::ManagedRam`] if the range holds RAM the frame
-    /// allocator manages, [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`].
-    /// Nothing changes on error.
-    ///
-    /// # Safety
-    ///
-    /// The physical range is the caller's to map with `cache`: device memory (or
-    /// firmware tables) it may touch, whose accesses through this mapping cannot break
-    /// anything the rest of the kernel relies on.
-    #[track_caller]
-    pub unsafe fn ioremap(
-        &self,
-        phys: PhysAddr,
-        size: usize,
-        cache: CacheMode,
-    ) -> Result<NonNull<u8>, Error> {
-        if size == 0 {
-            return Err(Error::ZeroSize);
-        }
-        let offset = phys.as_u64() % PAGE_SIZE;
-        let end = phys
-            .as_u64()
-            .checked_add(size as u64)
-            .ok_or(Error::SizeTooLarge)?;
-        if PhysAddr::try_new(end - 1).is_err() {
-            return Err(Error::SizeTooLarge);
-        }
-        let bytes = offset + size as u64;
-        let pages = self.pages_for(bytes)?;
-        let first = PhysFrame::containing_address(phys);
-        if self.frames.manages(first, pages) {
-            return Err(Error::ManagedRam);
-        }
-        let flags = Prot::KERNEL_RW.leaf_flags()? | cache.flags();
-        let mut record = AreaRecord::new(AreaKind::Ioremap, bytes, flags, &VmOptions::default());
-        record.phys = phys;
-        self.transact(|cx| {
-            let start = cx.create_area(record, PAGE_SIZE)?;
-            let frames = (0..pages as usize).map(|i| first + i as u64);
-            if let Err(error) = cx.map(page_at(start, 0), frames, flags) {
-                cx.remove_area(start);
-                return Err(error);
-            }
-            Ok(as_ptr(start + offset))
-        })
-    }
-
-    /// Unmaps an `ioremap` area, given the exact pointer `ioremap` returned, and
-    /// flushes the TLB for it before it returns.
-    ///
-    /// # Errors
-    ///
-    /// As [`vfree`](Self::vfree), with [`Error::WrongKind`] for anything but `ioremap`.
-    ///
-    /// # Safety
-    ///
-    /// As [`vfree`](Self::vfree): if `ptr` is what `ioremap` returned for a live
-    /// mapping, nothing uses the mapping after this call
-    /// ([`IoMapping`](super::IoMapping) is the owner that makes this safe).
-    pub unsafe fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
-        let mut cx = self.lock();
-        let page_start = ptr.map_addr(|addr| addr & !(PAGE_SIZE as usize - 1));
-        let (start, record) = cx.live_area_at(page_start, &[AreaKind::Ioremap])?;
-        if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
-            return Err(Error::InteriorPointer);
-        }
-        // Flushed before it returns, as `vunmap`: the device range may be given to
-        // another driver (or remapped by its bus) as soon as the caller is done.
-        cx.unmap_now(page_range(start, 0..record.mapped_pages), false);
-        cx.remove_area(start);
-        Ok(())
     }
 
     /// The frame behind the vmalloc address `addr` (Linux's `vmalloc_to_page`).

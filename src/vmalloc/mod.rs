@@ -164,6 +164,7 @@
 //! |---|---|---|
 //! | `options.rs` | the region's bounds, [`VmallocConfig`], [`VmOptions`], [`Prot`] | — |
 //! | `manager.rs` | [`Vmalloc`] and its public calls | `locked`, `options` |
+//! | `mapping.rs` | `vmap` and `ioremap`: memory the caller owns | `locked` |
 //! | `locked.rs` | the state under the lock and the steps calls are made of | `space`, `purge`, `reclaim` |
 //! | `purge.rs` | the lazy-free list and the purge | `reclaim`, [`tlb`](crate::tlb) |
 //! | `realloc.rs` | `vrealloc` | `locked` |
@@ -190,6 +191,7 @@ pub mod huge;
 mod info;
 mod locked;
 mod manager;
+mod mapping;
 mod nodes;
 mod ops;
 mod options;
