@@ -202,7 +202,7 @@ pub struct VmallocStats {
     /// Frees queued by `vfree_atomic` that were refused when drained, as `vfree`
     /// would have refused them (never allocated, freed already, ...).
     pub deferred_refused: u64,
-    /// Bytes of the region reserved for [per-CPU blocks](super::percpu) (0 with
+    /// Bytes of the region reserved for [per-CPU blocks](super::blocks) (0 with
     /// the caches off); counted in `used` and listed as one reserved area labelled `vmap_blocks`.
     pub block_zone_bytes: u64,
     /// Of those, bytes no live area (or its guard page) holds: virtual space the

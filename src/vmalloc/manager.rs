@@ -395,7 +395,7 @@ where
 
     /// Flushes the TLB for every area waiting on the lazy-purge list (one batch, see
     /// [the purge](super::purge)), then returns their frames and virtual ranges. With
-    /// [per-CPU blocks](super::percpu) it first empties every CPU's cache
+    /// [per-CPU blocks](super::blocks) it first empties every CPU's cache
     /// ([`drain_cpu_caches`](Self::drain_cpu_caches)), so every frame not in use is
     /// back in the frame allocator when it returns.
     pub fn purge(&self) {

@@ -128,7 +128,7 @@ pub struct VmallocConfig {
     pub eager: bool,
     /// Serve small `vmalloc` areas (up to 16 pages, plain options) from per-CPU
     /// blocks and frame caches, without the manager's lock (see
-    /// [per-CPU blocks](super::percpu)). Off by default: areas in blocks carry no
+    /// [per-CPU blocks](super::blocks)). Off by default: areas in blocks carry no
     /// caller location and listings show their zone as one reserved area labelled
     /// `vmap_blocks`.
     pub cpu_caches: bool,

@@ -7,7 +7,7 @@
 //! area map to the purge list, with the flush token the detach returned. When the list
 //! holds more than [`VmallocConfig::lazy_threshold_pages`] pages, or the region or the
 //! frame allocator runs dry, or [`Vmalloc::purge`] is called, one purge issues every
-//! waiting token as one batch (through [the gather](super::gather): the TLB's own ceiling decides between
+//! waiting token as one batch (through the manager's gather: the TLB's own ceiling decides between
 //! range flushes and one full flush). Then it returns the frames, unlinks the page
 //! tables left empty and frees them after one more flush covering every address they
 //! served, and only then frees the virtual ranges. [`VmallocConfig::eager`] purges on

@@ -20,7 +20,7 @@ where
     /// the existing frames to a new range by remapping them, without copying data.
     /// A zeroed area stays zeroed: new memory is zero, and so is what a shrink drops
     /// (as Linux's `vrealloc` does), so growing it back shows zeros. An area in a
-    /// [per-CPU block](super::percpu) is copied to a new area instead (at most 16
+    /// [per-CPU block](super::blocks) is copied to a new area instead (at most 16
     /// pages).
     ///
     /// # Errors

@@ -11,20 +11,20 @@
 //!   worth: the block makes its table when first used and keeps it until the manager
 //!   is dropped, so mapping a page is one entry store, and no purge can free a table
 //!   under it.
-//! - **The CPU's cache** is its [`PerCpu`](crate::percpu) slot, touched with
+//! - **The CPU's cache** is its `PerCpu` slot, touched with
 //!   interrupts held off and no locked instruction: the block it carves from, up to
 //!   `CACHED_FRAMES` (128) free frames taken from the frame allocator `REFILL` (32) at
 //!   a time, and its lazy list of freed areas.
 //! - **Carving.** A CPU owns one block at a time and carves areas from its bitmap of
 //!   free pages, first fit from where it last carved: `pages + 1` pages each, the last
-//!   one the unmapped guard. The bitmap is the owner's alone (see [`block`]). When its
+//!   one the unmapped guard. The bitmap is the owner's alone (see `block.rs`). When its
 //!   block has no room it flushes its own lazy list (which may free some) or hands the
 //!   block back and takes another: one nobody owns with at least a quarter free (a
 //!   bitmask finds them), else a new one.
 //! - **Frees.** `vfree` from any CPU claims the area (a compare-and-swap on its first
 //!   page's length, so a second free fails), clears its entries and puts the range and
 //!   its frames on the *freeing* CPU's lazy list. When that list is full, one batched
-//!   flush covers it (through a [gather](super::gather)); then the frames join the
+//!   flush covers it (through the manager's gather); then the frames join the
 //!   CPU's cache and the pages are free again: directly in a block the CPU owns,
 //!   through the block's lock-free list of returned areas otherwise. Until then
 //!   neither the frames nor the range can be handed out again.
@@ -32,7 +32,7 @@
 //! # Which calls take it
 //!
 //! The choice between a block area and an area of the tree is made once, by
-//! [`Blocks::locate`]: the public calls match on what it found.
+//! `Blocks::locate`: the public calls match on what it found.
 //!
 //! # Running out
 //!
