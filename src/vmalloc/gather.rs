@@ -19,7 +19,6 @@
 //! flush covering every address it served; while tables are being unlinked, before
 //! that range is known, a full buffer is flushed whole.
 
-use super::locked::CHUNK;
 use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::cell::Cell;
@@ -91,6 +90,11 @@ impl Stale {
         *self = Stale::NONE;
     }
 }
+
+/// Frames taken from the allocator per bulk call while mapping, and frames handed
+/// back per batch: one allocator lock per 128 frames. The batch is an array on the
+/// stack (1 KiB), under the 2 KiB per frame Linux warns about.
+pub(super) const CHUNK: usize = 128;
 
 /// What unmaps detached, on its way out of the manager: see the [module
 /// documentation](self). Call [`finish`](Self::finish): a gather dropped unfinished

@@ -3,7 +3,7 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::blocks::Located;
-use super::gather::{CountingFrames, Gather};
+use super::gather::{CHUNK, CountingFrames, Gather};
 use super::manager::Vmalloc;
 use super::nodes::NodePool;
 use super::purge::PurgeList;
@@ -16,11 +16,6 @@ use x86_64::structures::paging::mapper::MappedFrame;
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
-
-/// Frames taken from the allocator per bulk call while mapping, and frames handed
-/// back per batch: one allocator lock per 128 frames. The batch is an array on the
-/// stack (1 KiB), under the 2 KiB per frame Linux warns about.
-pub(super) const CHUNK: usize = 128;
 
 /// Frames per bulk call for small areas.
 const SMALL_CHUNK: usize = 16;

@@ -5,7 +5,8 @@
 //! to someone else right after.
 
 use super::area::{AreaKind, AreaRecord};
-use super::locked::{CHUNK, as_ptr, page_at, page_range};
+use super::gather::CHUNK;
+use super::locked::{as_ptr, page_at, page_range};
 use super::manager::Vmalloc;
 use super::options::{CacheMode, Prot, VmOptions};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};

@@ -2,7 +2,8 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::blocks::Located;
-use super::locked::{CHUNK, Locked, as_ptr, invariant, page_at, page_range};
+use super::gather::CHUNK;
+use super::locked::{Locked, as_ptr, invariant, page_at, page_range};
 use super::manager::Vmalloc;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;

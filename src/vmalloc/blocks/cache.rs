@@ -29,7 +29,7 @@ const LAZY_RANGES: usize = 64;
 const LAZY_FRAMES: usize = CACHED_FRAMES;
 
 const _: () = assert!(
-    LAZY_FRAMES <= crate::vmalloc::locked::CHUNK,
+    LAZY_FRAMES <= crate::vmalloc::gather::CHUNK,
     "a list fits one gather"
 );
 const _: () = assert!(REFILL >= MAX_BLOCK_PAGES as usize && REFILL <= CACHED_FRAMES);
