@@ -1,0 +1,6 @@
+//! Helpers shared by integration tests, one submodule per family of tests. Each test
+//! crate uses only some of them.
+
+#![allow(dead_code)]
+
+pub mod paging;

@@ -1,0 +1,174 @@
+//! 2 MiB and 1 GiB entries in the page-table cursor: translating, mapping, splitting
+//! and unmapping them, and range calls that meet them.
+
+mod common;
+
+use common::paging::*;
+use vmalloc::{Error, PAGE_SIZE};
+use x86_64::structures::paging::mapper::{MappedFrame, TranslateResult};
+use x86_64::structures::paging::{Page, PageTableFlags, PhysFrame, Size2MiB, Size4KiB};
+use x86_64::{PhysAddr, VirtAddr};
+
+#[test]
+fn translate_understands_2m_and_1g_entries() {
+    let m = &mut machine(2048, 31);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 6 * MIB2));
+    let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
+    m.map_huge(huge, frame, RW).unwrap();
+    let addr = BASE + 6 * MIB2 + 0x12345;
+    let (phys, flags, mapped) = m.tables.translate(VirtAddr::new(addr)).unwrap();
+    assert_eq!(phys, PhysAddr::new(0x4020_0000 + 0x12345));
+    assert_eq!(flags, RW | PageTableFlags::HUGE_PAGE);
+    assert!(matches!(mapped, MappedFrame::Size2MiB(f) if f == frame));
+    match m.reference(addr) {
+        TranslateResult::Mapped {
+            frame: f, offset, ..
+        } => assert_eq!(f.start_address() + offset, phys),
+        other => panic!("{other:?}"),
+    }
+    let (back, flush) = m.unmap_huge(huge).unwrap();
+    assert_eq!((back, flush.range().map(|r| r.len())), (frame, Some(512)));
+    assert_eq!(m.unmap_huge(huge), Err(Error::NotMapped));
+
+    // A 1 GiB entry, written by hand into the PDPT the 2 MiB page left behind.
+    let pdpt = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(
+        m.table_copy(m.tables.root())[index(BASE, 0)] & ADDR_MASK,
+    ));
+    let giant = 0x8000_0000u64 | (RW | PageTableFlags::HUGE_PAGE).bits();
+    let slot = pdpt.start_address() + index(BASE + 3 * GIB, 1) as u64 * 8;
+    m.write_phys(slot, &giant.to_le_bytes());
+    let (phys, _, mapped) = m
+        .tables
+        .translate(VirtAddr::new(BASE + 3 * GIB + 0x1234_5678))
+        .unwrap();
+    assert_eq!(phys, PhysAddr::new(0x8000_0000 + 0x1234_5678));
+    assert!(matches!(mapped, MappedFrame::Size1GiB(_)));
+    let frames = m.take(1);
+    let inside = pages(BASE + 3 * GIB + MIB2, 1);
+    assert_eq!(m.map(inside, frames, RW), Err(Error::HugePageInTheWay));
+    assert_eq!(m.unmap(inside, |_, _| {}), Err(Error::HugePageInTheWay));
+}
+
+#[test]
+fn range_calls_treat_a_whole_2m_entry_as_512_pages_and_refuse_part_of_one() {
+    let m = &mut machine(2048, 37);
+    let start = BASE + 10 * MIB2 - 2 * PAGE_SIZE;
+    let small = m.take(4);
+    m.map(pages(start, 2), small[..2].iter().copied(), RW)
+        .unwrap();
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 10 * MIB2));
+    let run = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+    m.map_huge(huge, run, RW).unwrap();
+    m.map(pages(BASE + 11 * MIB2, 2), small[2..].iter().copied(), RW)
+        .unwrap();
+    let whole = pages(start, 2 + 512 + 2);
+    let first = PhysFrame::<Size4KiB>::containing_address(run.start_address());
+    let mut expected: Vec<PhysFrame> = small[..2].to_vec();
+    expected.extend((0..512).map(|i| first + i));
+    expected.extend_from_slice(&small[2..]);
+
+    // Part of the 2 MiB entry: refused, nothing changes.
+    let snapshot = m.table_snapshot();
+    let part = pages(start, 2 + 100);
+    assert_eq!(
+        m.protect(part, PageTableFlags::PRESENT),
+        Err(Error::HugePageInTheWay)
+    );
+    assert_eq!(m.detach(part), Err(Error::HugePageInTheWay));
+    assert!(m.table_snapshot() == snapshot);
+
+    let read_only = PageTableFlags::GLOBAL;
+    let flush = m.protect(whole, read_only).unwrap();
+    assert_eq!(flush.range(), Some(whole));
+    let (_, flags, mapped) = m
+        .tables
+        .translate(VirtAddr::new(BASE + 10 * MIB2 + 0x5000))
+        .unwrap();
+    assert_eq!(
+        flags,
+        read_only | PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE
+    );
+    assert!(matches!(mapped, MappedFrame::Size2MiB(f) if f == run));
+
+    let flush = m.detach(whole).unwrap();
+    assert_eq!(flush.range(), Some(whole));
+    assert_eq!(
+        m.tables.translate(VirtAddr::new(BASE + 10 * MIB2)).err(),
+        Some(Error::NotMapped)
+    );
+    assert_eq!(
+        m.detach(whole),
+        Err(Error::NotMapped),
+        "detached entries are not mapped"
+    );
+    let mut handed = Vec::new();
+    m.reclaim(whole, |page, frame| handed.push((page, frame)))
+        .unwrap();
+    let pages_seen: Vec<_> = handed.iter().map(|&(page, _)| page).collect();
+    assert_eq!(pages_seen, whole.collect::<Vec<_>>());
+    let frames_seen: Vec<_> = handed.iter().map(|&(_, frame)| frame).collect();
+    assert_eq!(frames_seen, expected);
+    assert_eq!(
+        m.map_huge(huge, run, RW),
+        Ok(()),
+        "the PD entry is free again"
+    );
+}
+
+#[test]
+fn splitting_a_2m_entry_keeps_every_translation_and_lets_part_of_it_go() {
+    let m = &mut machine(2048, 43);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 12 * MIB2));
+    let run = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
+    let flags = RW | PageTableFlags::GLOBAL | PageTableFlags::NO_EXECUTE;
+    m.map_huge(huge, run, flags).unwrap();
+    assert_eq!(
+        m.split_huge(Page::containing_address(VirtAddr::new(BASE + 14 * MIB2))),
+        Err(Error::NotMapped)
+    );
+
+    let out = m.out();
+    m.fail_from(Some(1));
+    assert_eq!(m.split_huge(huge), Err(Error::OutOfFrames));
+    m.fail_from(None);
+    let flush = m.split_huge(huge).unwrap();
+    assert_eq!(m.out(), out + 1, "one page table");
+    assert_eq!(flush.range().map(|r| r.len()), Some(512));
+    let first = PhysFrame::<Size4KiB>::containing_address(run.start_address());
+    let frames: Vec<_> = (0..512).map(|i| first + i).collect();
+    m.assert_mapped(BASE + 12 * MIB2, &frames, flags);
+    assert_eq!(
+        m.split_huge(huge),
+        Err(Error::NotMapped),
+        "a table is there now"
+    );
+
+    let mut back = Vec::new();
+    let flush = m
+        .unmap(
+            pages(BASE + 12 * MIB2 + 256 * PAGE_SIZE, 256),
+            |_, frame| back.push(frame),
+        )
+        .unwrap();
+    assert_eq!(flush.range().map(|r| r.len()), Some(256));
+    assert_eq!(back, frames[256..]);
+    m.assert_mapped(BASE + 12 * MIB2, &frames[..256], flags);
+}
+
+#[test]
+fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
+    let m = &mut machine(256, 41);
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(BASE + 8 * MIB2));
+    let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+    let snapshot = m.table_snapshot();
+    let out = m.out();
+    for k in 1..=2 {
+        m.fail_from(Some(k));
+        let result = m.map_huge(huge, frame, RW);
+        assert_eq!(result, Err(Error::OutOfFrames), "failing allocation {k}");
+        assert!(m.table_snapshot() == snapshot && m.out() == out);
+    }
+    m.fail_from(None);
+    m.map_huge(huge, frame, RW).unwrap();
+    assert_eq!(m.out(), out + 2, "a PDPT and a PD");
+}
