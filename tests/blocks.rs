@@ -1,66 +1,20 @@
-//! Small areas from per-CPU blocks (`VmallocConfig::cpu_caches`): they behave as other
-//! `vmalloc` areas, are never reused before the flush that covers them, give every
-//! frame back, and running out empties every CPU's cache before failing.
+//! Small areas from per-CPU blocks (`VmallocConfig::cpu_caches`) on one CPU: they
+//! behave as other `vmalloc` areas (errors, resizing, protection, listings), are never
+//! reused before the flush that covers them, and running out changes nothing.
 
+mod common;
+
+use common::blocks::*;
 use std::ptr::NonNull;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use vmalloc::vmalloc::blocks::MAX_BLOCK_PAGES;
 use vmalloc::vmalloc::{Prot, VmOptions, VmallocStats};
-use vmalloc::{Error, FrameSource, TlbFlush, Vmalloc, VmallocConfig};
-use vmalloc_sim::scenarios::{self, manager_with as manager};
-use vmalloc_sim::{
-    Access, DEADLOCK_LIMIT, Rng, SimConfig, SimFrames, SimMachine, SimPhys, watchdog,
-};
+use vmalloc::{Error, FrameSource, TlbFlush, VmallocConfig};
+use vmalloc_sim::scenarios::manager_with as manager;
+use vmalloc_sim::{Access, SimMachine};
+use x86_64::PhysAddr;
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::PhysFrame;
-use x86_64::{PhysAddr, VirtAddr};
-
-type Tlb = scenarios::SmpTlb;
-type Manager<T> = Vmalloc<&'static SimFrames, SimPhys<'static>, T>;
-
-const PAGE: usize = 4096;
-
-fn cached() -> VmallocConfig {
-    VmallocConfig {
-        cpu_caches: true,
-        ..VmallocConfig::default()
-    }
-}
-
-/// A machine with `cpus` CPUs, its frames and a shootdown over it.
-fn smp_machine(cpus: usize) -> (&'static SimMachine, &'static SimFrames, &'static Tlb) {
-    scenarios::smp_machine(
-        SimConfig::new(64 << 20)
-            .with_cpus(cpus)
-            .with_scatter_seed(9),
-    )
-}
-
-fn addr(ptr: NonNull<u8>) -> VirtAddr {
-    VirtAddr::from_ptr(ptr.as_ptr())
-}
-
-/// The zone's range, from the listing.
-fn zone<T: TlbFlush>(vm: &Manager<T>) -> std::ops::Range<u64> {
-    let zone = vm
-        .areas()
-        .find(|area| area.tag == "vmap_blocks")
-        .expect("the zone is listed");
-    zone.start.as_u64()..zone.start.as_u64() + zone.span
-}
-
-/// Every frame is free, data, a page table, waiting for a flush (on the purge list
-/// or a CPU's lazy list), cached, or bookkeeping.
-fn assert_frames_conserved(stats: &VmallocStats, frames: &SimFrames) {
-    let accounted = frames.stats().free
-        + stats.data_frames
-        + stats.page_table_frames
-        + stats.pending_purge_frames
-        + stats.cached_frames
-        + stats.bookkeeping_frames;
-    assert_eq!(accounted, frames.stats().total, "{stats:?}");
-}
 
 #[test]
 fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
@@ -278,195 +232,6 @@ fn vfree_atomic_of_a_small_area_is_done_by_the_next_call() {
     assert_frames_conserved(&vm.stats(), frames);
 }
 
-/// CPU 1 caches a translation of a small area; CPU 0 frees it and makes small areas
-/// until one gets its frame back, then writes there; CPU 1 reads the old address
-/// again. Returns what it read, or `None` if it faulted.
-fn stale_read_after_reuse<T: TlbFlush + Sync>(
-    machine: &'static SimMachine,
-    frames: &'static SimFrames,
-    tlb: T,
-) -> Option<[u8; 8]> {
-    let vm = manager(machine, frames, tlb, cached());
-    let old = addr(vm.vmalloc(PAGE).unwrap());
-    machine.write(old, b"OLD-DATA").unwrap();
-    let (seen, new) = machine.read_again_after(1, old, || {
-        let frame = vm.vmalloc_to_frame(old).unwrap();
-        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-        unsafe { vm.vfree(old.as_mut_ptr()) }.unwrap();
-        // Small areas come and go until one gets the frame back.
-        let new = (0..10_000)
-            .find_map(|_| {
-                let new = vm.vmalloc(PAGE).unwrap();
-                assert_ne!(addr(new), old, "the range is not reused before the flush");
-                if vm.vmalloc_to_frame(addr(new)).unwrap() == frame {
-                    return Some(new);
-                }
-                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                unsafe { vm.vfree(new.as_ptr()) }.unwrap();
-                None
-            })
-            .expect("the frame comes back");
-        machine.write(addr(new), b"NEWDATA!").unwrap();
-        new
-    });
-    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-    unsafe { vm.vfree(new.as_ptr()) }.unwrap();
-    seen
-}
-
-#[test]
-fn a_small_areas_frame_is_reused_only_after_every_cpu_dropped_its_translation() {
-    watchdog(
-        "a_small_areas_frame_is_reused_only_after_every_cpu_dropped_its_translation",
-        DEADLOCK_LIMIT,
-        || {
-            let (machine, frames, tlb) = smp_machine(2);
-            let seen = stale_read_after_reuse(machine, frames, tlb);
-            assert_eq!(seen, None, "CPU 1 faults on the freed address");
-        },
-    );
-}
-
-#[test]
-fn a_local_only_flush_is_caught_reading_the_reused_frame_of_a_small_area() {
-    watchdog(
-        "a_local_only_flush_is_caught_reading_the_reused_frame_of_a_small_area",
-        DEADLOCK_LIMIT,
-        || {
-            // The negative control: the same steps with a flush that only reaches CPU 0.
-            let (machine, frames, _) = smp_machine(2);
-            assert_eq!(
-                stale_read_after_reuse(machine, frames, machine),
-                Some(*b"NEWDATA!"),
-                "without a shootdown CPU 1 reads the new owner's data"
-            );
-        },
-    );
-}
-
-#[test]
-fn running_out_empties_every_cpus_cache_before_failing() {
-    watchdog(
-        "running_out_empties_every_cpus_cache_before_failing",
-        DEADLOCK_LIMIT,
-        || {
-            let (machine, frames, tlb) = smp_machine(4);
-            let vm = manager(machine, frames, tlb, cached());
-            // Each CPU leaves frames in its cache and freed areas on its lazy list.
-            machine.on_every_cpu(|_| {
-                let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
-                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                areas
-                    .iter()
-                    .for_each(|ptr| unsafe { vm.vfree(ptr.as_ptr()) }.unwrap());
-            });
-            let stats = vm.stats();
-            assert!(
-                stats.cached_frames > 0 && stats.cached_pending_frames > 0,
-                "{stats:?}"
-            );
-            let in_caches = stats.cached_frames + stats.cached_pending_frames;
-
-            // Hold every free frame: only the caches have any.
-            let mut held =
-                vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
-            assert_eq!(frames.alloc_frames(&mut held), held.len());
-            // A labelled area takes the locked path, which finds no frame, empties every
-            // CPU's cache, and succeeds with their frames.
-            let labelled = VmOptions {
-                tag: "needs the caches",
-                ..VmOptions::default()
-            };
-            let wanted = (in_caches as usize - 8) * PAGE;
-            let ptr = vm.vmalloc_with(wanted, &labelled).unwrap();
-            let stats = vm.stats();
-            assert_eq!(
-                (stats.cached_frames, stats.cached_pending_frames),
-                (0, 0),
-                "{stats:?}"
-            );
-            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-            vm.purge();
-
-            // With every cache empty, a request too large fails and changes nothing.
-            vm.drain_cpu_caches();
-            let before = (vm.stats(), frames.stats().free);
-            assert_eq!(
-                vm.vmalloc_with(4 * wanted, &labelled),
-                Err(Error::OutOfFrames)
-            );
-            assert_eq!((vm.stats(), frames.stats().free), before);
-            frames.free_frames(&held).unwrap();
-            assert_frames_conserved(&vm.stats(), frames);
-        },
-    );
-}
-
-#[test]
-fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
-    watchdog(
-        "four_cpus_free_each_others_small_areas_and_every_frame_comes_back",
-        DEADLOCK_LIMIT,
-        || {
-            let (machine, frames, tlb) = smp_machine(4);
-            let start = frames.stats().free;
-            let vm = manager(machine, frames, tlb, cached());
-            let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
-            machine.on_every_cpu(|cpu| {
-                let mut rng = Rng::new(cpu.index() as u64 + 11);
-                for round in 0..400usize {
-                    let tag = (cpu.index() * 64 + round % 64) as u8;
-                    if rng.below(2) == 0 {
-                        let pages = 1 + rng.below(MAX_BLOCK_PAGES) as usize;
-                        let ptr = vm.vmalloc(pages * PAGE).unwrap();
-                        for page in 0..pages {
-                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16])
-                                .unwrap();
-                        }
-                        shared
-                            .lock()
-                            .unwrap()
-                            .push((ptr.as_ptr() as usize, pages, tag));
-                    } else {
-                        let taken = {
-                            let mut shared = shared.lock().unwrap();
-                            let len = shared.len() as u64;
-                            (len > 0).then(|| shared.swap_remove(rng.below(len) as usize))
-                        };
-                        // Often another CPU's area, in another CPU's block.
-                        if let Some((ptr, pages, tag)) = taken {
-                            let ptr = NonNull::new(ptr as *mut u8).unwrap();
-                            for page in 0..pages {
-                                let mut back = [0; 16];
-                                cpu.read(addr(ptr) + (page * PAGE) as u64, &mut back)
-                                    .unwrap();
-                                assert_eq!(back, [tag; 16], "no other area shares its frames");
-                            }
-                            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-                        }
-                    }
-                }
-            });
-            let left: Vec<_> = shared.into_inner().unwrap();
-            let stats = vm.stats();
-            assert_eq!(stats.block_areas, left.len() as u64);
-            assert_frames_conserved(&stats, frames);
-            for &(ptr, ..) in &left[..left.len() / 2] {
-                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-                unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-            }
-            vm.purge();
-            assert_eq!(vm.stats().cached_pending_frames, 0);
-            // The rest leak into the manager's teardown, which gives them back too.
-            drop(vm);
-            assert_eq!(frames.stats().free, start, "every frame is back");
-            assert!(tlb.stats().ipis > 0, "the CPUs were shot at");
-        },
-    );
-}
-
 /// The machine's flushes, counted.
 struct Counted {
     machine: &'static SimMachine,
@@ -615,15 +380,6 @@ fn running_out_while_making_the_first_small_area_keeps_only_the_per_cpu_structur
     }
 }
 
-/// An area of `pages` pages: from a per-CPU block up to `MAX_BLOCK_PAGES`, from the
-/// locked path above.
-fn area_of(vm: &Manager<impl TlbFlush>, pages: usize) -> NonNull<u8> {
-    let ptr = vm.vmalloc(pages * PAGE).unwrap();
-    let in_zone = zone(vm).contains(&(ptr.as_ptr() as u64));
-    assert_eq!(in_zone, pages as u64 <= MAX_BLOCK_PAGES, "{pages} pages");
-    ptr
-}
-
 #[test]
 fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas() {
     let (machine, frames, tlb) = smp_machine(1);
@@ -651,47 +407,6 @@ fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas()
         assert_eq!(stats.data_frames, before.data_frames - pages as u64);
         assert_frames_conserved(&stats, frames);
     }
-}
-
-#[test]
-fn a_shrinking_vrealloc_returns_after_every_cpu_dropped_the_pages_for_block_and_tree_areas() {
-    watchdog("shrinking vrealloc", DEADLOCK_LIMIT, shrink_on_two_cpus);
-}
-
-fn shrink_on_two_cpus() {
-    let (machine, frames, tlb) = smp_machine(2);
-    let vm = manager(machine, frames, tlb, cached());
-    for pages in [8, 24] {
-        // The reader leaves the online set when it is done: back for this round.
-        machine.cpu(1).go_online();
-        let ptr = area_of(&vm, pages);
-        let last = addr(ptr) + ((pages - 1) * PAGE) as u64;
-        machine.write(last, b"old page").unwrap();
-        // CPU 1 caches the last page; CPU 0 shrinks the area to two pages.
-        let (seen, shrunk) = machine.read_again_after(1, last, || {
-            // SAFETY: nothing keeps a reference into the dropped pages.
-            unsafe { vm.vrealloc(ptr.as_ptr(), 2 * PAGE) }.unwrap()
-        });
-        assert_eq!(shrunk, ptr, "{pages} pages: shrunk in place");
-        assert_eq!(
-            seen, None,
-            "{pages} pages: CPU 1 dropped the page before it returned"
-        );
-        let mut back = [0; 8];
-        assert!(
-            machine.read(last, &mut back).is_err(),
-            "{pages} pages: so did CPU 0"
-        );
-        let mut kept = [0; 8];
-        machine.write(addr(ptr) + PAGE as u64, b"page one").unwrap();
-        machine.read(addr(ptr) + PAGE as u64, &mut kept).unwrap();
-        assert_eq!(&kept, b"page one");
-        // SAFETY: not used again.
-        unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
-    }
-    vm.purge();
-    assert_eq!(vm.stats().data_frames, 0);
-    assert_frames_conserved(&vm.stats(), frames);
 }
 
 #[test]
@@ -774,92 +489,5 @@ fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
                 Some(Error::NotAllocated)
             );
         }
-    }
-}
-
-#[test]
-fn four_cpus_stress_small_areas_allocating_freeing_resizing_and_purging_at_once() {
-    watchdog("small-area stress", DEADLOCK_LIMIT, || {
-        let (machine, frames, tlb) = smp_machine(4);
-        let vm = manager(machine, frames, tlb, cached());
-        let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
-        machine.on_every_cpu(|cpu| {
-            let mut rng = Rng::new(cpu.index() as u64 * 7 + 3);
-            let mut mine: Vec<(usize, usize, u8)> = Vec::new();
-            for round in 0..1500usize {
-                let stamp = (cpu.index() * 61 + round) as u8 | 1;
-                match rng.below(8) {
-                    0..=2 => {
-                        let pages = 1 + rng.below(6) as usize;
-                        let ptr = vm.vmalloc(pages * PAGE).unwrap();
-                        for page in 0..pages {
-                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[stamp; 8])
-                                .unwrap();
-                        }
-                        mine.push((ptr.as_ptr() as usize, pages, stamp));
-                    }
-                    3 | 4 if !mine.is_empty() => {
-                        let (ptr, pages, stamp) =
-                            mine.swap_remove(rng.below(mine.len() as u64) as usize);
-                        check(cpu, ptr, pages, stamp);
-                        // Half of them are freed by another CPU.
-                        if rng.below(2) == 0 {
-                            shared.lock().unwrap().push((ptr, pages, stamp));
-                        } else {
-                            // SAFETY: this CPU's area, checked and not used again.
-                            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-                        }
-                    }
-                    5 if !mine.is_empty() => {
-                        let index = rng.below(mine.len() as u64) as usize;
-                        let (ptr, pages, stamp) = mine[index];
-                        check(cpu, ptr, pages, stamp);
-                        let new_pages = 1 + rng.below(8) as usize;
-                        // SAFETY: the old pointer is replaced by the one returned.
-                        let moved =
-                            unsafe { vm.vrealloc(ptr as *mut u8, new_pages * PAGE) }.unwrap();
-                        let kept = pages.min(new_pages);
-                        check(cpu, moved.as_ptr() as usize, kept, stamp);
-                        for page in kept..new_pages {
-                            cpu.write(addr(moved) + (page * PAGE) as u64, &[stamp; 8])
-                                .unwrap();
-                        }
-                        mine[index] = (moved.as_ptr() as usize, new_pages, stamp);
-                    }
-                    6 => {
-                        let theirs = shared.lock().unwrap().pop();
-                        if let Some((ptr, pages, stamp)) = theirs {
-                            check(cpu, ptr, pages, stamp);
-                            // SAFETY: handed over by the CPU that made it, not used again.
-                            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-                        }
-                    }
-                    7 => vm.purge(),
-                    _ => {}
-                }
-            }
-            for (ptr, ..) in mine {
-                // SAFETY: as above.
-                unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-            }
-        });
-        for (ptr, ..) in shared.into_inner().unwrap() {
-            // SAFETY: as above.
-            unsafe { vm.vfree(ptr as *mut u8) }.unwrap();
-        }
-        vm.purge();
-        let stats = vm.stats();
-        assert_eq!((stats.block_areas, stats.data_frames), (0, 0));
-        assert_frames_conserved(&stats, frames);
-    });
-}
-
-/// The stamp on every page of the area at `ptr`, as its maker wrote it.
-fn check(cpu: vmalloc_sim::SimCpu<'_>, ptr: usize, pages: usize, stamp: u8) {
-    for page in 0..pages {
-        let mut back = [0; 8];
-        cpu.read(VirtAddr::new((ptr + page * PAGE) as u64), &mut back)
-            .unwrap();
-        assert_eq!(back, [stamp; 8], "page {page} of {ptr:#x}");
     }
 }

@@ -3,4 +3,5 @@
 
 #![allow(dead_code)]
 
+pub mod blocks;
 pub mod paging;
