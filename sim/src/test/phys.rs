@@ -1,0 +1,55 @@
+//! Physical memory: where it lives on the host, the helpers that read and write
+//! it, accesses past its end, and the empty root table.
+
+use super::*;
+
+#[test]
+fn phys_memory_is_at_phys_offset() {
+    let machine = machine();
+    let addr = PhysAddr::new(0x12_3456);
+    let ptr = machine.phys().phys_to_virt(addr);
+    assert_eq!(ptr as u64, machine.phys_offset().as_u64() + addr.as_u64());
+    assert_eq!(machine.phys_offset().as_u64() % 4096, 0);
+}
+
+#[test]
+fn phys_helpers_round_trip() {
+    let machine = machine();
+    let frame = frame_at(0x50_0000);
+    assert!(
+        machine.frame_bytes(frame).iter().all(|&b| b == 0),
+        "memory starts zeroed"
+    );
+    machine.fill_phys(frame.start_address(), 4096, 0xaa);
+    machine.write_phys(frame.start_address() + 100u64, b"hello");
+    let bytes = machine.frame_bytes(frame);
+    assert_eq!(&bytes[100..105], b"hello");
+    assert_eq!(bytes[99], 0xaa);
+    assert_eq!(bytes[105], 0xaa);
+    let mut back = [0; 5];
+    machine.read_phys(frame.start_address() + 100u64, &mut back);
+    assert_eq!(&back, b"hello");
+}
+
+#[test]
+#[should_panic(expected = "outside the simulated memory")]
+fn phys_address_past_the_end_panics() {
+    let machine = machine();
+    machine.phys().phys_to_virt(PhysAddr::new(64 * MIB));
+}
+
+#[test]
+#[should_panic(expected = "outside the simulated memory")]
+fn phys_write_running_past_the_end_panics() {
+    let machine = machine();
+    machine.write_phys(PhysAddr::new(64 * MIB - 2), b"abc");
+}
+
+#[test]
+fn root_table_starts_empty() {
+    let machine = machine();
+    assert!(machine.frame_bytes(machine.root()).iter().all(|&b| b == 0));
+    assert_eq!(machine.tlb_len(), 0);
+    let range = KERNEL_IMAGE_START..KERNEL_IMAGE_END;
+    assert!(range.contains(&machine.root().start_address().as_u64()));
+}

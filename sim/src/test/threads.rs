@@ -1,0 +1,98 @@
+//! The machine shared between threads: translations in parallel and racing a
+//! thread that rewrites the entry.
+
+use super::*;
+
+#[test]
+fn machine_is_send_and_sync() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<SimMachine>();
+    shareable::<SimPhys<'static>>();
+}
+
+#[test]
+fn threads_translate_concurrently() {
+    const THREADS: u64 = 4;
+    const PAGES: u64 = 64;
+    const ROUNDS: u64 = 20;
+    let machine = machine();
+    let mut tables = Tables::new(&machine);
+    for page in 0..THREADS * PAGES {
+        let frame = tables.map_new(BASE + page * 0x1000, KERNEL_RW);
+        machine.write_phys(frame.start_address(), &page.to_le_bytes());
+    }
+    let touched: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let machine = &machine;
+                scope.spawn(move || {
+                    let mut rng = Rng::new(thread);
+                    let mut touched = Vec::new();
+                    for _ in 0..ROUNDS * PAGES {
+                        let page = rng.below(THREADS * PAGES);
+                        let mut buf = [0; 8];
+                        machine.read(virt(BASE + page * 0x1000), &mut buf).unwrap();
+                        assert_eq!(u64::from_le_bytes(buf), page);
+                        touched.push(page);
+                        if rng.below(16) == 0 {
+                            machine.flush_page(page_of(BASE + page * 0x1000));
+                        }
+                    }
+                    touched
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut distinct: Vec<u64> = touched.concat();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let stats = machine.tlb_stats();
+    assert_eq!(stats.hits + stats.misses, THREADS * ROUNDS * PAGES);
+    assert!(
+        stats.misses >= distinct.len() as u64,
+        "every page misses once"
+    );
+    assert!(stats.hits > 0);
+    assert!(stats.page_flushes > 0);
+    assert!(machine.tlb_len() <= distinct.len());
+}
+
+#[test]
+fn translations_race_with_a_thread_rewriting_the_entry() {
+    let machine = machine();
+    let mut tables = Tables::new(&machine);
+    let frames = [tables.bump.frame(), tables.bump.frame()];
+    for (i, frame) in frames.iter().enumerate() {
+        machine.fill_phys(frame.start_address(), 4096, i as u8 + 1);
+    }
+    let walked = tables.map(BASE, frames[0].start_address().as_u64(), 1, KERNEL_RW);
+    let entry_addr = walked[3].start_address() + index_at(BASE, 1) as u64 * 8;
+    let entry_ptr = machine.phys().phys_to_virt(entry_addr).cast::<u64>();
+    // SAFETY: the entry is 8-aligned inside the machine's memory, which outlives the
+    // scope below, and is only accessed atomically from here on.
+    let entry = unsafe { core::sync::atomic::AtomicU64::from_ptr(entry_ptr) };
+    let values = frames.map(|f| f.start_address().as_u64() | KERNEL_RW.bits());
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 0..2000 {
+                let value = values[round % 2] * u64::from(round % 3 != 0);
+                entry.store(value, core::sync::atomic::Ordering::Release);
+                machine.flush_page(page_of(BASE));
+            }
+        });
+        for _ in 0..3 {
+            scope.spawn(|| {
+                for _ in 0..2000 {
+                    let mut buf = [0; 64];
+                    match machine.read(virt(BASE + 0x100), &mut buf) {
+                        Ok(()) => assert!(buf == [1; 64] || buf == [2; 64], "{buf:?}"),
+                        Err(fault) => assert_eq!(fault.page_fault().unwrap().code, Code::empty()),
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(machine.tlb_stats().page_flushes, 2000);
+}
