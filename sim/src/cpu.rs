@@ -14,11 +14,13 @@
 
 //!
 //! Interrupts on and off, and the points a test may interrupt a CPU at: see
-//! [`SimCpu`].
+//! [`SimCpu`]; the model lives in the `interrupts` submodule.
+
+mod interrupts;
 
 use super::tlb::TlbStats;
 use super::{Access, Fault, SimMachine, Translation};
-use std::boxed::Box;
+use interrupts::{INTERRUPTS_OFF, Interrupts};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,27 +34,10 @@ use x86_64::structures::paging::{Page, Size4KiB};
 thread_local! {
     /// The CPU the calling thread runs as, on every machine.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
-    /// Whether the calling thread runs with interrupts off (its RFLAGS.IF clear).
-    static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
-    /// The calling thread's token, for the CPU it occupies.
-    static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
 }
-
-/// Tokens of threads, from 1 (0 is no thread).
-static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
-
-/// Code a test runs on a CPU at a moment of its choosing.
-type Hook = Box<dyn FnOnce() + Send>;
-
-/// An interrupt a test armed on one CPU: it runs at the `after`-th interrupt point
-/// from now (0: the next one).
-struct Armed {
-    after: u64,
-    handler: Hook,
-}
 
 /// The interrupt state of a machine's CPUs.
 pub(super) struct Cpus {
@@ -61,21 +46,10 @@ pub(super) struct Cpus {
     taken: Vec<AtomicU64>,
     sent: AtomicU64,
     handler: Mutex<Option<Handler>>,
-    /// Per CPU: the token of the thread running on it with interrupts off, or 0.
-    occupant: Vec<AtomicU64>,
-    /// Per CPU: the interrupt a test armed.
-    armed: Vec<Mutex<Option<Armed>>>,
-    /// Per CPU: interrupt points passed while counting.
-    points: Vec<AtomicU64>,
-    /// Per CPU: whether its points are counted.
-    counting: Vec<AtomicBool>,
-    /// Per CPU: what runs inside its next TLB flush.
-    in_flush: Vec<Mutex<Option<Hook>>>,
+    /// Interrupt flags, occupancy and interrupt points ([`interrupts`]).
+    irq: Interrupts,
     /// Per CPU: turns of spin loops ([`TlbFlush::relax`]).
     relaxes: Vec<AtomicU64>,
-    /// Whether any CPU has an interrupt or a flush hook armed, or counts its points:
-    /// the one read an interrupt point or a flush makes otherwise.
-    watched: AtomicU64,
 }
 
 impl core::fmt::Debug for Cpus {
@@ -95,126 +69,15 @@ impl Cpus {
             taken: (0..count).map(|_| AtomicU64::new(0)).collect(),
             sent: AtomicU64::new(0),
             handler: Mutex::new(None),
-            occupant: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            armed: (0..count).map(|_| Mutex::new(None)).collect(),
-            points: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            counting: (0..count).map(|_| AtomicBool::new(false)).collect(),
-            in_flush: (0..count).map(|_| Mutex::new(None)).collect(),
+            irq: Interrupts::new(count),
             relaxes: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            watched: AtomicU64::new(0),
-        }
-    }
-
-    /// Runs the hook armed for the calling thread's CPU's next flush, if any.
-    fn flushing(&self) {
-        if self.watched.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let Some(cpu) = self.current() else {
-            return;
-        };
-        let hook = lock(&self.in_flush[cpu]).take();
-        if let Some(hook) = hook {
-            self.watched.fetch_sub(1, Ordering::Relaxed);
-            hook();
         }
     }
 
     /// The CPU the calling thread runs as, if this machine has it.
     fn current(&self) -> Option<usize> {
         let cpu = CURRENT.with(Cell::get);
-        (cpu < self.occupant.len()).then_some(cpu)
-    }
-
-    /// An interrupt point of the calling thread's CPU (see the [module
-    /// docs](SimCpu#interrupt-points)): counts it, and takes the armed interrupt when
-    /// it is due and interrupts are on.
-    pub(super) fn point(&self) {
-        if self.watched.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let Some(cpu) = self.current() else {
-            return;
-        };
-        if self.counting[cpu].load(Ordering::Relaxed) {
-            self.points[cpu].fetch_add(1, Ordering::Relaxed);
-        }
-        self.take_armed(cpu, true);
-    }
-
-    /// Runs CPU `cpu`'s armed interrupt if it is due (counting this point down when
-    /// `tick`) and interrupts are on.
-    fn take_armed(&self, cpu: usize, tick: bool) {
-        let due = {
-            let mut armed = lock(&self.armed[cpu]);
-            match armed.as_mut() {
-                Some(interrupt) if interrupt.after > 0 => {
-                    if tick {
-                        interrupt.after -= 1;
-                    }
-                    None
-                }
-                Some(_) if !INTERRUPTS_OFF.get() => armed.take(),
-                _ => None,
-            }
-        };
-        if let Some(interrupt) = due {
-            self.watched.fetch_sub(1, Ordering::Relaxed);
-            self.as_interrupt(cpu, interrupt.handler);
-        }
-    }
-
-    /// Runs `handler` as an interrupt on `cpu` (the calling thread's interrupts are
-    /// on): with them off, on the CPU alone.
-    fn as_interrupt(&self, cpu: usize, handler: impl FnOnce()) {
-        self.interrupts_off(cpu);
-        handler();
-        self.interrupts_on(cpu);
-    }
-
-    /// The calling thread's interrupts go off on `cpu`: it waits until no other
-    /// thread runs there with interrupts off, as a task waits to be scheduled.
-    fn interrupts_off(&self, cpu: usize) {
-        let token = TOKEN.with(|token| *token);
-        let occupant = &self.occupant[cpu];
-        while occupant
-            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::thread::yield_now();
-        }
-        INTERRUPTS_OFF.set(true);
-    }
-
-    /// The calling thread's interrupts come back on: another thread may run on
-    /// `cpu` with interrupts off.
-    fn interrupts_on(&self, cpu: usize) {
-        INTERRUPTS_OFF.set(false);
-        self.occupant[cpu].store(0, Ordering::Release);
-    }
-
-    /// `cli`, saying whether interrupts were on.
-    fn save(&self) -> bool {
-        self.point();
-        let Some(cpu) = self.current() else {
-            return false;
-        };
-        let on = !INTERRUPTS_OFF.get();
-        if on {
-            self.interrupts_off(cpu);
-        }
-        on
-    }
-
-    /// `sti` if `on`; interrupts that waited are taken now.
-    fn restore(&self, on: bool) -> Option<usize> {
-        let cpu = self.current()?;
-        if on && INTERRUPTS_OFF.get() {
-            self.interrupts_on(cpu);
-            self.take_armed(cpu, false);
-            self.point();
-        }
-        Some(cpu)
+        (cpu < self.pending.len()).then_some(cpu)
     }
 }
 
@@ -577,64 +440,6 @@ impl<'m> SimCpu<'m> {
         self.machine.cpus.taken[self.index].load(Ordering::Relaxed)
     }
 
-    /// Arms an interrupt: `handler` runs on the calling thread as an interrupt of
-    /// this CPU at the `after`-th [interrupt point](SimCpu#interrupt-points) this CPU
-    /// passes from now (0: the next one), or, if interrupts are off then, as soon as
-    /// they are on again. Replaces an interrupt armed before and not yet taken.
-    pub fn interrupt_after(&self, after: u64, handler: impl FnOnce() + Send + 'static) {
-        let cpus = &self.machine.cpus;
-        let old = lock(&cpus.armed[self.index]).replace(Armed {
-            after,
-            handler: Box::new(handler),
-        });
-        if old.is_none() {
-            cpus.watched.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether an interrupt armed with [`interrupt_after`](Self::interrupt_after)
-    /// has not run yet.
-    pub fn interrupt_armed(&self) -> bool {
-        lock(&self.machine.cpus.armed[self.index]).is_some()
-    }
-
-    /// Drops the armed interrupt, if it has not run; says whether there was one.
-    pub fn disarm(&self) -> bool {
-        let cpus = &self.machine.cpus;
-        let dropped = lock(&cpus.armed[self.index]).take().is_some();
-        if dropped {
-            cpus.watched.fetch_sub(1, Ordering::Relaxed);
-        }
-        dropped
-    }
-
-    /// Runs `f` on the calling thread as this CPU and counts the [interrupt
-    /// points](SimCpu#interrupt-points) it passes on this CPU.
-    pub fn count_points<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
-        let cpus = &self.machine.cpus;
-        let before = cpus.points[self.index].load(Ordering::Relaxed);
-        cpus.counting[self.index].store(true, Ordering::Relaxed);
-        cpus.watched.fetch_add(1, Ordering::Relaxed);
-        let result = self.run(|_| f());
-        cpus.watched.fetch_sub(1, Ordering::Relaxed);
-        cpus.counting[self.index].store(false, Ordering::Relaxed);
-        (
-            result,
-            cpus.points[self.index].load(Ordering::Relaxed) - before,
-        )
-    }
-
-    /// Runs `hook` on the calling thread in the middle of this CPU's next TLB flush
-    /// (before it drops anything), whether interrupts are on or off: what an NMI,
-    /// or an IPI landing in a flush that runs with interrupts on, would do there.
-    pub fn in_next_flush(&self, hook: impl FnOnce() + Send + 'static) {
-        let cpus = &self.machine.cpus;
-        let old = lock(&cpus.in_flush[self.index]).replace(Box::new(hook));
-        if old.is_none() {
-            cpus.watched.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Turns of spin loops this CPU has made ([`TlbFlush::relax`] calls): a waiter
     /// that made two since a moment has read what it waits for after it.
     pub fn relaxes(&self) -> u64 {
@@ -656,11 +461,6 @@ impl<'m> SimCpu<'m> {
                 offset: addr.as_u64() & (cached.page_size - 1),
                 ..cached
             })
-    }
-
-    /// Whether the calling thread's interrupts are on (the thread running as this CPU).
-    pub fn interrupts_enabled(&self) -> bool {
-        !INTERRUPTS_OFF.get()
     }
 
     /// Whether this CPU is online.
