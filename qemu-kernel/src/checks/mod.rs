@@ -8,9 +8,12 @@
 
 mod boot;
 mod edges;
+mod faults;
+mod heap;
 mod infra;
 mod irq;
 mod library;
+mod mappings;
 mod poison;
 mod shootdown;
 mod smp;
@@ -67,20 +70,20 @@ pub const CHECKS: &[(&str, Check)] = &[
         "no_frame_reused_before_purge",
         library::no_frame_reused_before_purge,
     ),
-    ("use_after_free_faults", library::use_after_free_faults),
-    ("guard_page_faults", library::guard_page_faults),
-    ("vmalloc_huge", library::vmalloc_huge),
-    ("readonly_write_faults", library::readonly_write_faults),
-    ("nx_faults", library::nx_faults),
-    ("second_address_space", library::second_address_space),
-    ("ioremap_apic", library::ioremap_apic),
-    ("heap_global_alloc", library::heap_global_alloc),
+    ("use_after_free_faults", faults::use_after_free_faults),
+    ("guard_page_faults", faults::guard_page_faults),
+    ("vmalloc_huge", mappings::vmalloc_huge),
+    ("readonly_write_faults", faults::readonly_write_faults),
+    ("nx_faults", faults::nx_faults),
+    ("second_address_space", mappings::second_address_space),
+    ("ioremap_apic", mappings::ioremap_apic),
+    ("heap_global_alloc", heap::heap_global_alloc),
     (
         "info_listing_under_global_heap",
-        library::info_listing_under_global_heap,
+        heap::info_listing_under_global_heap,
     ),
     ("stress", library::stress),
-    ("kernel_stack_overflow", library::kernel_stack_overflow),
+    ("kernel_stack_overflow", faults::kernel_stack_overflow),
     ("set_prot_tree_area", edges::set_prot_tree_area),
     ("vzalloc_block_zeroed", edges::vzalloc_block_zeroed),
     ("stack_cache_reuse", edges::stack_cache_reuse),
