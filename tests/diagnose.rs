@@ -200,19 +200,33 @@ fn a_fault_that_interrupted_the_manager_is_told_busy_instead_of_deadlocking() {
         interrupt: OnceLock::new(),
     }));
     let vm: &'static _ = Box::leak(Box::new(manager(machine, source)));
-    let live = vm.vmalloc(4096).unwrap();
-    let guard = VirtAddr::from_ptr(live.as_ptr()) + 4096u64;
-    let seen: &'static OnceLock<FaultSite> = Box::leak(Box::default());
+    // Areas of more than 16 pages are made under the manager's lock; a small one is
+    // a per-CPU block's, whose diagnosis takes no lock.
+    const PAGES: u64 = 20;
+    let live = vm.vmalloc(PAGES as usize * 4096).unwrap();
+    let guard = VirtAddr::from_ptr(live.as_ptr()) + PAGES * 4096;
+    let small = vm.vmalloc(4096).unwrap();
+    let small_guard = VirtAddr::from_ptr(small.as_ptr()) + 4096u64;
+    let seen: &'static OnceLock<(FaultSite, FaultSite)> = Box::leak(Box::default());
     source
         .interrupt
         .set(Box::new(move || {
-            let _ = seen.set(vm.diagnose_fault(guard, PageFaultErrorCode::empty()).site);
+            let _ = seen.set((
+                vm.diagnose_fault(guard, PageFaultErrorCode::empty()).site,
+                vm.diagnose_fault(small_guard, PageFaultErrorCode::empty())
+                    .site,
+            ));
         }))
         .ok()
         .unwrap();
     source.armed.store(true, Ordering::SeqCst);
-    vm.vmalloc(4096).unwrap();
-    assert_eq!(seen.get(), Some(&FaultSite::Busy), "asked under the lock");
+    vm.vmalloc(PAGES as usize * 4096).unwrap();
+    let (large, small) = seen.get().expect("the interrupt came under the lock");
+    assert_eq!(large, &FaultSite::Busy, "asked under the lock");
+    assert!(
+        matches!(small, FaultSite::Guard { past_end: 0, .. }),
+        "a small area's guard page is told apart under the lock: {small:?}"
+    );
     let text = vm
         .diagnose_fault(guard, PageFaultErrorCode::empty())
         .to_string();

@@ -5,8 +5,7 @@ use core::ptr::NonNull;
 use vmalloc::frame::FaultInjector;
 use vmalloc::vmalloc::*;
 use vmalloc::{Error, FrameSource, PAGE_SIZE};
-use vmalloc_sim::scenarios::manager_over as manager;
-use vmalloc_sim::{Access, SimConfig, SimFrames, SimMachine};
+use vmalloc_sim::{Access, SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::structures::idt::PageFaultErrorCode;
 use x86_64::structures::paging::mapper::{MappedFrame, Translate, TranslateResult};
 use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB};
@@ -17,6 +16,20 @@ const MIB2: u64 = HUGE_PAGE_SIZE;
 /// Frames are handed out lowest first, so 2 MiB runs exist.
 fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(64 << 20))
+}
+
+/// A manager without the per-CPU blocks: huge areas never come from them, and
+/// without their zone the region's first 2 MiB is where these tests expect areas.
+fn manager<F: FrameSource + Clone>(
+    machine: &SimMachine,
+    frames: F,
+) -> Vmalloc<F, SimPhys<'_>, &SimMachine> {
+    let config = VmallocConfig {
+        cpu_caches: false,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables serve this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
 }
 
 fn addr(ptr: NonNull<u8>) -> VirtAddr {

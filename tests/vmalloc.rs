@@ -25,6 +25,16 @@ fn config(eager: bool) -> VmallocConfig {
     }
 }
 
+/// Without the per-CPU blocks: for the tree's own mechanics (the purge list, range
+/// flushes per area, bookkeeping nodes, growing in place) on areas small enough
+/// that the blocks would serve them. `tests/blocks.rs` checks the same on blocks.
+fn tree_config(eager: bool) -> VmallocConfig {
+    VmallocConfig {
+        cpu_caches: false,
+        ..config(eager)
+    }
+}
+
 fn manager<'m, F: FrameSource + Clone>(
     machine: &'m SimMachine,
     frames: F,
@@ -57,6 +67,7 @@ fn assert_frames_conserved<F: FrameSource + Clone>(
         + s.data_frames
         + s.page_table_frames
         + s.pending_purge_frames
+        + s.cached_frames
         + s.bookkeeping_frames
         + held;
     assert_eq!(accounted, frames.stats().total, "{s:?}");
@@ -178,7 +189,7 @@ fn the_guard_page_faults_and_the_default_protection_is_rw_nx_global() {
         ..VmOptions::default()
     };
     let a = vm.vmalloc_with(4096, &unguarded).unwrap();
-    let b = vm.vmalloc(4096).unwrap();
+    let b = vm.vmalloc_with(4096, &unguarded).unwrap();
     assert_eq!(addr(b), addr(a) + 4096u64);
 }
 
@@ -394,7 +405,7 @@ fn a_region_just_below_the_top_of_the_lower_half_fills_up_cleanly() {
 fn lazy_vfree_holds_frames_until_the_batched_flush() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     // A live neighbour keeps the page tables, so only the data flush can make the
     // freed pages fault.
     let neighbour = vm.vmalloc(4096).unwrap();
@@ -452,7 +463,7 @@ fn lazy_vfree_holds_frames_until_the_batched_flush() {
 fn eager_mode_flushes_each_free_by_range() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(true));
+    let vm = manager(&machine, &frames, tree_config(true));
     let neighbour = vm.vmalloc(4096).unwrap();
     let baseline = free_frames(&frames);
     let ptr = vm.vmalloc(4 * 4096).unwrap();
@@ -524,7 +535,7 @@ fn the_lazy_threshold_forces_a_purge() {
         &frames,
         VmallocConfig {
             lazy_threshold_pages: 16,
-            ..config(false)
+            ..tree_config(false)
         },
     );
     for _ in 0..3 {
@@ -548,7 +559,7 @@ fn running_out_of_frames_at_any_step_rolls_back() {
     let machine = machine();
     let frames = machine.frames();
     let injector = FaultInjector::new(&frames);
-    let vm = manager(&machine, &injector, config(false));
+    let vm = manager(&machine, &injector, tree_config(false));
     let keep = vm.vmalloc(4096).unwrap();
     let pages = 1500u64;
     let mut k = 0;
@@ -593,7 +604,7 @@ fn running_out_of_frames_at_any_step_rolls_back() {
 fn a_failed_vmalloc_gives_back_the_bookkeeping_slab_it_took() {
     let machine = SimMachine::new(SimConfig::new(16 << 20));
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     let live: Vec<_> = (0..33).map(|_| vm.vmalloc(4096).unwrap()).collect();
     // Fill the bookkeeping slab to its last slot, so the next area needs a new one.
     let mut extra = Vec::new();
@@ -615,7 +626,7 @@ fn a_failed_vmalloc_gives_back_the_bookkeeping_slab_it_took() {
 fn empty_bookkeeping_slabs_go_back_to_the_frame_allocator() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     let start = vm.stats().bookkeeping_frames;
     let baseline = free_frames(&frames);
     // Holes between live areas make a free-range node each, and the area nodes too.
@@ -652,7 +663,7 @@ fn empty_bookkeeping_slabs_go_back_to_the_frame_allocator() {
 fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(true));
+    let vm = manager(&machine, &frames, tree_config(true));
     let data: Vec<u8> = (0..4 * 4096).map(|i| (i % 253) as u8).collect();
     let ptr = vm.vmalloc(4 * 4096).unwrap();
     machine.write(addr(ptr), &data).unwrap();
@@ -698,7 +709,7 @@ fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
 fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     let a = vm.vmalloc(16 << 10).unwrap();
     let data: Vec<u8> = (0..16 << 10).map(|i| (i % 249) as u8).collect();
     machine.write(addr(a), &data).unwrap();
@@ -732,7 +743,7 @@ fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
     let machine = self::machine();
     let frames = machine.frames();
     let injector = FaultInjector::new(&frames);
-    let vm = manager(&machine, &injector, config(false));
+    let vm = manager(&machine, &injector, tree_config(false));
     // 600 pages: at their new place they cross a page-table boundary, so remapping
     // them can fail halfway, as can backing the 100 new pages.
     let a = vm.vmalloc(600 * 4096).unwrap();
@@ -792,7 +803,7 @@ fn with_frames_waiting(
 ) {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     let waiting = vm.vmalloc(200 * 4096).unwrap();
     setup(&vm);
     let held = hold_all_but(&frames, 0);
@@ -949,9 +960,9 @@ fn ioremap_keeps_the_offset_maps_uncached_and_refuses_ram() {
             .is_ok(),
         "three pages cover it"
     );
-    let info: Vec<AreaInfo> = vm.areas().collect();
-    assert_eq!(info[0].kind, AreaKind::Ioremap);
-    assert_eq!(info[0].phys, Some(phys));
+    let info = vm.find_vm_area(addr(ptr)).unwrap();
+    assert_eq!(info.kind, AreaKind::Ioremap);
+    assert_eq!(info.phys, Some(phys));
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
         unsafe { vm.iounmap(ptr.as_ptr().wrapping_sub(0x123)) },
@@ -1111,14 +1122,31 @@ fn listing_and_stats_read_like_procfs() {
     let listing = std::format!("{}", vm.info());
     // As Linux names the caller, the line names the call that made the area.
     let line = std::format!(
-        "{:#018x}-{:#018x}     20480 driver_ring tests/vmalloc.rs:{line} pages=4 vmalloc\n",
+        "{:#018x}-{:#018x}     20480 driver_ring tests/vmalloc.rs:{line} pages=4 vmalloc",
         ptr.as_ptr() as u64,
         ptr.as_ptr() as u64 + 5 * 4096
     );
-    assert_eq!(listing, line);
     let stats = vm.stats();
-    assert_eq!(stats.used, 5 * 4096);
-    assert_eq!(stats.largest_free, VMALLOC_SIZE - 5 * 4096);
+    // The per-CPU blocks' zone first, as Linux lists its vmap blocks.
+    let zone = std::format!(
+        "{:#018x}-{:#018x} {} vmap_blocks ",
+        VMALLOC_START,
+        VMALLOC_START + stats.block_zone_bytes,
+        stats.block_zone_bytes
+    );
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 2, "{listing}");
+    assert!(
+        lines[0].starts_with(&zone) && lines[0].ends_with(" reserved"),
+        "{listing}"
+    );
+    assert_eq!(lines[1], line);
+    assert_eq!(stats.used, 5 * 4096, "the zone's free space is not used");
+    assert_eq!(stats.areas, 1);
+    assert_eq!(
+        stats.largest_free,
+        VMALLOC_SIZE - stats.block_zone_bytes - 5 * 4096
+    );
     assert!(std::format!("{stats}").contains("VmallocUsed:            20 kB"));
 }
 
@@ -1148,7 +1176,7 @@ fn listings_and_callbacks_run_without_the_lock() {
 
     // Calling the manager between items would deadlock on a held spin lock.
     let mut seen = 0;
-    for area in vm.areas() {
+    for area in vm.areas().filter(|area| area.tag != "vmap_blocks") {
         assert_eq!(area.kind, AreaKind::Vmalloc);
         vm.stats();
         seen += 1;
@@ -1160,11 +1188,12 @@ fn listings_and_callbacks_run_without_the_lock() {
         text: String::new(),
     };
     core::fmt::write(&mut sink, format_args!("{}", vm.info())).unwrap();
-    assert_eq!(sink.text.lines().count(), 1000);
-    assert!(
+    assert_eq!(
         sink.text
             .lines()
-            .all(|line| line.ends_with("pages=1 vmalloc"))
+            .filter(|line| line.ends_with("pages=1 vmalloc"))
+            .count(),
+        1000
     );
 
     let mut mine = [PhysFrame::containing_address(PhysAddr::zero()); 3];
@@ -1189,14 +1218,24 @@ fn listings_and_callbacks_run_without_the_lock() {
 
 #[test]
 fn threads_share_one_manager() {
-    watchdog("threads_share_one_manager", DEADLOCK_LIMIT, || {
+    for cpu_caches in [true, false] {
+        watchdog("threads_share_one_manager", DEADLOCK_LIMIT, || {
+            threads_share_one_manager_with(cpu_caches)
+        });
+    }
+}
+
+fn threads_share_one_manager_with(cpu_caches: bool) {
+    {
         let machine = machine();
         let frames = machine.frames();
+        let before_manager = free_frames(&frames);
         let vm = manager(
             &machine,
             &frames,
             VmallocConfig {
                 lazy_threshold_pages: 64,
+                cpu_caches,
                 ..config(false)
             },
         );
@@ -1230,17 +1269,25 @@ fn threads_share_one_manager() {
         });
         vm.purge();
         let stats = vm.stats();
-        assert_eq!(
-            (stats.areas, stats.data_frames, stats.page_table_frames),
-            (0, 0, initial.page_table_frames)
-        );
-        assert_eq!(
-            free_frames(&frames) + stats.bookkeeping_frames,
-            baseline + initial.bookkeeping_frames,
-            "every frame is back but the bookkeeping kept"
-        );
+        assert_eq!((stats.areas, stats.data_frames), (0, 0));
         assert_frames_conserved(&vm, &frames, 0);
-    });
+        if !cpu_caches {
+            // The blocks keep their page tables and cached frames while the manager
+            // lives; the tree gives back all but its bookkeeping at once.
+            assert_eq!(stats.page_table_frames, initial.page_table_frames);
+            assert_eq!(
+                free_frames(&frames) + stats.bookkeeping_frames,
+                baseline + initial.bookkeeping_frames,
+                "every frame is back but the bookkeeping kept"
+            );
+        }
+        drop(vm);
+        assert_eq!(
+            free_frames(&frames),
+            before_manager,
+            "the manager kept nothing"
+        );
+    }
 }
 
 #[test]
@@ -1281,7 +1328,7 @@ fn areas_made_after_another_address_space_copied_the_kernel_half_are_visible_the
 fn the_regions_top_level_entries_never_change() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     let first = (VMALLOC_START >> 39) as usize & 511;
     assert_eq!(first, 402);
     let top = |machine: &SimMachine| -> Vec<u64> {
@@ -1333,7 +1380,7 @@ fn tables_that_were_there_before_the_manager_are_adopted_and_never_freed() {
         entry(&machine, pdpt, 0),
         entry(&machine, pd, 0),
     ];
-    let vm = manager(&machine, &frames, config(false));
+    let vm = manager(&machine, &frames, tree_config(false));
     assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES - 1);
     let baseline = free_frames(&frames);
 

@@ -624,6 +624,9 @@ fn every_failing_frame_allocation_rolls_back() {
     ];
     for (name, attempt) in attempts {
         for k in 0.. {
+            // Empty caches: a failure is not retried with frames they gave back
+            // (tests/blocks.rs checks that retry), so every failure shows.
+            vm.drain_cpu_caches();
             let before = snapshot(&vm);
             injector.fail_after(k);
             let result = attempt(&vm);

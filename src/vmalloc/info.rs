@@ -24,16 +24,19 @@ where
 {
     /// Counters of the region, the frames held, and the purge list.
     pub fn stats(&self) -> VmallocStats {
-        let blocks = self.blocks.counters();
+        // Locked first: taking the lock frees what `vfree_atomic` queued.
         let mut cx = self.lock();
+        let blocks = self.blocks.counters();
         let size = self.config.size;
         let inner = cx.inner();
+        // The zone is one record of the tree; its areas are counted by the blocks.
+        let zone_record = u64::from(blocks.zone_bytes > 0);
         VmallocStats {
             region_total: size,
-            used: size - inner.space.free_total() - inner.purge.bytes,
+            used: size - inner.space.free_total() - inner.purge.bytes - blocks.free_bytes,
             pending_purge_bytes: inner.purge.bytes,
             largest_free: inner.space.largest_free(),
-            areas: inner.areas.len() as u64,
+            areas: inner.areas.len() as u64 - zone_record + blocks.areas,
             data_frames: inner.data_frames + blocks.data_frames,
             huge_mappings: inner.huge_mappings,
             page_table_frames: inner.page_table_frames,
@@ -180,7 +183,7 @@ pub struct VmallocStats {
     pub pending_purge_bytes: u64,
     /// Largest free contiguous chunk of the region, in bytes.
     pub largest_free: u64,
-    /// Live areas.
+    /// Live areas, in per-CPU blocks or not (the blocks' zone is not counted).
     pub areas: u64,
     /// Frames mapped as data of live `vmalloc`, reserved and stack areas.
     pub data_frames: u64,
@@ -203,13 +206,13 @@ pub struct VmallocStats {
     /// would have refused them (never allocated, freed already, ...).
     pub deferred_refused: u64,
     /// Bytes of the region reserved for [per-CPU blocks](super::blocks) (0 with
-    /// the caches off); counted in `used` and listed as one reserved area labelled `vmap_blocks`.
+    /// the caches off), listed as one reserved area labelled `vmap_blocks`: not free
+    /// for the areas of the tree, so `largest_free` never counts them.
     pub block_zone_bytes: u64,
     /// Of those, bytes no live area (or its guard page) holds: virtual space the
-    /// caches keep.
+    /// caches keep, not counted in `used`.
     pub block_free_bytes: u64,
-    /// Live areas in per-CPU blocks; not counted in `areas`, their frames counted
-    /// in `data_frames`.
+    /// Of the live `areas`, those in per-CPU blocks.
     pub block_areas: u64,
     /// Free frames the per-CPU caches hold.
     pub cached_frames: u64,

@@ -121,7 +121,8 @@ where
             blocks: Blocks::off(),
         };
         let blocks = Blocks::blocks_for(config.size);
-        if config.cpu_caches && blocks > 0 {
+        // Without CPUs to tell apart a cache could never be picked: no zone then.
+        if config.cpu_caches && blocks > 0 && vm.tlb.cpus().is_some() {
             let options = VmOptions {
                 flags: VmFlags::NO_GUARD,
                 tag: "vmap_blocks",

@@ -165,12 +165,12 @@
 //! | `options.rs` | the region's bounds, [`VmallocConfig`], [`VmOptions`], [`Prot`] | — |
 //! | `manager.rs` | [`Vmalloc`] and its public calls | `locked`, `options` |
 //! | `mapping.rs` | `vmap` and `ioremap`: memory the caller owns | `locked` |
-//! | `locked.rs` | the state under the lock and the steps calls are made of | `space`, `purge`, `reclaim` |
-//! | `purge.rs` | the lazy-free list and the purge | `reclaim`, [`tlb`](crate::tlb) |
+//! | `locked.rs` | the state under the lock and the steps calls are made of | `space`, `purge`, `gather` |
+//! | `purge.rs` | the lazy-free list and the purge | `gather` |
 //! | `realloc.rs` | `vrealloc` | `locked` |
 //! | `huge.rs` | areas backed by 2 MiB pages | `locked` |
 //! | `info.rs` | listings and counters | `locked` |
-//! | `reclaim.rs` | every frame leaving the manager | [`paging`](crate::paging) |
+//! | `gather.rs` | what unmaps detached (ranges, frames, emptied tables) until the flush that lets it go: every flush the manager asks for and every frame leaving it, with the range-or-full rule | [`tlb`](crate::tlb) |
 //! | `space.rs` | free virtual ranges and the area map | `tree`, `nodes` |
 //! | `tree.rs`, `nodes.rs` | the AVL trees, the node pool | the frame source |
 //! | `area.rs` | what is recorded per area | `options` |

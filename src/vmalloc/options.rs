@@ -128,9 +128,10 @@ pub struct VmallocConfig {
     pub eager: bool,
     /// Serve small `vmalloc` areas (up to 16 pages, plain options) from per-CPU
     /// blocks and frame caches, without the manager's lock (see
-    /// [per-CPU blocks](super::blocks)). Off by default: areas in blocks carry no
-    /// caller location and listings show their zone as one reserved area labelled
-    /// `vmap_blocks`.
+    /// [per-CPU blocks](super::blocks)). On by default. It takes effect when the
+    /// flush policy names the CPUs ([`TlbFlush::cpus`](crate::TlbFlush::cpus), as
+    /// `InvlpgFlush` and `Shootdown` do); off, or without CPUs, every area is made
+    /// under the manager's lock and no zone is set aside for the blocks.
     pub cpu_caches: bool,
 }
 
@@ -141,7 +142,7 @@ impl Default for VmallocConfig {
             size: VMALLOC_SIZE,
             lazy_threshold_pages: DEFAULT_LAZY_THRESHOLD_PAGES,
             eager: false,
-            cpu_caches: false,
+            cpu_caches: true,
         }
     }
 }
