@@ -143,6 +143,9 @@ struct Mapped {
     live: usize,
     /// `2 * capacity` slots: 0 free, else a ring slot + 1; linear probing.
     index: NonNull<u32>,
+    /// `capacity` words a flush sorts pages in (a flush may run inside a global
+    /// allocator: it allocates nothing either).
+    scratch: NonNull<u64>,
 }
 
 /// Why a window fault cannot be served.
@@ -168,6 +171,7 @@ impl Mapped {
     fn new(capacity: usize) -> Mapped {
         let ring = anonymous(capacity * size_of::<Entry>()).cast();
         let index = anonymous(2 * capacity * size_of::<u32>()).cast();
+        let scratch = anonymous(capacity * size_of::<u64>()).cast();
         Mapped {
             ring,
             capacity,
@@ -175,6 +179,7 @@ impl Mapped {
             tail: 0,
             live: 0,
             index,
+            scratch,
         }
     }
 
@@ -200,6 +205,20 @@ impl Mapped {
         debug_assert!(at < 2 * self.capacity);
         // SAFETY: as in `entry`, for the index's `2 * capacity` slots.
         unsafe { &mut *self.index.as_ptr().add(at) }
+    }
+
+    /// Scratch word `at` (below the capacity).
+    fn scratch(&mut self, at: usize) -> &mut u64 {
+        debug_assert!(at < self.capacity);
+        // SAFETY: as in `entry`, for the scratch's `capacity` words.
+        unsafe { &mut *self.scratch.as_ptr().add(at) }
+    }
+
+    /// The first `len` scratch words (at most the capacity).
+    fn scratch_slice(&mut self, len: usize) -> &mut [u64] {
+        debug_assert!(len <= self.capacity);
+        // SAFETY: as in `scratch`.
+        unsafe { core::slice::from_raw_parts_mut(self.scratch.as_ptr(), len) }
     }
 
     /// Where `page` hashes to in the index.
@@ -266,6 +285,10 @@ impl Mapped {
         self.entry(slot).page = 0;
         self.live -= 1;
         MAPPED.fetch_sub(1, Ordering::Relaxed);
+        // Holes at the old end are not kept: flushes walk from `tail`.
+        while self.tail < self.head && self.get(self.slot_of(self.tail)).page == 0 {
+            self.tail += 1;
+        }
     }
 
     /// Records a fresh fill of `page`; the ring has room.
@@ -286,15 +309,44 @@ impl Mapped {
         if page == 0 {
             return None;
         }
-        let (at, _) = self.find(page).expect("a live ring entry is indexed");
+        // Always indexed; no panic in the signal handler if not.
+        let (at, _) = self.find(page)?;
         self.forget(at, slot);
         Some(page)
     }
 
-    /// Whether a fill must evict first: the ring is full, or every window together
-    /// holds the budget and this one at least its floor.
-    fn must_evict(&self) -> bool {
-        let full = self.head - self.tail == self.capacity as u64;
+    /// Moves the ring's pages together, oldest first, dropping the holes between them
+    /// (those a flush left), and indexes them again.
+    fn compact(&mut self) {
+        let mut kept = self.tail;
+        for position in self.tail..self.head {
+            let entry = self.get(self.slot_of(position));
+            if entry.page != 0 {
+                let slot = self.slot_of(kept);
+                *self.entry(slot) = entry;
+                kept += 1;
+            }
+        }
+        self.head = kept;
+        for at in 0..2 * self.capacity {
+            *self.index_slot(at) = 0;
+        }
+        for position in self.tail..self.head {
+            let slot = self.slot_of(position);
+            let page = self.get(slot).page;
+            self.insert(page, slot);
+        }
+    }
+
+    /// Whether a fill must make room first: the ring is full (of pages, or of holes
+    /// too: then it is compacted instead, if that frees half of it), or every window
+    /// together holds the budget and this one at least its floor.
+    fn must_evict(&mut self) -> bool {
+        let mut full = self.head - self.tail == self.capacity as u64;
+        if full && self.live <= self.capacity / 2 {
+            self.compact();
+            full = false;
+        }
         // The budget was set before any window existed.
         let budget = BUDGET.get().copied().unwrap_or(0);
         full || (self.live >= FLOOR && MAPPED.load(Ordering::Relaxed) >= budget)
@@ -375,7 +427,7 @@ impl Window {
         // it was mapped with (the tables gave them since, or it is fetched from).
         let known = mapped.find(page);
         if known.is_none() {
-            while mapped.must_evict() {
+            while mapped.must_evict() && mapped.tail < mapped.head {
                 if let Some(oldest) = mapped.pop_oldest() {
                     self.evict_around(mapped, oldest)
                         .map_err(|()| Refusal::MapFailed)?;
@@ -444,46 +496,63 @@ impl Window {
             return;
         }
         let mut mapped = self.lock();
-        let pages = (end - start) / PAGE;
-        if pages <= 2 * mapped.live as u64 {
-            // Look each page up, dropping each run of neighbours with one call.
-            let drop_run = |run: Option<(u64, u64)>| {
-                if let Some((first, end)) = run {
-                    reserve(Some(first), end - first);
-                }
-            };
-            let mut run: Option<(u64, u64)> = None;
+        let mut runs = Runs(None);
+        if (end - start) / PAGE <= 2 * mapped.live as u64 {
+            // Look each page up.
             for page in (start..end).step_by(PAGE as usize) {
-                let dropped = match mapped.find(page) {
-                    Some((at, slot)) if self.changed(&mapped.get(slot)) => {
+                if let Some((at, slot)) = mapped.find(page) {
+                    let changed = self.changed(&mapped.get(slot));
+                    if changed {
                         mapped.forget(at, slot);
-                        true
                     }
-                    _ => false,
-                };
-                run = match run {
-                    Some((first, last)) if dropped && last == page => Some((first, page + PAGE)),
-                    run => {
-                        drop_run(run);
-                        dropped.then_some((page, page + PAGE))
-                    }
-                };
-            }
-            drop_run(run);
-        } else {
-            // Fewer pages mapped than covered: walk the ring instead.
-            for position in mapped.tail..mapped.head {
-                let slot = mapped.slot_of(position);
-                let entry = mapped.get(slot);
-                if entry.page == 0 || !(start..end).contains(&entry.page) || !self.changed(&entry) {
-                    continue;
+                    runs.push(page, changed);
                 }
-                let (at, _) = mapped
-                    .find(entry.page)
-                    .expect("a live ring entry is indexed");
-                mapped.forget(at, slot);
-                reserve(Some(entry.page), PAGE);
             }
+        } else {
+            // Fewer pages mapped than covered: take them from the ring, in address
+            // order.
+            let mut held = 0;
+            for position in mapped.tail..mapped.head {
+                let entry = mapped.get(mapped.slot_of(position));
+                if entry.page != 0 && (start..end).contains(&entry.page) {
+                    let changed = u64::from(self.changed(&entry));
+                    *mapped.scratch(held) = entry.page | changed;
+                    held += 1;
+                }
+            }
+            mapped.scratch_slice(held).sort_unstable();
+            for index in 0..held {
+                let tagged = *mapped.scratch(index);
+                let (page, changed) = (tagged & !(PAGE - 1), tagged & 1 != 0);
+                if changed {
+                    let (at, slot) = mapped.find(page).expect("a live ring entry is indexed");
+                    mapped.forget(at, slot);
+                }
+                runs.push(page, changed);
+            }
+        }
+        runs.finish();
+    }
+}
+
+/// Host-mapped pages a flush drops, met in address order: each run of them with no
+/// kept page between goes with one call (the pages between are reserved already),
+/// rather than a call, and a host TLB shootdown, each.
+struct Runs(Option<(u64, u64)>);
+
+impl Runs {
+    fn push(&mut self, page: u64, dropped: bool) {
+        if dropped {
+            let first = self.0.map_or(page, |(first, _)| first);
+            self.0 = Some((first, page + PAGE));
+        } else {
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((first, end)) = self.0.take() {
+            reserve(Some(first), end - first);
         }
     }
 }
@@ -732,6 +801,10 @@ impl Drop for HostMemory {
         unmap(
             mapped.index.as_ptr() as u64,
             (2 * mapped.capacity * size_of::<u32>()) as u64,
+        );
+        unmap(
+            mapped.scratch.as_ptr() as u64,
+            (mapped.capacity * size_of::<u64>()) as u64,
         );
         unmap(window.start, window.size);
         unmap(window.memory.as_ptr() as u64, window.memory_size);

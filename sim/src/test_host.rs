@@ -547,3 +547,48 @@ fn a_2mib_mapping_is_filled_page_by_page() {
         "only touched 4 KiB pieces are mapped"
     );
 }
+
+#[test]
+fn pages_filled_again_and_again_keep_reaching_their_frames() {
+    // More fills than the window keeps pages for: page 0 stays as it is, so the
+    // holes the flushes leave behind it fill the ring, which is compacted. Each page
+    // reaches the frame the tables give it at the time.
+    use vmalloc::FrameSource as _;
+    let machine = SimMachine::new(
+        SimConfig::new(64 << 20)
+            .with_holes(4)
+            .with_host_window(16 << 20),
+    );
+    let mut frames = frames_of(&machine);
+    const PAGES: u64 = 1024;
+    const ROUNDS: u8 = 20;
+    let pages: Vec<Page> = (0..PAGES).map(|i| window_page(&machine, 2 * i)).collect();
+    let mut mapped: Vec<PhysFrame> = vec![];
+    for round in 0..ROUNDS {
+        for (index, &page) in pages.iter().enumerate() {
+            if round > 0 && index == 0 {
+                continue;
+            }
+            // A new frame before the old one goes back: the entry changes.
+            let frame = next(&mut frames);
+            machine.fill_phys(frame.start_address(), 8, round);
+            if round > 0 {
+                mapper(&machine).unmap(page).unwrap().1.ignore();
+                frames.0.free_frame(mapped[index]).unwrap();
+                mapped[index] = frame;
+            } else {
+                mapped.push(frame);
+            }
+            map(&machine, &mut frames, page, frame, RW);
+        }
+        machine.flush_all();
+        for (index, &page) in pages.iter().enumerate() {
+            // SAFETY: mapped writable.
+            let seen = unsafe { ptr(page).read_volatile() };
+            assert_eq!(seen, if index == 0 { 0 } else { round }, "page {index}");
+        }
+        assert_eq!(machine.host_mapped_pages(), PAGES as usize);
+    }
+    let fills = u64::from(ROUNDS) * (PAGES - 1) + 1;
+    assert_eq!(machine.tlb_stats().misses, fills);
+}
