@@ -7,8 +7,9 @@ use vmalloc::frame::FaultInjector;
 use vmalloc::vmalloc::{
     AreaInfo, AreaKind, CacheMode, HUGE_PAGE_SIZE, Prot, VmFlags, VmOptions, Vmalloc, VmallocConfig,
 };
-use vmalloc::{Error, FrameSource, PAGE_SIZE};
-use vmalloc_sim::{SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::{Error, FrameSource, PAGE_SIZE, TlbFlush};
+use vmalloc_sim::scenarios::{SmpTlb, manager_with, smp_machine};
+use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, SimPhys, watchdog};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
 use x86_64::{PhysAddr, VirtAddr};
@@ -99,10 +100,10 @@ struct Live {
     guard: bool,
 }
 
-struct World<'m> {
+struct World<'m, T: TlbFlush = &'m SimMachine> {
     machine: &'m SimMachine,
     frames: &'m SimFrames,
-    vm: Manager<'m, &'m SimFrames>,
+    vm: Vmalloc<&'m SimFrames, SimPhys<'m>, T>,
     live: BTreeMap<u64, Live>,
     /// Ranges freed since the last purge: their pages must not translate after it.
     freed: Vec<(u64, u64)>,
@@ -118,7 +119,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-impl World<'_> {
+impl<T: TlbFlush> World<'_, T> {
     fn pick(&self, pick: usize, kind: AreaKind) -> Option<(u64, Live)> {
         let of_kind: Vec<_> = self.live.iter().filter(|(_, l)| l.kind == kind).collect();
         (!of_kind.is_empty()).then(|| {
@@ -495,7 +496,7 @@ impl World<'_> {
 }
 
 fn run(ops: Vec<Op>, eager: bool) {
-    run_with(ops, eager, false)
+    run_with(ops, eager, true)
 }
 
 fn run_with(ops: Vec<Op>, eager: bool, cpu_caches: bool) {
@@ -548,6 +549,117 @@ fn small_half(op: Op) -> Op {
     }
 }
 
+/// CPUs of the machine the SMP model runs on.
+const CPUS: usize = 3;
+
+/// One machine for every case of the SMP model (its IPI handler must be `'static`);
+/// each case makes a manager of its own over it, and dropping it gives back every
+/// frame and table.
+fn shared_smp_machine() -> (&'static SimMachine, &'static SimFrames, &'static SmpTlb) {
+    static MACHINE: std::sync::OnceLock<(
+        &'static SimMachine,
+        &'static SimFrames,
+        &'static SmpTlb,
+    )> = std::sync::OnceLock::new();
+    *MACHINE.get_or_init(|| {
+        smp_machine(
+            SimConfig::new(64 << 20)
+                .with_cpus(CPUS)
+                .with_scatter_seed(3),
+        )
+    })
+}
+
+type Job<'a> = Box<dyn FnOnce() + Send + 'a>;
+
+/// Runs `job` on CPU `cpu` and waits for it.
+fn run_on<'a>(cpus: &[std::sync::mpsc::Sender<Job<'a>>], cpu: usize, job: Job<'a>) {
+    let (done, finished) = std::sync::mpsc::channel();
+    cpus[cpu]
+        .send(Box::new(move || {
+            job();
+            done.send(()).unwrap();
+        }))
+        .unwrap();
+    finished
+        .recv()
+        .unwrap_or_else(|_| panic!("the step on CPU {cpu} failed"));
+}
+
+/// Runs each step on the CPU it names, one step at a time, with every CPU a host
+/// thread that serves shootdowns while it waits for its next step: areas are made on
+/// one CPU and freed, resized and checked on others, through their own caches.
+fn run_on_cpus(ops: Vec<(usize, Op)>, eager: bool) {
+    let (machine, frames, tlb) = shared_smp_machine();
+    let config = VmallocConfig {
+        eager,
+        lazy_threshold_pages: 40,
+        ..VmallocConfig::default()
+    };
+    let start = frames.stats().free;
+    let world = std::sync::Mutex::new(Some(World {
+        machine,
+        frames,
+        vm: manager_with(machine, frames, tlb, config),
+        live: BTreeMap::new(),
+        freed: Vec::new(),
+        held_for_vmap: 0,
+        tag: "",
+    }));
+    std::thread::scope(|scope| {
+        let cpus: Vec<std::sync::mpsc::Sender<Job<'_>>> = (0..CPUS)
+            .map(|index| {
+                let (jobs, next) = std::sync::mpsc::channel::<Job<'_>>();
+                scope.spawn(move || {
+                    let cpu = machine.cpu(index);
+                    cpu.enter();
+                    loop {
+                        match next.try_recv() {
+                            Ok(job) => job(),
+                            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                                cpu.poll();
+                                std::thread::yield_now();
+                            }
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                        }
+                    }
+                });
+                jobs
+            })
+            .collect();
+        let world = &world;
+        for (cpu, op) in ops.into_iter().chain([(1, Op::Purge)]) {
+            run_on(
+                &cpus,
+                cpu % CPUS,
+                Box::new(move || world.lock().unwrap().as_mut().unwrap().step(small_half(op))),
+            );
+        }
+        // The manager goes while every CPU serves its shootdowns; the frames the
+        // model lent to vmap areas are given back after it.
+        run_on(
+            &cpus,
+            0,
+            Box::new(move || {
+                let world = world.lock().unwrap().take().unwrap();
+                let lent: Vec<PhysFrame> = world
+                    .live
+                    .values()
+                    .flat_map(|live| live.frames.clone())
+                    .collect();
+                drop(world);
+                frames.free_frames(&lent).unwrap();
+            }),
+        );
+        // Dropping the senders stops the CPUs.
+    });
+    assert_eq!(
+        frames.stats().free,
+        start,
+        "the manager gave back every frame"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
@@ -562,8 +674,22 @@ proptest! {
     }
 
     #[test]
-    fn manager_with_cpu_caches_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
-        run_with(ops, false, true);
+    fn manager_without_cpu_caches_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
+        run_with(ops, false, false);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn three_cpus_freeing_each_others_areas_match_the_model(
+        ops in prop::collection::vec((0..CPUS, op()), 1..120),
+        eager in any::<bool>(),
+    ) {
+        watchdog("three_cpus_freeing_each_others_areas_match_the_model", DEADLOCK_LIMIT, || {
+            run_on_cpus(ops, eager)
+        });
     }
 }
 
