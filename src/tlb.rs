@@ -44,6 +44,16 @@ pub trait TlbFlush {
         }
     }
 
+    /// Drops any translation in each of `ranges`, whose pages together stay within
+    /// [`ceiling`](Self::ceiling): a batch the caller wants flushed as one. The
+    /// default flushes them one by one; a policy that reaches other CPUs sends them
+    /// all in one request, so a batch costs one round of IPIs.
+    fn flush_ranges(&self, ranges: &[PageRange<Size4KiB>]) {
+        for range in ranges {
+            self.flush_range(*range);
+        }
+    }
+
     /// Drops every non-global and global translation.
     fn flush_all(&self);
 
@@ -94,6 +104,9 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn flush_range(&self, range: PageRange<Size4KiB>) {
         (**self).flush_range(range)
+    }
+    fn flush_ranges(&self, ranges: &[PageRange<Size4KiB>]) {
+        (**self).flush_ranges(ranges)
     }
     fn flush_all(&self) {
         (**self).flush_all()

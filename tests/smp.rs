@@ -324,6 +324,75 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
     );
 }
 
+/// Ten areas apart from each other, freed and purged on CPU 0 while CPU 1 serves
+/// its IPIs: one shootdown flushes the ten ranges everywhere, and a translation CPU 1
+/// cached of each is gone.
+#[test]
+fn a_purge_of_many_ranges_is_one_shootdown_that_reaches_every_range() {
+    watchdog(
+        "a_purge_of_many_ranges_is_one_shootdown_that_reaches_every_range",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2, false);
+            let vm = manager(machine, frames, tlb, VmallocConfig::default());
+            // Labelled areas come from the tree; every second one stays, so the
+            // freed ones are ten ranges and no page table empties.
+            let tagged = VmOptions {
+                tag: "apart",
+                ..VmOptions::default()
+            };
+            let areas: Vec<_> = (0..20)
+                .map(|_| vm.vmalloc_with(4096, &tagged).unwrap())
+                .collect();
+            let freed: Vec<VirtAddr> = areas.iter().step_by(2).map(|ptr| addr(*ptr)).collect();
+            let done = AtomicBool::new(false);
+            let cached = AtomicBool::new(false);
+            thread::scope(|scope| {
+                scope.spawn(|| {
+                    // Later flushes do not wait for a CPU whose thread is gone.
+                    let cpu = machine.cpu(1);
+                    let _offline = cpu.offline_when_dropped();
+                    for &at in &freed {
+                        cpu.read(at, &mut [0]).unwrap();
+                    }
+                    cached.store(true, Ordering::Release);
+                    while !done.load(Ordering::Acquire) {
+                        cpu.poll();
+                        thread::yield_now();
+                    }
+                    for &at in &freed {
+                        assert!(cpu.cached(at).is_none(), "CPU 1 still holds a freed page");
+                    }
+                });
+                machine.cpu(0).enter();
+                while !cached.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                for ptr in areas.iter().step_by(2) {
+                    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+                }
+                let before = tlb.stats();
+                vm.purge();
+                let after = tlb.stats();
+                done.store(true, Ordering::Release);
+                assert_eq!(
+                    (
+                        after.shootdowns - before.shootdowns,
+                        after.ipis - before.ipis
+                    ),
+                    (1, 1),
+                    "ten ranges, one shootdown"
+                );
+            });
+            for ptr in areas.iter().skip(1).step_by(2) {
+                // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+                unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+            }
+        },
+    );
+}
+
 #[test]
 fn a_cpu_going_offline_is_no_longer_waited_for() {
     watchdog(

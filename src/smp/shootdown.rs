@@ -11,7 +11,7 @@ use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
 
 /// Ranges a mailbox holds before it falls back to one full flush.
-const QUEUED_RANGES: usize = 8;
+const QUEUED_RANGES: usize = 16;
 /// Work items a mailbox holds; an initiator waits for room past them.
 const QUEUED_WORK: usize = 4;
 
@@ -262,14 +262,24 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
     /// Flushes `flush` on this CPU and on every other online CPU, and returns once
     /// all have.
     fn shoot(&self, flush: Flush) {
+        self.shoot_with(
+            |local| match flush {
+                Flush::Page(page) => local.flush_page(page),
+                Flush::Range(range) => local.flush_range(range),
+                Flush::All => local.flush_all(),
+            },
+            |queue| queue.push(flush),
+        );
+    }
+
+    /// Flushes on this CPU with `local`, and on every other online CPU what `push`
+    /// queues in its mailbox (one request, however many flushes it holds); returns
+    /// once all have.
+    fn shoot_with(&self, local: impl FnOnce(&L), push: impl Fn(&mut Queue)) {
         // No interrupt handler on this CPU may start a shootdown inside this one.
         let _irq = IrqOff::new(self);
         let me = self.cpus.current();
-        match flush {
-            Flush::Page(page) => self.local.flush_page(page),
-            Flush::Range(range) => self.local.flush_range(range),
-            Flush::All => self.local.flush_all(),
-        }
+        local(&self.local);
         self.shootdowns.fetch_add(1, Ordering::Relaxed);
         let targets = self.others(me);
         if targets.is_empty() {
@@ -281,7 +291,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
                 continue;
             };
             let mut queue = wait_for(&mailbox.queue, self);
-            queue.push(flush);
+            push(&mut queue);
             tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
         }
         self.cpus.send_ipi(targets);
@@ -351,6 +361,21 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
         } else {
             self.shoot(Flush::Range(range));
         }
+    }
+
+    fn flush_ranges(&self, ranges: &[PageRange<Size4KiB>]) {
+        let pages = ranges.iter().map(|range| range.len()).sum::<u64>();
+        if pages > self.ceiling() {
+            return self.shoot(Flush::All);
+        }
+        let ranges = || ranges.iter().filter(|range| !range.is_empty());
+        if ranges().next().is_none() {
+            return;
+        }
+        self.shoot_with(
+            |local| ranges().for_each(|range| local.flush_range(*range)),
+            |queue| ranges().for_each(|range| queue.push(Flush::Range(*range))),
+        );
     }
 
     fn flush_all(&self) {

@@ -22,18 +22,24 @@
 use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::cell::Cell;
-use x86_64::PhysAddr;
 use x86_64::structures::paging::page::PageRange;
-use x86_64::structures::paging::{PhysFrame, Size4KiB};
+use x86_64::structures::paging::{Page, PhysFrame, Size4KiB};
+use x86_64::{PhysAddr, VirtAddr};
 
 /// Stale ranges a gather keeps apart; more are merged into the last one (flushing
 /// more than changed is harmless).
 const RANGES: usize = 16;
 
+/// An empty range, for the unused slots.
+const NO_RANGE: PageRange = PageRange {
+    start: Page::containing_address(VirtAddr::zero()),
+    end: Page::containing_address(VirtAddr::zero()),
+};
+
 /// Translations gone stale and not flushed yet.
 #[derive(Clone, Copy)]
 struct Stale {
-    ranges: [Option<PageRange>; RANGES],
+    ranges: [PageRange; RANGES],
     len: usize,
     pages: u64,
     /// Only a full flush will do.
@@ -42,7 +48,7 @@ struct Stale {
 
 impl Stale {
     const NONE: Stale = Stale {
-        ranges: [None; RANGES],
+        ranges: [NO_RANGE; RANGES],
         len: 0,
         pages: 0,
         all: false,
@@ -58,14 +64,13 @@ impl Stale {
         };
         self.pages = self.pages.saturating_add(range.len());
         if self.len < RANGES {
-            self.ranges[self.len] = Some(range);
+            self.ranges[self.len] = range;
             self.len += 1;
             return;
         }
         let last = &mut self.ranges[RANGES - 1];
-        let merged = last.map_or(flush, |old| RangeFlush::from_range(old).merge(flush));
-        match merged.range() {
-            Some(range) => *last = Some(range),
+        match RangeFlush::from_range(*last).merge(flush).range() {
+            Some(range) => *last = range,
             None => self.all = true,
         }
     }
@@ -83,9 +88,8 @@ impl Stale {
         if self.all || self.pages > tlb.ceiling() {
             tlb.flush_all();
         } else {
-            for range in self.ranges[..self.len].iter().flatten() {
-                tlb.flush_range(*range);
-            }
+            // One batch: through a shootdown, one round of IPIs for all of them.
+            tlb.flush_ranges(&self.ranges[..self.len]);
         }
         *self = Stale::NONE;
     }

@@ -463,9 +463,8 @@ where
     }
 
     /// Runs `op` under the lock; if it fails, gives back every bookkeeping slab it
-    /// took, so the frame allocator sees no difference. If it ran out of frames or
-    /// virtual space while the per-CPU caches held some, empties them all and runs
-    /// it once more.
+    /// took, so the frame allocator sees no difference. If it ran out of frames while
+    /// the per-CPU caches held some, empties them all and runs it once more.
     pub(super) fn transact<R>(
         &self,
         mut op: impl FnMut(&mut Locked<'_, F, M, T>) -> Result<R, Error>,

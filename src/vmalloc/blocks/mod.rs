@@ -36,7 +36,7 @@
 //!
 //! # Running out
 //!
-//! A call that runs out of frames or virtual space empties every CPU's cache
+//! A call that runs out of frames empties every CPU's cache
 //! ([`Vmalloc::drain_cpu_caches`](super::Vmalloc::drain_cpu_caches)) and tries
 //! once more: each online CPU hands its cache over from work it runs in its shootdown
 //! service, an offline CPU's is claimed, and the caller flushes their lazy lists,
@@ -287,10 +287,10 @@ impl BlockArea {
     }
 }
 
-/// Whether the result of a locked call asks for the caches to be drained.
+/// Whether the result of a locked call asks for the caches to be drained: only
+/// running out of frames, which the caches may hold. The tree's virtual space is
+/// never in them (the zone stays the blocks'), so a request no free range can meet
+/// (an alignment too large, say) is not retried at the cost of a shootdown per CPU.
 pub(super) fn ran_out<R>(result: &Result<R, crate::Error>) -> bool {
-    matches!(
-        result,
-        Err(crate::Error::OutOfFrames | crate::Error::OutOfVirtualSpace)
-    )
+    matches!(result, Err(crate::Error::OutOfFrames))
 }
