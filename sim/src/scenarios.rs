@@ -2,6 +2,8 @@
 //! for benchmarks and flush counts (`benches/vmalloc.rs`, `examples/flush_counts.rs`).
 
 use crate::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use std::string::String;
+use std::sync::atomic::{AtomicBool, Ordering};
 use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::{Prot, VmOptions, Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE, TlbFlush};
@@ -211,4 +213,119 @@ pub fn vm_map_ram(vm: &Manager<'_, impl TlbFlush>, frames: &[PhysFrame]) {
     let ptr = unsafe { vm.vmap(frames, Prot::KERNEL_RW) }.unwrap();
     // SAFETY: the area was made above for this scenario and is not used again.
     unsafe { vm.vunmap(ptr.as_ptr(), |_| ()) }.unwrap();
+}
+
+/// The scenarios [`round`] runs, by index, as `lib/test_vmalloc.c` names them.
+pub const SCENARIOS: [&str; 8] = [
+    "fix_size_alloc_1",
+    "fix_size_alloc_64",
+    "full_fit_alloc_10_pairs",
+    "random_size_alloc",
+    "fix_align_alloc",
+    "random_size_align_alloc",
+    "align_shift_alloc",
+    "vm_map_ram_64",
+];
+
+/// Rounds per scenario in the flush counts.
+pub const ROUNDS: usize = 1000;
+
+/// One round of scenario `which` (an index into [`SCENARIOS`]).
+pub fn round(which: usize, vm: &Manager<'_, impl TlbFlush>, rng: &mut Rng) {
+    match which {
+        0 => fix_size_alloc(vm, 1),
+        1 => fix_size_alloc(vm, 64),
+        2 => full_fit_alloc(vm, 10),
+        3 => random_size_alloc(vm, rng),
+        4 => fix_align_alloc(vm),
+        5 => random_size_align_alloc(vm, rng),
+        6 => {
+            align_shift_alloc(vm);
+        }
+        _ => {
+            let lent = frames_for_vmap(vm.frames(), 64);
+            vm_map_ram(vm, &lent);
+            vm.frames().free_frames(&lent).unwrap();
+        }
+    }
+}
+
+/// [`ROUNDS`] rounds of scenario `which`, then a purge.
+pub fn run_rounds(which: usize, vm: &Manager<'_, impl TlbFlush>) {
+    let mut rng = Rng::new(1);
+    for _ in 0..ROUNDS {
+        round(which, vm, &mut rng);
+    }
+    vm.purge();
+}
+
+/// Runs scenario `which` ([`run_rounds`]) on CPU 0 of `machine` (from
+/// [`smp_machine`]) with a default manager, lazy or eager, while the other CPUs idle
+/// and take their IPIs; returns the shootdowns and the IPIs it cost. The machine's
+/// page tables must serve no other manager meanwhile.
+pub fn shootdowns(
+    which: usize,
+    eager: bool,
+    (machine, frames, tlb): (&'static SimMachine, &'static SimFrames, &'static SmpTlb),
+) -> (u64, u64) {
+    let config = VmallocConfig {
+        eager,
+        ..VmallocConfig::default()
+    };
+    let vm = manager_with(machine, frames, tlb, config);
+    let idle = AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        for index in 1..machine.cpu_count() {
+            let idle = &idle;
+            scope.spawn(move || {
+                let cpu = machine.cpu(index);
+                while idle.load(Ordering::Acquire) {
+                    cpu.poll();
+                    std::thread::yield_now();
+                }
+            });
+        }
+        machine.cpu(0).enter();
+        let before = tlb.stats();
+        run_rounds(which, &vm);
+        let after = tlb.stats();
+        // Dropping the manager shoots down too: the other CPUs must still take IPIs.
+        drop(vm);
+        idle.store(false, Ordering::Release);
+        (
+            after.shootdowns - before.shootdowns,
+            after.ipis - before.ipis,
+        )
+    })
+}
+
+/// The README's table of shootdowns and IPIs per scenario, lazy and eager, on 2 and
+/// 4 CPUs, as markdown: `examples/flush_counts.rs` prints it, and a test holds the
+/// README to it.
+///
+/// # Panics
+///
+/// If a scenario fails, or costs a different number of shootdowns on 2 and 4 CPUs.
+pub fn shootdown_table() -> String {
+    use core::fmt::Write;
+    let machine = |cpus| smp_machine(SimConfig::new(256 << 20).with_cpus(cpus));
+    let (two, four) = (machine(2), machine(4));
+    let mut table = String::from(
+        "| scenario | lazy: shootdowns | IPIs, 2 CPUs | IPIs, 4 CPUs | eager: shootdowns | IPIs, 4 CPUs |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (which, name) in SCENARIOS.iter().enumerate() {
+        let lazy = [
+            shootdowns(which, false, two),
+            shootdowns(which, false, four),
+        ];
+        let eager = shootdowns(which, true, four);
+        assert_eq!(lazy[0].0, lazy[1].0, "shootdowns depend on the CPU count");
+        writeln!(
+            table,
+            "| {name} | {} | {} | {} | {} | {} |",
+            lazy[0].0, lazy[0].1, lazy[1].1, eager.0, eager.1
+        )
+        .unwrap();
+    }
+    table
 }
