@@ -355,11 +355,7 @@ impl<'a> KernelHeap<'a> {
             // for a slab object.
             let vmalloc = self.backing.get()?.vmalloc;
             let object = match self.cpus.get() {
-                Some(cpus) => {
-                    let object = self.cpu_caches.alloc(*cpus, class, &self.slabs, vmalloc);
-                    self.slabs.tick_cpu(cpus.current(), vmalloc);
-                    object
-                }
+                Some(cpus) => self.cpu_caches.alloc(*cpus, class, &self.slabs, vmalloc),
                 None => self.slabs.alloc(class, Route::SHARED, vmalloc),
             };
             return object.or_else(|| self.alloc_list(layout));
@@ -385,8 +381,7 @@ impl<'a> KernelHeap<'a> {
                 match self.cpus.get() {
                     Some(cpus) => {
                         self.cpu_caches
-                            .free(*cpus, class, ptr, &self.slabs, backing.vmalloc);
-                        self.slabs.tick_cpu(cpus.current(), backing.vmalloc);
+                            .free(*cpus, class, ptr, &self.slabs, backing.vmalloc)
                     }
                     None => self.slabs.free(class, ptr, Route::SHARED, backing.vmalloc),
                 }

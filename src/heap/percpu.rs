@@ -166,6 +166,10 @@ impl CpuCaches {
         len -= 1;
         let object = objects[len];
         slot.shared().0[class].store(len as u8, Ordering::Relaxed);
+        let cpu = slot.cpu();
+        drop(slot);
+        // Served by the magazine alone: the clock empty slabs age by still ticks.
+        slabs.tick_cpu(cpu, vmalloc);
         NonNull::new(object)
     }
 
@@ -207,6 +211,10 @@ impl CpuCaches {
         }
         objects[len] = ptr;
         slot.shared().0[class].store(len as u8 + 1, Ordering::Relaxed);
+        let cpu = slot.cpu();
+        drop(slot);
+        // As in `alloc`.
+        slabs.tick_cpu(cpu, vmalloc);
     }
 
     /// Empties every CPU's magazines into the classes (see the [module
