@@ -6,6 +6,8 @@
 //! `cargo bench --bench vmalloc`; TLB flush counts: `cargo run --release --example flush_counts`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::time::{Duration, Instant};
+use vmalloc::VmallocConfig;
 use vmalloc::frame::MapperFrames;
 use vmalloc::vmalloc::{VmFlags, VmOptions};
 use vmalloc::{FrameSource, PAGE_SIZE};
@@ -77,13 +79,13 @@ impl<'m> PeerVmalloc<'m> {
 fn vmalloc_vfree(c: &mut Criterion) {
     let machine = machine();
     let frames = fragmented_frames(&machine);
-    let lazy = manager(&machine, &frames, false);
+    let default = manager(&machine, &frames, false);
     let eager_machine = self::machine();
     let eager_frames = fragmented_frames(&eager_machine);
     let eager = manager(&eager_machine, &eager_frames, true);
-    let cached_machine = self::machine();
-    let cached_frames = fragmented_frames(&cached_machine);
-    let cached = cached_manager(&cached_machine, &cached_frames);
+    let locked_machine = self::machine();
+    let locked_frames = fragmented_frames(&locked_machine);
+    let locked = locked_manager(&locked_machine, &locked_frames, false);
     let peer_machine = self::machine();
     let peer_frames = fragmented_frames(&peer_machine);
     let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
@@ -91,14 +93,14 @@ fn vmalloc_vfree(c: &mut Criterion) {
     let mut group = c.benchmark_group("vmalloc_vfree");
     for pages in [1u64, 16, 256, 4096] {
         group.throughput(Throughput::Elements(pages));
-        group.bench_with_input(BenchmarkId::new("lazy", pages), &pages, |b, &p| {
-            b.iter(|| fix_size_alloc(&lazy, p))
+        group.bench_with_input(BenchmarkId::new("default", pages), &pages, |b, &p| {
+            b.iter(|| fix_size_alloc(&default, p))
         });
         group.bench_with_input(BenchmarkId::new("eager", pages), &pages, |b, &p| {
             b.iter(|| fix_size_alloc(&eager, p))
         });
-        group.bench_with_input(BenchmarkId::new("per_cpu", pages), &pages, |b, &p| {
-            b.iter(|| fix_size_alloc(&cached, p))
+        group.bench_with_input(BenchmarkId::new("locked", pages), &pages, |b, &p| {
+            b.iter(|| fix_size_alloc(&locked, p))
         });
         group.bench_with_input(BenchmarkId::new("x86_64_map_to", pages), &pages, |b, &p| {
             b.iter(|| {
@@ -205,16 +207,16 @@ fn test_vmalloc_scenarios(c: &mut Criterion) {
     group.finish();
 }
 
-/// 1-page vmalloc+vfree latency with 10 and with 100,000 other live areas, with the
-/// per-CPU caches off (the default) and on.
+/// 1-page vmalloc+vfree latency with 10 and with 100,000 other live areas, in the
+/// default configuration and without the per-CPU caches.
 fn latency_with_live_areas(c: &mut Criterion) {
-    for (group, caches) in [("latency_1_page", false), ("latency_1_page_per_cpu", true)] {
+    for (group, caches) in [("latency_1_page", true), ("latency_1_page_locked", false)] {
         let make = |machine: &'static SimMachine| {
             let frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(machine)));
             if caches {
-                cached_manager(machine, frames)
-            } else {
                 manager(machine, frames, false)
+            } else {
+                locked_manager(machine, frames, false)
             }
         };
         let mut group = c.benchmark_group(group);
@@ -246,52 +248,69 @@ fn latency_with_live_areas(c: &mut Criterion) {
     }
 }
 
-/// 1- and 16-page vmalloc+vfree pairs on 1, 2 and 4 threads sharing one manager:
-/// total pairs per second. `shared`: every thread is CPU 0 of a default manager;
-/// `per_cpu`: thread i is CPU i of a manager with per-CPU caches. Flushes reach the
-/// calling CPU only, in both.
+/// 1- and 16-page vmalloc+vfree pairs on 1, 2 and 4 threads sharing one manager,
+/// thread i running as CPU i: total pairs per second. `shootdown`: the default
+/// configuration flushing through a `Shootdown`, as an SMP kernel runs it (the CPUs
+/// without a thread are offline, every running one takes the others' IPIs);
+/// `local_only`: the same with flushes that reach the calling CPU alone, which no SMP
+/// kernel has; `locked`: without the per-CPU caches, local flushes.
 fn threads(c: &mut Criterion) {
-    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
-        SimConfig::new(1 << 30).with_cpus(4),
-    )));
-    let frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(machine)));
-    let shared = manager(machine, frames, false);
-    let cached_machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
-        SimConfig::new(1 << 30).with_cpus(4),
-    )));
-    let cached_frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(cached_machine)));
-    let per_cpu = cached_manager(cached_machine, cached_frames);
+    let machine = |cpus| SimConfig::new(1 << 30).with_cpus(cpus);
+    let (smp, _, tlb) = smp_machine(machine(4));
+    let smp_frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(smp)));
+    let shootdown = manager_with(smp, smp_frames, tlb, VmallocConfig::default());
+    let leak = |config| -> (&'static SimMachine, &'static SimFrames) {
+        let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
+        (machine, Box::leak(Box::new(fragmented_frames(machine))))
+    };
+    let (local_machine, local_frames) = leak(machine(4));
+    let local_only = manager(local_machine, local_frames, false);
+    let (locked_machine, locked_frames) = leak(machine(4));
+    let locked = locked_manager(locked_machine, locked_frames, false);
     let mut group = c.benchmark_group("vmalloc_threads");
     group.sample_size(10);
-    for (name, vm, machine, own_cpu) in [
-        ("shared", &shared, machine, false),
-        ("per_cpu", &per_cpu, cached_machine, true),
-    ] {
-        for pages in [1u64, 16] {
-            for count in [1u64, 2, 4] {
-                group.throughput(Throughput::Elements(count));
+    for pages in [1u64, 16] {
+        for count in [1u64, 2, 4] {
+            group.throughput(Throughput::Elements(count));
+            let mut run = |name: &str, machine: &'static SimMachine, pairs: &(dyn Fn() + Sync)| {
                 let id = BenchmarkId::new(format!("{name}/pages{pages}"), count);
                 group.bench_function(id, |b| {
-                    b.iter_custom(|iters| {
-                        let start = std::time::Instant::now();
-                        std::thread::scope(|scope| {
-                            for thread in 0..count as usize {
-                                scope.spawn(move || {
-                                    pin(thread);
-                                    if own_cpu {
-                                        machine.cpu(thread).enter();
-                                    }
-                                    (0..iters).for_each(|_| fix_size_alloc(vm, pages))
-                                });
-                            }
-                        });
-                        start.elapsed()
-                    })
+                    b.iter_custom(|iters| on_cpus(machine, count as usize, iters, pairs))
                 });
-            }
+            };
+            run("shootdown", smp, &|| fix_size_alloc(&shootdown, pages));
+            run("local_only", local_machine, &|| {
+                fix_size_alloc(&local_only, pages)
+            });
+            run("locked", locked_machine, &|| fix_size_alloc(&locked, pages));
         }
     }
     group.finish();
+}
+
+/// Runs `pair` `iters` times on each of `count` threads, thread i as CPU i of
+/// `machine`, online while it runs; the other CPUs stay offline. Returns the time
+/// until the last thread is done.
+fn on_cpus(machine: &SimMachine, count: usize, iters: u64, pair: &(dyn Fn() + Sync)) -> Duration {
+    (0..machine.cpu_count()).for_each(|cpu| machine.cpu(cpu).go_offline());
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..count {
+            scope.spawn(move || {
+                pin(thread);
+                let cpu = machine.cpu(thread);
+                cpu.enter();
+                cpu.go_online();
+                // Offline when done: the threads still running stop waiting for it.
+                let _offline = cpu.offline_when_dropped();
+                (0..iters).for_each(|_| pair());
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    // The machine's CPU 0 (every later caller's) is online again.
+    machine.cpu(0).go_online();
+    elapsed
 }
 
 /// Pins the calling thread to host core `thread` modulo the cores there are, so the

@@ -89,7 +89,7 @@ pub fn fragmented_frames(machine: &SimMachine) -> SimFrames {
     frames
 }
 
-/// A manager, lazy or eager, over `machine`.
+/// A manager in the default configuration, lazy or eager, over `machine`.
 pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) -> Manager<'m> {
     let config = VmallocConfig {
         eager,
@@ -99,11 +99,16 @@ pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) 
     unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
 }
 
-/// A lazy manager over `machine` whose small areas come from per-CPU blocks
-/// (`VmallocConfig::cpu_caches`).
-pub fn cached_manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames) -> Manager<'m> {
+/// A manager, lazy or eager, over `machine`, without the per-CPU caches
+/// (`VmallocConfig::cpu_caches` off): every area is made under its lock.
+pub fn locked_manager<'m>(
+    machine: &'m SimMachine,
+    frames: &'m SimFrames,
+    eager: bool,
+) -> Manager<'m> {
     let config = VmallocConfig {
-        cpu_caches: true,
+        eager,
+        cpu_caches: false,
         ..VmallocConfig::default()
     };
     // SAFETY: the machine's page tables belong to this manager alone.
