@@ -5,8 +5,12 @@
 //! and allocates one of a random size).
 //!
 //! The kernel heap runs in the simulated machine's host window, where the first touch
-//! of a freshly mapped page is a host page fault and a purge unmaps the window again;
-//! the large-buffer workload pays for that, a real MMU would not (see the README).
+//! of a freshly mapped page is a host page fault; the large-buffer workload pays for
+//! that, a real MMU would not (see the README). `heap_threads_large` runs the random
+//! actions with 1 block in 50 of 4-256 KiB (the list heap's and vmalloc's sizes), on
+//! 1 and 2 threads: its purges end in full TLB flushes, which must not cost the
+//! small blocks' pages a host fault each, and its large blocks must not make the
+//! threads wait for each other inside the heap.
 //!
 //! `cargo bench --bench heap`
 
@@ -14,11 +18,12 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use linked_list_allocator::LockedHeap;
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use talc::TalcLock;
 use talc::source::Claim;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
-use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys, TlbStats};
 
 /// Bytes of heap for both contenders.
 const REGION: usize = 64 << 20;
@@ -77,10 +82,23 @@ const WARM_UP_STEPS: usize = 200_000;
 /// Steps per measured iteration.
 const STEPS: usize = 1000;
 
+/// How a random-actions run picks the size of each block.
+type Sizes = fn(&mut Rng) -> Layout;
+
 /// A size of the random-actions workload: 16-512 bytes, 1 in 64 up to 4 KiB.
 fn random_action_layout(rng: &mut Rng) -> Layout {
     let size = if rng.below(64) == 0 {
         16 + rng.below(4096 - 15)
+    } else {
+        16 + rng.below(512 - 15)
+    };
+    Layout::from_size_align(size as usize, 8).unwrap()
+}
+
+/// A size of the large-blocks workload: 16-512 bytes, 1 in 50 from 4 KiB to 256 KiB.
+fn large_action_layout(rng: &mut Rng) -> Layout {
+    let size = if rng.below(50) == 0 {
+        (4 << 10) + rng.below((256 - 4) << 10)
     } else {
         16 + rng.below(512 - 15)
     };
@@ -92,25 +110,27 @@ struct RandomActions<'h> {
     heap: &'h dyn GlobalAlloc,
     live: Vec<(*mut u8, Layout)>,
     rng: Rng,
+    sizes: Sizes,
 }
 
 impl<'h> RandomActions<'h> {
     /// Fills `heap` with [`LIVE`] blocks and runs the warm-up.
     fn new(heap: &'h dyn GlobalAlloc) -> Self {
-        let mut run = Self::with_live(heap, LIVE, 3);
+        let mut run = Self::with_live(heap, LIVE, 3, random_action_layout);
         run.steps(WARM_UP_STEPS);
         run
     }
 
-    /// `live` blocks on `heap`, from `seed`.
-    fn with_live(heap: &'h dyn GlobalAlloc, live: usize, seed: u64) -> Self {
+    /// `live` blocks on `heap` with sizes from `sizes`, from `seed`.
+    fn with_live(heap: &'h dyn GlobalAlloc, live: usize, seed: u64, sizes: Sizes) -> Self {
         let mut run = Self {
             heap,
             live: Vec::with_capacity(live),
             rng: Rng::new(seed),
+            sizes,
         };
         for _ in 0..live {
-            let layout = random_action_layout(&mut run.rng);
+            let layout = (run.sizes)(&mut run.rng);
             run.live.push((run.alloc(layout), layout));
         }
         run
@@ -132,7 +152,7 @@ impl<'h> RandomActions<'h> {
             let (block, layout) = self.live[index];
             // SAFETY: a live block of this heap with its layout.
             unsafe { self.heap.dealloc(black_box(block), layout) };
-            let layout = random_action_layout(&mut self.rng);
+            let layout = (self.sizes)(&mut self.rng);
             self.live[index] = (self.alloc(layout), layout);
         }
     }
@@ -200,14 +220,55 @@ fn random_actions(
         });
     }
     group.finish();
-    threads(c, "shared", &[heap], machine);
-    threads(c, "per_cpu", &[per_cpu], machine);
+    threads(
+        c,
+        "shared",
+        &[heap],
+        machine,
+        random_action_layout,
+        &[1, 2, 4],
+    );
+    threads(
+        c,
+        "per_cpu",
+        &[per_cpu],
+        machine,
+        random_action_layout,
+        &[1, 2, 4],
+    );
+    threads(
+        c,
+        "large",
+        &[per_cpu],
+        machine,
+        large_action_layout,
+        &[1, 2],
+    );
     // The control: each thread with a `talc` of its own, so nothing is shared but the
     // machine (its caches and memory bandwidth).
     let talcs: Vec<_> = (0..4).map(|_| Padded(talc_with_region(REGION))).collect();
     let talcs: Vec<&(dyn GlobalAlloc + Sync)> =
         talcs.iter().map(|Padded(talc)| talc as _).collect();
-    threads(c, "private_talc", &talcs, machine);
+    threads(
+        c,
+        "private_talc",
+        &talcs,
+        machine,
+        random_action_layout,
+        &[1, 2, 4],
+    );
+}
+
+/// Full TLB flushes of CPUs `0..count`, and host-window fills (every CPU's counters
+/// include them: CPU 0's).
+fn machine_counts(machine: &SimMachine, count: usize) -> TlbStats {
+    TlbStats {
+        full_flushes: (0..count)
+            .map(|cpu| machine.cpu(cpu).tlb_stats().full_flushes)
+            .sum(),
+        misses: machine.cpu(0).tlb_stats().misses,
+        ..TlbStats::default()
+    }
 }
 
 /// A value on cache lines of its own.
@@ -232,14 +293,17 @@ struct Owned<'h>(RandomActions<'h>);
 // the heap is `Sync`.
 unsafe impl Send for Owned<'_> {}
 
-/// Random-actions steps on 1, 2 and 4 threads at once (thread `i` runs as CPU `i`,
-/// pinned to a host core), each on its own 2,500 live blocks from
-/// `heaps[i % heaps.len()]`: total steps per second.
+/// Random-actions steps with sizes from `sizes` on each count of threads at once
+/// (thread `i` runs as CPU `i`, pinned to a host core), each on its own 2,500 live
+/// blocks from `heaps[i % heaps.len()]`: total steps per second. Prints what the
+/// machine did meanwhile: full TLB flushes and host-window fills per 1,000 steps.
 fn threads(
     c: &mut Criterion,
     name: &str,
     heaps: &[&(dyn GlobalAlloc + Sync)],
     machine: &SimMachine,
+    sizes: Sizes,
+    counts: &[usize],
 ) {
     let mut group = c.benchmark_group(format!("heap_threads_{name}"));
     group.sample_size(10);
@@ -247,7 +311,7 @@ fn threads(
         pin(cpu);
         machine.cpu(cpu).enter();
     };
-    for count in [1usize, 2, 4] {
+    for &count in counts {
         // Each run is set up on the CPU that will run it, as a kernel thread would.
         let runs: Vec<std::sync::Mutex<Owned>> = std::thread::scope(|scope| {
             let setups: Vec<_> = (0..count)
@@ -255,7 +319,8 @@ fn threads(
                     let heap = heaps[cpu % heaps.len()];
                     scope.spawn(move || {
                         on_cpu(cpu);
-                        let mut run = RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10);
+                        let mut run =
+                            RandomActions::with_live(heap, LIVE / 4, cpu as u64 + 10, sizes);
                         run.steps(WARM_UP_STEPS / 4);
                         std::sync::Mutex::new(Owned(run))
                     })
@@ -267,8 +332,10 @@ fn threads(
                 .collect()
         });
         group.throughput(Throughput::Elements((STEPS * count) as u64));
+        let (before, steps) = (machine_counts(machine, count), AtomicU64::new(0));
         group.bench_function(format!("{count}"), |b| {
             b.iter_custom(|iters| {
+                steps.fetch_add(iters * (STEPS * count) as u64, Ordering::Relaxed);
                 let start = std::time::Instant::now();
                 std::thread::scope(|scope| {
                     for (cpu, run) in runs.iter().enumerate() {
@@ -281,6 +348,21 @@ fn threads(
                 start.elapsed()
             })
         });
+        let (after, steps) = (machine_counts(machine, count), steps.into_inner());
+        if steps == 0 {
+            // Not selected.
+            continue;
+        }
+        let per_k = |of: fn(&TlbStats) -> u64| {
+            let happened = of(&after) - of(&before);
+            happened as f64 * 1000.0 / steps as f64
+        };
+        eprintln!(
+            "heap_threads_{name}/{count}: per 1,000 steps, {:.2} full flushes and {:.1} \
+             host-window fills",
+            per_k(|stats| stats.full_flushes),
+            per_k(|stats| stats.misses),
+        );
     }
     group.finish();
 }

@@ -84,11 +84,15 @@
 //! of the host's limit (16,382 pages by default; [`host_mapped_pages`] says how
 //! many one holds), each at least 64 whatever the others hold; past that a fill
 //! evicts the window's oldest fill (with the pages it holds in the same 2 MiB), and
-//! the next touch of an evicted page fills it again from the tables. Host mappings thus stay under half the limit however the frames scatter,
-//! and a test can keep as much memory live as the machine has: a working set larger
-//! than the capacity only costs refills. As for a TLB entry, an eviction may end a
-//! stale translation early (a test reading a frame through an unmapped, unflushed
-//! page relies on it only for pages it touched recently).
+//! the next touch of an evicted page fills it again from the tables. Host mappings
+//! thus stay under half the limit however the frames scatter (each page costs at most
+//! two: itself and the split of the reservation around it), and a test can keep as
+//! much memory live as the machine has: a working set larger than the capacity only
+//! costs refills. A test holding 1 GiB of live 1 KiB heap objects on scattered frames
+//! (`tests/sim_scale.rs`, 262,144 pages) peaks at about 32,800 host mappings. As for
+//! a TLB entry, an eviction may end a stale translation early (a test reading a frame
+//! through an unmapped, unflushed page relies on it only for pages it touched
+//! recently).
 //!
 //! **The SIGSEGV handler.** The handler is installed when the first machine with a
 //! window is made, in front of the one there was (Rust's stack-overflow handler in
@@ -102,10 +106,12 @@
 //! line saying so. That covers every window page the code under test maps after the
 //! runtime's handler arrived; a page mapped before it and first touched after,
 //! with no machine call in between, would still reach the runtime's handler and kill
-//! the process. So a global allocator that makes its machine on first use should
-//! serve allocations from the system allocator until `main` has started
-//! (`tests/heap_global.rs`), or make it before `main` knowing the first heap pages
-//! it touches go through the check (`tests/sim_handler_order.rs`).
+//! the process. So a global allocator that makes its machine on first use is safest
+//! serving allocations from the system allocator until `main` has started
+//! (`tests/heap_global.rs` switches in a test). One that makes it inside the
+//! runtime's first allocation works (`tests/sim_handler_order.rs`) as long as no
+//! window page mapped during that allocation is first touched after it returns (a
+//! kernel heap touches the slab it carves an object from at once).
 //! [`host_window_handler_installed`] says whether the handler is in place. A program
 //! that installs a SIGSEGV handler of its own after making a machine must pass the
 //! faults it does not handle to the one it replaced.
