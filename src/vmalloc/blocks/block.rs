@@ -54,8 +54,12 @@ pub(super) struct Block {
     /// The CPU whose cache carves from the block, or [`NO_OWNER`].
     owner: AtomicUsize,
     bitmap: UnsafeCell<Bitmap>,
-    /// Pages free in the bitmap or on `returned`: whether the block is worth taking.
-    available: AtomicUsize,
+    /// Pages free in the bitmap: changed only by whoever holds the owning CPU's cache
+    /// (a load and a store, no locked instruction), read by anyone.
+    free_pages: AtomicUsize,
+    /// Pages on `returned`, added by the CPUs returning them. With `free_pages`:
+    /// whether the block is worth taking.
+    returned_pages: AtomicUsize,
     /// At a live area's first page, its pages with [`ZEROED`] for a `vzalloc` area;
     /// with [`FREED`] once freed and until its pages are free again; 0 elsewhere.
     len: [AtomicU8; BLOCK_PAGES],
@@ -88,7 +92,8 @@ impl Block {
                 free: [u64::MAX; WORDS],
                 hint: 0,
             }),
-            available: AtomicUsize::new(BLOCK_PAGES),
+            free_pages: AtomicUsize::new(BLOCK_PAGES),
+            returned_pages: AtomicUsize::new(0),
             len: [const { AtomicU8::new(0) }; BLOCK_PAGES],
             callers: [const { AtomicPtr::new(core::ptr::null_mut()) }; BLOCK_PAGES / 2],
             returned: AtomicU16::new(0),
@@ -134,7 +139,19 @@ impl Block {
 
     /// Whether a CPU looking for a block should take this one.
     pub(super) fn worth_taking(&self, from: usize) -> bool {
-        self.owner() == NO_OWNER && self.available.load(Ordering::Relaxed) >= from
+        self.owner() == NO_OWNER && self.available() >= from
+    }
+
+    /// Pages free in the bitmap or on the returned list.
+    fn available(&self) -> usize {
+        self.free_pages.load(Ordering::Relaxed) + self.returned_pages.load(Ordering::Relaxed)
+    }
+
+    /// Adds `delta` pages to the bitmap's count: the holder's alone.
+    fn add_free(&self, delta: isize) {
+        let pages = self.free_pages.load(Ordering::Relaxed);
+        self.free_pages
+            .store(pages.wrapping_add_signed(delta), Ordering::Relaxed);
     }
 
     /// The bitmap.
@@ -172,7 +189,7 @@ impl Block {
                 let first = word * 64 + starts.trailing_zeros() as usize;
                 set_bits(&mut bitmap.free, first, span, false);
                 bitmap.hint = word;
-                self.available.fetch_sub(span, Ordering::Relaxed);
+                self.add_free(-(span as isize));
                 return Some(first);
             }
         }
@@ -285,7 +302,7 @@ impl Block {
         self.callers[first / 2].store(core::ptr::null_mut(), Ordering::Relaxed);
         // SAFETY: forwarded.
         set_bits(unsafe { &mut self.bitmap().free }, first, span, true);
-        self.available.fetch_add(span, Ordering::Relaxed);
+        self.add_free(span as isize);
     }
 
     /// The freed area at `first`, flushed, goes back to the owner, which frees it at
@@ -306,8 +323,8 @@ impl Block {
                 Err(now) => head = now,
             }
         }
-        let available = self.available.fetch_add(span, Ordering::Relaxed) + span;
-        available >= take_from && self.owner() == NO_OWNER
+        self.returned_pages.fetch_add(span, Ordering::Relaxed);
+        self.available() >= take_from && self.owner() == NO_OWNER
     }
 
     /// Frees in the bitmap every area other CPUs returned.
@@ -320,15 +337,21 @@ impl Block {
             return;
         }
         let mut at = self.returned.swap(0, Ordering::Acquire);
+        let mut taken = 0;
         while at != 0 {
             let first = usize::from(at - 1);
             at = self.next[first].load(Ordering::Relaxed);
             let span = self.freed_span(first);
             self.len[first].store(0, Ordering::Relaxed);
             self.callers[first / 2].store(core::ptr::null_mut(), Ordering::Relaxed);
-            // SAFETY: forwarded. (`available` counted these pages when they came.)
+            // SAFETY: forwarded.
             set_bits(unsafe { &mut self.bitmap().free }, first, span, true);
+            taken += span;
         }
+        // The pages move from the returned count to the bitmap's; one returned after
+        // the swap is on the new list, and counted there.
+        self.add_free(taken as isize);
+        self.returned_pages.fetch_sub(taken, Ordering::Relaxed);
     }
 }
 
