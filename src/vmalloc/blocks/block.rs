@@ -183,8 +183,7 @@ impl Block {
             let word = (bitmap.hint + step) % WORDS;
             let next = bitmap.free.get(word + 1).copied().unwrap_or(0);
             let both = u128::from(bitmap.free[word]) | u128::from(next) << 64;
-            // Bit i of `starts`: pages i..i + span of `both` are all free.
-            let starts = (1..span).fold(both, |run, shift| run & both >> shift) as u64;
+            let starts = run_starts(both, span);
             if starts != 0 {
                 let first = word * 64 + starts.trailing_zeros() as usize;
                 set_bits(&mut bitmap.free, first, span, false);
@@ -355,14 +354,33 @@ impl Block {
     }
 }
 
-/// Marks pages `first..first + span` of `free` free or taken.
+/// Bit `i` set: bits `i..i + span` of `bits` are all set, for `i` below 64 (a run
+/// may reach into the upper half). Runs double at each step: `span` 17 takes five.
+fn run_starts(bits: u128, span: usize) -> u64 {
+    let (mut run, mut len) = (bits, 1);
+    while len < span {
+        let shift = (span - len).min(len);
+        run &= run >> shift;
+        len += shift;
+    }
+    run as u64
+}
+
+/// Marks pages `first..first + span` of `free` free or taken, a word at a time.
 fn set_bits(free: &mut [u64; WORDS], first: usize, span: usize, value: bool) {
-    for page in first..first + span {
-        let bit = 1u64 << (page % 64);
+    let (mut page, end) = (first, first + span);
+    while page < end {
+        let (word, bit) = (page / 64, page % 64);
+        let count = (64 - bit).min(end - page);
+        let mask = (u64::MAX >> (64 - count)) << bit;
         if value {
-            free[page / 64] |= bit;
+            free[word] |= mask;
         } else {
-            free[page / 64] &= !bit;
+            free[word] &= !mask;
         }
+        page += count;
     }
 }
+
+#[cfg(test)]
+mod test;
