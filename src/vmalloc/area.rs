@@ -78,6 +78,9 @@ pub(crate) struct AreaRecord {
     pub tag: &'static str,
     /// Where the call that made the area was made (`#[track_caller]`).
     pub caller: &'static Location<'static>,
+    /// Pages are mapped one at a time, anywhere in the area (`reserve_sparse`):
+    /// `mapped_pages` counts them and says nothing of where they are.
+    pub sparse: bool,
 }
 
 impl AreaRecord {
@@ -99,6 +102,17 @@ impl AreaRecord {
             zeroed: options.flags.contains(VmFlags::ZERO),
             tag: options.tag,
             caller: Location::caller(),
+            sparse: false,
+        }
+    }
+
+    /// The pages, from the area's start, that may hold frames: the mapped run after
+    /// the lead, or every page of a sparse area.
+    pub fn frame_pages(&self) -> core::ops::Range<u64> {
+        if self.sparse {
+            0..self.size / PAGE_SIZE
+        } else {
+            self.lead..self.lead + self.mapped_pages
         }
     }
 

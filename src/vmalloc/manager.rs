@@ -299,7 +299,7 @@ where
         let cx = self.lock();
         let (start, _, record) = cx.area_containing(addr).ok_or(Error::NotMapped)?;
         let page_index = (addr - start) / PAGE_SIZE;
-        let mapped = record.lead..record.lead + record.mapped_pages;
+        let mapped = record.frame_pages();
         if record.dying || !mapped.contains(&page_index) {
             return Err(Error::NotMapped);
         }
@@ -380,6 +380,10 @@ where
     pub fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         self.transact(|cx| {
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Reserved])?;
+            if record.sparse {
+                // Mapped page by page: see `reserve_sparse`.
+                return Err(Error::WrongKind);
+            }
             let want = (bytes as u64).div_ceil(PAGE_SIZE);
             if want > record.size / PAGE_SIZE {
                 return Err(Error::SizeTooLarge);
@@ -417,7 +421,7 @@ where
 
     /// An alignment of at least a page, refusing those that are not powers of two or
     /// that exceed the region.
-    fn check_align(&self, align: u64) -> Result<u64, Error> {
+    pub(super) fn check_align(&self, align: u64) -> Result<u64, Error> {
         if !align.is_power_of_two() || align > self.config.size {
             return Err(Error::BadAlignment);
         }

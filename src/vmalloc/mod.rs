@@ -178,10 +178,13 @@
 //! | `blocks/` | per-CPU blocks and frame caches for small areas: the block, the CPU's cache, the calls on block areas | `locked`, `gather` |
 //! | `diagnose.rs` | what a faulting address is | `locked`, `purge` |
 //! | `stack.rs` | kernel stacks with a guard below | `locked` |
+//! | `sparse.rs` | [sparse areas](sparse): pages mapped and unmapped one at a time (the heap's guarded pool) | `locked` |
+//! | `allocinfo.rs` | live bytes and areas per allocation site (`/proc/allocinfo`) | `info` |
 //! | `ops.rs`, `owned.rs` | [`VmallocOps`], [`VBox`], [`VBuffer`] | `manager` |
 //!
 //! [page-table cursor]: crate::paging
 
+pub mod allocinfo;
 mod area;
 pub mod blocks;
 pub mod deferred;
@@ -199,9 +202,11 @@ mod owned;
 pub mod purge;
 mod realloc;
 mod space;
+pub mod sparse;
 pub mod stack;
 mod tree;
 
+pub use allocinfo::{AllocInfo, SiteUsage};
 pub use area::{AreaInfo, AreaKind};
 pub use diagnose::{FaultDiagnosis, FaultSite};
 pub use info::{Areas, VmallocInfo, VmallocStats};

@@ -31,6 +31,9 @@ use x86_64::structures::paging::PhysFrame;
 ///   else uses, of which `populate` maps (readable and writable, zeroed when asked)
 ///   the first bytes it reports, at least as many as asked, staying mapped until
 ///   `vfree`;
+/// - `reserve_sparse` returns such a range with nothing mapped, of which `map_page`
+///   maps one page (readable and writable as asked, zeroed when asked) until
+///   `unmap_page` unmaps it, which flushes every CPU's TLB before it returns;
 /// - `vmap` maps the given frames in order and `ioremap` the given physical range,
 ///   each at a range nothing else uses, until `vunmap` or `iounmap`;
 /// - a call that fails leaves every block and mapping as it was;
@@ -80,6 +83,44 @@ pub unsafe trait VmallocOps: Sync {
     ///
     /// As there.
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
+
+    /// See [`Vmalloc::reserve_sparse`](super::Vmalloc::reserve_sparse). The default
+    /// refuses ([`Error::WrongKind`]): the heap then has no guarded pool.
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    #[track_caller]
+    fn reserve_sparse(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        let _ = (size, options);
+        Err(Error::WrongKind)
+    }
+
+    /// See [`Vmalloc::map_page`](super::Vmalloc::map_page). The default refuses
+    /// ([`Error::WrongKind`]).
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+        let _ = (area, index);
+        Err(Error::WrongKind)
+    }
+
+    /// See [`Vmalloc::unmap_page`](super::Vmalloc::unmap_page). The default refuses
+    /// ([`Error::WrongKind`]).
+    ///
+    /// # Errors
+    ///
+    /// As there.
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn unmap_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+        let _ = (area, index);
+        Err(Error::WrongKind)
+    }
 
     /// See [`Vmalloc::vmap`](super::Vmalloc::vmap). The default refuses
     /// ([`Error::WrongKind`]): the heap never calls it.
@@ -200,6 +241,17 @@ where
     }
     fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         Vmalloc::populate(self, ptr, bytes)
+    }
+    #[track_caller]
+    fn reserve_sparse(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        Vmalloc::reserve_sparse(self, size, options)
+    }
+    fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+        Vmalloc::map_page(self, area, index)
+    }
+    unsafe fn unmap_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::unmap_page(self, area, index) }
     }
     #[track_caller]
     unsafe fn vmap(&self, frames: &[PhysFrame], prot: Prot) -> Result<NonNull<u8>, Error> {

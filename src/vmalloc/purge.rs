@@ -190,9 +190,11 @@ where
     /// Detaches the area's pages and moves it from the area map to the purge list.
     fn queue_for_purge(&mut self, start: VirtAddr, record: AreaRecord) {
         let inner = self.inner();
-        let mapped = page_range(start, record.lead..record.lead + record.mapped_pages);
+        let mapped = page_range(start, record.frame_pages());
         let mut flush = RangeFlush::from_range(mapped);
-        if !mapped.is_empty() {
+        if record.sparse {
+            flush = super::sparse::detach_each(&mut inner.tables, mapped);
+        } else if !mapped.is_empty() {
             // SAFETY: the area is being freed, its pages are this manager's; the purge
             // issues the returned flush before their frames or range are reused.
             match unsafe { inner.tables.detach(mapped) } {
@@ -234,16 +236,26 @@ where
         let mut sweep = SweepWindow::default();
         while let Some((start, record)) = pending.pop(&mut inner.pool) {
             let owns_frames = record.kind.owns_frames();
-            let range = page_range(start, record.lead..record.lead + record.mapped_pages);
-            // SAFETY: the batch above flushed the range.
-            let reclaimed = unsafe {
-                inner.tables.reclaim_detached(range, |_, frame| {
-                    if owns_frames {
-                        gather.free(frame)
-                    }
-                })
+            let range = page_range(start, record.frame_pages());
+            let mut reclaim = |range| {
+                // SAFETY: the batch above flushed the range.
+                unsafe {
+                    inner.tables.reclaim_detached(range, |_, frame| {
+                        if owns_frames {
+                            gather.free(frame)
+                        }
+                    })
+                }
             };
-            invariant(reclaimed);
+            if record.sparse {
+                super::sparse::each_page(range, |page| match reclaim(page) {
+                    // A page never mapped, or unmapped before the free: nothing there.
+                    Ok(()) | Err(Error::NotMapped) => {}
+                    other => invariant(other),
+                });
+            } else {
+                invariant(reclaim(range));
+            }
             if let Some(done) = sweep.extend(range) {
                 gather.sweep_tables(&mut inner.tables, in_region(vm.config(), done));
             }
