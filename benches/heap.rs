@@ -12,16 +12,27 @@
 //! small blocks' pages a host fault each, and its large blocks must not make the
 //! threads wait for each other inside the heap.
 //!
+//! The kernel heap runs in the default configuration (`kernel_heap`: per-CPU slabs,
+//! the manager's flush policy naming the simulated CPUs), with every slab call under
+//! its class's lock (`kernel_heap_locked`), and, in the single-threaded rows, with
+//! per-CPU slabs whose interrupt hooks cost what `cli`/`sti` cost on hardware
+//! (`kernel_heap_flag_hooks`: a flag of the calling thread). The simulator's hooks
+//! model a CPU's interrupt flag with a compare-and-swap on the CPU's occupant, a
+//! locked instruction per heap call that hardware does not pay; that row shows the
+//! heap's own cost.
+//!
 //! `cargo bench --bench heap`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use linked_list_allocator::LockedHeap;
 use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use talc::TalcLock;
 use talc::source::Claim;
 use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::smp::{CpuSet, Cpus, IrqState};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys, TlbStats};
 
@@ -179,20 +190,15 @@ fn talc_with_region(size: usize) -> TalcLock<spinning_top::RawSpinlock, Claim> {
     TalcLock::new(unsafe { Claim::new(region.as_mut_ptr(), size) })
 }
 
-fn random_actions(
-    c: &mut Criterion,
-    heap: &KernelHeap,
-    per_cpu: &KernelHeap,
-    machine: &SimMachine,
-) {
+fn random_actions(c: &mut Criterion, heaps: &Heaps, machine: &SimMachine) {
     let talc = talc_with_region(REGION);
     let list = LockedHeap::empty_with_region(REGION);
     let mut group = c.benchmark_group("heap_random_actions");
     group.throughput(Throughput::Elements(STEPS as u64));
     group.sample_size(10);
     {
-        let mut run = RandomActions::new(heap);
-        let stats = heap.stats();
+        let mut run = RandomActions::new(&heaps.default);
+        let stats = heaps.default.stats();
         eprintln!(
             "kernel_heap after {WARM_UP_STEPS} steps: {} live bytes, {} bytes of frames \
              (list window {} + slabs {}): {:.2} bytes of frames per live byte",
@@ -204,9 +210,12 @@ fn random_actions(
         );
         group.bench_function("kernel_heap", |b| b.iter(|| run.steps(STEPS)));
     }
-    {
-        let mut run = RandomActions::new(per_cpu);
-        group.bench_function("kernel_heap_per_cpu", |b| b.iter(|| run.steps(STEPS)));
+    for (name, heap) in [
+        ("kernel_heap_locked", &heaps.locked),
+        ("kernel_heap_flag_hooks", &heaps.flag_hooks),
+    ] {
+        let mut run = RandomActions::new(heap);
+        group.bench_function(name, |b| b.iter(|| run.steps(STEPS)));
     }
     for (name, peer) in [
         ("talc", &talc as &dyn GlobalAlloc),
@@ -223,7 +232,7 @@ fn random_actions(
     threads(
         c,
         "shared",
-        &[heap],
+        &[&heaps.locked],
         machine,
         random_action_layout,
         &[1, 2, 4],
@@ -231,7 +240,7 @@ fn random_actions(
     threads(
         c,
         "per_cpu",
-        &[per_cpu],
+        &[&heaps.default],
         machine,
         random_action_layout,
         &[1, 2, 4],
@@ -239,7 +248,7 @@ fn random_actions(
     threads(
         c,
         "large",
-        &[per_cpu],
+        &[&heaps.default],
         machine,
         large_action_layout,
         &[1, 2],
@@ -384,19 +393,25 @@ fn bench(c: &mut Criterion) {
     // SAFETY: the machine's page tables are used by this manager alone.
     let manager: Manager =
         unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
-    let heap = KernelHeap::new(HeapConfig {
+    let config = HeapConfig {
         window: REGION,
         ..HeapConfig::DEFAULT
-    });
-    heap.init(&manager).unwrap();
-    // The same heap with per-CPU magazines, as a kernel that knows its CPUs runs it
-    // (this thread is CPU 0).
-    let per_cpu = KernelHeap::new(HeapConfig {
-        window: REGION,
-        ..HeapConfig::DEFAULT
-    });
-    per_cpu.init(&manager).unwrap();
-    per_cpu.use_cpus(&machine);
+    };
+    let heaps = Heaps {
+        default: KernelHeap::new(config),
+        locked: KernelHeap::new(HeapConfig {
+            per_cpu: false,
+            ..config
+        }),
+        flag_hooks: KernelHeap::new(HeapConfig {
+            per_cpu: false,
+            ..config
+        }),
+    };
+    for heap in [&heaps.default, &heaps.locked, &heaps.flag_hooks] {
+        heap.init(&manager).unwrap();
+    }
+    heaps.flag_hooks.use_cpus(&FlagCpu);
     let peer = LockedHeap::empty_with_region(REGION);
     let mut held = Vec::with_capacity(OPS);
     for (name, large) in [("heap_mixed", true), ("heap_small_only", false)] {
@@ -405,18 +420,60 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(
             round(&peer, &layouts, &mut held) as u64
         ));
-        group.bench_function("kernel_heap", |b| {
-            b.iter(|| round(&heap, &layouts, &mut held))
-        });
-        group.bench_function("kernel_heap_per_cpu", |b| {
-            b.iter(|| round(&per_cpu, &layouts, &mut held))
-        });
+        for (name, heap) in [
+            ("kernel_heap", &heaps.default),
+            ("kernel_heap_locked", &heaps.locked),
+            ("kernel_heap_flag_hooks", &heaps.flag_hooks),
+        ] {
+            group.bench_function(name, |b| b.iter(|| round(heap, &layouts, &mut held)));
+        }
         group.bench_function("linked_list_allocator", |b| {
             b.iter(|| round(&peer, &layouts, &mut held))
         });
         group.finish();
     }
-    random_actions(c, &heap, &per_cpu, &machine);
+    random_actions(c, &heaps, &machine);
+}
+
+/// The kernel heaps each workload runs on, over one manager.
+struct Heaps<'m> {
+    /// The default configuration: per-CPU slabs on the simulated CPUs.
+    default: KernelHeap<'m>,
+    /// Every slab call under its class's lock.
+    locked: KernelHeap<'m>,
+    /// Per-CPU slabs on [`FlagCpu`]: the single-threaded rows only.
+    flag_hooks: KernelHeap<'m>,
+}
+
+std::thread_local! {
+    /// Whether the calling thread holds interrupts off, as [`FlagCpu`] models it.
+    static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One CPU whose interrupt hooks cost what `pushf; cli` and `sti` cost: a flag of the
+/// calling thread, where the simulator's are a compare-and-swap (its model lets
+/// several host threads run as one CPU). Only the bench's main thread uses it.
+struct FlagCpu;
+
+// SAFETY: one CPU, index 0, which only the bench's main thread runs on (host
+// threads take no interrupts and the heap using it is touched by no other thread);
+// no IPIs are needed.
+unsafe impl Cpus for FlagCpu {
+    fn current(&self) -> usize {
+        0
+    }
+    fn online(&self) -> CpuSet {
+        CpuSet::first(1)
+    }
+    fn send_ipi(&self, _: CpuSet) {}
+    fn irq_save(&self) -> IrqState {
+        IrqState::new(u64::from(!INTERRUPTS_OFF.replace(true)))
+    }
+    fn irq_restore(&self, state: IrqState) {
+        if state.bits() & 1 != 0 {
+            INTERRUPTS_OFF.set(false);
+        }
+    }
 }
 
 /// A `LockedHeap` over a leaked host region of `size` bytes.

@@ -1,7 +1,7 @@
 //! Per-CPU state: touched by its own CPU without a locked instruction, reached by
 //! other CPUs only when it is handed to them.
 //!
-//! Every per-CPU structure of the library (the heap's magazines, the vmalloc
+//! Every per-CPU structure of the library (the heap's per-CPU slabs, the vmalloc
 //! manager's CPU caches, the kernel stack cache, the shootdown mailboxes) is a
 //! [`PerCpu<T>`]: one slot per CPU, each on cache lines of its own, as Linux's
 //! `DEFINE_PER_CPU`. The protocol is written once, here:

@@ -9,7 +9,7 @@ use vmalloc::frame::FaultInjector;
 use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{FrameSource, PAGE_SIZE};
-use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimMachine, SimPhys, watchdog};
+use vmalloc_sim::{Rng, SimConfig, SimMachine, SimPhys};
 use x86_64::VirtAddr;
 
 type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
@@ -507,14 +507,15 @@ fn empty_slabs_go_back_to_vmalloc_and_a_fragmented_heap_keeps_only_its_live_slab
     }
     let aged = class(&heap, 64);
     assert_eq!(aged.objects, kept.len());
-    // Each live or magazine object may pin a slab, plus what the empty budget keeps.
+    // Each live object may pin a slab, and so may the CPU's own (its current slab
+    // and spare), plus what the empty budget keeps.
     let budget_slabs = vmalloc::heap::slab::EMPTY_BUDGET / 4096;
     assert!(
-        aged.slabs <= kept.len() + aged.cached + budget_slabs,
-        "{} slabs for {} live objects and {} in the magazine",
+        aged.slabs <= kept.len() + aged.cpu_slabs + budget_slabs,
+        "{} slabs for {} live objects and {} the CPU holds",
         aged.slabs,
         kept.len(),
-        aged.cached
+        aged.cpu_slabs
     );
     heap.shrink();
     assert_eq!(
@@ -540,110 +541,6 @@ fn empty_slabs_go_back_to_vmalloc_and_a_fragmented_heap_keeps_only_its_live_slab
     assert!(free_at_start - frames.stats().free <= vm_own);
 }
 
-/// 20,000 random allocations and frees of slab-sized blocks on `heap`, at most
-/// `max_live` live, each block tagged with `seed` and checked before it is freed.
-fn churn(heap: &KernelHeap, seed: u64, max_live: usize) {
-    let mut rng = Rng::new(seed);
-    let mut live: Vec<Tagged> = Vec::new();
-    for id in 0..20_000u64 {
-        if live.len() < max_live && (live.is_empty() || rng.below(2) == 0) {
-            let layout = slab_layout(&mut rng);
-            // SAFETY: a non-zero size.
-            let ptr = unsafe { heap.alloc(layout) };
-            assert!(!ptr.is_null());
-            let block = Tagged {
-                ptr,
-                layout,
-                id: id << 8 | seed,
-            };
-            block.write();
-            live.push(block);
-        } else {
-            let block = live.swap_remove(rng.below(live.len() as u64) as usize);
-            assert!(block.intact(), "a block was written by another");
-            // SAFETY: the block came from this heap with this layout.
-            unsafe { heap.dealloc(block.ptr, block.layout) };
-        }
-    }
-    for block in live {
-        assert!(block.intact(), "a block was written by another");
-        // SAFETY: as above.
-        unsafe { heap.dealloc(block.ptr, block.layout) };
-    }
-}
-
-#[test]
-fn two_threads_share_the_size_classes() {
-    watchdog("two_threads_share_the_size_classes", DEADLOCK_LIMIT, || {
-        let machine = machine(512 << 20);
-        let frames = machine.frames();
-        let vm = manager(&machine, &frames);
-        let heap = KernelHeap::new(CONFIG);
-        heap.init(&vm).unwrap();
-        std::thread::scope(|scope| {
-            for seed in [1, 2] {
-                let heap = &heap;
-                scope.spawn(move || churn(heap, seed, 500));
-            }
-        });
-        assert_eq!(heap.stats().in_use, 0);
-    });
-}
-
-#[test]
-fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back() {
-    // The random-actions workload: 10,000 live blocks of 16-512 bytes (1 in 64 up to
-    // 4 KiB); each step frees a random one and allocates one of a random size.
-    let machine = machine(512 << 20);
-    let frames = machine.frames();
-    let vm = manager(&machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    let data_at_start = vm.stats().data_frames;
-    let mut rng = Rng::new(3);
-    let mut layout = || {
-        let top = if rng.below(64) == 0 { 4096 } else { 512 };
-        Layout::from_size_align(16 + rng.below(top - 15) as usize, 8).unwrap()
-    };
-    let mut live: Vec<(*mut u8, Layout)> = (0..10_000)
-        .map(|_| {
-            let layout = layout();
-            // SAFETY: a non-zero size.
-            (unsafe { heap.alloc(layout) }, layout)
-        })
-        .collect();
-    let mut rng = Rng::new(4);
-    for _ in 0..100_000 {
-        let index = rng.below(live.len() as u64) as usize;
-        let (block, old) = live[index];
-        // SAFETY: a live block with its layout; the new one has a non-zero size.
-        unsafe {
-            heap.dealloc(block, old);
-            let new = layout();
-            live[index] = (heap.alloc(new), new);
-        }
-    }
-    assert!(live.iter().all(|(block, _)| !block.is_null()));
-    let live_bytes: usize = live.iter().map(|(_, layout)| layout.size()).sum();
-    let held = (vm.stats().data_frames - data_at_start) as usize * PAGE_SIZE as usize;
-    assert!(
-        held * 2 <= live_bytes * 3,
-        "{held} bytes of frames for {live_bytes} live bytes"
-    );
-    for (block, layout) in live {
-        // SAFETY: as above.
-        unsafe { heap.dealloc(block, layout) };
-    }
-    heap.shrink();
-    vm.purge();
-    let stats = heap.stats();
-    assert_eq!((stats.in_use, stats.slab_bytes), (0, 0));
-    assert!(
-        vm.stats().data_frames - data_at_start <= 4 + stats.mapped as u64 / PAGE_SIZE,
-        "within a few pages of the start once everything is freed and shrunk"
-    );
-}
-
 #[test]
 fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
     let machine = machine(64 << 20);
@@ -666,192 +563,6 @@ fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
         heap.dealloc(grown, Layout::from_size_align(200, 8).unwrap());
         for &block in &blocks[1..] {
             heap.dealloc(block, layout);
-        }
-    }
-    assert_eq!(heap.stats().in_use, 0);
-}
-
-/// A 4-CPU machine that lives as long as the test binary, with a heap on per-CPU
-/// magazines.
-fn per_cpu_machine(seed: u64) -> &'static SimMachine {
-    Box::leak(Box::new(SimMachine::new(
-        SimConfig::new(512 << 20)
-            .with_cpus(4)
-            .with_scatter_seed(seed)
-            .with_host_window(8 << 30),
-    )))
-}
-
-/// Objects the per-CPU and class magazines hold, over every class.
-fn cached(heap: &KernelHeap) -> usize {
-    heap.slab_stats().iter().map(|class| class.cached).sum()
-}
-
-#[test]
-fn per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus() {
-    watchdog(
-        "per_cpu_magazines_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus",
-        DEADLOCK_LIMIT,
-        || {
-            let machine = per_cpu_machine(11);
-            let frames = machine.frames();
-            let vm = manager(machine, &frames);
-            let heap = KernelHeap::new(CONFIG);
-            heap.init(&vm).unwrap();
-            heap.use_cpus(machine);
-            std::thread::scope(|scope| {
-                for cpu in 0..4 {
-                    let heap = &heap;
-                    scope.spawn(move || {
-                        machine.cpu(cpu).enter();
-                        churn(heap, cpu as u64 + 30, 400);
-                        // CPU 0 is this test's thread again below; the others are unplugged.
-                        if cpu != 0 {
-                            machine.cpu(cpu).go_offline();
-                        }
-                    });
-                }
-            });
-            assert!(cached(&heap) > 0, "the magazines hold freed objects");
-            assert_eq!(heap.stats().in_use, 0);
-            heap.shrink();
-            vm.purge();
-            assert_eq!(cached(&heap), 0);
-            assert_eq!(
-                heap.stats().slab_bytes,
-                0,
-                "shrink drained this CPU's magazines and the offline CPUs'"
-            );
-        },
-    );
-}
-
-#[test]
-fn an_online_cpu_empties_its_magazines_at_its_next_call_after_a_shrink() {
-    let machine = per_cpu_machine(12);
-    let frames = machine.frames();
-    let vm = manager(machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    heap.use_cpus(machine);
-    let small = Layout::from_size_align(64, 8).unwrap();
-    let other = Layout::from_size_align(1000, 8).unwrap();
-    // CPU 1 allocates and frees: the freed blocks wait in its magazine.
-    machine.cpu(1).run(|_| {
-        // SAFETY: non-zero sizes; each block is freed once with its layout.
-        unsafe {
-            let blocks: Vec<*mut u8> = (0..20).map(|_| heap.alloc(small)).collect();
-            for block in blocks {
-                heap.dealloc(block, small);
-            }
-        }
-    });
-    let class =
-        |heap: &KernelHeap| heap.slab_stats()[vmalloc::heap::slab::class_for(small).unwrap()];
-    assert!(class(&heap).cached >= 20);
-    // CPU 0 shrinks; CPU 1 is online, so its magazine stays until it calls again.
-    heap.shrink();
-    assert!(
-        class(&heap).cached >= 20,
-        "another online CPU's magazine was touched"
-    );
-    assert!(class(&heap).slabs > 0);
-    // CPU 1's next call, of another class, gives its magazines back first.
-    machine.cpu(1).run(|_| {
-        // SAFETY: a non-zero size; freed with its layout.
-        unsafe { heap.dealloc(heap.alloc(other), other) }
-    });
-    assert_eq!(class(&heap).cached, 0);
-    heap.shrink();
-    assert_eq!(class(&heap).slabs, 0, "the 64-byte class kept a slab");
-}
-
-#[test]
-fn a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazines() {
-    watchdog(
-        "a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_magazines",
-        DEADLOCK_LIMIT,
-        || {
-            let machine = per_cpu_machine(13);
-            let frames = machine.frames();
-            let vm = manager(machine, &frames);
-            let heap = KernelHeap::new(CONFIG);
-            heap.init(&vm).unwrap();
-            heap.use_cpus(machine);
-            let done = std::sync::atomic::AtomicBool::new(false);
-            std::thread::scope(|scope| {
-                let (heap, done) = (&heap, &done);
-                scope.spawn(move || {
-                    let cpu = machine.cpu(1);
-                    cpu.enter();
-                    for round in 0..16 {
-                        cpu.go_online();
-                        churn(heap, 40 + round, 64);
-                        cpu.go_offline();
-                    }
-                    done.store(true, std::sync::atomic::Ordering::Relaxed);
-                });
-                scope.spawn(move || {
-                    machine.cpu(2).enter();
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        heap.shrink();
-                    }
-                });
-            });
-            assert_eq!(heap.stats().in_use, 0);
-            heap.shrink();
-            assert_eq!(
-                cached(&heap),
-                0,
-                "CPU 1 went offline; its magazines were drained"
-            );
-        },
-    );
-}
-
-#[test]
-fn a_cpu_whose_partial_list_ran_dry_takes_another_cpus_partial_slabs_before_new_ones() {
-    let machine = per_cpu_machine(14);
-    let frames = machine.frames();
-    let vm = manager(machine, &frames);
-    let heap = KernelHeap::new(CONFIG);
-    heap.init(&vm).unwrap();
-    heap.use_cpus(machine);
-    let layout = Layout::from_size_align(64, 8).unwrap();
-    let class = vmalloc::heap::slab::class_for(layout).unwrap();
-    // CPU 1 fills slabs, frees every second object and gives its magazines back: its
-    // partial list holds half-used slabs.
-    let kept: Vec<usize> = machine.cpu(1).run(|_| {
-        // SAFETY: non-zero sizes; each block is freed once with its layout.
-        unsafe {
-            let blocks: Vec<*mut u8> = (0..2000).map(|_| heap.alloc(layout)).collect();
-            for &block in blocks.iter().step_by(2) {
-                heap.dealloc(block, layout);
-            }
-            heap.shrink();
-            blocks
-                .iter()
-                .skip(1)
-                .step_by(2)
-                .map(|&b| b as usize)
-                .collect()
-        }
-    });
-    let slabs = heap.slab_stats()[class].slabs;
-    // CPU 0 allocates as many as were freed: no new slab.
-    // SAFETY: non-zero sizes; each block is freed once with its layout.
-    unsafe {
-        let blocks: Vec<*mut u8> = (0..1000).map(|_| heap.alloc(layout)).collect();
-        assert_eq!(
-            heap.slab_stats()[class].slabs,
-            slabs,
-            "CPU 0 made new slabs while CPU 1's half-used ones waited"
-        );
-        for block in blocks {
-            heap.dealloc(block, layout);
-        }
-        for block in kept {
-            heap.dealloc(block as *mut u8, layout);
         }
     }
     assert_eq!(heap.stats().in_use, 0);

@@ -1,9 +1,11 @@
 //! Empty slabs age out while the heap keeps working: after a burst of frees leaves
 //! hundreds of empty slabs, ordinary work afterwards (a ring of small blocks, or one
-//! class's allocations and frees served by a CPU's own magazine) gives back all but
-//! the heap's budget of them, without a `shrink`.
+//! class's allocations and frees served by a CPU's current slab alone) gives back all
+//! but the heap's budget of them, without a `shrink`; and a fragmented heap holds
+//! little more than its live bytes.
 
 use std::alloc::{GlobalAlloc, Layout};
+use vmalloc::PAGE_SIZE;
 use vmalloc::heap::slab::EMPTY_BUDGET;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
@@ -106,7 +108,7 @@ fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
 }
 
 #[test]
-fn pairs_served_by_a_cpu_magazine_age_the_empty_slabs_out() {
+fn pairs_served_by_a_cpus_current_slab_age_the_empty_slabs_out() {
     let machine = machine();
     let frames = machine.frames();
     let (start, size) = machine.host_window().unwrap();
@@ -120,10 +122,9 @@ fn pairs_served_by_a_cpu_magazine_age_the_empty_slabs_out() {
         unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
-    heap.use_cpus(&machine);
     bursts(&heap);
-    // Allocate and free one 64-byte block, over and over: the CPU's magazine serves
-    // every call, and no slab is touched.
+    // Allocate and free one 64-byte block, over and over: the CPU's current slab
+    // serves every call, and no class is touched.
     let layout = Layout::from_size_align(64, 8).unwrap();
     for _ in 0..100_000 {
         // SAFETY: a non-zero size; freed at once with its layout.
@@ -138,5 +139,67 @@ fn pairs_served_by_a_cpu_magazine_age_the_empty_slabs_out() {
     assert!(
         left <= EMPTY_BUDGET,
         "{left} bytes of empty slabs after the pairs, the budget is {EMPTY_BUDGET}"
+    );
+}
+
+#[test]
+fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back() {
+    // The random-actions workload: 10,000 live blocks of 16-512 bytes (1 in 64 up to
+    // 4 KiB); each step frees a random one and allocates one of a random size.
+    let machine = machine();
+    let frames = machine.frames();
+    let (start, size) = machine.host_window().unwrap();
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    let vm =
+        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let heap = KernelHeap::new(HeapConfig::DEFAULT);
+    heap.init(&vm).unwrap();
+    let data_at_start = vm.stats().data_frames;
+    let mut rng = Rng::new(3);
+    let mut layout = || {
+        let top = if rng.below(64) == 0 { 4096 } else { 512 };
+        Layout::from_size_align(16 + rng.below(top - 15) as usize, 8).unwrap()
+    };
+    let mut live: Vec<(*mut u8, Layout)> = (0..10_000)
+        .map(|_| {
+            let layout = layout();
+            // SAFETY: a non-zero size.
+            (unsafe { heap.alloc(layout) }, layout)
+        })
+        .collect();
+    let mut rng = Rng::new(4);
+    for _ in 0..100_000 {
+        let index = rng.below(live.len() as u64) as usize;
+        let (block, old) = live[index];
+        // SAFETY: a live block with its layout; the new one has a non-zero size.
+        unsafe {
+            heap.dealloc(block, old);
+            let new = layout();
+            live[index] = (heap.alloc(new), new);
+        }
+    }
+    assert!(live.iter().all(|(block, _)| !block.is_null()));
+    let live_bytes: usize = live.iter().map(|(_, layout)| layout.size()).sum();
+    let held = (vm.stats().data_frames - data_at_start) as usize * PAGE_SIZE as usize;
+    assert!(
+        held * 2 <= live_bytes * 3,
+        "{held} bytes of frames for {live_bytes} live bytes"
+    );
+    for (block, layout) in live {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block, layout) };
+    }
+    heap.shrink();
+    vm.purge();
+    let stats = heap.stats();
+    assert_eq!((stats.in_use, stats.slab_bytes), (0, 0));
+    assert!(
+        vm.stats().data_frames - data_at_start <= 4 + stats.mapped as u64 / PAGE_SIZE,
+        "within a few pages of the start once everything is freed and shrunk"
     );
 }

@@ -4,16 +4,14 @@
 //!
 //! - Blocks up to [`HeapConfig::slab_max`] bytes (a page by default) come from
 //!   size-class [slabs](slab): constant time however fragmented the heap is, and
-//!   emptied slabs go back to vmalloc. Once the kernel names its CPUs
-//!   ([`KernelHeap::use_cpus`]), each CPU keeps a magazine per class of its own in
-//!   front of them, used with no locked instruction and filled and emptied half a
-//!   magazine at a time.
+//!   emptied slabs go back to vmalloc. Once the heap knows the kernel's CPUs (from
+//!   the manager's flush policy, by default, or [`KernelHeap::use_cpus`]), each CPU
+//!   allocates from and frees into slabs it holds, with no lock and no locked
+//!   instruction (SLUB's per-CPU slabs, in `cpu_slab.rs`); other CPUs' frees reach it
+//!   lock-free.
 //! - Other requests below [`HeapConfig::large_threshold`] come from a
 //!   `linked_list_allocator::Heap` whose memory is a virtual *window* reserved once in
-//!   the vmalloc region and backed by frames only as the heap grows: when the list runs
-//!   dry, the next pages of the window are mapped ([`Vmalloc::populate`]) and handed to
-//!   `Heap::extend`. Pages stay mapped once the heap has grown (the high-water mark),
-//!   as a kernel's `brk`-style heap does.
+//!   the vmalloc region and backed by frames only as the heap grows (`list.rs`).
 //! - Requests of at least [`HeapConfig::large_threshold`] bytes, or aligned beyond a
 //!   page, go straight to `vmalloc` with the requested alignment, so big buffers never
 //!   fragment the list, and growing one is a `vrealloc` that remaps instead of copying.
@@ -34,12 +32,12 @@
 //! all; only a slab class's own lock is held while it makes or frees one of its
 //! slabs. Every one of these locks is taken with interrupts held off through
 //! the kernel's [`Cpus::irq_save`] (the manager's flush policy names the CPUs), and
-//! the per-CPU magazines are used under the same hold, so an interrupt handler may
+//! the per-CPU slabs are used under the same hold, so an interrupt handler may
 //! allocate and free: it never finds a lock held by the code it interrupted.
-//!
-//! [`Vmalloc::populate`]: crate::vmalloc::Vmalloc::populate
 
-mod percpu;
+mod cpu_slab;
+mod kvbox;
+mod list;
 pub mod slab;
 
 use crate::smp::Cpus;
@@ -49,9 +47,10 @@ use crate::{Error, PAGE_SIZE};
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering};
-use linked_list_allocator::Heap;
-use percpu::CpuCaches;
-use slab::{Route, SlabClassStats, Slabs};
+use cpu_slab::CpuSlabs;
+pub use kvbox::KVBox;
+use list::{Backing, ListHeap};
+use slab::{SlabClassStats, Slabs};
 
 /// Sizes that shape a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +64,22 @@ pub struct HeapConfig {
     /// Requests up to this many bytes (and [`slab::MAX_OBJECT`] at most) come from
     /// the slabs; 0 turns them off.
     pub slab_max: usize,
+    /// Whether [`KernelHeap::init`] gives each CPU slabs of its own when the
+    /// manager's flush policy names the kernel's CPUs ([`VmallocOps::cpus`]); with
+    /// `false`, every slab allocation takes its class's lock unless the kernel calls
+    /// [`KernelHeap::use_cpus`].
+    pub per_cpu: bool,
 }
 
 impl HeapConfig {
     /// A 1 GiB window, slabs up to a page, requests from 16 KiB (four pages) to
-    /// vmalloc, 64 KiB growth.
+    /// vmalloc, 64 KiB growth, per-CPU slabs wherever the CPUs are known.
     pub const DEFAULT: HeapConfig = HeapConfig {
         window: 1 << 30,
         large_threshold: 4 * PAGE_SIZE as usize,
         grow_step: 16 * PAGE_SIZE as usize,
         slab_max: slab::MAX_OBJECT,
+        per_cpu: true,
     };
 }
 
@@ -146,29 +151,11 @@ pub struct KernelHeap<'a> {
     list: IrqLock<ListHeap>,
     slabs: Slabs,
     cpus: spin::Once<&'a dyn Cpus>,
-    cpu_caches: CpuCaches,
+    cpu_slabs: CpuSlabs,
     config: HeapConfig,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
 }
-
-/// What [`KernelHeap::init`] sets once.
-struct Backing<'a> {
-    vmalloc: &'a dyn VmallocOps,
-    /// The list heap's window: start and length in bytes (whole pages).
-    window: usize,
-    window_len: usize,
-}
-
-/// The list heap and how much of its window is mapped.
-struct ListHeap {
-    list: Heap,
-    mapped: usize,
-}
-
-// SAFETY: the list heap's raw pointers point into the window, which belongs to this
-// heap alone; they are only used with the lock held.
-unsafe impl Send for ListHeap {}
 
 /// Takes one of the heap's locks with interrupts held off through the manager's
 /// CPUs, serving flush requests while it waits: the holder may be in a vmalloc call
@@ -186,13 +173,10 @@ impl<'a> KernelHeap<'a> {
     pub const fn new(config: HeapConfig) -> Self {
         Self {
             backing: spin::Once::new(),
-            list: IrqLock::new(ListHeap {
-                list: Heap::empty(),
-                mapped: 0,
-            }),
+            list: IrqLock::new(ListHeap::new()),
             slabs: Slabs::new(),
             cpus: spin::Once::new(),
-            cpu_caches: CpuCaches::new(),
+            cpu_slabs: CpuSlabs::new(),
             config,
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
@@ -200,6 +184,8 @@ impl<'a> KernelHeap<'a> {
     }
 
     /// Reserves the window in `vmalloc`'s region; until then every allocation fails.
+    /// With [`HeapConfig::per_cpu`], the CPUs `vmalloc`'s flush policy names get
+    /// slabs of their own, as [`use_cpus`](Self::use_cpus) gives them.
     ///
     /// # Errors
     ///
@@ -223,16 +209,23 @@ impl<'a> KernelHeap<'a> {
             // past a window size that is not a page multiple are still the list's.
             window_len: self.config.window.next_multiple_of(PAGE_SIZE as usize),
         });
+        if self.config.per_cpu
+            && let Some(cpus) = vmalloc.cpus()
+        {
+            self.cpus.call_once(|| cpus);
+        }
         Ok(())
     }
 
-    /// Gives each CPU its own magazines in front of the slab classes, picked by
-    /// `cpus.current()`: allocations and frees on different CPUs then rarely meet on a
-    /// lock, and most take none (see the [module documentation](self)). Once; later
-    /// calls change nothing.
+    /// Gives each CPU slabs of its own, picked by `cpus.current()`: allocations and
+    /// frees on different CPUs then rarely meet on a lock, and most take none (see
+    /// the [module documentation](self)). Once, and only if [`init`](Self::init) did
+    /// not already take the CPUs from the manager's flush policy; later calls change
+    /// nothing.
     ///
-    /// The magazines rely on [`Cpus`]'s contract for their soundness: a caller does
-    /// not change CPUs during a heap call, and a CPU outside `online()` makes none.
+    /// The per-CPU slabs rely on [`Cpus`]'s contract for their soundness: a caller
+    /// does not change CPUs during a heap call, and a CPU outside `online()` makes
+    /// none.
     pub fn use_cpus(&self, cpus: &'a dyn Cpus) {
         self.cpus.call_once(|| cpus);
     }
@@ -266,10 +259,14 @@ impl<'a> KernelHeap<'a> {
         let mut classes = self
             .slabs
             .stats(self.backing.get().map(|backing| backing.vmalloc));
-        // Objects in per-CPU magazines left their class but are free.
-        for (class, cached) in classes.iter_mut().zip(self.cpu_caches.cached()) {
-            class.objects -= cached.min(class.objects);
-            class.cached += cached;
+        for (class, (live, held)) in classes.iter_mut().zip(self.cpu_slabs.counts()) {
+            // The CPUs' counts and the classes' add up to what is in use; a moment's
+            // sum may dip below zero while CPUs run.
+            class.objects = class.objects.wrapping_add_signed(live);
+            if class.objects > isize::MAX as usize {
+                class.objects = 0;
+            }
+            class.cpu_slabs = held;
         }
         classes
     }
@@ -277,14 +274,16 @@ impl<'a> KernelHeap<'a> {
     /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the
     /// heap otherwise keeps up to [`slab::EMPTY_BUDGET`] bytes of them.
     ///
-    /// With per-CPU magazines, this CPU's and every offline CPU's are emptied first;
-    /// another online CPU empties its own at its next heap call (or run `shrink` on
-    /// every CPU, as Linux's `flush_all` runs on each). Magazines in use at the moment
-    /// (by the code an interrupt handler interrupted) are emptied at their next call.
+    /// With per-CPU slabs, this CPU's and every offline CPU's go back to their classes
+    /// first, and every other online CPU's when the manager's flush policy can run
+    /// work on it (a [`Shootdown`](crate::smp::Shootdown) can); else that CPU gives
+    /// them back at its next heap call (or run `shrink` on every CPU, as Linux's
+    /// `flush_all` runs on each). A CPU's slabs in use at the moment (by the code an
+    /// interrupt handler interrupted) go back at its next call.
     pub fn shrink(&self) {
         if let Some(backing) = self.backing.get() {
             if let Some(cpus) = self.cpus.get() {
-                self.cpu_caches.drain(*cpus, &self.slabs, backing.vmalloc);
+                self.cpu_slabs.drain(*cpus, &self.slabs, backing.vmalloc);
             }
             self.slabs.shrink(backing.vmalloc);
         }
@@ -302,35 +301,12 @@ impl<'a> KernelHeap<'a> {
     }
 
     /// The slab class that serves `layout`, if the slabs serve it.
+    #[inline]
     fn slab_class(&self, layout: Layout) -> Option<usize> {
         if layout.size() > self.config.slab_max || self.is_large(layout) {
             return None;
         }
         slab::class_for(layout)
-    }
-
-    fn alloc_list(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let backing = self.backing.get()?;
-        // Two rounds: a CPU growing at the same time may take the pages this one
-        // mapped, as this one may take its.
-        for _ in 0..2 {
-            let mapped = {
-                let mut list = lock_heap(&self.list, Some(backing.vmalloc));
-                if let Ok(block) = list.list.allocate_first_fit(layout) {
-                    return Some(block);
-                }
-                list.mapped
-            };
-            // The list's lock is not held across the manager's call: other CPUs
-            // allocate and free list blocks meanwhile.
-            let backed = grow(backing, mapped, layout, self.config.grow_step).ok()?;
-            let mut list = lock_heap(&self.list, Some(backing.vmalloc));
-            list.adopt(backing, backed);
-            if let Ok(block) = list.list.allocate_first_fit(layout) {
-                return Some(block);
-            }
-        }
-        None
     }
 
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
@@ -346,19 +322,20 @@ impl<'a> KernelHeap<'a> {
         Some(block)
     }
 
+    #[inline]
     fn allocate(&self, layout: Layout) -> Option<NonNull<u8>> {
-        if self.is_large(layout) {
-            return self.alloc_large(layout);
-        }
         if let Some(class) = self.slab_class(layout) {
             // Not to vmalloc: `deallocate` takes a slab-sized block outside the window
             // for a slab object.
             let vmalloc = self.backing.get()?.vmalloc;
             let object = match self.cpus.get() {
-                Some(cpus) => self.cpu_caches.alloc(*cpus, class, &self.slabs, vmalloc),
-                None => self.slabs.alloc(class, Route::SHARED, vmalloc),
+                Some(cpus) => self.cpu_slabs.alloc(*cpus, class, &self.slabs, vmalloc),
+                None => self.slabs.alloc(class, true, vmalloc),
             };
             return object.or_else(|| self.alloc_list(layout));
+        }
+        if self.is_large(layout) {
+            return self.alloc_large(layout);
         }
         self.alloc_list(layout).or_else(|| self.alloc_large(layout))
     }
@@ -366,24 +343,24 @@ impl<'a> KernelHeap<'a> {
     /// # Safety
     ///
     /// `ptr` was returned by `allocate` with `layout` and is not used afterwards.
+    #[inline]
     unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
         let Some(backing) = self.backing.get() else {
             return;
         };
         if self.owns_small(ptr) {
-            let mut list = lock_heap(&self.list, Some(backing.vmalloc));
-            // SAFETY: the block came from the list heap with this layout (caller).
-            unsafe { list.list.deallocate(NonNull::new_unchecked(ptr), layout) };
+            // SAFETY: a block in the window is the list heap's (caller).
+            unsafe { self.free_list(ptr, layout, backing) };
         } else if let Some(class) = self.slab_class(layout) {
             // SAFETY: a slab-sized block outside the window is a slab object of this
             // layout's class (caller, and `allocate`'s routing).
             unsafe {
                 match self.cpus.get() {
                     Some(cpus) => {
-                        self.cpu_caches
+                        self.cpu_slabs
                             .free(*cpus, class, ptr, &self.slabs, backing.vmalloc)
                     }
-                    None => self.slabs.free(class, ptr, Route::SHARED, backing.vmalloc),
+                    None => self.slabs.free(class, ptr, true, backing.vmalloc),
                 }
             }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
@@ -392,72 +369,6 @@ impl<'a> KernelHeap<'a> {
             self.large_blocks.fetch_sub(1, Ordering::Relaxed);
             self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
         }
-    }
-
-    /// Linux's `kvmalloc`: `size` bytes from the slabs or the list heap if they fit,
-    /// else from vmalloc. Free with [`kvfree`](Self::kvfree), which needs no size.
-    pub fn kvmalloc(&self, size: usize) -> Option<NonNull<u8>> {
-        let total = size.checked_add(KV_HEADER)?;
-        let layout = Layout::from_size_align(total, KV_HEADER).ok()?;
-        let block = self.allocate(layout)?;
-        // SAFETY: the block holds `total` bytes, the first KV_HEADER for the size.
-        unsafe {
-            block.as_ptr().cast::<usize>().write(total);
-            Some(block.add(KV_HEADER))
-        }
-    }
-
-    /// Frees what [`kvmalloc`](Self::kvmalloc) returned.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` was returned by `kvmalloc` on this heap and is not used afterwards.
-    pub unsafe fn kvfree(&self, ptr: NonNull<u8>) {
-        // SAFETY: `kvmalloc` put the block's size KV_HEADER bytes before `ptr`.
-        unsafe {
-            let block = ptr.as_ptr().sub(KV_HEADER);
-            let total = block.cast::<usize>().read();
-            self.deallocate(block, Layout::from_size_align_unchecked(total, KV_HEADER));
-        }
-    }
-}
-
-/// Bytes `kvmalloc` keeps before each block for its size (and the alignment it gives).
-const KV_HEADER: usize = 16;
-
-/// Maps enough of the window past `mapped` bytes for `layout` (at least `step`
-/// bytes); returns how many bytes from the window's start are mapped now. Called
-/// without the list's lock: `populate` maps the window from its start under the
-/// manager's lock, so CPUs growing at once each get a prefix that covers what they
-/// asked, and the list takes it in with [`ListHeap::adopt`].
-fn grow(backing: &Backing<'_>, mapped: usize, layout: Layout, step: usize) -> Result<usize, Error> {
-    let need = layout.size() + layout.align() + 4 * core::mem::size_of::<usize>();
-    let target = mapped
-        .saturating_add(need.max(step))
-        .min(backing.window_len);
-    if target <= mapped {
-        return Err(Error::OutOfVirtualSpace);
-    }
-    backing.vmalloc.populate(backing.window as *mut u8, target)
-}
-
-impl ListHeap {
-    /// Hands the window's pages between the list's top and `backed` bytes (mapped by
-    /// [`grow`], here or on another CPU) to the list heap.
-    fn adopt(&mut self, backing: &Backing<'_>, backed: usize) {
-        if backed <= self.mapped {
-            return;
-        }
-        if self.mapped == 0 {
-            // SAFETY: `backed` bytes from the window start are mapped read-write and
-            // belong to this heap alone.
-            unsafe { self.list.init(backing.window as *mut u8, backed) };
-        } else {
-            // SAFETY: the bytes between the old and the new top are mapped and
-            // contiguous with the heap.
-            unsafe { self.list.extend(backed - self.mapped) };
-        }
-        self.mapped = backed;
     }
 }
 
@@ -511,82 +422,6 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
         moved.as_ptr()
     }
 }
-
-/// A `T` allocated through a [`KernelHeap`] (small heap or vmalloc, by size), dropped
-/// and freed together: Rust-for-Linux's `KVBox`.
-pub struct KVBox<'h, T> {
-    ptr: NonNull<T>,
-    heap: &'h dyn Blocks,
-}
-
-/// What a [`KVBox`] needs of its heap once it exists, so the box need not name the
-/// heap's own lifetime.
-trait Blocks: Sync {
-    /// # Safety
-    ///
-    /// As [`KernelHeap::deallocate`].
-    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout);
-}
-
-impl Blocks for KernelHeap<'_> {
-    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded from the caller.
-        unsafe { KernelHeap::deallocate(self, ptr, layout) }
-    }
-}
-
-impl<'h, T> KVBox<'h, T> {
-    /// Moves `value` onto `heap`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::OutOfFrames`] when neither path can serve it; `value` is dropped.
-    pub fn new<'v: 'h>(heap: &'h KernelHeap<'v>, value: T) -> Result<Self, Error> {
-        let layout = Layout::new::<T>();
-        let ptr = if layout.size() == 0 {
-            NonNull::dangling()
-        } else {
-            heap.allocate(layout).ok_or(Error::OutOfFrames)?.cast::<T>()
-        };
-        // SAFETY: `ptr` is valid and aligned for a `T` (dangling is valid for a ZST).
-        unsafe { ptr.as_ptr().write(value) };
-        Ok(Self { ptr, heap })
-    }
-}
-
-impl<T> core::ops::Deref for KVBox<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: `new` wrote a valid `T` that lives until drop.
-        unsafe { self.ptr.as_ref() }
-    }
-}
-
-impl<T> core::ops::DerefMut for KVBox<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes this the only reference.
-        unsafe { self.ptr.as_mut() }
-    }
-}
-
-impl<T> Drop for KVBox<'_, T> {
-    fn drop(&mut self) {
-        let layout = Layout::new::<T>();
-        // SAFETY: the `T` is valid and never used again; the block came from
-        // `allocate` with `layout` unless `T` is zero-sized.
-        unsafe {
-            self.ptr.as_ptr().drop_in_place();
-            if layout.size() != 0 {
-                self.heap.deallocate(self.ptr.as_ptr().cast(), layout);
-            }
-        }
-    }
-}
-
-// SAFETY: a `KVBox<T>` owns its `T` like a `Box<T>`; the heap is `Sync`.
-unsafe impl<T: Send> Send for KVBox<'_, T> {}
-// SAFETY: as `Box<T>`.
-unsafe impl<T: Sync> Sync for KVBox<'_, T> {}
 
 #[cfg(feature = "allocator-api2")]
 // SAFETY: blocks are valid for their layout until deallocated, and `deallocate`

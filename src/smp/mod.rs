@@ -176,7 +176,7 @@ impl CpuSet {
 /// # Safety
 ///
 /// [`Shootdown`] relies on these answers to decide which TLBs are flushed, and the
-/// library's per-CPU state (the kernel heap's magazines, the vmalloc manager's CPU
+/// library's per-CPU state (the kernel heap's per-CPU slabs, the vmalloc manager's CPU
 /// caches) on them to touch a CPU's state from that CPU alone:
 ///
 /// - [`current`](Self::current) is the index (below [`MAX_CPUS`]) of the CPU running

@@ -1,6 +1,6 @@
 //! The size classes and the shape of each class's slabs, computed at compile time.
 
-use super::SlabHeader;
+use super::list::SlabHeader;
 use crate::PAGE_SIZE;
 use core::alloc::Layout;
 
@@ -19,18 +19,18 @@ pub const CLASSES: usize = 28;
 
 /// The shape of one class's slabs.
 #[derive(Clone, Copy)]
-pub(super) struct Geometry {
-    pub(super) size: usize,
+pub(in crate::heap) struct Geometry {
+    pub(in crate::heap) size: usize,
     /// Alignment every object of the class has.
-    pub(super) align: usize,
+    pub(in crate::heap) align: usize,
     /// Bytes of a slab (its alignment too).
-    pub(super) slab_bytes: usize,
+    pub(in crate::heap) slab_bytes: usize,
     /// Offset of the first object: the header, rounded up to `align`.
-    pub(super) first: usize,
+    pub(in crate::heap) first: usize,
     /// Objects per slab.
-    pub(super) capacity: u32,
+    pub(in crate::heap) capacity: u32,
     /// Objects the class's magazine holds: up to [`MAGAZINE`], about 8 KiB of them.
-    pub(super) magazine: usize,
+    pub(in crate::heap) magazine: usize,
 }
 
 const fn geometry(size: usize) -> Geometry {
@@ -67,7 +67,7 @@ const fn geometry(size: usize) -> Geometry {
     }
 }
 
-pub(super) const GEOMETRY: [Geometry; CLASSES] = {
+pub(in crate::heap) const GEOMETRY: [Geometry; CLASSES] = {
     let mut table = [geometry(16); CLASSES];
     let mut class = 0;
     while class < CLASSES {
@@ -90,11 +90,6 @@ const SIZE_TO_CLASS: [u8; MAX_OBJECT / 16 + 1] = {
     }
     table
 };
-
-/// How many freed objects of `class` a magazine holds: up to 32, about 8 KiB of them.
-pub(crate) fn magazine_limit(class: usize) -> usize {
-    GEOMETRY.get(class).map_or(0, |geometry| geometry.magazine)
-}
 
 /// The class that serves `layout`, if any: the smallest at least as large and as
 /// aligned.

@@ -1,0 +1,511 @@
+//! The kernel heap's per-CPU slabs on a simulated machine whose host threads are its
+//! CPUs (the default configuration: the manager's flush policy names the CPUs):
+//! objects allocated on one CPU and freed on another, bursts, and drains of online
+//! and offline CPUs. Interrupts at every point of these calls: `heap_interrupts.rs`.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use vmalloc::heap::slab::class_for;
+use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::smp::Shootdown;
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::{FrameSource, TlbFlush};
+use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimFrames, SimMachine, SimPhys, watchdog};
+
+/// A machine with `cpus` CPUs that lives as long as the test binary.
+fn machine(cpus: usize, seed: u64) -> &'static SimMachine {
+    Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(512 << 20)
+            .with_cpus(cpus)
+            .with_scatter_seed(seed)
+            .with_host_window(8 << 30),
+    )))
+}
+
+fn manager<F: FrameSource + Clone, T: TlbFlush>(
+    machine: &SimMachine,
+    frames: F,
+    tlb: T,
+) -> Vmalloc<F, SimPhys<'_>, T> {
+    let (start, size) = machine.host_window().expect("host window");
+    let config = VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: the machine's page tables are used by this manager alone.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+}
+
+const CONFIG: HeapConfig = HeapConfig {
+    window: 256 << 20,
+    ..HeapConfig::DEFAULT
+};
+
+fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+/// Slabs the CPUs hold as current or partial, over every class.
+fn cpu_slabs(heap: &KernelHeap) -> usize {
+    heap.slab_stats().iter().map(|class| class.cpu_slabs).sum()
+}
+
+/// A block stamped with a value of its own in every word, checked before it is
+/// freed: a block handed out twice shows as a broken stamp.
+#[derive(Clone, Copy)]
+struct Stamped {
+    ptr: usize,
+    layout: Layout,
+    stamp: u64,
+}
+
+impl Stamped {
+    fn new(heap: &KernelHeap, layout: Layout, stamp: u64) -> Self {
+        // SAFETY: a non-zero size.
+        let ptr = unsafe { heap.alloc(layout) };
+        assert!(!ptr.is_null());
+        let block = Self {
+            ptr: ptr as usize,
+            layout,
+            stamp,
+        };
+        for word in block.words() {
+            // SAFETY: the block holds `layout.size()` bytes, 8-aligned.
+            unsafe { word.write(stamp) };
+        }
+        block
+    }
+
+    fn words(&self) -> impl Iterator<Item = *mut u64> {
+        let ptr = self.ptr as *mut u64;
+        // SAFETY: within the block.
+        (0..self.layout.size() / 8).map(move |word| unsafe { ptr.add(word) })
+    }
+
+    fn free(self, heap: &KernelHeap) {
+        for word in self.words() {
+            // SAFETY: a live block of this test.
+            let seen = unsafe { word.read() };
+            assert_eq!(seen, self.stamp, "a block was written by another");
+        }
+        // SAFETY: allocated with this layout, freed once.
+        unsafe { heap.dealloc(self.ptr as *mut u8, self.layout) };
+    }
+}
+
+#[test]
+fn objects_one_cpu_allocates_and_another_frees_come_back_to_the_allocating_cpu() {
+    watchdog("producer and consumer", DEADLOCK_LIMIT, || {
+        let machine = machine(2, 21);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        let small = layout(64);
+        let class = class_for(small).unwrap();
+        let queue: Mutex<VecDeque<Stamped>> = Mutex::default();
+        let done = AtomicBool::new(false);
+        let most_slabs = AtomicUsize::new(0);
+        const OBJECTS: u64 = 200_000;
+        const IN_FLIGHT: usize = 512;
+        std::thread::scope(|scope| {
+            let (heap, queue, done, most_slabs) = (&heap, &queue, &done, &most_slabs);
+            scope.spawn(move || {
+                machine.cpu(0).enter();
+                for stamp in 0..OBJECTS {
+                    while queue.lock().unwrap().len() >= IN_FLIGHT {
+                        std::thread::yield_now();
+                    }
+                    let block = Stamped::new(heap, small, stamp);
+                    queue.lock().unwrap().push_back(block);
+                    if stamp % 2000 == 0 {
+                        let slabs = heap.slab_stats()[class].slabs;
+                        most_slabs.fetch_max(slabs, Ordering::Relaxed);
+                    }
+                }
+                done.store(true, Ordering::Release);
+            });
+            scope.spawn(move || {
+                machine.cpu(1).enter();
+                loop {
+                    let block = queue.lock().unwrap().pop_front();
+                    match block {
+                        Some(block) => block.free(heap),
+                        None if done.load(Ordering::Acquire) => break,
+                        None => std::thread::yield_now(),
+                    }
+                }
+                machine.cpu(1).go_offline();
+            });
+        });
+        // 512 objects in flight fill 9 slabs of 63: CPU 0 found its full slabs
+        // again through its notices instead of taking new ones.
+        let most = most_slabs.load(Ordering::Relaxed);
+        assert!(most <= 40, "{most} slabs for {IN_FLIGHT} objects in flight");
+        assert_eq!(heap.stats().in_use, 0);
+        heap.shrink();
+        assert_eq!(heap.stats().slab_bytes, 0, "every slab went back");
+    });
+}
+
+#[test]
+fn cpus_freeing_bursts_of_each_others_objects_never_share_a_block() {
+    watchdog("bursts across CPUs", DEADLOCK_LIMIT, || {
+        let machine = machine(4, 22);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        let lists: Vec<Mutex<Vec<Stamped>>> = (0..4).map(|_| Mutex::default()).collect();
+        let barrier = Barrier::new(4);
+        std::thread::scope(|scope| {
+            for cpu in 0..4 {
+                let (heap, lists, barrier) = (&heap, &lists, &barrier);
+                scope.spawn(move || {
+                    machine.cpu(cpu).enter();
+                    let mut rng = Rng::new(cpu as u64 + 50);
+                    for round in 0..6u64 {
+                        let mine: Vec<Stamped> = (0..3000u64)
+                            .map(|i| {
+                                let size = match rng.below(16) {
+                                    0 => 8 + 8 * rng.below(512) as usize,
+                                    _ => 8 + 8 * rng.below(64) as usize,
+                                };
+                                let stamp = (cpu as u64) << 56 | round << 32 | i;
+                                Stamped::new(heap, layout(size), stamp)
+                            })
+                            .collect();
+                        *lists[cpu].lock().unwrap() = mine;
+                        barrier.wait();
+                        // Free the next CPU's burst, in its order or backwards.
+                        let theirs = std::mem::take(&mut *lists[(cpu + 1) % 4].lock().unwrap());
+                        if round % 2 == 0 {
+                            theirs.into_iter().for_each(|block| block.free(heap));
+                        } else {
+                            theirs.into_iter().rev().for_each(|block| block.free(heap));
+                        }
+                        barrier.wait();
+                    }
+                    if cpu != 0 {
+                        machine.cpu(cpu).go_offline();
+                    }
+                });
+            }
+        });
+        assert_eq!(heap.stats().in_use, 0);
+        // This thread is CPU 0; the others are offline: claimed and drained.
+        heap.shrink();
+        assert_eq!(cpu_slabs(&heap), 0);
+        assert_eq!(heap.stats().slab_bytes, 0, "every slab went back");
+    });
+}
+
+/// Interrupt points of `f` on CPU 0 (every call of the CPU hooks is one).
+fn points(machine: &SimMachine, f: impl FnOnce()) -> u64 {
+    machine.cpu(0).count_points(f).1
+}
+
+#[test]
+fn two_threads_running_as_one_cpu_share_its_slabs() {
+    watchdog("two threads as CPU 0", DEADLOCK_LIMIT, || {
+        let machine = machine(1, 25);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        // Both threads are CPU 0: one holds its slot, with interrupts off, at a time,
+        // as two tasks a kernel switches between.
+        std::thread::scope(|scope| {
+            for seed in [1u64, 2] {
+                let heap = &heap;
+                scope.spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    let mut live: Vec<Stamped> = Vec::new();
+                    for i in 0..20_000u64 {
+                        if live.len() < 500 && (live.is_empty() || rng.below(2) == 0) {
+                            let size = 8 + 8 * rng.below(512) as usize;
+                            let align = 8 << rng.below(4);
+                            let layout = Layout::from_size_align(size, align).unwrap();
+                            live.push(Stamped::new(heap, layout, i << 8 | seed));
+                        } else {
+                            let index = rng.below(live.len() as u64) as usize;
+                            live.swap_remove(index).free(heap);
+                        }
+                    }
+                    live.into_iter().for_each(|block| block.free(heap));
+                });
+            }
+        });
+        assert_eq!(heap.stats().in_use, 0);
+    });
+}
+
+#[test]
+fn a_burst_meets_its_classes_lock_once_per_slab_not_per_object() {
+    let machine = machine(1, 23);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let small = layout(64);
+    // 63 objects per slab; six slabs' worth stays within the empty budget.
+    const BURST: usize = 6 * 63;
+    let burst = || {
+        // SAFETY: non-zero sizes; each block freed once with its layout.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..BURST).map(|_| heap.alloc(small)).collect();
+            for block in blocks {
+                heap.dealloc(block, small);
+            }
+        }
+    };
+    burst();
+    let pair = points(machine, || {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(heap.alloc(small), small) }
+    });
+    let bursts = points(machine, burst);
+    // Each call passes `pair / 2` points; a class's lock a few more, once per slab.
+    let extra = bursts - pair * BURST as u64;
+    assert!(
+        extra <= 8 * 7,
+        "{extra} points beyond the calls' own for {BURST} objects in 6 slabs"
+    );
+    assert_eq!(heap.stats().slab_objects, 0);
+}
+
+#[test]
+fn per_cpu_slabs_never_hand_out_a_block_twice_and_shrink_drains_offline_cpus() {
+    watchdog("per-CPU churn", DEADLOCK_LIMIT, || {
+        let machine = machine(4, 11);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        std::thread::scope(|scope| {
+            for cpu in 0..4 {
+                let heap = &heap;
+                scope.spawn(move || {
+                    machine.cpu(cpu).enter();
+                    let mut rng = Rng::new(cpu as u64 + 30);
+                    let mut live: Vec<Stamped> = Vec::new();
+                    for i in 0..20_000u64 {
+                        if live.len() < 400 && (live.is_empty() || rng.below(2) == 0) {
+                            let size = 8 + 8 * rng.below(512) as usize;
+                            live.push(Stamped::new(heap, layout(size), i << 8 | cpu as u64));
+                        } else {
+                            let index = rng.below(live.len() as u64) as usize;
+                            live.swap_remove(index).free(heap);
+                        }
+                    }
+                    live.into_iter().for_each(|block| block.free(heap));
+                    // CPU 0 is this test's thread again below; the others are unplugged.
+                    if cpu != 0 {
+                        machine.cpu(cpu).go_offline();
+                    }
+                });
+            }
+        });
+        assert!(cpu_slabs(&heap) > 0, "the CPUs hold slabs");
+        assert_eq!(heap.stats().in_use, 0);
+        heap.shrink();
+        vm.purge();
+        assert_eq!(cpu_slabs(&heap), 0);
+        assert_eq!(
+            heap.stats().slab_bytes,
+            0,
+            "shrink drained this CPU's slabs and the offline CPUs'"
+        );
+    });
+}
+
+#[test]
+fn an_online_cpu_it_cannot_reach_gives_its_slabs_back_at_its_next_call() {
+    let machine = machine(4, 12);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let small = layout(64);
+    let other = layout(1000);
+    let class = |heap: &KernelHeap| heap.slab_stats()[class_for(small).unwrap()];
+    // CPU 1 allocates and frees: its current slab stays its own.
+    machine.cpu(1).run(|_| {
+        // SAFETY: non-zero sizes; each block is freed once with its layout.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..20).map(|_| heap.alloc(small)).collect();
+            for block in blocks {
+                heap.dealloc(block, small);
+            }
+        }
+    });
+    assert_eq!(class(&heap).cpu_slabs, 1);
+    // CPU 0 shrinks; CPU 1 is online and the flush policy cannot run work on it.
+    heap.shrink();
+    assert_eq!(
+        class(&heap).cpu_slabs,
+        1,
+        "another online CPU's slab was touched"
+    );
+    assert_eq!(class(&heap).slabs, 1);
+    // CPU 1's next call, of another class, gives its slabs back first.
+    machine.cpu(1).run(|_| {
+        // SAFETY: a non-zero size; freed with its layout.
+        unsafe { heap.dealloc(heap.alloc(other), other) }
+    });
+    assert_eq!(class(&heap).cpu_slabs, 0);
+    heap.shrink();
+    assert_eq!(class(&heap).slabs, 0, "the 64-byte class kept a slab");
+}
+
+#[test]
+fn a_shrink_reaches_online_cpus_through_their_shootdown_service() {
+    watchdog(
+        "shrink through the shootdown service",
+        DEADLOCK_LIMIT,
+        || {
+            let machine = machine(3, 24);
+            let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+            let tlb: &'static Shootdown<&SimMachine, &SimMachine> =
+                Box::leak(Box::new(Shootdown::new(machine, machine)));
+            machine.set_ipi_handler(move || tlb.handle_ipi());
+            let vm = manager(machine, frames, tlb);
+            let heap = KernelHeap::new(CONFIG);
+            heap.init(&vm).unwrap();
+            let ready = AtomicUsize::new(0);
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                for cpu in 1..3 {
+                    let (heap, ready, stop) = (&heap, &ready, &stop);
+                    scope.spawn(move || {
+                        let me = machine.cpu(cpu);
+                        me.enter();
+                        let _offline = me.offline_when_dropped();
+                        let sizes = [layout(48), layout(700)];
+                        // SAFETY: non-zero sizes; each block freed once with its layout.
+                        unsafe {
+                            for size in sizes {
+                                heap.dealloc(heap.alloc(size), size);
+                            }
+                        }
+                        ready.fetch_add(1, Ordering::Release);
+                        // Idle with interrupts on: it serves the shootdowns sent to it.
+                        while !stop.load(Ordering::Acquire) {
+                            me.poll();
+                            std::hint::spin_loop();
+                        }
+                    });
+                }
+                while ready.load(Ordering::Acquire) < 2 {
+                    std::thread::yield_now();
+                }
+                assert_eq!(cpu_slabs(&heap), 4, "two slabs on each of CPUs 1 and 2");
+                heap.shrink();
+                assert_eq!(cpu_slabs(&heap), 0, "handed over and drained at once");
+                assert_eq!(heap.stats().slab_bytes, 0);
+                stop.store(true, Ordering::Release);
+            });
+        },
+    );
+}
+
+#[test]
+fn a_cpu_going_offline_and_online_while_another_shrinks_never_shares_its_slabs() {
+    watchdog("offline and online under shrink", DEADLOCK_LIMIT, || {
+        let machine = machine(4, 13);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let heap = KernelHeap::new(CONFIG);
+        heap.init(&vm).unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (heap, done) = (&heap, &done);
+            scope.spawn(move || {
+                let cpu = machine.cpu(1);
+                cpu.enter();
+                let mut rng = Rng::new(40);
+                for round in 0..16u64 {
+                    cpu.go_online();
+                    let blocks: Vec<Stamped> = (0..64u64)
+                        .map(|i| {
+                            Stamped::new(
+                                heap,
+                                layout(8 + 8 * rng.below(64) as usize),
+                                round << 8 | i,
+                            )
+                        })
+                        .collect();
+                    blocks.into_iter().for_each(|block| block.free(heap));
+                    cpu.go_offline();
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+            scope.spawn(move || {
+                machine.cpu(2).enter();
+                while !done.load(Ordering::Relaxed) {
+                    heap.shrink();
+                }
+            });
+        });
+        assert_eq!(heap.stats().in_use, 0);
+        heap.shrink();
+        assert_eq!(
+            cpu_slabs(&heap),
+            0,
+            "CPU 1 went offline; its slabs were drained"
+        );
+    });
+}
+
+#[test]
+fn a_cpu_whose_slabs_ran_dry_takes_the_partial_slabs_another_gave_back_before_new_ones() {
+    let machine = machine(4, 14);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let small = layout(64);
+    let class = class_for(small).unwrap();
+    // CPU 1 fills slabs, frees every second object and gives its slabs back: its
+    // class holds half-used slabs.
+    let kept: Vec<usize> = machine.cpu(1).run(|_| {
+        // SAFETY: non-zero sizes; each block is freed once with its layout.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..2000).map(|_| heap.alloc(small)).collect();
+            for &block in blocks.iter().step_by(2) {
+                heap.dealloc(block, small);
+            }
+            heap.shrink();
+            blocks
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|&b| b as usize)
+                .collect()
+        }
+    });
+    let slabs = heap.slab_stats()[class].slabs;
+    // CPU 0 allocates as many as were freed: no new slab.
+    // SAFETY: non-zero sizes; each block is freed once with its layout.
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..1000).map(|_| heap.alloc(small)).collect();
+        assert_eq!(
+            heap.slab_stats()[class].slabs,
+            slabs,
+            "CPU 0 made new slabs while CPU 1's half-used ones waited"
+        );
+        for block in blocks {
+            heap.dealloc(block, small);
+        }
+        // CPU 1's slabs (CPU 0 holds some now): remote frees, and CPU 0's own.
+        for block in kept {
+            heap.dealloc(block as *mut u8, small);
+        }
+    }
+    assert_eq!(heap.stats().in_use, 0);
+    heap.shrink();
+    assert_eq!(heap.stats().slab_bytes, 0);
+}
