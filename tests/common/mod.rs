@@ -5,3 +5,4 @@
 
 pub mod blocks;
 pub mod paging;
+pub mod vm;

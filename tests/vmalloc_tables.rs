@@ -1,0 +1,193 @@
+//! The manager's page tables: other address spaces sharing the kernel half, the
+//! region's top-level entries, tables adopted from before, and every frame back
+//! when the manager is dropped.
+
+mod common;
+
+use common::vm::*;
+use vmalloc::FrameSource;
+use vmalloc::tlb::CountingFlush;
+use vmalloc::vmalloc::*;
+use vmalloc_sim::SimMachine;
+use x86_64::structures::paging::PageTableFlags;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+#[test]
+fn areas_made_after_another_address_space_copied_the_kernel_half_are_visible_there() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, config(false));
+    // A process's address space: a PML4 with the kernel half copied once.
+    let process = frames.alloc_frame().unwrap();
+    machine.fill_phys(process.start_address(), 4096, 0);
+    for index in 256..512 {
+        set_entry(
+            &machine,
+            process,
+            index,
+            entry(&machine, machine.root(), index),
+        );
+    }
+    let ptr = vm.vmalloc(3 * 4096).unwrap();
+    machine.write(addr(ptr) + 5000u64, b"shared").unwrap();
+    machine.load_cr3(process);
+    let mut back = [0; 6];
+    machine.read(addr(ptr) + 5000u64, &mut back).unwrap();
+    assert_eq!(&back, b"shared");
+    machine.load_cr3(machine.root());
+
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+    vm.purge();
+    for root in [process, machine.root()] {
+        machine.load_cr3(root);
+        assert!(machine.read(addr(ptr), &mut back).is_err(), "{root:?}");
+    }
+    machine.load_cr3(machine.root());
+}
+
+#[test]
+fn the_regions_top_level_entries_never_change() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, tree_config(false));
+    let first = (VMALLOC_START >> 39) as usize & 511;
+    assert_eq!(first, 402);
+    let top = |machine: &SimMachine| -> Vec<u64> {
+        (first..first + TOP_LEVEL_TABLES as usize)
+            .map(|index| entry(machine, machine.root(), index))
+            .collect()
+    };
+    let set_up = top(&machine);
+    assert!(
+        set_up.iter().all(|&raw| raw & 1 == 1),
+        "all present after new"
+    );
+    for round in 0..20 {
+        let far = VmOptions {
+            align: 1 << 40,
+            ..VmOptions::default()
+        };
+        let a = vm.vmalloc(4096).unwrap();
+        let b = vm.vmalloc_with(8192, &far).unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(a.as_ptr()) }.unwrap();
+        // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+        unsafe { vm.vfree(b.as_ptr()) }.unwrap();
+        vm.purge();
+        assert_eq!(top(&machine), set_up, "round {round}");
+    }
+    assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES);
+}
+
+#[test]
+fn tables_that_were_there_before_the_manager_are_adopted_and_never_freed() {
+    let machine = machine();
+    let frames = machine.frames();
+    // A PDPT, PD and PT in the kernel image, which the frame allocator does not
+    // manage, as a boot loader might have left them over the region's start.
+    let [pdpt, pd, pt] = [0x20_0000u64, 0x20_1000, 0x20_2000]
+        .map(|phys| PhysFrame::containing_address(PhysAddr::new(phys)));
+    let table = (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
+    set_entry(
+        &machine,
+        machine.root(),
+        402,
+        pdpt.start_address().as_u64() | table,
+    );
+    set_entry(&machine, pdpt, 0, pd.start_address().as_u64() | table);
+    set_entry(&machine, pd, 0, pt.start_address().as_u64() | table);
+    let boot = [
+        entry(&machine, machine.root(), 402),
+        entry(&machine, pdpt, 0),
+        entry(&machine, pd, 0),
+    ];
+    let vm = manager(&machine, &frames, tree_config(false));
+    assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES - 1);
+    let baseline = free_frames(&frames);
+
+    let near = vm.vmalloc(4096).unwrap();
+    assert_eq!(addr(near), VirtAddr::new(VMALLOC_START));
+    let far = VmOptions {
+        align: 1 << 30,
+        ..VmOptions::default()
+    };
+    let far = vm.vmalloc_with(4096, &far).unwrap();
+    assert_eq!(
+        vm.stats().page_table_frames,
+        TOP_LEVEL_TABLES - 1 + 2,
+        "a PD and a PT for the far area, none for the near one"
+    );
+    assert_eq!(
+        vm.vmalloc_to_frame(addr(near)).unwrap(),
+        PhysFrame::containing_address(PhysAddr::new(
+            entry(&machine, pt, 0) & 0x000f_ffff_ffff_f000
+        ))
+    );
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(near.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+    unsafe { vm.vfree(far.as_ptr()) }.unwrap();
+    vm.purge();
+    let now = [
+        entry(&machine, machine.root(), 402),
+        entry(&machine, pdpt, 0),
+        entry(&machine, pd, 0),
+    ];
+    assert_eq!(now, boot, "the boot tables stay linked and untouched");
+    assert_eq!(entry(&machine, pdpt, 1), 0, "the manager's own PD is gone");
+    assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES - 1);
+    assert_eq!(free_frames(&frames), baseline, "its own tables went back");
+    assert_frames_conserved(&vm, &frames, 0);
+}
+
+#[test]
+fn dropping_the_manager_returns_every_frame_it_took() {
+    let machine = machine();
+    let frames = machine.frames();
+    let before = free_frames(&frames);
+    let tlb = CountingFlush::new();
+    let mut lent = [PhysFrame::containing_address(PhysAddr::zero()); 4];
+    assert_eq!(frames.alloc_frames(&mut lent), 4);
+    {
+        // SAFETY: the machine's root table is used by nothing else in this test.
+        let vm = unsafe {
+            Vmalloc::new(
+                VmallocConfig::default(),
+                machine.root(),
+                machine.phys(),
+                &frames,
+                &tlb,
+            )
+        }
+        .unwrap();
+        let ptrs: Vec<_> = (0..200)
+            .map(|i| vm.vmalloc((i % 7 + 1) * 4096).unwrap())
+            .collect();
+        for ptr in ptrs.iter().step_by(3) {
+            // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
+            unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+        }
+        let window = vm.reserve(1 << 20, &VmOptions::default()).unwrap();
+        vm.populate(window.as_ptr(), 300 << 10).unwrap();
+        // SAFETY: frames the test owns; MMIO past the end of RAM, never touched.
+        unsafe {
+            vm.vmap(&lent, Prot::KERNEL_RW).unwrap();
+            vm.ioremap(PhysAddr::new(0xfec0_0000), 4096, CacheMode::Uncached)
+                .unwrap();
+        }
+        assert!(vm.stats().pending_purge_frames > 0);
+        assert!(free_frames(&frames) < before - 4 - TOP_LEVEL_TABLES);
+    }
+    assert_eq!(
+        free_frames(&frames),
+        before - 4,
+        "all but the test's own frames"
+    );
+    assert!(tlb.full_calls() > 0, "flushed before giving frames back");
+    for index in 402..402 + TOP_LEVEL_TABLES as usize {
+        assert_eq!(entry(&machine, machine.root(), index), 0, "entry {index}");
+    }
+    frames.free_frames(&lent).unwrap();
+}
