@@ -1,14 +1,14 @@
 //! `diagnose_fault`: what a page fault in the vmalloc region hit, in the words an oops
 //! prints, with the area's label and the line that allocated it.
 
+mod common;
+
+use common::interrupting::Interrupting;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 use vmalloc::vmalloc::{FaultSite, Prot, VmOptions};
-use vmalloc::{Error, FrameSource};
 use vmalloc_sim::scenarios::manager_over as manager;
 use vmalloc_sim::{Access, Fault, SimConfig, SimFrames, SimMachine};
 use x86_64::structures::idt::PageFaultErrorCode;
-use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
 fn machine() -> SimMachine {
@@ -155,50 +155,12 @@ fn ioremap_areas_and_addresses_outside_any_area_are_told_apart() {
     );
 }
 
-/// A frame source that, once armed, runs `interrupt` inside its next allocation,
-/// which the manager makes under its lock: a fault taken while the manager runs.
-struct Interrupting {
-    frames: &'static SimFrames,
-    armed: AtomicBool,
-    interrupt: OnceLock<Box<dyn Fn() + Send + Sync>>,
-}
-
-impl Interrupting {
-    fn interrupt_if_armed(&self) {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            (self.interrupt.get().unwrap())();
-        }
-    }
-}
-
-// SAFETY: every frame comes from `frames`, whose contract this forwards.
-unsafe impl FrameSource for Interrupting {
-    fn alloc_frame(&self) -> Option<PhysFrame> {
-        self.interrupt_if_armed();
-        self.frames.alloc_frame()
-    }
-    fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
-        self.interrupt_if_armed();
-        self.frames.alloc_frames(out)
-    }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.frames.free_frame(frame)
-    }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.frames.free_frames(frames)
-    }
-}
-
 #[test]
 fn a_fault_that_interrupted_the_manager_is_told_busy_instead_of_deadlocking() {
     // Leaked: the interrupt refers to the manager, which refers to the source.
     let machine: &'static SimMachine = Box::leak(Box::new(machine()));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let source: &'static Interrupting = Box::leak(Box::new(Interrupting {
-        frames,
-        armed: AtomicBool::new(false),
-        interrupt: OnceLock::new(),
-    }));
+    let source = Interrupting::leak(frames);
     let vm: &'static _ = Box::leak(Box::new(manager(machine, source)));
     // Areas of more than 16 pages are made under the manager's lock; a small one is
     // a per-CPU block's, whose diagnosis takes no lock.
@@ -208,18 +170,14 @@ fn a_fault_that_interrupted_the_manager_is_told_busy_instead_of_deadlocking() {
     let small = vm.vmalloc(4096).unwrap();
     let small_guard = VirtAddr::from_ptr(small.as_ptr()) + 4096u64;
     let seen: &'static OnceLock<(FaultSite, FaultSite)> = Box::leak(Box::default());
-    source
-        .interrupt
-        .set(Box::new(move || {
-            let _ = seen.set((
-                vm.diagnose_fault(guard, PageFaultErrorCode::empty()).site,
-                vm.diagnose_fault(small_guard, PageFaultErrorCode::empty())
-                    .site,
-            ));
-        }))
-        .ok()
-        .unwrap();
-    source.armed.store(true, Ordering::SeqCst);
+    source.on_interrupt(move || {
+        let _ = seen.set((
+            vm.diagnose_fault(guard, PageFaultErrorCode::empty()).site,
+            vm.diagnose_fault(small_guard, PageFaultErrorCode::empty())
+                .site,
+        ));
+    });
+    source.arm();
     vm.vmalloc(PAGES as usize * 4096).unwrap();
     let (large, small) = seen.get().expect("the interrupt came under the lock");
     assert_eq!(large, &FaultSite::Busy, "asked under the lock");

@@ -4,5 +4,7 @@
 #![allow(dead_code)]
 
 pub mod blocks;
+pub mod interrupting;
 pub mod paging;
+pub mod smp;
 pub mod vm;
