@@ -16,6 +16,12 @@
 //!   page, go straight to `vmalloc` with the requested alignment, so big buffers never
 //!   fragment the list, and growing one is a `vrealloc` that remaps instead of copying.
 //!
+//! With [`HeapConfig::sample_interval`] set, about one slab-sized allocation in that
+//! many is served instead from the [guarded pool](guarded) (Linux's KFENCE): alone on
+//! a page between unmapped pages, so that an overrun, an underrun or a use after free
+//! faults, and [`KernelHeap::diagnose_fault`] names the object and where it was
+//! allocated and freed. Off, it costs the allocation path one load and a branch.
+//!
 //! `dealloc` and `realloc` tell the paths apart by address and layout: a block inside
 //! the window is the list's (a slab-sized request falls back to the list when no slab
 //! can be made), a slab-sized layout outside it is a slab object, anything else is a
@@ -36,6 +42,7 @@
 //! allocate and free: it never finds a lock held by the code it interrupted.
 
 mod cpu_slab;
+pub mod guarded;
 mod kvbox;
 mod list;
 pub mod slab;
@@ -48,6 +55,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use cpu_slab::CpuSlabs;
+use guarded::Guarded;
 pub use kvbox::KVBox;
 use list::{Backing, ListHeap};
 use slab::{SlabClassStats, Slabs};
@@ -69,17 +77,29 @@ pub struct HeapConfig {
     /// `false`, every slab allocation takes its class's lock unless the kernel calls
     /// [`KernelHeap::use_cpus`].
     pub per_cpu: bool,
+    /// One slab-sized allocation in about this many is served from the
+    /// [guarded pool](guarded) instead (Linux's KFENCE); 0, the default, turns
+    /// sampling off. It can be changed at run time
+    /// ([`KernelHeap::set_sample_interval`]).
+    pub sample_interval: u32,
+    /// Slots of the guarded pool: how many sampled objects can be live at once (at
+    /// most [`guarded::pool::MAX_SLOTS`]). The pool takes two pages of virtual space
+    /// per slot, and a frame per live object, made by the first sampled allocation.
+    pub guarded_slots: usize,
 }
 
 impl HeapConfig {
     /// A 1 GiB window, slabs up to a page, requests from 16 KiB (four pages) to
-    /// vmalloc, 64 KiB growth, per-CPU slabs wherever the CPUs are known.
+    /// vmalloc, 64 KiB growth, per-CPU slabs wherever the CPUs are known; no sampling
+    /// (a pool of 255 slots once [`KernelHeap::set_sample_interval`] turns it on).
     pub const DEFAULT: HeapConfig = HeapConfig {
         window: 1 << 30,
         large_threshold: 4 * PAGE_SIZE as usize,
         grow_step: 16 * PAGE_SIZE as usize,
         slab_max: slab::MAX_OBJECT,
         per_cpu: true,
+        sample_interval: 0,
+        guarded_slots: 255,
     };
 }
 
@@ -155,6 +175,7 @@ pub struct KernelHeap<'a> {
     config: HeapConfig,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
+    guarded: Guarded<'a>,
 }
 
 /// Takes one of the heap's locks with interrupts held off through the manager's
@@ -180,18 +201,31 @@ impl<'a> KernelHeap<'a> {
             config,
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
+            guarded: Guarded::new(config.sample_interval, config.guarded_slots),
         }
     }
 
     /// Reserves the window in `vmalloc`'s region; until then every allocation fails.
     /// With [`HeapConfig::per_cpu`], the CPUs `vmalloc`'s flush policy names get
-    /// slabs of their own, as [`use_cpus`](Self::use_cpus) gives them.
+    /// slabs of their own, as [`use_cpus`](Self::use_cpus) gives them. With
+    /// [`HeapConfig::sample_interval`] set, the [guarded pool](guarded) is made too.
     ///
     /// # Errors
     ///
     /// [`Error::Overlap`] if the heap was initialised already; whatever
     /// [`Vmalloc::reserve`](crate::vmalloc::Vmalloc::reserve) returns.
     pub fn init(&self, vmalloc: &'a dyn VmallocOps) -> Result<(), Error> {
+        self.init_backing(vmalloc)?;
+        if self.config.sample_interval != 0 {
+            // Made now rather than by the first sampled allocation, which CPUs
+            // racing to allocate would leave to the slabs while it is made; a pool
+            // that cannot be had only turns sampling off.
+            self.make_guarded_pool();
+        }
+        Ok(())
+    }
+
+    fn init_backing(&self, vmalloc: &'a dyn VmallocOps) -> Result<(), Error> {
         // The list's lock keeps two `init`s from both reserving.
         let _list = self.list.lock(vmalloc);
         if self.backing.is_completed() {
@@ -323,8 +357,15 @@ impl<'a> KernelHeap<'a> {
     }
 
     #[inline]
+    #[track_caller]
     fn allocate(&self, layout: Layout) -> Option<NonNull<u8>> {
         if let Some(class) = self.slab_class(layout) {
+            // Sampling off: one load and a branch never taken.
+            if self.guarded.due()
+                && let Some(object) = self.alloc_guarded(layout)
+            {
+                return Some(object);
+            }
             // Not to vmalloc: `deallocate` takes a slab-sized block outside the window
             // for a slab object.
             let vmalloc = self.backing.get()?.vmalloc;
@@ -344,6 +385,7 @@ impl<'a> KernelHeap<'a> {
     ///
     /// `ptr` was returned by `allocate` with `layout` and is not used afterwards.
     #[inline]
+    #[track_caller]
     unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
         let Some(backing) = self.backing.get() else {
             return;
@@ -352,8 +394,12 @@ impl<'a> KernelHeap<'a> {
             // SAFETY: a block in the window is the list heap's (caller).
             unsafe { self.free_list(ptr, layout, backing) };
         } else if let Some(class) = self.slab_class(layout) {
-            // SAFETY: a slab-sized block outside the window is a slab object of this
-            // layout's class (caller, and `allocate`'s routing).
+            if self.guarded.owns(ptr) {
+                // SAFETY: a sampled object, which the caller gives up.
+                return unsafe { self.free_guarded(ptr) };
+            }
+            // SAFETY: a slab-sized block outside the window and the guarded pool is a
+            // slab object of this layout's class (caller, and `allocate`'s routing).
             unsafe {
                 match self.cpus.get() {
                     Some(cpus) => {
@@ -376,22 +422,26 @@ impl<'a> KernelHeap<'a> {
 // mapped read-write and handed out once; `dealloc` routes each back by address and
 // layout as `allocate` chose.
 unsafe impl GlobalAlloc for KernelHeap<'_> {
+    #[track_caller]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.allocate(layout)
             .map_or(ptr::null_mut(), NonNull::as_ptr)
     }
 
+    #[track_caller]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: GlobalAlloc's contract: `ptr` came from `alloc` with `layout`.
         unsafe { self.deallocate(ptr, layout) }
     }
 
+    #[track_caller]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: GlobalAlloc's contract: `new_size` is valid for `layout.align()`.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         if !self.owns_small(ptr) {
             if let Some(class) = self.slab_class(layout) {
-                if self.slab_class(new_layout) == Some(class) {
+                // A sampled object is exactly its size, against a guard page: moved.
+                if self.slab_class(new_layout) == Some(class) && !self.guarded.owns(ptr) {
                     // The object already holds `new_size` bytes.
                     return ptr;
                 }
@@ -427,6 +477,7 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
 // SAFETY: blocks are valid for their layout until deallocated, and `deallocate`
 // routes them back to the path that made them, as `GlobalAlloc` does.
 unsafe impl allocator_api2::alloc::Allocator for &KernelHeap<'_> {
+    #[track_caller]
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
         if layout.size() == 0 {
             // A dangling, aligned pointer: what zero-sized allocations get.
@@ -439,6 +490,7 @@ unsafe impl allocator_api2::alloc::Allocator for &KernelHeap<'_> {
         Ok(NonNull::slice_from_raw_parts(block, layout.size()))
     }
 
+    #[track_caller]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
         if layout.size() != 0 {
             // SAFETY: the Allocator contract: `ptr` came from `allocate` with `layout`.
