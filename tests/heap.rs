@@ -7,8 +7,9 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use vmalloc::frame::FaultInjector;
 use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{FrameSource, PAGE_SIZE};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{Rng, SimConfig, SimMachine, SimPhys};
 use x86_64::VirtAddr;
 
@@ -23,14 +24,7 @@ fn machine(memory: u64) -> SimMachine {
 }
 
 fn manager<'m, F: FrameSource + Clone>(machine: &'m SimMachine, frames: F) -> SimVmalloc<'m, F> {
-    let (start, size) = machine.host_window().expect("host window");
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+    scenarios::window_manager(machine, frames, machine)
 }
 
 const CONFIG: HeapConfig = HeapConfig {

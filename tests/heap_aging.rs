@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use vmalloc::PAGE_SIZE;
 use vmalloc::heap::slab::EMPTY_BUDGET;
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{Rng, SimConfig, SimMachine};
 
 fn machine() -> SimMachine {
@@ -62,15 +62,7 @@ fn bursts(heap: &KernelHeap) {
 fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
     let machine = machine();
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let vm = scenarios::window_manager(&machine, &frames, &machine);
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     bursts(&heap);
@@ -111,15 +103,7 @@ fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
 fn pairs_served_by_a_cpus_current_slab_age_the_empty_slabs_out() {
     let machine = machine();
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let vm = scenarios::window_manager(&machine, &frames, &machine);
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     bursts(&heap);
@@ -148,15 +132,7 @@ fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back
     // 4 KiB); each step frees a random one and allocates one of a random size.
     let machine = machine();
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let vm = scenarios::window_manager(&machine, &frames, &machine);
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     let data_at_start = vm.stats().data_frames;

@@ -10,8 +10,9 @@ use std::sync::{Barrier, Mutex};
 use vmalloc::heap::slab::class_for;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{FrameSource, TlbFlush};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimFrames, SimMachine, SimPhys, watchdog};
 
 /// A machine with `cpus` CPUs that lives as long as the test binary.
@@ -29,14 +30,7 @@ fn manager<F: FrameSource + Clone, T: TlbFlush>(
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'_>, T> {
-    let (start, size) = machine.host_window().expect("host window");
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+    scenarios::window_manager(machine, frames, tlb)
 }
 
 const CONFIG: HeapConfig = HeapConfig {

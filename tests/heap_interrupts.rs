@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys, watchdog};
 
 /// Flushes reach only the calling CPU: CPU 1 runs only inside CPU 0's thread here.
@@ -36,15 +37,7 @@ fn kernel(per_cpu: bool) -> &'static Kernel {
             .with_host_window(8 << 30),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables serve this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap();
+    let vm = scenarios::window_manager(machine, frames, machine);
     let vm: &'static Manager = Box::leak(Box::new(vm));
     let heap: &'static KernelHeap<'static> = Box::leak(Box::new(KernelHeap::new(HeapConfig {
         per_cpu,

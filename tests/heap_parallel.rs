@@ -5,8 +5,8 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc::{Error, FrameSource};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, watchdog};
 use x86_64::structures::paging::{PhysFrame, Size2MiB};
 
@@ -73,15 +73,7 @@ fn the_list_serves_other_cpus_while_it_grows() {
         stopped: AtomicBool::new(false),
         open: AtomicBool::new(false),
     };
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &gate, &machine) }.unwrap();
+    let vm = scenarios::window_manager(&machine, &gate, &machine);
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     // Blocks of 8 KiB fill the list's first growth step (64 KiB) but for a hole too

@@ -15,6 +15,7 @@ use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::Shootdown;
 use vmalloc::vmalloc::deferred::SLOTS;
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{
     Access, DEADLOCK_LIMIT, SimConfig, SimCpu, SimFrames, SimMachine, SimPhys, watchdog,
 };
@@ -46,12 +47,9 @@ fn kernel(cpu_caches: bool, magazines: bool) -> &'static Kernel {
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
     let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
     machine.set_ipi_handler(move || tlb.handle_ipi());
-    let (start, size) = machine.host_window().unwrap();
     let config = VmallocConfig {
-        start,
-        size,
         cpu_caches,
-        ..VmallocConfig::default()
+        ..scenarios::window_config(machine)
     };
     // SAFETY: the machine's page tables serve this manager alone.
     let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap();

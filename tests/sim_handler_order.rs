@@ -9,7 +9,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
 
 static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
@@ -51,18 +52,11 @@ fn build() {
             .with_host_window(4 << 30),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let manager =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap();
+    let manager = scenarios::window_manager(machine, frames, machine);
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
     let _ = MACHINE.set(machine);
+    let (start, size) = machine.host_window().unwrap();
     WINDOW_START.store(start.as_u64(), Ordering::Release);
     WINDOW_SIZE.store(size, Ordering::Release);
 }

@@ -5,7 +5,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::time::Instant;
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::scenarios;
 use vmalloc_sim::{SimConfig, SimMachine};
 
 /// Lines of `/proc/self/maps`: the host mappings of the process.
@@ -37,15 +37,7 @@ fn a_gib_of_live_small_objects_costs_a_bounded_number_of_host_mappings() {
             .with_host_window(4 << 30),
     );
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let vm =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let vm = scenarios::window_manager(&machine, &frames, &machine);
     let heap = KernelHeap::new(HeapConfig {
         window: 16 << 20,
         ..HeapConfig::DEFAULT

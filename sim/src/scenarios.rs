@@ -70,6 +70,42 @@ pub fn manager_over<F: FrameSource + Clone>(
     .expect("a manager over the simulated machine")
 }
 
+/// The default configuration with its region at `machine`'s host window, where host
+/// threads read and write what the manager maps: the kernel heap over the simulated
+/// machine lives there.
+///
+/// # Panics
+///
+/// If the machine was made without a host window ([`SimConfig::with_host_window`]).
+pub fn window_config(machine: &SimMachine) -> VmallocConfig {
+    let (start, size) = machine
+        .host_window()
+        .expect("a machine made with a host window");
+    VmallocConfig {
+        start,
+        size,
+        ..VmallocConfig::default()
+    }
+}
+
+/// A manager of [`window_config`] over `machine`'s page tables, with frames from any
+/// source, flushing with `tlb`. The machine's page tables must serve this manager
+/// alone.
+///
+/// # Panics
+///
+/// If the machine has no host window, or the manager cannot be made.
+pub fn window_manager<F: FrameSource + Clone, T: TlbFlush>(
+    machine: &SimMachine,
+    frames: F,
+    tlb: T,
+) -> Vmalloc<F, SimPhys<'_>, T> {
+    let config = window_config(machine);
+    // SAFETY: the machine's page tables serve this manager alone (see above).
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }
+        .expect("a manager over the simulated machine's host window")
+}
+
 /// A 1 GiB machine.
 pub fn machine() -> SimMachine {
     SimMachine::new(SimConfig::new(1 << 30))
