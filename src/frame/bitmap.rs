@@ -36,6 +36,17 @@
 //! while a word was zero, so the summaries are updated in amortised constant time.
 //! Bulk allocation takes a whole level-0 word at once.
 //!
+//! # Handed-out flags
+//!
+//! After the bitmaps, the bookkeeping keeps one flag byte per frame of a zone, set
+//! while the frame is out with a caller. They are kept only once a
+//! [`LockedFrameAllocator`](super::LockedFrameAllocator) with per-CPU lists wraps the
+//! allocator: a frame in a CPU's list is allocated here yet free to its callers, and
+//! the flag is what refuses a second free of it, from any CPU, without this
+//! allocator's lock (see [`percpu`](super::percpu)). Then every call here keeps them
+//! too: a frame handed out is marked, a free claims the mark or is refused, and
+//! [`is_free`](BitmapFrameAllocator::is_free) calls a frame free that is not out.
+//!
 //! # Bookkeeping storage
 //!
 //! The caller either provides the words ([`BitmapFrameAllocator::with_storage`], size
@@ -43,10 +54,17 @@
 //! of the usable memory itself ([`BitmapFrameAllocator::from_memory`]), because a
 //! booting kernel has no heap. No heap is used in either case.
 
-use super::zone::{NormalMap, Span, Zone, frame_at, frame_number};
-use super::{MemoryRegion, Reclaim};
+mod alloc;
+mod free;
+mod reclaim;
+
+use super::MemoryRegion;
+use super::handed::{self, Handed};
+use super::map::{NormalMap, Span};
+use super::zone::Zone;
 use crate::phys::PhysMemory;
 use crate::{Error, PAGE_SIZE};
+use core::sync::atomic::AtomicU8;
 use x86_64::PhysAddr;
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size4KiB};
 
@@ -70,13 +88,17 @@ pub struct FrameStats {
     pub used: u64,
 }
 
-/// The zone layout of a whole map, and where the reclaimable pieces are kept.
+/// The zone layout of a whole map, where the reclaimable pieces are kept, and where
+/// the handed-out flags start.
 struct Plan {
     zones: [Zone; MAX_ZONES],
     zone_count: usize,
     /// First word of the pieces table: two words a piece, after every zone.
     pieces_offset: usize,
     pieces: usize,
+    /// First word of the flags, after the pieces: one byte a frame of every zone.
+    flags_offset: usize,
+    flags: usize,
     storage_words: usize,
 }
 
@@ -84,18 +106,22 @@ impl Plan {
     fn new(map: &NormalMap) -> Self {
         let (spans, zone_count) = map.zone_spans();
         let mut zones = [Zone::default(); MAX_ZONES];
-        let mut storage_words = 0;
+        let (mut storage_words, mut flags) = (0, 0);
         for (zone, span) in zones.iter_mut().zip(&spans[..zone_count]) {
-            *zone = Zone::layout(*span, storage_words);
+            *zone = Zone::layout(*span, storage_words, flags);
             storage_words = zone.storage_end();
+            flags += zone.frames as usize;
         }
         let pieces = map.pieces(|_, _| {});
+        let flags_offset = storage_words + 2 * pieces;
         Plan {
             zones,
             zone_count,
             pieces_offset: storage_words,
             pieces,
-            storage_words: storage_words + 2 * pieces,
+            flags_offset,
+            flags,
+            storage_words: flags_offset + flags.div_ceil(8),
         }
     }
 }
@@ -113,15 +139,28 @@ const SOURCE_SHIFT: u32 = 56;
 /// [`reclaim`](Self::reclaim) or [`reclaim_range`](Self::reclaim_range) hands them
 /// over; the allocator keeps their frames (less every reserved one) in its
 /// bookkeeping until then.
-#[derive(Debug)]
 pub struct BitmapFrameAllocator<'a> {
     bits: &'a mut [u64],
+    /// The handed-out flags, after `bits` in the storage (see the module docs).
+    flags: &'a [AtomicU8],
+    /// Whether the flags are kept.
+    tracking: bool,
     zones: [Zone; MAX_ZONES],
     zone_count: usize,
     pieces_offset: usize,
     pieces: usize,
     total: u64,
     free: u64,
+}
+
+impl core::fmt::Debug for BitmapFrameAllocator<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BitmapFrameAllocator")
+            .field("zones", &self.zones())
+            .field("stats", &self.stats())
+            .field("tracks_handed_out", &self.tracking)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> BitmapFrameAllocator<'a> {
@@ -150,10 +189,21 @@ impl<'a> BitmapFrameAllocator<'a> {
 
     fn build(map: &NormalMap, storage: &'a mut [u64]) -> Result<Self, Error> {
         let plan = Plan::new(map);
-        let bits = storage
+        let storage = storage
             .get_mut(..plan.storage_words)
             .ok_or(Error::BadMemoryMap)?;
-        bits.fill(0);
+        storage.fill(0);
+        let (bits, flag_words) = storage.split_at_mut(plan.flags_offset);
+        // SAFETY: `AtomicU8` has the size, alignment and bit validity of `u8`, so the
+        // words are `8 * len` valid flags (all clear: zeroed above), no more than
+        // `plan.flags` of which are used. The unique borrow of the words moves into
+        // this shared one for the same lifetime, so nothing else reaches them.
+        let flags = unsafe {
+            core::slice::from_raw_parts(
+                flag_words.as_mut_ptr().cast::<AtomicU8>(),
+                plan.flags.min(flag_words.len() * 8),
+            )
+        };
         let mut free = 0;
         for zone in &plan.zones[..plan.zone_count] {
             for (start, end) in map.usable().iter().filter_map(|span| zone.clip(*span)) {
@@ -180,6 +230,8 @@ impl<'a> BitmapFrameAllocator<'a> {
         });
         Ok(Self {
             bits,
+            flags,
+            tracking: false,
             zones: plan.zones,
             zone_count: plan.zone_count,
             pieces_offset: plan.pieces_offset,
@@ -281,327 +333,51 @@ impl<'a> BitmapFrameAllocator<'a> {
         })
     }
 
-    fn take(&mut self, z: usize, index: u64) -> PhysFrame {
-        let zone = self.zones[z];
-        zone.clear_bit(self.bits, 0, index);
-        self.free -= 1;
-        frame_at(zone.base + index)
-    }
-
-    /// One free frame, the lowest-addressed one.
-    pub fn alloc(&mut self) -> Option<PhysFrame> {
-        let (z, index) = self.find_from(0)?;
-        Some(self.take(z, index))
-    }
-
-    /// The first free frame at or after `hint`, wrapping around to the lowest one.
-    pub fn alloc_from(&mut self, hint: PhysFrame) -> Option<PhysFrame> {
-        let (z, index) = self
-            .find_from(frame_number(hint))
-            .or_else(|| self.find_from(0))?;
-        Some(self.take(z, index))
-    }
-
-    /// Fills `out` from the front with free frames, a bitmap word at a time; returns
-    /// how many it filled (fewer than `out.len()` only when memory ran out).
-    pub fn alloc_bulk(&mut self, out: &mut [PhysFrame]) -> usize {
-        let (mut filled, mut z, mut from) = (0, 0, 0);
-        while filled < out.len() && z < self.zone_count {
-            let zone = self.zones[z];
-            let Some((first, mut taken)) = zone.take_word(self.bits, from, out.len() - filled)
-            else {
-                (z, from) = (z + 1, 0);
-                continue;
-            };
-            // Everything below the word just taken is used: search on from its end.
-            from = first;
-            self.free -= u64::from(taken.count_ones());
-            while taken != 0 {
-                let index = first + u64::from(taken.trailing_zeros());
-                out[filled] = frame_at(zone.base + index);
-                filled += 1;
-                taken &= taken - 1;
-            }
-        }
-        filled
-    }
-
-    /// `count` physically contiguous frames, the first aligned to `align_frames`
-    /// frames (as a physical address: `align_frames * 4096`).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ZeroSize`] for `count == 0`, [`Error::BadAlignment`] when
-    /// `align_frames` is not a power of two, [`Error::OutOfFrames`] when no such run
-    /// is free. Nothing changes on error.
-    pub fn alloc_contiguous(&mut self, count: u64, align_frames: u64) -> Result<PhysFrame, Error> {
-        if count == 0 {
-            return Err(Error::ZeroSize);
-        }
-        if !align_frames.is_power_of_two() {
-            return Err(Error::BadAlignment);
-        }
-        for z in 0..self.zone_count {
-            if let Some(start) = self.find_run(z, count, align_frames) {
-                let zone = self.zones[z];
-                let mut index = start;
-                while index < start + count {
-                    let in_word = (64 - index % 64).min(start + count - index);
-                    zone.take_in_word(self.bits, index, in_word);
-                    index += in_word;
-                }
-                self.free -= count;
-                return Ok(frame_at(zone.base + start));
-            }
-        }
-        Err(Error::OutOfFrames)
-    }
-
-    /// The first aligned run of `count` free frames in zone `z`, as a zone index.
-    fn find_run(&self, z: usize, count: u64, align: u64) -> Option<u64> {
-        let zone = &self.zones[z];
-        let mut from = 0;
-        loop {
-            let free = zone.find_free(self.bits, from)?;
-            let start = (zone.base + free).checked_next_multiple_of(align)? - zone.base;
-            let end = start.checked_add(count)?;
-            if end > zone.frames {
-                return None;
-            }
-            match zone.first_used(self.bits, start, end) {
-                None => return Some(start),
-                Some(used) => from = used + 1,
-            }
-        }
-    }
-
-    /// Returns `frame`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::FrameNotManaged`] when the frame lies outside the managed memory
-    /// (including reserved and bookkeeping frames), [`Error::FrameNotAllocated`] when
-    /// it is free. Nothing changes on error.
-    pub fn free(&mut self, frame: PhysFrame) -> Result<(), Error> {
-        let (z, index) = self.locate(frame_number(frame))?;
-        let zone = self.zones[z];
-        if !zone.is_managed(self.bits, index) {
-            return Err(Error::FrameNotManaged);
-        }
-        if zone.is_free(self.bits, index) {
-            return Err(Error::FrameNotAllocated);
-        }
-        zone.set_free(self.bits, index);
-        self.free += 1;
-        Ok(())
-    }
-
-    /// Returns every frame of `frames`, or none of them.
-    ///
-    /// Frames are freed in order; at the first bad one (including one listed twice,
-    /// which finds itself already free) the frames freed so far are taken back, so
-    /// the call is all-or-nothing.
-    ///
-    /// # Errors
-    ///
-    /// As [`free`](Self::free), for the first bad frame; nothing changes.
-    pub fn free_bulk(&mut self, frames: &[PhysFrame]) -> Result<(), Error> {
-        let mut done = 0;
-        while let Some(&frame) = frames.get(done) {
-            let run = self.free_word_run(&frames[done..]);
-            if run > 0 {
-                done += run;
-                continue;
-            }
-            if let Err(error) = self.free(frame) {
-                self.retake(&frames[..done]);
-                return Err(error);
-            }
-            done += 1;
-        }
-        Ok(())
-    }
-
-    /// Frees the frames at the front of `frames` that share one bitmap word (each
-    /// once), with one write, if there are at least two and all are managed and
-    /// allocated: a 2 MiB run comes back 64 frames a word, and frames handed out in
-    /// bulk from a fragmented zone a few dozen a word. Returns how many it freed: 0
-    /// when it did nothing, and the caller frees one at a time (and reports the bad
-    /// frame, if any).
-    fn free_word_run(&mut self, frames: &[PhysFrame]) -> usize {
-        let [first, second, ..] = *frames else {
-            return 0;
-        };
-        let number = frame_number(first);
-        if frame_number(second) / 64 != number / 64 {
-            return 0; // the common case for scattered frames: no group to make
-        }
-        let Ok((z, index)) = self.locate(number) else {
-            return 0;
-        };
-        let zone = self.zones[z];
-        let word_start = zone.base + index / 64 * 64;
-        let mut mask = 0u64;
-        let mut run = 0;
-        for &frame in frames {
-            let offset = frame_number(frame).wrapping_sub(word_start);
-            let bit = 1u64.checked_shl(offset as u32).filter(|_| offset < 64);
-            match bit {
-                // A frame listed twice stops the group; the one-by-one path refuses it.
-                Some(bit) if mask & bit == 0 => mask |= bit,
-                _ => break,
-            }
-            run += 1;
-        }
-        if run < 2 || !zone.free_in_word(self.bits, index / 64, mask) {
-            return 0;
-        }
-        self.free += run as u64;
-        run
-    }
-
-    /// Marks frames this call has just freed as allocated again.
-    fn retake(&mut self, frames: &[PhysFrame]) {
-        for &frame in frames {
-            if let Ok((z, index)) = self.locate(frame_number(frame)) {
-                self.take(z, index);
-            }
-        }
-    }
-
-    /// Whether `frame` is free.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::FrameNotManaged`] when the frame can never be handed out: outside
-    /// every usable range, reserved, or holding the bookkeeping.
-    pub fn is_free(&self, frame: PhysFrame) -> Result<bool, Error> {
-        let (z, index) = self.locate(frame_number(frame))?;
-        let zone = &self.zones[z];
-        if !zone.is_managed(self.bits, index) {
-            return Err(Error::FrameNotManaged);
-        }
-        Ok(zone.is_free(self.bits, index))
-    }
-
-    /// Whether any of the `count` frames from `first` on may be handed out by this
-    /// allocator (free or not): RAM it manages, which `ioremap` must refuse.
-    pub fn manages(&self, first: PhysFrame, count: u64) -> bool {
-        let start = frame_number(first);
-        let end = start.saturating_add(count);
-        self.zones().iter().any(|zone| {
-            let (zone_start, zone_end) = (zone.base, zone.base + zone.frames);
-            let (from, to) = (start.max(zone_start), end.min(zone_end));
-            from < to && zone.manages_any(self.bits, from - zone_start, to - zone_start)
-        })
-    }
-
-    /// Hands every frame the map said is reclaimable `from` this source, and that is
-    /// not managed yet, to the allocator as free: call it once the kernel is done
-    /// with what the memory holds (ACPI tables parsed, boot services exited, boot
-    /// information read and the boot loader's tables and stack left). Returns how
-    /// many frames it added; 0 when there are none left, so calling it twice frees
-    /// nothing twice.
-    ///
-    /// Only whole frames inside a reclaimable range are added, never one that the
-    /// map also reserves, nor one that a reclaimable range of another source
-    /// touches.
-    pub fn reclaim(&mut self, from: Reclaim) -> u64 {
-        let mut added = 0;
-        for i in 0..self.pieces {
-            let (span, source) = self.piece(i);
-            if source == Some(from) {
-                added += self.adopt(span);
-            }
-        }
-        added
-    }
-
-    /// Hands the reclaimable frames inside `range` to the allocator, as
-    /// [`reclaim`](Self::reclaim) does for a whole source: for a kernel that is done
-    /// with part of its reclaimable memory (the boot information, say, but not yet
-    /// the page tables it runs on). Returns how many frames it added; 0 for a range
-    /// with no whole frame.
-    ///
-    /// # Errors
-    ///
-    /// Nothing changes on any error:
-    /// - [`Error::RangeWraps`] when `range` ends before it starts;
-    /// - [`Error::Overlap`] when a frame of `range` is already managed: usable in
-    ///   the map, or reclaimed before (so nothing is freed twice);
-    /// - [`Error::FrameNotManaged`] when `range` holds no frame still waiting to be
-    ///   reclaimed (reserved memory, a hole, or nothing the map called reclaimable).
-    pub fn reclaim_range(&mut self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
-        let (start, end) = (range.start.as_u64(), range.end.as_u64());
-        if start > end {
-            return Err(Error::RangeWraps);
-        }
-        let frames = Span {
-            start: start.div_ceil(PAGE_SIZE),
-            end: end / PAGE_SIZE,
-        };
-        if frames.is_empty() {
-            return Ok(0); // no whole frame: nothing to do, as for an empty map entry
-        }
-        let managed = self.zones().iter().any(|zone| {
-            zone.clip(frames)
-                .is_some_and(|(from, to)| zone.manages_any(self.bits, from, to))
-        });
-        if managed {
-            return Err(Error::Overlap);
-        }
-        let mut added = 0;
-        for i in 0..self.pieces {
-            let (span, _) = self.piece(i);
-            let inside = Span {
-                start: span.start.max(frames.start),
-                end: span.end.min(frames.end),
-            };
-            if !inside.is_empty() {
-                added += self.adopt(inside);
-            }
-        }
-        if added == 0 {
-            return Err(Error::FrameNotManaged);
-        }
-        Ok(added)
-    }
-
-    /// Piece `i` of the reclaim table: its frames and where they came from.
-    fn piece(&self, i: usize) -> (Span, Option<Reclaim>) {
-        let first = self.bits[self.pieces_offset + 2 * i];
-        let source = first >> SOURCE_SHIFT;
-        let span = Span {
-            start: first & ((1 << SOURCE_SHIFT) - 1),
-            end: self.bits[self.pieces_offset + 2 * i + 1],
-        };
-        (span, Reclaim::ALL.into_iter().find(|r| r.code() == source))
-    }
-
-    /// Makes the unmanaged frames of `span` managed and free; returns how many.
-    fn adopt(&mut self, span: Span) -> u64 {
-        let mut added = 0;
-        for zone in &self.zones[..self.zone_count] {
-            if let Some((start, end)) = zone.clip(span) {
-                let new = zone.adopt(self.bits, start, end);
-                if new > 0 {
-                    zone.rebuild_summaries(self.bits);
-                    added += new;
-                }
-            }
-        }
-        self.total += added;
-        self.free += added;
-        added
-    }
-
-    /// Frame counts.
+    /// Frame counts. Frames in the CPU lists of a
+    /// [`LockedFrameAllocator`](super::LockedFrameAllocator) wrapping this allocator
+    /// count as used here (its own `stats` counts them free).
     pub fn stats(&self) -> FrameStats {
         FrameStats {
             total: self.total,
             free: self.free,
             used: self.total - self.free,
         }
+    }
+
+    /// The handed-out flags, and the zones to find them by, for the CPU lists.
+    pub(super) fn handed(&self) -> Handed<'a> {
+        Handed::new(self.flags, self.zones())
+    }
+
+    /// Which storage the handed-out flags live in: two allocators never share it.
+    pub(super) fn handed_identity(&self) -> *const AtomicU8 {
+        self.flags.as_ptr()
+    }
+
+    /// Starts or stops keeping the handed-out flags (see the module docs). Starting
+    /// marks every managed frame that is allocated now.
+    pub(super) fn track(&mut self, on: bool) {
+        if on && !self.tracking {
+            for z in 0..self.zone_count {
+                let zone = self.zones[z];
+                for index in 0..zone.frames {
+                    let out = zone.is_managed(self.bits, index) && !zone.is_free(self.bits, index);
+                    if out {
+                        handed::mark(self.flag(z, index));
+                    } else {
+                        handed::unmark(self.flag(z, index));
+                    }
+                }
+            }
+        }
+        self.tracking = on;
+    }
+
+    /// The handed-out flag of frame `index` of zone `z`.
+    #[inline]
+    fn flag(&self, z: usize, index: u64) -> &'a AtomicU8 {
+        let flags = self.flags;
+        &flags[self.zones[z].flags + index as usize]
     }
 }
 

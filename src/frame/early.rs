@@ -1,7 +1,8 @@
 //! Frames for a kernel that has no frame allocator yet (Linux's `memblock_alloc`).
 
 use super::MemoryRegion;
-use super::zone::{NormalMap, Span, frame_at};
+use super::map::{NormalMap, Span};
+use super::zone::frame_at;
 use crate::{Error, PAGE_SIZE};
 use core::iter::{Chain, Once};
 use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};

@@ -1,24 +1,45 @@
-//! A [`BitmapFrameAllocator`] behind a spin lock, shared through `&self`.
+//! A [`BitmapFrameAllocator`] behind a spin lock, shared through `&self`, with
+//! per-CPU lists of free frames in front of it once it knows the CPUs.
 
 use super::bitmap::{BitmapFrameAllocator, FrameStats};
+use super::percpu::CpuLists;
 use super::{FrameSource, MemoryRegion, Reclaim};
-use crate::Error;
 use crate::smp::Cpus;
 use crate::sync::{Cpu, IrqLock};
+use crate::{Error, TlbFlush};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::{PageSize, PhysFrame, Size2MiB, Size4KiB};
 
-/// A [`BitmapFrameAllocator`] behind a spin lock, usable from several CPUs.
+/// A [`BitmapFrameAllocator`] shared between CPUs: behind a spin lock, and with a
+/// list of free frames per CPU in front of it when it knows the kernel's CPUs.
 ///
-/// Every method takes the lock once per call, bulk ones included. The vmalloc
-/// manager calls it only with interrupts held off, so an interrupt handler that
-/// allocates through the manager never finds the lock held by the code it
-/// interrupted there. A kernel that also calls it directly, where such a handler may
-/// interrupt, builds it [`with_cpus`](Self::with_cpus): the lock is then taken with
-/// interrupts held off ([`Cpus::irq_save`]) on every call.
+/// Built with [`new`](Self::new) (or [`with_storage`](Self::with_storage)), every
+/// method takes the lock once per call, bulk ones included, and holds nothing off:
+/// the vmalloc manager calls it only with interrupts held off, so an interrupt
+/// handler that allocates through the manager never finds the lock held by the code
+/// it interrupted there.
+///
+/// Built [`with_cpus`](Self::with_cpus) or [`with_shootdown`](Self::with_shootdown),
+/// the lock is taken with interrupts held off ([`Cpus::irq_save`]) on every call, so
+/// a kernel may also call it where an interrupt handler that allocates may land; and
+/// single frames ([`alloc`](Self::alloc), [`free`](Self::free), and `FrameSource`'s
+/// `alloc_frame` and `free_frame`) come from and go to the calling CPU's list of up
+/// to [`CPU_LIST_FRAMES`](super::CPU_LIST_FRAMES) frames without the lock (Linux's
+/// per-CPU page lists; see [`percpu`](super::percpu) for how): a free claims the
+/// frame's handed-out flag, one locked instruction, and an allocation sets it.
+/// Double frees are refused as without the lists, from any CPU, whatever list the
+/// frame sits in. Bulk and contiguous calls go to the bitmap in one locked call.
+///
+/// A frame in a CPU's list is free: [`stats`](Self::stats) and
+/// [`is_free`](Self::is_free) count it so, and a call that finds the bitmap dry
+/// empties every CPU's list into it and tries again before it fails. With
+/// [`with_shootdown`](Self::with_shootdown), other online CPUs empty theirs from their
+/// shootdown service at once; with [`with_cpus`](Self::with_cpus), at their next call
+/// (an offline CPU's list is taken either way).
 pub struct LockedFrameAllocator<'a> {
     inner: IrqLock<BitmapFrameAllocator<'a>>,
     cpus: Option<&'a dyn Cpus>,
+    lists: Option<CpuLists<'a>>,
 }
 
 impl core::fmt::Debug for LockedFrameAllocator<'_> {
@@ -26,12 +47,14 @@ impl core::fmt::Debug for LockedFrameAllocator<'_> {
         f.debug_struct("LockedFrameAllocator")
             .field("stats", &self.stats())
             .field("holds_off_interrupts", &self.cpus.is_some())
+            .field("cpu_list_frames", &self.cpu_list_frames())
             .finish()
     }
 }
 
-/// The frame allocator's lock holder never waits for another CPU, so a waiter spins.
-struct Hook<'a>(Option<&'a dyn Cpus>);
+/// The frame allocator's lock holder never waits for another CPU, so a waiter spins
+/// (and serves nothing: a CPU waiting with its list held must not hand it over).
+pub(super) struct Hook<'a>(pub(super) Option<&'a dyn Cpus>);
 
 impl Cpu for Hook<'_> {
     fn irq_cpus(&self) -> Option<&dyn Cpus> {
@@ -44,20 +67,54 @@ impl Cpu for Hook<'_> {
 }
 
 impl<'a> LockedFrameAllocator<'a> {
-    /// Wraps `allocator`; its lock holds nothing off (see the type's docs).
+    /// Wraps `allocator`; its lock holds nothing off and there are no CPU lists (see
+    /// the type's docs).
     pub fn new(allocator: BitmapFrameAllocator<'a>) -> Self {
         Self {
             inner: IrqLock::new(allocator),
             cpus: None,
+            lists: None,
         }
     }
 
-    /// Wraps `allocator`; its lock is taken with interrupts held off through `cpus`
-    /// (a kernel's [`Cpus`], or [`OneCpu`](crate::smp::OneCpu) on one CPU).
+    /// Wraps `allocator` with a list of free frames per CPU of `cpus` (a kernel's
+    /// [`Cpus`], or [`OneCpu`](crate::smp::OneCpu) on one CPU); its lock and the lists
+    /// are taken with interrupts held off through `cpus`.
+    ///
+    /// An allocation that finds the bitmap dry empties the calling CPU's list and
+    /// every offline CPU's, and asks every other online CPU to empty its own at its
+    /// next call: on several CPUs, [`with_shootdown`](Self::with_shootdown) reaches
+    /// them at once.
     pub fn with_cpus(allocator: BitmapFrameAllocator<'a>, cpus: &'a dyn Cpus) -> Self {
+        Self::with_lists(allocator, cpus, None)
+    }
+
+    /// Wraps `allocator` with a list of free frames per CPU of the CPUs `shootdown`
+    /// names ([`TlbFlush::cpus`]: a [`Shootdown`](crate::smp::Shootdown)'s), as
+    /// [`with_cpus`](Self::with_cpus); an allocation that finds the bitmap dry also
+    /// empties every other online CPU's list, through work it runs there
+    /// ([`TlbFlush::call_on_other_cpus`], Linux's `drain_all_pages`). A policy that
+    /// names no CPUs gets what [`new`](Self::new) makes.
+    pub fn with_shootdown(
+        allocator: BitmapFrameAllocator<'a>,
+        shootdown: &'a (dyn TlbFlush + Sync),
+    ) -> Self {
+        match shootdown.cpus() {
+            Some(cpus) => Self::with_lists(allocator, cpus, Some(shootdown)),
+            None => Self::new(allocator),
+        }
+    }
+
+    fn with_lists(
+        mut allocator: BitmapFrameAllocator<'a>,
+        cpus: &'a dyn Cpus,
+        calls: Option<&'a (dyn TlbFlush + Sync)>,
+    ) -> Self {
+        let lists = CpuLists::new(&mut allocator, cpus, calls);
         Self {
             inner: IrqLock::new(allocator),
             cpus: Some(cpus),
+            lists: Some(lists),
         }
     }
 
@@ -67,7 +124,27 @@ impl<'a> LockedFrameAllocator<'a> {
         f(&mut self.inner.lock(&hook))
     }
 
-    /// See [`BitmapFrameAllocator::with_storage`].
+    /// Empties every CPU's list into the bitmap (Linux's `drain_all_pages`): the
+    /// calling CPU's and every offline CPU's at once, every other online CPU's through
+    /// work it runs there when built [`with_shootdown`](Self::with_shootdown), else at
+    /// its next call. Returns whether every list was empty when it returned (`true`
+    /// without lists). Allocations that find the bitmap dry do this themselves.
+    pub fn drain_cpu_lists(&self) -> bool {
+        self.lists
+            .as_ref()
+            .is_none_or(|lists| lists.drain(&self.inner))
+    }
+
+    /// Empties every CPU's list into the bitmap, then runs `retry` before an
+    /// interrupt handler on this CPU can take frames back into its list.
+    fn drained<R>(&self, retry: impl FnOnce() -> R) -> R {
+        match &self.lists {
+            Some(lists) => lists.drained(&self.inner, |_| retry()),
+            None => retry(),
+        }
+    }
+
+    /// See [`BitmapFrameAllocator::with_storage`]; no CPU lists.
     ///
     /// # Errors
     ///
@@ -80,49 +157,99 @@ impl<'a> LockedFrameAllocator<'a> {
     }
 
     /// Runs `f` with the lock held, for several operations in one critical section.
+    ///
+    /// With CPU lists, `f` sees a frame in any CPU's list as allocated in the
+    /// bitmap's counts, but as free to [`BitmapFrameAllocator::is_free`], and its
+    /// [`free`](BitmapFrameAllocator::free) refuses it. Should `f` put another
+    /// allocator in the place of this one, the lists stop being used, and the frames
+    /// they held are lost.
     pub fn with_lock<R>(&self, f: impl FnOnce(&mut BitmapFrameAllocator<'a>) -> R) -> R {
-        self.locked(f)
+        self.locked(|bitmap| {
+            let result = f(bitmap);
+            if let Some(lists) = &self.lists {
+                lists.check(bitmap);
+            }
+            result
+        })
     }
 
-    /// Gives back the allocator.
+    /// Gives back the allocator, with the frames of every CPU's list free in it.
     pub fn into_inner(self) -> BitmapFrameAllocator<'a> {
-        self.inner.into_inner()
+        let mut bitmap = self.inner.into_inner();
+        if let Some(lists) = self.lists {
+            lists.give_back(&mut bitmap);
+        }
+        bitmap
     }
 
-    /// See [`BitmapFrameAllocator::alloc`].
+    /// One frame: from the calling CPU's list if there are lists, else the lowest
+    /// free one ([`BitmapFrameAllocator::alloc`]). `None` when every frame is out.
+    #[inline]
     pub fn alloc(&self) -> Option<PhysFrame> {
-        self.locked(|bitmap| bitmap.alloc())
+        match &self.lists {
+            Some(lists) => lists.alloc(&self.inner),
+            None => self.locked(|bitmap| bitmap.alloc()),
+        }
     }
 
-    /// See [`BitmapFrameAllocator::alloc_from`].
+    /// See [`BitmapFrameAllocator::alloc_from`]. With CPU lists, `hint` itself comes
+    /// from the calling CPU's list when it is there; other frames in CPU lists are
+    /// passed over (and taken back when the bitmap is dry).
     pub fn alloc_from(&self, hint: PhysFrame) -> Option<PhysFrame> {
+        if let Some(frame) = self
+            .lists
+            .as_ref()
+            .and_then(|lists| lists.take(&self.inner, hint))
+        {
+            return Some(frame);
+        }
         self.locked(|bitmap| bitmap.alloc_from(hint))
+            .or_else(|| self.drained(|| self.locked(|bitmap| bitmap.alloc_from(hint))))
     }
 
-    /// See [`BitmapFrameAllocator::alloc_bulk`].
+    /// See [`BitmapFrameAllocator::alloc_bulk`]; with CPU lists, short of frames it
+    /// empties them into the bitmap and fills the rest.
     pub fn alloc_bulk(&self, out: &mut [PhysFrame]) -> usize {
-        self.locked(|bitmap| bitmap.alloc_bulk(out))
+        let got = self.locked(|bitmap| bitmap.alloc_bulk(out));
+        match (&self.lists, out.get_mut(got..)) {
+            (Some(_), Some(rest)) if !rest.is_empty() => {
+                got + self.drained(|| self.locked(|bitmap| bitmap.alloc_bulk(rest)))
+            }
+            _ => got,
+        }
     }
 
-    /// See [`BitmapFrameAllocator::alloc_contiguous`].
+    /// See [`BitmapFrameAllocator::alloc_contiguous`]; with CPU lists, when no run
+    /// is free it empties them into the bitmap and looks again.
     ///
     /// # Errors
     ///
     /// As [`BitmapFrameAllocator::alloc_contiguous`].
     pub fn alloc_contiguous(&self, count: u64, align_frames: u64) -> Result<PhysFrame, Error> {
-        self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames))
+        match self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames)) {
+            Err(Error::OutOfFrames) if self.lists.is_some() => {
+                self.drained(|| self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames)))
+            }
+            result => result,
+        }
     }
 
-    /// See [`BitmapFrameAllocator::free`].
+    /// Returns `frame`: to the calling CPU's list if there are lists, else to the
+    /// bitmap ([`BitmapFrameAllocator::free`]).
     ///
     /// # Errors
     ///
-    /// As [`BitmapFrameAllocator::free`].
+    /// As [`BitmapFrameAllocator::free`]: [`Error::FrameNotAllocated`] for a frame
+    /// that is free, in any CPU's list too; nothing changes.
+    #[inline]
     pub fn free(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.locked(|bitmap| bitmap.free(frame))
+        match &self.lists {
+            Some(lists) => lists.free(&self.inner, frame),
+            None => self.locked(|bitmap| bitmap.free(frame)),
+        }
     }
 
-    /// See [`BitmapFrameAllocator::free_bulk`].
+    /// See [`BitmapFrameAllocator::free_bulk`]: to the bitmap, in one locked call.
     ///
     /// # Errors
     ///
@@ -131,7 +258,7 @@ impl<'a> LockedFrameAllocator<'a> {
         self.locked(|bitmap| bitmap.free_bulk(frames))
     }
 
-    /// See [`BitmapFrameAllocator::is_free`].
+    /// See [`BitmapFrameAllocator::is_free`]: a frame in a CPU's list is free.
     ///
     /// # Errors
     ///
@@ -159,15 +286,31 @@ impl<'a> LockedFrameAllocator<'a> {
         self.locked(|bitmap| bitmap.reclaim_range(range))
     }
 
-    /// See [`BitmapFrameAllocator::stats`].
+    /// See [`BitmapFrameAllocator::stats`]; frames in CPU lists count as free.
     pub fn stats(&self) -> FrameStats {
-        self.locked(|bitmap| bitmap.stats())
+        self.locked(|bitmap| {
+            let mut stats = bitmap.stats();
+            if let Some(lists) = self.lists.as_ref().filter(|lists| lists.serve(bitmap)) {
+                let listed = lists.listed().min(stats.used);
+                stats.free += listed;
+                stats.used -= listed;
+            }
+            stats
+        })
+    }
+
+    /// Frames in the CPU lists (a moment's count while CPUs run; 0 without lists).
+    /// [`stats`](Self::stats) counts them free.
+    pub fn cpu_list_frames(&self) -> u64 {
+        self.lists.as_ref().map_or(0, CpuLists::listed)
     }
 }
 
 // SAFETY: the bitmap allocator hands out each managed frame once until it is freed,
 // takes back exactly the frames it handed out, frees in bulk all-or-nothing, and
-// knows which frames it manages.
+// knows which frames it manages; a CPU list holds only frames whose handed-out flag
+// it claimed (so no frame is in two lists, or in a list and free in the bitmap) and
+// hands each one out once.
 unsafe impl FrameSource for LockedFrameAllocator<'_> {
     fn alloc_frame(&self) -> Option<PhysFrame> {
         self.alloc()

@@ -4,7 +4,8 @@
 //! a hierarchical bitmap per zone (see [`bitmap`] for the structure), and takes the
 //! map's reclaimable memory once the kernel is done with it
 //! ([`reclaim`](BitmapFrameAllocator::reclaim));
-//! [`LockedFrameAllocator`] shares it between CPUs as a [`FrameSource`];
+//! [`LockedFrameAllocator`] shares it between CPUs as a [`FrameSource`], with a list
+//! of free frames per CPU in front of it once it knows the CPUs (see [`percpu`]);
 //! [`EarlyFrames`] hands out frames before there is an allocator, reserving them in
 //! the map it gives on; [`FaultInjector`] makes a chosen allocation fail, to test
 //! rollback paths.
@@ -12,15 +13,25 @@
 pub mod bitmap;
 mod early;
 mod fault;
+mod handed;
 mod locked;
+mod map;
+pub mod percpu;
 #[cfg(test)]
 mod test;
+#[cfg(test)]
+mod test_map;
+#[cfg(test)]
+mod test_percpu;
+#[cfg(test)]
+mod test_reclaim;
 mod zone;
 
 pub use bitmap::{BitmapFrameAllocator, FrameStats};
 pub use early::EarlyFrames;
 pub use fault::FaultInjector;
 pub use locked::LockedFrameAllocator;
+pub use percpu::{CPU_LIST_BATCH, CPU_LIST_FRAMES};
 
 use crate::Error;
 use core::ops::Range;

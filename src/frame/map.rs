@@ -1,0 +1,330 @@
+//! A firmware memory map normalised into frame numbers: usable ranges rounded inward,
+//! reserved ones outward, reclaimable ones kept as bytes, and grouped into zone
+//! extents (see [`bitmap`](super::bitmap) for how the allocator uses them).
+
+use super::bitmap::{MAX_MAP_REGIONS, MAX_ZONES, ZONE_GAP_FRAMES};
+use super::{MemoryRegion, Reclaim, RegionKind};
+use crate::{Error, PAGE_SIZE};
+
+/// Frame numbers `[start, end)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) start: u64,
+    pub(super) end: u64,
+}
+
+impl Span {
+    #[inline]
+    pub(super) fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+}
+
+/// A reclaimable range of the map: bytes, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Pending {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) from: Reclaim,
+}
+
+impl Pending {
+    /// Every frame the range touches: none of them is usable before it is reclaimed.
+    #[inline]
+    pub(super) fn outer(&self) -> Span {
+        Span {
+            start: self.start / PAGE_SIZE,
+            end: self.end.div_ceil(PAGE_SIZE),
+        }
+    }
+
+    /// The whole frames inside it: what reclaiming it may hand out.
+    #[inline]
+    pub(super) fn inner(&self) -> Span {
+        Span {
+            start: self.start.div_ceil(PAGE_SIZE),
+            end: self.end / PAGE_SIZE,
+        }
+    }
+}
+
+/// A memory map copied into fixed arrays, in frame numbers.
+pub(super) struct NormalMap {
+    pub(super) usable: [Span; MAX_MAP_REGIONS],
+    pub(super) usable_len: usize,
+    pub(super) reserved: [Span; MAX_MAP_REGIONS],
+    pub(super) reserved_len: usize,
+    pub(super) pending: [Pending; MAX_MAP_REGIONS],
+    pub(super) pending_len: usize,
+}
+
+impl NormalMap {
+    /// Copies `map`: usable ranges rounded inward, reserved ones outward, reclaimable
+    /// ones as bytes; empty ranges dropped. A list that fills up is sorted and its
+    /// overlapping and touching entries merged, so a long firmware map of
+    /// neighbouring entries fits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadMemoryMap`] without a whole usable frame, or when a list still
+    /// holds more than [`MAX_MAP_REGIONS`] disjoint entries after merging.
+    #[inline]
+    pub(super) fn new(map: impl IntoIterator<Item = MemoryRegion>) -> Result<Self, Error> {
+        let mut this = Self {
+            usable: [Span::default(); MAX_MAP_REGIONS],
+            usable_len: 0,
+            reserved: [Span::default(); MAX_MAP_REGIONS],
+            reserved_len: 0,
+            pending: [Pending {
+                start: 0,
+                end: 0,
+                from: Reclaim::Bootloader,
+            }; MAX_MAP_REGIONS],
+            pending_len: 0,
+        };
+        for region in map {
+            let (start, end) = (region.range.start.as_u64(), region.range.end.as_u64());
+            match region.kind {
+                // Only whole frames inside the range are usable...
+                RegionKind::Usable => push_span(
+                    &mut this.usable,
+                    &mut this.usable_len,
+                    Span {
+                        start: start.div_ceil(PAGE_SIZE),
+                        end: end / PAGE_SIZE,
+                    },
+                )?,
+                // ...and every frame touching a reserved range is reserved.
+                RegionKind::Reserved => push_span(
+                    &mut this.reserved,
+                    &mut this.reserved_len,
+                    Span {
+                        start: start / PAGE_SIZE,
+                        end: end.div_ceil(PAGE_SIZE),
+                    },
+                )?,
+                RegionKind::Reclaimable(from) => {
+                    this.push_pending(Pending { start, end, from })?;
+                }
+            }
+        }
+        if this.usable_len == 0 {
+            return Err(Error::BadMemoryMap);
+        }
+        this.usable[..this.usable_len].sort_unstable_by_key(|span| span.start);
+        this.reserved[..this.reserved_len].sort_unstable_by_key(|span| span.start);
+        this.pending[..this.pending_len].sort_unstable_by_key(|pending| pending.start);
+        Ok(this)
+    }
+
+    fn push_pending(&mut self, pending: Pending) -> Result<(), Error> {
+        if pending.start >= pending.end {
+            return Ok(());
+        }
+        if self.pending_len == MAX_MAP_REGIONS {
+            let list = &mut self.pending[..self.pending_len];
+            list.sort_unstable_by_key(|p| (p.from.code(), p.start));
+            let mut kept: usize = 0;
+            for i in 0..list.len() {
+                let next = list[i];
+                match kept.checked_sub(1).map(|last| &mut list[last]) {
+                    Some(last) if last.from == next.from && next.start <= last.end => {
+                        last.end = last.end.max(next.end);
+                    }
+                    _ => {
+                        list[kept] = next;
+                        kept += 1;
+                    }
+                }
+            }
+            self.pending_len = kept;
+        }
+        *self
+            .pending
+            .get_mut(self.pending_len)
+            .ok_or(Error::BadMemoryMap)? = pending;
+        self.pending_len += 1;
+        Ok(())
+    }
+
+    #[inline]
+    pub(super) fn usable(&self) -> &[Span] {
+        &self.usable[..self.usable_len]
+    }
+
+    #[inline]
+    pub(super) fn reserved(&self) -> &[Span] {
+        &self.reserved[..self.reserved_len]
+    }
+
+    #[inline]
+    pub(super) fn pending(&self) -> &[Pending] {
+        &self.pending[..self.pending_len]
+    }
+
+    /// Frames nothing may take before they are reclaimed or never: reserved ones and
+    /// every frame a reclaimable range touches.
+    fn blockers(&self) -> impl Iterator<Item = Span> + '_ {
+        let pending = self.pending().iter().map(Pending::outer);
+        self.reserved().iter().copied().chain(pending)
+    }
+
+    /// The first frame of the lowest usable run of `count` frames that nothing
+    /// reserves or will reclaim.
+    #[inline]
+    pub(super) fn find_unreserved_run(&self, count: u64) -> Option<u64> {
+        self.usable().iter().find_map(|span| {
+            let mut start = span.start;
+            // Each blocker can push the candidate start at most once.
+            for _ in 0..=self.reserved_len + self.pending_len {
+                let end = start.checked_add(count)?;
+                if end > span.end {
+                    return None;
+                }
+                let clash = self.blockers().find(|r| r.start < end && start < r.end);
+                match clash {
+                    None => return Some(start),
+                    Some(blocker) => start = blocker.end,
+                }
+            }
+            None
+        })
+    }
+
+    /// The highest run of usable frames that nothing reserves or will reclaim.
+    #[inline]
+    pub(super) fn highest_free_run(&self) -> Option<Span> {
+        let mut best: Option<Span> = None;
+        for span in self.usable() {
+            let mut end = span.end;
+            // Move the top down past every blocker covering it; each does so once.
+            for _ in 0..=self.reserved_len + self.pending_len {
+                match self.blockers().find(|b| b.start < end && end <= b.end) {
+                    Some(blocker) => end = blocker.start,
+                    None => break,
+                }
+            }
+            if end <= span.start || best.is_some_and(|best| best.end >= end) {
+                continue;
+            }
+            let start = self
+                .blockers()
+                .filter(|b| b.end < end)
+                .map(|b| b.end)
+                .fold(span.start, u64::max);
+            best = Some(Span { start, end });
+        }
+        best
+    }
+
+    /// The frames a reclaim may hand out: each reclaimable range's whole frames,
+    /// less every reserved frame and every frame a range of another source
+    /// touches (a frame two sources claim waits for both, so it never comes). The
+    /// pieces are given to `out` in order; returns how many there were.
+    pub(super) fn pieces(&self, mut out: impl FnMut(Span, Reclaim)) -> usize {
+        let mut count = 0;
+        for pending in self.pending() {
+            let inner = pending.inner();
+            let others = self
+                .pending()
+                .iter()
+                .filter(|other| other.from != pending.from)
+                .map(Pending::outer);
+            // Walk up through the blockers in start order: both lists are sorted,
+            // so merge them as they go.
+            let mut blockers = merge_sorted(self.reserved().iter().copied(), others);
+            let mut at = inner.start;
+            while at < inner.end {
+                let next = blockers.find(|b| b.end > at);
+                let stop = next.map_or(inner.end, |b| b.start.clamp(at, inner.end));
+                if stop > at {
+                    out(
+                        Span {
+                            start: at,
+                            end: stop,
+                        },
+                        pending.from,
+                    );
+                    count += 1;
+                }
+                at = next.map_or(inner.end, |b| b.end.max(stop));
+            }
+        }
+        count
+    }
+
+    /// Groups the sorted usable spans and the reclaimable ones into at most
+    /// [`MAX_ZONES`] zone extents, so reclaimed frames land in a zone too.
+    #[inline]
+    pub(super) fn zone_spans(&self) -> ([Span; MAX_ZONES], usize) {
+        let mut merged = [Span::default(); MAX_MAP_REGIONS];
+        let mut count = 0;
+        let reclaimable = self.pending().iter().map(Pending::inner);
+        let spans = merge_sorted(self.usable().iter().copied(), reclaimable);
+        for span in spans.filter(|span| !span.is_empty()) {
+            if count > 0 && span.start <= merged[count - 1].end.saturating_add(ZONE_GAP_FRAMES) {
+                merged[count - 1].end = merged[count - 1].end.max(span.end);
+                continue;
+            }
+            if count == merged.len() {
+                merge_closest(&mut merged, &mut count);
+            }
+            merged[count] = span;
+            count += 1;
+        }
+        while count > MAX_ZONES {
+            merge_closest(&mut merged, &mut count);
+        }
+        let mut zones = [Span::default(); MAX_ZONES];
+        zones[..count].copy_from_slice(&merged[..count]);
+        (zones, count)
+    }
+}
+
+/// Appends `span` to `list`, merging the list when it is full.
+fn push_span(list: &mut [Span; MAX_MAP_REGIONS], len: &mut usize, span: Span) -> Result<(), Error> {
+    if span.is_empty() {
+        return Ok(());
+    }
+    if *len == MAX_MAP_REGIONS {
+        let spans = &mut list[..*len];
+        spans.sort_unstable_by_key(|span| span.start);
+        let mut kept = 0;
+        for i in 0..spans.len() {
+            let next = spans[i];
+            if kept > 0 && next.start <= spans[kept - 1].end {
+                spans[kept - 1].end = spans[kept - 1].end.max(next.end);
+            } else {
+                spans[kept] = next;
+                kept += 1;
+            }
+        }
+        *len = kept;
+    }
+    *list.get_mut(*len).ok_or(Error::BadMemoryMap)? = span;
+    *len += 1;
+    Ok(())
+}
+
+/// Merges the neighbours with the smallest gap between them (sorted, `count >= 2`).
+fn merge_closest(merged: &mut [Span], count: &mut usize) {
+    let closest = (1..*count)
+        .min_by_key(|&i| merged[i].start.saturating_sub(merged[i - 1].end))
+        .unwrap_or(1);
+    merged[closest - 1].end = merged[closest - 1].end.max(merged[closest].end);
+    merged.copy_within(closest + 1..*count, closest);
+    *count -= 1;
+}
+
+/// Two iterators of spans sorted by start, as one sorted by start.
+fn merge_sorted(
+    a: impl Iterator<Item = Span>,
+    b: impl Iterator<Item = Span>,
+) -> impl Iterator<Item = Span> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    core::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.start < x.start => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}

@@ -1,0 +1,308 @@
+//! Memory maps into zones: rounding, overlaps, sparse and long maps, bookkeeping
+//! carved out of memory (`from_memory`), early frames.
+
+extern crate std;
+
+use super::test::{FRAME, K, M, build, drain, frame};
+use super::*;
+use crate::phys::PhysMemory;
+use std::vec;
+use std::vec::Vec;
+use x86_64::PhysAddr;
+use x86_64::structures::paging::FrameAllocator;
+
+#[test]
+fn unaligned_ends_are_rounded_inward() {
+    let map = [MemoryRegion::usable(FRAME + 1, 5 * FRAME - 1)];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    // Frame 1 starts before the range and frame 4 ends after it.
+    assert_eq!(alloc.stats().total, 2);
+    assert_eq!(drain(&mut alloc), vec![2, 3]);
+}
+
+#[test]
+fn zero_length_and_sub_frame_ranges_are_ignored() {
+    let map = [
+        MemoryRegion::usable(0, 0),
+        MemoryRegion::usable(10 * FRAME + 5, 10 * FRAME + 100),
+        MemoryRegion::usable(20 * FRAME, 22 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(drain(&mut alloc), vec![20, 21]);
+}
+
+#[test]
+fn overlapping_usable_ranges_count_once() {
+    let map = [
+        MemoryRegion::usable(0, 8 * FRAME),
+        MemoryRegion::usable(4 * FRAME, 12 * FRAME),
+        MemoryRegion::usable(2 * FRAME, 3 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.stats().total, 12);
+    assert_eq!(drain(&mut alloc), (0..12).collect::<Vec<_>>());
+}
+
+#[test]
+fn reserved_wins_over_usable_and_rounds_outward() {
+    let map = [
+        MemoryRegion::usable(0, 16 * FRAME),
+        MemoryRegion::reserved(4 * FRAME + 10, 6 * FRAME + 1),
+        MemoryRegion::usable(5 * FRAME, 6 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    let handed: Vec<u64> = drain(&mut alloc);
+    let expected: Vec<u64> = (0..16).filter(|n| !(4..7).contains(n)).collect();
+    assert_eq!(handed, expected);
+    assert_eq!(alloc.free(frame(5)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.is_free(frame(5)), Err(Error::FrameNotManaged));
+}
+
+#[test]
+fn no_usable_memory_is_a_bad_map() {
+    let maps: [&[MemoryRegion]; 3] = [
+        &[],
+        &[MemoryRegion::usable(100, 4000)],
+        &[
+            MemoryRegion::usable(0, 4 * FRAME),
+            MemoryRegion::reserved(0, 4 * FRAME),
+        ],
+    ];
+    for map in maps {
+        let mut storage = vec![0; 64];
+        let result = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+        assert_eq!(result.err(), Some(Error::BadMemoryMap), "{map:?}");
+    }
+}
+
+#[test]
+fn too_small_storage_is_refused() {
+    let map = [MemoryRegion::usable(0, 64 * M)];
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let mut storage = vec![0; words - 1];
+    let result = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+    assert_eq!(result.err(), Some(Error::BadMemoryMap));
+}
+
+#[test]
+fn sparse_map_does_not_span_the_gap() {
+    let high = 1u64 << 51;
+    let map = [
+        MemoryRegion::usable(0, 640 * K),
+        MemoryRegion::usable(M, 128 * M),
+        MemoryRegion::usable(high, high + 16 * M),
+    ];
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    // Two bits per frame of (128 MiB + 16 MiB) plus summaries: far below the
+    // 2^39 / 64 words a single bitmap up to 2^51 would need.
+    assert!(words < 20_000, "{words} words");
+    let mut storage = vec![0; words];
+    let mut alloc = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage).unwrap();
+    let expected = (640 * K + 127 * M + 16 * M) / FRAME;
+    assert_eq!(alloc.stats().total, expected);
+    let top = alloc.alloc_from(frame(high / FRAME)).unwrap();
+    assert_eq!(top.start_address().as_u64(), high);
+    assert_eq!(
+        alloc.is_free(frame(200 * M / FRAME)),
+        Err(Error::FrameNotManaged)
+    );
+    assert_eq!(
+        alloc.free(frame((high - M) / FRAME)),
+        Err(Error::FrameNotManaged)
+    );
+}
+
+#[test]
+fn many_far_apart_ranges_are_merged_into_few_zones() {
+    let map: Vec<MemoryRegion> = (0..40u64)
+        .map(|i| MemoryRegion::usable(i << 32, (i << 32) + 4 * FRAME))
+        .collect();
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.stats().total, 160);
+    let handed = drain(&mut alloc);
+    let expected: Vec<u64> = (0..40u64)
+        .flat_map(|i| (0..4).map(move |j| (i << 32) / FRAME + j))
+        .collect();
+    assert_eq!(handed, expected);
+}
+
+#[test]
+fn too_many_map_entries_is_a_bad_map() {
+    let map: Vec<MemoryRegion> = (0..200u64)
+        .map(|i| MemoryRegion::usable(i * 2 * FRAME, (i * 2 + 1) * FRAME))
+        .collect();
+    assert_eq!(BitmapFrameAllocator::storage_words(map.iter().cloned()), 0);
+    let mut storage = vec![0; 1024];
+    let result = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+    assert_eq!(result.err(), Some(Error::BadMemoryMap));
+}
+
+/// Host memory standing in for physical memory starting at `base`.
+struct HostMemory {
+    base: u64,
+    bytes: *mut u8,
+}
+
+// SAFETY: `bytes` points to a live buffer covering every usable frame of the maps
+// the tests below use, frames at distinct offsets.
+unsafe impl PhysMemory for HostMemory {
+    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
+        self.bytes
+            .wrapping_add((phys.as_u64() - self.base) as usize)
+    }
+}
+
+#[test]
+fn from_memory_carves_bookkeeping_out_of_usable_frames() {
+    let base = 64 * M;
+    let size = 64 * M;
+    let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
+    let phys = HostMemory {
+        base,
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [
+        MemoryRegion::usable(base, base + size),
+        MemoryRegion::reserved(base, base + FRAME),
+    ];
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned()) as u64;
+    let carved = (words * 8).div_ceil(FRAME);
+    // SAFETY: `ram` backs the whole usable range and outlives the allocator.
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    let usable = size / FRAME - 1;
+    assert_eq!(alloc.stats().total, usable - carved);
+    let first_carved = frame(base / FRAME + 1);
+    assert_eq!(alloc.is_free(first_carved), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.free(first_carved), Err(Error::FrameNotManaged));
+    let handed = drain(&mut alloc);
+    assert_eq!(handed.len() as u64, usable - carved);
+    assert_eq!(handed[0], base / FRAME + 1 + carved);
+    // `alloc` lives in `ram`, which is dropped only here, after its last use.
+    drop(ram);
+}
+
+#[test]
+fn from_memory_without_room_is_a_bad_map() {
+    let mut ram: Vec<u64> = vec![0; 512];
+    let phys = HostMemory {
+        base: 0,
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    // One frame: the bookkeeping takes it and nothing is left.
+    let map = [MemoryRegion::usable(0, FRAME)];
+    // SAFETY: `ram` backs the whole usable range and outlives the call.
+    let result = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) };
+    assert_eq!(result.err(), Some(Error::BadMemoryMap));
+}
+
+#[test]
+fn long_maps_of_touching_entries_are_merged_not_refused() {
+    // 600 touching usable entries and 600 touching boot-services entries, as a
+    // fragmented UEFI map gives them.
+    let mut map = Vec::new();
+    for i in 0..600u64 {
+        map.push(MemoryRegion::usable(i * FRAME, (i + 1) * FRAME));
+        let base = 1 << 30;
+        map.push(MemoryRegion::reclaimable(
+            base + i * FRAME,
+            base + (i + 1) * FRAME,
+            Reclaim::BootServices,
+        ));
+        map.push(MemoryRegion::reserved(
+            (1 << 31) + i * FRAME,
+            (1 << 31) + (i + 1) * FRAME,
+        ));
+    }
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(alloc.stats().total, 600);
+    assert_eq!(alloc.reclaim(Reclaim::BootServices), 600);
+}
+
+#[test]
+fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
+    let size = 4 * M;
+    let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
+    let phys = HostMemory {
+        base: 0,
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [
+        MemoryRegion::usable(0, size),
+        MemoryRegion::reclaimable(0, 16 * FRAME, Reclaim::Bootloader),
+    ];
+    // SAFETY: `ram` backs the whole usable range and outlives the allocator.
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    // The bookkeeping took frame 16, the first one not reclaimable.
+    assert_eq!(alloc.is_free(frame(16)), Err(Error::FrameNotManaged));
+    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 16);
+    assert_eq!(alloc.is_free(frame(0)), Ok(true));
+    drop(ram);
+}
+
+/// Physical memory reached through pages that are not in physical order.
+struct Scrambled {
+    bytes: *mut u8,
+}
+
+// SAFETY: every frame below 1 MiB maps to a distinct, aligned page of the buffer;
+// frames are swapped in pairs, so no two alias.
+unsafe impl PhysMemory for Scrambled {
+    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
+        let frame = (phys.as_u64() / FRAME) ^ 1;
+        self.bytes
+            .wrapping_add((frame * FRAME + phys.as_u64() % FRAME) as usize)
+    }
+}
+
+#[test]
+fn from_memory_refuses_bookkeeping_that_is_not_contiguous() {
+    let mut ram: Vec<u64> = vec![0; (64 * M / 8) as usize];
+    let phys = Scrambled {
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [MemoryRegion::usable(0, 64 * M)];
+    // SAFETY: `ram` backs the whole usable range and outlives the call.
+    let result = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) };
+    assert_eq!(result.err(), Some(Error::BadMemoryMap));
+}
+
+#[test]
+fn early_frames_come_from_the_top_and_the_map_reserves_them() {
+    let map = [
+        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::usable(100 * FRAME, 110 * FRAME),
+        MemoryRegion::reserved(108 * FRAME, 110 * FRAME),
+        MemoryRegion::reclaimable(104 * FRAME, 105 * FRAME, Reclaim::Acpi),
+    ];
+    let mut early = EarlyFrames::new(map.iter().cloned()).unwrap();
+    let taken: Vec<u64> = core::iter::from_fn(|| early.allocate_frame())
+        .map(|f| f.start_address().as_u64() / FRAME)
+        .collect();
+    // The highest free run is 105..108.
+    assert_eq!(taken, vec![107, 106, 105]);
+    assert_eq!(
+        early.taken(),
+        MemoryRegion::reserved(105 * FRAME, 108 * FRAME)
+    );
+    let mut storage = vec![0; BitmapFrameAllocator::storage_words(early.map())];
+    let mut alloc = BitmapFrameAllocator::with_storage(early.map(), &mut storage).unwrap();
+    let handed = drain(&mut alloc);
+    assert!(handed.iter().all(|f| !taken.contains(f)));
+    assert_eq!(handed.len(), 64 + 4);
+    let nothing = [
+        MemoryRegion::usable(0, FRAME),
+        MemoryRegion::reserved(0, FRAME),
+    ];
+    assert_eq!(
+        EarlyFrames::new(nothing.iter().cloned()).err(),
+        Some(Error::BadMemoryMap)
+    );
+}
