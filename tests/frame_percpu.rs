@@ -1,0 +1,559 @@
+//! The frame allocator's per-CPU lists on the simulated machine's CPUs (host
+//! threads): a frame freed on one CPU and again on another is refused, and of two
+//! CPUs racing to free the same frames exactly one wins each; an interrupt handler
+//! that allocates and frees frames at every interrupt point of an allocation or a
+//! free corrupts nothing; a CPU that finds the bitmap dry takes the frames in other
+//! CPUs' lists (online ones through work in their shootdown service, offline ones by
+//! claiming them); four CPUs allocating, freeing each other's frames and running dry
+//! never get one frame twice (each stamps its frames); every count stays exact.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Barrier, Mutex};
+use vmalloc::Error;
+use vmalloc::frame::{BitmapFrameAllocator, CPU_LIST_BATCH, CPU_LIST_FRAMES, LockedFrameAllocator};
+use vmalloc::{FrameSource, Vmalloc, VmallocConfig};
+use vmalloc_sim::{DEADLOCK_LIMIT, Rng, SimConfig, SimMachine, scenarios, watchdog};
+use x86_64::structures::paging::PhysFrame;
+
+type Frames = LockedFrameAllocator<'static>;
+
+/// A machine with `cpus` CPUs and 16 MiB, a shootdown over it (each CPU's IPI
+/// handler serves it), and a frame allocator over its memory with per-CPU lists,
+/// drained through work on the other CPUs (built `with_shootdown`, as the QEMU
+/// kernel builds it; `with_cpus` is covered by the unit tests).
+fn rig(cpus: usize) -> (&'static SimMachine, &'static Frames) {
+    let (machine, frames, _) = rig_with_tlb(cpus);
+    (machine, frames)
+}
+
+/// [`rig`], and the shootdown.
+fn rig_with_tlb(
+    cpus: usize,
+) -> (
+    &'static SimMachine,
+    &'static Frames,
+    &'static scenarios::SmpTlb,
+) {
+    let (machine, _, tlb) = scenarios::smp_machine(SimConfig::new(16 << 20).with_cpus(cpus));
+    let map = machine.memory_map().to_vec();
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let storage: &'static mut [u64] = Box::leak(vec![0; words].into_boxed_slice());
+    let bitmap = BitmapFrameAllocator::with_storage(map, storage).unwrap();
+    let frames = LockedFrameAllocator::with_shootdown(bitmap, tlb);
+    (machine, Box::leak(Box::new(frames)), tlb)
+}
+
+/// `f` on the calling thread as CPU `cpu`.
+fn on<R>(machine: &SimMachine, cpu: usize, f: impl FnOnce() -> R) -> R {
+    machine.cpu(cpu).run(|_| f())
+}
+
+const REFUSED: Result<(), Error> = Err(Error::FrameNotAllocated);
+
+/// Sets its flag when dropped, also during a panic.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Checks that `held` are distinct frames the allocator counts as out, and that
+/// they are all it counts as out.
+fn assert_held_exactly(frames: &Frames, held: &[PhysFrame]) {
+    let distinct: BTreeSet<_> = held.iter().collect();
+    assert_eq!(distinct.len(), held.len(), "a frame was handed out twice");
+    assert!(held.iter().all(|&f| frames.is_free(f) == Ok(false)));
+    let stats = frames.stats();
+    assert_eq!(stats.used, held.len() as u64, "{stats:?}");
+    assert_eq!(stats.free + stats.used, stats.total);
+}
+
+#[test]
+fn a_frame_freed_on_one_cpu_is_refused_when_freed_again_on_any_cpu() {
+    let (machine, frames) = rig(4);
+    let total = frames.stats().total;
+    let f = on(machine, 0, || frames.alloc()).unwrap();
+    on(machine, 0, || frames.free(f)).unwrap();
+    let stats = frames.stats();
+    assert_eq!(stats.free, total, "a frame in a CPU's list is free");
+    for cpu in 0..4 {
+        assert_eq!(on(machine, cpu, || frames.free(f)), REFUSED, "on CPU {cpu}");
+        assert_eq!(on(machine, cpu, || frames.free_frames(&[f])), REFUSED);
+    }
+    assert_eq!(frames.stats(), stats, "refused frees change nothing");
+    assert_eq!(frames.is_free(f), Ok(true));
+    // Handed out by CPU 0, freed on CPU 1 (into its list), freed again anywhere.
+    let g = on(machine, 0, || frames.alloc()).unwrap();
+    on(machine, 1, || frames.free(g)).unwrap();
+    for cpu in 0..4 {
+        assert_eq!(on(machine, cpu, || frames.free(g)), REFUSED, "on CPU {cpu}");
+    }
+    // Once CPU 1's list has given `g` back to the bitmap, still refused.
+    let many: Vec<PhysFrame> = on(machine, 2, || {
+        (0..3 * CPU_LIST_BATCH)
+            .map(|_| frames.alloc().unwrap())
+            .collect()
+    });
+    on(machine, 1, || many.iter().try_for_each(|&f| frames.free(f))).unwrap();
+    for cpu in 0..4 {
+        assert_eq!(on(machine, cpu, || frames.free(g)), REFUSED, "on CPU {cpu}");
+    }
+    assert_eq!(frames.stats().free, total);
+    // Every frame comes out once: the other CPUs offline, their lists claimed.
+    (0..3).for_each(|cpu| machine.cpu(cpu).go_offline());
+    let all: Vec<PhysFrame> = on(machine, 3, || {
+        std::iter::from_fn(|| frames.alloc()).collect()
+    });
+    assert_eq!(all.len() as u64, total);
+    assert_held_exactly(frames, &all);
+}
+
+#[test]
+fn two_cpus_racing_to_free_the_same_frames_free_each_exactly_once() {
+    watchdog(
+        "two_cpus_racing_to_free_the_same_frames_free_each_exactly_once",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames) = rig(3);
+            let total = frames.stats().total;
+            for _round in 0..12 {
+                race_to_free(machine, frames);
+            }
+            assert_eq!(frames.stats().free, total);
+            // No frame sits in two lists: every frame comes out once.
+            let all: Vec<PhysFrame> = std::iter::from_fn(|| frames.alloc()).collect();
+            assert_eq!(all.len() as u64, total);
+            assert_held_exactly(frames, &all);
+        },
+    );
+}
+
+/// CPUs 1 and 2 free the same 1,500 frames in the same order, meeting at each one:
+/// exactly one of them frees each.
+fn race_to_free(machine: &SimMachine, frames: &Frames) {
+    let held: Vec<PhysFrame> = on(machine, 0, || {
+        (0..1500).map(|_| frames.alloc().unwrap()).collect()
+    });
+    let wins: Vec<AtomicU8> = held.iter().map(|_| AtomicU8::new(0)).collect();
+    // Back online (a round takes them offline as it ends): from here on, a call
+    // that runs dry waits for their threads to serve its work.
+    (1..3).for_each(|cpu| machine.cpu(cpu).go_online());
+    // CPU 0 starts each frame's race once both racers are ready for it, so
+    // they see the start at the same moment.
+    let (ready, go) = (AtomicU64::new(0), AtomicU64::new(0));
+    machine.on_every_cpu(|cpu| {
+        if cpu.index() == 0 {
+            for i in 1..=held.len() as u64 {
+                while ready.load(Ordering::Acquire) < 2 * i {
+                    std::thread::yield_now();
+                }
+                go.store(i, Ordering::Release);
+            }
+            return;
+        }
+        for (i, (f, wins)) in (1..).zip(held.iter().zip(&wins)) {
+            ready.fetch_add(1, Ordering::AcqRel);
+            // Spin (a yield now and then: there may be fewer cores
+            // than threads).
+            for turn in 0u32.. {
+                if go.load(Ordering::Acquire) >= i {
+                    break;
+                }
+                if turn % 256 == 255 {
+                    std::thread::yield_now();
+                }
+                std::hint::spin_loop();
+            }
+            match frames.free(*f) {
+                Ok(()) => {
+                    wins.fetch_add(1, Ordering::Relaxed);
+                }
+                refused => assert_eq!(refused, REFUSED),
+            }
+        }
+    });
+    for (f, wins) in held.iter().zip(&wins) {
+        assert_eq!(wins.load(Ordering::Relaxed), 1, "{f:?}");
+    }
+}
+
+/// The states of the calling CPU's list an allocation or a free can find, and the
+/// call made in it.
+#[derive(Debug, Clone, Copy)]
+enum Case {
+    /// An allocation from a list holding frames.
+    AllocFromList,
+    /// An allocation that refills an empty list.
+    AllocRefilling,
+    /// An allocation that finds its list and the bitmap empty: it takes the list of
+    /// an offline CPU.
+    AllocDry,
+    /// A free into a list with room.
+    FreeToList,
+    /// A free into a full list, which gives its oldest batch back.
+    FreeSpilling,
+    /// A second free of a frame in the list.
+    DoubleFree,
+}
+
+#[test]
+fn an_interrupt_at_every_point_of_alloc_and_free_that_allocates_and_frees_corrupts_nothing() {
+    watchdog(
+        "an_interrupt_at_every_point_of_alloc_and_free_that_allocates_and_frees_corrupts_nothing",
+        DEADLOCK_LIMIT,
+        || {
+            // CPU 1 is offline: a list it left is claimed when CPU 0 runs dry.
+            let (machine, frames) = rig(2);
+            let cpu = machine.cpu(0);
+            let handler_held: &'static Mutex<Vec<PhysFrame>> = Box::leak(Box::default());
+            let interrupts: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+            // A driver's handler: takes two frames, frees one of them twice (the
+            // second refused), keeps the other.
+            let handler = move || {
+                interrupts.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = frames.alloc() {
+                    frames.free(a).unwrap();
+                    assert_eq!(frames.free(a), REFUSED);
+                }
+                if let Some(b) = frames.alloc() {
+                    handler_held.lock().unwrap().push(b);
+                }
+            };
+            let cases = [
+                Case::AllocFromList,
+                Case::AllocRefilling,
+                Case::AllocDry,
+                Case::FreeToList,
+                Case::FreeSpilling,
+                Case::DoubleFree,
+            ];
+            for case in cases {
+                for k in 0.. {
+                    let mut held: Vec<PhysFrame> = Vec::new();
+                    let victim = cpu.run(|_| set_up(machine, frames, case, &mut held));
+                    cpu.interrupt_after(k, handler);
+                    cpu.run(|_| match case {
+                        Case::AllocFromList | Case::AllocRefilling | Case::AllocDry => {
+                            held.push(frames.alloc().expect("a frame, from some list"));
+                        }
+                        Case::FreeToList | Case::FreeSpilling => {
+                            frames.free(victim.unwrap()).unwrap();
+                        }
+                        Case::DoubleFree => {
+                            let victim = victim.unwrap();
+                            if frames.free(victim) == Ok(()) {
+                                // The handler took the frame again first: this free
+                                // was its owner's.
+                                let mut theirs = handler_held.lock().unwrap();
+                                let at = theirs.iter().position(|&f| f == victim);
+                                theirs.swap_remove(at.expect("refused unless handed out"));
+                            }
+                        }
+                    });
+                    let fired = !cpu.disarm();
+                    let mut all = held.clone();
+                    all.extend(handler_held.lock().unwrap().drain(..));
+                    assert_held_exactly(frames, &all);
+                    cpu.run(|_| frames.free_frames(&all)).unwrap();
+                    if !fired {
+                        assert!(k > 0, "{case:?} passes an interrupt point");
+                        break;
+                    }
+                }
+            }
+            assert!(interrupts.load(Ordering::Relaxed) > 20);
+        },
+    );
+}
+
+/// Puts CPU 0's list (and the bitmap) in the state `case` needs; frames it takes
+/// out go to `held`. Returns the frame the call under test frees, if it frees one.
+fn set_up(
+    machine: &SimMachine,
+    frames: &Frames,
+    case: Case,
+    held: &mut Vec<PhysFrame>,
+) -> Option<PhysFrame> {
+    // CPU 1 leaves a list behind and goes offline.
+    machine.cpu(1).go_online();
+    let f = on(machine, 1, || frames.alloc()).unwrap();
+    on(machine, 1, || frames.free(f)).unwrap();
+    machine.cpu(1).go_offline();
+    let take = |held: &mut Vec<PhysFrame>, count: usize| {
+        held.extend((0..count).map(|_| frames.alloc().unwrap()));
+    };
+    match case {
+        Case::AllocFromList => {
+            take(held, 1); // the list now holds a batch less one
+            None
+        }
+        Case::AllocRefilling => {
+            assert!(frames.drain_cpu_lists());
+            None
+        }
+        Case::AllocDry => {
+            let listed = frames.cpu_list_frames();
+            let mut rest = vec![f; (frames.stats().free - listed) as usize];
+            assert_eq!(frames.alloc_bulk(&mut rest), rest.len(), "the bitmap alone");
+            held.extend(rest);
+            // Only CPU 1's list is left; CPU 0's own list goes too.
+            let own = listed - CPU_LIST_BATCH as u64;
+            take(held, own as usize);
+            None
+        }
+        Case::FreeToList => {
+            assert!(frames.drain_cpu_lists());
+            frames.alloc() // the list holds a batch less one
+        }
+        Case::FreeSpilling => {
+            assert!(frames.drain_cpu_lists());
+            let mut extra: Vec<PhysFrame> = (0..=CPU_LIST_FRAMES)
+                .map(|_| frames.alloc().unwrap())
+                .collect();
+            assert!(frames.drain_cpu_lists());
+            let victim = extra.pop();
+            extra.iter().try_for_each(|&f| frames.free(f)).unwrap();
+            assert_eq!(frames.cpu_list_frames(), CPU_LIST_FRAMES as u64, "full");
+            victim
+        }
+        Case::DoubleFree => {
+            let victim = frames.alloc().unwrap();
+            frames.free(victim).unwrap();
+            Some(victim)
+        }
+    }
+}
+
+#[test]
+fn running_dry_takes_online_cpus_lists_through_work_and_offline_ones_by_claim() {
+    watchdog(
+        "running_dry_takes_online_cpus_lists_through_work_and_offline_ones_by_claim",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames) = rig(4);
+            let total = frames.stats().total;
+            let listed = Barrier::new(4);
+            let done = AtomicBool::new(false);
+            let taken = Mutex::new(Vec::new());
+            machine.on_every_cpu(|cpu| {
+                if cpu.index() > 0 {
+                    // Each leaves a batch in its list; CPU 3 then goes offline, the
+                    // others serve shootdowns until CPU 0 is done.
+                    let f = frames.alloc().unwrap();
+                    frames.free(f).unwrap();
+                    listed.wait();
+                    while cpu.index() < 3 && !done.load(Ordering::Acquire) {
+                        cpu.poll();
+                        std::thread::yield_now();
+                    }
+                    return;
+                }
+                listed.wait();
+                // The others stop serving when this CPU is done, a failed check
+                // included.
+                let _done = SetOnDrop(&done);
+                while machine.cpu(3).is_online() {
+                    std::thread::yield_now();
+                }
+                let in_lists = frames.cpu_list_frames();
+                assert_eq!(in_lists, 3 * CPU_LIST_BATCH as u64);
+                // The bitmap's frames, in bulk (no shortfall: the lists stay).
+                let mut bitmap = vec![
+                    PhysFrame::containing_address(x86_64::PhysAddr::zero());
+                    (total - in_lists) as usize
+                ];
+                assert_eq!(frames.alloc_bulk(&mut bitmap), bitmap.len());
+                assert_eq!(frames.cpu_list_frames(), in_lists);
+                // One by one: every list's frames come.
+                let singles: Vec<PhysFrame> = std::iter::from_fn(|| frames.alloc()).collect();
+                assert_eq!(singles.len() as u64, in_lists);
+                assert_eq!(frames.cpu_list_frames(), 0);
+                bitmap.extend(singles);
+                *taken.lock().unwrap() = bitmap;
+            });
+            let taken = taken.into_inner().unwrap();
+            assert_eq!(taken.len() as u64, total);
+            assert_held_exactly(frames, &taken);
+            assert_eq!(frames.stats().free, 0);
+        },
+    );
+}
+
+#[test]
+fn four_cpus_allocating_and_freeing_each_others_frames_never_share_one() {
+    watchdog(
+        "four_cpus_allocating_and_freeing_each_others_frames_never_share_one",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = rig_with_tlb(4);
+            for tight in [false, true] {
+                stress(machine, frames, tight);
+            }
+            let total = frames.stats().total;
+            let all: Vec<PhysFrame> = std::iter::from_fn(|| frames.alloc()).collect();
+            assert_eq!(all.len() as u64, total);
+            assert_held_exactly(frames, &all);
+            eprintln!("{} calls of work on other CPUs", tlb.stats().calls);
+        },
+    );
+}
+
+/// Four CPUs allocate (one and in bulk), stamp, check and free (one, in bulk, and
+/// frames another CPU allocated); `tight` keeps all but 300 frames out.
+fn stress(machine: &SimMachine, frames: &Frames, tight: bool) {
+    let total = frames.stats().total;
+    // Tight: all but 300 frames stay out, so the lists (up to 64 frames
+    // each) and the bitmap run dry again and again. Otherwise the lists
+    // fill up and give batches back.
+    let out = if tight { total as usize - 300 } else { 0 };
+    let mut kept = vec![PhysFrame::containing_address(x86_64::PhysAddr::zero()); out];
+    assert_eq!(frames.alloc_bulk(&mut kept), kept.len());
+    // Back online after the frames above were taken (the previous run took them
+    // offline as it ended): from here on, a call that runs dry waits for their
+    // threads to serve its work.
+    (1..4).for_each(|cpu| machine.cpu(cpu).go_online());
+    // Frames one CPU hands to another to free.
+    let handed: Mutex<Vec<(PhysFrame, u64)>> = Mutex::new(Vec::new());
+    let refused = AtomicU64::new(0);
+    let dry = AtomicU64::new(0);
+    machine.on_every_cpu(|cpu| {
+        let me = cpu.index() as u64;
+        let mut rng = Rng::new(0xf4a3 + me);
+        let mut mine: Vec<(PhysFrame, u64)> = Vec::new();
+        let mut seq = 0u64;
+        let stamp = |f: PhysFrame, seq: u64| {
+            let value = me << 56 | seq;
+            machine.write_phys(f.start_address(), &value.to_le_bytes());
+            (f, value)
+        };
+        let check = |(f, value): (PhysFrame, u64)| {
+            let mut bytes = [0; 8];
+            machine.read_phys(f.start_address(), &mut bytes);
+            assert_eq!(u64::from_le_bytes(bytes), value, "{f:?} was overwritten");
+            f
+        };
+        for _ in 0..3000 {
+            // With memory to spare, more single frees than single allocations
+            // (bulk allocations make up for them): the lists fill and give
+            // batches back.
+            let roll = match rng.below(10) {
+                3 if !tight => 5,
+                roll => roll,
+            };
+            match roll {
+                0..=3 => match frames.alloc() {
+                    Some(f) => {
+                        seq += 1;
+                        mine.push(stamp(f, seq));
+                    }
+                    None => {
+                        dry.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                4 => {
+                    let mut out = vec![
+                        PhysFrame::containing_address(x86_64::PhysAddr::zero());
+                        1 + rng.below(40) as usize
+                    ];
+                    let got = frames.alloc_bulk(&mut out);
+                    for &f in &out[..got] {
+                        seq += 1;
+                        mine.push(stamp(f, seq));
+                    }
+                }
+                5..=6 if !mine.is_empty() => {
+                    let at = rng.below(mine.len() as u64) as usize;
+                    let f = check(mine.swap_remove(at));
+                    // (A second free after this one could free a frame
+                    // another CPU got since; a bulk free listing it twice
+                    // cannot.)
+                    if rng.below(4) == 0 {
+                        assert_eq!(frames.free_frames(&[f, f]), REFUSED);
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    frames.free(f).unwrap();
+                }
+                7 if !mine.is_empty() => {
+                    let count = 1 + rng.below(mine.len().min(40) as u64) as usize;
+                    let back: Vec<PhysFrame> = mine.drain(..count).map(check).collect();
+                    frames.free_frames(&back).unwrap();
+                }
+                8 if !mine.is_empty() => {
+                    // To another CPU, which frees it.
+                    let at = rng.below(mine.len() as u64) as usize;
+                    let given = mine.swap_remove(at);
+                    handed.lock().unwrap().push(given);
+                }
+                _ => {
+                    let given = handed.lock().unwrap().pop();
+                    if let Some(given) = given {
+                        frames.free(check(given)).unwrap();
+                    }
+                }
+            }
+        }
+        let back: Vec<PhysFrame> = mine.into_iter().map(check).collect();
+        frames.free_frames(&back).unwrap();
+    });
+    let left: Vec<PhysFrame> = handed
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    frames.free_frames(&left).unwrap();
+    frames.free_frames(&kept).unwrap();
+    assert!(!tight || dry.load(Ordering::Relaxed) > 0, "ran dry");
+    assert_eq!(frames.stats().free, total, "every frame is back");
+    assert!(refused.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_manager_on_four_cpus_over_the_lists_gives_every_frame_back() {
+    watchdog(
+        "a_manager_on_four_cpus_over_the_lists_gives_every_frame_back",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, _, tlb) = scenarios::smp_machine(SimConfig::new(64 << 20).with_cpus(4));
+            let map = machine.memory_map().to_vec();
+            let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+            let mut storage = vec![0; words];
+            let bitmap = BitmapFrameAllocator::with_storage(map, &mut storage).unwrap();
+            let frames = LockedFrameAllocator::with_shootdown(bitmap, tlb);
+            let free_before = frames.stats().free;
+            let config = VmallocConfig {
+                cpu_caches: true,
+                ..VmallocConfig::default()
+            };
+            // SAFETY: the machine's page tables serve this manager alone.
+            let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, tlb) }
+                .unwrap();
+            machine.on_every_cpu(|cpu| {
+                let mut rng = Rng::new(cpu.index() as u64);
+                let mut live = Vec::new();
+                for _ in 0..300 {
+                    if live.len() < 8 && rng.below(3) > 0 {
+                        let pages = 1 + rng.below(20) as usize;
+                        live.push(vm.vmalloc(pages * 4096).unwrap());
+                        // A page table or two now and then, one frame at a time.
+                        if let Some(f) = frames.alloc_frame() {
+                            frames.free_frame(f).unwrap();
+                        }
+                    } else if let Some(area) = live.pop() {
+                        // SAFETY: made above, not used again.
+                        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+                    }
+                }
+                for area in live {
+                    // SAFETY: as above.
+                    unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+                }
+            });
+            drop(vm);
+            assert_eq!(frames.stats().free, free_before, "every frame is back");
+        },
+    );
+}
