@@ -42,8 +42,9 @@ pub unsafe fn init(
     let bitmap = unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys)? };
     // Checks call the allocator directly with interrupts on, and a timer handler may
     // allocate through the manager, which takes the same lock: it is taken with
-    // interrupts held off.
-    let frames = FRAMES.call_once(|| LockedFrameAllocator::with_cpus(bitmap, &KernelCpus));
+    // interrupts held off. Each CPU keeps a list of free frames, emptied through work
+    // in the shootdown service when another CPU runs dry.
+    let frames = FRAMES.call_once(|| LockedFrameAllocator::with_shootdown(bitmap, tlb));
     // Small areas come from per-CPU blocks: the SMP checks run with the caches on.
     let config = VmallocConfig {
         cpu_caches: true,
