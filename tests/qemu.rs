@@ -59,6 +59,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "frame_double_free_refused",
     "vrealloc_regrow_zeroed",
     "heap_overaligned",
+    "heap_guarded_faults",
     "smp_cpus_online",
     "smp_stress",
     "smp_stale_translation_faults",
@@ -120,6 +121,18 @@ fn qemu_kernel_checks() {
         assert!(
             ran.contains(required),
             "check {required} did not run:\n{serial}"
+        );
+    }
+    // The guarded pool's diagnoses of the three bugs `heap_guarded_faults` commits,
+    // as the kernel printed them.
+    for diagnosis in [
+        "out-of-bounds write past the end of a 24-byte heap object",
+        "out-of-bounds read before the start of a 24-byte heap object",
+        "use after free: read of a 24-byte heap object",
+    ] {
+        assert!(
+            serial.contains(diagnosis),
+            "no \"{diagnosis}\" printed:\n{serial}"
         );
     }
     assert_eq!(

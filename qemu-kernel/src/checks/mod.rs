@@ -9,6 +9,7 @@
 mod boot;
 mod edges;
 mod faults;
+mod guarded;
 mod heap;
 mod infra;
 mod irq;
@@ -94,6 +95,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("vrealloc_regrow_zeroed", edges::vrealloc_regrow_zeroed),
     ("heap_overaligned", edges::heap_overaligned),
+    ("heap_guarded_faults", guarded::heap_guarded_faults),
     ("smp_cpus_online", smp::smp_cpus_online),
     ("smp_stress", smp::smp_stress),
     (
@@ -130,6 +132,17 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("recursive_window_manager", boot::recursive_window_manager),
 ];
 
+/// Lines a check leaves for the log, printed after its result line (a line printed
+/// while it runs would split its `check <name> ... <result>` line).
+static NOTES: spin::Mutex<alloc::string::String> = spin::Mutex::new(alloc::string::String::new());
+
+/// Leaves `line` for the log, printed indented after the running check's result.
+pub fn note(line: core::fmt::Arguments<'_>) {
+    use core::fmt::Write;
+    let mut notes = NOTES.lock();
+    let _ = writeln!(notes, "    {line}");
+}
+
 /// Runs every check; true if all passed.
 pub fn run_all(ctx: &mut Ctx) -> bool {
     println!("checks: running {}", CHECKS.len());
@@ -143,6 +156,8 @@ pub fn run_all(ctx: &mut Ctx) -> bool {
                 failed += 1;
             }
         }
+        let notes = core::mem::take(&mut *NOTES.lock());
+        crate::print!("{notes}");
         ctx.scratch.unmap_all();
     }
     println!(
