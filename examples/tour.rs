@@ -3,8 +3,12 @@
 //! It boots a machine whose memory is fragmented, vmallocs a buffer, shows the
 //! scattered frames behind it, writes through it, maps a table with 2 MiB pages,
 //! lists the areas, runs into a guard page and a stack's guard, makes a few mistakes
-//! on purpose, and gives everything back.
+//! on purpose, and gives everything back. Then a kernel heap sampling its allocations
+//! into the guarded pool catches an overrun and lists its memory per site.
 
+use core::alloc::{GlobalAlloc, Layout};
+use vmalloc::heap::guarded::HeapSiteUsage;
+use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::{VmOptions, Vmalloc, VmallocConfig};
 use vmalloc_sim::{Access, SimConfig, SimMachine};
 use x86_64::VirtAddr;
@@ -153,4 +157,47 @@ fn main() {
     );
     assert_eq!(frames.stats().free, free_at_boot);
     println!("all {free_at_boot} frames returned");
+
+    // A kernel heap with KFENCE-style sampling: one small allocation in 100 lands
+    // alone on a page between unmapped ones (every one of them, for this tour).
+    // SAFETY: the first manager is gone; its page tables are this one's alone.
+    let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }
+        .expect("vmalloc");
+    let heap = KernelHeap::new(HeapConfig {
+        window: 16 << 20,
+        sample_interval: 100,
+        guarded_slots: 64,
+        ..HeapConfig::DEFAULT
+    });
+    heap.init(&vm).expect("heap");
+    heap.set_sample_interval(1);
+    let layout = Layout::from_size_align(24, 8).unwrap();
+    // SAFETY: a non-zero size; freed below with its layout.
+    let object = unsafe { heap.alloc(layout) };
+    println!(
+        "\nheap.alloc(24 bytes) = {object:p}, sampled: {}",
+        heap.is_guarded(object)
+    );
+    // An off-by-one loop writing a fourth u64: the page after the object is unmapped.
+    let overrun = VirtAddr::from_ptr(object) + 24u64;
+    if let Err(fault) = machine.translate(overrun, Access::WRITE)
+        && let Some(fault) = fault.page_fault()
+        && let Some(diagnosis) = heap.diagnose_fault(fault.addr, fault.code)
+    {
+        println!("diagnosis: {diagnosis}");
+    }
+    // Back to about 1 in 100; the countdown starts again, so the first of these
+    // blocks is sampled too, and the rest come from the slabs.
+    heap.set_sample_interval(100);
+    let small = Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: non-zero sizes; freed below with their layout.
+    let blocks: Vec<_> = (0..10).map(|_| unsafe { heap.alloc(small) }).collect();
+    let mut sites = [HeapSiteUsage::EMPTY; 8];
+    println!("\n/proc/allocinfo (heap):\n{}", heap.allocinfo(&mut sites));
+    // SAFETY: allocated above with these layouts, not used again.
+    unsafe {
+        heap.dealloc(object, layout);
+        blocks.iter().for_each(|&block| heap.dealloc(block, small));
+    }
+    println!("guarded pool: {:?}", heap.guarded_stats());
 }

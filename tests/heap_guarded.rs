@@ -505,6 +505,11 @@ fn the_listing_totals_live_sampled_objects_per_site_and_blocks_per_kind() {
             )),
             "{text}"
         );
+        // The sampled objects together, as a kind of block.
+        assert!(
+            text.contains("        1048        4 kernel heap: guarded pool\n"),
+            "{text}"
+        );
         // The slab object counts in its class's line (1024-byte objects).
         assert!(
             text.contains("        1024        1 kernel heap: slab-1024\n"),

@@ -3,7 +3,7 @@
 //! The heap knows the sites of the objects it samples into the guarded pool only (it
 //! records no site for the others: that would cost every allocation), so the listing
 //! has two parts: what each kind of block holds (every slab size class, the list
-//! heap, the blocks of their own in vmalloc), and the live *sampled* objects totalled
+//! heap, the blocks of their own in vmalloc, the guarded pool), and the live *sampled* objects totalled
 //! by site, each line a sample of what that site holds (about one object in the
 //! sampling interval). Both largest first. The numbers are copied first (the pool's
 //! records in batches, the lock held only while one is copied) into the table the
@@ -54,6 +54,8 @@ enum Kind {
     List,
     /// Blocks in vmalloc areas of their own.
     Large,
+    /// Sampled objects in the guarded pool.
+    Guarded,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -64,7 +66,7 @@ struct KindLine {
     calls: Option<u64>,
 }
 
-const KINDS: usize = slab::CLASSES + 2;
+const KINDS: usize = slab::CLASSES + 3;
 
 /// A `/proc/allocinfo`-style listing of the kernel heap; see
 /// [`KernelHeap::allocinfo`]. Its `Display` prints the kinds of block, then the
@@ -121,10 +123,9 @@ impl KernelHeap<'_> {
             bytes: stats.large_bytes as u64,
             calls: Some(stats.large_blocks as u64),
         };
-        kinds.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
-
         let mut used = 0;
         let mut other = HeapSiteUsage::EMPTY;
+        let mut guarded = HeapSiteUsage::EMPTY;
         if let (Some(pool), Some(backing)) = (self.guarded.ready(), self.backing.get()) {
             let mut batch = [Slot::UNUSED; BATCH];
             let mut from = 0;
@@ -138,6 +139,7 @@ impl KernelHeap<'_> {
                         line.bytes += size;
                         line.calls += 1;
                     };
+                    add(&mut guarded);
                     let fitted = add_site(
                         sites,
                         &mut used,
@@ -158,6 +160,12 @@ impl KernelHeap<'_> {
                 from += copied;
             }
         }
+        kinds[slab::CLASSES + 2] = KindLine {
+            kind: Kind::Guarded,
+            bytes: guarded.bytes,
+            calls: Some(guarded.calls),
+        };
+        kinds.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
         let sites = &mut sites[..used];
         sites.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(b.calls.cmp(&a.calls)));
         HeapAllocInfo {
@@ -186,6 +194,7 @@ impl fmt::Display for HeapAllocInfo<'_> {
                 Kind::Slab(size) => writeln!(f, "kernel heap: slab-{size}")?,
                 Kind::List => writeln!(f, "kernel heap: list")?,
                 Kind::Large => writeln!(f, "kernel heap: vmalloc")?,
+                Kind::Guarded => writeln!(f, "kernel heap: guarded pool")?,
                 Kind::None => writeln!(f, "?")?,
             }
         }
