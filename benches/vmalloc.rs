@@ -89,6 +89,11 @@ fn vmalloc_vfree(c: &mut Criterion) {
     let peer_machine = self::machine();
     let peer_frames = fragmented_frames(&peer_machine);
     let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
+    // The same peer as a kernel shares it between CPUs: behind one spin lock, as
+    // blog_os keeps its mapper and frame allocator.
+    let shared_machine = self::machine();
+    let shared_frames = fragmented_frames(&shared_machine);
+    let shared_peer = spin::Mutex::new(PeerVmalloc::new(&shared_machine, &shared_frames));
 
     let mut group = c.benchmark_group("vmalloc_vfree");
     for pages in [1u64, 16, 256, 4096] {
@@ -108,6 +113,16 @@ fn vmalloc_vfree(c: &mut Criterion) {
                 peer.vfree(start, p);
             })
         });
+        group.bench_with_input(
+            BenchmarkId::new("x86_64_map_to_locked", pages),
+            &pages,
+            |b, &p| {
+                b.iter(|| {
+                    let start = shared_peer.lock().vmalloc(p);
+                    shared_peer.lock().vfree(start, p);
+                })
+            },
+        );
     }
     group.finish();
 
