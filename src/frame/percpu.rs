@@ -248,11 +248,10 @@ impl<'a> CpuLists<'a> {
                 .handed
                 .locate(frame_number(frame))
                 .ok_or(Error::FrameNotManaged)?;
-            match self.push(bitmap, entry, flag) {
-                Some(true) => return Ok(()),
-                Some(false) => return Err(self.refusal(bitmap, frame)),
-                None => {}
+            if self.push(bitmap, entry, flag) {
+                return Ok(());
             }
+            return Err(self.refusal(bitmap, frame));
         }
         self.free_slow(bitmap, frame)
     }
@@ -265,14 +264,22 @@ impl<'a> CpuLists<'a> {
     }
 
     /// Claims a frame (whose handed-out flag is `flag`) and pushes it on the calling
-    /// CPU's list: whether the claim held, or `None` when the list cannot be had.
+    /// CPU's list, or gives it to the bitmap when the list cannot be had (an NMI
+    /// that landed inside it): whether the claim held. The claim comes before the
+    /// slot is taken: the exchange then waits for fewer stores to drain (a quarter
+    /// of a single-frame alloc+free in the frame bench), and with interrupts
+    /// held off no handler on this CPU sees the frame between the claim and the
+    /// list.
     #[inline(always)]
-    fn push(&self, bitmap: &Bitmap<'a>, entry: Entry, flag: &AtomicU8) -> Option<bool> {
+    fn push(&self, bitmap: &Bitmap<'a>, entry: Entry, flag: &AtomicU8) -> bool {
         let irq = IrqOff::with(self.cpus);
-        let mut slot = self.enter(bitmap, &irq)?;
         if !handed::claim(flag) {
-            return Some(false);
+            return false;
         }
+        let Some(mut slot) = self.enter(bitmap, &irq) else {
+            self.free_claimed(bitmap, entry);
+            return true;
+        };
         if slot.len >= CPU_LIST_FRAMES {
             self.spill(bitmap, &mut slot, CPU_LIST_BATCH);
         }
@@ -285,9 +292,21 @@ impl<'a> CpuLists<'a> {
             }
             // Unreachable (the spill made room); should it happen, the bitmap takes
             // the claimed frame.
-            None => self.locked(bitmap, |bitmap| bitmap.free_listed([entry.frame()])),
+            None => self.free_claimed(bitmap, entry),
         }
-        Some(true)
+        true
+    }
+
+    /// Gives a claimed frame that no list takes to the bitmap.
+    #[cold]
+    #[inline(never)]
+    fn free_claimed(&self, bitmap: &Bitmap<'a>, entry: Entry) {
+        self.locked(bitmap, |bitmap| {
+            // Frames of a bitmap swapped out are not this one's to take: lost.
+            if self.serve(bitmap) {
+                bitmap.free_listed([entry.frame()]);
+            }
+        });
     }
 
     /// Why a free whose claim failed is refused: the bitmap's answer for a frame
