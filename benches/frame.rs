@@ -4,11 +4,17 @@
 //! Occupancy is scattered at random: everything is allocated, then a random half
 //! (50%) or hundredth (99%) of the frames is freed again, so free frames are spread
 //! over all of memory. The single-frame rows also go through `LockedFrameAllocator`,
-//! the allocator a kernel shares between CPUs and hands to the manager.
+//! the allocator a kernel shares between CPUs and hands to the manager: plain
+//! (`locked`), and with per-CPU lists (`percpu`, built `with_cpus`), where a frame
+//! comes from and goes back to the CPU's list without the lock, and a free claims the
+//! frame's handed-out flag with one exchange. The bench's CPUs hold nothing off (a
+//! host thread cannot `cli`), so the `percpu` rows leave out a kernel's
+//! `pushf`/`cli`/`popf` around the list.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MemoryRegion};
+use vmalloc::smp::{CpuSet, Cpus, IrqState};
 use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
 
@@ -63,6 +69,25 @@ fn fill_bitmap(alloc: &mut BitmapFrameAllocator, occupancy: usize) {
 
 type Buddy = buddy_system_allocator::FrameAllocator<33>;
 
+/// The bench thread as CPU 0 of one: interrupts are not touched.
+struct BenchCpu;
+
+// SAFETY: one thread, always CPU 0 and online; it sends no IPIs, and holding off
+// interrupts is a no-op on a host thread no handler interrupts.
+unsafe impl Cpus for BenchCpu {
+    fn current(&self) -> usize {
+        0
+    }
+    fn online(&self) -> CpuSet {
+        CpuSet::first(1)
+    }
+    fn send_ipi(&self, _: CpuSet) {}
+    fn irq_save(&self) -> IrqState {
+        IrqState::new(0)
+    }
+    fn irq_restore(&self, _: IrqState) {}
+}
+
 fn buddy(occupancy: usize) -> Buddy {
     let mut buddy = Buddy::new();
     for (start, end) in usable_ranges() {
@@ -88,6 +113,11 @@ fn bench(c: &mut Criterion) {
             BitmapFrameAllocator::with_storage(map.clone(), &mut locked_storage).unwrap();
         fill_bitmap(&mut shared, occupancy);
         let locked = LockedFrameAllocator::new(shared);
+        let mut listed_storage = vec![0; BitmapFrameAllocator::storage_words(map.clone())];
+        let mut listed =
+            BitmapFrameAllocator::with_storage(map.clone(), &mut listed_storage).unwrap();
+        fill_bitmap(&mut listed, occupancy);
+        let percpu = LockedFrameAllocator::with_cpus(listed, &BenchCpu);
         let mut peer = buddy(occupancy);
 
         let mut group = c.benchmark_group(format!("frame/occupancy{occupancy}"));
@@ -102,6 +132,12 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let f = locked.alloc().unwrap();
                 locked.free(black_box(f)).unwrap();
+            })
+        });
+        group.bench_function("single/percpu", |b| {
+            b.iter(|| {
+                let f = percpu.alloc().unwrap();
+                percpu.free(black_box(f)).unwrap();
             })
         });
         group.bench_function("single/buddy", |b| {
