@@ -349,13 +349,21 @@ fn an_nmi_at_every_irq_save_of_alloc_and_free_corrupts_nothing() {
             frames.free(c).unwrap();
         }
     };
-    // States of the list the outer call finds: empty (refill), full (spill),
-    // neither; and an empty bitmap (drain).
+    // States of the list the outer call finds: empty (refill) on even rounds, full
+    // (spill) on odd ones, neither once the NMIs have moved it; and an empty
+    // bitmap (drain). The NMI lands before the list is held (the first
+    // `irq_save`) and inside it (the lock a refill or a spill takes).
     for round in 0..40u64 {
         for k in 0..4 {
+            if round % 2 == 0 {
+                assert!(frames.drain_cpu_lists());
+            }
             *cpus.nmi.lock().unwrap() = Some((k, Box::new(nmi)));
             let f = frames.alloc().unwrap();
             held.lock().unwrap().push(f);
+            if round % 2 == 1 {
+                fill_list(frames);
+            }
             *cpus.nmi.lock().unwrap() = Some((k, Box::new(nmi)));
             let g = held.lock().unwrap().swap_remove(0);
             frames.free(g).unwrap();
@@ -379,6 +387,19 @@ fn an_nmi_at_every_irq_save_of_alloc_and_free_corrupts_nothing() {
         assert_eq!(stats.used, held.len() as u64, "round {round}");
         assert_eq!(stats.free + stats.used, total);
     }
+}
+
+/// Fills the calling CPU's list with as many frames as are free, up to
+/// [`CPU_LIST_FRAMES`].
+fn fill_list(frames: &LockedFrameAllocator) {
+    let mut taken = [frame(0); CPU_LIST_FRAMES];
+    let got = frames.alloc_bulk(&mut taken);
+    assert!(frames.drain_cpu_lists());
+    taken[..got]
+        .iter()
+        .try_for_each(|&f| frames.free(f))
+        .unwrap();
+    assert_eq!(frames.cpu_list_frames(), got as u64);
 }
 
 #[test]
