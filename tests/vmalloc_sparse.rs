@@ -1,8 +1,9 @@
 //! Sparse areas (`reserve_sparse`, `map_page`, `unmap_page`): pages mapped one at a
 //! time anywhere in the area, unmapped with every CPU's TLB flushed before the call
-//! returns, and every frame back when the area or the manager goes.
+//! returns, each keeping its frame and page tables for its next mapping, and every
+//! frame back when the area or the manager goes.
 
-use vmalloc::vmalloc::{FaultSite, VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::{FaultSite, VmFlags, VmOptions, Vmalloc, VmallocConfig};
 use vmalloc::{Error, PAGE_SIZE};
 use vmalloc_sim::scenarios::{self, manager_over as manager, manager_with};
 use vmalloc_sim::{Access, DEADLOCK_LIMIT, Fault, SimConfig, SimMachine, watchdog};
@@ -80,7 +81,7 @@ fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
             ..
         }
     ));
-    // The frame is back at once, the page tables stay for the area.
+    // The page is not mapped any more; its frame and page tables stay for the area.
     assert_eq!(vm.stats().data_frames, 0);
     vm.map_page(area.as_ptr(), 1).unwrap();
     // SAFETY: as above.
@@ -176,4 +177,90 @@ fn unmapping_a_page_drops_it_from_every_cpus_tlb() {
             assert_eq!(seen, None, "CPU 1 still reached the unmapped page");
         },
     );
+}
+
+#[test]
+fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_allocator() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let area = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
+    vm.map_page(area.as_ptr(), 5).unwrap();
+    machine.write(page(area, 5), b"object 1").unwrap();
+    let frame = vm.vmalloc_to_frame(page(area, 5)).unwrap();
+    let (free, tables) = (frames.stats().free, vm.stats().page_table_frames);
+    for round in 0..3 {
+        // SAFETY: nothing uses the page after this.
+        unsafe { vm.unmap_page(area.as_ptr(), 5) }.unwrap();
+        assert!(faults(&machine, page(area, 5)));
+        // SAFETY: refused: the page is not mapped.
+        assert_eq!(
+            unsafe { vm.unmap_page(area.as_ptr(), 5) },
+            Err(Error::NotMapped)
+        );
+        assert_eq!(vm.stats().data_frames, 0);
+        assert_eq!(
+            (frames.stats().free, vm.stats().page_table_frames),
+            (free, tables),
+            "round {round}: a frame or a page table went back"
+        );
+        vm.map_page(area.as_ptr(), 5).unwrap();
+        assert_eq!(vm.vmalloc_to_frame(page(area, 5)), Ok(frame));
+        assert_eq!(
+            (frames.stats().free, vm.stats().page_table_frames),
+            (free, tables),
+            "round {round}: a frame or a page table was taken"
+        );
+        assert_eq!(vm.stats().data_frames, 1);
+    }
+    // Not zeroed: the area was reserved without `ZERO`.
+    let mut back = [0; 8];
+    machine.read(page(area, 5), &mut back).unwrap();
+    assert_eq!(&back, b"object 1");
+    // Another page takes a frame of its own.
+    vm.map_page(area.as_ptr(), 2).unwrap();
+    assert_eq!(frames.stats().free, free - 1);
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+    vm.purge();
+    assert_eq!(vm.stats().data_frames, 0);
+}
+
+#[test]
+fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_freed() {
+    let machine = machine();
+    let frames = machine.frames();
+    let free = frames.stats().free;
+    {
+        let vm = manager(&machine, &frames);
+        let zeroing = VmOptions {
+            flags: VmFlags::ZERO,
+            ..options()
+        };
+        let area = vm.reserve_sparse(4 * PAGE, &zeroing).unwrap();
+        let kept = vm.reserve_sparse(4 * PAGE, &options()).unwrap();
+        for index in 0..4 {
+            vm.map_page(area.as_ptr(), index).unwrap();
+            vm.map_page(kept.as_ptr(), index).unwrap();
+        }
+        machine.write(page(area, 1) + 8u64, b"stale").unwrap();
+        // SAFETY: nothing uses these pages after this.
+        unsafe {
+            for index in 0..3 {
+                vm.unmap_page(area.as_ptr(), index).unwrap();
+                vm.unmap_page(kept.as_ptr(), index).unwrap();
+            }
+        }
+        vm.map_page(area.as_ptr(), 1).unwrap();
+        let mut back = [0xff; 16];
+        machine.read(page(area, 1), &mut back).unwrap();
+        assert_eq!(back, [0; 16], "the kept frame was not zeroed");
+        // Freeing gives back the mapped frames and the kept ones alike, through the
+        // area and through the manager's drop.
+        // SAFETY: nothing uses the area after this.
+        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+        vm.purge();
+        assert_eq!(vm.stats().data_frames, 1);
+    }
+    assert_eq!(frames.stats().free, free, "a kept frame was lost");
 }
