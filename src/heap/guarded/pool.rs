@@ -13,12 +13,16 @@
 //!
 //! A slot's page is mapped ([`VmallocOps::map_page`]) when an object is placed in
 //! it and unmapped, with every CPU's TLB flushed, when the object is freed
-//! ([`VmallocOps::unmap_page`]); guard pages are never mapped. The records live in
+//! ([`VmallocOps::unmap_page`]); guard pages are never mapped. The page gets its
+//! frame when the slot is first used and keeps it, not present while the slot is
+//! free, until the pool goes: reusing a slot takes no frame and no page table (the
+//! [sparse area](crate::vmalloc::sparse)'s promise). The records live in
 //! a vmalloc area of their own, made with the pool, and change under the pool's
 //! lock; the lock is never held across a call into the manager, nor while an
 //! object's page is touched. Slots never used go first, then the one freed longest
 //! ago (a FIFO), so a freed page stays unmapped as long as the pool allows, and a use
-//! after free faults for that long.
+//! after free faults for that long. The order costs nothing: any reuse is the same
+//! walk and, at its free, the same one-page flush.
 //!
 //! [`VmallocOps::map_page`]: crate::vmalloc::VmallocOps::map_page
 //! [`VmallocOps::unmap_page`]: crate::vmalloc::VmallocOps::unmap_page
