@@ -40,16 +40,39 @@ thread_local! {
 type Handler = Arc<dyn Fn() + Send + Sync>;
 
 /// The interrupt state of a machine's CPUs.
+/// A value on cache lines of its own: what one simulated CPU writes on every call
+/// (its interrupt flag's occupancy, its pending IPI, its counters, its TLB's lock)
+/// must not slow down another CPU's calls, as a real CPU's own state does not.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One padded value per CPU.
+pub(crate) fn per_cpu<T>(count: usize, make: impl FnMut() -> T) -> Vec<Padded<T>> {
+    core::iter::repeat_with(make)
+        .take(count)
+        .map(Padded)
+        .collect()
+}
+
 pub(super) struct Cpus {
     online: AtomicU64,
-    pending: Vec<AtomicBool>,
-    taken: Vec<AtomicU64>,
+    pending: Vec<Padded<AtomicBool>>,
+    taken: Vec<Padded<AtomicU64>>,
     sent: AtomicU64,
     handler: Mutex<Option<Handler>>,
     /// Interrupt flags, occupancy and interrupt points ([`interrupts`]).
     irq: Interrupts,
     /// Per CPU: turns of spin loops ([`TlbFlush::relax`]).
-    relaxes: Vec<AtomicU64>,
+    relaxes: Vec<Padded<AtomicU64>>,
 }
 
 impl core::fmt::Debug for Cpus {
@@ -65,12 +88,12 @@ impl Cpus {
     pub(super) fn new(count: usize) -> Self {
         Self {
             online: AtomicU64::new(CpuSet::first(count).bits()),
-            pending: (0..count).map(|_| AtomicBool::new(false)).collect(),
-            taken: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            pending: per_cpu(count, || AtomicBool::new(false)),
+            taken: per_cpu(count, || AtomicU64::new(0)),
             sent: AtomicU64::new(0),
             handler: Mutex::new(None),
             irq: Interrupts::new(count),
-            relaxes: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            relaxes: per_cpu(count, || AtomicU64::new(0)),
         }
     }
 
@@ -202,14 +225,21 @@ impl TlbFlush for SimMachine {
         self.flush_host_all();
     }
 
-    /// A spinning CPU takes its interrupts, and its host thread lets the others run
-    /// (there may be more simulated CPUs than host cores).
+    /// A spinning CPU takes its interrupts and pauses, as `pause` does; every 64th
+    /// turn its host thread lets the others run (there may be more simulated CPUs
+    /// than host cores). Yielding at every turn would make every turn of every wait a
+    /// system call.
     fn relax(&self) {
+        let mut turns = 0;
         if let Some(cpu) = self.cpus.current() {
-            self.cpus.relaxes[cpu].fetch_add(1, Ordering::Relaxed);
+            turns = self.cpus.relaxes[cpu].fetch_add(1, Ordering::Relaxed);
         }
         self.take_interrupts();
-        std::thread::yield_now();
+        if turns % 64 == 63 {
+            std::thread::yield_now();
+        } else {
+            core::hint::spin_loop();
+        }
     }
 
     /// The calling thread's CPU picks its per-CPU caches.

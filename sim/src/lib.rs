@@ -273,7 +273,7 @@ pub struct SimMachine {
     cr3: AtomicU64,
     scatter_seed: Option<u64>,
     /// One TLB (and paging-structure cache) per CPU.
-    tlbs: Vec<Mutex<Tlb>>,
+    tlbs: Vec<cpu::Padded<Mutex<Tlb>>>,
     /// The CPUs' interrupt state (see [`cpu`]), shared with the machine's frame
     /// sources (frame calls are interrupt points).
     cpus: std::sync::Arc<cpu::Cpus>,
@@ -353,7 +353,7 @@ impl SimMachine {
             root,
             cr3: AtomicU64::new(root.start_address().as_u64()),
             scatter_seed: config.scatter_seed,
-            tlbs: (0..config.cpus).map(|_| Mutex::default()).collect(),
+            tlbs: cpu::per_cpu(config.cpus, Mutex::default),
             cpus: std::sync::Arc::new(cpu::Cpus::new(config.cpus)),
         }
     }

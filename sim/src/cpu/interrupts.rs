@@ -2,7 +2,7 @@
 //! thread at a time that runs on a CPU with it off, and the interrupt points where a
 //! test may interrupt a CPU or hook into its next flush (see [`SimCpu`]).
 
-use super::{Cpus, SimCpu, lock};
+use super::{Cpus, Padded, SimCpu, lock, per_cpu};
 use std::boxed::Box;
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -33,13 +33,13 @@ struct Armed {
 /// tests armed at their interrupt points.
 pub(super) struct Interrupts {
     /// Per CPU: the token of the thread running on it with interrupts off, or 0.
-    occupant: Vec<AtomicU64>,
+    occupant: Vec<Padded<AtomicU64>>,
     /// Per CPU: the interrupt a test armed.
     armed: Vec<Mutex<Option<Armed>>>,
     /// Per CPU: interrupt points passed while counting.
-    points: Vec<AtomicU64>,
+    points: Vec<Padded<AtomicU64>>,
     /// Per CPU: whether its points are counted.
-    counting: Vec<AtomicBool>,
+    counting: Vec<Padded<AtomicBool>>,
     /// Per CPU: what runs inside its next TLB flush.
     in_flush: Vec<Mutex<Option<Hook>>>,
     /// Whether any CPU has an interrupt or a flush hook armed, or counts its points:
@@ -50,10 +50,10 @@ pub(super) struct Interrupts {
 impl Interrupts {
     pub(super) fn new(count: usize) -> Self {
         Self {
-            occupant: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            occupant: per_cpu(count, || AtomicU64::new(0)),
             armed: (0..count).map(|_| Mutex::new(None)).collect(),
-            points: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            counting: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            points: per_cpu(count, || AtomicU64::new(0)),
+            counting: per_cpu(count, || AtomicBool::new(false)),
             in_flush: (0..count).map(|_| Mutex::new(None)).collect(),
             watched: AtomicU64::new(0),
         }
