@@ -273,6 +273,10 @@ unsafe impl KernelCpus for SimMachine {
     /// The calling thread's CPU's interrupt flag goes off (see the [module
     /// docs](SimCpu#interrupts-on-and-off)).
     fn irq_save(&self) -> IrqState {
+        // Every lock of the heap and the manager comes here first: before the heap
+        // hands out memory, see "The SIGSEGV handler" in the crate documentation.
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        super::host::watch();
         IrqState::new(u64::from(self.cpus.save()))
     }
 

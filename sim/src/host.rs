@@ -8,18 +8,26 @@
 //! machine's page tables for the page (the MMU's own walk, entries read atomically)
 //! and, if the access is allowed, maps the 4 KiB piece of the frame at that page with
 //! the effective permissions, so the access retries and succeeds. The host's
-//! mappings are thus a second TLB, filled on demand.
+//! mappings are thus a second TLB, filled on demand. A fill maps the pages after the
+//! faulting one with it, as far as the tables map them and the window does not hold
+//! them, up to the end of its 2 MiB (as a CPU may cache translations it was not
+//! asked for): fresh memory is mostly written forwards, and each run of pages on
+//! consecutive frames with the same rights is one host mapping, made with one call.
 //!
 //! Like a TLB it has a capacity. Each host-mapped page of scattered frames is a host
 //! mapping of its own (and splits the reservation around it), and Linux allows a
-//! process 65,530 by default (`vm.max_map_count`). So the windows of a process keep
-//! at most [`budget`] pages mapped between them (a quarter of that limit, so they
-//! use at most about half of it), each window at least [`FLOOR`] whatever the others
-//! hold: past that, a fill first evicts the window's oldest fill, with the other
+//! process 65,530 by default (`vm.max_map_count`). Each window counts the host
+//! mappings its pages make (every boundary between neighbouring pages in different
+//! mappings), and the windows keep them under three quarters of that limit between
+//! them; by default a window also counts its pages, and the windows keep at most
+//! [`budget`] pages mapped between them (a quarter of that limit, so they use at
+//! most about half of it); each window keeps at least [`FLOOR`] whatever the others
+//! hold. Past that, a fill first evicts the window's oldest fill, with the other
 //! pages it holds in the same 2 MiB (one call re-reserves them all), and the next
-//! touch of an evicted page fills it again from the tables as they are then, as a TLB
-//! refills an entry it evicted. Each window records, per page it holds, the frame piece and the
-//! effective flags it mapped, in a ring in fill order with a hash index by page.
+//! touch of an evicted page fills it again from the tables as they are then, as a
+//! TLB refills an entry it evicted. Each window records, per page it holds, the
+//! frame piece, the effective flags and the host rights it mapped, in a ring in fill
+//! order with a hash index by page.
 //!
 //! A flush ([`TlbFlush`](vmalloc::TlbFlush)) re-walks the tables for the host-mapped
 //! pages in its range and drops only those whose translation changed since the fill
@@ -40,12 +48,13 @@
 //! the process's first allocation (a global allocator that builds it on first use)
 //! installs ours in between, and the runtime then installs its own over it. So while
 //! the action ours replaced was the default, [`watch`] (called by every [`SimPhys`]
-//! access and every flush, before the code under test can map a window page) checks
-//! that ours is still installed; if not, it installs it again in front, chaining to
-//! the one that replaced it, and says so on stderr.
+//! access and every flush, before the code under test can map a window page, and by
+//! every interrupts-off, which each lock of the heap and the manager takes first)
+//! checks that ours is still installed; if not, it installs it again in front,
+//! chaining to the one that replaced it, and says so on stderr.
 //!
-//! The handler allocates nothing and takes no std lock. Each window has one spin
-//! lock, `busy`, held while a fault fills a page and while a flush drops pages, so a
+//! The handler allocates nothing and takes no std lock. Each window has one lock,
+//! `busy` (a futex), held while a fault fills pages and while a flush drops pages, so a
 //! flush is never undone by a fill that walked the tables before the entry changed.
 //! It cannot deadlock: the only code holding it is the fill and the flush, which make
 //! system calls and read the page tables in the memfd mapping, never a window page,
@@ -70,31 +79,63 @@ const PAGE: u64 = 4096;
 const WINDOW_ALIGN: u64 = 2 << 20;
 /// How many windows may exist at once (tests run machines in parallel threads).
 const MAX_WINDOWS: usize = 64;
-/// Pages a window may keep mapped whatever the other windows hold, so a small test
-/// next to a large one is not made to refill its few pages on every touch.
+/// Pages a window may keep mapped, and host mappings it may split its reservation
+/// into, whatever the other windows hold, so a small test next to a large one is not
+/// made to refill its few pages on every touch.
 pub(super) const FLOOR: usize = 64;
+/// Pages the ring of a window bounded by mappings records at most (1 GiB of them):
+/// past that a fill evicts, however few host mappings the pages cost.
+const MAX_RING: usize = 1 << 18;
+/// Turns a thread spins on a window's `busy` before it sleeps.
+const SPINS_BEFORE_SLEEP: u32 = 100;
+/// The states of a window's `busy`.
+const FREE: u32 = 0;
+const HELD: u32 = 1;
+const CONTENDED: u32 = 2;
 
 /// Error-code bits the CPU pushes for a page fault (the kernel passes them on in
 /// `REG_ERR`).
 const ERR_WRITE: u64 = 1 << 1;
 const ERR_FETCH: u64 = 1 << 4;
 
-/// Host-mapped pages of every window together.
+/// Host-mapped pages of every window that bounds its pages, together.
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
-static BUDGET: OnceLock<usize> = OnceLock::new();
+/// The host mappings the windows' pages split their reservations into, over one
+/// per window: between them, every boundary between two neighbouring window pages
+/// that lie in different host mappings.
+static SPLITS: AtomicUsize = AtomicUsize::new(0);
+static LIMIT: OnceLock<usize> = OnceLock::new();
 
-/// How many pages the windows of this process keep host-mapped between them: a
-/// quarter of the host's limit on mappings (each isolated page costs at most two,
-/// itself and the split of the reservation around it), so at least half of the limit
-/// stays for the rest of the process.
-pub(super) fn budget() -> usize {
-    *BUDGET.get_or_init(|| {
-        let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+/// The host's limit on mappings per process.
+fn limit() -> usize {
+    *LIMIT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
             .ok()
             .and_then(|text| text.trim().parse::<usize>().ok())
-            .unwrap_or(65_530);
-        (limit / 4).clamp(1024, 1 << 16)
+            .unwrap_or(65_530)
+            .clamp(4096, 1 << 22)
     })
+}
+
+/// How many pages the windows of this process that bound their pages keep
+/// host-mapped between them: a quarter of the host's limit on mappings (each
+/// isolated page costs at most two, itself and the split of the reservation around
+/// it), so at least half of the limit stays for the rest of the process.
+pub(super) fn budget() -> usize {
+    page_budget(limit())
+}
+
+/// [`budget`] under a limit of `limit` mappings.
+fn page_budget(limit: usize) -> usize {
+    limit / 4
+}
+
+/// How many host mappings the windows of this process split their reservations
+/// into between them: three quarters of the host's limit, so a quarter of it
+/// (16,382 by default; a process rarely uses a thousand) stays for the rest of the
+/// process.
+fn mapping_budget(limit: usize) -> usize {
+    limit / 4 * 3
 }
 
 /// What the signal handler needs of a machine with a host window; boxed, so its
@@ -108,16 +149,17 @@ struct Window {
     start: u64,
     size: u64,
     root: PhysFrame,
-    /// Held while filling a page or dropping host mappings.
-    busy: AtomicBool,
-    /// Pages filled by the handler: TLB misses of host accesses.
+    /// Held while filling a page or dropping host mappings: [`FREE`], [`HELD`], or
+    /// [`CONTENDED`] (held, and a thread may sleep on it).
+    busy: AtomicU32,
+    /// Faults the handler served by filling pages: TLB misses of host accesses.
     fills: AtomicU64,
     /// The pages mapped now; used only with `busy` held.
     mapped: UnsafeCell<Mapped>,
 }
 
-/// A host-mapped page: the window page, and the frame piece and effective flags the
-/// fill mapped it with.
+/// A host-mapped page: the window page, and the frame piece, effective flags and
+/// host rights the fill mapped it with.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct Entry {
@@ -125,6 +167,20 @@ struct Entry {
     page: u64,
     piece: u64,
     flags: u64,
+    prot: u64,
+}
+
+impl Entry {
+    /// Whether the host keeps `self` and `next`, the page after it, in one mapping:
+    /// the kernel merges neighbouring mappings of consecutive pieces of the memfd
+    /// with the same rights, and neighbouring reservations (`None`).
+    fn joins(this: Option<Entry>, next: Option<Entry>) -> bool {
+        match (this, next) {
+            (None, None) => true,
+            (Some(this), Some(next)) => next.piece == this.piece + PAGE && next.prot == this.prot,
+            _ => false,
+        }
+    }
 }
 
 /// A window's host-mapped pages: a ring in fill order (the oldest is evicted first)
@@ -146,6 +202,24 @@ struct Mapped {
     /// `capacity` words a flush sorts pages in (a flush may run inside a global
     /// allocator: it allocates nothing either).
     scratch: NonNull<u64>,
+    /// The window's pages: those outside it are no neighbours.
+    start: u64,
+    end: u64,
+    /// This window's share of [`SPLITS`]: its host mappings less one.
+    splits: usize,
+    /// Whether the window's pages count against [`budget`], not only their
+    /// mappings against [`mapping_budget`].
+    pages_bounded: bool,
+}
+
+/// The host rights of a page whose effective flags are `flags`: readable, and
+/// writable if the tables allow it.
+fn prot_of(flags: PageTableFlags) -> c_int {
+    if flags.contains(PageTableFlags::WRITABLE) {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    }
 }
 
 /// Why a window fault cannot be served.
@@ -167,8 +241,8 @@ impl Refusal {
 }
 
 impl Mapped {
-    /// Room for `capacity` pages (a power of two).
-    fn new(capacity: usize) -> Mapped {
+    /// Room for `capacity` pages (a power of two) of the window `start..end`.
+    fn new(capacity: usize, start: u64, end: u64, pages_bounded: bool) -> Mapped {
         let ring = anonymous(capacity * size_of::<Entry>()).cast();
         let index = anonymous(2 * capacity * size_of::<u32>()).cast();
         let scratch = anonymous(capacity * size_of::<u64>()).cast();
@@ -180,6 +254,10 @@ impl Mapped {
             live: 0,
             index,
             scratch,
+            start,
+            end,
+            splits: 0,
+            pages_bounded,
         }
     }
 
@@ -279,26 +357,90 @@ impl Mapped {
         *self.index_slot(at) = 0;
     }
 
-    /// Forgets the page in ring slot `slot` (at index position `at`).
+    /// The entry of `page`, if it is mapped.
+    fn lookup(&mut self, page: u64) -> Option<Entry> {
+        self.find(page).map(|(_, slot)| self.get(slot))
+    }
+
+    /// The boundaries on either side of `page` (inside the window) between
+    /// different host mappings, were `page` as `this` says.
+    fn splits_around(&mut self, page: u64, this: Option<Entry>) -> usize {
+        let mut splits = 0;
+        if page > self.start && !Entry::joins(self.lookup(page - PAGE), this) {
+            splits += 1;
+        }
+        if page + PAGE < self.end && !Entry::joins(this, self.lookup(page + PAGE)) {
+            splits += 1;
+        }
+        splits
+    }
+
+    /// Counts a page's change from `before` to `after` boundaries around it.
+    fn account(&mut self, before: usize, after: usize) {
+        if after >= before {
+            self.splits += after - before;
+            SPLITS.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.splits -= before - after;
+            SPLITS.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets the page in ring slot `slot` (at index position `at`), which the
+    /// caller reserves again.
     fn forget(&mut self, at: usize, slot: usize) {
+        let entry = self.get(slot);
+        let before = self.splits_around(entry.page, Some(entry));
         self.remove(at);
         self.entry(slot).page = 0;
         self.live -= 1;
-        MAPPED.fetch_sub(1, Ordering::Relaxed);
+        if self.pages_bounded {
+            MAPPED.fetch_sub(1, Ordering::Relaxed);
+        }
+        let after = self.splits_around(entry.page, None);
+        self.account(before, after);
         // Holes at the old end are not kept: flushes walk from `tail`.
         while self.tail < self.head && self.get(self.slot_of(self.tail)).page == 0 {
             self.tail += 1;
         }
     }
 
-    /// Records a fresh fill of `page`; the ring has room.
-    fn push(&mut self, page: u64, piece: u64, flags: u64) {
+    /// Records a fresh fill of `entry.page`, which the caller maps; the ring has
+    /// room.
+    fn push(&mut self, entry: Entry) {
+        let before = self.splits_around(entry.page, None);
         let slot = self.slot_of(self.head);
-        *self.entry(slot) = Entry { page, piece, flags };
-        self.insert(page, slot);
+        *self.entry(slot) = entry;
+        self.insert(entry.page, slot);
         self.head += 1;
         self.live += 1;
-        MAPPED.fetch_add(1, Ordering::Relaxed);
+        if self.pages_bounded {
+            MAPPED.fetch_add(1, Ordering::Relaxed);
+        }
+        let after = self.splits_around(entry.page, Some(entry));
+        self.account(before, after);
+    }
+
+    /// Records that the page in ring slot `slot` is mapped as `entry` now.
+    fn update(&mut self, slot: usize, entry: Entry) {
+        let before = self.splits_around(entry.page, Some(self.get(slot)));
+        *self.entry(slot) = entry;
+        let after = self.splits_around(entry.page, Some(entry));
+        self.account(before, after);
+    }
+
+    /// Takes the newest `count` pages off the ring again (a fill whose mapping the
+    /// host refused): they are at its head, in the order they were pushed.
+    fn pop_newest(&mut self, count: usize) {
+        for _ in 0..count {
+            let slot = self.slot_of(self.head - 1);
+            if let Some((at, _)) = self.find(self.get(slot).page) {
+                self.forget(at, slot);
+            }
+            // `forget` may have moved `tail` past holes up to the old head.
+            self.head -= 1;
+            self.tail = self.tail.min(self.head);
+        }
     }
 
     /// Takes the oldest ring position off: its page, if it was not a hole.
@@ -338,18 +480,25 @@ impl Mapped {
         }
     }
 
-    /// Whether a fill must make room first: the ring is full (of pages, or of holes
-    /// too: then it is compacted instead, if that frees half of it), or every window
-    /// together holds the budget and this one at least its floor.
-    fn must_evict(&mut self) -> bool {
-        let mut full = self.head - self.tail == self.capacity as u64;
-        if full && self.live <= self.capacity / 2 {
+    /// Whether a fill of `pages` pages that splits the reservation `splits` times
+    /// more must make room first: the ring has no room for them (full of pages, or
+    /// of holes too: then it is compacted instead, if that frees half of it), or
+    /// every window together would pass a budget that this one counts against, and
+    /// this one uses at least its floor of it.
+    fn must_evict(&mut self, pages: usize, splits: usize) -> bool {
+        let mut full = self.head - self.tail + pages as u64 > self.capacity as u64;
+        if full && self.live + pages <= self.capacity / 2 {
             self.compact();
             full = false;
         }
-        // The budget was set before any window existed.
-        let budget = BUDGET.get().copied().unwrap_or(0);
-        full || (self.live >= FLOOR && MAPPED.load(Ordering::Relaxed) >= budget)
+        // The limit was read before any window existed.
+        let limit = LIMIT.get().copied().unwrap_or(0);
+        let mappings =
+            self.splits >= FLOOR && SPLITS.load(Ordering::Relaxed) + splits > mapping_budget(limit);
+        let pages = self.pages_bounded
+            && self.live >= FLOOR
+            && MAPPED.load(Ordering::Relaxed) + pages > page_budget(limit);
+        full || mappings || pages
     }
 }
 
@@ -358,14 +507,34 @@ impl Window {
         addr.wrapping_sub(self.start) < self.size
     }
 
-    /// Takes `busy`, for the pages mapped now.
+    /// Takes `busy`, for the pages mapped now: a few turns of spinning, then sleeps
+    /// on it (a futex, which a signal handler may wait on) until the holder wakes
+    /// it. The holder makes system calls, and there may be more threads than host
+    /// cores: spinning waiters would take the cores it needs.
     fn lock(&self) -> Busy<'_> {
-        while self
-            .busy
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        for _ in 0..SPINS_BEFORE_SLEEP {
+            if self
+                .busy
+                .compare_exchange_weak(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Busy { window: self };
+            }
             core::hint::spin_loop();
+        }
+        // Held with a sleeper from now on, until the holder lets go and wakes one.
+        while self.busy.swap(CONTENDED, Ordering::Acquire) != FREE {
+            // SAFETY: waits on a word of this window while it holds `CONTENDED`;
+            // returns at once if it no longer does.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.busy.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    CONTENDED,
+                    ptr::null::<libc::timespec>(),
+                )
+            };
         }
         Busy { window: self }
     }
@@ -411,7 +580,9 @@ impl Window {
     }
 
     /// Maps the 4 KiB of physical memory `translation` reaches at window page `page`
-    /// and records it, evicting the oldest fills first if the budget says so.
+    /// and records it, evicting the oldest fills first if the budget says so. A
+    /// fresh fill maps the pages after it too (see [`Window::look_ahead`]), each run
+    /// of consecutive pieces with the same rights with one call.
     fn map_page(
         &self,
         mapped: &mut Mapped,
@@ -419,56 +590,159 @@ impl Window {
         translation: Translation,
         kind: AccessKind,
     ) -> Result<(), Refusal> {
-        let piece = translation.phys().as_u64() & !(PAGE - 1);
-        if piece >= self.memory_size {
-            return Err(Refusal::NotMapped);
-        }
-        // A page mapped already faults again when the access needs more rights than
-        // it was mapped with (the tables gave them since, or it is fetched from).
-        let known = mapped.find(page);
-        if known.is_none() {
-            while mapped.must_evict() && mapped.tail < mapped.head {
-                if let Some(oldest) = mapped.pop_oldest() {
-                    self.evict_around(mapped, oldest)
-                        .map_err(|()| Refusal::MapFailed)?;
-                }
-            }
-        }
-        let mut prot = libc::PROT_READ;
-        if translation.flags.contains(PageTableFlags::WRITABLE) {
-            prot |= libc::PROT_WRITE;
-        }
+        let mut prot = prot_of(translation.flags);
         // Executable only when fetched from, so data pages stay non-executable.
         if kind == AccessKind::Fetch {
             prot |= libc::PROT_EXEC;
         }
-        // SAFETY: `page` is a page of the window, which this machine reserved and
+        let faulting = Entry {
+            page,
+            piece: translation.phys().as_u64() & !(PAGE - 1),
+            flags: translation.flags.bits(),
+            prot: prot as u64,
+        };
+        if faulting.piece >= self.memory_size {
+            return Err(Refusal::NotMapped);
+        }
+        // A page mapped already faults again when the access needs more rights than
+        // it was mapped with (the tables gave them since, or it is fetched from).
+        if let Some((_, slot)) = mapped.find(page) {
+            self.map_run(page, PAGE, faulting.piece, prot)
+                .map_err(|()| Refusal::MapFailed)?;
+            mapped.update(slot, faulting);
+            return Ok(());
+        }
+        let mut walker = Walker::new(self);
+        let (pages, runs) = self.look_ahead(mapped, &mut walker, faulting);
+        while mapped.must_evict(pages, runs + 1) && mapped.tail < mapped.head {
+            if let Some(oldest) = mapped.pop_oldest() {
+                self.evict_around(mapped, oldest)
+                    .map_err(|()| Refusal::MapFailed)?;
+            }
+        }
+        // The same pages again (evicting changed none of them): each is recorded as
+        // it is met, and each run mapped when it ends.
+        let mut run = Run {
+            first: faulting,
+            last: faulting,
+            len: 1,
+        };
+        mapped.push(faulting);
+        for _ in 1..pages {
+            let Some(ahead) = self.ahead(mapped, &mut walker, run.last.page + PAGE) else {
+                break;
+            };
+            if !Entry::joins(Some(run.last), Some(ahead)) {
+                if self.map_recorded(mapped, &run).is_err() {
+                    return self.refused(mapped, run.first.page == page);
+                }
+                run = Run {
+                    first: ahead,
+                    last: ahead,
+                    len: 0,
+                };
+            }
+            mapped.push(ahead);
+            run.last = ahead;
+            run.len += 1;
+        }
+        if self.map_recorded(mapped, &run).is_err() {
+            return self.refused(mapped, run.first.page == page);
+        }
+        Ok(())
+    }
+
+    /// Counts the pages a fresh fill of `faulting` maps and the runs they make: the
+    /// pages after it that the tables map (as a CPU may cache translations it was
+    /// not asked for) and the window does not hold, up to the first that is not, or
+    /// the end of its 2 MiB. Most accesses to fresh heap memory move forward (a
+    /// slab's objects, a buffer being written), so this saves a host fault for each
+    /// page but the first, and a run of consecutive frames costs one call.
+    fn look_ahead(
+        &self,
+        mapped: &mut Mapped,
+        walker: &mut Walker,
+        faulting: Entry,
+    ) -> (usize, usize) {
+        let (mut pages, mut runs, mut last) = (1, 1, faulting);
+        while let Some(ahead) = self.ahead(mapped, walker, last.page + PAGE) {
+            if !Entry::joins(Some(last), Some(ahead)) {
+                runs += 1;
+            }
+            (pages, last) = (pages + 1, ahead);
+        }
+        (pages, runs)
+    }
+
+    /// What a fill would map at `page`, after the page it faulted on: nothing if
+    /// the page starts another 2 MiB or is outside the window, if the window holds
+    /// it, or if the tables do not map it.
+    fn ahead(&self, mapped: &mut Mapped, walker: &mut Walker, page: u64) -> Option<Entry> {
+        if page.is_multiple_of(WINDOW_ALIGN) || !self.contains(page) || mapped.find(page).is_some()
+        {
+            return None;
+        }
+        let translation = walker.walk(page)?;
+        let piece = translation.phys().as_u64() & !(PAGE - 1);
+        (piece < self.memory_size).then(|| Entry {
+            page,
+            piece,
+            flags: translation.flags.bits(),
+            prot: prot_of(translation.flags) as u64,
+        })
+    }
+
+    /// Maps `run`, whose pages are the newest recorded; forgets them if the host
+    /// refuses.
+    fn map_recorded(&self, mapped: &mut Mapped, run: &Run) -> Result<(), ()> {
+        let prot = run.first.prot as c_int;
+        self.map_run(run.first.page, run.len * PAGE, run.first.piece, prot)
+            .inspect_err(|()| mapped.pop_newest(run.len as usize))
+    }
+
+    /// The host refused a mapping (out of mappings, which the budget should have
+    /// prevented). If it was the faulting page's, the oldest fill is evicted and the
+    /// access, retried, faults again; pages after it wait for faults of their own.
+    fn refused(&self, mapped: &mut Mapped, faulting: bool) -> Result<(), Refusal> {
+        if !faulting {
+            return Ok(());
+        }
+        while mapped.tail < mapped.head {
+            if let Some(oldest) = mapped.pop_oldest() {
+                return self
+                    .evict_around(mapped, oldest)
+                    .map_err(|()| Refusal::MapFailed);
+            }
+        }
+        Err(Refusal::MapFailed)
+    }
+
+    /// Maps `len` bytes of the memfd from `piece` at window address `start`, with
+    /// the host's page tables filled at once: a first write to a shared mapping is
+    /// a host page fault of its own per page, where one call fills them all.
+    fn map_run(&self, start: u64, len: u64, piece: u64, prot: c_int) -> Result<(), ()> {
+        // SAFETY: the range is in the window, which this machine reserved and
         // nothing else maps; replacing it changes no memory Rust code owns.
         let done = unsafe {
             libc::mmap(
-                page as *mut c_void,
-                PAGE as usize,
+                start as *mut c_void,
+                len as usize,
                 prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
                 self.fd,
                 piece as libc::off_t,
             )
         };
         if done == libc::MAP_FAILED {
-            return Err(Refusal::MapFailed);
+            Err(())
+        } else {
+            Ok(())
         }
-        let flags = translation.flags.bits();
-        match known {
-            Some((_, slot)) => *mapped.entry(slot) = Entry { page, piece, flags },
-            None => mapped.push(page, piece, flags),
-        }
-        Ok(())
     }
 
     /// Evicts the host-mapped pages of the 2 MiB of the window around `oldest` (the
     /// oldest fill, already taken off the ring): one call re-reserves them all, where
-    /// a page at a time would cost a call per page (pages of scattered frames never
-    /// merge into one mapping).
+    /// a page at a time would cost a call per page.
     fn evict_around(&self, mapped: &mut Mapped, oldest: u64) -> Result<(), ()> {
         let first = (oldest & !(WINDOW_ALIGN - 1)).max(self.start);
         let end = (first + WINDOW_ALIGN).min(self.start + self.size);
@@ -480,13 +754,6 @@ impl Window {
         try_reserve(Some(first), end - first).map(|_| ())
     }
 
-    /// Whether the recorded fill no longer matches what the tables say now.
-    fn changed(&self, entry: &Entry) -> bool {
-        self.walk(entry.page).is_none_or(|now| {
-            now.phys().as_u64() & !(PAGE - 1) != entry.piece || now.flags.bits() != entry.flags
-        })
-    }
-
     /// A flush of window pages `start_vpn..end_vpn` (clipped to the window): drops
     /// the host mappings there whose translation changed since they were filled.
     fn flush(&self, start_vpn: u64, end_vpn: u64) {
@@ -496,64 +763,104 @@ impl Window {
             return;
         }
         let mut mapped = self.lock();
-        let mut runs = Runs(None);
+        let mut walker = Walker::new(self);
+        // The pages to drop, in address order, in the scratch words.
+        let mut dropped = 0;
         if (end - start) / PAGE <= 2 * mapped.live as u64 {
             // Look each page up.
             for page in (start..end).step_by(PAGE as usize) {
-                if let Some((at, slot)) = mapped.find(page) {
-                    let changed = self.changed(&mapped.get(slot));
-                    if changed {
-                        mapped.forget(at, slot);
-                    }
-                    runs.push(page, changed);
+                if let Some(entry) = mapped.lookup(page)
+                    && walker.changed(&entry)
+                {
+                    *mapped.scratch(dropped) = page;
+                    dropped += 1;
                 }
             }
         } else {
-            // Fewer pages mapped than covered: take them from the ring, in address
-            // order.
-            let mut held = 0;
+            // Fewer pages mapped than covered: take them from the ring. It is in
+            // fill order, so mostly in runs, whose walks share their upper levels.
             for position in mapped.tail..mapped.head {
                 let entry = mapped.get(mapped.slot_of(position));
-                if entry.page != 0 && (start..end).contains(&entry.page) {
-                    let changed = u64::from(self.changed(&entry));
-                    *mapped.scratch(held) = entry.page | changed;
-                    held += 1;
+                if entry.page != 0 && (start..end).contains(&entry.page) && walker.changed(&entry) {
+                    *mapped.scratch(dropped) = entry.page;
+                    dropped += 1;
                 }
             }
-            mapped.scratch_slice(held).sort_unstable();
-            for index in 0..held {
-                let tagged = *mapped.scratch(index);
-                let (page, changed) = (tagged & !(PAGE - 1), tagged & 1 != 0);
-                if changed {
-                    let (at, slot) = mapped.find(page).expect("a live ring entry is indexed");
-                    mapped.forget(at, slot);
-                }
-                runs.push(page, changed);
-            }
+            mapped.scratch_slice(dropped).sort_unstable();
         }
-        runs.finish();
+        // Each run of neighbouring pages goes with one call (pages between runs are
+        // kept, or reserved already), rather than a call, and a host TLB shootdown,
+        // each.
+        let mut run: Option<(u64, u64)> = None;
+        for index in 0..dropped {
+            let page = *mapped.scratch(index);
+            if let Some((at, slot)) = mapped.find(page) {
+                mapped.forget(at, slot);
+            }
+            run = match run {
+                Some((first, end)) if end == page => Some((first, page + PAGE)),
+                Some((first, end)) => {
+                    reserve(Some(first), end - first);
+                    Some((page, page + PAGE))
+                }
+                None => Some((page, page + PAGE)),
+            };
+        }
+        if let Some((first, end)) = run {
+            reserve(Some(first), end - first);
+        }
     }
 }
 
-/// Host-mapped pages a flush drops, met in address order: each run of them with no
-/// kept page between goes with one call (the pages between are reserved already),
-/// rather than a call, and a host TLB shootdown, each.
-struct Runs(Option<(u64, u64)>);
+/// Pages of a fill that one call maps: consecutive pieces with the same rights.
+struct Run {
+    first: Entry,
+    last: Entry,
+    len: u64,
+}
 
-impl Runs {
-    fn push(&mut self, page: u64, dropped: bool) {
-        if dropped {
-            let first = self.0.map_or(page, |(first, _)| first);
-            self.0 = Some((first, page + PAGE));
-        } else {
-            self.finish();
+/// Walks the tables for a fill or a flush, which meet pages in address or fill
+/// order: the pages of one 2 MiB share their upper-level entries, which it reads
+/// once. (Tables changing during the fill or flush are a race the code under test
+/// has with the access or the flush, as on hardware.)
+struct Walker<'w> {
+    window: &'w Window,
+    /// Per level 2 to 4: the address of the entry read last there, plus one (0:
+    /// none), and the entry.
+    upper: [(u64, u64); 3],
+}
+
+impl<'w> Walker<'w> {
+    fn new(window: &'w Window) -> Self {
+        Self {
+            window,
+            upper: [(0, 0); 3],
         }
     }
 
-    fn finish(&mut self) {
-        if let Some((first, end)) = self.0.take() {
-            reserve(Some(first), end - first);
-        }
+    /// The translation of `page`.
+    fn walk(&mut self, page: u64) -> Option<Translation> {
+        let (window, upper) = (self.window, &mut self.upper);
+        mmu::walk(window.root, page, |entry, level| {
+            let Some(cached) = (level as usize)
+                .checked_sub(2)
+                .and_then(|at| upper.get_mut(at))
+            else {
+                return window.load_entry(entry);
+            };
+            if cached.0 != entry.as_u64() + 1 {
+                *cached = (entry.as_u64() + 1, window.load_entry(entry));
+            }
+            cached.1
+        })
+        .ok()
+    }
+
+    /// Whether the recorded fill no longer matches what the tables say now.
+    fn changed(&mut self, entry: &Entry) -> bool {
+        self.walk(entry.page).is_none_or(|now| {
+            now.phys().as_u64() & !(PAGE - 1) != entry.piece || now.flags.bits() != entry.flags
+        })
     }
 }
 
@@ -580,7 +887,17 @@ impl core::ops::DerefMut for Busy<'_> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.window.busy.store(false, Ordering::Release);
+        if self.window.busy.swap(FREE, Ordering::Release) == CONTENDED {
+            // SAFETY: wakes one thread sleeping on a word of this window.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.window.busy.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
+        }
     }
 }
 
@@ -707,22 +1024,41 @@ impl HostMemory {
     ///
     /// If `window_size` is zero or not a multiple of 4 KiB, if the host refuses the
     /// memfd or a mapping, or if [`MAX_WINDOWS`] windows already exist.
-    pub(super) fn new(memory_size: u64, window_size: u64, root: PhysFrame) -> HostMemory {
+    pub(super) fn new(
+        memory_size: u64,
+        window_size: u64,
+        root: PhysFrame,
+        pages_bounded: bool,
+    ) -> HostMemory {
         assert!(
             window_size > 0 && window_size.is_multiple_of(PAGE),
             "host window size {window_size:#x} is not a positive multiple of 4 KiB"
         );
         let (fd, memory) = shared_memory(memory_size);
+        // The limit is read before the first window exists (`must_evict` needs it).
+        limit();
+        let most = if pages_bounded { budget() } else { MAX_RING };
+        // As many pages as the window has, up to the most it may hold.
+        let capacity = (window_size / PAGE)
+            .min(most as u64)
+            .next_power_of_two()
+            .max(64) as usize;
+        let start = reserve_aligned(window_size);
         let window = Box::new(Window {
             fd,
             memory,
             memory_size,
-            start: reserve_aligned(window_size),
+            start,
             size: window_size,
             root,
-            busy: AtomicBool::new(false),
+            busy: AtomicU32::new(FREE),
             fills: AtomicU64::new(0),
-            mapped: UnsafeCell::new(Mapped::new(budget().next_power_of_two())),
+            mapped: UnsafeCell::new(Mapped::new(
+                capacity,
+                start,
+                start + window_size,
+                pages_bounded,
+            )),
         });
         let window = NonNull::from(Box::leak(window));
         INSTALL.call_once(install_handler);
@@ -768,6 +1104,12 @@ impl HostMemory {
         self.window().lock().live
     }
 
+    /// Host mappings the window's range is split into now, by its own count.
+    #[cfg(test)]
+    pub(super) fn mappings(&self) -> usize {
+        self.window().lock().splits + 1
+    }
+
     /// A flush of pages `start_vpn..end_vpn`: drops the host mappings there whose
     /// translation changed.
     pub(super) fn flush(&self, start_vpn: u64, end_vpn: u64) {
@@ -793,7 +1135,10 @@ impl Drop for HostMemory {
         // came from `Box::leak` in `new`.
         let window = unsafe { Box::from_raw(self.window.as_ptr()) };
         let mapped = window.mapped.into_inner();
-        MAPPED.fetch_sub(mapped.live, Ordering::Relaxed);
+        SPLITS.fetch_sub(mapped.splits, Ordering::Relaxed);
+        if mapped.pages_bounded {
+            MAPPED.fetch_sub(mapped.live, Ordering::Relaxed);
+        }
         unmap(
             mapped.ring.as_ptr() as u64,
             (mapped.capacity * size_of::<Entry>()) as u64,
@@ -909,6 +1254,13 @@ fn install_handler() {
 /// Whether the SIGSEGV action is ours now.
 pub(super) fn installed() -> bool {
     INSTALL.is_completed() && current_action().sa_sigaction == ours()
+}
+
+/// Watches the handler again as if ours had replaced the default action: a forked
+/// test child then plays the runtime that installs its own over ours.
+#[cfg(test)]
+pub(super) fn watch_again() {
+    WATCH.store(WATCH_CHECKS, Ordering::Relaxed);
 }
 
 /// While ours may still be replaced (see the module documentation): checks that it

@@ -65,8 +65,11 @@
 //! process-wide handler walks this machine's tables as the MMU does and, if the
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
-//! retried. The host mappings are thus a second TLB, filled on demand. Each fill
-//! counts as a TLB miss in [`tlb_stats`]. An access the tables do not allow is a bug
+//! retried. The host mappings are thus a second TLB, filled on demand. A fill maps
+//! the pages after the faulting one too, as far as the tables map them, up to the
+//! end of its 2 MiB (as a CPU may cache translations it was not asked for; a run on
+//! consecutive frames is one host mapping). Each fill counts as a TLB miss in
+//! [`tlb_stats`]. An access the tables do not allow is a bug
 //! in the code under test, as an oops is in a kernel: the handler prints the address
 //! to stderr and the process dies with SIGSEGV.
 //!
@@ -89,7 +92,11 @@
 //! two: itself and the split of the reservation around it), and a test can keep as
 //! much memory live as the machine has: a working set larger than the capacity only
 //! costs refills. A test holding 1 GiB of live 1 KiB heap objects on scattered frames
-//! (`tests/sim_scale.rs`, 262,144 pages) peaks at about 32,800 host mappings. As for
+//! (`tests/sim_scale.rs`, 262,144 pages) peaks at about 32,800 host mappings. A whole
+//! program on the kernel heap has a working set of hundreds of MiB, mostly in runs
+//! of consecutive frames: with [`SimConfig::with_host_window_by_mappings`] its
+//! window counts only the host mappings its pages make, keeping them (with every
+//! window's) under three quarters of the limit, however many pages that is. As for
 //! a TLB entry, an eviction may end a stale translation early (a test reading a frame
 //! through an unmapped, unflushed page relies on it only for pages it touched
 //! recently).
@@ -101,12 +108,13 @@
 //! the Rust runtime reads the SIGSEGV action, may allocate, and then installs its
 //! handler over whatever the allocation installed. A machine made inside such an
 //! allocation notices, as long as the action it replaced was the default: the
-//! machine's accesses to physical memory and its flushes check that the handler is
+//! machine's accesses to physical memory, its flushes and its interrupts-off (which
+//! every lock of the heap and the manager takes first) check that the handler is
 //! still installed, and if not, install it again in front of the new one and print a
 //! line saying so. That covers every window page the code under test maps after the
-//! runtime's handler arrived; a page mapped before it and first touched after,
-//! with no machine call in between, would still reach the runtime's handler and kill
-//! the process. So a global allocator that makes its machine on first use is safest
+//! runtime's handler arrived, and every page first touched after a heap call; a page
+//! mapped before it and first touched after, with no machine call in between, would
+//! still reach the runtime's handler and kill the process. So a global allocator that makes its machine on first use is safest
 //! serving allocations from the system allocator until `main` has started
 //! (`tests/heap_global.rs` switches in a test). One that makes it inside the
 //! runtime's first allocation works (`tests/sim_handler_order.rs`) as long as no
@@ -114,7 +122,11 @@
 //! kernel heap touches the slab it carves an object from at once).
 //! [`host_window_handler_installed`] says whether the handler is in place. A program
 //! that installs a SIGSEGV handler of its own after making a machine must pass the
-//! faults it does not handle to the one it replaced.
+//! faults it does not handle to the one it replaced. And the host kernel does not
+//! fault on the program's behalf: a system call given a buffer in a window page not
+//! host-mapped yet (a `read` into fresh capacity) fails with `EFAULT`, so such a
+//! buffer is touched first, or comes from the system allocator
+//! (`benches/host_program.rs` builds criterion that way).
 //!
 //! Limits: flushing one page of a 2 MiB or 1 GiB mapping checks only that page's
 //! host mapping (a TLB drops the whole mapping).
@@ -204,6 +216,9 @@ pub struct SimConfig {
     /// Bytes of host window to reserve (a positive multiple of 4 KiB), if any; see
     /// the [module documentation](self#the-host-window). Linux x86_64 only.
     pub host_window: Option<u64>,
+    /// Whether the host window's pages are bounded only by the host mappings they
+    /// cost, not by their number too (see [`SimConfig::with_host_window_by_mappings`]).
+    pub host_window_by_mappings: bool,
     /// CPUs, each with its own TLB (1 to [`MAX_CPUS`](vmalloc::smp::MAX_CPUS)).
     pub cpus: usize,
 }
@@ -216,6 +231,7 @@ impl SimConfig {
             reserved_holes: 8,
             scatter_seed: None,
             host_window: None,
+            host_window_by_mappings: false,
             cpus: 1,
         }
     }
@@ -240,6 +256,19 @@ impl SimConfig {
     pub const fn with_host_window(self, size: u64) -> Self {
         Self {
             host_window: Some(size),
+            ..self
+        }
+    }
+
+    /// The same configuration with a host window (if it has one) that may keep as
+    /// many pages host-mapped as fit in three quarters of the host's limit on
+    /// mappings, rather than a quarter of that limit in pages: pages on consecutive
+    /// frames share one mapping, so a whole program's working set of hundreds of MiB
+    /// stays mapped instead of being filled again and again (see [the host
+    /// window](self#the-host-window)).
+    pub const fn with_host_window_by_mappings(self) -> Self {
+        Self {
+            host_window_by_mappings: true,
             ..self
         }
     }
@@ -301,7 +330,12 @@ impl Backing {
     fn new(config: &SimConfig, root: PhysFrame) -> (Backing, NonNull<u8>) {
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         if let Some(window) = config.host_window {
-            let host = host::HostMemory::new(config.memory_size, window, root);
+            let host = host::HostMemory::new(
+                config.memory_size,
+                window,
+                root,
+                !config.host_window_by_mappings,
+            );
             let memory = host.memory();
             return (Backing::Host(host), memory);
         }

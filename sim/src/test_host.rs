@@ -5,9 +5,9 @@ use core::ffi::c_void;
 use std::vec;
 use vmalloc::TlbFlush;
 use vmalloc::frame::MapperFrames;
+use x86_64::structures::paging::Page;
 use x86_64::structures::paging::mapper::{Mapper, OffsetPageTable};
 use x86_64::structures::paging::{FrameAllocator, PageTableFlags as Flags, Size2MiB};
-use x86_64::structures::paging::{Page, Size4KiB};
 
 const WINDOW: u64 = 4 << 20;
 const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
@@ -212,15 +212,21 @@ fn flush_range_and_flush_all_drop_the_changed_pages_they_cover() {
     assert_eq!(resident, [true, false, false, true]);
 
     // SAFETY: mapped writable. Outside the flushed range the host mapping is stale,
-    // as a TLB entry would be; inside it, the next touch fills the new frame.
+    // as a TLB entry would be; inside it, the next touch fills the new frame (and
+    // page 2 with it, up to page 3, which the window holds).
     let seen = unsafe { [ptr(pages[0]).read_volatile(), ptr(pages[1]).read_volatile()] };
     assert_eq!(seen, [1, 2]);
-    assert!(host_resident(pages[1]));
+    let resident: Vec<bool> = pages.iter().map(|&p| host_resident(p)).collect();
+    assert_eq!(resident, [true, true, true, true]);
 
-    // Page 1 was filled from the tables as they are now: the full flush keeps it.
+    // Pages 1 and 2 were filled from the tables as they are now: the full flush
+    // keeps them.
     machine.flush_all();
     let resident: Vec<bool> = pages.iter().map(|&p| host_resident(p)).collect();
-    assert_eq!(resident, [false, true, false, false]);
+    assert_eq!(resident, [false, true, true, false]);
+    // SAFETY: mapped writable.
+    let seen = unsafe { [ptr(pages[2]).read_volatile(), ptr(pages[3]).read_volatile()] };
+    assert_eq!(seen, [2, 2]);
 }
 
 #[test]
@@ -521,7 +527,7 @@ fn a_linked_list_heap_runs_in_the_window() {
 }
 
 #[test]
-fn a_2mib_mapping_is_filled_page_by_page() {
+fn a_2mib_mapping_is_filled_in_4_kib_pieces() {
     let machine = machine();
     let mut frames = frames_of(&machine);
     let (start, _) = machine.host_window().unwrap();
@@ -533,19 +539,96 @@ fn a_2mib_mapping_is_filled_page_by_page() {
         .unwrap()
         .ignore();
     let base: *mut u8 = page.start_address().as_mut_ptr();
-    for offset in [0, 0x12345, (2 << 20) - 1] {
+    let misses = machine.tlb_stats().misses;
+    for offset in [0x12345, 0, (2 << 20) - 1] {
         // SAFETY: inside the writable 2 MiB page.
         unsafe { base.add(offset).write_volatile(0x77) };
         let mut byte = [0];
         machine.read_phys(frame.start_address() + offset as u64, &mut byte);
         assert_eq!(byte[0], 0x77, "offset {offset:#x}");
     }
-    let small = Page::<Size4KiB>::containing_address(page.start_address() + 0x12345u64);
-    assert!(host_resident(small));
-    assert!(
-        !host_resident(small + 1),
-        "only touched 4 KiB pieces are mapped"
+    // The first touch mapped its piece and every one after it in the 2 MiB, the
+    // second the pieces before it: two fills, two host mappings, which the host
+    // merged (consecutive pieces of the memfd).
+    assert_eq!(machine.tlb_stats().misses, misses + 2);
+    assert_eq!(machine.host_mapped_pages(), 512);
+    let start = page.start_address().as_u64();
+    assert_eq!(host_mapping_of(start), start..start + (2 << 20));
+}
+
+#[test]
+fn a_fill_maps_the_pages_after_it_that_the_tables_map() {
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    // 40 pages on consecutive frames; 10 with page 105 left out; 4 across the end
+    // of the window's first 2 MiB (pages 510 to 513).
+    let run: Vec<PhysFrame> = (0..40).map(|_| next(&mut frames)).collect();
+    assert!(run.windows(2).all(|pair| pair[1] == pair[0] + 1));
+    for (index, &frame) in run.iter().enumerate() {
+        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index as u64),
+            frame,
+            RW,
+        );
+    }
+    for index in (100..110).filter(|&index| index != 105).chain(510..514) {
+        let frame = next(&mut frames);
+        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index),
+            frame,
+            RW,
+        );
+    }
+    let resident = |range: std::ops::Range<u64>| -> Vec<bool> {
+        range
+            .map(|index| host_resident(window_page(&machine, index)))
+            .collect()
+    };
+    let read = |index: u64| {
+        // SAFETY: the caller reads mapped pages.
+        unsafe { ptr(window_page(&machine, index)).read_volatile() }
+    };
+    let misses = machine.tlb_stats().misses;
+    assert_eq!(read(0), 0);
+    // The fill mapped the 39 pages after it with it, in one host mapping:
+    // consecutive frames with the same rights.
+    assert_eq!(resident(0..41), [[true; 40].as_slice(), &[false]].concat());
+    let first = window_page(&machine, 0).start_address().as_u64();
+    assert_eq!(host_mapping_of(first), first..first + 40 * 4096);
+    assert!((1..40).all(|index| read(index) == index as u8));
+    assert_eq!(
+        machine.tlb_stats().misses,
+        misses + 1,
+        "one fill, then hits"
     );
+
+    // It stops at a page the tables do not map, and at the end of a 2 MiB.
+    assert_eq!(read(100), 100);
+    assert_eq!(read(510), 510u64 as u8);
+    let expected = [
+        true, true, true, true, true, false, false, false, false, false,
+    ];
+    assert_eq!(resident(100..110), expected);
+    assert_eq!(resident(510..514), [true, true, false, false]);
+    assert_eq!(machine.tlb_stats().misses, misses + 3);
+}
+
+/// The host mapping holding `addr`, from `/proc/self/maps`.
+fn host_mapping_of(addr: u64) -> std::ops::Range<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("procfs");
+    maps.lines()
+        .find_map(|line| {
+            let (start, end) = line.split_once(' ')?.0.split_once('-')?;
+            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
+            range.contains(&addr).then_some(range)
+        })
+        .expect("a mapping holds the address")
 }
 
 #[test]
@@ -591,4 +674,170 @@ fn pages_filled_again_and_again_keep_reaching_their_frames() {
     }
     let fills = u64::from(ROUNDS) * (PAGES - 1) + 1;
     assert_eq!(machine.tlb_stats().misses, fills);
+}
+
+/// Host mappings that hold part of `range`, from `/proc/self/maps`.
+fn host_mappings_in(range: std::ops::Range<u64>) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("procfs");
+    maps.lines()
+        .filter_map(|line| {
+            let (start, end) = line.split_once(' ')?.0.split_once('-')?;
+            Some(u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?)
+        })
+        .filter(|mapping| mapping.start < range.end && range.start < mapping.end)
+        .count()
+}
+
+#[test]
+fn the_window_knows_how_many_host_mappings_its_pages_make() {
+    // What the budget counts must be what the host has: runs of consecutive frames
+    // share a host mapping, scattered ones and other rights do not, and reserved
+    // pages merge again when a flush drops pages.
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    let (start, size) = machine.host_window().unwrap();
+    let window = start.as_u64()..start.as_u64() + size;
+    let counted = || match &machine.backing {
+        Backing::Host(host) => host.mappings(),
+        Backing::Heap { .. } => unreachable!("a machine with a window"),
+    };
+    let check = |when: &str| assert_eq!(counted(), host_mappings_in(window.clone()), "{when}");
+    let pool: Vec<PhysFrame> = (0..1200).map(|_| next(&mut frames)).collect();
+    let mut rng = Rng::new(5);
+    let mut mapped = vec![];
+    let mut frame = 0;
+    let mut index = 0;
+    while index < 900 {
+        // A run of pages on consecutive frames (or a jump), some read-only.
+        if rng.below(3) == 0 {
+            frame = rng.below(pool.len() as u64 - 20) as usize;
+        }
+        let flags = if rng.below(5) == 0 {
+            Flags::PRESENT
+        } else {
+            RW
+        };
+        for _ in 0..1 + rng.below(12) {
+            let page = window_page(&machine, index);
+            map(&machine, &mut frames, page, pool[frame % pool.len()], flags);
+            mapped.push(page);
+            (index, frame) = (index + 1, frame + 1);
+        }
+        // A gap the tables leave unmapped, now and then.
+        index += rng.below(3) * rng.below(2);
+    }
+    check("before any touch");
+    for &page in mapped.iter().step_by(7) {
+        // SAFETY: mapped readable.
+        unsafe { ptr(page).read_volatile() };
+    }
+    check("after touching every seventh page");
+    // Some pages change frames or rights; a flush covers half of them.
+    for &page in &mapped {
+        if rng.below(6) != 0 {
+            continue;
+        }
+        mapper(&machine).unmap(page).unwrap().1.ignore();
+        let frame = pool[rng.below(pool.len() as u64) as usize];
+        let flags = if rng.below(2) == 0 {
+            Flags::PRESENT
+        } else {
+            RW
+        };
+        map(&machine, &mut frames, page, frame, flags);
+    }
+    machine.flush_range(Page::range(mapped[0], mapped[mapped.len() / 2]));
+    check("after a range flush");
+    machine.flush_all();
+    check("after a full flush");
+    for &page in &mapped {
+        // SAFETY: mapped readable.
+        unsafe { ptr(page).read_volatile() };
+    }
+    check("after touching every page");
+    assert_eq!(machine.host_mapped_pages(), mapped.len());
+}
+
+/// A machine whose window maps `count` 2 MiB pages on 2 MiB frames above the
+/// tables' frames, each touched once: the window pages it then holds, and its fills.
+fn touch_huge_pages(config: SimConfig, count: u64) -> (usize, u64) {
+    let machine = SimMachine::new(config);
+    let mut frames = frames_of(&machine);
+    let (start, _) = machine.host_window().unwrap();
+    for index in 0..count {
+        let page = Page::<Size2MiB>::from_start_address(start + (index << 21)).unwrap();
+        let frame =
+            PhysFrame::<Size2MiB>::from_start_address(PhysAddr::new((32 << 20) + (index << 21)))
+                .unwrap();
+        // SAFETY: the 2 MiB frame is used by nothing else in this machine.
+        unsafe { mapper(&machine).map_to_with_table_flags(page, frame, RW, RW, &mut frames) }
+            .unwrap()
+            .ignore();
+        // SAFETY: inside the writable 2 MiB page.
+        unsafe {
+            page.start_address()
+                .as_mut_ptr::<u64>()
+                .write_volatile(index)
+        };
+    }
+    for index in 0..count {
+        let mut word = [0; 8];
+        machine.read_phys(PhysAddr::new((32 << 20) + (index << 21)), &mut word);
+        assert_eq!(u64::from_le_bytes(word), index);
+    }
+    (machine.host_mapped_pages(), machine.tlb_stats().misses)
+}
+
+#[test]
+fn a_window_bounded_by_mappings_holds_more_pages_than_the_page_budget() {
+    // More 2 MiB pages than the page budget has 4 KiB pages: each touch maps its
+    // 512 pieces with one host mapping.
+    let count = host::budget() as u64 / 512 + 4;
+    let config = SimConfig::new((32 << 20) + (count << 21))
+        .with_holes(0)
+        .with_host_window(count << 21);
+    let (held, fills) = touch_huge_pages(config.with_host_window_by_mappings(), count);
+    assert_eq!(held as u64, count * 512, "every page stays mapped");
+    assert_eq!(fills, count, "one fill per 2 MiB");
+    // (Bounded by pages, it would evict: tests/sim_scale.rs. Not here, where it
+    // would take the page budget from the tests running beside this one.)
+}
+
+#[test]
+fn interrupts_off_puts_back_a_handler_installed_over_the_windows() {
+    // A runtime installs its SIGSEGV handler over the window's after the machine was
+    // made (see the crate documentation). The next interrupts-off, which every lock
+    // of the heap and the manager takes first, puts the window's back in front, so a
+    // page mapped before and first touched after that call still reaches its frame.
+    use vmalloc::smp::Cpus as _;
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    let page = window_page(&machine, 3);
+    let frame = next(&mut frames);
+    machine.fill_phys(frame.start_address(), 4096, 0x5a);
+    map(&machine, &mut frames, page, frame, RW);
+    extern "C" fn runtimes(_: libc::c_int) {
+        // SAFETY: ends the child; async-signal-safe.
+        unsafe { libc::_exit(42) };
+    }
+    let (status, printed) = in_child(|| {
+        host::watch_again();
+        // SAFETY: all-zero is a valid `sigaction`; installing a plain handler.
+        unsafe {
+            let mut action: libc::sigaction = core::mem::zeroed();
+            action.sa_sigaction = runtimes as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGSEGV, &action, core::ptr::null_mut());
+        }
+        let state = machine.irq_save();
+        machine.irq_restore(state);
+        // SAFETY: mapped writable; the window's handler fills it.
+        let seen = unsafe { ptr(page).read_volatile() };
+        if seen != 0x5a {
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(43) };
+        }
+    });
+    assert_eq!(status, 0, "child ended with {status:#x}: {printed}");
+    assert!(printed.contains("installed again"), "{printed}");
 }
