@@ -1,0 +1,476 @@
+//! A window's fills and flushes: the signal handler's fill of the pages a fault
+//! reaches, and a flush's drop of the host mappings whose translation changed.
+
+use super::ring::{Entry, Mapped};
+use super::{PAGE, WINDOW_ALIGN, reserve, try_reserve};
+use crate::mmu::{self, Access, AccessKind, Translation};
+use core::cell::UnsafeCell;
+use core::ffi::{c_int, c_void};
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use x86_64::PhysAddr;
+use x86_64::structures::paging::{PageTableFlags, PhysFrame};
+
+/// Turns a thread spins on a window's `busy` before it sleeps.
+pub(super) const SPINS_BEFORE_SLEEP: u32 = 100;
+/// The states of a window's `busy`.
+pub(super) const FREE: u32 = 0;
+pub(super) const HELD: u32 = 1;
+pub(super) const CONTENDED: u32 = 2;
+
+/// Error-code bits the CPU pushes for a page fault (the kernel passes them on in
+/// `REG_ERR`).
+pub(super) const ERR_WRITE: u64 = 1 << 1;
+pub(super) const ERR_FETCH: u64 = 1 << 4;
+
+/// What the signal handler needs of a machine with a host window; boxed, so its
+/// address stays put while the machine moves.
+#[derive(Debug)]
+pub(super) struct Window {
+    pub(super) fd: c_int,
+    /// The memfd's mapping: physical address 0.
+    pub(super) memory: NonNull<u8>,
+    pub(super) memory_size: u64,
+    pub(super) start: u64,
+    pub(super) size: u64,
+    pub(super) root: PhysFrame,
+    /// Held while filling a page or dropping host mappings: [`FREE`], [`HELD`], or
+    /// [`CONTENDED`] (held, and a thread may sleep on it).
+    pub(super) busy: AtomicU32,
+    /// Faults the handler served by filling pages: TLB misses of host accesses.
+    pub(super) fills: AtomicU64,
+    /// The pages mapped now; used only with `busy` held.
+    pub(super) mapped: UnsafeCell<Mapped>,
+}
+
+/// The host rights of a page whose effective flags are `flags`: readable, and
+/// writable if the tables allow it.
+pub(super) fn prot_of(flags: PageTableFlags) -> c_int {
+    if flags.contains(PageTableFlags::WRITABLE) {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    }
+}
+
+/// Why a window fault cannot be served.
+#[derive(Clone, Copy)]
+pub(super) enum Refusal {
+    NotMapped,
+    NotAllowed,
+    MapFailed,
+}
+
+impl Refusal {
+    pub(super) fn message(self) -> &'static [u8] {
+        match self {
+            Refusal::NotMapped => b"page not mapped in the simulated page tables",
+            Refusal::NotAllowed => b"access not allowed by the simulated page tables",
+            Refusal::MapFailed => b"mmap of the frame failed",
+        }
+    }
+}
+
+impl Window {
+    pub(super) fn contains(&self, addr: u64) -> bool {
+        addr.wrapping_sub(self.start) < self.size
+    }
+
+    /// Takes `busy`, for the pages mapped now: a few turns of spinning, then sleeps
+    /// on it (a futex, which a signal handler may wait on) until the holder wakes
+    /// it. The holder makes system calls, and there may be more threads than host
+    /// cores: spinning waiters would take the cores it needs.
+    pub(super) fn lock(&self) -> Busy<'_> {
+        for _ in 0..SPINS_BEFORE_SLEEP {
+            if self
+                .busy
+                .compare_exchange_weak(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Busy { window: self };
+            }
+            core::hint::spin_loop();
+        }
+        // Held with a sleeper from now on, until the holder lets go and wakes one.
+        while self.busy.swap(CONTENDED, Ordering::Acquire) != FREE {
+            // SAFETY: waits on a word of this window while it holds `CONTENDED`;
+            // returns at once if it no longer does.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.busy.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    CONTENDED,
+                    ptr::null::<libc::timespec>(),
+                )
+            };
+        }
+        Busy { window: self }
+    }
+
+    /// Serves a fault at `addr` with error code `err`: maps the page's frame, or
+    /// says why not.
+    pub(super) fn fill(&self, addr: u64, err: u64) -> Result<(), Refusal> {
+        let kind = if err & ERR_WRITE != 0 {
+            AccessKind::Write
+        } else if err & ERR_FETCH != 0 {
+            AccessKind::Fetch
+        } else {
+            AccessKind::Read
+        };
+        let access = Access { kind, user: false };
+        let page = addr & !(PAGE - 1);
+        let mut mapped = self.lock();
+        self.fills.fetch_add(1, Ordering::Relaxed);
+        match self.walk(page) {
+            None => Err(Refusal::NotMapped),
+            Some(translation) if !translation.permits(access) => Err(Refusal::NotAllowed),
+            Some(translation) => self.map_page(&mut mapped, page, translation, kind),
+        }
+    }
+
+    /// The translation of `page` under the tables as they are now.
+    pub(super) fn walk(&self, page: u64) -> Option<Translation> {
+        mmu::walk(self.root, page, |entry, _| self.load_entry(entry)).ok()
+    }
+
+    /// The entry at `entry`, or 0 (not present) outside the memory: the handler
+    /// must not panic.
+    pub(super) fn load_entry(&self, entry: PhysAddr) -> u64 {
+        if entry.as_u64() >= self.memory_size {
+            return 0;
+        }
+        // SAFETY: inside the memfd mapping (checked above) and 8-aligned (a table
+        // base is 4 KiB-aligned, the index scaled by 8); the mapping lives as long
+        // as the window. Atomic, like the MMU's loads.
+        let entry = unsafe { self.memory.as_ptr().add(entry.as_u64() as usize) };
+        // SAFETY: as above.
+        unsafe { AtomicU64::from_ptr(entry.cast()) }.load(Ordering::Acquire)
+    }
+
+    /// Maps the 4 KiB of physical memory `translation` reaches at window page `page`
+    /// and records it, evicting the oldest fills first if the budget says so. A
+    /// fresh fill maps the pages after it too (see [`Window::look_ahead`]), each run
+    /// of consecutive pieces with the same rights with one call.
+    pub(super) fn map_page(
+        &self,
+        mapped: &mut Mapped,
+        page: u64,
+        translation: Translation,
+        kind: AccessKind,
+    ) -> Result<(), Refusal> {
+        let mut prot = prot_of(translation.flags);
+        // Executable only when fetched from, so data pages stay non-executable.
+        if kind == AccessKind::Fetch {
+            prot |= libc::PROT_EXEC;
+        }
+        let faulting = Entry {
+            page,
+            piece: translation.phys().as_u64() & !(PAGE - 1),
+            flags: translation.flags.bits(),
+            prot: prot as u64,
+        };
+        if faulting.piece >= self.memory_size {
+            return Err(Refusal::NotMapped);
+        }
+        // A page mapped already faults again when the access needs more rights than
+        // it was mapped with (the tables gave them since, or it is fetched from).
+        if let Some((_, slot)) = mapped.find(page) {
+            self.map_run(page, PAGE, faulting.piece, prot)
+                .map_err(|()| Refusal::MapFailed)?;
+            mapped.update(slot, faulting);
+            return Ok(());
+        }
+        let mut walker = Walker::new(self);
+        let (pages, runs) = self.look_ahead(mapped, &mut walker, faulting);
+        while mapped.must_evict(pages, runs + 1) && mapped.tail < mapped.head {
+            if let Some(oldest) = mapped.pop_oldest() {
+                self.evict_around(mapped, oldest)
+                    .map_err(|()| Refusal::MapFailed)?;
+            }
+        }
+        // The same pages again (evicting changed none of them): each is recorded as
+        // it is met, and each run mapped when it ends.
+        let mut run = Run {
+            first: faulting,
+            last: faulting,
+            len: 1,
+        };
+        mapped.push(faulting);
+        for _ in 1..pages {
+            let Some(ahead) = self.ahead(mapped, &mut walker, run.last.page + PAGE) else {
+                break;
+            };
+            if !Entry::joins(Some(run.last), Some(ahead)) {
+                if self.map_recorded(mapped, &run).is_err() {
+                    return self.refused(mapped, run.first.page == page);
+                }
+                run = Run {
+                    first: ahead,
+                    last: ahead,
+                    len: 0,
+                };
+            }
+            mapped.push(ahead);
+            run.last = ahead;
+            run.len += 1;
+        }
+        if self.map_recorded(mapped, &run).is_err() {
+            return self.refused(mapped, run.first.page == page);
+        }
+        Ok(())
+    }
+
+    /// Counts the pages a fresh fill of `faulting` maps and the runs they make: the
+    /// pages after it that the tables map (as a CPU may cache translations it was
+    /// not asked for) and the window does not hold, up to the first that is not, or
+    /// the end of its 2 MiB. Most accesses to fresh heap memory move forward (a
+    /// slab's objects, a buffer being written), so this saves a host fault for each
+    /// page but the first, and a run of consecutive frames costs one call.
+    pub(super) fn look_ahead(
+        &self,
+        mapped: &mut Mapped,
+        walker: &mut Walker,
+        faulting: Entry,
+    ) -> (usize, usize) {
+        let (mut pages, mut runs, mut last) = (1, 1, faulting);
+        while let Some(ahead) = self.ahead(mapped, walker, last.page + PAGE) {
+            if !Entry::joins(Some(last), Some(ahead)) {
+                runs += 1;
+            }
+            (pages, last) = (pages + 1, ahead);
+        }
+        (pages, runs)
+    }
+
+    /// What a fill would map at `page`, after the page it faulted on: nothing if
+    /// the page starts another 2 MiB or is outside the window, if the window holds
+    /// it, or if the tables do not map it.
+    pub(super) fn ahead(
+        &self,
+        mapped: &mut Mapped,
+        walker: &mut Walker,
+        page: u64,
+    ) -> Option<Entry> {
+        if page.is_multiple_of(WINDOW_ALIGN) || !self.contains(page) || mapped.find(page).is_some()
+        {
+            return None;
+        }
+        let translation = walker.walk(page)?;
+        let piece = translation.phys().as_u64() & !(PAGE - 1);
+        (piece < self.memory_size).then(|| Entry {
+            page,
+            piece,
+            flags: translation.flags.bits(),
+            prot: prot_of(translation.flags) as u64,
+        })
+    }
+
+    /// Maps `run`, whose pages are the newest recorded; forgets them if the host
+    /// refuses.
+    pub(super) fn map_recorded(&self, mapped: &mut Mapped, run: &Run) -> Result<(), ()> {
+        let prot = run.first.prot as c_int;
+        self.map_run(run.first.page, run.len * PAGE, run.first.piece, prot)
+            .inspect_err(|()| mapped.pop_newest(run.len as usize))
+    }
+
+    /// The host refused a mapping (out of mappings, which the budget should have
+    /// prevented). If it was the faulting page's, the oldest fill is evicted and the
+    /// access, retried, faults again; pages after it wait for faults of their own.
+    pub(super) fn refused(&self, mapped: &mut Mapped, faulting: bool) -> Result<(), Refusal> {
+        if !faulting {
+            return Ok(());
+        }
+        while mapped.tail < mapped.head {
+            if let Some(oldest) = mapped.pop_oldest() {
+                return self
+                    .evict_around(mapped, oldest)
+                    .map_err(|()| Refusal::MapFailed);
+            }
+        }
+        Err(Refusal::MapFailed)
+    }
+
+    /// Maps `len` bytes of the memfd from `piece` at window address `start`, with
+    /// the host's page tables filled at once: a first write to a shared mapping is
+    /// a host page fault of its own per page, where one call fills them all.
+    pub(super) fn map_run(&self, start: u64, len: u64, piece: u64, prot: c_int) -> Result<(), ()> {
+        // SAFETY: the range is in the window, which this machine reserved and
+        // nothing else maps; replacing it changes no memory Rust code owns.
+        let done = unsafe {
+            libc::mmap(
+                start as *mut c_void,
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                self.fd,
+                piece as libc::off_t,
+            )
+        };
+        if done == libc::MAP_FAILED {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Evicts the host-mapped pages of the 2 MiB of the window around `oldest` (the
+    /// oldest fill, already taken off the ring): one call re-reserves them all, where
+    /// a page at a time would cost a call per page.
+    pub(super) fn evict_around(&self, mapped: &mut Mapped, oldest: u64) -> Result<(), ()> {
+        let first = (oldest & !(WINDOW_ALIGN - 1)).max(self.start);
+        let end = (first + WINDOW_ALIGN).min(self.start + self.size);
+        for page in (first..end).step_by(PAGE as usize) {
+            if let Some((at, slot)) = mapped.find(page) {
+                mapped.forget(at, slot);
+            }
+        }
+        try_reserve(Some(first), end - first).map(|_| ())
+    }
+
+    /// A flush of window pages `start_vpn..end_vpn` (clipped to the window): drops
+    /// the host mappings there whose translation changed since they were filled.
+    pub(super) fn flush(&self, start_vpn: u64, end_vpn: u64) {
+        let start = (start_vpn.saturating_mul(PAGE)).max(self.start);
+        let end = (end_vpn.saturating_mul(PAGE)).min(self.start + self.size);
+        if start >= end {
+            return;
+        }
+        let mut mapped = self.lock();
+        let mut walker = Walker::new(self);
+        // The pages to drop, in address order, in the scratch words.
+        let mut dropped = 0;
+        if (end - start) / PAGE <= 2 * mapped.live as u64 {
+            // Look each page up.
+            for page in (start..end).step_by(PAGE as usize) {
+                if let Some(entry) = mapped.lookup(page)
+                    && walker.changed(&entry)
+                {
+                    *mapped.scratch(dropped) = page;
+                    dropped += 1;
+                }
+            }
+        } else {
+            // Fewer pages mapped than covered: take them from the ring. It is in
+            // fill order, so mostly in runs, whose walks share their upper levels.
+            for position in mapped.tail..mapped.head {
+                let entry = mapped.get(mapped.slot_of(position));
+                if entry.page != 0 && (start..end).contains(&entry.page) && walker.changed(&entry) {
+                    *mapped.scratch(dropped) = entry.page;
+                    dropped += 1;
+                }
+            }
+            mapped.scratch_slice(dropped).sort_unstable();
+        }
+        // Each run of neighbouring pages goes with one call (pages between runs are
+        // kept, or reserved already), rather than a call, and a host TLB shootdown,
+        // each.
+        let mut run: Option<(u64, u64)> = None;
+        for index in 0..dropped {
+            let page = *mapped.scratch(index);
+            if let Some((at, slot)) = mapped.find(page) {
+                mapped.forget(at, slot);
+            }
+            run = match run {
+                Some((first, end)) if end == page => Some((first, page + PAGE)),
+                Some((first, end)) => {
+                    reserve(Some(first), end - first);
+                    Some((page, page + PAGE))
+                }
+                None => Some((page, page + PAGE)),
+            };
+        }
+        if let Some((first, end)) = run {
+            reserve(Some(first), end - first);
+        }
+    }
+}
+
+/// Pages of a fill that one call maps: consecutive pieces with the same rights.
+pub(super) struct Run {
+    pub(super) first: Entry,
+    pub(super) last: Entry,
+    pub(super) len: u64,
+}
+
+/// Walks the tables for a fill or a flush, which meet pages in address or fill
+/// order: the pages of one 2 MiB share their upper-level entries, which it reads
+/// once. (Tables changing during the fill or flush are a race the code under test
+/// has with the access or the flush, as on hardware.)
+pub(super) struct Walker<'w> {
+    pub(super) window: &'w Window,
+    /// Per level 2 to 4: the address of the entry read last there, plus one (0:
+    /// none), and the entry.
+    pub(super) upper: [(u64, u64); 3],
+}
+
+impl<'w> Walker<'w> {
+    pub(super) fn new(window: &'w Window) -> Self {
+        Self {
+            window,
+            upper: [(0, 0); 3],
+        }
+    }
+
+    /// The translation of `page`.
+    pub(super) fn walk(&mut self, page: u64) -> Option<Translation> {
+        let (window, upper) = (self.window, &mut self.upper);
+        mmu::walk(window.root, page, |entry, level| {
+            let Some(cached) = (level as usize)
+                .checked_sub(2)
+                .and_then(|at| upper.get_mut(at))
+            else {
+                return window.load_entry(entry);
+            };
+            if cached.0 != entry.as_u64() + 1 {
+                *cached = (entry.as_u64() + 1, window.load_entry(entry));
+            }
+            cached.1
+        })
+        .ok()
+    }
+
+    /// Whether the recorded fill no longer matches what the tables say now.
+    pub(super) fn changed(&mut self, entry: &Entry) -> bool {
+        self.walk(entry.page).is_none_or(|now| {
+            now.phys().as_u64() & !(PAGE - 1) != entry.piece || now.flags.bits() != entry.flags
+        })
+    }
+}
+
+/// A window's `busy` held, with its pages; dropping it lets go.
+pub(super) struct Busy<'w> {
+    pub(super) window: &'w Window,
+}
+
+impl core::ops::Deref for Busy<'_> {
+    type Target = Mapped;
+    fn deref(&self) -> &Mapped {
+        // SAFETY: `busy` is held while this value lives, so nothing else reaches the
+        // pages.
+        unsafe { &*self.window.mapped.get() }
+    }
+}
+
+impl core::ops::DerefMut for Busy<'_> {
+    fn deref_mut(&mut self) -> &mut Mapped {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference.
+        unsafe { &mut *self.window.mapped.get() }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if self.window.busy.swap(FREE, Ordering::Release) == CONTENDED {
+            // SAFETY: wakes one thread sleeping on a word of this window.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.window.busy.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
+        }
+    }
+}
