@@ -25,29 +25,39 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
 ) -> Option<[u8; 8]> {
     let vm = manager(machine, frames, tlb, cached());
     let old = addr(vm.vmalloc(PAGE).unwrap());
+    // The area after it keeps the old range a hole of two pages (the page and its
+    // guard), where the 2-page areas below never fit: the frame, not the address,
+    // comes back.
+    let pin = vm.vmalloc(PAGE).unwrap();
     machine.write(old, b"OLD-DATA").unwrap();
     let (seen, new) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
         // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
         unsafe { vm.vfree(old.as_mut_ptr()) }.unwrap();
         // Small areas come and go until one gets the frame back.
-        let new = (0..10_000)
+        let (new, page) = (0..10_000)
             .find_map(|_| {
-                let new = vm.vmalloc(PAGE).unwrap();
-                assert_ne!(addr(new), old, "the range is not reused before the flush");
-                if vm.vmalloc_to_frame(addr(new)).unwrap() == frame {
-                    return Some(new);
+                let new = vm.vmalloc(2 * PAGE).unwrap();
+                assert_ne!(addr(new), old, "the range is not reused");
+                let page = (0..2u64)
+                    .map(|i| addr(new) + i * PAGE as u64)
+                    .find(|&page| vm.vmalloc_to_frame(page).unwrap() == frame);
+                if page.is_some() {
+                    return Some((new, page));
                 }
                 // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                 unsafe { vm.vfree(new.as_ptr()) }.unwrap();
                 None
             })
             .expect("the frame comes back");
-        machine.write(addr(new), b"NEWDATA!").unwrap();
+        machine.write(page.unwrap(), b"NEWDATA!").unwrap();
         new
     });
-    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-    unsafe { vm.vfree(new.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the areas after this; a pointer to no live area is refused.
+    unsafe {
+        vm.vfree(new.as_ptr()).unwrap();
+        vm.vfree(pin.as_ptr()).unwrap();
+    }
     seen
 }
 

@@ -1,7 +1,7 @@
 //! A CPU's cache: its block, free frames and lazy list, in its [`PerCpu`] slot.
 
 use super::block::{Block, NO_OWNER};
-use super::{BLOCK_BYTES, BLOCK_PAGES, MAX_BLOCK_PAGES, TAKE_FROM};
+use super::{BLOCK_BYTES, BLOCK_PAGES, MAX_BLOCK_PAGES, MAX_BLOCKS, TAKE_FROM};
 use crate::paging::RangeFlush;
 use crate::percpu::{Held, Init};
 use crate::sync::IrqOff;
@@ -18,30 +18,50 @@ use x86_64::{PhysAddr, VirtAddr};
 /// Free frames a CPU keeps at most: as many as its lazy list holds, so the frames
 /// of a flushed list fit back in the cache and a steady stream of areas costs the
 /// frame allocator nothing.
-pub(super) const CACHED_FRAMES: usize = 128;
+pub(super) const CACHED_FRAMES: usize = 192;
 /// Frames a CPU takes from the allocator at once.
 pub(super) const REFILL: usize = 32;
-/// Freed areas a CPU collects before one batched flush.
-const LAZY_RANGES: usize = 64;
-/// Freed frames (512 KiB) a CPU collects before one batched flush: on a machine
-/// with several CPUs each flush is a shootdown, so 16-page areas should not pay one
-/// every other free.
+/// Freed areas a CPU collects before one batched flush. On a machine with several
+/// CPUs each flush is a shootdown that waits for every other CPU, so the list is
+/// long: a stream of 1-page areas pays one per 128 frees (Linux batches its lazy
+/// vmap purges by the megabyte).
+const LAZY_RANGES: usize = 128;
+/// Freed frames (768 KiB) a CPU collects before one batched flush: 16-page areas pay
+/// one every 12 frees.
 const LAZY_FRAMES: usize = CACHED_FRAMES;
 
-const _: () = assert!(
-    LAZY_FRAMES <= crate::vmalloc::gather::CHUNK,
-    "a list fits one gather"
-);
 const _: () = assert!(REFILL >= MAX_BLOCK_PAGES as usize && REFILL <= CACHED_FRAMES);
 
 pub(super) const NO_FRAME: PhysFrame = PhysFrame::containing_address(PhysAddr::zero());
 
-/// A freed area waiting for its CPU's batched flush.
+/// A freed area waiting for its CPU's batched flush: its block, its first page and
+/// its mapped pages, packed in a word so that the list fits the cache's frame.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Lazy {
-    pub(super) block: u16,
-    pub(super) first: u16,
-    pub(super) pages: u8,
+pub(super) struct Lazy(u32);
+
+const _: () = assert!(
+    MAX_BLOCKS <= 1 << 10 && BLOCK_PAGES <= 1 << 10 && MAX_BLOCK_PAGES < 1 << 12,
+    "a block index and a page each fit 10 bits, a page count 12"
+);
+
+impl Lazy {
+    const NONE: Lazy = Lazy(0);
+
+    pub(super) fn new(block: usize, first: usize, pages: usize) -> Self {
+        Self((block as u32) | (first as u32) << 10 | (pages as u32) << 20)
+    }
+
+    pub(super) fn block(self) -> usize {
+        (self.0 & 0x3ff) as usize
+    }
+
+    pub(super) fn first(self) -> usize {
+        (self.0 >> 10 & 0x3ff) as usize
+    }
+
+    pub(super) fn pages(self) -> u64 {
+        u64::from(self.0 >> 20)
+    }
 }
 
 /// What a CPU's cache counts: written by its holder, read by `stats` from any CPU.
@@ -141,11 +161,7 @@ where
                 block: None,
                 frames: [NO_FRAME; CACHED_FRAMES],
                 cached: 0,
-                lazy: [Lazy {
-                    block: 0,
-                    first: 0,
-                    pages: 0,
-                }; LAZY_RANGES],
+                lazy: [Lazy::NONE; LAZY_RANGES],
                 lazy_len: 0,
                 lazy_frames: [NO_FRAME; LAZY_FRAMES],
                 lazy_frame_count: 0,
@@ -246,11 +262,10 @@ where
 
     /// The mapped pages of a freed area.
     pub(super) fn range_of(&self, lazy: Lazy) -> PageRange {
-        let start = self.blocks.zone
-            + u64::from(lazy.block) * BLOCK_BYTES
-            + u64::from(lazy.first) * PAGE_SIZE;
+        let start =
+            self.blocks.zone + lazy.block() as u64 * BLOCK_BYTES + lazy.first() as u64 * PAGE_SIZE;
         let first = Page::containing_address(VirtAddr::new(start));
-        Page::range(first, first + u64::from(lazy.pages))
+        Page::range(first, first + lazy.pages())
     }
 
     /// One batched flush for the cache's lazy list; then its frames join the cache
@@ -268,7 +283,7 @@ where
         gather.flush();
         let owned = state.block;
         for entry in lazy {
-            self.free_again(owned, usize::from(entry.block), usize::from(entry.first));
+            self.free_again(owned, entry.block(), entry.first());
         }
         let count = state.lazy_frame_count;
         let pending = state.lazy_frames;

@@ -149,11 +149,7 @@ where
             let raw = unsafe { block.entry(first + i).replace(0) };
             *frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
         }
-        let lazy = Lazy {
-            block: index as u16,
-            first: first as u16,
-            pages: pages as u8,
-        };
+        let lazy = Lazy::new(index, first, pages);
         let mut slot = if eager { None } else { self.cpu_slot(&irq) };
         if let Some(slot) = &mut slot {
             let (counters, owned) = slot.split();
