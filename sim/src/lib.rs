@@ -7,7 +7,7 @@
 //!   with `alloc_zeroed` (at a small alignment, so the system allocator's `calloc`
 //!   hands out fresh pages) so that even a block of several GiB costs only the pages
 //!   that are touched; with a [host window](#the-host-window), a `memfd` instead. Physical address `p` lives at host address [`phys_offset`]` + p`, so
-//!   [`SimMachine::phys`] gives a [`PhysMemory`] for the library, and the `x86_64`
+//!   [`SimMachine::phys`] gives a [`PhysMemory`](vmalloc::PhysMemory) for the library, and the `x86_64`
 //!   crate's `OffsetPageTable` can walk the tables with that offset.
 //! - **A firmware memory map** ([`memory_map`]) shaped like a PC's E820 table: low
 //!   memory, the legacy hole, a reserved kernel image at 1 MiB, reserved and unlisted
@@ -145,7 +145,7 @@
 //! assert!(fault.code.is_empty());
 //! ```
 //!
-//! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`]), or with
+//! Page tables are written through [`SimMachine::phys`] (a [`PhysMemory`](vmalloc::PhysMemory)), or with
 //! the `x86_64` crate's `OffsetPageTable` ([`SimMachine::offset_page_table`]). Drop its
 //! `MapperFlush` with `ignore()` and flush through [`TlbFlush`](vmalloc::TlbFlush)
 //! instead: `flush()` runs `invlpg`, which the host does not allow.
@@ -166,12 +166,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod config;
 mod cpu;
 mod frames;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod host;
 mod memmap;
 mod mmu;
+mod phys;
 mod rng;
 pub mod scenarios;
 mod tlb;
@@ -182,9 +184,11 @@ mod test;
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod test_host;
 
+pub use config::SimConfig;
 pub use cpu::{OfflineWhenDropped, SimCpu};
 pub use frames::{POISON, PoisonOnFree, SimFrames, StaleRead};
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
+pub use phys::SimPhys;
 pub use rng::Rng;
 pub use tlb::TlbStats;
 pub use watchdog::{DEADLOCK_LIMIT, watchdog};
@@ -196,98 +200,9 @@ use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 use tlb::Tlb;
-use vmalloc::PhysMemory;
 use vmalloc::frame::MemoryRegion;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
-
-/// How to build a [`SimMachine`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SimConfig {
-    /// Bytes of physical address space, all backed by one host block; a multiple of
-    /// 2 MiB, at least 16 MiB. Reserved ranges and holes of the memory map lie inside
-    /// it, so usable memory is somewhat less.
-    pub memory_size: u64,
-    /// How many holes to cut into the usable memory above the kernel image (see
-    /// [`SimMachine::memory_map`]); each needs 256 KiB of usable memory.
-    pub reserved_holes: usize,
-    /// Seed for handing frames out in shuffled order; `None` for address order.
-    pub scatter_seed: Option<u64>,
-    /// Bytes of host window to reserve (a positive multiple of 4 KiB), if any; see
-    /// the [module documentation](self#the-host-window). Linux x86_64 only.
-    pub host_window: Option<u64>,
-    /// Whether the host window's pages are bounded only by the host mappings they
-    /// cost, not by their number too (see [`SimConfig::with_host_window_by_mappings`]).
-    pub host_window_by_mappings: bool,
-    /// CPUs, each with its own TLB (1 to [`MAX_CPUS`](vmalloc::smp::MAX_CPUS)).
-    pub cpus: usize,
-}
-
-impl SimConfig {
-    /// `memory_size` bytes, 8 holes, no scattering.
-    pub const fn new(memory_size: u64) -> Self {
-        Self {
-            memory_size,
-            reserved_holes: 8,
-            scatter_seed: None,
-            host_window: None,
-            host_window_by_mappings: false,
-            cpus: 1,
-        }
-    }
-
-    /// The same configuration with `cpus` CPUs (see [`SimCpu`]).
-    pub const fn with_cpus(self, cpus: usize) -> Self {
-        Self { cpus, ..self }
-    }
-
-    /// The same configuration with `holes` holes.
-    pub const fn with_holes(self, holes: usize) -> Self {
-        Self {
-            reserved_holes: holes,
-            ..self
-        }
-    }
-
-    /// The same configuration with a host window of `size` bytes (a positive
-    /// multiple of 4 KiB): physical memory in a `memfd`, and a host range whose
-    /// simulated virtual addresses host code can dereference.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    pub const fn with_host_window(self, size: u64) -> Self {
-        Self {
-            host_window: Some(size),
-            ..self
-        }
-    }
-
-    /// The same configuration with a host window (if it has one) that may keep as
-    /// many pages host-mapped as fit in three quarters of the host's limit on
-    /// mappings, rather than a quarter of that limit in pages: pages on consecutive
-    /// frames share one mapping, so a whole program's working set of hundreds of MiB
-    /// stays mapped instead of being filled again and again (see [the host
-    /// window](self#the-host-window)).
-    pub const fn with_host_window_by_mappings(self) -> Self {
-        Self {
-            host_window_by_mappings: true,
-            ..self
-        }
-    }
-
-    /// The same configuration with a scatter seed.
-    pub const fn with_scatter_seed(self, seed: u64) -> Self {
-        Self {
-            scatter_seed: Some(seed),
-            ..self
-        }
-    }
-}
-
-impl Default for SimConfig {
-    /// 64 MiB, 8 holes, no scattering.
-    fn default() -> Self {
-        Self::new(64 << 20)
-    }
-}
 
 /// A simulated x86_64 machine; see the [module documentation](self).
 #[derive(Debug)]
@@ -625,60 +540,5 @@ impl Drop for SimMachine {
             // nothing borrowing the machine (such as a `SimPhys`) outlives it.
             unsafe { dealloc(block.as_ptr(), layout) };
         }
-    }
-}
-
-/// The simulated machine's physical memory, as the library reaches it.
-///
-/// Borrowing the machine keeps the block alive for as long as a `SimPhys` exists.
-#[derive(Debug, Clone, Copy)]
-pub struct SimPhys<'machine> {
-    base: NonNull<u8>,
-    size: u64,
-    _machine: PhantomData<&'machine SimMachine>,
-}
-
-// SAFETY: a `SimPhys` is a pointer into the machine's block with the machine borrowed;
-// sharing it across threads is sharing `&SimMachine`, which is `Sync`.
-unsafe impl Send for SimPhys<'_> {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for SimPhys<'_> {}
-
-impl SimPhys<'_> {
-    /// The host pointer for `addr`.
-    ///
-    /// # Panics
-    ///
-    /// If `addr` is outside the simulated memory.
-    pub fn host_ptr(&self, addr: PhysAddr) -> *mut u8 {
-        self.host_range(addr, 1)
-    }
-
-    /// The host pointer for `addr`, after checking that `len` bytes (at least one)
-    /// from there are inside the simulated memory.
-    fn host_range(&self, addr: PhysAddr, len: usize) -> *mut u8 {
-        // Before the code under test can map a window page: see "The SIGSEGV
-        // handler" in the module documentation.
-        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-        host::watch();
-        let end = addr.as_u64().checked_add(len.max(1) as u64);
-        assert!(
-            end.is_some_and(|end| end <= self.size),
-            "physical range {:#x} + {len:#x} is outside the simulated memory ({:#x} bytes)",
-            addr.as_u64(),
-            self.size
-        );
-        // SAFETY: the offset is inside the block (checked above), which is one
-        // allocation, so the result stays in bounds.
-        unsafe { self.base.as_ptr().add(addr.as_u64() as usize) }
-    }
-}
-
-// SAFETY: every address below `size` maps to a distinct byte of the block, which is
-// valid for reads and writes and lives as long as the borrowed machine; addresses
-// outside it panic instead of returning a pointer.
-unsafe impl PhysMemory for SimPhys<'_> {
-    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
-        self.host_ptr(phys)
     }
 }

@@ -4,8 +4,8 @@
 use super::memmap::{KERNEL_IMAGE_END, KERNEL_IMAGE_START, LOW_USABLE_END};
 use super::*;
 use std::vec;
-use vmalloc::TlbFlush;
 use vmalloc::frame::RegionKind;
+use vmalloc::{PhysMemory, TlbFlush};
 use x86_64::structures::idt::PageFaultErrorCode as Code;
 use x86_64::structures::paging::Page;
 use x86_64::structures::paging::mapper::{Translate, TranslateResult};
