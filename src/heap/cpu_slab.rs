@@ -51,7 +51,7 @@ use crate::smp::Cpus;
 use crate::sync::IrqOff;
 use crate::vmalloc::VmallocOps;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicIsize, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicUsize, Ordering};
 
 /// Operations a CPU serves before it ticks the clock empty slabs age by.
 const TICK_BATCH: u64 = 64;
@@ -66,6 +66,9 @@ pub(crate) struct Counts {
     /// Slabs the CPU holds as its current one, its spare or on its partial list, per
     /// class.
     held: [AtomicU32; CLASSES],
+    /// Set when an object goes into an empty magazine of the CPU, cleared when a
+    /// drain empties them all: a drain visits a CPU whose magazines may hold objects.
+    stocked: AtomicBool,
 }
 
 impl Init for Counts {
@@ -73,7 +76,55 @@ impl Init for Counts {
         cpu: AtomicUsize::new(usize::MAX),
         live: [const { AtomicIsize::new(0) }; CLASSES],
         held: [const { AtomicU32::new(0) }; CLASSES],
+        stocked: AtomicBool::new(false),
     };
+}
+
+/// Classes with a magazine per CPU: those up to 512 bytes, the most frequent.
+pub(crate) const MAGAZINE_CLASSES: usize = 16;
+
+/// Objects a CPU's magazine of one class holds.
+const MAGAZINE: usize = 16;
+
+const _: () = assert!(MAGAZINE_CLASSES <= CLASSES);
+
+/// Freed objects of one class a CPU keeps for its next allocations of it (Bonwick's
+/// per-CPU magazine, Linux's sheaves), the last freed on top: a free and an
+/// allocation that meet here touch neither the object nor its slab. The objects stay
+/// in use as far as their slabs know (whoever holds them), and go back to their slabs
+/// when the magazine is full, when the CPU's objects of the class in use drop to none
+/// and when the CPU is drained.
+pub(crate) struct Magazine {
+    count: usize,
+    objects: [*mut u8; MAGAZINE],
+}
+
+impl Magazine {
+    const EMPTY: Self = Self {
+        count: 0,
+        objects: [ptr::null_mut(); MAGAZINE],
+    };
+
+    /// The last object put in, if any.
+    #[inline(always)]
+    fn pop(&mut self) -> Option<*mut u8> {
+        let count = self.count.checked_sub(1)?;
+        self.count = count;
+        self.objects.get(count).copied()
+    }
+
+    /// Keeps `object`; whether there was room.
+    #[inline(always)]
+    fn push(&mut self, object: *mut u8) -> bool {
+        match self.objects.get_mut(self.count) {
+            Some(slot) => {
+                *slot = object;
+                self.count += 1;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Adds `delta` to a counter only the slot's holder writes: no locked instruction.
@@ -200,6 +251,8 @@ pub(crate) struct CpuState {
     classes: [CpuClass; CLASSES],
     /// Operations served since the clock last ticked.
     ticks: u64,
+    /// Freed objects kept per class, for the first [`MAGAZINE_CLASSES`].
+    magazines: [Magazine; MAGAZINE_CLASSES],
 }
 
 // SAFETY: the slabs the pointers reach are the CPU's, and move with its slot
@@ -210,6 +263,7 @@ impl Init for CpuState {
     const INIT: Self = Self {
         classes: [const { CpuClass::EMPTY }; CLASSES],
         ticks: 0,
+        magazines: [const { Magazine::EMPTY }; MAGAZINE_CLASSES],
     };
 }
 
@@ -265,7 +319,8 @@ impl CpuSlabs {
         let cpu = slot.cpu();
         let (counts, state) = slot.split();
         let slabs_of_class = &mut state.classes[class];
-        let object = match slabs_of_class.pop(geometry) {
+        let kept = state.magazines.get_mut(class).and_then(Magazine::pop);
+        let object = match kept.or_else(|| slabs_of_class.pop(geometry)) {
             Some(object) => object,
             None => match Self::refill(slabs_of_class, counts, cpu, class, slabs, vmalloc) {
                 Some(object) => object,
@@ -297,9 +352,9 @@ impl CpuSlabs {
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
     ) {
-        let Some(geometry) = GEOMETRY.get(class) else {
+        if class >= CLASSES {
             return;
-        };
+        }
         let irq = IrqOff::with(cpus);
         let Some(mut slot) = self.enter(cpus, &irq, slabs, vmalloc) else {
             // SAFETY: forwarded.
@@ -307,28 +362,70 @@ impl CpuSlabs {
         };
         let cpu = slot.cpu();
         let (counts, state) = slot.split();
-        let slabs_of_class = &mut state.classes[class];
-        if slab_of(ptr, geometry) == slabs_of_class.current {
-            // SAFETY: a freed object of the current slab (caller).
-            unsafe { slabs_of_class.push(ptr) };
-        } else {
-            // SAFETY: a freed object of this class (caller).
-            unsafe { Self::free_slow(slabs_of_class, counts, cpu, class, ptr, slabs, vmalloc) };
+        let live = &counts.live[class];
+        let left = live.load(Ordering::Relaxed).wrapping_sub(1);
+        live.store(left, Ordering::Relaxed);
+        if let Some(magazine) = state.magazines.get_mut(class) {
+            if left > 0 {
+                if magazine.count == 0 {
+                    counts.stocked.store(true, Ordering::Relaxed);
+                }
+                if magazine.push(ptr) {
+                    Self::tick(state, cpu, slabs, vmalloc);
+                    return;
+                }
+            } else if magazine.count > 0 {
+                // The CPU's last object of the class in use came back: the magazine
+                // goes back whole, so that its slabs can empty.
+                Self::flush_magazine(state, counts, cpu, class, slabs, vmalloc);
+            }
         }
-        add(&counts.live[class], -1);
+        // SAFETY: forwarded.
+        unsafe { Self::release(state, counts, cpu, class, ptr, slabs, vmalloc) };
         Self::tick(state, cpu, slabs, vmalloc);
     }
 
-    /// Frees `ptr`, not of the current slab: onto its slab's free list if this CPU
-    /// holds it, else onto its remote list, the holder's notices or under its class's
-    /// lock.
+    /// Gives back every object of the CPU's magazine of `class` to its slab.
+    #[cold]
+    fn flush_magazine(
+        state: &mut CpuState,
+        counts: &Counts,
+        cpu: usize,
+        class: usize,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        while let Some(object) = state.magazines.get_mut(class).and_then(Magazine::pop) {
+            // SAFETY: a magazine holds freed objects of its class, counted as freed.
+            unsafe { Self::release(state, counts, cpu, class, object, slabs, vmalloc) };
+        }
+    }
+
+    /// Gives every object of the CPU's magazines back to its slab.
+    pub(super) fn flush_magazines(
+        state: &mut CpuState,
+        counts: &Counts,
+        cpu: usize,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        for class in 0..MAGAZINE_CLASSES {
+            Self::flush_magazine(state, counts, cpu, class, slabs, vmalloc);
+        }
+        counts.stocked.store(false, Ordering::Relaxed);
+    }
+
+    /// Gives `ptr` back to its slab, with the free already counted: onto the CPU's
+    /// free list, the free list of another slab it holds, or as a free from another
+    /// CPU.
     ///
     /// # Safety
     ///
-    /// As [`free`](Self::free); the caller holds CPU `cpu`'s slot.
-    #[inline(never)]
-    unsafe fn free_slow(
-        slabs_of_class: &mut CpuClass,
+    /// `ptr` is a freed object of `class` from these slabs, not used afterwards; the
+    /// caller holds CPU `cpu`'s slot.
+    #[inline(always)]
+    unsafe fn release(
+        state: &mut CpuState,
         counts: &Counts,
         cpu: usize,
         class: usize,
@@ -337,19 +434,64 @@ impl CpuSlabs {
         vmalloc: &dyn VmallocOps,
     ) {
         let geometry = &GEOMETRY[class];
+        let slabs_of_class = &mut state.classes[class];
         let slab = slab_of(ptr, geometry);
+        if slab == slabs_of_class.current {
+            // SAFETY: a freed object of the current slab (caller).
+            unsafe { slabs_of_class.push(ptr) };
         // SAFETY: the object's slab is live while the object is in use (caller).
-        if unsafe { (*slab).remote.holder() } == Some(cpu) {
-            // SAFETY: a freed object of a slab this CPU holds.
-            unsafe {
-                let link = ptr.cast::<FreeObject>();
-                link.write(FreeObject { next: (*slab).free });
-                (*slab).free = link;
-                (*slab).in_use = (*slab).in_use.wrapping_sub(1);
+        } else if unsafe { (*slab).remote.holder() } == Some(cpu) {
+            // SAFETY: a freed object of a slab this CPU holds, not its current one.
+            unsafe { Self::free_held(slabs_of_class, counts, slab, class, ptr, slabs, vmalloc) };
+        } else {
+            // SAFETY: a freed object of this class (caller), of a slab this CPU does
+            // not hold.
+            unsafe { Self::free_slow(class, ptr, slabs, vmalloc) };
+        }
+    }
+
+    /// Frees `ptr` into `slab`, a slab this CPU holds other than its current one:
+    /// onto the slab's own free list, no locked instruction; a slab that was full or
+    /// empties is settled.
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free); the caller holds the slot of the CPU that holds
+    /// `slab`, the object's slab, which is not its current one.
+    #[inline(always)]
+    unsafe fn free_held(
+        slabs_of_class: &mut CpuClass,
+        counts: &Counts,
+        slab: *mut SlabHeader,
+        class: usize,
+        ptr: *mut u8,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        // SAFETY: a freed object of a slab this CPU holds (caller).
+        unsafe {
+            let link = ptr.cast::<FreeObject>();
+            link.write(FreeObject { next: (*slab).free });
+            (*slab).free = link;
+            (*slab).in_use = (*slab).in_use.wrapping_sub(1);
+            // On the CPU's partial list with objects still in use: nothing moves.
+            if (*slab).listed != Listed::Cpu || (*slab).in_use == 0 {
                 Self::settle(slabs_of_class, counts, slab, class, slabs, vmalloc);
             }
+        }
+    }
+
+    /// Frees `ptr`, of a slab this CPU does not hold: onto its remote list, the
+    /// holder's notices or under its class's lock.
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free); the object's slab is not held by the caller's CPU.
+    #[inline(never)]
+    unsafe fn free_slow(class: usize, ptr: *mut u8, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+        let geometry = &GEOMETRY[class];
         // SAFETY: a freed object (caller).
-        } else if !unsafe { slabs.free_remote(class, ptr, geometry) } {
+        if !unsafe { slabs.free_remote(class, ptr, geometry) } {
             // SAFETY: its class holds the slab.
             unsafe { slabs.free_to_class(class, ptr, vmalloc) };
         }
@@ -363,6 +505,7 @@ impl CpuSlabs {
     ///
     /// `slab` is a live slab of `class` the caller's CPU holds, not its current one,
     /// with `in_use` up to date.
+    #[inline(never)]
     unsafe fn settle(
         slabs_of_class: &mut CpuClass,
         counts: &Counts,

@@ -173,6 +173,9 @@ pub struct KernelHeap<'a> {
     cpus: spin::Once<&'a dyn Cpus>,
     cpu_slabs: CpuSlabs,
     config: HeapConfig,
+    /// Sizes below this come from the slabs (when aligned enough): one compare for
+    /// `slab_max`, `large_threshold` and [`slab::MAX_OBJECT`].
+    slab_end: usize,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
     guarded: Guarded<'a>,
@@ -189,6 +192,21 @@ fn lock_heap<'m, T>(lock: &'m IrqLock<T>, vmalloc: Option<&'m dyn VmallocOps>) -
     }
 }
 
+/// The least size `config` keeps from the slabs: past `slab_max`, at least
+/// `large_threshold`, or past [`slab::MAX_OBJECT`].
+const fn slab_end(config: &HeapConfig) -> usize {
+    let limit = if config.slab_max < slab::MAX_OBJECT {
+        config.slab_max
+    } else {
+        slab::MAX_OBJECT
+    };
+    if limit < config.large_threshold {
+        limit + 1
+    } else {
+        config.large_threshold
+    }
+}
+
 impl<'a> KernelHeap<'a> {
     /// A heap that serves nothing until [`init`](Self::init); `const`, for a `static`.
     pub const fn new(config: HeapConfig) -> Self {
@@ -199,6 +217,7 @@ impl<'a> KernelHeap<'a> {
             cpus: spin::Once::new(),
             cpu_slabs: CpuSlabs::new(),
             config,
+            slab_end: slab_end(&config),
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
             guarded: Guarded::new(config.sample_interval, config.guarded_slots),
@@ -334,10 +353,18 @@ impl<'a> KernelHeap<'a> {
         layout.size() >= self.config.large_threshold || layout.align() > PAGE_SIZE as usize
     }
 
-    /// The slab class that serves `layout`, if the slabs serve it.
-    #[inline]
+    /// The slab class that serves `layout`, if the slabs serve it: a compare and a
+    /// table read for the usual alignments.
+    #[inline(always)]
     fn slab_class(&self, layout: Layout) -> Option<usize> {
-        if layout.size() > self.config.slab_max || self.is_large(layout) {
+        if layout.size() >= self.slab_end {
+            return None;
+        }
+        if layout.align() <= slab::MIN_ALIGN {
+            // Below `slab_end`, so at most `MAX_OBJECT`.
+            return Some(slab::class_of_size(layout.size()));
+        }
+        if self.is_large(layout) {
             return None;
         }
         slab::class_for(layout)

@@ -85,10 +85,13 @@ impl CpuSlabs {
     }
 
     /// Gives every slab a held slot's CPU holds as current, spare or on its partial
-    /// list back to its class, after taking back what it was told of.
+    /// list back to its class, after taking back what it was told of and what its
+    /// magazines held.
     pub(super) fn empty(slot: &mut Slot<'_>, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
         Self::take_notices(slot, slabs, vmalloc);
+        let cpu = slot.cpu();
         let (counts, state) = slot.split();
+        Self::flush_magazines(state, counts, cpu, slabs, vmalloc);
         for (class, slabs_of_class) in state.classes.iter_mut().enumerate() {
             if counts.held[class].load(Ordering::Relaxed) == 0 {
                 continue;
@@ -119,6 +122,7 @@ impl CpuSlabs {
                     .held
                     .iter()
                     .any(|held| held.load(Ordering::Relaxed) > 0)
+                    || counts.stocked.load(Ordering::Relaxed)
                     || slabs.has_notices(counts.cpu.load(Ordering::Relaxed))
             },
             |work| vmalloc.call_on_other_cpus(work),

@@ -91,6 +91,32 @@ const SIZE_TO_CLASS: [u8; MAX_OBJECT / 16 + 1] = {
     table
 };
 
+/// Alignment every class's objects have at least: every class size is a multiple of
+/// it, so a layout aligned no more than this is served by its size's class alone.
+pub(in crate::heap) const MIN_ALIGN: usize = 16;
+
+const _: () = {
+    let mut class = 0;
+    while class < CLASSES {
+        assert!(
+            GEOMETRY[class].align >= MIN_ALIGN,
+            "every class is 16-aligned"
+        );
+        class += 1;
+    }
+};
+
+/// The class of a block of `size` bytes aligned to at most [`MIN_ALIGN`]: one table
+/// read.
+///
+/// # Panics
+///
+/// If `size` exceeds [`MAX_OBJECT`] (callers check it first).
+#[inline(always)]
+pub(in crate::heap) fn class_of_size(size: usize) -> usize {
+    usize::from(SIZE_TO_CLASS[size.div_ceil(16)])
+}
+
 /// The class that serves `layout`, if any: the smallest at least as large and as
 /// aligned.
 pub fn class_for(layout: Layout) -> Option<usize> {

@@ -64,7 +64,7 @@ pub(super) mod remote;
 pub use aging::EMPTY_BUDGET;
 use aging::{CLOCK_SHARES, Clock};
 pub use class::{CLASS_SIZES, CLASSES, MAX_OBJECT, class_for};
-pub(super) use class::{GEOMETRY, Geometry};
+pub(super) use class::{GEOMETRY, Geometry, MIN_ALIGN, class_of_size};
 use list::{FreeObject, Listed, SlabHeader, SlabList, give_objects};
 use remote::Pushed;
 
