@@ -15,7 +15,11 @@
 //!   full slab joins the CPU's partial list, an empty one goes back to its class);
 //!
 //! with no locked instruction: a burst of thousands of allocations and then thousands
-//! of frees meets the class's lock once per slab, not per object. When the current
+//! of frees meets the class's lock once per slab, not per object. In front of the
+//! slabs of the classes up to 512 bytes, a CPU keeps a few freed objects per class
+//! (a [`Magazine`]): a free that finds room there, and the next allocation of the
+//! class, touch neither the object nor its slab, so frees and allocations spread over
+//! many slabs (a fragmented heap's) do not each pay a cold slab header. When the current
 //! slab runs dry the CPU takes the objects other CPUs freed into it, else keeps it,
 //! full, on no list, and carves the head of its partial list, else a slab its class
 //! gives it (the class's lock, once per slab).
@@ -35,7 +39,8 @@
 //! only the shared word, atomically.
 //!
 //! **Draining.** [`shrink`](super::KernelHeap::shrink) and an allocation that ran out
-//! of memory give every CPU's slabs back to their classes ([`PerCpu::drain_all`]):
+//! of memory give every CPU's magazines back to their slabs and its slabs back to their
+//! classes ([`PerCpu::drain_all`]):
 //! the caller's at once, an offline CPU's by claim, an online CPU's handed over by
 //! work it runs in its shootdown service (when the manager's flush policy can reach
 //! it), or else at that CPU's next heap call. A drained CPU's full slabs stay its own

@@ -352,3 +352,28 @@ fn a_drained_cpus_full_slab_still_hears_of_frees_and_the_next_drain_takes_them()
     assert!(!heap.slabs.has_notices(1));
     assert_eq!(heap.stats().slabs, 1, "the slab of the object still live");
 }
+
+#[test]
+fn a_cpus_magazine_goes_back_to_its_slabs_when_its_last_object_of_the_class_comes_back() {
+    let cpus = TestCpus::new(0b1);
+    let heap = Heap::new(&cpus, false);
+    // The first slab full, the second the CPU's current one.
+    let objects: Vec<*mut u8> = (0..PER_SLAB + 1).map(|_| heap.alloc(0)).collect();
+    let first = slab(objects[0]);
+    for &object in &objects[..MAGAZINE] {
+        heap.free(0, object);
+    }
+    // SAFETY: a live slab of the test's objects, held by CPU 0, which runs nothing.
+    unsafe { assert_eq!((*first).in_use as usize, PER_SLAB, "kept in the magazine") };
+    for &object in &objects[MAGAZINE..] {
+        heap.free(0, object);
+    }
+    // SAFETY: as above; an emptied slab stays the CPU's spare.
+    unsafe {
+        assert_eq!((*first).in_use, 0, "the magazine went back whole");
+        assert_eq!((*first).remote.holder(), Some(0));
+    }
+    assert_eq!(heap.stats().objects, 0);
+    heap.shrink();
+    assert_eq!(heap.stats().slabs, 0, "every slab went back");
+}
