@@ -11,6 +11,7 @@ use x86_64::structures::paging::{FrameAllocator, PageTableFlags as Flags, Size2M
 
 mod fills;
 mod handler;
+mod parked;
 
 const WINDOW: u64 = 4 << 20;
 const RW: Flags = Flags::PRESENT.union(Flags::WRITABLE);
@@ -65,14 +66,33 @@ fn ptr(page: Page) -> *mut u8 {
 }
 
 /// Whether the host has a resident page mapped at `page` (a window page the handler
-/// filled and no flush dropped; reserved pages are never resident).
+/// filled and no flush took away: reserved pages are never resident, and a parked
+/// page, whose frame stays mapped without access, does not count).
 fn host_resident(page: Page) -> bool {
     let mut status = [0u8; 1];
     // SAFETY: the page is inside the window, a mapping this process owns; `mincore`
     // only reports on it.
     let rc = unsafe { libc::mincore(ptr(page).cast::<c_void>(), 4096, status.as_mut_ptr()) };
     assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-    status[0] & 1 == 1
+    status[0] & 1 == 1 && host_rights(page).starts_with('r')
+}
+
+/// The rights `/proc/self/maps` gives the host mapping holding `page`, as it
+/// prints them (`rw-s`: a filled page of the memfd; `---s`: a parked one; `---p`:
+/// reserved).
+fn host_rights(page: Page) -> std::string::String {
+    let addr = page.start_address().as_u64();
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("procfs");
+    maps.lines()
+        .find_map(|line| {
+            let mut fields = line.split(' ');
+            let (start, end) = fields.next()?.split_once('-')?;
+            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
+            range
+                .contains(&addr)
+                .then(|| fields.next().unwrap_or("").into())
+        })
+        .expect("a mapping holds the page")
 }
 
 #[test]

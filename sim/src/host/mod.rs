@@ -30,12 +30,20 @@
 //! order with a hash index by page.
 //!
 //! A flush ([`TlbFlush`](vmalloc::TlbFlush)) re-walks the tables for the host-mapped
-//! pages in its range and drops only those whose translation changed since the fill
-//! (re-reserving them); a page whose entry is unchanged keeps its mapping, since a
-//! refill would map the same frame with the same rights. So after a flush every
-//! host-mapped page translates as the tables say now, as after a real flush, and an
-//! unmap without a flush still leaves the old frame readable through the host
-//! pointer, as on hardware; but a flush costs no refills of pages it did not change.
+//! pages in its range and takes away only those whose translation changed since the
+//! fill; a page whose entry is unchanged keeps its mapping, since a refill would map
+//! the same frame with the same rights. A page the tables now map on another frame
+//! is reserved again. One they no longer map, or map on the same frame with other
+//! rights, is *parked*: its host mapping stays, made inaccessible (`mprotect`), and
+//! the window keeps its record, so a later fault that finds the tables mapping the
+//! same frame again gives the rights back with one `mprotect` instead of a new
+//! `mmap` (a page unmapped and mapped again over the frame it kept, as a sampled
+//! heap object's is, costs the host no new mapping); a fill over a parked page on
+//! another frame maps that frame over it. Parked pages count as held pages, and
+//! their mappings as the window's. So after a flush every host-mapped page
+//! translates as the tables say now or faults, as after a real flush, and an unmap
+//! without a flush still leaves the old frame readable through the host pointer, as
+//! on hardware; but a flush costs no refills of pages it did not change.
 //!
 //! An access the tables do not allow is a bug in the code under test, as an oops is
 //! in a kernel: the handler prints one line naming the address to stderr, restores
@@ -266,7 +274,7 @@ impl HostMemory {
         self.window().fills.load(Ordering::Relaxed)
     }
 
-    /// Window pages host-mapped now.
+    /// Window pages host-mapped now (parked ones too: they hold their mappings).
     pub(super) fn mapped_pages(&self) -> usize {
         self.window().lock().live
     }

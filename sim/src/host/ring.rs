@@ -54,8 +54,12 @@ pub(super) fn mapping_budget(limit: usize) -> usize {
     limit / 4 * 3
 }
 
+/// The host rights of a parked page: its frame piece still mapped, with no access
+/// (a flush took it away; see [the module documentation](super)).
+pub(super) const PARKED: u64 = libc::PROT_NONE as u64;
+
 /// A host-mapped page: the window page, and the frame piece, effective flags and
-/// host rights the fill mapped it with.
+/// host rights the fill mapped it with ([`PARKED`] once a flush took them away).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(super) struct Entry {
@@ -287,6 +291,15 @@ impl Mapped {
         }
         let after = self.splits_around(entry.page, Some(entry));
         self.account(before, after);
+    }
+
+    /// Records a fill of `entry.page` (which the caller maps) over the page's parked
+    /// mapping, if it has one: that record goes, and the fill is the newest.
+    pub(super) fn push_over(&mut self, entry: Entry) {
+        if let Some((at, slot)) = self.find(entry.page) {
+            self.forget(at, slot);
+        }
+        self.push(entry);
     }
 
     /// Records that the page in ring slot `slot` is mapped as `entry` now.

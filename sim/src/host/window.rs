@@ -1,7 +1,7 @@
 //! A window's fills and flushes: the signal handler's fill of the pages a fault
 //! reaches, and a flush's drop of the host mappings whose translation changed.
 
-use super::ring::{Entry, Mapped};
+use super::ring::{Entry, Mapped, PARKED};
 use super::{PAGE, WINDOW_ALIGN, reserve, try_reserve};
 use crate::mmu::{self, Access, AccessKind, Translation};
 use core::cell::UnsafeCell;
@@ -17,6 +17,9 @@ pub(super) const SPINS_BEFORE_SLEEP: u32 = 100;
 pub(super) const FREE: u32 = 0;
 pub(super) const HELD: u32 = 1;
 pub(super) const CONTENDED: u32 = 2;
+
+/// Set in a flush's scratch word of a page it parks (pages are 4 KiB-aligned).
+const PARK: u64 = 1;
 
 /// Error-code bits the CPU pushes for a page fault (the kernel passes them on in
 /// `REG_ERR`).
@@ -66,7 +69,7 @@ impl Refusal {
         match self {
             Refusal::NotMapped => b"page not mapped in the simulated page tables",
             Refusal::NotAllowed => b"access not allowed by the simulated page tables",
-            Refusal::MapFailed => b"mmap of the frame failed",
+            Refusal::MapFailed => b"mmap or mprotect of the frame failed",
         }
     }
 }
@@ -151,7 +154,8 @@ impl Window {
     /// Maps the 4 KiB of physical memory `translation` reaches at window page `page`
     /// and records it, evicting the oldest fills first if the budget says so. A
     /// fresh fill maps the pages after it too (see [`Window::look_ahead`]), each run
-    /// of consecutive pieces with the same rights with one call.
+    /// of consecutive pieces with the same rights with one call. A page still mapped
+    /// on the same piece (held, or parked by a flush) only has its rights set.
     pub(super) fn map_page(
         &self,
         mapped: &mut Mapped,
@@ -175,14 +179,22 @@ impl Window {
         }
         // A page mapped already faults again when the access needs more rights than
         // it was mapped with (the tables gave them since, or it is fetched from).
-        if let Some((_, slot)) = mapped.find(page) {
-            self.map_run(page, PAGE, faulting.piece, prot)
-                .map_err(|()| Refusal::MapFailed)?;
-            mapped.update(slot, faulting);
-            return Ok(());
+        if let Some((_, slot)) = mapped.find(page)
+            && mapped.get(slot).prot != PARKED
+        {
+            return self.remap(mapped, slot, faulting);
         }
         let mut walker = Walker::new(self);
         let (pages, runs) = self.look_ahead(mapped, &mut walker, faulting);
+        // A parked page whose tables map its piece again, alone: its host mapping is
+        // there still, without access, and gets the rights back (one call, where a
+        // fresh fill's `mmap` would cost the host a new mapping).
+        if pages == 1
+            && let Some((_, slot)) = mapped.find(page)
+            && mapped.get(slot).piece == faulting.piece
+        {
+            return self.remap(mapped, slot, faulting);
+        }
         while mapped.must_evict(pages, runs + 1) && mapped.tail < mapped.head {
             if let Some(oldest) = mapped.pop_oldest() {
                 self.evict_around(mapped, oldest)
@@ -196,7 +208,7 @@ impl Window {
             last: faulting,
             len: 1,
         };
-        mapped.push(faulting);
+        mapped.push_over(faulting);
         for _ in 1..pages {
             let Some(ahead) = self.ahead(mapped, &mut walker, run.last.page + PAGE) else {
                 break;
@@ -211,13 +223,32 @@ impl Window {
                     len: 0,
                 };
             }
-            mapped.push(ahead);
+            mapped.push_over(ahead);
             run.last = ahead;
             run.len += 1;
         }
         if self.map_recorded(mapped, &run).is_err() {
             return self.refused(mapped, run.first.page == page);
         }
+        Ok(())
+    }
+
+    /// Maps the page in ring slot `slot` (held, or parked) as `entry` says: only
+    /// its rights set if its piece is the same, else the new piece mapped over it.
+    pub(super) fn remap(
+        &self,
+        mapped: &mut Mapped,
+        slot: usize,
+        entry: Entry,
+    ) -> Result<(), Refusal> {
+        let prot = entry.prot as c_int;
+        if mapped.get(slot).piece == entry.piece {
+            self.protect(entry.page, PAGE, prot)
+        } else {
+            self.map_run(entry.page, PAGE, entry.piece, prot)
+        }
+        .map_err(|()| Refusal::MapFailed)?;
+        mapped.update(slot, entry);
         Ok(())
     }
 
@@ -245,14 +276,17 @@ impl Window {
 
     /// What a fill would map at `page`, after the page it faulted on: nothing if
     /// the page starts another 2 MiB or is outside the window, if the window holds
-    /// it, or if the tables do not map it.
+    /// it (parked pages aside: a fill maps over them), or if the tables do not map
+    /// it.
     pub(super) fn ahead(
         &self,
         mapped: &mut Mapped,
         walker: &mut Walker,
         page: u64,
     ) -> Option<Entry> {
-        if page.is_multiple_of(WINDOW_ALIGN) || !self.contains(page) || mapped.find(page).is_some()
+        if page.is_multiple_of(WINDOW_ALIGN)
+            || !self.contains(page)
+            || mapped.lookup(page).is_some_and(|held| held.prot != PARKED)
         {
             return None;
         }
@@ -267,11 +301,15 @@ impl Window {
     }
 
     /// Maps `run`, whose pages are the newest recorded; forgets them if the host
-    /// refuses.
+    /// refuses, and reserves them again (some may have been parked) so the host's
+    /// mappings stay as counted.
     pub(super) fn map_recorded(&self, mapped: &mut Mapped, run: &Run) -> Result<(), ()> {
         let prot = run.first.prot as c_int;
         self.map_run(run.first.page, run.len * PAGE, run.first.piece, prot)
-            .inspect_err(|()| mapped.pop_newest(run.len as usize))
+            .inspect_err(|()| {
+                mapped.pop_newest(run.len as usize);
+                let _ = try_reserve(Some(run.first.page), run.len * PAGE);
+            })
     }
 
     /// The host refused a mapping (out of mappings, which the budget should have
@@ -314,6 +352,15 @@ impl Window {
         }
     }
 
+    /// Sets the host rights of `len` bytes of window pages at `start`, host-mapped
+    /// already (a flush parking them, or a fill giving rights back).
+    pub(super) fn protect(&self, start: u64, len: u64, prot: c_int) -> Result<(), ()> {
+        // SAFETY: the range is in the window, which this machine reserved and
+        // nothing else maps; its rights change no memory Rust code owns.
+        let done = unsafe { libc::mprotect(start as *mut c_void, len as usize, prot) };
+        if done == 0 { Ok(()) } else { Err(()) }
+    }
+
     /// Evicts the host-mapped pages of the 2 MiB of the window around `oldest` (the
     /// oldest fill, already taken off the ring): one call re-reserves them all, where
     /// a page at a time would cost a call per page.
@@ -328,8 +375,11 @@ impl Window {
         try_reserve(Some(first), end - first).map(|_| ())
     }
 
-    /// A flush of window pages `start_vpn..end_vpn` (clipped to the window): drops
-    /// the host mappings there whose translation changed since they were filled.
+    /// A flush of window pages `start_vpn..end_vpn` (clipped to the window): takes
+    /// away the host mappings there whose translation changed since they were
+    /// filled. A page the tables no longer map, or map on the same piece with other
+    /// rights, is parked (its mapping kept, without access, for a fill to give the
+    /// rights back); one mapped on another piece is reserved again.
     pub(super) fn flush(&self, start_vpn: u64, end_vpn: u64) {
         let start = (start_vpn.saturating_mul(PAGE)).max(self.start);
         let end = (end_vpn.saturating_mul(PAGE)).min(self.start + self.size);
@@ -338,15 +388,16 @@ impl Window {
         }
         let mut mapped = self.lock();
         let mut walker = Walker::new(self);
-        // The pages to drop, in address order, in the scratch words.
+        // The pages to take away, in address order, in the scratch words (with
+        // `PARK` set for those parked).
         let mut dropped = 0;
         if (end - start) / PAGE <= 2 * mapped.live as u64 {
             // Look each page up.
             for page in (start..end).step_by(PAGE as usize) {
                 if let Some(entry) = mapped.lookup(page)
-                    && walker.changed(&entry)
+                    && let Some(park) = walker.change(&entry)
                 {
-                    *mapped.scratch(dropped) = page;
+                    *mapped.scratch(dropped) = page | u64::from(park);
                     dropped += 1;
                 }
             }
@@ -355,34 +406,65 @@ impl Window {
             // fill order, so mostly in runs, whose walks share their upper levels.
             for position in mapped.tail..mapped.head {
                 let entry = mapped.get(mapped.slot_of(position));
-                if entry.page != 0 && (start..end).contains(&entry.page) && walker.changed(&entry) {
-                    *mapped.scratch(dropped) = entry.page;
+                if entry.page != 0
+                    && (start..end).contains(&entry.page)
+                    && let Some(park) = walker.change(&entry)
+                {
+                    *mapped.scratch(dropped) = entry.page | u64::from(park);
                     dropped += 1;
                 }
             }
             mapped.scratch_slice(dropped).sort_unstable();
         }
-        // Each run of neighbouring pages goes with one call (pages between runs are
-        // kept, or reserved already), rather than a call, and a host TLB shootdown,
-        // each.
-        let mut run: Option<(u64, u64)> = None;
+        // Each run of neighbouring pages parked, or reserved, goes with one call
+        // (pages between runs are kept, or parked or reserved already), rather than
+        // a call, and a host TLB shootdown, each.
+        let mut run: Option<(u64, u64, bool)> = None;
         for index in 0..dropped {
-            let page = *mapped.scratch(index);
+            let word = *mapped.scratch(index);
+            let (page, park) = (word & !(PAGE - 1), word & PARK != 0);
             if let Some((at, slot)) = mapped.find(page) {
-                mapped.forget(at, slot);
+                if park {
+                    let parked = Entry {
+                        prot: PARKED,
+                        ..mapped.get(slot)
+                    };
+                    mapped.update(slot, parked);
+                } else {
+                    mapped.forget(at, slot);
+                }
             }
             run = match run {
-                Some((first, end)) if end == page => Some((first, page + PAGE)),
-                Some((first, end)) => {
-                    reserve(Some(first), end - first);
-                    Some((page, page + PAGE))
+                Some((first, end, parks)) if end == page && parks == park => {
+                    Some((first, page + PAGE, parks))
                 }
-                None => Some((page, page + PAGE)),
+                Some(done) => {
+                    self.take_away(&mut mapped, done);
+                    Some((page, page + PAGE, park))
+                }
+                None => Some((page, page + PAGE, park)),
             };
         }
-        if let Some((first, end)) = run {
-            reserve(Some(first), end - first);
+        if let Some(done) = run {
+            self.take_away(&mut mapped, done);
         }
+    }
+
+    /// Takes away the host mappings of the pages `first..end` a flush recorded
+    /// parked (if `park`) or forgot: parks them, or reserves them again. If the
+    /// host refuses to park them, they are forgotten and reserved instead.
+    pub(super) fn take_away(&self, mapped: &mut Mapped, (first, end, park): (u64, u64, bool)) {
+        if park && self.protect(first, end - first, libc::PROT_NONE).is_ok() {
+            return;
+        }
+        if park {
+            for page in (first..end).step_by(PAGE as usize) {
+                if let Some((at, slot)) = mapped.find(page) {
+                    mapped.forget(at, slot);
+                }
+            }
+        }
+        reserve(Some(first), end - first);
     }
 }
 
@@ -430,11 +512,23 @@ impl<'w> Walker<'w> {
         .ok()
     }
 
-    /// Whether the recorded fill no longer matches what the tables say now.
-    pub(super) fn changed(&mut self, entry: &Entry) -> bool {
-        self.walk(entry.page).is_none_or(|now| {
-            now.phys().as_u64() & !(PAGE - 1) != entry.piece || now.flags.bits() != entry.flags
-        })
+    /// What a flush does with the page the window holds as `entry`: nothing
+    /// (`None`) if it is parked already or the tables translate it as at its fill;
+    /// else whether it is parked (`true`: the tables no longer map it, or map the
+    /// same piece with other rights) or reserved again (they map another piece).
+    pub(super) fn change(&mut self, entry: &Entry) -> Option<bool> {
+        if entry.prot == PARKED {
+            return None;
+        }
+        let Some(now) = self.walk(entry.page) else {
+            return Some(true);
+        };
+        let piece = now.phys().as_u64() & !(PAGE - 1);
+        if piece != entry.piece {
+            Some(false)
+        } else {
+            (now.flags.bits() != entry.flags).then_some(true)
+        }
     }
 }
 
