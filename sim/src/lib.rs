@@ -66,9 +66,9 @@
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
 //! retried. The host mappings are thus a second TLB, filled on demand. A fill maps
-//! the pages after the faulting one too, as far as the tables map them, up to the
-//! end of its 2 MiB (as a CPU may cache translations it was not asked for; a run on
-//! consecutive frames is one host mapping). Each fill counts as a TLB miss in
+//! the pages after the faulting one too while the tables map them on the frames
+//! after its frame, up to the end of its 2 MiB (as a CPU may cache translations it
+//! was not asked for): one host mapping per fill. Each fill counts as a TLB miss in
 //! [`tlb_stats`]. An access the tables do not allow is a bug
 //! in the code under test, as an oops is in a kernel: the handler prints the address
 //! to stderr and the process dies with SIGSEGV.

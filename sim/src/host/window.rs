@@ -254,24 +254,27 @@ impl Window {
 
     /// Counts the pages a fresh fill of `faulting` maps and the runs they make: the
     /// pages after it that the tables map (as a CPU may cache translations it was
-    /// not asked for) and the window does not hold, up to the first that is not, or
-    /// the end of its 2 MiB. Most accesses to fresh heap memory move forward (a
-    /// slab's objects, a buffer being written), so this saves a host fault for each
-    /// page but the first, and a run of consecutive frames costs one call.
+    /// not asked for) and the window does not hold, on the frames after its frame
+    /// with its rights, up to the first that is not, or the end of its 2 MiB: one
+    /// run, one host call. Most accesses to fresh heap memory move forward (a slab's
+    /// objects, a buffer being written), so a run saves a host fault for each page
+    /// but the first; pages on scattered frames wait for faults of their own, as
+    /// each would cost a host call of its own whether or not it is ever touched (a
+    /// 1 MiB buffer written at its start would pay 256).
     pub(super) fn look_ahead(
         &self,
         mapped: &mut Mapped,
         walker: &mut Walker,
         faulting: Entry,
     ) -> (usize, usize) {
-        let (mut pages, mut runs, mut last) = (1, 1, faulting);
+        let (mut pages, mut last) = (1, faulting);
         while let Some(ahead) = self.ahead(mapped, walker, last.page + PAGE) {
             if !Entry::joins(Some(last), Some(ahead)) {
-                runs += 1;
+                break;
             }
             (pages, last) = (pages + 1, ahead);
         }
-        (pages, runs)
+        (pages, 1)
     }
 
     /// What a fill would map at `page`, after the page it faulted on: nothing if

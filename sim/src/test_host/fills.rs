@@ -96,6 +96,41 @@ fn a_fill_maps_the_pages_after_it_that_the_tables_map() {
     assert_eq!(machine.tlb_stats().misses, misses + 3);
 }
 
+#[test]
+fn a_fill_maps_no_page_on_a_frame_out_of_its_run() {
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    // Pages 200 to 203 on frames in falling order: no page's frame follows the one
+    // before it.
+    let mut taken: Vec<PhysFrame> = (0..4).map(|_| next(&mut frames)).collect();
+    taken.reverse();
+    for (i, &frame) in taken.iter().enumerate() {
+        machine.fill_phys(frame.start_address(), 4096, 200 + i as u8);
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, 200 + i as u64),
+            frame,
+            RW,
+        );
+    }
+    let read = |index: u64| {
+        // SAFETY: the pages read are mapped.
+        unsafe { ptr(window_page(&machine, index)).read_volatile() }
+    };
+    let resident = |range: std::ops::Range<u64>| -> Vec<bool> {
+        range
+            .map(|index| host_resident(window_page(&machine, index)))
+            .collect()
+    };
+    let misses = machine.tlb_stats().misses;
+    assert_eq!(read(200), 200);
+    // Each of the others would be a host call of its own: they wait for their faults.
+    assert_eq!(resident(200..204), [true, false, false, false]);
+    assert!((201..204).all(|index| read(index) == index as u8));
+    assert_eq!(machine.tlb_stats().misses, misses + 4, "a fill per page");
+}
+
 /// The host mapping holding `addr`, from `/proc/self/maps`.
 fn host_mapping_of(addr: u64) -> std::ops::Range<u64> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("procfs");
