@@ -306,13 +306,15 @@ pub extern "C" fn page_fault(frame: &mut TrapFrame) {
             "\nfatal: page fault at {cr2:#x}, rip {:#x}, error code {code:?}",
             frame.rip
         );
-        // The manager's word on the address; it never waits for its lock, which
-        // the faulting code may hold.
+        // The heap's word first (an overrun, underrun or use after free of a sampled
+        // object), then the manager's; neither waits for a lock the faulting code
+        // may hold.
+        let addr = VirtAddr::new_truncate(cr2);
+        if let Some(diagnosis) = crate::mm::HEAP.diagnose_fault(addr, code) {
+            crate::println!("heap: {diagnosis}");
+        }
         if let Some(vmalloc) = crate::mm::VMALLOC.get() {
-            crate::println!(
-                "vmalloc: {}",
-                vmalloc.diagnose_fault(VirtAddr::new_truncate(cr2), code)
-            );
+            crate::println!("vmalloc: {}", vmalloc.diagnose_fault(addr, code));
         }
         crate::serial::exit(false)
     };
