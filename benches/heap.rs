@@ -36,8 +36,8 @@ use talc::TalcLock;
 use talc::source::Claim;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::smp::{CpuSet, Cpus, IrqState};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
-use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys, TlbStats};
+use vmalloc::vmalloc::Vmalloc;
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys, TlbStats, scenarios};
 
 /// Bytes of heap for both contenders.
 const REGION: usize = 64 << 20;
@@ -397,15 +397,7 @@ fn bench(c: &mut Criterion) {
             .with_host_window(4 << 30),
     );
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let manager: Manager =
-        unsafe { Vmalloc::new(config, machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+    let manager: Manager = scenarios::window_manager(&machine, &frames, &machine);
     let config = HeapConfig {
         window: REGION,
         ..HeapConfig::DEFAULT

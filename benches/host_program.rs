@@ -30,8 +30,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vmalloc::heap::{HeapConfig, KernelHeap};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
-use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
+use vmalloc::vmalloc::Vmalloc;
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys, scenarios};
 
 /// CPUs of the machine: one per thread of `host_threads_large`.
 const CPUS: usize = 8;
@@ -69,21 +69,14 @@ fn build() {
             .with_host_window_by_mappings(),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let (start, size) = machine.host_window().expect("a window");
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    let manager = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }
-        .expect("a manager");
+    let manager = scenarios::window_manager(machine, frames, machine);
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).expect("the heap's window");
     // Per-CPU magazines: host threads run as the CPU they entered, CPU 0 unless they
     // entered another.
     HEAP.use_cpus(machine);
     let _ = MACHINE.set(machine);
+    let (start, size) = machine.host_window().expect("a window");
     WINDOW_START.store(start.as_u64(), Ordering::Release);
     WINDOW_SIZE.store(size, Ordering::Release);
 }

@@ -16,7 +16,7 @@ use vmalloc::vmalloc::deferred::SLOTS;
 use vmalloc::vmalloc::{VmOptions, VmallocOps};
 use vmalloc::{Error, TlbFlush, Vmalloc, VmallocConfig};
 use vmalloc_sim::scenarios::manager_with as manager;
-use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, watchdog};
+use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, scenarios, watchdog};
 
 #[test]
 fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
@@ -164,12 +164,7 @@ fn a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started() {
             let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
             let tlb: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
             machine.set_ipi_handler(move || tlb.handle_ipi());
-            let (start, size) = machine.host_window().unwrap();
-            let config = VmallocConfig {
-                start,
-                size,
-                ..VmallocConfig::default()
-            };
+            let config = scenarios::window_config(machine);
             // A hang is the failure: a watchdog turns it into a panic.
             let (done, finished) = std::sync::mpsc::channel();
             thread::spawn(move || {

@@ -6,7 +6,7 @@ mod common;
 use common::vm::*;
 use vmalloc::vmalloc::*;
 use vmalloc::{Error, FrameSource};
-use vmalloc_sim::{Access, SimConfig, SimMachine};
+use vmalloc_sim::{Access, SimConfig, SimMachine, scenarios};
 use x86_64::structures::paging::PageTableFlags;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
@@ -112,14 +112,12 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
     // The owners dereference their pointers: the host window makes that possible.
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
     let vm = manager(
         &machine,
         &frames,
         VmallocConfig {
-            start,
-            size,
-            ..config(true)
+            eager: true,
+            ..scenarios::window_config(&machine)
         },
     );
     // Dirty frames first, so a buffer built from them would show 0xee.
@@ -150,14 +148,12 @@ fn vmap_and_ioremap_owners_unmap_on_drop_and_bound_every_access() {
     // The owners dereference their pointers: the host window makes that possible.
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
     let frames = machine.frames();
-    let (start, size) = machine.host_window().unwrap();
     let vm = manager(
         &machine,
         &frames,
         VmallocConfig {
-            start,
-            size,
-            ..config(false)
+            eager: false,
+            ..scenarios::window_config(&machine)
         },
     );
     let mut mine = [PhysFrame::containing_address(PhysAddr::zero()); 2];

@@ -7,9 +7,9 @@ use std::alloc::Layout;
 use std::sync::Mutex;
 use vmalloc::heap::HeapConfig;
 use vmalloc::heap::guarded::{GuardedFault, GuardedReport};
-use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{FrameSource, PAGE_SIZE, TlbFlush};
-use vmalloc_sim::{Access, Fault, SimMachine, SimPhys};
+use vmalloc_sim::{Access, Fault, SimMachine, SimPhys, scenarios};
 use x86_64::VirtAddr;
 use x86_64::structures::idt::PageFaultErrorCode;
 
@@ -31,14 +31,7 @@ pub fn manager<'m, F: FrameSource + Clone, T: TlbFlush>(
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'m>, T> {
-    let (start, size) = machine.host_window().expect("host window");
-    let config = VmallocConfig {
-        start,
-        size,
-        ..VmallocConfig::default()
-    };
-    // SAFETY: the machine's page tables are used by this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }.unwrap()
+    scenarios::window_manager(machine, frames, tlb)
 }
 
 pub fn layout(size: usize, align: usize) -> Layout {
