@@ -39,7 +39,6 @@ thread_local! {
 /// A handler for the shootdown IPI.
 type Handler = Arc<dyn Fn() + Send + Sync>;
 
-/// The interrupt state of a machine's CPUs.
 /// A value on cache lines of its own: what one simulated CPU writes on every call
 /// (its interrupt flag's occupancy, its pending IPI, its counters, its TLB's lock)
 /// must not slow down another CPU's calls, as a real CPU's own state does not.
@@ -63,13 +62,15 @@ pub(crate) fn per_cpu<T>(count: usize, make: impl FnMut() -> T) -> Vec<Padded<T>
         .collect()
 }
 
+/// The interrupt state of a machine's CPUs.
 pub(super) struct Cpus {
     online: AtomicU64,
     pending: Vec<Padded<AtomicBool>>,
     taken: Vec<Padded<AtomicU64>>,
     sent: AtomicU64,
     handler: Mutex<Option<Handler>>,
-    /// Interrupt flags, occupancy and interrupt points ([`interrupts`]).
+    /// Occupancy and interrupt points ([`interrupts`]); each thread's interrupt flag
+    /// is its own.
     irq: Interrupts,
     /// Per CPU: turns of spin loops ([`TlbFlush::relax`]).
     relaxes: Vec<Padded<AtomicU64>>,
@@ -161,8 +162,8 @@ impl SimMachine {
     pub(super) fn take_interrupts(&self) {
         let cpu = self.current_cpu();
         self.cpus.point();
-        // A plain read first: spinning CPUs poll here, and a swap would write the
-        // line every CPU's flag shares.
+        // A plain read first: spinning CPUs poll here, and a swap would take the line
+        // from the CPUs that send to this one.
         let pending = &self.cpus.pending[cpu];
         if !pending.load(Ordering::Relaxed)
             || INTERRUPTS_OFF.get()
@@ -284,7 +285,7 @@ unsafe impl KernelCpus for SimMachine {
     /// waited is taken now.
     fn irq_restore(&self, state: IrqState) {
         let on = state.bits() & 1 != 0;
-        if self.cpus.restore(on).is_some() && on {
+        if self.cpus.restore(on) && on {
             self.take_interrupts();
         }
     }

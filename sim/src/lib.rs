@@ -455,8 +455,9 @@ impl SimMachine {
         }
     }
 
-    /// What the calling thread's CPU's TLB has done so far (see [`SimCpu`]). Host-window
-    /// pages filled on a fault count as misses (of whichever CPU asks); host accesses
+    /// What the calling thread's CPU's TLB has done so far (see [`SimCpu`]). Each
+    /// host-window fault served by a fill counts as a miss (of whichever CPU asks, however
+    /// many pages the fill maps); host accesses
     /// that hit the host's own mappings are not counted.
     pub fn tlb_stats(&self) -> TlbStats {
         let mut stats = self.lock_tlb().stats;

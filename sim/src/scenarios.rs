@@ -35,12 +35,12 @@ pub fn smp_machine(
 /// # Panics
 ///
 /// If the manager cannot be made.
-pub fn manager_with<'m, T: TlbFlush>(
+pub fn manager_with<'m, F: FrameSource + Clone, T: TlbFlush>(
     machine: &'m SimMachine,
-    frames: &'m SimFrames,
+    frames: F,
     tlb: T,
     config: VmallocConfig,
-) -> Manager<'m, T> {
+) -> Vmalloc<F, SimPhys<'m>, T> {
     // SAFETY: the caller gives the machine's page tables to this manager alone.
     unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }
         .expect("a manager over the simulated machine")
@@ -57,17 +57,7 @@ pub fn manager_over<F: FrameSource + Clone>(
     machine: &SimMachine,
     frames: F,
 ) -> Vmalloc<F, SimPhys<'_>, &SimMachine> {
-    // SAFETY: the machine's page tables serve this manager alone (see above).
-    unsafe {
-        Vmalloc::new(
-            VmallocConfig::default(),
-            machine.root(),
-            machine.phys(),
-            frames,
-            machine,
-        )
-    }
-    .expect("a manager over the simulated machine")
+    manager_with(machine, frames, machine, VmallocConfig::default())
 }
 
 /// The default configuration with its region at `machine`'s host window, where host
@@ -100,10 +90,7 @@ pub fn window_manager<F: FrameSource + Clone, T: TlbFlush>(
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'_>, T> {
-    let config = window_config(machine);
-    // SAFETY: the machine's page tables serve this manager alone (see above).
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }
-        .expect("a manager over the simulated machine's host window")
+    manager_with(machine, frames, tlb, window_config(machine))
 }
 
 /// A 1 GiB machine.
@@ -131,8 +118,7 @@ pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) 
         eager,
         ..VmallocConfig::default()
     };
-    // SAFETY: the machine's page tables belong to this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+    manager_with(machine, frames, machine, config)
 }
 
 /// A manager, lazy or eager, over `machine`, without the per-CPU caches
@@ -147,8 +133,7 @@ pub fn locked_manager<'m>(
         cpu_caches: false,
         ..VmallocConfig::default()
     };
-    // SAFETY: the machine's page tables belong to this manager alone.
-    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }.unwrap()
+    manager_with(machine, frames, machine, config)
 }
 
 fn alloc_free(vm: &Manager<'_, impl TlbFlush>, pages: u64, align: u64) {

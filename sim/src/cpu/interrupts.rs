@@ -156,9 +156,12 @@ impl Cpus {
         on
     }
 
-    /// `sti` if `on`; interrupts that waited are taken now.
-    pub(super) fn restore(&self, on: bool) -> Option<usize> {
-        let cpu = self.current()?;
+    /// `sti` if `on`; interrupts that waited are taken now. False when the calling
+    /// thread runs as no CPU of this machine.
+    pub(super) fn restore(&self, on: bool) -> bool {
+        let Some(cpu) = self.current() else {
+            return false;
+        };
         if on && INTERRUPTS_OFF.get() {
             self.interrupts_on(cpu);
             // Nothing armed anywhere (the one read a benchmark pays): no interrupt
@@ -168,7 +171,7 @@ impl Cpus {
                 self.point();
             }
         }
-        Some(cpu)
+        true
     }
 }
 

@@ -9,10 +9,10 @@
 //! and, if the access is allowed, maps the 4 KiB piece of the frame at that page with
 //! the effective permissions, so the access retries and succeeds. The host's
 //! mappings are thus a second TLB, filled on demand. A fill maps the pages after the
-//! faulting one with it, as far as the tables map them and the window does not hold
-//! them, up to the end of its 2 MiB (as a CPU may cache translations it was not
-//! asked for): fresh memory is mostly written forwards, and each run of pages on
-//! consecutive frames with the same rights is one host mapping, made with one call.
+//! faulting one with it while the tables map them on the frames after its frame with
+//! the same rights and the window does not hold them, up to the end of its 2 MiB (as
+//! a CPU may cache translations it was not asked for): fresh memory is mostly written
+//! forwards, and such a run is one host mapping, made with one call.
 //!
 //! Like a TLB it has a capacity. Each host-mapped page of scattered frames is a host
 //! mapping of its own (and splits the reservation around it), and Linux allows a
@@ -269,7 +269,7 @@ impl HostMemory {
         (self.window().start, self.window().size)
     }
 
-    /// Window pages filled so far.
+    /// Faults served by a fill so far (each may map several pages).
     pub(super) fn fills(&self) -> u64 {
         self.window().fills.load(Ordering::Relaxed)
     }

@@ -153,8 +153,8 @@ impl Window {
 
     /// Maps the 4 KiB of physical memory `translation` reaches at window page `page`
     /// and records it, evicting the oldest fills first if the budget says so. A
-    /// fresh fill maps the pages after it too (see [`Window::look_ahead`]), each run
-    /// of consecutive pieces with the same rights with one call. A page still mapped
+    /// fresh fill maps the pages after it on the following pieces with the same rights
+    /// too (see [`Window::look_ahead`]), as one run with one call. A page still mapped
     /// on the same piece (held, or parked by a flush) only has its rights set.
     pub(super) fn map_page(
         &self,
@@ -185,7 +185,7 @@ impl Window {
             return self.remap(mapped, slot, faulting);
         }
         let mut walker = Walker::new(self);
-        let (pages, runs) = self.look_ahead(mapped, &mut walker, faulting);
+        let pages = self.look_ahead(mapped, &mut walker, faulting);
         // A parked page whose tables map its piece again, alone: its host mapping is
         // there still, without access, and gets the rights back (one call, where a
         // fresh fill's `mmap` would cost the host a new mapping).
@@ -195,14 +195,16 @@ impl Window {
         {
             return self.remap(mapped, slot, faulting);
         }
-        while mapped.must_evict(pages, runs + 1) && mapped.tail < mapped.head {
+        // One run: its mapping, and the split of the reservation around it.
+        while mapped.must_evict(pages, 2) && mapped.tail < mapped.head {
             if let Some(oldest) = mapped.pop_oldest() {
                 self.evict_around(mapped, oldest)
                     .map_err(|()| Refusal::MapFailed)?;
             }
         }
-        // The same pages again (evicting changed none of them): each is recorded as
-        // it is met, and each run mapped when it ends.
+        // The same pages again (evicting changed none of them), each recorded as it
+        // is met, then mapped with one call; a page that no longer joins the run
+        // (the tables changed in between) waits for a fault of its own.
         let mut run = Run {
             first: faulting,
             last: faulting,
@@ -210,25 +212,17 @@ impl Window {
         };
         mapped.push_over(faulting);
         for _ in 1..pages {
-            let Some(ahead) = self.ahead(mapped, &mut walker, run.last.page + PAGE) else {
-                break;
-            };
-            if !Entry::joins(Some(run.last), Some(ahead)) {
-                if self.map_recorded(mapped, &run).is_err() {
-                    return self.refused(mapped, run.first.page == page);
+            match self.ahead(mapped, &mut walker, run.last.page + PAGE) {
+                Some(ahead) if Entry::joins(Some(run.last), Some(ahead)) => {
+                    mapped.push_over(ahead);
+                    run.last = ahead;
+                    run.len += 1;
                 }
-                run = Run {
-                    first: ahead,
-                    last: ahead,
-                    len: 0,
-                };
+                _ => break,
             }
-            mapped.push_over(ahead);
-            run.last = ahead;
-            run.len += 1;
         }
         if self.map_recorded(mapped, &run).is_err() {
-            return self.refused(mapped, run.first.page == page);
+            return self.refused(mapped);
         }
         Ok(())
     }
@@ -252,8 +246,7 @@ impl Window {
         Ok(())
     }
 
-    /// Counts the pages a fresh fill of `faulting` maps and the runs they make: the
-    /// pages after it that the tables map (as a CPU may cache translations it was
+    /// Counts the pages a fresh fill of `faulting` maps: it and the pages after it that the tables map (as a CPU may cache translations it was
     /// not asked for) and the window does not hold, on the frames after its frame
     /// with its rights, up to the first that is not, or the end of its 2 MiB: one
     /// run, one host call. Most accesses to fresh heap memory move forward (a slab's
@@ -266,7 +259,7 @@ impl Window {
         mapped: &mut Mapped,
         walker: &mut Walker,
         faulting: Entry,
-    ) -> (usize, usize) {
+    ) -> usize {
         let (mut pages, mut last) = (1, faulting);
         while let Some(ahead) = self.ahead(mapped, walker, last.page + PAGE) {
             if !Entry::joins(Some(last), Some(ahead)) {
@@ -274,7 +267,7 @@ impl Window {
             }
             (pages, last) = (pages + 1, ahead);
         }
-        (pages, 1)
+        pages
     }
 
     /// What a fill would map at `page`, after the page it faulted on: nothing if
@@ -315,13 +308,10 @@ impl Window {
             })
     }
 
-    /// The host refused a mapping (out of mappings, which the budget should have
-    /// prevented). If it was the faulting page's, the oldest fill is evicted and the
-    /// access, retried, faults again; pages after it wait for faults of their own.
-    pub(super) fn refused(&self, mapped: &mut Mapped, faulting: bool) -> Result<(), Refusal> {
-        if !faulting {
-            return Ok(());
-        }
+    /// The host refused the faulting page's mapping (out of mappings, which the
+    /// budget should have prevented): the oldest fill is evicted and the access,
+    /// retried, faults again.
+    pub(super) fn refused(&self, mapped: &mut Mapped) -> Result<(), Refusal> {
         while mapped.tail < mapped.head {
             if let Some(oldest) = mapped.pop_oldest() {
                 return self
