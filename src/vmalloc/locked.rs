@@ -309,10 +309,7 @@ where
     }
 
     pub(super) fn zero_frame(&self, frame: PhysFrame) {
-        let ptr = self.vm.phys.phys_to_virt(frame.start_address());
-        // SAFETY: `frame` was just handed to us by the frame allocator, and `PhysMemory`
-        // guarantees the whole frame is writable through `ptr`.
-        unsafe { core::ptr::write_bytes(ptr, 0, crate::PAGE_SIZE as usize) };
+        self.vm.zero_frame(frame);
     }
 
     /// Zeroes bytes `[from, to)` of the area at `start`, all inside its mapped pages.
@@ -343,7 +340,6 @@ where
             // flush comes right after.
             let detached = unsafe { self.guard.tables.detach(range) };
             invariant(detached.map(|flush| gather.stale(flush)));
-            gather.flush();
             gather.finish();
         }
     }

@@ -144,7 +144,6 @@ where
         }?;
         let mut gather = self.gather();
         gather.stale(stale);
-        gather.flush();
         gather.finish();
         cx.record_mut(start).mapped_pages -= 1;
         cx.inner().data_frames -= 1;

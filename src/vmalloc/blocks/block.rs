@@ -323,7 +323,7 @@ impl Block {
             }
         }
         self.returned_pages.fetch_add(span, Ordering::Relaxed);
-        self.available() >= take_from && self.owner() == NO_OWNER
+        self.worth_taking(take_from)
     }
 
     /// Frees in the bitmap every area other CPUs returned.

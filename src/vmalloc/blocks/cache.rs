@@ -154,6 +154,16 @@ where
         Some(slot)
     }
 
+    /// The block a held cache owns, without making a state for a CPU that has none
+    /// (it owns no block).
+    pub(super) fn owned_block(owned: &Option<StatePage>) -> Option<usize> {
+        // SAFETY: as in `open`: the state lives until the manager is dropped, and the
+        // caller holds the slot it belongs to.
+        owned
+            .as_ref()
+            .and_then(|page| unsafe { page.0.as_ref() }.block)
+    }
+
     /// The held cache's state, made on first use; `None` if no frame can be had.
     pub(super) fn open<'s>(&self, owned: &'s mut Option<StatePage>) -> Option<&'s mut CpuState> {
         if owned.is_none() {

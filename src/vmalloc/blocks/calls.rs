@@ -71,11 +71,11 @@ where
         Some(unsafe { NonNull::new_unchecked(start as *mut u8) })
     }
 
-    /// Zeroes a frame fresh from the cache.
-    fn zero_frame(&self, frame: PhysFrame) {
+    /// Zeroes a frame fresh from the allocator or a CPU's cache.
+    pub(in crate::vmalloc) fn zero_frame(&self, frame: PhysFrame) {
         let ptr = self.phys.phys_to_virt(frame.start_address());
-        // SAFETY: a cached frame is free and ours, and `PhysMemory` makes the whole
-        // frame writable through `ptr`.
+        // SAFETY: a frame fresh from the allocator or the cache is ours and mapped
+        // nowhere yet, and `PhysMemory` makes the whole frame writable through `ptr`.
         unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
     }
 
@@ -165,10 +165,9 @@ where
         let mut gather = self.gather();
         gather.stale(RangeFlush::from_range(self.range_of(lazy)));
         gather.flush();
-        let owned = slot.as_mut().and_then(|slot| {
-            let (_, owned) = slot.split();
-            self.open(owned).and_then(|state| state.block)
-        });
+        let owned = slot
+            .as_mut()
+            .and_then(|slot| Self::owned_block(slot.split().1));
         self.free_again(owned, index, first);
         frames[..pages].iter().for_each(|&frame| gather.free(frame));
         gather.finish();
@@ -330,10 +329,9 @@ where
             cut + dropped as u64,
         )));
         gather.flush();
-        let owned = self.cpu_slot(&irq).and_then(|mut slot| {
-            let (_, owned) = slot.split();
-            self.open(owned).and_then(|state| state.block)
-        });
+        let owned = self
+            .cpu_slot(&irq)
+            .and_then(|mut slot| Self::owned_block(slot.split().1));
         self.free_again(owned, index, tail);
         frames[..dropped]
             .iter()
