@@ -44,13 +44,15 @@ impl SiteUsage {
 
     /// Whether `caller` is this line's site.
     fn is(&self, caller: &'static Location<'static>) -> bool {
-        self.caller.is_some_and(|mine| {
-            core::ptr::eq(mine, caller)
-                || (mine.line() == caller.line()
-                    && mine.column() == caller.column()
-                    && mine.file() == caller.file())
-        })
+        self.caller.is_some_and(|mine| same_location(mine, caller))
     }
+}
+
+/// Whether two `#[track_caller]` locations are one place: the same static, or the
+/// same file, line and column (a location may be emitted once per codegen unit).
+pub(crate) fn same_location(a: &Location<'_>, b: &Location<'_>) -> bool {
+    core::ptr::eq(a, b)
+        || (a.line() == b.line() && a.column() == b.column() && a.file() == b.file())
 }
 
 impl Default for SiteUsage {

@@ -175,7 +175,7 @@ fn refuses(flags: PageTableFlags, code: PageFaultErrorCode) -> bool {
 }
 
 /// The access: "read", "write" or "instruction fetch".
-fn access(code: PageFaultErrorCode) -> &'static str {
+pub(crate) fn access(code: PageFaultErrorCode) -> &'static str {
     if code.contains(PageFaultErrorCode::INSTRUCTION_FETCH) {
         "instruction fetch"
     } else if code.contains(PageFaultErrorCode::CAUSED_BY_WRITE) {

@@ -59,9 +59,7 @@ impl CpuSlabs {
         unsafe {
             if (*slab).remote.holder() != Some(cpu) {
                 // Given back to its class (or on to another CPU) since.
-                if !slabs.free_remote(class, object, geometry) {
-                    slabs.free_to_class(class, object, vmalloc);
-                }
+                Self::free_slow(class, object, slabs, vmalloc);
                 return;
             }
             let taken = (*slab).remote.take(slab as usize);

@@ -74,7 +74,7 @@ use crate::PAGE_SIZE;
 use core::alloc::Layout;
 use core::panic::Location;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use pool::{Changed, Freeing, Pool};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -86,15 +86,6 @@ const COUNTERS: usize = 8;
 #[repr(align(64))]
 struct Countdown(AtomicU32);
 
-/// The pool is not made yet.
-const NO_POOL: u8 = 0;
-/// A CPU is making it.
-const MAKING: u8 = 1;
-/// It is made.
-const READY: u8 = 2;
-/// It could not be made: sampling stays off.
-const FAILED: u8 = 3;
-
 /// A kernel report hook: called with each problem the pool finds outside a fault.
 pub type ReportHook<'a> = &'a (dyn Fn(&GuardedReport) + Sync);
 
@@ -103,7 +94,9 @@ pub(super) struct Guarded<'a> {
     interval: AtomicU32,
     slots: usize,
     countdowns: [Countdown; COUNTERS],
-    state: AtomicU8,
+    /// Whether a CPU claimed making the pool (once: made or not, nobody tries again;
+    /// `pool` says whether it exists, a zero `interval` that it could not be made).
+    claimed: AtomicBool,
     pool: spin::Once<Pool>,
     /// The pool's area and length once it is made (0 before): the free path's check.
     start: AtomicUsize,
@@ -147,7 +140,7 @@ impl Guarded<'_> {
             interval: AtomicU32::new(interval),
             slots,
             countdowns: [const { Countdown(AtomicU32::new(0)) }; COUNTERS],
-            state: AtomicU8::new(NO_POOL),
+            claimed: AtomicBool::new(false),
             pool: spin::Once::new(),
             start: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
@@ -275,8 +268,8 @@ impl<'a> KernelHeap<'a> {
         // Before the claim: a claim never leaves the pool half made.
         let vmalloc = self.backing.get()?.vmalloc;
         let won = guarded
-            .state
-            .compare_exchange(NO_POOL, MAKING, Ordering::Acquire, Ordering::Relaxed)
+            .claimed
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok();
         if !won {
             return None;
@@ -286,11 +279,9 @@ impl<'a> KernelHeap<'a> {
                 let pool = guarded.pool.call_once(|| pool);
                 guarded.len.store(pool.len(), Ordering::Relaxed);
                 guarded.start.store(pool.area, Ordering::Release);
-                guarded.state.store(READY, Ordering::Release);
                 Some(pool)
             }
             None => {
-                guarded.state.store(FAILED, Ordering::Release);
                 guarded.interval.store(0, Ordering::Relaxed);
                 None
             }

@@ -5,6 +5,7 @@
 use super::pool::{Changed, Slot, State};
 use super::site::CallSite;
 use super::{KernelHeap, PAGE};
+use crate::vmalloc::diagnose::access;
 use core::fmt;
 use x86_64::VirtAddr;
 use x86_64::structures::idt::PageFaultErrorCode;
@@ -93,17 +94,6 @@ pub struct HeapFaultDiagnosis {
     pub code: PageFaultErrorCode,
     /// What the address is.
     pub fault: GuardedFault,
-}
-
-/// The access: "read", "write" or "instruction fetch".
-fn access(code: PageFaultErrorCode) -> &'static str {
-    if code.contains(PageFaultErrorCode::INSTRUCTION_FETCH) {
-        "instruction fetch"
-    } else if code.contains(PageFaultErrorCode::CAUSED_BY_WRITE) {
-        "write"
-    } else {
-        "read"
-    }
 }
 
 impl fmt::Display for HeapFaultDiagnosis {

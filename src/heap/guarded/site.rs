@@ -82,10 +82,7 @@ impl CallSite {
     /// Whether `other` is the same place (the CPU aside).
     pub fn same_place(&self, other: &CallSite) -> bool {
         let same_caller = match (self.caller, other.caller) {
-            (Some(a), Some(b)) => {
-                core::ptr::eq(a, b)
-                    || (a.line() == b.line() && a.column() == b.column() && a.file() == b.file())
-            }
+            (Some(a), Some(b)) => crate::vmalloc::allocinfo::same_location(a, b),
             (None, None) => true,
             _ => false,
         };
