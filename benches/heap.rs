@@ -17,9 +17,10 @@
 //! its class's lock (`kernel_heap_locked`), and, in the single-threaded rows, with
 //! per-CPU slabs whose interrupt hooks cost what `cli`/`sti` cost on hardware
 //! (`kernel_heap_flag_hooks`: a flag of the calling thread). The simulator's hooks
-//! model a CPU's interrupt flag with a compare-and-swap on the CPU's occupant, a
-//! locked instruction per heap call that hardware does not pay; that row shows the
-//! heap's own cost. `kernel_heap_sampled_1000` is the default configuration with one
+//! cost more than that: they count interrupt points, look for pending IPIs, and keep
+//! a CPU to one thread at a time with interrupts off (a CPU one thread keeps running
+//! is biased to it, a store and two loads; shared ones take a compare-and-swap); that
+//! row shows the heap's own cost. `kernel_heap_sampled_1000` is the default configuration with one
 //! slab-sized allocation in 1,000 sampled into the guarded pool (KFENCE: a page mapped
 //! and filled at the allocation, checked, unmapped and flushed at the free), beside
 //! `kernel_heap` with sampling off.
@@ -468,8 +469,9 @@ std::thread_local! {
 }
 
 /// One CPU whose interrupt hooks cost what `pushf; cli` and `sti` cost: a flag of the
-/// calling thread, where the simulator's are a compare-and-swap (its model lets
-/// several host threads run as one CPU). Only the bench's main thread uses it.
+/// calling thread, where the simulator's also keep a CPU to one host thread at a
+/// time (its model lets several run as one CPU). Only the bench's main thread uses
+/// it.
 struct FlagCpu;
 
 // SAFETY: one CPU, index 0, which only the bench's main thread runs on (host

@@ -1,19 +1,227 @@
 //! The interrupt model of the machine's CPUs: each thread's interrupt flag, the one
 //! thread at a time that runs on a CPU with it off, and the interrupt points where a
 //! test may interrupt a CPU or hook into its next flush (see [`SimCpu`]).
+//!
+//! # Occupancy, biased to the thread that runs a CPU
+//!
+//! Several host threads may run as one CPU, but only one at a time with interrupts
+//! off: turning them off claims the CPU's occupant word with a compare-and-swap. That
+//! locked instruction is a cost hardware's `cli` does not have (it waits for every
+//! store before it), and every lock of the library pays it. Most CPUs are run by one
+//! thread, so a CPU claimed by the same thread many times in a row is *biased* to it
+//! (as JVMs bias a lock to the thread that keeps taking it): from then on that thread
+//! claims it by setting a flag of its own and checking that the bias is still its
+//! own, plain accesses with no fence. Another thread that wants the CPU takes the
+//! occupant word, then revokes the bias: it clears it, makes every thread of the
+//! process pass a full memory barrier (`membarrier`: the asymmetric half of a Dekker
+//! handshake, after which the owner's flag is visible to it, or the owner's check
+//! sees the bias gone), and waits until the owner's flag says it left the CPU. Each
+//! revocation doubles the claims in a row a CPU needs before it is biased again, so
+//! threads that take turns on a CPU soon stop paying for revocations. Without
+//! `membarrier` (another host, or a kernel without it) no CPU is ever biased.
 
 use super::{Cpus, Padded, SimCpu, lock, per_cpu};
 use std::boxed::Box;
 use std::cell::Cell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::vec::Vec;
+
+/// A thread's bias flag: the address of the [`Occupancy`] it runs on with
+/// interrupts off through the bias, or 0. Only its thread writes it.
+type Flag = Padded<AtomicUsize>;
 
 thread_local! {
     /// Whether the calling thread runs with interrupts off (its RFLAGS.IF clear).
     pub(super) static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
-    /// The calling thread's token, for the CPU it occupies.
-    static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+    /// Whether the calling thread's interrupts went off through a CPU's bias (else
+    /// it holds the CPU's occupant word).
+    static BIASED_OFF: Cell<bool> = const { Cell::new(false) };
+    /// The calling thread's token, for the CPU it occupies (0 until it first needs
+    /// one: a lazily made thread-local would cost a check of its own on every call).
+    static TOKEN: Cell<u64> = const { Cell::new(0) };
+    /// The calling thread's bias flag, made when a CPU is first biased to it and
+    /// never freed (a revoking thread may read it after the thread is gone).
+    static FLAG: Cell<*const Flag> = const { Cell::new(core::ptr::null()) };
+}
+
+/// The calling thread's token.
+#[inline]
+fn token() -> u64 {
+    TOKEN.with(|token| match token.get() {
+        0 => {
+            let new = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+            token.set(new);
+            new
+        }
+        known => known,
+    })
+}
+
+/// The calling thread's bias flag, made if it has none; null if the host has no
+/// memory for it. It comes from the system allocator: the global allocator may be
+/// a kernel heap on this machine, whose calls come here.
+fn flag() -> *const Flag {
+    FLAG.with(|flag| {
+        if flag.get().is_null() {
+            let layout = std::alloc::Layout::new::<Flag>();
+            // SAFETY: `Flag` is not zero-sized.
+            let made = unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) };
+            if !made.is_null() {
+                let made = made.cast::<Flag>();
+                // SAFETY: fresh, aligned for a `Flag`, never freed.
+                unsafe { made.write(Padded(AtomicUsize::new(0))) };
+                flag.set(made);
+            }
+        }
+        flag.get()
+    })
+}
+
+/// Claims in a row that bias a CPU at first, and at most after revocations.
+const FIRST_BIAS: u32 = 8;
+const LAST_BIAS: u32 = 1 << 20;
+
+/// One CPU's occupancy: who runs on it with interrupts off, and its bias.
+struct Occupancy {
+    /// The token of the thread holding it through the compare-and-swap, or 0.
+    occupant: AtomicU64,
+    /// The flag of the thread it is biased to, or null. Changed only by a thread
+    /// holding `occupant`.
+    owner: AtomicPtr<Flag>,
+    /// The last thread that held `occupant`, the claims it made in a row, and how
+    /// many bias the CPU: touched only by the thread holding `occupant`.
+    last: AtomicU64,
+    streak: AtomicU32,
+    threshold: AtomicU32,
+    /// Biases granted and revoked, for tests.
+    biased: AtomicU64,
+    revoked: AtomicU64,
+}
+
+impl Occupancy {
+    fn new() -> Self {
+        Self {
+            occupant: AtomicU64::new(0),
+            owner: AtomicPtr::new(core::ptr::null_mut()),
+            last: AtomicU64::new(0),
+            streak: AtomicU32::new(0),
+            threshold: AtomicU32::new(FIRST_BIAS),
+            biased: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
+        }
+    }
+
+    /// What the owner's flag holds while it runs here with interrupts off.
+    fn id(&self) -> usize {
+        core::ptr::from_ref(self) as usize
+    }
+
+    /// Claims the CPU through its bias, if it is biased to the calling thread.
+    #[inline]
+    fn claim_biased(&self) -> bool {
+        let mine = FLAG.with(Cell::get).cast_mut();
+        if mine.is_null() || self.owner.load(Ordering::Relaxed) != mine {
+            return false;
+        }
+        // SAFETY: the calling thread's flag, never freed.
+        let flag = unsafe { &*mine };
+        flag.store(self.id(), Ordering::Relaxed);
+        // The store must not pass the check below: the compiler is told so here,
+        // and a revoking thread's `membarrier` makes the processor drain it.
+        core::sync::atomic::compiler_fence(Ordering::SeqCst);
+        if self.owner.load(Ordering::Relaxed) == mine {
+            return true;
+        }
+        flag.store(0, Ordering::Release);
+        false
+    }
+
+    /// With `occupant` held by the calling thread (`token`): revokes another
+    /// thread's bias, or counts this claim towards biasing the CPU to the caller.
+    fn settle_bias(&self, token: u64) {
+        let owner = self.owner.load(Ordering::Relaxed);
+        if !owner.is_null() {
+            self.revoke(owner);
+        }
+        if self.last.load(Ordering::Relaxed) != token {
+            self.last.store(token, Ordering::Relaxed);
+            self.streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = self.streak.load(Ordering::Relaxed) + 1;
+        self.streak.store(streak, Ordering::Relaxed);
+        if streak >= self.threshold.load(Ordering::Relaxed) && can_bias() {
+            let flag = flag();
+            if !flag.is_null() {
+                // Published by the release of `occupant`, which the next claimant
+                // takes.
+                self.owner.store(flag.cast_mut(), Ordering::Relaxed);
+                self.biased.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes the bias from the thread whose flag is `owner` (the caller holds
+    /// `occupant`), once that thread is off the CPU.
+    #[cold]
+    fn revoke(&self, owner: *mut Flag) {
+        self.owner.store(core::ptr::null_mut(), Ordering::Relaxed);
+        barrier_every_thread();
+        // SAFETY: flags are never freed.
+        let owner = unsafe { &*owner };
+        while owner.load(Ordering::Acquire) == self.id() {
+            std::thread::yield_now();
+        }
+        let threshold = self.threshold.load(Ordering::Relaxed);
+        self.threshold.store(
+            threshold.saturating_mul(2).min(LAST_BIAS),
+            Ordering::Relaxed,
+        );
+        self.last.store(0, Ordering::Relaxed);
+        self.revoked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(target_os = "linux")]
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+#[cfg(target_os = "linux")]
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+/// Whether this process may bias CPUs: `membarrier`'s expedited barrier is there
+/// (registered once).
+fn can_bias() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *REGISTERED.get_or_init(|| {
+            // SAFETY: a system call with no pointer arguments.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                    0,
+                    0,
+                ) == 0
+            }
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// Makes every running thread of the process pass a full memory barrier before it
+/// returns. Only called once a CPU was biased, so registered.
+fn barrier_every_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a system call with no pointer arguments.
+        let done =
+            unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
+        assert_eq!(done, 0, "membarrier failed after it was registered");
+    }
 }
 
 /// Tokens of threads, from 1 (0 is no thread).
@@ -32,8 +240,8 @@ struct Armed {
 /// The interrupt state of a machine's CPUs: who runs with interrupts off, and what
 /// tests armed at their interrupt points.
 pub(super) struct Interrupts {
-    /// Per CPU: the token of the thread running on it with interrupts off, or 0.
-    occupant: Vec<Padded<AtomicU64>>,
+    /// Per CPU: which thread runs on it with interrupts off.
+    occupancy: Vec<Padded<Occupancy>>,
     /// Per CPU: the interrupt a test armed.
     armed: Vec<Mutex<Option<Armed>>>,
     /// Per CPU: interrupt points passed while counting.
@@ -50,7 +258,7 @@ pub(super) struct Interrupts {
 impl Interrupts {
     pub(super) fn new(count: usize) -> Self {
         Self {
-            occupant: per_cpu(count, || AtomicU64::new(0)),
+            occupancy: per_cpu(count, Occupancy::new),
             armed: (0..count).map(|_| Mutex::new(None)).collect(),
             points: per_cpu(count, || AtomicU64::new(0)),
             counting: per_cpu(count, || AtomicBool::new(false)),
@@ -61,6 +269,23 @@ impl Interrupts {
 }
 
 impl Cpus {
+    /// How many times CPU `cpu` was biased to a thread, and how many times a bias was
+    /// revoked (see the [module docs](self)).
+    #[cfg(test)]
+    pub(crate) fn biases(&self, cpu: usize) -> (u64, u64) {
+        let occupancy = &self.irq.occupancy[cpu];
+        (
+            occupancy.biased.load(Ordering::Relaxed),
+            occupancy.revoked.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether a test watches any CPU's interrupt points or flushes.
+    #[inline]
+    pub(super) fn watched(&self) -> bool {
+        self.irq.watched.load(Ordering::Relaxed) != 0
+    }
+
     /// Runs the hook armed for the calling thread's CPU's next flush, if any.
     pub(super) fn flushing(&self) {
         if self.irq.watched.load(Ordering::Relaxed) == 0 {
@@ -79,10 +304,15 @@ impl Cpus {
     /// An interrupt point of the calling thread's CPU (see the [module
     /// docs](SimCpu#interrupt-points)): counts it, and takes the armed interrupt when
     /// it is due and interrupts are on.
+    #[inline]
     pub(crate) fn point(&self) {
-        if self.irq.watched.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.watched() {
+            self.watched_point();
         }
+    }
+
+    #[cold]
+    fn watched_point(&self) {
         let Some(cpu) = self.current() else {
             return;
         };
@@ -123,27 +353,42 @@ impl Cpus {
     }
 
     /// The calling thread's interrupts go off on `cpu`: it waits until no other
-    /// thread runs there with interrupts off, as a task waits to be scheduled.
+    /// thread runs there with interrupts off, as a task waits to be scheduled (see
+    /// the [module docs](self) for the bias).
+    #[inline]
     fn interrupts_off(&self, cpu: usize) {
-        let token = TOKEN.with(|token| *token);
-        let occupant = &self.irq.occupant[cpu];
-        while occupant
-            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::thread::yield_now();
+        let occupancy = &self.irq.occupancy[cpu];
+        if occupancy.claim_biased() {
+            BIASED_OFF.set(true);
+        } else {
+            let token = token();
+            while occupancy
+                .occupant
+                .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                std::thread::yield_now();
+            }
+            occupancy.settle_bias(token);
         }
         INTERRUPTS_OFF.set(true);
     }
 
     /// The calling thread's interrupts come back on: another thread may run on
     /// `cpu` with interrupts off.
+    #[inline]
     fn interrupts_on(&self, cpu: usize) {
         INTERRUPTS_OFF.set(false);
-        self.irq.occupant[cpu].store(0, Ordering::Release);
+        if BIASED_OFF.replace(false) {
+            // SAFETY: set when the bias was claimed: the thread's flag, never freed.
+            unsafe { &*FLAG.with(Cell::get) }.store(0, Ordering::Release);
+        } else {
+            self.irq.occupancy[cpu].occupant.store(0, Ordering::Release);
+        }
     }
 
     /// `cli`, saying whether interrupts were on.
+    #[inline]
     pub(super) fn save(&self) -> bool {
         self.point();
         let Some(cpu) = self.current() else {
@@ -158,6 +403,7 @@ impl Cpus {
 
     /// `sti` if `on`; interrupts that waited are taken now. False when the calling
     /// thread runs as no CPU of this machine.
+    #[inline]
     pub(super) fn restore(&self, on: bool) -> bool {
         let Some(cpu) = self.current() else {
             return false;
@@ -166,9 +412,9 @@ impl Cpus {
             self.interrupts_on(cpu);
             // Nothing armed anywhere (the one read a benchmark pays): no interrupt
             // waited and the point counts for nobody.
-            if self.irq.watched.load(Ordering::Relaxed) != 0 {
+            if self.watched() {
                 self.take_armed(cpu, false);
-                self.point();
+                self.watched_point();
             }
         }
         true

@@ -97,10 +97,16 @@ pub(crate) fn watch_again() {
 /// is installed, and if it is not, installs it again in front of the one that
 /// replaced it and says so. One relaxed load otherwise. Allocates nothing: it runs
 /// inside the code under test, which may be a global allocator.
+#[inline]
 pub(crate) fn watch() {
-    if WATCH.load(Ordering::Relaxed) == 0 {
-        return;
+    if WATCH.load(Ordering::Relaxed) != 0 {
+        check_handler();
     }
+}
+
+/// The check of [`watch`].
+#[cold]
+fn check_handler() {
     let _ = WATCH.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
         left.checked_sub(1)
     });

@@ -2,6 +2,7 @@
 //! thread that rewrites the entry.
 
 use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[test]
 fn machine_is_send_and_sync() {
@@ -95,4 +96,48 @@ fn translations_race_with_a_thread_rewriting_the_entry() {
         }
     });
     assert_eq!(machine.tlb_stats().page_flushes, 2000);
+}
+
+/// Threads running as one CPU take turns with interrupts off, whether they claim
+/// it through the occupant word or through a bias; bursts by one thread bias the
+/// CPU to it and the other thread's claims revoke the bias.
+#[test]
+fn threads_as_one_cpu_never_overlap_with_interrupts_off_through_bias_and_revocation() {
+    use vmalloc::smp::Cpus as _;
+    let machine = machine();
+    let inside = AtomicU64::new(0);
+    let overlaps = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for thread in 0..3u64 {
+            let (machine, inside, overlaps) = (&machine, &inside, &overlaps);
+            scope.spawn(move || {
+                let mut rng = Rng::new(thread + 1);
+                for _ in 0..1000 {
+                    // A burst long enough to bias the CPU, then a pause.
+                    for _ in 0..rng.below(64) {
+                        let state = machine.irq_save();
+                        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                            overlaps.fetch_add(1, Ordering::Relaxed);
+                        }
+                        for _ in 0..rng.below(2000) {
+                            std::hint::spin_loop();
+                        }
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        machine.irq_restore(state);
+                    }
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    assert_eq!(
+        overlaps.load(Ordering::Relaxed),
+        0,
+        "two threads ran as CPU 0 with interrupts off at once"
+    );
+    let (biased, revoked) = machine.cpus.biases(0);
+    assert!(
+        biased > 0 && revoked > 0,
+        "biased {biased} times, revoked {revoked} times"
+    );
 }
