@@ -172,3 +172,36 @@ fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
     m.map_huge(huge, frame, RW).unwrap();
     assert_eq!(m.out(), out + 2, "a PDPT and a PD");
 }
+
+#[test]
+fn the_last_2m_page_of_each_half_unmaps_and_splits_with_a_token_inside_it() {
+    for top in [0x7fff_ffe0_0000u64, 0xffff_ffff_ffe0_0000] {
+        let m = &mut machine(2048, 41);
+        let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(top));
+        let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4000_0000));
+        m.map_huge(huge, frame, RW).unwrap();
+        // The range stops a page short of the half's end, which no page range can
+        // name; flushing any page of the 2 MiB entry drops it.
+        let flush = m.split_huge(huge).unwrap();
+        let range = flush.range().unwrap();
+        assert_eq!(
+            (range.start.start_address().as_u64(), range.len()),
+            (top, 511),
+            "{top:#x}"
+        );
+        let (phys, _, mapped) = m.tables.translate(VirtAddr::new(top + (MIB2 - 1))).unwrap();
+        assert_eq!(phys, PhysAddr::new(0x4000_0000 + (MIB2 - 1)));
+        assert!(matches!(mapped, MappedFrame::Size4KiB(_)), "split");
+
+        let m = &mut machine(2048, 43);
+        m.map_huge(huge, frame, RW).unwrap();
+        let (back, flush) = m.unmap_huge(huge).unwrap();
+        let range = flush.range().unwrap();
+        assert_eq!(
+            (back, range.start.start_address().as_u64(), range.len()),
+            (frame, top, 511),
+            "{top:#x}"
+        );
+        assert!(m.tables.translate(VirtAddr::new(top)).is_err(), "unmapped");
+    }
+}

@@ -71,7 +71,7 @@ impl<M: PhysMemory> PageTables<M> {
         // SAFETY: as above; nothing borrows the entry.
         unsafe { (*entry).set_unused() };
         let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
-        Ok((frame, RangeFlush::new(addr, addr + Size2MiB::SIZE)))
+        Ok((frame, huge_flush(addr)))
     }
 
     /// The PD entry of the present 2 MiB mapping at `addr`, and its value.
@@ -130,8 +130,16 @@ impl<M: PhysMemory> PageTables<M> {
         let leaf_flags = PageTableFlags::from_bits_retain(leaf_bits);
         // SAFETY: the entry lies in a reachable PD; nothing borrows it.
         unsafe { (*entry).set_frame(table_frame, upper_flags_for(leaf_flags) | CREATED) };
-        Ok(RangeFlush::new(addr, addr + Size2MiB::SIZE))
+        Ok(huge_flush(addr))
     }
+}
+
+/// The flush token of the 2 MiB page at `addr`. The last 2 MiB of each canonical
+/// half cannot end a page range, so there the range stops one 4 KiB page short:
+/// flushing any page of a 2 MiB mapping drops its translation, which is one TLB
+/// entry.
+fn huge_flush(addr: u64) -> RangeFlush {
+    RangeFlush::new(addr, tables::range_end_after(addr + (Size2MiB::SIZE - 1)))
 }
 
 /// The 2 MiB leaf that maps the whole leaf-table chunk at `addr` (`len` pages), if

@@ -227,7 +227,7 @@ impl<M: PhysMemory> PageTables<M> {
 /// The exclusive end of a flush range whose last address is `last`. The last page of
 /// each canonical half cannot end a `PageRange` (its end would not be canonical), so
 /// there the range stops one page short.
-fn range_end_after(last: u64) -> u64 {
+pub(super) fn range_end_after(last: u64) -> u64 {
     const LOWER_HALF_END: u64 = 1 << 47;
     if last < LOWER_HALF_END {
         (last + 1).min(LOWER_HALF_END - PAGE_SIZE)
