@@ -109,6 +109,15 @@ fn bad_sizes_are_refused_and_change_nothing() {
         Some(Error::SizeTooLarge)
     );
     assert_eq!(vm.stats(), before);
+    // Through a stack cache: the stacks it keeps stay kept.
+    let cache = StackCache::new(&machine);
+    drop(cache.alloc(&vm, 16 << 10).unwrap());
+    let kept = vm.stats();
+    for size in [0, 4096, 12 << 10, usize::MAX] {
+        assert!(cache.alloc(&vm, size).is_err(), "{size}");
+        assert_eq!((cache.cached(), vm.stats()), (1, kept), "{size}");
+    }
+    cache.drain(&vm).unwrap();
     // Stacks in a row never touch: each one's lower half separates it from the last.
     let stacks: Vec<_> = (0..8).map(|_| vm.alloc_stack(8192).unwrap()).collect();
     for pair in stacks.windows(2) {

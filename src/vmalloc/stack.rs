@@ -85,6 +85,20 @@ where
     M: PhysMemory + Copy,
     T: TlbFlush,
 {
+    /// A stack size's bytes and pages, or the error [`alloc_stack`](Self::alloc_stack)
+    /// refuses it with.
+    fn stack_pages(&self, size: usize) -> Result<(u64, u64), Error> {
+        let bytes = size as u64;
+        if bytes == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if !bytes.is_power_of_two() || bytes < 2 * PAGE_SIZE {
+            return Err(Error::BadAlignment);
+        }
+        let pages = self.pages_for(bytes.checked_mul(2).ok_or(Error::SizeTooLarge)?)? / 2;
+        Ok((bytes, pages))
+    }
+
     /// A zeroed kernel stack of `size` bytes (a power of two, at least two pages),
     /// aligned to its size, with unmapped memory below it (see the
     /// [module docs](super::stack)). Freed when the returned value is dropped.
@@ -96,14 +110,7 @@ where
     /// [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`]; nothing changes on error.
     #[track_caller]
     pub fn alloc_stack(&self, size: usize) -> Result<KernelStack<'_, F, M, T>, Error> {
-        let bytes = size as u64;
-        if bytes == 0 {
-            return Err(Error::ZeroSize);
-        }
-        if !bytes.is_power_of_two() || bytes < 2 * PAGE_SIZE {
-            return Err(Error::BadAlignment);
-        }
-        let pages = self.pages_for(bytes.checked_mul(2).ok_or(Error::SizeTooLarge)?)? / 2;
+        let (bytes, pages) = self.stack_pages(size)?;
         let options = VmOptions {
             prot: Prot::KERNEL_RW,
             tag: "kernel stack",
@@ -223,6 +230,8 @@ impl<C: Cpus> StackCache<C> {
         T: TlbFlush,
     {
         self.serve(vmalloc.id)?;
+        // A size `alloc_stack` refuses leaves the cached stacks where they are.
+        vmalloc.stack_pages(size)?;
         for slot in self.slots_here() {
             let packed = slot.swap(0, Ordering::AcqRel);
             if packed == 0 {
