@@ -206,27 +206,29 @@ impl<S: FrameSource> FrameDeallocator<Size4KiB> for MapperFrames<S> {
     }
 }
 
-/// Convenience for building memory maps in tests and examples.
+/// Convenience for building memory maps in tests and examples. Addresses are cut off
+/// at the last byte of the 52-bit physical space (a `PhysAddr` cannot hold 2^52), as
+/// the [boot-protocol adapters](crate::boot) cut theirs; a range wholly above it is
+/// empty.
 impl MemoryRegion {
     /// A usable range `[start, end)`.
     pub fn usable(start: u64, end: u64) -> Self {
-        Self {
-            range: PhysAddr::new(start)..PhysAddr::new(end),
-            kind: RegionKind::Usable,
-        }
+        Self::of(start, end, RegionKind::Usable)
     }
     /// A reserved range `[start, end)`.
     pub fn reserved(start: u64, end: u64) -> Self {
-        Self {
-            range: PhysAddr::new(start)..PhysAddr::new(end),
-            kind: RegionKind::Reserved,
-        }
+        Self::of(start, end, RegionKind::Reserved)
     }
     /// A range `[start, end)` that is in use until reclaimed.
     pub fn reclaimable(start: u64, end: u64, from: Reclaim) -> Self {
+        Self::of(start, end, RegionKind::Reclaimable(from))
+    }
+
+    fn of(start: u64, end: u64, kind: RegionKind) -> Self {
+        let last = crate::boot::PHYS_LIMIT - 1;
         Self {
-            range: PhysAddr::new(start)..PhysAddr::new(end),
-            kind: RegionKind::Reclaimable(from),
+            range: PhysAddr::new_truncate(start.min(last))..PhysAddr::new_truncate(end.min(last)),
+            kind,
         }
     }
 }

@@ -281,3 +281,20 @@ fn fault_injector_fails_the_chosen_frame_once() {
     assert_eq!(injector.handed_out(), 7);
     assert_eq!(locked.stats().used, 7);
 }
+
+#[test]
+fn memory_regions_are_cut_off_at_the_52_bit_physical_space() {
+    let last = crate::boot::PHYS_LIMIT - 1;
+    let top = MemoryRegion::usable(1 << 40, 1 << 52);
+    assert_eq!(
+        (top.range.start.as_u64(), top.range.end.as_u64()),
+        (1 << 40, last)
+    );
+    let above = MemoryRegion::reserved(1 << 60, u64::MAX);
+    assert_eq!(
+        (above.range.start.as_u64(), above.range.end.as_u64()),
+        (last, last)
+    );
+    let reclaim = MemoryRegion::reclaimable(u64::MAX, u64::MAX, Reclaim::Acpi);
+    assert!(reclaim.range.is_empty());
+}
