@@ -561,3 +561,36 @@ fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
     }
     assert_eq!(heap.stats().in_use, 0);
 }
+
+/// A caller's bug the heap survives: an area it did not make is refused (so the
+/// `VBox` owning it stays valid), and a slab block freed twice in a row makes no
+/// later call panic (what it hands out afterwards is undefined, as `GlobalAlloc`
+/// says, but the counts it keeps do not overflow).
+#[test]
+fn frees_of_foreign_areas_are_refused_and_a_double_free_panics_nothing_later() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let foreign = vmalloc::vmalloc::VBox::new(&vm, [7u8; 20_000]).unwrap();
+    for per_cpu in [false, true] {
+        let heap = KernelHeap::new(HeapConfig { per_cpu, ..CONFIG });
+        heap.init(&vm).unwrap();
+        let before = heap.stats();
+        let ptr = std::ptr::from_ref(&*foreign).cast::<u8>().cast_mut();
+        // SAFETY: deliberately wrong: the heap did not make this block; it refuses it.
+        unsafe { heap.dealloc(ptr, Layout::from_size_align(20_000, 8).unwrap()) };
+        assert_eq!(heap.stats(), before, "per_cpu {per_cpu}");
+        assert!(vm.find_vm_area(VirtAddr::from_ptr(ptr)).is_some());
+        assert_eq!(foreign[19_999], 7);
+
+        let small = Layout::from_size_align(64, 8).unwrap();
+        // SAFETY: deliberately wrong (a double free), for the counts' sake.
+        unsafe {
+            let block = heap.alloc(small);
+            heap.dealloc(block, small);
+            heap.dealloc(block, small);
+            let (a, b) = (heap.alloc(small), heap.alloc(small));
+            assert!(!a.is_null() && !b.is_null());
+        }
+    }
+}

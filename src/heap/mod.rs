@@ -60,6 +60,9 @@ pub use kvbox::KVBox;
 use list::{Backing, ListHeap};
 use slab::{SlabClassStats, Slabs};
 
+/// The tag of the heap's large blocks' areas: `dealloc` frees no other area.
+const LARGE_TAG: &str = "kernel heap large";
+
 /// Sizes that shape a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapConfig {
@@ -374,7 +377,7 @@ impl<'a> KernelHeap<'a> {
         let vmalloc = self.backing.get()?.vmalloc;
         let options = VmOptions {
             align: layout.align() as u64,
-            tag: "kernel heap large",
+            tag: LARGE_TAG,
             ..VmOptions::default()
         };
         let block = vmalloc.vmalloc_with(layout.size(), &options).ok()?;
@@ -437,10 +440,17 @@ impl<'a> KernelHeap<'a> {
                 }
             }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
-        // caller gives up.
-        } else if unsafe { backing.vmalloc.vfree(ptr) }.is_ok() {
-            self.large_blocks.fetch_sub(1, Ordering::Relaxed);
-            self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
+        // caller gives up; an area the heap did not make (its tag says) is refused.
+        } else if unsafe { backing.vmalloc.vfree_tagged(ptr, LARGE_TAG) }.is_ok() {
+            // Saturating: another heap's large block (same manager, same tag) must
+            // not wrap this heap's counts.
+            let less = |by: usize| move |count: usize| Some(count.saturating_sub(by));
+            let _ = (self.large_blocks).fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
+            let _ = (self.large_bytes).fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                less(layout.size()),
+            );
         }
     }
 }

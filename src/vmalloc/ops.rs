@@ -58,6 +58,25 @@ pub unsafe trait VmallocOps: Sync {
     /// As there.
     unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error>;
 
+    /// [`vfree`](Self::vfree), only if the area at `ptr` was made with
+    /// [`VmOptions::tag`] `tag`: a caller that makes its areas with a tag of its own
+    /// (the kernel heap's large blocks) refuses to free anyone else's. The default
+    /// cannot tell tags and frees as `vfree` does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WrongKind`] for an area with another tag (nothing changes); otherwise
+    /// as `vfree`.
+    ///
+    /// # Safety
+    ///
+    /// As `vfree`.
+    unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
+        let _ = tag;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vfree(ptr) }
+    }
+
     /// See [`Vmalloc::vrealloc`](super::Vmalloc::vrealloc).
     ///
     /// # Errors
@@ -228,6 +247,14 @@ where
         Vmalloc::vmalloc_with(self, size, options)
     }
     unsafe fn vfree(&self, ptr: *mut u8) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::vfree(self, ptr) }
+    }
+    unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
+        let area = self.find_vm_area(x86_64::VirtAddr::from_ptr(ptr));
+        if area.is_some_and(|area| area.tag != tag) {
+            return Err(Error::WrongKind);
+        }
         // SAFETY: forwarded from the caller.
         unsafe { Vmalloc::vfree(self, ptr) }
     }

@@ -181,7 +181,7 @@ impl Slabs {
                 self.take(&mut state, geometry, vmalloc)
             };
             if let Some(object) = object {
-                state.objects += 1;
+                state.objects = state.objects.wrapping_add(1);
                 let due = self.tick(0, 1);
                 drop(state);
                 if due {
@@ -529,7 +529,7 @@ impl Slabs {
                 header.bump += 1;
                 slab.cast::<u8>().add(offset)
             };
-            header.in_use += 1;
+            header.in_use = header.in_use.wrapping_add(1);
             if header.in_use == geometry.capacity {
                 state.partial.unlink(slab);
             }
