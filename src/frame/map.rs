@@ -207,11 +207,29 @@ impl NormalMap {
             if end <= span.start || best.is_some_and(|best| best.end >= end) {
                 continue;
             }
-            let start = self
+            // Nothing below the highest blocker under the top belongs to the run.
+            let floor = self
                 .blockers()
                 .filter(|b| b.end < end)
                 .map(|b| b.end)
-                .fold(span.start, u64::max);
+                .fold(0, u64::max);
+            let mut start = span.start.max(floor);
+            // Usable entries touching or overlapping the run extend it down (maps
+            // split RAM into neighbouring entries; the copy merges them only when
+            // its list fills up). Each step moves the start down, to the floor at
+            // most.
+            while start > floor {
+                match self
+                    .usable()
+                    .iter()
+                    .filter(|u| u.start < start && start <= u.end)
+                    .map(|u| u.start)
+                    .min()
+                {
+                    Some(lower) => start = lower.max(floor),
+                    None => break,
+                }
+            }
             best = Some(Span { start, end });
         }
         best

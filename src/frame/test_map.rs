@@ -306,3 +306,34 @@ fn early_frames_come_from_the_top_and_the_map_reserves_them() {
         Some(Error::BadMemoryMap)
     );
 }
+
+#[test]
+fn early_frames_take_a_run_split_into_touching_and_overlapping_entries_whole() {
+    // RAM as firmware often lists it: neighbouring entries, out of order, one
+    // overlapping; a reserved frame below them all bounds the run.
+    let map = [
+        MemoryRegion::usable(300 * FRAME, 301 * FRAME),
+        MemoryRegion::usable(256 * FRAME, 300 * FRAME),
+        MemoryRegion::usable(301 * FRAME, 302 * FRAME),
+        MemoryRegion::usable(250 * FRAME, 260 * FRAME),
+        MemoryRegion::reserved(200 * FRAME, 252 * FRAME),
+        MemoryRegion::usable(0, 200 * FRAME),
+    ];
+    let mut early = EarlyFrames::new(map.iter().cloned()).unwrap();
+    let taken = core::iter::from_fn(|| early.allocate_frame()).count();
+    assert_eq!(
+        taken,
+        302 - 252,
+        "frames 252..302, down to the reserved range"
+    );
+    assert_eq!(
+        early.taken(),
+        MemoryRegion::reserved(252 * FRAME, 302 * FRAME)
+    );
+    // Thousands of one-frame entries, each touching the next.
+    let many: Vec<_> = (0..5000u64)
+        .map(|i| MemoryRegion::usable((1000 + i) * FRAME, (1001 + i) * FRAME))
+        .collect();
+    let mut early = EarlyFrames::new(many.iter().cloned()).unwrap();
+    assert_eq!(core::iter::from_fn(|| early.allocate_frame()).count(), 5000);
+}

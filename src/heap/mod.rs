@@ -85,9 +85,10 @@ pub struct HeapConfig {
     /// sampling off. It can be changed at run time
     /// ([`KernelHeap::set_sample_interval`]).
     pub sample_interval: u32,
-    /// Slots of the guarded pool: how many sampled objects can be live at once (at
-    /// most [`guarded::pool::MAX_SLOTS`]). The pool takes two pages of virtual space
-    /// per slot, and a frame per live object, made by the first sampled allocation.
+    /// Slots of the guarded pool: how many sampled objects can be live at once,
+    /// from 1 to [`guarded::pool::MAX_SLOTS`] (0 is taken as 1, more as the most).
+    /// The pool takes two pages of virtual space per slot, and a frame per live
+    /// object, made by the first sampled allocation.
     pub guarded_slots: usize,
 }
 
