@@ -14,7 +14,7 @@
 //! gather applies it to a batch: each range on its own while their pages together
 //! stay within the ceiling, one full flush above it.
 
-use crate::smp::{Cpus, OneCpu};
+use crate::smp::{CpuSet, Cpus, MAX_CPUS, OneCpu};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, Size4KiB};
@@ -57,6 +57,31 @@ pub trait TlbFlush {
     /// Drops every non-global and global translation.
     fn flush_all(&self);
 
+    /// Starts flushing `batch` from every CPU and may return before the other CPUs
+    /// have: `ticket` records what to wait for. Nothing the batch's stale
+    /// translations reached may be reused until [`finish_flush`](Self::finish_flush)
+    /// returned for the ticket. The default flushes at once and leaves the ticket
+    /// done; a policy that reaches other CPUs sends the IPIs and returns, so the
+    /// caller works on while they flush (the vmalloc manager's per-CPU lazy lists do,
+    /// finishing one batch when the next is due).
+    ///
+    /// A ticket that is not done is finished first.
+    fn start_flush(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
+        self.finish_flush(ticket);
+        match batch {
+            FlushBatch::All => self.flush_all(),
+            FlushBatch::Ranges(ranges) => self.flush_ranges(ranges),
+        }
+    }
+
+    /// Returns once every CPU has flushed what [`start_flush`](Self::start_flush)
+    /// recorded in `ticket` (at once if it is done), and leaves the ticket done. A
+    /// policy that flushes other CPUs serves their requests to the calling CPU while
+    /// it waits, as [`relax`](Self::relax) does.
+    fn finish_flush(&self, ticket: &mut FlushTicket) {
+        *ticket = FlushTicket::DONE;
+    }
+
     /// Pages up to which a range, or a batch of ranges, is flushed page by page
     /// rather than all at once. [`SINGLE_PAGE_FLUSH_CEILING`] unless overridden.
     fn ceiling(&self) -> u64 {
@@ -98,6 +123,40 @@ pub trait TlbFlush {
     }
 }
 
+/// What [`TlbFlush::start_flush`] flushes.
+#[derive(Debug, Clone, Copy)]
+pub enum FlushBatch<'a> {
+    /// Every translation.
+    All,
+    /// The ranges, whose pages together stay within the policy's
+    /// [ceiling](TlbFlush::ceiling).
+    Ranges(&'a [PageRange<Size4KiB>]),
+}
+
+/// What a flush started with [`TlbFlush::start_flush`] waits for: per CPU it was
+/// sent to, the request that CPU must have served. Kept by the caller until
+/// [`TlbFlush::finish_flush`]; [`DONE`](Self::DONE) waits for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushTicket {
+    pub(crate) targets: CpuSet,
+    /// Per target CPU, its request's number (the low 32 bits: a CPU serves its
+    /// requests in order and never runs 2^31 behind).
+    pub(crate) requests: [u32; MAX_CPUS],
+}
+
+impl FlushTicket {
+    /// A ticket that waits for nothing.
+    pub const DONE: FlushTicket = FlushTicket {
+        targets: CpuSet::empty(),
+        requests: [0; MAX_CPUS],
+    };
+
+    /// Whether the ticket waits for nothing more.
+    pub fn is_done(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
 impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     fn flush_page(&self, page: Page<Size4KiB>) {
         (**self).flush_page(page)
@@ -110,6 +169,12 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
     }
     fn flush_all(&self) {
         (**self).flush_all()
+    }
+    fn start_flush(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
+        (**self).start_flush(batch, ticket)
+    }
+    fn finish_flush(&self, ticket: &mut FlushTicket) {
+        (**self).finish_flush(ticket)
     }
     fn ceiling(&self) -> u64 {
         (**self).ceiling()

@@ -341,3 +341,63 @@ fn check(cpu: vmalloc_sim::SimCpu<'_>, ptr: usize, pages: usize, stamp: u8) {
         assert_eq!(back, [stamp; 8], "page {page} of {ptr:#x}");
     }
 }
+
+/// The lazy list flushes in halves without waiting (a half's shootdown is sent, and
+/// finished when the next half is due): while CPU 1 takes no interrupt and still
+/// caches the translation of a freed area, CPU 0 goes on making and freeing small
+/// areas, and none of them gets that frame before CPU 1 dropped the translation.
+#[test]
+fn a_frame_in_a_flushing_half_of_the_lazy_list_waits_for_every_cpu() {
+    watchdog(
+        "a_frame_in_a_flushing_half_of_the_lazy_list_waits_for_every_cpu",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2);
+            let vm = manager(machine, frames, tlb, cached());
+            let old = addr(vm.vmalloc(PAGE).unwrap());
+            let frame = vm.vmalloc_to_frame(old).unwrap();
+            let cached_by_1 = std::sync::Barrier::new(2);
+            let (mut reused, mut sent_before_served) = (0, false);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let cpu = machine.cpu(1);
+                    cpu.enter();
+                    cpu.go_online();
+                    let _offline = cpu.offline_when_dropped();
+                    let mut word = [0; 8];
+                    cpu.read(old, &mut word).unwrap();
+                    cached_by_1.wait();
+                    // No interrupt taken for a while: the IPIs CPU 0 sends meanwhile
+                    // wait, and so must the frames they cover.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    while cpu.cached(old).is_some() {
+                        cpu.poll();
+                        std::thread::yield_now();
+                    }
+                });
+                cached_by_1.wait();
+                // SAFETY: CPU 1 only reads the stale translation, never through it.
+                unsafe { vm.vfree(old.as_mut_ptr()) }.unwrap();
+                for _ in 0..400 {
+                    let new = vm.vmalloc(PAGE).unwrap();
+                    if vm.vmalloc_to_frame(addr(new)).unwrap() == frame {
+                        reused += 1;
+                        assert!(
+                            machine.cpu(1).cached(old).is_none(),
+                            "the frame came back while CPU 1 still reached it"
+                        );
+                    }
+                    sent_before_served |=
+                        machine.ipis_sent() > 0 && machine.cpu(1).cached(old).is_some();
+                    // SAFETY: nothing uses the area after this.
+                    unsafe { vm.vfree(new.as_ptr()) }.unwrap();
+                }
+            });
+            assert!(
+                sent_before_served,
+                "a shootdown was in flight while CPU 1 cached the page"
+            );
+            assert!(reused > 0, "the frame came back once CPU 1 flushed");
+        },
+    );
+}

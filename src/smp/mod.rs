@@ -53,6 +53,11 @@
 //! read as done (Release), so the initiator's Acquire load sees the flush complete;
 //! then it looks again, until the queue is empty.
 //!
+//! A flush started with [`TlbFlush::start_flush`] stops after the IPI: the numbers it
+//! remembered go to the caller in a [`FlushTicket`](crate::tlb::FlushTicket), and
+//! [`TlbFlush::finish_flush`] does the waiting later (at once if every target has
+//! served by then, which the vmalloc manager's lazy lists count on).
+//!
 //! The fence orders the caller's page-table stores before the read of the online set.
 //! A CPU joining the set does so with a sequentially consistent update and only then
 //! flushes its own TLB (the [`Cpus`] contract): either the initiator sees it and

@@ -5,6 +5,7 @@ use super::{Cpus, MAX_CPUS};
 use crate::TlbFlush;
 use crate::percpu::{Init, PerCpu};
 use crate::sync::{IrqOff, wait_for};
+use crate::tlb::{FlushBatch, FlushTicket};
 use core::sync::atomic::{AtomicU64, Ordering, fence};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::page::PageRange;
@@ -233,13 +234,13 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
     /// Waits until every CPU of `targets` served its request `tickets[cpu]`, or left
     /// the online set, serving this CPU's own mailbox meanwhile. Returns the CPUs
     /// that left without serving it.
-    fn wait_for_targets(&self, targets: super::CpuSet, tickets: &[u64; MAX_CPUS]) -> super::CpuSet {
+    fn wait_for_targets(&self, targets: super::CpuSet, tickets: &[u32; MAX_CPUS]) -> super::CpuSet {
         let mut left = super::CpuSet::empty();
         for cpu in targets.iter() {
             let Some(mailbox) = self.mailboxes.get(cpu) else {
                 continue;
             };
-            while mailbox.done.load(Ordering::Acquire) < tickets[cpu] {
+            while !served(mailbox.done.load(Ordering::Acquire), tickets[cpu]) {
                 if !self.cpus.online().contains(cpu) {
                     left = left.with(cpu);
                     break;
@@ -278,6 +279,14 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
     fn shoot_with(&self, local: impl FnOnce(&L), push: impl Fn(&mut Queue)) {
         // No interrupt handler on this CPU may start a shootdown inside this one.
         let _irq = IrqOff::new(self);
+        let mut ticket = FlushTicket::DONE;
+        self.send(local, push, &mut ticket);
+        self.wait(&mut ticket);
+    }
+
+    /// Flushes on this CPU with `local` and sends every other online CPU what `push`
+    /// queues in its mailbox, recording in `ticket` the request each must serve.
+    fn send(&self, local: impl FnOnce(&L), push: impl Fn(&mut Queue), ticket: &mut FlushTicket) {
         let me = self.cpus.current();
         local(&self.local);
         self.shootdowns.fetch_add(1, Ordering::Relaxed);
@@ -285,19 +294,27 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         if targets.is_empty() {
             return;
         }
-        let mut tickets = [0u64; MAX_CPUS];
         for cpu in targets.iter() {
             let Some(mailbox) = self.mailboxes.get(cpu) else {
                 continue;
             };
             let mut queue = wait_for(&mailbox.queue, self);
             push(&mut queue);
-            tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
+            // The low bits of a count: a CPU never runs 2^31 requests behind.
+            ticket.requests[cpu] = (mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1) as u32;
+            ticket.targets = ticket.targets.with(cpu);
         }
         self.cpus.send_ipi(targets);
         self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
-        // A CPU that left the online set flushed its own TLB as it went.
-        self.wait_for_targets(targets, &tickets);
+    }
+
+    /// Waits until every CPU `ticket` names served its request, or left the online
+    /// set (flushing its own TLB as it went), serving this CPU's mailbox meanwhile.
+    fn wait(&self, ticket: &mut FlushTicket) {
+        if !ticket.is_done() {
+            self.wait_for_targets(ticket.targets, &ticket.requests);
+        }
+        *ticket = FlushTicket::DONE;
     }
 
     /// Runs `work` on every other online CPU, in its shootdown service, and returns
@@ -316,7 +333,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         let work = Work(unsafe {
             core::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync)>(work)
         });
-        let mut tickets = [0u64; MAX_CPUS];
+        let mut tickets = [0u32; MAX_CPUS];
         for cpu in targets.iter() {
             let Some(mailbox) = self.mailboxes.get(cpu) else {
                 continue;
@@ -324,7 +341,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
             loop {
                 let mut queue = wait_for(&mailbox.queue, self);
                 if queue.push_work(work) {
-                    tickets[cpu] = mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1;
+                    tickets[cpu] = (mailbox.requested.fetch_add(1, Ordering::AcqRel) + 1) as u32;
                     break;
                 }
                 // No room: the target is slow to serve; let it, and serve meanwhile.
@@ -382,6 +399,45 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
         self.shoot(Flush::All);
     }
 
+    /// Flushes this CPU and sends the batch to every other online CPU, returning
+    /// before they have: [`finish_flush`](TlbFlush::finish_flush) waits for them.
+    fn start_flush(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
+        let _irq = IrqOff::new(self);
+        self.wait(ticket);
+        match batch {
+            FlushBatch::All => self.send(
+                |local| local.flush_all(),
+                |queue| queue.push(Flush::All),
+                ticket,
+            ),
+            FlushBatch::Ranges(ranges)
+                if ranges.iter().map(|range| range.len()).sum::<u64>() > self.ceiling() =>
+            {
+                self.send(
+                    |local| local.flush_all(),
+                    |queue| queue.push(Flush::All),
+                    ticket,
+                )
+            }
+            FlushBatch::Ranges(ranges) => {
+                let ranges = || ranges.iter().filter(|range| !range.is_empty());
+                if ranges().next().is_none() {
+                    return;
+                }
+                self.send(
+                    |local| ranges().for_each(|range| local.flush_range(*range)),
+                    |queue| ranges().for_each(|range| queue.push(Flush::Range(*range))),
+                    ticket,
+                );
+            }
+        }
+    }
+
+    fn finish_flush(&self, ticket: &mut FlushTicket) {
+        let _irq = IrqOff::new(self);
+        self.wait(ticket);
+    }
+
     fn ceiling(&self) -> u64 {
         self.local.ceiling()
     }
@@ -398,5 +454,28 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
     fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
         self.call(work);
         true
+    }
+}
+
+/// Whether a CPU that has served its requests up to `done` has served `request`
+/// (the low 32 bits of its number): compared as a wrapping distance, since a CPU
+/// never runs 2^31 requests behind.
+fn served(done: u64, request: u32) -> bool {
+    (done as u32).wrapping_sub(request) as i32 >= 0
+}
+
+#[cfg(test)]
+mod test {
+    use super::served;
+
+    #[test]
+    fn a_request_number_is_served_by_its_count_and_later_ones_across_the_wrap() {
+        for base in [1u64, 1 << 20, (1 << 32) - 2, (1 << 33) + 5] {
+            let request = base as u32;
+            assert!(!served(base - 1, request), "{base}");
+            assert!(served(base, request), "{base}");
+            assert!(served(base + 3, request), "{base}");
+            assert!(served(base + (1 << 30), request), "{base}");
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! that range is known, a full buffer is flushed whole.
 
 use crate::paging::{PageTables, RangeFlush};
+use crate::tlb::{FlushBatch, FlushTicket};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::cell::Cell;
 use x86_64::structures::paging::page::PageRange;
@@ -93,6 +94,21 @@ impl Stale {
         }
         *self = Stale::NONE;
     }
+
+    /// Starts flushing every stale range through `tlb` as [`flush`](Self::flush)
+    /// would, recording in `ticket` what to wait for before anything they reached
+    /// is reused.
+    fn start(&mut self, tlb: &dyn TlbFlush, ticket: &mut FlushTicket) {
+        if self.is_empty() {
+            return;
+        }
+        if self.all || self.pages > tlb.ceiling() {
+            tlb.start_flush(FlushBatch::All, ticket);
+        } else {
+            tlb.start_flush(FlushBatch::Ranges(&self.ranges[..self.len]), ticket);
+        }
+        *self = Stale::NONE;
+    }
 }
 
 /// Frames taken from the allocator per bulk call while mapping, and frames handed
@@ -150,6 +166,16 @@ impl<'a, F: FrameSource> Gather<'a, F> {
     /// what they changed (`vunmap`, `iounmap`, `set_prot`, a shrinking `vrealloc`).
     pub(super) fn flush(&mut self) {
         self.stale.flush(self.tlb);
+    }
+
+    /// Starts flushing the stale translations gathered so far, recording in
+    /// `ticket` what to wait for ([`TlbFlush::start_flush`]): for a caller that holds
+    /// what they reached itself, and finishes the ticket before it lets go. The
+    /// gather must hold no frame (they would leave at [`finish`](Self::finish),
+    /// before the ticket is done).
+    pub(super) fn start_flush(&mut self, ticket: &mut FlushTicket) {
+        debug_assert_eq!(self.len, 0, "a gather holding frames starts no flush");
+        self.stale.start(self.tlb, ticket);
     }
 
     /// Unlinks the empty tables this manager created below the root for `range`; they

@@ -5,6 +5,7 @@ use super::{BLOCK_BYTES, BLOCK_PAGES, MAX_BLOCK_PAGES, MAX_BLOCKS, TAKE_FROM};
 use crate::paging::RangeFlush;
 use crate::percpu::{Held, Init};
 use crate::sync::IrqOff;
+use crate::tlb::FlushTicket;
 use crate::vmalloc::gather::CountingFrames;
 use crate::vmalloc::locked::Locked;
 use crate::vmalloc::manager::Vmalloc;
@@ -15,20 +16,23 @@ use x86_64::structures::paging::page::PageRange;
 use x86_64::structures::paging::{Page, PhysFrame};
 use x86_64::{PhysAddr, VirtAddr};
 
-/// Free frames a CPU keeps at most: as many as its lazy list holds, so the frames
-/// of a flushed list fit back in the cache and a steady stream of areas costs the
-/// frame allocator nothing.
-pub(super) const CACHED_FRAMES: usize = 192;
+/// Free frames a CPU keeps at most: as many as half its lazy list holds, so the
+/// frames of a landed half fit back in the cache and a steady stream of areas costs
+/// the frame allocator nothing.
+pub(super) const CACHED_FRAMES: usize = LAZY_FRAMES / 2;
 /// Frames a CPU takes from the allocator at once.
 pub(super) const REFILL: usize = 32;
-/// Freed areas a CPU collects before one batched flush. On a machine with several
-/// CPUs each flush is a shootdown that waits for every other CPU, so the list is
-/// long: a stream of 1-page areas pays one per 128 frees (Linux batches its lazy
-/// vmap purges by the megabyte).
-const LAZY_RANGES: usize = 128;
-/// Freed frames (768 KiB) a CPU collects before one batched flush: 16-page areas pay
-/// one every 12 frees.
-const LAZY_FRAMES: usize = CACHED_FRAMES;
+/// Freed areas a CPU's lazy list holds. On a machine with several CPUs each flush is
+/// a shootdown, so the list is long (Linux batches its lazy vmap purges by the
+/// megabyte), and it flushes in halves without waiting: once half of it collected,
+/// that half's shootdown is sent and the CPU goes on; when the next half is due, the
+/// first one's IPIs were long served, so finishing it rarely waits, and its areas
+/// and frames come back. A stream of 1-page areas sends a shootdown per 112 frees
+/// and waits for almost none.
+const LAZY_RANGES: usize = 224;
+/// Freed frames (1.4 MiB) the lazy list holds: 16-page areas send a shootdown every
+/// 11 frees.
+const LAZY_FRAMES: usize = 352;
 
 const _: () = assert!(REFILL >= MAX_BLOCK_PAGES as usize && REFILL <= CACHED_FRAMES);
 
@@ -107,23 +111,51 @@ pub(super) fn add(counter: &AtomicI64, delta: i64) {
 }
 
 /// A CPU's cache, touched only by whoever holds its slot; lives in a frame of its own
-/// until the manager is dropped.
+/// until the manager is dropped, its lazy list in another.
 pub(super) struct CpuState {
     pub(super) block: Option<usize>,
     frames: [PhysFrame; CACHED_FRAMES],
     cached: usize,
-    lazy: [Lazy; LAZY_RANGES],
-    lazy_len: usize,
-    lazy_frames: [PhysFrame; LAZY_FRAMES],
-    lazy_frame_count: usize,
+    lazy: NonNull<LazyList>,
     /// The frame this state lives in.
+    frame: PhysFrame,
+}
+
+/// A CPU's lazy list: freed areas and their frames waiting for a flush.
+struct LazyList {
+    areas: [Lazy; LAZY_RANGES],
+    len: usize,
+    frames: [PhysFrame; LAZY_FRAMES],
+    frame_count: usize,
+    /// The first `flying` areas and `flying_frames` frames wait for the shootdown
+    /// `ticket` records (see [`LAZY_RANGES`]).
+    flying: usize,
+    flying_frames: usize,
+    ticket: FlushTicket,
+    /// The frame this list lives in.
     frame: PhysFrame,
 }
 
 impl CpuState {
     /// Freed areas waiting on the lazy list.
     pub(super) fn lazy_len(&self) -> usize {
-        self.lazy_len
+        // SAFETY: the list lives until the manager is dropped; `&self` comes from
+        // the slot's holder, which writes the list only through `&mut` on the state.
+        unsafe { self.lazy.as_ref() }.len
+    }
+
+    /// The lazy list, borrowed apart from the rest of the state (it lives in a frame
+    /// of its own), so the cache's frames can take its frames.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the slot this state belongs to, and no other reference to
+    /// the list is used while this one is.
+    unsafe fn lazy<'a>(&self) -> &'a mut LazyList {
+        let mut list = self.lazy;
+        // SAFETY: the list lives until the manager is dropped, and only the slot's
+        // holder reaches it, through one reference at a time (caller).
+        unsafe { list.as_mut() }
     }
 }
 
@@ -167,17 +199,30 @@ where
     /// The held cache's state, made on first use; `None` if no frame can be had.
     pub(super) fn open<'s>(&self, owned: &'s mut Option<StatePage>) -> Option<&'s mut CpuState> {
         if owned.is_none() {
+            let list = LazyList {
+                areas: [Lazy::NONE; LAZY_RANGES],
+                len: 0,
+                frames: [NO_FRAME; LAZY_FRAMES],
+                frame_count: 0,
+                flying: 0,
+                flying_frames: 0,
+                ticket: FlushTicket::DONE,
+                frame: NO_FRAME,
+            };
+            let list = self.place(list, |list, frame| list.frame = frame).ok()?;
             let state = CpuState {
                 block: None,
                 frames: [NO_FRAME; CACHED_FRAMES],
                 cached: 0,
-                lazy: [Lazy::NONE; LAZY_RANGES],
-                lazy_len: 0,
-                lazy_frames: [NO_FRAME; LAZY_FRAMES],
-                lazy_frame_count: 0,
+                // SAFETY: placed just above.
+                lazy: unsafe { NonNull::new_unchecked(list) },
                 frame: NO_FRAME,
             };
-            let placed = self.place(state, |state, frame| state.frame = frame).ok()?;
+            let Ok(placed) = self.place(state, |state, frame| state.frame = frame) else {
+                // SAFETY: placed above; nothing else knows of it.
+                self.unplace(unsafe { (*list).frame });
+                return None;
+            };
             // SAFETY: placed just above: a valid, unaliased state.
             *owned = Some(StatePage(unsafe { NonNull::new_unchecked(placed) }));
         }
@@ -248,7 +293,7 @@ where
     }
 
     /// Queues a freed area and its frames on the cache's lazy list, flushing the list
-    /// first if it is full.
+    /// first if it is full, and sending half of it off once that half is collected.
     pub(super) fn queue_lazy(
         &self,
         counters: &CacheCounters,
@@ -257,17 +302,71 @@ where
         frames: &[PhysFrame],
     ) {
         let pages = frames.len();
-        if state.lazy_len == LAZY_RANGES || state.lazy_frame_count + pages > LAZY_FRAMES {
+        // SAFETY: the caller holds the slot; no other reference to the list is live.
+        let list = unsafe { state.lazy() };
+        if list.len == LAZY_RANGES || list.frame_count + pages > LAZY_FRAMES {
             self.flush_lazy(counters, state);
         }
-        state.lazy[state.lazy_len] = lazy;
-        state.lazy_len += 1;
-        let count = state.lazy_frame_count;
-        state.lazy_frames[count..count + pages].copy_from_slice(frames);
-        state.lazy_frame_count += pages;
+        // SAFETY: as above: the list taken before is no longer used.
+        let list = unsafe { state.lazy() };
+        list.areas[list.len] = lazy;
+        list.len += 1;
+        let count = list.frame_count;
+        list.frames[count..count + pages].copy_from_slice(frames);
+        list.frame_count += pages;
         counters
             .pending
-            .store(state.lazy_frame_count as u64, Ordering::Relaxed);
+            .store(list.frame_count as u64, Ordering::Relaxed);
+        if list.len - list.flying >= LAZY_RANGES / 2
+            || list.frame_count - list.flying_frames >= LAZY_FRAMES / 2
+        {
+            self.send_lazy(counters, state);
+        }
+    }
+
+    /// The second half of the lazy list takes off: the half in flight is finished
+    /// (its shootdown sent a half ago) and comes back, and the rest's shootdown is
+    /// sent without waiting.
+    fn send_lazy(&self, counters: &CacheCounters, state: &mut CpuState) {
+        // SAFETY: the caller holds the slot; each reference to the list below is
+        // used only until the next one is taken.
+        if unsafe { state.lazy() }.flying > 0 {
+            // SAFETY: as above.
+            self.tlb.finish_flush(&mut unsafe { state.lazy() }.ticket);
+            self.land_lazy(counters, state);
+        }
+        // SAFETY: as above.
+        let list = unsafe { state.lazy() };
+        let mut gather = self.gather();
+        list.areas[..list.len]
+            .iter()
+            .for_each(|entry| gather.stale(RangeFlush::from_range(self.range_of(*entry))));
+        gather.start_flush(&mut list.ticket);
+        gather.finish();
+        list.flying = list.len;
+        list.flying_frames = list.frame_count;
+    }
+
+    /// The areas and frames in flight, whose flush is finished, are free again; the
+    /// rest of the list moves to its front.
+    fn land_lazy(&self, counters: &CacheCounters, state: &mut CpuState) {
+        // SAFETY: the caller holds the slot; no other reference to the list is live.
+        let list = unsafe { state.lazy() };
+        let (areas, frames) = (list.flying, list.flying_frames);
+        let owned = state.block;
+        for entry in &list.areas[..areas] {
+            self.free_again(owned, entry.block(), entry.first());
+        }
+        self.cache_frames(state, counters, &list.frames[..frames]);
+        list.areas.copy_within(areas..list.len, 0);
+        list.len -= areas;
+        list.frames.copy_within(frames..list.frame_count, 0);
+        list.frame_count -= frames;
+        list.flying = 0;
+        list.flying_frames = 0;
+        counters
+            .pending
+            .store(list.frame_count as u64, Ordering::Relaxed);
     }
 
     /// The mapped pages of a freed area.
@@ -281,27 +380,31 @@ where
     /// One batched flush for the cache's lazy list; then its frames join the cache
     /// (the rest go back to the allocator) and its pages are free again.
     pub(super) fn flush_lazy(&self, counters: &CacheCounters, state: &mut CpuState) {
-        if state.lazy_len == 0 {
+        // SAFETY: the caller holds the slot; no other reference to the list is live.
+        let list = unsafe { state.lazy() };
+        if list.len == 0 {
             return;
         }
-        let lazy = &state.lazy[..state.lazy_len];
-        // One batched flush for them all: past the ceiling, which a full list of
-        // small areas usually is, one full flush.
+        self.tlb.finish_flush(&mut list.ticket);
+        // One batched flush for the areas not in flight: past the ceiling, which a
+        // list of small areas usually is, one full flush.
         let mut gather = self.gather();
-        lazy.iter()
+        list.areas[list.flying..list.len]
+            .iter()
             .for_each(|entry| gather.stale(RangeFlush::from_range(self.range_of(*entry))));
         gather.flush();
         let owned = state.block;
-        for entry in lazy {
+        for entry in &list.areas[..list.len] {
             self.free_again(owned, entry.block(), entry.first());
         }
-        let count = state.lazy_frame_count;
-        let pending = state.lazy_frames;
-        state.lazy_len = 0;
-        state.lazy_frame_count = 0;
+        let count = list.frame_count;
+        list.len = 0;
+        list.frame_count = 0;
+        list.flying = 0;
+        list.flying_frames = 0;
         counters.pending.store(0, Ordering::Relaxed);
         // Flushed above: the frames go back to this cache.
-        gather.finish_into(|_| self.cache_frames(state, counters, &pending[..count]));
+        gather.finish_into(|_| self.cache_frames(state, counters, &list.frames[..count]));
     }
 
     /// The flushed freed area at page `first` of block `index` is free again:
@@ -326,7 +429,7 @@ where
         };
         // SAFETY: as in `open`: the slot is held.
         let state = unsafe { page.0.as_mut() };
-        let released = state.lazy_len > 0 || state.cached > 0 || state.block.is_some();
+        let released = state.lazy_len() > 0 || state.cached > 0 || state.block.is_some();
         self.flush_lazy(counters, state);
         if state.cached > 0 {
             // Flushed frames of ours: nothing stale to wait for.
@@ -439,8 +542,12 @@ where
         }
         let cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
         for page in cpus.into_owned().flatten() {
-            // SAFETY: the state lives until here; the slots are gone.
-            let frame = unsafe { page.0.as_ref() }.frame;
+            // SAFETY: the state and its lazy list live until here; the slots are gone.
+            let (frame, list) = unsafe {
+                let state = page.0.as_ref();
+                (state.frame, state.lazy.as_ref().frame)
+            };
+            self.unplace(list);
             self.unplace(frame);
         }
     }

@@ -13,8 +13,8 @@
 //!   under it.
 //! - **The CPU's cache** is its `PerCpu` slot, touched with
 //!   interrupts held off and no locked instruction: the block it carves from, up to
-//!   `CACHED_FRAMES` (128) free frames taken from the frame allocator `REFILL` (32) at
-//!   a time, and its lazy list of freed areas.
+//!   `CACHED_FRAMES` (176) free frames taken from the frame allocator `REFILL` (32) at
+//!   a time, and its lazy list of freed areas (in a frame of its own).
 //! - **Carving.** A CPU owns one block at a time and carves areas from its bitmap of
 //!   free pages, first fit from where it last carved: `pages + 1` pages each, the last
 //!   one the unmapped guard. The bitmap is the owner's alone (see `block.rs`). When its
@@ -23,11 +23,14 @@
 //!   bitmask finds them), else a new one.
 //! - **Frees.** `vfree` from any CPU claims the area (a compare-and-swap on its first
 //!   page's length, so a second free fails), clears its entries and puts the range and
-//!   its frames on the *freeing* CPU's lazy list. When that list is full, one batched
-//!   flush covers it (through the manager's gather); then the frames join the
-//!   CPU's cache and the pages are free again: directly in a block the CPU owns,
-//!   through the block's lock-free list of returned areas otherwise. Until then
-//!   neither the frames nor the range can be handed out again.
+//!   its frames on the *freeing* CPU's lazy list. When half the list has collected,
+//!   one batched flush for it starts (through the manager's gather,
+//!   `TlbFlush::start_flush`) without waiting for other CPUs; when the next half is
+//!   due, the first one's flush is finished (`finish_flush`), and then its frames
+//!   join the CPU's cache and its pages are free again: directly in a block the CPU
+//!   owns, through the block's lock-free list of returned areas otherwise. Until
+//!   then neither the frames nor the range can be handed out again. A full list, or
+//!   a call that needs its frames now, flushes it all and waits.
 //!
 //! # Which calls take it
 //!
