@@ -263,7 +263,11 @@ where
     ) {
         let n = out.len();
         state.cached -= n;
-        out.copy_from_slice(&state.frames[state.cached..state.cached + n]);
+        // One frame (the common 1-page area) without a call to `memcpy`.
+        match out {
+            [frame] => *frame = state.frames[state.cached],
+            _ => out.copy_from_slice(&state.frames[state.cached..state.cached + n]),
+        }
         counters
             .cached
             .store(state.cached as u64, Ordering::Relaxed);
@@ -312,7 +316,11 @@ where
         list.areas[list.len] = lazy;
         list.len += 1;
         let count = list.frame_count;
-        list.frames[count..count + pages].copy_from_slice(frames);
+        // One frame (the common 1-page area) without a call to `memcpy`.
+        match frames {
+            [frame] => list.frames[count] = *frame,
+            _ => list.frames[count..count + pages].copy_from_slice(frames),
+        }
         list.frame_count += pages;
         counters
             .pending
