@@ -308,6 +308,34 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
     }
 
+    /// Flushes `batch` on this CPU and sends it to every other online CPU (see
+    /// [`send`](Self::send)): ranges past the [ceiling](TlbFlush::ceiling) as one
+    /// full flush, and nothing for ranges that are all empty.
+    fn send_batch(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
+        let ranges = match batch {
+            FlushBatch::Ranges(ranges)
+                if ranges.iter().map(|range| range.len()).sum::<u64>() <= self.ceiling() =>
+            {
+                ranges
+            }
+            _ => {
+                return self.send(
+                    |local| local.flush_all(),
+                    |queue| queue.push(Flush::All),
+                    ticket,
+                );
+            }
+        };
+        let ranges = || ranges.iter().filter(|range| !range.is_empty());
+        if ranges().next().is_some() {
+            self.send(
+                |local| ranges().for_each(|range| local.flush_range(*range)),
+                |queue| ranges().for_each(|range| queue.push(Flush::Range(*range))),
+                ticket,
+            );
+        }
+    }
+
     /// Waits until every CPU `ticket` names served its request, or left the online
     /// set (flushing its own TLB as it went), serving this CPU's mailbox meanwhile.
     fn wait(&self, ticket: &mut FlushTicket) {
@@ -381,18 +409,10 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
     }
 
     fn flush_ranges(&self, ranges: &[PageRange<Size4KiB>]) {
-        let pages = ranges.iter().map(|range| range.len()).sum::<u64>();
-        if pages > self.ceiling() {
-            return self.shoot(Flush::All);
-        }
-        let ranges = || ranges.iter().filter(|range| !range.is_empty());
-        if ranges().next().is_none() {
-            return;
-        }
-        self.shoot_with(
-            |local| ranges().for_each(|range| local.flush_range(*range)),
-            |queue| ranges().for_each(|range| queue.push(Flush::Range(*range))),
-        );
+        let _irq = IrqOff::new(self);
+        let mut ticket = FlushTicket::DONE;
+        self.send_batch(FlushBatch::Ranges(ranges), &mut ticket);
+        self.wait(&mut ticket);
     }
 
     fn flush_all(&self) {
@@ -404,33 +424,7 @@ impl<C: Cpus, L: TlbFlush> TlbFlush for Shootdown<C, L> {
     fn start_flush(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
         let _irq = IrqOff::new(self);
         self.wait(ticket);
-        match batch {
-            FlushBatch::All => self.send(
-                |local| local.flush_all(),
-                |queue| queue.push(Flush::All),
-                ticket,
-            ),
-            FlushBatch::Ranges(ranges)
-                if ranges.iter().map(|range| range.len()).sum::<u64>() > self.ceiling() =>
-            {
-                self.send(
-                    |local| local.flush_all(),
-                    |queue| queue.push(Flush::All),
-                    ticket,
-                )
-            }
-            FlushBatch::Ranges(ranges) => {
-                let ranges = || ranges.iter().filter(|range| !range.is_empty());
-                if ranges().next().is_none() {
-                    return;
-                }
-                self.send(
-                    |local| ranges().for_each(|range| local.flush_range(*range)),
-                    |queue| ranges().for_each(|range| queue.push(Flush::Range(*range))),
-                    ticket,
-                );
-            }
-        }
+        self.send_batch(batch, ticket);
     }
 
     fn finish_flush(&self, ticket: &mut FlushTicket) {
