@@ -213,14 +213,27 @@ fn can_bias() -> bool {
 }
 
 /// Makes every running thread of the process pass a full memory barrier before it
-/// returns. Only called once a CPU was biased, so registered.
+/// returns. Only called once a CPU was biased, so registered (a forked child that
+/// finds its registration gone registers again).
 fn barrier_every_thread() {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: a system call with no pointer arguments.
-        let done =
-            unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
-        assert_eq!(done, 0, "membarrier failed after it was registered");
+        let barrier = || {
+            // SAFETY: a system call with no pointer arguments.
+            unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) }
+        };
+        if barrier() != 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                    0,
+                    0,
+                )
+            };
+            assert_eq!(barrier(), 0, "membarrier failed after it was registered");
+        }
     }
 }
 
