@@ -562,12 +562,10 @@ fn with_the_slabs_off_small_blocks_come_from_the_list_heap() {
     assert_eq!(heap.stats().in_use, 0);
 }
 
-/// A caller's bug the heap survives: an area it did not make is refused (so the
-/// `VBox` owning it stays valid), and a slab block freed twice in a row makes no
-/// later call panic (what it hands out afterwards is undefined, as `GlobalAlloc`
-/// says, but the counts it keeps do not overflow).
+/// Callers' bugs the heap catches cheaply and counts: an area it did not make (the
+/// `VBox` owning it stays valid), and a slab block freed twice in a row.
 #[test]
-fn frees_of_foreign_areas_are_refused_and_a_double_free_panics_nothing_later() {
+fn frees_of_foreign_areas_and_a_free_right_after_the_same_free_are_refused() {
     let machine = machine(64 << 20);
     let frames = machine.frames();
     let vm = manager(&machine, &frames);
@@ -579,18 +577,36 @@ fn frees_of_foreign_areas_are_refused_and_a_double_free_panics_nothing_later() {
         let ptr = std::ptr::from_ref(&*foreign).cast::<u8>().cast_mut();
         // SAFETY: deliberately wrong: the heap did not make this block; it refuses it.
         unsafe { heap.dealloc(ptr, Layout::from_size_align(20_000, 8).unwrap()) };
-        assert_eq!(heap.stats(), before, "per_cpu {per_cpu}");
+        let refused = vmalloc::heap::HeapStats {
+            refused_frees: 1,
+            ..before
+        };
+        assert_eq!(heap.stats(), refused, "per_cpu {per_cpu}");
         assert!(vm.find_vm_area(VirtAddr::from_ptr(ptr)).is_some());
         assert_eq!(foreign[19_999], 7);
 
-        let small = Layout::from_size_align(64, 8).unwrap();
-        // SAFETY: deliberately wrong (a double free), for the counts' sake.
-        unsafe {
-            let block = heap.alloc(small);
-            heap.dealloc(block, small);
-            heap.dealloc(block, small);
-            let (a, b) = (heap.alloc(small), heap.alloc(small));
-            assert!(!a.is_null() && !b.is_null());
+        // A block freed twice in a row: the second free is refused, so the next two
+        // allocations are two blocks, whether the first free went to a magazine or
+        // to the slab's free list.
+        for held in [0, 3] {
+            let small = Layout::from_size_align(64, 8).unwrap();
+            // SAFETY: deliberately wrong (a double free), which the heap refuses.
+            unsafe {
+                let others: Vec<_> = (0..held).map(|_| heap.alloc(small)).collect();
+                let block = heap.alloc(small);
+                let before = heap.stats();
+                heap.dealloc(block, small);
+                heap.dealloc(block, small);
+                assert_eq!(heap.stats().refused_frees, before.refused_frees + 1);
+                let (a, b) = (heap.alloc(small), heap.alloc(small));
+                assert!(
+                    !a.is_null() && !b.is_null() && a != b,
+                    "per_cpu {per_cpu}, {held} held"
+                );
+                for block in others.into_iter().chain([a, b]) {
+                    heap.dealloc(block, small);
+                }
+            }
         }
     }
 }

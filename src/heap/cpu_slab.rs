@@ -110,6 +110,12 @@ impl Magazine {
         objects: [ptr::null_mut(); MAGAZINE],
     };
 
+    /// The object put in last, if any, left in.
+    #[inline(always)]
+    fn top(&self) -> Option<*mut u8> {
+        self.objects.get(self.count.checked_sub(1)?).copied()
+    }
+
     /// The last object put in, if any.
     #[inline(always)]
     fn pop(&mut self) -> Option<*mut u8> {
@@ -356,9 +362,9 @@ impl CpuSlabs {
         ptr: *mut u8,
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
         if class >= CLASSES {
-            return;
+            return false;
         }
         let irq = IrqOff::with(cpus);
         let Some(mut slot) = self.enter(cpus, &irq, slabs, vmalloc) else {
@@ -367,6 +373,20 @@ impl CpuSlabs {
         };
         let cpu = slot.cpu();
         let (counts, state) = slot.split();
+        let on_top = state
+            .magazines
+            .get(class)
+            .is_some_and(|magazine| magazine.top() == Some(ptr))
+            || state
+                .classes
+                .get(class)
+                .is_some_and(|slabs| slabs.freelist.cast::<u8>() == ptr);
+        if on_top {
+            // On top of the magazine or of the current slab's free list: freed just
+            // before and freed again, the caller's bug, caught where it costs two
+            // comparisons. Nothing changes.
+            return false;
+        }
         let live = &counts.live[class];
         let left = live.load(Ordering::Relaxed).wrapping_sub(1);
         live.store(left, Ordering::Relaxed);
@@ -377,7 +397,7 @@ impl CpuSlabs {
                 }
                 if magazine.push(ptr) {
                     Self::tick(state, cpu, slabs, vmalloc);
-                    return;
+                    return true;
                 }
             } else if magazine.count > 0 {
                 // The CPU's last object of the class in use came back: the magazine
@@ -388,6 +408,7 @@ impl CpuSlabs {
         // SAFETY: forwarded.
         unsafe { Self::release(state, counts, cpu, class, ptr, slabs, vmalloc) };
         Self::tick(state, cpu, slabs, vmalloc);
+        true
     }
 
     /// Gives back every object of the CPU's magazine of `class` to its slab.

@@ -129,6 +129,11 @@ pub struct HeapStats {
     pub large_blocks: usize,
     /// Bytes requested for those blocks.
     pub large_bytes: usize,
+    /// Frees refused: a slab object freed again right after its free (the last one
+    /// its magazine took), or a large block's pointer that starts no area of the
+    /// heap's. A caller's bug the heap caught; a double free it does not catch is
+    /// undefined behaviour, as `GlobalAlloc` says.
+    pub refused_frees: usize,
 }
 
 /// A kernel heap on vmalloc. See the [module documentation](self).
@@ -182,6 +187,7 @@ pub struct KernelHeap<'a> {
     slab_end: usize,
     large_blocks: AtomicUsize,
     large_bytes: AtomicUsize,
+    refused_frees: AtomicUsize,
     guarded: Guarded<'a>,
 }
 
@@ -224,6 +230,7 @@ impl<'a> KernelHeap<'a> {
             slab_end: slab_end(&config),
             large_blocks: AtomicUsize::new(0),
             large_bytes: AtomicUsize::new(0),
+            refused_frees: AtomicUsize::new(0),
             guarded: Guarded::new(config.sample_interval, config.guarded_slots),
         }
     }
@@ -308,6 +315,7 @@ impl<'a> KernelHeap<'a> {
             slab_bytes: sum(|class| class.bytes),
             large_blocks: self.large_blocks.load(Ordering::Relaxed),
             large_bytes: self.large_bytes.load(Ordering::Relaxed),
+            refused_frees: self.refused_frees.load(Ordering::Relaxed),
         }
     }
 
@@ -431,7 +439,7 @@ impl<'a> KernelHeap<'a> {
             }
             // SAFETY: a slab-sized block outside the window and the guarded pool is a
             // slab object of this layout's class (caller, and `allocate`'s routing).
-            unsafe {
+            let freed = unsafe {
                 match self.cpus.get() {
                     Some(cpus) => {
                         self.cpu_slabs
@@ -439,6 +447,9 @@ impl<'a> KernelHeap<'a> {
                     }
                     None => self.slabs.free(class, ptr, true, backing.vmalloc),
                 }
+            };
+            if !freed {
+                self.refused_frees.fetch_add(1, Ordering::Relaxed);
             }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
         // caller gives up; an area the heap did not make (its tag says) is refused.
@@ -452,6 +463,8 @@ impl<'a> KernelHeap<'a> {
                 Ordering::Relaxed,
                 less(layout.size()),
             );
+        } else {
+            self.refused_frees.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -212,14 +212,14 @@ impl Slabs {
         ptr: *mut u8,
         magazine: bool,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
         let Some(geometry) = GEOMETRY.get(class) else {
-            return;
+            return false;
         };
         // SAFETY: a freed object of this class (caller).
         if !magazine && unsafe { self.free_remote(class, ptr, geometry) } {
             self.loose[class].fetch_sub(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         // SAFETY: forwarded.
         unsafe { self.free_locked(class, ptr, magazine, true, vmalloc) }
@@ -238,11 +238,13 @@ impl Slabs {
         vmalloc: &dyn VmallocOps,
     ) {
         // SAFETY: forwarded.
-        unsafe { self.free_locked(class, ptr, false, false, vmalloc) }
+        unsafe { self.free_locked(class, ptr, false, false, vmalloc) };
     }
 
     /// As [`free`](Self::free), under the class's lock, counting the free there if
-    /// `count`.
+    /// `count`. Refuses (`false`, nothing changed) the object on top of the
+    /// magazine: freed just before, freed again (the caller's bug, caught where it
+    /// costs one comparison).
     ///
     /// # Safety
     ///
@@ -254,11 +256,14 @@ impl Slabs {
         magazine: bool,
         count: bool,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
         let Some(geometry) = GEOMETRY.get(class) else {
-            return;
+            return false;
         };
         let mut state = self.classes[class].lock(vmalloc);
+        if magazine && state.cached > 0 && state.magazine[state.cached - 1] == ptr {
+            return false;
+        }
         let due = count && {
             state.objects = state.objects.wrapping_sub(1);
             self.tick(0, 1)
@@ -285,6 +290,7 @@ impl Slabs {
         if due {
             self.age_idle(vmalloc);
         }
+        true
     }
 
     /// Frees `object` without a lock if a CPU holds its slab (onto the slab's remote
