@@ -159,10 +159,11 @@ impl<'c> Heap<'c> {
 
     fn free(&self, on: usize, object: *mut u8) {
         // SAFETY: objects of CLASS from these slabs, each freed once.
-        self.cpus.on(on, || unsafe {
+        let freed = self.cpus.on(on, || unsafe {
             self.cpu
                 .free(self.cpus, CLASS, object, &self.slabs, &self.vm)
-        })
+        });
+        assert!(freed, "a free of a live object is taken");
     }
 
     fn stats(&self) -> SlabClassStats {
