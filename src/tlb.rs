@@ -151,7 +151,8 @@ impl FlushTicket {
         requests: [0; MAX_CPUS],
     };
 
-    /// Whether the ticket waits for nothing more.
+    /// Whether the ticket waits for nothing: finished, or its flush reached no
+    /// other CPU. (A ticket whose CPUs have all served is done once finished.)
     pub fn is_done(&self) -> bool {
         self.targets.is_empty()
     }

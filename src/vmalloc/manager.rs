@@ -69,7 +69,9 @@ where
     /// - nothing else maps, unmaps or frees anything in the region's page tables;
     /// - `frames` upholds [`FrameSource`]'s contract with frames reachable through
     ///   `phys`;
-    /// - `tlb` flushes the TLB of every CPU that may hold translations of the region.
+    /// - `tlb` flushes the TLB of every CPU that may hold translations of the region:
+    ///   each `flush_*` call before it returns, and what `start_flush` started by
+    ///   the time `finish_flush` returns for its ticket.
     pub unsafe fn new(
         config: VmallocConfig,
         root: PhysFrame,
