@@ -6,77 +6,20 @@
 //! the allocator still forwards to the system allocator; blocks are routed back by
 //! address, so system blocks made before the switch are freed where they came from.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::Vmalloc;
 use vmalloc_sim::scenarios;
-use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
+use vmalloc_sim::{RoutedHeap, SimConfig, SimFrames, SimMachine};
 
 static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
     window: 512 << 20,
     ..HeapConfig::DEFAULT
 });
-static READY: AtomicBool = AtomicBool::new(false);
-static WINDOW_START: AtomicU64 = AtomicU64::new(0);
-static WINDOW_SIZE: AtomicU64 = AtomicU64::new(0);
 
-struct Routed;
-
-/// Whether the manager's region holds `ptr`. The size is published last and read
-/// first, so a reader that sees it also sees the start.
-fn in_window(ptr: *mut u8) -> bool {
-    let size = WINDOW_SIZE.load(Ordering::Acquire);
-    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire)) < size
-}
-
-// SAFETY: every block is freed by the allocator that made it, told apart by address.
-unsafe impl GlobalAlloc for Routed {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            if READY.load(Ordering::Acquire) {
-                HEAP.alloc(layout)
-            } else {
-                System.alloc(layout)
-            }
-        }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded from the caller; the address says who made the block.
-        unsafe {
-            if in_window(ptr) {
-                HEAP.dealloc(ptr, layout)
-            } else {
-                System.dealloc(ptr, layout)
-            }
-        }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded from the caller. A system block moves to the heap once
-        // the heap is ready.
-        unsafe {
-            if in_window(ptr) {
-                HEAP.realloc(ptr, layout, new_size)
-            } else if !READY.load(Ordering::Acquire) {
-                System.realloc(ptr, layout, new_size)
-            } else {
-                let moved = HEAP.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
-                if !moved.is_null() {
-                    std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
-                    System.dealloc(ptr, layout);
-                }
-                moved
-            }
-        }
-    }
-}
-
+/// The system allocator until the switch, the kernel heap from then on.
 #[global_allocator]
-static GLOBAL: Routed = Routed;
+static GLOBAL: RoutedHeap = RoutedHeap::new(&HEAP);
 
 type Manager = Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, &'static SimMachine>;
 
@@ -90,10 +33,7 @@ fn switch_to_the_kernel_heap() -> &'static Manager {
     let manager = scenarios::window_manager(machine, frames, machine);
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
-    let (start, size) = machine.host_window().unwrap();
-    WINDOW_START.store(start.as_u64(), Ordering::Release);
-    WINDOW_SIZE.store(size, Ordering::Release);
-    READY.store(true, Ordering::Release);
+    GLOBAL.route(machine);
     manager
 }
 
@@ -116,7 +56,7 @@ fn collections_in_vmalloc_memory() {
     for i in 0..1000 {
         text.push_str(&i.to_string());
     }
-    assert!(in_window(text.as_mut_ptr()));
+    assert!(GLOBAL.owns(text.as_mut_ptr()));
     assert!(text.starts_with("vmalloc0123"));
 
     let mut map = BTreeMap::new();
@@ -128,7 +68,7 @@ fn collections_in_vmalloc_memory() {
 
     let mut boxed = Box::new([1u64; 64]);
     boxed[5] = 6;
-    assert!(in_window(boxed.as_mut_ptr().cast()));
+    assert!(GLOBAL.owns(boxed.as_mut_ptr().cast()));
     assert_eq!(boxed.iter().sum::<u64>(), 69);
 
     // 8 MiB: above the large threshold, so its own vmalloc area; growing it remaps.

@@ -5,40 +5,28 @@
 //! its handler back in front, chaining to the runtime's, before the heap's first
 //! touch of a fresh window page.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::Vmalloc;
 use vmalloc_sim::scenarios;
-use vmalloc_sim::{SimConfig, SimFrames, SimMachine};
+use vmalloc_sim::{RoutedHeap, SimConfig, SimFrames, SimMachine};
 
 static HEAP: KernelHeap<'static> = KernelHeap::new(HeapConfig {
     window: 256 << 20,
     ..HeapConfig::DEFAULT
 });
 
-const UNBUILT: u8 = 0;
-const BUILDING: u8 = 1;
-const READY: u8 = 2;
-static STATE: AtomicU8 = AtomicU8::new(UNBUILT);
-static WINDOW_START: AtomicU64 = AtomicU64::new(0);
-static WINDOW_SIZE: AtomicU64 = AtomicU64::new(0);
 static MACHINE: std::sync::OnceLock<&'static SimMachine> = std::sync::OnceLock::new();
 /// Whether the runtime's handler was not yet installed when the machine was built:
 /// the order this test is about.
 static BUILT_BEFORE_RUNTIME: AtomicBool = AtomicBool::new(false);
 
-fn in_window(ptr: *mut u8) -> bool {
-    let size = WINDOW_SIZE.load(Ordering::Acquire);
-    (ptr as u64).wrapping_sub(WINDOW_START.load(Ordering::Acquire)) < size
-}
-
 type Manager = Vmalloc<&'static SimFrames, vmalloc_sim::SimPhys<'static>, &'static SimMachine>;
 
 /// Builds the machine, its manager and the heap; allocations made meanwhile go to
-/// the system allocator (the state is `BUILDING`).
-fn build() {
+/// the system allocator.
+fn build() -> &'static SimMachine {
     // SAFETY: all-zero is a valid `sigaction`; the call only reads the disposition.
     let disposition = unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
@@ -56,72 +44,16 @@ fn build() {
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
     let _ = MACHINE.set(machine);
-    let (start, size) = machine.host_window().unwrap();
-    WINDOW_START.store(start.as_u64(), Ordering::Release);
-    WINDOW_SIZE.store(size, Ordering::Release);
+    machine
 }
 
-struct BuildOnFirstUse;
-
-// SAFETY: every block is freed by the allocator that made it, told apart by address.
-unsafe impl GlobalAlloc for BuildOnFirstUse {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if STATE
-            .compare_exchange(UNBUILT, BUILDING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            build();
-            STATE.store(READY, Ordering::Release);
-        }
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            if STATE.load(Ordering::Acquire) == READY {
-                HEAP.alloc(layout)
-            } else {
-                System.alloc(layout)
-            }
-        }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded from the caller; the address says who made the block.
-        unsafe {
-            if in_window(ptr) {
-                HEAP.dealloc(ptr, layout)
-            } else {
-                System.dealloc(ptr, layout)
-            }
-        }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded from the caller; a system block moves to the heap.
-        unsafe {
-            if in_window(ptr) {
-                HEAP.realloc(ptr, layout, new_size)
-            } else {
-                let new = Layout::from_size_align_unchecked(new_size, layout.align());
-                let moved = self.alloc(new);
-                if !moved.is_null() {
-                    std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
-                    System.dealloc(ptr, layout);
-                }
-                moved
-            }
-        }
-    }
-}
-
+/// Builds the machine inside the process's first allocation, before `main`.
 #[global_allocator]
-static GLOBAL: BuildOnFirstUse = BuildOnFirstUse;
+static GLOBAL: RoutedHeap = RoutedHeap::building(&HEAP, build);
 
 #[test]
 fn a_machine_built_before_main_keeps_serving_its_window() {
-    assert_eq!(
-        STATE.load(Ordering::Acquire),
-        READY,
-        "built before the test"
-    );
+    assert!(GLOBAL.is_ready(), "built before the test");
     assert!(
         BUILT_BEFORE_RUNTIME.load(Ordering::Relaxed),
         "the machine was built before the runtime installed its SIGSEGV handler"
@@ -137,7 +69,7 @@ fn a_machine_built_before_main_keeps_serving_its_window() {
         .collect();
     let map: BTreeMap<u32, u64> = (0..50_000).map(|i| (i, u64::from(i) * 3)).collect();
     let big: Vec<u64> = (0..(1 << 20)).collect();
-    assert!(in_window(text.as_mut_ptr()) && in_window(big.as_ptr() as *mut u8));
+    assert!(GLOBAL.owns(text.as_ptr()) && GLOBAL.owns(big.as_ptr().cast()));
     assert!(text.starts_with("0123456789101112"));
     assert!(
         boxes

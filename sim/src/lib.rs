@@ -175,6 +175,7 @@ mod memmap;
 mod mmu;
 mod phys;
 mod rng;
+mod routed;
 pub mod scenarios;
 mod tlb;
 mod watchdog;
@@ -190,6 +191,7 @@ pub use frames::{POISON, PoisonOnFree, SimFrames, StaleRead};
 pub use mmu::{Access, AccessKind, Fault, PageFault, Translation};
 pub use phys::SimPhys;
 pub use rng::Rng;
+pub use routed::RoutedHeap;
 pub use tlb::TlbStats;
 pub use watchdog::{DEADLOCK_LIMIT, watchdog};
 
