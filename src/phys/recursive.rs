@@ -22,7 +22,8 @@ const SLOT_SPAN: u64 = ENTRIES * Size1GiB::SIZE;
 /// The tables above the 2 MiB entries (one PDPT, one PD per GiB up to `top`) are
 /// made up front by [`new`](Self::new), so [`phys_to_virt`](PhysMemory::phys_to_virt)
 /// never needs a frame and never fails: once a 2 MiB piece is mapped, a call reads
-/// its entry and returns; the first call for a piece writes the entry under a lock.
+/// its entry and returns; the first call for a piece writes the entry (a
+/// compare-and-swap: no lock an interrupt handler could find held).
 /// Nothing needs flushing, as no CPU caches an entry that was not present.
 ///
 /// # Why not a temporary window
@@ -56,7 +57,6 @@ pub struct RecursivePhysMemory {
     window: u64,
     /// End of what the window reaches: a whole number of GiB.
     top: u64,
-    lock: spin::Mutex<()>,
 }
 
 impl RecursivePhysMemory {
@@ -108,7 +108,6 @@ impl RecursivePhysMemory {
             recursive: u64::from(recursive),
             window: u64::from(window),
             top: top.div_ceil(Size1GiB::SIZE) * Size1GiB::SIZE,
-            lock: spin::Mutex::new(()),
         };
         let pml4_entry = this
             .table(&[this.recursive; 3])
@@ -191,15 +190,16 @@ unsafe impl PhysMemory for RecursivePhysMemory {
         // SAFETY: `new` made every PD below `top`; the recursive mapping reaches it.
         let slot = unsafe { entry(slot) };
         if slot.load(Ordering::Acquire) == 0 {
-            let _guard = self.lock.lock();
-            if slot.load(Ordering::Acquire) == 0 {
-                let flags = PageTableFlags::PRESENT
-                    | PageTableFlags::WRITABLE
-                    | PageTableFlags::HUGE_PAGE
-                    | PageTableFlags::GLOBAL;
-                let base = addr & !(Size2MiB::SIZE - 1);
-                slot.store(base | flags.bits(), Ordering::Release);
-            }
+            let flags = PageTableFlags::PRESENT
+                | PageTableFlags::WRITABLE
+                | PageTableFlags::HUGE_PAGE
+                | PageTableFlags::GLOBAL;
+            let base = addr & !(Size2MiB::SIZE - 1);
+            // Racing writers write the same entry, so the first wins and the others
+            // find it there; no lock, which an interrupt handler reaching this from
+            // the code it interrupted would spin on forever.
+            let _ =
+                slot.compare_exchange(0, base | flags.bits(), Ordering::AcqRel, Ordering::Acquire);
         }
         virt
     }

@@ -9,6 +9,7 @@ use super::gather::CHUNK;
 use super::locked::{as_ptr, page_at, page_range};
 use super::manager::Vmalloc;
 use super::options::{CacheMode, Prot, VmOptions};
+use crate::sync::IrqOff;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
 use x86_64::PhysAddr;
@@ -133,7 +134,14 @@ where
         let bytes = offset + size as u64;
         let pages = self.pages_for(bytes)?;
         let first = PhysFrame::containing_address(phys);
-        if self.frames.manages(first, pages) {
+        // With interrupts held off, as every call into the frame allocator: one that
+        // takes no hold of its own may be locked by the code an interrupt handler
+        // that allocates interrupted.
+        let managed = {
+            let _irq = IrqOff::new(&self.tlb);
+            self.frames.manages(first, pages)
+        };
+        if managed {
             return Err(Error::ManagedRam);
         }
         let flags = Prot::KERNEL_RW.leaf_flags()? | cache.flags();

@@ -1,0 +1,170 @@
+//! The manager calls its frame allocator only with interrupts held off.
+//!
+//! `LockedFrameAllocator::new` (what `SimFrames` is, and what a kernel whose
+//! interrupt handlers never allocate frames directly uses) holds nothing off itself:
+//! it relies on the manager, its only caller, holding interrupts off around every
+//! call. A call made with interrupts on can be interrupted inside the allocator's
+//! lock by a handler that allocates through vmalloc, which then spins on that lock
+//! forever.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use vmalloc::smp::Cpus as _;
+use vmalloc::vmalloc::{CacheMode, Prot, VmOptions, Vmalloc, VmallocConfig};
+use vmalloc::{Error, FrameSource};
+use vmalloc_sim::{SimConfig, SimFrames, SimMachine, SimPhys, scenarios, watchdog};
+use x86_64::PhysAddr;
+use x86_64::structures::paging::{PhysFrame, Size2MiB};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// `SimFrames` that counts calls made with the calling CPU's interrupts on, and
+/// offers an interrupt point inside the allocator's lock in `manages` (where an
+/// interrupt may land between two instructions on hardware).
+struct Watched {
+    frames: &'static SimFrames,
+    machine: &'static SimMachine,
+    with_interrupts_on: AtomicU64,
+}
+
+impl Watched {
+    fn new(machine: &'static SimMachine) -> &'static Self {
+        Box::leak(Box::new(Self {
+            frames: Box::leak(Box::new(machine.frames())),
+            machine,
+            with_interrupts_on: AtomicU64::new(0),
+        }))
+    }
+
+    fn check(&self) {
+        if self
+            .machine
+            .cpu(self.machine.current_cpu())
+            .interrupts_enabled()
+        {
+            self.with_interrupts_on.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+// SAFETY: every call goes to the wrapped source.
+unsafe impl FrameSource for &'static Watched {
+    fn alloc_frame(&self) -> Option<PhysFrame> {
+        self.check();
+        self.frames.alloc_frame()
+    }
+    fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
+        self.check();
+        self.frames.alloc_frames(out)
+    }
+    fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
+        self.check();
+        self.frames.alloc_frame_2m()
+    }
+    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        self.check();
+        self.frames.free_frame(frame)
+    }
+    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        self.check();
+        self.frames.free_frames(frames)
+    }
+    fn manages(&self, first: PhysFrame, count: u64) -> bool {
+        self.check();
+        self.frames.allocator().with_lock(|bitmap| {
+            let _ = self.machine.current();
+            bitmap.manages(first, count)
+        })
+    }
+}
+
+type Manager = Vmalloc<&'static Watched, SimPhys<'static>, &'static SimMachine>;
+
+fn kernel() -> (&'static Watched, &'static Manager) {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(128 << 20).with_cpus(2),
+    )));
+    let frames = Watched::new(machine);
+    let vm = scenarios::manager_with(machine, frames, machine, VmallocConfig::default());
+    // No handler can reach a manager still being made: only its calls count.
+    frames.with_interrupts_on.store(0, Ordering::Relaxed);
+    (frames, Box::leak(Box::new(vm)))
+}
+
+#[test]
+fn an_interrupt_landing_in_ioremaps_frame_allocator_call_can_vmalloc() {
+    watchdog("ioremap: an interrupt inside frames.manages", LIMIT, || {
+        let (frames, vm) = kernel();
+        // A driver's handler that allocates, armed for the next interrupt point.
+        let ran: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        frames.machine.cpu(0).interrupt_after(0, move || {
+            let area = vm.vmalloc(8 * 4096).expect("vmalloc in the handler");
+            // SAFETY: made above, not used again.
+            unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        // SAFETY: an MMIO page no frame allocator manages, never touched.
+        let mapped = unsafe { vm.ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached) };
+        assert!(mapped.is_ok());
+        assert_eq!(ran.load(Ordering::Relaxed), 1, "the interrupt ran");
+    });
+}
+
+#[test]
+fn every_call_into_the_frame_allocator_is_made_with_interrupts_held_off() {
+    watchdog("every call with interrupts off", LIMIT, || {
+        for huge in [false, true] {
+            let (frames, vm) = kernel();
+            // SAFETY (the block): each area is used only while live and freed once.
+            unsafe {
+                let small = vm.vmalloc(4096).unwrap();
+                let zeroed = vm.vzalloc(40 * 4096).unwrap();
+                let grown = vm.vrealloc(zeroed.as_ptr(), 90 * 4096).unwrap();
+                vm.set_prot(grown.as_ptr(), Prot::READ).unwrap();
+                let big = if huge {
+                    vm.vmalloc_huge(4 << 20).ok()
+                } else {
+                    None
+                };
+                let mut borrowed = [PhysFrame::containing_address(PhysAddr::new(0)); 4];
+                assert_eq!(frames.frames.alloc_frames(&mut borrowed), 4);
+                let mapped = vm.vmap(&borrowed, Prot::KERNEL_RW).unwrap();
+                let io = vm
+                    .ioremap(PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached)
+                    .unwrap();
+                let options = VmOptions::default();
+                let reserved = vm.reserve(64 * 4096, &options).unwrap();
+                vm.populate(reserved.as_ptr(), 20 * 4096).unwrap();
+                let sparse = vm.reserve_sparse(16 * 4096, &options).unwrap();
+                vm.map_page(sparse.as_ptr(), 3).unwrap();
+                vm.unmap_page(sparse.as_ptr(), 3).unwrap();
+                let stack = vm.alloc_stack(16 * 1024).unwrap();
+                drop(stack);
+                for area in [small, grown, reserved, sparse].into_iter().chain(big) {
+                    vm.vfree(area.as_ptr()).unwrap();
+                }
+                vm.vunmap(mapped.as_ptr(), |_| {}).unwrap();
+                vm.iounmap(io.as_ptr()).unwrap();
+                let atomic = vm.vmalloc(3 * 4096).unwrap();
+                vm.vfree_atomic(atomic.as_ptr()).unwrap();
+                frames.frames.free_frames(&borrowed).unwrap();
+            }
+            // Many small areas: per-CPU blocks, lazy lists, purges.
+            let areas: Vec<_> = (0..2000)
+                .map(|i| vm.vmalloc(4096 * (1 + i % 3)).unwrap())
+                .collect();
+            for area in areas {
+                // SAFETY: made above, freed once.
+                unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+            }
+            vm.drain_cpu_caches();
+            vm.purge();
+            let _ = (vm.stats(), vm.info().to_string());
+            assert_eq!(
+                frames.with_interrupts_on.load(Ordering::Relaxed),
+                0,
+                "calls into the frame allocator with interrupts on (huge: {huge})"
+            );
+        }
+    });
+}
