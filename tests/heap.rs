@@ -128,9 +128,10 @@ fn random_alloc_dealloc_realloc_keeps_blocks_apart_and_returns_frames() {
     let vm_stats = vm.stats();
     assert_eq!(
         vm_stats.data_frames,
-        (stats.mapped + stats.slab_bytes) as u64 / PAGE_SIZE,
-        "only the list's high-water pages and the slabs kept stay mapped"
+        (stats.mapped + stats.slab_bytes + stats.large_kept) as u64 / PAGE_SIZE,
+        "only the list's high-water pages, the slabs and the large blocks kept stay mapped"
     );
+    assert!(stats.large_kept <= CONFIG.large_cache);
     assert_eq!(stats.slab_bytes % PAGE_SIZE as usize, 0);
     // The manager's own tables and bookkeeping may have grown or shrunk.
     let kept = vm_stats.data_frames as i64
@@ -144,6 +145,7 @@ fn random_alloc_dealloc_realloc_keeps_blocks_apart_and_returns_frames() {
     heap.shrink();
     vm.purge();
     assert_eq!(heap.stats().slab_bytes, 0, "shrink frees every empty slab");
+    assert_eq!(heap.stats().large_kept, 0, "and every large block kept");
     assert_eq!(vm.stats().data_frames, stats.mapped as u64 / PAGE_SIZE);
 }
 
@@ -607,6 +609,147 @@ fn frees_of_foreign_areas_and_a_free_right_after_the_same_free_are_refused() {
                     heap.dealloc(block, small);
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn a_freed_large_block_is_kept_mapped_for_the_next_that_fits_and_shrink_gives_it_back() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let (areas, data_frames) = (vm.stats().areas, vm.stats().data_frames);
+    let layout = |size: usize, align: usize| Layout::from_size_align(size, align).unwrap();
+    // SAFETY: non-zero sizes; each block is freed with its layout (the second free of
+    // one is a deliberate double free, which the heap refuses).
+    unsafe {
+        let first = heap.alloc(layout(100 << 10, 8));
+        first.write_bytes(3, 100 << 10);
+        heap.dealloc(first, layout(100 << 10, 8));
+        let kept = heap.stats();
+        assert_eq!((kept.large_blocks, kept.large_kept), (0, 100 << 10));
+        assert_eq!(vm.stats().areas, areas + 1, "kept, still mapped");
+
+        heap.dealloc(first, layout(100 << 10, 8));
+        let refused = vmalloc::heap::HeapStats {
+            refused_frees: kept.refused_frees + 1,
+            ..kept
+        };
+        assert_eq!(heap.stats(), refused, "a second free of a kept block");
+
+        // Within twice its size: served by the kept block, no new area.
+        let again = heap.alloc(layout(60 << 10, 8));
+        assert_eq!(again, first);
+        assert_eq!(heap.stats().large_kept, 0);
+        assert_eq!(vm.stats().areas, areas + 1);
+        again.write_bytes(4, 60 << 10);
+        heap.dealloc(again, layout(60 << 10, 8));
+
+        // Less than half its size, or aligned beyond its start: a fresh area.
+        let small = heap.alloc(layout(20 << 10, 8));
+        let aligned = heap.alloc(layout(64 << 10, 2 << 20));
+        assert!(small != first && aligned != first && (aligned as usize).is_multiple_of(2 << 20));
+        assert_eq!(vm.stats().areas, areas + 3);
+        heap.dealloc(small, layout(20 << 10, 8));
+        heap.dealloc(aligned, layout(64 << 10, 2 << 20));
+        assert_eq!(heap.stats().large_kept, (100 + 20 + 64) << 10);
+
+        // Past a quarter of the budget: never kept.
+        let huge = heap.alloc(layout(CONFIG.large_cache / 4 + 1, 8));
+        heap.dealloc(huge, layout(CONFIG.large_cache / 4 + 1, 8));
+        assert_eq!(vm.stats().areas, areas + 3);
+    }
+    heap.shrink();
+    vm.purge();
+    let stats = heap.stats();
+    assert_eq!((stats.large_kept, stats.large_blocks), (0, 0));
+    assert_eq!(vm.stats().areas, areas);
+    assert_eq!(
+        vm.stats().data_frames,
+        data_frames + (stats.mapped + stats.slab_bytes) as u64 / PAGE_SIZE
+    );
+
+    // With no budget, a free gives the block back at once.
+    let none = KernelHeap::new(HeapConfig {
+        large_cache: 0,
+        ..CONFIG
+    });
+    none.init(&vm).unwrap();
+    let areas = vm.stats().areas;
+    // SAFETY: as above.
+    unsafe {
+        let block = none.alloc(layout(100 << 10, 8));
+        none.dealloc(block, layout(100 << 10, 8));
+    }
+    assert_eq!((vm.stats().areas, none.stats().large_kept), (areas, 0));
+}
+
+#[test]
+fn kept_large_blocks_age_out_while_the_heap_works_on_small_objects() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let large = Layout::from_size_align(64 << 10, 8).unwrap();
+    let small = Layout::from_size_align(48, 8).unwrap();
+    // SAFETY: non-zero sizes; each block is freed once with its layout.
+    unsafe {
+        let block = heap.alloc(large);
+        heap.dealloc(block, large);
+        assert_eq!(heap.stats().large_kept, 64 << 10);
+        for _ in 0..20_000 {
+            let object = heap.alloc(small);
+            heap.dealloc(object, small);
+        }
+        assert_eq!(heap.stats().large_kept, 64 << 10, "a short while: kept");
+        for _ in 0..60_000 {
+            let object = heap.alloc(small);
+            heap.dealloc(object, small);
+        }
+    }
+    assert_eq!(heap.stats().large_kept, 0, "idle long enough: given back");
+}
+
+#[test]
+fn an_allocation_that_runs_out_of_frames_gets_the_kept_large_blocks_back_first() {
+    let machine = machine(32 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig {
+        large_cache: 4 << 20,
+        ..CONFIG
+    });
+    heap.init(&vm).unwrap();
+    let large = Layout::from_size_align(1 << 20, 8).unwrap();
+    let small = Layout::from_size_align(2000, 8).unwrap();
+    // SAFETY: non-zero sizes; each block is freed once with its layout.
+    unsafe {
+        let blocks: Vec<_> = (0..3).map(|_| heap.alloc(large)).collect();
+        assert!(blocks.iter().all(|block| !block.is_null()));
+        let mut filled = Vec::new();
+        loop {
+            let p = heap.alloc(small);
+            if p.is_null() {
+                break;
+            }
+            filled.push(p);
+        }
+        for block in blocks {
+            heap.dealloc(block, large);
+        }
+        assert_eq!(heap.stats().large_kept, 3 << 20);
+        // No kept block holds 2 MiB, and no free frame is left but theirs.
+        let big = Layout::from_size_align(2 << 20, 8).unwrap();
+        let block = heap.alloc(big);
+        assert!(!block.is_null(), "the kept blocks' frames serve it");
+        assert_eq!(heap.stats().large_kept, 0);
+        block.write_bytes(1, 2 << 20);
+        heap.dealloc(block, big);
+        for p in filled {
+            heap.dealloc(p, small);
         }
     }
 }

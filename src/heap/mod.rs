@@ -15,6 +15,9 @@
 //! - Requests of at least [`HeapConfig::large_threshold`] bytes, or aligned beyond a
 //!   page, go straight to `vmalloc` with the requested alignment, so big buffers never
 //!   fragment the list, and growing one is a `vrealloc` that remaps instead of copying.
+//!   A freed one is kept mapped, up to [`HeapConfig::large_cache`] bytes, for the next
+//!   that fits (`large.rs`): no frames, page-table entries or TLB shootdown per
+//!   buffer for a kernel that churns them.
 //!
 //! With [`HeapConfig::sample_interval`] set, about one slab-sized allocation in that
 //! many is served instead from the [guarded pool](guarded) (Linux's KFENCE): alone on
@@ -44,6 +47,7 @@
 mod cpu_slab;
 pub mod guarded;
 mod kvbox;
+mod large;
 mod list;
 pub mod slab;
 
@@ -57,6 +61,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use cpu_slab::CpuSlabs;
 use guarded::Guarded;
 pub use kvbox::KVBox;
+use large::Keep;
 use list::{Backing, ListHeap};
 use slab::{SlabClassStats, Slabs};
 
@@ -90,12 +95,17 @@ pub struct HeapConfig {
     /// The pool takes two pages of virtual space per slot, and a frame per live
     /// object, made by the first sampled allocation.
     pub guarded_slots: usize,
+    /// Bytes of freed large blocks the heap keeps mapped for the next large
+    /// allocations that fit (see the [module documentation](self)); 0 gives each back to
+    /// vmalloc at its free. Blocks larger than a quarter of it are never kept.
+    pub large_cache: usize,
 }
 
 impl HeapConfig {
     /// A 1 GiB window, slabs up to a page, requests from 16 KiB (four pages) to
     /// vmalloc, 64 KiB growth, per-CPU slabs wherever the CPUs are known; no sampling
-    /// (a pool of 255 slots once [`KernelHeap::set_sample_interval`] turns it on).
+    /// (a pool of 255 slots once [`KernelHeap::set_sample_interval`] turns it on); up
+    /// to 2 MiB of freed large blocks kept for reuse.
     pub const DEFAULT: HeapConfig = HeapConfig {
         window: 1 << 30,
         large_threshold: 4 * PAGE_SIZE as usize,
@@ -104,6 +114,7 @@ impl HeapConfig {
         per_cpu: true,
         sample_interval: 0,
         guarded_slots: 255,
+        large_cache: 2 << 20,
     };
 }
 
@@ -129,6 +140,9 @@ pub struct HeapStats {
     pub large_blocks: usize,
     /// Bytes requested for those blocks.
     pub large_bytes: usize,
+    /// Bytes of freed large blocks kept mapped for reuse
+    /// ([`HeapConfig::large_cache`]); [`KernelHeap::shrink`] gives them back.
+    pub large_kept: usize,
     /// Frees refused: a slab object freed again right after its free (the last one
     /// its magazine took), or a large block's pointer that starts no area of the
     /// heap's. A caller's bug the heap caught; a double free it does not catch is
@@ -315,6 +329,7 @@ impl<'a> KernelHeap<'a> {
             slab_bytes: sum(|class| class.bytes),
             large_blocks: self.large_blocks.load(Ordering::Relaxed),
             large_bytes: self.large_bytes.load(Ordering::Relaxed),
+            large_kept: self.slabs.large_kept(vmalloc),
             refused_frees: self.refused_frees.load(Ordering::Relaxed),
         }
     }
@@ -336,8 +351,10 @@ impl<'a> KernelHeap<'a> {
         classes
     }
 
-    /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`); the
-    /// heap otherwise keeps up to [`slab::EMPTY_BUDGET`] bytes of them.
+    /// Gives every empty slab back to vmalloc (Linux's `kmem_cache_shrink`), and
+    /// the freed large blocks kept for reuse; the heap otherwise keeps up to
+    /// [`slab::EMPTY_BUDGET`] bytes of empty slabs and
+    /// [`HeapConfig::large_cache`] bytes of large blocks.
     ///
     /// With per-CPU slabs, this CPU's and every offline CPU's go back to their classes
     /// first, and every other online CPU's when the manager's flush policy can run
@@ -389,10 +406,31 @@ impl<'a> KernelHeap<'a> {
             tag: LARGE_TAG,
             ..VmOptions::default()
         };
-        let block = vmalloc.vmalloc_with(layout.size(), &options).ok()?;
+        let fresh = || vmalloc.vmalloc_with(layout.size(), &options).ok();
+        let block = (self.slabs)
+            .reuse_large(layout, self.config.large_cache, vmalloc)
+            .or_else(fresh)
+            // Out of memory: the kept blocks go back first.
+            .or_else(|| self.slabs.release_large(u64::MAX, vmalloc).then(fresh)?)?;
         self.large_blocks.fetch_add(1, Ordering::Relaxed);
         self.large_bytes.fetch_add(layout.size(), Ordering::Relaxed);
         Some(block)
+    }
+
+    /// Frees large block `ptr`: kept mapped for reuse if the budget has room, else
+    /// given back to vmalloc. Refused (`false`, nothing changes) if its area is not
+    /// the heap's (its tag says) or the block is kept already (a second free).
+    ///
+    /// # Safety
+    ///
+    /// If `ptr` starts an area the heap made, the caller gives the block up.
+    unsafe fn free_large(&self, ptr: *mut u8, vmalloc: &dyn VmallocOps) -> bool {
+        match (self.slabs).keep_large(ptr, self.config.large_cache, vmalloc) {
+            Keep::Kept => true,
+            Keep::Again => false,
+            // SAFETY: as the caller promised; an area of another tag is refused.
+            Keep::Not => unsafe { vmalloc.vfree_tagged(ptr, LARGE_TAG) }.is_ok(),
+        }
     }
 
     #[inline]
@@ -452,8 +490,8 @@ impl<'a> KernelHeap<'a> {
                 self.refused_frees.fetch_add(1, Ordering::Relaxed);
             }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
-        // caller gives up; an area the heap did not make (its tag says) is refused.
-        } else if unsafe { backing.vmalloc.vfree_tagged(ptr, LARGE_TAG) }.is_ok() {
+        // caller gives up.
+        } else if unsafe { self.free_large(ptr, backing.vmalloc) } {
             // Saturating: another heap's large block (same manager, same tag) must
             // not wrap this heap's counts.
             let less = |by: usize| move |count: usize| Some(count.saturating_sub(by));

@@ -36,6 +36,8 @@ use x86_64::structures::paging::PhysFrame;
 ///   `unmap_page` unmaps it, which flushes every CPU's TLB before it returns;
 /// - `vmap` maps the given frames in order and `ioremap` the given physical range,
 ///   each at a range nothing else uses, until `vunmap` or `iounmap`;
+/// - `area_size` answers only for the start of a live `vmalloc_with` area made with
+///   that tag, with its usable bytes, all mapped as that call mapped them;
 /// - a call that fails leaves every block and mapping as it was;
 /// - `cpus`, when it answers, upholds [`Cpus`]'s contract for the CPUs that call.
 pub unsafe trait VmallocOps: Sync {
@@ -75,6 +77,16 @@ pub unsafe trait VmallocOps: Sync {
         let _ = tag;
         // SAFETY: forwarded from the caller.
         unsafe { self.vfree(ptr) }
+    }
+
+    /// The usable bytes (whole pages) of the live area that starts at `ptr` and was
+    /// made with [`VmOptions::tag`] `tag`, or `None`: what the kernel heap checks
+    /// before it keeps a freed large block mapped for reuse. The heap hands such a
+    /// block out again for up to this many bytes, so an implementation answers
+    /// exactly or `None`; the default knows of no area.
+    fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
+        let _ = (ptr, tag);
+        None
     }
 
     /// See [`Vmalloc::vrealloc`](super::Vmalloc::vrealloc).
@@ -257,6 +269,12 @@ where
         }
         // SAFETY: forwarded from the caller.
         unsafe { Vmalloc::vfree(self, ptr) }
+    }
+    fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
+        let start = x86_64::VirtAddr::try_new(ptr as u64).ok()?;
+        let area = self.find_vm_area(start)?;
+        (area.start == start && area.tag == tag && area.kind == super::AreaKind::Vmalloc)
+            .then_some(area.size as usize)
     }
     unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
         // SAFETY: forwarded from the caller.

@@ -62,7 +62,7 @@ impl Slabs {
     }
 
     /// The clock empty slabs age by: slab-object operations so far.
-    pub(super) fn now(&self) -> u64 {
+    pub(in crate::heap) fn now(&self) -> u64 {
         self.clock
             .iter()
             .map(|Clock(share)| share.load(Ordering::Relaxed))
@@ -97,6 +97,7 @@ impl Slabs {
     /// ones go, one class lock at a time: slabs that emptied earlier age out even
     /// when none empties again. The caller holds no class lock.
     pub(super) fn age_idle(&self, vmalloc: &dyn VmallocOps) {
+        self.release_large(self.now(), vmalloc);
         if !self.over_budget() {
             return;
         }

@@ -49,6 +49,7 @@
 //! Each class has its own lock, held across the vmalloc call that makes or frees a
 //! slab (class, then manager: the manager never allocates from the heap).
 
+use super::large::LargeCache;
 use super::lock_heap;
 use crate::smp::MAX_CPUS;
 use crate::sync::IrqLock;
@@ -133,6 +134,9 @@ pub(crate) struct Slabs {
     /// Per class: objects freed with neither a class lock nor a CPU slot (onto remote
     /// lists), which the class's `objects` do not know of.
     loose: [AtomicIsize; CLASSES],
+    /// Freed large blocks kept for reuse (`large.rs`): aged by this clock, given back
+    /// with the empty slabs.
+    pub(in crate::heap) large: IrqLock<LargeCache>,
 }
 
 /// The slab `object` of a class with `geometry` lives in.
@@ -159,6 +163,7 @@ impl Slabs {
             clock: [const { Clock::new() }; CLOCK_SHARES],
             notices: [const { Notices(AtomicPtr::new(ptr::null_mut())) }; MAX_CPUS],
             loose: [const { AtomicIsize::new(0) }; CLASSES],
+            large: IrqLock::new(LargeCache::new()),
         }
     }
 
@@ -418,8 +423,8 @@ impl Slabs {
         }
     }
 
-    /// Gives every magazine back to the slabs and every empty slab back to vmalloc
-    /// (Linux's `kmem_cache_shrink`).
+    /// Gives every magazine back to the slabs, and every empty slab and kept large
+    /// block back to vmalloc (Linux's `kmem_cache_shrink`).
     pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) {
         for (class, geometry) in GEOMETRY.iter().enumerate() {
             let mut state = self.classes[class].lock(vmalloc);
@@ -429,6 +434,7 @@ impl Slabs {
                 self.discard_oldest_empty(&mut state, geometry, vmalloc);
             }
         }
+        self.release_large(u64::MAX, vmalloc);
     }
 
     /// Counters of every class; `objects` counts what was allocated and freed under
