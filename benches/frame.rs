@@ -64,7 +64,8 @@ fn fill_bitmap(alloc: &mut BitmapFrameAllocator, occupancy: usize) {
         .filter(|(i, _)| !stays_held(*i, occupancy))
         .map(|(_, f)| *f)
         .collect();
-    alloc.free_bulk(&back).unwrap();
+    // SAFETY: frames the bench took and no longer uses.
+    unsafe { alloc.free_bulk(&back) }.unwrap();
 }
 
 type Buddy = buddy_system_allocator::FrameAllocator<33>;
@@ -125,19 +126,22 @@ fn bench(c: &mut Criterion) {
         group.bench_function("single/bitmap", |b| {
             b.iter(|| {
                 let f = bitmap.alloc().unwrap();
-                bitmap.free(black_box(f)).unwrap();
+                // SAFETY: frames the bench took and no longer uses.
+                unsafe { bitmap.free(black_box(f)) }.unwrap();
             })
         });
         group.bench_function("single/locked", |b| {
             b.iter(|| {
                 let f = locked.alloc().unwrap();
-                locked.free(black_box(f)).unwrap();
+                // SAFETY: frames the bench took and no longer uses.
+                unsafe { locked.free(black_box(f)) }.unwrap();
             })
         });
         group.bench_function("single/percpu", |b| {
             b.iter(|| {
                 let f = percpu.alloc().unwrap();
-                percpu.free(black_box(f)).unwrap();
+                // SAFETY: frames the bench took and no longer uses.
+                unsafe { percpu.free(black_box(f)) }.unwrap();
             })
         });
         group.bench_function("single/buddy", |b| {
@@ -152,7 +156,8 @@ fn bench(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("bulk/bitmap", count), |b| {
                 b.iter(|| {
                     assert_eq!(bitmap.alloc_bulk(&mut out), count);
-                    bitmap.free_bulk(black_box(&out)).unwrap();
+                    // SAFETY: frames the bench took and no longer uses.
+                    unsafe { bitmap.free_bulk(black_box(&out)) }.unwrap();
                 })
             });
             let mut numbers = vec![0usize; count];

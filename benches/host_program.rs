@@ -296,9 +296,8 @@ fn json(c: &mut Criterion) {
                 // Made only if selected, once for both rows, by the system allocator:
                 // the input is not what is measured, and neither row may pay for the
                 // other's memory (the window's fills of the document's pages).
-                let doc = doc.get_or_insert_with(|| {
-                    Allocator::System.serve(|| document(DOCUMENT, 1))
-                });
+                let doc =
+                    doc.get_or_insert_with(|| Allocator::System.serve(|| document(DOCUMENT, 1)));
                 if !checked {
                     // The parsed records come from this row's allocator, and they
                     // serialize back to the document.

@@ -87,17 +87,22 @@ unsafe fn init_heap_recursive(boot_info: &'static BootInfo) -> Result<(), Error>
 }
 
 /// Once the ACPI tables are parsed: their memory goes to the frame allocator.
-fn after_acpi() -> u64 {
+///
+/// # Safety
+///
+/// Nothing reads the ACPI tables' memory any more.
+unsafe fn after_acpi() -> u64 {
+    // SAFETY: the caller is done with that memory.
     FRAMES
         .get()
-        .map_or(0, |frames| frames.reclaim(boot::Reclaim::Acpi))
+        .map_or(0, |frames| unsafe { frames.reclaim(boot::Reclaim::Acpi) })
 }
 
 fn main() {
     let _ = (
         init_heap as unsafe fn(_) -> _,
         init_heap_recursive as unsafe fn(_) -> _,
-        after_acpi as fn() -> _,
+        after_acpi as unsafe fn() -> _,
     );
     println!("examples/boot_bootloader.rs runs in a kernel booted by the bootloader crate.");
 }

@@ -57,14 +57,22 @@ unsafe fn init_heap() -> Result<(), Error> {
 
 /// Once the kernel runs on its own page tables and stack, and has read every
 /// response: Limine's memory (and the ACPI tables, once parsed) becomes free.
-fn after_boot() -> u64 {
+///
+/// # Safety
+///
+/// Nothing uses what the boot loader's and the ACPI tables' memory holds any more.
+unsafe fn after_boot() -> u64 {
     let frames = FRAMES.get();
     frames.map_or(0, |f| {
-        f.reclaim(boot::Reclaim::Bootloader) + f.reclaim(boot::Reclaim::Acpi)
+        // SAFETY: the caller is done with that memory.
+        unsafe { f.reclaim(boot::Reclaim::Bootloader) + f.reclaim(boot::Reclaim::Acpi) }
     })
 }
 
 fn main() {
-    let _ = (init_heap as unsafe fn() -> _, after_boot as fn() -> _);
+    let _ = (
+        init_heap as unsafe fn() -> _,
+        after_boot as unsafe fn() -> _,
+    );
     println!("examples/boot_limine.rs runs in a kernel booted by Limine.");
 }

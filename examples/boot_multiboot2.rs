@@ -51,14 +51,22 @@ unsafe fn init_heap(mbi: u32, kernel: Range<PhysAddr>) -> Result<(), Error> {
 }
 
 /// Once the kernel has read the boot information and parsed the ACPI tables.
-fn after_boot() -> u64 {
+///
+/// # Safety
+///
+/// Nothing uses what the boot loader's and the ACPI tables' memory holds any more.
+unsafe fn after_boot() -> u64 {
     let frames = FRAMES.get();
     frames.map_or(0, |f| {
-        f.reclaim(boot::Reclaim::Bootloader) + f.reclaim(boot::Reclaim::Acpi)
+        // SAFETY: the caller is done with that memory.
+        unsafe { f.reclaim(boot::Reclaim::Bootloader) + f.reclaim(boot::Reclaim::Acpi) }
     })
 }
 
 fn main() {
-    let _ = (init_heap as unsafe fn(_, _) -> _, after_boot as fn() -> _);
+    let _ = (
+        init_heap as unsafe fn(_, _) -> _,
+        after_boot as unsafe fn() -> _,
+    );
     println!("examples/boot_multiboot2.rs runs in a kernel booted through multiboot2.");
 }

@@ -47,17 +47,22 @@ unsafe fn init_heap() -> Result<(), Error> {
 
 /// Once the kernel runs on page tables and a stack of its own, and has parsed the
 /// ACPI tables.
-fn after_own_page_tables() -> u64 {
+///
+/// # Safety
+///
+/// Nothing uses what the boot services' and the ACPI tables' memory holds any more.
+unsafe fn after_own_page_tables() -> u64 {
     let frames = FRAMES.get();
     frames.map_or(0, |f| {
-        f.reclaim(boot::Reclaim::BootServices) + f.reclaim(boot::Reclaim::Acpi)
+        // SAFETY: the caller is done with that memory.
+        unsafe { f.reclaim(boot::Reclaim::BootServices) + f.reclaim(boot::Reclaim::Acpi) }
     })
 }
 
 fn main() {
     let _ = (
         init_heap as unsafe fn() -> _,
-        after_own_page_tables as fn() -> _,
+        after_own_page_tables as unsafe fn() -> _,
     );
     println!("examples/boot_uefi.rs runs in a kernel that boots from UEFI.");
 }

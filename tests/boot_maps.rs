@@ -109,10 +109,13 @@ fn an_allocator_from_a_bootloader_map_hands_out_usable_frames_until_reclaim() {
         .collect();
     assert_eq!(drain(&mut alloc), usable);
     // The ACPI tables: both the BIOS one (whole frames only) and the UEFI one.
-    assert_eq!(alloc.reclaim(Reclaim::Acpi), 2 + 256);
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 256);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Acpi) }, 2 + 256);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 256);
     assert_eq!(
-        alloc.reclaim(Reclaim::Bootloader),
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim(Reclaim::Bootloader) },
         0,
         "Bootloader regions stay"
     );
@@ -204,8 +207,10 @@ fn limine_kinds_are_kept_apart() {
         .chain(frames(2 * MIB, 8 * MIB))
         .collect();
     assert_eq!(drain(&mut alloc), usable);
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 256);
-    assert_eq!(alloc.reclaim(Reclaim::Acpi), 1);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 256);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Acpi) }, 1);
 }
 
 #[test]
@@ -380,7 +385,12 @@ fn multiboot2_adds_what_the_loader_left_and_the_kernel() {
     );
     assert!(!handed.contains(&7), "boot information");
     assert!(handed.contains(&6) && handed.contains(&(3 * MIB / FRAME + 1)));
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 0, "a partial frame");
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(
+        unsafe { alloc.reclaim(Reclaim::Bootloader) },
+        0,
+        "a partial frame"
+    );
 }
 
 #[test]
@@ -401,7 +411,8 @@ fn multiboot2_with_an_efi_map_steps_by_its_descriptor_size() {
     let mut storage = vec![0; BitmapFrameAllocator::storage_words(regions.clone())];
     let mut alloc = BitmapFrameAllocator::with_storage(regions, &mut storage).unwrap();
     assert!(drain(&mut alloc).is_disjoint(&frames(3 * MIB, 5 * MIB)));
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 512);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 512);
 }
 
 #[test]
@@ -553,7 +564,8 @@ fn an_allocator_from_a_uefi_map_reclaims_boot_services_after_exit() {
         .chain(frames(5 * MIB, 16 * MIB))
         .collect();
     assert_eq!(drain(&mut alloc), usable);
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 512);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 512);
     assert_eq!(drain(&mut alloc), frames(3 * MIB, 5 * MIB));
 }
 
@@ -631,7 +643,8 @@ proptest! {
             let mine = RegionKind::Reclaimable(source);
             let others = touched(&|k| matches!(k, RegionKind::Reclaimable(s) if s != source));
             let expected: BTreeSet<u64> = inside(&|k| k == mine).into_iter().filter(|f| !reserved.contains(f) && !others.contains(f)).collect();
-            prop_assert_eq!(alloc.reclaim(source), expected.len() as u64);
+            // SAFETY: a simulated map: nothing uses its reclaimable memory.
+            prop_assert_eq!(unsafe { alloc.reclaim(source) }, expected.len() as u64);
             prop_assert_eq!(drain(&mut alloc), expected);
         }
     }

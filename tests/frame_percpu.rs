@@ -76,20 +76,36 @@ fn a_frame_freed_on_one_cpu_is_refused_when_freed_again_on_any_cpu() {
     let (machine, frames) = rig(4);
     let total = frames.stats().total;
     let f = on(machine, 0, || frames.alloc()).unwrap();
-    on(machine, 0, || frames.free(f)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    on(machine, 0, || unsafe { frames.free(f) }).unwrap();
     let stats = frames.stats();
     assert_eq!(stats.free, total, "a frame in a CPU's list is free");
     for cpu in 0..4 {
-        assert_eq!(on(machine, cpu, || frames.free(f)), REFUSED, "on CPU {cpu}");
-        assert_eq!(on(machine, cpu, || frames.free_frames(&[f])), REFUSED);
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        assert_eq!(
+            on(machine, cpu, || unsafe { frames.free(f) }),
+            REFUSED,
+            "on CPU {cpu}"
+        );
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        assert_eq!(
+            on(machine, cpu, || unsafe { frames.free_frames(&[f]) }),
+            REFUSED
+        );
     }
     assert_eq!(frames.stats(), stats, "refused frees change nothing");
     assert_eq!(frames.is_free(f), Ok(true));
     // Handed out by CPU 0, freed on CPU 1 (into its list), freed again anywhere.
     let g = on(machine, 0, || frames.alloc()).unwrap();
-    on(machine, 1, || frames.free(g)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    on(machine, 1, || unsafe { frames.free(g) }).unwrap();
     for cpu in 0..4 {
-        assert_eq!(on(machine, cpu, || frames.free(g)), REFUSED, "on CPU {cpu}");
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        assert_eq!(
+            on(machine, cpu, || unsafe { frames.free(g) }),
+            REFUSED,
+            "on CPU {cpu}"
+        );
     }
     // Once CPU 1's list has given `g` back to the bitmap, still refused.
     let many: Vec<PhysFrame> = on(machine, 2, || {
@@ -97,9 +113,18 @@ fn a_frame_freed_on_one_cpu_is_refused_when_freed_again_on_any_cpu() {
             .map(|_| frames.alloc().unwrap())
             .collect()
     });
-    on(machine, 1, || many.iter().try_for_each(|&f| frames.free(f))).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    on(machine, 1, || {
+        many.iter().try_for_each(|&f| unsafe { frames.free(f) })
+    })
+    .unwrap();
     for cpu in 0..4 {
-        assert_eq!(on(machine, cpu, || frames.free(g)), REFUSED, "on CPU {cpu}");
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        assert_eq!(
+            on(machine, cpu, || unsafe { frames.free(g) }),
+            REFUSED,
+            "on CPU {cpu}"
+        );
     }
     assert_eq!(frames.stats().free, total);
     // Every frame comes out once: the other CPUs offline, their lists claimed.
@@ -167,7 +192,8 @@ fn race_to_free(machine: &SimMachine, frames: &Frames) {
                 }
                 std::hint::spin_loop();
             }
-            match frames.free(*f) {
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            match unsafe { frames.free(*f) } {
                 Ok(()) => {
                     wins.fetch_add(1, Ordering::Relaxed);
                 }
@@ -215,8 +241,10 @@ fn an_interrupt_at_every_point_of_alloc_and_free_that_allocates_and_frees_corrup
             let handler = move || {
                 interrupts.fetch_add(1, Ordering::Relaxed);
                 if let Some(a) = frames.alloc() {
-                    frames.free(a).unwrap();
-                    assert_eq!(frames.free(a), REFUSED);
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { frames.free(a) }.unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    assert_eq!(unsafe { frames.free(a) }, REFUSED);
                 }
                 if let Some(b) = frames.alloc() {
                     handler_held.lock().unwrap().push(b);
@@ -240,11 +268,13 @@ fn an_interrupt_at_every_point_of_alloc_and_free_that_allocates_and_frees_corrup
                             held.push(frames.alloc().expect("a frame, from some list"));
                         }
                         Case::FreeToList | Case::FreeSpilling => {
-                            frames.free(victim.unwrap()).unwrap();
+                            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                            unsafe { frames.free(victim.unwrap()) }.unwrap();
                         }
                         Case::DoubleFree => {
                             let victim = victim.unwrap();
-                            if frames.free(victim) == Ok(()) {
+                            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                            if unsafe { frames.free(victim) } == Ok(()) {
                                 // The handler took the frame again first: this free
                                 // was its owner's.
                                 let mut theirs = handler_held.lock().unwrap();
@@ -257,7 +287,8 @@ fn an_interrupt_at_every_point_of_alloc_and_free_that_allocates_and_frees_corrup
                     let mut all = held.clone();
                     all.extend(handler_held.lock().unwrap().drain(..));
                     assert_held_exactly(frames, &all);
-                    cpu.run(|_| frames.free_frames(&all)).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    cpu.run(|_| unsafe { frames.free_frames(&all) }).unwrap();
                     if !fired {
                         assert!(k > 0, "{case:?} passes an interrupt point");
                         break;
@@ -280,7 +311,8 @@ fn set_up(
     // CPU 1 leaves a list behind and goes offline.
     machine.cpu(1).go_online();
     let f = on(machine, 1, || frames.alloc()).unwrap();
-    on(machine, 1, || frames.free(f)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    on(machine, 1, || unsafe { frames.free(f) }).unwrap();
     machine.cpu(1).go_offline();
     let take = |held: &mut Vec<PhysFrame>, count: usize| {
         held.extend((0..count).map(|_| frames.alloc().unwrap()));
@@ -315,13 +347,18 @@ fn set_up(
                 .collect();
             assert!(frames.drain_cpu_lists());
             let victim = extra.pop();
-            extra.iter().try_for_each(|&f| frames.free(f)).unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            extra
+                .iter()
+                .try_for_each(|&f| unsafe { frames.free(f) })
+                .unwrap();
             assert_eq!(frames.cpu_list_frames(), CPU_LIST_FRAMES as u64, "full");
             victim
         }
         Case::DoubleFree => {
             let victim = frames.alloc().unwrap();
-            frames.free(victim).unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free(victim) }.unwrap();
             Some(victim)
         }
     }
@@ -343,7 +380,8 @@ fn running_dry_takes_online_cpus_lists_through_work_and_offline_ones_by_claim() 
                     // Each leaves a batch in its list; CPU 3 then goes offline, the
                     // others serve shootdowns until CPU 0 is done.
                     let f = frames.alloc().unwrap();
-                    frames.free(f).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { frames.free(f) }.unwrap();
                     listed.wait();
                     while cpu.index() < 3 && !done.load(Ordering::Acquire) {
                         cpu.poll();
@@ -471,15 +509,18 @@ fn stress(machine: &SimMachine, frames: &Frames, tight: bool) {
                     // another CPU got since; a bulk free listing it twice
                     // cannot.)
                     if rng.below(4) == 0 {
-                        assert_eq!(frames.free_frames(&[f, f]), REFUSED);
+                        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                        assert_eq!(unsafe { frames.free_frames(&[f, f]) }, REFUSED);
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
-                    frames.free(f).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { frames.free(f) }.unwrap();
                 }
                 7 if !mine.is_empty() => {
                     let count = 1 + rng.below(mine.len().min(40) as u64) as usize;
                     let back: Vec<PhysFrame> = mine.drain(..count).map(check).collect();
-                    frames.free_frames(&back).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { frames.free_frames(&back) }.unwrap();
                 }
                 8 if !mine.is_empty() => {
                     // To another CPU, which frees it.
@@ -490,13 +531,15 @@ fn stress(machine: &SimMachine, frames: &Frames, tight: bool) {
                 _ => {
                     let given = handed.lock().unwrap().pop();
                     if let Some(given) = given {
-                        frames.free(check(given)).unwrap();
+                        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                        unsafe { frames.free(check(given)) }.unwrap();
                     }
                 }
             }
         }
         let back: Vec<PhysFrame> = mine.into_iter().map(check).collect();
-        frames.free_frames(&back).unwrap();
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { frames.free_frames(&back) }.unwrap();
     });
     let left: Vec<PhysFrame> = handed
         .into_inner()
@@ -504,8 +547,10 @@ fn stress(machine: &SimMachine, frames: &Frames, tight: bool) {
         .into_iter()
         .map(|(f, _)| f)
         .collect();
-    frames.free_frames(&left).unwrap();
-    frames.free_frames(&kept).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_frames(&left) }.unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_frames(&kept) }.unwrap();
     assert!(!tight || dry.load(Ordering::Relaxed) > 0, "ran dry");
     assert_eq!(frames.stats().free, total, "every frame is back");
     assert!(refused.load(Ordering::Relaxed) > 0);
@@ -540,7 +585,8 @@ fn a_manager_on_four_cpus_over_the_lists_gives_every_frame_back() {
                         live.push(vm.vmalloc(pages * 4096).unwrap());
                         // A page table or two now and then, one frame at a time.
                         if let Some(f) = frames.alloc_frame() {
-                            frames.free_frame(f).unwrap();
+                            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                            unsafe { frames.free_frame(f) }.unwrap();
                         }
                     } else if let Some(area) = live.pop() {
                         // SAFETY: made above, not used again.

@@ -107,7 +107,8 @@ impl Harness<'_> {
             }
             Op::Free(index) => {
                 if let Some(n) = self.nth_held(index) {
-                    self.alloc.free(frame(n)).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { self.alloc.free(frame(n)) }.unwrap();
                     self.held.remove(&n);
                     self.freed.push(n);
                 }
@@ -116,13 +117,15 @@ impl Harness<'_> {
                 let candidate =
                     (!self.freed.is_empty()).then(|| self.freed[index % self.freed.len()]);
                 if let Some(n) = candidate.filter(|n| !self.held.contains(n)) {
-                    self.refused(Error::FrameNotAllocated, |a| a.free(frame(n)));
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    self.refused(Error::FrameNotAllocated, |a| unsafe { a.free(frame(n)) });
                 }
             }
             Op::FreeBulk(count) => {
                 let chosen: Vec<u64> = self.held.iter().copied().take(count).collect();
                 let frames: Vec<PhysFrame> = chosen.iter().map(|n| frame(*n)).collect();
-                self.alloc.free_bulk(&frames).unwrap();
+                // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                unsafe { self.alloc.free_bulk(&frames) }.unwrap();
                 for n in chosen {
                     self.held.remove(&n);
                     self.freed.push(n);
@@ -133,14 +136,18 @@ impl Harness<'_> {
                     self.held.iter().take(count).map(|n| frame(*n)).collect();
                 if let Some(&first) = frames.first() {
                     frames.push(first);
-                    self.refused(Error::FrameNotAllocated, |a| a.free_bulk(&frames));
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    self.refused(Error::FrameNotAllocated, |a| unsafe {
+                        a.free_bulk(&frames)
+                    });
                 }
             }
             Op::FreeUnmanaged(raw) => {
                 // Just past a zone, in the reserved hole, far beyond, or anywhere.
                 let n = [300, 105, (1 << 20) + 500, raw % (1 << 40)][(raw % 4) as usize];
                 if self.alloc.is_free(frame(n)).is_err() {
-                    self.refused(Error::FrameNotManaged, |a| a.free(frame(n)));
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    self.refused(Error::FrameNotManaged, |a| unsafe { a.free(frame(n)) });
                 }
             }
             Op::Contiguous(count, shift) => {
@@ -181,7 +188,8 @@ proptest! {
         }
         // Everything still held comes back, and then all of memory can be taken again.
         let held: Vec<PhysFrame> = harness.held.iter().map(|n| frame(*n)).collect();
-        harness.alloc.free_bulk(&held).unwrap();
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { harness.alloc.free_bulk(&held) }.unwrap();
         let total = harness.alloc.stats().total;
         let mut out = vec![frame(0); total as usize + 1];
         prop_assert_eq!(harness.alloc.alloc_bulk(&mut out) as u64, total);

@@ -43,11 +43,13 @@ unsafe impl FrameSource for &Gate<'_> {
     fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
         self.frames.alloc_frame_2m()
     }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.frames.free_frame(frame)
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frame(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.frames.free_frames(frames)
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frames(frames) }
     }
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
         self.frames.manages(first, count)

@@ -94,7 +94,8 @@ fn break_every_run(frames: &SimFrames) -> Vec<PhysFrame> {
     let (kept, back): (Vec<_>, Vec<_>) = all
         .into_iter()
         .partition(|frame| frame.start_address().as_u64() % MIB2 == 0);
-    frames.free_frames(&back).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_frames(&back) }.unwrap();
     kept
 }
 
@@ -232,7 +233,8 @@ fn without_2mib_runs_each_chunk_falls_back_to_4kib_pages() {
 
     // One run back: the first chunk is huge, the others are not.
     let run_start = kept[kept.len() / 2];
-    frames.free_frame(run_start).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_frame(run_start) }.unwrap();
     let ptr = vm.vmalloc_huge(size as usize).unwrap();
     assert_eq!(vm.stats().huge_mappings, 1);
     let sizes: Vec<_> = (0..3)
@@ -263,7 +265,8 @@ fn running_out_of_frames_at_any_step_of_a_huge_vmalloc_rolls_back() {
         let frames = machine.frames();
         if runs == 1 {
             let kept = break_every_run(&frames);
-            frames.free_frame(kept[kept.len() / 2]).unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free_frame(kept[kept.len() / 2]) }.unwrap();
         }
         let injector = FaultInjector::new(&frames);
         // No area yet: the first 2 MiB mapping needs a PD, which can fail too.
@@ -381,7 +384,8 @@ fn a_2mib_run_is_aligned_and_comes_back_frame_by_frame() {
     assert_eq!(frames.stats().free, before - 512);
     let first = PhysFrame::containing_address(run.start_address());
     let all: Vec<_> = PhysFrame::range(first, first + 512).collect();
-    frames.free_frames(&all).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_frames(&all) }.unwrap();
     assert_eq!(frames.stats().free, before);
     break_every_run(&frames);
     assert_eq!(frames.alloc_frame_2m(), None);

@@ -61,13 +61,15 @@ unsafe impl FrameSource for &'static Watched {
         self.check();
         self.frames.alloc_frame_2m()
     }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
         self.check();
-        self.frames.free_frame(frame)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frame(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.check();
-        self.frames.free_frames(frames)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frames(frames) }
     }
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
         self.check();

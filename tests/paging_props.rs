@@ -144,7 +144,8 @@ impl World {
                         self.model.insert(i, leaf);
                     }
                 } else {
-                    self.pool.free_frames(&frames).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { self.pool.free_frames(&frames) }.unwrap();
                 }
                 (result, expected)
             }
@@ -159,7 +160,8 @@ impl World {
                     let want: Vec<_> = pages.zip(self.frames(s, n, true)).collect();
                     prop_assert_eq!(&handed, &want);
                     let frames: Vec<_> = handed.iter().map(|(_, f)| *f).collect();
-                    self.pool.free_frames(&frames).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { self.pool.free_frames(&frames) }.unwrap();
                 }
                 (result, expected)
             }
@@ -203,7 +205,8 @@ impl World {
                 };
                 if result.is_ok() {
                     prop_assert_eq!(&handed, &self.frames(s, n, true));
-                    self.pool.free_frames(&handed).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { self.pool.free_frames(&handed) }.unwrap();
                 }
                 (result, expected)
             }
@@ -212,7 +215,8 @@ impl World {
                 let result = self
                     .tables
                     .free_empty_tables(range(s, n), |frame| unlinked.push(frame));
-                self.pool.free_frames(&unlinked).unwrap();
+                // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                unsafe { self.pool.free_frames(&unlinked) }.unwrap();
                 (result.map(|(_, flush)| flush.flush(&NO_TLB)), Ok(()))
             }
         };

@@ -111,7 +111,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                                 "CPU {} still reaches a vunmapped frame",
                                 cpu.index()
                             );
-                            frames.free_frames(&owned).unwrap();
+                            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                            unsafe { frames.free_frames(&owned) }.unwrap();
                         }
                         _ => vm.purge(),
                     }
@@ -123,7 +124,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                 for (ptr, owned, _) in lent {
                     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                     unsafe { vm.vunmap(ptr.as_ptr(), |_| {}) }.unwrap();
-                    frames.free_frames(&owned).unwrap();
+                    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                    unsafe { frames.free_frames(&owned) }.unwrap();
                 }
             });
             vm.purge();

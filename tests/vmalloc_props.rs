@@ -304,7 +304,8 @@ impl<T: TlbFlush> World<'_, T> {
                     self.machine.read(VirtAddr::new(start), &mut [0]).is_err(),
                     "flushed at once"
                 );
-                self.frames.free_frames(&back).unwrap();
+                // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                unsafe { self.frames.free_frames(&back) }.unwrap();
                 self.held_for_vmap -= back.len() as u64;
                 self.live.remove(&start);
             }
@@ -648,7 +649,8 @@ fn run_on_cpus(ops: Vec<(usize, Op)>, eager: bool) {
                     .flat_map(|live| live.frames.clone())
                     .collect();
                 drop(world);
-                frames.free_frames(&lent).unwrap();
+                // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                unsafe { frames.free_frames(&lent) }.unwrap();
             }),
         );
         // Dropping the senders stops the CPUs.

@@ -107,14 +107,16 @@ unsafe impl FrameSource for SimFrames {
         self.allocator.alloc_frame_2m()
     }
 
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
         self.cpus.point();
-        self.allocator.free(frame)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.allocator.free(frame) }
     }
 
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.cpus.point();
-        self.allocator.free_bulk(frames)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.allocator.free_bulk(frames) }
     }
 
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
@@ -230,13 +232,15 @@ unsafe impl FrameSource for &PoisonOnFree<'_> {
     fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
         self.frames.alloc_frame_2m()
     }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
         self.poison(frame);
-        self.frames.free_frame(frame)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frame(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         frames.iter().for_each(|&frame| self.poison(frame));
-        self.frames.free_frames(frames)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frames(frames) }
     }
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
         self.frames.manages(first, count)

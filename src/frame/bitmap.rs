@@ -393,6 +393,7 @@ impl FrameDeallocator<Size4KiB> for BitmapFrameAllocator<'_> {
     /// Frees `frame`; a frame that is not allocated here is ignored (see
     /// [`BitmapFrameAllocator::free`] for the checked version).
     unsafe fn deallocate_frame(&mut self, frame: PhysFrame) {
-        let _ = self.free(frame);
+        // SAFETY: `deallocate_frame`'s contract: the frame is unused.
+        let _ = unsafe { self.free(frame) };
     }
 }

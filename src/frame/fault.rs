@@ -131,12 +131,14 @@ unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
         Some(run)
     }
 
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.inner.free_frame(frame)
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.inner.free_frame(frame) }
     }
 
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.inner.free_frames(frames)
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.inner.free_frames(frames) }
     }
 
     fn manages(&self, first: PhysFrame, count: u64) -> bool {

@@ -241,11 +241,20 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// As [`BitmapFrameAllocator::free`]: [`Error::FrameNotAllocated`] for a frame
     /// that is free, in any CPU's list too; nothing changes.
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses or maps `frame` any more: the allocator hands it out again, and
+    /// its next owner writes it. A frame the allocator holds already (a double free)
+    /// or does not manage is refused with an error, which is safe; a free of a frame
+    /// handed out again since, to another owner, cannot be told from that owner's.
     #[inline]
-    pub fn free(&self, frame: PhysFrame) -> Result<(), Error> {
+    pub unsafe fn free(&self, frame: PhysFrame) -> Result<(), Error> {
         match &self.lists {
-            Some(lists) => lists.free(&self.inner, frame),
-            None => self.locked(|bitmap| bitmap.free(frame)),
+            // SAFETY: forwarded from the caller.
+            Some(lists) => unsafe { lists.free(&self.inner, frame) },
+            // SAFETY: forwarded from the caller.
+            None => self.locked(|bitmap| unsafe { bitmap.free(frame) }),
         }
     }
 
@@ -254,8 +263,13 @@ impl<'a> LockedFrameAllocator<'a> {
     /// # Errors
     ///
     /// As [`BitmapFrameAllocator::free_bulk`].
-    pub fn free_bulk(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.locked(|bitmap| bitmap.free_bulk(frames))
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free), for every frame of `frames`.
+    pub unsafe fn free_bulk(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        self.locked(|bitmap| unsafe { bitmap.free_bulk(frames) })
     }
 
     /// See [`BitmapFrameAllocator::is_free`]: a frame in a CPU's list is free.
@@ -273,8 +287,13 @@ impl<'a> LockedFrameAllocator<'a> {
     }
 
     /// See [`BitmapFrameAllocator::reclaim`].
-    pub fn reclaim(&self, from: Reclaim) -> u64 {
-        self.locked(|bitmap| bitmap.reclaim(from))
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    pub unsafe fn reclaim(&self, from: Reclaim) -> u64 {
+        // SAFETY: forwarded from the caller.
+        self.locked(|bitmap| unsafe { bitmap.reclaim(from) })
     }
 
     /// See [`BitmapFrameAllocator::reclaim_range`].
@@ -282,8 +301,13 @@ impl<'a> LockedFrameAllocator<'a> {
     /// # Errors
     ///
     /// As [`BitmapFrameAllocator::reclaim_range`].
-    pub fn reclaim_range(&self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
-        self.locked(|bitmap| bitmap.reclaim_range(range))
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    pub unsafe fn reclaim_range(&self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
+        // SAFETY: forwarded from the caller.
+        self.locked(|bitmap| unsafe { bitmap.reclaim_range(range) })
     }
 
     /// See [`BitmapFrameAllocator::stats`]; frames in CPU lists count as free.
@@ -323,11 +347,13 @@ unsafe impl FrameSource for LockedFrameAllocator<'_> {
         let first = self.alloc_contiguous(frames, frames).ok()?;
         PhysFrame::from_start_address(first.start_address()).ok()
     }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.free(frame)
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.free_bulk(frames)
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free_bulk(frames) }
     }
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
         LockedFrameAllocator::manages(self, first, count)

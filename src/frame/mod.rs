@@ -112,6 +112,19 @@ pub struct MemoryRegion {
 /// - it takes back, with `Ok`, every frame it handed out that is not back yet, and
 ///   `free_frames` frees all of its frames or none;
 /// - [`manages`](Self::manages) does not answer `false` for a frame it may hand out.
+///
+/// Giving a frame back is `unsafe` for the caller: the source hands it out again, so
+/// a frame still mapped somewhere (a live area's, found with `vmalloc_to_frame`)
+/// would end up with two owners. Safe code cannot do it:
+///
+/// ```compile_fail,E0133
+/// use vmalloc::FrameSource;
+/// use x86_64::structures::paging::PhysFrame;
+///
+/// fn give_back(frames: &impl FrameSource, frame: PhysFrame) {
+///     let _ = frames.free_frame(frame);
+/// }
+/// ```
 pub unsafe trait FrameSource {
     /// One frame, or `None` when none is left.
     fn alloc_frame(&self) -> Option<PhysFrame<Size4KiB>>;
@@ -142,7 +155,14 @@ pub unsafe trait FrameSource {
     /// # Errors
     ///
     /// [`Error::FrameNotManaged`] or [`Error::FrameNotAllocated`]; nothing changes.
-    fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error>;
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses or maps `frame` any more: the source hands it out again, and its
+    /// next owner writes it. A frame the source holds already (a double free) or does
+    /// not manage is refused with an error, which is safe; a free of a frame handed
+    /// out again since, to another owner, cannot be told from that owner's.
+    unsafe fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error>;
 
     /// Returns every frame of `frames`, or none of them on error.
     ///
@@ -150,7 +170,11 @@ pub unsafe trait FrameSource {
     ///
     /// As [`free_frame`](Self::free_frame), for the first bad frame (including a
     /// frame listed twice); nothing changes.
-    fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error>;
+    ///
+    /// # Safety
+    ///
+    /// As [`free_frame`](Self::free_frame), for every frame of `frames`.
+    unsafe fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error>;
 
     /// Whether any of the `count` frames from `first` on is RAM this source may hand
     /// out (Linux refuses to `ioremap` such memory). The default says `true` for
@@ -172,11 +196,13 @@ unsafe impl<S: FrameSource + ?Sized> FrameSource for &S {
     fn alloc_frame_2m(&self) -> Option<PhysFrame<Size2MiB>> {
         (**self).alloc_frame_2m()
     }
-    fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
-        (**self).free_frame(frame)
+    unsafe fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { (**self).free_frame(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
-        (**self).free_frames(frames)
+    unsafe fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { (**self).free_frames(frames) }
     }
     fn manages(&self, first: PhysFrame<Size4KiB>, count: u64) -> bool {
         (**self).manages(first, count)
@@ -202,7 +228,8 @@ unsafe impl<S: FrameSource> FrameAllocator<Size4KiB> for MapperFrames<S> {
 impl<S: FrameSource> FrameDeallocator<Size4KiB> for MapperFrames<S> {
     unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size4KiB>) {
         // A refused free left the source unchanged; there is no way to report it.
-        let _ = self.0.free_frame(frame);
+        // SAFETY: `deallocate_frame`'s contract: the frame is unused.
+        let _ = unsafe { self.0.free_frame(frame) };
     }
 }
 

@@ -241,8 +241,12 @@ impl<'a> CpuLists<'a> {
 
     /// Gives `frame` back to the calling CPU's list (spilling its oldest frames to
     /// the bitmap when full), or to the bitmap.
+    ///
+    /// # Safety
+    ///
+    /// As [`BitmapFrameAllocator::free`].
     #[inline(always)]
-    pub(super) fn free(&self, bitmap: &Bitmap<'a>, frame: PhysFrame) -> Result<(), Error> {
+    pub(super) unsafe fn free(&self, bitmap: &Bitmap<'a>, frame: PhysFrame) -> Result<(), Error> {
         if self.attached() {
             let (entry, flag) = self
                 .handed
@@ -253,14 +257,20 @@ impl<'a> CpuLists<'a> {
             }
             return Err(self.refusal(bitmap, frame));
         }
-        self.free_slow(bitmap, frame)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free_slow(bitmap, frame) }
     }
 
     /// Gives `frame` back to the bitmap.
+    ///
+    /// # Safety
+    ///
+    /// As [`BitmapFrameAllocator::free`].
     #[cold]
     #[inline(never)]
-    fn free_slow(&self, bitmap: &Bitmap<'a>, frame: PhysFrame) -> Result<(), Error> {
-        self.locked(bitmap, |bitmap| bitmap.free(frame))
+    unsafe fn free_slow(&self, bitmap: &Bitmap<'a>, frame: PhysFrame) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        self.locked(bitmap, |bitmap| unsafe { bitmap.free(frame) })
     }
 
     /// Claims a frame (whose handed-out flag is `flag`) and pushes it on the calling

@@ -50,7 +50,8 @@ fn every_frame_is_handed_out_once_and_stats_follow() {
     assert_eq!(handed.iter().collect::<BTreeSet<_>>().len(), 300_000);
     assert_eq!(alloc.stats().free, 0);
     assert_eq!(alloc.stats().used, 300_000);
-    alloc.free(frame(123_456)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free(frame(123_456)) }.unwrap();
     assert_eq!(alloc.alloc(), Some(frame(123_456)));
 }
 
@@ -61,12 +62,19 @@ fn free_refuses_double_free_and_unmanaged_frames() {
     let mut alloc = build(&map, &mut storage);
     let taken = alloc.alloc().unwrap();
     let before = alloc.stats();
-    assert_eq!(alloc.free(frame(5)), Err(Error::FrameNotAllocated));
-    assert_eq!(alloc.free(frame(8)), Err(Error::FrameNotManaged));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free(frame(5)) },
+        Err(Error::FrameNotAllocated)
+    );
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { alloc.free(frame(8)) }, Err(Error::FrameNotManaged));
     assert_eq!(alloc.stats(), before);
     assert_eq!(alloc.is_free(taken), Ok(false));
-    alloc.free(taken).unwrap();
-    assert_eq!(alloc.free(taken), Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free(taken) }.unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { alloc.free(taken) }, Err(Error::FrameNotAllocated));
     assert_eq!(alloc.is_free(taken), Ok(true));
 }
 
@@ -113,12 +121,21 @@ fn free_bulk_is_all_or_nothing() {
     alloc.alloc_bulk(&mut held);
     let before = alloc.stats();
     let dup = [held[0], held[1], held[0]];
-    assert_eq!(alloc.free_bulk(&dup), Err(Error::FrameNotAllocated));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&dup) },
+        Err(Error::FrameNotAllocated)
+    );
     let unmanaged = [held[2], frame(1000)];
-    assert_eq!(alloc.free_bulk(&unmanaged), Err(Error::FrameNotManaged));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&unmanaged) },
+        Err(Error::FrameNotManaged)
+    );
     assert_eq!(alloc.stats(), before);
     assert!(held.iter().all(|f| alloc.is_free(*f) == Ok(false)));
-    alloc.free_bulk(&held).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free_bulk(&held) }.unwrap();
     assert_eq!(alloc.stats().used, 0);
 }
 
@@ -137,8 +154,13 @@ fn frames_sharing_a_bitmap_word_come_back_with_one_write_and_still_all_or_nothin
     let run: Vec<PhysFrame> = (70..300).map(frame).collect();
 
     // A run with one frame already free in the middle: refused, nothing freed.
-    alloc.free(frame(200)).unwrap();
-    assert_eq!(alloc.free_bulk(&run), Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free(frame(200)) }.unwrap();
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&run) },
+        Err(Error::FrameNotAllocated)
+    );
     assert_eq!(alloc.stats().free, free_before + 1);
     assert!(!alloc.is_free(frame(150)).unwrap() && !alloc.is_free(frame(250)).unwrap());
     alloc.alloc_contiguous(1, 1).unwrap(); // frame 0..: takes back the lowest free
@@ -146,15 +168,24 @@ fn frames_sharing_a_bitmap_word_come_back_with_one_write_and_still_all_or_nothin
 
     // Across the reserved frames: refused as unmanaged, nothing freed.
     let across: Vec<PhysFrame> = (40..70).map(frame).collect();
-    assert_eq!(alloc.free_bulk(&across), Err(Error::FrameNotManaged));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&across) },
+        Err(Error::FrameNotManaged)
+    );
     assert_eq!(alloc.stats().free, free_before);
 
     // Frames of one word, not consecutive, one listed twice: refused as a double free.
     let twice: Vec<PhysFrame> = [130, 133, 140, 133, 150].map(frame).to_vec();
-    assert_eq!(alloc.free_bulk(&twice), Err(Error::FrameNotAllocated));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&twice) },
+        Err(Error::FrameNotAllocated)
+    );
     assert_eq!(alloc.stats().free, free_before);
     let spread: Vec<PhysFrame> = [130, 133, 140, 150, 191, 192].map(frame).to_vec();
-    alloc.free_bulk(&spread).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free_bulk(&spread) }.unwrap();
     assert_eq!(alloc.stats().free, free_before + 6);
     assert!(spread.iter().all(|&f| alloc.is_free(f) == Ok(true)));
     assert_eq!(alloc.is_free(frame(131)), Ok(false));
@@ -164,11 +195,17 @@ fn frames_sharing_a_bitmap_word_come_back_with_one_write_and_still_all_or_nothin
     assert_eq!(alloc.stats().free, free_before);
 
     // The run, then the rest: every frame free again, and each handed out once more.
-    alloc.free_bulk(&run).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free_bulk(&run) }.unwrap();
     assert_eq!(alloc.stats().free, free_before + run.len() as u64);
-    assert_eq!(alloc.free_bulk(&run[5..7]), Err(Error::FrameNotAllocated));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free_bulk(&run[5..7]) },
+        Err(Error::FrameNotAllocated)
+    );
     let rest: Vec<PhysFrame> = all.iter().copied().filter(|f| !run.contains(f)).collect();
-    alloc.free_bulk(&rest).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { alloc.free_bulk(&rest) }.unwrap();
     let mut again = drain(&mut alloc);
     again.sort_unstable();
     let mut expected: Vec<u64> = all
@@ -246,12 +283,19 @@ fn locked_allocator_is_a_frame_source() {
     assert_eq!(source.alloc_frames(&mut many), 100);
     assert_eq!(locked.stats().used, 101);
     assert_eq!(
-        source.free_frames(&[many[0], many[0]]),
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { source.free_frames(&[many[0], many[0]]) },
         Err(Error::FrameNotAllocated)
     );
-    source.free_frames(&many).unwrap();
-    source.free_frame(one).unwrap();
-    assert_eq!(source.free_frame(one), Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { source.free_frames(&many) }.unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { source.free_frame(one) }.unwrap();
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { source.free_frame(one) },
+        Err(Error::FrameNotAllocated)
+    );
     assert_eq!(locked.stats().used, 0);
     assert_eq!(locked.alloc_contiguous(4, 4), Ok(frame(0)));
     assert_eq!(locked.alloc_from(frame(100)), Some(frame(100)));

@@ -58,7 +58,8 @@ fn reserved_wins_over_usable_and_rounds_outward() {
     let handed: Vec<u64> = drain(&mut alloc);
     let expected: Vec<u64> = (0..16).filter(|n| !(4..7).contains(n)).collect();
     assert_eq!(handed, expected);
-    assert_eq!(alloc.free(frame(5)), Err(Error::FrameNotManaged));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { alloc.free(frame(5)) }, Err(Error::FrameNotManaged));
     assert_eq!(alloc.is_free(frame(5)), Err(Error::FrameNotManaged));
 }
 
@@ -111,7 +112,8 @@ fn sparse_map_does_not_span_the_gap() {
         Err(Error::FrameNotManaged)
     );
     assert_eq!(
-        alloc.free(frame((high - M) / FRAME)),
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free(frame((high - M) / FRAME)) },
         Err(Error::FrameNotManaged)
     );
 }
@@ -179,7 +181,11 @@ fn from_memory_carves_bookkeeping_out_of_usable_frames() {
     assert_eq!(alloc.stats().total, usable - carved);
     let first_carved = frame(base / FRAME + 1);
     assert_eq!(alloc.is_free(first_carved), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.free(first_carved), Err(Error::FrameNotManaged));
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { alloc.free(first_carved) },
+        Err(Error::FrameNotManaged)
+    );
     let handed = drain(&mut alloc);
     assert_eq!(handed.len() as u64, usable - carved);
     assert_eq!(handed[0], base / FRAME + 1 + carved);
@@ -222,7 +228,8 @@ fn long_maps_of_touching_entries_are_merged_not_refused() {
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
     assert_eq!(alloc.stats().total, 600);
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 600);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 600);
 }
 
 #[test]
@@ -242,7 +249,8 @@ fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
         unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
     // The bookkeeping took frame 16, the first one not reclaimable.
     assert_eq!(alloc.is_free(frame(16)), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 16);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 16);
     assert_eq!(alloc.is_free(frame(0)), Ok(true));
     drop(ram);
 }

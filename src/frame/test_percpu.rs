@@ -142,12 +142,14 @@ fn a_frame_in_a_list_is_free_yet_every_second_free_of_it_is_refused() {
     assert_eq!(f, frame(0));
     for cpu in 0..2 {
         assert_eq!(
-            cpus.on(cpu, || frames.free(frame(1))),
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            cpus.on(cpu, || unsafe { frames.free(frame(1)) }),
             Err(Error::FrameNotAllocated)
         );
     }
     assert_eq!(frames.is_free(frame(1)), Ok(true));
-    cpus.on(0, || frames.free(f)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(0, || unsafe { frames.free(f) }).unwrap();
     let stats = frames.stats();
     assert_eq!(
         (stats.free, stats.used),
@@ -156,11 +158,23 @@ fn a_frame_in_a_list_is_free_yet_every_second_free_of_it_is_refused() {
     );
     assert_eq!(frames.is_free(f), Ok(true));
     let refused = Err(Error::FrameNotAllocated);
-    assert_eq!(cpus.on(1, || frames.free(f)), refused, "from another CPU");
-    assert_eq!(cpus.on(0, || frames.free(f)), refused, "from the same CPU");
-    assert_eq!(frames.free_bulk(&[f]), refused, "in bulk");
     assert_eq!(
-        frames.with_lock(|bitmap| bitmap.free(f)),
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        cpus.on(1, || unsafe { frames.free(f) }),
+        refused,
+        "from another CPU"
+    );
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        cpus.on(0, || unsafe { frames.free(f) }),
+        refused,
+        "from the same CPU"
+    );
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { frames.free_bulk(&[f]) }, refused, "in bulk");
+    assert_eq!(
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        frames.with_lock(|bitmap| unsafe { bitmap.free(f) }),
         refused,
         "under the lock"
     );
@@ -169,17 +183,22 @@ fn a_frame_in_a_list_is_free_yet_every_second_free_of_it_is_refused() {
     // Emptied into the bitmap, still refused, and handed out once.
     assert!(frames.drain_cpu_lists());
     assert_eq!(frames.cpu_list_frames(), 0);
-    assert_eq!(cpus.on(1, || frames.free(f)), refused);
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(cpus.on(1, || unsafe { frames.free(f) }), refused);
     let all = take_all(&frames, &cpus);
     assert_eq!(all.len() as u64, total);
     assert_eq!(all.iter().collect::<BTreeSet<_>>().len() as u64, total);
     // Frames freed on CPU 1 and freed again on CPU 0, in the list and out of it.
-    cpus.on(1, || all.iter().try_for_each(|&f| frames.free(f)))
-        .unwrap();
+    cpus.on(1, || {
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        all.iter().try_for_each(|&f| unsafe { frames.free(f) })
+    })
+    .unwrap();
     let listed = frames.cpu_list_frames() as usize;
     assert!(listed > CPU_LIST_FRAMES - CPU_LIST_BATCH && listed <= CPU_LIST_FRAMES);
     for &f in &all {
-        assert_eq!(cpus.on(0, || frames.free(f)), refused);
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        assert_eq!(cpus.on(0, || unsafe { frames.free(f) }), refused);
     }
     assert_eq!(frames.stats().free, total);
 }
@@ -190,7 +209,12 @@ fn unmanaged_frames_are_refused_as_without_lists() {
     let mut storage = storage();
     let frames = listed(&mut storage, &cpus);
     for f in [frame(64), frame(71), frame(280), frame(1 << 30)] {
-        assert_eq!(frames.free(f), Err(Error::FrameNotManaged), "{f:?}");
+        assert_eq!(
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free(f) },
+            Err(Error::FrameNotManaged),
+            "{f:?}"
+        );
     }
     assert_eq!(frames.stats().used, 0);
 }
@@ -216,7 +240,8 @@ fn lists_refill_and_spill_in_batches_and_counts_stay_exact() {
     assert_eq!(frames.cpu_list_frames(), CPU_LIST_BATCH as u64 - 1);
     let (second, held_off) = saves(&cpus, || frames.alloc().unwrap());
     assert_eq!(held_off, 1, "from the list: its hold alone");
-    let ((), held_off) = saves(&cpus, || frames.free(second).unwrap());
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    let ((), held_off) = saves(&cpus, || unsafe { frames.free(second) }.unwrap());
     assert_eq!(held_off, 1, "to the list: its hold alone");
     let mut held = vec![first];
     held.extend((0..100).map(|_| frames.alloc().unwrap()));
@@ -226,7 +251,8 @@ fn lists_refill_and_spill_in_batches_and_counts_stay_exact() {
     // Freeing fills the list to the top, then gives the oldest batch back.
     let mut listed_before = frames.cpu_list_frames() as usize;
     for (i, &f) in held.iter().enumerate() {
-        frames.free(f).unwrap();
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        unsafe { frames.free(f) }.unwrap();
         let listed = frames.cpu_list_frames() as usize;
         let expected = match listed_before {
             CPU_LIST_FRAMES => CPU_LIST_FRAMES - CPU_LIST_BATCH + 1,
@@ -248,7 +274,8 @@ fn running_dry_empties_the_callers_an_offline_cpus_and_online_cpus_lists() {
     // CPUs 1..4 take one frame each (their lists take a batch) and give it back.
     for cpu in 1..4 {
         let f = cpus.on(cpu, || frames.alloc()).unwrap();
-        cpus.on(cpu, || frames.free(f)).unwrap();
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        cpus.on(cpu, || unsafe { frames.free(f) }).unwrap();
     }
     assert_eq!(frames.cpu_list_frames(), 3 * CPU_LIST_BATCH as u64);
     cpus.online.store(0b0111, Ordering::SeqCst); // CPU 3 goes offline
@@ -267,7 +294,8 @@ fn without_work_on_other_cpus_an_online_list_is_emptied_at_its_next_call() {
     let frames = LockedFrameAllocator::with_cpus(bitmap, &cpus);
     let total = frames.stats().total;
     let f = cpus.on(1, || frames.alloc()).unwrap();
-    cpus.on(1, || frames.free(f)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(1, || unsafe { frames.free(f) }).unwrap();
     let first = take_all(&frames, &cpus);
     assert_eq!(
         first.len() as u64,
@@ -280,7 +308,8 @@ fn without_work_on_other_cpus_an_online_list_is_emptied_at_its_next_call() {
         "and still counted free"
     );
     // CPU 1's next call empties its list, as asked, before it frees into it.
-    cpus.on(1, || frames.free(first[0])).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(1, || unsafe { frames.free(first[0]) }).unwrap();
     assert_eq!(frames.cpu_list_frames(), 1);
     let rest = take_all(&frames, &cpus);
     assert_eq!(rest.len(), CPU_LIST_BATCH);
@@ -295,20 +324,25 @@ fn bulk_and_contiguous_allocations_empty_the_lists_before_they_come_up_short() {
     let frames = listed(&mut storage, &cpus);
     let total = frames.stats().total as usize;
     let f = cpus.on(1, || frames.alloc()).unwrap();
-    cpus.on(1, || frames.free(f)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(1, || unsafe { frames.free(f) }).unwrap();
     let mut out = vec![frame(0); total + 1];
     assert_eq!(frames.alloc_bulk(&mut out), total);
-    frames.free_bulk(&out[..total]).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_bulk(&out[..total]) }.unwrap();
     // A run of 64 free frames exists only once CPU 1's list is back in the bitmap.
     let g = cpus.on(1, || frames.alloc()).unwrap();
-    cpus.on(1, || frames.free(g)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(1, || unsafe { frames.free(g) }).unwrap();
     let mut rest = vec![frame(0); total - CPU_LIST_BATCH];
     assert_eq!(frames.alloc_bulk(&mut rest), rest.len());
     let run = frames.alloc_contiguous(CPU_LIST_BATCH as u64, 1).unwrap();
     assert_eq!(frames.stats().free, 0);
-    frames.free_bulk(&rest).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_bulk(&rest) }.unwrap();
     let run: Vec<PhysFrame> = (0..CPU_LIST_BATCH as u64).map(|i| run + i).collect();
-    frames.free_bulk(&run).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free_bulk(&run) }.unwrap();
     assert_eq!(frames.stats().free as usize, total);
 }
 
@@ -318,10 +352,12 @@ fn alloc_from_takes_the_hint_from_the_callers_list() {
     let mut storage = storage();
     let frames = listed(&mut storage, &cpus);
     let f = frames.alloc().unwrap();
-    frames.free(f).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free(f) }.unwrap();
     assert_eq!(frames.alloc_from(f), Some(f));
     assert_eq!(frames.is_free(f), Ok(false));
-    frames.free(f).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free(f) }.unwrap();
     // On another CPU's list, the hint is passed over: the next free frame comes.
     let other = cpus.on(1, || frames.alloc_from(f)).unwrap();
     assert_ne!(other, f);
@@ -339,14 +375,17 @@ fn an_nmi_at_every_irq_save_of_alloc_and_free_corrupts_nothing() {
     let held: &'static Mutex<Vec<PhysFrame>> = Box::leak(Box::new(Mutex::new(Vec::new())));
     let nmi = move || {
         if let Some(a) = frames.alloc() {
-            frames.free(a).unwrap();
-            assert_eq!(frames.free(a), Err(Error::FrameNotAllocated));
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free(a) }.unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            assert_eq!(unsafe { frames.free(a) }, Err(Error::FrameNotAllocated));
         }
         let mut held = held.lock().unwrap();
         held.extend(frames.alloc());
         if held.len() > 1 {
             let c = held.swap_remove(0);
-            frames.free(c).unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free(c) }.unwrap();
         }
     };
     // States of the list the outer call finds: empty (refill) on even rounds, full
@@ -366,7 +405,8 @@ fn an_nmi_at_every_irq_save_of_alloc_and_free_corrupts_nothing() {
             }
             *cpus.nmi.lock().unwrap() = Some((k, Box::new(nmi)));
             let g = held.lock().unwrap().swap_remove(0);
-            frames.free(g).unwrap();
+            // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+            unsafe { frames.free(g) }.unwrap();
             *cpus.nmi.lock().unwrap() = None;
         }
         if round % 8 == 7 {
@@ -377,7 +417,10 @@ fn an_nmi_at_every_irq_save_of_alloc_and_free_corrupts_nothing() {
         }
         if round % 8 == 3 {
             let all: Vec<PhysFrame> = held.lock().unwrap().drain(..).collect();
-            all.iter().try_for_each(|&f| frames.free(f)).unwrap();
+            all.iter()
+                // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+                .try_for_each(|&f| unsafe { frames.free(f) })
+                .unwrap();
         }
         let held = held.lock().unwrap();
         let distinct: BTreeSet<_> = held.iter().collect();
@@ -397,7 +440,8 @@ fn fill_list(frames: &LockedFrameAllocator) {
     assert!(frames.drain_cpu_lists());
     taken[..got]
         .iter()
-        .try_for_each(|&f| frames.free(f))
+        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+        .try_for_each(|&f| unsafe { frames.free(f) })
         .unwrap();
     assert_eq!(frames.cpu_list_frames(), got as u64);
 }
@@ -415,11 +459,15 @@ fn a_bitmap_swapped_inside_with_lock_detaches_the_lists() {
     assert_eq!(frames.stats().used, 0);
     let g = frames.alloc().unwrap();
     assert_eq!(frames.stats().used, 1);
-    frames.free(g).unwrap();
-    assert_eq!(frames.free(g), Err(Error::FrameNotAllocated));
-    assert_eq!(frames.free(f), Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    unsafe { frames.free(g) }.unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { frames.free(g) }, Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { frames.free(f) }, Err(Error::FrameNotAllocated));
     // The old allocator still takes its own frame back; its lists' are lost.
-    assert_eq!(old.free(f), Ok(()));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { old.free(f) }, Ok(()));
     assert_eq!(old.stats().used, CPU_LIST_BATCH as u64 - 1);
     let back = frames.into_inner();
     assert_eq!(back.stats().used, 0);
@@ -432,10 +480,13 @@ fn into_inner_gives_the_listed_frames_back() {
     let frames = listed(&mut storage, &cpus);
     let f = cpus.on(1, || frames.alloc()).unwrap();
     let g = cpus.on(0, || frames.alloc()).unwrap();
-    cpus.on(0, || frames.free(g)).unwrap();
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    cpus.on(0, || unsafe { frames.free(g) }).unwrap();
     let mut bitmap = frames.into_inner();
     assert_eq!(bitmap.stats().used, 1);
-    assert_eq!(bitmap.free(f), Ok(()));
-    assert_eq!(bitmap.free(g), Err(Error::FrameNotAllocated));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { bitmap.free(f) }, Ok(()));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { bitmap.free(g) }, Err(Error::FrameNotAllocated));
     assert_eq!(bitmap.stats().used, 0);
 }

@@ -33,7 +33,8 @@ fn reclaimable_memory_is_never_handed_out_before_it_is_reclaimed() {
     );
     assert!(!alloc.manages(frame(33), 1));
     assert_eq!(alloc.is_free(frame(9)), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.free(frame(9)), Err(Error::FrameNotManaged));
+    // SAFETY: frames the test took and no longer uses (or a bad free, refused).
+    assert_eq!(unsafe { alloc.free(frame(9)) }, Err(Error::FrameNotManaged));
 }
 
 #[test]
@@ -44,9 +45,11 @@ fn reclaim_hands_over_one_source_once_and_never_a_reserved_frame() {
     let before = alloc.stats();
     // Frame 8 is only partly ACPI's: the other part is usable, but a frame is
     // reclaimed only when wholly inside the range.
-    assert_eq!(alloc.reclaim(Reclaim::Acpi), 3);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Acpi) }, 3);
     assert_eq!(
-        alloc.reclaim(Reclaim::Acpi),
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim(Reclaim::Acpi) },
         0,
         "a second reclaim frees nothing"
     );
@@ -54,9 +57,11 @@ fn reclaim_hands_over_one_source_once_and_never_a_reserved_frame() {
     assert_eq!(alloc.stats().free, before.free + 3);
     assert_eq!(alloc.is_free(frame(9)), Ok(true));
     assert_eq!(alloc.is_free(frame(33)), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 7);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 7);
     assert_eq!(alloc.is_free(frame(35)), Err(Error::FrameNotManaged));
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 0);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 0);
     let handed = drain(&mut alloc);
     assert!(handed.contains(&9) && handed.contains(&39) && !handed.contains(&35));
     assert_eq!(handed.len() as u64, before.total + 10);
@@ -70,21 +75,38 @@ fn reclaim_range_checks_overlap_and_frees_nothing_twice() {
     let mut alloc = build(&map, &mut storage);
     let at = |f: u64| PhysAddr::new(f * FRAME);
     // Part of the boot-loader data: the rest waits.
-    assert_eq!(alloc.reclaim_range(at(32)..at(34)), Ok(2));
-    assert_eq!(alloc.reclaim_range(at(32)..at(34)), Err(Error::Overlap));
-    assert_eq!(alloc.reclaim_range(at(30)..at(34)), Err(Error::Overlap));
-    assert_eq!(alloc.reclaim_range(at(34)..at(33)), Err(Error::RangeWraps));
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim_range(at(32)..at(34)) }, Ok(2));
     assert_eq!(
-        alloc.reclaim_range(at(35)..at(36)),
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim_range(at(32)..at(34)) },
+        Err(Error::Overlap)
+    );
+    assert_eq!(
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim_range(at(30)..at(34)) },
+        Err(Error::Overlap)
+    );
+    assert_eq!(
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim_range(at(34)..at(33)) },
+        Err(Error::RangeWraps)
+    );
+    assert_eq!(
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim_range(at(35)..at(36)) },
         Err(Error::FrameNotManaged)
     );
     assert_eq!(
-        alloc.reclaim_range(at(100)..at(200)),
+        // SAFETY: a simulated map: nothing uses its reclaimable memory.
+        unsafe { alloc.reclaim_range(at(100)..at(200)) },
         Err(Error::FrameNotManaged)
     );
-    assert_eq!(alloc.reclaim_range(at(34)..at(34)), Ok(0));
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim_range(at(34)..at(34)) }, Ok(0));
     // The whole source: only what is left.
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 5);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 5);
     assert_eq!(alloc.is_free(frame(33)), Ok(true));
 }
 
@@ -99,8 +121,10 @@ fn a_frame_two_sources_claim_is_never_reclaimed_and_reserved_beats_reclaimable()
     ];
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
-    assert_eq!(alloc.reclaim(Reclaim::Acpi), 8);
-    assert_eq!(alloc.reclaim(Reclaim::Bootloader), 10);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Acpi) }, 8);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 10);
     assert_eq!(alloc.is_free(frame(18)), Err(Error::FrameNotManaged));
     assert_eq!(alloc.is_free(frame(45)), Err(Error::FrameNotManaged));
 }
@@ -115,7 +139,8 @@ fn reclaimable_memory_outside_usable_zones_gets_a_zone() {
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
     assert_eq!(alloc.stats().total, 64);
-    assert_eq!(alloc.reclaim(Reclaim::BootServices), 16);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 16);
     let handed = drain(&mut alloc);
     assert_eq!(handed.len(), 80);
     assert!(handed.contains(&((1 << 32) / FRAME + 15)));

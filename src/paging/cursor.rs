@@ -338,7 +338,8 @@ impl<'p, M: PhysMemory> TableStock<'p, M> {
         while let Some(frame) = self.pop() {
             // The frame came from `source` a moment ago; a source refusing it back
             // has nothing better to be told.
-            let _ = source.free_frame(frame);
+            // SAFETY: a table frame the stock took and never used.
+            let _ = unsafe { source.free_frame(frame) };
         }
     }
 }

@@ -213,12 +213,15 @@ impl<'a, F: FrameSource> Gather<'a, F> {
         }
         self.stale.flush(self.tlb);
         let held = &self.held[..self.len];
-        if !held.is_empty() && self.frames.free_frames(held).is_err() {
+        // SAFETY: the held frames are unmapped, and flushed from every TLB just above:
+        // nothing reaches them any more.
+        if !held.is_empty() && unsafe { self.frames.free_frames(held) }.is_err() {
             // Every frame here came from this source, which must take them back
             // (`FrameSource`'s contract). Should one be refused, free the rest one by
             // one rather than lose them all with it.
             for &frame in held {
-                let _ = self.frames.free_frame(frame);
+                // SAFETY: as above.
+                let _ = unsafe { self.frames.free_frame(frame) };
             }
         }
         self.len = 0;
@@ -268,13 +271,15 @@ unsafe impl<F: FrameSource> FrameSource for CountingFrames<'_, F> {
         self.net.set(self.net.get() + 1);
         Some(frame)
     }
-    fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
-        self.frames.free_frame(frame)?;
+    unsafe fn free_frame(&self, frame: PhysFrame<Size4KiB>) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frame(frame) }?;
         self.net.set(self.net.get() - 1);
         Ok(())
     }
-    fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
-        self.frames.free_frames(frames)?;
+    unsafe fn free_frames(&self, frames: &[PhysFrame<Size4KiB>]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frames(frames) }?;
         self.net.set(self.net.get() - frames.len() as i64);
         Ok(())
     }
@@ -306,10 +311,10 @@ mod test {
             fn alloc_frame(&self) -> Option<PhysFrame> {
                 None
             }
-            fn free_frame(&self, _: PhysFrame) -> Result<(), Error> {
+            unsafe fn free_frame(&self, _: PhysFrame) -> Result<(), Error> {
                 Ok(())
             }
-            fn free_frames(&self, _: &[PhysFrame]) -> Result<(), Error> {
+            unsafe fn free_frames(&self, _: &[PhysFrame]) -> Result<(), Error> {
                 Ok(())
             }
             fn manages(&self, _: PhysFrame, _: u64) -> bool {

@@ -58,10 +58,12 @@ unsafe impl FrameSource for Interrupting {
         self.interrupt_if_armed();
         self.frames.alloc_frames(out)
     }
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.frames.free_frame(frame)
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frame(frame) }
     }
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.frames.free_frames(frames)
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.frames.free_frames(frames) }
     }
 }

@@ -76,7 +76,8 @@ fn same_bytes(ctx: &Ctx, phys: &RecursivePhysMemory) -> Outcome {
         (seen, offset.add(1).read_volatile())
     };
     let leaf = leaf_entry(&ctx.phys, ctx.pml4, VirtAddr::from_ptr(window));
-    let freed = mm::frames().free_frame(frame);
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    let freed = unsafe { mm::frames().free_frame(frame) };
     ensure(
         seen == 0x5eed_0001,
         "the window does not show what the physical map wrote",

@@ -418,15 +418,17 @@ pub fn frame_double_free_refused(_ctx: &mut Ctx) -> Outcome {
     let mut pair = [PhysFrame::containing_address(x86_64::PhysAddr::zero()); 2];
     ensure(frames.alloc_bulk(&mut pair) == 2, "no two frames to free")?;
     let [once, twice] = pair;
-    frames
-        .free_frame(once)
-        .map_err(|_| "freeing an allocated frame failed")?;
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    unsafe { frames.free_frame(once) }.map_err(|_| "freeing an allocated frame failed")?;
     let stats = frames.stats();
-    let again = frames.free_frame(once);
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    let again = unsafe { frames.free_frame(once) };
     let unchanged = frames.stats() == stats && frames.is_free(once) == Ok(true);
-    let bulk = frames.free_frames(&[twice, twice]);
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    let bulk = unsafe { frames.free_frames(&[twice, twice]) };
     let none_freed = frames.is_free(twice) == Ok(false) && frames.stats() == stats;
-    let taken_back = frames.free_frames(&[twice]);
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    let taken_back = unsafe { frames.free_frames(&[twice]) };
     ensure(
         again == Err(Error::FrameNotAllocated),
         "a double free was not refused with FrameNotAllocated",

@@ -40,8 +40,8 @@ fn take_all_frames(held: &mut Vec<PhysFrame>) -> Outcome {
 }
 
 pub(super) fn free_all(frames: &[PhysFrame]) -> Outcome {
-    mm::frames()
-        .free_bulk(frames)
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    unsafe { mm::frames().free_bulk(frames) }
         .map_err(|_| "freeing frames the allocator handed out failed")
 }
 
@@ -102,7 +102,8 @@ pub fn vmalloc_large(ctx: &mut Ctx) -> Outcome {
     let mut freed = true;
     held.retain(|frame| {
         let even = (frame.start_address().as_u64() / PAGE as u64).is_multiple_of(2);
-        freed &= !even || mm::frames().free(*frame).is_ok();
+        // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+        freed &= !even || unsafe { mm::frames().free(*frame) }.is_ok();
         !even
     });
     let outcome =

@@ -77,17 +77,18 @@ unsafe impl FrameSource for PoisoningFrames {
         FrameSource::alloc_frame_2m(self.frames)
     }
 
-    fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+    unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
         self.frames.with_lock(|allocator| {
             if allocator.is_free(frame) == Ok(false) {
                 // SAFETY: allocated, and its owner is returning it.
                 unsafe { self.poison(frame) };
             }
-            allocator.free(frame)
+            // SAFETY: forwarded from the caller.
+            unsafe { allocator.free(frame) }
         })
     }
 
-    fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+    unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
         self.frames.with_lock(|allocator| {
             if frames
                 .iter()
@@ -98,7 +99,8 @@ unsafe impl FrameSource for PoisoningFrames {
                     unsafe { self.poison(frame) };
                 }
             }
-            allocator.free_bulk(frames)
+            // SAFETY: forwarded from the caller.
+            unsafe { allocator.free_bulk(frames) }
         })
     }
 

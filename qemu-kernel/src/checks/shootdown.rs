@@ -407,9 +407,8 @@ fn round(
         }
     });
     let frame: PhysFrame = reused.into_inner()?;
-    mm::frames()
-        .free(frame)
-        .map_err(|_| "the reused frame could not be freed")?;
+    // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+    unsafe { mm::frames().free(frame) }.map_err(|_| "the reused frame could not be freed")?;
     let landed = HOOK.nested_landed.load(Ordering::Acquire) > 0;
     let early = HOOK.early.load(Ordering::Acquire);
     ensure(

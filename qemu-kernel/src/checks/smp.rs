@@ -153,9 +153,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         _ => {}
     });
     if let Some(frame) = frame.lock().take() {
-        mm::frames()
-            .free(frame)
-            .map_err(|_| "the reused frame could not be freed")?;
+        // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
+        unsafe { mm::frames().free(frame) }.map_err(|_| "the reused frame could not be freed")?;
     }
     error.get()?;
     seen.into_inner()

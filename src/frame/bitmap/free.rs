@@ -17,7 +17,14 @@ impl BitmapFrameAllocator<'_> {
     /// it is free (in a CPU list of a
     /// [`LockedFrameAllocator`](crate::frame::LockedFrameAllocator) too). Nothing
     /// changes on error.
-    pub fn free(&mut self, frame: PhysFrame) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses or maps `frame` any more: the allocator hands it out again, and
+    /// its next owner writes it. A frame the allocator holds already (a double free)
+    /// or does not manage is refused with an error, which is safe; a free of a frame
+    /// handed out again since, to another owner, cannot be told from that owner's.
+    pub unsafe fn free(&mut self, frame: PhysFrame) -> Result<(), Error> {
         let (z, index) = self.locate(frame_number(frame))?;
         let zone = self.zones[z];
         if !zone.is_managed(self.bits, index) {
@@ -40,7 +47,11 @@ impl BitmapFrameAllocator<'_> {
     /// # Errors
     ///
     /// As [`free`](Self::free), for the first bad frame; nothing changes.
-    pub fn free_bulk(&mut self, frames: &[PhysFrame]) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free), for every frame of `frames`.
+    pub unsafe fn free_bulk(&mut self, frames: &[PhysFrame]) -> Result<(), Error> {
         let mut done = 0;
         while let Some(&frame) = frames.get(done) {
             let run = self.free_word_run(&frames[done..]);
@@ -48,7 +59,8 @@ impl BitmapFrameAllocator<'_> {
                 done += run;
                 continue;
             }
-            if let Err(error) = self.free(frame) {
+            // SAFETY: forwarded from the caller.
+            if let Err(error) = unsafe { self.free(frame) } {
                 self.retake(&frames[..done]);
                 return Err(error);
             }

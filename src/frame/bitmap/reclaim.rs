@@ -31,7 +31,13 @@ impl BitmapFrameAllocator<'_> {
     /// Only whole frames inside a reclaimable range are added, never one that the
     /// map also reserves, nor one that a reclaimable range of another source
     /// touches.
-    pub fn reclaim(&mut self, from: Reclaim) -> u64 {
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses what those frames hold any more (the boot loader's page tables
+    /// and stack, the boot information, ACPI tables the kernel still reads): the
+    /// allocator hands them out, and their owners write them.
+    pub unsafe fn reclaim(&mut self, from: Reclaim) -> u64 {
         let mut added = 0;
         for i in 0..self.pieces {
             let (span, source) = self.piece(i);
@@ -56,7 +62,14 @@ impl BitmapFrameAllocator<'_> {
     ///   the map, or reclaimed before (so nothing is freed twice);
     /// - [`Error::FrameNotManaged`] when `range` holds no frame still waiting to be
     ///   reclaimed (reserved memory, a hole, or nothing the map called reclaimable).
-    pub fn reclaim_range(&mut self, range: core::ops::Range<PhysAddr>) -> Result<u64, Error> {
+    ///
+    /// # Safety
+    ///
+    /// As [`reclaim`](Self::reclaim), for the frames of `range`.
+    pub unsafe fn reclaim_range(
+        &mut self,
+        range: core::ops::Range<PhysAddr>,
+    ) -> Result<u64, Error> {
         let (start, end) = (range.start.as_u64(), range.end.as_u64());
         if start > end {
             return Err(Error::RangeWraps);
