@@ -656,10 +656,16 @@ fn a_freed_large_block_is_kept_mapped_for_the_next_that_fits_and_shrink_gives_it
         heap.dealloc(aligned, layout(64 << 10, 2 << 20));
         assert_eq!(heap.stats().large_kept, (100 + 20 + 64) << 10);
 
+        // Aligned past a page: no kept block serves it, the 2 MiB-aligned one
+        // included (a move by `vrealloc` keeps the area's own alignment).
+        let aligned_again = heap.alloc(layout(64 << 10, 2 << 20));
+        assert_eq!(heap.stats().large_kept, (100 + 20 + 64) << 10);
+        heap.dealloc(aligned_again, layout(64 << 10, 2 << 20));
+
         // Past a quarter of the budget: never kept.
         let huge = heap.alloc(layout(CONFIG.large_cache / 4 + 1, 8));
         heap.dealloc(huge, layout(CONFIG.large_cache / 4 + 1, 8));
-        assert_eq!(vm.stats().areas, areas + 3);
+        assert_eq!(vm.stats().areas, areas + 4);
     }
     heap.shrink();
     vm.purge();
@@ -752,4 +758,87 @@ fn an_allocation_that_runs_out_of_frames_gets_the_kept_large_blocks_back_first()
             heap.dealloc(p, small);
         }
     }
+}
+
+#[test]
+fn a_kept_block_freed_again_through_another_heap_or_resized_is_refused() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    // Boxed: two heaps' per-CPU state outgrows a test thread's stack in debug builds.
+    let a = Box::new(KernelHeap::new(CONFIG));
+    let b = Box::new(KernelHeap::new(CONFIG));
+    a.init(&vm).unwrap();
+    b.init(&vm).unwrap();
+    let big = Layout::from_size_align(128 << 10, 8).unwrap();
+    // SAFETY: non-zero sizes; the second free and the resize of the freed block are
+    // deliberate misuse, which the heaps refuse.
+    unsafe {
+        let block = a.alloc(big);
+        a.dealloc(block, big);
+        let (kept_a, kept_b) = (a.stats(), b.stats());
+        b.dealloc(block, big);
+        assert_eq!(b.stats().refused_frees, kept_b.refused_frees + 1);
+        assert_eq!(b.stats().large_kept, 0, "B does not keep A's kept block");
+        assert!(a.realloc(block, big, 16 << 10).is_null());
+        assert!(a.realloc(block, big, 1 << 20).is_null());
+        let refused = vmalloc::heap::HeapStats {
+            refused_frees: kept_a.refused_frees + 2,
+            ..kept_a
+        };
+        assert_eq!(a.stats(), refused, "resizes of a kept block change nothing");
+        let (from_a, from_b) = (a.alloc(big), b.alloc(big));
+        assert_eq!(from_a, block, "A's kept block serves A, whole");
+        assert_ne!(from_b, block);
+        let area = vm.find_vm_area(VirtAddr::from_ptr(from_a)).unwrap();
+        assert!(area.size >= big.size() as u64);
+        a.dealloc(from_a, big);
+        b.dealloc(from_b, big);
+    }
+}
+
+#[test]
+fn kept_blocks_go_back_when_a_resize_runs_out_and_stay_when_a_request_is_impossible() {
+    let machine = machine(32 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig {
+        large_cache: 4 << 20,
+        ..CONFIG
+    });
+    heap.init(&vm).unwrap();
+    let layout = |size: usize, align: usize| Layout::from_size_align(size, align).unwrap();
+    let (large, small, grow) = (layout(1 << 20, 8), layout(2000, 8), layout(64 << 10, 8));
+    // SAFETY: non-zero sizes; every block is freed once with its layout.
+    unsafe {
+        let live = heap.alloc(grow);
+        let blocks: Vec<_> = (0..3).map(|_| heap.alloc(large)).collect();
+        let mut filled = Vec::new();
+        loop {
+            let p = heap.alloc(small);
+            if p.is_null() {
+                break;
+            }
+            filled.push(p);
+        }
+        for block in blocks {
+            heap.dealloc(block, large);
+        }
+        let kept = heap.stats().large_kept;
+        assert_eq!(kept, 3 << 20);
+        // Impossible requests: refused by vmalloc, the kept blocks stay.
+        let areas = vm.stats().areas;
+        assert!(heap.alloc(layout(64 << 10, 1 << 62)).is_null());
+        assert!(heap.alloc(layout(isize::MAX as usize / 2, 8)).is_null());
+        assert_eq!((heap.stats().large_kept, vm.stats().areas), (kept, areas));
+        // Growing past what is free: the kept blocks' frames serve it.
+        let grown = heap.realloc(live, grow, 2 << 20);
+        assert!(!grown.is_null(), "the kept blocks went back");
+        grown.write_bytes(1, 2 << 20);
+        heap.dealloc(grown, layout(2 << 20, 8));
+        for p in filled {
+            heap.dealloc(p, small);
+        }
+    }
+    assert_eq!(heap.stats().large_bytes, 0);
 }

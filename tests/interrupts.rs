@@ -411,10 +411,15 @@ fn a_frame_allocator_given_the_cpus_holds_interrupts_off_while_its_lock_is_held(
     let guarded = LockedFrameAllocator::with_cpus(bitmap, &machine);
     let cpu = machine.cpu(0);
     assert!(
-        plain.with_lock(|_| cpu.interrupts_enabled()),
+        // SAFETY: the closure leaves this allocator in place.
+        unsafe { plain.with_lock(|_| cpu.interrupts_enabled()) },
         "nothing held off"
     );
-    assert!(!guarded.with_lock(|_| cpu.interrupts_enabled()), "held off");
+    // SAFETY: the closure leaves this allocator in place.
+    assert!(
+        !unsafe { guarded.with_lock(|_| cpu.interrupts_enabled()) },
+        "held off"
+    );
     assert!(cpu.interrupts_enabled(), "and on again after the unlock");
     let frame = guarded.alloc().unwrap();
     // SAFETY: frames the test took and no longer uses (or a bad free, refused).

@@ -73,10 +73,13 @@ unsafe impl FrameSource for &'static Watched {
     }
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
         self.check();
-        self.frames.allocator().with_lock(|bitmap| {
-            let _ = self.machine.current();
-            bitmap.manages(first, count)
-        })
+        // SAFETY: the closure leaves this allocator in place.
+        unsafe {
+            self.frames.allocator().with_lock(|bitmap| {
+                let _ = self.machine.current();
+                bitmap.manages(first, count)
+            })
+        }
     }
 }
 

@@ -24,12 +24,26 @@ use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
 /// let mut early = EarlyFrames::new(map.iter().cloned())?;
 /// let table = early.allocate_frame().unwrap();
 /// assert_eq!(table.start_address().as_u64(), 0xfe000);
-/// let mut storage = vec![0; BitmapFrameAllocator::storage_words(early.map())];
-/// let mut frames = BitmapFrameAllocator::with_storage(early.map(), &mut storage)?;
+/// let map = early.map();
+/// let mut storage = vec![0; BitmapFrameAllocator::storage_words(map.clone())];
+/// let mut frames = BitmapFrameAllocator::with_storage(map, &mut storage)?;
 /// assert_eq!(frames.is_free(table), Err(vmalloc::Error::FrameNotManaged));
 /// # Ok::<(), vmalloc::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+///
+/// Not `Clone` (a copy would hand out the same frames again), and [`map`](Self::map)
+/// takes it, so no frame is handed out after the map that reserves them is made:
+///
+/// ```compile_fail,E0382
+/// use vmalloc::frame::{EarlyFrames, MemoryRegion};
+/// use x86_64::structures::paging::FrameAllocator;
+///
+/// let map = [MemoryRegion::usable(0, 1 << 20)];
+/// let mut early = EarlyFrames::new(map.iter().cloned()).unwrap();
+/// let reserved = early.map();
+/// let _ = early.allocate_frame();
+/// ```
+#[derive(Debug)]
 pub struct EarlyFrames<I> {
     map: I,
     /// The run frames are taken from; `[next, run.end)` is taken.
@@ -62,8 +76,9 @@ impl<I: Iterator<Item = MemoryRegion> + Clone> EarlyFrames<I> {
     }
 
     /// The map, followed by [`taken`](Self::taken): what to build the frame
-    /// allocator from.
-    pub fn map(&self) -> Chain<I, Once<MemoryRegion>> {
+    /// allocator from. It takes the `EarlyFrames`, so no frame is handed out that
+    /// the map does not reserve (clone the map to read it twice).
+    pub fn map(self) -> Chain<I, Once<MemoryRegion>> {
         self.map.clone().chain(core::iter::once(self.taken()))
     }
 }

@@ -160,10 +160,23 @@ impl<'a> LockedFrameAllocator<'a> {
     ///
     /// With CPU lists, `f` sees a frame in any CPU's list as allocated in the
     /// bitmap's counts, but as free to [`BitmapFrameAllocator::is_free`], and its
-    /// [`free`](BitmapFrameAllocator::free) refuses it. Should `f` put another
-    /// allocator in the place of this one, the lists stop being used, and the frames
-    /// they held are lost.
-    pub fn with_lock<R>(&self, f: impl FnOnce(&mut BitmapFrameAllocator<'a>) -> R) -> R {
+    /// [`free`](BitmapFrameAllocator::free) refuses it.
+    ///
+    /// # Safety
+    ///
+    /// `f` does not put another allocator in the place of this one (`*bitmap = ..`,
+    /// `mem::swap`, `mem::replace`): the frames this one handed out would be free in
+    /// the other, handed out again while their owners still use them. (Its `free`
+    /// and `reclaim` calls are `unsafe` on their own.) Safe code cannot call it:
+    ///
+    /// ```compile_fail,E0133
+    /// use vmalloc::frame::LockedFrameAllocator;
+    ///
+    /// fn swap_in(frames: &LockedFrameAllocator<'static>, other: &mut vmalloc::frame::BitmapFrameAllocator<'static>) {
+    ///     frames.with_lock(|bitmap| core::mem::swap(bitmap, other));
+    /// }
+    /// ```
+    pub unsafe fn with_lock<R>(&self, f: impl FnOnce(&mut BitmapFrameAllocator<'a>) -> R) -> R {
         self.locked(|bitmap| {
             let result = f(bitmap);
             if let Some(lists) = &self.lists {

@@ -300,8 +300,9 @@ fn early_frames_come_from_the_top_and_the_map_reserves_them() {
         early.taken(),
         MemoryRegion::reserved(105 * FRAME, 108 * FRAME)
     );
-    let mut storage = vec![0; BitmapFrameAllocator::storage_words(early.map())];
-    let mut alloc = BitmapFrameAllocator::with_storage(early.map(), &mut storage).unwrap();
+    let map = early.map();
+    let mut storage = vec![0; BitmapFrameAllocator::storage_words(map.clone())];
+    let mut alloc = BitmapFrameAllocator::with_storage(map, &mut storage).unwrap();
     let handed = drain(&mut alloc);
     assert!(handed.iter().all(|f| !taken.contains(f)));
     assert_eq!(handed.len(), 64 + 4);

@@ -172,13 +172,13 @@ fn a_frame_in_a_list_is_free_yet_every_second_free_of_it_is_refused() {
     );
     // SAFETY: frames the test took and no longer uses (or a bad free, refused).
     assert_eq!(unsafe { frames.free_bulk(&[f]) }, refused, "in bulk");
-    assert_eq!(
-        // SAFETY: frames the test took and no longer uses (or a bad free, refused).
-        frames.with_lock(|bitmap| unsafe { bitmap.free(f) }),
-        refused,
-        "under the lock"
-    );
-    assert_eq!(frames.with_lock(|bitmap| bitmap.is_free(f)), Ok(true));
+    // SAFETY: a frame the test no longer uses (a free the allocator refuses), and the
+    // closure leaves the allocator in place.
+    let under_lock = unsafe { frames.with_lock(|bitmap| bitmap.free(f)) };
+    assert_eq!(under_lock, refused, "under the lock");
+    // SAFETY: the closure leaves this allocator in place.
+    let free = unsafe { frames.with_lock(|bitmap| bitmap.is_free(f)) };
+    assert_eq!(free, Ok(true));
     assert_eq!(frames.stats(), stats, "nothing changed");
     // Emptied into the bitmap, still refused, and handed out once.
     assert!(frames.drain_cpu_lists());
@@ -453,7 +453,9 @@ fn a_bitmap_swapped_inside_with_lock_detaches_the_lists() {
     let frames = listed(&mut first, &cpus);
     let f = frames.alloc().unwrap();
     let replacement = BitmapFrameAllocator::with_storage(map(), &mut second).unwrap();
-    let mut old = frames.with_lock(|bitmap| core::mem::replace(bitmap, replacement));
+    // SAFETY: the swap is what is tested; the one frame handed out (`f`) is not
+    // used, and the old allocator is checked on its own below.
+    let mut old = unsafe { frames.with_lock(|bitmap| core::mem::replace(bitmap, replacement)) };
     // Everything goes to the new bitmap now; the old one's frames are not taken.
     assert_eq!(frames.cpu_list_frames(), CPU_LIST_BATCH as u64 - 1);
     assert_eq!(frames.stats().used, 0);

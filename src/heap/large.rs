@@ -18,7 +18,8 @@
 //! lets go of the cache's lock.
 
 use super::slab::Slabs;
-use super::{LARGE_TAG, lock_heap};
+use super::{KEPT_TAG, LARGE_TAG, lock_heap};
+use crate::PAGE_SIZE;
 use crate::vmalloc::VmallocOps;
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -184,43 +185,60 @@ impl LargeCache {
 /// What [`Slabs::keep_large`] did with a freed large block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Keep {
-    /// Kept for reuse.
-    Kept,
+    /// Kept for reuse, or given back to vmalloc at once (larger than the budget
+    /// allows): the free is done.
+    Taken,
     /// Kept already: a second free, refused.
-    Again,
-    /// Not kept (no budget, too large, or not an area the heap made): the caller
-    /// gives it back to vmalloc, which refuses an area that is not the heap's.
+    Refused,
+    /// Not taken (no budget, or no live large block of the heap's starts there): the
+    /// caller gives it back to vmalloc, which refuses what is not the heap's.
     Not,
 }
 
 impl Slabs {
-    /// A kept block that serves `layout`, if one fits (see the module documentation).
+    /// A kept block that serves `layout`, if one fits (see the module documentation),
+    /// tagged as the heap's live large block again. Blocks aligned beyond a page are
+    /// not served: a moving `vrealloc` keeps the area's own alignment.
     pub(super) fn reuse_large(
         &self,
         layout: Layout,
         budget: usize,
         vmalloc: &dyn VmallocOps,
     ) -> Option<NonNull<u8>> {
-        if budget == 0 {
+        if budget == 0 || layout.align() > PAGE_SIZE as usize {
             return None;
         }
-        let mut cache = self.large.lock(vmalloc);
-        if cache.bytes() == 0 {
-            return None;
+        loop {
+            let (start, _) = {
+                let mut cache = self.large.lock(vmalloc);
+                if cache.bytes() == 0 {
+                    return None;
+                }
+                cache.take(layout.size(), layout.align())?
+            };
+            if vmalloc.retag(start.as_ptr(), KEPT_TAG, LARGE_TAG).is_some() {
+                return Some(start);
+            }
+            // No longer a kept block (freed behind the heap's back): forgotten.
         }
-        cache
-            .take(layout.size(), layout.align())
-            .map(|(start, _)| start)
     }
 
-    /// Keeps freed large block `ptr` if `budget` bytes allow and its area is the
-    /// heap's; the oldest blocks it pushes out go back to vmalloc, after the cache's
-    /// lock is let go.
-    pub(super) fn keep_large(&self, ptr: *mut u8, budget: usize, vmalloc: &dyn VmallocOps) -> Keep {
-        if budget == 0 {
+    /// Keeps freed large block `ptr` (of `size` bytes requested) if `budget` allows
+    /// and it is a live large block of the heap's: tagged as kept first, in one step
+    /// under the manager's lock, so a second free of it finds no block of the heap's,
+    /// and of two racing frees one wins. The oldest blocks it pushes out go back to
+    /// vmalloc once the cache's lock is let go.
+    pub(super) fn keep_large(
+        &self,
+        ptr: *mut u8,
+        size: usize,
+        budget: usize,
+        vmalloc: &dyn VmallocOps,
+    ) -> Keep {
+        if size.next_multiple_of(PAGE_SIZE as usize) > budget / 4 {
             return Keep::Not;
         }
-        let Some(size) = vmalloc.area_size(ptr, LARGE_TAG) else {
+        let Some(size) = vmalloc.retag(ptr, LARGE_TAG, KEPT_TAG) else {
             return Keep::Not;
         };
         let mut released = Released::new();
@@ -230,12 +248,16 @@ impl Slabs {
             cache.release_aged(now, &mut released);
             cache.keep(ptr as usize, size, now, budget, &mut released)
         };
+        let keep = match kept {
+            Ok(()) => Keep::Taken,
+            Err(NotKept::Again) => Keep::Refused,
+            Err(NotKept::TooLarge) => {
+                released.push(ptr as usize);
+                Keep::Taken
+            }
+        };
         free_released(&released, vmalloc);
-        match kept {
-            Ok(()) => Keep::Kept,
-            Err(NotKept::Again) => Keep::Again,
-            Err(NotKept::TooLarge) => Keep::Not,
-        }
+        keep
     }
 
     /// Gives back the kept blocks that waited [`DECAY`] ticks by `now` (all of them
@@ -263,8 +285,8 @@ impl Slabs {
 fn free_released(released: &Released, vmalloc: &dyn VmallocOps) {
     for &start in released.starts() {
         // SAFETY: a block the heap kept after its free: the start of a live area it
-        // made, which nothing uses.
-        let _ = unsafe { vmalloc.vfree_tagged(start as *mut u8, LARGE_TAG) };
+        // made (tagged as kept), which nothing uses.
+        let _ = unsafe { vmalloc.vfree_tagged(start as *mut u8, KEPT_TAG) };
     }
 }
 

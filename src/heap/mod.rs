@@ -67,6 +67,8 @@ use slab::{SlabClassStats, Slabs};
 
 /// The tag of the heap's large blocks' areas: `dealloc` frees no other area.
 const LARGE_TAG: &str = "kernel heap large";
+/// The tag of the freed large blocks the heap keeps for reuse (`large.rs`).
+const KEPT_TAG: &str = "kernel heap large, kept";
 
 /// Sizes that shape a [`KernelHeap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +146,9 @@ pub struct HeapStats {
     /// ([`HeapConfig::large_cache`]); [`KernelHeap::shrink`] gives them back.
     pub large_kept: usize,
     /// Frees refused: a slab object freed again right after its free (the last one
-    /// its magazine took), or a large block's pointer that starts no area of the
-    /// heap's. A caller's bug the heap caught; a double free it does not catch is
+    /// its magazine took), or a large block's pointer that starts no live large
+    /// block of the heap's (another owner's area, a block the heap keeps after its
+    /// free); and resizes of such a pointer (`realloc` returns null). A caller's bug the heap caught; a double free it does not catch is
     /// undefined behaviour, as `GlobalAlloc` says.
     pub refused_frees: usize,
 }
@@ -203,6 +206,11 @@ pub struct KernelHeap<'a> {
     large_bytes: AtomicUsize,
     refused_frees: AtomicUsize,
     guarded: Guarded<'a>,
+}
+
+/// Whether a call failed for want of memory, which the kept large blocks may give.
+fn ran_dry(error: Error) -> bool {
+    matches!(error, Error::OutOfFrames | Error::OutOfVirtualSpace)
 }
 
 /// Takes one of the heap's locks with interrupts held off through the manager's
@@ -406,12 +414,21 @@ impl<'a> KernelHeap<'a> {
             tag: LARGE_TAG,
             ..VmOptions::default()
         };
-        let fresh = || vmalloc.vmalloc_with(layout.size(), &options).ok();
-        let block = (self.slabs)
+        let block = match self
+            .slabs
             .reuse_large(layout, self.config.large_cache, vmalloc)
-            .or_else(fresh)
-            // Out of memory: the kept blocks go back first.
-            .or_else(|| self.slabs.release_large(u64::MAX, vmalloc).then(fresh)?)?;
+        {
+            Some(block) => block,
+            None => match vmalloc.vmalloc_with(layout.size(), &options) {
+                Ok(block) => block,
+                // Out of memory: the kept blocks go back first. Input vmalloc refuses
+                // (an impossible size or alignment) changes nothing.
+                Err(error) if ran_dry(error) && self.slabs.release_large(u64::MAX, vmalloc) => {
+                    vmalloc.vmalloc_with(layout.size(), &options).ok()?
+                }
+                Err(_) => return None,
+            },
+        };
         self.large_blocks.fetch_add(1, Ordering::Relaxed);
         self.large_bytes.fetch_add(layout.size(), Ordering::Relaxed);
         Some(block)
@@ -424,13 +441,50 @@ impl<'a> KernelHeap<'a> {
     /// # Safety
     ///
     /// If `ptr` starts an area the heap made, the caller gives the block up.
-    unsafe fn free_large(&self, ptr: *mut u8, vmalloc: &dyn VmallocOps) -> bool {
-        match (self.slabs).keep_large(ptr, self.config.large_cache, vmalloc) {
-            Keep::Kept => true,
-            Keep::Again => false,
+    unsafe fn free_large(&self, ptr: *mut u8, size: usize, vmalloc: &dyn VmallocOps) -> bool {
+        match (self.slabs).keep_large(ptr, size, self.config.large_cache, vmalloc) {
+            Keep::Taken => true,
+            Keep::Refused => false,
             // SAFETY: as the caller promised; an area of another tag is refused.
             Keep::Not => unsafe { vmalloc.vfree_tagged(ptr, LARGE_TAG) }.is_ok(),
         }
+    }
+
+    /// Resizes large block `ptr`: its frames are remapped, not copied. A pointer that
+    /// starts no live large block of the heap's (a block it keeps after its free,
+    /// another owner's area) is refused: null, counted in `refused_frees`. Out of
+    /// memory, the kept blocks go back first.
+    ///
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::realloc`].
+    unsafe fn realloc_large(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+        vmalloc: &dyn VmallocOps,
+    ) -> *mut u8 {
+        if vmalloc.area_size(ptr, LARGE_TAG).is_none() {
+            self.refused_frees.fetch_add(1, Ordering::Relaxed);
+            return ptr::null_mut();
+        }
+        // SAFETY: the caller gives up `ptr` unless it comes back (GlobalAlloc's
+        // contract), and the block is a vmalloc area of its own.
+        let resized = match unsafe { vmalloc.vrealloc(ptr, new_size) } {
+            Err(error) if ran_dry(error) && self.slabs.release_large(u64::MAX, vmalloc) => {
+                // SAFETY: as above; the failed call changed nothing.
+                unsafe { vmalloc.vrealloc(ptr, new_size) }
+            }
+            resized => resized,
+        };
+        let Ok(moved) = resized else {
+            return ptr::null_mut();
+        };
+        let _ = (self.large_bytes).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bytes| {
+            Some(bytes.saturating_sub(layout.size()).saturating_add(new_size))
+        });
+        moved.as_ptr()
     }
 
     #[inline]
@@ -491,7 +545,7 @@ impl<'a> KernelHeap<'a> {
             }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
         // caller gives up.
-        } else if unsafe { self.free_large(ptr, backing.vmalloc) } {
+        } else if unsafe { self.free_large(ptr, layout.size(), backing.vmalloc) } {
             // Saturating: another heap's large block (same manager, same tag) must
             // not wrap this heap's counts.
             let less = |by: usize| move |count: usize| Some(count.saturating_sub(by));
@@ -537,17 +591,8 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
             } else if let Some(backing) = self.backing.get()
                 && new_size >= self.config.large_threshold
             {
-                // A large block: the frames are remapped, not copied.
-                // SAFETY: the caller gives up `ptr` unless it comes back (GlobalAlloc's
-                // contract), and the block is a vmalloc area of its own.
-                return match unsafe { backing.vmalloc.vrealloc(ptr, new_size) } {
-                    Ok(moved) => {
-                        self.large_bytes.fetch_add(new_size, Ordering::Relaxed);
-                        self.large_bytes.fetch_sub(layout.size(), Ordering::Relaxed);
-                        moved.as_ptr()
-                    }
-                    Err(_) => ptr::null_mut(),
-                };
+                // SAFETY: as `GlobalAlloc::realloc`'s caller promised.
+                return unsafe { self.realloc_large(ptr, layout, new_size, backing.vmalloc) };
             }
         }
         let Some(moved) = self.allocate(new_layout) else {

@@ -79,6 +79,28 @@ where
         (!area.data.dying).then(|| AreaInfo::new(area.start, area.size, &area.data))
     }
 
+    /// Gives the live `vmalloc` area that starts at `ptr` and carries tag `from`
+    /// the tag `to`, in one step under the lock; its usable bytes, or `None`
+    /// (nothing changes) for any other pointer. Areas of the per-CPU blocks carry no
+    /// tag.
+    pub(super) fn retag_area(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<u64> {
+        let start = VirtAddr::try_new(ptr as u64).ok()?;
+        if !matches!(self.blocks.locate(start.as_u64()), Located::Tree) {
+            return None;
+        }
+        let mut cx = self.lock();
+        let area = cx.inner().areas.find_containing(start)?;
+        let record = area.data;
+        if area.start != start || record.dying || record.kind != AreaKind::Vmalloc {
+            return None;
+        }
+        if record.tag != from {
+            return None;
+        }
+        cx.record_mut(start).tag = to;
+        Some(record.size)
+    }
+
     /// A `/proc/vmallocinfo`-style listing, one line per live area.
     pub fn info(&self) -> VmallocInfo<'_, F, M, T> {
         VmallocInfo { vmalloc: self }

@@ -36,8 +36,10 @@ use x86_64::structures::paging::PhysFrame;
 ///   `unmap_page` unmaps it, which flushes every CPU's TLB before it returns;
 /// - `vmap` maps the given frames in order and `ioremap` the given physical range,
 ///   each at a range nothing else uses, until `vunmap` or `iounmap`;
-/// - `area_size` answers only for the start of a live `vmalloc_with` area made with
-///   that tag, with its usable bytes, all mapped as that call mapped them;
+/// - `area_size` and `retag` answer only for the start of a live `vmalloc_with` area
+///   carrying that tag (made with it, or given it by `retag`), with its usable bytes,
+///   all mapped as that call mapped them; `retag` changes the tag of the area it
+///   answers for and of no other;
 /// - a call that fails leaves every block and mapping as it was;
 /// - `cpus`, when it answers, upholds [`Cpus`]'s contract for the CPUs that call.
 pub unsafe trait VmallocOps: Sync {
@@ -86,6 +88,17 @@ pub unsafe trait VmallocOps: Sync {
     /// exactly or `None`; the default knows of no area.
     fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
         let _ = (ptr, tag);
+        None
+    }
+
+    /// Gives the live `vmalloc_with` area that starts at `ptr` and carries tag
+    /// `from` the tag `to`, in one step, and returns its usable bytes; `None`
+    /// (nothing changes) for any other pointer. The kernel heap marks the large
+    /// blocks it keeps for reuse so: a second free of one, through any heap, finds no
+    /// area of the heap's tag and is refused, and of two racing frees one wins. The
+    /// default knows of no area (the heap then keeps none).
+    fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
+        let _ = (ptr, from, to);
         None
     }
 
@@ -269,6 +282,9 @@ where
         }
         // SAFETY: forwarded from the caller.
         unsafe { Vmalloc::vfree(self, ptr) }
+    }
+    fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
+        self.retag_area(ptr, from, to).map(|size| size as usize)
     }
     fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
         let start = x86_64::VirtAddr::try_new(ptr as u64).ok()?;

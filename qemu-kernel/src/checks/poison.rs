@@ -11,7 +11,7 @@ use crate::fault::probe_read;
 use crate::mm;
 use crate::smp::{self, on_each_cpu};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use vmalloc::frame::LockedFrameAllocator;
+use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator};
 use vmalloc::tlb::{InvlpgFlush, TlbFlush};
 use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{Error, FrameSource, OffsetPhysMemory, PhysMemory};
@@ -78,18 +78,20 @@ unsafe impl FrameSource for PoisoningFrames {
     }
 
     unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
-        self.frames.with_lock(|allocator| {
+        let poison_and_free = |allocator: &mut BitmapFrameAllocator<'_>| {
             if allocator.is_free(frame) == Ok(false) {
                 // SAFETY: allocated, and its owner is returning it.
                 unsafe { self.poison(frame) };
             }
             // SAFETY: forwarded from the caller.
             unsafe { allocator.free(frame) }
-        })
+        };
+        // SAFETY: the closure leaves this allocator in place.
+        unsafe { self.frames.with_lock(poison_and_free) }
     }
 
     unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        self.frames.with_lock(|allocator| {
+        let poison_and_free = |allocator: &mut BitmapFrameAllocator<'_>| {
             if frames
                 .iter()
                 .all(|&frame| allocator.is_free(frame) == Ok(false))
@@ -101,7 +103,9 @@ unsafe impl FrameSource for PoisoningFrames {
             }
             // SAFETY: forwarded from the caller.
             unsafe { allocator.free_bulk(frames) }
-        })
+        };
+        // SAFETY: the closure leaves this allocator in place.
+        unsafe { self.frames.with_lock(poison_and_free) }
     }
 
     fn manages(&self, first: PhysFrame, count: u64) -> bool {
