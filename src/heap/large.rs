@@ -7,8 +7,15 @@
 //! malloc keeps freed chunks. The heap keeps up to [`ENTRIES`] freed blocks, up to
 //! [`HeapConfig::large_cache`](super::HeapConfig::large_cache) bytes, mapped as they
 //! are, and serves a large allocation from the best fit among them: the smallest that
-//! holds it, aligned as asked, and no more than twice its size (a 16 KiB request does
-//! not pin a 256 KiB block).
+//! holds it and no more than twice its size (a 16 KiB request does not pin a 256 KiB
+//! block). Requests aligned beyond a page take a fresh area: a `vrealloc` that moves
+//! a block keeps its area's own alignment.
+//!
+//! A kept block stays a live area of the manager's, tagged `kernel heap large, kept`
+//! (the tag changes under the manager's lock, [`VmallocOps::retag`]): a second free
+//! of it, through this heap or another on the same manager, finds no large block of
+//! the heap's and is refused, as is a `realloc` of it, and of two frees racing for one
+//! block one wins.
 //!
 //! A block kept longer than [`DECAY`] ticks of the slabs' aging clock goes back to
 //! vmalloc (the heap working on small objects gives back large blocks it no longer
