@@ -842,3 +842,27 @@ fn kept_blocks_go_back_when_a_resize_runs_out_and_stay_when_a_request_is_impossi
     }
     assert_eq!(heap.stats().large_bytes, 0);
 }
+
+#[test]
+fn a_kvbox_whose_value_panics_in_drop_still_frees_its_block() {
+    struct PanicsOnDrop(#[allow(dead_code)] [u8; 64]);
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("the value's drop panics");
+        }
+    }
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let boxed = KVBox::new(&heap, PanicsOnDrop([0; 64])).unwrap();
+    assert_eq!(heap.stats().slab_objects, 1);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(boxed)));
+    assert!(unwound.is_err());
+    assert_eq!(
+        heap.stats().slab_objects,
+        0,
+        "freed while unwinding, as Box does"
+    );
+}

@@ -33,7 +33,8 @@ fn switch_to_the_kernel_heap() -> &'static Manager {
     let manager = scenarios::window_manager(machine, frames, machine);
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
-    GLOBAL.route(machine);
+    // SAFETY: the heap was initialised over this machine's window just above.
+    unsafe { GLOBAL.route(machine) };
     manager
 }
 

@@ -159,7 +159,7 @@ fn a_use_after_free_faults_until_the_slot_is_reused_and_names_both_sites() {
     assert_eq!(
         vm.stats().data_frames,
         data_frames - 1,
-        "the page's frame is back"
+        "the page is unmapped (its frame stays the slot's)"
     );
     // The translation this CPU cached is gone: the read faults.
     let (at, code) = fault_at(&machine, addr(object) + 8u64, Access::READ);
@@ -522,5 +522,39 @@ fn the_listing_totals_live_sampled_objects_per_site_and_blocks_per_kind() {
         }
         let info = heap.allocinfo(&mut table);
         assert!(info.sites().is_empty());
+    }
+}
+
+#[test]
+fn a_free_of_an_object_whose_slot_was_reused_says_where_it_points() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let reports = Reports::default();
+    let hook = reports.hook();
+    let heap = KernelHeap::new(sampling(1, 1));
+    heap.init(&vm).unwrap();
+    heap.set_report_hook(&hook);
+    let l = layout(32, 8);
+    // SAFETY: non-zero sizes; the second free of `a` is the bad free the pool refuses
+    // and reports.
+    unsafe {
+        let a = heap.alloc(l);
+        heap.dealloc(a, l);
+        // One slot: `b` takes it, at the other end of the page.
+        let b = heap.alloc(l);
+        assert!(heap.is_guarded(b) && a != b);
+        heap.dealloc(a, l);
+        let seen = reports.take();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].kind, ReportKind::InvalidFree);
+        let text = seen[0].to_string();
+        assert!(
+            text.contains(&format!("invalid free of {:#x}", a as usize))
+                && text.contains("in the page of a 32-byte heap object")
+                && !text.contains("inside"),
+            "{text}"
+        );
+        heap.dealloc(b, l);
     }
 }

@@ -49,7 +49,8 @@ fn build() -> &'static SimMachine {
 
 /// Builds the machine inside the process's first allocation, before `main`.
 #[global_allocator]
-static GLOBAL: RoutedHeap = RoutedHeap::building(&HEAP, build);
+// SAFETY: `build` initialises the heap over the machine it returns.
+static GLOBAL: RoutedHeap = unsafe { RoutedHeap::building(&HEAP, build) };
 
 #[test]
 fn a_machine_built_before_main_keeps_serving_its_window() {

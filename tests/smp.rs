@@ -475,3 +475,42 @@ fn no_frame_comes_back_while_any_cpu_still_reaches_it() {
         }
     });
 }
+
+#[test]
+fn finishing_another_shootdowns_ticket_returns_instead_of_waiting_forever() {
+    use vmalloc::tlb::{FlushBatch, FlushTicket};
+    watchdog("a foreign ticket", DEADLOCK_LIMIT, || {
+        let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+            vmalloc_sim::SimConfig::new(16 << 20).with_cpus(2),
+        )));
+        type Tlb = Shootdown<&'static SimMachine, &'static SimMachine>;
+        let a: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+        let b: &'static Tlb = Box::leak(Box::new(Shootdown::new(machine, machine)));
+        machine.set_ipi_handler(move || {
+            a.handle_ipi();
+            b.handle_ipi();
+        });
+        let stop = AtomicBool::new(false);
+        thread::scope(|scope| {
+            // CPU 1 takes its IPIs until the check is done.
+            scope.spawn(|| {
+                let cpu = machine.cpu(1);
+                cpu.enter();
+                while !stop.load(Ordering::Acquire) {
+                    cpu.poll();
+                    thread::yield_now();
+                }
+            });
+            machine.cpu(0).enter();
+            let mut ticket = FlushTicket::DONE;
+            a.start_flush(FlushBatch::All, &mut ticket);
+            let mut foreign = ticket;
+            assert!(!foreign.is_done());
+            a.finish_flush(&mut ticket);
+            // B never gave out that request number: nothing of B's to wait for.
+            b.finish_flush(&mut foreign);
+            assert!(foreign.is_done());
+            stop.store(true, Ordering::Release);
+        });
+    });
+}

@@ -29,7 +29,8 @@ const READY: u8 = 2;
 /// #[global_allocator]
 /// static GLOBAL: RoutedHeap = RoutedHeap::new(&HEAP);
 /// // in main: build the machine and its manager, HEAP.init(manager), then
-/// GLOBAL.route(machine);
+/// // SAFETY: the heap was initialised over this machine's window.
+/// unsafe { GLOBAL.route(machine) };
 /// ```
 pub struct RoutedHeap {
     heap: &'static KernelHeap<'static>,
@@ -61,8 +62,14 @@ impl RoutedHeap {
 
     /// Calls `build` inside the process's first allocation: it builds a machine
     /// with a host window, initialises `heap` over it and returns the machine,
-    /// whose window the heap then serves.
-    pub const fn building(
+    /// whose window the heap then serves. A `build` that panics aborts the process
+    /// (a global allocator must not unwind).
+    ///
+    /// # Safety
+    ///
+    /// `build` initialises `heap` over the machine it returns, as
+    /// [`route`](Self::route) requires.
+    pub const unsafe fn building(
         heap: &'static KernelHeap<'static>,
         build: fn() -> &'static SimMachine,
     ) -> Self {
@@ -84,7 +91,15 @@ impl RoutedHeap {
 
     /// New blocks come from the heap, which the caller initialised over
     /// `machine`'s host window (nothing if the machine has none).
-    pub fn route(&self, machine: &SimMachine) {
+    ///
+    /// # Safety
+    ///
+    /// The heap was initialised ([`KernelHeap::init`]) over a manager whose region
+    /// is `machine`'s host window: every block it hands out lies there, which is how
+    /// `dealloc` and `realloc` tell its blocks from the system allocator's. A later
+    /// call names the same machine (another window would send the heap's blocks to
+    /// the system allocator).
+    pub unsafe fn route(&self, machine: &SimMachine) {
         let Some((start, size)) = machine.host_window() else {
             return;
         };
@@ -114,7 +129,10 @@ impl RoutedHeap {
                 .compare_exchange(UNBUILT, BUILDING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            self.route(build());
+            // Unwinding out of a global allocator is undefined behaviour.
+            let machine = std::panic::catch_unwind(build).unwrap_or_else(|_| std::process::abort());
+            // SAFETY: `building`'s contract: `build` initialised the heap over it.
+            unsafe { self.route(machine) };
             state = self.state.load(Ordering::Acquire);
         }
         state == READY

@@ -97,15 +97,28 @@ impl<T> core::ops::DerefMut for KVBox<'_, T> {
 
 impl<T> Drop for KVBox<'_, T> {
     fn drop(&mut self) {
-        let layout = Layout::new::<T>();
-        // SAFETY: the `T` is valid and never used again; the block came from
-        // `allocate` with `layout` unless `T` is zero-sized.
-        unsafe {
-            self.ptr.as_ptr().drop_in_place();
-            if layout.size() != 0 {
-                self.heap.deallocate(self.ptr.as_ptr().cast(), layout);
+        /// Frees the block when dropped: after the value's `drop`, or while it
+        /// unwinds, as `Box<T>` does.
+        struct FreeBlock<'b, T> {
+            heap: &'b dyn Deallocate,
+            ptr: NonNull<T>,
+        }
+        impl<T> Drop for FreeBlock<'_, T> {
+            fn drop(&mut self) {
+                let layout = Layout::new::<T>();
+                if layout.size() != 0 {
+                    // SAFETY: the block came from `allocate` with `layout` and its
+                    // value is dropped (or dropping it unwound): nothing uses it.
+                    unsafe { self.heap.deallocate(self.ptr.as_ptr().cast(), layout) };
+                }
             }
         }
+        let _free = FreeBlock {
+            heap: self.heap,
+            ptr: self.ptr,
+        };
+        // SAFETY: the `T` is valid and never used again.
+        unsafe { self.ptr.as_ptr().drop_in_place() };
     }
 }
 

@@ -94,8 +94,9 @@ pub struct HeapConfig {
     pub sample_interval: u32,
     /// Slots of the guarded pool: how many sampled objects can be live at once,
     /// from 1 to [`guarded::pool::MAX_SLOTS`] (0 is taken as 1, more as the most).
-    /// The pool takes two pages of virtual space per slot, and a frame per live
-    /// object, made by the first sampled allocation.
+    /// The pool takes two pages of virtual space per slot, made by the first sampled
+    /// allocation, and a frame for each slot an object has used, which the slot
+    /// keeps (unmapped while it holds no object) for the pool's life.
     pub guarded_slots: usize,
     /// Bytes of freed large blocks the heap keeps mapped for the next large
     /// allocations that fit (see the [module documentation](self)); 0 gives each back to

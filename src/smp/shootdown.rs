@@ -241,6 +241,11 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
                 continue;
             };
             while !served(mailbox.done.load(Ordering::Acquire), tickets[cpu]) {
+                // A number this mailbox never gave out: another shootdown's ticket,
+                // which nothing here will serve (and no flush of this one waits).
+                if !served(mailbox.requested.load(Ordering::Acquire), tickets[cpu]) {
+                    break;
+                }
                 if !self.cpus.online().contains(cpu) {
                     left = left.with(cpu);
                     break;

@@ -219,11 +219,15 @@ impl fmt::Display for GuardedReport {
             (ReportKind::DoubleFree, Some(object)) => {
                 write!(f, "double free of {object}, freed again {}", self.site)
             }
-            (_, Some(object)) => write!(
-                f,
-                "invalid free of {:#x} {}: inside {object}",
-                self.ptr, self.site
-            ),
+            (_, Some(object)) => {
+                let inside = self.ptr.wrapping_sub(object.addr) < object.size;
+                let place = if inside { "inside" } else { "in the page of" };
+                write!(
+                    f,
+                    "invalid free of {:#x} {}: {place} {object}",
+                    self.ptr, self.site
+                )
+            }
             (_, None) => write!(
                 f,
                 "invalid free of {:#x} {}: no object of the guarded pool there",
