@@ -10,7 +10,7 @@ use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
 use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{FrameSource, PAGE_SIZE};
 use vmalloc_sim::scenarios;
-use vmalloc_sim::{Rng, SimConfig, SimMachine, SimPhys};
+use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use x86_64::VirtAddr;
 
 type SimVmalloc<'m, F> = Vmalloc<F, SimPhys<'m>, &'m SimMachine>;
@@ -719,8 +719,12 @@ fn kept_large_blocks_age_out_while_the_heap_works_on_small_objects() {
     assert_eq!(heap.stats().large_kept, 0, "idle long enough: given back");
 }
 
-#[test]
-fn an_allocation_that_runs_out_of_frames_gets_the_kept_large_blocks_back_first() {
+/// Runs `check` on a heap (keeping up to 4 MiB of large blocks) whose machine's
+/// frames are all taken by small blocks, with 3 MiB of freed 1 MiB blocks kept and
+/// a live 64 KiB block, which `check` may resize or free.
+fn with_memory_full_and_3_mib_kept(
+    check: impl FnOnce(&KernelHeap, &SimVmalloc<&SimFrames>, *mut u8),
+) {
     let machine = machine(32 << 20);
     let frames = machine.frames();
     let vm = manager(&machine, &frames);
@@ -733,31 +737,38 @@ fn an_allocation_that_runs_out_of_frames_gets_the_kept_large_blocks_back_first()
     let small = Layout::from_size_align(2000, 8).unwrap();
     // SAFETY: non-zero sizes; each block is freed once with its layout.
     unsafe {
+        let live = heap.alloc(Layout::from_size_align(64 << 10, 8).unwrap());
         let blocks: Vec<_> = (0..3).map(|_| heap.alloc(large)).collect();
-        assert!(blocks.iter().all(|block| !block.is_null()));
-        let mut filled = Vec::new();
-        loop {
-            let p = heap.alloc(small);
-            if p.is_null() {
-                break;
-            }
-            filled.push(p);
-        }
+        assert!(!live.is_null() && blocks.iter().all(|block| !block.is_null()));
+        let filled: Vec<_> =
+            std::iter::from_fn(|| Some(heap.alloc(small)).filter(|p| !p.is_null())).collect();
         for block in blocks {
             heap.dealloc(block, large);
         }
         assert_eq!(heap.stats().large_kept, 3 << 20);
-        // No kept block holds 2 MiB, and no free frame is left but theirs.
-        let big = Layout::from_size_align(2 << 20, 8).unwrap();
-        let block = heap.alloc(big);
-        assert!(!block.is_null(), "the kept blocks' frames serve it");
-        assert_eq!(heap.stats().large_kept, 0);
-        block.write_bytes(1, 2 << 20);
-        heap.dealloc(block, big);
+        check(&heap, &vm, live);
         for p in filled {
             heap.dealloc(p, small);
         }
     }
+    assert_eq!(heap.stats().large_bytes, 0);
+}
+
+#[test]
+fn an_allocation_that_runs_out_of_frames_gets_the_kept_large_blocks_back_first() {
+    with_memory_full_and_3_mib_kept(|heap, _, live| {
+        let big = Layout::from_size_align(2 << 20, 8).unwrap();
+        // SAFETY: a non-zero size; each block is freed once with its layout.
+        unsafe {
+            // No kept block holds 2 MiB, and no free frame is left but theirs.
+            let block = heap.alloc(big);
+            assert!(!block.is_null(), "the kept blocks' frames serve it");
+            assert_eq!(heap.stats().large_kept, 0);
+            block.write_bytes(1, 2 << 20);
+            heap.dealloc(block, big);
+            heap.dealloc(live, Layout::from_size_align(64 << 10, 8).unwrap());
+        }
+    });
 }
 
 #[test]
@@ -799,48 +810,22 @@ fn a_kept_block_freed_again_through_another_heap_or_resized_is_refused() {
 
 #[test]
 fn kept_blocks_go_back_when_a_resize_runs_out_and_stay_when_a_request_is_impossible() {
-    let machine = machine(32 << 20);
-    let frames = machine.frames();
-    let vm = manager(&machine, &frames);
-    let heap = KernelHeap::new(HeapConfig {
-        large_cache: 4 << 20,
-        ..CONFIG
+    with_memory_full_and_3_mib_kept(|heap, vm, live| {
+        let layout = |size: usize, align: usize| Layout::from_size_align(size, align).unwrap();
+        // SAFETY: non-zero sizes; each block is freed once with its layout.
+        unsafe {
+            // Impossible requests: refused by vmalloc, the kept blocks stay.
+            let (kept, areas) = (heap.stats().large_kept, vm.stats().areas);
+            assert!(heap.alloc(layout(64 << 10, 1 << 62)).is_null());
+            assert!(heap.alloc(layout(isize::MAX as usize / 2, 8)).is_null());
+            assert_eq!((heap.stats().large_kept, vm.stats().areas), (kept, areas));
+            // Growing past what is free: the kept blocks' frames serve it.
+            let grown = heap.realloc(live, layout(64 << 10, 8), 2 << 20);
+            assert!(!grown.is_null(), "the kept blocks went back");
+            grown.write_bytes(1, 2 << 20);
+            heap.dealloc(grown, layout(2 << 20, 8));
+        }
     });
-    heap.init(&vm).unwrap();
-    let layout = |size: usize, align: usize| Layout::from_size_align(size, align).unwrap();
-    let (large, small, grow) = (layout(1 << 20, 8), layout(2000, 8), layout(64 << 10, 8));
-    // SAFETY: non-zero sizes; every block is freed once with its layout.
-    unsafe {
-        let live = heap.alloc(grow);
-        let blocks: Vec<_> = (0..3).map(|_| heap.alloc(large)).collect();
-        let mut filled = Vec::new();
-        loop {
-            let p = heap.alloc(small);
-            if p.is_null() {
-                break;
-            }
-            filled.push(p);
-        }
-        for block in blocks {
-            heap.dealloc(block, large);
-        }
-        let kept = heap.stats().large_kept;
-        assert_eq!(kept, 3 << 20);
-        // Impossible requests: refused by vmalloc, the kept blocks stay.
-        let areas = vm.stats().areas;
-        assert!(heap.alloc(layout(64 << 10, 1 << 62)).is_null());
-        assert!(heap.alloc(layout(isize::MAX as usize / 2, 8)).is_null());
-        assert_eq!((heap.stats().large_kept, vm.stats().areas), (kept, areas));
-        // Growing past what is free: the kept blocks' frames serve it.
-        let grown = heap.realloc(live, grow, 2 << 20);
-        assert!(!grown.is_null(), "the kept blocks went back");
-        grown.write_bytes(1, 2 << 20);
-        heap.dealloc(grown, layout(2 << 20, 8));
-        for p in filled {
-            heap.dealloc(p, small);
-        }
-    }
-    assert_eq!(heap.stats().large_bytes, 0);
 }
 
 #[test]
