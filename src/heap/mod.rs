@@ -99,8 +99,9 @@ pub struct HeapConfig {
     /// keeps (unmapped while it holds no object) for the pool's life.
     pub guarded_slots: usize,
     /// Bytes of freed large blocks the heap keeps mapped for the next large
-    /// allocations that fit (see the [module documentation](self)); 0 gives each back to
-    /// vmalloc at its free. Blocks larger than a quarter of it are never kept.
+    /// allocations that fit (see the [module documentation](self)); 0 gives each
+    /// back to vmalloc at its free. Blocks larger than a quarter of it are never
+    /// kept.
     pub large_cache: usize,
 }
 
@@ -149,8 +150,9 @@ pub struct HeapStats {
     /// Frees refused: a slab object freed again right after its free (the last one
     /// its magazine took), or a large block's pointer that starts no live large
     /// block of the heap's (another owner's area, a block the heap keeps after its
-    /// free); and resizes of such a pointer (`realloc` returns null). A caller's bug the heap caught; a double free it does not catch is
-    /// undefined behaviour, as `GlobalAlloc` says.
+    /// free); and resizes of such a pointer (`realloc` returns null). A caller's bug
+    /// the heap caught; a double free it does not catch is undefined behaviour, as
+    /// `GlobalAlloc` says.
     pub refused_frees: usize,
 }
 
@@ -436,8 +438,9 @@ impl<'a> KernelHeap<'a> {
     }
 
     /// Frees large block `ptr`: kept mapped for reuse if the budget has room, else
-    /// given back to vmalloc. Refused (`false`, nothing changes) if its area is not
-    /// the heap's (its tag says) or the block is kept already (a second free).
+    /// given back to vmalloc. Refused (`false`, nothing changes) if it starts no live
+    /// large block of the heap's (the area's tag says): another owner's area, or a
+    /// block kept already (a second free).
     ///
     /// # Safety
     ///
