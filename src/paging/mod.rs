@@ -136,7 +136,10 @@ impl<M: PhysMemory> PageTables<M> {
     /// Maps `pages` to `frames`, in order, with leaf flags `flags | PRESENT`.
     ///
     /// Missing page tables come from `tables`. Nothing needs flushing: no translation
-    /// of a page that was not present can be cached.
+    /// of a page that was not present can be cached. Upper entries get the
+    /// `WRITABLE` and `USER_ACCESSIBLE` the leaves need, and lose nothing: an upper
+    /// entry with `NO_EXECUTE` (a boot loader's table) still forbids fetches from the
+    /// pages below it, whatever their leaves say.
     ///
     /// # Safety
     ///
@@ -356,7 +359,9 @@ impl<M: PhysMemory> PageTables<M> {
     }
 
     /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame
-    /// and its `ACCESSED` and `DIRTY` bits.
+    /// and its `ACCESSED` and `DIRTY` bits. As [`map`](Self::map), upper entries get
+    /// the `WRITABLE` and `USER_ACCESSIBLE` the leaves need and lose nothing: the
+    /// `NO_EXECUTE` of an upper entry this crate did not make still forbids fetches.
     ///
     /// # Errors
     ///
@@ -469,6 +474,11 @@ impl<M: PhysMemory> PageTables<M> {
             let flags = PageTableFlags::from_bits_retain(raw & !ADDR_MASK);
             if !flags.contains(PageTableFlags::PRESENT) {
                 return Err(Error::NotMapped);
+            }
+            // Reserved in a PML4 entry: the MMU faults there, as every range call
+            // refuses it.
+            if level == 0 && flags.contains(PageTableFlags::HUGE_PAGE) {
+                return Err(Error::HugePageInTheWay);
             }
             let leaf = level == 3 || (level > 0 && flags.contains(PageTableFlags::HUGE_PAGE));
             if leaf {

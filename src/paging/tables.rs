@@ -157,6 +157,7 @@ impl<M: PhysMemory> PageTables<M> {
             low: u64::MAX,
             high: 0,
             from_level,
+            path: [self.root.start_address().as_u64(); 3],
         };
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
@@ -171,7 +172,9 @@ impl<M: PhysMemory> PageTables<M> {
     }
 
     /// Unlinks the empty created tables below the entries of `table` (at `level`)
-    /// covering `[first, last]`, deepest first.
+    /// covering `[first, last]`, deepest first. An entry that leads back to a table
+    /// on the walk's own path (a recursive mapping's) is not followed: its "tables"
+    /// would be the walk's own, seen at the wrong level.
     fn free_below(
         &self,
         table: *mut PageTable,
@@ -190,10 +193,14 @@ impl<M: PhysMemory> PageTables<M> {
             // SAFETY: `entry` lies in a reachable table.
             let raw = unsafe { read(entry) };
             let flags = PageTableFlags::from_bits_retain(raw);
-            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            let child_frame = raw & ADDR_MASK;
+            if flags.contains(PageTableFlags::PRESENT)
+                && !flags.contains(PageTableFlags::HUGE_PAGE)
+                && !freed.path[..=level.min(2)].contains(&child_frame)
             {
-                let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
+                let child = table_at(&self.phys, PhysAddr::new(child_frame));
                 if level < 2 {
+                    freed.path[level + 1] = child_frame;
                     self.free_below(
                         child,
                         level + 1,
@@ -243,4 +250,7 @@ struct Freed {
     high: u64,
     /// Level of the shallowest parent whose entries may be cleared (0 = the root).
     from_level: usize,
+    /// Frames of the tables on the walk's path, by level (0 = the root); entries
+    /// past the current level are stale.
+    path: [u64; 3],
 }

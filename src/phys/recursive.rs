@@ -173,6 +173,9 @@ unsafe fn entry<'a>(entry: *mut u64) -> &'a AtomicU64 {
     unsafe { AtomicU64::from_ptr(entry) }
 }
 
+/// An address no access reaches: bit 63 set, bits 47 to 62 clear.
+const NON_CANONICAL: u64 = 1 << 63;
+
 // SAFETY: every address below `top` is reached at `window + p`, one mapping of the
 // physical address space, so frames never alias and a frame's start is 4 KiB-aligned;
 // its 2 MiB piece is mapped (writable) before the pointer is returned and never
@@ -181,10 +184,12 @@ unsafe fn entry<'a>(entry: *mut u64) -> &'a AtomicU64 {
 unsafe impl PhysMemory for RecursivePhysMemory {
     fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
         let addr = phys.as_u64();
-        let virt = (self.window() + addr).as_mut_ptr();
         if addr >= self.top {
-            return virt; // outside the contract: unmapped, so it faults
+            // Outside the contract: a non-canonical address, which faults however
+            // it is offset within its page.
+            return (NON_CANONICAL | (addr % crate::PAGE_SIZE)) as *mut u8;
         }
+        let virt = (self.window() + addr).as_mut_ptr();
         let pd = self.table(&[self.recursive, self.window, addr / Size1GiB::SIZE]);
         let slot = pd.wrapping_add((addr / Size2MiB::SIZE % ENTRIES) as usize);
         // SAFETY: `new` made every PD below `top`; the recursive mapping reaches it.
