@@ -163,3 +163,40 @@ fn a_zeroed_area_reads_zero_where_a_shrink_dropped_bytes() {
 fn back_of(data: &[u8]) -> Vec<u8> {
     vec![0; data.len()]
 }
+
+#[test]
+fn a_moving_vrealloc_keeps_the_caller_listings_name() {
+    let machine = machine();
+    let frames = machine.frames();
+    // The default configuration: small areas come from the per-CPU blocks.
+    let vm = manager(&machine, &frames, config(false));
+    let caller = |ptr: core::ptr::NonNull<u8>| {
+        let area = vm.find_vm_area(addr(ptr)).unwrap();
+        area.caller.map(|at| (at.file(), at.line()))
+    };
+    let (tree, block, block_to_block) = (
+        vm.vmalloc(20 * 4096).unwrap(),
+        vm.vmalloc(4 * 4096).unwrap(),
+        vm.vmalloc(2 * 4096).unwrap(),
+    );
+    let made_at = [caller(tree), caller(block), caller(block_to_block)];
+    assert!(
+        made_at
+            .iter()
+            .all(|at| at.is_some_and(|(file, _)| file.ends_with("vmalloc_realloc.rs")))
+    );
+    // SAFETY: each pointer is replaced by the one returned and not used again.
+    let moved = unsafe {
+        [
+            vm.vrealloc(tree.as_ptr(), 40 * 4096).unwrap(),
+            // Out of the blocks into the tree, and to another block area.
+            vm.vrealloc(block.as_ptr(), 24 * 4096).unwrap(),
+            vm.vrealloc(block_to_block.as_ptr(), 8 * 4096).unwrap(),
+        ]
+    };
+    assert_eq!(moved.map(caller), made_at);
+    for area in moved {
+        // SAFETY: live areas, freed once.
+        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+    }
+}

@@ -197,17 +197,29 @@ where
     /// for `WRITE | EXEC`.
     #[track_caller]
     pub fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
+        self.vmalloc_for(size, options, Location::caller())
+    }
+
+    /// [`vmalloc_with`](Self::vmalloc_with) on behalf of `caller`, whom listings
+    /// name (a `vrealloc` that moves an area keeps its caller).
+    pub(super) fn vmalloc_for(
+        &self,
+        size: usize,
+        options: &VmOptions,
+        caller: &'static Location<'static>,
+    ) -> Result<NonNull<u8>, Error> {
         let pages = self.pages_for(size as u64)?;
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
         let zero = options.flags.contains(VmFlags::ZERO);
         self.settle();
         if Self::fits_a_block(options)
-            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, Location::caller())
+            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, caller)
         {
             return Ok(ptr);
         }
-        let record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
+        let mut record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
+        record.caller = caller;
         if huge::wants_huge(size as u64, options) {
             return self.vmalloc_huge_area(record, pages, zero);
         }

@@ -285,7 +285,9 @@ where
             },
             ..VmOptions::default()
         };
-        let new = self.vmalloc_with(new_size, &options)?;
+        // The moved area keeps the caller that made it, as a tree area does.
+        let caller = block.caller(first).unwrap_or(Location::caller());
+        let new = self.vmalloc_for(new_size, &options, caller)?;
         let copied = self.copy_area(at, new.as_ptr() as u64, pages * PAGE_SIZE);
         let freed = copied.and_then(|()| self.free_in_block(at, true));
         if let Err(error) = freed {
