@@ -203,6 +203,13 @@ fn vmap_and_ioremap_owners_unmap_on_drop_and_bound_every_access() {
     assert_eq!(device.read::<u64>(usize::MAX), Err(Error::SizeTooLarge));
     assert_eq!(device.read::<u32>(2), Err(Error::Unaligned));
     assert_eq!(device.read::<u8>(63), Ok(0));
+    // Alignment is the register's address's: the mapping keeps `phys`'s offset.
+    // SAFETY: as above, the same reserved range.
+    let odd = unsafe { IoMapping::new(&vm, PhysAddr::new(0x20_0002), 64, CacheMode::Uncached) };
+    let odd = odd.unwrap();
+    assert_eq!(odd.read::<u32>(0), Err(Error::Unaligned));
+    assert!(odd.read::<u32>(2).is_ok(), "0x20_0004: aligned");
+    drop(odd);
     let at = VirtAddr::from_ptr(device.as_ptr());
     drop(device);
     assert!(

@@ -42,11 +42,10 @@
 //! What is not simulated: caching attributes (PWT, PCD and PAT are recorded in
 //! the translation and otherwise ignored; GLOBAL decides only which entries survive
 //! [`load_cr3`](SimMachine::load_cr3)), accessed and dirty bits (never set by the
-//! MMU, so tables change only when the code under test changes them), paging-structure
-//! caches (an upper-level change is seen at once by pages not in the TLB), protection
-//! keys, MAXPHYADDR checks, and per-CPU TLBs: there is one TLB shared by all threads,
-//! behind one lock held for the whole of each lookup-walk-fill, so a flush is never
-//! undone by a walk that was racing it. A table pointer outside the simulated memory
+//! MMU, so tables change only when the code under test changes them), protection
+//! keys and MAXPHYADDR checks. Each CPU's TLB and paging-structure cache sit behind
+//! one lock held for the whole of each lookup-walk-fill, so a flush is never undone
+//! by a walk that was racing it. A table pointer outside the simulated memory
 //! is a bug in the test and panics with a message saying where. Data bytes are copied
 //! with plain (non-atomic) copies: threads touching the same bytes at once race as
 //! they would in a kernel.

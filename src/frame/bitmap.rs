@@ -70,7 +70,9 @@ use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Si
 
 /// Most zones (disjoint bitmaps) one allocator keeps.
 pub const MAX_ZONES: usize = 16;
-/// Most entries a memory map may have.
+/// Most disjoint ranges of one kind (usable, reserved, each reclaimable source) a
+/// memory map may hold once touching and overlapping entries are merged; a map may
+/// have any number of entries.
 pub const MAX_MAP_REGIONS: usize = 128;
 /// Usable ranges closer than this many frames share one zone.
 pub const ZONE_GAP_FRAMES: u64 = 1 << 15;

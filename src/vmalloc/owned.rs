@@ -298,7 +298,9 @@ impl<'a> IoMapping<'a> {
     /// # Errors
     ///
     /// [`Error::SizeTooLarge`] if it does not lie within the mapping,
-    /// [`Error::Unaligned`] if `offset` is not aligned to the value's size.
+    /// [`Error::Unaligned`] if the register's address is not aligned to the value's
+    /// size: the mapping's start keeps the physical address's offset in its page, so
+    /// for a `phys` that is not itself aligned, an aligned `offset` is not enough.
     pub fn read<V: IoValue>(&self, offset: usize) -> Result<V, Error> {
         let at = self.at::<V>(offset)?;
         // SAFETY: inside the mapping, aligned; `new`'s caller vouched for accesses.
