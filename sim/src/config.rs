@@ -38,7 +38,10 @@ impl SimConfig {
         }
     }
 
-    /// The same configuration with `cpus` CPUs (see [`SimCpu`]).
+    /// The same configuration with `cpus` CPUs (see [`SimCpu`]). Every CPU starts
+    /// online, so a shootdown waits for each until a thread serves it (one that
+    /// [`enter`](SimCpu::enter)s it and takes its interrupts), or it goes offline:
+    /// take the CPUs no thread runs offline first ([`SimCpu::go_offline`]).
     pub const fn with_cpus(self, cpus: usize) -> Self {
         Self { cpus, ..self }
     }

@@ -283,8 +283,9 @@ impl SimMachine {
     /// If the memory size is below 16 MiB or not a multiple of 2 MiB, or too small
     /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory). If the
     /// host cannot allocate the block, the process aborts as for any allocation.
-    /// With a host window: if its size is not a positive multiple of 4 KiB, if the
-    /// host refuses the memfd or a mapping, or if 64 machines with windows exist.
+    /// With a host window: if its size is not a positive multiple of 4 KiB or is
+    /// above 32 TiB, if the host refuses the memfd or a mapping (a window the host
+    /// cannot reserve), or if 64 machines with windows exist.
     ///
     /// Also if `config.cpus` is 0 or above [`MAX_CPUS`](vmalloc::smp::MAX_CPUS).
     pub fn new(config: SimConfig) -> SimMachine {

@@ -297,6 +297,12 @@ impl SimMachine {
     ///
     /// The fault of the first page that cannot be read, at that page's first byte in
     /// the range (or `addr` itself for the first page).
+    ///
+    /// # Panics
+    ///
+    /// If a page of the range maps a frame outside the simulated memory (an MMIO
+    /// range an `ioremap` mapped, say: the machine has no device there), or a table
+    /// on the way lies outside it.
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
         self.copy_out(Access::READ, addr, buf)
     }
@@ -307,6 +313,10 @@ impl SimMachine {
     /// # Errors
     ///
     /// As [`read`](Self::read); on error no byte is written.
+    ///
+    /// # Panics
+    ///
+    /// As [`read`](Self::read).
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
         self.copy_in(Access::WRITE, addr, data)
     }
@@ -316,6 +326,10 @@ impl SimMachine {
     /// # Errors
     ///
     /// As [`read`](Self::read), with fetch permissions (NX) checked.
+    ///
+    /// # Panics
+    ///
+    /// As [`read`](Self::read).
     pub fn fetch(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
         self.copy_out(Access::FETCH, addr, buf)
     }
@@ -323,6 +337,10 @@ impl SimMachine {
     /// [`read`](Self::read) from user mode.
     ///
     /// # Errors
+    ///
+    /// As [`read`](Self::read).
+    ///
+    /// # Panics
     ///
     /// As [`read`](Self::read).
     pub fn read_user(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
@@ -334,6 +352,10 @@ impl SimMachine {
     /// # Errors
     ///
     /// As [`write`](Self::write).
+    ///
+    /// # Panics
+    ///
+    /// As [`read`](Self::read).
     pub fn write_user(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
         self.copy_in(Access::WRITE.user(), addr, data)
     }

@@ -33,14 +33,14 @@ impl SimPhys<'_> {
         self.host_range(addr, 1)
     }
 
-    /// The host pointer for `addr`, after checking that `len` bytes (at least one)
-    /// from there are inside the simulated memory.
+    /// The host pointer for `addr`, after checking that `len` bytes from there are
+    /// inside the simulated memory (an empty range may start at its end).
     pub(crate) fn host_range(&self, addr: PhysAddr, len: usize) -> *mut u8 {
         // Before the code under test can map a window page: see "The SIGSEGV
         // handler" in the module documentation.
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         crate::host::watch();
-        let end = addr.as_u64().checked_add(len.max(1) as u64);
+        let end = addr.as_u64().checked_add(len as u64);
         assert!(
             end.is_some_and(|end| end <= self.size),
             "physical range {:#x} + {len:#x} is outside the simulated memory ({:#x} bytes)",

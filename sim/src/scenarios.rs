@@ -19,6 +19,8 @@ pub type SmpTlb = Shootdown<&'static SimMachine, &'static SimMachine>;
 
 /// A machine made from `config`, its frames and a shootdown over its CPUs, all leaked
 /// (the IPI handler is `'static`); every CPU's IPI handler serves the shootdown.
+/// Every CPU starts online: a flush waits for each until a thread serves it or it
+/// goes offline (see [`SimConfig::with_cpus`]).
 pub fn smp_machine(
     config: SimConfig,
 ) -> (&'static SimMachine, &'static SimFrames, &'static SmpTlb) {

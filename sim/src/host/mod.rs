@@ -198,7 +198,8 @@ impl HostMemory {
     /// # Panics
     ///
     /// If `window_size` is zero or not a multiple of 4 KiB, if the host refuses the
-    /// memfd or a mapping, or if [`MAX_WINDOWS`] windows already exist.
+    /// memfd or a mapping, or if [`MAX_WINDOWS`] windows already exist; if it is
+    /// above [`MAX_WINDOW`].
     pub(super) fn new(
         memory_size: u64,
         window_size: u64,
@@ -208,6 +209,11 @@ impl HostMemory {
         assert!(
             window_size > 0 && window_size.is_multiple_of(PAGE),
             "host window size {window_size:#x} is not a positive multiple of 4 KiB"
+        );
+        assert!(
+            window_size <= MAX_WINDOW,
+            "host window size {window_size:#x} is above {MAX_WINDOW:#x} (a quarter of the \
+             host's address space)"
         );
         let (fd, memory) = shared_memory(memory_size);
         // The limit is read before the first window exists (`must_evict` needs it).
@@ -363,6 +369,10 @@ fn shared_memory(size: u64) -> (c_int, NonNull<u8>) {
         NonNull::new(memory.cast()).expect("mmap never returns null"),
     )
 }
+
+/// The largest host window: a quarter of the host's lower half, so reserving it
+/// (with its alignment padding) cannot overflow.
+pub(crate) const MAX_WINDOW: u64 = 1 << 45;
 
 /// Reserves `size` bytes at a `WINDOW_ALIGN` boundary: reserve more, trim the ends.
 fn reserve_aligned(size: u64) -> u64 {
