@@ -398,7 +398,8 @@ fn bench(c: &mut Criterion) {
             .with_host_window(4 << 30),
     );
     let frames = machine.frames();
-    let manager: Manager = scenarios::window_manager(&machine, &frames, &machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let manager: Manager = unsafe { scenarios::window_manager(&machine, &frames, &machine) };
     let config = HeapConfig {
         window: REGION,
         ..HeapConfig::DEFAULT

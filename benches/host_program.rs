@@ -69,7 +69,8 @@ fn build() {
             .with_host_window_by_mappings(),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let manager = scenarios::window_manager(machine, frames, machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let manager = unsafe { scenarios::window_manager(machine, frames, machine) };
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).expect("the heap's window");
     // Per-CPU magazines: host threads run as the CPU they entered, CPU 0 unless they

@@ -80,13 +80,16 @@ impl<'m> PeerVmalloc<'m> {
 fn vmalloc_vfree(c: &mut Criterion) {
     let machine = machine();
     let frames = fragmented_frames(&machine);
-    let default = manager(&machine, &frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let default = unsafe { manager(&machine, &frames, false) };
     let eager_machine = self::machine();
     let eager_frames = fragmented_frames(&eager_machine);
-    let eager = manager(&eager_machine, &eager_frames, true);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let eager = unsafe { manager(&eager_machine, &eager_frames, true) };
     let locked_machine = self::machine();
     let locked_frames = fragmented_frames(&locked_machine);
-    let locked = locked_manager(&locked_machine, &locked_frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let locked = unsafe { locked_manager(&locked_machine, &locked_frames, false) };
     let peer_machine = self::machine();
     let peer_frames = fragmented_frames(&peer_machine);
     let mut peer = PeerVmalloc::new(&peer_machine, &peer_frames);
@@ -153,7 +156,8 @@ fn huge_vzalloc(c: &mut Criterion) {
     const SIZE: usize = 64 << 20;
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames, false) };
     for zero in [true, false] {
         let name = if zero { "vzalloc_64m" } else { "vmalloc_64m" };
         let plain = VmOptions {
@@ -198,7 +202,8 @@ fn huge_vzalloc(c: &mut Criterion) {
 fn test_vmalloc_scenarios(c: &mut Criterion) {
     let machine = machine();
     let frames = fragmented_frames(&machine);
-    let vm = manager(&machine, &frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames, false) };
     let mut group = c.benchmark_group("test_vmalloc");
     group.bench_function("fix_size_alloc_1", |b| b.iter(|| fix_size_alloc(&vm, 1)));
     group.bench_function("fix_size_alloc_64", |b| b.iter(|| fix_size_alloc(&vm, 64)));
@@ -230,9 +235,11 @@ fn latency_with_live_areas(c: &mut Criterion) {
         let make = |machine: &'static SimMachine| {
             let frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(machine)));
             if caches {
-                manager(machine, frames, false)
+                // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+                unsafe { manager(machine, frames, false) }
             } else {
-                locked_manager(machine, frames, false)
+                // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+                unsafe { locked_manager(machine, frames, false) }
             }
         };
         let mut group = c.benchmark_group(group);
@@ -274,15 +281,18 @@ fn threads(c: &mut Criterion) {
     let machine = |cpus| SimConfig::new(1 << 30).with_cpus(cpus);
     let (smp, _, tlb) = smp_machine(machine(4));
     let smp_frames: &'static SimFrames = Box::leak(Box::new(fragmented_frames(smp)));
-    let shootdown = manager_with(smp, smp_frames, tlb, VmallocConfig::default());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let shootdown = unsafe { manager_with(smp, smp_frames, tlb, VmallocConfig::default()) };
     let leak = |config| -> (&'static SimMachine, &'static SimFrames) {
         let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(config)));
         (machine, Box::leak(Box::new(fragmented_frames(machine))))
     };
     let (local_machine, local_frames) = leak(machine(4));
-    let local_only = manager(local_machine, local_frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let local_only = unsafe { manager(local_machine, local_frames, false) };
     let (locked_machine, locked_frames) = leak(machine(4));
-    let locked = locked_manager(locked_machine, locked_frames, false);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let locked = unsafe { locked_manager(locked_machine, locked_frames, false) };
     let mut group = c.benchmark_group("vmalloc_threads");
     group.sample_size(10);
     for pages in [1u64, 16] {

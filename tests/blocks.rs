@@ -19,7 +19,8 @@ use x86_64::structures::paging::PhysFrame;
 #[test]
 fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let zone = zone(&vm);
     assert_eq!(vm.stats().block_zone_bytes, zone.end - zone.start);
     let ptr = vm.vmalloc(2 * PAGE).unwrap();
@@ -128,7 +129,8 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
 #[test]
 fn labelled_aligned_unguarded_and_large_requests_take_the_locked_path() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let zone = zone(&vm);
     let outside = |ptr: NonNull<u8>| !zone.contains(&(ptr.as_ptr() as u64));
     let labelled = VmOptions {
@@ -159,7 +161,8 @@ fn labelled_aligned_unguarded_and_large_requests_take_the_locked_path() {
 #[test]
 fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let ptr = vm.vzalloc(PAGE).unwrap();
     machine.write(addr(ptr), b"kept").unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -217,7 +220,8 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
 #[test]
 fn vfree_atomic_of_a_small_area_is_done_by_the_next_call() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let ptr = vm.vmalloc(PAGE).unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.vfree_atomic(ptr.as_ptr()) }.unwrap();
@@ -259,7 +263,8 @@ fn a_freed_range_comes_back_only_after_a_flush_and_then_does() {
         machine,
         flushes: 0.into(),
     }));
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let first = vm.vmalloc(PAGE).unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.vfree(first.as_ptr()) }.unwrap();
@@ -290,7 +295,8 @@ fn a_freed_range_comes_back_only_after_a_flush_and_then_does() {
 #[test]
 fn listings_show_the_zone_and_every_small_area_with_its_caller_in_address_order() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let zone = zone(&vm);
     let labelled = VmOptions {
         tag: "big",
@@ -343,7 +349,8 @@ fn listings_show_the_zone_and_every_small_area_with_its_caller_in_address_order(
 fn running_out_while_making_the_first_small_area_keeps_only_the_per_cpu_structures() {
     let (machine, frames, tlb) = smp_machine(1);
     for k in 0.. {
-        let vm = manager(machine, frames, tlb, cached());
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { manager(machine, frames, tlb, cached()) };
         let before = (vm.stats(), vm.areas().collect::<Vec<_>>());
         let mut held =
             vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize - k];
@@ -388,7 +395,8 @@ fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas()
         eager: true,
         ..cached()
     };
-    let vm = manager(machine, frames, tlb, config);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, config) };
     for pages in [2, 20] {
         let ptr = area_of(&vm, pages);
         machine.write(addr(ptr), b"cached").unwrap();
@@ -413,7 +421,8 @@ fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas()
 #[test]
 fn a_shrunk_block_area_reads_zero_where_it_grows_back_and_its_freed_pages_are_reused() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let ptr = vm.vzalloc(6 * PAGE).unwrap();
     machine.write(addr(ptr), &[0xee; 6 * PAGE]).unwrap();
     // SAFETY: the old pages past the new size are not used again.
@@ -454,7 +463,8 @@ fn a_shrunk_block_area_reads_zero_where_it_grows_back_and_its_freed_pages_are_re
 #[test]
 fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
     let (machine, frames, tlb) = smp_machine(1);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     for pages in [3, 30] {
         let ptr = area_of(&vm, pages);
         let interior = ptr.as_ptr().wrapping_add(8);

@@ -23,7 +23,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     frames: &'static SimFrames,
     tlb: T,
 ) -> Option<[u8; 8]> {
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let old = addr(vm.vmalloc(PAGE).unwrap());
     // The area after it keeps the old range a hole of two pages (the page and its
     // guard), where the 2-page areas below never fit: the frame, not the address,
@@ -98,7 +99,8 @@ fn running_out_empties_every_cpus_cache_before_failing() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(4);
-            let vm = manager(machine, frames, tlb, cached());
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, cached()) };
             // Each CPU leaves frames in its cache and freed areas on its lazy list.
             machine.on_every_cpu(|_| {
                 let areas: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
@@ -159,7 +161,8 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
         || {
             let (machine, frames, tlb) = smp_machine(4);
             let start = frames.stats().free;
-            let vm = manager(machine, frames, tlb, cached());
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, cached()) };
             let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
             machine.on_every_cpu(|cpu| {
                 let mut rng = Rng::new(cpu.index() as u64 + 11);
@@ -222,7 +225,8 @@ fn a_shrinking_vrealloc_returns_after_every_cpu_dropped_the_pages_for_block_and_
 
 fn shrink_on_two_cpus() {
     let (machine, frames, tlb) = smp_machine(2);
-    let vm = manager(machine, frames, tlb, cached());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
     for pages in [8, 24] {
         // The reader leaves the online set when it is done: back for this round.
         machine.cpu(1).go_online();
@@ -260,7 +264,8 @@ fn shrink_on_two_cpus() {
 fn four_cpus_stress_small_areas_allocating_freeing_resizing_and_purging_at_once() {
     watchdog("small-area stress", DEADLOCK_LIMIT, || {
         let (machine, frames, tlb) = smp_machine(4);
-        let vm = manager(machine, frames, tlb, cached());
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { manager(machine, frames, tlb, cached()) };
         let shared: Mutex<Vec<(usize, usize, u8)>> = Mutex::new(Vec::new());
         machine.on_every_cpu(|cpu| {
             let mut rng = Rng::new(cpu.index() as u64 * 7 + 3);
@@ -354,7 +359,8 @@ fn a_frame_in_a_flushing_half_of_the_lazy_list_waits_for_every_cpu() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(2);
-            let vm = manager(machine, frames, tlb, cached());
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, cached()) };
             let old = addr(vm.vmalloc(PAGE).unwrap());
             let frame = vm.vmalloc_to_frame(old).unwrap();
             let cached_by_1 = std::sync::Barrier::new(2);

@@ -27,7 +27,8 @@ fn fault(machine: &SimMachine, addr: VirtAddr, access: Access) -> (VirtAddr, Pag
 fn a_run_off_the_end_names_the_area_its_size_its_caller_and_the_guard_page() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let ring = VmOptions {
         tag: "net_rx_ring",
         ..VmOptions::default()
@@ -55,7 +56,8 @@ fn a_run_off_the_end_names_the_area_its_size_its_caller_and_the_guard_page() {
 fn a_freed_area_waiting_for_the_purge_is_a_use_after_free_and_after_it_is_gone() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let options = VmOptions {
         tag: "session",
         ..VmOptions::default()
@@ -86,7 +88,8 @@ fn a_freed_area_waiting_for_the_purge_is_a_use_after_free_and_after_it_is_gone()
 fn a_write_to_a_read_only_area_broke_its_protection() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let options = VmOptions {
         prot: Prot::READ,
         tag: "firmware_table",
@@ -125,7 +128,8 @@ fn a_write_to_a_read_only_area_broke_its_protection() {
 fn ioremap_areas_and_addresses_outside_any_area_are_told_apart() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     // SAFETY: a page past the machine's RAM, which nothing uses.
     let mmio = unsafe {
         vm.ioremap(
@@ -161,7 +165,8 @@ fn a_fault_that_interrupted_the_manager_is_told_busy_instead_of_deadlocking() {
     let machine: &'static SimMachine = Box::leak(Box::new(machine()));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
     let source = Interrupting::leak(frames);
-    let vm: &'static _ = Box::leak(Box::new(manager(machine, source)));
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm: &'static _ = Box::leak(Box::new(unsafe { manager(machine, source) }));
     // Areas of more than 16 pages are made under the manager's lock; a small one is
     // a per-CPU block's, whose diagnosis takes no lock.
     const PAGES: u64 = 20;

@@ -62,7 +62,8 @@ fn bursts(heap: &KernelHeap) {
 fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = scenarios::window_manager(&machine, &frames, &machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { scenarios::window_manager(&machine, &frames, &machine) };
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     bursts(&heap);
@@ -103,7 +104,8 @@ fn a_ring_of_small_blocks_ages_the_empty_slabs_out() {
 fn pairs_served_by_a_cpus_current_slab_age_the_empty_slabs_out() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = scenarios::window_manager(&machine, &frames, &machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { scenarios::window_manager(&machine, &frames, &machine) };
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     bursts(&heap);
@@ -132,7 +134,8 @@ fn a_fragmented_heap_holds_little_more_than_its_live_bytes_and_gives_it_all_back
     // 4 KiB); each step frees a random one and allocates one of a random size.
     let machine = machine();
     let frames = machine.frames();
-    let vm = scenarios::window_manager(&machine, &frames, &machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { scenarios::window_manager(&machine, &frames, &machine) };
     let heap = KernelHeap::new(HeapConfig::DEFAULT);
     heap.init(&vm).unwrap();
     let data_at_start = vm.stats().data_frames;

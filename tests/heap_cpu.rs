@@ -30,7 +30,8 @@ fn manager<F: FrameSource + Clone, T: TlbFlush>(
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'_>, T> {
-    scenarios::window_manager(machine, frames, tlb)
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    unsafe { scenarios::window_manager(machine, frames, tlb) }
 }
 
 const CONFIG: HeapConfig = HeapConfig {

@@ -30,7 +30,8 @@ fn switch_to_the_kernel_heap() -> &'static Manager {
             .with_host_window(4 << 30),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let manager = scenarios::window_manager(machine, frames, machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let manager = unsafe { scenarios::window_manager(machine, frames, machine) };
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
     // SAFETY: the heap was initialised over this machine's window just above.

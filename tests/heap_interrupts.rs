@@ -37,7 +37,8 @@ fn kernel(per_cpu: bool) -> &'static Kernel {
             .with_host_window(8 << 30),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let vm = scenarios::window_manager(machine, frames, machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { scenarios::window_manager(machine, frames, machine) };
     let vm: &'static Manager = Box::leak(Box::new(vm));
     let heap: &'static KernelHeap<'static> = Box::leak(Box::new(KernelHeap::new(HeapConfig {
         per_cpu,

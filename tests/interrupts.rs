@@ -289,7 +289,8 @@ fn vfree_atomic_never_waits_or_flushes_even_inside_a_purge_and_refuses_a_full_qu
             eager: true,
             ..VmallocConfig::default()
         };
-        let vm = vmalloc_sim::scenarios::manager_with(machine, frames, machine, config);
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { vmalloc_sim::scenarios::manager_with(machine, frames, machine, config) };
         let vm: &'static _ = Box::leak(Box::new(vm));
         let fill_the_queue = move |areas: &[usize]| {
             let before = flushes(machine);
@@ -343,7 +344,8 @@ fn every_call_drains_the_queued_frees_the_per_cpu_fast_paths_included() {
         cpu_caches: true,
         ..VmallocConfig::default()
     };
-    let vm = vmalloc_sim::scenarios::manager_with(machine, frames, machine, config);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { vmalloc_sim::scenarios::manager_with(machine, frames, machine, config) };
     // Each call returns the areas it made, which may take a queued area's place.
     type Call<'a> = (&'a str, Box<dyn Fn() -> Vec<NonNull<u8>> + 'a>);
     let small = vm.vmalloc(4096).unwrap();

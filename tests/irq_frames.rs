@@ -90,7 +90,8 @@ fn kernel() -> (&'static Watched, &'static Manager) {
         SimConfig::new(128 << 20).with_cpus(2),
     )));
     let frames = Watched::new(machine);
-    let vm = scenarios::manager_with(machine, frames, machine, VmallocConfig::default());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { scenarios::manager_with(machine, frames, machine, VmallocConfig::default()) };
     // No handler can reach a manager still being made: only its calls count.
     frames.with_interrupts_on.store(0, Ordering::Relaxed);
     (frames, Box::leak(Box::new(vm)))

@@ -40,7 +40,8 @@ fn build() -> &'static SimMachine {
             .with_host_window(4 << 30),
     )));
     let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
-    let manager = scenarios::window_manager(machine, frames, machine);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let manager = unsafe { scenarios::window_manager(machine, frames, machine) };
     let manager: &'static Manager = Box::leak(Box::new(manager));
     HEAP.init(manager).unwrap();
     let _ = MACHINE.set(machine);

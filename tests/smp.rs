@@ -23,15 +23,18 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(4, true);
-            let vm = manager(
-                machine,
-                frames,
-                tlb,
-                VmallocConfig {
-                    lazy_threshold_pages: 64,
-                    ..VmallocConfig::default()
-                },
-            );
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe {
+                manager(
+                    machine,
+                    frames,
+                    tlb,
+                    VmallocConfig {
+                        lazy_threshold_pages: 64,
+                        ..VmallocConfig::default()
+                    },
+                )
+            };
             machine.on_every_cpu(|cpu| {
                 let mut rng = Rng::new(cpu.index() as u64 + 1);
                 let mut live: Vec<(std::ptr::NonNull<u8>, usize, u8)> = Vec::new();
@@ -162,7 +165,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         cpu_caches: false,
         ..VmallocConfig::default()
     };
-    let vm = manager(machine, frames, tlb, tree);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, tree) };
     let old = addr(vm.vmalloc(4096).unwrap());
     let (seen, (new, hole)) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
@@ -281,17 +285,21 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(2, false);
-            let low = manager(machine, frames, tlb, VmallocConfig::default());
-            let high = manager(
-                machine,
-                frames,
-                tlb,
-                VmallocConfig {
-                    start: VirtAddr::new(0xffff_e000_0000_0000),
-                    size: 1 << 40,
-                    ..VmallocConfig::default()
-                },
-            );
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let low = unsafe { manager(machine, frames, tlb, VmallocConfig::default()) };
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let high = unsafe {
+                manager(
+                    machine,
+                    frames,
+                    tlb,
+                    VmallocConfig {
+                        start: VirtAddr::new(0xffff_e000_0000_0000),
+                        size: 1 << 40,
+                        ..VmallocConfig::default()
+                    },
+                )
+            };
             let managers = [&low, &high];
             machine.on_every_cpu(|cpu| {
                 let vm = managers[cpu.index()];
@@ -318,7 +326,8 @@ fn a_purge_of_many_ranges_is_one_shootdown_that_reaches_every_range() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(2, false);
-            let vm = manager(machine, frames, tlb, VmallocConfig::default());
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, VmallocConfig::default()) };
             // Labelled areas come from the tree; every second one stays, so the
             // freed ones are ten ranges and no page table empties.
             let tagged = VmOptions {

@@ -171,7 +171,8 @@ fn a_cpu_waiting_for_the_heap_lock_serves_the_shootdown_its_holder_started() {
                 // A slab-sized block (the class's lock) and a list-sized one (the list's).
                 for size in [64, 5000] {
                     machine.cpu(1).go_online();
-                    let vm = manager(machine, frames, tlb, config);
+                    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+                    let vm = unsafe { manager(machine, frames, tlb, config) };
                     let inside = AtomicBool::new(false);
                     let ops = ShootsWhilePopulating {
                         vm: &vm,

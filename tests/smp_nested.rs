@@ -113,7 +113,8 @@ fn completes_before_the_target_flushed<T: ServesIpis + 'static>(
     frames: &'static SimFrames,
     tlb: &'static T,
 ) -> bool {
-    let vm = manager(machine, frames, machine, VmallocConfig::default());
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, machine, VmallocConfig::default()) };
     let area = addr(vm.vmalloc(2 * 4096).unwrap());
     let (r1, r2) = (
         Page::containing_address(area),

@@ -24,7 +24,8 @@ type FaultSiteInput = (VirtAddr, x86_64::structures::idt::PageFaultErrorCode);
 fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let own = |vm: &Vmalloc<_, _, _>| {
         let stats = vm.stats();
         (stats.page_table_frames + stats.bookkeeping_frames) as i64
@@ -98,7 +99,8 @@ fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
 fn bad_sizes_are_refused_and_change_nothing() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let before = vm.stats();
     assert_eq!(vm.alloc_stack(0).err(), Some(Error::ZeroSize));
     assert_eq!(vm.alloc_stack(4096).err(), Some(Error::BadAlignment));
@@ -140,7 +142,8 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
                 SimConfig::new(64 << 20).with_cpus(2).with_scatter_seed(4),
             )));
             let frames = machine.frames();
-            let vm = manager(machine, &frames);
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm = unsafe { manager(machine, &frames) };
             let cache = StackCache::new(machine);
             machine.cpu(0).enter();
             let stack = cache.alloc(&vm, 16 << 10).unwrap();
@@ -195,7 +198,8 @@ fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_
     let machine = machine();
     let frames = machine.frames();
     let cache = StackCache::new(&machine);
-    let first = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let first = unsafe { manager(&machine, &frames) };
     let parked = cache.alloc(&first, 16 << 10).unwrap();
     let base = parked.base();
     drop(parked);
@@ -203,7 +207,8 @@ fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_
     drop(first);
 
     // A new manager over the same region makes a stack where the parked one was.
-    let second = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let second = unsafe { manager(&machine, &frames) };
     let live = second.alloc_stack(16 << 10).unwrap();
     assert_eq!(
         live.base(),

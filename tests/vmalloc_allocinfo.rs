@@ -24,7 +24,8 @@ fn here(line: u32) -> String {
 fn sites_are_totalled_and_listed_largest_first() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let mut small = Vec::new();
     let mut small_line = 0;
     for _ in 0..3 {
@@ -92,7 +93,8 @@ fn sites_are_totalled_and_listed_largest_first() {
 fn sites_past_the_table_are_summed_in_one_line() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let _a = vm.vmalloc(PAGE).unwrap();
     let _b = vm.vmalloc(2 * PAGE).unwrap();
     let _c = vm.vmalloc(3 * PAGE).unwrap();
@@ -135,7 +137,8 @@ fn the_formatter_may_call_the_manager() {
     watchdog("the_formatter_may_call_the_manager", DEADLOCK_LIMIT, || {
         let machine = machine();
         let frames = machine.frames();
-        let vm = vmalloc_sim::scenarios::manager(&machine, &frames, false);
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { vmalloc_sim::scenarios::manager(&machine, &frames, false) };
         let areas: Vec<_> = (0..40).map(|i| vm.vmalloc((1 + i % 3) * PAGE)).collect();
         let line = line!() - 1;
         let mut table = vec![SiteUsage::EMPTY; 4];

@@ -601,7 +601,8 @@ fn run_on_cpus(ops: Vec<(usize, Op)>, eager: bool) {
     let world = std::sync::Mutex::new(Some(World {
         machine,
         frames,
-        vm: manager_with(machine, frames, tlb, config),
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        vm: unsafe { manager_with(machine, frames, tlb, config) },
         live: BTreeMap::new(),
         freed: Vec::new(),
         held_for_vmap: 0,

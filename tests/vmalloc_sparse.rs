@@ -35,7 +35,8 @@ fn faults(machine: &SimMachine, addr: VirtAddr) -> bool {
 fn a_page_mapped_alone_reads_and_writes_and_its_neighbours_fault() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(5 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 3).unwrap();
     machine.write(page(area, 3) + 100u64, b"in page 3").unwrap();
@@ -57,7 +58,8 @@ fn a_page_mapped_alone_reads_and_writes_and_its_neighbours_fault() {
 fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let free = frames.stats().free;
     let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 1).unwrap();
@@ -97,7 +99,8 @@ fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
 fn bad_calls_are_refused_and_change_nothing() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(2 * PAGE, &options()).unwrap();
     let reserved = vm.reserve(2 * PAGE, &options()).unwrap();
     let plain = vm.vmalloc(PAGE).unwrap();
@@ -134,7 +137,8 @@ fn freeing_the_area_or_dropping_the_manager_gives_every_frame_back() {
     let frames = machine.frames();
     let free = frames.stats().free;
     {
-        let vm = manager(&machine, &frames);
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { manager(&machine, &frames) };
         let area = vm.reserve_sparse(64 * PAGE, &options()).unwrap();
         for index in [0, 7, 8, 33, 63] {
             vm.map_page(area.as_ptr(), index).unwrap();
@@ -164,7 +168,9 @@ fn unmapping_a_page_drops_it_from_every_cpus_tlb() {
         || {
             let (machine, frames, tlb) =
                 scenarios::smp_machine(SimConfig::new(64 << 20).with_cpus(2));
-            let vm: Vmalloc<_, _, _> = manager_with(machine, frames, tlb, VmallocConfig::default());
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            let vm: Vmalloc<_, _, _> =
+                unsafe { manager_with(machine, frames, tlb, VmallocConfig::default()) };
             let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
             vm.map_page(area.as_ptr(), 1).unwrap();
             machine.write(page(area, 1), b"SHARED!!").unwrap();
@@ -183,7 +189,8 @@ fn unmapping_a_page_drops_it_from_every_cpus_tlb() {
 fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_allocator() {
     let machine = machine();
     let frames = machine.frames();
-    let vm = manager(&machine, &frames);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 5).unwrap();
     machine.write(page(area, 5), b"object 1").unwrap();
@@ -232,7 +239,8 @@ fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_fre
     let frames = machine.frames();
     let free = frames.stats().free;
     {
-        let vm = manager(&machine, &frames);
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let vm = unsafe { manager(&machine, &frames) };
         let zeroing = VmOptions {
             flags: VmFlags::ZERO,
             ..options()

@@ -31,35 +31,45 @@ pub fn smp_machine(
     (machine, frames, tlb)
 }
 
-/// A manager with `config` over `machine`'s page tables, flushing with `tlb`. The
-/// machine's page tables must serve this manager alone.
+/// A manager with `config` over `machine`'s page tables, flushing with `tlb`.
 ///
 /// # Panics
 ///
 /// If the manager cannot be made.
-pub fn manager_with<'m, F: FrameSource + Clone, T: TlbFlush>(
+///
+/// # Safety
+///
+/// As [`Vmalloc::new`]'s: no other manager or mapper uses the machine's page tables
+/// in the manager's region, and `tlb` flushes every CPU that may cache them.
+pub unsafe fn manager_with<'m, F: FrameSource + Clone, T: TlbFlush>(
     machine: &'m SimMachine,
     frames: F,
     tlb: T,
     config: VmallocConfig,
 ) -> Vmalloc<F, SimPhys<'m>, T> {
-    // SAFETY: the caller gives the machine's page tables to this manager alone.
+    // SAFETY: forwarded from the caller.
     unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) }
         .expect("a manager over the simulated machine")
 }
 
 /// A manager of the default region over `machine`'s page tables, with frames from
 /// any source (`SimFrames`, a `FaultInjector` in front of it, ...), as the tests make
-/// them. The machine's page tables must serve this manager alone.
+/// them.
 ///
 /// # Panics
 ///
 /// If the manager cannot be made (no frames for its top-level tables).
-pub fn manager_over<F: FrameSource + Clone>(
+///
+/// # Safety
+///
+/// As [`Vmalloc::new`]'s: no other manager or mapper uses the machine's page tables
+/// in the manager's region, and the machine's CPUs run no thread but the caller's (it flushes only the calling CPU).
+pub unsafe fn manager_over<F: FrameSource + Clone>(
     machine: &SimMachine,
     frames: F,
 ) -> Vmalloc<F, SimPhys<'_>, &SimMachine> {
-    manager_with(machine, frames, machine, VmallocConfig::default())
+    // SAFETY: forwarded from the caller.
+    unsafe { manager_with(machine, frames, machine, VmallocConfig::default()) }
 }
 
 /// The default configuration with its region at `machine`'s host window, where host
@@ -81,18 +91,23 @@ pub fn window_config(machine: &SimMachine) -> VmallocConfig {
 }
 
 /// A manager of [`window_config`] over `machine`'s page tables, with frames from any
-/// source, flushing with `tlb`. The machine's page tables must serve this manager
-/// alone.
+/// source, flushing with `tlb`.
 ///
 /// # Panics
 ///
 /// If the machine has no host window, or the manager cannot be made.
-pub fn window_manager<F: FrameSource + Clone, T: TlbFlush>(
+///
+/// # Safety
+///
+/// As [`Vmalloc::new`]'s: no other manager or mapper uses the machine's page tables
+/// in the manager's region, and `tlb` flushes every CPU that may cache them.
+pub unsafe fn window_manager<F: FrameSource + Clone, T: TlbFlush>(
     machine: &SimMachine,
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'_>, T> {
-    manager_with(machine, frames, tlb, window_config(machine))
+    // SAFETY: forwarded from the caller.
+    unsafe { manager_with(machine, frames, tlb, window_config(machine)) }
 }
 
 /// A 1 GiB machine.
@@ -116,17 +131,30 @@ pub fn fragmented_frames(machine: &SimMachine) -> SimFrames {
 }
 
 /// A manager in the default configuration, lazy or eager, over `machine`.
-pub fn manager<'m>(machine: &'m SimMachine, frames: &'m SimFrames, eager: bool) -> Manager<'m> {
+///
+/// # Safety
+///
+/// As [`manager_over`]'s.
+pub unsafe fn manager<'m>(
+    machine: &'m SimMachine,
+    frames: &'m SimFrames,
+    eager: bool,
+) -> Manager<'m> {
     let config = VmallocConfig {
         eager,
         ..VmallocConfig::default()
     };
-    manager_with(machine, frames, machine, config)
+    // SAFETY: forwarded from the caller.
+    unsafe { manager_with(machine, frames, machine, config) }
 }
 
 /// A manager, lazy or eager, over `machine`, without the per-CPU caches
 /// (`VmallocConfig::cpu_caches` off): every area is made under its lock.
-pub fn locked_manager<'m>(
+///
+/// # Safety
+///
+/// As [`manager_over`]'s.
+pub unsafe fn locked_manager<'m>(
     machine: &'m SimMachine,
     frames: &'m SimFrames,
     eager: bool,
@@ -136,7 +164,8 @@ pub fn locked_manager<'m>(
         cpu_caches: false,
         ..VmallocConfig::default()
     };
-    manager_with(machine, frames, machine, config)
+    // SAFETY: forwarded from the caller.
+    unsafe { manager_with(machine, frames, machine, config) }
 }
 
 fn alloc_free(vm: &Manager<'_, impl TlbFlush>, pages: u64, align: u64) {
@@ -291,9 +320,13 @@ pub fn run_rounds(which: usize, vm: &Manager<'_, impl TlbFlush>) {
 
 /// Runs scenario `which` ([`run_rounds`]) on CPU 0 of `machine` (from
 /// [`smp_machine`]) with a default manager, lazy or eager, while the other CPUs idle
-/// and take their IPIs; returns the shootdowns and the IPIs it cost. The machine's
-/// page tables must serve no other manager meanwhile.
-pub fn shootdowns(
+/// and take their IPIs; returns the shootdowns and the IPIs it cost.
+///
+/// # Safety
+///
+/// The machine's page tables serve no other manager or mapper in the default region
+/// meanwhile.
+pub unsafe fn shootdowns(
     which: usize,
     eager: bool,
     (machine, frames, tlb): (&'static SimMachine, &'static SimFrames, &'static SmpTlb),
@@ -302,7 +335,8 @@ pub fn shootdowns(
         eager,
         ..VmallocConfig::default()
     };
-    let vm = manager_with(machine, frames, tlb, config);
+    // SAFETY: the caller's promise; the shootdown reaches every CPU of the machine.
+    let vm = unsafe { manager_with(machine, frames, tlb, config) };
     let idle = AtomicBool::new(true);
     std::thread::scope(|scope| {
         for index in 1..machine.cpu_count() {
@@ -345,10 +379,13 @@ pub fn shootdown_table() -> String {
     );
     for (which, name) in SCENARIOS.iter().enumerate() {
         let lazy = [
-            shootdowns(which, false, two),
-            shootdowns(which, false, four),
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            unsafe { shootdowns(which, false, two) },
+            // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+            unsafe { shootdowns(which, false, four) },
         ];
-        let eager = shootdowns(which, true, four);
+        // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+        let eager = unsafe { shootdowns(which, true, four) };
         assert_eq!(lazy[0].0, lazy[1].0, "shootdowns depend on the CPU count");
         writeln!(
             table,

@@ -31,7 +31,8 @@ pub fn manager<'m, F: FrameSource + Clone, T: TlbFlush>(
     frames: F,
     tlb: T,
 ) -> Vmalloc<F, SimPhys<'m>, T> {
-    scenarios::window_manager(machine, frames, tlb)
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    unsafe { scenarios::window_manager(machine, frames, tlb) }
 }
 
 pub fn layout(size: usize, align: usize) -> Layout {
