@@ -42,7 +42,8 @@
 //! }?;
 //! let buffer = vm.vmalloc(64 << 10)?;
 //! let addr = VirtAddr::from_ptr(buffer.as_ptr());
-//! machine.write(addr + 4000u64, b"across a page boundary").unwrap();
+//! // SAFETY: the area's bytes hold no Rust value.
+//! unsafe { machine.write(addr + 4000u64, b"across a page boundary") }.unwrap();
 //! let mut back = [0; 22];
 //! machine.read(addr + 4000u64, &mut back).unwrap();
 //! assert_eq!(&back, b"across a page boundary");

@@ -28,7 +28,8 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
     assert!(zone.contains(&start.as_u64()), "{start:?} is in the zone");
     assert_eq!(vm.stats().block_areas, 1);
 
-    machine.write(start + 4000u64, b"across a page").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(start + 4000u64, b"across a page") }.unwrap();
     let mut back = [0; 13];
     machine.read(start + 4000u64, &mut back).unwrap();
     assert_eq!(&back, b"across a page");
@@ -164,7 +165,8 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let ptr = vm.vzalloc(PAGE).unwrap();
-    machine.write(addr(ptr), b"kept").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr), b"kept") }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 3 * PAGE) }.unwrap();
     let mut back = [0xff; 4];
@@ -184,7 +186,11 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
 
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.set_prot(grown.as_ptr(), Prot::READ) }.unwrap();
-    assert!(machine.write(addr(grown), b"x").is_err(), "read-only now");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    assert!(
+        unsafe { machine.write(addr(grown), b"x") }.is_err(),
+        "read-only now"
+    );
     machine.read(addr(grown), &mut back).unwrap();
     let write = PageFaultErrorCode::CAUSED_BY_WRITE | PageFaultErrorCode::PROTECTION_VIOLATION;
     let site = vm.diagnose_fault(addr(grown) + 8u64, write).site;
@@ -207,7 +213,8 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
     // A read-only area keeps its rights when it moves.
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let moved = unsafe { vm.vrealloc(grown.as_ptr(), PAGE) }.unwrap();
-    assert!(machine.write(addr(moved), b"x").is_err());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    assert!(unsafe { machine.write(addr(moved), b"x") }.is_err());
     machine.read(addr(moved), &mut back).unwrap();
     assert_eq!(&back, b"kept");
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -399,7 +406,8 @@ fn eager_mode_flushes_and_returns_a_block_areas_frames_at_once_as_a_tree_areas()
     let vm = unsafe { manager(machine, frames, tlb, config) };
     for pages in [2, 20] {
         let ptr = area_of(&vm, pages);
-        machine.write(addr(ptr), b"cached").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(ptr), b"cached") }.unwrap();
         let before = vm.stats();
         // SAFETY: not used again (the reads below go through the MMU).
         unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
@@ -424,7 +432,8 @@ fn a_shrunk_block_area_reads_zero_where_it_grows_back_and_its_freed_pages_are_re
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(machine, frames, tlb, cached()) };
     let ptr = vm.vzalloc(6 * PAGE).unwrap();
-    machine.write(addr(ptr), &[0xee; 6 * PAGE]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr), &[0xee; 6 * PAGE]) }.unwrap();
     // SAFETY: the old pages past the new size are not used again.
     let shrunk = unsafe { vm.vrealloc(ptr.as_ptr(), PAGE + 100) }.unwrap();
     assert_eq!(shrunk, ptr);

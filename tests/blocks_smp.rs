@@ -30,7 +30,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     // guard), where the 2-page areas below never fit: the frame, not the address,
     // comes back.
     let pin = vm.vmalloc(PAGE).unwrap();
-    machine.write(old, b"OLD-DATA").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(old, b"OLD-DATA") }.unwrap();
     let (seen, new) = machine.read_again_after(1, old, || {
         let frame = vm.vmalloc_to_frame(old).unwrap();
         // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -51,7 +52,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
                 None
             })
             .expect("the frame comes back");
-        machine.write(page.unwrap(), b"NEWDATA!").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(page.unwrap(), b"NEWDATA!") }.unwrap();
         new
     });
     // SAFETY: nothing uses the areas after this; a pointer to no live area is refused.
@@ -172,7 +174,8 @@ fn four_cpus_free_each_others_small_areas_and_every_frame_comes_back() {
                         let pages = 1 + rng.below(MAX_BLOCK_PAGES) as usize;
                         let ptr = vm.vmalloc(pages * PAGE).unwrap();
                         for page in 0..pages {
-                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16])
+                            // SAFETY: bytes the test owns: no live Rust value lives there.
+                            unsafe { cpu.write(addr(ptr) + (page * PAGE) as u64, &[tag; 16]) }
                                 .unwrap();
                         }
                         shared
@@ -232,7 +235,8 @@ fn shrink_on_two_cpus() {
         machine.cpu(1).go_online();
         let ptr = area_of(&vm, pages);
         let last = addr(ptr) + ((pages - 1) * PAGE) as u64;
-        machine.write(last, b"old page").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(last, b"old page") }.unwrap();
         // CPU 1 caches the last page; CPU 0 shrinks the area to two pages.
         let (seen, shrunk) = machine.read_again_after(1, last, || {
             // SAFETY: nothing keeps a reference into the dropped pages.
@@ -249,7 +253,8 @@ fn shrink_on_two_cpus() {
             "{pages} pages: so did CPU 0"
         );
         let mut kept = [0; 8];
-        machine.write(addr(ptr) + PAGE as u64, b"page one").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(ptr) + PAGE as u64, b"page one") }.unwrap();
         machine.read(addr(ptr) + PAGE as u64, &mut kept).unwrap();
         assert_eq!(&kept, b"page one");
         // SAFETY: not used again.
@@ -277,7 +282,8 @@ fn four_cpus_stress_small_areas_allocating_freeing_resizing_and_purging_at_once(
                         let pages = 1 + rng.below(6) as usize;
                         let ptr = vm.vmalloc(pages * PAGE).unwrap();
                         for page in 0..pages {
-                            cpu.write(addr(ptr) + (page * PAGE) as u64, &[stamp; 8])
+                            // SAFETY: bytes the test owns: no live Rust value lives there.
+                            unsafe { cpu.write(addr(ptr) + (page * PAGE) as u64, &[stamp; 8]) }
                                 .unwrap();
                         }
                         mine.push((ptr.as_ptr() as usize, pages, stamp));
@@ -305,7 +311,8 @@ fn four_cpus_stress_small_areas_allocating_freeing_resizing_and_purging_at_once(
                         let kept = pages.min(new_pages);
                         check(cpu, moved.as_ptr() as usize, kept, stamp);
                         for page in kept..new_pages {
-                            cpu.write(addr(moved) + (page * PAGE) as u64, &[stamp; 8])
+                            // SAFETY: bytes the test owns: no live Rust value lives there.
+                            unsafe { cpu.write(addr(moved) + (page * PAGE) as u64, &[stamp; 8]) }
                                 .unwrap();
                         }
                         mine[index] = (moved.as_ptr() as usize, new_pages, stamp);

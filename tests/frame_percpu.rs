@@ -464,7 +464,8 @@ fn stress(machine: &SimMachine, frames: &Frames, tight: bool) {
         let mut seq = 0u64;
         let stamp = |f: PhysFrame, seq: u64| {
             let value = me << 56 | seq;
-            machine.write_phys(f.start_address(), &value.to_le_bytes());
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.write_phys(f.start_address(), &value.to_le_bytes()) };
             (f, value)
         };
         let check = |(f, value): (PhysFrame, u64)| {

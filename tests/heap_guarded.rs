@@ -195,7 +195,8 @@ fn a_use_after_free_faults_until_the_slot_is_reused_and_names_both_sites() {
     // SAFETY: a non-zero size.
     let again = unsafe { heap.alloc(layout) };
     assert_eq!(again.addr() & !(PAGE - 1), object.addr() & !(PAGE - 1));
-    machine.write(addr(again), b"reused").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(again), b"reused") }.unwrap();
     // SAFETY: each object is freed once, with its layout.
     unsafe {
         others.iter().for_each(|&other| heap.dealloc(other, layout));

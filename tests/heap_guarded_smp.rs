@@ -128,7 +128,8 @@ fn a_page_freed_on_one_cpu_faults_on_another_that_cached_it() {
                 (object, line!() - 1)
             });
             assert!(heap.is_guarded(object));
-            machine.write(addr(object), b"CPU1 WAS HERE").unwrap();
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.write(addr(object), b"CPU1 WAS HERE") }.unwrap();
             // CPU 1 reads it (caching the translation); CPU 0 frees it; CPU 1 reads again.
             let free_line = line!() + 3;
             let (seen, ()) = machine.read_again_after(1, addr(object) + 8u64, || {

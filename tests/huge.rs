@@ -66,7 +66,8 @@ fn stamp(machine: &SimMachine, at: VirtAddr, len: u64, seed: u64) {
     let bytes: Vec<u8> = (0..len / 8)
         .flat_map(|i| (i ^ seed).to_le_bytes())
         .collect();
-    machine.write(at, &bytes).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(at, &bytes) }.unwrap();
 }
 
 fn stamped(machine: &SimMachine, at: VirtAddr, len: u64, seed: u64) -> bool {
@@ -127,7 +128,8 @@ fn a_huge_area_is_aligned_and_mapped_with_2mib_entries_and_a_4kib_tail() {
 
     stamp(&machine, start, size, 0x5eed);
     assert!(stamped(&machine, start, size, 0x5eed));
-    let past_end = machine.write(start + size, &[1]).unwrap_err();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let past_end = unsafe { machine.write(start + size, &[1]) }.unwrap_err();
     assert!(past_end.to_string().contains("not present") || past_end.page_fault().is_some());
     let diagnosis = vm
         .diagnose_fault(start + size, PageFaultErrorCode::CAUSED_BY_WRITE)
@@ -362,7 +364,8 @@ fn a_read_only_huge_area_refuses_writes() {
     };
     let ptr = vm.vmalloc_with((2 * MIB2) as usize, &options).unwrap();
     assert_eq!(vm.stats().huge_mappings, 2);
-    let fault = machine.write(addr(ptr) + MIB2 + 8, &[1]).unwrap_err();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let fault = unsafe { machine.write(addr(ptr) + MIB2 + 8, &[1]) }.unwrap_err();
     let fault = fault.page_fault().unwrap();
     assert!(
         fault
@@ -401,10 +404,13 @@ fn a_chunk_whose_pd_entry_holds_a_table_falls_back_and_its_run_goes_back() {
         .map(|phys| PhysFrame::containing_address(PhysAddr::new(phys)));
     let table = 0b11; // PRESENT | WRITABLE
     let set = |table_frame: PhysFrame, index: u64, value: u64| {
-        machine.write_phys(
-            table_frame.start_address() + index * 8,
-            &value.to_le_bytes(),
-        )
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe {
+            machine.write_phys(
+                table_frame.start_address() + index * 8,
+                &value.to_le_bytes(),
+            )
+        }
     };
     set(machine.root(), 402, pdpt.start_address().as_u64() | table);
     set(pdpt, 0, pd.start_address().as_u64() | table);
@@ -465,7 +471,11 @@ fn set_prot_on_a_huge_area_keeps_its_2mib_entries() {
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
     for at in [addr(ptr) + 8u64, addr(ptr) + MIB2 + 8, addr(ptr) + 2 * MIB2] {
-        let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        let fault = unsafe { machine.write(at, &[1]) }
+            .unwrap_err()
+            .page_fault()
+            .unwrap();
         assert!(
             fault
                 .code
@@ -477,6 +487,7 @@ fn set_prot_on_a_huge_area_keeps_its_2mib_entries() {
     assert!(stamped(&machine, addr(ptr), size, 6));
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW) }.unwrap();
-    machine.write(addr(ptr) + MIB2 + 8, &[1]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr) + MIB2 + 8, &[1]) }.unwrap();
     assert_eq!(vm.stats().huge_mappings, 2);
 }

@@ -386,9 +386,8 @@ fn every_call_drains_the_queued_frees_the_per_cpu_fast_paths_included() {
         // One small and one large area, written on CPU 0, queued.
         let queued = [vm.vmalloc(4096).unwrap(), vm.vmalloc(40 * 4096).unwrap()];
         for area in queued {
-            machine
-                .write(VirtAddr::from_ptr(area.as_ptr()), b"queued")
-                .unwrap();
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.write(VirtAddr::from_ptr(area.as_ptr()), b"queued") }.unwrap();
             // SAFETY: not used again.
             unsafe { vm.vfree_atomic(area.as_ptr()) }.unwrap();
         }

@@ -42,10 +42,13 @@ fn free_empty_tables_over_a_recursive_entry_leaves_every_root_entry() {
     assert_eq!(root_entry(&machine, region), 0);
     let root = machine.root().start_address().as_u64();
     let entry = root | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
-    machine.write_phys(
-        machine.root().start_address() + recursive * 8,
-        &entry.to_le_bytes(),
-    );
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe {
+        machine.write_phys(
+            machine.root().start_address() + recursive * 8,
+            &entry.to_le_bytes(),
+        )
+    };
 
     // SAFETY: the machine's tables are this value's alone; frames from its allocator.
     let mut tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
@@ -79,7 +82,8 @@ fn recursive_phys_to_virt_past_the_top_gives_a_pointer_that_faults() {
     let first = start.as_u64().div_ceil(SLOT);
     let root = machine.root().start_address();
     let entry = root.as_u64() | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
-    machine.write_phys(root + first * 8, &entry.to_le_bytes());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(root + first * 8, &entry.to_le_bytes()) };
     let frames = machine.frames();
     // SAFETY: recursive entry in place, window slot unused, frames unused.
     let phys = unsafe {
@@ -121,13 +125,17 @@ fn translate_refuses_a_pml4_entry_with_the_huge_bit() {
     // Some frame with a non-zero word where a PDPT entry would be.
     let other = frames.alloc_frame().unwrap();
     let fake = (1u64 << 30) | (PageTableFlags::PRESENT | PageTableFlags::HUGE_PAGE).bits();
-    machine.write_phys(other.start_address(), &fake.to_le_bytes());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(other.start_address(), &fake.to_le_bytes()) };
     let entry = other.start_address().as_u64()
         | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::HUGE_PAGE).bits();
-    machine.write_phys(
-        machine.root().start_address() + slot * 8,
-        &entry.to_le_bytes(),
-    );
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe {
+        machine.write_phys(
+            machine.root().start_address() + slot * 8,
+            &entry.to_le_bytes(),
+        )
+    };
 
     // SAFETY: the machine's tables are this value's alone.
     let tables = unsafe { PageTables::new(machine.root(), machine.phys()) };

@@ -24,7 +24,8 @@ fn machine() -> (SimMachine, PageTableIndex, PageTableIndex) {
     assert!((first + 2) * SLOT <= start.as_u64() + size);
     let root = machine.root().start_address();
     let entry = root.as_u64() | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
-    machine.write_phys(root + first * 8, &entry.to_le_bytes());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(root + first * 8, &entry.to_le_bytes()) };
     let index = |slot: u64| PageTableIndex::new(slot as u16);
     (machine, index(first), index(first + 1))
 }
@@ -60,7 +61,8 @@ fn the_window_reaches_every_frame_and_maps_it_once() {
     for addr in [0x3000, 0x9f000 + 8, 5 << 20, MEMORY - 8] {
         let ptr = phys.phys_to_virt(PhysAddr::new(addr));
         assert_eq!(ptr as u64, phys.window().as_u64() + addr);
-        machine.write_phys(PhysAddr::new(addr), &addr.to_le_bytes());
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write_phys(PhysAddr::new(addr), &addr.to_le_bytes()) };
         // SAFETY: the window maps this physical address (checked by the simulated
         // walk of the host-window fill); 8 bytes, aligned.
         assert_eq!(unsafe { ptr.cast::<u64>().read() }, addr);
@@ -113,9 +115,8 @@ fn workload<P: PhysMemory + Copy>(
     {
         let area = vm.vzalloc(size as usize).unwrap();
         let addr = VirtAddr::from_ptr(area.as_ptr());
-        machine
-            .write(addr + (size - 8), &(i as u64 * 77).to_le_bytes())
-            .unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr + (size - 8), &(i as u64 * 77).to_le_bytes()) }.unwrap();
         let mut back = [0; 8];
         machine.read(addr + (size - 8), &mut back).unwrap();
         let mut zero = [0xff; 8];
@@ -190,8 +191,11 @@ unsafe impl FrameAllocator<x86_64::structures::paging::Size4KiB> for Few<'_> {
     fn allocate_frame(&mut self) -> Option<PhysFrame> {
         self.2 = self.2.checked_sub(1)?;
         let frame = self.1.alloc_frame()?;
-        self.0
-            .fill_phys(frame.start_address(), PAGE_SIZE as usize, 0xa5);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe {
+            self.0
+                .fill_phys(frame.start_address(), PAGE_SIZE as usize, 0xa5)
+        };
         Some(frame)
     }
 }

@@ -33,11 +33,11 @@ fn pages_mapped_by_the_x86_64_mapper_are_reachable() {
         .unwrap()
         .ignore();
 
-    let across = machine.write(page.start_address() + 0xffcu64, b"across");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let across = unsafe { machine.write(page.start_address() + 0xffcu64, b"across") };
     assert!(across.is_err(), "the next page is not mapped");
-    machine
-        .write(page.start_address() + 8u64, b"kernel")
-        .unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(page.start_address() + 8u64, b"kernel") }.unwrap();
     let mut seen = [0; 6];
     machine.read_phys(frame.start_address() + 8u64, &mut seen);
     assert_eq!(&seen, b"kernel");
@@ -76,7 +76,8 @@ fn unmap_without_flush_is_stale_until_flushed() {
     let mut tables = mapper(&machine);
     let page: Page = Page::containing_address(VirtAddr::new(0xffff_8880_0010_0000));
     let frame = frames.allocate_frame().unwrap();
-    machine.write_phys(frame.start_address(), b"still here");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address(), b"still here") };
     // SAFETY: as above.
     unsafe { tables.map_to(page, frame, KERNEL_DATA, &mut frames) }
         .unwrap()

@@ -46,7 +46,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                             let pages = 1 + rng.below(8) as usize;
                             let ptr = vm.vmalloc(pages * 4096).unwrap();
                             for page in 0..pages {
-                                cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32])
+                                // SAFETY: bytes the test owns: no live Rust value lives there.
+                                unsafe { cpu.write(addr(ptr) + (page * 4096) as u64, &[tag; 32]) }
                                     .unwrap();
                             }
                             live.push((ptr, pages, tag));
@@ -78,8 +79,11 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                             cpu.read(addr(moved), &mut back).unwrap();
                             assert_eq!(back, [tag; 32], "vrealloc kept the contents");
                             for page in pages..grown {
-                                cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32])
-                                    .unwrap();
+                                // SAFETY: bytes the test owns: no live Rust value lives there.
+                                unsafe {
+                                    cpu.write(addr(moved) + (page * 4096) as u64, &[tag; 32])
+                                }
+                                .unwrap();
                             }
                             live[index] = (moved, grown, tag);
                         }
@@ -93,7 +97,8 @@ fn four_cpus_share_one_manager_and_every_free_is_seen_by_all() {
                             let mut stamp = [0xa5; 16];
                             stamp[0] = cpu.index() as u8;
                             stamp[1..3].copy_from_slice(&(round as u16).to_le_bytes());
-                            cpu.write(addr(ptr), &stamp).unwrap();
+                            // SAFETY: bytes the test owns: no live Rust value lives there.
+                            unsafe { cpu.write(addr(ptr), &stamp) }.unwrap();
                             lent.push((ptr, owned, stamp));
                         }
                         5 if !lent.is_empty() => {
@@ -183,7 +188,8 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
             frame,
             "the frame came back"
         );
-        machine.write(addr(new), b"NEWDATA!").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(new), b"NEWDATA!") }.unwrap();
         (new, hole)
     });
     // CPU 1 left when it was done, so these flushes do not wait for it.
@@ -305,7 +311,8 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
                 let vm = managers[cpu.index()];
                 for _ in 0..300 {
                     let ptr = vm.vmalloc(3 * 4096).unwrap();
-                    cpu.write(addr(ptr), b"x").unwrap();
+                    // SAFETY: bytes the test owns: no live Rust value lives there.
+                    unsafe { cpu.write(addr(ptr), b"x") }.unwrap();
                     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
                     unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
                     vm.purge();

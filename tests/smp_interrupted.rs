@@ -61,9 +61,8 @@ fn vfree_atomic_from_an_interrupt_under_the_lock_is_done_by_the_next_call() {
         [Ok(()), Ok(())],
         "queued without waiting"
     );
-    machine
-        .write(addr(victims[0]), b"mapped until the next call")
-        .unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(victims[0]), b"mapped until the next call") }.unwrap();
     let stats = vm.stats();
     assert_eq!(
         stats.areas, areas,

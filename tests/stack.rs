@@ -41,7 +41,8 @@ fn a_stack_is_aligned_to_its_size_zeroed_and_unmapped_below_and_above() {
     let mut word = [0xffu8; 8];
     machine.read(top - 8u64, &mut word).unwrap();
     assert_eq!(word, [0; 8], "zeroed");
-    machine.write(base, b"deepest").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(base, b"deepest") }.unwrap();
 
     // One byte below the base: an overflow, named as one.
     let (addr, code) = page_fault(&machine, base - 8u64, Access::WRITE).expect("faults");
@@ -148,7 +149,8 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
             machine.cpu(0).enter();
             let stack = cache.alloc(&vm, 16 << 10).unwrap();
             let base = stack.base();
-            machine.write(stack.top() - 8u64, b"old data").unwrap();
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.write(stack.top() - 8u64, b"old data") }.unwrap();
             drop(stack);
             assert_eq!(
                 (cache.cached(), vm.stats().areas),
@@ -215,7 +217,8 @@ fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_
         base,
         "the same range, now another manager's stack"
     );
-    machine.write(live.top() - 8u64, b"live one").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(live.top() - 8u64, b"live one") }.unwrap();
     assert_eq!(
         cache.alloc(&second, 16 << 10).err(),
         Some(Error::WrongManager),

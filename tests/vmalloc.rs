@@ -23,7 +23,8 @@ fn data_written_through_the_mmu_reads_back_from_scattered_frames() {
     let size = 300 * 4096 + 123;
     let ptr = vm.vmalloc(size).unwrap();
     let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-    machine.write(addr(ptr), &data).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr), &data) }.unwrap();
     let mut back = vec![0; size];
     machine.read(addr(ptr), &mut back).unwrap();
     assert_eq!(back, data);
@@ -52,7 +53,8 @@ fn vzalloc_zeroes_frames_that_held_data() {
     let frames = machine.frames();
     let vm = manager(&machine, &frames, config(true));
     let dirty = vm.vmalloc(64 * 4096).unwrap();
-    machine.write(addr(dirty), &vec![0xa5; 64 * 4096]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(dirty), &vec![0xa5; 64 * 4096]) }.unwrap();
     let dirtied: Vec<PhysFrame> = (0..64)
         .map(|i| vm.vmalloc_to_frame(addr(dirty) + i * 4096).unwrap())
         .collect();
@@ -123,7 +125,8 @@ fn read_only_and_executable_areas_get_exactly_their_rights() {
     assert!(is_write_protection_fault(&machine, code));
 
     let data = addr(vm.vmalloc(4096).unwrap());
-    machine.write(data, &[1]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(data, &[1]) }.unwrap();
     assert!(machine.fetch(data, &mut [0]).is_err());
 }
 
@@ -300,7 +303,8 @@ fn a_region_just_below_the_top_of_the_lower_half_fills_up_cleanly() {
     let c = vm.vmalloc_with(4 * 4096, &unguarded).unwrap();
     assert_eq!(addr(c) + 4 * 4096u64, VirtAddr::new(start + 8 * 4096));
     assert_eq!(vm.vmalloc(4096), Err(Error::OutOfVirtualSpace));
-    machine.write(addr(c) + 4 * 4096u64 - 1u64, &[1]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(c) + 4 * 4096u64 - 1u64, &[1]) }.unwrap();
     for ptr in [a, b, c] {
         // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
         unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
@@ -318,13 +322,18 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     let at = addr(ptr) + 2 * 4096u64 + 8;
     // Cache a writable translation of every page first.
     for page in 0..3u64 {
-        machine.write(addr(ptr) + page * 4096, &[7]).unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(ptr) + page * 4096, &[7]) }.unwrap();
     }
     let before = (free_frames(&frames), vm.stats());
 
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
-    let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let fault = unsafe { machine.write(at, &[1]) }
+        .unwrap_err()
+        .page_fault()
+        .unwrap();
     assert!(
         fault
             .code
@@ -345,7 +354,8 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.set_prot(ptr.as_ptr(), Prot::KERNEL_RW) }.unwrap();
     assert!(machine.fetch(at, &mut byte).is_err(), "NX again, flushed");
-    machine.write(at, &[2]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(at, &[2]) }.unwrap();
     assert_eq!((free_frames(&frames), vm.stats()), before);
 
     // Growing keeps the rights the area has now.
@@ -353,7 +363,8 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let grown = unsafe { vm.vrealloc(ptr.as_ptr(), 6 * 4096) }.unwrap();
-    assert!(machine.write(addr(grown) + 5 * 4096u64, &[1]).is_err());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    assert!(unsafe { machine.write(addr(grown) + 5 * 4096u64, &[1]) }.is_err());
 
     // Bad input changes nothing.
     let snapshot = (free_frames(&frames), vm.stats());
@@ -390,5 +401,6 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
         unsafe { vm.set_prot(grown.as_ptr(), Prot::READ) },
         Err(Error::NotAllocated)
     );
-    assert!(machine.write(addr(grown), &[1]).is_err());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    assert!(unsafe { machine.write(addr(grown), &[1]) }.is_err());
 }

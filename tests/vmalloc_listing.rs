@@ -151,7 +151,8 @@ fn threads_share_one_manager_with(cpu_caches: bool) {
                     for i in 0..200usize {
                         let pages = 1 + (i * 7 + t as usize) % 9;
                         let ptr = vm.vmalloc(pages * 4096).unwrap();
-                        machine.write(addr(ptr), &[t; 64]).unwrap();
+                        // SAFETY: bytes the test owns: no live Rust value lives there.
+                        unsafe { machine.write(addr(ptr), &[t; 64]) }.unwrap();
                         live.push(ptr);
                         if i % 3 != 0 {
                             let victim = live.swap_remove(i % live.len());

@@ -24,7 +24,8 @@ fn vmap_hands_the_callers_frames_back() {
     let free_before = free_frames(&frames);
     // SAFETY: frames the test owns, not freed while mapped.
     let ptr = unsafe { vm.vmap(&mine, Prot::KERNEL_RW) }.unwrap();
-    machine.write(addr(ptr) + 3 * 4096u64, b"vmap").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr) + 3 * 4096u64, b"vmap") }.unwrap();
     let mut bytes = [0; 4];
     machine.read_phys(mine[3].start_address(), &mut bytes);
     assert_eq!(&bytes, b"vmap");
@@ -122,7 +123,8 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
     );
     // Dirty frames first, so a buffer built from them would show 0xee.
     let dirty = vm.vmalloc(16 * 4096).unwrap();
-    machine.write(addr(dirty), &[0xee; 16 * 4096]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(dirty), &[0xee; 16 * 4096]) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.vfree(dirty.as_ptr()) }.unwrap();
     {
@@ -162,7 +164,8 @@ fn vmap_and_ioremap_owners_unmap_on_drop_and_bound_every_access() {
     let mapping = unsafe { VMapping::new(&vm, &mine, Prot::KERNEL_RW) }.unwrap();
     assert_eq!(mapping.len(), 8192);
     let at = VirtAddr::from_ptr(mapping.as_ptr());
-    machine.write(at + 4096u64, b"vmapped").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(at + 4096u64, b"vmapped") }.unwrap();
     let mut back = Vec::new();
     mapping.unmap(|frame| back.push(frame));
     assert_eq!(back, mine, "the frames come back in order");

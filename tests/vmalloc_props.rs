@@ -188,9 +188,12 @@ impl<T: TlbFlush> World<'_, T> {
                         }
                         let seed = start as u8 ^ 0x5a;
                         let len = bytes.min(3 * 4096);
-                        self.machine
-                            .write(VirtAddr::new(start), &pattern(seed, len))
-                            .unwrap();
+                        // SAFETY: bytes the test owns: no live Rust value lives there.
+                        unsafe {
+                            self.machine
+                                .write(VirtAddr::new(start), &pattern(seed, len))
+                        }
+                        .unwrap();
                         let live = Live {
                             kind: AreaKind::Vmalloc,
                             pages,

@@ -26,7 +26,8 @@ fn lazy_vfree_holds_frames_until_the_batched_flush() {
     let ptrs: Vec<_> = (0..10).map(|_| vm.vmalloc(8 * 4096).unwrap()).collect();
     let tables = vm.stats().page_table_frames - tables_before;
     for ptr in &ptrs {
-        machine.write(addr(*ptr), b"live").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(*ptr), b"live") }.unwrap();
         // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
         unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
     }
@@ -80,7 +81,8 @@ fn eager_mode_flushes_each_free_by_range() {
     let baseline = free_frames(&frames);
     let ptr = vm.vmalloc(4 * 4096).unwrap();
     for page in 0..4u64 {
-        machine.write(addr(ptr) + page * 4096, b"cached").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(ptr) + page * 4096, b"cached") }.unwrap();
     }
     let before = machine.tlb_stats();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.

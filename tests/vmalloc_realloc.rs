@@ -15,7 +15,8 @@ fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
     let vm = manager(&machine, &frames, tree_config(true));
     let data: Vec<u8> = (0..4 * 4096).map(|i| (i % 253) as u8).collect();
     let ptr = vm.vmalloc(4 * 4096).unwrap();
-    machine.write(addr(ptr), &data).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr), &data) }.unwrap();
     let third = vm.vmalloc_to_frame(addr(ptr) + 2 * 4096u64).unwrap();
 
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -37,7 +38,8 @@ fn vrealloc_shrinks_grows_in_place_and_moves_without_copying() {
         machine.read(addr(ptr), &mut [0]).is_err(),
         "the old range is gone"
     );
-    machine.write(addr(moved) + 19 * 4096u64, &[1]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(moved) + 19 * 4096u64, &[1]) }.unwrap();
 
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let shrunk = unsafe { vm.vrealloc(moved.as_ptr(), 4096) }.unwrap();
@@ -61,7 +63,8 @@ fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
     let vm = manager(&machine, &frames, tree_config(false));
     let a = vm.vmalloc(16 << 10).unwrap();
     let data: Vec<u8> = (0..16 << 10).map(|i| (i % 249) as u8).collect();
-    machine.write(addr(a), &data).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(a), &data) }.unwrap();
     let _blocker = vm.vmalloc(4096).unwrap();
     let _window = vm.reserve(2 << 20, &VmOptions::default()).unwrap();
     let held = hold_all_but(&frames, 0);
@@ -98,7 +101,8 @@ fn a_moving_vrealloc_that_runs_out_of_frames_leaves_the_area_as_it_was() {
     // them can fail halfway, as can backing the 100 new pages.
     let a = vm.vmalloc(600 * 4096).unwrap();
     let data: Vec<u8> = (0..600 * 4096).map(|i| (i % 241) as u8).collect();
-    machine.write(addr(a), &data).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(a), &data) }.unwrap();
     let _blocker = vm.vmalloc(4096).unwrap();
     for k in 0.. {
         let before = (
@@ -136,7 +140,8 @@ fn a_zeroed_area_reads_zero_where_a_shrink_dropped_bytes() {
     let frames = machine.frames();
     let vm = manager(&machine, &frames, config(false));
     let p = vm.vzalloc(8192).unwrap();
-    machine.write(addr(p), &[0xaa; 8192]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(p), &[0xaa; 8192]) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let p = unsafe { vm.vrealloc(p.as_ptr(), 100) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -150,7 +155,8 @@ fn a_zeroed_area_reads_zero_where_a_shrink_dropped_bytes() {
     );
 
     // Within one page too.
-    machine.write(addr(p), &[0xbb; 4096]).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(p), &[0xbb; 4096]) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     let p = unsafe { vm.vrealloc(p.as_ptr(), 3000) }.unwrap();
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.

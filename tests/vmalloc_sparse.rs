@@ -39,7 +39,8 @@ fn a_page_mapped_alone_reads_and_writes_and_its_neighbours_fault() {
     let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(5 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 3).unwrap();
-    machine.write(page(area, 3) + 100u64, b"in page 3").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(page(area, 3) + 100u64, b"in page 3") }.unwrap();
     let mut back = [0; 9];
     machine.read(page(area, 3) + 100u64, &mut back).unwrap();
     assert_eq!(&back, b"in page 3");
@@ -64,7 +65,8 @@ fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
     let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 1).unwrap();
     // The read caches the translation in this CPU's TLB.
-    machine.write(page(area, 1), b"cached").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(page(area, 1), b"cached") }.unwrap();
     assert!(machine.cpu(0).cached(page(area, 1)).is_some());
     // SAFETY: nothing uses the page after this.
     unsafe { vm.unmap_page(area.as_ptr(), 1) }.unwrap();
@@ -126,7 +128,8 @@ fn bad_calls_are_refused_and_change_nothing() {
     }
     assert_eq!(vm.stats().data_frames, 2);
     let mut back = [0; 4];
-    machine.write(page(area, 0), b"kept").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(page(area, 0), b"kept") }.unwrap();
     machine.read(page(area, 0), &mut back).unwrap();
     assert_eq!(&back, b"kept");
 }
@@ -151,9 +154,8 @@ fn freeing_the_area_or_dropping_the_manager_gives_every_frame_back() {
         assert!(vm.find_vm_area(page(area, 7)).is_none());
         // The range is free again: a plain area may take it.
         let again = vm.vmalloc(64 * PAGE).unwrap();
-        machine
-            .write(VirtAddr::from_ptr(again.as_ptr()), b"x")
-            .unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(VirtAddr::from_ptr(again.as_ptr()), b"x") }.unwrap();
         let kept = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
         vm.map_page(kept.as_ptr(), 5).unwrap();
     }
@@ -173,7 +175,8 @@ fn unmapping_a_page_drops_it_from_every_cpus_tlb() {
                 unsafe { manager_with(machine, frames, tlb, VmallocConfig::default()) };
             let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
             vm.map_page(area.as_ptr(), 1).unwrap();
-            machine.write(page(area, 1), b"SHARED!!").unwrap();
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.write(page(area, 1), b"SHARED!!") }.unwrap();
             // CPU 1 reads (caching the translation), CPU 0 unmaps, CPU 1 reads again.
             let (seen, unmapped) = machine.read_again_after(1, page(area, 1), || {
                 // SAFETY: nothing uses the page after this but the probe.
@@ -193,7 +196,8 @@ fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_alloca
     let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
     vm.map_page(area.as_ptr(), 5).unwrap();
-    machine.write(page(area, 5), b"object 1").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(page(area, 5), b"object 1") }.unwrap();
     let frame = vm.vmalloc_to_frame(page(area, 5)).unwrap();
     let (free, tables) = (frames.stats().free, vm.stats().page_table_frames);
     for round in 0..3 {
@@ -251,7 +255,8 @@ fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_fre
             vm.map_page(area.as_ptr(), index).unwrap();
             vm.map_page(kept.as_ptr(), index).unwrap();
         }
-        machine.write(page(area, 1) + 8u64, b"stale").unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(page(area, 1) + 8u64, b"stale") }.unwrap();
         // SAFETY: nothing uses these pages after this.
         unsafe {
             for index in 0..3 {

@@ -20,7 +20,8 @@ fn areas_made_after_another_address_space_copied_the_kernel_half_are_visible_the
     let vm = manager(&machine, &frames, config(false));
     // A process's address space: a PML4 with the kernel half copied once.
     let process = frames.alloc_frame().unwrap();
-    machine.fill_phys(process.start_address(), 4096, 0);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(process.start_address(), 4096, 0) };
     for index in 256..512 {
         set_entry(
             &machine,
@@ -30,7 +31,8 @@ fn areas_made_after_another_address_space_copied_the_kernel_half_are_visible_the
         );
     }
     let ptr = vm.vmalloc(3 * 4096).unwrap();
-    machine.write(addr(ptr) + 5000u64, b"shared").unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(addr(ptr) + 5000u64, b"shared") }.unwrap();
     machine.load_cr3(process);
     let mut back = [0; 6];
     machine.read(addr(ptr) + 5000u64, &mut back).unwrap();

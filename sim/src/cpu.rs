@@ -478,8 +478,13 @@ impl<'m> SimCpu<'m> {
     /// # Errors
     ///
     /// As there.
-    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
-        self.run(|machine| machine.write(addr, data))
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    pub unsafe fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+        // SAFETY: forwarded from the caller.
+        self.run(|machine| unsafe { machine.write(addr, data) })
     }
 
     /// This CPU's TLB counters.

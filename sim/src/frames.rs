@@ -189,8 +189,12 @@ impl<'m> PoisonOnFree<'m> {
         if self.frames.allocator().is_free(frame) != Ok(false) {
             return;
         }
-        self.machine
-            .fill_phys(frame.start_address(), PAGE_SIZE as usize, POISON);
+        // SAFETY: the frame's owner is giving it back (`free_frame`'s contract):
+        // nothing lives in it any more.
+        unsafe {
+            self.machine
+                .fill_phys(frame.start_address(), PAGE_SIZE as usize, POISON)
+        };
         self.poisoned
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for cpu in 0..self.machine.cpu_count() {

@@ -406,9 +406,10 @@ impl SimMachine {
     /// If the range leaves the simulated memory.
     pub fn read_phys(&self, addr: PhysAddr, buf: &mut [u8]) {
         let src = self.phys().host_range(addr, buf.len());
-        // SAFETY: `host_range` checked that the whole range is inside the block; `buf`
-        // is a distinct host allocation, so the two do not overlap.
-        unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: `host_range` checked that the whole range is inside the block, and
+        // `buf` is the caller's to write. `copy`: with a host window, `buf` may be
+        // window memory over the same bytes.
+        unsafe { core::ptr::copy(src, buf.as_mut_ptr(), buf.len()) };
     }
 
     /// Copies `data` into physical memory at `addr`.
@@ -416,10 +417,25 @@ impl SimMachine {
     /// # Panics
     ///
     /// If the range leaves the simulated memory.
-    pub fn write_phys(&self, addr: PhysAddr, data: &[u8]) {
+    ///
+    /// # Safety
+    ///
+    /// The bytes written are no part of a live Rust value. With a host window the
+    /// machine's memory is also what host code reaches through the window (a kernel
+    /// heap's objects, a `KVBox`): writing there is writing through a raw pointer,
+    /// as a device's DMA would.
+    ///
+    /// Safe code cannot write a live value's bytes this way:
+    ///
+    /// ```compile_fail,E0133
+    /// let machine = vmalloc_sim::SimMachine::new(vmalloc_sim::SimConfig::new(64 << 20));
+    /// machine.write_phys(x86_64::PhysAddr::new(0x1000), &[1]);
+    /// ```
+    pub unsafe fn write_phys(&self, addr: PhysAddr, data: &[u8]) {
         let dst = self.phys().host_range(addr, data.len());
-        // SAFETY: as in `read_phys`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        // SAFETY: inside the block (checked); what the bytes belong to is the
+        // caller's to vouch for. `copy`, as `data` may itself be window memory.
+        unsafe { core::ptr::copy(data.as_ptr(), dst, data.len()) };
     }
 
     /// Sets `len` bytes of physical memory at `addr` to `byte`.
@@ -427,9 +443,17 @@ impl SimMachine {
     /// # Panics
     ///
     /// If the range leaves the simulated memory.
-    pub fn fill_phys(&self, addr: PhysAddr, len: usize, byte: u8) {
+    ///
+    /// # Safety
+    ///
+    /// The bytes set are no part of a live Rust value. With a host window the
+    /// machine's memory is also what host code reaches through the window (a kernel
+    /// heap's objects, a `KVBox`): writing there is writing through a raw pointer,
+    /// as a device's DMA would.
+    pub unsafe fn fill_phys(&self, addr: PhysAddr, len: usize, byte: u8) {
         let dst = self.phys().host_range(addr, len);
-        // SAFETY: `host_range` checked that the whole range is inside the block.
+        // SAFETY: `host_range` checked that the whole range is inside the block;
+        // what the bytes belong to is the caller's to vouch for.
         unsafe { core::ptr::write_bytes(dst, byte, len) };
     }
 

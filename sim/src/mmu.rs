@@ -317,8 +317,17 @@ impl SimMachine {
     /// # Panics
     ///
     /// As [`read`](Self::read).
-    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
-        self.copy_in(Access::WRITE, addr, data)
+    ///
+    /// # Safety
+    ///
+    /// The bytes written, through the simulated page tables, are no part of a live
+    /// Rust value. With a host window the
+    /// machine's memory is also what host code reaches through the window (a kernel
+    /// heap's objects, a `KVBox`): writing there is writing through a raw pointer,
+    /// as a device's DMA would.
+    pub unsafe fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_in(Access::WRITE, addr, data) }
     }
 
     /// Fetches `buf.len()` instruction bytes at `addr` as the kernel would.
@@ -356,8 +365,13 @@ impl SimMachine {
     /// # Panics
     ///
     /// As [`read`](Self::read).
-    pub fn write_user(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
-        self.copy_in(Access::WRITE.user(), addr, data)
+    ///
+    /// # Safety
+    ///
+    /// As [`write`](Self::write).
+    pub unsafe fn write_user(&self, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_in(Access::WRITE.user(), addr, data) }
     }
 
     /// [`fetch`](Self::fetch) from user mode.
@@ -380,10 +394,15 @@ impl SimMachine {
     }
 
     /// Copies `data` into virtual memory after translating every page.
-    fn copy_in(&self, access: Access, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
+    ///
+    /// # Safety
+    ///
+    /// As [`write`](Self::write).
+    unsafe fn copy_in(&self, access: Access, addr: VirtAddr, data: &[u8]) -> Result<(), Fault> {
         let mut done = 0;
         for (phys, len) in self.translate_all(addr, data.len(), access)? {
-            self.write_phys(phys, &data[done..done + len]);
+            // SAFETY: forwarded from the caller.
+            unsafe { self.write_phys(phys, &data[done..done + len]) };
             done += len;
         }
         Ok(())

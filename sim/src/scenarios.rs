@@ -64,6 +64,14 @@ pub unsafe fn manager_with<'m, F: FrameSource + Clone, T: TlbFlush>(
 ///
 /// As [`Vmalloc::new`]'s: no other manager or mapper uses the machine's page tables
 /// in the manager's region, and the machine's CPUs run no thread but the caller's (it flushes only the calling CPU).
+///
+/// Safe code cannot make one (two over one machine handed out one area twice):
+///
+/// ```compile_fail,E0133
+/// let machine = vmalloc_sim::SimMachine::new(vmalloc_sim::SimConfig::new(64 << 20));
+/// let frames = machine.frames();
+/// let _vm = vmalloc_sim::scenarios::manager_over(&machine, &frames);
+/// ```
 pub unsafe fn manager_over<F: FrameSource + Clone>(
     machine: &SimMachine,
     frames: F,

@@ -129,7 +129,8 @@ fn host_accesses_reach_scattered_frames() {
             *frame,
             RW,
         );
-        machine.fill_phys(frame.start_address(), 4096, 0x40 + index as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, 0x40 + index as u8) };
     }
     for (index, frame) in data.iter().enumerate() {
         let page = ptr(window_page(&machine, index as u64 * 5));
@@ -227,7 +228,8 @@ fn flush_range_and_flush_all_drop_the_changed_pages_they_cover() {
     for &page in &pages {
         mapper(&machine).unmap(page).unwrap().1.ignore();
         let frame = next(&mut frames);
-        machine.fill_phys(frame.start_address(), 4096, 2);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, 2) };
         map(&machine, &mut frames, page, frame, RW);
     }
     machine.flush_range(Page::range(pages[1], pages[3]));
@@ -303,7 +305,8 @@ fn unmap_without_flush_leaves_the_old_frame_readable() {
     unsafe { ptr(page).write_volatile(0x5a) };
 
     mapper(&machine).unmap(page).unwrap().1.ignore();
-    machine.write_phys(frame.start_address() + 1, &[0x6b]);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address() + 1, &[0x6b]) };
     // SAFETY: the host mapping is stale, as a TLB entry would be: still the frame.
     let stale = unsafe { [ptr(page).read_volatile(), ptr(page).add(1).read_volatile()] };
     assert_eq!(stale, [0x5a, 0x6b]);
@@ -321,7 +324,8 @@ fn read_only_page_becomes_writable_after_a_rewalk() {
     let page = window_page(&machine, 9);
     let frame = next(&mut frames);
     map(&machine, &mut frames, page, frame, Flags::PRESENT);
-    machine.write_phys(frame.start_address(), &[3]);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address(), &[3]) };
     // SAFETY: mapped readable.
     assert_eq!(unsafe { ptr(page).read_volatile() }, 3);
     // Upgrading permissions needs no flush on x86: the write faults, and the fault
@@ -402,7 +406,8 @@ fn two_machines_have_separate_windows() {
         let mut frames = frames_of(machine);
         let frame = next(&mut frames);
         map(machine, &mut frames, window_page(machine, 1), frame, RW);
-        machine.fill_phys(frame.start_address(), 4096, byte);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, byte) };
     }
     // SAFETY: page 1 of each window is mapped.
     let seen = unsafe {

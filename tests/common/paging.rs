@@ -86,7 +86,8 @@ impl Machine {
     }
 
     pub fn write_phys(&self, phys: PhysAddr, bytes: &[u8]) {
-        self.sim.write_phys(phys, bytes)
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { self.sim.write_phys(phys, bytes) }
     }
 }
 

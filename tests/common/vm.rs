@@ -90,14 +90,21 @@ pub fn entry(machine: &SimMachine, table: PhysFrame, index: usize) -> u64 {
 }
 
 pub fn set_entry(machine: &SimMachine, table: PhysFrame, index: usize, value: u64) {
-    machine.write_phys(
-        table.start_address() + index as u64 * 8,
-        &value.to_le_bytes(),
-    );
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe {
+        machine.write_phys(
+            table.start_address() + index as u64 * 8,
+            &value.to_le_bytes(),
+        )
+    };
 }
 
 pub fn is_write_protection_fault(machine: &SimMachine, at: VirtAddr) -> bool {
-    let fault = machine.write(at, &[1]).unwrap_err().page_fault().unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let fault = unsafe { machine.write(at, &[1]) }
+        .unwrap_err()
+        .page_fault()
+        .unwrap();
     fault.addr == at
         && fault.code.contains(
             PageFaultErrorCode::PROTECTION_VIOLATION | PageFaultErrorCode::CAUSED_BY_WRITE,

@@ -74,8 +74,10 @@ fn fetch_from_nx_faults_with_the_fetch_bit() {
     let mut tables = Tables::new(&machine);
     let frame = tables.map_new(BASE, KERNEL_RW | Flags::NO_EXECUTE);
     let code_page = tables.map_new(BASE + 0x1000, Flags::PRESENT);
-    machine.write_phys(code_page.start_address(), &[0x90, 0xc3]);
-    machine.write_phys(frame.start_address(), &[0xcc]);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(code_page.start_address(), &[0x90, 0xc3]) };
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address(), &[0xcc]) };
 
     let mut buf = [0; 2];
     let fault = machine
@@ -184,6 +186,7 @@ fn access_running_into_non_canonical_space_faults_whole() {
         }
     );
     assert_eq!(buf, [7; 32]);
-    assert!(machine.write(virt(last_page + 0xff0), &[1; 32]).is_err());
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    assert!(unsafe { machine.write(virt(last_page + 0xff0), &[1; 32]) }.is_err());
     assert!(machine.frame_bytes(frame).iter().all(|&b| b == 0));
 }

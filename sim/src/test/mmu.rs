@@ -38,10 +38,10 @@ fn data_goes_where_the_tables_say() {
     let frame = tables.map_new(BASE, KERNEL_RW);
     tables.map(BASE + 2 * MIB, 8 * MIB, 2, KERNEL_RW);
 
-    machine.write(virt(BASE + 10), b"four k").unwrap();
-    machine
-        .write(virt(BASE + 2 * MIB + MIB + 7), b"two m")
-        .unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(virt(BASE + 10), b"four k") }.unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(virt(BASE + 2 * MIB + MIB + 7), b"two m") }.unwrap();
 
     let mut buf = [0; 6];
     machine.read_phys(frame.start_address() + 10u64, &mut buf);
@@ -118,7 +118,8 @@ fn reads_and_writes_cross_pages_into_scattered_frames() {
     assert_ne!(first.start_address() + 4096u64, second.start_address());
 
     let data: Vec<u8> = (0..64).collect();
-    machine.write(virt(BASE + 0x1000 - 32), &data).unwrap();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write(virt(BASE + 0x1000 - 32), &data) }.unwrap();
     assert_eq!(machine.frame_bytes(first)[4096 - 32..], data[..32]);
     assert_eq!(machine.frame_bytes(second)[..32], data[32..]);
     let mut back = [0; 64];
@@ -133,8 +134,8 @@ fn crossing_into_an_unmapped_page_faults_without_partial_copy() {
     let frame = tables.map_new(BASE, KERNEL_RW);
     let start = virt(BASE + 0x1000 - 8);
 
-    let fault = machine
-        .write(start, &[0xee; 16])
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let fault = unsafe { machine.write(start, &[0xee; 16]) }
         .unwrap_err()
         .page_fault()
         .unwrap();
@@ -145,7 +146,8 @@ fn crossing_into_an_unmapped_page_faults_without_partial_copy() {
         "partial write"
     );
 
-    machine.write_phys(frame.start_address() + 0xff8u64, &[1; 8]);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address() + 0xff8u64, &[1; 8]) };
     let mut buf = [9; 16];
     let fault = machine
         .read(start, &mut buf)
@@ -164,7 +166,8 @@ fn first_faulting_page_is_reported() {
     tables.map_new(BASE, KERNEL_RW);
     tables.map_new(BASE + 0x1000, Flags::PRESENT);
     // Page 2 is read-only, page 3 unmapped: the write reports page 2.
-    let fault = machine.write(virt(BASE + 0x10), &[0; 0x3000]).unwrap_err();
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    let fault = unsafe { machine.write(virt(BASE + 0x10), &[0; 0x3000]) }.unwrap_err();
     let fault = fault.page_fault().unwrap();
     assert_eq!(fault.addr, virt(BASE + 0x1000));
     assert_eq!(

@@ -20,8 +20,10 @@ fn phys_helpers_round_trip() {
         machine.frame_bytes(frame).iter().all(|&b| b == 0),
         "memory starts zeroed"
     );
-    machine.fill_phys(frame.start_address(), 4096, 0xaa);
-    machine.write_phys(frame.start_address() + 100u64, b"hello");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(frame.start_address(), 4096, 0xaa) };
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address() + 100u64, b"hello") };
     let bytes = machine.frame_bytes(frame);
     assert_eq!(&bytes[100..105], b"hello");
     assert_eq!(bytes[99], 0xaa);
@@ -42,7 +44,8 @@ fn phys_address_past_the_end_panics() {
 #[should_panic(expected = "outside the simulated memory")]
 fn phys_write_running_past_the_end_panics() {
     let machine = machine();
-    machine.write_phys(PhysAddr::new(64 * MIB - 2), b"abc");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(PhysAddr::new(64 * MIB - 2), b"abc") };
 }
 
 #[test]

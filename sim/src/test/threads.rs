@@ -20,7 +20,8 @@ fn threads_translate_concurrently() {
     let mut tables = Tables::new(&machine);
     for page in 0..THREADS * PAGES {
         let frame = tables.map_new(BASE + page * 0x1000, KERNEL_RW);
-        machine.write_phys(frame.start_address(), &page.to_le_bytes());
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write_phys(frame.start_address(), &page.to_le_bytes()) };
     }
     let touched: Vec<Vec<u64>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..THREADS)
@@ -65,7 +66,8 @@ fn translations_race_with_a_thread_rewriting_the_entry() {
     let mut tables = Tables::new(&machine);
     let frames = [tables.bump.frame(), tables.bump.frame()];
     for (i, frame) in frames.iter().enumerate() {
-        machine.fill_phys(frame.start_address(), 4096, i as u8 + 1);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, i as u8 + 1) };
     }
     let walked = tables.map(BASE, frames[0].start_address().as_u64(), 1, KERNEL_RW);
     let entry_addr = walked[3].start_address() + index_at(BASE, 1) as u64 * 8;

@@ -9,7 +9,8 @@ fn forgotten_flush_reads_stale_data() {
     let mut tables = Tables::new(&machine);
     let frame = tables.bump.frame();
     let walked = tables.map(BASE, frame.start_address().as_u64(), 1, KERNEL_RW);
-    machine.write_phys(frame.start_address(), b"old data");
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(frame.start_address(), b"old data") };
 
     let mut buf = [0; 8];
     machine.read(virt(BASE), &mut buf).unwrap();

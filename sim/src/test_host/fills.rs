@@ -42,7 +42,8 @@ fn a_fill_maps_the_pages_after_it_that_the_tables_map() {
     let run: Vec<PhysFrame> = (0..40).map(|_| next(&mut frames)).collect();
     assert!(run.windows(2).all(|pair| pair[1] == pair[0] + 1));
     for (index, &frame) in run.iter().enumerate() {
-        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, index as u8) };
         map(
             &machine,
             &mut frames,
@@ -53,7 +54,8 @@ fn a_fill_maps_the_pages_after_it_that_the_tables_map() {
     }
     for index in (100..110).filter(|&index| index != 105).chain(510..514) {
         let frame = next(&mut frames);
-        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, index as u8) };
         map(
             &machine,
             &mut frames,
@@ -105,7 +107,8 @@ fn a_fill_maps_no_page_on_a_frame_out_of_its_run() {
     let mut taken: Vec<PhysFrame> = (0..4).map(|_| next(&mut frames)).collect();
     taken.reverse();
     for (i, &frame) in taken.iter().enumerate() {
-        machine.fill_phys(frame.start_address(), 4096, 200 + i as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, 200 + i as u8) };
         map(
             &machine,
             &mut frames,
@@ -166,7 +169,8 @@ fn pages_filled_again_and_again_keep_reaching_their_frames() {
             }
             // A new frame before the old one goes back: the entry changes.
             let frame = next(&mut frames);
-            machine.fill_phys(frame.start_address(), 8, round);
+            // SAFETY: bytes the test owns: no live Rust value lives there.
+            unsafe { machine.fill_phys(frame.start_address(), 8, round) };
             if round > 0 {
                 mapper(&machine).unmap(page).unwrap().1.ignore();
                 // SAFETY: frames the test took and no longer uses (or a bad free, refused).

@@ -13,7 +13,8 @@ fn interrupts_off_puts_back_a_handler_installed_over_the_windows() {
     let mut frames = frames_of(&machine);
     let page = window_page(&machine, 3);
     let frame = next(&mut frames);
-    machine.fill_phys(frame.start_address(), 4096, 0x5a);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(frame.start_address(), 4096, 0x5a) };
     map(&machine, &mut frames, page, frame, RW);
     extern "C" fn runtimes(_: libc::c_int) {
         // SAFETY: ends the child; async-signal-safe.

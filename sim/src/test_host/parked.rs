@@ -71,7 +71,8 @@ fn a_page_unmapped_and_mapped_again_over_its_frame_faults_between_and_works_afte
         );
         check_counts(&machine, "with the page parked");
         assert!(read_faults(page), "round {round}: a use after unmap faults");
-        machine.write_phys(frame.start_address() + 1, &[round]);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write_phys(frame.start_address() + 1, &[round]) };
 
         set_flags(&machine, page, RW);
         let misses = machine.tlb_stats().misses;
@@ -94,8 +95,10 @@ fn a_parked_page_mapped_on_another_frame_shows_that_frame() {
     let mut frames = frames_of(&machine);
     let page = window_page(&machine, 70);
     let (old, new) = (next(&mut frames), next(&mut frames));
-    machine.fill_phys(old.start_address(), 4096, 1);
-    machine.fill_phys(new.start_address(), 4096, 2);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(old.start_address(), 4096, 1) };
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(new.start_address(), 4096, 2) };
     map(&machine, &mut frames, page, old, RW);
     // SAFETY: mapped writable.
     assert_eq!(unsafe { ptr(page).read_volatile() }, 1);
@@ -121,7 +124,8 @@ fn a_parked_page_mapped_on_another_frame_shows_that_frame() {
     // A held page mapped on another frame without a flush, then written where it
     // was read-only: the fault maps the new frame, not the old one's rights.
     let other = next(&mut frames);
-    machine.fill_phys(other.start_address(), 4096, 4);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.fill_phys(other.start_address(), 4096, 4) };
     set_flags(&machine, page, Flags::PRESENT);
     machine.flush_page(page);
     // SAFETY: mapped readable.
@@ -172,7 +176,8 @@ fn parked_pages_split_and_rejoin_their_run_as_counted() {
     assert!(run.windows(2).all(|pair| pair[1] == pair[0] + 1));
     let pages: Vec<Page> = (0..40).map(|index| window_page(&machine, index)).collect();
     for (index, (&page, &frame)) in pages.iter().zip(&run).enumerate() {
-        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, index as u8) };
         map(&machine, &mut frames, page, frame, RW);
     }
     // SAFETY: mapped writable.
@@ -201,7 +206,8 @@ fn the_mapping_count_follows_random_parks_remaps_and_touches() {
     const PAGES: usize = 300;
     let pool: Vec<PhysFrame> = (0..PAGES + 60).map(|_| next(&mut frames)).collect();
     for (index, frame) in pool.iter().enumerate() {
-        machine.fill_phys(frame.start_address(), 4096, index as u8);
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, index as u8) };
     }
     let pages: Vec<Page> = (0..PAGES as u64)
         .map(|index| window_page(&machine, index))
