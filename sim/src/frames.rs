@@ -144,7 +144,10 @@ pub const POISON: u8 = 0x6b;
 /// it, or walk it as a page table. A frame returned before the flush that covers its translations
 /// shows in [`stale_reads`](Self::stale_reads), whatever the manager does afterwards.
 /// A frame the allocator does not hold as allocated (a double free) is passed on
-/// untouched, to be refused there.
+/// untouched, to be refused there. Host code reading through a host window's
+/// mapping of the page (filled before the unmap, and not yet taken away by a flush)
+/// reads the poison too, but is not recorded: only the simulated CPUs' TLBs and
+/// paging-structure caches are searched.
 pub struct PoisonOnFree<'m> {
     frames: &'m SimFrames,
     machine: &'m SimMachine,
