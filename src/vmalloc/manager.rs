@@ -202,6 +202,7 @@ where
 
     /// [`vmalloc_with`](Self::vmalloc_with) on behalf of `caller`, whom listings
     /// name (a `vrealloc` that moves an area keeps its caller).
+    #[inline]
     pub(super) fn vmalloc_for(
         &self,
         size: usize,
