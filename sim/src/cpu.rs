@@ -444,10 +444,16 @@ impl<'m> SimCpu<'m> {
 
     /// Runs `f` on the calling thread as this CPU, then switches back.
     pub fn run<R>(&self, f: impl FnOnce(&SimMachine) -> R) -> R {
-        let before = CURRENT.with(|cpu| cpu.replace(self.index));
-        let result = f(self.machine);
-        CURRENT.with(|cpu| cpu.set(before));
-        result
+        /// Puts the thread's CPU back when dropped: after `f`, or while it unwinds
+        /// (a failed check inside `f` must not leave the thread on this CPU).
+        struct Back(usize);
+        impl Drop for Back {
+            fn drop(&mut self) {
+                CURRENT.with(|cpu| cpu.set(self.0));
+            }
+        }
+        let _back = Back(CURRENT.with(|cpu| cpu.replace(self.index)));
+        f(self.machine)
     }
 
     /// Takes a pending IPI, if any (as the CPU does with interrupts enabled).

@@ -143,3 +143,21 @@ fn threads_as_one_cpu_never_overlap_with_interrupts_off_through_bias_and_revocat
         "biased {biased} times, revoked {revoked} times"
     );
 }
+
+#[test]
+fn a_panic_inside_cpu_run_puts_the_thread_back_on_its_cpu() {
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_cpus(2));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                machine.cpu(0).enter();
+                let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    machine.cpu(1).run(|_| panic!("a failed check inside run"))
+                }));
+                assert!(unwound.is_err());
+                assert_eq!(machine.current_cpu(), 0, "back on CPU 0");
+            })
+            .join()
+            .unwrap();
+    });
+}
