@@ -62,6 +62,9 @@ pub enum Error {
     WouldBlock,
     /// The object serves another manager (a `StackCache` bound to another `Vmalloc`).
     WrongManager,
+    /// An executable page was asked for below an upper page-table entry with
+    /// `NO_EXECUTE` (a table this crate did not make), which no leaf overrides.
+    NoExecuteAbove,
 }
 
 impl fmt::Display for Error {
@@ -91,6 +94,7 @@ impl fmt::Display for Error {
             Error::Overlap => "range overlaps one in use",
             Error::WouldBlock => "would have to wait",
             Error::WrongManager => "serves another manager",
+            Error::NoExecuteAbove => "an upper page-table entry forbids execution",
             Error::ManagedRam => "physical range holds RAM the frame allocator manages",
         };
         f.write_str(text)

@@ -148,3 +148,44 @@ fn translate_refuses_a_pml4_entry_with_the_huge_bit() {
     let ours = mapper.tables().translate(addr).map(|_| ());
     assert_eq!(ours, Err(vmalloc::Error::HugePageInTheWay));
 }
+
+/// An upper entry with `NO_EXECUTE` (a boot loader's, not this crate's) forbids
+/// fetches whatever the leaf says, and the crate takes no right away from upper
+/// entries: asking for an executable page below it is refused, and changes nothing.
+#[test]
+fn an_executable_page_below_a_no_execute_upper_entry_is_refused() {
+    use vmalloc::{Error, FrameSource};
+    let machine = SimMachine::new(SimConfig::new(64 << 20));
+    let frames = machine.frames();
+    let slot = 300u64;
+    let pdpt = frames.alloc_frame().unwrap();
+    let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    let entry = pdpt.start_address().as_u64() | flags.bits();
+    // SAFETY: a fresh frame and an unused root slot of the test's machine.
+    unsafe {
+        machine.fill_phys(pdpt.start_address(), 4096, 0);
+        machine.write_phys(
+            machine.root().start_address() + slot * 8,
+            &entry.to_le_bytes(),
+        );
+    }
+    // SAFETY: the machine's tables are this value's alone.
+    let mut tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
+    let addr = VirtAddr::new_truncate(slot << 39);
+    let page = Page::<Size4KiB>::containing_address(addr);
+    let range = Page::range(page, page + 1);
+    let frame = frames.alloc_frame().unwrap();
+    let free_before = frames.stats().free;
+    // SAFETY: an unused page and a frame from the allocator.
+    let executable = unsafe { tables.map(range, [frame], PageTableFlags::WRITABLE, &frames) };
+    assert_eq!(executable, Err(Error::NoExecuteAbove));
+    assert_eq!(frames.stats().free, free_before, "no table was taken");
+    let rw_nx = PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    // SAFETY: as above.
+    unsafe { tables.map(range, [frame], rw_nx, &frames) }.unwrap();
+    // SAFETY: the page is ours; nothing relies on its rights.
+    let protect = unsafe { tables.protect(range, PageTableFlags::empty()) };
+    assert_eq!(protect.map(|_| ()), Err(Error::NoExecuteAbove));
+    let (_, leaf, _) = tables.translate(addr).unwrap();
+    assert!(leaf.contains(rw_nx), "unchanged: {leaf:?}");
+}

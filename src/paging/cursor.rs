@@ -196,6 +196,21 @@ pub(super) struct Existing {
     /// Bits OR-ed into every upper entry passed on the way (for a leaf that needs
     /// them: `WRITABLE`, `USER_ACCESSIBLE`); empty for read-only walks.
     pub(super) upper_bits: PageTableFlags,
+    /// Bits no upper entry on the way may have (`NO_EXECUTE` above an executable
+    /// leaf, which this crate never takes away); `forbidden_seen` says one had.
+    pub(super) forbidden: PageTableFlags,
+    pub(super) forbidden_seen: bool,
+}
+
+impl Existing {
+    /// A walk that ORs `upper_bits` into the upper entries it passes.
+    pub(super) const fn adding(upper_bits: PageTableFlags) -> Self {
+        Self {
+            upper_bits,
+            forbidden: PageTableFlags::empty(),
+            forbidden_seen: false,
+        }
+    }
 }
 
 impl Descend for Existing {
@@ -207,6 +222,11 @@ impl Descend for Existing {
 
     #[inline]
     fn present(&mut self, entry: *mut PageTableEntry) {
+        if !self.forbidden.is_empty() {
+            // SAFETY: `entry` is a present upper entry of a reachable table.
+            let flags = unsafe { (*entry).flags() };
+            self.forbidden_seen |= flags.intersects(self.forbidden);
+        }
         if !self.upper_bits.is_empty() {
             add_upper_bits(entry, self.upper_bits);
         }
@@ -232,6 +252,10 @@ pub(super) struct CountMissing {
     pub(super) upper_bits: PageTableFlags,
     /// Whether some existing upper entry lacks some of `upper_bits`.
     pub(super) lacking: bool,
+    /// Bits no existing upper entry may have (see [`Existing::forbidden`]), and
+    /// whether one had.
+    pub(super) forbidden: PageTableFlags,
+    pub(super) forbidden_seen: bool,
 }
 
 impl Descend for CountMissing {
@@ -247,6 +271,7 @@ impl Descend for CountMissing {
         // SAFETY: `entry` is a present upper entry of a reachable table.
         let flags = unsafe { (*entry).flags() };
         self.lacking |= !flags.contains(self.upper_bits);
+        self.forbidden_seen |= flags.intersects(self.forbidden);
     }
 }
 

@@ -11,7 +11,8 @@ impl<M: PhysMemory> PageTables<M> {
     ///
     /// [`Error::AlreadyMapped`] if the PD entry is not zero (a page table or a mapping
     /// is there), [`Error::HugePageInTheWay`] for a 1 GiB entry above it,
-    /// [`Error::OutOfFrames`]; nothing changes.
+    /// [`Error::OutOfFrames`], [`Error::NoExecuteAbove`] as for
+    /// [`map`](super::PageTables::map); nothing changes.
     ///
     /// # Safety
     ///
@@ -28,9 +29,14 @@ impl<M: PhysMemory> PageTables<M> {
             tables: 0,
             upper_bits: PageTableFlags::empty(),
             lacking: false,
+            forbidden: super::forbidden_above(flags),
+            forbidden_seen: false,
         };
         // SAFETY: `new`'s contract makes the tables below the root valid.
         let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut count) }?;
+        if count.forbidden_seen {
+            return Err(Error::NoExecuteAbove);
+        }
         // SAFETY: the entry lies in a reachable PD.
         if !pd.is_null() && unsafe { read(entry_at(pd, index(addr, 2))) } != 0 {
             return Err(Error::AlreadyMapped);
@@ -76,9 +82,7 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// The PD entry of the present 2 MiB mapping at `addr`, and its value.
     fn present_2m_entry(&self, addr: u64) -> Result<(*mut PageTableEntry, u64), Error> {
-        let mut existing = Existing {
-            upper_bits: PageTableFlags::empty(),
-        };
+        let mut existing = Existing::adding(PageTableFlags::empty());
         // SAFETY: `new`'s contract makes the tables below the root valid.
         let pd = unsafe { Cursor::new(&self.phys, self.root).table(addr, 1, &mut existing) }?;
         let entry = entry_at(pd, index(addr, 2));

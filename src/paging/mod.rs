@@ -137,9 +137,7 @@ impl<M: PhysMemory> PageTables<M> {
     ///
     /// Missing page tables come from `tables`. Nothing needs flushing: no translation
     /// of a page that was not present can be cached. Upper entries get the
-    /// `WRITABLE` and `USER_ACCESSIBLE` the leaves need, and lose nothing: an upper
-    /// entry with `NO_EXECUTE` (a boot loader's table) still forbids fetches from the
-    /// pages below it, whatever their leaves say.
+    /// `WRITABLE` and `USER_ACCESSIBLE` the leaves need, and lose nothing.
     ///
     /// # Safety
     ///
@@ -156,6 +154,9 @@ impl<M: PhysMemory> PageTables<M> {
     /// - [`Error::AlreadyMapped`]: an entry in the way is not zero (mapped, detached);
     /// - [`Error::HugePageInTheWay`]: a 2 MiB or 1 GiB entry covers part of the range;
     /// - [`Error::OutOfFrames`]: `tables` ran out of frames for page tables;
+    /// - [`Error::NoExecuteAbove`]: the leaves are executable (no `NO_EXECUTE`) but an
+    ///   upper entry on the way has `NO_EXECUTE` (a boot loader's table), which the
+    ///   leaves cannot override;
     /// - [`Error::RangeWraps`], [`Error::NonCanonical`]: see the [module doc](self).
     ///
     /// Should `frames` yield fewer frames than its `len()` promised (a broken
@@ -183,9 +184,14 @@ impl<M: PhysMemory> PageTables<M> {
             tables: 0,
             upper_bits: upper_bits_for(leaf_flags),
             lacking: false,
+            forbidden: forbidden_above(leaf_flags),
+            forbidden_seen: false,
         };
         let mut cursor = Cursor::new(&self.phys, self.root);
         self.check_map(start, end, &mut cursor, &mut count)?;
+        if count.forbidden_seen {
+            return Err(Error::NoExecuteAbove);
+        }
         let mut stock = TableStock::take(&self.phys, tables, count.tables)?;
         if count.tables > 0 || count.lacking {
             // The path holds tables still to be made or entries still to be changed.
@@ -254,7 +260,7 @@ impl<M: PhysMemory> PageTables<M> {
     /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
     fn clear_leaves(&self, start: u64, end: u64) {
         let cleared =
-            self.rewrite_leaves(start, end, PageTableFlags::empty(), &ANY, |_, leaf, _| {
+            self.rewrite_leaves(start, end, NOTHING_ABOVE, &ANY, |_, leaf, _| {
                 *leaf = 0
             });
         debug_assert!(cleared.is_ok());
@@ -284,7 +290,7 @@ impl<M: PhysMemory> PageTables<M> {
         self.rewrite_leaves(
             start,
             end,
-            PageTableFlags::empty(),
+            NOTHING_ABOVE,
             &PRESENT,
             |addr, leaf, pages| {
                 let raw = core::mem::take(leaf);
@@ -314,7 +320,7 @@ impl<M: PhysMemory> PageTables<M> {
         self.rewrite_leaves(
             start,
             end,
-            PageTableFlags::empty(),
+            NOTHING_ABOVE,
             &PRESENT,
             |_, leaf, _| {
                 *leaf = (*leaf & !present) | detached;
@@ -346,7 +352,7 @@ impl<M: PhysMemory> PageTables<M> {
         self.rewrite_leaves(
             start,
             end,
-            PageTableFlags::empty(),
+            NOTHING_ABOVE,
             &DETACHED_LEAF,
             |addr, leaf, pages| {
                 let raw = core::mem::take(leaf);
@@ -360,12 +366,12 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame
     /// and its `ACCESSED` and `DIRTY` bits. As [`map`](Self::map), upper entries get
-    /// the `WRITABLE` and `USER_ACCESSIBLE` the leaves need and lose nothing: the
-    /// `NO_EXECUTE` of an upper entry this crate did not make still forbids fetches.
+    /// the `WRITABLE` and `USER_ACCESSIBLE` the leaves need and lose nothing.
     ///
     /// # Errors
     ///
-    /// As [`unmap`](Self::unmap); nothing changes.
+    /// As [`unmap`](Self::unmap), and [`Error::NoExecuteAbove`] as for
+    /// [`map`](Self::map); nothing changes.
     ///
     /// # Safety
     ///
@@ -383,7 +389,8 @@ impl<M: PhysMemory> PageTables<M> {
             | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY | PageTableFlags::HUGE_PAGE).bits();
         let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
         let upper_bits = upper_bits_for(flags);
-        self.rewrite_leaves(start, end, upper_bits, &PRESENT, |_, leaf, _| {
+        let forbidden = forbidden_above(flags);
+        self.rewrite_leaves(start, end, (upper_bits, forbidden), &PRESENT, |_, leaf, _| {
             *leaf = (*leaf & kept) | leaf_bits;
         })?;
         Ok(RangeFlush::new(start, end))
@@ -400,12 +407,14 @@ impl<M: PhysMemory> PageTables<M> {
         &self,
         start: u64,
         end: u64,
-        upper_bits: PageTableFlags,
+        upper: (PageTableFlags, PageTableFlags),
         check: &LeafCheck,
         mut rewrite: impl FnMut(u64, &mut u64, u64),
     ) -> Result<(), Error> {
+        let (upper_bits, forbidden) = upper;
         let mut existing = Existing {
-            upper_bits: PageTableFlags::empty(),
+            forbidden,
+            ..Existing::adding(PageTableFlags::empty())
         };
         let mut cursor = Cursor::new(&self.phys, self.root);
         let mut any_huge = false;
@@ -430,7 +439,10 @@ impl<M: PhysMemory> PageTables<M> {
         // The path the check ended on is still valid (rewriting leaves moves no
         // table), so a range inside one leaf table is not walked twice; unless upper
         // entries need bits, which takes passing each of them again.
-        let mut existing = Existing { upper_bits };
+        if existing.forbidden_seen {
+            return Err(Error::NoExecuteAbove);
+        }
+        let mut existing = Existing::adding(upper_bits);
         if !upper_bits.is_empty() || any_huge {
             cursor = Cursor::new(&self.phys, self.root);
         }
@@ -516,6 +528,22 @@ fn leaf_chunks(start: u64, end: u64) -> impl Iterator<Item = (u64, usize, usize)
         addr += len * PAGE_SIZE;
         Some(chunk)
     })
+}
+
+/// Upper entries neither gain nor are refused anything: the rewrites that take
+/// rights or mappings away.
+const NOTHING_ABOVE: (PageTableFlags, PageTableFlags) =
+    (PageTableFlags::empty(), PageTableFlags::empty());
+
+/// Bits no existing upper entry above a leaf with `leaf_flags` may have: for an
+/// executable leaf, `NO_EXECUTE` (this crate never takes a right away from an upper
+/// entry, and one it did not make may hold it).
+pub(super) fn forbidden_above(leaf_flags: PageTableFlags) -> PageTableFlags {
+    if leaf_flags.contains(PageTableFlags::NO_EXECUTE) {
+        PageTableFlags::empty()
+    } else {
+        PageTableFlags::NO_EXECUTE
+    }
 }
 
 /// Bits every upper entry above a leaf with `leaf_flags` must have.

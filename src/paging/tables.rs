@@ -47,6 +47,8 @@ impl<M: PhysMemory> PageTables<M> {
             tables: 0,
             upper_bits: upper_bits_for(flags),
             lacking: false,
+            forbidden: PageTableFlags::empty(),
+            forbidden_seen: false,
         };
         // SAFETY: `new`'s contract makes the tables below the root valid.
         unsafe { Cursor::new(&self.phys, self.root).table(addr, 2, &mut count) }?;
@@ -89,6 +91,8 @@ impl<M: PhysMemory> PageTables<M> {
             tables: 0,
             upper_bits: PageTableFlags::empty(),
             lacking: false,
+            forbidden: PageTableFlags::empty(),
+            forbidden_seen: false,
         };
         let root_span = entry_span(0);
         let last = end - 1;
