@@ -259,10 +259,7 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Zeroes the leaves `[start, end)`, all of which lie in existing tables.
     fn clear_leaves(&self, start: u64, end: u64) {
-        let cleared =
-            self.rewrite_leaves(start, end, NOTHING_ABOVE, &ANY, |_, leaf, _| {
-                *leaf = 0
-            });
+        let cleared = self.rewrite_leaves(start, end, NOTHING_ABOVE, &ANY, |_, leaf, _| *leaf = 0);
         debug_assert!(cleared.is_ok());
     }
 
@@ -287,19 +284,13 @@ impl<M: PhysMemory> PageTables<M> {
         mut on_frame: impl FnMut(Page, PhysFrame),
     ) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
-        self.rewrite_leaves(
-            start,
-            end,
-            NOTHING_ABOVE,
-            &PRESENT,
-            |addr, leaf, pages| {
-                let raw = core::mem::take(leaf);
-                match pages {
-                    1 => on_frame(page_at(addr), frame_of(raw)),
-                    _ => hand_out_huge(addr, raw, &mut on_frame),
-                }
-            },
-        )?;
+        self.rewrite_leaves(start, end, NOTHING_ABOVE, &PRESENT, |addr, leaf, pages| {
+            let raw = core::mem::take(leaf);
+            match pages {
+                1 => on_frame(page_at(addr), frame_of(raw)),
+                _ => hand_out_huge(addr, raw, &mut on_frame),
+            }
+        })?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -317,15 +308,9 @@ impl<M: PhysMemory> PageTables<M> {
     pub unsafe fn detach(&mut self, pages: PageRange) -> Result<RangeFlush, Error> {
         let (start, end) = span(pages)?;
         let (present, detached) = (PageTableFlags::PRESENT.bits(), DETACHED.bits());
-        self.rewrite_leaves(
-            start,
-            end,
-            NOTHING_ABOVE,
-            &PRESENT,
-            |_, leaf, _| {
-                *leaf = (*leaf & !present) | detached;
-            },
-        )?;
+        self.rewrite_leaves(start, end, NOTHING_ABOVE, &PRESENT, |_, leaf, _| {
+            *leaf = (*leaf & !present) | detached;
+        })?;
         Ok(RangeFlush::new(start, end))
     }
 
@@ -390,9 +375,15 @@ impl<M: PhysMemory> PageTables<M> {
         let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
         let upper_bits = upper_bits_for(flags);
         let forbidden = forbidden_above(flags);
-        self.rewrite_leaves(start, end, (upper_bits, forbidden), &PRESENT, |_, leaf, _| {
-            *leaf = (*leaf & kept) | leaf_bits;
-        })?;
+        self.rewrite_leaves(
+            start,
+            end,
+            (upper_bits, forbidden),
+            &PRESENT,
+            |_, leaf, _| {
+                *leaf = (*leaf & kept) | leaf_bits;
+            },
+        )?;
         Ok(RangeFlush::new(start, end))
     }
 
