@@ -852,3 +852,30 @@ fn a_kvbox_whose_value_panics_in_drop_still_frees_its_block() {
         "freed while unwinding, as Box does"
     );
 }
+
+#[test]
+fn a_realloc_of_a_foreign_area_to_a_smaller_path_is_refused() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let options = vmalloc::vmalloc::VmOptions {
+        tag: "someone else",
+        ..vmalloc::vmalloc::VmOptions::default()
+    };
+    let foreign = vm.vmalloc_with(32 << 10, &options).unwrap().as_ptr();
+    let layout = Layout::from_size_align(32 << 10, 8).unwrap();
+    for new_size in [100, 8 << 10, 64 << 10] {
+        let before = heap.stats();
+        // SAFETY: deliberately wrong: the heap did not make this block; it refuses it.
+        let moved = unsafe { heap.realloc(foreign, layout, new_size) };
+        assert!(moved.is_null(), "to {new_size} bytes");
+        assert_eq!(heap.stats().refused_frees, before.refused_frees + 1);
+        assert_eq!(heap.stats().in_use, before.in_use, "nothing allocated");
+    }
+    assert!(
+        vm.find_vm_area(VirtAddr::from_ptr(foreign)).is_some(),
+        "still its owner's"
+    );
+}

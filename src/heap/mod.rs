@@ -148,7 +148,8 @@ pub struct HeapStats {
     /// ([`HeapConfig::large_cache`]); [`KernelHeap::shrink`] gives them back.
     pub large_kept: usize,
     /// Frees refused: a slab object freed again right after its free (the last one
-    /// its magazine took), or a large block's pointer that starts no live large
+    /// its magazine took; best-effort: while another CPU drains this CPU's slabs a
+    /// repeated free goes by the slab's own lists unchecked), or a large block's pointer that starts no live large
     /// block of the heap's (another owner's area, a block the heap keeps after its
     /// free); and resizes of such a pointer (`realloc` returns null). A caller's bug
     /// the heap caught; a double free it does not catch is undefined behaviour, as
@@ -592,11 +593,17 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
                     // The object already holds `new_size` bytes.
                     return ptr;
                 }
-            } else if let Some(backing) = self.backing.get()
-                && new_size >= self.config.large_threshold
-            {
-                // SAFETY: as `GlobalAlloc::realloc`'s caller promised.
-                return unsafe { self.realloc_large(ptr, layout, new_size, backing.vmalloc) };
+            } else if let Some(backing) = self.backing.get() {
+                if new_size >= self.config.large_threshold {
+                    // SAFETY: as `GlobalAlloc::realloc`'s caller promised.
+                    return unsafe { self.realloc_large(ptr, layout, new_size, backing.vmalloc) };
+                }
+                // Moved to a smaller path below: only a live large block of the
+                // heap's (not another owner's area, nor a block kept after its free).
+                if backing.vmalloc.area_size(ptr, LARGE_TAG).is_none() {
+                    self.refused_frees.fetch_add(1, Ordering::Relaxed);
+                    return ptr::null_mut();
+                }
             }
         }
         let Some(moved) = self.allocate(new_layout) else {

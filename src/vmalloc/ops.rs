@@ -82,10 +82,10 @@ pub unsafe trait VmallocOps: Sync {
     }
 
     /// The usable bytes (whole pages) of the live area that starts at `ptr` and was
-    /// made with [`VmOptions::tag`] `tag`, or `None`: what the kernel heap checks
-    /// before it keeps a freed large block mapped for reuse. The heap hands such a
-    /// block out again for up to this many bytes, so an implementation answers
-    /// exactly or `None`; the default knows of no area.
+    /// carries [`VmOptions::tag`] `tag`, or `None`: what the kernel heap checks
+    /// before it resizes a large block, so it resizes only its own live blocks. An
+    /// implementation answers exactly or `None`; the default knows of no area (the
+    /// heap then refuses to resize its large blocks).
     fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
         let _ = (ptr, tag);
         None
