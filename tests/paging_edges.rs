@@ -19,6 +19,17 @@ fn root_entry(machine: &SimMachine, slot: u64) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// Writes root entry `slot` of the test's own machine, as a boot loader would.
+fn set_root_entry(machine: &SimMachine, slot: u64, entry: u64) {
+    // SAFETY: a page table of the test's machine: no live Rust value lives there.
+    unsafe {
+        machine.write_phys(
+            machine.root().start_address() + slot * 8,
+            &entry.to_le_bytes(),
+        )
+    };
+}
+
 fn slot_range(slot: u64) -> x86_64::structures::paging::page::PageRange<Size4KiB> {
     let start = VirtAddr::new_truncate(slot << 39);
     // The last page of the slot cannot end a range at the top of a half; stop a page short.
@@ -42,13 +53,7 @@ fn free_empty_tables_over_a_recursive_entry_leaves_every_root_entry() {
     assert_eq!(root_entry(&machine, region), 0);
     let root = machine.root().start_address().as_u64();
     let entry = root | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
-    // SAFETY: bytes the test owns: no live Rust value lives there.
-    unsafe {
-        machine.write_phys(
-            machine.root().start_address() + recursive * 8,
-            &entry.to_le_bytes(),
-        )
-    };
+    set_root_entry(&machine, recursive, entry);
 
     // SAFETY: the machine's tables are this value's alone; frames from its allocator.
     let mut tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
@@ -82,8 +87,7 @@ fn recursive_phys_to_virt_past_the_top_gives_a_pointer_that_faults() {
     let first = start.as_u64().div_ceil(SLOT);
     let root = machine.root().start_address();
     let entry = root.as_u64() | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
-    // SAFETY: bytes the test owns: no live Rust value lives there.
-    unsafe { machine.write_phys(root + first * 8, &entry.to_le_bytes()) };
+    set_root_entry(&machine, first, entry);
     let frames = machine.frames();
     // SAFETY: recursive entry in place, window slot unused, frames unused.
     let phys = unsafe {
@@ -129,13 +133,7 @@ fn translate_refuses_a_pml4_entry_with_the_huge_bit() {
     unsafe { machine.write_phys(other.start_address(), &fake.to_le_bytes()) };
     let entry = other.start_address().as_u64()
         | (PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::HUGE_PAGE).bits();
-    // SAFETY: bytes the test owns: no live Rust value lives there.
-    unsafe {
-        machine.write_phys(
-            machine.root().start_address() + slot * 8,
-            &entry.to_le_bytes(),
-        )
-    };
+    set_root_entry(&machine, slot, entry);
 
     // SAFETY: the machine's tables are this value's alone.
     let tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
@@ -161,14 +159,9 @@ fn an_executable_page_below_a_no_execute_upper_entry_is_refused() {
     let pdpt = frames.alloc_frame().unwrap();
     let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
     let entry = pdpt.start_address().as_u64() | flags.bits();
-    // SAFETY: a fresh frame and an unused root slot of the test's machine.
-    unsafe {
-        machine.fill_phys(pdpt.start_address(), 4096, 0);
-        machine.write_phys(
-            machine.root().start_address() + slot * 8,
-            &entry.to_le_bytes(),
-        );
-    }
+    // SAFETY: a fresh frame of the test's machine, made a page table.
+    unsafe { machine.fill_phys(pdpt.start_address(), 4096, 0) };
+    set_root_entry(&machine, slot, entry);
     // SAFETY: the machine's tables are this value's alone.
     let mut tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
     let addr = VirtAddr::new_truncate(slot << 39);
