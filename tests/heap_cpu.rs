@@ -504,3 +504,138 @@ fn a_cpu_whose_slabs_ran_dry_takes_the_partial_slabs_another_gave_back_before_ne
     heap.shrink();
     assert_eq!(heap.stats().slab_bytes, 0);
 }
+
+/// Frees `block` (live, of `layout`) twice: the second free is refused and counted,
+/// and nothing but the first free changed.
+///
+/// # Safety
+///
+/// `block` is a live block of `heap` of `layout`, not used afterwards.
+unsafe fn free_twice(heap: &KernelHeap, block: *mut u8, layout: Layout, path: &str) {
+    let before = heap.stats();
+    // SAFETY: the caller's block; the second free is a deliberate double free.
+    unsafe {
+        heap.dealloc(block, layout);
+        heap.dealloc(block, layout);
+    }
+    let after = heap.stats();
+    assert_eq!(
+        after.refused_frees,
+        before.refused_frees + 1,
+        "{path}: the second free was taken"
+    );
+    assert_eq!(after.in_use, before.in_use - layout.size(), "{path}");
+}
+
+/// After a refused double free: 600 new blocks are all distinct (none handed out
+/// twice), and once every block is freed the slabs empty and go back whole (each
+/// CPU gives its own back: the flush policy runs no work on the other).
+fn heap_intact(
+    machine: &SimMachine,
+    heap: &KernelHeap,
+    live: Vec<*mut u8>,
+    layout: Layout,
+    path: &str,
+) {
+    let fresh: Vec<Stamped> = (0..600).map(|i| Stamped::new(heap, layout, i)).collect();
+    let mut seen: std::collections::HashSet<usize> = live.iter().map(|&b| b as usize).collect();
+    for block in &fresh {
+        assert!(seen.insert(block.ptr), "{path}: a block handed out twice");
+    }
+    fresh.into_iter().for_each(|block| block.free(heap));
+    for block in live {
+        // SAFETY: live blocks of this test, freed once.
+        unsafe { heap.dealloc(block, layout) };
+    }
+    assert_eq!(heap.stats().in_use, 0, "{path}");
+    machine.cpu(1).run(|_| heap.shrink());
+    heap.shrink();
+    assert_eq!(heap.stats().slab_bytes, 0, "{path}: a slab stayed in use");
+}
+
+/// A slab object freed twice in a row is refused on every list its free can put it
+/// on, not only on top of a magazine or of the current slab's free list: the slab's
+/// own free list (a slab the CPU holds, or its class holds), the holder's notices,
+/// the slab's remote list.
+#[test]
+fn an_object_freed_twice_in_a_row_is_refused_whichever_list_took_it() {
+    let small = layout(64);
+    // SAFETY (each block below): a live block of the heap, of `small`; the double
+    // frees are deliberate and refused.
+    let alloc = |heap: &KernelHeap, n: usize| -> Vec<*mut u8> {
+        (0..n)
+            .map(|_| unsafe { heap.alloc(small) })
+            .inspect(|block| assert!(!block.is_null()))
+            .collect()
+    };
+    // Frees the last 16 blocks (the CPU's magazine of the class fills).
+    let fill_magazine = |heap: &KernelHeap, blocks: &mut Vec<*mut u8>| {
+        for block in blocks.split_off(blocks.len() - 16) {
+            // SAFETY: live blocks, freed once.
+            unsafe { heap.dealloc(block, small) };
+        }
+    };
+    let machine = machine(2, 15);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    for path in [
+        "held slab",
+        "class's slab",
+        "notices",
+        "remote list",
+        "no per-CPU",
+    ] {
+        let heap = KernelHeap::new(HeapConfig {
+            per_cpu: path != "no per-CPU",
+            ..CONFIG
+        });
+        heap.init(&vm).unwrap();
+        let mut blocks = alloc(&heap, 256);
+        match path {
+            // A full slab the CPU holds, not its current one.
+            "held slab" => {
+                fill_magazine(&heap, &mut blocks);
+                let first = blocks.remove(0);
+                unsafe { free_twice(&heap, first, small, path) };
+            }
+            // A slab the CPU gave back to its class, with a free object.
+            "class's slab" => {
+                let first = blocks.remove(0);
+                unsafe { heap.dealloc(first, small) };
+                heap.shrink();
+                fill_magazine(&heap, &mut blocks);
+                let second = blocks.remove(0);
+                unsafe { free_twice(&heap, second, small, path) };
+            }
+            // Objects CPU 1 holds the slab of, freed by CPU 0 past its full
+            // magazine: the first such free goes on CPU 1's notices, the next on the
+            // slab's remote list.
+            "notices" | "remote list" => {
+                let theirs = machine.cpu(1).run(|_| alloc(&heap, 64));
+                fill_magazine(&heap, &mut blocks);
+                if path == "remote list" {
+                    unsafe { heap.dealloc(theirs[0], small) };
+                }
+                unsafe { free_twice(&heap, theirs[1], small, path) };
+                let rest = theirs[2..].to_vec();
+                machine.cpu(1).run(|_| {
+                    for block in rest {
+                        // SAFETY: live blocks, freed once.
+                        unsafe { heap.dealloc(block, small) };
+                    }
+                });
+                if path == "notices" {
+                    unsafe { heap.dealloc(theirs[0], small) };
+                }
+            }
+            // One lock for every CPU: a free past the class's full magazine goes on
+            // the slab's free list.
+            _ => {
+                fill_magazine(&heap, &mut blocks);
+                let first = blocks.remove(0);
+                unsafe { free_twice(&heap, first, small, path) };
+            }
+        }
+        heap_intact(machine, &heap, blocks, small, path);
+    }
+}

@@ -50,7 +50,7 @@
 //! A CPU's state lives in its slot, on cache lines of its own.
 
 use super::slab::list::{FreeObject, Listed, SlabHeader, SlabList, give_objects};
-use super::slab::{CLASSES, GEOMETRY, Geometry, Slabs, slab_of};
+use super::slab::{CLASSES, GEOMETRY, Geometry, RemoteFree, Slabs, slab_of};
 use crate::percpu::{Held, Init, PerCpu};
 use crate::smp::Cpus;
 use crate::sync::IrqOff;
@@ -406,7 +406,11 @@ impl CpuSlabs {
             }
         }
         // SAFETY: forwarded.
-        unsafe { Self::release(state, counts, cpu, class, ptr, slabs, vmalloc) };
+        if !unsafe { Self::release(state, counts, cpu, class, ptr, slabs, vmalloc) } {
+            // Refused, nothing changed: the object heads the list it would join.
+            live.store(left.wrapping_add(1), Ordering::Relaxed);
+            return false;
+        }
         Self::tick(state, cpu, slabs, vmalloc);
         true
     }
@@ -423,6 +427,7 @@ impl CpuSlabs {
     ) {
         while let Some(object) = state.magazines.get_mut(class).and_then(Magazine::pop) {
             // SAFETY: a magazine holds freed objects of its class, counted as freed.
+            // One refused is on its slab's list already (freed twice, missed then).
             unsafe { Self::release(state, counts, cpu, class, object, slabs, vmalloc) };
         }
     }
@@ -443,7 +448,8 @@ impl CpuSlabs {
 
     /// Gives `ptr` back to its slab, with the free already counted: onto the CPU's
     /// free list, the free list of another slab it holds, or as a free from another
-    /// CPU.
+    /// CPU. `false` if refused: the object heads the list it would join (see
+    /// [`RemoteFree::Repeated`]).
     ///
     /// # Safety
     ///
@@ -458,27 +464,31 @@ impl CpuSlabs {
         ptr: *mut u8,
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
         let geometry = &GEOMETRY[class];
         let slabs_of_class = &mut state.classes[class];
         let slab = slab_of(ptr, geometry);
         if slab == slabs_of_class.current {
+            if slabs_of_class.freelist.cast() == ptr {
+                return false;
+            }
             // SAFETY: a freed object of the current slab (caller).
             unsafe { slabs_of_class.push(ptr) };
+            true
         // SAFETY: the object's slab is live while the object is in use (caller).
         } else if unsafe { (*slab).remote.holder() } == Some(cpu) {
             // SAFETY: a freed object of a slab this CPU holds, not its current one.
-            unsafe { Self::free_held(slabs_of_class, counts, slab, class, ptr, slabs, vmalloc) };
+            unsafe { Self::free_held(slabs_of_class, counts, slab, class, ptr, slabs, vmalloc) }
         } else {
             // SAFETY: a freed object of this class (caller), of a slab this CPU does
             // not hold.
-            unsafe { Self::free_slow(class, ptr, slabs, vmalloc) };
+            unsafe { Self::free_slow(class, ptr, slabs, vmalloc) }
         }
     }
 
     /// Frees `ptr` into `slab`, a slab this CPU holds other than its current one:
     /// onto the slab's own free list, no locked instruction; a slab that was full or
-    /// empties is settled.
+    /// empties is settled. `false` if refused (the object heads that list).
     ///
     /// # Safety
     ///
@@ -493,10 +503,13 @@ impl CpuSlabs {
         ptr: *mut u8,
         slabs: &Slabs,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
+        let link = ptr.cast::<FreeObject>();
         // SAFETY: a freed object of a slab this CPU holds (caller).
         unsafe {
-            let link = ptr.cast::<FreeObject>();
+            if (*slab).free == link {
+                return false;
+            }
             link.write(FreeObject { next: (*slab).free });
             (*slab).free = link;
             (*slab).in_use = (*slab).in_use.wrapping_sub(1);
@@ -505,21 +518,30 @@ impl CpuSlabs {
                 Self::settle(slabs_of_class, counts, slab, class, slabs, vmalloc);
             }
         }
+        true
     }
 
     /// Frees `ptr`, of a slab this CPU does not hold: onto its remote list, the
-    /// holder's notices or under its class's lock.
+    /// holder's notices or under its class's lock; `false` if refused (the object
+    /// heads the list it would join).
     ///
     /// # Safety
     ///
     /// As [`free`](Self::free); the object's slab is not held by the caller's CPU.
     #[inline(never)]
-    unsafe fn free_slow(class: usize, ptr: *mut u8, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+    unsafe fn free_slow(
+        class: usize,
+        ptr: *mut u8,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) -> bool {
         let geometry = &GEOMETRY[class];
         // SAFETY: a freed object (caller).
-        if !unsafe { slabs.free_remote(class, ptr, geometry) } {
+        match unsafe { slabs.free_remote(class, ptr, geometry) } {
+            RemoteFree::Freed => true,
+            RemoteFree::Repeated => false,
             // SAFETY: its class holds the slab.
-            unsafe { slabs.free_to_class(class, ptr, vmalloc) };
+            RemoteFree::Class => unsafe { slabs.free_to_class(class, ptr, vmalloc) },
         }
     }
 

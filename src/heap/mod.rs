@@ -147,13 +147,14 @@ pub struct HeapStats {
     /// Bytes of freed large blocks kept mapped for reuse
     /// ([`HeapConfig::large_cache`]); [`KernelHeap::shrink`] gives them back.
     pub large_kept: usize,
-    /// Frees refused: a slab object freed again right after its free (the last one
-    /// its magazine took; best-effort: while another CPU drains this CPU's slabs a
-    /// repeated free goes by the slab's own lists unchecked), or a large block's pointer that starts no live large
-    /// block of the heap's (another owner's area, a block the heap keeps after its
-    /// free); and resizes of such a pointer (`realloc` returns null). A caller's bug
-    /// the heap caught; a double free it does not catch is undefined behaviour, as
-    /// `GlobalAlloc` says.
+    /// Frees refused: a slab object freed again while it is still the last object
+    /// freed onto the list its free went to (a magazine, a slab's free list, a
+    /// slab's remote list, a CPU's notices: one comparison each), or a large block's
+    /// pointer that starts no live large block of the heap's (another owner's area,
+    /// a block the heap keeps after its free); and resizes of such a pointer
+    /// (`realloc` returns null). A caller's bug the heap caught; a double free it
+    /// does not catch (other frees onto that list came between) is undefined
+    /// behaviour, as `GlobalAlloc` says.
     pub refused_frees: usize,
 }
 

@@ -69,6 +69,20 @@ pub(super) use class::{GEOMETRY, Geometry, MIN_ALIGN, class_of_size};
 use list::{FreeObject, Listed, SlabHeader, SlabList, give_objects};
 use remote::Pushed;
 
+/// What a free without the class's lock did.
+pub(super) enum RemoteFree {
+    /// The object went on its slab's remote list or its holder's notices.
+    Freed,
+    /// The class holds the slab: the object goes back under the class's lock.
+    Class,
+    /// The object heads the list it would join (the slab's free list, its remote
+    /// list, its holder's notices): it is free already, so this is a second free in
+    /// a row, the caller's bug, refused with nothing changed. A legitimate free
+    /// cannot meet its object there, so the check costs one comparison and refuses
+    /// nothing else.
+    Repeated,
+}
+
 /// One class's slabs and its magazine, on cache lines of its own (with its lock):
 /// two CPUs working in neighbouring classes must not bounce one line between them.
 #[repr(align(128))]
@@ -221,17 +235,23 @@ impl Slabs {
         let Some(geometry) = GEOMETRY.get(class) else {
             return false;
         };
-        // SAFETY: a freed object of this class (caller).
-        if !magazine && unsafe { self.free_remote(class, ptr, geometry) } {
-            self.loose[class].fetch_sub(1, Ordering::Relaxed);
-            return true;
+        if !magazine {
+            // SAFETY: a freed object of this class (caller).
+            match unsafe { self.free_remote(class, ptr, geometry) } {
+                RemoteFree::Freed => {
+                    self.loose[class].fetch_sub(1, Ordering::Relaxed);
+                    return true;
+                }
+                RemoteFree::Repeated => return false,
+                RemoteFree::Class => {}
+            }
         }
         // SAFETY: forwarded.
         unsafe { self.free_locked(class, ptr, magazine, true, vmalloc) }
     }
 
     /// Gives `ptr` back to its slab under the class's lock, for a CPU that counted
-    /// the free itself.
+    /// the free itself; `false` if refused (as [`free`](Self::free)).
     ///
     /// # Safety
     ///
@@ -241,15 +261,14 @@ impl Slabs {
         class: usize,
         ptr: *mut u8,
         vmalloc: &dyn VmallocOps,
-    ) {
+    ) -> bool {
         // SAFETY: forwarded.
-        unsafe { self.free_locked(class, ptr, false, false, vmalloc) };
+        unsafe { self.free_locked(class, ptr, false, false, vmalloc) }
     }
 
     /// As [`free`](Self::free), under the class's lock, counting the free there if
-    /// `count`. Refuses (`false`, nothing changed) the object on top of the
-    /// magazine: freed just before, freed again (the caller's bug, caught where it
-    /// costs one comparison).
+    /// `count`. Refuses (`false`, nothing changed) an object on top of the magazine
+    /// or at the head of the list it would join (see [`Repeated`](RemoteFree::Repeated)).
     ///
     /// # Safety
     ///
@@ -269,24 +288,27 @@ impl Slabs {
         if magazine && state.cached > 0 && state.magazine[state.cached - 1] == ptr {
             return false;
         }
+        let to_magazine = magazine && state.cached < geometry.magazine;
+        let mut emptied = false;
+        if to_magazine {
+            let cached = state.cached;
+            state.magazine[cached] = ptr;
+            state.cached += 1;
+        } else {
+            // SAFETY: a freed object of this class (caller).
+            match unsafe { self.give_object(&mut state, ptr, class, geometry) } {
+                Some(slab_emptied) => emptied = slab_emptied,
+                None => return false,
+            }
+        }
         let due = count && {
             state.objects = state.objects.wrapping_sub(1);
             self.tick(0, 1)
         };
-        let emptied = if magazine && state.cached < geometry.magazine {
-            let cached = state.cached;
-            state.magazine[cached] = ptr;
-            state.cached += 1;
-            false
-        } else {
-            // SAFETY: a freed object of this class (caller).
-            let mut emptied = unsafe { self.give_object(&mut state, ptr, class, geometry) };
-            if state.objects == 0 {
-                // SAFETY: the magazine's objects are this class's, freed.
-                emptied |= unsafe { self.drain_magazine(&mut state, class, geometry) };
-            }
-            emptied
-        };
+        if !to_magazine && state.objects == 0 {
+            // SAFETY: the magazine's objects are this class's, freed.
+            emptied |= unsafe { self.drain_magazine(&mut state, class, geometry) };
+        }
         if emptied {
             self.age(state, class, geometry, vmalloc);
         } else {
@@ -299,7 +321,7 @@ impl Slabs {
     }
 
     /// Frees `object` without a lock if a CPU holds its slab (onto the slab's remote
-    /// list, or the CPU's notice list); whether it did.
+    /// list, or the CPU's notice list).
     ///
     /// # Safety
     ///
@@ -310,19 +332,36 @@ impl Slabs {
         class: usize,
         object: *mut u8,
         geometry: &Geometry,
-    ) -> bool {
+    ) -> RemoteFree {
         let slab = slab_of(object, geometry);
-        // SAFETY: the object's slab is live while the object is in use; `push` is the
-        // shared word's protocol.
-        match unsafe { (*slab).remote.push(slab as usize, object.cast()) } {
-            Pushed::Listed => true,
+        // SAFETY: the object's slab is live while the object is in use.
+        let remote = unsafe { &(*slab).remote };
+        if remote
+            .holder()
+            .is_some_and(|cpu| self.first_notice(cpu) == object.cast())
+        {
+            return RemoteFree::Repeated;
+        }
+        // SAFETY: `push` is the shared word's protocol; the object is the caller's.
+        match unsafe { remote.push(slab as usize, object.cast()) } {
+            Pushed::Listed => RemoteFree::Freed,
             Pushed::Notify(cpu) => {
                 // SAFETY: the object is ours to write until the CPU takes it (caller).
                 unsafe { self.notify(cpu, object, class) };
-                true
+                RemoteFree::Freed
             }
-            Pushed::Class => false,
+            Pushed::Class => RemoteFree::Class,
+            Pushed::Repeated => RemoteFree::Repeated,
         }
+    }
+
+    /// The head of CPU `cpu`'s notice list (a plain load).
+    fn first_notice(&self, cpu: usize) -> *mut Notice {
+        self.notices
+            .get(cpu)
+            .map_or(ptr::null_mut(), |Notices(list)| {
+                list.load(Ordering::Relaxed)
+            })
     }
 
     /// Puts `object` of `class` on CPU `cpu`'s notice list.
@@ -350,9 +389,7 @@ impl Slabs {
     /// Whether CPU `cpu` has notices waiting (a plain load).
     #[inline]
     pub(super) fn has_notices(&self, cpu: usize) -> bool {
-        self.notices
-            .get(cpu)
-            .is_some_and(|Notices(list)| !list.load(Ordering::Relaxed).is_null())
+        !self.first_notice(cpu).is_null()
     }
 
     /// CPU `cpu`'s notices, taken off its list.
@@ -472,15 +509,16 @@ impl Slabs {
         while state.cached > 0 {
             state.cached -= 1;
             let object = state.magazine[state.cached];
-            // SAFETY: a freed object of this class (caller).
-            emptied |= unsafe { self.give_object(state, object, class, geometry) };
+            // SAFETY: a freed object of this class (caller). One refused is on its
+            // slab's list already (freed twice, and missed then).
+            emptied |= unsafe { self.give_object(state, object, class, geometry) } == Some(true);
         }
         emptied
     }
 
     /// Gives a freed object back to its slab, with the class's lock held: onto the
     /// slab's remote list if a CPU holds it, else onto its free list; whether a slab
-    /// emptied.
+    /// emptied, `None` if refused (see [`Repeated`](RemoteFree::Repeated)).
     ///
     /// # Safety
     ///
@@ -491,11 +529,15 @@ impl Slabs {
         object: *mut u8,
         class: usize,
         geometry: &Geometry,
-    ) -> bool {
+    ) -> Option<bool> {
         // SAFETY: a freed object (caller); with the lock held, a slab the word says
         // the class holds stays the class's.
         unsafe {
-            !self.free_remote(class, object, geometry) && self.release(state, object, geometry)
+            match self.free_remote(class, object, geometry) {
+                RemoteFree::Freed => Some(false),
+                RemoteFree::Repeated => None,
+                RemoteFree::Class => self.release(state, object, geometry),
+            }
         }
     }
 
@@ -551,28 +593,37 @@ impl Slabs {
 
     /// Puts `object` back on its slab's free list, the class holding the slab; a full
     /// slab joins the partial list, and a slab left empty moves to the empty list.
-    /// Whether the slab emptied.
+    /// Whether the slab emptied; `None` if the object heads the list already (see
+    /// [`Repeated`](RemoteFree::Repeated)).
     ///
     /// # Safety
     ///
     /// `object` is a freed object of this class, whose slab the class holds.
-    unsafe fn release(&self, state: &mut Class, object: *mut u8, geometry: &Geometry) -> bool {
+    unsafe fn release(
+        &self,
+        state: &mut Class,
+        object: *mut u8,
+        geometry: &Geometry,
+    ) -> Option<bool> {
         let slab = slab_of(object, geometry);
+        let link = object.cast::<FreeObject>();
         // SAFETY: the object's slab is live and the class's (caller), and the object's
         // first word is free to hold the list link.
         unsafe {
-            let link = object.cast::<FreeObject>();
+            if (*slab).free == link {
+                return None;
+            }
             link.write(FreeObject { next: (*slab).free });
             (*slab).free = link;
             (*slab).in_use = (*slab).in_use.wrapping_sub(1);
-            match (*slab).listed {
+            Some(match (*slab).listed {
                 Listed::Partial if (*slab).in_use > 0 => false,
                 Listed::Partial => {
                     state.partial.unlink(slab);
                     self.place(state, slab, geometry)
                 }
                 _ => self.place(state, slab, geometry),
-            }
+            })
         }
     }
 

@@ -49,6 +49,9 @@ pub(in crate::heap) enum Pushed {
     Notify(usize),
     /// The class holds the slab: the object goes back under the class's lock.
     Class,
+    /// The object heads the slab's remote list already: freed twice in a row (the
+    /// caller's bug). Nothing changed.
+    Repeated,
 }
 
 fn holder(word: u64) -> Option<usize> {
@@ -90,6 +93,9 @@ impl Remote {
     /// Frees `object` into the slab at `base` as a CPU that does not hold it; see
     /// [`Pushed`]. A slab its class holds is never written here.
     ///
+    /// An object at the head of the list is free already, not the caller's to give:
+    /// refused, as a legitimate free cannot meet it there.
+    ///
     /// # Safety
     ///
     /// `object` is an object of the slab at `base`, handed out and now given up by
@@ -114,8 +120,12 @@ impl Remote {
                 }
                 continue;
             }
+            let head = list(word, base);
+            if head == object {
+                return Pushed::Repeated;
+            }
             // SAFETY: the object is the caller's to link (caller).
-            unsafe { (*object).next = list(word, base) };
+            unsafe { (*object).next = head };
             let new = (word & (HOLDER | ARMED)) | (offset << HEAD_SHIFT);
             // Release: the holder that takes the list sees the link.
             match self
@@ -182,6 +192,7 @@ mod test {
             assert_eq!(word.push(base, first), Pushed::Notify(3));
             assert_eq!(word.push(base, object(&mut buffer, 5)), Pushed::Listed);
             assert_eq!(word.push(base, object(&mut buffer, 9)), Pushed::Listed);
+            assert_eq!(word.push(base, object(&mut buffer, 9)), Pushed::Repeated);
         }
         let taken = word.take(base);
         assert_eq!(taken, object(&mut buffer, 9));
