@@ -187,6 +187,15 @@ impl<S, O> PerCpu<S, O> {
         self.slots.into_iter().map(|slot| slot.owned.into_inner())
     }
 
+    /// Every slot in turn, held by the caller: the teardown's, which `&mut self` keeps
+    /// from any other holder.
+    pub(crate) fn hold_each(&mut self) -> impl Iterator<Item = Held<'_, S, O>> {
+        self.slots.iter().enumerate().map(|(cpu, slot)| {
+            slot.state.store(OWNER, Ordering::Relaxed);
+            Held { slot, cpu }
+        })
+    }
+
     /// CPU `cpu`'s shared part; `None` past [`MAX_CPUS`].
     #[inline]
     pub(crate) fn get(&self, cpu: usize) -> Option<&S> {

@@ -879,3 +879,110 @@ fn a_realloc_of_a_foreign_area_to_a_smaller_path_is_refused() {
         "still its owner's"
     );
 }
+
+/// What a manager has given out: areas, bytes of its region and frames mapped.
+fn given_out<F: FrameSource + Clone>(vm: &SimVmalloc<'_, F>) -> (u64, u64, u64) {
+    vm.purge();
+    let stats = vm.stats();
+    (stats.areas, stats.used, stats.data_frames)
+}
+
+/// A heap dropped once its blocks are freed leaves the manager as it found it: its
+/// window, its slabs (the CPU's too), its kept large blocks and its guarded pool all
+/// go back, whatever paths the blocks took.
+#[test]
+fn a_dropped_heap_gives_back_every_area_and_frame_it_took() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let before = given_out(&vm);
+    for (per_cpu, sample_interval) in [(true, 0), (true, 3), (false, 0)] {
+        let heap = KernelHeap::new(HeapConfig {
+            per_cpu,
+            sample_interval,
+            ..CONFIG
+        });
+        heap.init(&vm).unwrap();
+        let mut rng = Rng::new(5);
+        let mut live: Vec<Block> = Vec::new();
+        for step in 0..3000 {
+            if live.len() < 300 && rng.below(3) != 0 {
+                let size = match rng.below(10) {
+                    0 => 5000 + rng.below(8000) as usize,      // the list
+                    1 => 20_000 + rng.below(200_000) as usize, // a large block
+                    _ => 1 + rng.below(2000) as usize,         // a slab
+                };
+                let layout = Layout::from_size_align(size, 8).unwrap();
+                // SAFETY: a non-zero size.
+                let ptr = unsafe { heap.alloc(layout) };
+                assert!(!ptr.is_null());
+                let block = Block {
+                    ptr,
+                    layout,
+                    fill: step as u8,
+                };
+                fill(&block);
+                live.push(block);
+            } else if !live.is_empty() {
+                let block = live.swap_remove(rng.below(live.len() as u64) as usize);
+                check(&block, block.layout.size());
+                // SAFETY: a live block, freed once with its layout.
+                unsafe { heap.dealloc(block.ptr, block.layout) };
+            }
+        }
+        for block in live {
+            // SAFETY: as above.
+            unsafe { heap.dealloc(block.ptr, block.layout) };
+        }
+        let stats = heap.stats();
+        assert!(stats.large_kept > 0 && stats.slab_bytes > 0, "{stats:?}");
+        if sample_interval > 0 {
+            assert!(heap.guarded_stats().sampled > 0);
+        }
+        assert_ne!(given_out(&vm), before);
+        drop(heap);
+        assert_eq!(
+            given_out(&vm),
+            before,
+            "per_cpu {per_cpu}, sampling 1 in {sample_interval}: (areas, bytes, frames)"
+        );
+    }
+}
+
+/// A heap dropped with blocks still allocated does not unmap them: a pointer kept
+/// past the heap (a caller's leak) reads what was written, and nothing else is lost.
+#[test]
+fn a_heap_dropped_with_blocks_allocated_leaves_them_mapped() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(HeapConfig {
+        sample_interval: 1,
+        ..CONFIG
+    });
+    heap.init(&vm).unwrap();
+    let blocks: Vec<Block> = [(48, 1), (100, 2), (6000, 3), (100_000, 4)]
+        .into_iter()
+        .map(|(size, fill_byte)| {
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            // SAFETY: a non-zero size.
+            let block = Block {
+                ptr: unsafe { heap.alloc(layout) },
+                layout,
+                fill: fill_byte,
+            };
+            fill(&block);
+            block
+        })
+        .collect();
+    assert!(
+        heap.guarded_stats().live > 0,
+        "the first allocation is sampled"
+    );
+    drop(heap);
+    // Whatever the heap gave back is unmapped and flushed now.
+    vm.purge();
+    for block in &blocks {
+        check(block, block.layout.size());
+    }
+}

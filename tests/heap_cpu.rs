@@ -639,3 +639,49 @@ fn an_object_freed_twice_in_a_row_is_refused_whichever_list_took_it() {
         heap_intact(machine, &heap, blocks, small, path);
     }
 }
+
+/// Dropped once every block is freed, a heap gives back the slabs every CPU holds,
+/// online or not, reachable or not, with the objects their magazines and notices
+/// held.
+#[test]
+fn a_dropped_heap_gives_back_the_slabs_every_cpu_holds() {
+    let machine = machine(4, 16);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    let given_out = || {
+        vm.purge();
+        let stats = vm.stats();
+        (stats.areas, stats.used, stats.data_frames)
+    };
+    let before = given_out();
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let sizes = [16, 64, 200, 512, 2000];
+    // Each CPU allocates; CPU 0 frees every CPU's blocks (remote frees, notices),
+    // then each CPU frees a few of its own (its magazines).
+    let theirs: Vec<Vec<Stamped>> = (1..4)
+        .map(|cpu| {
+            machine.cpu(cpu).run(|_| {
+                (0..400)
+                    .map(|i| Stamped::new(&heap, layout(sizes[i % 5]), i as u64))
+                    .collect()
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for (cpu, blocks) in (1..4).zip(theirs) {
+        let (own, remote) = blocks.split_at(20);
+        remote.iter().for_each(|block| block.free(&heap));
+        kept.push((cpu, own.to_vec()));
+    }
+    for (cpu, own) in kept {
+        machine
+            .cpu(cpu)
+            .run(|_| own.into_iter().for_each(|block| block.free(&heap)));
+    }
+    machine.cpu(3).go_offline();
+    assert_eq!(heap.stats().in_use, 0);
+    assert!(cpu_slabs(&heap) > 0, "the CPUs hold slabs");
+    drop(heap);
+    assert_eq!(given_out(), before, "(areas, bytes, frames)");
+}

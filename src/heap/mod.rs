@@ -567,6 +567,31 @@ impl<'a> KernelHeap<'a> {
     }
 }
 
+impl Drop for KernelHeap<'_> {
+    /// Gives back to vmalloc everything the heap holds that no allocated block is
+    /// in: every CPU's slabs go back to their classes, then the empty slabs and the
+    /// kept large blocks go back (as [`shrink`](Self::shrink) does), the list's
+    /// window if no list block is allocated, and the guarded pool if no sampled
+    /// object lives. What an allocated block is in (its slab, the window, its own
+    /// area, the pool) stays mapped: a heap dropped with blocks still allocated
+    /// leaks them, and never unmaps memory under a pointer someone kept.
+    fn drop(&mut self) {
+        let Some(backing) = self.backing.get() else {
+            return;
+        };
+        let vmalloc = backing.vmalloc;
+        self.cpu_slabs.empty_all(&self.slabs, vmalloc);
+        self.slabs.shrink(vmalloc);
+        let list_used = lock_heap(&self.list, Some(vmalloc)).list.used();
+        if list_used == 0 {
+            // SAFETY: the window is this heap's reservation, and no block of it is
+            // allocated: nothing uses it.
+            let _ = unsafe { vmalloc.vfree(backing.window as *mut u8) };
+        }
+        self.guarded.release(vmalloc);
+    }
+}
+
 // SAFETY: blocks come from slabs, the list heap or their own vmalloc areas, all
 // mapped read-write and handed out once; `dealloc` routes each back by address and
 // layout as `allocate` chose.

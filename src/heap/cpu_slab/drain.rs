@@ -128,6 +128,14 @@ impl CpuSlabs {
         );
     }
 
+    /// Gives every CPU's slabs back to their classes with no CPU in the heap: the
+    /// teardown's.
+    pub(crate) fn empty_all(&mut self, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+        for mut slot in self.slots.hold_each() {
+            Self::empty(&mut slot, slabs, vmalloc);
+        }
+    }
+
     /// Per class: objects the CPUs handed out minus those they freed, and slabs they
     /// hold as current, spare or on their partial lists (a moment's count while CPUs
     /// run).

@@ -71,6 +71,7 @@ pub use site::CallSite;
 
 use super::KernelHeap;
 use crate::PAGE_SIZE;
+use crate::vmalloc::VmallocOps;
 use core::alloc::Layout;
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -134,6 +135,15 @@ pub struct GuardedStats {
 }
 
 impl Guarded<'_> {
+    /// Gives the pool back to `vmalloc` if it was made and holds no live object: the
+    /// teardown's (`&mut self`: no CPU samples, frees or reads the records).
+    pub(super) fn release(&mut self, vmalloc: &dyn VmallocOps) {
+        if let Some(pool) = self.pool.get() {
+            // SAFETY: the heap is going away; nothing uses its pool after this.
+            unsafe { pool.release(vmalloc) };
+        }
+    }
+
     /// Off until sampling is asked for; `const`, for a `static` heap.
     pub(super) const fn new(interval: u32, slots: usize) -> Self {
         Self {

@@ -185,6 +185,28 @@ impl Pool {
         })
     }
 
+    /// Gives the pool's area (with the frames its slots keep) and its records back
+    /// to `vmalloc` if no slot holds a live object; whether it did.
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses the pool afterwards.
+    pub(super) unsafe fn release(&self, vmalloc: &dyn VmallocOps) -> bool {
+        let records = self.lock(vmalloc);
+        if records.live > 0 {
+            return false;
+        }
+        let meta = records.slots.cast::<u8>();
+        drop(records);
+        // SAFETY: the pool's two areas, made by `new`, which nothing uses now
+        // (caller) and no live object is in.
+        unsafe {
+            let _ = vmalloc.vfree(meta);
+            let _ = vmalloc.vfree(self.area as *mut u8);
+        }
+        true
+    }
+
     /// Bytes of the pool's area.
     pub(super) fn len(&self) -> usize {
         (2 * self.count + 1) * PAGE
