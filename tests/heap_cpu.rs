@@ -685,3 +685,112 @@ fn a_dropped_heap_gives_back_the_slabs_every_cpu_holds() {
     drop(heap);
     assert_eq!(given_out(), before, "(areas, bytes, frames)");
 }
+
+/// A free that empties its slab resets the slab's free list, so the object heads no
+/// list: a second free of it is refused all the same (a slab with nothing in use
+/// takes no free), on a CPU's held slab and on a slab its class holds, through the
+/// class's magazine or past it.
+#[test]
+fn a_second_free_of_the_object_whose_free_emptied_its_slab_is_refused() {
+    let small = layout(64);
+    for (path, count) in [
+        // The emptied slab becomes the CPU's spare.
+        ("per-CPU, spare", 64),
+        // The CPU has a spare: the emptied slab goes back to its class.
+        ("per-CPU, to the class", 130),
+        ("class", 130),
+        ("class, full magazine", 130),
+    ] {
+        let machine = machine(2, 3);
+        let frames = machine.frames();
+        let vm = manager(machine, &frames, machine);
+        let per_cpu = path.starts_with("per-CPU");
+        let heap = KernelHeap::new(HeapConfig { per_cpu, ..CONFIG });
+        heap.init(&vm).unwrap();
+        // SAFETY: live blocks of the heap, each freed once but for the deliberate
+        // (refused) double free.
+        unsafe {
+            let mut blocks: Vec<*mut u8> = (0..count).map(|_| heap.alloc(small)).collect();
+            let slab = |block: *mut u8| block as usize & !4095;
+            let first = slab(blocks[0]);
+            assert!(blocks[..63].iter().all(|&b| slab(b) == first));
+            assert_ne!(slab(blocks[63]), first, "63 objects to a slab");
+            let others = blocks.split_off(63);
+            let mut live = Vec::new();
+            if path == "class, full magazine" {
+                // The class's magazine fills (32 objects of 64 bytes) and the other
+                // slabs keep objects in use.
+                for &block in &others[..32] {
+                    heap.dealloc(block, small);
+                }
+                live = others[32..].to_vec();
+            } else {
+                for &block in &others {
+                    heap.dealloc(block, small);
+                }
+            }
+            for &block in &blocks[1..] {
+                heap.dealloc(block, small);
+            }
+            // The slab's last object: its free empties the slab.
+            free_twice(&heap, blocks[0], small, path);
+            heap_intact(machine, &heap, live, small, path);
+        }
+    }
+}
+
+/// Emptying one CPU at teardown can free objects into a full slab an earlier CPU
+/// holds (from the later CPU's magazines): the drop still gives that slab back.
+#[test]
+fn a_dropped_heap_gives_back_a_full_slab_freed_from_other_cpus_magazines() {
+    let machine = machine(3, 7);
+    let frames = machine.frames();
+    let vm = manager(machine, &frames, machine);
+    let given_out = || {
+        vm.purge();
+        let stats = vm.stats();
+        (stats.areas, stats.used, stats.data_frames)
+    };
+    let before = given_out();
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let big = layout(512);
+    let alloc = |n: usize| -> Vec<usize> {
+        // SAFETY: a non-zero size.
+        (0..n)
+            .map(|_| unsafe { heap.alloc(big) } as usize)
+            .collect()
+    };
+    let free = |blocks: &[usize]| {
+        for &block in blocks {
+            // SAFETY: live blocks, each freed once.
+            unsafe { heap.dealloc(block as *mut u8, big) };
+        }
+    };
+    // CPU 0 fills a slab (31 objects of 512 bytes) and starts another: the first is
+    // full, on none of its lists.
+    let zero = machine.cpu(0).run(|_| alloc(32));
+    let (full, extra) = zero.split_at(31);
+    let slab = full[0] & !(16384 - 1);
+    assert!(full.iter().all(|&b| b & !(16384 - 1) == slab), "one slab");
+    // CPUs 1 and 2, with objects of their own in use, free its objects: into their
+    // magazines.
+    let one = machine.cpu(1).run(|_| {
+        let own = alloc(17);
+        free(&full[..16]);
+        own
+    });
+    let two = machine.cpu(2).run(|_| {
+        let own = alloc(17);
+        free(&full[16..]);
+        own
+    });
+    machine.cpu(0).run(|_| {
+        free(&one);
+        free(&two);
+        free(extra);
+    });
+    assert_eq!(heap.stats().in_use, 0);
+    drop(heap);
+    assert_eq!(given_out(), before, "(areas, bytes, frames)");
+}

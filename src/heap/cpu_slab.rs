@@ -507,7 +507,9 @@ impl CpuSlabs {
         let link = ptr.cast::<FreeObject>();
         // SAFETY: a freed object of a slab this CPU holds (caller).
         unsafe {
-            if (*slab).free == link {
+            // Heading the list, or into a slab with nothing in use (the first free
+            // emptied it, and reset its list): freed already.
+            if (*slab).free == link || (*slab).in_use == 0 {
                 return false;
             }
             link.write(FreeObject { next: (*slab).free });

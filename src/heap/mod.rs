@@ -149,7 +149,8 @@ pub struct HeapStats {
     pub large_kept: usize,
     /// Frees refused: a slab object freed again while it is still the last object
     /// freed onto the list its free went to (a magazine, a slab's free list, a
-    /// slab's remote list, a CPU's notices: one comparison each), or a large block's
+    /// slab's remote list, a CPU's notices: one comparison each) or while the slab
+    /// its free emptied has nothing in use, or a large block's
     /// pointer that starts no live large block of the heap's (another owner's area,
     /// a block the heap keeps after its free); and resizes of such a pointer
     /// (`realloc` returns null). A caller's bug the heap caught; a double free it

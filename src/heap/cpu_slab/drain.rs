@@ -129,10 +129,15 @@ impl CpuSlabs {
     }
 
     /// Gives every CPU's slabs back to their classes with no CPU in the heap: the
-    /// teardown's.
+    /// teardown's. Emptying one CPU's magazines can free objects into a full slab
+    /// another CPU holds, emptied already, which learns of it by a notice: a second
+    /// round takes those back (and makes no notice itself: every object it frees
+    /// is of a slab its CPU holds, or its class's).
     pub(crate) fn empty_all(&mut self, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
-        for mut slot in self.slots.hold_each() {
-            Self::empty(&mut slot, slabs, vmalloc);
+        for _ in 0..2 {
+            for mut slot in self.slots.hold_each() {
+                Self::empty(&mut slot, slabs, vmalloc);
+            }
         }
     }
 

@@ -69,6 +69,19 @@ pub(super) use class::{GEOMETRY, Geometry, MIN_ALIGN, class_of_size};
 use list::{FreeObject, Listed, SlabHeader, SlabList, give_objects};
 use remote::Pushed;
 
+/// Whether `slab`, which its class holds, has no object in use: a free into it is a
+/// second free of an object whose first free emptied the slab (and reset its free
+/// list), refused as [`RemoteFree::Repeated`] is.
+///
+/// # Safety
+///
+/// `slab` is a live slab; if its class holds it, the caller holds the class's lock.
+unsafe fn slab_emptied(slab: *mut SlabHeader) -> bool {
+    // SAFETY: a live slab (caller); its count is read only if the class holds it,
+    // whose lock the caller holds.
+    unsafe { (*slab).remote.holder().is_none() && (*slab).in_use == 0 }
+}
+
 /// What a free without the class's lock did.
 pub(super) enum RemoteFree {
     /// The object went on its slab's remote list or its holder's notices.
@@ -289,6 +302,11 @@ impl Slabs {
             return false;
         }
         let to_magazine = magazine && state.cached < geometry.magazine;
+        // SAFETY: the object's slab is live while the object is in use (caller); a
+        // slab its class holds changes only under the lock held here.
+        if to_magazine && unsafe { slab_emptied(slab_of(ptr, geometry)) } {
+            return false;
+        }
         let mut emptied = false;
         if to_magazine {
             let cached = state.cached;
@@ -610,7 +628,9 @@ impl Slabs {
         // SAFETY: the object's slab is live and the class's (caller), and the object's
         // first word is free to hold the list link.
         unsafe {
-            if (*slab).free == link {
+            // Heading the list, or into a slab with nothing in use (the first free
+            // emptied it, and reset its list): freed already.
+            if (*slab).free == link || (*slab).in_use == 0 {
                 return None;
             }
             link.write(FreeObject { next: (*slab).free });
