@@ -604,3 +604,98 @@ fn a_manager_on_four_cpus_over_the_lists_gives_every_frame_back() {
         },
     );
 }
+
+const FRAME: u64 = 4096;
+
+fn frame(number: u64) -> PhysFrame {
+    PhysFrame::containing_address(x86_64::PhysAddr::new(number * FRAME))
+}
+
+/// An allocator with per-CPU lists (so with handed-out flags) over two zones:
+/// frames 0..10 and 100,000..100,008, whose flags follow the first zone's.
+fn two_zones(cpus: usize) -> (&'static SimMachine, &'static Frames) {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(16 << 20).with_cpus(cpus),
+    )));
+    let map = vec![
+        vmalloc::frame::MemoryRegion::usable(0, 10 * FRAME),
+        vmalloc::frame::MemoryRegion::usable(100_000 * FRAME, 100_008 * FRAME),
+    ];
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let storage: &'static mut [u64] = Box::leak(vec![0; words].into_boxed_slice());
+    let bitmap = BitmapFrameAllocator::with_storage(map, storage).unwrap();
+    let frames = Box::leak(Box::new(LockedFrameAllocator::with_cpus(bitmap, machine)));
+    (machine, frames)
+}
+
+/// A bulk free naming, beside a frame it holds, an unmanaged frame of the same
+/// bitmap word past the zone's end is refused with nothing changed (it panicked
+/// past the last zone's flags).
+#[test]
+fn a_bulk_free_with_a_frame_past_its_zone_is_refused_and_changes_nothing() {
+    let (machine, frames) = two_zones(1);
+    on(machine, 0, || {
+        let held = frames.alloc().unwrap();
+        let before = frames.stats();
+        for stranger in [frame(12), frame(100_020)] {
+            let partner = if stranger == frame(12) {
+                held
+            } else {
+                frames.alloc_from(frame(100_003)).unwrap()
+            };
+            let before = frames.stats();
+            // SAFETY: `partner` is held and unused; the stranger is not managed,
+            // so the call is refused.
+            let freed = unsafe { frames.free_bulk(&[partner, stranger]) };
+            assert_eq!(freed, Err(Error::FrameNotManaged));
+            assert_eq!(frames.stats(), before);
+            assert_eq!(frames.is_free(partner), Ok(false));
+        }
+        assert_eq!(frames.stats().used, before.used + 1);
+    });
+}
+
+/// A refused bulk free never touches another frame's handed-out flag: frame 15 is
+/// past the first zone, and its index there names the second zone's frame
+/// 100,005, which CPU 1 frees and takes again meanwhile. Its frees were refused
+/// while CPU 0's call held that flag.
+#[test]
+fn a_refused_bulk_free_never_refuses_another_cpus_free() {
+    watchdog("a refused bulk free racing a free", DEADLOCK_LIMIT, || {
+        let (machine, frames) = two_zones(2);
+        let mut all = [frame(0); 18];
+        assert_eq!(on(machine, 0, || frames.alloc_bulk(&mut all)), 18);
+        let stop = AtomicBool::new(false);
+        let theirs = frame(100_005);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                on(machine, 0, || {
+                    let _stop = SetOnDrop(&stop);
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        // SAFETY: frame 0 is held and unused; frame 15 is not
+                        // managed, so the call is refused.
+                        let freed = unsafe { frames.free_bulk(&[frame(0), frame(15)]) };
+                        assert_eq!(freed, Err(Error::FrameNotManaged));
+                    }
+                })
+            });
+            scope.spawn(|| {
+                on(machine, 1, || {
+                    let _stop = SetOnDrop(&stop);
+                    while !stop.load(Ordering::Relaxed) {
+                        // SAFETY: CPU 1's frame, unused.
+                        assert_eq!(
+                            unsafe { frames.free(theirs) },
+                            Ok(()),
+                            "a good free refused"
+                        );
+                        assert_eq!(frames.alloc(), Some(theirs));
+                    }
+                })
+            });
+        });
+    });
+}

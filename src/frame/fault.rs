@@ -11,7 +11,8 @@ const DISARMED: u64 = u64::MAX;
 ///
 /// After [`fail_after(n)`](Self::fail_after), the next `n` frames are handed out
 /// as usual and the one after them is refused, as if memory had run out; then the
-/// injector disarms itself. Every frame of a bulk allocation counts as one: an
+/// injector disarms itself. Requests the wrapped source cannot serve (it ran out, or
+/// has no 2 MiB run) count nothing. Every frame of a bulk allocation counts as one: an
 /// [`alloc_frames`](FrameSource::alloc_frames) call crossing the failing frame
 /// returns a short count. Frees pass through untouched.
 ///
@@ -97,6 +98,18 @@ impl<S: FrameSource> FaultInjector<S> {
         left as usize
     }
 
+    /// Gives back what `allowed` let through and the inner source did not hand out:
+    /// only frames handed out count towards the failure.
+    fn refund(&self, frames: usize) {
+        if frames > 0 {
+            let _ = self
+                .until_failure
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    (left != DISARMED).then(|| left.saturating_add(frames as u64))
+                });
+        }
+    }
+
     fn count(&self, frames: usize) {
         self.handed_out.fetch_add(frames as u64, Ordering::SeqCst);
     }
@@ -109,7 +122,10 @@ unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
         if self.allowed(1) == 0 {
             return None;
         }
-        let frame = self.inner.alloc_frame()?;
+        let Some(frame) = self.inner.alloc_frame() else {
+            self.refund(1);
+            return None;
+        };
         self.count(1);
         Some(frame)
     }
@@ -117,6 +133,7 @@ unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
     fn alloc_frames(&self, out: &mut [PhysFrame]) -> usize {
         let allowed = self.allowed(out.len());
         let filled = self.inner.alloc_frames(&mut out[..allowed]);
+        self.refund(allowed.saturating_sub(filled));
         self.count(filled);
         filled
     }
@@ -126,7 +143,10 @@ unsafe impl<S: FrameSource> FrameSource for FaultInjector<S> {
         if self.allowed(FRAMES) < FRAMES {
             return None;
         }
-        let run = self.inner.alloc_frame_2m()?;
+        let Some(run) = self.inner.alloc_frame_2m() else {
+            self.refund(FRAMES);
+            return None;
+        };
         self.count(FRAMES);
         Some(run)
     }

@@ -326,6 +326,38 @@ fn fault_injector_fails_the_chosen_frame_once() {
     assert_eq!(locked.stats().used, 7);
 }
 
+/// Requests the wrapped source cannot serve hand out nothing and count nothing: the
+/// failure still comes after the chosen number of frames handed out.
+#[test]
+fn fault_injector_counts_only_frames_handed_out() {
+    // 1 MiB: no 2 MiB run.
+    let map = [MemoryRegion::usable(0, 256 * FRAME)];
+    let mut storage = storage_for(&map);
+    let locked = LockedFrameAllocator::with_storage(map.iter().cloned(), &mut storage).unwrap();
+    let injector = FaultInjector::new(&locked);
+    injector.fail_after(600);
+    assert!(injector.alloc_frame_2m().is_none());
+    assert!(!injector.fired());
+    injector.fail_after(200);
+    assert!(
+        injector.alloc_frame_2m().is_none(),
+        "crosses the failing frame"
+    );
+    assert!(injector.fired());
+    // The source runs dry before the chosen frame: nothing fired, nothing counted.
+    injector.fail_after(300);
+    let mut out = vec![frame(0); 280];
+    assert_eq!(injector.alloc_frames(&mut out), 256);
+    assert!(injector.alloc_frame().is_none());
+    assert!(!injector.fired());
+    // SAFETY: frames this test took and no longer uses.
+    unsafe { locked.free_bulk(&out[..256]) }.unwrap();
+    // 44 of the 300 are left: the 45th frame fails.
+    assert_eq!(injector.alloc_frames(&mut out[..40]), 40);
+    assert_eq!(injector.alloc_frames(&mut out[40..50]), 4);
+    assert!(injector.fired());
+}
+
 #[test]
 fn memory_regions_are_cut_off_at_the_52_bit_physical_space() {
     let last = crate::boot::PHYS_LIMIT - 1;

@@ -91,8 +91,13 @@ impl BitmapFrameAllocator<'_> {
         let mut mask = 0u64;
         let mut run = 0;
         for &frame in frames {
-            let offset = frame_number(frame).wrapping_sub(word_start);
-            let bit = 1u64.checked_shl(offset as u32).filter(|_| offset < 64);
+            let number = frame_number(frame);
+            let offset = number.wrapping_sub(word_start);
+            // In the word and in the zone: a frame past the zone's end has no flag
+            // here (its index names another zone's frame, or none).
+            let bit = 1u64
+                .checked_shl(offset as u32)
+                .filter(|_| offset < 64 && zone.contains(number));
             match bit {
                 // A frame listed twice stops the group; the one-by-one path refuses it.
                 Some(bit) if mask & bit == 0 => mask |= bit,
