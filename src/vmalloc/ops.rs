@@ -276,7 +276,10 @@ where
         unsafe { Vmalloc::vfree(self, ptr) }
     }
     unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
-        let area = self.find_vm_area(x86_64::VirtAddr::from_ptr(ptr));
+        // A non-canonical pointer starts no area: `vfree` refuses it.
+        let area = x86_64::VirtAddr::try_new(ptr as u64)
+            .ok()
+            .and_then(|start| self.find_vm_area(start));
         if area.is_some_and(|area| area.tag != tag) {
             return Err(Error::WrongKind);
         }
