@@ -64,7 +64,10 @@ pub(super) struct Block {
     /// with [`FREED`] once freed and until its pages are free again; 0 elsewhere.
     len: [AtomicU8; BLOCK_PAGES],
     /// Where the area starting at page `2 * i` or `2 * i + 1` was made (an area and its
-    /// guard take two pages at least, so no two start in one pair).
+    /// guard take two pages at least, so no two live areas start in one pair). The
+    /// freed tail a one-page shrink leaves is one page (the old guard), and may share
+    /// a pair with the next live area: a tail has no caller of its own, and the slot
+    /// stays the live area's (see [`caller_slot_is_its_own`](Self::caller_slot_is_its_own)).
     callers: [AtomicPtr<Location<'static>>; BLOCK_PAGES / 2],
     /// Freed areas flushed by a CPU that did not own the block: a stack of first pages
     /// plus one (0: empty), linked through `next`; pushed by anyone, taken whole by
@@ -218,7 +221,31 @@ impl Block {
         self.len[first].load(Ordering::Relaxed) & ZEROED != 0
     }
 
-    /// Where the area starting at `first` was made.
+    /// Whether the caller slot of the record at `first` is that record's alone: no
+    /// other record starts in its pair of pages. A live area's always is (a tail
+    /// sharing its pair never writes the slot); a freed record's may not be.
+    fn caller_slot_is_its_own(&self, first: usize) -> bool {
+        self.len
+            .get(first ^ 1)
+            .is_none_or(|mate| mate.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Where the freed area at `first` was made, if the block still knows.
+    pub(super) fn freed_caller(&self, first: usize) -> Option<&'static Location<'static>> {
+        self.caller_slot_is_its_own(first)
+            .then(|| self.caller(first))
+            .flatten()
+    }
+
+    /// Forgets the caller of the freed record at `first`, unless another record
+    /// starts in its pair (a live area's slot is its own).
+    fn forget_caller(&self, first: usize) {
+        if self.caller_slot_is_its_own(first) {
+            self.callers[first / 2].store(core::ptr::null_mut(), Ordering::Relaxed);
+        }
+    }
+
+    /// Where the live area starting at `first` was made.
     pub(super) fn caller(&self, first: usize) -> Option<&'static Location<'static>> {
         let caller = self.callers[first / 2].load(Ordering::Relaxed);
         // SAFETY: only `&'static Location`s are stored.
@@ -297,8 +324,8 @@ impl Block {
     /// As [`bitmap`](Self::bitmap).
     pub(super) unsafe fn free_again(&self, first: usize) {
         let span = self.freed_span(first);
+        self.forget_caller(first);
         self.len[first].store(0, Ordering::Relaxed);
-        self.callers[first / 2].store(core::ptr::null_mut(), Ordering::Relaxed);
         // SAFETY: forwarded.
         set_bits(unsafe { &mut self.bitmap().free }, first, span, true);
         self.add_free(span as isize);
@@ -341,8 +368,8 @@ impl Block {
             let first = usize::from(at - 1);
             at = self.next[first].load(Ordering::Relaxed);
             let span = self.freed_span(first);
+            self.forget_caller(first);
             self.len[first].store(0, Ordering::Relaxed);
-            self.callers[first / 2].store(core::ptr::null_mut(), Ordering::Relaxed);
             // SAFETY: forwarded.
             set_bits(unsafe { &mut self.bitmap().free }, first, span, true);
             taken += span;

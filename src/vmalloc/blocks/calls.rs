@@ -204,7 +204,7 @@ where
                 start: VirtAddr::new(block.base + first as u64 * PAGE_SIZE),
                 pages: pages as u64,
                 flags: PageTableFlags::empty(),
-                caller: block.caller(first),
+                caller: block.freed_caller(first),
             };
             (area, BlockSite::Freed)
         })
