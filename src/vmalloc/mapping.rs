@@ -12,8 +12,8 @@ use super::options::{CacheMode, Prot, VmOptions};
 use crate::sync::IrqOff;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
-use x86_64::PhysAddr;
 use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
 
 impl<F, M, T> Vmalloc<F, M, T>
 where
@@ -84,16 +84,16 @@ where
         };
         // The area is out of every lookup and its entries are detached and flushed;
         // its frames come back a chunk at a time, each handed out after unlocking.
+        let mut unmapping = Unmapping {
+            vm: self,
+            start,
+            pages,
+            reclaimed: 0,
+        };
         let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
-        let mut done = 0;
-        while done < pages {
-            let count = (pages - done).min(CHUNK as u64);
-            self.lock()
-                .reclaim_chunk(page_range(start, done..done + count), &mut chunk);
-            chunk[..count as usize].iter().for_each(|&f| on_frame(f));
-            done += count;
+        while let Some(count) = unmapping.reclaim(&mut chunk) {
+            chunk[..count].iter().for_each(|&f| on_frame(f));
         }
-        self.lock().finish_unmapping(start, pages);
         Ok(())
     }
 
@@ -182,5 +182,39 @@ where
         cx.unmap_now(page_range(start, 0..record.mapped_pages), false);
         cx.remove_area(start);
         Ok(())
+    }
+}
+
+/// A `vunmap` under way: its area is out of every lookup, and the frames not
+/// reclaimed yet are still in its detached entries. Dropped, it reclaims the rest
+/// unseen and forgets the area, so that an `on_frame` that unwinds (the caller's
+/// panic) leaves no half-unmapped area behind; the frames it did not see were the
+/// caller's, never the allocator's.
+struct Unmapping<'v, F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
+    vm: &'v Vmalloc<F, M, T>,
+    start: VirtAddr,
+    pages: u64,
+    reclaimed: u64,
+}
+
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Unmapping<'_, F, M, T> {
+    /// The next chunk's frames into `chunk`, and how many; `None` once all are.
+    fn reclaim(&mut self, chunk: &mut [PhysFrame; CHUNK]) -> Option<usize> {
+        let count = (self.pages - self.reclaimed).min(CHUNK as u64);
+        if count == 0 {
+            return None;
+        }
+        let range = page_range(self.start, self.reclaimed..self.reclaimed + count);
+        self.vm.lock().reclaim_chunk(range, chunk);
+        self.reclaimed += count;
+        Some(count as usize)
+    }
+}
+
+impl<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> Drop for Unmapping<'_, F, M, T> {
+    fn drop(&mut self) {
+        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); CHUNK];
+        while self.reclaim(&mut chunk).is_some() {}
+        self.vm.lock().finish_unmapping(self.start, self.pages);
     }
 }
