@@ -511,3 +511,37 @@ fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
         }
     }
 }
+
+/// A live area's recorded caller is its own however its neighbours change: shrinking
+/// the area before it by one page leaves a freed record on the old guard page,
+/// beside it, and taking that record back once flushed forgot the neighbour's caller
+/// (its listing, `allocinfo` and fault diagnosis lost it).
+#[test]
+fn shrinking_an_area_by_one_page_keeps_the_next_areas_caller() {
+    let (machine, frames, tlb) = smp_machine(1);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    // Block pages: a at 0 (guard 1), b at 2..4 (guard 4), c at 5 (guard 6).
+    let a = addr(vm.vmalloc(PAGE).unwrap());
+    let b = vm.vmalloc(2 * PAGE).unwrap();
+    let c = addr(vm.vmalloc(PAGE).unwrap());
+    assert_eq!(
+        (addr(b) - a, c - addr(b)),
+        (2 * PAGE as u64, 3 * PAGE as u64)
+    );
+    let caller = |at| vm.find_vm_area(at).and_then(|area| area.caller);
+    let made = caller(c);
+    assert!(made.is_some());
+    // SAFETY: b is this test's area, not used afterwards but through its return.
+    let shrunk = unsafe { vm.vrealloc(b.as_ptr(), PAGE) }.unwrap();
+    assert_eq!(shrunk, b);
+    // The dropped page's record is taken back after its flush.
+    vm.purge();
+    let _ = vm.vmalloc(PAGE).unwrap();
+    assert_eq!(caller(c), made, "c's caller");
+    let listed = vm
+        .areas()
+        .find(|area| area.start == c)
+        .map(|area| area.caller);
+    assert_eq!(listed, Some(made));
+}

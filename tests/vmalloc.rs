@@ -404,3 +404,103 @@ fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     // SAFETY: bytes the test owns: no live Rust value lives there.
     assert!(unsafe { machine.write(addr(grown), &[1]) }.is_err());
 }
+
+/// Every call of `VmallocOps` that takes a pointer refuses a non-canonical one (as
+/// `vfree` does) instead of panicking, and changes nothing; so does the kernel
+/// heap's free of one as a large block.
+#[test]
+fn every_pointer_call_refuses_a_non_canonical_pointer() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, config(false));
+    let ops: &dyn VmallocOps = &vm;
+    let live = ops.vmalloc_with(3 * 4096, &VmOptions::default()).unwrap();
+    let given_out = || {
+        vm.purge();
+        let stats = vm.stats();
+        (stats.areas, stats.used, stats.data_frames)
+    };
+    let before = given_out();
+    for bad in [
+        0x8000_0000_0000_0000_u64,
+        0x0000_8000_0000_0000,
+        0xdead_0000_0000_0000,
+    ] {
+        let ptr = bad as *mut u8;
+        // SAFETY: a pointer to no area: every call refuses it.
+        unsafe {
+            assert_eq!(ops.vfree(ptr), Err(Error::NotInRegion));
+            assert_eq!(ops.vfree_tagged(ptr, "t"), Err(Error::NotInRegion));
+            assert!(ops.vrealloc(ptr, 4096).is_err());
+            assert!(ops.unmap_page(ptr, 0).is_err());
+            assert!(ops.vunmap(ptr, &mut |_| {}).is_err());
+            assert!(ops.iounmap(ptr).is_err());
+        }
+        assert_eq!(ops.area_size(ptr, "t"), None);
+        assert_eq!(ops.retag(ptr, "t", "u"), None);
+        assert!(ops.populate(ptr, 4096).is_err());
+        assert!(ops.map_page(ptr, 0).is_err());
+        let heap = vmalloc::heap::KernelHeap::new(vmalloc::heap::HeapConfig {
+            window: 1 << 20,
+            ..vmalloc::heap::HeapConfig::DEFAULT
+        });
+        heap.init(ops).unwrap();
+        let layout = std::alloc::Layout::from_size_align(1 << 20, 8).unwrap();
+        // SAFETY: deliberately wrong: the heap made no such block, and refuses it.
+        unsafe { std::alloc::GlobalAlloc::dealloc(&heap, ptr, layout) };
+        assert_eq!(heap.stats().refused_frees, 1);
+        drop(heap);
+        assert_eq!(given_out(), before, "{bad:#x}");
+    }
+    // SAFETY: the test's area, not used afterwards.
+    unsafe { ops.vfree(live.as_ptr()) }.unwrap();
+}
+
+/// A `vunmap` whose `on_frame` panics (the caller's bug) still takes the area away
+/// whole: nothing stays half-unmapped, the manager goes on working and is dropped
+/// cleanly, and the frames the callback never saw stay the caller's.
+#[test]
+fn a_vunmap_whose_callback_panics_still_takes_the_whole_area_away() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, config(false));
+    let given_out = || {
+        vm.purge();
+        let stats = vm.stats();
+        (stats.areas, stats.used, stats.data_frames)
+    };
+    let before = given_out();
+    let mine: Vec<PhysFrame> = (0..300).map(|_| frames.alloc_frame().unwrap()).collect();
+    let free_frames = frames.stats().free;
+    // SAFETY: the frames are this test's, mapped nowhere else.
+    let area = unsafe { vm.vmap(&mine, Prot::KERNEL_RW) }.unwrap();
+    let mut seen = 0;
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: nothing uses the mapping afterwards.
+        unsafe {
+            vm.vunmap(area.as_ptr(), |_| {
+                seen += 1;
+                assert!(seen < 100, "a driver's bug");
+            })
+        }
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(given_out(), before, "the area is gone whole");
+    // SAFETY: as above; the area is gone, and the call is refused.
+    assert_eq!(
+        unsafe { vm.vunmap(area.as_ptr(), |_| {}) },
+        Err(Error::NotAllocated)
+    );
+    assert_eq!(
+        frames.stats().free,
+        free_frames,
+        "the frames stay the caller's"
+    );
+    // SAFETY: as above.
+    let again = unsafe { vm.vmap(&mine, Prot::KERNEL_RW) }.unwrap();
+    let mut back = Vec::new();
+    // SAFETY: nothing uses the mapping afterwards.
+    unsafe { vm.vunmap(again.as_ptr(), |frame| back.push(frame)) }.unwrap();
+    assert_eq!(back, mine);
+    drop(vm);
+}
