@@ -76,7 +76,7 @@ use core::alloc::Layout;
 use core::panic::Location;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use pool::{Changed, Freeing, Pool};
+use pool::{Changed, Freeing, Pool, Taken};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -334,16 +334,26 @@ impl<'a> KernelHeap<'a> {
             guarded.unplaced.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let Some(taken) = pool.take(vmalloc) else {
+        let Some(first) = pool.take(vmalloc, false) else {
             guarded.pool_full.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let (page, page_index) = pool.page(taken.index);
-        if vmalloc.map_page(pool.area as *mut u8, page_index).is_err() {
-            pool.untake(vmalloc, taken.index);
+        let map = |taken: Taken| {
+            let (_, index) = pool.page(taken.index);
+            let mapped = vmalloc.map_page(pool.area as *mut u8, index).is_ok();
+            if !mapped {
+                pool.untake(vmalloc, taken.index);
+            }
+            mapped.then_some(taken)
+        };
+        // Out of frames for a slot never used, a slot used before (which keeps its
+        // frame) maps without one: else the pool, holding the frames a program
+        // freed, would fail where the slabs would have served.
+        let Some(taken) = map(first).or_else(|| pool.take(vmalloc, true).and_then(map)) else {
             guarded.unplaced.fetch_add(1, Ordering::Relaxed);
             return None;
-        }
+        };
+        let (page, _) = pool.page(taken.index);
         let addr = if taken.at_end {
             (page + PAGE - size) & !(align - 1)
         } else {

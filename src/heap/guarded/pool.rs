@@ -238,11 +238,13 @@ impl Pool {
         None
     }
 
-    /// A slot for a new object: one never used, else the one freed longest ago.
-    /// `None` when every slot holds an object (or is being freed).
-    pub(super) fn take(&self, vmalloc: &dyn VmallocOps) -> Option<Taken> {
+    /// A slot for a new object: one never used, else the one freed longest ago
+    /// (that one first if `used_first`: it keeps the frame it had, where a slot
+    /// never used needs a new one). `None` when every slot holds an object (or is
+    /// being freed).
+    pub(super) fn take(&self, vmalloc: &dyn VmallocOps, used_first: bool) -> Option<Taken> {
         let mut records = self.lock(vmalloc);
-        let index = if records.fresh < records.count {
+        let index = if records.fresh < records.count && !(used_first && records.queued > 0) {
             records.fresh += 1;
             records.fresh - 1
         } else if records.queued > 0 {
@@ -262,18 +264,21 @@ impl Pool {
     }
 
     /// Hands back a slot taken for an object that could not be placed; its page is
-    /// not mapped.
+    /// not mapped. The last slot taken never used goes back among those (it has no
+    /// frame: queued, it would come before slots that have one).
     pub(super) fn untake(&self, vmalloc: &dyn VmallocOps, index: usize) {
         let mut records = self.lock(vmalloc);
+        let mut used = true;
         if let Some(slot) = records.slot_mut(index) {
+            used = slot.alloc.caller.is_some();
             // It keeps what it showed before (unused, or a freed object's record).
-            slot.state = if slot.alloc.caller.is_some() {
-                State::Freed
-            } else {
-                State::Unused
-            };
+            slot.state = if used { State::Freed } else { State::Unused };
         }
-        Self::enqueue(&mut records, index);
+        if !used && index + 1 == records.fresh {
+            records.fresh = index;
+        } else {
+            Self::enqueue(&mut records, index);
+        }
     }
 
     /// Records the live object at `addr` in slot `index`.
