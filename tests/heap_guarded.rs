@@ -609,3 +609,52 @@ fn a_heap_sampling_every_allocation_recovers_from_running_out_of_frames() {
         }
     }
 }
+
+/// `kvmalloc`, `kvfree` and `KVBox::new` name their caller's line as the block's
+/// sites, as `alloc` does: each user of them gets its own `allocinfo` line and its
+/// own lines in a diagnosis, not the library's.
+#[test]
+fn kvmalloc_kvfree_and_kvbox_name_their_callers() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let heap = KernelHeap::new(sampling(1, 8));
+    heap.init(&vm).unwrap();
+    let site = |caller: Option<&std::panic::Location<'_>>| {
+        caller.map(|caller| format!("{}:{}", caller.file(), caller.line()))
+    };
+    let (block, alloc_line) = (heap.kvmalloc(24).unwrap(), line!());
+    let (boxed, box_line) = (
+        vmalloc::heap::KVBox::new(&heap, [1u64; 3]).unwrap(),
+        line!(),
+    );
+    assert!(heap.is_guarded(block.as_ptr()));
+    let mut table = [HeapSiteUsage::EMPTY; 4];
+    let mut sites: Vec<_> = (heap.allocinfo(&mut table).sites().iter())
+        .map(|usage| site(usage.site.caller))
+        .collect();
+    sites.sort();
+    let mut expected = vec![
+        Some(line_of(FILE, alloc_line)),
+        Some(line_of(FILE, box_line)),
+    ];
+    expected.sort();
+    assert_eq!(sites, expected);
+    drop(boxed);
+    let free_line = line!() + 2;
+    // SAFETY: from `kvmalloc` on this heap; not used afterwards (but for the fault).
+    unsafe { heap.kvfree(block) };
+    let (at, code) = fault_at(&machine, addr(block.as_ptr()), Access::READ);
+    let diagnosis = heap.diagnose_fault(at, code).unwrap();
+    let GuardedFault::UseAfterFree { object, .. } = diagnosis.fault else {
+        panic!("{diagnosis}");
+    };
+    assert_eq!(
+        (site(object.alloc.caller), site(object.free.unwrap().caller)),
+        (
+            Some(line_of(FILE, alloc_line)),
+            Some(line_of(FILE, free_line))
+        ),
+        "{diagnosis}"
+    );
+}

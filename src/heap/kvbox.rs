@@ -12,6 +12,9 @@ const KV_HEADER: usize = 16;
 impl KernelHeap<'_> {
     /// Linux's `kvmalloc`: `size` bytes from the slabs or the list heap if they fit,
     /// else from vmalloc. Free with [`kvfree`](Self::kvfree), which needs no size.
+    /// The caller's line is the block's site (the guarded pool's reports and
+    /// `allocinfo`).
+    #[track_caller]
     pub fn kvmalloc(&self, size: usize) -> Option<NonNull<u8>> {
         let total = size.checked_add(KV_HEADER)?;
         let layout = Layout::from_size_align(total, KV_HEADER).ok()?;
@@ -28,6 +31,7 @@ impl KernelHeap<'_> {
     /// # Safety
     ///
     /// `ptr` was returned by `kvmalloc` on this heap and is not used afterwards.
+    #[track_caller]
     pub unsafe fn kvfree(&self, ptr: NonNull<u8>) {
         // SAFETY: `kvmalloc` put the block's size KV_HEADER bytes before `ptr`.
         unsafe {
@@ -67,6 +71,7 @@ impl<'h, T> KVBox<'h, T> {
     /// # Errors
     ///
     /// [`Error::OutOfFrames`] when neither path can serve it; `value` is dropped.
+    #[track_caller]
     pub fn new<'v: 'h>(heap: &'h KernelHeap<'v>, value: T) -> Result<Self, Error> {
         let layout = Layout::new::<T>();
         let ptr = if layout.size() == 0 {
