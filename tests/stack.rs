@@ -184,7 +184,7 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
                     assert_eq!(cache.cached(), 3);
                 });
             });
-            // A cached stack of another size is freed, not handed out.
+            // A cached stack of another size is not handed out.
             let small = cache.alloc(&vm, 8 << 10).unwrap();
             assert_eq!(small.size(), 8 << 10);
             drop(small);
@@ -229,4 +229,35 @@ fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_
     machine.read(live.top() - 8u64, &mut word).unwrap();
     assert_eq!(&word, b"live one", "nothing zeroed the live stack");
     assert_eq!(second.stats().areas, 1);
+}
+
+/// A cache keeps its stacks of other sizes when it makes a new one, and a request
+/// `alloc_stack` refuses, for its form or for want of memory, changes nothing: it
+/// freed every cached stack of another size before it tried.
+#[test]
+fn a_cache_keeps_its_stacks_of_other_sizes_and_a_failed_call_changes_nothing() {
+    let machine = SimMachine::new(SimConfig::new(16 << 20).with_scatter_seed(4));
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
+    let cache = StackCache::new(&machine);
+    drop(cache.alloc(&vm, 16 << 10).unwrap());
+    assert_eq!(cache.cached(), 1);
+    // Another size: a new stack; the cached one stays.
+    let other = cache.alloc(&vm, 8 << 10).unwrap();
+    assert_eq!(cache.cached(), 1);
+    drop(other);
+    assert_eq!(cache.cached(), 2);
+    let kept = vm.stats();
+    for refused in [0, 12 << 10, 64 << 20, 1 << 40] {
+        assert!(cache.alloc(&vm, refused).is_err(), "{refused}");
+        assert_eq!((cache.cached(), vm.stats()), (2, kept), "{refused}");
+    }
+    // Each size finds its own.
+    let (big, small) = (cache.alloc(&vm, 16 << 10), cache.alloc(&vm, 8 << 10));
+    assert_eq!((cache.cached(), vm.stats().areas), (0, 2));
+    drop((big, small));
+    cache.drain(&vm).unwrap();
+    vm.purge();
+    assert_eq!(vm.stats().areas, 0);
 }

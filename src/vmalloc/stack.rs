@@ -210,9 +210,11 @@ impl<C: Cpus> StackCache<C> {
         }
     }
 
-    /// A stack of `size` bytes from `vmalloc`: one this CPU freed, zeroed again, or a
-    /// new one ([`Vmalloc::alloc_stack`]). Dropped, it comes back to this cache while
-    /// the CPU has room.
+    /// A stack of `size` bytes from `vmalloc`: one of that size this CPU freed,
+    /// zeroed again, or a new one ([`Vmalloc::alloc_stack`]). Dropped, it comes back
+    /// to this cache while the CPU has room. The CPU's cached stacks of other sizes
+    /// stay cached; on error nothing changes ([`drain`](Self::drain) gives the
+    /// cached stacks back, to a kernel short of memory).
     ///
     /// # Errors
     ///
@@ -233,20 +235,24 @@ impl<C: Cpus> StackCache<C> {
         // A size `alloc_stack` refuses leaves the cached stacks where they are.
         vmalloc.stack_pages(size)?;
         for slot in self.slots_here() {
-            let packed = slot.swap(0, Ordering::AcqRel);
-            if packed == 0 {
+            let packed = slot.load(Ordering::Relaxed);
+            if packed == 0
+                || unpack(packed).1 != size as u64
+                || slot
+                    .compare_exchange(packed, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
                 continue;
             }
             let (base, bytes) = unpack(packed);
-            if bytes == size as u64
-                && let Some(mut stack) = vmalloc.reuse_stack(base, bytes)
-            {
+            if let Some(mut stack) = vmalloc.reuse_stack(base, bytes) {
                 stack.cache = Some(self);
                 return Ok(stack);
             }
-            // Another size: it goes back to the manager.
             let _ = vmalloc.free_stack(base);
         }
+        // Stacks of other sizes stay cached, and a call that fails changes nothing
+        // (`drain` gives the cached stacks back).
         let mut stack = vmalloc.alloc_stack(size)?;
         stack.cache = Some(self);
         Ok(stack)
