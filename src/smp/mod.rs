@@ -89,7 +89,10 @@
 //! off: it polls its own mailbox. A target must eventually do one of: take the IPI
 //! (interrupts enabled), wait for one of the library's locks, or call
 //! [`handle_ipi`](Shootdown::handle_ipi) itself (a CPU that idles with interrupts off
-//! must poll). A CPU that leaves the online set must flush its own TLB as it goes.
+//! must poll). A CPU that leaves the online set must flush its own TLB as it goes;
+//! one that joins it again, after its own flush, serves its mailbox
+//! ([`handle_ipi`](Shootdown::handle_ipi)): an IPI sent as it left may have been
+//! lost, and an initiator that saw it online again waits for its request.
 //! An interrupt handler may start a shootdown (it cannot have interrupted one: the
 //! library holds interrupts off while it shoots); an NMI handler must not, and frees
 //! with `vfree_atomic`.

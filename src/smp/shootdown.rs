@@ -94,13 +94,16 @@ impl Queue {
         }
     }
 
-    /// Takes `work` back out, if it is still queued.
-    fn remove_work(&mut self, work: Work) {
+    /// Takes `work` back out, if it is still queued; whether it was.
+    fn remove_work(&mut self, work: Work) -> bool {
+        let mut found = false;
         for slot in &mut self.work {
             if slot.is_some_and(|queued| core::ptr::addr_eq(queued.0, work.0)) {
                 *slot = None;
+                found = true;
             }
         }
+        found
     }
 
     fn run(&self, tlb: &impl TlbFlush) {
@@ -386,12 +389,20 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         }
         self.cpus.send_ipi(targets);
         self.ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
-        // A CPU that left without serving never took the work (it serves before its
-        // last library call returns): take it back.
+        // A CPU seen gone without serving: take the work back. One that came back
+        // and took its queue after it was seen gone runs the work now, its serve
+        // under way (a CPU leaves only between library calls): wait for it.
         let left = self.wait_for_targets(targets, &tickets);
         for cpu in left.iter() {
-            if let Some(mailbox) = self.mailboxes.get(cpu) {
-                wait_for(&mailbox.queue, self).remove_work(work);
+            let Some(mailbox) = self.mailboxes.get(cpu) else {
+                continue;
+            };
+            if wait_for(&mailbox.queue, self).remove_work(work) {
+                continue;
+            }
+            while !served(mailbox.done.load(Ordering::Acquire), tickets[cpu]) {
+                self.serve();
+                self.local.relax();
             }
         }
     }

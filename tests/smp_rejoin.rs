@@ -1,0 +1,210 @@
+//! A CPU that leaves the online set and joins it again while another CPU runs work
+//! on every other CPU (`Shootdown::call_on_other_cpus`, which the per-CPU caches'
+//! drains use): the initiator, having seen it gone, must not return while the CPU
+//! took the work back in and has yet to run it (the work's closure lives on the
+//! initiator's stack).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use vmalloc::TlbFlush;
+use vmalloc::smp::{CpuSet, Cpus, IrqState, Shootdown};
+use vmalloc::tlb::{FlushBatch, FlushTicket};
+use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
+use vmalloc_sim::{DEADLOCK_LIMIT, SimConfig, SimFrames, SimMachine, watchdog};
+use x86_64::VirtAddr;
+use x86_64::structures::paging::Page;
+
+/// The machine's CPUs, but for one read of the online set by CPU 0 once an IPI was
+/// sent after `after_ipis`: `hook` makes that read, as CPU 0 delayed right after its
+/// load (an SMI, a preempted vCPU) while CPU 1 comes back.
+struct DelayedRead {
+    machine: &'static SimMachine,
+    hook: Mutex<Option<Box<dyn FnOnce() -> CpuSet + Send>>>,
+    after_ipis: AtomicU64,
+}
+
+// SAFETY: the machine's CPUs, as they are; the hook's read returns the online set
+// as it was at a moment of the call.
+unsafe impl Cpus for DelayedRead {
+    fn current(&self) -> usize {
+        self.machine.current()
+    }
+    fn online(&self) -> CpuSet {
+        if self.machine.current_cpu() == 0
+            && self.machine.ipis_sent() > self.after_ipis.load(Ordering::Acquire)
+        {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                return hook();
+            }
+        }
+        self.machine.online()
+    }
+    fn send_ipi(&self, targets: CpuSet) {
+        self.machine.send_ipi(targets)
+    }
+    fn irq_save(&self) -> IrqState {
+        self.machine.irq_save()
+    }
+    fn irq_restore(&self, state: IrqState) {
+        self.machine.irq_restore(state)
+    }
+}
+
+type Tlb = Shootdown<&'static DelayedRead, &'static SimMachine>;
+
+fn leak<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}
+
+/// The moments of the race, in order.
+#[derive(Default)]
+struct Steps {
+    go_offline: AtomicBool,
+    is_offline: AtomicBool,
+    come_back: AtomicBool,
+    took_queue: AtomicBool,
+    call_returned: AtomicBool,
+}
+
+fn wait(flag: &AtomicBool) {
+    while !flag.load(Ordering::Acquire) {
+        std::hint::spin_loop();
+    }
+}
+
+/// A 2-CPU machine with a shootdown over [`DelayedRead`], CPU 1 with a flush still
+/// to serve (its serve flushes, where the test holds it, before it runs work).
+fn rig() -> (&'static SimMachine, &'static DelayedRead, &'static Tlb) {
+    let machine: &'static SimMachine = leak(SimMachine::new(SimConfig::new(64 << 20).with_cpus(2)));
+    let cpus = leak(DelayedRead {
+        machine,
+        hook: Mutex::new(None),
+        after_ipis: AtomicU64::new(u64::MAX),
+    });
+    let tlb: &'static Tlb = leak(Shootdown::new(cpus, machine));
+    machine.set_ipi_handler(move || tlb.handle_ipi());
+    (machine, cpus, tlb)
+}
+
+/// CPU 1, between library calls: goes offline when asked, comes back, and serves
+/// its mailbox, holding still inside the serve (after it took the queue) until the
+/// initiator returned or half a second passed (it returns at once when it does not wait).
+fn cpu_1_leaves_and_comes_back(machine: &'static SimMachine, steps: &'static Steps) {
+    let cpu = machine.cpu(1);
+    cpu.enter();
+    wait(&steps.go_offline);
+    cpu.go_offline();
+    steps.is_offline.store(true, Ordering::Release);
+    wait(&steps.come_back);
+    cpu.go_online();
+    cpu.flush_all();
+    cpu.in_next_flush(move || {
+        steps.took_queue.store(true, Ordering::Release);
+        let start = std::time::Instant::now();
+        while !steps.call_returned.load(Ordering::Acquire)
+            && start.elapsed() < std::time::Duration::from_millis(500)
+        {
+            std::thread::yield_now();
+        }
+    });
+    cpu.poll();
+    cpu.go_offline();
+}
+
+/// Arms CPU 0's delayed read: CPU 1 is seen offline, then comes back and takes its
+/// queue before CPU 0 goes on.
+fn arm(machine: &'static SimMachine, cpus: &DelayedRead, steps: &'static Steps) {
+    *cpus.hook.lock().unwrap() = Some(Box::new(move || {
+        steps.go_offline.store(true, Ordering::Release);
+        wait(&steps.is_offline);
+        let seen = machine.online();
+        steps.come_back.store(true, Ordering::Release);
+        wait(&steps.took_queue);
+        seen
+    }));
+    cpus.after_ipis
+        .store(machine.ipis_sent(), Ordering::Release);
+}
+
+fn unserved_flush(tlb: &Tlb) {
+    let mut ticket = FlushTicket::DONE;
+    let page = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000));
+    tlb.start_flush(
+        FlushBatch::Ranges(&[Page::range(page, page + 1)]),
+        &mut ticket,
+    );
+}
+
+#[test]
+fn work_on_other_cpus_has_run_everywhere_when_the_call_returns() {
+    watchdog("a CPU rejoining during a call", DEADLOCK_LIMIT, || {
+        let (machine, cpus, tlb) = rig();
+        let steps: &'static Steps = leak(Steps::default());
+        // 0: never ran; 1: before the call returned; 2: after.
+        let ran = leak(AtomicU8::new(0));
+        unserved_flush(tlb);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(move || cpu_1_leaves_and_comes_back(machine, steps));
+            arm(machine, cpus, steps);
+            let work = move || {
+                let late = steps.call_returned.load(Ordering::Acquire);
+                ran.store(if late { 2 } else { 1 }, Ordering::Release);
+            };
+            assert!(tlb.call_on_other_cpus(&work));
+            steps.call_returned.store(true, Ordering::Release);
+            other.join().unwrap();
+        });
+        assert!(cpus.hook.lock().unwrap().is_none(), "the race was run");
+        assert_eq!(
+            ran.load(Ordering::Acquire),
+            1,
+            "CPU 1 ran the work after call_on_other_cpus returned"
+        );
+    });
+}
+
+/// The same race inside `Vmalloc::drain_cpu_caches`, whose work lives on the
+/// drain's stack: CPU 1 ran it after the drain returned (a crash), and its cache,
+/// left claimed, never drained again.
+#[test]
+fn a_cpu_rejoining_during_a_drain_of_the_cpu_caches_is_drained() {
+    watchdog("a CPU rejoining during a drain", DEADLOCK_LIMIT, || {
+        let (machine, cpus, tlb) = rig();
+        let frames: &'static SimFrames = leak(machine.frames());
+        let config = VmallocConfig {
+            cpu_caches: true,
+            ..VmallocConfig::default()
+        };
+        // SAFETY: the machine's page tables serve this manager alone, and the
+        // shootdown reaches every CPU that runs.
+        let vm = unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, tlb) };
+        let vm = leak(vm.unwrap());
+        let steps: &'static Steps = leak(Steps::default());
+        let cached = leak(AtomicBool::new(false));
+        std::thread::scope(|scope| {
+            let other = scope.spawn(move || {
+                machine.cpu(1).run(|_| {
+                    // CPU 1's cache holds frames and a block.
+                    let area = vm.vmalloc(4096).unwrap();
+                    // SAFETY: the test's area, not used afterwards.
+                    unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+                });
+                cached.store(true, Ordering::Release);
+                cpu_1_leaves_and_comes_back(machine, steps);
+            });
+            wait(cached);
+            unserved_flush(tlb);
+            arm(machine, cpus, steps);
+            vm.drain_cpu_caches();
+            steps.call_returned.store(true, Ordering::Release);
+            other.join().unwrap();
+        });
+        assert!(cpus.hook.lock().unwrap().is_none(), "the race was run");
+        vm.purge();
+        vm.drain_cpu_caches();
+        vm.purge();
+        let stats = vm.stats();
+        assert_eq!((stats.areas, stats.cached_frames), (0, 0), "{stats:?}");
+    });
+}
