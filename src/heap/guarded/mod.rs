@@ -17,7 +17,7 @@
 //!   checks: an overrun too small to reach the next page is found there, at the free,
 //!   and reported through the kernel's [report hook](KernelHeap::set_report_hook).
 //! - A freed object's page is unmapped, and every CPU's TLB flushed, before `dealloc`
-//!   returns ([`VmallocOps::unmap_page`](crate::vmalloc::VmallocOps::unmap_page)); it
+//!   returns ([`VmallocOps::unmap_page`]); it
 //!   stays unmapped until its slot is reused, and the slot freed longest ago is
 //!   reused last, so a use after free faults for as long as the pool allows.
 //! - A slot's page keeps the frame its first object got for the pool's life, as
