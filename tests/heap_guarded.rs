@@ -9,7 +9,7 @@ mod guarded;
 use guarded::*;
 use std::alloc::GlobalAlloc;
 use vmalloc::heap::guarded::{GuardedFault, HeapSiteUsage, ReportKind};
-use vmalloc::heap::{HeapConfig, KernelHeap};
+use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
 use vmalloc_sim::{Access, DEADLOCK_LIMIT, SimConfig, SimMachine, watchdog};
 
 const FILE: &str = "heap_guarded.rs";
@@ -624,10 +624,7 @@ fn kvmalloc_kvfree_and_kvbox_name_their_callers() {
         caller.map(|caller| format!("{}:{}", caller.file(), caller.line()))
     };
     let (block, alloc_line) = (heap.kvmalloc(24).unwrap(), line!());
-    let (boxed, box_line) = (
-        vmalloc::heap::KVBox::new(&heap, [1u64; 3]).unwrap(),
-        line!(),
-    );
+    let (boxed, box_line) = (KVBox::new(&heap, [1u64; 3]).unwrap(), line!());
     assert!(heap.is_guarded(block.as_ptr()));
     let mut table = [HeapSiteUsage::EMPTY; 4];
     let mut sites: Vec<_> = (heap.allocinfo(&mut table).sites().iter())
