@@ -71,11 +71,18 @@ fn the_window_reaches_every_frame_and_maps_it_once() {
         let mut back = [0; 8];
         machine.read_phys(PhysAddr::new(addr), &mut back);
         assert_eq!(u64::from_le_bytes(back), !addr);
-        // The simulated MMU agrees: a 2 MiB mapping of the same frame.
+        // The simulated MMU agrees: a 2 MiB mapping of the same frame, data only
+        // (all of RAM is writable through it, so none of it executes from it).
         let t = machine
             .translate(VirtAddr::from_ptr(ptr), Access::WRITE)
             .unwrap();
         assert_eq!((t.phys().as_u64(), t.page_size), (addr, 2 << 20));
+        assert!(
+            machine
+                .translate(VirtAddr::from_ptr(ptr), Access::FETCH)
+                .is_err(),
+            "RAM is executable through the window"
+        );
     }
     // Each 2 MiB piece was mapped once, and no frame was taken for it.
     assert_eq!(before - frames.stats().free, 2);

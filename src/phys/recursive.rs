@@ -195,10 +195,13 @@ unsafe impl PhysMemory for RecursivePhysMemory {
         // SAFETY: `new` made every PD below `top`; the recursive mapping reaches it.
         let slot = unsafe { entry(slot) };
         if slot.load(Ordering::Acquire) == 0 {
+            // Data, never code: the window makes all of RAM writable, so none of it
+            // may be executable through it (as Linux's direct map).
             let flags = PageTableFlags::PRESENT
                 | PageTableFlags::WRITABLE
                 | PageTableFlags::HUGE_PAGE
-                | PageTableFlags::GLOBAL;
+                | PageTableFlags::GLOBAL
+                | PageTableFlags::NO_EXECUTE;
             let base = addr & !(Size2MiB::SIZE - 1);
             // Racing writers write the same entry, so the first wins and the others
             // find it there; no lock, which an interrupt handler reaching this from
