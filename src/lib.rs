@@ -3,20 +3,22 @@
 //!
 //! # Layout
 //!
-//! One module per concept. Each may use only the modules listed after it, so the
-//! dependencies point one way, from the heap down to the frames:
+//! One module per concept, from the heap down to the frames. Four of them form one
+//! layer every other module uses, and they use each other: [`tlb`] (a flush policy
+//! names the kernel's CPUs), [`smp`], `sync` (a lock serves shootdowns while it
+//! waits) and `percpu`. Each module's uses:
 //!
 //! | module | holds | uses |
 //! |---|---|---|
-//! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose blocks up to a page come from size-class slabs (each CPU carving and freeing into slabs of its own, SLUB's fast path), middle ones from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc` |
-//! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), 2 MiB mappings ([`vmalloc::huge`]), `vrealloc`, listings, fault diagnosis, kernel stacks; its files are mapped in its own docs | `paging`, `tlb`, `frame`, `phys` |
-//! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk (2 MiB entries included), and `#[must_use]` flush tokens | `frame`, `phys` |
-//! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes, and runs work on other CPUs | `percpu`, `tlb` |
-//! | `percpu` | `PerCpu`: the one per-CPU primitive (the shootdown mailboxes, the heap's per-CPU slabs, the vmalloc blocks' caches, the stack cache): state its CPU touches with interrupts held off and no locked instruction, claimed when its CPU is offline, drained by work on each CPU | `sync`, `tlb` |
-//! | `sync` | locks an interrupt handler may reach (taken with interrupts held off), and the one wait loop, which serves shootdowns while it spins | `tlb` |
-//! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, each policy's ceiling between range and full flushes | `paging` (the tokens) |
+//! | [`heap`] | [`KernelHeap`](heap::KernelHeap): a `GlobalAlloc` whose blocks up to a page come from size-class slabs (each CPU carving and freeing into slabs of its own, SLUB's fast path), middle ones from `linked_list_allocator` in a growing vmalloc window, large ones from vmalloc | `vmalloc`, and the layer |
+//! | [`vmalloc`] | [`Vmalloc`]: areas in a virtual region, guard pages, lazy purge ([`vmalloc::purge`]), 2 MiB mappings ([`vmalloc::huge`]), `vrealloc`, listings, fault diagnosis, kernel stacks; its files are mapped in its own docs | `paging`, `frame`, `phys`, and the layer |
+//! | [`paging`] | [`PageTables`](paging::PageTables): a cursor that maps, unmaps, detaches and protects whole ranges in one walk (2 MiB entries included), and `#[must_use]` flush tokens | `frame`, `phys`, `tlb` |
+//! | [`smp`] | [`Shootdown`](smp::Shootdown): a [`TlbFlush`] that reaches every CPU through IPIs and mailboxes, and runs work on other CPUs | `percpu`, `sync`, `tlb` |
+//! | `percpu` | `PerCpu`: the one per-CPU primitive (the shootdown mailboxes, the heap's per-CPU slabs, the vmalloc blocks' caches, the stack cache): state its CPU touches with interrupts held off and no locked instruction, claimed when its CPU is offline, drained by work on each CPU | `smp`, `sync` |
+//! | `sync` | locks an interrupt handler may reach (taken with interrupts held off), and the one wait loop, which serves shootdowns while it spins | `smp`, `tlb`, `vmalloc` (its `VmallocOps` waits as a CPU) |
+//! | [`tlb`] | [`TlbFlush`]: how stale translations are dropped, each policy's ceiling between range and full flushes | `smp` |
 //! | [`boot`] | memory maps from `bootloader`, Limine, multiboot2 and UEFI as [`MemoryRegion`](frame::MemoryRegion)s (one feature each), usable, reclaimable later, or never | `frame`, `phys` |
-//! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map, reclaimable memory taken later), its lock, early frames, fault injection | `phys` |
+//! | [`frame`] | [`FrameSource`], [`BitmapFrameAllocator`](frame::BitmapFrameAllocator) (a hierarchical bitmap from a firmware memory map, reclaimable memory taken later), its lock, early frames, fault injection | `phys`, `boot` (the 52-bit limit), and the layer (the per-CPU frame lists) |
 //! | [`phys`] | [`PhysMemory`]: how code reaches physical memory ([`OffsetPhysMemory`], or [`RecursivePhysMemory`](phys::RecursivePhysMemory) on demand) | — |
 //!
 //! Beside the library, in the same workspace: `vmalloc-sim` (`sim/`), a simulated
