@@ -261,3 +261,29 @@ fn a_cache_keeps_its_stacks_of_other_sizes_and_a_failed_call_changes_nothing() {
     vm.purge();
     assert_eq!(vm.stats().areas, 0);
 }
+
+/// A write below a freed stack's base, in its unmapped lower half, is diagnosed as a
+/// use after free that far below the base, not at its first byte.
+#[test]
+fn a_write_below_a_freed_stack_says_how_far_below_its_base() {
+    let machine = machine();
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
+    let stack = vm.alloc_stack(8 << 10).unwrap();
+    let base = stack.base();
+    drop(stack);
+    for (at, says) in [
+        (base - 8u64, "8 bytes below its base"),
+        (base + 16u64, "offset 16"),
+    ] {
+        let (addr, code) = page_fault(&machine, at, Access::WRITE).unwrap();
+        let diagnosis = vm.diagnose_fault(addr, code);
+        assert!(
+            matches!(diagnosis.site, FaultSite::Freed { .. }),
+            "{diagnosis}"
+        );
+        let text = diagnosis.to_string();
+        assert!(text.contains(says), "{text}");
+    }
+}

@@ -56,7 +56,9 @@ pub enum FaultSite {
     Freed {
         /// The area as it was.
         area: AreaInfo,
-        /// Bytes from the area's start.
+        /// Bytes from the area's first mapped byte (a stack's base); 0 below it, in
+        /// a freed stack's unmapped lower half (the diagnosis's text says how far
+        /// below).
         offset: u64,
     },
     /// In the manager's region but in no area: never allocated, or freed and purged.
@@ -234,12 +236,19 @@ impl fmt::Display for FaultDiagnosis {
                  overflow",
                 Described(area)
             ),
-            FaultSite::Freed { area, offset } => write!(
-                f,
-                "use after free: {access} of {} at {addr:#x} (offset {offset}), freed and \
-                 waiting for the purge",
-                Described(area)
-            ),
+            FaultSite::Freed { area, offset } => {
+                write!(
+                    f,
+                    "use after free: {access} of {} at {addr:#x} (",
+                    Described(area)
+                )?;
+                // Below a freed stack's base (its unmapped lower half), not in it.
+                match (area.start.as_u64() + area.lead).checked_sub(addr) {
+                    Some(below) if below > 0 => write!(f, "{below} bytes below its base")?,
+                    _ => write!(f, "offset {offset}")?,
+                }
+                write!(f, "), freed and waiting for the purge")
+            }
             FaultSite::Area {
                 area,
                 offset,
