@@ -509,3 +509,117 @@ fn the_adapter_gains_the_range_walk_on_the_same_tables() {
         TranslateResult::NotMapped
     ));
 }
+
+/// Maps a page, makes its PD entry not present, maps the next page with `PRESENT`
+/// parent flags and translates it: what each call returned.
+fn through_a_not_present_table<M: Mapper<Size4KiB>>(
+    mapper: &mut M,
+    machine: &SimMachine,
+) -> Vec<String> {
+    let (base, rw) = (BASES[1], F::PRESENT | F::WRITABLE);
+    let frame = |mib: u64| PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(mib << 20));
+    let frames = machine.frames();
+    let mut tables = MapperFrames(&frames);
+    // SAFETY (every call): the test's own machine; nothing runs on these pages.
+    unsafe {
+        vec![
+            format!(
+                "{:?}",
+                mapper
+                    .map_to(page4k(base), frame(12), rw, &mut tables)
+                    .map(token)
+            ),
+            format!(
+                "{:?}",
+                mapper
+                    .set_flags_p2_entry(page4k(base), F::WRITABLE)
+                    .map(|t| t.ignore())
+            ),
+            format!(
+                "{:?}",
+                mapper
+                    .map_to(page4k(base + 0x1000), frame(13), rw, &mut tables)
+                    .map(token)
+            ),
+            format!("{:?}", mapper.translate_page(page4k(base + 0x1000))),
+        ]
+    }
+}
+
+/// Parent flags the adapter must not take as they come: `HUGE_PAGE` where the tables
+/// exist is refused with nothing changed (it made the tables above the page huge
+/// pages and answered `Ok`); a table entry made not present is walked again once the
+/// parent flags make it present, as `OffsetPageTable` walks it (it was refused);
+/// and `BIT_10`, this crate's `CREATED`, never hands the caller's tables to this
+/// crate to free (`free_empty_tables` freed them).
+#[test]
+fn parent_flags_neither_break_tables_nor_give_them_away() {
+    let rw = F::PRESENT | F::WRITABLE;
+    let base = BASES[1];
+    let frame = |mib: u64| PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(mib << 20));
+    // SAFETY (every call): the test's own machines; nothing runs on these pages.
+    unsafe {
+        // HUGE_PAGE in the parent flags, the tables made already.
+        let machine = machine();
+        let frames = machine.frames();
+        let mut mapper = mapper(&machine);
+        let mut tables = MapperFrames(&frames);
+        mapper
+            .map_to(page4k(base), frame(12), rw, &mut tables)
+            .unwrap()
+            .ignore();
+        let before = memory(&machine);
+        let huge = mapper.map_to_with_table_flags(
+            page4k(base + 0x1000),
+            frame(13),
+            rw,
+            rw | F::HUGE_PAGE,
+            &mut tables,
+        );
+        assert!(
+            matches!(huge, Err(MapToError::ParentEntryHugePage)),
+            "{huge:?}"
+        );
+        assert!(memory(&machine) == before, "the tables changed");
+        assert!(matches!(mapper.translate_page(page4k(base)), Ok(f) if f == frame(12)));
+
+        // Through a not-present PD entry: both mappers walk it, the same entries.
+        let (ours, peer) = (self::machine(), self::machine());
+        let ours_log = through_a_not_present_table(&mut self::mapper(&ours), &ours);
+        let peer_log = through_a_not_present_table(&mut peer.offset_page_table(), &peer);
+        assert_eq!(ours_log, peer_log);
+        assert!(memory(&ours) == memory(&peer), "different entries");
+        assert!(ours_log[3].starts_with("Ok"), "{ours_log:?}");
+
+        // BIT_10 in the parent flags: the tables stay the caller's.
+        let machine = self::machine();
+        let frames = machine.frames();
+        let mut mapper = self::mapper(&machine);
+        let parents = rw | F::BIT_10;
+        mapper
+            .map_to_with_table_flags(
+                page4k(base),
+                frame(12),
+                rw,
+                parents,
+                &mut MapperFrames(&frames),
+            )
+            .unwrap()
+            .ignore();
+        Mapper::<Size4KiB>::unmap(&mut mapper, page4k(base))
+            .unwrap()
+            .1
+            .ignore();
+        let mut freed = Vec::new();
+        let range = Page::range(page4k(base), page4k(base) + 512);
+        let (_, flush) = mapper
+            .tables_mut()
+            .free_empty_tables(range, |table| freed.push(table))
+            .unwrap();
+        flush.flush(&machine);
+        assert!(
+            freed.is_empty(),
+            "the caller's tables were freed: {freed:?}"
+        );
+    }
+}

@@ -32,14 +32,21 @@ use x86_64::structures::paging::{
 ///
 /// - a `HUGE_PAGE` bit in `flags` of a 4 KiB page is written (it is the PAT bit
 ///   there); `OffsetPageTable` panics;
-/// - `parent_table_flags` with `HUGE_PAGE`, or without `PRESENT`, where a table must
-///   be made: [`MapToError::ParentEntryHugePage`], as the new table could not be
-///   walked; `OffsetPageTable` panics;
-/// - an upper entry in the way that is a huge page, or is not zero and not present
-///   (a detached 2 MiB mapping of this crate's): [`MapToError::ParentEntryHugePage`]
+/// - `parent_table_flags` with `HUGE_PAGE`: [`MapToError::ParentEntryHugePage`],
+///   nothing changed, as no table below it could be walked; `OffsetPageTable` ORs
+///   it into the entries in the way first (the top-level one at least, which then
+///   reads as a huge page) or panics;
+/// - `parent_table_flags` without `PRESENT` where a table must be made:
+///   [`MapToError::ParentEntryHugePage`]; `OffsetPageTable` panics;
+/// - `parent_table_flags` with [`CREATED`](super::CREATED) (`BIT_10`): the bit is
+///   left out, so the tables stay the caller's (below);
+/// - an upper entry in the way that is a huge page, or is not present and stays so
+///   under `parent_table_flags`, or is a detached 2 MiB mapping of this crate's
+///   (not present, [`DETACHED`](super::DETACHED)): [`MapToError::ParentEntryHugePage`]
 ///   with the entry left alone; `OffsetPageTable` first ORs `parent_table_flags`
 ///   into it (making a read-only huge page writable, or a detached one present)
-///   or panics;
+///   or panics. A not-present table entry that `parent_table_flags` makes present
+///   again is walked, as `OffsetPageTable` walks it;
 /// - `Translate::translate` of an address whose PML4 entry has `HUGE_PAGE` (a
 ///   reserved bit there) is [`TranslateResult::InvalidFrameAddress`];
 ///   `OffsetPageTable` panics.
@@ -151,6 +158,12 @@ impl<M: PhysMemory> PageTableMapper<M> {
     where
         A: FrameAllocator<Size4KiB> + ?Sized,
     {
+        // No walkable table has `HUGE_PAGE` above it: refused before any entry
+        // changes. `CREATED` would hand the caller's tables to this crate to free.
+        if parent_flags.contains(PageTableFlags::HUGE_PAGE) {
+            return Err(Create::Huge);
+        }
+        let parent_flags = parent_flags - super::CREATED;
         let mut entry = entry_at(self.root(), addr.p4_index().into());
         for index in indexes(addr).into_iter().take(4 - level) {
             // SAFETY: `entry` lies in a reachable table; the caller vouches for the
@@ -196,7 +209,11 @@ impl<M: PhysMemory> PageTableMapper<M> {
             return Ok(table);
         }
         let flags = PageTableFlags::from_bits_retain(raw);
-        if flags.contains(PageTableFlags::HUGE_PAGE) || !flags.contains(PageTableFlags::PRESENT) {
+        // A huge page, or a not-present entry that `insert` does not make present
+        // or that is a detached 2 MiB mapping of this crate's, is no table to walk.
+        let present = flags.contains(PageTableFlags::PRESENT)
+            || (insert.contains(PageTableFlags::PRESENT) && !flags.contains(super::DETACHED));
+        if flags.contains(PageTableFlags::HUGE_PAGE) || !present {
             return Err(Create::Huge);
         }
         if !insert.is_empty() && !flags.contains(insert) {
