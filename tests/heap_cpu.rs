@@ -43,6 +43,15 @@ fn layout(size: usize) -> Layout {
     Layout::from_size_align(size, 8).unwrap()
 }
 
+/// What a manager has given out: areas, bytes of its region and frames mapped.
+fn given_out<F: FrameSource + Clone, T: TlbFlush>(
+    vm: &Vmalloc<F, SimPhys<'_>, T>,
+) -> (u64, u64, u64) {
+    vm.purge();
+    let stats = vm.stats();
+    (stats.areas, stats.used, stats.data_frames)
+}
+
 /// Slabs the CPUs hold as current or partial, over every class.
 fn cpu_slabs(heap: &KernelHeap) -> usize {
     heap.slab_stats().iter().map(|class| class.cpu_slabs).sum()
@@ -648,12 +657,7 @@ fn a_dropped_heap_gives_back_the_slabs_every_cpu_holds() {
     let machine = machine(4, 16);
     let frames = machine.frames();
     let vm = manager(machine, &frames, machine);
-    let given_out = || {
-        vm.purge();
-        let stats = vm.stats();
-        (stats.areas, stats.used, stats.data_frames)
-    };
-    let before = given_out();
+    let before = given_out(&vm);
     let heap = KernelHeap::new(CONFIG);
     heap.init(&vm).unwrap();
     let sizes = [16, 64, 200, 512, 2000];
@@ -683,7 +687,7 @@ fn a_dropped_heap_gives_back_the_slabs_every_cpu_holds() {
     assert_eq!(heap.stats().in_use, 0);
     assert!(cpu_slabs(&heap) > 0, "the CPUs hold slabs");
     drop(heap);
-    assert_eq!(given_out(), before, "(areas, bytes, frames)");
+    assert_eq!(given_out(&vm), before, "(areas, bytes, frames)");
 }
 
 /// A free that empties its slab resets the slab's free list, so the object heads no
@@ -746,12 +750,7 @@ fn a_dropped_heap_gives_back_a_full_slab_freed_from_other_cpus_magazines() {
     let machine = machine(3, 7);
     let frames = machine.frames();
     let vm = manager(machine, &frames, machine);
-    let given_out = || {
-        vm.purge();
-        let stats = vm.stats();
-        (stats.areas, stats.used, stats.data_frames)
-    };
-    let before = given_out();
+    let before = given_out(&vm);
     let heap = KernelHeap::new(CONFIG);
     heap.init(&vm).unwrap();
     let big = layout(512);
@@ -792,5 +791,5 @@ fn a_dropped_heap_gives_back_a_full_slab_freed_from_other_cpus_magazines() {
     });
     assert_eq!(heap.stats().in_use, 0);
     drop(heap);
-    assert_eq!(given_out(), before, "(areas, bytes, frames)");
+    assert_eq!(given_out(&vm), before, "(areas, bytes, frames)");
 }

@@ -415,12 +415,7 @@ fn every_pointer_call_refuses_a_non_canonical_pointer() {
     let vm = manager(&machine, &frames, config(false));
     let ops: &dyn VmallocOps = &vm;
     let live = ops.vmalloc_with(3 * 4096, &VmOptions::default()).unwrap();
-    let given_out = || {
-        vm.purge();
-        let stats = vm.stats();
-        (stats.areas, stats.used, stats.data_frames)
-    };
-    let before = given_out();
+    let before = given_out(&vm);
     for bad in [
         0x8000_0000_0000_0000_u64,
         0x0000_8000_0000_0000,
@@ -450,7 +445,7 @@ fn every_pointer_call_refuses_a_non_canonical_pointer() {
         unsafe { std::alloc::GlobalAlloc::dealloc(&heap, ptr, layout) };
         assert_eq!(heap.stats().refused_frees, 1);
         drop(heap);
-        assert_eq!(given_out(), before, "{bad:#x}");
+        assert_eq!(given_out(&vm), before, "{bad:#x}");
     }
     // SAFETY: the test's area, not used afterwards.
     unsafe { ops.vfree(live.as_ptr()) }.unwrap();
@@ -464,12 +459,7 @@ fn a_vunmap_whose_callback_panics_still_takes_the_whole_area_away() {
     let machine = machine();
     let frames = machine.frames();
     let vm = manager(&machine, &frames, config(false));
-    let given_out = || {
-        vm.purge();
-        let stats = vm.stats();
-        (stats.areas, stats.used, stats.data_frames)
-    };
-    let before = given_out();
+    let before = given_out(&vm);
     let mine: Vec<PhysFrame> = (0..300).map(|_| frames.alloc_frame().unwrap()).collect();
     let free_frames = frames.stats().free;
     // SAFETY: the frames are this test's, mapped nowhere else.
@@ -485,7 +475,7 @@ fn a_vunmap_whose_callback_panics_still_takes_the_whole_area_away() {
         }
     }));
     assert!(unwound.is_err());
-    assert_eq!(given_out(), before, "the area is gone whole");
+    assert_eq!(given_out(&vm), before, "the area is gone whole");
     // SAFETY: as above; the area is gone, and the call is refused.
     assert_eq!(
         unsafe { vm.vunmap(area.as_ptr(), |_| {}) },
@@ -503,4 +493,11 @@ fn a_vunmap_whose_callback_panics_still_takes_the_whole_area_away() {
     unsafe { vm.vunmap(again.as_ptr(), |frame| back.push(frame)) }.unwrap();
     assert_eq!(back, mine);
     drop(vm);
+}
+
+/// What a manager has given out: areas, bytes of its region and frames mapped.
+fn given_out<F: FrameSource + Clone>(vm: &SimVmalloc<'_, F>) -> (u64, u64, u64) {
+    vm.purge();
+    let stats = vm.stats();
+    (stats.areas, stats.used, stats.data_frames)
 }
