@@ -155,7 +155,10 @@ pub struct HeapStats {
     /// a block the heap keeps after its free); and resizes of such a pointer
     /// (`realloc` returns null). A caller's bug the heap caught; a double free it
     /// does not catch (other frees onto that list came between) is undefined
-    /// behaviour, as `GlobalAlloc` says.
+    /// behaviour, as `GlobalAlloc` says. Heaps over one manager tag their large
+    /// blocks alike: one freed through another such heap is taken as that heap's
+    /// (freed or kept by it, the memory sound), not refused, and the heap that made
+    /// it keeps counting it in `large_blocks`.
     pub refused_frees: usize,
 }
 
