@@ -410,6 +410,13 @@ impl Drop for OfflineWhenDropped<'_> {
 /// no locked instruction, until another thread wants it (see the `interrupts`
 /// module's source).
 ///
+/// The flag is the thread's, not a machine's, as a thread runs as one CPU index on
+/// every machine: a thread with interrupts off through one machine's `irq_save`
+/// has them off for all, and claims no other machine's CPU when it calls
+/// `irq_save` there. A test that nests calls into two machines on one thread (one
+/// machine's kernel heap as the global allocator while it holds another's lock)
+/// has that CPU's exclusion on the first only.
+///
 /// # Interrupt points
 ///
 /// A test can interrupt a CPU at a point of its choosing inside a library call
@@ -547,12 +554,16 @@ impl<'m> SimCpu<'m> {
             .fetch_and(!(1 << self.index), Ordering::AcqRel);
     }
 
-    /// Brings the CPU back online (with an empty TLB: it was flushed going offline).
+    /// Brings the CPU back online, as a CPU that boots: it joins the online set
+    /// (sequentially consistent, [`KernelCpus`]'s contract), then flushes its own
+    /// TLB, whatever it cached while offline (a thread may still run as an offline
+    /// CPU) included.
     pub fn go_online(&self) {
         self.machine
             .cpus
             .online
             .fetch_or(1 << self.index, Ordering::SeqCst);
+        self.run(TlbFlush::flush_all);
     }
 }
 

@@ -34,7 +34,9 @@
 //!   [`TlbFlush`](vmalloc::TlbFlush) methods run on that CPU (see [`SimCpu`]), so a
 //!   test that unmaps a page without flushing still reads the old frame, as on
 //!   hardware. Not-present entries are never cached. A hit whose cached permissions
-//!   forbid the access re-walks the tables once before faulting (the x86 rule), and
+//!   forbid the access re-walks the tables once before faulting (the x86 rule),
+//!   through the paging-structure cache (so a right granted in an upper entry
+//!   without a flush may still fault once, as hardware may), and
 //!   any fault drops the page's entry. Flushing a 4 KiB page
 //!   inside a huge mapping drops the whole mapping. Counters ([`tlb_stats`]) let tests
 //!   check that code flushes what it must, and no more.

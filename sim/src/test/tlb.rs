@@ -130,3 +130,27 @@ fn flush_range_and_flush_all() {
     assert_eq!(machine.tlb_stats().full_flushes, 1);
     assert_eq!(machine.tlb_stats().page_flushes, 0);
 }
+
+/// A CPU that comes back online starts with an empty TLB, as a CPU that boots: what
+/// a thread running as it cached while it was offline (where no shootdown reaches
+/// it) is gone, so it cannot read a page unmapped and flushed meanwhile.
+#[test]
+fn a_cpu_coming_back_online_forgets_what_it_cached_offline() {
+    let machine = SimMachine::new(SimConfig::default().with_cpus(2));
+    let mut tables = Tables::new(&machine);
+    let walked = tables.map(BASE, 6 * MIB, 1, KERNEL_RW);
+    let cpu = machine.cpu(1);
+    cpu.go_offline();
+    let mut buf = [0; 8];
+    cpu.read(virt(BASE), &mut buf).unwrap();
+    assert!(cpu.cached(virt(BASE)).is_some());
+    // Unmapped and flushed on CPU 0, the only CPU online.
+    tables.clear(walked[3], BASE, 1);
+    machine.flush_page(page_of(BASE));
+    cpu.go_online();
+    assert!(cpu.cached(virt(BASE)).is_none());
+    assert!(
+        cpu.read(virt(BASE), &mut buf).is_err(),
+        "a stale translation"
+    );
+}
