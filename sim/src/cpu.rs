@@ -445,6 +445,11 @@ impl<'m> SimCpu<'m> {
     }
 
     /// Makes the calling thread run as this CPU from now on (on every machine).
+    ///
+    /// A thread that entered a CPU index another machine does not have panics at
+    /// that machine's every call that runs as its CPU (memory accesses through the
+    /// MMU, `translate`, flushes, the [`KernelCpus`] hooks), as
+    /// [`SimMachine::current_cpu`] says.
     pub fn enter(&self) {
         CURRENT.with(|cpu| cpu.set(self.index));
     }

@@ -208,6 +208,12 @@ use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
 /// A simulated x86_64 machine; see the [module documentation](self).
+///
+/// The calls that run as the calling thread's CPU (accesses through the MMU,
+/// `translate`, the flushes, the `Cpus` hooks) panic when that thread entered a CPU
+/// index this machine does not have ([`SimCpu::enter`] is per thread, across
+/// machines), and the walks panic on a table outside the machine's memory (a test
+/// that wrote a bad entry), as the [module documentation](self) says.
 #[derive(Debug)]
 pub struct SimMachine {
     /// Physical address 0, 4 KiB-aligned, inside `backing`.
