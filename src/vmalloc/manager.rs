@@ -529,7 +529,7 @@ where
     /// manager's and are not returned anywhere; `ioremap` ranges are just unmapped.
     fn drop(&mut self) {
         let region = page_range(self.config.start, 0..self.config.size / PAGE_SIZE);
-        self.drain_cpu_caches();
+        self.empty_all_caches();
         let mut leaked = self.gather();
         self.unmap_all_blocks(&mut leaked);
         leaked.finish();

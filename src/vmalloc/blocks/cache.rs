@@ -477,6 +477,20 @@ where
         released
     }
 
+    /// Empties every CPU's cache, with no CPU in the manager: the teardown's. It
+    /// reaches the online CPUs no work can (a flush policy that runs none, where
+    /// [`drain_cpu_caches`](Self::drain_cpu_caches) leaves them to their next call,
+    /// which a dropped manager never gets).
+    pub(in crate::vmalloc) fn empty_all_caches(&mut self) {
+        self.settle();
+        // Out of `self` for the loop: emptying a cache touches no CPU's slot.
+        let mut cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
+        for mut slot in cpus.hold_each() {
+            self.empty_cache(&mut slot);
+        }
+        self.blocks.cpus = cpus;
+    }
+
     /// Block `index` is no longer its CPU's.
     pub(super) fn release_block(&self, index: usize) {
         let block = self.blocks.block(index);
