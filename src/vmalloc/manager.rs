@@ -71,7 +71,14 @@ where
     ///   `phys`;
     /// - `tlb` flushes the TLB of every CPU that may hold translations of the region:
     ///   each `flush_*` call before it returns, and what `start_flush` started by
-    ///   the time `finish_flush` returns for its ticket.
+    ///   the time `finish_flush` returns for its ticket;
+    /// - every CPU that touches the memory the manager hands out translates through
+    ///   `root` (loaded in CR3): the owners ([`VBuffer`](super::VBuffer),
+    ///   [`VBox`](super::VBox), the kernel heap and its `KVBox`) read and write it
+    ///   from safe code. Where the region is not mapped so (a table not loaded yet;
+    ///   on the host, a simulated machine without a host window), no owner or heap
+    ///   may be made over the manager until it is, as `Pin::new_unchecked` binds
+    ///   the safe code after it.
     pub unsafe fn new(
         config: VmallocConfig,
         root: PhysFrame,

@@ -56,10 +56,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! let mut buffer = VBuffer::new(&vm, 4096).unwrap();
 //! vm.vfree(buffer.as_ptr()).unwrap();
 //! buffer[0] = b'X'; // would write into whoever owns the frame next
@@ -70,10 +71,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! let buffer = VBuffer::new(&vm, 4096).unwrap();
 //! vm.vfree_atomic(buffer.as_ptr()).unwrap();
 //! ```
@@ -83,10 +85,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! let buffer = VBuffer::new(&vm, 8192).unwrap();
 //! vm.vrealloc(buffer.as_ptr(), 4096).unwrap();
 //! ```
@@ -96,10 +99,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! let buffer = VBuffer::new(&vm, 4096).unwrap();
 //! vm.set_prot(buffer.as_ptr(), Prot::READ).unwrap();
 //! ```
@@ -109,10 +113,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! # let mine = [frames.alloc_frame().unwrap()];
 //! let mapping = unsafe { VMapping::new(&vm, &mine, Prot::KERNEL_RW) }.unwrap();
 //! vm.vunmap(mapping.as_ptr(), |_| {}).unwrap();
@@ -123,10 +128,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! let device = unsafe { IoMapping::new(&vm, PhysAddr::new(0xfee0_0000), 0x400, CacheMode::Uncached) }.unwrap();
 //! vm.iounmap(device.as_ptr()).unwrap();
 //! ```
@@ -136,10 +142,11 @@
 //! # use vmalloc::vmalloc::{CacheMode, IoMapping, VBuffer, VMapping};
 //! # use vmalloc_sim::{SimConfig, SimMachine};
 //! # use x86_64::PhysAddr;
-//! # let machine = SimMachine::new(SimConfig::new(64 << 20));
+//! # let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(4 << 30));
 //! # let frames = machine.frames();
-//! # // SAFETY: the machine's page tables belong to this manager alone.
-//! # let vm = unsafe { Vmalloc::new(VmallocConfig::default(), machine.root(), machine.phys(), &frames, &machine) }.unwrap();
+//! # // SAFETY: the machine's page tables belong to this manager alone, and its host
+//! # // window maps the region here.
+//! # let vm = unsafe { vmalloc_sim::scenarios::window_manager(&machine, &frames, &machine) };
 //! # let mine = [frames.alloc_frame().unwrap()];
 //! // SAFETY: each area below is made here and not used after the call that frees
 //! // it; the mapped frame and the device range are this example's.
