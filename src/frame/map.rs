@@ -170,7 +170,8 @@ impl NormalMap {
     }
 
     /// The first frame of the lowest usable run of `count` frames that nothing
-    /// reserves or will reclaim.
+    /// reserves or will reclaim; the run may cross from one usable entry into one
+    /// it touches or overlaps (maps split RAM into neighbouring entries).
     #[inline]
     pub(super) fn find_unreserved_run(&self, count: u64) -> Option<u64> {
         self.usable().iter().find_map(|span| {
@@ -178,7 +179,7 @@ impl NormalMap {
             // Each blocker can push the candidate start at most once.
             for _ in 0..=self.reserved_len + self.pending_len {
                 let end = start.checked_add(count)?;
-                if end > span.end {
+                if end > self.usable_reach(start) {
                     return None;
                 }
                 let clash = self.blockers().find(|r| r.start < end && start < r.end);
@@ -189,6 +190,26 @@ impl NormalMap {
             }
             None
         })
+    }
+
+    /// Where the usable frames from `start` on end: an entry that touches or
+    /// overlaps the run so far extends it (`start` itself if no entry holds it).
+    fn usable_reach(&self, start: u64) -> u64 {
+        let mut reach = start;
+        // Each step takes in one more entry.
+        for _ in 0..self.usable().len() {
+            let next = self
+                .usable()
+                .iter()
+                .filter(|u| u.start <= reach && reach < u.end)
+                .map(|u| u.end)
+                .max();
+            match next {
+                Some(end) => reach = end,
+                None => break,
+            }
+        }
+        reach
     }
 
     /// The highest run of usable frames that nothing reserves or will reclaim.

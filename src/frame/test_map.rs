@@ -193,6 +193,46 @@ fn from_memory_carves_bookkeeping_out_of_usable_frames() {
     drop(ram);
 }
 
+/// RAM split into two touching usable entries (as a UEFI map gives conventional and
+/// boot-services memory) with only a run across their border free of reserved
+/// memory: the bookkeeping goes there, where neither half alone could hold it.
+#[test]
+fn from_memory_carves_a_run_across_touching_usable_entries() {
+    let base = 64 * M;
+    let size = 64 * M;
+    let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
+    let phys = HostMemory {
+        base,
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let border = base + size / 2;
+    let map_with = |side: u64| {
+        [
+            MemoryRegion::usable(base, border),
+            MemoryRegion::usable(border, base + size),
+            MemoryRegion::reserved(base, border - side * FRAME),
+            MemoryRegion::reserved(border + side * FRAME, base + size),
+        ]
+    };
+    let words = BitmapFrameAllocator::storage_words(map_with(1).iter().cloned()) as u64;
+    let needed = (words * 8).div_ceil(FRAME);
+    // Each side one frame short of the bookkeeping, both together enough.
+    let side = needed - 1;
+    let map = map_with(side);
+    // SAFETY: `ram` backs the whole usable range and outlives the allocator.
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    assert_eq!(alloc.stats().total, 2 * side - needed);
+    let handed = drain(&mut alloc);
+    assert_eq!(handed.len() as u64, 2 * side - needed);
+    let run = (border / FRAME - side)..(border / FRAME - side + needed);
+    assert!(
+        handed.iter().all(|frame| !run.contains(frame)),
+        "a bookkeeping frame handed out"
+    );
+    drop(ram);
+}
+
 #[test]
 fn from_memory_without_room_is_a_bad_map() {
     let mut ram: Vec<u64> = vec![0; 512];
