@@ -16,18 +16,24 @@ use x86_64::structures::paging::Page;
 
 /// The machine's CPUs, but for one read of the online set by CPU 0 once an IPI was
 /// sent after `after_ipis`: `hook` makes that read, as CPU 0 delayed right after its
-/// load (an SMI, a preempted vCPU) while CPU 1 comes back.
+/// load (an SMI, a preempted vCPU) while CPU 1 comes back. Counts CPU 0's `current`
+/// calls, which a CPU waiting for a flush or a call makes at every turn.
 struct DelayedRead {
     machine: &'static SimMachine,
     hook: Mutex<Option<Box<dyn FnOnce() -> CpuSet + Send>>>,
     after_ipis: AtomicU64,
+    cpu_0_turns: AtomicU64,
 }
 
 // SAFETY: the machine's CPUs, as they are; the hook's read returns the online set
 // as it was at a moment of the call.
 unsafe impl Cpus for DelayedRead {
     fn current(&self) -> usize {
-        self.machine.current()
+        let cpu = self.machine.current();
+        if cpu == 0 {
+            self.cpu_0_turns.fetch_add(1, Ordering::Relaxed);
+        }
+        cpu
     }
     fn online(&self) -> CpuSet {
         if self.machine.current_cpu() == 0
@@ -81,16 +87,25 @@ fn rig() -> (&'static SimMachine, &'static DelayedRead, &'static Tlb) {
         machine,
         hook: Mutex::new(None),
         after_ipis: AtomicU64::new(u64::MAX),
+        cpu_0_turns: AtomicU64::new(0),
     });
     let tlb: &'static Tlb = leak(Shootdown::new(cpus, machine));
     machine.set_ipi_handler(move || tlb.handle_ipi());
     (machine, cpus, tlb)
 }
 
-/// CPU 1, between library calls: goes offline when asked, comes back, and serves
-/// its mailbox, holding still inside the serve (after it took the queue) until the
-/// initiator returned or half a second passed (it returns at once when it does not wait).
-fn cpu_1_leaves_and_comes_back(machine: &'static SimMachine, steps: &'static Steps) {
+/// Turns CPU 0 spends waiting before CPU 1 takes it for a wait for its serve.
+const WAITING: u64 = 10_000;
+
+/// CPU 1, between library calls: goes offline when asked, comes back (flushing its
+/// TLB as it joins), and serves its mailbox, holding still inside the serve (after
+/// it took the queue) until the initiator returned, or spun `WAITING` turns waiting
+/// for it (one that does not wait returns within a few).
+fn cpu_1_leaves_and_comes_back(
+    machine: &'static SimMachine,
+    cpus: &'static DelayedRead,
+    steps: &'static Steps,
+) {
     let cpu = machine.cpu(1);
     cpu.enter();
     wait(&steps.go_offline);
@@ -98,12 +113,11 @@ fn cpu_1_leaves_and_comes_back(machine: &'static SimMachine, steps: &'static Ste
     steps.is_offline.store(true, Ordering::Release);
     wait(&steps.come_back);
     cpu.go_online();
-    cpu.flush_all();
     cpu.in_next_flush(move || {
         steps.took_queue.store(true, Ordering::Release);
-        let start = std::time::Instant::now();
+        let start = cpus.cpu_0_turns.load(Ordering::Relaxed);
         while !steps.call_returned.load(Ordering::Acquire)
-            && start.elapsed() < std::time::Duration::from_millis(500)
+            && cpus.cpu_0_turns.load(Ordering::Relaxed) - start < WAITING
         {
             std::thread::yield_now();
         }
@@ -145,7 +159,7 @@ fn work_on_other_cpus_has_run_everywhere_when_the_call_returns() {
         let ran = leak(AtomicU8::new(0));
         unserved_flush(tlb);
         std::thread::scope(|scope| {
-            let other = scope.spawn(move || cpu_1_leaves_and_comes_back(machine, steps));
+            let other = scope.spawn(move || cpu_1_leaves_and_comes_back(machine, cpus, steps));
             arm(machine, cpus, steps);
             let work = move || {
                 let late = steps.call_returned.load(Ordering::Acquire);
@@ -191,7 +205,7 @@ fn a_cpu_rejoining_during_a_drain_of_the_cpu_caches_is_drained() {
                     unsafe { vm.vfree(area.as_ptr()) }.unwrap();
                 });
                 cached.store(true, Ordering::Release);
-                cpu_1_leaves_and_comes_back(machine, steps);
+                cpu_1_leaves_and_comes_back(machine, cpus, steps);
             });
             wait(cached);
             unserved_flush(tlb);
