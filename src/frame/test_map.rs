@@ -150,6 +150,16 @@ struct HostMemory {
     bytes: *mut u8,
 }
 
+impl HostMemory {
+    /// `ram` as physical memory from `base` on (`ram` must outlive its use).
+    fn over(ram: &mut [u64], base: u64) -> Self {
+        Self {
+            base,
+            bytes: ram.as_mut_ptr().cast(),
+        }
+    }
+}
+
 // SAFETY: `bytes` points to a live buffer covering every usable frame of the maps
 // the tests below use, frames at distinct offsets.
 unsafe impl PhysMemory for HostMemory {
@@ -164,10 +174,7 @@ fn from_memory_carves_bookkeeping_out_of_usable_frames() {
     let base = 64 * M;
     let size = 64 * M;
     let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
-    let phys = HostMemory {
-        base,
-        bytes: ram.as_mut_ptr().cast(),
-    };
+    let phys = HostMemory::over(&mut ram, base);
     let map = [
         MemoryRegion::usable(base, base + size),
         MemoryRegion::reserved(base, base + FRAME),
@@ -201,10 +208,7 @@ fn from_memory_carves_a_run_across_touching_usable_entries() {
     let base = 64 * M;
     let size = 64 * M;
     let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
-    let phys = HostMemory {
-        base,
-        bytes: ram.as_mut_ptr().cast(),
-    };
+    let phys = HostMemory::over(&mut ram, base);
     let border = base + size / 2;
     let map_with = |side: u64| {
         [
@@ -236,10 +240,7 @@ fn from_memory_carves_a_run_across_touching_usable_entries() {
 #[test]
 fn from_memory_without_room_is_a_bad_map() {
     let mut ram: Vec<u64> = vec![0; 512];
-    let phys = HostMemory {
-        base: 0,
-        bytes: ram.as_mut_ptr().cast(),
-    };
+    let phys = HostMemory::over(&mut ram, 0);
     // One frame: the bookkeeping takes it and nothing is left.
     let map = [MemoryRegion::usable(0, FRAME)];
     // SAFETY: `ram` backs the whole usable range and outlives the call.
@@ -276,10 +277,7 @@ fn long_maps_of_touching_entries_are_merged_not_refused() {
 fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
     let size = 4 * M;
     let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
-    let phys = HostMemory {
-        base: 0,
-        bytes: ram.as_mut_ptr().cast(),
-    };
+    let phys = HostMemory::over(&mut ram, 0);
     let map = [
         MemoryRegion::usable(0, size),
         MemoryRegion::reclaimable(0, 16 * FRAME, Reclaim::Bootloader),
