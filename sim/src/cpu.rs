@@ -20,7 +20,7 @@ mod interrupts;
 
 use super::tlb::TlbStats;
 use super::{Access, Fault, SimMachine, Translation};
-use interrupts::{INTERRUPTS_OFF, Interrupts};
+use interrupts::{INTERRUPTS_OFF, Interrupts, WERE_ON};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -180,7 +180,7 @@ impl SimMachine {
     /// Runs CPU `cpu`'s pending IPI, if interrupts are on.
     #[cold]
     fn take_pending(&self, cpu: usize) {
-        if INTERRUPTS_OFF.get() || !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
+        if INTERRUPTS_OFF.get() != 0 || !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
             return;
         }
         self.cpus.taken[cpu].fetch_add(1, Ordering::Relaxed);
@@ -292,15 +292,14 @@ unsafe impl KernelCpus for SimMachine {
         // hands out memory, see "The SIGSEGV handler" in the crate documentation.
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         super::host::watch();
-        IrqState::new(u64::from(self.cpus.save()))
+        IrqState::new(self.cpus.save())
     }
 
     /// The flag comes back on if it was; a pending IPI or an armed interrupt that
     /// waited is taken now.
     #[inline]
     fn irq_restore(&self, state: IrqState) {
-        let on = state.bits() & 1 != 0;
-        if self.cpus.restore(on) && on {
+        if self.cpus.restore(state.bits()) && state.bits() == WERE_ON {
             self.take_interrupts();
         }
     }
@@ -412,10 +411,12 @@ impl Drop for OfflineWhenDropped<'_> {
 ///
 /// The flag is the thread's, not a machine's, as a thread runs as one CPU index on
 /// every machine: a thread with interrupts off through one machine's `irq_save`
-/// has them off for all, and claims no other machine's CPU when it calls
-/// `irq_save` there. A test that nests calls into two machines on one thread (one
-/// machine's kernel heap as the global allocator while it holds another's lock)
-/// has that CPU's exclusion on the first only.
+/// has them off for all. When it calls `irq_save` on another machine then (one
+/// machine's kernel heap as the global allocator, called while the thread holds
+/// another's lock), it waits for its CPU there as well and holds it until the
+/// matching `irq_restore`, so each machine's per-CPU state stays one thread's at a
+/// time. Two threads that nest two machines in opposite orders wait for each other
+/// for good, as two locks taken in opposite orders do.
 ///
 /// # Interrupt points
 ///

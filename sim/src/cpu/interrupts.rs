@@ -32,8 +32,10 @@ use std::vec::Vec;
 type Flag = Padded<AtomicUsize>;
 
 thread_local! {
-    /// Whether the calling thread runs with interrupts off (its RFLAGS.IF clear).
-    pub(super) static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
+    /// 0 while the calling thread runs with interrupts on; with them off (its
+    /// RFLAGS.IF clear), the machine whose `irq_save` turned them off (the address of
+    /// its [`Interrupts`]), whose CPU the thread holds.
+    pub(super) static INTERRUPTS_OFF: Cell<usize> = const { Cell::new(0) };
     /// Whether the calling thread's interrupts went off through a CPU's bias (else
     /// it holds the CPU's occupant word).
     static BIASED_OFF: Cell<bool> = const { Cell::new(false) };
@@ -269,6 +271,12 @@ pub(super) struct Interrupts {
 }
 
 impl Interrupts {
+    /// What [`INTERRUPTS_OFF`] holds while a thread's interrupts are off through
+    /// this machine.
+    fn id(&self) -> usize {
+        core::ptr::from_ref(self) as usize
+    }
+
     pub(super) fn new(count: usize) -> Self {
         Self {
             occupancy: per_cpu(count, Occupancy::new),
@@ -347,7 +355,7 @@ impl Cpus {
                     }
                     None
                 }
-                Some(_) if !INTERRUPTS_OFF.get() => armed.take(),
+                Some(_) if INTERRUPTS_OFF.get() == 0 => armed.take(),
                 _ => None,
             }
         };
@@ -384,14 +392,14 @@ impl Cpus {
             }
             occupancy.settle_bias(token);
         }
-        INTERRUPTS_OFF.set(true);
+        INTERRUPTS_OFF.set(self.irq.id());
     }
 
     /// The calling thread's interrupts come back on: another thread may run on
     /// `cpu` with interrupts off.
     #[inline]
     fn interrupts_on(&self, cpu: usize) {
-        INTERRUPTS_OFF.set(false);
+        INTERRUPTS_OFF.set(0);
         if BIASED_OFF.replace(false) {
             // SAFETY: set when the bias was claimed: the thread's flag, never freed.
             unsafe { &*FLAG.with(Cell::get) }.store(0, Ordering::Release);
@@ -400,39 +408,89 @@ impl Cpus {
         }
     }
 
-    /// `cli`, saying whether interrupts were on.
+    /// `cli`, saying what [`restore`](Self::restore) undoes: [`WERE_ON`],
+    /// [`WERE_OFF`], or [`HELD_HERE`] when they were off through another machine and
+    /// this call claimed the thread's CPU on this one.
     #[inline]
-    pub(super) fn save(&self) -> bool {
+    pub(super) fn save(&self) -> u64 {
         self.point();
         let Some(cpu) = self.current() else {
-            return false;
+            return WERE_OFF;
         };
-        let on = !INTERRUPTS_OFF.get();
-        if on {
-            self.interrupts_off(cpu);
+        match INTERRUPTS_OFF.get() {
+            0 => {
+                self.interrupts_off(cpu);
+                WERE_ON
+            }
+            machine if machine == self.irq.id() => WERE_OFF,
+            _ => self.hold_for_nested(cpu),
         }
-        on
     }
 
-    /// `sti` if `on`; interrupts that waited are taken now. False when the calling
-    /// thread runs as no CPU of this machine.
+    /// The calling thread, with interrupts off through another machine, calls into
+    /// this one (a kernel heap on one machine as the global allocator, called while
+    /// the thread holds another's lock): it holds its CPU here too, so the per-CPU
+    /// state of this machine's library stays one thread's. Through the occupant word
+    /// only: the thread's bias flag says which CPU it runs on through a bias, and
+    /// that is the other machine's.
+    #[cold]
+    fn hold_for_nested(&self, cpu: usize) -> u64 {
+        let occupancy = &self.irq.occupancy[cpu];
+        let token = token();
+        if occupancy.occupant.load(Ordering::Relaxed) == token {
+            return WERE_OFF;
+        }
+        while occupancy
+            .occupant
+            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        occupancy.settle_bias(token);
+        HELD_HERE
+    }
+
+    /// Undoes what [`save`](Self::save) said (`sti` after [`WERE_ON`]); interrupts
+    /// that waited are taken now. False when the calling thread runs as no CPU of
+    /// this machine.
     #[inline]
-    pub(super) fn restore(&self, on: bool) -> bool {
+    pub(super) fn restore(&self, saved: u64) -> bool {
         let Some(cpu) = self.current() else {
             return false;
         };
-        if on && INTERRUPTS_OFF.get() {
-            self.interrupts_on(cpu);
-            // Nothing armed anywhere (the one read a benchmark pays): no interrupt
-            // waited and the point counts for nobody.
-            if self.watched() {
-                self.take_armed(cpu, false);
-                self.watched_point();
+        match saved {
+            WERE_ON if INTERRUPTS_OFF.get() == self.irq.id() => {
+                self.interrupts_on(cpu);
+                // Nothing armed anywhere (the one read a benchmark pays): no interrupt
+                // waited and the point counts for nobody.
+                if self.watched() {
+                    self.take_armed(cpu, false);
+                    self.watched_point();
+                }
             }
+            HELD_HERE => {
+                // Only the thread's own hold: a state made up, or restored on
+                // another thread, must not let a third thread in beside the holder.
+                let _ = self.irq.occupancy[cpu].occupant.compare_exchange(
+                    token(),
+                    0,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                );
+            }
+            _ => {}
         }
         true
     }
 }
+
+/// What [`Cpus::save`] saved: interrupts were on (bit 0, as the library's defaults
+/// keep it); they were off; they were off through another machine and the call
+/// held the thread's CPU on this one.
+const WERE_OFF: u64 = 0;
+pub(super) const WERE_ON: u64 = 1;
+const HELD_HERE: u64 = 2;
 
 impl SimCpu<'_> {
     /// Arms an interrupt: `handler` runs on the calling thread as an interrupt of
@@ -495,6 +553,6 @@ impl SimCpu<'_> {
 
     /// Whether the calling thread's interrupts are on (the thread running as this CPU).
     pub fn interrupts_enabled(&self) -> bool {
-        !INTERRUPTS_OFF.get()
+        INTERRUPTS_OFF.get() == 0
     }
 }

@@ -144,6 +144,66 @@ fn threads_as_one_cpu_never_overlap_with_interrupts_off_through_bias_and_revocat
     );
 }
 
+/// A thread with interrupts off through one machine that calls into another (one
+/// machine's kernel heap as the global allocator, called under another's lock)
+/// holds its CPU on that one too: the threads running as CPU 0 there never run
+/// beside it with interrupts off, and its nested calls on either machine hold
+/// nothing more. (Two threads nesting the machines in opposite orders would wait for
+/// each other, as two locks taken in opposite orders do.)
+#[test]
+fn a_thread_with_interrupts_off_through_one_machine_holds_its_cpu_on_another() {
+    use vmalloc::smp::Cpus as _;
+    let (outer, inner) = (machine(), machine());
+    let inside = AtomicU64::new(0);
+    let overlaps = AtomicU64::new(0);
+    let critical = |spin: u64| {
+        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        for _ in 0..spin {
+            std::hint::spin_loop();
+        }
+        inside.fetch_sub(1, Ordering::SeqCst);
+    };
+    let start = std::sync::Barrier::new(3);
+    std::thread::scope(|scope| {
+        for thread in 0..3u64 {
+            let (outer, inner, critical, start) = (&outer, &inner, &critical, &start);
+            scope.spawn(move || {
+                let mut rng = Rng::new(thread + 1);
+                start.wait();
+                for _ in 0..10_000 {
+                    // Thread 0 nests the inner machine in the outer one's section;
+                    // the others run on the inner machine alone, in bursts that
+                    // bias its CPU to them.
+                    let held = (thread == 0).then(|| outer.irq_save());
+                    let state = inner.irq_save();
+                    let again = (inner.irq_save(), held.map(|_| outer.irq_save()));
+                    critical(rng.below(500));
+                    if let Some(again) = again.1 {
+                        outer.irq_restore(again);
+                    }
+                    inner.irq_restore(again.0);
+                    critical(rng.below(500));
+                    inner.irq_restore(state);
+                    if let Some(held) = held {
+                        outer.irq_restore(held);
+                    }
+                    assert!(outer.cpu(0).interrupts_enabled(), "interrupts back on");
+                    if rng.below(8) == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        overlaps.load(Ordering::Relaxed),
+        0,
+        "two threads ran as CPU 0 of the inner machine with interrupts off at once"
+    );
+}
+
 #[test]
 fn a_panic_inside_cpu_run_puts_the_thread_back_on_its_cpu() {
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_cpus(2));
