@@ -94,7 +94,9 @@ impl NormalMap {
                         end: end / PAGE_SIZE,
                     },
                 )?,
-                // ...and every frame touching a reserved range is reserved.
+                // ...and every frame touching a reserved range is reserved (an
+                // empty one touches none).
+                RegionKind::Reserved if start >= end => {}
                 RegionKind::Reserved => push_span(
                     &mut this.reserved,
                     &mut this.reserved_len,
@@ -138,6 +140,17 @@ impl NormalMap {
                 }
             }
             self.pending_len = kept;
+            if kept == MAX_MAP_REGIONS {
+                let touched = self.pending.iter_mut().find(|kept| {
+                    kept.from == pending.from
+                        && pending.start <= kept.end
+                        && kept.start <= pending.end
+                });
+                let kept = touched.ok_or(Error::BadMemoryMap)?;
+                kept.start = kept.start.min(pending.start);
+                kept.end = kept.end.max(pending.end);
+                return Ok(());
+            }
         }
         *self
             .pending
@@ -339,6 +352,17 @@ fn push_span(list: &mut [Span; MAX_MAP_REGIONS], len: &mut usize, span: Span) ->
             }
         }
         *len = kept;
+        if *len == MAX_MAP_REGIONS {
+            // Still full: the new range may extend one it touches (a range the
+            // map gives in two touching halves after 127 others).
+            let touched = list
+                .iter_mut()
+                .find(|kept| span.start <= kept.end && kept.start <= span.end);
+            let kept = touched.ok_or(Error::BadMemoryMap)?;
+            kept.start = kept.start.min(span.start);
+            kept.end = kept.end.max(span.end);
+            return Ok(());
+        }
     }
     *list.get_mut(*len).ok_or(Error::BadMemoryMap)? = span;
     *len += 1;

@@ -273,6 +273,64 @@ fn long_maps_of_touching_entries_are_merged_not_refused() {
     assert_eq!(unsafe { alloc.reclaim(Reclaim::BootServices) }, 600);
 }
 
+/// 127 disjoint ranges, then one more in two touching halves: 128 once merged,
+/// which fits, whichever half comes first; one more disjoint range does not.
+#[test]
+fn a_full_list_takes_a_range_that_extends_one_it_holds() {
+    let last = bitmap::MAX_MAP_REGIONS as u64 - 1;
+    let spaced = |kind: &dyn Fn(u64, u64) -> MemoryRegion| -> Vec<MemoryRegion> {
+        let mut map: Vec<_> = (0..last)
+            .map(|i| kind((4 * i + 1) * FRAME, (4 * i + 2) * FRAME))
+            .collect();
+        let end = 1000 * FRAME;
+        map.push(kind(end, end + FRAME));
+        map.push(kind(end + FRAME, end + 2 * FRAME));
+        map
+    };
+    let usable = spaced(&MemoryRegion::usable);
+    let mut storage = Vec::new();
+    let mut alloc = build(&usable, &mut storage);
+    assert_eq!(alloc.stats().total, last + 2);
+    assert_eq!(drain(&mut alloc).len() as u64, last + 2);
+
+    let whole = MemoryRegion::usable(0, 2048 * FRAME);
+    let reserved = spaced(&MemoryRegion::reserved);
+    let reclaimable = spaced(&|start, end| MemoryRegion::reclaimable(start, end, Reclaim::Acpi));
+    for (kind, entries) in [("reserved", reserved), ("reclaimable", reclaimable)] {
+        let mut map = vec![whole.clone()];
+        map.extend(entries);
+        let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+        let mut storage = vec![0; words];
+        let alloc = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+        assert_eq!(
+            alloc.map(|alloc| alloc.stats().total).ok(),
+            Some(2048 - last - 2),
+            "{kind}: 128 ranges once merged"
+        );
+        map.push(if kind == "reserved" {
+            MemoryRegion::reserved(1500 * FRAME, 1501 * FRAME)
+        } else {
+            MemoryRegion::reclaimable(1500 * FRAME, 1501 * FRAME, Reclaim::Acpi)
+        });
+        assert_eq!(
+            BitmapFrameAllocator::storage_words(map.iter().cloned()),
+            0,
+            "{kind}: 129 disjoint ranges"
+        );
+    }
+}
+
+#[test]
+fn an_empty_reserved_range_inside_a_frame_reserves_nothing() {
+    let map = [
+        MemoryRegion::usable(0, 4 * FRAME),
+        MemoryRegion::reserved(FRAME + 0xabc, FRAME + 0xabc),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(drain(&mut alloc), vec![0, 1, 2, 3]);
+}
+
 #[test]
 fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
     let size = 4 * M;
