@@ -155,6 +155,45 @@ fn splitting_a_2m_entry_keeps_every_translation_and_lets_part_of_it_go() {
     m.assert_mapped(BASE + 12 * MIB2, &frames[..256], flags);
 }
 
+/// A 2 MiB entry with its PAT bit (bit 12; a firmware's or a kernel's
+/// write-combining framebuffer) splits into 4 KiB entries with theirs (bit 7), so
+/// every page keeps its memory type; the frames stay the same.
+#[test]
+fn splitting_a_2m_entry_keeps_its_memory_type() {
+    const PAT_2M: u64 = 1 << 12;
+    const PAT_4K: u64 = 1 << 7;
+    let m = &mut machine(2048, 44);
+    let addr = BASE + 12 * MIB2;
+    let huge = Page::<Size2MiB>::containing_address(VirtAddr::new(addr));
+    let run = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x4020_0000));
+    let flags = RW | PageTableFlags::WRITE_THROUGH;
+    m.map_huge(huge, run, flags).unwrap();
+    let next = |table: [u64; 512], level| {
+        PhysFrame::containing_address(PhysAddr::new(table[index(addr, level)] & ADDR_MASK))
+    };
+    let pdpt = next(m.table_copy(m.sim.root()), 0);
+    let pd = next(m.table_copy(pdpt), 1);
+    let slot = pd.start_address() + index(addr, 2) as u64 * 8;
+    let entry = m.table_copy(pd)[index(addr, 2)];
+    m.write_phys(slot, &(entry | PAT_2M).to_le_bytes());
+
+    let _flush = m.split_huge(huge).unwrap();
+    let first = PhysFrame::<Size4KiB>::containing_address(run.start_address());
+    let leaves = m.table_copy(next(m.table_copy(pd), 2));
+    for (i, leaf) in leaves.iter().enumerate() {
+        assert_eq!(
+            leaf & ADDR_MASK,
+            (first + i as u64).start_address().as_u64()
+        );
+        assert_eq!(leaf & PAT_4K, PAT_4K, "page {i} lost its PAT bit");
+        assert_eq!(
+            PageTableFlags::from_bits_truncate(leaf & !PAT_4K),
+            flags,
+            "page {i}"
+        );
+    }
+}
+
 #[test]
 fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
     let m = &mut machine(256, 41);

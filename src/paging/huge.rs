@@ -118,10 +118,15 @@ impl<M: PhysMemory> PageTables<M> {
         let addr = page.start_address().as_u64();
         let (entry, raw) = self.present_2m_entry(addr)?;
         let table_frame = tables.alloc_frame().ok_or(Error::OutOfFrames)?;
-        // Bit 12 of the 2 MiB entry is PAT and bit 7 says "huge"; a 4 KiB leaf has
-        // neither (PAT is never set here).
+        // Bit 12 of the 2 MiB entry is PAT and bit 7 says "huge"; a 4 KiB leaf keeps
+        // its PAT in bit 7 (a firmware's write-combining framebuffer keeps its type).
         let base = raw & ADDR_MASK & !(Size2MiB::SIZE - 1);
-        let leaf_bits = raw & !ADDR_MASK & !PageTableFlags::HUGE_PAGE.bits();
+        let pat = if raw & HUGE_PAT != 0 {
+            PageTableFlags::HUGE_PAGE.bits()
+        } else {
+            0
+        };
+        let leaf_bits = (raw & !ADDR_MASK & !PageTableFlags::HUGE_PAGE.bits()) | pat;
         let table = table_at(&self.phys, table_frame.start_address());
         // SAFETY: the frame is fresh from `tables`, reachable through `phys`, and not
         // yet linked anywhere.
@@ -137,6 +142,9 @@ impl<M: PhysMemory> PageTables<M> {
         Ok(huge_flush(addr))
     }
 }
+
+/// The PAT bit of a 2 MiB or 1 GiB entry.
+const HUGE_PAT: u64 = 1 << 12;
 
 /// The flush token of the 2 MiB page at `addr`. The last 2 MiB of each canonical
 /// half cannot end a page range, so there the range stops one 4 KiB page short:
