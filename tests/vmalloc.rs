@@ -501,3 +501,66 @@ fn given_out<F: FrameSource + Clone>(vm: &SimVmalloc<'_, F>) -> (u64, u64, u64) 
     let stats = vm.stats();
     (stats.areas, stats.used, stats.data_frames)
 }
+
+/// Below a boot loader's top-level entry with `NO_EXECUTE` (which the manager
+/// adopts), no area is made executable: a tree area's or a per-CPU block area's
+/// `set_prot`, and an executable area of block size, each get
+/// [`Error::NoExecuteAbove`] and change nothing; data rights still change.
+#[test]
+fn executable_rights_below_a_no_execute_top_level_entry_are_refused() {
+    let machine = machine();
+    let frames = machine.frames();
+    let pdpt = frames.alloc_frame().unwrap();
+    // SAFETY: a fresh frame, ours: zeroed, it is an empty table.
+    unsafe { machine.write_phys(pdpt.start_address(), &[0; 4096]) };
+    let nx = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    let entry = pdpt.start_address().as_u64() | nx.bits();
+    let slot = machine.root().start_address() + ((VMALLOC_START >> 39) & 511) * 8;
+    // SAFETY: the root's entry for the region, which nothing uses yet.
+    unsafe { machine.write_phys(slot, &entry.to_le_bytes()) };
+    let vm = manager(&machine, &frames, VmallocConfig::default());
+
+    let text = VmOptions {
+        prot: Prot::READ,
+        tag: "module text",
+        ..VmOptions::default()
+    };
+    let tree = vm.vmalloc_with(4 * 4096, &text).unwrap();
+    let block = vm.vmalloc(4096).unwrap();
+    assert_eq!(vm.stats().block_areas, 1, "one area from a per-CPU block");
+    let before = (
+        vm.stats(),
+        free_frames(&frames),
+        vm.areas().collect::<Vec<_>>(),
+    );
+    for (name, ptr) in [("tree", tree), ("block", block)] {
+        // SAFETY: the test owns the area; nothing relies on its rights.
+        let exec = unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ | Prot::EXEC) };
+        assert_eq!(exec, Err(Error::NoExecuteAbove), "{name} area");
+        assert!(machine.translate(addr(ptr), Access::FETCH).is_err());
+        // SAFETY: as above.
+        unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ | Prot::WRITE) }.unwrap();
+        assert!(
+            machine.translate(addr(ptr), Access::WRITE).is_ok(),
+            "{name}"
+        );
+        // SAFETY: as above.
+        unsafe { vm.set_prot(ptr.as_ptr(), Prot::READ) }.unwrap();
+    }
+    let small_text = VmOptions {
+        prot: Prot::READ | Prot::EXEC,
+        ..VmOptions::default()
+    };
+    let made = vm.vmalloc_with(4096, &small_text);
+    assert_eq!(
+        made,
+        Err(Error::NoExecuteAbove),
+        "a block-sized executable area"
+    );
+    let after = (
+        vm.stats(),
+        free_frames(&frames),
+        vm.areas().collect::<Vec<_>>(),
+    );
+    assert!(after == before, "{after:?}\n{before:?}");
+}

@@ -387,6 +387,23 @@ impl<M: PhysMemory> PageTables<M> {
         Ok(RangeFlush::new(start, end))
     }
 
+    /// Whether an upper entry above the leaf table at `addr` has `NO_EXECUTE` (a
+    /// boot loader's), so that no leaf below it can be executable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMapped`] without a leaf table there.
+    pub(crate) fn exec_forbidden_above(&self, addr: VirtAddr) -> Result<bool, Error> {
+        let mut existing = Existing {
+            forbidden: PageTableFlags::NO_EXECUTE,
+            ..Existing::adding(PageTableFlags::empty())
+        };
+        // SAFETY: `new`'s contract makes the tables below the root valid; the walk
+        // only reads.
+        unsafe { Cursor::new(&self.phys, self.root).table(addr.as_u64(), 2, &mut existing) }?;
+        Ok(existing.forbidden_seen)
+    }
+
     /// Checks every leaf of `[start, end)` with `check`, then, if all pass, rewrites
     /// each with `rewrite(address, entry, pages it maps)`, OR-ing `upper_bits` into
     /// the upper entries on the way.

@@ -200,8 +200,9 @@ where
     /// # Errors
     ///
     /// As [`vmalloc`](Self::vmalloc), plus [`Error::BadAlignment`] for an alignment
-    /// that is not a power of two or exceeds the region, and [`Error::WriteExecute`]
-    /// for `WRITE | EXEC`.
+    /// that is not a power of two or exceeds the region, [`Error::WriteExecute`]
+    /// for `WRITE | EXEC`, and [`Error::NoExecuteAbove`] for `EXEC` below an upper
+    /// entry with `NO_EXECUTE` (a boot loader's table the manager adopted).
     #[track_caller]
     pub fn vmalloc_with(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.vmalloc_for(size, options, Location::caller())
@@ -339,8 +340,9 @@ where
     /// # Errors
     ///
     /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
-    /// `vmalloc` area), [`Error::WriteExecute`] for `WRITE | EXEC`. Nothing changes
-    /// on error.
+    /// `vmalloc` area), [`Error::WriteExecute`] for `WRITE | EXEC`,
+    /// [`Error::NoExecuteAbove`] for `EXEC` below an upper entry with `NO_EXECUTE`
+    /// (a boot loader's table the manager adopted). Nothing changes on error.
     ///
     /// # Safety
     ///
@@ -361,8 +363,13 @@ where
         // SAFETY: the caller owns the live area and asks for the rights; the flush
         // follows before the lock is released.
         let changed = unsafe { cx.inner().tables.protect(pages, flags) };
+        let flush = match changed {
+            // Executable rights below a boot loader's no-execute entry.
+            Err(Error::NoExecuteAbove) => return Err(Error::NoExecuteAbove),
+            changed => changed,
+        };
         let mut gather = self.gather();
-        invariant(changed.map(|flush| gather.stale(flush)));
+        invariant(flush.map(|flush| gather.stale(flush)));
         gather.finish();
         cx.record_mut(start).flags = flags;
         Ok(())

@@ -38,7 +38,10 @@ where
         zero: bool,
         caller: &'static Location<'static>,
     ) -> Option<NonNull<u8>> {
-        if self.blocks.count == 0 || pages > MAX_BLOCK_PAGES {
+        // Executable areas (rare: module text) go to the tree, whose walk refuses
+        // them below a boot loader's no-execute upper entry.
+        let data = flags.contains(PageTableFlags::NO_EXECUTE);
+        if self.blocks.count == 0 || pages > MAX_BLOCK_PAGES || !data {
             return None;
         }
         // The whole call, frame allocator calls included, with interrupts held off;
@@ -229,6 +232,13 @@ where
     ) -> Result<(), Error> {
         let (_, block) = at.block(Error::NotAllocated)?;
         let (first, pages) = block.area_at(at.addr)?;
+        if !flags.contains(PageTableFlags::NO_EXECUTE) {
+            let mut cx = self.lock();
+            let base = VirtAddr::new(block.base);
+            if cx.inner().tables.exec_forbidden_above(base) != Ok(false) {
+                return Err(Error::NoExecuteAbove);
+            }
+        }
         let bits = (flags | PageTableFlags::PRESENT).bits();
         for i in first..first + pages {
             let entry = block.entry(i);

@@ -2,8 +2,8 @@
 //!
 //! With [`VmallocConfig::cpu_caches`](super::VmallocConfig::cpu_caches) on, a
 //! `vmalloc` of up to [`MAX_BLOCK_PAGES`] pages with plain options (page alignment,
-//! a guard page, no 2 MiB pages, no label) is served from per-CPU state, after
-//! Linux's vmap blocks (`vm_map_ram`) and per-CPU frame caches:
+//! a guard page, no 2 MiB pages, no label, not executable) is served from per-CPU
+//! state, after Linux's vmap blocks (`vm_map_ram`) and per-CPU frame caches:
 //!
 //! - **The zone.** [`Vmalloc::new`](super::Vmalloc::new) reserves one range of the
 //!   region, at most 1/64 of it and at most `MAX_BLOCKS` (512) blocks of 2 MiB, listed
