@@ -614,6 +614,81 @@ fn frees_of_foreign_areas_and_a_free_right_after_the_same_free_are_refused() {
     }
 }
 
+/// Blocks between the slabs and the large path come from the list heap: a second
+/// free of one (right after its free, or after the hole it left merged with its
+/// neighbours'), a pointer inside a live one, one at a live block with another
+/// size, and a resize of a freed one are each refused and counted, and change
+/// nothing: `linked_list_allocator` panicked on them, or linked a live block into
+/// its free list.
+#[test]
+fn bad_frees_of_list_blocks_are_refused_and_change_nothing() {
+    let machine = machine(64 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    let layout = Layout::from_size_align(5000, 8).unwrap();
+    // SAFETY: deliberately wrong frees and a resize, which the heap refuses; every
+    // block is live where it is written or read.
+    unsafe {
+        let blocks: Vec<_> = (0..4).map(|_| heap.alloc(layout)).collect();
+        assert!(blocks.iter().all(|&block| heap.owns_small(block)));
+        for (i, &block) in blocks.iter().enumerate() {
+            block.write_bytes(i as u8 + 1, layout.size());
+        }
+        heap.dealloc(blocks[1], layout);
+        heap.dealloc(blocks[2], layout); // merges with the hole blocks[1] left
+        let before = heap.stats();
+        let other = Layout::from_size_align(6000, 8).unwrap();
+        type Call<'c> = Box<dyn Fn() + 'c>;
+        let bad: [(&str, Call); 6] = [
+            ("freed again", Box::new(|| heap.dealloc(blocks[1], layout))),
+            (
+                "freed again, merged",
+                Box::new(|| heap.dealloc(blocks[2], layout)),
+            ),
+            (
+                "inside a block",
+                Box::new(|| heap.dealloc(blocks[0].add(64), layout)),
+            ),
+            (
+                "unaligned",
+                Box::new(|| heap.dealloc(blocks[3].add(3), layout)),
+            ),
+            ("another size", Box::new(|| heap.dealloc(blocks[3], other))),
+            (
+                "resized after its free",
+                Box::new(|| assert!(heap.realloc(blocks[1], layout, 9000).is_null())),
+            ),
+        ];
+        for (n, (name, call)) in bad.iter().enumerate() {
+            call();
+            let stats = heap.stats();
+            assert_eq!(stats.refused_frees, before.refused_frees + n + 1, "{name}");
+            assert_eq!(stats.in_use, before.in_use, "{name}: nothing freed");
+        }
+        for i in [0, 3] {
+            let block = blocks[i];
+            let bytes = std::slice::from_raw_parts(block, layout.size());
+            assert!(bytes.iter().all(|&b| b == i as u8 + 1), "block {i} intact");
+        }
+        // The next blocks overlap no live one.
+        let fresh: Vec<_> = (0..3).map(|_| heap.alloc(layout)).collect();
+        let mut live: Vec<usize> = fresh.iter().map(|&b| b as usize).collect();
+        live.extend([blocks[0] as usize, blocks[3] as usize]);
+        live.sort_unstable();
+        assert!(
+            live.windows(2).all(|w| w[1] - w[0] >= layout.size()),
+            "{live:x?}"
+        );
+        for block in fresh.into_iter().chain([blocks[0], blocks[3]]) {
+            heap.dealloc(block, layout);
+        }
+        assert_eq!(heap.stats().in_use, 0);
+        assert_eq!(heap.stats().refused_frees, before.refused_frees + 6);
+    }
+}
+
 #[test]
 fn a_freed_large_block_is_kept_mapped_for_the_next_that_fits_and_shrink_gives_it_back() {
     let machine = machine(64 << 20);

@@ -7,6 +7,11 @@
 //! list's lock is not held across the manager's call: other CPUs allocate and free
 //! list blocks while one grows it.
 //!
+//! Each block ends with a seal, a word that only its pointer's live block holds
+//! there ([`seal_of`]); a free checks it and clears it, so a pointer freed twice,
+//! or one inside a block, is refused: `linked_list_allocator` would panic on
+//! either (a freed node that overlaps a hole), or link it into its list.
+//!
 //! [`Vmalloc::populate`]: crate::vmalloc::Vmalloc::populate
 
 use super::{KernelHeap, lock_heap};
@@ -77,9 +82,41 @@ fn grow(backing: &Backing<'_>, mapped: usize, layout: Layout, step: usize) -> Re
     backing.vmalloc.populate(backing.window as *mut u8, target)
 }
 
+/// The seal's size: a word after the caller's bytes (rounded up to a word).
+const SEAL: usize = core::mem::size_of::<usize>();
+
+/// What the list heap allocates for `layout`: the block, then its seal; `None` for
+/// a size the window could never hold.
+fn sealed(layout: Layout) -> Option<(Layout, usize)> {
+    let seal_at = layout.size().checked_next_multiple_of(SEAL)?;
+    let size = seal_at.checked_add(SEAL)?;
+    let layout = Layout::from_size_align(size, layout.align().max(SEAL)).ok()?;
+    Some((layout, seal_at))
+}
+
+/// The seal of the live block at `ptr`: no address's seal is another's, and
+/// ordinary data (zeroes, small numbers, pointers) is none.
+fn seal_of(ptr: usize) -> usize {
+    ptr.rotate_left(29) ^ 0x5a6c_6973_745f_626c
+}
+
 impl KernelHeap<'_> {
     /// A block of the list heap, grown if it must be.
     pub(super) fn alloc_list(&self, layout: Layout) -> Option<NonNull<u8>> {
+        let (sealed, seal_at) = sealed(layout)?;
+        let block = self.alloc_sealed(sealed)?;
+        // SAFETY: the block holds `seal_at + SEAL` bytes, aligned to a word.
+        unsafe {
+            block
+                .as_ptr()
+                .add(seal_at)
+                .cast::<usize>()
+                .write(seal_of(block.as_ptr() as usize))
+        };
+        Some(block)
+    }
+
+    fn alloc_sealed(&self, layout: Layout) -> Option<NonNull<u8>> {
         let backing = self.backing.get()?;
         // Two rounds: a CPU growing at the same time may take the pages this one
         // mapped, as this one may take its.
@@ -103,15 +140,57 @@ impl KernelHeap<'_> {
         None
     }
 
-    /// Gives a block back to the list heap.
+    /// Gives a block back to the list heap; false (nothing changed) unless `ptr`
+    /// starts a live block of `layout`'s size: its seal is there.
     ///
     /// # Safety
     ///
-    /// `ptr` came from [`alloc_list`](Self::alloc_list) with `layout` and is not used
+    /// If `ptr` starts a live block of the list heap with `layout`, it is not used
     /// afterwards.
-    pub(super) unsafe fn free_list(&self, ptr: *mut u8, layout: Layout, backing: &Backing<'_>) {
+    pub(super) unsafe fn free_list(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        backing: &Backing<'_>,
+    ) -> bool {
         let mut list = lock_heap(&self.list, Some(backing.vmalloc));
-        // SAFETY: the block came from the list heap with this layout (caller).
-        unsafe { list.list.deallocate(NonNull::new_unchecked(ptr), layout) };
+        let Some((seal, sealed)) = live_seal(&list, ptr, layout, backing) else {
+            return false;
+        };
+        // SAFETY: `live_seal` found the seal in the mapped window; the list's lock
+        // keeps another free of the block from reading it meanwhile.
+        unsafe { seal.write(0) };
+        // SAFETY: the seal says a live block of this size starts at `ptr` (a caller
+        // that lies about a block it still uses is past what the seal can see).
+        unsafe { list.list.deallocate(NonNull::new_unchecked(ptr), sealed) };
+        true
     }
+
+    /// Whether `ptr` starts a live list block of `layout`'s size.
+    pub(super) fn is_live_list_block(&self, ptr: *mut u8, layout: Layout) -> bool {
+        self.backing.get().is_some_and(|backing| {
+            let list = lock_heap(&self.list, Some(backing.vmalloc));
+            live_seal(&list, ptr, layout, backing).is_some()
+        })
+    }
+}
+
+/// The seal of the live block of `layout` at `ptr`, and the layout the list heap
+/// gave it; `None` unless the seal is there.
+fn live_seal(
+    list: &ListHeap,
+    ptr: *mut u8,
+    layout: Layout,
+    backing: &Backing<'_>,
+) -> Option<(*mut usize, Layout)> {
+    let (sealed, seal_at) = sealed(layout)?;
+    let offset = (ptr as usize).wrapping_sub(backing.window);
+    let end = offset.checked_add(seal_at + SEAL)?;
+    if end > list.mapped || !(ptr as usize).is_multiple_of(sealed.align()) {
+        return None;
+    }
+    // The word lies in the mapped part of the window, aligned.
+    let seal = ptr.wrapping_add(seal_at).cast::<usize>();
+    // SAFETY: as above: mapped read-write for the heap's life.
+    (unsafe { seal.read() } == seal_of(ptr as usize)).then_some((seal, sealed))
 }

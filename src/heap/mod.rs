@@ -133,8 +133,8 @@ impl Default for HeapConfig {
 pub struct HeapStats {
     /// Bytes of the window backed by frames (the list heap's high-water mark).
     pub mapped: usize,
-    /// Bytes handed out by the list heap (as `linked_list_allocator` counts them) and
-    /// the slabs (whole objects).
+    /// Bytes handed out by the list heap (as `linked_list_allocator` counts them,
+    /// with each block's closing word) and the slabs (whole objects).
     pub in_use: usize,
     /// Slab objects handed out and not freed.
     pub slab_objects: usize,
@@ -150,10 +150,12 @@ pub struct HeapStats {
     /// Frees refused: a slab object freed again while it is still the last object
     /// freed onto the list its free went to (a magazine, a slab's free list, a
     /// slab's remote list, a CPU's notices: one comparison each) or while the slab
-    /// its free emptied has nothing in use, or a large block's
-    /// pointer that starts no live large block of the heap's (another owner's area,
-    /// a block the heap keeps after its free); and resizes of such a pointer
-    /// (`realloc` returns null). A caller's bug the heap caught; a double free it
+    /// its free emptied has nothing in use; a pointer into the list heap's window
+    /// that starts no live list block of its layout's size (freed before, inside a
+    /// block: each list block ends with a word only its live block holds); or a
+    /// large block's pointer that starts no live large block of the heap's (another
+    /// owner's area, a block the heap keeps after its free); and resizes of such a
+    /// pointer (`realloc` returns null). A caller's bug the heap caught; a double free it
     /// does not catch (other frees onto that list came between) is undefined
     /// behaviour, as `GlobalAlloc` says. Heaps over one manager tag their large
     /// blocks alike: one freed through another such heap is taken as that heap's
@@ -533,7 +535,9 @@ impl<'a> KernelHeap<'a> {
         };
         if self.owns_small(ptr) {
             // SAFETY: a block in the window is the list heap's (caller).
-            unsafe { self.free_list(ptr, layout, backing) };
+            if !unsafe { self.free_list(ptr, layout, backing) } {
+                self.refused_frees.fetch_add(1, Ordering::Relaxed);
+            }
         } else if let Some(class) = self.slab_class(layout) {
             if self.guarded.owns(ptr) {
                 // SAFETY: a sampled object, which the caller gives up.
@@ -635,6 +639,11 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
                     return ptr::null_mut();
                 }
             }
+        }
+        if self.owns_small(ptr) && !self.is_live_list_block(ptr, layout) {
+            // A pointer freed before, or inside a block: nothing to copy from.
+            self.refused_frees.fetch_add(1, Ordering::Relaxed);
+            return ptr::null_mut();
         }
         let Some(moved) = self.allocate(new_layout) else {
             return ptr::null_mut();
