@@ -8,12 +8,13 @@ use vmalloc::PAGE_SIZE;
 use vmalloc::frame::MapperFrames;
 use vmalloc::paging::{PageTableMapper, PageTables};
 use vmalloc_sim::{Access, SimConfig, SimMachine};
+use x86_64::structures::paging::mapper::CleanUp;
 use x86_64::structures::paging::mapper::{
     FlagUpdateError, MapToError, MapperFlush, TranslateError, TranslateResult, UnmapError,
 };
 use x86_64::structures::paging::{
-    Mapper, OffsetPageTable, Page, PageSize, PageTableFlags as F, PhysFrame, Size2MiB, Size4KiB,
-    Translate,
+    Mapper, OffsetPageTable, Page, PageSize, PageTableFlags as F, PhysFrame, Size1GiB, Size2MiB,
+    Size4KiB, Translate,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -56,6 +57,19 @@ enum Call {
     Page4k(u64),
     Page2m(u64),
     Translate(u64),
+    Map1g {
+        page: u64,
+        frame: u64,
+        flags: F,
+        parents: F,
+    },
+    Unmap1g(u64),
+    Update1g(u64, F),
+    P3Of1g(u64, F),
+    Page1g(u64),
+    /// `clean_up_addr_range` from the first page to the last (inclusive).
+    CleanUp(u64, u64),
+    CleanUpAll,
 }
 
 /// A page address: one of a few 2 MiB chunks in each region, so calls meet.
@@ -95,6 +109,9 @@ fn parents() -> impl Strategy<Value = F> {
 fn call() -> impl Strategy<Value = Call> {
     let frame4k = (12 * 256..16 * 256u64).prop_map(|n| n * PAGE_SIZE);
     let frame2m = prop_oneof![Just(12u64 << 20), Just(14u64 << 20)];
+    // The one 1 GiB frame in memory: a call that takes `HUGE_PAGE` off its entry
+    // (`set_flags_p3_entry`) makes it a table both mappers then walk.
+    let frame1g = Just(0u64);
     prop_oneof![
         4 => (page_addr(), frame4k, flags(), parents())
             .prop_map(|(page, frame, flags, parents)| Call::Map4k { page, frame, flags, parents }),
@@ -111,6 +128,14 @@ fn call() -> impl Strategy<Value = Call> {
         1 => page_addr().prop_map(Call::Page4k),
         1 => page_addr().prop_map(Call::Page2m),
         2 => (page_addr(), 0..PAGE_SIZE).prop_map(|(p, o)| Call::Translate(p + o)),
+        1 => (page_addr(), frame1g, flags(), parents())
+            .prop_map(|(page, frame, flags, parents)| Call::Map1g { page, frame, flags, parents }),
+        1 => page_addr().prop_map(Call::Unmap1g),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::Update1g(p, f)),
+        1 => (page_addr(), flags()).prop_map(|(p, f)| Call::P3Of1g(p, f)),
+        1 => page_addr().prop_map(Call::Page1g),
+        1 => (page_addr(), page_addr()).prop_map(|(a, b)| Call::CleanUp(a.min(b), a.max(b))),
+        1 => Just(Call::CleanUpAll),
     ]
 }
 
@@ -119,6 +144,10 @@ fn page4k(addr: u64) -> Page<Size4KiB> {
 }
 
 fn page2m(addr: u64) -> Page<Size2MiB> {
+    Page::containing_address(VirtAddr::new(addr))
+}
+
+fn page1g(addr: u64) -> Page<Size1GiB> {
     Page::containing_address(VirtAddr::new(addr))
 }
 
@@ -133,7 +162,7 @@ fn token<S: PageSize>(flush: MapperFlush<S>) -> String {
 /// Runs `call` on any mapper with both traits; the result, as text.
 fn run<M>(mapper: &mut M, call: &Call, frames: &mut MapperFrames<&vmalloc_sim::SimFrames>) -> String
 where
-    M: Mapper<Size4KiB> + Mapper<Size2MiB> + Translate,
+    M: Mapper<Size4KiB> + Mapper<Size2MiB> + Mapper<Size1GiB> + Translate + CleanUp,
 {
     let all = |flush: x86_64::structures::paging::mapper::MapperFlushAll| {
         flush.ignore();
@@ -216,6 +245,45 @@ where
                     mapper.translate(addr),
                     mapper.translate_addr(addr)
                 )
+            }
+            Call::Map1g {
+                page,
+                frame,
+                flags,
+                parents,
+            } => format!(
+                "{:?}",
+                mapper
+                    .map_to_with_table_flags(
+                        page1g(page),
+                        PhysFrame::containing_address(PhysAddr::new(frame)),
+                        flags,
+                        parents,
+                        frames
+                    )
+                    .map(token)
+            ),
+            Call::Unmap1g(page) => format!(
+                "{:?}",
+                Mapper::<Size1GiB>::unmap(mapper, page1g(page)).map(|(f, t)| (f, token(t)))
+            ),
+            Call::Update1g(page, flags) => {
+                format!("{:?}", mapper.update_flags(page1g(page), flags).map(token))
+            }
+            Call::P3Of1g(page, flags) => format!(
+                "{:?} {:?}",
+                Mapper::<Size1GiB>::set_flags_p3_entry(mapper, page1g(page), flags).map(all),
+                Mapper::<Size1GiB>::set_flags_p2_entry(mapper, page1g(page), flags).map(all)
+            ),
+            Call::Page1g(page) => format!("{:?}", mapper.translate_page(page1g(page))),
+            Call::CleanUp(first, last) => {
+                let range = Page::range_inclusive(page4k(first), page4k(last));
+                mapper.clean_up_addr_range(range, frames);
+                "cleaned".to_string()
+            }
+            Call::CleanUpAll => {
+                mapper.clean_up(frames);
+                "cleaned all".to_string()
             }
         }
     }
@@ -508,6 +576,57 @@ fn the_adapter_gains_the_range_walk_on_the_same_tables() {
         mapper.translate(VirtAddr::new(BASES[1] + 7 * PAGE_SIZE)),
         TranslateResult::NotMapped
     ));
+}
+
+/// `CleanUp` frees the empty tables the caller made (through the trait), as
+/// `OffsetPageTable` does, and leaves this crate's (made by its range calls, marked
+/// `CREATED`) for `free_empty_tables`, which gives them back to where they came
+/// from.
+#[test]
+fn clean_up_frees_the_callers_empty_tables_and_leaves_this_crates() {
+    let machine = machine();
+    let frames = machine.frames();
+    let mut mapper = mapper(&machine);
+    let rw = F::PRESENT | F::WRITABLE;
+    let frame = PhysFrame::containing_address(PhysAddr::new(12 << 20));
+    let ours = Page::range(page4k(BASES[1]), page4k(BASES[1]) + 5);
+    // SAFETY: the test's own machine; nothing runs on these pages.
+    unsafe {
+        mapper
+            .tables_mut()
+            .map(ours, [frame; 5], F::WRITABLE, &&frames)
+            .unwrap();
+        mapper.map_to(page4k(BASES[0]), frame, rw, &mut MapperFrames(&frames))
+    }
+    .unwrap()
+    .ignore();
+    let free = |frames: &vmalloc_sim::SimFrames| frames.stats().free;
+    let mapped = free(&frames);
+    // SAFETY: as above.
+    unsafe { mapper.tables_mut().unmap(ours, |_, _| {}) }
+        .unwrap()
+        .flush(&machine);
+    Mapper::<Size4KiB>::unmap(&mut mapper, page4k(BASES[0]))
+        .unwrap()
+        .1
+        .ignore();
+    // SAFETY: every table is used once, in these tables, and came from `frames`.
+    unsafe { mapper.clean_up(&mut MapperFrames(&frames)) };
+    assert_eq!(free(&frames), mapped + 3, "the caller's PDPT, PD and PT");
+    assert!(matches!(
+        mapper.translate_page(page4k(BASES[1])),
+        Err(TranslateError::PageNotMapped)
+    ));
+    let mut freed = Vec::new();
+    let (count, flush) = mapper
+        .tables_mut()
+        .free_empty_tables(ours, |table| freed.push(table))
+        .unwrap();
+    flush.flush(&machine);
+    assert_eq!(
+        count, 2,
+        "this crate's PD and PT stayed for it (its PDPT is the root's)"
+    );
 }
 
 /// Maps a page, makes its PD entry not present, maps the next page with `PRESENT`

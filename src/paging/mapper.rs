@@ -1,22 +1,26 @@
 //! The `x86_64` crate's mapper traits over [`PageTables`]: [`PageTableMapper`].
 
+use super::ADDR_MASK;
 use super::PageTables;
 use super::cursor::{entry_at, read, table_at};
+use crate::PAGE_SIZE;
 use crate::PhysMemory;
 use core::sync::atomic::{Ordering, compiler_fence};
-use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::{
-    FlagUpdateError, MapToError, MappedFrame, Mapper, MapperFlush, MapperFlushAll, TranslateError,
-    TranslateResult, UnmapError,
+    CleanUp, FlagUpdateError, MapToError, MappedFrame, Mapper, MapperFlush, MapperFlushAll,
+    TranslateError, TranslateResult, UnmapError,
 };
+use x86_64::structures::paging::page::PageRangeInclusive;
 use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{
-    FrameAllocator, Page, PageSize, PageTable, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
-    Size4KiB, Translate,
+    FrameAllocator, FrameDeallocator, Page, PageSize, PageTable, PageTableFlags, PhysFrame,
+    Size1GiB, Size2MiB, Size4KiB, Translate,
 };
+use x86_64::{PhysAddr, VirtAddr};
 
-/// [`PageTables`] as the `x86_64` crate's `Mapper<Size4KiB>`, `Mapper<Size2MiB>` and
-/// `Translate`, for code written against `OffsetPageTable`.
+/// [`PageTables`] as the `x86_64` crate's `Mapper<Size4KiB>`, `Mapper<Size2MiB>`,
+/// `Mapper<Size1GiB>`, `Translate` and `CleanUp`, for code written against
+/// `OffsetPageTable`.
 ///
 /// The traits mean what the `x86_64` crate (0.15) makes them mean, flush tokens and
 /// error enums included, so such code compiles unchanged and writes the same
@@ -49,7 +53,11 @@ use x86_64::structures::paging::{
 ///   again is walked, as `OffsetPageTable` walks it;
 /// - `Translate::translate` of an address whose PML4 entry has `HUGE_PAGE` (a
 ///   reserved bit there) is [`TranslateResult::InvalidFrameAddress`];
-///   `OffsetPageTable` panics.
+///   `OffsetPageTable` panics;
+/// - `CleanUp` leaves the tables this crate's range calls made (marked
+///   [`CREATED`](super::CREATED), from their `FrameSource`), for
+///   [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
+///   came from; `OffsetPageTable` hands them to the caller's deallocator.
 ///
 /// Tables it makes are the caller's (from the `FrameAllocator`), as with
 /// `OffsetPageTable`: they do not carry [`CREATED`](super::CREATED), so this crate
@@ -415,23 +423,33 @@ impl<M: PhysMemory> Mapper<Size4KiB> for PageTableMapper<M> {
     }
 }
 
-impl<M: PhysMemory> Mapper<Size2MiB> for PageTableMapper<M> {
-    unsafe fn map_to_with_table_flags<A>(
+/// The level of a huge page's entry: 2 (PD) for 2 MiB, 3 (PDPT) for 1 GiB.
+const fn huge_level<S: PageSize>() -> usize {
+    if S::SIZE == Size1GiB::SIZE { 3 } else { 2 }
+}
+
+/// 2 MiB and 1 GiB pages: one entry with `HUGE_PAGE` at [`huge_level`], as the
+/// `x86_64` crate's `Mapper` impls for both sizes write it.
+impl<M: PhysMemory> PageTableMapper<M> {
+    /// # Safety
+    ///
+    /// As `Mapper::map_to_with_table_flags`.
+    unsafe fn map_huge<S: PageSize, A>(
         &mut self,
-        page: Page<Size2MiB>,
-        frame: PhysFrame<Size2MiB>,
+        page: Page<S>,
+        frame: PhysFrame<S>,
         flags: PageTableFlags,
         parent_table_flags: PageTableFlags,
         frame_allocator: &mut A,
-    ) -> Result<MapperFlush<Size2MiB>, MapToError<Size2MiB>>
+    ) -> Result<MapperFlush<S>, MapToError<S>>
     where
-        Self: Sized,
         A: FrameAllocator<Size4KiB> + ?Sized,
     {
         let addr = page.start_address();
         // SAFETY: the caller vouches for the allocator (the trait's contract).
-        let entry = unsafe { self.create(addr, 2, parent_table_flags, frame_allocator) }?;
-        // SAFETY: a reachable PD entry; nothing else borrows it.
+        let entry =
+            unsafe { self.create(addr, huge_level::<S>(), parent_table_flags, frame_allocator) }?;
+        // SAFETY: a reachable entry at the page's level; nothing else borrows it.
         unsafe {
             if read(entry) != 0 {
                 return Err(MapToError::PageAlreadyMapped(frame));
@@ -441,14 +459,14 @@ impl<M: PhysMemory> Mapper<Size2MiB> for PageTableMapper<M> {
         Ok(MapperFlush::new(page))
     }
 
-    fn unmap(
+    fn unmap_huge<S: PageSize>(
         &mut self,
-        page: Page<Size2MiB>,
-    ) -> Result<(PhysFrame<Size2MiB>, MapperFlush<Size2MiB>), UnmapError> {
+        page: Page<S>,
+    ) -> Result<(PhysFrame<S>, MapperFlush<S>), UnmapError> {
         let entry = self
-            .walk(page.start_address(), 2)
+            .walk(page.start_address(), huge_level::<S>())
             .map_err(Step::unmap_error)?;
-        // SAFETY: a reachable PD entry; nothing else borrows it.
+        // SAFETY: a reachable entry at the page's level; nothing else borrows it.
         let entry = unsafe { &mut *entry };
         let flags = entry.flags();
         if !flags.contains(PageTableFlags::PRESENT) {
@@ -463,15 +481,18 @@ impl<M: PhysMemory> Mapper<Size2MiB> for PageTableMapper<M> {
         Ok((frame, MapperFlush::new(page)))
     }
 
-    unsafe fn update_flags(
+    /// # Safety
+    ///
+    /// As `Mapper::update_flags`.
+    unsafe fn update_huge<S: PageSize>(
         &mut self,
-        page: Page<Size2MiB>,
+        page: Page<S>,
         flags: PageTableFlags,
-    ) -> Result<MapperFlush<Size2MiB>, FlagUpdateError> {
+    ) -> Result<MapperFlush<S>, FlagUpdateError> {
         let entry = self
-            .walk(page.start_address(), 2)
+            .walk(page.start_address(), huge_level::<S>())
             .map_err(Step::flag_error)?;
-        // SAFETY: a reachable PD entry; nothing else borrows it.
+        // SAFETY: a reachable entry at the page's level; nothing else borrows it.
         unsafe {
             if read(entry) == 0 {
                 return Err(FlagUpdateError::PageNotMapped);
@@ -481,42 +502,202 @@ impl<M: PhysMemory> Mapper<Size2MiB> for PageTableMapper<M> {
         Ok(MapperFlush::new(page))
     }
 
-    unsafe fn set_flags_p4_entry(
-        &mut self,
-        page: Page<Size2MiB>,
-        flags: PageTableFlags,
-    ) -> Result<MapperFlushAll, FlagUpdateError> {
-        // SAFETY: the trait's contract.
-        unsafe { self.set_upper_flags(page.start_address(), 4, flags) }
-    }
-
-    unsafe fn set_flags_p3_entry(
-        &mut self,
-        page: Page<Size2MiB>,
-        flags: PageTableFlags,
-    ) -> Result<MapperFlushAll, FlagUpdateError> {
-        // SAFETY: the trait's contract.
-        unsafe { self.set_upper_flags(page.start_address(), 3, flags) }
-    }
-
-    unsafe fn set_flags_p2_entry(
-        &mut self,
-        _page: Page<Size2MiB>,
-        _flags: PageTableFlags,
-    ) -> Result<MapperFlushAll, FlagUpdateError> {
-        Err(FlagUpdateError::ParentEntryHugePage) // the PD entry is the page itself
-    }
-
-    fn translate_page(&self, page: Page<Size2MiB>) -> Result<PhysFrame<Size2MiB>, TranslateError> {
+    fn translate_huge<S: PageSize>(&self, page: Page<S>) -> Result<PhysFrame<S>, TranslateError> {
         let entry = self
-            .walk(page.start_address(), 2)
+            .walk(page.start_address(), huge_level::<S>())
             .map_err(Step::translate_error)?;
-        // SAFETY: a reachable PD entry.
+        // SAFETY: a reachable entry at the page's level.
         let (raw, addr) = unsafe { (read(entry), (*entry).addr()) };
         if raw == 0 {
             return Err(TranslateError::PageNotMapped);
         }
         PhysFrame::from_start_address(addr).map_err(|_| TranslateError::InvalidFrameAddress(addr))
+    }
+}
+
+/// Writes one `Mapper` impl for a huge page size; `$p3` and `$p2` say which of
+/// `set_flags_p3_entry` and `set_flags_p2_entry` reach a table (the entry at the
+/// page's own level is the page: `ParentEntryHugePage`).
+macro_rules! huge_mapper {
+    ($size:ty, p3: $p3:expr) => {
+        impl<M: PhysMemory> Mapper<$size> for PageTableMapper<M> {
+            unsafe fn map_to_with_table_flags<A>(
+                &mut self,
+                page: Page<$size>,
+                frame: PhysFrame<$size>,
+                flags: PageTableFlags,
+                parent_table_flags: PageTableFlags,
+                frame_allocator: &mut A,
+            ) -> Result<MapperFlush<$size>, MapToError<$size>>
+            where
+                Self: Sized,
+                A: FrameAllocator<Size4KiB> + ?Sized,
+            {
+                // SAFETY: the trait's contract.
+                unsafe { self.map_huge(page, frame, flags, parent_table_flags, frame_allocator) }
+            }
+
+            fn unmap(
+                &mut self,
+                page: Page<$size>,
+            ) -> Result<(PhysFrame<$size>, MapperFlush<$size>), UnmapError> {
+                self.unmap_huge(page)
+            }
+
+            unsafe fn update_flags(
+                &mut self,
+                page: Page<$size>,
+                flags: PageTableFlags,
+            ) -> Result<MapperFlush<$size>, FlagUpdateError> {
+                // SAFETY: the trait's contract.
+                unsafe { self.update_huge(page, flags) }
+            }
+
+            unsafe fn set_flags_p4_entry(
+                &mut self,
+                page: Page<$size>,
+                flags: PageTableFlags,
+            ) -> Result<MapperFlushAll, FlagUpdateError> {
+                // SAFETY: the trait's contract.
+                unsafe { self.set_upper_flags(page.start_address(), 4, flags) }
+            }
+
+            unsafe fn set_flags_p3_entry(
+                &mut self,
+                page: Page<$size>,
+                flags: PageTableFlags,
+            ) -> Result<MapperFlushAll, FlagUpdateError> {
+                if !$p3 {
+                    return Err(FlagUpdateError::ParentEntryHugePage); // the page itself
+                }
+                // SAFETY: the trait's contract.
+                unsafe { self.set_upper_flags(page.start_address(), 3, flags) }
+            }
+
+            unsafe fn set_flags_p2_entry(
+                &mut self,
+                _page: Page<$size>,
+                _flags: PageTableFlags,
+            ) -> Result<MapperFlushAll, FlagUpdateError> {
+                Err(FlagUpdateError::ParentEntryHugePage) // the page, or below it
+            }
+
+            fn translate_page(
+                &self,
+                page: Page<$size>,
+            ) -> Result<PhysFrame<$size>, TranslateError> {
+                self.translate_huge(page)
+            }
+        }
+    };
+}
+
+huge_mapper!(Size2MiB, p3: true);
+huge_mapper!(Size1GiB, p3: false);
+
+impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
+    /// Frees every empty page table below the root, as
+    /// [`clean_up_addr_range`](CleanUp::clean_up_addr_range) over the whole address
+    /// space.
+    ///
+    /// # Safety
+    ///
+    /// As [`clean_up_addr_range`](CleanUp::clean_up_addr_range).
+    unsafe fn clean_up<D>(&mut self, frame_deallocator: &mut D)
+    where
+        D: FrameDeallocator<Size4KiB>,
+    {
+        let first = Page::containing_address(VirtAddr::zero());
+        let last = Page::containing_address(VirtAddr::new_truncate(u64::MAX));
+        // SAFETY: the caller's promise, for the whole address space.
+        unsafe { self.clean_up_addr_range(Page::range_inclusive(first, last), frame_deallocator) }
+    }
+
+    /// Frees the page tables below the root that serve only `range` and hold no
+    /// entry (once their own empty tables are gone), giving each frame to
+    /// `frame_deallocator`, as `OffsetPageTable` does; the root stays. Tables marked
+    /// [`CREATED`](super::CREATED) are this crate's (its range calls made them from
+    /// their `FrameSource`): they stay, for
+    /// [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
+    /// came from. Flush the whole TLB afterwards: its paging-structure caches may
+    /// still point to the freed tables.
+    ///
+    /// # Safety
+    ///
+    /// As the `x86_64` crate asks: each table frame is used once, in these tables
+    /// alone, and comes from the allocator `frame_deallocator` gives it back to; and
+    /// nothing keeps an empty table for later (a [`Vmalloc`](crate::Vmalloc) over
+    /// these tables keeps its per-CPU blocks' tables while they are empty).
+    unsafe fn clean_up_addr_range<D>(
+        &mut self,
+        range: PageRangeInclusive,
+        frame_deallocator: &mut D,
+    ) where
+        D: FrameDeallocator<Size4KiB>,
+    {
+        if range.is_empty() {
+            return;
+        }
+        let span = (
+            range.start.start_address().as_u64(),
+            range.end.start_address().as_u64(),
+        );
+        // SAFETY: the root is a valid table (`PageTables::new`); the caller's promise.
+        unsafe { self.clean_table(self.root(), 4, 0, span, frame_deallocator) };
+    }
+}
+
+impl<M: PhysMemory> PageTableMapper<M> {
+    /// Frees the empty tables below `table` (at `level`, 4 = PML4; its first entry
+    /// maps from `base`) that serve only pages in `first..=last`; whether `table`
+    /// holds no entry afterwards. The recursion is at most three deep.
+    ///
+    /// # Safety
+    ///
+    /// `table` is reachable through `phys`; as `CleanUp::clean_up_addr_range`.
+    unsafe fn clean_table<D>(
+        &self,
+        table: *mut PageTable,
+        level: usize,
+        base: u64,
+        (first, last): (u64, u64),
+        frame_deallocator: &mut D,
+    ) -> bool
+    where
+        D: FrameDeallocator<Size4KiB>,
+    {
+        if level > 1 {
+            let shift = 12 + 9 * (level - 1);
+            let index = |addr: u64| (addr >> shift) as usize & 511;
+            for i in index(first)..=index(last) {
+                let entry = entry_at(table, i);
+                // SAFETY: an entry of a reachable table.
+                let raw = unsafe { read(entry) };
+                let flags = PageTableFlags::from_bits_retain(raw);
+                let walkable = flags.contains(PageTableFlags::PRESENT)
+                    && !flags.intersects(PageTableFlags::HUGE_PAGE | super::CREATED);
+                if !walkable {
+                    continue;
+                }
+                // Canonical: the top level's upper half is sign-extended.
+                let start = VirtAddr::new_truncate(base + ((i as u64) << shift)).as_u64();
+                let end = start + ((1 << shift) - PAGE_SIZE);
+                let below = table_at(&self.tables.phys, PhysAddr::new(raw & ADDR_MASK));
+                let part = (first.max(start), last.min(end));
+                // SAFETY: a present table entry holds a reachable table.
+                if unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) } {
+                    let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+                    // SAFETY: an entry of a reachable table; nothing borrows it. The
+                    // table below it is empty and serves no other address (caller).
+                    unsafe {
+                        (*entry).set_unused();
+                        frame_deallocator.deallocate_frame(frame);
+                    }
+                }
+            }
+        }
+        // SAFETY: a reachable table.
+        (0..512).all(|i| unsafe { read(entry_at(table, i)) } == 0)
     }
 }
 
