@@ -516,6 +516,51 @@ fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
 /// the area before it by one page leaves a freed record on the old guard page,
 /// beside it, and taking that record back once flushed forgot the neighbour's caller
 /// (its listing, `allocinfo` and fault diagnosis lost it).
+/// A shrink by a CPU that does not own the block leaves the dropped pages waiting
+/// for the owner: a fault there is in no area (as past a shrunk tree area's guard),
+/// not a use after free of an area that never was, nor one charged to the call that
+/// made a neighbour freed long ago; the new guard page is still the area's.
+#[test]
+fn a_fault_in_the_pages_another_cpu_shrank_off_an_area_is_in_no_area() {
+    use vmalloc::vmalloc::FaultSite;
+    let (machine, frames, tlb) = smp_machine(2);
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    // Block pages: d at 0..4 (guard 4), c at 5 (guard 6); then d shrinks to one page
+    // on CPU 1 (pages 2..=4 dropped, 1 its new guard) and c is freed and flushed.
+    let d = vm.vmalloc(4 * PAGE).unwrap();
+    let c = vm.vmalloc(PAGE).unwrap();
+    assert_eq!(addr(c) - addr(d), 5 * PAGE as u64);
+    // One thread: the CPU it does not run as is offline, or no one would serve the
+    // shootdowns sent to it.
+    machine.cpu(0).go_offline();
+    // SAFETY: d is this test's area, not used afterwards but through its return.
+    machine
+        .cpu(1)
+        .run(|_| unsafe { vm.vrealloc(d.as_ptr(), PAGE) }.unwrap());
+    machine.cpu(1).go_offline();
+    machine.cpu(0).go_online();
+    // SAFETY: c is this test's area, not used afterwards.
+    unsafe { vm.vfree(c.as_ptr()) }.unwrap();
+    vm.purge();
+    let site = |page: u64| {
+        let at = addr(d) + page * PAGE as u64 + 8;
+        vm.diagnose_fault(at, PageFaultErrorCode::empty()).site
+    };
+    assert!(
+        matches!(site(1), FaultSite::Guard { area, .. } if area.start == addr(d)),
+        "{:?}",
+        site(1)
+    );
+    for page in 2..=4 {
+        assert!(
+            matches!(site(page), FaultSite::Unmapped),
+            "page {page}: {:?}",
+            site(page)
+        );
+    }
+}
+
 #[test]
 fn shrinking_an_area_by_one_page_keeps_the_next_areas_caller() {
     let (machine, frames, tlb) = smp_machine(1);

@@ -16,8 +16,12 @@ pub(super) const ZEROED: u8 = 0x80;
 /// Marks a freed area, or a shrink's dropped tail, waiting to be free again (for
 /// fault diagnosis: a use after free).
 pub(super) const FREED: u8 = 0x40;
+/// Marks (with [`FREED`]) a shrink's dropped tail: pages of an area that lives on
+/// shorter, not an area of their own (a fault there is in no area, as past a
+/// shrunk tree area's guard).
+const TAIL: u8 = 0x20;
 /// The pages bits of a [`Block::len`] entry.
-const PAGES: u8 = 0x3f;
+const PAGES: u8 = 0x1f;
 
 const _: () = assert!(MAX_BLOCK_PAGES as u8 <= PAGES, "pages fit below the flags");
 const _: () = assert!(
@@ -263,13 +267,14 @@ impl Block {
     }
 
     /// The freed area, still waiting to be free again, whose span holds `page`: its
-    /// first page and pages.
+    /// first page and pages. A shrink's dropped tail is none.
     pub(super) fn freed_over(&self, page: usize) -> Option<(usize, usize)> {
         let lowest = page.saturating_sub(MAX_BLOCK_PAGES as usize);
         (lowest..=page).rev().find_map(|first| {
             let len = self.len[first].load(Ordering::Acquire);
             let pages = usize::from(len & PAGES);
-            (len & FREED != 0 && page <= first + pages).then_some((first, pages))
+            let freed_area = len & (FREED | TAIL) == FREED;
+            (freed_area && page <= first + pages).then_some((first, pages))
         })
     }
 
@@ -306,7 +311,7 @@ impl Block {
     pub(super) fn cut(&self, first: usize, pages: usize, new_pages: usize) -> (usize, usize) {
         let tail = first + new_pages + 1;
         let span = pages - new_pages;
-        self.len[tail].store((span - 1) as u8 | FREED, Ordering::Relaxed);
+        self.len[tail].store((span - 1) as u8 | FREED | TAIL, Ordering::Relaxed);
         let zero = self.len[first].load(Ordering::Relaxed) & ZEROED;
         self.len[first].store(new_pages as u8 | zero, Ordering::Release);
         (tail, span)

@@ -485,4 +485,4 @@ fn area_in(block: &Block, page: usize) -> Option<(BlockArea, bool)> {
     Some((area, page == first + pages))
 }
 
-const _: () = assert!(FREED & 0x3f == 0);
+const _: () = assert!(FREED & 0x1f == 0);
