@@ -145,6 +145,31 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
     assert_eq!(vm.stats().data_frames, 0);
 }
 
+/// A `VBox` whose value's `drop` panics still frees its area while unwinding, as
+/// `Box` does.
+#[test]
+fn a_vbox_whose_value_panics_in_drop_still_frees_its_area() {
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("the value's drop panics");
+        }
+    }
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_host_window(1 << 30));
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, scenarios::window_config(&machine));
+    let boxed = VBox::new(&vm, PanicsOnDrop).unwrap();
+    assert_eq!((vm.stats().areas, vm.stats().data_frames), (1, 1));
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(boxed)));
+    assert!(unwound.is_err());
+    let stats = vm.stats();
+    assert_eq!(
+        (stats.areas, stats.data_frames),
+        (0, 0),
+        "freed while unwinding"
+    );
+}
+
 #[test]
 fn vmap_and_ioremap_owners_unmap_on_drop_and_bound_every_access() {
     // The owners dereference their pointers: the host window makes that possible.

@@ -141,11 +141,26 @@ impl<T> DerefMut for VBox<'_, T> {
 
 impl<T> Drop for VBox<'_, T> {
     fn drop(&mut self) {
+        /// Frees the area when dropped: after the value's `drop`, or while it
+        /// unwinds, as `Box<T>` does.
+        struct FreeArea<'b> {
+            vmalloc: &'b dyn VmallocOps,
+            ptr: *mut u8,
+        }
+        impl Drop for FreeArea<'_> {
+            fn drop(&mut self) {
+                // SAFETY: the box owns its area, and its value is dropped (or
+                // dropping it unwound): nothing uses it.
+                let freed = unsafe { self.vmalloc.vfree(self.ptr) };
+                debug_assert_eq!(freed, Ok(()), "a VBox owns its area");
+            }
+        }
+        let _free = FreeArea {
+            vmalloc: self.vmalloc,
+            ptr: self.ptr.as_ptr().cast(),
+        };
         // SAFETY: the T is valid and is never used again.
         unsafe { self.ptr.as_ptr().drop_in_place() };
-        // SAFETY: the box owns its area and nothing uses it after the drop.
-        let freed = unsafe { self.vmalloc.vfree(self.ptr.as_ptr().cast()) };
-        debug_assert_eq!(freed, Ok(()), "a VBox owns its area");
     }
 }
 
