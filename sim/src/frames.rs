@@ -245,7 +245,16 @@ unsafe impl FrameSource for &PoisonOnFree<'_> {
         unsafe { self.frames.free_frame(frame) }
     }
     unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
-        frames.iter().for_each(|&frame| self.poison(frame));
+        // All or none come back: a list the allocator will refuse (a frame free
+        // already, or twice in it) poisons nothing, as its other frames stay their
+        // owner's.
+        let mut sorted = frames.to_vec();
+        sorted.sort_unstable();
+        let distinct = sorted.windows(2).all(|pair| pair[0] != pair[1]);
+        let held = |frame: &PhysFrame| self.frames.allocator().is_free(*frame) == Ok(false);
+        if distinct && frames.iter().all(held) {
+            frames.iter().for_each(|&frame| self.poison(frame));
+        }
         // SAFETY: forwarded from the caller.
         unsafe { self.frames.free_frames(frames) }
     }

@@ -289,8 +289,9 @@ impl SimMachine {
     /// # Panics
     ///
     /// If the memory size is below 16 MiB or not a multiple of 2 MiB, or too small
-    /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory). If the
-    /// host cannot allocate the block, the process aborts as for any allocation.
+    /// for `config.reserved_holes` holes (each needs 256 KiB of usable memory), or
+    /// above what a host allocation can be (`isize::MAX` bytes). If the host cannot
+    /// allocate the block, the process aborts as for any allocation.
     /// With a host window: if its size is not a positive multiple of 4 KiB or is
     /// above 32 TiB, if the host refuses the memfd or a mapping (a window the host
     /// cannot reserve), or if 64 machines with windows exist.

@@ -379,6 +379,10 @@ impl SimMachine {
     /// # Errors
     ///
     /// As [`fetch`](Self::fetch).
+    ///
+    /// # Panics
+    ///
+    /// As [`read`](Self::read).
     pub fn fetch_user(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
         self.copy_out(Access::FETCH.user(), addr, buf)
     }

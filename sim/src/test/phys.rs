@@ -56,3 +56,34 @@ fn root_table_starts_empty() {
     let range = KERNEL_IMAGE_START..KERNEL_IMAGE_END;
     assert!(range.contains(&machine.root().start_address().as_u64()));
 }
+
+/// A bulk free the allocator refuses (a frame in it free already, or listed twice)
+/// gives nothing back, so `PoisonOnFree` poisons none of its frames: the others
+/// are still their owner's, data and all. An accepted one poisons each frame once.
+#[test]
+fn poison_on_free_leaves_the_frames_of_a_refused_bulk_free_alone() {
+    use vmalloc::FrameSource;
+    let machine = machine();
+    let frames = machine.frames();
+    let poisoner = PoisonOnFree::new(&machine, &frames);
+    let poison = &poisoner;
+    let kept = poison.alloc_frame().unwrap();
+    let freed = poison.alloc_frame().unwrap();
+    // SAFETY: a frame the test took and no longer uses.
+    unsafe { poison.free_frame(freed) }.unwrap();
+    // SAFETY: bytes of a frame the test owns.
+    unsafe { machine.fill_phys(kept.start_address(), 4096, 0x11) };
+    for refused in [[kept, freed], [kept, kept]] {
+        // SAFETY: deliberately wrong, and refused whole.
+        assert!(unsafe { poison.free_frames(&refused) }.is_err());
+        assert!(
+            machine.frame_bytes(kept).iter().all(|&b| b == 0x11),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(poison.poisoned(), 1);
+    // SAFETY: the frame is the test's and unused.
+    unsafe { poison.free_frames(&[kept]) }.unwrap();
+    assert!(machine.frame_bytes(kept).iter().all(|&b| b == POISON));
+    assert_eq!(poison.poisoned(), 2);
+}
