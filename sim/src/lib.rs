@@ -125,8 +125,9 @@
 //! that installs a SIGSEGV handler of its own after making a machine must pass the
 //! faults it does not handle to the one it replaced. And the host kernel does not
 //! fault on the program's behalf: a system call given a buffer in a window page not
-//! host-mapped yet (a `read` into fresh capacity) fails with `EFAULT`, so such a
-//! buffer is touched first, or comes from the system allocator
+//! host-mapped (fresh capacity, a large block `realloc` moved to new addresses, a
+//! page evicted) fails with `EFAULT`, so such a buffer is host-mapped first
+//! ([`host_window_prefault`]), or comes from the system allocator
 //! (`benches/host_program.rs` builds criterion that way).
 //!
 //! Limits: flushing one page of a 2 MiB or 1 GiB mapping checks only that page's
@@ -162,6 +163,7 @@
 //! [`host_window`]: SimMachine::host_window
 //! [`host_mapped_pages`]: SimMachine::host_mapped_pages
 //! [`host_window_handler_installed`]: SimMachine::host_window_handler_installed
+//! [`host_window_prefault`]: SimMachine::host_window_prefault
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -487,6 +489,30 @@ impl SimMachine {
                 Some((VirtAddr::new(start), size))
             }
             Backing::Heap { .. } => None,
+        }
+    }
+
+    /// Host-maps the window's pages holding `addr..addr + len` now, as a touch of
+    /// each would (with the rights the tables give each page): for a system call, which
+    /// meets a window page that is not host-mapped with `EFAULT` instead of a fault
+    /// the window serves. Such pages are fresh memory, a large block `realloc`
+    /// moved to new addresses (its frames remapped, not copied), and pages the
+    /// window let go of to stay within its capacity; call this right before the
+    /// system call, for a range the window can hold at once (see [the module
+    /// documentation](self#the-host-window)).
+    ///
+    /// # Errors
+    ///
+    /// The first page that cannot be host-mapped: outside the window, or not
+    /// mapped readable by the machine's page tables (the pages before it are
+    /// mapped). Without a window, `addr`'s page.
+    pub fn host_window_prefault(&self, addr: VirtAddr, len: usize) -> Result<(), VirtAddr> {
+        match &self.backing {
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            Backing::Host(host) => host
+                .prefault(addr.as_u64(), len as u64)
+                .map_err(VirtAddr::new_truncate),
+            Backing::Heap { .. } => Err(addr.align_down(4096u64)),
         }
     }
 

@@ -553,3 +553,62 @@ fn a_linked_list_heap_runs_in_the_window() {
     drop(boxed);
     assert_eq!(heap.0.lock().used(), 0);
 }
+
+/// A system call meets a window page that is not host-mapped with `EFAULT`;
+/// `host_window_prefault` maps the pages first, for reads and writes alike, and
+/// names the first page the tables do not map.
+#[test]
+fn a_system_call_reaches_window_pages_once_they_are_prefaulted() {
+    let machine = machine();
+    let mut frames = frames_of(&machine);
+    for index in 0..2 {
+        let frame = next(&mut frames);
+        map(
+            &machine,
+            &mut frames,
+            window_page(&machine, index),
+            frame,
+            RW,
+        );
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.fill_phys(frame.start_address(), 4096, 0x61 + index as u8) };
+    }
+    let buffer = ptr(window_page(&machine, 0));
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the range is the process's (the window's); the kernel only reads it.
+    let sent = unsafe { libc::write(pipe[1], buffer.cast::<c_void>(), 8192) };
+    let error = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(
+        (sent, error),
+        (-1, Some(libc::EFAULT)),
+        "not host-mapped yet"
+    );
+    let start = window_page(&machine, 0).start_address();
+    assert_eq!(machine.host_window_prefault(start, 8192), Ok(()));
+    // SAFETY: as above.
+    let sent = unsafe { libc::write(pipe[1], buffer.cast::<c_void>(), 8192) };
+    assert_eq!(sent, 8192);
+    let mut back = vec![0u8; 8192];
+    // SAFETY: `back` has room for what is read.
+    let got = unsafe { libc::read(pipe[0], back.as_mut_ptr().cast(), 8192) };
+    assert_eq!(got, 8192);
+    assert!(back[..4096].iter().all(|&b| b == 0x61) && back[4096..].iter().all(|&b| b == 0x62));
+    // The kernel writes into the pages, as a `read` into a buffer does.
+    // SAFETY: `back` holds 8192 bytes.
+    let sent = unsafe { libc::write(pipe[1], back.as_ptr().cast(), 100) };
+    assert_eq!(sent, 100);
+    // SAFETY: the window's pages, mapped writable; no Rust value lives there.
+    let got = unsafe { libc::read(pipe[0], buffer.add(4000).cast(), 100) };
+    assert_eq!(got, 100);
+    // The third page is mapped by no table.
+    assert_eq!(
+        machine.host_window_prefault(start + 4096u64, 8193),
+        Err(start + 8192u64)
+    );
+    for fd in pipe {
+        // SAFETY: descriptors this test opened.
+        unsafe { libc::close(fd) };
+    }
+}

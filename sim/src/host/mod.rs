@@ -275,6 +275,21 @@ impl HostMemory {
         (self.window().start, self.window().size)
     }
 
+    /// Host-maps every page of `start..start + len` that is not host-mapped yet;
+    /// the first page that cannot be (outside the window, or not mapped readable by
+    /// the tables) is the error.
+    pub(super) fn prefault(&self, start: u64, len: u64) -> Result<(), u64> {
+        let window = self.window();
+        let first = start & !(PAGE - 1);
+        let end = start.checked_add(len).ok_or(first)?;
+        for page in (first..end).step_by(PAGE as usize) {
+            if !window.contains(page) || window.prefault(page).is_err() {
+                return Err(page);
+            }
+        }
+        Ok(())
+    }
+
     /// Faults served by a fill so far (each may map several pages).
     pub(super) fn fills(&self) -> u64 {
         self.window().fills.load(Ordering::Relaxed)

@@ -132,6 +132,20 @@ impl Window {
         }
     }
 
+    /// Maps `page` as a read fault there would, unless it is host-mapped already
+    /// (with the rights its tables give: a system call may write it then).
+    pub(super) fn prefault(&self, page: u64) -> Result<(), Refusal> {
+        {
+            let mut mapped = self.lock();
+            if let Some((_, slot)) = mapped.find(page)
+                && mapped.get(slot).prot != PARKED
+            {
+                return Ok(());
+            }
+        }
+        self.fill(page, 0)
+    }
+
     /// The translation of `page` under the tables as they are now.
     pub(super) fn walk(&self, page: u64) -> Option<Translation> {
         mmu::walk(self.root, page, |entry, _| self.load_entry(entry)).ok()
