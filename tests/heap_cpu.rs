@@ -793,3 +793,76 @@ fn a_dropped_heap_gives_back_a_full_slab_freed_from_other_cpus_magazines() {
     drop(heap);
     assert_eq!(given_out(&vm), before, "(areas, bytes, frames)");
 }
+
+/// A large or list-sized allocation that runs out gives back what the heap holds
+/// idle (empty slabs, an offline CPU's slabs included, and kept large blocks)
+/// before it fails, as a slab-sized one does: it failed while 16 MiB of slabs with
+/// no object in use stayed mapped.
+#[test]
+fn an_allocation_of_any_size_that_runs_out_shrinks_the_heap_first() {
+    watchdog("running out shrinks first", DEADLOCK_LIMIT, || {
+        for (request, offline) in [(256 << 10, false), (8 << 10, false), (256 << 10, true)] {
+            let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+                SimConfig::new(48 << 20)
+                    .with_cpus(2)
+                    .with_scatter_seed(4)
+                    .with_host_window(8 << 30),
+            )));
+            let frames = machine.frames();
+            let vm = manager(machine, &frames, machine);
+            let heap = KernelHeap::new(HeapConfig {
+                window: 64 << 20,
+                ..HeapConfig::DEFAULT
+            });
+            heap.init(&vm).unwrap();
+            heap.use_cpus(machine);
+            // CPU 1 fills 16 MiB of slabs, which it or CPU 0 then empties.
+            let small = layout(256);
+            let objects: Vec<usize> = machine.cpu(1).run(|_| {
+                // SAFETY: a valid layout; each block is checked below.
+                (0..(16 << 20) / 256)
+                    .map(|_| unsafe { heap.alloc(small) } as usize)
+                    .collect()
+            });
+            assert!(objects.iter().all(|&object| object != 0));
+            let freeing = if offline {
+                machine.cpu(1).go_offline();
+                0
+            } else {
+                1
+            };
+            machine.cpu(freeing).run(|_| {
+                for &object in &objects {
+                    // SAFETY: allocated above with `small`, not used afterwards.
+                    unsafe { heap.dealloc(object as *mut u8, small) };
+                }
+            });
+            let idle = heap.stats().slab_bytes;
+            let request = layout(request);
+            let mut got = Vec::new();
+            machine.cpu(0).run(|_| {
+                loop {
+                    // SAFETY: a valid layout.
+                    let block = unsafe { heap.alloc(request) };
+                    if block.is_null() {
+                        break;
+                    }
+                    got.push(block);
+                }
+            });
+            let stats = heap.stats();
+            assert!(
+                stats.slab_bytes < 1 << 20 && got.len() * request.size() > 16 << 20,
+                "{request:?}, offline {offline}: {} of {idle} idle slab bytes left, {} blocks",
+                stats.slab_bytes,
+                got.len()
+            );
+            machine.cpu(0).run(|_| {
+                for block in got {
+                    // SAFETY: allocated above with `request`.
+                    unsafe { heap.dealloc(block, request) };
+                }
+            });
+        }
+    });
+}

@@ -390,6 +390,15 @@ impl<'a> KernelHeap<'a> {
         }
     }
 
+    /// [`shrink`](Self::shrink), for an allocation that ran out: whether it gave
+    /// anything back (slabs or kept large blocks), so that trying again may serve.
+    fn give_back_idle(&self) -> bool {
+        let held = |stats: HeapStats| stats.slab_bytes + stats.large_kept;
+        let before = held(self.stats());
+        self.shrink();
+        held(self.stats()) < before
+    }
+
     /// Whether `ptr` lies in the list heap's window.
     pub fn owns_small(&self, ptr: *const u8) -> bool {
         self.backing
@@ -432,9 +441,9 @@ impl<'a> KernelHeap<'a> {
             Some(block) => block,
             None => match vmalloc.vmalloc_with(layout.size(), &options) {
                 Ok(block) => block,
-                // Out of memory: the kept blocks go back first. Input vmalloc refuses
-                // (an impossible size or alignment) changes nothing.
-                Err(error) if ran_dry(error) && self.slabs.release_large(u64::MAX, vmalloc) => {
+                // Out of memory: what the heap holds idle goes back first. Input
+                // vmalloc refuses (an impossible size or alignment) changes nothing.
+                Err(error) if ran_dry(error) && self.give_back_idle() => {
                     vmalloc.vmalloc_with(layout.size(), &options).ok()?
                 }
                 Err(_) => return None,
@@ -484,7 +493,7 @@ impl<'a> KernelHeap<'a> {
         // SAFETY: the caller gives up `ptr` unless it comes back (GlobalAlloc's
         // contract), and the block is a vmalloc area of its own.
         let resized = match unsafe { vmalloc.vrealloc(ptr, new_size) } {
-            Err(error) if ran_dry(error) && self.slabs.release_large(u64::MAX, vmalloc) => {
+            Err(error) if ran_dry(error) && self.give_back_idle() => {
                 // SAFETY: as above; the failed call changed nothing.
                 unsafe { vmalloc.vrealloc(ptr, new_size) }
             }
