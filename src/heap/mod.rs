@@ -381,6 +381,11 @@ impl<'a> KernelHeap<'a> {
     /// them back at its next heap call (or run `shrink` on every CPU, as Linux's
     /// `flush_all` runs on each). A CPU's slabs in use at the moment (by the code an
     /// interrupt handler interrupted) go back at its next call.
+    ///
+    /// The slabs a CPU holds age only through its own heap calls: what other CPUs
+    /// freed into them waits for its next one. A kernel that takes a CPU offline
+    /// calls `shrink` afterwards (as Linux's CPU-dead callback flushes that CPU's
+    /// slabs), or that CPU's slabs stay until an allocation runs out.
     pub fn shrink(&self) {
         if let Some(backing) = self.backing.get() {
             if let Some(cpus) = self.cpus.get() {
