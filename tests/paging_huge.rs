@@ -244,3 +244,55 @@ fn the_last_2m_page_of_each_half_unmaps_and_splits_with_a_token_inside_it() {
         assert!(m.tables.translate(VirtAddr::new(top)).is_err(), "unmapped");
     }
 }
+
+/// A 2 MiB or 1 GiB leaf with a reserved address bit set (bit 13; tables the crate
+/// did not write) is malformed: the MMU faults on it, and `translate` says so
+/// instead of answering with a frame. Bit 12, the PAT bit, is no such bit.
+#[test]
+fn translate_refuses_huge_leaves_with_reserved_bits_as_the_mmu_does() {
+    use vmalloc_sim::Access;
+    let entry = |m: &Machine, table: u64, index: usize, value: u64| {
+        m.write_phys(
+            PhysAddr::new(table + index as u64 * 8),
+            &value.to_le_bytes(),
+        );
+    };
+    for (level, bit, malformed) in [(2, 13, true), (1, 13, true), (2, 12, false), (1, 12, false)] {
+        let m = machine(4096, 45);
+        let tables = m.take(2);
+        for table in &tables {
+            m.write_phys(table.start_address(), &[0; 4096]);
+        }
+        let (pdpt, pd) = (
+            tables[0].start_address().as_u64(),
+            tables[1].start_address().as_u64(),
+        );
+        let addr = BASE + 3 * GIB + 4 * MIB2;
+        let root = m.tables.root().start_address().as_u64();
+        entry(&m, root, index(addr, 0), pdpt | RW.bits());
+        let leaf = (8 * GIB) | (1 << bit) | (RW | PageTableFlags::HUGE_PAGE).bits();
+        if level == 2 {
+            entry(&m, pdpt, index(addr, 1), pd | RW.bits());
+            entry(&m, pd, index(addr, 2), leaf);
+        } else {
+            entry(&m, pdpt, index(addr, 1), leaf);
+        }
+        let mmu = m.sim.translate(VirtAddr::new(addr), Access::READ);
+        let ours = m.tables.translate(VirtAddr::new(addr));
+        assert_eq!(mmu.is_err(), malformed, "level {level}, bit {bit}: {mmu:?}");
+        if malformed {
+            assert_eq!(
+                ours.map(|_| ()),
+                Err(Error::HugePageInTheWay),
+                "level {level}"
+            );
+        } else {
+            let base = 8 * GIB + (addr & (if level == 2 { MIB2 } else { GIB } - 1));
+            assert_eq!(
+                ours.map(|(phys, ..)| phys),
+                Ok(PhysAddr::new(base)),
+                "level {level}"
+            );
+        }
+    }
+}

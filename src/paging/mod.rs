@@ -349,8 +349,10 @@ impl<M: PhysMemory> PageTables<M> {
         )
     }
 
-    /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame
-    /// and its `ACCESSED` and `DIRTY` bits. As [`map`](Self::map), upper entries get
+    /// Gives every page of `pages` the leaf flags `flags | PRESENT`, keeping its frame,
+    /// its `ACCESSED` and `DIRTY` bits and bit 7 (`HUGE_PAGE` in a 2 MiB leaf, the
+    /// PAT bit in a 4 KiB one, which `flags` cannot change here; its `HUGE_PAGE` is
+    /// ignored). As [`map`](Self::map), upper entries get
     /// the `WRITABLE` and `USER_ACCESSIBLE` the leaves need and lose nothing.
     ///
     /// # Errors
@@ -481,7 +483,10 @@ impl<M: PhysMemory> PageTables<M> {
     ///
     /// # Errors
     ///
-    /// [`Error::NotMapped`] if no present entry maps `addr` (detached ones included).
+    /// [`Error::NotMapped`] if no present entry maps `addr` (detached ones included);
+    /// [`Error::HugePageInTheWay`] for an entry on the way the MMU faults on as
+    /// malformed: `HUGE_PAGE` in a PML4 entry, or a reserved address bit set in a
+    /// 2 MiB or 1 GiB leaf.
     pub fn translate(
         &self,
         addr: VirtAddr,
@@ -502,6 +507,12 @@ impl<M: PhysMemory> PageTables<M> {
             }
             let leaf = level == 3 || (level > 0 && flags.contains(PageTableFlags::HUGE_PAGE));
             if leaf {
+                // A huge leaf's address bits below its size, but PAT (bit 12), are
+                // reserved: the MMU faults on them.
+                let reserved = raw & ADDR_MASK & (entry_span(level) - 1) & !(1 << 12);
+                if level < 3 && reserved != 0 {
+                    return Err(Error::HugePageInTheWay);
+                }
                 return Ok(leaf_translation(addr, raw, level, flags));
             }
             table = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
