@@ -180,7 +180,7 @@ impl SimMachine {
     /// Runs CPU `cpu`'s pending IPI, if interrupts are on.
     #[cold]
     fn take_pending(&self, cpu: usize) {
-        if INTERRUPTS_OFF.get() != 0 || !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
+        if INTERRUPTS_OFF.get() || !self.cpus.pending[cpu].swap(false, Ordering::AcqRel) {
             return;
         }
         self.cpus.taken[cpu].fetch_add(1, Ordering::Relaxed);

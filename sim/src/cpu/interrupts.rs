@@ -32,10 +32,11 @@ use std::vec::Vec;
 type Flag = Padded<AtomicUsize>;
 
 thread_local! {
-    /// 0 while the calling thread runs with interrupts on; with them off (its
-    /// RFLAGS.IF clear), the machine whose `irq_save` turned them off (the address of
-    /// its [`Interrupts`]), whose CPU the thread holds.
-    pub(super) static INTERRUPTS_OFF: Cell<usize> = const { Cell::new(0) };
+    /// Whether the calling thread runs with interrupts off (its RFLAGS.IF clear).
+    pub(super) static INTERRUPTS_OFF: Cell<bool> = const { Cell::new(false) };
+    /// With interrupts off, the machine whose `irq_save` turned them off (the
+    /// address of its [`Interrupts`]), whose CPU the thread holds.
+    static OFF_THROUGH: Cell<usize> = const { Cell::new(0) };
     /// Whether the calling thread's interrupts went off through a CPU's bias (else
     /// it holds the CPU's occupant word).
     static BIASED_OFF: Cell<bool> = const { Cell::new(false) };
@@ -271,8 +272,8 @@ pub(super) struct Interrupts {
 }
 
 impl Interrupts {
-    /// What [`INTERRUPTS_OFF`] holds while a thread's interrupts are off through
-    /// this machine.
+    /// What `OFF_THROUGH` holds while a thread's interrupts are off through this
+    /// machine.
     fn id(&self) -> usize {
         core::ptr::from_ref(self) as usize
     }
@@ -355,7 +356,7 @@ impl Cpus {
                     }
                     None
                 }
-                Some(_) if INTERRUPTS_OFF.get() == 0 => armed.take(),
+                Some(_) if !INTERRUPTS_OFF.get() => armed.take(),
                 _ => None,
             }
         };
@@ -392,14 +393,15 @@ impl Cpus {
             }
             occupancy.settle_bias(token);
         }
-        INTERRUPTS_OFF.set(self.irq.id());
+        INTERRUPTS_OFF.set(true);
+        OFF_THROUGH.set(self.irq.id());
     }
 
     /// The calling thread's interrupts come back on: another thread may run on
     /// `cpu` with interrupts off.
     #[inline]
     fn interrupts_on(&self, cpu: usize) {
-        INTERRUPTS_OFF.set(0);
+        INTERRUPTS_OFF.set(false);
         if BIASED_OFF.replace(false) {
             // SAFETY: set when the bias was claimed: the thread's flag, never freed.
             unsafe { &*FLAG.with(Cell::get) }.store(0, Ordering::Release);
@@ -411,19 +413,19 @@ impl Cpus {
     /// `cli`, saying what [`restore`](Self::restore) undoes: [`WERE_ON`],
     /// [`WERE_OFF`], or [`HELD_HERE`] when they were off through another machine and
     /// this call claimed the thread's CPU on this one.
-    #[inline]
+    #[inline(always)]
     pub(super) fn save(&self) -> u64 {
         self.point();
         let Some(cpu) = self.current() else {
             return WERE_OFF;
         };
-        match INTERRUPTS_OFF.get() {
-            0 => {
-                self.interrupts_off(cpu);
-                WERE_ON
-            }
-            machine if machine == self.irq.id() => WERE_OFF,
-            _ => self.hold_for_nested(cpu),
+        if !INTERRUPTS_OFF.get() {
+            self.interrupts_off(cpu);
+            WERE_ON
+        } else if OFF_THROUGH.get() == self.irq.id() {
+            WERE_OFF
+        } else {
+            self.hold_for_nested(cpu)
         }
     }
 
@@ -434,6 +436,7 @@ impl Cpus {
     /// only: the thread's bias flag says which CPU it runs on through a bias, and
     /// that is the other machine's.
     #[cold]
+    #[inline(never)]
     fn hold_for_nested(&self, cpu: usize) -> u64 {
         let occupancy = &self.irq.occupancy[cpu];
         let token = token();
@@ -454,34 +457,42 @@ impl Cpus {
     /// Undoes what [`save`](Self::save) said (`sti` after [`WERE_ON`]); interrupts
     /// that waited are taken now. False when the calling thread runs as no CPU of
     /// this machine.
-    #[inline]
+    #[inline(always)]
     pub(super) fn restore(&self, saved: u64) -> bool {
         let Some(cpu) = self.current() else {
             return false;
         };
-        match saved {
-            WERE_ON if INTERRUPTS_OFF.get() == self.irq.id() => {
+        if saved == WERE_ON {
+            if INTERRUPTS_OFF.get() {
                 self.interrupts_on(cpu);
-                // Nothing armed anywhere (the one read a benchmark pays): no interrupt
-                // waited and the point counts for nobody.
+                // Nothing armed anywhere (the one read a benchmark pays): no
+                // interrupt waited and the point counts for nobody.
                 if self.watched() {
                     self.take_armed(cpu, false);
                     self.watched_point();
                 }
             }
-            HELD_HERE => {
-                // Only the thread's own hold: a state made up, or restored on
-                // another thread, must not let a third thread in beside the holder.
-                let _ = self.irq.occupancy[cpu].occupant.compare_exchange(
-                    token(),
-                    0,
-                    Ordering::Release,
-                    Ordering::Relaxed,
-                );
-            }
-            _ => {}
+        } else if saved != WERE_OFF {
+            self.release_nested();
         }
         true
+    }
+
+    /// Lets go of the CPU [`hold_for_nested`](Self::hold_for_nested) held: only the
+    /// thread's own hold (a state made up, or restored on another thread, must not
+    /// let a third thread in beside the holder).
+    #[cold]
+    #[inline(never)]
+    fn release_nested(&self) {
+        let Some(cpu) = self.current() else {
+            return;
+        };
+        let _ = self.irq.occupancy[cpu].occupant.compare_exchange(
+            token(),
+            0,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -553,6 +564,6 @@ impl SimCpu<'_> {
 
     /// Whether the calling thread's interrupts are on (the thread running as this CPU).
     pub fn interrupts_enabled(&self) -> bool {
-        INTERRUPTS_OFF.get() == 0
+        !INTERRUPTS_OFF.get()
     }
 }
