@@ -159,6 +159,32 @@ fn token<S: PageSize>(flush: MapperFlush<S>) -> String {
     format!("flush {page:?}")
 }
 
+/// `map_to_with_table_flags` of a page of any size, as text.
+///
+/// # Safety
+///
+/// As the trait's: the tests' own machines, nothing runs on the pages mapped.
+unsafe fn map_call<S: PageSize + std::fmt::Debug, M: Mapper<S>>(
+    mapper: &mut M,
+    page: Page<S>,
+    frame: u64,
+    (flags, parents): (F, F),
+    frames: &mut MapperFrames<&vmalloc_sim::SimFrames>,
+) -> String {
+    let frame = PhysFrame::containing_address(PhysAddr::new(frame));
+    // SAFETY: the caller's.
+    let mapped = unsafe { mapper.map_to_with_table_flags(page, frame, flags, parents, frames) };
+    format!("{:?}", mapped.map(token))
+}
+
+/// `unmap` of a page of any size, as text.
+fn unmap_call<S: PageSize + std::fmt::Debug, M: Mapper<S>>(
+    mapper: &mut M,
+    page: Page<S>,
+) -> String {
+    format!("{:?}", mapper.unmap(page).map(|(f, t)| (f, token(t))))
+}
+
 /// Runs `call` on any mapper with both traits; the result, as text.
 fn run<M>(mapper: &mut M, call: &Call, frames: &mut MapperFrames<&vmalloc_sim::SimFrames>) -> String
 where
@@ -177,43 +203,15 @@ where
                 frame,
                 flags,
                 parents,
-            } => format!(
-                "{:?}",
-                mapper
-                    .map_to_with_table_flags(
-                        page4k(page),
-                        PhysFrame::containing_address(PhysAddr::new(frame)),
-                        flags,
-                        parents,
-                        frames
-                    )
-                    .map(token)
-            ),
+            } => map_call(mapper, page4k(page), frame, (flags, parents), frames),
             Call::Map2m {
                 page,
                 frame,
                 flags,
                 parents,
-            } => format!(
-                "{:?}",
-                mapper
-                    .map_to_with_table_flags(
-                        page2m(page),
-                        PhysFrame::containing_address(PhysAddr::new(frame)),
-                        flags,
-                        parents,
-                        frames
-                    )
-                    .map(token)
-            ),
-            Call::Unmap4k(page) => format!(
-                "{:?}",
-                Mapper::<Size4KiB>::unmap(mapper, page4k(page)).map(|(f, t)| (f, token(t)))
-            ),
-            Call::Unmap2m(page) => format!(
-                "{:?}",
-                Mapper::<Size2MiB>::unmap(mapper, page2m(page)).map(|(f, t)| (f, token(t)))
-            ),
+            } => map_call(mapper, page2m(page), frame, (flags, parents), frames),
+            Call::Unmap4k(page) => unmap_call::<Size4KiB, _>(mapper, page4k(page)),
+            Call::Unmap2m(page) => unmap_call::<Size2MiB, _>(mapper, page2m(page)),
             Call::Update4k(page, flags) => {
                 format!("{:?}", mapper.update_flags(page4k(page), flags).map(token))
             }
@@ -251,22 +249,8 @@ where
                 frame,
                 flags,
                 parents,
-            } => format!(
-                "{:?}",
-                mapper
-                    .map_to_with_table_flags(
-                        page1g(page),
-                        PhysFrame::containing_address(PhysAddr::new(frame)),
-                        flags,
-                        parents,
-                        frames
-                    )
-                    .map(token)
-            ),
-            Call::Unmap1g(page) => format!(
-                "{:?}",
-                Mapper::<Size1GiB>::unmap(mapper, page1g(page)).map(|(f, t)| (f, token(t)))
-            ),
+            } => map_call(mapper, page1g(page), frame, (flags, parents), frames),
+            Call::Unmap1g(page) => unmap_call::<Size1GiB, _>(mapper, page1g(page)),
             Call::Update1g(page, flags) => {
                 format!("{:?}", mapper.update_flags(page1g(page), flags).map(token))
             }

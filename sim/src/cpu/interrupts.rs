@@ -140,6 +140,20 @@ impl Occupancy {
         false
     }
 
+    /// Takes the occupant word for the calling thread (`token`), waiting while
+    /// another thread holds it, then settles the bias.
+    #[inline(always)]
+    fn claim(&self, token: u64) {
+        while self
+            .occupant
+            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        self.settle_bias(token);
+    }
+
     /// With `occupant` held by the calling thread (`token`): revokes another
     /// thread's bias, or counts this claim towards biasing the CPU to the caller.
     fn settle_bias(&self, token: u64) {
@@ -383,15 +397,7 @@ impl Cpus {
         if occupancy.claim_biased() {
             BIASED_OFF.set(true);
         } else {
-            let token = token();
-            while occupancy
-                .occupant
-                .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
-                std::thread::yield_now();
-            }
-            occupancy.settle_bias(token);
+            occupancy.claim(token());
         }
         INTERRUPTS_OFF.set(true);
         OFF_THROUGH.set(self.irq.id());
@@ -443,14 +449,7 @@ impl Cpus {
         if occupancy.occupant.load(Ordering::Relaxed) == token {
             return WERE_OFF;
         }
-        while occupancy
-            .occupant
-            .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::thread::yield_now();
-        }
-        occupancy.settle_bias(token);
+        occupancy.claim(token);
         HELD_HERE
     }
 
