@@ -248,9 +248,9 @@ unsafe impl FrameSource for &PoisonOnFree<'_> {
         // All or none come back: a list the allocator will refuse (a frame free
         // already, or twice in it) poisons nothing, as its other frames stay their
         // owner's.
-        let mut sorted = frames.to_vec();
-        sorted.sort_unstable();
-        let distinct = sorted.windows(2).all(|pair| pair[0] != pair[1]);
+        // No allocation here: the manager frees under its lock, and the global
+        // allocator may be a kernel heap over it. Lists are a gather's chunk long.
+        let distinct = (1..frames.len()).all(|i| !frames[..i].contains(&frames[i]));
         let held = |frame: &PhysFrame| self.frames.allocator().is_free(*frame) == Ok(false);
         if distinct && frames.iter().all(held) {
             frames.iter().for_each(|&frame| self.poison(frame));
