@@ -5,7 +5,7 @@
 //! heap is the global allocator only when built for a bare-metal target.
 
 use bootloader_api::BootInfo;
-use vmalloc::frame::{BitmapFrameAllocator, EarlyFrames, LockedFrameAllocator};
+use vmalloc::frame::{BitmapFrameAllocator, EarlyFrames, LockedFrameAllocator, RegionKind};
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::phys::RecursivePhysMemory;
 use vmalloc::{Error, Vmalloc, VmallocConfig, boot, smp::OneCpu, tlb::InvlpgFlush};
@@ -59,8 +59,11 @@ unsafe fn init_heap_recursive(boot_info: &'static BootInfo) -> Result<(), Error>
         .into_option()
         .ok_or(Error::NotMapped)?;
     let regions = boot::bootloader::regions(&boot_info.memory_regions);
+    // Memory the allocator may hand out, now or once reclaimed: reserved ranges
+    // (MMIO, high above RAM on large machines) need no window.
     let top = regions
         .clone()
+        .filter(|region| region.kind != RegionKind::Reserved)
         .map(|region| region.range.end.as_u64())
         .max()
         .unwrap_or(0);

@@ -39,8 +39,27 @@ fn drain(alloc: &mut BitmapFrameAllocator) -> BTreeSet<u64> {
 }
 
 /// Every whole frame inside `[start, end)`.
+/// The whole frames of bytes `[start, end)`. (Frame 0 is never handed out: the
+/// tests' maps that start at 0 expect frames from `FRAME` on.)
 fn frames(start: u64, end: u64) -> BTreeSet<u64> {
     (start.div_ceil(FRAME)..end / FRAME).collect()
+}
+
+/// The frames an allocator may hand out of byte ranges: the whole frames of their
+/// union (ranges that touch at unaligned borders merge first), frame 0 never.
+fn merged_frames(mut ranges: Vec<(u64, u64)>) -> BTreeSet<u64> {
+    ranges.retain(|(start, end)| start < end);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let mut frames: BTreeSet<u64> = merged.into_iter().flat_map(|(s, e)| frames(s, e)).collect();
+    frames.remove(&0);
+    frames
 }
 
 // ---------------------------------------------------------------- bootloader_api
@@ -102,7 +121,7 @@ fn an_allocator_from_a_bootloader_map_hands_out_usable_frames_until_reclaim() {
     let regions = boot::bootloader::regions(&map);
     let mut storage = vec![0; BitmapFrameAllocator::storage_words(regions.clone())];
     let mut alloc = BitmapFrameAllocator::with_storage(regions, &mut storage).unwrap();
-    let usable: BTreeSet<u64> = [frames(0, 0x9f000), frames(4 * MIB, 12 * MIB)]
+    let usable: BTreeSet<u64> = [frames(FRAME, 0x9f000), frames(4 * MIB, 12 * MIB)]
         .into_iter()
         .flatten()
         .chain(frames(13 * MIB, 16 * MIB))
@@ -202,7 +221,7 @@ fn limine_kinds_are_kept_apart() {
     let regions = boot::limine::regions(&refs);
     let mut storage = vec![0; BitmapFrameAllocator::storage_words(regions.clone())];
     let mut alloc = BitmapFrameAllocator::with_storage(regions, &mut storage).unwrap();
-    let usable: BTreeSet<u64> = frames(0, 0x9f000)
+    let usable: BTreeSet<u64> = frames(FRAME, 0x9f000)
         .into_iter()
         .chain(frames(2 * MIB, 8 * MIB))
         .collect();
@@ -559,7 +578,7 @@ fn an_allocator_from_a_uefi_map_reclaims_boot_services_after_exit() {
     let regions = boot::uefi::regions(&map).unwrap();
     let mut storage = vec![0; BitmapFrameAllocator::storage_words(regions.clone())];
     let mut alloc = BitmapFrameAllocator::with_storage(regions, &mut storage).unwrap();
-    let usable: BTreeSet<u64> = frames(0, 0x9f000)
+    let usable: BTreeSet<u64> = frames(FRAME, 0x9f000)
         .into_iter()
         .chain(frames(5 * MIB, 16 * MIB))
         .collect();
@@ -627,7 +646,7 @@ proptest! {
             regions.iter().filter(|r| pred(r.kind)).flat_map(|r| r.range.start.as_u64() / FRAME..r.range.end.as_u64().div_ceil(FRAME)).collect()
         };
         let inside = |pred: &dyn Fn(RegionKind) -> bool| -> BTreeSet<u64> {
-            regions.iter().filter(|r| pred(r.kind)).flat_map(|r| frames(r.range.start.as_u64(), r.range.end.as_u64())).collect()
+            merged_frames(regions.iter().filter(|r| pred(r.kind)).map(|r| (r.range.start.as_u64(), r.range.end.as_u64())).collect())
         };
         let blocked = touched(&|k| k != RegionKind::Usable);
         let usable: BTreeSet<u64> = inside(&|k| k == RegionKind::Usable).difference(&blocked).copied().collect();

@@ -70,9 +70,10 @@ use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Si
 
 /// Most zones (disjoint bitmaps) one allocator keeps.
 pub const MAX_ZONES: usize = 16;
-/// Most disjoint ranges of one kind (usable, reserved, each reclaimable source) a
-/// memory map may hold once touching and overlapping entries are merged; a map may
-/// have any number of entries.
+/// Most disjoint ranges of one kind (usable, reserved, reclaimable: every source's
+/// together) a memory map may hold once touching and overlapping entries are merged
+/// (a reclaimable entry with others of its own source); a map may have any number of
+/// entries.
 pub const MAX_MAP_REGIONS: usize = 128;
 /// Usable ranges closer than this many frames share one zone.
 pub const ZONE_GAP_FRAMES: u64 = 1 << 15;
@@ -167,8 +168,8 @@ impl core::fmt::Debug for BitmapFrameAllocator<'_> {
 
 impl<'a> BitmapFrameAllocator<'a> {
     /// How many `u64` words of bookkeeping [`with_storage`](Self::with_storage) needs
-    /// for `map`; 0 when the map is unusable (no usable frame, or more than
-    /// [`MAX_MAP_REGIONS`] disjoint entries of one kind).
+    /// for `map`; 0 when the map is unusable (no usable frame that nothing reserves or
+    /// will reclaim, or more than [`MAX_MAP_REGIONS`] disjoint entries of one kind).
     pub fn storage_words(map: impl IntoIterator<Item = MemoryRegion>) -> usize {
         NormalMap::new(map).map_or(0, |map| Plan::new(&map).storage_words)
     }
@@ -177,7 +178,9 @@ impl<'a> BitmapFrameAllocator<'a> {
     ///
     /// # Errors
     ///
-    /// [`Error::BadMemoryMap`] when the map has no whole usable frame, has more than
+    /// [`Error::BadMemoryMap`] when the map has no whole usable frame that nothing
+    /// reserves or will reclaim (frame 0 is never usable: see
+    /// [`MemoryRegion`]), has more than
     /// [`MAX_MAP_REGIONS`] entries of one kind (usable, reserved, reclaimable) that
     /// stay apart after overlapping and touching ones are merged, or `storage` is
     /// shorter than [`storage_words`](Self::storage_words).

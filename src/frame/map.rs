@@ -1,10 +1,18 @@
-//! A firmware memory map normalised into frame numbers: usable ranges rounded inward,
-//! reserved ones outward, reclaimable ones kept as bytes, and grouped into zone
-//! extents (see [`bitmap`](super::bitmap) for how the allocator uses them).
+//! A firmware memory map normalised into frame numbers: usable ranges merged and
+//! rounded inward, reserved ones rounded outward, reclaimable ones kept as bytes, and
+//! grouped into zone extents (see [`bitmap`](super::bitmap) for how the allocator uses
+//! them).
+//!
+//! Frame 0 is never usable. Under an identity map (a UEFI kernel's, an
+//! [`OffsetPhysMemory`](crate::OffsetPhysMemory) at offset 0) its address is the null
+//! pointer, which Rust code may not write through; Linux reserves it on x86 too.
 
 use super::bitmap::{MAX_MAP_REGIONS, MAX_ZONES, ZONE_GAP_FRAMES};
 use super::{MemoryRegion, Reclaim, RegionKind};
 use crate::{Error, PAGE_SIZE};
+
+/// The lowest frame number a map may hand out (see the module documentation).
+const FIRST_USABLE_FRAME: u64 = 1;
 
 /// Frame numbers `[start, end)`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -17,6 +25,15 @@ impl Span {
     #[inline]
     pub(super) fn is_empty(&self) -> bool {
         self.start >= self.end
+    }
+
+    /// The whole frames of bytes `[start, end)` that may be handed out.
+    #[inline]
+    fn inside(start: u64, end: u64) -> Self {
+        Span {
+            start: start.div_ceil(PAGE_SIZE).max(FIRST_USABLE_FRAME),
+            end: end / PAGE_SIZE,
+        }
     }
 }
 
@@ -41,10 +58,7 @@ impl Pending {
     /// The whole frames inside it: what reclaiming it may hand out.
     #[inline]
     pub(super) fn inner(&self) -> Span {
-        Span {
-            start: self.start.div_ceil(PAGE_SIZE),
-            end: self.end / PAGE_SIZE,
-        }
+        Span::inside(self.start, self.end)
     }
 }
 
@@ -59,15 +73,17 @@ pub(super) struct NormalMap {
 }
 
 impl NormalMap {
-    /// Copies `map`: usable ranges rounded inward, reserved ones outward, reclaimable
-    /// ones as bytes; empty ranges dropped. A list that fills up is sorted and its
-    /// overlapping and touching entries merged, so a long firmware map of
-    /// neighbouring entries fits.
+    /// Copies `map`: usable ranges merged, then rounded inward (RAM split into
+    /// entries at unaligned borders loses no frame), reserved ones rounded outward,
+    /// reclaimable ones merged per source, as bytes; empty ranges dropped. A list that fills up is
+    /// sorted and its overlapping and touching entries merged, so a long firmware
+    /// map of neighbouring entries fits.
     ///
     /// # Errors
     ///
-    /// [`Error::BadMemoryMap`] without a whole usable frame, or when a list still
-    /// holds more than [`MAX_MAP_REGIONS`] disjoint entries after merging.
+    /// [`Error::BadMemoryMap`] without a whole usable frame that nothing reserves or
+    /// will reclaim, or when a list still holds more than [`MAX_MAP_REGIONS`]
+    /// disjoint entries after merging.
     #[inline]
     pub(super) fn new(map: impl IntoIterator<Item = MemoryRegion>) -> Result<Self, Error> {
         let mut this = Self {
@@ -85,15 +101,11 @@ impl NormalMap {
         for region in map {
             let (start, end) = (region.range.start.as_u64(), region.range.end.as_u64());
             match region.kind {
-                // Only whole frames inside the range are usable...
-                RegionKind::Usable => push_span(
-                    &mut this.usable,
-                    &mut this.usable_len,
-                    Span {
-                        start: start.div_ceil(PAGE_SIZE),
-                        end: end / PAGE_SIZE,
-                    },
-                )?,
+                // Bytes until every usable entry is in: only whole frames inside
+                // the merged ranges are usable...
+                RegionKind::Usable => {
+                    push_span(&mut this.usable, &mut this.usable_len, Span { start, end })?
+                }
                 // ...and every frame touching a reserved range is reserved (an
                 // empty one touches none).
                 RegionKind::Reserved if start >= end => {}
@@ -110,12 +122,23 @@ impl NormalMap {
                 }
             }
         }
-        if this.usable_len == 0 {
+        this.usable_len = merge(&mut this.usable[..this.usable_len]);
+        let mut frames = 0;
+        for i in 0..this.usable_len {
+            let span = Span::inside(this.usable[i].start, this.usable[i].end);
+            if !span.is_empty() {
+                this.usable[frames] = span;
+                frames += 1;
+            }
+        }
+        this.usable_len = frames;
+        this.reserved[..this.reserved_len].sort_unstable_by_key(|span| span.start);
+        // A source's ranges that touch at unaligned borders lose no frame either.
+        this.merge_pending();
+        this.pending[..this.pending_len].sort_unstable_by_key(|pending| pending.start);
+        if this.find_unreserved_run(1).is_none() {
             return Err(Error::BadMemoryMap);
         }
-        this.usable[..this.usable_len].sort_unstable_by_key(|span| span.start);
-        this.reserved[..this.reserved_len].sort_unstable_by_key(|span| span.start);
-        this.pending[..this.pending_len].sort_unstable_by_key(|pending| pending.start);
         Ok(this)
     }
 
@@ -124,23 +147,8 @@ impl NormalMap {
             return Ok(());
         }
         if self.pending_len == MAX_MAP_REGIONS {
-            let list = &mut self.pending[..self.pending_len];
-            list.sort_unstable_by_key(|p| (p.from.code(), p.start));
-            let mut kept: usize = 0;
-            for i in 0..list.len() {
-                let next = list[i];
-                match kept.checked_sub(1).map(|last| &mut list[last]) {
-                    Some(last) if last.from == next.from && next.start <= last.end => {
-                        last.end = last.end.max(next.end);
-                    }
-                    _ => {
-                        list[kept] = next;
-                        kept += 1;
-                    }
-                }
-            }
-            self.pending_len = kept;
-            if kept == MAX_MAP_REGIONS {
+            self.merge_pending();
+            if self.pending_len == MAX_MAP_REGIONS {
                 let touched = self.pending.iter_mut().find(|kept| {
                     kept.from == pending.from
                         && pending.start <= kept.end
@@ -158,6 +166,27 @@ impl NormalMap {
             .ok_or(Error::BadMemoryMap)? = pending;
         self.pending_len += 1;
         Ok(())
+    }
+
+    /// Merges the overlapping and touching reclaimable ranges of each source, sorted
+    /// by source, then start.
+    fn merge_pending(&mut self) {
+        let list = &mut self.pending[..self.pending_len];
+        list.sort_unstable_by_key(|p| (p.from.code(), p.start));
+        let mut kept: usize = 0;
+        for i in 0..list.len() {
+            let next = list[i];
+            match kept.checked_sub(1).map(|last| &mut list[last]) {
+                Some(last) if last.from == next.from && next.start <= last.end => {
+                    last.end = last.end.max(next.end);
+                }
+                _ => {
+                    list[kept] = next;
+                    kept += 1;
+                }
+            }
+        }
+        self.pending_len = kept;
     }
 
     #[inline]
@@ -183,8 +212,7 @@ impl NormalMap {
     }
 
     /// The first frame of the lowest usable run of `count` frames that nothing
-    /// reserves or will reclaim; the run may cross from one usable entry into one
-    /// it touches or overlaps (maps split RAM into neighbouring entries).
+    /// reserves or will reclaim.
     #[inline]
     pub(super) fn find_unreserved_run(&self, count: u64) -> Option<u64> {
         self.usable().iter().find_map(|span| {
@@ -192,7 +220,7 @@ impl NormalMap {
             // Each blocker can push the candidate start at most once.
             for _ in 0..=self.reserved_len + self.pending_len {
                 let end = start.checked_add(count)?;
-                if end > self.usable_reach(start) {
+                if end > span.end {
                     return None;
                 }
                 let clash = self.blockers().find(|r| r.start < end && start < r.end);
@@ -203,26 +231,6 @@ impl NormalMap {
             }
             None
         })
-    }
-
-    /// Where the usable frames from `start` on end: an entry that touches or
-    /// overlaps the run so far extends it (`start` itself if no entry holds it).
-    fn usable_reach(&self, start: u64) -> u64 {
-        let mut reach = start;
-        // Each step takes in one more entry.
-        for _ in 0..self.usable().len() {
-            let next = self
-                .usable()
-                .iter()
-                .filter(|u| u.start <= reach && reach < u.end)
-                .map(|u| u.end)
-                .max();
-            match next {
-                Some(end) => reach = end,
-                None => break,
-            }
-        }
-        reach
     }
 
     /// The highest run of usable frames that nothing reserves or will reclaim.
@@ -247,23 +255,7 @@ impl NormalMap {
                 .filter(|b| b.end < end)
                 .map(|b| b.end)
                 .fold(0, u64::max);
-            let mut start = span.start.max(floor);
-            // Usable entries touching or overlapping the run extend it down (maps
-            // split RAM into neighbouring entries; the copy merges them only when
-            // its list fills up). Each step moves the start down, to the floor at
-            // most.
-            while start > floor {
-                match self
-                    .usable()
-                    .iter()
-                    .filter(|u| u.start < start && start <= u.end)
-                    .map(|u| u.start)
-                    .min()
-                {
-                    Some(lower) => start = lower.max(floor),
-                    None => break,
-                }
-            }
+            let start = span.start.max(floor);
             best = Some(Span { start, end });
         }
         best
@@ -339,19 +331,7 @@ fn push_span(list: &mut [Span; MAX_MAP_REGIONS], len: &mut usize, span: Span) ->
         return Ok(());
     }
     if *len == MAX_MAP_REGIONS {
-        let spans = &mut list[..*len];
-        spans.sort_unstable_by_key(|span| span.start);
-        let mut kept = 0;
-        for i in 0..spans.len() {
-            let next = spans[i];
-            if kept > 0 && next.start <= spans[kept - 1].end {
-                spans[kept - 1].end = spans[kept - 1].end.max(next.end);
-            } else {
-                spans[kept] = next;
-                kept += 1;
-            }
-        }
-        *len = kept;
+        *len = merge(&mut list[..]);
         if *len == MAX_MAP_REGIONS {
             // Still full: the new range may extend one it touches (a range the
             // map gives in two touching halves after 127 others).
@@ -367,6 +347,23 @@ fn push_span(list: &mut [Span; MAX_MAP_REGIONS], len: &mut usize, span: Span) ->
     *list.get_mut(*len).ok_or(Error::BadMemoryMap)? = span;
     *len += 1;
     Ok(())
+}
+
+/// Sorts `spans` and merges the overlapping and touching ones to the front: how many
+/// are left.
+fn merge(spans: &mut [Span]) -> usize {
+    spans.sort_unstable_by_key(|span| span.start);
+    let mut kept = 0;
+    for i in 0..spans.len() {
+        let next = spans[i];
+        if kept > 0 && next.start <= spans[kept - 1].end {
+            spans[kept - 1].end = spans[kept - 1].end.max(next.end);
+        } else {
+            spans[kept] = next;
+            kept += 1;
+        }
+    }
+    kept
 }
 
 /// Merges the neighbours with the smallest gap between them (sorted, `count >= 2`).

@@ -85,6 +85,11 @@ impl Reclaim {
 }
 
 /// One entry of a firmware memory map (E820, multiboot, UEFI, `bootloader`).
+///
+/// Frame 0 is never handed out, whatever the map says: under an identity map (a
+/// UEFI kernel's, an [`OffsetPhysMemory`](crate::OffsetPhysMemory) at offset 0) its
+/// address is the null pointer, which Rust code may not write through. Linux
+/// reserves it on x86 too (the BIOS data area lives there).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryRegion {
     /// Physical byte range, end exclusive; need not be page-aligned.

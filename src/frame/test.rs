@@ -42,7 +42,7 @@ pub(super) fn build<'s>(
 #[test]
 fn every_frame_is_handed_out_once_and_stats_follow() {
     // Enough frames for three bitmap levels.
-    let map = [MemoryRegion::usable(0, 300_000 * FRAME)];
+    let map = [MemoryRegion::usable(FRAME, 300_001 * FRAME)];
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
     let handed = drain(&mut alloc);
@@ -85,17 +85,18 @@ fn alloc_from_starts_at_the_hint_and_wraps() {
     let mut alloc = build(&map, &mut storage);
     assert_eq!(alloc.alloc_from(frame(150)), Some(frame(150)));
     assert_eq!(alloc.alloc_from(frame(150)), Some(frame(151)));
-    assert_eq!(alloc.alloc_from(frame(5000)), Some(frame(0)));
+    // Frame 0 is never handed out.
+    assert_eq!(alloc.alloc_from(frame(5000)), Some(frame(1)));
     for n in 198..200 {
         assert_eq!(alloc.alloc_from(frame(198)), Some(frame(n)));
     }
-    assert_eq!(alloc.alloc_from(frame(199)), Some(frame(1)));
+    assert_eq!(alloc.alloc_from(frame(199)), Some(frame(2)));
 }
 
 #[test]
 fn alloc_bulk_fills_from_the_front_and_reports_shortfall() {
     let map = [
-        MemoryRegion::usable(0, 100 * FRAME),
+        MemoryRegion::usable(FRAME, 101 * FRAME),
         MemoryRegion::usable(1 << 40, (1 << 40) + 50 * FRAME),
     ];
     let mut storage = Vec::new();
@@ -103,7 +104,7 @@ fn alloc_bulk_fills_from_the_front_and_reports_shortfall() {
     alloc.alloc().unwrap();
     let mut out = vec![frame(0); 200];
     assert_eq!(alloc.alloc_bulk(&mut out[..10]), 10);
-    assert_eq!(out[..10], (1..11).map(frame).collect::<Vec<_>>()[..]);
+    assert_eq!(out[..10], (2..12).map(frame).collect::<Vec<_>>()[..]);
     let got = alloc.alloc_bulk(&mut out);
     assert_eq!(got, 139);
     assert_eq!(alloc.stats().free, 0);
@@ -249,15 +250,15 @@ fn alloc_contiguous_returns_aligned_free_runs() {
 #[test]
 fn alloc_contiguous_skips_holes() {
     let map = [
-        MemoryRegion::usable(0, 64 * FRAME),
-        MemoryRegion::reserved(10 * FRAME, 11 * FRAME),
+        MemoryRegion::usable(FRAME, 65 * FRAME),
+        MemoryRegion::reserved(11 * FRAME, 12 * FRAME),
     ];
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
-    assert_eq!(alloc.alloc_contiguous(12, 1), Ok(frame(11)));
-    assert_eq!(alloc.alloc_contiguous(10, 1), Ok(frame(0)));
+    assert_eq!(alloc.alloc_contiguous(12, 1), Ok(frame(12)));
+    assert_eq!(alloc.alloc_contiguous(10, 1), Ok(frame(1)));
     assert_eq!(alloc.alloc_contiguous(42, 1), Err(Error::OutOfFrames));
-    assert_eq!(alloc.alloc_contiguous(41, 1), Ok(frame(23)));
+    assert_eq!(alloc.alloc_contiguous(41, 1), Ok(frame(24)));
 }
 
 #[test]
@@ -297,7 +298,8 @@ fn locked_allocator_is_a_frame_source() {
         Err(Error::FrameNotAllocated)
     );
     assert_eq!(locked.stats().used, 0);
-    assert_eq!(locked.alloc_contiguous(4, 4), Ok(frame(0)));
+    // Frame 0 is never handed out.
+    assert_eq!(locked.alloc_contiguous(4, 4), Ok(frame(4)));
     assert_eq!(locked.alloc_from(frame(100)), Some(frame(100)));
 }
 
@@ -331,7 +333,7 @@ fn fault_injector_fails_the_chosen_frame_once() {
 #[test]
 fn fault_injector_counts_only_frames_handed_out() {
     // 1 MiB: no 2 MiB run.
-    let map = [MemoryRegion::usable(0, 256 * FRAME)];
+    let map = [MemoryRegion::usable(FRAME, 257 * FRAME)];
     let mut storage = storage_for(&map);
     let locked = LockedFrameAllocator::with_storage(map.iter().cloned(), &mut storage).unwrap();
     let injector = FaultInjector::new(&locked);
@@ -361,7 +363,7 @@ fn fault_injector_counts_only_frames_handed_out() {
 /// frame from a dry source. The failure stays armed for the frame it was set for.
 #[test]
 fn fault_injector_fires_only_where_the_source_could_serve() {
-    let map = [MemoryRegion::usable(0, 4 * FRAME)];
+    let map = [MemoryRegion::usable(FRAME, 5 * FRAME)];
     let mut storage = storage_for(&map);
     let locked = LockedFrameAllocator::with_storage(map.iter().cloned(), &mut storage).unwrap();
     let injector = FaultInjector::new(&locked);

@@ -42,8 +42,9 @@ fn overlapping_usable_ranges_count_once() {
     ];
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
-    assert_eq!(alloc.stats().total, 12);
-    assert_eq!(drain(&mut alloc), (0..12).collect::<Vec<_>>());
+    // Frame 0 is never handed out.
+    assert_eq!(alloc.stats().total, 11);
+    assert_eq!(drain(&mut alloc), (1..12).collect::<Vec<_>>());
 }
 
 #[test]
@@ -56,7 +57,7 @@ fn reserved_wins_over_usable_and_rounds_outward() {
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
     let handed: Vec<u64> = drain(&mut alloc);
-    let expected: Vec<u64> = (0..16).filter(|n| !(4..7).contains(n)).collect();
+    let expected: Vec<u64> = (1..16).filter(|n| !(4..7).contains(n)).collect();
     assert_eq!(handed, expected);
     // SAFETY: frames the test took and no longer uses (or a bad free, refused).
     assert_eq!(unsafe { alloc.free(frame(5)) }, Err(Error::FrameNotManaged));
@@ -93,7 +94,7 @@ fn too_small_storage_is_refused() {
 fn sparse_map_does_not_span_the_gap() {
     let high = 1u64 << 51;
     let map = [
-        MemoryRegion::usable(0, 640 * K),
+        MemoryRegion::usable(FRAME, 640 * K),
         MemoryRegion::usable(M, 128 * M),
         MemoryRegion::usable(high, high + 16 * M),
     ];
@@ -103,7 +104,7 @@ fn sparse_map_does_not_span_the_gap() {
     assert!(words < 20_000, "{words} words");
     let mut storage = vec![0; words];
     let mut alloc = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage).unwrap();
-    let expected = (640 * K + 127 * M + 16 * M) / FRAME;
+    let expected = (640 * K + 127 * M + 16 * M) / FRAME - 1;
     assert_eq!(alloc.stats().total, expected);
     let top = alloc.alloc_from(frame(high / FRAME)).unwrap();
     assert_eq!(top.start_address().as_u64(), high);
@@ -121,14 +122,14 @@ fn sparse_map_does_not_span_the_gap() {
 #[test]
 fn many_far_apart_ranges_are_merged_into_few_zones() {
     let map: Vec<MemoryRegion> = (0..40u64)
-        .map(|i| MemoryRegion::usable(i << 32, (i << 32) + 4 * FRAME))
+        .map(|i| MemoryRegion::usable((i << 32) + FRAME, (i << 32) + 5 * FRAME))
         .collect();
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
     assert_eq!(alloc.stats().total, 160);
     let handed = drain(&mut alloc);
     let expected: Vec<u64> = (0..40u64)
-        .flat_map(|i| (0..4).map(move |j| (i << 32) / FRAME + j))
+        .flat_map(|i| (1..5).map(move |j| (i << 32) / FRAME + j))
         .collect();
     assert_eq!(handed, expected);
 }
@@ -254,7 +255,7 @@ fn long_maps_of_touching_entries_are_merged_not_refused() {
     // fragmented UEFI map gives them.
     let mut map = Vec::new();
     for i in 0..600u64 {
-        map.push(MemoryRegion::usable(i * FRAME, (i + 1) * FRAME));
+        map.push(MemoryRegion::usable((i + 1) * FRAME, (i + 2) * FRAME));
         let base = 1 << 30;
         map.push(MemoryRegion::reclaimable(
             base + i * FRAME,
@@ -293,7 +294,7 @@ fn a_full_list_takes_a_range_that_extends_one_it_holds() {
     assert_eq!(alloc.stats().total, last + 2);
     assert_eq!(drain(&mut alloc).len() as u64, last + 2);
 
-    let whole = MemoryRegion::usable(0, 2048 * FRAME);
+    let whole = MemoryRegion::usable(FRAME, 2049 * FRAME);
     let reserved = spaced(&MemoryRegion::reserved);
     let reclaimable = spaced(&|start, end| MemoryRegion::reclaimable(start, end, Reclaim::Acpi));
     for (kind, entries) in [("reserved", reserved), ("reclaimable", reclaimable)] {
@@ -323,12 +324,12 @@ fn a_full_list_takes_a_range_that_extends_one_it_holds() {
 #[test]
 fn an_empty_reserved_range_inside_a_frame_reserves_nothing() {
     let map = [
-        MemoryRegion::usable(0, 4 * FRAME),
-        MemoryRegion::reserved(FRAME + 0xabc, FRAME + 0xabc),
+        MemoryRegion::usable(FRAME, 4 * FRAME),
+        MemoryRegion::reserved(2 * FRAME + 0xabc, 2 * FRAME + 0xabc),
     ];
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
-    assert_eq!(drain(&mut alloc), vec![0, 1, 2, 3]);
+    assert_eq!(drain(&mut alloc), vec![1, 2, 3]);
 }
 
 #[test]
@@ -346,8 +347,10 @@ fn from_memory_keeps_its_bookkeeping_off_reclaimable_memory() {
     // The bookkeeping took frame 16, the first one not reclaimable.
     assert_eq!(alloc.is_free(frame(16)), Err(Error::FrameNotManaged));
     // SAFETY: a simulated map: nothing uses its reclaimable memory.
-    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 16);
-    assert_eq!(alloc.is_free(frame(0)), Ok(true));
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 15);
+    assert_eq!(alloc.is_free(frame(1)), Ok(true));
+    // Frame 0 is never handed out, reclaimed or not.
+    assert_eq!(alloc.is_free(frame(0)), Err(Error::FrameNotManaged));
     drop(ram);
 }
 
@@ -401,7 +404,8 @@ fn early_frames_come_from_the_top_and_the_map_reserves_them() {
     let mut alloc = BitmapFrameAllocator::with_storage(map, &mut storage).unwrap();
     let handed = drain(&mut alloc);
     assert!(handed.iter().all(|f| !taken.contains(f)));
-    assert_eq!(handed.len(), 64 + 4);
+    // Frame 0 is never handed out.
+    assert_eq!(handed.len(), 63 + 4);
     let nothing = [
         MemoryRegion::usable(0, FRAME),
         MemoryRegion::reserved(0, FRAME),
@@ -441,4 +445,116 @@ fn early_frames_take_a_run_split_into_touching_and_overlapping_entries_whole() {
         .collect();
     let mut early = EarlyFrames::new(many.iter().cloned()).unwrap();
     assert_eq!(core::iter::from_fn(|| early.allocate_frame()).count(), 5000);
+}
+
+/// RAM listed in entries that touch at unaligned borders (0x1800 bytes each) is one
+/// range: the frames across the borders are usable, and 400 such entries are one
+/// range, not 400 that overflow the list.
+#[test]
+fn usable_entries_touching_at_unaligned_borders_merge_before_rounding() {
+    let map = [
+        MemoryRegion::usable(FRAME, FRAME + 0x1800),
+        MemoryRegion::usable(FRAME + 0x1800, 4 * FRAME),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(drain(&mut alloc), vec![1, 2, 3]);
+
+    let map: Vec<MemoryRegion> = (0..400u64)
+        .map(|i| MemoryRegion::usable(FRAME + i * 0x1800, FRAME + (i + 1) * 0x1800))
+        .collect();
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let mut storage = vec![0; words];
+    let alloc = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+    assert_eq!(alloc.map(|alloc| alloc.stats().total).ok(), Some(600));
+
+    // Reclaimable entries of one source too.
+    let map = [
+        MemoryRegion::usable(16 * FRAME, 32 * FRAME),
+        MemoryRegion::reclaimable(FRAME, FRAME + 0x1800, Reclaim::Acpi),
+        MemoryRegion::reclaimable(FRAME + 0x1800, 4 * FRAME, Reclaim::Acpi),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Acpi) }, 3);
+}
+
+/// Physical memory as an identity map reaches it: frame 0 is at the null pointer,
+/// which no Rust code may write through (so reaching it fails the test).
+struct IdentityLike {
+    bytes: *mut u8,
+}
+
+// SAFETY: every frame but frame 0 of the tests' maps is a distinct page of the
+// buffer; frame 0 is never given out (the call panics).
+unsafe impl PhysMemory for IdentityLike {
+    fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
+        assert!(
+            phys.as_u64() >= FRAME,
+            "frame 0 reached: null under an identity map"
+        );
+        self.bytes.wrapping_add(phys.as_u64() as usize)
+    }
+}
+
+/// GRUB, E820 and UEFI maps list `[0, 0x9fc00)` as usable; under an identity map
+/// frame 0 is at address 0. Neither the bookkeeping nor any frame handed out, before
+/// or after a reclaim, is frame 0.
+#[test]
+fn frame_0_is_never_handed_out_nor_holds_the_bookkeeping() {
+    let size = 8 * M;
+    let mut ram: Vec<u64> = vec![!0; (size / 8) as usize];
+    let phys = IdentityLike {
+        bytes: ram.as_mut_ptr().cast(),
+    };
+    let map = [
+        MemoryRegion::usable(0, 0x9fc00),
+        MemoryRegion::reserved(0x9fc00, M),
+        MemoryRegion::usable(M, size),
+        MemoryRegion::reclaimable(0, 2 * FRAME, Reclaim::Bootloader),
+    ];
+    // SAFETY: `ram` backs the whole usable range and outlives the allocator.
+    let mut alloc =
+        unsafe { BitmapFrameAllocator::from_memory(map.iter().cloned(), &phys) }.unwrap();
+    // SAFETY: a simulated map: nothing uses its reclaimable memory.
+    assert_eq!(unsafe { alloc.reclaim(Reclaim::Bootloader) }, 1);
+    let handed = drain(&mut alloc);
+    assert!(handed.contains(&1) && handed.contains(&(M / FRAME)));
+    assert!(!handed.contains(&0));
+    assert_eq!(alloc.is_free(frame(0)), Err(Error::FrameNotManaged));
+    let early = EarlyFrames::new([MemoryRegion::usable(0, 2 * FRAME)].into_iter());
+    let taken: Vec<u64> = early
+        .into_iter()
+        .flat_map(|mut early| core::iter::from_fn(move || early.allocate_frame()))
+        .map(|f| f.start_address().as_u64() / FRAME)
+        .collect();
+    assert_eq!(taken, vec![1]);
+    // `alloc` lives in `ram`, which is dropped only here, after its last use.
+    drop(ram);
+}
+
+/// A map whose every usable frame is reserved or reclaimable has no storage size:
+/// `storage_words` says 0, as its docs promise, where it said how much storage a
+/// refused map would take.
+#[test]
+fn storage_words_is_0_for_a_map_without_a_frame_to_hand_out() {
+    let maps = [
+        [MemoryRegion::usable(0, M), MemoryRegion::reserved(0, M)],
+        [
+            MemoryRegion::usable(0, M),
+            MemoryRegion::reclaimable(0, M, Reclaim::Acpi),
+        ],
+        [MemoryRegion::usable(0, FRAME), MemoryRegion::usable(0, 0)],
+    ];
+    for map in maps {
+        assert_eq!(
+            BitmapFrameAllocator::storage_words(map.iter().cloned()),
+            0,
+            "{map:?}"
+        );
+        let mut storage = vec![0; 64];
+        let refused = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+        assert_eq!(refused.err(), Some(Error::BadMemoryMap), "{map:?}");
+    }
 }

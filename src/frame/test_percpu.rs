@@ -138,16 +138,17 @@ fn a_frame_in_a_list_is_free_yet_every_second_free_of_it_is_refused() {
         CPU_LIST_BATCH as u64 - 1,
         "refilled"
     );
-    // The lowest frame first; the list holds the next ones, never handed out.
-    assert_eq!(f, frame(0));
+    // The lowest frame first (frame 0 is never handed out); the list holds the
+    // next ones, never handed out.
+    assert_eq!(f, frame(1));
     for cpu in 0..2 {
         assert_eq!(
             // SAFETY: frames the test took and no longer uses (or a bad free, refused).
-            cpus.on(cpu, || unsafe { frames.free(frame(1)) }),
+            cpus.on(cpu, || unsafe { frames.free(frame(2)) }),
             Err(Error::FrameNotAllocated)
         );
     }
-    assert_eq!(frames.is_free(frame(1)), Ok(true));
+    assert_eq!(frames.is_free(frame(2)), Ok(true));
     // SAFETY: frames the test took and no longer uses (or a bad free, refused).
     cpus.on(0, || unsafe { frames.free(f) }).unwrap();
     let stats = frames.stats();

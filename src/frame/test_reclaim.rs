@@ -11,7 +11,7 @@ use std::vec::Vec;
 /// reserved frame inside the boot-loader data.
 fn map_with_reclaimable() -> [MemoryRegion; 4] {
     [
-        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::usable(FRAME, 65 * FRAME),
         MemoryRegion::reclaimable(8 * FRAME + 100, 12 * FRAME, Reclaim::Acpi),
         MemoryRegion::reclaimable(32 * FRAME, 40 * FRAME, Reclaim::Bootloader),
         MemoryRegion::reserved(35 * FRAME, 36 * FRAME),
@@ -23,7 +23,7 @@ fn reclaimable_memory_is_never_handed_out_before_it_is_reclaimed() {
     let map = map_with_reclaimable();
     let mut storage = Vec::new();
     let mut alloc = build(&map, &mut storage);
-    // 64 usable frames less 4 (8..12, frame 8 touched) and 8 (32..40).
+    // 64 usable frames (1..65) less 4 (8..12, frame 8 touched) and 8 (32..40).
     assert_eq!(alloc.stats().total, 52);
     let handed = drain(&mut alloc);
     assert!(
@@ -133,7 +133,7 @@ fn a_frame_two_sources_claim_is_never_reclaimed_and_reserved_beats_reclaimable()
 fn reclaimable_memory_outside_usable_zones_gets_a_zone() {
     // Boot-services memory far above the usable memory.
     let map = [
-        MemoryRegion::usable(0, 64 * FRAME),
+        MemoryRegion::usable(FRAME, 65 * FRAME),
         MemoryRegion::reclaimable(1 << 32, (1 << 32) + 16 * FRAME, Reclaim::BootServices),
     ];
     let mut storage = Vec::new();

@@ -21,12 +21,14 @@ struct TestFrames {
 }
 
 impl TestFrames {
+    /// `frame_count` frames to hand out: 1 to `frame_count` (frame 0 never is).
     fn new(frame_count: usize) -> Self {
-        let layout = Layout::from_size_align(frame_count * PAGE_SIZE as usize, 4096).unwrap();
+        let bytes = (frame_count + 1) * PAGE_SIZE as usize;
+        let layout = Layout::from_size_align(bytes, 4096).unwrap();
         // SAFETY: the layout has a non-zero size.
         let buffer = unsafe { alloc_zeroed(layout) };
         assert!(!buffer.is_null());
-        let map = [MemoryRegion::usable(0, (frame_count as u64) * PAGE_SIZE)];
+        let map = [MemoryRegion::usable(0, bytes as u64)];
         let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
         // Leaked: a few words per test.
         let storage = Vec::leak(std::vec![0; words]);
