@@ -530,3 +530,28 @@ fn finishing_another_shootdowns_ticket_returns_instead_of_waiting_forever() {
         });
     });
 }
+
+/// Ranges whose pages together pass `u64::MAX` (4,097 of the whole address space,
+/// each valid) are one full flush, through `flush_ranges` and `start_flush` alike:
+/// the count of their pages overflowed (a panic in debug builds; in release a
+/// wrapped count sent them range by range).
+#[test]
+fn ranges_whose_page_count_overflows_are_one_full_flush() {
+    watchdog("ranges_whose_page_count_overflows", DEADLOCK_LIMIT, || {
+        let (machine, _frames, tlb) = smp_machine(1, false);
+        machine.cpu(0).enter();
+        let whole = Page::range(
+            Page::containing_address(VirtAddr::new(0)),
+            Page::containing_address(VirtAddr::new(0xffff_ffff_ffff_f000)),
+        );
+        let ranges = vec![whole; 4097];
+        let before = machine.tlb_stats();
+        tlb.flush_ranges(&ranges);
+        let mut ticket = vmalloc::tlb::FlushTicket::DONE;
+        tlb.start_flush(vmalloc::tlb::FlushBatch::Ranges(&ranges), &mut ticket);
+        tlb.finish_flush(&mut ticket);
+        let after = machine.tlb_stats();
+        assert_eq!(after.full_flushes - before.full_flushes, 2);
+        assert_eq!(after.range_flushes, before.range_flushes);
+    });
+}

@@ -222,3 +222,53 @@ fn a_cpu_rejoining_during_a_drain_of_the_cpu_caches_is_drained() {
         assert_eq!((stats.areas, stats.cached_frames), (0, 0), "{stats:?}");
     });
 }
+
+static SHARED_WORK_RUNS: AtomicU64 = AtomicU64::new(0);
+
+fn shared_work() {
+    SHARED_WORK_RUNS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One `&'static` closure both initiators hand over.
+static SHARED_WORK: fn() = shared_work;
+
+/// Two CPUs run the same closure on every other CPU at once while a third, which
+/// never served, goes offline: each initiator takes back its own queued copy, and
+/// both return. (The first to see the CPU gone took both copies back, so the second
+/// waited for the offline CPU to serve, for good.)
+#[test]
+fn two_calls_of_one_closure_both_return_when_a_target_goes_offline() {
+    let run = |shared: bool, name: &str| {
+        watchdog(name, DEADLOCK_LIMIT, || {
+            let (machine, _frames, tlb) =
+                vmalloc_sim::scenarios::smp_machine(SimConfig::new(16 << 20).with_cpus(3));
+            std::thread::scope(|scope| {
+                let callers: Vec<_> = (0..2)
+                    .map(|i| {
+                        scope.spawn(move || {
+                            let cpu = machine.cpu(i);
+                            cpu.enter();
+                            let _off = cpu.offline_when_dropped();
+                            let own = move || {
+                                SHARED_WORK_RUNS.fetch_add(i as u64 + 1, Ordering::Relaxed);
+                            };
+                            let work: &(dyn Fn() + Sync) = if shared { &SHARED_WORK } else { &own };
+                            assert!(tlb.call_on_other_cpus(work));
+                        })
+                    })
+                    .collect();
+                // Both calls queued their work on CPU 2 (and on each other).
+                while tlb.stats().calls < 2 || machine.ipis_sent() < 4 {
+                    std::thread::yield_now();
+                }
+                // CPU 2, which never served, is unplugged (it runs no kernel code).
+                machine.cpu(2).go_offline();
+                for caller in callers {
+                    caller.join().unwrap();
+                }
+            });
+        });
+    };
+    run(false, "two calls of two closures, a target unplugged");
+    run(true, "two calls of one closure, a target unplugged");
+}

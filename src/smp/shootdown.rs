@@ -33,9 +33,13 @@ struct Queued {
 }
 
 /// Work an initiator asked a CPU to run: the initiator keeps the closure alive until
-/// that CPU published the request done, or takes it back out of the queue.
+/// that CPU published the request done, or takes it back out of the queue. The call's
+/// number tells it apart from the same closure queued by another call.
 #[derive(Clone, Copy)]
-struct Work(*const (dyn Fn() + Sync));
+struct Work {
+    run: *const (dyn Fn() + Sync),
+    call: u64,
+}
 
 // SAFETY: the closure is `Sync`, and lives until the CPU that runs it publishes that
 // it did (the initiator waits for that, or removes it from the queue first).
@@ -98,7 +102,7 @@ impl Queue {
     fn remove_work(&mut self, work: Work) -> bool {
         let mut found = false;
         for slot in &mut self.work {
-            if slot.is_some_and(|queued| core::ptr::addr_eq(queued.0, work.0)) {
+            if slot.is_some_and(|queued| queued.call == work.call) {
                 *slot = None;
                 found = true;
             }
@@ -122,7 +126,7 @@ impl Queue {
         for work in self.work.iter().flatten() {
             // SAFETY: the initiator keeps the closure alive until this CPU publishes
             // the request done, which comes after this call.
-            unsafe { (*work.0)() };
+            unsafe { (*work.run)() };
         }
     }
 }
@@ -322,7 +326,10 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
     fn send_batch(&self, batch: FlushBatch<'_>, ticket: &mut FlushTicket) {
         let ranges = match batch {
             FlushBatch::Ranges(ranges)
-                if ranges.iter().map(|range| range.len()).sum::<u64>() <= self.ceiling() =>
+                if ranges
+                    .iter()
+                    .try_fold(0u64, |pages, range| pages.checked_add(range.len()))
+                    .is_some_and(|pages| pages <= self.ceiling()) =>
             {
                 ranges
             }
@@ -362,13 +369,14 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         if targets.is_empty() {
             return;
         }
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
         // SAFETY: only the lifetime is erased: this call takes the pointer back out
         // of every queue that still holds it before it returns, and waits for every
         // CPU that took it to publish that it ran it.
-        let work = Work(unsafe {
+        let run = unsafe {
             core::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync)>(work)
-        });
+        };
+        let work = Work { run, call };
         let mut tickets = [0u32; MAX_CPUS];
         for cpu in targets.iter() {
             let Some(mailbox) = self.mailboxes.get(cpu) else {
