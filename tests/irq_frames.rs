@@ -174,3 +174,40 @@ fn every_call_into_the_frame_allocator_is_made_with_interrupts_held_off() {
         }
     });
 }
+
+/// Dropping a manager (live areas in its per-CPU blocks and in its tree, or none
+/// left) returns its frames with interrupts held off too: a handler that allocates
+/// through another manager on the same frames would spin on their lock.
+#[test]
+fn dropping_a_manager_calls_the_frame_allocator_with_interrupts_held_off() {
+    watchdog("drop with interrupts off", LIMIT, || {
+        for live in [false, true] {
+            let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+                SimConfig::new(128 << 20).with_cpus(2),
+            )));
+            let frames = Watched::new(machine);
+            // SAFETY: the machine's page tables serve this manager alone, and its
+            // flush reaches every CPU that runs.
+            let vm: Manager = unsafe {
+                scenarios::manager_with(machine, frames, machine, VmallocConfig::default())
+            };
+            let areas: Vec<_> = (0..50)
+                .map(|i| vm.vmalloc(4096 * (1 + i % 4)).unwrap())
+                .chain([vm.vmalloc(600 * 4096).unwrap()])
+                .collect();
+            if !live {
+                for area in areas {
+                    // SAFETY: made above, freed once.
+                    unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+                }
+            }
+            frames.with_interrupts_on.store(0, Ordering::Relaxed);
+            drop(vm);
+            assert_eq!(
+                frames.with_interrupts_on.load(Ordering::Relaxed),
+                0,
+                "calls into the frame allocator with interrupts on (live areas: {live})"
+            );
+        }
+    });
+}

@@ -12,7 +12,7 @@ use super::options::{Prot, VmFlags, VmOptions, VmallocConfig};
 use super::purge::PurgeList;
 use super::space::{self, AreaMap, VSpace};
 use crate::paging::PageTables;
-use crate::sync::{IrqGuard, IrqLock};
+use crate::sync::{IrqGuard, IrqLock, IrqOff};
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::panic::Location;
 use core::ptr::NonNull;
@@ -531,19 +531,16 @@ where
     }
 }
 
-impl<F, M, T> Drop for Vmalloc<F, M, T>
+impl<F, M, T> Vmalloc<F, M, T>
 where
     F: FrameSource + Clone,
     M: PhysMemory + Copy,
     T: TlbFlush,
 {
-    /// Unmaps every area, flushes, and returns every frame the manager took: data
-    /// frames, the page tables it created (the top-level ones too, clearing their
-    /// entries in the root) and its bookkeeping. Frames of `vmap` areas are not the
-    /// manager's and are not returned anywhere; `ioremap` ranges are just unmapped.
-    fn drop(&mut self) {
+    /// The drop's first part: unmaps every area, flushes, and returns the data
+    /// frames, the page tables and the tree's bookkeeping (see `drop`).
+    fn release_areas_and_tables(&self) {
         let region = page_range(self.config.start, 0..self.config.size / PAGE_SIZE);
-        self.empty_all_caches();
         let mut leaked = self.gather();
         self.unmap_all_blocks(&mut leaked);
         leaked.finish();
@@ -566,6 +563,28 @@ where
         let freed = gather.finish();
         inner.page_table_frames = inner.page_table_frames.saturating_sub(freed);
         drop(cx);
+    }
+}
+
+impl<F, M, T> Drop for Vmalloc<F, M, T>
+where
+    F: FrameSource + Clone,
+    M: PhysMemory + Copy,
+    T: TlbFlush,
+{
+    /// Unmaps every area, flushes, and returns every frame the manager took: data
+    /// frames, the page tables it created (the top-level ones too, clearing their
+    /// entries in the root) and its bookkeeping. Frames of `vmap` areas are not the
+    /// manager's and are not returned anywhere; `ioremap` ranges are just unmapped.
+    fn drop(&mut self) {
+        self.empty_all_caches();
+        {
+            // As every call into the frame allocator: an interrupt handler that
+            // allocates through another manager on the same frames never finds
+            // their lock held.
+            let _irq = IrqOff::new(&self.tlb);
+            self.release_areas_and_tables();
+        }
         self.release_block_bookkeeping();
     }
 }

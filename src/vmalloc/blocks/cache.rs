@@ -485,8 +485,12 @@ where
         self.settle();
         // Out of `self` for the loop: emptying a cache touches no CPU's slot.
         let mut cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
-        for mut slot in cpus.hold_each() {
-            self.empty_cache(&mut slot);
+        {
+            // As every call into the frame allocator (see `Drop for Vmalloc`).
+            let _irq = IrqOff::new(&self.tlb);
+            for mut slot in cpus.hold_each() {
+                self.empty_cache(&mut slot);
+            }
         }
         self.blocks.cpus = cpus;
     }
@@ -555,6 +559,9 @@ where
     /// Gives back the frames of every block descriptor and CPU cache: the teardown,
     /// after the caches were emptied.
     pub(in crate::vmalloc) fn release_block_bookkeeping(&mut self) {
+        let cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
+        // As every call into the frame allocator (see `Drop for Vmalloc`).
+        let _irq = IrqOff::new(&self.tlb);
         for slot in &self.blocks.blocks {
             let block = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
             // SAFETY: descriptors stay valid until here; nothing else holds one.
@@ -562,7 +569,6 @@ where
                 self.unplace(block.frame);
             }
         }
-        let cpus = core::mem::replace(&mut self.blocks.cpus, crate::percpu::PerCpu::new());
         for page in cpus.into_owned().flatten() {
             // SAFETY: the state and its lazy list live until here; the slots are gone.
             let (frame, list) = unsafe {
