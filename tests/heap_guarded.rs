@@ -526,6 +526,39 @@ fn the_listing_totals_live_sampled_objects_per_site_and_blocks_per_kind() {
     }
 }
 
+/// A table shorter than the sampled sites keeps the largest site, not the first one
+/// met: one 16-byte object at one site, three 4000-byte ones at another, a table
+/// of one line.
+#[test]
+fn a_short_table_keeps_the_largest_sampled_sites() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let heap = KernelHeap::new(sampling(1, 8));
+    heap.init(&vm).unwrap();
+    let (small, big) = (layout(16, 8), layout(4000, 8));
+    // SAFETY: non-zero sizes; each block is freed once, with its layout.
+    unsafe {
+        let one = heap.alloc(small);
+        let three: Vec<_> = (0..3).map(|_| heap.alloc(big)).collect();
+        let big_line = line!() - 1;
+        assert!(heap.is_guarded(one) && three.iter().all(|&block| heap.is_guarded(block)));
+        let mut table = [HeapSiteUsage::EMPTY; 1];
+        let info = heap.allocinfo(&mut table);
+        let site = info.sites()[0];
+        assert_eq!(
+            (site.site.caller.unwrap().line(), site.bytes, site.calls),
+            (big_line, 12_000, 3),
+            "{info}"
+        );
+        assert_eq!((info.other().bytes, info.other().calls), (16, 1));
+        heap.dealloc(one, small);
+        for block in three {
+            heap.dealloc(block, big);
+        }
+    }
+}
+
 #[test]
 fn a_free_of_an_object_whose_slot_was_reused_says_where_it_points() {
     let machine = machine();

@@ -114,6 +114,82 @@ fn sites_past_the_table_are_summed_in_one_line() {
     assert_eq!(info.other().calls, 3);
 }
 
+/// A table shorter than the sites keeps the largest, whatever order the sites come
+/// in, and sums the rest in "other sites": 40 sites (more than one pass of the
+/// totals takes) of 1 to 40 pages, shuffled, into a table of 5. (The table kept the
+/// first sites met.)
+#[test]
+fn a_short_table_keeps_the_largest_sites() {
+    let machine = SimMachine::new(SimConfig::new(64 << 20));
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
+    let vm = unsafe { manager(&machine, &frames) };
+    // Site `i` (its own call below, in order) holds `pages(i)` pages: 1 to 40, shuffled.
+    let pages = |i: usize| (i * 17) % 40 + 1;
+    let size = |i: usize| pages(i) * PAGE;
+    let areas = [
+        vm.vmalloc(size(0)),
+        vm.vmalloc(size(1)),
+        vm.vmalloc(size(2)),
+        vm.vmalloc(size(3)),
+        vm.vmalloc(size(4)),
+        vm.vmalloc(size(5)),
+        vm.vmalloc(size(6)),
+        vm.vmalloc(size(7)),
+        vm.vmalloc(size(8)),
+        vm.vmalloc(size(9)),
+        vm.vmalloc(size(10)),
+        vm.vmalloc(size(11)),
+        vm.vmalloc(size(12)),
+        vm.vmalloc(size(13)),
+        vm.vmalloc(size(14)),
+        vm.vmalloc(size(15)),
+        vm.vmalloc(size(16)),
+        vm.vmalloc(size(17)),
+        vm.vmalloc(size(18)),
+        vm.vmalloc(size(19)),
+        vm.vmalloc(size(20)),
+        vm.vmalloc(size(21)),
+        vm.vmalloc(size(22)),
+        vm.vmalloc(size(23)),
+        vm.vmalloc(size(24)),
+        vm.vmalloc(size(25)),
+        vm.vmalloc(size(26)),
+        vm.vmalloc(size(27)),
+        vm.vmalloc(size(28)),
+        vm.vmalloc(size(29)),
+        vm.vmalloc(size(30)),
+        vm.vmalloc(size(31)),
+        vm.vmalloc(size(32)),
+        vm.vmalloc(size(33)),
+        vm.vmalloc(size(34)),
+        vm.vmalloc(size(35)),
+        vm.vmalloc(size(36)),
+        vm.vmalloc(size(37)),
+        vm.vmalloc(size(38)),
+        vm.vmalloc(size(39)),
+    ];
+    let mut table = [SiteUsage::EMPTY; 5];
+    let info = vm.allocinfo(&mut table);
+    let listed: Vec<u64> = info
+        .sites()
+        .iter()
+        .map(|site| site.bytes / PAGE as u64)
+        .collect();
+    assert_eq!(listed, [40, 39, 38, 37, 36]);
+    let rest: u64 = (1..=35).sum();
+    assert_eq!(
+        (info.other().bytes, info.other().calls),
+        (rest * PAGE as u64, 35)
+    );
+    let mut table = [SiteUsage::EMPTY; 64];
+    assert_eq!(vm.allocinfo(&mut table).sites().len(), 40);
+    for area in areas {
+        // SAFETY: made above, freed once.
+        unsafe { vm.vfree(area.unwrap().as_ptr()) }.unwrap();
+    }
+}
+
 /// A `fmt::Write` sink that makes and frees an area for every piece it is given, as
 /// a kernel's `String` growing through its heap (which grows through the manager)
 /// does.

@@ -20,6 +20,7 @@
 use super::area::{AreaInfo, AreaKind};
 use super::manager::Vmalloc;
 use crate::{FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::cmp::Ordering;
 use core::fmt;
 use core::panic::Location;
 
@@ -41,11 +42,6 @@ impl SiteUsage {
         bytes: 0,
         calls: 0,
     };
-
-    /// Whether `caller` is this line's site.
-    fn is(&self, caller: &'static Location<'static>) -> bool {
-        self.caller.is_some_and(|mine| same_location(mine, caller))
-    }
 }
 
 /// Whether two `#[track_caller]` locations are one place: the same static, or the
@@ -93,27 +89,160 @@ impl<'s> AllocInfo<'s> {
     }
 }
 
-/// Adds to the line of `lines[..*used]` that `same` picks with `add`, or to a new line
-/// made by `new` after them; false, changing nothing, when the site has no line and
-/// none is left.
-pub(crate) fn add_site<K: Copy>(
-    lines: &mut [K],
-    used: &mut usize,
-    same: impl Fn(&K) -> bool,
-    new: impl FnOnce() -> K,
-    add: impl Fn(&mut K),
-) -> bool {
-    if let Some(line) = lines[..*used].iter_mut().find(|line| same(line)) {
-        add(line);
-        return true;
+/// A line of an allocinfo table: a site and what its live allocations hold.
+pub(crate) trait Tally: Copy {
+    /// What tells sites apart.
+    type Site: Copy;
+    /// A line for `site` holding nothing yet.
+    fn of(site: Self::Site) -> Self;
+    /// The line's site.
+    fn site(&self) -> Self::Site;
+    /// A total order of sites, `Equal` for one place.
+    fn order(a: &Self::Site, b: &Self::Site) -> Ordering;
+    /// Counts one more allocation of `bytes`.
+    fn add(&mut self, bytes: u64);
+    /// Bytes, then allocations: the larger line lists first.
+    fn size(&self) -> (u64, u64);
+}
+
+/// Sites totalled per pass: sites beyond it wait for another pass.
+const SITES_PER_PASS: usize = 32;
+
+/// Totals the allocations `scan` reports (a site and bytes each; it is run once per
+/// pass and reads the live allocations anew) per site, and keeps the largest sites
+/// in `lines`, sorted largest first: how many, and the bytes and allocations of the
+/// sites left out.
+///
+/// A table lent by the caller holds fewer lines than there may be sites, and nothing
+/// here allocates, so the totals come in passes: each pass totals the
+/// `SITES_PER_PASS` lowest sites (in [`Tally::order`]) above the last pass's
+/// highest. While a pass's batch is full, a lower site met takes the place of its
+/// highest, whose count is dropped: the highest only falls, so every site that ends
+/// in the batch was counted from the pass's start, and each one left out is above the
+/// batch's highest, for a later pass. The table keeps the largest of each pass's
+/// sites. One pass when there are no more sites than a batch holds.
+pub(crate) fn tally<T: Tally>(
+    lines: &mut [T],
+    mut scan: impl FnMut(&mut dyn FnMut(T::Site, u64)),
+) -> (usize, (u64, u64)) {
+    let mut used = 0;
+    let mut total = (0u64, 0u64);
+    let mut above: Option<T::Site> = None;
+    loop {
+        let mut batch: [Option<T>; SITES_PER_PASS] = [None; SITES_PER_PASS];
+        let mut count = 0;
+        let first = above.is_none();
+        scan(&mut |site, bytes| {
+            if first {
+                total = (total.0.saturating_add(bytes), total.1.saturating_add(1));
+            }
+            if above.is_some_and(|above| T::order(&site, &above).is_le()) {
+                return;
+            }
+            let held = batch[..count].iter_mut().flatten();
+            if let Some(line) = held
+                .into_iter()
+                .find(|line| T::order(&line.site(), &site).is_eq())
+            {
+                line.add(bytes);
+                return;
+            }
+            let slot = if count < SITES_PER_PASS {
+                count += 1;
+                count - 1
+            } else {
+                match highest::<T>(&batch) {
+                    Some((index, top)) if T::order(&site, &top).is_lt() => index,
+                    _ => return,
+                }
+            };
+            let mut line = T::of(site);
+            line.add(bytes);
+            batch[slot] = Some(line);
+        });
+        for line in batch[..count].iter().flatten() {
+            keep_largest(lines, &mut used, *line);
+        }
+        if count < SITES_PER_PASS {
+            break;
+        }
+        above = highest::<T>(&batch).map(|(_, site)| site);
     }
-    let Some(line) = lines.get_mut(*used) else {
-        return false;
-    };
-    *line = new();
-    add(line);
-    *used += 1;
-    true
+    let lines = &mut lines[..used];
+    lines.sort_unstable_by_key(|line| core::cmp::Reverse(line.size()));
+    let listed = lines.iter().fold((0u64, 0u64), |sum, line| {
+        let (bytes, calls) = line.size();
+        (sum.0.saturating_add(bytes), sum.1.saturating_add(calls))
+    });
+    let other = (
+        total.0.saturating_sub(listed.0),
+        total.1.saturating_sub(listed.1),
+    );
+    (used, other)
+}
+
+/// The highest site of a full batch, and where it is.
+fn highest<T: Tally>(batch: &[Option<T>]) -> Option<(usize, T::Site)> {
+    batch
+        .iter()
+        .enumerate()
+        .filter_map(|(index, line)| line.map(|line| (index, line.site())))
+        .max_by(|a, b| T::order(&a.1, &b.1))
+}
+
+/// Puts `line` in `lines[..*used]`, or in place of its smallest line if it is full
+/// and `line` is larger.
+fn keep_largest<T: Tally>(lines: &mut [T], used: &mut usize, line: T) {
+    if let Some(free) = lines.get_mut(*used) {
+        *free = line;
+        *used += 1;
+        return;
+    }
+    let smallest = lines.iter_mut().min_by_key(|kept| kept.size());
+    if let Some(smallest) = smallest.filter(|smallest| smallest.size() < line.size()) {
+        *smallest = line;
+    }
+}
+
+/// `(file, line, column)`: the order of [`same_location`]'s places.
+pub(crate) fn location_order(a: &Location<'_>, b: &Location<'_>) -> Ordering {
+    (a.file(), a.line(), a.column()).cmp(&(b.file(), b.line(), b.column()))
+}
+
+/// [`location_order`], no location first.
+pub(crate) fn caller_order(a: Option<&Location<'_>>, b: Option<&Location<'_>>) -> Ordering {
+    match (a, b) {
+        (Some(a), Some(b)) => location_order(a, b),
+        _ => a.is_some().cmp(&b.is_some()),
+    }
+}
+
+impl Tally for SiteUsage {
+    type Site = Option<&'static Location<'static>>;
+
+    fn of(caller: Self::Site) -> Self {
+        SiteUsage {
+            caller,
+            ..SiteUsage::EMPTY
+        }
+    }
+
+    fn site(&self) -> Self::Site {
+        self.caller
+    }
+
+    fn order(a: &Self::Site, b: &Self::Site) -> Ordering {
+        caller_order(*a, *b)
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.calls = self.calls.saturating_add(1);
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.bytes, self.calls)
+    }
 }
 
 impl<F, M, T> Vmalloc<F, M, T>
@@ -129,33 +258,22 @@ where
     /// or freed meanwhile may or may not be counted, as in a listing.
     pub fn allocinfo<'s>(&self, sites: &'s mut [SiteUsage]) -> AllocInfo<'s> {
         let zone = self.blocks.zone();
-        let mut used = 0;
-        let mut other = SiteUsage::EMPTY;
-        for area in self.areas().filter(|area| counted(area, zone)) {
-            let Some(caller) = area.caller else { continue };
-            let bytes = area.pages * PAGE_SIZE;
-            let add = |line: &mut SiteUsage| {
-                line.bytes += bytes;
-                line.calls += 1;
-            };
-            let fitted = add_site(
-                sites,
-                &mut used,
-                |line| line.is(caller),
-                || SiteUsage {
-                    caller: Some(caller),
-                    bytes: 0,
-                    calls: 0,
-                },
-                add,
-            );
-            if !fitted {
-                add(&mut other);
+        let (used, (bytes, calls)) = tally(sites, |count| {
+            for area in self.areas().filter(|area| counted(area, zone)) {
+                if area.caller.is_some() {
+                    count(area.caller, area.pages * PAGE_SIZE);
+                }
             }
+        });
+        let other = SiteUsage {
+            caller: None,
+            bytes,
+            calls,
+        };
+        AllocInfo {
+            sites: &sites[..used],
+            other,
         }
-        let sites = &mut sites[..used];
-        sites.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(b.calls.cmp(&a.calls)));
-        AllocInfo { sites, other }
     }
 }
 

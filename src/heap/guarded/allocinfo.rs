@@ -13,7 +13,8 @@ use super::KernelHeap;
 use super::pool::{Slot, State};
 use super::site::CallSite;
 use crate::heap::slab;
-use crate::vmalloc::allocinfo::add_site;
+use crate::vmalloc::allocinfo::{Tally, caller_order, tally};
+use core::cmp::Ordering;
 use core::fmt;
 
 /// Live sampled objects of one site; see [`KernelHeap::allocinfo`].
@@ -35,6 +36,36 @@ impl HeapSiteUsage {
         bytes: 0,
         calls: 0,
     };
+}
+
+impl Tally for HeapSiteUsage {
+    type Site = CallSite;
+
+    fn of(site: CallSite) -> Self {
+        HeapSiteUsage {
+            site,
+            ..HeapSiteUsage::EMPTY
+        }
+    }
+
+    fn site(&self) -> CallSite {
+        self.site
+    }
+
+    /// The `#[track_caller]` location, then the return addresses: one place is
+    /// `Equal`, as [`CallSite::same_place`] says.
+    fn order(a: &CallSite, b: &CallSite) -> Ordering {
+        caller_order(a.caller, b.caller).then_with(|| a.frames().cmp(b.frames()))
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.calls = self.calls.saturating_add(1);
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.bytes, self.calls)
+    }
 }
 
 impl Default for HeapSiteUsage {
@@ -123,10 +154,11 @@ impl KernelHeap<'_> {
             bytes: stats.large_bytes as u64,
             calls: Some(stats.large_blocks as u64),
         };
-        let mut used = 0;
-        let mut other = HeapSiteUsage::EMPTY;
         let mut guarded = HeapSiteUsage::EMPTY;
-        if let (Some(pool), Some(backing)) = (self.guarded.ready(), self.backing.get()) {
+        let (used, (bytes, calls)) = tally(sites, |count| {
+            let (Some(pool), Some(backing)) = (self.guarded.ready(), self.backing.get()) else {
+                return;
+            };
             let mut batch = [Slot::UNUSED; BATCH];
             let mut from = 0;
             loop {
@@ -134,43 +166,34 @@ impl KernelHeap<'_> {
                 for slot in batch[..copied].iter().filter(|s| s.state == State::Live) {
                     let mut site = slot.alloc;
                     site.cpu = None;
-                    let size = slot.size as u64;
-                    let add = |line: &mut HeapSiteUsage| {
-                        line.bytes += size;
-                        line.calls += 1;
-                    };
-                    add(&mut guarded);
-                    let fitted = add_site(
-                        sites,
-                        &mut used,
-                        |line| line.site.same_place(&site),
-                        || HeapSiteUsage {
-                            site,
-                            ..HeapSiteUsage::EMPTY
-                        },
-                        add,
-                    );
-                    if !fitted {
-                        add(&mut other);
-                    }
+                    count(site, slot.size as u64);
                 }
                 if copied < BATCH {
                     break;
                 }
                 from += copied;
             }
+        });
+        let other = HeapSiteUsage {
+            bytes,
+            calls,
+            ..HeapSiteUsage::EMPTY
+        };
+        for line in &sites[..used] {
+            guarded.bytes += line.bytes;
+            guarded.calls += line.calls;
         }
+        guarded.bytes += other.bytes;
+        guarded.calls += other.calls;
         kinds[slab::CLASSES + 2] = KindLine {
             kind: Kind::Guarded,
             bytes: guarded.bytes,
             calls: Some(guarded.calls),
         };
         kinds.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
-        let sites = &mut sites[..used];
-        sites.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(b.calls.cmp(&a.calls)));
         HeapAllocInfo {
             kinds,
-            sites,
+            sites: &sites[..used],
             other,
             interval: self
                 .guarded
