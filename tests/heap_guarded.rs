@@ -8,6 +8,7 @@ mod guarded;
 
 use guarded::*;
 use std::alloc::GlobalAlloc;
+use vmalloc::FrameSource;
 use vmalloc::heap::guarded::{GuardedFault, HeapSiteUsage, ReportKind};
 use vmalloc::heap::{HeapConfig, KVBox, KernelHeap};
 use vmalloc_sim::{Access, DEADLOCK_LIMIT, SimConfig, SimMachine, watchdog};
@@ -523,6 +524,41 @@ fn the_listing_totals_live_sampled_objects_per_site_and_blocks_per_kind() {
         }
         let info = heap.allocinfo(&mut table);
         assert!(info.sites().is_empty());
+    }
+}
+
+/// A pool that cannot be made (no frames left) turns sampling off; turned on again
+/// once memory is back, sampling makes the pool and samples. (One failure turned it
+/// off for good, while the stats said it was on.)
+#[test]
+fn sampling_turned_on_again_after_the_pool_could_not_be_made_samples() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let heap = KernelHeap::new(sampling(0, 16));
+    heap.init(&vm).unwrap();
+    vm.purge();
+    let free = frames.stats().free as usize;
+    let first = frames.alloc_frame().unwrap();
+    let mut hogged = vec![first; free - 1];
+    assert_eq!(frames.alloc_frames(&mut hogged), free - 1);
+    heap.set_sample_interval(1);
+    let l = layout(24, 8);
+    // SAFETY: a non-zero size; the frames go back once, unused.
+    unsafe {
+        assert!(heap.alloc(l).is_null(), "no frame for anything");
+        assert_eq!(heap.guarded_stats().interval, 0, "sampling turned off");
+        frames.free_frame(first).unwrap();
+        frames.free_frames(&hogged).unwrap();
+    }
+    heap.set_sample_interval(1);
+    // SAFETY: a non-zero size; freed once, with its layout.
+    unsafe {
+        let block = heap.alloc(l);
+        assert!(!block.is_null());
+        let sampled = heap.is_guarded(block);
+        heap.dealloc(block, l);
+        assert!(sampled, "{:?}", heap.guarded_stats());
     }
 }
 

@@ -255,7 +255,8 @@ where
     /// `/proc/allocinfo`), largest first; sites past `sites.len()` are summed in
     /// [`AllocInfo::other`]. The areas are read in batches, the lock held only while
     /// one is copied (see the [module documentation](super::allocinfo)): areas made
-    /// or freed meanwhile may or may not be counted, as in a listing.
+    /// or freed meanwhile may or may not be counted, as in a listing. The areas are
+    /// read once per 32 sites (the totals are kept in `sites` alone).
     pub fn allocinfo<'s>(&self, sites: &'s mut [SiteUsage]) -> AllocInfo<'s> {
         let zone = self.blocks.zone();
         let (used, (bytes, calls)) = tally(sites, |count| {

@@ -95,8 +95,9 @@ pub(super) struct Guarded<'a> {
     interval: AtomicU32,
     slots: usize,
     countdowns: [Countdown; COUNTERS],
-    /// Whether a CPU claimed making the pool (once: made or not, nobody tries again;
-    /// `pool` says whether it exists, a zero `interval` that it could not be made).
+    /// Whether a CPU is making the pool or made it (`pool` says which); a CPU that
+    /// could not make it turns sampling off (a zero `interval`) and gives the claim
+    /// back, so sampling turned on again tries again.
     claimed: AtomicBool,
     pool: spin::Once<Pool>,
     /// The pool's area and length once it is made (0 before): the free path's check.
@@ -204,7 +205,10 @@ impl Guarded<'_> {
 impl<'a> KernelHeap<'a> {
     /// Samples one slab-sized allocation in about `interval` for the guarded pool
     /// from now on; 0 stops sampling (objects in the pool stay guarded until freed).
-    /// See the [guarded pool](crate::heap::guarded).
+    /// See the [guarded pool](crate::heap::guarded). The pool is made at the first
+    /// sampled allocation if [`init`](Self::init) did not make it; when it cannot be
+    /// (out of frames or virtual space), sampling turns off, and an interval set
+    /// again tries again.
     pub fn set_sample_interval(&self, interval: u32) {
         self.guarded.interval.store(interval, Ordering::Relaxed);
         for countdown in &self.guarded.countdowns {
@@ -293,6 +297,7 @@ impl<'a> KernelHeap<'a> {
             }
             None => {
                 guarded.interval.store(0, Ordering::Relaxed);
+                guarded.claimed.store(false, Ordering::Release);
                 None
             }
         }
