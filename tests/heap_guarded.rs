@@ -629,6 +629,52 @@ fn a_free_of_an_object_whose_slot_was_reused_says_where_it_points() {
     }
 }
 
+/// A `realloc` of a sampled pointer that starts no live object (freed before, inside
+/// an object) is reported as its free would be and returns null, changing nothing:
+/// it read the unmapped page of the freed object (a fault inside the allocator), or
+/// moved the object inside which it pointed (left live and unreachable). A live one
+/// moves with its bytes.
+#[test]
+fn a_realloc_of_a_freed_or_interior_sampled_pointer_is_reported_and_refused() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let reports = Reports::default();
+    let hook = reports.hook();
+    let heap = KernelHeap::new(sampling(1, 4));
+    heap.init(&vm).unwrap();
+    heap.set_report_hook(&hook);
+    let l = layout(32, 8);
+    // SAFETY: non-zero sizes; the resizes of `freed` and of `inside` are the bad
+    // calls the pool refuses and reports; each live block is freed once.
+    unsafe {
+        let freed = heap.alloc(l);
+        assert!(heap.is_guarded(freed));
+        heap.dealloc(freed, l);
+        assert!(heap.realloc(freed, l, 64).is_null());
+        let seen = reports.take();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].kind, ReportKind::DoubleFree);
+
+        let live = heap.alloc(l);
+        live.write_bytes(0x5a, 32);
+        let before = heap.guarded_stats();
+        assert!(heap.realloc(live.add(8), l, 16).is_null());
+        assert_eq!(reports.take()[0].kind, ReportKind::InvalidFree);
+        assert_eq!(
+            (heap.guarded_stats().live, heap.guarded_stats().sampled),
+            (before.live, before.sampled)
+        );
+
+        let moved = heap.realloc(live, l, 64);
+        assert!(!moved.is_null());
+        assert_eq!(std::slice::from_raw_parts(moved, 32), [0x5a; 32]);
+        assert!(reports.take().is_empty());
+        heap.dealloc(moved, layout(64, 8));
+    }
+    assert_eq!(heap.guarded_stats().live, 0);
+}
+
 /// With every allocation sampled, a heap that ran out of frames and had everything
 /// freed serves again, as without sampling: the pool's idle slots hold the frames
 /// the program freed, and a slot used before maps without a new one.

@@ -634,10 +634,14 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: GlobalAlloc's contract: `new_size` is valid for `layout.align()`.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if self.guarded.owns(ptr) {
+            // A sampled object is exactly its size, against a guard page: moved.
+            // SAFETY: in the pool; as `GlobalAlloc::realloc`'s caller promised.
+            return unsafe { self.realloc_guarded(ptr, layout, new_size) };
+        }
         if !self.owns_small(ptr) {
             if let Some(class) = self.slab_class(layout) {
-                // A sampled object is exactly its size, against a guard page: moved.
-                if self.slab_class(new_layout) == Some(class) && !self.guarded.owns(ptr) {
+                if self.slab_class(new_layout) == Some(class) {
                     // The object already holds `new_size` bytes.
                     return ptr;
                 }

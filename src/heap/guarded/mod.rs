@@ -76,7 +76,7 @@ use core::alloc::Layout;
 use core::panic::Location;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use pool::{Changed, Freeing, Pool, Taken};
+use pool::{Changed, Freeing, Lookup, Pool, Taken};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -232,7 +232,8 @@ impl<'a> KernelHeap<'a> {
 
     /// Sets the kernel's report hook, once: it is called with each problem the
     /// guarded pool finds outside a page fault (a corrupted slack at a free, a double
-    /// or invalid free), from the `dealloc` that found it, with no lock of the heap
+    /// or invalid free, a `realloc` of such a pointer, which returns null), from the
+    /// `dealloc` or `realloc` that found it, with no lock of the heap
     /// held (it may allocate, and print). The allocator itself never panics on them;
     /// without a hook they are only counted ([`GuardedStats::reports`]). Later calls
     /// change nothing.
@@ -416,6 +417,52 @@ impl<'a> KernelHeap<'a> {
         if changed.bytes > 0 {
             self.report(GuardedReport::corrupted(index, &slot, changed));
         }
+    }
+
+    /// `GlobalAlloc::realloc` of a pointer in the pool: the object moves to a block
+    /// of `new_size` (sampled again or not) and is freed as `dealloc` frees it. A
+    /// pointer that starts no live object (freed before, inside an object) is reported
+    /// as its free would be, and null returned with nothing changed: there is nothing
+    /// to copy from.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is in the pool ([`Guarded::owns`]); as `GlobalAlloc::realloc`'s caller
+    /// promises, `new_size` is valid for `layout.align()`.
+    #[cold]
+    #[inline(never)]
+    #[track_caller]
+    pub(super) unsafe fn realloc_guarded(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
+        let (Some(pool), Some(backing)) = (self.guarded.ready(), self.backing.get()) else {
+            return core::ptr::null_mut();
+        };
+        let slot = match pool.live(backing.vmalloc, ptr.addr()) {
+            Lookup::Live(slot) => slot,
+            Lookup::NotLive(found) => {
+                let site = self.call_site(Location::caller());
+                self.report(GuardedReport::bad_free(ptr.addr(), site, found));
+                return core::ptr::null_mut();
+            }
+        };
+        // SAFETY: the caller's promise.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let Some(moved) = self.allocate(new_layout) else {
+            return core::ptr::null_mut();
+        };
+        // The object's own size bounds the copy: its page ends past it.
+        let size = layout.size().min(slot.size).min(new_size);
+        // SAFETY: the live object holds `size` bytes on its mapped page; the new block
+        // is live and holds `new_size`; the caller gives the object up.
+        unsafe {
+            core::ptr::copy_nonoverlapping(ptr, moved.as_ptr(), size);
+            self.free_guarded(ptr);
+        }
+        moved.as_ptr()
     }
 
     /// Counts `report` and hands it to the kernel's hook, if any.

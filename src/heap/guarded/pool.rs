@@ -129,6 +129,14 @@ pub(super) enum Freeing {
     NotLive(Option<(usize, Slot)>),
 }
 
+/// What a pointer into the pool starts.
+pub(super) enum Lookup {
+    /// A live object: its record.
+    Live(Slot),
+    /// No live object: the record of the slot the pointer is in, if any.
+    NotLive(Option<(usize, Slot)>),
+}
+
 /// A slot handed to the CPU that places an object in it.
 pub(super) struct Taken {
     pub(super) index: usize,
@@ -329,6 +337,22 @@ impl Pool {
         let slot = *slot;
         records.live -= 1;
         Freeing::Freed(index, slot)
+    }
+
+    /// The record of the live object that starts at `ptr`; or, when none does, the
+    /// record of the slot `ptr` is in (if any), as [`start_free`](Self::start_free)
+    /// gives it.
+    pub(super) fn live(&self, vmalloc: &dyn VmallocOps, ptr: usize) -> Lookup {
+        let offset = ptr.wrapping_sub(self.area);
+        if offset >= self.len() || (offset / PAGE).is_multiple_of(2) {
+            return Lookup::NotLive(None);
+        }
+        let index = offset / PAGE / 2;
+        let records = self.lock(vmalloc);
+        match records.slot(index) {
+            Some(slot) if slot.state == State::Live && slot.addr == ptr => Lookup::Live(*slot),
+            found => Lookup::NotLive(found.map(|slot| (index, *slot))),
+        }
     }
 
     /// Puts slot `index`, whose page is unmapped now, in the queue for reuse.
