@@ -194,6 +194,47 @@ fn splitting_a_2m_entry_keeps_its_memory_type() {
     }
 }
 
+/// `protect` keeps bit 7 whatever `flags` says, as its docs promise: `HUGE_PAGE` in
+/// `flags` set the PAT bit of 4 KiB leaves (changing their memory type), and a
+/// 4 KiB leaf's PAT bit stays set without it.
+#[test]
+fn protect_keeps_bit_7_whatever_the_flags_say() {
+    const PAT_4K: u64 = 1 << 7;
+    let m = &mut machine(2048, 45);
+    let frames = m.take(4);
+    m.map(pages(BASE, 4), frames, RW).unwrap();
+    let leaf = |m: &Machine, addr: u64| {
+        let mut table = m.sim.root();
+        for level in 0..3 {
+            let entry = m.table_copy(table)[index(addr, level)];
+            table = PhysFrame::containing_address(PhysAddr::new(entry & ADDR_MASK));
+        }
+        (table, m.table_copy(table)[index(addr, 3)])
+    };
+    let flush = m
+        .protect(pages(BASE, 4), RW | PageTableFlags::HUGE_PAGE)
+        .unwrap();
+    // SAFETY: a simulated machine whose TLB the test does not read.
+    unsafe { flush.ignore() };
+    assert_eq!(
+        leaf(m, BASE).1 & PAT_4K,
+        0,
+        "HUGE_PAGE in flags set the PAT bit"
+    );
+    let (table, entry) = leaf(m, BASE);
+    let slot = table.start_address() + index(BASE, 3) as u64 * 8;
+    m.write_phys(slot, &(entry | PAT_4K).to_le_bytes());
+    let flush = m.protect(pages(BASE, 4), PageTableFlags::PRESENT).unwrap();
+    // SAFETY: as above.
+    unsafe { flush.ignore() };
+    let (_, entry) = leaf(m, BASE);
+    assert_eq!(entry & PAT_4K, PAT_4K, "the PAT bit was dropped");
+    assert_eq!(
+        PageTableFlags::from_bits_truncate(entry & !PAT_4K) & !PageTableFlags::ACCESSED,
+        PageTableFlags::PRESENT
+    );
+}
+
 #[test]
 fn a_huge_mapping_that_runs_out_of_table_frames_changes_nothing() {
     let m = &mut machine(256, 41);

@@ -374,7 +374,7 @@ impl<M: PhysMemory> PageTables<M> {
         // `HUGE_PAGE` says a 2 MiB leaf (in a 4 KiB leaf it is PAT): kept either way.
         let kept = ADDR_MASK
             | (PageTableFlags::ACCESSED | PageTableFlags::DIRTY | PageTableFlags::HUGE_PAGE).bits();
-        let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !ADDR_MASK;
+        let leaf_bits = (flags | PageTableFlags::PRESENT).bits() & !kept;
         let upper_bits = upper_bits_for(flags);
         let forbidden = forbidden_above(flags);
         self.rewrite_leaves(
