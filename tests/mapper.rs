@@ -613,6 +613,62 @@ fn clean_up_frees_the_callers_empty_tables_and_leaves_this_crates() {
     );
 }
 
+/// A table of the caller's under one of this crate's (a page `map_to` maps next to
+/// this crate's range, below the PD that range made) is freed by `clean_up`, which
+/// then leaves this crate's empty tables to `free_empty_tables`: every frame comes
+/// back. (`clean_up` did not walk below this crate's tables, and
+/// `free_empty_tables` frees only this crate's, so both stayed for good.)
+#[test]
+fn clean_up_frees_the_callers_tables_below_this_crates() {
+    let machine = machine();
+    let frames = machine.frames();
+    let mut mapper = mapper(&machine);
+    let start = frames.stats().free;
+    let frame = PhysFrame::containing_address(PhysAddr::new(12 << 20));
+    let ours = Page::range(page4k(BASES[1]), page4k(BASES[1]) + 5);
+    let theirs = page4k(BASES[1] + (2 << 20));
+    // SAFETY: the test's own machine; nothing runs on these pages.
+    unsafe {
+        mapper
+            .tables_mut()
+            .map(ours, [frame; 5], F::WRITABLE, &&frames)
+            .unwrap();
+        let rw = F::PRESENT | F::WRITABLE;
+        mapper.map_to(theirs, frame, rw, &mut MapperFrames(&frames))
+    }
+    .unwrap()
+    .ignore();
+    assert_eq!(start - frames.stats().free, 4, "PDPT, PD, our PT, their PT");
+    // SAFETY: as above.
+    unsafe { mapper.tables_mut().unmap(ours, |_, _| {}) }
+        .unwrap()
+        .flush(&machine);
+    Mapper::<Size4KiB>::unmap(&mut mapper, theirs)
+        .unwrap()
+        .1
+        .ignore();
+    // SAFETY: every table is used once, in these tables, and came from `frames`.
+    unsafe { mapper.clean_up(&mut MapperFrames(&frames)) };
+    assert_eq!(start - frames.stats().free, 3, "their PT freed");
+    let mut freed = Vec::new();
+    let whole = Page::range(page4k(BASES[1]), page4k(BASES[1] + (1 << 30)));
+    let (count, flush) = mapper
+        .tables_mut()
+        .free_empty_tables(whole, |table| freed.push(table))
+        .unwrap();
+    flush.flush(&machine);
+    assert_eq!(count, 2, "this crate's PD and PT");
+    for table in freed {
+        // SAFETY: tables this crate made from `frames`, unlinked and flushed above.
+        unsafe { vmalloc::FrameSource::free_frame(&&frames, table) }.unwrap();
+    }
+    assert_eq!(
+        start - frames.stats().free,
+        1,
+        "the PDPT under the root's entry"
+    );
+}
+
 /// Maps a page, makes its PD entry not present, maps the next page with `PRESENT`
 /// parent flags and translates it: what each call returned.
 fn through_a_not_present_table<M: Mapper<Size4KiB>>(

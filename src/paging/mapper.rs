@@ -619,7 +619,7 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// [`CREATED`](super::CREATED) are this crate's (its range calls made them from
     /// their `FrameSource`): they stay, for
     /// [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
-    /// came from. Flush the whole TLB afterwards: its paging-structure caches may
+    /// came from, and the caller's tables below them are freed as any other. Flush the whole TLB afterwards: its paging-structure caches may
     /// still point to the freed tables.
     ///
     /// # Safety
@@ -674,8 +674,10 @@ impl<M: PhysMemory> PageTableMapper<M> {
                 // SAFETY: an entry of a reachable table.
                 let raw = unsafe { read(entry) };
                 let flags = PageTableFlags::from_bits_retain(raw);
+                // Below this crate's tables too: the caller's tables there are the
+                // caller's to free.
                 let walkable = flags.contains(PageTableFlags::PRESENT)
-                    && !flags.intersects(PageTableFlags::HUGE_PAGE | super::CREATED);
+                    && !flags.contains(PageTableFlags::HUGE_PAGE);
                 if !walkable {
                     continue;
                 }
@@ -685,7 +687,9 @@ impl<M: PhysMemory> PageTableMapper<M> {
                 let below = table_at(&self.tables.phys, PhysAddr::new(raw & ADDR_MASK));
                 let part = (first.max(start), last.min(end));
                 // SAFETY: a present table entry holds a reachable table.
-                if unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) } {
+                let empty =
+                    unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) };
+                if empty && !flags.contains(super::CREATED) {
                     let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
                     // SAFETY: an entry of a reachable table; nothing borrows it. The
                     // table below it is empty and serves no other address (caller).
