@@ -73,7 +73,9 @@ pub const MAX_ZONES: usize = 16;
 /// Most disjoint ranges of one kind (usable, reserved, reclaimable: every source's
 /// together) a memory map may hold once touching and overlapping entries are merged
 /// (a reclaimable entry with others of its own source); a map may have any number of
-/// entries.
+/// entries. The map is read once, with this much room: the limit holds at every
+/// point of it (an entry that neither touches nor overlaps a range of the full list
+/// is refused, though a later entry might have joined them all up).
 pub const MAX_MAP_REGIONS: usize = 128;
 /// Usable ranges closer than this many frames share one zone.
 pub const ZONE_GAP_FRAMES: u64 = 1 << 15;
