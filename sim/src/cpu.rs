@@ -335,7 +335,8 @@ impl SimMachine {
     ///
     /// # Panics
     ///
-    /// If the first read faults, or `change` panics.
+    /// If the machine has no CPU `reader`, the first read faults, or `change`
+    /// panics.
     pub fn read_again_after<R>(
         &self,
         reader: usize,

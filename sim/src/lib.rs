@@ -37,7 +37,10 @@
 //!   forbid the access re-walks the tables once before faulting (the x86 rule),
 //!   through the paging-structure cache (so a right granted in an upper entry
 //!   without a flush may still fault once, as hardware may), and
-//!   any fault drops the page's entry. Flushing a 4 KiB page
+//!   any fault drops the page's entry and the cached upper-level entries its walk
+//!   would use, and no other (SDM 4.10.4.1: a stale entry elsewhere survives an
+//!   unrelated fault); `invlpg` drops the whole paging-structure cache, as the SDM
+//!   says it does. Flushing a 4 KiB page
 //!   inside a huge mapping drops the whole mapping. Counters ([`tlb_stats`]) let tests
 //!   check that code flushes what it must, and no more.
 //!
@@ -66,7 +69,11 @@
 //! process-wide handler walks this machine's tables as the MMU does and, if the
 //! access is allowed (the fault's error code says whether it is a write), maps the
 //! frame's 4 KiB at that page with the effective permissions, and the access is
-//! retried. The host mappings are thus a second TLB, filled on demand. A fill maps
+//! retried. The host mappings are thus a second TLB, filled on demand, and one for
+//! the whole process: every thread, whichever CPU it runs as, sees them, and a flush
+//! on any CPU updates them for all. So a missing shootdown does not show through host
+//! pointers; it shows through [`read`] and [`write`] on the CPU that missed it
+//! ([`SimCpu`]; `tests/smp.rs`). A fill maps
 //! the pages after the faulting one too while the tables map them on the frames
 //! after its frame, up to the end of its 2 MiB (as a CPU may cache translations it
 //! was not asked for): one host mapping per fill. Each fill counts as a TLB miss in
@@ -517,9 +524,10 @@ impl SimMachine {
     }
 
     /// What the calling thread's CPU's TLB has done so far (see [`SimCpu`]). Each
-    /// host-window fault served by a fill counts as a miss (of whichever CPU asks, however
-    /// many pages the fill maps); host accesses
-    /// that hit the host's own mappings are not counted.
+    /// host-window fault, and each page [`host_window_prefault`](Self::host_window_prefault)
+    /// maps, walks the tables and counts as a miss, whether the page could be mapped
+    /// or not (of whichever CPU asks, however many pages the fill maps); host
+    /// accesses that hit the host's own mappings are not counted.
     pub fn tlb_stats(&self) -> TlbStats {
         let mut stats = self.lock_tlb().stats;
         stats.misses += self.host_fills();

@@ -259,7 +259,7 @@ impl SimMachine {
                 Ok(translation)
             }
             Err(cause) => {
-                tlb.invalidate(vpn, vpn + 1);
+                tlb.forget_fault(addr);
                 let code = access.fault_code() | cause.code();
                 Err(Fault::Page(PageFault { addr: virt, code }))
             }

@@ -1,5 +1,11 @@
 //! The scenarios of Linux's `lib/test_vmalloc.c`, ported to a simulated machine,
 //! for benchmarks and flush counts (`benches/vmalloc.rs`, `examples/flush_counts.rs`).
+//!
+//! # Panics
+//!
+//! Each scenario (`fix_size_alloc` to `run_rounds`) panics when a call it makes
+//! fails (out of frames or virtual space, a bad argument such as 0 pages), as a
+//! test's failed check: they are benchmark and test bodies, not library calls.
 
 use crate::{Rng, SimConfig, SimFrames, SimMachine, SimPhys};
 use std::string::String;
@@ -358,17 +364,30 @@ pub unsafe fn shootdowns(
             });
         }
         machine.cpu(0).enter();
-        let before = tlb.stats();
-        run_rounds(which, &vm);
-        let after = tlb.stats();
-        // Dropping the manager shoots down too: the other CPUs must still take IPIs.
+        let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let before = tlb.stats();
+            run_rounds(which, &vm);
+            (before, tlb.stats())
+        }));
+        // The other CPUs stop however this ends (a failed scenario panics, not hangs),
+        // once the manager is dropped: that shoots down too, so they still take IPIs.
+        let _stop = StopIdling(&idle);
         drop(vm);
-        idle.store(false, Ordering::Release);
+        let (before, after) = rounds.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (
             after.shootdowns - before.shootdowns,
             after.ipis - before.ipis,
         )
     })
+}
+
+/// Lets the idling CPUs of [`shootdowns`] return when dropped.
+struct StopIdling<'a>(&'a AtomicBool);
+
+impl Drop for StopIdling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The README's table of shootdowns and IPIs per scenario, lazy and eager, on 2 and

@@ -607,6 +607,11 @@ fn a_system_call_reaches_window_pages_once_they_are_prefaulted() {
         machine.host_window_prefault(start + 4096u64, 8193),
         Err(start + 8192u64)
     );
+    // An empty range is held by no page, aligned or not: there was one to fault in
+    // when it did not start a page.
+    let third = start + 8192u64;
+    assert_eq!(machine.host_window_prefault(third, 0), Ok(()));
+    assert_eq!(machine.host_window_prefault(third + 8u64, 0), Ok(()));
     for fd in pipe {
         // SAFETY: descriptors this test opened.
         unsafe { libc::close(fd) };

@@ -79,8 +79,28 @@ impl Tlb {
     }
 
     /// Drops every entry whose mapping (of whatever size) overlaps pages
-    /// `start_vpn..end_vpn`.
+    /// `start_vpn..end_vpn`, and the whole paging-structure cache.
     pub(super) fn invalidate(&mut self, start_vpn: u64, end_vpn: u64) {
+        self.drop_entries(start_vpn, end_vpn);
+        // `invlpg` drops every paging-structure-cache entry (SDM 4.10.4.1), so only
+        // a missing flush can leave one stale.
+        self.structures.clear();
+    }
+
+    /// What a page fault at `addr` drops (SDM 4.10.4.1): the entries mapping its
+    /// page and the cached upper-level entries its walk would use. Other
+    /// addresses' stay, so a stale one there is still found after an unrelated
+    /// fault (a guard-page probe).
+    pub(super) fn forget_fault(&mut self, addr: u64) {
+        let vpn = addr >> 12;
+        self.drop_entries(vpn, vpn + 1);
+        for level in 2..=4 {
+            self.structures.remove(&(level, prefix(level, addr)));
+        }
+    }
+
+    /// Drops every entry whose mapping overlaps pages `start_vpn..end_vpn`.
+    fn drop_entries(&mut self, start_vpn: u64, end_vpn: u64) {
         // A 1 GiB mapping is the largest: no entry outside these bounds can overlap.
         let low = start_vpn & !(PAGES_PER_GIB - 1);
         let high = end_vpn
@@ -99,9 +119,6 @@ impl Tlb {
         for vpn in doomed {
             self.entries.remove(&vpn);
         }
-        // `invlpg` may drop any paging-structure-cache entry (SDM 4.10.4.1); this
-        // model drops them all, so only a missing flush can leave one stale.
-        self.structures.clear();
     }
 
     pub(super) fn clear(&mut self) {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 /// far beyond what any of them needs in a debug build on a loaded machine.
 pub const DEADLOCK_LIMIT: Duration = Duration::from_secs(60);
 
-/// Runs `work` on the calling thread. If it has not returned within `limit`, prints
+/// Runs `work` on the calling thread. If it has neither returned nor panicked within
+/// `limit`, prints
 /// `watchdog: <name> made no progress in <limit> (deadlock)` and ends the process
 /// with a failure: a deadlocked test cannot be unwound, and the harness would wait
 /// for it forever.
@@ -34,11 +35,23 @@ pub fn watchdog<R>(name: &str, limit: Duration, work: impl FnOnce() -> R) -> R {
             }
         })
     };
+    // Set however `work` ends: a failed check in it unwinds as a failure of its
+    // own, not a deadlock reported a limit later (which ends every other test too).
+    let finished = Finished(&done, guard.thread().clone());
     let result = work();
-    done.store(true, Ordering::Release);
-    guard.thread().unpark();
+    drop(finished);
     let _ = guard.join();
     result
+}
+
+/// Tells the watching thread the work is over when dropped.
+struct Finished<'a>(&'a AtomicBool, std::thread::Thread);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+        self.1.unpark();
+    }
 }
 
 /// How often the watching thread looks (it is woken when the work returns).

@@ -381,11 +381,19 @@ impl Cpus {
     }
 
     /// Runs `handler` as an interrupt on `cpu` (the calling thread's interrupts are
-    /// on): with them off, on the CPU alone.
+    /// on): with them off, on the CPU alone. A handler that panics (a failed check)
+    /// turns them back on as it unwinds, as the interrupted code had them: the CPU is
+    /// not left held by a thread that is gone.
     pub(super) fn as_interrupt(&self, cpu: usize, handler: impl FnOnce()) {
+        struct On<'c>(&'c Cpus, usize);
+        impl Drop for On<'_> {
+            fn drop(&mut self) {
+                self.0.interrupts_on(self.1);
+            }
+        }
         self.interrupts_off(cpu);
+        let _on = On(self, cpu);
         handler();
-        self.interrupts_on(cpu);
     }
 
     /// The calling thread's interrupts go off on `cpu`: it waits until no other

@@ -281,6 +281,10 @@ impl HostMemory {
     pub(super) fn prefault(&self, start: u64, len: u64) -> Result<(), u64> {
         let window = self.window();
         let first = start & !(PAGE - 1);
+        if len == 0 {
+            // No page holds an empty range.
+            return Ok(());
+        }
         let end = start.checked_add(len).ok_or(first)?;
         for page in (first..end).step_by(PAGE as usize) {
             if !window.contains(page) || window.prefault(page).is_err() {

@@ -221,3 +221,108 @@ fn a_panic_inside_cpu_run_puts_the_thread_back_on_its_cpu() {
             .unwrap();
     });
 }
+
+/// An interrupt handler that panics (a failed check in it) turns the CPU's
+/// interrupts back on as it unwinds: another thread then takes the CPU with
+/// interrupts off. It was left held by the thread that was gone, and every later
+/// `irq_save` on that CPU (every heap and manager lock) waited forever.
+#[test]
+fn a_panicking_interrupt_handler_leaves_its_cpu_free() {
+    use vmalloc::smp::Cpus as _;
+    let machine: &'static SimMachine = Box::leak(Box::new(machine()));
+    let failed = std::thread::spawn(move || {
+        machine
+            .cpu(0)
+            .interrupt_after(0, || panic!("a failed check in the handler"));
+        let mut buf = [0u8; 1];
+        let _ = machine.read(virt(BASE), &mut buf);
+    })
+    .join();
+    assert!(failed.is_err(), "the handler's panic reaches its thread");
+    let (taken, took) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let state = machine.irq_save();
+        machine.irq_restore(state);
+        let _ = taken.send(());
+    });
+    assert!(
+        took.recv_timeout(std::time::Duration::from_secs(20))
+            .is_ok(),
+        "no other thread could take CPU 0 with interrupts off"
+    );
+}
+
+/// A check that fails inside `watchdog` fails as itself: the watching thread is
+/// told the work is over and ends the process with no "deadlock" report, so the
+/// other tests of the binary go on. (It waited for a `done` the panic skipped, then
+/// killed the process as deadlocked.)
+#[test]
+fn a_failed_check_under_the_watchdog_is_not_a_deadlock() {
+    const CHILD: &str = "VMALLOC_SIM_WATCHDOG_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let failed = std::thread::spawn(|| {
+            crate::watchdog(
+                "a failed check",
+                std::time::Duration::from_millis(300),
+                || panic!("a failed check"),
+            )
+        })
+        .join();
+        assert!(failed.is_err());
+        std::thread::sleep(std::time::Duration::from_millis(900));
+        println!("the other tests go on");
+        return;
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "test::threads::a_failed_check_under_the_watchdog_is_not_a_deadlock",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr),
+    );
+    assert!(
+        child.status.success() && stdout.contains("the other tests go on"),
+        "{:?}\nstdout: {stdout}\nstderr: {stderr}",
+        child.status
+    );
+    assert!(!stderr.contains("(deadlock)"), "{stderr}");
+}
+
+/// A scenario of `scenarios::shootdowns` that fails (here, out of frames) panics,
+/// as its docs say, instead of leaving the CPUs it keeps idling waiting forever.
+#[test]
+fn a_failing_shootdown_scenario_panics_rather_than_hangs() {
+    use crate::scenarios::{manager_with, smp_machine};
+    use vmalloc::FrameSource;
+    // The frames a manager takes when made, on a twin machine.
+    let twin = smp_machine(SimConfig::new(64 << 20).with_cpus(2));
+    let before = twin.1.stats().free;
+    // SAFETY: this manager alone uses the twin's tables; nothing runs on CPU 1.
+    let vm = unsafe { manager_with(twin.0, twin.1, twin.0, Default::default()) };
+    let needed = (before - twin.1.stats().free) as usize;
+    drop(vm);
+    let smp = smp_machine(SimConfig::new(64 << 20).with_cpus(2));
+    let frames = smp.1;
+    // Just the frames the manager takes: it is made, and the scenario runs dry.
+    let mut all =
+        vec![PhysFrame::containing_address(PhysAddr::zero()); frames.stats().free as usize];
+    let taken = frames.alloc_frames(&mut all);
+    // SAFETY: frames taken above, never used.
+    unsafe { frames.free_frames(&all[..needed.min(taken)]) }.unwrap();
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let scenario = std::thread::spawn(move || {
+            // SAFETY: this manager alone uses the machine's tables.
+            unsafe { crate::scenarios::shootdowns(0, false, smp) }
+        });
+        let _ = ended.send(scenario.join().is_err());
+    });
+    let panicked = end.recv_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(panicked, Ok(true), "the failed scenario hung (or passed)");
+}

@@ -154,3 +154,32 @@ fn a_cpu_coming_back_online_forgets_what_it_cached_offline() {
         "a stale translation"
     );
 }
+
+/// A page fault drops what that address's walk would use, and no more: a page table
+/// freed (its PD entry cleared) without a flush is still walked, through the cached
+/// PD entry, after a fault at an unrelated address (a guard-page probe). The fault
+/// dropped the whole paging-structure cache, hiding the missing flush.
+#[test]
+fn an_unrelated_fault_keeps_a_stale_paging_structure_entry() {
+    let machine = machine();
+    let mut tables = Tables::new(&machine);
+    let first = tables.map_new(BASE, KERNEL_RW);
+    let next = BASE + 0x1000;
+    let frame = tables.bump.frame().start_address().as_u64();
+    let walked = tables.map(next, frame, 1, KERNEL_RW);
+    // SAFETY: bytes the test owns: no live Rust value lives there.
+    unsafe { machine.write_phys(first.start_address(), b"cached!!") };
+    let mut buf = [0; 8];
+    machine.read(virt(BASE), &mut buf).unwrap();
+    // The page table is freed: its PD entry cleared, and no flush.
+    tables.clear(walked[2], next, 2);
+    let unrelated = BASE + (1 << 30);
+    assert!(machine.read(virt(unrelated), &mut buf).is_err());
+    assert!(
+        machine.read(virt(next), &mut buf).is_ok(),
+        "the cached PD entry still reaches the freed table"
+    );
+    // A flush drops it (and the page's own entry, filled by that read).
+    machine.flush_page(page_of(next));
+    assert!(machine.read(virt(next), &mut buf).is_err());
+}
