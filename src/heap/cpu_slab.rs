@@ -373,15 +373,7 @@ impl CpuSlabs {
         };
         let cpu = slot.cpu();
         let (counts, state) = slot.split();
-        let on_top = state
-            .magazines
-            .get(class)
-            .is_some_and(|magazine| magazine.top() == Some(ptr))
-            || state
-                .classes
-                .get(class)
-                .is_some_and(|slabs| slabs.freelist.cast::<u8>() == ptr);
-        if on_top {
+        if Self::on_top(state, class, ptr) {
             // On top of the magazine or of the current slab's free list: freed just
             // before and freed again, the caller's bug, caught where it costs two
             // comparisons. Nothing changes.
@@ -413,6 +405,38 @@ impl CpuSlabs {
         }
         Self::tick(state, cpu, slabs, vmalloc);
         true
+    }
+
+    /// Whether `ptr` is the object the CPU freed last of `class`: on top of its
+    /// magazine or of its current slab's free list.
+    #[inline(always)]
+    fn on_top(state: &CpuState, class: usize, ptr: *mut u8) -> bool {
+        state
+            .magazines
+            .get(class)
+            .is_some_and(|magazine| magazine.top() == Some(ptr))
+            || state
+                .classes
+                .get(class)
+                .is_some_and(|slabs| slabs.freelist.cast::<u8>() == ptr)
+    }
+
+    /// Whether `ptr` is the object the calling CPU freed last of `class` (what
+    /// [`free`](Self::free) refuses for two comparisons): a resize of it is a resize
+    /// of a freed object.
+    pub(crate) fn freed_last(
+        &self,
+        cpus: &dyn Cpus,
+        class: usize,
+        ptr: *mut u8,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) -> bool {
+        let irq = IrqOff::with(cpus);
+        let Some(mut slot) = self.enter(cpus, &irq, slabs, vmalloc) else {
+            return slabs.freed_last(class, ptr, vmalloc);
+        };
+        Self::on_top(slot.split().1, class, ptr)
     }
 
     /// Gives back every object of the CPU's magazine of `class` to its slab.

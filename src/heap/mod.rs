@@ -155,7 +155,9 @@ pub struct HeapStats {
     /// block: each list block ends with a word only its live block holds); or a
     /// large block's pointer that starts no live large block of the heap's (another
     /// owner's area, a block the heap keeps after its free); and resizes of such a
-    /// pointer (`realloc` returns null). A caller's bug the heap caught; a double free it
+    /// pointer (`realloc` returns null; a slab object resized within its size class
+    /// is checked against the calling CPU's last freed object of the class). A
+    /// caller's bug the heap caught; a double free it
     /// does not catch (other frees onto that list came between) is undefined
     /// behaviour, as `GlobalAlloc` says. Heaps over one manager tag their large
     /// blocks alike: one freed through another such heap is taken as that heap's
@@ -544,22 +546,38 @@ impl<'a> KernelHeap<'a> {
     #[inline]
     #[track_caller]
     unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded.
+        if !unsafe { self.release(ptr, layout) } {
+            self.refused_frees.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Frees `ptr` on the path `allocate` chose for `layout`: whether the free was
+    /// taken (`false`: refused, nothing changed; see [`HeapStats::refused_frees`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`deallocate`](Self::deallocate).
+    #[inline]
+    #[track_caller]
+    unsafe fn release(&self, ptr: *mut u8, layout: Layout) -> bool {
         let Some(backing) = self.backing.get() else {
-            return;
+            return false;
         };
         if self.owns_small(ptr) {
             // SAFETY: a block in the window is the list heap's (caller).
-            if !unsafe { self.free_list(ptr, layout, backing) } {
-                self.refused_frees.fetch_add(1, Ordering::Relaxed);
-            }
-        } else if let Some(class) = self.slab_class(layout) {
+            return unsafe { self.free_list(ptr, layout, backing) };
+        }
+        if let Some(class) = self.slab_class(layout) {
             if self.guarded.owns(ptr) {
-                // SAFETY: a sampled object, which the caller gives up.
-                return unsafe { self.free_guarded(ptr) };
+                // SAFETY: a sampled object, which the caller gives up. A bad free is
+                // reported, not counted.
+                unsafe { self.free_guarded(ptr) };
+                return true;
             }
             // SAFETY: a slab-sized block outside the window and the guarded pool is a
             // slab object of this layout's class (caller, and `allocate`'s routing).
-            let freed = unsafe {
+            return unsafe {
                 match self.cpus.get() {
                     Some(cpus) => {
                         self.cpu_slabs
@@ -568,23 +586,36 @@ impl<'a> KernelHeap<'a> {
                     None => self.slabs.free(class, ptr, true, backing.vmalloc),
                 }
             };
-            if !freed {
-                self.refused_frees.fetch_add(1, Ordering::Relaxed);
-            }
+        }
         // SAFETY: anything else is a block in a vmalloc area of its own, which the
         // caller gives up.
-        } else if unsafe { self.free_large(ptr, layout.size(), backing.vmalloc) } {
-            // Saturating: another heap's large block (same manager, same tag) must
-            // not wrap this heap's counts.
-            let less = |by: usize| move |count: usize| Some(count.saturating_sub(by));
-            let _ = (self.large_blocks).fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
-            let _ = (self.large_bytes).fetch_update(
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-                less(layout.size()),
-            );
-        } else {
-            self.refused_frees.fetch_add(1, Ordering::Relaxed);
+        if !unsafe { self.free_large(ptr, layout.size(), backing.vmalloc) } {
+            return false;
+        }
+        // Saturating: another heap's large block (same manager, same tag) must not
+        // wrap this heap's counts.
+        let less = |by: usize| move |count: usize| Some(count.saturating_sub(by));
+        let _ = (self.large_blocks).fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
+        let _ = (self.large_bytes).fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            less(layout.size()),
+        );
+        true
+    }
+
+    /// Whether `ptr`, an object of slab `class`, is the object freed last where a
+    /// free of it would go (the calling CPU's magazine or current slab, or the
+    /// class's magazine): a resize of it is of a freed object.
+    fn slab_freed_last(&self, class: usize, ptr: *mut u8) -> bool {
+        let Some(backing) = self.backing.get() else {
+            return false;
+        };
+        match self.cpus.get() {
+            Some(cpus) => {
+                (self.cpu_slabs).freed_last(*cpus, class, ptr, &self.slabs, backing.vmalloc)
+            }
+            None => self.slabs.freed_last(class, ptr, backing.vmalloc),
         }
     }
 }
@@ -642,6 +673,11 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
         if !self.owns_small(ptr) {
             if let Some(class) = self.slab_class(layout) {
                 if self.slab_class(new_layout) == Some(class) {
+                    if self.slab_freed_last(class, ptr) {
+                        // Freed just now: a resize of it is refused, as a free is.
+                        self.refused_frees.fetch_add(1, Ordering::Relaxed);
+                        return ptr::null_mut();
+                    }
                     // The object already holds `new_size` bytes.
                     return ptr;
                 }
@@ -666,10 +702,17 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
         let Some(moved) = self.allocate(new_layout) else {
             return ptr::null_mut();
         };
-        // SAFETY: both blocks are live and hold at least the bytes copied.
+        // SAFETY: both blocks are mapped and hold at least the bytes copied (a slab
+        // object freed before is still in its slab: its free is refused below).
         unsafe {
             ptr::copy_nonoverlapping(ptr, moved.as_ptr(), layout.size().min(new_size));
-            self.deallocate(ptr, layout);
+            if !self.release(ptr, layout) {
+                // Freed before, as the free says: the new block goes back, and the
+                // resize is refused with nothing changed.
+                self.refused_frees.fetch_add(1, Ordering::Relaxed);
+                self.deallocate(moved.as_ptr(), new_layout);
+                return ptr::null_mut();
+            }
         }
         moved.as_ptr()
     }

@@ -263,6 +263,17 @@ impl Slabs {
         unsafe { self.free_locked(class, ptr, magazine, true, vmalloc) }
     }
 
+    /// Whether `ptr` is the object freed last into `class`'s magazine (what
+    /// [`free`](Self::free) refuses there).
+    pub(crate) fn freed_last(&self, class: usize, ptr: *mut u8, vmalloc: &dyn VmallocOps) -> bool {
+        let Some(state) = self.classes.get(class) else {
+            return false;
+        };
+        let state = state.lock(vmalloc);
+        let top = state.cached.checked_sub(1);
+        top.and_then(|top| state.magazine.get(top)) == Some(&ptr)
+    }
+
     /// Gives `ptr` back to its slab under the class's lock, for a CPU that counted
     /// the free itself; `false` if refused (as [`free`](Self::free)).
     ///
