@@ -1111,3 +1111,62 @@ fn a_realloc_of_a_slab_object_freed_just_before_is_refused() {
         assert_eq!(heap.stats().in_use, 0);
     }
 }
+
+/// `Allocator::grow` of a large block remaps it as `realloc` does (its frames stay,
+/// at the new address), as the README says of growing one; the trait's default
+/// copied it into a new area, needing both at once. `grow_zeroed` zeroes what it
+/// adds; `shrink` and a new alignment keep the bytes.
+#[test]
+fn allocator_grow_of_a_large_block_remaps_it() {
+    use allocator_api2::alloc::Allocator;
+    use x86_64::VirtAddr;
+    let machine = SimMachine::new(
+        SimConfig::new(128 << 20)
+            .with_scatter_seed(11)
+            .with_host_window(8 << 30),
+    );
+    let frames = machine.frames();
+    // SAFETY: the window's tables serve this manager alone.
+    let vm = unsafe { scenarios::window_manager(&machine, &frames, &machine) };
+    let heap = KernelHeap::new(HeapConfig {
+        window: 16 << 20,
+        ..HeapConfig::DEFAULT
+    });
+    heap.init(&vm).unwrap();
+    let heap = &heap;
+    let layout = |size| Layout::from_size_align(size, 8).unwrap();
+    let block = heap.allocate(layout(1 << 20)).unwrap().cast::<u8>();
+    // SAFETY: the block holds 1 MiB.
+    unsafe { block.as_ptr().write_bytes(1, 1 << 20) };
+    let first = vm
+        .vmalloc_to_frame(VirtAddr::from_ptr(block.as_ptr()))
+        .unwrap();
+    // SAFETY: a live block of that layout, given up for the new one.
+    let grown = unsafe { heap.grow_zeroed(block, layout(1 << 20), layout(8 << 20)) }
+        .unwrap()
+        .cast::<u8>();
+    let at = VirtAddr::from_ptr(grown.as_ptr());
+    assert_eq!(vm.vmalloc_to_frame(at), Ok(first), "remapped, not copied");
+    // SAFETY: the grown block holds 8 MiB.
+    let bytes = unsafe { std::slice::from_raw_parts(grown.as_ptr(), 8 << 20) };
+    assert!(bytes[..1 << 20].iter().all(|&b| b == 1));
+    assert!(bytes[1 << 20..].iter().all(|&b| b == 0));
+    // SAFETY: as above.
+    let shrunk = unsafe { Allocator::shrink(&heap, grown, layout(8 << 20), layout(100)) }
+        .unwrap()
+        .cast::<u8>();
+    let aligned = Layout::from_size_align(100, 4096).unwrap();
+    // SAFETY: as above.
+    let moved = unsafe { heap.grow(shrunk, layout(100), aligned) }
+        .unwrap()
+        .cast::<u8>();
+    assert!(moved.as_ptr().addr().is_multiple_of(4096));
+    // SAFETY: the block holds 100 bytes.
+    assert_eq!(
+        unsafe { std::slice::from_raw_parts(moved.as_ptr(), 100) },
+        [1; 100]
+    );
+    // SAFETY: a live block of that layout.
+    unsafe { heap.deallocate(moved, aligned) };
+    assert_eq!(heap.stats().in_use, 0);
+}

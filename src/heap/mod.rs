@@ -742,4 +742,84 @@ unsafe impl allocator_api2::alloc::Allocator for &KernelHeap<'_> {
             unsafe { KernelHeap::deallocate(self, ptr.as_ptr(), layout) }
         }
     }
+
+    #[track_caller]
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: the Allocator contract, forwarded.
+        unsafe { self.resize(ptr, old, new) }
+    }
+
+    #[track_caller]
+    unsafe fn grow_zeroed(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: the Allocator contract, forwarded.
+        let block = unsafe { self.resize(ptr, old, new) }?;
+        // SAFETY: the block holds `new.size()` bytes, at least `old.size()` (the
+        // contract): the ones past the old block's are zeroed.
+        unsafe {
+            (block.cast::<u8>().as_ptr().add(old.size())).write_bytes(0, new.size() - old.size())
+        };
+        Ok(block)
+    }
+
+    #[track_caller]
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: the Allocator contract, forwarded.
+        unsafe { self.resize(ptr, old, new) }
+    }
+}
+
+#[cfg(feature = "allocator-api2")]
+impl KernelHeap<'_> {
+    /// `Allocator::grow` and `shrink`: `GlobalAlloc::realloc` (a large block is
+    /// remapped by `vrealloc`, not copied) when the alignment stays, else a new block,
+    /// as the trait's default does.
+    ///
+    /// # Safety
+    ///
+    /// The `Allocator` contract for `grow`/`shrink`: `ptr` is a block of `self`
+    /// allocated with `old`.
+    #[track_caller]
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        use allocator_api2::alloc::{AllocError, Allocator};
+        if old.size() == 0 || new.size() == 0 || old.align() != new.align() {
+            // Zero-sized blocks are dangling pointers; another alignment moves.
+            let block = Allocator::allocate(&self, new)?;
+            // SAFETY: both blocks hold the bytes copied; the old one is given up.
+            unsafe {
+                ptr::copy_nonoverlapping(
+                    ptr.as_ptr(),
+                    block.cast::<u8>().as_ptr(),
+                    old.size().min(new.size()),
+                );
+                Allocator::deallocate(&self, ptr, old);
+            }
+            return Ok(block);
+        }
+        // SAFETY: `ptr` is a live block of `old` (the contract); `new` is a valid
+        // layout of the same alignment, so its size is valid for it.
+        let moved = unsafe { GlobalAlloc::realloc(self, ptr.as_ptr(), old, new.size()) };
+        NonNull::new(moved)
+            .map(|block| NonNull::slice_from_raw_parts(block, new.size()))
+            .ok_or(AllocError)
+    }
 }
