@@ -211,3 +211,104 @@ fn dropping_a_manager_calls_the_frame_allocator_with_interrupts_held_off() {
         }
     });
 }
+
+/// Making a manager takes its first frames (its top-level tables, its first
+/// bookkeeping page) with interrupts held off too: an interrupt handler that
+/// allocates through another manager over the same frames, landing in their lock
+/// while the new manager is made, spun on it.
+#[test]
+fn making_a_manager_calls_the_frame_allocator_with_interrupts_held_off() {
+    watchdog("new with interrupts off", LIMIT, || {
+        let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+            SimConfig::new(128 << 20).with_cpus(2),
+        )));
+        let frames = Watched::new(machine);
+        for cpu_caches in [false, true] {
+            let config = VmallocConfig {
+                cpu_caches,
+                ..VmallocConfig::default()
+            };
+            // SAFETY: the machine's page tables serve this manager alone, and its
+            // flush reaches every CPU that runs.
+            let vm: Manager = unsafe { scenarios::manager_with(machine, frames, machine, config) };
+            assert_eq!(
+                frames.with_interrupts_on.swap(0, Ordering::Relaxed),
+                0,
+                "calls into the frame allocator with interrupts on (caches: {cpu_caches})"
+            );
+            drop(vm);
+        }
+    });
+}
+
+/// The machine's CPUs, counting the reads of `current` made with interrupts on,
+/// which the `Cpus` contract says the library never makes (a kernel checking it, as
+/// Linux's `debug_smp_processor_id` does, would trip).
+struct Strict {
+    machine: &'static SimMachine,
+    reads_with_interrupts_on: AtomicU64,
+}
+
+// SAFETY: the machine's CPUs, as they are; only counted.
+unsafe impl vmalloc::smp::Cpus for Strict {
+    fn current(&self) -> usize {
+        let cpu = self.machine.current_cpu();
+        if self.machine.cpu(cpu).interrupts_enabled() {
+            self.reads_with_interrupts_on
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.machine.current()
+    }
+    fn online(&self) -> vmalloc::smp::CpuSet {
+        self.machine.online()
+    }
+    fn send_ipi(&self, targets: vmalloc::smp::CpuSet) {
+        self.machine.send_ipi(targets)
+    }
+    fn irq_save(&self) -> vmalloc::smp::IrqState {
+        self.machine.irq_save()
+    }
+    fn irq_restore(&self, state: vmalloc::smp::IrqState) {
+        self.machine.irq_restore(state)
+    }
+}
+
+/// A stack cache and the kernel heap's guarded pool read which CPU they run on
+/// with interrupts held off, as the `Cpus` contract says of the library.
+#[test]
+fn the_cpu_index_is_read_with_interrupts_held_off() {
+    use std::alloc::{GlobalAlloc, Layout};
+    use vmalloc::heap::{HeapConfig, KernelHeap};
+    use vmalloc::vmalloc::StackCache;
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(128 << 20).with_host_window(4 << 30),
+    )));
+    let frames = machine.frames();
+    let strict = Strict {
+        machine,
+        reads_with_interrupts_on: AtomicU64::new(0),
+    };
+    // SAFETY: the window's tables serve this manager alone.
+    let vm = unsafe { scenarios::window_manager(machine, &frames, machine) };
+    let cache = StackCache::new(&strict);
+    let stack = cache.alloc(&vm, 16 << 10).unwrap();
+    drop(stack);
+    let heap = KernelHeap::new(HeapConfig {
+        per_cpu: false,
+        sample_interval: 1,
+        guarded_slots: 8,
+        ..HeapConfig::DEFAULT
+    });
+    heap.use_cpus(&strict);
+    heap.init(&vm).unwrap();
+    let layout = Layout::from_size_align(24, 8).unwrap();
+    // SAFETY: a non-zero size; freed once, with its layout.
+    unsafe {
+        let object = heap.alloc(layout);
+        assert!(heap.is_guarded(object));
+        heap.dealloc(object, layout);
+    }
+    assert_eq!(strict.reads_with_interrupts_on.load(Ordering::Relaxed), 0);
+    drop(heap);
+    cache.drain(&vm);
+}

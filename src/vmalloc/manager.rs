@@ -91,22 +91,26 @@ where
         let mut tables = unsafe { PageTables::new(root, phys) };
         let mut pool = NodePool::with_slot_size(frames.clone(), phys, super::purge::SLOT_SIZE);
         let region = page_range(config.start, 0..config.size / PAGE_SIZE);
-        let space = VSpace::new(&mut pool, config.start, config.size);
-        let created = space.and_then(|space| {
-            // SAFETY: `frames` hands out unused frames reachable through `phys`
-            // (contract).
-            let created = unsafe { tables.preallocate_top_level(region, &frames) }?;
-            Ok((space, created as u64))
-        });
-        let (space, created) = match created {
-            Ok(made) => made,
-            Err(error) => {
+        let made = {
+            // As every call into the frame allocator: an interrupt handler that
+            // allocates through another manager on the same frames never finds their
+            // lock held.
+            let _irq = IrqOff::new(&tlb);
+            let space = VSpace::new(&mut pool, config.start, config.size);
+            let created = space.and_then(|space| {
+                // SAFETY: `frames` hands out unused frames reachable through `phys`
+                // (contract).
+                let created = unsafe { tables.preallocate_top_level(region, &frames) }?;
+                Ok((space, created as u64))
+            });
+            if created.is_err() {
                 let mut gather = Gather::new(&frames, &tlb);
                 pool.release_all(|frame| gather.free(frame));
                 gather.finish();
-                return Err(error);
             }
+            created
         };
+        let (space, created) = made?;
         let inner = Inner {
             tables,
             space,

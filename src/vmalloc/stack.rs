@@ -21,6 +21,7 @@ use super::manager::Vmalloc;
 use super::options::{Prot, VmOptions};
 use crate::percpu::PerCpu;
 use crate::smp::Cpus;
+use crate::sync::IrqOff;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
@@ -302,11 +303,16 @@ impl<C: Cpus> StackCache<C> {
             .count()
     }
 
-    /// This CPU's slots (none for an index past [`MAX_CPUS`]).
+    /// This CPU's slots (none for an index past [`MAX_CPUS`]). The index is read
+    /// with interrupts held off, as [`Cpus`] asks; the task may move on afterwards,
+    /// and any CPU may use any slot (they are swapped atomically), so it is only
+    /// where to look first.
     fn slots_here(&self) -> &[AtomicU64] {
-        self.slots
-            .get(self.cpus.current())
-            .map_or(&[], |slots| slots.as_slice())
+        let cpu = {
+            let _irq = IrqOff::with(&self.cpus);
+            self.cpus.current()
+        };
+        self.slots.get(cpu).map_or(&[], |slots| slots.as_slice())
     }
 }
 

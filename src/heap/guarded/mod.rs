@@ -71,6 +71,7 @@ pub use site::CallSite;
 
 use super::KernelHeap;
 use crate::PAGE_SIZE;
+use crate::sync::IrqOff;
 use crate::vmalloc::VmallocOps;
 use core::alloc::Layout;
 use core::panic::Location;
@@ -311,6 +312,8 @@ impl<'a> KernelHeap<'a> {
             .get()
             .copied()
             .or_else(|| self.backing.get()?.vmalloc.cpus())?;
+        // Read with interrupts held off, as `Cpus` asks: the CPU the call ran on then.
+        let _irq = IrqOff::with(cpus);
         Some(cpus.current())
     }
 
