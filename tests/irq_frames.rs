@@ -310,5 +310,5 @@ fn the_cpu_index_is_read_with_interrupts_held_off() {
     }
     assert_eq!(strict.reads_with_interrupts_on.load(Ordering::Relaxed), 0);
     drop(heap);
-    cache.drain(&vm);
+    cache.drain(&vm).unwrap();
 }
