@@ -85,7 +85,11 @@ fn a_small_area_comes_from_a_block_and_answers_every_call_as_an_area() {
     );
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(unsafe { vm.iounmap(ptr.as_ptr()) }, Err(Error::WrongKind));
-    assert_eq!(vm.populate(ptr.as_ptr(), PAGE), Err(Error::WrongKind));
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    assert_eq!(
+        unsafe { vm.populate(ptr.as_ptr(), PAGE) },
+        Err(Error::WrongKind)
+    );
     assert_eq!(vm.stats().block_areas, 1, "nothing changed");
 
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
@@ -498,7 +502,11 @@ fn block_and_tree_areas_refuse_the_same_bad_pointers_and_calls() {
             assert_eq!(vm.vunmap(ptr.as_ptr(), |_| {}), Err(Error::WrongKind));
             assert_eq!(vm.iounmap(ptr.as_ptr()), Err(Error::WrongKind));
         }
-        assert_eq!(vm.populate(ptr.as_ptr(), PAGE), Err(Error::WrongKind));
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        assert_eq!(
+            unsafe { vm.populate(ptr.as_ptr(), PAGE) },
+            Err(Error::WrongKind)
+        );
         assert_eq!(vm.stats(), stats, "{pages} pages: nothing changed");
         // SAFETY: not used again; the second call is refused.
         unsafe {

@@ -139,10 +139,11 @@ unsafe impl VmallocOps for ShootsWhilePopulating<'_> {
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.vm.reserve(size, options)
     }
-    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
+    unsafe fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         self.inside.store(true, Ordering::Release);
         self.tlb.flush_all();
-        self.vm.populate(ptr, bytes)
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vm.populate(ptr, bytes) }
     }
     fn relax(&self) {
         self.vm.relax();

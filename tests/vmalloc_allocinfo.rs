@@ -37,7 +37,8 @@ fn sites_are_totalled_and_listed_largest_first() {
     let (big, big_line) = (vm.vmalloc(16 * PAGE + 1).unwrap(), line!());
     let window = vm.reserve(64 * PAGE, &Default::default()).unwrap();
     let window_line = line!() - 1;
-    vm.populate(window.as_ptr(), 4 * PAGE).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.populate(window.as_ptr(), 4 * PAGE) }.unwrap();
     // Mappings of memory the manager did not allocate are not counted.
     // SAFETY: a page past the machine's RAM, which nothing uses.
     let mmio =

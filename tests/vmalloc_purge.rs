@@ -357,7 +357,8 @@ fn calls_that_run_dry_purge_the_lazily_freed_frames_first() {
         },
         |vm, _| {
             let window = vm.reserve(1 << 20, &VmOptions::default())?;
-            vm.populate(window.as_ptr(), 30 * 4096).map(drop)
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.populate(window.as_ptr(), 30 * 4096) }.map(drop)
         },
     );
     // Data frames.

@@ -38,7 +38,8 @@ fn a_page_mapped_alone_reads_and_writes_and_its_neighbours_fault() {
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(5 * PAGE, &options()).unwrap();
-    vm.map_page(area.as_ptr(), 3).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 3) }.unwrap();
     // SAFETY: bytes the test owns: no live Rust value lives there.
     unsafe { machine.write(page(area, 3) + 100u64, b"in page 3") }.unwrap();
     let mut back = [0; 9];
@@ -63,7 +64,8 @@ fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
     let vm = unsafe { manager(&machine, &frames) };
     let free = frames.stats().free;
     let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
-    vm.map_page(area.as_ptr(), 1).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 1) }.unwrap();
     // The read caches the translation in this CPU's TLB.
     // SAFETY: bytes the test owns: no live Rust value lives there.
     unsafe { machine.write(page(area, 1), b"cached") }.unwrap();
@@ -87,7 +89,8 @@ fn an_unmapped_page_faults_at_once_even_where_its_translation_was_cached() {
     ));
     // The page is not mapped any more; its frame and page tables stay for the area.
     assert_eq!(vm.stats().data_frames, 0);
-    vm.map_page(area.as_ptr(), 1).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 1) }.unwrap();
     // SAFETY: as above.
     unsafe {
         vm.unmap_page(area.as_ptr(), 1).unwrap();
@@ -106,16 +109,38 @@ fn bad_calls_are_refused_and_change_nothing() {
     let area = vm.reserve_sparse(2 * PAGE, &options()).unwrap();
     let reserved = vm.reserve(2 * PAGE, &options()).unwrap();
     let plain = vm.vmalloc(PAGE).unwrap();
-    vm.map_page(area.as_ptr(), 0).unwrap();
-    assert_eq!(vm.map_page(area.as_ptr(), 0), Err(Error::AlreadyMapped));
-    assert_eq!(vm.map_page(area.as_ptr(), 2), Err(Error::SizeTooLarge));
-    assert_eq!(vm.map_page(reserved.as_ptr(), 0), Err(Error::WrongKind));
-    assert_eq!(vm.map_page(plain.as_ptr(), 0), Err(Error::WrongKind));
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 0) }.unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
     assert_eq!(
-        vm.map_page(page(area, 1).as_mut_ptr(), 0),
+        unsafe { vm.map_page(area.as_ptr(), 0) },
+        Err(Error::AlreadyMapped)
+    );
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    assert_eq!(
+        unsafe { vm.map_page(area.as_ptr(), 2) },
+        Err(Error::SizeTooLarge)
+    );
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    assert_eq!(
+        unsafe { vm.map_page(reserved.as_ptr(), 0) },
+        Err(Error::WrongKind)
+    );
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    assert_eq!(
+        unsafe { vm.map_page(plain.as_ptr(), 0) },
+        Err(Error::WrongKind)
+    );
+    assert_eq!(
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        unsafe { vm.map_page(page(area, 1).as_mut_ptr(), 0) },
         Err(Error::InteriorPointer)
     );
-    assert_eq!(vm.populate(area.as_ptr(), PAGE), Err(Error::WrongKind));
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    assert_eq!(
+        unsafe { vm.populate(area.as_ptr(), PAGE) },
+        Err(Error::WrongKind)
+    );
     // SAFETY: every call below is refused, or unmaps a page nothing uses.
     unsafe {
         assert_eq!(vm.unmap_page(area.as_ptr(), 1), Err(Error::NotMapped));
@@ -144,7 +169,8 @@ fn freeing_the_area_or_dropping_the_manager_gives_every_frame_back() {
         let vm = unsafe { manager(&machine, &frames) };
         let area = vm.reserve_sparse(64 * PAGE, &options()).unwrap();
         for index in [0, 7, 8, 33, 63] {
-            vm.map_page(area.as_ptr(), index).unwrap();
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.map_page(area.as_ptr(), index) }.unwrap();
         }
         // SAFETY: nothing uses the area after this.
         unsafe { vm.vfree(area.as_ptr()) }.unwrap();
@@ -157,7 +183,8 @@ fn freeing_the_area_or_dropping_the_manager_gives_every_frame_back() {
         // SAFETY: bytes the test owns: no live Rust value lives there.
         unsafe { machine.write(VirtAddr::from_ptr(again.as_ptr()), b"x") }.unwrap();
         let kept = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
-        vm.map_page(kept.as_ptr(), 5).unwrap();
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        unsafe { vm.map_page(kept.as_ptr(), 5) }.unwrap();
     }
     assert_eq!(frames.stats().free, free, "the manager's drop kept frames");
 }
@@ -174,7 +201,8 @@ fn unmapping_a_page_drops_it_from_every_cpus_tlb() {
             let vm: Vmalloc<_, _, _> =
                 unsafe { manager_with(machine, frames, tlb, VmallocConfig::default()) };
             let area = vm.reserve_sparse(3 * PAGE, &options()).unwrap();
-            vm.map_page(area.as_ptr(), 1).unwrap();
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.map_page(area.as_ptr(), 1) }.unwrap();
             // SAFETY: bytes the test owns: no live Rust value lives there.
             unsafe { machine.write(page(area, 1), b"SHARED!!") }.unwrap();
             // CPU 1 reads (caching the translation), CPU 0 unmaps, CPU 1 reads again.
@@ -195,7 +223,8 @@ fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_alloca
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(&machine, &frames) };
     let area = vm.reserve_sparse(8 * PAGE, &options()).unwrap();
-    vm.map_page(area.as_ptr(), 5).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 5) }.unwrap();
     // SAFETY: bytes the test owns: no live Rust value lives there.
     unsafe { machine.write(page(area, 5), b"object 1") }.unwrap();
     let frame = vm.vmalloc_to_frame(page(area, 5)).unwrap();
@@ -215,7 +244,8 @@ fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_alloca
             (free, tables),
             "round {round}: a frame or a page table went back"
         );
-        vm.map_page(area.as_ptr(), 5).unwrap();
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        unsafe { vm.map_page(area.as_ptr(), 5) }.unwrap();
         assert_eq!(vm.vmalloc_to_frame(page(area, 5)), Ok(frame));
         assert_eq!(
             (frames.stats().free, vm.stats().page_table_frames),
@@ -229,7 +259,8 @@ fn a_page_mapped_again_gets_its_own_frame_back_and_takes_nothing_from_the_alloca
     machine.read(page(area, 5), &mut back).unwrap();
     assert_eq!(&back, b"object 1");
     // Another page takes a frame of its own.
-    vm.map_page(area.as_ptr(), 2).unwrap();
+    // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+    unsafe { vm.map_page(area.as_ptr(), 2) }.unwrap();
     assert_eq!(frames.stats().free, free - 1);
     // SAFETY: nothing uses the area after this.
     unsafe { vm.vfree(area.as_ptr()) }.unwrap();
@@ -252,8 +283,10 @@ fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_fre
         let area = vm.reserve_sparse(4 * PAGE, &zeroing).unwrap();
         let kept = vm.reserve_sparse(4 * PAGE, &options()).unwrap();
         for index in 0..4 {
-            vm.map_page(area.as_ptr(), index).unwrap();
-            vm.map_page(kept.as_ptr(), index).unwrap();
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.map_page(area.as_ptr(), index) }.unwrap();
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.map_page(kept.as_ptr(), index) }.unwrap();
         }
         // SAFETY: bytes the test owns: no live Rust value lives there.
         unsafe { machine.write(page(area, 1) + 8u64, b"stale") }.unwrap();
@@ -264,7 +297,8 @@ fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_fre
                 vm.unmap_page(kept.as_ptr(), index).unwrap();
             }
         }
-        vm.map_page(area.as_ptr(), 1).unwrap();
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        unsafe { vm.map_page(area.as_ptr(), 1) }.unwrap();
         let mut back = [0xff; 16];
         machine.read(page(area, 1), &mut back).unwrap();
         assert_eq!(back, [0; 16], "the kept frame was not zeroed");

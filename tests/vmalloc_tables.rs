@@ -172,7 +172,8 @@ fn dropping_the_manager_returns_every_frame_it_took() {
             unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
         }
         let window = vm.reserve(1 << 20, &VmOptions::default()).unwrap();
-        vm.populate(window.as_ptr(), 300 << 10).unwrap();
+        // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+        unsafe { vm.populate(window.as_ptr(), 300 << 10) }.unwrap();
         // SAFETY: frames the test owns; MMIO past the end of RAM, never touched.
         unsafe {
             vm.vmap(&lent, Prot::KERNEL_RW).unwrap();

@@ -223,7 +223,8 @@ impl Slabs {
                 }
                 cache.take(layout.size(), layout.align())?
             };
-            if vmalloc.retag(start.as_ptr(), KEPT_TAG, LARGE_TAG).is_some() {
+            // SAFETY: a block the heap kept: its tag is the heap's.
+            if unsafe { vmalloc.retag(start.as_ptr(), KEPT_TAG, LARGE_TAG) }.is_some() {
                 return Some(start);
             }
             // No longer a kept block (freed behind the heap's back): forgotten.
@@ -245,7 +246,8 @@ impl Slabs {
         if size.next_multiple_of(PAGE_SIZE as usize) > budget / 4 {
             return Keep::Not;
         }
-        let Some(size) = vmalloc.retag(ptr, LARGE_TAG, KEPT_TAG) else {
+        // SAFETY: a large block of the heap's (tagged so) that its owner gave up.
+        let Some(size) = (unsafe { vmalloc.retag(ptr, LARGE_TAG, KEPT_TAG) }) else {
             return Keep::Not;
         };
         let mut released = Released::new();

@@ -79,7 +79,9 @@ fn grow(backing: &Backing<'_>, mapped: usize, layout: Layout, step: usize) -> Re
     if target <= mapped {
         return Err(Error::OutOfVirtualSpace);
     }
-    backing.vmalloc.populate(backing.window as *mut u8, target)
+    // SAFETY: the window is the heap's own reservation, mapped from its start as
+    // the list heap grows into it.
+    unsafe { backing.vmalloc.populate(backing.window as *mut u8, target) }
 }
 
 /// The seal's size: a word after the caller's bytes (rounded up to a word).

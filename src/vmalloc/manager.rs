@@ -410,7 +410,12 @@ where
     /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
     /// reserved area), [`Error::SizeTooLarge`] past the area, [`Error::OutOfFrames`].
     /// On error nothing changed.
-    pub fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
+    ///
+    /// # Safety
+    ///
+    /// The area is the caller's to change: nothing else relies on its pages past
+    /// what it populated staying unmapped. A call refused with an error is safe.
+    pub unsafe fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
         self.transact(|cx| {
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Reserved])?;
             if record.sparse {

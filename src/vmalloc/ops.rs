@@ -97,7 +97,24 @@ pub unsafe trait VmallocOps: Sync {
     /// blocks it keeps for reuse so: a second free of one, through any heap, finds no
     /// area of the heap's tag and is refused, and of two racing frees one wins. The
     /// default knows of no area (the heap then keeps none).
-    fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
+    ///
+    /// # Safety
+    ///
+    /// An area the call retags is the caller's: nothing else relies on its tag (the
+    /// heap frees and reuses its blocks by theirs; one retagged under it stays
+    /// mapped until the manager is dropped). A call that retags nothing is safe.
+    ///
+    /// Safe code cannot retag, populate or map a page of an area it found, say, in the
+    /// listing:
+    ///
+    /// ```compile_fail,E0133
+    /// fn change(ops: &dyn vmalloc::vmalloc::VmallocOps, area: *mut u8) {
+    ///     let _ = ops.retag(area, "kernel heap large", "mine");
+    ///     let _ = ops.populate(area, 4096);
+    ///     let _ = ops.map_page(area, 0);
+    /// }
+    /// ```
+    unsafe fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
         let _ = (ptr, from, to);
         None
     }
@@ -126,7 +143,11 @@ pub unsafe trait VmallocOps: Sync {
     /// # Errors
     ///
     /// As there.
-    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error>;
 
     /// See [`Vmalloc::reserve_sparse`](super::Vmalloc::reserve_sparse). The default
     /// refuses ([`Error::WrongKind`]): the heap then has no guarded pool.
@@ -146,7 +167,11 @@ pub unsafe trait VmallocOps: Sync {
     /// # Errors
     ///
     /// As there.
-    fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    unsafe fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
         let _ = (area, index);
         Err(Error::WrongKind)
     }
@@ -286,7 +311,7 @@ where
         // SAFETY: forwarded from the caller.
         unsafe { Vmalloc::vfree(self, ptr) }
     }
-    fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
+    unsafe fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
         self.retag_area(ptr, from, to).map(|size| size as usize)
     }
     fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
@@ -303,15 +328,17 @@ where
     fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         Vmalloc::reserve(self, size, options)
     }
-    fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
-        Vmalloc::populate(self, ptr, bytes)
+    unsafe fn populate(&self, ptr: *mut u8, bytes: usize) -> Result<usize, Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::populate(self, ptr, bytes) }
     }
     #[track_caller]
     fn reserve_sparse(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         Vmalloc::reserve_sparse(self, size, options)
     }
-    fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
-        Vmalloc::map_page(self, area, index)
+    unsafe fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Vmalloc::map_page(self, area, index) }
     }
     unsafe fn unmap_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
         // SAFETY: forwarded from the caller.

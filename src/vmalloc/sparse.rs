@@ -85,7 +85,13 @@ where
     /// [`Error::SizeTooLarge`] for a page past its end, [`Error::AlreadyMapped`] if
     /// the page is mapped, [`Error::OutOfFrames`]. On error the page is as unmapped
     /// as it was.
-    pub fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
+    ///
+    /// # Safety
+    ///
+    /// The area is the caller's to change: nothing else relies on the page staying
+    /// unmapped (a guard page, a freed object's page: the kernel heap's guarded pool
+    /// is such an area). A call refused with an error is safe.
+    pub unsafe fn map_page(&self, area: *mut u8, index: usize) -> Result<(), Error> {
         self.transact(|cx| {
             let (start, record) = sparse_area(cx.live_area_at(area, &[AreaKind::Reserved])?)?;
             let index = page_index(&record, index)?;

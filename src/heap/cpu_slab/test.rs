@@ -69,7 +69,7 @@ unsafe impl VmallocOps for HostAreas<'_> {
     fn reserve(&self, _: usize, _: &VmOptions) -> Result<NonNull<u8>, Error> {
         Err(Error::WrongKind)
     }
-    fn populate(&self, _: *mut u8, _: usize) -> Result<usize, Error> {
+    unsafe fn populate(&self, _: *mut u8, _: usize) -> Result<usize, Error> {
         Err(Error::WrongKind)
     }
     /// The class locks hold interrupts off through the test's CPUs, which count it.

@@ -349,7 +349,9 @@ impl<'a> KernelHeap<'a> {
         };
         let map = |taken: Taken| {
             let (_, index) = pool.page(taken.index);
-            let mapped = vmalloc.map_page(pool.area as *mut u8, index).is_ok();
+            // SAFETY: the pool is the heap's own area; the slot was just taken, so
+            // nothing relies on its page staying unmapped.
+            let mapped = unsafe { vmalloc.map_page(pool.area as *mut u8, index) }.is_ok();
             if !mapped {
                 pool.untake(vmalloc, taken.index);
             }
