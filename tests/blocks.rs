@@ -598,3 +598,36 @@ fn shrinking_an_area_by_one_page_keeps_the_next_areas_caller() {
         .map(|area| area.caller);
     assert_eq!(listed, Some(made));
 }
+
+/// A block area freed and flushed while no CPU's cache held its block (a purge had
+/// released it) is still a use after free, until the block carves its range again;
+/// the diagnosis says so without claiming it waits for a purge that is done.
+/// (It said "freed and waiting for the purge" with nothing pending.)
+#[test]
+fn a_freed_block_area_is_a_use_after_free_until_its_range_is_carved_again() {
+    let (machine, frames, tlb) = smp_machine(1);
+    // SAFETY: the machine's page tables serve this manager alone.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    let freed = vm.vmalloc(PAGE).unwrap();
+    let keep = vm.vmalloc(PAGE).unwrap();
+    // Releases CPU 0's block: the free below finds it owned by no cache.
+    vm.purge();
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(freed.as_ptr()) }.unwrap();
+    vm.purge();
+    let stats = vm.stats();
+    assert_eq!(
+        (stats.pending_purge_pages, stats.pending_purge_frames),
+        (0, 0),
+        "{stats:?}"
+    );
+    let diagnosis = vm.diagnose_fault(addr(freed), PageFaultErrorCode::CAUSED_BY_WRITE);
+    let text = diagnosis.to_string();
+    assert!(
+        matches!(diagnosis.site, vmalloc::vmalloc::FaultSite::Freed { .. })
+            && text.ends_with("freed (its range not reused yet)"),
+        "{text}"
+    );
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(keep.as_ptr()) }.unwrap();
+}

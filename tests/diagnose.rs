@@ -77,7 +77,7 @@ fn a_freed_area_waiting_for_the_purge_is_a_use_after_free_and_after_it_is_gone()
     assert!(
         text.starts_with("use after free: read of 'session' (12 KiB vmalloc")
             && text.contains("tests/diagnose.rs:")
-            && text.ends_with("freed and waiting for the purge"),
+            && text.ends_with("freed (its range not reused yet)"),
         "{text}"
     );
     vm.purge();

@@ -4,8 +4,8 @@
 //! (16 KiB vmalloc at 0xffffc90000010000, allocated at src/net.rs:88): guard page"
 //! tells them where to look. [`Vmalloc::diagnose_fault`] looks the address up among
 //! the live areas (a page of one, the guard page after it, or the unmapped memory
-//! below a kernel stack: an overflow) and the areas freed and
-//! waiting for the purge (a use after free), with the area's label and the place that
+//! below a kernel stack: an overflow) and the areas freed whose range is not reused
+//! yet (a use after free), with the area's label and the place that
 //! allocated it (recorded through `#[track_caller]`).
 //!
 //! A page-fault handler may have interrupted the manager itself, on this CPU, with its
@@ -51,8 +51,9 @@ pub enum FaultSite {
         /// Bytes past the area's last byte.
         past_end: u64,
     },
-    /// An area freed and waiting for the purge (its guard page included): a use after
-    /// free.
+    /// An area freed whose range is not reused yet (its guard page included): one
+    /// waiting for the purge, or in a per-CPU block that has not carved its range
+    /// again since (its flush may be done). A use after free.
     Freed {
         /// The area as it was.
         area: AreaInfo,
@@ -61,7 +62,9 @@ pub enum FaultSite {
         /// below).
         offset: u64,
     },
-    /// In the manager's region but in no area: never allocated, or freed and purged.
+    /// In the manager's region but in no area: never allocated, or freed and
+    /// purged from the tree (a per-CPU block's freed range reads [`Freed`](Self::Freed)
+    /// until the block carves it again).
     Unmapped,
     /// Outside the manager's region.
     Outside,
@@ -247,7 +250,7 @@ impl fmt::Display for FaultDiagnosis {
                     Some(below) if below > 0 => write!(f, "{below} bytes below its base")?,
                     _ => write!(f, "offset {offset}")?,
                 }
-                write!(f, "), freed and waiting for the purge")
+                write!(f, "), freed (its range not reused yet)")
             }
             FaultSite::Area {
                 area,

@@ -201,7 +201,8 @@ pub struct VmallocStats {
     pub region_total: u64,
     /// Bytes of the region taken by live areas and their guard pages.
     pub used: u64,
-    /// Bytes of the region waiting for the lazy purge.
+    /// Bytes of the region outside the per-CPU blocks waiting for the lazy purge
+    /// (a block area's freed range is its block's, counted in `block_free_bytes`).
     pub pending_purge_bytes: u64,
     /// Largest free contiguous chunk of the region, in bytes.
     pub largest_free: u64,

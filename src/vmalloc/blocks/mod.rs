@@ -52,11 +52,13 @@
 //!
 //! Areas in blocks behave as other `vmalloc` areas for `vfree`, `vfree_atomic`,
 //! `vrealloc` (which shrinks them in place and copies them to grow), `set_prot`,
-//! `vmalloc_to_frame`, `find_vm_area`, fault diagnosis (a freed one waiting for its
-//! flush is a use after free) and listings, which show the zone as one line followed
-//! by the areas in it. [`VmallocStats`](super::VmallocStats) counts them in
-//! `block_areas` and `data_frames`, their frees waiting for a flush in
-//! `pending_purge_*`, and says what the caches hold. Other calls on them (`vunmap`,
+//! `vmalloc_to_frame`, `find_vm_area`, fault diagnosis (a freed one is a use after
+//! free until its block carves the range again) and listings, which show the zone as
+//! one line followed by the areas in it. [`VmallocStats`](super::VmallocStats) counts
+//! them in `block_areas` and `data_frames`, the frames of their frees waiting for a
+//! flush in `pending_purge_pages` and `pending_purge_frames` (their ranges are the
+//! block's, in `block_free_bytes`, not in `pending_purge_bytes`), and says what the
+//! caches hold. Other calls on them (`vunmap`,
 //! `iounmap`, `populate`) refuse them with [`Error::WrongKind`](crate::Error). Every
 //! call keeps the promises it keeps on other areas: `eager` frees flush at once, and
 //! a shrinking `vrealloc` returns after every CPU dropped the pages it took away.
