@@ -279,9 +279,9 @@ where
     /// Frees like [`vfree`](Self::vfree), from a context that may not wait for any
     /// lock: an interrupt or fault handler, perhaps one that interrupted this
     /// manager on its own CPU (Linux's `vfree_atomic`). The area is queued with one
-    /// compare-and-swap and freed by the next call of any kind on this manager, fast
-    /// paths included (see [deferred frees](super::deferred)); it stays mapped until
-    /// then. It never waits and never flushes. A pointer `vfree` would refuse is then
+    /// compare-and-swap and freed by the next call on this manager that allocates,
+    /// frees, resizes, lists or counts, fast paths included (see [deferred
+    /// frees](super::deferred)); it stays mapped until then. It never waits and never flushes. A pointer `vfree` would refuse is then
     /// refused silently, counted in [`stats`](Self::stats).
     ///
     /// # Errors
