@@ -46,6 +46,35 @@ fn vmap_hands_the_callers_frames_back() {
     unsafe { vm.vfree(neighbour.as_ptr()) }.unwrap();
 }
 
+/// Each `CacheMode` selects its own PAT entry in the leaves (PAT, PCD, PWT bits):
+/// UC entry 3, WC entry 1, WT entry 7 (Linux's layout). WC and WT both selected
+/// entry 1, so one of them always mapped the other's memory type.
+#[test]
+fn each_cache_mode_selects_its_own_pat_entry() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, config(false));
+    let pat_entry = |mode| {
+        // SAFETY: a device page past the machine's RAM; nothing accesses it.
+        let ptr = unsafe { vm.ioremap(PhysAddr::new(0xfec0_0000), 4096, mode) }.unwrap();
+        let flags = machine.translate(addr(ptr), Access::READ).unwrap().flags;
+        // SAFETY: nothing uses the mapping after this.
+        unsafe { vm.iounmap(ptr.as_ptr()) }.unwrap();
+        // Bit 7 of a 4 KiB leaf is its PAT bit.
+        u8::from(flags.contains(PageTableFlags::HUGE_PAGE)) << 2
+            | u8::from(flags.contains(PageTableFlags::NO_CACHE)) << 1
+            | u8::from(flags.contains(PageTableFlags::WRITE_THROUGH))
+    };
+    assert_eq!(
+        [
+            pat_entry(CacheMode::Uncached),
+            pat_entry(CacheMode::WriteCombining),
+            pat_entry(CacheMode::WriteThrough)
+        ],
+        [3, 1, 7]
+    );
+}
+
 #[test]
 fn ioremap_keeps_the_offset_maps_uncached_and_refuses_ram() {
     let machine = machine();

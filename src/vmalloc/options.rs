@@ -68,23 +68,33 @@ bitflags! {
     }
 }
 
-/// Memory type of an `ioremap` mapping.
+/// Memory type of an `ioremap` mapping: the PAT entry its 4 KiB leaves select
+/// (PAT, PCD, PWT), in the layout Linux programs the PAT with (entry 1 WC, entry 7
+/// WT; the others as at power-on). A kernel that leaves the power-on PAT gets a
+/// stricter type for the two modes that need a programmed entry (WT for WC, UC for
+/// WT), never a weaker one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheMode {
-    /// Strong uncacheable (PCD and PWT set: PAT entry 3, UC in the power-on PAT).
+    /// Strong uncacheable: PCD and PWT, entry 3 (UC in both layouts).
     Uncached,
-    /// Write-combining: PWT set alone, selecting PAT entry 1, which the kernel must
-    /// program to WC (Linux does; the power-on value of entry 1 is write-through).
+    /// Write-combining: PWT alone, entry 1 (WC as Linux programs it; WT at power-on).
     WriteCombining,
-    /// Write-through (PWT alone with the power-on PAT).
+    /// Write-through: PAT, PCD and PWT, entry 7 (WT as Linux programs it; UC at
+    /// power-on).
     WriteThrough,
 }
+
+/// Bit 7 of a 4 KiB leaf: its PAT bit (`HUGE_PAGE` names it in an upper entry).
+const PAT_4K: PageTableFlags = PageTableFlags::HUGE_PAGE;
 
 impl CacheMode {
     pub(crate) fn flags(self) -> PageTableFlags {
         match self {
             CacheMode::Uncached => PageTableFlags::NO_CACHE | PageTableFlags::WRITE_THROUGH,
-            CacheMode::WriteCombining | CacheMode::WriteThrough => PageTableFlags::WRITE_THROUGH,
+            CacheMode::WriteCombining => PageTableFlags::WRITE_THROUGH,
+            CacheMode::WriteThrough => {
+                PAT_4K | PageTableFlags::NO_CACHE | PageTableFlags::WRITE_THROUGH
+            }
         }
     }
 }
