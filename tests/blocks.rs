@@ -168,6 +168,8 @@ fn vrealloc_set_prot_and_fault_diagnosis_work_on_small_areas() {
     let (machine, frames, tlb) = smp_machine(1);
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    // Frames that held data: what is not zeroed shows 0xee.
+    common::dirty_free_frames(machine, frames, 0xee);
     let ptr = vm.vzalloc(PAGE).unwrap();
     // SAFETY: bytes the test owns: no live Rust value lives there.
     unsafe { machine.write(addr(ptr), b"kept") }.unwrap();
@@ -435,6 +437,8 @@ fn a_shrunk_block_area_reads_zero_where_it_grows_back_and_its_freed_pages_are_re
     let (machine, frames, tlb) = smp_machine(1);
     // SAFETY: the machine's page tables serve this manager alone, and its flush reaches every CPU that runs.
     let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    // Frames that held data: what is not zeroed shows 0xee.
+    common::dirty_free_frames(machine, frames, 0xee);
     let ptr = vm.vzalloc(6 * PAGE).unwrap();
     // SAFETY: bytes the test owns: no live Rust value lives there.
     unsafe { machine.write(addr(ptr), &[0xee; 6 * PAGE]) }.unwrap();

@@ -1,6 +1,8 @@
 //! The kernel heap as a plain object on a simulated machine. The machine's host
 //! window makes vmalloc addresses dereferenceable here, as they are in a kernel.
 
+mod common;
+
 use allocator_api2::boxed::Box as ABox;
 use allocator_api2::vec::Vec as AVec;
 use std::alloc::{GlobalAlloc, Layout};
@@ -1141,6 +1143,8 @@ fn allocator_grow_of_a_large_block_remaps_it() {
     let first = vm
         .vmalloc_to_frame(VirtAddr::from_ptr(block.as_ptr()))
         .unwrap();
+    // The frames the grown part gets held data: it reads zero only if zeroed.
+    common::dirty_free_frames(&machine, &frames, 0xee);
     // SAFETY: a live block of that layout, given up for the new one.
     let grown = unsafe { heap.grow_zeroed(block, layout(1 << 20), layout(8 << 20)) }
         .unwrap()

@@ -150,12 +150,9 @@ fn owners_free_on_drop_and_buffers_never_show_old_contents() {
             ..scenarios::window_config(&machine)
         },
     );
-    // Dirty frames first, so a buffer built from them would show 0xee.
-    let dirty = vm.vmalloc(16 * 4096).unwrap();
-    // SAFETY: bytes the test owns: no live Rust value lives there.
-    unsafe { machine.write(addr(dirty), &[0xee; 16 * 4096]) }.unwrap();
-    // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
-    unsafe { vm.vfree(dirty.as_ptr()) }.unwrap();
+    // Every free frame holds data first, so a buffer built from them shows 0xee
+    // unless it is zeroed.
+    common::dirty_free_frames(&machine, &frames, 0xee);
     {
         let mut buffer = VBuffer::new(&vm, 10_000).unwrap();
         assert_eq!(buffer.len(), 10_000);

@@ -326,6 +326,67 @@ mod test {
         gather.finish();
     }
 
+    /// Frames the gather holds go back only after the flush that drops the stale
+    /// translations gathered before them, the last chunk at `finish` and each full
+    /// chunk on the way: a frame given back before could be handed out again while
+    /// a TLB still reaches it (`Vmalloc::drop` gives back its page tables so).
+    #[test]
+    fn held_frames_go_back_after_the_flush_of_what_was_gathered_before_them() {
+        extern crate std;
+        use std::cell::RefCell;
+        use std::vec::Vec;
+        /// Records, for each frame given back, the flushes done by then.
+        struct Recording<'t> {
+            tlb: &'t CountingFlush,
+            flushes_at_free: RefCell<Vec<u64>>,
+        }
+        // SAFETY: hands out nothing; takes back whatever it is given.
+        unsafe impl FrameSource for Recording<'_> {
+            fn alloc_frame(&self) -> Option<PhysFrame> {
+                None
+            }
+            unsafe fn free_frame(&self, frame: PhysFrame) -> Result<(), Error> {
+                // SAFETY: forwarded.
+                unsafe { self.free_frames(&[frame]) }
+            }
+            unsafe fn free_frames(&self, frames: &[PhysFrame]) -> Result<(), Error> {
+                let done = self.tlb.range_calls() + self.tlb.full_calls();
+                let mut seen = self.flushes_at_free.borrow_mut();
+                seen.extend(frames.iter().map(|_| done));
+                Ok(())
+            }
+            fn manages(&self, _: PhysFrame, _: u64) -> bool {
+                true
+            }
+        }
+        let tlb = CountingFlush::new();
+        let frames = Recording {
+            tlb: &tlb,
+            flushes_at_free: RefCell::new(Vec::new()),
+        };
+        let mut gather = Gather::new(&frames, &tlb);
+        let frame = |n: u64| PhysFrame::containing_address(PhysAddr::new(n << 12));
+        let mut stale = tokens(3 * CHUNK as u64, 1);
+        for n in 0..3 * CHUNK as u64 {
+            gather.stale(stale.next().unwrap());
+            gather.free(frame(n + 1));
+        }
+        gather.finish();
+        let seen = frames.flushes_at_free.into_inner();
+        assert_eq!(seen.len(), 3 * CHUNK);
+        // Each chunk went back after a flush of everything gathered before it.
+        for (chunk, flushes) in seen.chunks(CHUNK).enumerate() {
+            assert!(
+                flushes.iter().all(|&done| done > chunk as u64),
+                "chunk {chunk} went back before its flush: {flushes:?}"
+            );
+        }
+        assert_eq!(
+            seen.last().copied(),
+            Some(tlb.range_calls() + tlb.full_calls())
+        );
+    }
+
     #[test]
     fn stale_ranges_are_flushed_range_by_range_within_the_ceiling_and_at_once_above_it() {
         let tlb = CountingFlush::new();
