@@ -41,7 +41,13 @@ const SLOT_SPAN: u64 = ENTRIES * Size1GiB::SIZE;
 /// # fn init(boot_info: &'static bootloader_api::BootInfo) -> Result<(), vmalloc::Error> {
 /// let recursive = boot_info.recursive_index.into_option().ok_or(vmalloc::Error::NotMapped)?;
 /// let regions = vmalloc::boot::bootloader::regions(&boot_info.memory_regions);
-/// let top = regions.clone().map(|r| r.range.end.as_u64()).max().unwrap_or(0);
+/// // RAM, now or once reclaimed: reserved ranges (MMIO, maybe far above) need no window.
+/// let top = regions
+///     .clone()
+///     .filter(|r| r.kind != vmalloc::frame::RegionKind::Reserved)
+///     .map(|r| r.range.end.as_u64())
+///     .max()
+///     .unwrap_or(0);
 /// let mut early = EarlyFrames::new(regions)?;
 /// // SAFETY: the boot loader's recursive entry is in place; slot 300 is unused.
 /// let phys = unsafe {
