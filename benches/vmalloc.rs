@@ -8,13 +8,15 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::time::{Duration, Instant};
 use vmalloc::VmallocConfig;
-use vmalloc::frame::MapperFrames;
+use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator, MapperFrames};
 use vmalloc::vmalloc::{VmFlags, VmOptions};
 use vmalloc::{FrameSource, PAGE_SIZE};
 use vmalloc_sim::scenarios::*;
 use vmalloc_sim::{Rng, SimConfig, SimFrames, SimMachine};
-use x86_64::VirtAddr;
-use x86_64::structures::paging::{Mapper, OffsetPageTable, Page, PageTableFlags, Size4KiB};
+use x86_64::structures::paging::{
+    Mapper, OffsetPageTable, Page, PageTableFlags, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
 
 /// Where the peer maps: Linux's vmalloc start, as the manager uses by default.
 const PEER_START: u64 = 0xffff_c900_0000_0000;
@@ -24,9 +26,9 @@ const PEER_START: u64 = 0xffff_c900_0000_0000;
 /// a frame and a `map_to` per page, an `unmap` and a free per page. It ignores the
 /// flush tokens (a real kernel would `invlpg` each page), so its figures are a lower
 /// bound: the comparison leans towards the peer.
-struct PeerVmalloc<'m> {
+struct PeerVmalloc<'m, F = SimFrames> {
     mapper: OffsetPageTable<'m>,
-    frames: &'m SimFrames,
+    frames: &'m F,
     next: u64,
 }
 
@@ -35,8 +37,8 @@ const FLAGS: PageTableFlags = PageTableFlags::PRESENT
     .union(PageTableFlags::NO_EXECUTE)
     .union(PageTableFlags::GLOBAL);
 
-impl<'m> PeerVmalloc<'m> {
-    fn new(machine: &'m SimMachine, frames: &'m SimFrames) -> Self {
+impl<'m, F: FrameSource> PeerVmalloc<'m, F> {
+    fn new(machine: &'m SimMachine, frames: &'m F) -> Self {
         // SAFETY: the machine's tables are used by this peer alone.
         let mapper = unsafe { machine.offset_page_table() };
         Self {
@@ -77,6 +79,25 @@ impl<'m> PeerVmalloc<'m> {
     }
 }
 
+/// The peer's frames from per-CPU lists (`LockedFrameAllocator::with_cpus`, the frame
+/// rows' `percpu`), as a kernel would give it the allocator it gives the manager,
+/// scattered as [`fragmented_frames`] scatters the others'. The manager keeps frames
+/// of its own per CPU on top of whatever source it has; this peer gets the lists.
+fn percpu_frames(machine: &'static SimMachine) -> LockedFrameAllocator<'static> {
+    let map = machine.memory_map().to_vec();
+    let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+    let storage = Vec::leak(vec![0; words]);
+    let mut bitmap = BitmapFrameAllocator::with_storage(map, storage).unwrap();
+    let mut all =
+        vec![PhysFrame::containing_address(PhysAddr::zero()); bitmap.stats().free as usize];
+    let taken = bitmap.alloc_bulk(&mut all);
+    all.truncate(taken);
+    Rng::new(17).shuffle(&mut all);
+    // SAFETY: taken above and never used.
+    unsafe { bitmap.free_bulk(&all[..taken / 2]) }.unwrap();
+    LockedFrameAllocator::with_cpus(bitmap, machine)
+}
+
 fn vmalloc_vfree(c: &mut Criterion) {
     let machine = machine();
     let frames = fragmented_frames(&machine);
@@ -98,6 +119,9 @@ fn vmalloc_vfree(c: &mut Criterion) {
     let shared_machine = self::machine();
     let shared_frames = fragmented_frames(&shared_machine);
     let shared_peer = spin::Mutex::new(PeerVmalloc::new(&shared_machine, &shared_frames));
+    let listed_machine: &'static SimMachine = Box::leak(Box::new(self::machine()));
+    let listed_frames = percpu_frames(listed_machine);
+    let mut listed_peer = PeerVmalloc::new(listed_machine, &listed_frames);
 
     let mut group = c.benchmark_group("vmalloc_vfree");
     for pages in [1u64, 16, 256, 4096] {
@@ -117,6 +141,16 @@ fn vmalloc_vfree(c: &mut Criterion) {
                 peer.vfree(start, p);
             })
         });
+        group.bench_with_input(
+            BenchmarkId::new("x86_64_map_to_percpu_frames", pages),
+            &pages,
+            |b, &p| {
+                b.iter(|| {
+                    let start = listed_peer.vmalloc(p);
+                    listed_peer.vfree(start, p);
+                })
+            },
+        );
         group.bench_with_input(
             BenchmarkId::new("x86_64_map_to_locked", pages),
             &pages,

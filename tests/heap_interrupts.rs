@@ -208,3 +208,159 @@ fn an_interrupt_at_every_point_of_a_per_cpu_slab_call_allocates_without_harm() {
         });
     }
 }
+
+/// A machine, a manager over its host window and a heap with `config`, leaked.
+fn large_kernel(
+    memory: u64,
+    config: HeapConfig,
+) -> (
+    &'static SimMachine,
+    &'static Manager,
+    &'static KernelHeap<'static>,
+) {
+    let machine: &'static SimMachine = Box::leak(Box::new(SimMachine::new(
+        SimConfig::new(memory)
+            .with_cpus(2)
+            .with_host_window(8 << 30),
+    )));
+    let frames: &'static SimFrames = Box::leak(Box::new(machine.frames()));
+    // SAFETY: the window's tables serve this manager alone.
+    let vm: &'static Manager = Box::leak(Box::new(unsafe {
+        scenarios::window_manager(machine, frames, machine)
+    }));
+    let heap: &'static KernelHeap<'static> = Box::leak(Box::new(KernelHeap::new(config)));
+    heap.init(vm).unwrap();
+    (machine, vm, heap)
+}
+
+static REUSED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A second free of a kept large block, while an interrupt handler on the same CPU
+/// takes the kept block for a new buffer, is refused and leaves the handler's block
+/// alone, at every point of the free. The heap, having seen the block kept, went on
+/// to free whatever large block started there by then: the handler's, live.
+#[test]
+fn a_second_free_of_a_kept_block_never_frees_the_block_reused_meanwhile() {
+    watchdog("second free of a kept block", DEADLOCK_LIMIT, || {
+        let (machine, vm, heap) = large_kernel(256 << 20, HeapConfig::DEFAULT);
+        let cpu = machine.cpu(0);
+        cpu.enter();
+        let layout = Layout::from_size_align(20 << 10, 8).unwrap();
+        // SAFETY: a non-zero size; the second free is the bad call the heap refuses.
+        let x = unsafe { heap.alloc(layout) };
+        // SAFETY: as above.
+        unsafe { heap.dealloc(x, layout) };
+        // SAFETY: as above.
+        let (_, points) = cpu.count_points(|| unsafe { heap.dealloc(x, layout) });
+        assert_eq!(heap.stats().refused_frees, 1);
+        // Point 0 lands before the second free looks at the block: the handler's
+        // allocation comes first, a plain double free of a reused block.
+        for point in 1..points {
+            let refused = heap.stats().refused_frees;
+            // SAFETY: as above.
+            let x = unsafe { heap.alloc(layout) };
+            // SAFETY: as above; kept.
+            unsafe { heap.dealloc(x, layout) };
+            cpu.interrupt_after(point, move || {
+                // SAFETY: a non-zero size; the test frees it below.
+                let y = unsafe { heap.alloc(layout) };
+                assert!(!y.is_null());
+                // SAFETY: the block holds `layout.size()` bytes.
+                unsafe { y.write_bytes(0xab, layout.size()) };
+                REUSED.lock().unwrap().push(y as usize);
+            });
+            // SAFETY: the second free: refused.
+            cpu.run(|_| unsafe { heap.dealloc(x, layout) });
+            cpu.disarm();
+            for y in REUSED.lock().unwrap().drain(..) {
+                let area = vm.find_vm_area(x86_64::VirtAddr::new(y as u64));
+                assert_eq!(
+                    area.map(|area| area.tag),
+                    Some("kernel heap large"),
+                    "point {point}"
+                );
+                assert_eq!(heap.stats().refused_frees, refused + 1, "point {point}");
+                // SAFETY: the handler's block, freed once.
+                unsafe { heap.dealloc(y as *mut u8, layout) };
+            }
+        }
+    });
+}
+
+static HELD_MIB: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// An allocation that runs out gives the kept large blocks back and tries again,
+/// whatever else is freed meanwhile: an interrupt handler freeing buffers (kept by
+/// the heap) at any point of it made it return null, the kept bytes looking no
+/// lower after the give-back, though the frames it gave back would serve it (the
+/// same call made again right after did).
+#[test]
+fn an_allocation_that_runs_out_tries_again_after_giving_back_whatever_is_freed_meanwhile() {
+    watchdog("give back, then try again", DEADLOCK_LIMIT, || {
+        let config = HeapConfig {
+            large_cache: 8 << 20,
+            window: 1 << 20,
+            ..HeapConfig::DEFAULT
+        };
+        let (machine, vm, heap) = large_kernel(32 << 20, config);
+        let cpu = machine.cpu(0);
+        cpu.enter();
+        let mib = Layout::from_size_align(1 << 20, 8).unwrap();
+        let want = Layout::from_size_align(2 << 20, 8).unwrap();
+        // Memory full of 1 MiB blocks; three freed (kept), three more held for the
+        // handler to free.
+        let fill = || {
+            let mut all = Vec::new();
+            loop {
+                // SAFETY: a non-zero size.
+                let block = unsafe { heap.alloc(mib) };
+                if block.is_null() {
+                    break;
+                }
+                all.push(block as usize);
+            }
+            for _ in 0..3 {
+                // SAFETY: a block of that layout, freed once.
+                unsafe { heap.dealloc(all.pop().unwrap() as *mut u8, mib) };
+            }
+            assert_eq!(heap.stats().large_kept, 3 << 20);
+            HELD_MIB
+                .lock()
+                .unwrap()
+                .extend((0..3).map(|_| all.pop().unwrap()));
+            all
+        };
+        let empty = |all: Vec<usize>, got: *mut u8| {
+            for block in all.into_iter().chain(HELD_MIB.lock().unwrap().drain(..)) {
+                // SAFETY: blocks of that layout, freed once.
+                unsafe { heap.dealloc(block as *mut u8, mib) };
+            }
+            if !got.is_null() {
+                // SAFETY: as above.
+                unsafe { heap.dealloc(got, want) };
+            }
+            heap.shrink();
+            vm.purge();
+        };
+        let all = fill();
+        // SAFETY: a non-zero size.
+        let (got, points) = cpu.count_points(|| unsafe { heap.alloc(want) });
+        assert!(!got.is_null(), "the kept blocks' frames serve it");
+        empty(all, got);
+        for point in (0..points).step_by(7) {
+            let all = fill();
+            cpu.interrupt_after(point, || {
+                for block in HELD_MIB.lock().unwrap().drain(..) {
+                    let mib = Layout::from_size_align(1 << 20, 8).unwrap();
+                    // SAFETY: blocks of that layout, freed once.
+                    unsafe { heap.dealloc(block as *mut u8, mib) };
+                }
+            });
+            // SAFETY: a non-zero size.
+            let got = cpu.run(|_| unsafe { heap.alloc(want) });
+            cpu.disarm();
+            assert!(!got.is_null(), "point {point} of {points}: null");
+            empty(all, got);
+        }
+    });
+}

@@ -195,10 +195,12 @@ pub(super) enum Keep {
     /// Kept for reuse, or given back to vmalloc at once (larger than the budget
     /// allows): the free is done.
     Taken,
-    /// Kept already: a second free, refused.
+    /// No live large block of the heap's starts there (kept already: a second free;
+    /// another owner's area), as the manager's tags say at the retag: refused. Its
+    /// free goes no further: by then another CPU may have taken the kept block back.
     Refused,
-    /// Not taken (no budget, or no live large block of the heap's starts there): the
-    /// caller gives it back to vmalloc, which refuses what is not the heap's.
+    /// Not taken (no budget, or a manager that keeps no tags): the caller gives it
+    /// back to vmalloc, which refuses what is not the heap's.
     Not,
 }
 
@@ -248,7 +250,11 @@ impl Slabs {
         }
         // SAFETY: a large block of the heap's (tagged so) that its owner gave up.
         let Some(size) = (unsafe { vmalloc.retag(ptr, LARGE_TAG, KEPT_TAG) }) else {
-            return Keep::Not;
+            return if vmalloc.retags() {
+                Keep::Refused
+            } else {
+                Keep::Not
+            };
         };
         let mut released = Released::new();
         let kept = {

@@ -389,21 +389,21 @@ impl<'a> KernelHeap<'a> {
     /// calls `shrink` afterwards (as Linux's CPU-dead callback flushes that CPU's
     /// slabs), or that CPU's slabs stay until an allocation runs out.
     pub fn shrink(&self) {
-        if let Some(backing) = self.backing.get() {
-            if let Some(cpus) = self.cpus.get() {
-                self.cpu_slabs.drain(*cpus, &self.slabs, backing.vmalloc);
-            }
-            self.slabs.shrink(backing.vmalloc);
-        }
+        self.give_back_idle();
     }
 
-    /// [`shrink`](Self::shrink), for an allocation that ran out: whether it gave
-    /// anything back (slabs or kept large blocks), so that trying again may serve.
+    /// [`shrink`](Self::shrink), for an allocation that ran out too: whether it gave
+    /// anything back to vmalloc (empty slabs, kept large blocks), so that trying
+    /// again may serve. What it gave is told by the giving, not by the heap's totals
+    /// after, which frees on other CPUs (or an interrupt handler) change meanwhile.
     fn give_back_idle(&self) -> bool {
-        let held = |stats: HeapStats| stats.slab_bytes + stats.large_kept;
-        let before = held(self.stats());
-        self.shrink();
-        held(self.stats()) < before
+        let Some(backing) = self.backing.get() else {
+            return false;
+        };
+        if let Some(cpus) = self.cpus.get() {
+            self.cpu_slabs.drain(*cpus, &self.slabs, backing.vmalloc);
+        }
+        self.slabs.shrink(backing.vmalloc)
     }
 
     /// Whether `ptr` lies in the list heap's window.

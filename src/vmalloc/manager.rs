@@ -276,6 +276,32 @@ where
         }
     }
 
+    /// [`vfree`](Self::vfree) of the area at `ptr` if it carries `tag`
+    /// ([`Error::WrongKind`] if not), the tag checked under the lock the free takes:
+    /// an area retagged and handed to another owner meanwhile is never freed.
+    ///
+    /// # Safety
+    ///
+    /// As [`vfree`](Self::vfree).
+    pub(super) unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
+        match self.blocks.locate(ptr as u64) {
+            // Areas in per-CPU blocks carry no tag.
+            Located::Zone(_) if !tag.is_empty() => {
+                let area = VirtAddr::try_new(ptr as u64)
+                    .ok()
+                    .and_then(|start| self.find_vm_area(start));
+                Err(if area.is_some() {
+                    Error::WrongKind
+                } else {
+                    Error::NotAllocated
+                })
+            }
+            // SAFETY: forwarded from the caller.
+            Located::Zone(_) => unsafe { self.vfree(ptr) },
+            Located::Tree => self.lock().vfree_tagged(ptr, tag),
+        }
+    }
+
     /// Frees like [`vfree`](Self::vfree), from a context that may not wait for any
     /// lock: an interrupt or fault handler, perhaps one that interrupted this
     /// manager on its own CPU (Linux's `vfree_atomic`). The area is queued with one

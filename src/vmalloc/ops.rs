@@ -119,6 +119,14 @@ pub unsafe trait VmallocOps: Sync {
         None
     }
 
+    /// Whether [`retag`](Self::retag) knows the manager's areas (the default knows
+    /// none). Where it does, a retag that finds no area of the tag is final: the
+    /// kernel heap refuses the free of a large block its retag does not find, rather
+    /// than free whatever area starts there by then.
+    fn retags(&self) -> bool {
+        false
+    }
+
     /// See [`Vmalloc::vrealloc`](super::Vmalloc::vrealloc).
     ///
     /// # Errors
@@ -301,18 +309,14 @@ where
         unsafe { Vmalloc::vfree(self, ptr) }
     }
     unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
-        // A non-canonical pointer starts no area: `vfree` refuses it.
-        let area = x86_64::VirtAddr::try_new(ptr as u64)
-            .ok()
-            .and_then(|start| self.find_vm_area(start));
-        if area.is_some_and(|area| area.tag != tag) {
-            return Err(Error::WrongKind);
-        }
         // SAFETY: forwarded from the caller.
-        unsafe { Vmalloc::vfree(self, ptr) }
+        unsafe { Vmalloc::vfree_tagged(self, ptr, tag) }
     }
     unsafe fn retag(&self, ptr: *const u8, from: &str, to: &'static str) -> Option<usize> {
         self.retag_area(ptr, from, to).map(|size| size as usize)
+    }
+    fn retags(&self) -> bool {
+        true
     }
     fn area_size(&self, ptr: *const u8, tag: &str) -> Option<usize> {
         let start = x86_64::VirtAddr::try_new(ptr as u64).ok()?;

@@ -175,6 +175,18 @@ where
         }
     }
 
+    /// [`vfree`](Self::vfree) of the tree area starting at `ptr` if it carries `tag`
+    /// ([`Error::WrongKind`] if not).
+    pub(super) fn vfree_tagged(&mut self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
+        let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
+        if record.tag != tag {
+            return Err(Error::WrongKind);
+        }
+        self.inner().uncount_data(&record);
+        self.retire(start, record);
+        Ok(())
+    }
+
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
     pub(super) fn vfree(&mut self, ptr: *mut u8) -> Result<(), Error> {
         if let Located::Zone(at) = self.vm.blocks.locate(ptr as u64) {

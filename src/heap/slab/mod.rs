@@ -491,16 +491,18 @@ impl Slabs {
 
     /// Gives every magazine back to the slabs, and every empty slab and kept large
     /// block back to vmalloc (Linux's `kmem_cache_shrink`).
-    pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) {
+    pub(crate) fn shrink(&self, vmalloc: &dyn VmallocOps) -> bool {
+        let mut discarded = false;
         for (class, geometry) in GEOMETRY.iter().enumerate() {
             let mut state = self.classes[class].lock(vmalloc);
             // SAFETY: the magazine's objects are this class's, freed.
             unsafe { self.drain_magazine(&mut state, class, geometry) };
             while !state.empty.tail.is_null() {
                 self.discard_oldest_empty(&mut state, geometry, vmalloc);
+                discarded = true;
             }
         }
-        self.release_large(u64::MAX, vmalloc);
+        self.release_large(u64::MAX, vmalloc) || discarded
     }
 
     /// Counters of every class; `objects` counts what was allocated and freed under
