@@ -299,11 +299,17 @@ impl<S, O> PerCpu<S, O> {
     /// has (`false` if it cannot reach them): the shootdown's
     /// [`call_on_other_cpus`](crate::TlbFlush::call_on_other_cpus). Call this with none
     /// of the library's locks held: `drain` runs here, on the caller's CPU.
+    ///
+    /// The caller's own slot, handed to another CPU that drains every slot at the
+    /// same time, is waited for (`relax` each turn: the shootdown's, which serves the
+    /// other CPU's flushes meanwhile) and drained once it is back: what this CPU
+    /// freed is drained before this returns, as `Vmalloc::purge` promises.
     pub(crate) fn drain_all(
         &self,
         cpus: &dyn Cpus,
         used: impl Fn(&S) -> bool,
         on_others: impl FnOnce(&(dyn Fn() + Sync)) -> bool,
+        relax: impl Fn(),
         mut drain: impl FnMut(&mut Held<'_, S, O>),
     ) -> bool
     where
@@ -313,6 +319,17 @@ impl<S, O> PerCpu<S, O> {
         let irq = IrqOff::with(cpus);
         let me = cpus.current();
         let mut drained = true;
+        // The caller's own slot: drained now, or once it is back if another CPU
+        // holds it.
+        let mut own_away = false;
+        if self.get(me).is_some_and(&used) {
+            match self.this_cpu(cpus, &irq) {
+                Some(mut held) => drain(&mut held),
+                None => own_away = true,
+            }
+        }
+        let online = cpus.online();
+        let used_by = |index: usize| index != me && used(&self.slots[index].shared);
         let mut handle = |held: Option<Held<'_, S, O>>, index: usize| match held {
             Some(mut held) => drain(&mut held),
             None => {
@@ -320,11 +337,6 @@ impl<S, O> PerCpu<S, O> {
                 drained = false;
             }
         };
-        if self.get(me).is_some_and(&used) {
-            handle(self.this_cpu(cpus, &irq), me);
-        }
-        let online = cpus.online();
-        let used_by = |index: usize| index != me && used(&self.slots[index].shared);
         let mut remote = false;
         for index in (0..MAX_CPUS).filter(|&index| used_by(index)) {
             if online.contains(index) {
@@ -333,21 +345,60 @@ impl<S, O> PerCpu<S, O> {
                 handle(self.claim_offline(index, me, cpus), index);
             }
         }
-        if !remote {
-            return drained;
-        }
-        let reached = on_others(&|| self.surrender(cpus, me));
-        // Every slot handed over is drained (if used) and given back, a CPU's that
-        // came online since the set was read included.
-        for index in (0..MAX_CPUS).filter(|&index| index != me) {
-            match reached.then(|| self.handed(index, me)).flatten() {
-                Some(held) if used_by(index) => handle(Some(held), index),
-                Some(_unused) => {}
-                None if used_by(index) && online.contains(index) => handle(None, index),
-                None => {}
+        if remote {
+            let reached = on_others(&|| self.surrender(cpus, me));
+            // Every slot handed over is drained (if used) and given back, a CPU's
+            // that came online since the set was read included.
+            for index in (0..MAX_CPUS).filter(|&index| index != me) {
+                match reached.then(|| self.handed(index, me)).flatten() {
+                    Some(held) if used_by(index) => handle(Some(held), index),
+                    Some(_unused) => {}
+                    None if used_by(index) && online.contains(index) => handle(None, index),
+                    None => {}
+                }
             }
         }
+        if own_away {
+            drained &= self.drain_own_when_back(cpus, me, &irq, &used, relax, &mut drain);
+        }
         drained
+    }
+
+    /// The caller's own slot, which it found held: if another CPU holds it (handed
+    /// over to that CPU's drain), waits until it is back, then drains it if used; if
+    /// it is held further up this CPU's stack, asks for a drain at the next entry.
+    /// Whether it was drained.
+    fn drain_own_when_back(
+        &self,
+        cpus: &dyn Cpus,
+        me: usize,
+        irq: &IrqOff<'_>,
+        used: &impl Fn(&S) -> bool,
+        relax: impl Fn(),
+        drain: &mut impl FnMut(&mut Held<'_, S, O>),
+    ) -> bool {
+        let Some(slot) = self.slots.get(me) else {
+            return false;
+        };
+        loop {
+            match slot.state.load(Ordering::Acquire) {
+                OWNER => {
+                    self.request_drain(me);
+                    return false;
+                }
+                IDLE => {
+                    if let Some(mut held) = self.this_cpu(cpus, irq) {
+                        if used(&slot.shared) {
+                            drain(&mut held);
+                        }
+                        return true;
+                    }
+                }
+                // Handed to a CPU draining it now: it gives it back when done, and
+                // may wait for this CPU to take its shootdown meanwhile.
+                _ => relax(),
+            }
+        }
     }
 }
 

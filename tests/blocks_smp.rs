@@ -448,3 +448,107 @@ fn a_dropped_manager_gives_back_what_another_online_cpu_caches() {
     drop(vm);
     assert_eq!(frames.stats().free, before, "every frame the manager took");
 }
+
+/// The shootdown, with CPU 1 slow (descheduled, say) right after the other CPUs
+/// handed it their caches to drain.
+struct SlowOn1 {
+    inner: &'static Tlb,
+    machine: &'static SimMachine,
+    handed: &'static std::sync::atomic::AtomicBool,
+}
+
+impl TlbFlush for SlowOn1 {
+    fn flush_page(&self, page: x86_64::structures::paging::Page) {
+        self.inner.flush_page(page)
+    }
+    fn flush_range(&self, range: x86_64::structures::paging::page::PageRange) {
+        self.inner.flush_range(range)
+    }
+    fn flush_ranges(&self, ranges: &[x86_64::structures::paging::page::PageRange]) {
+        self.inner.flush_ranges(ranges)
+    }
+    fn flush_all(&self) {
+        self.inner.flush_all()
+    }
+    fn start_flush(
+        &self,
+        batch: vmalloc::tlb::FlushBatch<'_>,
+        ticket: &mut vmalloc::tlb::FlushTicket,
+    ) {
+        self.inner.start_flush(batch, ticket)
+    }
+    fn finish_flush(&self, ticket: &mut vmalloc::tlb::FlushTicket) {
+        self.inner.finish_flush(ticket)
+    }
+    fn ceiling(&self) -> u64 {
+        self.inner.ceiling()
+    }
+    fn relax(&self) {
+        self.inner.relax()
+    }
+    fn cpus(&self) -> Option<&dyn vmalloc::smp::Cpus> {
+        TlbFlush::cpus(self.inner)
+    }
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        let reached = self.inner.call_on_other_cpus(work);
+        if self.machine.current_cpu() == 1 {
+            self.handed
+                .store(true, std::sync::atomic::Ordering::Release);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        reached
+    }
+}
+
+/// `purge` on CPU 0 while CPU 1's `drain_cpu_caches` holds CPU 0's cache (handed over
+/// to be drained) returns only once CPU 0's own lazily freed area is flushed and its
+/// frame back: it returned at once, the page still readable on CPU 0 and its frame
+/// still waiting.
+#[test]
+fn purge_waits_for_its_own_cache_held_by_another_cpus_drain() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    watchdog("purge while another CPU drains", DEADLOCK_LIMIT, || {
+        let (machine, frames, tlb) = smp_machine(2);
+        let handed: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        let slow = SlowOn1 {
+            inner: tlb,
+            machine,
+            handed,
+        };
+        // SAFETY: the machine's page tables serve this manager alone; the flush is a
+        // shootdown over its CPUs.
+        let vm = unsafe { manager(machine, frames, slow, cached()) };
+        let ready = AtomicBool::new(false);
+        let seen = Mutex::new(None);
+        machine.on_every_cpu(|cpu| {
+            if cpu.index() == 1 {
+                while !ready.load(Ordering::Acquire) {
+                    cpu.poll();
+                }
+                vm.drain_cpu_caches();
+                return;
+            }
+            let area = vm.vmalloc(PAGE).unwrap();
+            let at = addr(area);
+            // SAFETY: the test's own area; CPU 0's TLB caches it.
+            unsafe { cpu.write(at, b"STALE!!!") }.unwrap();
+            // SAFETY: nothing uses the area after this.
+            unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+            ready.store(true, Ordering::Release);
+            // Serves CPU 1's call: CPU 0's cache goes to CPU 1.
+            while !handed.load(Ordering::Acquire) {
+                cpu.poll();
+            }
+            vm.purge();
+            let stats = vm.stats();
+            let mut back = [0u8; 8];
+            let read = cpu.read(at, &mut back).map(|()| back);
+            *seen.lock().unwrap() = Some((read.is_err(), stats.pending_purge_frames));
+        });
+        assert_eq!(
+            seen.into_inner().unwrap(),
+            Some((true, 0)),
+            "(the freed page faults on CPU 0, frames waiting) after purge returned"
+        );
+    });
+}

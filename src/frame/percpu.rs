@@ -413,6 +413,10 @@ impl<'a> CpuLists<'a> {
                 self.calls
                     .is_some_and(|calls| calls.call_on_other_cpus(work))
             },
+            || match self.calls {
+                Some(calls) => calls.relax(),
+                None => core::hint::spin_loop(),
+            },
             |slot| self.spill(bitmap, slot, CPU_LIST_FRAMES),
         )
     }

@@ -86,6 +86,7 @@ fn drain_into(cache: &Cache, cpus: &TestCpus, reach: bool, out: &mut Vec<u32>) -
         cpus,
         |count| count.load(Ordering::Relaxed) > 0,
         |work| reach && cpus.on_others(work),
+        core::hint::spin_loop,
         |held| {
             out.append(held);
             held.shared().store(0, Ordering::Relaxed);
@@ -221,6 +222,7 @@ fn every_slot_handed_over_ends_idle_an_unused_ones_and_a_cpu_that_came_back_onli
             cpus.online.store(0b1011, Ordering::SeqCst);
             cpus.on_others(work)
         },
+        core::hint::spin_loop,
         |held| out.append(held),
     );
     assert!(drained);

@@ -58,16 +58,14 @@ fn leaf_flags_of(prot: Prot) -> PageTableFlags {
 }
 
 /// Whether every page of `pages` pages from `start` has a 4 KiB leaf entry whose
-/// protection bits are those of `prot`.
+/// flags are exactly those of `prot` (no user, cache-type or other bit), but for the
+/// accessed and dirty bits the MMU sets.
 fn leaves_have(ctx: &Ctx, start: VirtAddr, pages: usize, prot: Prot) -> bool {
     let wanted = leaf_flags_of(prot);
-    let bits = PageTableFlags::PRESENT
-        | PageTableFlags::GLOBAL
-        | PageTableFlags::WRITABLE
-        | PageTableFlags::NO_EXECUTE;
+    let set_by_the_mmu = PageTableFlags::ACCESSED | PageTableFlags::DIRTY;
     (0..pages).all(|page| {
         leaf_entry(&ctx.phys, ctx.pml4, start + (page * PAGE) as u64)
-            .is_some_and(|leaf| leaf.level == 1 && leaf.flags & bits == wanted)
+            .is_some_and(|leaf| leaf.level == 1 && leaf.flags - set_by_the_mmu == wanted)
     })
 }
 

@@ -10,7 +10,7 @@ use super::{Ctx, SpareSlot, ensure, spare_region};
 use crate::fault::probe_read;
 use crate::mm;
 use crate::smp::{self, MAX_CPUS, on_each_cpu};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use vmalloc::tlb::{InvlpgFlush, TlbFlush};
 use vmalloc::vmalloc::Vmalloc;
 use vmalloc::{OffsetPhysMemory, PhysMemory};
@@ -89,10 +89,11 @@ pub fn smp_stress(_ctx: &mut Ctx) -> Outcome {
     )
 }
 
-/// CPU 1 caches a translation of an area's page; CPU 0 frees the area, purges, takes
-/// the frame back and writes new contents into it; CPU 1 reads the old address again.
-/// Returns what that read saw: `None` for a fault, else the value (the new owner's
-/// data through a stale translation).
+/// Every CPU but CPU 0 caches a translation of an area's page; CPU 0 frees the area,
+/// purges, takes the frame back and writes new contents into it; every other CPU
+/// reads the old address again. Returns what such a read saw: `None` if every one
+/// faulted, else the value one of them read (the new owner's data through a stale
+/// translation), so a shootdown that misses any one CPU shows.
 fn stale_read_after_reuse<T: TlbFlush + Sync>(
     vm: &Vmalloc<&'static vmalloc::frame::LockedFrameAllocator<'static>, OffsetPhysMemory, T>,
     phys: OffsetPhysMemory,
@@ -100,9 +101,12 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
     let old = VirtAddr::from_ptr(vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr());
     // SAFETY: the first word of the page just allocated.
     unsafe { old.as_mut_ptr::<u64>().write_volatile(OLD_DATA) };
-    let cached = AtomicBool::new(false);
+    let readers = smp::online().without(0);
+    let cached = AtomicUsize::new(0);
     let reused = AtomicBool::new(false);
-    let seen = spin::Mutex::new(Err("CPU 1 did not read"));
+    // What each reader's second read saw (`Some(None)`: a fault).
+    let seen: [spin::Mutex<Option<Option<u64>>>; MAX_CPUS] =
+        [const { spin::Mutex::new(None) }; MAX_CPUS];
     let error = FirstError::new();
     let reuse = || -> Result<PhysFrame, &'static str> {
         let frame = vm
@@ -124,24 +128,9 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
         Ok(frame)
     };
     let frame = spin::Mutex::new(None);
-    on_each_cpu(&|cpu| match cpu {
-        1 => {
-            // SAFETY: a live vmalloc page, aligned.
-            let first = unsafe { probe_read(old) };
-            if first != Ok(OLD_DATA) {
-                error.report(Err("CPU 1 could not read the live area"));
-            }
-            cached.store(true, Ordering::Release);
-            // Interrupts are on: the shootdown, if any, is taken here.
-            while !reused.load(Ordering::Acquire) {
-                core::hint::spin_loop();
-            }
-            // SAFETY: an aligned address in the vmalloc region; nothing else is mapped
-            // there, so a read is harmless whatever it finds.
-            *seen.lock() = Ok(unsafe { probe_read(old) }.ok());
-        }
-        0 => {
-            while !cached.load(Ordering::Acquire) {
+    on_each_cpu(&|cpu| {
+        if cpu == 0 {
+            while cached.load(Ordering::Acquire) < readers.len() {
                 core::hint::spin_loop();
             }
             match reuse() {
@@ -149,33 +138,57 @@ fn stale_read_after_reuse<T: TlbFlush + Sync>(
                 Err(why) => error.report(Err(why)),
             }
             reused.store(true, Ordering::Release);
+            return;
         }
-        _ => {}
+        // SAFETY: a live vmalloc page, aligned.
+        let first = unsafe { probe_read(old) };
+        if first != Ok(OLD_DATA) {
+            error.report(Err("a CPU could not read the live area"));
+        }
+        cached.fetch_add(1, Ordering::AcqRel);
+        // Interrupts are on: the shootdown, if any, is taken here.
+        while !reused.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        // SAFETY: an aligned address in the vmalloc region; nothing else is mapped
+        // there, so a read is harmless whatever it finds.
+        let again = unsafe { probe_read(old) }.ok();
+        if let Some(slot) = seen.get(cpu) {
+            *slot.lock() = Some(again);
+        }
     });
     if let Some(frame) = frame.lock().take() {
         // SAFETY: the check took this frame and no longer uses it (or a bad free, refused).
         unsafe { mm::frames().free(frame) }.map_err(|_| "the reused frame could not be freed")?;
     }
     error.get()?;
-    seen.into_inner()
+    let mut read = None;
+    for cpu in readers.iter() {
+        match seen.get(cpu).and_then(|slot| slot.lock().take()) {
+            None => return Err("a CPU did not read"),
+            Some(Some(value)) => read = read.or(Some(value)),
+            Some(None) => {}
+        }
+    }
+    Ok(read)
 }
 
-/// A translation CPU 1 cached is gone before CPU 0 hands its frame to a new owner:
-/// CPU 1's next read faults instead of reading the new owner's data.
+/// A translation the other CPUs cached is gone before CPU 0 hands its frame to a new
+/// owner: each one's next read faults instead of reading the new owner's data.
 pub fn smp_stale_translation_faults(ctx: &mut Ctx) -> Outcome {
     let taken = smp::TLB.stats().ipis;
     for _ in 0..8 {
         match stale_read_after_reuse(mm::vmalloc(), ctx.phys)? {
             None => {}
-            Some(NEW_DATA) => return Err("CPU 1 read the new owner's data"),
-            Some(_) => return Err("CPU 1 read something through a freed area"),
+            Some(NEW_DATA) => return Err("a CPU read the new owner's data"),
+            Some(_) => return Err("a CPU read something through a freed area"),
         }
     }
     ensure(smp::TLB.stats().ipis > taken, "no IPI was sent")
 }
 
 /// The negative control: the same steps through a manager whose flush reaches only
-/// the calling CPU. CPU 1 keeps its stale translation and reads the new owner's data,
+/// the calling CPU. The others keep their stale translations and read the new owner's data,
 /// so the check above can fail. Its own region, top-level slots above the main
 /// manager's, so it shares no page table with it. Run without and with the per-CPU
 /// caches, whose blocks free and reuse areas on their own path.
@@ -185,7 +198,7 @@ pub fn smp_local_only_flush_is_caught(ctx: &mut Ctx) -> Outcome {
 }
 
 fn local_only_flush_is_caught(ctx: &mut Ctx, cpu_caches: bool) -> Outcome {
-    // A slot of its own for each run: CPU 1 keeps stale translations (and cached
+    // A slot of its own for each run: the CPUs keep stale translations (and cached
     // upper-level entries) of the one before.
     let slot = if cpu_caches {
         SpareSlot::LocalOnlyFlushCpuCaches
@@ -204,7 +217,7 @@ fn local_only_flush_is_caught(ctx: &mut Ctx, cpu_caches: bool) -> Outcome {
     for _ in 0..8 {
         match stale_read_after_reuse(&vm, ctx.phys)? {
             Some(NEW_DATA) => caught = true,
-            Some(_) => return Err("CPU 1 read neither fault nor the new data"),
+            Some(_) => return Err("a CPU read neither fault nor the new data"),
             None => {}
         }
         if caught {
@@ -214,7 +227,7 @@ fn local_only_flush_is_caught(ctx: &mut Ctx, cpu_caches: bool) -> Outcome {
     drop(vm);
     ensure(
         caught,
-        "with a local-only flush CPU 1 never read the new owner's data",
+        "with a local-only flush no CPU read the new owner's data",
     )?;
     ensure(
         mm::frames().stats().free == free_before,

@@ -124,6 +124,7 @@ impl CpuSlabs {
                     || slabs.has_notices(counts.cpu.load(Ordering::Relaxed))
             },
             |work| vmalloc.call_on_other_cpus(work),
+            || vmalloc.relax(),
             |slot| Self::empty(slot, slabs, vmalloc),
         );
     }

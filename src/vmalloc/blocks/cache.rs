@@ -472,6 +472,7 @@ where
             cpus,
             CacheCounters::holds_anything,
             |work| self.tlb.call_on_other_cpus(work),
+            || self.tlb.relax(),
             |slot| released |= self.empty_cache(slot),
         );
         released
