@@ -635,3 +635,40 @@ fn a_freed_block_area_is_a_use_after_free_until_its_range_is_carved_again() {
     // SAFETY: nothing uses the area after this.
     unsafe { vm.vfree(keep.as_ptr()) }.unwrap();
 }
+
+/// A small `vmalloc` that runs out of frames on a CPU's first use of the caches
+/// leaves nothing behind: the CPU's cache state it made (two bookkeeping frames,
+/// taking the last two) goes back with the failure. It stayed until the manager
+/// was dropped.
+#[test]
+fn a_failed_first_small_vmalloc_keeps_no_bookkeeping() {
+    let (machine, frames, tlb) = smp_machine(1);
+    // SAFETY: the machine's page tables serve this manager alone.
+    let vm = unsafe { manager(machine, frames, tlb, cached()) };
+    for left in 0..4 {
+        let mut held = Vec::new();
+        let mut chunk = [PhysFrame::containing_address(PhysAddr::zero()); 4096];
+        while frames.stats().free > left {
+            let want = ((frames.stats().free - left) as usize).min(chunk.len());
+            let got = frames.alloc_frames(&mut chunk[..want]);
+            held.extend_from_slice(&chunk[..got]);
+        }
+        let before = (frames.stats().free, vm.stats());
+        let result = vm.vmalloc(PAGE);
+        if result.is_err() {
+            assert_eq!(
+                (frames.stats().free, vm.stats()),
+                before,
+                "{left} frames left: a failed vmalloc kept frames"
+            );
+        }
+        if let Ok(area) = result {
+            // SAFETY: made above, freed once.
+            unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+        }
+        vm.purge();
+        // SAFETY: frames the test took and does not use.
+        unsafe { frames.free_frames(&held) }.unwrap();
+        vm.drain_cpu_caches();
+    }
+}

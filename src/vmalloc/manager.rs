@@ -417,7 +417,9 @@ where
     ///
     /// # Errors
     ///
-    /// As [`vmalloc_with`](Self::vmalloc_with), except for frames.
+    /// As [`vmalloc_with`](Self::vmalloc_with); [`Error::OutOfFrames`] only when the
+    /// manager's bookkeeping needs a frame (the area itself takes none). Nothing
+    /// changes on error.
     #[track_caller]
     pub fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.pages_for(size as u64)?;

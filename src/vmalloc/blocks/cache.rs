@@ -231,6 +231,37 @@ where
         owned.as_mut().map(|page| unsafe { page.0.as_mut() })
     }
 
+    /// Gives back the state [`open`](Self::open) made, with the frames it cached, if
+    /// it has no block and nothing waits for a flush: a call that made it and
+    /// failed leaves no bookkeeping behind.
+    pub(super) fn close_if_unused(&self, counters: &CacheCounters, owned: &mut Option<StatePage>) {
+        let Some(page) = owned.take() else {
+            return;
+        };
+        // SAFETY: the state lives until here and only the slot's holder reaches it.
+        let (state, list) = unsafe {
+            let state = page.0.as_ref();
+            (state, state.lazy.as_ref())
+        };
+        let unused = state.block.is_none()
+            && list.len == 0
+            && list.frame_count == 0
+            && list.ticket.is_done();
+        if !unused {
+            *owned = Some(page);
+            return;
+        }
+        let mut gather = self.gather();
+        for &frame in &state.frames[..state.cached] {
+            gather.free(frame);
+        }
+        gather.free(list.frame);
+        gather.free(state.frame);
+        counters.cached.store(0, Ordering::Relaxed);
+        gather.finish();
+        self.blocks.bookkeeping.fetch_sub(2, Ordering::Relaxed);
+    }
+
     /// Makes sure the cache holds `n` frames: from the allocator, or from its own
     /// lazy list after flushing it.
     pub(super) fn stock_frames(

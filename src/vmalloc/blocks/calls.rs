@@ -50,7 +50,27 @@ where
         let mut slot = self.cpu_slot(&irq)?;
         let cpu = slot.cpu();
         let (counters, owned) = slot.split();
-        let state = self.open(owned)?;
+        let fresh = owned.is_none();
+        let made = {
+            let state = self.open(owned)?;
+            self.alloc_from_state(cpu, counters, state, flags, (pages, zero, caller))
+        };
+        if made.is_none() && fresh {
+            // A call that fails changes nothing: a state it made goes again.
+            self.close_if_unused(counters, owned);
+        }
+        made
+    }
+
+    /// [`alloc_in_block`](Self::alloc_in_block) once the CPU's state is open.
+    fn alloc_from_state(
+        &self,
+        cpu: usize,
+        counters: &super::CacheCounters,
+        state: &mut CpuState,
+        flags: PageTableFlags,
+        (pages, zero, caller): (u64, bool, &'static Location<'static>),
+    ) -> Option<NonNull<u8>> {
         let n = pages as usize;
         if !self.stock_frames(counters, state, n) {
             return None;
