@@ -512,7 +512,12 @@ impl SimMachine {
     ///
     /// The first page that cannot be host-mapped: outside the window, or not
     /// mapped readable by the machine's page tables (the pages before it are
-    /// mapped). Without a window, `addr`'s page.
+    /// mapped); or, for a range more than the window holds at once, the first page
+    /// its own later fills evicted again. Without a window, `addr`'s page. On `Ok`
+    /// every page of the range is host-mapped; another thread's fills may evict
+    /// some before the system call runs, as they may any page of the window (a
+    /// window bounded by mappings, [`SimConfig::with_host_window_by_mappings`],
+    /// evicts far less often).
     pub fn host_window_prefault(&self, addr: VirtAddr, len: usize) -> Result<(), VirtAddr> {
         match &self.backing {
             #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -191,6 +191,10 @@ pub(super) struct HostMemory {
     slot: usize,
 }
 
+/// Passes of [`HostMemory::prefault`] over its range before it gives up on keeping
+/// it all mapped (each maps again only the pages the one before lost).
+const PREFAULT_PASSES: usize = 4;
+
 impl HostMemory {
     /// `memory_size` bytes of zeroed memory and a window of `window_size` bytes,
     /// served with the page tables under `root`.
@@ -286,12 +290,20 @@ impl HostMemory {
             return Ok(());
         }
         let end = start.checked_add(len).ok_or(first)?;
-        for page in (first..end).step_by(PAGE as usize) {
-            if !window.contains(page) || window.prefault(page).is_err() {
-                return Err(page);
+        let pages = || (first..end).step_by(PAGE as usize);
+        // A fill that finds the window full evicts the oldest fill's 2 MiB, which may
+        // hold pages this call mapped before: another pass maps those again.
+        for _ in 0..PREFAULT_PASSES {
+            for page in pages() {
+                if !window.contains(page) || window.prefault(page).is_err() {
+                    return Err(page);
+                }
+            }
+            if pages().all(|page| window.holds(page)) {
+                return Ok(());
             }
         }
-        Ok(())
+        Err(pages().find(|&page| !window.holds(page)).unwrap_or(first))
     }
 
     /// Faults served by a fill so far (each may map several pages).

@@ -135,15 +135,18 @@ impl Window {
     /// Maps `page` as a read fault there would, unless it is host-mapped already
     /// (with the rights its tables give: a system call may write it then).
     pub(super) fn prefault(&self, page: u64) -> Result<(), Refusal> {
-        {
-            let mut mapped = self.lock();
-            if let Some((_, slot)) = mapped.find(page)
-                && mapped.get(slot).prot != PARKED
-            {
-                return Ok(());
-            }
+        if self.holds(page) {
+            return Ok(());
         }
         self.fill(page, 0)
+    }
+
+    /// Whether `page` is host-mapped now (not parked).
+    pub(super) fn holds(&self, page: u64) -> bool {
+        let mut mapped = self.lock();
+        mapped
+            .find(page)
+            .is_some_and(|(_, slot)| mapped.get(slot).prot != PARKED)
     }
 
     /// The translation of `page` under the tables as they are now.
