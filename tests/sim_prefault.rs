@@ -7,7 +7,6 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-use std::io::Read;
 use vmalloc::heap::{HeapConfig, KernelHeap};
 use vmalloc::vmalloc::{Vmalloc, VmallocConfig};
 use vmalloc_sim::{RoutedHeap, SimConfig, SimFrames, SimMachine};
@@ -40,20 +39,26 @@ fn build() -> &'static SimMachine {
 
 #[test]
 fn a_prefaulted_range_stays_mapped_for_the_system_call() {
+    use std::os::fd::AsRawFd;
     let machine = build();
-    let mut zero = std::fs::File::open("/dev/zero").unwrap();
+    let zero = std::fs::File::open("/dev/zero").unwrap();
     let mut live: Vec<Vec<u8>> = Vec::new();
     let mut failed = Vec::new();
     for round in 0..3000usize {
         let len = [3000usize, 20_000, 100_000, 1 << 20, 40][round % 5] + round;
+        // Fresh capacity, nothing written: its pages are not host-mapped yet.
         let mut buffer: Vec<u8> = Vec::with_capacity(len);
-        // SAFETY: bytes, filled by `read_exact` before they are read.
-        unsafe { buffer.set_len(len) };
+        let spare = buffer.spare_capacity_mut().as_mut_ptr().cast::<u8>();
         machine
-            .host_window_prefault(VirtAddr::from_ptr(buffer.as_ptr()), len)
+            .host_window_prefault(VirtAddr::from_ptr(spare), len)
             .unwrap();
-        if zero.read_exact(&mut buffer).is_err() {
+        // SAFETY: `spare` holds `len` bytes of the Vec's capacity.
+        let got = unsafe { libc::read(zero.as_raw_fd(), spare.cast(), len) };
+        if got != len as isize {
             failed.push(round);
+        } else {
+            // SAFETY: `read` wrote all `len` bytes.
+            unsafe { buffer.set_len(len) };
         }
         live.push(buffer);
         if live.len() > 60 {
