@@ -569,3 +569,68 @@ fn executable_rights_below_a_no_execute_top_level_entry_are_refused() {
     );
     assert!(after == before, "{after:?}\n{before:?}");
 }
+
+/// Each bad pointer gets the error its kind of place calls for, whatever the area:
+/// inside a kernel stack's memory is interior, its unmapped lower half and the page
+/// above are guards (they were swapped: the stack's memory starts past its lead);
+/// the pointer `ioremap` returned (its page offset kept) is the wrong kind for
+/// `vfree`, `vrealloc` and `set_prot` (it was interior); a tagged free inside or
+/// past a per-CPU block area is interior or not allocated (it was the wrong kind);
+/// a size only the blocks' zone keeps from fitting is too large (it ran out of
+/// virtual space).
+#[test]
+fn bad_pointers_get_the_error_of_their_place() {
+    for cpu_caches in [true, false] {
+        let machine = machine();
+        let frames = machine.frames();
+        let cfg = if cpu_caches {
+            config(false)
+        } else {
+            tree_config(false)
+        };
+        let vm = manager(&machine, &frames, cfg);
+        let p = |a: VirtAddr| a.as_u64() as *mut u8;
+        let stack = vm.alloc_stack(16 << 10).unwrap();
+        let start = vm.find_vm_area(stack.base()).unwrap().start;
+        // SAFETY (the block): pointers each call refuses, changing nothing.
+        unsafe {
+            assert_eq!(vm.vfree(p(stack.base())), Err(Error::InteriorPointer));
+            assert_eq!(vm.vfree(p(stack.top() - 8u64)), Err(Error::InteriorPointer));
+            assert_eq!(vm.vfree(p(start + 4096u64)), Err(Error::NotAllocated));
+            assert_eq!(vm.vfree(p(stack.top())), Err(Error::NotAllocated));
+            assert_eq!(
+                vm.set_prot(p(stack.base()), Prot::READ),
+                Err(Error::InteriorPointer)
+            );
+            let io = vm
+                .ioremap(PhysAddr::new(0xfec0_0010), 0x2000, CacheMode::Uncached)
+                .unwrap();
+            assert_eq!(vm.vfree(io.as_ptr()), Err(Error::WrongKind));
+            assert_eq!(vm.vrealloc(io.as_ptr(), 4096), Err(Error::WrongKind));
+            assert_eq!(vm.set_prot(io.as_ptr(), Prot::READ), Err(Error::WrongKind));
+            assert_eq!(vm.vfree(io.as_ptr().add(4096)), Err(Error::InteriorPointer));
+            vm.iounmap(io.as_ptr()).unwrap();
+            let small = vm.vmalloc(2 * 4096).unwrap();
+            let ops: &dyn VmallocOps = &vm;
+            assert_eq!(
+                ops.vfree_tagged(small.as_ptr().add(4096), "t"),
+                Err(Error::InteriorPointer)
+            );
+            assert_eq!(
+                ops.vfree_tagged(small.as_ptr().add(2 * 4096), "t"),
+                Err(Error::NotAllocated)
+            );
+            assert_eq!(ops.vfree_tagged(small.as_ptr(), "t"), Err(Error::WrongKind));
+            vm.vfree(small.as_ptr()).unwrap();
+        }
+        if cpu_caches {
+            let whole = (vm.config().size - 4096) as usize;
+            assert_eq!(vm.vmalloc(whole).map(drop), Err(Error::SizeTooLarge));
+            assert_eq!(
+                vm.reserve(whole, &VmOptions::default()).map(drop),
+                Err(Error::SizeTooLarge)
+            );
+        }
+        drop(stack);
+    }
+}

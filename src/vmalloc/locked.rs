@@ -114,16 +114,21 @@ where
         if record.dying {
             return Err(Error::NotAllocated);
         }
-        if start != addr {
-            let in_guard = addr - start >= record.size;
-            return Err(if in_guard {
-                Error::NotAllocated
-            } else {
-                Error::InteriorPointer
-            });
-        }
-        if !kinds.contains(&record.kind) {
+        let offset = addr - start;
+        // An `ioremap` pointer keeps its physical address's offset in the page.
+        let its_own = offset == 0 || (record.kind == AreaKind::Ioremap && offset < PAGE_SIZE);
+        if its_own && !kinds.contains(&record.kind) {
             return Err(Error::WrongKind);
+        }
+        if offset != 0 {
+            // A stack's memory starts past its unmapped lower half (`lead` pages).
+            let lead = record.lead * PAGE_SIZE;
+            let inside = offset >= lead && offset - lead < record.size;
+            return Err(if inside {
+                Error::InteriorPointer
+            } else {
+                Error::NotAllocated
+            });
         }
         Ok((start, record))
     }

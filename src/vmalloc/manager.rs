@@ -285,17 +285,13 @@ where
     /// As [`vfree`](Self::vfree).
     pub(super) unsafe fn vfree_tagged(&self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
         match self.blocks.locate(ptr as u64) {
-            // Areas in per-CPU blocks carry no tag.
-            Located::Zone(_) if !tag.is_empty() => {
-                let area = VirtAddr::try_new(ptr as u64)
-                    .ok()
-                    .and_then(|start| self.find_vm_area(start));
-                Err(if area.is_some() {
-                    Error::WrongKind
-                } else {
-                    Error::NotAllocated
-                })
-            }
+            // Areas in per-CPU blocks carry no tag: an area's own pointer is of the
+            // wrong kind, any other as `vfree` answers it.
+            Located::Zone(at) if !tag.is_empty() => Err(match self.block_area(at) {
+                Some((area, false)) if area.start.as_u64() == ptr as u64 => Error::WrongKind,
+                Some((_, false)) => Error::InteriorPointer,
+                _ => Error::NotAllocated,
+            }),
             // SAFETY: forwarded from the caller.
             Located::Zone(_) => unsafe { self.vfree(ptr) },
             Located::Tree => self.lock().vfree_tagged(ptr, tag),
@@ -479,7 +475,9 @@ where
         if bytes == 0 {
             return Err(Error::ZeroSize);
         }
-        if bytes > self.config.size - PAGE_SIZE {
+        // The per-CPU blocks' zone is never free for the tree's areas.
+        let room = (self.config.size - PAGE_SIZE).saturating_sub(self.blocks.zone_bytes());
+        if bytes > room {
             return Err(Error::SizeTooLarge);
         }
         Ok(bytes.div_ceil(PAGE_SIZE))
