@@ -311,3 +311,38 @@ fn a_zeroing_area_zeroes_a_page_mapped_again_and_gives_kept_frames_back_when_fre
     }
     assert_eq!(frames.stats().free, free, "a kept frame was lost");
 }
+
+/// A vast sparse area (16 TiB) with a few pages mapped, far apart, one of them
+/// unmapped again (its frame kept): freeing it gives back exactly those frames, and
+/// costs what its tables hold, not what it spans. Freeing walked all 2^32 pages one
+/// by one (minutes; past the watchdog's limit).
+#[test]
+fn a_vast_sparse_area_is_freed_by_what_it_maps() {
+    watchdog("a vast sparse area is freed", DEADLOCK_LIMIT, || {
+        let machine = machine();
+        let frames = machine.frames();
+        let config = VmallocConfig {
+            cpu_caches: false,
+            ..VmallocConfig::default()
+        };
+        // SAFETY: the machine's page tables serve this manager alone.
+        let vm = unsafe { manager_with(&machine, &frames, &machine, config) };
+        vm.purge();
+        let before = frames.stats().free;
+        let area = vm.reserve_sparse(1 << 44, &options()).unwrap();
+        let pages = (1usize << 44) / PAGE_SIZE as usize;
+        for index in [0, 1, pages / 3, pages / 2 + 7, pages - 1] {
+            // SAFETY: the test's own area: nothing relies on its pages staying unmapped.
+            unsafe { vm.map_page(area.as_ptr(), index) }.unwrap();
+        }
+        // SAFETY: nothing uses the page afterwards.
+        unsafe { vm.unmap_page(area.as_ptr(), pages / 3) }.unwrap();
+        assert!(!faults(&machine, page(area, pages - 1)));
+        // SAFETY: nothing uses the area afterwards.
+        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+        vm.purge();
+        assert!(faults(&machine, page(area, pages - 1)));
+        assert_eq!(vm.stats().data_frames, 0);
+        assert_eq!(frames.stats().free, before, "every frame back, tables too");
+    });
+}

@@ -235,6 +235,54 @@ impl<M: PhysMemory> PageTables<M> {
     }
 }
 
+impl<M: PhysMemory> PageTables<M> {
+    /// The first run of `[from, last]` (inclusive addresses) that one leaf table
+    /// maps, at or after `from`: its first and last addresses. Missing upper tables
+    /// are skipped whole, so a walk over a vast, mostly unmapped range (a sparse
+    /// area's) costs what its tables hold, not what it spans.
+    pub(crate) fn next_leaf_table_run(&self, from: u64, last: u64) -> Option<(u64, u64)> {
+        if from > last {
+            return None;
+        }
+        let root = table_at(&self.phys, self.root.start_address());
+        self.leaf_table_run_below(root, 0, from, last)
+    }
+
+    /// [`next_leaf_table_run`](Self::next_leaf_table_run) below `table` (at
+    /// `level`, 0 = PML4), for `[first, last]` inside its span.
+    fn leaf_table_run_below(
+        &self,
+        table: *mut PageTable,
+        level: usize,
+        first: u64,
+        last: u64,
+    ) -> Option<(u64, u64)> {
+        let span = entry_span(level);
+        let mut addr = first;
+        loop {
+            let region_last = (addr & !(span - 1)) | (span - 1);
+            // SAFETY: an entry of a reachable table.
+            let raw = unsafe { read(entry_at(table, index(addr, level))) };
+            let flags = PageTableFlags::from_bits_retain(raw);
+            if flags.contains(PageTableFlags::PRESENT) && !flags.contains(PageTableFlags::HUGE_PAGE)
+            {
+                let end = last.min(region_last);
+                if level == 2 {
+                    return Some((addr, end));
+                }
+                let child = table_at(&self.phys, PhysAddr::new(raw & ADDR_MASK));
+                if let Some(run) = self.leaf_table_run_below(child, level + 1, addr, end) {
+                    return Some(run);
+                }
+            }
+            if region_last >= last {
+                return None;
+            }
+            addr = region_last + 1;
+        }
+    }
+}
+
 /// The exclusive end of a flush range whose last address is `last`. The last page of
 /// each canonical half cannot end a `PageRange` (its end would not be canonical), so
 /// there the range stops one page short.

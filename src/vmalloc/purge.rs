@@ -33,7 +33,7 @@ use super::locked::{Locked, invariant, page_range};
 use super::nodes::NodePool;
 use super::options::{HUGE_PAGE_SIZE, VmallocConfig};
 use super::tree::slot_size_for;
-use crate::paging::RangeFlush;
+use crate::paging::{PageTables, RangeFlush};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
 use core::ptr::null_mut;
 use x86_64::VirtAddr;
@@ -249,10 +249,10 @@ where
         while let Some((start, record)) = pending.pop(&mut inner.pool) {
             let owns_frames = record.kind.owns_frames();
             let range = page_range(start, record.frame_pages());
-            let mut reclaim = |range| {
+            let mut reclaim = |tables: &mut PageTables<M>, range| {
                 // SAFETY: the batch above flushed the range.
                 unsafe {
-                    inner.tables.reclaim_detached(range, |_, frame| {
+                    tables.reclaim_detached(range, |_, frame| {
                         if owns_frames {
                             gather.free(frame)
                         }
@@ -260,13 +260,15 @@ where
                 }
             };
             if record.sparse {
-                super::sparse::each_page(range, |page| match reclaim(page) {
-                    // A page never mapped, or unmapped before the free: nothing there.
-                    Ok(()) | Err(Error::NotMapped) => {}
-                    other => invariant(other),
+                super::sparse::each_page(&mut inner.tables, range, |tables, page| {
+                    match reclaim(tables, page) {
+                        // A page never mapped, or unmapped before the free: nothing there.
+                        Ok(()) | Err(Error::NotMapped) => {}
+                        other => invariant(other),
+                    }
                 });
             } else {
-                invariant(reclaim(range));
+                invariant(reclaim(&mut inner.tables, range));
             }
             if let Some(done) = sweep.extend(range) {
                 gather.sweep_tables(&mut inner.tables, in_region(vm.config(), done));

@@ -205,9 +205,30 @@ fn page_index(record: &AreaRecord, index: usize) -> Result<u64, Error> {
 }
 
 /// Runs `each` on every page of `range`, as a range of one page.
-pub(super) fn each_page(range: PageRange, mut each: impl FnMut(PageRange)) {
-    for page in range {
-        each(Page::range(page, page + 1));
+pub(super) fn each_page<M: PhysMemory>(
+    tables: &mut PageTables<M>,
+    range: PageRange,
+    mut each: impl FnMut(&mut PageTables<M>, PageRange),
+) {
+    if range.is_empty() {
+        return;
+    }
+    let last = range.end.start_address().as_u64() - 1;
+    let mut from = range.start.start_address().as_u64();
+    // Only the pages leaf tables hold: a vast sparse area mapped in a few places
+    // costs what it maps.
+    while let Some((first, end)) = tables.next_leaf_table_run(from, last) {
+        let run = Page::range_inclusive(
+            Page::containing_address(VirtAddr::new(first)),
+            Page::containing_address(VirtAddr::new(end)),
+        );
+        for page in run {
+            each(tables, Page::range(page, page + 1));
+        }
+        if end >= last {
+            break;
+        }
+        from = end + 1;
     }
 }
 
@@ -218,7 +239,7 @@ pub(super) fn detach_each<M: PhysMemory>(
     range: PageRange,
 ) -> RangeFlush {
     let mut flush = RangeFlush::from_range(Page::range(range.start, range.start));
-    each_page(range, |page| {
+    each_page(tables, range, |tables, page| {
         // SAFETY: the area is being freed and its pages are the manager's; the purge
         // flushes the token before their frames or the range are reused. A page not
         // mapped is refused, unchanged.
