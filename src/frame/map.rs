@@ -104,7 +104,7 @@ impl NormalMap {
                 // Bytes until every usable entry is in: only whole frames inside
                 // the merged ranges are usable...
                 RegionKind::Usable => {
-                    push_span(&mut this.usable, &mut this.usable_len, Span { start, end })?
+                    push_usable(&mut this.usable, &mut this.usable_len, Span { start, end })?
                 }
                 // ...and every frame touching a reserved range is reserved (an
                 // empty one touches none).
@@ -327,18 +327,60 @@ impl NormalMap {
 
 /// Appends `span` to `list`, merging the list when it is full.
 fn push_span(list: &mut [Span; MAX_MAP_REGIONS], len: &mut usize, span: Span) -> Result<(), Error> {
+    push_span_keeping(list, len, span, |_| true)
+}
+
+/// [`push_span`] for usable ranges, in bytes: when the merged list is still full,
+/// the ranges holding no whole frame (slivers a firmware map lists between reserved
+/// bits) go, as they would have when rounded; until then they stay, since two that
+/// touch may make a whole frame together.
+fn push_usable(
+    list: &mut [Span; MAX_MAP_REGIONS],
+    len: &mut usize,
+    span: Span,
+) -> Result<(), Error> {
+    push_span_keeping(list, len, span, |bytes| {
+        !Span::inside(bytes.start, bytes.end).is_empty()
+    })
+}
+
+/// Appends `span` to `list`, merging the list when it is full and then dropping
+/// the entries `worth` says are not worth keeping.
+fn push_span_keeping(
+    list: &mut [Span; MAX_MAP_REGIONS],
+    len: &mut usize,
+    span: Span,
+    worth: impl Fn(&Span) -> bool,
+) -> Result<(), Error> {
     if span.is_empty() {
         return Ok(());
     }
     if *len == MAX_MAP_REGIONS {
         *len = merge(&mut list[..]);
         if *len == MAX_MAP_REGIONS {
+            let mut kept = 0;
+            for i in 0..MAX_MAP_REGIONS {
+                if worth(&list[i]) {
+                    list[kept] = list[i];
+                    kept += 1;
+                }
+            }
+            *len = kept;
+        }
+        if *len == MAX_MAP_REGIONS {
             // Still full: the new range may extend one it touches (a range the
             // map gives in two touching halves after 127 others).
             let touched = list
                 .iter_mut()
                 .find(|kept| span.start <= kept.end && kept.start <= span.end);
-            let kept = touched.ok_or(Error::BadMemoryMap)?;
+            let Some(kept) = touched else {
+                // A range not worth keeping goes, as the list's own did.
+                return if worth(&span) {
+                    Err(Error::BadMemoryMap)
+                } else {
+                    Ok(())
+                };
+            };
             kept.start = kept.start.min(span.start);
             kept.end = kept.end.max(span.end);
             return Ok(());

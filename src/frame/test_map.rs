@@ -558,3 +558,34 @@ fn storage_words_is_0_for_a_map_without_a_frame_to_hand_out() {
         assert_eq!(refused.err(), Some(Error::BadMemoryMap), "{map:?}");
     }
 }
+
+/// Usable slivers holding no whole frame (bits a firmware map lists between
+/// reserved ones) do not count against the 128-range limit: a map with 200 of them
+/// beside 16 MiB of RAM is taken, in either order. Kept as bytes until the end (so
+/// that touching ones can merge into a frame), they filled the list.
+#[test]
+fn usable_slivers_without_a_whole_frame_never_fill_the_list() {
+    let ram = MemoryRegion::usable(16 * M, 32 * M);
+    let slivers: Vec<MemoryRegion> = (0..200u64)
+        .map(|k| {
+            let base = 48 * M + k * 2 * FRAME;
+            MemoryRegion::usable(base + 0x100, base + 0x200)
+        })
+        .collect();
+    for ram_first in [true, false] {
+        let mut map = slivers.clone();
+        if ram_first {
+            map.insert(0, ram.clone());
+        } else {
+            map.push(ram.clone());
+        }
+        let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+        let mut storage = vec![0; words];
+        let alloc = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+        assert_eq!(
+            alloc.map(|alloc| alloc.stats().total).ok(),
+            Some(16 * M / FRAME),
+            "RAM first: {ram_first}"
+        );
+    }
+}
