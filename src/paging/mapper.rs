@@ -619,7 +619,8 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// [`CREATED`](super::CREATED) are this crate's (its range calls made them from
     /// their `FrameSource`): they stay, for
     /// [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
-    /// came from, and the caller's tables below them are freed as any other. Flush the whole TLB afterwards: its paging-structure caches may
+    /// came from, and the caller's tables below them are freed as any other. Flush
+    /// the whole TLB afterwards: its paging-structure caches may
     /// still point to the freed tables.
     ///
     /// # Safety

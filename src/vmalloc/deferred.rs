@@ -7,7 +7,8 @@
 //! The next call on the manager that allocates, frees, resizes, lists or counts, the
 //! per-CPU fast paths included, frees every queued area before doing its own work
 //! (`diagnose_fault`, which only tries the lock, and `vfree_atomic` itself do not),
-//! so a queued area waits for one such call. A full queue is refused ([`Error::WouldBlock`]) rather than drained by the
+//! so a queued area waits for one such call. A full queue is refused
+//! ([`Error::WouldBlock`]) rather than drained by the
 //! pusher, which could mean waiting for a lock its own CPU holds. The slots hold only
 //! addresses, so a bad pointer cannot do harm: the drain checks each one as `vfree`
 //! would and counts the ones it refuses ([`VmallocStats::deferred_refused`]).

@@ -303,7 +303,8 @@ where
     /// manager on its own CPU (Linux's `vfree_atomic`). The area is queued with one
     /// compare-and-swap and freed by the next call on this manager that allocates,
     /// frees, resizes, lists or counts, fast paths included (see [deferred
-    /// frees](super::deferred)); it stays mapped until then. It never waits and never flushes. A pointer `vfree` would refuse is then
+    /// frees](super::deferred)); it stays mapped until then. It never waits and never
+    /// flushes. A pointer `vfree` would refuse is then
     /// refused silently, counted in [`stats`](Self::stats).
     ///
     /// # Errors
