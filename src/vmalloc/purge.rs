@@ -178,13 +178,7 @@ where
     /// [`vfree`](Self::vfree) of the tree area starting at `ptr` if it carries `tag`
     /// ([`Error::WrongKind`] if not).
     pub(super) fn vfree_tagged(&mut self, ptr: *mut u8, tag: &str) -> Result<(), Error> {
-        let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
-        if record.tag != tag {
-            return Err(Error::WrongKind);
-        }
-        self.inner().uncount_data(&record);
-        self.retire(start, record);
-        Ok(())
+        self.free_tree_area(ptr, |record| record.tag == tag)
     }
 
     /// Frees the `vmalloc` or reserved area starting at `ptr`: `vfree` under the lock.
@@ -193,7 +187,20 @@ where
             // Under the lock the CPU's cache may be held by the caller: flush now.
             return self.vm.free_in_block(at, true);
         }
+        self.free_tree_area(ptr, |_| true)
+    }
+
+    /// Frees the tree's `vmalloc` or reserved area starting at `ptr` if `wanted`
+    /// takes its record ([`Error::WrongKind`] if not).
+    fn free_tree_area(
+        &mut self,
+        ptr: *mut u8,
+        wanted: impl FnOnce(&AreaRecord) -> bool,
+    ) -> Result<(), Error> {
         let (start, record) = self.live_area_at(ptr, &[AreaKind::Vmalloc, AreaKind::Reserved])?;
+        if !wanted(&record) {
+            return Err(Error::WrongKind);
+        }
         self.inner().uncount_data(&record);
         self.retire(start, record);
         Ok(())

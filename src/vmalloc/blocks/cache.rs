@@ -255,11 +255,11 @@ where
         for &frame in &state.frames[..state.cached] {
             gather.free(frame);
         }
-        gather.free(list.frame);
-        gather.free(state.frame);
-        counters.cached.store(0, Ordering::Relaxed);
         gather.finish();
-        self.blocks.bookkeeping.fetch_sub(2, Ordering::Relaxed);
+        counters.cached.store(0, Ordering::Relaxed);
+        let (list_frame, state_frame) = (list.frame, state.frame);
+        self.unplace(list_frame);
+        self.unplace(state_frame);
     }
 
     /// Makes sure the cache holds `n` frames: from the allocator, or from its own
