@@ -209,6 +209,20 @@ fn bad_input_gets_a_specific_error_and_changes_nothing() {
     );
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(unsafe { vm.iounmap(live.as_ptr()) }, Err(Error::WrongKind));
+    // A pointer in page 0 that is not null is outside the region for every call
+    // (iounmap rounds to the page start: it said NullPointer).
+    for not_in_region in [0x10 as *mut u8, 0xfff as *mut u8] {
+        // SAFETY: a pointer to no live area is refused.
+        unsafe {
+            assert_eq!(vm.vfree(not_in_region), Err(Error::NotInRegion));
+            assert_eq!(vm.iounmap(not_in_region), Err(Error::NotInRegion));
+        }
+    }
+    // SAFETY: a pointer to no live area is refused.
+    assert_eq!(
+        unsafe { vm.iounmap(core::ptr::null_mut()) },
+        Err(Error::NullPointer)
+    );
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     assert_eq!(
         unsafe { vm.vrealloc(mapped.as_ptr(), 8192) },

@@ -173,6 +173,11 @@ where
     pub unsafe fn iounmap(&self, ptr: *mut u8) -> Result<(), Error> {
         let mut cx = self.lock();
         let page_start = ptr.map_addr(|addr| addr & !(PAGE_SIZE as usize - 1));
+        // A pointer in page 0 but not null is outside every region (`check_region`
+        // refuses one starting at 0), not the null its page start would be.
+        if page_start.is_null() && !ptr.is_null() {
+            return Err(Error::NotInRegion);
+        }
         let (start, record) = cx.live_area_at(page_start, &[AreaKind::Ioremap])?;
         if ptr as u64 != start.as_u64() + record.phys.as_u64() % PAGE_SIZE {
             return Err(Error::InteriorPointer);
