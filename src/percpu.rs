@@ -346,11 +346,13 @@ impl<S, O> PerCpu<S, O> {
             }
         }
         if remote {
-            let reached = on_others(&|| self.surrender(cpus, me));
-            // Every slot handed over is drained (if used) and given back, a CPU's
-            // that came online since the set was read included.
+            // Whatever the policy answers (one that reached some CPUs and not others
+            // says `false`), every slot handed over is drained (if used) and given
+            // back, a CPU's that came online since the set was read included: one
+            // left handed would keep its owner out of it for good.
+            let _reached = on_others(&|| self.surrender(cpus, me));
             for index in (0..MAX_CPUS).filter(|&index| index != me) {
-                match reached.then(|| self.handed(index, me)).flatten() {
+                match self.handed(index, me) {
                     Some(held) if used_by(index) => handle(Some(held), index),
                     Some(_unused) => {}
                     None if used_by(index) && online.contains(index) => handle(None, index),

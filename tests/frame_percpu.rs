@@ -700,3 +700,77 @@ fn a_refused_bulk_free_never_refuses_another_cpus_free() {
         });
     });
 }
+
+/// A flush policy that runs work on the other CPUs, as a [`Shootdown`] does, but
+/// says it could not: a policy reaching some CPUs and not others answers so.
+///
+/// [`Shootdown`]: vmalloc::smp::Shootdown
+struct SaysUnreached(&'static scenarios::SmpTlb);
+
+impl vmalloc::TlbFlush for SaysUnreached {
+    fn flush_page(&self, page: x86_64::structures::paging::Page) {
+        self.0.flush_page(page)
+    }
+    fn flush_all(&self) {
+        self.0.flush_all()
+    }
+    fn relax(&self) {
+        self.0.relax()
+    }
+    fn cpus(&self) -> Option<&dyn vmalloc::smp::Cpus> {
+        vmalloc::TlbFlush::cpus(self.0)
+    }
+    fn call_on_other_cpus(&self, work: &(dyn Fn() + Sync)) -> bool {
+        self.0.call_on_other_cpus(work);
+        false
+    }
+}
+
+#[test]
+fn a_drain_whose_policy_says_unreached_strands_no_cpus_list() {
+    watchdog(
+        "a_drain_whose_policy_says_unreached_strands_no_cpus_list",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, _, tlb) = scenarios::smp_machine(SimConfig::new(16 << 20).with_cpus(2));
+            let map = machine.memory_map().to_vec();
+            let words = BitmapFrameAllocator::storage_words(map.iter().cloned());
+            let storage: &'static mut [u64] = Box::leak(vec![0; words].into_boxed_slice());
+            let bitmap = BitmapFrameAllocator::with_storage(map, storage).unwrap();
+            let policy: &'static SaysUnreached = Box::leak(Box::new(SaysUnreached(tlb)));
+            let frames: &'static Frames = Box::leak(Box::new(
+                LockedFrameAllocator::with_shootdown(bitmap, policy),
+            ));
+            let total = frames.stats().total;
+            let listed = Barrier::new(2);
+            let done = AtomicBool::new(false);
+            let taken = Mutex::new(Vec::new());
+            machine.on_every_cpu(|cpu| {
+                if cpu.index() == 1 {
+                    // CPU 1 leaves a batch in its list and serves IPIs until CPU 0 ran
+                    // dry; then it takes what it can.
+                    let f = frames.alloc().unwrap();
+                    // SAFETY: a frame the test took and no longer uses.
+                    unsafe { frames.free(f) }.unwrap();
+                    listed.wait();
+                    while !done.load(Ordering::Acquire) {
+                        cpu.poll();
+                        std::thread::yield_now();
+                    }
+                    let mine: Vec<PhysFrame> = std::iter::from_fn(|| frames.alloc()).collect();
+                    taken.lock().unwrap().extend(mine);
+                    return;
+                }
+                listed.wait();
+                let _done = SetOnDrop(&done);
+                let mine: Vec<PhysFrame> = std::iter::from_fn(|| frames.alloc()).collect();
+                taken.lock().unwrap().extend(mine);
+            });
+            // The work ran on CPU 1 and handed its list over: whatever the policy
+            // said, no frame is left out of reach.
+            let taken = taken.into_inner().unwrap();
+            assert_eq!(taken.len() as u64, total, "{:?}", frames.stats());
+            assert_held_exactly(frames, &taken);
+        },
+    );
+}
