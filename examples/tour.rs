@@ -137,8 +137,9 @@ fn main() {
     vm.purge();
     let stats = vm.stats();
     println!(
-        "after purge: {} areas, {} of {} frames free; the manager keeps {} top-level page tables \
-         (made at setup, shared by every address space) and {} frames of bookkeeping",
+        "after purge: {} areas, {} of {} frames free; the manager keeps {} page-table frames \
+         (the top-level tables made at setup, shared by every address space, and the \
+         per-CPU blocks' tables) and {} frames of bookkeeping",
         stats.areas,
         frames.stats().free,
         free_at_boot,

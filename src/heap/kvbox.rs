@@ -30,7 +30,10 @@ impl KernelHeap<'_> {
     ///
     /// # Safety
     ///
-    /// `ptr` was returned by `kvmalloc` on this heap and is not used afterwards.
+    /// `ptr` was returned by `kvmalloc` on this heap, is live, and is not used
+    /// afterwards. Nothing else is checked: the size `kvmalloc` stored before `ptr`
+    /// says which block to free, so any other pointer frees memory that is not its
+    /// caller's.
     #[track_caller]
     pub unsafe fn kvfree(&self, ptr: NonNull<u8>) {
         // SAFETY: `kvmalloc` put the block's size KV_HEADER bytes before `ptr`.
