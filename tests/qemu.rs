@@ -4,8 +4,15 @@
 //! check on the serial port; this test asserts each of them, the set that ran, the
 //! summary and QEMU's exit status. Without `qemu-system-x86_64` the test says so and
 //! passes, unless `VMALLOC_REQUIRE_QEMU=1` (set by `.ci/run`) makes that a failure.
+//!
+//! One check asks QEMU itself: the kernel describes pages of its areas on COM2 (see
+//! `qemu-kernel/src/checks/oracle.rs`), and this test compares each with QEMU's own
+//! walk of the live page tables (the monitor's `info tlb`) and with the physical
+//! memory QEMU says the page is (`xp`).
 
-use std::io::{ErrorKind, Read, Write};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -47,6 +54,7 @@ const REQUIRED_CHECKS: &[&str] = &[
     "nx_faults",
     "second_address_space",
     "ioremap_apic",
+    "qemu_walk_agrees",
     "heap_global_alloc",
     "info_listing_under_global_heap",
     "vmalloc_huge",
@@ -88,9 +96,24 @@ fn qemu_kernel_checks() {
         return;
     }
     let kernel = build_kernel();
-    let (status, serial) = boot(&kernel);
+    let (status, serial, walk) = boot(&kernel);
     println!("{serial}");
     let report = Report::parse(&serial);
+    let walk = walk.unwrap_or_else(|why| panic!("comparing with QEMU's page walk: {why}"));
+    assert!(
+        walk.mismatches.is_empty(),
+        "QEMU's page walk disagrees:\n{}",
+        walk.mismatches.join("\n")
+    );
+    assert!(
+        walk.control_caught,
+        "the control line (a tag no page holds) was not found wrong"
+    );
+    assert!(
+        walk.compared >= 50,
+        "only {} pages compared with QEMU's walk",
+        walk.compared
+    );
 
     let planned = report
         .planned
@@ -226,7 +249,10 @@ fn build_kernel() -> PathBuf {
 /// Boots `kernel` and returns QEMU's exit status and the serial output. Fails the
 /// test, naming the check, if a check reports no result within [`CHECK_TIMEOUT`] or
 /// the whole run outlives [`BOOT_TIMEOUT`].
-fn boot(kernel: &Path) -> (ExitStatus, String) {
+fn boot(kernel: &Path) -> (ExitStatus, String, Result<WalkReport, String>) {
+    let sockets = std::env::temp_dir().join(format!("vmalloc-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(&sockets).expect("socket directory");
+    let (harness, qmp) = (sockets.join("harness"), sockets.join("qmp"));
     let mut qemu = Command::new(QEMU)
         .args([
             "-accel",
@@ -244,6 +270,15 @@ fn boot(kernel: &Path) -> (ExitStatus, String) {
             "-monitor",
             "none",
         ])
+        // COM2 is the kernel's line to this test; QEMU waits until it is connected.
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=harness,path={},server=on,wait=on",
+            harness.display()
+        ))
+        .args(["-serial", "chardev:harness"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .args(["-no-reboot", "-nic", "none"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-kernel")
@@ -257,6 +292,7 @@ fn boot(kernel: &Path) -> (ExitStatus, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start QEMU");
+    let walk = thread::spawn(move || compare_walks(&harness, &qmp));
     let serial = SharedOutput::default();
     let stdout = serial.fill_from(qemu.stdout.take());
     let stderr = SharedOutput::default();
@@ -283,7 +319,250 @@ fn boot(kernel: &Path) -> (ExitStatus, String) {
     if !errors.trim().is_empty() {
         eprintln!("QEMU stderr:\n{errors}");
     }
-    (status, serial)
+    let walk = walk
+        .join()
+        .unwrap_or_else(|_| Err("the comparing thread panicked".into()));
+    let _ = std::fs::remove_dir_all(&sockets);
+    (status, serial, walk)
+}
+
+/// What the comparison with QEMU's page walk found.
+struct WalkReport {
+    /// Pages compared (the control line not counted).
+    compared: usize,
+    /// Each page QEMU's walk or its memory disagrees about, described.
+    mismatches: Vec<String>,
+    /// Whether the control line (a tag no page holds) was found wrong.
+    control_caught: bool,
+}
+
+/// A page as the kernel says QEMU's walk must find it: `walk <va> <tag> <pa>
+/// <flags>`, `-` where it names no tag or frame.
+struct Expected {
+    control: bool,
+    va: u64,
+    tag: Option<u64>,
+    pa: Option<u64>,
+    /// `info tlb`'s flag letters, `?` where any will do; `none`: not mapped.
+    flags: String,
+}
+
+impl Expected {
+    fn parse(line: &str) -> Option<Self> {
+        let (kind, rest) = line.split_once(' ')?;
+        let control = match kind {
+            "walk" => false,
+            "walk-control" => true,
+            _ => return None,
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let [va, tag, pa, flags] = fields[..] else {
+            return None;
+        };
+        let hex = |field: &str| (field != "-").then(|| u64::from_str_radix(field, 16).ok());
+        Some(Self {
+            control,
+            va: hex(va)??,
+            tag: hex(tag).map_or(Some(None), |tag| tag.map(Some))?,
+            pa: hex(pa).map_or(Some(None), |pa| pa.map(Some))?,
+            flags: flags.to_owned(),
+        })
+    }
+}
+
+/// A leaf `info tlb` printed: the physical address it maps and its flag letters.
+struct Leaf {
+    pa: u64,
+    flags: String,
+}
+
+/// Bytes a leaf with `P` (a 2 MiB entry in the kernel's vmalloc region) maps.
+const LARGE_LEAF: u64 = 2 << 20;
+
+/// Serves the kernel's COM2: reads what it expects of each page and, when it waits,
+/// compares with QEMU's walk through the QMP socket, then lets it go on.
+fn compare_walks(harness: &Path, qmp: &Path) -> Result<WalkReport, String> {
+    let stream = connect(harness)?;
+    let mut answer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut expected = Vec::new();
+    let mut report = None;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let line = line.trim_end();
+        if line == "walk-wait" {
+            report = Some(compare(&expected, &mut Qmp::connect(qmp)?)?);
+            answer.write_all(b"g").map_err(|e| e.to_string())?;
+        } else if let Some(page) = Expected::parse(line) {
+            expected.push(page);
+        } else if !line.is_empty() {
+            return Err(format!("unexpected line on COM2: {line:?}"));
+        }
+    }
+    report.ok_or_else(|| "the kernel never asked (no walk-wait on COM2)".into())
+}
+
+/// Connects to a socket QEMU serves, waiting for QEMU to make it.
+fn connect(path: &Path) -> Result<UnixStream, String> {
+    let started = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                thread::sleep(Duration::from_millis(20))
+            }
+            Err(error) => return Err(format!("{}: {error}", path.display())),
+        }
+    }
+}
+
+fn compare(expected: &[Expected], qmp: &mut Qmp) -> Result<WalkReport, String> {
+    let leaves = parse_info_tlb(&qmp.human("info tlb")?);
+    let mut report = WalkReport {
+        compared: 0,
+        mismatches: Vec::new(),
+        control_caught: false,
+    };
+    for page in expected {
+        let wrong = check_page(page, &leaves, qmp)?;
+        match (page.control, wrong) {
+            (true, wrong) => report.control_caught |= wrong.is_some(),
+            (false, Some(why)) => report.mismatches.push(format!("{:#x}: {why}", page.va)),
+            (false, None) => report.compared += 1,
+        }
+    }
+    Ok(report)
+}
+
+/// What is wrong with `page` in QEMU's walk (`leaves`) and memory, if anything.
+fn check_page(
+    page: &Expected,
+    leaves: &BTreeMap<u64, Leaf>,
+    qmp: &mut Qmp,
+) -> Result<Option<String>, String> {
+    let covering = leaves.range(..=page.va).next_back().filter(|(va, leaf)| {
+        let span = if leaf.flags.as_bytes().get(2) == Some(&b'P') {
+            LARGE_LEAF
+        } else {
+            4096
+        };
+        page.va - **va < span
+    });
+    let Some((&leaf_va, leaf)) = covering else {
+        return Ok((page.flags != "none").then(|| "not mapped in QEMU's walk".to_owned()));
+    };
+    if page.flags == "none" {
+        return Ok(Some(format!("mapped in QEMU's walk to {:#x}", leaf.pa)));
+    }
+    let pa = leaf.pa + (page.va - leaf_va);
+    let flags_agree = page.flags.len() == leaf.flags.len()
+        && page
+            .flags
+            .bytes()
+            .zip(leaf.flags.bytes())
+            .all(|(want, got)| want == b'?' || want == got);
+    if !flags_agree {
+        return Ok(Some(format!(
+            "flags {} in QEMU's walk, {} expected",
+            leaf.flags, page.flags
+        )));
+    }
+    if page.pa.is_some_and(|want| want != pa) {
+        return Ok(Some(format!(
+            "QEMU's walk maps it to {pa:#x}, the kernel says {:#x}",
+            page.pa.unwrap_or_default()
+        )));
+    }
+    if let Some(tag) = page.tag {
+        let read = qmp.human(&format!("xp /1gx {pa:#x}"))?;
+        let value = read.split_once(": ").and_then(|(_, value)| {
+            u64::from_str_radix(value.trim().trim_start_matches("0x"), 16).ok()
+        });
+        if value != Some(tag) {
+            return Ok(Some(format!(
+                "the memory QEMU's walk leads to ({pa:#x}) holds {read:?}, not the tag {tag:#x} written through the page"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// `info tlb`'s lines (`<va>: <pa> <flags>`), by virtual address.
+fn parse_info_tlb(text: &str) -> BTreeMap<u64, Leaf> {
+    text.lines()
+        .filter_map(|line| {
+            let (va, rest) = line.trim().split_once(": ")?;
+            let (pa, flags) = rest.trim().split_once(' ')?;
+            let va = u64::from_str_radix(va, 16).ok()?;
+            let pa = u64::from_str_radix(pa, 16).ok()?;
+            Some((
+                va,
+                Leaf {
+                    pa,
+                    flags: flags.trim().to_owned(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// A QMP connection that runs human monitor commands.
+struct Qmp {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Self, String> {
+        let stream = connect(path)?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Self {
+            writer,
+            reader: BufReader::new(stream),
+        };
+        qmp.reply()?; // the greeting
+        qmp.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(qmp)
+    }
+
+    /// The next reply that is not an event.
+    fn reply(&mut self) -> Result<serde_json::Value, String> {
+        loop {
+            let mut line = String::new();
+            if self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?
+                == 0
+            {
+                return Err("QMP closed".into());
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| format!("QMP said {line:?}: {e}"))?;
+            if value.get("event").is_none() {
+                return Ok(value);
+            }
+        }
+    }
+
+    fn execute(&mut self, command: &str) -> Result<serde_json::Value, String> {
+        writeln!(self.writer, "{command}").map_err(|e| e.to_string())?;
+        let reply = self.reply()?;
+        reply
+            .get("return")
+            .cloned()
+            .ok_or_else(|| format!("QMP refused {command}: {reply}"))
+    }
+
+    fn human(&mut self, command: &str) -> Result<String, String> {
+        let request = serde_json::json!({
+            "execute": "human-monitor-command",
+            "arguments": { "command-line": command },
+        });
+        match self.execute(&request.to_string())? {
+            serde_json::Value::String(text) => Ok(text),
+            other => Err(format!("{command}: {other}")),
+        }
+    }
 }
 
 /// What a pipe has delivered so far, readable while a thread keeps filling it.

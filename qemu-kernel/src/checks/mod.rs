@@ -15,6 +15,7 @@ mod infra;
 mod irq;
 mod library;
 mod mappings;
+mod oracle;
 mod poison;
 mod shootdown;
 mod smp;
@@ -78,6 +79,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("nx_faults", faults::nx_faults),
     ("second_address_space", mappings::second_address_space),
     ("ioremap_apic", mappings::ioremap_apic),
+    ("qemu_walk_agrees", oracle::qemu_walk_agrees),
     ("heap_global_alloc", heap::heap_global_alloc),
     (
         "info_listing_under_global_heap",
