@@ -61,6 +61,12 @@ use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicU32, AtomicUsize, Orderi
 /// Operations a CPU serves before it ticks the clock empty slabs age by.
 const TICK_BATCH: u64 = 64;
 
+/// Batches of [`TICK_BATCH`] operations between two looks at a CPU's magazines: one
+/// that took no free since the last look goes back to its slabs (a class the CPU
+/// stopped using, whose objects other CPUs freed, so that its own count of them in
+/// use never dropped to none).
+const MAGAZINE_IDLE_BATCHES: u64 = 16;
+
 /// What anyone may read of a CPU's slabs, written by the slot's holder.
 pub(crate) struct Counts {
     /// The CPU's index, once it took a slab (for its notices).
@@ -97,16 +103,21 @@ const _: () = assert!(MAGAZINE_CLASSES <= CLASSES);
 /// per-CPU magazine, Linux's sheaves), the last freed on top: a free and an
 /// allocation that meet here touch neither the object nor its slab. The objects stay
 /// in use as far as their slabs know (whoever holds them), and go back to their slabs
-/// when the magazine is full, when the CPU's objects of the class in use drop to none
-/// and when the CPU is drained.
+/// when the magazine is full, when the CPU's objects of the class in use drop to none,
+/// when it took no free over [`MAGAZINE_IDLE_BATCHES`] batches of the CPU's heap
+/// calls (a class whose objects other CPUs free: the CPU's own count never drops to
+/// none) and when the CPU is drained.
 pub(crate) struct Magazine {
     count: usize,
+    /// An object went in since the CPU last looked at its idle magazines.
+    pushed: bool,
     objects: [*mut u8; MAGAZINE],
 }
 
 impl Magazine {
     const EMPTY: Self = Self {
         count: 0,
+        pushed: false,
         objects: [ptr::null_mut(); MAGAZINE],
     };
 
@@ -131,6 +142,7 @@ impl Magazine {
             Some(slot) => {
                 *slot = object;
                 self.count += 1;
+                self.pushed = true;
                 true
             }
             None => false,
@@ -262,6 +274,8 @@ pub(crate) struct CpuState {
     classes: [CpuClass; CLASSES],
     /// Operations served since the clock last ticked.
     ticks: u64,
+    /// Batches of operations served since the CPU last looked at its magazines.
+    batches: u64,
     /// Freed objects kept per class, for the first [`MAGAZINE_CLASSES`].
     magazines: [Magazine; MAGAZINE_CLASSES],
 }
@@ -274,6 +288,7 @@ impl Init for CpuState {
     const INIT: Self = Self {
         classes: [const { CpuClass::EMPTY }; CLASSES],
         ticks: 0,
+        batches: 0,
         magazines: [const { Magazine::EMPTY }; MAGAZINE_CLASSES],
     };
 }
@@ -344,7 +359,7 @@ impl CpuSlabs {
             },
         };
         add(&counts.live[class], 1);
-        Self::tick(state, cpu, slabs, vmalloc);
+        Self::tick(state, counts, cpu, slabs, vmalloc);
         NonNull::new(object)
     }
 
@@ -388,7 +403,7 @@ impl CpuSlabs {
                     counts.stocked.store(true, Ordering::Relaxed);
                 }
                 if magazine.push(ptr) {
-                    Self::tick(state, cpu, slabs, vmalloc);
+                    Self::tick(state, counts, cpu, slabs, vmalloc);
                     return true;
                 }
             } else if magazine.count > 0 {
@@ -403,7 +418,7 @@ impl CpuSlabs {
             live.store(left.wrapping_add(1), Ordering::Relaxed);
             return false;
         }
-        Self::tick(state, cpu, slabs, vmalloc);
+        Self::tick(state, counts, cpu, slabs, vmalloc);
         true
     }
 
@@ -424,7 +439,11 @@ impl CpuSlabs {
     /// Whether `ptr` is the object the calling CPU freed last of `class` (what
     /// [`free`](Self::free) refuses for two comparisons): a resize of it is a resize
     /// of a freed object.
-    pub(crate) fn freed_last(
+    ///
+    /// # Safety
+    ///
+    /// As [`Slabs::freed_last`].
+    pub(crate) unsafe fn freed_last(
         &self,
         cpus: &dyn Cpus,
         class: usize,
@@ -434,7 +453,8 @@ impl CpuSlabs {
     ) -> bool {
         let irq = IrqOff::with(cpus);
         let Some(mut slot) = self.enter(cpus, &irq, slabs, vmalloc) else {
-            return slabs.freed_last(class, ptr, vmalloc);
+            // SAFETY: forwarded.
+            return unsafe { slabs.freed_last(class, ptr, vmalloc) };
         };
         Self::on_top(slot.split().1, class, ptr)
     }
@@ -666,10 +686,43 @@ impl CpuSlabs {
 
     /// Counts one operation; every [`TICK_BATCH`] of them tick the aging clock.
     #[inline(always)]
-    fn tick(state: &mut CpuState, cpu: usize, slabs: &Slabs, vmalloc: &dyn VmallocOps) {
+    fn tick(
+        state: &mut CpuState,
+        counts: &Counts,
+        cpu: usize,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) {
         state.ticks += 1;
         if state.ticks >= TICK_BATCH {
             slabs.tick_cpu(cpu, core::mem::take(&mut state.ticks), vmalloc);
+            state.batches += 1;
+            if state.batches >= MAGAZINE_IDLE_BATCHES {
+                state.batches = 0;
+                Self::flush_idle_magazines(state, counts, cpu, slabs, vmalloc);
+            }
+        }
+    }
+
+    /// Gives back the magazines that took no free since the last look.
+    #[cold]
+    #[inline(never)]
+    fn flush_idle_magazines(
+        state: &mut CpuState,
+        counts: &Counts,
+        cpu: usize,
+        slabs: &Slabs,
+        vmalloc: &dyn VmallocOps,
+    ) {
+        for class in 0..MAGAZINE_CLASSES {
+            let Some(magazine) = state.magazines.get_mut(class) else {
+                continue;
+            };
+            let idle = magazine.count > 0 && !magazine.pushed;
+            magazine.pushed = false;
+            if idle {
+                Self::flush_magazine(state, counts, cpu, class, slabs, vmalloc);
+            }
         }
     }
 }

@@ -606,16 +606,23 @@ impl<'a> KernelHeap<'a> {
 
     /// Whether `ptr`, an object of slab `class`, is the object freed last where a
     /// free of it would go (the calling CPU's magazine or current slab, or the
-    /// class's magazine): a resize of it is of a freed object.
-    fn slab_freed_last(&self, class: usize, ptr: *mut u8) -> bool {
+    /// class's magazine or the object's slab): a resize of it is of a freed object.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is a slab object of `class` (live, or freed into a slab still there).
+    unsafe fn slab_freed_last(&self, class: usize, ptr: *mut u8) -> bool {
         let Some(backing) = self.backing.get() else {
             return false;
         };
-        match self.cpus.get() {
-            Some(cpus) => {
-                (self.cpu_slabs).freed_last(*cpus, class, ptr, &self.slabs, backing.vmalloc)
+        // SAFETY: forwarded.
+        unsafe {
+            match self.cpus.get() {
+                Some(cpus) => {
+                    (self.cpu_slabs).freed_last(*cpus, class, ptr, &self.slabs, backing.vmalloc)
+                }
+                None => self.slabs.freed_last(class, ptr, backing.vmalloc),
             }
-            None => self.slabs.freed_last(class, ptr, backing.vmalloc),
         }
     }
 }
@@ -673,7 +680,8 @@ unsafe impl GlobalAlloc for KernelHeap<'_> {
         if !self.owns_small(ptr) {
             if let Some(class) = self.slab_class(layout) {
                 if self.slab_class(new_layout) == Some(class) {
-                    if self.slab_freed_last(class, ptr) {
+                    // SAFETY: a slab object of this layout's class (caller).
+                    if unsafe { self.slab_freed_last(class, ptr) } {
                         // Freed just now: a resize of it is refused, as a free is.
                         self.refused_frees.fetch_add(1, Ordering::Relaxed);
                         return ptr::null_mut();

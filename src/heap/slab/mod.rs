@@ -30,8 +30,8 @@
 //! Callers with no CPU slab meet on the class's lock; a *magazine* (Bonwick's word)
 //! in front of its slabs holds up to 32 freed objects (about 8 KiB of them) for the
 //! next allocations, so a heap whose frees and allocations alternate rarely reaches
-//! the slabs at all. When the class's last object in use comes back, the magazine
-//! goes back whole, so its slabs can empty.
+//! the slabs at all. When the class's last object in use comes back (to its slab,
+//! not the magazine), the magazine goes back whole, so its slabs can empty.
 //!
 //! Empty slabs wait on their class's empty list. While they fit in [`EMPTY_BUDGET`]
 //! they stay; past it, each goes back to vmalloc once the heap has made 16,384
@@ -263,15 +263,35 @@ impl Slabs {
         unsafe { self.free_locked(class, ptr, magazine, true, vmalloc) }
     }
 
-    /// Whether `ptr` is the object freed last into `class`'s magazine (what
-    /// [`free`](Self::free) refuses there).
-    pub(crate) fn freed_last(&self, class: usize, ptr: *mut u8, vmalloc: &dyn VmallocOps) -> bool {
-        let Some(state) = self.classes.get(class) else {
+    /// Whether `ptr`, an object of `class` the caller says is live, is the object
+    /// freed last into the class's magazine or onto its slab's free list, or is in a
+    /// slab the class holds with nothing in use (what [`free`](Self::free) refuses
+    /// there).
+    ///
+    /// # Safety
+    ///
+    /// `ptr`'s slab is live (as a free of `ptr` needs it).
+    pub(crate) unsafe fn freed_last(
+        &self,
+        class: usize,
+        ptr: *mut u8,
+        vmalloc: &dyn VmallocOps,
+    ) -> bool {
+        let (Some(state), Some(geometry)) = (self.classes.get(class), GEOMETRY.get(class)) else {
             return false;
         };
         let state = state.lock(vmalloc);
         let top = state.cached.checked_sub(1);
-        top.and_then(|top| state.magazine.get(top)) == Some(&ptr)
+        if top.and_then(|top| state.magazine.get(top)) == Some(&ptr) {
+            return true;
+        }
+        let slab = slab_of(ptr, geometry);
+        // SAFETY: a live slab (caller); its list and count are read only if the class
+        // holds it, whose lock is held.
+        unsafe {
+            (*slab).remote.holder().is_none()
+                && ((*slab).free == ptr.cast::<FreeObject>() || (*slab).in_use == 0)
+        }
     }
 
     /// Gives `ptr` back to its slab under the class's lock, for a CPU that counted
@@ -312,7 +332,10 @@ impl Slabs {
         if magazine && state.cached > 0 && state.magazine[state.cached - 1] == ptr {
             return false;
         }
-        let to_magazine = magazine && state.cached < geometry.magazine;
+        // The class's last object in use goes to its slab, not the magazine: the
+        // magazine then goes back whole (below), so its slabs can empty.
+        let last = count && state.objects == 1;
+        let to_magazine = magazine && state.cached < geometry.magazine && !last;
         // SAFETY: the object's slab is live while the object is in use (caller); a
         // slab its class holds changes only under the lock held here.
         if to_magazine && unsafe { slab_emptied(slab_of(ptr, geometry)) } {
