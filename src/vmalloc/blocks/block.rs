@@ -341,6 +341,13 @@ impl Block {
     /// is now worth taking by a CPU looking for one.
     pub(super) fn return_freed(&self, first: usize, take_from: usize) -> bool {
         let span = self.freed_span(first);
+        // Counted before the push: the owner subtracts what it takes off the list,
+        // so a count added after could come after the subtraction (and run below
+        // zero, making `available` overflow) when the owner takes the list between.
+        self.returned_pages.fetch_add(span, Ordering::Relaxed);
+        // The unit test's seam: the owner gets to run here.
+        #[cfg(test)]
+        std::thread::yield_now();
         let mut head = self.returned.load(Ordering::Relaxed);
         loop {
             self.next[first].store(head, Ordering::Relaxed);
@@ -354,7 +361,6 @@ impl Block {
                 Err(now) => head = now,
             }
         }
-        self.returned_pages.fetch_add(span, Ordering::Relaxed);
         self.worth_taking(take_from)
     }
 

@@ -51,3 +51,53 @@ fn set_bits_changes_exactly_its_pages_across_words() {
         }
     }
 }
+
+/// The owner carves and takes back what others returned while three CPUs return
+/// its areas: the returned-page count never runs below the list it counts (it was
+/// added after the push, so the owner could take and subtract the pages first, and
+/// `available`, read by every returner, overflowed), and at the end every page is
+/// free again.
+#[test]
+fn returned_pages_never_run_below_the_returned_list() {
+    use super::{BLOCK_PAGES, Block};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    const ROUNDS: usize = 200_000;
+    let block = Block::new(0, 0);
+    let done = AtomicBool::new(false);
+    let caller = core::panic::Location::caller();
+    std::thread::scope(|scope| {
+        let mut lines = std::vec::Vec::new();
+        for _ in 0..3 {
+            let (send, receive) = mpsc::sync_channel::<usize>(64);
+            lines.push(send);
+            let (block, done) = (&block, &done);
+            scope.spawn(move || {
+                while let Ok(first) = receive.recv() {
+                    assert!(block.claim_free(first, 1));
+                    let _ = block.return_freed(first, 1);
+                    let _ = block.worth_taking(1);
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+        }
+        let mut sent = 0;
+        while sent < ROUNDS {
+            // SAFETY: this thread is the owner, and holds no other bitmap reference.
+            match unsafe { block.carve(2) } {
+                Some(first) => {
+                    assert!(block.available() <= BLOCK_PAGES);
+                    block.record(first, 1, false, caller);
+                    lines[sent % 3].send(first).unwrap();
+                    sent += 1;
+                }
+                None => std::thread::yield_now(),
+            }
+        }
+        drop(lines);
+    });
+    assert!(done.load(Ordering::Relaxed));
+    // SAFETY: the owner again, every returner gone.
+    unsafe { block.take_returned() };
+    assert_eq!(block.available(), BLOCK_PAGES);
+}
