@@ -552,3 +552,50 @@ fn purge_waits_for_its_own_cache_held_by_another_cpus_drain() {
         );
     });
 }
+
+/// CPUs 1 and 2 each take a block for one small area and go offline; the tree's
+/// space is then filled. A small area on CPU 0 still comes: running out of virtual
+/// space empties every CPU's cache and tries again, as running out of frames does
+/// (an offline CPU's block is taken back by claim), as Linux purges and retries.
+#[test]
+fn running_out_of_space_takes_blocks_back_from_other_cpus() {
+    watchdog(
+        "running_out_of_space_takes_blocks_back_from_other_cpus",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(3);
+            let config = vmalloc::VmallocConfig {
+                size: 256 << 20,
+                ..cached()
+            };
+            // SAFETY: the machine's page tables serve this manager alone, and its flush
+            // reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, config) };
+            let held = Mutex::new(Vec::new());
+            machine.on_every_cpu(|cpu| {
+                if cpu.index() != 0 {
+                    held.lock().unwrap().push(addr(vm.vmalloc(PAGE).unwrap()));
+                }
+            });
+            let mut reserved = Vec::new();
+            let mut size = 128 << 20;
+            while size >= PAGE {
+                match vm.reserve(size, &VmOptions::default()) {
+                    Ok(area) => reserved.push(area),
+                    Err(_) => size /= 2,
+                }
+            }
+            let before = vm.stats();
+            assert!(before.block_free_bytes > 0, "{before:?}");
+            let area = vm.vmalloc(PAGE);
+            assert!(area.is_ok(), "{area:?} with {before:?}");
+            let held = held.into_inner().unwrap();
+            let pointers = (area.into_iter().chain(reserved).map(|area| area.as_ptr()))
+                .chain(held.iter().map(|at| at.as_mut_ptr()));
+            // SAFETY: the test's own areas, not used again.
+            pointers.for_each(|ptr| unsafe { vm.vfree(ptr) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
+    );
+}

@@ -226,9 +226,8 @@ where
         let flags = options.prot.leaf_flags()?;
         let zero = options.flags.contains(VmFlags::ZERO);
         self.settle();
-        if Self::fits_a_block(options)
-            && let Some(ptr) = self.alloc_in_block(pages, flags, zero, caller)
-        {
+        let in_block = Self::fits_a_block(options);
+        if in_block && let Some(ptr) = self.alloc_in_block(pages, flags, zero, caller) {
             return Ok(ptr);
         }
         let mut record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
@@ -236,7 +235,7 @@ where
         if huge::wants_huge(size as u64, options) {
             return self.vmalloc_huge_area(record, pages, zero);
         }
-        self.transact(|cx| {
+        let made = self.transact(|cx| {
             let start = cx.create_area(record, align)?;
             if let Err(error) = cx.back_pages(start, 0..pages, flags, zero) {
                 cx.remove_area(start);
@@ -244,7 +243,15 @@ where
             }
             cx.inner().data_frames += pages;
             Ok(as_ptr(start))
-        })
+        });
+        // No block to take and the tree full: the blocks other CPUs hold (an offline
+        // CPU's, one whose areas were freed) may have room once every cache hands
+        // its block back, as Linux purges and retries before it gives up.
+        if in_block && made == Err(Error::OutOfVirtualSpace) && self.drain_cpu_caches() {
+            return (self.alloc_in_block(pages, flags, zero, caller))
+                .ok_or(Error::OutOfVirtualSpace);
+        }
+        made
     }
 
     /// Frees an area made by `vmalloc`/`vzalloc`/`vmalloc_with` (or [`reserve`]): its

@@ -46,7 +46,10 @@
 //! gives their frames back to the allocator and hands their blocks back (Linux's
 //! `drain_all_pages`). A cache that cannot be reached now (no flush policy that runs
 //! work on other CPUs, or its owner inside a call of its own) empties itself at its
-//! owner's next call. The zone itself stays reserved while the manager lives.
+//! owner's next call. A small area that finds no block to take and the tree's
+//! space full does the same, then tries the blocks again: a block other CPUs held (an
+//! offline CPU's, one whose areas were freed) may have room. The zone itself stays
+//! reserved while the manager lives.
 //!
 //! # What callers see
 //!
