@@ -587,6 +587,11 @@ fn running_out_of_space_takes_blocks_back_from_other_cpus() {
             }
             let before = vm.stats();
             assert!(before.block_free_bytes > 0, "{before:?}");
+            // An area the blocks do not serve fails and changes nothing: the caches
+            // stay (no drain for a request they could not meet).
+            let large = (MAX_BLOCK_PAGES as usize + 1) * PAGE;
+            assert_eq!(vm.vmalloc(large), Err(Error::OutOfVirtualSpace));
+            assert_eq!(vm.stats(), before);
             let area = vm.vmalloc(PAGE);
             assert!(area.is_ok(), "{area:?} with {before:?}");
             let held = held.into_inner().unwrap();

@@ -226,7 +226,7 @@ where
         let flags = options.prot.leaf_flags()?;
         let zero = options.flags.contains(VmFlags::ZERO);
         self.settle();
-        let in_block = Self::fits_a_block(options);
+        let in_block = Self::fits_a_block(options) && self.blocks_take(pages, flags);
         if in_block && let Some(ptr) = self.alloc_in_block(pages, flags, zero, caller) {
             return Ok(ptr);
         }

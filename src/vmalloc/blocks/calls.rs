@@ -38,10 +38,7 @@ where
         zero: bool,
         caller: &'static Location<'static>,
     ) -> Option<NonNull<u8>> {
-        // Executable areas (rare: module text) go to the tree, whose walk refuses
-        // them below a boot loader's no-execute upper entry.
-        let data = flags.contains(PageTableFlags::NO_EXECUTE);
-        if self.blocks.count == 0 || pages > MAX_BLOCK_PAGES || !data {
+        if !self.blocks_take(pages, flags) {
             return None;
         }
         // The whole call, frame allocator calls included, with interrupts held off;
@@ -60,6 +57,14 @@ where
             self.close_if_unused(counters, owned);
         }
         made
+    }
+
+    /// Whether an area of `pages` pages with `flags` is one the blocks serve: small
+    /// data. Executable areas (rare: module text) go to the tree, whose walk refuses
+    /// them below a boot loader's no-execute upper entry.
+    pub(in crate::vmalloc) fn blocks_take(&self, pages: u64, flags: PageTableFlags) -> bool {
+        let data = flags.contains(PageTableFlags::NO_EXECUTE);
+        self.blocks.count > 0 && pages <= MAX_BLOCK_PAGES && data
     }
 
     /// [`alloc_in_block`](Self::alloc_in_block) once the CPU's state is open.
