@@ -239,3 +239,70 @@ fn bad_windows_are_refused_and_leave_the_tables_alone() {
     let beyond = phys.phys_to_virt(PhysAddr::new(3 << 30));
     assert!(VirtAddr::try_new(beyond as u64).is_err());
 }
+
+/// The window's PDPT entries (one PD per GiB), read from the machine's tables.
+fn window_pdpt_entries(machine: &SimMachine, window: PageTableIndex, gibs: u64) -> Vec<u64> {
+    let pml4e = root_entry(machine, window);
+    assert_ne!(pml4e, 0, "the window's PML4 entry is gone");
+    let pdpt = PhysAddr::new(pml4e & 0x000f_ffff_ffff_f000);
+    (0..gibs)
+        .map(|gib| {
+            let mut bytes = [0; 8];
+            machine.read_phys(pdpt + gib * 8, &mut bytes);
+            u64::from_le_bytes(bytes)
+        })
+        .collect()
+}
+
+/// A `PageTableMapper` over the machine's tables cleaning up, the whole address
+/// space and the window's slot alone, frees none of the window's tables (empty until
+/// `phys_to_virt` reaches their GiB, made up front so that it never needs a frame):
+/// a GiB reached afterwards is mapped through its own PD, whose frame nobody else
+/// got (it was freed, and `phys_to_virt` wrote a 2 MiB entry into its next owner).
+#[test]
+fn clean_up_keeps_the_windows_tables() {
+    use vmalloc::frame::MapperFrames;
+    use vmalloc::paging::{PageTableMapper, PageTables};
+    use x86_64::structures::paging::Page;
+    use x86_64::structures::paging::mapper::CleanUp;
+    const TOP: u64 = 3 << 30;
+    let (machine, recursive, window) = machine();
+    let frames = machine.frames();
+    // SAFETY: the recursive entry is in place, the window slot unused.
+    let phys =
+        unsafe { RecursivePhysMemory::new(recursive, window, TOP, &mut Few(&machine, &frames, 9)) }
+            .unwrap();
+    let entries = window_pdpt_entries(&machine, window, 3);
+    assert!(entries.iter().all(|&entry| entry != 0), "{entries:x?}");
+    // SAFETY: the machine's tables are this mapper's alone.
+    let mut mapper = PageTableMapper::new(unsafe { PageTables::new(machine.root(), &phys) });
+    let free = frames.stats().free;
+    let slot = Page::range_inclusive(
+        Page::containing_address(phys.window()),
+        Page::containing_address(phys.window() + (SLOT - PAGE_SIZE)),
+    );
+    // SAFETY: every table came from `frames`, used once; the window's are marked to
+    // stay.
+    unsafe {
+        mapper.clean_up_addr_range(slot, &mut MapperFrames(&frames));
+        mapper.clean_up(&mut MapperFrames(&frames));
+    }
+    vmalloc::TlbFlush::flush_all(&&machine);
+    assert_eq!(window_pdpt_entries(&machine, window, 3), entries);
+    assert_eq!(frames.stats().free, free, "clean-up freed a window table");
+    // GiB 2, untouched so far, is reached through its own PD.
+    let addr = PhysAddr::new((2 << 30) + (6 << 20));
+    let ptr = phys.phys_to_virt(addr);
+    let t = machine
+        .translate(VirtAddr::from_ptr(ptr), Access::READ)
+        .unwrap();
+    assert_eq!(t.phys(), addr);
+    let pd = PhysAddr::new(entries[2] & 0x000f_ffff_ffff_f000);
+    let mut entry = [0; 8];
+    machine.read_phys(pd + 3 * 8, &mut entry);
+    assert_ne!(
+        u64::from_le_bytes(entry),
+        0,
+        "the 2 MiB entry is in the window's PD"
+    );
+}

@@ -617,7 +617,7 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// entry (once their own empty tables are gone), giving each frame to
     /// `frame_deallocator`, as `OffsetPageTable` does; the root stays. Tables marked
     /// [`CREATED`](super::CREATED) are this crate's (its range calls made them from
-    /// their `FrameSource`): they stay, for
+    /// their `FrameSource`): they stay (as those marked [`KEPT`](super::KEPT) do), for
     /// [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
     /// came from, and the caller's tables below them are freed as any other. Flush
     /// the whole TLB afterwards: its paging-structure caches may
@@ -628,7 +628,10 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// As the `x86_64` crate asks: each table frame is used once, in these tables
     /// alone, and comes from the allocator `frame_deallocator` gives it back to; and
     /// nothing keeps an empty table for later (a [`Vmalloc`](crate::Vmalloc) over
-    /// these tables keeps its per-CPU blocks' tables while they are empty).
+    /// these tables keeps its per-CPU blocks' tables while they are empty). Tables
+    /// whose entry carries [`KEPT`](super::KEPT) (a
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's) and a
+    /// recursive entry are left alone.
     unsafe fn clean_up_addr_range<D>(
         &mut self,
         range: PageRangeInclusive,
@@ -643,22 +646,25 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
             range.start.start_address().as_u64(),
             range.end.start_address().as_u64(),
         );
+        let root = self.tables.root.start_address();
         // SAFETY: the root is a valid table (`PageTables::new`); the caller's promise.
-        unsafe { self.clean_table(self.root(), 4, 0, span, frame_deallocator) };
+        unsafe { self.clean_table(root, 4, 0, span, frame_deallocator) };
     }
 }
 
 impl<M: PhysMemory> PageTableMapper<M> {
-    /// Frees the empty tables below `table` (at `level`, 4 = PML4; its first entry
-    /// maps from `base`) that serve only pages in `first..=last`; whether `table`
-    /// holds no entry afterwards. The recursion is at most three deep.
+    /// Frees the empty tables below the table at `at` (at `level`, 4 = PML4; its
+    /// first entry maps from `base`) that serve only pages in `first..=last`; whether
+    /// the table holds no entry afterwards. The recursion is at most three deep: an
+    /// entry that maps its own table (a recursive entry) is no table below it, and
+    /// is left alone, as `x86_64`'s `RecursivePageTable` leaves it.
     ///
     /// # Safety
     ///
-    /// `table` is reachable through `phys`; as `CleanUp::clean_up_addr_range`.
+    /// The table is reachable through `phys`; as `CleanUp::clean_up_addr_range`.
     unsafe fn clean_table<D>(
         &self,
-        table: *mut PageTable,
+        at: PhysAddr,
         level: usize,
         base: u64,
         (first, last): (u64, u64),
@@ -667,6 +673,7 @@ impl<M: PhysMemory> PageTableMapper<M> {
     where
         D: FrameDeallocator<Size4KiB>,
     {
+        let table = table_at(&self.tables.phys, at);
         if level > 1 {
             let shift = 12 + 9 * (level - 1);
             let index = |addr: u64| (addr >> shift) as usize & 511;
@@ -677,20 +684,22 @@ impl<M: PhysMemory> PageTableMapper<M> {
                 let flags = PageTableFlags::from_bits_retain(raw);
                 // Below this crate's tables too: the caller's tables there are the
                 // caller's to free.
+                let below = PhysAddr::new(raw & ADDR_MASK);
                 let walkable = flags.contains(PageTableFlags::PRESENT)
-                    && !flags.contains(PageTableFlags::HUGE_PAGE);
+                    && !flags.contains(PageTableFlags::HUGE_PAGE)
+                    && below != at;
                 if !walkable {
                     continue;
                 }
                 // Canonical: the top level's upper half is sign-extended.
                 let start = VirtAddr::new_truncate(base + ((i as u64) << shift)).as_u64();
                 let end = start + ((1 << shift) - PAGE_SIZE);
-                let below = table_at(&self.tables.phys, PhysAddr::new(raw & ADDR_MASK));
                 let part = (first.max(start), last.min(end));
                 // SAFETY: a present table entry holds a reachable table.
                 let empty =
                     unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) };
-                if empty && !flags.contains(super::CREATED) {
+                let kept = flags.intersects(super::CREATED | super::KEPT);
+                if empty && !kept {
                     let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
                     // SAFETY: an entry of a reachable table; nothing borrows it. The
                     // table below it is empty and serves no other address (caller).

@@ -98,6 +98,11 @@ pub const DETACHED: PageTableFlags = PageTableFlags::BIT_9;
 /// so may free when it is empty (see the [module documentation](self#whose-tables)).
 pub const CREATED: PageTableFlags = PageTableFlags::BIT_10;
 
+/// The software-available bit of an upper entry whose table stays while it is empty:
+/// no clean-up frees it (a [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory)
+/// window's tables, made up front so that reaching memory never needs a frame).
+pub const KEPT: PageTableFlags = PageTableFlags::BIT_11;
+
 /// Start of the upper canonical half.
 const UPPER_HALF: u64 = 0xffff_8000_0000_0000;
 /// Bits of an entry that hold a physical address.

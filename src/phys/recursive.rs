@@ -1,5 +1,6 @@
 //! Physical memory mapped on demand through a recursive PML4 entry.
 
+use crate::paging::KEPT;
 use crate::{Error, PhysMemory};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::structures::paging::{
@@ -128,7 +129,8 @@ impl RecursivePhysMemory {
         for slot in &mut frames[..=gibs] {
             *slot = Some(tables.allocate_frame().ok_or(Error::OutOfFrames)?);
         }
-        let table_flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+        // KEPT: no clean-up frees a window table while it is empty.
+        let table_flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | KEPT;
         let link = |entry: *mut u64, frame: PhysFrame, table: *mut u64| {
             let value = frame.start_address().as_u64() | table_flags.bits();
             // SAFETY: `entry` is a zero entry of a table reached through the
