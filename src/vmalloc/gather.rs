@@ -63,15 +63,20 @@ impl Stale {
             self.all = true;
             return;
         };
-        self.pages = self.pages.saturating_add(range.len());
         if self.len < RANGES {
+            self.pages = self.pages.saturating_add(range.len());
             self.ranges[self.len] = range;
             self.len += 1;
             return;
         }
+        // The rest merge into the last range, whose span (gaps included) is what a
+        // range flush of it costs.
         let last = &mut self.ranges[RANGES - 1];
         match RangeFlush::from_range(*last).merge(flush).range() {
-            Some(range) => *last = range,
+            Some(merged) => {
+                self.pages = (self.pages - last.len()).saturating_add(merged.len());
+                *last = merged;
+            }
             None => self.all = true,
         }
     }
@@ -385,6 +390,27 @@ mod test {
             seen.last().copied(),
             Some(tlb.range_calls() + tlb.full_calls())
         );
+    }
+
+    /// Past 16 ranges the rest merge into the last, whose span covers the gaps
+    /// between them: a batch handed to `flush_ranges` stays within the ceiling with
+    /// the merged span counted (20 one-page ranges a GiB apart counted 20 pages, and
+    /// went as ranges of some 4 GiB of pages: one `invlpg` each to a policy that
+    /// trusts the ceiling), else it is one full flush.
+    #[test]
+    fn merged_ranges_count_their_whole_span_against_the_ceiling() {
+        let tlb = CountingFlush::with_ceiling(64);
+        let far_apart = (0..20u64).map(|i| {
+            let start = Page::containing_address(VirtAddr::new(0xffff_c900_0000_0000 + (i << 30)));
+            RangeFlush::from_range(Page::range(start, start + 1))
+        });
+        flush_all_of(&tlb, far_apart);
+        assert!(
+            tlb.range_pages() <= 64,
+            "{} pages as ranges",
+            tlb.range_pages()
+        );
+        assert_eq!((tlb.range_calls(), tlb.full_calls()), (0, 1));
     }
 
     #[test]
