@@ -192,3 +192,31 @@ fn threads_share_one_manager_with(cpu_caches: bool) {
         );
     }
 }
+
+/// `vunmap`'s callback runs without the lock and may call the manager: what
+/// `stats()` counts there agrees with what `areas()` lists (the area being unmapped
+/// is in neither; it was counted, not listed).
+#[test]
+fn stats_and_the_listing_agree_inside_vunmaps_callback() {
+    let machine = vmalloc_sim::SimMachine::new(vmalloc_sim::SimConfig::new(64 << 20));
+    let frames = machine.frames();
+    // SAFETY: the machine's page tables serve this manager alone.
+    let vm = unsafe { vmalloc_sim::scenarios::manager(&machine, &frames, false) };
+    let _keep = vm.vmalloc(20 * 4096).unwrap();
+    let mut lent = vec![PhysFrame::containing_address(PhysAddr::zero()); 3];
+    assert_eq!(frames.alloc_frames(&mut lent), 3);
+    // SAFETY: the frames are the test's, used nowhere else.
+    let mapped = unsafe { vm.vmap(&lent, Prot::KERNEL_RW) }.unwrap();
+    let listed = || vm.areas().filter(|area| area.tag != "vmap_blocks").count() as u64;
+    assert_eq!(vm.stats().areas, listed());
+    let mut seen = Vec::new();
+    // SAFETY: the mapping is not used again.
+    unsafe { vm.vunmap(mapped.as_ptr(), |_| seen.push((vm.stats().areas, listed()))) }.unwrap();
+    assert_eq!(seen.len(), 3);
+    for (counted, listed) in seen {
+        assert_eq!(counted, listed, "stats().areas vs areas() inside on_frame");
+    }
+    assert_eq!(vm.stats().areas, listed());
+    // SAFETY: the frames came back through the callback's order; the test's again.
+    unsafe { frames.free_frames(&lent) }.unwrap();
+}

@@ -36,7 +36,8 @@ where
             used: size - inner.space.free_total() - inner.purge.bytes - blocks.free_bytes,
             pending_purge_bytes: inner.purge.bytes,
             largest_free: inner.space.largest_free(),
-            areas: inner.areas.len() as u64 - zone_record + blocks.areas,
+            // An area being unmapped is in no listing: not counted either.
+            areas: inner.areas.len() as u64 - zone_record - inner.dying + blocks.areas,
             data_frames: inner.data_frames + blocks.data_frames,
             huge_mappings: inner.huge_mappings,
             page_table_frames: inner.page_table_frames,

@@ -37,6 +37,8 @@ pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     /// 2 MiB mappings among the data frames.
     pub(super) huge_mappings: u64,
     pub(super) purges: u64,
+    /// `vmap` areas being unmapped: still in `areas`, in no lookup or listing.
+    pub(super) dying: u64,
     /// Deferred frees whose pointer `vfree` would have refused.
     pub(super) deferred_refused: u64,
 }
@@ -338,6 +340,7 @@ where
     /// busy, for [`reclaim_chunk`](Self::reclaim_chunk) to hand out.
     pub(super) fn start_unmapping(&mut self, start: VirtAddr, pages: u64) {
         self.record_mut(start).dying = true;
+        self.guard.dying += 1;
         let range = page_range(start, 0..pages);
         if !range.is_empty() {
             let mut gather = self.vm.gather();
@@ -368,6 +371,7 @@ where
         let mut gather = self.vm.gather();
         gather.sweep_tables(&mut self.guard.tables, page_range(start, 0..pages));
         self.guard.page_table_frames -= gather.finish();
+        self.guard.dying -= 1;
         self.remove_area(start);
     }
 

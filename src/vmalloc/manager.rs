@@ -121,6 +121,7 @@ where
             data_frames: 0,
             huge_mappings: 0,
             purges: 0,
+            dying: 0,
             deferred_refused: 0,
         };
         let mut vm = Self {
