@@ -52,8 +52,9 @@ pub enum FaultSite {
         past_end: u64,
     },
     /// An area freed whose range is not reused yet (its guard page included): one
-    /// waiting for the purge, or in a per-CPU block that has not carved its range
-    /// again since (its flush may be done). A use after free.
+    /// waiting for the purge, or in a per-CPU block until the flush that covers it
+    /// lands on the block's owner (a range another CPU freed: until the owner's
+    /// next carve takes it back). A use after free.
     Freed {
         /// The area as it was.
         area: AreaInfo,
@@ -63,8 +64,8 @@ pub enum FaultSite {
         offset: u64,
     },
     /// In the manager's region but in no area: never allocated, or freed and
-    /// purged from the tree (a per-CPU block's freed range reads [`Freed`](Self::Freed)
-    /// until the block carves it again).
+    /// purged (from the tree, or a per-CPU block's range once it is free in the
+    /// block again: see [`Freed`](Self::Freed)).
     Unmapped,
     /// Outside the manager's region.
     Outside,

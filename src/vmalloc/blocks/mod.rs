@@ -56,7 +56,8 @@
 //! Areas in blocks behave as other `vmalloc` areas for `vfree`, `vfree_atomic`,
 //! `vrealloc` (which shrinks them in place and copies them to grow), `set_prot`,
 //! `vmalloc_to_frame`, `find_vm_area`, fault diagnosis (a freed one is a use after
-//! free until its block carves the range again) and listings, which show the zone as
+//! free until its range is free in its block again, as a tree area is until the
+//! purge) and listings, which show the zone as
 //! one line followed by the areas in it. [`VmallocStats`](super::VmallocStats) counts
 //! them in `block_areas` and `data_frames`, the frames of their frees waiting for a
 //! flush in `pending_purge_pages` and `pending_purge_frames` (their ranges are the
