@@ -68,7 +68,9 @@ pub(crate) struct AreaRecord {
     pub guard: bool,
     /// Leaf flags the area is mapped with.
     pub flags: PageTableFlags,
-    /// For `Ioremap`: the physical address the area starts at (page-aligned).
+    /// For `Ioremap`: the physical address `ioremap` was given, which the pointer
+    /// it returned maps (its offset in the page is the pointer's, not the area's
+    /// page-aligned start's).
     pub phys: PhysAddr,
     /// Alignment the area was made with, kept for moves by `vrealloc`.
     pub align: u64,
@@ -143,7 +145,8 @@ pub struct AreaInfo {
     pub huge_mappings: u64,
     /// Which call made it.
     pub kind: AreaKind,
-    /// The physical start of an `ioremap` area.
+    /// The physical address an `ioremap` area was made for: the one the pointer
+    /// `ioremap` returned maps (not page-aligned when that pointer is not).
     pub phys: Option<PhysAddr>,
     /// Unmapped bytes before the mapped ones (a stack's guard below).
     pub lead: u64,
