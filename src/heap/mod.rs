@@ -177,6 +177,11 @@ pub struct HeapStats {
 /// HEAP.init(VMALLOC.get().unwrap())?;
 /// ```
 ///
+/// It holds every CPU's slabs and magazines, on cache lines of their own, for up to
+/// [`MAX_CPUS`](crate::smp::MAX_CPUS) CPUs: some 300 KiB, at home in a `static` (or a
+/// `Box`), not on a kernel stack; a debug build's test thread with two on its stack
+/// runs out of its 2 MiB.
+///
 /// On the host, as a plain object over a simulated machine whose host window makes
 /// vmalloc memory dereferenceable:
 ///
