@@ -10,7 +10,7 @@ use super::{Ctx, SpareSlot, ensure, spare_region};
 use crate::fault::probe_read;
 use crate::mm;
 use crate::smp::{self, on_each_cpu};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use vmalloc::frame::{BitmapFrameAllocator, LockedFrameAllocator};
 use vmalloc::tlb::{InvlpgFlush, TlbFlush};
 use vmalloc::vmalloc::Vmalloc;
@@ -116,7 +116,7 @@ unsafe impl FrameSource for PoisoningFrames {
 /// A manager of the check's own over [`PoisoningFrames`].
 pub type PoisonedManager<T> = Vmalloc<PoisoningFrames, OffsetPhysMemory, T>;
 
-/// What CPU 1 read from an area's page while CPU 0 freed and purged it.
+/// What the reading CPUs read from an area's page while CPU 0 freed and purged it.
 #[derive(Clone, Copy, Default)]
 struct Reads {
     /// The area's own data (before the purge, through the cached translation).
@@ -130,15 +130,27 @@ struct Reads {
     after_purge: u64,
 }
 
-/// Reads CPU 1 makes at least after the purge returned, so a stale translation
-/// has every chance to show.
+impl Reads {
+    fn add(&mut self, other: &Reads) {
+        self.old += other.old;
+        self.poison += other.poison;
+        self.other += other.other;
+        self.faults += other.faults;
+        self.after_purge += other.after_purge;
+    }
+}
+
+/// Reads each reading CPU makes at least after the purge returned, so a stale
+/// translation has every chance to show.
 const READS_AFTER_PURGE: u64 = 2000;
 /// Spins CPU 0 waits for those reads before it calls the round failed.
 const WAIT_SPINS: u64 = 200_000_000;
+/// CPUs the check follows (the kernel boots fewer).
+const CPUS: usize = 8;
 
-/// CPU 1 reads a page of a fresh area again and again (its TLB holds the
+/// Every other CPU reads a page of a fresh area again and again (each TLB holds the
 /// translation); CPU 0 `vfree`s and purges the area, which poisons its frame, and
-/// stops CPU 1 once it has read [`READS_AFTER_PURGE`] times after the purge.
+/// stops them once each has read [`READS_AFTER_PURGE`] times after the purge.
 fn reads_while_freed<T: TlbFlush + Sync>(vm: &PoisonedManager<T>) -> Result<Reads, &'static str> {
     let area = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?.as_ptr();
     let words = area.cast::<u64>();
@@ -147,14 +159,42 @@ fn reads_while_freed<T: TlbFlush + Sync>(vm: &PoisonedManager<T>) -> Result<Read
         unsafe { words.add(index).write_volatile(OLD_DATA) };
     }
     let at = VirtAddr::from_ptr(area);
-    let cached = AtomicBool::new(false);
+    let readers = smp::online().iter().filter(|&cpu| cpu != 0 && cpu < CPUS).count();
+    let cached = AtomicUsize::new(0);
     let purged = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
-    let after_purge = AtomicU64::new(0);
+    let after_purge = [const { AtomicU64::new(0) }; CPUS];
     let reads = spin::Mutex::new(Reads::default());
     let error = spin::Mutex::new(Ok(()));
     on_each_cpu(&|cpu| match cpu {
-        1 => {
+        0 => {
+            while cached.load(Ordering::Acquire) < readers {
+                core::hint::spin_loop();
+            }
+            // SAFETY: the area is this check's; the other CPUs only probe it, which
+            // is harmless after the free.
+            let freed = unsafe { vm.vfree(at.as_mut_ptr()) };
+            vm.purge();
+            purged.store(true, Ordering::Release);
+            let read_enough = || {
+                (1..CPUS).all(|reader| {
+                    !smp::online().contains(reader)
+                        || after_purge[reader].load(Ordering::Acquire) >= READS_AFTER_PURGE
+                })
+            };
+            let mut spins = 0;
+            while !read_enough() && spins < WAIT_SPINS {
+                spins += 1;
+                core::hint::spin_loop();
+            }
+            stop.store(true, Ordering::Release);
+            if freed.is_err() {
+                *error.lock() = Err("vfree failed");
+            } else if spins == WAIT_SPINS {
+                *error.lock() = Err("a CPU stopped reading after the purge");
+            }
+        }
+        reader if reader < CPUS => {
             let mut seen = Reads::default();
             loop {
                 let late = purged.load(Ordering::Acquire);
@@ -166,48 +206,30 @@ fn reads_while_freed<T: TlbFlush + Sync>(vm: &PoisonedManager<T>) -> Result<Read
                     Ok(_) => seen.other += 1,
                     Err(_) => seen.faults += 1,
                 }
-                cached.store(true, Ordering::Release);
+                if seen.old + seen.poison + seen.other + seen.faults == 1 {
+                    cached.fetch_add(1, Ordering::Release);
+                }
                 if late {
                     seen.after_purge += 1;
-                    after_purge.store(seen.after_purge, Ordering::Release);
+                    after_purge[reader].store(seen.after_purge, Ordering::Release);
                 }
                 if stop.load(Ordering::Acquire) {
                     break;
                 }
             }
-            *reads.lock() = seen;
-        }
-        0 => {
-            while !cached.load(Ordering::Acquire) {
-                core::hint::spin_loop();
-            }
-            // SAFETY: the area is this check's; CPU 1 only probes it, which is
-            // harmless after the free.
-            let freed = unsafe { vm.vfree(at.as_mut_ptr()) };
-            vm.purge();
-            purged.store(true, Ordering::Release);
-            let mut spins = 0;
-            while after_purge.load(Ordering::Acquire) < READS_AFTER_PURGE && spins < WAIT_SPINS {
-                spins += 1;
-                core::hint::spin_loop();
-            }
-            stop.store(true, Ordering::Release);
-            if freed.is_err() {
-                *error.lock() = Err("vfree failed");
-            } else if spins == WAIT_SPINS {
-                *error.lock() = Err("CPU 1 stopped reading after the purge");
-            }
+            reads.lock().add(&seen);
         }
         _ => {}
     });
     error.into_inner()?;
     let reads = reads.into_inner();
-    ensure(reads.old > 0, "CPU 1 never read the live area")?;
+    ensure(readers > 0, "no other CPU to read")?;
+    ensure(reads.old > 0, "no CPU read the live area")?;
     Ok(reads)
 }
 
 /// Runs `rounds` of [`reads_while_freed`] on a manager over [`PoisoningFrames`] in
-/// `slot` with the flush `tlb`, stopping early once CPU 1 read the poison; returns
+/// `slot` with the flush `tlb`, stopping early once a CPU read the poison; returns
 /// the reads of all rounds added up. The manager gives every frame back when dropped.
 fn poison_rounds<T: TlbFlush + Sync>(
     ctx: &Ctx,
@@ -239,11 +261,7 @@ fn poison_rounds<T: TlbFlush + Sync>(
                 return Err(why);
             }
         };
-        total.old += reads.old;
-        total.poison += reads.poison;
-        total.other += reads.other;
-        total.faults += reads.faults;
-        total.after_purge += reads.after_purge;
+        total.add(&reads);
         if total.poison > 0 {
             break;
         }
@@ -256,8 +274,8 @@ fn poison_rounds<T: TlbFlush + Sync>(
     Ok(total)
 }
 
-/// With the shootdown, CPU 1 reading a page of an area while CPU 0 frees and purges
-/// it reads the area's data, then faults; never the poison its frame holds from
+/// With the shootdown, every other CPU reading a page of an area while CPU 0 frees
+/// and purges it reads the area's data, then faults; never the poison its frame holds from
 /// the moment it is back in the frame allocator. Without and with the per-CPU caches.
 pub fn smp_freed_frame_poison_unseen(ctx: &mut Ctx) -> Outcome {
     let ipis = smp::TLB.stats().ipis;
@@ -266,18 +284,18 @@ pub fn smp_freed_frame_poison_unseen(ctx: &mut Ctx) -> Outcome {
         (SpareSlot::PoisonShootdownCpuCaches, true),
     ] {
         let reads = poison_rounds(ctx, slot, cpu_caches, &smp::TLB, 4)?;
-        ensure(reads.poison == 0, "CPU 1 read the poison of a freed frame")?;
-        ensure(reads.other == 0, "CPU 1 read neither the data nor a fault")?;
+        ensure(reads.poison == 0, "a CPU read the poison of a freed frame")?;
+        ensure(reads.other == 0, "a CPU read neither the data nor a fault")?;
         ensure(
             reads.faults > 0,
-            "CPU 1 never faulted after the purge: its translation survived",
+            "no CPU faulted after the purge: the translations survived",
         )?;
     }
     ensure(smp::TLB.stats().ipis > ipis, "no IPI was sent")
 }
 
 /// The negative control: the same rounds with a flush that reaches only CPU 0, and
-/// CPU 1 reads the poison through the translation it kept. Without and with the
+/// the other CPUs read the poison through the translations they kept. Without and with the
 /// per-CPU caches.
 pub fn smp_poison_seen_with_local_only_flush(ctx: &mut Ctx) -> Outcome {
     for (slot, cpu_caches) in [
@@ -289,7 +307,7 @@ pub fn smp_poison_seen_with_local_only_flush(ctx: &mut Ctx) -> Outcome {
         let reads = poison_rounds(ctx, slot, cpu_caches, local, 8)?;
         ensure(
             reads.poison > 0,
-            "with a local-only flush CPU 1 never read the poison",
+            "with a local-only flush no CPU ever read the poison",
         )?;
     }
     Ok(())
