@@ -5,7 +5,7 @@
 //! itself mapped, and `<flags>` the leaf entry's flags in the order QEMU's `info tlb`
 //! prints them (`XGPDACTUW`; `?` for the accessed and dirty bits the CPU sets), or
 //! `none` for a page that must not be mapped (a guard page, a freed area). Then it
-//! waits. The harness (`tests/qemu.rs`) asks QEMU's monitor for `info tlb` and reads
+//! waits; and once more after it freed everything, when every page must be gone. The harness (`tests/qemu.rs`) asks QEMU's monitor for `info tlb` and reads
 //! each tagged page's physical memory (`xp`) where QEMU's walk of the live page
 //! tables says it is, compares, and sends a byte back. A `walk-control` line names a
 //! tag no page holds: the harness must find it wrong (the negative control).
@@ -129,9 +129,17 @@ pub fn qemu_walk_agrees(ctx: &mut Ctx) -> Outcome {
         Some(vm.vmalloc_to_frame(small_va).map_or(0, |f| f.start_address().as_u64())),
         RW_NX,
     );
-    let _ = writeln!(Harness, "walk-wait");
-    let answer = harness_byte(ANSWER_SPINS);
+    let answered = ask();
 
+    // Freed, unmapped and purged, every page is gone from QEMU's walk too.
+    let areas = [
+        (small, 3),
+        (large, 40),
+        (read_only, 2),
+        (code, 1),
+        (vmapped, 2),
+        (mmio, 1),
+    ];
     // SAFETY: the check's own areas, not used again.
     unsafe {
         for area in [small, large, read_only, code, huge] {
@@ -142,8 +150,22 @@ pub fn qemu_walk_agrees(ctx: &mut Ctx) -> Outcome {
         vm.iounmap(mmio.as_ptr()).map_err(|_| "iounmap failed")?;
     }
     vm.purge();
+    for (area, pages) in areas {
+        let start = addr(area.as_ptr()).align_down(PAGE as u64);
+        for page in 0..pages {
+            line("walk", start + (page * PAGE) as u64, None, None, "none");
+        }
+    }
+    line("walk", huge_va, None, None, "none");
+    line("walk", huge_va + (2 * MIB) as u64, None, None, "none");
     ensure(
-        answer == Some(b'g'),
+        answered && ask(),
         "no answer from the test harness on COM2 (the kernel is run by tests/qemu.rs)",
     )
+}
+
+/// Tells the harness the pages described are ready, and waits for its answer.
+fn ask() -> bool {
+    let _ = writeln!(Harness, "walk-wait");
+    harness_byte(ANSWER_SPINS) == Some(b'g')
 }
