@@ -69,4 +69,18 @@ fn the_tour_shows_scattered_frames_and_returns_everything() {
         text.contains("frames returned"),
         "everything is given back:\n{text}"
     );
+    // The sites the README shows the tour printing are the ones it prints.
+    let readme = include_str!("../README.md");
+    let cited: Vec<&str> = readme
+        .split("examples/tour.rs:")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .collect();
+    assert!(!cited.is_empty(), "the README shows the tour's sites");
+    for line in cited {
+        assert!(
+            text.contains(&format!("examples/tour.rs:{line} ")),
+            "the README shows the tour printing examples/tour.rs:{line}:\n{text}"
+        );
+    }
 }

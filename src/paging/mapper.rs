@@ -628,10 +628,11 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// As the `x86_64` crate asks: each table frame is used once, in these tables
     /// alone, and comes from the allocator `frame_deallocator` gives it back to; and
     /// nothing keeps an empty table for later (a [`Vmalloc`](crate::Vmalloc) over
-    /// these tables keeps its per-CPU blocks' tables while they are empty). Tables
+    /// these tables keeps its per-CPU blocks' tables while they are empty). A table
     /// whose entry carries [`KEPT`](super::KEPT) (a
-    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's) and a
-    /// recursive entry are left alone.
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's) stays,
+    /// as a [`CREATED`](super::CREATED) one does (empty tables below it are freed as
+    /// any other), and a recursive entry is not followed.
     unsafe fn clean_up_addr_range<D>(
         &mut self,
         range: PageRangeInclusive,
