@@ -701,7 +701,7 @@ impl<M: PhysMemory> PageTableMapper<M> {
                     unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) };
                 let kept = flags.intersects(super::CREATED | super::KEPT);
                 if empty && !kept {
-                    let frame = PhysFrame::containing_address(PhysAddr::new(raw & ADDR_MASK));
+                    let frame = PhysFrame::containing_address(below);
                     // SAFETY: an entry of a reachable table; nothing borrows it. The
                     // table below it is empty and serves no other address (caller).
                     unsafe {
