@@ -555,3 +555,59 @@ fn ranges_whose_page_count_overflows_are_one_full_flush() {
         assert_eq!(after.range_flushes, before.range_flushes);
     });
 }
+
+/// `ShootdownStats::ipis` counts every IPI a shootdown sends: five CPUs call work on
+/// the others at once while CPU 1 is slow to serve, so its four-entry work queue
+/// fills and the callers send it IPIs again until it has room; the stats say what
+/// the machine saw sent (they said 25, one per target per call, of 89).
+#[test]
+fn shootdown_stats_count_every_ipi_sent() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    watchdog(
+        "shootdown_stats_count_every_ipi_sent",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, _, tlb) = vmalloc_sim::scenarios::smp_machine(
+                vmalloc_sim::SimConfig::new(64 << 20).with_cpus(6),
+            );
+            let done = AtomicUsize::new(0);
+            let resent = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let cpu = machine.cpu(1);
+                    cpu.enter();
+                    let _offline = cpu.offline_when_dropped();
+                    // Five calls send it five IPIs; more are the callers' re-sends.
+                    let start = Instant::now();
+                    while machine.ipis_sent() <= 25 && start.elapsed() < Duration::from_secs(5) {
+                        std::thread::yield_now();
+                    }
+                    resent.store(machine.ipis_sent() > 25, Ordering::Release);
+                    while done.load(Ordering::Acquire) < 5 {
+                        cpu.poll();
+                        std::thread::yield_now();
+                    }
+                });
+                for index in [0, 2, 3, 4, 5] {
+                    let done = &done;
+                    scope.spawn(move || {
+                        let cpu = machine.cpu(index);
+                        cpu.enter();
+                        let _offline = cpu.offline_when_dropped();
+                        tlb.call_on_other_cpus(&|| {});
+                        done.fetch_add(1, Ordering::AcqRel);
+                        while done.load(Ordering::Acquire) < 5 {
+                            cpu.poll();
+                            std::thread::yield_now();
+                        }
+                    });
+                }
+            });
+            assert!(resent.load(Ordering::Acquire), "no call had to send again");
+            let stats = tlb.stats();
+            assert_eq!(stats.calls, 5);
+            assert_eq!(stats.ipis, machine.ipis_sent(), "{stats:?}");
+        },
+    );
+}

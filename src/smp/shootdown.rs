@@ -154,7 +154,8 @@ impl Init for Mailbox {
 pub struct ShootdownStats {
     /// Global flushes started (each is one local flush plus the remote ones).
     pub shootdowns: u64,
-    /// IPIs sent, one per target CPU per shootdown or call.
+    /// IPIs sent: one per target CPU per shootdown or call, and each one more a
+    /// call sends a CPU whose queue was full or that it saw go offline.
     pub ipis: u64,
     /// Mailboxes served on behalf of other CPUs' shootdowns and calls.
     pub served: u64,
@@ -360,6 +361,12 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
         *ticket = FlushTicket::DONE;
     }
 
+    /// An IPI to `cpu` alone, counted.
+    fn send_ipi_to(&self, cpu: usize) {
+        self.cpus.send_ipi(super::CpuSet::empty().with(cpu));
+        self.ipis.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Runs `work` on every other online CPU, in its shootdown service, and returns
     /// once each has (Linux's `smp_call_function_many` with `wait`).
     fn call(&self, work: &(dyn Fn() + Sync)) {
@@ -390,7 +397,7 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
                 }
                 // No room: the target is slow to serve; let it, and serve meanwhile.
                 drop(queue);
-                self.cpus.send_ipi(super::CpuSet::empty().with(cpu));
+                self.send_ipi_to(cpu);
                 self.serve();
                 self.local.relax();
             }
@@ -405,7 +412,13 @@ impl<C: Cpus, L: TlbFlush> Shootdown<C, L> {
             let Some(mailbox) = self.mailboxes.get(cpu) else {
                 continue;
             };
-            if wait_for(&mailbox.queue, self).remove_work(work) {
+            let removed = wait_for(&mailbox.queue, self).remove_work(work);
+            // Whoever held a queue sends its CPU an IPI after unlocking (a serve
+            // that found it held gave up): the CPU may be back and have found it so.
+            if self.cpus.online().contains(cpu) {
+                self.send_ipi_to(cpu);
+            }
+            if removed {
                 continue;
             }
             while !served(mailbox.done.load(Ordering::Acquire), tickets[cpu]) {
