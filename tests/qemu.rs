@@ -100,6 +100,7 @@ fn qemu_kernel_checks() {
     println!("{serial}");
     let report = Report::parse(&serial);
     let walk = walk.unwrap_or_else(|why| panic!("comparing with QEMU's page walk: {why}"));
+    println!("{} pages compared with QEMU's page walk", walk.compared);
     assert!(
         walk.mismatches.is_empty(),
         "QEMU's page walk disagrees:\n{}",
