@@ -604,3 +604,58 @@ fn running_out_of_space_takes_blocks_back_from_other_cpus() {
         },
     );
 }
+
+/// Every block full of 15-page areas (CPU 1 offline) and the tree full: a 16-page
+/// `vmalloc`, and growing one of the areas to 16 pages, fail with
+/// `OutOfVirtualSpace` and change nothing: the frames the failed call stocked its
+/// cache with go back to the allocator (they stayed in the cache: 32 frames fewer
+/// in the allocator after each failed call).
+#[test]
+fn a_small_area_that_fails_for_space_keeps_no_frames() {
+    watchdog(
+        "a_small_area_that_fails_for_space_keeps_no_frames",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2);
+            let config = vmalloc::VmallocConfig {
+                size: 256 << 20,
+                ..cached()
+            };
+            // SAFETY: the machine's page tables serve this manager alone, and its flush
+            // reaches every CPU that runs.
+            let vm = unsafe { manager(machine, frames, tlb, config) };
+            machine.on_every_cpu(|_| {}); // CPU 1 offline from now on
+            let mut areas = Vec::new();
+            loop {
+                let area = vm.vmalloc(15 * PAGE).unwrap();
+                if !zone(&vm).contains(&(area.as_ptr() as u64)) {
+                    // SAFETY: the test's own area, not used again.
+                    unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+                    break;
+                }
+                areas.push(area);
+            }
+            let mut reserved = Vec::new();
+            let mut size = 128 << 20;
+            while size >= PAGE {
+                match vm.reserve(size, &VmOptions::default()) {
+                    Ok(area) => reserved.push(area),
+                    Err(_) => size /= 2,
+                }
+            }
+            vm.drain_cpu_caches();
+            let before = (vm.stats(), frames.stats().free);
+            assert_eq!(vm.vmalloc(16 * PAGE), Err(Error::OutOfVirtualSpace));
+            assert_eq!((vm.stats(), frames.stats().free), before, "vmalloc");
+            // SAFETY: a live area of the test's; on error it stays live.
+            let grown = unsafe { vm.vrealloc(areas[5].as_ptr(), 16 * PAGE) };
+            assert_eq!(grown, Err(Error::OutOfVirtualSpace));
+            assert_eq!((vm.stats(), frames.stats().free), before, "vrealloc");
+            // SAFETY: the test's own areas, not used again.
+            let pointers = areas.iter().chain(&reserved).map(|area| area.as_ptr());
+            pointers.for_each(|ptr| unsafe { vm.vfree(ptr) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
+    );
+}

@@ -263,19 +263,23 @@ where
     }
 
     /// Makes sure the cache holds `n` frames: from the allocator, or from its own
-    /// lazy list after flushing it.
+    /// lazy list after flushing it. Returns how many came from the allocator (on top
+    /// of the cache, for [`unstock`](Self::unstock) to give back if the call fails),
+    /// or `Err` with that count when the cache still holds fewer than `n`.
     pub(super) fn stock_frames(
         &self,
         counters: &CacheCounters,
         state: &mut CpuState,
         n: usize,
-    ) -> bool {
+    ) -> Result<usize, usize> {
+        let mut taken = 0;
         if state.cached < n {
             let have = state.cached;
             let want = REFILL.max(n).min(CACHED_FRAMES - have);
-            state.cached += self
+            taken = self
                 .frames
                 .alloc_frames(&mut state.frames[have..have + want]);
+            state.cached += taken;
             counters
                 .cached
                 .store(state.cached as u64, Ordering::Relaxed);
@@ -283,7 +287,31 @@ where
         if state.cached < n {
             self.flush_lazy(counters, state);
         }
-        state.cached >= n
+        if state.cached >= n {
+            Ok(taken)
+        } else {
+            Err(taken)
+        }
+    }
+
+    /// Gives the `taken` frames a failed call's [`stock_frames`](Self::stock_frames)
+    /// took from the allocator back to it (the cache's top `taken`, as many: a lazy
+    /// list flushed meanwhile may have put its frames above them): a failed call
+    /// changes nothing.
+    pub(super) fn unstock(&self, state: &mut CpuState, counters: &CacheCounters, taken: usize) {
+        let taken = taken.min(state.cached);
+        if taken == 0 {
+            return;
+        }
+        state.cached -= taken;
+        counters
+            .cached
+            .store(state.cached as u64, Ordering::Relaxed);
+        // Frames of the cache, mapped nowhere: nothing stale to wait for.
+        let mut gather = self.gather();
+        (state.frames[state.cached..state.cached + taken].iter())
+            .for_each(|&frame| gather.free(frame));
+        gather.finish();
     }
 
     /// Takes `n` frames out of the cache into `out` (the caller stocked them).

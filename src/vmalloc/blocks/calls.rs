@@ -77,9 +77,13 @@ where
         (pages, zero, caller): (u64, bool, &'static Location<'static>),
     ) -> Option<NonNull<u8>> {
         let n = pages as usize;
-        if !self.stock_frames(counters, state, n) {
-            return None;
-        }
+        let taken = match self.stock_frames(counters, state, n) {
+            Ok(taken) => taken,
+            Err(taken) => {
+                self.unstock(state, counters, taken);
+                return None;
+            }
+        };
         // The frames leave the cache first: carving may flush the lazy list, which
         // puts other frames into it.
         let mut frames = [NO_FRAME; MAX_BLOCK_PAGES as usize];
@@ -90,6 +94,7 @@ where
         }
         let Some(start) = self.carve(cpu, counters, state, (n, zero, caller), flags, frames) else {
             self.cache_frames(state, counters, frames);
+            self.unstock(state, counters, taken);
             return None;
         };
         add(&counters.data, n as i64);
