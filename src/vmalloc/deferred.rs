@@ -38,6 +38,9 @@ impl DeferredFrees {
 
     /// Queues `addr` (not 0); `false` when every slot is taken.
     pub(super) fn push(&self, addr: u64) -> bool {
+        // Counted before it is in a slot: a call on another CPU that finds the count
+        // 0 finds nothing queued (counted after, it could miss a free just queued).
+        self.queued.fetch_add(1, Ordering::Release);
         for slot in &self.slots {
             // A plain read first: full slots are skipped without taking their line.
             if slot.load(Ordering::Relaxed) == 0
@@ -45,10 +48,10 @@ impl DeferredFrees {
                     .compare_exchange(0, addr, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             {
-                self.queued.fetch_add(1, Ordering::Release);
                 return true;
             }
         }
+        self.queued.fetch_sub(1, Ordering::Release);
         false
     }
 
