@@ -155,7 +155,8 @@ pub struct ShootdownStats {
     /// Global flushes started (each is one local flush plus the remote ones).
     pub shootdowns: u64,
     /// IPIs sent: one per target CPU per shootdown or call, and each one more a
-    /// call sends a CPU whose queue was full or that it saw go offline.
+    /// call sends a CPU whose queue was full, or that it saw go offline and finds
+    /// back online.
     pub ipis: u64,
     /// Mailboxes served on behalf of other CPUs' shootdowns and calls.
     pub served: u64,
