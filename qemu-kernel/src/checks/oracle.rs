@@ -82,12 +82,18 @@ pub fn qemu_walk_agrees(ctx: &mut Ctx) -> Outcome {
     let vmapped = unsafe { vm.vmap(lent, Prot::READ | Prot::WRITE) }.map_err(|_| "vmap failed")?;
     let (apic, _) = local_apic();
     // SAFETY: the local APIC's MMIO page; nothing is read or written through it.
-    let mmio = unsafe { vm.ioremap(apic, PAGE, CacheMode::Uncached) }
-        .map_err(|_| "ioremap failed")?;
+    let mmio =
+        unsafe { vm.ioremap(apic, PAGE, CacheMode::Uncached) }.map_err(|_| "ioremap failed")?;
     let freed = vm.vmalloc(PAGE).map_err(|_| "vmalloc failed")?;
 
     tagged(small, 3, RW_NX, 1)?;
-    line("walk", addr(small.as_ptr()) + 3 * PAGE as u64, None, None, "none");
+    line(
+        "walk",
+        addr(small.as_ptr()) + 3 * PAGE as u64,
+        None,
+        None,
+        "none",
+    );
     tagged(large, 40, RW_NX, 2)?;
     tagged(read_only, 2, RO_NX, 3)?;
     tagged(code, 1, RO_X, 4)?;
@@ -112,9 +118,21 @@ pub fn qemu_walk_agrees(ctx: &mut Ctx) -> Outcome {
         // SAFETY: the vmapped test frame, writable.
         unsafe { va.as_mut_ptr::<u64>().write_volatile(tag) };
         // The frame the check lent, not the library's answer.
-        line("walk", va, Some(tag), Some(frame.start_address().as_u64()), RW_NX);
+        line(
+            "walk",
+            va,
+            Some(tag),
+            Some(frame.start_address().as_u64()),
+            RW_NX,
+        );
     }
-    line("walk", addr(mmio.as_ptr()), None, Some(apic.as_u64()), UNCACHED_RW_NX);
+    line(
+        "walk",
+        addr(mmio.as_ptr()),
+        None,
+        Some(apic.as_u64()),
+        UNCACHED_RW_NX,
+    );
     let freed_va = addr(freed.as_ptr());
     // SAFETY: the check's own area, not used again.
     unsafe { vm.vfree(freed.as_ptr()) }.map_err(|_| "vfree failed")?;
@@ -126,7 +144,10 @@ pub fn qemu_walk_agrees(ctx: &mut Ctx) -> Outcome {
         "walk-control",
         small_va,
         Some(tag_of(1, 0) ^ 1),
-        Some(vm.vmalloc_to_frame(small_va).map_or(0, |f| f.start_address().as_u64())),
+        Some(
+            vm.vmalloc_to_frame(small_va)
+                .map_or(0, |f| f.start_address().as_u64()),
+        ),
         RW_NX,
     );
     let answered = ask();

@@ -159,7 +159,10 @@ fn reads_while_freed<T: TlbFlush + Sync>(vm: &PoisonedManager<T>) -> Result<Read
         unsafe { words.add(index).write_volatile(OLD_DATA) };
     }
     let at = VirtAddr::from_ptr(area);
-    let readers = smp::online().iter().filter(|&cpu| cpu != 0 && cpu < CPUS).count();
+    let readers = smp::online()
+        .iter()
+        .filter(|&cpu| cpu != 0 && cpu < CPUS)
+        .count();
     let cached = AtomicUsize::new(0);
     let purged = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
