@@ -782,3 +782,92 @@ fn parent_flags_neither_break_tables_nor_give_them_away() {
         );
     }
 }
+
+/// The software bits this crate gives meaning to in upper entries (`CREATED`,
+/// `KEPT`), set by the caller through `parent_table_flags` or `set_flags_p*_entry`,
+/// do not hand the caller's tables to this crate (which its clean-up then kept: 3
+/// table frames never freed), and a caller's not-present table entry with `BIT_9`
+/// is walked again as `OffsetPageTable` walks it (it was taken for a detached 2 MiB
+/// mapping). Each sequence answers, frees and leaves memory as `OffsetPageTable`
+/// does.
+#[test]
+fn the_crates_software_bits_set_by_the_caller_change_nothing_against_offset_page_table() {
+    use x86_64::structures::paging::PageTableFlags as F;
+    const MEMORY: u64 = 16 << 20;
+    let rw = F::PRESENT | F::WRITABLE;
+    /// Maps two pages (the first with `parents`), sets their PD entry to `p2`, maps
+    /// the second, sets it back with `p2`'s software bits, unmaps both, cleans up.
+    fn sequence<M: Mapper<Size4KiB> + CleanUp + Translate>(
+        mapper: &mut M,
+        machine: &SimMachine,
+        parents: F,
+        p2: F,
+    ) -> Vec<String> {
+        let frames = machine.frames();
+        let page = |addr: u64| Page::<Size4KiB>::containing_address(VirtAddr::new(addr));
+        let frame = |mib: u64| PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(mib << 20));
+        let rw = F::PRESENT | F::WRITABLE;
+        let mut log = Vec::new();
+        // SAFETY: the test's own machine; nothing runs on these pages.
+        unsafe {
+            let at = |offset: u64| page(0xffff_c900_0000_0000 + offset);
+            let made = mapper.map_to_with_table_flags(
+                at(0),
+                frame(12),
+                rw,
+                parents,
+                &mut MapperFrames(&frames),
+            );
+            log.push(format!("{:?}", made.map(|flush| flush.ignore())));
+            let set = mapper.set_flags_p2_entry(at(0), p2);
+            log.push(format!("{:?}", set.map(|flush| flush.ignore())));
+            let made = mapper.map_to(at(0x1000), frame(13), rw, &mut MapperFrames(&frames));
+            log.push(format!("{:?}", made.map(|flush| flush.ignore())));
+            log.push(format!("{:?}", mapper.translate_page(at(0x1000))));
+            let soft = p2 & (F::BIT_9 | F::BIT_10 | F::BIT_11);
+            let set = mapper.set_flags_p2_entry(at(0), rw | soft);
+            log.push(format!("{:?}", set.map(|flush| flush.ignore())));
+            for offset in [0, 0x1000] {
+                let gone = mapper.unmap(at(offset));
+                log.push(format!(
+                    "{:?}",
+                    gone.map(|(frame, flush)| (frame, flush.ignore()))
+                ));
+            }
+            let free = frames.stats().free;
+            mapper.clean_up(&mut MapperFrames(&frames));
+            log.push(format!("clean_up freed {}", frames.stats().free - free));
+        }
+        log
+    }
+    for (parents, p2) in [
+        (rw | F::BIT_11, rw),
+        (rw | F::BIT_10, rw),
+        (rw, rw | F::BIT_10),
+        (rw, rw | F::BIT_11),
+        (rw, F::WRITABLE | F::BIT_9),
+        (rw, F::WRITABLE | F::NO_EXECUTE),
+    ] {
+        let (peer_machine, our_machine) = (
+            SimMachine::new(SimConfig::new(MEMORY)),
+            SimMachine::new(SimConfig::new(MEMORY)),
+        );
+        // SAFETY: each machine's tables are its mapper's alone.
+        let mut peer: OffsetPageTable<'_> = unsafe { peer_machine.offset_page_table() };
+        // SAFETY: as above.
+        let tables = unsafe { PageTables::new(our_machine.root(), our_machine.phys()) };
+        let mut ours = PageTableMapper::new(tables);
+        let theirs = sequence(&mut peer, &peer_machine, parents, p2);
+        let mine = sequence(&mut ours, &our_machine, parents, p2);
+        assert_eq!(mine, theirs, "parents {parents:?}, PD entry {p2:?}");
+        let memory = |machine: &SimMachine| {
+            let mut bytes = vec![0; MEMORY as usize];
+            machine.read_phys(PhysAddr::zero(), &mut bytes);
+            bytes
+        };
+        assert!(
+            memory(&our_machine) == memory(&peer_machine),
+            "parents {parents:?}, PD entry {p2:?}: the tables differ"
+        );
+    }
+}

@@ -42,15 +42,18 @@ use x86_64::{PhysAddr, VirtAddr};
 ///   reads as a huge page) or panics;
 /// - `parent_table_flags` without `PRESENT` where a table must be made:
 ///   [`MapToError::ParentEntryHugePage`]; `OffsetPageTable` panics;
-/// - `parent_table_flags` with [`CREATED`](super::CREATED) (`BIT_10`): the bit is
-///   left out, so the tables stay the caller's (below);
-/// - an upper entry in the way that is a huge page, or is not present and stays so
-///   under `parent_table_flags`, or is a detached 2 MiB mapping of this crate's
-///   (not present, [`DETACHED`](super::DETACHED)): [`MapToError::ParentEntryHugePage`]
-///   with the entry left alone; `OffsetPageTable` first ORs `parent_table_flags`
-///   into it (making a read-only huge page writable, or a detached one present)
-///   or panics. A not-present table entry that `parent_table_flags` makes present
-///   again is walked, as `OffsetPageTable` walks it;
+/// - `parent_table_flags` with [`CREATED`](super::CREATED) (`BIT_10`) or
+///   [`KEPT`](super::KEPT) (`BIT_11`): the bits are left out, so the tables stay
+///   the caller's (below) and its clean-up frees them; `set_flags_p4_entry` (and
+///   `p3`, `p2`) keep an entry's own `BIT_10` and `BIT_11` whatever `flags` say;
+/// - an upper entry in the way that is a huge page (a detached 2 MiB mapping of
+///   this crate's included: not present, [`DETACHED`](super::DETACHED), `HUGE_PAGE`
+///   kept), or is not present and stays so under `parent_table_flags`:
+///   [`MapToError::ParentEntryHugePage`] with the entry left alone;
+///   `OffsetPageTable` first ORs `parent_table_flags` into it (making a read-only
+///   huge page writable, or a detached one present) or panics. A not-present table
+///   entry that `parent_table_flags` makes present again is walked, as
+///   `OffsetPageTable` walks it, whatever its software bits;
 /// - `Translate::translate` of an address whose PML4 entry has `HUGE_PAGE` (a
 ///   reserved bit there) is [`TranslateResult::InvalidFrameAddress`];
 ///   `OffsetPageTable` panics;
@@ -167,11 +170,12 @@ impl<M: PhysMemory> PageTableMapper<M> {
         A: FrameAllocator<Size4KiB> + ?Sized,
     {
         // No walkable table has `HUGE_PAGE` above it: refused before any entry
-        // changes. `CREATED` would hand the caller's tables to this crate to free.
+        // changes. `CREATED` would hand the caller's tables to this crate to free,
+        // `KEPT` keep them from the caller's own clean-up.
         if parent_flags.contains(PageTableFlags::HUGE_PAGE) {
             return Err(Create::Huge);
         }
-        let parent_flags = parent_flags - super::CREATED;
+        let parent_flags = parent_flags - OWN_MARKS;
         let mut entry = entry_at(self.root(), addr.p4_index().into());
         for index in indexes(addr).into_iter().take(4 - level) {
             // SAFETY: `entry` lies in a reachable table; the caller vouches for the
@@ -217,10 +221,11 @@ impl<M: PhysMemory> PageTableMapper<M> {
             return Ok(table);
         }
         let flags = PageTableFlags::from_bits_retain(raw);
-        // A huge page, or a not-present entry that `insert` does not make present
-        // or that is a detached 2 MiB mapping of this crate's, is no table to walk.
-        let present = flags.contains(PageTableFlags::PRESENT)
-            || (insert.contains(PageTableFlags::PRESENT) && !flags.contains(super::DETACHED));
+        // A huge page (a detached 2 MiB mapping of this crate's keeps `HUGE_PAGE`),
+        // or a not-present entry that `insert` does not make present, is no table
+        // to walk.
+        let present =
+            flags.contains(PageTableFlags::PRESENT) || insert.contains(PageTableFlags::PRESENT);
         if flags.contains(PageTableFlags::HUGE_PAGE) || !present {
             return Err(Create::Huge);
         }
@@ -246,14 +251,24 @@ impl<M: PhysMemory> PageTableMapper<M> {
         let entry = self.walk(addr, level).map_err(Step::flag_error)?;
         // SAFETY: a reachable entry; nothing else borrows it.
         unsafe {
-            if read(entry) == 0 {
+            let raw = read(entry);
+            if raw == 0 {
                 return Err(FlagUpdateError::PageNotMapped);
             }
-            (*entry).set_flags(flags);
+            // The marks of whose table it is stay as they are.
+            let own = PageTableFlags::from_bits_retain(raw) & OWN_MARKS;
+            (*entry).set_flags((flags - OWN_MARKS) | own);
         }
         Ok(MapperFlushAll::new())
     }
 }
+
+/// The software bits that say whose an upper entry's table is ([`CREATED`]: this
+/// crate's; [`KEPT`]: kept while empty): never taken from the caller's flags.
+///
+/// [`CREATED`]: super::CREATED
+/// [`KEPT`]: super::KEPT
+const OWN_MARKS: PageTableFlags = super::CREATED.union(super::KEPT);
 
 /// The PDPT, PD and PT indexes of `addr`.
 fn indexes(addr: VirtAddr) -> [usize; 3] {
@@ -374,10 +389,13 @@ impl<M: PhysMemory> Mapper<Size4KiB> for PageTableMapper<M> {
             .map_err(Step::flag_error)?;
         // SAFETY: a reachable PT entry; nothing else borrows it.
         unsafe {
-            if read(entry) == 0 {
+            let raw = read(entry);
+            if raw == 0 {
                 return Err(FlagUpdateError::PageNotMapped);
             }
-            (*entry).set_flags(flags);
+            // The marks of whose table it is stay as they are.
+            let own = PageTableFlags::from_bits_retain(raw) & OWN_MARKS;
+            (*entry).set_flags((flags - OWN_MARKS) | own);
         }
         Ok(MapperFlush::new(page))
     }
