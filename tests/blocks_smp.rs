@@ -553,6 +553,34 @@ fn purge_waits_for_its_own_cache_held_by_another_cpus_drain() {
     });
 }
 
+/// A manager over a 256 MiB region (its tree soon full) with the per-CPU caches.
+fn small_region_manager(
+    machine: &'static SimMachine,
+    frames: &'static SimFrames,
+    tlb: &'static Tlb,
+) -> Manager<&'static Tlb> {
+    let config = vmalloc::VmallocConfig {
+        size: 256 << 20,
+        ..cached()
+    };
+    // SAFETY: the machine's page tables serve this manager alone, and its flush
+    // reaches every CPU that runs.
+    unsafe { manager(machine, frames, tlb, config) }
+}
+
+/// Reserves all of the tree's space, in halving pieces.
+fn fill_the_tree<T: TlbFlush>(vm: &Manager<T>) -> Vec<NonNull<u8>> {
+    let mut reserved = Vec::new();
+    let mut size = 128 << 20;
+    while size >= PAGE {
+        match vm.reserve(size, &VmOptions::default()) {
+            Ok(area) => reserved.push(area),
+            Err(_) => size /= 2,
+        }
+    }
+    reserved
+}
+
 /// CPUs 1 and 2 each take a block for one small area and go offline; the tree's
 /// space is then filled. A small area on CPU 0 still comes: running out of virtual
 /// space empties every CPU's cache and tries again, as running out of frames does
@@ -564,27 +592,14 @@ fn running_out_of_space_takes_blocks_back_from_other_cpus() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(3);
-            let config = vmalloc::VmallocConfig {
-                size: 256 << 20,
-                ..cached()
-            };
-            // SAFETY: the machine's page tables serve this manager alone, and its flush
-            // reaches every CPU that runs.
-            let vm = unsafe { manager(machine, frames, tlb, config) };
+            let vm = small_region_manager(machine, frames, tlb);
             let held = Mutex::new(Vec::new());
             machine.on_every_cpu(|cpu| {
                 if cpu.index() != 0 {
                     held.lock().unwrap().push(addr(vm.vmalloc(PAGE).unwrap()));
                 }
             });
-            let mut reserved = Vec::new();
-            let mut size = 128 << 20;
-            while size >= PAGE {
-                match vm.reserve(size, &VmOptions::default()) {
-                    Ok(area) => reserved.push(area),
-                    Err(_) => size /= 2,
-                }
-            }
+            let reserved = fill_the_tree(&vm);
             let before = vm.stats();
             assert!(before.block_free_bytes > 0, "{before:?}");
             // An area the blocks do not serve fails and changes nothing: the caches
@@ -617,13 +632,7 @@ fn a_small_area_that_fails_for_space_keeps_no_frames() {
         DEADLOCK_LIMIT,
         || {
             let (machine, frames, tlb) = smp_machine(2);
-            let config = vmalloc::VmallocConfig {
-                size: 256 << 20,
-                ..cached()
-            };
-            // SAFETY: the machine's page tables serve this manager alone, and its flush
-            // reaches every CPU that runs.
-            let vm = unsafe { manager(machine, frames, tlb, config) };
+            let vm = small_region_manager(machine, frames, tlb);
             machine.on_every_cpu(|_| {}); // CPU 1 offline from now on
             let mut areas = Vec::new();
             loop {
@@ -635,14 +644,7 @@ fn a_small_area_that_fails_for_space_keeps_no_frames() {
                 }
                 areas.push(area);
             }
-            let mut reserved = Vec::new();
-            let mut size = 128 << 20;
-            while size >= PAGE {
-                match vm.reserve(size, &VmOptions::default()) {
-                    Ok(area) => reserved.push(area),
-                    Err(_) => size /= 2,
-                }
-            }
+            let reserved = fill_the_tree(&vm);
             vm.drain_cpu_caches();
             let before = (vm.stats(), frames.stats().free);
             assert_eq!(vm.vmalloc(16 * PAGE), Err(Error::OutOfVirtualSpace));
