@@ -192,6 +192,9 @@ trait Park: Sync {
 
 /// Freed stacks kept per CPU for the next [`alloc`](Self::alloc) on that CPU; see the
 /// [module docs](self). One cache serves one manager: the first it is used with.
+/// It holds no reference to that manager, so dropping it frees nothing: the stacks
+/// it keeps stay allocated until [`drain`](Self::drain) gives them back or the
+/// manager is dropped (which frees every area). Drain a cache before dropping it.
 pub struct StackCache<C: Cpus> {
     cpus: C,
     /// The identity of the manager the cache serves; 0 before its first use.
