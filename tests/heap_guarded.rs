@@ -206,6 +206,44 @@ fn a_use_after_free_faults_until_the_slot_is_reused_and_names_both_sites() {
 }
 
 #[test]
+fn an_instruction_fetch_from_a_live_object_names_the_object() {
+    let machine = machine();
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames, &machine);
+    let heap = KernelHeap::new(sampling(1, 8));
+    heap.init(&vm).unwrap();
+    let layout = layout(40, 8);
+    // SAFETY: a non-zero size.
+    let (object, line) = (unsafe { heap.alloc(layout) }, line!());
+    assert!(heap.is_guarded(object));
+    // The page is mapped and not executable: a jump into the object faults there.
+    let (at, code) = fault_at(&machine, addr(object) + 16u64, Access::FETCH);
+    let diagnosis = heap.diagnose_fault(at, code).expect("in the pool");
+    match diagnosis.fault {
+        GuardedFault::InLiveObject {
+            object: found,
+            offset,
+        } => {
+            assert_eq!((found.addr, found.size, offset), (object as usize, 40, 16));
+            assert_eq!(found.alloc.caller.unwrap().line(), line);
+            assert_eq!(found.free, None);
+        }
+        other => panic!("not the live object: {other:?}"),
+    }
+    assert_eq!(
+        diagnosis.to_string(),
+        format!(
+            "instruction fetch of a 40-byte heap object (at {object:p}, allocated on CPU 0 \
+             at {} (no frame pointers)) at {:#x} (offset 16), which is live: guarded pool",
+            line_of(FILE, line),
+            at.as_u64()
+        )
+    );
+    // SAFETY: freed once, with its layout.
+    unsafe { heap.dealloc(object, layout) };
+}
+
+#[test]
 fn a_corrupted_slack_is_reported_at_the_free_through_the_hook() {
     watchdog(
         "a_corrupted_slack_is_reported_at_the_free",

@@ -18,8 +18,9 @@
 //!   and reported through the kernel's [report hook](KernelHeap::set_report_hook).
 //! - A freed object's page is unmapped, and every CPU's TLB flushed, before `dealloc`
 //!   returns ([`VmallocOps::unmap_page`]); it
-//!   stays unmapped until its slot is reused, and the slot freed longest ago is
-//!   reused last, so a use after free faults for as long as the pool allows.
+//!   stays unmapped until its slot is reused, and slots are reused in the order they
+//!   were freed (the slot freed longest ago first), so a use after free faults for as
+//!   long as the pool allows.
 //! - A slot's page keeps the frame its first object got for the pool's life, as
 //!   Linux's KFENCE does: a free only clears the entry's present bit and flushes that
 //!   page (`kfence_protect`), a reuse sets it again (`kfence_unprotect`; see [sparse

@@ -78,6 +78,14 @@ pub enum GuardedFault {
         /// Bytes from its first byte (negative before it).
         offset: isize,
     },
+    /// The page of a live `object`, which is mapped: an access its rights refuse (an
+    /// instruction fetch, the page being non-executable, or a user-mode access).
+    InLiveObject {
+        /// The object.
+        object: GuardedObject,
+        /// Bytes from its first byte (negative before it, in the page's slack).
+        offset: isize,
+    },
     /// In the pool, but near no object (a slot never used, or being set up).
     NoObject,
     /// The pool's records were busy for longer than a fault handler waits.
@@ -114,6 +122,11 @@ impl fmt::Display for HeapFaultDiagnosis {
             GuardedFault::UseAfterFree { object, offset } => write!(
                 f,
                 "use after free: {access} of {object} at {addr:#x} (offset {offset}): \
+                 guarded pool"
+            ),
+            GuardedFault::InLiveObject { object, offset } => write!(
+                f,
+                "{access} of {object} at {addr:#x} (offset {offset}), which is live: \
                  guarded pool"
             ),
             GuardedFault::NoObject => write!(
@@ -293,11 +306,15 @@ fn explain(
 ) -> GuardedFault {
     if in_slot {
         return match left {
-            Some((index, slot)) if slot.state == State::Freed => GuardedFault::UseAfterFree {
-                object: GuardedObject::from_slot(index, &slot),
-                offset: addr.wrapping_sub(slot.addr) as isize,
-            },
-            _ => GuardedFault::NoObject,
+            Some((index, slot)) => {
+                let object = GuardedObject::from_slot(index, &slot);
+                let offset = addr.wrapping_sub(slot.addr) as isize;
+                match slot.state {
+                    State::Freed => GuardedFault::UseAfterFree { object, offset },
+                    _ => GuardedFault::InLiveObject { object, offset },
+                }
+            }
+            None => GuardedFault::NoObject,
         };
     }
     let past = left.map(|(index, slot)| {
