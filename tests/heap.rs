@@ -314,6 +314,42 @@ fn kvmalloc_picks_a_path_by_size_and_kvfree_needs_no_size() {
     assert_eq!(big.iter().sum::<u64>(), 9 * 8192);
 }
 
+/// A `kvmalloc` block's size sits before the pointer it returns, where an underrun
+/// writes: `kvfree` checks it and refuses a block whose header changed, rather than
+/// free memory by a size that is not the block's.
+#[test]
+fn kvfree_refuses_a_block_whose_header_an_underrun_changed() {
+    let machine = machine(128 << 20);
+    let frames = machine.frames();
+    let vm = manager(&machine, &frames);
+    let heap = KernelHeap::new(CONFIG);
+    heap.init(&vm).unwrap();
+    for (size, underrun) in [(100, 1), (100, 16), (8000, 3), (1 << 20, 9)] {
+        let block = heap.kvmalloc(size).unwrap();
+        let in_use = heap.stats().in_use;
+        let refused = heap.stats().refused_frees;
+        // SAFETY: the header before the block is the heap's; the test writes into
+        // it on purpose, as an underrun would, and frees the block once.
+        unsafe {
+            let byte = block.as_ptr().sub(underrun);
+            byte.write(byte.read() ^ 0x40);
+            heap.kvfree(block);
+        }
+        assert_eq!(
+            (heap.stats().refused_frees, heap.stats().in_use),
+            (refused + 1, in_use),
+            "{size} bytes, {underrun} before the block: refused and kept"
+        );
+    }
+    // What a kept block's neighbours hold is intact: the heap goes on serving.
+    let block = heap.kvmalloc(100).unwrap();
+    // SAFETY: a live kvmalloc block, freed once.
+    unsafe {
+        block.as_ptr().write_bytes(7, 100);
+        heap.kvfree(block);
+    }
+}
+
 #[test]
 fn an_uninitialised_heap_fails_cleanly() {
     let machine = machine(64 << 20);

@@ -5,23 +5,35 @@ use super::KernelHeap;
 use crate::Error;
 use core::alloc::Layout;
 use core::ptr::NonNull;
+use core::sync::atomic::Ordering;
 
-/// Bytes `kvmalloc` keeps before each block for its size (and the alignment it gives).
+/// Bytes `kvmalloc` keeps before each block: its size and a check of it (and the
+/// alignment it gives).
 const KV_HEADER: usize = 16;
+
+/// What the check word holds besides the size: a header an underrun changed is
+/// refused at `kvfree` rather than taken for a size.
+const KV_CHECK: usize = 0x6b76_6d61_6c6c_6f63;
 
 impl KernelHeap<'_> {
     /// Linux's `kvmalloc`: `size` bytes from the slabs or the list heap if they fit,
     /// else from vmalloc. Free with [`kvfree`](Self::kvfree), which needs no size.
     /// The caller's line is the block's site (the guarded pool's reports and
-    /// `allocinfo`).
+    /// `allocinfo`). The size sits in the block's first 16 bytes, before the
+    /// pointer returned: a block the [guarded pool](super::guarded) samples is
+    /// reported with them counted (a 24-byte request is a 40-byte object), and an
+    /// underrun of up to 16 bytes lands in them rather than on the guard page, and
+    /// [`kvfree`](Self::kvfree) refuses the block then.
     #[track_caller]
     pub fn kvmalloc(&self, size: usize) -> Option<NonNull<u8>> {
         let total = size.checked_add(KV_HEADER)?;
         let layout = Layout::from_size_align(total, KV_HEADER).ok()?;
         let block = self.allocate(layout)?;
-        // SAFETY: the block holds `total` bytes, the first KV_HEADER for the size.
+        // SAFETY: the block holds `total` bytes, the first KV_HEADER for the header,
+        // and is aligned for it.
         unsafe {
-            block.as_ptr().cast::<usize>().write(total);
+            let header = block.as_ptr().cast::<[usize; 2]>();
+            header.write([total, total ^ KV_CHECK]);
             Some(block.add(KV_HEADER))
         }
     }
@@ -31,16 +43,32 @@ impl KernelHeap<'_> {
     /// # Safety
     ///
     /// `ptr` was returned by `kvmalloc` on this heap, is live, and is not used
-    /// afterwards. Nothing else is checked: the size `kvmalloc` stored before `ptr`
-    /// says which block to free, so any other pointer frees memory that is not its
-    /// caller's.
+    /// afterwards. Beyond the header below, nothing is checked: the size `kvmalloc`
+    /// stored before `ptr` says which block to free, so any other pointer frees
+    /// memory that is not its caller's.
+    ///
+    /// A block whose header no longer checks (an underrun wrote into the 16 bytes
+    /// before `ptr`) is not freed: it is counted in
+    /// [`HeapStats::refused_frees`](super::HeapStats::refused_frees) and stays
+    /// allocated, as freeing it by a size that is not its own would corrupt the heap.
     #[track_caller]
     pub unsafe fn kvfree(&self, ptr: NonNull<u8>) {
-        // SAFETY: `kvmalloc` put the block's size KV_HEADER bytes before `ptr`.
-        unsafe {
+        // SAFETY: `kvmalloc` put the block's header KV_HEADER bytes before `ptr`
+        // (caller), aligned for it.
+        let (block, [total, check]) = unsafe {
             let block = ptr.as_ptr().sub(KV_HEADER);
-            let total = block.cast::<usize>().read();
-            self.deallocate(block, Layout::from_size_align_unchecked(total, KV_HEADER));
+            (block, block.cast::<[usize; 2]>().read())
+        };
+        let layout = Layout::from_size_align(total, KV_HEADER);
+        match layout {
+            Ok(layout) if check == total ^ KV_CHECK && total >= KV_HEADER => {
+                // SAFETY: the block `kvmalloc` made with this layout (caller), whose
+                // header checks.
+                unsafe { self.deallocate(block, layout) }
+            }
+            _ => {
+                self.refused_frees.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

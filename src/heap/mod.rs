@@ -156,7 +156,8 @@ pub struct HeapStats {
     /// large block's pointer that starts no live large block of the heap's (another
     /// owner's area, a block the heap keeps after its free); and resizes of such a
     /// pointer (`realloc` returns null; a slab object resized within its size class
-    /// is checked against the calling CPU's last freed object of the class). A
+    /// is checked against the calling CPU's last freed object of the class); and a
+    /// [`kvfree`](KernelHeap::kvfree) of a block whose header an underrun changed. A
     /// caller's bug the heap caught; a double free it
     /// does not catch (other frees onto that list came between) is undefined
     /// behaviour, as `GlobalAlloc` says. Heaps over one manager tag their large
