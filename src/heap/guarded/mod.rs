@@ -130,7 +130,8 @@ pub struct GuardedStats {
     /// Sampled allocations the slabs served because every slot was taken.
     pub pool_full: u64,
     /// Sampled allocations the slabs served because the pool could not be made or a
-    /// page could not be mapped.
+    /// page could not be mapped, and frees whose page could not be unmapped (the
+    /// manager refused: the slot stays taken, never reused).
     pub unplaced: u64,
     /// Problems found outside a fault (corrupted slack, double or invalid frees),
     /// reported to the hook if there is one.
