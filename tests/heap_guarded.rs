@@ -290,7 +290,7 @@ fn a_corrupted_slack_is_reported_at_the_free_through_the_hook() {
             assert_eq!(found.free.unwrap().caller.unwrap().line(), free_line);
             assert!(
                 report.to_string().starts_with(&format!(
-                    "corrupted memory: 1 bytes of the slack past the end, from 0 bytes past it \
+                    "corrupted memory: 1 byte of the slack past the end, 0 bytes past it \
                  ({past_end:#x}..={past_end:#x}), of a 13-byte heap object (at {object:p}, \
                  allocated on CPU 0 at {}",
                     line_of(FILE, line)
@@ -318,7 +318,32 @@ fn a_corrupted_slack_is_reported_at_the_free_through_the_hook() {
                 }),
                 "{seen:?}"
             );
-            assert_eq!(heap.guarded_stats().reports, 2);
+
+            // Writes before an object against its page's end land in the slack: the
+            // report gives their distances before it, the nearest first.
+            // SAFETY: a non-zero size.
+            let end = unsafe { heap.alloc(layout) };
+            assert!(at_page_end(end, 13, 8));
+            // SAFETY: in the object's page, 3 and 10 bytes before it.
+            unsafe {
+                end.sub(3).write(0);
+                end.sub(10).write(0);
+            }
+            // SAFETY: freed once, with its layout.
+            unsafe { heap.dealloc(end, layout) };
+            let seen = reports.take();
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert!(
+                seen[0].to_string().starts_with(&format!(
+                    "corrupted memory: 2 bytes of the slack before the start, 3 to 10 bytes \
+                     before it ({:#x}..={:#x}), of a 13-byte heap object (at {end:p}",
+                    end as usize - 10,
+                    end as usize - 3
+                )),
+                "{}",
+                seen[0]
+            );
+            assert_eq!(heap.guarded_stats().reports, 3);
         },
     );
 }

@@ -215,15 +215,25 @@ impl fmt::Display for GuardedReport {
         match (self.kind, &self.object) {
             (ReportKind::Corrupted { bytes, first, last }, Some(object)) => {
                 let end = object.addr + object.size;
-                write!(f, "corrupted memory: {bytes} bytes of the slack ")?;
+                let unit = if bytes == 1 { "byte" } else { "bytes" };
+                write!(f, "corrupted memory: {bytes} {unit} of the slack ")?;
+                // Distances as the fault diagnoses give them, the nearest first: 0
+                // for the first byte past the end, 1 for the last before the start.
+                let span = |f: &mut fmt::Formatter<'_>, near: usize, far: usize| {
+                    if near == far {
+                        write!(f, "{near}")
+                    } else {
+                        write!(f, "{near} to {far}")
+                    }
+                };
                 if first >= end {
-                    write!(f, "past the end, from {} bytes past it", first - end)?;
+                    write!(f, "past the end, ")?;
+                    span(f, first - end, last - end)?;
+                    write!(f, " bytes past it")?;
                 } else if last < object.addr {
-                    write!(
-                        f,
-                        "before the start, from {} bytes before it",
-                        object.addr - first
-                    )?;
+                    write!(f, "before the start, ")?;
+                    span(f, object.addr - last, object.addr - first)?;
+                    write!(f, " bytes before it")?;
                 } else {
                     write!(f, "around it")?;
                 }
