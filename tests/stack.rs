@@ -235,6 +235,42 @@ fn a_stack_cache_serves_one_manager_and_refuses_a_manager_rebuilt_over_the_same_
     assert_eq!(second.stats().areas, 1);
 }
 
+/// A cache is bound to the manager its first stack came from: a call that made no
+/// stack (refused, or a drain of an unused cache) binds it to nothing.
+#[test]
+fn a_cache_is_bound_by_the_first_stack_it_hands_out_and_not_by_a_refused_call() {
+    let (machine, other_machine) = (machine(), machine());
+    let (frames, other_frames) = (machine.frames(), other_machine.frames());
+    // SAFETY: each machine's page tables serve its manager alone, and its flush
+    // reaches every CPU that runs.
+    let (first, second) = unsafe {
+        (
+            manager(&machine, &frames),
+            manager(&other_machine, &other_frames),
+        )
+    };
+    let cache = StackCache::new(&machine);
+    assert_eq!(cache.alloc(&first, 0).err(), Some(Error::ZeroSize));
+    assert_eq!(
+        cache.alloc(&first, 3 << 12).err(),
+        Some(Error::BadAlignment)
+    );
+    assert_eq!(cache.drain(&first), Ok(()), "nothing to give back");
+    // Nothing of the first manager's is in the cache: the second may use it.
+    let stack = cache.alloc(&second, 16 << 10).expect("an unbound cache");
+    drop(stack);
+    assert_eq!(cache.cached(), 1);
+    // From now on the cache is the second manager's.
+    assert_eq!(
+        cache.alloc(&first, 16 << 10).err(),
+        Some(Error::WrongManager)
+    );
+    assert_eq!(cache.drain(&first), Err(Error::WrongManager));
+    assert_eq!(cache.cached(), 1, "the refusals changed nothing");
+    cache.drain(&second).unwrap();
+    assert_eq!((cache.cached(), first.stats().areas), (0, 0));
+}
+
 /// A cache keeps its stacks of other sizes when it makes a new one, and a request
 /// `alloc_stack` refuses, for its form or for want of memory, changes nothing: it
 /// freed every cached stack of another size before it tried.

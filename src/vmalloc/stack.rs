@@ -191,13 +191,14 @@ trait Park: Sync {
 }
 
 /// Freed stacks kept per CPU for the next [`alloc`](Self::alloc) on that CPU; see the
-/// [module docs](self). One cache serves one manager: the first it is used with.
+/// [module docs](self). One cache serves one manager: the one its first stack
+/// came from (a call that hands out no stack binds it to none).
 /// It holds no reference to that manager, so dropping it frees nothing: the stacks
 /// it keeps stay allocated until [`drain`](Self::drain) gives them back or the
 /// manager is dropped (which frees every area). Drain a cache before dropping it.
 pub struct StackCache<C: Cpus> {
     cpus: C,
-    /// The identity of the manager the cache serves; 0 before its first use.
+    /// The identity of the manager the cache serves; 0 before its first stack.
     manager: AtomicU64,
     /// Each CPU's slots: a cached stack's base with log2 of its size in the low bits,
     /// or 0. Any CPU may take one (`drain`), so they are swapped atomically.
@@ -235,7 +236,7 @@ impl<C: Cpus> StackCache<C> {
         M: PhysMemory + Copy,
         T: TlbFlush,
     {
-        self.serve(vmalloc.id)?;
+        self.check(vmalloc.id)?;
         // A size `alloc_stack` refuses leaves the cached stacks where they are.
         vmalloc.stack_pages(size)?;
         for slot in self.slots_here() {
@@ -258,6 +259,9 @@ impl<C: Cpus> StackCache<C> {
         // Stacks of other sizes stay cached, and a call that fails changes nothing
         // (`drain` gives the cached stacks back).
         let mut stack = vmalloc.alloc_stack(size)?;
+        // Bound by its first stack; should another CPU have bound it to another
+        // manager meanwhile, the stack goes back (dropped before it joins the cache).
+        self.bind(vmalloc.id)?;
         stack.cache = Some(self);
         Ok(stack)
     }
@@ -273,7 +277,8 @@ impl<C: Cpus> StackCache<C> {
         M: PhysMemory + Copy,
         T: TlbFlush,
     {
-        self.serve(vmalloc.id)?;
+        // An unbound cache holds no stack: nothing to give back, and no binding.
+        self.check(vmalloc.id)?;
         for (_, slots) in self.slots.each() {
             for slot in slots {
                 let packed = slot.swap(0, Ordering::AcqRel);
@@ -285,8 +290,18 @@ impl<C: Cpus> StackCache<C> {
         Ok(())
     }
 
-    /// Binds the cache to the manager `id` on first use; refuses any other after.
-    fn serve(&self, id: u64) -> Result<(), Error> {
+    /// Whether the cache may serve the manager `id`: it is unbound, or bound to it.
+    fn check(&self, id: u64) -> Result<(), Error> {
+        match self.manager.load(Ordering::Acquire) {
+            0 => Ok(()),
+            bound if bound == id => Ok(()),
+            _ => Err(Error::WrongManager),
+        }
+    }
+
+    /// Binds the cache to the manager `id`, unless it is bound already: then only to
+    /// that one.
+    fn bind(&self, id: u64) -> Result<(), Error> {
         match self
             .manager
             .compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire)
