@@ -12,7 +12,7 @@
 //! Making a stack maps pages and freeing one needs a TLB flush, so a kernel that
 //! creates threads often keeps a few freed stacks: a [`StackCache`] holds two per CPU
 //! (Linux's `NR_CACHED_STACKS`), and a stack it hands out again is zeroed first. A
-//! cache serves the first manager it is used with and refuses every other
+//! cache serves the manager its first stack came from and refuses every other
 //! ([`Error::WrongManager`]), a manager made later at the same address included: a
 //! stack it keeps is a live area of that manager alone.
 
