@@ -332,6 +332,69 @@ fn a_region_just_below_the_top_of_the_lower_half_fills_up_cleanly() {
     assert_eq!(vm.stats().largest_free, 8 * 4096);
 }
 
+/// An area without a guard page may take the whole region; with one, it may not, and
+/// is too large for it.
+#[test]
+fn an_unguarded_area_may_fill_the_whole_region() {
+    let machine = machine();
+    let frames = machine.frames();
+    let config = VmallocConfig {
+        size: 32 * 4096,
+        ..tree_config(false)
+    };
+    let vm = manager(&machine, &frames, config);
+    let unguarded = VmOptions {
+        flags: VmFlags::NO_GUARD,
+        ..VmOptions::default()
+    };
+    let whole = 32 * 4096;
+    for guarded in [
+        vm.vmalloc(whole),
+        vm.reserve(whole, &VmOptions::default()),
+        vm.reserve_sparse(whole, &VmOptions::default()),
+    ] {
+        assert_eq!(guarded, Err(Error::SizeTooLarge));
+    }
+    type Make<'v> = Box<dyn Fn() -> Result<core::ptr::NonNull<u8>, Error> + 'v>;
+    let makers: [(&str, Make<'_>); 3] = [
+        (
+            "vmalloc_with",
+            Box::new(|| vm.vmalloc_with(whole, &unguarded)),
+        ),
+        ("reserve", Box::new(|| vm.reserve(whole, &unguarded))),
+        (
+            "reserve_sparse",
+            Box::new(|| vm.reserve_sparse(whole, &unguarded)),
+        ),
+    ];
+    for (name, make) in makers {
+        let area = make().unwrap_or_else(|error| panic!("{name}: {error:?}"));
+        assert_eq!(addr(area), config.start, "{name}");
+        assert_eq!(vm.stats().largest_free, 0, "{name}");
+        // SAFETY: nothing uses the area after this.
+        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+        vm.purge();
+    }
+    // Grown to the whole region: the unguarded area may, the guarded one may not.
+    let guarded = vm.vmalloc(4096).unwrap();
+    // SAFETY: a live area, refused unchanged.
+    assert_eq!(
+        unsafe { vm.vrealloc(guarded.as_ptr(), whole) },
+        Err(Error::SizeTooLarge)
+    );
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(guarded.as_ptr()) }.unwrap();
+    vm.purge();
+    let small = vm.vmalloc_with(4096, &unguarded).unwrap();
+    // SAFETY: nothing uses the area through `small` after the call.
+    let grown = unsafe { vm.vrealloc(small.as_ptr(), whole) }.unwrap();
+    assert_eq!(vm.stats().largest_free, 0);
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(grown.as_ptr()) }.unwrap();
+    vm.purge();
+    assert_eq!(vm.stats().largest_free, whole as u64);
+}
+
 #[test]
 fn set_prot_changes_a_whole_area_and_flushes_what_the_tlb_cached() {
     let machine = machine();

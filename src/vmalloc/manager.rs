@@ -222,7 +222,7 @@ where
         options: &VmOptions,
         caller: &'static Location<'static>,
     ) -> Result<NonNull<u8>, Error> {
-        let pages = self.pages_for(size as u64)?;
+        let pages = self.pages_for_options(size as u64, options)?;
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
         let zero = options.flags.contains(VmFlags::ZERO);
@@ -427,7 +427,7 @@ where
     /// changes on error.
     #[track_caller]
     pub fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        self.pages_for(size as u64)?;
+        self.pages_for_options(size as u64, options)?;
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
         let mut record = AreaRecord::new(AreaKind::Reserved, size as u64, flags, options);
@@ -479,13 +479,25 @@ where
         self.lock().purge();
     }
 
-    /// Pages for `bytes`, refusing zero and sizes the region cannot hold.
+    /// Pages for `bytes` of an area with a guard page, refusing zero and sizes the
+    /// region cannot hold.
     pub(super) fn pages_for(&self, bytes: u64) -> Result<u64, Error> {
+        self.pages_for_area(bytes, true)
+    }
+
+    /// Pages for `bytes` of an area made with `options`, with its guard page or not.
+    pub(super) fn pages_for_options(&self, bytes: u64, options: &VmOptions) -> Result<u64, Error> {
+        self.pages_for_area(bytes, !options.flags.contains(VmFlags::NO_GUARD))
+    }
+
+    /// Pages for `bytes` of an area with a guard page or not.
+    pub(super) fn pages_for_area(&self, bytes: u64, guard: bool) -> Result<u64, Error> {
         if bytes == 0 {
             return Err(Error::ZeroSize);
         }
         // The per-CPU blocks' zone is never free for the tree's areas.
-        let room = (self.config.size - PAGE_SIZE).saturating_sub(self.blocks.zone_bytes());
+        let guard = if guard { PAGE_SIZE } else { 0 };
+        let room = (self.config.size - guard).saturating_sub(self.blocks.zone_bytes());
         if bytes > room {
             return Err(Error::SizeTooLarge);
         }

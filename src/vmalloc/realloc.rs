@@ -37,7 +37,8 @@ where
     /// pages past `new_size` away. A pointer that starts no live `vmalloc` area is
     /// refused with an error, which is safe.
     pub unsafe fn vrealloc(&self, ptr: *mut u8, new_size: usize) -> Result<NonNull<u8>, Error> {
-        let new_pages = self.pages_for(new_size as u64)?;
+        // Checked again below for an area with a guard page, which takes a page more.
+        let new_pages = self.pages_for_area(new_size as u64, false)?;
         let new_bytes = new_size as u64;
         if let Located::Zone(at) = self.blocks.locate(ptr as u64) {
             self.settle();
@@ -45,6 +46,7 @@ where
         }
         self.transact(|cx| {
             let (start, record) = cx.live_area_at(ptr, &[AreaKind::Vmalloc])?;
+            self.pages_for_area(new_bytes, record.guard)?;
             let old_pages = record.mapped_pages;
             // Every path below needs at most two bookkeeping nodes: have them first.
             cx.reserve_nodes(2)?;

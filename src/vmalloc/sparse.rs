@@ -63,7 +63,7 @@ where
     /// As [`reserve`](Self::reserve).
     #[track_caller]
     pub fn reserve_sparse(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
-        self.pages_for(size as u64)?;
+        self.pages_for_options(size as u64, options)?;
         let align = self.check_align(options.align)?;
         let flags = options.prot.leaf_flags()?;
         let mut record = AreaRecord::new(AreaKind::Reserved, size as u64, flags, options);
