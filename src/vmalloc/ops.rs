@@ -28,11 +28,11 @@ use x86_64::structures::paging::PhysFrame;
 ///   block whose size it shrinks keeps its address; the old pointer is no longer
 ///   valid unless it is the one returned;
 /// - `reserve` returns a range of `size` bytes aligned to `options.align` that nothing
-///   else uses, of which `populate` maps (readable and writable, zeroed when asked)
-///   the first bytes it reports, at least as many as asked, staying mapped until
+///   else uses, of which `populate` maps (with the rights `options.prot` asked for,
+///   zeroed when asked) the first bytes it reports, at least as many as asked, staying mapped until
 ///   `vfree`;
 /// - `reserve_sparse` returns such a range with nothing mapped, of which `map_page`
-///   maps one page (readable and writable as asked, zeroed when asked) until
+///   maps one page (with the rights asked for, zeroed when asked) until
 ///   `unmap_page` unmaps it, which flushes every CPU's TLB before it returns;
 /// - `vmap` maps the given frames in order and `ioremap` the given physical range,
 ///   each at a range nothing else uses, until `vunmap` or `iounmap`;
