@@ -343,10 +343,7 @@ impl<'a> KernelHeap<'a> {
     /// Counters of every path.
     pub fn stats(&self) -> HeapStats {
         let vmalloc = self.backing.get().map(|backing| backing.vmalloc);
-        let (mapped, list_in_use) = {
-            let list = lock_heap(&self.list, vmalloc);
-            (list.mapped, list.list.used())
-        };
+        let (mapped, list_in_use) = self.list_usage();
         let classes = self.slab_stats();
         let sum = |count: fn(&SlabClassStats) -> usize| classes.iter().map(count).sum::<usize>();
         HeapStats {
@@ -359,6 +356,13 @@ impl<'a> KernelHeap<'a> {
             large_kept: self.slabs.large_kept(vmalloc),
             refused_frees: self.refused_frees.load(Ordering::Relaxed),
         }
+    }
+
+    /// The list heap's bytes backed by frames and in use.
+    pub(crate) fn list_usage(&self) -> (usize, usize) {
+        let vmalloc = self.backing.get().map(|backing| backing.vmalloc);
+        let list = lock_heap(&self.list, vmalloc);
+        (list.mapped, list.list.used())
     }
 
     /// Counters of each slab size class.

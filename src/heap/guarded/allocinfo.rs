@@ -133,11 +133,10 @@ impl KernelHeap<'_> {
     pub fn allocinfo<'s>(&self, sites: &'s mut [HeapSiteUsage]) -> HeapAllocInfo<'s> {
         let mut kinds = [KindLine::default(); KINDS];
         let classes = self.slab_stats();
-        let stats = self.stats();
-        let mut slab_bytes = 0;
+        // Read apart from the classes: no sum of two readings of them while CPUs run.
+        let (_, list_in_use) = self.list_usage();
         for (line, class) in kinds.iter_mut().zip(classes.iter()) {
             let bytes = (class.objects * class.size) as u64;
-            slab_bytes += bytes;
             *line = KindLine {
                 kind: Kind::Slab(class.size),
                 bytes,
@@ -146,13 +145,16 @@ impl KernelHeap<'_> {
         }
         kinds[slab::CLASSES] = KindLine {
             kind: Kind::List,
-            bytes: (stats.in_use as u64).saturating_sub(slab_bytes),
+            bytes: list_in_use as u64,
             calls: None,
         };
         kinds[slab::CLASSES + 1] = KindLine {
             kind: Kind::Large,
-            bytes: stats.large_bytes as u64,
-            calls: Some(stats.large_blocks as u64),
+            bytes: self.large_bytes.load(core::sync::atomic::Ordering::Relaxed) as u64,
+            calls: Some(
+                self.large_blocks
+                    .load(core::sync::atomic::Ordering::Relaxed) as u64,
+            ),
         };
         let mut guarded = HeapSiteUsage::EMPTY;
         let (used, (bytes, calls)) = tally(sites, |count| {
