@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 use vmalloc::Error;
+use vmalloc::smp::{CpuSet, Cpus, IrqState};
 use vmalloc::vmalloc::{AreaKind, FaultSite, StackCache, Vmalloc};
 use vmalloc_sim::scenarios::manager_over as manager;
 use vmalloc_sim::{Access, DEADLOCK_LIMIT, Fault, SimConfig, SimMachine, watchdog};
@@ -269,6 +273,106 @@ fn a_cache_is_bound_by_the_first_stack_it_hands_out_and_not_by_a_refused_call() 
     assert_eq!(cache.cached(), 1, "the refusals changed nothing");
     cache.drain(&second).unwrap();
     assert_eq!((cache.cached(), first.stats().areas), (0, 0));
+}
+
+/// The machine's CPUs with every caller on CPU 0 (tasks of one CPU), where a task
+/// that asked for it is preempted once in `current()` until released.
+struct PreemptOnce<'m> {
+    machine: &'m SimMachine,
+    /// (preempted, released)
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+    armed: AtomicBool,
+}
+
+thread_local! {
+    static PREEMPT_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+// SAFETY: one CPU index for every thread, as a one-CPU kernel's tasks; interrupts are
+// not touched (no handler runs), and IPIs go to the machine's CPUs.
+unsafe impl Cpus for PreemptOnce<'_> {
+    fn current(&self) -> usize {
+        if PREEMPT_HERE.get() && self.armed.swap(false, Ordering::AcqRel) {
+            let mut state = self.state.lock().unwrap();
+            state.0 = true;
+            self.changed.notify_all();
+            while !state.1 {
+                state = self.changed.wait(state).unwrap();
+            }
+        }
+        0
+    }
+    fn online(&self) -> CpuSet {
+        Cpus::online(self.machine)
+    }
+    fn send_ipi(&self, targets: CpuSet) {
+        Cpus::send_ipi(self.machine, targets)
+    }
+    fn irq_save(&self) -> IrqState {
+        IrqState::new(0)
+    }
+    fn irq_restore(&self, _: IrqState) {}
+}
+
+/// A call that found the cache unbound, preempted while another task binds it to
+/// another manager and parks that manager's stack there, hands out no stack of the
+/// other manager, and the one it hands out (or refuses) is its own manager's.
+#[test]
+fn a_call_preempted_while_the_cache_is_bound_to_another_manager_takes_none_of_its_stacks() {
+    watchdog("stack cache bound meanwhile", DEADLOCK_LIMIT, || {
+        let (first_machine, second_machine) = (machine(), machine());
+        let (f1, f2) = (first_machine.frames(), second_machine.frames());
+        // SAFETY: each machine's page tables serve its manager alone, and its flush
+        // reaches every CPU that runs.
+        let (first, second) =
+            unsafe { (manager(&first_machine, &f1), manager(&second_machine, &f2)) };
+        // The second manager's stack, someone's: where the first's first stack goes.
+        let live = second.alloc_stack(16 << 10).unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { second_machine.write(live.top() - 8u64, b"live one") }.unwrap();
+        let cpus = PreemptOnce {
+            machine: &first_machine,
+            state: Mutex::new((false, false)),
+            changed: Condvar::new(),
+            armed: AtomicBool::new(true),
+        };
+        let cache = StackCache::new(&cpus);
+        std::thread::scope(|s| {
+            let late = s.spawn(|| {
+                PREEMPT_HERE.set(true);
+                cache.alloc(&second, 16 << 10)
+            });
+            // Until the late call is preempted, if it ever is.
+            let mut state = cpus.state.lock().unwrap();
+            while !state.0 && !late.is_finished() {
+                state = (cpus.changed)
+                    .wait_timeout(state, std::time::Duration::from_millis(10))
+                    .unwrap()
+                    .0;
+            }
+            drop(state);
+            if let Ok(parked) = cache.alloc(&first, 16 << 10) {
+                assert_eq!(parked.base(), live.base(), "the same place in both");
+                drop(parked);
+            }
+            cpus.state.lock().unwrap().1 = true;
+            cpus.changed.notify_all();
+            if let Ok(stack) = late.join().unwrap() {
+                assert_ne!(stack.base(), live.base(), "a second owner of a live stack");
+            }
+        });
+        let mut word = [0; 8];
+        second_machine.read(live.top() - 8u64, &mut word).unwrap();
+        assert_eq!(&word, b"live one", "the live stack was zeroed");
+        let _ = cache.drain(&first);
+        let _ = cache.drain(&second);
+        assert_eq!(
+            (cache.cached(), first.stats().areas, second.stats().areas),
+            (0, 0, 1),
+            "every stack went back to its own manager"
+        );
+    });
 }
 
 /// A cache keeps its stacks of other sizes when it makes a new one, and a request

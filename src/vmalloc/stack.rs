@@ -236,10 +236,13 @@ impl<C: Cpus> StackCache<C> {
         M: PhysMemory + Copy,
         T: TlbFlush,
     {
-        self.check(vmalloc.id)?;
+        // Bound once and for good: bound to this manager, every stack cached is its
+        // own; unbound, none is (a stack parked after this look is another's).
+        let bound = self.bound_to(vmalloc.id)?;
         // A size `alloc_stack` refuses leaves the cached stacks where they are.
         vmalloc.stack_pages(size)?;
-        for slot in self.slots_here() {
+        let slots = if bound { self.slots_here() } else { &[] };
+        for slot in slots {
             let packed = slot.load(Ordering::Relaxed);
             if packed == 0
                 || unpack(packed).1 != size as u64
@@ -278,7 +281,9 @@ impl<C: Cpus> StackCache<C> {
         T: TlbFlush,
     {
         // An unbound cache holds no stack: nothing to give back, and no binding.
-        self.check(vmalloc.id)?;
+        if !self.bound_to(vmalloc.id)? {
+            return Ok(());
+        }
         for (_, slots) in self.slots.each() {
             for slot in slots {
                 let packed = slot.swap(0, Ordering::AcqRel);
@@ -290,11 +295,12 @@ impl<C: Cpus> StackCache<C> {
         Ok(())
     }
 
-    /// Whether the cache may serve the manager `id`: it is unbound, or bound to it.
-    fn check(&self, id: u64) -> Result<(), Error> {
+    /// Whether the cache is bound to the manager `id` (`false`: unbound, so it may
+    /// be); [`Error::WrongManager`] if it is bound to another.
+    fn bound_to(&self, id: u64) -> Result<bool, Error> {
         match self.manager.load(Ordering::Acquire) {
-            0 => Ok(()),
-            bound if bound == id => Ok(()),
+            0 => Ok(false),
+            bound if bound == id => Ok(true),
             _ => Err(Error::WrongManager),
         }
     }
