@@ -144,6 +144,230 @@ fn tables_that_were_there_before_the_manager_are_adopted_and_never_freed() {
     assert_frames_conserved(&vm, &frames, 0);
 }
 
+/// The root's entries, all of them.
+fn root_entries(machine: &SimMachine) -> Vec<u64> {
+    (0..512)
+        .map(|i| entry(machine, machine.root(), i))
+        .collect()
+}
+
+/// A manager over the default region, which starts at root entry 402, as `config`
+/// says; `Err` as `Vmalloc::new` returns it.
+fn try_manager<'m>(
+    machine: &'m SimMachine,
+    frames: &'m vmalloc_sim::SimFrames,
+    config: VmallocConfig,
+) -> Result<SimVmalloc<'m, &'m vmalloc_sim::SimFrames>, vmalloc::Error> {
+    // SAFETY: the machine's root table is used by nothing else in this test.
+    unsafe { Vmalloc::new(config, machine.root(), machine.phys(), frames, machine) }
+}
+
+/// A region whose page tables map something already (the kernel's page, a 2 MiB or
+/// 1 GiB entry, a recursive entry that maps the tables themselves) is refused, with
+/// nothing changed: mapping over it would write the kernel's tables (through a
+/// recursive entry, the root itself, outside the region) and the purge would free them.
+#[test]
+fn a_region_that_maps_something_already_is_refused() {
+    let table = (PageTableFlags::PRESENT | PageTableFlags::WRITABLE).bits();
+    let huge = table | PageTableFlags::HUGE_PAGE.bits();
+    let [pdpt, pd, pt] = [0x20_0000u64, 0x20_1000, 0x20_2000]
+        .map(|phys| PhysFrame::containing_address(PhysAddr::new(phys)));
+    type Make<'a> = dyn Fn(&SimMachine) + 'a;
+    let cases: [(&str, vmalloc::Error, &Make<'_>); 5] = [
+        ("a 4 KiB page", vmalloc::Error::AlreadyMapped, &|machine| {
+            set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
+            set_entry(machine, pd, 7, pt.start_address().as_u64() | table);
+            set_entry(machine, pt, 9, 0x30_0000 | table);
+        }),
+        (
+            "a not-present leaf",
+            vmalloc::Error::AlreadyMapped,
+            &|machine| {
+                set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
+                set_entry(machine, pd, 7, pt.start_address().as_u64() | table);
+                set_entry(machine, pt, 9, 0x30_0000);
+            },
+        ),
+        (
+            "a 2 MiB page",
+            vmalloc::Error::HugePageInTheWay,
+            &|machine| {
+                set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
+                set_entry(machine, pd, 7, 0x40_0000 | huge);
+            },
+        ),
+        (
+            "a 1 GiB page",
+            vmalloc::Error::HugePageInTheWay,
+            &|machine| {
+                set_entry(machine, pdpt, 3, huge);
+            },
+        ),
+        (
+            "a recursive entry",
+            vmalloc::Error::AlreadyMapped,
+            &|machine| {
+                set_entry(machine, pdpt, 3, pdpt.start_address().as_u64() | table);
+            },
+        ),
+    ];
+    for (what, error, make) in cases {
+        let machine = machine();
+        let frames = machine.frames();
+        set_entry(
+            &machine,
+            machine.root(),
+            402,
+            pdpt.start_address().as_u64() | table,
+        );
+        make(&machine);
+        let before = (root_entries(&machine), free_frames(&frames));
+        let made = try_manager(&machine, &frames, tree_config(false));
+        assert_eq!(made.err(), Some(error), "{what}");
+        assert_eq!(
+            (root_entries(&machine), free_frames(&frames)),
+            before,
+            "{what}: nothing changed"
+        );
+    }
+    // The root's own recursive entry in the region's slot.
+    let machine = machine();
+    let frames = machine.frames();
+    let root = machine.root().start_address().as_u64();
+    set_entry(&machine, machine.root(), 402, root | table);
+    let before = (root_entries(&machine), free_frames(&frames));
+    let made = try_manager(&machine, &frames, tree_config(false));
+    assert_eq!(
+        made.err(),
+        Some(vmalloc::Error::AlreadyMapped),
+        "the recursive slot"
+    );
+    assert_eq!((root_entries(&machine), free_frames(&frames)), before);
+}
+
+/// Tables a kernel made with this crate's own `PageTables` before it handed the
+/// region over (a page mapped and unmapped again leaves them, empty and marked as
+/// the crate's) are adopted like a boot loader's: no purge or drop frees them, and
+/// the manager counts none of them.
+#[test]
+fn tables_this_crate_made_for_the_kernel_before_the_manager_are_adopted_too() {
+    let machine = machine();
+    let frames = machine.frames();
+    // SAFETY: the machine's root table, which this test alone edits.
+    let mut kernel = unsafe { vmalloc::paging::PageTables::new(machine.root(), machine.phys()) };
+    let page = x86_64::structures::paging::Page::containing_address(VirtAddr::new(VMALLOC_START));
+    let pages = x86_64::structures::paging::Page::range(page, page + 1);
+    let data = frames.alloc_frame().unwrap();
+    let flags = PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    // SAFETY: the kernel's frame and tables, mapped and unmapped before any manager.
+    unsafe {
+        kernel.map(pages, [data], flags, &&frames).unwrap();
+        let _ = kernel.unmap(pages, |_, _| {}).unwrap();
+    }
+    let root_before = root_entries(&machine);
+    let pdpt =
+        PhysFrame::containing_address(PhysAddr::new(root_before[402] & 0x000f_ffff_ffff_f000));
+    let pd_entry = entry(&machine, pdpt, 0);
+    let kernel_tables = free_frames(&frames);
+    let vm = manager(&machine, &frames, tree_config(true));
+    assert_eq!(
+        vm.stats().page_table_frames,
+        TOP_LEVEL_TABLES - 1,
+        "adopted, not made"
+    );
+    let ptr = vm
+        .vmalloc_with(
+            4096,
+            &VmOptions {
+                align: 1 << 30,
+                ..VmOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        addr(ptr),
+        VirtAddr::new(VMALLOC_START),
+        "in the kernel's tables"
+    );
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(ptr.as_ptr()) }.unwrap();
+    vm.purge();
+    assert_eq!(
+        entry(&machine, pdpt, 0) & 0x000f_ffff_ffff_f000,
+        pd_entry & 0x000f_ffff_ffff_f000,
+        "the kernel's PD stays"
+    );
+    assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES - 1);
+    drop(vm);
+    assert_eq!(
+        root_entries(&machine),
+        root_before,
+        "the root as the kernel left it"
+    );
+    assert_eq!(
+        free_frames(&frames),
+        kernel_tables,
+        "every frame the manager took is back, none of the kernel's"
+    );
+}
+
+/// Two managers whose regions share a page directory (8 MiB each, side by side):
+/// neither frees a table the other may use or have made, and each counts only its
+/// own (the right one's purge freed the shared PD the left one made, and its count
+/// of tables went below zero: a panic in a debug build). Dropped in the reverse
+/// order of their making, they give every frame back.
+#[test]
+fn managers_side_by_side_in_one_page_directory_free_only_their_own_tables() {
+    for left_dropped_first in [false, true] {
+        let machine = machine();
+        let frames = machine.frames();
+        let free = free_frames(&frames);
+        let region = |start: u64| VmallocConfig {
+            start: VirtAddr::new(start),
+            size: 8 << 20,
+            ..tree_config(true)
+        };
+        let left = manager(&machine, &frames, region(VMALLOC_START));
+        let right = manager(&machine, &frames, region(VMALLOC_START + (8 << 20)));
+        let (a, b) = (left.vmalloc(4096).unwrap(), right.vmalloc(4096).unwrap());
+        // SAFETY: nothing uses the areas after this.
+        unsafe {
+            left.vfree(a.as_ptr()).unwrap();
+            left.purge();
+            right.vfree(b.as_ptr()).unwrap();
+            right.purge();
+        }
+        assert_eq!(
+            (
+                left.stats().page_table_frames,
+                right.stats().page_table_frames
+            ),
+            (2, 0),
+            "the left one made the top-level table and the PD, which both keep"
+        );
+        let b = right.vmalloc(4096).unwrap();
+        // SAFETY: bytes the test owns: no live Rust value lives there.
+        unsafe { machine.write(addr(b), b"right") }.unwrap();
+        if left_dropped_first {
+            drop(left);
+            let mut back = [0; 5];
+            machine.read(addr(b), &mut back).unwrap();
+            assert_eq!(
+                &back, b"right",
+                "the right one's area outlives the left one"
+            );
+            drop(right);
+            // The top-level table the left one made, which the right one adopted: the
+            // left one could not free it (in use), the right one may not (not its own).
+            assert_eq!(free_frames(&frames), free - 1);
+        } else {
+            drop(right);
+            drop(left);
+            assert_eq!(free_frames(&frames), free);
+        }
+    }
+}
+
 #[test]
 fn dropping_the_manager_returns_every_frame_it_took() {
     let machine = machine();

@@ -34,7 +34,9 @@
 //!
 //! An upper entry that points to a table this crate made carries the software bit
 //! [`CREATED`]. Only such tables are ever freed: tables that were there before (the
-//! boot loader's, the kernel's own) are used as found and never handed to anyone.
+//! boot loader's, the kernel's own) are used as found and never handed to anyone. An
+//! owner that takes over a range from the kernel (the vmalloc manager) adopts the
+//! tables this crate made there before it: their entries lose the mark.
 //! Entries of the root itself are never cleared either. A kernel with processes copies
 //! the kernel half of its PML4 into every new address space once, so a root entry
 //! that changed later would leave the copies pointing at a freed table; instead the
@@ -74,6 +76,7 @@ mod huge;
 use huge::{hand_out_huge, huge_leaf};
 mod mapper;
 mod tables;
+pub(crate) use tables::RootEntries;
 
 pub use flush::RangeFlush;
 pub use mapper::PageTableMapper;

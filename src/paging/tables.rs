@@ -20,7 +20,131 @@ impl<M: PhysMemory> PageTables<M> {
         pages: PageRange,
         on_table: impl FnMut(PhysFrame),
     ) -> Result<(usize, RangeFlush), Error> {
-        self.unlink_empty(pages, 1, on_table)
+        self.unlink_empty(pages, 1, (0, u64::MAX), on_table)
+    }
+
+    /// [`free_empty_tables`](Self::free_empty_tables), unlinking only tables that
+    /// serve nothing outside `within` (inclusive addresses): an owner of that range
+    /// alone leaves the tables it shares with its neighbours, which another owner
+    /// may have made and may be using.
+    pub(crate) fn free_empty_tables_within(
+        &mut self,
+        pages: PageRange,
+        within: (u64, u64),
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        self.unlink_empty(pages, 1, within, on_table)
+    }
+
+    /// Checks that the tables already under the root for `pages` map nothing there:
+    /// every entry covering the range is zero or a present table entry, none leads
+    /// back to a table on its own path (a recursive mapping's), and no leaf or 2 MiB
+    /// or 1 GiB entry is present or not. Returns the root entries that hold a table,
+    /// for [`adopt`](Self::adopt).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::HugePageInTheWay`] for a 2 MiB or 1 GiB entry, [`Error::AlreadyMapped`]
+    /// for anything else that is not a table, and the range errors of
+    /// [`unmap`](Self::unmap).
+    pub(crate) fn survey_for_adoption(&self, pages: PageRange) -> Result<RootEntries, Error> {
+        let (start, end) = span(pages)?;
+        let mut found = RootEntries([0; 8]);
+        if start < end {
+            let root = table_at(&self.phys, self.root.start_address());
+            let mut path = [self.root.start_address().as_u64(); 4];
+            self.adopt_below(root, 0, start, end - 1, &mut path, None, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// Adopts the tables [`survey_for_adoption`](Self::survey_for_adoption) found
+    /// below the root entries in `found`: their entries lose the [`CREATED`] mark, so
+    /// no clean-up of this crate frees them (a kernel's own tables, made with this
+    /// crate before the range was handed over, stay the kernel's). The root entries
+    /// themselves do not change: [`release_top_level_except`] leaves them.
+    ///
+    /// [`release_top_level_except`]: Self::release_top_level_except
+    ///
+    /// # Safety
+    ///
+    /// The tables under those entries are as the survey found them.
+    pub(crate) unsafe fn adopt(&mut self, pages: PageRange, found: &RootEntries) {
+        let Ok((start, end)) = span(pages) else {
+            return;
+        };
+        if start < end {
+            let root = table_at(&self.phys, self.root.start_address());
+            let mut path = [self.root.start_address().as_u64(); 4];
+            let mut unused = RootEntries([0; 8]);
+            let walked =
+                self.adopt_below(root, 0, start, end - 1, &mut path, Some(found), &mut unused);
+            debug_assert!(walked.is_ok(), "the survey saw the same entries");
+        }
+    }
+
+    /// The entries of `table` (at `level`) covering `[first, last]`, and the tables
+    /// below them: checked, and with `adopt`, unmarked (root entries only those in
+    /// it). Root entries holding a table are recorded in `found`.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt_below(
+        &self,
+        table: *mut PageTable,
+        level: usize,
+        first: u64,
+        last: u64,
+        path: &mut [u64; 4],
+        adopt: Option<&RootEntries>,
+        found: &mut RootEntries,
+    ) -> Result<(), Error> {
+        let span = entry_span(level);
+        let mut addr = first;
+        loop {
+            let region_last = (addr & !(span - 1)) | (span - 1);
+            let at = index(addr, level);
+            let entry = entry_at(table, at);
+            // SAFETY: `entry` lies in a reachable table.
+            let raw = unsafe { read(entry) };
+            let flags = PageTableFlags::from_bits_retain(raw);
+            let child = raw & ADDR_MASK;
+            if raw != 0 {
+                if level == 3 || !flags.contains(PageTableFlags::PRESENT) {
+                    return Err(Error::AlreadyMapped);
+                }
+                if flags.contains(PageTableFlags::HUGE_PAGE) {
+                    return Err(Error::HugePageInTheWay);
+                }
+                if path[..=level].contains(&child) {
+                    return Err(Error::AlreadyMapped);
+                }
+                if level == 0 {
+                    found.insert(at);
+                }
+                let take = adopt.is_some_and(|found| level > 0 || found.contains(at));
+                if adopt.is_none() || take {
+                    path[level + 1] = child;
+                    let below = table_at(&self.phys, PhysAddr::new(child));
+                    self.adopt_below(
+                        below,
+                        level + 1,
+                        addr,
+                        last.min(region_last),
+                        path,
+                        adopt,
+                        found,
+                    )?;
+                }
+                if take && level > 0 && flags.contains(CREATED) {
+                    // SAFETY: a present upper entry of a reachable table; only its
+                    // software mark changes, which no walk of the CPU reads.
+                    unsafe { core::ptr::write(entry.cast::<u64>(), raw & !CREATED.bits()) };
+                }
+            }
+            if region_last >= last {
+                return Ok(());
+            }
+            addr = region_last + 1;
+        }
     }
 
     /// The leaf table (the one holding 4 KiB entries) whose 2 MiB contains `addr`,
@@ -144,25 +268,64 @@ impl<M: PhysMemory> PageTables<M> {
         pages: PageRange,
         on_table: impl FnMut(PhysFrame),
     ) -> Result<(usize, RangeFlush), Error> {
-        self.unlink_empty(pages, 0, on_table)
+        self.unlink_empty(pages, 0, (0, u64::MAX), on_table)
+    }
+
+    /// [`release_top_level`](Self::release_top_level), leaving the root entries in
+    /// `adopted` (and their tables) as they are: those an owner found rather than
+    /// made.
+    ///
+    /// # Errors
+    ///
+    /// As [`free_empty_tables`](Self::free_empty_tables).
+    ///
+    /// # Safety
+    ///
+    /// As [`release_top_level`](Self::release_top_level).
+    pub(crate) unsafe fn release_top_level_except(
+        &mut self,
+        pages: PageRange,
+        adopted: &RootEntries,
+        on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        let mut freed = self.freed(0, (0, u64::MAX));
+        freed.adopted_roots = *adopted;
+        self.unlink_with(pages, freed, on_table)
     }
 
     /// [`free_empty_tables`](Self::free_empty_tables), unlinking tables whose parent is
-    /// at `from_level` or deeper.
+    /// at `from_level` or deeper and that serve nothing outside `within`.
     fn unlink_empty(
         &mut self,
         pages: PageRange,
         from_level: usize,
-        mut on_table: impl FnMut(PhysFrame),
+        within: (u64, u64),
+        on_table: impl FnMut(PhysFrame),
     ) -> Result<(usize, RangeFlush), Error> {
-        let (start, end) = span(pages)?;
-        let mut freed = Freed {
+        self.unlink_with(pages, self.freed(from_level, within), on_table)
+    }
+
+    /// Nothing freed yet, unlinking tables whose parent is at `from_level` or deeper
+    /// and that serve nothing outside `within`.
+    fn freed(&self, from_level: usize, within: (u64, u64)) -> Freed {
+        Freed {
             count: 0,
             low: u64::MAX,
             high: 0,
             from_level,
+            within,
+            adopted_roots: RootEntries([0; 8]),
             path: [self.root.start_address().as_u64(); 3],
-        };
+        }
+    }
+
+    fn unlink_with(
+        &mut self,
+        pages: PageRange,
+        mut freed: Freed,
+        mut on_table: impl FnMut(PhysFrame),
+    ) -> Result<(usize, RangeFlush), Error> {
+        let (start, end) = span(pages)?;
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
             self.free_below(root, 0, start, end - 1, &mut on_table, &mut freed);
@@ -214,7 +377,11 @@ impl<M: PhysMemory> PageTables<M> {
                         freed,
                     );
                 }
-                let ours = level >= freed.from_level && flags.contains(CREATED);
+                let ours = level >= freed.from_level
+                    && flags.contains(CREATED)
+                    && !(level == 0 && freed.adopted_roots.contains(index(addr, 0)))
+                    && region_start >= freed.within.0
+                    && region_last <= freed.within.1;
                 // SAFETY: `child` is a reachable table; nothing borrows it.
                 if ours && unsafe { (*child).is_empty() } {
                     // SAFETY: `entry` is a present upper entry of a reachable table.
@@ -302,7 +469,29 @@ struct Freed {
     high: u64,
     /// Level of the shallowest parent whose entries may be cleared (0 = the root).
     from_level: usize,
+    /// Only tables serving addresses inside these (inclusive) are unlinked.
+    within: (u64, u64),
+    /// Root entries whose tables stay.
+    adopted_roots: RootEntries,
     /// Frames of the tables on the walk's path, by level (0 = the root); entries
     /// past the current level are stale.
     path: [u64; 3],
+}
+
+/// A set of root-table entries, by index.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RootEntries([u64; 8]);
+
+impl RootEntries {
+    fn insert(&mut self, index: usize) {
+        if let Some(word) = self.0.get_mut(index / 64) {
+            *word |= 1 << (index % 64);
+        }
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.0
+            .get(index / 64)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
 }

@@ -19,6 +19,7 @@
 //! flush covering every address it served; while tables are being unlinked, before
 //! that range is known, a full buffer is flushed whole.
 
+use super::options::VmallocConfig;
 use crate::paging::{PageTables, RangeFlush};
 use crate::tlb::{FlushBatch, FlushTicket};
 use crate::{Error, FrameSource, PhysMemory, TlbFlush};
@@ -134,6 +135,9 @@ pub(super) struct Gather<'a, F: FrameSource> {
     unlinking: bool,
     /// Page tables released so far.
     tables: u64,
+    /// The region whose page tables `sweep_tables` may unlink: tables that also serve
+    /// addresses outside it are never its own alone (inclusive bounds).
+    region: (u64, u64),
 }
 
 impl<'a, F: FrameSource> Gather<'a, F> {
@@ -146,6 +150,16 @@ impl<'a, F: FrameSource> Gather<'a, F> {
             len: 0,
             unlinking: false,
             tables: 0,
+            region: (0, u64::MAX),
+        }
+    }
+
+    /// A gather of the manager whose region is `config`'s.
+    pub(super) fn for_region(frames: &'a F, tlb: &'a dyn TlbFlush, config: &VmallocConfig) -> Self {
+        let start = config.start.as_u64();
+        Self {
+            region: (start, start + (config.size - 1)),
+            ..Self::new(frames, tlb)
         }
     }
 
@@ -184,13 +198,17 @@ impl<'a, F: FrameSource> Gather<'a, F> {
     }
 
     /// Unlinks the empty tables this manager created below the root for `range`; they
-    /// are freed after a flush covering the addresses they served.
+    /// are freed after a flush covering the addresses they served. A table that also
+    /// serves addresses outside the region stays (until the manager is dropped): a
+    /// neighbour in the same address space (a kernel's mappings, another manager) may
+    /// be using it, or have made it.
     pub(super) fn sweep_tables<M: PhysMemory>(
         &mut self,
         tables: &mut PageTables<M>,
         range: PageRange,
     ) {
-        self.unlink_tables(|push| tables.free_empty_tables(range, push));
+        let region = self.region;
+        self.unlink_tables(|push| tables.free_empty_tables_within(range, region, push));
     }
 
     /// Runs `unlink`, which hands unlinked page tables to its argument and returns

@@ -8,7 +8,7 @@ use super::manager::Vmalloc;
 use super::nodes::NodePool;
 use super::purge::PurgeList;
 use super::space::{AreaMap, VSpace};
-use crate::paging::PageTables;
+use crate::paging::{PageTables, RootEntries};
 use crate::sync::IrqGuard;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
 use core::ptr::NonNull;
@@ -41,6 +41,8 @@ pub(super) struct Inner<F: FrameSource, M: PhysMemory + Copy> {
     pub(super) dying: u64,
     /// Deferred frees whose pointer `vfree` would have refused.
     pub(super) deferred_refused: u64,
+    /// The region's root entries that held a table before the manager: never cleared.
+    pub(super) adopted_roots: RootEntries,
 }
 
 impl<F: FrameSource, M: PhysMemory + Copy> Inner<F, M> {

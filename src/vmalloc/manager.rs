@@ -55,9 +55,13 @@ where
     /// [`Error::ZeroSize`] if it is empty, [`Error::NullPointer`] if it starts at 0,
     /// [`Error::RangeWraps`] if it reaches the end of the address space,
     /// [`Error::NonCanonical`] if it leaves the canonical half it starts in or ends at
-    /// its top. [`Error::HugePageInTheWay`] or [`Error::AlreadyMapped`] if one of its
-    /// top-level entries is not a table; [`Error::OutOfFrames`] if the top-level tables
-    /// or the first bookkeeping node cannot be had. Nothing is kept on error.
+    /// its top. [`Error::HugePageInTheWay`] if the region's page tables hold a 2 MiB
+    /// or 1 GiB entry there already, [`Error::AlreadyMapped`] if they map anything
+    /// else there (a page, an entry that is not a table, an entry leading back to a
+    /// table above it, as a recursive mapping's): the manager would map over it, or
+    /// through the recursion write the tables themselves. [`Error::OutOfFrames`] if the
+    /// top-level tables or the first bookkeeping node cannot be had. Nothing is kept
+    /// on error.
     ///
     /// # Safety
     ///
@@ -96,12 +100,19 @@ where
             // allocates through another manager on the same frames never finds their
             // lock held.
             let _irq = IrqOff::new(&tlb);
-            let space = VSpace::new(&mut pool, config.start, config.size);
-            let created = space.and_then(|space| {
+            // What the region's tables hold already: nothing mapped, and no entry
+            // leading back up (a recursive slot); the tables found are adopted.
+            let found = tables.survey_for_adoption(region);
+            let space = found
+                .and_then(|found| Ok((found, VSpace::new(&mut pool, config.start, config.size)?)));
+            let created = space.and_then(|(found, space)| {
                 // SAFETY: `frames` hands out unused frames reachable through `phys`
                 // (contract).
                 let created = unsafe { tables.preallocate_top_level(region, &frames) }?;
-                Ok((space, created as u64))
+                // SAFETY: nothing changed under the entries surveyed; the root
+                // entries made just now keep their mark.
+                unsafe { tables.adopt(region, &found) };
+                Ok((space, created as u64, found))
             });
             if created.is_err() {
                 let mut gather = Gather::new(&frames, &tlb);
@@ -110,7 +121,7 @@ where
             }
             created
         };
-        let (space, created) = made?;
+        let (space, created, adopted_roots) = made?;
         let inner = Inner {
             tables,
             space,
@@ -123,6 +134,7 @@ where
             purges: 0,
             dying: 0,
             deferred_refused: 0,
+            adopted_roots,
         };
         let mut vm = Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -583,7 +595,7 @@ where
     /// A gather for what this manager unmaps: the only way its frames and tables
     /// leave it (see [the gather](super::gather)).
     pub(super) fn gather(&self) -> Gather<'_, F> {
-        Gather::new(&self.frames, &self.tlb)
+        Gather::for_region(&self.frames, &self.tlb, &self.config)
     }
 }
 
@@ -610,9 +622,13 @@ where
             let start = VirtAddr::new(self.blocks.zone());
             gather.sweep_tables(&mut inner.tables, page_range(start, 0..zone));
         }
-        // SAFETY: `new`'s contract: no address space uses copies of the region's
-        // top-level entries once the manager is dropped.
-        gather.unlink_tables(|push| unsafe { inner.tables.release_top_level(region, push) });
+        let adopted = inner.adopted_roots;
+        let tables = &mut inner.tables;
+        gather.unlink_tables(|push| {
+            // SAFETY: `new`'s contract: no address space uses copies of the region's
+            // top-level entries once the manager is dropped.
+            unsafe { tables.release_top_level_except(region, &adopted, push) }
+        });
         inner.space = VSpace::empty();
         inner.areas = AreaMap::new();
         inner.pool.release_all(|frame| gather.free(frame));

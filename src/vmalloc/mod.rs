@@ -16,6 +16,15 @@
 //! copies the kernel half of its PML4 into each new address space once, and every
 //! area made later is visible there. Lower tables are created as areas need them and
 //! freed when a purge leaves them empty; only tables the manager created are freed.
+//! Tables found in the region at `new` (a boot loader's, or the kernel's own made
+//! with this crate's [`PageTables`](crate::paging::PageTables)) are adopted and
+//! never freed, and must map nothing there (`new` refuses a region that does). A
+//! table that also serves addresses outside the region (a region that starts or ends
+//! inside a 2 MiB or 1 GiB span) is shared with whatever lives there, a kernel's
+//! mappings or another manager: a purge never frees it, and the drop frees it only
+//! if it is the manager's own and empty. Managers whose regions share tables are
+//! dropped in the reverse order of their making, or the top-level table the first
+//! made and the second adopted stays (neither may free it).
 //! For the default 32 TiB region this costs 64 frames (256 KiB).
 //!
 //! # Failure
