@@ -272,8 +272,9 @@ impl<M: PhysMemory> PageTables<M> {
     }
 
     /// [`release_top_level`](Self::release_top_level), leaving the root entries in
-    /// `adopted` (and their tables) as they are: those an owner found rather than
-    /// made.
+    /// `adopted` as they are (those an owner found rather than made): their tables
+    /// stay linked, while the empty tables this crate made below them are unlinked as
+    /// usual.
     ///
     /// # Errors
     ///
