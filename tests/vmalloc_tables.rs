@@ -311,61 +311,59 @@ fn tables_this_crate_made_for_the_kernel_before_the_manager_are_adopted_too() {
     );
 }
 
-/// Two managers whose regions share a page directory (8 MiB each, side by side):
-/// neither frees a table the other may use or have made, and each counts only its
-/// own (the right one's purge freed the shared PD the left one made, and its count
-/// of tables went below zero: a panic in a debug build). Dropped in the reverse
-/// order of their making, they give every frame back.
+/// Two managers whose regions share a top-level entry would share the tables below
+/// it, each freeing what the other maps through (side by side in one page
+/// directory, the second one's purge freed the first one's directory and its count
+/// of tables went below zero: a panic in a debug build). The second is refused, with
+/// nothing changed, while the first lives; regions in other top-level entries, or
+/// in another address space, are not.
 #[test]
-fn managers_side_by_side_in_one_page_directory_free_only_their_own_tables() {
-    for left_dropped_first in [false, true] {
-        let machine = machine();
-        let frames = machine.frames();
-        let free = free_frames(&frames);
-        let region = |start: u64| VmallocConfig {
-            start: VirtAddr::new(start),
-            size: 8 << 20,
-            ..tree_config(true)
-        };
-        let left = manager(&machine, &frames, region(VMALLOC_START));
-        let right = manager(&machine, &frames, region(VMALLOC_START + (8 << 20)));
-        let (a, b) = (left.vmalloc(4096).unwrap(), right.vmalloc(4096).unwrap());
-        // SAFETY: nothing uses the areas after this.
-        unsafe {
-            left.vfree(a.as_ptr()).unwrap();
-            left.purge();
-            right.vfree(b.as_ptr()).unwrap();
-            right.purge();
-        }
+fn a_region_sharing_a_top_level_entry_with_a_live_manager_is_refused() {
+    let machine = machine();
+    let frames = machine.frames();
+    let region = |start: u64, size: u64| VmallocConfig {
+        start: VirtAddr::new(start),
+        size,
+        ..tree_config(true)
+    };
+    let left = manager(&machine, &frames, region(VMALLOC_START, 8 << 20));
+    let area = left.vmalloc(4096).unwrap();
+    let before = (root_entries(&machine), free_frames(&frames));
+    for (start, size) in [
+        (VMALLOC_START + (8 << 20), 8 << 20),
+        (VMALLOC_START - (1 << 39), 2 << 39),
+        (VMALLOC_START + (1 << 30), 4096),
+    ] {
         assert_eq!(
-            (
-                left.stats().page_table_frames,
-                right.stats().page_table_frames
-            ),
-            (2, 0),
-            "the left one made the top-level table and the PD, which both keep"
+            try_manager(&machine, &frames, region(start, size)).err(),
+            Some(vmalloc::Error::Overlap),
+            "{start:#x}, {size} bytes"
         );
-        let b = right.vmalloc(4096).unwrap();
-        // SAFETY: bytes the test owns: no live Rust value lives there.
-        unsafe { machine.write(addr(b), b"right") }.unwrap();
-        if left_dropped_first {
-            drop(left);
-            let mut back = [0; 5];
-            machine.read(addr(b), &mut back).unwrap();
-            assert_eq!(
-                &back, b"right",
-                "the right one's area outlives the left one"
-            );
-            drop(right);
-            // The top-level table the left one made, which the right one adopted: the
-            // left one could not free it (in use), the right one may not (not its own).
-            assert_eq!(free_frames(&frames), free - 1);
-        } else {
-            drop(right);
-            drop(left);
-            assert_eq!(free_frames(&frames), free);
-        }
     }
+    assert_eq!((root_entries(&machine), free_frames(&frames)), before);
+    // The next top-level entry, and another machine's same region, are fine.
+    let next = manager(
+        &machine,
+        &frames,
+        region(VMALLOC_START + (1 << 39), 8 << 20),
+    );
+    let other_machine = common::vm::machine();
+    let other_frames = other_machine.frames();
+    let other = manager(
+        &other_machine,
+        &other_frames,
+        region(VMALLOC_START, 8 << 20),
+    );
+    // SAFETY: nothing uses the area after this.
+    unsafe { left.vfree(area.as_ptr()) }.unwrap();
+    drop(left);
+    // Once the first is gone, its region may be had again.
+    let again = manager(
+        &machine,
+        &frames,
+        region(VMALLOC_START + (8 << 20), 8 << 20),
+    );
+    drop((next, other, again));
 }
 
 #[test]

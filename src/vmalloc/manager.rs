@@ -3,6 +3,7 @@
 
 use super::area::{AreaKind, AreaRecord};
 use super::blocks::{self, BLOCK_BYTES, Blocks, Located};
+use super::claims;
 use super::deferred::DeferredFrees;
 use super::gather::Gather;
 use super::huge;
@@ -37,6 +38,8 @@ pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) config: VmallocConfig,
     deferred: DeferredFrees,
     pub(super) blocks: Blocks,
+    /// The record of the region's top-level entries in [`claims`].
+    claim: Option<usize>,
 }
 
 impl<F, M, T> Vmalloc<F, M, T>
@@ -59,9 +62,11 @@ where
     /// or 1 GiB entry there already, [`Error::AlreadyMapped`] if they map anything
     /// else there (a page, an entry that is not a table, an entry leading back to a
     /// table above it, as a recursive mapping's): the manager would map over it, or
-    /// through the recursion write the tables themselves. [`Error::OutOfFrames`] if the
-    /// top-level tables or the first bookkeeping node cannot be had. Nothing is kept
-    /// on error.
+    /// through the recursion write the tables themselves. [`Error::Overlap`] if a live
+    /// manager over the same root uses one of the region's top-level entries (they
+    /// would share the tables below it; see [`claims`](super::claims)).
+    /// [`Error::OutOfFrames`] if the top-level tables or the first bookkeeping node
+    /// cannot be had. Nothing is kept on error.
     ///
     /// # Safety
     ///
@@ -70,7 +75,10 @@ where
     ///   that touches vmalloc memory; other address spaces may copy the region's
     ///   top-level entries after this call, and must stop using them before the
     ///   manager is dropped);
-    /// - nothing else maps, unmaps or frees anything in the region's page tables;
+    /// - nothing else maps, unmaps or frees anything in the region's page tables,
+    ///   those that also serve addresses next to the region included (a region that
+    ///   does not start and end on 1 GiB boundaries shares such tables with its
+    ///   neighbours: the kernel maps nothing there while the manager lives);
     /// - `frames` upholds [`FrameSource`]'s contract with frames reachable through
     ///   `phys`;
     /// - `tlb` flushes the TLB of every CPU that may hold translations of the region:
@@ -91,6 +99,15 @@ where
         tlb: T,
     ) -> Result<Self, Error> {
         space::check_region(config.start.as_u64(), config.size)?;
+        let top_level = |addr: u64| ((addr >> 39) & 511) as usize;
+        let first = top_level(config.start.as_u64());
+        let last = top_level(config.start.as_u64() + (config.size - 1));
+        // The address space, told by where its root is reachable.
+        let address_space = phys.phys_to_virt(root.start_address()) as usize;
+        let claim = {
+            let _irq = IrqOff::new(&tlb);
+            claims::claim(address_space, first, last)?
+        };
         // SAFETY: forwarded from this function's contract.
         let mut tables = unsafe { PageTables::new(root, phys) };
         let mut pool = NodePool::with_slot_size(frames.clone(), phys, super::purge::SLOT_SIZE);
@@ -118,6 +135,7 @@ where
                 let mut gather = Gather::new(&frames, &tlb);
                 pool.release_all(|frame| gather.free(frame));
                 gather.finish();
+                claims::release(claim);
             }
             created
         };
@@ -145,6 +163,7 @@ where
             config,
             deferred: DeferredFrees::new(),
             blocks: Blocks::off(),
+            claim,
         };
         let blocks = Blocks::blocks_for(config.size);
         // Without CPUs to tell apart a cache could never be picked: no zone then.
@@ -656,6 +675,7 @@ where
             // their lock held.
             let _irq = IrqOff::new(&self.tlb);
             self.release_areas_and_tables();
+            claims::release(self.claim);
         }
         self.release_block_bookkeeping();
     }

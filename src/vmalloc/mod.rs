@@ -20,11 +20,10 @@
 //! with this crate's [`PageTables`](crate::paging::PageTables)) are adopted and
 //! never freed, and must map nothing there (`new` refuses a region that does). A
 //! table that also serves addresses outside the region (a region that starts or ends
-//! inside a 2 MiB or 1 GiB span) is shared with whatever lives there, a kernel's
-//! mappings or another manager: a purge never frees it, and the drop frees it only
-//! if it is the manager's own and empty. Managers whose regions share tables are
-//! dropped in the reverse order of their making, or the top-level table the first
-//! made and the second adopted stays (neither may free it).
+//! inside a 2 MiB or 1 GiB span) may be shared with the kernel's mappings there: a
+//! purge never frees it, the drop does if it is empty and the crate made it. Two
+//! managers never share a table: `new` refuses a region whose top-level entries a
+//! live manager of the same address space uses (see [`claims`]).
 //! For the default 32 TiB region this costs 64 frames (256 KiB).
 //!
 //! # Failure
@@ -203,6 +202,7 @@
 pub mod allocinfo;
 mod area;
 pub mod blocks;
+pub mod claims;
 pub mod deferred;
 pub mod diagnose;
 mod gather;
