@@ -206,3 +206,33 @@ fn a_moving_vrealloc_keeps_the_caller_listings_name() {
         unsafe { vm.vfree(area.as_ptr()) }.unwrap();
     }
 }
+
+/// A growth that finds the pages after the area waiting for the purge, and no room
+/// elsewhere, grows into them once the purge it runs has freed them, as a growth
+/// after an explicit purge does.
+#[test]
+fn a_growth_into_a_neighbour_waiting_for_the_purge_is_done_in_place_when_nothing_else_fits() {
+    let machine = machine();
+    let frames = machine.frames();
+    let size = 16 << 20;
+    let config = VmallocConfig {
+        size,
+        ..tree_config(false)
+    };
+    let vm = manager(&machine, &frames, config);
+    let area = vm.vmalloc(10 * 4096).unwrap();
+    let neighbour = vm.vmalloc(20 * 4096).unwrap();
+    assert_eq!(addr(neighbour), addr(area) + 11 * 4096u64);
+    let rest = VmOptions {
+        flags: VmFlags::NO_GUARD,
+        ..VmOptions::default()
+    };
+    vm.reserve(size as usize - 32 * 4096, &rest).unwrap();
+    assert_eq!(vm.stats().largest_free, 0, "the region is full");
+    // SAFETY: nothing uses the area after this.
+    unsafe { vm.vfree(neighbour.as_ptr()) }.unwrap();
+    // SAFETY: nothing uses the area through the old pointer unless it is returned.
+    let grown = unsafe { vm.vrealloc(area.as_ptr(), 25 * 4096) };
+    assert_eq!(grown, Ok(area), "{:?}", vm.stats());
+    assert_eq!(vm.find_vm_area(addr(area)).unwrap().pages, 25);
+}

@@ -60,7 +60,14 @@ where
                 cx.grow_in_place(start, &record, new_pages, new_bytes)
                     .map(|()| start)
             } else {
-                cx.grow_by_moving(start, &record, new_pages, new_bytes)
+                match cx.grow_by_moving(start, &record, new_pages, new_bytes) {
+                    // Its purge may have freed the pages right after the area (a
+                    // neighbour waiting for it), which the first look found taken.
+                    Err(Error::OutOfVirtualSpace) if cx.try_extend(start, &record, new_pages) => cx
+                        .grow_in_place(start, &record, new_pages, new_bytes)
+                        .map(|()| start),
+                    moved => moved,
+                }
             };
             if record.huge_mappings > 0 {
                 // A split or a move maps 4 KiB pages where 2 MiB ones were.
