@@ -300,7 +300,7 @@ fn two_managers_purging_at_once_on_two_cpus_both_finish() {
                     frames,
                     tlb,
                     VmallocConfig {
-                        start: VirtAddr::new(0xffff_e000_0000_0000),
+                        start: VirtAddr::new(0xffff_ea00_0000_0000),
                         size: 1 << 40,
                         ..VmallocConfig::default()
                     },
