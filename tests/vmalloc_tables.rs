@@ -132,16 +132,28 @@ fn tables_that_were_there_before_the_manager_are_adopted_and_never_freed() {
     // SAFETY: nothing uses the area after this; a pointer to no live area is refused.
     unsafe { vm.vfree(far.as_ptr()) }.unwrap();
     vm.purge();
+    let managed = vmalloc::paging::MANAGED.bits();
     let now = [
         entry(&machine, machine.root(), 402),
         entry(&machine, pdpt, 0),
         entry(&machine, pd, 0),
     ];
-    assert_eq!(now, boot, "the boot tables stay linked and untouched");
+    assert_eq!(
+        now,
+        [boot[0] | managed, boot[1], boot[2]],
+        "the boot tables stay linked and untouched, the top-level entry marked as the \
+         manager's"
+    );
     assert_eq!(entry(&machine, pdpt, 1), 0, "the manager's own PD is gone");
     assert_eq!(vm.stats().page_table_frames, TOP_LEVEL_TABLES - 1);
     assert_eq!(free_frames(&frames), baseline, "its own tables went back");
     assert_frames_conserved(&vm, &frames, 0);
+    drop(vm);
+    assert_eq!(
+        entry(&machine, machine.root(), 402),
+        boot[0],
+        "the mark goes with the manager"
+    );
 }
 
 /// The root's entries, all of them.
@@ -418,4 +430,43 @@ fn dropping_the_manager_returns_every_frame_it_took() {
     }
     // SAFETY: frames the test took and no longer uses (or a bad free, refused).
     unsafe { frames.free_frames(&lent) }.unwrap();
+}
+
+/// The marks that tell a manager's top-level entries live in the address space: a
+/// manager forgotten rather than dropped keeps its region (another over it is
+/// refused: its areas are still mapped there), while a new machine, whose memory the
+/// host may place where the old one's was, starts with none; and no count of live
+/// managers limits the check.
+#[test]
+fn the_marks_of_a_managers_region_live_in_its_address_space() {
+    for _ in 0..3 {
+        let machine = machine();
+        let frames = machine.frames();
+        let forgotten = manager(&machine, &frames, tree_config(false));
+        core::mem::forget(forgotten);
+        assert_eq!(
+            try_manager(&machine, &frames, tree_config(false)).err(),
+            Some(vmalloc::Error::Overlap)
+        );
+    }
+    let machine = machine();
+    let frames = machine.frames();
+    let region = |index: u64| VmallocConfig {
+        start: VirtAddr::new(index << 39),
+        size: 1 << 39,
+        ..tree_config(false)
+    };
+    let mut managers: Vec<_> = (1..=100)
+        .map(|index| manager(&machine, &frames, region(index)))
+        .collect();
+    drop(managers.remove(0));
+    for index in [2, 50, 100] {
+        assert_eq!(
+            try_manager(&machine, &frames, region(index)).err(),
+            Some(vmalloc::Error::Overlap),
+            "top-level entry {index}"
+        );
+    }
+    let again = manager(&machine, &frames, region(1));
+    drop((again, managers));
 }

@@ -42,10 +42,11 @@ use x86_64::{PhysAddr, VirtAddr};
 ///   reads as a huge page) or panics;
 /// - `parent_table_flags` without `PRESENT` where a table must be made:
 ///   [`MapToError::ParentEntryHugePage`]; `OffsetPageTable` panics;
-/// - `parent_table_flags` with [`CREATED`](super::CREATED) (`BIT_10`) or
-///   [`KEPT`](super::KEPT) (`BIT_11`): the bits are left out, so the tables stay
-///   the caller's (below) and its clean-up frees them; `set_flags_p4_entry` (and
-///   `p3`, `p2`) keep an entry's own `BIT_10` and `BIT_11` whatever `flags` say;
+/// - `parent_table_flags` with [`CREATED`](super::CREATED) (`BIT_10`),
+///   [`KEPT`](super::KEPT) (`BIT_11`) or [`MANAGED`](super::MANAGED) (`BIT_52`):
+///   the bits are left out, so the tables stay the caller's (below) and its clean-up
+///   frees them; `set_flags_p4_entry` (and `p3`, `p2`) keep an entry's own `BIT_10`,
+///   `BIT_11` and `BIT_52` whatever `flags` say;
 /// - an upper entry in the way that is a huge page (a detached 2 MiB mapping of
 ///   this crate's included: not present, [`DETACHED`](super::DETACHED), `HUGE_PAGE`
 ///   kept), or is not present and stays so under `parent_table_flags`:
@@ -268,7 +269,7 @@ impl<M: PhysMemory> PageTableMapper<M> {
 ///
 /// [`CREATED`]: super::CREATED
 /// [`KEPT`]: super::KEPT
-const OWN_MARKS: PageTableFlags = super::CREATED.union(super::KEPT);
+const OWN_MARKS: PageTableFlags = super::CREATED.union(super::KEPT).union(super::MANAGED);
 
 /// The PDPT, PD and PT indexes of `addr`.
 fn indexes(addr: VirtAddr) -> [usize; 3] {

@@ -106,6 +106,12 @@ pub const CREATED: PageTableFlags = PageTableFlags::BIT_10;
 /// window's tables, made up front so that reaching memory never needs a frame).
 pub const KEPT: PageTableFlags = PageTableFlags::BIT_11;
 
+/// The software-available bit of a root entry a vmalloc manager's region uses: a
+/// second manager over the entry would share the tables below it, and is refused
+/// (see [`vmalloc::claims`](crate::vmalloc::claims)). Bits 52 to 62 of an entry that
+/// points to a table are ignored by the CPU.
+pub const MANAGED: PageTableFlags = PageTableFlags::BIT_52;
+
 /// Start of the upper canonical half.
 const UPPER_HALF: u64 = 0xffff_8000_0000_0000;
 /// Bits of an entry that hold a physical address.

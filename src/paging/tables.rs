@@ -44,6 +44,7 @@ impl<M: PhysMemory> PageTables<M> {
     ///
     /// # Errors
     ///
+    /// [`Error::Overlap`] for a root entry marked [`MANAGED`],
     /// [`Error::HugePageInTheWay`] for a 2 MiB or 1 GiB entry, [`Error::AlreadyMapped`]
     /// for anything else that is not a table, and the range errors of
     /// [`unmap`](Self::unmap).
@@ -83,6 +84,38 @@ impl<M: PhysMemory> PageTables<M> {
         }
     }
 
+    /// Sets (`on`) or clears [`MANAGED`] on the present root entries covering `pages`.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else writes those entries meanwhile.
+    pub(crate) unsafe fn mark_managed(&mut self, pages: PageRange, on: bool) {
+        let Ok((start, end)) = span(pages) else {
+            return;
+        };
+        if start == end {
+            return;
+        }
+        let root = table_at(&self.phys, self.root.start_address());
+        let (first, last) = (index(start, 0), index(end - 1, 0));
+        for at in first..=last {
+            let entry = entry_at(root, at);
+            // SAFETY: an entry of the root, which is reachable.
+            let raw = unsafe { read(entry) };
+            if raw & PageTableFlags::PRESENT.bits() == 0 {
+                continue;
+            }
+            let marked = if on {
+                raw | MANAGED.bits()
+            } else {
+                raw & !MANAGED.bits()
+            };
+            // SAFETY: as above; only a bit the CPU ignores changes (caller: no one
+            // else writes the entry).
+            unsafe { core::ptr::write(entry.cast::<u64>(), marked) };
+        }
+    }
+
     /// The entries of `table` (at `level`) covering `[first, last]`, and the tables
     /// below them: checked, and with `adopt`, unmarked (root entries only those in
     /// it). Root entries holding a table are recorded in `found`.
@@ -110,6 +143,9 @@ impl<M: PhysMemory> PageTables<M> {
             if raw != 0 {
                 if level == 3 || !flags.contains(PageTableFlags::PRESENT) {
                     return Err(Error::AlreadyMapped);
+                }
+                if level == 0 && flags.contains(MANAGED) {
+                    return Err(Error::Overlap);
                 }
                 if flags.contains(PageTableFlags::HUGE_PAGE) {
                     return Err(Error::HugePageInTheWay);

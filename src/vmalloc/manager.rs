@@ -38,8 +38,6 @@ pub struct Vmalloc<F: FrameSource + Clone, M: PhysMemory + Copy, T: TlbFlush> {
     pub(super) config: VmallocConfig,
     deferred: DeferredFrees,
     pub(super) blocks: Blocks,
-    /// The record of the region's top-level entries in [`claims`].
-    claim: Option<usize>,
 }
 
 impl<F, M, T> Vmalloc<F, M, T>
@@ -64,7 +62,8 @@ where
     /// table above it, as a recursive mapping's): the manager would map over it, or
     /// through the recursion write the tables themselves. [`Error::Overlap`] if a live
     /// manager over the same root uses one of the region's top-level entries (they
-    /// would share the tables below it; see [`claims`](super::claims)).
+    /// would share the tables below it; see [`claims`](super::claims): the entries
+    /// carry [`MANAGED`](crate::paging::MANAGED)).
     /// [`Error::OutOfFrames`] if the top-level tables or the first bookkeeping node
     /// cannot be had. Nothing is kept on error.
     ///
@@ -99,15 +98,6 @@ where
         tlb: T,
     ) -> Result<Self, Error> {
         space::check_region(config.start.as_u64(), config.size)?;
-        let top_level = |addr: u64| ((addr >> 39) & 511) as usize;
-        let first = top_level(config.start.as_u64());
-        let last = top_level(config.start.as_u64() + (config.size - 1));
-        // The address space, told by where its root is reachable.
-        let address_space = phys.phys_to_virt(root.start_address()) as usize;
-        let claim = {
-            let _irq = IrqOff::new(&tlb);
-            claims::claim(address_space, first, last)?
-        };
         // SAFETY: forwarded from this function's contract.
         let mut tables = unsafe { PageTables::new(root, phys) };
         let mut pool = NodePool::with_slot_size(frames.clone(), phys, super::purge::SLOT_SIZE);
@@ -117,8 +107,10 @@ where
             // allocates through another manager on the same frames never finds their
             // lock held.
             let _irq = IrqOff::new(&tlb);
-            // What the region's tables hold already: nothing mapped, and no entry
-            // leading back up (a recursive slot); the tables found are adopted.
+            let _claiming = claims::lock(&tlb);
+            // What the region's tables hold already: nothing mapped, no entry leading
+            // back up (a recursive slot), no top-level entry another manager uses; the
+            // tables found are adopted.
             let found = tables.survey_for_adoption(region);
             let space = found
                 .and_then(|found| Ok((found, VSpace::new(&mut pool, config.start, config.size)?)));
@@ -129,13 +121,14 @@ where
                 // SAFETY: nothing changed under the entries surveyed; the root
                 // entries made just now keep their mark.
                 unsafe { tables.adopt(region, &found) };
+                // SAFETY: the claiming lock keeps other managers off the entries.
+                unsafe { tables.mark_managed(region, true) };
                 Ok((space, created as u64, found))
             });
             if created.is_err() {
                 let mut gather = Gather::new(&frames, &tlb);
                 pool.release_all(|frame| gather.free(frame));
                 gather.finish();
-                claims::release(claim);
             }
             created
         };
@@ -163,7 +156,6 @@ where
             config,
             deferred: DeferredFrees::new(),
             blocks: Blocks::off(),
-            claim,
         };
         let blocks = Blocks::blocks_for(config.size);
         // Without CPUs to tell apart a cache could never be picked: no zone then.
@@ -648,6 +640,11 @@ where
             // top-level entries once the manager is dropped.
             unsafe { tables.release_top_level_except(region, &adopted, push) }
         });
+        {
+            let _claiming = claims::lock(&self.tlb);
+            // SAFETY: the claiming lock keeps other managers off the entries.
+            unsafe { tables.mark_managed(region, false) };
+        }
         inner.space = VSpace::empty();
         inner.areas = AreaMap::new();
         inner.pool.release_all(|frame| gather.free(frame));
@@ -675,7 +672,6 @@ where
             // their lock held.
             let _irq = IrqOff::new(&self.tlb);
             self.release_areas_and_tables();
-            claims::release(self.claim);
         }
         self.release_block_bookkeeping();
     }
