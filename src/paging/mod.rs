@@ -36,7 +36,9 @@
 //! [`CREATED`]. Only such tables are ever freed: tables that were there before (the
 //! boot loader's, the kernel's own) are used as found and never handed to anyone. An
 //! owner that takes over a range from the kernel (the vmalloc manager) adopts the
-//! tables this crate made there before it: their entries lose the mark.
+//! tables this crate made there before it: their entries lose the mark. The root
+//! entries a vmalloc manager uses carry [`MANAGED`] while it lives, so that no
+//! second manager shares them.
 //! Entries of the root itself are never cleared either. A kernel with processes copies
 //! the kernel half of its PML4 into every new address space once, so a root entry
 //! that changed later would leave the copies pointing at a freed table; instead the
