@@ -199,9 +199,8 @@ impl<'a, F: FrameSource> Gather<'a, F> {
 
     /// Unlinks the empty tables this manager created below the root for `range`; they
     /// are freed after a flush covering the addresses they served. A table that also
-    /// serves addresses outside the region stays (until the manager is dropped): a
-    /// neighbour in the same address space (a kernel's mappings, another manager) may
-    /// be using it, or have made it.
+    /// serves addresses outside the region stays (until the manager is dropped): the
+    /// kernel's mappings next to the region may be using it, or have made it.
     pub(super) fn sweep_tables<M: PhysMemory>(
         &mut self,
         tables: &mut PageTables<M>,
