@@ -19,8 +19,8 @@
 use crate::sync::{self, Cpu};
 
 /// Held while a manager surveys, makes and marks its region's top-level entries, or
-/// clears the marks. Taken with interrupts held off, never from a manager's calls an
-/// interrupt handler may make.
+/// clears the marks and frees the tables it made. Taken with interrupts held off,
+/// never from a manager's calls an interrupt handler may make.
 static CLAIMING: spin::Mutex<()> = spin::Mutex::new(());
 
 /// One manager at a time claims or gives back top-level entries; while it waits, a

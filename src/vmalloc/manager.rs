@@ -635,16 +635,17 @@ where
         }
         let adopted = inner.adopted_roots;
         let tables = &mut inner.tables;
+        // The marks and the top-level tables go together: a manager made over the
+        // region meanwhile finds the entries either still marked or free.
+        let claiming = claims::lock(&self.tlb);
+        // SAFETY: the claiming lock keeps other managers off the entries.
+        unsafe { tables.mark_managed(region, false) };
         gather.unlink_tables(|push| {
             // SAFETY: `new`'s contract: no address space uses copies of the region's
             // top-level entries once the manager is dropped.
             unsafe { tables.release_top_level_except(region, &adopted, push) }
         });
-        {
-            let _claiming = claims::lock(&self.tlb);
-            // SAFETY: the claiming lock keeps other managers off the entries.
-            unsafe { tables.mark_managed(region, false) };
-        }
+        drop(claiming);
         inner.space = VSpace::empty();
         inner.areas = AreaMap::new();
         inner.pool.release_all(|frame| gather.free(frame));
