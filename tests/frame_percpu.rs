@@ -774,3 +774,82 @@ fn a_drain_whose_policy_says_unreached_strands_no_cpus_list() {
         },
     );
 }
+
+/// Two CPUs running dry at the same moment, the free frames in CPU lists (offline
+/// CPUs' in the first case, the two CPUs' own in the second): neither gets `None`
+/// while frames are free. Each drained once and tried once: the second to try found
+/// the frames the first took back into its own list (a batch for one frame), or a
+/// list the other's drain held, and gave up.
+#[test]
+fn cpus_running_dry_at_once_each_get_a_frame_while_any_is_free() {
+    watchdog("cpus_running_dry_at_once", DEADLOCK_LIMIT, || {
+        for offline_lists in [true, false] {
+            let (machine, frames) = rig(4);
+            let total = frames.stats().total;
+            let failures = Mutex::new(Vec::new());
+            for round in 0..100 {
+                // Lists left with frames: on CPUs 2 and 3, which then stay offline,
+                // or on the two CPUs that run dry.
+                let holders = if offline_lists { 2..4 } else { 0..2 };
+                for cpu in 2..4 {
+                    machine.cpu(cpu).go_offline();
+                }
+                machine.cpu(1).go_offline();
+                for cpu in holders {
+                    machine.cpu(cpu).run(|_| {
+                        let frame = frames.alloc().unwrap();
+                        // SAFETY: the frame the test just took.
+                        unsafe { frames.free(frame) }.unwrap();
+                    });
+                }
+                let listed = frames.cpu_list_frames();
+                let mut rest = vec![
+                    PhysFrame::containing_address(x86_64::PhysAddr::zero());
+                    (total - listed) as usize
+                ];
+                assert_eq!(frames.alloc_bulk(&mut rest), rest.len());
+                machine.cpu(1).go_online();
+                let start = Barrier::new(2);
+                let taken = Mutex::new(Vec::new());
+                let finished = AtomicU64::new(0);
+                machine.on_every_cpu(|cpu| {
+                    if cpu.index() >= 2 {
+                        return;
+                    }
+                    start.wait();
+                    let mut mine = Vec::new();
+                    while let Some(frame) = frames.alloc() {
+                        mine.push(frame);
+                    }
+                    let free = frames.stats().free;
+                    if free > 0 {
+                        failures.lock().unwrap().push((round, cpu.index(), free));
+                    }
+                    taken.lock().unwrap().extend(mine);
+                    finished.fetch_add(1, Ordering::AcqRel);
+                    while finished.load(Ordering::Acquire) < 2 {
+                        cpu.poll();
+                        std::thread::yield_now();
+                    }
+                });
+                let mut taken = taken.into_inner().unwrap();
+                assert_eq!(
+                    taken.len() as u64,
+                    listed,
+                    "round {round}: every listed frame, once"
+                );
+                taken.extend(rest);
+                // SAFETY: frames the test took.
+                unsafe { frames.free_bulk(&taken) }.unwrap();
+                assert_eq!(frames.stats().free, total);
+            }
+            let failures = failures.into_inner().unwrap();
+            assert!(
+                failures.is_empty(),
+                "offline lists {offline_lists}: {} CPUs got None with frames free (round, cpu, free): {:?}",
+                failures.len(),
+                &failures[..failures.len().min(8)]
+            );
+        }
+    });
+}

@@ -2,7 +2,7 @@
 //! per-CPU lists of free frames in front of it once it knows the CPUs.
 
 use super::bitmap::{BitmapFrameAllocator, FrameStats};
-use super::percpu::CpuLists;
+use super::percpu::{CpuLists, Dry};
 use super::{FrameSource, MemoryRegion, Reclaim};
 use crate::smp::Cpus;
 use crate::sync::{Cpu, IrqLock};
@@ -136,10 +136,11 @@ impl<'a> LockedFrameAllocator<'a> {
     }
 
     /// Empties every CPU's list into the bitmap, then runs `retry` before an
-    /// interrupt handler on this CPU can take frames back into its list.
-    fn drained<R>(&self, retry: impl FnOnce() -> R) -> R {
+    /// interrupt handler on this CPU can take frames back into its list (again while
+    /// it comes back dry and a list was out of reach; see `CpuLists::drained`).
+    fn drained<R: Dry>(&self, mut retry: impl FnMut() -> R) -> R {
         match &self.lists {
-            Some(lists) => lists.drained(&self.inner, |_| retry()),
+            Some(lists) => lists.drained(&self.inner, retry),
             None => retry(),
         }
     }

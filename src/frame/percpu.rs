@@ -33,7 +33,12 @@
 //! reaches other CPUs ([`TlbFlush::call_on_other_cpus`]). Without one, an online CPU
 //! empties its list at its next call instead, so up to [`CPU_LIST_FRAMES`] frames per
 //! other online CPU may be out of reach until then. Bulk and contiguous allocations
-//! do the same before they come up short.
+//! do the same before they come up short. While the retry comes back empty and some
+//! list was out of reach (a CPU draining at the same time held it, or its owner was
+//! inside a call), it drains and tries again, a bounded number of times: of CPUs
+//! running dry at once, none gives up while another's list holds frames. And the
+//! retry takes one frame, not a batch, as does any empty list while the bitmap holds
+//! fewer than a batch per online CPU: memory that short is not parked in one list.
 //!
 //! **Counts.** Each CPU publishes how many frames its list holds (a plain store by the
 //! slot's holder); `stats` adds them to the bitmap's free frames under the bitmap's
@@ -56,8 +61,39 @@ use x86_64::structures::paging::PhysFrame;
 /// Free frames a CPU's list holds at most (Linux's `pcp->high`).
 pub const CPU_LIST_FRAMES: usize = 64;
 /// Frames a CPU's list takes from the bitmap when empty, and gives back when full,
-/// in one locked call (Linux's `pcp->batch`).
+/// in one locked call (Linux's `pcp->batch`). An empty list takes a single frame
+/// instead while the bitmap holds fewer than a batch for every online CPU: memory
+/// that short is not parked in one CPU's list.
 pub const CPU_LIST_BATCH: usize = 32;
+
+/// Rounds of draining and retrying an allocation that found every list and the
+/// bitmap dry makes at most, while some list could not be reached.
+const DRY_ROUNDS: usize = 64;
+
+/// What an allocation that ran dry returns: whether it came back empty.
+pub(super) trait Dry {
+    /// Whether the allocation got nothing.
+    fn is_dry(&self) -> bool;
+}
+
+impl<T> Dry for Option<T> {
+    fn is_dry(&self) -> bool {
+        self.is_none()
+    }
+}
+
+/// A bulk allocation's count.
+impl Dry for usize {
+    fn is_dry(&self) -> bool {
+        *self == 0
+    }
+}
+
+impl<T> Dry for Result<T, crate::Error> {
+    fn is_dry(&self) -> bool {
+        matches!(self, Err(crate::Error::OutOfFrames))
+    }
+}
 
 const _: () = assert!(CPU_LIST_BATCH > 0 && CPU_LIST_BATCH <= CPU_LIST_FRAMES);
 
@@ -195,30 +231,37 @@ impl<'a> CpuLists<'a> {
         if let Some(frame) = self.locked(bitmap, |bitmap| bitmap.alloc()) {
             return Some(frame);
         }
-        self.drained(bitmap, |irq| {
-            if self.attached()
-                && let Some(mut slot) = self.slots.this_cpu(self.cpus, irq)
-            {
-                self.refill(bitmap, &mut slot);
-                if let Some(frame) = self.pop(&mut slot) {
-                    return Some(frame);
-                }
-            }
-            self.locked(bitmap, |bitmap| bitmap.alloc())
-        })
+        // One frame, not a batch for this CPU's list: memory this short stays where
+        // every CPU finds it.
+        self.drained(bitmap, || self.locked(bitmap, |bitmap| bitmap.alloc()))
     }
 
     /// Empties every CPU's list into the bitmap, then runs `retry` with interrupts
-    /// still held off (given `retry`): no interrupt handler on this CPU takes the
-    /// frames back into its list in between.
-    pub(super) fn drained<R>(
-        &self,
-        bitmap: &Bitmap<'a>,
-        retry: impl FnOnce(&IrqOff<'_>) -> R,
-    ) -> R {
-        let irq = IrqOff::with(self.cpus);
-        self.drain(bitmap);
-        retry(&irq)
+    /// still held off: no interrupt handler on this CPU takes the frames back into its
+    /// list in between. While `retry` fails and some list could not be emptied (a CPU
+    /// draining at the same time held it, or its owner was inside a call, which
+    /// empties it on its next), drains and tries again, [`DRY_ROUNDS`] times at most,
+    /// serving shootdowns between: of CPUs running dry at once, none gives up while
+    /// another's list still holds frames.
+    pub(super) fn drained<R>(&self, bitmap: &Bitmap<'a>, mut retry: impl FnMut() -> R) -> R
+    where
+        R: Dry,
+    {
+        let mut round = 0;
+        loop {
+            let irq = IrqOff::with(self.cpus);
+            let reached = self.drain(bitmap);
+            let result = retry();
+            drop(irq);
+            round += 1;
+            if !result.is_dry() || reached || round == DRY_ROUNDS {
+                return result;
+            }
+            match self.calls {
+                Some(calls) => calls.relax(),
+                None => core::hint::spin_loop(),
+            }
+        }
     }
 
     /// `hint` itself if it is on the calling CPU's list (what `alloc_from` finds
@@ -364,7 +407,9 @@ impl<'a> CpuLists<'a> {
                 return;
             }
             let mut taken = [PhysFrame::containing_address(PhysAddr::zero()); CPU_LIST_BATCH];
-            let got = bitmap.alloc_bulk_listed(&mut taken);
+            let low = bitmap.stats().free < (CPU_LIST_BATCH * self.cpus.online().len()) as u64;
+            let want = if low { 1 } else { CPU_LIST_BATCH };
+            let got = bitmap.alloc_bulk_listed(&mut taken[..want]);
             list.len = 0;
             // The lowest frame on top.
             for &frame in taken[..got].iter().rev() {
