@@ -470,3 +470,72 @@ fn the_marks_of_a_managers_region_live_in_its_address_space() {
     let again = manager(&machine, &frames, region(1));
     drop((again, managers));
 }
+
+/// This crate's other page-table code beside a manager whose region shares a
+/// top-level entry with the kernel's own page (a region not on a 512 GiB boundary):
+/// the kernel's clean-up of its page (`PageTableMapper::clean_up_addr_range`) or
+/// release of its top-level range (`PageTables::release_top_level`) leaves the
+/// manager's top-level table, which its mark names. Both freed it (the root entry
+/// went to 0, and a second manager over the region was accepted).
+#[test]
+fn the_crates_own_clean_up_beside_a_region_leaves_the_managers_top_level_table() {
+    use vmalloc::frame::MapperFrames;
+    use vmalloc::paging::{PageTableMapper, PageTables};
+    use x86_64::structures::paging::mapper::CleanUp;
+    use x86_64::structures::paging::{Mapper, Page, Size4KiB};
+    let kernel_page = Page::<Size4KiB>::containing_address(VirtAddr::new(VMALLOC_START));
+    let region = VmallocConfig {
+        start: VirtAddr::new(VMALLOC_START + (1 << 30)),
+        size: 1 << 30,
+        ..tree_config(false)
+    };
+    for through_release in [false, true] {
+        let machine = machine();
+        let frames = machine.frames();
+        // SAFETY: the kernel's tables, which the test edits outside the region only.
+        let mut tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
+        let own = Page::range(kernel_page, kernel_page + 1);
+        let mut mapper = None;
+        if through_release {
+            // SAFETY: frames from the machine's allocator.
+            assert_eq!(unsafe { tables.preallocate_top_level(own, &frames) }, Ok(1));
+        } else {
+            let mut kernel = PageTableMapper::new(tables);
+            let data = frames.alloc_frame().unwrap();
+            let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+            // SAFETY: a page and a frame nothing else uses.
+            unsafe { kernel.map_to(kernel_page, data, flags, &mut MapperFrames(&frames)) }
+                .unwrap()
+                .ignore();
+            mapper = Some((kernel, data));
+            // SAFETY: as above.
+            tables = unsafe { PageTables::new(machine.root(), machine.phys()) };
+        }
+        let vm = manager(&machine, &frames, region);
+        let marked = entry(&machine, machine.root(), 402);
+        if let Some((mut kernel, data)) = mapper {
+            let (frame, flush) = kernel.unmap(kernel_page).unwrap();
+            flush.ignore();
+            assert_eq!(frame, data);
+            // SAFETY: the kernel's own page's range; its tables came from `frames`.
+            unsafe {
+                kernel.clean_up_addr_range(
+                    Page::range_inclusive(kernel_page, kernel_page),
+                    &mut MapperFrames(&frames),
+                )
+            };
+        } else {
+            // SAFETY: no other address space copied the kernel's root entries.
+            let (count, _) = unsafe { tables.release_top_level(own, |_| ()) }.unwrap();
+            assert_eq!(count, 0, "nothing of the kernel's own to release");
+        }
+        assert_eq!(entry(&machine, machine.root(), 402), marked);
+        assert_eq!(
+            try_manager(&machine, &frames, region).err(),
+            Some(vmalloc::Error::Overlap)
+        );
+        let area = vm.vmalloc(4096).unwrap();
+        // SAFETY: nothing uses the area after this.
+        unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+    }
+}

@@ -636,7 +636,9 @@ impl<M: PhysMemory> CleanUp for PageTableMapper<M> {
     /// entry (once their own empty tables are gone), giving each frame to
     /// `frame_deallocator`, as `OffsetPageTable` does; the root stays. Tables marked
     /// [`CREATED`](super::CREATED) are this crate's (its range calls made them from
-    /// their `FrameSource`): they stay (as those marked [`KEPT`](super::KEPT) do), for
+    /// their `FrameSource`): they stay (as those marked [`KEPT`](super::KEPT) do, and a
+    /// vmalloc manager's top-level tables, marked [`MANAGED`](super::MANAGED), which
+    /// also serve its region), for
     /// [`free_empty_tables`](PageTables::free_empty_tables) to give back where they
     /// came from, and the caller's tables below them are freed as any other. Flush
     /// the whole TLB afterwards: its paging-structure caches may
@@ -718,7 +720,8 @@ impl<M: PhysMemory> PageTableMapper<M> {
                 // SAFETY: a present table entry holds a reachable table.
                 let empty =
                     unsafe { self.clean_table(below, level - 1, start, part, frame_deallocator) };
-                let kept = flags.intersects(super::CREATED | super::KEPT);
+                // A vmalloc manager's top-level table (MANAGED) serves its region too.
+                let kept = flags.intersects(super::CREATED | super::KEPT | super::MANAGED);
                 if empty && !kept {
                     let frame = PhysFrame::containing_address(below);
                     // SAFETY: an entry of a reachable table; nothing borrows it. The

@@ -9,7 +9,8 @@ impl<M: PhysMemory> PageTables<M> {
     /// are unlinked), handing each table's frame to `on_table`. Returns how many and a
     /// token covering every address they served: the CPU's paging-structure caches may
     /// still point to them, so free the frames only after flushing it. Tables found
-    /// rather than created, and the root's own entries, are left as they are (see the
+    /// rather than created, the root's own entries, and a vmalloc manager's top-level
+    /// tables ([`MANAGED`]) are left as they are (see the
     /// [module documentation](crate::paging#whose-tables)).
     ///
     /// # Errors
@@ -414,8 +415,11 @@ impl<M: PhysMemory> PageTables<M> {
                         freed,
                     );
                 }
+                // A live manager's top-level table (MANAGED) is not to be released by
+                // anyone else; the manager clears the mark before it releases it.
                 let ours = level >= freed.from_level
                     && flags.contains(CREATED)
+                    && !flags.contains(MANAGED)
                     && !(level == 0 && freed.adopted_roots.contains(index(addr, 0)))
                     && region_start >= freed.within.0
                     && region_last <= freed.within.1;
