@@ -33,12 +33,15 @@
 //! reaches other CPUs ([`TlbFlush::call_on_other_cpus`]). Without one, an online CPU
 //! empties its list at its next call instead, so up to [`CPU_LIST_FRAMES`] frames per
 //! other online CPU may be out of reach until then. Bulk and contiguous allocations
-//! do the same before they come up short. While the retry comes back empty and some
-//! list was out of reach (a CPU draining at the same time held it, or its owner was
-//! inside a call), it drains and tries again, a bounded number of times: of CPUs
-//! running dry at once, none gives up while another's list holds frames. And the
-//! retry takes one frame, not a batch, as does any empty list while the bitmap holds
-//! fewer than a batch per online CPU: memory that short is not parked in one list.
+//! do the same before they come up short. With a flush policy that reaches the other
+//! CPUs, while the retry comes back empty and some list was out of reach (a CPU
+//! draining at the same time held it, or its owner was inside a call), it drains and
+//! tries again, 64 times at most, serving shootdowns between: CPUs running
+//! dry at once mostly find the frames in each other's lists, though a CPU that holds
+//! its list longer than those rounds take (its thread descheduled inside a call) can
+//! still leave another empty-handed. And the retry takes one frame, not a batch, as
+//! does any empty list while the bitmap holds fewer than a batch per online CPU:
+//! memory that short is not parked in one list.
 //!
 //! **Counts.** Each CPU publishes how many frames its list holds (a plain store by the
 //! slot's holder); `stats` adds them to the bitmap's free frames under the bitmap's
@@ -238,11 +241,12 @@ impl<'a> CpuLists<'a> {
 
     /// Empties every CPU's list into the bitmap, then runs `retry` with interrupts
     /// still held off: no interrupt handler on this CPU takes the frames back into its
-    /// list in between. While `retry` fails and some list could not be emptied (a CPU
-    /// draining at the same time held it, or its owner was inside a call, which
-    /// empties it on its next), drains and tries again, [`DRY_ROUNDS`] times at most,
-    /// serving shootdowns between: of CPUs running dry at once, none gives up while
-    /// another's list still holds frames.
+    /// list in between. With a flush policy that reaches the other CPUs, while `retry`
+    /// fails and some list could not be emptied (a CPU draining at the same time held
+    /// it, or its owner was inside a call, which empties it on its next), drains and
+    /// tries again, [`DRY_ROUNDS`] times at most, serving shootdowns between. Without
+    /// one, the other online CPUs' lists are out of reach until their next call: one
+    /// round.
     pub(super) fn drained<R>(&self, bitmap: &Bitmap<'a>, mut retry: impl FnMut() -> R) -> R
     where
         R: Dry,
@@ -254,13 +258,13 @@ impl<'a> CpuLists<'a> {
             let result = retry();
             drop(irq);
             round += 1;
+            let Some(calls) = self.calls else {
+                return result;
+            };
             if !result.is_dry() || reached || round == DRY_ROUNDS {
                 return result;
             }
-            match self.calls {
-                Some(calls) => calls.relax(),
-                None => core::hint::spin_loop(),
-            }
+            calls.relax();
         }
     }
 
