@@ -185,7 +185,7 @@ fn a_region_that_maps_something_already_is_refused() {
     let [pdpt, pd, pt] = [0x20_0000u64, 0x20_1000, 0x20_2000]
         .map(|phys| PhysFrame::containing_address(PhysAddr::new(phys)));
     type Make<'a> = dyn Fn(&SimMachine) + 'a;
-    let cases: [(&str, vmalloc::Error, &Make<'_>); 5] = [
+    let cases: [(&str, vmalloc::Error, &Make<'_>); 6] = [
         ("a 4 KiB page", vmalloc::Error::AlreadyMapped, &|machine| {
             set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
             set_entry(machine, pd, 7, pt.start_address().as_u64() | table);
@@ -206,6 +206,15 @@ fn a_region_that_maps_something_already_is_refused() {
             &|machine| {
                 set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
                 set_entry(machine, pd, 7, 0x40_0000 | huge);
+            },
+        ),
+        (
+            "a detached 2 MiB page",
+            vmalloc::Error::HugePageInTheWay,
+            &|machine| {
+                set_entry(machine, pdpt, 3, pd.start_address().as_u64() | table);
+                let detached = PageTableFlags::HUGE_PAGE | vmalloc::paging::DETACHED;
+                set_entry(machine, pd, 7, 0x40_0000 | detached.bits());
             },
         ),
         (

@@ -142,14 +142,18 @@ impl<M: PhysMemory> PageTables<M> {
             let flags = PageTableFlags::from_bits_retain(raw);
             let child = raw & ADDR_MASK;
             if raw != 0 {
-                if level == 3 || !flags.contains(PageTableFlags::PRESENT) {
+                if level == 3 {
+                    return Err(Error::AlreadyMapped);
+                }
+                // Present or not (a detached 2 MiB mapping keeps the bit).
+                if flags.contains(PageTableFlags::HUGE_PAGE) {
+                    return Err(Error::HugePageInTheWay);
+                }
+                if !flags.contains(PageTableFlags::PRESENT) {
                     return Err(Error::AlreadyMapped);
                 }
                 if level == 0 && flags.contains(MANAGED) {
                     return Err(Error::Overlap);
-                }
-                if flags.contains(PageTableFlags::HUGE_PAGE) {
-                    return Err(Error::HugePageInTheWay);
                 }
                 if path[..=level].contains(&child) {
                     return Err(Error::AlreadyMapped);
