@@ -362,6 +362,22 @@ fn load(mbi: &multiboot2::DynSizedStructure<BootInformationHeader>) -> BootInfor
 }
 
 #[test]
+fn multiboot2_refuses_a_kernel_range_given_end_first() {
+    let mbi = multiboot2_info(None);
+    let info = load(&mbi);
+    // The image [1 MiB, 3 MiB), its bounds swapped: dropped as a backwards firmware
+    // entry is, it would leave the kernel's own frames usable.
+    let backwards = PhysAddr::new(3 * MIB)..PhysAddr::new(MIB);
+    assert_eq!(
+        boot::multiboot2::regions(&info, PhysAddr::new(0x7000), backwards).err(),
+        Some(Error::RangeWraps)
+    );
+    // An empty range reserves nothing, and is no mistake.
+    let empty = PhysAddr::new(MIB)..PhysAddr::new(MIB);
+    assert!(boot::multiboot2::regions(&info, PhysAddr::new(0x7000), empty).is_ok());
+}
+
+#[test]
 fn multiboot2_adds_what_the_loader_left_and_the_kernel() {
     let mbi = multiboot2_info(None);
     let info = load(&mbi);

@@ -28,13 +28,20 @@ const AREA_SIZE: usize = 24;
 ///
 /// # Errors
 ///
-/// [`Error::BadMemoryMap`] when `info` has neither a memory-map tag nor an EFI
-/// memory-map tag, or when one of them gives an entry size smaller than its entries.
+/// - [`Error::BadMemoryMap`] when `info` has neither a memory-map tag nor an EFI
+///   memory-map tag, or when one of them gives an entry size smaller than its
+///   entries.
+/// - [`Error::RangeWraps`] when `kernel` ends before it starts: the caller's mistake,
+///   which dropping it as a backwards map entry is dropped would turn into the
+///   kernel's own frames handed out.
 pub fn regions<'a>(
     info: &'a BootInformation<'a>,
     info_phys: PhysAddr,
     kernel: Range<PhysAddr>,
 ) -> Result<impl Iterator<Item = MemoryRegion> + Clone + 'a, Error> {
+    if kernel.end < kernel.start {
+        return Err(Error::RangeWraps);
+    }
     let payload = |ty: TagType| {
         info.tags()
             .find(move |tag| tag.header().typ.get() == ty.val())

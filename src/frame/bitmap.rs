@@ -171,7 +171,8 @@ impl core::fmt::Debug for BitmapFrameAllocator<'_> {
 impl<'a> BitmapFrameAllocator<'a> {
     /// How many `u64` words of bookkeeping [`with_storage`](Self::with_storage) needs
     /// for `map`; 0 when the map is unusable (no usable frame that nothing reserves or
-    /// will reclaim, or more than [`MAX_MAP_REGIONS`] disjoint entries of one kind).
+    /// will reclaim, more than [`MAX_MAP_REGIONS`] disjoint entries of one kind, a
+    /// backwards reserved or reclaimable entry).
     pub fn storage_words(map: impl IntoIterator<Item = MemoryRegion>) -> usize {
         NormalMap::new(map).map_or(0, |map| Plan::new(&map).storage_words)
     }
@@ -184,8 +185,10 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// reserves or will reclaim (frame 0 is never usable: see
     /// [`MemoryRegion`]), has more than
     /// [`MAX_MAP_REGIONS`] entries of one kind (usable, reserved, reclaimable) that
-    /// stay apart after overlapping and touching ones are merged, or `storage` is
-    /// shorter than [`storage_words`](Self::storage_words).
+    /// stay apart after overlapping and touching ones are merged, has a reserved or
+    /// reclaimable entry that ends before it starts (dropped, it would free what it
+    /// keeps back; a backwards usable entry is dropped), or `storage` is shorter than
+    /// [`storage_words`](Self::storage_words).
     pub fn with_storage(
         map: impl IntoIterator<Item = MemoryRegion>,
         storage: &'a mut [u64],

@@ -82,8 +82,9 @@ impl NormalMap {
     /// # Errors
     ///
     /// [`Error::BadMemoryMap`] without a whole usable frame that nothing reserves or
-    /// will reclaim, or when a list still holds more than [`MAX_MAP_REGIONS`]
-    /// disjoint entries after merging.
+    /// will reclaim, for a reserved or reclaimable entry that ends before it starts,
+    /// or when a list still holds more than [`MAX_MAP_REGIONS`] disjoint entries
+    /// after merging.
     #[inline]
     pub(super) fn new(map: impl IntoIterator<Item = MemoryRegion>) -> Result<Self, Error> {
         let mut this = Self {
@@ -100,6 +101,11 @@ impl NormalMap {
         };
         for region in map {
             let (start, end) = (region.range.start.as_u64(), region.range.end.as_u64());
+            if end < start && region.kind != RegionKind::Usable {
+                // Dropped, it would hand out what it keeps back. (A backwards usable
+                // entry only loses memory: dropped, as the boot adapters drop theirs.)
+                return Err(Error::BadMemoryMap);
+            }
             match region.kind {
                 // Bytes until every usable entry is in: only whole frames inside
                 // the merged ranges are usable...

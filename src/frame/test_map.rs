@@ -322,6 +322,37 @@ fn a_full_list_takes_a_range_that_extends_one_it_holds() {
 }
 
 #[test]
+fn a_backwards_reserved_or_reclaimable_entry_is_a_bad_map() {
+    // The kernel image [1 MiB, 3 MiB) with its bounds swapped: dropped as an empty
+    // entry is, it would leave the image's frames usable.
+    let kept_back = [
+        MemoryRegion::reserved(3 * M, M),
+        MemoryRegion::reclaimable(3 * M, M, Reclaim::Bootloader),
+    ];
+    for entry in kept_back {
+        let map = [MemoryRegion::usable(0, 16 * M), entry];
+        assert_eq!(
+            BitmapFrameAllocator::storage_words(map.iter().cloned()),
+            0,
+            "{map:?}"
+        );
+        let mut storage = vec![0; 1 << 12];
+        let built = BitmapFrameAllocator::with_storage(map.iter().cloned(), &mut storage);
+        assert_eq!(built.err(), Some(Error::BadMemoryMap), "{map:?}");
+        let early = EarlyFrames::new(map.iter().cloned());
+        assert_eq!(early.err(), Some(Error::BadMemoryMap), "{map:?}");
+    }
+    // A backwards usable entry only loses memory: dropped.
+    let map = [
+        MemoryRegion::usable(0, 4 * FRAME),
+        MemoryRegion::usable(3 * M, M),
+    ];
+    let mut storage = Vec::new();
+    let mut alloc = build(&map, &mut storage);
+    assert_eq!(drain(&mut alloc), vec![1, 2, 3]);
+}
+
+#[test]
 fn an_empty_reserved_range_inside_a_frame_reserves_nothing() {
     let map = [
         MemoryRegion::usable(FRAME, 4 * FRAME),
