@@ -156,7 +156,10 @@ impl SimMachine {
     /// Installs the handler every CPU runs when it takes a shootdown IPI (typically
     /// `move || shootdown.handle_ipi()`).
     pub fn set_ipi_handler(&self, handler: impl Fn() + Send + Sync + 'static) {
-        *self.lock_handler() = Some(Arc::new(handler));
+        // The old handler is dropped once the lock is let go: its captures are the
+        // test's, and their drop may call in again.
+        let old = self.lock_handler().replace(Arc::new(handler));
+        drop(old);
     }
 
     /// IPIs sent so far, one per target.
@@ -452,6 +455,12 @@ impl<'m> SimCpu<'m> {
     /// that machine's every call that runs as its CPU (memory accesses through the
     /// MMU, `translate`, flushes, the [`KernelCpus`] hooks), as
     /// [`SimMachine::current_cpu`] says.
+    ///
+    /// A thread that enters a CPU with its interrupts off (inside `irq_save`) keeps
+    /// the CPU it turned them off on, and holds this one too at each call in (as
+    /// threads calling into a second machine do): threads still run one at a time
+    /// with interrupts off on each CPU, and its `irq_restore` lets go of the CPU
+    /// `irq_save` took.
     pub fn enter(&self) {
         CURRENT.with(|cpu| cpu.set(self.index));
     }

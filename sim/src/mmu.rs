@@ -131,9 +131,11 @@ pub struct Translation {
 }
 
 impl Translation {
-    /// The physical address the translated virtual address reaches.
+    /// The physical address the translated virtual address reaches. (A translation
+    /// made by hand past the 52-bit physical space has its top bits cut, as the MMU
+    /// never makes one.)
     pub fn phys(&self) -> PhysAddr {
-        self.frame_start + self.offset
+        PhysAddr::new_truncate(self.frame_start.as_u64().wrapping_add(self.offset))
     }
 
     /// The mapped frame, in the `x86_64` crate's form.
@@ -224,9 +226,16 @@ impl SimMachine {
     ///
     /// As [`translate`](Self::translate).
     pub fn translate_raw(&self, addr: u64, access: Access) -> Result<Translation, Fault> {
+        // An interrupt lands between two instructions, before this access.
+        self.take_interrupts();
+        self.translate_now(addr, access)
+    }
+
+    /// [`translate_raw`](Self::translate_raw) without taking interrupts first: one
+    /// page of an access already under way.
+    fn translate_now(&self, addr: u64, access: Access) -> Result<Translation, Fault> {
         let virt = VirtAddr::try_new(addr).map_err(|_| Fault::GeneralProtection { addr })?;
         let vpn = addr >> 12;
-        self.take_interrupts();
         let mut tlb = self.lock_tlb();
         if let Some(cached) = tlb.lookup(vpn).filter(|t| t.permits(access)) {
             tlb.stats.hits += 1;
@@ -413,6 +422,9 @@ impl SimMachine {
     }
 
     /// Translates every page of `addr..addr + len`, returning the physical pieces.
+    /// Interrupts are taken once, before the first page, as for one instruction: an
+    /// interrupt between two pages could unmap and flush a page already translated,
+    /// and the copy would still go through the translation it flushed.
     fn translate_all(
         &self,
         addr: VirtAddr,
@@ -422,9 +434,10 @@ impl SimMachine {
         let mut pieces = Vec::new();
         let mut cursor = addr.as_u64();
         let mut left = len as u64;
+        self.take_interrupts();
         while left > 0 {
             let in_page = (0x1000 - (cursor & 0xfff)).min(left);
-            let translation = self.translate_raw(cursor, access)?;
+            let translation = self.translate_now(cursor, access)?;
             pieces.push((translation.phys(), in_page as usize));
             left -= in_page;
             // Linear addresses wrap in 64-bit mode; both sides of the wrap are canonical.

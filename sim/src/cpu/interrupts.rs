@@ -37,6 +37,9 @@ thread_local! {
     /// With interrupts off, the machine whose `irq_save` turned them off (the
     /// address of its [`Interrupts`]), whose CPU the thread holds.
     static OFF_THROUGH: Cell<usize> = const { Cell::new(0) };
+    /// With interrupts off, the CPU whose occupancy `irq_save` took: the thread may
+    /// have entered another CPU since (see [`Cpus::save`]).
+    static HELD_CPU: Cell<usize> = const { Cell::new(0) };
     /// Whether the calling thread's interrupts went off through a CPU's bias (else
     /// it holds the CPU's occupant word).
     static BIASED_OFF: Cell<bool> = const { Cell::new(false) };
@@ -385,14 +388,14 @@ impl Cpus {
     /// turns them back on as it unwinds, as the interrupted code had them: the CPU is
     /// not left held by a thread that is gone.
     pub(super) fn as_interrupt(&self, cpu: usize, handler: impl FnOnce()) {
-        struct On<'c>(&'c Cpus, usize);
+        struct On<'c>(&'c Cpus);
         impl Drop for On<'_> {
             fn drop(&mut self) {
-                self.0.interrupts_on(self.1);
+                self.0.interrupts_on();
             }
         }
         self.interrupts_off(cpu);
-        let _on = On(self, cpu);
+        let _on = On(self);
         handler();
     }
 
@@ -409,24 +412,30 @@ impl Cpus {
         }
         INTERRUPTS_OFF.set(true);
         OFF_THROUGH.set(self.irq.id());
+        HELD_CPU.set(cpu);
     }
 
-    /// The calling thread's interrupts come back on: another thread may run on
-    /// `cpu` with interrupts off.
+    /// The calling thread's interrupts come back on: another thread may run with
+    /// them off on the CPU it held (the one it turned them off on, whichever it runs
+    /// as now).
     #[inline]
-    fn interrupts_on(&self, cpu: usize) {
+    fn interrupts_on(&self) {
         INTERRUPTS_OFF.set(false);
         if BIASED_OFF.replace(false) {
             // SAFETY: set when the bias was claimed: the thread's flag, never freed.
             unsafe { &*FLAG.with(Cell::get) }.store(0, Ordering::Release);
-        } else {
-            self.irq.occupancy[cpu].occupant.store(0, Ordering::Release);
+        } else if let Some(occupancy) = self.irq.occupancy.get(HELD_CPU.get()) {
+            occupancy.occupant.store(0, Ordering::Release);
         }
     }
 
     /// `cli`, saying what [`restore`](Self::restore) undoes: [`WERE_ON`],
-    /// [`WERE_OFF`], or [`HELD_HERE`] when they were off through another machine and
-    /// this call claimed the thread's CPU on this one.
+    /// [`WERE_OFF`], or [`HELD_HERE`] (with the CPU's index) when this call claimed
+    /// the thread's CPU though its interrupts were off: they went off through another
+    /// machine, or on another CPU the thread left since ([`SimCpu::enter`] with
+    /// interrupts off). A task does not move with interrupts off on hardware; here
+    /// the CPU it entered is held too, so that the per-CPU state of the library stays
+    /// one thread's.
     #[inline(always)]
     pub(super) fn save(&self) -> u64 {
         self.point();
@@ -436,7 +445,7 @@ impl Cpus {
         if !INTERRUPTS_OFF.get() {
             self.interrupts_off(cpu);
             WERE_ON
-        } else if OFF_THROUGH.get() == self.irq.id() {
+        } else if OFF_THROUGH.get() == self.irq.id() && HELD_CPU.get() == cpu {
             WERE_OFF
         } else {
             self.hold_for_nested(cpu)
@@ -458,7 +467,7 @@ impl Cpus {
             return WERE_OFF;
         }
         occupancy.claim(token);
-        HELD_HERE
+        HELD_HERE | (cpu as u64) << HELD_SHIFT
     }
 
     /// Undoes what [`save`](Self::save) said (`sti` after [`WERE_ON`]); interrupts
@@ -471,7 +480,7 @@ impl Cpus {
         };
         if saved == WERE_ON {
             if INTERRUPTS_OFF.get() {
-                self.interrupts_on(cpu);
+                self.interrupts_on();
                 // Nothing armed anywhere (the one read a benchmark pays): no
                 // interrupt waited and the point counts for nobody.
                 if self.watched() {
@@ -479,8 +488,8 @@ impl Cpus {
                     self.watched_point();
                 }
             }
-        } else if saved != WERE_OFF {
-            self.release_nested();
+        } else if saved & HELD_MASK == HELD_HERE {
+            self.release_nested(saved >> HELD_SHIFT);
         }
         true
     }
@@ -490,16 +499,17 @@ impl Cpus {
     /// let a third thread in beside the holder).
     #[cold]
     #[inline(never)]
-    fn release_nested(&self) {
-        let Some(cpu) = self.current() else {
+    fn release_nested(&self, cpu: u64) {
+        let Some(occupancy) = usize::try_from(cpu)
+            .ok()
+            .and_then(|cpu| self.irq.occupancy.get(cpu))
+        else {
             return;
         };
-        let _ = self.irq.occupancy[cpu].occupant.compare_exchange(
-            token(),
-            0,
-            Ordering::Release,
-            Ordering::Relaxed,
-        );
+        let _ =
+            occupancy
+                .occupant
+                .compare_exchange(token(), 0, Ordering::Release, Ordering::Relaxed);
     }
 }
 
@@ -509,6 +519,9 @@ impl Cpus {
 const WERE_OFF: u64 = 0;
 pub(super) const WERE_ON: u64 = 1;
 const HELD_HERE: u64 = 2;
+/// [`HELD_HERE`] is in the low bits, the CPU's index above them.
+const HELD_MASK: u64 = 0xff;
+const HELD_SHIFT: u32 = 8;
 
 impl SimCpu<'_> {
     /// Arms an interrupt: `handler` runs on the calling thread as an interrupt of
@@ -535,7 +548,10 @@ impl SimCpu<'_> {
     /// Drops the armed interrupt, if it has not run; says whether there was one.
     pub fn disarm(&self) -> bool {
         let irq = &self.machine.cpus.irq;
-        let dropped = lock(&irq.armed[self.index]).take().is_some();
+        // Dropped once the lock is let go: the handler's captures are the test's.
+        let armed = lock(&irq.armed[self.index]).take();
+        let dropped = armed.is_some();
+        drop(armed);
         if dropped {
             irq.watched.fetch_sub(1, Ordering::Relaxed);
         }

@@ -182,3 +182,53 @@ fn empty_access_touches_nothing() {
     assert_eq!(machine.read(virt(BASE), &mut []), Ok(()));
     assert_eq!(machine.tlb_stats(), TlbStats::default());
 }
+
+/// An access spanning pages takes interrupts once, before its first page, as one
+/// instruction does: an interrupt that unmaps and flushes a page cannot land
+/// between two of its pages, with the copy still going through the first page's
+/// flushed translation (bytes the frame's next owner wrote read back as the old
+/// mapping's).
+#[test]
+fn an_interrupt_cannot_flush_a_page_of_an_access_under_way() {
+    for after in 0..4 {
+        let machine: &'static SimMachine =
+            Box::leak(Box::new(SimMachine::new(SimConfig::new(64 << 20))));
+        let mut tables = Tables::new(machine);
+        let first = tables.map_new(BASE, KERNEL_RW);
+        tables.map_new(BASE + 0x1000, KERNEL_RW);
+        let pt = *tables
+            .map(BASE, first.start_address().as_u64(), 1, KERNEL_RW)
+            .last()
+            .unwrap();
+        // SAFETY: a frame of this test's.
+        unsafe { machine.fill_phys(first.start_address(), 4096, 0x11) };
+        machine.cpu(0).interrupt_after(after, move || {
+            table(machine, pt)[index_at(BASE, 1)].set_unused();
+            machine.flush_page(page_of(BASE));
+            // The frame's next owner writes it.
+            // SAFETY: as above.
+            unsafe { machine.fill_phys(first.start_address(), 4096, 0x6b) };
+        });
+        let mut back = vec![0; 8192];
+        let read = machine.read(virt(BASE), &mut back);
+        assert!(
+            read.is_err() || back[0] == 0x11,
+            "interrupt after {after} points: {read:?}, first byte {:#x}",
+            back[0]
+        );
+        machine.cpu(0).disarm();
+    }
+}
+
+/// A hand-made translation past the physical address space gives an address cut to
+/// it, not a panic.
+#[test]
+fn a_translation_made_by_hand_past_the_physical_space_does_not_panic() {
+    let made = Translation {
+        frame_start: PhysAddr::new(0x000f_ffff_ffff_f000),
+        page_size: 4096,
+        offset: 0x1000,
+        flags: KERNEL_RW,
+    };
+    assert_eq!(made.phys(), PhysAddr::new(0));
+}

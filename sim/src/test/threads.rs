@@ -204,6 +204,70 @@ fn a_thread_with_interrupts_off_through_one_machine_holds_its_cpu_on_another() {
     );
 }
 
+/// A thread that entered another CPU with interrupts off (a safe `enter` after a
+/// safe `irq_save`) holds that CPU too when it calls in: it never runs there beside
+/// the thread running as that CPU. Its `irq_restore` lets go of the CPU it turned
+/// them off on, whichever it runs as by then.
+#[test]
+fn a_thread_that_enters_another_cpu_with_interrupts_off_holds_that_one_too() {
+    use crate::watchdog;
+    use std::time::Duration;
+    use vmalloc::smp::Cpus as _;
+    let machine = SimMachine::new(SimConfig::new(64 << 20).with_cpus(2));
+    let inside = AtomicU64::new(0);
+    let overlaps = AtomicU64::new(0);
+    let critical = |spin: u64| {
+        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        for _ in 0..spin {
+            std::hint::spin_loop();
+        }
+        inside.fetch_sub(1, Ordering::SeqCst);
+    };
+    let name = "a_thread_that_enters_another_cpu_with_interrupts_off_holds_that_one_too";
+    watchdog(name, Duration::from_secs(60), || {
+        std::thread::scope(|scope| {
+            let (machine, critical) = (&machine, &critical);
+            scope.spawn(move || {
+                let mut rng = Rng::new(1);
+                for _ in 0..5_000 {
+                    machine.cpu(0).enter();
+                    let off = machine.irq_save();
+                    machine.cpu(1).enter();
+                    let nested = machine.irq_save();
+                    critical(rng.below(300));
+                    machine.irq_restore(nested);
+                    // Restored as CPU 1: CPU 0's hold is the one let go.
+                    machine.irq_restore(off);
+                }
+            });
+            scope.spawn(move || {
+                machine.cpu(1).enter();
+                let mut rng = Rng::new(2);
+                for _ in 0..5_000 {
+                    let state = machine.irq_save();
+                    critical(rng.below(300));
+                    machine.irq_restore(state);
+                }
+            });
+            scope.spawn(move || {
+                let mut rng = Rng::new(3);
+                for _ in 0..5_000 {
+                    let state = machine.irq_save();
+                    std::hint::black_box(rng.below(300));
+                    machine.irq_restore(state);
+                }
+            });
+        });
+    });
+    assert_eq!(
+        overlaps.load(Ordering::Relaxed),
+        0,
+        "two threads ran as CPU 1 with interrupts off at once"
+    );
+}
+
 #[test]
 fn a_panic_inside_cpu_run_puts_the_thread_back_on_its_cpu() {
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_cpus(2));
@@ -325,4 +389,35 @@ fn a_failing_shootdown_scenario_panics_rather_than_hangs() {
     });
     let panicked = end.recv_timeout(std::time::Duration::from_secs(30));
     assert_eq!(panicked, Ok(true), "the failed scenario hung (or passed)");
+}
+
+/// Replacing the IPI handler and disarming an interrupt drop the old closure with
+/// no lock of the machine held: its captures are the test's, and their drop may call
+/// in again.
+#[test]
+fn an_old_handler_is_dropped_with_no_lock_held() {
+    use crate::watchdog;
+    use std::time::Duration;
+    struct CallsIn(&'static SimMachine);
+    impl Drop for CallsIn {
+        fn drop(&mut self) {
+            let _ = self.0.cpu(0).interrupt_armed();
+            self.0.set_ipi_handler(|| {});
+        }
+    }
+    let machine: &'static SimMachine =
+        Box::leak(Box::new(SimMachine::new(SimConfig::new(64 << 20))));
+    let name = "an_old_handler_is_dropped_with_no_lock_held";
+    watchdog(name, Duration::from_secs(30), || {
+        let calls_in = CallsIn(machine);
+        machine.set_ipi_handler(move || {
+            let _ = &calls_in;
+        });
+        machine.set_ipi_handler(|| {});
+        let calls_in = CallsIn(machine);
+        machine.cpu(0).interrupt_after(1_000_000, move || {
+            let _ = &calls_in;
+        });
+        assert!(machine.cpu(0).disarm());
+    });
 }
