@@ -234,14 +234,16 @@ impl<'a> LockedFrameAllocator<'a> {
     }
 
     /// See [`BitmapFrameAllocator::alloc_contiguous`]; with CPU lists, when no run
-    /// is free it empties them into the bitmap and looks again.
+    /// is free it empties them into the bitmap and looks again (unless `count` is
+    /// more than every free frame: then the lists stay).
     ///
     /// # Errors
     ///
     /// As [`BitmapFrameAllocator::alloc_contiguous`].
     pub fn alloc_contiguous(&self, count: u64, align_frames: u64) -> Result<PhysFrame, Error> {
         match self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames)) {
-            Err(Error::OutOfFrames) if self.lists.is_some() => {
+            // Emptying the lists helps only a run that all the free frames can make.
+            Err(Error::OutOfFrames) if self.lists.is_some() && count <= self.stats().free => {
                 self.drained(|| self.locked(|bitmap| bitmap.alloc_contiguous(count, align_frames)))
             }
             result => result,

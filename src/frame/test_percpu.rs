@@ -348,6 +348,24 @@ fn bulk_and_contiguous_allocations_empty_the_lists_before_they_come_up_short() {
 }
 
 #[test]
+fn a_contiguous_run_longer_than_every_free_frame_leaves_the_lists_alone() {
+    let cpus = TestCpus::new(0b11, true);
+    let mut storage = storage();
+    let frames = listed(&mut storage, &cpus);
+    let f = cpus.on(1, || frames.alloc()).unwrap();
+    // SAFETY: frames the test took and no longer uses.
+    cpus.on(1, || unsafe { frames.free(f) }).unwrap();
+    let listed = frames.cpu_list_frames();
+    assert!(listed > 0);
+    let free = frames.stats().free;
+    for count in [free + 1, u64::MAX] {
+        assert_eq!(frames.alloc_contiguous(count, 1), Err(Error::OutOfFrames));
+        // Refused without emptying CPU 1's list: no drain could have made the run.
+        assert_eq!(frames.cpu_list_frames(), listed, "count {count}");
+    }
+}
+
+#[test]
 fn alloc_from_takes_the_hint_from_the_callers_list() {
     let cpus = TestCpus::new(0b11, true);
     let mut storage = storage();
