@@ -94,12 +94,18 @@ fn flags() -> impl Strategy<Value = F> {
 }
 
 /// Flags for `update_flags` of a 4 KiB page, which `OffsetPageTable` writes as they
-/// come: a leaf may lose `PRESENT` (not zero, not present) or gain bit 7 (PAT).
+/// come: a leaf may lose `PRESENT` (not zero, not present) or gain bit 7 (PAT), and
+/// carries the software bits this crate gives meaning to in upper entries only
+/// (`BIT_10`, `BIT_11`, `BIT_52`: a kernel's own marks in its leaves).
 fn leaf_flags() -> impl Strategy<Value = F> {
-    (flags(), any::<bool>(), any::<bool>()).prop_map(|(flags, absent, pat)| {
-        let flags = if absent { flags - F::PRESENT } else { flags };
-        if pat { flags | F::HUGE_PAGE } else { flags }
-    })
+    let software = F::BIT_10 | F::BIT_11 | F::BIT_52;
+    (flags(), any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
+        move |(flags, absent, pat, bits)| {
+            let flags = if absent { flags - F::PRESENT } else { flags };
+            let flags = flags | F::from_bits_truncate(bits) & software;
+            if pat { flags | F::HUGE_PAGE } else { flags }
+        },
+    )
 }
 
 fn parents() -> impl Strategy<Value = F> {

@@ -394,9 +394,9 @@ impl<M: PhysMemory> Mapper<Size4KiB> for PageTableMapper<M> {
             if raw == 0 {
                 return Err(FlagUpdateError::PageNotMapped);
             }
-            // The marks of whose table it is stay as they are.
-            let own = PageTableFlags::from_bits_retain(raw) & OWN_MARKS;
-            (*entry).set_flags((flags - OWN_MARKS) | own);
+            // A leaf's software bits are the caller's: written as they come (the
+            // marks of whose table it is live in upper entries).
+            (*entry).set_flags(flags);
         }
         Ok(MapperFlush::new(page))
     }
