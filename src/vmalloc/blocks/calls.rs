@@ -371,10 +371,14 @@ where
             cut + dropped as u64,
         )));
         gather.flush();
-        let owned = self
-            .cpu_slot(&irq)
-            .and_then(|mut slot| Self::owned_block(slot.split().1));
+        // The cache stays held until the tail is back in the bitmap, which only its
+        // holder writes (an offline CPU's cache is claimed by whoever drains it).
+        let mut slot = self.cpu_slot(&irq);
+        let owned = slot
+            .as_mut()
+            .and_then(|slot| Self::owned_block(slot.split().1));
         self.free_again(owned, index, tail);
+        drop(slot);
         frames[..dropped]
             .iter()
             .for_each(|&frame| gather.free(frame));
