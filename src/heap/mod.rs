@@ -251,7 +251,9 @@ const fn slab_end(config: &HeapConfig) -> usize {
     } else {
         slab::MAX_OBJECT
     };
-    if limit < config.large_threshold {
+    if limit == 0 {
+        0 // off, for a zero-sized request too
+    } else if limit < config.large_threshold {
         limit + 1
     } else {
         config.large_threshold
