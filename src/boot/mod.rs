@@ -35,6 +35,13 @@
 //! by [`below`] with [`phys_addr_bits`]. A layout the protocol crate would panic on
 //! (a descriptor smaller than the descriptor type, a memory-map entry size it cannot
 //! read) is [`Error::BadMemoryMap`](crate::Error::BadMemoryMap).
+//!
+//! Ranges the kernel gives are not dropped that way: dropped, a backwards range that
+//! keeps memory back would hand that memory out. The kernel image range
+//! [`multiboot2::regions`] takes is [`Error::RangeWraps`](crate::Error::RangeWraps)
+//! when it ends before it starts, and the frame allocator refuses a reserved or
+//! reclaimable [`MemoryRegion`] that does
+//! ([`Error::BadMemoryMap`](crate::Error::BadMemoryMap)).
 
 #[cfg(feature = "bootloader")]
 #[cfg_attr(docsrs, doc(cfg(feature = "bootloader")))]
