@@ -661,3 +661,110 @@ fn a_small_area_that_fails_for_space_keeps_no_frames() {
         },
     );
 }
+
+/// Fills the zone's blocks with 1-page areas on the calling CPU (the first area
+/// outside the zone is freed again) and returns them, in the order made.
+fn fill_the_zone_with_pages(vm: &Manager<&'static Tlb>) -> Vec<NonNull<u8>> {
+    let mut areas = Vec::new();
+    loop {
+        let area = vm.vmalloc(PAGE).unwrap();
+        if !zone(vm).contains(&(area.as_ptr() as u64)) {
+            // SAFETY: the test's own area, not used again.
+            unsafe { vm.vfree(area.as_ptr()) }.unwrap();
+            return areas;
+        }
+        areas.push(area);
+    }
+}
+
+/// CPU 1 fills every block with 1-page areas, frees 60 of them (every other one of
+/// its first block: 120 pages, less than the quarter from which a block nobody owns
+/// is taken) and goes offline; with the tree full, a 1-page area on CPU 0 fits one
+/// of those holes (the last try after the drain takes any block with room; it
+/// failed with `OutOfVirtualSpace` and 60 holes free). On one CPU, the holes its own
+/// block had when `purge` handed it back are found the same way.
+#[test]
+fn a_small_area_fits_a_hole_of_a_block_less_than_a_quarter_free() {
+    watchdog(
+        "a_small_area_fits_a_hole_of_a_block",
+        DEADLOCK_LIMIT,
+        || {
+            for cpus in [2, 1] {
+                let (machine, frames, tlb) = smp_machine(cpus);
+                let vm = small_region_manager(machine, frames, tlb);
+                let areas = Mutex::new(Vec::new());
+                machine.on_every_cpu(|cpu| {
+                    if cpu.index() != cpus - 1 {
+                        return;
+                    }
+                    let mut mine = fill_the_zone_with_pages(&vm);
+                    let freed: Vec<NonNull<u8>> = (0..60).map(|i| mine.remove(i)).collect();
+                    // SAFETY: the test's own areas, not used again.
+                    freed
+                        .iter()
+                        .for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+                    areas
+                        .lock()
+                        .unwrap()
+                        .extend(mine.iter().map(|area| addr(*area)));
+                });
+                vm.purge();
+                let reserved = fill_the_tree(&vm);
+                let before = vm.stats();
+                assert!(
+                    before.block_free_bytes >= 60 * 2 * PAGE as u64,
+                    "{before:?}"
+                );
+                let area = vm.vmalloc(PAGE);
+                assert!(area.is_ok(), "{cpus} CPUs: {area:?} with {before:?}");
+                assert!(zone(&vm).contains(&(area.unwrap().as_ptr() as u64)));
+                let all = areas.into_inner().unwrap();
+                let pointers = (reserved.iter().chain(&area).map(|area| area.as_ptr()))
+                    .chain(all.iter().map(|at| at.as_mut_ptr()));
+                // SAFETY: the test's own areas, not used again.
+                pointers.for_each(|ptr| unsafe { vm.vfree(ptr) }.unwrap());
+                vm.purge();
+                assert_frames_conserved(&vm.stats(), frames);
+            }
+        },
+    );
+}
+
+/// With room in a block but no frame left and the tree full, a small area fails with
+/// `OutOfFrames` (what ran out), not `OutOfVirtualSpace`, and changes nothing.
+#[test]
+fn a_small_area_with_room_in_a_block_but_no_frame_is_out_of_frames() {
+    watchdog(
+        "a_small_area_with_room_but_no_frame",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(1);
+            let vm = small_region_manager(machine, frames, tlb);
+            let one = vm.vmalloc(PAGE).unwrap();
+            let reserved = fill_the_tree(&vm);
+            vm.drain_cpu_caches();
+            let mut held = Vec::new();
+            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
+            loop {
+                let got = frames.alloc_frames(&mut batch);
+                if got == 0 {
+                    break;
+                }
+                held.extend_from_slice(&batch[..got]);
+            }
+            let before = vm.stats();
+            assert!(before.block_free_bytes > 0, "{before:?}");
+            let area = vm.vmalloc(PAGE);
+            let after = vm.stats();
+            // SAFETY: frames the test took and never used.
+            unsafe { frames.free_frames(&held) }.unwrap();
+            assert_eq!(area, Err(Error::OutOfFrames));
+            assert_eq!(after, before);
+            let pointers = reserved.iter().chain([&one]).map(|area| area.as_ptr());
+            // SAFETY: the test's own areas, not used again.
+            pointers.for_each(|ptr| unsafe { vm.vfree(ptr) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
+    );
+}

@@ -251,7 +251,11 @@ where
         let zero = options.flags.contains(VmFlags::ZERO);
         self.settle();
         let in_block = Self::fits_a_block(options) && self.blocks_take(pages, flags);
-        if in_block && let Some(ptr) = self.alloc_in_block(pages, flags, zero, caller) {
+        let block = match in_block {
+            true => self.alloc_in_block(pages, flags, zero, caller, false),
+            false => Err(Error::WouldBlock),
+        };
+        if let Ok(ptr) = block {
             return Ok(ptr);
         }
         let mut record = AreaRecord::new(AreaKind::Vmalloc, size as u64, flags, options);
@@ -268,14 +272,22 @@ where
             cx.inner().data_frames += pages;
             Ok(as_ptr(start))
         });
+        if !in_block || made != Err(Error::OutOfVirtualSpace) {
+            return made;
+        }
+        if block == Err(Error::OutOfFrames) {
+            // The block had room; the frames ran out first.
+            return block;
+        }
         // No block to take and the tree full: the blocks other CPUs hold (an offline
         // CPU's, one whose areas were freed) may have room once every cache hands
-        // its block back, as Linux purges and retries before it gives up.
-        if in_block && made == Err(Error::OutOfVirtualSpace) && self.drain_cpu_caches() {
-            return (self.alloc_in_block(pages, flags, zero, caller))
-                .ok_or(Error::OutOfVirtualSpace);
+        // its block back, as Linux purges and retries before it gives up; any block
+        // with room for the area is taken now.
+        self.drain_cpu_caches();
+        match self.alloc_in_block(pages, flags, zero, caller, true) {
+            Err(Error::WouldBlock) => made,
+            last => last,
         }
-        made
     }
 
     /// Frees an area made by `vmalloc`/`vzalloc`/`vmalloc_with` (or [`reserve`]): its

@@ -591,6 +591,26 @@ where
         Some(unused)
     }
 
+    /// The last resort of a small area once every cache is drained: the first block
+    /// from `*next` on that nobody owns and has `pages` pages free, however few
+    /// (whether they lie together, carving tells); `*next` moves past it.
+    pub(super) fn take_any_block(
+        &self,
+        cpu: usize,
+        pages: usize,
+        next: &mut usize,
+    ) -> Option<usize> {
+        while *next < self.blocks.published_count() {
+            let index = *next;
+            *next += 1;
+            let block = self.blocks.block(index);
+            if block.worth_taking(pages) && block.take(cpu) {
+                return Some(index);
+            }
+        }
+        None
+    }
+
     /// Moves `value` into a frame of its own; `set_frame` records the frame in it.
     pub(super) fn place<V>(
         &self,

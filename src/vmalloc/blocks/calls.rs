@@ -29,30 +29,38 @@ where
     M: PhysMemory + Copy,
     T: TlbFlush,
 {
-    /// Makes `pages` pages (at most [`MAX_BLOCK_PAGES`]) from the calling CPU's block;
-    /// `None` leaves the request to the locked path, with nothing changed.
+    /// Makes `pages` pages (at most [`MAX_BLOCK_PAGES`]) from the calling CPU's block
+    /// (or, `anywhere`, from any block nobody owns with room for them: the last
+    /// resort once every cache is drained). On error, with nothing changed, the
+    /// request goes to the locked path: [`Error::OutOfFrames`] when the frames ran
+    /// out, [`Error::OutOfVirtualSpace`] when no block had room, [`Error::WouldBlock`]
+    /// when the blocks do not serve it (not small data, or this CPU's cache held).
     pub(in crate::vmalloc) fn alloc_in_block(
         &self,
         pages: u64,
         flags: PageTableFlags,
         zero: bool,
         caller: &'static Location<'static>,
-    ) -> Option<NonNull<u8>> {
+        anywhere: bool,
+    ) -> Result<NonNull<u8>, Error> {
         if !self.blocks_take(pages, flags) {
-            return None;
+            return Err(Error::WouldBlock);
         }
         // The whole call, frame allocator calls included, with interrupts held off;
         // the calling CPU stays the one whose cache it holds.
         let irq = IrqOff::new(&self.tlb);
-        let mut slot = self.cpu_slot(&irq)?;
+        let mut slot = self.cpu_slot(&irq).ok_or(Error::WouldBlock)?;
         let cpu = slot.cpu();
         let (counters, owned) = slot.split();
         let fresh = owned.is_none();
-        let made = {
-            let state = self.open(owned)?;
-            self.alloc_from_state(cpu, counters, state, flags, (pages, zero, caller))
+        let made = match self.open(owned) {
+            Some(state) => {
+                let request = (pages, zero, caller);
+                self.alloc_from_state(cpu, counters, state, flags, request, anywhere)
+            }
+            None => Err(Error::OutOfFrames), // no frame for the cache's state
         };
-        if made.is_none() && fresh {
+        if made.is_err() && fresh {
             // A call that fails changes nothing: a state it made goes again.
             self.close_if_unused(counters, owned);
         }
@@ -75,13 +83,14 @@ where
         state: &mut CpuState,
         flags: PageTableFlags,
         (pages, zero, caller): (u64, bool, &'static Location<'static>),
-    ) -> Option<NonNull<u8>> {
+        anywhere: bool,
+    ) -> Result<NonNull<u8>, Error> {
         let n = pages as usize;
         let taken = match self.stock_frames(counters, state, n) {
             Ok(taken) => taken,
             Err(taken) => {
                 self.unstock(state, counters, taken);
-                return None;
+                return Err(Error::OutOfFrames);
             }
         };
         // The frames leave the cache first: carving may flush the lazy list, which
@@ -92,16 +101,17 @@ where
         if zero {
             frames.iter().for_each(|&frame| self.zero_frame(frame));
         }
-        let Some(start) = self.carve(cpu, counters, state, (n, zero, caller), flags, frames) else {
+        let request = (n, zero, caller);
+        let Some(start) = self.carve(cpu, counters, state, request, flags, frames, anywhere) else {
             self.cache_frames(state, counters, frames);
             self.unstock(state, counters, taken);
-            return None;
+            return Err(Error::OutOfVirtualSpace);
         };
         add(&counters.data, n as i64);
         add(&counters.areas, 1);
         add(&counters.live_pages, n as i64 + 1);
         // SAFETY: the zone lies in the region, which never holds address 0.
-        Some(unsafe { NonNull::new_unchecked(start as *mut u8) })
+        Ok(unsafe { NonNull::new_unchecked(start as *mut u8) })
     }
 
     /// Zeroes a frame fresh from the allocator or a CPU's cache.
@@ -113,7 +123,10 @@ where
     }
 
     /// Maps `frames` at `n` fresh pages of the CPU's block, taking a new block if it
-    /// has no room; the area's start.
+    /// has no room (`anywhere`: any block nobody owns with `n + 1` pages free, each
+    /// tried once, as a last resort: blocks with less than a quarter free are not
+    /// taken otherwise); the area's start.
+    #[allow(clippy::too_many_arguments)]
     fn carve(
         &self,
         cpu: usize,
@@ -122,12 +135,22 @@ where
         (n, zero, caller): (usize, bool, &'static Location<'static>),
         flags: PageTableFlags,
         frames: &[PhysFrame],
+        anywhere: bool,
     ) -> Option<u64> {
-        for _ in 0..3 {
+        let mut next_any = 0;
+        let rounds = 3 + if anywhere {
+            self.blocks.published_count()
+        } else {
+            0
+        };
+        for _ in 0..rounds {
             let index = match state.block {
                 Some(index) => index,
                 None => {
-                    let index = self.take_block(cpu)?;
+                    let taken = self.take_block(cpu).or_else(|| {
+                        anywhere.then(|| self.take_any_block(cpu, n + 1, &mut next_any))?
+                    });
+                    let index = taken?;
                     state.block = Some(index);
                     counters.owns_block.store(true, Ordering::Relaxed);
                     index

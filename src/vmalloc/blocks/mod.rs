@@ -48,8 +48,12 @@
 //! work on other CPUs, or its owner inside a call of its own) empties itself at its
 //! owner's next call. A small area that finds no block to take and the tree's
 //! space full does the same, then tries the blocks again: a block other CPUs held (an
-//! offline CPU's, one whose areas were freed) may have room. The zone itself stays
-//! reserved while the manager lives.
+//! offline CPU's, one whose areas were freed) may have room. That last try takes any
+//! block nobody owns with room for the area, where a block is otherwise taken only
+//! with a quarter of it free (so that CPUs do not trade nearly full blocks). The zone
+//! itself stays reserved while the manager lives. When the frames ran out first, the
+//! call fails with [`Error::OutOfFrames`](crate::Error::OutOfFrames), not for the
+//! tree's space.
 //!
 //! # What callers see
 //!
@@ -206,8 +210,12 @@ impl Blocks {
 
     /// Every block made so far, in address order.
     fn published(&self) -> impl Iterator<Item = (usize, &Block)> {
-        let made = self.activated.load(Ordering::Acquire).min(self.count);
-        (0..made).map(|index| (index, self.block(index)))
+        (0..self.published_count()).map(|index| (index, self.block(index)))
+    }
+
+    /// How many blocks are made so far.
+    fn published_count(&self) -> usize {
+        self.activated.load(Ordering::Acquire).min(self.count)
     }
 
     /// Marks block `index` as maybe worth taking.
