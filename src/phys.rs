@@ -55,7 +55,9 @@ impl OffsetPhysMemory {
     ///
     /// The caller guarantees that all physical memory the library will touch (every
     /// usable frame and every page table) is mapped read-write at `offset`, and stays
-    /// mapped while the returned value or anything built from it is in use.
+    /// mapped while the returned value or anything built from it is in use, and that
+    /// `offset` is 4 KiB-aligned, so that each frame starts on a page of its own
+    /// ([`PhysMemory`]'s contract: page tables are read and written in place).
     pub const unsafe fn new(offset: VirtAddr) -> Self {
         Self { offset }
     }
@@ -66,7 +68,8 @@ impl OffsetPhysMemory {
     }
 }
 
-// SAFETY: `new`'s contract is exactly this trait's contract.
+// SAFETY: `new`'s contract: every frame mapped read-write at `offset + phys`, one
+// linear map (distinct frames never alias), from a page boundary (aligned frames).
 unsafe impl PhysMemory for OffsetPhysMemory {
     fn phys_to_virt(&self, phys: PhysAddr) -> *mut u8 {
         // Wrapping: an address past the mapping (outside the contract) gives a

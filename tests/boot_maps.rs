@@ -163,6 +163,12 @@ fn bootloader_physical_memory_offset() {
         unsafe { boot::bootloader::phys_memory(&info) }.err(),
         Some(Error::NonCanonical)
     );
+    // Not on a page: a frame's start would be reached at an unaligned pointer.
+    info.physical_memory_offset = bootloader_api::info::Optional::Some(0xffff_8000_0000_0008);
+    assert_eq!(
+        unsafe { boot::bootloader::phys_memory(&info) }.err(),
+        Some(Error::Unaligned)
+    );
     info.physical_memory_offset = bootloader_api::info::Optional::Some(0xffff_8000_0000_0000);
     let phys = unsafe { boot::bootloader::phys_memory(&info) }.unwrap();
     assert_eq!(phys.offset().as_u64(), 0xffff_8000_0000_0000);
@@ -246,6 +252,14 @@ fn limine_hhdm_offset() {
     assert_eq!(
         unsafe { boot::limine::phys_memory(&bad) }.err(),
         Some(Error::NonCanonical)
+    );
+    // SAFETY: as above.
+    let off_page: limine::response::HhdmResponse =
+        unsafe { std::mem::transmute([0u64, 0xffff_8000_0000_0800]) };
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { boot::limine::phys_memory(&off_page) }.err(),
+        Some(Error::Unaligned)
     );
 }
 

@@ -306,3 +306,31 @@ fn clean_up_keeps_the_windows_tables() {
         "the 2 MiB entry is in the window's PD"
     );
 }
+
+/// A manager's region over the window's slot is refused, even where no 2 MiB piece
+/// is mapped yet: the window's tables (marked `KEPT`) fill on demand through
+/// `phys_to_virt`, which would write the manager's tables beside it. Nothing
+/// changes.
+#[test]
+fn a_region_over_the_window_is_refused() {
+    const TOP: u64 = 2 << 30;
+    let (machine, recursive, window) = machine();
+    let frames = machine.frames();
+    // SAFETY: the recursive entry is in place, the window slot unused.
+    let phys =
+        unsafe { RecursivePhysMemory::new(recursive, window, TOP, &mut Few(&machine, &frames, 9)) }
+            .unwrap();
+    let entries = window_pdpt_entries(&machine, window, 2);
+    let free = frames.stats().free;
+    // GiB 1 of the window: its PD is there, empty.
+    let config = VmallocConfig {
+        start: phys.window() + (1u64 << 30),
+        size: 1 << 30,
+        ..VmallocConfig::default()
+    };
+    // SAFETY: refused before anything is written (what the test checks).
+    let made = unsafe { Vmalloc::new(config, machine.root(), &phys, &frames, &machine) };
+    assert_eq!(made.err(), Some(Error::AlreadyMapped));
+    assert_eq!(window_pdpt_entries(&machine, window, 2), entries);
+    assert_eq!(frames.stats().free, free);
+}

@@ -14,7 +14,7 @@
 
 use super::{Reclaim, region};
 use crate::frame::{MemoryRegion, RegionKind};
-use crate::{Error, OffsetPhysMemory};
+use crate::{Error, OffsetPhysMemory, PAGE_SIZE};
 use bootloader_api::BootInfo;
 use bootloader_api::info::{self, MemoryRegionKind};
 use x86_64::VirtAddr;
@@ -55,7 +55,8 @@ pub fn kind(kind: MemoryRegionKind) -> RegionKind {
 ///
 /// [`Error::NotMapped`] when the boot loader did not map physical memory (use a
 /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) then);
-/// [`Error::NonCanonical`] for an offset that is no address.
+/// [`Error::NonCanonical`] for an offset that is no address; [`Error::Unaligned`] for
+/// one not on a 4 KiB boundary (frames would not start on pages).
 ///
 /// # Safety
 ///
@@ -68,6 +69,10 @@ pub unsafe fn phys_memory(boot_info: &BootInfo) -> Result<OffsetPhysMemory, Erro
         .into_option()
         .ok_or(Error::NotMapped)?;
     let offset = VirtAddr::try_new(offset).map_err(|_| Error::NonCanonical)?;
-    // SAFETY: the boot loader maps all physical memory there (the caller's promise).
+    if !offset.is_aligned(PAGE_SIZE) {
+        return Err(Error::Unaligned);
+    }
+    // SAFETY: the boot loader maps all physical memory there (the caller's promise),
+    // from a page boundary (checked).
     Ok(unsafe { OffsetPhysMemory::new(offset) })
 }

@@ -18,7 +18,7 @@
 
 use super::{Reclaim, sized};
 use crate::frame::{MemoryRegion, RegionKind};
-use crate::{Error, OffsetPhysMemory};
+use crate::{Error, OffsetPhysMemory, PAGE_SIZE};
 use limine::memory_map::{Entry, EntryType};
 use limine::response::HhdmResponse;
 use x86_64::VirtAddr;
@@ -49,7 +49,8 @@ pub fn kind(ty: EntryType) -> RegionKind {
 ///
 /// # Errors
 ///
-/// [`Error::NonCanonical`] for an offset that is no address.
+/// [`Error::NonCanonical`] for an offset that is no address; [`Error::Unaligned`] for
+/// one not on a 4 KiB boundary (frames would not start on pages).
 ///
 /// # Safety
 ///
@@ -58,7 +59,10 @@ pub fn kind(ty: EntryType) -> RegionKind {
 /// on the result is used. Limine maps every usable and reclaimable entry there.
 pub unsafe fn phys_memory(hhdm: &HhdmResponse) -> Result<OffsetPhysMemory, Error> {
     let offset = VirtAddr::try_new(hhdm.offset()).map_err(|_| Error::NonCanonical)?;
+    if !offset.is_aligned(PAGE_SIZE) {
+        return Err(Error::Unaligned);
+    }
     // SAFETY: all memory the library touches is in the direct map (the caller's
-    // promise).
+    // promise), from a page boundary (checked).
     Ok(unsafe { OffsetPhysMemory::new(offset) })
 }

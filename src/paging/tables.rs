@@ -39,8 +39,9 @@ impl<M: PhysMemory> PageTables<M> {
 
     /// Checks that the tables already under the root for `pages` map nothing there:
     /// every entry covering the range is zero or a present table entry, none leads
-    /// back to a table on its own path (a recursive mapping's), and no leaf or 2 MiB
-    /// or 1 GiB entry is present or not. Returns the root entries that hold a table,
+    /// back to a table on its own path (a recursive mapping's) or is [`KEPT`] (a
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's, which
+    /// fills on demand), and no leaf or 2 MiB or 1 GiB entry is present or not. Returns the root entries that hold a table,
     /// for [`adopt`](Self::adopt).
     ///
     /// # Errors
@@ -154,6 +155,10 @@ impl<M: PhysMemory> PageTables<M> {
                 }
                 if level == 0 && flags.contains(MANAGED) {
                     return Err(Error::Overlap);
+                }
+                if flags.contains(KEPT) {
+                    // A physical-memory window's table, filled on demand.
+                    return Err(Error::AlreadyMapped);
                 }
                 if path[..=level].contains(&child) {
                     return Err(Error::AlreadyMapped);

@@ -25,7 +25,12 @@ const SLOT_SPAN: u64 = ENTRIES * Size1GiB::SIZE;
 /// never needs a frame and never fails: once a 2 MiB piece is mapped, a call reads
 /// its entry and returns; the first call for a piece writes the entry (a
 /// compare-and-swap: no lock an interrupt handler could find held).
-/// Nothing needs flushing, as no CPU caches an entry that was not present.
+/// Nothing needs flushing afterwards, as no CPU caches an entry that was not present.
+/// A table `new` makes is zeroed through the recursive mapping right after it is
+/// linked (with no direct map, that is the only way to reach its frame): until then
+/// it holds whatever the frame held, which only a speculative walk of window
+/// addresses, which nothing uses yet, could cache. A kernel that rules that out too
+/// flushes its whole TLB, global entries included, after `new`.
 ///
 /// # Why not a temporary window
 ///

@@ -59,8 +59,10 @@ where
     /// its top. [`Error::HugePageInTheWay`] if the region's page tables hold a 2 MiB
     /// or 1 GiB entry there already, [`Error::AlreadyMapped`] if they map anything
     /// else there (a page, an entry that is not a table, an entry leading back to a
-    /// table above it, as a recursive mapping's): the manager would map over it, or
-    /// through the recursion write the tables themselves. [`Error::Overlap`] if a live
+    /// table above it, as a recursive mapping's, a
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's table,
+    /// marked [`KEPT`](crate::paging::KEPT), which fills on demand): the manager
+    /// would map over it, or through the recursion write the tables themselves. [`Error::Overlap`] if a live
     /// manager over the same root uses one of the region's top-level entries (they
     /// would share the tables below it; see [`claims`](super::claims): the entries
     /// carry [`MANAGED`](crate::paging::MANAGED)).
