@@ -768,3 +768,98 @@ fn a_small_area_with_room_in_a_block_but_no_frame_is_out_of_frames() {
         },
     );
 }
+
+/// Block A is a quarter free, but only in 2-page holes; block B has one 4-page hole
+/// and is less than a quarter free. With the tree full, a 2-page area lands in B: the
+/// last try visits every block with room once before taking A again (it took A on
+/// every round, A marked takeable again each time it went back: OutOfVirtualSpace
+/// with 144 pages free).
+#[test]
+fn the_last_try_reaches_a_block_with_room_behind_a_fragmented_one_a_quarter_free() {
+    watchdog(
+        "the_last_try_reaches_a_block_with_room",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(1);
+            let vm = small_region_manager(machine, frames, tlb);
+            let all = fill_the_zone_with_pages(&vm);
+            let zone = zone(&vm);
+            let block_of = |area: &NonNull<u8>| (area.as_ptr() as u64 - zone.start) / (2 << 20);
+            let (a, b): (Vec<NonNull<u8>>, Vec<NonNull<u8>>) =
+                all.iter().partition(|area| block_of(area) == 0);
+            assert!(a.len() > 200 && b.len() > 200, "{} {}", a.len(), b.len());
+            // A: 70 2-page holes (140 pages, more than a quarter), no run of 3 pages.
+            let mut freed: Vec<NonNull<u8>> = a.iter().step_by(2).take(70).copied().collect();
+            // B: one 4-page hole.
+            freed.extend([b[10], b[11]]);
+            // SAFETY: the test's own areas, not used again.
+            freed
+                .iter()
+                .for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+            vm.purge();
+            let reserved = fill_the_tree(&vm);
+            let before = vm.stats();
+            let area = vm.vmalloc(2 * PAGE);
+            assert!(area.is_ok(), "{area:?} with {before:?}");
+            assert_eq!(block_of(area.as_ref().unwrap()), 1);
+            let live = (all.iter().filter(|area| !freed.contains(area)))
+                .chain(&reserved)
+                .chain(&area);
+            // SAFETY: the test's own areas, not used again.
+            live.for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
+    );
+}
+
+/// CPU 1 frees its small areas (their frames wait in its cache) and goes offline.
+/// With the tree full, room in a block and the allocator empty, a 1-page area on CPU
+/// 0 comes from the frames CPU 1's cache held: running out of frames empties every
+/// CPU's cache before failing, on the small-area path too (it failed with
+/// OutOfFrames and 32 frames cached).
+#[test]
+fn a_small_area_out_of_frames_with_the_tree_full_empties_other_caches_first() {
+    watchdog(
+        "a_small_area_out_of_frames_empties_caches",
+        DEADLOCK_LIMIT,
+        || {
+            let (machine, frames, tlb) = smp_machine(2);
+            let vm = small_region_manager(machine, frames, tlb);
+            let one = vm.vmalloc(PAGE).unwrap();
+            let reserved = fill_the_tree(&vm);
+            vm.drain_cpu_caches();
+            machine.on_every_cpu(|cpu| {
+                if cpu.index() == 1 {
+                    let mine: Vec<_> = (0..8).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
+                    // SAFETY: the test's own areas, not used again.
+                    mine.iter()
+                        .for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+                }
+            });
+            let mut held = Vec::new();
+            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
+            loop {
+                let got = frames.alloc_frames(&mut batch);
+                if got == 0 {
+                    break;
+                }
+                held.extend_from_slice(&batch[..got]);
+            }
+            let before = vm.stats();
+            assert!(
+                before.cached_frames + before.cached_pending_frames > 0,
+                "{before:?}"
+            );
+            let area = vm.vmalloc(PAGE);
+            // SAFETY: frames the test took and never used.
+            unsafe { frames.free_frames(&held) }.unwrap();
+            assert!(area.is_ok(), "{area:?} with {before:?}");
+            let live = reserved.iter().chain([&one]).chain(&area);
+            // SAFETY: the test's own areas, not used again.
+            live.for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        },
+    );
+}

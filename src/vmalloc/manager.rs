@@ -277,16 +277,14 @@ where
         if !in_block || made != Err(Error::OutOfVirtualSpace) {
             return made;
         }
-        if block == Err(Error::OutOfFrames) {
-            // The block had room; the frames ran out first.
-            return block;
-        }
-        // No block to take and the tree full: the blocks other CPUs hold (an offline
-        // CPU's, one whose areas were freed) may have room once every cache hands
-        // its block back, as Linux purges and retries before it gives up; any block
-        // with room for the area is taken now.
+        // No block to take (or no frame for one) and the tree full: the blocks and
+        // frames other CPUs hold (an offline CPU's, one whose areas were freed) may
+        // serve once every cache hands them back, as Linux purges and retries
+        // before it gives up; any block with room for the area is taken now. What
+        // that last try runs out of is the answer: frames, or room.
         self.drain_cpu_caches();
         match self.alloc_in_block(pages, flags, zero, caller, true) {
+            Err(Error::WouldBlock) if block == Err(Error::OutOfFrames) => block,
             Err(Error::WouldBlock) => made,
             last => last,
         }

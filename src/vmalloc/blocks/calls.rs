@@ -147,9 +147,12 @@ where
             let index = match state.block {
                 Some(index) => index,
                 None => {
-                    let taken = self.take_block(cpu).or_else(|| {
-                        anywhere.then(|| self.take_any_block(cpu, n + 1, &mut next_any))?
-                    });
+                    // The last resort visits every block with room once before any
+                    // other take: a block a quarter free whose holes are all too
+                    // small, marked takeable again as it goes back, would otherwise
+                    // be taken round after round.
+                    let any = || self.take_any_block(cpu, n + 1, &mut next_any);
+                    let taken = (anywhere.then(any).flatten()).or_else(|| self.take_block(cpu));
                     let index = taken?;
                     state.block = Some(index);
                     counters.owns_block.store(true, Ordering::Relaxed);
