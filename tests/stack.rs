@@ -165,8 +165,15 @@ fn a_cpu_reuses_the_stacks_it_freed_zeroed_and_keeps_at_most_two() {
                 (1, 1),
                 "kept, still mapped"
             );
-            let again = cache.alloc(&vm, 16 << 10).unwrap();
+            let (again, line) = (cache.alloc(&vm, 16 << 10).unwrap(), line!());
             assert_eq!(again.base(), base, "the same stack");
+            // Listed under the call that holds it now, not the one that made it.
+            let listed = vm
+                .areas()
+                .find(|area| area.kind == AreaKind::Stack)
+                .unwrap();
+            let caller = listed.caller.map(|at| (at.file(), at.line()));
+            assert_eq!(caller, Some((file!(), line)), "{listed}");
             let mut word = [0xffu8; 8];
             machine.read(again.top() - 8u64, &mut word).unwrap();
             assert_eq!(word, [0; 8], "zeroed before it is handed out again");

@@ -23,6 +23,7 @@ use crate::percpu::PerCpu;
 use crate::smp::Cpus;
 use crate::sync::IrqOff;
 use crate::{Error, FrameSource, PAGE_SIZE, PhysMemory, TlbFlush};
+use core::panic::Location;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
 
@@ -145,15 +146,22 @@ where
         Ok(())
     }
 
-    /// The live stack of `size` bytes at `base`, zeroed again, if this manager has one.
-    fn reuse_stack(&self, base: VirtAddr, size: u64) -> Option<KernelStack<'_, F, M, T>> {
-        let cx = self.lock();
+    /// The live stack of `size` bytes at `base`, zeroed again and listed under
+    /// `caller` (who holds it now), if this manager has one.
+    fn reuse_stack(
+        &self,
+        base: VirtAddr,
+        size: u64,
+        caller: &'static Location<'static>,
+    ) -> Option<KernelStack<'_, F, M, T>> {
+        let mut cx = self.lock();
         let (start, record) = stack_at(&cx.area_containing(base), base).ok()?;
         if record.size != size {
             return None;
         }
         let lead = record.lead * PAGE_SIZE;
         cx.zero_bytes(start, lead, lead + size);
+        cx.record_mut(start).caller = caller;
         Some(KernelStack {
             vmalloc: self,
             base,
@@ -253,7 +261,7 @@ impl<C: Cpus> StackCache<C> {
                 continue;
             }
             let (base, bytes) = unpack(packed);
-            if let Some(mut stack) = vmalloc.reuse_stack(base, bytes) {
+            if let Some(mut stack) = vmalloc.reuse_stack(base, bytes, Location::caller()) {
                 stack.cache = Some(self);
                 return Ok(stack);
             }
