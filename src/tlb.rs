@@ -195,8 +195,15 @@ impl<T: TlbFlush + ?Sized> TlbFlush for &T {
 ///
 /// The ceiling defaults to 33 pages, Linux's `tlb_single_page_flush_ceiling`: past
 /// it, refilling the TLB after a full flush costs less than the `invlpg`s. A full
-/// flush toggles `CR4.PGE` when global pages are enabled (reloading CR3 alone keeps
-/// global translations, which kernel mappings often are) and reloads CR3 otherwise.
+/// flush toggles `CR4.PGE` when global pages or PCIDs are enabled (reloading CR3
+/// alone keeps global translations, which kernel mappings often are, and those of
+/// every other PCID; a change of `CR4.PGE` drops all of them) and reloads CR3
+/// otherwise.
+///
+/// With PCIDs on (`CR4.PCIDE`), keep global pages on too (`CR4.PGE`): `invlpg`
+/// drops a page's translation from the current PCID and its global one, and this
+/// crate's leaves are global, so another PCID's copy of a kernel page exists only
+/// where global pages are off.
 ///
 /// This flushes only the CPU it runs on; SMP kernels wrap it in a shootdown. It
 /// answers [`TlbFlush::cpus`] as the one CPU of a uniprocessor kernel, holding off
@@ -258,12 +265,14 @@ impl TlbFlush for InvlpgFlush {
         // pages off; harmless, but keeping it out costs nothing.
         x86_64::instructions::interrupts::without_interrupts(|| {
             let cr4 = Cr4::read();
-            if cr4.contains(Cr4Flags::PAGE_GLOBAL) {
-                // SAFETY: `new`'s contract puts us in ring 0; clearing and restoring
-                // PGE changes no setting, it only flushes every TLB entry, global ones
-                // included (SDM 4.10.4.1).
+            if cr4.intersects(Cr4Flags::PAGE_GLOBAL | Cr4Flags::PCID) {
+                // SAFETY: `new`'s contract puts us in ring 0; flipping PGE and back
+                // changes no setting, it only flushes every TLB entry, global ones
+                // and every PCID's included (SDM 4.10.4.1). A CR3 reload would not
+                // (and, written back by `x86_64`'s `flush_all`, would drop the PCID
+                // bits of CR3).
                 unsafe {
-                    Cr4::write(cr4 - Cr4Flags::PAGE_GLOBAL);
+                    Cr4::write(cr4 ^ Cr4Flags::PAGE_GLOBAL);
                     Cr4::write(cr4);
                 }
             } else {
