@@ -863,3 +863,56 @@ fn a_small_area_out_of_frames_with_the_tree_full_empties_other_caches_first() {
         },
     );
 }
+
+/// Block 0 full, block 1 never made, the tree full and `keep` frames in the
+/// allocator: a 1-page area makes block 1 when the frames allow (the cache's stock of
+/// up to 32 frames took those its descriptor and leaf table need: OutOfVirtualSpace
+/// up to 33 frames free), and says OutOfFrames, with nothing changed, when they do
+/// not.
+#[test]
+fn a_small_area_makes_a_new_block_with_the_frames_its_cache_stocked() {
+    watchdog("a_small_area_makes_a_new_block", DEADLOCK_LIMIT, || {
+        for keep in [1, 8, 33] {
+            let (machine, frames, tlb) = smp_machine(1);
+            let vm = small_region_manager(machine, frames, tlb);
+            let zone = zone(&vm);
+            let areas: Vec<NonNull<u8>> = (0..256).map(|_| vm.vmalloc(PAGE).unwrap()).collect();
+            let last = areas[255].as_ptr() as u64;
+            assert!(last - zone.start < 2 << 20, "block 0 holds them all");
+            let reserved = fill_the_tree(&vm);
+            vm.drain_cpu_caches();
+            let mut held = Vec::new();
+            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
+            loop {
+                let got = frames.alloc_frames(&mut batch);
+                if got == 0 {
+                    break;
+                }
+                held.extend_from_slice(&batch[..got]);
+            }
+            let back = held.split_off(held.len() - keep);
+            // SAFETY: frames the test took and never used.
+            unsafe { frames.free_frames(&back) }.unwrap();
+            let before = (vm.stats(), frames.stats().free);
+            let area = vm.vmalloc(PAGE);
+            let after = (vm.stats(), frames.stats().free);
+            // SAFETY: as above.
+            unsafe { frames.free_frames(&held) }.unwrap();
+            if keep == 1 {
+                assert_eq!(area, Err(Error::OutOfFrames), "{keep} frames free");
+                assert_eq!(after, before, "{keep} frames free");
+            } else {
+                let at = area.map(|area| area.as_ptr() as u64);
+                assert!(
+                    at.is_ok_and(|at| at - zone.start >= 2 << 20),
+                    "{keep}: {at:x?}"
+                );
+            }
+            let live = areas.iter().chain(&reserved).chain(&area);
+            // SAFETY: the test's own areas, not used again.
+            live.for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
+            vm.purge();
+            assert_frames_conserved(&vm.stats(), frames);
+        }
+    });
+}

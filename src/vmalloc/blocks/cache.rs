@@ -121,6 +121,13 @@ pub(super) struct CpuState {
     frame: PhysFrame,
 }
 
+impl CpuState {
+    /// Frames the cache holds.
+    pub(super) fn cached_frames(&self) -> usize {
+        self.cached
+    }
+}
+
 /// A CPU's lazy list: freed areas and their frames waiting for a flush.
 struct LazyList {
     areas: [Lazy; LAZY_RANGES],
@@ -564,8 +571,11 @@ where
         }
     }
 
-    /// A block for `cpu`: one nobody owns with room in it, or a new one.
-    pub(super) fn take_block(&self, cpu: usize) -> Option<usize> {
+    /// A block for `cpu`: one nobody owns with room in it, or a new one;
+    /// [`Error::OutOfFrames`] when a new one is wanted and its descriptor or leaf
+    /// table cannot be had, [`Error::OutOfVirtualSpace`] when the zone has no block
+    /// left to make.
+    pub(super) fn take_block(&self, cpu: usize) -> Result<usize, Error> {
         let blocks = &self.blocks;
         for (word, marks) in blocks.takeable.iter().enumerate() {
             let mut bits = marks.load(Ordering::Relaxed);
@@ -575,7 +585,7 @@ where
                 let block = blocks.block(index);
                 if block.worth_taking(TAKE_FROM) && block.take(cpu) {
                     marks.fetch_and(!(1 << (index % 64)), Ordering::Relaxed);
-                    return Some(index);
+                    return Ok(index);
                 }
                 if block.owner() == NO_OWNER && !block.worth_taking(TAKE_FROM) {
                     // Not worth it any more: the next return marks it again.
@@ -585,10 +595,14 @@ where
         }
         let unused = blocks.activated.load(Ordering::Acquire);
         if unused >= blocks.count {
-            return None;
+            return Err(Error::OutOfVirtualSpace);
         }
-        self.lock().activate_block(unused, cpu).ok()?;
-        Some(unused)
+        match self.lock().activate_block(unused, cpu) {
+            Ok(_) => Ok(unused),
+            Err(Error::OutOfFrames) => Err(Error::OutOfFrames),
+            // Made by another CPU meanwhile: taken on its next look.
+            Err(_) => Err(Error::OutOfVirtualSpace),
+        }
     }
 
     /// The last resort of a small area once every cache is drained: the first block

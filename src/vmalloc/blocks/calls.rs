@@ -102,10 +102,13 @@ where
             frames.iter().for_each(|&frame| self.zero_frame(frame));
         }
         let request = (n, zero, caller);
-        let Some(start) = self.carve(cpu, counters, state, request, flags, frames, anywhere) else {
-            self.cache_frames(state, counters, frames);
-            self.unstock(state, counters, taken);
-            return Err(Error::OutOfVirtualSpace);
+        let start = match self.carve(cpu, counters, state, request, flags, frames, anywhere) {
+            Ok(start) => start,
+            Err(error) => {
+                self.cache_frames(state, counters, frames);
+                self.unstock(state, counters, taken);
+                return Err(error);
+            }
         };
         add(&counters.data, n as i64);
         add(&counters.areas, 1);
@@ -125,7 +128,8 @@ where
     /// Maps `frames` at `n` fresh pages of the CPU's block, taking a new block if it
     /// has no room (`anywhere`: any block nobody owns with `n + 1` pages free, each
     /// tried once, as a last resort: blocks with less than a quarter free are not
-    /// taken otherwise); the area's start.
+    /// taken otherwise); the area's start, or what ran out: frames for a new block
+    /// ([`Error::OutOfFrames`]) or room ([`Error::OutOfVirtualSpace`]).
     #[allow(clippy::too_many_arguments)]
     fn carve(
         &self,
@@ -136,7 +140,7 @@ where
         flags: PageTableFlags,
         frames: &[PhysFrame],
         anywhere: bool,
-    ) -> Option<u64> {
+    ) -> Result<u64, Error> {
         let mut next_any = 0;
         let rounds = 3 + if anywhere {
             self.blocks.published_count()
@@ -152,8 +156,19 @@ where
                     // small, marked takeable again as it goes back, would otherwise
                     // be taken round after round.
                     let any = || self.take_any_block(cpu, n + 1, &mut next_any);
-                    let taken = (anywhere.then(any).flatten()).or_else(|| self.take_block(cpu));
-                    let index = taken?;
+                    let taken = match anywhere.then(any).flatten() {
+                        Some(index) => Ok(index),
+                        None => self.take_block(cpu),
+                    };
+                    let index = match taken {
+                        Err(Error::OutOfFrames) if state.cached_frames() > 0 => {
+                            // The cache's stock took the frames a new block's
+                            // descriptor and table need: they go back first.
+                            self.unstock(state, counters, state.cached_frames());
+                            self.take_block(cpu)?
+                        }
+                        taken => taken?,
+                    };
                     state.block = Some(index);
                     counters.owns_block.store(true, Ordering::Relaxed);
                     index
@@ -173,7 +188,7 @@ where
                     };
                 }
                 block.record(first, n, zero, caller);
-                return Some(block.base + first as u64 * PAGE_SIZE);
+                return Ok(block.base + first as u64 * PAGE_SIZE);
             }
             if state.lazy_len() > 0 {
                 // Flushing our own freed areas may free pages of the block.
@@ -184,7 +199,7 @@ where
             state.block = None;
             counters.owns_block.store(false, Ordering::Relaxed);
         }
-        None
+        Err(Error::OutOfVirtualSpace)
     }
 
     /// Frees the area at `at`. Its entries are cleared now; its range and frames wait
