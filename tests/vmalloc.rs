@@ -112,15 +112,14 @@ fn read_only_and_executable_areas_get_exactly_their_rights() {
         prot,
         ..VmOptions::default()
     };
-    let read_only = addr(vm.vmalloc_with(4096, &with(Prot::READ)).unwrap());
+    assert_eq!(Prot::KERNEL_RO, Prot::READ);
+    assert_eq!(Prot::KERNEL_RX, Prot::READ | Prot::EXEC);
+    let read_only = addr(vm.vmalloc_with(4096, &with(Prot::KERNEL_RO)).unwrap());
     machine.read(read_only, &mut [0]).unwrap();
     assert!(is_write_protection_fault(&machine, read_only));
     assert!(machine.fetch(read_only, &mut [0]).is_err());
 
-    let code = addr(
-        vm.vmalloc_with(4096, &with(Prot::READ | Prot::EXEC))
-            .unwrap(),
-    );
+    let code = addr(vm.vmalloc_with(4096, &with(Prot::KERNEL_RX)).unwrap());
     machine.fetch(code, &mut [0]).unwrap();
     assert!(is_write_protection_fault(&machine, code));
 
@@ -645,6 +644,33 @@ fn executable_rights_below_a_no_execute_top_level_entry_are_refused() {
         vm.areas().collect::<Vec<_>>(),
     );
     assert!(after == before, "{after:?}\n{before:?}");
+
+    // The calls that map executable pages later, as their docs list: vmap, a
+    // reserved area's populate, a sparse area's map_page (reserving maps nothing).
+    let mine = frames.alloc_frame().unwrap();
+    let before = (vm.stats(), free_frames(&frames), vm.areas().count());
+    // SAFETY: the frame is the test's, mapped nowhere else.
+    let mapped = unsafe { vm.vmap(&[mine], Prot::KERNEL_RX) };
+    assert_eq!(mapped.err(), Some(Error::NoExecuteAbove), "vmap");
+    assert_eq!(
+        (vm.stats(), free_frames(&frames), vm.areas().count()),
+        before
+    );
+    let reserved = vm.reserve(4 * 4096, &small_text).unwrap();
+    let sparse = vm.reserve_sparse(4 * 4096, &small_text).unwrap();
+    let before = (vm.stats(), free_frames(&frames), vm.areas().count());
+    // SAFETY: the test's own areas; nothing relies on their pages staying unmapped.
+    unsafe {
+        assert_eq!(
+            vm.populate(reserved.as_ptr(), 4096),
+            Err(Error::NoExecuteAbove)
+        );
+        assert_eq!(vm.map_page(sparse.as_ptr(), 1), Err(Error::NoExecuteAbove));
+    }
+    assert_eq!(
+        (vm.stats(), free_frames(&frames), vm.areas().count()),
+        before
+    );
 }
 
 /// Each bad pointer gets the error its kind of place calls for, whatever the area:

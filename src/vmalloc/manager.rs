@@ -457,9 +457,10 @@ where
     ///
     /// # Errors
     ///
-    /// As [`vmalloc_with`](Self::vmalloc_with); [`Error::OutOfFrames`] only when the
-    /// manager's bookkeeping needs a frame (the area itself takes none). Nothing
-    /// changes on error.
+    /// As [`vmalloc_with`](Self::vmalloc_with), but [`Error::OutOfFrames`] only when
+    /// the manager's bookkeeping needs a frame (the area itself takes none), and no
+    /// [`Error::NoExecuteAbove`]: nothing is mapped yet ([`populate`](Self::populate)
+    /// says it). Nothing changes on error.
     #[track_caller]
     pub fn reserve(&self, size: usize, options: &VmOptions) -> Result<NonNull<u8>, Error> {
         self.pages_for_options(size as u64, options)?;
@@ -476,8 +477,10 @@ where
     /// # Errors
     ///
     /// As [`vfree`](Self::vfree) for `ptr` ([`Error::WrongKind`] for anything but a
-    /// reserved area), [`Error::SizeTooLarge`] past the area, [`Error::OutOfFrames`].
-    /// On error nothing changed.
+    /// reserved area), [`Error::SizeTooLarge`] past the area, [`Error::OutOfFrames`],
+    /// [`Error::NoExecuteAbove`] for executable rights below an upper entry with
+    /// `NO_EXECUTE` (a boot loader's table the manager adopted). On error nothing
+    /// changed.
     ///
     /// # Safety
     ///

@@ -38,8 +38,14 @@ bitflags! {
 }
 
 impl Prot {
-    /// Kernel read-write data: the default.
+    /// Kernel read-write data: the default (Linux's `PAGE_KERNEL`).
     pub const KERNEL_RW: Prot = Prot::READ.union(Prot::WRITE);
+
+    /// Kernel read-only data (Linux's `PAGE_KERNEL_RO`).
+    pub const KERNEL_RO: Prot = Prot::READ;
+
+    /// Kernel code: read and execute, never written (Linux's `PAGE_KERNEL_ROX`).
+    pub const KERNEL_RX: Prot = Prot::READ.union(Prot::EXEC);
 
     /// The leaf entry flags for these rights: present, global, writable only if
     /// asked, NX unless executable.
