@@ -662,6 +662,19 @@ fn a_small_area_that_fails_for_space_keeps_no_frames() {
     );
 }
 
+/// Takes every frame the allocator has left; the caller gives them back.
+fn take_every_frame(frames: &SimFrames) -> Vec<PhysFrame> {
+    let mut held = Vec::new();
+    let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
+    loop {
+        let got = frames.alloc_frames(&mut batch);
+        if got == 0 {
+            return held;
+        }
+        held.extend_from_slice(&batch[..got]);
+    }
+}
+
 /// Fills the zone's blocks with 1-page areas on the calling CPU (the first area
 /// outside the zone is freed again) and returns them, in the order made.
 fn fill_the_zone_with_pages(vm: &Manager<&'static Tlb>) -> Vec<NonNull<u8>> {
@@ -743,15 +756,7 @@ fn a_small_area_with_room_in_a_block_but_no_frame_is_out_of_frames() {
             let one = vm.vmalloc(PAGE).unwrap();
             let reserved = fill_the_tree(&vm);
             vm.drain_cpu_caches();
-            let mut held = Vec::new();
-            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
-            loop {
-                let got = frames.alloc_frames(&mut batch);
-                if got == 0 {
-                    break;
-                }
-                held.extend_from_slice(&batch[..got]);
-            }
+            let held = take_every_frame(frames);
             let before = vm.stats();
             assert!(before.block_free_bytes > 0, "{before:?}");
             let area = vm.vmalloc(PAGE);
@@ -837,15 +842,7 @@ fn a_small_area_out_of_frames_with_the_tree_full_empties_other_caches_first() {
                         .for_each(|area| unsafe { vm.vfree(area.as_ptr()) }.unwrap());
                 }
             });
-            let mut held = Vec::new();
-            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
-            loop {
-                let got = frames.alloc_frames(&mut batch);
-                if got == 0 {
-                    break;
-                }
-                held.extend_from_slice(&batch[..got]);
-            }
+            let held = take_every_frame(frames);
             let before = vm.stats();
             assert!(
                 before.cached_frames + before.cached_pending_frames > 0,
@@ -881,15 +878,7 @@ fn a_small_area_makes_a_new_block_with_the_frames_its_cache_stocked() {
             assert!(last - zone.start < 2 << 20, "block 0 holds them all");
             let reserved = fill_the_tree(&vm);
             vm.drain_cpu_caches();
-            let mut held = Vec::new();
-            let mut batch = vec![PhysFrame::containing_address(PhysAddr::zero()); 4096];
-            loop {
-                let got = frames.alloc_frames(&mut batch);
-                if got == 0 {
-                    break;
-                }
-                held.extend_from_slice(&batch[..got]);
-            }
+            let mut held = take_every_frame(frames);
             let back = held.split_off(held.len() - keep);
             // SAFETY: frames the test took and never used.
             unsafe { frames.free_frames(&back) }.unwrap();
