@@ -144,6 +144,26 @@ fn threads_as_one_cpu_never_overlap_with_interrupts_off_through_bias_and_revocat
     );
 }
 
+/// A critical section that counts the times two threads were inside at once.
+#[derive(Default)]
+struct Section {
+    inside: AtomicU64,
+    overlaps: AtomicU64,
+}
+
+impl Section {
+    /// Spins `spin` times inside.
+    fn enter(&self, spin: u64) {
+        if self.inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            self.overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        for _ in 0..spin {
+            std::hint::spin_loop();
+        }
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A thread with interrupts off through one machine that calls into another (one
 /// machine's kernel heap as the global allocator, called under another's lock)
 /// holds its CPU on that one too: the threads running as CPU 0 there never run
@@ -154,17 +174,8 @@ fn threads_as_one_cpu_never_overlap_with_interrupts_off_through_bias_and_revocat
 fn a_thread_with_interrupts_off_through_one_machine_holds_its_cpu_on_another() {
     use vmalloc::smp::Cpus as _;
     let (outer, inner) = (machine(), machine());
-    let inside = AtomicU64::new(0);
-    let overlaps = AtomicU64::new(0);
-    let critical = |spin: u64| {
-        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
-            overlaps.fetch_add(1, Ordering::Relaxed);
-        }
-        for _ in 0..spin {
-            std::hint::spin_loop();
-        }
-        inside.fetch_sub(1, Ordering::SeqCst);
-    };
+    let section = Section::default();
+    let critical = |spin: u64| section.enter(spin);
     let start = std::sync::Barrier::new(3);
     std::thread::scope(|scope| {
         for thread in 0..3u64 {
@@ -198,7 +209,7 @@ fn a_thread_with_interrupts_off_through_one_machine_holds_its_cpu_on_another() {
         }
     });
     assert_eq!(
-        overlaps.load(Ordering::Relaxed),
+        section.overlaps.load(Ordering::Relaxed),
         0,
         "two threads ran as CPU 0 of the inner machine with interrupts off at once"
     );
@@ -214,17 +225,8 @@ fn a_thread_that_enters_another_cpu_with_interrupts_off_holds_that_one_too() {
     use std::time::Duration;
     use vmalloc::smp::Cpus as _;
     let machine = SimMachine::new(SimConfig::new(64 << 20).with_cpus(2));
-    let inside = AtomicU64::new(0);
-    let overlaps = AtomicU64::new(0);
-    let critical = |spin: u64| {
-        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
-            overlaps.fetch_add(1, Ordering::Relaxed);
-        }
-        for _ in 0..spin {
-            std::hint::spin_loop();
-        }
-        inside.fetch_sub(1, Ordering::SeqCst);
-    };
+    let section = Section::default();
+    let critical = |spin: u64| section.enter(spin);
     let name = "a_thread_that_enters_another_cpu_with_interrupts_off_holds_that_one_too";
     watchdog(name, Duration::from_secs(60), || {
         std::thread::scope(|scope| {
@@ -262,7 +264,7 @@ fn a_thread_that_enters_another_cpu_with_interrupts_off_holds_that_one_too() {
         });
     });
     assert_eq!(
-        overlaps.load(Ordering::Relaxed),
+        section.overlaps.load(Ordering::Relaxed),
         0,
         "two threads ran as CPU 1 with interrupts off at once"
     );
