@@ -149,24 +149,24 @@ pub struct HeapStats {
     pub large_kept: usize,
     /// Frees refused: a slab object freed again, with no other free or allocation of
     /// its size class between the two on that CPU, while it is still the last object
-    /// freed onto the list its free went to (a magazine, a slab's free list, a
-    /// slab's remote list, a CPU's notices: one comparison each) or while the slab
-    /// its free emptied has nothing in use (an allocation between can make room in
-    /// the CPU's magazine, which then takes the second free unchecked: checking the
-    /// object's slab there would cost every free a cold read); a pointer into the list heap's window
+    /// freed onto the list its free went to (a magazine, a slab's free list, a slab's
+    /// remote list, a CPU's notices: one comparison each) or while the slab its free
+    /// emptied has nothing in use (an allocation between can make room in the CPU's
+    /// magazine, which then takes the second free unchecked: checking the object's slab
+    /// there would cost every free a cold read); a pointer into the list heap's window
     /// that starts no live list block of its layout's size (freed before, inside a
-    /// block: each list block ends with a word only its live block holds); or a
-    /// large block's pointer that starts no live large block of the heap's (another
-    /// owner's area, a block the heap keeps after its free); and resizes of such a
-    /// pointer (`realloc` returns null; a slab object resized within its size class
-    /// is checked against the calling CPU's last freed object of the class); and a
+    /// block: each list block ends with a word only its live block holds); or a large
+    /// block's pointer that starts no live large block of the heap's (another owner's
+    /// area, a block the heap keeps after its free); and resizes of such a pointer
+    /// (`realloc` returns null; a slab object resized within its size class is checked
+    /// against the calling CPU's last freed object of the class); and a
     /// [`kvfree`](KernelHeap::kvfree) of a block whose header an underrun changed. A
-    /// caller's bug the heap caught; a double free it
-    /// does not catch (other frees or allocations of the class came between) is
-    /// undefined behaviour, as `GlobalAlloc` says. Heaps over one manager tag their large
-    /// blocks alike: one freed through another such heap is taken as that heap's
-    /// (freed or kept by it, the memory sound), not refused, and the heap that made
-    /// it keeps counting it in `large_blocks`.
+    /// caller's bug the heap caught; a double free it does not catch (other frees or
+    /// allocations of the class came between) is undefined behaviour, as `GlobalAlloc`
+    /// says. Heaps over one manager tag their large blocks alike: one freed through
+    /// another such heap is taken as that heap's (freed or kept by it, the memory
+    /// sound), not refused, and the heap that made it keeps counting it in
+    /// `large_blocks`.
     pub refused_frees: usize,
 }
 

@@ -38,11 +38,11 @@ impl<M: PhysMemory> PageTables<M> {
     }
 
     /// Checks that the tables already under the root for `pages` map nothing there:
-    /// every entry covering the range is zero or a present table entry, none leads
-    /// back to a table on its own path (a recursive mapping's) or is [`KEPT`] (a
-    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's, which
-    /// fills on demand), and no leaf or 2 MiB or 1 GiB entry is present or not. Returns the root entries that hold a table,
-    /// for [`adopt`](Self::adopt).
+    /// every entry covering the range is zero or a present table entry, none leads back
+    /// to a table on its own path (a recursive mapping's) or is [`KEPT`] (a
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's, which fills
+    /// on demand), and no leaf or 2 MiB or 1 GiB entry is present or not. Returns the
+    /// root entries that hold a table, for [`adopt`](Self::adopt).
     ///
     /// # Errors
     ///
@@ -52,7 +52,7 @@ impl<M: PhysMemory> PageTables<M> {
     /// [`unmap`](Self::unmap).
     pub(crate) fn survey_for_adoption(&self, pages: PageRange) -> Result<RootEntries, Error> {
         let (start, end) = span(pages)?;
-        let mut found = RootEntries([0; 8]);
+        let mut found = RootEntries::default();
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
             let mut path = [self.root.start_address().as_u64(); 4];
@@ -79,7 +79,7 @@ impl<M: PhysMemory> PageTables<M> {
         if start < end {
             let root = table_at(&self.phys, self.root.start_address());
             let mut path = [self.root.start_address().as_u64(); 4];
-            let mut unused = RootEntries([0; 8]);
+            let mut unused = RootEntries::default();
             let walked =
                 self.adopt_below(root, 0, start, end - 1, &mut path, Some(found), &mut unused);
             debug_assert!(walked.is_ok(), "the survey saw the same entries");
@@ -361,7 +361,7 @@ impl<M: PhysMemory> PageTables<M> {
             high: 0,
             from_level,
             within,
-            adopted_roots: RootEntries([0; 8]),
+            adopted_roots: RootEntries::default(),
             path: [self.root.start_address().as_u64(); 3],
         }
     }

@@ -56,18 +56,18 @@ where
     /// [`Error::ZeroSize`] if it is empty, [`Error::NullPointer`] if it starts at 0,
     /// [`Error::RangeWraps`] if it reaches the end of the address space,
     /// [`Error::NonCanonical`] if it leaves the canonical half it starts in or ends at
-    /// its top. [`Error::HugePageInTheWay`] if the region's page tables hold a 2 MiB
-    /// or 1 GiB entry there already, [`Error::AlreadyMapped`] if they map anything
-    /// else there (a page, an entry that is not a table, an entry leading back to a
-    /// table above it, as a recursive mapping's, a
-    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's table,
-    /// marked [`KEPT`](crate::paging::KEPT), which fills on demand): the manager
-    /// would map over it, or through the recursion write the tables themselves. [`Error::Overlap`] if a live
-    /// manager over the same root uses one of the region's top-level entries (they
-    /// would share the tables below it; see [`claims`](super::claims): the entries
-    /// carry [`MANAGED`](crate::paging::MANAGED)).
-    /// [`Error::OutOfFrames`] if the top-level tables or the first bookkeeping node
-    /// cannot be had. Nothing is kept on error.
+    /// its top. [`Error::HugePageInTheWay`] if the region's page tables hold a 2 MiB or
+    /// 1 GiB entry there already, [`Error::AlreadyMapped`] if they map anything else
+    /// there (a page, an entry that is not a table, an entry leading back to a table
+    /// above it, as a recursive mapping's, a
+    /// [`RecursivePhysMemory`](crate::phys::RecursivePhysMemory) window's table, marked
+    /// [`KEPT`](crate::paging::KEPT), which fills on demand): the manager would map
+    /// over it, or through the recursion write the tables themselves.
+    /// [`Error::Overlap`] if a live manager over the same root uses one of the region's
+    /// top-level entries (they would share the tables below it; see
+    /// [`claims`](super::claims): the entries carry
+    /// [`MANAGED`](crate::paging::MANAGED)). [`Error::OutOfFrames`] if the top-level
+    /// tables or the first bookkeeping node cannot be had. Nothing is kept on error.
     ///
     /// # Safety
     ///
@@ -253,9 +253,10 @@ where
         let zero = options.flags.contains(VmFlags::ZERO);
         self.settle();
         let in_block = Self::fits_a_block(options) && self.blocks_take(pages, flags);
-        let block = match in_block {
-            true => self.alloc_in_block(pages, flags, zero, caller, false),
-            false => Err(Error::WouldBlock),
+        let block = if in_block {
+            self.alloc_in_block(pages, flags, zero, caller, false)
+        } else {
+            Err(Error::WouldBlock)
         };
         if let Ok(ptr) = block {
             return Ok(ptr);

@@ -28,9 +28,9 @@ where
     ///
     /// [`Error::ZeroSize`] for no frames, [`Error::SizeTooLarge`],
     /// [`Error::WriteExecute`], [`Error::OutOfVirtualSpace`], [`Error::OutOfFrames`]
-    /// (for page tables), [`Error::NoExecuteAbove`] for executable rights below an upper entry with
-    /// `NO_EXECUTE` (a boot loader's table the manager adopted). Nothing changes on
-    /// error.
+    /// (for page tables), [`Error::NoExecuteAbove`] for executable rights below an
+    /// upper entry with `NO_EXECUTE` (a boot loader's table the manager adopted).
+    /// Nothing changes on error.
     ///
     /// # Safety
     ///

@@ -81,11 +81,11 @@ where
     /// # Errors
     ///
     /// As [`vfree`](Self::vfree) for `area` ([`Error::WrongKind`] for anything but an
-    /// area made by [`reserve_sparse`](Self::reserve_sparse)),
-    /// [`Error::SizeTooLarge`] for a page past its end, [`Error::AlreadyMapped`] if
-    /// the page is mapped, [`Error::OutOfFrames`], [`Error::NoExecuteAbove`] for executable rights below an upper entry with
-    /// `NO_EXECUTE` (a boot loader's table the manager adopted).
-    /// On error the page is as unmapped as it was.
+    /// area made by [`reserve_sparse`](Self::reserve_sparse)), [`Error::SizeTooLarge`]
+    /// for a page past its end, [`Error::AlreadyMapped`] if the page is mapped,
+    /// [`Error::OutOfFrames`], [`Error::NoExecuteAbove`] for executable rights below an
+    /// upper entry with `NO_EXECUTE` (a boot loader's table the manager adopted). On
+    /// error the page is as unmapped as it was.
     ///
     /// # Safety
     ///
