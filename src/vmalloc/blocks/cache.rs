@@ -593,15 +593,19 @@ where
                 }
             }
         }
-        let unused = blocks.activated.load(Ordering::Acquire);
-        if unused >= blocks.count {
-            return Err(Error::OutOfVirtualSpace);
-        }
-        match self.lock().activate_block(unused, cpu) {
-            Ok(_) => Ok(unused),
-            Err(Error::OutOfFrames) => Err(Error::OutOfFrames),
-            // Made by another CPU meanwhile: taken on its next look.
-            Err(_) => Err(Error::OutOfVirtualSpace),
+        loop {
+            let unused = blocks.activated.load(Ordering::Acquire);
+            if unused >= blocks.count {
+                return Err(Error::OutOfVirtualSpace);
+            }
+            match self.lock().activate_block(unused, cpu) {
+                Ok(_) => return Ok(unused),
+                Err(Error::OutOfFrames) => return Err(Error::OutOfFrames),
+                // Made by another CPU meanwhile (its own now): the next one. Giving up
+                // here sent the small area to the tree.
+                Err(_) if blocks.activated.load(Ordering::Acquire) != unused => continue,
+                Err(_) => return Err(Error::OutOfVirtualSpace),
+            }
         }
     }
 
